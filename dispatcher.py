@@ -1,0 +1,666 @@
+"""The dispatcher: keeps the durable queue of commits to test, hands them to
+free runners as soon as one is free, watches runners' health, and writes
+each commit's verdict to ``<results-dir>/<commit>``.
+
+Durability: every queued commit is appended (with fsync) to a journal
+before ``dispatch`` is answered ``ok``; a result file is written atomically
+and is itself the proof that a commit is done.  After a crash the journal
+is replayed and every recorded commit without a result file is queued
+again, those that were running first.
+
+Which result wins: the first complete result to arrive for a commit.  A
+later one (from a runner whose job was reassigned, or a duplicate
+delivery) is acknowledged and dropped, so the file is never rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+
+import helpers
+from helpers import Message, Reply
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "localhost"
+DEFAULT_PORT = 8888
+DEFAULT_RESULTS_DIR = "test_results"
+# Often enough to notice a dead runner well within a test run.
+DEFAULT_PING_INTERVAL = 5.0
+DEFAULT_PING_MISSES = 3
+# Dead runners must not stall the sweep: connect timeouts stay short.
+DEFAULT_PING_TIMEOUT = 1.0
+# Runners' default --timeout is 600 s; leave room for fetch and checkout.
+DEFAULT_JOB_TIMEOUT = 900.0
+DEFAULT_MAX_ATTEMPTS = 3
+# Threads that send ``runtest`` and pings, so no runner can block another.
+DEFAULT_WORKERS = 32
+# The journal is rewritten once this many records are superseded.
+COMPACT_AFTER = 10_000
+MAX_COMMITS_PER_DISPATCH = 1000
+
+
+# --------------------------------------------------------------------------
+# The journal: append-only, one record a line, replayed at start.
+
+class Journal:
+    """Records ``Q`` (queued), ``A`` (assigned), ``L`` (run lost) and ``D``
+    (done) per commit.  Only ``Q`` needs fsync before the reply; the others
+    can be recomputed (an assignment is re-run, a result file proves done)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.Lock()
+        self._handle = None
+        self.records = 0
+
+    def replay(self):
+        """Return (queued in order, assigned set, lost counts, done set)."""
+        order: dict[str, None] = {}
+        assigned: set[str] = set()
+        lost: collections.Counter = collections.Counter()
+        done: set[str] = set()
+        try:
+            with open(self.path, "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            data = b""
+        for raw in data.split(b"\n"):
+            parts = raw.decode("ascii", "replace").split(" ")
+            # A torn last line (crash mid-write) or junk is skipped.
+            if len(parts) != 2 or not helpers.valid_full_commit(parts[1]):
+                continue
+            kind, commit = parts
+            if kind == "Q":
+                order.setdefault(commit)
+            elif kind == "A":
+                assigned.add(commit)
+            elif kind == "L":
+                lost[commit] += 1
+            elif kind == "D":
+                done.add(commit)
+        return list(order), assigned, lost, done
+
+    def rewrite(self, queued, assigned, lost) -> None:
+        """Atomically replace the journal with only what is still pending."""
+        lines = []
+        for commit in queued:
+            lines.append(f"Q {commit}")
+            if commit in assigned:
+                lines.append(f"A {commit}")
+            lines.extend(f"L {commit}" for _ in range(lost.get(commit, 0)))
+        data = ("\n".join(lines) + "\n").encode() if lines else b""
+        with self._lock:
+            if self._handle:
+                self._handle.close()
+            helpers.atomic_write(self.path, data)
+            self._handle = open(self.path, "ab")
+            self.records = len(lines)
+
+    def append(self, records: list[str], sync: bool) -> None:
+        if not records:
+            return
+        with self._lock:
+            self._handle.write(("\n".join(records) + "\n").encode())
+            self._handle.flush()
+            if sync:
+                os.fsync(self._handle.fileno())
+            self.records += len(records)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._handle:
+                self._handle.flush()
+                os.fsync(self._handle.fileno())
+                self._handle.close()
+                self._handle = None
+
+
+# --------------------------------------------------------------------------
+# Shared state: one object, one condition.
+
+@dataclasses.dataclass
+class Runner:
+    key: str
+    address: tuple[str, int]
+    instance: str
+    job: Job | None = None
+    # The runner is busy with work we did not give it (a reassigned or
+    # pre-restart job); it is not offered anything until it says it is idle.
+    busy_elsewhere: bool = False
+    # A ``runtest`` could not be delivered; wait for a good ping.
+    suspect: bool = False
+    misses: int = 0
+
+    @property
+    def free(self) -> bool:
+        return self.job is None and not self.busy_elsewhere and not self.suspect
+
+
+@dataclasses.dataclass
+class Job:
+    commit: str
+    job_id: str
+    runner: str
+    address: tuple[str, int]
+    started: float
+
+
+class DispatcherState:
+    """Queue, runners, running jobs and finished commits.
+
+    All containers are guarded by ``self.cond``; public methods take it,
+    methods starting with ``_`` expect the caller to hold it.  Waiters
+    (the assignment loop) are woken whenever a runner or a commit becomes
+    available."""
+
+    def __init__(self, results_dir: str, journal: Journal, max_attempts: int):
+        self.results_dir = results_dir
+        self.journal = journal
+        self.max_attempts = max_attempts
+        self.cond = threading.Condition()
+        self.queue: collections.deque[str] = collections.deque()
+        self.queued: set[str] = set()
+        self.jobs: dict[str, Job] = {}
+        self.runners: dict[str, Runner] = {}
+        self.done: set[str] = set()
+        self.lost: collections.Counter = collections.Counter()
+        self.stopping = False
+        self.completed = 0
+        self._ids = itertools.count(1)
+
+    # ---- start-up -------------------------------------------------------
+    def recover(self) -> None:
+        """Rebuild the queue from the journal and the results folder."""
+        with self.cond:
+            self.done = {name for name in os.listdir(self.results_dir)
+                         if helpers.valid_full_commit(name)}
+            order, assigned, lost, _ = self.journal.replay()
+            pending = [c for c in order if c not in self.done]
+            # Interrupted runs go first: they were at the head before.
+            pending.sort(key=lambda c: c not in assigned)
+            self.queue.extend(pending)
+            self.queued.update(pending)
+            self.lost.update({c: n for c, n in lost.items() if c in self.queued})
+            self.journal.rewrite(pending, set(), self.lost)
+            if pending:
+                log.info("recovered %d commit(s) to test (%d were running)",
+                         len(pending), len(assigned & set(pending)))
+
+    # ---- commands -------------------------------------------------------
+    def enqueue(self, commits: list[str]) -> list[str]:
+        """Queue new commits durably; return those that were new."""
+        with self.cond:
+            new = []
+            for commit in commits:
+                if commit in self.queued or commit in self.jobs or commit in self.done \
+                        or commit in new:
+                    continue
+                new.append(commit)
+            # fsync before anything can be assigned or acknowledged.
+            self.journal.append([f"Q {c}" for c in new], sync=True)
+            self.queue.extend(new)
+            self.queued.update(new)
+            if new:
+                self.cond.notify_all()
+            return new
+
+    def register(self, address: tuple[str, int], instance: str, busy: str | None) -> str:
+        key = helpers.format_address(address)
+        with self.cond:
+            runner = self.runners.get(key)
+            if runner and runner.instance == instance:
+                runner.misses = 0
+                runner.suspect = False
+                if busy is None and runner.busy_elsewhere and runner.job is None:
+                    runner.busy_elsewhere = False
+                    self.cond.notify_all()
+                return "known"
+            if runner and runner.job:
+                # The runner restarted: whatever it was running is gone.
+                log.warning("runner %s restarted while running %s; requeueing",
+                            key, runner.job.commit[:12])
+                self._lose(runner.job, head=True, count=True)
+            self.runners[key] = Runner(key, address, instance,
+                                       busy_elsewhere=busy is not None)
+            self.cond.notify_all()
+            log.info("runner %s registered%s (%d runners)", key,
+                     f" while busy with {busy[:12]}" if busy else "", len(self.runners))
+            return "registered"
+
+    def next_assignment(self) -> Job | None:
+        """Block until a commit and a free runner are both available."""
+        with self.cond:
+            while True:
+                if self.stopping:
+                    return None
+                if self.queue:
+                    runner = next((r for r in self.runners.values() if r.free), None)
+                    if runner:
+                        break
+                self.cond.wait()
+            commit = self.queue.popleft()
+            self.queued.discard(commit)
+            job = Job(commit, f"{next(self._ids)}", runner.key, runner.address, time.monotonic())
+            runner.job = job
+            self.jobs[commit] = job
+            self.journal.append([f"A {commit}"], sync=False)
+            return job
+
+    def assignment_failed(self, job: Job, busy: bool) -> None:
+        """The runner did not take the job: put it back at the head."""
+        with self.cond:
+            if self.jobs.get(job.commit) is not job:
+                return
+            runner = self.runners.get(job.runner)
+            if runner and runner.job is job:
+                runner.job = None
+                if busy:
+                    runner.busy_elsewhere = True
+                else:
+                    runner.suspect = True
+            self._lose(job, head=True, count=False)
+
+    def release(self, commit: str, runner_key: str) -> bool:
+        """A runner that is stopping hands its job back unrun."""
+        with self.cond:
+            job = self.jobs.get(commit)
+            if not job or job.runner != runner_key:
+                return False
+            runner = self.runners.pop(runner_key, None)
+            if runner:
+                runner.job = None
+            self._lose(job, head=True, count=False)
+            return True
+
+    def record_result(self, commit: str, runner_key: str, fields: dict,
+                      output: bytes) -> bool:
+        """Write the verdict if this is the first result; False if a result
+        already exists.  Frees the runner either way."""
+        with self.cond:
+            runner = self.runners.get(runner_key)
+            if runner:
+                if runner.job and runner.job.commit == commit:
+                    runner.job = None
+                runner.busy_elsewhere = False
+                runner.suspect = False
+                runner.misses = 0
+            self.cond.notify_all()
+            if commit in self.done:
+                return False
+            self._write_result(commit, fields, output)
+            return True
+
+    def _write_result(self, commit: str, fields: dict, output: bytes) -> None:
+        fields = dict(fields, commit=commit)
+        helpers.atomic_write(os.path.join(self.results_dir, commit),
+                             helpers.format_result(fields, output))
+        self.done.add(commit)
+        self.completed += 1
+        job = self.jobs.pop(commit, None)
+        if job:
+            holder = self.runners.get(job.runner)
+            if holder and holder.job is job:
+                holder.job = None
+        if commit in self.queued:
+            self.queued.discard(commit)
+            self.queue.remove(commit)
+        self.lost.pop(commit, None)
+        self.journal.append([f"D {commit}"], sync=False)
+        if self.journal.records > COMPACT_AFTER and self.journal.records > 4 * (
+                len(self.queue) + len(self.jobs)):
+            self.journal.rewrite(list(self.jobs) + list(self.queue), set(self.jobs),
+                                 self.lost)
+        log.info("result for %s: %s", commit[:12], fields.get("verdict"))
+
+    def _lose(self, job: Job, head: bool, count: bool) -> None:
+        """Take a job away from its runner; requeue it unless it is poison."""
+        self.jobs.pop(job.commit, None)
+        if job.commit in self.done:
+            return
+        if count:
+            self.lost[job.commit] += 1
+            self.journal.append([f"L {job.commit}"], sync=False)
+            if self.lost[job.commit] >= self.max_attempts:
+                reason = (f"gave up: the run lost its runner {self.lost[job.commit]} times "
+                          f"(last: {job.runner})")
+                log.error("commit %s: %s", job.commit[:12], reason)
+                self._write_result(job.commit, {
+                    "verdict": "error", "tests": 0, "failures": 0, "errors": 0,
+                    "skipped": 0, "runner": "dispatcher", "reason": reason,
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "duration": "0.000"}, (reason + "\n").encode())
+                return
+        if job.commit not in self.queued:
+            if head:
+                self.queue.appendleft(job.commit)
+            else:
+                self.queue.append(job.commit)
+            self.queued.add(job.commit)
+        self.cond.notify_all()
+
+    # ---- health ---------------------------------------------------------
+    def runner_snapshot(self) -> list[Runner]:
+        with self.cond:
+            return [dataclasses.replace(r) for r in self.runners.values()]
+
+    def ping_result(self, key: str, instance: str, ok: bool, busy: str | None,
+                    misses_allowed: int) -> None:
+        with self.cond:
+            runner = self.runners.get(key)
+            if runner is None:
+                return
+            if ok and instance != runner.instance:
+                ok = False  # a different process now answers on that port
+            if ok:
+                runner.misses = 0
+                if runner.suspect or (runner.busy_elsewhere and busy is None
+                                      and runner.job is None):
+                    runner.suspect = runner.busy_elsewhere = False
+                    self.cond.notify_all()
+                return
+            runner.misses += 1
+            if runner.misses < misses_allowed:
+                return
+            del self.runners[key]
+            log.warning("runner %s missed %d pings; dropped (%d left)", key,
+                        runner.misses, len(self.runners))
+            if runner.job:
+                self._lose(runner.job, head=True, count=True)
+
+    def expire_jobs(self, job_timeout: float) -> None:
+        """The dispatcher's own deadline: a runner that answers pings but
+        never reports loses its job to another runner."""
+        now = time.monotonic()
+        with self.cond:
+            for job in [j for j in self.jobs.values() if now - j.started > job_timeout]:
+                log.warning("commit %s exceeded the job deadline on %s; reassigning",
+                            job.commit[:12], job.runner)
+                runner = self.runners.get(job.runner)
+                if runner and runner.job is job:
+                    runner.job = None
+                    runner.busy_elsewhere = True
+                self._lose(job, head=True, count=True)
+
+    def status(self) -> dict:
+        with self.cond:
+            return {"queued": len(self.queue), "running": len(self.jobs),
+                    "runners": len(self.runners),
+                    "idle_runners": sum(r.free for r in self.runners.values()),
+                    "done": len(self.done), "completed": self.completed}
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+
+
+# --------------------------------------------------------------------------
+# The daemon: request handlers plus the assignment and health threads.
+
+RESULT_INT_FIELDS = ("tests", "failures", "errors", "skipped", "exit_code")
+
+
+def parse_results_message(message: Message) -> tuple[str, dict, bytes]:
+    """Validate a ``results`` message; Reply with the reason if malformed."""
+    parts = message.argument.split(" ")
+    if len(parts) != 2 or not helpers.valid_full_commit(parts[0]) \
+            or not parts[1].isalnum() or len(parts[1]) > 40:
+        raise Reply("usage: results:<full commit id> <job id>")
+    head, sep, output = message.body.partition(b"\n\n")
+    if not sep:
+        raise Reply("results body needs fields, a blank line, then output")
+    try:
+        raw = helpers.decode_fields(head)
+    except helpers.ProtocolError as exc:
+        raise Reply(str(exc)) from None
+    if raw.get("verdict") not in helpers.VERDICTS:
+        raise Reply(f"verdict must be one of {', '.join(helpers.VERDICTS)}")
+    fields = {"verdict": raw["verdict"]}
+    for name in RESULT_INT_FIELDS:
+        value = raw.get(name, "0")
+        if not value.lstrip("-").isdigit() or len(value) > 12:
+            raise Reply(f"field {name} must be an integer")
+        fields[name] = int(value)
+    try:
+        fields["duration"] = f"{float(raw.get('duration', '0')):.3f}"
+    except ValueError:
+        raise Reply("field duration must be a number") from None
+    for name in ("runner", "started", "reason"):
+        if name in raw:
+            fields[name] = helpers.one_line(raw[name], 500)
+    return parts[0], fields, output
+
+
+class Dispatcher:
+    def __init__(self, state: DispatcherState, security: helpers.Security,
+                 ping_interval: float, ping_misses: int, ping_timeout: float,
+                 job_timeout: float, workers: int):
+        self.state = state
+        self.security = security
+        self.ping_interval = ping_interval
+        self.ping_misses = ping_misses
+        self.ping_timeout = ping_timeout
+        self.job_timeout = job_timeout
+        self.stop_event = threading.Event()
+        # Pings have their own pool so a sweep over dead runners never
+        # delays handing out work.
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers, "send")
+        self.ping_pool = concurrent.futures.ThreadPoolExecutor(workers, "ping")
+        self.threads = [threading.Thread(target=self._assign_loop, name="assign", daemon=True),
+                        threading.Thread(target=self._health_loop, name="health", daemon=True)]
+        self.commands = {"status": self.do_status, "register": self.do_register,
+                         "dispatch": self.do_dispatch, "results": self.do_results,
+                         "release": self.do_release}
+
+    # ---- handlers (run on request threads: short, no network I/O) --------
+    def do_status(self, message: Message, peer: str) -> Message:
+        return Message("ok", "", helpers.encode_fields(self.state.status()))
+
+    def do_register(self, message: Message, peer: str) -> Message:
+        try:
+            address = helpers.parse_address(message.argument)
+        except ValueError as exc:
+            raise Reply(str(exc)) from None
+        fields = self._fields(message.body)
+        instance = fields.get("instance", "")
+        busy = fields.get("busy") or None
+        if busy is not None and not helpers.valid_commit(busy):
+            busy = "unknown"
+        return Message("ok", self.state.register(address, instance[:64], busy))
+
+    def do_dispatch(self, message: Message, peer: str) -> Message:
+        commits = message.argument.split()
+        if not commits or len(commits) > MAX_COMMITS_PER_DISPATCH:
+            raise Reply(f"usage: dispatch:<commit> [<commit> ...] (1 to "
+                        f"{MAX_COMMITS_PER_DISPATCH} full ids)")
+        bad = next((c for c in commits if not helpers.valid_full_commit(c)), None)
+        if bad is not None:
+            raise Reply(f"invalid commit id {bad[:80]!r}: need a full 40- or 64-hex id")
+        new = self.state.enqueue(commits)
+        log.info("dispatch from %s: %d commit(s), %d new", peer, len(commits), len(new))
+        return Message("ok", f"queued {len(new)}")
+
+    def do_results(self, message: Message, peer: str) -> Message:
+        commit, fields, output = parse_results_message(message)
+        runner_key = fields.get("runner", "")
+        if self.state.record_result(commit, runner_key, fields, output):
+            return Message("ok", "stored")
+        log.info("duplicate result for %s from %s dropped (first result wins)",
+                 commit[:12], runner_key or peer)
+        return Message("ok", "duplicate")
+
+    def do_release(self, message: Message, peer: str) -> Message:
+        parts = message.argument.split(" ")
+        if len(parts) != 2 or not helpers.valid_full_commit(parts[0]):
+            raise Reply("usage: release:<commit> <runner host:port>")
+        released = self.state.release(parts[0], parts[1])
+        return Message("ok", "released" if released else "unknown")
+
+    @staticmethod
+    def _fields(body: bytes) -> dict:
+        try:
+            return helpers.decode_fields(body, max_fields=8)
+        except helpers.ProtocolError as exc:
+            raise Reply(str(exc)) from None
+
+    # ---- background work ------------------------------------------------
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.state.stop()
+        for thread in self.threads:
+            thread.join(5)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.ping_pool.shutdown(wait=False, cancel_futures=True)
+        self.state.journal.close()
+
+    def _assign_loop(self) -> None:
+        while not self.stop_event.is_set():
+            job = self.state.next_assignment()
+            if job is None:
+                return
+            try:
+                self.pool.submit(self._send_job, job)
+            except RuntimeError:  # pool shut down while stopping
+                return
+
+    def _send_job(self, job: Job) -> None:
+        try:
+            reply = helpers.call(job.address, "runtest", f"{job.commit} {job.job_id}",
+                                 security=self.security, timeout=self.ping_timeout * 3)
+        except (OSError, helpers.ProtocolError) as exc:
+            log.warning("could not send %s to %s: %s", job.commit[:12], job.runner, exc)
+            self.state.assignment_failed(job, busy=False)
+            return
+        if reply.command == "ok":
+            log.info("commit %s -> runner %s (job %s)", job.commit[:12], job.runner,
+                     job.job_id)
+        else:
+            log.info("runner %s answered %s %s; requeueing %s", job.runner,
+                     reply.command, reply.argument, job.commit[:12])
+            self.state.assignment_failed(job, busy=reply.command == "busy")
+
+    def _health_loop(self) -> None:
+        while not self.stop_event.wait(self.ping_interval):
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("health sweep failed")
+
+    def sweep(self) -> float:
+        """Ping every runner concurrently; return the sweep's duration."""
+        started = time.monotonic()
+        self.state.expire_jobs(self.job_timeout)
+        runners = self.state.runner_snapshot()
+        futures = {self.ping_pool.submit(self._ping, r): r for r in runners}
+        for future in concurrent.futures.as_completed(futures):
+            runner = futures[future]
+            ok, instance, busy = future.result()
+            self.state.ping_result(runner.key, instance, ok, busy, self.ping_misses)
+        return time.monotonic() - started
+
+    def _ping(self, runner: Runner) -> tuple[bool, str, str | None]:
+        try:
+            reply = helpers.call(runner.address, "ping", security=self.security,
+                                 timeout=self.ping_timeout)
+            fields = helpers.decode_fields(reply.body) if reply.command == "ok" else {}
+        except (OSError, helpers.ProtocolError) as exc:
+            log.debug("ping %s failed: %s", runner.key, exc)
+            return False, "", None
+        if reply.command != "ok":
+            return False, "", None
+        return True, fields.get("instance", ""), fields.get("busy") or None
+
+
+# --------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="CI dispatcher: queues commits and hands them to test runners.")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help="port to listen on (default: %(default)s)")
+    parser.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR,
+                        help="folder for the result files (default: %(default)s)")
+    parser.add_argument("--state-dir",
+                        help="folder for the durable queue "
+                             "(default: dispatcher_state beside the results folder)")
+    parser.add_argument("--ping-interval", type=float, default=DEFAULT_PING_INTERVAL,
+                        metavar="SECONDS",
+                        help="seconds between runner health checks (default: %(default)s)")
+    parser.add_argument("--ping-misses", type=int, default=DEFAULT_PING_MISSES,
+                        help="missed pings before a runner is dropped (default: %(default)s)")
+    parser.add_argument("--ping-timeout", type=float, default=DEFAULT_PING_TIMEOUT,
+                        metavar="SECONDS",
+                        help="connect/reply timeout of one ping (default: %(default)s)")
+    parser.add_argument("--job-timeout", type=float, default=DEFAULT_JOB_TIMEOUT,
+                        metavar="SECONDS",
+                        help="reassign a commit whose runner has not reported within this "
+                             "time (default: %(default)s)")
+    parser.add_argument("--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
+                        help="give a commit verdict 'error' after its run lost its runner "
+                             "this many times (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                        help="threads for talking to runners (default: %(default)s)")
+    helpers.add_common_arguments(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    helpers.configure_logging(args.log_level)
+    try:
+        for name in ("ping_interval", "ping_timeout", "job_timeout"):
+            if getattr(args, name) <= 0:
+                raise helpers.ConfigError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("ping_misses", "max_attempts", "workers"):
+            if getattr(args, name) < 1:
+                raise helpers.ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 <= args.port < 65536:
+            raise helpers.ConfigError("--port must be 0-65535")
+        security = helpers.security_from_args(args)
+        helpers.check_bind_allowed(args.host, security, args.insecure)
+        results_dir = helpers.ensure_dir(os.path.abspath(args.results_dir), "results folder")
+        state_dir = args.state_dir or os.path.join(os.path.dirname(results_dir),
+                                                   "dispatcher_state")
+        helpers.ensure_dir(state_dir, "state folder")
+        state = DispatcherState(results_dir, Journal(os.path.join(state_dir, "journal")),
+                                args.max_attempts)
+        state.recover()
+        dispatcher = Dispatcher(state, security, args.ping_interval, args.ping_misses,
+                                args.ping_timeout, args.job_timeout, args.workers)
+        try:
+            server = helpers.MessageServer((args.host, args.port), dispatcher.commands,
+                                           security, args.max_connections)
+        except OSError as exc:
+            raise helpers.ConfigError(
+                f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    except helpers.ConfigError as exc:
+        print(f"dispatcher: error: {exc}", file=sys.stderr)
+        return 2
+    host, port = server.server_address[:2]
+    log.info("dispatcher listening on %s, results in %s",
+             helpers.format_address((host, port)), results_dir)
+    dispatcher.start()
+    helpers.serve_until_signalled(server, on_stop=dispatcher.stop)
+    log.info("dispatcher stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,704 @@
+"""Shared plumbing of the three daemons: wire protocol, authentication, the
+server base class, the client call, result files and small utilities.
+
+Everything that crosses a socket goes through ``encode_frame`` /
+``decode_header`` so that framing, size limits and message authentication
+are decided in one place and can be tested without sockets.
+
+Wire format (one request and one reply per TCP connection)::
+
+    CI1 <length> <timestamp> <nonce> <tag>\\n<payload: exactly <length> bytes>
+
+``tag`` is ``-`` when no secret is configured, else the hex HMAC-SHA256 of
+the timestamp, nonce, the nonce of the request being answered (replies
+only) and the payload.  The payload starts with an ASCII command line
+(``name`` or ``name:argument``), optionally followed by ``\\n`` and a body
+of arbitrary bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import socketserver
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"CI1"
+# A header line is short; anything longer is not our protocol.
+MAX_HEADER_BYTES = 200
+# Large enough for a long test log; a bigger result is truncated by the runner.
+DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+# A peer that sends nothing for this long is dropped.
+DEFAULT_READ_TIMEOUT = 10.0
+# A body must arrive at least this fast, so a dribbling client is cut off.
+MIN_BODY_RATE = 256 * 1024
+# Enough threads for hundreds of runners, few enough to bound memory.
+DEFAULT_MAX_CONNECTIONS = 256
+# How far a signed message's clock may be from ours, in seconds.
+DEFAULT_AUTH_WINDOW = 30.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+COMMIT_RE = re.compile(r"[0-9a-f]{4,64}")
+FULL_COMMIT_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+COMMAND_RE = re.compile(r"[a-z_]{1,32}")
+
+VERDICTS = ("passed", "failed", "error", "timeout")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class ProtocolError(Exception):
+    """Raised for anything on the wire that is not a well-formed, authentic
+    message.  The only exception framing and parsing code may raise."""
+
+
+class ConfigError(Exception):
+    """A bad flag or path: reported as one line and a non-zero exit."""
+
+
+# --------------------------------------------------------------------------
+# Validation of values that come from the network or the command line.
+
+def valid_commit(text: str) -> bool:
+    return isinstance(text, str) and COMMIT_RE.fullmatch(text) is not None
+
+
+def valid_full_commit(text: str) -> bool:
+    return isinstance(text, str) and FULL_COMMIT_RE.fullmatch(text) is not None
+
+
+def parse_address(text: str, default_host: str = "localhost") -> tuple[str, int]:
+    """Parse ``host:port`` (or ``[v6]:port``); ValueError with a clear text."""
+    if not isinstance(text, str) or not text or len(text) > 300:
+        raise ValueError(f"invalid address {text!r}: expected host:port")
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"invalid address {text!r}: expected host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    host = host or default_host
+    if not re.fullmatch(r"[A-Za-z0-9.\-_:%]+", host):
+        raise ValueError(f"invalid host in address {text!r}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid port in address {text!r}: expected 1-65535")
+    return host, int(port)
+
+
+def format_address(address: tuple[str, int]) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------
+# Messages: the payload inside a frame.  Pure functions.
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    command: str
+    argument: str = ""
+    body: bytes = b""
+
+
+def encode_message(command: str, argument: str = "", body: bytes = b"") -> bytes:
+    if not COMMAND_RE.fullmatch(command):
+        raise ProtocolError(f"invalid command name {command!r}")
+    if any(c in argument for c in "\r\n\0") or not argument.isascii():
+        raise ProtocolError("argument must be one line of ASCII")
+    line = command + (":" + argument if argument else "")
+    return line.encode("ascii") + (b"\n" + body if body else b"")
+
+
+def decode_message(payload: bytes) -> Message:
+    """Split a payload into command, argument and body.
+
+    The command line must be printable ASCII; the body is opaque bytes, so
+    test output that looks like a command can never be taken for one."""
+    line, _, body = payload.partition(b"\n")
+    if len(line) > 4096:
+        raise ProtocolError("command line too long")
+    try:
+        text = line.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("command line is not ASCII") from None
+    if not text.isprintable():
+        raise ProtocolError("command line has control characters")
+    command, _, argument = text.partition(":")
+    if not COMMAND_RE.fullmatch(command):
+        raise ProtocolError(f"malformed command {command[:40]!r}")
+    return Message(command, argument, body)
+
+
+def encode_fields(fields: dict) -> bytes:
+    """``key: value`` lines; values are flattened to one printable line."""
+    out = []
+    for key, value in fields.items():
+        out.append(f"{key}: {one_line(str(value))}")
+    return ("\n".join(out) + "\n").encode("utf-8")
+
+
+def decode_fields(data: bytes, max_fields: int = 64) -> dict[str, str]:
+    """Parse ``key: value`` lines (UTF-8); ProtocolError if malformed."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("fields are not UTF-8") from None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line:
+            continue
+        key, sep, value = line.partition(": ")
+        if not sep or not re.fullmatch(r"[a-z_]{1,32}", key):
+            raise ProtocolError(f"malformed field line {line[:60]!r}")
+        if len(fields) >= max_fields:
+            raise ProtocolError("too many fields")
+        fields[key] = value
+    return fields
+
+
+def one_line(text: str, limit: int = 1000) -> str:
+    """Make untrusted text safe for a one-line header value."""
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    return text[:limit]
+
+
+# --------------------------------------------------------------------------
+# Frames: length prefix plus authentication.  Pure functions.
+
+def _mac(secret: bytes, ts: bytes, nonce: bytes, reply_to: bytes, payload: bytes) -> str:
+    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    for part in (MAGIC, ts, nonce, reply_to):
+        mac.update(part + b"\n")
+    mac.update(payload)
+    return mac.hexdigest()
+
+
+def encode_frame(payload: bytes, secret: bytes | None = None, *, reply_to: str = "",
+                 now: float | None = None, nonce: str | None = None) -> bytes:
+    ts = b"%.3f" % (time.time() if now is None else now)
+    nonce_b = (nonce or secrets.token_hex(12)).encode("ascii")
+    tag = _mac(secret, ts, nonce_b, reply_to.encode("ascii"), payload) if secret else "-"
+    header = b"%s %d %s %s %s\n" % (MAGIC, len(payload), ts, nonce_b, tag.encode("ascii"))
+    return header + payload
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameHeader:
+    length: int
+    timestamp: str
+    nonce: str
+    tag: str
+
+
+def decode_header(line: bytes, max_message: int = DEFAULT_MAX_MESSAGE) -> FrameHeader:
+    """Parse a frame's header line (without the newline)."""
+    parts = line.split(b" ")
+    if len(parts) != 5 or parts[0] != MAGIC:
+        raise ProtocolError("not a CI1 frame")
+    length, ts, nonce, tag = parts[1:]
+    if not length.isdigit() or len(length) > 12:
+        raise ProtocolError("bad frame length")
+    if int(length) > max_message:
+        raise ProtocolError(f"message of {int(length)} bytes exceeds the limit of {max_message}")
+    if not re.fullmatch(rb"\d{1,12}(\.\d{1,6})?", ts):
+        raise ProtocolError("bad frame timestamp")
+    if not re.fullmatch(rb"[0-9a-f]{8,64}", nonce):
+        raise ProtocolError("bad frame nonce")
+    if not (tag == b"-" or re.fullmatch(rb"[0-9a-f]{64}", tag)):
+        raise ProtocolError("bad frame tag")
+    return FrameHeader(int(length), ts.decode(), nonce.decode(), tag.decode())
+
+
+class NonceCache:
+    """Remembers nonces seen within the auth window so a captured message
+    cannot be replayed.  Bounded: entries older than the window are dropped."""
+
+    def __init__(self, window: float = DEFAULT_AUTH_WINDOW, limit: int = 200_000):
+        self.window = window
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    def add(self, nonce: str, now: float) -> bool:
+        """Record ``nonce``; False if it was already seen."""
+        with self._lock:
+            while self._seen:
+                oldest, when = next(iter(self._seen.items()))
+                if when >= now - 2 * self.window and len(self._seen) < self.limit:
+                    break
+                self._seen.popitem(last=False)
+            if nonce in self._seen:
+                return False
+            self._seen[nonce] = now
+            return True
+
+
+def verify_frame(header: FrameHeader, payload: bytes, secret: bytes | None, *,
+                 reply_to: str = "", nonces: NonceCache | None = None,
+                 window: float = DEFAULT_AUTH_WINDOW, now: float | None = None) -> None:
+    """Check a frame's tag, age and nonce; ProtocolError if any is wrong.
+
+    Without a secret nothing is checked (the daemons then listen on loopback
+    only, unless the operator said ``--insecure``)."""
+    if not secret:
+        return
+    if header.tag == "-":
+        raise ProtocolError("unsigned message refused")
+    expected = _mac(secret, header.timestamp.encode(), header.nonce.encode(),
+                    reply_to.encode("ascii"), payload)
+    if not hmac.compare_digest(expected, header.tag):
+        raise ProtocolError("bad signature")
+    now = time.time() if now is None else now
+    if abs(now - float(header.timestamp)) > window:
+        raise ProtocolError("stale message (timestamp outside the window)")
+    if nonces is not None and not nonces.add(header.nonce, now):
+        raise ProtocolError("replayed message")
+
+
+# --------------------------------------------------------------------------
+# Reading a frame from a socket, with size and time limits.
+
+def _recv_exact(sock: socket.socket, count: int, deadline: float) -> bytes:
+    chunks = []
+    while count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ProtocolError("timed out reading message")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(min(count, 1 << 20))
+        except socket.timeout:
+            raise ProtocolError("timed out reading message") from None
+        if not chunk:
+            raise ProtocolError("connection closed mid-message")
+        chunks.append(chunk)
+        count -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(sock: socket.socket, max_message: int = DEFAULT_MAX_MESSAGE,
+               timeout: float = DEFAULT_READ_TIMEOUT) -> tuple[FrameHeader, bytes]:
+    """Read one frame: the header byte by byte up to its newline (a peer that
+    never sends one is cut at ``MAX_HEADER_BYTES``), then exactly the body."""
+    deadline = time.monotonic() + timeout
+    header = bytearray()
+    while True:
+        byte = _recv_exact(sock, 1, deadline)
+        if byte == b"\n":
+            break
+        header += byte
+        if len(header) > MAX_HEADER_BYTES:
+            raise ProtocolError("header line too long: not a CI1 frame")
+        if len(header) == len(MAGIC) and bytes(header) != MAGIC:
+            raise ProtocolError("not a CI1 frame")
+    parsed = decode_header(bytes(header), max_message)
+    body_deadline = time.monotonic() + timeout + parsed.length / MIN_BODY_RATE
+    return parsed, _recv_exact(sock, parsed.length, body_deadline)
+
+
+# --------------------------------------------------------------------------
+# Security settings shared by clients and servers.
+
+@dataclasses.dataclass
+class Security:
+    secret: bytes | None = None
+    window: float = DEFAULT_AUTH_WINDOW
+    server_tls: ssl.SSLContext | None = None
+    client_tls: ssl.SSLContext | None = None
+    max_message: int = DEFAULT_MAX_MESSAGE
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    nonces: NonceCache = dataclasses.field(default_factory=NonceCache)
+
+
+def load_secret(path: str | None) -> bytes | None:
+    """The cluster secret: ``--secret-file`` wins over ``CI_SECRET``."""
+    if path:
+        try:
+            with open(path, "rb") as handle:
+                secret = handle.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
+        if not secret:
+            raise ConfigError(f"secret file {path} is empty")
+        return secret
+    env = os.environ.get("CI_SECRET", "").strip()
+    return env.encode() if env else None
+
+
+def make_tls_contexts(cert: str | None, key: str | None, ca: str | None):
+    """Build (server, client) contexts.  With a CA, both sides verify the
+    peer against it: mutual TLS, so a stranger cannot even connect."""
+    if not (cert or key or ca):
+        return None, None
+    if not (cert and key and ca):
+        raise ConfigError("TLS needs all three of --tls-cert, --tls-key and --tls-ca")
+    try:
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(cert, key)
+        server.load_verify_locations(ca)
+        server.verify_mode = ssl.CERT_REQUIRED
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.load_cert_chain(cert, key)
+        client.load_verify_locations(ca)
+        # Peers are addressed by IP or by whatever name the operator used;
+        # trust comes from the private CA, not from the host name.
+        client.check_hostname = False
+        client.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS files: {exc}") from None
+    return server, client
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags every daemon shares: logging, secret, TLS and input limits."""
+    group = parser.add_argument_group("security and limits")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging threshold for stderr (default: %(default)s)")
+    group.add_argument("--secret-file", metavar="PATH",
+                       help="file holding the cluster's shared secret; every message is "
+                            "HMAC-signed with it (default: $CI_SECRET, else none)")
+    group.add_argument("--insecure", action="store_true",
+                       help="allow binding to a non-loopback address without a secret")
+    group.add_argument("--tls-cert", metavar="PEM", help="this process's TLS certificate")
+    group.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    group.add_argument("--tls-ca", metavar="PEM",
+                       help="CA that signed every peer's certificate (enables mutual TLS)")
+    group.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE,
+                       metavar="BYTES",
+                       help="largest message accepted (default: %(default)s)")
+    group.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT,
+                       metavar="SECONDS",
+                       help="drop a connection that sends nothing for this long "
+                            "(default: %(default)s)")
+    group.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                       help="connections served at once; more are refused "
+                            "(default: %(default)s)")
+    group.add_argument("--auth-window", type=float, default=DEFAULT_AUTH_WINDOW,
+                       metavar="SECONDS",
+                       help="accepted clock difference for signed messages "
+                            "(default: %(default)s)")
+
+
+def security_from_args(args: argparse.Namespace) -> Security:
+    for name in ("max_message_size", "max_connections"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    if args.read_timeout <= 0 or args.auth_window <= 0:
+        raise ConfigError("--read-timeout and --auth-window must be positive")
+    server_tls, client_tls = make_tls_contexts(args.tls_cert, args.tls_key, args.tls_ca)
+    return Security(secret=load_secret(args.secret_file), window=args.auth_window,
+                    server_tls=server_tls, client_tls=client_tls,
+                    max_message=args.max_message_size, read_timeout=args.read_timeout,
+                    nonces=NonceCache(args.auth_window))
+
+
+def check_bind_allowed(host: str, security: Security, insecure: bool) -> None:
+    """Refuse to expose an unauthenticated daemon beyond this machine."""
+    if not is_loopback(host) and not security.secret and not insecure:
+        raise ConfigError(
+            f"refusing to listen on {host} without a secret: anyone who can reach the "
+            "port could post verdicts. Give --secret-file (or CI_SECRET), or --insecure.")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), format=LOG_FORMAT, stream=sys.stderr)
+
+
+# --------------------------------------------------------------------------
+# Client side: one call = one connection, one request, one reply.
+
+def call(address: tuple[str, int], command: str, argument: str = "", body: bytes = b"",
+         security: Security | None = None, timeout: float = DEFAULT_CONNECT_TIMEOUT,
+         reply_timeout: float | None = None) -> Message:
+    """Send a request and return the verified reply.
+
+    Raises OSError for network trouble and ProtocolError for a malformed or
+    unauthentic reply; callers decide whether to retry."""
+    security = security or Security()
+    payload = encode_message(command, argument, body)
+    nonce = secrets.token_hex(12)
+    frame = encode_frame(payload, security.secret, nonce=nonce)
+    with socket.create_connection(address, timeout=timeout) as raw:
+        sock = raw
+        if security.client_tls:
+            sock = security.client_tls.wrap_socket(raw, server_hostname=address[0])
+        try:
+            sock.settimeout(timeout + len(frame) / MIN_BODY_RATE)
+            sock.sendall(frame)
+            header, reply = read_frame(sock, security.max_message,
+                                       reply_timeout if reply_timeout is not None else
+                                       max(timeout, security.read_timeout))
+        finally:
+            if sock is not raw:
+                sock.close()
+    verify_frame(header, reply, security.secret, reply_to=nonce, window=security.window)
+    return decode_message(reply)
+
+
+def reply_ok(message: Message) -> bool:
+    return message.command == "ok"
+
+
+# --------------------------------------------------------------------------
+# Server side.
+
+class Reply(Exception):
+    """Raised by a handler to answer with an error and close."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = one_line(text, 300)
+
+
+class MessageHandler(socketserver.BaseRequestHandler):
+    """Reads one frame, checks it, runs the command's handler, replies.
+
+    Whatever the peer sends, the reply is a frame (``ok``, ``busy``, ``error:``
+    ...) or a closed connection; no exception escapes to the server loop."""
+
+    def handle(self) -> None:
+        server: MessageServer = self.server  # type: ignore[assignment]
+        sec = server.security
+        peer = format_address(self.client_address[:2]) if self.client_address else "?"
+        sock = self.request
+        nonce = ""
+        try:
+            if sec.server_tls:
+                sock.settimeout(sec.read_timeout)
+                sock = sec.server_tls.wrap_socket(sock, server_side=True)
+            header, payload = read_frame(sock, sec.max_message, sec.read_timeout)
+            nonce = header.nonce
+            verify_frame(header, payload, sec.secret, nonces=sec.nonces, window=sec.window)
+            message = decode_message(payload)
+            method = server.commands.get(message.command)
+            if method is None:
+                raise Reply(f"unknown command {message.command!r}")
+            answer = method(message, peer)
+        except Reply as exc:
+            log.warning("refused request from %s: %s", peer, exc.text)
+            answer = Message("error", exc.text)
+        except ProtocolError as exc:
+            log.warning("bad message from %s: %s", peer, exc)
+            answer = Message("error", one_line(str(exc), 300))
+        except (OSError, ssl.SSLError) as exc:
+            log.info("connection from %s failed: %s", peer, exc)
+            return
+        except Exception:
+            log.exception("internal error serving %s", peer)
+            answer = Message("error", "internal error")
+        try:
+            frame = encode_frame(encode_message(answer.command, answer.argument, answer.body),
+                                 sec.secret, reply_to=nonce)
+            sock.settimeout(sec.read_timeout)
+            sock.sendall(frame)
+        except (OSError, ssl.SSLError, ProtocolError) as exc:
+            log.info("could not reply to %s: %s", peer, exc)
+        finally:
+            if sock is not self.request:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+
+class MessageServer(socketserver.ThreadingTCPServer):
+    """A threaded server with a command table, a connection cap and
+    immediate port reuse after a crash or restart."""
+
+    allow_reuse_address = True
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 128
+
+    def __init__(self, address, commands: dict, security: Security,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS):
+        self.commands = commands
+        self.security = security
+        self._slots = threading.BoundedSemaphore(max_connections)
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, MessageHandler)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            log.warning("connection limit reached; refusing %s",
+                        format_address(client_address[:2]))
+            try:
+                request.setblocking(False)
+                request.send(encode_frame(encode_message("error", "server busy, try later"),
+                                          self.security.secret))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address):
+        log.exception("error serving %s", client_address)
+
+
+def serve_until_signalled(server: MessageServer, on_stop=None,
+                          stop: threading.Event | None = None) -> None:
+    """Serve in a thread; SIGINT/SIGTERM (or ``stop`` being set by the
+    daemon itself) stops the server cleanly with ``server.shutdown()``,
+    then ``on_stop`` flushes the daemon's work."""
+    stop = stop or threading.Event()
+
+    def _signalled(signum, _frame):
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _signalled)
+    signal.signal(signal.SIGTERM, _signalled)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                              name="serve", daemon=True)
+    thread.start()
+    while not stop.wait(0.5):
+        if not thread.is_alive():
+            break
+    server.shutdown()
+    thread.join(5)
+    if on_stop:
+        on_stop()
+    server.server_close()
+
+
+# --------------------------------------------------------------------------
+# Files.
+
+def atomic_write(path: str, data: bytes, fsync: bool = True) -> None:
+    """Write a file so that readers see either nothing or all of it."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if fsync:
+        fsync_dir(folder)
+
+
+def fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(path: str, what: str) -> str:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {what} {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"{what} {path} is not writable")
+    return path
+
+
+# --------------------------------------------------------------------------
+# Result files: ``key: value`` header, blank line, raw test output.
+
+RESULT_FIELDS = ("commit", "verdict", "tests", "failures", "errors", "skipped",
+                 "runner", "started", "duration", "exit_code", "reason")
+
+
+def format_result(fields: dict, output: bytes) -> bytes:
+    ordered = {k: fields[k] for k in RESULT_FIELDS if k in fields}
+    return encode_fields(ordered) + b"\n" + output
+
+
+def parse_result(data: bytes) -> tuple[dict[str, str], bytes]:
+    """Split a result file into its header fields and the test output."""
+    head, sep, output = data.partition(b"\n\n")
+    if not sep:
+        raise ProtocolError("result has no header/output separator")
+    return decode_fields(head), output
+
+
+# --------------------------------------------------------------------------
+# Git, through one helper.
+
+class GitError(Exception):
+    def __init__(self, args, cwd, code, stderr):
+        self.args_ = args
+        self.cwd = cwd
+        self.code = code
+        self.stderr = stderr.strip()
+        super().__init__(f"git {' '.join(args)} in {cwd} exited {code}: {self.stderr[-500:]}")
+
+
+def run_git(repo: str, *args: str, timeout: float = 120) -> str:
+    cmd = ["git", "-C", repo, *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise GitError(list(args), repo, -1, "timed out") from None
+    if proc.returncode:
+        raise GitError(list(args), repo, proc.returncode, proc.stderr)
+    return proc.stdout
+
+
+def script_path(name: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+
+
+class Backoff:
+    """Exponential backoff with jitter, for retries after failures."""
+
+    def __init__(self, first: float = 0.1, cap: float = 5.0):
+        self.first, self.cap = first, cap
+        self.current = first
+
+    def next(self) -> float:
+        delay = self.current
+        self.current = min(self.cap, self.current * 2)
+        return delay * (0.8 + 0.4 * secrets.randbelow(1000) / 1000)
+
+    def reset(self) -> None:
+        self.current = self.first

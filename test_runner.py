@@ -1,0 +1,588 @@
+"""A test runner: registers with the dispatcher, takes one commit at a time,
+checks it out in its own clone (``test_runner_script.sh``), runs the tests
+in a child process group and reports the verdict.
+
+Reliability: a finished result goes to an on-disk outbox first and is
+delivered (with backoff) whenever the dispatcher is reachable, so a
+dispatcher restart loses nothing.  The runner re-registers by itself, on a
+heartbeat, and so is noticed again by a dispatcher that forgot it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import helpers
+from helpers import Message
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "localhost"
+FIRST_PORT, LAST_PORT = 8900, 9000
+DEFAULT_DISPATCHER = "localhost:8888"
+DEFAULT_TIMEOUT = 600.0
+DEFAULT_CHECKOUT_TIMEOUT = 300.0
+# Re-registering this often lets a restarted dispatcher find us quickly.
+DEFAULT_HEARTBEAT = 5.0
+# Cap on the delay between delivery attempts while the dispatcher is away.
+DEFAULT_RETRY_MAX = 5.0
+# Room left in a message for the fields around the output.
+MESSAGE_OVERHEAD = 64 * 1024
+
+
+# --------------------------------------------------------------------------
+# Judging a run: pure functions.
+
+@dataclasses.dataclass
+class Counts:
+    tests: int = 0
+    failures: int = 0
+    errors: int = 0
+    skipped: int = 0
+    found: bool = False
+
+
+UNITTEST_RAN = re.compile(rb"^Ran (\d+) tests? in [\d.]+s\s*$", re.M)
+UNITTEST_STATUS = re.compile(rb"^(OK|FAILED)(?: \(([^)\n]*)\))?\s*$", re.M)
+PYTEST_SUMMARY = re.compile(
+    rb"^=*\s*((?:\d+ (?:passed|failed|errors?|skipped|xfailed|xpassed|deselected|warnings?)"
+    rb"(?:, )?)+) in [\d.]+s", re.M)
+IMPORT_FAILURE_MARKERS = (b"unittest.loader._FailedTest", b"Failed to import test module",
+                          b"ERROR collecting", b"ImportError while importing test module")
+
+
+def parse_counts(output: bytes) -> Counts:
+    """Read the test counts from the last unittest or pytest summary.
+
+    The last summary wins, so text printed by the tests themselves earlier
+    in the output cannot change the counts."""
+    counts = Counts()
+    ran = list(UNITTEST_RAN.finditer(output))
+    summary = list(PYTEST_SUMMARY.finditer(output))
+    if ran and (not summary or ran[-1].start() > summary[-1].start()):
+        counts.tests, counts.found = int(ran[-1].group(1)), True
+        status = [m for m in UNITTEST_STATUS.finditer(output) if m.start() > ran[-1].start()]
+        if status and status[0].group(2):
+            for part in status[0].group(2).split(b","):
+                name, _, value = part.strip().partition(b"=")
+                if value.isdigit():
+                    if name == b"failures":
+                        counts.failures = int(value)
+                    elif name == b"errors":
+                        counts.errors = int(value)
+                    elif name == b"skipped":
+                        counts.skipped = int(value)
+        return counts
+    if summary:
+        counts.found = True
+        for part in summary[-1].group(1).split(b", "):
+            value, _, name = part.partition(b" ")
+            number = int(value)
+            if name in (b"passed", b"xfailed", b"xpassed"):
+                counts.tests += number
+            elif name == b"failed":
+                counts.tests += number
+                counts.failures = number
+            elif name == b"skipped":
+                counts.tests += number
+                counts.skipped = number
+            elif name in (b"error", b"errors"):
+                counts.errors = number
+    return counts
+
+
+def classify(exit_code: int, timed_out: bool, output: bytes) -> tuple[str, Counts, str]:
+    """Return (verdict, counts, reason).  ``passed`` only for exit status 0."""
+    counts = parse_counts(output)
+    if timed_out:
+        return "timeout", counts, "test command exceeded the time limit and was killed"
+    if exit_code == 0:
+        return "passed", counts, ""
+    if any(marker in output for marker in IMPORT_FAILURE_MARKERS):
+        return "error", counts, "test modules could not be imported (see output)"
+    if counts.found and (counts.failures or counts.errors):
+        return "failed", counts, ""
+    return "error", counts, f"test command exited {exit_code} without reporting failing tests"
+
+
+def default_test_command(repo: str) -> list[str]:
+    """``python -m unittest discover -s tests``; ``-t .`` when tests/ is a
+    package, so that tests importing the project from the root work."""
+    command = [sys.executable, "-m", "unittest", "discover", "-s", "tests"]
+    if os.path.exists(os.path.join(repo, "tests", "__init__.py")):
+        command += ["-t", "."]
+    return command
+
+
+def read_bounded(handle, limit: int) -> bytes:
+    """Read a whole output file, or its head and tail with a visible marker
+    when it exceeds ``limit`` (summaries are at the end, so the tail is
+    the larger part)."""
+    size = handle.seek(0, os.SEEK_END)
+    handle.seek(0)
+    if size <= limit:
+        return handle.read()
+    keep = max(limit - 200, 0)
+    head = handle.read(keep // 4)
+    handle.seek(size - (keep - keep // 4))
+    tail = handle.read()
+    marker = (f"\n[... output truncated by the runner: {size - len(head) - len(tail)} "
+              f"of {size} bytes omitted ...]\n").encode()
+    return head + marker + tail
+
+
+# --------------------------------------------------------------------------
+# Running things in their own process group.
+
+class ProcessSlot:
+    """Holds the child process group currently running, so a stop request
+    from another thread can kill it and leave no orphans."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self.cancelled = False
+
+    def run(self, cmd: list[str], cwd: str, timeout: float, out, env=None) -> tuple[int, bool]:
+        """Run ``cmd`` with output to file ``out``; return (exit code, timed out)."""
+        with self._lock:
+            if self.cancelled:
+                return -signal.SIGKILL, False
+            proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+            self._proc = proc
+        timed_out = False
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            # Kill the whole group: test suites start helpers of their own.
+            _kill_group(proc.pid)
+            proc.wait()
+            with self._lock:
+                self._proc = None
+        return proc.returncode, timed_out
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            if self._proc is not None:
+                _kill_group(self._proc.pid)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def child_env() -> dict:
+    """The tests run the repository's code: do not hand them our secret."""
+    env = dict(os.environ)
+    env.pop("CI_SECRET", None)
+    return env
+
+
+def execute(repo: str, commit: str, test_command: list[str] | None, timeout: float,
+            checkout_timeout: float, slot: ProcessSlot, max_output: int) -> tuple[dict, bytes]:
+    """Check out ``commit`` and run its tests; return (fields, output)."""
+    started = time.time()
+    fields = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+              "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "exit_code": -1}
+    with tempfile.TemporaryFile() as out:
+        code, timed_out = slot.run(["bash", helpers.script_path("test_runner_script.sh"),
+                                    repo, commit], repo, checkout_timeout, out, child_env())
+        out.seek(0)
+        checkout_log = out.read(64 * 1024)
+    if code != 0:
+        why = "timed out" if timed_out else f"exited {code}"
+        reason = f"checkout of {commit} failed ({why})"
+        fields.update(verdict="error", reason=reason,
+                      duration=f"{time.time() - started:.3f}")
+        return fields, checkout_log + f"\n{reason}\n".encode()
+    command = test_command or default_test_command(repo)
+    if test_command is None and not os.path.isdir(os.path.join(repo, "tests")):
+        fields.update(verdict="error", reason="no tests/ folder in this commit",
+                      duration=f"{time.time() - started:.3f}")
+        return fields, b"no tests/ folder in this commit\n"
+    with tempfile.TemporaryFile() as out:
+        try:
+            code, timed_out = slot.run(command, repo, timeout, out, child_env())
+        except OSError as exc:
+            fields.update(verdict="error", reason=f"cannot start test command: {exc}",
+                          duration=f"{time.time() - started:.3f}")
+            return fields, f"cannot start test command {command!r}: {exc}\n".encode()
+        output = read_bounded(out, max_output)
+    verdict, counts, reason = classify(code, timed_out, output)
+    fields.update(verdict=verdict, tests=counts.tests, failures=counts.failures,
+                  errors=counts.errors, skipped=counts.skipped, exit_code=code,
+                  duration=f"{time.time() - started:.3f}")
+    if reason:
+        fields["reason"] = reason
+    return fields, output
+
+
+# --------------------------------------------------------------------------
+# The runner daemon.
+
+@dataclasses.dataclass
+class Assignment:
+    commit: str
+    job_id: str
+
+
+class RunnerState:
+    """The one job this runner holds, guarded by one condition shared by the
+    request handlers (``runtest``), the worker and the stop path."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.current: Assignment | None = None
+        self.pending: Assignment | None = None
+        self.stopping = False
+
+    def offer(self, assignment: Assignment) -> bool:
+        with self.cond:
+            if self.stopping or self.current is not None:
+                return False
+            self.current = self.pending = assignment
+            self.cond.notify_all()
+            return True
+
+    def take(self) -> Assignment | None:
+        """Block the worker until a job arrives (None when stopping)."""
+        with self.cond:
+            while self.pending is None and not self.stopping:
+                self.cond.wait()
+            if self.stopping:
+                return None
+            job, self.pending = self.pending, None
+            return job
+
+    def finish(self) -> None:
+        with self.cond:
+            self.current = None
+
+    def busy_with(self) -> str | None:
+        with self.cond:
+            return self.current.commit if self.current else None
+
+    def stop(self) -> Assignment | None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+            return self.current
+
+
+class Outbox:
+    """Finished results waiting for delivery, one file each, written
+    atomically so a crash never leaves half a result to send."""
+
+    def __init__(self, folder: str):
+        self.folder = helpers.ensure_dir(folder, "outbox folder")
+        self._seq = int(time.time() * 1000)
+        self._lock = threading.Lock()
+
+    def put(self, commit: str, job_id: str, body: bytes) -> str:
+        with self._lock:
+            self._seq += 1
+            name = f"{self._seq:016d}-{commit}-{job_id}"
+        helpers.atomic_write(os.path.join(self.folder, name), body)
+        return name
+
+    def items(self) -> list[tuple[str, str, str]]:
+        found = []
+        for name in sorted(os.listdir(self.folder)):
+            parts = name.split("-")
+            if len(parts) == 3 and helpers.valid_full_commit(parts[1]):
+                found.append((name, parts[1], parts[2]))
+        return found
+
+    def read(self, name: str) -> bytes:
+        with open(os.path.join(self.folder, name), "rb") as handle:
+            return handle.read()
+
+    def remove(self, name: str) -> None:
+        try:
+            os.unlink(os.path.join(self.folder, name))
+        except FileNotFoundError:
+            pass
+
+
+class TestRunner:
+    def __init__(self, args, security: helpers.Security, dispatcher: tuple[str, int],
+                 state_dir: str):
+        self.args = args
+        self.repo = os.path.abspath(args.repo)
+        self.security = security
+        self.dispatcher = dispatcher
+        self.instance = secrets.token_hex(8)
+        self.state = RunnerState()
+        self.slot = ProcessSlot()
+        self.outbox = Outbox(os.path.join(state_dir, "outbox"))
+        self.test_command = shlex.split(args.test_command) if args.test_command else None
+        self.max_output = max(security.max_message - MESSAGE_OVERHEAD, 4096)
+        self.wake_link = threading.Event()
+        self.stop_event = threading.Event()
+        self.address: tuple[str, int] | None = None  # what we listen on
+        self.advertised: str | None = args.advertise
+        self.last_contact = time.monotonic()
+        self.gave_up = False
+        self.threads = [threading.Thread(target=self._work_loop, name="work", daemon=True),
+                        threading.Thread(target=self._link_loop, name="link", daemon=True)]
+        self.commands = {"ping": self.do_ping, "runtest": self.do_runtest}
+
+    # ---- handlers -------------------------------------------------------
+    def do_ping(self, message: Message, peer: str) -> Message:
+        busy = self.state.busy_with()
+        return Message("ok", "pong", helpers.encode_fields(
+            {"instance": self.instance, "busy": busy or ""}))
+
+    def do_runtest(self, message: Message, peer: str) -> Message:
+        parts = message.argument.split(" ")
+        if len(parts) != 2 or not helpers.valid_commit(parts[0]) \
+                or not parts[1].isalnum() or len(parts[1]) > 40:
+            raise helpers.Reply("usage: runtest:<commit> <job id>")
+        if self.state.offer(Assignment(parts[0], parts[1])):
+            log.info("accepted %s (job %s)", parts[0][:12], parts[1])
+            return Message("ok")
+        return Message("busy", self.state.busy_with() or "stopping")
+
+    # ---- work -----------------------------------------------------------
+    def _work_loop(self) -> None:
+        while True:
+            job = self.state.take()
+            if job is None:
+                return
+            try:
+                fields, output = execute(self.repo, job.commit, self.test_command,
+                                         self.args.timeout, self.args.checkout_timeout,
+                                         self.slot, self.max_output)
+            except Exception as exc:
+                log.exception("running %s failed", job.commit[:12])
+                fields = {"verdict": "error", "reason": f"runner failure: {exc}"}
+                output = f"runner failure: {exc!r}\n".encode()
+            if self.slot.cancelled:
+                return  # stopping: the job is handed back, not reported
+            fields["runner"] = self.advertised or "?"
+            commit = job.commit
+            if not helpers.valid_full_commit(commit):
+                log.error("cannot report %s: not a full commit id", commit)
+                self.state.finish()
+                continue
+            log.info("finished %s: %s", commit[:12], fields.get("verdict"))
+            self.outbox.put(commit, job.job_id, helpers.format_result(fields, output))
+            self.state.finish()
+            self.wake_link.set()
+
+    # ---- the link to the dispatcher ---------------------------------------
+    def _link_loop(self) -> None:
+        """Register, heartbeat and deliver results, backing off while the
+        dispatcher is unreachable."""
+        backoff = helpers.Backoff(0.1, self.args.retry_max)
+        next_heartbeat = 0.0
+        while not self.stop_event.is_set():
+            try:
+                if time.monotonic() >= next_heartbeat:
+                    self._register()
+                    next_heartbeat = time.monotonic() + self.args.heartbeat
+                self._deliver()
+                self.last_contact = time.monotonic()
+                backoff.reset()
+                delay = max(0.0, next_heartbeat - time.monotonic())
+            except (OSError, helpers.ProtocolError) as exc:
+                delay = backoff.next()
+                log.warning("dispatcher %s unreachable (%s); retrying in %.1fs",
+                            helpers.format_address(self.dispatcher), exc, delay)
+                next_heartbeat = 0.0
+                limit = self.args.dispatcher_timeout
+                if limit is not None and time.monotonic() - self.last_contact > limit:
+                    log.error("no dispatcher for %.0fs (--dispatcher-timeout); exiting", limit)
+                    self.gave_up = True
+                    self.stop_event.set()
+                    return
+            self.wake_link.wait(delay)
+            self.wake_link.clear()
+
+    def _register(self) -> None:
+        if not self.advertised:
+            self.advertised = self._local_address()
+        busy = self.state.busy_with()
+        reply = helpers.call(self.dispatcher, "register", self.advertised,
+                             helpers.encode_fields({"instance": self.instance,
+                                                    "busy": busy or ""}),
+                             security=self.security)
+        if reply.command != "ok":
+            raise helpers.ProtocolError(f"register refused: {reply.argument}")
+        if reply.argument == "registered":
+            log.info("registered with dispatcher %s as %s",
+                     helpers.format_address(self.dispatcher), self.advertised)
+
+    def _local_address(self) -> str:
+        """The address the dispatcher can reach us at: ``--host``, or when
+        bound to all interfaces, the local end of a connection to it."""
+        host, port = self.address
+        if host not in ("0.0.0.0", "::", ""):
+            return helpers.format_address((host, port))
+        with socket.create_connection(self.dispatcher, timeout=5) as sock:
+            return helpers.format_address((sock.getsockname()[0], port))
+
+    def _deliver(self) -> None:
+        for name, commit, job_id in self.outbox.items():
+            body = self.outbox.read(name)
+            reply = helpers.call(self.dispatcher, "results", f"{commit} {job_id}", body,
+                                 security=self.security, reply_timeout=60)
+            if reply.command == "ok":
+                log.info("delivered result for %s (%s)", commit[:12], reply.argument)
+            else:
+                # Retrying a refused result can never succeed: keep it aside.
+                log.error("dispatcher refused result for %s: %s", commit[:12], reply.argument)
+                os.replace(os.path.join(self.outbox.folder, name),
+                           os.path.join(self.outbox.folder, "refused-" + name))
+                continue
+            self.outbox.remove(name)
+
+    # ---- lifecycle ------------------------------------------------------
+    def start(self, address: tuple[str, int]) -> None:
+        self.address = address
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Hand back the current job unrun, kill its processes, flush the
+        outbox once, and let the threads end."""
+        current = self.state.stop()
+        self.slot.cancel()
+        self.stop_event.set()
+        self.wake_link.set()
+        if current and self.advertised:
+            try:
+                helpers.call(self.dispatcher, "release", f"{current.commit} {self.advertised}",
+                             security=self.security, timeout=2)
+                log.info("handed %s back to the dispatcher", current.commit[:12])
+            except (OSError, helpers.ProtocolError) as exc:
+                log.info("could not hand back %s: %s", current.commit[:12], exc)
+        for thread in self.threads:
+            thread.join(5)
+        try:
+            self._deliver()
+        except (OSError, helpers.ProtocolError):
+            log.info("undelivered results stay in %s", self.outbox.folder)
+
+
+def bind_server(host: str, port: int | None, commands, security, max_connections):
+    """Bind ``--port``, or the first free port from 8900 up."""
+    ports = [port] if port is not None else range(FIRST_PORT, LAST_PORT + 1)
+    error = None
+    for candidate in ports:
+        try:
+            return helpers.MessageServer((host, candidate), commands, security,
+                                         max_connections)
+        except OSError as exc:
+            error = exc
+    where = port if port is not None else f"{FIRST_PORT}-{LAST_PORT}"
+    raise helpers.ConfigError(f"cannot listen on {host}:{where}: {error.strerror}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="CI test runner: runs the tests of the commits the dispatcher sends.")
+    parser.add_argument("repo", metavar="REPO",
+                        help="this runner's own clone of the repository under test")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int,
+                        help=f"port to listen on (default: first free from {FIRST_PORT})")
+    parser.add_argument("--advertise", metavar="HOST:PORT",
+                        help="address the dispatcher should use to reach this runner "
+                             "(default: --host, or the local address of the link to the "
+                             "dispatcher when bound to 0.0.0.0)")
+    parser.add_argument("--dispatcher-server", default=DEFAULT_DISPATCHER,
+                        metavar="HOST:PORT",
+                        help="the dispatcher's address (default: %(default)s)")
+    parser.add_argument("--test-command", metavar="COMMAND",
+                        help="command run in the clone's root (split like a shell would, "
+                             "never run by one; default: python -m unittest discover -s tests"
+                             " [-t .])")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help="kill the tests after this long; verdict 'timeout' "
+                             "(default: %(default)s)")
+    parser.add_argument("--checkout-timeout", type=float, default=DEFAULT_CHECKOUT_TIMEOUT,
+                        metavar="SECONDS",
+                        help="limit for fetch and checkout (default: %(default)s)")
+    parser.add_argument("--state-dir",
+                        help="folder for the outbox of undelivered results "
+                             "(default: REPO/.git/ci-runner)")
+    parser.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT,
+                        metavar="SECONDS",
+                        help="seconds between re-registrations with the dispatcher "
+                             "(default: %(default)s)")
+    parser.add_argument("--retry-max", type=float, default=DEFAULT_RETRY_MAX,
+                        metavar="SECONDS",
+                        help="longest wait between retries while the dispatcher is away "
+                             "(default: %(default)s)")
+    parser.add_argument("--dispatcher-timeout", type=float, metavar="SECONDS",
+                        help="exit when the dispatcher has been unreachable this long "
+                             "(default: wait forever)")
+    helpers.add_common_arguments(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    helpers.configure_logging(args.log_level)
+    try:
+        for name in ("timeout", "checkout_timeout", "heartbeat", "retry_max"):
+            if getattr(args, name) <= 0:
+                raise helpers.ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if args.port is not None and not 0 <= args.port < 65536:
+            raise helpers.ConfigError("--port must be 0-65535")
+        if args.test_command is not None:
+            try:
+                if not shlex.split(args.test_command):
+                    raise ValueError("empty")
+            except ValueError as exc:
+                raise helpers.ConfigError(f"invalid --test-command: {exc}") from None
+        try:
+            dispatcher = helpers.parse_address(args.dispatcher_server)
+            if args.advertise:
+                helpers.parse_address(args.advertise)
+        except ValueError as exc:
+            raise helpers.ConfigError(str(exc)) from None
+        repo = os.path.abspath(args.repo)
+        if not os.path.isdir(os.path.join(repo, ".git")):
+            raise helpers.ConfigError(f"{args.repo} is not a git clone (no .git folder)")
+        security = helpers.security_from_args(args)
+        helpers.check_bind_allowed(args.host, security, args.insecure)
+        state_dir = args.state_dir or os.path.join(repo, ".git", "ci-runner")
+        runner = TestRunner(args, security, dispatcher, state_dir)
+        server = bind_server(args.host, args.port, runner.commands, security,
+                             args.max_connections)
+    except helpers.ConfigError as exc:
+        print(f"test_runner: error: {exc}", file=sys.stderr)
+        return 2
+    address = server.server_address[:2]
+    log.info("runner listening on %s, clone %s", helpers.format_address(address), repo)
+    runner.start(address)
+    helpers.serve_until_signalled(server, on_stop=runner.stop, stop=runner.stop_event)
+    log.info("runner stopped")
+    return 1 if runner.gave_up else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

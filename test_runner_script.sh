@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Put the runner's clone at exactly COMMIT, with a clean tree.
+#
+# usage: test_runner_script.sh REPO COMMIT
+# stdout: the full id of the checked-out commit
+# exit:   0 on success; non-zero with the reason on stderr
+set -euo pipefail
+
+repo=${1:?usage: test_runner_script.sh REPO COMMIT}
+commit=${2:?usage: test_runner_script.sh REPO COMMIT}
+
+if [[ ! $commit =~ ^[0-9a-f]{4,64}$ ]]; then
+    echo "invalid commit id: $commit" >&2
+    exit 2
+fi
+cd -- "$repo"
+
+# Fetch only when the commit is not here yet: one fetch brings a whole
+# burst of commits, so the rest of the batch needs no network at all.
+if ! git cat-file -e "${commit}^{commit}" 2>/dev/null; then
+    git fetch --quiet --prune origin
+    if ! git cat-file -e "${commit}^{commit}" 2>/dev/null; then
+        # Not on any branch any more (force-pushed away): ask for it by id.
+        git fetch --quiet origin "$commit" 2>/dev/null || true
+    fi
+fi
+if ! git cat-file -e "${commit}^{commit}" 2>/dev/null; then
+    echo "commit $commit not found in $repo or its origin" >&2
+    exit 3
+fi
+
+git checkout --quiet --force --detach "$commit"
+git reset --quiet --hard "$commit"
+# -ff also removes nested repositories; -x removes ignored build debris.
+git clean --quiet -ffdx
+git rev-parse HEAD
