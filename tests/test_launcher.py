@@ -1,0 +1,71 @@
+"""The one-command quickstart, run as a new user would run it."""
+
+import os
+import re
+import signal
+import subprocess
+
+from conftest import PY, ROOT, wait_until
+
+import helpers
+
+
+def read_verdicts(results):
+    verdicts = {}
+    for name in os.listdir(results):
+        if helpers.valid_full_commit(name):
+            with open(os.path.join(results, name), "rb") as handle:
+                verdicts[name] = helpers.parse_result(handle.read())[0]["verdict"]
+    return verdicts
+
+
+def test_demo_gives_right_verdicts(tmp_path):
+    proc = subprocess.run([PY, os.path.join(ROOT, "run_local.py"), "--demo-only",
+                           "--poll", "0.5"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    verdicts = read_verdicts(tmp_path / "test_results")
+    assert sorted(verdicts.values()) == ["failed", "passed", "passed"], proc.stderr
+    upstream = tmp_path / ".ci_local" / "upstream"
+    log = subprocess.run(["git", "-C", str(upstream), "log", "--format=%H"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert set(log) == set(verdicts)
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    proc = subprocess.Popen([PY, os.path.join(ROOT, "run_local.py"), "--poll", "0.5"],
+                            cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    pids = []
+    try:
+        for _ in range(200):
+            line = proc.stderr.readline()
+            match = re.search(r"started \S+\s+pid (\d+)", line)
+            if match:
+                pids.append(int(match.group(1)))
+            if "try it:" in line or not line:
+                break
+        assert len(pids) == 4
+        assert len(read_verdicts(tmp_path / "test_results")) == 3
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+
+        def running(pid):
+            try:
+                with open(f"/proc/{pid}/stat") as handle:
+                    return handle.read().split()[2] != "Z"
+            except OSError:
+                return False
+
+        def all_gone():
+            return not any(running(pid) for pid in pids)
+        wait_until(all_gone, 10, what="launcher's daemons to exit")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
