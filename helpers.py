@@ -373,8 +373,9 @@ def make_tls_contexts(cert: str | None, key: str | None, ca: str | None):
     return server, client
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags every daemon shares: logging, secret, TLS and input limits."""
+def add_common_arguments(parser: argparse.ArgumentParser, server: bool = True) -> None:
+    """Flags every process shares: logging, secret, TLS and input limits
+    (the listening-side ones only where something listens)."""
     group = parser.add_argument_group("security and limits")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -382,8 +383,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--secret-file", metavar="PATH",
                        help="file holding the cluster's shared secret; every message is "
                             "HMAC-signed with it (default: $CI_SECRET, else none)")
-    group.add_argument("--insecure", action="store_true",
-                       help="allow binding to a non-loopback address without a secret")
+    if server:
+        group.add_argument("--insecure", action="store_true",
+                           help="allow binding to a non-loopback address without a secret")
     group.add_argument("--tls-cert", metavar="PEM", help="this process's TLS certificate")
     group.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     group.add_argument("--tls-ca", metavar="PEM",
@@ -395,9 +397,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                        metavar="SECONDS",
                        help="drop a connection that sends nothing for this long "
                             "(default: %(default)s)")
-    group.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
-                       help="connections served at once; more are refused "
-                            "(default: %(default)s)")
+    if server:
+        group.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                           help="connections served at once; more are refused "
+                                "(default: %(default)s)")
     group.add_argument("--auth-window", type=float, default=DEFAULT_AUTH_WINDOW,
                        metavar="SECONDS",
                        help="accepted clock difference for signed messages "
@@ -406,7 +409,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def security_from_args(args: argparse.Namespace) -> Security:
     for name in ("max_message_size", "max_connections"):
-        if getattr(args, name) < 1:
+        if getattr(args, name, 1) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     if args.read_timeout <= 0 or args.auth_window <= 0:
         raise ConfigError("--read-timeout and --auth-window must be positive")

@@ -234,7 +234,7 @@ def build_notify_parser() -> argparse.ArgumentParser:
                         metavar="HOST:PORT", help="the observer's address (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                         help="give up after this long (default: %(default)s)")
-    helpers.add_common_arguments(parser)
+    helpers.add_common_arguments(parser, server=False)
     return parser
 
 
