@@ -55,6 +55,9 @@ DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_AUTH_WINDOW = 30.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
+# Room for a batch of a thousand 64-hex commit ids on one command line.
+MAX_COMMAND_LINE = 66 * 1024
+
 COMMIT_RE = re.compile(r"[0-9a-f]{4,64}")
 FULL_COMMIT_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 COMMAND_RE = re.compile(r"[a-z_]{1,32}")
@@ -139,7 +142,7 @@ def decode_message(payload: bytes) -> Message:
     The command line must be printable ASCII; the body is opaque bytes, so
     test output that looks like a command can never be taken for one."""
     line, _, body = payload.partition(b"\n")
-    if len(line) > 4096:
+    if len(line) > MAX_COMMAND_LINE:
         raise ProtocolError("command line too long")
     try:
         text = line.decode("ascii")
