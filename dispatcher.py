@@ -21,7 +21,9 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import math
 import os
+import re
 import sys
 import threading
 import time
@@ -200,12 +202,10 @@ class DispatcherState:
     def enqueue(self, commits: list[str]) -> list[str]:
         """Queue new commits durably; return those that were new."""
         with self.cond:
-            new = []
-            for commit in commits:
-                if commit in self.queued or commit in self.jobs or commit in self.done \
-                        or commit in new:
-                    continue
-                new.append(commit)
+            # dict.fromkeys: drops repeats in order, without a quadratic scan.
+            new = list(dict.fromkeys(
+                c for c in commits
+                if c not in self.queued and c not in self.jobs and c not in self.done))
             # fsync before anything can be assigned or acknowledged.
             self.journal.append([f"Q {c}" for c in new], sync=True)
             self.queue.extend(new)
@@ -297,14 +297,32 @@ class DispatcherState:
             self.cond.notify_all()
             if commit in self.done:
                 return False
-            self._write_result(commit, fields, output)
-            return True
+            # Claim the commit, then write without the lock: the two fsyncs
+            # of every result would otherwise serialise all handlers and the
+            # assignment loop.  A concurrent result for it now counts as a
+            # duplicate, and a lost runner can no longer requeue it.
+            self.done.add(commit)
+        fields = dict(fields, commit=commit)
+        try:
+            helpers.atomic_write(os.path.join(self.results_dir, commit),
+                                 helpers.format_result(fields, output))
+        except BaseException:
+            with self.cond:
+                self.done.discard(commit)
+            raise
+        with self.cond:
+            self._finish(commit, fields.get("verdict"))
+        return True
 
     def _write_result(self, commit: str, fields: dict, output: bytes) -> None:
         fields = dict(fields, commit=commit)
         helpers.atomic_write(os.path.join(self.results_dir, commit),
                              helpers.format_result(fields, output))
         self.done.add(commit)
+        self._finish(commit, fields.get("verdict"))
+
+    def _finish(self, commit: str, verdict: str | None) -> None:
+        """Bookkeeping once ``commit``'s result file is on disk."""
         self.completed += 1
         job = self.jobs.pop(commit, None)
         if job:
@@ -320,7 +338,7 @@ class DispatcherState:
                 len(self.queue) + len(self.jobs)):
             self.journal.rewrite(list(self.jobs) + list(self.queue), set(self.jobs),
                                  self.lost)
-        log.info("result for %s: %s", commit[:12], fields.get("verdict"))
+        log.info("result for %s: %s", commit[:12], verdict)
 
     def _lose(self, job: Job, head: bool, count: bool) -> None:
         """Take a job away from its runner; requeue it unless it is poison."""
@@ -408,6 +426,8 @@ class DispatcherState:
 # The daemon: request handlers plus the assignment and health threads.
 
 RESULT_INT_FIELDS = ("tests", "failures", "errors", "skipped", "exit_code")
+# ASCII digits only: str.isdigit() also accepts '²' and '--1', which int() rejects.
+RESULT_INT_RE = re.compile(r"-?[0-9]{1,12}")
 
 
 def parse_results_message(message: Message) -> tuple[str, dict, bytes]:
@@ -428,13 +448,16 @@ def parse_results_message(message: Message) -> tuple[str, dict, bytes]:
     fields = {"verdict": raw["verdict"]}
     for name in RESULT_INT_FIELDS:
         value = raw.get(name, "0")
-        if not value.lstrip("-").isdigit() or len(value) > 12:
+        if not RESULT_INT_RE.fullmatch(value):
             raise Reply(f"field {name} must be an integer")
         fields[name] = int(value)
     try:
-        fields["duration"] = f"{float(raw.get('duration', '0')):.3f}"
+        duration = float(raw.get("duration", "0"))
     except ValueError:
         raise Reply("field duration must be a number") from None
+    if not math.isfinite(duration):
+        raise Reply("field duration must be a finite number")
+    fields["duration"] = f"{duration:.3f}"
     for name in ("runner", "started", "reason"):
         if name in raw:
             fields[name] = helpers.one_line(raw[name], 500)
@@ -570,12 +593,19 @@ class Dispatcher:
             runner = futures[future]
             ok, instance, busy = future.result()
             self.state.ping_result(runner.key, instance, ok, busy, self.ping_misses)
-        return time.monotonic() - started
+        duration = time.monotonic() - started
+        # A sweep longer than the interval means dead runners are noticed late.
+        log.log(logging.WARNING if duration > self.ping_interval else logging.DEBUG,
+                "health sweep of %d runner(s) took %.3fs", len(runners), duration)
+        return duration
 
     def _ping(self, runner: Runner) -> tuple[bool, str, str | None]:
         try:
+            # The reply is bounded too: a frozen runner still accepts the
+            # connection (the kernel does) but never answers, and waiting the
+            # full read timeout for it would stall the whole health sweep.
             reply = helpers.call(runner.address, "ping", security=self.security,
-                                 timeout=self.ping_timeout)
+                                 timeout=self.ping_timeout, reply_timeout=self.ping_timeout)
             fields = helpers.decode_fields(reply.body) if reply.command == "ok" else {}
         except (OSError, helpers.ProtocolError) as exc:
             log.debug("ping %s failed: %s", runner.key, exc)

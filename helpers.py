@@ -175,7 +175,9 @@ def decode_fields(data: bytes, max_fields: int = 64) -> dict[str, str]:
         if not line:
             continue
         key, sep, value = line.partition(": ")
-        if not sep or not re.fullmatch(r"[a-z_]{1,32}", key):
+        # Digits allowed after the first character: the observer's status
+        # numbers its branches (branch_0, branch_1, ...).
+        if not sep or not re.fullmatch(r"[a-z_][a-z0-9_]{0,31}", key):
             raise ProtocolError(f"malformed field line {line[:60]!r}")
         if len(fields) >= max_fields:
             raise ProtocolError("too many fields")
@@ -185,8 +187,16 @@ def decode_fields(data: bytes, max_fields: int = 64) -> dict[str, str]:
 
 def one_line(text: str, limit: int = 1000) -> str:
     """Make untrusted text safe for a one-line header value."""
-    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    if not text.isprintable():  # the usual case skips the per-character pass
+        text = "".join(ch if ch.isprintable() else " " for ch in text)
     return text[:limit]
+
+
+def ascii_line(text: str, limit: int = 300) -> str:
+    """Untrusted text (often quoting the peer's input) made fit for a reply's
+    ASCII command line; otherwise the reply could not be encoded at all and
+    the peer would get a silently closed connection instead of the reason."""
+    return one_line(text, limit).encode("ascii", "backslashreplace").decode("ascii")
 
 
 # --------------------------------------------------------------------------
@@ -285,19 +295,29 @@ def verify_frame(header: FrameHeader, payload: bytes, secret: bytes | None, *,
 # --------------------------------------------------------------------------
 # Reading a frame from a socket, with size and time limits.
 
+# What one recv may take while looking for the header's end: usually the
+# whole of a small message arrives with it.
+FIRST_READ = 64 * 1024
+
+
+def _recv_some(sock: socket.socket, limit: int, deadline: float) -> bytes:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise ProtocolError("timed out reading message")
+    sock.settimeout(remaining)
+    try:
+        chunk = sock.recv(limit)
+    except socket.timeout:
+        raise ProtocolError("timed out reading message") from None
+    if not chunk:
+        raise ProtocolError("connection closed mid-message")
+    return chunk
+
+
 def _recv_exact(sock: socket.socket, count: int, deadline: float) -> bytes:
     chunks = []
     while count:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ProtocolError("timed out reading message")
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(min(count, 1 << 20))
-        except socket.timeout:
-            raise ProtocolError("timed out reading message") from None
-        if not chunk:
-            raise ProtocolError("connection closed mid-message")
+        chunk = _recv_some(sock, min(count, 1 << 20), deadline)
         chunks.append(chunk)
         count -= len(chunk)
     return b"".join(chunks)
@@ -305,22 +325,28 @@ def _recv_exact(sock: socket.socket, count: int, deadline: float) -> bytes:
 
 def read_frame(sock: socket.socket, max_message: int = DEFAULT_MAX_MESSAGE,
                timeout: float = DEFAULT_READ_TIMEOUT) -> tuple[FrameHeader, bytes]:
-    """Read one frame: the header byte by byte up to its newline (a peer that
-    never sends one is cut at ``MAX_HEADER_BYTES``), then exactly the body."""
+    """Read one frame: the header line (a peer that never ends it is cut at
+    ``MAX_HEADER_BYTES``), then exactly the body.
+
+    The header is read in chunks, not byte by byte (a system call per byte
+    was the dispatcher's main cost under load).  What follows the newline is
+    the body's start; each side sends one frame per connection, so no later
+    message can be swallowed, and bytes past the frame are dropped."""
     deadline = time.monotonic() + timeout
-    header = bytearray()
+    data = b""
     while True:
-        byte = _recv_exact(sock, 1, deadline)
-        if byte == b"\n":
+        newline = data.find(b"\n", 0, MAX_HEADER_BYTES + 1)
+        if newline >= 0:
             break
-        header += byte
-        if len(header) > MAX_HEADER_BYTES:
+        if len(data) > MAX_HEADER_BYTES:
             raise ProtocolError("header line too long: not a CI1 frame")
-        if len(header) == len(MAGIC) and bytes(header) != MAGIC:
+        if not MAGIC.startswith(data[:len(MAGIC)]):
             raise ProtocolError("not a CI1 frame")
-    parsed = decode_header(bytes(header), max_message)
+        data += _recv_some(sock, FIRST_READ, deadline)
+    parsed = decode_header(data[:newline], max_message)
     body_deadline = time.monotonic() + timeout + parsed.length / MIN_BODY_RATE
-    return parsed, _recv_exact(sock, parsed.length, body_deadline)
+    start = data[newline + 1:newline + 1 + parsed.length]
+    return parsed, start + _recv_exact(sock, parsed.length - len(start), body_deadline)
 
 
 # --------------------------------------------------------------------------
@@ -462,7 +488,14 @@ def call(address: tuple[str, int], command: str, argument: str = "", body: bytes
         finally:
             if sock is not raw:
                 sock.close()
-    verify_frame(header, reply, security.secret, reply_to=nonce, window=security.window)
+    try:
+        verify_frame(header, reply, security.secret, reply_to=nonce, window=security.window)
+    except ProtocolError as exc:
+        # A connection-limit refusal is sent before the request is read, so
+        # it cannot be bound to it; quote what the peer said so the operator
+        # sees why.  It is only shown, never acted on.
+        said = ascii_line(reply[:120].decode("ascii", "replace"), 120)
+        raise ProtocolError(f"{exc}; unauthenticated reply {said!r}") from None
     return decode_message(reply)
 
 
@@ -478,7 +511,7 @@ class Reply(Exception):
 
     def __init__(self, text: str):
         super().__init__(text)
-        self.text = one_line(text, 300)
+        self.text = ascii_line(text)
 
 
 class MessageHandler(socketserver.BaseRequestHandler):
@@ -493,6 +526,7 @@ class MessageHandler(socketserver.BaseRequestHandler):
         peer = format_address(self.client_address[:2]) if self.client_address else "?"
         sock = self.request
         nonce = ""
+        unread = False
         try:
             if sec.server_tls:
                 sock.settimeout(sec.read_timeout)
@@ -510,7 +544,8 @@ class MessageHandler(socketserver.BaseRequestHandler):
             answer = Message("error", exc.text)
         except ProtocolError as exc:
             log.warning("bad message from %s: %s", peer, exc)
-            answer = Message("error", one_line(str(exc), 300))
+            answer = Message("error", ascii_line(str(exc)))
+            unread = True
         except (OSError, ssl.SSLError) as exc:
             log.info("connection from %s failed: %s", peer, exc)
             return
@@ -522,6 +557,8 @@ class MessageHandler(socketserver.BaseRequestHandler):
                                  sec.secret, reply_to=nonce)
             sock.settimeout(sec.read_timeout)
             sock.sendall(frame)
+            if unread:
+                _drain(sock)
         except (OSError, ssl.SSLError, ProtocolError) as exc:
             log.info("could not reply to %s: %s", peer, exc)
         finally:
@@ -530,6 +567,25 @@ class MessageHandler(socketserver.BaseRequestHandler):
                     sock.close()
                 except OSError:
                     pass
+
+
+def _drain(sock, limit: int = 64 * 1024, timeout: float = 1.0) -> None:
+    """Read and drop what a refused peer still sends, briefly: closing a
+    socket with unread input makes the kernel send a reset, which can
+    destroy the error reply before the peer has read it."""
+    deadline = time.monotonic() + timeout
+    try:
+        while limit > 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            sock.settimeout(remaining)
+            chunk = sock.recv(min(limit, 65536))
+            if not chunk:
+                return
+            limit -= len(chunk)
+    except (OSError, ssl.SSLError):
+        pass
 
 
 class MessageServer(socketserver.ThreadingTCPServer):

@@ -100,6 +100,8 @@ def parse_counts(output: bytes) -> Counts:
                 counts.tests += number
                 counts.skipped = number
             elif name in (b"error", b"errors"):
+                # Counted as tests, as unittest counts its errors in "Ran N".
+                counts.tests += number
                 counts.errors = number
     return counts
 
@@ -192,9 +194,13 @@ def _kill_group(pgid: int) -> None:
 
 
 def child_env() -> dict:
-    """The tests run the repository's code: do not hand them our secret."""
+    """The tests run the repository's code: do not hand them our secret.
+
+    Unbuffered, so what a test prints lands before unittest's summary on
+    stderr, not after it at exit, where it could pass for the summary."""
     env = dict(os.environ)
     env.pop("CI_SECRET", None)
+    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
@@ -398,10 +404,13 @@ class TestRunner:
         next_heartbeat = 0.0
         while not self.stop_event.is_set():
             try:
+                # Results before registering: registering offers us for work,
+                # and a restarted dispatcher would hand us again the very
+                # commit whose result is still waiting in the outbox.
+                self._deliver()
                 if time.monotonic() >= next_heartbeat:
                     self._register()
                     next_heartbeat = time.monotonic() + self.args.heartbeat
-                self._deliver()
                 self.last_contact = time.monotonic()
                 backoff.reset()
                 delay = max(0.0, next_heartbeat - time.monotonic())
