@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import sys
 import threading
 import time
@@ -178,6 +179,8 @@ class DispatcherState:
         self.lost: collections.Counter = collections.Counter()
         self.stopping = False
         self.completed = 0
+        # Job ids stay unique across restarts, so logs never mix two runs.
+        self._boot = secrets.token_hex(3)
         self._ids = itertools.count(1)
 
     # ---- start-up -------------------------------------------------------
@@ -230,12 +233,26 @@ class DispatcherState:
                 log.warning("runner %s restarted while running %s; requeueing",
                             key, runner.job.commit[:12])
                 self._lose(runner.job, head=True, count=True)
-            self.runners[key] = Runner(key, address, instance,
-                                       busy_elsewhere=busy is not None)
+            runner = self.runners[key] = Runner(key, address, instance,
+                                                busy_elsewhere=busy is not None)
+            if busy in self.queued:
+                # Typically after our own restart: the runner is still running
+                # a commit we requeued.  Adopt that run instead of starting a
+                # second one elsewhere.
+                self.queue.remove(busy)
+                self.queued.discard(busy)
+                job = Job(busy, self._job_id(), key, address, time.monotonic())
+                self.jobs[busy] = runner.job = job
+                runner.busy_elsewhere = False
+                log.info("runner %s is still running %s; adopted as job %s", key,
+                         busy[:12], job.job_id)
             self.cond.notify_all()
             log.info("runner %s registered%s (%d runners)", key,
                      f" while busy with {busy[:12]}" if busy else "", len(self.runners))
             return "registered"
+
+    def _job_id(self) -> str:
+        return f"{self._boot}x{next(self._ids)}"
 
     def next_assignment(self) -> Job | None:
         """Block until a commit and a free runner are both available."""
@@ -250,7 +267,7 @@ class DispatcherState:
                 self.cond.wait()
             commit = self.queue.popleft()
             self.queued.discard(commit)
-            job = Job(commit, f"{next(self._ids)}", runner.key, runner.address, time.monotonic())
+            job = Job(commit, self._job_id(), runner.key, runner.address, time.monotonic())
             runner.job = job
             self.jobs[commit] = job
             self.journal.append([f"A {commit}"], sync=False)
@@ -563,7 +580,8 @@ class Dispatcher:
     def _send_job(self, job: Job) -> None:
         try:
             reply = helpers.call(job.address, "runtest", f"{job.commit} {job.job_id}",
-                                 security=self.security, timeout=self.ping_timeout * 3)
+                                 security=self.security, timeout=self.ping_timeout * 3,
+                                 reply_timeout=self.ping_timeout * 3)
         except (OSError, helpers.ProtocolError) as exc:
             log.warning("could not send %s to %s: %s", job.commit[:12], job.runner, exc)
             self.state.assignment_failed(job, busy=False)

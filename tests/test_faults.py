@@ -280,6 +280,9 @@ def test_dispatcher_sigkilled_with_work_queued_and_running(cluster, upstream, no
     for runner in runners:
         assert f"runner {runner.address} registered" in restarted.log()
         assert runner.alive()
+    # The two runs in progress were adopted when their runners came back,
+    # not started a second time elsewhere: six commits, six runs.
+    assert len(notes.find()) == 6
 
 
 def test_dispatcher_down_for_seconds_while_commits_land(cluster, upstream, notes):
