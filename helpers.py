@@ -71,6 +71,14 @@ class ProtocolError(Exception):
     message.  The only exception framing and parsing code may raise."""
 
 
+class ReadTimeout(ProtocolError):
+    """The peer sent too little, too slowly: nothing more is worth reading."""
+
+
+class PeerClosed(ProtocolError):
+    """The peer hung up before a whole frame arrived (port probes do)."""
+
+
 class ConfigError(Exception):
     """A bad flag or path: reported as one line and a non-zero exit."""
 
@@ -303,14 +311,14 @@ FIRST_READ = 64 * 1024
 def _recv_some(sock: socket.socket, limit: int, deadline: float) -> bytes:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        raise ProtocolError("timed out reading message")
+        raise ReadTimeout("timed out reading message")
     sock.settimeout(remaining)
     try:
         chunk = sock.recv(limit)
     except socket.timeout:
-        raise ProtocolError("timed out reading message") from None
+        raise ReadTimeout("timed out reading message") from None
     if not chunk:
-        raise ProtocolError("connection closed mid-message")
+        raise PeerClosed("connection closed mid-message")
     return chunk
 
 
@@ -543,9 +551,14 @@ class MessageHandler(socketserver.BaseRequestHandler):
             log.warning("refused request from %s: %s", peer, exc.text)
             answer = Message("error", exc.text)
         except ProtocolError as exc:
-            log.warning("bad message from %s: %s", peer, exc)
+            # A hang-up before a whole frame is what port probes do: not
+            # worth a warning, but a half-closed peer still gets the reason.
+            log.log(logging.INFO if isinstance(exc, PeerClosed) else logging.WARNING,
+                    "bad message from %s: %s", peer, exc)
             answer = Message("error", ascii_line(str(exc)))
-            unread = True
+            # A slow peer has had its time; anyone else may still be
+            # sending, and must read our reply before the close resets it.
+            unread = not isinstance(exc, (ReadTimeout, PeerClosed))
         except (OSError, ssl.SSLError) as exc:
             log.info("connection from %s failed: %s", peer, exc)
             return

@@ -153,10 +153,33 @@ class ProcessSlot:
     """Holds the child process group currently running, so a stop request
     from another thread can kill it and leave no orphans."""
 
-    def __init__(self):
+    def __init__(self, pidfile: str | None = None):
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self.cancelled = False
+        # Records the running group so that, if this runner is SIGKILLed,
+        # its next start can end what the dead one left running.
+        self.pidfile = pidfile
+
+    def reap_leftovers(self) -> None:
+        """Kill the process group a previous, killed runner left behind."""
+        if not self.pidfile:
+            return
+        try:
+            with open(self.pidfile) as handle:
+                pgid, started = handle.read().split()
+            pgid = int(pgid)
+        except (OSError, ValueError):
+            return
+        leader_start = _start_time(pgid)
+        # The leader may be gone with its children still running; but if
+        # the PID now belongs to another process, the group is not ours.
+        if leader_start is None or leader_start == started:
+            if pgid > 1 and _group_alive(pgid):
+                log.warning("killing process group %d left running by a previous runner",
+                            pgid)
+                _kill_group(pgid)
+        os.unlink(self.pidfile)
 
     def run(self, cmd: list[str], cwd: str, timeout: float, out, env=None) -> tuple[int, bool]:
         """Run ``cmd`` with output to file ``out``; return (exit code, timed out)."""
@@ -166,6 +189,7 @@ class ProcessSlot:
             proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
             self._proc = proc
+            self._record(proc.pid)
         timed_out = False
         try:
             proc.wait(timeout)
@@ -177,13 +201,43 @@ class ProcessSlot:
             proc.wait()
             with self._lock:
                 self._proc = None
+                self._record(None)
         return proc.returncode, timed_out
+
+    def _record(self, pid: int | None) -> None:
+        if not self.pidfile:
+            return
+        try:
+            if pid is None:
+                os.unlink(self.pidfile)
+            else:
+                helpers.atomic_write(self.pidfile, f"{pid} {_start_time(pid)}\n".encode(),
+                                     fsync=False)
+        except OSError:
+            pass
 
     def cancel(self) -> None:
         with self._lock:
             self.cancelled = True
             if self._proc is not None:
                 _kill_group(self._proc.pid)
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time (Linux), to tell a reused PID from ours."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def _kill_group(pgid: int) -> None:
@@ -339,7 +393,8 @@ class TestRunner:
         self.dispatcher = dispatcher
         self.instance = secrets.token_hex(8)
         self.state = RunnerState()
-        self.slot = ProcessSlot()
+        self.slot = ProcessSlot(os.path.join(state_dir, "running.pid"))
+        self.slot.reap_leftovers()
         self.outbox = Outbox(os.path.join(state_dir, "outbox"))
         self.test_command = shlex.split(args.test_command) if args.test_command else None
         self.max_output = max(security.max_message - MESSAGE_OVERHEAD, 4096)

@@ -475,3 +475,19 @@ def test_runner_dropped_for_missed_pings_rejoins(cluster, upstream, notes):
     later = commit_fault(upstream, "later")
     dispatch(cluster, later)
     assert cluster.result(later, 15)["runner"] == frozen.address
+
+
+def test_restarted_runner_ends_what_its_killed_predecessor_left_running(cluster, upstream,
+                                                                       notes):
+    cluster.start_dispatcher("--max-attempts", "10")
+    commit = commit_fault(upstream, "orphan", seconds=30, grandchild=True)
+    runner = start_runner(cluster, notes)
+    dispatch(cluster, commit)
+    wait_until(lambda: notes.find("orphan", "grandchild"), 15, what="the grandchild")
+    grandchild = int(notes.find("orphan", "grandchild")[0][1])
+    os.kill(runner.pid, signal.SIGKILL)  # the runner alone, not its test's group
+    runner.proc.wait(10)
+    assert process_alive(grandchild)
+    restarted = start_runner(cluster, notes, port=runner.port, clone=runner.clone)
+    wait_until(lambda: not process_alive(grandchild), 10, what="the orphan to be killed")
+    assert "left running by a previous runner" in restarted.log()
