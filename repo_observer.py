@@ -115,10 +115,13 @@ class Observer:
         backoff = helpers.Backoff(0.25, self.poll)
         while not self.stop_event.is_set():
             self.wake.clear()
+            started = time.monotonic()
             try:
                 self.poll_once()
                 backoff.reset()
-                delay = self.poll
+                # Fixed rate: a commit waits at most --poll for its poll, not
+                # --poll plus however long the fetch took.
+                delay = max(0.0, self.poll - (time.monotonic() - started))
             except (OSError, helpers.ProtocolError, DispatcherRefused) as exc:
                 delay = backoff.next()
                 log.warning("dispatcher %s unavailable (%s); backlog kept, retrying in "

@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import re
 import secrets
+import select
 import shlex
 import signal
 import socket
@@ -192,9 +194,7 @@ class ProcessSlot:
             self._record(proc.pid)
         timed_out = False
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+            timed_out = not _wait_exit(proc, timeout)
         finally:
             # Kill the whole group: test suites start helpers of their own.
             _kill_group(proc.pid)
@@ -221,6 +221,32 @@ class ProcessSlot:
             self.cancelled = True
             if self._proc is not None:
                 _kill_group(self._proc.pid)
+
+
+def _wait_exit(proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait up to ``timeout`` for ``proc`` to exit; False on timeout.
+
+    ``Popen.wait(timeout)`` polls with sleeps of up to 50 ms, which added
+    about 25 ms to every checkout and every test run; a pidfd wakes us the
+    moment the child exits.  Without pidfd support, fall back to it."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        try:
+            proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while not poller.poll(max(0, math.ceil((deadline - time.monotonic()) * 1000))):
+            if time.monotonic() >= deadline:
+                return False
+        return True
+    finally:
+        os.close(fd)
 
 
 def _start_time(pid: int) -> str | None:

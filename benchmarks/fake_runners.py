@@ -1,0 +1,259 @@
+"""Load generator: many lightweight fake test runners in ONE process.
+
+Each fake runner is a real listening socket on loopback that speaks the real
+protocol (frames, HMAC, nonces: all through ``helpers``): it registers with
+the dispatcher, answers ``ping`` and ``runtest`` at once, and for every
+accepted job posts a small ``results`` message back.  No tests are run, so
+what is measured is the dispatcher alone.  asyncio keeps hundreds of
+runners cheap enough that the generator is not the bottleneck.
+
+usage: fake_runners.py --dispatcher HOST:PORT [--count N]
+
+Commands on stdin, one a line (answers are JSON lines on stdout):
+  stats        counters so far
+  kill N       close N runners' ports (a crashed process: connection refused)
+  freeze N     N runners accept but never answer (a hung process)
+  quit         stop
+The secret, if any, comes from ``CI_SECRET`` as for the daemons.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import helpers  # noqa: E402
+
+# Concurrent connections to the dispatcher, well under its --max-connections.
+MAX_IN_FLIGHT = 64
+# A message that cannot be delivered after this many tries counts as failed.
+MAX_TRIES = 50
+IO_TIMEOUT = 10.0
+# The generator ends by itself even if nobody tells it to.
+DEFAULT_LIFETIME = 900.0
+
+
+class Counters:
+    def __init__(self):
+        self.pings = 0
+        self.runtests = 0
+        self.busy = 0
+        self.results_ok = 0
+        self.results_duplicate = 0
+        self.results_failed = 0
+        self.retries = 0
+        self.bad_requests = 0
+
+
+class FakeRunner:
+    """One runner: a listening socket plus the job it holds, if any."""
+
+    def __init__(self, fleet: "Fleet"):
+        self.fleet = fleet
+        self.instance = secrets.token_hex(8)
+        self.server: asyncio.base_events.Server | None = None
+        self.key = ""
+        self.job: str | None = None
+        self.frozen = False
+
+    async def start(self, host: str) -> None:
+        self.server = await asyncio.start_server(self.handle, host, 0, backlog=64)
+        self.key = helpers.format_address(self.server.sockets[0].getsockname()[:2])
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        fleet = self.fleet
+        try:
+            if self.frozen:
+                # A hung process: the kernel accepted, nobody will ever answer.
+                await asyncio.wait_for(reader.read(), timeout=IO_TIMEOUT * 6)
+                return
+            header, payload = await read_frame(reader)
+            helpers.verify_frame(header, payload, fleet.secret, nonces=fleet.nonces)
+            message = helpers.decode_message(payload)
+            if message.command == "ping":
+                fleet.counters.pings += 1
+                body = helpers.encode_fields({"instance": self.instance,
+                                              "busy": self.job or ""})
+                answer = helpers.encode_message("ok", "pong", body)
+            elif message.command == "runtest":
+                fleet.counters.runtests += 1
+                commit, _, job_id = message.argument.partition(" ")
+                if self.job is None:
+                    self.job = commit
+                    answer = helpers.encode_message("ok")
+                    asyncio.get_running_loop().create_task(self.report(commit, job_id))
+                else:
+                    fleet.counters.busy += 1
+                    answer = helpers.encode_message("busy", self.job)
+            else:
+                answer = helpers.encode_message("error", "unknown command")
+            writer.write(helpers.encode_frame(answer, fleet.secret, reply_to=header.nonce))
+            await writer.drain()
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+                helpers.ProtocolError):
+            fleet.counters.bad_requests += 1
+        finally:
+            writer.close()
+
+    async def report(self, commit: str, job_id: str) -> None:
+        """Finish at once, like a runner whose suite is empty: free first,
+        then deliver (the real runner frees itself before delivering too)."""
+        fields = {"verdict": "passed", "tests": 1, "failures": 0, "errors": 0, "skipped": 0,
+                  "runner": self.key, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                  "duration": "0.001", "exit_code": 0}
+        body = helpers.format_result(fields, b"Ran 1 test in 0.001s\n\nOK\n")
+        self.job = None
+        reply = await self.fleet.call("results", f"{commit} {job_id}", body)
+        counters = self.fleet.counters
+        if reply is None or reply.command != "ok":
+            counters.results_failed += 1
+        elif reply.argument == "duplicate":
+            counters.results_duplicate += 1
+        else:
+            counters.results_ok += 1
+
+    async def register(self) -> bool:
+        body = helpers.encode_fields({"instance": self.instance, "busy": self.job or ""})
+        reply = await self.fleet.call("register", self.key, body)
+        return reply is not None and reply.command == "ok"
+
+    def kill(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[helpers.FrameHeader, bytes]:
+    line = await asyncio.wait_for(reader.readuntil(b"\n"), IO_TIMEOUT)
+    if len(line) > helpers.MAX_HEADER_BYTES + 1:
+        raise helpers.ProtocolError("header line too long")
+    header = helpers.decode_header(line[:-1])
+    payload = await asyncio.wait_for(reader.readexactly(header.length), IO_TIMEOUT)
+    return header, payload
+
+
+class Fleet:
+    def __init__(self, dispatcher: tuple[str, int], secret: bytes | None):
+        self.dispatcher = dispatcher
+        self.secret = secret
+        self.nonces = helpers.NonceCache()
+        self.counters = Counters()
+        self.runners: list[FakeRunner] = []
+        self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+    async def call(self, command: str, argument: str, body: bytes = b""):
+        """One request to the dispatcher, retried with a short backoff while
+        it is unreachable or busy; None if it never got through."""
+        payload = helpers.encode_message(command, argument, body)
+        delay = 0.02
+        for attempt in range(MAX_TRIES):
+            if attempt:
+                self.counters.retries += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            nonce = secrets.token_hex(12)
+            frame = helpers.encode_frame(payload, self.secret, nonce=nonce)
+            async with self.slots:
+                writer = None
+                try:
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_connection(*self.dispatcher), IO_TIMEOUT)
+                    writer.write(frame)
+                    await writer.drain()
+                    header, reply = await read_frame(reader)
+                    helpers.verify_frame(header, reply, self.secret, reply_to=nonce)
+                    message = helpers.decode_message(reply)
+                except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+                        helpers.ProtocolError):
+                    continue
+                finally:
+                    if writer is not None:
+                        writer.close()
+            if message.command == "error" and "busy" in message.argument:
+                continue
+            return message
+        return None
+
+    def stats(self) -> dict:
+        data = dict(vars(self.counters))
+        data["alive"] = sum(1 for r in self.runners if r.server and not r.frozen)
+        return data
+
+
+def emit(event: str, **data) -> None:
+    sys.stdout.write(json.dumps({"event": event, **data}) + "\n")
+    sys.stdout.flush()
+
+
+async def command_loop(fleet: Fleet, lifetime: float) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    deadline = loop.time() + lifetime
+    while True:
+        try:
+            line = await asyncio.wait_for(reader.readline(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            emit("timeout")
+            return
+        if not line:
+            return
+        words = line.decode().split()
+        if not words:
+            continue
+        if words[0] == "quit":
+            return
+        if words[0] == "stats":
+            emit("stats", **fleet.stats())
+        elif words[0] in ("kill", "freeze") and len(words) == 2 and words[1].isdigit():
+            victims = [r for r in fleet.runners if r.server and not r.frozen][:int(words[1])]
+            for runner in victims:
+                if words[0] == "kill":
+                    runner.kill()
+                else:
+                    runner.frozen = True
+            emit(words[0], runners=[r.key for r in victims])
+        else:
+            emit("error", text=f"unknown command {line.decode().strip()!r}")
+
+
+async def main_async(args) -> int:
+    fleet = Fleet(helpers.parse_address(args.dispatcher), helpers.load_secret(None))
+    for _ in range(args.count):
+        runner = FakeRunner(fleet)
+        await runner.start(args.host)
+        fleet.runners.append(runner)
+    registered = await asyncio.gather(*(r.register() for r in fleet.runners))
+    emit("ready", runners=len(fleet.runners), registered=sum(registered))
+    try:
+        await command_loop(fleet, args.lifetime)
+    finally:
+        for runner in fleet.runners:
+            runner.kill()
+    emit("stats", **fleet.stats())
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dispatcher", required=True, metavar="HOST:PORT")
+    parser.add_argument("--count", type=int, default=200, help="runners (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address the runners listen on (default: %(default)s)")
+    parser.add_argument("--lifetime", type=float, default=DEFAULT_LIFETIME,
+                        help="exit after this many seconds regardless (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.count <= 2000:
+        parser.error("--count must be 1-2000")
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
