@@ -533,7 +533,14 @@ class Dispatcher:
     def do_results(self, message: Message, peer: str) -> Message:
         commit, fields, output = parse_results_message(message)
         runner_key = fields.get("runner", "")
-        if self.state.record_result(commit, runner_key, fields, output):
+        try:
+            stored = self.state.record_result(commit, runner_key, fields, output)
+        except OSError as exc:
+            # A full or failing disk is not the runner's fault: ``busy``
+            # tells it to keep the result and try again later.
+            log.error("cannot store the result for %s: %s", commit[:12], exc)
+            return Message("busy", "cannot store the result now")
+        if stored:
             return Message("ok", "stored")
         log.info("duplicate result for %s from %s dropped (first result wins)",
                  commit[:12], runner_key or peer)

@@ -625,7 +625,7 @@ class MessageServer(socketserver.ThreadingTCPServer):
                         format_address(client_address[:2]))
             try:
                 request.setblocking(False)
-                request.send(encode_frame(encode_message("error", "server busy, try later"),
+                request.send(encode_frame(encode_message("busy", "server busy, try later"),
                                           self.security.secret))
             except OSError:
                 pass

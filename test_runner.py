@@ -41,6 +41,8 @@ DEFAULT_CHECKOUT_TIMEOUT = 300.0
 DEFAULT_HEARTBEAT = 5.0
 # Cap on the delay between delivery attempts while the dispatcher is away.
 DEFAULT_RETRY_MAX = 5.0
+# Error replies to one result before it is set aside as ``refused-*``.
+MAX_REFUSALS = 10
 # Room left in a message for the fields around the output.
 MESSAGE_OVERHEAD = 64 * 1024
 
@@ -430,6 +432,7 @@ class TestRunner:
         self.advertised: str | None = args.advertise
         self.last_contact = time.monotonic()
         self.gave_up = False
+        self.refusals: dict[str, int] = {}  # outbox file -> error replies so far
         self.threads = [threading.Thread(target=self._work_loop, name="work", daemon=True),
                         threading.Thread(target=self._link_loop, name="link", daemon=True)]
         self.commands = {"ping": self.do_ping, "runtest": self.do_runtest}
@@ -533,19 +536,31 @@ class TestRunner:
             return helpers.format_address((sock.getsockname()[0], port))
 
     def _deliver(self) -> None:
+        """Send every outbox result, oldest first.  ``busy`` (or no answer)
+        means later; an ``error`` reply is retried a few rounds, then the
+        file is set aside so it cannot block the results behind it."""
+        refused = 0
         for name, commit, job_id in self.outbox.items():
             body = self.outbox.read(name)
             reply = helpers.call(self.dispatcher, "results", f"{commit} {job_id}", body,
                                  security=self.security, reply_timeout=60)
             if reply.command == "ok":
                 log.info("delivered result for %s (%s)", commit[:12], reply.argument)
-            else:
-                # Retrying a refused result can never succeed: keep it aside.
-                log.error("dispatcher refused result for %s: %s", commit[:12], reply.argument)
+                self.outbox.remove(name)
+                self.refusals.pop(name, None)
+                continue
+            if reply.command == "busy":
+                raise helpers.ProtocolError(f"dispatcher busy: {reply.argument}")
+            refused += 1
+            self.refusals[name] = self.refusals.get(name, 0) + 1
+            log.error("dispatcher refused result for %s (%d/%d): %s", commit[:12],
+                      self.refusals[name], MAX_REFUSALS, reply.argument)
+            if self.refusals[name] >= MAX_REFUSALS:
                 os.replace(os.path.join(self.outbox.folder, name),
                            os.path.join(self.outbox.folder, "refused-" + name))
-                continue
-            self.outbox.remove(name)
+                self.refusals.pop(name)
+        if refused:
+            raise helpers.ProtocolError(f"{refused} result(s) refused; retrying later")
 
     # ---- lifecycle ------------------------------------------------------
     def start(self, address: tuple[str, int]) -> None:

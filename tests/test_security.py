@@ -163,7 +163,7 @@ def test_connection_flood_beyond_the_limit_is_refused_then_served(cluster):
     holders = [socket.create_connection(address, timeout=5) for _ in range(4)]
     extra = []
     try:
-        busy = Message("error", "server busy, try later")
+        busy = Message("busy", "server busy, try later")
         wait_until(lambda: helpers.call(address, "status") == busy, 10,
                    what="the four idle connections to fill every slot")
         # A flood of further idle connections: each is told why and closed.
