@@ -676,7 +676,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        return helpers.client_main(
+            "dispatcher.py status", "Print a running dispatcher's queue and runner counts.",
+            "status", "--dispatcher-server", f"{DEFAULT_HOST}:{DEFAULT_PORT}", argv[1:])
     parser = build_parser()
+    parser.epilog = ("'dispatcher.py status [--dispatcher-server HOST:PORT]' prints a running "
+                     "dispatcher's queue and runner counts.")
     args = parser.parse_args(argv)
     helpers.configure_logging(args.log_level)
     try:

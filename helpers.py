@@ -507,6 +507,35 @@ def call(address: tuple[str, int], command: str, argument: str = "", body: bytes
     return decode_message(reply)
 
 
+def client_main(prog: str, description: str, command: str, flag: str, default: str,
+                argv) -> int:
+    """A one-shot command-line client: send ``command`` to the daemon at
+    ``flag`` and print the reply's body (for hooks and scripts)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument(flag, default=default, metavar="HOST:PORT", dest="target",
+                        help="the daemon's address (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
+                        metavar="SECONDS", help="give up after this long (default: %(default)s)")
+    add_common_arguments(parser, server=False)
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        address = parse_address(args.target)
+        security = security_from_args(args)
+        reply = call(address, command, security=security, timeout=args.timeout)
+    except (ValueError, ConfigError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ProtocolError) as exc:
+        print(f"{prog}: {args.target} unreachable: {exc}", file=sys.stderr)
+        return 1
+    if reply.command != "ok":
+        print(f"{prog}: refused: {reply.command} {reply.argument}", file=sys.stderr)
+        return 1
+    sys.stdout.write(reply.body.decode("utf-8", "replace"))
+    return 0
+
+
 def reply_ok(message: Message) -> bool:
     return message.command == "ok"
 

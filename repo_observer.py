@@ -229,41 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_notify_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="repo_observer.py notify",
-        description="Wake a running observer so it polls now (use in a post-receive hook).")
-    parser.add_argument("--observer", default=f"{DEFAULT_HOST}:{DEFAULT_PORT}",
-                        metavar="HOST:PORT", help="the observer's address (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
-                        help="give up after this long (default: %(default)s)")
-    helpers.add_common_arguments(parser, server=False)
-    return parser
-
-
-def notify_main(argv) -> int:
-    args = build_notify_parser().parse_args(argv)
-    helpers.configure_logging(args.log_level)
-    try:
-        address = helpers.parse_address(args.observer)
-        security = helpers.security_from_args(args)
-        reply = helpers.call(address, "notify", security=security, timeout=args.timeout)
-    except (ValueError, helpers.ConfigError) as exc:
-        print(f"notify: error: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, helpers.ProtocolError) as exc:
-        print(f"notify: observer {args.observer} unreachable: {exc}", file=sys.stderr)
-        return 1
-    if reply.command != "ok":
-        print(f"notify: refused: {reply.argument}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["notify"]:
-        return notify_main(argv[1:])
+        return helpers.client_main(
+            "repo_observer.py notify", "Wake a running observer so it polls now "
+            "(use in a post-receive or post-commit hook).", "notify", "--observer",
+            f"{DEFAULT_HOST}:{DEFAULT_PORT}", argv[1:])
     args = build_parser().parse_args(argv)
     helpers.configure_logging(args.log_level)
     server = None
