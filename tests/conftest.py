@@ -277,3 +277,32 @@ def send_raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
                 break
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def send_slowly(port: int, chunks: list[bytes], gap: float, limit: float = 8.0):
+    """Send ``chunks`` with ``gap`` seconds between them until the server
+    closes or ``limit`` passes; return (seconds until the first reply byte
+    or None, seconds until close, reply)."""
+    started = time.monotonic()
+    answered = None
+    reply = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=gap) as sock:
+        pending = list(chunks)
+        while time.monotonic() - started < limit:
+            if pending:
+                try:
+                    sock.sendall(pending.pop(0))
+                except OSError:
+                    break
+            try:
+                chunk = sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            if answered is None:
+                answered = time.monotonic() - started
+            reply += chunk
+    return answered, time.monotonic() - started, reply

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dispatcher
 import helpers
-from conftest import wait_until
+from conftest import send_slowly, wait_until
 from helpers import Message, ProtocolError, Reply
 
 SECRET = b"fuzzing secret"
@@ -350,25 +350,7 @@ def dribble(port: int, results: list, delay: float = 0.2, limit: float = 6.0) ->
     """Send a valid-looking frame one byte at a time until the server
     closes the connection; record when it answered and what it said."""
     data = b"CI1 100 %.3f abcdef12 -\n" % time.time() + b"x" * 100
-    started = time.monotonic()
-    answered = None
-    reply = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=delay) as sock:
-        for byte in data:
-            if time.monotonic() - started > limit:
-                break
-            try:
-                sock.sendall(bytes([byte]))
-                chunk = sock.recv(4096)
-            except socket.timeout:
-                continue
-            except OSError:
-                break
-            if not chunk:
-                break
-            if answered is None:
-                answered = time.monotonic() - started
-            reply += chunk
+    answered, _, reply = send_slowly(port, [bytes([b]) for b in data], delay, limit)
     results.append((answered, reply))
 
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 import helpers
-from conftest import PY, ROOT, free_port, git, wait_until
+from conftest import PY, ROOT, free_port, git, send_slowly, wait_until
 from helpers import Message
 
 SECRET = b"s3cret shared by the test cluster"
@@ -98,32 +98,7 @@ def secret_file(tmp_path, secret: bytes = SECRET) -> str:
 # Slow and idle peers, and too many of them.
 
 def _time_to_close(port: int, chunks: list[bytes], gap: float, out: dict, key: str) -> None:
-    """Send ``chunks`` with ``gap`` seconds between them until the server
-    closes; record (seconds until the first reply byte, seconds until
-    close, reply)."""
-    started = time.monotonic()
-    answered = None
-    reply = b""
-    with socket.create_connection((LOOPBACK, port), timeout=gap) as sock:
-        pending = list(chunks)
-        while time.monotonic() - started < 8:
-            if pending:
-                try:
-                    sock.sendall(pending.pop(0))
-                except OSError:
-                    break
-            try:
-                chunk = sock.recv(4096)
-            except socket.timeout:
-                continue
-            except OSError:
-                break
-            if not chunk:
-                break
-            if answered is None:
-                answered = time.monotonic() - started
-            reply += chunk
-    out[key] = (answered, time.monotonic() - started, reply)
+    out[key] = send_slowly(port, chunks, gap)
 
 
 def test_idle_and_dribbling_connections_are_closed_after_read_timeout(cluster):
