@@ -34,10 +34,7 @@ FIXED_MEAN = "        self.assertEqual(calc.mean([1, 2, 3]), 2)\n"
 VERDICT_WAIT = 120.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+free_port = helpers.free_port
 
 
 def git(repo: str, *args: str) -> str:

@@ -101,10 +101,7 @@ SWEEP_LINE = re.compile(r"health sweep of (\d+) runner\(s\) took ([\d.]+)s")
 # --------------------------------------------------------------------------
 # Small tools.
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+free_port = helpers.free_port
 
 
 def git(repo: str, *args: str) -> str:
