@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -97,6 +98,8 @@ class Observer:
         self.wake = threading.Event()
         self.stop_event = threading.Event()
         self.polls = 0
+        self._child_lock = threading.Lock()
+        self._child: subprocess.Popen | None = None  # the running update_repo.sh
         self.thread = threading.Thread(target=self._loop, name="poll", daemon=True)
         self.commands = {"notify": self.do_notify, "status": self.do_status}
 
@@ -159,15 +162,27 @@ class Observer:
                          batch[-1][:12], reply.argument)
 
     def _update(self, branch: str) -> str:
+        """Run update_repo.sh in its own process group, so that stopping
+        the observer mid-fetch leaves no git process behind."""
         cmd = ["bash", helpers.script_path("update_repo.sh"), self.repo, branch]
+        with self._child_lock:
+            if self.stop_event.is_set():
+                raise GitError(["fetch"], self.repo, -1, "observer stopping")
+            proc = self._child = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=FETCH_TIMEOUT,
-                                  stdin=subprocess.DEVNULL)
+            out, err = proc.communicate(timeout=FETCH_TIMEOUT)
         except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            proc.communicate()
             raise GitError(["fetch"], self.repo, -1, "update_repo.sh timed out") from None
-        head = proc.stdout.strip()
+        finally:
+            with self._child_lock:
+                self._child = None
+        head = out.strip()
         if proc.returncode or not helpers.valid_full_commit(head):
-            raise GitError(["fetch"], self.repo, proc.returncode, proc.stderr)
+            raise GitError(["fetch"], self.repo, proc.returncode, err)
         return head
 
     def _check_dispatcher(self) -> None:
@@ -181,7 +196,17 @@ class Observer:
     def stop(self) -> None:
         self.stop_event.set()
         self.wake.set()
+        with self._child_lock:
+            if self._child is not None:
+                _kill_group(self._child)
         self.thread.join(10)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 class DispatcherRefused(Exception):

@@ -491,3 +491,21 @@ def test_restarted_runner_ends_what_its_killed_predecessor_left_running(cluster,
     restarted = start_runner(cluster, notes, port=runner.port, clone=runner.clone)
     wait_until(lambda: not process_alive(grandchild), 10, what="the orphan to be killed")
     assert "left running by a previous runner" in restarted.log()
+
+
+def test_observer_stopped_mid_fetch_leaves_no_git_behind(cluster, upstream, notes, tmp_path):
+    cluster.start_dispatcher()
+    fakebin = tmp_path / "fakebin"
+    fakebin.mkdir()
+    (fakebin / "git").write_text(FAKE_GIT.format(real_git=shutil.which("git")))
+    (fakebin / "git").chmod(0o755)
+    clone = upstream.clone(tmp_path / "observer-clone")
+    env = dict(cluster.env, CI_FAULT_DIR=notes.folder,
+               PATH=str(fakebin) + os.pathsep + cluster.env.get("PATH", os.defpath))
+    observer = cluster.start_observer(clone=clone, env=env)
+    wait_until(lambda: notes.find("git", "hung"), 10, what="the observer's fetch to hang")
+    git_pid = notes.find("git", "hung")[0][0]
+    started = time.monotonic()
+    assert observer.stop(timeout=8) == 0
+    assert time.monotonic() - started < 5
+    wait_until(lambda: not process_alive(git_pid), 5, what="the hung fetch to be killed")
