@@ -103,9 +103,11 @@ class Journal:
             lines.extend(f"L {commit}" for _ in range(lost.get(commit, 0)))
         data = ("\n".join(lines) + "\n").encode() if lines else b""
         with self._lock:
+            # Write first: if that fails, the old file and handle stay in
+            # use; a closed handle would make every later append fail.
+            helpers.atomic_write(self.path, data)
             if self._handle:
                 self._handle.close()
-            helpers.atomic_write(self.path, data)
             self._handle = open(self.path, "ab")
             self.records = len(lines)
 
@@ -223,7 +225,10 @@ class DispatcherState:
             runner = self.runners.get(key)
             if runner and runner.instance == instance:
                 runner.misses = 0
-                runner.suspect = False
+                if runner.suspect:
+                    # Freed: the assignment loop may be waiting for it.
+                    runner.suspect = False
+                    self.cond.notify_all()
                 if busy is None and runner.busy_elsewhere and runner.job is None:
                     runner.busy_elsewhere = False
                     self.cond.notify_all()
@@ -270,7 +275,12 @@ class DispatcherState:
             job = Job(commit, self._job_id(), runner.key, runner.address, time.monotonic())
             runner.job = job
             self.jobs[commit] = job
-            self.journal.append([f"A {commit}"], sync=False)
+            try:
+                self.journal.append([f"A {commit}"], sync=False)
+            except OSError:
+                # Only an ordering hint for recovery; an exception here
+                # would end the assignment thread for good.
+                log.exception("cannot journal the assignment of %s", commit[:12])
             return job
 
     def assignment_failed(self, job: Job, busy: bool) -> None:
@@ -346,6 +356,7 @@ class DispatcherState:
             holder = self.runners.get(job.runner)
             if holder and holder.job is job:
                 holder.job = None
+                self.cond.notify_all()  # the holder is free for the next commit
         if commit in self.queued:
             self.queued.discard(commit)
             self.queue.remove(commit)
@@ -369,12 +380,19 @@ class DispatcherState:
                 reason = (f"gave up: the run lost its runner {self.lost[job.commit]} times "
                           f"(last: {job.runner})")
                 log.error("commit %s: %s", job.commit[:12], reason)
-                self._write_result(job.commit, {
-                    "verdict": "error", "tests": 0, "failures": 0, "errors": 0,
-                    "skipped": 0, "runner": "dispatcher", "reason": reason,
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "duration": "0.000"}, (reason + "\n").encode())
-                return
+                try:
+                    self._write_result(job.commit, {
+                        "verdict": "error", "tests": 0, "failures": 0, "errors": 0,
+                        "skipped": 0, "runner": "dispatcher", "reason": reason,
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "duration": "0.000"}, (reason + "\n").encode())
+                    return
+                except OSError:
+                    # Neither done nor queued would strand it: keep it queued.
+                    log.exception("cannot write the verdict for %s; requeueing it",
+                                  job.commit[:12])
+                    if job.commit in self.done:
+                        return
         if job.commit not in self.queued:
             if head:
                 self.queue.appendleft(job.commit)

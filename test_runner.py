@@ -83,8 +83,10 @@ def parse_counts(output: bytes) -> Counts:
             for part in status[0].group(2).split(b","):
                 name, _, value = part.strip().partition(b"=")
                 if value.isdigit():
-                    if name == b"failures":
-                        counts.failures = int(value)
+                    # An unexpected success fails a unittest run (exit 1) as
+                    # a failure does; without it the verdict was "error".
+                    if name in (b"failures", b"unexpected successes"):
+                        counts.failures += int(value)
                     elif name == b"errors":
                         counts.errors = int(value)
                     elif name == b"skipped":
@@ -476,7 +478,20 @@ class TestRunner:
                 self.state.finish()
                 continue
             log.info("finished %s: %s", commit[:12], fields.get("verdict"))
-            self.outbox.put(commit, job.job_id, helpers.format_result(fields, output))
+            body = helpers.format_result(fields, output)
+            backoff = helpers.Backoff(0.1, self.args.retry_max)
+            while True:
+                try:
+                    self.outbox.put(commit, job.job_id, body)
+                    break
+                except OSError as exc:
+                    # Keep the result and stay busy: letting this thread die
+                    # would leave the runner answering ``busy`` for ever.
+                    delay = backoff.next()
+                    log.error("cannot store the result for %s (%s); retrying in %.1fs",
+                              commit[:12], exc, delay)
+                    if self.stop_event.wait(delay):
+                        return  # stopping: stop() hands the job back
             self.state.finish()
             self.wake_link.set()
 
