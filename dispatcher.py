@@ -416,9 +416,11 @@ class DispatcherState:
                 ok = False  # a different process now answers on that port
             if ok:
                 runner.misses = 0
-                if runner.suspect or (runner.busy_elsewhere and busy is None
-                                      and runner.job is None):
-                    runner.suspect = runner.busy_elsewhere = False
+                runner.suspect = False
+                if runner.job is None:
+                    # Its own word on being busy beats our guess either way.
+                    runner.busy_elsewhere = busy is not None
+                if runner.free:
                     self.cond.notify_all()
                 return
             runner.misses += 1

@@ -61,9 +61,8 @@ class Counts:
 
 UNITTEST_RAN = re.compile(rb"^Ran (\d+) tests? in [\d.]+s\s*$", re.M)
 UNITTEST_STATUS = re.compile(rb"^(OK|FAILED)(?: \(([^)\n]*)\))?\s*$", re.M)
-PYTEST_SUMMARY = re.compile(
-    rb"^=*\s*((?:\d+ (?:passed|failed|errors?|skipped|xfailed|xpassed|deselected|warnings?)"
-    rb"(?:, )?)+) in [\d.]+s", re.M)
+# Any "N word" list: plugins add outcomes of their own (e.g. "2 rerun").
+PYTEST_SUMMARY = re.compile(rb"^=*\s*((?:\d+ [a-z]+(?:, )?)+) in [\d.]+s", re.M)
 IMPORT_FAILURE_MARKERS = (b"unittest.loader._FailedTest", b"Failed to import test module",
                           b"ERROR collecting", b"ImportError while importing test module")
 
@@ -535,6 +534,7 @@ class TestRunner:
                              helpers.encode_fields({"instance": self.instance,
                                                     "busy": busy or ""}),
                              security=self.security)
+        self.last_contact = time.monotonic()  # any answer: the dispatcher is there
         if reply.command != "ok":
             raise helpers.ProtocolError(f"register refused: {reply.argument}")
         if reply.argument == "registered":
@@ -559,6 +559,7 @@ class TestRunner:
             body = self.outbox.read(name)
             reply = helpers.call(self.dispatcher, "results", f"{commit} {job_id}", body,
                                  security=self.security, reply_timeout=60)
+            self.last_contact = time.monotonic()
             if reply.command == "ok":
                 log.info("delivered result for %s (%s)", commit[:12], reply.argument)
                 self.outbox.remove(name)

@@ -198,3 +198,13 @@ def test_unexpected_success_is_a_failed_test_not_an_error():
 def git_head(upstream) -> str:
     from conftest import git
     return git(upstream.path, "rev-parse", "HEAD")
+
+
+def test_pytest_summary_with_plugin_outcomes_still_counts():
+    import test_runner
+    output = (b"F.R\n=========== short test summary info ===========\n"
+              b"FAILED tests/test_x.py::test_a - assert 1 == 2\n"
+              b"==== 1 failed, 1 passed, 1 rerun, 2 warnings in 0.31s ====\n")
+    verdict, counts, _ = test_runner.classify(1, False, output)
+    assert verdict == "failed"
+    assert (counts.tests, counts.failures) == (2, 1)
