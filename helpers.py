@@ -79,6 +79,10 @@ class PeerClosed(ProtocolError):
     """The peer hung up before a whole frame arrived (port probes do)."""
 
 
+class NoRequest(PeerClosed):
+    """Connected and closed at once: a port probe, not a protocol error."""
+
+
 class ConfigError(Exception):
     """A bad flag or path: reported as one line and a non-zero exit."""
 
@@ -357,7 +361,12 @@ def read_frame(sock: socket.socket, max_message: int = DEFAULT_MAX_MESSAGE,
             raise ProtocolError("header line too long: not a CI1 frame")
         if not MAGIC.startswith(data[:len(MAGIC)]):
             raise ProtocolError("not a CI1 frame")
-        data += _recv_some(sock, FIRST_READ, deadline)
+        try:
+            data += _recv_some(sock, FIRST_READ, deadline)
+        except PeerClosed:
+            if not data:
+                raise NoRequest("closed without sending anything") from None
+            raise
     parsed = decode_header(data[:newline], max_message)
     body_deadline = time.monotonic() + timeout + parsed.length / MIN_BODY_RATE
     start = data[newline + 1:newline + 1 + parsed.length]
@@ -589,8 +598,9 @@ class MessageHandler(socketserver.BaseRequestHandler):
         except ProtocolError as exc:
             # A hang-up before a whole frame is what port probes do: not
             # worth a warning, but a half-closed peer still gets the reason.
-            log.log(logging.INFO if isinstance(exc, PeerClosed) else logging.WARNING,
-                    "bad message from %s: %s", peer, exc)
+            level = (logging.DEBUG if isinstance(exc, NoRequest) else
+                     logging.INFO if isinstance(exc, PeerClosed) else logging.WARNING)
+            log.log(level, "bad message from %s: %s", peer, exc)
             answer = Message("error", ascii_line(str(exc)))
             # A slow peer has had its time; anyone else may still be
             # sending, and must read our reply before the close resets it.
@@ -809,7 +819,8 @@ class Backoff:
     def next(self) -> float:
         delay = self.current
         self.current = min(self.cap, self.current * 2)
-        return delay * (0.8 + 0.4 * secrets.randbelow(1000) / 1000)
+        # Jitter spreads many clients' retries; never past the cap.
+        return min(self.cap, delay * (0.8 + 0.4 * secrets.randbelow(1000) / 1000))
 
     def reset(self) -> None:
         self.current = self.first

@@ -62,7 +62,8 @@ def install_notify_hook(upstream: str, observer_port: int) -> None:
     with open(hook, "w") as handle:
         handle.write("#!/bin/sh\n"
                      f"exec '{sys.executable}' '{os.path.join(ROOT, 'repo_observer.py')}' "
-                     f"notify --observer 127.0.0.1:{observer_port} --log-level ERROR || true\n")
+                     f"notify --observer 127.0.0.1:{observer_port} --log-level ERROR 2>/dev/null "
+                     "|| true\n")
     os.chmod(hook, 0o755)
 
 

@@ -514,8 +514,13 @@ class TestRunner:
                 delay = max(0.0, next_heartbeat - time.monotonic())
             except (OSError, helpers.ProtocolError) as exc:
                 delay = backoff.next()
-                log.warning("dispatcher %s unreachable (%s); retrying in %.1fs",
-                            helpers.format_address(self.dispatcher), exc, delay)
+                # A refusal (wrong secret, clock skew, busy) is not an outage:
+                # say which, so a configuration mistake is not mistaken for one.
+                what = ("unreachable" if isinstance(exc, (OSError, helpers.ReadTimeout,
+                                                          helpers.PeerClosed))
+                        else "refused or garbled")
+                log.warning("dispatcher %s %s (%s); retrying in %.1fs",
+                            helpers.format_address(self.dispatcher), what, exc, delay)
                 next_heartbeat = 0.0
                 limit = self.args.dispatcher_timeout
                 if limit is not None and time.monotonic() - self.last_contact > limit:
