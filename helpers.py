@@ -45,6 +45,8 @@ MAGIC = b"CI1"
 MAX_HEADER_BYTES = 200
 # Large enough for a long test log; a bigger result is truncated by the runner.
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+# Message bytes all connections of a daemon may hold at once.
+DEFAULT_MAX_BUFFERED = 64 * 1024 * 1024
 # A peer that sends nothing for this long is dropped.
 DEFAULT_READ_TIMEOUT = 10.0
 # A body must arrive at least this fast, so a dribbling client is cut off.
@@ -77,6 +79,10 @@ class ReadTimeout(ProtocolError):
 
 class PeerClosed(ProtocolError):
     """The peer hung up before a whole frame arrived (port probes do)."""
+
+
+class Busy(ProtocolError):
+    """Refused for now (too much in flight): the peer should retry later."""
 
 
 class NoRequest(PeerClosed):
@@ -342,8 +348,30 @@ def _recv_exact(sock: socket.socket, count: int, deadline: float) -> bytes:
     return b"".join(chunks)
 
 
+class ByteBudget:
+    """Caps the message bytes all connections hold at once, so that
+    ``--max-connections`` x ``--max-message-size`` cannot exhaust memory."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, count: int) -> bool:
+        with self._lock:
+            if self.used + count > self.limit:
+                return False
+            self.used += count
+            return True
+
+    def give(self, count: int) -> None:
+        with self._lock:
+            self.used -= count
+
+
 def read_frame(sock: socket.socket, max_message: int = DEFAULT_MAX_MESSAGE,
-               timeout: float = DEFAULT_READ_TIMEOUT) -> tuple[FrameHeader, bytes]:
+               timeout: float = DEFAULT_READ_TIMEOUT,
+               budget: ByteBudget | None = None) -> tuple[FrameHeader, bytes]:
     """Read one frame: the header line (a peer that never ends it is cut at
     ``MAX_HEADER_BYTES``), then exactly the body.
 
@@ -368,9 +396,16 @@ def read_frame(sock: socket.socket, max_message: int = DEFAULT_MAX_MESSAGE,
                 raise NoRequest("closed without sending anything") from None
             raise
     parsed = decode_header(data[:newline], max_message)
-    body_deadline = time.monotonic() + timeout + parsed.length / MIN_BODY_RATE
-    start = data[newline + 1:newline + 1 + parsed.length]
-    return parsed, start + _recv_exact(sock, parsed.length - len(start), body_deadline)
+    if budget is not None and not budget.take(parsed.length):
+        raise Busy("server busy (too much data in flight), try later")
+    try:
+        body_deadline = time.monotonic() + timeout + parsed.length / MIN_BODY_RATE
+        start = data[newline + 1:newline + 1 + parsed.length]
+        return parsed, start + _recv_exact(sock, parsed.length - len(start), body_deadline)
+    except BaseException:
+        if budget is not None:
+            budget.give(parsed.length)
+        raise
 
 
 # --------------------------------------------------------------------------
@@ -384,6 +419,7 @@ class Security:
     client_tls: ssl.SSLContext | None = None
     max_message: int = DEFAULT_MAX_MESSAGE
     read_timeout: float = DEFAULT_READ_TIMEOUT
+    max_buffered: int = DEFAULT_MAX_BUFFERED
     nonces: NonceCache = dataclasses.field(default_factory=NonceCache)
 
 
@@ -454,6 +490,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, server: bool = True) -
         group.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                            help="connections served at once; more are refused "
                                 "(default: %(default)s)")
+        group.add_argument("--max-buffered", type=int, default=DEFAULT_MAX_BUFFERED,
+                           metavar="BYTES",
+                           help="message bytes held at once over all connections; beyond "
+                                "it senders are told to retry (default: %(default)s)")
     group.add_argument("--auth-window", type=float, default=DEFAULT_AUTH_WINDOW,
                        metavar="SECONDS",
                        help="accepted clock difference for signed messages "
@@ -461,7 +501,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, server: bool = True) -
 
 
 def security_from_args(args: argparse.Namespace) -> Security:
-    for name in ("max_message_size", "max_connections"):
+    for name in ("max_message_size", "max_connections", "max_buffered"):
         if getattr(args, name, 1) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     if args.read_timeout <= 0 or args.auth_window <= 0:
@@ -470,6 +510,7 @@ def security_from_args(args: argparse.Namespace) -> Security:
     return Security(secret=load_secret(args.secret_file), window=args.auth_window,
                     server_tls=server_tls, client_tls=client_tls,
                     max_message=args.max_message_size, read_timeout=args.read_timeout,
+                    max_buffered=getattr(args, "max_buffered", DEFAULT_MAX_BUFFERED),
                     nonces=NonceCache(args.auth_window))
 
 
@@ -584,7 +625,9 @@ class MessageHandler(socketserver.BaseRequestHandler):
             if sec.server_tls:
                 sock.settimeout(sec.read_timeout)
                 sock = sec.server_tls.wrap_socket(sock, server_side=True)
-            header, payload = read_frame(sock, sec.max_message, sec.read_timeout)
+            header, payload = read_frame(sock, sec.max_message, sec.read_timeout,
+                                         server.budget)
+            self.held = header.length  # given back to the budget in finish()
             nonce = header.nonce
             verify_frame(header, payload, sec.secret, nonces=sec.nonces, window=sec.window)
             message = decode_message(payload)
@@ -595,6 +638,10 @@ class MessageHandler(socketserver.BaseRequestHandler):
         except Reply as exc:
             log.warning("refused request from %s: %s", peer, exc.text)
             answer = Message("error", exc.text)
+        except Busy as exc:
+            log.warning("refused request from %s: %s", peer, exc)
+            answer = Message("busy", str(exc))
+            unread = True
         except ProtocolError as exc:
             # A hang-up before a whole frame is what port probes do: not
             # worth a warning, but a half-closed peer still gets the reason.
@@ -626,6 +673,14 @@ class MessageHandler(socketserver.BaseRequestHandler):
                     sock.close()
                 except OSError:
                     pass
+
+
+    held = 0
+
+    def finish(self) -> None:
+        if self.held:
+            self.server.budget.give(self.held)
+            self.held = 0
 
 
 def _drain(sock, limit: int = 64 * 1024, timeout: float = 1.0) -> None:
@@ -661,6 +716,8 @@ class MessageServer(socketserver.ThreadingTCPServer):
         self.commands = commands
         self.security = security
         self._slots = threading.BoundedSemaphore(max_connections)
+        # Room for a few maximal messages at once; a bigger load waits its turn.
+        self.budget = ByteBudget(max(security.max_buffered, security.max_message))
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, MessageHandler)

@@ -16,7 +16,7 @@ import time
 import pytest
 
 import helpers
-from conftest import PY, ROOT, free_port, git, send_slowly, wait_until
+from conftest import PY, ROOT, free_port, git, send_raw, send_slowly, wait_until
 from helpers import Message
 
 SECRET = b"s3cret shared by the test cluster"
@@ -607,3 +607,31 @@ def test_client_accepts_a_genuine_reply():
     reply = helpers.call(address, "status", security=helpers.Security(secret=SECRET), timeout=5)
     assert reply == Message("ok", "fine")
     thread.join(5)
+
+
+def test_bytes_in_flight_are_capped_across_connections(cluster):
+    """Many large messages at once cannot exhaust memory: beyond
+    --max-buffered a sender is told ``busy`` and nothing changes."""
+    cluster.start_dispatcher("--max-message-size", "600000", "--max-buffered", "1000000",
+                             "--read-timeout", "5")
+    port = cluster.dispatcher_port
+    holder = socket.create_connection((LOOPBACK, port), timeout=5)
+    try:
+        # Claims 600 kB and sends only part of it: the budget holds 600 kB.
+        holder.sendall(b"CI1 600000 %.3f abcdef12 -\nresults:" % time.time())
+
+        def second_is_busy():
+            frame = helpers.encode_frame(b"dispatch:" + b"a" * 40 + b"\n" + b"x" * 500000)
+            raw = send_raw(port, frame)
+            line, _, payload = raw.partition(b"\n")
+            return raw and helpers.decode_message(payload).command == "busy"
+        wait_until(second_is_busy, 10, what="a second large message to be refused as busy")
+        # Small messages still fit.
+        assert status(cluster)["queued"] == 0
+    finally:
+        holder.close()
+    # Once the holder is gone the room is back.
+    frame = helpers.encode_frame(b"status\n" + b"x" * 500000)
+    wait_until(lambda: helpers.decode_message(
+        send_raw(port, frame).partition(b"\n")[2]).command == "ok", 10,
+        what="the budget to be given back")
