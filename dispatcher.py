@@ -663,7 +663,7 @@ class Dispatcher:
 # --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = helpers.ArgumentParser(
         description="CI dispatcher: queues commits and hands them to test runners.")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on (default: %(default)s)")

@@ -462,6 +462,14 @@ def make_tls_contexts(cert: str | None, key: str | None, ca: str | None):
     return server, client
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a wrong flag is one line (not the whole usage block)
+    followed by exit status 2, like every other start-up error here."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, server: bool = True) -> None:
     """Flags every process shares: logging, secret, TLS and input limits
     (the listening-side ones only where something listens)."""
@@ -568,7 +576,7 @@ def client_main(prog: str, description: str, command: str, flag: str, default: s
                 argv) -> int:
     """A one-shot command-line client: send ``command`` to the daemon at
     ``flag`` and print the reply's body (for hooks and scripts)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument(flag, default=default, metavar="HOST:PORT", dest="target",
                         help="the daemon's address (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,

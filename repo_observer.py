@@ -228,7 +228,7 @@ def default_branch(repo: str) -> str:
 # --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = helpers.ArgumentParser(
         description="CI repository observer: dispatches every new commit to the dispatcher.",
         epilog="For git hooks: repo_observer.py notify [--observer HOST:PORT] wakes a running "
                "observer at once (see 'repo_observer.py notify --help').")

@@ -166,7 +166,7 @@ def demo_commits(upstream: str, results: str, stop: threading.Event) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = helpers.ArgumentParser(
         description="Run the whole CI system locally: dispatcher, runners and observer.")
     parser.add_argument("repo", nargs="?", metavar="REPO",
                         help="repository to watch (default: a fresh copy of sample_project/ "

@@ -626,7 +626,7 @@ def bind_server(host: str, port: int | None, commands, security, max_connections
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = helpers.ArgumentParser(
         description="CI test runner: runs the tests of the commits the dispatcher sends.")
     parser.add_argument("repo", metavar="REPO",
                         help="this runner's own clone of the repository under test")
