@@ -601,10 +601,6 @@ def client_main(prog: str, description: str, command: str, flag: str, default: s
     return 0
 
 
-def reply_ok(message: Message) -> bool:
-    return message.command == "ok"
-
-
 # --------------------------------------------------------------------------
 # Server side.
 
