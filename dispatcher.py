@@ -56,8 +56,8 @@ MAX_COMMITS_PER_DISPATCH = 1000
 # The journal: append-only, one record a line, replayed at start.
 
 class Journal:
-    """Records ``Q`` (queued), ``A`` (assigned), ``L`` (run lost) and ``D``
-    (done) per commit.  Only ``Q`` needs fsync before the reply; the others
+    """Records ``Q`` (queued), ``A`` (assigned), ``L`` (run lost), ``D``
+    (done) and ``R`` (test again although a result exists) per commit.  Only ``Q`` needs fsync before the reply; the others
     can be recomputed (an assignment is re-run, a result file proves done)."""
 
     def __init__(self, path: str):
@@ -67,11 +67,13 @@ class Journal:
         self.records = 0
 
     def replay(self):
-        """Return (queued in order, assigned set, lost counts, done set)."""
+        """Return (queued in order, assigned set, lost counts, done set,
+        commits whose retest was asked for and has no result yet)."""
         order: dict[str, None] = {}
         assigned: set[str] = set()
         lost: collections.Counter = collections.Counter()
         done: set[str] = set()
+        retest: set[str] = set()
         try:
             with open(self.path, "rb") as handle:
                 data = handle.read()
@@ -91,13 +93,18 @@ class Journal:
                 lost[commit] += 1
             elif kind == "D":
                 done.add(commit)
-        return list(order), assigned, lost, done
+                retest.discard(commit)
+            elif kind == "R":
+                retest.add(commit)
+        return list(order), assigned, lost, done, retest
 
-    def rewrite(self, queued, assigned, lost) -> None:
+    def rewrite(self, queued, assigned, lost, retest=frozenset()) -> None:
         """Atomically replace the journal with only what is still pending."""
         lines = []
         for commit in queued:
             lines.append(f"Q {commit}")
+            if commit in retest:
+                lines.append(f"R {commit}")
             if commit in assigned:
                 lines.append(f"A {commit}")
             lines.extend(f"L {commit}" for _ in range(lost.get(commit, 0)))
@@ -179,6 +186,8 @@ class DispatcherState:
         self.runners: dict[str, Runner] = {}
         self.done: set[str] = set()
         self.lost: collections.Counter = collections.Counter()
+        # Commits with a result that were asked to be tested again.
+        self.retests: set[str] = set()
         self.stopping = False
         self.completed = 0
         # Job ids stay unique across restarts, so logs never mix two runs.
@@ -191,14 +200,16 @@ class DispatcherState:
         with self.cond:
             self.done = {name for name in os.listdir(self.results_dir)
                          if helpers.valid_full_commit(name)}
-            order, assigned, lost, _ = self.journal.replay()
-            pending = [c for c in order if c not in self.done]
+            order, assigned, lost, _, retest = self.journal.replay()
+            pending = [c for c in order if c not in self.done or c in retest]
+            self.retests = retest & set(pending)
+            self.done -= self.retests
             # Interrupted runs go first: they were at the head before.
             pending.sort(key=lambda c: c not in assigned)
             self.queue.extend(pending)
             self.queued.update(pending)
             self.lost.update({c: n for c, n in lost.items() if c in self.queued})
-            self.journal.rewrite(pending, set(), self.lost)
+            self.journal.rewrite(pending, set(), self.lost, self.retests)
             if pending:
                 log.info("recovered %d commit(s) to test (%d were running)",
                          len(pending), len(assigned & set(pending)))
@@ -213,6 +224,27 @@ class DispatcherState:
                 if c not in self.queued and c not in self.jobs and c not in self.done))
             # fsync before anything can be assigned or acknowledged.
             self.journal.append([f"Q {c}" for c in new], sync=True)
+            self.queue.extend(new)
+            self.queued.update(new)
+            if new:
+                self.cond.notify_all()
+            return new
+
+    def retest(self, commits: list[str]) -> list[str]:
+        """Queue commits again even if they have a result (a "rebuild" of a
+        flaky run); the new result replaces the file atomically.  Returns
+        the commits queued; those already queued or running are left."""
+        with self.cond:
+            new = list(dict.fromkeys(
+                c for c in commits if c not in self.queued and c not in self.jobs))
+            records = []
+            for commit in new:
+                records += [f"Q {commit}", f"R {commit}"]
+            self.journal.append(records, sync=True)
+            for commit in new:
+                self.done.discard(commit)
+                self.retests.add(commit)
+                self.lost.pop(commit, None)
             self.queue.extend(new)
             self.queued.update(new)
             if new:
@@ -351,6 +383,7 @@ class DispatcherState:
     def _finish(self, commit: str, verdict: str | None) -> None:
         """Bookkeeping once ``commit``'s result file is on disk."""
         self.completed += 1
+        self.retests.discard(commit)
         job = self.jobs.pop(commit, None)
         if job:
             holder = self.runners.get(job.runner)
@@ -365,7 +398,7 @@ class DispatcherState:
         if self.journal.records > COMPACT_AFTER and self.journal.records > 4 * (
                 len(self.queue) + len(self.jobs)):
             self.journal.rewrite(list(self.jobs) + list(self.queue), set(self.jobs),
-                                 self.lost)
+                                 self.lost, self.retests)
         log.info("result for %s: %s", commit[:12], verdict)
 
     def _lose(self, job: Job, head: bool, count: bool) -> None:
@@ -467,6 +500,18 @@ RESULT_INT_FIELDS = ("tests", "failures", "errors", "skipped", "exit_code")
 RESULT_INT_RE = re.compile(r"-?[0-9]{1,12}")
 
 
+def commit_list(message: Message, command: str) -> list[str]:
+    """The full commit ids of a ``dispatch`` or ``retest``; Reply if any is bad."""
+    commits = message.argument.split()
+    if not commits or len(commits) > MAX_COMMITS_PER_DISPATCH:
+        raise Reply(f"usage: {command}:<commit> [<commit> ...] (1 to "
+                    f"{MAX_COMMITS_PER_DISPATCH} full ids)")
+    bad = next((c for c in commits if not helpers.valid_full_commit(c)), None)
+    if bad is not None:
+        raise Reply(f"invalid commit id {bad[:80]!r}: need a full 40- or 64-hex id")
+    return commits
+
+
 def parse_results_message(message: Message) -> tuple[str, dict, bytes]:
     """Validate a ``results`` message; Reply with the reason if malformed."""
     parts = message.argument.split(" ")
@@ -519,7 +564,8 @@ class Dispatcher:
         self.threads = [threading.Thread(target=self._assign_loop, name="assign", daemon=True),
                         threading.Thread(target=self._health_loop, name="health", daemon=True)]
         self.commands = {"status": self.do_status, "register": self.do_register,
-                         "dispatch": self.do_dispatch, "results": self.do_results,
+                         "dispatch": self.do_dispatch, "retest": self.do_retest,
+                         "results": self.do_results,
                          "release": self.do_release}
 
     # ---- handlers (run on request threads: short, no network I/O) --------
@@ -539,15 +585,16 @@ class Dispatcher:
         return Message("ok", self.state.register(address, instance[:64], busy))
 
     def do_dispatch(self, message: Message, peer: str) -> Message:
-        commits = message.argument.split()
-        if not commits or len(commits) > MAX_COMMITS_PER_DISPATCH:
-            raise Reply(f"usage: dispatch:<commit> [<commit> ...] (1 to "
-                        f"{MAX_COMMITS_PER_DISPATCH} full ids)")
-        bad = next((c for c in commits if not helpers.valid_full_commit(c)), None)
-        if bad is not None:
-            raise Reply(f"invalid commit id {bad[:80]!r}: need a full 40- or 64-hex id")
+        commits = commit_list(message, "dispatch")
         new = self.state.enqueue(commits)
         log.info("dispatch from %s: %d commit(s), %d new", peer, len(commits), len(new))
+        return Message("ok", f"queued {len(new)}")
+
+    def do_retest(self, message: Message, peer: str) -> Message:
+        commits = commit_list(message, "retest")
+        new = self.state.retest(commits)
+        log.info("retest from %s: %d commit(s), %d queued again", peer, len(commits),
+                 len(new))
         return Message("ok", f"queued {len(new)}")
 
     def do_results(self, message: Message, peer: str) -> Message:
@@ -701,9 +748,15 @@ def main(argv=None) -> int:
         return helpers.client_main(
             "dispatcher.py status", "Print a running dispatcher's queue and runner counts.",
             "status", "--dispatcher-server", f"{DEFAULT_HOST}:{DEFAULT_PORT}", argv[1:])
+    if argv[:1] == ["retest"]:
+        return helpers.client_main(
+            "dispatcher.py retest", "Test commits again although they have a result; the "
+            "new verdict replaces the file.", "retest", "--dispatcher-server",
+            f"{DEFAULT_HOST}:{DEFAULT_PORT}", argv[1:], positional="COMMIT")
     parser = build_parser()
     parser.epilog = ("'dispatcher.py status [--dispatcher-server HOST:PORT]' prints a running "
-                     "dispatcher's queue and runner counts.")
+                     "dispatcher's queue and runner counts; 'dispatcher.py retest COMMIT...' "
+                     "tests commits again.")
     args = parser.parse_args(argv)
     helpers.configure_logging(args.log_level)
     try:

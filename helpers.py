@@ -573,10 +573,14 @@ def call(address: tuple[str, int], command: str, argument: str = "", body: bytes
 
 
 def client_main(prog: str, description: str, command: str, flag: str, default: str,
-                argv) -> int:
-    """A one-shot command-line client: send ``command`` to the daemon at
-    ``flag`` and print the reply's body (for hooks and scripts)."""
+                argv, positional: str | None = None) -> int:
+    """A one-shot command-line client: send ``command`` (with the values of
+    ``positional``, if named, as its argument) to the daemon at ``flag``
+    and print the reply (for hooks and scripts)."""
     parser = ArgumentParser(prog=prog, description=description)
+    if positional:
+        parser.add_argument("values", nargs="+", metavar=positional,
+                            help=f"one or more {positional.lower()} values")
     parser.add_argument(flag, default=default, metavar="HOST:PORT", dest="target",
                         help="the daemon's address (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
@@ -587,7 +591,8 @@ def client_main(prog: str, description: str, command: str, flag: str, default: s
     try:
         address = parse_address(args.target)
         security = security_from_args(args)
-        reply = call(address, command, security=security, timeout=args.timeout)
+        argument = " ".join(args.values) if positional else ""
+        reply = call(address, command, argument, security=security, timeout=args.timeout)
     except (ValueError, ConfigError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -597,7 +602,8 @@ def client_main(prog: str, description: str, command: str, flag: str, default: s
     if reply.command != "ok":
         print(f"{prog}: refused: {reply.command} {reply.argument}", file=sys.stderr)
         return 1
-    sys.stdout.write(reply.body.decode("utf-8", "replace"))
+    sys.stdout.write(reply.body.decode("utf-8", "replace") or
+                     (reply.argument + "\n" if reply.argument else ""))
     return 0
 
 
