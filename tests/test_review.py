@@ -178,7 +178,7 @@ def test_journal_keeps_working_after_a_failed_compaction(tmp_path):
     os.rename(away, folder)
     journal.append([f"Q {Y}"], sync=True)
     journal.close()
-    order, _, _, _ = dispatcher.Journal(str(folder / "journal")).replay()
+    order, _, _, _, _ = dispatcher.Journal(str(folder / "journal")).replay()
     assert order == [X, Y]
 
 
