@@ -222,12 +222,7 @@ class DispatcherState:
             new = list(dict.fromkeys(
                 c for c in commits
                 if c not in self.queued and c not in self.jobs and c not in self.done))
-            # fsync before anything can be assigned or acknowledged.
-            self.journal.append([f"Q {c}" for c in new], sync=True)
-            self.queue.extend(new)
-            self.queued.update(new)
-            if new:
-                self.cond.notify_all()
+            self._queue_durably(new, [f"Q {c}" for c in new])
             return new
 
     def retest(self, commits: list[str]) -> list[str]:
@@ -237,19 +232,20 @@ class DispatcherState:
         with self.cond:
             new = list(dict.fromkeys(
                 c for c in commits if c not in self.queued and c not in self.jobs))
-            records = []
-            for commit in new:
-                records += [f"Q {commit}", f"R {commit}"]
-            self.journal.append(records, sync=True)
+            self._queue_durably(new, [f"{kind} {c}" for c in new for kind in "QR"])
             for commit in new:
                 self.done.discard(commit)
                 self.retests.add(commit)
                 self.lost.pop(commit, None)
-            self.queue.extend(new)
-            self.queued.update(new)
-            if new:
-                self.cond.notify_all()
             return new
+
+    def _queue_durably(self, commits: list[str], records: list[str]) -> None:
+        # fsync before anything can be assigned or acknowledged.
+        self.journal.append(records, sync=True)
+        self.queue.extend(commits)
+        self.queued.update(commits)
+        if commits:
+            self.cond.notify_all()
 
     def register(self, address: tuple[str, int], instance: str, busy: str | None) -> str:
         key = helpers.format_address(address)
