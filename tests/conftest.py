@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -303,3 +304,35 @@ def send_slowly(port: int, chunks: list[bytes], gap: float, limit: float = 8.0):
                 answered = time.monotonic() - started
             reply += chunk
     return answered, time.monotonic() - started, reply
+
+
+class ThreadedServer:
+    """A real ``helpers.MessageServer`` on a free loopback port, served from
+    a thread of the test process: a stand-in peer whose answers the test
+    decides (what a real daemon cannot be made to do on cue)."""
+
+    def __init__(self, commands: dict):
+        self.lock = threading.Lock()
+        self.server = helpers.MessageServer(("127.0.0.1", 0), commands, helpers.Security())
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.thread.join(5)
+        self.server.server_close()
+
+
+@pytest.fixture
+def threaded_servers():
+    """Make ThreadedServer subclasses; all are closed after the test."""
+    made = []
+
+    def make(cls, *args):
+        made.append(cls(*args))
+        return made[-1]
+    yield make
+    for server in made:
+        server.close()

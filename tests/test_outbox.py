@@ -2,11 +2,10 @@
 must not block the ones behind it, and ``busy`` means "keep it"."""
 
 import os
-import threading
 
 import pytest
 
-from conftest import wait_until
+from conftest import ThreadedServer, wait_until
 
 import helpers
 from helpers import Message
@@ -14,19 +13,14 @@ from helpers import Message
 A, B = "a" * 40, "b" * 40
 
 
-class FakeDispatcher:
-    """A real server on port 0 whose answers to ``results`` the test sets."""
+class FakeDispatcher(ThreadedServer):
+    """Answers ``results`` as the test sets."""
 
     def __init__(self, answers):
         self.answers = answers
         self.calls = []
-        self.lock = threading.Lock()
-        self.server = helpers.MessageServer(("127.0.0.1", 0), {
-            "register": lambda m, p: Message("ok", "registered"),
-            "results": self.results}, helpers.Security())
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
+        super().__init__({"register": lambda m, p: Message("ok", "registered"),
+                          "results": self.results})
 
     def results(self, message, peer):
         commit = message.argument.split()[0]
@@ -40,22 +34,10 @@ class FakeDispatcher:
         with self.lock:
             return self.calls.count(commit)
 
-    def close(self):
-        self.server.shutdown()
-        self.thread.join(5)
-        self.server.server_close()
-
 
 @pytest.fixture
-def fake_dispatcher():
-    made = []
-
-    def make(answers):
-        made.append(FakeDispatcher(answers))
-        return made[-1]
-    yield make
-    for server in made:
-        server.close()
+def fake_dispatcher(threaded_servers):
+    return lambda answers: threaded_servers(FakeDispatcher, answers)
 
 
 def outbox_with(cluster, clone, *commits):
@@ -69,8 +51,7 @@ def outbox_with(cluster, clone, *commits):
 
 
 def start_runner_at(cluster, fake, clone):
-    port = fake.server.server_address[1]
-    cluster.dispatcher_port = port
+    cluster.dispatcher_port = fake.port
     return cluster.start_runner("--retry-max", "0.05", clone=clone)
 
 

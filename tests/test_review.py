@@ -6,11 +6,10 @@ records, and a wrong verdict."""
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 
-from conftest import PY, wait_until
+from conftest import PY, ThreadedServer, wait_until
 
 import dispatcher
 import helpers
@@ -20,7 +19,7 @@ from helpers import Message
 X, Y = "1" * 40, "2" * 40
 
 
-class FakeRunner:
+class FakeRunner(ThreadedServer):
     """A real server on port 0 speaking the runner's protocol; what it
     answers to ``runtest`` the test decides, which a real runner cannot be
     made to do on cue (a lost or refused delivery)."""
@@ -29,14 +28,8 @@ class FakeRunner:
         self.answers = list(answers or [])
         self.instance = "fake0001"
         self.calls: list[str] = []
-        self.lock = threading.Lock()
-        self.server = helpers.MessageServer(("127.0.0.1", 0), {
-            "ping": self.ping, "runtest": self.runtest}, helpers.Security())
-        self.port = self.server.server_address[1]
+        super().__init__({"ping": self.ping, "runtest": self.runtest})
         self.key = f"127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
 
     def ping(self, message, peer):
         return Message("ok", "pong", helpers.encode_fields({"instance": self.instance,
@@ -57,22 +50,10 @@ class FakeRunner:
         assert reply.command == "ok", reply
         return reply.argument
 
-    def close(self):
-        self.server.shutdown()
-        self.thread.join(5)
-        self.server.server_close()
-
 
 @pytest.fixture
-def fake_runner():
-    made = []
-
-    def make(answers=None):
-        made.append(FakeRunner(answers))
-        return made[-1]
-    yield make
-    for runner in made:
-        runner.close()
+def fake_runner(threaded_servers):
+    return lambda answers=None: threaded_servers(FakeRunner, answers)
 
 
 def dispatch(cluster, *commits):

@@ -281,12 +281,18 @@ REFUSAL = {"unsigned": "unsigned message refused", "wrong key": "bad signature",
            "from the future": "stale message (timestamp outside the window)"}
 
 
-def test_unauthentic_messages_are_refused_and_change_nothing(cluster, upstream, tmp_path):
+def signed_cluster(cluster, tmp_path):
+    """A dispatcher and a registered runner sharing SECRET; (flags, security, runner)."""
     secret = ["--secret-file", secret_file(tmp_path)]
     security = helpers.Security(secret=SECRET)
     cluster.start_dispatcher(*secret)
     runner = cluster.start_runner(*secret)
     wait_until(lambda: status(cluster, security)["runners"] == 1, 10, what="runner registered")
+    return secret, security, runner
+
+
+def test_unauthentic_messages_are_refused_and_change_nothing(cluster, upstream, tmp_path):
+    secret, security, runner = signed_cluster(cluster, tmp_path)
     commit = upstream.commit().encode()
     head = git(runner.clone, "rev-parse", "HEAD")
     fake_runner = f"{LOOPBACK}:{free_port()}".encode()
@@ -319,11 +325,7 @@ def test_unauthentic_messages_are_refused_and_change_nothing(cluster, upstream, 
 
 
 def test_replayed_messages_are_refused(cluster, upstream, tmp_path):
-    secret = ["--secret-file", secret_file(tmp_path)]
-    security = helpers.Security(secret=SECRET)
-    cluster.start_dispatcher(*secret)
-    runner = cluster.start_runner(*secret)
-    wait_until(lambda: status(cluster, security)["runners"] == 1, 10, what="runner registered")
+    secret, security, runner = signed_cluster(cluster, tmp_path)
     dispatched, posted, run = (upstream.commit() for _ in range(3))
 
     def twice(port, payload, first):
