@@ -7,11 +7,13 @@ are decided in one place and can be tested without sockets.
 
 Wire format (one request and one reply per TCP connection)::
 
-    CI1 <length> <timestamp> <nonce> <tag>\\n<payload: exactly <length> bytes>
+    CI1 <length> <timestamp> <nonce> <tag>[ <key id>]\\n<payload: exactly <length> bytes>
 
 ``tag`` is ``-`` when no secret is configured, else the hex HMAC-SHA256 of
 the timestamp, nonce, the nonce of the request being answered (replies
-only) and the payload.  The payload starts with an ASCII command line
+only), the key id (when there is one) and the payload.  The key id names
+the issued key a frame is signed with (``runner:r1``; see ``auth.py``);
+without one the frame is signed with the shared secret.  The payload starts with an ASCII command line
 (``name`` or ``name:argument``), optionally followed by ``\\n`` and a body
 of arbitrary bytes.
 """
@@ -227,20 +229,29 @@ def ascii_line(text: str, limit: int = 300) -> str:
 # --------------------------------------------------------------------------
 # Frames: length prefix plus authentication.  Pure functions.
 
-def _mac(secret: bytes, ts: bytes, nonce: bytes, reply_to: bytes, payload: bytes) -> str:
+def _mac(secret: bytes, ts: bytes, nonce: bytes, reply_to: bytes, payload: bytes,
+         key_id: bytes = b"") -> str:
     mac = hmac.new(secret, digestmod=hashlib.sha256)
     for part in (MAGIC, ts, nonce, reply_to):
         mac.update(part + b"\n")
+    if key_id:
+        mac.update(b"key " + key_id + b"\n")
     mac.update(payload)
     return mac.hexdigest()
 
 
+KEY_ID_RE = re.compile(rb"[a-z]{1,16}:[A-Za-z0-9._-]{1,64}")
+
+
 def encode_frame(payload: bytes, secret: bytes | None = None, *, reply_to: str = "",
-                 now: float | None = None, nonce: str | None = None) -> bytes:
+                 now: float | None = None, nonce: str | None = None,
+                 key_id: str | None = None) -> bytes:
     ts = b"%.3f" % (time.time() if now is None else now)
     nonce_b = (nonce or secrets.token_hex(12)).encode("ascii")
-    tag = _mac(secret, ts, nonce_b, reply_to.encode("ascii"), payload) if secret else "-"
-    header = b"%s %d %s %s %s\n" % (MAGIC, len(payload), ts, nonce_b, tag.encode("ascii"))
+    kid = key_id.encode("ascii") if key_id and secret else b""
+    tag = _mac(secret, ts, nonce_b, reply_to.encode("ascii"), payload, kid) if secret else "-"
+    header = b"%s %d %s %s %s%s\n" % (MAGIC, len(payload), ts, nonce_b, tag.encode("ascii"),
+                                      b" " + kid if kid else b"")
     return header + payload
 
 
@@ -250,13 +261,19 @@ class FrameHeader:
     timestamp: str
     nonce: str
     tag: str
+    key_id: str | None = None
 
 
 def decode_header(line: bytes, max_message: int = DEFAULT_MAX_MESSAGE) -> FrameHeader:
     """Parse a frame's header line (without the newline)."""
     parts = line.split(b" ")
-    if len(parts) != 5 or parts[0] != MAGIC:
+    if len(parts) not in (5, 6) or parts[0] != MAGIC:
         raise ProtocolError("not a CI1 frame")
+    key_id = None
+    if len(parts) == 6:
+        if not KEY_ID_RE.fullmatch(parts[5]):
+            raise ProtocolError("bad frame key id")
+        key_id = parts.pop().decode("ascii")
     length, ts, nonce, tag = parts[1:]
     if not length.isdigit() or len(length) > 12:
         raise ProtocolError("bad frame length")
@@ -268,7 +285,7 @@ def decode_header(line: bytes, max_message: int = DEFAULT_MAX_MESSAGE) -> FrameH
         raise ProtocolError("bad frame nonce")
     if not (tag == b"-" or re.fullmatch(rb"[0-9a-f]{64}", tag)):
         raise ProtocolError("bad frame tag")
-    return FrameHeader(int(length), ts.decode(), nonce.decode(), tag.decode())
+    return FrameHeader(int(length), ts.decode(), nonce.decode(), tag.decode(), key_id)
 
 
 class NonceCache:
@@ -307,7 +324,8 @@ def verify_frame(header: FrameHeader, payload: bytes, secret: bytes | None, *,
     if header.tag == "-":
         raise ProtocolError("unsigned message refused")
     expected = _mac(secret, header.timestamp.encode(), header.nonce.encode(),
-                    reply_to.encode("ascii"), payload)
+                    reply_to.encode("ascii"), payload,
+                    header.key_id.encode("ascii") if header.key_id else b"")
     if not hmac.compare_digest(expected, header.tag):
         raise ProtocolError("bad signature")
     now = time.time() if now is None else now
@@ -421,10 +439,42 @@ class Security:
     read_timeout: float = DEFAULT_READ_TIMEOUT
     max_buffered: int = DEFAULT_MAX_BUFFERED
     nonces: NonceCache = dataclasses.field(default_factory=NonceCache)
+    # The issued key's id (``runner:r1``) when ``secret`` is one; None for
+    # a shared secret.
+    key_id: str | None = None
+    # Server side: maps a frame's key id to (key, role, name) or None; by
+    # default only ``secret`` itself is accepted (see auth.py).
+    keyring: object | None = None
+    # TLS roles (a certificate's common name, see auth.cert_role): what a
+    # server accepts as clients, and what a client expects the server to be.
+    tls_client_roles: frozenset | None = None
+    tls_server_role: str | None = None
+
+    def lookup(self, key_id: str | None):
+        """(key, role, name) to check a frame with; None to refuse it."""
+        if self.keyring is not None:
+            return self.keyring.lookup(key_id)
+        if key_id is not None and key_id != self.key_id:
+            return None
+        if self.key_id:
+            role, _, name = self.key_id.partition(":")
+            return self.secret, role, name
+        return self.secret, "admin", None
+
+    def signed_as(self, secret: bytes | None, key_id: str | None) -> "Security":
+        """The same settings, signing with another key (the dispatcher
+        calling a runner signs with that runner's key)."""
+        return dataclasses.replace(self, secret=secret, key_id=key_id)
 
 
 def load_secret(path: str | None) -> bytes | None:
     """The cluster secret: ``--secret-file`` wins over ``CI_SECRET``."""
+    return load_credentials(path)[0]
+
+
+def load_credentials(path: str | None) -> tuple[bytes | None, str | None]:
+    """(secret, key id) from ``--secret-file`` or ``CI_SECRET``: an issued
+    key file (``ci-key-v1 role:name hex``) or a plain shared secret."""
     if path:
         try:
             with open(path, "rb") as handle:
@@ -433,9 +483,18 @@ def load_secret(path: str | None) -> bytes | None:
             raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
         if not secret:
             raise ConfigError(f"secret file {path} is empty")
-        return secret
-    env = os.environ.get("CI_SECRET", "").strip()
-    return env.encode() if env else None
+    else:
+        secret = os.environ.get("CI_SECRET", "").strip().encode()
+        if not secret:
+            return None, None
+    if secret.startswith(b"ci-key-v1 "):
+        import auth
+        try:
+            key_id, key = auth.parse_key_file(secret)
+        except ValueError as exc:
+            raise ConfigError(f"{path or 'CI_SECRET'}: {exc}") from None
+        return key, key_id
+    return secret, None
 
 
 def make_tls_contexts(cert: str | None, key: str | None, ca: str | None):
@@ -515,7 +574,8 @@ def security_from_args(args: argparse.Namespace) -> Security:
     if args.read_timeout <= 0 or args.auth_window <= 0:
         raise ConfigError("--read-timeout and --auth-window must be positive")
     server_tls, client_tls = make_tls_contexts(args.tls_cert, args.tls_key, args.tls_ca)
-    return Security(secret=load_secret(args.secret_file), window=args.auth_window,
+    secret, key_id = load_credentials(args.secret_file)
+    return Security(secret=secret, key_id=key_id, window=args.auth_window,
                     server_tls=server_tls, client_tls=client_tls,
                     max_message=args.max_message_size, read_timeout=args.read_timeout,
                     max_buffered=getattr(args, "max_buffered", DEFAULT_MAX_BUFFERED),
@@ -547,11 +607,11 @@ def call(address: tuple[str, int], command: str, argument: str = "", body: bytes
     security = security or Security()
     payload = encode_message(command, argument, body)
     nonce = secrets.token_hex(12)
-    frame = encode_frame(payload, security.secret, nonce=nonce)
+    frame = encode_frame(payload, security.secret, nonce=nonce, key_id=security.key_id)
     with socket.create_connection(address, timeout=timeout) as raw:
         sock = raw
         if security.client_tls:
-            sock = security.client_tls.wrap_socket(raw, server_hostname=address[0])
+            sock = _client_handshake(security, raw, address)
         try:
             sock.settimeout(timeout + len(frame) / MIN_BODY_RATE)
             sock.sendall(frame)
@@ -570,6 +630,27 @@ def call(address: tuple[str, int], command: str, argument: str = "", body: bytes
         said = ascii_line(reply[:120].decode("ascii", "replace"), 120)
         raise ProtocolError(f"{exc}; unauthenticated reply {said!r}") from None
     return decode_message(reply)
+
+
+def _client_handshake(security: Security, raw: socket.socket, address) -> socket.socket:
+    """TLS with the errors a person can act on: a plain port, or a server
+    whose certificate was made for another role."""
+    try:
+        sock = security.client_tls.wrap_socket(raw, server_hostname=address[0])
+    except ssl.SSLError as exc:
+        if "WRONG_VERSION_NUMBER" in str(exc) or "record layer failure" in str(exc):
+            raise ProtocolError(f"{format_address(address)} does not speak TLS (a plain "
+                                "port? give the same TLS flags to every process)") from None
+        raise
+    expected = security.tls_server_role
+    if expected:
+        import auth
+        role = auth.cert_role(sock.getpeercert())
+        if role != expected:
+            sock.close()
+            raise ProtocolError(f"{format_address(address)} presented a certificate for "
+                                f"role {role!r}, not {expected!r}")
+    return sock
 
 
 def client_main(prog: str, description: str, command: str, flag: str, default: str,
@@ -618,6 +699,19 @@ class Reply(Exception):
         self.text = ascii_line(text)
 
 
+class Peer(str):
+    """Who sent a request: the address as text (what handlers log), plus
+    the role and name its key or certificate proves."""
+
+    role: str = "admin"
+    name: str | None = None
+
+    def __new__(cls, address: str, role: str = "admin", name: str | None = None):
+        peer = super().__new__(cls, address)
+        peer.role, peer.name = role, name
+        return peer
+
+
 class MessageHandler(socketserver.BaseRequestHandler):
     """Reads one frame, checks it, runs the command's handler, replies.
 
@@ -631,20 +725,40 @@ class MessageHandler(socketserver.BaseRequestHandler):
         sock = self.request
         nonce = ""
         unread = False
+        reply_key, reply_key_id = sec.secret, None
         try:
+            cert_role = None
             if sec.server_tls:
-                sock.settimeout(sec.read_timeout)
-                sock = sec.server_tls.wrap_socket(sock, server_side=True)
+                sock, cert_role = _server_handshake(sec, sock, peer)
+                if sock is None:
+                    return
+            if server.over_capacity:
+                raise Busy("server busy, try later")
             header, payload = read_frame(sock, sec.max_message, sec.read_timeout,
                                          server.budget)
             self.held = header.length  # given back to the budget in finish()
             nonce = header.nonce
-            verify_frame(header, payload, sec.secret, nonces=sec.nonces, window=sec.window)
+            role, name = "admin", None
+            if sec.secret:
+                found = sec.lookup(header.key_id)
+                if found is None:
+                    raise ProtocolError(f"unknown or revoked key {header.key_id!r}")
+                reply_key, role, name = found
+            verify_frame(header, payload, reply_key, nonces=sec.nonces, window=sec.window)
+            if cert_role is not None:
+                # The certificate names the role too; with a key, both must agree.
+                if role not in ("admin", cert_role):
+                    raise Reply(f"key role {role} does not match certificate role "
+                                f"{cert_role}")
+                role = cert_role
             message = decode_message(payload)
             method = server.commands.get(message.command)
             if method is None:
                 raise Reply(f"unknown command {message.command!r}")
-            answer = method(message, peer)
+            allowed = server.permissions.get(message.command)
+            if allowed is not None and role != "admin" and role not in allowed:
+                raise Reply(f"{message.command} is not allowed for role {role}")
+            answer = method(message, Peer(peer, role, name))
         except Reply as exc:
             log.warning("refused request from %s: %s", peer, exc.text)
             answer = Message("error", exc.text)
@@ -662,7 +776,7 @@ class MessageHandler(socketserver.BaseRequestHandler):
             # A slow peer has had its time; anyone else may still be
             # sending, and must read our reply before the close resets it.
             unread = not isinstance(exc, (ReadTimeout, PeerClosed))
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:
             log.info("connection from %s failed: %s", peer, exc)
             return
         except Exception:
@@ -670,7 +784,7 @@ class MessageHandler(socketserver.BaseRequestHandler):
             answer = Message("error", "internal error")
         try:
             frame = encode_frame(encode_message(answer.command, answer.argument, answer.body),
-                                 sec.secret, reply_to=nonce)
+                                 reply_key, reply_to=nonce)
             sock.settimeout(sec.read_timeout)
             sock.sendall(frame)
             if unread:
@@ -691,6 +805,51 @@ class MessageHandler(socketserver.BaseRequestHandler):
         if self.held:
             self.server.budget.give(self.held)
             self.held = 0
+
+
+def _server_handshake(sec: Security, sock: socket.socket, peer: str):
+    """TLS server side: (TLS socket, the client's certificate role), or
+    (None, None) when the handshake failed (logged: quietly for a port
+    probe, at WARNING for a refused certificate or a plain-text client,
+    which is also told in plain text why)."""
+    sock.settimeout(sec.read_timeout)
+    try:
+        first = sock.recv(3, socket.MSG_PEEK)
+    except OSError:
+        first = b""
+    if not first:
+        log.debug("connection from %s closed before the TLS handshake", peer)
+        return None, None
+    if first == MAGIC:
+        log.warning("plain-text request on the TLS port from %s refused", peer)
+        try:
+            sock.sendall(encode_frame(encode_message(
+                "error", "this port speaks TLS: give the TLS flags")))
+            _drain(sock)
+        except OSError:
+            pass
+        return None, None
+    try:
+        tls = sec.server_tls.wrap_socket(sock, server_side=True)
+    except (ssl.SSLError, OSError) as exc:
+        quiet = isinstance(exc, (ssl.SSLEOFError, ConnectionResetError, socket.timeout))
+        log.log(logging.INFO if quiet else logging.WARNING,
+                "TLS handshake with %s refused: %s", peer, exc)
+        return None, None
+    role = None
+    if sec.tls_client_roles is not None:
+        import auth
+        role = auth.cert_role(tls.getpeercert())
+        if role not in sec.tls_client_roles:
+            log.warning("TLS peer %s has a certificate for role %r; refused", peer, role)
+            try:
+                tls.sendall(encode_frame(encode_message(
+                    "error", f"certificate role {role!r} not accepted here")))
+                tls.close()
+            except OSError:
+                pass
+            return None, None
+    return tls, role
 
 
 def _drain(sock, limit: int = 64 * 1024, timeout: float = 1.0) -> None:
@@ -722,20 +881,47 @@ class MessageServer(socketserver.ThreadingTCPServer):
     request_queue_size = 128
 
     def __init__(self, address, commands: dict, security: Security,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS):
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 permissions: dict | None = None):
         self.commands = commands
         self.security = security
+        # Command -> roles allowed (see auth.py); a command not listed is
+        # open to every authenticated peer.
+        self.permissions = permissions or {}
         self._slots = threading.BoundedSemaphore(max_connections)
+        # Over the cap, a TLS peer is still served a ``busy`` after its
+        # handshake (it could not read one sent before), by a few spare
+        # threads; beyond those the connection is just closed.
+        self._spare = threading.BoundedSemaphore(16)
+        self._local = threading.local()
         # Room for a few maximal messages at once; a bigger load waits its turn.
         self.budget = ByteBudget(max(security.max_buffered, security.max_message))
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, MessageHandler)
 
+    @property
+    def over_capacity(self) -> bool:
+        return getattr(self._local, "spare", False)
+
+    def _spare_thread(self, request, client_address):
+        self._local.spare = True
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._spare.release()
+
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):
             log.warning("connection limit reached; refusing %s",
                         format_address(client_address[:2]))
+            if self.security.server_tls and self._spare.acquire(blocking=False):
+                threading.Thread(target=self._spare_thread, args=(request, client_address),
+                                 daemon=True).start()
+                return
             try:
                 request.setblocking(False)
                 request.send(encode_frame(encode_message("busy", "server busy, try later"),

@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import os
 import re
 import secrets
-import select
 import shlex
 import signal
 import socket
@@ -28,6 +26,7 @@ import threading
 import time
 
 import helpers
+import procgroup
 from helpers import Message
 
 log = logging.getLogger(__name__)
@@ -45,6 +44,10 @@ DEFAULT_RETRY_MAX = 5.0
 MAX_REFUSALS = 10
 # Room left in a message for the fields around the output.
 MESSAGE_OVERHEAD = 64 * 1024
+# How often the running command's new output is sent, and the most sent
+# at once (the dispatcher keeps a tail of 64 KiB anyway).
+DEFAULT_PROGRESS_INTERVAL = 1.0
+PROGRESS_CHUNK = 64 * 1024
 
 
 # --------------------------------------------------------------------------
@@ -156,15 +159,20 @@ def read_bounded(handle, limit: int) -> bytes:
 
 class ProcessSlot:
     """Holds the child process group currently running, so a stop request
-    from another thread can kill it and leave no orphans."""
+    from another thread can kill it and leave no orphans; the watchdog
+    kills it if this runner is SIGKILLed, and the pidfile lets the next
+    start make sure."""
 
-    def __init__(self, pidfile: str | None = None):
+    def __init__(self, pidfile: str | None = None, watchdog: procgroup.Watchdog | None = None,
+                 user: "TestUser | None" = None):
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self.cancelled = False
-        # Records the running group so that, if this runner is SIGKILLed,
-        # its next start can end what the dead one left running.
         self.pidfile = pidfile
+        self.watchdog = watchdog
+        self.user = user
+        # The file the running command writes to, for live progress.
+        self.output = None
 
     def reap_leftovers(self) -> None:
         """Kill the process group a previous, killed runner left behind."""
@@ -176,34 +184,42 @@ class ProcessSlot:
             pgid = int(pgid)
         except (OSError, ValueError):
             return
-        leader_start = _start_time(pgid)
+        leader_start = procgroup.start_time(pgid)
         # The leader may be gone with its children still running; but if
         # the PID now belongs to another process, the group is not ours.
         if leader_start is None or leader_start == started:
-            if pgid > 1 and _group_alive(pgid):
+            if pgid > 1 and procgroup.group_alive(pgid):
                 log.warning("killing process group %d left running by a previous runner",
                             pgid)
-                _kill_group(pgid)
+                procgroup.kill_group(pgid)
         os.unlink(self.pidfile)
 
-    def run(self, cmd: list[str], cwd: str, timeout: float, out, env=None) -> tuple[int, bool]:
+    def run(self, cmd: list[str], cwd: str, timeout: float, out, env=None,
+            as_test_user: bool = True) -> tuple[int, bool]:
         """Run ``cmd`` with output to file ``out``; return (exit code, timed out)."""
+        extra = self.user.popen_args() if (self.user and as_test_user) else {}
         with self._lock:
             if self.cancelled:
                 return -signal.SIGKILL, False
-            proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+            proc = procgroup.start(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, env=env, **extra)
             self._proc = proc
+            self.output = out
+            if self.watchdog:
+                self.watchdog.watch(proc.pid)
             self._record(proc.pid)
         timed_out = False
         try:
-            timed_out = not _wait_exit(proc, timeout)
+            timed_out = not procgroup.wait_exit(proc, timeout)
         finally:
             # Kill the whole group: test suites start helpers of their own.
-            _kill_group(proc.pid)
+            procgroup.kill_group(proc.pid)
             proc.wait()
             with self._lock:
                 self._proc = None
+                self.output = None
+                if self.watchdog:
+                    self.watchdog.watch(0)
                 self._record(None)
         return proc.returncode, timed_out
 
@@ -214,7 +230,8 @@ class ProcessSlot:
             if pid is None:
                 os.unlink(self.pidfile)
             else:
-                helpers.atomic_write(self.pidfile, f"{pid} {_start_time(pid)}\n".encode(),
+                helpers.atomic_write(self.pidfile,
+                                     f"{pid} {procgroup.start_time(pid)}\n".encode(),
                                      fsync=False)
         except OSError:
             pass
@@ -223,68 +240,72 @@ class ProcessSlot:
         with self._lock:
             self.cancelled = True
             if self._proc is not None:
-                _kill_group(self._proc.pid)
+                procgroup.kill_group(self._proc.pid)
 
 
-def _wait_exit(proc: subprocess.Popen, timeout: float) -> bool:
-    """Wait up to ``timeout`` for ``proc`` to exit; False on timeout.
+class TestUser:
+    """``--test-user``: the checkout and the tests run as this unprivileged
+    user, so a test cannot read the runner's key file, its environment,
+    its outbox or its state folder (all the runner user's, mode 600/700)."""
 
-    ``Popen.wait(timeout)`` polls with sleeps of up to 50 ms, which added
-    about 25 ms to every checkout and every test run; a pidfd wakes us the
-    moment the child exits.  Without pidfd support, fall back to it."""
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):
+    def __init__(self, name: str):
+        import pwd
         try:
-            proc.wait(timeout)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        deadline = time.monotonic() + timeout
-        while not poller.poll(max(0, math.ceil((deadline - time.monotonic()) * 1000))):
-            if time.monotonic() >= deadline:
-                return False
-        return True
-    finally:
-        os.close(fd)
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise helpers.ConfigError(f"--test-user: no such user {name!r}") from None
+        if os.geteuid() != 0:
+            raise helpers.ConfigError("--test-user needs the runner to run as root (it "
+                                      "switches to that user for each test run)")
+        if entry.pw_uid == 0:
+            raise helpers.ConfigError("--test-user must be an unprivileged user, not root")
+        self.name, self.uid, self.gid = name, entry.pw_uid, entry.pw_gid
+        self.home = entry.pw_dir
+
+    def popen_args(self) -> dict:
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+    def env(self, env: dict) -> dict:
+        env = dict(env, USER=self.name, LOGNAME=self.name)
+        env["HOME"] = self.home if os.path.isdir(self.home) else "/tmp"
+        return env
+
+    def check_clone(self, repo: str) -> None:
+        if os.stat(repo).st_uid != self.uid:
+            raise helpers.ConfigError(f"--test-user {self.name}: the clone {repo} must belong "
+                                      f"to that user (chown -R {self.name} {repo})")
 
 
-def _start_time(pid: int) -> str | None:
-    """A process's start time (Linux), to tell a reused PID from ours."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+# Environment variables a test never sees: the runner's credentials.
+SECRET_ENV = ("CI_SECRET",)
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def child_env() -> dict:
+def child_env(user: TestUser | None = None) -> dict:
     """The tests run the repository's code: do not hand them our secret.
 
     Unbuffered, so what a test prints lands before unittest's summary on
     stderr, not after it at exit, where it could pass for the summary."""
     env = dict(os.environ)
-    env.pop("CI_SECRET", None)
+    for name in SECRET_ENV:
+        env.pop(name, None)
     env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return user.env(env) if user else env
+
+
+META_FIELDS = ("commit", "author", "committed", "subject")
+
+
+def parse_checkout_meta(log_bytes: bytes) -> dict:
+    """The ``ci-meta`` line test_runner_script.sh prints after checkout:
+    the commit's author, time and subject for the result header (one
+    printable line each, capped: a subject is whatever its author typed)."""
+    for line in reversed(log_bytes.splitlines()):
+        if line.startswith(b"ci-meta\t"):
+            parts = line.decode("utf-8", "replace").split("\t", 4)[1:]
+            if len(parts) == 4:
+                return {k: helpers.one_line(v, 200) for k, v in zip(META_FIELDS, parts)
+                        if k != "commit"}
+    return {}
 
 
 def execute(repo: str, commit: str, test_command: list[str] | None, timeout: float,
@@ -293,11 +314,13 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
     started = time.time()
     fields = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
               "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "exit_code": -1}
+    env = child_env(slot.user)
     with tempfile.TemporaryFile() as out:
         code, timed_out = slot.run(["bash", helpers.script_path("test_runner_script.sh"),
-                                    repo, commit], repo, checkout_timeout, out, child_env())
+                                    repo, commit], repo, checkout_timeout, out, env)
         out.seek(0)
         checkout_log = out.read(64 * 1024)
+    fields.update(parse_checkout_meta(checkout_log))
     if code != 0:
         why = "timed out" if timed_out else f"exited {code}"
         reason = f"checkout of {commit} failed ({why})"
@@ -311,7 +334,7 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
         return fields, b"no tests/ folder in this commit\n"
     with tempfile.TemporaryFile() as out:
         try:
-            code, timed_out = slot.run(command, repo, timeout, out, child_env())
+            code, timed_out = slot.run(command, repo, timeout, out, env)
         except OSError as exc:
             fields.update(verdict="error", reason=f"cannot start test command: {exc}",
                           duration=f"{time.time() - started:.3f}")
@@ -371,6 +394,10 @@ class RunnerState:
         with self.cond:
             return self.current.commit if self.current else None
 
+    def current_job(self) -> Assignment | None:
+        with self.cond:
+            return self.current
+
     def stop(self) -> Assignment | None:
         with self.cond:
             self.stopping = True
@@ -386,6 +413,13 @@ class Outbox:
         self.folder = helpers.ensure_dir(folder, "outbox folder")
         self._seq = int(time.time() * 1000)
         self._lock = threading.Lock()
+        # A write interrupted by a crash leaves its temporary file behind.
+        for name in os.listdir(self.folder):
+            if name.startswith(".tmp-"):
+                try:
+                    os.unlink(os.path.join(self.folder, name))
+                except OSError:
+                    pass
 
     def put(self, commit: str, job_id: str, body: bytes) -> str:
         with self._lock:
@@ -422,7 +456,10 @@ class TestRunner:
         self.dispatcher = dispatcher
         self.instance = secrets.token_hex(8)
         self.state = RunnerState()
-        self.slot = ProcessSlot(os.path.join(state_dir, "running.pid"))
+        self.user = TestUser(args.test_user) if args.test_user else None
+        self.watchdog = procgroup.Watchdog()
+        self.slot = ProcessSlot(os.path.join(state_dir, "running.pid"), self.watchdog,
+                                self.user)
         self.slot.reap_leftovers()
         self.outbox = Outbox(os.path.join(state_dir, "outbox"))
         self.test_command = shlex.split(args.test_command) if args.test_command else None
@@ -435,7 +472,9 @@ class TestRunner:
         self.gave_up = False
         self.refusals: dict[str, int] = {}  # outbox file -> error replies so far
         self.threads = [threading.Thread(target=self._work_loop, name="work", daemon=True),
-                        threading.Thread(target=self._link_loop, name="link", daemon=True)]
+                        threading.Thread(target=self._link_loop, name="link", daemon=True),
+                        threading.Thread(target=self._progress_loop, name="progress",
+                                         daemon=True)]
         self.commands = {"ping": self.do_ping, "runtest": self.do_runtest}
 
     # ---- handlers -------------------------------------------------------
@@ -447,10 +486,10 @@ class TestRunner:
     def do_runtest(self, message: Message, peer: str) -> Message:
         parts = message.argument.split(" ")
         if len(parts) != 2 or not helpers.valid_commit(parts[0]) \
-                or not parts[1].isalnum() or len(parts[1]) > 40:
-            raise helpers.Reply("usage: runtest:<commit> <job id>")
+                or not re.fullmatch(r"[0-9a-f]{16,64}", parts[1]):
+            raise helpers.Reply("usage: runtest:<commit> <token>")
         if self.state.offer(Assignment(parts[0], parts[1])):
-            log.info("accepted %s (job %s)", parts[0][:12], parts[1])
+            log.info("accepted %s", parts[0][:12])
             return Message("ok")
         return Message("busy", self.state.busy_with() or "stopping")
 
@@ -534,10 +573,13 @@ class TestRunner:
     def _register(self) -> None:
         if not self.advertised:
             self.advertised = self._local_address()
-        busy = self.state.busy_with()
+        job = self.state.current_job()
+        # The token proves the job is ours: a restarted dispatcher lets us
+        # keep it instead of running it again elsewhere.
         reply = helpers.call(self.dispatcher, "register", self.advertised,
                              helpers.encode_fields({"instance": self.instance,
-                                                    "busy": busy or ""}),
+                                                    "busy": job.commit if job else "",
+                                                    "job": job.job_id if job else ""}),
                              security=self.security)
         self.last_contact = time.monotonic()  # any answer: the dispatcher is there
         if reply.command != "ok":
@@ -583,9 +625,36 @@ class TestRunner:
         if refused:
             raise helpers.ProtocolError(f"{refused} result(s) refused; retrying later")
 
+    # ---- live output ------------------------------------------------------
+    def _progress_loop(self) -> None:
+        """About once a second, send the running command's new output, so
+        the dashboard can show it live.  Best effort: a lost message
+        changes nothing but what a watcher sees."""
+        sent: tuple[object, int] = (None, 0)   # (output file, bytes sent)
+        interval = self.args.progress_interval
+        while not self.stop_event.wait(interval):
+            job = self.state.current_job()
+            out = self.slot.output
+            if job is None or out is None or not helpers.valid_full_commit(job.commit):
+                continue
+            if sent[0] is not out:
+                sent = (out, 0)
+            try:
+                size = os.fstat(out.fileno()).st_size
+                if size <= sent[1]:
+                    continue
+                start = max(sent[1], size - PROGRESS_CHUNK)
+                data = os.pread(out.fileno(), size - start, start)
+                helpers.call(self.dispatcher, "progress", f"{job.commit} {job.job_id}", data,
+                             security=self.security, timeout=2, reply_timeout=2)
+                sent = (out, start + len(data))
+            except (OSError, ValueError, helpers.ProtocolError) as exc:
+                log.debug("progress for %s not sent: %s", job.commit[:12], exc)
+
     # ---- lifecycle ------------------------------------------------------
     def start(self, address: tuple[str, int]) -> None:
         self.address = address
+        self.watchdog.start()
         for thread in self.threads:
             thread.start()
 
@@ -598,13 +667,14 @@ class TestRunner:
         self.wake_link.set()
         if current and self.advertised:
             try:
-                helpers.call(self.dispatcher, "release", f"{current.commit} {self.advertised}",
+                helpers.call(self.dispatcher, "release", f"{current.commit} {current.job_id}",
                              security=self.security, timeout=2)
                 log.info("handed %s back to the dispatcher", current.commit[:12])
             except (OSError, helpers.ProtocolError) as exc:
                 log.info("could not hand back %s: %s", current.commit[:12], exc)
         for thread in self.threads:
             thread.join(5)
+        self.watchdog.stop()
         try:
             self._deliver()
         except (OSError, helpers.ProtocolError):
@@ -665,6 +735,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dispatcher-timeout", type=float, metavar="SECONDS",
                         help="exit when the dispatcher has been unreachable this long "
                              "(default: wait forever)")
+    parser.add_argument("--progress-interval", type=float, default=DEFAULT_PROGRESS_INTERVAL,
+                        metavar="SECONDS",
+                        help="send the running test's new output to the dispatcher this "
+                             "often, for live logs (default: %(default)s)")
+    parser.add_argument("--test-user", metavar="USER",
+                        help="run the checkout and the tests as this unprivileged user "
+                             "(Linux; the runner runs as root), so tests cannot read the "
+                             "runner's key, environment, outbox or state; the clone must "
+                             "belong to USER and --state-dir must lie outside it")
     helpers.add_common_arguments(parser)
     return parser
 
@@ -673,7 +752,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     helpers.configure_logging(args.log_level)
     try:
-        for name in ("timeout", "checkout_timeout", "heartbeat", "retry_max"):
+        for name in ("timeout", "checkout_timeout", "heartbeat", "retry_max",
+                     "progress_interval"):
             if getattr(args, name) <= 0:
                 raise helpers.ConfigError(f"--{name.replace('_', '-')} must be positive")
         if args.port is not None and not 0 <= args.port < 65536:
@@ -695,7 +775,19 @@ def main(argv=None) -> int:
             raise helpers.ConfigError(f"{args.repo} is not a git clone (no .git folder)")
         security = helpers.security_from_args(args)
         helpers.check_bind_allowed(args.host, security, args.insecure)
-        state_dir = args.state_dir or os.path.join(repo, ".git", "ci-runner")
+        if security.server_tls:
+            # Only the dispatcher may send us work, and only it is trusted
+            # with our results.
+            security.tls_client_roles = frozenset({"dispatcher"})
+            security.tls_server_role = "dispatcher"
+        state_dir = os.path.abspath(args.state_dir or os.path.join(repo, ".git", "ci-runner"))
+        if args.test_user:
+            TestUser(args.test_user).check_clone(repo)
+            if os.path.commonpath([state_dir, repo]) == repo:
+                raise helpers.ConfigError("with --test-user, give a --state-dir outside the "
+                                          "clone (the test user owns the clone)")
+        helpers.ensure_dir(state_dir, "state folder")
+        os.chmod(state_dir, 0o700)
         runner = TestRunner(args, security, dispatcher, state_dir)
         server = bind_server(args.host, args.port, runner.commands, security,
                              args.max_connections)
@@ -703,7 +795,12 @@ def main(argv=None) -> int:
         print(f"test_runner: error: {exc}", file=sys.stderr)
         return 2
     address = server.server_address[:2]
-    log.info("runner listening on %s, clone %s", helpers.format_address(address), repo)
+    log.info("runner listening on %s, clone %s; secret %s, TLS %s, test user %s",
+             helpers.format_address(address), repo,
+             f"on (key {security.key_id})" if security.key_id else
+             "on (shared)" if security.secret else "off",
+             "on" if security.server_tls else "off", args.test_user or "off (tests run as "
+             "this runner's user and can read what it can)")
     runner.start(address)
     helpers.serve_until_signalled(server, on_stop=runner.stop, stop=runner.stop_event)
     log.info("runner stopped")

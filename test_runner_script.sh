@@ -2,7 +2,7 @@
 # Put the runner's clone at exactly COMMIT, with a clean tree.
 #
 # usage: test_runner_script.sh REPO COMMIT
-# stdout: the full id of the checked-out commit
+# stdout: ci-meta<TAB>commit<TAB>author<TAB>commit time<TAB>subject
 # exit:   0 on success; non-zero with the reason on stderr
 set -euo pipefail
 
@@ -34,4 +34,6 @@ fi
 git checkout --quiet --force --detach "$commit"
 # -ff also removes nested repositories; -x removes ignored build debris.
 git clean --quiet -ffdx
-git rev-parse HEAD
+# The commit's id and metadata for the result header, tab separated, with
+# a marker the runner looks for (the subject is one line by definition).
+git log -1 --format='ci-meta%x09%H%x09%an <%ae>%x09%cI%x09%s' HEAD

@@ -271,7 +271,7 @@ def test_dispatcher_sigkilled_with_work_queued_and_running(cluster, upstream, no
     # Well within a second: the port is rebound at once, with no TIME_WAIT wait.
     elapsed = time.monotonic() - started
     assert elapsed < 1.0, f"the restarted dispatcher took {elapsed:.2f}s to answer"
-    recovered = re.search(r"recovered (\d+) commit\(s\) to test \((\d+) were running\)",
+    recovered = re.search(r"recovered (\d+) commit\(s\) to test \((\d+) were running",
                           restarted.log())
     assert recovered and recovered.groups() == ("6", "2"), restarted.log()
 
