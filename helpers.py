@@ -654,7 +654,7 @@ def _client_handshake(security: Security, raw: socket.socket, address) -> socket
 
 
 def client_main(prog: str, description: str, command: str, flag: str, default: str,
-                argv, positional: str | None = None) -> int:
+                argv, positional: str | None = None, server_role: str = "dispatcher") -> int:
     """A one-shot command-line client: send ``command`` (with the values of
     ``positional``, if named, as its argument) to the daemon at ``flag``
     and print the reply (for hooks and scripts)."""
@@ -672,6 +672,7 @@ def client_main(prog: str, description: str, command: str, flag: str, default: s
     try:
         address = parse_address(args.target)
         security = security_from_args(args)
+        security.tls_server_role = server_role if security.client_tls else None
         argument = " ".join(args.values) if positional else ""
         reply = call(address, command, argument, security=security, timeout=args.timeout)
     except (ValueError, ConfigError) as exc:

@@ -260,7 +260,7 @@ def main(argv=None) -> int:
         return helpers.client_main(
             "repo_observer.py notify", "Wake a running observer so it polls now "
             "(use in a post-receive or post-commit hook).", "notify", "--observer",
-            f"{DEFAULT_HOST}:{DEFAULT_PORT}", argv[1:])
+            f"{DEFAULT_HOST}:{DEFAULT_PORT}", argv[1:], server_role="observer")
     args = build_parser().parse_args(argv)
     helpers.configure_logging(args.log_level)
     server = None
@@ -280,6 +280,11 @@ def main(argv=None) -> int:
                               capture_output=True).returncode:
                 raise helpers.ConfigError(f"invalid branch name {branch!r}")
         security = helpers.security_from_args(args)
+        if security.server_tls:
+            # Hooks hold the observer's (or an operator's) certificate; the
+            # dispatcher must present the dispatcher's.
+            security.tls_client_roles = frozenset({"observer", "operator"})
+            security.tls_server_role = "dispatcher"
         state_dir = helpers.ensure_dir(args.state_dir or os.path.join(repo, ".git", "ci-observer"),
                                        "state folder")
         state = ObserverState(os.path.join(state_dir, "state.json"))

@@ -11,10 +11,10 @@ import pytest
 
 from conftest import PY, ThreadedServer, wait_until
 
-import dispatcher
 import helpers
 import test_runner
 from helpers import Message
+from journal import Journal
 
 X, Y = "1" * 40, "2" * 40
 
@@ -28,6 +28,7 @@ class FakeRunner(ThreadedServer):
         self.answers = list(answers or [])
         self.instance = "fake0001"
         self.calls: list[str] = []
+        self.tokens: dict[str, str] = {}
         super().__init__({"ping": self.ping, "runtest": self.runtest})
         self.key = f"127.0.0.1:{self.port}"
 
@@ -37,7 +38,9 @@ class FakeRunner(ThreadedServer):
 
     def runtest(self, message, peer):
         with self.lock:
-            self.calls.append(message.argument.split()[0])
+            commit, token = message.argument.split()
+            self.calls.append(commit)
+            self.tokens[commit] = token
             return self.answers.pop(0) if self.answers else Message("ok")
 
     def received(self) -> list[str]:
@@ -77,8 +80,9 @@ def test_heartbeat_that_clears_a_suspect_runner_wakes_the_assignment(cluster, fa
 
 
 def test_runner_freed_by_another_runners_result_is_offered_work(cluster, fake_runner):
-    """When a result from elsewhere finishes the commit a runner holds, that
-    runner is free at once and must get the next queued commit."""
+    """When the result of the commit a runner holds arrives (here posted on
+    its behalf, with its token), that runner is free at once and must get
+    the next queued commit."""
     cluster.start_dispatcher("--ping-interval", "60")
     runner = fake_runner()
     runner.register(cluster.dispatcher_port)
@@ -86,7 +90,8 @@ def test_runner_freed_by_another_runners_result_is_offered_work(cluster, fake_ru
     wait_until(lambda: runner.received() == [X], 10, what="runtest X")
     dispatch(cluster, Y)
     body = helpers.format_result({"verdict": "passed", "runner": "127.0.0.1:9"}, b"ok\n")
-    reply = helpers.call(("127.0.0.1", cluster.dispatcher_port), "results", f"{X} job1", body)
+    reply = helpers.call(("127.0.0.1", cluster.dispatcher_port), "results",
+                         f"{X} {runner.tokens[X]}", body)
     assert reply == Message("ok", "stored")
     wait_until(lambda: runner.received() == [X, Y], 5, what="runtest Y after X finished")
 
@@ -150,17 +155,16 @@ def test_journal_keeps_working_after_a_failed_compaction(tmp_path):
     record failed (and the assignment thread died on the first one)."""
     folder = tmp_path / "state"
     folder.mkdir()
-    journal = dispatcher.Journal(str(folder / "journal"))
-    journal.rewrite([X], set(), {})
+    journal = Journal(str(folder / "journal"))
+    journal.rewrite([f"Q {X}"])
     away = tmp_path / "state.away"
     os.rename(folder, away)
     with pytest.raises(OSError):
-        journal.rewrite([X, Y], set(), {})
+        journal.rewrite([f"Q {X}", f"Q {Y}"])
     os.rename(away, folder)
     journal.append([f"Q {Y}"], sync=True)
     journal.close()
-    order, _, _, _, _ = dispatcher.Journal(str(folder / "journal")).replay()
-    assert order == [X, Y]
+    assert Journal(str(folder / "journal")).replay().order == [X, Y]
 
 
 UNEXPECTED_SUCCESS = (b"u\n" + b"=" * 70 + b"\nUNEXPECTED SUCCESS: test_a (t.T.test_a)\n"
