@@ -30,6 +30,7 @@ import threading
 import time
 
 import helpers
+import results
 from helpers import Message, Reply
 
 log = logging.getLogger(__name__)
@@ -359,8 +360,9 @@ class DispatcherState:
             self.done.add(commit)
         fields = dict(fields, commit=commit)
         try:
+            results.write_junit(self.results_dir, commit, fields.get("records"))
             helpers.atomic_write(os.path.join(self.results_dir, commit),
-                                 helpers.format_result(fields, output))
+                                 results.format_result(fields, output))
         except BaseException:
             with self.cond:
                 self.done.discard(commit)
@@ -371,8 +373,9 @@ class DispatcherState:
 
     def _write_result(self, commit: str, fields: dict, output: bytes) -> None:
         fields = dict(fields, commit=commit)
+        results.write_junit(self.results_dir, commit, fields.get("records"))
         helpers.atomic_write(os.path.join(self.results_dir, commit),
-                             helpers.format_result(fields, output))
+                             results.format_result(fields, output))
         self.done.add(commit)
         self._finish(commit, fields.get("verdict"))
 
@@ -514,11 +517,8 @@ def parse_results_message(message: Message) -> tuple[str, dict, bytes]:
     if len(parts) != 2 or not helpers.valid_full_commit(parts[0]) \
             or not parts[1].isalnum() or len(parts[1]) > 40:
         raise Reply("usage: results:<full commit id> <job id>")
-    head, sep, output = message.body.partition(b"\n\n")
-    if not sep:
-        raise Reply("results body needs fields, a blank line, then output")
     try:
-        raw = helpers.decode_fields(head)
+        raw, junit, output = results.split_results_body(message.body)
     except helpers.ProtocolError as exc:
         raise Reply(str(exc)) from None
     if raw.get("verdict") not in helpers.VERDICTS:
@@ -539,6 +539,7 @@ def parse_results_message(message: Message) -> tuple[str, dict, bytes]:
     for name in ("runner", "started", "reason"):
         if name in raw:
             fields[name] = helpers.one_line(raw[name], 500)
+    fields.update(results.junit_fields(raw, junit))
     return parts[0], fields, output
 
 

@@ -13,6 +13,7 @@ from conftest import PY, ThreadedServer, wait_until
 
 import dispatcher
 import helpers
+import results
 import test_runner
 from helpers import Message
 
@@ -85,7 +86,7 @@ def test_runner_freed_by_another_runners_result_is_offered_work(cluster, fake_ru
     dispatch(cluster, X)
     wait_until(lambda: runner.received() == [X], 10, what="runtest X")
     dispatch(cluster, Y)
-    body = helpers.format_result({"verdict": "passed", "runner": "127.0.0.1:9"}, b"ok\n")
+    body = results.format_result({"verdict": "passed", "runner": "127.0.0.1:9"}, b"ok\n")
     reply = helpers.call(("127.0.0.1", cluster.dispatcher_port), "results", f"{X} job1", body)
     assert reply == Message("ok", "stored")
     wait_until(lambda: runner.received() == [X, Y], 5, what="runtest Y after X finished")
