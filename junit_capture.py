@@ -125,7 +125,8 @@ class Capture:
         if len(records) > results.MAX_RECORDS:
             log.warning("%d test records: more than %d", len(records), results.MAX_RECORDS)
             return Collected(note="unreadable")
-        xml = fit(records, budget)
+        # The dispatcher reads no larger document.
+        xml = fit(records, min(budget, results.MAX_JUNIT_BYTES))
         if xml is None:
             log.warning("JUnit results of %d records do not fit in %d bytes", len(records),
                         budget)

@@ -183,6 +183,7 @@ def main(argv):
         sys.stderr.write(__doc__)
         return 2
     output, args = argv[0], argv[1:]
+    sys.argv[:] = ["python -m unittest"] + args  # what the tests would see there
     try:
         unittest.main(module=None, argv=["python -m unittest"] + args,
                       testRunner=RecordingRunner)
