@@ -10,7 +10,6 @@ import shlex
 import subprocess
 import xml.etree.ElementTree as ET
 
-import results
 import test_runner
 from conftest import PY, git
 from test_junit import PYTEST_TESTS, SHADOW_TEST, SHADOWS, TRICKY_UNITTESTS
