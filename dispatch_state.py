@@ -35,6 +35,7 @@ import threading
 import time
 
 import helpers
+import results
 from helpers import Reply
 from journal import Assignment, Journal, assign_record, meta_record
 
@@ -494,9 +495,11 @@ class DispatcherState:
         return fields
 
     def write_result(self, commit: str, fields: dict, output: bytes) -> None:
-        """The result file is the proof a commit is done: written last."""
+        """The result file is the proof a commit is done: written last,
+        after the per-test JUnit file."""
+        results.write_junit(self.results_dir, commit, fields.get("records"))
         helpers.atomic_write(os.path.join(self.results_dir, commit),
-                             helpers.format_result(fields, output))
+                             results.format_result(fields, output))
 
     def _tell(self, commit: str, fields: dict) -> None:
         for listener in self.listeners:

@@ -31,6 +31,7 @@ import time
 
 import auth
 import helpers
+import results
 from dispatch_state import DispatcherState, Job, Runner
 from helpers import Message, Reply
 from journal import Journal, parse_meta_line, TOKEN_RE
@@ -102,11 +103,8 @@ def commit_and_token(message: Message, command: str) -> tuple[str, str]:
 def parse_results_message(message: Message) -> tuple[str, str, dict, bytes]:
     """Validate a ``results`` message; Reply with the reason if malformed."""
     commit, token = commit_and_token(message, "results")
-    head, sep, output = message.body.partition(b"\n\n")
-    if not sep:
-        raise Reply("results body needs fields, a blank line, then output")
     try:
-        raw = helpers.decode_fields(head)
+        raw, junit, output = results.split_results_body(message.body)
     except helpers.ProtocolError as exc:
         raise Reply(str(exc)) from None
     if raw.get("verdict") not in helpers.VERDICTS:
@@ -127,6 +125,7 @@ def parse_results_message(message: Message) -> tuple[str, str, dict, bytes]:
     for name in ("runner", "started", "reason", "subject", "author", "committed"):
         if name in raw:
             fields[name] = helpers.one_line(raw[name], 300)
+    fields.update(results.junit_fields(raw, junit))
     return commit, token, fields, output
 
 

@@ -1,5 +1,6 @@
 """Shared plumbing of the three daemons: wire protocol, authentication, the
-server base class, the client call, result files and small utilities.
+server base class, the client call and small utilities (the result file
+formats are in ``results.py``).
 
 Everything that crosses a socket goes through ``encode_frame`` /
 ``decode_header`` so that framing, size limits and message authentication
@@ -1013,26 +1014,6 @@ def ensure_dir(path: str, what: str) -> str:
     if not os.access(path, os.W_OK):
         raise ConfigError(f"{what} {path} is not writable")
     return path
-
-
-# --------------------------------------------------------------------------
-# Result files: ``key: value`` header, blank line, raw test output.
-
-RESULT_FIELDS = ("commit", "verdict", "tests", "failures", "errors", "skipped",
-                 "runner", "started", "duration", "exit_code", "reason")
-
-
-def format_result(fields: dict, output: bytes) -> bytes:
-    ordered = {k: fields[k] for k in RESULT_FIELDS if k in fields}
-    return encode_fields(ordered) + b"\n" + output
-
-
-def parse_result(data: bytes) -> tuple[dict[str, str], bytes]:
-    """Split a result file into its header fields and the test output."""
-    head, sep, output = data.partition(b"\n\n")
-    if not sep:
-        raise ProtocolError("result has no header/output separator")
-    return decode_fields(head), output
 
 
 # --------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import threading
 import time
 
 import helpers
+from results import parse_result
 
 log = logging.getLogger("run_local")
 
@@ -124,7 +125,7 @@ def wait_for_result(results: str, commit: str, stop: threading.Event) -> dict | 
         if stop.wait(0.1) or time.monotonic() > deadline:
             return None
     with open(path, "rb") as handle:
-        fields, _ = helpers.parse_result(handle.read())
+        fields, _ = parse_result(handle.read())
     return fields
 
 

@@ -26,7 +26,9 @@ import threading
 import time
 
 import helpers
+import junit_capture
 import procgroup
+import results
 from helpers import Message
 
 log = logging.getLogger(__name__)
@@ -114,9 +116,11 @@ def parse_counts(output: bytes) -> Counts:
     return counts
 
 
-def classify(exit_code: int, timed_out: bool, output: bytes) -> tuple[str, Counts, str]:
-    """Return (verdict, counts, reason).  ``passed`` only for exit status 0."""
-    counts = parse_counts(output)
+def classify(exit_code: int, timed_out: bool, output: bytes,
+             known: dict | None = None) -> tuple[str, Counts, str]:
+    """Return (verdict, counts, reason).  ``passed`` only for exit status 0.
+    ``known`` counts (from per-test records) replace the summary's."""
+    counts = parse_counts(output) if known is None else Counts(found=True, **known)
     if timed_out:
         return "timeout", counts, "test command exceeded the time limit and was killed"
     if exit_code == 0:
@@ -309,8 +313,11 @@ def parse_checkout_meta(log_bytes: bytes) -> dict:
 
 
 def execute(repo: str, commit: str, test_command: list[str] | None, timeout: float,
-            checkout_timeout: float, slot: ProcessSlot, max_output: int) -> tuple[dict, bytes]:
-    """Check out ``commit`` and run its tests; return (fields, output)."""
+            checkout_timeout: float, slot: ProcessSlot, max_output: int,
+            junit_pattern: str | None = None) -> tuple[dict, bytes]:
+    """Check out ``commit`` and run its tests; return (fields, output).
+    Per-test records, when there are any, come as ``results.JUNIT_XML_KEY``
+    in the fields, and the counts are theirs."""
     started = time.time()
     fields = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
               "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "exit_code": -1}
@@ -332,20 +339,23 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
         fields.update(verdict="error", reason="no tests/ folder in this commit",
                       duration=f"{time.time() - started:.3f}")
         return fields, b"no tests/ folder in this commit\n"
-    with tempfile.TemporaryFile() as out:
+    with tempfile.TemporaryFile() as out, \
+            junit_capture.Capture(repo, command, junit_pattern) as capture:
         try:
-            code, timed_out = slot.run(command, repo, timeout, out, env)
+            code, timed_out = slot.run(capture.command, repo, timeout, out, env)
         except OSError as exc:
             fields.update(verdict="error", reason=f"cannot start test command: {exc}",
                           duration=f"{time.time() - started:.3f}")
             return fields, f"cannot start test command {command!r}: {exc}\n".encode()
-        output = read_bounded(out, max_output)
-    verdict, counts, reason = classify(code, timed_out, output)
+        junit = capture.collect(timed_out, max_output // 4)
+        output = read_bounded(out, max_output - len(junit.xml))
+    verdict, counts, reason = classify(code, timed_out, output, junit.counts)
     fields.update(verdict=verdict, tests=counts.tests, failures=counts.failures,
                   errors=counts.errors, skipped=counts.skipped, exit_code=code,
                   duration=f"{time.time() - started:.3f}")
     if reason:
         fields["reason"] = reason
+    fields.update(junit.fields())
     return fields, output
 
 
@@ -502,7 +512,7 @@ class TestRunner:
             try:
                 fields, output = execute(self.repo, job.commit, self.test_command,
                                          self.args.timeout, self.args.checkout_timeout,
-                                         self.slot, self.max_output)
+                                         self.slot, self.max_output, self.args.junit_xml)
             except Exception as exc:
                 log.exception("running %s failed", job.commit[:12])
                 fields = {"verdict": "error", "reason": f"runner failure: {exc}"}
@@ -516,7 +526,7 @@ class TestRunner:
                 self.state.finish()
                 continue
             log.info("finished %s: %s", commit[:12], fields.get("verdict"))
-            body = helpers.format_result(fields, output)
+            body = results.encode_results_body(fields, output)
             backoff = helpers.Backoff(0.1, self.args.retry_max)
             while True:
                 try:
@@ -715,6 +725,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="command run in the clone's root (split like a shell would, "
                              "never run by one; default: python -m unittest discover -s tests"
                              " [-t .])")
+    parser.add_argument("--junit-xml", metavar="PATTERN",
+                        help="JUnit XML file(s) the test command writes, a glob relative to "
+                             "the clone (e.g. 'reports/*.xml'), read for per-test results; "
+                             "not needed for unittest and pytest commands, whose results "
+                             "are recorded anyway")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help="kill the tests after this long; verdict 'timeout' "
                              "(default: %(default)s)")
@@ -765,6 +780,8 @@ def main(argv=None) -> int:
             except ValueError as exc:
                 raise helpers.ConfigError(f"invalid --test-command: {exc}") from None
         try:
+            if args.junit_xml is not None:
+                junit_capture.check_pattern(args.junit_xml)
             dispatcher = helpers.parse_address(args.dispatcher_server)
             if args.advertise:
                 helpers.parse_address(args.advertise)

@@ -55,6 +55,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import helpers  # noqa: E402
+from results import parse_result  # noqa: E402
 
 PY = sys.executable
 CORES = os.cpu_count() or 1
@@ -344,7 +345,7 @@ class Bench:
                 if done is None:
                     continue
                 with open(os.path.join(results, commit), "rb") as handle:
-                    fields, _ = helpers.parse_result(handle.read())
+                    fields, _ = parse_result(handle.read())
                 samples.append((done - t0, float(fields["duration"])))
                 if self.args.verbose:
                     print(f"    {mode} {commit[:12]}: commit-to-result {done - t0:.3f}s, "
@@ -429,7 +430,7 @@ class Bench:
         for commit in commits:
             if commit not in pending:
                 with open(os.path.join(results, commit), "rb") as handle:
-                    verdict = helpers.parse_result(handle.read())[0]["verdict"]
+                    verdict = parse_result(handle.read())[0]["verdict"]
                 verdicts[verdict] = verdicts.get(verdict, 0) + 1
         print(f"  {count} commits made in {made:.2f}s, pushed at once; verdicts {verdicts}; "
               f"ideal ceil({count}/{runners}) x {suite:.3f}s = {ideal:.2f}s; "

@@ -30,6 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import helpers  # noqa: E402
+import results  # noqa: E402
 
 # Concurrent connections to the dispatcher, well under its --max-connections.
 MAX_IN_FLIGHT = 64
@@ -108,7 +109,7 @@ class FakeRunner:
         fields = {"verdict": "passed", "tests": 1, "failures": 0, "errors": 0, "skipped": 0,
                   "runner": self.key, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
                   "duration": "0.001", "exit_code": 0}
-        body = helpers.format_result(fields, b"Ran 1 test in 0.001s\n\nOK\n")
+        body = results.format_result(fields, b"Ran 1 test in 0.001s\n\nOK\n")
         self.job = None
         reply = await self.fleet.call("results", f"{commit} {job_id}", body)
         counters = self.fleet.counters

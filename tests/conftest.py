@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import helpers  # noqa: E402
+import results  # noqa: E402
 
 PY = sys.executable
 GIT_ENV = {"GIT_AUTHOR_NAME": "CI Test", "GIT_AUTHOR_EMAIL": "ci@example.invalid",
@@ -213,14 +214,15 @@ class Cluster:
         wait_until(lambda: os.path.exists(path), timeout, what=f"result for {commit[:12]}",
                    interval=0.05)
         with open(path, "rb") as handle:
-            fields, output = helpers.parse_result(handle.read())
+            fields, output = results.parse_result(handle.read())
         fields["output"] = output
         return fields
 
     def result_files(self) -> list[str]:
         if not os.path.isdir(self.results):
             return []
-        return sorted(n for n in os.listdir(self.results) if not n.startswith("."))
+        # Result files only: ``<commit>.xml`` beside them holds per-test records.
+        return sorted(n for n in os.listdir(self.results) if helpers.valid_full_commit(n))
 
     def dump_logs(self) -> str:
         return "\n".join(f"===== {d.name} (pid {d.pid})\n{d.log()[-6000:]}"

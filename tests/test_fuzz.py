@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dispatcher
 import helpers
+import results
 from conftest import send_slowly, wait_until
 from helpers import Message, ProtocolError, Reply
 
@@ -47,7 +48,7 @@ FIELD_VALUES = ["0", "1", "-1", "--1", "²", "٣", "1_000", " 1", "1 ", "", "nan
                 "-inf", "1e400", "9" * 13, "9" * 12, "0x10", "passed", "failed", "error",
                 "timeout", "PASSED", "é", "\u2028", "1.5"]
 field_dicts = st.dictionaries(
-    st.one_of(st.sampled_from(helpers.RESULT_FIELDS), st.from_regex(r"[a-z_]{1,8}", fullmatch=True),
+    st.one_of(st.sampled_from(results.RESULT_FIELDS), st.from_regex(r"[a-z_]{1,8}", fullmatch=True),
               st.sampled_from(["vérdict", "Verdict", "tests "])),
     st.one_of(st.sampled_from(FIELD_VALUES), st.text(max_size=20)),
     max_size=12)
@@ -121,7 +122,7 @@ def test_fields_round_trip(fields):
 @given(st.binary(max_size=1000))
 def test_parse_result_raises_only_protocol_error(data):
     try:
-        fields, output = helpers.parse_result(data)
+        fields, output = results.parse_result(data)
     except ProtocolError:
         return
     assert output in data
@@ -133,8 +134,8 @@ def test_result_file_round_trip(fields, output):
     """Whatever the runner puts in the fields or the output (including
     ``\\n\\n`` and ``verdict: passed`` in the output), the header and the
     output come back apart and intact."""
-    fields = {key: value for key, value in fields.items() if key in helpers.RESULT_FIELDS}
-    parsed, parsed_output = helpers.parse_result(helpers.format_result(fields, output))
+    fields = {key: value for key, value in fields.items() if key in results.RESULT_FIELDS}
+    parsed, parsed_output = results.parse_result(results.format_result(fields, output))
     assert parsed == {key: helpers.one_line(value) for key, value in fields.items()}
     assert parsed_output == output
 

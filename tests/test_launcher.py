@@ -8,6 +8,7 @@ import subprocess
 from conftest import PY, ROOT, wait_until
 
 import helpers
+from results import parse_result
 
 
 def read_verdicts(results):
@@ -15,7 +16,7 @@ def read_verdicts(results):
     for name in os.listdir(results):
         if helpers.valid_full_commit(name):
             with open(os.path.join(results, name), "rb") as handle:
-                verdicts[name] = helpers.parse_result(handle.read())[0]["verdict"]
+                verdicts[name] = parse_result(handle.read())[0]["verdict"]
     return verdicts
 
 

@@ -8,6 +8,7 @@ import pytest
 from conftest import ThreadedServer, wait_until
 
 import helpers
+import results
 from helpers import Message
 
 A, B = "a" * 40, "b" * 40
@@ -43,7 +44,7 @@ def fake_dispatcher(threaded_servers):
 def outbox_with(cluster, clone, *commits):
     outbox = os.path.join(clone, ".git", "ci-runner", "outbox")
     os.makedirs(outbox)
-    body = helpers.format_result({"verdict": "passed", "runner": "x"}, b"ok\n")
+    body = results.format_result({"verdict": "passed", "runner": "x"}, b"ok\n")
     for i, commit in enumerate(commits):
         with open(os.path.join(outbox, f"{i:016d}-{commit}-1"), "wb") as handle:
             handle.write(body)

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import helpers
+import results
 import test_runner
 from helpers import ProtocolError
 
@@ -268,22 +269,22 @@ def test_result_round_trip_keeps_raw_output_byte_for_byte():
               + b" 1\n" + NOT_UTF8 + b"\n") * 1000
     fields = {"verdict": "failed", "tests": 3, "failures": 1, "errors": 0, "skipped": 0,
               "commit": COMMIT, "reason": "two\nlines", "not_a_result_field": "dropped"}
-    data = helpers.format_result(fields, output)
+    data = results.format_result(fields, output)
     header = data.partition(b"\n\n")[0].decode().splitlines()
     assert [line.partition(":")[0] for line in header] == \
         ["commit", "verdict", "tests", "failures", "errors", "skipped", "reason"]
-    parsed, got = helpers.parse_result(data)
+    parsed, got = results.parse_result(data)
     assert got == output
     assert parsed["verdict"] == "failed" and parsed["tests"] == "3"
     assert parsed["reason"] == "two lines"
     assert "not_a_result_field" not in parsed
-    assert helpers.parse_result(helpers.format_result({"verdict": "passed"}, b"")) == \
+    assert results.parse_result(results.format_result({"verdict": "passed"}, b"")) == \
         ({"verdict": "passed"}, b"")
 
 
 def test_parse_result_refuses_a_file_without_separator():
     with pytest.raises(ProtocolError):
-        helpers.parse_result(b"verdict: passed\n")
+        results.parse_result(b"verdict: passed\n")
 
 
 # --------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import subprocess
 from conftest import PY, ROOT, wait_until
 
 import helpers
+import results
 
 FLAKY_TEST = '''import os
 import unittest
@@ -35,7 +36,7 @@ def flaky_runner(cluster, tmp_path):
 
 def verdict(cluster, commit) -> str:
     with open(cluster.result_path(commit), "rb") as handle:
-        return helpers.parse_result(handle.read())[0]["verdict"]
+        return results.parse_result(handle.read())[0]["verdict"]
 
 
 def test_retest_replaces_the_verdict(cluster, upstream, tmp_path):

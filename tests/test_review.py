@@ -12,6 +12,7 @@ import pytest
 from conftest import PY, ThreadedServer, wait_until
 
 import helpers
+import results
 import test_runner
 from helpers import Message
 from journal import Journal
@@ -89,7 +90,8 @@ def test_runner_freed_by_another_runners_result_is_offered_work(cluster, fake_ru
     dispatch(cluster, X)
     wait_until(lambda: runner.received() == [X], 10, what="runtest X")
     dispatch(cluster, Y)
-    body = helpers.format_result({"verdict": "passed", "runner": "127.0.0.1:9"}, b"ok\n")
+    body = results.format_result({"verdict": "passed", "runner": "127.0.0.1:9"}, b"ok
+")
     reply = helpers.call(("127.0.0.1", cluster.dispatcher_port), "results",
                          f"{X} {runner.tokens[X]}", body)
     assert reply == Message("ok", "stored")

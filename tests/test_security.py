@@ -17,6 +17,7 @@ import time
 import pytest
 
 import helpers
+import results
 from conftest import PY, ROOT, free_port, git, send_raw, send_slowly, wait_until
 from helpers import Message
 
@@ -444,7 +445,7 @@ def test_test_output_cannot_confuse_dispatcher_or_result_header(cluster, upstrea
     assert fields["commit"] == commit
     assert fields["verdict"] == "failed"
     assert (fields["tests"], fields["failures"], fields["errors"]) == ("2", "1", "0")
-    assert set(fields) <= set(helpers.RESULT_FIELDS) | {"output"}
+    assert set(fields) <= set(results.RESULT_FIELDS) | {"output"}
     output = fields["output"]
     assert b"\n" + b"L" * 1000000 + b"\n" in output
     assert b"\xff\xfe\x80\xc3\x28" in output

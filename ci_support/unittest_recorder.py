@@ -1,0 +1,202 @@
+"""Runs unittest exactly as ``python -m unittest ARGS`` would, and also
+writes each test's outcome to a JUnit XML file for the CI runner.
+
+Usage: ``python unittest_recorder.py OUTPUT.xml [unittest arguments...]``
+
+The runner ships this file and starts it by path, from the tested clone's
+root.  Run as a script, Python puts this file's folder first on sys.path;
+it is replaced by the current folder at once, before anything else is
+imported, so the tested project's own modules (a ``helpers.py``, say) are
+found first exactly as under ``python -m unittest``, and nothing of the CI
+can be imported by the tests.  Standard library only: it runs under
+whatever Python the test command names.
+
+The output (dots, tracebacks, the "Ran N tests" summary) and the exit
+status are unittest's own, so counts and verdicts are what they always were.
+"""
+
+import os
+import sys
+
+if sys.path and sys.path[0] and os.path.abspath(sys.path[0]) == \
+        os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = os.getcwd()
+
+import re  # noqa: E402
+import time  # noqa: E402
+import unittest  # noqa: E402
+import xml.etree.ElementTree as ET  # noqa: E402
+
+# A traceback longer than this keeps its end (the CI caps it again anyway).
+TRACEBACK_LIMIT = 8000
+
+
+def _split_id(test_id):
+    classname, _, name = test_id.rpartition(".")
+    return classname, name
+
+
+class RecordingResult(unittest.TextTestResult):
+    """unittest's own text result, plus one record per outcome."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records = []
+        self._started = {}
+        self._seen = set()
+
+    def startTest(self, test):
+        self._started[test.id()] = time.perf_counter()
+        super().startTest(test)
+
+    def stopTest(self, test):
+        super().stopTest(test)
+        self._started.pop(test.id(), None)
+        self._seen.discard(test.id())
+
+    def _record(self, test, outcome, err=None, message=""):
+        kind, subtest = "", ""
+        parent = getattr(test, "test_case", None)
+        if isinstance(parent, unittest.TestCase):  # a subtest
+            kind = "subtest"
+            subtest = test._subDescription() if hasattr(test, "_subDescription") else str(test)
+        elif isinstance(test, unittest.TestCase):
+            parent = test
+            if test.id() in self._seen:
+                # A second outcome of one test (a tearDown error after a
+                # failure): unittest runs and counts the test once.
+                kind, subtest = "subtest", "(another outcome)"
+        else:
+            # setUpClass, setUpModule...: counted by unittest, not run as a test.
+            kind = "fixture"
+        if parent is not None:
+            test_id = parent.id()
+            classname, name = _split_id(test_id)
+            if kind == "":
+                self._seen.add(test_id)
+        else:
+            test_id = getattr(test, "description", None) or str(test)
+            classname, name = "", test_id
+        started = self._started.get(test_id)
+        duration = time.perf_counter() - started if started is not None else 0.0
+        traceback = ""
+        if err is not None:
+            try:
+                traceback = self._exc_info_to_string(err, parent or test)
+            except Exception:  # a hostile exception must not stop the run
+                traceback = repr(err[1])
+            if not message:
+                try:
+                    message = "%s: %s" % (err[0].__name__, err[1])
+                except Exception:
+                    message = err[0].__name__
+        self.records.append({
+            "classname": classname, "name": name, "outcome": outcome,
+            "duration": duration, "message": str(message)[:2000],
+            "traceback": traceback[-TRACEBACK_LIMIT:], "kind": kind, "subtest": subtest})
+
+    def addSuccess(self, test):
+        super().addSuccess(test)
+        self._record(test, "passed")
+
+    def addFailure(self, test, err):
+        super().addFailure(test, err)
+        self._record(test, "failed", err)
+
+    def addError(self, test, err):
+        super().addError(test, err)
+        self._record(test, "error", err)
+
+    def addSkip(self, test, reason):
+        super().addSkip(test, reason)
+        self._record(test, "skipped", message=reason)
+
+    def addExpectedFailure(self, test, err):
+        super().addExpectedFailure(test, err)
+        self._record(test, "xfail", err)
+
+    def addUnexpectedSuccess(self, test):
+        super().addUnexpectedSuccess(test)
+        self._record(test, "xpass", message="unexpected success")
+
+    def addSubTest(self, test, subtest, err):
+        super().addSubTest(test, subtest, err)
+        if err is not None:
+            failed = issubclass(err[0], test.failureException)
+            self._record(subtest, "failed" if failed else "error", err)
+
+
+class RecordingRunner(unittest.TextTestRunner):
+    resultclass = RecordingResult
+    last_result = None
+
+    def _makeResult(self):
+        result = super()._makeResult()
+        RecordingRunner.last_result = result
+        return result
+
+
+# Characters XML 1.0 cannot hold at all (control characters, lone surrogates).
+_XML_BAD = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _clean(text):
+    return _XML_BAD.sub("?", str(text))
+
+
+_CHILD = {"failed": "failure", "xpass": "failure", "error": "error", "skipped": "skipped"}
+
+
+def write_junit(path, records):
+    """The records as JUnit XML (the CI re-reads it as untrusted input and
+    computes every count itself)."""
+    root = ET.Element("testsuites")
+    suite = ET.SubElement(root, "testsuite", {"name": "unittest",
+                                              "tests": str(len(records))})
+    for record in records:
+        name = record["name"]
+        if record["subtest"]:
+            name = "%s %s" % (name, record["subtest"])
+        case = ET.SubElement(suite, "testcase", {
+            "classname": _clean(record["classname"]), "name": _clean(name),
+            "time": "%.6f" % record["duration"]})
+        if record["outcome"] != "passed":
+            case.set("outcome", record["outcome"])
+        if record["kind"]:
+            case.set("kind", record["kind"])
+        if record["subtest"]:
+            case.set("subtest", _clean(record["subtest"]))
+        tag = _CHILD.get(record["outcome"])
+        if tag:
+            child = ET.SubElement(case, tag, {"message": _clean(record["message"])})
+            child.text = _clean(record["traceback"])
+        elif record["outcome"] == "xfail":
+            ET.SubElement(case, "system-out").text = _clean(
+                record["message"] + "\n" + record["traceback"])
+    data = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def main(argv):
+    if not argv:
+        sys.stderr.write(__doc__)
+        return 2
+    output, args = argv[0], argv[1:]
+    sys.argv[:] = ["python -m unittest"] + args  # what the tests would see there
+    try:
+        unittest.main(module=None, argv=["python -m unittest"] + args,
+                      testRunner=RecordingRunner)
+    finally:
+        # Also when unittest exits (it always does, with its own status).
+        result = RecordingRunner.last_result
+        if result is not None:
+            try:
+                write_junit(output, result.records)
+            except Exception as exc:  # the run's verdict matters more
+                sys.stderr.write("unittest_recorder: cannot write %s: %s\n" % (output, exc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,388 @@
+"""The result formats, as pure functions: the text result file
+(``test_results/<commit>``: ``key: value`` header, blank line, raw output),
+the body of a ``results`` message, and per-test records as JUnit XML
+(``test_results/<commit>.xml``).
+
+The text file stays the source of truth; the XML is written before it and
+its counts are the text header's.  Every JUnit document we read comes from
+a tested commit, so it is untrusted: it is size-capped, refused outright if
+it has a DOCTYPE (no entity can expand or fetch anything), parsed with a
+bounded number of elements, and every name and message is flattened and
+length-capped before it goes anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+import xml.etree.ElementTree as ET
+
+import helpers
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------
+# Text result files: ``key: value`` header, blank line, raw test output.
+
+RESULT_FIELDS = ("commit", "verdict", "tests", "failures", "errors", "skipped",
+                 "runner", "started", "duration", "exit_code", "reason",
+                 "branch", "previous", "subject", "author", "committed",
+                 "setup", "setup_duration",
+                 "junit")
+
+
+def format_result(fields: dict, output: bytes) -> bytes:
+    ordered = {k: fields[k] for k in RESULT_FIELDS if k in fields}
+    return helpers.encode_fields(ordered) + b"\n" + output
+
+
+def parse_result(data: bytes) -> tuple[dict[str, str], bytes]:
+    """Split a result file into its header fields and the test output."""
+    head, sep, output = data.partition(b"\n\n")
+    if not sep:
+        raise helpers.ProtocolError("result has no header/output separator")
+    return helpers.decode_fields(head), output
+
+
+# --------------------------------------------------------------------------
+# The body of a ``results`` message: the result file's header plus, when
+# per-test records exist, ``junit_bytes: N``; then the blank line, then N
+# bytes of JUnit XML, then the output.  A body without ``junit_bytes`` is
+# the old style and means the same as before.
+
+JUNIT_BYTES_FIELD = "junit_bytes"
+# A runner puts the XML it will send here (bytes), next to the header values.
+JUNIT_XML_KEY = "junit_xml"
+
+
+def encode_results_body(fields: dict, output: bytes) -> bytes:
+    xml = fields.get(JUNIT_XML_KEY) or b""
+    head = {k: fields[k] for k in RESULT_FIELDS if k in fields}
+    if xml:
+        head[JUNIT_BYTES_FIELD] = len(xml)
+    return helpers.encode_fields(head) + b"\n" + xml + output
+
+
+def split_results_body(body: bytes) -> tuple[dict[str, str], bytes, bytes]:
+    """(fields, JUnit XML or b"", output); ProtocolError if malformed."""
+    head, sep, rest = body.partition(b"\n\n")
+    if not sep:
+        raise helpers.ProtocolError("results body needs fields, a blank line, then output")
+    fields = helpers.decode_fields(head)
+    size = fields.pop(JUNIT_BYTES_FIELD, None)
+    if size is None:
+        return fields, b"", rest
+    if not re.fullmatch(r"[0-9]{1,10}", size) or int(size) > len(rest):
+        raise helpers.ProtocolError(f"{JUNIT_BYTES_FIELD} must be the length of the XML "
+                                    "that follows the blank line")
+    return fields, rest[:int(size)], rest[int(size):]
+
+
+# --------------------------------------------------------------------------
+# Per-test records.
+
+PASSED, FAILED, ERROR, SKIPPED, XFAIL, XPASS = (
+    "passed", "failed", "error", "skipped", "xfail", "xpass")
+OUTCOMES = (PASSED, FAILED, ERROR, SKIPPED, XFAIL, XPASS)
+# What each outcome adds to the header's counts, as unittest counts them:
+# an unexpected success fails the run (exit 1), an expected failure does not.
+COUNTED_AS = {FAILED: "failures", XPASS: "failures", ERROR: "errors", SKIPPED: "skipped"}
+
+# Record kinds.  A plain test counts once in ``tests``.  A subtest (or a
+# second outcome of one test, such as a tearDown error after a failure) is
+# one part of test ``classname.name``: its outcome counts, the test counts
+# once.  A fixture (setUpClass, setUpModule...) counts its outcome and is
+# no test, exactly as unittest's summary counts them.
+TEST, SUBTEST, FIXTURE = "", "subtest", "fixture"
+KINDS = (TEST, SUBTEST, FIXTURE)
+
+MAX_JUNIT_BYTES = 8 * 1024 * 1024
+MAX_RECORDS = 10_000
+# Elements of any kind (properties, system-out...): bounds the parse's memory.
+MAX_ELEMENTS = 200_000
+NAME_LIMIT = 500
+MESSAGE_LIMIT = 1000
+TRACEBACK_LIMIT = 4000
+# A duration past this is nonsense (or forged); a year is plenty.
+MAX_DURATION = 366 * 86400.0
+
+
+class JunitError(Exception):
+    """A JUnit document we will not use (too large, a DTD, malformed...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TestRecord:
+    __test__ = False  # not a test class, whatever pytest thinks of the name
+
+    classname: str
+    name: str
+    outcome: str = PASSED
+    duration: float = 0.0
+    message: str = ""
+    traceback: str = ""
+    kind: str = TEST
+    subtest: str = ""  # a subtest's own description, e.g. "(i=2)"
+
+    @property
+    def id(self) -> str:
+        """``module.Class.test`` (or pytest's ``tests.test_x.test``), plus a
+        subtest's description."""
+        base = f"{self.classname}.{self.name}" if self.classname else self.name
+        return f"{base} {self.subtest}" if self.subtest else base
+
+
+_XML_BAD = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _block(text: str, limit: int) -> str:
+    """Multi-line untrusted text fit for XML: no characters XML forbids,
+    and at most ``limit`` characters (the end kept: it names the error)."""
+    text = _XML_BAD.sub("?", text)
+    if len(text) > limit:
+        text = f"[... {len(text) - limit} characters cut ...]\n" + text[-limit:]
+    return text
+
+
+def _number(value, default: float = 0.0) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return default
+    return min(number, MAX_DURATION) if math.isfinite(number) and number >= 0 else default
+
+
+def clean_record(record: TestRecord) -> TestRecord:
+    """The record with every field flattened and capped (names one line)."""
+    return TestRecord(
+        classname=helpers.one_line(record.classname, NAME_LIMIT),
+        name=helpers.one_line(record.name, NAME_LIMIT),
+        outcome=record.outcome if record.outcome in OUTCOMES else ERROR,
+        duration=round(_number(record.duration), 3),
+        message=helpers.one_line(record.message, MESSAGE_LIMIT),
+        traceback=_block(record.traceback, TRACEBACK_LIMIT),
+        kind=record.kind if record.kind in KINDS else TEST,
+        subtest=helpers.one_line(record.subtest, NAME_LIMIT) if record.kind == SUBTEST else "")
+
+
+def count_records(records: list[TestRecord]) -> dict[str, int]:
+    """``tests``, ``failures``, ``errors``, ``skipped`` as the header holds
+    them (see the kinds above)."""
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    tests, parts = set(), set()
+    for record in records:
+        if record.outcome in COUNTED_AS:
+            counts[COUNTED_AS[record.outcome]] += 1
+        if record.kind == TEST:
+            counts["tests"] += 1
+            tests.add((record.classname, record.name))
+        elif record.kind == SUBTEST:
+            parts.add((record.classname, record.name))
+    counts["tests"] += len(parts - tests)
+    return counts
+
+
+def merge_records(shards: list[list[TestRecord]]) -> list[TestRecord]:
+    """One commit's records from several shards.  Counts add up as long as
+    a test's parts never straddle two shards (shards split by module)."""
+    return [record for shard in shards for record in shard]
+
+
+# --------------------------------------------------------------------------
+# JUnit XML: writing.
+
+_CHILD = {FAILED: "failure", XPASS: "failure", ERROR: "error", SKIPPED: "skipped"}
+
+
+def format_junit(records: list[TestRecord], name: str = "tests",
+                 traceback_limit: int = TRACEBACK_LIMIT) -> bytes:
+    """JUnit XML as Jenkins and GitLab read it: ``testsuites`` with one
+    ``testsuite``; a ``testcase`` per record with a ``failure``, ``error``
+    or ``skipped`` child.  The suite's counts are ``count_records``' (the
+    text header's), which for unittest subtests and fixtures is not the
+    number of testcase elements.  ``outcome``, ``kind`` and ``subtest``
+    attributes keep what JUnit has no word for (xfail, xpass, parts);
+    readers that do not know them ignore them."""
+    records = [clean_record(r) for r in records]
+    counts = count_records(records)
+    total = f"{sum(r.duration for r in records):.3f}"
+    attrs = {"name": helpers.one_line(name, NAME_LIMIT), "tests": str(counts["tests"]),
+             "failures": str(counts["failures"]), "errors": str(counts["errors"]),
+             "skipped": str(counts["skipped"]), "time": total}
+    root = ET.Element("testsuites", attrs)
+    suite = ET.SubElement(root, "testsuite", attrs)
+    for record in records:
+        case = ET.SubElement(suite, "testcase", {
+            "classname": record.classname,
+            "name": f"{record.name} {record.subtest}" if record.subtest else record.name,
+            "time": f"{record.duration:.3f}"})
+        if record.outcome != PASSED:
+            case.set("outcome", record.outcome)
+        if record.kind != TEST:
+            case.set("kind", record.kind)
+        if record.subtest:
+            case.set("subtest", record.subtest)
+        traceback = _block(record.traceback, traceback_limit) if traceback_limit else ""
+        tag = _CHILD.get(record.outcome)
+        if tag:
+            child = ET.SubElement(case, tag, {"message": record.message})
+            if record.outcome == XPASS:
+                child.set("type", "unexpected success")
+            child.text = traceback
+        elif record.message or traceback:
+            # An expected failure's reason: no JUnit child counts it.
+            ET.SubElement(case, "system-out").text = record.message + "\n" + traceback
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+# --------------------------------------------------------------------------
+# JUnit XML: reading untrusted documents.
+
+# Anything that starts markup with "<!" but is no comment or CDATA section
+# belongs to a DTD (DOCTYPE, ENTITY, ELEMENT, ATTLIST): refused whole.
+_DTD_MARKUP = re.compile(r"<!(?!--|\[CDATA\[)")
+_DECLARED_ENCODING = re.compile(r"""^<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z0-9._-]+)""")
+
+
+def _tag(element) -> str:
+    tag = element.tag if isinstance(element.tag, str) else ""
+    return tag.rpartition("}")[2]
+
+
+def _record_from(case) -> TestRecord:
+    children = {_tag(child): child for child in reversed(list(case))}
+    outcome, detail = PASSED, None
+    for tag, result in (("failure", FAILED), ("error", ERROR), ("skipped", SKIPPED)):
+        if tag in children:
+            outcome, detail = result, children[tag]
+            break
+    declared = case.get("outcome", "")
+    if outcome == FAILED and declared == XPASS:
+        outcome = XPASS
+    elif outcome == SKIPPED and (declared == XFAIL or detail.get("type") == "pytest.xfail"):
+        outcome = XFAIL
+    elif outcome == PASSED and declared == XFAIL:
+        outcome, detail = XFAIL, children.get("system-out")
+    message = traceback = ""
+    if detail is not None:
+        message = detail.get("message") or ""
+        traceback = detail.text or ""
+        if outcome == XFAIL and detail.tag == "system-out":
+            message, _, traceback = traceback.partition("\n")
+    kind = case.get("kind", TEST)
+    subtest = case.get("subtest", "") if kind == SUBTEST else ""
+    name = case.get("name") or ""
+    if subtest and name.endswith(" " + subtest):
+        name = name[:-len(subtest) - 1]
+    return clean_record(TestRecord(
+        classname=case.get("classname") or "", name=name, outcome=outcome,
+        duration=_number(case.get("time")), message=message, traceback=traceback,
+        kind=kind if kind in KINDS else TEST, subtest=subtest))
+
+
+def parse_junit(data: bytes, max_bytes: int = MAX_JUNIT_BYTES,
+                max_records: int = MAX_RECORDS) -> list[TestRecord]:
+    """The test records of a JUnit XML document (``testcase`` elements
+    anywhere in it); JunitError if it is too large, not UTF-8, has a DTD,
+    is malformed or holds too many elements."""
+    if len(data) > max_bytes:
+        raise JunitError(f"JUnit file of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise JunitError("JUnit file is not UTF-8") from None
+    # Refused before any parser sees it: no entity is ever declared, so none
+    # can expand (billion laughs) or fetch a file or URL.
+    if _DTD_MARKUP.search(text):
+        raise JunitError("JUnit file has a DOCTYPE or other DTD markup: refused")
+    declared = _DECLARED_ENCODING.match(text.lstrip())
+    if declared and declared.group(1).lower().replace("_", "-") not in ("utf-8", "utf8",
+                                                                       "us-ascii", "ascii"):
+        raise JunitError(f"JUnit file declares encoding {declared.group(1)[:20]!r}")
+    parser = ET.XMLPullParser(events=("start", "end"))
+    records: list[TestRecord] = []
+    elements = 0
+    depth_in_case = 0
+    try:
+        for start in range(0, len(text), 65536):
+            parser.feed(text[start:start + 65536])
+            for event, element in parser.read_events():
+                if event == "start":
+                    elements += 1
+                    if elements > MAX_ELEMENTS:
+                        raise JunitError(f"JUnit file has more than {MAX_ELEMENTS} elements")
+                    if _tag(element) == "testcase":
+                        depth_in_case += 1
+                    continue
+                if _tag(element) != "testcase":
+                    continue
+                depth_in_case -= 1
+                if depth_in_case:
+                    continue  # a testcase inside a testcase is not ours to count
+                if len(records) >= max_records:
+                    raise JunitError(f"JUnit file has more than {max_records} test cases")
+                records.append(_record_from(element))
+                element.clear()  # memory stays bounded by the records kept
+        parser.close()
+        for event, element in parser.read_events():
+            pass
+    except ET.ParseError as exc:
+        raise JunitError(f"JUnit file is not well-formed XML: {exc}") from None
+    return records
+
+
+def records_or_note(data: bytes) -> tuple[list[TestRecord] | None, str]:
+    """(records, "") or (None, "unreadable") with the reason logged."""
+    try:
+        return parse_junit(data), ""
+    except JunitError as exc:
+        log.warning("JUnit results unreadable: %s", exc)
+        return None, "unreadable"
+
+
+# --------------------------------------------------------------------------
+# What the dispatcher does with a results message's XML and the file.
+
+def junit_fields(raw: dict[str, str], junit: bytes) -> dict:
+    """What a results message's JUnit part adds to the fields to store.
+
+    The XML came from a runner whose tests may have forged it: it is parsed
+    again here, and when it holds records, the counts are taken from them,
+    so the text header and the XML can never disagree.  ``records`` is for
+    ``write_junit`` (``format_result`` ignores it)."""
+    added: dict = {}
+    if raw.get("junit"):
+        added["junit"] = helpers.one_line(raw["junit"], 100)
+    if not junit:
+        return added
+    records, note = records_or_note(junit)
+    if records is None:
+        added["junit"] = note
+        return added
+    added.update(count_records(records))
+    added["records"] = records
+    return added
+
+
+def junit_path(results_dir: str, commit: str) -> str:
+    if not helpers.valid_full_commit(commit):
+        raise ValueError(f"not a full commit id: {commit[:80]!r}")
+    return os.path.join(results_dir, commit + ".xml")
+
+
+def write_junit(results_dir: str, commit: str, records: list[TestRecord] | None) -> None:
+    """Write ``<commit>.xml`` atomically, before the text result file that
+    proves the commit done; without records, remove a stale one (a retest
+    whose new run has no records must not keep the old run's)."""
+    path = junit_path(results_dir, commit)
+    if records is None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    helpers.atomic_write(path, format_junit(records, name=commit))
