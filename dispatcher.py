@@ -30,6 +30,7 @@ import threading
 import time
 
 import helpers
+import notifications
 from helpers import Message, Reply
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,22 @@ class Journal:
             elif kind == "R":
                 retest.add(commit)
         return list(order), assigned, lost, done, retest
+
+    def replay_meta(self) -> dict[str, tuple[str, str | None]]:
+        """The ``M <commit> <previous|-> <branch>`` records: commit -> (branch,
+        previous); the first record of a commit wins."""
+        try:
+            with open(self.path, "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            return {}
+        meta: dict[str, tuple[str, str | None]] = {}
+        for raw in data.split(b"\n"):
+            if raw.startswith(b"M "):
+                parsed = parse_meta_line(raw[2:].decode("utf-8", "replace"))
+                if parsed:
+                    meta.setdefault(parsed[0], parsed[1:])
+        return meta
 
     def rewrite(self, queued, assigned, lost, retest=frozenset()) -> None:
         """Atomically replace the journal with only what is still pending."""
@@ -188,6 +205,9 @@ class DispatcherState:
         self.lost: collections.Counter = collections.Counter()
         # Commits with a result that were asked to be tested again.
         self.retests: set[str] = set()
+        # commit -> (branch, previous) from the dispatch body, until its result.
+        self.meta: dict[str, tuple[str, str | None]] = {}
+        self.notifier: notifications.Notifier | None = None
         self.stopping = False
         self.completed = 0
         # Job ids stay unique across restarts, so logs never mix two runs.
@@ -201,6 +221,7 @@ class DispatcherState:
             self.done = {name for name in os.listdir(self.results_dir)
                          if helpers.valid_full_commit(name)}
             order, assigned, lost, _, retest = self.journal.replay()
+            meta = self.journal.replay_meta()
             pending = [c for c in order if c not in self.done or c in retest]
             self.retests = retest & set(pending)
             self.done -= self.retests
@@ -210,6 +231,7 @@ class DispatcherState:
             self.queued.update(pending)
             self.lost.update({c: n for c, n in lost.items() if c in self.queued})
             self.journal.rewrite(pending, set(), self.lost, self.retests)
+            self._keep_meta(meta, pending)
             if pending:
                 log.info("recovered %d commit(s) to test (%d were running)",
                          len(pending), len(assigned & set(pending)))
@@ -357,7 +379,8 @@ class DispatcherState:
             # assignment loop.  A concurrent result for it now counts as a
             # duplicate, and a lost runner can no longer requeue it.
             self.done.add(commit)
-        fields = dict(fields, commit=commit)
+            meta = self.meta.get(commit)
+        fields = dict(fields, commit=commit, **meta_fields(self.results_dir, commit, meta))
         try:
             helpers.atomic_write(os.path.join(self.results_dir, commit),
                                  helpers.format_result(fields, output))
@@ -366,17 +389,18 @@ class DispatcherState:
                 self.done.discard(commit)
             raise
         with self.cond:
-            self._finish(commit, fields.get("verdict"))
+            self._finish(commit, fields.get("verdict"), fields)
         return True
 
     def _write_result(self, commit: str, fields: dict, output: bytes) -> None:
-        fields = dict(fields, commit=commit)
+        fields = dict(fields, commit=commit,
+                      **meta_fields(self.results_dir, commit, self.meta.get(commit)))
         helpers.atomic_write(os.path.join(self.results_dir, commit),
                              helpers.format_result(fields, output))
         self.done.add(commit)
-        self._finish(commit, fields.get("verdict"))
+        self._finish(commit, fields.get("verdict"), fields)
 
-    def _finish(self, commit: str, verdict: str | None) -> None:
+    def _finish(self, commit: str, verdict: str | None, fields: dict | None = None) -> None:
         """Bookkeeping once ``commit``'s result file is on disk."""
         self.completed += 1
         self.retests.discard(commit)
@@ -395,7 +419,11 @@ class DispatcherState:
                 len(self.queue) + len(self.jobs)):
             self.journal.rewrite(list(self.jobs) + list(self.queue), set(self.jobs),
                                  self.lost, self.retests)
+            self._keep_meta(self.meta, list(self.jobs) + list(self.queue))
         log.info("result for %s: %s", commit[:12], verdict)
+        self.meta.pop(commit, None)
+        if self.notifier is not None and fields is not None:
+            self.notifier.result_written(commit, fields)  # only queues: never blocks
 
     def _lose(self, job: Job, head: bool, count: bool) -> None:
         """Take a job away from its runner; requeue it unless it is poison."""
@@ -429,6 +457,25 @@ class DispatcherState:
                 self.queue.append(job.commit)
             self.queued.add(job.commit)
         self.cond.notify_all()
+
+    # ---- commit metadata (branch, previous) --------------------------------
+    def remember_meta(self, meta: dict[str, tuple[str, str | None]]) -> None:
+        """Journal where dispatched commits come from; the fsync of the
+        ``Q`` records that follow makes these durable too."""
+        with self.cond:
+            new = {c: m for c, m in meta.items() if c not in self.meta}
+            self.meta.update(new)
+            self.journal.append(meta_records(new), sync=False)
+
+    def _keep_meta(self, meta: dict, pending: list[str]) -> None:
+        """After a journal rewrite: keep the metadata of pending commits."""
+        self.meta = {c: meta[c] for c in pending if c in meta}
+        self.journal.append(meta_records(self.meta), sync=True)
+
+    def is_pending(self, commit: str) -> bool:
+        """Queued or running: a result for it will come (for notifications)."""
+        with self.cond:
+            return commit in self.queued or commit in self.jobs
 
     # ---- health ---------------------------------------------------------
     def runner_snapshot(self) -> list[Runner]:
@@ -494,6 +541,61 @@ class DispatcherState:
 RESULT_INT_FIELDS = ("tests", "failures", "errors", "skipped", "exit_code")
 # ASCII digits only: str.isdigit() also accepts '²' and '--1', which int() rejects.
 RESULT_INT_RE = re.compile(r"-?[0-9]{1,12}")
+
+
+def parse_meta_line(line: str) -> tuple[str, str, str | None] | None:
+    """``<commit> <previous|-> <branch>`` -> (commit, branch, previous), or
+    None if malformed."""
+    parts = line.split(" ")
+    if len(parts) != 3:
+        return None
+    commit, previous, branch = parts
+    if not helpers.valid_full_commit(commit) or not (
+            previous == "-" or helpers.valid_full_commit(previous)):
+        return None
+    if not branch or len(branch) > 250 or not branch.isprintable():
+        return None
+    return commit, branch, None if previous == "-" else previous
+
+
+def parse_dispatch_body(body: bytes, commits: list[str]) -> dict[str, tuple[str, str | None]]:
+    """A ``dispatch`` body: one ``<commit> <previous|-> <branch>`` line per
+    commit.  Reply (nothing changes) if a line is malformed or names a
+    commit that is not dispatched."""
+    meta: dict[str, tuple[str, str | None]] = {}
+    if not body.strip():
+        return meta
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Reply("dispatch body is not UTF-8") from None
+    wanted = set(commits)
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line:
+            continue
+        parsed = parse_meta_line(line)
+        if parsed is None or parsed[0] not in wanted:
+            raise Reply(f"dispatch body line {number}: expected '<commit> <previous|-> "
+                        "<branch>' for a dispatched commit")
+        meta.setdefault(parsed[0], parsed[1:])
+    return meta
+
+
+def meta_records(meta: dict) -> list[str]:
+    return [f"M {c} {previous or '-'} {branch}" for c, (branch, previous) in meta.items()]
+
+
+def meta_fields(results_dir: str, commit: str, meta) -> dict:
+    """branch/previous for a result header: from the dispatch, else (a
+    retest after the metadata was dropped) from the commit's earlier result."""
+    if meta is None:
+        found = notifications.read_result(results_dir, commit)
+        meta = (found.branch, found.previous) if found else (None, None)
+    branch, previous = meta
+    fields = {"branch": branch} if branch else {}
+    if branch and previous:
+        fields["previous"] = previous
+    return fields
 
 
 def commit_list(message: Message, command: str) -> list[str]:
@@ -582,6 +684,9 @@ class Dispatcher:
 
     def do_dispatch(self, message: Message, peer: str) -> Message:
         commits = commit_list(message, "dispatch")
+        meta = parse_dispatch_body(message.body, commits)
+        if meta:
+            self.state.remember_meta(meta)
         new = self.state.enqueue(commits)
         log.info("dispatch from %s: %d commit(s), %d new", peer, len(commits), len(new))
         return Message("ok", f"queued {len(new)}")
@@ -734,6 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "this many times (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                         help="threads for talking to runners (default: %(default)s)")
+    notifications.add_arguments(parser)
     helpers.add_common_arguments(parser)
     return parser
 
@@ -770,9 +876,11 @@ def main(argv=None) -> int:
         state_dir = args.state_dir or os.path.join(os.path.dirname(results_dir),
                                                    "dispatcher_state")
         helpers.ensure_dir(state_dir, "state folder")
+        notifier = notifications.from_args(args, state_dir, results_dir)
         state = DispatcherState(results_dir, Journal(os.path.join(state_dir, "journal")),
                                 args.max_attempts)
         state.recover()
+        state.notifier = notifier
         dispatcher = Dispatcher(state, security, args.ping_interval, args.ping_misses,
                                 args.ping_timeout, args.job_timeout, args.workers)
         try:
@@ -787,8 +895,15 @@ def main(argv=None) -> int:
     host, port = server.server_address[:2]
     log.info("dispatcher listening on %s, results in %s",
              helpers.format_address((host, port)), results_dir)
+    if notifier is not None:
+        notifier.start(state.is_pending)
     dispatcher.start()
-    helpers.serve_until_signalled(server, on_stop=dispatcher.stop)
+
+    def stop() -> None:
+        dispatcher.stop()
+        if notifier is not None:
+            notifier.stop()
+    helpers.serve_until_signalled(server, on_stop=stop)
     log.info("dispatcher stopped")
     return 0
 
