@@ -737,8 +737,8 @@ class Notifier:
                                             self.stop_event) for t in targets}
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.is_pending: Callable[[str], bool] = lambda commit: False
-        self.ready = threading.Event()  # set once the start-up replay is done
-        self.started = time.time()
+        # Result files present when a first journal is made (see _recover).
+        self.baseline: set[str] | None = None
         self.thread = threading.Thread(target=self._run, name="notify-decide", daemon=True)
 
     # ---- called by the dispatcher ---------------------------------------
@@ -747,7 +747,10 @@ class Notifier:
         result will come)?  Without it, a missing result counts as unknown."""
         if is_pending is not None:
             self.is_pending = is_pending
-        self.started = time.time()
+        if not os.path.exists(self.store.path):
+            # Listed now, before the dispatcher can write a result, so that a
+            # result written while the list is read is never taken for an old one.
+            self.baseline = set(self._result_names())
         for worker in self.workers.values():
             worker.thread.start()
         self.thread.start()
@@ -761,11 +764,15 @@ class Notifier:
         self.inbox.put(None)
         for worker in self.workers.values():
             worker.wake()
-            worker.target.abort()
+        # A delivery in progress may finish (and be marked) within the
+        # timeout; one that does not is ended and sent again next start.
         deadline = time.monotonic() + timeout
         self.thread.join(max(0.1, deadline - time.monotonic()))
         for worker in self.workers.values():
             worker.thread.join(max(0.1, deadline - time.monotonic()))
+            if worker.thread.is_alive():
+                worker.target.abort()
+                worker.thread.join(0.5)
         self.store.close()
 
     # ---- the decision thread ---------------------------------------------
@@ -779,7 +786,6 @@ class Notifier:
                     self.store.open()
                 except OSError:
                     log.exception("notifications: cannot open the journal")
-        self.ready.set()
         while not self.stop_event.is_set():
             item = self.inbox.get()
             batch = []
@@ -799,13 +805,12 @@ class Notifier:
 
     def _recover(self) -> None:
         existed = self.store.load()
-        names = [n for n in self._result_names()]
         if not existed:
             # First start with notifications: results from before it count as
             # announced, or every old result would be sent at once.
-            for name in names:
+            for name in self.baseline or ():
                 result = read_result(self.results_dir, name)
-                if result and self._mtime(name) < self.started:
+                if result:
                     self.store.judged[name] = (result.verdict, 0)
             self.store.compact()
             log.info("notifications: new journal; %d existing result(s) taken as announced",
@@ -818,7 +823,7 @@ class Notifier:
                 if key in self.workers:
                     self.workers[key].submit(event)
         unseen = []
-        for name in names:
+        for name in self._result_names():
             known = self.store.judged.get(name)
             result = read_result(self.results_dir, name)
             if result and result.branch and (known is None or known[0] != result.verdict):

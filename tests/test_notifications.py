@@ -493,3 +493,77 @@ def test_bad_flags_are_refused_with_one_line(tmp_path, flags, message):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     assert not os.path.exists(tmp_path / "dispatcher_state" / notifications.JOURNAL_NAME)
+
+
+# --------------------------------------------------------------------------
+# The notifier in this process, with a real command.
+
+def write_result(folder, result: Result):
+    fields = {"commit": result.commit, "verdict": result.verdict, "tests": 2,
+              "branch": result.branch}
+    if result.previous:
+        fields["previous"] = result.previous
+    helpers.atomic_write(os.path.join(folder, result.commit),
+                         helpers.format_result(fields, b"out\n"), fsync=False)
+    return fields
+
+
+def test_notifier_first_start_and_a_result_missed_in_a_crash(tmp_path):
+    results, state = str(tmp_path / "results"), str(tmp_path / "state")
+    os.makedirs(results)
+    os.makedirs(state)
+    history = chain(["passed", "failed", "failed", "passed", "failed"])
+    for old in history[:2]:
+        write_result(results, old)
+    command, out = recorder(tmp_path)
+    target = notifications.CommandTarget(command.split(), 10)
+
+    def start():
+        notifier = notifications.Notifier(state, results, [target],
+                                          notifications.NOTIFY_ON["all"], retry_max=0.2)
+        notifier.start(lambda commit: False)
+        return notifier
+
+    notifier = start()
+    # Old results are not announced; a new one is, against the old verdict.
+    notifier.result_written(history[2].commit, write_result(results, history[2]))
+    wait_until(lambda: recorded(out) and not notifier.store.pending(), 10,
+               what="the first notification")
+    notifier.stop()
+    # Written, then the dispatcher died before telling the notifier.
+    write_result(results, history[3])
+    notifier = start()
+    wait_until(lambda: len(recorded(out)) >= 2, 10, what="the missed result's notification")
+    notifier.result_written(history[4].commit, write_result(results, history[4]))
+    wait_until(lambda: len(recorded(out)) >= 3, 10, what="the last notification")
+    notifier.stop()
+    assert [(r["CI_EVENT"], r["CI_COMMIT"]) for r in recorded(out)] == \
+        [("still-failing", history[2].commit), ("fixed", history[3].commit),
+         ("broken", history[4].commit)]
+
+
+def test_gives_up_after_retry_for_and_goes_on(tmp_path):
+    results, state = str(tmp_path / "results"), str(tmp_path / "state")
+    os.makedirs(results)
+    os.makedirs(state)
+    failing = notifications.CommandTarget([PY, "-c", "import sys; sys.exit(3)"], 10)
+    notifier = notifications.Notifier(state, results, [failing], notifications.NOTIFY_ON["all"],
+                                      retry_for=0.3, retry_max=0.05)
+    notifier.start(lambda commit: False)
+    for result in chain(["failed", "passed"]):
+        notifier.result_written(result.commit, write_result(results, result))
+    wait_until(lambda: notifier.store.judged and not notifier.store.pending(), 20,
+               what="both events given up")
+    notifier.stop()
+    with open(os.path.join(state, notifications.JOURNAL_NAME)) as handle:
+        assert handle.read().count('"gave_up"') == 2
+
+
+def test_a_hanging_command_is_killed_at_its_timeout():
+    target = notifications.CommandTarget([PY, "-c", "import time; time.sleep(60)"], 0.5)
+    (decision,) = Decider(notifications.NOTIFY_ON["all"]).add(chain(["failed"]))
+    event = notifications.build_event(decision, "/r", None, ["command"])
+    started = time.monotonic()
+    with pytest.raises(notifications.DeliveryError, match="timed out"):
+        target.deliver(event)
+    assert time.monotonic() - started < 5
