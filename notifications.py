@@ -333,6 +333,8 @@ def build_event(decision: Decision, results_dir: str, dashboard_url: str | None,
 PAYLOAD_KEYS = ("id", "event", "branch", "commit", "previous", "verdict", "previous_verdict",
                 "retest", "subject", "author", "tests", "failures", "errors", "reason",
                 "result_file", "url", "text")
+# What a journalled event must hold to be sent again after a restart.
+EVENT_KEYS = frozenset(PAYLOAD_KEYS) | {"created", "header", "targets"}
 
 
 def webhook_body(event: dict) -> bytes:
@@ -440,9 +442,13 @@ class EventStore:
     def _apply(self, record: dict) -> None:
         if "j" in record:
             commit = record["j"]
-            self.judged[commit] = (record.get("v", ""), int(record.get("n", 0)))
+            try:
+                self.judged[commit] = (str(record.get("v", "")), int(record.get("n", 0)))
+            except (TypeError, ValueError):
+                return
             event = record.get("e")
-            if isinstance(event, dict) and event.get("id"):
+            if isinstance(event, dict) and EVENT_KEYS <= event.keys() and isinstance(
+                    event["targets"], list) and isinstance(event["created"], (int, float)):
                 self.events[event["id"]] = event
                 self.remaining[event["id"]] = set(event.get("targets", []))
                 self._settle(event["id"])
@@ -673,9 +679,14 @@ class TargetWorker:
             tries += 1
             try:
                 self.target.deliver(event)
-            except DeliveryError as exc:
+            except Exception as exc:
+                if not isinstance(exc, DeliveryError):
+                    log.exception("notification %s to %s: unexpected failure",
+                                  event["id"][:12], self.target.label)
                 age = time.time() - event["created"]
-                if age > self.retry_for and tries > 1:
+                # Every event is tried at least once in this process, so one
+                # that outlived a long outage still gets its chance.
+                if age > self.retry_for:
                     log.error("notification %s (%s %s of %s) to %s: giving up after %d "
                               "tries over %.0fs: %s", event["id"][:12], event["event"],
                               event["branch"], event["commit"][:12], self.target.label,
@@ -687,11 +698,6 @@ class TargetWorker:
                 log.warning("notification %s to %s failed (try %d): %s; again in %.1fs",
                             event["id"][:12], self.target.label, tries, exc, delay)
                 self.stop_event.wait(delay)
-                continue
-            except Exception:
-                log.exception("notification %s to %s: unexpected failure",
-                              event["id"][:12], self.target.label)
-                self.stop_event.wait(self.backoff.next())
                 continue
             log.info("notification %s (%s %s of %s) delivered to %s", event["id"][:12],
                      event["event"], event["branch"], event["commit"][:12], self.target.label)

@@ -12,7 +12,6 @@ import itertools
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 
@@ -139,8 +138,6 @@ def test_a_cycle_in_bad_metadata_does_not_hang():
 
 
 def test_event_text_and_payload():
-    (decision,) = Decider().add([Result(cid(1), "main", None, "failed")])
-    broken = notifications.Decision(decision.result, "broken", "passed", 1, False, True)
     result = Result(cid(1), "main", cid(0), "failed",
                     {"subject": "Break\nit", "author": "Ann <a@x>", "tests": "10",
                      "failures": "3", "errors": "0"})
