@@ -828,6 +828,11 @@ class Notifier:
             for key in event["targets"]:
                 if key in self.workers:
                     self.workers[key].submit(event)
+                else:
+                    # That receiver was removed from the flags: nobody to send to.
+                    log.warning("notification %s: target %s is no longer configured; "
+                                "dropped", event["id"][:12], key)
+                    self.store.mark(event["id"], key, "gave_up")
         unseen = []
         for name in self._result_names():
             known = self.store.judged.get(name)

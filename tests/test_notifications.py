@@ -564,3 +564,24 @@ def test_a_hanging_command_is_killed_at_its_timeout():
     with pytest.raises(notifications.DeliveryError, match="timed out"):
         target.deliver(event)
     assert time.monotonic() - started < 5
+
+
+def test_an_event_for_a_removed_target_is_dropped_at_start(tmp_path):
+    results, state = str(tmp_path / "results"), str(tmp_path / "state")
+    os.makedirs(results)
+    os.makedirs(state)
+    store = EventStore(os.path.join(state, notifications.JOURNAL_NAME))
+    store.load()
+    store.open()
+    records = decision_records(chain(["failed"]))
+    records[0]["e"]["targets"] = ["webhook:removed"]
+    store.append(records, sync=True)
+    store.close()
+    command, out = recorder(tmp_path)
+    notifier = notifications.Notifier(state, results,
+                                      [notifications.CommandTarget(command.split(), 10)])
+    notifier.start()
+    wait_until(lambda: notifier.store.judged and not notifier.store.pending(), 10,
+               what="the stale event dropped")
+    notifier.stop()
+    assert recorded(out) == []
