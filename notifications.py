@@ -173,6 +173,10 @@ class Decider:
         fresh: list[str] = []
         for result in results:
             if not result.branch:
+                # Never announced, but it may be the predecessor someone waits for.
+                for waiter in self.waiters.pop(result.commit, []):
+                    self.blocked_on.pop(waiter, None)
+                    ready.append((waiter, result.verdict))
                 continue
             old = self.judged.get(result.commit)
             if old is not None:

@@ -130,6 +130,14 @@ def test_a_previous_result_not_given_yet_is_read_and_decided_first():
         [(one.commit, "broken"), (two.commit, "still-failing")]
 
 
+def test_a_waiting_commit_is_released_by_a_result_without_branch():
+    old, new = cid("old-style"), cid("new-style")
+    decider = Decider()
+    assert decider.add([Result(new, "main", old, "failed")], lambda c: PENDING) == []
+    (decision,) = decider.add([Result(old, None, None, "passed")])
+    assert (decision.result.commit, decision.kind) == (new, "broken")
+
+
 def test_a_cycle_in_bad_metadata_does_not_hang():
     a, b = cid("a"), cid("b")
     decisions = Decider().add([Result(a, "main", b, "failed"), Result(b, "main", a, "passed")],
