@@ -468,7 +468,9 @@ class EventStore:
             self.events.pop(event_id, None)
 
     def open(self) -> None:
-        self._handle = open(self.path, "ab")
+        with self.lock:
+            if self._handle is None:
+                self._handle = open(self.path, "ab")
 
     def append(self, records: list[dict], sync: bool) -> None:
         """Write records (and apply them); with ``sync`` they are on disk
@@ -791,11 +793,10 @@ class Notifier:
             self._recover()
         except Exception:
             log.exception("notifications: start-up replay failed; deciding new results only")
-            if self.store._handle is None:
-                try:
-                    self.store.open()
-                except OSError:
-                    log.exception("notifications: cannot open the journal")
+            try:
+                self.store.open()
+            except OSError:
+                log.exception("notifications: cannot open the journal")
         while not self.stop_event.is_set():
             item = self.inbox.get()
             batch = []
@@ -814,6 +815,13 @@ class Notifier:
                 log.exception("notifications: deciding %d result(s) failed", len(results))
 
     def _recover(self) -> None:
+        """Rebuild the decision state: the journal says which verdict of
+        which commit was decided (and which events are undelivered); the
+        result files say what exists.  A result file whose verdict the
+        journal does not hold was written but never decided (a crash in
+        between, or a retest): it is decided now.  A commit whose result
+        waited for its predecessor was never journalled, so it is found the
+        same way and waits again."""
         existed = self.store.load()
         if not existed:
             # First start with notifications: results from before it count as
