@@ -435,7 +435,7 @@ class EventStore:
             try:
                 record = json.loads(raw)
             except ValueError:
-                log.warning("notifications: skipped an unreadable journal line")
+                log.warning("skipped an unreadable journal line")
                 continue
             if not isinstance(record, dict):
                 continue
@@ -528,7 +528,7 @@ class EventStore:
                     self._handle.flush()
                     os.fsync(self._handle.fileno())
                 except OSError:
-                    log.exception("notifications: cannot flush the journal")
+                    log.exception("cannot flush the journal")
                 self._handle.close()
                 self._handle = None
 
@@ -717,7 +717,7 @@ class TargetWorker:
             self.store.mark(event["id"], self.target.key, outcome)
         except (OSError, ValueError):
             # Not marked: it is sent again after a restart, with the same id.
-            log.exception("notifications: cannot journal the %s mark of %s", outcome,
+            log.exception("cannot journal the %s mark of %s", outcome,
                           event["id"][:12])
         with self.cond:
             if self.queue and self.queue[0] is event:
@@ -792,11 +792,11 @@ class Notifier:
         try:
             self._recover()
         except Exception:
-            log.exception("notifications: start-up replay failed; deciding new results only")
+            log.exception("start-up replay failed; deciding new results only")
             try:
                 self.store.open()
             except OSError:
-                log.exception("notifications: cannot open the journal")
+                log.exception("cannot open the journal")
         while not self.stop_event.is_set():
             item = self.inbox.get()
             batch = []
@@ -812,7 +812,7 @@ class Notifier:
             try:
                 self._process(results)
             except Exception:
-                log.exception("notifications: deciding %d result(s) failed", len(results))
+                log.exception("deciding %d result(s) failed", len(results))
 
     def _recover(self) -> None:
         """Rebuild the decision state: the journal says which verdict of
@@ -831,7 +831,7 @@ class Notifier:
                 if result:
                     self.store.judged[name] = (result.verdict, 0)
             self.store.compact()
-            log.info("notifications: new journal; %d existing result(s) taken as announced",
+            log.info("new notification journal; %d existing result(s) taken as announced",
                      len(self.store.judged))
         else:
             self.store.open()
@@ -851,7 +851,7 @@ class Notifier:
             result = read_result(self.results_dir, name)
             if result and result.branch and (known is None or known[0] != result.verdict):
                 unseen.append(result)
-        log.info("notifications: %d undelivered event(s) to retry, %d result(s) to decide",
+        log.info("%d undelivered event(s) to retry, %d result(s) to decide",
                  len(pending), len(unseen))
         # Oldest first, so results of one branch enter in roughly their order
         # (the decider orders them exactly anyway).
@@ -862,7 +862,7 @@ class Notifier:
         try:
             return [n for n in os.listdir(self.results_dir) if helpers.valid_full_commit(n)]
         except OSError:
-            log.exception("notifications: cannot list %s", self.results_dir)
+            log.exception("cannot list %s", self.results_dir)
             return []
 
     def _mtime(self, commit: str) -> float:
@@ -891,11 +891,11 @@ class Notifier:
                 events.append(event)
             records.append({"j": decision.result.commit, "v": decision.result.verdict,
                             "n": decision.n, "k": decision.kind, "e": event})
-            log.info("notifications: %s on %s is %s%s%s", decision.result.commit[:12],
+            log.info("%s on %s is %s%s%s", decision.result.commit[:12],
                      decision.result.branch, decision.kind, " (retest)" if decision.retest
                      else "", f", event {event['id'][:12]}" if event else " (not announced)")
         if self.decider.waiting():
-            log.debug("notifications: waiting for earlier commits: %s",
+            log.debug("waiting for earlier commits: %s",
                       {c[:12]: p[:12] for c, p in self.decider.waiting().items()})
         try:
             # Durable before any receiver is tried.
@@ -903,7 +903,7 @@ class Notifier:
         except (OSError, ValueError):
             # Sent anyway; after a crash the same decisions are made again
             # from the result files, with the same ids.
-            log.exception("notifications: cannot journal %d decision(s)", len(records))
+            log.exception("cannot journal %d decision(s)", len(records))
         for event in events:
             for worker in self.workers.values():
                 worker.submit(event)
@@ -911,7 +911,7 @@ class Notifier:
             try:
                 self.store.compact(lambda c: os.path.exists(os.path.join(self.results_dir, c)))
             except OSError:
-                log.exception("notifications: cannot compact the journal")
+                log.exception("cannot compact the journal")
 
 
 # --------------------------------------------------------------------------
