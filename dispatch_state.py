@@ -173,6 +173,11 @@ class DispatcherState:
         return (commit in self.queued or commit in self.jobs or commit in self.held
                 or commit in self.writing or commit in self.journalling)
 
+    def is_pending(self, commit: str) -> bool:
+        """Queued, running or being written: its result is still to come."""
+        with self.cond:
+            return self._known(commit)
+
     def enqueue(self, commits: list[str], meta: dict | None = None) -> list[str]:
         """Queue new commits durably; return those that were new."""
         meta = meta or {}

@@ -31,6 +31,7 @@ import time
 
 import auth
 import helpers
+import notifications
 import results
 from dispatch_state import DispatcherState, Job, Runner
 from helpers import Message, Reply
@@ -368,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after a restart, how long commits that were running wait for "
                              "their runner to re-register and keep them (default: "
                              "%(default)s; 0 requeues them at once)")
+    notifications.add_arguments(parser)
     helpers.add_common_arguments(parser)
     return parser
 
@@ -485,9 +487,12 @@ def main(argv=None) -> int:
             security.tls_client_roles = frozenset({"runner", "observer", "operator",
                                                    "viewer"})
             security.tls_server_role = "runner"
+        notifier = notifications.from_args(args, state_dir, results_dir)
         state = DispatcherState(results_dir, Journal(os.path.join(state_dir, "journal")),
                                 args.max_attempts)
         state.recover(args.restart_grace)
+        if notifier:
+            state.listeners.append(notifier.result_written)
         dispatcher = Dispatcher(state, security, args.ping_interval, args.ping_misses,
                                 args.ping_timeout, args.job_timeout, args.workers)
         try:
@@ -505,8 +510,15 @@ def main(argv=None) -> int:
              helpers.format_address((host, port)), results_dir,
              "on (master; issued keys accepted)" if security.secret else "off",
              "on (certificate roles checked)" if security.server_tls else "off")
+    if notifier:
+        notifier.start(state.is_pending)
     dispatcher.start()
-    helpers.serve_until_signalled(server, on_stop=dispatcher.stop)
+
+    def stop():
+        dispatcher.stop()
+        if notifier:
+            notifier.stop()
+    helpers.serve_until_signalled(server, on_stop=stop)
     log.info("dispatcher stopped")
     return 0
 

@@ -155,6 +155,7 @@ class Cluster:
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.env.pop("CI_SECRET", None)
         self._n = 0
+        self.closers: list = []  # in-process stand-ins to close with the cluster
 
     @property
     def dispatcher_address(self) -> str:
@@ -231,6 +232,8 @@ class Cluster:
     def close(self) -> None:
         for daemon in self.daemons:
             daemon.close()
+        for other in self.closers:
+            other.close()
 
 
 def wait_for_port(port: int, daemon: Daemon | None = None, timeout: float = 15) -> None:
@@ -338,3 +341,81 @@ def threaded_servers():
     yield make
     for server in made:
         server.close()
+
+
+class FakeRunner(ThreadedServer):
+    """A real server on port 0 speaking the runner's protocol; what it
+    answers to ``runtest`` the test decides, which a real runner cannot be
+    made to do on cue (a lost or refused delivery).  It records the token
+    of every assignment, so a test can report a result as the assignee."""
+
+    def __init__(self, answers=None):
+        self.answers = list(answers or [])
+        self.instance = helpers.secrets.token_hex(4)
+        self.calls: list[str] = []
+        self.tokens: dict[str, str] = {}
+        super().__init__({"ping": self.ping, "runtest": self.runtest})
+        self.key = f"127.0.0.1:{self.port}"
+
+    def ping(self, message, peer):
+        return helpers.Message("ok", "pong", helpers.encode_fields(
+            {"instance": self.instance, "busy": ""}))
+
+    def runtest(self, message, peer):
+        with self.lock:
+            commit, token = message.argument.split()
+            self.calls.append(commit)
+            self.tokens[commit] = token
+            return self.answers.pop(0) if self.answers else helpers.Message("ok")
+
+    def received(self) -> list[str]:
+        with self.lock:
+            return list(self.calls)
+
+    def register(self, dispatcher_port: int) -> str:
+        reply = helpers.call(("127.0.0.1", dispatcher_port), "register", self.key,
+                             helpers.encode_fields({"instance": self.instance, "busy": ""}))
+        assert reply.command == "ok", reply
+        return reply.argument
+
+
+class Fleet:
+    """Fake runners that take every dispatched commit at once and let the
+    test post each result, in any order, with the assignment's token."""
+
+    def __init__(self, size: int):
+        self.runners = [FakeRunner() for _ in range(size)]
+        self.used: set[str] = set()
+
+    def register(self, dispatcher_port: int) -> None:
+        for runner in self.runners:
+            runner.register(dispatcher_port)
+
+    def token(self, commit: str, timeout: float = 10) -> str:
+        """The newest token handed out for ``commit`` and not yet used."""
+        def fresh():
+            for runner in self.runners:
+                with runner.lock:
+                    token = runner.tokens.get(commit)
+                if token and token not in self.used:
+                    return token
+            return None
+        token = wait_until(fresh, timeout, what=f"an assignment of {commit[:12]}")
+        self.used.add(token)
+        return token
+
+    def close(self) -> None:
+        for runner in self.runners:
+            runner.close()
+
+
+@pytest.fixture
+def fleet():
+    made = []
+
+    def make(size: int = 4) -> Fleet:
+        made.append(Fleet(size))
+        return made[-1]
+    yield make
+    for one in made:
+        one.close()

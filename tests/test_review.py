@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from conftest import PY, ThreadedServer, wait_until
+from conftest import PY, FakeRunner, wait_until
 
 import helpers
 import results
@@ -18,41 +18,6 @@ from helpers import Message
 from journal import Journal
 
 X, Y = "1" * 40, "2" * 40
-
-
-class FakeRunner(ThreadedServer):
-    """A real server on port 0 speaking the runner's protocol; what it
-    answers to ``runtest`` the test decides, which a real runner cannot be
-    made to do on cue (a lost or refused delivery)."""
-
-    def __init__(self, answers=None):
-        self.answers = list(answers or [])
-        self.instance = "fake0001"
-        self.calls: list[str] = []
-        self.tokens: dict[str, str] = {}
-        super().__init__({"ping": self.ping, "runtest": self.runtest})
-        self.key = f"127.0.0.1:{self.port}"
-
-    def ping(self, message, peer):
-        return Message("ok", "pong", helpers.encode_fields({"instance": self.instance,
-                                                            "busy": ""}))
-
-    def runtest(self, message, peer):
-        with self.lock:
-            commit, token = message.argument.split()
-            self.calls.append(commit)
-            self.tokens[commit] = token
-            return self.answers.pop(0) if self.answers else Message("ok")
-
-    def received(self) -> list[str]:
-        with self.lock:
-            return list(self.calls)
-
-    def register(self, dispatcher_port: int) -> str:
-        reply = helpers.call(("127.0.0.1", dispatcher_port), "register", self.key,
-                             helpers.encode_fields({"instance": self.instance, "busy": ""}))
-        assert reply.command == "ok", reply
-        return reply.argument
 
 
 @pytest.fixture
@@ -90,8 +55,7 @@ def test_runner_freed_by_another_runners_result_is_offered_work(cluster, fake_ru
     dispatch(cluster, X)
     wait_until(lambda: runner.received() == [X], 10, what="runtest X")
     dispatch(cluster, Y)
-    body = results.format_result({"verdict": "passed", "runner": "127.0.0.1:9"}, b"ok
-")
+    body = results.format_result({"verdict": "passed", "runner": "127.0.0.1:9"}, b"ok\n")
     reply = helpers.call(("127.0.0.1", cluster.dispatcher_port), "results",
                          f"{X} {runner.tokens[X]}", body)
     assert reply == Message("ok", "stored")
