@@ -494,6 +494,8 @@ class DispatcherState:
 RESULT_INT_FIELDS = ("tests", "failures", "errors", "skipped", "exit_code")
 # ASCII digits only: str.isdigit() also accepts '²' and '--1', which int() rejects.
 RESULT_INT_RE = re.compile(r"-?[0-9]{1,12}")
+SETUP_STATES = ("built", "reused", "none", "failed")
+RESULT_DURATION_RE = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")
 
 
 def commit_list(message: Message, command: str) -> list[str]:
@@ -539,6 +541,11 @@ def parse_results_message(message: Message) -> tuple[str, dict, bytes]:
     for name in ("runner", "started", "reason"):
         if name in raw:
             fields[name] = helpers.one_line(raw[name], 500)
+    # How the runner readied the commit's environment (issue 12).
+    if raw.get("setup") in SETUP_STATES:
+        fields["setup"] = raw["setup"]
+    if RESULT_DURATION_RE.fullmatch(raw.get("setup_duration", "")):
+        fields["setup_duration"] = raw["setup_duration"]
     return parts[0], fields, output
 
 

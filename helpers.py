@@ -832,7 +832,8 @@ def ensure_dir(path: str, what: str) -> str:
 # Result files: ``key: value`` header, blank line, raw test output.
 
 RESULT_FIELDS = ("commit", "verdict", "tests", "failures", "errors", "skipped",
-                 "runner", "started", "duration", "exit_code", "reason")
+                 "runner", "started", "duration", "exit_code", "reason",
+                 "setup", "setup_duration")
 
 
 def format_result(fields: dict, output: bytes) -> bytes:
