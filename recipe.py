@@ -95,11 +95,11 @@ def parse(text: str) -> dict[str, str]:
         parser.read_string(text, source=RECIPE_FILE)
     except configparser.MissingSectionHeaderError as exc:
         raise RecipeError(f"{RECIPE_FILE} line {exc.lineno}: expected the [{SECTION}] "
-                          f"section header, found {_quote(exc.line)}") from None
+                          f"section header, found {_quote(_line(text, exc.lineno))}") from None
     except configparser.ParsingError as exc:
-        lineno, line = exc.errors[0]
-        raise RecipeError(f"{RECIPE_FILE} line {lineno}: cannot parse {_quote(line)} "
-                          "(expected key = value)") from None
+        lineno = exc.errors[0][0]
+        raise RecipeError(f"{RECIPE_FILE} line {lineno}: cannot parse "
+                          f"{_quote(_line(text, lineno))} (expected key = value)") from None
     except configparser.DuplicateSectionError as exc:
         raise RecipeError(f"{RECIPE_FILE} line {exc.lineno}: section [{exc.section}] "
                           "appears twice") from None
@@ -173,17 +173,22 @@ def _env_files(value: str, text: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _line(text: str, number: int) -> str:
+    lines = text.split("\n")
+    return lines[number - 1] if 0 < number <= len(lines) else ""
+
+
 def _line_of_key(text: str, key: str) -> int | str:
     """The line a key is on (configparser does not keep it)."""
     pattern = re.compile(r"\s*" + re.escape(key) + r"\s*[=:]", re.I)
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):
         if pattern.match(line):
             return number
     return "?"
 
 
 def _line_of_section(text: str, section: str) -> int | str:
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):
         if line.strip() == f"[{section}]":
             return number
     return "?"
