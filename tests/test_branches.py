@@ -171,3 +171,23 @@ def test_bad_flags_are_refused(upstream, tmp_path):
         proc = subprocess.run([PY, repo_observer.__file__, *flags, "--no-listen", clone],
                               capture_output=True, text=True, timeout=20)
         assert proc.returncode == 2 and message in proc.stderr, (flags, proc.stderr)
+
+
+def test_feature_branches_on_the_whole_system_each_commit_tested_once(cluster, upstream):
+    cluster.start_dispatcher()
+    runner = cluster.start_runner()
+    observer = cluster.start_observer("--branch", "main", "--branch", "feature/*")
+    main0 = git(upstream.path, "rev-parse", "main")
+    assert cluster.result(main0)["verdict"] == "passed"
+    own = branch_commits(upstream, "feature/x", 2)
+    assert [cluster.result(c)["verdict"] for c in own] == ["passed", "passed"]
+    # Merged into main by fast-forward: main's new commits are the
+    # feature's, already tested; the dispatcher is told and tests none again.
+    git(upstream.path, "merge", "-q", "--ff-only", "feature/x")
+    wait_until(lambda: state_of(observer)["last_dispatched"].get("main") == own[-1], 20,
+               what="main to advance")
+    wait_until(lambda: "2 commit(s), 0 new" in cluster.daemons[0].log(), 10,
+               what="the dispatcher to see nothing new")
+    assert sorted(cluster.result_files()) == sorted([main0, *own])
+    accepted = [line for line in runner.log().splitlines() if " accepted " in line]
+    assert len(accepted) == 3
