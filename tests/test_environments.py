@@ -8,6 +8,7 @@ import tempfile
 import time
 
 import pytest
+from conftest import PY
 from wheelmaker import make_wheel
 
 import environments
@@ -142,3 +143,19 @@ def test_recipe_symlink_and_bad_bytes_are_errors(tmp_path, project):
         handle.write(b"[ci]\ntest = \xff\n")
     prepared, _ = prepare(preparer, project)
     assert prepared.fields["reason"] == ".ci.ini is not UTF-8 (byte 12)"
+
+
+def test_runner_flags_are_checked(upstream, tmp_path):
+    clone = upstream.clone(tmp_path / "clone")
+    envs = str(tmp_path / "envs")
+    holder = environments.EnvironmentCache(envs)  # as a running runner would
+    for flags, message in ((["--timeout", "1000", "--max-timeout", "500"], "larger than"),
+                           (["--keep-envs", "0"], "at least 1"),
+                           (["--setup-timeout", "nan"], "must be positive"),
+                           (["--setup-command", "pip 'install"], "invalid --setup-command"),
+                           (["--env-dir", envs], "in use by another runner")):
+        proc = subprocess.run([PY, test_runner.__file__, "--port", "0", *flags, clone],
+                              capture_output=True, text=True, timeout=20)
+        assert proc.returncode == 2 and message in proc.stderr, (flags, proc.stderr)
+        assert proc.stderr.count("\n") == 1
+    holder.close()
