@@ -101,11 +101,11 @@ def test_recipe_and_environments_commit_by_commit(cluster, upstream, wheels):
 
 
 SLOW_SETUP = """import os, subprocess, sys, time
-subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links",
-                sys.argv[1], "tinydep"], check=True)
 if not os.path.exists(sys.argv[2]):
     open(sys.argv[2], "w").close()
     time.sleep(120)  # the first build is killed here
+subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links",
+                sys.argv[1], "tinydep"], check=True)
 """
 
 
