@@ -2,6 +2,12 @@
 at once when a git hook sends ``notify``) and dispatches every new commit
 of each watched branch, oldest first, along the first-parent line.
 
+Branches are named or matched by glob patterns (or all watched); one
+fetch per poll serves them all, and each branch is then handled on its own,
+so one that fails never holds up the others.  A branch first seen after
+the observer's first poll dispatches only its own commits.  Each dispatch
+carries one ``<commit> <previous|-> <branch>`` line per commit.
+
 The last dispatched commit per branch is kept in a state file and is
 advanced only after the dispatcher has durably accepted the commits, so
 nothing is skipped across restarts and outages: the backlog is simply
