@@ -159,3 +159,20 @@ def test_runner_flags_are_checked(upstream, tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, (flags, proc.stderr)
         assert proc.stderr.count("\n") == 1
     holder.close()
+
+
+def test_ignored_recipe_and_capped_timeouts(project):
+    with open(os.path.join(project, recipe.RECIPE_FILE), "w") as handle:
+        handle.write("[ci]\ntest = python -m pytest\ntimeout = 7200\n")
+    limits = recipe.Limits(test=("make", "check"), timeout=600, max_timeout=900)
+    prepared, output = prepare(environments.Preparer(limits), project)
+    assert (prepared.command, prepared.timeout) == (["python", "-m", "pytest"], 900)
+    assert output == b"[ci] timeout 7200s in .ci.ini capped at 900s by the runner's " \
+                     b"--max-timeout\n"
+    # --ignore-repo-recipe: the flags alone, even over a malformed file.
+    with open(os.path.join(project, recipe.RECIPE_FILE), "w") as handle:
+        handle.write("not a recipe at all\n")
+    prepared, output = prepare(environments.Preparer(limits, read_recipe=False), project)
+    assert not prepared.failed and output == b""
+    assert (prepared.command, prepared.timeout, prepared.fields) == \
+        (["make", "check"], 600, {"setup": "none"})
