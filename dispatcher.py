@@ -66,6 +66,8 @@ DEFAULT_RESTART_GRACE = 10.0
 RESULT_INT_FIELDS = ("tests", "failures", "errors", "skipped", "exit_code")
 # ASCII digits only: str.isdigit() also accepts '²' and '--1', which int() rejects.
 RESULT_INT_RE = re.compile(r"-?[0-9]{1,12}")
+SETUP_STATES = ("built", "reused", "none", "failed")
+RESULT_DURATION_RE = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")
 
 
 def commit_list(message: Message, command: str) -> list[str]:
@@ -126,6 +128,11 @@ def parse_results_message(message: Message) -> tuple[str, str, dict, bytes]:
     for name in ("runner", "started", "reason", "subject", "author", "committed"):
         if name in raw:
             fields[name] = helpers.one_line(raw[name], 300)
+    # How the runner readied the commit's environment.
+    if raw.get("setup") in SETUP_STATES:
+        fields["setup"] = raw["setup"]
+    if RESULT_DURATION_RE.fullmatch(raw.get("setup_duration", "")):
+        fields["setup_duration"] = raw["setup_duration"]
     fields.update(results.junit_fields(raw, junit))
     return commit, token, fields, output
 

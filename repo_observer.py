@@ -2,6 +2,12 @@
 at once when a git hook sends ``notify``) and dispatches every new commit
 of each watched branch, oldest first, along the first-parent line.
 
+Branches are named or matched by glob patterns (or all watched); one
+fetch per poll serves them all, and each branch is then handled on its own,
+so one that fails never holds up the others.  A branch first seen after
+the observer's first poll dispatches only its own commits.  Each dispatch
+carries one ``<commit> <previous|-> <branch>`` line per commit.
+
 The last dispatched commit per branch is kept in a state file and is
 advanced only after the dispatcher has durably accepted the commits, so
 nothing is skipped across restarts and outages: the backlog is simply
@@ -14,6 +20,7 @@ usage:  repo_observer.py [options] REPO
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import logging
 import os
@@ -36,6 +43,13 @@ DEFAULT_PORT = 8887
 BATCH = 200
 # Update of the clone may hang on a dead network: bound it.
 FETCH_TIMEOUT = 300
+# Pushing an old branch must not flood the queue with its whole history.
+DEFAULT_NEW_BRANCH_LIMIT = 20
+# Dispatched commits remembered, to tell whether a new branch's fork point
+# was tested (and so can be named as its first commit's previous one).
+RECENT_LIMIT = 2000
+# The status reply is a field list of bounded length.
+MAX_STATUS_BRANCHES = 50
 
 
 # --------------------------------------------------------------------------
@@ -58,39 +72,138 @@ def new_commits(repo: str, head: str, last: str | None) -> tuple[list[str], bool
     return out.split(), False
 
 
+def parse_heads(text: str) -> dict[str, str]:
+    """``update_repo.sh``'s listing: one ``<full id> <branch>`` per line."""
+    heads = {}
+    for line in text.splitlines():
+        commit, _, branch = line.partition(" ")
+        if helpers.valid_full_commit(commit) and branch and branch.isprintable() \
+                and " " not in branch:
+            heads[branch] = commit
+    return heads
+
+
+def own_commits(repo: str, head: str, others: list[str]) -> list[str]:
+    """A new branch's commits that no other watched branch has, oldest
+    first, on its first-parent line (for a branch made from main: its own)."""
+    out = helpers.run_git(repo, "rev-list", "--first-parent", "--reverse", head,
+                          *[f"^{other}" for other in others])
+    return out.split()
+
+
+def first_parent(repo: str, commit: str) -> str | None:
+    try:
+        parent = helpers.run_git(repo, "rev-parse", "--verify", "--quiet",
+                                 f"{commit}^1").strip()
+    except GitError:
+        return None  # a root commit
+    return parent if helpers.valid_full_commit(parent) else None
+
+
+def dispatch_body(commits: list[str], previous: str | None, branch: str) -> bytes:
+    """One ``<commit> <previous|-> <branch>`` line per commit: what the
+    dispatcher needs to judge each commit against the one before it on its
+    branch (broke / fixed)."""
+    lines = []
+    for commit in commits:
+        lines.append(f"{commit} {previous or '-'} {branch}")
+        previous = commit
+    return ("\n".join(lines) + "\n").encode()
+
+
 class ObserverState:
-    """Last dispatched commit per branch, persisted atomically."""
+    """Per branch, the last commit handled and the commit to name as the
+    previous one; and the recently dispatched commits (to tell whether a
+    new branch's fork point was tested).  Persisted atomically."""
 
     def __init__(self, path: str):
         self.path = path
         self._lock = threading.Lock()
         self.last: dict[str, str] = {}
+        self.previous: dict[str, str] = {}
+        self.recent: dict[str, None] = {}  # insertion-ordered, bounded
+        self.initialized = False
         try:
             with open(path, "rb") as handle:
                 data = json.loads(handle.read() or b"{}")
             self.last = {b: c for b, c in data.get("last_dispatched", {}).items()
                          if isinstance(b, str) and helpers.valid_full_commit(c)}
+            # A state file from before "previous" was kept: the last
+            # dispatched commit is the previous one.
+            previous = data.get("previous", self.last)
+            self.previous = {b: c for b, c in previous.items()
+                             if b in self.last and helpers.valid_full_commit(c)}
+            recent = [c for c in data.get("recent", []) if isinstance(c, str)]
+            self.recent = dict.fromkeys(recent[-RECENT_LIMIT:] + list(self.previous.values()))
+            self.initialized = True
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, AttributeError) as exc:
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
             raise helpers.ConfigError(f"cannot read observer state {path}: {exc}") from None
 
     def get(self, branch: str) -> str | None:
         with self._lock:
             return self.last.get(branch)
 
-    def set(self, branch: str, commit: str) -> None:
+    def previous_of(self, branch: str) -> str | None:
+        with self._lock:
+            return self.previous.get(branch)
+
+    def branches(self) -> list[str]:
+        with self._lock:
+            return sorted(self.last)
+
+    def was_dispatched(self, commit: str) -> bool:
+        with self._lock:
+            return commit in self.recent
+
+    def set(self, branch: str, commit: str, dispatched: list[str] = (),
+            previous: str | None = None) -> None:
+        """``commit`` handled on ``branch`` after dispatching ``dispatched``;
+        ``previous`` is what the branch's next commit will name (default:
+        ``commit``, which was dispatched)."""
         with self._lock:
             self.last[branch] = commit
-            data = json.dumps({"last_dispatched": self.last}, indent=1, sort_keys=True)
-            helpers.atomic_write(self.path, data.encode())
+            previous = commit if previous is None and dispatched else previous
+            if previous:
+                self.previous[branch] = previous
+            else:
+                self.previous.pop(branch, None)
+            for done in dispatched:
+                self.recent.pop(done, None)
+                self.recent[done] = None
+            while len(self.recent) > RECENT_LIMIT:
+                del self.recent[next(iter(self.recent))]
+            self._save()
+
+    def forget(self, branch: str) -> None:
+        with self._lock:
+            self.last.pop(branch, None)
+            self.previous.pop(branch, None)
+            self._save()
+
+    def mark_initialized(self) -> None:
+        with self._lock:
+            if not self.initialized:
+                self.initialized = True
+                self._save()
+
+    def _save(self) -> None:
+        """Caller holds the lock."""
+        data = json.dumps({"last_dispatched": self.last, "previous": self.previous,
+                           "recent": list(self.recent)}, indent=1, sort_keys=True)
+        helpers.atomic_write(self.path, data.encode())
 
 
 class Observer:
-    def __init__(self, repo: str, branches: list[str], dispatcher: tuple[str, int],
-                 poll: float, state: ObserverState, security: helpers.Security):
+    def __init__(self, repo: str, patterns: list[str], dispatcher: tuple[str, int],
+                 poll: float, state: ObserverState, security: helpers.Security,
+                 all_branches: bool = False,
+                 new_branch_limit: int = DEFAULT_NEW_BRANCH_LIMIT):
         self.repo = repo
-        self.branches = branches
+        self.patterns = patterns
+        self.all_branches = all_branches
+        self.new_branch_limit = new_branch_limit
         self.dispatcher = dispatcher
         self.poll = poll
         self.state = state
@@ -98,6 +211,7 @@ class Observer:
         self.wake = threading.Event()
         self.stop_event = threading.Event()
         self.polls = 0
+        self._unmatched: set[str] = set()  # patterns already warned about
         self._child_lock = threading.Lock()
         self._child: subprocess.Popen | None = None  # the running update_repo.sh
         self.thread = threading.Thread(target=self._loop, name="poll", daemon=True)
@@ -111,7 +225,7 @@ class Observer:
     def do_status(self, message: Message, peer: str) -> Message:
         fields = {"polls": self.polls}
         fields.update({f"branch_{i}": f"{b} {self.state.get(b) or '-'}"
-                       for i, b in enumerate(self.branches)})
+                       for i, b in enumerate(self.state.branches()[:MAX_STATUS_BRANCHES])})
         return Message("ok", "", helpers.encode_fields(fields))
 
     def _loop(self) -> None:
@@ -139,32 +253,101 @@ class Observer:
             self.wake.wait(delay)
 
     def poll_once(self) -> None:
-        """Fetch, then dispatch each branch's new commits in batches."""
+        """Fetch once, then handle each watched branch on its own: a branch
+        that fails is logged and the others go on.  Only the dispatcher
+        being unreachable ends the poll (no branch could go on)."""
         self.polls += 1
-        for branch in self.branches:
-            head = self._update(branch)
-            last = self.state.get(branch)
+        watched = self._watched(self._update())
+        for branch in self.state.branches():
+            if branch not in watched:
+                log.info("branch %s is gone or no longer watched; forgetting it", branch)
+                self.state.forget(branch)
+        first_start = not self.state.initialized
+        # Known branches first: a new branch made from one of them then
+        # finds their new commits already dispatched.
+        order = sorted(watched, key=lambda b: (self.state.get(b) is None, b))
+        for branch in order:
+            try:
+                self._poll_branch(branch, watched, first_start)
+            except (OSError, helpers.ProtocolError):
+                raise
+            except (GitError, DispatcherRefused) as exc:
+                log.warning("branch %s: %s; the other branches go on", branch, exc)
+            except Exception:
+                log.exception("branch %s failed; the other branches go on", branch)
+        self.state.mark_initialized()
+
+    def _watched(self, heads: dict[str, str]) -> dict[str, str]:
+        if self.all_branches:
+            return heads
+        watched = {b: c for b, c in heads.items()
+                   if any(fnmatch.fnmatchcase(b, p) for p in self.patterns)}
+        for pattern in self.patterns:
+            if any(fnmatch.fnmatchcase(b, pattern) for b in heads):
+                self._unmatched.discard(pattern)
+            elif pattern not in self._unmatched:
+                self._unmatched.add(pattern)
+                log.warning("no branch of the upstream matches %r", pattern)
+        return watched
+
+    def _poll_branch(self, branch: str, watched: dict[str, str], first_start: bool) -> None:
+        head = watched[branch]
+        last = self.state.get(branch)
+        if last is None and not first_start:
+            commits, previous = self._new_branch(branch, watched)
+            if not commits:
+                # Nothing of its own: its next commit follows its head, if tested.
+                self.state.set(branch, head, previous=head
+                               if self.state.was_dispatched(head) else None)
+                log.info("new branch %s at %s: no commits of its own", branch, head[:12])
+                return
+        else:
             commits, rewritten = new_commits(self.repo, head, last)
+            previous = self.state.previous_of(branch)
             if rewritten:
                 log.warning("branch %s was rewritten (%s is no longer an ancestor of %s); "
                             "dispatching the new head only", branch, last[:12], head[:12])
-            if not commits:
-                continue
-            self._check_dispatcher()
-            for start in range(0, len(commits), BATCH):
-                batch = commits[start:start + BATCH]
-                reply = helpers.call(self.dispatcher, "dispatch", " ".join(batch),
-                                     security=self.security, reply_timeout=30)
-                if reply.command != "ok":
-                    raise DispatcherRefused(f"dispatch refused: {reply.argument}")
-                self.state.set(branch, batch[-1])
-                log.info("dispatched %d commit(s) of %s up to %s (%s)", len(batch), branch,
-                         batch[-1][:12], reply.argument)
+        if commits:
+            self._dispatch(branch, commits, previous)
 
-    def _update(self, branch: str) -> str:
-        """Run update_repo.sh in its own process group, so that stopping
-        the observer mid-fetch leaves no git process behind."""
-        cmd = ["bash", helpers.script_path("update_repo.sh"), self.repo, branch]
+    def _new_branch(self, branch: str, watched: dict[str, str]) -> tuple[list[str], str | None]:
+        """The commits of a branch first seen now that no known branch has,
+        the newest --new-branch-limit of them; and their previous commit:
+        the fork point, if it was dispatched."""
+        others = [head for other, head in watched.items()
+                  if other != branch and self.state.get(other) is not None]
+        commits = own_commits(self.repo, watched[branch], others)
+        if len(commits) > self.new_branch_limit:
+            log.warning("new branch %s has %d commits of its own; dispatching the newest %d "
+                        "(--new-branch-limit)", branch, len(commits), self.new_branch_limit)
+            commits = commits[-self.new_branch_limit:]
+        previous = first_parent(self.repo, commits[0]) if commits else None
+        if previous and not self.state.was_dispatched(previous):
+            previous = None
+        if commits:
+            log.info("new branch %s: %d commit(s) of its own", branch, len(commits))
+        return commits, previous
+
+    def _dispatch(self, branch: str, commits: list[str], previous: str | None) -> None:
+        """Send in batches; the state advances only after each is accepted."""
+        self._check_dispatcher()
+        for start in range(0, len(commits), BATCH):
+            batch = commits[start:start + BATCH]
+            reply = helpers.call(self.dispatcher, "dispatch", " ".join(batch),
+                                 dispatch_body(batch, previous, branch),
+                                 security=self.security, reply_timeout=30)
+            if reply.command != "ok":
+                raise DispatcherRefused(f"dispatch refused: {reply.argument}")
+            self.state.set(branch, batch[-1], batch)
+            previous = batch[-1]
+            log.info("dispatched %d commit(s) of %s up to %s (%s)", len(batch), branch,
+                     batch[-1][:12], reply.argument)
+
+    def _update(self) -> dict[str, str]:
+        """Run update_repo.sh (one fetch, every branch's head) in its own
+        process group, so that stopping the observer mid-fetch leaves no
+        git process behind."""
+        cmd = ["bash", helpers.script_path("update_repo.sh"), self.repo]
         with self._child_lock:
             if self.stop_event.is_set():
                 raise GitError(["fetch"], self.repo, -1, "observer stopping")
@@ -180,10 +363,9 @@ class Observer:
         finally:
             with self._child_lock:
                 self._child = None
-        head = out.strip()
-        if proc.returncode or not helpers.valid_full_commit(head):
+        if proc.returncode:
             raise GitError(["fetch"], self.repo, proc.returncode, err)
-        return head
+        return parse_heads(out)
 
     def _check_dispatcher(self) -> None:
         reply = helpers.call(self.dispatcher, "status", security=self.security)
@@ -213,6 +395,13 @@ class DispatcherRefused(Exception):
     pass
 
 
+def valid_pattern(pattern: str) -> bool:
+    """A branch name or glob: only ever matched with fnmatch, never given
+    to git or a shell, but kept to what a ref name could look like."""
+    return (0 < len(pattern) <= 255 and pattern.isprintable() and " " not in pattern
+            and not pattern.startswith("-"))
+
+
 def default_branch(repo: str) -> str:
     """The upstream's default branch, else the clone's current branch."""
     for args in (("symbolic-ref", "--short", "refs/remotes/origin/HEAD"),
@@ -237,9 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the dispatcher's address (default: %(default)s)")
     parser.add_argument("--poll", type=float, default=DEFAULT_POLL, metavar="SECONDS",
                         help="seconds between polls of the upstream (default: %(default)s)")
-    parser.add_argument("--branch", action="append", metavar="NAME",
-                        help="branch to watch; repeat for several (default: the upstream's "
-                             "default branch)")
+    parser.add_argument("--branch", action="append", metavar="PATTERN",
+                        help="branch to watch, or a glob pattern such as 'feature/*'; repeat "
+                             "for several (default: the upstream's default branch)")
+    parser.add_argument("--all-branches", action="store_true",
+                        help="watch every branch of the upstream")
+    parser.add_argument("--new-branch-limit", type=int, default=DEFAULT_NEW_BRANCH_LIMIT,
+                        metavar="N",
+                        help="a new branch's first poll dispatches at most its newest N "
+                             "commits of its own (default: %(default)s)")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on for notify (default: %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
@@ -274,11 +469,14 @@ def main(argv=None) -> int:
         repo = os.path.abspath(args.repo)
         if not os.path.isdir(os.path.join(repo, ".git")):
             raise helpers.ConfigError(f"{args.repo} is not a git clone (no .git folder)")
-        branches = args.branch or [default_branch(repo)]
-        for branch in branches:
-            if subprocess.run(["git", "check-ref-format", "--branch", branch],
-                              capture_output=True).returncode:
-                raise helpers.ConfigError(f"invalid branch name {branch!r}")
+        if args.all_branches and args.branch:
+            raise helpers.ConfigError("give --branch or --all-branches, not both")
+        if args.new_branch_limit < 1:
+            raise helpers.ConfigError("--new-branch-limit must be at least 1")
+        branches = args.branch or ([] if args.all_branches else [default_branch(repo)])
+        for pattern in branches:
+            if not valid_pattern(pattern):
+                raise helpers.ConfigError(f"invalid branch name or pattern {pattern!r}")
         security = helpers.security_from_args(args)
         if security.server_tls:
             # Hooks hold the observer's (or an operator's) certificate; the
@@ -288,7 +486,8 @@ def main(argv=None) -> int:
         state_dir = helpers.ensure_dir(args.state_dir or os.path.join(repo, ".git", "ci-observer"),
                                        "state folder")
         state = ObserverState(os.path.join(state_dir, "state.json"))
-        observer = Observer(repo, branches, dispatcher, args.poll, state, security)
+        observer = Observer(repo, branches, dispatcher, args.poll, state, security,
+                            args.all_branches, args.new_branch_limit)
         if not args.no_listen:
             helpers.check_bind_allowed(args.host, security, args.insecure)
             try:
@@ -302,7 +501,7 @@ def main(argv=None) -> int:
         print(f"repo_observer: error: {exc}", file=sys.stderr)
         return 2
     log.info("observing %s branch(es) %s every %.1fs; dispatcher %s%s", repo,
-             ", ".join(branches), args.poll, helpers.format_address(dispatcher),
+             ", ".join(branches) or "(all)", args.poll, helpers.format_address(dispatcher),
              f"; notify on {helpers.format_address(server.server_address[:2])}"
              if server else "")
     observer.start()

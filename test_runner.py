@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import re
 import secrets
@@ -25,9 +26,11 @@ import tempfile
 import threading
 import time
 
+import environments
 import helpers
 import junit_capture
 import procgroup
+import recipe
 import results
 from helpers import Message
 
@@ -132,10 +135,10 @@ def classify(exit_code: int, timed_out: bool, output: bytes,
     return "error", counts, f"test command exited {exit_code} without reporting failing tests"
 
 
-def default_test_command(repo: str) -> list[str]:
+def default_test_command(repo: str, python: str | None = None) -> list[str]:
     """``python -m unittest discover -s tests``; ``-t .`` when tests/ is a
     package, so that tests importing the project from the root work."""
-    command = [sys.executable, "-m", "unittest", "discover", "-s", "tests"]
+    command = [python or sys.executable, "-m", "unittest", "discover", "-s", "tests"]
     if os.path.exists(os.path.join(repo, "tests", "__init__.py")):
         command += ["-t", "."]
     return command
@@ -314,10 +317,15 @@ def parse_checkout_meta(log_bytes: bytes) -> dict:
 
 def execute(repo: str, commit: str, test_command: list[str] | None, timeout: float,
             checkout_timeout: float, slot: ProcessSlot, max_output: int,
-            junit_pattern: str | None = None) -> tuple[dict, bytes]:
+            junit_pattern: str | None = None,
+            preparer: environments.Preparer | None = None) -> tuple[dict, bytes]:
     """Check out ``commit`` and run its tests; return (fields, output).
-    Per-test records, when there are any, come as ``results.JUNIT_XML_KEY``
-    in the fields, and the counts are theirs."""
+
+    ``preparer`` (the runner's recipe and environments) decides the test
+    command, its environment and time limit; without one, ``test_command``
+    and ``timeout`` are used as given.  Per-test records, when there are
+    any, come as ``results.JUNIT_XML_KEY`` in the fields, and the counts
+    are theirs."""
     started = time.time()
     fields = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
               "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "exit_code": -1}
@@ -334,21 +342,34 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
         fields.update(verdict="error", reason=reason,
                       duration=f"{time.time() - started:.3f}")
         return fields, checkout_log + f"\n{reason}\n".encode()
-    command = test_command or default_test_command(repo)
+    preparer = preparer or environments.Preparer(
+        recipe.Limits(test=test_command, timeout=timeout), read_recipe=False)
+    with tempfile.TemporaryFile() as out:
+        prepared = preparer.prepare(repo, slot, env, out)
+        # The setup's log comes first but must leave room for the tests'.
+        setup_log = read_bounded(out, max_output if prepared.failed else max_output // 4)
+    fields.update(prepared.fields)
+    if prepared.failed:
+        fields["duration"] = f"{time.time() - started:.3f}"
+        return fields, setup_log
+    test_command, timeout = prepared.command, prepared.timeout
+    command = test_command or default_test_command(repo, prepared.python)
     if test_command is None and not os.path.isdir(os.path.join(repo, "tests")):
         fields.update(verdict="error", reason="no tests/ folder in this commit",
                       duration=f"{time.time() - started:.3f}")
-        return fields, b"no tests/ folder in this commit\n"
+        return fields, setup_log + b"no tests/ folder in this commit
+"
     with tempfile.TemporaryFile() as out, \
             junit_capture.Capture(repo, command, junit_pattern) as capture:
         try:
-            code, timed_out = slot.run(capture.command, repo, timeout, out, env)
+            code, timed_out = slot.run(capture.command, repo, timeout, out, prepared.env)
         except OSError as exc:
             fields.update(verdict="error", reason=f"cannot start test command: {exc}",
                           duration=f"{time.time() - started:.3f}")
-            return fields, f"cannot start test command {command!r}: {exc}\n".encode()
+            return fields, setup_log + f"cannot start test command {command!r}: {exc}
+".encode()
         junit = capture.collect(timed_out, max_output // 4)
-        output = read_bounded(out, max_output - len(junit.xml))
+        output = read_bounded(out, max_output - len(setup_log) - len(junit.xml))
     verdict, counts, reason = classify(code, timed_out, output, junit.counts)
     fields.update(verdict=verdict, tests=counts.tests, failures=counts.failures,
                   errors=counts.errors, skipped=counts.skipped, exit_code=code,
@@ -356,7 +377,7 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
     if reason:
         fields["reason"] = reason
     fields.update(junit.fields())
-    return fields, output
+    return fields, setup_log + output
 
 
 # --------------------------------------------------------------------------
@@ -473,6 +494,7 @@ class TestRunner:
         self.slot.reap_leftovers()
         self.outbox = Outbox(os.path.join(state_dir, "outbox"))
         self.test_command = shlex.split(args.test_command) if args.test_command else None
+        self.preparer = make_preparer(args, self.test_command, state_dir)
         self.max_output = max(security.max_message - MESSAGE_OVERHEAD, 4096)
         self.wake_link = threading.Event()
         self.stop_event = threading.Event()
@@ -512,7 +534,8 @@ class TestRunner:
             try:
                 fields, output = execute(self.repo, job.commit, self.test_command,
                                          self.args.timeout, self.args.checkout_timeout,
-                                         self.slot, self.max_output, self.args.junit_xml)
+                                         self.slot, self.max_output, self.args.junit_xml,
+                                         self.preparer)
             except Exception as exc:
                 log.exception("running %s failed", job.commit[:12])
                 fields = {"verdict": "error", "reason": f"runner failure: {exc}"}
@@ -691,6 +714,20 @@ class TestRunner:
             log.info("undelivered results stay in %s", self.outbox.folder)
 
 
+def make_preparer(args, test_command: list[str] | None,
+                  state_dir: str) -> environments.Preparer:
+    """The recipe defaults and caps from the flags, and the environments."""
+    setup = tuple(shlex.split(args.setup_command)) if args.setup_command else None
+    limits = recipe.Limits(setup=setup, test=tuple(test_command) if test_command else None,
+                           timeout=args.timeout, setup_timeout=args.setup_timeout,
+                           max_timeout=args.max_timeout)
+    cache = None
+    if setup or not args.ignore_repo_recipe:
+        cache = environments.EnvironmentCache(args.env_dir or os.path.join(state_dir, "envs"),
+                                              args.keep_envs)
+    return environments.Preparer(limits, cache, read_recipe=not args.ignore_repo_recipe)
+
+
 def bind_server(host: str, port: int | None, commands, security, max_connections):
     """Bind ``--port``, or the first free port from 8900 up."""
     ports = [port] if port is not None else range(FIRST_PORT, LAST_PORT + 1)
@@ -733,6 +770,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help="kill the tests after this long; verdict 'timeout' "
                              "(default: %(default)s)")
+    parser.add_argument("--setup-command", metavar="COMMAND",
+                        help="command that installs what the tests need, run in a cached "
+                             "virtual environment in the clone's root (split like a shell "
+                             "would, never run by one; e.g. \"python -m pip install -e "
+                             ".[test]\"; default: none; a repository's .ci.ini may set it)")
+    parser.add_argument("--setup-timeout", type=float, default=environments.DEFAULT_SETUP_TIMEOUT,
+                        metavar="SECONDS",
+                        help="limit for building an environment; verdict 'error' "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-timeout", type=float, metavar="SECONDS",
+                        help="the most a repository's .ci.ini may raise timeout and "
+                             "setup_timeout to (default: it may only lower them)")
+    parser.add_argument("--ignore-repo-recipe", action="store_true",
+                        help="do not read .ci.ini from the commits: only these flags decide")
+    parser.add_argument("--keep-envs", type=int, default=environments.DEFAULT_KEEP,
+                        metavar="N",
+                        help="keep the N most recently used environments, delete older ones "
+                             "(default: %(default)s)")
+    parser.add_argument("--env-dir", metavar="DIR",
+                        help="folder for this runner's environments, not shared with another "
+                             "runner (default: STATE_DIR/envs)")
     parser.add_argument("--checkout-timeout", type=float, default=DEFAULT_CHECKOUT_TIMEOUT,
                         metavar="SECONDS",
                         help="limit for fetch and checkout (default: %(default)s)")
@@ -768,17 +826,28 @@ def main(argv=None) -> int:
     helpers.configure_logging(args.log_level)
     try:
         for name in ("timeout", "checkout_timeout", "heartbeat", "retry_max",
-                     "progress_interval"):
-            if getattr(args, name) <= 0:
+                     "setup_timeout", "max_timeout", "progress_interval"):
+            value = getattr(args, name)
+            if value is not None and not (0 < value < math.inf):
                 raise helpers.ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if args.max_timeout is not None:
+            for name in ("timeout", "setup_timeout"):
+                if getattr(args, name) > args.max_timeout:
+                    raise helpers.ConfigError(f"--{name.replace('_', '-')} is larger than "
+                                              "--max-timeout")
+        if args.keep_envs < 1:
+            raise helpers.ConfigError("--keep-envs must be at least 1")
         if args.port is not None and not 0 <= args.port < 65536:
             raise helpers.ConfigError("--port must be 0-65535")
-        if args.test_command is not None:
+        for flag in ("test_command", "setup_command"):
+            if getattr(args, flag) is None:
+                continue
             try:
-                if not shlex.split(args.test_command):
+                if not shlex.split(getattr(args, flag)):
                     raise ValueError("empty")
             except ValueError as exc:
-                raise helpers.ConfigError(f"invalid --test-command: {exc}") from None
+                raise helpers.ConfigError(
+                    f"invalid --{flag.replace('_', '-')}: {exc}") from None
         try:
             if args.junit_xml is not None:
                 junit_capture.check_pattern(args.junit_xml)
