@@ -357,8 +357,7 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
     if test_command is None and not os.path.isdir(os.path.join(repo, "tests")):
         fields.update(verdict="error", reason="no tests/ folder in this commit",
                       duration=f"{time.time() - started:.3f}")
-        return fields, setup_log + b"no tests/ folder in this commit
-"
+        return fields, setup_log + b"no tests/ folder in this commit\n"
     with tempfile.TemporaryFile() as out, \
             junit_capture.Capture(repo, command, junit_pattern) as capture:
         try:
@@ -366,8 +365,7 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
         except OSError as exc:
             fields.update(verdict="error", reason=f"cannot start test command: {exc}",
                           duration=f"{time.time() - started:.3f}")
-            return fields, setup_log + f"cannot start test command {command!r}: {exc}
-".encode()
+            return fields, setup_log + f"cannot start test command {command!r}: {exc}\n".encode()
         junit = capture.collect(timed_out, max_output // 4)
         output = read_bounded(out, max_output - len(setup_log) - len(junit.xml))
     verdict, counts, reason = classify(code, timed_out, output, junit.counts)
