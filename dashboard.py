@@ -52,7 +52,7 @@ MAX_URL = 2048
 MAX_HTML_OUTPUT = 1024 * 1024
 MAX_LIMIT = 500
 COOKIE = "ci_dashboard"
-BRANCH_RE = re.compile(r"[A-Za-z0-9._/\-+@]{1,200}")
+BRANCH_RE = pages.BRANCH_RE
 COMMIT_PATH = r"([0-9a-f]{40}|[0-9a-f]{64})"
 
 

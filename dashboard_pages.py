@@ -10,6 +10,7 @@ No handler builds HTML by concatenating strings of untrusted text.
 from __future__ import annotations
 
 import html
+import re
 import time
 import urllib.parse
 
@@ -37,6 +38,11 @@ def join(parts, sep: str = "") -> Safe:
 
 def verdict_class(verdict) -> str:
     return verdict if verdict in VERDICT_CLASSES else "unknown"
+
+
+# Branch names that may appear in a URL (git allows more; those are shown
+# but get no badge or filter link).
+BRANCH_RE = re.compile(r"[A-Za-z0-9._/\-+@]{1,200}")
 
 
 def branch_query(branch: str) -> str:
@@ -114,11 +120,14 @@ def branches_section(branches: list[dict]) -> Safe:
         cards.append(render(
             '<div class="branch-card s-{cls}"><div class="branch-top">'
             '<a class="branch-name" href="{href}">{branch}</a>'
-            '<img class="badge" alt="{branch}: {state}" src="{badge}"></div>'
+            '{badge}</div>'
             '<div class="branch-state">{detail}{running}</div>'
             '<div class="branch-head">head {head}</div></div>',
             cls="failed" if state == "failing" else "passed", href=branch_query(item["branch"]),
-            branch=item["branch"], state=state, badge=badge_path(item["branch"]), detail=detail,
+            branch=item["branch"], detail=detail,
+            badge=render('<img class="badge" alt="{state}" src="{src}">', state=state,
+                         src=badge_path(item["branch"]))
+            if BRANCH_RE.fullmatch(item["branch"]) else Safe(""),
             running=running, head=commit_link(item["head"])))
     return render('<h2>Branches</h2><div class="branches">{cards}</div>', cards=join(cards))
 
@@ -223,9 +232,13 @@ def fields_section(item: dict, status: str) -> Safe:
             continue
         if key == "verdict":
             shown = join([pill(value), mark_tag(item.get("mark"), item.get("branch"))], " ")
-        elif key == "branch":
+        elif key in ("duration", "setup_duration") and seconds(value):
+            shown = escape(seconds(value))
+        elif key == "branch" and BRANCH_RE.fullmatch(value):
             shown = render('<a class="branch" href="{href}">{branch}</a>',
                            href=branch_query(value), branch=value)
+        elif key == "branch":
+            shown = render('<span class="branch">{branch}</span>', branch=value)
         elif key == "previous" and isinstance(value, str) and len(value) in (40, 64) \
                 and all(c in "0123456789abcdef" for c in value):
             shown = commit_link(value)
@@ -260,7 +273,7 @@ def output_section(text: str, truncated: bool, commit: str, live: bool = False) 
                       commit=commit)
     title = "Live output (tail)" if live else "Output"
     return render('<h2>{title}</h2>{note}<pre class="output{cls}" id="output-pre">{text}</pre>',
-                  title=title, note=note, cls=" live" if live else "", text=text)
+                  title=title, note=note, cls=" tail" if live else "", text=text)
 
 
 # --------------------------------------------------------------------------
@@ -327,11 +340,11 @@ SCRIPT = """(function () {
     Object.keys(sections).forEach(function (key) {
       var el = document.getElementById(key);
       if (!el || last[key] === sections[key]) { return; }
-      var pre = el.querySelector('pre.live');
+      var pre = el.querySelector('pre.tail');
       var follow = !pre || pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 20;
       el.innerHTML = sections[key];
       last[key] = sections[key];
-      var now = el.querySelector('pre.live');
+      var now = el.querySelector('pre.tail');
       if (now && follow) { now.scrollTop = now.scrollHeight; }
     });
     if (data.title) { document.title = data.title; }
@@ -384,7 +397,9 @@ h1 { font-size:20px; margin:0 0 4px; } h2 { font-size:15px; margin:0 0 10px; col
   border-radius:8px; padding:12px 14px; }
 .branch-card.s-passed { border-left-color:#2da44e; } .branch-card.s-failed { border-left-color:var(--red); }
 .branch-top { display:flex; justify-content:space-between; align-items:center; gap:8px; }
-.branch-name { font-weight:600; font-size:15px; color:var(--text); overflow-wrap:anywhere; }
+.branch-name { font-weight:600; font-size:15px; color:var(--text); overflow-wrap:anywhere;
+  flex:1; min-width:0; }
+.badge { flex-shrink:0; }
 .branch-state { margin-top:6px; } .branch-head { color:var(--muted); font-size:12px; margin-top:4px; }
 table.grid { width:100%; border-collapse:separate; border-spacing:0; background:var(--card);
   border:1px solid var(--line); border-radius:8px; overflow:hidden; }
@@ -394,15 +409,18 @@ table.grid { width:100%; border-collapse:separate; border-spacing:0; background:
 .grid tr:last-child td { border-bottom:0; }
 .grid tbody tr:hover { background:#f6f8fa; }
 .grid .num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
-.grid .subject { max-width:360px; overflow-wrap:anywhere; }
+.grid .subject { min-width:220px; max-width:420px; overflow-wrap:anywhere; }
 .grid .time, .grid .runner { color:var(--muted); white-space:nowrap; font-size:12px; }
-.grid .author { white-space:nowrap; }
+.grid .author { white-space:nowrap; max-width:160px; overflow:hidden; text-overflow:ellipsis; }
 .commits tr.r-failed td:first-child, .commits tr.r-error td:first-child,
 .commits tr.r-timeout td:first-child { box-shadow:inset 3px 0 0 var(--red); }
 .commits tr.r-passed td:first-child { box-shadow:inset 3px 0 0 #2da44e; }
 .sha { font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:13px; }
 .branch { font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:12px;
-  background:var(--blue-bg); color:#0550ae; padding:1px 6px; border-radius:6px; }
+  background:var(--blue-bg); color:#0550ae; padding:1px 6px; border-radius:6px;
+  display:inline-block; max-width:100%; overflow-wrap:anywhere; }
+.grid .branch { max-width:160px; white-space:nowrap; overflow:hidden; text-overflow:ellipsis;
+  vertical-align:middle; }
 .branch:empty { display:none; }
 .pill { display:inline-block; font-size:12px; font-weight:600; padding:1px 8px; border-radius:999px;
   border:1px solid transparent; white-space:nowrap; }
