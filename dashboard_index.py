@@ -29,6 +29,9 @@ SCAN_INTERVAL = 0.5
 # The folder's own mtime may not move for changes in the same clock tick:
 # while it is this young (seconds), every refresh lists the folder anyway.
 RECENT_DIR = 2.0
+# A file rewritten in place (not renamed into the folder, as the dispatcher
+# does) leaves the folder's mtime alone: list it anyway this often.
+FULL_SCAN = 30.0
 # Bigger output is shown as its tail; the whole file stays on disk.
 MAX_OUTPUT_READ = 32 * 1024 * 1024
 MAX_JUNIT_READ = 8 * 1024 * 1024
@@ -196,6 +199,7 @@ class ResultIndex:
         self._finished: dict[str, float] = {}    # commit -> file mtime (seconds)
         self._dir_stamp: int | None = None
         self._last_scan = float("-inf")
+        self._last_full = float("-inf")
         self.version = 0
         self._derived_version = -1
         self._ordered: list[str] = []
@@ -217,9 +221,11 @@ class ResultIndex:
                 log.warning("cannot read results folder %s: %s", self.folder, exc)
                 return
             young = time.time() - dir_stat.st_mtime < RECENT_DIR
-            if dir_stat.st_mtime_ns == self._dir_stamp and not young and not force:
+            if dir_stat.st_mtime_ns == self._dir_stamp and not young and not force \
+                    and now - self._last_full < FULL_SCAN:
                 return
             self._dir_stamp = dir_stat.st_mtime_ns
+            self._last_full = now
             self._scan()
 
     def _scan(self) -> None:
