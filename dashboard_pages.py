@@ -150,9 +150,9 @@ def active_section(state: dict | None) -> Safe:
             link=commit_link(job["commit"]), branch=job.get("branch") or "",
             pill=pill("queued"), position=job.get("position", "")))
     if not rows:
-        return Safe('<h2>Queue</h2><p class="empty">Nothing queued or running.</p>')
-    return render('<h2>Queue</h2><table class="grid"><thead><tr><th>commit</th><th>branch</th>'
-                  '<th>state</th><th>progress</th><th>runner</th></tr></thead>'
+        return Safe('<h2>Running and queued</h2><p class="empty">Nothing queued or running.</p>')
+    return render('<h2>Running and queued</h2><table class="grid"><thead><tr><th>commit</th>'
+                  '<th>branch</th><th>state</th><th>progress</th><th>runner</th></tr></thead>'
                   '<tbody>{rows}</tbody></table>', rows=join(rows))
 
 
