@@ -102,17 +102,19 @@ def normalize_state(data) -> dict:
 class LiveState:
     """The dispatcher's ``state`` and ``log:`` replies, cached briefly.
 
-    ``_state_lock`` is held across a state call, so concurrent requests
-    wait for the one call in flight instead of making their own; likewise
-    ``_log_lock`` for log calls."""
+    ``_data_lock`` guards the cached state; ``_state_lock`` is held by the
+    one request that is asking the dispatcher, so there is never more than
+    one state call in flight.  ``_log_lock`` serialises log calls (a
+    commit's page polls once a second; they are cached per commit)."""
 
     def __init__(self, address, security: helpers.Security, timeout: float = CALL_TIMEOUT):
         self.address = address
         self.security = security
         self.timeout = timeout
         self._state_lock = threading.Lock()
+        self._data_lock = threading.Lock()
         self._state: dict | None = None
-        self._state_error: str | None = "not asked yet"
+        self._state_error: str | None = "waiting for its first answer"
         self._state_at = float("-inf")
         self._state_ttl = STATE_TTL
         self._log_lock = threading.Lock()
@@ -123,37 +125,54 @@ class LiveState:
                             timeout=self.timeout, reply_timeout=self.timeout * 2)
 
     def state(self) -> tuple[dict | None, str | None]:
-        """(state, None) or (None, reason it is unavailable)."""
-        with self._state_lock:
+        """(state, None) or (None, reason it is unavailable).  While one
+        request asks the dispatcher, the others get the last answer
+        instead of waiting behind it (a hanging dispatcher slows one
+        request per interval, not every page)."""
+        with self._data_lock:
             if time.monotonic() - self._state_at < self._state_ttl:
                 return self._state, self._state_error
-            state, error = None, None
-            try:
-                reply = self._call("state")
-                if reply.command == "ok":
-                    state = normalize_state(json.loads(reply.body.decode("utf-8")))
-                elif "unknown command" in reply.argument:
-                    error = "the dispatcher does not know the 'state' command (older version)"
-                else:
-                    error = f"the dispatcher refused: {reply.command} {reply.argument}"
-            except OSError as exc:
-                error = f"cannot reach the dispatcher at " \
-                        f"{helpers.format_address(self.address)} ({exc.strerror or exc})"
-            except helpers.ProtocolError as exc:
-                error = f"bad reply from the dispatcher ({exc})"
-            except (ValueError, UnicodeDecodeError) as exc:
-                error = f"unreadable state from the dispatcher ({exc})"
-            if error:
-                log.debug("live state unavailable: %s", error)
-            self._state, self._state_error = state, helpers.one_line(error, 300) if error \
-                else None
-            self._state_ttl = FAILURE_TTL if error else STATE_TTL
-            self._state_at = time.monotonic()
-            return self._state, self._state_error
+        if not self._state_lock.acquire(blocking=False):
+            with self._data_lock:
+                return self._state, self._state_error
+        try:
+            with self._data_lock:  # another request may just have refreshed it
+                if time.monotonic() - self._state_at < self._state_ttl:
+                    return self._state, self._state_error
+            state, error = self._ask_state()
+            with self._data_lock:
+                self._state, self._state_error = state, error
+                self._state_ttl = FAILURE_TTL if error else STATE_TTL
+                self._state_at = time.monotonic()
+                return state, error
+        finally:
+            self._state_lock.release()
+
+    def _ask_state(self) -> tuple[dict | None, str | None]:
+        state, error = None, None
+        try:
+            reply = self._call("state")
+            if reply.command == "ok":
+                state = normalize_state(json.loads(reply.body.decode("utf-8")))
+            elif "unknown command" in reply.argument:
+                error = "the dispatcher does not know the 'state' command (older version)"
+            else:
+                error = f"the dispatcher refused: {reply.command} {reply.argument}"
+        except OSError as exc:
+            error = f"cannot reach the dispatcher at " \
+                    f"{helpers.format_address(self.address)} ({exc.strerror or exc})"
+        except helpers.ProtocolError as exc:
+            error = f"bad reply from the dispatcher ({exc})"
+        except (ValueError, UnicodeDecodeError) as exc:
+            error = f"unreadable state from the dispatcher ({exc})"
+        if error:
+            log.debug("live state unavailable: %s", error)
+            error = helpers.one_line(error, 300)
+        return state, error
 
     def cached_state(self) -> dict | None:
         """The last state, however old, without a call."""
-        with self._state_lock:
+        with self._data_lock:
             return self._state
 
     def log(self, commit: str) -> tuple[str, str]:
@@ -431,8 +450,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-") -> None:
         path = getattr(self, "path", "") or ""
         path = path.split("?", 1)[0] if path.startswith("/login") else path
-        log.info("%s %s %s %s", self.address_string(), helpers.one_line(self.command or "", 10),
-                 helpers.one_line(path, 200), code)
+        # Open pages poll once a second: successes only at DEBUG.
+        level = logging.INFO if isinstance(code, int) and code >= 400 else logging.DEBUG
+        log.log(level, "%s %s %s %s", self.address_string(),
+                helpers.one_line(self.command or "", 10), helpers.one_line(path, 200), code)
 
     def _refuse_method(self) -> None:
         self._send(Response(405, b"read-only: GET and HEAD only\n", "text/plain; charset=utf-8",
@@ -484,6 +505,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.server.token or self.server.insecure:
             return True
         host = (self.headers.get("Host") or "").strip()
+        if not host:
+            return True  # an HTTP/1.0 client; browsers always send one
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         name = name.strip("[]").lower()
         return helpers.is_loopback(name) or name == self.server.bind_host.lower()

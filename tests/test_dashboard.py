@@ -10,6 +10,7 @@ import re
 import select
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -333,6 +334,36 @@ def test_live_state_from_stand_in_dispatcher(results, dashboards, stand_in):
     # The running commit finishes: its page's twin turns final with the result.
     write_result(results, D, "passed", b"all good\n")
     wait_until(lambda: dash.json(f"/api/page/commit/{D}")["final"], 3, what="final page")
+
+
+def test_hanging_dispatcher_slows_no_page(results, dashboards):
+    """A dispatcher that accepts but never answers: the request that asks
+    it waits for the call's timeout, every other page is served at once."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)   # never accepted, never answered
+    try:
+        red_green_history(results)
+        dash = dashboards(results, f"127.0.0.1:{silent.getsockname()[1]}")
+        asker = threading.Thread(target=dash.get, args=("/",))
+        asker.start()
+        try:
+            # The dashboard has connected: its call is in flight.
+            assert select.select([silent], [], [], 10)[0]
+            for _ in range(5):
+                started = time.monotonic()
+                status, _, body = dash.get("/api/commits")
+                assert status == 200 and time.monotonic() - started < 1.0
+                started = time.monotonic()
+                assert b"Step 4" in dash.get("/")[2]
+                assert time.monotonic() - started < 1.0
+        finally:
+            asker.join(10)
+        wait_until(lambda: "bad reply" in dash.json("/api/status")["dispatcher"]["error"]
+                   or "timed out" in dash.json("/api/status")["dispatcher"]["error"], 10,
+                   what="the hanging dispatcher reported")
+    finally:
+        silent.close()
 
 
 def test_old_dispatcher_without_state_command(results, dashboards, threaded_servers):
