@@ -274,7 +274,7 @@ class Dashboard:
 
     # ---- overview
 
-    def _overview_sections(self, filters: dict) -> tuple[dict, dict]:
+    def _overview_sections(self, filters: dict) -> dict:
         state, error = self.live.state()
         branches = self.index.branches()
         running_branches = {j["branch"] for j in (state or {}).get("running", [])}
@@ -292,11 +292,11 @@ class Dashboard:
                                                  filters["verdict"], title),
             "sec-runners": pages.runners_section(state),
         }
-        return sections, {"state": state, "error": error, "branches": branches}
+        return sections
 
     def overview(self, query, nonce) -> Response:
         filters = self._filters(query)
-        sections, _ = self._overview_sections(filters)
+        sections = self._overview_sections(filters)
         endpoint = ""
         if not filters["before"]:
             params = {k: filters[k] for k in ("branch", "verdict") if filters[k]}
@@ -305,7 +305,7 @@ class Dashboard:
         return Response(200, pages.page("CI dashboard", nonce, sections, endpoint))
 
     def fragments_overview(self, query, nonce) -> Response:
-        sections, _ = self._overview_sections(self._filters(query))
+        sections = self._overview_sections(self._filters(query))
         return json_response({"sections": sections, "final": False})
 
     # ---- one commit
