@@ -4,7 +4,8 @@ With no argument it builds a git repository from ``sample_project/``,
 starts the dispatcher, two runners, the observer and the web dashboard on
 free loopback ports, makes a few commits and shows each verdict as it
 lands in the results folder, then every later one until Ctrl-C.  With a
-repository path it watches that repository instead.  Ctrl-C (or SIGTERM) stops every process it started.
+repository path it watches that repository instead.  Ctrl-C (or SIGTERM)
+stops every process it started.
 """
 
 from __future__ import annotations

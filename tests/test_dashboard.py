@@ -18,7 +18,7 @@ from conftest import PY, ROOT, wait_until
 from dashboard_support import (Dashboard, StandInDispatcher, commit_id, dead_address,
                                raw_request, red_green_history, write_result)
 
-import dashboard
+import dashboard_live
 import dashboard_index as di
 import dashboard_pages as pages
 
@@ -108,7 +108,7 @@ def test_render_escapes_every_value_unless_safe():
 
 
 def test_normalize_state_keeps_only_expected_shapes():
-    state = dashboard.normalize_state({
+    state = dashboard_live.normalize_state({
         "queue": [{"commit": A, "branch": "main", "position": 1}, {"commit": "../x"}, 7],
         "running": [{"commit": B, "branch": None, "runner": "r\n1", "elapsed": "2.5",
                      "job": 3}],
@@ -119,7 +119,7 @@ def test_normalize_state_keeps_only_expected_shapes():
                                  "elapsed": 2.5, "job": "3"}]
     assert state["runners"][0]["commit"] == B and "extra" not in state
     with pytest.raises(ValueError):
-        dashboard.normalize_state([])
+        dashboard_live.normalize_state([])
 
 
 # --------------------------------------------------------------------------
