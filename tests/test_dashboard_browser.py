@@ -14,8 +14,8 @@ import threading
 import time
 
 import pytest
-from dashboard_support import (Dashboard, StandInDispatcher, commit_id, dead_address,
-                               red_green_history, write_result)
+from dashboard_support import (  # noqa: F401 - dashboards and results are fixtures
+    StandInDispatcher, commit_id, dashboards, red_green_history, results, write_result)
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -63,23 +63,6 @@ def page(browser):
     context.close()
 
 
-@pytest.fixture
-def results(tmp_path):
-    folder = tmp_path / "test_results"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
-def dashboards(tmp_path):
-    made = []
-
-    def start(results_dir, dispatcher=None, *extra):
-        made.append(Dashboard(tmp_path, results_dir, dispatcher or dead_address(), *extra))
-        return made[-1]
-    yield start
-    for item in made:
-        item.close()
 
 
 class Beacon:
