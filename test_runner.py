@@ -513,9 +513,10 @@ class TestRunner:
 
     # ---- handlers -------------------------------------------------------
     def do_ping(self, message: Message, peer: str) -> Message:
-        busy = self.state.busy_with()
+        job = self.state.current_job()
         return Message("ok", "pong", helpers.encode_fields(
-            {"instance": self.instance, "busy": busy or ""}))
+            {"instance": self.instance, "busy": job.commit if job else "",
+             "job": job.job_id if job else ""}))
 
     def do_runtest(self, message: Message, peer: str) -> Message:
         parts = message.argument.split(" ")
