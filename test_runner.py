@@ -277,6 +277,10 @@ class TestUser:
         env["HOME"] = self.home if os.path.isdir(self.home) else "/tmp"
         return env
 
+    def own(self, path: str) -> None:
+        """Hand a folder the runner made for one run to the test user."""
+        os.chown(path, self.uid, self.gid)
+
     def check_clone(self, repo: str) -> None:
         if os.stat(repo).st_uid != self.uid:
             raise helpers.ConfigError(f"--test-user {self.name}: the clone {repo} must belong "
@@ -360,6 +364,9 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
         return fields, setup_log + b"no tests/ folder in this commit\n"
     with tempfile.TemporaryFile() as out, \
             junit_capture.Capture(repo, command, junit_pattern) as capture:
+        if slot.user and capture.tmp:
+            # The recorder runs as the test user and writes its file here.
+            slot.user.own(capture.tmp)
         try:
             code, timed_out = slot.run(capture.command, repo, timeout, out, prepared.env)
         except OSError as exc:
