@@ -447,6 +447,8 @@ class Outbox:
 
     def __init__(self, folder: str):
         self.folder = helpers.ensure_dir(folder, "outbox folder")
+        # Results and their tokens: for the runner's eyes only.
+        os.chmod(self.folder, 0o700)
         self._seq = int(time.time() * 1000)
         self._lock = threading.Lock()
         # A write interrupted by a crash leaves its temporary file behind.
@@ -880,6 +882,12 @@ def main(argv=None) -> int:
         helpers.ensure_dir(state_dir, "state folder")
         os.chmod(state_dir, 0o700)
         runner = TestRunner(args, security, dispatcher, state_dir)
+        if args.test_user:
+            # The test user may pass through (not list) the state folder to
+            # reach the environments in it; the outbox stays closed.
+            os.chmod(state_dir, 0o711)
+            if runner.preparer.cache is not None:
+                os.chmod(runner.preparer.cache.folder, 0o711)
         server = bind_server(args.host, args.port, runner.commands, security,
                              args.max_connections)
     except helpers.ConfigError as exc:

@@ -605,12 +605,10 @@ def chown_tree(path, user) -> None:
             os.lchown(os.path.join(folder, name), user.pw_uid, user.pw_gid)
 
 
-def hostile_cluster(request, test_user: bool):
-    """Dispatcher (master), observer (its own key) and two runners (each
-    its own key file, named relative to the runner's folder), in a folder
-    the unprivileged user can traverse.  Without ``test_user`` the runners
-    themselves run as that user (a test then reaches all they can); with
-    it they run as root and switch to that user for checkout and tests."""
+def user_folder_cluster(request):
+    """A cluster in a folder of its own that the unprivileged user can
+    traverse (pytest's are private to root), removed afterwards; returns
+    (cluster, upstream, base folder, the user)."""
     if os.geteuid() != 0:
         pytest.skip("needs root (to run processes as an unprivileged user)")
     try:
@@ -637,6 +635,16 @@ def hostile_cluster(request, test_user: bool):
         cluster.close()
     request.addfinalizer(close)
     cluster.env.update(GIT_CONFIG_GLOBAL=str(gitconfig), HOME=str(base))
+    return cluster, upstream, base, nobody
+
+
+def hostile_cluster(request, test_user: bool):
+    """Dispatcher (master), observer (its own key) and two runners (each
+    its own key file, named relative to the runner's folder), in a folder
+    the unprivileged user can traverse.  Without ``test_user`` the runners
+    themselves run as that user (a test then reaches all they can); with
+    it they run as root and switch to that user for checkout and tests."""
+    cluster, upstream, base, nobody = user_folder_cluster(request)
     secrets_ = {"master": write_secret(base / "master", MASTER),
                 "observer": write_secret(base / "observer.key", auth.format_key_file(
                     "observer", "obs", MASTER).encode())}
@@ -940,3 +948,54 @@ def test_tls_clients_are_told_about_plain_ports_and_busy_servers(cluster, role_c
         for sock in held:
             sock.close()
     assert "busy" in reply.argument
+
+
+ENV_TEST = """import os
+import sys
+import unittest
+
+
+class TestEnvironment(unittest.TestCase):
+    def test_built_by_the_setup_and_read_only_now(self):
+        self.assertTrue(os.path.exists(os.path.join(sys.prefix, "setup-was-here")))
+        try:
+            open(os.path.join(sys.prefix, "poisoned"), "w").close()
+        except PermissionError:
+            return
+        self.fail("the cached environment is writable by the test")
+"""
+
+
+def test_environments_under_test_user_are_built_by_it_then_read_only(request):
+    """--test-user with a setup command: the setup runs as the test user in
+    the new environment; once built, the environment is the runner's, so
+    no later commit's test can poison it."""
+    cluster, upstream, base, nobody = user_folder_cluster(request)
+    cluster.start_dispatcher()
+    clone = upstream.clone(base / "clone")
+    chown_tree(clone, nobody)
+    port = free_port()
+    setup = "python -c \"import sys; open(sys.prefix + '/setup-was-here', 'w').close()\""
+    args = [SYSTEM_PYTHON, os.path.join(ROOT, "test_runner.py"), "--host", LOOPBACK,
+            "--port", str(port), "--dispatcher-server", cluster.dispatcher_address,
+            "--heartbeat", "0.5", "--retry-max", "0.5", "--log-level", "DEBUG",
+            "--test-user", "nobody", "--state-dir", str(base / "state"),
+            "--setup-command", setup, clone]
+    daemon = Daemon("runner", args, str(base / "runner.log"), str(base), cluster.env)
+    cluster.daemons.append(daemon)
+    wait_for_port(port, daemon)
+    first = upstream.commit({"tests/test_env.py": ENV_TEST}, "uses its environment")
+    second = upstream.commit({"tests/test_env2.py": ENV_TEST.replace("TestEnvironment",
+                                                                      "TestAgain")}, "again")
+    for commit in (first, second):
+        reply = ask(cluster.dispatcher_port, "dispatch", commit)
+        assert reply.command == "ok", reply
+        fields = cluster.result(commit, 60)
+        assert fields["verdict"] == "passed", fields["output"][-3000:]
+    assert [cluster.result(c)["setup"] for c in (first, second)] == ["built", "reused"]
+    envs = base / "state" / "envs"
+    built = [p for p in envs.iterdir() if p.is_dir()]
+    assert len(built) == 1
+    assert (built[0] / "setup-was-here").stat().st_uid == 0
+    assert not (built[0] / "poisoned").exists()
+    assert (base / "state" / "outbox").stat().st_mode & 0o777 == 0o700
