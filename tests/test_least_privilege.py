@@ -509,9 +509,10 @@ class TestLooksHarmless(unittest.TestCase):
             if data.startswith(b"ci-key-v1 "):
                 parts = data.decode("ascii", "replace").split()
                 if len(parts) == 3:
-                    keys[parts[2]] = (parts[1], parts[2], where)
+                    keys.setdefault(parts[2], (parts[1], parts[2], []))[2].append(where)
             else:
-                keys[data.decode("latin-1")] = (None, data.decode("latin-1"), where)
+                text = data.decode("latin-1")
+                keys.setdefault(text, (None, text, []))[2].append(where)
 
         for name, value in os.environ.items():
             texts.append(value.encode())
@@ -751,7 +752,8 @@ def test_hostile_commit_without_test_user_finds_runner_keys_but_changes_nothing(
     assert found.get("runner:ra", (None,))[0] == material["ra"], report["keys"]
     assert found.get("runner:rb", (None,))[0] == material["rb"], report["keys"]
     assert set(found) == {"runner:ra", "runner:rb"}, report["keys"]
-    assert all(where.startswith("file ") for _key, where in found.values()), found
+    assert all(where.startswith("file ") for _key, wheres in found.values()
+               for where in wheres), found
     # And with them: no retest, no dispatch, no token for N-1.
     by_key = {}
     for command, key_id, reply in report["replies"]:
