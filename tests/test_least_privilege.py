@@ -251,12 +251,13 @@ def test_each_role_may_send_only_its_commands(cluster, tmp_path):
     assert all("refused request from 127.0.0.1:" in w for w in refusals)
 
 
-def test_a_revoked_runner_key_is_refused_within_a_second_without_restart(cluster, tmp_path):
+def test_a_revoked_runner_key_is_refused_within_a_second_without_restart(cluster, tmp_path,
+                                                                         keyed_runners):
     disp = cluster.start_dispatcher("--secret-file", write_secret(tmp_path / "master", MASTER))
     r1, r2 = key_security("runner", "r1"), key_security("runner", "r2")
     body = helpers.encode_fields({"instance": "i1", "busy": ""})
-    assert ask(cluster.dispatcher_port, "register", f"{LOOPBACK}:{free_port()}", body,
-               r1).command == "ok"
+    registered, = keyed_runners("r1")   # a live runner holding the key to revoke
+    registered.register(cluster.dispatcher_port)
     proc = subprocess.run([PY, os.path.join(ROOT, "dispatcher.py"), "revoke-key", "r1",
                            "--state-dir", cluster.state], capture_output=True, text=True,
                           timeout=20)
@@ -272,6 +273,17 @@ def test_a_revoked_runner_key_is_refused_within_a_second_without_restart(cluster
     assert ask(cluster.dispatcher_port, "register", f"{LOOPBACK}:{free_port()}", body,
                r2).command == "ok"
     assert any("unknown or revoked key 'runner:r1'" in w for w in warnings(disp))
+    # The registered runner with that key is dropped too: it could take work
+    # but never report it.
+    viewer = key_security("viewer", "v")
+    wait_until(lambda: not json.loads(ask(cluster.dispatcher_port, "state",
+                                          security=viewer).body)["runners"], 3,
+               what="the revoked runner dropped")
+    assert ask(cluster.dispatcher_port, "dispatch", C1,
+               security=key_security("observer", "o")).argument == "queued 1"
+    state = json.loads(ask(cluster.dispatcher_port, "state", security=viewer).body)
+    assert [q["commit"] for q in state["queue"]] == [C1] and not state["runners"]
+    assert registered.token(C1) is None
     assert disp.alive()
 
 
@@ -572,6 +584,9 @@ class TestLooksHarmless(unittest.TestCase):
                     replies.append(["results", key_id, send(
                         address, b"results:%s %s\n" % (previous.encode(), token.encode())
                         + body, secret, key_id)])
+                replies.append(["register", key_id, send(
+                    address, b"register:127.0.0.1:9\ninstance: thief\nbusy: \n", secret,
+                    key_id)])
                 replies.append(["retest", key_id, send(
                     address, b"retest:" + previous.encode(), secret, key_id)])
                 replies.append(["dispatch", key_id, send(
@@ -759,6 +774,9 @@ def test_hostile_commit_without_test_user_finds_runner_keys_but_changes_nothing(
     for command, key_id, reply in report["replies"]:
         by_key.setdefault((command, key_id), []).append(reply)
     for key_id in ("runner:ra", "runner:rb"):
+        # Nor take its runner's work elsewhere: one address per runner key.
+        [reply] = by_key[("register", key_id)]
+        assert reply.startswith(f"error:runner {key_id[7:]} is registered at 127.0.0.1:"), reply
         assert by_key[("retest", key_id)] == ["error:retest is not allowed for role runner"]
         assert by_key[("dispatch", key_id)] == [
             "error:dispatch is not allowed for role runner"]
@@ -1001,3 +1019,25 @@ def test_environments_under_test_user_are_built_by_it_then_read_only(request):
     assert (built[0] / "setup-was-here").stat().st_uid == 0
     assert not (built[0] / "poisoned").exists()
     assert (base / "state" / "outbox").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_runner_key_registers_one_address_only(cluster, tmp_path, keyed_runners):
+    disp = cluster.start_dispatcher("--secret-file", write_secret(tmp_path / "master", MASTER))
+    port = cluster.dispatcher_port
+    first, second = keyed_runners("r1", "r1")   # the same key at two addresses
+    first.register(port)
+    with pytest.raises(AssertionError, match="runner r1 is registered at 127.0.0.1:"):
+        second.register(port)
+    assert any("runner r1 is registered at" in w for w in warnings(disp))
+    # The runner really moved (its old port is dead): accepted once that is noticed.
+    first.close()
+
+    def moved():
+        try:
+            second.register(port)
+        except AssertionError:
+            return False
+        return True
+    wait_until(moved, 5, interval=0.2, what="the new address accepted")
+    state = json.loads(ask(port, "state", security=key_security("viewer", "v")).body)
+    assert [r["address"] for r in state["runners"]] == [f"{LOOPBACK}:{second.port}"]
