@@ -17,7 +17,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 
@@ -765,7 +764,7 @@ def assert_nothing_changed(cluster, previous_result, report) -> None:
 
 
 def test_hostile_commit_without_test_user_finds_runner_keys_but_changes_nothing(request):
-    cluster, upstream, secret_files = hostile_cluster(request, test_user=False)
+    cluster, upstream, _files = hostile_cluster(request, test_user=False)
     previous_result, hostile_result, report = run_hostile_commit(cluster, upstream)
     assert_nothing_changed(cluster, previous_result, report)
     found = {key_id: (key, where) for key_id, key, where in report["keys"]}
@@ -814,6 +813,9 @@ def test_hostile_commit_with_test_user_reaches_no_key(request):
             data = handle.read()
         for what, secret in all_key_material().items():
             assert secret.encode() not in data, (name, what)
+        for what, path in secret_files.items():
+            assert pathlib.Path(path).stat().st_mode & 0o777 == 0o600
+            assert pathlib.Path(path).read_bytes().strip() not in data, (name, what)
 
 
 def test_the_runner_hands_its_children_no_secret(monkeypatch):
@@ -1022,7 +1024,7 @@ def test_environments_under_test_user_are_built_by_it_then_read_only(request):
         reply = ask(cluster.dispatcher_port, "dispatch", commit)
         assert reply.command == "ok", reply
         fields = cluster.result(commit, 60)
-        assert fields["verdict"] == "passed", fields["output"][-3000:]
+        assert fields["verdict"] == "passed", fields["output"][-3000:].decode("utf-8", "replace")
     assert [cluster.result(c)["setup"] for c in (first, second)] == ["built", "reused"]
     envs = base / "state" / "envs"
     built = [p for p in envs.iterdir() if p.is_dir()]
