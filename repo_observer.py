@@ -500,10 +500,13 @@ def main(argv=None) -> int:
     except helpers.ConfigError as exc:
         print(f"repo_observer: error: {exc}", file=sys.stderr)
         return 2
-    log.info("observing %s branch(es) %s every %.1fs; dispatcher %s%s", repo,
+    log.info("observing %s branch(es) %s every %.1fs; dispatcher %s%s; secret %s, TLS %s", repo,
              ", ".join(branches) or "(all)", args.poll, helpers.format_address(dispatcher),
              f"; notify on {helpers.format_address(server.server_address[:2])}"
-             if server else "")
+             if server else "",
+             f"on (key {security.key_id})" if security.key_id else
+             "on (shared)" if security.secret else "off",
+             "on" if security.server_tls else "off")
     observer.start()
     if server is None:
         server = _NullServer()

@@ -777,6 +777,11 @@ def test_hostile_commit_without_test_user_finds_runner_keys_but_changes_nothing(
     assert found.get("runner:ra", (None,))[0] == material["ra"], report["keys"]
     assert found.get("runner:rb", (None,))[0] == material["rb"], report["keys"]
     assert set(found) == {"runner:ra", "runner:rb"}, report["keys"]
+    # Each daemon's start-up line says what protects it.
+    logs = {d.name: d.log() for d in cluster.daemons}
+    assert "secret on (master; issued keys accepted), TLS off" in logs["dispatcher"]
+    assert "secret on (key observer:obs), TLS off" in logs["observer"]
+    assert "secret on (key runner:ra), TLS off, test user off" in logs["runner-ra"]
     assert all(where.startswith("file ") for _key, wheres in found.values()
                for where in wheres), found
     # And with them: no retest, no dispatch, no token for N-1.
@@ -802,6 +807,8 @@ def test_hostile_commit_with_test_user_reaches_no_key(request):
     previous_result, hostile_result, report = run_hostile_commit(cluster, upstream)
     assert_nothing_changed(cluster, previous_result, report)
     assert report["keys"] == [], report["keys"]
+    assert all("TLS off, test user nobody" in d.log() for d in cluster.daemons
+               if d.name.startswith("runner"))
     assert hostile_result["verdict"] == "passed", hostile_result
     # The per-test records still work as the test user (it can write the
     # runner's private JUnit folder, made its own for the run).
