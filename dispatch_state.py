@@ -254,10 +254,14 @@ class DispatcherState:
             if runner and name and runner.name and runner.name != name:
                 raise Reply(f"address {key} is registered by another runner")
             if name:
-                for other in list(self.runners.values()):
+                # One address per runner key: a stolen key must not be able
+                # to take the runner's work to an address of the thief's.
+                # A runner that really moved (restarted on another port) is
+                # accepted once its old address stops answering pings.
+                for other in self.runners.values():
                     if other.name == name and other.key != key:
-                        log.warning("runner %s moved from %s to %s", name, other.key, key)
-                        self._drop(other, count=True)
+                        raise Reply(f"runner {name} is registered at {other.key}; another "
+                                    "address is accepted once that one stops answering")
             if runner and runner.instance == instance:
                 runner.misses = 0
                 self._believe(runner, busy, token)

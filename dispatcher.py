@@ -316,6 +316,12 @@ class Dispatcher:
         return duration
 
     def _ping(self, runner: Runner) -> tuple[str, str, str | None, str | None]:
+        keyring = self.security.keyring
+        if runner.name and isinstance(keyring, auth.MasterKeyring) and \
+                keyring.revocations.revoked(f"runner:{runner.name}"):
+            # Revoked: it could take work but never report it; drop it now.
+            log.warning("runner %s (%s) holds a revoked key; dropped", runner.name, runner.key)
+            return "refused", "", None, None
         try:
             # The reply is bounded too: a frozen runner still accepts the
             # connection (the kernel does) but never answers, and waiting the

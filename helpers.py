@@ -517,6 +517,9 @@ def _server_handshake(sec: Security, sock: socket.socket, peer: str):
             try:
                 tls.sendall(encode_frame(encode_message(
                     "error", f"certificate role {role!r} not accepted here")))
+                # Its request is unread: without draining, the close resets
+                # the connection and the reason may never reach the peer.
+                _drain(tls)
                 tls.close()
             except OSError:
                 pass

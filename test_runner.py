@@ -269,9 +269,6 @@ class TestUser:
         self.name, self.uid, self.gid = name, entry.pw_uid, entry.pw_gid
         self.home = entry.pw_dir
 
-    def ids(self) -> tuple[int, int]:
-        return self.uid, self.gid
-
     def popen_args(self) -> dict:
         return {"user": self.uid, "group": self.gid, "extra_groups": []}
 
@@ -279,6 +276,10 @@ class TestUser:
         env = dict(env, USER=self.name, LOGNAME=self.name)
         env["HOME"] = self.home if os.path.isdir(self.home) else "/tmp"
         return env
+
+    def own(self, path: str) -> None:
+        """Hand a folder the runner made for one run to the test user."""
+        os.chown(path, self.uid, self.gid)
 
     def check_clone(self, repo: str) -> None:
         if os.stat(repo).st_uid != self.uid:
@@ -362,8 +363,10 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
                       duration=f"{time.time() - started:.3f}")
         return fields, setup_log + b"no tests/ folder in this commit\n"
     with tempfile.TemporaryFile() as out, \
-            junit_capture.Capture(repo, command, junit_pattern,
-                                  owner=slot.user.ids() if slot.user else None) as capture:
+            junit_capture.Capture(repo, command, junit_pattern) as capture:
+        if slot.user and capture.tmp:
+            # The recorder runs as the test user and writes its file here.
+            slot.user.own(capture.tmp)
         try:
             code, timed_out = slot.run(capture.command, repo, timeout, out, prepared.env)
         except OSError as exc:
@@ -444,6 +447,8 @@ class Outbox:
 
     def __init__(self, folder: str):
         self.folder = helpers.ensure_dir(folder, "outbox folder")
+        # Results and their tokens: for the runner's eyes only.
+        os.chmod(self.folder, 0o700)
         self._seq = int(time.time() * 1000)
         self._lock = threading.Lock()
         # A write interrupted by a crash leaves its temporary file behind.
@@ -726,14 +731,8 @@ def make_preparer(args, test_command: list[str] | None,
                            max_timeout=args.max_timeout)
     cache = None
     if setup or not args.ignore_repo_recipe:
-        owner = None
-        folder = args.env_dir or os.path.join(state_dir, "envs")
-        if args.test_user:
-            # The state folder is closed to the test user; environments
-            # must be readable by it, so they live beside it.
-            owner = TestUser(args.test_user).ids()
-            folder = args.env_dir or state_dir.rstrip(os.sep) + "-envs"
-        cache = environments.EnvironmentCache(folder, args.keep_envs, owner=owner)
+        cache = environments.EnvironmentCache(args.env_dir or os.path.join(state_dir, "envs"),
+                                              args.keep_envs)
     return environments.Preparer(limits, cache, read_recipe=not args.ignore_repo_recipe)
 
 
@@ -884,6 +883,12 @@ def main(argv=None) -> int:
         helpers.ensure_dir(state_dir, "state folder")
         os.chmod(state_dir, 0o700)
         runner = TestRunner(args, security, dispatcher, state_dir)
+        if args.test_user:
+            # The test user may pass through (not list) the state folder to
+            # reach the environments in it; the outbox stays closed.
+            os.chmod(state_dir, 0o711)
+            if runner.preparer.cache is not None:
+                os.chmod(runner.preparer.cache.folder, 0o711)
         server = bind_server(args.host, args.port, runner.commands, security,
                              args.max_connections)
     except helpers.ConfigError as exc:
