@@ -19,6 +19,14 @@ usage:  repo_observer.py [options] REPO
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__" and sys.argv[1:2] == ["notify"]:
+    # The git hook's path, before anything else is imported: a hook runs
+    # on every push and should cost milliseconds (see hook_client.py).
+    import hook_client
+    sys.exit(hook_client.main(sys.argv[2:]))
+
 import argparse
 import fnmatch
 import json
@@ -26,7 +34,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -452,10 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["notify"]:
-        return helpers.client_main(
-            "repo_observer.py notify", "Wake a running observer so it polls now "
-            "(use in a post-receive or post-commit hook).", "notify", "--observer",
-            f"{DEFAULT_HOST}:{DEFAULT_PORT}", argv[1:], server_role="observer")
+        import hook_client
+        return hook_client.main(argv[1:])
     args = build_parser().parse_args(argv)
     helpers.configure_logging(args.log_level)
     server = None

@@ -1,10 +1,11 @@
 """Start a complete local CI system with one command.
 
 With no argument it builds a git repository from ``sample_project/``,
-starts the dispatcher, two runners and the observer on free loopback
-ports, makes a few commits and shows each verdict as it lands in the
-results folder.  With a repository path it watches that repository
-instead.  Ctrl-C (or SIGTERM) stops every process it started.
+starts the dispatcher, two runners, the observer and the web dashboard on
+free loopback ports, makes a few commits and shows each verdict as it
+lands in the results folder, then every later one until Ctrl-C.  With a
+repository path it watches that repository instead.  Ctrl-C (or SIGTERM)
+stops every process it started.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def install_notify_hook(upstream: str, observer_port: int) -> None:
     hook = os.path.join(upstream, ".git", "hooks", "post-commit")
     with open(hook, "w") as handle:
         handle.write("#!/bin/sh\n"
-                     f"exec '{sys.executable}' '{os.path.join(ROOT, 'repo_observer.py')}' "
+                     f"exec '{sys.executable}' -S '{os.path.join(ROOT, 'repo_observer.py')}' "
                      f"notify --observer 127.0.0.1:{observer_port} --log-level ERROR 2>/dev/null "
                      "|| true\n")
     os.chmod(hook, 0o755)
@@ -141,13 +142,66 @@ def show_verdict(results: str, commit: str, what: str, expected: str,
     return fields.get("verdict") == expected
 
 
-def demo_commits(upstream: str, results: str, stop: threading.Event) -> bool:
+class VerdictFeed:
+    """Finds result files that are new (or replaced by a retest) since it
+    last looked, so each verdict is shown once, as it lands."""
+
+    def __init__(self, results: str):
+        self.results = results
+        self.seen = self._stamps()  # results from before this run are not news
+
+    def _stamps(self) -> dict[str, tuple[int, int]]:
+        stamps = {}
+        try:
+            with os.scandir(self.results) as entries:
+                for entry in entries:
+                    if helpers.valid_full_commit(entry.name):
+                        try:
+                            st = entry.stat()
+                        except OSError:
+                            continue
+                        stamps[entry.name] = (st.st_mtime_ns, st.st_size)
+        except OSError as exc:
+            log.warning("cannot list %s: %s", self.results, exc)
+        return stamps
+
+    def mark_seen(self, commits) -> None:
+        now = self._stamps()
+        for commit in commits:
+            if commit in now:
+                self.seen[commit] = now[commit]
+
+    def new(self) -> list[tuple[str, dict]]:
+        found = []
+        for commit, stamp in self._stamps().items():
+            if self.seen.get(commit) == stamp:
+                continue
+            try:
+                with open(os.path.join(self.results, commit), "rb") as handle:
+                    fields, _ = parse_result(handle.read(64 * 1024))
+            except (OSError, helpers.ProtocolError):
+                continue  # not complete yet: next time
+            self.seen[commit] = stamp
+            found.append((commit, fields))
+        return found
+
+
+def show_new_verdicts(feed: VerdictFeed) -> None:
+    for commit, fields in feed.new():
+        subject = helpers.one_line(fields.get("subject", ""), 60)
+        log.info("new result %s -> %-7s tests=%s failures=%s %s%s", commit[:12],
+                 fields.get("verdict"), fields.get("tests"), fields.get("failures"),
+                 f"[{helpers.one_line(fields['branch'], 40)}] " if fields.get("branch") else "",
+                 subject)
+
+
+def demo_commits(upstream: str, results: str, stop: threading.Event) -> tuple[bool, list]:
     """Show the first verdict, then fix the failing test and add a change
     in quick succession: both commits are tested, not only the newest."""
     # The observer's first poll dispatches the head only: wait for it
     # before committing more, so the initial commit is surely seen.
-    ok = show_verdict(results, git(upstream, "rev-parse", "HEAD"),
-                      "initial commit (one test fails)", "failed", stop)
+    first = git(upstream, "rev-parse", "HEAD")
+    ok = show_verdict(results, first, "initial commit (one test fails)", "failed", stop)
     test_file = os.path.join(upstream, "tests", "test_calc.py")
     with open(test_file) as handle:
         lines = handle.readlines()
@@ -163,7 +217,7 @@ def demo_commits(upstream: str, results: str, stop: threading.Event) -> bool:
     steps.append((git(upstream, "rev-parse", "HEAD"), "notes commit", "passed"))
     for commit, what, expected in steps:
         ok &= show_verdict(results, commit, what, expected, stop)
-    return ok
+    return ok, [first] + [commit for commit, _, _ in steps]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,19 +263,23 @@ def main(argv=None) -> int:
             shutil.rmtree(os.path.join(work, sub), ignore_errors=True)
             os.makedirs(os.path.join(work, sub))
         os.makedirs(results, exist_ok=True)
+        feed = VerdictFeed(results)
         upstream = os.path.abspath(args.repo) if args.repo else os.path.join(work, "upstream")
         if not args.repo:
             make_sample_upstream(upstream)
         clones = os.path.join(work, "clones")
         for name in ["observer"] + [f"runner{i}" for i in range(1, args.runners + 1)]:
             git(work, "clone", "-q", upstream, os.path.join(clones, name))
-        dport, oport = free_port(), free_port()
+        dport, oport, hport = free_port(), free_port(), free_port()
         dispatcher = f"127.0.0.1:{dport}"
         common = ["--log-level", args.log_level]
         procs.start("dispatcher", "dispatcher.py",
                     ["--host", "127.0.0.1", "--port", str(dport), "--results-dir", results,
                      "--state-dir", os.path.join(work, "dispatcher_state"), *common])
         wait_for_port(dport, procs)
+        procs.start("dashboard", "dashboard.py",
+                    ["--host", "127.0.0.1", "--port", str(hport), "--results-dir", results,
+                     "--dispatcher-server", dispatcher, *common])
         for i in range(1, args.runners + 1):
             procs.start(f"runner{i}", "test_runner.py",
                         ["--host", "127.0.0.1", "--port", str(free_port()),
@@ -232,6 +290,7 @@ def main(argv=None) -> int:
                      "--dispatcher-server", dispatcher, *common,
                      os.path.join(clones, "observer")])
         wait_for_port(oport, procs)
+        wait_for_port(hport, procs)
         if not args.repo:
             install_notify_hook(upstream, oport)
     except (helpers.ConfigError, OSError) as exc:
@@ -241,21 +300,25 @@ def main(argv=None) -> int:
     log.info("CI is up: dispatcher %s, %d runner(s), observer watching %s", dispatcher,
              args.runners, upstream)
     log.info("results land in %s/<commit>", os.path.relpath(results))
+    log.info("dashboard: http://127.0.0.1:%d/", hport)
     status = 0
     try:
         if not args.repo:
-            ok = demo_commits(upstream, results, stop)
+            ok, shown = demo_commits(upstream, results, stop)
+            feed.mark_seen(shown)
             if not ok:
                 log.error("a demo verdict was missing or wrong; see %s", procs.log_dir)
                 status = 1
             if args.demo_only or stop.is_set():
                 return status
-            log.info("try it: commit to %s and watch %s (Ctrl-C stops everything)",
-                     os.path.relpath(upstream), os.path.relpath(results))
+            log.info("try it: commit to %s and watch the dashboard or %s "
+                     "(Ctrl-C stops everything)", os.path.relpath(upstream),
+                     os.path.relpath(results))
         else:
             log.info("commit to %s and watch %s (Ctrl-C stops everything)", upstream,
                      os.path.relpath(results))
-        while not stop.wait(1.0):
+        while not stop.wait(0.5):
+            show_new_verdicts(feed)
             if procs.dead():
                 log.error("%s exited; stopping (see %s)", ", ".join(procs.dead()),
                           procs.log_dir)

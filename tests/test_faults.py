@@ -485,12 +485,40 @@ def test_restarted_runner_ends_what_its_killed_predecessor_left_running(cluster,
     dispatch(cluster, commit)
     wait_until(lambda: notes.find("orphan", "grandchild"), 15, what="the grandchild")
     grandchild = int(notes.find("orphan", "grandchild")[0][1])
+    # The watchdog would end the group at once (see the next test): kill it
+    # first, as if it had died too, to prove the restart's own cleanup.
+    os.kill(watchdog_of(runner.pid), signal.SIGKILL)
     os.kill(runner.pid, signal.SIGKILL)  # the runner alone, not its test's group
     runner.proc.wait(10)
     assert process_alive(grandchild)
     restarted = start_runner(cluster, notes, port=runner.port, clone=runner.clone)
     wait_until(lambda: not process_alive(grandchild), 10, what="the orphan to be killed")
     assert "left running by a previous runner" in restarted.log()
+
+
+def watchdog_of(pid: int) -> int:
+    """The runner's watchdog: its child running procgroup's watchdog code."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            for child in handle.read().split():
+                with open(f"/proc/{child}/cmdline", "rb") as cmd:
+                    if b"killpg" in cmd.read():
+                        return int(child)
+    raise AssertionError("no watchdog child")
+
+
+def test_sigkilled_runner_leaves_no_test_process_running(cluster, upstream, notes):
+    """A runner SIGKILLed on its own (nobody restarts it): its watchdog kills
+    the test's whole group, grandchildren included, within a second."""
+    cluster.start_dispatcher("--max-attempts", "10")
+    commit = commit_fault(upstream, "alone", seconds=30, grandchild=True)
+    runner = start_runner(cluster, notes)
+    dispatch(cluster, commit)
+    wait_until(lambda: notes.find("alone", "grandchild"), 15, what="the grandchild")
+    grandchild = int(notes.find("alone", "grandchild")[0][1])
+    os.kill(runner.pid, signal.SIGKILL)
+    wait_until(lambda: not process_alive(grandchild), 1.0, interval=0.02,
+               what="the orphaned test to be killed by the watchdog")
 
 
 def test_observer_stopped_mid_fetch_leaves_no_git_behind(cluster, upstream, notes, tmp_path):

@@ -1,0 +1,363 @@
+"""The wire protocol as pure functions: frames, messages, fields, signing,
+and reading a frame from a socket with size and time limits.
+
+It is its own module, importing little, because a git hook's ``notify``
+runs it in a fresh interpreter for every push: ``hook_client.py`` needs
+only this, where ``helpers.py`` brings the whole server side with it
+(ssl, socketserver, logging, subprocess...).  Hashing is imported on the
+first signature, not at start.
+
+Wire format (one request and one reply per TCP connection)::
+
+    CI1 <length> <timestamp> <nonce> <tag>[ <key id>]\\n<payload: exactly <length> bytes>
+
+``tag`` is ``-`` when no secret is configured, else the hex HMAC-SHA256 of
+the timestamp, nonce, the nonce of the request being answered (replies
+only), the key id (when there is one) and the payload.  The key id names
+the issued key a frame is signed with (``runner:r1``; see ``auth.py``);
+without one the frame is signed with the shared secret.  The payload
+starts with an ASCII command line (``name`` or ``name:argument``),
+optionally followed by ``\\n`` and a body of arbitrary bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import socket
+import time
+
+MAGIC = b"CI1"
+# A header line is short; anything longer is not our protocol.
+MAX_HEADER_BYTES = 200
+# Large enough for a long test log; a bigger result is truncated by the runner.
+DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+# Message bytes all connections of a daemon may hold at once.
+DEFAULT_MAX_BUFFERED = 64 * 1024 * 1024
+# A peer that sends nothing for this long is dropped.
+DEFAULT_READ_TIMEOUT = 10.0
+# A body must arrive at least this fast, so a dribbling client is cut off.
+MIN_BODY_RATE = 256 * 1024
+# Enough threads for hundreds of runners, few enough to bound memory.
+DEFAULT_MAX_CONNECTIONS = 256
+# How far a signed message's clock may be from ours, in seconds.
+DEFAULT_AUTH_WINDOW = 30.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+# Room for a batch of a thousand 64-hex commit ids on one command line.
+MAX_COMMAND_LINE = 66 * 1024
+
+COMMIT_RE = re.compile(r"[0-9a-f]{4,64}")
+FULL_COMMIT_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+COMMAND_RE = re.compile(r"[a-z_]{1,32}")
+
+
+class ProtocolError(Exception):
+    """Raised for anything on the wire that is not a well-formed, authentic
+    message.  The only exception framing and parsing code may raise."""
+
+
+class ReadTimeout(ProtocolError):
+    """The peer sent too little, too slowly: nothing more is worth reading."""
+
+
+class PeerClosed(ProtocolError):
+    """The peer hung up before a whole frame arrived (port probes do)."""
+
+
+class Busy(ProtocolError):
+    """Refused for now (too much in flight): the peer should retry later."""
+
+
+class NoRequest(PeerClosed):
+    """Connected and closed at once: a port probe, not a protocol error."""
+
+
+def valid_commit(text: str) -> bool:
+    return isinstance(text, str) and COMMIT_RE.fullmatch(text) is not None
+
+
+def valid_full_commit(text: str) -> bool:
+    return isinstance(text, str) and FULL_COMMIT_RE.fullmatch(text) is not None
+
+
+def parse_address(text: str, default_host: str = "localhost") -> tuple[str, int]:
+    """Parse ``host:port`` (or ``[v6]:port``); ValueError with a clear text."""
+    if not isinstance(text, str) or not text or len(text) > 300:
+        raise ValueError(f"invalid address {text!r}: expected host:port")
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"invalid address {text!r}: expected host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    host = host or default_host
+    if not re.fullmatch(r"[A-Za-z0-9.\-_:%]+", host):
+        raise ValueError(f"invalid host in address {text!r}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid port in address {text!r}: expected 1-65535")
+    return host, int(port)
+
+
+def format_address(address: tuple[str, int]) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# Messages: the payload inside a frame.  Pure functions.
+
+Message = collections.namedtuple("Message", "command argument body", defaults=("", b""))
+
+
+def encode_message(command: str, argument: str = "", body: bytes = b"") -> bytes:
+    if not COMMAND_RE.fullmatch(command):
+        raise ProtocolError(f"invalid command name {command!r}")
+    if any(c in argument for c in "\r\n\0") or not argument.isascii():
+        raise ProtocolError("argument must be one line of ASCII")
+    line = command + (":" + argument if argument else "")
+    return line.encode("ascii") + (b"\n" + body if body else b"")
+
+
+def decode_message(payload: bytes) -> Message:
+    """Split a payload into command, argument and body.
+
+    The command line must be printable ASCII; the body is opaque bytes, so
+    test output that looks like a command can never be taken for one."""
+    line, _, body = payload.partition(b"\n")
+    if len(line) > MAX_COMMAND_LINE:
+        raise ProtocolError("command line too long")
+    try:
+        text = line.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("command line is not ASCII") from None
+    if not text.isprintable():
+        raise ProtocolError("command line has control characters")
+    command, _, argument = text.partition(":")
+    if not COMMAND_RE.fullmatch(command):
+        raise ProtocolError(f"malformed command {command[:40]!r}")
+    return Message(command, argument, body)
+
+
+def encode_fields(fields: dict) -> bytes:
+    """``key: value`` lines; values are flattened to one printable line."""
+    out = []
+    for key, value in fields.items():
+        out.append(f"{key}: {one_line(str(value))}")
+    return ("\n".join(out) + "\n").encode("utf-8")
+
+
+def decode_fields(data: bytes, max_fields: int = 64) -> dict[str, str]:
+    """Parse ``key: value`` lines (UTF-8); ProtocolError if malformed."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("fields are not UTF-8") from None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line:
+            continue
+        key, sep, value = line.partition(": ")
+        # Digits allowed after the first character: the observer's status
+        # numbers its branches (branch_0, branch_1, ...).
+        if not sep or not re.fullmatch(r"[a-z_][a-z0-9_]{0,31}", key):
+            raise ProtocolError(f"malformed field line {line[:60]!r}")
+        if len(fields) >= max_fields:
+            raise ProtocolError("too many fields")
+        fields[key] = value
+    return fields
+
+
+def one_line(text: str, limit: int = 1000) -> str:
+    """Make untrusted text safe for a one-line header value."""
+    if not text.isprintable():  # the usual case skips the per-character pass
+        text = "".join(ch if ch.isprintable() else " " for ch in text)
+    return text[:limit]
+
+
+def ascii_line(text: str, limit: int = 300) -> str:
+    """Untrusted text (often quoting the peer's input) made fit for a reply's
+    ASCII command line; otherwise the reply could not be encoded at all and
+    the peer would get a silently closed connection instead of the reason."""
+    return one_line(text, limit).encode("ascii", "backslashreplace").decode("ascii")
+
+
+# --------------------------------------------------------------------------
+# Frames: length prefix plus authentication.  Pure functions.
+
+def _mac(secret: bytes, ts: bytes, nonce: bytes, reply_to: bytes, payload: bytes,
+         key_id: bytes = b"") -> str:
+    import hashlib  # here, not at the top: only a signed frame pays for it
+    import hmac
+    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    for part in (MAGIC, ts, nonce, reply_to):
+        mac.update(part + b"\n")
+    if key_id:
+        mac.update(b"key " + key_id + b"\n")
+    mac.update(payload)
+    return mac.hexdigest()
+
+
+KEY_ID_RE = re.compile(rb"[a-z]{1,16}:[A-Za-z0-9._-]{1,64}")
+
+
+def encode_frame(payload: bytes, secret: bytes | None = None, *, reply_to: str = "",
+                 now: float | None = None, nonce: str | None = None,
+                 key_id: str | None = None) -> bytes:
+    ts = b"%.3f" % (time.time() if now is None else now)
+    nonce_b = (nonce or os.urandom(12).hex()).encode("ascii")
+    kid = key_id.encode("ascii") if key_id and secret else b""
+    tag = _mac(secret, ts, nonce_b, reply_to.encode("ascii"), payload, kid) if secret else "-"
+    header = b"%s %d %s %s %s%s\n" % (MAGIC, len(payload), ts, nonce_b, tag.encode("ascii"),
+                                      b" " + kid if kid else b"")
+    return header + payload
+
+
+FrameHeader = collections.namedtuple("FrameHeader", "length timestamp nonce tag key_id",
+                                     defaults=(None,))
+
+
+def decode_header(line: bytes, max_message: int = DEFAULT_MAX_MESSAGE) -> FrameHeader:
+    """Parse a frame's header line (without the newline)."""
+    parts = line.split(b" ")
+    if len(parts) not in (5, 6) or parts[0] != MAGIC:
+        raise ProtocolError("not a CI1 frame")
+    key_id = None
+    if len(parts) == 6:
+        if not KEY_ID_RE.fullmatch(parts[5]):
+            raise ProtocolError("bad frame key id")
+        key_id = parts.pop().decode("ascii")
+    length, ts, nonce, tag = parts[1:]
+    if not length.isdigit() or len(length) > 12:
+        raise ProtocolError("bad frame length")
+    if int(length) > max_message:
+        raise ProtocolError(f"message of {int(length)} bytes exceeds the limit of {max_message}")
+    if not re.fullmatch(rb"\d{1,12}(\.\d{1,6})?", ts):
+        raise ProtocolError("bad frame timestamp")
+    if not re.fullmatch(rb"[0-9a-f]{8,64}", nonce):
+        raise ProtocolError("bad frame nonce")
+    if not (tag == b"-" or re.fullmatch(rb"[0-9a-f]{64}", tag)):
+        raise ProtocolError("bad frame tag")
+    return FrameHeader(int(length), ts.decode(), nonce.decode(), tag.decode(), key_id)
+
+
+def verify_frame(header: FrameHeader, payload: bytes, secret: bytes | None, *,
+                 reply_to: str = "", nonces=None,
+                 window: float = DEFAULT_AUTH_WINDOW, now: float | None = None) -> None:
+    """Check a frame's tag, age and nonce; ProtocolError if any is wrong.
+
+    Without a secret nothing is checked (the daemons then listen on loopback
+    only, unless the operator said ``--insecure``)."""
+    if not secret:
+        return
+    if header.tag == "-":
+        raise ProtocolError("unsigned message refused")
+    expected = _mac(secret, header.timestamp.encode(), header.nonce.encode(),
+                    reply_to.encode("ascii"), payload,
+                    header.key_id.encode("ascii") if header.key_id else b"")
+    import hmac
+    if not hmac.compare_digest(expected, header.tag):
+        raise ProtocolError("bad signature")
+    now = time.time() if now is None else now
+    if abs(now - float(header.timestamp)) > window:
+        raise ProtocolError("stale message (timestamp outside the window)")
+    if nonces is not None and not nonces.add(header.nonce, now):
+        raise ProtocolError("replayed message")
+
+
+# --------------------------------------------------------------------------
+# Reading a frame from a socket, with size and time limits.
+
+# What one recv may take while looking for the header's end: usually the
+# whole of a small message arrives with it.
+FIRST_READ = 64 * 1024
+
+
+def _recv_some(sock: socket.socket, limit: int, deadline: float) -> bytes:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise ReadTimeout("timed out reading message")
+    sock.settimeout(remaining)
+    try:
+        chunk = sock.recv(limit)
+    except socket.timeout:
+        raise ReadTimeout("timed out reading message") from None
+    if not chunk:
+        raise PeerClosed("connection closed mid-message")
+    return chunk
+
+
+def _recv_exact(sock: socket.socket, count: int, deadline: float) -> bytes:
+    chunks = []
+    while count:
+        chunk = _recv_some(sock, min(count, 1 << 20), deadline)
+        chunks.append(chunk)
+        count -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(sock: socket.socket, max_message: int = DEFAULT_MAX_MESSAGE,
+               timeout: float = DEFAULT_READ_TIMEOUT,
+               budget=None) -> tuple[FrameHeader, bytes]:
+    """Read one frame: the header line (a peer that never ends it is cut at
+    ``MAX_HEADER_BYTES``), then exactly the body.
+
+    The header is read in chunks, not byte by byte (a system call per byte
+    was the dispatcher's main cost under load).  What follows the newline is
+    the body's start; each side sends one frame per connection, so no later
+    message can be swallowed, and bytes past the frame are dropped."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while True:
+        newline = data.find(b"\n", 0, MAX_HEADER_BYTES + 1)
+        if newline >= 0:
+            break
+        if len(data) > MAX_HEADER_BYTES:
+            raise ProtocolError("header line too long: not a CI1 frame")
+        if not MAGIC.startswith(data[:len(MAGIC)]):
+            raise ProtocolError("not a CI1 frame")
+        try:
+            data += _recv_some(sock, FIRST_READ, deadline)
+        except PeerClosed:
+            if not data:
+                raise NoRequest("closed without sending anything") from None
+            raise
+    parsed = decode_header(data[:newline], max_message)
+    if budget is not None and not budget.take(parsed.length):
+        raise Busy("server busy (too much data in flight), try later")
+    try:
+        body_deadline = time.monotonic() + timeout + parsed.length / MIN_BODY_RATE
+        start = data[newline + 1:newline + 1 + parsed.length]
+        return parsed, start + _recv_exact(sock, parsed.length - len(start), body_deadline)
+    except BaseException:
+        if budget is not None:
+            budget.give(parsed.length)
+        raise
+
+
+# --------------------------------------------------------------------------
+# One request and its reply over a connected socket (plain or TLS).
+
+def request(sock, command: str, argument: str = "", body: bytes = b"", *,
+            secret: bytes | None = None, key_id: str | None = None,
+            timeout: float = DEFAULT_CONNECT_TIMEOUT, reply_timeout: float | None = None,
+            max_message: int = DEFAULT_MAX_MESSAGE,
+            window: float = DEFAULT_AUTH_WINDOW) -> Message:
+    """Send a request and return the verified reply.  ProtocolError for a
+    malformed or unauthentic reply, OSError for network trouble."""
+    payload = encode_message(command, argument, body)
+    nonce = os.urandom(12).hex()
+    frame = encode_frame(payload, secret, nonce=nonce, key_id=key_id)
+    sock.settimeout(timeout + len(frame) / MIN_BODY_RATE)
+    sock.sendall(frame)
+    header, reply = read_frame(sock, max_message,
+                               reply_timeout if reply_timeout is not None else
+                               max(timeout, DEFAULT_READ_TIMEOUT))
+    try:
+        verify_frame(header, reply, secret, reply_to=nonce, window=window)
+    except ProtocolError as exc:
+        # A connection-limit refusal is sent before the request is read, so
+        # it cannot be bound to it; quote what the peer said so the operator
+        # sees why.  It is only shown, never acted on.
+        said = ascii_line(reply[:120].decode("ascii", "replace"), 120)
+        raise ProtocolError(f"{exc}; unauthenticated reply {said!r}") from None
+    return decode_message(reply)
