@@ -384,8 +384,12 @@ class Bench:
                           f"duration {fields['duration']}s", flush=True)
             return samples
 
+        load = os.getloadavg()[0]
         hook = run("hook", self.notify_command(observer))
         self.notify_startup(observer)
+        # Other work on the machine shows in every figure here: say how much.
+        print(f"  load average (1 min) before/after the hook samples: {load:.1f}/"
+              f"{os.getloadavg()[0]:.1f} on {CORES} cores", flush=True)
         self.procs.stop(observer_proc)
         _, poll_observer = self.start_observer("lat-poll", dispatcher, observer_clone, POLL)
         polled = run("poll", None, poll_observer)
