@@ -556,6 +556,10 @@ class Chaos:
         for index in range(3):
             self.start("runner", index)
         self.start("observer", 0)
+        # The observer's first start dispatches only the branch head: let it
+        # see the base commit alone before the stream begins.
+        wait_for(lambda: os.path.exists(os.path.join(self.results, first)), 60, 0.05,
+                 "the base commit's result")
         watcher = threading.Thread(target=self.watch, daemon=True)
         watcher.start()
         events = [(c["at"], 0, "commit", c) for c in commits]
