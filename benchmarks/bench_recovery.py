@@ -460,7 +460,7 @@ class Chaos:
         faults, t = [], 0.0
         end = self.count * CHAOS_COMMIT_GAP
         while True:
-            t += self.rng.expovariate(1 / CHAOS_KILL_GAP)
+            t += self.rng.expovariate(1 / self.b.args.kill_every)
             if t >= end:
                 break
             kind = self.rng.choice(self.KINDS)
@@ -542,7 +542,8 @@ class Chaos:
     def run(self) -> None:
         b = self.b
         commits, faults = self.schedule()
-        print(f"\n== chaos: {self.count} commits, {len(faults)} scheduled SIGKILLs "
+        print(f"\n== chaos: {self.count} commits, {len(faults)} scheduled SIGKILLs (about one "
+              f"every {b.args.kill_every:g} s) "
               f"(dispatcher, runners, observer; restart after 0-{CHAOS_RESTART_MAX:g} s), "
               f"3 runners, default flags; seed {b.args.seed}", flush=True)
         first = self.up.commit(marked_test(self.markers.folder, "base", 0.1, True))
@@ -715,6 +716,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int,
                         help="seed of every random choice (kill points, chaos schedule); "
                              "default: a new one, printed")
+    parser.add_argument("--kill-every", type=float, default=CHAOS_KILL_GAP, metavar="SECONDS",
+                        help="chaos: mean seconds between SIGKILLs (default: %(default)s)")
+    parser.add_argument("--kill-every", type=float, default=CHAOS_KILL_GAP, metavar="SECONDS",
+                        help="chaos: mean seconds between SIGKILLs (default: %(default)s)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary folder with the daemons' logs and markers")
     parser.add_argument("--strict", action="store_true", help="exit 3 when a target is missed")
