@@ -718,8 +718,6 @@ def main(argv=None) -> int:
                              "default: a new one, printed")
     parser.add_argument("--kill-every", type=float, default=CHAOS_KILL_GAP, metavar="SECONDS",
                         help="chaos: mean seconds between SIGKILLs (default: %(default)s)")
-    parser.add_argument("--kill-every", type=float, default=CHAOS_KILL_GAP, metavar="SECONDS",
-                        help="chaos: mean seconds between SIGKILLs (default: %(default)s)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary folder with the daemons' logs and markers")
     parser.add_argument("--strict", action="store_true", help="exit 3 when a target is missed")
