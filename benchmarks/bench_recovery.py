@@ -70,8 +70,10 @@ TAG = {tag!r}
 
 def mark(kind):
     name = "%s.%d.%d.%s" % (TAG, os.getpid(), time.time_ns(), kind)
-    with open(os.path.join(MARKERS, name), "w") as handle:
-        handle.write("%d\\n" % os.getpgrp())
+    path = os.path.join(MARKERS, name)
+    with open(path + ".tmp", "w") as handle:   # renamed whole: never read half-written
+        handle.write("%d %d\\n" % (os.getpgrp(), os.getppid()))
+    os.rename(path + ".tmp", path)
 
 
 class TestWork(unittest.TestCase):
@@ -117,7 +119,7 @@ class Markers:
         os.makedirs(folder, exist_ok=True)
 
     def runs(self) -> dict[str, dict[str, list[tuple[int, int, int]]]]:
-        """tag -> {"start": [(pid, ns, pgid)], "end": [...]}"""
+        """tag -> {"start": [(pid, ns, pgid, parent pid)], "end": [...]}"""
         found: dict = collections.defaultdict(lambda: {"start": [], "end": []})
         for name in os.listdir(self.folder):
             parts = name.split(".")
@@ -125,10 +127,10 @@ class Markers:
                 continue
             try:
                 with open(os.path.join(self.folder, name)) as handle:
-                    pgid = int(handle.read().strip() or 0)
+                    pgid, parent = (int(x) for x in handle.read().split())
             except (OSError, ValueError):
-                pgid = 0
-            found[parts[0]][parts[3]].append((int(parts[1]), int(parts[2]), pgid))
+                pgid = parent = 0   # being written
+            found[parts[0]][parts[3]].append((int(parts[1]), int(parts[2]), pgid, parent))
         for kinds in found.values():
             for runs in kinds.values():
                 runs.sort(key=lambda run: run[1])
@@ -145,6 +147,9 @@ def marked_test(markers: str, tag: str, sleep: float, passes: bool) -> dict[str,
 
 def live_in_group(pgid: int) -> list[int]:
     """PIDs of processes in group ``pgid`` that are not zombies (Linux)."""
+    if pgid <= 1:
+        # Group 0 holds the kernel's threads: never ask about it.
+        raise ValueError(f"not a test's process group: {pgid}")
     alive = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -291,6 +296,7 @@ class RecoveryBench:
             commit = up.commit(marked_test(markers.folder, tag, RECOVERY_TEST_SECONDS, True))
             self.dispatch(dport, [commit])
             started = wait_for(lambda: markers.started(tag), 30, 0.005, f"{tag} to start")
+            pgid = started[0][2]
             key = wait_for(lambda: self.running_on(dport, commit), 10, 0.01,
                            f"runner of {tag}")
             port = int(key.rpartition(":")[2])
@@ -299,7 +305,6 @@ class RecoveryBench:
             victim = runners[port][0]
             os.kill(victim.pid, signal.SIGKILL)       # the runner alone, not its group
             killed = time.monotonic()
-            pgid = started[0][2]
             gone = None
             while time.monotonic() - killed < ORPHAN_LIMIT + 1:
                 if not live_in_group(pgid):
@@ -443,7 +448,7 @@ class Chaos:
         self.procs: dict[tuple[str, int], subprocess.Popen | None] = {}
         self.runner_ports = [free_port() for _ in range(3)]
         self.clones: dict[tuple[str, int], str] = {}
-        self.kills: list[tuple[float, str]] = []   # (wall-clock time, kind)
+        self.kills: list[tuple[float, str, int]] = []   # (wall-clock time, kind, pid)
         self.dispatcher_logs: list[str] = []
         self.seen: dict[str, tuple[int, int]] = {}   # result file -> (inode, mtime_ns)
         self.rewrites: list[tuple[float, str]] = []
@@ -497,7 +502,7 @@ class Chaos:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
         self.procs[kind, index] = None
-        self.kills.append((time.time(), kind))
+        self.kills.append((time.time(), kind, proc.pid))
         return True
 
     def notify(self) -> None:
@@ -533,10 +538,20 @@ class Chaos:
     def cause(self, when: float) -> str:
         """The kind of the last kill before ``when`` (wall clock)."""
         kind = "none"
-        for at, k in self.kills:
+        for at, k, _ in self.kills:
             if at <= when:
                 kind = k
         return kind
+
+    def cause_of_rerun(self, previous: tuple, started: float) -> str:
+        """Why a commit whose test had run to its end ran again: its runner
+        (the test's parent) was SIGKILLed after that end and before the
+        rerun began, so the result died with it (by design: counted as
+        "runner"); otherwise the last kill of any kind before the rerun."""
+        ended, parent = previous[1] / 1e9, previous[3]
+        if any(pid == parent and ended <= at <= started for at, _, pid in self.kills):
+            return "runner"
+        return self.cause(started)
 
     # ---- the soak ----------------------------------------------------------
     def run(self) -> None:
@@ -620,7 +635,7 @@ class Chaos:
     def tally(self, expected, tags, pending, faults, skipped, drained) -> None:
         kinds = ("none", *self.KINDS)
         table = {k: collections.Counter() for k in kinds}
-        for _, kind in self.kills:
+        for _, kind, _ in self.kills:
             table[kind]["kills"] += 1
         wrong_list = []
         for commit, want in expected.items():
@@ -658,13 +673,11 @@ class Chaos:
             starts, ends = runs[tag]["start"], runs[tag]["end"]
             interrupted += max(0, len(starts) - len(ends))
             if len(ends) > 1:
-                # The second complete run: what caused it to start?
-                for pid, ns, _ in ends[1:]:
-                    start = next((s for s in starts if s[0] == pid), None)
-                    when = (start[1] if start else ns) / 1e9
-                    table[self.cause(when)]["dup runs"] += 1
+                for previous, extra in zip(ends, ends[1:]):
+                    start = next((r for r in starts if r[0] == extra[0]), extra)
+                    table[self.cause_of_rerun(previous, start[1] / 1e9)]["dup runs"] += 1
                 duplicate_list.append((tag, commit[:12], len(ends)))
-        leftovers = sorted({pg for r in runs.values() for _, _, pg in r["start"]
+        leftovers = sorted({pg for r in runs.values() for _, _, pg, _ in r["start"]
                             if pg > 1 and live_in_group(pg)})
         columns = ("kills", "results", "wrong", "rewritten", "stored 2x", "dup results",
                    "dup runs")
@@ -709,7 +722,7 @@ def main(argv=None) -> int:
         description="Recovery benchmarks and a seeded chaos soak of the CI system, against "
                     "its real daemons (default flags) on loopback.")
     parser.add_argument("--quick", action="store_true",
-                        help="smaller counts: 2 recoveries, 1 restart round, 20 chaos commits")
+                        help="smaller counts: 2 recoveries, 2 restart rounds, 20 chaos commits")
     parser.add_argument("--only", action="append",
                         choices=["recovery", "duplicates", "chaos"],
                         help="run only this part (repeatable)")
