@@ -688,7 +688,8 @@ class Chaos:
         print("  per kind of the last kill before each event: wrong = wrong verdicts; "
               "rewritten = result file's inode or mtime changed; stored 2x = the "
               "dispatcher logged a second store; dup results = duplicate results it "
-              "dropped; dup runs = complete test runs beyond the first (markers)")
+              "dropped; dup runs = complete test runs beyond the first (markers), put down to "
+              "'runner' when the first run's runner was killed after its test ended")
         print(f"  {'last kill':<12}" + "".join(f"{c:>12}" for c in columns))
         for kind in kinds:
             print(f"  {kind:<12}" + "".join(f"{table[kind][c]:>12}" for c in columns))
