@@ -260,9 +260,7 @@ class DispatcherState:
                         self._drop(other, count=True)
             if runner and runner.instance == instance:
                 runner.misses = 0
-                if runner.state == SUSPECT or (runner.state == OCCUPIED and busy is None):
-                    runner.set(IDLE)
-                    self.cond.notify_all()
+                self._believe(runner, busy, token)
                 return "known"
             if runner:
                 # The runner restarted: whatever it was running is gone.
@@ -278,6 +276,17 @@ class DispatcherState:
             log.info("runner %s registered%s (%d runners)", key,
                      f" while busy with {busy[:12]}" if busy else "", len(self.runners))
             return "registered"
+
+    def _believe(self, runner: Runner, busy: str | None, token: str | None) -> None:
+        """A live runner's own word on what it runs beats our guess: a
+        ``runtest`` whose reply was lost may well have been taken."""
+        if busy is None:
+            if runner.state in (SUSPECT, OCCUPIED):
+                runner.set(IDLE)
+                self.cond.notify_all()
+        elif runner.state in (SUSPECT, IDLE):
+            runner.set(OCCUPIED, occupied_with=busy)
+            self._adopt(runner, busy, token)
 
     def _adopt(self, runner: Runner, commit: str, token: str | None) -> None:
         """A runner that is still running a commit we would otherwise run
@@ -603,7 +612,7 @@ class DispatcherState:
             return [dataclasses.replace(r) for r in self.runners.values()]
 
     def ping_result(self, key: str, outcome: str, instance: str, busy: str | None,
-                    misses_allowed: int) -> None:
+                    misses_allowed: int, token: str | None = None) -> None:
         """``outcome``: ``ok``, ``refused`` (nothing listens: the runner is
         gone, dropped at once) or ``timeout`` (slow or cut off: dropped
         after ``misses_allowed`` in a row)."""
@@ -615,13 +624,7 @@ class DispatcherState:
                 outcome = "refused"  # a different process now answers on that port
             if outcome == "ok":
                 runner.misses = 0
-                if runner.state == SUSPECT or (runner.state == OCCUPIED and busy is None):
-                    runner.set(IDLE)
-                elif runner.state == IDLE and busy is not None:
-                    # Its own word on being busy beats our guess.
-                    runner.set(OCCUPIED, occupied_with=busy)
-                if runner.free:
-                    self.cond.notify_all()
+                self._believe(runner, busy, token)
                 return
             if outcome != "refused":
                 runner.misses += 1

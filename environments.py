@@ -64,10 +64,18 @@ class EnvironmentCache:
     """The environments of one runner, in one folder it alone uses
     (an exclusive lock on ``.lock`` for the runner's lifetime)."""
 
-    def __init__(self, folder: str, keep: int = DEFAULT_KEEP, python: str | None = None):
+    def __init__(self, folder: str, keep: int = DEFAULT_KEEP, python: str | None = None,
+                 owner: tuple[int, int] | None = None):
         self.folder = helpers.ensure_dir(folder, "environment folder")
         self.keep = keep
         self.python = python or sys.executable
+        # With --test-user: (uid, gid) the setup runs as.  The environment
+        # is that user's while its setup runs, then sealed (the runner's,
+        # read-only to the tests), so one commit's tests cannot poison the
+        # environment a later commit reuses.
+        self.owner = owner
+        if owner:
+            os.chmod(self.folder, 0o755)
         self._lock_fd = os.open(os.path.join(self.folder, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -128,6 +136,8 @@ class EnvironmentCache:
         except OSError as exc:
             self._remove(path)
             return False, f"cannot create the environment: {exc}"
+        if self.owner:
+            _chown_tree(path, *self.owner)
         env = self.activate(key, base_env)
         env.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
         if not has_pip:
@@ -147,6 +157,8 @@ class EnvironmentCache:
         if timed_out or code != 0:
             self._remove(path)
             return False, (f"timed out after {timeout:g}s" if timed_out else f"exited {code}")
+        if self.owner:
+            _seal(path)
         helpers.atomic_write(os.path.join(path, MARKER), json.dumps({
             "key": key, "setup": list(setup), "python": sys.version,
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -191,6 +203,22 @@ class EnvironmentCache:
         except (FileNotFoundError, NotADirectoryError):
             pass
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _chown_tree(path: str, uid: int, gid: int) -> None:
+    for folder, dirs, files in os.walk(path):
+        for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
+            os.chown(name, uid, gid, follow_symlinks=False)
+
+
+def _seal(path: str) -> None:
+    """The runner's own, and nobody else may write to it."""
+    _chown_tree(path, os.geteuid(), os.getegid())
+    for folder, dirs, files in os.walk(path):
+        for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
+            if not os.path.islink(name):
+                mode = os.stat(name).st_mode
+                os.chmod(name, mode & ~0o022)
 
 
 def env_file_paths(repo: str, patterns: tuple[str, ...]) -> list[tuple[str, str]]:

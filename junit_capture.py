@@ -61,8 +61,12 @@ class Capture:
     """One test run's JUnit capture; use as a context manager so the
     temporary folder is always removed."""
 
-    def __init__(self, repo: str, command: list[str], pattern: str | None = None):
+    def __init__(self, repo: str, command: list[str], pattern: str | None = None,
+                 owner: tuple[int, int] | None = None):
         self.repo = repo
+        # With --test-user the recorder runs as that user: it must be able
+        # to write the records into our temporary folder.
+        self.owner = owner
         self.command = list(command)
         self.pattern = pattern
         self.paths: list[str] = []
@@ -80,6 +84,8 @@ class Capture:
 
     def _tmp_file(self) -> str:
         self.tmp = tempfile.mkdtemp(prefix="ci-junit-")
+        if self.owner:
+            os.chown(self.tmp, *self.owner)
         self.paths = [os.path.join(self.tmp, "results.xml")]
         return self.paths[0]
 

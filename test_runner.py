@@ -269,6 +269,9 @@ class TestUser:
         self.name, self.uid, self.gid = name, entry.pw_uid, entry.pw_gid
         self.home = entry.pw_dir
 
+    def ids(self) -> tuple[int, int]:
+        return self.uid, self.gid
+
     def popen_args(self) -> dict:
         return {"user": self.uid, "group": self.gid, "extra_groups": []}
 
@@ -359,7 +362,8 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
                       duration=f"{time.time() - started:.3f}")
         return fields, setup_log + b"no tests/ folder in this commit\n"
     with tempfile.TemporaryFile() as out, \
-            junit_capture.Capture(repo, command, junit_pattern) as capture:
+            junit_capture.Capture(repo, command, junit_pattern,
+                                  owner=slot.user.ids() if slot.user else None) as capture:
         try:
             code, timed_out = slot.run(capture.command, repo, timeout, out, prepared.env)
         except OSError as exc:
@@ -509,9 +513,10 @@ class TestRunner:
 
     # ---- handlers -------------------------------------------------------
     def do_ping(self, message: Message, peer: str) -> Message:
-        busy = self.state.busy_with()
+        job = self.state.current_job()
         return Message("ok", "pong", helpers.encode_fields(
-            {"instance": self.instance, "busy": busy or ""}))
+            {"instance": self.instance, "busy": job.commit if job else "",
+             "job": job.job_id if job else ""}))
 
     def do_runtest(self, message: Message, peer: str) -> Message:
         parts = message.argument.split(" ")
@@ -721,8 +726,14 @@ def make_preparer(args, test_command: list[str] | None,
                            max_timeout=args.max_timeout)
     cache = None
     if setup or not args.ignore_repo_recipe:
-        cache = environments.EnvironmentCache(args.env_dir or os.path.join(state_dir, "envs"),
-                                              args.keep_envs)
+        owner = None
+        folder = args.env_dir or os.path.join(state_dir, "envs")
+        if args.test_user:
+            # The state folder is closed to the test user; environments
+            # must be readable by it, so they live beside it.
+            owner = TestUser(args.test_user).ids()
+            folder = args.env_dir or state_dir.rstrip(os.sep) + "-envs"
+        cache = environments.EnvironmentCache(folder, args.keep_envs, owner=owner)
     return environments.Preparer(limits, cache, read_recipe=not args.ignore_repo_recipe)
 
 
