@@ -33,7 +33,13 @@ def connect(address: tuple[str, int], timeout: float):
     """``socket.create_connection`` without the socket module (whose enums
     and selectors cost the hook more than everything else it does)."""
     error: OSError | None = None
-    for family, kind, proto, _, sockaddr in _socket.getaddrinfo(*address, 0,
+    host, port = address
+    # A str host is encoded with the "idna" codec, whose import (with re,
+    # stringprep and unicodedata) cost the hook about 20 ms; an ASCII name
+    # or address needs none of it.
+    if host.isascii():
+        host = host.encode("ascii")
+    for family, kind, proto, _, sockaddr in _socket.getaddrinfo(host, port, 0,
                                                                 _socket.SOCK_STREAM):
         sock = _socket.socket(family, kind, proto)
         sock.settimeout(timeout)

@@ -16,7 +16,9 @@ import auth
 import helpers
 
 SECRET = "hook-client-test-secret-0123456789"
-HEAVY = ("helpers", "ssl", "logging", "socketserver", "ipaddress")
+HEAVY = ("helpers", "ssl", "logging", "socketserver", "ipaddress",
+         # a str host given to getaddrinfo imports the idna codec and these
+         "encodings.idna", "stringprep", "unicodedata")
 
 
 def run_notify(args, env_extra=None):
