@@ -270,6 +270,8 @@ def test_real_daemons_red_green_and_live_output(page, dashboards, cluster, upstr
     cluster.start_runner("--progress-interval", "0.2")
     observer = cluster.start_observer("--poll", "0.3")
     first = git(upstream.path, "rev-parse", "HEAD")
+    # The observer's first poll takes the head only: let it see this one.
+    assert cluster.result(first)["verdict"] == "passed"
     red = upstream.commit({"tests/test_broken.py": FAILING_TEST}, "Break the sums")
     assert cluster.result(red)["verdict"] == "failed"
     green = upstream.commit({"tests/test_broken.py": None}, "Fix the sums")
