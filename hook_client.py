@@ -17,7 +17,7 @@ import sys
 
 import wire
 
-PROG = "repo_observer.py notify"
+PROG = "repo_observer.py notify"  # what it is, whichever script started it
 DESCRIPTION = ("Wake a running observer so it polls now (use in a post-receive or "
                "post-commit hook).")
 DEFAULT_OBSERVER = "localhost:8887"

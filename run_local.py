@@ -63,8 +63,8 @@ def install_notify_hook(upstream: str, observer_port: int) -> None:
     hook = os.path.join(upstream, ".git", "hooks", "post-commit")
     with open(hook, "w") as handle:
         handle.write("#!/bin/sh\n"
-                     f"exec '{sys.executable}' -S '{os.path.join(ROOT, 'repo_observer.py')}' "
-                     f"notify --observer 127.0.0.1:{observer_port} --log-level ERROR 2>/dev/null "
+                     f"exec '{sys.executable}' -S '{os.path.join(ROOT, 'hook_client.py')}' "
+                     f"--observer 127.0.0.1:{observer_port} --log-level ERROR 2>/dev/null "
                      "|| true\n")
     os.chmod(hook, 0o755)
 

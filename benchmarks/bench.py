@@ -273,8 +273,7 @@ class Bench:
     def notify_command(self, observer: str) -> list[str]:
         # As README's hook line starts it: -S skips site-packages (and any
         # .pth files there), which notify does not need.
-        return [PY, "-S", os.path.join(self.code, "repo_observer.py"), "notify",
-                "--observer", observer]
+        return [PY, "-S", os.path.join(self.code, "hook_client.py"), "--observer", observer]
 
     def notify_startup(self, observer: str, runs: int = NOTIFY_RUNS) -> None:
         """The hook's own cost: the whole ``notify`` process (interpreter
