@@ -1,7 +1,7 @@
 """Runs unittest exactly as ``python -m unittest ARGS`` would, and also
 writes each test's outcome to a JUnit XML file for the CI runner.
 
-Usage: ``python unittest_recorder.py OUTPUT.xml [unittest arguments...]``
+Usage: ``python unittest_recorder.py OUTPUT.xml [--path-first DIR] [unittest arguments...]``
 
 The runner ships this file and starts it by path, from the tested clone's
 root.  Run as a script, Python puts this file's folder first on sys.path;
@@ -183,6 +183,11 @@ def main(argv):
         sys.stderr.write(__doc__)
         return 2
     output, args = argv[0], argv[1:]
+    if args[:1] == ["--path-first"] and len(args) >= 2:
+        # A shard of ``discover -s DIR`` run by module names: DIR goes first
+        # on sys.path, where discovery would have put it.
+        sys.path.insert(0, os.path.abspath(args[1]))
+        args = args[2:]
     sys.argv[:] = ["python -m unittest"] + args  # what the tests would see there
     try:
         unittest.main(module=None, argv=["python -m unittest"] + args,
