@@ -263,9 +263,12 @@ def shard_run(repo: str, custom: list[str] | None, command: list[str],
     if spot is not None:
         rest = command[spot + 1:]
         folders = [a for a in rest if not a.startswith("-")]
-        flags_ok = all(a.startswith("--") and "=" in a or re.fullmatch(r"-[a-zA-Z]+", a)
-                       or a.startswith("--") and a in ("--quiet", "--verbose", "--exitfirst",
-                                                       "--strict-markers")
+        # Flags that change which files are collected, or that take a
+        # separate value, make our file list a guess: such commands run whole.
+        flags_ok = all((a.startswith("--") and "=" in a or re.fullmatch(r"-[a-zA-Z]+", a)
+                        or a in ("--quiet", "--verbose", "--exitfirst", "--strict-markers"))
+                       and not a.startswith(("--ignore", "--rootdir", "--pyargs", "--doctest",
+                                             "--deselect", "--confcutdir", "-c"))
                        for a in rest if a.startswith("-"))
         if folders and flags_ok and all(
                 os.path.isdir(os.path.join(repo, f)) and ".." not in f.split("/")

@@ -154,9 +154,14 @@ def test_pytest_command_gets_files_custom_command_runs_whole(tmp_path):
     run = sharding.shard_run(str(tmp_path), pytest_cmd, pytest_cmd,
                              sharding.ShardSpec(1, 2, {}), False)
     assert run.command == ["python", "-m", "pytest", "-q", "tests/test_a.py"]
-    odd = ["python", "-m", "pytest", "-k", "slow", "tests"]
-    assert sharding.shard_run(str(tmp_path), odd, odd, sharding.ShardSpec(1, 2, {}),
-                              False).label == "whole"
+    for odd in (["python", "-m", "pytest", "-k", "slow", "tests"],
+                ["pytest", "--ignore=tests/test_a.py", "tests"],
+                ["pytest", "--doctest-modules", "tests"], ["pytest", "-q"]):
+        assert sharding.shard_run(str(tmp_path), odd, odd, sharding.ShardSpec(1, 2, {}),
+                                  False).label == "whole", odd
+    write(tmp_path, {"pytest.ini": "[pytest]\ntestpaths = tests\n"})
+    assert sharding.shard_run(str(tmp_path), pytest_cmd, pytest_cmd,
+                              sharding.ShardSpec(1, 2, {}), False).label == "whole"
     custom = ["make", "test"]
     one = sharding.shard_run(str(tmp_path), custom, custom, sharding.ShardSpec(1, 3, {}), False)
     two = sharding.shard_run(str(tmp_path), custom, custom, sharding.ShardSpec(2, 3, {}), False)
