@@ -360,13 +360,13 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
         fields.update(verdict="error", reason="no tests/ folder in this commit",
                       duration=f"{time.time() - started:.3f}")
         return fields, setup_log + b"no tests/ folder in this commit\n"
-    path_first = None
+    path_first, shard_unittest = None, False
     if shard is not None:
         run = sharding.shard_run(repo, test_command, command, shard, test_command is None)
         fields["shards"] = f"{shard.index}/{shard.total}" + (f" {run.label}" if run.label
                                                              else "")
-        if run.path_first and junit_pattern:
-            # Only the recorder can put the start folder first on sys.path.
+        if test_command is None and junit_pattern:
+            # Only the recorder loads modules as discovery does.
             run = sharding.ShardRun(command if shard.index == 1 else None,
                                     "whole" if shard.index == 1 else "skipped")
             fields["shards"] = f"{shard.index}/{shard.total} {run.label}"
@@ -376,13 +376,15 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
                           duration=f"{time.time() - started:.3f}")
             return fields, setup_log + note.encode()
         command, path_first = run.command, run.path_first
+        shard_unittest = test_command is None
     elif test_command and sharding.PLACEHOLDER in test_command:
         command = sharding.expand_placeholder(repo, command)
     with tempfile.TemporaryFile() as out, \
             junit_capture.Capture(repo, command, junit_pattern) as capture:
         run_command = capture.command
-        if path_first and run_command[1:2] == [junit_capture.RECORDER]:
-            run_command = [*run_command[:3], "--path-first", path_first, *run_command[3:]]
+        if shard_unittest and run_command[1:2] == [junit_capture.RECORDER]:
+            extra = ["--shard", *(["--path-first", path_first] if path_first else [])]
+            run_command = [*run_command[:3], *extra, *run_command[3:]]
         try:
             code, timed_out = slot.run(run_command, repo, timeout, out, prepared.env)
         except OSError as exc:

@@ -409,3 +409,77 @@ def test_a_restart_runs_a_sharded_commit_again_and_drops_late_shard_results(
     for job in jobs:
         report(again, job)
     assert result_file(again, X)[0]["tests"] == "4"
+
+
+def test_a_failed_merged_write_is_retried_by_the_last_shards_resend(make_state):
+    state = make_state(max_shards=2, runners=2)
+    state.enqueue([X])
+    first, second = take_all(state)
+    assert report(state, first) is True
+    real_write = state.write_result
+    calls = []
+
+    def failing_write(commit, fields, output):
+        calls.append(commit)
+        if len(calls) == 1:
+            raise OSError("disk full")
+        real_write(commit, fields, output)
+    state.write_result = failing_write
+    with pytest.raises(OSError):
+        report(state, second)
+    assert result_file(state, X) is None and X in state.shard_sets and X not in state.writing
+    assert report(state, second) is True   # the runner's outbox sends it again
+    fields, output = result_file(state, X)
+    assert fields["tests"] == "4" and output.count(b"===== shard ") == 2
+    assert calls == [X, X] and not state.shard_sets
+
+
+# ---- the recorder runs a shard's modules as discovery would ---------------
+
+ODD_MODULES = {
+    "tests/test_ok.py": "import unittest\nimport tests_helper\n\nclass T(unittest.TestCase):\n"
+                        "    def test_a(self):\n        self.assertEqual(tests_helper.VALUE, 1)\n"
+                        "    def test_b(self):\n        self.fail('no')\n",
+    "tests/tests_helper.py": "VALUE = 1\n",
+    "tests/test_runtime.py": "raise RuntimeError('broken at import')\n",
+    "tests/test_skipmod.py": "import unittest\nraise unittest.SkipTest('not here')\n",
+    "tests/test_missing.py": "import no_such_module_anywhere\n",
+    "tests/test_more.py": "import unittest\n\nclass U(unittest.TestCase):\n"
+                          "    def test_c(self):\n        pass\n",
+}
+
+
+@pytest.mark.parametrize("package", [False, True])
+def test_shards_of_odd_modules_add_up_to_discovery(tmp_path, package):
+    import subprocess
+    import sys
+
+    import junit_capture
+    import test_runner
+    files = dict(ODD_MODULES)
+    if package:
+        files["tests/__init__.py"] = ""
+        files["tests/test_ok.py"] = files["tests/test_ok.py"].replace(
+            "import tests_helper", "from tests import tests_helper")
+    write(tmp_path, files)
+    repo = str(tmp_path)
+    command = test_runner.default_test_command(repo)
+
+    def run(argv):
+        proc = subprocess.run(argv, cwd=repo, capture_output=True, timeout=60)
+        return test_runner.classify(proc.returncode, False, proc.stdout + proc.stderr)
+    verdict, counts, _ = run(command)
+    assert verdict == "error" and (counts.tests, counts.errors, counts.skipped) == (6, 2, 1)
+    verdicts, totals = [], {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for index in (1, 2, 3):
+        shard = sharding.shard_run(repo, None, command, sharding.ShardSpec(index, 3, {}), True)
+        argv = [sys.executable, junit_capture.RECORDER, str(tmp_path / f"{index}.xml"),
+                "--shard", *(["--path-first", shard.path_first] if shard.path_first else []),
+                *shard.command[3:]]
+        v, c, _ = run(argv)
+        verdicts.append(v)
+        for name in totals:
+            totals[name] += getattr(c, name)
+    assert sharding.worst(verdicts) == verdict
+    assert totals == {"tests": counts.tests, "failures": counts.failures,
+                      "errors": counts.errors, "skipped": counts.skipped}
