@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench  # noqa: E402
-from bench import Bench, Upstream, git  # noqa: E402
+from bench import Bench, Upstream  # noqa: E402
 import helpers  # noqa: E402
 from results import parse_result  # noqa: E402
 
@@ -126,6 +126,11 @@ def main(argv=None) -> int:
             # ideal is hard to reach, and the comparison is what sharding costs.
             b.throughput()
             b.procs.stop_all()
+            # bench.py's burst uses fixed folder and log names: start afresh.
+            os.rename(b.path("burst"), b.path("burst-unsharded"))
+            logs = b.path("burst-sharded-logs")
+            os.makedirs(logs)
+            b.procs = bench.Processes(logs, b.env)
             b.args.max_shards = RUNNERS
             b.throughput()
             log_path = next(path for name, _, path in b.procs.procs
