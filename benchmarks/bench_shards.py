@@ -124,6 +124,7 @@ def main(argv=None) -> int:
         if not args.skip_burst:
             # The same burst without sharding first: on a shared machine the
             # ideal is hard to reach, and the comparison is what sharding costs.
+            b.row("(the next rows: the burst without --max-shards)", "", "", None)
             b.throughput()
             b.procs.stop_all()
             # bench.py's burst uses fixed folder and log names: start afresh.
@@ -132,6 +133,7 @@ def main(argv=None) -> int:
             os.makedirs(logs)
             b.procs = bench.Processes(logs, b.env)
             b.args.max_shards = RUNNERS
+            b.row("(the next rows: the burst with --max-shards 4)", "", "", None)
             b.throughput()
             log_path = next(path for name, _, path in b.procs.procs
                             if name == "burst-dispatcher")
