@@ -421,7 +421,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send(Response(code, f"{code} {text}\n".encode(), "text/plain; charset=utf-8"))
 
 
-class DashboardServer(http.server.ThreadingHTTPServer):
+class DashboardServer(helpers.ConnectionCap, http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer with a cap on connections and a reaper that cuts
     off clients that have not sent their request head in time."""
 
@@ -438,7 +438,7 @@ class DashboardServer(http.server.ThreadingHTTPServer):
         self.insecure = insecure
         self.bind_host = address[0]
         self.request_timeout = request_timeout
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.init_cap(max_connections)
         self._watch_lock = threading.Lock()
         self._deadlines: dict[socket.socket, float] = {}
         self._stop = threading.Event()
@@ -471,28 +471,14 @@ class DashboardServer(http.server.ThreadingHTTPServer):
                 except OSError:
                     pass
 
-    def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            log.warning("connection limit reached; refusing %s", client_address[0])
-            try:
-                request.setblocking(False)
-                request.send(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                             b"Retry-After: 1\r\nConnection: close\r\n\r\n")
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
+    def refuse(self, request, client_address) -> bool:
         try:
-            super().process_request(request, client_address)
-        except Exception:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+            request.setblocking(False)
+            request.send(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                         b"Retry-After: 1\r\nConnection: close\r\n\r\n")
+        except OSError:
+            pass
+        return False
 
     def handle_error(self, request, client_address):
         log.exception("error serving %s", client_address[0] if client_address else "?")

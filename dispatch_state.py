@@ -286,15 +286,17 @@ class DispatcherState:
             if runner and name and runner.name and runner.name != name:
                 raise Reply(f"address {key} is registered by another runner")
             if name:
-                for other in list(self.runners.values()):
+                # One address per runner key: a stolen key must not be able
+                # to take the runner's work to an address of the thief's.
+                # A runner that really moved (restarted on another port) is
+                # accepted once its old address stops answering pings.
+                for other in self.runners.values():
                     if other.name == name and other.key != key:
-                        log.warning("runner %s moved from %s to %s", name, other.key, key)
-                        self._drop(other, count=True)
+                        raise Reply(f"runner {name} is registered at {other.key}; another "
+                                    "address is accepted once that one stops answering")
             if runner and runner.instance == instance:
                 runner.misses = 0
-                if runner.state == SUSPECT or (runner.state == OCCUPIED and busy is None):
-                    runner.set(IDLE)
-                    self.cond.notify_all()
+                self._believe(runner, busy, token)
                 return "known"
             if runner:
                 # The runner restarted: whatever it was running is gone.
@@ -311,11 +313,26 @@ class DispatcherState:
                      f" while busy with {busy[:12]}" if busy else "", len(self.runners))
             return "registered"
 
+    def _believe(self, runner: Runner, busy: str | None, token: str | None) -> None:
+        """A live runner's own word on what it runs beats our guess: a
+        ``runtest`` whose reply was lost may well have been taken."""
+        if busy is None:
+            if runner.state in (SUSPECT, OCCUPIED):
+                runner.set(IDLE)
+                self.cond.notify_all()
+        elif runner.state in (SUSPECT, IDLE):
+            runner.set(OCCUPIED, occupied_with=busy)
+            self._adopt(runner, busy, token)
+
     def _adopt(self, runner: Runner, commit: str, token: str | None) -> None:
         """A runner that is still running a commit we would otherwise run
         again keeps it, if it proves the assignment with its token."""
         a = self.assignments.get(commit, {}).get(token or "")
         if a is None or (a.name and a.name != runner.name):
+            return
+        shard_set = self.shard_sets.get(commit)
+        if shard_set is not None and a.token in shard_set.tokens:
+            self._adopt_shard(runner, commit, a, shard_set)
             return
         if commit in self.held:
             del self.held[commit]
@@ -328,6 +345,22 @@ class DispatcherState:
         self.jobs[commit] = job
         runner.set(RUNNING, job)
         log.info("runner %s is still running %s; adopted", runner.key, commit[:12])
+
+    def _adopt_shard(self, runner: Runner, commit: str, a: Assignment,
+                     shard_set: ShardSet) -> None:
+        """The same for one shard waiting to run again (its ``runtest``
+        reply was lost, but the runner took it)."""
+        index = shard_set.tokens[a.token]
+        if (commit, index) not in self.shard_queue:
+            return
+        self.shard_queue.remove((commit, index))
+        job = Job(commit, a.token, runner.key, runner.address, time.monotonic(), runner.name,
+                  index, shard_set.total,
+                  sharding.encode_request(index, shard_set.total, shard_set.table))
+        shard_set.running[index] = job
+        runner.set(RUNNING, job)
+        log.info("runner %s is still running shard %d/%d of %s; adopted", runner.key, index,
+                 shard_set.total, commit[:12])
 
     def _release_held_of(self, key: str) -> None:
         """The runner that held these commits is back and not running them:
@@ -792,7 +825,7 @@ class DispatcherState:
             return [dataclasses.replace(r) for r in self.runners.values()]
 
     def ping_result(self, key: str, outcome: str, instance: str, busy: str | None,
-                    misses_allowed: int) -> None:
+                    misses_allowed: int, token: str | None = None) -> None:
         """``outcome``: ``ok``, ``refused`` (nothing listens: the runner is
         gone, dropped at once) or ``timeout`` (slow or cut off: dropped
         after ``misses_allowed`` in a row)."""
@@ -804,13 +837,7 @@ class DispatcherState:
                 outcome = "refused"  # a different process now answers on that port
             if outcome == "ok":
                 runner.misses = 0
-                if runner.state == SUSPECT or (runner.state == OCCUPIED and busy is None):
-                    runner.set(IDLE)
-                elif runner.state == IDLE and busy is not None:
-                    # Its own word on being busy beats our guess.
-                    runner.set(OCCUPIED, occupied_with=busy)
-                if runner.free:
-                    self.cond.notify_all()
+                self._believe(runner, busy, token)
                 return
             if outcome != "refused":
                 runner.misses += 1

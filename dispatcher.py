@@ -319,15 +319,21 @@ class Dispatcher:
         futures = {self.ping_pool.submit(self._ping, r): r for r in runners}
         for future in concurrent.futures.as_completed(futures):
             runner = futures[future]
-            outcome, instance, busy = future.result()
-            self.state.ping_result(runner.key, outcome, instance, busy, self.ping_misses)
+            outcome, instance, busy, token = future.result()
+            self.state.ping_result(runner.key, outcome, instance, busy, self.ping_misses, token)
         duration = time.monotonic() - started
         # A sweep longer than the interval means dead runners are noticed late.
         log.log(logging.WARNING if duration > self.ping_interval else logging.DEBUG,
                 "health sweep of %d runner(s) took %.3fs", len(runners), duration)
         return duration
 
-    def _ping(self, runner: Runner) -> tuple[str, str, str | None]:
+    def _ping(self, runner: Runner) -> tuple[str, str, str | None, str | None]:
+        keyring = self.security.keyring
+        if runner.name and isinstance(keyring, auth.MasterKeyring) and \
+                keyring.revocations.revoked(f"runner:{runner.name}"):
+            # Revoked: it could take work but never report it; drop it now.
+            log.warning("runner %s (%s) holds a revoked key; dropped", runner.name, runner.key)
+            return "refused", "", None, None
         try:
             # The reply is bounded too: a frozen runner still accepts the
             # connection (the kernel does) but never answers, and waiting the
@@ -338,10 +344,15 @@ class Dispatcher:
             fields = helpers.decode_fields(reply.body) if reply.command == "ok" else {}
         except (OSError, helpers.ProtocolError) as exc:
             log.debug("ping %s failed: %s", runner.key, exc)
-            return ("refused" if refused(exc) else "timeout"), "", None
+            return ("refused" if refused(exc) else "timeout"), "", None, None
         if reply.command != "ok":
-            return "timeout", "", None
-        return "ok", fields.get("instance", ""), fields.get("busy") or None
+            return "timeout", "", None, None
+        busy = fields.get("busy") or None
+        if busy is not None and not helpers.valid_commit(busy):
+            busy = "unknown"
+        token = fields.get("job") or None
+        return "ok", fields.get("instance", ""), busy, (
+            token if token and TOKEN_RE.fullmatch(token) else None)
 
 
 def refused(exc: BaseException) -> bool:

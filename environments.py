@@ -130,6 +130,10 @@ class EnvironmentCache:
             return False, f"cannot create the environment: {exc}"
         env = self.activate(key, base_env)
         env.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+        user = getattr(slot, "user", None)
+        if user is not None:
+            # The setup runs as the test user (--test-user) and installs here.
+            _chown_tree(path, user.uid, user.gid)
         if not has_pip:
             # The runner's Python has no pip to lend: install the bundled one.
             code, timed_out = slot.run([self.python_of(key), "-m", "ensurepip", "--default-pip"],
@@ -147,6 +151,10 @@ class EnvironmentCache:
         if timed_out or code != 0:
             self._remove(path)
             return False, (f"timed out after {timeout:g}s" if timed_out else f"exited {code}")
+        if user is not None:
+            # Built: the runner's again and read-only to others, so that no
+            # later test (of another commit) can change what it runs with.
+            _chown_tree(path, os.getuid(), os.getgid(), strip=0o022)
         helpers.atomic_write(os.path.join(path, MARKER), json.dumps({
             "key": key, "setup": list(setup), "python": sys.version,
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -191,6 +199,18 @@ class EnvironmentCache:
         except (FileNotFoundError, NotADirectoryError):
             pass
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _chown_tree(path: str, uid: int, gid: int, strip: int = 0) -> None:
+    """Give a whole environment to ``uid`` (symlinks themselves, never
+    their targets), taking the ``strip`` permission bits away."""
+    for folder, dirs, files in os.walk(path):
+        for name in [*dirs, *files, None]:
+            item = folder if name is None else os.path.join(folder, name)
+            os.lchown(item, uid, gid)
+            mode = os.lstat(item).st_mode
+            if strip and not stat.S_ISLNK(mode):
+                os.chmod(item, stat.S_IMODE(mode) & ~strip)
 
 
 def env_file_paths(repo: str, patterns: tuple[str, ...]) -> list[tuple[str, str]]:

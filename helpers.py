@@ -517,6 +517,9 @@ def _server_handshake(sec: Security, sock: socket.socket, peer: str):
             try:
                 tls.sendall(encode_frame(encode_message(
                     "error", f"certificate role {role!r} not accepted here")))
+                # Its request is unread: without draining, the close resets
+                # the connection and the reason may never reach the peer.
+                _drain(tls)
                 tls.close()
             except OSError:
                 pass
@@ -543,7 +546,38 @@ def _drain(sock, limit: int = 64 * 1024, timeout: float = 1.0) -> None:
         pass
 
 
-class MessageServer(socketserver.ThreadingTCPServer):
+class ConnectionCap:
+    """Mix-in for a threading server: at most ``max_connections`` served
+    at once.  Beyond that ``refuse`` answers (briefly, without a thread of
+    its own unless it takes the request over and returns True)."""
+
+    def init_cap(self, max_connections: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def refuse(self, request, client_address) -> bool:
+        raise NotImplementedError
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            log.warning("connection limit reached; refusing %s",
+                        format_address(client_address[:2]))
+            if not self.refuse(request, client_address):
+                self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class MessageServer(ConnectionCap, socketserver.ThreadingTCPServer):
     """A threaded server with a command table, a connection cap and
     immediate port reuse after a crash or restart."""
 
@@ -560,7 +594,7 @@ class MessageServer(socketserver.ThreadingTCPServer):
         # Command -> roles allowed (see auth.py); a command not listed is
         # open to every authenticated peer.
         self.permissions = permissions or {}
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.init_cap(max_connections)
         # Over the cap, a TLS peer is still served a ``busy`` after its
         # handshake (it could not read one sent before), by a few spare
         # threads; beyond those the connection is just closed.
@@ -586,33 +620,18 @@ class MessageServer(socketserver.ThreadingTCPServer):
             self.shutdown_request(request)
             self._spare.release()
 
-    def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            log.warning("connection limit reached; refusing %s",
-                        format_address(client_address[:2]))
-            if self.security.server_tls and self._spare.acquire(blocking=False):
-                threading.Thread(target=self._spare_thread, args=(request, client_address),
-                                 daemon=True).start()
-                return
-            try:
-                request.setblocking(False)
-                request.send(encode_frame(encode_message("busy", "server busy, try later"),
-                                          self.security.secret))
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
+    def refuse(self, request, client_address) -> bool:
+        if self.security.server_tls and self._spare.acquire(blocking=False):
+            threading.Thread(target=self._spare_thread, args=(request, client_address),
+                             daemon=True).start()
+            return True
         try:
-            super().process_request(request, client_address)
-        except Exception:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+            request.setblocking(False)
+            request.send(encode_frame(encode_message("busy", "server busy, try later"),
+                                      self.security.secret))
+        except OSError:
+            pass
+        return False
 
     def handle_error(self, request, client_address):
         log.exception("error serving %s", client_address)

@@ -1,8 +1,9 @@
 """``repo_observer.py notify``: what a git hook runs on every push, so it
-starts in milliseconds.  It imports only the wire protocol (``wire.py``),
-argparse and socket: no TLS, logging or server code, and hashing only
-when a secret is given.  With a TLS flag (or ``--help``) it hands over to
-the full client in ``helpers``, which knows every flag.
+starts in milliseconds.  It imports only the wire protocol (``wire.py``)
+and the bare ``_socket``: no argparse, TLS, logging or server code, and hashing only
+when a secret is given.  With any other flag (a TLS flag, ``--help``, a
+typo) it hands over to the full client in ``helpers``, which knows and
+explains every flag.
 
 Start it with ``python -S`` (no site-packages: a ``.pth`` file there can
 cost more than the whole notify).
@@ -10,9 +11,8 @@ cost more than the whole notify).
 
 from __future__ import annotations
 
-import argparse
+import _socket
 import os
-import socket
 import sys
 
 import wire
@@ -29,6 +29,23 @@ def full_client(argv) -> int:
                                argv, server_role="observer")
 
 
+def connect(address: tuple[str, int], timeout: float):
+    """``socket.create_connection`` without the socket module (whose enums
+    and selectors cost the hook more than everything else it does)."""
+    error: OSError | None = None
+    for family, kind, proto, _, sockaddr in _socket.getaddrinfo(*address, 0,
+                                                                _socket.SOCK_STREAM):
+        sock = _socket.socket(family, kind, proto)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            error = exc
+            sock.close()
+    raise error or OSError(f"no address for {address[0]}")
+
+
 def read_secret(path: str | None) -> tuple[bytes | None, str | None]:
     """The secret or issued key, as ``helpers.load_credentials`` reads it."""
     if path is None and not os.environ.get("CI_SECRET", "").strip():
@@ -37,33 +54,53 @@ def read_secret(path: str | None) -> tuple[bytes | None, str | None]:
     return helpers.load_credentials(path)
 
 
+# The flags a hook uses, read without argparse (which alone costs more
+# than the rest of the hook); any other flag goes to the full client.
+FAST_FLAGS = {"--observer": str, "--timeout": float, "--secret-file": str,
+              "--auth-window": float, "--log-level": str}
+
+
+def fast_flags(argv: list[str]) -> dict | None:
+    """The flags as a dict, or None when the full client must read them."""
+    found: dict = {}
+    items = iter(argv)
+    for arg in items:
+        name, sep, value = arg.partition("=")
+        if name not in FAST_FLAGS:
+            return None
+        if not sep:
+            value = next(items, None)
+            if value is None:
+                return None
+        try:
+            found[name] = FAST_FLAGS[name](value)
+        except ValueError:
+            return None
+    return found
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a.startswith("--tls") or a in ("-h", "--help") for a in argv):
+    flags = fast_flags(argv)
+    if flags is None:  # --help, TLS flags, or anything to explain
         return full_client(argv)
-    # The flags a hook uses; every other flag of the full client is
-    # accepted too, and handed over to it.
-    parser = argparse.ArgumentParser(prog=PROG, add_help=False)
-    parser.add_argument("--observer", default=DEFAULT_OBSERVER)
-    parser.add_argument("--timeout", type=float, default=wire.DEFAULT_CONNECT_TIMEOUT)
-    parser.add_argument("--secret-file")
-    parser.add_argument("--auth-window", type=float, default=wire.DEFAULT_AUTH_WINDOW)
-    parser.add_argument("--log-level", default="INFO")
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        return full_client(argv)
+    observer = flags.get("--observer", DEFAULT_OBSERVER)
+    timeout = flags.get("--timeout", wire.DEFAULT_CONNECT_TIMEOUT)
     try:
-        address = wire.parse_address(args.observer)
-        secret, key_id = read_secret(args.secret_file)
+        address = wire.parse_address(observer)
+        secret, key_id = read_secret(flags.get("--secret-file"))
     except Exception as exc:  # ValueError, or helpers.ConfigError for the secret
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     try:
-        with socket.create_connection(address, timeout=args.timeout) as sock:
-            reply = wire.request(sock, "notify", secret=secret, key_id=key_id,
-                                 timeout=args.timeout, window=args.auth_window)
+        sock = connect(address, timeout)
+        try:
+            reply = wire.request(sock, "notify", secret=secret, key_id=key_id, timeout=timeout,
+                                 window=flags.get("--auth-window", wire.DEFAULT_AUTH_WINDOW))
+        finally:
+            sock.close()
     except (OSError, wire.ProtocolError) as exc:
-        print(f"{PROG}: {args.observer} unreachable: {exc}", file=sys.stderr)
+        print(f"{PROG}: {observer} unreachable: {exc}", file=sys.stderr)
         return 1
     if reply.command != "ok":
         print(f"{PROG}: refused: {reply.command} {reply.argument}", file=sys.stderr)

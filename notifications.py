@@ -38,7 +38,6 @@ import os
 import queue
 import shlex
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -48,6 +47,7 @@ import urllib.request
 from typing import Callable, Iterable
 
 import helpers
+import procgroup
 
 log = logging.getLogger(__name__)
 
@@ -554,10 +554,9 @@ class CommandTarget:
 
     def deliver(self, event: dict) -> None:
         try:
-            proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT,
-                                    env=command_environment(event, os.environ),
-                                    start_new_session=True)
+            proc = procgroup.start(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT,
+                                   env=command_environment(event, os.environ))
         except OSError as exc:
             raise DeliveryError(f"cannot start: {exc}") from None
         with self._lock:
@@ -579,10 +578,7 @@ class CommandTarget:
 
     @staticmethod
     def _kill(proc: subprocess.Popen) -> None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        procgroup.kill_group(proc.pid)
         try:
             proc.communicate(timeout=5)
         except (subprocess.TimeoutExpired, OSError, ValueError):
@@ -593,10 +589,7 @@ class CommandTarget:
         with self._lock:
             proc = self._proc
         if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            procgroup.kill_group(proc.pid)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

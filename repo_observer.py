@@ -32,12 +32,12 @@ import fnmatch
 import json
 import logging
 import os
-import signal
 import subprocess
 import threading
 import time
 
 import helpers
+import procgroup
 from helpers import GitError, Message
 
 log = logging.getLogger(__name__)
@@ -358,13 +358,13 @@ class Observer:
         with self._child_lock:
             if self.stop_event.is_set():
                 raise GitError(["fetch"], self.repo, -1, "observer stopping")
-            proc = self._child = subprocess.Popen(
+            proc = self._child = procgroup.start(
                 cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                stdin=subprocess.DEVNULL, start_new_session=True)
+                stdin=subprocess.DEVNULL)
         try:
             out, err = proc.communicate(timeout=FETCH_TIMEOUT)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            procgroup.kill_group(proc.pid)
             proc.communicate()
             raise GitError(["fetch"], self.repo, -1, "update_repo.sh timed out") from None
         finally:
@@ -387,15 +387,8 @@ class Observer:
         self.wake.set()
         with self._child_lock:
             if self._child is not None:
-                _kill_group(self._child)
+                procgroup.kill_group(self._child.pid)
         self.thread.join(10)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class DispatcherRefused(Exception):
@@ -505,10 +498,13 @@ def main(argv=None) -> int:
     except helpers.ConfigError as exc:
         print(f"repo_observer: error: {exc}", file=sys.stderr)
         return 2
-    log.info("observing %s branch(es) %s every %.1fs; dispatcher %s%s", repo,
+    log.info("observing %s branch(es) %s every %.1fs; dispatcher %s%s; secret %s, TLS %s", repo,
              ", ".join(branches) or "(all)", args.poll, helpers.format_address(dispatcher),
              f"; notify on {helpers.format_address(server.server_address[:2])}"
-             if server else "")
+             if server else "",
+             f"on (key {security.key_id})" if security.key_id else
+             "on (shared)" if security.secret else "off",
+             "on" if security.server_tls or security.client_tls else "off")
     observer.start()
     if server is None:
         server = _NullServer()

@@ -178,7 +178,7 @@ class VerdictFeed:
                 continue
             try:
                 with open(os.path.join(self.results, commit), "rb") as handle:
-                    fields, _ = helpers.parse_result(handle.read(64 * 1024))
+                    fields, _ = parse_result(handle.read(64 * 1024))
             except (OSError, helpers.ProtocolError):
                 continue  # not complete yet: next time
             self.seen[commit] = stamp

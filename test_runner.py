@@ -278,6 +278,10 @@ class TestUser:
         env["HOME"] = self.home if os.path.isdir(self.home) else "/tmp"
         return env
 
+    def own(self, path: str) -> None:
+        """Hand a folder the runner made for one run to the test user."""
+        os.chown(path, self.uid, self.gid)
+
     def check_clone(self, repo: str) -> None:
         if os.stat(repo).st_uid != self.uid:
             raise helpers.ConfigError(f"--test-user {self.name}: the clone {repo} must belong "
@@ -385,6 +389,9 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
         if shard_unittest and run_command[1:2] == [junit_capture.RECORDER]:
             extra = ["--shard", *(["--path-first", path_first] if path_first else [])]
             run_command = [*run_command[:3], *extra, *run_command[3:]]
+        if slot.user and capture.tmp:
+            # The recorder runs as the test user and writes its file here.
+            slot.user.own(capture.tmp)
         try:
             code, timed_out = slot.run(run_command, repo, timeout, out, prepared.env)
         except OSError as exc:
@@ -466,6 +473,8 @@ class Outbox:
 
     def __init__(self, folder: str):
         self.folder = helpers.ensure_dir(folder, "outbox folder")
+        # Results and their tokens: for the runner's eyes only.
+        os.chmod(self.folder, 0o700)
         self._seq = int(time.time() * 1000)
         self._lock = threading.Lock()
         # A write interrupted by a crash leaves its temporary file behind.
@@ -535,9 +544,10 @@ class TestRunner:
 
     # ---- handlers -------------------------------------------------------
     def do_ping(self, message: Message, peer: str) -> Message:
-        busy = self.state.busy_with()
+        job = self.state.current_job()
         return Message("ok", "pong", helpers.encode_fields(
-            {"instance": self.instance, "busy": busy or ""}))
+            {"instance": self.instance, "busy": job.commit if job else "",
+             "job": job.job_id if job else ""}))
 
     def do_runtest(self, message: Message, peer: str) -> Message:
         parts = message.argument.split(" ")
@@ -904,6 +914,12 @@ def main(argv=None) -> int:
         helpers.ensure_dir(state_dir, "state folder")
         os.chmod(state_dir, 0o700)
         runner = TestRunner(args, security, dispatcher, state_dir)
+        if args.test_user:
+            # The test user may pass through (not list) the state folder to
+            # reach the environments in it; the outbox stays closed.
+            os.chmod(state_dir, 0o711)
+            if runner.preparer.cache is not None:
+                os.chmod(runner.preparer.cache.folder, 0o711)
         server = bind_server(args.host, args.port, runner.commands, security,
                              args.max_connections)
     except helpers.ConfigError as exc:

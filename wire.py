@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import collections
 import os
-import re
-import socket
 import time
 
 MAGIC = b"CI1"
@@ -48,9 +46,40 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 # Room for a batch of a thousand 64-hex commit ids on one command line.
 MAX_COMMAND_LINE = 66 * 1024
 
-COMMIT_RE = re.compile(r"[0-9a-f]{4,64}")
-FULL_COMMIT_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
-COMMAND_RE = re.compile(r"[a-z_]{1,32}")
+class LazyPattern:
+    """A regular expression compiled on first use: the hook's one-shot
+    process uses only a few of these, and compiling costs milliseconds."""
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+        self._compiled = None
+
+    def fullmatch(self, text):
+        if self._compiled is None:
+            import re  # here: the hook's path never needs it
+            self._compiled = re.compile(self.pattern)
+        return self._compiled.fullmatch(text)
+
+
+COMMIT_RE = LazyPattern(r"[0-9a-f]{4,64}")
+FULL_COMMIT_RE = LazyPattern(r"[0-9a-f]{40}|[0-9a-f]{64}")
+COMMAND_RE = LazyPattern(r"[a-z_]{1,32}")
+
+# Character sets for the checks on every message's path (plain loops: the
+# regular-expression module alone costs a hook several milliseconds).
+_HEX = frozenset("0123456789abcdef")
+_DIGITS = frozenset("0123456789")
+_COMMAND_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz_")
+_FIELD_CHARS = _COMMAND_CHARS | _DIGITS
+_HOST_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_:%")
+
+
+def _made_of(text: str, chars: frozenset, shortest: int, longest: int) -> bool:
+    return shortest <= len(text) <= longest and all(c in chars for c in text)
+
+
+def valid_command(text: str) -> bool:
+    return _made_of(text, _COMMAND_CHARS, 1, 32)
 
 
 class ProtocolError(Exception):
@@ -92,7 +121,7 @@ def parse_address(text: str, default_host: str = "localhost") -> tuple[str, int]
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     host = host or default_host
-    if not re.fullmatch(r"[A-Za-z0-9.\-_:%]+", host):
+    if not _made_of(host, _HOST_CHARS, 1, 300):
         raise ValueError(f"invalid host in address {text!r}")
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"invalid port in address {text!r}: expected 1-65535")
@@ -110,7 +139,7 @@ Message = collections.namedtuple("Message", "command argument body", defaults=("
 
 
 def encode_message(command: str, argument: str = "", body: bytes = b"") -> bytes:
-    if not COMMAND_RE.fullmatch(command):
+    if not valid_command(command):
         raise ProtocolError(f"invalid command name {command!r}")
     if any(c in argument for c in "\r\n\0") or not argument.isascii():
         raise ProtocolError("argument must be one line of ASCII")
@@ -133,7 +162,7 @@ def decode_message(payload: bytes) -> Message:
     if not text.isprintable():
         raise ProtocolError("command line has control characters")
     command, _, argument = text.partition(":")
-    if not COMMAND_RE.fullmatch(command):
+    if not valid_command(command):
         raise ProtocolError(f"malformed command {command[:40]!r}")
     return Message(command, argument, body)
 
@@ -159,7 +188,7 @@ def decode_fields(data: bytes, max_fields: int = 64) -> dict[str, str]:
         key, sep, value = line.partition(": ")
         # Digits allowed after the first character: the observer's status
         # numbers its branches (branch_0, branch_1, ...).
-        if not sep or not re.fullmatch(r"[a-z_][a-z0-9_]{0,31}", key):
+        if not sep or not (_made_of(key, _FIELD_CHARS, 1, 32) and key[0] not in _DIGITS):
             raise ProtocolError(f"malformed field line {line[:60]!r}")
         if len(fields) >= max_fields:
             raise ProtocolError("too many fields")
@@ -197,7 +226,7 @@ def _mac(secret: bytes, ts: bytes, nonce: bytes, reply_to: bytes, payload: bytes
     return mac.hexdigest()
 
 
-KEY_ID_RE = re.compile(rb"[a-z]{1,16}:[A-Za-z0-9._-]{1,64}")
+KEY_ID_RE = LazyPattern(rb"[a-z]{1,16}:[A-Za-z0-9._-]{1,64}")
 
 
 def encode_frame(payload: bytes, secret: bytes | None = None, *, reply_to: str = "",
@@ -231,11 +260,13 @@ def decode_header(line: bytes, max_message: int = DEFAULT_MAX_MESSAGE) -> FrameH
         raise ProtocolError("bad frame length")
     if int(length) > max_message:
         raise ProtocolError(f"message of {int(length)} bytes exceeds the limit of {max_message}")
-    if not re.fullmatch(rb"\d{1,12}(\.\d{1,6})?", ts):
+    whole, dot, fraction = ts.decode("latin-1").partition(".")
+    if not (_made_of(whole, _DIGITS, 1, 12) and
+            (not dot or _made_of(fraction, _DIGITS, 1, 6))):
         raise ProtocolError("bad frame timestamp")
-    if not re.fullmatch(rb"[0-9a-f]{8,64}", nonce):
+    if not _made_of(nonce.decode("latin-1"), _HEX, 8, 64):
         raise ProtocolError("bad frame nonce")
-    if not (tag == b"-" or re.fullmatch(rb"[0-9a-f]{64}", tag)):
+    if not (tag == b"-" or _made_of(tag.decode("latin-1"), _HEX, 64, 64)):
         raise ProtocolError("bad frame tag")
     return FrameHeader(int(length), ts.decode(), nonce.decode(), tag.decode(), key_id)
 
@@ -272,21 +303,21 @@ def verify_frame(header: FrameHeader, payload: bytes, secret: bytes | None, *,
 FIRST_READ = 64 * 1024
 
 
-def _recv_some(sock: socket.socket, limit: int, deadline: float) -> bytes:
+def _recv_some(sock, limit: int, deadline: float) -> bytes:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise ReadTimeout("timed out reading message")
     sock.settimeout(remaining)
     try:
         chunk = sock.recv(limit)
-    except socket.timeout:
+    except TimeoutError:  # socket.timeout is TimeoutError
         raise ReadTimeout("timed out reading message") from None
     if not chunk:
         raise PeerClosed("connection closed mid-message")
     return chunk
 
 
-def _recv_exact(sock: socket.socket, count: int, deadline: float) -> bytes:
+def _recv_exact(sock, count: int, deadline: float) -> bytes:
     chunks = []
     while count:
         chunk = _recv_some(sock, min(count, 1 << 20), deadline)
@@ -295,7 +326,7 @@ def _recv_exact(sock: socket.socket, count: int, deadline: float) -> bytes:
     return b"".join(chunks)
 
 
-def read_frame(sock: socket.socket, max_message: int = DEFAULT_MAX_MESSAGE,
+def read_frame(sock, max_message: int = DEFAULT_MAX_MESSAGE,
                timeout: float = DEFAULT_READ_TIMEOUT,
                budget=None) -> tuple[FrameHeader, bytes]:
     """Read one frame: the header line (a peer that never ends it is cut at

@@ -12,6 +12,8 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
+
 from conftest import PY, ROOT, Daemon, ThreadedServer, free_port, wait_for_port
 
 import helpers
@@ -138,16 +140,22 @@ def dead_address() -> str:
     return f"127.0.0.1:{free_port()}"
 
 
-def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(data)
-        chunks = []
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks)
+
+
+@pytest.fixture
+def results(tmp_path):
+    folder = tmp_path / "test_results"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def dashboards(tmp_path):
+    made = []
+
+    def start(results_dir, dispatcher=None, *extra):
+        made.append(Dashboard(tmp_path, results_dir, dispatcher or dead_address(), *extra))
+        return made[-1]
+    yield start
+    for item in made:
+        item.close()

@@ -14,9 +14,10 @@ import threading
 import time
 
 import pytest
-from conftest import PY, ROOT, wait_until
-from dashboard_support import (Dashboard, StandInDispatcher, commit_id, dead_address,
-                               raw_request, red_green_history, write_result)
+from conftest import PY, ROOT, send_raw, wait_until
+from dashboard_support import (  # noqa: F401 - dashboards and results are fixtures
+    Dashboard, StandInDispatcher, commit_id, dashboards, dead_address, red_green_history,
+    results, write_result)
 
 import dashboard_live
 import dashboard_index as di
@@ -188,23 +189,6 @@ def test_index_new_failure_against_previous(tmp_path):
 # --------------------------------------------------------------------------
 # The daemon over HTTP.
 
-@pytest.fixture
-def results(tmp_path):
-    folder = tmp_path / "test_results"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
-def dashboards(tmp_path):
-    made = []
-
-    def start(results_dir, dispatcher=None, *extra):
-        made.append(Dashboard(tmp_path, results_dir, dispatcher or dead_address(), *extra))
-        return made[-1]
-    yield start
-    for item in made:
-        item.close()
 
 
 @pytest.fixture
@@ -277,7 +261,7 @@ def test_bad_paths_ids_methods_and_queries(results, dashboards):
         assert dash.get("/api/commits?" + query)[0] == 400, query
     assert dash.get("/", method="POST")[0] == 405
     assert dash.get("/" + "a" * 5000)[0] == 414
-    reply = raw_request(dash.port, b"GET / HTTP/1.0\r\nHost: evil.example\r\n\r\n")
+    reply = send_raw(dash.port, b"GET / HTTP/1.0\r\nHost: evil.example\r\n\r\n")
     assert reply.startswith(b"HTTP/1.0 421")
     assert dash.daemon.alive()
 

@@ -14,8 +14,8 @@ import threading
 import time
 
 import pytest
-from dashboard_support import (Dashboard, StandInDispatcher, commit_id, dead_address,
-                               red_green_history, write_result)
+from dashboard_support import (  # noqa: F401 - dashboards and results are fixtures
+    StandInDispatcher, commit_id, dashboards, red_green_history, results, write_result)
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -63,23 +63,6 @@ def page(browser):
     context.close()
 
 
-@pytest.fixture
-def results(tmp_path):
-    folder = tmp_path / "test_results"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
-def dashboards(tmp_path):
-    made = []
-
-    def start(results_dir, dispatcher=None, *extra):
-        made.append(Dashboard(tmp_path, results_dir, dispatcher or dead_address(), *extra))
-        return made[-1]
-    yield start
-    for item in made:
-        item.close()
 
 
 class Beacon:
@@ -263,3 +246,52 @@ def test_token_required_then_login_cookie(page, results, dashboards, tmp_path):
     # The page's own polling carries the cookie too.
     polls(page, 1, "/api/page/overview")
     assert page.locator("#live-dot.on").count() == 1
+
+
+TICKING_TEST = """import time
+import unittest
+
+class TestTicks(unittest.TestCase):
+    def test_ticks(self):
+        for i in range(40):
+            print("tick", i, flush=True)
+            time.sleep(0.1)
+"""
+
+
+def test_real_daemons_red_green_and_live_output(page, dashboards, cluster, upstream,
+                                                tmp_path):
+    """The whole system, no stand-ins: the observer's branch metadata and
+    the runner's subject and author reach the page, broke / fixed are
+    marked along the branch, and a running commit's output streams in
+    from the runner through the dispatcher while it runs."""
+    from conftest import FAILING_TEST, git
+    cluster.start_dispatcher()
+    cluster.start_runner("--progress-interval", "0.2")
+    observer = cluster.start_observer("--poll", "0.3")
+    first = git(upstream.path, "rev-parse", "HEAD")
+    red = upstream.commit({"tests/test_broken.py": FAILING_TEST}, "Break the sums")
+    assert cluster.result(red)["verdict"] == "failed"
+    green = upstream.commit({"tests/test_broken.py": None}, "Fix the sums")
+    assert cluster.result(green)["verdict"] == "passed"
+    dash = dashboards(cluster.results, cluster.dispatcher_address)
+    page.goto(dash.url + "/")
+    expect(page.locator("#sec-commits tbody tr")).to_have_count(3, timeout=5000)
+    rows = page.locator("#sec-commits tbody tr")
+    assert "Fix the sums" in rows.nth(0).inner_text() and "fixed main" in rows.nth(0).inner_text()
+    assert "Break the sums" in rows.nth(1).inner_text() and "broke main" in rows.nth(1).inner_text()
+    assert "CI Test" in rows.nth(1).inner_text()
+    assert verdicts_shown(page) == ["passed", "failed", "passed"]
+    assert first[:10] in rows.nth(2).inner_text()
+
+    slow = upstream.commit({"tests/test_ticks.py": TICKING_TEST}, "Tick slowly")
+    expect(page.locator("#sec-active")).to_contain_text(slow[:10], timeout=5000)
+    page.goto(f"{dash.url}/commit/{slow}")
+    output = page.locator("#output-pre")
+    expect(output).to_contain_text("tick 3", timeout=5000)
+    assert "tick 39" not in output.inner_text()  # still running: the live tail
+    page.screenshot(path=str(tmp_path / "real-running.png"), full_page=True)
+    expect(page.locator("#sec-summary .pill")).to_have_text("passed", timeout=15000)
+    expect(output).to_contain_text("tick 39", timeout=5000)
+    page.screenshot(path=str(tmp_path / "real-finished.png"), full_page=True)
+    assert observer.alive()

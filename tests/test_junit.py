@@ -223,10 +223,11 @@ def test_write_junit_writes_beside_the_result_and_removes_a_stale_file(tmp_path)
 # The ``results`` body and the dispatcher's check of it.
 
 COMMIT = "b" * 40
+TOKEN = "c" * 32
 
 
 def results_message(fields: dict, output: bytes) -> helpers.Message:
-    return helpers.Message("results", f"{COMMIT} 1", results.encode_results_body(fields,
+    return helpers.Message("results", f"{COMMIT} {TOKEN}", results.encode_results_body(fields,
                                                                                 output))
 
 
@@ -234,8 +235,8 @@ def test_old_style_body_is_still_valid():
     body = results.format_result({"verdict": "passed", "tests": 2}, b"Ran 2 tests\n\nOK\n")
     fields, junit, output = results.split_results_body(body)
     assert fields["verdict"] == "passed" and junit == b"" and output == b"Ran 2 tests\n\nOK\n"
-    commit, stored, output = dispatcher.parse_results_message(
-        helpers.Message("results", f"{COMMIT} 1", body))
+    commit, _, stored, output = dispatcher.parse_results_message(
+        helpers.Message("results", f"{COMMIT} {TOKEN}", body))
     assert "records" not in stored and "junit" not in stored and stored["tests"] == 2
 
 
@@ -249,7 +250,7 @@ def test_body_carries_the_xml_between_the_blank_line_and_the_output():
     assert f"\njunit_bytes: {len(xml)}\n\n".encode() + xml + output in body
     raw, junit, got = results.split_results_body(body)
     assert junit == xml and got == output and "junit_bytes" not in raw
-    _, stored, got = dispatcher.parse_results_message(results_message(fields, output))
+    _, _, stored, got = dispatcher.parse_results_message(results_message(fields, output))
     assert stored["records"] == ALL_KINDS and got == output
 
 
@@ -259,13 +260,13 @@ def test_bad_junit_bytes_is_refused(size):
     with pytest.raises(helpers.ProtocolError):
         results.split_results_body(body)
     with pytest.raises(helpers.Reply):
-        dispatcher.parse_results_message(helpers.Message("results", f"{COMMIT} 1", body))
+        dispatcher.parse_results_message(helpers.Message("results", f"{COMMIT} {TOKEN}", body))
 
 
 def test_dispatcher_takes_counts_from_the_records_not_a_forged_header():
     fields = {"verdict": "passed", "tests": 100, "failures": 0, "errors": 0, "skipped": 0,
               results.JUNIT_XML_KEY: results.format_junit(ALL_KINDS)}
-    _, stored, _ = dispatcher.parse_results_message(results_message(fields, b"x"))
+    _, _, stored, _ = dispatcher.parse_results_message(results_message(fields, b"x"))
     assert {k: stored[k] for k in ("tests", "failures", "errors", "skipped")} == \
         results.count_records(ALL_KINDS)
 
@@ -273,7 +274,7 @@ def test_dispatcher_takes_counts_from_the_records_not_a_forged_header():
 def test_unreadable_xml_keeps_the_summary_counts_with_a_note():
     fields = {"verdict": "failed", "tests": 4, "failures": 1,
               results.JUNIT_XML_KEY: b"<testsuite><testcase"}
-    _, stored, output = dispatcher.parse_results_message(results_message(fields, b"out"))
+    _, _, stored, output = dispatcher.parse_results_message(results_message(fields, b"out"))
     assert stored["tests"] == 4 and stored["failures"] == 1
     assert stored["junit"] == "unreadable" and "records" not in stored and output == b"out"
     header, _ = results.parse_result(results.format_result(stored, output))

@@ -341,6 +341,21 @@ def test_max_shards_one_never_splits(make_state):
     assert [(j.shard, j.shards, j.request) for j in jobs] == [(0, 0, b"")]
 
 
+def test_a_shard_whose_runtest_reply_was_lost_is_adopted_by_its_runners_word(make_state):
+    state = make_state(max_shards=2, runners=2)
+    state.enqueue([X])
+    first, second = take_all(state)
+    state.assignment_failed(second, "error")   # the reply never came
+    assert list(state.shard_queue) == [(X, second.shard)]
+    address = next(a for a in RUNNERS if f"127.0.0.1:{a[1]}" == second.runner)
+    # Its heartbeat says it runs that shard, with the shard's token.
+    assert state.register(address, f"i{address[1]}", X, second.token) == "known"
+    assert not state.shard_queue and state.runners[second.runner].state == RUNNING
+    assert state.runners[second.runner].job.shard == second.shard
+    assert report(state, first) is True and report(state, second) is True
+    assert result_file(state, X)[0]["tests"] == "4"
+
+
 def test_a_lost_shard_alone_runs_again_and_counts_against_the_commit(make_state):
     state = make_state(max_shards=3, runners=4)
     state.enqueue([X])

@@ -191,6 +191,22 @@ def test_restart_holds_running_commits_for_their_runner(make_state, tmp_path):
     assert Z in restarted.queue
 
 
+def test_a_runtest_whose_reply_was_lost_is_adopted_not_run_twice(make_state):
+    """The runner took the job but its ``ok`` never arrived: the commit was
+    requeued.  Its next heartbeat (or ping) says it is running it, with the
+    token: it keeps it, and nobody else is given it."""
+    state = make_state()
+    state.register(A, "ia", None)
+    state.enqueue([X])
+    job = assign(state)
+    state.assignment_failed(job, "error")
+    assert list(state.queue) == [X] and state.runners[KA].state == "suspect"
+    state.ping_result(KA, "ok", "ia", X, 3, job.token)
+    assert not state.queue and state.jobs[X].token == job.token
+    assert state.runners[KA].state == RUNNING
+    assert result(state, job) is True
+
+
 def test_held_commits_are_released_at_the_deadline(make_state):
     state = make_state()
     state.register(A, "ia", None)
