@@ -116,7 +116,7 @@ def main(argv=None) -> int:
                         help="only the speed-up, not the 40-commit burst")
     parser.add_argument("--keep", action="store_true", help="keep the logs' folder")
     args = parser.parse_args(argv)
-    b = Bench(argparse.Namespace(quick=False, code=None, max_shards=None))
+    b = Bench(argparse.Namespace(quick=False, code=None, max_shards=None, verbose=False))
     print(f"sharding benchmark on {bench.CORES} core(s); work folder {b.tmp}", flush=True)
     try:
         speedup(b, args.runs)
