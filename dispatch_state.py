@@ -36,8 +36,9 @@ import time
 
 import helpers
 import results
+import sharding
 from helpers import Reply
-from journal import Assignment, Journal, assign_record, meta_record
+from journal import Assignment, Journal, assign_record, meta_record, shard_record
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,21 @@ class Job:
     address: tuple[str, int]
     started: float
     name: str | None = None     # the runner's issued-key name
+    shard: int = 0              # 1..shards for one shard of a sharded commit
+    shards: int = 0             # 0: the whole commit
+    request: bytes = b""        # the ``runtest`` body (a shard's spec)
+
+
+@dataclasses.dataclass
+class ShardSet:
+    """A commit split over runners: each shard is an assignment with its own
+    token; the result is written once every shard has reported."""
+    total: int
+    table: bytes                            # the durations every shard gets
+    tokens: dict = dataclasses.field(default_factory=dict)    # token -> shard
+    running: dict = dataclasses.field(default_factory=dict)   # shard -> Job
+    reports: dict = dataclasses.field(default_factory=dict)   # shard -> (fields, output)
+    journalled: bool = False                # its ``S`` record is in the journal
 
 
 @dataclasses.dataclass
@@ -114,6 +130,12 @@ class DispatcherState:
         # (commit, token) -> Assignment, for rounds that are over.
         self.finished_tokens: collections.OrderedDict = collections.OrderedDict()
         self.tails: dict[str, bytearray] = {}
+        # Sharding (--max-shards): commits split over runners, the shards
+        # waiting to run (again), and what results taught about durations.
+        self.max_shards = 1
+        self.shard_sets: dict[str, ShardSet] = {}
+        self.shard_queue: collections.deque[tuple[str, int]] = collections.deque()
+        self.durations = sharding.Durations()
         self.stopping = False
         self.completed = 0
         # Called with (commit, fields) after a result file is on disk,
@@ -139,6 +161,12 @@ class DispatcherState:
             deadline = time.monotonic() + grace
             for commit in pending:
                 history = got.assigned.get(commit)
+                if history and commit in got.sharded:
+                    # Shard results are kept in memory only: a restart runs
+                    # the commit again, and late shard results are dropped.
+                    for a in history:
+                        self._remember_finished(commit, a)
+                    history = None
                 if history:
                     self.assignments[commit] = {a.token: a for a in history}
                 if history and grace > 0:
@@ -156,8 +184,11 @@ class DispatcherState:
 
     def _pending_records(self) -> list[str]:
         lines = []
-        for commit in [*self.jobs, *self.held, *self.queue, *self.writing]:
+        for commit in [*self.jobs, *self.held, *self.queue, *self.writing,
+                       *self.shard_sets]:
             lines.append(f"Q {commit}")
+            if commit in self.shard_sets:
+                lines.append(shard_record(commit, self.shard_sets[commit].total))
             if commit in self.meta:
                 branch, previous = self.meta[commit]
                 lines.append(meta_record(commit, branch, previous))
@@ -171,7 +202,8 @@ class DispatcherState:
     # ---- queueing -------------------------------------------------------
     def _known(self, commit: str) -> bool:
         return (commit in self.queued or commit in self.jobs or commit in self.held
-                or commit in self.writing or commit in self.journalling)
+                or commit in self.writing or commit in self.journalling
+                or commit in self.shard_sets)
 
     def is_pending(self, commit: str) -> bool:
         """Queued, running or being written: its result is still to come."""
@@ -298,6 +330,10 @@ class DispatcherState:
         a = self.assignments.get(commit, {}).get(token or "")
         if a is None or (a.name and a.name != runner.name):
             return
+        shard_set = self.shard_sets.get(commit)
+        if shard_set is not None and a.token in shard_set.tokens:
+            self._adopt_shard(runner, commit, a, shard_set)
+            return
         if commit in self.held:
             del self.held[commit]
         elif commit in self.queued:
@@ -309,6 +345,22 @@ class DispatcherState:
         self.jobs[commit] = job
         runner.set(RUNNING, job)
         log.info("runner %s is still running %s; adopted", runner.key, commit[:12])
+
+    def _adopt_shard(self, runner: Runner, commit: str, a: Assignment,
+                     shard_set: ShardSet) -> None:
+        """The same for one shard waiting to run again (its ``runtest``
+        reply was lost, but the runner took it)."""
+        index = shard_set.tokens[a.token]
+        if (commit, index) not in self.shard_queue:
+            return
+        self.shard_queue.remove((commit, index))
+        job = Job(commit, a.token, runner.key, runner.address, time.monotonic(), runner.name,
+                  index, shard_set.total,
+                  sharding.encode_request(index, shard_set.total, shard_set.table))
+        shard_set.running[index] = job
+        runner.set(RUNNING, job)
+        log.info("runner %s is still running shard %d/%d of %s; adopted", runner.key, index,
+                 shard_set.total, commit[:12])
 
     def _release_held_of(self, key: str) -> None:
         """The runner that held these commits is back and not running them:
@@ -344,21 +396,30 @@ class DispatcherState:
                 while True:
                     if self.stopping:
                         return None
-                    if self.queue:
+                    if self.queue or self.shard_queue:
                         runner = next((r for r in self.runners.values() if r.free), None)
                         if runner:
                             break
                     self.cond.wait()
-                commit = self.queue.popleft()
-                self.queued.discard(commit)
-                job = Job(commit, new_token(), runner.key, runner.address, time.monotonic(),
-                          runner.name)
-                runner.set(RUNNING, job)
-                self.jobs[commit] = job
-                assignment = Assignment(job.token, runner.key, runner.name)
-                self.assignments.setdefault(commit, {})[job.token] = assignment
+                if self.shard_queue or self._shard_count() > 1:
+                    job, records = self._assign_shard(runner)
+                    commit, assignment = job.commit, None
+                else:
+                    commit = self.queue.popleft()
+                    self.queued.discard(commit)
+                    job = Job(commit, new_token(), runner.key, runner.address,
+                              time.monotonic(), runner.name)
+                    runner.set(RUNNING, job)
+                    self.jobs[commit] = job
+                    assignment = Assignment(job.token, runner.key, runner.name)
+                    self.assignments.setdefault(commit, {})[job.token] = assignment
+                    records = [assign_record(commit, assignment)]
             try:
-                self.journal.append([assign_record(commit, assignment)], sync=False)
+                self.journal.append(records, sync=False)
+                if job.shards:
+                    with self.cond:
+                        if job.commit in self.shard_sets:
+                            self.shard_sets[job.commit].journalled = True
                 return job
             except OSError:
                 # Unrecorded, the token could not be proved after a restart:
@@ -366,10 +427,116 @@ class DispatcherState:
                 log.exception("cannot journal the assignment of %s", commit[:12])
                 with self.cond:
                     self.assignments.get(commit, {}).pop(job.token, None)
-                    if self.jobs.get(commit) is job:
+                    if self._is_current(job):
                         runner.set(IDLE)
                         self._lose(job, count=False)
                 self.cond_wait_a_bit()
+
+    # ---- shards -----------------------------------------------------------
+    def _shard_count(self) -> int:
+        """How many shards the queue's next commit gets: only when more
+        runners are free than commits are queued (a burst goes whole), each
+        queued commit keeping a runner of its own."""
+        if self.max_shards < 2 or not self.queue:
+            return 1
+        free = sum(r.free for r in self.runners.values())
+        if free <= len(self.queue):
+            return 1
+        return min(self.max_shards, free - len(self.queue) + 1)
+
+    def _assign_shard(self, runner: Runner) -> tuple[Job, list[str]]:
+        """Give ``runner`` the next waiting shard, or split the next commit
+        and give it shard 1.  Returns the job and its journal records (the
+        ``S`` record first, before any shard's ``runtest`` is sent)."""
+        if self.shard_queue:
+            commit, index = self.shard_queue.popleft()
+        else:
+            total = self._shard_count()
+            commit = self.queue.popleft()
+            self.queued.discard(commit)
+            self.shard_sets[commit] = ShardSet(total, self.durations.encode())
+            self.shard_queue.extend((commit, i) for i in range(2, total + 1))
+            index = 1
+            log.info("commit %s split into %d shards", commit[:12], total)
+        shard_set = self.shard_sets[commit]
+        job = Job(commit, new_token(), runner.key, runner.address, time.monotonic(),
+                  runner.name, index, shard_set.total,
+                  sharding.encode_request(index, shard_set.total, shard_set.table))
+        runner.set(RUNNING, job)
+        shard_set.running[index] = job
+        shard_set.tokens[job.token] = index
+        assignment = Assignment(job.token, runner.key, runner.name)
+        self.assignments.setdefault(commit, {})[job.token] = assignment
+        records = [assign_record(commit, assignment)]
+        if not shard_set.journalled:
+            records.insert(0, shard_record(commit, shard_set.total))
+        if self.shard_queue:
+            self.cond.notify_all()
+        return job, records
+
+    def _is_current(self, job: Job) -> bool:
+        if job.shards:
+            shard_set = self.shard_sets.get(job.commit)
+            return shard_set is not None and shard_set.running.get(job.shard) is job
+        return self.jobs.get(job.commit) is job
+
+    def _current_job(self, commit: str, token: str) -> Job | None:
+        """The running job (whole, or one shard) ``token`` belongs to."""
+        job = self.jobs.get(commit)
+        if job and job.token == token:
+            return job
+        shard_set = self.shard_sets.get(commit)
+        if shard_set:
+            job = shard_set.running.get(shard_set.tokens.get(token, 0))
+            if job and job.token == token:
+                return job
+        return None
+
+    def _shard_jobs(self) -> list[Job]:
+        return [j for s in self.shard_sets.values() for j in s.running.values()]
+
+    def _lose_shard(self, job: Job, count: bool) -> None:
+        """A shard lost its runner: that shard alone runs again, first."""
+        shard_set = self.shard_sets.get(job.commit)
+        if shard_set is None or shard_set.running.get(job.shard) is not job:
+            return
+        del shard_set.running[job.shard]
+        if job.shard in shard_set.reports:
+            return
+        if count:
+            self.lost[job.commit] += 1
+            try:
+                self.journal.append([f"L {job.commit}"], sync=False)
+            except OSError:
+                log.exception("cannot journal the lost run of %s", job.commit[:12])
+            if self.lost[job.commit] >= self.max_attempts and self._give_up(job):
+                return
+        log.info("shard %d/%d of %s runs again", job.shard, job.shards, job.commit[:12])
+        self.shard_queue.appendleft((job.commit, job.shard))
+        self.cond.notify_all()
+
+    def _record_shard(self, commit: str, token: str, fields: dict,
+                      output: bytes) -> tuple[dict, bytes] | None | bool:
+        """Keep one shard's result; when it is the last, claim the commit
+        and return the merged (fields, output).  False: a duplicate; None:
+        stored, shards still missing."""
+        shard_set = self.shard_sets[commit]
+        index = shard_set.tokens[token]
+        if index in shard_set.reports:
+            return False
+        shard_set.reports[index] = (fields, output)
+        if (commit, index) in self.shard_queue:
+            self.shard_queue.remove((commit, index))
+        job = shard_set.running.pop(index, None)
+        if job and job.token != token:
+            holder = self.runners.get(job.runner)
+            if holder and holder.job is job:
+                holder.set(OCCUPIED, occupied_with=commit)
+        if len(shard_set.reports) < shard_set.total:
+            return None
+        self.writing.add(commit)
+        del self.shard_sets[commit]
+        return sharding.merge(shard_set.total, shard_set.reports)
 
     def cond_wait_a_bit(self, seconds: float = 0.5) -> None:
         with self.cond:
@@ -380,7 +547,7 @@ class DispatcherState:
         """The runner did not take the job (``busy``, ``refused``: its port
         is closed, or ``error``): put the job back at the head."""
         with self.cond:
-            if self.jobs.get(job.commit) is not job:
+            if not self._is_current(job):
                 return
             runner = self.runners.get(job.runner)
             if runner and runner.job is job:
@@ -409,8 +576,8 @@ class DispatcherState:
     def release(self, commit: str, token: str, name: str | None = None) -> bool:
         """A runner that is stopping hands its job back unrun."""
         with self.cond:
-            job = self.jobs.get(commit)
-            if not job or job.token != token:
+            job = self._current_job(commit, token)
+            if not job:
                 raise Reply(f"release of {commit[:12]} refused: not the current assignment")
             if name is not None and job.name != name:
                 raise Reply(f"release of {commit[:12]} refused: assigned to another runner")
@@ -422,8 +589,8 @@ class DispatcherState:
 
     def progress(self, commit: str, token: str, name: str | None, data: bytes) -> None:
         with self.cond:
-            job = self.jobs.get(commit)
-            if not job or job.token != token or (name is not None and job.name != name):
+            job = self._current_job(commit, token)
+            if not job or (name is not None and job.name != name):
                 raise Reply(f"progress for {commit[:12]} refused: not the current assignment")
             tail = self.tails.setdefault(commit, bytearray())
             tail += data[-TAIL_BYTES:]
@@ -433,7 +600,7 @@ class DispatcherState:
     def log_tail(self, commit: str) -> bytes | None:
         """The live output of a running commit; None when it is not running."""
         with self.cond:
-            if commit not in self.jobs:
+            if commit not in self.jobs and commit not in self.shard_sets:
                 return None
             return bytes(self.tails.get(commit, b""))
 
@@ -454,6 +621,14 @@ class DispatcherState:
             self._free_after_result(commit, token, a)
             if commit in self.done or commit in self.writing:
                 return False
+            if self.max_shards > 1:
+                self.durations.learn(fields.get("records"))
+            shard_set = self.shard_sets.get(commit)
+            if shard_set is not None and token in shard_set.tokens:
+                merged = self._record_shard(commit, token, fields, output)
+                if not merged:
+                    return merged is None
+                return self._write_merged(commit, token, shard_set, *merged)
             # Claim: out of the queue and the job table, so the assignment
             # loop cannot hand it out again while the file is written
             # without the lock.
@@ -485,6 +660,28 @@ class DispatcherState:
             self.writing.discard(commit)
             self._finish(commit, fields.get("verdict"))
         self._tell(commit, fields)
+        return True
+
+    def _write_merged(self, commit: str, token: str, shard_set: ShardSet, fields: dict,
+                      output: bytes) -> bool:
+        """Called holding the condition, the commit claimed; writes the
+        merged result without it, like ``record_result``."""
+        fields = self._complete_fields(commit, fields)
+        self.cond.release()
+        try:
+            self.write_result(commit, fields, output)
+        except BaseException:
+            self.cond.acquire()
+            # Unclaim; the last shard's runner is told ``busy`` and sends
+            # its result again, which completes the set again.
+            self.writing.discard(commit)
+            shard_set.reports.pop(shard_set.tokens[token], None)
+            self.shard_sets[commit] = shard_set
+            raise
+        self.cond.acquire()
+        self.writing.discard(commit)
+        self._finish(commit, fields.get("verdict"))
+        threading.Thread(target=self._tell, args=(commit, fields), daemon=True).start()
         return True
 
     def _free_after_result(self, commit: str, token: str, a: Assignment) -> None:
@@ -538,6 +735,15 @@ class DispatcherState:
             holder = self.runners.get(job.runner)
             if holder and holder.job is job:
                 holder.set(OCCUPIED, occupied_with=commit)
+        shard_set = self.shard_sets.pop(commit, None)
+        if shard_set:
+            # Given up: shards still running are no longer ours.
+            for shard_job in shard_set.running.values():
+                holder = self.runners.get(shard_job.runner)
+                if holder and holder.job is shard_job:
+                    holder.set(OCCUPIED, occupied_with=commit)
+            for entry in [e for e in self.shard_queue if e[0] == commit]:
+                self.shard_queue.remove(entry)
         for a in self.assignments.pop(commit, {}).values():
             self._remember_finished(commit, a)
         self.lost.pop(commit, None)
@@ -576,6 +782,9 @@ class DispatcherState:
 
     def _lose(self, job: Job, count: bool) -> None:
         """Take a job away from its runner; requeue it unless it is poison."""
+        if job.shards:
+            self._lose_shard(job, count)
+            return
         if self.jobs.get(job.commit) is job:
             del self.jobs[job.commit]
         self.tails.pop(job.commit, None)
@@ -647,7 +856,8 @@ class DispatcherState:
         never reports loses its job to another runner."""
         now = time.monotonic()
         with self.cond:
-            for job in [j for j in self.jobs.values() if now - j.started > job_timeout]:
+            for job in [j for j in [*self.jobs.values(), *self._shard_jobs()]
+                        if now - j.started > job_timeout]:
                 log.warning("commit %s exceeded the job deadline on %s; reassigning",
                             job.commit[:12], job.runner)
                 runner = self.runners.get(job.runner)
@@ -658,7 +868,8 @@ class DispatcherState:
     # ---- views ------------------------------------------------------------
     def status(self) -> dict:
         with self.cond:
-            return {"queued": len(self.queue), "running": len(self.jobs) + len(self.held),
+            return {"queued": len(self.queue),
+                    "running": len(self.jobs) + len(self.held) + len(self.shard_sets),
                     "runners": len(self.runners),
                     "idle_runners": sum(r.free for r in self.runners.values()),
                     "done": len(self.done), "completed": self.completed}
@@ -675,7 +886,11 @@ class DispatcherState:
                 "running": [{"commit": j.commit, "branch": branch(j.commit),
                              "runner": j.name or j.runner,
                              "elapsed": round(now - j.started, 1)}
-                            for j in self.jobs.values()],
+                            for j in self.jobs.values()] +
+                           [{"commit": j.commit, "branch": branch(j.commit),
+                             "runner": j.name or j.runner, "shard": f"{j.shard}/{j.shards}",
+                             "elapsed": round(now - j.started, 1)}
+                            for j in self._shard_jobs()],
                 "held": [{"commit": c, "branch": branch(c), "runner": r}
                          for c, (r, _) in self.held.items()],
                 "runners": [{"name": r.name or r.key, "address": r.key, "state": r.state,

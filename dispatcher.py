@@ -33,6 +33,7 @@ import auth
 import helpers
 import notifications
 import results
+import sharding
 from dispatch_state import DispatcherState, Job, Runner
 from helpers import Message, Reply
 from journal import Journal, parse_meta_line, TOKEN_RE
@@ -133,6 +134,8 @@ def parse_results_message(message: Message) -> tuple[str, str, dict, bytes]:
         fields["setup"] = raw["setup"]
     if RESULT_DURATION_RE.fullmatch(raw.get("setup_duration", "")):
         fields["setup_duration"] = raw["setup_duration"]
+    if sharding.SHARDS_FIELD_RE.fullmatch(raw.get("shards", "")):
+        fields["shards"] = raw["shards"]
     fields.update(results.junit_fields(raw, junit))
     return commit, token, fields, output
 
@@ -276,16 +279,25 @@ class Dispatcher:
 
     def _send_job(self, job: Job) -> None:
         try:
-            reply = helpers.call(job.address, "runtest", f"{job.commit} {job.token}",
-                                 security=self._security_for(job.name),
-                                 timeout=self.ping_timeout * 3,
-                                 reply_timeout=self.ping_timeout * 3)
+            if job.shards:
+                # The body names the shard and carries the durations the
+                # runner splits the commit's test files by.
+                reply = helpers.call(job.address, "runtest", f"{job.commit} {job.token}",
+                                     job.request, security=self._security_for(job.name),
+                                     timeout=self.ping_timeout * 3,
+                                     reply_timeout=self.ping_timeout * 3)
+            else:
+                reply = helpers.call(job.address, "runtest", f"{job.commit} {job.token}",
+                                     security=self._security_for(job.name),
+                                     timeout=self.ping_timeout * 3,
+                                     reply_timeout=self.ping_timeout * 3)
         except (OSError, helpers.ProtocolError) as exc:
             log.warning("could not send %s to %s: %s", job.commit[:12], job.runner, exc)
             self.state.assignment_failed(job, "refused" if refused(exc) else "error")
             return
         if reply.command == "ok":
-            log.info("commit %s -> runner %s", job.commit[:12], job.runner)
+            log.info("commit %s%s -> runner %s", job.commit[:12],
+                     f" shard {job.shard}/{job.shards}" if job.shards else "", job.runner)
         else:
             log.info("runner %s answered %s %s; requeueing %s", job.runner,
                      reply.command, reply.argument, job.commit[:12])
@@ -387,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after a restart, how long commits that were running wait for "
                              "their runner to re-register and keep them (default: "
                              "%(default)s; 0 requeues them at once)")
+    parser.add_argument("--max-shards", type=int, default=1, metavar="N",
+                        help="split a commit's tests over up to N runners when more runners "
+                             "are free than commits are queued, balanced by each test file's "
+                             "last known duration; the shards' results are merged into one "
+                             "(default: %(default)s, never split)")
     notifications.add_arguments(parser)
     helpers.add_common_arguments(parser)
     return parser
@@ -483,13 +500,15 @@ def main(argv=None) -> int:
         for name in ("ping_interval", "ping_timeout", "job_timeout"):
             if getattr(args, name) <= 0:
                 raise helpers.ConfigError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("ping_misses", "max_attempts", "workers"):
+        for name in ("ping_misses", "max_attempts", "workers", "max_shards"):
             if getattr(args, name) < 1:
                 raise helpers.ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= args.port < 65536:
             raise helpers.ConfigError("--port must be 0-65535")
         if args.restart_grace < 0:
             raise helpers.ConfigError("--restart-grace must not be negative")
+        if args.max_shards > 100:
+            raise helpers.ConfigError("--max-shards must be at most 100")
         security = helpers.security_from_args(args)
         helpers.check_bind_allowed(args.host, security, args.insecure)
         results_dir = helpers.ensure_dir(os.path.abspath(args.results_dir), "results folder")
@@ -508,6 +527,7 @@ def main(argv=None) -> int:
         notifier = notifications.from_args(args, state_dir, results_dir)
         state = DispatcherState(results_dir, Journal(os.path.join(state_dir, "journal")),
                                 args.max_attempts)
+        state.max_shards = args.max_shards
         state.recover(args.restart_grace)
         if notifier:
             state.listeners.append(notifier.result_written)

@@ -8,6 +8,9 @@ Records (fields separated by one space; commit ids are full ids)::
     R <commit>                          test again although a result exists (retest)
     A <commit> <token> <runner> <name|->  assigned to a runner with this token
     L <commit>                          a run lost its runner (poison counting)
+    S <commit> <shards>                 this round is split into shards (before any
+                                        shard's ``A``): its tokens prove shards, never
+                                        the whole commit; a restart runs it again
     D <commit>                          done: its result file is on disk
 
 Only ``Q``, ``M`` and ``R`` need fsync before a reply.  ``A`` is written
@@ -48,6 +51,7 @@ class Replayed:
     done: set = dataclasses.field(default_factory=set)
     retest: set = dataclasses.field(default_factory=set)
     meta: dict = dataclasses.field(default_factory=dict)        # commit -> (branch, previous)
+    sharded: set = dataclasses.field(default_factory=set)
 
 
 def parse_meta_line(line: str) -> tuple[str, str | None, str] | None:
@@ -66,6 +70,10 @@ def parse_meta_line(line: str) -> tuple[str, str | None, str] | None:
 
 def meta_record(commit: str, branch: str, previous: str | None) -> str:
     return f"M {commit} {previous or '-'} {branch}"
+
+
+def shard_record(commit: str, shards: int) -> str:
+    return f"S {commit} {shards}"
 
 
 def assign_record(commit: str, a: Assignment) -> str:
@@ -95,10 +103,14 @@ def replay_lines(data: bytes) -> Replayed:
         elif kind == "D" and len(parts) == 2:
             out.done.add(commit)
             out.retest.discard(commit)
+            out.sharded.discard(commit)
+        elif kind == "S" and len(parts) == 3:
+            out.sharded.add(commit)
         elif kind == "R" and len(parts) == 2:
             out.retest.add(commit)
             # A retest starts a new round: earlier assignments are history.
             out.assigned.pop(commit, None)
+            out.sharded.discard(commit)
     out.order = list(order)
     return out
 

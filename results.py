@@ -31,7 +31,7 @@ RESULT_FIELDS = ("commit", "verdict", "tests", "failures", "errors", "skipped",
                  "runner", "started", "duration", "exit_code", "reason",
                  "branch", "previous", "subject", "author", "committed",
                  "setup", "setup_duration",
-                 "junit")
+                 "junit", "shards")
 
 
 def format_result(fields: dict, output: bytes) -> bytes:

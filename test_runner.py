@@ -32,6 +32,7 @@ import junit_capture
 import procgroup
 import recipe
 import results
+import sharding
 from helpers import Message
 
 log = logging.getLogger(__name__)
@@ -322,7 +323,8 @@ def parse_checkout_meta(log_bytes: bytes) -> dict:
 def execute(repo: str, commit: str, test_command: list[str] | None, timeout: float,
             checkout_timeout: float, slot: ProcessSlot, max_output: int,
             junit_pattern: str | None = None,
-            preparer: environments.Preparer | None = None) -> tuple[dict, bytes]:
+            preparer: environments.Preparer | None = None,
+            shard: sharding.ShardSpec | None = None) -> tuple[dict, bytes]:
     """Check out ``commit`` and run its tests; return (fields, output).
 
     ``preparer`` (the runner's recipe and environments) decides the test
@@ -362,13 +364,36 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
         fields.update(verdict="error", reason="no tests/ folder in this commit",
                       duration=f"{time.time() - started:.3f}")
         return fields, setup_log + b"no tests/ folder in this commit\n"
+    path_first, shard_unittest = None, False
+    if shard is not None:
+        run = sharding.shard_run(repo, test_command, command, shard, test_command is None)
+        fields["shards"] = f"{shard.index}/{shard.total}" + (f" {run.label}" if run.label
+                                                             else "")
+        if test_command is None and junit_pattern:
+            # Only the recorder loads modules as discovery does.
+            run = sharding.ShardRun(command if shard.index == 1 else None,
+                                    "whole" if shard.index == 1 else "skipped")
+            fields["shards"] = f"{shard.index}/{shard.total} {run.label}"
+        if run.command is None:
+            note = f"shard {shard.index}/{shard.total}: {run.label}, nothing to run\n"
+            fields.update(verdict="passed", exit_code=0,
+                          duration=f"{time.time() - started:.3f}")
+            return fields, setup_log + note.encode()
+        command, path_first = run.command, run.path_first
+        shard_unittest = test_command is None
+    elif test_command and sharding.PLACEHOLDER in test_command:
+        command = sharding.expand_placeholder(repo, command)
     with tempfile.TemporaryFile() as out, \
             junit_capture.Capture(repo, command, junit_pattern) as capture:
+        run_command = capture.command
+        if shard_unittest and run_command[1:2] == [junit_capture.RECORDER]:
+            extra = ["--shard", *(["--path-first", path_first] if path_first else [])]
+            run_command = [*run_command[:3], *extra, *run_command[3:]]
         if slot.user and capture.tmp:
             # The recorder runs as the test user and writes its file here.
             slot.user.own(capture.tmp)
         try:
-            code, timed_out = slot.run(capture.command, repo, timeout, out, prepared.env)
+            code, timed_out = slot.run(run_command, repo, timeout, out, prepared.env)
         except OSError as exc:
             fields.update(verdict="error", reason=f"cannot start test command: {exc}",
                           duration=f"{time.time() - started:.3f}")
@@ -392,6 +417,7 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
 class Assignment:
     commit: str
     job_id: str
+    shard: sharding.ShardSpec | None = None
 
 
 class RunnerState:
@@ -528,8 +554,13 @@ class TestRunner:
         if len(parts) != 2 or not helpers.valid_commit(parts[0]) \
                 or not re.fullmatch(r"[0-9a-f]{16,64}", parts[1]):
             raise helpers.Reply("usage: runtest:<commit> <token>")
-        if self.state.offer(Assignment(parts[0], parts[1])):
-            log.info("accepted %s", parts[0][:12])
+        try:
+            shard = sharding.parse_request(message.body)
+        except ValueError as exc:
+            raise helpers.Reply(str(exc)) from None
+        if self.state.offer(Assignment(parts[0], parts[1], shard)):
+            log.info("accepted %s%s", parts[0][:12],
+                     f" (shard {shard.index}/{shard.total})" if shard else "")
             return Message("ok")
         return Message("busy", self.state.busy_with() or "stopping")
 
@@ -543,7 +574,7 @@ class TestRunner:
                 fields, output = execute(self.repo, job.commit, self.test_command,
                                          self.args.timeout, self.args.checkout_timeout,
                                          self.slot, self.max_output, self.args.junit_xml,
-                                         self.preparer)
+                                         self.preparer, job.shard)
             except Exception as exc:
                 log.exception("running %s failed", job.commit[:12])
                 fields = {"verdict": "error", "reason": f"runner failure: {exc}"}

@@ -250,7 +250,9 @@ class Bench:
         proc = self.procs.start(f"{name}-dispatcher", [
             os.path.join(self.code, "dispatcher.py"), "--host", "127.0.0.1",
             "--port", str(port), "--results-dir", results,
-            "--state-dir", self.path(name, "state"), *extra])
+            "--state-dir", self.path(name, "state"), *extra,
+            *(["--max-shards", str(self.args.max_shards)]
+              if getattr(self.args, "max_shards", None) else [])])
         wait_for_port(port, proc)
         return proc, f"127.0.0.1:{port}", results
 
@@ -633,6 +635,9 @@ def main(argv=None) -> int:
     parser.add_argument("--code", metavar="DIR",
                         help="run the daemons of another tree of this project, e.g. an "
                              "older version exported with git archive (default: this one)")
+    parser.add_argument("--max-shards", type=int, metavar="N",
+                        help="start every dispatcher with --max-shards N (e.g. to show that "
+                             "a burst is not slowed by sharding)")
     parser.add_argument("--verbose", action="store_true", help="print every sample")
     parser.add_argument("--strict", action="store_true",
                         help="exit 3 when a target is missed")

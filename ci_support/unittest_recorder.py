@@ -1,7 +1,7 @@
 """Runs unittest exactly as ``python -m unittest ARGS`` would, and also
 writes each test's outcome to a JUnit XML file for the CI runner.
 
-Usage: ``python unittest_recorder.py OUTPUT.xml [unittest arguments...]``
+Usage: ``python unittest_recorder.py OUTPUT.xml [--shard [--path-first DIR]] [unittest arguments...]``
 
 The runner ships this file and starts it by path, from the tested clone's
 root.  Run as a script, Python puts this file's folder first on sys.path;
@@ -136,6 +136,26 @@ class RecordingRunner(unittest.TextTestRunner):
         return result
 
 
+class DiscoveryLikeLoader(unittest.TestLoader):
+    """Loads a module by name the way discovery loads a file it finds: a
+    module that cannot be imported (for any reason, not only ImportError)
+    is one failed test named after it, and a SkipTest raised on import one
+    skipped test, instead of ending the whole run."""
+
+    def loadTestsFromName(self, name, module=None):
+        if module is None:
+            try:
+                __import__(name)
+            except unittest.SkipTest as exc:
+                return unittest.loader._make_skipped_test(name, exc, self.suiteClass)
+            except Exception:
+                error_case, error_message = unittest.loader._make_failed_import_test(
+                    name, self.suiteClass)
+                self.errors.append(error_message)
+                return error_case
+        return super().loadTestsFromName(name, module)
+
+
 # Characters XML 1.0 cannot hold at all (control characters, lone surrogates).
 _XML_BAD = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
@@ -183,10 +203,19 @@ def main(argv):
         sys.stderr.write(__doc__)
         return 2
     output, args = argv[0], argv[1:]
+    loader = unittest.defaultTestLoader
+    if args[:1] == ["--shard"]:
+        # A shard of ``discover -s DIR`` run by module names: load them as
+        # discovery would, with DIR first on sys.path where it puts it.
+        loader = DiscoveryLikeLoader()
+        args = args[1:]
+        if args[:1] == ["--path-first"] and len(args) >= 2:
+            sys.path.insert(0, os.path.abspath(args[1]))
+            args = args[2:]
     sys.argv[:] = ["python -m unittest"] + args  # what the tests would see there
     try:
         unittest.main(module=None, argv=["python -m unittest"] + args,
-                      testRunner=RecordingRunner)
+                      testRunner=RecordingRunner, testLoader=loader)
     finally:
         # Also when unittest exits (it always does, with its own status).
         result = RecordingRunner.last_result
