@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 import time
 
 MAGIC = b"CI1"
@@ -213,17 +214,53 @@ def ascii_line(text: str, limit: int = 300) -> str:
 # --------------------------------------------------------------------------
 # Frames: length prefix plus authentication.  Pure functions.
 
+def _sha256():
+    """SHA-256 from OpenSSL when ``hashlib`` is already loaded (the daemons:
+    faster on megabytes of test output), else CPython's built-in one,
+    which a hook's one-shot process loads in a fraction of the time."""
+    hashlib = sys.modules.get("hashlib")
+    if hashlib is None:
+        try:
+            from _sha256 import sha256  # CPython 3.11
+            return sha256
+        except ImportError:
+            try:
+                from _sha2 import sha256  # CPython 3.12 and later
+                return sha256
+            except ImportError:
+                import hashlib
+    return hashlib.sha256
+
+
+_PADS: dict = {}
+
+
+def _hmac_sha256(secret: bytes, parts) -> str:
+    """HMAC-SHA256 (RFC 2104) of the concatenated ``parts``, the same
+    tag ``hmac.new(secret, msg, hashlib.sha256)`` gives."""
+    sha256 = _sha256()
+    pads = _PADS.get(secret)
+    if pads is None:
+        key = sha256(secret).digest() if len(secret) > 64 else secret
+        key = key.ljust(64, b"\0")
+        pads = (bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key))
+        if len(_PADS) < 1024:
+            _PADS[secret] = pads
+    inner = sha256(pads[0])
+    for part in parts:
+        inner.update(part)
+    outer = sha256(pads[1])
+    outer.update(inner.digest())
+    return outer.hexdigest()
+
+
 def _mac(secret: bytes, ts: bytes, nonce: bytes, reply_to: bytes, payload: bytes,
          key_id: bytes = b"") -> str:
-    import hashlib  # here, not at the top: only a signed frame pays for it
-    import hmac
-    mac = hmac.new(secret, digestmod=hashlib.sha256)
-    for part in (MAGIC, ts, nonce, reply_to):
-        mac.update(part + b"\n")
+    parts = [MAGIC + b"\n", ts + b"\n", nonce + b"\n", reply_to + b"\n"]
     if key_id:
-        mac.update(b"key " + key_id + b"\n")
-    mac.update(payload)
-    return mac.hexdigest()
+        parts.append(b"key " + key_id + b"\n")
+    parts.append(payload)
+    return _hmac_sha256(secret, parts)
 
 
 KEY_ID_RE = LazyPattern(rb"[a-z]{1,16}:[A-Za-z0-9._-]{1,64}")
@@ -285,8 +322,8 @@ def verify_frame(header: FrameHeader, payload: bytes, secret: bytes | None, *,
     expected = _mac(secret, header.timestamp.encode(), header.nonce.encode(),
                     reply_to.encode("ascii"), payload,
                     header.key_id.encode("ascii") if header.key_id else b"")
-    import hmac
-    if not hmac.compare_digest(expected, header.tag):
+    from _operator import _compare_digest  # hmac.compare_digest, without hmac
+    if not _compare_digest(expected, header.tag):
         raise ProtocolError("bad signature")
     now = time.time() if now is None else now
     if abs(now - float(header.timestamp)) > window:

@@ -502,3 +502,14 @@ def test_child_env_hides_the_secret_and_unbuffers_output(monkeypatch):
     assert "CI_SECRET" not in env
     assert env["PYTHONUNBUFFERED"] == "1"
     assert env["PATH"] == os.environ["PATH"]
+
+
+@given(st.binary(min_size=1, max_size=200), st.lists(st.binary(max_size=300), max_size=5))
+def test_own_hmac_equals_the_standard_library(key, parts):
+    """wire signs with CPython's built-in SHA-256 when hashlib is not loaded
+    (a hook's fast start): the tag must be exactly hmac's."""
+    import hashlib
+    import hmac
+    import wire
+    assert wire._hmac_sha256(key, parts) == \
+        hmac.new(key, b"".join(parts), hashlib.sha256).hexdigest()
