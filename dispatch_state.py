@@ -133,6 +133,8 @@ class DispatcherState:
         # Sharding (--max-shards): commits split over runners, the shards
         # waiting to run (again), and what results taught about durations.
         self.max_shards = 1
+        # No shard shorter than this by the known durations (0: no check).
+        self.min_shard_seconds = 1.0
         self.shard_sets: dict[str, ShardSet] = {}
         self.shard_queue: collections.deque[tuple[str, int]] = collections.deque()
         self.durations = sharding.Durations()
@@ -442,7 +444,15 @@ class DispatcherState:
         free = sum(r.free for r in self.runners.values())
         if free <= len(self.queue):
             return 1
-        return min(self.max_shards, free - len(self.queue) + 1)
+        count = min(self.max_shards, free - len(self.queue) + 1)
+        known = self.durations.table
+        if known and self.min_shard_seconds > 0:
+            # What the last runs taught: a short suite, or one of a single
+            # test class, would only pay the shards' checkouts and start-ups
+            # (the tail of a burst of a 1 s suite got slower when split).
+            worth = min(len(known), int(sum(known.values()) // self.min_shard_seconds))
+            count = min(count, max(worth, 1))
+        return count
 
     def _assign_shard(self, runner: Runner) -> tuple[Job, list[str]]:
         """Give ``runner`` the next waiting shard, or split the next commit

@@ -404,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "are free than commits are queued, balanced by each test file's "
                              "last known duration; the shards' results are merged into one "
                              "(default: %(default)s, never split)")
+    parser.add_argument("--min-shard-seconds", type=float, default=1.0, metavar="SECONDS",
+                        help="split only as far as each shard gets this much test time by the "
+                             "last known durations, and no more shards than known test "
+                             "classes (default: %(default)s; 0: no such limit)")
     notifications.add_arguments(parser)
     helpers.add_common_arguments(parser)
     return parser
@@ -509,6 +513,8 @@ def main(argv=None) -> int:
             raise helpers.ConfigError("--restart-grace must not be negative")
         if args.max_shards > 100:
             raise helpers.ConfigError("--max-shards must be at most 100")
+        if not 0 <= args.min_shard_seconds < 1e6:
+            raise helpers.ConfigError("--min-shard-seconds must be 0 or more")
         security = helpers.security_from_args(args)
         helpers.check_bind_allowed(args.host, security, args.insecure)
         results_dir = helpers.ensure_dir(os.path.abspath(args.results_dir), "results folder")
@@ -528,6 +534,7 @@ def main(argv=None) -> int:
         state = DispatcherState(results_dir, Journal(os.path.join(state_dir, "journal")),
                                 args.max_attempts)
         state.max_shards = args.max_shards
+        state.min_shard_seconds = args.min_shard_seconds
         state.recover(args.restart_grace)
         if notifier:
             state.listeners.append(notifier.result_written)

@@ -501,3 +501,25 @@ def test_shards_of_odd_modules_add_up_to_discovery(tmp_path, package):
     assert sharding.worst(verdicts) == verdict
     assert totals == {"tests": counts.tests, "failures": counts.failures,
                       "errors": counts.errors, "skipped": counts.skipped}
+
+
+def test_known_short_suites_are_not_split(make_state):
+    """What earlier runs taught decides how far splitting pays: a suite
+    of one test class, or of a second in all, goes whole (a burst's tail
+    of such commits got slower split); a long one is split as far as each
+    shard still gets --min-shard-seconds of tests."""
+    state = make_state(max_shards=4)
+    state.durations.learn([results.TestRecord("test_slow.TestSlow", "t", duration=1.0)])
+    state.enqueue(["a" * 40])
+    (job,) = take_all(state)
+    assert job.shards == 0  # whole
+    state.durations.learn([results.TestRecord(f"test_{i}.T", "t", duration=1.0)
+                           for i in range(3)])
+    state.enqueue(["b" * 40])
+    jobs = take_all(state)
+    assert [j.shards for j in jobs] == [3, 3, 3]  # 4 known seconds, 4 classes, 3 runners free
+    state.min_shard_seconds = 2.0
+    state.enqueue(["c" * 40])
+    state.register(("127.0.0.1", 9100), "more", None)
+    state.register(("127.0.0.1", 9101), "more2", None)
+    assert state._shard_count() == 2  # 4 s known / 2 s per shard
