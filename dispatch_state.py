@@ -513,14 +513,8 @@ class DispatcherState:
         del shard_set.running[job.shard]
         if job.shard in shard_set.reports:
             return
-        if count:
-            self.lost[job.commit] += 1
-            try:
-                self.journal.append([f"L {job.commit}"], sync=False)
-            except OSError:
-                log.exception("cannot journal the lost run of %s", job.commit[:12])
-            if self.lost[job.commit] >= self.max_attempts and self._give_up(job):
-                return
+        if count and self._count_loss(job):
+            return
         log.info("shard %d/%d of %s runs again", job.shard, job.shards, job.commit[:12])
         self.shard_queue.appendleft((job.commit, job.shard))
         self.cond.notify_all()
@@ -800,16 +794,20 @@ class DispatcherState:
         self.tails.pop(job.commit, None)
         if job.commit in self.done or job.commit in self.writing:
             return
-        if count:
-            self.lost[job.commit] += 1
-            try:
-                self.journal.append([f"L {job.commit}"], sync=False)
-            except OSError:
-                # The count is a poison guard only: requeue all the same.
-                log.exception("cannot journal the lost run of %s", job.commit[:12])
-            if self.lost[job.commit] >= self.max_attempts and self._give_up(job):
-                return
+        if count and self._count_loss(job):
+            return
         self._requeue(job.commit, head=True)
+
+    def _count_loss(self, job: Job) -> bool:
+        """One more run of the commit lost its runner; True when that was
+        the last allowed and the commit got its ``error`` verdict."""
+        self.lost[job.commit] += 1
+        try:
+            self.journal.append([f"L {job.commit}"], sync=False)
+        except OSError:
+            # The count is a poison guard only: run it again all the same.
+            log.exception("cannot journal the lost run of %s", job.commit[:12])
+        return self.lost[job.commit] >= self.max_attempts and self._give_up(job)
 
     def _give_up(self, job: Job) -> bool:
         reason = (f"gave up: the run lost its runner {self.lost[job.commit]} times "

@@ -27,7 +27,7 @@ import threading
 import time
 
 from wire import (  # noqa: F401 - the protocol, re-exported for the daemons
-    request,     Busy, COMMAND_RE, COMMIT_RE, DEFAULT_AUTH_WINDOW, DEFAULT_CONNECT_TIMEOUT,
+    read_credentials, request,     Busy, COMMAND_RE, COMMIT_RE, DEFAULT_AUTH_WINDOW, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_BUFFERED, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE, DEFAULT_READ_TIMEOUT,
     FIRST_READ, FULL_COMMIT_RE, FrameHeader, KEY_ID_RE, MAGIC, MAX_COMMAND_LINE,
     MAX_HEADER_BYTES, MIN_BODY_RATE, Message, NoRequest, PeerClosed, ProtocolError,
@@ -158,26 +158,10 @@ def load_secret(path: str | None) -> bytes | None:
 def load_credentials(path: str | None) -> tuple[bytes | None, str | None]:
     """(secret, key id) from ``--secret-file`` or ``CI_SECRET``: an issued
     key file (``ci-key-v1 role:name hex``) or a plain shared secret."""
-    if path:
-        try:
-            with open(path, "rb") as handle:
-                secret = handle.read().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
-        if not secret:
-            raise ConfigError(f"secret file {path} is empty")
-    else:
-        secret = os.environ.get("CI_SECRET", "").strip().encode()
-        if not secret:
-            return None, None
-    if secret.startswith(b"ci-key-v1 "):
-        import auth
-        try:
-            key_id, key = auth.parse_key_file(secret)
-        except ValueError as exc:
-            raise ConfigError(f"{path or 'CI_SECRET'}: {exc}") from None
-        return key, key_id
-    return secret, None
+    try:
+        return read_credentials(path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def make_tls_contexts(cert: str | None, key: str | None, ca: str | None):

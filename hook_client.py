@@ -53,30 +53,10 @@ def connect(address: tuple[str, int], timeout: float):
 
 
 def read_secret(path: str | None) -> tuple[bytes | None, str | None]:
-    """The secret or issued key, as ``helpers.load_credentials`` reads it,
-    but without importing ``helpers``: that pulls in ssl, logging and the
-    server code, about 0.1 s on every push of a deployment with a secret.
-    ValueError with the reason for an unreadable or malformed one."""
-    if path:
-        try:
-            with open(path, "rb") as handle:
-                secret = handle.read().strip()
-        except OSError as exc:
-            raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
-        if not secret:
-            raise ValueError(f"secret file {path} is empty")
-    else:
-        secret = os.environ.get("CI_SECRET", "").strip().encode()
-        if not secret:
-            return None, None
-    if secret.startswith(b"ci-key-v1 "):
-        import auth  # hashing, for an issued key only
-        try:
-            key_id, key = auth.parse_key_file(secret)
-        except ValueError as exc:
-            raise ValueError(f"{path or 'CI_SECRET'}: {exc}") from None
-        return key, key_id
-    return secret, None
+    """The secret or issued key, read by ``wire`` rather than ``helpers``:
+    importing that pulls in ssl, logging and the server code, about 0.1 s
+    on every push of a deployment with a secret."""
+    return wire.read_credentials(path)
 
 
 # The flags a hook uses, read without argparse (which alone costs more

@@ -429,3 +429,32 @@ def request(sock, command: str, argument: str = "", body: bytes = b"", *,
         said = ascii_line(reply[:120].decode("ascii", "replace"), 120)
         raise ProtocolError(f"{exc}; unauthenticated reply {said!r}") from None
     return decode_message(reply)
+
+
+# --------------------------------------------------------------------------
+# Credentials: what ``--secret-file`` or ``CI_SECRET`` holds.
+
+def read_credentials(path: str | None) -> tuple[bytes | None, str | None]:
+    """(secret, key id): an issued key file (``ci-key-v1 role:name hex``,
+    see auth.py) or a plain shared secret; (None, None) without either.
+    ValueError with the reason for an unreadable or malformed one."""
+    if path:
+        try:
+            with open(path, "rb") as handle:
+                secret = handle.read().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+        if not secret:
+            raise ValueError(f"secret file {path} is empty")
+    else:
+        secret = os.environ.get("CI_SECRET", "").strip().encode()
+        if not secret:
+            return None, None
+    if secret.startswith(b"ci-key-v1 "):
+        import auth  # (hashing comes with it: for an issued key only)
+        try:
+            key_id, key = auth.parse_key_file(secret)
+        except ValueError as exc:
+            raise ValueError(f"{path or 'CI_SECRET'}: {exc}") from None
+        return key, key_id
+    return secret, None
