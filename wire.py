@@ -22,6 +22,7 @@ optionally followed by ``\\n`` and a body of arbitrary bytes.
 
 from __future__ import annotations
 
+import _socket
 import collections
 import os
 import sys
@@ -347,7 +348,7 @@ def _recv_some(sock, limit: int, deadline: float) -> bytes:
     sock.settimeout(remaining)
     try:
         chunk = sock.recv(limit)
-    except TimeoutError:  # socket.timeout is TimeoutError
+    except (TimeoutError, _socket.timeout):  # the same class from Python 3.10 on
         raise ReadTimeout("timed out reading message") from None
     if not chunk:
         raise PeerClosed("connection closed mid-message")

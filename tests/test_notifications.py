@@ -317,17 +317,15 @@ def address(cluster):
     return helpers.parse_address(cluster.dispatcher_address)
 
 
-FLEETS: dict = {}
-
-
 def dispatch(cluster, commits, branch="main", previous=None, security=None, fake=True):
     """Queue commits with their metadata; unless real runners run them,
     fake runners take them all at once, so the test can post their results
     in any order."""
     if fake:
-        fleet = FLEETS.get(id(cluster))
+        # Kept on the cluster itself: an id() of a closed one may come back.
+        fleet = getattr(cluster, "fleet", None)
         if fleet is None:
-            fleet = FLEETS[id(cluster)] = Fleet(12)
+            fleet = cluster.fleet = Fleet(12)
             cluster.closers.append(fleet)
         fleet.register(cluster.dispatcher_port)
     lines = []
@@ -344,7 +342,7 @@ def post_result(cluster, commit, verdict, failures=0):
     body = helpers.encode_fields({"verdict": verdict, "tests": 4, "failures": failures,
                                   "errors": 0, "runner": "fake"}) + b"\nout\n"
     started = time.monotonic()
-    token = FLEETS[id(cluster)].token(commit)
+    token = cluster.fleet.token(commit)
     reply = helpers.call(address(cluster), "results", f"{commit} {token}", body)
     assert reply.command == "ok", reply
     return time.monotonic() - started
