@@ -532,3 +532,29 @@ def test_recorder_script_alone_explains_its_usage():
     proc = subprocess.run([sys.executable, junit_capture.RECORDER], capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 2 and "Usage" in proc.stderr
+
+
+@given(st.lists(st.tuples(st.text(max_size=40), st.text(max_size=40), st.text(max_size=80),
+                          st.sampled_from(["passed", "failed", "error", "skipped", "xfail",
+                                           "xpass"])), max_size=8))
+@settings(max_examples=60, deadline=None)
+def test_recorder_xml_written_by_hand_parses_back(tmp_path_factory, cases):
+    """The recorder writes its XML without ElementTree (its import is slow):
+    whatever the names and messages, the file parses, with the same tests
+    and outcomes (text flattened as the parser flattens it)."""
+    sys.path.insert(0, os.path.dirname(junit_capture.RECORDER))
+    try:
+        import unittest_recorder
+    finally:
+        sys.path.pop(0)
+    records = [{"classname": c, "name": n, "subtest": "", "duration": 0.5, "outcome": o,
+                "kind": "", "message": m, "traceback": m + "\n  line"}
+               for c, n, m, o in cases]
+    path = str(tmp_path_factory.mktemp("rec") / "r.xml")
+    unittest_recorder.write_junit(path, records)
+    with open(path, "rb") as handle:
+        data = handle.read()
+    parsed = results.parse_junit(data)
+    assert [r.outcome for r in parsed] == [o for _, _, _, o in cases]
+    assert [c.get("name") for c in ET.fromstring(data).iter("testcase")] == \
+        [unittest_recorder._clean(n) for _, n, _, _ in cases]
