@@ -22,7 +22,6 @@ if sys.path and sys.path[0] and os.path.abspath(sys.path[0]) == \
         os.path.dirname(os.path.abspath(__file__)):
     sys.path[0] = os.getcwd()
 
-import re  # noqa: E402
 import time  # noqa: E402
 import unittest  # noqa: E402
 
@@ -156,11 +155,15 @@ class DiscoveryLikeLoader(unittest.TestLoader):
 
 
 # Characters XML 1.0 cannot hold at all (control characters, lone surrogates).
-_XML_BAD = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# Characters XML 1.0 cannot hold: controls but tab, newline and return, and
+# U+FFFE/U+FFFF; lone surrogates go in _clean.  (A regular expression of
+# the allowed ranges took 16 ms to compile, on every commit.)
+_XML_BAD = {c: "?" for c in range(32) if c not in (9, 10, 13)}
+_XML_BAD.update({0xFFFE: "?", 0xFFFF: "?"})
 
 
 def _clean(text):
-    return _XML_BAD.sub("?", str(text))
+    return str(text).translate(_XML_BAD).encode("utf-8", "replace").decode("utf-8")
 
 
 _CHILD = {"failed": "failure", "xpass": "failure", "error": "error", "skipped": "skipped"}
