@@ -56,6 +56,10 @@ def normalize_state(data) -> dict:
     runners = [{"name": text(r.get("name")), "address": text(r.get("address")),
                 "state": text(r.get("state"), 32), "commit": commit(r.get("commit"))}
                for r in records("runners")]
+    held = [{"commit": commit(r.get("commit")), "branch": text(r.get("branch")),
+             "runner": "waiting for " + text(r.get("runner")), "elapsed": None, "job": ""}
+            for r in records("held")]
+    running = _one_per_commit(running + held)
     for job in queue:
         if job["position"] is not None:
             job["position"] = int(job["position"])
@@ -64,6 +68,21 @@ def normalize_state(data) -> dict:
             "running": [j for j in running if j["commit"]],
             "runners": runners,
             "counts": {text(k, 32): text(v, 64) for k, v in list(counts.items())[:32]}}
+
+
+def _one_per_commit(running: list[dict]) -> list[dict]:
+    """A sharded commit runs on several runners at once: one row for it,
+    naming them all, with the longest elapsed time."""
+    rows: dict = {}
+    for job in running:
+        row = rows.get(job["commit"])
+        if row is None:
+            rows[job["commit"]] = dict(job)
+            continue
+        row["runner"] = ", ".join(r for r in (row["runner"], job["runner"]) if r)
+        if job["elapsed"] is not None:
+            row["elapsed"] = max(row["elapsed"] or 0.0, job["elapsed"])
+    return list(rows.values())
 
 
 class LiveState:

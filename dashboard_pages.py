@@ -141,7 +141,9 @@ def active_section(state: dict | None) -> Safe:
             '<tr><td>{link}</td><td><span class="branch">{branch}</span></td>'
             '<td>{pill}</td><td>{elapsed}</td><td>{runner}</td></tr>',
             link=commit_link(job["commit"]), branch=job.get("branch") or "",
-            pill=pill("running"), elapsed=seconds(job.get("elapsed")) + " elapsed",
+            pill=pill("running"),
+            elapsed=(seconds(job["elapsed"]) + " elapsed" if job.get("elapsed") is not None
+                     else "held after a dispatcher restart"),
             runner=job.get("runner") or ""))
     for job in state.get("queue", []):
         rows.append(render(

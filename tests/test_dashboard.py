@@ -434,3 +434,17 @@ def test_slow_clients_cut_off_and_flood_survived(results, dashboards):
             sock.close()
     assert dash.daemon.alive()
     assert json.loads(dash.get("/api/commits")[2])["commits"]
+
+
+def test_a_sharded_commit_is_one_running_row_and_held_commits_show():
+    """The dispatcher lists each shard of a commit as a running job, and
+    the commits it holds for their runners after a restart apart."""
+    state = dashboard_live.normalize_state({
+        "running": [{"commit": "a" * 40, "branch": "main", "runner": "r1", "elapsed": 2.0},
+                    {"commit": "a" * 40, "branch": "main", "runner": "r2", "elapsed": 3.5},
+                    {"commit": "b" * 40, "branch": "main", "runner": "r3", "elapsed": 1.0}],
+        "held": [{"commit": "c" * 40, "branch": "main", "runner": "127.0.0.1:8901"}]})
+    rows = {r["commit"][0]: r for r in state["running"]}
+    assert rows["a"]["runner"] == "r1, r2" and rows["a"]["elapsed"] == 3.5
+    assert rows["b"]["runner"] == "r3"
+    assert rows["c"]["runner"] == "waiting for 127.0.0.1:8901" and rows["c"]["elapsed"] is None
