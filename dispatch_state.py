@@ -833,13 +833,18 @@ class DispatcherState:
             return [dataclasses.replace(r) for r in self.runners.values()]
 
     def ping_result(self, key: str, outcome: str, instance: str, busy: str | None,
-                    misses_allowed: int, token: str | None = None) -> None:
+                    misses_allowed: int, token: str | None = None,
+                    pinged: str | None = None) -> None:
         """``outcome``: ``ok``, ``refused`` (nothing listens: the runner is
         gone, dropped at once) or ``timeout`` (slow or cut off: dropped
         after ``misses_allowed`` in a row)."""
         with self.cond:
             runner = self.runners.get(key)
             if runner is None:
+                return
+            if pinged is not None and runner.instance != pinged:
+                # The ping was for the process that had this address before
+                # it re-registered: its answer says nothing of this one.
                 return
             if outcome == "ok" and instance != runner.instance:
                 outcome = "refused"  # a different process now answers on that port

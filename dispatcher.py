@@ -320,7 +320,8 @@ class Dispatcher:
         for future in concurrent.futures.as_completed(futures):
             runner = futures[future]
             outcome, instance, busy, token = future.result()
-            self.state.ping_result(runner.key, outcome, instance, busy, self.ping_misses, token)
+            self.state.ping_result(runner.key, outcome, instance, busy, self.ping_misses, token,
+                                   pinged=runner.instance)
         duration = time.monotonic() - started
         # A sweep longer than the interval means dead runners are noticed late.
         log.log(logging.WARNING if duration > self.ping_interval else logging.DEBUG,

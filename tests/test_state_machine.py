@@ -277,3 +277,21 @@ def test_runner_state_takes_one_job_and_hands_it_back_on_stop():
     assert not runner.offer(test_runner.Assignment(Y, "b" * 32))
     assert runner.take() is None
     wait_until(lambda: not worker.is_alive(), 5)
+
+
+def test_a_ping_of_the_previous_process_does_not_drop_its_successor(make_state):
+    """A runner restarted on the same port registers while a sweep's ping
+    of the dead process is still out: the refused ping is the old
+    process's news, not the new one's (it used to drop the new runner
+    and count its commit's run as lost twice)."""
+    state = make_state()
+    state.register(A, "old", None)
+    state.enqueue([X])
+    assign(state)
+    state.register(A, "new", None)  # the old process's run is lost: counted once
+    job = assign(state)
+    assert job.runner == KA and state.lost[X] == 1
+    state.ping_result(KA, "refused", "", None, 3, pinged="old")
+    assert KA in state.runners and state.jobs[X] is job and state.lost[X] == 1
+    state.ping_result(KA, "refused", "", None, 3, pinged="new")
+    assert KA not in state.runners and state.lost[X] == 2
