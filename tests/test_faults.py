@@ -477,14 +477,20 @@ def test_runner_dropped_for_missed_pings_rejoins(cluster, upstream, notes):
     assert cluster.result(later, 15)["runner"] == frozen.address
 
 
-def test_restarted_runner_ends_what_its_killed_predecessor_left_running(cluster, upstream,
-                                                                       notes):
+def runner_with_a_grandchild(cluster, upstream, notes, tag: str):
+    """A runner whose 30 s test has started a child of its own: (the
+    runner, the grandchild's PID)."""
     cluster.start_dispatcher("--max-attempts", "10")
-    commit = commit_fault(upstream, "orphan", seconds=30, grandchild=True)
+    commit = commit_fault(upstream, tag, seconds=30, grandchild=True)
     runner = start_runner(cluster, notes)
     dispatch(cluster, commit)
-    wait_until(lambda: notes.find("orphan", "grandchild"), 15, what="the grandchild")
-    grandchild = int(notes.find("orphan", "grandchild")[0][1])
+    wait_until(lambda: notes.find(tag, "grandchild"), 15, what="the grandchild")
+    return runner, int(notes.find(tag, "grandchild")[0][1])
+
+
+def test_restarted_runner_ends_what_its_killed_predecessor_left_running(cluster, upstream,
+                                                                       notes):
+    runner, grandchild = runner_with_a_grandchild(cluster, upstream, notes, "orphan")
     # The watchdog would end the group at once (see the next test): kill it
     # first, as if it had died too, to prove the restart's own cleanup.
     os.kill(watchdog_of(runner.pid), signal.SIGKILL)
@@ -510,12 +516,7 @@ def watchdog_of(pid: int) -> int:
 def test_sigkilled_runner_leaves_no_test_process_running(cluster, upstream, notes):
     """A runner SIGKILLed on its own (nobody restarts it): its watchdog kills
     the test's whole group, grandchildren included, within a second."""
-    cluster.start_dispatcher("--max-attempts", "10")
-    commit = commit_fault(upstream, "alone", seconds=30, grandchild=True)
-    runner = start_runner(cluster, notes)
-    dispatch(cluster, commit)
-    wait_until(lambda: notes.find("alone", "grandchild"), 15, what="the grandchild")
-    grandchild = int(notes.find("alone", "grandchild")[0][1])
+    runner, grandchild = runner_with_a_grandchild(cluster, upstream, notes, "alone")
     os.kill(runner.pid, signal.SIGKILL)
     wait_until(lambda: not process_alive(grandchild), 1.0, interval=0.02,
                what="the orphaned test to be killed by the watchdog")
