@@ -172,13 +172,17 @@ class Dashboard:
             }
             return "finished", sections, True
         status, tail = self.live.log(commit)
-        state = self.live.cached_state() or {}
+        # The cached state if fresh, else asked for (a commit's page may be
+        # the first page anyone opened).
+        state = self.live.state()[0] or {}
         if status == "running":
             job = next((j for j in state.get("running", []) if j["commit"] == commit), {})
             item = {"commit": commit, "verdict": "running", "branch": job.get("branch"),
                     "runner": job.get("runner")}
+            elapsed = job.get("elapsed")
             return "running", {
-                "sec-summary": pages.fields_section(item, "running"),
+                "sec-summary": pages.fields_section(item, "running" if elapsed is None else
+                                                    f"running, {pages.seconds(elapsed)} elapsed"),
                 "sec-tests": pages.Safe(""),
                 "sec-output": pages.output_section(tail, False, commit, live=True)}, False
         job = next((j for j in state.get("queue", []) if j["commit"] == commit), None)

@@ -156,11 +156,6 @@ class LiveState:
             error = helpers.one_line(error, 300)
         return state, error
 
-    def cached_state(self) -> dict | None:
-        """The last state, however old, without a call."""
-        with self._data_lock:
-            return self._state
-
     def log(self, commit: str) -> tuple[str, str]:
         """(``running``, tail) / (``idle``, "") / (``unavailable``, reason)."""
         with self._log_lock:

@@ -362,6 +362,10 @@ SCRIPT = """(function () {
       .catch(function () { if (dot) { dot.className = 'live off'; } })
       .then(function () { busy = false; });
   }
+  // A live tail starts at its newest line, and follows it while the
+  // reader has not scrolled up.
+  var tail = document.querySelector('pre.tail');
+  if (tail) { tail.scrollTop = tail.scrollHeight; }
   timer = setInterval(tick, 1000);
   tick();
 })();
