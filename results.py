@@ -305,31 +305,34 @@ def parse_junit(data: bytes, max_bytes: int = MAX_JUNIT_BYTES,
         raise JunitError(f"JUnit file declares encoding {declared.group(1)[:20]!r}")
     parser = ET.XMLPullParser(events=("start", "end"))
     records: list[TestRecord] = []
-    elements = 0
-    depth_in_case = 0
+    counted = {"elements": 0, "depth": 0}
+
+    def take_events() -> None:
+        for event, element in parser.read_events():
+            if event == "start":
+                counted["elements"] += 1
+                if counted["elements"] > MAX_ELEMENTS:
+                    raise JunitError(f"JUnit file has more than {MAX_ELEMENTS} elements")
+                if _tag(element) == "testcase":
+                    counted["depth"] += 1
+                continue
+            if _tag(element) != "testcase":
+                continue
+            counted["depth"] -= 1
+            if counted["depth"]:
+                continue  # a testcase inside a testcase is not ours to count
+            if len(records) >= max_records:
+                raise JunitError(f"JUnit file has more than {max_records} test cases")
+            records.append(_record_from(element))
+            element.clear()  # memory stays bounded by the records kept
+
     try:
         for start in range(0, len(text), 65536):
             parser.feed(text[start:start + 65536])
-            for event, element in parser.read_events():
-                if event == "start":
-                    elements += 1
-                    if elements > MAX_ELEMENTS:
-                        raise JunitError(f"JUnit file has more than {MAX_ELEMENTS} elements")
-                    if _tag(element) == "testcase":
-                        depth_in_case += 1
-                    continue
-                if _tag(element) != "testcase":
-                    continue
-                depth_in_case -= 1
-                if depth_in_case:
-                    continue  # a testcase inside a testcase is not ours to count
-                if len(records) >= max_records:
-                    raise JunitError(f"JUnit file has more than {max_records} test cases")
-                records.append(_record_from(element))
-                element.clear()  # memory stays bounded by the records kept
+            take_events()
         parser.close()
-        for event, element in parser.read_events():
-            pass
+        # A newer expat may hold the last events back until close().
+        take_events()
     except ET.ParseError as exc:
         raise JunitError(f"JUnit file is not well-formed XML: {exc}") from None
     return records
