@@ -628,36 +628,36 @@ class DispatcherState:
             if self.max_shards > 1:
                 self.durations.learn(fields.get("records"))
             shard_set = self.shard_sets.get(commit)
+            holder_job = None
             if shard_set is not None and token in shard_set.tokens:
                 merged = self._record_shard(commit, token, fields, output)
                 if not merged:
                     return merged is None
-                return self._write_merged(commit, token, shard_set, *merged)
-            # Claim: out of the queue and the job table, so the assignment
-            # loop cannot hand it out again while the file is written
-            # without the lock.
-            self.writing.add(commit)
-            self._unqueue(commit)
-            self.held.pop(commit, None)
-            holder_job = self.jobs.pop(commit, None)
-            if holder_job:
-                holder = self.runners.get(holder_job.runner)
-                if holder and holder.job is holder_job and holder_job.token != token:
-                    # Still running it elsewhere: busy, but not with our work.
-                    holder.set(OCCUPIED, occupied_with=commit)
+                fields, output = merged  # the last shard: claimed, all merged
+            else:
+                shard_set = None
+                # Claim: out of the queue and the job table, so the
+                # assignment loop cannot hand it out again while the file
+                # is written without the lock.
+                self.writing.add(commit)
+                self._unqueue(commit)
+                self.held.pop(commit, None)
+                holder_job = self.jobs.pop(commit, None)
+                if holder_job:
+                    holder = self.runners.get(holder_job.runner)
+                    if holder and holder.job is holder_job and holder_job.token != token:
+                        # Still running it elsewhere: busy, but not with our work.
+                        holder.set(OCCUPIED, occupied_with=commit)
             fields = self._complete_fields(commit, fields)
         try:
             self.write_result(commit, fields, output)
         except BaseException:
             with self.cond:
                 self.writing.discard(commit)
-                holder = self.runners.get(holder_job.runner) if holder_job else None
-                if holder and holder.state == OCCUPIED and holder.occupied_with == commit:
-                    # Its run is still going: give the job back to it.
-                    holder.set(RUNNING, holder_job)
-                    self.jobs[commit] = holder_job
+                if shard_set is not None:
+                    self._unclaim_shards(commit, token, shard_set)
                 else:
-                    self._requeue(commit, head=True)
+                    self._unclaim(commit, holder_job)
                 self.cond.notify_all()
             raise
         with self.cond:
@@ -666,27 +666,24 @@ class DispatcherState:
         self._tell(commit, fields)
         return True
 
-    def _write_merged(self, commit: str, token: str, shard_set: ShardSet, fields: dict,
-                      output: bytes) -> bool:
-        """Called holding the condition, the commit claimed; writes the
-        merged result without it, like ``record_result``."""
-        fields = self._complete_fields(commit, fields)
-        self.cond.release()
-        try:
-            self.write_result(commit, fields, output)
-        except BaseException:
-            self.cond.acquire()
-            # Unclaim; the last shard's runner is told ``busy`` and sends
-            # its result again, which completes the set again.
-            self.writing.discard(commit)
-            shard_set.reports.pop(shard_set.tokens[token], None)
-            self.shard_sets[commit] = shard_set
-            raise
-        self.cond.acquire()
-        self.writing.discard(commit)
-        self._finish(commit, fields.get("verdict"))
-        threading.Thread(target=self._tell, args=(commit, fields), daemon=True).start()
-        return True
+    def _unclaim(self, commit: str, holder_job: Job | None) -> None:
+        """The result could not be written: the commit is to be run again,
+        by the runner still running it if there is one."""
+        holder = self.runners.get(holder_job.runner) if holder_job else None
+        if holder and holder.state == OCCUPIED and holder.occupied_with == commit:
+            holder.set(RUNNING, holder_job)
+            self.jobs[commit] = holder_job
+        else:
+            self._requeue(commit, head=True)
+
+    def _unclaim_shards(self, commit: str, token: str, shard_set: ShardSet) -> None:
+        """The merged result could not be written: the last shard's report
+        is dropped and that shard runs again (unless its runner's resend,
+        told ``busy``, comes first and completes the set)."""
+        index = shard_set.tokens[token]
+        shard_set.reports.pop(index, None)
+        self.shard_sets[commit] = shard_set
+        self.shard_queue.appendleft((commit, index))
 
     def _free_after_result(self, commit: str, token: str, a: Assignment) -> None:
         """The sender has finished this run: it is free again, whether or
@@ -756,7 +753,10 @@ class DispatcherState:
         self.cond.notify_all()
         try:
             self.journal.append([f"D {commit}"], sync=False)
-            if self.journal.records > COMPACT_AFTER and self.journal.records > 4 * (
+            # Not while a dispatch's records are being fsynced outside the
+            # lock: the rewrite would drop them after they were answered.
+            if not self.journalling and self.journal.records > COMPACT_AFTER and \
+                    self.journal.records > 4 * (
                     len(self.queue) + len(self.jobs) + len(self.held)):
                 self.journal.rewrite(self._pending_records())
         except OSError:

@@ -446,10 +446,12 @@ def test_a_failed_merged_write_is_retried_by_the_last_shards_resend(make_state):
     with pytest.raises(OSError):
         report(state, second)
     assert result_file(state, X) is None and X in state.shard_sets and X not in state.writing
+    # Should its runner die before resending, the shard runs again.
+    assert state.shard_queue[0] == (X, second.shard)
     assert report(state, second) is True   # the runner's outbox sends it again
     fields, output = result_file(state, X)
     assert fields["tests"] == "4" and output.count(b"===== shard ") == 2
-    assert calls == [X, X] and not state.shard_sets
+    assert calls == [X, X] and not state.shard_sets and not state.shard_queue
 
 
 # ---- the recorder runs a shard's modules as discovery would ---------------

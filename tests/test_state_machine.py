@@ -295,3 +295,32 @@ def test_a_ping_of_the_previous_process_does_not_drop_its_successor(make_state):
     assert KA in state.runners and state.jobs[X] is job and state.lost[X] == 1
     state.ping_result(KA, "refused", "", None, 3, pinged="new")
     assert KA not in state.runners and state.lost[X] == 2
+
+
+def test_compaction_waits_for_a_dispatch_being_fsynced(make_state, monkeypatch):
+    """A dispatch's records are fsynced outside the lock; a compaction
+    that ran meanwhile rewrote the journal without them, so an answered
+    ``dispatch`` was lost at the next crash."""
+    import dispatch_state
+    fsyncing, go = threading.Event(), threading.Event()
+
+    class SlowSync(Journal):
+        def append(self, records, sync):
+            super().append(records, sync)
+            if sync and any(r == f"Q {Y}" for r in records):
+                fsyncing.set()  # on disk, not yet in the queue
+                assert go.wait(10)
+    state = make_state(SlowSync)
+    monkeypatch.setattr(dispatch_state, "COMPACT_AFTER", 0)
+    state.register(A, "ia", None)
+    state.enqueue([X])
+    job = assign(state)
+    dispatching = threading.Thread(target=state.enqueue, args=([Y],))
+    dispatching.start()
+    assert fsyncing.wait(5)
+    assert result(state, job) is True  # finishing X would compact the journal here
+    go.set()
+    dispatching.join(5)
+    state.journal.close()
+    replayed = Journal(state.journal.path).replay()
+    assert Y in replayed.order and Y not in replayed.done
