@@ -155,20 +155,6 @@ class MasterKeyring:
         return derive_key(self.master, role, name), f"{role}:{name}"
 
 
-class OwnKeyring:
-    """A runner's or observer's side: only its own key (or, in the plain
-    shared-secret mode, the one secret) is accepted."""
-
-    def __init__(self, key: bytes, key_id: str | None):
-        self.key, self.key_id = key, key_id
-
-    def lookup(self, key_id: str | None):
-        if key_id != self.key_id and key_id is not None:
-            return None
-        role, name = split_key_id(self.key_id) if self.key_id else (ADMIN, None)
-        return self.key, role, name
-
-
 # --------------------------------------------------------------------------
 # TLS certificates carry the role in their common name: "dispatcher",
 # "observer", "runner-<name>", "operator-<name>", "viewer-<name>".

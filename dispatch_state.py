@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -403,8 +404,9 @@ class DispatcherState:
                         if runner:
                             break
                     self.cond.wait()
-                if self.shard_queue or self._shard_count() > 1:
-                    job, records = self._assign_shard(runner)
+                shards = 1 if self.shard_queue else self._shard_count()
+                if self.shard_queue or shards > 1:
+                    job, records = self._assign_shard(runner, shards)
                     commit, assignment = job.commit, None
                 else:
                     commit = self.queue.popleft()
@@ -454,14 +456,13 @@ class DispatcherState:
             count = min(count, max(worth, 1))
         return count
 
-    def _assign_shard(self, runner: Runner) -> tuple[Job, list[str]]:
+    def _assign_shard(self, runner: Runner, total: int) -> tuple[Job, list[str]]:
         """Give ``runner`` the next waiting shard, or split the next commit
         and give it shard 1.  Returns the job and its journal records (the
         ``S`` record first, before any shard's ``runtest`` is sent)."""
         if self.shard_queue:
             commit, index = self.shard_queue.popleft()
         else:
-            total = self._shard_count()
             commit = self.queue.popleft()
             self.queued.discard(commit)
             self.shard_sets[commit] = ShardSet(total, self.durations.encode())
@@ -895,7 +896,7 @@ class DispatcherState:
                 return self.meta.get(commit, (None, None))[0]
             data = {
                 "queue": [{"commit": c, "branch": branch(c), "position": i + 1}
-                          for i, c in enumerate(self.queue) if i < 500],
+                          for i, c in enumerate(itertools.islice(self.queue, 500))],
                 "running": [{"commit": j.commit, "branch": branch(j.commit),
                              "runner": j.name or j.runner,
                              "elapsed": round(now - j.started, 1)}
@@ -911,8 +912,9 @@ class DispatcherState:
                              (r.occupied_with if r.occupied_with not in (None, "unknown")
                               else None)}
                             for r in self.runners.values()],
+                # One snapshot: the counts agree with the lists (a re-entrant lock).
+                "counts": self.status(),
             }
-        data["counts"] = self.status()
         return json.dumps(data).encode()
 
     def stop(self) -> None:

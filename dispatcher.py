@@ -183,12 +183,7 @@ class Dispatcher:
             raise Reply(str(exc)) from None
         fields = self._fields(message.body)
         instance = fields.get("instance", "")
-        busy = fields.get("busy") or None
-        if busy is not None and not helpers.valid_commit(busy):
-            busy = "unknown"
-        token = fields.get("job") or None
-        if token is not None and not TOKEN_RE.fullmatch(token):
-            token = None
+        busy, token = runner_says(fields)
         return Message("ok", self.state.register(address, instance[:64], busy, token,
                                                  self._runner_name(peer)))
 
@@ -279,21 +274,21 @@ class Dispatcher:
 
     def _send_job(self, job: Job) -> None:
         try:
-            if job.shards:
-                # The body names the shard and carries the durations the
-                # runner splits the commit's test files by.
-                reply = helpers.call(job.address, "runtest", f"{job.commit} {job.token}",
-                                     job.request, security=self._security_for(job.name),
-                                     timeout=self.ping_timeout * 3,
-                                     reply_timeout=self.ping_timeout * 3)
-            else:
-                reply = helpers.call(job.address, "runtest", f"{job.commit} {job.token}",
-                                     security=self._security_for(job.name),
-                                     timeout=self.ping_timeout * 3,
-                                     reply_timeout=self.ping_timeout * 3)
+            # A shard's body names it and carries the durations the runner
+            # splits the commit's test files by; a whole commit's is empty.
+            reply = helpers.call(job.address, "runtest", f"{job.commit} {job.token}",
+                                 job.request, security=self._security_for(job.name),
+                                 timeout=self.ping_timeout * 3,
+                                 reply_timeout=self.ping_timeout * 3)
         except (OSError, helpers.ProtocolError) as exc:
             log.warning("could not send %s to %s: %s", job.commit[:12], job.runner, exc)
             self.state.assignment_failed(job, "refused" if refused(exc) else "error")
+            return
+        except Exception:
+            # Lost in the pool's future otherwise, the runner would stay
+            # "running" it until --job-timeout.
+            log.exception("sending %s to %s failed", job.commit[:12], job.runner)
+            self.state.assignment_failed(job, "error")
             return
         if reply.command == "ok":
             log.info("commit %s%s -> runner %s", job.commit[:12],
@@ -319,7 +314,11 @@ class Dispatcher:
         futures = {self.ping_pool.submit(self._ping, r): r for r in runners}
         for future in concurrent.futures.as_completed(futures):
             runner = futures[future]
-            outcome, instance, busy, token = future.result()
+            try:
+                outcome, instance, busy, token = future.result()
+            except Exception:  # one odd ping must not cost the others' results
+                log.exception("ping of %s failed", runner.key)
+                continue
             self.state.ping_result(runner.key, outcome, instance, busy, self.ping_misses, token,
                                    pinged=runner.instance)
         duration = time.monotonic() - started
@@ -348,12 +347,18 @@ class Dispatcher:
             return ("refused" if refused(exc) else "timeout"), "", None, None
         if reply.command != "ok":
             return "timeout", "", None, None
-        busy = fields.get("busy") or None
-        if busy is not None and not helpers.valid_commit(busy):
-            busy = "unknown"
-        token = fields.get("job") or None
-        return "ok", fields.get("instance", ""), busy, (
-            token if token and TOKEN_RE.fullmatch(token) else None)
+        return ("ok", fields.get("instance", ""), *runner_says(fields))
+
+
+def runner_says(fields: dict) -> tuple[str | None, str | None]:
+    """(the commit a runner is busy with, its job's token) from its
+    ``register`` or ``ping`` fields: ``unknown`` for a malformed commit,
+    no token for a malformed one."""
+    busy = fields.get("busy") or None
+    if busy is not None and not helpers.valid_commit(busy):
+        busy = "unknown"
+    token = fields.get("job") or None
+    return busy, token if token and TOKEN_RE.fullmatch(token) else None
 
 
 def refused(exc: BaseException) -> bool:
@@ -475,7 +480,6 @@ def revoke_key_main(argv) -> int:
 
 
 REVOKED_FILE = "revoked-keys"
-SUBCOMMANDS = "status, retest, issue-key, revoke-key"
 
 
 def main(argv=None) -> int:

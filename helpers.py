@@ -27,13 +27,12 @@ import threading
 import time
 
 from wire import (  # noqa: F401 - the protocol, re-exported for the daemons
-    read_credentials, request,     Busy, COMMAND_RE, COMMIT_RE, DEFAULT_AUTH_WINDOW, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_MAX_BUFFERED, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE, DEFAULT_READ_TIMEOUT,
-    FIRST_READ, FULL_COMMIT_RE, FrameHeader, KEY_ID_RE, MAGIC, MAX_COMMAND_LINE,
-    MAX_HEADER_BYTES, MIN_BODY_RATE, Message, NoRequest, PeerClosed, ProtocolError,
-    ReadTimeout, _mac, _recv_exact, _recv_some, ascii_line, decode_fields, decode_header,
-    decode_message, encode_fields, encode_frame, encode_message, format_address, one_line,
-    parse_address, read_frame, valid_commit, valid_full_commit, verify_frame)
+    Busy, COMMAND_RE, DEFAULT_AUTH_WINDOW, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BUFFERED,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE, DEFAULT_READ_TIMEOUT, MAGIC,
+    MAX_HEADER_BYTES, TOKEN_RE, FrameHeader, Message, NoRequest, PeerClosed, ProtocolError,
+    ReadTimeout, ascii_line, decode_fields, decode_header, decode_message, encode_fields,
+    encode_frame, encode_message, format_address, one_line, parse_address, read_credentials,
+    read_frame, request, valid_commit, valid_full_commit, verify_frame)
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,9 @@ import re
 import threading
 
 import helpers
+from wire import TOKEN_RE
 
 BRANCH_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,255}")
-TOKEN_RE = re.compile(r"[0-9a-f]{16,64}")
-RUNNER_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclasses.dataclass

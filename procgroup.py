@@ -3,8 +3,9 @@ one place the runner (checkout, setup, tests) and the observer (fetch)
 start and end the work they hand to other programs.
 
 A test suite starts helpers of its own, so a command is ended by killing
-its whole group.  If the daemon itself is SIGKILLed it cannot do that, so
-each daemon that runs groups keeps a watchdog: a tiny child process that
+its whole group.  If the runner itself is SIGKILLed it cannot do that, so
+it keeps a watchdog (the observer's fetches are short and bounded, and it
+kills their group when it stops): a tiny child process that
 holds the read end of a pipe and is told every group's id; when the pipe
 closes (the daemon died, however), it kills the last group it was told
 of and exits.  That ends a killed runner's tests within milliseconds,

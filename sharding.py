@@ -27,7 +27,6 @@ VERDICT_ORDER = ("error", "timeout", "failed", "passed")
 # Durations the dispatcher keeps (one per test class / module), and sends.
 MAX_DURATIONS = 2000
 MAX_KEY = 300
-SHARD_RE = re.compile(r"([1-9][0-9]{0,2})/([1-9][0-9]{0,2})")
 # How a runner says what its shard did, after ``i/n`` in the ``shards`` field:
 #   (nothing)  ran its share of the test files
 #   whole      shard 1 ran the whole suite (the command cannot be sharded)
@@ -163,19 +162,28 @@ def pytest_files(repo: str, folders: list[str]) -> list[str]:
     return sorted(set(found))[:MAX_FILES]
 
 
-def known_seconds(path: str, module: str, durations: dict[str, float]) -> float | None:
+def prefix_seconds(durations: dict[str, float]) -> dict[str, float]:
+    """Each classname's seconds added to every dotted prefix of it
+    (``a.b.C`` counts for ``a``, ``a.b`` and ``a.b.C``), so a test file's
+    known time is one look-up, not a pass over the table per file."""
+    sums: dict[str, float] = {}
+    for key, seconds in durations.items():
+        parts = key.split(".")
+        for end in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:end])
+            sums[prefix] = sums.get(prefix, 0.0) + seconds
+    return sums
+
+
+def known_seconds(path: str, module: str, sums: dict[str, float]) -> float | None:
     """The last known duration of one test file: the sum over the classnames
     that belong to it (``module`` or ``module.Class``, by its own module
-    name or by its dotted path from the clone's root)."""
+    name or by its dotted path from the clone's root); ``sums`` from
+    ``prefix_seconds``."""
     dotted = path[:-3].replace(os.sep, ".").replace("/", ".") if path.endswith(".py") else path
-    for name in dict.fromkeys((module, dotted)):
-        total, hit = 0.0, False
-        for key, seconds in durations.items():
-            if key == name or key.startswith(name + "."):
-                total += seconds
-                hit = True
-        if hit:
-            return total
+    for name in (module, dotted):
+        if name in sums:
+            return sums[name]
     return None
 
 
@@ -210,7 +218,8 @@ def _size(repo: str, path: str) -> int:
 
 def my_share(repo: str, files: list[tuple[str, str]], spec: ShardSpec) -> list[str]:
     """The paths of ``spec``'s shard; ``files`` as (path, module)."""
-    items = [(path, _size(repo, path), known_seconds(path, module, spec.durations))
+    sums = prefix_seconds(spec.durations)
+    items = [(path, _size(repo, path), known_seconds(path, module, sums))
              for path, module in files]
     return split(items, spec.total)[spec.index - 1]
 
@@ -254,7 +263,7 @@ def shard_run(repo: str, custom: list[str] | None, command: list[str],
         return ShardRun([*command[:3], *modules], "", None if package else "tests")
     if custom and PLACEHOLDER in custom:
         spot = custom.index(PLACEHOLDER)
-        files = [(p, m) for p, m in unittest_modules(repo, "tests", True)]
+        files = unittest_modules(repo, "tests", True)
         share = my_share(repo, files, spec)
         if not share:
             return ShardRun(None, "empty")

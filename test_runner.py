@@ -202,10 +202,10 @@ class ProcessSlot:
                 procgroup.kill_group(pgid)
         os.unlink(self.pidfile)
 
-    def run(self, cmd: list[str], cwd: str, timeout: float, out, env=None,
-            as_test_user: bool = True) -> tuple[int, bool]:
+    def run(self, cmd: list[str], cwd: str, timeout: float, out,
+            env=None) -> tuple[int, bool]:
         """Run ``cmd`` with output to file ``out``; return (exit code, timed out)."""
-        extra = self.user.popen_args() if (self.user and as_test_user) else {}
+        extra = self.user.popen_args() if self.user else {}
         with self._lock:
             if self.cancelled:
                 return -signal.SIGKILL, False
@@ -220,15 +220,18 @@ class ProcessSlot:
         try:
             timed_out = not procgroup.wait_exit(proc, timeout)
         finally:
-            # Kill the whole group: test suites start helpers of their own.
-            procgroup.kill_group(proc.pid)
-            proc.wait()
             with self._lock:
+                # Kill the whole group (test suites start helpers of their
+                # own) and forget it before the leader is reaped: after the
+                # wait its PID may belong to someone else, whom a cancel()
+                # must not kill.
+                procgroup.kill_group(proc.pid)
                 self._proc = None
                 self.output = None
                 if self.watchdog:
                     self.watchdog.watch(0)
                 self._record(None)
+            proc.wait()
         return proc.returncode, timed_out
 
     def _record(self, pid: int | None) -> None:
@@ -366,14 +369,14 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
         return fields, setup_log + b"no tests/ folder in this commit\n"
     path_first, shard_unittest = None, False
     if shard is not None:
-        run = sharding.shard_run(repo, test_command, command, shard, test_command is None)
-        fields["shards"] = f"{shard.index}/{shard.total}" + (f" {run.label}" if run.label
-                                                             else "")
         if test_command is None and junit_pattern:
             # Only the recorder loads modules as discovery does.
             run = sharding.ShardRun(command if shard.index == 1 else None,
                                     "whole" if shard.index == 1 else "skipped")
-            fields["shards"] = f"{shard.index}/{shard.total} {run.label}"
+        else:
+            run = sharding.shard_run(repo, test_command, command, shard, test_command is None)
+        fields["shards"] = f"{shard.index}/{shard.total}" + (f" {run.label}" if run.label
+                                                             else "")
         if run.command is None:
             note = f"shard {shard.index}/{shard.total}: {run.label}, nothing to run\n"
             fields.update(verdict="passed", exit_code=0,
@@ -552,7 +555,7 @@ class TestRunner:
     def do_runtest(self, message: Message, peer: str) -> Message:
         parts = message.argument.split(" ")
         if len(parts) != 2 or not helpers.valid_commit(parts[0]) \
-                or not re.fullmatch(r"[0-9a-f]{16,64}", parts[1]):
+                or not helpers.TOKEN_RE.fullmatch(parts[1]):
             raise helpers.Reply("usage: runtest:<commit> <token>")
         try:
             shard = sharding.parse_request(message.body)

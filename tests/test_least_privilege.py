@@ -154,16 +154,14 @@ def test_keyrings_map_key_ids_to_keys_and_roles(tmp_path):
     assert master.lookup("runner:r2") is not None
 
     key = auth.derive_key(MASTER, "runner", "r1")
-    own = auth.OwnKeyring(key, "runner:r1")
+    # A runner's or observer's side: only its own key (helpers.Security).
+    own = helpers.Security(secret=key, key_id="runner:r1")
     assert own.lookup("runner:r1") == (key, "runner", "r1")
     assert own.lookup(None) == (key, "runner", "r1")
     assert own.lookup("runner:r2") is None and own.lookup("observer:x") is None
-    shared = auth.OwnKeyring(MASTER, None)
+    shared = helpers.Security(secret=MASTER)
     assert shared.lookup(None) == (MASTER, auth.ADMIN, None)
     assert shared.lookup("runner:r1") is None
-    # Security without a keyring behaves as OwnKeyring does.
-    sec = helpers.Security(secret=key, key_id="runner:r1")
-    assert sec.lookup("runner:r1") == (key, "runner", "r1") and sec.lookup("runner:r2") is None
 
 
 def test_frames_carry_the_key_id_and_it_is_signed():

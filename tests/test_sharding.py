@@ -84,8 +84,8 @@ def test_split_is_a_partition_and_greedy_bound_holds(specs, total):
 
 
 def test_known_seconds_matches_classnames_of_the_file():
-    table = {"test_a.TestOne": 1.5, "test_a.TestTwo": 0.5, "test_ab.TestX": 9.0,
-             "tests.test_b": 2.0}
+    table = sharding.prefix_seconds({"test_a.TestOne": 1.5, "test_a.TestTwo": 0.5,
+                                     "test_ab.TestX": 9.0, "tests.test_b": 2.0})
     assert sharding.known_seconds("tests/test_a.py", "test_a", table) == 2.0
     assert sharding.known_seconds("tests/test_b.py", "test_b", table) == 2.0
     assert sharding.known_seconds("tests/test_c.py", "test_c", table) is None
