@@ -171,12 +171,12 @@ class Dashboard:
                 "sec-output": pages.output_section(output[0], output[1], commit),
             }
             return "finished", sections, True
-        status, tail = self.live.log(commit)
         # The cached state if fresh, else asked for (a commit's page may be
         # the first page anyone opened).
         state = self.live.state()[0] or {}
+        job = self._running_job(state, commit)
+        status, tail = self.live.log(commit) if job is not None else ("idle", "")
         if status == "running":
-            job = next((j for j in state.get("running", []) if j["commit"] == commit), {})
             item = {"commit": commit, "verdict": "running", "branch": job.get("branch"),
                     "runner": job.get("runner")}
             elapsed = job.get("elapsed")
@@ -192,6 +192,14 @@ class Dashboard:
                 "sec-summary": pages.fields_section(item, f"queued, position {job['position']}"),
                 "sec-tests": pages.Safe(""), "sec-output": pages.Safe("")}, False
         return None
+
+    @staticmethod
+    def _running_job(state: dict, commit: str) -> dict | None:
+        """The commit's row in the live state's ``running``, or None.  Its
+        output is asked for only then: a ``log:`` call per page poll of a
+        queued or unknown commit would be a dispatcher call each, made
+        one at a time and not spared by the state's failure backoff."""
+        return next((j for j in state.get("running", []) if j["commit"] == commit), None)
 
     def commit_page(self, query, nonce, commit) -> Response:
         view = self._commit_view(commit)
@@ -241,7 +249,9 @@ class Dashboard:
     def api_commit(self, query, nonce, commit) -> Response:
         item = self.index.get(commit)
         if item is None:
-            status, tail = self.live.log(commit)
+            state = self.live.state()[0] or {}
+            running = self._running_job(state, commit) is not None
+            status, tail = self.live.log(commit) if running else ("idle", "")
             if status != "running":
                 return json_response({"error": "no result for this commit"}, 404)
             return json_response({"commit": commit, "status": "running", "live_output": tail})

@@ -15,15 +15,12 @@ import os
 import re
 import threading
 import time
-import xml.etree.ElementTree as ET
 
 import helpers
+import results
 
 log = logging.getLogger(__name__)
 
-# A header is a few short lines; reading more than this per file on a
-# refresh would make a folder of huge outputs slow to index.
-HEADER_READ = 32 * 1024
 # A refresh lists the folder at most this often (seconds).
 SCAN_INTERVAL = 0.5
 # The folder's own mtime may not move for changes in the same clock tick:
@@ -34,25 +31,12 @@ RECENT_DIR = 2.0
 FULL_SCAN = 30.0
 # Bigger output is shown as its tail; the whole file stays on disk.
 MAX_OUTPUT_READ = 32 * 1024 * 1024
-MAX_JUNIT_READ = 8 * 1024 * 1024
 MAX_TEST_NAMES = 1000
 RED = frozenset(("failed", "error", "timeout"))
 
 
 # --------------------------------------------------------------------------
 # Pure functions.
-
-def read_header(data: bytes) -> dict[str, str] | None:
-    """The header fields of a result file's first bytes, or None."""
-    head, sep, _ = data.partition(b"\n\n")
-    if not sep:
-        return None
-    try:
-        fields = helpers.decode_fields(head)
-    except helpers.ProtocolError:
-        return None
-    return fields if fields.get("verdict") else None
-
 
 def compute_marks(entries: dict[str, dict]) -> dict[str, str]:
     """``broke`` / ``fixed`` per commit, decided along each branch's
@@ -141,33 +125,22 @@ def failing_tests(output: str) -> list[dict]:
     return [{"name": name, "kind": kind} for name, kind in found.items()]
 
 
-_DTD_RE = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+# What the dashboard calls each outcome of results.parse_junit.
+_JUNIT_STATUS = {results.FAILED: "failure", results.XPASS: "failure", results.ERROR: "error",
+                 results.SKIPPED: "skipped"}
 
 
 def parse_junit(data: bytes) -> dict[str, str] | None:
-    """JUnit XML -> {test name: passed|failure|error|skipped}, or None when
-    the file is unreadable.  A document with a DTD or entity declaration
-    is refused outright (no entity expansion, no billion laughs)."""
-    if len(data) > MAX_JUNIT_READ or _DTD_RE.search(data):
-        return None
+    """JUnit XML -> {test id: passed|failure|error|skipped}, or None when
+    the document is refused.  Parsed by ``results.parse_junit``, the one
+    reader of untrusted JUnit (size cap, UTF-8 only, no DTD or entity,
+    bounded elements): a second, weaker parser here let a UTF-16 document
+    with an entity through."""
     try:
-        root = ET.fromstring(data)
-    except (ET.ParseError, ValueError):
+        records = results.parse_junit(data)
+    except results.JunitError:
         return None
-    tests: dict[str, str] = {}
-    for case in root.iter("testcase"):
-        name = case.get("name") or "?"
-        classname = case.get("classname")
-        full = helpers.one_line(f"{classname}.{name}" if classname else name, 500)
-        status = "passed"
-        for child in case:
-            if child.tag in ("failure", "error", "skipped"):
-                status = child.tag
-                break
-        tests[full] = status
-        if len(tests) >= 10 * MAX_TEST_NAMES:
-            break
-    return tests
+    return {record.id: _JUNIT_STATUS.get(record.outcome, "passed") for record in records}
 
 
 def strip_ansi(text: str) -> str:
@@ -196,7 +169,6 @@ class ResultIndex:
         self._lock = threading.Lock()
         self._entries: dict[str, dict] = {}      # commit -> header fields
         self._stamps: dict[str, tuple] = {}      # commit -> (mtime_ns, size, inode)
-        self._finished: dict[str, float] = {}    # commit -> file mtime (seconds)
         self._dir_stamp: int | None = None
         self._last_scan = float("-inf")
         self._last_full = float("-inf")
@@ -257,26 +229,25 @@ class ResultIndex:
                 fields["commit"] = name
                 self._entries[name] = fields
                 self._stamps[name] = stamp
-                self._finished[name] = st.st_mtime
                 changed = True
         for gone in set(self._entries) - seen:
-            del self._entries[gone], self._stamps[gone], self._finished[gone]
+            del self._entries[gone], self._stamps[gone]
             changed = True
         if changed:
             self.version += 1
 
     def _read_header(self, name: str) -> dict | None:
-        try:
-            with open(os.path.join(self.folder, name), "rb") as handle:
-                data = handle.read(HEADER_READ)
-        except OSError:
-            return None
-        return read_header(data)
+        fields = results.read_header(os.path.join(self.folder, name))
+        return fields if fields and fields.get("verdict") else None
+
+    def _finished(self, commit: str) -> float:
+        """A result's finish time: its file's mtime, kept in the stamp."""
+        return self._stamps[commit][0] / 1e9
 
     def _derive(self) -> None:
         if self._derived_version == self.version:
             return
-        finished = self._finished
+        finished = {c: self._finished(c) for c in self._entries}
         self._ordered = sorted(self._entries, key=lambda c: (finished[c], c), reverse=True)
         self._position = {c: i for i, c in enumerate(self._ordered)}
         self._marks = compute_marks(self._entries)
@@ -294,7 +265,7 @@ class ResultIndex:
     def _decorate(self, commit: str) -> dict:
         item = dict(self._entries[commit])
         item["mark"] = self._marks.get(commit)
-        item["finished"] = self._finished[commit]
+        item["finished"] = self._finished(commit)
         return item
 
     def query(self, branch: str | None = None, verdict: str | None = None,
@@ -310,25 +281,19 @@ class ResultIndex:
                 if position is None:
                     return [], None
                 start = position + 1
-            items: list[dict] = []
-            index = start
-            ordered = self._ordered
-            while index < len(ordered) and len(items) < limit:
-                commit = ordered[index]
+            # One match past the page says whether there is a next one.
+            matches: list[str] = []
+            for commit in self._ordered[start:]:
                 fields = self._entries[commit]
-                index += 1
                 if branch is not None and fields.get("branch") != branch:
                     continue
                 if verdict is not None and fields.get("verdict") != verdict:
                     continue
-                items.append(self._decorate(commit))
-            more = False
-            for commit in ordered[index:]:
-                fields = self._entries[commit]
-                if (branch is None or fields.get("branch") == branch) and \
-                        (verdict is None or fields.get("verdict") == verdict):
-                    more = True
+                matches.append(commit)
+                if len(matches) > limit:
                     break
+            items = [self._decorate(commit) for commit in matches[:limit]]
+            more = len(matches) > limit
             return items, (items[-1]["commit"] if more and items else None)
 
     def branches(self) -> list[dict]:
@@ -351,7 +316,7 @@ class ResultIndex:
         path = os.path.join(self.folder, commit)
         try:
             with open(path, "rb") as handle:
-                head = handle.read(HEADER_READ)
+                head = handle.read(results.HEADER_READ)
                 cut = head.find(b"\n\n")
                 if cut < 0:
                     return None
@@ -365,37 +330,48 @@ class ResultIndex:
         return strip_ansi(data.decode("utf-8", "replace")), truncated
 
     def read_junit(self, commit: str) -> dict[str, str] | None:
+        """``parse_junit`` of the commit's ``<commit>.xml``, or None."""
         if not helpers.valid_full_commit(commit):
             return None
         path = os.path.join(self.folder, commit + ".xml")
         try:
             with open(path, "rb") as handle:
-                data = handle.read(MAX_JUNIT_READ + 1)
+                # One byte over the cap, so that a larger file is refused.
+                data = handle.read(results.MAX_JUNIT_BYTES + 1)
         except OSError:
             return None
         return parse_junit(data)
 
     def test_report(self, commit: str) -> list[dict]:
         """Failing and erroring tests of a commit, each with ``new`` set when
-        the branch's previous commit had a result in which it did not fail."""
-        tests = self._failing(commit)
+        the branch's previous commit had a result in which it did not fail.
+
+        Names are compared only when both commits' lists come from the same
+        source: a JUnit id (``t.T.test_x``) never equals the output's name
+        of the same test (``test_x (t.T.test_x)``), so across sources every
+        failure would look new; then none is marked."""
+        source, tests = self._failing(commit)
         if tests is None:
             return []
         item = self.get(commit) or {}
         previous = item.get("previous")
         before = None
         if previous and helpers.valid_full_commit(previous) and self.get(previous):
-            before = {t["name"] for t in self._failing(previous) or []}
+            before_source, before_tests = self._failing(previous)
+            if before_source == source:
+                before = {t["name"] for t in before_tests or []}
         for test in tests:
             test["new"] = before is not None and test["name"] not in before
         return tests
 
-    def _failing(self, commit: str) -> list[dict] | None:
+    def _failing(self, commit: str) -> tuple[str | None, list[dict] | None]:
+        """(source, failing tests): source ``junit`` or ``output``, the
+        tests None (and source None) when neither can be read."""
         junit = self.read_junit(commit)
         if junit is not None:
-            return [{"name": name, "kind": "error" if status == "error" else "failure"}
-                    for name, status in junit.items() if status in ("failure", "error")]
+            return "junit", [{"name": name, "kind": status} for name, status in junit.items()
+                             if status in ("failure", "error")]
         output = self.read_output(commit)
         if output is None:
-            return None
-        return failing_tests(output[0])
+            return None, None
+        return "output", failing_tests(output[0])

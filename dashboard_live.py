@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 
@@ -39,10 +40,13 @@ def normalize_state(data) -> dict:
         return value if isinstance(value, str) and helpers.valid_full_commit(value) else None
 
     def number(value):
+        """A finite float or None: int() of an infinite position raises,
+        and a NaN or infinite elapsed time means nothing on a page."""
         try:
-            return float(value)
+            value = float(value)
         except (TypeError, ValueError):
             return None
+        return value if math.isfinite(value) else None
 
     def records(key):
         value = data.get(key)
@@ -57,7 +61,8 @@ def normalize_state(data) -> dict:
                 "state": text(r.get("state"), 32), "commit": commit(r.get("commit"))}
                for r in records("runners")]
     held = [{"commit": commit(r.get("commit")), "branch": text(r.get("branch")),
-             "runner": "waiting for " + text(r.get("runner")), "elapsed": None, "job": ""}
+             "runner": "waiting for " + (text(r.get("runner")) or "?"), "elapsed": None,
+             "job": ""}
             for r in records("held")]
     running = _one_per_commit(running + held)
     for job in queue:
@@ -151,6 +156,11 @@ class LiveState:
             error = f"bad reply from the dispatcher ({exc})"
         except (ValueError, UnicodeDecodeError) as exc:
             error = f"unreadable state from the dispatcher ({exc})"
+        except Exception as exc:
+            # A reply shape normalize_state did not foresee must cost the
+            # pages their live part only, never an error page.
+            log.exception("cannot read the dispatcher's state")
+            error = f"unreadable state from the dispatcher ({type(exc).__name__}: {exc})"
         if error:
             log.debug("live state unavailable: %s", error)
             error = helpers.one_line(error, 300)

@@ -14,6 +14,8 @@ import re
 import time
 import urllib.parse
 
+import wire
+
 VERDICT_CLASSES = ("passed", "failed", "error", "timeout", "running", "queued")
 SHORT = 10
 
@@ -241,8 +243,7 @@ def fields_section(item: dict, status: str) -> Safe:
                            href=branch_query(value), branch=value)
         elif key == "branch":
             shown = render('<span class="branch">{branch}</span>', branch=value)
-        elif key == "previous" and isinstance(value, str) and len(value) in (40, 64) \
-                and all(c in "0123456789abcdef" for c in value):
+        elif key == "previous" and wire.valid_full_commit(value):
             shown = commit_link(value)
         else:
             shown = escape(value)
@@ -281,8 +282,7 @@ def output_section(text: str, truncated: bool, commit: str, live: bool = False) 
 # --------------------------------------------------------------------------
 # Whole pages.
 
-def page(title: str, nonce: str, sections: dict[str, Safe], endpoint: str = "",
-         nav_active: str = "") -> bytes:
+def page(title: str, nonce: str, sections: dict[str, Safe], endpoint: str = "") -> bytes:
     body = join(render('<section id="{key}" class="sec">{content}</section>',
                        key=key, content=content) for key, content in sections.items())
     return render(LAYOUT, title=title, nonce=nonce, css=Safe(CSS), body=body,

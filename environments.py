@@ -120,10 +120,12 @@ class EnvironmentCache:
         """Make a fresh venv for ``key`` and run ``setup`` in it (in the
         clone's root); (succeeded, reason).  Output goes to ``out``."""
         path = self.path(key)
+        # The one clearing of an old build (marker first, see _remove), so
+        # EnvBuilder is not asked to clear it again.
         self._remove(path)
         started = time.monotonic()
         try:
-            venv.EnvBuilder(with_pip=False, symlinks=True, clear=True).create(path)
+            venv.EnvBuilder(with_pip=False, symlinks=True).create(path)
             has_pip = provide_pip(path, self.python)
         except OSError as exc:
             self._remove(path)
@@ -308,13 +310,13 @@ class Preparer:
             out.flush()
             ok, why = self.cache.build(key, plan.setup, repo, base_env, slot,
                                        plan.setup_timeout, out)
-            result.fields["setup"] = "built"
-            result.fields["setup_duration"] = f"{time.monotonic() - started:.3f}"
-            if not ok:
-                result.fields["setup"] = "failed"
-                return _failed(result, f"setup failed: {why}", out)
-            out.write(b"[ci] setup: done\n")
+            result.fields["setup"] = "built" if ok else "failed"
+        # Reused, built or failed: the time it took is worth showing.
         result.fields["setup_duration"] = f"{time.monotonic() - started:.3f}"
+        if result.fields["setup"] == "failed":
+            return _failed(result, f"setup failed: {why}", out)
+        if result.fields["setup"] == "built":
+            out.write(b"[ci] setup: done\n")
         result.env = self.cache.activate(key, base_env)
         result.python = self.cache.python_of(key)
         return result

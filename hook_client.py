@@ -52,13 +52,6 @@ def connect(address: tuple[str, int], timeout: float):
     raise error or OSError(f"no address for {address[0]}")
 
 
-def read_secret(path: str | None) -> tuple[bytes | None, str | None]:
-    """The secret or issued key, read by ``wire`` rather than ``helpers``:
-    importing that pulls in ssl, logging and the server code, about 0.1 s
-    on every push of a deployment with a secret."""
-    return wire.read_credentials(path)
-
-
 # The flags a hook uses, read without argparse (which alone costs more
 # than the rest of the hook); any other flag goes to the full client.
 FAST_FLAGS = {"--observer": str, "--timeout": float, "--secret-file": str,
@@ -93,7 +86,9 @@ def main(argv=None) -> int:
     timeout = flags.get("--timeout", wire.DEFAULT_CONNECT_TIMEOUT)
     try:
         address = wire.parse_address(observer)
-        secret, key_id = read_secret(flags.get("--secret-file"))
+        # Read by ``wire``, not ``helpers``: importing that pulls in ssl,
+        # logging and the server code, about 0.1 s on every push.
+        secret, key_id = wire.read_credentials(flags.get("--secret-file"))
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

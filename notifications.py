@@ -48,6 +48,7 @@ from typing import Callable, Iterable
 
 import helpers
 import procgroup
+import results as result_files  # (the module; "results" names lists here)
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,6 @@ DEFAULT_RETRY_FOR = 4 * 3600.0
 DEFAULT_RETRY_MAX = 300.0
 # The journal is rewritten once it holds this many more records than needed.
 COMPACT_SLACK = 1000
-# Enough of a result file to hold its header.
-HEAD_BYTES = 16 * 1024
 # The result header passed on stdin and stored with each event.
 MAX_HEADER = 8 * 1024
 # Command output kept for the log.
@@ -378,13 +377,8 @@ def read_result(results_dir: str, commit: str) -> Result | None:
     unreadable."""
     if not helpers.valid_full_commit(commit):
         return None
-    try:
-        with open(os.path.join(results_dir, commit), "rb") as handle:
-            data = handle.read(HEAD_BYTES)
-        fields = helpers.decode_fields(data.partition(b"\n\n")[0])
-    except (OSError, helpers.ProtocolError):
-        return None
-    return result_from_fields(commit, fields)
+    fields = result_files.read_header(os.path.join(results_dir, commit))
+    return None if fields is None else result_from_fields(commit, fields)
 
 
 def result_from_fields(commit: str, fields: dict) -> Result | None:
@@ -565,7 +559,6 @@ class CommandTarget:
             output, _ = proc.communicate(event["header"].encode("utf-8"), timeout=self.timeout)
         except subprocess.TimeoutExpired:
             self._kill(proc)
-            output = b""
             raise DeliveryError(f"timed out after {self.timeout:g}s") from None
         finally:
             with self._lock:
@@ -650,7 +643,6 @@ class TargetWorker:
         self.stop_event = stop_event
         self.cond = threading.Condition()
         self.queue: collections.deque[dict] = collections.deque()  # guarded by cond
-        self.delivered = 0
         self.thread = threading.Thread(target=self._run, name=f"notify-{target.key[:20]}",
                                        daemon=True)
 
@@ -691,6 +683,9 @@ class TargetWorker:
                               event["branch"], event["commit"][:12], self.target.label,
                               tries, age, exc)
                     self._done(event, "gave_up")
+                    # The next event starts from the first short delay, not
+                    # from where this one's retries left off.
+                    self.backoff.reset()
                     tries = 0
                     continue
                 delay = self.backoff.next()
@@ -701,7 +696,6 @@ class TargetWorker:
             log.info("notification %s (%s %s of %s) delivered to %s", event["id"][:12],
                      event["event"], event["branch"], event["commit"][:12], self.target.label)
             self._done(event, "ok")
-            self.delivered += 1
             self.backoff.reset()
             tries = 0
 

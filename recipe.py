@@ -19,6 +19,8 @@ import math
 import re
 import shlex
 
+import wire
+
 RECIPE_FILE = ".ci.ini"
 SECTION = "ci"
 KEYS = ("setup", "test", "timeout", "setup_timeout", "env_files")
@@ -107,19 +109,19 @@ def parse(text: str) -> dict[str, str]:
         raise RecipeError(f"{RECIPE_FILE} line {exc.lineno}: key {exc.option!r} "
                           "appears twice") from None
     except configparser.Error as exc:
-        raise RecipeError(f"{RECIPE_FILE}: {_flat(str(exc))}") from None
+        raise RecipeError(f"{RECIPE_FILE}: {wire.one_line(str(exc), 80)}") from None
     sections = parser.sections()
     extra = [s for s in sections if s != SECTION]
     if extra:
         raise RecipeError(f"{RECIPE_FILE} line {_line_of_section(text, extra[0])}: unknown "
-                          f"section [{_flat(extra[0])}] (only [{SECTION}] is read)")
+                          f"section [{wire.one_line(extra[0], 80)}] (only [{SECTION}] is read)")
     if SECTION not in sections:
         raise RecipeError(f"{RECIPE_FILE} has no [{SECTION}] section")
     values = dict(parser.items(SECTION))
     for key in values:
         if key not in KEYS:
             raise RecipeError(f"{RECIPE_FILE} line {_line_of_key(text, key)}: unknown key "
-                              f"{_flat(key)!r} (known: {', '.join(KEYS)})")
+                              f"{wire.one_line(key, 80)!r} (known: {', '.join(KEYS)})")
     return values
 
 
@@ -194,10 +196,5 @@ def _line_of_section(text: str, section: str) -> int | str:
     return "?"
 
 
-def _flat(text: str, limit: int = 80) -> str:
-    """Untrusted text in a reason: one printable line, short."""
-    return "".join(ch if ch.isprintable() else " " for ch in text)[:limit]
-
-
 def _quote(text: str) -> str:
-    return repr(_flat(text.strip()))
+    return repr(wire.one_line(text.strip(), 80))

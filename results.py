@@ -47,6 +47,24 @@ def parse_result(data: bytes) -> tuple[dict[str, str], bytes]:
     return helpers.decode_fields(head), output
 
 
+# A header is a few short lines: this much of a file's start holds it.
+HEADER_READ = 64 * 1024
+
+
+def read_header(path: str, limit: int = HEADER_READ) -> dict[str, str] | None:
+    """The header fields of the result file at ``path``, reading only its
+    first ``limit`` bytes (the output may be huge); None when the file is
+    missing or unreadable, or has no complete header there yet.  The one
+    reader of headers for the dashboard, the notifier and run_local."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit)
+        head, sep, _ = data.partition(b"\n\n")
+        return helpers.decode_fields(head) if sep else None
+    except (OSError, helpers.ProtocolError):
+        return None
+
+
 # --------------------------------------------------------------------------
 # The body of a ``results`` message: the result file's header plus, when
 # per-test records exist, ``junit_bytes: N``; then the blank line, then N

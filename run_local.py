@@ -22,7 +22,7 @@ import threading
 import time
 
 import helpers
-from results import parse_result
+from results import read_header
 
 log = logging.getLogger("run_local")
 
@@ -125,9 +125,7 @@ def wait_for_result(results: str, commit: str, stop: threading.Event) -> dict | 
     while not os.path.exists(path):
         if stop.wait(0.1) or time.monotonic() > deadline:
             return None
-    with open(path, "rb") as handle:
-        fields, _ = parse_result(handle.read())
-    return fields
+    return read_header(path)
 
 
 def show_verdict(results: str, commit: str, what: str, expected: str,
@@ -176,10 +174,8 @@ class VerdictFeed:
         for commit, stamp in self._stamps().items():
             if self.seen.get(commit) == stamp:
                 continue
-            try:
-                with open(os.path.join(self.results, commit), "rb") as handle:
-                    fields, _ = parse_result(handle.read(64 * 1024))
-            except (OSError, helpers.ProtocolError):
+            fields = read_header(os.path.join(self.results, commit))
+            if fields is None:
                 continue  # not complete yet: next time
             self.seen[commit] = stamp
             found.append((commit, fields))

@@ -22,6 +22,8 @@ from dashboard_support import (  # noqa: F401 - dashboards and results are fixtu
 import dashboard_live
 import dashboard_index as di
 import dashboard_pages as pages
+import results as result_files
+from helpers import Message
 
 A, B, C, D = (commit_id(n) for n in range(4))
 
@@ -95,6 +97,38 @@ def test_junit_parsing_refuses_doctype_and_entities():
     assert di.parse_junit(b"<testsuite><testcase") is None
 
 
+def test_junit_in_utf16_with_an_entity_is_refused(tmp_path):
+    """The dashboard reads JUnit with results.parse_junit: a UTF-16
+    document slips past any byte-level search for "<!DOCTYPE"."""
+    xml = ('<?xml version="1.0" encoding="UTF-16"?>'
+           '<!DOCTYPE x [<!ENTITY e "expanded">]><testsuite>'
+           '<testcase classname="t.T" name="&e;"><failure/></testcase></testsuite>')
+    assert di.parse_junit(xml.encode("utf-16")) is None
+    write_result(tmp_path, A, "failed", b"no test names here\n")
+    (tmp_path / (A + ".xml")).write_bytes(xml.encode("utf-16"))
+    index = di.ResultIndex(str(tmp_path))
+    assert index.read_junit(A) is None and index.test_report(A) == []
+
+
+def test_junit_outcomes_named_by_record_id():
+    xml = (b'<testsuite><testcase classname="t.T" name="a" outcome="xpass">'
+           b'<failure type="unexpected success"/></testcase>'
+           b'<testcase classname="t.T" name="b"><skipped/></testcase>'
+           b'<testcase name="c"/></testsuite>')
+    assert di.parse_junit(xml) == {"t.T.a": "failure", "t.T.b": "skipped", "c": "passed"}
+
+
+def test_read_header_of_a_result_file(tmp_path):
+    path = write_result(tmp_path, A, "passed", b"x" * 100_000)
+    assert result_files.read_header(path)["verdict"] == "passed"
+    assert result_files.read_header(str(tmp_path / "missing")) is None
+    (tmp_path / "partial").write_bytes(b"verdict: passed\n")   # no blank line yet
+    assert result_files.read_header(str(tmp_path / "partial")) is None
+    (tmp_path / "bad").write_bytes(b"not a field\n\nout")
+    assert result_files.read_header(str(tmp_path / "bad")) is None
+    assert result_files.read_header(path, limit=16) is None     # header cut by the limit
+
+
 def test_strip_ansi():
     assert di.strip_ansi("\x1b[31mred\x1b[0m \x1b]0;title\x07ok\x07\x00") == "red ok"
     assert di.strip_ansi("tab\tand\nnewline") == "tab\tand\nnewline"
@@ -121,6 +155,28 @@ def test_normalize_state_keeps_only_expected_shapes():
     assert state["runners"][0]["commit"] == B and "extra" not in state
     with pytest.raises(ValueError):
         dashboard_live.normalize_state([])
+
+
+def test_normalize_state_held_without_runner_and_infinite_numbers():
+    """json.loads takes Infinity and NaN; a held commit may name no runner."""
+    state = dashboard_live.normalize_state(json.loads(
+        '{"queue": [{"commit": "%s", "position": Infinity}, {"commit": "%s", "position": NaN}],'
+        ' "running": [{"commit": "%s", "elapsed": -Infinity}], "held": [{"commit": "%s"}]}'
+        % (A, B, C, D)))
+    assert [j["position"] for j in state["queue"]] == [None, None]
+    rows = {r["commit"]: r for r in state["running"]}
+    assert rows[C]["elapsed"] is None and rows[D]["runner"] == "waiting for ?"
+
+
+def test_any_failure_reading_the_state_is_an_unavailable_state(monkeypatch):
+    live = dashboard_live.LiveState(("127.0.0.1", 1), None)
+    monkeypatch.setattr(live, "_call", lambda command, argument="": Message("ok", "", b"{}"))
+
+    def unforeseen(data):
+        raise KeyError("shape")
+    monkeypatch.setattr(dashboard_live, "normalize_state", unforeseen)
+    state, error = live.state()
+    assert state is None and "unreadable state" in error and "KeyError" in error
 
 
 # --------------------------------------------------------------------------
@@ -184,6 +240,26 @@ def test_index_new_failure_against_previous(tmp_path):
     (tmp_path / (B + ".xml")).write_bytes(
         b'<testsuite><testcase classname="t.T" name="x"><failure/></testcase></testsuite>')
     assert index.test_report(B) == [{"name": "t.T.x", "kind": "failure", "new": True}]
+
+
+def test_index_new_failure_needs_both_lists_from_one_source(tmp_path):
+    """A JUnit id never equals the output's name of the same test: when
+    only one of the two commits has JUnit, no failure is called new."""
+    output = b"FAIL: test_x (t.T.test_x)\n"
+    junit = (b'<testsuite><testcase classname="t.T" name="test_x"><failure/></testcase>'
+             b'</testsuite>')
+    write_result(tmp_path, A, "failed", output)
+    write_result(tmp_path, B, "failed", output, previous=A)
+    (tmp_path / (B + ".xml")).write_bytes(junit)
+    index = di.ResultIndex(str(tmp_path))
+    assert index.test_report(B) == [{"name": "t.T.test_x", "kind": "failure", "new": False}]
+    os.unlink(tmp_path / (B + ".xml"))
+    (tmp_path / (A + ".xml")).write_bytes(junit)
+    assert index.test_report(B) == [
+        {"name": "test_x (t.T.test_x)", "kind": "failure", "new": False}]
+    (tmp_path / (A + ".xml")).write_bytes(junit.replace(b"<failure/>", b""))
+    (tmp_path / (B + ".xml")).write_bytes(junit)   # both JUnit: compared again
+    assert index.test_report(B) == [{"name": "t.T.test_x", "kind": "failure", "new": True}]
 
 
 # --------------------------------------------------------------------------
@@ -315,6 +391,10 @@ def test_live_state_from_stand_in_dispatcher(results, dashboards, stand_in):
     assert dash.json(f"/api/commits/{D}")["live_output"].startswith("test_one ... ok")
     queued = dash.get(f"/commit/{C}")
     assert queued[0] == 200 and b"queued, position 1" in queued[2]
+    # Only a commit the state shows running has its output asked for.
+    assert dash.get(f"/commit/{A}")[0] == 404
+    assert dash.json(f"/api/page/commit/{C}")["status"] == "queued"
+    assert stand_in.count("log:" + C) == 0 and stand_in.count("log:" + A) == 0
     # The running commit finishes: its page's twin turns final with the result.
     write_result(results, D, "passed", b"all good\n")
     wait_until(lambda: dash.json(f"/api/page/commit/{D}")["final"], 3, what="final page")

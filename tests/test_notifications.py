@@ -604,3 +604,37 @@ def test_an_event_for_a_removed_target_is_dropped_at_start(tmp_path):
                what="the stale event dropped")
     notifier.stop()
     assert recorded(out) == []
+
+
+def test_giving_up_resets_the_backoff():
+    """The next event's first retry starts short again, not at the delay
+    the given-up event's retries had grown to."""
+    class Refusing:
+        key = label = "refusing"
+
+        def deliver(self, event):
+            raise notifications.DeliveryError("down")
+
+    class Marks:
+        def __init__(self):
+            self.outcomes = []
+
+        def mark(self, event_id, target, outcome):
+            self.outcomes.append(outcome)
+
+    store, stop = Marks(), threading.Event()
+    worker = notifications.TargetWorker(Refusing(), store, retry_for=0.5, retry_max=10.0,
+                                        stop_event=stop)
+    worker.backoff = helpers.Backoff(first=0.01, cap=10.0)
+    (decision,) = Decider(notifications.NOTIFY_ON["all"]).add(chain(["failed"]))
+    event = notifications.build_event(decision, "/r", None, ["refusing"])
+    event["created"] = time.time() - 0.3   # a few quick retries, then given up
+    worker.thread.start()
+    try:
+        worker.submit(event)
+        wait_until(lambda: store.outcomes == ["gave_up"] and worker.backoff.current == 0.01,
+                   10, what="the event given up and the backoff reset")
+    finally:
+        stop.set()
+        worker.wake()
+        worker.thread.join(5)
