@@ -12,7 +12,6 @@ cost more than the whole notify).
 from __future__ import annotations
 
 import _socket
-import os
 import sys
 
 import wire

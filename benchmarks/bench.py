@@ -649,9 +649,16 @@ def main(argv=None) -> int:
     print(f"CI benchmarks on {CORES} core(s), Python {sys.version.split()[0]}"
           f"{' (quick)' if args.quick else ''}; daemons from {bench.code}; "
           f"work folder {bench.tmp}", flush=True)
+    return run_scenarios(bench, args.only or ["latency", "throughput", "scale"], args)
+
+
+def run_scenarios(bench, names: list[str], args, trailer: str = "") -> int:
+    """Run the named scenarios of ``bench`` (a Bench or a subclass), each
+    ending its daemons, then print the table; the exit status: 1 when a
+    commit never got a result, 3 for a missed target with --strict."""
     started = time.monotonic()
     try:
-        for name in args.only or ["latency", "throughput", "scale"]:
+        for name in names:
             try:
                 getattr(bench, name)()
             except Exception as exc:  # report it and go on with the next scenario
@@ -664,17 +671,18 @@ def main(argv=None) -> int:
         return 130
     finally:
         bench.procs.stop_all()
-        if not args.keep:
+        if args.keep:
+            print(f"kept {bench.tmp}", flush=True)
+        else:
             shutil.rmtree(bench.tmp, ignore_errors=True)
     bench.report()
-    print(f"\ntotal {time.monotonic() - started:.0f}s", flush=True)
+    print(f"\n{trailer}total {time.monotonic() - started:.0f}s", flush=True)
     if bench.lost:
         print(f"FAIL: {len(bench.lost)} commit(s) never got a result", flush=True)
         return 1
     if args.strict and any(ok is False for *_, ok in bench.rows):
         return 3
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

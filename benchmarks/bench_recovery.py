@@ -37,7 +37,6 @@ import os
 import random
 import re
 import secrets
-import shutil
 import signal
 import statistics
 import subprocess
@@ -52,7 +51,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import helpers  # noqa: E402
-from bench import (CORES, PY, Processes, Upstream, wait_for,  # noqa: E402
+from bench import (CORES, PY, Processes, Upstream, run_scenarios, wait_for,  # noqa: E402
                    wait_for_port)
 from results import parse_result  # noqa: E402
 
@@ -742,33 +741,8 @@ def main(argv=None) -> int:
     print(f"CI recovery benchmarks on {CORES} core(s), Python {sys.version.split()[0]}"
           f"{' (quick)' if args.quick else ''}; seed {args.seed} (replay: --seed "
           f"{args.seed}); work folder {bench.tmp}", flush=True)
-    started = time.monotonic()
-    try:
-        for name in args.only or ["recovery", "duplicates", "chaos"]:
-            try:
-                getattr(bench, name)()
-            except Exception as exc:  # report it and go on with the next part
-                print(f"  {name} failed: {exc!r}", flush=True)
-                bench.row(f"{name}: completed", "yes", f"no ({type(exc).__name__})", False)
-            bench.procs.stop_all()
-    except KeyboardInterrupt:
-        print("interrupted", flush=True)
-        return 130
-    finally:
-        bench.procs.stop_all()
-        if args.keep:
-            print(f"kept {bench.tmp}", flush=True)
-        else:
-            shutil.rmtree(bench.tmp, ignore_errors=True)
-    bench.report()
-    print(f"\nseed {args.seed}; total {time.monotonic() - started:.0f}s", flush=True)
-    if bench.lost:
-        print(f"FAIL: {len(bench.lost)} commit(s) never got a result", flush=True)
-        return 1
-    if args.strict and any(ok is False for *_, ok in bench.rows):
-        return 3
-    return 0
-
+    return run_scenarios(bench, args.only or ["recovery", "duplicates", "chaos"], args,
+                         trailer=f"seed {args.seed}; ")
 
 if __name__ == "__main__":
     sys.exit(main())
