@@ -541,13 +541,9 @@ def load_token(path: str | None) -> bytes | None:
     if not path:
         return None
     try:
-        with open(path, "rb") as handle:
-            token = handle.read().strip()
-    except OSError as exc:
-        raise helpers.ConfigError(f"cannot read token file {path}: {exc.strerror}") from None
-    if len(token) < 16:
-        raise helpers.ConfigError(f"token file {path} must hold at least 16 characters")
-    return token
+        return helpers.read_secret_file(path, "token file", shortest=16)
+    except ValueError as exc:
+        raise helpers.ConfigError(str(exc)) from None
 
 
 def make_server(args) -> DashboardServer:

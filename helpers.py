@@ -32,7 +32,7 @@ from wire import (  # noqa: F401 - the protocol, re-exported for the daemons
     MAX_HEADER_BYTES, TOKEN_RE, FrameHeader, Message, NoRequest, PeerClosed, ProtocolError,
     ReadTimeout, ascii_line, decode_fields, decode_header, decode_message, encode_fields,
     encode_frame, encode_message, format_address, one_line, parse_address, read_credentials,
-    read_frame, request, valid_commit, valid_full_commit, verify_frame)
+    read_frame, read_secret_file, request, valid_commit, valid_full_commit, verify_frame)
 
 log = logging.getLogger(__name__)
 

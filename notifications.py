@@ -960,14 +960,10 @@ def from_args(args: argparse.Namespace, state_dir: str, results_dir: str) -> Not
         if not webhooks:
             raise helpers.ConfigError("--webhook-secret-file needs at least one --webhook")
         try:
-            with open(args.webhook_secret_file, "rb") as handle:
-                secret = handle.read().strip()
-        except OSError as exc:
-            raise helpers.ConfigError(f"cannot read --webhook-secret-file "
-                                      f"{args.webhook_secret_file}: {exc.strerror}") from None
-        if not secret:
-            raise helpers.ConfigError(
-                f"--webhook-secret-file {args.webhook_secret_file} is empty")
+            secret = helpers.read_secret_file(args.webhook_secret_file,
+                                              "--webhook-secret-file")
+        except ValueError as exc:
+            raise helpers.ConfigError(str(exc)) from None
     targets: list = []
     if args.notify_command is not None:
         try:

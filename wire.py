@@ -437,18 +437,27 @@ def request(sock, command: str, argument: str = "", body: bytes = b"", *,
 # --------------------------------------------------------------------------
 # Credentials: what ``--secret-file`` or ``CI_SECRET`` holds.
 
+def read_secret_file(path: str, what: str = "secret file", shortest: int = 1) -> bytes:
+    """A secret or token file's content, surrounding white space stripped;
+    ValueError naming ``what`` if it cannot be read or is too short."""
+    try:
+        with open(path, "rb") as handle:
+            secret = handle.read().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if not secret:
+        raise ValueError(f"{what} {path} is empty")
+    if len(secret) < shortest:
+        raise ValueError(f"{what} {path} must hold at least {shortest} characters")
+    return secret
+
+
 def read_credentials(path: str | None) -> tuple[bytes | None, str | None]:
     """(secret, key id): an issued key file (``ci-key-v1 role:name hex``,
     see auth.py) or a plain shared secret; (None, None) without either.
     ValueError with the reason for an unreadable or malformed one."""
     if path:
-        try:
-            with open(path, "rb") as handle:
-                secret = handle.read().strip()
-        except OSError as exc:
-            raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
-        if not secret:
-            raise ValueError(f"secret file {path} is empty")
+        secret = read_secret_file(path)
     else:
         secret = os.environ.get("CI_SECRET", "").strip().encode()
         if not secret:
