@@ -216,23 +216,28 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> Non
     wait_for(listening, timeout, 0.02, f"port {port}")
 
 
-class Bench:
+class Scenarios:
+    """What the benchmarks of this folder share: a temporary work folder
+    with the daemons' processes and a secret, the table of figures, and
+    waiting for a result file.  ``sizes`` maps a count's name to its
+    (full, quick) values."""
+
+    sizes: dict = {}
+    prefix = "ci-bench-"
+
     def __init__(self, args):
         self.args = args
         self.quick = args.quick
-        # The daemons under test: this checkout, or another tree with --code.
-        self.code = os.path.abspath(args.code or ROOT)
-        self.tmp = tempfile.mkdtemp(prefix="ci-bench-")
+        self.tmp = tempfile.mkdtemp(prefix=self.prefix)
         secret = secrets.token_hex(16)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", CI_SECRET=secret)
-        self.env = env
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", CI_SECRET=secret)
         self.security = helpers.Security(secret=secret.encode())
-        self.procs = Processes(self.tmp, env)
+        self.procs = Processes(self.tmp, self.env)
         self.rows: list[tuple[str, str, str, bool | None]] = []
         self.lost: list[str] = []
 
     def size(self, name: str) -> int:
-        return SIZES[name][1 if self.quick else 0]
+        return self.sizes[name][1 if self.quick else 0]
 
     def row(self, figure: str, target: str, measured: str, ok: bool | None) -> None:
         self.rows.append((figure, target, measured, ok))
@@ -242,6 +247,34 @@ class Bench:
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.tmp, *parts)
+
+    def wait_result(self, results: str, commit: str, timeout: float) -> float | None:
+        """Monotonic time at which the result file appeared, None if never."""
+        path = os.path.join(results, commit)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.path.exists(path):
+                return time.monotonic()
+            time.sleep(0.002)
+        self.lost.append(commit)
+        print(f"  LOST: no result for {commit} within {timeout:.0f}s", flush=True)
+        return None
+
+    def report(self) -> None:
+        print(f"\n| figure ({CORES} cores) | target | measured |")
+        print("| --- | --- | --- |")
+        for figure, target, measured, ok in self.rows:
+            verdict = "" if ok is None else (" (PASS)" if ok else " (FAIL)")
+            print(f"| {figure} | {target} | {measured}{verdict} |")
+
+
+class Bench(Scenarios):
+    sizes = SIZES
+
+    def __init__(self, args):
+        super().__init__(args)
+        # The daemons under test: this checkout, or another tree with --code.
+        self.code = os.path.abspath(args.code or ROOT)
 
     # ---- daemons ---------------------------------------------------------
     def start_dispatcher(self, name: str, *extra: str) -> tuple[subprocess.Popen, str, str]:
@@ -316,18 +349,6 @@ class Bench:
                            stdin=subprocess.DEVNULL, check=True)
             times.append(time.perf_counter() - started)
         return statistics.median(times)
-
-    def wait_result(self, results: str, commit: str, timeout: float) -> float | None:
-        """Monotonic time at which the result file appeared, None if never."""
-        path = os.path.join(results, commit)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if os.path.exists(path):
-                return time.monotonic()
-            time.sleep(0.002)
-        self.lost.append(commit)
-        print(f"  LOST: no result for {commit} within {timeout:.0f}s", flush=True)
-        return None
 
     # ---- 1. latency --------------------------------------------------------
     def latency(self) -> None:
@@ -602,14 +623,6 @@ class Bench:
         command("quit", "stats")
 
     # ---- driver --------------------------------------------------------------
-    def report(self) -> None:
-        print(f"\n| figure ({CORES} cores) | target | measured |")
-        print("| --- | --- | --- |")
-        for figure, target, measured, ok in self.rows:
-            verdict = "" if ok is None else (" (PASS)" if ok else " (FAIL)")
-            print(f"| {figure} | {target} | {measured}{verdict} |")
-
-
 def cpu_seconds(pid: int, children: bool = False) -> float:
     """User plus system time of a process so far (or of its reaped
     children: the runners' checkouts and test commands)."""

@@ -36,12 +36,10 @@ import json
 import os
 import random
 import re
-import secrets
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -51,7 +49,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import helpers  # noqa: E402
-from bench import (CORES, PY, Processes, Upstream, run_scenarios, wait_for,  # noqa: E402
+from bench import (CORES, PY, Scenarios, Upstream, run_scenarios, wait_for,  # noqa: E402
                    wait_for_port)
 from results import parse_result  # noqa: E402
 
@@ -185,30 +183,13 @@ def read_verdict(path: str) -> str | None:
 
 # --------------------------------------------------------------------------
 
-class RecoveryBench:
+class RecoveryBench(Scenarios):
+    sizes = SIZES
+    prefix = "ci-recovery-"
+
     def __init__(self, args):
-        self.args = args
-        self.quick = args.quick
+        super().__init__(args)
         self.rng = random.Random(args.seed)
-        self.tmp = tempfile.mkdtemp(prefix="ci-recovery-")
-        secret = secrets.token_hex(16)
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", CI_SECRET=secret)
-        self.security = helpers.Security(secret=secret.encode())
-        self.procs = Processes(self.tmp, self.env)
-        self.rows: list[tuple[str, str, str, bool | None]] = []
-        self.lost: list[str] = []
-
-    def size(self, name: str) -> int:
-        return SIZES[name][1 if self.quick else 0]
-
-    def path(self, *parts: str) -> str:
-        return os.path.join(self.tmp, *parts)
-
-    def row(self, figure: str, target: str, measured: str, ok: bool | None) -> None:
-        self.rows.append((figure, target, measured, ok))
-        verdict = "" if ok is None else ("PASS" if ok else "FAIL")
-        print(f"  {figure:<52} {measured:<30} target {target:<8} {verdict}  "
-              f"[cores={CORES}]", flush=True)
 
     # ---- daemons, default flags but addresses and folders ------------------
     def start_dispatcher(self, name: str, port: int) -> subprocess.Popen:
@@ -257,17 +238,6 @@ class RecoveryBench:
         except (OSError, helpers.ProtocolError, ValueError):
             return None
         return next((j["runner"] for j in data["running"] if j["commit"] == commit), None)
-
-    def wait_result(self, results: str, commit: str, timeout: float) -> float | None:
-        path = os.path.join(results, commit)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if os.path.exists(path):
-                return time.monotonic()
-            time.sleep(0.005)
-        self.lost.append(commit)
-        print(f"  LOST: no result for {commit} within {timeout:.0f}s", flush=True)
-        return None
 
     # ---- 1. recovery after a runner SIGKILL ------------------------------
     def recovery(self) -> None:
@@ -421,14 +391,6 @@ class RecoveryBench:
     # ---- 3. chaos soak -------------------------------------------------------
     def chaos(self) -> None:
         Chaos(self).run()
-
-    def report(self) -> None:
-        print(f"\n| figure ({CORES} cores) | target | measured |")
-        print("| --- | --- | --- |")
-        for figure, target, measured, ok in self.rows:
-            verdict = "" if ok is None else (" (PASS)" if ok else " (FAIL)")
-            print(f"| {figure} | {target} | {measured}{verdict} |")
-
 
 class Chaos:
     """The soak: its own schedule, processes and tallies."""
