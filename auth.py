@@ -41,6 +41,7 @@ DISPATCHER_PERMISSIONS = {
     "release": {"runner"},
     "progress": {"runner"},
     "dispatch": {"observer", "operator"},
+    "prefetch": {"observer", "operator"},
     "retest": {"observer", "operator"},
     "status": {"observer", "operator", "viewer"},
     "state": {"observer", "operator", "viewer"},

@@ -829,6 +829,13 @@ class DispatcherState:
         return True
 
     # ---- health ---------------------------------------------------------
+    def prefetch_targets(self, count: int) -> list[tuple[tuple[str, int], str | None]]:
+        """(address, key name) of the first ``count`` idle runners, in the
+        order next_assignment picks them."""
+        with self.cond:
+            idle = [r for r in self.runners.values() if r.free]
+            return [(r.address, r.name) for r in idle[:max(count, 0)]]
+
     def runner_snapshot(self) -> list[Runner]:
         with self.cond:
             return [dataclasses.replace(r) for r in self.runners.values()]

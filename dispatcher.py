@@ -59,6 +59,9 @@ MAX_COMMITS_PER_DISPATCH = 1000
 # After a restart, commits that were running wait this long for their
 # runner to re-register and keep them (one heartbeat, plus its backoff).
 DEFAULT_RESTART_GRACE = 10.0
+# On a hook's push notice, this many idle runners (the next in line) fetch
+# at once, beside the observer's own fetch.
+DEFAULT_PREFETCH_RUNNERS = 2
 
 
 # --------------------------------------------------------------------------
@@ -143,8 +146,10 @@ def parse_results_message(message: Message) -> tuple[str, str, dict, bytes]:
 class Dispatcher:
     def __init__(self, state: DispatcherState, security: helpers.Security,
                  ping_interval: float, ping_misses: int, ping_timeout: float,
-                 job_timeout: float, workers: int):
+                 job_timeout: float, workers: int,
+                 prefetch_runners: int = DEFAULT_PREFETCH_RUNNERS):
         self.state = state
+        self.prefetch_runners = prefetch_runners
         self.security = security
         self.ping_interval = ping_interval
         self.ping_misses = ping_misses
@@ -161,7 +166,7 @@ class Dispatcher:
                          "log": self.do_log, "register": self.do_register,
                          "dispatch": self.do_dispatch, "retest": self.do_retest,
                          "results": self.do_results, "release": self.do_release,
-                         "progress": self.do_progress}
+                         "progress": self.do_progress, "prefetch": self.do_prefetch}
 
     # ---- handlers (run on request threads: short, no network I/O) --------
     def do_status(self, message: Message, peer: str) -> Message:
@@ -198,6 +203,18 @@ class Dispatcher:
         new = self.state.enqueue(commits, parse_dispatch_body(message.body, commits))
         log.info("dispatch from %s: %d commit(s), %d new", peer, len(commits), len(new))
         return Message("ok", f"queued {len(new)}")
+
+    def do_prefetch(self, message: Message, peer: str) -> Message:
+        """A push was just announced: the idle runners next in line fetch
+        now, so the commit is in their clone by the time it is assigned
+        (the observer is still fetching it to find out its id)."""
+        targets = self.state.prefetch_targets(self.prefetch_runners)
+        for address, name in targets:
+            try:
+                self.pool.submit(self._send_fetch, address, name)
+            except RuntimeError:  # pool shut down while stopping
+                break
+        return Message("ok", f"fetching on {len(targets)}")
 
     def do_retest(self, message: Message, peer: str) -> Message:
         commits = commit_list(message, "retest")
@@ -297,6 +314,16 @@ class Dispatcher:
             log.info("runner %s answered %s %s; requeueing %s", job.runner,
                      reply.command, reply.argument, job.commit[:12])
             self.state.assignment_failed(job, "busy" if reply.command == "busy" else "error")
+
+    def _send_fetch(self, address: tuple[str, int], name: str | None) -> None:
+        try:
+            reply = helpers.call(address, "fetch", security=self._security_for(name),
+                                 timeout=self.ping_timeout, reply_timeout=self.ping_timeout)
+            log.debug("fetch on %s: %s %s", helpers.format_address(address), reply.command,
+                      reply.argument)
+        except (OSError, helpers.ProtocolError) as exc:
+            # Only a hint; the health sweep deals with a runner that is gone.
+            log.debug("fetch on %s not sent: %s", helpers.format_address(address), exc)
 
     def _health_loop(self) -> None:
         while not self.stop_event.wait(self.ping_interval):
@@ -414,6 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="split only as far as each shard gets this much test time by the "
                              "last known durations, and no more shards than known test "
                              "classes (default: %(default)s; 0: no such limit)")
+    parser.add_argument("--prefetch-runners", type=int, default=DEFAULT_PREFETCH_RUNNERS,
+                        metavar="N",
+                        help="when a git hook announces a push, tell up to N idle runners "
+                             "(the next in line for work) to fetch at once, so the new "
+                             "commit's checkout need not wait for a fetch (default: "
+                             "%(default)s; 0: off)")
     notifications.add_arguments(parser)
     helpers.add_common_arguments(parser)
     return parser
@@ -520,6 +553,8 @@ def main(argv=None) -> int:
             raise helpers.ConfigError("--max-shards must be at most 100")
         if not 0 <= args.min_shard_seconds < 1e6:
             raise helpers.ConfigError("--min-shard-seconds must be 0 or more")
+        if not 0 <= args.prefetch_runners <= 1000:
+            raise helpers.ConfigError("--prefetch-runners must be 0-1000")
         security = helpers.security_from_args(args)
         helpers.check_bind_allowed(args.host, security, args.insecure)
         results_dir = helpers.ensure_dir(os.path.abspath(args.results_dir), "results folder")
@@ -544,7 +579,8 @@ def main(argv=None) -> int:
         if notifier:
             state.listeners.append(notifier.result_written)
         dispatcher = Dispatcher(state, security, args.ping_interval, args.ping_misses,
-                                args.ping_timeout, args.job_timeout, args.workers)
+                                args.ping_timeout, args.job_timeout, args.workers,
+                                args.prefetch_runners)
         try:
             server = helpers.MessageServer((args.host, args.port), dispatcher.commands,
                                            security, args.max_connections,

@@ -50,6 +50,8 @@ DEFAULT_PORT = 8887
 BATCH = 200
 # Update of the clone may hang on a dead network: bound it.
 FETCH_TIMEOUT = 300
+# The prefetch hint waits no longer than this (it runs beside our own fetch).
+PREFETCH_TIMEOUT = 0.5
 # Pushing an old branch must not flood the queue with its whole history.
 DEFAULT_NEW_BRANCH_LIMIT = 20
 # Dispatched commits remembered, to tell whether a new branch's fork point
@@ -69,6 +71,17 @@ def new_commits(repo: str, head: str, last: str | None) -> tuple[list[str], bool
         return [head], False
     if last == head:
         return [], False
+    # The usual push: ``last`` is on head's first-parent line, which the
+    # oldest new commit's first parent shows, so one git process is enough
+    # (every process on this path adds to the commit-to-result time).
+    try:
+        out = helpers.run_git(repo, "rev-list", "--first-parent", "--reverse", "--parents",
+                              head, f"^{last}")
+    except GitError:
+        out = ""  # ``last`` is gone: the check below says how
+    lines = [line.split() for line in out.splitlines() if line.strip()]
+    if lines and lines[0][1:2] == [last]:
+        return [line[0] for line in lines], False
     try:
         helpers.run_git(repo, "merge-base", "--is-ancestor", last, head)
     except GitError as exc:
@@ -216,6 +229,9 @@ class Observer:
         self.state = state
         self.security = security
         self.wake = threading.Event()
+        # Set by a hook's notify: a push has just happened, so runners are
+        # told to fetch while this observer fetches (see _update).
+        self.notified = threading.Event()
         self.stop_event = threading.Event()
         self.polls = 0
         self._unmatched: set[str] = set()  # patterns already warned about
@@ -226,6 +242,7 @@ class Observer:
 
     def do_notify(self, message: Message, peer: str) -> Message:
         log.info("notified by %s", peer)
+        self.notified.set()
         self.wake.set()
         return Message("ok")
 
@@ -264,7 +281,9 @@ class Observer:
         that fails is logged and the others go on.  Only the dispatcher
         being unreachable ends the poll (no branch could go on)."""
         self.polls += 1
+        started = time.monotonic()
         watched = self._watched(self._update())
+        log.debug("poll %d: fetched in %.3fs", self.polls, time.monotonic() - started)
         for branch in self.state.branches():
             if branch not in watched:
                 log.info("branch %s is gone or no longer watched; forgetting it", branch)
@@ -337,9 +356,9 @@ class Observer:
 
     def _dispatch(self, branch: str, commits: list[str], previous: str | None) -> None:
         """Send in batches; the state advances only after each is accepted."""
-        self._check_dispatcher()
         for start in range(0, len(commits), BATCH):
             batch = commits[start:start + BATCH]
+            log.debug("dispatching %d commit(s) of %s", len(batch), branch)
             reply = helpers.call(self.dispatcher, "dispatch", " ".join(batch),
                                  dispatch_body(batch, previous, branch),
                                  security=self.security, reply_timeout=30)
@@ -361,6 +380,9 @@ class Observer:
             proc = self._child = procgroup.start(
                 cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                 stdin=subprocess.DEVNULL)
+        if self.notified.is_set():
+            self.notified.clear()
+            self._prefetch()
         try:
             out, err = proc.communicate(timeout=FETCH_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -374,10 +396,19 @@ class Observer:
             raise GitError(["fetch"], self.repo, proc.returncode, err)
         return parse_heads(out)
 
-    def _check_dispatcher(self) -> None:
-        reply = helpers.call(self.dispatcher, "status", security=self.security)
-        if reply.command != "ok":
-            raise DispatcherRefused(f"status answered {reply.command} {reply.argument}")
+    def _prefetch(self) -> None:
+        """Ask the dispatcher to have idle runners fetch now, while our own
+        fetch runs: the commit a hook announced then reaches a runner's
+        clone in parallel with ours instead of after it.  Only a hint: the
+        runner's checkout fetches anyway, so any failure is just logged."""
+        try:
+            reply = helpers.call(self.dispatcher, "prefetch", security=self.security,
+                                 timeout=PREFETCH_TIMEOUT, reply_timeout=PREFETCH_TIMEOUT)
+            log.debug("prefetch: %s %s", reply.command, reply.argument)
+        except (OSError, helpers.ProtocolError) as exc:
+            log.debug("prefetch not sent: %s", exc)
+        except Exception:  # never worth losing the fetch running beside it
+            log.exception("prefetch failed")
 
     def start(self) -> None:
         self.thread.start()

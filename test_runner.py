@@ -203,8 +203,9 @@ class ProcessSlot:
         os.unlink(self.pidfile)
 
     def run(self, cmd: list[str], cwd: str, timeout: float, out,
-            env=None) -> tuple[int, bool]:
-        """Run ``cmd`` with output to file ``out``; return (exit code, timed out)."""
+            env=None, live: bool = True) -> tuple[int, bool]:
+        """Run ``cmd`` with output to file ``out``; return (exit code, timed out).
+        ``live``: the output is the current job's, to be shown as it grows."""
         extra = self.user.popen_args() if self.user else {}
         with self._lock:
             if self.cancelled:
@@ -212,7 +213,7 @@ class ProcessSlot:
             proc = procgroup.start(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env=env, **extra)
             self._proc = proc
-            self.output = out
+            self.output = out if live else None
             if self.watchdog:
                 self.watchdog.watch(proc.pid)
             self._record(proc.pid)
@@ -344,6 +345,7 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
                                     repo, commit], repo, checkout_timeout, out, env)
         out.seek(0)
         checkout_log = out.read(64 * 1024)
+    log.debug("checkout of %s took %.3fs", commit[:12], time.time() - started)
     fields.update(parse_checkout_meta(checkout_log))
     if code != 0:
         why = "timed out" if timed_out else f"exited {code}"
@@ -401,6 +403,7 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
             fields.update(verdict="error", reason=f"cannot start test command: {exc}",
                           duration=f"{time.time() - started:.3f}")
             return fields, setup_log + f"cannot start test command {command!r}: {exc}\n".encode()
+        log.debug("tests of %s ran %.3fs", commit[:12], time.time() - started)
         junit = capture.collect(timed_out, max_output // 4)
         output = read_bounded(out, max_output - len(setup_log) - len(junit.xml))
     verdict, counts, reason = classify(code, timed_out, output, junit.counts)
@@ -423,6 +426,10 @@ class Assignment:
     shard: sharding.ShardSpec | None = None
 
 
+# What RunnerState.take hands the worker when it should fetch, not test.
+PREFETCH = "prefetch"
+
+
 class RunnerState:
     """The one job this runner holds, guarded by one condition shared by the
     request handlers (``runtest``), the worker and the stop path."""
@@ -431,7 +438,18 @@ class RunnerState:
         self.cond = threading.Condition()
         self.current: Assignment | None = None
         self.pending: Assignment | None = None
+        self.fetch_wanted = False  # a push was announced: fetch while idle
         self.stopping = False
+
+    def want_fetch(self) -> bool:
+        """Ask the worker to fetch now, unless it holds a job (whose
+        checkout fetches anyway).  Repeated asks before it starts are one."""
+        with self.cond:
+            if self.stopping or self.current is not None:
+                return False
+            self.fetch_wanted = True
+            self.cond.notify_all()
+            return True
 
     def offer(self, assignment: Assignment) -> bool:
         with self.cond:
@@ -441,13 +459,19 @@ class RunnerState:
             self.cond.notify_all()
             return True
 
-    def take(self) -> Assignment | None:
-        """Block the worker until a job arrives (None when stopping)."""
+    def take(self) -> Assignment | str | None:
+        """Block the worker until a job arrives (None when stopping), or
+        return ``PREFETCH`` when a fetch is wanted and no job is waiting.
+        A job that arrives during a prefetch waits for it (the two must not
+        run git in the clone at once) and then finds its commit there."""
         with self.cond:
-            while self.pending is None and not self.stopping:
+            while self.pending is None and not self.fetch_wanted and not self.stopping:
                 self.cond.wait()
             if self.stopping:
                 return None
+            wanted, self.fetch_wanted = self.fetch_wanted, False
+            if self.pending is None and wanted:
+                return PREFETCH
             job, self.pending = self.pending, None
             return job
 
@@ -543,7 +567,8 @@ class TestRunner:
                         threading.Thread(target=self._link_loop, name="link", daemon=True),
                         threading.Thread(target=self._progress_loop, name="progress",
                                          daemon=True)]
-        self.commands = {"ping": self.do_ping, "runtest": self.do_runtest}
+        self.commands = {"ping": self.do_ping, "runtest": self.do_runtest,
+                         "fetch": self.do_fetch}
 
     # ---- handlers -------------------------------------------------------
     def do_ping(self, message: Message, peer: str) -> Message:
@@ -567,12 +592,20 @@ class TestRunner:
             return Message("ok")
         return Message("busy", self.state.busy_with() or "stopping")
 
+    def do_fetch(self, message: Message, peer: str) -> Message:
+        """The dispatcher's hint that a push just happened (see
+        ``dispatcher.py --prefetch-runners``)."""
+        return Message("ok", "fetching" if self.state.want_fetch() else "busy")
+
     # ---- work -----------------------------------------------------------
     def _work_loop(self) -> None:
         while True:
             job = self.state.take()
             if job is None:
                 return
+            if job == PREFETCH:
+                self._prefetch()
+                continue
             try:
                 fields, output = execute(self.repo, job.commit, self.test_command,
                                          self.args.timeout, self.args.checkout_timeout,
@@ -607,6 +640,24 @@ class TestRunner:
                         return  # stopping: stop() hands the job back
             self.state.finish()
             self.wake_link.set()
+
+    def _prefetch(self) -> None:
+        """Fetch the upstream as update_repo.sh does for the observer, in
+        the slot (so a stop kills it and --test-user applies as for a
+        checkout); a failure only means the checkout fetches instead."""
+        started = time.monotonic()
+        with tempfile.TemporaryFile() as out:
+            code, timed_out = self.slot.run(
+                ["bash", helpers.script_path("update_repo.sh"), self.repo], self.repo,
+                self.args.checkout_timeout, out, child_env(self.slot.user), live=False)
+            if code and not self.slot.cancelled:
+                out.seek(0)
+                log.info("prefetch failed (%s): %s",
+                         "timed out" if timed_out else f"exit {code}",
+                         out.read(2000).decode(errors="replace").strip())
+            if code:
+                return
+        log.debug("prefetched in %.3fs", time.monotonic() - started)
 
     # ---- the link to the dispatcher ---------------------------------------
     def _link_loop(self) -> None:

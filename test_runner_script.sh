@@ -17,21 +17,24 @@ cd -- "$repo"
 
 # Fetch only when the commit is not here yet: one fetch brings a whole
 # burst of commits, so the rest of the batch needs no network at all.
-if ! git cat-file -e "${commit}^{commit}" 2>/dev/null; then
+# --force alone resets index and tree to the commit (no separate reset
+# --hard: each git process costs CPU that the tests of other runners share,
+# and time on the way from a push to its verdict).
+checkout() { git checkout --quiet --force --detach "$commit"; }
+if git cat-file -e "${commit}^{commit}" 2>/dev/null; then
+    checkout
+else
     git fetch --quiet --prune origin
-    if ! git cat-file -e "${commit}^{commit}" 2>/dev/null; then
+    if ! checkout 2>/dev/null; then
         # Not on any branch any more (force-pushed away): ask for it by id.
         git fetch --quiet origin "$commit" 2>/dev/null || true
         if ! git cat-file -e "${commit}^{commit}" 2>/dev/null; then
             echo "commit $commit not found in $repo or its origin" >&2
             exit 3
         fi
+        checkout
     fi
 fi
-
-# --force alone resets index and tree to the commit (no separate reset
-# --hard: each git process costs CPU that the tests of other runners share).
-git checkout --quiet --force --detach "$commit"
 # -ff also removes nested repositories; -x removes ignored build debris.
 git clean --quiet -ffdx
 # The commit's id and metadata for the result header, tab separated, with
