@@ -191,11 +191,11 @@ def test_frames_carry_the_key_id_and_it_is_signed():
 # Roles against a real dispatcher.
 
 ALL_COMMANDS = ("register", "results", "release", "progress", "dispatch", "retest",
-                "status", "state", "log")
+                "status", "state", "log", "prefetch")
 ALLOWED = {
     "runner": {"register", "results", "release", "progress"},
-    "observer": {"dispatch", "retest", "status", "state", "log"},
-    "operator": {"dispatch", "retest", "status", "state", "log"},
+    "observer": {"dispatch", "retest", "status", "state", "log", "prefetch"},
+    "operator": {"dispatch", "retest", "status", "state", "log", "prefetch"},
     "viewer": {"status", "state", "log"},
 }
 
@@ -213,6 +213,7 @@ def _request(command: str, runner_port: int) -> tuple[str, bytes]:
         "status": ("", b""),
         "state": ("", b""),
         "log": (C3, b""),
+        "prefetch": ("", b""),
     }[command]
 
 
