@@ -16,14 +16,13 @@ fi
 cd -- "$repo"
 
 # Fetch only when the commit is not here yet: one fetch brings a whole
-# burst of commits, so the rest of the batch needs no network at all.
+# burst of commits (and a prefetch, see dispatcher.py --prefetch-runners,
+# brings a pushed one early), so most checkouts need no network at all.
 # --force alone resets index and tree to the commit (no separate reset
-# --hard: each git process costs CPU that the tests of other runners share,
-# and time on the way from a push to its verdict).
+# --hard): each git process costs CPU that the tests of other runners share,
+# and time on the way from a push to its verdict.
 checkout() { git checkout --quiet --force --detach "$commit"; }
-if git cat-file -e "${commit}^{commit}" 2>/dev/null; then
-    checkout
-else
+if ! checkout 2>/dev/null; then
     git fetch --quiet --prune origin
     if ! checkout 2>/dev/null; then
         # Not on any branch any more (force-pushed away): ask for it by id.
@@ -35,8 +34,11 @@ else
         checkout
     fi
 fi
+# The commit's id and metadata for the result header, tab separated, with
+# a marker the runner looks for (the subject is one line by definition);
+# read beside the clean, which only touches the working tree.
+git log -1 --format='ci-meta%x09%H%x09%an <%ae>%x09%cI%x09%s' HEAD &
+meta=$!
 # -ff also removes nested repositories; -x removes ignored build debris.
 git clean --quiet -ffdx
-# The commit's id and metadata for the result header, tab separated, with
-# a marker the runner looks for (the subject is one line by definition).
-git log -1 --format='ci-meta%x09%H%x09%an <%ae>%x09%cI%x09%s' HEAD
+wait "$meta"

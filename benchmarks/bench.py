@@ -16,7 +16,7 @@ count and PASS/FAIL against its target:
                notify`` run right after each commit, as a post-commit hook
                would; its start-up alone is timed too, median of 20), and
                with ``--poll 1`` alone, committing at evenly spread phases of
-               the poll timer so that ten samples give a steady median.
+               the poll timer so that twenty samples give a steady median.
 2. throughput  40 commits made in a developer's clone within a second,
                pushed at once, one notify (a post-receive hook); 4 runners;
                a suite that takes about 1 s.  Wall time from the push to the
@@ -83,7 +83,7 @@ class TestSlow(unittest.TestCase):
 
 # (full, quick) sizes of each scenario.
 SIZES = {
-    "latency_commits": (10, 4),
+    "latency_commits": (20, 4),
     "burst_commits": (40, 12),
     "burst_runners": (4, 4),
     "fake_runners": (200, 100),
@@ -312,23 +312,27 @@ class Bench(Scenarios):
         # .pth files there), which notify does not need.
         return [PY, "-S", os.path.join(self.code, "hook_client.py"), "--observer", observer]
 
-    def notify_startup(self, observer: str, runs: int = NOTIFY_RUNS) -> None:
+    def notify_startup(self, observer: str, polls, runs: int = NOTIFY_RUNS) -> None:
         """The hook's own cost: the whole ``notify`` process (interpreter
         start, imports, one signed round trip) and the bare ``python -S``
-        start, medians; their difference is notify's own work."""
-        def timed(command: list[str], n: int) -> list[float]:
-            times = []
-            for _ in range(n):
-                started = time.perf_counter()
-                subprocess.run(command, env=self.env, check=True, stdin=subprocess.DEVNULL,
-                               capture_output=True, timeout=30)
-                times.append(time.perf_counter() - started)
-            return times
+        start, medians; their difference is notify's own work.  Each notify
+        wakes the observer (a fetch, and the runners' prefetch), so the next
+        sample waits until that work is over (``polls`` reads the observer's
+        poll count): as pushes are seconds apart in life, a sample must not
+        run in the last one's wake."""
+        def timed(command: list[str]) -> float:
+            started = time.perf_counter()
+            subprocess.run(command, env=self.env, check=True, stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=30)
+            return time.perf_counter() - started
         # Alternated, so that a burst of load from elsewhere hits both alike.
         bare_times, whole_times = [], []
-        for _ in range(2):
-            bare_times += timed([PY, "-S", "-c", "pass"], runs // 2)
-            whole_times += timed(self.notify_command(observer), runs // 2)
+        for _ in range(runs):
+            bare_times.append(timed([PY, "-S", "-c", "pass"]))
+            seen = polls(observer)
+            whole_times.append(timed(self.notify_command(observer)))
+            wait_for(lambda: polls(observer) != seen, 10, 0.005, "the observer's poll")
+            time.sleep(0.2)  # the runner's prefetch, beside the poll
         bare, whole = statistics.median(bare_times), statistics.median(whole_times)
         self.row(f"notify start-up (python -S), median of {len(whole_times)}", "-",
                  f"{1000 * whole:.1f} ms (min {1000 * min(whole_times):.1f})", None)
@@ -376,7 +380,7 @@ class Bench(Scenarios):
         def run(mode: str, notify: list[str] | None,
                 observer: str = "") -> list[tuple[float, float]]:
             # Poll mode: commit at evenly spread phases of the poll timer
-            # (shuffled), measured from a poll's start, so that ten samples
+            # (shuffled), measured from a poll's start, so that the samples
             # estimate the wait of a commit at a random moment with little
             # sampling noise.
             phases = [(i + 0.5) / count * POLL for i in range(count)]
@@ -413,7 +417,7 @@ class Bench(Scenarios):
 
         load = os.getloadavg()[0]
         hook = run("hook", self.notify_command(observer))
-        self.notify_startup(observer)
+        self.notify_startup(observer, polls)
         # Other work on the machine shows in every figure here: say how much.
         print(f"  load average (1 min) before/after the hook samples: {load:.1f}/"
               f"{os.getloadavg()[0]:.1f} on {CORES} cores", flush=True)
