@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -50,6 +51,8 @@ DEFAULT_PORT = 8887
 BATCH = 200
 # Update of the clone may hang on a dead network: bound it.
 FETCH_TIMEOUT = 300
+# update_repo.sh's listing read at most (a line per branch: 2 MiB is ~20,000).
+MAX_LISTING = 2 * 1024 * 1024
 # The prefetch hint waits no longer than this (it runs beside our own fetch).
 PREFETCH_TIMEOUT = 0.5
 # Pushing an old branch must not flood the queue with its whole history.
@@ -372,29 +375,38 @@ class Observer:
     def _update(self) -> dict[str, str]:
         """Run update_repo.sh (one fetch, every branch's head) in its own
         process group, so that stopping the observer mid-fetch leaves no
-        git process behind."""
+        git process behind.  Its output goes to files, not pipes, so its
+        exit can be awaited without reaping it: it is forgotten (under the
+        lock stop() takes) before it is reaped, after which its PID may
+        belong to someone else, whom stop() must not signal."""
         cmd = ["bash", helpers.script_path("update_repo.sh"), self.repo]
-        with self._child_lock:
-            if self.stop_event.is_set():
-                raise GitError(["fetch"], self.repo, -1, "observer stopping")
-            proc = self._child = procgroup.start(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                stdin=subprocess.DEVNULL)
-        if self.notified.is_set():
-            self.notified.clear()
-            self._prefetch()
-        try:
-            out, err = proc.communicate(timeout=FETCH_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            procgroup.kill_group(proc.pid)
-            proc.communicate()
-            raise GitError(["fetch"], self.repo, -1, "update_repo.sh timed out") from None
-        finally:
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             with self._child_lock:
-                self._child = None
-        if proc.returncode:
-            raise GitError(["fetch"], self.repo, proc.returncode, err)
-        return parse_heads(out)
+                if self.stop_event.is_set():
+                    raise GitError(["fetch"], self.repo, -1, "observer stopping")
+                proc = self._child = procgroup.start(cmd, stdout=out, stderr=err,
+                                                     stdin=subprocess.DEVNULL)
+            if self.notified.is_set():
+                self.notified.clear()
+                self._prefetch()
+            exited = False
+            try:
+                exited = procgroup.wait_exit(proc, FETCH_TIMEOUT)
+            finally:
+                with self._child_lock:
+                    if not exited:
+                        procgroup.kill_group(proc.pid)
+                    self._child = None
+                proc.wait()
+            if not exited:
+                raise GitError(["fetch"], self.repo, -1, "update_repo.sh timed out")
+            out.seek(0)
+            err.seek(0)
+            listing = out.read(MAX_LISTING).decode(errors="replace")
+            if proc.returncode:
+                raise GitError(["fetch"], self.repo, proc.returncode,
+                               err.read(8192).decode(errors="replace"))
+        return parse_heads(listing)
 
     def _prefetch(self) -> None:
         """Ask the dispatcher to have idle runners fetch now, while our own

@@ -26,7 +26,9 @@ def test_runner_on_all_interfaces_advertises_its_link_address(cluster, upstream,
     # The later --host wins over the fixture's own 127.0.0.1.
     runner = cluster.start_runner("--secret-file", str(secret), "--host", "0.0.0.0",
                                   port=port)
-    assert f"listening on 0.0.0.0:{port}" in runner.log()
+    # The port answers a moment before the line is in the log.
+    wait_until(lambda: f"listening on 0.0.0.0:{port}" in runner.log(), 10,
+               what="the runner's listening line")
     dispatcher = cluster.daemons[0]
     wait_until(lambda: f"runner 127.0.0.1:{port} registered" in dispatcher.log(), 15,
                what="the runner to register")

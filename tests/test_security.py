@@ -60,6 +60,16 @@ def ask(port: int, payload: bytes, secret: bytes | None = None, *,
     return helpers.decode_message(body)
 
 
+def answer(address, command: str) -> Message | None:
+    """The reply, or None when the server closed first: a server over its
+    connection cap answers ``busy`` and closes without reading the request,
+    and the reset that this causes may reach the client before the reply."""
+    try:
+        return helpers.call(address, command, timeout=5)
+    except (OSError, helpers.ProtocolError):
+        return None
+
+
 def status(cluster, security: helpers.Security | None = None) -> dict:
     reply = helpers.call((LOOPBACK, cluster.dispatcher_port), "status", security=security)
     assert reply.command == "ok", reply
@@ -141,7 +151,7 @@ def test_connection_flood_beyond_the_limit_is_refused_then_served(cluster):
     extra = []
     try:
         busy = Message("busy", "server busy, try later")
-        wait_until(lambda: helpers.call(address, "status") == busy, 10,
+        wait_until(lambda: answer(address, "status") == busy, 10,
                    what="the four idle connections to fill every slot")
         # A flood of further idle connections: each is told why and closed.
         extra = [socket.create_connection(address, timeout=5) for _ in range(40)]
@@ -152,11 +162,11 @@ def test_connection_flood_beyond_the_limit_is_refused_then_served(cluster):
             line, _, payload = raw.partition(b"\n")
             assert helpers.decode_header(line).length == len(payload)
             assert helpers.decode_message(payload) == busy
-        assert helpers.call(address, "status") == busy
+        assert answer(address, "status") in (busy, None)
     finally:
         for sock in holders + extra:
             sock.close()
-    wait_until(lambda: helpers.call(address, "status").command == "ok", 10,
+    wait_until(lambda: (answer(address, "status") or busy).command == "ok", 10,
                what="the dispatcher to serve again once the idle peers left")
     assert status(cluster)["queued"] == 0
 
