@@ -25,14 +25,23 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "CI Test", "GIT_AUTHOR_EMAIL": "ci@example.invalid
 
 
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = ""):
-    """Poll ``predicate`` until it returns a truthy value or the deadline."""
+    """Poll ``predicate`` until it returns a truthy value or the deadline.
+
+    A connection error inside the predicate (a daemon still starting, or
+    over its connection cap and closing at once) counts as "not yet"; at
+    the deadline the last one is shown with the timeout."""
     deadline = time.monotonic() + timeout
+    last_error = None
     while True:
-        value = predicate()
+        try:
+            value = predicate()
+        except (OSError, helpers.ProtocolError) as exc:
+            value, last_error = None, exc
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}"
+                                 + (f" (last error: {last_error!r})" if last_error else ""))
         time.sleep(interval)
 
 
