@@ -233,6 +233,14 @@ class Scenarios:
         self.tmp = tempfile.mkdtemp(prefix=self.prefix)
         secret = secrets.token_hex(16)
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", CI_SECRET=secret)
+        # Python caches byte code unless told not to; a machine whose
+        # environment turns that off (PYTHONDONTWRITEBYTECODE, common in
+        # container images) has every hook and test process compile its
+        # modules anew (about 9 ms for wire.py per push), which is the
+        # machine, not the CI: the figures are taken with Python's default.
+        if self.env.pop("PYTHONDONTWRITEBYTECODE", None):
+            print("note: PYTHONDONTWRITEBYTECODE is set here; the processes of this "
+                  "benchmark run without it (Python's default: byte code cached)", flush=True)
         self.security = helpers.Security(secret=secret.encode())
         self.procs = Processes(self.tmp, self.env)
         self.rows: list[tuple[str, str, str, bool | None]] = []
