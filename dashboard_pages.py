@@ -127,8 +127,10 @@ def branches_section(branches: list[dict]) -> Safe:
             '<div class="branch-head">head {head}</div></div>',
             cls="failed" if state == "failing" else "passed", href=branch_query(item["branch"]),
             branch=item["branch"], detail=detail,
-            badge=render('<img class="badge" alt="{state}" src="{src}">', state=state,
-                         src=badge_path(item["branch"]))
+            # The state in the URL: a section patched in place keeps an
+            # image whose URL did not change (the browser's image cache).
+            badge=render('<img class="badge" alt="{state}" src="{src}?state={state}">',
+                         state=state, src=badge_path(item["branch"]))
             if BRANCH_RE.fullmatch(item["branch"]) else Safe(""),
             running=running, head=commit_link(item["head"])))
     return render('<h2>Branches</h2><div class="branches">{cards}</div>', cards=join(cards))
