@@ -207,14 +207,18 @@ def commits_section(commits: list[dict], next_cursor, branch, verdict, title="Re
         title=title, rows=commit_rows(commits), more=more)
 
 
+# A runner's state as the dispatcher names it -> its colour on the page
+# (a runner testing a commit is "running", not a warning).
+RUNNER_CLASSES = {"idle": "idle", "running": "busy", "busy": "busy", "suspect": "suspect"}
+
+
 def runners_section(state: dict | None) -> Safe:
     if state is None:
         return Safe("")
     rows = [render('<tr><td>{name}</td><td>{address}</td>'
                    '<td><span class="rstate r-{cls}">{state}</span></td><td>{commit}</td></tr>',
                    name=r.get("name") or "", address=r.get("address") or "",
-                   cls=r.get("state") if r.get("state") in ("idle", "busy", "suspect")
-                   else "other", state=r.get("state") or "",
+                   cls=RUNNER_CLASSES.get(r.get("state"), "other"), state=r.get("state") or "",
                    commit=commit_link(r["commit"]) if r.get("commit") else "")
             for r in state.get("runners", [])]
     if not rows:

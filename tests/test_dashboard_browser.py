@@ -320,6 +320,8 @@ def test_real_daemons_red_green_and_live_output(page, dashboards, cluster, upstr
 
     slow = upstream.commit({"tests/test_ticks.py": TICKING_TEST}, "Tick slowly")
     expect(page.locator("#sec-active")).to_contain_text(slow[:10], timeout=5000)
+    # The dispatcher calls a testing runner "running": shown as busy, not as a warning.
+    expect(page.locator("#sec-runners .rstate.r-busy")).to_have_text("running", timeout=3000)
     page.goto(f"{dash.url}/commit/{slow}")
     output = page.locator("#output-pre")
     expect(output).to_contain_text("tick 3", timeout=5000)
