@@ -88,14 +88,18 @@ class Dashboard:
         self.live = live
 
     def answer(self, path: str, query: dict[str, str], nonce: str) -> Response:
+        # An API client gets its refusals as JSON too, not as an HTML page.
+        api = path.startswith("/api/")
         for pattern, name in self.ROUTES:
             match = pattern.fullmatch(path)
             if match:
                 try:
                     return getattr(self, name)(query, nonce, *match.groups())
                 except BadRequest as exc:
+                    if api:
+                        return json_response({"error": str(exc)}, 400)
                     return Response(400, pages.message_page("Bad request", nonce, str(exc)))
-        return self.not_found(nonce)
+        return json_response({"error": "not found"}, 404) if api else self.not_found(nonce)
 
     def not_found(self, nonce: str, what: str = "There is no such page.") -> Response:
         return Response(404, pages.message_page("Not found", nonce, what))

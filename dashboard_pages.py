@@ -127,8 +127,10 @@ def branches_section(branches: list[dict]) -> Safe:
             '<div class="branch-head">head {head}</div></div>',
             cls="failed" if state == "failing" else "passed", href=branch_query(item["branch"]),
             branch=item["branch"], detail=detail,
-            badge=render('<img class="badge" alt="{state}" src="{src}">', state=state,
-                         src=badge_path(item["branch"]))
+            # The state in the URL: a section patched in place keeps an
+            # image whose URL did not change (the browser's image cache).
+            badge=render('<img class="badge" alt="{state}" src="{src}?state={state}">',
+                         state=state, src=badge_path(item["branch"]))
             if BRANCH_RE.fullmatch(item["branch"]) else Safe(""),
             running=running, head=commit_link(item["head"])))
     return render('<h2>Branches</h2><div class="branches">{cards}</div>', cards=join(cards))
@@ -205,14 +207,18 @@ def commits_section(commits: list[dict], next_cursor, branch, verdict, title="Re
         title=title, rows=commit_rows(commits), more=more)
 
 
+# A runner's state as the dispatcher names it -> its colour on the page
+# (a runner testing a commit is "running", not a warning).
+RUNNER_CLASSES = {"idle": "idle", "running": "busy", "busy": "busy", "suspect": "suspect"}
+
+
 def runners_section(state: dict | None) -> Safe:
     if state is None:
         return Safe("")
     rows = [render('<tr><td>{name}</td><td>{address}</td>'
                    '<td><span class="rstate r-{cls}">{state}</span></td><td>{commit}</td></tr>',
                    name=r.get("name") or "", address=r.get("address") or "",
-                   cls=r.get("state") if r.get("state") in ("idle", "busy", "suspect")
-                   else "other", state=r.get("state") or "",
+                   cls=RUNNER_CLASSES.get(r.get("state"), "other"), state=r.get("state") or "",
                    commit=commit_link(r["commit"]) if r.get("commit") else "")
             for r in state.get("runners", [])]
     if not rows:

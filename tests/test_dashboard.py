@@ -334,7 +334,11 @@ def test_bad_paths_ids_methods_and_queries(results, dashboards):
         assert dash.get(path)[0] == 404, path
     for query in ("limit=abc", "limit=0", "limit=100000", "verdict=bogus",
                   "before=../x", "branch=%3Cscript%3E"):
-        assert dash.get("/api/commits?" + query)[0] == 400, query
+        status, headers, body = dash.get("/api/commits?" + query)
+        assert status == 400 and "error" in json.loads(body), query
+    # The API refuses in JSON, as it answers.
+    status, headers, body = dash.get("/api/commits/" + "g" * 40)
+    assert headers["Content-Type"] == "application/json" and json.loads(body)["error"]
     assert dash.get("/", method="POST")[0] == 405
     assert dash.get("/" + "a" * 5000)[0] == 414
     reply = send_raw(dash.port, b"GET / HTTP/1.0\r\nHost: evil.example\r\n\r\n")

@@ -145,6 +145,38 @@ def test_red_green_history_and_a_new_commit_without_reload(page, results, dashbo
     page.screenshot(path=str(tmp_path / "commit.png"), full_page=True)
 
 
+def badge_colour(page) -> str:
+    """The colour the branch card's badge image shows on its right half,
+    read from its pixels (what the reader sees, not its URL)."""
+    badge = page.locator(".branch-card img.badge")
+    expect(badge).to_have_js_property("complete", True, timeout=3000)
+    rgb = badge.evaluate("""img => {
+        var c = document.createElement('canvas');
+        c.width = img.naturalWidth; c.height = img.naturalHeight;
+        var g = c.getContext('2d'); g.drawImage(img, 0, 0);
+        var d = g.getImageData(c.width - 3, 3, 1, 1).data;
+        return [d[0], d[1], d[2]]; }""")
+    return "green" if rgb[1] > rgb[0] else "red"
+
+
+def test_badge_on_an_open_page_follows_the_branch(page, results, dashboards, tmp_path):
+    """The card's badge turns red with its text when the branch breaks while
+    the page is open (the same badge URL would be answered from the
+    browser's image cache, still green)."""
+    commits = red_green_history(results)
+    dash = dashboards(results)
+    page.goto(dash.url + "/")
+    assert badge_colour(page) == "green"
+    write_result(results, commit_id(98), "failed", b"FAIL: test_x (t.T.test_x)\n",
+                 previous=commits[-1], subject="Break it")
+    expect(page.locator(".branch-card")).to_contain_text("failing since", timeout=5000)
+    deadline = time.monotonic() + 3
+    while badge_colour(page) != "red":
+        assert time.monotonic() < deadline, "the badge still shows passing"
+        page.wait_for_timeout(100)
+    page.screenshot(path=str(tmp_path / "overview-badge.png"), full_page=True)
+
+
 def test_running_commit_shows_live_output(page, results, dashboards, threaded_servers,
                                           tmp_path):
     red_green_history(results)
@@ -288,6 +320,8 @@ def test_real_daemons_red_green_and_live_output(page, dashboards, cluster, upstr
 
     slow = upstream.commit({"tests/test_ticks.py": TICKING_TEST}, "Tick slowly")
     expect(page.locator("#sec-active")).to_contain_text(slow[:10], timeout=5000)
+    # The dispatcher calls a testing runner "running": shown as busy, not as a warning.
+    expect(page.locator("#sec-runners .rstate.r-busy")).to_have_text("running", timeout=3000)
     page.goto(f"{dash.url}/commit/{slow}")
     output = page.locator("#output-pre")
     expect(output).to_contain_text("tick 3", timeout=5000)
