@@ -755,8 +755,14 @@ class Notifier:
         self.thread.start()
 
     def result_written(self, commit: str, fields: dict) -> None:
-        """Never blocks: the decision is made on the notifier's thread."""
-        self.inbox.put((commit, dict(fields)))
+        """Never blocks: the decision is made on the notifier's thread.
+
+        Only the result file's header fields, in its order: the per-test
+        ``records`` the dispatcher holds beside them are not header values
+        (their text would fill the header a command reads on stdin), and an
+        event made now must equal the one a restart makes from the file."""
+        header = {k: fields[k] for k in result_files.RESULT_FIELDS if k in fields}
+        self.inbox.put((commit, header))
 
     def stop(self, timeout: float = 3.0) -> None:
         self.stop_event.set()

@@ -405,6 +405,12 @@ def test_red_red_green_with_real_runs_command_and_signed_webhook(cluster, upstre
     assert runs[0]["CI_RESULT_FILE"] == cluster.result_path(red)
     assert runs[0]["CI_URL"] == f"http://ci.example/commit/{red}"
     assert f"commit: {red}\n" in runs[0]["stdin"] and "verdict: failed" in runs[0]["stdin"]
+    # Exactly the result file's header: not the per-test records the
+    # dispatcher holds beside it (the default command records every test).
+    with open(cluster.result_path(red), "rb") as handle:
+        header = handle.read().partition(b"\n\n")[0].decode() + "\n"
+    assert runs[0]["stdin"] == header
+    assert "records" not in runs[0]["stdin"]
     assert "CI_SECRET" not in runs[0]["env_keys"]
 
 
