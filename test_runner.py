@@ -860,18 +860,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "the clone (e.g. 'reports/*.xml'), read for per-test results; "
                              "not needed for unittest and pytest commands, whose results "
                              "are recorded anyway")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="kill the tests after this long; verdict 'timeout' "
-                             "(default: %(default)s)")
+                             f"(default: {DEFAULT_TIMEOUT:g}, or --max-timeout if lower)")
     parser.add_argument("--setup-command", metavar="COMMAND",
                         help="command that installs what the tests need, run in a cached "
                              "virtual environment in the clone's root (split like a shell "
                              "would, never run by one; e.g. \"python -m pip install -e "
                              ".[test]\"; default: none; a repository's .ci.ini may set it)")
-    parser.add_argument("--setup-timeout", type=float, default=environments.DEFAULT_SETUP_TIMEOUT,
-                        metavar="SECONDS",
+    parser.add_argument("--setup-timeout", type=float, metavar="SECONDS",
                         help="limit for building an environment; verdict 'error' "
-                             "(default: %(default)s)")
+                             f"(default: {environments.DEFAULT_SETUP_TIMEOUT:g}, or "
+                             "--max-timeout if lower)")
     parser.add_argument("--max-timeout", type=float, metavar="SECONDS",
                         help="the most a repository's .ci.ini may raise timeout and "
                              "setup_timeout to (default: it may only lower them)")
@@ -923,6 +923,12 @@ def main(argv=None) -> int:
             value = getattr(args, name)
             if value is not None and not (0 < value < math.inf):
                 raise helpers.ConfigError(f"--{name.replace('_', '-')} must be positive")
+        # A limit not given is its default, lowered to --max-timeout: only
+        # a limit given above it is a contradiction.
+        for name, default in (("timeout", DEFAULT_TIMEOUT),
+                              ("setup_timeout", environments.DEFAULT_SETUP_TIMEOUT)):
+            if getattr(args, name) is None:
+                setattr(args, name, min(default, args.max_timeout or math.inf))
         if args.max_timeout is not None:
             for name in ("timeout", "setup_timeout"):
                 if getattr(args, name) > args.max_timeout:
