@@ -555,6 +555,7 @@ class TestRunner:
         self.outbox = Outbox(os.path.join(state_dir, "outbox"))
         self.test_command = shlex.split(args.test_command) if args.test_command else None
         self.preparer = make_preparer(args, self.test_command, state_dir)
+        self.job_limit = job_limit(args, self.preparer)
         self.max_output = max(security.max_message - MESSAGE_OVERHEAD, 4096)
         self.wake_link = threading.Event()
         self.stop_event = threading.Event()
@@ -705,7 +706,8 @@ class TestRunner:
         reply = helpers.call(self.dispatcher, "register", self.advertised,
                              helpers.encode_fields({"instance": self.instance,
                                                     "busy": job.commit if job else "",
-                                                    "job": job.job_id if job else ""}),
+                                                    "job": job.job_id if job else "",
+                                                    "limit": f"{self.job_limit:.0f}"}),
                              security=self.security)
         self.last_contact = time.monotonic()  # any answer: the dispatcher is there
         if reply.command != "ok":
@@ -833,6 +835,17 @@ def bind_server(host: str, port: int | None, commands, security, max_connections
             error = exc
     where = port if port is not None else f"{FIRST_PORT}-{LAST_PORT}"
     raise helpers.ConfigError(f"cannot listen on {host}:{where}: {error.strerror}")
+
+
+def job_limit(args, preparer: environments.Preparer) -> float:
+    """The longest a job may take here by this runner's own limits: the
+    checkout, a first build of an environment and the tests, each as far
+    as a recipe may raise it.  The dispatcher's job deadline must not run
+    out before it (a first build would be reassigned and built again)."""
+    cap = None if args.ignore_repo_recipe else args.max_timeout
+    test = max(args.timeout, cap or 0)
+    setup = 0.0 if preparer.cache is None else max(args.setup_timeout, cap or 0)
+    return args.checkout_timeout + setup + test
 
 
 def build_parser() -> argparse.ArgumentParser:
