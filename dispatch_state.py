@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 IDLE, RUNNING, OCCUPIED, SUSPECT = "idle", "running", "occupied", "suspect"
 # The journal is rewritten once this many records are superseded.
 COMPACT_AFTER = 10_000
+# Beyond a runner's own limits: time to send its result.
+REPORT_GRACE = 30.0
 # Live output kept per running job for ``log``.
 TAIL_BYTES = 64 * 1024
 # Tokens of finished assignments remembered, so a late duplicate is told
@@ -88,6 +90,8 @@ class Runner:
     job: Job | None = None              # set exactly when state == RUNNING
     occupied_with: str | None = None    # what an occupied runner is busy with
     misses: int = 0
+    # The longest a job may take by the runner's own limits, if it said.
+    limit: float | None = None
 
     @property
     def free(self) -> bool:
@@ -282,7 +286,8 @@ class DispatcherState:
 
     # ---- runners --------------------------------------------------------
     def register(self, address: tuple[str, int], instance: str, busy: str | None,
-                 token: str | None = None, name: str | None = None) -> str:
+                 token: str | None = None, name: str | None = None,
+                 limit: float | None = None) -> str:
         key = helpers.format_address(address)
         with self.cond:
             runner = self.runners.get(key)
@@ -299,6 +304,7 @@ class DispatcherState:
                                     "address is accepted once that one stops answering")
             if runner and runner.instance == instance:
                 runner.misses = 0
+                runner.limit = limit
                 self._believe(runner, busy, token)
                 return "known"
             if runner:
@@ -306,7 +312,7 @@ class DispatcherState:
                 log.warning("runner %s restarted%s", key, f" while running "
                             f"{runner.job.commit[:12]}; requeueing" if runner.job else "")
                 self._drop(runner, count=True)
-            runner = self.runners[key] = Runner(key, address, instance, name)
+            runner = self.runners[key] = Runner(key, address, instance, name, limit=limit)
             if busy is not None:
                 runner.set(OCCUPIED, occupied_with=busy)
                 self._adopt(runner, busy, token)
@@ -872,19 +878,30 @@ class DispatcherState:
                 self._lose(runner.job, count=True)
             runner.set(IDLE)
 
-    def expire_jobs(self, job_timeout: float) -> None:
+    def expire_jobs(self, job_timeout: float, runner_limits: bool = False) -> None:
         """The dispatcher's own deadline: a runner that answers pings but
-        never reports loses its job to another runner."""
+        never reports loses its job to another runner.  With
+        ``runner_limits``, a runner that said its own limits allow longer
+        gets that long."""
         now = time.monotonic()
         with self.cond:
             for job in [j for j in [*self.jobs.values(), *self._shard_jobs()]
-                        if now - j.started > job_timeout]:
+                        if now - j.started > (self._deadline(j, job_timeout) if runner_limits
+                                              else job_timeout)]:
                 log.warning("commit %s exceeded the job deadline on %s; reassigning",
                             job.commit[:12], job.runner)
                 runner = self.runners.get(job.runner)
                 if runner and runner.job is job:
                     runner.set(OCCUPIED, occupied_with=job.commit)
                 self._lose(job, count=True)
+
+    def _deadline(self, job: Job, job_timeout: float) -> float:
+        """--job-timeout, or longer if the job's runner may by its own
+        limits take longer (plus a little to report)."""
+        runner = self.runners.get(job.runner)
+        if runner is None or runner.limit is None:
+            return job_timeout
+        return max(job_timeout, runner.limit + REPORT_GRACE)
 
     # ---- views ------------------------------------------------------------
     def status(self) -> dict:

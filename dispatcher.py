@@ -52,6 +52,9 @@ DEFAULT_PING_MISSES = 3
 DEFAULT_PING_TIMEOUT = 1.0
 # Runners' default --timeout is 600 s; leave room for fetch and checkout.
 DEFAULT_JOB_TIMEOUT = 900.0
+# A runner's own limits (checkout, environment build, tests) may exceed
+# the default job deadline; its jobs then get that long, up to this.
+MAX_RUNNER_LIMIT = 7 * 24 * 3600.0
 DEFAULT_MAX_ATTEMPTS = 3
 # Threads that send ``runtest`` and pings, so no runner can block another.
 DEFAULT_WORKERS = 32
@@ -146,7 +149,7 @@ def parse_results_message(message: Message) -> tuple[str, str, dict, bytes]:
 class Dispatcher:
     def __init__(self, state: DispatcherState, security: helpers.Security,
                  ping_interval: float, ping_misses: int, ping_timeout: float,
-                 job_timeout: float, workers: int,
+                 job_timeout: float | None, workers: int,
                  prefetch_runners: int = DEFAULT_PREFETCH_RUNNERS):
         self.state = state
         self.prefetch_runners = prefetch_runners
@@ -154,7 +157,10 @@ class Dispatcher:
         self.ping_interval = ping_interval
         self.ping_misses = ping_misses
         self.ping_timeout = ping_timeout
-        self.job_timeout = job_timeout
+        # Not given: the default, stretched for a runner whose own limits
+        # (a first environment build, say) may take longer.  Given: as is.
+        self.job_timeout = DEFAULT_JOB_TIMEOUT if job_timeout is None else job_timeout
+        self.trust_runner_limits = job_timeout is None
         self.stop_event = threading.Event()
         # Pings have their own pool so a sweep over dead runners never
         # delays handing out work.
@@ -189,8 +195,15 @@ class Dispatcher:
         fields = self._fields(message.body)
         instance = fields.get("instance", "")
         busy, token = runner_says(fields)
-        return Message("ok", self.state.register(address, instance[:64], busy, token,
-                                                 self._runner_name(peer)))
+        limit = job_limit(fields)
+        answer = self.state.register(address, instance[:64], busy, token,
+                                     self._runner_name(peer), limit)
+        if answer == "registered" and limit and limit > self.job_timeout \
+                and not self.trust_runner_limits:
+            log.warning("runner %s may by its own limits take %.0fs per commit (checkout, "
+                        "environment build, tests), more than --job-timeout %gs: a commit "
+                        "that long is reassigned", message.argument, limit, self.job_timeout)
+        return Message("ok", answer)
 
     @staticmethod
     def _runner_name(peer) -> str | None:
@@ -335,7 +348,7 @@ class Dispatcher:
     def sweep(self) -> float:
         """Ping every runner concurrently; return the sweep's duration."""
         started = time.monotonic()
-        self.state.expire_jobs(self.job_timeout)
+        self.state.expire_jobs(self.job_timeout, self.trust_runner_limits)
         self.state.release_held()
         runners = self.state.runner_snapshot()
         futures = {self.ping_pool.submit(self._ping, r): r for r in runners}
@@ -375,6 +388,16 @@ class Dispatcher:
         if reply.command != "ok":
             return "timeout", "", None, None
         return ("ok", fields.get("instance", ""), *runner_says(fields))
+
+
+def job_limit(fields: dict) -> float | None:
+    """The longest a job may take on a runner by its own limits (its
+    ``register`` field ``limit``), None if it says none or nonsense."""
+    try:
+        seconds = float(fields.get("limit", ""))
+    except ValueError:
+        return None
+    return seconds if 0 < seconds <= MAX_RUNNER_LIMIT else None
 
 
 def runner_says(fields: dict) -> tuple[str | None, str | None]:
@@ -418,10 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ping-timeout", type=float, default=DEFAULT_PING_TIMEOUT,
                         metavar="SECONDS",
                         help="connect/reply timeout of one ping (default: %(default)s)")
-    parser.add_argument("--job-timeout", type=float, default=DEFAULT_JOB_TIMEOUT,
-                        metavar="SECONDS",
+    parser.add_argument("--job-timeout", type=float, metavar="SECONDS",
                         help="reassign a commit whose runner has not reported within this "
-                             "time (default: %(default)s)")
+                             f"time (default: {DEFAULT_JOB_TIMEOUT:g}, or longer for a runner "
+                             "whose own limits for checkout, setup and tests add up to more)")
     parser.add_argument("--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
                         help="give a commit verdict 'error' after its run lost its runner "
                              "this many times (default: %(default)s)")
@@ -540,7 +563,7 @@ def main(argv=None) -> int:
     helpers.configure_logging(args.log_level)
     try:
         for name in ("ping_interval", "ping_timeout", "job_timeout"):
-            if getattr(args, name) <= 0:
+            if getattr(args, name) is not None and getattr(args, name) <= 0:
                 raise helpers.ConfigError(f"--{name.replace('_', '-')} must be positive")
         for name in ("ping_misses", "max_attempts", "workers", "max_shards"):
             if getattr(args, name) < 1:

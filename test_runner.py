@@ -555,6 +555,7 @@ class TestRunner:
         self.outbox = Outbox(os.path.join(state_dir, "outbox"))
         self.test_command = shlex.split(args.test_command) if args.test_command else None
         self.preparer = make_preparer(args, self.test_command, state_dir)
+        self.job_limit = job_limit(args, self.preparer)
         self.max_output = max(security.max_message - MESSAGE_OVERHEAD, 4096)
         self.wake_link = threading.Event()
         self.stop_event = threading.Event()
@@ -705,7 +706,8 @@ class TestRunner:
         reply = helpers.call(self.dispatcher, "register", self.advertised,
                              helpers.encode_fields({"instance": self.instance,
                                                     "busy": job.commit if job else "",
-                                                    "job": job.job_id if job else ""}),
+                                                    "job": job.job_id if job else "",
+                                                    "limit": f"{self.job_limit:.0f}"}),
                              security=self.security)
         self.last_contact = time.monotonic()  # any answer: the dispatcher is there
         if reply.command != "ok":
@@ -835,6 +837,17 @@ def bind_server(host: str, port: int | None, commands, security, max_connections
     raise helpers.ConfigError(f"cannot listen on {host}:{where}: {error.strerror}")
 
 
+def job_limit(args, preparer: environments.Preparer) -> float:
+    """The longest a job may take here by this runner's own limits: the
+    checkout, a first build of an environment and the tests, each as far
+    as a recipe may raise it.  The dispatcher's job deadline must not run
+    out before it (a first build would be reassigned and built again)."""
+    cap = None if args.ignore_repo_recipe else args.max_timeout
+    test = max(args.timeout, cap or 0)
+    setup = 0.0 if preparer.cache is None else max(args.setup_timeout, cap or 0)
+    return args.checkout_timeout + setup + test
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = helpers.ArgumentParser(
         description="CI test runner: runs the tests of the commits the dispatcher sends.")
@@ -860,18 +873,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "the clone (e.g. 'reports/*.xml'), read for per-test results; "
                              "not needed for unittest and pytest commands, whose results "
                              "are recorded anyway")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="kill the tests after this long; verdict 'timeout' "
-                             "(default: %(default)s)")
+                             f"(default: {DEFAULT_TIMEOUT:g}, or --max-timeout if lower)")
     parser.add_argument("--setup-command", metavar="COMMAND",
                         help="command that installs what the tests need, run in a cached "
                              "virtual environment in the clone's root (split like a shell "
                              "would, never run by one; e.g. \"python -m pip install -e "
                              ".[test]\"; default: none; a repository's .ci.ini may set it)")
-    parser.add_argument("--setup-timeout", type=float, default=environments.DEFAULT_SETUP_TIMEOUT,
-                        metavar="SECONDS",
+    parser.add_argument("--setup-timeout", type=float, metavar="SECONDS",
                         help="limit for building an environment; verdict 'error' "
-                             "(default: %(default)s)")
+                             f"(default: {environments.DEFAULT_SETUP_TIMEOUT:g}, or "
+                             "--max-timeout if lower)")
     parser.add_argument("--max-timeout", type=float, metavar="SECONDS",
                         help="the most a repository's .ci.ini may raise timeout and "
                              "setup_timeout to (default: it may only lower them)")
@@ -923,6 +936,12 @@ def main(argv=None) -> int:
             value = getattr(args, name)
             if value is not None and not (0 < value < math.inf):
                 raise helpers.ConfigError(f"--{name.replace('_', '-')} must be positive")
+        # A limit not given is its default, lowered to --max-timeout: only
+        # a limit given above it is a contradiction.
+        for name, default in (("timeout", DEFAULT_TIMEOUT),
+                              ("setup_timeout", environments.DEFAULT_SETUP_TIMEOUT)):
+            if getattr(args, name) is None:
+                setattr(args, name, min(default, args.max_timeout or math.inf))
         if args.max_timeout is not None:
             for name in ("timeout", "setup_timeout"):
                 if getattr(args, name) > args.max_timeout:

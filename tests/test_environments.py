@@ -8,13 +8,14 @@ import tempfile
 import time
 
 import pytest
-from conftest import PY
+from conftest import PY, ThreadedServer, wait_until
 from wheelmaker import make_wheel
 
 import environments
 import helpers
 import recipe
 import test_runner
+from helpers import Message
 
 
 @pytest.fixture
@@ -176,3 +177,45 @@ def test_ignored_recipe_and_capped_timeouts(project):
     assert not prepared.failed and output == b""
     assert (prepared.command, prepared.timeout, prepared.fields) == \
         (["make", "check"], 600, {"setup": "none"})
+
+
+class RegisterRecorder(ThreadedServer):
+    """Keeps the fields of every ``register``."""
+
+    def __init__(self):
+        self.registers = []
+        super().__init__({"register": self.register})
+
+    def register(self, message, peer):
+        with self.lock:
+            self.registers.append(helpers.decode_fields(message.body))
+        return Message("ok", "registered")
+
+
+@pytest.mark.parametrize("flags, limit", [
+    # checkout 10 + an environment build and the tests, each as far as a
+    # recipe may raise it (--max-timeout)
+    (["--max-timeout", "50"], 10 + 50 + 50),
+    (["--timeout", "5", "--setup-timeout", "7"], 10 + 7 + 5),
+    # the flags alone, no setup command: no environment is ever built
+    (["--timeout", "5", "--max-timeout", "50", "--ignore-repo-recipe"], 10 + 5),
+])
+def test_a_runner_tells_the_dispatcher_how_long_its_limits_allow(cluster, upstream,
+                                                                 threaded_servers, flags,
+                                                                 limit):
+    recorder = threaded_servers(RegisterRecorder)
+    cluster.dispatcher_port = recorder.port
+    runner = cluster.start_runner("--checkout-timeout", "10", *flags, wait=False)
+    wait_until(lambda: recorder.registers, 20, what="the runner to register")
+    assert recorder.registers[0]["limit"] == str(limit)
+    runner.stop(timeout=10)
+
+
+def test_an_explicit_job_timeout_below_a_runners_limits_is_warned_about(cluster, upstream):
+    dispatcher = cluster.start_dispatcher("--job-timeout", "60")
+    cluster.start_runner("--checkout-timeout", "10", "--timeout", "5", "--setup-timeout", "7",
+                         "--ignore-repo-recipe")  # 15 s: within it, no warning
+    cluster.start_runner("--checkout-timeout", "10", "--max-timeout", "100")
+    wait_until(lambda: "may by its own limits take 210s per commit" in dispatcher.log(), 20,
+               what="the warning")
+    assert dispatcher.log().count("more than --job-timeout 60s") == 1

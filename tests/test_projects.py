@@ -128,3 +128,29 @@ def test_runner_killed_mid_setup_builds_afresh(cluster, upstream, wheels, tmp_pa
     assert (result["verdict"], result["setup"]) == ("passed", "built")
     assert "removing unfinished environment" in restarted.log()
     assert "killing process group" in restarted.log()  # the old setup, still sleeping
+
+
+SLOW_TEST = """import time, unittest
+
+
+class TestSlow(unittest.TestCase):
+    def test_slow(self):
+        time.sleep(60)
+"""
+
+
+def test_max_timeout_alone_lowers_the_defaults_and_caps_the_recipe(cluster, upstream):
+    # --max-timeout below the default --timeout and --setup-timeout is a
+    # runner's whole configuration, not a contradiction with defaults it
+    # was never given.
+    cluster.start_dispatcher()
+    cluster.start_runner("--max-timeout", "2")
+    cluster.start_observer()
+    cluster.result(git(upstream.path, "rev-parse", "HEAD"))
+    commit = upstream.commit({"tests/test_slow.py": SLOW_TEST,
+                              ".ci.ini": "[ci]\ntimeout = 100\n"}, "slow")
+    result = cluster.result(commit)
+    assert result["verdict"] == "timeout"
+    assert float(result["duration"]) < 30
+    assert b"[ci] timeout 100s in .ci.ini capped at 2s by the runner's --max-timeout" \
+        in result["output"]

@@ -324,3 +324,19 @@ def test_compaction_waits_for_a_dispatch_being_fsynced(make_state, monkeypatch):
     state.journal.close()
     replayed = Journal(state.journal.path).replay()
     assert Y in replayed.order and Y not in replayed.done
+
+
+def test_a_runner_whose_own_limits_are_longer_keeps_its_job_past_the_default(make_state):
+    # A first environment build plus the tests may outlast the default job
+    # deadline: the runner says how long its limits allow, and with the
+    # default deadline (not an explicit --job-timeout) it gets that long.
+    state = make_state()
+    state.register(A, "ia", None, limit=3600)
+    state.register(B, "ib", None)  # says nothing: the deadline as given
+    state.enqueue([X, Y])
+    on_a, on_b = assign(state), assign(state)
+    assert (on_a.runner, on_b.runner) == (KA, KB)
+    state.expire_jobs(-1, runner_limits=True)
+    assert state.runners[KA].job is on_a and list(state.queue) == [Y]
+    state.expire_jobs(-1)  # an explicit --job-timeout is the deadline
+    assert state.runners[KA].job is None and sorted(state.queue) == sorted([X, Y])

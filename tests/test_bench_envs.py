@@ -1,0 +1,18 @@
+"""benchmarks/bench_envs.py still runs against the runner's current
+``execute`` (a smoke run with the smallest counts, not a measurement)."""
+
+import os
+import subprocess
+
+from conftest import PY
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     "benchmarks", "bench_envs.py")
+
+
+def test_bench_envs_runs():
+    proc = subprocess.run([PY, BENCH, "--runs", "1", "--builds", "1"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "overhead of a reused environment" in proc.stdout
+    assert "first build" in proc.stdout
