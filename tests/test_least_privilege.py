@@ -19,6 +19,7 @@ import ssl
 import subprocess
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -1060,3 +1061,40 @@ def test_a_runner_key_registers_one_address_only(cluster, tmp_path, keyed_runner
     wait_until(moved, 5, interval=0.2, what="the new address accepted")
     state = json.loads(ask(port, "state", security=key_security("viewer", "v")).body)
     assert [r["address"] for r in state["runners"]] == [f"{LOOPBACK}:{second.port}"]
+
+
+
+def test_handing_an_environment_back_never_follows_a_swapped_symlink(tmp_path, monkeypatch):
+    """While the runner hands a built environment back, a process the
+    setup left behind (as the test user) may swap any name for a symlink
+    to the runner's key the moment after the runner looked at it: the
+    key's mode must not change, whatever the runner looked with."""
+    import environments
+    key = tmp_path / "runner.key"
+    key.write_bytes(b"ci-key-v1 runner:r1 " + b"0" * 64 + b"\n")
+    key.chmod(0o600)
+    lib = tmp_path / "env" / "lib"
+    lib.mkdir(parents=True)
+    victim = lib / "module.py"
+    victim.write_text("x = 1\n")
+    victim.chmod(0o777)
+    swapped = []
+
+    def swap_after(real):
+        def looked(*args, **kwargs):
+            result = real(*args, **kwargs)
+            path = args[0]
+            if isinstance(path, (str, os.PathLike)) and not swapped and \
+                    os.path.basename(path) == victim.name:
+                os.unlink(victim)
+                os.symlink(key, victim)
+                swapped.append(real.__name__)
+            return result
+        return looked
+    for name in ("lstat", "stat", "open"):
+        monkeypatch.setattr(os, name, swap_after(getattr(os, name)))
+    environments._chown_tree(str(tmp_path / "env"), os.getuid(), os.getgid(), strip=0o6022)
+    monkeypatch.undo()
+    assert swapped, "the tree walk never looked at the file"
+    assert key.stat().st_mode & 0o7777 == 0o600
+    assert victim.is_symlink()
