@@ -1098,3 +1098,40 @@ def test_handing_an_environment_back_never_follows_a_swapped_symlink(tmp_path, m
     assert swapped, "the tree walk never looked at the file"
     assert key.stat().st_mode & 0o7777 == 0o600
     assert victim.is_symlink()
+
+
+def test_a_runner_with_test_user_refuses_a_key_file_the_test_user_can_read(request):
+    """A key file printed with a shell redirect (mode 644) would be open
+    to the tests: --test-user refuses to start with it, naming the file."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (to switch to an unprivileged user)")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("needs a user 'nobody'")
+    base = pathlib.Path(tempfile.mkdtemp(prefix="ci-keymode-"))
+    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
+    os.chmod(base, 0o755)
+    clone = base / "clone"
+    (clone / ".git").mkdir(parents=True)
+    os.chown(clone, nobody.pw_uid, nobody.pw_gid)
+    key = base / "r1.key"
+    key.write_text(auth.format_key_file("runner", "r1", MASTER))
+
+    def start(mode):
+        key.chmod(mode)
+        return subprocess.run(
+            [PY, os.path.join(ROOT, "test_runner.py"), "--host", LOOPBACK, "--port",
+             str(free_port()), "--dispatcher-server", f"{LOOPBACK}:9", "--secret-file",
+             str(key), "--test-user", "nobody", "--state-dir", str(base / "state"),
+             "--dispatcher-timeout", "0.5", "--retry-max", "0.1", str(clone)],
+            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    refused = start(0o644)
+    assert refused.returncode == 2, refused.stderr
+    assert f"--test-user nobody can read --secret-file {key}" in refused.stderr
+    assert not (base / "state").exists()
+    # Private to the runner's user: it starts (and gives up on the absent
+    # dispatcher after --dispatcher-timeout).
+    accepted = start(0o600)
+    assert "can read" not in accepted.stderr, accepted.stderr
+    assert "test user nobody" in accepted.stderr, accepted.stderr[-2000:]
