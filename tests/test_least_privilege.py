@@ -907,6 +907,27 @@ def test_a_runner_certificate_cannot_pose_as_the_dispatcher(cluster, role_certs,
     assert "accepted" not in runner.log()
 
 
+
+@needs_openssl
+def test_the_dashboard_wants_the_dispatchers_certificate(role_certs, tmp_path):
+    import dashboard
+    fake = Recorder(tls_security(role_certs, "runner-r2", expect=None))
+    try:
+        (tmp_path / "results").mkdir()
+        args = dashboard.build_parser().parse_args([
+            "--host", LOOPBACK, "--port", "0", "--results-dir", str(tmp_path / "results"),
+            "--dispatcher-server", f"{LOOPBACK}:{fake.port}", *role_certs["viewer-v"]])
+        server = dashboard.make_server(args)
+        try:
+            state, error = server.app.live.state()
+        finally:
+            server.server_close()
+        assert state is None
+        assert "presented a certificate for role 'runner', not 'dispatcher'" in error, error
+        assert fake.seen == []
+    finally:
+        fake.close()
+
 @needs_openssl
 def test_certificate_roles_at_the_dispatcher(cluster, role_certs, tmp_path):
     disp = cluster.start_dispatcher(*role_certs["dispatcher"], "--secret-file",
