@@ -569,6 +569,9 @@ def make_server(args) -> DashboardServer:
     except ValueError as exc:
         raise helpers.ConfigError(str(exc)) from None
     security = helpers.security_from_args(args)
+    if security.client_tls:
+        # Only the dispatcher's certificate: a runner's must not pose as it.
+        security.tls_server_role = "dispatcher"
     results = os.path.abspath(args.results_dir)
     if not os.path.isdir(results):
         raise helpers.ConfigError(f"results folder {args.results_dir} does not exist")

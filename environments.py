@@ -154,9 +154,10 @@ class EnvironmentCache:
             self._remove(path)
             return False, (f"timed out after {timeout:g}s" if timed_out else f"exited {code}")
         if user is not None:
-            # Built: the runner's again and read-only to others, so that no
-            # later test (of another commit) can change what it runs with.
-            _chown_tree(path, os.getuid(), os.getgid(), strip=0o022)
+            # Built: the runner's again, read-only to others and without
+            # set-id bits, so that no later test (of another commit) can
+            # change what it runs with.
+            _chown_tree(path, os.getuid(), os.getgid(), strip=0o6022)
         helpers.atomic_write(os.path.join(path, MARKER), json.dumps({
             "key": key, "setup": list(setup), "python": sys.version,
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -205,14 +206,45 @@ class EnvironmentCache:
 
 def _chown_tree(path: str, uid: int, gid: int, strip: int = 0) -> None:
     """Give a whole environment to ``uid`` (symlinks themselves, never
-    their targets), taking the ``strip`` permission bits away."""
-    for folder, dirs, files in os.walk(path):
-        for name in [*dirs, *files, None]:
-            item = folder if name is None else os.path.join(folder, name)
-            os.lchown(item, uid, gid)
-            mode = os.lstat(item).st_mode
-            if strip and not stat.S_ISLNK(mode):
-                os.chmod(item, stat.S_IMODE(mode) & ~strip)
+    their targets), taking the ``strip`` permission bits away.
+
+    The test user owned the tree until now and a process it left behind
+    may still be changing it, so every change goes through a file
+    descriptor opened without following symlinks (and every folder is
+    entered through its parent's descriptor): a name swapped for a
+    symlink after it was looked at must not lead a chmod, run as root,
+    to the runner's key file."""
+    def give(fd: int) -> None:
+        os.fchown(fd, uid, gid)
+        if strip:
+            os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) & ~strip)
+
+    top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        give(top)
+    finally:
+        os.close(top)
+    for _folder, dirs, files, folder_fd in os.fwalk(path, follow_symlinks=False):
+        # Sub-folders are given away here, as entries of their parent,
+        # before the walk enters them.
+        for name in [*dirs, *files]:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
+                             dir_fd=folder_fd)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                # A symlink (ELOOP), or a socket that cannot be opened:
+                # change the entry itself, never what it points to.
+                try:
+                    os.chown(name, uid, gid, dir_fd=folder_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass
+                continue
+            try:
+                give(fd)
+            finally:
+                os.close(fd)
 
 
 def env_file_paths(repo: str, patterns: tuple[str, ...]) -> list[tuple[str, str]]:

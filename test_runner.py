@@ -286,6 +286,35 @@ class TestUser:
         """Hand a folder the runner made for one run to the test user."""
         os.chown(path, self.uid, self.gid)
 
+    def can_read(self, path: str) -> bool:
+        """Whether this user could open ``path`` (its folders included):
+        asked of the kernel, in a child switched to the user."""
+        path = os.path.abspath(path)
+        pid = os.fork()
+        if pid == 0:
+            code = 2
+            try:
+                os.setgroups([])
+                os.setgid(self.gid)
+                os.setuid(self.uid)
+                code = 1
+                os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY))
+                code = 0
+            finally:
+                os._exit(code)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if code not in (0, 1):
+            raise helpers.ConfigError(f"--test-user {self.name}: cannot check who may read "
+                                      f"{path}")
+        return code == 0
+
+    def check_private(self, path: str | None, flag: str) -> None:
+        """The runner's key and TLS key must be out of the tests' reach."""
+        if path and self.can_read(path):
+            raise helpers.ConfigError(f"--test-user {self.name} can read {flag} {path}: the "
+                                      "tests could too (chmod 600 it, owned by the runner's "
+                                      "user)")
+
     def check_clone(self, repo: str) -> None:
         if os.stat(repo).st_uid != self.uid:
             raise helpers.ConfigError(f"--test-user {self.name}: the clone {repo} must belong "
@@ -980,7 +1009,10 @@ def main(argv=None) -> int:
             security.tls_server_role = "dispatcher"
         state_dir = os.path.abspath(args.state_dir or os.path.join(repo, ".git", "ci-runner"))
         if args.test_user:
-            TestUser(args.test_user).check_clone(repo)
+            test_user = TestUser(args.test_user)
+            test_user.check_clone(repo)
+            test_user.check_private(args.secret_file, "--secret-file")
+            test_user.check_private(args.tls_key, "--tls-key")
             if os.path.commonpath([state_dir, repo]) == repo:
                 raise helpers.ConfigError("with --test-user, give a --state-dir outside the "
                                           "clone (the test user owns the clone)")

@@ -19,6 +19,7 @@ import ssl
 import subprocess
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -906,6 +907,27 @@ def test_a_runner_certificate_cannot_pose_as_the_dispatcher(cluster, role_certs,
     assert "accepted" not in runner.log()
 
 
+
+@needs_openssl
+def test_the_dashboard_wants_the_dispatchers_certificate(role_certs, tmp_path):
+    import dashboard
+    fake = Recorder(tls_security(role_certs, "runner-r2", expect=None))
+    try:
+        (tmp_path / "results").mkdir()
+        args = dashboard.build_parser().parse_args([
+            "--host", LOOPBACK, "--port", "0", "--results-dir", str(tmp_path / "results"),
+            "--dispatcher-server", f"{LOOPBACK}:{fake.port}", *role_certs["viewer-v"]])
+        server = dashboard.make_server(args)
+        try:
+            state, error = server.app.live.state()
+        finally:
+            server.server_close()
+        assert state is None
+        assert "presented a certificate for role 'runner', not 'dispatcher'" in error, error
+        assert fake.seen == []
+    finally:
+        fake.close()
+
 @needs_openssl
 def test_certificate_roles_at_the_dispatcher(cluster, role_certs, tmp_path):
     disp = cluster.start_dispatcher(*role_certs["dispatcher"], "--secret-file",
@@ -1060,3 +1082,77 @@ def test_a_runner_key_registers_one_address_only(cluster, tmp_path, keyed_runner
     wait_until(moved, 5, interval=0.2, what="the new address accepted")
     state = json.loads(ask(port, "state", security=key_security("viewer", "v")).body)
     assert [r["address"] for r in state["runners"]] == [f"{LOOPBACK}:{second.port}"]
+
+
+
+def test_handing_an_environment_back_never_follows_a_swapped_symlink(tmp_path, monkeypatch):
+    """While the runner hands a built environment back, a process the
+    setup left behind (as the test user) may swap any name for a symlink
+    to the runner's key the moment after the runner looked at it: the
+    key's mode must not change, whatever the runner looked with."""
+    import environments
+    key = tmp_path / "runner.key"
+    key.write_bytes(b"ci-key-v1 runner:r1 " + b"0" * 64 + b"\n")
+    key.chmod(0o600)
+    lib = tmp_path / "env" / "lib"
+    lib.mkdir(parents=True)
+    victim = lib / "module.py"
+    victim.write_text("x = 1\n")
+    victim.chmod(0o777)
+    swapped = []
+
+    def swap_after(real):
+        def looked(*args, **kwargs):
+            result = real(*args, **kwargs)
+            path = args[0]
+            if isinstance(path, (str, os.PathLike)) and not swapped and \
+                    os.path.basename(path) == victim.name:
+                os.unlink(victim)
+                os.symlink(key, victim)
+                swapped.append(real.__name__)
+            return result
+        return looked
+    for name in ("lstat", "stat", "open"):
+        monkeypatch.setattr(os, name, swap_after(getattr(os, name)))
+    environments._chown_tree(str(tmp_path / "env"), os.getuid(), os.getgid(), strip=0o6022)
+    monkeypatch.undo()
+    assert swapped, "the tree walk never looked at the file"
+    assert key.stat().st_mode & 0o7777 == 0o600
+    assert victim.is_symlink()
+
+
+def test_a_runner_with_test_user_refuses_a_key_file_the_test_user_can_read(request):
+    """A key file printed with a shell redirect (mode 644) would be open
+    to the tests: --test-user refuses to start with it, naming the file."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (to switch to an unprivileged user)")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("needs a user 'nobody'")
+    base = pathlib.Path(tempfile.mkdtemp(prefix="ci-keymode-"))
+    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
+    os.chmod(base, 0o755)
+    clone = base / "clone"
+    (clone / ".git").mkdir(parents=True)
+    os.chown(clone, nobody.pw_uid, nobody.pw_gid)
+    key = base / "r1.key"
+    key.write_text(auth.format_key_file("runner", "r1", MASTER))
+
+    def start(mode):
+        key.chmod(mode)
+        return subprocess.run(
+            [PY, os.path.join(ROOT, "test_runner.py"), "--host", LOOPBACK, "--port",
+             str(free_port()), "--dispatcher-server", f"{LOOPBACK}:9", "--secret-file",
+             str(key), "--test-user", "nobody", "--state-dir", str(base / "state"),
+             "--dispatcher-timeout", "0.5", "--retry-max", "0.1", str(clone)],
+            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    refused = start(0o644)
+    assert refused.returncode == 2, refused.stderr
+    assert f"--test-user nobody can read --secret-file {key}" in refused.stderr
+    assert not (base / "state").exists()
+    # Private to the runner's user: it starts (and gives up on the absent
+    # dispatcher after --dispatcher-timeout).
+    accepted = start(0o600)
+    assert "can read" not in accepted.stderr, accepted.stderr
+    assert "test user nobody" in accepted.stderr, accepted.stderr[-2000:]
