@@ -135,7 +135,7 @@ class EnvironmentCache:
         user = getattr(slot, "user", None)
         if user is not None:
             # The setup runs as the test user (--test-user) and installs here.
-            _chown_tree(path, user.uid, user.gid)
+            chown_tree(path, user.uid, user.gid)
         if not has_pip:
             # The runner's Python has no pip to lend: install the bundled one.
             code, timed_out = slot.run([self.python_of(key), "-m", "ensurepip", "--default-pip"],
@@ -157,7 +157,7 @@ class EnvironmentCache:
             # Built: the runner's again, read-only to others and without
             # set-id bits, so that no later test (of another commit) can
             # change what it runs with.
-            _chown_tree(path, os.getuid(), os.getgid(), strip=0o6022)
+            chown_tree(path, os.getuid(), os.getgid(), strip=0o6022)
         helpers.atomic_write(os.path.join(path, MARKER), json.dumps({
             "key": key, "setup": list(setup), "python": sys.version,
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -204,16 +204,17 @@ class EnvironmentCache:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _chown_tree(path: str, uid: int, gid: int, strip: int = 0) -> None:
-    """Give a whole environment to ``uid`` (symlinks themselves, never
-    their targets), taking the ``strip`` permission bits away.
+def chown_tree(path: str, uid: int, gid: int, strip: int = 0,
+               skip: tuple[str, ...] = ()) -> None:
+    """Give a whole tree (an environment, a working tree) to ``uid``
+    (symlinks themselves, never their targets), taking the ``strip``
+    permission bits away; the top-level names in ``skip`` are left alone.
 
-    The test user owned the tree until now and a process it left behind
-    may still be changing it, so every change goes through a file
-    descriptor opened without following symlinks (and every folder is
-    entered through its parent's descriptor): a name swapped for a
-    symlink after it was looked at must not lead a chmod, run as root,
-    to the runner's key file."""
+    The test user may own the tree and a process it left behind may still
+    be changing it, so every change goes through a file descriptor opened
+    without following symlinks (and every folder is entered through its
+    parent's descriptor): a name swapped for a symlink after it was looked
+    at must not lead a chmod, run as root, to the runner's key file."""
     def give(fd: int) -> None:
         os.fchown(fd, uid, gid)
         if strip:
@@ -224,10 +225,15 @@ def _chown_tree(path: str, uid: int, gid: int, strip: int = 0) -> None:
         give(top)
     finally:
         os.close(top)
-    for _folder, dirs, files, folder_fd in os.fwalk(path, follow_symlinks=False):
+    for folder, dirs, files, folder_fd in os.fwalk(path, follow_symlinks=False):
+        if skip and folder == path:
+            dirs[:] = [d for d in dirs if d not in skip]
+            files = [f for f in files if f not in skip]
         # Sub-folders are given away here, as entries of their parent,
         # before the walk enters them.
         for name in [*dirs, *files]:
+            if not strip and _owned_by(name, folder_fd, uid, gid):
+                continue  # most of a working tree, between two checkouts
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
                              dir_fd=folder_fd)
@@ -245,6 +251,14 @@ def _chown_tree(path: str, uid: int, gid: int, strip: int = 0) -> None:
                 give(fd)
             finally:
                 os.close(fd)
+
+
+def _owned_by(name: str, folder_fd: int, uid: int, gid: int) -> bool:
+    try:
+        info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    return (info.st_uid, info.st_gid) == (uid, gid)
 
 
 def env_file_paths(repo: str, patterns: tuple[str, ...]) -> list[tuple[str, str]]:

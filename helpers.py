@@ -700,11 +700,11 @@ class GitError(Exception):
         super().__init__(f"git {' '.join(args)} in {cwd} exited {code}: {self.stderr[-500:]}")
 
 
-def run_git(repo: str, *args: str, timeout: float = 120) -> str:
+def run_git(repo: str, *args: str, timeout: float = 120, env: dict | None = None) -> str:
     cmd = ["git", "-C", repo, *args]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, env=env)
     except subprocess.TimeoutExpired:
         raise GitError(list(args), repo, -1, "timed out") from None
     if proc.returncode:

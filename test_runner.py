@@ -29,6 +29,7 @@ import time
 import environments
 import helpers
 import junit_capture
+import private_git
 import procgroup
 import recipe
 import results
@@ -203,10 +204,12 @@ class ProcessSlot:
         os.unlink(self.pidfile)
 
     def run(self, cmd: list[str], cwd: str, timeout: float, out,
-            env=None, live: bool = True) -> tuple[int, bool]:
+            env=None, live: bool = True, as_runner: bool = False) -> tuple[int, bool]:
         """Run ``cmd`` with output to file ``out``; return (exit code, timed out).
-        ``live``: the output is the current job's, to be shown as it grows."""
-        extra = self.user.popen_args() if self.user else {}
+        ``live``: the output is the current job's, to be shown as it grows.
+        ``as_runner``: as this runner's user even with --test-user (its own
+        git work, in a repository the test user cannot change)."""
+        extra = self.user.popen_args() if self.user and not as_runner else {}
         with self._lock:
             if self.cancelled:
                 return -signal.SIGKILL, False
@@ -256,9 +259,10 @@ class ProcessSlot:
 
 
 class TestUser:
-    """``--test-user``: the checkout and the tests run as this unprivileged
-    user, so a test cannot read the runner's key file, its environment,
-    its outbox or its state folder (all the runner user's, mode 600/700)."""
+    """``--test-user``: setup and tests run as this unprivileged user, so a
+    test cannot read the runner's key file, its environment, its outbox or
+    its state folder (all the runner user's, mode 600/700), nor change the
+    repository later checkouts read (see private_git)."""
 
     def __init__(self, name: str):
         import pwd
@@ -280,6 +284,13 @@ class TestUser:
     def env(self, env: dict) -> dict:
         env = dict(env, USER=self.name, LOGNAME=self.name)
         env["HOME"] = self.home if os.path.isdir(self.home) else "/tmp"
+        # The clone's repository is the runner's (private_git): the tests'
+        # own git may read it, which git refuses for another owner's
+        # repository unless told (a command-scope setting, git >= 2.36).
+        count = env.get("GIT_CONFIG_COUNT", "")
+        count = int(count) if count.isdigit() else 0
+        env.update({"GIT_CONFIG_COUNT": str(count + 1), f"GIT_CONFIG_KEY_{count}":
+                    "safe.directory", f"GIT_CONFIG_VALUE_{count}": "*"})
         return env
 
     def own(self, path: str) -> None:
@@ -321,6 +332,14 @@ class TestUser:
                                       f"to that user (chown -R {self.name} {repo})")
 
 
+def git_run_args(private: private_git.PrivateRepository | None, slot: ProcessSlot) -> dict:
+    """``slot.run``'s env and as_runner for the runner's git work: with a
+    private repository, as the runner's user, in that repository."""
+    if private is None:
+        return {"env": child_env(slot.user)}
+    return {"env": private.git_env(child_env()), "as_runner": True}
+
+
 # Environment variables a test never sees: the runner's credentials.
 SECRET_ENV = ("CI_SECRET",)
 
@@ -357,8 +376,13 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
             checkout_timeout: float, slot: ProcessSlot, max_output: int,
             junit_pattern: str | None = None,
             preparer: environments.Preparer | None = None,
-            shard: sharding.ShardSpec | None = None) -> tuple[dict, bytes]:
+            shard: sharding.ShardSpec | None = None,
+            private: private_git.PrivateRepository | None = None) -> tuple[dict, bytes]:
     """Check out ``commit`` and run its tests; return (fields, output).
+
+    ``private`` (with --test-user): the runner's own repository, in which
+    the checkout runs as the runner's user; the tree is then the test
+    user's.
 
     ``preparer`` (the runner's recipe and environments) decides the test
     command, its environment and time limit; without one, ``test_command``
@@ -371,9 +395,12 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
     env = child_env(slot.user)
     with tempfile.TemporaryFile() as out:
         code, timed_out = slot.run(["bash", helpers.script_path("test_runner_script.sh"),
-                                    repo, commit], repo, checkout_timeout, out, env)
+                                    repo, commit], repo, checkout_timeout, out,
+                                   **git_run_args(private, slot))
         out.seek(0)
         checkout_log = out.read(64 * 1024)
+    if code == 0 and private is not None:
+        private.give_tree()
     log.debug("checkout of %s took %.3fs", commit[:12], time.time() - started)
     fields.update(parse_checkout_meta(checkout_log))
     if code != 0:
@@ -580,6 +607,9 @@ class TestRunner:
         self.watchdog = procgroup.Watchdog()
         self.slot = ProcessSlot(os.path.join(state_dir, "running.pid"), self.watchdog,
                                 self.user)
+        # With a test user, the repository is the runner's (see private_git).
+        self.private = private_git.PrivateRepository(self.repo, state_dir, self.user.uid,
+                                                     self.user.gid) if self.user else None
         self.slot.reap_leftovers()
         self.outbox = Outbox(os.path.join(state_dir, "outbox"))
         self.test_command = shlex.split(args.test_command) if args.test_command else None
@@ -640,7 +670,7 @@ class TestRunner:
                 fields, output = execute(self.repo, job.commit, self.test_command,
                                          self.args.timeout, self.args.checkout_timeout,
                                          self.slot, self.max_output, self.args.junit_xml,
-                                         self.preparer, job.shard)
+                                         self.preparer, job.shard, self.private)
             except Exception as exc:
                 log.exception("running %s failed", job.commit[:12])
                 fields = {"verdict": "error", "reason": f"runner failure: {exc}"}
@@ -673,13 +703,15 @@ class TestRunner:
 
     def _prefetch(self) -> None:
         """Fetch the upstream as update_repo.sh does for the observer, in
-        the slot (so a stop kills it and --test-user applies as for a
-        checkout); a failure only means the checkout fetches instead."""
+        the slot (so a stop kills it; with --test-user, in the runner's own
+        repository as for a checkout); a failure only means the checkout
+        fetches instead."""
         started = time.monotonic()
         with tempfile.TemporaryFile() as out:
             code, timed_out = self.slot.run(
                 ["bash", helpers.script_path("update_repo.sh"), self.repo], self.repo,
-                self.args.checkout_timeout, out, child_env(self.slot.user), live=False)
+                self.args.checkout_timeout, out, live=False,
+                **git_run_args(self.private, self.slot))
             if code and not self.slot.cancelled:
                 out.seek(0)
                 log.info("prefetch failed (%s): %s",
@@ -948,10 +980,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="send the running test's new output to the dispatcher this "
                              "often, for live logs (default: %(default)s)")
     parser.add_argument("--test-user", metavar="USER",
-                        help="run the checkout and the tests as this unprivileged user "
-                             "(Linux; the runner runs as root), so tests cannot read the "
-                             "runner's key, environment, outbox or state; the clone must "
-                             "belong to USER and --state-dir must lie outside it")
+                        help="run setup and tests as this unprivileged user (Linux; the "
+                             "runner runs as root), so tests cannot read the runner's key, "
+                             "environment, outbox or state, nor change its repository; the "
+                             "clone must belong to USER, --state-dir must lie outside it, and "
+                             "the repository moves to STATE-DIR/git")
     helpers.add_common_arguments(parser)
     return parser
 
@@ -998,7 +1031,7 @@ def main(argv=None) -> int:
         except ValueError as exc:
             raise helpers.ConfigError(str(exc)) from None
         repo = os.path.abspath(args.repo)
-        if not os.path.isdir(os.path.join(repo, ".git")):
+        if not os.path.exists(os.path.join(repo, ".git")):
             raise helpers.ConfigError(f"{args.repo} is not a git clone (no .git folder)")
         security = helpers.security_from_args(args)
         helpers.check_bind_allowed(args.host, security, args.insecure)
@@ -1019,6 +1052,8 @@ def main(argv=None) -> int:
         helpers.ensure_dir(state_dir, "state folder")
         os.chmod(state_dir, 0o700)
         runner = TestRunner(args, security, dispatcher, state_dir)
+        if runner.private is not None:
+            runner.private.setup()
         if args.test_user:
             # The test user may pass through (not list) the state folder to
             # reach the environments in it; the outbox stays closed.

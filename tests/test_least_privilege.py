@@ -26,8 +26,8 @@ import pytest
 import auth
 import helpers
 import results
-from conftest import (PASSING_TEST, PY, ROOT, Cluster, Daemon, Upstream, free_port,
-                      wait_for_port, wait_until)
+from conftest import (FAILING_TEST, PASSING_TEST, PY, ROOT, Cluster, Daemon, Upstream,
+                      free_port, wait_for_port, wait_until)
 from helpers import Message
 
 MASTER = b"master secret of the least-privilege tests"
@@ -1114,7 +1114,7 @@ def test_handing_an_environment_back_never_follows_a_swapped_symlink(tmp_path, m
         return looked
     for name in ("lstat", "stat", "open"):
         monkeypatch.setattr(os, name, swap_after(getattr(os, name)))
-    environments._chown_tree(str(tmp_path / "env"), os.getuid(), os.getgid(), strip=0o6022)
+    environments.chown_tree(str(tmp_path / "env"), os.getuid(), os.getgid(), strip=0o6022)
     monkeypatch.undo()
     assert swapped, "the tree walk never looked at the file"
     assert key.stat().st_mode & 0o7777 == 0o600
@@ -1133,9 +1133,10 @@ def test_a_runner_with_test_user_refuses_a_key_file_the_test_user_can_read(reque
     base = pathlib.Path(tempfile.mkdtemp(prefix="ci-keymode-"))
     request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
     os.chmod(base, 0o755)
-    clone = base / "clone"
-    (clone / ".git").mkdir(parents=True)
-    os.chown(clone, nobody.pw_uid, nobody.pw_gid)
+    upstream = Upstream(base / "upstream")
+    upstream.commit({"tests/test_sample.py": PASSING_TEST}, "initial")
+    clone = upstream.clone(base / "clone")
+    chown_tree(clone, nobody)
     key = base / "r1.key"
     key.write_text(auth.format_key_file("runner", "r1", MASTER))
 
@@ -1156,3 +1157,97 @@ def test_a_runner_with_test_user_refuses_a_key_file_the_test_user_can_read(reque
     accepted = start(0o600)
     assert "can read" not in accepted.stderr, accepted.stderr
     assert "test user nobody" in accepted.stderr, accepted.stderr[-2000:]
+
+
+TAMPERING_TEST = r'''import json, os, subprocess, unittest
+
+MARKER = %r
+
+
+def attempt(what, action):
+    try:
+        action()
+        return "done"
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return "refused: %%s" %% exc
+
+
+def git(*args):
+    subprocess.run(["git", *args], check=True, capture_output=True)
+
+
+class Tamper(unittest.TestCase):
+    def test_reach_for_the_next_checkout(self):
+        gitdir = subprocess.run(["git", "rev-parse", "--absolute-git-dir"], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], check=True,
+                              capture_output=True, text=True).stdout.strip()
+        hook = "#!/bin/sh\ntouch " + MARKER + "\n"
+
+        def write_hook(folder):
+            path = os.path.join(folder, "hooks", "post-checkout")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as handle:
+                handle.write(hook)
+            os.chmod(path, 0o755)
+
+        def own_repository():
+            # A repository of its own where the runner's pointer was.
+            os.unlink(".git")
+            git("init", "-q", ".git-own")
+            os.rename(".git-own/.git", ".git")
+            write_hook(".git")
+            git("config", "core.fsmonitor", "touch " + MARKER)
+        report = {
+            "gitdir": gitdir,
+            "hook": attempt("hook", lambda: write_hook(gitdir)),
+            "config": attempt("config", lambda: git("config", "core.fsmonitor",
+                                                     "touch " + MARKER)),
+            "replace": attempt("replace", lambda: git("update-ref", "refs/replace/" + head,
+                                                      head)),
+            "objects": attempt("objects", lambda: open(os.path.join(
+                gitdir, "objects", "planted"), "w").close()),
+            "pointer": attempt("pointer", own_repository),
+        }
+        print("TAMPER REPORT " + json.dumps(report), flush=True)
+'''
+
+
+def test_a_test_user_cannot_change_the_repository_later_checkouts_use(request):
+    """--test-user: the clone's repository is the runner's (private_git).
+    A commit whose test tries to plant a hook, a config entry, a replace
+    ref or an object in it, or a repository of its own in the tree, is
+    refused each time (or ignored), and the next commit on that runner is
+    checked out and judged as itself."""
+    cluster, upstream, base, nobody = user_folder_cluster(request)
+    # No global safe.directory: the runner must give the tests' git its own.
+    cluster.env.pop("GIT_CONFIG_GLOBAL")
+    marker = base / "hook-ran"
+    clone = pathlib.Path(upstream.clone(base / "clone"))
+    chown_tree(clone, nobody)
+    state = base / "state"
+    cluster.start_dispatcher()
+    cluster.start_runner("--test-command", TEST_COMMAND, "--test-user", "nobody",
+                         "--state-dir", str(state), clone=clone)
+    cluster.start_observer("--poll", "0.3", "--no-listen", wait=False)
+    cluster.result(git_head(upstream), 30)
+    tamper = upstream.commit({"tests/test_tamper.py": TAMPERING_TEST % str(marker)},
+                             "tamper with the repository")
+    tampered = cluster.result(tamper, 30)
+    assert b"TAMPER REPORT " in tampered["output"], tampered["output"][-3000:]
+    report = json.loads(tampered["output"].split(b"TAMPER REPORT ", 1)[1].splitlines()[0])
+    assert report["gitdir"] == str(state / "git"), report
+    for what in ("hook", "config", "replace", "objects"):
+        assert report[what].startswith("refused"), (what, report)
+    assert report["pointer"] == "done", report   # its own tree: but the runner ignores it
+    broken = upstream.commit({"tests/test_tamper.py": None,
+                              "tests/test_sample.py": FAILING_TEST}, "break it")
+    result = cluster.result(broken, 30)
+    assert result["verdict"] == "failed", result
+    assert result["failures"] == "1", result
+    assert not marker.exists(), "a planted hook ran"
+    # The tree's .git names the runner's repository again, which holds no hook.
+    assert (clone / ".git").read_text() == f"gitdir: {state / 'git'}\n"
+    assert not (state / "git" / "hooks" / "post-checkout").exists()
+    assert (state / "git").stat().st_uid == os.getuid()
+    assert (clone / "tests" / "test_sample.py").stat().st_uid == nobody.pw_uid

@@ -1,0 +1,135 @@
+"""The runner's repository, out of the test user's reach (``--test-user``).
+
+The tests run as an unprivileged user who must own the working tree
+(suites write caches and build files into it).  If that user owned the
+clone's ``.git`` too, a hostile commit could change what the *next*
+checkout on this runner produces: a hook, a config entry
+(``core.fsmonitor``, a filter), a replace ref or a rewritten object would
+make a later commit be checked out or tested as the hostile one chose.
+
+So the repository lives in the runner's state folder (``<state>/git``),
+owned by the runner's user and only readable by others; the runner's own
+git processes (fetch, checkout, clean) name it explicitly (``GIT_DIR``,
+``GIT_WORK_TREE``) and never look at the working tree's ``.git``.  The
+working tree keeps a ``.git`` file pointing at it, rewritten after every
+checkout, so that a test's own ``git log`` or ``git describe`` still
+works (read-only).  After each checkout the files git wrote are given to
+the test user.
+
+The repository is made afresh from the clone's ``origin`` (read from its
+config as data, never through a hook or include of it), so nothing a test
+user may have left in the old ``.git`` is ever used by the runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+
+import environments
+import helpers
+
+log = logging.getLogger(__name__)
+
+FOLDER = "git"
+POINTER = ".git"
+# A first fetch of a big repository can take a while.
+FETCH_TIMEOUT = 3600.0
+
+
+class PrivateRepository:
+    def __init__(self, repo: str, state_dir: str, uid: int, gid: int):
+        self.repo = os.path.abspath(repo)
+        self.git_dir = os.path.join(os.path.abspath(state_dir), FOLDER)
+        self.uid, self.gid = uid, gid
+
+    # ---- once, at start ---------------------------------------------------
+    def setup(self) -> None:
+        """Make ``<state>/git`` the clone's repository, if it is not yet.
+        Built beside and renamed into place, so a runner killed halfway
+        starts over instead of using half a repository."""
+        if os.path.isdir(os.path.join(self.git_dir, "objects")):
+            # The same state folder may now serve a clone moved elsewhere.
+            helpers.run_git(self.repo, "config", "core.worktree", self.repo,
+                            env=self.git_env(dict(os.environ)))
+            self.reset_pointer()
+            return
+        url = self._origin_url()
+        building = self.git_dir + ".new"
+        shutil.rmtree(building, ignore_errors=True)
+        env = self.git_env(dict(os.environ), building)
+        try:
+            for args in (["init", "--quiet"], ["config", "core.bare", "false"],
+                         ["config", "core.worktree", self.repo],
+                         ["remote", "add", "origin", url]):
+                helpers.run_git(self.repo, *args, env=env)
+            helpers.run_git(self.repo, "fetch", "--quiet", "origin", env=env,
+                            timeout=FETCH_TIMEOUT)
+        except helpers.GitError as exc:
+            shutil.rmtree(building, ignore_errors=True)
+            raise helpers.ConfigError(f"--test-user: cannot make the runner's own repository "
+                                      f"from {url}: {exc}") from None
+        os.chmod(building, 0o755)
+        os.replace(building, self.git_dir)
+        log.info("the clone's repository is now %s (the runner's; the test user's .git "
+                 "in %s is not used)", self.git_dir, self.repo)
+        self.reset_pointer()
+
+    def _origin_url(self) -> str:
+        """The upstream's address, from the clone's ``.git/config`` read as
+        a file: ``git config --file`` runs nothing and follows no include."""
+        config = os.path.join(self.repo, POINTER, "config")
+        proc = subprocess.run(["git", "config", "--file", config, "--get", "remote.origin.url"],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              timeout=60)
+        url = proc.stdout.strip()
+        if proc.returncode or not url:
+            raise helpers.ConfigError(f"--test-user: {self.repo} has no origin to fetch from "
+                                      "(clone the upstream, then chown the clone to the "
+                                      "test user)")
+        return url
+
+    # ---- every run ----------------------------------------------------------
+    def git_env(self, env: dict, git_dir: str | None = None) -> dict:
+        """The environment of the runner's own git processes: this
+        repository and work tree, whatever the tree's ``.git`` says."""
+        return dict(env, GIT_DIR=git_dir or self.git_dir, GIT_WORK_TREE=self.repo)
+
+    def give_tree(self) -> None:
+        """After a checkout: the working tree (not the repository) to the
+        test user, and the ``.git`` pointer made anew."""
+        self.reset_pointer()
+        environments.chown_tree(self.repo, self.uid, self.gid, skip=(POINTER,))
+
+    def reset_pointer(self) -> None:
+        """Replace whatever the tree's ``.git`` now is (a test may have
+        put a repository of its own there) by a file naming ours."""
+        path = os.path.join(self.repo, POINTER)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        # Through descriptors only: the test user owns the folder and could
+        # swap a name for a symlink between a look and a chmod by path.
+        folder = os.open(self.repo, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            tmp = f".git-{os.getpid()}.tmp"
+            try:
+                os.unlink(tmp, dir_fd=folder)
+            except FileNotFoundError:
+                pass
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
+                         dir_fd=folder)
+            try:
+                os.write(fd, f"gitdir: {self.git_dir}\n".encode())
+                os.fchmod(fd, 0o644)
+            finally:
+                os.close(fd)
+            os.replace(tmp, POINTER, src_dir_fd=folder, dst_dir_fd=folder)
+        finally:
+            os.close(folder)
