@@ -47,6 +47,8 @@ FORMAT = 1
 MARKER = ".ci-env.json"
 LOCK = ".lock"
 KEY_LENGTH = 16
+# An env file larger than this is keyed by its size class, not read whole.
+MAX_ENV_FILE_BYTES = 16 << 20
 
 
 @dataclasses.dataclass
@@ -85,7 +87,8 @@ class EnvironmentCache:
         digest = hashlib.sha256(json.dumps({
             "format": FORMAT, "setup": list(setup), "python": sys.version,
             "executable": os.path.realpath(self.python),
-            "files": [[name, _file_digest(path)] for name, path in env_file_paths(repo, env_files)],
+            "files": [[name, _file_digest(path, repo)]
+                      for name, path in env_file_paths(repo, env_files)],
         }, sort_keys=True).encode())
         return digest.hexdigest()[:KEY_LENGTH]
 
@@ -274,15 +277,16 @@ def env_file_paths(repo: str, patterns: tuple[str, ...]) -> list[tuple[str, str]
     return sorted(found)
 
 
-def _file_digest(path: str) -> str:
-    digest = hashlib.sha256()
+def _file_digest(path: str, repo: str) -> str:
+    """The file's hash; the file is the tested commit's, so one that leads
+    out of the clone (a symlink to a key, to /dev/zero) is not read."""
     try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        data = helpers.read_inside(path, repo, MAX_ENV_FILE_BYTES + 1)
     except OSError as exc:
-        return f"unreadable: {exc.strerror}"
-    return digest.hexdigest()
+        return f"unreadable: {exc.strerror or exc}"
+    if len(data) > MAX_ENV_FILE_BYTES:
+        return f"larger than {MAX_ENV_FILE_BYTES} bytes"
+    return hashlib.sha256(data).hexdigest()
 
 
 def provide_pip(env_path: str, python: str) -> bool:

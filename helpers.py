@@ -19,6 +19,7 @@ import secrets
 import signal
 import socket
 import socketserver
+import stat
 import ssl
 import subprocess
 import sys
@@ -674,6 +675,31 @@ def fsync_dir(folder: str) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_inside(path: str, inside: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of a regular file that lies, symlinks
+    resolved, under the folder ``inside``.  For files a tested commit
+    wrote or committed: a symlink to a secret or to /dev/zero, or a FIFO
+    that never ends, raises OSError instead of being read."""
+    folder = os.path.realpath(inside)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, folder]) != folder:
+        raise OSError(f"{path} leads outside {inside}")
+    fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        chunks, left = [], limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
     finally:
         os.close(fd)
 

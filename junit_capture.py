@@ -20,9 +20,9 @@ import glob
 import logging
 import os
 import shutil
-import stat
 import tempfile
 
+import helpers
 import results
 
 log = logging.getLogger(__name__)
@@ -135,26 +135,8 @@ class Capture:
 
 
 def read_untrusted(path: str, inside: str) -> bytes:
-    """A regular file under ``inside``, at most MAX_JUNIT_BYTES + 1 bytes:
-    the tests wrote it, and a symlink to a secret or to /dev/zero, or a
-    FIFO that never ends, must not be read."""
-    folder = os.path.realpath(inside)
-    if os.path.commonpath([os.path.realpath(path), folder]) != folder:
-        raise OSError(f"{path} leads outside {inside}")
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a regular file")
-        chunks, left = [], results.MAX_JUNIT_BYTES + 1
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    """A JUnit file the tests wrote, at most MAX_JUNIT_BYTES + 1 bytes."""
+    return helpers.read_inside(path, inside, results.MAX_JUNIT_BYTES + 1)
 
 
 def fit(records: list[results.TestRecord], budget: int) -> bytes | None:

@@ -525,3 +525,24 @@ def test_known_short_suites_are_not_split(make_state):
     state.register(("127.0.0.1", 9100), "more", None)
     state.register(("127.0.0.1", 9101), "more2", None)
     assert state._shard_count() == 2  # 4 s known / 2 s per shard
+
+
+def test_a_committed_config_symlink_out_of_the_clone_is_not_read(tmp_path):
+    """Whether pytest is configured is read from files the pushed commit
+    holds: a symlink to a file elsewhere on the runner (a key, say) is not
+    read, and one to a FIFO does not hang the runner."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    outside = tmp_path / "elsewhere.ini"
+    outside.write_text("[pytest]\ntestpaths = secret\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (repo / "pytest.ini").symlink_to(outside)
+    (repo / "tox.ini").symlink_to(fifo)
+    assert not sharding._pytest_configured(str(repo))
+    # Inside the clone, a symlinked config is still read.
+    (repo / "pytest.ini").unlink()
+    (repo / "conf").mkdir()
+    (repo / "conf" / "pytest.ini").write_text("[pytest]\ntestpaths = tests\n")
+    (repo / "pytest.ini").symlink_to(repo / "conf" / "pytest.ini")
+    assert sharding._pytest_configured(str(repo))
