@@ -101,7 +101,12 @@ class PrivateRepository:
         """After a checkout: the working tree (not the repository) to the
         test user, and the ``.git`` pointer made anew."""
         self.reset_pointer()
-        environments.chown_tree(self.repo, self.uid, self.gid, skip=(POINTER,))
+        # git checks out no path with a ``.git`` in it, and its clean leaves
+        # every ``.git`` alone: one below the top is a test's, kept from one
+        # commit to the next (a repository whose config a later test's git
+        # would run, or a hard link to a file outside the tree).
+        environments.chown_tree(self.repo, self.uid, self.gid, skip=(POINTER,),
+                                drop=(POINTER,))
 
     def reset_pointer(self) -> None:
         """Replace whatever the tree's ``.git`` now is (a test may have
