@@ -1325,3 +1325,30 @@ def test_a_git_folder_or_hard_link_a_test_leaves_in_the_tree_is_gone_after_check
     environments.chown_tree(private.repo, nobody.pw_uid, nobody.pw_gid, skip=(".git",))
     assert outside.stat().st_uid == 0
     assert not os.path.lexists(os.path.join(private.repo, "docs", "late"))
+
+
+def test_while_the_runner_checks_out_no_folder_of_the_tree_is_the_test_users(request):
+    """The runner's git (as root) writes in the tree: a process a test
+    left behind that could still rename in it could swap a folder for a
+    symlink under git (which looks at a folder once, then writes all its
+    files) and have root write a commit's files anywhere.  So the tree is
+    the runner's, closed to others, from before the checkout to after."""
+    upstream, private, checkout, nobody = private_clone(request)
+    head = git_head(upstream)
+    checkout(head)
+    as_user(nobody, "mkdir -p tests/made && chmod 777 tests/made docs", private.repo)
+    private.take_tree()
+    victim = pathlib.Path(private.repo).parent / "victim"
+    victim.mkdir(mode=0o777)
+    for folder in (".", "tests", "tests/made", "docs"):
+        with pytest.raises(subprocess.CalledProcessError):
+            as_user(nobody, f"mv {folder}/. {folder}/x 2>/dev/null || "
+                            f"ln -s {victim} {folder}/swapped", private.repo)
+    assert not list(pathlib.Path(private.repo).rglob("swapped"))
+    checkout(head)
+    assert os.stat(private.repo).st_uid == nobody.pw_uid
+    assert os.stat(os.path.join(private.repo, "tests")).st_uid == nobody.pw_uid
+    # A runner stopped between the two starts again (the tree is given back).
+    private.take_tree()
+    private.setup()
+    assert os.stat(private.repo).st_uid == nobody.pw_uid
