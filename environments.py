@@ -208,10 +208,16 @@ class EnvironmentCache:
 
 
 def chown_tree(path: str, uid: int, gid: int, strip: int = 0,
-               skip: tuple[str, ...] = ()) -> None:
+               skip: tuple[str, ...] = (), drop: tuple[str, ...] = ()) -> None:
     """Give a whole tree (an environment, a working tree) to ``uid``
     (symlinks themselves, never their targets), taking the ``strip``
-    permission bits away; the top-level names in ``skip`` are left alone.
+    permission bits away; the top-level names in ``skip`` are left alone,
+    the names in ``drop`` below the top level are removed.
+
+    A file with more than one link is removed, never given: the test user
+    could have linked a file from outside the tree into it (one it can
+    write, or any one where fs.protected_hardlinks is off), and giving the
+    inode away would give that file away.
 
     The test user may own the tree and a process it left behind may still
     be changing it, so every change goes through a file descriptor opened
@@ -232,6 +238,12 @@ def chown_tree(path: str, uid: int, gid: int, strip: int = 0,
         if skip and folder == path:
             dirs[:] = [d for d in dirs if d not in skip]
             files = [f for f in files if f not in skip]
+        elif drop:
+            for name in drop:
+                if name in dirs or name in files:
+                    _remove(name, folder_fd, folder)
+            dirs[:] = [d for d in dirs if d not in drop]
+            files = [f for f in files if f not in drop]
         # Sub-folders are given away here, as entries of their parent,
         # before the walk enters them.
         for name in [*dirs, *files]:
@@ -251,9 +263,30 @@ def chown_tree(path: str, uid: int, gid: int, strip: int = 0,
                     pass
                 continue
             try:
+                info = os.fstat(fd)
+                if not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1:
+                    log.warning("removing %s: a hard link, never given away",
+                                os.path.join(folder, name))
+                    _remove(name, folder_fd, folder)
+                    continue
                 give(fd)
             finally:
                 os.close(fd)
+
+
+def _remove(name: str, folder_fd: int, folder: str) -> None:
+    """Remove an entry of a folder (a folder with its contents), never
+    following a symlink."""
+    try:
+        if stat.S_ISDIR(os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode):
+            if sys.version_info >= (3, 11):
+                shutil.rmtree(name, dir_fd=folder_fd)
+            else:
+                shutil.rmtree(os.path.join(folder, name))
+        else:
+            os.unlink(name, dir_fd=folder_fd)
+    except FileNotFoundError:
+        pass
 
 
 def _owned_by(name: str, folder_fd: int, uid: int, gid: int) -> bool:

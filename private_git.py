@@ -46,15 +46,19 @@ class PrivateRepository:
         self.uid, self.gid = uid, gid
 
     # ---- once, at start ---------------------------------------------------
+    def exists(self) -> bool:
+        return os.path.isdir(os.path.join(self.git_dir, "objects"))
+
     def setup(self) -> None:
         """Make ``<state>/git`` the clone's repository, if it is not yet.
         Built beside and renamed into place, so a runner killed halfway
         starts over instead of using half a repository."""
-        if os.path.isdir(os.path.join(self.git_dir, "objects")):
+        if self.exists():
             # The same state folder may now serve a clone moved elsewhere.
             helpers.run_git(self.repo, "config", "core.worktree", self.repo,
                             env=self.git_env(dict(os.environ)))
-            self.reset_pointer()
+            # A runner stopped between take_tree and give_tree left it ours.
+            self.give_tree()
             return
         url = self._origin_url()
         building = self.git_dir + ".new"
@@ -97,11 +101,27 @@ class PrivateRepository:
         repository and work tree, whatever the tree's ``.git`` says."""
         return dict(env, GIT_DIR=git_dir or self.git_dir, GIT_WORK_TREE=self.repo)
 
+    def take_tree(self) -> None:
+        """Before the runner's git writes in the tree: the tree back to the
+        runner's user, no folder in it writable by anyone else.  A process a
+        test left behind (one that escaped its process group) could
+        otherwise swap a folder for a symlink while git, as root, checks
+        out or cleans there (git looks at a folder once, then writes all
+        its files), and have root write a commit's files anywhere."""
+        self.reset_pointer()
+        environments.chown_tree(self.repo, os.getuid(), os.getgid(), strip=0o6022,
+                                skip=(POINTER,))
+
     def give_tree(self) -> None:
         """After a checkout: the working tree (not the repository) to the
         test user, and the ``.git`` pointer made anew."""
         self.reset_pointer()
-        environments.chown_tree(self.repo, self.uid, self.gid, skip=(POINTER,))
+        # git checks out no path with a ``.git`` in it, and its clean leaves
+        # every ``.git`` alone: one below the top is a test's, kept from one
+        # commit to the next (a repository whose config a later test's git
+        # would run, or a hard link to a file outside the tree).
+        environments.chown_tree(self.repo, self.uid, self.gid, skip=(POINTER,),
+                                drop=(POINTER,))
 
     def reset_pointer(self) -> None:
         """Replace whatever the tree's ``.git`` now is (a test may have

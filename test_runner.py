@@ -326,8 +326,12 @@ class TestUser:
                                       "tests could too (chmod 600 it, owned by the runner's "
                                       "user)")
 
-    def check_clone(self, repo: str) -> None:
-        if os.stat(repo).st_uid != self.uid:
+    def check_clone(self, repo: str, state_dir: str) -> None:
+        owner = os.stat(repo).st_uid
+        if owner == os.getuid() and private_git.PrivateRepository(
+                repo, state_dir, self.uid, self.gid).exists():
+            return  # a run stopped during a checkout: setup gives it back
+        if owner != self.uid:
             raise helpers.ConfigError(f"--test-user {self.name}: the clone {repo} must belong "
                                       f"to that user (chown -R {self.name} {repo})")
 
@@ -393,14 +397,18 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
     fields = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
               "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "exit_code": -1}
     env = child_env(slot.user)
-    with tempfile.TemporaryFile() as out:
-        code, timed_out = slot.run(["bash", helpers.script_path("test_runner_script.sh"),
-                                    repo, commit], repo, checkout_timeout, out,
-                                   **git_run_args(private, slot))
-        out.seek(0)
-        checkout_log = out.read(64 * 1024)
-    if code == 0 and private is not None:
-        private.give_tree()
+    if private is not None:
+        private.take_tree()
+    try:
+        with tempfile.TemporaryFile() as out:
+            code, timed_out = slot.run(["bash", helpers.script_path("test_runner_script.sh"),
+                                        repo, commit], repo, checkout_timeout, out,
+                                       **git_run_args(private, slot))
+            out.seek(0)
+            checkout_log = out.read(64 * 1024)
+    finally:
+        if private is not None:
+            private.give_tree()
     log.debug("checkout of %s took %.3fs", commit[:12], time.time() - started)
     fields.update(parse_checkout_meta(checkout_log))
     if code != 0:
@@ -1043,7 +1051,7 @@ def main(argv=None) -> int:
         state_dir = os.path.abspath(args.state_dir or os.path.join(repo, ".git", "ci-runner"))
         if args.test_user:
             test_user = TestUser(args.test_user)
-            test_user.check_clone(repo)
+            test_user.check_clone(repo, state_dir)
             test_user.check_private(args.secret_file, "--secret-file")
             test_user.check_private(args.tls_key, "--tls-key")
             if os.path.commonpath([state_dir, repo]) == repo:

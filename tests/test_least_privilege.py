@@ -1251,3 +1251,104 @@ def test_a_test_user_cannot_change_the_repository_later_checkouts_use(request):
     assert not (state / "git" / "hooks" / "post-checkout").exists()
     assert (state / "git").stat().st_uid == os.getuid()
     assert (clone / "tests" / "test_sample.py").stat().st_uid == nobody.pw_uid
+
+
+def private_clone(request):
+    """A clone given to 'nobody' with the runner's own repository
+    (private_git) beside it, in a folder that user can traverse; returns
+    (upstream, the repository, a function checking out a commit as the
+    runner does, the user)."""
+    import private_git
+    if os.geteuid() != 0:
+        pytest.skip("needs root (to run processes as an unprivileged user)")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("needs a user 'nobody'")
+    base = pathlib.Path(tempfile.mkdtemp(prefix="ci-private-"))
+    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
+    os.chmod(base, 0o755)
+    upstream = Upstream(base / "upstream")
+    upstream.commit({"tests/test_sample.py": PASSING_TEST, "docs/notes.txt": "notes\n"},
+                    "initial")
+    clone = upstream.clone(base / "clone")
+    chown_tree(clone, nobody)
+    (base / "state").mkdir(mode=0o711)
+    private = private_git.PrivateRepository(clone, str(base / "state"), nobody.pw_uid,
+                                            nobody.pw_gid)
+    private.setup()
+
+    def checkout(commit):
+        subprocess.run(["bash", os.path.join(ROOT, "test_runner_script.sh"), clone, commit],
+                       cwd=clone, env=private.git_env(dict(os.environ)), check=True,
+                       capture_output=True)
+        private.give_tree()
+    return upstream, private, checkout, nobody
+
+
+def as_user(user, script: str, cwd) -> None:
+    """Run a shell script as ``user``, in the environment the runner gives
+    its tests."""
+    import test_runner
+    env = test_runner.TestUser(user.pw_name).env({"PATH": os.environ["PATH"]})
+    subprocess.run(["bash", "-c", script], cwd=cwd, check=True, user=user.pw_uid,
+                   group=user.pw_gid, extra_groups=[], env=env)
+
+
+def test_a_git_folder_or_hard_link_a_test_leaves_in_the_tree_is_gone_after_checkout(request):
+    """git's clean leaves every .git alone: a repository a test puts in a
+    tracked folder would be the one a later test's git uses there (its
+    config runs commands), and a hard link named .git would be given to
+    the test user, and with it the file it links to."""
+    upstream, private, checkout, nobody = private_clone(request)
+    head = git_head(upstream)
+    checkout(head)
+    outside = pathlib.Path(private.repo).parent / "root-file"
+    outside.write_text("root's\n")
+    outside.chmod(0o666)   # one the test user may link to (fs.protected_hardlinks)
+    marker = pathlib.Path(private.repo).parent / "config-ran"
+    as_user(nobody, f"""set -e
+        git init -q tests && git --git-dir=tests/.git config core.fsmonitor 'touch {marker}'
+        ln {outside} docs/.git
+        ln {outside} docs/linked""", private.repo)
+    checkout(head)
+    assert not os.path.lexists(os.path.join(private.repo, "tests", ".git"))
+    assert not os.path.lexists(os.path.join(private.repo, "docs", ".git"))
+    assert outside.stat().st_uid == 0, "the linked file was given to the test user"
+    assert outside.read_text() == "root's\n"
+    as_user(nobody, "git status --short >/dev/null", os.path.join(private.repo, "tests"))
+    assert not marker.exists()
+    # A hard link chown_tree meets (say, one made while it walks) is
+    # removed, never given.
+    as_user(nobody, f"ln {outside} docs/late", private.repo)
+    import environments
+    environments.chown_tree(private.repo, nobody.pw_uid, nobody.pw_gid, skip=(".git",))
+    assert outside.stat().st_uid == 0
+    assert not os.path.lexists(os.path.join(private.repo, "docs", "late"))
+
+
+def test_while_the_runner_checks_out_no_folder_of_the_tree_is_the_test_users(request):
+    """The runner's git (as root) writes in the tree: a process a test
+    left behind that could still rename in it could swap a folder for a
+    symlink under git (which looks at a folder once, then writes all its
+    files) and have root write a commit's files anywhere.  So the tree is
+    the runner's, closed to others, from before the checkout to after."""
+    upstream, private, checkout, nobody = private_clone(request)
+    head = git_head(upstream)
+    checkout(head)
+    as_user(nobody, "mkdir -p tests/made && chmod 777 tests/made docs", private.repo)
+    private.take_tree()
+    victim = pathlib.Path(private.repo).parent / "victim"
+    victim.mkdir(mode=0o777)
+    for folder in (".", "tests", "tests/made", "docs"):
+        with pytest.raises(subprocess.CalledProcessError):
+            as_user(nobody, f"mv {folder}/. {folder}/x 2>/dev/null || "
+                            f"ln -s {victim} {folder}/swapped", private.repo)
+    assert not list(pathlib.Path(private.repo).rglob("swapped"))
+    checkout(head)
+    assert os.stat(private.repo).st_uid == nobody.pw_uid
+    assert os.stat(os.path.join(private.repo, "tests")).st_uid == nobody.pw_uid
+    # A runner stopped between the two starts again (the tree is given back).
+    private.take_tree()
+    private.setup()
+    assert os.stat(private.repo).st_uid == nobody.pw_uid
