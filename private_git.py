@@ -17,8 +17,10 @@ works (read-only).  After each checkout the files git wrote are given to
 the test user.
 
 The repository is made afresh from the clone's ``origin`` (read from its
-config as data, never through a hook or include of it), so nothing a test
-user may have left in the old ``.git`` is ever used by the runner.
+config as data, never through a hook or include of it), so no hook,
+config or object of the old ``.git`` is used by the runner; only its
+origin address is, which is why a clone in which tests already ran as
+the test user must be made anew (README).
 """
 
 from __future__ import annotations
@@ -85,9 +87,12 @@ class PrivateRepository:
         """The upstream's address, from the clone's ``.git/config`` read as
         a file: ``git config --file`` runs nothing and follows no include."""
         config = os.path.join(self.repo, POINTER, "config")
-        proc = subprocess.run(["git", "config", "--file", config, "--get", "remote.origin.url"],
-                              capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                              timeout=60)
+        try:
+            proc = subprocess.run(["git", "config", "--file", config, "--get",
+                                   "remote.origin.url"], capture_output=True, text=True,
+                                  stdin=subprocess.DEVNULL, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise helpers.ConfigError(f"--test-user: cannot read {config}: {exc}") from None
         url = proc.stdout.strip()
         if proc.returncode or not url:
             raise helpers.ConfigError(f"--test-user: {self.repo} has no origin to fetch from "
