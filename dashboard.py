@@ -30,7 +30,7 @@ import urllib.parse
 import dashboard_index
 import dashboard_pages as pages
 import helpers
-from dashboard_live import LiveState
+from dashboard_live import LiveState, without_finished
 
 log = logging.getLogger("dashboard")
 
@@ -129,6 +129,7 @@ class Dashboard:
 
     def _overview_sections(self, filters: dict) -> dict:
         state, error = self.live.state()
+        state = without_finished(state, self.index.finished_of)
         branches = self.index.branches()
         running_branches = {j["branch"] for j in (state or {}).get("running", [])}
         for item in branches:

@@ -256,6 +256,12 @@ class ResultIndex:
 
     # ---- queries (each refreshes first, cheaply)
 
+    def finished_of(self, commit: str) -> float | None:
+        """When the commit's result was written, None without one (as of
+        the last refresh)."""
+        with self._lock:
+            return self._finished(commit) if commit in self._entries else None
+
     def get(self, commit: str) -> dict | None:
         self.refresh()
         with self._lock:

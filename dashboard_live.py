@@ -75,6 +75,24 @@ def normalize_state(data) -> dict:
             "counts": {text(k, 32): text(v, 64) for k, v in list(counts.items())[:32]}}
 
 
+def without_finished(state: dict | None, finished_of) -> dict | None:
+    """The state without the running commits whose result has landed
+    since they started (``finished_of(commit)``: the result's finish time,
+    None if there is none).  The state is cached for a second, the results
+    folder is read at once: a commit would otherwise show as done and
+    running side by side.  A retest of a commit with an older result still
+    runs."""
+    if not state or not state.get("running"):
+        return state
+
+    def done(job) -> bool:
+        finished = finished_of(job["commit"])
+        return finished is not None and job.get("started") is not None \
+            and finished >= job["started"]
+    running = [j for j in state["running"] if not done(j)]
+    return state if len(running) == len(state["running"]) else dict(state, running=running)
+
+
 def _one_per_commit(running: list[dict]) -> list[dict]:
     """A sharded commit runs on several runners at once: one row for it,
     naming them all, with the longest elapsed time."""
@@ -145,6 +163,10 @@ class LiveState:
             reply = self._call("state")
             if reply.command == "ok":
                 state = normalize_state(json.loads(reply.body.decode("utf-8")))
+                now = time.time()
+                for job in state["running"]:
+                    # Wall-clock start, to compare with a result's finish time.
+                    job["started"] = None if job["elapsed"] is None else now - job["elapsed"]
             elif "unknown command" in reply.argument:
                 error = "the dispatcher does not know the 'state' command (older version)"
             else:

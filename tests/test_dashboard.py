@@ -142,6 +142,21 @@ def test_render_escapes_every_value_unless_safe():
     assert pages.verdict_class('passed" onmouseover="x') == "unknown"
 
 
+def test_a_commit_whose_result_landed_is_no_longer_shown_running():
+    """The live state is cached for a second, results are read at once: a
+    commit finished since its job started leaves the running rows; a retest
+    of a commit with an older result stays."""
+    done, retest, other = "a" * 40, "b" * 40, "c" * 40
+    state = {"queue": [], "running": [
+        {"commit": done, "started": 100.0}, {"commit": retest, "started": 100.0},
+        {"commit": other, "started": 100.0}, {"commit": "d" * 40, "started": None}]}
+    finished = {done: 101.0, retest: 50.0}
+    shown = dashboard_live.without_finished(state, finished.get)
+    assert [j["commit"] for j in shown["running"]] == [retest, other, "d" * 40]
+    assert len(state["running"]) == 4   # the cached state is not changed
+    assert dashboard_live.without_finished(None, finished.get) is None
+
+
 def test_normalize_state_keeps_only_expected_shapes():
     state = dashboard_live.normalize_state({
         "queue": [{"commit": A, "branch": "main", "position": 1}, {"commit": "../x"}, 7],
