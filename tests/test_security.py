@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shutil
 import socket
 import ssl
@@ -144,15 +145,40 @@ def test_idle_and_dribbling_connections_are_closed_after_read_timeout(cluster):
     assert status(cluster)["runners"] == 1
 
 
+def hold_every_slot(address, count: int, busy: Message) -> list[socket.socket]:
+    """``count`` idle connections that each hold one of the server's slots.
+    The start-up port probe may still hold a slot when the first arrive:
+    one refused then (told busy at once, with the status call after it
+    answered busy too) is replaced, until none of ours was refused."""
+    held: list[socket.socket] = []
+    try:
+        for _ in range(10):
+            held += [socket.create_connection(address, timeout=5)
+                     for _ in range(count - len(held))]
+            wait_until(lambda: answer(address, "status") == busy, 10,
+                       what=f"{count} idle connections to fill every slot")
+            # Accepted in order: each of ours was given a slot or refused
+            # (a reply already waiting) before that status call.
+            refused = [s for s in held if select.select([s], [], [], 0)[0]]
+            if not refused:
+                return held
+            for sock in refused:
+                held.remove(sock)
+                sock.close()
+        raise AssertionError("some slot stayed taken by something else")
+    except BaseException:
+        for sock in held:
+            sock.close()
+        raise
+
+
 def test_connection_flood_beyond_the_limit_is_refused_then_served(cluster):
     cluster.start_dispatcher("--max-connections", "4", "--read-timeout", "30")
     address = (LOOPBACK, cluster.dispatcher_port)
-    holders = [socket.create_connection(address, timeout=5) for _ in range(4)]
+    busy = Message("busy", "server busy, try later")
+    holders = hold_every_slot(address, 4, busy)
     extra = []
     try:
-        busy = Message("busy", "server busy, try later")
-        wait_until(lambda: answer(address, "status") == busy, 10,
-                   what="the four idle connections to fill every slot")
         # A flood of further idle connections: each is told why and closed.
         extra = [socket.create_connection(address, timeout=5) for _ in range(40)]
         for sock in extra:
