@@ -631,27 +631,35 @@ def chown_tree(path, user) -> None:
             os.lchown(os.path.join(folder, name), user.pw_uid, user.pw_gid)
 
 
-def user_folder_cluster(request):
-    """A cluster in a folder of its own that the unprivileged user can
-    traverse (pytest's are private to root), removed afterwards; returns
-    (cluster, upstream, base folder, the user)."""
+def nobody_folder(request, prefix: str):
+    """A temporary folder the unprivileged user 'nobody' can traverse
+    (pytest's are private to root), removed afterwards, with an upstream
+    holding one passing test; returns (folder, upstream, the user).
+    Skips unless this runs as root and the user exists."""
     if os.geteuid() != 0:
         pytest.skip("needs root (to run processes as an unprivileged user)")
     try:
         nobody = pwd.getpwnam("nobody")
     except KeyError:
         pytest.skip("needs a user 'nobody'")
-    if not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.skip(f"needs {SYSTEM_PYTHON}")
-    base = tempfile.mkdtemp(prefix="ci-hostile-")
+    base = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
     request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
     os.chmod(base, 0o755)
-    base = pathlib.Path(base)
+    upstream = Upstream(base / "upstream")
+    return base, upstream, nobody
+
+
+def user_folder_cluster(request):
+    """A cluster in a folder of its own that the unprivileged user can
+    traverse (pytest's are private to root), removed afterwards; returns
+    (cluster, upstream, base folder, the user)."""
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"needs {SYSTEM_PYTHON}")
+    base, upstream, nobody = nobody_folder(request, "ci-hostile-")
     # The unprivileged user's git must accept repositories owned by others.
     gitconfig = base / "gitconfig"
     gitconfig.write_text("[safe]\n\tdirectory = *\n")
     gitconfig.chmod(0o644)
-    upstream = Upstream(base / "upstream")
     upstream.commit({"tests/test_sample.py": PASSING_TEST}, "initial")
     cluster = Cluster(base, upstream)
 
@@ -1124,16 +1132,7 @@ def test_handing_an_environment_back_never_follows_a_swapped_symlink(tmp_path, m
 def test_a_runner_with_test_user_refuses_a_key_file_the_test_user_can_read(request):
     """A key file printed with a shell redirect (mode 644) would be open
     to the tests: --test-user refuses to start with it, naming the file."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root (to switch to an unprivileged user)")
-    try:
-        nobody = pwd.getpwnam("nobody")
-    except KeyError:
-        pytest.skip("needs a user 'nobody'")
-    base = pathlib.Path(tempfile.mkdtemp(prefix="ci-keymode-"))
-    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
-    os.chmod(base, 0o755)
-    upstream = Upstream(base / "upstream")
+    base, upstream, nobody = nobody_folder(request, "ci-keymode-")
     upstream.commit({"tests/test_sample.py": PASSING_TEST}, "initial")
     clone = upstream.clone(base / "clone")
     chown_tree(clone, nobody)
@@ -1259,16 +1258,7 @@ def private_clone(request):
     (upstream, the repository, a function checking out a commit as the
     runner does, the user)."""
     import private_git
-    if os.geteuid() != 0:
-        pytest.skip("needs root (to run processes as an unprivileged user)")
-    try:
-        nobody = pwd.getpwnam("nobody")
-    except KeyError:
-        pytest.skip("needs a user 'nobody'")
-    base = pathlib.Path(tempfile.mkdtemp(prefix="ci-private-"))
-    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
-    os.chmod(base, 0o755)
-    upstream = Upstream(base / "upstream")
+    base, upstream, nobody = nobody_folder(request, "ci-private-")
     upstream.commit({"tests/test_sample.py": PASSING_TEST, "docs/notes.txt": "notes\n"},
                     "initial")
     clone = upstream.clone(base / "clone")
