@@ -1342,3 +1342,24 @@ def test_while_the_runner_checks_out_no_folder_of_the_tree_is_the_test_users(req
     private.take_tree()
     private.setup()
     assert os.stat(private.repo).st_uid == nobody.pw_uid
+
+
+@needs_openssl
+def test_tls_with_issued_keys_tests_a_commit_end_to_end(cluster, role_certs, upstream,
+                                                        tmp_path):
+    """README's deployment: the dispatcher with the master secret, the
+    runner and the observer each with an issued key and a certificate of
+    their role.  The dispatcher calls the runner signed with the runner's
+    key over its own certificate, which the runner must accept."""
+    master = write_secret(tmp_path / "master", MASTER)
+    runner_key = write_secret(tmp_path / "r1.key", auth.format_key_file(
+        "runner", "r1", MASTER).encode())
+    observer_key = write_secret(tmp_path / "obs.key", auth.format_key_file(
+        "observer", "obs", MASTER).encode())
+    cluster.start_dispatcher(*role_certs["dispatcher"], "--secret-file", master)
+    runner = cluster.start_runner(*role_certs["runner-r1"], "--secret-file", runner_key)
+    cluster.start_observer(*role_certs["observer"], "--secret-file", observer_key,
+                           "--no-listen", wait=False)
+    result = cluster.result(git_head(upstream), 30)
+    assert result["verdict"] == "passed", result
+    assert "does not match" not in runner.log()
