@@ -247,8 +247,6 @@ def chown_tree(path: str, uid: int, gid: int, strip: int = 0,
         # Sub-folders are given away here, as entries of their parent,
         # before the walk enters them.
         for name in [*dirs, *files]:
-            if not strip and _owned_by(name, folder_fd, uid, gid):
-                continue  # most of a working tree, between two checkouts
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
                              dir_fd=folder_fd)
@@ -287,14 +285,6 @@ def _remove(name: str, folder_fd: int, folder: str) -> None:
             os.unlink(name, dir_fd=folder_fd)
     except FileNotFoundError:
         pass
-
-
-def _owned_by(name: str, folder_fd: int, uid: int, gid: int) -> bool:
-    try:
-        info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
-    except OSError:
-        return False
-    return (info.st_uid, info.st_gid) == (uid, gid)
 
 
 def env_file_paths(repo: str, patterns: tuple[str, ...]) -> list[tuple[str, str]]:

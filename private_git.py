@@ -112,8 +112,9 @@ class PrivateRepository:
         test left behind (one that escaped its process group) could
         otherwise swap a folder for a symlink while git, as root, checks
         out or cleans there (git looks at a folder once, then writes all
-        its files), and have root write a commit's files anywhere."""
-        self.reset_pointer()
+        its files), and have root write a commit's files anywhere.  The
+        tree's ``.git`` is left as it is: our git never reads it, and
+        give_tree replaces it."""
         environments.chown_tree(self.repo, os.getuid(), os.getgid(), strip=0o6022,
                                 skip=(POINTER,))
 
