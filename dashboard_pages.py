@@ -408,9 +408,10 @@ h1 { font-size:20px; margin:0 0 4px; } h2 { font-size:15px; margin:0 0 10px; col
 .branch-card { background:var(--card); border:1px solid var(--line); border-left:4px solid;
   border-radius:8px; padding:12px 14px; }
 .branch-card.s-passed { border-left-color:#2da44e; } .branch-card.s-failed { border-left-color:var(--red); }
-.branch-top { display:flex; justify-content:space-between; align-items:center; gap:8px; }
+.branch-top { display:flex; flex-wrap:wrap; justify-content:space-between; align-items:center;
+  gap:4px 8px; }
 .branch-name { font-weight:600; font-size:15px; color:var(--text); overflow-wrap:anywhere;
-  flex:1; min-width:0; }
+  flex:1 1 auto; min-width:0; }
 .badge { flex-shrink:0; }
 .branch-state { margin-top:6px; } .branch-head { color:var(--muted); font-size:12px; margin-top:4px; }
 table.grid { width:100%; border-collapse:separate; border-spacing:0; background:var(--card);
