@@ -43,6 +43,7 @@ DEFAULT_MAX_CONNECTIONS = 256
 MAX_URL = 2048
 MAX_HTML_OUTPUT = 1024 * 1024
 MAX_LIMIT = 500
+DEFAULT_LIMIT = 50
 COOKIE = "ci_dashboard"
 BRANCH_RE = pages.BRANCH_RE
 COMMIT_PATH = r"([0-9a-f]{40}|[0-9a-f]{64})"
@@ -118,12 +119,19 @@ class Dashboard:
         if before is not None and not helpers.valid_full_commit(before):
             raise BadRequest("before: a full commit id")
         try:
-            limit = int(query.get("limit") or 50)
+            limit = int(query.get("limit") or DEFAULT_LIMIT)
         except ValueError:
             raise BadRequest("limit: a number") from None
         if not 1 <= limit <= MAX_LIMIT:
             raise BadRequest(f"limit: 1 to {MAX_LIMIT}")
         return {"branch": branch, "verdict": verdict, "before": before, "limit": limit}
+
+    def _commits(self, filters: dict) -> tuple[list[dict], str | None]:
+        try:
+            return self.index.query(**filters)
+        except dashboard_index.UnknownCursor:
+            raise BadRequest("before: no result for that commit; start from the newest "
+                             "results") from None
 
     # ---- overview
 
@@ -134,7 +142,7 @@ class Dashboard:
         running_branches = {j["branch"] for j in (state or {}).get("running", [])}
         for item in branches:
             item["running"] = item["branch"] in running_branches
-        commits, cursor = self.index.query(**filters)
+        commits, cursor = self._commits(filters)
         title = "Results"
         if filters["branch"] or filters["verdict"]:
             title = "Results: " + " ".join(v for v in (filters["branch"], filters["verdict"]) if v)
@@ -142,8 +150,8 @@ class Dashboard:
             "sec-banner": pages.banner_section(error),
             "sec-branches": pages.branches_section(branches),
             "sec-active": pages.active_section(state),
-            "sec-commits": pages.commits_section(commits, cursor, filters["branch"],
-                                                 filters["verdict"], title),
+            "sec-commits": pages.commits_section(commits, cursor, filters, title,
+                                                 DEFAULT_LIMIT),
             "sec-runners": pages.runners_section(state),
         }
         return sections
@@ -153,7 +161,10 @@ class Dashboard:
         sections = self._overview_sections(filters)
         endpoint = ""
         if not filters["before"]:
+            # The live updates ask for the page as it was asked for.
             params = {k: filters[k] for k in ("branch", "verdict") if filters[k]}
+            if filters["limit"] != DEFAULT_LIMIT:
+                params["limit"] = filters["limit"]
             endpoint = "/api/page/overview" + ("?" + urllib.parse.urlencode(params)
                                               if params else "")
         return Response(200, pages.page("CI dashboard", nonce, sections, endpoint))
@@ -248,7 +259,7 @@ class Dashboard:
             "branches": self.index.branches(), "results": self.index.count()})
 
     def api_commits(self, query, nonce) -> Response:
-        commits, cursor = self.index.query(**self._filters(query))
+        commits, cursor = self._commits(self._filters(query))
         return json_response({"commits": [self._api_item(c) for c in commits], "next": cursor})
 
     def api_commit(self, query, nonce, commit) -> Response:

@@ -156,6 +156,10 @@ _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 # --------------------------------------------------------------------------
 # The index.
 
+class UnknownCursor(ValueError):
+    """A page's ``before`` cursor names a commit with no result."""
+
+
 class ResultIndex:
     """Headers of every result file, kept current from the folder.
 
@@ -277,7 +281,9 @@ class ResultIndex:
     def query(self, branch: str | None = None, verdict: str | None = None,
               limit: int = 50, before: str | None = None) -> tuple[list[dict], str | None]:
         """Newest first; ``before`` is a cursor (the last commit of the
-        previous page).  Returns (items, next cursor or None)."""
+        previous page).  Returns (items, next cursor or None).  A cursor
+        with no result raises UnknownCursor: an empty page would read as
+        "no older results" when the link itself is wrong."""
         self.refresh()
         with self._lock:
             self._derive()
@@ -285,7 +291,7 @@ class ResultIndex:
             if before:
                 position = self._position.get(before)
                 if position is None:
-                    return [], None
+                    raise UnknownCursor(before)
                 start = position + 1
             # One match past the page says whether there is a next one.
             matches: list[str] = []

@@ -186,18 +186,25 @@ def commit_rows(commits: list[dict]) -> Safe:
     return join(rows)
 
 
-def commits_section(commits: list[dict], next_cursor, branch, verdict, title="Results") -> Safe:
+def commits_section(commits: list[dict], next_cursor, filters: dict, title="Results",
+                    default_limit: int = 50) -> Safe:
+    """``filters`` as the page was asked for (branch, verdict, limit,
+    before): the paging links keep all but the cursor."""
     if not commits:
         return render('<h2>{title}</h2><p class="empty">No results yet.</p>', title=title)
-    more = Safe("")
+    kept = {k: filters.get(k) for k in ("branch", "verdict")}
+    if filters.get("limit") not in (None, default_limit):
+        kept["limit"] = filters["limit"]
+    kept = {k: v for k, v in kept.items() if v}
+    links = []
+    if filters.get("before"):
+        # A cursor only runs one way: back up to the newest page.
+        links.append(render('<a href="/{query}">&larr; Newest results</a>',
+                            query="?" + urllib.parse.urlencode(kept) if kept else ""))
     if next_cursor:
-        query = {"before": next_cursor}
-        if branch:
-            query["branch"] = branch
-        if verdict:
-            query["verdict"] = verdict
-        more = render('<p class="more"><a href="/?{query}">Older results &rarr;</a></p>',
-                      query=urllib.parse.urlencode(query))
+        links.append(render('<a href="/?{query}">Older results &rarr;</a>',
+                            query=urllib.parse.urlencode({"before": next_cursor, **kept})))
+    more = render('<p class="more">{links}</p>', links=join(links)) if links else Safe("")
     return render(
         '<h2>{title}</h2><table class="grid commits"><thead><tr><th>commit</th>'
         '<th>subject</th><th>author</th><th>branch</th><th>verdict</th>'
@@ -449,7 +456,7 @@ table.grid { width:100%; border-collapse:separate; border-spacing:0; background:
 .mark.fixed { color:var(--green); border-color:var(--green); }
 .rstate { font-size:12px; font-weight:600; } .rstate.r-idle { color:var(--green); }
 .rstate.r-busy { color:var(--blue); } .rstate.r-suspect, .rstate.r-other { color:var(--amber); }
-.more { margin:10px 0 0; }
+.more { margin:10px 0 0; } .more a + a { margin-left:1.5em; }
 .commit-head { margin-bottom:12px; } .sha-big { font-family:ui-monospace, Menlo, Consolas, monospace;
   color:var(--muted); font-weight:500; }
 .full-id { color:var(--muted); font-family:ui-monospace, Menlo, Consolas, monospace; font-size:12px; margin:0; }

@@ -217,7 +217,8 @@ def test_index_orders_pages_and_filters(tmp_path):
         [commit_id(5), commit_id(3), commit_id(1)]
     assert [i["commit"] for i in index.query(verdict="failed")[0]] == \
         [commit_id(6), commit_id(3), commit_id(0)]
-    assert index.query(before="f" * 40) == ([], None)
+    with pytest.raises(di.UnknownCursor):
+        index.query(before="f" * 40)
 
 
 def test_index_reads_only_new_or_changed_files(tmp_path, monkeypatch):
@@ -348,9 +349,12 @@ def test_bad_paths_ids_methods_and_queries(results, dashboards):
                  "/api/commits/" + "g" * 40, "/commit/" + A + "/../../x", "/badge/a/b.svg"):
         assert dash.get(path)[0] == 404, path
     for query in ("limit=abc", "limit=0", "limit=100000", "verdict=bogus",
-                  "before=../x", "branch=%3Cscript%3E"):
+                  "before=../x", "branch=%3Cscript%3E", "before=" + B):
         status, headers, body = dash.get("/api/commits?" + query)
         assert status == 400 and "error" in json.loads(body), query
+    # A cursor with no result is a wrong link, not an empty last page.
+    status, headers, body = dash.get("/?before=" + B)
+    assert status == 400 and b"start from the newest" in body
     # The API refuses in JSON, as it answers.
     status, headers, body = dash.get("/api/commits/" + "g" * 40)
     assert headers["Content-Type"] == "application/json" and json.loads(body)["error"]
@@ -372,6 +376,24 @@ def test_api_commits_filters_and_cursor(results, dashboards):
     assert [c["subject"] for c in second["commits"]] == ["Step 2: failed", "Step 1: failed"]
     failed = dash.json("/api/commits?verdict=failed&branch=main")
     assert [c["mark"] for c in failed["commits"]] == [None, "broke"] and failed["next"] is None
+
+
+def test_overview_pages_link_both_ways_and_keep_their_filters(results, dashboards):
+    commits = red_green_history(results)
+    dash = dashboards(results)
+    newest = dash.get("/?limit=2&branch=main")[2].decode()
+    older = f'href="/?before={commits[3]}&amp;branch=main&amp;limit=2"'
+    assert older in newest and "Newest results" not in newest
+    # The live updates keep the page's size, not the default 50.
+    assert 'data-endpoint="/api/page/overview?branch=main&amp;limit=2"' in newest
+    status, _, body = dash.get(f"/?before={commits[3]}&branch=main&limit=2")
+    page = body.decode()
+    assert status == 200 and "Step 2: failed" in page and "Step 4: passed" not in page
+    assert '<a href="/?branch=main&amp;limit=2">&larr; Newest results</a>' in page
+    assert f'href="/?before={commits[1]}&amp;branch=main&amp;limit=2"' in page
+    # The last page links back only; a default-sized page keeps no limit.
+    last = dash.get(f"/?before={commits[1]}")[2].decode()
+    assert '<a href="/">&larr; Newest results</a>' in last and "Older results" not in last
 
 
 def test_new_result_file_appears_within_a_second(results, dashboards):
