@@ -135,9 +135,25 @@ class Dashboard:
 
     # ---- overview
 
-    def _overview_sections(self, filters: dict) -> dict:
+    def _live_state(self) -> tuple[dict | None, str | None]:
+        """The dispatcher's state without the commits whose result the
+        index holds; the index is refreshed first, so that every part of
+        one answer reads the same results."""
+        self.index.refresh()
         state, error = self.live.state()
-        state = without_finished(state, self.index.finished_of)
+        return without_finished(state, self.index.finished_of), error
+
+    @staticmethod
+    def _page_params(filters: dict) -> dict:
+        """What a link to the same listing keeps (all but the cursor), so
+        that paging links and live updates ask for the page as it was."""
+        params = {k: filters[k] for k in ("branch", "verdict") if filters[k]}
+        if filters["limit"] != DEFAULT_LIMIT:
+            params["limit"] = filters["limit"]
+        return params
+
+    def _overview_sections(self, filters: dict) -> dict:
+        state, error = self._live_state()
         branches = self.index.branches()
         running_branches = {j["branch"] for j in (state or {}).get("running", [])}
         for item in branches:
@@ -150,8 +166,8 @@ class Dashboard:
             "sec-banner": pages.banner_section(error),
             "sec-branches": pages.branches_section(branches),
             "sec-active": pages.active_section(state),
-            "sec-commits": pages.commits_section(commits, cursor, filters, title,
-                                                 DEFAULT_LIMIT),
+            "sec-commits": pages.commits_section(commits, cursor, self._page_params(filters),
+                                                 bool(filters["before"]), title),
             "sec-runners": pages.runners_section(state),
         }
         return sections
@@ -161,10 +177,7 @@ class Dashboard:
         sections = self._overview_sections(filters)
         endpoint = ""
         if not filters["before"]:
-            # The live updates ask for the page as it was asked for.
-            params = {k: filters[k] for k in ("branch", "verdict") if filters[k]}
-            if filters["limit"] != DEFAULT_LIMIT:
-                params["limit"] = filters["limit"]
+            params = self._page_params(filters)
             endpoint = "/api/page/overview" + ("?" + urllib.parse.urlencode(params)
                                               if params else "")
         return Response(200, pages.page("CI dashboard", nonce, sections, endpoint))
@@ -250,7 +263,7 @@ class Dashboard:
         return item
 
     def api_status(self, query, nonce) -> Response:
-        state, error = self.live.state()
+        state, error = self._live_state()
         state = state or {}
         return json_response({
             "dispatcher": {"reachable": error is None, "error": error},

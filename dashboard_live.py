@@ -81,14 +81,16 @@ def without_finished(state: dict | None, finished_of) -> dict | None:
     None if there is none).  The state is cached for a second, the results
     folder is read at once: a commit would otherwise show as done and
     running side by side.  A retest of a commit with an older result still
-    runs."""
+    runs.  A job started ``elapsed`` seconds before the state's wall-clock
+    ``fetched`` time."""
     if not state or not state.get("running"):
         return state
+    fetched = state.get("fetched")
 
     def done(job) -> bool:
         finished = finished_of(job["commit"])
-        return finished is not None and job.get("started") is not None \
-            and finished >= job["started"]
+        return finished is not None and fetched is not None \
+            and job.get("elapsed") is not None and finished >= fetched - job["elapsed"]
     running = [j for j in state["running"] if not done(j)]
     return state if len(running) == len(state["running"]) else dict(state, running=running)
 
@@ -163,10 +165,8 @@ class LiveState:
             reply = self._call("state")
             if reply.command == "ok":
                 state = normalize_state(json.loads(reply.body.decode("utf-8")))
-                now = time.time()
-                for job in state["running"]:
-                    # Wall-clock start, to compare with a result's finish time.
-                    job["started"] = None if job["elapsed"] is None else now - job["elapsed"]
+                # Wall clock, to compare a job's start with a result's finish.
+                state["fetched"] = time.time()
             elif "unknown command" in reply.argument:
                 error = "the dispatcher does not know the 'state' command (older version)"
             else:

@@ -186,25 +186,23 @@ def commit_rows(commits: list[dict]) -> Safe:
     return join(rows)
 
 
-def commits_section(commits: list[dict], next_cursor, filters: dict, title="Results",
-                    default_limit: int = 50) -> Safe:
-    """``filters`` as the page was asked for (branch, verdict, limit,
-    before): the paging links keep all but the cursor."""
-    if not commits:
-        return render('<h2>{title}</h2><p class="empty">No results yet.</p>', title=title)
-    kept = {k: filters.get(k) for k in ("branch", "verdict")}
-    if filters.get("limit") not in (None, default_limit):
-        kept["limit"] = filters["limit"]
-    kept = {k: v for k, v in kept.items() if v}
+def commits_section(commits: list[dict], next_cursor, params: dict, older_page: bool,
+                    title="Results") -> Safe:
+    """``params``: the listing's filters, kept by the paging links;
+    ``older_page``: reached through a cursor, so it links back to the top."""
     links = []
-    if filters.get("before"):
+    if older_page:
         # A cursor only runs one way: back up to the newest page.
         links.append(render('<a href="/{query}">&larr; Newest results</a>',
-                            query="?" + urllib.parse.urlencode(kept) if kept else ""))
+                            query="?" + urllib.parse.urlencode(params) if params else ""))
     if next_cursor:
         links.append(render('<a href="/?{query}">Older results &rarr;</a>',
-                            query=urllib.parse.urlencode({"before": next_cursor, **kept})))
+                            query=urllib.parse.urlencode({"before": next_cursor, **params})))
     more = render('<p class="more">{links}</p>', links=join(links)) if links else Safe("")
+    if not commits:
+        return render('<h2>{title}</h2><p class="empty">{empty}</p>{more}', title=title,
+                      empty="No older results." if older_page else "No results yet.",
+                      more=more)
     return render(
         '<h2>{title}</h2><table class="grid commits"><thead><tr><th>commit</th>'
         '<th>subject</th><th>author</th><th>branch</th><th>verdict</th>'

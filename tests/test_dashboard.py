@@ -147,9 +147,9 @@ def test_a_commit_whose_result_landed_is_no_longer_shown_running():
     commit finished since its job started leaves the running rows; a retest
     of a commit with an older result stays."""
     done, retest, other = "a" * 40, "b" * 40, "c" * 40
-    state = {"queue": [], "running": [
-        {"commit": done, "started": 100.0}, {"commit": retest, "started": 100.0},
-        {"commit": other, "started": 100.0}, {"commit": "d" * 40, "started": None}]}
+    state = {"queue": [], "fetched": 110.0, "running": [
+        {"commit": done, "elapsed": 10.0}, {"commit": retest, "elapsed": 10.0},
+        {"commit": other, "elapsed": 10.0}, {"commit": "d" * 40, "elapsed": None}]}
     finished = {done: 101.0, retest: 50.0}
     shown = dashboard_live.without_finished(state, finished.get)
     assert [j["commit"] for j in shown["running"]] == [retest, other, "d" * 40]
@@ -288,6 +288,25 @@ def stand_in(threaded_servers):
     return threaded_servers(StandInDispatcher)
 
 
+def test_a_result_that_lands_between_two_pages_is_not_also_running(results, stand_in):
+    """The dispatcher's state is cached for a second; the page that first
+    reads a new result must also leave its commit out of the running rows
+    and /api/status, or it is shown done and running at once."""
+    import dashboard
+    stand_in.state_reply = {"queue": [], "runners": [], "counts": {}, "running": [
+        {"commit": A, "branch": "main", "runner": "r1", "elapsed": 5.0, "job": "j1"}]}
+    app = dashboard.Dashboard(di.ResultIndex(str(results), scan_interval=0),
+                              dashboard_live.LiveState(("127.0.0.1", stand_in.port), None))
+    filters = app._filters({})
+    before = app._overview_sections(filters)
+    assert A[:10] in before["sec-active"] and A[:10] not in before["sec-commits"]
+    write_result(results, A, "passed")
+    after = app._overview_sections(filters)
+    assert A[:10] not in after["sec-active"] and A[:10] in after["sec-commits"]
+    assert json.loads(app.api_status({}, "").body)["running"] == []
+    assert stand_in.calls == ["state"]   # the same cached state both times
+
+
 def test_overview_shows_verdicts_marks_and_escapes(results, dashboards):
     commits = red_green_history(results)
     write_result(results, commit_id(77), "failed", b"<script>alert(1)</script>",
@@ -394,6 +413,10 @@ def test_overview_pages_link_both_ways_and_keep_their_filters(results, dashboard
     # The last page links back only; a default-sized page keeps no limit.
     last = dash.get(f"/?before={commits[1]}")[2].decode()
     assert '<a href="/">&larr; Newest results</a>' in last and "Older results" not in last
+    # A real cursor may still find nothing older that matches: said so,
+    # with the way back.
+    empty = dash.get(f"/?before={commits[1]}&branch=dev")[2].decode()
+    assert "No older results." in empty and '<a href="/?branch=dev">&larr; Newest' in empty
 
 
 def test_new_result_file_appears_within_a_second(results, dashboards):
