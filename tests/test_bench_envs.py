@@ -4,10 +4,9 @@
 import os
 import subprocess
 
-from conftest import PY
+from conftest import PY, ROOT
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                     "benchmarks", "bench_envs.py")
+BENCH = os.path.join(ROOT, "benchmarks", "bench_envs.py")
 
 
 def test_bench_envs_runs():

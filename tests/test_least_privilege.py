@@ -631,6 +631,13 @@ def chown_tree(path, user) -> None:
             os.lchown(os.path.join(folder, name), user.pw_uid, user.pw_gid)
 
 
+def nobody_clone(upstream, path, nobody) -> str:
+    """A clone of ``upstream`` at ``path`` that belongs to the test user."""
+    clone = upstream.clone(path)
+    chown_tree(clone, nobody)
+    return clone
+
+
 def nobody_folder(request, prefix: str):
     """A temporary folder the unprivileged user 'nobody' can traverse
     (pytest's are private to root), removed afterwards, with an upstream
@@ -688,8 +695,7 @@ def hostile_cluster(request, test_user: bool):
     for name in ("ra", "rb"):
         key_file = write_secret(base / f"{name}.key", auth.format_key_file(
             "runner", name, MASTER).encode())
-        clone = upstream.clone(base / f"clone-{name}")
-        chown_tree(clone, nobody)
+        clone = nobody_clone(upstream, base / f"clone-{name}", nobody)
         common = ["--secret-file", f"{name}.key", "--test-command", TEST_COMMAND,
                   "--progress-interval", "0.3"]
         if test_user:
@@ -1041,8 +1047,7 @@ def test_environments_under_test_user_are_built_by_it_then_read_only(request):
     no later commit's test can poison it."""
     cluster, upstream, base, nobody = user_folder_cluster(request)
     cluster.start_dispatcher()
-    clone = upstream.clone(base / "clone")
-    chown_tree(clone, nobody)
+    clone = nobody_clone(upstream, base / "clone", nobody)
     port = free_port()
     setup = "python -c \"import sys; open(sys.prefix + '/setup-was-here', 'w').close()\""
     args = [SYSTEM_PYTHON, os.path.join(ROOT, "test_runner.py"), "--host", LOOPBACK,
@@ -1134,8 +1139,7 @@ def test_a_runner_with_test_user_refuses_a_key_file_the_test_user_can_read(reque
     to the tests: --test-user refuses to start with it, naming the file."""
     base, upstream, nobody = nobody_folder(request, "ci-keymode-")
     upstream.commit({"tests/test_sample.py": PASSING_TEST}, "initial")
-    clone = upstream.clone(base / "clone")
-    chown_tree(clone, nobody)
+    clone = nobody_clone(upstream, base / "clone", nobody)
     key = base / "r1.key"
     key.write_text(auth.format_key_file("runner", "r1", MASTER))
 
@@ -1222,8 +1226,7 @@ def test_a_test_user_cannot_change_the_repository_later_checkouts_use(request):
     # No global safe.directory: the runner must give the tests' git its own.
     cluster.env.pop("GIT_CONFIG_GLOBAL")
     marker = base / "hook-ran"
-    clone = pathlib.Path(upstream.clone(base / "clone"))
-    chown_tree(clone, nobody)
+    clone = pathlib.Path(nobody_clone(upstream, base / "clone", nobody))
     state = base / "state"
     cluster.start_dispatcher()
     cluster.start_runner("--test-command", TEST_COMMAND, "--test-user", "nobody",
@@ -1261,8 +1264,7 @@ def private_clone(request):
     base, upstream, nobody = nobody_folder(request, "ci-private-")
     upstream.commit({"tests/test_sample.py": PASSING_TEST, "docs/notes.txt": "notes\n"},
                     "initial")
-    clone = upstream.clone(base / "clone")
-    chown_tree(clone, nobody)
+    clone = nobody_clone(upstream, base / "clone", nobody)
     (base / "state").mkdir(mode=0o711)
     private = private_git.PrivateRepository(clone, str(base / "state"), nobody.pw_uid,
                                             nobody.pw_gid)
