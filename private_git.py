@@ -39,6 +39,10 @@ FOLDER = "git"
 POINTER = ".git"
 # A first fetch of a big repository can take a while.
 FETCH_TIMEOUT = 3600.0
+# Git enters a submodule's repository when its folder has a ``.git``, and
+# runs what that repository's config says (``remote.origin.uploadpack``):
+# a test can plant one in the tree, so the runner's git never recurses.
+NO_SUBMODULES = (("fetch.recurseSubmodules", "false"), ("submodule.recurse", "false"))
 
 
 class PrivateRepository:
@@ -103,8 +107,16 @@ class PrivateRepository:
     # ---- every run ----------------------------------------------------------
     def git_env(self, env: dict, git_dir: str | None = None) -> dict:
         """The environment of the runner's own git processes: this
-        repository and work tree, whatever the tree's ``.git`` says."""
-        return dict(env, GIT_DIR=git_dir or self.git_dir, GIT_WORK_TREE=self.repo)
+        repository and work tree, whatever the tree's ``.git`` says, and
+        no submodule repository entered (one in the tree is the test
+        user's).  Settings given by ``GIT_CONFIG_COUNT`` are kept."""
+        env = dict(env, GIT_DIR=git_dir or self.git_dir, GIT_WORK_TREE=self.repo)
+        count = env.get("GIT_CONFIG_COUNT", "")
+        count = int(count) if count.isdigit() else 0
+        for i, (key, value) in enumerate(NO_SUBMODULES, count):
+            env[f"GIT_CONFIG_KEY_{i}"], env[f"GIT_CONFIG_VALUE_{i}"] = key, value
+        env["GIT_CONFIG_COUNT"] = str(count + len(NO_SUBMODULES))
+        return env
 
     def take_tree(self) -> None:
         """Before the runner's git writes in the tree: the tree back to the
@@ -114,9 +126,10 @@ class PrivateRepository:
         out or cleans there (git looks at a folder once, then writes all
         its files), and have root write a commit's files anywhere.  The
         tree's ``.git`` is left as it is: our git never reads it, and
-        give_tree replaces it."""
+        give_tree replaces it; one below the top (a test's repository) is
+        removed before our git runs."""
         environments.chown_tree(self.repo, os.getuid(), os.getgid(), strip=0o6022,
-                                skip=(POINTER,))
+                                skip=(POINTER,), drop=(POINTER,))
 
     def give_tree(self) -> None:
         """After a checkout: the working tree (not the repository) to the

@@ -26,7 +26,7 @@ import pytest
 import auth
 import helpers
 import results
-from conftest import (FAILING_TEST, PASSING_TEST, PY, ROOT, Cluster, Daemon, Upstream,
+from conftest import (FAILING_TEST, PASSING_TEST, PY, ROOT, Cluster, Daemon, Upstream, git,
                       free_port, wait_for_port, wait_until)
 from helpers import Message
 
@@ -1285,6 +1285,34 @@ def as_user(user, script: str, cwd) -> None:
     env = test_runner.TestUser(user.pw_name).env({"PATH": os.environ["PATH"]})
     subprocess.run(["bash", "-c", script], cwd=cwd, check=True, user=user.pw_uid,
                    group=user.pw_gid, extra_groups=[], env=env)
+
+
+def test_the_runners_git_never_enters_a_submodule_repository_a_test_planted(request):
+    """Git fetches a changed submodule on its own when the submodule's
+    folder holds a repository, and runs what that repository's config says:
+    one a test (or a process it left behind) plants would run as the
+    runner's user at the next push that moves the submodule."""
+    upstream, private, checkout, nobody = private_clone(request)
+    other = Upstream(pathlib.Path(upstream.path).parent / "other")
+    first, second = other.commit(message="o1"), other.commit(message="o2")
+
+    def move_submodule(to: str) -> str:
+        with open(os.path.join(upstream.path, ".gitmodules"), "w") as handle:
+            handle.write('[submodule "sub"]\n\tpath = sub\n\turl = ../other\n')
+        git(upstream.path, "add", ".gitmodules")
+        git(upstream.path, "update-index", "--add", "--cacheinfo", f"160000,{to},sub")
+        git(upstream.path, "commit", "-q", "-m", f"submodule at {to[:8]}")
+        return git_head(upstream)
+    checkout(move_submodule(first))
+    marker = pathlib.Path(private.repo).parent / "MARKER-ran-as-runner"
+    as_user(nobody, f"git init -q sub && git -C sub config remote.origin.url {other.path}"
+                    f" && git -C sub config remote.origin.uploadpack "
+                    f"'touch {marker}; git-upload-pack'", private.repo)
+    head = move_submodule(second)
+    checkout(head)   # a fetch: the new commit is not in the runner's repository yet
+    assert not marker.exists()
+    assert subprocess.run(["git", "rev-parse", "HEAD"], env=private.git_env(dict(os.environ)),
+                          capture_output=True, text=True).stdout.strip() == head
 
 
 def test_a_git_folder_or_hard_link_a_test_leaves_in_the_tree_is_gone_after_checkout(request):
