@@ -160,7 +160,11 @@ class EnvironmentCache:
             # Built: the runner's again, read-only to others and without
             # set-id bits, so that no later test (of another commit) can
             # change what it runs with.
-            chown_tree(path, os.getuid(), os.getgid(), strip=0o6022)
+            try:
+                chown_tree(path, os.getuid(), os.getgid(), strip=0o6022, copy_links=True)
+            except OSError as exc:
+                self._remove(path)
+                return False, f"cannot take the built environment back: {exc}"
         helpers.atomic_write(os.path.join(path, MARKER), json.dumps({
             "key": key, "setup": list(setup), "python": sys.version,
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -208,30 +212,35 @@ class EnvironmentCache:
 
 
 def chown_tree(path: str, uid: int, gid: int, strip: int = 0,
-               skip: tuple[str, ...] = (), drop: tuple[str, ...] = ()) -> None:
+               skip: tuple[str, ...] = (), drop: tuple[str, ...] = (),
+               copy_links: bool = False) -> None:
     """Give a whole tree (an environment, a working tree) to ``uid``
     (symlinks themselves, never their targets), taking the ``strip``
     permission bits away; the top-level names in ``skip`` are left alone,
     the names in ``drop`` below the top level are removed.
 
-    A file with more than one link is removed, never given: the test user
-    could have linked a file from outside the tree into it (one it can
-    write, or any one where fs.protected_hardlinks is off), and giving the
-    inode away would give that file away.
+    A file with more than one link is never given: the test user could
+    have linked a file from outside the tree into it (one it can write, or
+    any one where fs.protected_hardlinks is off), and giving the inode
+    away would give that file away.  It is removed, or with ``copy_links``
+    replaced by a copy of its own: installers link files from their cache
+    (uv does by default), and a built environment must keep them.  Only
+    for a tree given to the runner: the copy keeps the link's mode bits,
+    so it is no more readable than the file it was linked to.
 
     The test user may own the tree and a process it left behind may still
     be changing it, so every change goes through a file descriptor opened
     without following symlinks (and every folder is entered through its
     parent's descriptor): a name swapped for a symlink after it was looked
     at must not lead a chmod, run as root, to the runner's key file."""
-    def give(fd: int) -> None:
+    def give(fd: int, mode: int) -> None:
         os.fchown(fd, uid, gid)
         if strip:
-            os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) & ~strip)
+            os.fchmod(fd, stat.S_IMODE(mode) & ~strip)
 
     top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        give(top)
+        give(top, os.fstat(top).st_mode)
     finally:
         os.close(top)
     for folder, dirs, files, folder_fd in os.fwalk(path, follow_symlinks=False):
@@ -263,13 +272,42 @@ def chown_tree(path: str, uid: int, gid: int, strip: int = 0,
             try:
                 info = os.fstat(fd)
                 if not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1:
+                    if copy_links and stat.S_ISREG(info.st_mode):
+                        _replace_with_copy(name, fd, folder_fd,
+                                           lambda out: give(out, info.st_mode))
+                        continue
                     log.warning("removing %s: a hard link, never given away",
                                 os.path.join(folder, name))
                     _remove(name, folder_fd, folder)
                     continue
-                give(fd)
+                give(fd, info.st_mode)
             finally:
                 os.close(fd)
+
+
+def _replace_with_copy(name: str, fd: int, folder_fd: int, give) -> None:
+    """Put a file of its own, with the data of ``fd`` and given by
+    ``give``, in the place of the hard link ``name``."""
+    tmp = f".ci-copy-{os.getpid()}"
+    try:
+        os.unlink(tmp, dir_fd=folder_fd)
+    except FileNotFoundError:
+        pass
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                  dir_fd=folder_fd)
+    try:
+        with open(fd, "rb", closefd=False) as source, open(out, "wb", closefd=False) as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
+        give(out)
+        os.replace(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=folder_fd)
+        except FileNotFoundError:
+            pass
+        raise
+    finally:
+        os.close(out)
 
 
 def _remove(name: str, folder_fd: int, folder: str) -> None:

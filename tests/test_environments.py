@@ -219,3 +219,26 @@ def test_an_explicit_job_timeout_below_a_runners_limits_is_warned_about(cluster,
     wait_until(lambda: "may by its own limits take 210s per commit" in dispatcher.log(), 20,
                what="the warning")
     assert dispatcher.log().count("more than --job-timeout 60s") == 1
+
+
+def test_taking_a_tree_back_copies_its_hard_links_or_removes_them(tmp_path):
+    """An installer's hard link from its cache (uv's default) must stay in
+    a built environment as a file of its own; a tree given to the tests
+    drops it. Either way the file linked to keeps its inode and mode."""
+    cache = tmp_path / "cache-file"
+    cache.write_text("installed\n")
+    cache.chmod(0o644)
+    for copy_links in (True, False):
+        tree = tmp_path / f"tree-{copy_links}"
+        (tree / "lib").mkdir(parents=True)
+        os.link(cache, tree / "lib" / "module.py")
+        environments.chown_tree(str(tree), os.getuid(), os.getgid(), strip=0o6022,
+                                copy_links=copy_links)
+        linked = tree / "lib" / "module.py"
+        if copy_links:
+            assert linked.read_text() == "installed\n"
+            assert linked.stat().st_nlink == 1 and linked.stat().st_mode & 0o777 == 0o644
+        else:
+            assert not linked.exists()
+        assert sorted(os.listdir(tree / "lib")) == (["module.py"] if copy_links else [])
+    assert cache.stat().st_nlink == 1 and cache.read_text() == "installed\n"

@@ -1049,7 +1049,10 @@ def test_environments_under_test_user_are_built_by_it_then_read_only(request):
     cluster.start_dispatcher()
     clone = nobody_clone(upstream, base / "clone", nobody)
     port = free_port()
-    setup = "python -c \"import sys; open(sys.prefix + '/setup-was-here', 'w').close()\""
+    # The setup also hard-links a file from a cache of its own, as uv does.
+    setup = ("python -c \"import os, sys; open(sys.prefix + '/setup-was-here', 'w').close(); "
+             "open('cache-file', 'w').write('installed'); "
+             "os.link('cache-file', sys.prefix + '/linked-from-cache')\"")
     args = [SYSTEM_PYTHON, os.path.join(ROOT, "test_runner.py"), "--host", LOOPBACK,
             "--port", str(port), "--dispatcher-server", cluster.dispatcher_address,
             "--heartbeat", "0.5", "--retry-max", "0.5", "--log-level", "DEBUG",
@@ -1071,6 +1074,9 @@ def test_environments_under_test_user_are_built_by_it_then_read_only(request):
     built = [p for p in envs.iterdir() if p.is_dir()]
     assert len(built) == 1
     assert (built[0] / "setup-was-here").stat().st_uid == 0
+    linked = built[0] / "linked-from-cache"
+    assert linked.read_text() == "installed" and linked.stat().st_nlink == 1
+    assert linked.stat().st_uid == 0
     assert not (built[0] / "poisoned").exists()
     assert (base / "state" / "outbox").stat().st_mode & 0o777 == 0o700
 
