@@ -47,8 +47,6 @@ FORMAT = 1
 MARKER = ".ci-env.json"
 LOCK = ".lock"
 KEY_LENGTH = 16
-# An env file larger than this is keyed by its size class, not read whole.
-MAX_ENV_FILE_BYTES = 16 << 20
 
 
 @dataclasses.dataclass
@@ -339,15 +337,14 @@ def env_file_paths(repo: str, patterns: tuple[str, ...]) -> list[tuple[str, str]
 
 
 def _file_digest(path: str, repo: str) -> str:
-    """The file's hash; the file is the tested commit's, so one that leads
-    out of the clone (a symlink to a key, to /dev/zero) is not read."""
+    """The file's hash, read as a stream (a regular file ends, so any size
+    is keyed by its content); the file is the tested commit's, so one that
+    leads out of the clone (a symlink to a key, to /dev/zero) is not read."""
     try:
-        data = helpers.read_inside(path, repo, MAX_ENV_FILE_BYTES + 1)
+        with open(helpers.open_inside(path, repo), "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
     except OSError as exc:
         return f"unreadable: {exc.strerror or exc}"
-    if len(data) > MAX_ENV_FILE_BYTES:
-        return f"larger than {MAX_ENV_FILE_BYTES} bytes"
-    return hashlib.sha256(data).hexdigest()
 
 
 def provide_pip(env_path: str, python: str) -> bool:
@@ -438,16 +435,12 @@ def read_recipe_file(repo: str) -> str | None:
     file is read: a symlink could point anywhere on the runner."""
     path = os.path.join(repo, recipe.RECIPE_FILE)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        data = helpers.read_inside(path, repo, recipe.MAX_RECIPE_BYTES + 1)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise recipe.RecipeError(f"{recipe.RECIPE_FILE} cannot be read "
-                                 f"(a symlink or not a file?): {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise recipe.RecipeError(f"{recipe.RECIPE_FILE} is not a regular file")
-        data = handle.read(recipe.MAX_RECIPE_BYTES + 1)
+        raise recipe.RecipeError(f"{recipe.RECIPE_FILE} cannot be read: "
+                                 f"{exc.strerror or exc}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -683,19 +683,26 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def read_inside(path: str, inside: str, limit: int) -> bytes:
-    """At most ``limit`` bytes of a regular file that lies, symlinks
+def open_inside(path: str, inside: str) -> int:
+    """A read-only descriptor of a regular file that lies, symlinks
     resolved, under the folder ``inside``.  For files a tested commit
     wrote or committed: a symlink to a secret or to /dev/zero, or a FIFO
-    that never ends, raises OSError instead of being read."""
+    that never ends, raises OSError instead of being opened."""
     folder = os.path.realpath(inside)
     real = os.path.realpath(path)
     if os.path.commonpath([real, folder]) != folder:
         raise OSError(f"{path} leads outside {inside}")
     fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return fd
+
+
+def read_inside(path: str, inside: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of a file ``open_inside`` opens."""
+    fd = open_inside(path, inside)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a regular file")
         chunks, left = [], limit
         while left > 0:
             chunk = os.read(fd, min(left, 1 << 20))

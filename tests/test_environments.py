@@ -48,6 +48,13 @@ def test_the_key_follows_setup_python_and_env_files(tmp_path, project):
     assert cache.key(setup, project, recipe.DEFAULT_ENV_FILES) == changed
     assert environments.env_file_paths(project, recipe.DEFAULT_ENV_FILES) == [
         ("requirements-test.txt", os.path.join(project, "requirements-test.txt"))]
+    # A big lock file is keyed by all of its content, however long.
+    with open(os.path.join(project, "requirements-test.txt"), "wb") as handle:
+        handle.write(b"# pinned\n" * (2 << 20))
+    big = cache.key(setup, project, recipe.DEFAULT_ENV_FILES)
+    with open(os.path.join(project, "requirements-test.txt"), "ab") as handle:
+        handle.write(b"one-more==1.0\n")
+    assert cache.key(setup, project, recipe.DEFAULT_ENV_FILES) not in (big, changed)
 
 
 def fake_env(folder, key, age, finished=True):
