@@ -878,16 +878,14 @@ class DispatcherState:
                 self._lose(runner.job, count=True)
             runner.set(IDLE)
 
-    def expire_jobs(self, job_timeout: float, runner_limits: bool = False) -> None:
+    def expire_jobs(self, job_timeout: float) -> None:
         """The dispatcher's own deadline: a runner that answers pings but
-        never reports loses its job to another runner.  With
-        ``runner_limits``, a runner that said its own limits allow longer
-        gets that long."""
+        never reports loses its job to another runner.  A runner registered
+        with a limit (its own limits allow longer) gets that long."""
         now = time.monotonic()
         with self.cond:
             for job in [j for j in [*self.jobs.values(), *self._shard_jobs()]
-                        if now - j.started > (self._deadline(j, job_timeout) if runner_limits
-                                              else job_timeout)]:
+                        if now - j.started > self._deadline(j, job_timeout)]:
                 log.warning("commit %s exceeded the job deadline on %s; reassigning",
                             job.commit[:12], job.runner)
                 runner = self.runners.get(job.runner)

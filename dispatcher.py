@@ -196,8 +196,11 @@ class Dispatcher:
         instance = fields.get("instance", "")
         busy, token = runner_says(fields)
         limit = job_limit(fields)
+        # A runner's own limits stretch the default deadline only; an
+        # explicit --job-timeout is exact.
         answer = self.state.register(address, instance[:64], busy, token,
-                                     self._runner_name(peer), limit)
+                                     self._runner_name(peer),
+                                     limit if self.trust_runner_limits else None)
         if answer == "registered" and limit and limit > self.job_timeout \
                 and not self.trust_runner_limits:
             log.warning("runner %s may by its own limits take %.0fs per commit (checkout, "
@@ -348,7 +351,7 @@ class Dispatcher:
     def sweep(self) -> float:
         """Ping every runner concurrently; return the sweep's duration."""
         started = time.monotonic()
-        self.state.expire_jobs(self.job_timeout, self.trust_runner_limits)
+        self.state.expire_jobs(self.job_timeout)
         self.state.release_held()
         runners = self.state.runner_snapshot()
         futures = {self.ping_pool.submit(self._ping, r): r for r in runners}

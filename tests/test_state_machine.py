@@ -336,7 +336,10 @@ def test_a_runner_whose_own_limits_are_longer_keeps_its_job_past_the_default(mak
     state.enqueue([X, Y])
     on_a, on_b = assign(state), assign(state)
     assert (on_a.runner, on_b.runner) == (KA, KB)
-    state.expire_jobs(-1, runner_limits=True)
+    state.expire_jobs(-1)
     assert state.runners[KA].job is on_a and list(state.queue) == [Y]
-    state.expire_jobs(-1)  # an explicit --job-timeout is the deadline
+    # With an explicit --job-timeout the dispatcher registers no limit:
+    # that deadline is exact.
+    state.register(A, "ia", None, limit=None)
+    state.expire_jobs(-1)
     assert state.runners[KA].job is None and sorted(state.queue) == sorted([X, Y])
