@@ -761,8 +761,7 @@ class Notifier:
         ``records`` the dispatcher holds beside them are not header values
         (their text would fill the header a command reads on stdin), and an
         event made now must equal the one a restart makes from the file."""
-        header = {k: fields[k] for k in result_files.RESULT_FIELDS if k in fields}
-        self.inbox.put((commit, header))
+        self.inbox.put((commit, result_files.header_fields(fields)))
 
     def stop(self, timeout: float = 3.0) -> None:
         self.stop_event.set()

@@ -34,9 +34,14 @@ RESULT_FIELDS = ("commit", "verdict", "tests", "failures", "errors", "skipped",
                  "junit", "shards")
 
 
+def header_fields(fields: dict) -> dict:
+    """The fields a result file's header holds, in its order; anything
+    else kept beside them (per-test records, JUnit bytes) left out."""
+    return {k: fields[k] for k in RESULT_FIELDS if k in fields}
+
+
 def format_result(fields: dict, output: bytes) -> bytes:
-    ordered = {k: fields[k] for k in RESULT_FIELDS if k in fields}
-    return helpers.encode_fields(ordered) + b"\n" + output
+    return helpers.encode_fields(header_fields(fields)) + b"\n" + output
 
 
 def parse_result(data: bytes) -> tuple[dict[str, str], bytes]:
@@ -78,7 +83,7 @@ JUNIT_XML_KEY = "junit_xml"
 
 def encode_results_body(fields: dict, output: bytes) -> bytes:
     xml = fields.get(JUNIT_XML_KEY) or b""
-    head = {k: fields[k] for k in RESULT_FIELDS if k in fields}
+    head = header_fields(fields)
     if xml:
         head[JUNIT_BYTES_FIELD] = len(xml)
     return helpers.encode_fields(head) + b"\n" + xml + output
