@@ -61,8 +61,12 @@ class PrivateRepository:
         starts over instead of using half a repository."""
         if self.exists():
             # The same state folder may now serve a clone moved elsewhere.
-            helpers.run_git(self.repo, "config", "core.worktree", self.repo,
-                            env=self.git_env(dict(os.environ)))
+            try:
+                helpers.run_git(self.repo, "config", "core.worktree", self.repo,
+                                env=self.git_env(dict(os.environ)))
+            except helpers.GitError as exc:
+                raise helpers.ConfigError(f"--test-user: the runner's repository "
+                                          f"{self.git_dir} is unusable: {exc}") from None
             # A runner stopped between take_tree and give_tree left it ours.
             self.give_tree()
             return

@@ -336,11 +336,11 @@ class TestUser:
                                       f"to that user (chown -R {self.name} {repo})")
 
 
-def git_run_args(private: private_git.PrivateRepository | None, slot: ProcessSlot) -> dict:
+def git_run_args(private: private_git.PrivateRepository | None) -> dict:
     """``slot.run``'s env and as_runner for the runner's git work: with a
     private repository, as the runner's user, in that repository."""
     if private is None:
-        return {"env": child_env(slot.user)}
+        return {"env": child_env()}
     return {"env": private.git_env(child_env()), "as_runner": True}
 
 
@@ -403,7 +403,7 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
         with tempfile.TemporaryFile() as out:
             code, timed_out = slot.run(["bash", helpers.script_path("test_runner_script.sh"),
                                         repo, commit], repo, checkout_timeout, out,
-                                       **git_run_args(private, slot))
+                                       **git_run_args(private))
             out.seek(0)
             checkout_log = out.read(64 * 1024)
     finally:
@@ -604,14 +604,14 @@ class Outbox:
 
 class TestRunner:
     def __init__(self, args, security: helpers.Security, dispatcher: tuple[str, int],
-                 state_dir: str):
+                 state_dir: str, user: TestUser | None = None):
         self.args = args
         self.repo = os.path.abspath(args.repo)
         self.security = security
         self.dispatcher = dispatcher
         self.instance = secrets.token_hex(8)
         self.state = RunnerState()
-        self.user = TestUser(args.test_user) if args.test_user else None
+        self.user = user   # --test-user, checked by main
         self.watchdog = procgroup.Watchdog()
         self.slot = ProcessSlot(os.path.join(state_dir, "running.pid"), self.watchdog,
                                 self.user)
@@ -719,7 +719,7 @@ class TestRunner:
             code, timed_out = self.slot.run(
                 ["bash", helpers.script_path("update_repo.sh"), self.repo], self.repo,
                 self.args.checkout_timeout, out, live=False,
-                **git_run_args(self.private, self.slot))
+                **git_run_args(self.private))
             if code and not self.slot.cancelled:
                 out.seek(0)
                 log.info("prefetch failed (%s): %s",
@@ -1049,8 +1049,8 @@ def main(argv=None) -> int:
             security.tls_client_roles = frozenset({"dispatcher"})
             security.tls_server_role = "dispatcher"
         state_dir = os.path.abspath(args.state_dir or os.path.join(repo, ".git", "ci-runner"))
-        if args.test_user:
-            test_user = TestUser(args.test_user)
+        test_user = TestUser(args.test_user) if args.test_user else None
+        if test_user is not None:
             test_user.check_clone(repo, state_dir)
             test_user.check_private(args.secret_file, "--secret-file")
             test_user.check_private(args.tls_key, "--tls-key")
@@ -1059,7 +1059,7 @@ def main(argv=None) -> int:
                                           "clone (the test user owns the clone)")
         helpers.ensure_dir(state_dir, "state folder")
         os.chmod(state_dir, 0o700)
-        runner = TestRunner(args, security, dispatcher, state_dir)
+        runner = TestRunner(args, security, dispatcher, state_dir, test_user)
         if runner.private is not None:
             runner.private.setup()
         if args.test_user:

@@ -1166,6 +1166,10 @@ def test_a_runner_with_test_user_refuses_a_key_file_the_test_user_can_read(reque
     accepted = start(0o600)
     assert "can read" not in accepted.stderr, accepted.stderr
     assert "test user nobody" in accepted.stderr, accepted.stderr[-2000:]
+    # A runner's repository git cannot use is a clear error, not a traceback.
+    (base / "state" / "git" / "config").write_text("[broken\n")
+    broken = start(0o600)
+    assert broken.returncode == 2 and "is unusable" in broken.stderr, broken.stderr[-2000:]
 
 
 TAMPERING_TEST = r'''import json, os, subprocess, unittest
