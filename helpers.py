@@ -121,6 +121,9 @@ class Security:
     max_message: int = DEFAULT_MAX_MESSAGE
     read_timeout: float = DEFAULT_READ_TIMEOUT
     max_buffered: int = DEFAULT_MAX_BUFFERED
+    # Server side: connections at once from one address (None: half of
+    # the connection cap, see ConnectionCap).
+    max_per_client: int | None = None
     nonces: NonceCache = dataclasses.field(default_factory=NonceCache)
     # The issued key's id (``runner:r1``) when ``secret`` is one; None for
     # a shared secret.
@@ -224,6 +227,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, server: bool = True) -
         group.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                            help="connections served at once; more are refused "
                                 "(default: %(default)s)")
+        add_per_client_argument(group, "connections")
         group.add_argument("--max-buffered", type=int, default=DEFAULT_MAX_BUFFERED,
                            metavar="BYTES",
                            help="message bytes held at once over all connections; beyond "
@@ -234,10 +238,29 @@ def add_common_arguments(parser: argparse.ArgumentParser, server: bool = True) -
                             "(default: %(default)s)")
 
 
+def add_per_client_argument(parser, what: str) -> None:
+    """``--max-per-client``, shared by the daemons and the dashboard."""
+    parser.add_argument("--max-per-client", type=int, default=None, metavar="N",
+                        help=f"{what} served at once from one client address (an IPv6 "
+                             "client's whole /64 counts as one); more are refused, so one "
+                             "client cannot take every slot. Behind a proxy, whose address "
+                             "every client then has, set it to --max-connections "
+                             "(default: half of --max-connections)")
+
+
+def check_per_client(args: argparse.Namespace) -> None:
+    """ConfigError unless ``--max-per-client`` (if given) is 1..--max-connections."""
+    value = getattr(args, "max_per_client", None)
+    if value is not None and not 1 <= value <= args.max_connections:
+        raise ConfigError("--max-per-client must be between 1 and --max-connections")
+
+
 def security_from_args(args: argparse.Namespace) -> Security:
     for name in ("max_message_size", "max_connections", "max_buffered"):
         if getattr(args, name, 1) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    if hasattr(args, "max_connections"):
+        check_per_client(args)
     if args.read_timeout <= 0 or args.auth_window <= 0:
         raise ConfigError("--read-timeout and --auth-window must be positive")
     server_tls, client_tls = make_tls_contexts(args.tls_cert, args.tls_key, args.tls_ca)
@@ -246,6 +269,7 @@ def security_from_args(args: argparse.Namespace) -> Security:
                     server_tls=server_tls, client_tls=client_tls,
                     max_message=args.max_message_size, read_timeout=args.read_timeout,
                     max_buffered=getattr(args, "max_buffered", DEFAULT_MAX_BUFFERED),
+                    max_per_client=getattr(args, "max_per_client", None),
                     nonces=NonceCache(args.auth_window))
 
 
@@ -534,21 +558,81 @@ def _drain(sock, limit: int = 64 * 1024, timeout: float = 1.0) -> None:
         pass
 
 
+def default_per_client(max_connections: int) -> int:
+    """The per-address limit when none is given: half the connection cap,
+    so one address (a flood, or a proxy) can never take every slot, while
+    runners sharing one address (a launcher on 127.0.0.1) keep plenty."""
+    return max(1, max_connections // 2)
+
+
+def client_key(client_address) -> str:
+    """What a per-client limit counts by: the IPv4 address, or for IPv6
+    the /64 (one host is usually given a whole /64, so counting single
+    addresses would let it open as many connections as it likes)."""
+    host = str(client_address[0]) if client_address else "?"
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if not ip.is_loopback:
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 class ConnectionCap:
     """Mix-in for a threading server: at most ``max_connections`` served
-    at once.  Beyond that ``refuse`` answers (briefly, without a thread of
-    its own unless it takes the request over and returns True)."""
+    at once, and at most ``max_per_client`` of them from one address (see
+    ``client_key``), so that one client holding slow, half-sent requests
+    cannot take every slot.  Beyond either, ``refuse`` answers (briefly,
+    without a thread of its own unless it takes the request over and
+    returns True)."""
 
-    def init_cap(self, max_connections: int) -> None:
+    def init_cap(self, max_connections: int, max_per_client: int | None = None) -> None:
         self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_per_client = max_per_client or default_per_client(max_connections)
+        self._per_client: collections.Counter = collections.Counter()
+        self._per_client_lock = threading.Lock()
+        self._refusal_logged = 0.0
 
     def refuse(self, request, client_address) -> bool:
         raise NotImplementedError
 
+    def _take_client_slot(self, key: str) -> bool:
+        with self._per_client_lock:
+            if self._per_client[key] >= self.max_per_client:
+                return False
+            self._per_client[key] += 1
+            return True
+
+    def _give_client_slot(self, key: str) -> None:
+        with self._per_client_lock:
+            self._per_client[key] -= 1
+            if self._per_client[key] <= 0:
+                del self._per_client[key]
+
+    def _log_refusal(self, why: str, client_address) -> None:
+        """A warning at most once a second: a flood would otherwise write
+        one line per refused connection."""
+        now = time.monotonic()
+        level = logging.WARNING if now - self._refusal_logged >= 1.0 else logging.DEBUG
+        if level == logging.WARNING:
+            self._refusal_logged = now
+        log.log(level, "%s; refusing %s", why, format_address(client_address[:2]))
+
     def process_request(self, request, client_address):
+        key = client_key(client_address)
+        if not self._take_client_slot(key):
+            self._log_refusal(f"per-client limit ({self.max_per_client}) reached for {key}",
+                              client_address)
+            if not self.refuse(request, client_address):
+                self.shutdown_request(request)
+            return
         if not self._slots.acquire(blocking=False):
-            log.warning("connection limit reached; refusing %s",
-                        format_address(client_address[:2]))
+            self._give_client_slot(key)
+            self._log_refusal("connection limit reached", client_address)
             if not self.refuse(request, client_address):
                 self.shutdown_request(request)
             return
@@ -556,6 +640,7 @@ class ConnectionCap:
             super().process_request(request, client_address)
         except Exception:
             self._slots.release()
+            self._give_client_slot(key)
             raise
 
     def process_request_thread(self, request, client_address):
@@ -563,6 +648,7 @@ class ConnectionCap:
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+            self._give_client_slot(client_key(client_address))
 
 
 class MessageServer(ConnectionCap, socketserver.ThreadingTCPServer):
@@ -576,13 +662,13 @@ class MessageServer(ConnectionCap, socketserver.ThreadingTCPServer):
 
     def __init__(self, address, commands: dict, security: Security,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 permissions: dict | None = None):
+                 permissions: dict | None = None, max_per_client: int | None = None):
         self.commands = commands
         self.security = security
         # Command -> roles allowed (see auth.py); a command not listed is
         # open to every authenticated peer.
         self.permissions = permissions or {}
-        self.init_cap(max_connections)
+        self.init_cap(max_connections, max_per_client or security.max_per_client)
         # Over the cap, a TLS peer is still served a ``busy`` after its
         # handshake (it could not read one sent before), by a few spare
         # threads; beyond those the connection is just closed.

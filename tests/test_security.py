@@ -173,7 +173,8 @@ def hold_every_slot(address, count: int, busy: Message) -> list[socket.socket]:
 
 
 def test_connection_flood_beyond_the_limit_is_refused_then_served(cluster):
-    cluster.start_dispatcher("--max-connections", "4", "--read-timeout", "30")
+    cluster.start_dispatcher("--max-connections", "4", "--max-per-client", "4",
+                             "--read-timeout", "30")
     address = (LOOPBACK, cluster.dispatcher_port)
     busy = Message("busy", "server busy, try later")
     holders = hold_every_slot(address, 4, busy)
@@ -198,6 +199,39 @@ def test_connection_flood_beyond_the_limit_is_refused_then_served(cluster):
                         and reply.command == "ok" and reply, 10,
                         what="the dispatcher to serve again once the idle peers left")
     assert helpers.decode_fields(served.body)["queued"] == "0"
+
+
+def answer_from(address, source: str, command: str) -> Message | None:
+    """Like ``answer``, from the loopback address ``source`` (all of
+    127/8 is loopback on Linux)."""
+    try:
+        with socket.create_connection(address, timeout=5,
+                                      source_address=(source, 0)) as sock:
+            return helpers.request(sock, command, timeout=5)
+    except (OSError, helpers.ProtocolError):
+        return None
+
+
+def test_one_address_cannot_take_every_slot(cluster):
+    """Issue 17: the cap was global, so one address holding idle
+    connections shut everyone out; by default it gets half the slots."""
+    cluster.start_dispatcher("--max-connections", "6", "--read-timeout", "30")
+    address = (LOOPBACK, cluster.dispatcher_port)
+    busy = Message("busy", "server busy, try later")
+    held: list[socket.socket] = []
+    try:
+        for _ in range(20):  # until 127.0.0.1 is told busy (a slot taken, or refused)
+            if answer_from(address, "127.0.0.1", "status") == busy:
+                break
+            held.append(socket.create_connection(address, timeout=5,
+                                                 source_address=("127.0.0.1", 0)))
+        assert answer_from(address, "127.0.0.1", "status") == busy
+        reply = answer_from(address, "127.0.0.2", "status")
+        assert reply is not None and reply.command == "ok", reply
+    finally:
+        for sock in held:
+            sock.close()
+    assert "per-client limit (3) reached for 127.0.0.1" in cluster.daemons[0].log()
 
 
 # --------------------------------------------------------------------------
