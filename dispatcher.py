@@ -589,6 +589,7 @@ def main(argv=None) -> int:
         if security.key_id:
             raise helpers.ConfigError("the dispatcher's --secret-file must hold the master "
                                       "secret, not an issued key")
+        helpers.persist_nonces(security, state_dir, "dispatcher")
         if security.secret:
             security.keyring = auth.MasterKeyring(
                 security.secret, auth.Revocations(os.path.join(state_dir, REVOKED_FILE)))

@@ -441,6 +441,66 @@ def test_replayed_messages_are_refused(cluster, upstream, tmp_path):
     assert runner.log().count(" accepted ") == 2  # ``run`` once, ``dispatched`` once
 
 
+def read_bytes(path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def test_frames_captured_before_a_restart_are_refused_after_it(cluster, upstream, tmp_path):
+    """Issue 17: the nonces lived in memory only, so a signed ``retest``
+    captured before the dispatcher restarted was accepted again after it
+    (within the auth window) and rewrote the result; a runner likewise
+    ran a captured ``runtest`` again.  Both survive even a SIGKILL now."""
+    secret, security, runner = signed_cluster(cluster, tmp_path)
+    commit, run = upstream.commit(), upstream.commit()
+    assert helpers.call((LOOPBACK, cluster.dispatcher_port), "dispatch", commit,
+                        security=security).argument == "queued 1"
+    assert cluster.result(commit)["verdict"] == "passed"
+    first = read_bytes(cluster.result_path(commit))
+    # Captured: a retest frame built as a client builds it, sent once.
+    retest = helpers.encode_message("retest", commit)
+    captured = helpers.encode_frame(retest, SECRET)
+    assert ask(cluster.dispatcher_port, retest, SECRET, frame=captured) == \
+        Message("ok", "queued 1")
+    wait_until(lambda: read_bytes(cluster.result_path(commit)) != first, 30,
+               what="the retest's result")
+    wait_until(lambda: status(cluster, security)["running"] == 0, 10, what="runner idle")
+    cluster.daemons[0].kill()
+    cluster.start_dispatcher(*secret)
+    wait_until(lambda: status(cluster, security)["runners"] == 1, 10,
+               what="runner registered again")
+    rewritten = read_bytes(cluster.result_path(commit))
+    assert ask(cluster.dispatcher_port, retest, SECRET, frame=captured) == \
+        Message("error", "replayed message")
+    state = status(cluster, security)
+    assert (state["queued"], state["running"]) == (0, 0)
+    assert read_bytes(cluster.result_path(commit)) == rewritten
+    # An honest client whose clock lags (within --auth-window) is served.
+    lagging = helpers.encode_frame(b"status", SECRET, now=time.time() - 20)
+    assert ask(cluster.dispatcher_port, b"status", SECRET, frame=lagging).command == "ok"
+
+    # The runner: a captured runtest, sent once, then the runner restarted.
+    runtest = f"runtest:{run} {'7' * 32}".encode()
+    captured = helpers.encode_frame(runtest, SECRET)
+    assert ask(runner.port, runtest, SECRET, frame=captured) == Message("ok")
+    wait_until(lambda: f"dispatcher refused result for {run[:12]}" in runner.log(), 20,
+               what="the unassigned run's result to be refused")
+    runner.kill()
+    again = cluster.start_runner(*secret, port=runner.port, clone=runner.clone)
+    assert ask(again.port, runtest, SECRET, frame=captured) == \
+        Message("error", "replayed message")
+    assert runner_busy(again, security) == "" and " accepted " not in again.log()
+
+    # The observer's notify too (it only wakes a poll, but is signed alike).
+    observer = cluster.start_observer(*secret)
+    captured = helpers.encode_frame(b"notify", SECRET)
+    assert ask(observer.port, b"notify", SECRET, frame=captured).command == "ok"
+    observer.kill()
+    observer = cluster.start_observer(*secret, port=observer.port, clone=observer.clone)
+    assert ask(observer.port, b"notify", SECRET, frame=captured) == \
+        Message("error", "replayed message")
+
+
 def test_ci_secret_environment_variable_secures_the_cluster(cluster, upstream):
     env = dict(cluster.env, CI_SECRET=SECRET.decode())
     cluster.start_dispatcher(env=env)
