@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import helpers  # noqa: E402
-import results  # noqa: E402
+from ci import results  # noqa: E402
 
 PY = sys.executable
 GIT_ENV = {"GIT_AUTHOR_NAME": "CI Test", "GIT_AUTHOR_EMAIL": "ci@example.invalid",

@@ -19,10 +19,10 @@ from dashboard_support import (  # noqa: F401 - dashboards and results are fixtu
     Dashboard, StandInDispatcher, commit_id, dashboards, dead_address, red_green_history,
     results, write_result)
 
-import dashboard_live
-import dashboard_index as di
-import dashboard_pages as pages
-import results as result_files
+from ci.dashboard import live as dashboard_live
+from ci.dashboard import index as di
+from ci.dashboard import pages as pages
+from ci import results as result_files
 from helpers import Message
 
 A, B, C, D = (commit_id(n) for n in range(4))

@@ -11,9 +11,9 @@ import pytest
 from conftest import PY, ThreadedServer, wait_until
 from wheelmaker import make_wheel
 
-import environments
+from ci.runner import environments
 import helpers
-import recipe
+from ci.runner import recipe
 import test_runner
 from helpers import Message
 

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dispatcher
 import helpers
-import results
+from ci import results
 from conftest import send_slowly, wait_until
 from helpers import Message, ProtocolError, Reply
 

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from conftest import PY, ROOT, free_port
-import auth
+from ci import auth
 import helpers
 
 SECRET = "hook-client-test-secret-0123456789"
@@ -78,7 +78,7 @@ def test_notify_with_a_secret_imports_nothing_heavy(tmp_path, server, how):
         path.write_text(auth.format_key_file("observer", "hook", SECRET.encode()))
         args += ["--secret-file", str(path)]
     proc, imported = run_notify(args, env)
-    assert "wire" in imported and "hook_client" in imported, proc.stderr[-2000:]
+    assert "ci.wire" in imported and "hook_client" in imported, proc.stderr[-2000:]
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
     if how == "issued-key":
         assert proc.returncode == 1 and "bad signature" in proc.stderr

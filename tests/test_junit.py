@@ -17,11 +17,11 @@ from hypothesis import given, settings, strategies as st
 
 import dispatcher
 import helpers
-import junit_capture
-import results
+from ci.runner import junit_capture
+from ci import results
 import test_runner
 from conftest import PY
-from results import TestRecord
+from ci.results import TestRecord
 
 ALL_KINDS = [
     TestRecord("pkg.test_a.TestA", "test_ok", "passed", 0.5),

@@ -11,7 +11,7 @@ import urllib.request
 from conftest import GIT_ENV, PY, ROOT, wait_until
 
 import helpers
-from results import parse_result
+from ci.results import parse_result
 
 
 def read_verdicts(results):

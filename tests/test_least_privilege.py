@@ -23,9 +23,9 @@ import time
 
 import pytest
 
-import auth
+from ci import auth
 import helpers
-import results
+from ci import results
 from conftest import (FAILING_TEST, PASSING_TEST, PY, ROOT, Cluster, Daemon, Upstream, git,
                       free_port, wait_for_port, wait_until)
 from helpers import Message
@@ -1109,7 +1109,7 @@ def test_handing_an_environment_back_never_follows_a_swapped_symlink(tmp_path, m
     setup left behind (as the test user) may swap any name for a symlink
     to the runner's key the moment after the runner looked at it: the
     key's mode must not change, whatever the runner looked with."""
-    import environments
+    from ci.runner import environments
     key = tmp_path / "runner.key"
     key.write_bytes(b"ci-key-v1 runner:r1 " + b"0" * 64 + b"\n")
     key.chmod(0o600)
@@ -1270,7 +1270,7 @@ def private_clone(request):
     (private_git) beside it, in a folder that user can traverse; returns
     (upstream, the repository, a function checking out a commit as the
     runner does, the user)."""
-    import private_git
+    from ci.runner import private_git
     base, upstream, nobody = nobody_folder(request, "ci-private-")
     upstream.commit({"tests/test_sample.py": PASSING_TEST, "docs/notes.txt": "notes\n"},
                     "initial")
@@ -1351,7 +1351,7 @@ def test_a_git_folder_or_hard_link_a_test_leaves_in_the_tree_is_gone_after_check
     # A hard link chown_tree meets (say, one made while it walks) is
     # removed, never given.
     as_user(nobody, f"ln {outside} docs/late", private.repo)
-    import environments
+    from ci.runner import environments
     environments.chown_tree(private.repo, nobody.pw_uid, nobody.pw_gid, skip=(".git",))
     assert outside.stat().st_uid == 0
     assert not os.path.lexists(os.path.join(private.repo, "docs", "late"))

@@ -22,7 +22,7 @@ from conftest import FAILING_TEST, PY, ROOT, Fleet, free_port, wait_until
 
 import helpers
 import notifications
-import results
+from ci import results
 from notifications import PENDING, UNKNOWN, Decider, EventStore, Result
 
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import ThreadedServer, wait_until
 
 import helpers
-import results
+from ci import results
 from helpers import Message
 
 A, B = "a" * 40, "b" * 40

@@ -146,7 +146,7 @@ def test_a_hook_notice_sends_one_prefetch_and_timer_polls_none(cluster, threaded
 def test_every_dispatcher_command_has_its_roles():
     """A command missing from the permission table would be open to every
     key, a runner's included."""
-    import auth
+    from ci import auth
     d = dispatcher.Dispatcher(None, helpers.Security(), 1, 1, 1, 1, 1)
     try:
         assert set(d.commands) == set(auth.DISPATCHER_PERMISSIONS)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import helpers
-import results
+from ci import results
 import test_runner
 from helpers import ProtocolError
 
@@ -510,6 +510,6 @@ def test_own_hmac_equals_the_standard_library(key, parts):
     (a hook's fast start): the tag must be exactly hmac's."""
     import hashlib
     import hmac
-    import wire
+    from ci import wire
     assert wire._hmac_sha256(key, parts) == \
         hmac.new(key, b"".join(parts), hashlib.sha256).hexdigest()

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import recipe
-from recipe import Limits, RecipeError
+from ci.runner import recipe
+from ci.runner.recipe import Limits, RecipeError
 
 LIMITS = Limits(setup=("make", "deps"), test=("run-tests",), timeout=600, setup_timeout=900)
 

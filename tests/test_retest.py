@@ -7,7 +7,7 @@ import subprocess
 from conftest import PY, ROOT, wait_until
 
 import helpers
-import results
+from ci import results
 
 FLAKY_TEST = '''import os
 import unittest

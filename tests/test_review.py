@@ -12,10 +12,10 @@ import pytest
 from conftest import PY, FakeRunner, wait_until
 
 import helpers
-import results
+from ci import results
 import test_runner
 from helpers import Message
-from journal import Journal
+from ci.dispatch.journal import Journal
 
 X, Y = "1" * 40, "2" * 40
 

@@ -18,7 +18,7 @@ import time
 import pytest
 
 import helpers
-import results
+from ci import results
 from conftest import PY, ROOT, free_port, git, send_raw, send_slowly, wait_until
 from helpers import Message
 

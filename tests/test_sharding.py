@@ -11,11 +11,11 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import results
-import sharding
-from dispatch_state import IDLE, OCCUPIED, RUNNING, DispatcherState
+from ci import results
+from ci import sharding
+from ci.dispatch.state import IDLE, OCCUPIED, RUNNING, DispatcherState
 from helpers import Reply
-from journal import Journal, replay_lines
+from ci.dispatch.journal import Journal, replay_lines
 
 X, Y = "1" * 40, "2" * 40
 
@@ -474,7 +474,7 @@ def test_shards_of_odd_modules_add_up_to_discovery(tmp_path, package):
     import subprocess
     import sys
 
-    import junit_capture
+    from ci.runner import junit_capture
     import test_runner
     files = dict(ODD_MODULES)
     if package:

@@ -14,9 +14,9 @@ import pytest
 from conftest import wait_until
 
 import test_runner
-from dispatch_state import IDLE, OCCUPIED, RUNNING, DispatcherState
+from ci.dispatch.state import IDLE, OCCUPIED, RUNNING, DispatcherState
 from helpers import Reply
-from journal import Journal
+from ci.dispatch.journal import Journal
 
 X, Y, Z = "1" * 40, "2" * 40, "3" * 40
 A, B = ("127.0.0.1", 9001), ("127.0.0.1", 9002)
@@ -301,7 +301,7 @@ def test_compaction_waits_for_a_dispatch_being_fsynced(make_state, monkeypatch):
     """A dispatch's records are fsynced outside the lock; a compaction
     that ran meanwhile rewrote the journal without them, so an answered
     ``dispatch`` was lost at the next crash."""
-    import dispatch_state
+    from ci.dispatch import state as dispatch_state
     fsyncing, go = threading.Event(), threading.Event()
 
     class SlowSync(Journal):

@@ -20,7 +20,7 @@ import os
 import re
 
 import helpers
-import results
+from ci import results
 
 # Verdicts, worst first: the merged verdict is the worst of the shards.
 VERDICT_ORDER = ("error", "timeout", "failed", "passed")

@@ -29,7 +29,7 @@ import re
 import threading
 
 import helpers
-from wire import TOKEN_RE
+from ci.wire import TOKEN_RE
 
 BRANCH_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,255}")
 

@@ -34,7 +34,7 @@ import time
 import venv
 
 import helpers
-import recipe
+from ci.runner import recipe
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import os
 import shutil
 import subprocess
 
-import environments
+from ci.runner import environments
 import helpers
 
 log = logging.getLogger(__name__)

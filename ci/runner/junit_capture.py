@@ -23,12 +23,13 @@ import shutil
 import tempfile
 
 import helpers
-import results
+from ci import results
 
 log = logging.getLogger(__name__)
 
-RECORDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ci_support",
-                        "unittest_recorder.py")
+# The repository root: this file is ci/runner/junit_capture.py.
+RECORDER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "ci_support", "unittest_recorder.py")
 # Files a --junit-xml pattern may match: enough for one file per test module.
 MAX_FILES = 200
 

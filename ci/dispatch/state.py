@@ -36,10 +36,10 @@ import threading
 import time
 
 import helpers
-import results
-import sharding
+from ci import results
+from ci import sharding
 from helpers import Reply
-from journal import Assignment, Journal, assign_record, meta_record, shard_record
+from ci.dispatch.journal import Assignment, Journal, assign_record, meta_record, shard_record
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import math
 import threading
 import time
 
-import dashboard_index
+from ci.dashboard import index as dashboard_index
 import helpers
 
 log = logging.getLogger("dashboard")

@@ -484,7 +484,7 @@ def read_credentials(path: str | None) -> tuple[bytes | None, str | None]:
         if not secret:
             return None, None
     if secret.startswith(b"ci-key-v1 "):
-        import auth  # (hashing comes with it: for an issued key only)
+        from ci import auth  # (hashing comes with it: for an issued key only)
         try:
             key_id, key = auth.parse_key_file(secret)
         except ValueError as exc:

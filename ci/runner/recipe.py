@@ -19,7 +19,7 @@ import math
 import re
 import shlex
 
-import wire
+from ci import wire
 
 RECIPE_FILE = ".ci.ini"
 SECTION = "ci"
