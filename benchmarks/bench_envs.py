@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from ci.runner import environments  # noqa: E402
 from ci.runner import recipe  # noqa: E402
 import test_runner  # noqa: E402
-from wheelmaker import make_wheel  # noqa: E402
+from support.wheels import make_wheel  # noqa: E402
 
 TARGET = 0.1
 TESTS = '''import unittest

@@ -8,7 +8,7 @@ import subprocess
 import threading
 import urllib.request
 
-from conftest import GIT_ENV, PY, ROOT, wait_until
+from support.cluster import GIT_ENV, PY, ROOT, wait_until
 
 import helpers
 from ci.results import parse_result

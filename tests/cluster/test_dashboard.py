@@ -14,10 +14,9 @@ import threading
 import time
 
 import pytest
-from conftest import PY, ROOT, send_raw, wait_until
-from dashboard_support import (  # noqa: F401 - dashboards and results are fixtures
-    Dashboard, StandInDispatcher, commit_id, dashboards, dead_address, red_green_history,
-    results, write_result)
+from support.cluster import PY, ROOT, send_raw, wait_until
+from support.dashboard import (
+    Dashboard, StandInDispatcher, commit_id, dead_address, red_green_history, write_result)
 
 from ci.dashboard import live as dashboard_live
 from ci.dashboard import index as di
@@ -495,7 +494,7 @@ def test_hanging_dispatcher_slows_no_page(results, dashboards):
 
 
 def test_old_dispatcher_without_state_command(results, dashboards, threaded_servers):
-    from conftest import ThreadedServer
+    from support.cluster import ThreadedServer
     old = threaded_servers(ThreadedServer, {"status": lambda m, p: None})
     red_green_history(results)
     dash = dashboards(results, f"127.0.0.1:{old.port}")

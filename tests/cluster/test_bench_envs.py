@@ -4,7 +4,7 @@
 import os
 import subprocess
 
-from conftest import PY, ROOT
+from support.cluster import PY, ROOT
 
 BENCH = os.path.join(ROOT, "benchmarks", "bench_envs.py")
 

@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 
-from conftest import PY, ROOT, Daemon, wait_until
+from support.cluster import PY, ROOT, Daemon, wait_until
 from test_faults import commit_fault, notes  # noqa: F401  (notes is a fixture)
 
 import helpers

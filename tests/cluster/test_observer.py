@@ -5,7 +5,7 @@ import re
 import subprocess
 import time
 
-from conftest import PY, ROOT, git, wait_until
+from support.cluster import PY, ROOT, git, wait_until
 
 import helpers
 
@@ -77,7 +77,7 @@ def test_notify_wakes_observer_at_once(cluster, upstream):
 
 
 def test_notify_to_nothing_fails_cleanly():
-    from conftest import free_port
+    from support.cluster import free_port
     proc = subprocess.run([PY, os.path.join(ROOT, "repo_observer.py"), "notify",
                            "--observer", f"127.0.0.1:{free_port()}"],
                           capture_output=True, text=True, timeout=20)

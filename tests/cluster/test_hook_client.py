@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from conftest import PY, ROOT, free_port
+from support.cluster import PY, ROOT, free_port
 from ci import auth
 import helpers
 

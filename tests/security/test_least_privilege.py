@@ -26,7 +26,7 @@ import pytest
 from ci import auth
 import helpers
 from ci import results
-from conftest import (FAILING_TEST, PASSING_TEST, PY, ROOT, Cluster, Daemon, Upstream, git,
+from support.cluster import (FAILING_TEST, PASSING_TEST, PY, ROOT, Cluster, Daemon, Upstream, git,
                       free_port, wait_for_port, wait_until)
 from helpers import Message
 
@@ -1000,7 +1000,7 @@ def test_certificate_roles_at_the_dispatcher(cluster, role_certs, tmp_path):
 @needs_openssl
 def test_tls_clients_are_told_about_plain_ports_and_busy_servers(cluster, role_certs,
                                                                   threaded_servers):
-    from conftest import ThreadedServer
+    from support.cluster import ThreadedServer
     plain = threaded_servers(ThreadedServer, {"status": lambda m, p: Message("ok")})
     with pytest.raises(helpers.ProtocolError, match="does not speak TLS"):
         helpers.call((LOOPBACK, plain.port), "status",

@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 
 import helpers
 import test_runner
-from conftest import PY, git, wait_until
+from support.cluster import PY, git, wait_until
 
 COUNTS = ("tests", "failures", "errors", "skipped")
 

@@ -4,7 +4,7 @@ and the request survives a dispatcher crash."""
 import os
 import subprocess
 
-from conftest import PY, ROOT, wait_until
+from support.cluster import PY, ROOT, wait_until
 
 import helpers
 from ci import results

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import ThreadedServer, wait_until
+from support.cluster import ThreadedServer, wait_until
 
 import helpers
 from ci import results

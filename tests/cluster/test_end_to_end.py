@@ -21,7 +21,7 @@ import time
 import pytest
 
 import helpers
-from conftest import FAILING_TEST, PY, ROOT, git, send_raw, wait_until
+from support.cluster import FAILING_TEST, PY, ROOT, git, send_raw, wait_until
 
 LONG_POLL = "30"
 

@@ -19,7 +19,7 @@ import pytest
 
 import helpers
 from ci import results
-from conftest import PY, ROOT, free_port, git, send_raw, send_slowly, wait_until
+from support.cluster import PY, ROOT, free_port, git, send_raw, send_slowly, wait_until
 from helpers import Message
 
 SECRET = b"s3cret shared by the test cluster"

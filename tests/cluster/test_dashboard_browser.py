@@ -14,8 +14,8 @@ import threading
 import time
 
 import pytest
-from dashboard_support import (  # noqa: F401 - dashboards and results are fixtures
-    StandInDispatcher, commit_id, dashboards, red_green_history, results, write_result)
+from support.dashboard import (
+    StandInDispatcher, commit_id, red_green_history, write_result)
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -297,7 +297,7 @@ def test_real_daemons_red_green_and_live_output(page, dashboards, cluster, upstr
     the runner's subject and author reach the page, broke / fixed are
     marked along the branch, and a running commit's output streams in
     from the runner through the dispatcher while it runs."""
-    from conftest import FAILING_TEST, git
+    from support.cluster import FAILING_TEST, git
     cluster.start_dispatcher()
     cluster.start_runner("--progress-interval", "0.2")
     observer = cluster.start_observer("--poll", "0.3")

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from conftest import wait_until
+from support.cluster import wait_until
 
 import test_runner
 from ci.dispatch.state import IDLE, OCCUPIED, RUNNING, DispatcherState

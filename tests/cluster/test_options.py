@@ -1,6 +1,6 @@
 """Flags that change how the daemons find each other and what they watch."""
 
-from conftest import free_port, git, wait_until
+from support.cluster import free_port, git, wait_until
 
 
 def test_runner_gives_up_after_dispatcher_timeout(cluster):

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import PY, ROOT, Daemon, ThreadedServer, free_port, wait_for_port
+from support.cluster import PY, ROOT, Daemon, ThreadedServer, free_port, wait_for_port
 
 import helpers
 from helpers import Message
@@ -140,22 +140,3 @@ def dead_address() -> str:
     return f"127.0.0.1:{free_port()}"
 
 
-
-
-@pytest.fixture
-def results(tmp_path):
-    folder = tmp_path / "test_results"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
-def dashboards(tmp_path):
-    made = []
-
-    def start(results_dir, dispatcher=None, *extra):
-        made.append(Dashboard(tmp_path, results_dir, dispatcher or dead_address(), *extra))
-        return made[-1]
-    yield start
-    for item in made:
-        item.close()

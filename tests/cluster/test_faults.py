@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import free_port, git, wait_until
+from support.cluster import free_port, git, wait_until
 
 import helpers
 

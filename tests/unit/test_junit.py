@@ -19,8 +19,9 @@ import dispatcher
 import helpers
 from ci.runner import junit_capture
 from ci import results
+from support.junit_projects import PYTEST_TESTS, SHADOW_TEST, SHADOWS, TRICKY_UNITTESTS
 import test_runner
-from conftest import PY
+from support.cluster import PY
 from ci.results import TestRecord
 
 ALL_KINDS = [
@@ -284,78 +285,9 @@ def test_unreadable_xml_keeps_the_summary_counts_with_a_note():
 # --------------------------------------------------------------------------
 # The runner side, with real processes.
 
-TRICKY_UNITTESTS = '''import unittest
-import helpers
-
-
-class TestMix(unittest.TestCase):
-    def test_ok(self):
-        self.assertEqual(helpers.WHO, "the project")
-
-    def test_fail(self):
-        self.assertEqual("left", "right")
-
-    def test_error(self):
-        raise KeyError("\\x00 bad \\ud800 text")
-
-    @unittest.skip("not today")
-    def test_skip(self):
-        pass
-
-    @unittest.expectedFailure
-    def test_xfail(self):
-        self.assertTrue(False)
-
-    @unittest.expectedFailure
-    def test_xpass(self):
-        pass
-
-    def test_subtests(self):
-        for i in range(4):
-            with self.subTest(i=i):
-                self.assertLess(i, 2)
-
-
-class TestTearDown(unittest.TestCase):
-    def tearDown(self):
-        raise RuntimeError("teardown")
-
-    def test_fails_then_teardown_errors(self):
-        self.fail("first")
-
-
-class TestClassSetup(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        raise RuntimeError("no class today")
-
-    def test_never_runs(self):
-        pass
-'''
 
 # Modules named like ours, in the tested project: they must be the ones the
 # project's tests import.
-SHADOWS = {name: f'WHO = "the project"\nNAME = "{name}"\n'
-           for name in ("helpers", "results", "junit_capture", "unittest_recorder",
-                        "dispatcher", "test_runner")}
-
-SHADOW_TEST = '''import os
-import sys
-import unittest
-
-import helpers
-import junit_capture
-import results
-import unittest_recorder
-
-
-class TestOwnModules(unittest.TestCase):
-    def test_project_modules_come_first(self):
-        for module in (helpers, junit_capture, results, unittest_recorder):
-            self.assertEqual(module.WHO, "the project", module.__file__)
-            self.assertEqual(os.path.dirname(module.__file__), os.getcwd())
-        self.assertFalse(any("ci_support" in p for p in sys.path), sys.path)
-'''
 
 
 def make_project(root, files: dict[str, str]) -> str:
@@ -423,42 +355,6 @@ def test_recorder_folder_holds_nothing_importable_but_itself():
     folder = os.path.dirname(junit_capture.RECORDER)
     assert sorted(n for n in os.listdir(folder) if n != "__pycache__") == \
         ["unittest_recorder.py"]
-
-
-PYTEST_TESTS = '''import pytest
-
-import helpers
-
-
-def test_a():
-    assert helpers.WHO == "the project"
-
-def test_wrong():
-    assert 2 * 2 == 5
-
-@pytest.mark.skip(reason="not yet")
-def test_later():
-    pass
-
-@pytest.mark.xfail(reason="known")
-def test_known():
-    assert False
-
-@pytest.mark.xfail(reason="maybe")
-def test_lucky():
-    pass
-
-@pytest.fixture
-def broken():
-    raise RuntimeError("fixture")
-
-def test_uses_broken(broken):
-    pass
-
-@pytest.mark.parametrize("n", [1, 2, 3])
-def test_param(n):
-    assert n != 2
-'''
 
 
 def test_pytest_command_gets_junitxml_and_counts_equal_its_summary(tmp_path):

@@ -14,7 +14,7 @@ import threading
 import dispatcher
 import helpers
 import test_runner
-from conftest import PASSING_TEST, PY, ROOT, ThreadedServer, wait_until
+from support.cluster import PASSING_TEST, PY, ROOT, ThreadedServer, wait_until
 from helpers import Message
 
 

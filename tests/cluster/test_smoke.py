@@ -3,7 +3,7 @@
 import os
 import subprocess
 
-from conftest import FAILING_TEST, PY, ROOT
+from support.cluster import FAILING_TEST, PY, ROOT
 
 
 def test_passing_then_failing_commit(cluster, upstream):

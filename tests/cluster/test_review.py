@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from conftest import PY, FakeRunner, wait_until
+from support.cluster import PY, FakeRunner, wait_until
 
 import helpers
 from ci import results
@@ -147,7 +147,7 @@ def test_unexpected_success_is_a_failed_test_not_an_error():
 
 
 def git_head(upstream) -> str:
-    from conftest import git
+    from support.cluster import git
     return git(upstream.path, "rev-parse", "HEAD")
 
 

@@ -8,8 +8,8 @@ import tempfile
 import time
 
 import pytest
-from conftest import PY, ThreadedServer, wait_until
-from wheelmaker import make_wheel
+from support.cluster import PY, ThreadedServer, wait_until
+from support.wheels import make_wheel
 
 from ci.runner import environments
 import helpers

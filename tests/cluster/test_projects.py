@@ -8,8 +8,8 @@ import os
 import signal
 
 import pytest
-from conftest import git, wait_until
-from wheelmaker import make_wheel
+from support.cluster import git, wait_until
+from support.wheels import make_wheel
 
 DEP_TEST = """import unittest
 

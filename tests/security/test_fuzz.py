@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import dispatcher
 import helpers
 from ci import results
-from conftest import send_slowly, wait_until
+from support.cluster import send_slowly, wait_until
 from helpers import Message, ProtocolError, Reply
 
 SECRET = b"fuzzing secret"

@@ -11,7 +11,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import PY, ThreadedServer, git, wait_until
+from support.cluster import PY, ThreadedServer, git, wait_until
 
 import helpers
 import repo_observer

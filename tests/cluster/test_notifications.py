@@ -18,7 +18,7 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import FAILING_TEST, PY, ROOT, Fleet, free_port, wait_until
+from support.cluster import FAILING_TEST, PY, ROOT, Fleet, free_port, wait_until
 
 import helpers
 import notifications

@@ -11,8 +11,8 @@ import subprocess
 import xml.etree.ElementTree as ET
 
 import test_runner
-from conftest import PY, git
-from test_junit import PYTEST_TESTS, SHADOW_TEST, SHADOWS, TRICKY_UNITTESTS
+from support.cluster import PY, git
+from support.junit_projects import PYTEST_TESTS, SHADOW_TEST, SHADOWS, TRICKY_UNITTESTS
 
 COUNTS = ("tests", "failures", "errors", "skipped")
 
