@@ -20,7 +20,7 @@ import os
 import re
 
 import helpers
-from ci import results
+from ci import commands, results
 
 # Verdicts, worst first: the merged verdict is the worst of the shards.
 VERDICT_ORDER = ("error", "timeout", "failed", "passed")
@@ -234,10 +234,6 @@ class ShardRun:
     path_first: str | None = None   # folder to put first on sys.path (unittest)
 
 
-def _is_pytest(argument: str) -> bool:
-    return os.path.basename(argument) in ("pytest", "py.test")
-
-
 def shard_run(repo: str, custom: list[str] | None, command: list[str],
               spec: ShardSpec, default: bool) -> ShardRun:
     """What shard ``spec`` runs in this checkout.
@@ -268,7 +264,7 @@ def shard_run(repo: str, custom: list[str] | None, command: list[str],
         if not share:
             return ShardRun(None, "empty")
         return ShardRun([*custom[:spot], *share, *custom[spot + 1:]], "")
-    spot = next((i for i, arg in enumerate(command) if _is_pytest(arg)), None)
+    spot = commands.pytest_position(command)
     if spot is not None:
         rest = command[spot + 1:]
         folders = [a for a in rest if not a.startswith("-")]

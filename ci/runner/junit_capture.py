@@ -23,7 +23,7 @@ import shutil
 import tempfile
 
 import helpers
-from ci import results
+from ci import commands, results
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,6 @@ class Collected:
         return added
 
 
-def _is_pytest(argument: str) -> bool:
-    return os.path.basename(argument) in ("pytest", "py.test")
-
-
 class Capture:
     """One test run's JUnit capture; use as a context manager so the
     temporary folder is always removed."""
@@ -70,10 +66,10 @@ class Capture:
         self.tmp: str | None = None
         if pattern:
             return
-        if len(command) >= 3 and command[1:3] == ["-m", "unittest"]:
+        if commands.is_unittest(command):
             self.command = [command[0], RECORDER, self._tmp_file(), *command[3:]]
         else:
-            spot = next((i for i, arg in enumerate(command) if _is_pytest(arg)), None)
+            spot = commands.pytest_position(command)
             if spot is not None and not any(a.startswith(("--junitxml", "--junit-xml"))
                                             for a in command):
                 self.command = [*command[:spot + 1], f"--junitxml={self._tmp_file()}",
