@@ -207,3 +207,75 @@ def test_a_leftover_the_runner_cannot_remove_is_a_clear_checkout_error(request):
     assert "ci-meta" not in failed.stdout
     # Nothing was checked out: the tree is still the first commit's.
     assert (clone / "pkg" / "mod.py").read_text() == BASE["pkg/mod.py"]
+
+
+# --------------------------------------------------------------------------
+# End to end: real dispatcher, observer and runner.
+
+# A commit's test that leaves every kind of leftover above at once.
+LEAVE_EVERYTHING_TEST = '''import os
+import unittest
+
+ATTRS = "*.py working-tree-encoding=UTF-16\\n"
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
+class TestLeaveEverything(unittest.TestCase):
+    def test_leave(self):
+        write("tests/.gitattributes", ATTRS)
+        write("pkg/.gitattributes", ATTRS)
+        write(".gitattributes", "* working-tree-encoding=UTF-16\\n")
+        os.unlink("data")
+        write("data/.gitattributes", ATTRS)
+        write("tests/.git/config", "[core]\\n")
+        write("junk/deep/f", "x")
+        os.chmod("junk/deep", 0)
+        os.chmod("junk", 0o500)
+        os.chmod("pkg", 0)
+'''
+LEFT = ("tests/.gitattributes", "pkg/.gitattributes", "data/.gitattributes", "tests/.git",
+        "junk")
+
+
+def push_leftovers_then_an_innocent_commit(cluster, upstream, clone) -> None:
+    """The commit whose test leaves everything passes; the innocent one
+    after it, on the same runner, passes too and was checked out byte for
+    byte with nothing of the first's left."""
+    leaving = upstream.commit({"tests/test_leave.py": LEAVE_EVERYTHING_TEST}, "leave things")
+    assert cluster.result(leaving, 60)["verdict"] == "passed"
+    innocent = upstream.commit({**NEXT, "tests/test_leave.py": None}, "innocent")
+    result = cluster.result(innocent, 60)
+    assert result["verdict"] == "passed", (result, result["output"][-3000:])
+    assert result["tests"] == "1", result
+    clone = pathlib.Path(clone)
+    for path in git(upstream.path, "ls-tree", "-r", "--name-only", innocent).splitlines():
+        assert (clone / path).read_bytes() == blob(upstream.path, innocent, path), path
+    for path in LEFT:
+        assert not os.path.lexists(clone / path), path
+
+
+def test_an_innocent_commit_after_one_that_leaves_everything_passes(cluster, upstream):
+    upstream.commit(BASE, "base")
+    cluster.start_dispatcher()
+    runner = cluster.start_runner()
+    cluster.start_observer()
+    cluster.result(git(upstream.path, "rev-parse", "HEAD"), 60)
+    push_leftovers_then_an_innocent_commit(cluster, upstream, runner.clone)
+
+
+def test_with_test_user_an_innocent_commit_after_one_that_leaves_everything_passes(request):
+    from test_least_privilege import TEST_COMMAND, nobody_clone, user_folder_cluster
+    cluster, upstream, base, nobody = user_folder_cluster(request)
+    upstream.commit(BASE, "base")
+    clone = nobody_clone(upstream, base / "clone", nobody)
+    cluster.start_dispatcher()
+    cluster.start_runner("--test-command", TEST_COMMAND, "--test-user", "nobody",
+                         "--state-dir", str(base / "state"), clone=clone)
+    cluster.start_observer("--poll", "0.3", "--no-listen", wait=False)
+    cluster.result(git(upstream.path, "rev-parse", "HEAD"), 60)
+    push_leftovers_then_an_innocent_commit(cluster, upstream, clone)
