@@ -22,7 +22,7 @@ import tempfile
 
 import pytest
 
-from conftest import PASSING_TEST, ROOT, Upstream, git
+from support.cluster import PASSING_TEST, ROOT, Upstream, git
 
 UTF16 = "*.py working-tree-encoding=UTF-16\n"
 SCRIPT = "test_runner_script.sh"
@@ -158,7 +158,7 @@ def test_with_test_user_nothing_left_reaches_the_next_checkout(request, leftover
     """--test-user: the runner's private repository, the tree taken back
     before the script runs as root and given to the test user after it,
     as the runner does (test_runner.execute)."""
-    import private_git
+    from ci.runner import private_git
     user = user_or_skip()
     if user is None:
         pytest.skip("needs root (the runner of --test-user is root)")
@@ -269,6 +269,7 @@ def test_an_innocent_commit_after_one_that_leaves_everything_passes(cluster, ups
 
 
 def test_with_test_user_an_innocent_commit_after_one_that_leaves_everything_passes(request):
+    # The --test-user cluster of the least-privilege tests (same folder).
     from test_least_privilege import TEST_COMMAND, nobody_clone, user_folder_cluster
     cluster, upstream, base, nobody = user_folder_cluster(request)
     upstream.commit(BASE, "base")
