@@ -31,7 +31,7 @@ import time
 
 import auth
 import helpers
-import notifications
+from ci.notify import decider as notifications
 import results
 import sharding
 from dispatch_state import DispatcherState, Job, Runner

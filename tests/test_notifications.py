@@ -21,9 +21,9 @@ from hypothesis import given, settings, strategies as st
 from conftest import FAILING_TEST, PY, ROOT, Fleet, free_port, wait_until
 
 import helpers
-import notifications
+from ci.notify import decider as notifications
 import results
-from notifications import PENDING, UNKNOWN, Decider, EventStore, Result
+from ci.notify.decider import PENDING, UNKNOWN, Decider, EventStore, Result
 
 
 def cid(n) -> str:
