@@ -31,7 +31,7 @@ import time
 
 import auth
 import helpers
-from ci.notify import decider as notifications
+from ci.notify import flags as notify_flags
 import results
 import sharding
 from dispatch_state import DispatcherState, Job, Runner
@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(the next in line for work) to fetch at once, so the new "
                              "commit's checkout need not wait for a fetch (default: "
                              "%(default)s; 0: off)")
-    notifications.add_arguments(parser)
+    notify_flags.add_arguments(parser)
     helpers.add_common_arguments(parser)
     return parser
 
@@ -596,7 +596,7 @@ def main(argv=None) -> int:
             security.tls_client_roles = frozenset({"runner", "observer", "operator",
                                                    "viewer"})
             security.tls_server_role = "runner"
-        notifier = notifications.from_args(args, state_dir, results_dir)
+        notifier = notify_flags.from_args(args, state_dir, results_dir)
         state = DispatcherState(results_dir, Journal(os.path.join(state_dir, "journal")),
                                 args.max_attempts)
         state.max_shards = args.max_shards

@@ -21,9 +21,13 @@ from hypothesis import given, settings, strategies as st
 from conftest import FAILING_TEST, PY, ROOT, Fleet, free_port, wait_until
 
 import helpers
-from ci.notify import decider as notifications
 import results
-from ci.notify.decider import PENDING, UNKNOWN, Decider, EventStore, Result
+from ci.notify.decider import NOTIFY_ON, PENDING, UNKNOWN, Decider, Decision, Result
+from ci.notify.events import build_event, command_environment, webhook_body
+from ci.notify.notifier import Notifier, Options
+from ci.notify.store import JOURNAL_NAME, EventStore
+from ci.notify.targets import CommandTarget, DeliveryError
+from ci.notify.worker import TargetWorker
 
 
 def cid(n) -> str:
@@ -56,7 +60,7 @@ def pending_lookup(results):
 ])
 def test_red_red_green(notify_on, announced):
     results = chain(["passed", "failed", "timeout", "passed"])
-    decider = Decider(notifications.NOTIFY_ON[notify_on])
+    decider = Decider(NOTIFY_ON[notify_on])
     decisions = decider.add(results, pending_lookup(results))
     assert [d.kind for d in decisions] == ["passed", "broken", "still-failing", "fixed"]
     assert [d.kind for d in decisions if d.announce] == announced
@@ -66,7 +70,7 @@ def test_red_red_green(notify_on, announced):
 
 def test_out_of_order_arrival_waits_for_the_earlier_commit():
     results = chain(["passed", "failed", "failed", "passed"])
-    decider = Decider(notifications.NOTIFY_ON["all"])
+    decider = Decider(NOTIFY_ON["all"])
     lookup = pending_lookup(results)
     for later in (results[3], results[1], results[2]):
         assert decider.add([later], lookup) == []
@@ -83,10 +87,10 @@ def test_out_of_order_arrival_waits_for_the_earlier_commit():
        st.randoms(use_true_random=False))
 def test_any_arrival_order_gives_the_in_order_decisions(main, feature, rnd):
     results = chain(main) + chain(feature, "feature", first_previous=cid("main-0"))
-    expected = Decider(notifications.NOTIFY_ON["all"]).add(results, pending_lookup(results))
+    expected = Decider(NOTIFY_ON["all"]).add(results, pending_lookup(results))
     shuffled = list(results)
     rnd.shuffle(shuffled)
-    decider = Decider(notifications.NOTIFY_ON["all"])
+    decider = Decider(NOTIFY_ON["all"])
     lookup = pending_lookup(results)
     got = list(itertools.chain.from_iterable(decider.add([r], lookup) for r in shuffled))
     for branch in ("main", "feature"):
@@ -113,7 +117,7 @@ def test_retest_flip_emits_the_implied_event_and_a_new_id():
 
 def test_unknown_previous_is_judged_alone_and_pending_waits():
     commit, previous = cid("x"), cid("gone")
-    decider = Decider(notifications.NOTIFY_ON["failure"])
+    decider = Decider(NOTIFY_ON["failure"])
     (alone,) = decider.add([Result(commit, "main", previous, "failed")])
     assert (alone.kind, alone.announce) == ("failed", True)
     waiting = Result(cid("y"), "dev", cid("running"), "failed")
@@ -125,7 +129,7 @@ def test_a_previous_result_not_given_yet_is_read_and_decided_first():
     one = Result(cid("one"), "main", base.commit, "failed")
     two = Result(cid("two"), "main", one.commit, "failed")
     files = {base.commit: base, one.commit: one}
-    decisions = Decider(notifications.NOTIFY_ON["all"]).add(
+    decisions = Decider(NOTIFY_ON["all"]).add(
         [two], lambda c: files.get(c, UNKNOWN))
     assert [(d.result.commit, d.kind) for d in decisions] == \
         [(one.commit, "broken"), (two.commit, "still-failing")]
@@ -150,15 +154,15 @@ def test_event_text_and_payload():
     result = Result(cid(1), "main", cid(0), "failed",
                     {"subject": "Break\nit", "author": "Ann <a@x>", "tests": "10",
                      "failures": "3", "errors": "0"})
-    broken = notifications.Decision(result, "broken", "passed", 1, False, True)
-    event = notifications.build_event(broken, "/r", "http://ci/c/{commit}", ["command"])
+    broken = Decision(result, "broken", "passed", 1, False, True)
+    event = build_event(broken, "/r", "http://ci/c/{commit}", ["command"])
     assert event["text"].startswith(f'main is broken by {cid(1)[:12]} ("Break it", Ann <a@x>)')
     assert "3 failures, 0 errors of 10 tests" in event["text"]
     assert event["url"] == f"http://ci/c/{cid(1)}"
-    payload = json.loads(notifications.webhook_body(event))
+    payload = json.loads(webhook_body(event))
     assert payload["id"] == broken.event_id and payload["tests"] == 10
-    env = notifications.command_environment(event, {"PATH": "/bin", "CI_SECRET": "s",
-                                                    "CI_EVENT": "forged", "API_TOKEN": "t"})
+    env = command_environment(event, {"PATH": "/bin", "CI_SECRET": "s",
+                                      "CI_EVENT": "forged", "API_TOKEN": "t"})
     assert env["CI_EVENT"] == "broken" and env["CI_SUBJECT"] == "Break it"
     assert "CI_SECRET" not in env and "API_TOKEN" not in env and env["PATH"] == "/bin"
 
@@ -167,10 +171,10 @@ def test_event_text_and_payload():
 # The journal.
 
 def decision_records(results, kinds="all"):
-    decider = Decider(notifications.NOTIFY_ON[kinds])
+    decider = Decider(NOTIFY_ON[kinds])
     records = []
     for d in decider.add(results, pending_lookup(results)):
-        event = notifications.build_event(d, "/r", None, ["command", "webhook:x"]) \
+        event = build_event(d, "/r", None, ["command", "webhook:x"]) \
             if d.announce else None
         records.append({"j": d.result.commit, "v": d.result.verdict, "n": d.n, "e": event})
     return records
@@ -209,7 +213,7 @@ def test_store_compaction_keeps_what_is_needed(tmp_path):
     decider = Decider()
     decider.judged = store.judged
     (fixed,) = decider.add([retest])
-    event = notifications.build_event(fixed, "/r", None, ["command"])
+    event = build_event(fixed, "/r", None, ["command"])
     store.append([{"j": retest.commit, "v": "passed", "n": fixed.n, "e": event}], sync=True)
     for n in range(50):
         store.append([{"j": cid(n), "v": "passed", "n": 1, "e": None}], sync=False)
@@ -350,7 +354,7 @@ def post_result(cluster, commit, verdict, failures=0):
 
 def journal_events(cluster) -> dict:
     """Event id -> (event kind, delivered to some target)."""
-    path = os.path.join(cluster.state, notifications.JOURNAL_NAME)
+    path = os.path.join(cluster.state, JOURNAL_NAME)
     found = {}
     with open(path, "rb") as handle:
         for line in handle.read().splitlines():
@@ -514,7 +518,7 @@ def test_bad_flags_are_refused_with_one_line(tmp_path, flags, message):
                           capture_output=True, text=True, timeout=20)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
-    assert not os.path.exists(tmp_path / "dispatcher_state" / notifications.JOURNAL_NAME)
+    assert not os.path.exists(tmp_path / "dispatcher_state" / JOURNAL_NAME)
 
 
 # --------------------------------------------------------------------------
@@ -538,11 +542,11 @@ def test_notifier_first_start_and_a_result_missed_in_a_crash(tmp_path):
     for old in history[:2]:
         write_result(results, old)
     command, out = recorder(tmp_path)
-    target = notifications.CommandTarget(command.split(), 10)
+    target = CommandTarget(command.split(), 10)
 
     def start():
-        notifier = notifications.Notifier(state, results, [target],
-                                          notifications.NOTIFY_ON["all"], retry_max=0.2)
+        notifier = Notifier(state, results, [target],
+                            Options(NOTIFY_ON["all"], retry_max=0.2))
         notifier.start(lambda commit: False)
         return notifier
 
@@ -568,25 +572,25 @@ def test_gives_up_after_retry_for_and_goes_on(tmp_path):
     results, state = str(tmp_path / "results"), str(tmp_path / "state")
     os.makedirs(results)
     os.makedirs(state)
-    failing = notifications.CommandTarget([PY, "-c", "import sys; sys.exit(3)"], 10)
-    notifier = notifications.Notifier(state, results, [failing], notifications.NOTIFY_ON["all"],
-                                      retry_for=0.3, retry_max=0.05)
+    failing = CommandTarget([PY, "-c", "import sys; sys.exit(3)"], 10)
+    notifier = Notifier(state, results, [failing],
+                        Options(NOTIFY_ON["all"], retry_for=0.3, retry_max=0.05))
     notifier.start(lambda commit: False)
     for result in chain(["failed", "passed"]):
         notifier.result_written(result.commit, write_result(results, result))
     wait_until(lambda: notifier.store.judged and not notifier.store.pending(), 20,
                what="both events given up")
     notifier.stop()
-    with open(os.path.join(state, notifications.JOURNAL_NAME)) as handle:
+    with open(os.path.join(state, JOURNAL_NAME)) as handle:
         assert handle.read().count('"gave_up"') == 2
 
 
 def test_a_hanging_command_is_killed_at_its_timeout():
-    target = notifications.CommandTarget([PY, "-c", "import time; time.sleep(60)"], 0.5)
-    (decision,) = Decider(notifications.NOTIFY_ON["all"]).add(chain(["failed"]))
-    event = notifications.build_event(decision, "/r", None, ["command"])
+    target = CommandTarget([PY, "-c", "import time; time.sleep(60)"], 0.5)
+    (decision,) = Decider(NOTIFY_ON["all"]).add(chain(["failed"]))
+    event = build_event(decision, "/r", None, ["command"])
     started = time.monotonic()
-    with pytest.raises(notifications.DeliveryError, match="timed out"):
+    with pytest.raises(DeliveryError, match="timed out"):
         target.deliver(event)
     assert time.monotonic() - started < 5
 
@@ -595,7 +599,7 @@ def test_an_event_for_a_removed_target_is_dropped_at_start(tmp_path):
     results, state = str(tmp_path / "results"), str(tmp_path / "state")
     os.makedirs(results)
     os.makedirs(state)
-    store = EventStore(os.path.join(state, notifications.JOURNAL_NAME))
+    store = EventStore(os.path.join(state, JOURNAL_NAME))
     store.load()
     store.open()
     records = decision_records(chain(["failed"]))
@@ -603,8 +607,7 @@ def test_an_event_for_a_removed_target_is_dropped_at_start(tmp_path):
     store.append(records, sync=True)
     store.close()
     command, out = recorder(tmp_path)
-    notifier = notifications.Notifier(state, results,
-                                      [notifications.CommandTarget(command.split(), 10)])
+    notifier = Notifier(state, results, [CommandTarget(command.split(), 10)])
     notifier.start()
     wait_until(lambda: notifier.store.judged and not notifier.store.pending(), 10,
                what="the stale event dropped")
@@ -619,7 +622,7 @@ def test_giving_up_resets_the_backoff():
         key = label = "refusing"
 
         def deliver(self, event):
-            raise notifications.DeliveryError("down")
+            raise DeliveryError("down")
 
     class Marks:
         def __init__(self):
@@ -629,11 +632,11 @@ def test_giving_up_resets_the_backoff():
             self.outcomes.append(outcome)
 
     store, stop = Marks(), threading.Event()
-    worker = notifications.TargetWorker(Refusing(), store, retry_for=0.5, retry_max=10.0,
-                                        stop_event=stop)
+    worker = TargetWorker(Refusing(), store, retry_for=0.5, retry_max=10.0,
+                          stop_event=stop)
     worker.backoff = helpers.Backoff(first=0.01, cap=10.0)
-    (decision,) = Decider(notifications.NOTIFY_ON["all"]).add(chain(["failed"]))
-    event = notifications.build_event(decision, "/r", None, ["refusing"])
+    (decision,) = Decider(NOTIFY_ON["all"]).add(chain(["failed"]))
+    event = build_event(decision, "/r", None, ["refusing"])
     event["created"] = time.time() - 0.3   # a few quick retries, then given up
     worker.thread.start()
     try:
