@@ -41,6 +41,17 @@ def commit_url(dashboard_url: str | None, commit: str) -> str:
     return dashboard_url.replace("{commit}", commit)
 
 
+# Each kind's line ({about}: the commit, subject and author; {counts}: the
+# failures or the verdict's reason).
+TEXTS = {
+    "broken": "{branch} is broken by {about}: {counts}",
+    "fixed": "{branch} is fixed by {about}: {tests} tests pass",
+    "still-failing": "{branch} is still failing at {about}: {counts}",
+    "passed": "{branch}: {about} passed, {tests} tests",
+    "failed": "{branch}: {about} failed: {counts}",
+}
+
+
 def event_text(event: dict) -> str:
     """One human line, as chat tools show it."""
     short = event["commit"][:12]
@@ -54,18 +65,9 @@ def event_text(event: dict) -> str:
                                                    else "")
     elif event["verdict"] == "failed":
         counts = f"verdict failed: {counts}"
-    branch = event["branch"]
-    kind = event["event"]
-    if kind == "broken":
-        text = f"{branch} is broken by {about}: {counts}"
-    elif kind == "fixed":
-        text = f"{branch} is fixed by {about}: {event['tests']} tests pass"
-    elif kind == "still-failing":
-        text = f"{branch} is still failing at {about}: {counts}"
-    elif kind == "passed":
-        text = f"{branch}: {about} passed, {event['tests']} tests"
-    else:
-        text = f"{branch}: {about} failed: {counts}"
+    template = TEXTS.get(event["event"], TEXTS["failed"])
+    text = template.format(branch=event["branch"], about=about, counts=counts,
+                           tests=event["tests"])
     if event["retest"]:
         text = f"retest: {text} (was {event['previous_verdict']})"
     if event["url"]:

@@ -18,6 +18,18 @@ from ci.notify.targets import DEFAULT_TIMEOUT, CommandTarget, WebhookTarget
 from ci.notify.worker import DEFAULT_RETRY_FOR, DEFAULT_RETRY_MAX
 
 
+# The flags that take a duration (each must be positive): flag, default, help.
+SECONDS_FLAGS = (
+    ("--notify-timeout", DEFAULT_TIMEOUT,
+     "a command or webhook that takes longer has failed and is retried"),
+    ("--notify-retry-for", DEFAULT_RETRY_FOR,
+     "keep retrying an undelivered notification this long after it was made, across "
+     "restarts"),
+    ("--notify-retry-max", DEFAULT_RETRY_MAX,
+     "longest wait between two tries of one receiver; the wait doubles from 1 s up to it"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The "notifications" group of the dispatcher's flags."""
     group = parser.add_argument_group(
@@ -36,18 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--notify-on", choices=sorted(NOTIFY_ON), default=DEFAULT_NOTIFY_ON,
                        help="change: broken and fixed only; failure: also every still-failing "
                             "or failing commit; all: every result (default: %(default)s)")
-    group.add_argument("--notify-timeout", type=float, default=DEFAULT_TIMEOUT,
-                       metavar="SECONDS",
-                       help="a command or webhook that takes longer has failed and is retried "
-                            "(default: %(default)s)")
-    group.add_argument("--notify-retry-for", type=float, default=DEFAULT_RETRY_FOR,
-                       metavar="SECONDS",
-                       help="keep retrying an undelivered notification this long after it was "
-                            "made, across restarts (default: %(default)s)")
-    group.add_argument("--notify-retry-max", type=float, default=DEFAULT_RETRY_MAX,
-                       metavar="SECONDS",
-                       help="longest wait between two tries of one receiver; the wait doubles "
-                            "from 1 s up to it (default: %(default)s)")
+    for flag, default, text in SECONDS_FLAGS:
+        group.add_argument(flag, type=float, default=default, metavar="SECONDS",
+                           help=f"{text} (default: %(default)s)")
     group.add_argument("--dashboard-url", metavar="URL",
                        help="link given with each notification (CI_URL, 'url'); '{commit}' in "
                             "it is replaced by the commit id")
@@ -89,9 +92,9 @@ def _command_argv(command: str) -> list[str]:
 
 def from_args(args: argparse.Namespace, state_dir: str, results_dir: str) -> Notifier | None:
     """The notifier the flags ask for, or None; ConfigError for bad flags."""
-    for name in ("notify_timeout", "notify_retry_for", "notify_retry_max"):
-        if getattr(args, name) <= 0:
-            raise helpers.ConfigError(f"--{name.replace('_', '-')} must be positive")
+    for flag, _, _ in SECONDS_FLAGS:
+        if getattr(args, flag[2:].replace("-", "_")) <= 0:
+            raise helpers.ConfigError(f"{flag} must be positive")
     webhooks = [_check_http_url("--webhook", url) for url in args.webhook]
     if args.dashboard_url:
         _check_http_url("--dashboard-url", args.dashboard_url)
