@@ -27,10 +27,10 @@ import threading
 import time
 import urllib.parse
 
-import dashboard_index
-import dashboard_pages as pages
+from ci.dashboard import index as dashboard_index
+from ci.dashboard import pages as pages
 import helpers
-from dashboard_live import LiveState, without_finished
+from ci.dashboard.live import LiveState, without_finished
 
 log = logging.getLogger("dashboard")
 

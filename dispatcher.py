@@ -29,14 +29,14 @@ import sys
 import threading
 import time
 
-import auth
+from ci import auth
 import helpers
+from ci import results
+from ci import sharding
+from ci.dispatch.state import DispatcherState, Job, Runner
 from ci.notify import flags as notify_flags
-import results
-import sharding
-from dispatch_state import DispatcherState, Job, Runner
 from helpers import Message, Reply
-from journal import Journal, parse_meta_line, TOKEN_RE
+from ci.dispatch.journal import Journal, parse_meta_line, TOKEN_RE
 
 log = logging.getLogger(__name__)
 

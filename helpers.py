@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 
-from wire import (  # noqa: F401 - the protocol, re-exported for the daemons
+from ci.wire import (  # noqa: F401 - the protocol, re-exported for the daemons
     Busy, COMMAND_RE, DEFAULT_AUTH_WINDOW, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BUFFERED,
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE, DEFAULT_READ_TIMEOUT, MAGIC,
     MAX_HEADER_BYTES, TOKEN_RE, FrameHeader, Message, NoRequest, PeerClosed, ProtocolError,
@@ -299,7 +299,7 @@ def _client_handshake(security: Security, raw: socket.socket, address) -> socket
         raise
     expected = security.tls_server_role
     if expected:
-        import auth
+        from ci import auth
         role = auth.cert_role(sock.getpeercert())
         if role != expected:
             sock.close()
@@ -498,7 +498,7 @@ def _server_handshake(sec: Security, sock: socket.socket, peer: str):
         return None, None
     role = None
     if sec.tls_client_roles is not None:
-        import auth
+        from ci import auth
         role = auth.cert_role(tls.getpeercert())
         if role not in sec.tls_client_roles:
             log.warning("TLS peer %s has a certificate for role %r; refused", peer, role)

@@ -38,7 +38,7 @@ import threading
 import time
 
 import helpers
-import procgroup
+from ci import procgroup
 from helpers import GitError, Message
 
 log = logging.getLogger(__name__)

@@ -26,14 +26,14 @@ import tempfile
 import threading
 import time
 
-import environments
+from ci.runner import environments
 import helpers
-import junit_capture
-import private_git
-import procgroup
-import recipe
-import results
-import sharding
+from ci.runner import junit_capture
+from ci.runner import private_git
+from ci import procgroup
+from ci.runner import recipe
+from ci import results
+from ci import sharding
 from helpers import Message
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import time
 from typing import Callable
 
 import helpers
-import results as result_files  # (the module; "results" names lists here)
+from ci import results as result_files  # (the module; "results" names lists here)
 from ci.notify.decider import (DEFAULT_NOTIFY_ON, NOTIFY_ON, PENDING, UNKNOWN, Decider,
                                Decision, Result, result_from_fields)
 from ci.notify.events import build_event, short_id

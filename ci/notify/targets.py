@@ -17,7 +17,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-import procgroup
+from ci import procgroup
 from ci.notify.events import command_environment, short_id, signature, webhook_body
 
 log = logging.getLogger(__name__)
