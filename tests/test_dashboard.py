@@ -19,10 +19,11 @@ from dashboard_support import (  # noqa: F401 - dashboards and results are fixtu
     Dashboard, StandInDispatcher, commit_id, dashboards, dead_address, red_green_history,
     results, write_result)
 
-import dashboard_live
-import dashboard_index as di
-import dashboard_pages as pages
 import results as result_files
+from ci.dashboard import app as dashboard_app
+from ci.dashboard import index as di
+from ci.dashboard import live as dashboard_live
+from ci.dashboard import pages
 from helpers import Message
 
 A, B, C, D = (commit_id(n) for n in range(4))
@@ -292,11 +293,11 @@ def test_a_result_that_lands_between_two_pages_is_not_also_running(results, stan
     """The dispatcher's state is cached for a second; the page that first
     reads a new result must also leave its commit out of the running rows
     and /api/status, or it is shown done and running at once."""
-    import dashboard
     stand_in.state_reply = {"queue": [], "runners": [], "counts": {}, "running": [
         {"commit": A, "branch": "main", "runner": "r1", "elapsed": 5.0, "job": "j1"}]}
-    app = dashboard.Dashboard(di.ResultIndex(str(results), scan_interval=0),
-                              dashboard_live.LiveState(("127.0.0.1", stand_in.port), None))
+    app = dashboard_app.Dashboard(di.ResultIndex(str(results), scan_interval=0),
+                                  dashboard_live.LiveState(("127.0.0.1", stand_in.port),
+                                                           None))
     filters = app._filters({})
     before = app._overview_sections(filters)
     assert A[:10] in before["sec-active"] and A[:10] not in before["sec-commits"]

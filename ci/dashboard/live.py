@@ -11,8 +11,8 @@ import math
 import threading
 import time
 
-import dashboard_index
 import helpers
+from ci.dashboard import index as dashboard_index
 
 log = logging.getLogger("dashboard")
 
