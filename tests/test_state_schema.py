@@ -1,0 +1,114 @@
+"""The dispatcher's ``state`` reply, defined once in ci/state_schema.py:
+what ``DispatcherState.describe`` builds reads back as it was, an older
+dispatcher's reply (no ``held``, no ``shard``) still reads, and the
+dashboard shows what the dispatcher sends (occupied runners, shards,
+runner names)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import dispatch_state
+from ci import state_schema as schema
+from ci.dashboard import live, pages
+from dispatch_state import DispatcherState
+from journal import Journal
+
+A, B, C, D = "a" * 40, "b" * 40, "c" * 40, "d" * 40
+
+
+@pytest.fixture
+def state(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    made = DispatcherState(str(results), Journal(str(tmp_path / "journal")), 3)
+    made.recover()
+    yield made
+    made.journal.close()
+
+
+def test_a_full_state_round_trips():
+    built = schema.State(
+        queue=[schema.QueueEntry(A, "main", 1)],
+        running=[schema.RunningJob(B, "dev", "runner1", 2.5, "1/2"),
+                 schema.RunningJob(C, None, "127.0.0.1:9002", 0.0)],
+        held=[schema.HeldCommit(D, "main", "127.0.0.1:9003")],
+        runners=[schema.RunnerInfo("runner1", "127.0.0.1:9001", schema.RUNNING, B),
+                 schema.RunnerInfo("127.0.0.1:9002", "127.0.0.1:9002", schema.OCCUPIED, C)],
+        counts={"queued": 1, "running": 3})
+    wire_text = json.dumps(built.to_json())
+    assert schema.State.from_json(json.loads(wire_text)) == built
+
+
+def test_what_describe_sends_reads_back_as_it_was(state):
+    """The dispatcher builds its reply from the schema's records: read
+    back, nothing is lost, renamed or left over."""
+    state.register(("127.0.0.1", 9001), "i1", None)
+    state.label_runner(("127.0.0.1", 9001), "runner1")
+    state.register(("127.0.0.1", 9002), "i2", C)        # busy with work not ours
+    state.enqueue([A, B])
+    job = state.next_assignment()
+    sent = json.loads(state.describe())
+    read = schema.State.from_json(sent)
+    assert read.to_json() == sent
+    runners = {r.address: r for r in read.runners}
+    assert runners["127.0.0.1:9001"].name == "runner1"
+    assert runners["127.0.0.1:9002"].name == "127.0.0.1:9002"   # no name: its address
+    assert runners["127.0.0.1:9002"].state == schema.OCCUPIED
+    assert runners["127.0.0.1:9002"].commit == C
+    assert [(j.commit, j.runner, j.shard) for j in read.running] == [(job.commit, "runner1",
+                                                                       None)]
+    assert [q.commit for q in read.queue] == [B] and read.counts["runners"] == 2
+
+
+def test_an_older_dispatchers_state_reads_with_defaults():
+    """Before ``held``, ``shard`` and counts as numbers; with a field a
+    newer (or older) dispatcher sends that this dashboard does not know."""
+    older = {"queue": [{"commit": A, "branch": "main", "position": 1}],
+             "running": [{"commit": B, "branch": "main", "runner": "127.0.0.1:9001",
+                          "elapsed": 4.0, "job": "7"}],
+             "runners": [{"name": "127.0.0.1:9001", "address": "127.0.0.1:9001",
+                          "state": "running", "commit": B}],
+             "counts": {"queued": "1"}}
+    read = schema.State.from_json(older)
+    assert read.held == [] and read.running[0].shard is None
+    assert read.runners[0].commit == B and read.counts == {"queued": "1"}
+    shown = live.normalize_state(older)
+    assert shown["running"] == [{"commit": B, "branch": "main", "runner": "127.0.0.1:9001",
+                                 "elapsed": 4.0, "shard": None}]
+    assert schema.State.from_json({}) == schema.State()
+
+
+def test_bad_values_are_dropped_or_left_out():
+    read = schema.State.from_json({
+        "queue": [{"commit": "../etc"}, {"commit": A, "position": "NaN"}, "x"],
+        "running": {"not": "a list"},
+        "runners": [{"name": "r\n1", "state": "x" * 100, "commit": "zz"}],
+        "counts": {"n": True, "m": 2.5}})
+    assert read.queue == [schema.QueueEntry(A)]
+    assert read.running == []
+    assert read.runners == [schema.RunnerInfo("r 1", None, "x" * 32, None)]
+    assert read.counts == {"n": "True", "m": "2.5"}
+    with pytest.raises(ValueError):
+        schema.State.from_json(["not", "an", "object"])
+
+
+def test_the_dispatchers_runner_states_are_the_schemas():
+    assert (dispatch_state.IDLE, dispatch_state.RUNNING, dispatch_state.OCCUPIED,
+            dispatch_state.SUSPECT) == schema.RUNNER_STATES
+    # Every state the dispatcher sets has its colour, none is a warning but suspect.
+    assert set(pages.RUNNER_CLASSES) == set(schema.RUNNER_STATES)
+    assert pages.RUNNER_CLASSES[schema.OCCUPIED] != pages.RUNNER_CLASSES[schema.SUSPECT]
+
+
+@pytest.mark.parametrize("name", ["runner1", "ci-box_2.local", "x" * 64])
+def test_runner_names_allowed(name):
+    assert schema.check_runner_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "a b", "x" * 65, "r\n1", "ü", "a/b", None])
+def test_runner_names_refused_with_the_rule(name):
+    with pytest.raises(ValueError, match="letters, digits"):
+        schema.check_runner_name(name)
