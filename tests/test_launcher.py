@@ -71,6 +71,13 @@ def test_ctrl_c_stops_every_process(tmp_path):
         # what it shows may lag the files by that much, never more than 2 s.
         wait_until(lambda: shown() == verdicts, 2.0, what="the dashboard's list")
         assert shown() == verdicts
+
+        # The launcher names its runners; the dashboard shows those names.
+        def runner_names():
+            with urllib.request.urlopen(url + "api/status", timeout=10) as reply:
+                return sorted(r["name"] for r in json.load(reply)["runners"])
+        wait_until(lambda: runner_names() == ["runner1", "runner2"], 5,
+                   what="the runners under their names")
         # After the demo it keeps printing each new verdict, one line each.
         upstream = tmp_path / ".ci_local" / "upstream"
         subprocess.run(["git", "-C", str(upstream), "commit", "-q", "--allow-empty", "-m",
