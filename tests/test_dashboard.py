@@ -158,32 +158,6 @@ def test_a_commit_whose_result_landed_is_no_longer_shown_running():
     assert dashboard_live.without_finished(None, finished.get) is None
 
 
-def test_normalize_state_keeps_only_expected_shapes():
-    state = dashboard_live.normalize_state({
-        "queue": [{"commit": A, "branch": "main", "position": 1}, {"commit": "../x"}, 7],
-        "running": [{"commit": B, "branch": None, "runner": "r\n1", "elapsed": "2.5",
-                     "job": 3}],
-        "runners": [{"name": "r1", "address": "127.0.0.1:1", "state": "running", "commit": B}],
-        "counts": {"queued": 1}, "extra": "ignored"})
-    assert state["queue"] == [{"commit": A, "branch": "main", "position": 1}]
-    assert state["running"] == [{"commit": B, "branch": None, "runner": "r 1",
-                                 "elapsed": 2.5, "shard": None}]
-    assert state["runners"][0]["commit"] == B and "extra" not in state
-    with pytest.raises(ValueError):
-        dashboard_live.normalize_state([])
-
-
-def test_normalize_state_held_without_runner_and_infinite_numbers():
-    """json.loads takes Infinity and NaN; a held commit may name no runner."""
-    state = dashboard_live.normalize_state(json.loads(
-        '{"queue": [{"commit": "%s", "position": Infinity}, {"commit": "%s", "position": NaN}],'
-        ' "running": [{"commit": "%s", "elapsed": -Infinity}], "held": [{"commit": "%s"}]}'
-        % (A, B, C, D)))
-    assert [j["position"] for j in state["queue"]] == [None, None]
-    rows = {r["commit"]: r for r in state["running"]}
-    assert rows[C]["elapsed"] is None and rows[D]["runner"] == "waiting for ?"
-
-
 def test_any_failure_reading_the_state_is_an_unavailable_state(monkeypatch):
     live = dashboard_live.LiveState(("127.0.0.1", 1), None)
     monkeypatch.setattr(live, "_call", lambda command, argument="": Message("ok", "", b"{}"))
@@ -583,20 +557,3 @@ def test_slow_clients_cut_off_and_flood_survived(results, dashboards):
             sock.close()
     assert dash.daemon.alive()
     assert json.loads(dash.get("/api/commits")[2])["commits"]
-
-
-def test_a_sharded_commit_is_one_running_row_and_held_commits_show():
-    """The dispatcher lists each shard of a commit as a running job, and
-    the commits it holds for their runners after a restart apart."""
-    state = dashboard_live.normalize_state({
-        "running": [{"commit": "a" * 40, "branch": "main", "runner": "r1", "elapsed": 2.0,
-                     "shard": "1/2"},
-                    {"commit": "a" * 40, "branch": "main", "runner": "r2", "elapsed": 3.5,
-                     "shard": "2/2"},
-                    {"commit": "b" * 40, "branch": "main", "runner": "r3", "elapsed": 1.0}],
-        "held": [{"commit": "c" * 40, "branch": "main", "runner": "127.0.0.1:8901"}]})
-    rows = {r["commit"][0]: r for r in state["running"]}
-    assert rows["a"]["runner"] == "r1 (shard 1/2), r2 (shard 2/2)"
-    assert rows["a"]["elapsed"] == 3.5 and rows["a"]["shard"] == "1/2, 2/2"
-    assert rows["b"]["runner"] == "r3"
-    assert rows["c"]["runner"] == "waiting for 127.0.0.1:8901" and rows["c"]["elapsed"] is None
