@@ -17,7 +17,7 @@ import threading
 import time
 
 import helpers
-import results
+from ci import results
 
 log = logging.getLogger(__name__)
 

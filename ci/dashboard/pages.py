@@ -14,7 +14,7 @@ import re
 import time
 import urllib.parse
 
-import wire
+from ci import wire
 from ci import state_schema
 
 VERDICT_CLASSES = ("passed", "failed", "error", "timeout", "running", "queued")
