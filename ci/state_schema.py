@@ -24,7 +24,7 @@ import math
 import re
 from typing import Any, Callable, ClassVar
 
-import wire
+from ci import wire
 
 # A runner's states, as ``dispatch_state`` sets them (see its docstring).
 IDLE, RUNNING, OCCUPIED, SUSPECT = "idle", "running", "occupied", "suspect"
