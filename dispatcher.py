@@ -33,6 +33,7 @@ from ci import auth
 import helpers
 from ci import results
 from ci import sharding
+from ci import state_schema
 from ci.dispatch.state import DispatcherState, Job, Runner
 from ci.notify import flags as notify_flags
 from helpers import Message, Reply
@@ -196,11 +197,15 @@ class Dispatcher:
         instance = fields.get("instance", "")
         busy, token = runner_says(fields)
         limit = job_limit(fields)
+        label = runner_label(fields)
         # A runner's own limits stretch the default deadline only; an
         # explicit --job-timeout is exact.
         answer = self.state.register(address, instance[:64], busy, token,
                                      self._runner_name(peer),
                                      limit if self.trust_runner_limits else None)
+        self.state.label_runner(address, label)
+        if answer == "registered" and label:
+            log.info("runner %s calls itself %s", message.argument, label)
         if answer == "registered" and limit and limit > self.job_timeout \
                 and not self.trust_runner_limits:
             log.warning("runner %s may by its own limits take %.0fs per commit (checkout, "
@@ -401,6 +406,19 @@ def job_limit(fields: dict) -> float | None:
     except ValueError:
         return None
     return seconds if 0 < seconds <= MAX_RUNNER_LIMIT else None
+
+
+def runner_label(fields: dict) -> str | None:
+    """The name a runner gives itself in its ``register`` field ``name``
+    (``test_runner.py --name``), None if it gives none; a name it may not
+    have is refused with the rule, not shortened into another one."""
+    label = fields.get("name") or None
+    if label is not None:
+        try:
+            state_schema.check_runner_name(label)
+        except ValueError as exc:
+            raise Reply(str(exc)) from None
+    return label
 
 
 def runner_says(fields: dict) -> tuple[str | None, str | None]:

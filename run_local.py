@@ -279,7 +279,7 @@ def main(argv=None) -> int:
         for i in range(1, args.runners + 1):
             procs.start(f"runner{i}", "test_runner.py",
                         ["--host", "127.0.0.1", "--port", str(free_port()),
-                         "--dispatcher-server", dispatcher, *common,
+                         "--name", f"runner{i}", "--dispatcher-server", dispatcher, *common,
                          os.path.join(clones, f"runner{i}")])
         procs.start("observer", "repo_observer.py",
                     ["--host", "127.0.0.1", "--port", str(oport), "--poll", str(args.poll),

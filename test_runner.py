@@ -34,6 +34,7 @@ from ci import procgroup
 from ci.runner import recipe
 from ci import results
 from ci import sharding
+from ci import state_schema
 from helpers import Message
 
 log = logging.getLogger(__name__)
@@ -772,12 +773,12 @@ class TestRunner:
         job = self.state.current_job()
         # The token proves the job is ours: a restarted dispatcher lets us
         # keep it instead of running it again elsewhere.
+        fields = {"instance": self.instance, "busy": job.commit if job else "",
+                  "job": job.job_id if job else "", "limit": f"{self.job_limit:.0f}"}
+        if self.args.name:
+            fields["name"] = self.args.name
         reply = helpers.call(self.dispatcher, "register", self.advertised,
-                             helpers.encode_fields({"instance": self.instance,
-                                                    "busy": job.commit if job else "",
-                                                    "job": job.job_id if job else "",
-                                                    "limit": f"{self.job_limit:.0f}"}),
-                             security=self.security)
+                             helpers.encode_fields(fields), security=self.security)
         self.last_contact = time.monotonic()  # any answer: the dispatcher is there
         if reply.command != "ok":
             raise helpers.ProtocolError(f"register refused: {reply.argument}")
@@ -917,6 +918,15 @@ def job_limit(args, preparer: environments.Preparer) -> float:
     return args.checkout_timeout + setup + test
 
 
+def runner_name(text: str) -> str:
+    """``--name``: checked here, so a bad one is a usage error at start-up
+    rather than a refusal of every ``register``."""
+    try:
+        return state_schema.check_runner_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = helpers.ArgumentParser(
         description="CI test runner: runs the tests of the commits the dispatcher sends.")
@@ -933,6 +943,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dispatcher-server", default=DEFAULT_DISPATCHER,
                         metavar="HOST:PORT",
                         help="the dispatcher's address (default: %(default)s)")
+    parser.add_argument("--name", type=runner_name,
+                        help="what the dashboard and the dispatcher's state call this runner "
+                             "(1 to 64 letters, digits, '.', '_' or '-'; default: none, "
+                             "shown as its address)")
     parser.add_argument("--test-command", metavar="COMMAND",
                         help="command run in the clone's root (split like a shell would, "
                              "never run by one; default: python -m unittest discover -s tests"

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
 
-from ci.dashboard import index as dashboard_index
 import helpers
+from ci import state_schema
+from ci.dashboard import index as dashboard_index
 
 log = logging.getLogger("dashboard")
 
@@ -28,51 +28,17 @@ FAILURE_TTL = 2.0
 
 
 def normalize_state(data) -> dict:
-    """Keep only the expected keys and types of a ``state`` reply, each
-    value flattened and capped (it is shown to users)."""
-    if not isinstance(data, dict):
-        raise ValueError("state is not a JSON object")
-
-    def text(value, limit=200):
-        return None if value is None else helpers.one_line(str(value), limit)
-
-    def commit(value):
-        return value if isinstance(value, str) and helpers.valid_full_commit(value) else None
-
-    def number(value):
-        """A finite float or None: int() of an infinite position raises,
-        and a NaN or infinite elapsed time means nothing on a page."""
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            return None
-        return value if math.isfinite(value) else None
-
-    def records(key):
-        value = data.get(key)
-        return [r for r in value[:1000] if isinstance(r, dict)] if isinstance(value, list) else []
-
-    queue = [{"commit": commit(r.get("commit")), "branch": text(r.get("branch")),
-              "position": number(r.get("position"))} for r in records("queue")]
-    running = [{"commit": commit(r.get("commit")), "branch": text(r.get("branch")),
-                "runner": text(r.get("runner")), "elapsed": number(r.get("elapsed")),
-                "job": text(r.get("job"), 64)} for r in records("running")]
-    runners = [{"name": text(r.get("name")), "address": text(r.get("address")),
-                "state": text(r.get("state"), 32), "commit": commit(r.get("commit"))}
-               for r in records("runners")]
-    held = [{"commit": commit(r.get("commit")), "branch": text(r.get("branch")),
-             "runner": "waiting for " + (text(r.get("runner")) or "?"), "elapsed": None,
-             "job": ""}
-            for r in records("held")]
-    running = _one_per_commit(running + held)
-    for job in queue:
-        if job["position"] is not None:
-            job["position"] = int(job["position"])
-    counts = data.get("counts") if isinstance(data.get("counts"), dict) else {}
-    return {"queue": [j for j in queue if j["commit"]],
-            "running": [j for j in running if j["commit"]],
-            "runners": runners,
-            "counts": {text(k, 32): text(v, 64) for k, v in list(counts.items())[:32]}}
+    """The dashboard's view of a ``state`` reply, read through the shared
+    schema (ci/state_schema.py: only its keys, each value checked and
+    capped): plain dicts for the pages and /api/status, the held commits
+    shown among the running ones, one row per commit."""
+    state = state_schema.State.from_json(data)
+    held = [state_schema.RunningJob(h.commit, h.branch, "waiting for " + (h.runner or "?"))
+            for h in state.held]
+    return {"queue": [j.to_json() for j in state.queue],
+            "running": _one_per_commit([j.to_json() for j in state.running + held]),
+            "runners": [r.to_json() for r in state.runners],
+            "counts": state.counts}
 
 
 def without_finished(state: dict | None, finished_of) -> dict | None:
@@ -97,14 +63,17 @@ def without_finished(state: dict | None, finished_of) -> dict | None:
 
 def _one_per_commit(running: list[dict]) -> list[dict]:
     """A sharded commit runs on several runners at once: one row for it,
-    naming them all, with the longest elapsed time."""
+    naming them all (each with its shard), with the longest elapsed time."""
     rows: dict = {}
     for job in running:
+        if job["shard"]:
+            job["runner"] = f"{job['runner'] or '?'} (shard {job['shard']})"
         row = rows.get(job["commit"])
         if row is None:
-            rows[job["commit"]] = dict(job)
+            rows[job["commit"]] = job
             continue
         row["runner"] = ", ".join(r for r in (row["runner"], job["runner"]) if r)
+        row["shard"] = ", ".join(s for s in (row["shard"], job["shard"]) if s) or None
         if job["elapsed"] is not None:
             row["elapsed"] = max(row["elapsed"] or 0.0, job["elapsed"])
     return list(rows.values())

@@ -15,6 +15,7 @@ import time
 import urllib.parse
 
 from ci import wire
+from ci import state_schema
 
 VERDICT_CLASSES = ("passed", "failed", "error", "timeout", "running", "queued")
 SHORT = 10
@@ -212,9 +213,10 @@ def commits_section(commits: list[dict], next_cursor, params: dict, older_page: 
         title=title, rows=commit_rows(commits), more=more)
 
 
-# A runner's state as the dispatcher names it -> its colour on the page
-# (a runner testing a commit is "running", not a warning).
-RUNNER_CLASSES = {"idle": "idle", "running": "busy", "busy": "busy", "suspect": "suspect"}
+# A runner's state as the dispatcher names it (state_schema) -> its colour
+# on the page: one testing a commit, ours or not, is busy, not a warning.
+RUNNER_CLASSES = {state_schema.IDLE: "idle", state_schema.RUNNING: "busy",
+                  state_schema.OCCUPIED: "occupied", state_schema.SUSPECT: "suspect"}
 
 
 def runners_section(state: dict | None) -> Safe:
@@ -453,7 +455,8 @@ table.grid { width:100%; border-collapse:separate; border-spacing:0; background:
 .mark.broke { color:var(--red); border-color:var(--red); }
 .mark.fixed { color:var(--green); border-color:var(--green); }
 .rstate { font-size:12px; font-weight:600; } .rstate.r-idle { color:var(--green); }
-.rstate.r-busy { color:var(--blue); } .rstate.r-suspect, .rstate.r-other { color:var(--amber); }
+.rstate.r-busy, .rstate.r-occupied { color:var(--blue); }
+.rstate.r-suspect, .rstate.r-other { color:var(--amber); }
 .more { margin:10px 0 0; } .more a + a { margin-left:1.5em; }
 .commit-head { margin-bottom:12px; } .sha-big { font-family:ui-monospace, Menlo, Consolas, monospace;
   color:var(--muted); font-weight:500; }

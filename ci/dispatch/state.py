@@ -38,6 +38,7 @@ import time
 import helpers
 from ci import results
 from ci import sharding
+from ci import state_schema
 from helpers import Reply
 from ci.dispatch.journal import Assignment, Journal, assign_record, meta_record, shard_record
 
@@ -92,6 +93,7 @@ class Runner:
     misses: int = 0
     # The longest a job may take by the runner's own limits, if it said.
     limit: float | None = None
+    label: str | None = None            # the name it gave itself (display only)
 
     @property
     def free(self) -> bool:
@@ -321,6 +323,15 @@ class DispatcherState:
             log.info("runner %s registered%s (%d runners)", key,
                      f" while busy with {busy[:12]}" if busy else "", len(self.runners))
             return "registered"
+
+    def label_runner(self, address: tuple[str, int], label: str | None) -> None:
+        """The name a registered runner gave itself, shown for it by
+        ``state`` instead of its address.  It proves nothing (unlike an
+        issued key's name), so it is only ever shown."""
+        with self.cond:
+            runner = self.runners.get(helpers.format_address(address))
+            if runner is not None:
+                runner.label = label
 
     def _believe(self, runner: Runner, busy: str | None, token: str | None) -> None:
         """A live runner's own word on what it runs beats our guess: a
@@ -911,33 +922,38 @@ class DispatcherState:
                     "done": len(self.done), "completed": self.completed}
 
     def describe(self) -> bytes:
-        """The ``state`` reply: queue, running jobs and runners as JSON."""
+        """The ``state`` reply (its schema: ci/state_schema.py): queue,
+        running jobs, held commits and runners as JSON."""
         now = time.monotonic()
         with self.cond:
             def branch(commit):
                 return self.meta.get(commit, (None, None))[0]
-            data = {
-                "queue": [{"commit": c, "branch": branch(c), "position": i + 1}
-                          for i, c in enumerate(itertools.islice(self.queue, 500))],
-                "running": [{"commit": j.commit, "branch": branch(j.commit),
-                             "runner": j.name or j.runner,
-                             "elapsed": round(now - j.started, 1)}
-                            for j in self.jobs.values()] +
-                           [{"commit": j.commit, "branch": branch(j.commit),
-                             "runner": j.name or j.runner, "shard": f"{j.shard}/{j.shards}",
-                             "elapsed": round(now - j.started, 1)}
-                            for j in self._shard_jobs()],
-                "held": [{"commit": c, "branch": branch(c), "runner": r}
-                         for c, (r, _) in self.held.items()],
-                "runners": [{"name": r.name or r.key, "address": r.key, "state": r.state,
-                             "commit": r.job.commit if r.job else
-                             (r.occupied_with if r.occupied_with not in (None, "unknown")
-                              else None)}
-                            for r in self.runners.values()],
+
+            def called(key: str, key_name: str | None) -> str:
+                """Its own name, else its issued key's, else its address."""
+                runner = self.runners.get(key)
+                return (runner.label if runner else None) or key_name or key
+
+            def busy_with(r: Runner) -> str | None:
+                if r.job:
+                    return r.job.commit
+                return r.occupied_with if r.occupied_with not in (None, "unknown") else None
+
+            state = state_schema.State(
+                queue=[state_schema.QueueEntry(c, branch(c), i + 1)
+                       for i, c in enumerate(itertools.islice(self.queue, 500))],
+                running=[state_schema.RunningJob(
+                    j.commit, branch(j.commit), called(j.runner, j.name),
+                    round(now - j.started, 1), f"{j.shard}/{j.shards}" if j.shards else None)
+                    for j in [*self.jobs.values(), *self._shard_jobs()]],
+                held=[state_schema.HeldCommit(c, branch(c), r)
+                      for c, (r, _) in self.held.items()],
+                runners=[state_schema.RunnerInfo(called(r.key, r.name), r.key, r.state,
+                                                 busy_with(r))
+                         for r in self.runners.values()],
                 # One snapshot: the counts agree with the lists (a re-entrant lock).
-                "counts": self.status(),
-            }
-        return json.dumps(data).encode()
+                counts=self.status())
+        return json.dumps(state.to_json()).encode()
 
     def stop(self) -> None:
         with self.cond:

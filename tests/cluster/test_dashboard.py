@@ -18,10 +18,11 @@ from support.cluster import PY, ROOT, send_raw, wait_until
 from support.dashboard import (
     Dashboard, StandInDispatcher, commit_id, dead_address, red_green_history, write_result)
 
-from ci.dashboard import live as dashboard_live
-from ci.dashboard import index as di
-from ci.dashboard import pages as pages
 from ci import results as result_files
+from ci.dashboard import app as dashboard_app
+from ci.dashboard import index as di
+from ci.dashboard import live as dashboard_live
+from ci.dashboard import pages
 from helpers import Message
 
 A, B, C, D = (commit_id(n) for n in range(4))
@@ -156,32 +157,6 @@ def test_a_commit_whose_result_landed_is_no_longer_shown_running():
     assert dashboard_live.without_finished(None, finished.get) is None
 
 
-def test_normalize_state_keeps_only_expected_shapes():
-    state = dashboard_live.normalize_state({
-        "queue": [{"commit": A, "branch": "main", "position": 1}, {"commit": "../x"}, 7],
-        "running": [{"commit": B, "branch": None, "runner": "r\n1", "elapsed": "2.5",
-                     "job": 3}],
-        "runners": [{"name": "r1", "address": "127.0.0.1:1", "state": "busy", "commit": B}],
-        "counts": {"queued": 1}, "extra": "ignored"})
-    assert state["queue"] == [{"commit": A, "branch": "main", "position": 1}]
-    assert state["running"] == [{"commit": B, "branch": None, "runner": "r 1",
-                                 "elapsed": 2.5, "job": "3"}]
-    assert state["runners"][0]["commit"] == B and "extra" not in state
-    with pytest.raises(ValueError):
-        dashboard_live.normalize_state([])
-
-
-def test_normalize_state_held_without_runner_and_infinite_numbers():
-    """json.loads takes Infinity and NaN; a held commit may name no runner."""
-    state = dashboard_live.normalize_state(json.loads(
-        '{"queue": [{"commit": "%s", "position": Infinity}, {"commit": "%s", "position": NaN}],'
-        ' "running": [{"commit": "%s", "elapsed": -Infinity}], "held": [{"commit": "%s"}]}'
-        % (A, B, C, D)))
-    assert [j["position"] for j in state["queue"]] == [None, None]
-    rows = {r["commit"]: r for r in state["running"]}
-    assert rows[C]["elapsed"] is None and rows[D]["runner"] == "waiting for ?"
-
-
 def test_any_failure_reading_the_state_is_an_unavailable_state(monkeypatch):
     live = dashboard_live.LiveState(("127.0.0.1", 1), None)
     monkeypatch.setattr(live, "_call", lambda command, argument="": Message("ok", "", b"{}"))
@@ -291,11 +266,11 @@ def test_a_result_that_lands_between_two_pages_is_not_also_running(results, stan
     """The dispatcher's state is cached for a second; the page that first
     reads a new result must also leave its commit out of the running rows
     and /api/status, or it is shown done and running at once."""
-    import dashboard
     stand_in.state_reply = {"queue": [], "runners": [], "counts": {}, "running": [
-        {"commit": A, "branch": "main", "runner": "r1", "elapsed": 5.0, "job": "j1"}]}
-    app = dashboard.Dashboard(di.ResultIndex(str(results), scan_interval=0),
-                              dashboard_live.LiveState(("127.0.0.1", stand_in.port), None))
+        {"commit": A, "branch": "main", "runner": "r1", "elapsed": 5.0}]}
+    app = dashboard_app.Dashboard(di.ResultIndex(str(results), scan_interval=0),
+                                  dashboard_live.LiveState(("127.0.0.1", stand_in.port),
+                                                           None))
     filters = app._filters({})
     before = app._overview_sections(filters)
     assert A[:10] in before["sec-active"] and A[:10] not in before["sec-commits"]
@@ -432,17 +407,21 @@ def test_live_state_from_stand_in_dispatcher(results, dashboards, stand_in):
     stand_in.state_reply = {
         "queue": [{"commit": C, "branch": "main", "position": 1}],
         "running": [{"commit": D, "branch": "main", "runner": "runner-7", "elapsed": 3.2,
-                     "job": "j1"}],
-        "runners": [{"name": "runner-7", "address": "127.0.0.1:8901", "state": "busy",
-                     "commit": D}],
-        "counts": {"queued": "1", "running": "1"}}
+                     "shard": "2/3"}],
+        "runners": [{"name": "runner-7", "address": "127.0.0.1:8901", "state": "running",
+                     "commit": D},
+                    {"name": "127.0.0.1:8902", "address": "127.0.0.1:8902", "state": "occupied",
+                     "commit": B}],
+        "counts": {"queued": 1, "running": 1}}
     stand_in.logs[D] = b"\x1b[32mtest_one ... ok\x1b[0m\n<script>x()</script>\n"
     dash = dashboards(results, f"127.0.0.1:{stand_in.port}")
     pages_ = [dash.get("/")[2].decode() for _ in range(3)]
     assert stand_in.count("state") == 1      # three loads within a second: one call
     page = pages_[0]
     assert "Dispatcher unavailable" not in page
-    assert "position 1" in page and "3.2 s elapsed" in page and "runner-7" in page
+    assert "position 1" in page and "3.2 s elapsed" in page and "runner-7 (shard 2/3)" in page
+    # A runner busy with work from before a restart is busy, not a warning.
+    assert '<span class="rstate r-occupied">occupied</span>' in page
     status = dash.json("/api/status")
     assert status["dispatcher"]["reachable"] and status["running"][0]["commit"] == D
     running = dash.get(f"/commit/{D}")[2].decode()
@@ -670,17 +649,3 @@ def test_a_slow_flood_from_one_address_shuts_out_no_other(results, dashboards, t
     # Once the flood has ended, its address is served again.
     wait_until(lambda: status_from(dash.port, "127.0.0.1", token) == 200, 5,
                what="the flooding address served once it stopped")
-
-
-def test_a_sharded_commit_is_one_running_row_and_held_commits_show():
-    """The dispatcher lists each shard of a commit as a running job, and
-    the commits it holds for their runners after a restart apart."""
-    state = dashboard_live.normalize_state({
-        "running": [{"commit": "a" * 40, "branch": "main", "runner": "r1", "elapsed": 2.0},
-                    {"commit": "a" * 40, "branch": "main", "runner": "r2", "elapsed": 3.5},
-                    {"commit": "b" * 40, "branch": "main", "runner": "r3", "elapsed": 1.0}],
-        "held": [{"commit": "c" * 40, "branch": "main", "runner": "127.0.0.1:8901"}]})
-    rows = {r["commit"][0]: r for r in state["running"]}
-    assert rows["a"]["runner"] == "r1, r2" and rows["a"]["elapsed"] == 3.5
-    assert rows["b"]["runner"] == "r3"
-    assert rows["c"]["runner"] == "waiting for 127.0.0.1:8901" and rows["c"]["elapsed"] is None

@@ -185,18 +185,28 @@ def test_running_commit_shows_live_output(page, results, dashboards, threaded_se
     stand_in.state_reply = {
         "queue": [{"commit": commit_id(501), "branch": "main", "position": 1}],
         "running": [{"commit": running, "branch": "main", "runner": "runner-1",
-                     "elapsed": 1.5, "job": "7"}],
-        "runners": [{"name": "runner-1", "address": "127.0.0.1:8901", "state": "busy",
+                     "elapsed": 1.5, "shard": "1/2"}],
+        "runners": [{"name": "runner-1", "address": "127.0.0.1:8901", "state": "running",
                      "commit": running},
-                    {"name": "runner-2", "address": "127.0.0.1:8902", "state": "idle",
+                    {"name": "127.0.0.1:8902", "address": "127.0.0.1:8902", "state": "occupied",
+                     "commit": commit_id(7)},
+                    {"name": "runner-3", "address": "127.0.0.1:8903", "state": "idle",
                      "commit": None}],
         "counts": {}}
     stand_in.logs[running] = b"test_one (t.T.test_one) ... \x1b[32mok\x1b[0m\n"
     dash = dashboards(results, f"127.0.0.1:{stand_in.port}")
     page.goto(dash.url + "/")
-    assert "runner-1" in page.locator("#sec-runners").inner_text()
+    runners = page.locator("#sec-runners")
+    assert "runner-1" in runners.inner_text() and "runner-3" in runners.inner_text()
+    # Busy with work from before a restart: shown as such, in the busy colour.
+    occupied = runners.locator(".rstate.r-occupied")
+    expect(occupied).to_have_text("occupied")
+    busy_colour = runners.locator(".rstate.r-busy").evaluate("e => getComputedStyle(e).color")
+    assert occupied.evaluate("e => getComputedStyle(e).color") == busy_colour
+    assert "runner-1 (shard 1/2)" in page.locator("#sec-active").inner_text()
     assert "position 1" in page.locator("#sec-active").inner_text()
     assert page.locator(".banner").count() == 0
+    runners.screenshot(path=str(tmp_path / "runners.png"))
     page.screenshot(path=str(tmp_path / "overview-running.png"), full_page=True)
 
     page.goto(f"{dash.url}/commit/{running}")

@@ -23,6 +23,11 @@ def read_verdicts(results):
     return verdicts
 
 
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return json.load(reply)
+
+
 def test_demo_gives_right_verdicts(tmp_path):
     proc = subprocess.run([PY, os.path.join(ROOT, "run_local.py"), "--demo-only",
                            "--poll", "0.5"], cwd=tmp_path, capture_output=True, text=True,
@@ -65,12 +70,15 @@ def test_ctrl_c_stops_every_process(tmp_path):
         with urllib.request.urlopen(url, timeout=10) as reply:
             assert reply.status == 200 and b"CI dashboard" in reply.read()
         def shown():
-            with urllib.request.urlopen(url + "api/commits", timeout=10) as reply:
-                return {c["commit"]: c["verdict"] for c in json.load(reply)["commits"]}
+            return {c["commit"]: c["verdict"] for c in get_json(url + "api/commits")["commits"]}
         # The dashboard lists the results folder at most every half second:
         # what it shows may lag the files by that much, never more than 2 s.
         wait_until(lambda: shown() == verdicts, 2.0, what="the dashboard's list")
         assert shown() == verdicts
+
+        # The launcher names its runners; the dashboard shows those names.
+        wait_until(lambda: sorted(r["name"] for r in get_json(url + "api/status")["runners"])
+                   == ["runner1", "runner2"], 5, what="the runners under their names")
         # After the demo it keeps printing each new verdict, one line each.
         upstream = tmp_path / ".ci_local" / "upstream"
         subprocess.run(["git", "-C", str(upstream), "commit", "-q", "--allow-empty", "-m",

@@ -1,6 +1,12 @@
 """Flags that change how the daemons find each other and what they watch."""
 
-from support.cluster import free_port, git, wait_until
+import json
+import os
+import subprocess
+
+from support.cluster import PY, ROOT, free_port, git, wait_until
+
+import helpers
 
 
 def test_runner_gives_up_after_dispatcher_timeout(cluster):
@@ -49,3 +55,29 @@ def test_observer_watches_several_branches(cluster, upstream):
     on_main = upstream.commit({"main.txt": "main\n"})
     assert cluster.result(on_dev)["verdict"] == "passed"
     assert cluster.result(on_main)["verdict"] == "passed"
+
+
+def test_a_runner_is_shown_by_the_name_it_gives(cluster, tmp_path):
+    """``--name`` travels in ``register``: the dispatcher's state calls the
+    runner by it; one without a name is shown by its address.  A name a
+    runner may not have is refused with the rule, at start-up or by the
+    dispatcher, and registers nothing."""
+    cluster.start_dispatcher()
+    named = cluster.start_runner("--name", "box-1.ci")
+    plain = cluster.start_runner()
+    dispatcher = ("127.0.0.1", cluster.dispatcher_port)
+
+    def names():
+        reply = helpers.call(dispatcher, "state")
+        return {r["address"]: r["name"] for r in json.loads(reply.body)["runners"]}
+    expected = {f"127.0.0.1:{named.port}": "box-1.ci",
+                f"127.0.0.1:{plain.port}": f"127.0.0.1:{plain.port}"}
+    wait_until(lambda: names() == expected, 15, what="both runners registered")
+    reply = helpers.call(dispatcher, "register", f"127.0.0.1:{free_port()}",
+                         helpers.encode_fields({"instance": "i1", "busy": "",
+                                                "name": "no spaces"}))
+    assert reply.command == "error" and "invalid runner name" in reply.argument, reply
+    assert names() == expected
+    proc = subprocess.run([PY, os.path.join(ROOT, "test_runner.py"), "--name", "a/b",
+                           str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "invalid runner name 'a/b'" in proc.stderr, proc.stderr

@@ -1,0 +1,174 @@
+"""The dispatcher's ``state`` reply, defined once: ``DispatcherState.describe``
+builds it from these records and the dashboard reads it back through them,
+so the two sides cannot drift apart (the dashboard once read a ``job`` field
+that was never sent and dropped the ``shard`` that was).
+
+The JSON's keys are only ever added to, never renamed: a dashboard may talk
+to an older dispatcher, so reading is lenient about what is missing (a key
+an older dispatcher did not send takes its default) and strict about what
+is there (each value checked, flattened to one line and capped, since it is
+shown to people; a record without a usable commit is left out; keys it does
+not know are ignored).
+
+    {"queue":   [{"commit", "branch", "position"}],
+     "running": [{"commit", "branch", "runner", "elapsed", "shard"}],
+     "held":    [{"commit", "branch", "runner"}],
+     "runners": [{"name", "address", "state", "commit"}],
+     "counts":  {name: value}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, ClassVar
+
+from ci import wire
+
+# A runner's states, as ``dispatch_state`` sets them (see its docstring).
+IDLE, RUNNING, OCCUPIED, SUSPECT = "idle", "running", "occupied", "suspect"
+RUNNER_STATES = (IDLE, RUNNING, OCCUPIED, SUSPECT)
+
+# The name a runner may give itself (``test_runner.py --name``).
+RUNNER_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# At most this many records of a kind are read from one reply.
+MAX_RECORDS = 1000
+MAX_COUNTS = 32
+
+
+def check_runner_name(name: str) -> str:
+    """``name`` if a runner may call itself that, else ValueError saying
+    what is allowed (it is shown on the dashboard and in logs)."""
+    if not isinstance(name, str) or not RUNNER_NAME_RE.fullmatch(name):
+        raise ValueError(f"invalid runner name {wire.one_line(str(name), 80)!r}: 1 to 64 "
+                         "letters, digits, '.', '_' or '-'")
+    return name
+
+
+# ---- readers: a JSON value to what a record holds, or None ---------------
+
+def _text(limit: int) -> Callable[[Any], str | None]:
+    def read(value) -> str | None:
+        return None if value is None else wire.one_line(str(value), limit)
+    return read
+
+
+def _commit(value) -> str | None:
+    return value if wire.valid_full_commit(value) else None
+
+
+def _number(value) -> float | None:
+    """A finite float or None: a NaN or infinite time means nothing on a
+    page (json.loads takes both), and int() of an infinity raises."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _whole(value) -> int | None:
+    value = _number(value)
+    return None if value is None else int(value)
+
+
+def _count(value) -> int | str | None:
+    """The dispatcher's counts are whole numbers; anything else is text."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return _text(64)(value)
+
+
+class Record:
+    """A JSON object of known keys: ``FIELDS`` maps each key to its reader;
+    a record lacking one of ``REQUIRED`` is unusable (None)."""
+
+    FIELDS: ClassVar[dict[str, Callable]] = {}
+    REQUIRED: ClassVar[tuple[str, ...]] = ("commit",)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data) -> Any:
+        if not isinstance(data, dict):
+            return None
+        record = cls(**{key: read(data.get(key)) for key, read in cls.FIELDS.items()})
+        return None if any(getattr(record, key) is None for key in cls.REQUIRED) else record
+
+    @classmethod
+    def list_from_json(cls, data) -> list:
+        if not isinstance(data, list):
+            return []
+        records = (cls.from_json(item) for item in data[:MAX_RECORDS])
+        return [r for r in records if r is not None]
+
+
+@dataclasses.dataclass
+class QueueEntry(Record):
+    commit: str
+    branch: str | None = None
+    position: int | None = None     # 1: next to be assigned
+
+    FIELDS = {"commit": _commit, "branch": _text(200), "position": _whole}
+
+
+@dataclasses.dataclass
+class RunningJob(Record):
+    commit: str
+    branch: str | None = None
+    runner: str | None = None       # what the runner is called (RunnerInfo.name)
+    elapsed: float | None = None    # seconds since it was assigned
+    shard: str | None = None        # "2/3" for one shard of a sharded commit
+
+    FIELDS = {"commit": _commit, "branch": _text(200), "runner": _text(200),
+              "elapsed": _number, "shard": _text(16)}
+
+
+@dataclasses.dataclass
+class HeldCommit(Record):
+    """A commit kept, after a dispatcher restart, for the runner (its
+    address) that was running it, until it re-registers or the hold ends."""
+    commit: str
+    branch: str | None = None
+    runner: str | None = None
+
+    FIELDS = {"commit": _commit, "branch": _text(200), "runner": _text(200)}
+
+
+@dataclasses.dataclass
+class RunnerInfo(Record):
+    # What to call it: the name it gave itself, else its key's, else its address.
+    name: str | None
+    address: str | None = None
+    state: str | None = None        # one of RUNNER_STATES from this version
+    commit: str | None = None       # what it runs, or is occupied with
+
+    FIELDS = {"name": _text(200), "address": _text(200), "state": _text(32), "commit": _commit}
+    REQUIRED = ()
+
+
+@dataclasses.dataclass
+class State:
+    queue: list[QueueEntry] = dataclasses.field(default_factory=list)
+    running: list[RunningJob] = dataclasses.field(default_factory=list)
+    held: list[HeldCommit] = dataclasses.field(default_factory=list)
+    runners: list[RunnerInfo] = dataclasses.field(default_factory=list)
+    counts: dict[str, int | str | None] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data) -> State:
+        """ValueError if ``data`` is not a JSON object at all."""
+        if not isinstance(data, dict):
+            raise ValueError("state is not a JSON object")
+        counts = data.get("counts") if isinstance(data.get("counts"), dict) else {}
+        return cls(queue=QueueEntry.list_from_json(data.get("queue")),
+                   running=RunningJob.list_from_json(data.get("running")),
+                   held=HeldCommit.list_from_json(data.get("held")),
+                   runners=RunnerInfo.list_from_json(data.get("runners")),
+                   counts={_text(32)(k): _count(v)
+                           for k, v in list(counts.items())[:MAX_COUNTS]})
