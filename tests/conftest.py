@@ -257,6 +257,32 @@ def wait_for_port(port: int, daemon: Daemon | None = None, timeout: float = 15) 
     wait_until(listening, timeout, what=f"port {port}")
 
 
+def new_test_user(request):
+    """A system user without a home (README's ``useradd --system
+    --no-create-home``), unique to this test and deleted afterwards (after
+    the finalisers registered later, so after the daemons it ran under).
+    A runner with ``--test-user`` ends every process of its user after each
+    run, so no two runners, nor two tests, may share one.  Skips unless
+    this runs as root with ``useradd``."""
+    import pwd
+    import secrets
+    import shutil
+    if os.geteuid() != 0 or not shutil.which("useradd"):
+        pytest.skip("needs root and useradd (a test user of its own)")
+    name = f"ci-t-{secrets.token_hex(5)}"
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/false", name],
+                   check=True, capture_output=True, timeout=30)
+    user = pwd.getpwnam(name)
+
+    def remove():
+        import user_sandbox
+        # Whatever of this user outlived the daemons (no runner ended it).
+        user_sandbox.end_processes(user.pw_uid, user.pw_gid, wait=5)
+        subprocess.run(["userdel", name], capture_output=True, timeout=30)
+    request.addfinalizer(remove)
+    return user
+
+
 @pytest.fixture
 def cluster(tmp_path, upstream, request):
     c = Cluster(tmp_path, upstream)
