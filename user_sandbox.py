@@ -307,13 +307,15 @@ def _sweep(fd: int, path: str, walk: _Walk, depth: int) -> int:
     try:
         writable = _allows(os.fstat(fd), walk, WRITE)
         with os.scandir(fd) as entries:
-            names = [entry.name for entry in entries]
+            listed = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
     except OSError:
         return 0
-    for name in names:
+    for name, listed_dir in listed:
         walk.budget -= 1
         if walk.budget <= 0:
             break
+        if not writable and not listed_dir:
+            continue   # not the user's doing, and nothing to enter: no stat
         try:
             info = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except OSError:

@@ -276,8 +276,10 @@ def new_test_user(request):
 
     def remove():
         import user_sandbox
-        # Whatever of this user outlived the daemons (no runner ended it).
+        # Whatever of this user outlived the daemons (no runner ended it),
+        # and what it left in /tmp (read by every homeless user's Python).
         user_sandbox.end_processes(user.pw_uid, user.pw_gid, wait=5)
+        user_sandbox.remove_owned(user.pw_uid, user.pw_gid)
         subprocess.run(["userdel", name], capture_output=True, timeout=30)
     request.addfinalizer(remove)
     return user
