@@ -220,7 +220,7 @@ class ProcessSlot:
         as_user = self.user is not None and not as_runner
         extra = self.user.popen_args() if as_user else {}
         if as_user and self.sandbox is not None:
-            env = self.sandbox.env(os.environ if env is None else env)
+            env = self.sandbox.env(child_env(self.user) if env is None else env)
         with self._lock:
             if self.cancelled:
                 return -signal.SIGKILL, False
