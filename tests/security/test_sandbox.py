@@ -11,6 +11,7 @@ import pathlib
 import secrets
 import shutil
 import stat
+import subprocess
 
 import pytest
 
@@ -60,6 +61,11 @@ def start_runner(cluster, base, name: str, user, *extra) -> Daemon:
     """A runner as root (the system Python, which the test user can run,
     so that environments work) with ``--test-user``, in a clone of that
     user's."""
+    recorder = os.path.join(ROOT, "ci_support", "unittest_recorder.py")
+    if subprocess.run(["test", "-r", recorder], user=user.pw_uid, group=user.pw_gid,
+                      extra_groups=[], timeout=10).returncode != 0:
+        pytest.skip(f"the test user cannot read {recorder} (a checkout in a folder only "
+                    "root may enter)")
     clone = nobody_clone(cluster.upstream, base / f"clone-{name}", user)
     port = free_port()
     args = [SYSTEM_PYTHON, os.path.join(ROOT, "test_runner.py"), "--host", LOOPBACK,
