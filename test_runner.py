@@ -1016,7 +1016,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "runner runs as root), so tests cannot read the runner's key, "
                              "environment, outbox or state, nor change its repository; the "
                              "clone must belong to USER, --state-dir must lie outside it, and "
-                             "the repository moves to STATE-DIR/git")
+                             "the repository moves to STATE-DIR/git; each run gets a private "
+                             "HOME and TMPDIR, and after it every process of USER is killed "
+                             "and its files in /tmp, /var/tmp, /dev/shm removed (give each "
+                             "runner its own USER)")
     helpers.add_common_arguments(parser)
     return parser
 
