@@ -35,6 +35,7 @@ from ci.runner import recipe
 from ci import results
 from ci import sharding
 from ci import state_schema
+from ci.runner import user_sandbox
 from helpers import Message
 
 log = logging.getLogger(__name__)
@@ -174,18 +175,25 @@ class ProcessSlot:
     start make sure."""
 
     def __init__(self, pidfile: str | None = None, watchdog: procgroup.Watchdog | None = None,
-                 user: "TestUser | None" = None):
+                 user: "TestUser | None" = None,
+                 sandbox: user_sandbox.UserSandbox | None = None):
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self.cancelled = False
         self.pidfile = pidfile
         self.watchdog = watchdog
         self.user = user
+        # With --test-user: each run's private HOME/TMPDIR, and what ends
+        # the user's processes and files after it.
+        self.sandbox = sandbox
         # The file the running command writes to, for live progress.
         self.output = None
 
     def reap_leftovers(self) -> None:
-        """Kill the process group a previous, killed runner left behind."""
+        """Kill the process group a previous, killed runner left behind
+        (and with a sandbox, every process and file of the test user)."""
+        if self.sandbox is not None:
+            self.sandbox.recover()
         if not self.pidfile:
             return
         try:
@@ -210,7 +218,10 @@ class ProcessSlot:
         ``live``: the output is the current job's, to be shown as it grows.
         ``as_runner``: as this runner's user even with --test-user (its own
         git work, in a repository the test user cannot change)."""
-        extra = self.user.popen_args() if self.user and not as_runner else {}
+        as_user = self.user is not None and not as_runner
+        extra = self.user.popen_args() if as_user else {}
+        if as_user and self.sandbox is not None:
+            env = self.sandbox.env(child_env(self.user) if env is None else env)
         with self._lock:
             if self.cancelled:
                 return -signal.SIGKILL, False
@@ -237,7 +248,16 @@ class ProcessSlot:
                     self.watchdog.watch(0)
                 self._record(None)
             proc.wait()
+            if as_user and self.sandbox is not None:
+                # What escaped the group (setsid, a double fork) goes too.
+                self.sandbox.end_processes()
         return proc.returncode, timed_out
+
+    def end_run(self) -> None:
+        """After a job's setup and tests: nothing of the test user's may
+        reach the next run (see user_sandbox)."""
+        if self.sandbox is not None:
+            self.sandbox.end()
 
     def _record(self, pid: int | None) -> None:
         if not self.pidfile:
@@ -614,8 +634,10 @@ class TestRunner:
         self.state = RunnerState()
         self.user = user   # --test-user, checked by main
         self.watchdog = procgroup.Watchdog()
+        sandbox = user_sandbox.UserSandbox(self.user.name, self.user.uid, self.user.gid,
+                                           state_dir, keep=(self.repo,)) if self.user else None
         self.slot = ProcessSlot(os.path.join(state_dir, "running.pid"), self.watchdog,
-                                self.user)
+                                self.user, sandbox)
         # With a test user, the repository is the runner's (see private_git).
         self.private = private_git.PrivateRepository(self.repo, state_dir, self.user.uid,
                                                      self.user.gid) if self.user else None
@@ -684,6 +706,8 @@ class TestRunner:
                 log.exception("running %s failed", job.commit[:12])
                 fields = {"verdict": "error", "reason": f"runner failure: {exc}"}
                 output = f"runner failure: {exc!r}\n".encode()
+            finally:
+                self.slot.end_run()
             if self.slot.cancelled:
                 return  # stopping: the job is handed back, not reported
             fields["runner"] = self.advertised or "?"
@@ -1006,7 +1030,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "runner runs as root), so tests cannot read the runner's key, "
                              "environment, outbox or state, nor change its repository; the "
                              "clone must belong to USER, --state-dir must lie outside it, and "
-                             "the repository moves to STATE-DIR/git")
+                             "the repository moves to STATE-DIR/git; each run gets a private "
+                             "HOME and TMPDIR, and after it every process of USER is killed "
+                             "and its files in /tmp, /var/tmp, /dev/shm removed (give each "
+                             "runner its own USER)")
     helpers.add_common_arguments(parser)
     return parser
 
@@ -1093,8 +1120,9 @@ def main(argv=None) -> int:
              helpers.format_address(address), repo,
              f"on (key {security.key_id})" if security.key_id else
              "on (shared)" if security.secret else "off",
-             "on" if security.server_tls else "off", args.test_user or "off (tests run as "
-             "this runner's user and can read what it can)")
+             "on" if security.server_tls else "off",
+             f"{args.test_user} ({runner.slot.sandbox.describe()})" if runner.slot.sandbox
+             else "off (tests run as this runner's user and can read what it can)")
     runner.start(address)
     helpers.serve_until_signalled(server, on_stop=runner.stop, stop=runner.stop_event)
     log.info("runner stopped")

@@ -28,6 +28,7 @@ import helpers
 from ci import results
 from support.cluster import (FAILING_TEST, PASSING_TEST, PY, ROOT, Cluster, Daemon, Upstream, git,
                       free_port, wait_for_port, wait_until)
+from support.users import new_test_user
 from helpers import Message
 
 MASTER = b"master secret of the least-privilege tests"
@@ -684,7 +685,10 @@ def hostile_cluster(request, test_user: bool):
     its own key file, named relative to the runner's folder), in a folder
     the unprivileged user can traverse.  Without ``test_user`` the runners
     themselves run as that user (a test then reaches all they can); with
-    it they run as root and switch to that user for checkout and tests."""
+    it they run as root and each switches to a test user of its own (a
+    runner ends every process of its test user after each run) for its
+    tests."""
+    users = {name: new_test_user(request) for name in ("ra", "rb")} if test_user else {}
     cluster, upstream, base, nobody = user_folder_cluster(request)
     secrets_ = {"master": write_secret(base / "master", MASTER),
                 "observer": write_secret(base / "observer.key", auth.format_key_file(
@@ -695,13 +699,13 @@ def hostile_cluster(request, test_user: bool):
     for name in ("ra", "rb"):
         key_file = write_secret(base / f"{name}.key", auth.format_key_file(
             "runner", name, MASTER).encode())
-        clone = nobody_clone(upstream, base / f"clone-{name}", nobody)
+        clone = nobody_clone(upstream, base / f"clone-{name}", users.get(name, nobody))
         common = ["--secret-file", f"{name}.key", "--test-command", TEST_COMMAND,
                   "--progress-interval", "0.3"]
         if test_user:
             state = base / f"state-{name}"
-            cluster.start_runner(*common, "--test-user", "nobody", "--state-dir", str(state),
-                                 clone=clone)
+            cluster.start_runner(*common, "--test-user", users[name].pw_name, "--state-dir",
+                                 str(state), clone=clone)
         else:
             os.chown(key_file, nobody.pw_uid, nobody.pw_gid)
             port = free_port()
@@ -821,8 +825,11 @@ def test_hostile_commit_with_test_user_reaches_no_key(request):
     previous_result, hostile_result, report = run_hostile_commit(cluster, upstream)
     assert_nothing_changed(cluster, previous_result, report)
     assert report["keys"] == [], report["keys"]
-    assert all("TLS off, test user nobody" in d.log() for d in cluster.daemons
-               if d.name.startswith("runner"))
+    runners = [d for d in cluster.daemons if d.name.startswith("runner")]
+    assert len(runners) == 2
+    for runner in runners:
+        assert re.search(r"TLS off, test user ci-t-\w+ \(private HOME and TMPDIR per run; "
+                         r"after each run every process of ci-t-\w+ is ended", runner.log())
     assert hostile_result["verdict"] == "passed", hostile_result
     # The per-test records still work as the test user (it can write the
     # runner's private JUnit folder, made its own for the run).
@@ -1045,9 +1052,10 @@ def test_environments_under_test_user_are_built_by_it_then_read_only(request):
     """--test-user with a setup command: the setup runs as the test user in
     the new environment; once built, the environment is the runner's, so
     no later commit's test can poison it."""
-    cluster, upstream, base, nobody = user_folder_cluster(request)
+    user = new_test_user(request)   # its own: the runner ends all its processes
+    cluster, upstream, base, _nobody = user_folder_cluster(request)
     cluster.start_dispatcher()
-    clone = nobody_clone(upstream, base / "clone", nobody)
+    clone = nobody_clone(upstream, base / "clone", user)
     port = free_port()
     # The setup also hard-links a file from a cache of its own, as uv does.
     setup = ("python -c \"import os, sys; open(sys.prefix + '/setup-was-here', 'w').close(); "
@@ -1056,7 +1064,7 @@ def test_environments_under_test_user_are_built_by_it_then_read_only(request):
     args = [SYSTEM_PYTHON, os.path.join(ROOT, "test_runner.py"), "--host", LOOPBACK,
             "--port", str(port), "--dispatcher-server", cluster.dispatcher_address,
             "--heartbeat", "0.5", "--retry-max", "0.5", "--log-level", "DEBUG",
-            "--test-user", "nobody", "--state-dir", str(base / "state"),
+            "--test-user", user.pw_name, "--state-dir", str(base / "state"),
             "--setup-command", setup, clone]
     daemon = Daemon("runner", args, str(base / "runner.log"), str(base), cluster.env)
     cluster.daemons.append(daemon)
@@ -1232,14 +1240,15 @@ def test_a_test_user_cannot_change_the_repository_later_checkouts_use(request):
     ref or an object in it, or a repository of its own in the tree, is
     refused each time (or ignored), and the next commit on that runner is
     checked out and judged as itself."""
-    cluster, upstream, base, nobody = user_folder_cluster(request)
+    user = new_test_user(request)   # its own: the runner ends all its processes
+    cluster, upstream, base, _nobody = user_folder_cluster(request)
     # No global safe.directory: the runner must give the tests' git its own.
     cluster.env.pop("GIT_CONFIG_GLOBAL")
     marker = base / "hook-ran"
-    clone = pathlib.Path(nobody_clone(upstream, base / "clone", nobody))
+    clone = pathlib.Path(nobody_clone(upstream, base / "clone", user))
     state = base / "state"
     cluster.start_dispatcher()
-    cluster.start_runner("--test-command", TEST_COMMAND, "--test-user", "nobody",
+    cluster.start_runner("--test-command", TEST_COMMAND, "--test-user", user.pw_name,
                          "--state-dir", str(state), clone=clone)
     cluster.start_observer("--poll", "0.3", "--no-listen", wait=False)
     cluster.result(git_head(upstream), 30)
@@ -1262,7 +1271,7 @@ def test_a_test_user_cannot_change_the_repository_later_checkouts_use(request):
     assert (clone / ".git").read_text() == f"gitdir: {state / 'git'}\n"
     assert not (state / "git" / "hooks" / "post-checkout").exists()
     assert (state / "git").stat().st_uid == os.getuid()
-    assert (clone / "tests" / "test_sample.py").stat().st_uid == nobody.pw_uid
+    assert (clone / "tests" / "test_sample.py").stat().st_uid == user.pw_uid
 
 
 def private_clone(request):
