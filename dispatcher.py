@@ -29,15 +29,15 @@ import sys
 import threading
 import time
 
-import auth
+from ci import auth
 import helpers
-import jobspec
+from ci import jobspec
 import notifications
-import results
-import sharding
-from dispatch_state import DispatcherState, Job, Runner
+from ci import results
+from ci import sharding
+from ci.dispatch.state import DispatcherState, Job, Runner
 from helpers import Message, Reply
-from journal import BRANCH_RE, Journal, parse_meta_line, TOKEN_RE
+from ci.dispatch.journal import BRANCH_RE, Journal, parse_meta_line, TOKEN_RE
 
 log = logging.getLogger(__name__)
 
@@ -612,6 +612,7 @@ def main(argv=None) -> int:
         if security.key_id:
             raise helpers.ConfigError("the dispatcher's --secret-file must hold the master "
                                       "secret, not an issued key")
+        helpers.persist_nonces(security, state_dir, "dispatcher")
         if security.secret:
             security.keyring = auth.MasterKeyring(
                 security.secret, auth.Revocations(os.path.join(state_dir, REVOKED_FILE)))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import _socket
 import sys
 
-import wire
+from ci import wire
 
 PROG = "repo_observer.py notify"  # what it is, whichever script started it
 DESCRIPTION = ("Wake a running observer so it polls now (use in a post-receive or "

@@ -47,8 +47,8 @@ import urllib.request
 from typing import Callable, Iterable
 
 import helpers
-import procgroup
-import results as result_files  # (the module; "results" names lists here)
+from ci import procgroup
+from ci import results as result_files  # (the module; "results" names lists here)
 
 log = logging.getLogger(__name__)
 

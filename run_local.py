@@ -22,7 +22,7 @@ import threading
 import time
 
 import helpers
-from results import read_header
+from ci.results import read_header
 
 log = logging.getLogger("run_local")
 

@@ -26,15 +26,15 @@ import tempfile
 import threading
 import time
 
-import environments
+from ci.runner import environments
 import helpers
-import jobspec
-import junit_capture
-import private_git
-import procgroup
-import recipe
-import results
-import sharding
+from ci import jobspec
+from ci.runner import junit_capture
+from ci.runner import private_git
+from ci import procgroup
+from ci.runner import recipe
+from ci import results
+from ci import sharding
 from helpers import Message
 
 log = logging.getLogger(__name__)
@@ -1076,6 +1076,7 @@ def main(argv=None) -> int:
                                           "clone (the test user owns the clone)")
         helpers.ensure_dir(state_dir, "state folder")
         os.chmod(state_dir, 0o700)
+        helpers.persist_nonces(security, state_dir, "runner")
         runner = TestRunner(args, security, dispatcher, state_dir, test_user)
         if runner.private is not None:
             runner.private.setup()

@@ -58,7 +58,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import helpers  # noqa: E402
-from results import parse_result  # noqa: E402
+from ci.results import parse_result  # noqa: E402
 
 PY = sys.executable
 CORES = os.cpu_count() or 1

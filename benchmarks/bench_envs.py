@@ -33,10 +33,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-import environments  # noqa: E402
-import recipe  # noqa: E402
+from ci.runner import environments  # noqa: E402
+from ci.runner import recipe  # noqa: E402
 import test_runner  # noqa: E402
-from wheelmaker import make_wheel  # noqa: E402
+from support.wheels import make_wheel  # noqa: E402
 
 TARGET = 0.1
 TESTS = '''import unittest

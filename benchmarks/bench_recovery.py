@@ -51,7 +51,7 @@ sys.path.insert(0, HERE)
 import helpers  # noqa: E402
 from bench import (CORES, PY, Scenarios, Upstream, run_scenarios, wait_for,  # noqa: E402
                    wait_for_port)
-from results import parse_result  # noqa: E402
+from ci.results import parse_result  # noqa: E402
 
 free_port = helpers.free_port
 

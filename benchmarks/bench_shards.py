@@ -32,7 +32,7 @@ sys.path.insert(0, HERE)
 import bench  # noqa: E402
 from bench import Bench, Upstream  # noqa: E402
 import helpers  # noqa: E402
-from results import parse_result  # noqa: E402
+from ci.results import parse_result  # noqa: E402
 
 FILES = 8
 FILE_SECONDS = 1.0

@@ -30,7 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import helpers  # noqa: E402
-import results  # noqa: E402
+from ci import results  # noqa: E402
 
 # Concurrent connections to the dispatcher, well under its --max-connections.
 MAX_IN_FLIGHT = 64

@@ -1,0 +1,474 @@
+"""HTML for the dashboard: every page is built from named sections, and the
+same section functions feed the page and its JSON twin (which the page's
+script polls to patch itself), so the two cannot disagree.
+
+Escaping happens at one boundary: ``render(template, **values)`` escapes
+every value unless it is a ``Safe`` (the output of another ``render``).
+No handler builds HTML by concatenating strings of untrusted text.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+import urllib.parse
+
+from ci import wire
+
+VERDICT_CLASSES = ("passed", "failed", "error", "timeout", "running", "queued")
+SHORT = 10
+
+
+class Safe(str):
+    """Text that is already HTML (made by ``render`` or ``join``)."""
+
+
+def escape(value) -> Safe:
+    if isinstance(value, Safe):
+        return value
+    return Safe(html.escape("" if value is None else str(value), quote=True))
+
+
+def render(template: str, **values) -> Safe:
+    return Safe(template.format(**{key: escape(value) for key, value in values.items()}))
+
+
+def join(parts, sep: str = "") -> Safe:
+    return Safe(sep.join(escape(part) for part in parts))
+
+
+def verdict_class(verdict) -> str:
+    return verdict if verdict in VERDICT_CLASSES else "unknown"
+
+
+# Branch names that may appear in a URL (git allows more; those are shown
+# but get no badge or filter link).
+BRANCH_RE = re.compile(r"[A-Za-z0-9._/\-+@]{1,200}")
+
+
+def branch_query(branch: str) -> str:
+    return "/?" + urllib.parse.urlencode({"branch": branch})
+
+
+def badge_path(branch: str) -> str:
+    return "/badge/" + urllib.parse.quote(branch, safe="") + ".svg"
+
+
+def when(timestamp) -> str:
+    if not timestamp:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp))
+
+
+def seconds(value) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return ""
+    if number < 60:
+        return f"{number:.1f} s"
+    return f"{int(number // 60)} min {int(number % 60)} s"
+
+
+def author_name(author) -> str:
+    """``Name <mail>`` shown as its name; the whole value stays in a title."""
+    text = str(author or "")
+    name = text.split("<", 1)[0].strip()
+    return name or text
+
+
+def pill(verdict) -> Safe:
+    return render('<span class="pill v-{cls}">{text}</span>',
+                  cls=verdict_class(verdict), text=verdict or "unknown")
+
+
+def mark_tag(mark, branch) -> Safe:
+    if mark == "broke":
+        return render('<span class="mark broke">broke {branch}</span>', branch=branch or "?")
+    if mark == "fixed":
+        return render('<span class="mark fixed">fixed {branch}</span>', branch=branch or "?")
+    return Safe("")
+
+
+def commit_link(commit) -> Safe:
+    return render('<a class="sha" href="/commit/{commit}">{short}</a>',
+                  commit=commit, short=str(commit)[:SHORT])
+
+
+# --------------------------------------------------------------------------
+# Sections of the overview page.
+
+def banner_section(live_error) -> Safe:
+    if not live_error:
+        return Safe("")
+    return render('<div class="banner" role="alert"><strong>Dispatcher unavailable:</strong> '
+                  '{error}. Results on disk are still shown; queue, running jobs and runners '
+                  'are not.</div>', error=live_error)
+
+
+def branches_section(branches: list[dict]) -> Safe:
+    if not branches:
+        return Safe('<h2>Branches</h2><p class="empty">No branch has a result yet.</p>')
+    cards = []
+    for item in branches:
+        state = item["state"]
+        if state == "failing":
+            detail = render("failing since {link}", link=commit_link(item["since"]))
+        else:
+            detail = Safe(state)
+        running = render(' <span class="pill v-running">running</span>') \
+            if item.get("running") else Safe("")
+        cards.append(render(
+            '<div class="branch-card s-{cls}"><div class="branch-top">'
+            '<a class="branch-name" href="{href}">{branch}</a>'
+            '{badge}</div>'
+            '<div class="branch-state">{detail}{running}</div>'
+            '<div class="branch-head">head {head}</div></div>',
+            cls="failed" if state == "failing" else "passed", href=branch_query(item["branch"]),
+            branch=item["branch"], detail=detail,
+            # The state in the URL: a section patched in place keeps an
+            # image whose URL did not change (the browser's image cache).
+            badge=render('<img class="badge" alt="{state}" src="{src}?state={state}">',
+                         state=state, src=badge_path(item["branch"]))
+            if BRANCH_RE.fullmatch(item["branch"]) else Safe(""),
+            running=running, head=commit_link(item["head"])))
+    return render('<h2>Branches</h2><div class="branches">{cards}</div>', cards=join(cards))
+
+
+def active_section(state: dict | None) -> Safe:
+    if state is None:
+        return Safe("")
+    rows = []
+    for job in state.get("running", []):
+        rows.append(render(
+            '<tr><td>{link}</td><td><span class="branch">{branch}</span></td>'
+            '<td>{pill}</td><td>{elapsed}</td><td>{runner}</td></tr>',
+            link=commit_link(job["commit"]), branch=job.get("branch") or "",
+            pill=pill("running"),
+            elapsed=(seconds(job["elapsed"]) + " elapsed" if job.get("elapsed") is not None
+                     else "held after a dispatcher restart"),
+            runner=job.get("runner") or ""))
+    for job in state.get("queue", []):
+        rows.append(render(
+            '<tr><td>{link}</td><td><span class="branch">{branch}</span></td>'
+            '<td>{pill}</td><td>position {position}</td><td></td></tr>',
+            link=commit_link(job["commit"]), branch=job.get("branch") or "",
+            pill=pill("queued"), position=job.get("position", "")))
+    if not rows:
+        return Safe('<h2>Running and queued</h2><p class="empty">Nothing queued or running.</p>')
+    return render('<h2>Running and queued</h2><table class="grid"><thead><tr><th>commit</th>'
+                  '<th>branch</th><th>state</th><th>progress</th><th>runner</th></tr></thead>'
+                  '<tbody>{rows}</tbody></table>', rows=join(rows))
+
+
+def commit_rows(commits: list[dict]) -> Safe:
+    rows = []
+    for item in commits:
+        rows.append(render(
+            '<tr class="r-{cls}"><td>{link}</td>'
+            '<td class="subject">{subject}{mark}</td>'
+            '<td class="author" title="{author}">{name}</td>'
+            '<td><span class="branch">{branch}</span></td><td>{pill}</td>'
+            '<td class="num">{tests}</td><td class="num">{failures}</td>'
+            '<td class="num">{errors}</td><td class="num">{skipped}</td>'
+            '<td class="num">{duration}</td><td class="runner">{runner}</td>'
+            '<td class="time">{finished}</td></tr>',
+            cls=verdict_class(item.get("verdict")), link=commit_link(item["commit"]),
+            subject=item.get("subject") or "", mark=mark_tag(item.get("mark"),
+                                                             item.get("branch")),
+            author=item.get("author") or "", name=author_name(item.get("author")),
+            branch=item.get("branch") or "", pill=pill(item.get("verdict")),
+            tests=item.get("tests", ""), failures=item.get("failures", ""),
+            errors=item.get("errors", ""), skipped=item.get("skipped", ""),
+            duration=seconds(item.get("duration")), runner=item.get("runner") or "",
+            finished=when(item.get("finished"))))
+    return join(rows)
+
+
+def commits_section(commits: list[dict], next_cursor, params: dict, older_page: bool,
+                    title="Results") -> Safe:
+    """``params``: the listing's filters, kept by the paging links;
+    ``older_page``: reached through a cursor, so it links back to the top."""
+    links = []
+    if older_page:
+        # A cursor only runs one way: back up to the newest page.
+        links.append(render('<a href="/{query}">&larr; Newest results</a>',
+                            query="?" + urllib.parse.urlencode(params) if params else ""))
+    if next_cursor:
+        links.append(render('<a href="/?{query}">Older results &rarr;</a>',
+                            query=urllib.parse.urlencode({"before": next_cursor, **params})))
+    more = render('<p class="more">{links}</p>', links=join(links)) if links else Safe("")
+    if not commits:
+        return render('<h2>{title}</h2><p class="empty">{empty}</p>{more}', title=title,
+                      empty="No older results." if older_page else "No results yet.",
+                      more=more)
+    return render(
+        '<h2>{title}</h2><table class="grid commits"><thead><tr><th>commit</th>'
+        '<th>subject</th><th>author</th><th>branch</th><th>verdict</th>'
+        '<th class="num">tests</th><th class="num">fail</th><th class="num">err</th>'
+        '<th class="num">skip</th><th class="num">duration</th><th>runner</th>'
+        '<th>finished (UTC)</th></tr></thead><tbody>{rows}</tbody></table>{more}',
+        title=title, rows=commit_rows(commits), more=more)
+
+
+# A runner's state as the dispatcher names it -> its colour on the page
+# (a runner testing a commit is "running", not a warning).
+RUNNER_CLASSES = {"idle": "idle", "running": "busy", "busy": "busy", "suspect": "suspect"}
+
+
+def runners_section(state: dict | None) -> Safe:
+    if state is None:
+        return Safe("")
+    rows = [render('<tr><td>{name}</td><td>{address}</td>'
+                   '<td><span class="rstate r-{cls}">{state}</span></td><td>{commit}</td></tr>',
+                   name=r.get("name") or "", address=r.get("address") or "",
+                   cls=RUNNER_CLASSES.get(r.get("state"), "other"), state=r.get("state") or "",
+                   commit=commit_link(r["commit"]) if r.get("commit") else "")
+            for r in state.get("runners", [])]
+    if not rows:
+        return Safe('<h2>Runners</h2><p class="empty">No runner registered.</p>')
+    return render('<h2>Runners</h2><table class="grid"><thead><tr><th>name</th><th>address</th>'
+                  '<th>state</th><th>commit</th></tr></thead><tbody>{rows}</tbody></table>',
+                  rows=join(rows))
+
+
+# --------------------------------------------------------------------------
+# Sections of one commit's page.
+
+def fields_section(item: dict, status: str) -> Safe:
+    keys = ("verdict", "branch", "previous", "subject", "author", "committed", "tests",
+            "failures", "errors", "skipped", "runner", "started", "duration", "exit_code",
+            "reason", "setup", "setup_duration", "junit")
+    rows = []
+    for key in keys:
+        value = item.get(key)
+        if value in (None, ""):
+            continue
+        if key == "verdict":
+            shown = join([pill(value), mark_tag(item.get("mark"), item.get("branch"))], " ")
+        elif key in ("duration", "setup_duration") and seconds(value):
+            shown = escape(seconds(value))
+        elif key == "branch" and BRANCH_RE.fullmatch(value):
+            shown = render('<a class="branch" href="{href}">{branch}</a>',
+                           href=branch_query(value), branch=value)
+        elif key == "branch":
+            shown = render('<span class="branch">{branch}</span>', branch=value)
+        elif key == "previous" and wire.valid_full_commit(value):
+            shown = commit_link(value)
+        else:
+            shown = escape(value)
+        rows.append(render("<dt>{key}</dt><dd>{value}</dd>", key=key, value=shown))
+    title = item.get("subject") or ""
+    return render('<div class="commit-head"><h1><span class="sha-big">{short}</span> {title}</h1>'
+                  '<p class="full-id">{commit} &middot; {status}</p></div>'
+                  '<dl class="fields">{rows}</dl>',
+                  short=str(item["commit"])[:SHORT], title=title, commit=item["commit"],
+                  status=status, rows=join(rows))
+
+
+def tests_section(tests: list[dict]) -> Safe:
+    if not tests:
+        return Safe("")
+    rows = [render('<li class="t-{kind}"><span class="tkind">{kind}</span> '
+                   '<code>{name}</code>{new}</li>',
+                   kind=t["kind"], name=t["name"],
+                   new=Safe(' <span class="mark broke">new failure</span>') if t.get("new")
+                   else Safe("")) for t in tests]
+    return render('<h2>Failing tests ({count})</h2><ul class="tests">{rows}</ul>',
+                  count=len(tests), rows=join(rows))
+
+
+def output_section(text: str, truncated: bool, commit: str, live: bool = False) -> Safe:
+    note = Safe("")
+    if truncated:
+        note = render('<p class="note">Showing the end of a long output; '
+                      '<a href="/commit/{commit}/output.txt">the whole output</a>.</p>',
+                      commit=commit)
+    title = "Live output (tail)" if live else "Output"
+    return render('<h2>{title}</h2>{note}<pre class="output{cls}" id="output-pre">{text}</pre>',
+                  title=title, note=note, cls=" tail" if live else "", text=text)
+
+
+# --------------------------------------------------------------------------
+# Whole pages.
+
+def page(title: str, nonce: str, sections: dict[str, Safe], endpoint: str = "") -> bytes:
+    body = join(render('<section id="{key}" class="sec">{content}</section>',
+                       key=key, content=content) for key, content in sections.items())
+    return render(LAYOUT, title=title, nonce=nonce, css=Safe(CSS), body=body,
+                  endpoint=endpoint, script=Safe(SCRIPT),
+                  live=Safe('<span id="live-dot" class="live">live</span>') if endpoint
+                  else Safe("")).encode("utf-8")
+
+
+def message_page(title: str, nonce: str, text: str) -> bytes:
+    return page(title, nonce, {"message": render('<div class="card"><h1>{title}</h1>'
+                                                 '<p>{text}</p><p><a href="/">Overview</a>'
+                                                 '</p></div>', title=title, text=text)})
+
+
+def badge_svg(branch: str, state: str) -> bytes:
+    colour = {"passing": "#2da44e", "failing": "#cf222e"}.get(state, "#8c959f")
+    label = branch if len(branch) <= 40 else branch[:39] + "…"
+    left = 8 + 7 * len(label)
+    right = 8 + 7 * len(state)
+    return render(BADGE, width=left + right, left=left, right=right, colour=colour,
+                  label=label, state=state, lx=left // 2, rx=left + right // 2).encode("utf-8")
+
+
+FAVICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+           b'<path d="M8 1l7 7-7 7-7-7z" fill="#2da44e"/></svg>')
+
+BADGE = ('<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="20" role="img" '
+         'aria-label="{label}: {state}"><title>{label}: {state}</title>'
+         '<rect width="{left}" height="20" fill="#555"/>'
+         '<rect x="{left}" width="{right}" height="20" fill="{colour}"/>'
+         '<g fill="#fff" text-anchor="middle" font-family="Verdana,DejaVu Sans,sans-serif" '
+         'font-size="11"><text x="{lx}" y="14">{label}</text>'
+         '<text x="{rx}" y="14">{state}</text></g></svg>')
+
+LAYOUT = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title><link rel="icon" href="/favicon.svg"><style nonce="{nonce}">{css}</style></head>
+<body><header class="top"><a class="brand" href="/"><span class="logo">&#9670;</span> CI dashboard</a>
+<nav><a href="/">Overview</a><a href="/api/status">API</a></nav>{live}</header>
+<main>{body}</main>
+<footer>Read-only view of the results folder and the dispatcher's live state.</footer>
+<script nonce="{nonce}" id="updater" data-endpoint="{endpoint}">{script}</script>
+</body></html>
+"""
+
+# Patches the page from its JSON twin: each section whose HTML changed is
+# replaced (the server escaped it); a final answer stops the polling.
+SCRIPT = """(function () {
+  var script = document.getElementById('updater');
+  var url = script && script.getAttribute('data-endpoint');
+  if (!url || !window.fetch) { return; }
+  var last = {}, busy = false, timer = null;
+  var dot = document.getElementById('live-dot');
+  function apply(data) {
+    var sections = data.sections || {};
+    Object.keys(sections).forEach(function (key) {
+      var el = document.getElementById(key);
+      if (!el || last[key] === sections[key]) { return; }
+      var pre = el.querySelector('pre.tail');
+      var follow = !pre || pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 20;
+      el.innerHTML = sections[key];
+      last[key] = sections[key];
+      var now = el.querySelector('pre.tail');
+      if (now && follow) { now.scrollTop = now.scrollHeight; }
+    });
+    if (data.title) { document.title = data.title; }
+    if (dot) { dot.className = 'live on'; }
+    if (data.final) { clearInterval(timer); if (dot) { dot.className = 'live'; } }
+  }
+  function tick() {
+    if (busy) { return; }
+    busy = true;
+    fetch(url, {credentials: 'same-origin', cache: 'no-store'})
+      .then(function (r) { if (!r.ok) { throw new Error(r.status); } return r.json(); })
+      .then(apply)
+      .catch(function () { if (dot) { dot.className = 'live off'; } })
+      .then(function () { busy = false; });
+  }
+  // A live tail starts at its newest line, and follows it while the
+  // reader has not scrolled up.
+  var tail = document.querySelector('pre.tail');
+  if (tail) { tail.scrollTop = tail.scrollHeight; }
+  timer = setInterval(tick, 1000);
+  tick();
+})();
+"""
+
+CSS = """
+:root { --bg:#f6f8fa; --card:#fff; --line:#d0d7de; --text:#1f2328; --muted:#656d76;
+  --green:#1a7f37; --green-bg:#dafbe1; --red:#cf222e; --red-bg:#ffebe9; --amber:#9a6700;
+  --amber-bg:#fff8c5; --blue:#0969da; --blue-bg:#ddf4ff; --purple:#8250df; --purple-bg:#fbefff; }
+* { box-sizing: border-box; }
+body { margin:0; background:var(--bg); color:var(--text);
+  font:14px/1.45 -apple-system, "Segoe UI", "Noto Sans", Helvetica, Arial, sans-serif; }
+a { color:var(--blue); text-decoration:none; } a:hover { text-decoration:underline; }
+header.top { display:flex; align-items:center; gap:24px; padding:12px 24px; background:#24292f;
+  color:#fff; }
+header.top .brand { color:#fff; font-weight:600; font-size:16px; }
+header.top .logo { color:#2da44e; }
+header.top nav a { color:#d0d7de; margin-right:16px; }
+.live { margin-left:auto; font-size:12px; color:#8c959f; }
+.live::before { content:""; display:inline-block; width:8px; height:8px; border-radius:50%;
+  background:#8c959f; margin-right:6px; }
+.live.on::before { background:#2da44e; } .live.off::before { background:#cf222e; }
+main { max-width:1280px; margin:0 auto; padding:20px 24px 40px; }
+footer { text-align:center; color:var(--muted); font-size:12px; padding:0 0 24px; }
+.sec:empty { display:none; }
+.sec { margin-bottom:22px; }
+h1 { font-size:20px; margin:0 0 4px; } h2 { font-size:15px; margin:0 0 10px; color:#24292f; }
+.empty { color:var(--muted); margin:0; padding:14px; background:var(--card);
+  border:1px solid var(--line); border-radius:8px; }
+.banner { background:var(--amber-bg); border:1px solid #d4a72c; color:#4d2d00; padding:10px 14px;
+  border-radius:8px; }
+.card { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:18px; }
+.branches { display:grid; grid-template-columns:repeat(auto-fill, minmax(260px, 1fr)); gap:12px; }
+.branch-card { background:var(--card); border:1px solid var(--line); border-left:4px solid;
+  border-radius:8px; padding:12px 14px; }
+.branch-card.s-passed { border-left-color:#2da44e; } .branch-card.s-failed { border-left-color:var(--red); }
+.branch-top { display:flex; flex-wrap:wrap; justify-content:space-between; align-items:center;
+  gap:4px 8px; }
+.branch-name { font-weight:600; font-size:15px; color:var(--text); overflow-wrap:anywhere;
+  flex:1 1 auto; min-width:0; }
+.badge { flex-shrink:0; }
+.branch-state { margin-top:6px; } .branch-head { color:var(--muted); font-size:12px; margin-top:4px; }
+table.grid { width:100%; border-collapse:separate; border-spacing:0; background:var(--card);
+  border:1px solid var(--line); border-radius:8px; overflow:hidden; }
+.grid th { text-align:left; font-weight:600; font-size:12px; color:var(--muted); background:#f6f8fa;
+  padding:8px 10px; border-bottom:1px solid var(--line); white-space:nowrap; }
+.grid td { padding:8px 10px; border-bottom:1px solid #eaeef2; vertical-align:middle; }
+.grid tr:last-child td { border-bottom:0; }
+.grid tbody tr:hover { background:#f6f8fa; }
+.grid .num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
+.grid .subject { min-width:220px; max-width:420px; overflow-wrap:anywhere; }
+.grid .time, .grid .runner { color:var(--muted); white-space:nowrap; font-size:12px; }
+.grid .author { white-space:nowrap; max-width:160px; overflow:hidden; text-overflow:ellipsis; }
+.commits tr.r-failed td:first-child, .commits tr.r-error td:first-child,
+.commits tr.r-timeout td:first-child { box-shadow:inset 3px 0 0 var(--red); }
+.commits tr.r-passed td:first-child { box-shadow:inset 3px 0 0 #2da44e; }
+.sha { font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:13px; }
+.branch { font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:12px;
+  background:var(--blue-bg); color:#0550ae; padding:1px 6px; border-radius:6px;
+  display:inline-block; max-width:100%; overflow-wrap:anywhere; }
+.grid .branch { max-width:160px; white-space:nowrap; overflow:hidden; text-overflow:ellipsis;
+  vertical-align:middle; }
+.branch:empty { display:none; }
+.pill { display:inline-block; font-size:12px; font-weight:600; padding:1px 8px; border-radius:999px;
+  border:1px solid transparent; white-space:nowrap; }
+.v-passed { background:var(--green-bg); color:var(--green); border-color:#aceebb; }
+.v-failed { background:var(--red-bg); color:var(--red); border-color:#ffcecb; }
+.v-error { background:var(--amber-bg); color:var(--amber); border-color:#eac54f; }
+.v-timeout { background:var(--purple-bg); color:var(--purple); border-color:#d8b9ff; }
+.v-running { background:var(--blue-bg); color:var(--blue); border-color:#b6e3ff; }
+.v-queued, .v-unknown { background:#eaeef2; color:var(--muted); border-color:var(--line); }
+.mark { display:inline-block; margin-left:8px; font-size:11px; font-weight:600; padding:0 6px;
+  border-radius:6px; border:1px solid; white-space:nowrap; }
+.mark.broke { color:var(--red); border-color:var(--red); }
+.mark.fixed { color:var(--green); border-color:var(--green); }
+.rstate { font-size:12px; font-weight:600; } .rstate.r-idle { color:var(--green); }
+.rstate.r-busy { color:var(--blue); } .rstate.r-suspect, .rstate.r-other { color:var(--amber); }
+.more { margin:10px 0 0; } .more a + a { margin-left:1.5em; }
+.commit-head { margin-bottom:12px; } .sha-big { font-family:ui-monospace, Menlo, Consolas, monospace;
+  color:var(--muted); font-weight:500; }
+.full-id { color:var(--muted); font-family:ui-monospace, Menlo, Consolas, monospace; font-size:12px; margin:0; }
+dl.fields { display:grid; grid-template-columns:max-content 1fr max-content 1fr; gap:6px 18px; margin:0;
+  background:var(--card); border:1px solid var(--line); border-radius:8px; padding:14px 18px; }
+@media (max-width: 800px) { dl.fields { grid-template-columns:max-content 1fr; } }
+dl.fields dt { color:var(--muted); } dl.fields dd { margin:0; overflow-wrap:anywhere; }
+ul.tests { list-style:none; margin:0; padding:0; background:var(--card); border:1px solid var(--line);
+  border-radius:8px; }
+ul.tests li { padding:8px 12px; border-bottom:1px solid #eaeef2; } ul.tests li:last-child { border-bottom:0; }
+.tkind { display:inline-block; min-width:58px; font-size:11px; font-weight:700; text-transform:uppercase;
+  color:var(--red); } .t-error .tkind { color:var(--amber); }
+pre.output { background:#0d1117; color:#e6edf3; padding:14px 16px; border-radius:8px; margin:0;
+  overflow:auto; max-height:70vh; font:12.5px/1.5 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+  white-space:pre-wrap; overflow-wrap:anywhere; }
+.note { color:var(--muted); }
+"""

@@ -1,0 +1,544 @@
+"""Cached virtual environments for the tests of a commit, and ``prepare``:
+the one step between checkout and test run that reads the recipe and
+makes the environment ready.
+
+An environment is keyed by what decides its contents: the setup command,
+the Python that runs it, and the contents of the recipe's ``env_files``.
+The next commit with the same key reuses it at the cost of a few ``stat``
+calls (an editable install sees the new code without reinstalling); a
+changed key builds a new one, and the least recently used beyond
+``--keep-envs`` are deleted.
+
+Environments are scoped, as CI caches are, because a setup runs the
+commit's own code (``python -m pip`` in the clone's root imports a
+``./pip`` package from the tree; a build backend or ``setup.py`` is the
+commit's): an environment holds whatever the commit that built it put
+there.  The scope is part of the key.  A trusted branch's commit (the
+dispatcher's ``--trusted-branch``) builds and reuses only in the trusted
+scope; another branch's commit reuses its own branch's environments or a
+trusted one, and builds only into its branch's scope; a job whose branch
+the runner was not told gets a scope of its own (its commit's).  So no
+commit ever runs with what another, untrusted branch built.  The trusted
+and the untrusted environments are pruned apart (``--keep-envs`` each),
+so no branch can evict the trusted ones either.
+
+An environment is used only once its build finished: a marker file is
+written atomically after the setup command succeeded, and a folder without
+it (a runner killed mid-setup) is deleted and built afresh.  The marker
+takes the place of building in a temporary folder and renaming it: a venv
+is not relocatable (pip writes the environment's absolute path into every
+console script it installs), so it is built where it will be used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import glob
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import stat
+import sys
+import time
+import venv
+
+import helpers
+from ci.runner import recipe
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEEP = 3
+# A first build of a big project's dependencies can take minutes.
+DEFAULT_SETUP_TIMEOUT = 900.0
+# Changing how environments are built changes every key: old ones are not
+# reused after an upgrade of the runner, and age out.
+FORMAT = 1
+MARKER = ".ci-env.json"
+LOCK = ".lock"
+KEY_LENGTH = 16
+# The pools environments are pruned in: a key starts with its pool's name.
+TRUSTED, UNTRUSTED = "trusted", "untrusted"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    """Which environments a job may reuse and where it builds: ``name``
+    goes into the key; ``label`` is what the result header says
+    (``setup_scope``: trusted, branch or commit)."""
+    name: str
+    label: str
+
+    @property
+    def trusted(self) -> bool:
+        return self.label == TRUSTED
+
+    @property
+    def reads(self) -> tuple["Scope", ...]:
+        """Its own scope first, then (untrusted) the trusted one."""
+        return (self,) if self.trusted else (self, TRUSTED_SCOPE)
+
+
+TRUSTED_SCOPE = Scope(TRUSTED, TRUSTED)
+
+
+def job_scope(branch: str | None, trusted: bool, commit: str) -> Scope:
+    """The scope of a job: the trusted one for a trusted branch's commit,
+    the branch's own for another branch's, the commit's own when no
+    branch was said (an older dispatcher, a commit dispatched without
+    metadata): never trusted then."""
+    if branch is None:
+        return Scope(f"commit:{commit}", "commit")
+    return TRUSTED_SCOPE if trusted else Scope(f"branch:{branch}", "branch")
+
+
+def pool_of(key: str) -> str:
+    """The pruning pool of an environment folder: an unscoped one (from
+    before scopes) ages out with the untrusted ones."""
+    return TRUSTED if key.startswith(TRUSTED + "-") else UNTRUSTED
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What ``prepare`` hands back to the runner."""
+    command: list[str] | None  # None: the runner's default test command
+    python: str                # the interpreter for that default command
+    env: dict
+    timeout: float
+    fields: dict               # setup, setup_duration; verdict/reason if failed
+    failed: bool = False
+
+
+class EnvironmentCache:
+    """The environments of one runner, in one folder it alone uses
+    (an exclusive lock on ``.lock`` for the runner's lifetime)."""
+
+    def __init__(self, folder: str, keep: int = DEFAULT_KEEP, python: str | None = None):
+        self.folder = helpers.ensure_dir(folder, "environment folder")
+        self.keep = keep
+        self.python = python or sys.executable
+        self._lock_fd = os.open(os.path.join(self.folder, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            raise helpers.ConfigError(f"environment folder {folder} is in use by another runner "
+                             "(give each runner its own --env-dir)") from None
+        self.remove_unfinished()
+
+    def close(self) -> None:
+        os.close(self._lock_fd)
+
+    # ---- keys -----------------------------------------------------------
+    def keys(self, setup: tuple[str, ...], repo: str, env_files: tuple[str, ...],
+             scopes: tuple[Scope, ...]) -> list[str]:
+        """The key of the environment for ``setup`` in each scope (the
+        env files are hashed once): ``<pool>-<hash>``."""
+        contents = {
+            "format": FORMAT, "setup": list(setup), "python": sys.version,
+            "executable": os.path.realpath(self.python),
+            "files": [[name, _file_digest(path, repo)]
+                      for name, path in env_file_paths(repo, env_files)],
+        }
+        found = []
+        for scope in scopes:
+            digest = hashlib.sha256(json.dumps(dict(contents, scope=scope.name),
+                                               sort_keys=True).encode())
+            pool = TRUSTED if scope.trusted else UNTRUSTED
+            found.append(f"{pool}-{digest.hexdigest()[:KEY_LENGTH]}")
+        return found
+
+    def key(self, setup: tuple[str, ...], repo: str, env_files: tuple[str, ...],
+            scope: Scope) -> str:
+        return self.keys(setup, repo, env_files, (scope,))[0]
+
+    def path(self, key: str) -> str:
+        return os.path.join(self.folder, key)
+
+    # ---- use ------------------------------------------------------------
+    def lookup(self, key: str) -> str | None:
+        """The finished environment for ``key``, marked as just used."""
+        marker = os.path.join(self.path(key), MARKER)
+        try:
+            os.utime(marker)
+        except FileNotFoundError:
+            return None
+        return self.path(key)
+
+    def activate(self, key: str, base_env: dict) -> dict:
+        """The environment variables that put ``key``'s env first."""
+        env = dict(base_env)
+        env.pop("PYTHONHOME", None)
+        env["VIRTUAL_ENV"] = self.path(key)
+        bin_dir = os.path.join(self.path(key), "bin")
+        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", os.defpath)
+        return env
+
+    def python_of(self, key: str) -> str:
+        return os.path.join(self.path(key), "bin", "python")
+
+    # ---- building -------------------------------------------------------
+    def build(self, key: str, setup: tuple[str, ...], repo: str, base_env: dict, slot,
+              timeout: float, out) -> tuple[bool, str]:
+        """Make a fresh venv for ``key`` and run ``setup`` in it (in the
+        clone's root); (succeeded, reason).  Output goes to ``out``."""
+        path = self.path(key)
+        # The one clearing of an old build (marker first, see _remove), so
+        # EnvBuilder is not asked to clear it again.
+        self._remove(path)
+        started = time.monotonic()
+        try:
+            venv.EnvBuilder(with_pip=False, symlinks=True).create(path)
+            has_pip = provide_pip(path, self.python)
+        except OSError as exc:
+            self._remove(path)
+            return False, f"cannot create the environment: {exc}"
+        env = self.activate(key, base_env)
+        env.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+        user = getattr(slot, "user", None)
+        if user is not None:
+            # The setup runs as the test user (--test-user) and installs here.
+            chown_tree(path, user.uid, user.gid)
+        if not has_pip:
+            # The runner's Python has no pip to lend: install the bundled one.
+            code, timed_out = slot.run([self.python_of(key), "-m", "ensurepip", "--default-pip"],
+                                       repo, timeout, out, env)
+            if code != 0:
+                self._remove(path)
+                return False, "ensurepip failed" + (" (timed out)" if timed_out else "")
+        remaining = max(timeout - (time.monotonic() - started), 1.0)
+        try:
+            code, timed_out = slot.run(list(setup), repo, remaining, out, env)
+        except OSError as exc:
+            self._remove(path)
+            out.write(f"cannot start setup command {list(setup)!r}: {exc}\n".encode())
+            return False, f"cannot start the setup command: {exc.strerror or exc}"
+        if timed_out or code != 0:
+            self._remove(path)
+            return False, (f"timed out after {timeout:g}s" if timed_out else f"exited {code}")
+        if user is not None:
+            # Built: the runner's again, read-only to others and without
+            # set-id bits, so that no later test (of another commit) can
+            # change what it runs with.
+            try:
+                chown_tree(path, os.getuid(), os.getgid(), strip=0o6022, copy_links=True)
+            except OSError as exc:
+                self._remove(path)
+                return False, f"cannot take the built environment back: {exc}"
+        helpers.atomic_write(os.path.join(path, MARKER), json.dumps({
+            "key": key, "setup": list(setup), "python": sys.version,
+            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.monotonic() - started, 3)}, indent=1).encode())
+        self.prune(keep_also=key)
+        return True, ""
+
+    def finished(self) -> list[tuple[float, str]]:
+        """(last use, key) of every finished environment, newest first."""
+        found = []
+        for name in os.listdir(self.folder):
+            try:
+                found.append((os.stat(os.path.join(self.folder, name, MARKER)).st_mtime, name))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return sorted(found, reverse=True)
+
+    def prune(self, keep_also: str | None = None) -> None:
+        """Delete the least recently used finished environments beyond
+        ``keep`` in each pool: the untrusted builds of every branch never
+        push a trusted environment out."""
+        pools: dict[str, list[str]] = {}
+        for _, key in self.finished():
+            if key != keep_also:
+                pools.setdefault(pool_of(key), []).append(key)
+        for pool, ordered in pools.items():
+            keep = self.keep - (1 if keep_also and pool_of(keep_also) == pool else 0)
+            for key in ordered[max(keep, 0):]:
+                log.info("removing environment %s (least recently used)", key)
+                self._remove(self.path(key))
+
+    def remove_unfinished(self) -> None:
+        """Folders without a marker: builds a killed runner left behind."""
+        for name in os.listdir(self.folder):
+            path = os.path.join(self.folder, name)
+            if name.startswith(".") or not os.path.isdir(path):
+                continue
+            if not os.path.exists(os.path.join(path, MARKER)):
+                log.warning("removing unfinished environment %s", name)
+                self._remove(path)
+
+    @staticmethod
+    def _remove(path: str) -> None:
+        # The marker first: a removal cut short must not leave a folder
+        # that still looks finished.
+        try:
+            os.unlink(os.path.join(path, MARKER))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def chown_tree(path: str, uid: int, gid: int, strip: int = 0,
+               skip: tuple[str, ...] = (), drop: tuple[str, ...] = (),
+               copy_links: bool = False) -> None:
+    """Give a whole tree (an environment, a working tree) to ``uid``
+    (symlinks themselves, never their targets), taking the ``strip``
+    permission bits away; the top-level names in ``skip`` are left alone,
+    the names in ``drop`` below the top level are removed.
+
+    A file with more than one link is never given: the test user could
+    have linked a file from outside the tree into it (one it can write, or
+    any one where fs.protected_hardlinks is off), and giving the inode
+    away would give that file away.  It is removed, or with ``copy_links``
+    replaced by a copy of its own: installers link files from their cache
+    (uv does by default), and a built environment must keep them.  Only
+    for a tree given to the runner: the copy keeps the link's mode bits,
+    so it is no more readable than the file it was linked to.
+
+    The test user may own the tree and a process it left behind may still
+    be changing it, so every change goes through a file descriptor opened
+    without following symlinks (and every folder is entered through its
+    parent's descriptor): a name swapped for a symlink after it was looked
+    at must not lead a chmod, run as root, to the runner's key file."""
+    def give(fd: int, mode: int) -> None:
+        os.fchown(fd, uid, gid)
+        if strip:
+            os.fchmod(fd, stat.S_IMODE(mode) & ~strip)
+
+    top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        give(top, os.fstat(top).st_mode)
+    finally:
+        os.close(top)
+    for folder, dirs, files, folder_fd in os.fwalk(path, follow_symlinks=False):
+        if skip and folder == path:
+            dirs[:] = [d for d in dirs if d not in skip]
+            files = [f for f in files if f not in skip]
+        elif drop:
+            for name in drop:
+                if name in dirs or name in files:
+                    _remove(name, folder_fd, folder)
+            dirs[:] = [d for d in dirs if d not in drop]
+            files = [f for f in files if f not in drop]
+        # Sub-folders are given away here, as entries of their parent,
+        # before the walk enters them.
+        for name in [*dirs, *files]:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
+                             dir_fd=folder_fd)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                # A symlink (ELOOP), or a socket that cannot be opened:
+                # change the entry itself, never what it points to.
+                try:
+                    os.chown(name, uid, gid, dir_fd=folder_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass
+                continue
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1:
+                    if copy_links and stat.S_ISREG(info.st_mode):
+                        _replace_with_copy(name, fd, folder_fd,
+                                           lambda out: give(out, info.st_mode))
+                        continue
+                    log.warning("removing %s: a hard link, never given away",
+                                os.path.join(folder, name))
+                    _remove(name, folder_fd, folder)
+                    continue
+                give(fd, info.st_mode)
+            finally:
+                os.close(fd)
+
+
+def _replace_with_copy(name: str, fd: int, folder_fd: int, give) -> None:
+    """Put a file of its own, with the data of ``fd`` and given by
+    ``give``, in the place of the hard link ``name``."""
+    tmp = f".ci-copy-{os.getpid()}"
+    try:
+        os.unlink(tmp, dir_fd=folder_fd)
+    except FileNotFoundError:
+        pass
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                  dir_fd=folder_fd)
+    try:
+        with open(fd, "rb", closefd=False) as source, open(out, "wb", closefd=False) as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
+        give(out)
+        os.replace(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=folder_fd)
+        except FileNotFoundError:
+            pass
+        raise
+    finally:
+        os.close(out)
+
+
+def _remove(name: str, folder_fd: int, folder: str) -> None:
+    """Remove an entry of a folder (a folder with its contents), never
+    following a symlink."""
+    try:
+        if stat.S_ISDIR(os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode):
+            if sys.version_info >= (3, 11):
+                shutil.rmtree(name, dir_fd=folder_fd)
+            else:
+                shutil.rmtree(os.path.join(folder, name))
+        else:
+            os.unlink(name, dir_fd=folder_fd)
+    except FileNotFoundError:
+        pass
+
+
+def env_file_paths(repo: str, patterns: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(name, path) of the existing regular files the patterns name inside
+    ``repo``, sorted; files resolving outside the clone are left out."""
+    root = os.path.realpath(repo)
+    found = set()
+    for pattern in patterns:
+        for path in glob.glob(os.path.join(glob.escape(repo), pattern)):
+            real = os.path.realpath(path)
+            if os.path.isfile(real) and real.startswith(root + os.sep):
+                found.add((os.path.relpath(path, repo), path))
+    return sorted(found)
+
+
+def _file_digest(path: str, repo: str) -> str:
+    """The file's hash, read as a stream (a regular file ends, so any size
+    is keyed by its content); the file is the tested commit's, so one that
+    leads out of the clone (a symlink to a key, to /dev/zero) is not read."""
+    try:
+        with open(helpers.open_inside(path, repo), "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+
+
+def provide_pip(env_path: str, python: str) -> bool:
+    """Copy the runner's own pip into the new environment, so that the
+    setup command's ``python -m pip`` works there.  ``ensurepip`` does the
+    same from a bundled wheel but takes seconds; a copy takes a fraction
+    of one.  False when the runner's Python has no pip to copy."""
+    if os.path.realpath(python) != os.path.realpath(sys.executable):
+        return False
+    spec = importlib.util.find_spec("pip")
+    if spec is None or not spec.origin:
+        return False
+    package = os.path.dirname(spec.origin)
+    parent = os.path.dirname(package)
+    infos = glob.glob(os.path.join(glob.escape(parent), "pip-*.dist-info"))
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    site = os.path.join(env_path, "lib", version, "site-packages")
+    if len(infos) != 1 or not os.path.isdir(site):
+        return False
+    shutil.copytree(package, os.path.join(site, "pip"), symlinks=True)
+    shutil.copytree(infos[0], os.path.join(site, os.path.basename(infos[0])), symlinks=True)
+    env_python = os.path.join(env_path, "bin", "python")
+    for name in ("pip", "pip3", f"pip{sys.version_info[0]}.{sys.version_info[1]}"):
+        script = os.path.join(env_path, "bin", name)
+        with open(script, "w") as handle:
+            handle.write(f"#!{env_python}\nimport sys\nfrom pip._internal.cli.main import main\n"
+                         "sys.exit(main())\n")
+        os.chmod(script, 0o755)
+    return True
+
+
+# --------------------------------------------------------------------------
+# The step between checkout and tests.
+
+class Preparer:
+    """Reads a commit's recipe and readies its environment."""
+
+    def __init__(self, limits: recipe.Limits, cache: EnvironmentCache | None = None,
+                 read_recipe: bool = True):
+        self.limits = limits
+        self.cache = cache
+        self.read_recipe = read_recipe
+
+    def prepare(self, repo: str, slot, base_env: dict, out, scope: Scope) -> Prepared:
+        """The command, environment and time limit for the tests of the
+        commit checked out in ``repo``, with the setup fields.  Recipe notes
+        and the setup's output are written to ``out``.  ``scope``: which
+        environments the commit may reuse, and where it builds."""
+        started = time.monotonic()
+        result = Prepared(None, sys.executable, base_env, self.limits.timeout,
+                          {"setup": "none"})
+        try:
+            text = read_recipe_file(repo) if self.read_recipe else None
+            plan = recipe.resolve(text, self.limits)
+        except recipe.RecipeError as exc:
+            return _failed(result, helpers.one_line(str(exc), 300), out)
+        for note in plan.notes:
+            out.write(f"[ci] {note}\n".encode())
+        result.command = list(plan.test) if plan.test else None
+        result.timeout = plan.timeout
+        if plan.setup is None:
+            return result
+        if self.cache is None:
+            return _failed(result, "setup failed: this runner has no environment folder", out)
+        key, used, found = self._reusable(plan, repo, scope)
+        result.fields["setup_scope"] = used.label
+        if found:
+            result.fields["setup"] = "reused"
+        else:
+            log.info("building environment %s (%s): %s", key, scope.name, _shown(plan.setup))
+            out.write(f"[ci] setup: building environment {key} ({scope.label} scope): "
+                      f"{_shown(plan.setup)}\n".encode())
+            out.flush()
+            ok, why = self.cache.build(key, plan.setup, repo, base_env, slot,
+                                       plan.setup_timeout, out)
+            result.fields["setup"] = "built" if ok else "failed"
+        # Reused, built or failed: the time it took is worth showing.
+        result.fields["setup_duration"] = f"{time.monotonic() - started:.3f}"
+        if result.fields["setup"] == "failed":
+            return _failed(result, f"setup failed: {why}", out)
+        if result.fields["setup"] == "built":
+            out.write(b"[ci] setup: done\n")
+        result.env = self.cache.activate(key, base_env)
+        result.python = self.cache.python_of(key)
+        return result
+
+
+    def _reusable(self, plan: recipe.Recipe, repo: str,
+                  scope: Scope) -> tuple[str, Scope, bool]:
+        """(key, its scope, True) of a finished environment ``scope`` may
+        reuse (its own first); else (the key to build, ``scope``, False):
+        a build goes into the job's own scope only."""
+        keys = self.cache.keys(plan.setup, repo, plan.env_files, scope.reads)
+        for key, where in zip(keys, scope.reads):
+            if self.cache.lookup(key):
+                return key, where, True
+        return keys[0], scope, False
+
+
+def read_recipe_file(repo: str) -> str | None:
+    """The recipe's text, None if the commit has none.  Only a regular
+    file is read: a symlink could point anywhere on the runner."""
+    path = os.path.join(repo, recipe.RECIPE_FILE)
+    try:
+        data = helpers.read_inside(path, repo, recipe.MAX_RECIPE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise recipe.RecipeError(f"{recipe.RECIPE_FILE} cannot be read: "
+                                 f"{exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise recipe.RecipeError(f"{recipe.RECIPE_FILE} is not UTF-8 "
+                                 f"(byte {exc.start})") from None
+
+
+def _failed(result: Prepared, reason: str, out) -> Prepared:
+    result.failed = True
+    result.fields.update(verdict="error", reason=reason)
+    out.write(f"\n[ci] {reason}\n".encode())
+    return result
+
+
+def _shown(command: tuple[str, ...]) -> str:
+    return helpers.one_line(" ".join(command), 500)

@@ -1,0 +1,155 @@
+"""The runner's side of per-test results: make the test command leave a
+JUnit file, then read it back as untrusted input.
+
+* ``python -m unittest ARGS`` (the default command) becomes
+  ``python ci_support/unittest_recorder.py TMP.xml ARGS``: the same run and
+  output, plus a record per test.
+* A pytest command (an argument named ``pytest``) gets ``--junitxml=TMP.xml``.
+* Any other command names its own files with ``--junit-xml PATTERN`` (a glob
+  relative to the clone); without one nothing is collected, as before.
+
+The temporary file lives in a private folder outside the clone and is
+removed afterwards.  Whatever is found is capped, parsed by
+``results.parse_junit`` and sent on re-written by ``results.format_junit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import os
+import shutil
+import tempfile
+
+import helpers
+from ci import commands, results
+
+log = logging.getLogger(__name__)
+
+# The repository root: this file is ci/runner/junit_capture.py.
+RECORDER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "ci_support", "unittest_recorder.py")
+# Files a --junit-xml pattern may match: enough for one file per test module.
+MAX_FILES = 200
+
+
+@dataclasses.dataclass
+class Collected:
+    """What a run's JUnit files gave: the XML to send (b"" if none), the
+    counts taken from its records (None: keep the summary's) and the
+    ``junit`` header note ("" when all went well)."""
+    xml: bytes = b""
+    counts: dict | None = None
+    note: str = ""
+
+    def fields(self) -> dict:
+        """The result fields to add (``results.JUNIT_XML_KEY`` is sent,
+        not stored)."""
+        added: dict = {}
+        if self.xml:
+            added[results.JUNIT_XML_KEY] = self.xml
+        if self.note:
+            added["junit"] = self.note
+        return added
+
+
+class Capture:
+    """One test run's JUnit capture; use as a context manager so the
+    temporary folder is always removed."""
+
+    def __init__(self, repo: str, command: list[str], pattern: str | None = None):
+        self.repo = repo
+        self.command = list(command)
+        self.pattern = pattern
+        self.paths: list[str] = []
+        self.tmp: str | None = None
+        if pattern:
+            return
+        if commands.is_unittest(command):
+            self.command = [command[0], RECORDER, self._tmp_file(), *command[3:]]
+        else:
+            spot = commands.pytest_position(command)
+            if spot is not None and not any(a.startswith(("--junitxml", "--junit-xml"))
+                                            for a in command):
+                self.command = [*command[:spot + 1], f"--junitxml={self._tmp_file()}",
+                                *command[spot + 1:]]
+
+    def _tmp_file(self) -> str:
+        self.tmp = tempfile.mkdtemp(prefix="ci-junit-")
+        self.paths = [os.path.join(self.tmp, "results.xml")]
+        return self.paths[0]
+
+    def __enter__(self) -> Capture:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.pattern or self.paths)
+
+    def _files(self) -> list[str]:
+        if not self.pattern:
+            return self.paths
+        found = glob.glob(os.path.join(glob.escape(self.repo), self.pattern), recursive=True)
+        return sorted(found)[:MAX_FILES + 1]
+
+    def collect(self, timed_out: bool, budget: int) -> Collected:
+        """Read, check and re-write what the run left.  A killed run's
+        files are not used: it never printed its summary either."""
+        if not self.active or timed_out:
+            return Collected()
+        files = self._files()
+        if not files or not all(os.path.lexists(path) for path in files):
+            log.warning("test command left no JUnit file (%s)", self.pattern or "expected one")
+            return Collected(note="missing")
+        if len(files) > MAX_FILES:
+            log.warning("more than %d JUnit files match %s", MAX_FILES, self.pattern)
+            return Collected(note="unreadable")
+        shards = []
+        for path in files:
+            try:
+                data = read_untrusted(path, self.repo if self.pattern else self.tmp)
+                shards.append(results.parse_junit(data))
+            except (OSError, results.JunitError) as exc:
+                log.warning("JUnit file %s unreadable: %s", os.path.basename(path), exc)
+                return Collected(note="unreadable")
+        records = results.merge_records(shards)
+        if len(records) > results.MAX_RECORDS:
+            log.warning("%d test records: more than %d", len(records), results.MAX_RECORDS)
+            return Collected(note="unreadable")
+        # The dispatcher reads no larger document.
+        xml = fit(records, min(budget, results.MAX_JUNIT_BYTES))
+        if xml is None:
+            log.warning("JUnit results of %d records do not fit in %d bytes", len(records),
+                        budget)
+            return Collected(note="too large")
+        return Collected(xml, results.count_records(records))
+
+
+def read_untrusted(path: str, inside: str) -> bytes:
+    """A JUnit file the tests wrote, at most MAX_JUNIT_BYTES + 1 bytes."""
+    return helpers.read_inside(path, inside, results.MAX_JUNIT_BYTES + 1)
+
+
+def fit(records: list[results.TestRecord], budget: int) -> bytes | None:
+    """The records as XML within ``budget`` bytes, shortening tracebacks
+    if it must (the message of each stays); None if even that is too big."""
+    for limit in (results.TRACEBACK_LIMIT, 1000, 200, 0):
+        xml = results.format_junit(records, traceback_limit=limit)
+        if len(xml) <= budget:
+            return xml
+    return None
+
+
+def check_pattern(pattern: str) -> str:
+    """``--junit-xml``: a glob inside the clone; ValueError otherwise."""
+    parts = pattern.replace("\\", "/").split("/")
+    if not pattern or os.path.isabs(pattern) or ".." in parts:
+        raise ValueError(f"--junit-xml {pattern!r} must be a pattern inside the clone "
+                         "(relative, no '..')")
+    return pattern

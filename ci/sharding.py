@@ -1,0 +1,388 @@
+"""Sharding one commit over several runners, as pure functions: the
+``runtest`` body that names a shard, the split of a checkout's test files
+into shards, the command each shard runs, the durations the dispatcher
+learns from per-test records, and the merge of the shards' results.
+
+Why the runners split and not the dispatcher: the dispatcher has no clone.
+Every runner of a sharded commit gets the same durations table and has the
+same checkout, so each computes the same split (a pure function of the
+file list, the file sizes and the table) and runs only its own part.  A
+rerun of a lost shard gets the very table the first round got, so its
+part is the same too.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import fnmatch
+import os
+import re
+
+import helpers
+from ci import commands, results
+
+# Verdicts, worst first: the merged verdict is the worst of the shards.
+VERDICT_ORDER = ("error", "timeout", "failed", "passed")
+# Durations the dispatcher keeps (one per test class / module), and sends.
+MAX_DURATIONS = 2000
+MAX_KEY = 300
+# How a runner says what its shard did, after ``i/n`` in the ``shards`` field:
+#   (nothing)  ran its share of the test files
+#   whole      shard 1 ran the whole suite (the command cannot be sharded)
+#   skipped    another shard, nothing run: shard 1 ran everything
+#   empty      no test files fell to this shard
+LABELS = ("", "whole", "skipped", "empty")
+SHARDS_FIELD_RE = re.compile(r"([1-9][0-9]{0,2})/([1-9][0-9]{0,2})(?: (whole|skipped|empty))?")
+# unittest's default discovery pattern and what it accepts as a module.
+UNITTEST_PATTERN = "test*.py"
+VALID_MODULE = re.compile(r"[_a-z]\w*\.py$", re.IGNORECASE)
+MAX_FILES = 5000
+MAX_DEPTH = 20
+PLACEHOLDER = "{tests}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+    index: int                      # 1-based
+    total: int
+    durations: dict[str, float]     # test class / module -> last known seconds
+
+
+# --------------------------------------------------------------------------
+# A shard's part of the ``runtest`` body (see jobspec.py): its ``shard: i/n``
+# field, and after the fields the durations table, ``<seconds> <key>`` lines.
+
+def encode_table(durations: dict[str, float]) -> bytes:
+    return "".join(f"{seconds:.3f} {key}\n" for key, seconds in durations.items()).encode()
+
+
+def parse_shard(value: str, table: bytes) -> ShardSpec:
+    """A ``shard`` field's ``i/n`` and the durations table after it;
+    ValueError if the shard is malformed (bad table lines are skipped:
+    they only weigh the split)."""
+    match = re.fullmatch(r"([0-9]{1,3})/([0-9]{1,3})", value)
+    if not match:
+        raise ValueError(f"shard must be '<i>/<n>', not {value[:40]!r}")
+    index, total = int(match.group(1)), int(match.group(2))
+    if not 1 <= index <= total:
+        raise ValueError(f"shard {index}/{total} does not exist")
+    durations: dict[str, float] = {}
+    for line in table.decode("utf-8", "replace").splitlines()[:MAX_DURATIONS]:
+        seconds, _, key = line.partition(" ")
+        try:
+            known = float(seconds)
+        except ValueError:
+            continue
+        if key and 0 <= known < 1e7 and key.isprintable():
+            durations[key[:MAX_KEY]] = known
+    return ShardSpec(index, total, durations)
+
+
+# --------------------------------------------------------------------------
+# What the dispatcher learns from results: seconds per test class / module.
+
+class Durations:
+    """Last known seconds per JUnit classname, newest kept, bounded.  Not
+    thread-safe: the dispatcher holds its condition around every use."""
+
+    def __init__(self, limit: int = MAX_DURATIONS):
+        self.limit = limit
+        self.table: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    def learn(self, records: list[results.TestRecord] | None) -> None:
+        if not records:
+            return
+        sums: dict[str, float] = {}
+        for record in records:
+            key = helpers.one_line(record.classname or record.name, MAX_KEY).replace(" ", "_")
+            if key:
+                sums[key] = sums.get(key, 0.0) + record.duration
+        for key, seconds in sums.items():
+            self.table[key] = round(seconds, 3)
+            self.table.move_to_end(key)
+        while len(self.table) > self.limit:
+            self.table.popitem(last=False)
+
+    def encode(self) -> bytes:
+        return encode_table(self.table)
+
+
+# --------------------------------------------------------------------------
+# Which test files a checkout has, and the split.
+
+def unittest_modules(repo: str, start: str = "tests",
+                     package_root: bool = False) -> list[tuple[str, str]]:
+    """(path relative to the clone, module name) of each module that
+    ``unittest discover -s tests`` finds: ``test*.py`` files with a valid
+    module name, in folders that are packages below the start folder.
+    Module names are relative to the top-level folder: the clone's root
+    with ``-t .`` (``package_root``), else the start folder."""
+    found: list[tuple[str, str]] = []
+    base = os.path.join(repo, start)
+
+    def walk(folder: str, parts: list[str], depth: int) -> None:
+        if depth > MAX_DEPTH or len(found) >= MAX_FILES:
+            return
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            return
+        for name in names:
+            full = os.path.join(folder, name)
+            if os.path.isfile(full):
+                if VALID_MODULE.match(name) and fnmatch.fnmatch(name, UNITTEST_PATTERN):
+                    module = ".".join([*parts, name[:-3]])
+                    found.append((os.path.relpath(full, repo), module))
+            elif os.path.isdir(full) and os.path.isfile(os.path.join(full, "__init__.py")) \
+                    and not os.path.islink(full):
+                walk(full, [*parts, name], depth + 1)
+
+    walk(base, [start] if package_root else [], 0)
+    return found[:MAX_FILES]
+
+
+def pytest_files(repo: str, folders: list[str]) -> list[str]:
+    """``test_*.py`` and ``*_test.py`` below ``folders`` (pytest's default
+    ``python_files``), relative to the clone, sorted."""
+    found: list[str] = []
+    for top in folders:
+        for folder, dirs, files in os.walk(os.path.join(repo, top)):
+            dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__pycache__"))
+                             and d not in ("node_modules", "venv", ".venv"))
+            for name in sorted(files):
+                if fnmatch.fnmatch(name, "test_*.py") or fnmatch.fnmatch(name, "*_test.py"):
+                    found.append(os.path.relpath(os.path.join(folder, name), repo))
+            if len(found) >= MAX_FILES:
+                break
+    return sorted(set(found))[:MAX_FILES]
+
+
+def prefix_seconds(durations: dict[str, float]) -> dict[str, float]:
+    """Each classname's seconds added to every dotted prefix of it
+    (``a.b.C`` counts for ``a``, ``a.b`` and ``a.b.C``), so a test file's
+    known time is one look-up, not a pass over the table per file."""
+    sums: dict[str, float] = {}
+    for key, seconds in durations.items():
+        parts = key.split(".")
+        for end in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:end])
+            sums[prefix] = sums.get(prefix, 0.0) + seconds
+    return sums
+
+
+def known_seconds(path: str, module: str, sums: dict[str, float]) -> float | None:
+    """The last known duration of one test file: the sum over the classnames
+    that belong to it (``module`` or ``module.Class``, by its own module
+    name or by its dotted path from the clone's root); ``sums`` from
+    ``prefix_seconds``."""
+    dotted = path[:-3].replace(os.sep, ".").replace("/", ".") if path.endswith(".py") else path
+    for name in (module, dotted):
+        if name in sums:
+            return sums[name]
+    return None
+
+
+def split(items: list[tuple[str, int, float | None]], total: int) -> list[list[str]]:
+    """Split ``(path, size in bytes, known seconds or None)`` into ``total``
+    shards: longest first into the emptiest shard (ties: the lower shard;
+    equal weights: by path).  A file without a known duration weighs its
+    size times the known files' seconds per byte, or just its size when
+    nothing is known.  Each shard's paths come sorted."""
+    known = [(size, seconds) for _, size, seconds in items if seconds is not None]
+    if known:
+        per_byte = sum(s for _, s in known) / max(sum(max(b, 1) for b, _ in known), 1)
+        weights = [(seconds if seconds is not None else max(size, 1) * per_byte, path)
+                   for path, size, seconds in items]
+    else:
+        weights = [(float(max(size, 1)), path) for path, size, _ in items]
+    shards: list[list[str]] = [[] for _ in range(total)]
+    loads = [0.0] * total
+    for weight, path in sorted(weights, key=lambda w: (-w[0], w[1])):
+        emptiest = min(range(total), key=lambda i: (loads[i], i))
+        shards[emptiest].append(path)
+        loads[emptiest] += weight
+    return [sorted(shard) for shard in shards]
+
+
+def _size(repo: str, path: str) -> int:
+    try:
+        return os.path.getsize(os.path.join(repo, path))
+    except OSError:
+        return 0
+
+
+def my_share(repo: str, files: list[tuple[str, str]], spec: ShardSpec) -> list[str]:
+    """The paths of ``spec``'s shard; ``files`` as (path, module)."""
+    sums = prefix_seconds(spec.durations)
+    items = [(path, _size(repo, path), known_seconds(path, module, sums))
+             for path, module in files]
+    return split(items, spec.total)[spec.index - 1]
+
+
+# --------------------------------------------------------------------------
+# The command a shard runs.
+
+@dataclasses.dataclass
+class ShardRun:
+    command: list[str] | None   # None: run nothing (skipped or empty)
+    label: str                  # one of LABELS
+    path_first: str | None = None   # folder to put first on sys.path (unittest)
+
+
+def shard_run(repo: str, custom: list[str] | None, command: list[str],
+              spec: ShardSpec, default: bool) -> ShardRun:
+    """What shard ``spec`` runs in this checkout.
+
+    * the default unittest command: ``python -m unittest <modules>`` with
+      the start folder first on ``sys.path`` as discovery would put it;
+    * a pytest command whose other arguments are flags (``-x``,
+      ``--opt=value``) or folders: the folders replaced by this shard's files;
+    * a custom command with a ``{tests}`` argument: the files put there;
+    * anything else cannot be split: shard 1 runs it whole, the others
+      nothing."""
+    def whole() -> ShardRun:
+        return ShardRun(command if spec.index == 1 else None,
+                        "whole" if spec.index == 1 else "skipped")
+
+    if default:
+        package = os.path.exists(os.path.join(repo, "tests", "__init__.py"))
+        files = unittest_modules(repo, "tests", package)
+        share = set(my_share(repo, files, spec))
+        modules = [module for path, module in files if path in share]
+        if not modules:
+            return ShardRun(None, "empty")
+        return ShardRun([*command[:3], *modules], "", None if package else "tests")
+    if custom and PLACEHOLDER in custom:
+        spot = custom.index(PLACEHOLDER)
+        files = unittest_modules(repo, "tests", True)
+        share = my_share(repo, files, spec)
+        if not share:
+            return ShardRun(None, "empty")
+        return ShardRun([*custom[:spot], *share, *custom[spot + 1:]], "")
+    spot = commands.pytest_position(command)
+    if spot is not None:
+        rest = command[spot + 1:]
+        folders = [a for a in rest if not a.startswith("-")]
+        # Flags that change which files are collected, or that take a
+        # separate value, make our file list a guess: such commands run whole.
+        flags_ok = all((a.startswith("--") and "=" in a or re.fullmatch(r"-[a-zA-Z]+", a)
+                        or a in ("--quiet", "--verbose", "--exitfirst", "--strict-markers"))
+                       and not a.startswith(("--ignore", "--rootdir", "--pyargs", "--doctest",
+                                             "--deselect", "--confcutdir", "-c"))
+                       for a in rest if a.startswith("-"))
+        if folders and flags_ok and all(
+                os.path.isdir(os.path.join(repo, f)) and ".." not in f.split("/")
+                and not os.path.isabs(f) for f in folders) and not _pytest_configured(repo):
+            files = [(p, p[:-3].replace("/", ".")) for p in pytest_files(repo, folders)]
+            share = my_share(repo, files, spec)
+            if not share:
+                return ShardRun(None, "empty")
+            flags = [a for a in rest if a.startswith("-")]
+            return ShardRun([*command[:spot + 1], *flags, *share], "")
+    return whole()
+
+
+def _pytest_configured(repo: str) -> bool:
+    """A project that changes which files pytest collects is not split:
+    our file list could differ from pytest's."""
+    for name in ("pytest.ini", "setup.cfg", "tox.ini", "pyproject.toml"):
+        try:
+            # Committed by whoever pushed: never a symlink out of the clone.
+            text = helpers.read_inside(os.path.join(repo, name), repo, 256 * 1024)
+        except OSError:
+            continue
+        if b"python_files" in text or b"testpaths" in text:
+            return True
+    return False
+
+
+def expand_placeholder(repo: str, command: list[str]) -> list[str]:
+    """An unsharded run of a ``{tests}`` command gets every test file."""
+    if PLACEHOLDER not in command:
+        return command
+    files = [p for p, _ in unittest_modules(repo, "tests", True)]
+    spot = command.index(PLACEHOLDER)
+    return [*command[:spot], *files, *command[spot + 1:]]
+
+
+# --------------------------------------------------------------------------
+# The merge.
+
+def parse_shards_field(value: str | None) -> tuple[int, int, str] | None:
+    match = SHARDS_FIELD_RE.fullmatch(value or "")
+    if not match:
+        return None
+    return int(match.group(1)), int(match.group(2)), match.group(3) or ""
+
+
+def worst(verdicts: list[str]) -> str:
+    ranked = [v if v in VERDICT_ORDER else "error" for v in verdicts]
+    return min(ranked, key=VERDICT_ORDER.index) if ranked else "passed"
+
+
+COUNTS = ("tests", "failures", "errors", "skipped")
+
+
+def merge(total: int, parts: dict[int, tuple[dict, bytes]]) -> tuple[dict, bytes]:
+    """One result from every shard's (fields, output), shards 1..total.
+
+    Nothing of a shard that ran nothing counts.  If shard 1 ran the whole
+    suite, its result is the commit's.  A shard that says it ran nothing
+    while shard 1 did not run everything means the runners split
+    differently: verdict ``error``, never a count that misses tests."""
+    labels = {i: (parse_shards_field(f.get("shards")) or (0, 0, ""))[2]
+              for i, (f, _) in parts.items()}
+    if labels.get(1) == "whole":
+        fields, output = parts[1]
+        fields = dict(fields, shards=f"{total} (not split: the test command cannot be "
+                                     "sharded; shard 1 ran everything)")
+        return fields, output
+    ran = [i for i in sorted(parts) if labels[i] not in ("empty", "skipped")]
+    fields: dict = {"shards": str(total)}
+    for name in COUNTS:
+        fields[name] = sum(int(parts[i][0].get(name) or 0) for i in ran)
+    verdicts = [parts[i][0].get("verdict", "error") for i in ran]
+    fields["verdict"] = worst(verdicts)
+    reasons = [f"shard {i}/{total}: {parts[i][0]['reason']}" for i in ran
+               if parts[i][0].get("reason")]
+    if any(labels[i] == "skipped" for i in parts):
+        fields["verdict"] = "error"
+        reasons.insert(0, "shards disagree: a runner could not split this commit's tests "
+                          "(runners configured differently?)")
+    if reasons:
+        fields["reason"] = helpers.one_line("; ".join(reasons), 1000)
+    runners = [parts[i][0].get("runner", "?") for i in sorted(parts)]
+    fields["runner"] = helpers.one_line(", ".join(dict.fromkeys(runners)), 300)
+    starts = sorted(parts[i][0]["started"] for i in parts if parts[i][0].get("started"))
+    if starts:
+        fields["started"] = starts[0]
+    fields["duration"] = f"{max(float(parts[i][0].get('duration') or 0) for i in parts):.3f}"
+    worst_codes = [parts[i][0].get("exit_code") for i in ran
+                   if parts[i][0].get("verdict") == fields["verdict"]]
+    fields["exit_code"] = next((c for c in worst_codes if c not in (None, 0, "0")),
+                               0 if fields["verdict"] == "passed" else -1)
+    for name in ("subject", "author", "committed", "setup", "setup_scope", "setup_duration"):
+        value = next((parts[i][0][name] for i in sorted(parts) if parts[i][0].get(name)), None)
+        if value is not None:
+            fields[name] = value
+    records = [parts[i][0].get("records") for i in ran]
+    if ran and all(r is not None for r in records):
+        fields["records"] = results.merge_records(records)
+        fields.update(results.count_records(fields["records"]))
+    else:
+        note = next((parts[i][0].get("junit") for i in ran if parts[i][0].get("junit")), "")
+        if any(r is not None for r in records):
+            note = note or "partial"
+        if note:
+            fields["junit"] = note
+    chunks = []
+    for i in sorted(parts):
+        f, output = parts[i]
+        what = labels[i] or f.get("verdict", "?")
+        head = (f"===== shard {i}/{total} on {helpers.one_line(str(f.get('runner', '?')), 100)}"
+                f": {what} ({f.get('tests', 0)} tests, {f.get('failures', 0)} failures, "
+                f"{f.get('errors', 0)} errors, {f.get('skipped', 0)} skipped) =====\n")
+        chunks.append(head.encode() + output + (b"" if output.endswith(b"\n") or not output
+                                                else b"\n"))
+    return fields, b"".join(chunks)

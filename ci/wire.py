@@ -1,0 +1,493 @@
+"""The wire protocol as pure functions: frames, messages, fields, signing,
+and reading a frame from a socket with size and time limits.
+
+It is its own module, importing little, because a git hook's ``notify``
+runs it in a fresh interpreter for every push: ``hook_client.py`` needs
+only this, where ``helpers.py`` brings the whole server side with it
+(ssl, socketserver, logging, subprocess...).  Hashing is imported on the
+first signature, not at start.
+
+Wire format (one request and one reply per TCP connection)::
+
+    CI1 <length> <timestamp> <nonce> <tag>[ <key id>]\\n<payload: exactly <length> bytes>
+
+``tag`` is ``-`` when no secret is configured, else the hex HMAC-SHA256 of
+the timestamp, nonce, the nonce of the request being answered (replies
+only), the key id (when there is one) and the payload.  The key id names
+the issued key a frame is signed with (``runner:r1``; see ``auth.py``);
+without one the frame is signed with the shared secret.  The payload
+starts with an ASCII command line (``name`` or ``name:argument``),
+optionally followed by ``\\n`` and a body of arbitrary bytes.
+"""
+
+from __future__ import annotations
+
+import _socket
+import os
+import sys
+import time
+
+MAGIC = b"CI1"
+# A header line is short; anything longer is not our protocol.
+MAX_HEADER_BYTES = 200
+# Large enough for a long test log; a bigger result is truncated by the runner.
+DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+# Message bytes all connections of a daemon may hold at once.
+DEFAULT_MAX_BUFFERED = 64 * 1024 * 1024
+# A peer that sends nothing for this long is dropped.
+DEFAULT_READ_TIMEOUT = 10.0
+# A body must arrive at least this fast, so a dribbling client is cut off.
+MIN_BODY_RATE = 256 * 1024
+# Enough threads for hundreds of runners, few enough to bound memory.
+DEFAULT_MAX_CONNECTIONS = 256
+# How far a signed message's clock may be from ours, in seconds.
+DEFAULT_AUTH_WINDOW = 30.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+# Room for a batch of a thousand 64-hex commit ids on one command line.
+MAX_COMMAND_LINE = 66 * 1024
+
+class LazyPattern:
+    """A regular expression compiled on first use: the hook's one-shot
+    process uses only a few of these, and compiling costs milliseconds."""
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+        self._compiled = None
+
+    def fullmatch(self, text):
+        if self._compiled is None:
+            import re  # here: the hook's path never needs it
+            self._compiled = re.compile(self.pattern)
+        return self._compiled.fullmatch(text)
+
+
+COMMIT_RE = LazyPattern(r"[0-9a-f]{4,64}")
+FULL_COMMIT_RE = LazyPattern(r"[0-9a-f]{40}|[0-9a-f]{64}")
+COMMAND_RE = LazyPattern(r"[a-z_]{1,32}")
+# An assignment's token (see dispatch_state.py).
+TOKEN_RE = LazyPattern(r"[0-9a-f]{16,64}")
+
+# Character sets for the checks on every message's path (plain loops: the
+# regular-expression module alone costs a hook several milliseconds).
+_HEX = frozenset("0123456789abcdef")
+_DIGITS = frozenset("0123456789")
+_COMMAND_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz_")
+_FIELD_CHARS = _COMMAND_CHARS | _DIGITS
+_HOST_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_:%")
+
+
+def _made_of(text: str, chars: frozenset, shortest: int, longest: int) -> bool:
+    return shortest <= len(text) <= longest and all(c in chars for c in text)
+
+
+def valid_command(text: str) -> bool:
+    return _made_of(text, _COMMAND_CHARS, 1, 32)
+
+
+class ProtocolError(Exception):
+    """Raised for anything on the wire that is not a well-formed, authentic
+    message.  The only exception framing and parsing code may raise."""
+
+
+class ReadTimeout(ProtocolError):
+    """The peer sent too little, too slowly: nothing more is worth reading."""
+
+
+class PeerClosed(ProtocolError):
+    """The peer hung up before a whole frame arrived (port probes do)."""
+
+
+class Busy(ProtocolError):
+    """Refused for now (too much in flight): the peer should retry later."""
+
+
+class NoRequest(PeerClosed):
+    """Connected and closed at once: a port probe, not a protocol error."""
+
+
+def valid_commit(text: str) -> bool:
+    return isinstance(text, str) and COMMIT_RE.fullmatch(text) is not None
+
+
+def valid_full_commit(text: str) -> bool:
+    return isinstance(text, str) and FULL_COMMIT_RE.fullmatch(text) is not None
+
+
+def parse_address(text: str, default_host: str = "localhost") -> tuple[str, int]:
+    """Parse ``host:port`` (or ``[v6]:port``); ValueError with a clear text."""
+    if not isinstance(text, str) or not text or len(text) > 300:
+        raise ValueError(f"invalid address {text!r}: expected host:port")
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"invalid address {text!r}: expected host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    host = host or default_host
+    if not _made_of(host, _HOST_CHARS, 1, 300):
+        raise ValueError(f"invalid host in address {text!r}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid port in address {text!r}: expected 1-65535")
+    return host, int(port)
+
+
+def format_address(address: tuple[str, int]) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# Messages: the payload inside a frame.  Pure functions.
+
+def _record(name: str, fields: str, defaults: tuple = ()) -> type:
+    """A named tuple made by hand: importing ``collections`` (for
+    ``namedtuple``) cost the git hook about 5 ms of its 20 ms budget."""
+    names = fields.split()
+    required = len(names) - len(defaults)
+
+    def __new__(cls, *values):
+        if not required <= len(values) <= len(names):
+            raise TypeError(f"{name} takes {required} to {len(names)} values, "
+                            f"got {len(values)}")
+        return tuple.__new__(cls, values + defaults[len(values) - required:])
+
+    def __repr__(self):
+        inner = ", ".join(f"{field}={value!r}" for field, value in zip(names, self))
+        return f"{name}({inner})"
+
+    namespace = {"__slots__": (), "__new__": __new__, "__repr__": __repr__,
+                 "__getnewargs__": lambda self: tuple(self), "_fields": tuple(names)}
+    for index, field in enumerate(names):
+        namespace[field] = property(lambda self, i=index: self[i])
+    return type(name, (tuple,), namespace)
+
+
+Message = _record("Message", "command argument body", defaults=("", b""))
+
+
+def encode_message(command: str, argument: str = "", body: bytes = b"") -> bytes:
+    if not valid_command(command):
+        raise ProtocolError(f"invalid command name {command!r}")
+    if any(c in argument for c in "\r\n\0") or not argument.isascii():
+        raise ProtocolError("argument must be one line of ASCII")
+    line = command + (":" + argument if argument else "")
+    return line.encode("ascii") + (b"\n" + body if body else b"")
+
+
+def decode_message(payload: bytes) -> Message:
+    """Split a payload into command, argument and body.
+
+    The command line must be printable ASCII; the body is opaque bytes, so
+    test output that looks like a command can never be taken for one."""
+    line, _, body = payload.partition(b"\n")
+    if len(line) > MAX_COMMAND_LINE:
+        raise ProtocolError("command line too long")
+    try:
+        text = line.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("command line is not ASCII") from None
+    if not text.isprintable():
+        raise ProtocolError("command line has control characters")
+    command, _, argument = text.partition(":")
+    if not valid_command(command):
+        raise ProtocolError(f"malformed command {command[:40]!r}")
+    return Message(command, argument, body)
+
+
+def encode_fields(fields: dict) -> bytes:
+    """``key: value`` lines; values are flattened to one printable line."""
+    out = []
+    for key, value in fields.items():
+        out.append(f"{key}: {one_line(str(value))}")
+    return ("\n".join(out) + "\n").encode("utf-8")
+
+
+def decode_fields(data: bytes, max_fields: int = 64) -> dict[str, str]:
+    """Parse ``key: value`` lines (UTF-8); ProtocolError if malformed."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("fields are not UTF-8") from None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line:
+            continue
+        key, sep, value = line.partition(": ")
+        # Digits allowed after the first character: the observer's status
+        # numbers its branches (branch_0, branch_1, ...).
+        if not sep or not (_made_of(key, _FIELD_CHARS, 1, 32) and key[0] not in _DIGITS):
+            raise ProtocolError(f"malformed field line {line[:60]!r}")
+        if len(fields) >= max_fields:
+            raise ProtocolError("too many fields")
+        fields[key] = value
+    return fields
+
+
+def one_line(text: str, limit: int = 1000) -> str:
+    """Make untrusted text safe for a one-line header value."""
+    if not text.isprintable():  # the usual case skips the per-character pass
+        text = "".join(ch if ch.isprintable() else " " for ch in text)
+    return text[:limit]
+
+
+def ascii_line(text: str, limit: int = 300) -> str:
+    """Untrusted text (often quoting the peer's input) made fit for a reply's
+    ASCII command line; otherwise the reply could not be encoded at all and
+    the peer would get a silently closed connection instead of the reason."""
+    return one_line(text, limit).encode("ascii", "backslashreplace").decode("ascii")
+
+
+# --------------------------------------------------------------------------
+# Frames: length prefix plus authentication.  Pure functions.
+
+def _sha256():
+    """SHA-256 from OpenSSL when ``hashlib`` is already loaded (the daemons:
+    faster on megabytes of test output), else CPython's built-in one,
+    which a hook's one-shot process loads in a fraction of the time."""
+    hashlib = sys.modules.get("hashlib")
+    if hashlib is None:
+        try:
+            from _sha256 import sha256  # CPython 3.11
+            return sha256
+        except ImportError:
+            try:
+                from _sha2 import sha256  # CPython 3.12 and later
+                return sha256
+            except ImportError:
+                import hashlib
+    return hashlib.sha256
+
+
+_PADS: dict = {}
+
+
+def _hmac_sha256(secret: bytes, parts) -> str:
+    """HMAC-SHA256 (RFC 2104) of the concatenated ``parts``, the same
+    tag ``hmac.new(secret, msg, hashlib.sha256)`` gives."""
+    sha256 = _sha256()
+    pads = _PADS.get(secret)
+    if pads is None:
+        key = sha256(secret).digest() if len(secret) > 64 else secret
+        key = key.ljust(64, b"\0")
+        pads = (bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key))
+        if len(_PADS) < 1024:
+            _PADS[secret] = pads
+    inner = sha256(pads[0])
+    for part in parts:
+        inner.update(part)
+    outer = sha256(pads[1])
+    outer.update(inner.digest())
+    return outer.hexdigest()
+
+
+def _mac(secret: bytes, ts: bytes, nonce: bytes, reply_to: bytes, payload: bytes,
+         key_id: bytes = b"") -> str:
+    parts = [MAGIC + b"\n", ts + b"\n", nonce + b"\n", reply_to + b"\n"]
+    if key_id:
+        parts.append(b"key " + key_id + b"\n")
+    parts.append(payload)
+    return _hmac_sha256(secret, parts)
+
+
+KEY_ID_RE = LazyPattern(rb"[a-z]{1,16}:[A-Za-z0-9._-]{1,64}")
+
+
+def encode_frame(payload: bytes, secret: bytes | None = None, *, reply_to: str = "",
+                 now: float | None = None, nonce: str | None = None,
+                 key_id: str | None = None) -> bytes:
+    ts = b"%.3f" % (time.time() if now is None else now)
+    nonce_b = (nonce or os.urandom(12).hex()).encode("ascii")
+    kid = key_id.encode("ascii") if key_id and secret else b""
+    tag = _mac(secret, ts, nonce_b, reply_to.encode("ascii"), payload, kid) if secret else "-"
+    header = b"%s %d %s %s %s%s\n" % (MAGIC, len(payload), ts, nonce_b, tag.encode("ascii"),
+                                      b" " + kid if kid else b"")
+    return header + payload
+
+
+FrameHeader = _record("FrameHeader", "length timestamp nonce tag key_id", defaults=(None,))
+
+
+def decode_header(line: bytes, max_message: int = DEFAULT_MAX_MESSAGE) -> FrameHeader:
+    """Parse a frame's header line (without the newline)."""
+    parts = line.split(b" ")
+    if len(parts) not in (5, 6) or parts[0] != MAGIC:
+        raise ProtocolError("not a CI1 frame")
+    key_id = None
+    if len(parts) == 6:
+        if not KEY_ID_RE.fullmatch(parts[5]):
+            raise ProtocolError("bad frame key id")
+        key_id = parts.pop().decode("ascii")
+    length, ts, nonce, tag = parts[1:]
+    if not length.isdigit() or len(length) > 12:
+        raise ProtocolError("bad frame length")
+    if int(length) > max_message:
+        raise ProtocolError(f"message of {int(length)} bytes exceeds the limit of {max_message}")
+    whole, dot, fraction = ts.decode("latin-1").partition(".")
+    if not (_made_of(whole, _DIGITS, 1, 12) and
+            (not dot or _made_of(fraction, _DIGITS, 1, 6))):
+        raise ProtocolError("bad frame timestamp")
+    if not _made_of(nonce.decode("latin-1"), _HEX, 8, 64):
+        raise ProtocolError("bad frame nonce")
+    if not (tag == b"-" or _made_of(tag.decode("latin-1"), _HEX, 64, 64)):
+        raise ProtocolError("bad frame tag")
+    return FrameHeader(int(length), ts.decode(), nonce.decode(), tag.decode(), key_id)
+
+
+def verify_frame(header: FrameHeader, payload: bytes, secret: bytes | None, *,
+                 reply_to: str = "", nonces=None,
+                 window: float = DEFAULT_AUTH_WINDOW, now: float | None = None) -> None:
+    """Check a frame's tag, age and nonce; ProtocolError if any is wrong.
+
+    Without a secret nothing is checked (the daemons then listen on loopback
+    only, unless the operator said ``--insecure``)."""
+    if not secret:
+        return
+    if header.tag == "-":
+        raise ProtocolError("unsigned message refused")
+    expected = _mac(secret, header.timestamp.encode(), header.nonce.encode(),
+                    reply_to.encode("ascii"), payload,
+                    header.key_id.encode("ascii") if header.key_id else b"")
+    from _operator import _compare_digest  # hmac.compare_digest, without hmac
+    if not _compare_digest(expected, header.tag):
+        raise ProtocolError("bad signature")
+    now = time.time() if now is None else now
+    if abs(now - float(header.timestamp)) > window:
+        raise ProtocolError("stale message (timestamp outside the window)")
+    if nonces is not None and not nonces.add(header.nonce, now, float(header.timestamp)):
+        raise ProtocolError("replayed message")
+
+
+# --------------------------------------------------------------------------
+# Reading a frame from a socket, with size and time limits.
+
+# What one recv may take while looking for the header's end: usually the
+# whole of a small message arrives with it.
+FIRST_READ = 64 * 1024
+
+
+def _recv_some(sock, limit: int, deadline: float) -> bytes:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise ReadTimeout("timed out reading message")
+    sock.settimeout(remaining)
+    try:
+        chunk = sock.recv(limit)
+    except (TimeoutError, _socket.timeout):  # the same class from Python 3.10 on
+        raise ReadTimeout("timed out reading message") from None
+    if not chunk:
+        raise PeerClosed("connection closed mid-message")
+    return chunk
+
+
+def _recv_exact(sock, count: int, deadline: float) -> bytes:
+    chunks = []
+    while count:
+        chunk = _recv_some(sock, min(count, 1 << 20), deadline)
+        chunks.append(chunk)
+        count -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(sock, max_message: int = DEFAULT_MAX_MESSAGE,
+               timeout: float = DEFAULT_READ_TIMEOUT,
+               budget=None) -> tuple[FrameHeader, bytes]:
+    """Read one frame: the header line (a peer that never ends it is cut at
+    ``MAX_HEADER_BYTES``), then exactly the body.
+
+    The header is read in chunks, not byte by byte (a system call per byte
+    was the dispatcher's main cost under load).  What follows the newline is
+    the body's start; each side sends one frame per connection, so no later
+    message can be swallowed, and bytes past the frame are dropped."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while True:
+        newline = data.find(b"\n", 0, MAX_HEADER_BYTES + 1)
+        if newline >= 0:
+            break
+        if len(data) > MAX_HEADER_BYTES:
+            raise ProtocolError("header line too long: not a CI1 frame")
+        if not MAGIC.startswith(data[:len(MAGIC)]):
+            raise ProtocolError("not a CI1 frame")
+        try:
+            data += _recv_some(sock, FIRST_READ, deadline)
+        except PeerClosed:
+            if not data:
+                raise NoRequest("closed without sending anything") from None
+            raise
+    parsed = decode_header(data[:newline], max_message)
+    if budget is not None and not budget.take(parsed.length):
+        raise Busy("server busy (too much data in flight), try later")
+    try:
+        body_deadline = time.monotonic() + timeout + parsed.length / MIN_BODY_RATE
+        start = data[newline + 1:newline + 1 + parsed.length]
+        return parsed, start + _recv_exact(sock, parsed.length - len(start), body_deadline)
+    except BaseException:
+        if budget is not None:
+            budget.give(parsed.length)
+        raise
+
+
+# --------------------------------------------------------------------------
+# One request and its reply over a connected socket (plain or TLS).
+
+def request(sock, command: str, argument: str = "", body: bytes = b"", *,
+            secret: bytes | None = None, key_id: str | None = None,
+            timeout: float = DEFAULT_CONNECT_TIMEOUT, reply_timeout: float | None = None,
+            max_message: int = DEFAULT_MAX_MESSAGE,
+            window: float = DEFAULT_AUTH_WINDOW) -> Message:
+    """Send a request and return the verified reply.  ProtocolError for a
+    malformed or unauthentic reply, OSError for network trouble."""
+    payload = encode_message(command, argument, body)
+    nonce = os.urandom(12).hex()
+    frame = encode_frame(payload, secret, nonce=nonce, key_id=key_id)
+    sock.settimeout(timeout + len(frame) / MIN_BODY_RATE)
+    sock.sendall(frame)
+    header, reply = read_frame(sock, max_message,
+                               reply_timeout if reply_timeout is not None else
+                               max(timeout, DEFAULT_READ_TIMEOUT))
+    try:
+        verify_frame(header, reply, secret, reply_to=nonce, window=window)
+    except ProtocolError as exc:
+        # A connection-limit refusal is sent before the request is read, so
+        # it cannot be bound to it; quote what the peer said so the operator
+        # sees why.  It is only shown, never acted on.
+        said = ascii_line(reply[:120].decode("ascii", "replace"), 120)
+        raise ProtocolError(f"{exc}; unauthenticated reply {said!r}") from None
+    return decode_message(reply)
+
+
+# --------------------------------------------------------------------------
+# Credentials: what ``--secret-file`` or ``CI_SECRET`` holds.
+
+def read_secret_file(path: str, what: str = "secret file", shortest: int = 1) -> bytes:
+    """A secret or token file's content, surrounding white space stripped;
+    ValueError naming ``what`` if it cannot be read or is too short."""
+    try:
+        with open(path, "rb") as handle:
+            secret = handle.read().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if not secret:
+        raise ValueError(f"{what} {path} is empty")
+    if len(secret) < shortest:
+        raise ValueError(f"{what} {path} must hold at least {shortest} characters")
+    return secret
+
+
+def read_credentials(path: str | None) -> tuple[bytes | None, str | None]:
+    """(secret, key id): an issued key file (``ci-key-v1 role:name hex``,
+    see auth.py) or a plain shared secret; (None, None) without either.
+    ValueError with the reason for an unreadable or malformed one."""
+    if path:
+        secret = read_secret_file(path)
+    else:
+        secret = os.environ.get("CI_SECRET", "").strip().encode()
+        if not secret:
+            return None, None
+    if secret.startswith(b"ci-key-v1 "):
+        from ci import auth  # (hashing comes with it: for an issued key only)
+        try:
+            key_id, key = auth.parse_key_file(secret)
+        except ValueError as exc:
+            raise ValueError(f"{path or 'CI_SECRET'}: {exc}") from None
+        return key, key_id
+    return secret, None

@@ -1,0 +1,142 @@
+"""Shared by the dashboard's HTTP and browser tests: result files written
+the way the dispatcher writes them, the real dashboard process on a free
+port, and a stand-in dispatcher that answers ``state`` and ``log``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from support.cluster import PY, ROOT, Daemon, ThreadedServer, free_port, wait_for_port
+
+import helpers
+from helpers import Message
+
+
+def commit_id(n: int) -> str:
+    """A made-up but realistic-looking full commit id."""
+    return hashlib.sha1(str(n).encode()).hexdigest()
+
+
+def write_result(folder, commit: str, verdict: str, output: bytes = b"ok\n", *,
+                 branch: str | None = "main", previous: str | None = None,
+                 subject: str = "", author: str = "Ann Author <ann@example.invalid>",
+                 failures: int | None = None, mtime: float | None = None, **extra) -> str:
+    """A result file as the dispatcher writes it (header, blank line,
+    output), atomically; ``mtime`` sets its finish time."""
+    fields = {"commit": commit, "verdict": verdict, "tests": "3",
+              "failures": str(failures if failures is not None else
+                              (1 if verdict == "failed" else 0)),
+              "errors": "0", "skipped": "0", "runner": "127.0.0.1:8901",
+              "started": "2026-11-23T10:00:00Z", "duration": "0.42", "exit_code":
+              "0" if verdict == "passed" else "1"}
+    if branch is not None:
+        fields["branch"] = branch
+    if previous:
+        fields["previous"] = previous
+    fields["subject"] = subject or f"commit {commit[:6]}"
+    fields["author"] = author
+    fields["committed"] = "2026-11-23T09:59:00Z"
+    fields.update(extra)
+    path = os.path.join(str(folder), commit)
+    helpers.atomic_write(path, helpers.encode_fields(fields) + b"\n" + output, fsync=False)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def red_green_history(folder, base: float | None = None) -> list[str]:
+    """main: pass, FAIL (broke), fail, pass (fixed), pass; in that order."""
+    base = base or time.time() - 600
+    verdicts = ["passed", "failed", "failed", "passed", "passed"]
+    commits = [commit_id(0x1000 + i) for i in range(len(verdicts))]
+    for i, (commit, verdict) in enumerate(zip(commits, verdicts)):
+        output = (b"F.\n======================================================================\n"
+                  b"FAIL: test_mean (tests.test_calc.TestCalc.test_mean)\n"
+                  b"----------------------------------------------------------------------\n"
+                  b"AssertionError: 2 != 3\n\nRan 2 tests in 0.001s\n\nFAILED (failures=1)\n"
+                  if verdict == "failed" else b"..\nRan 2 tests in 0.001s\n\nOK\n")
+        write_result(folder, commit, verdict, output, previous=commits[i - 1] if i else None,
+                     subject=f"Step {i}: {verdict}", mtime=base + 10 * i)
+    return commits
+
+
+class Dashboard:
+    """The real dashboard.py process on a free loopback port."""
+
+    def __init__(self, tmp_path, results, dispatcher: str, *extra, name="dashboard"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("CI_SECRET", None)
+        self.daemon = Daemon(name, [PY, os.path.join(ROOT, "dashboard.py"), "--host", "127.0.0.1",
+                                    "--port", str(self.port), "--results-dir", str(results),
+                                    "--dispatcher-server", dispatcher, "--scan-interval", "0.2",
+                                    "--log-level", "DEBUG", *extra],
+                             str(tmp_path / f"{name}-{self.port}.log"), str(tmp_path), env)
+        wait_for_port(self.port, self.daemon)
+
+    def get(self, path: str, headers: dict | None = None, method: str = "GET"):
+        """(status, headers, body bytes), also for error statuses."""
+        request = urllib.request.Request(self.url + path, headers=headers or {}, method=method)
+        opener = urllib.request.build_opener(NoRedirect)
+        try:
+            with opener.open(request, timeout=10) as reply:
+                return reply.status, reply.headers, reply.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers, exc.read()
+
+    def json(self, path: str, headers: dict | None = None):
+        status, _, body = self.get(path, headers)
+        assert status == 200, (status, body[:300])
+        return json.loads(body)
+
+    def close(self) -> None:
+        self.daemon.close()
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+class StandInDispatcher(ThreadedServer):
+    """Answers ``state`` and ``log:`` with what the test sets; counts calls."""
+
+    def __init__(self):
+        self.state_reply: dict | None = {"queue": [], "running": [], "runners": [],
+                                         "counts": {"queued": "0"}}
+        self.logs: dict[str, bytes] = {}
+        self.calls: list[str] = []
+        super().__init__({"state": self.state, "log": self.log})
+
+    def state(self, message, peer):
+        with self.lock:
+            self.calls.append("state")
+            return Message("ok", "", json.dumps(self.state_reply).encode())
+
+    def log(self, message, peer):
+        with self.lock:
+            self.calls.append("log:" + message.argument)
+            tail = self.logs.get(message.argument)
+        if tail is None:
+            return Message("ok", "idle")
+        return Message("ok", "running", tail)
+
+    def count(self, what: str) -> int:
+        with self.lock:
+            return sum(1 for c in self.calls if c.startswith(what))
+
+
+def dead_address() -> str:
+    """A loopback address where nothing listens."""
+    return f"127.0.0.1:{free_port()}"
+
+

@@ -1,0 +1,456 @@
+"""Per-test records as pure functions and small real runs: the JUnit
+writer and the untrusted-input parser, the ``results`` body that carries
+them, the unittest recorder and the pytest capture (real subprocesses,
+no daemons), and the recorder never shadowing a project's own modules."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import dispatcher
+import helpers
+from ci.runner import junit_capture
+from ci import results
+from support.junit_projects import PYTEST_TESTS, SHADOW_TEST, SHADOWS, TRICKY_UNITTESTS
+import test_runner
+from support.cluster import PY
+from ci.results import TestRecord
+
+ALL_KINDS = [
+    TestRecord("pkg.test_a.TestA", "test_ok", "passed", 0.5),
+    TestRecord("pkg.test_a.TestA", "test_bad", "failed", 0.25, "AssertionError: 1 != 2",
+               "Traceback (most recent call last):\n  ...\nAssertionError: 1 != 2\n"),
+    TestRecord("pkg.test_a.TestA", "test_boom", "error", 0.001, "RuntimeError: boom",
+               "Traceback\nRuntimeError: boom\n"),
+    TestRecord("pkg.test_a.TestA", "test_later", "skipped", 0.0, "not today"),
+    TestRecord("pkg.test_a.TestA", "test_known", "xfail", 0.002, "AssertionError: known",
+               "Traceback\nAssertionError: known\n"),
+    TestRecord("pkg.test_a.TestA", "test_lucky", "xpass", 0.003, "unexpected success"),
+    TestRecord("pkg.test_a.TestA", "test_parts", "failed", 0.01, "AssertionError: 2",
+               "tb", kind="subtest", subtest="(i=2)"),
+    TestRecord("pkg.test_a.TestA", "test_parts", "error", 0.01, "KeyError: 3",
+               "tb", kind="subtest", subtest="(i=3)"),
+    TestRecord("", "setUpClass (pkg.test_a.TestB)", "error", 0.0, "RuntimeError: setup",
+               "tb", kind="fixture"),
+]
+
+
+def suite_counts(xml: bytes) -> dict[str, int]:
+    root = ET.fromstring(xml)
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    return {k: int(suite.get(k)) for k in ("tests", "failures", "errors", "skipped")}
+
+
+# --------------------------------------------------------------------------
+# Writer and parser.
+
+def test_round_trip_keeps_every_outcome_and_kind():
+    xml = results.format_junit(ALL_KINDS)
+    assert results.parse_junit(xml) == ALL_KINDS
+    # As unittest counts them: the subtests' test once, the fixture not at
+    # all, an unexpected success as a failure, an expected failure as none.
+    assert results.count_records(ALL_KINDS) == {"tests": 7, "failures": 3, "errors": 3,
+                                                "skipped": 1}
+
+
+def test_xml_is_what_jenkins_and_gitlab_read_and_its_counts_are_the_text_headers():
+    xml = results.format_junit(ALL_KINDS, name="abc")
+    root = ET.fromstring(xml)
+    assert root.tag == "testsuites"
+    suite = root.find("testsuite")
+    assert float(suite.get("time")) == pytest.approx(0.776)
+    cases = suite.findall("testcase")
+    assert len(cases) == len(ALL_KINDS)
+    by_name = {c.get("name"): c for c in cases}
+    assert by_name["test_ok"].get("classname") == "pkg.test_a.TestA"
+    assert float(by_name["test_ok"].get("time")) == 0.5 and len(by_name["test_ok"]) == 0
+    failure = by_name["test_bad"].find("failure")
+    assert failure.get("message") == "AssertionError: 1 != 2"
+    assert "Traceback" in failure.text
+    assert by_name["test_boom"].find("error") is not None
+    assert by_name["test_later"].find("skipped").get("message") == "not today"
+    assert by_name["test_parts (i=2)"].find("failure") is not None
+    # The text header holds exactly the XML's counts.
+    fields = dict(results.count_records(ALL_KINDS), verdict="failed")
+    header, _ = results.parse_result(results.format_result(fields, b"out"))
+    assert {k: int(header[k]) for k in ("tests", "failures", "errors", "skipped")} \
+        == suite_counts(xml) == {k: int(root.get(k)) for k in suite_counts(xml)}
+
+
+def test_pytest_xfail_and_namespaced_documents_are_read():
+    xml = (b'<?xml version="1.0" encoding="utf-8"?><testsuites xmlns="urn:x"><testsuite>'
+           b'<testcase classname="t.m" name="test_x" time="1.5">'
+           b'<skipped type="pytest.xfail" message="known bug"/></testcase>'
+           b'<testcase classname="t.m" name="test_y" time="nan"><system-out>hi</system-out>'
+           b'</testcase></testsuite></testsuites>')
+    records = results.parse_junit(xml)
+    assert [(r.name, r.outcome, r.message, r.duration) for r in records] == [
+        ("test_x", "xfail", "known bug", 1.5), ("test_y", "passed", "", 0.0)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.builds(
+    TestRecord, classname=st.text(max_size=40), name=st.text(max_size=40),
+    outcome=st.sampled_from(results.OUTCOMES),
+    duration=st.floats(min_value=0, max_value=1e6, allow_nan=False),
+    message=st.text(max_size=60), traceback=st.text(max_size=200),
+    kind=st.sampled_from(results.KINDS), subtest=st.text(min_size=1, max_size=10)),
+    max_size=8))
+def test_round_trip_of_hostile_text(records):
+    xml = results.format_junit(records)
+    parsed = results.parse_junit(xml)
+    cleaned = [results.clean_record(r) for r in records]
+    assert [r.outcome for r in parsed] == [r.outcome for r in cleaned]
+    assert results.count_records(parsed) == results.count_records(cleaned) \
+        == suite_counts(xml)
+    for got in parsed:
+        for value in (got.classname, got.name, got.message, got.subtest):
+            assert value.isprintable() and len(value) <= results.MESSAGE_LIMIT
+
+
+def test_names_and_messages_are_flattened_and_capped():
+    long = "x" * 5000
+    xml = (f'<testsuite><testcase classname="a&#10;b" name="{long}">'
+           f'<failure message="verdict: passed&#10;tests: 0&#13;{long}">{long * 3}</failure>'
+           f'</testcase></testsuite>').encode()
+    [record] = results.parse_junit(xml)
+    assert record.classname == "a b"
+    assert len(record.name) == results.NAME_LIMIT
+    assert "\n" not in record.message and len(record.message) == results.MESSAGE_LIMIT
+    assert len(record.traceback) < results.TRACEBACK_LIMIT + 100
+    assert record.traceback.startswith("[... ") and record.traceback.endswith("x")
+
+
+BILLION_LAUGHS = b"""<?xml version="1.0"?>
+<!DOCTYPE lolz [
+ <!ENTITY lol "lol">
+ <!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+ <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
+ <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
+ <!ENTITY lol5 "&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;">
+ <!ENTITY lol6 "&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;">
+ <!ENTITY lol7 "&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;">
+ <!ENTITY lol8 "&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;">
+ <!ENTITY lol9 "&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;">
+]>
+<testsuite><testcase classname="a" name="&lol9;"><failure message="&lol9;"/></testcase></testsuite>
+"""
+
+
+def test_billion_laughs_is_refused_at_once():
+    started = time.monotonic()
+    with pytest.raises(results.JunitError, match="DOCTYPE"):
+        results.parse_junit(BILLION_LAUGHS)
+    assert time.monotonic() - started < 0.5
+
+
+def test_external_entities_are_refused_and_read_nothing(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-VALUE")
+    documents = [
+        f'<?xml version="1.0"?><!DOCTYPE t [<!ENTITY x SYSTEM "file://{secret}">]>'
+        f'<testsuite><testcase classname="a" name="&x;"/></testsuite>',
+        # A parameter entity, and one hidden behind an encoding a byte search misses.
+        f'<!DOCTYPE t [<!ENTITY % p SYSTEM "file://{secret}"> %p;]><testsuite/>',
+    ]
+    for document in documents:
+        with pytest.raises(results.JunitError):
+            results.parse_junit(document.encode())
+    hidden = ('<?xml version="1.0" encoding="utf-16"?><!DOCTYPE t [<!ENTITY x SYSTEM '
+              f'"file://{secret}">]><testsuite><testcase name="&x;"/></testsuite>')
+    for encoded in (hidden.encode("utf-16"), hidden.encode("utf-16-le")):
+        with pytest.raises(results.JunitError):
+            results.parse_junit(encoded)
+    # Via the dispatcher's path: the note says so, nothing of the file appears.
+    added = results.junit_fields({}, documents[0].encode())
+    assert added == {"junit": "unreadable"}
+    assert "TOP-SECRET" not in repr(added)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode),
+                 st.sampled_from([b"", b"<", b"<testsuite>", b"<a><testcase name='x'>",
+                                  b"<?xml version='1.0' encoding='latin-1'?><a/>",
+                                  b"\xef\xbb\xbf<testsuite/>", b"<!-- c --><testsuite/>"])))
+def test_garbage_raises_only_junit_error(data):
+    try:
+        records = results.parse_junit(data)
+    except results.JunitError:
+        return
+    assert all(isinstance(r, TestRecord) and r.outcome in results.OUTCOMES for r in records)
+
+
+def test_huge_documents_and_too_many_records_are_refused():
+    with pytest.raises(results.JunitError, match="exceeds"):
+        results.parse_junit(b"<testsuite>" + b" " * results.MAX_JUNIT_BYTES + b"</testsuite>")
+    many = b"<testsuite>" + b'<testcase name="t"/>' * 11 + b"</testsuite>"
+    assert len(results.parse_junit(many, max_records=11)) == 11
+    with pytest.raises(results.JunitError, match="more than 10 test cases"):
+        results.parse_junit(many, max_records=10)
+    elements = b"<a>" + b"<b/>" * (results.MAX_ELEMENTS + 1) + b"</a>"
+    with pytest.raises(results.JunitError, match="elements"):
+        results.parse_junit(elements)
+
+
+def test_merge_of_shards_adds_counts():
+    shards = [ALL_KINDS[:4], ALL_KINDS[4:8], ALL_KINDS[8:]]
+    merged = results.merge_records(shards)
+    assert merged == ALL_KINDS
+    totals = [results.count_records(s) for s in shards]
+    assert results.count_records(merged) == {k: sum(t[k] for t in totals) for k in totals[0]}
+
+
+def test_write_junit_writes_beside_the_result_and_removes_a_stale_file(tmp_path):
+    commit = "a" * 40
+    results.write_junit(str(tmp_path), commit, ALL_KINDS[:2])
+    path = tmp_path / f"{commit}.xml"
+    assert suite_counts(path.read_bytes())["tests"] == 2
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
+    results.write_junit(str(tmp_path), commit, None)  # a retest without records
+    assert not path.exists()
+    with pytest.raises(ValueError):
+        results.write_junit(str(tmp_path), "../" + "a" * 37, [])
+
+
+# --------------------------------------------------------------------------
+# The ``results`` body and the dispatcher's check of it.
+
+COMMIT = "b" * 40
+TOKEN = "c" * 32
+
+
+def results_message(fields: dict, output: bytes) -> helpers.Message:
+    return helpers.Message("results", f"{COMMIT} {TOKEN}", results.encode_results_body(fields,
+                                                                                output))
+
+
+def test_old_style_body_is_still_valid():
+    body = results.format_result({"verdict": "passed", "tests": 2}, b"Ran 2 tests\n\nOK\n")
+    fields, junit, output = results.split_results_body(body)
+    assert fields["verdict"] == "passed" and junit == b"" and output == b"Ran 2 tests\n\nOK\n"
+    commit, _, stored, output = dispatcher.parse_results_message(
+        helpers.Message("results", f"{COMMIT} {TOKEN}", body))
+    assert "records" not in stored and "junit" not in stored and stored["tests"] == 2
+
+
+def test_body_carries_the_xml_between_the_blank_line_and_the_output():
+    xml = results.format_junit(ALL_KINDS)
+    output = b"junit_bytes: 5\n\nlooks like a header but is output\n"
+    fields = {"verdict": "failed", "tests": 7, "failures": 3, "errors": 3, "skipped": 1,
+              results.JUNIT_XML_KEY: xml}
+    body = results.encode_results_body(fields, output)
+    assert body.startswith(b"verdict: failed\n")
+    assert f"\njunit_bytes: {len(xml)}\n\n".encode() + xml + output in body
+    raw, junit, got = results.split_results_body(body)
+    assert junit == xml and got == output and "junit_bytes" not in raw
+    _, _, stored, got = dispatcher.parse_results_message(results_message(fields, output))
+    assert stored["records"] == ALL_KINDS and got == output
+
+
+@pytest.mark.parametrize("size", ["x", "-1", "99999", "1" * 11, ""])
+def test_bad_junit_bytes_is_refused(size):
+    body = f"verdict: passed\njunit_bytes: {size}\n\nshort".encode()
+    with pytest.raises(helpers.ProtocolError):
+        results.split_results_body(body)
+    with pytest.raises(helpers.Reply):
+        dispatcher.parse_results_message(helpers.Message("results", f"{COMMIT} {TOKEN}", body))
+
+
+def test_dispatcher_takes_counts_from_the_records_not_a_forged_header():
+    fields = {"verdict": "passed", "tests": 100, "failures": 0, "errors": 0, "skipped": 0,
+              results.JUNIT_XML_KEY: results.format_junit(ALL_KINDS)}
+    _, _, stored, _ = dispatcher.parse_results_message(results_message(fields, b"x"))
+    assert {k: stored[k] for k in ("tests", "failures", "errors", "skipped")} == \
+        results.count_records(ALL_KINDS)
+
+
+def test_unreadable_xml_keeps_the_summary_counts_with_a_note():
+    fields = {"verdict": "failed", "tests": 4, "failures": 1,
+              results.JUNIT_XML_KEY: b"<testsuite><testcase"}
+    _, _, stored, output = dispatcher.parse_results_message(results_message(fields, b"out"))
+    assert stored["tests"] == 4 and stored["failures"] == 1
+    assert stored["junit"] == "unreadable" and "records" not in stored and output == b"out"
+    header, _ = results.parse_result(results.format_result(stored, output))
+    assert header["junit"] == "unreadable" and "records" not in header
+
+
+# --------------------------------------------------------------------------
+# The runner side, with real processes.
+
+
+# Modules named like ours, in the tested project: they must be the ones the
+# project's tests import.
+
+
+def make_project(root, files: dict[str, str]) -> str:
+    for name, text in files.items():
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as handle:
+            handle.write(text)
+    return str(root)
+
+
+def run_captured(repo: str, command: list[str], pattern=None, budget=1 << 22):
+    with junit_capture.Capture(repo, command, pattern) as capture:
+        # Our own pytest plugins (hypothesis) would only slow a project's run.
+        env = dict(test_runner.child_env(), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+        proc = subprocess.run(capture.command, cwd=repo, capture_output=True, timeout=60,
+                              env=env)
+        collected = capture.collect(False, budget)
+        tmp = capture.tmp
+    assert tmp is None or not os.path.exists(tmp)
+    return proc, collected
+
+
+def summary_counts(output: bytes) -> dict[str, int]:
+    counts = test_runner.parse_counts(output)
+    assert counts.found, output
+    return {"tests": counts.tests, "failures": counts.failures, "errors": counts.errors,
+            "skipped": counts.skipped}
+
+
+def without_timing(text: bytes) -> bytes:
+    return re.sub(rb"Ran (\d+) tests? in [\d.]+s", rb"Ran \1 tests", text)
+
+
+@pytest.mark.parametrize("package", [False, True])
+def test_recorder_counts_output_and_exit_equal_plain_unittest(tmp_path, package):
+    files = {"tests/test_mix.py": TRICKY_UNITTESTS, "tests/test_shadow.py": SHADOW_TEST,
+             "tests/test_broken.py": "import no_such_module_here\n",
+             **{f"{n}.py": t for n, t in SHADOWS.items()}}
+    if package:
+        files["tests/__init__.py"] = ""
+    repo = make_project(tmp_path / "project", files)
+    command = test_runner.default_test_command(repo)
+    by_hand = subprocess.run(command, cwd=repo, capture_output=True, timeout=60)
+    proc, collected = run_captured(repo, command)
+    assert proc.returncode == by_hand.returncode == 1
+    assert without_timing(proc.stdout + proc.stderr) == \
+        without_timing(by_hand.stdout + by_hand.stderr)
+    assert collected.note == "" and collected.counts == summary_counts(by_hand.stderr)
+    assert collected.counts == {"tests": 10, "failures": 5, "errors": 4, "skipped": 1}
+    records = results.parse_junit(collected.xml)
+    outcomes = {r.id.rpartition(".")[2]: r.outcome for r in records}
+    assert outcomes["test_project_modules_come_first"] == "passed"  # no shadowing
+    assert outcomes["test_ok"] == "passed" and outcomes["test_fail"] == "failed"
+    assert outcomes["test_xfail"] == "xfail" and outcomes["test_xpass"] == "xpass"
+    assert outcomes["test_subtests (i=3)"] == "failed"
+    assert outcomes["test_broken"] == "error"  # the module that cannot be imported
+    failure = next(r for r in records if r.name == "test_fail")
+    assert failure.message.startswith("AssertionError: 'left' != 'right'")
+    assert "Traceback" in failure.traceback and failure.duration >= 0
+    assert suite_counts(collected.xml) == collected.counts
+
+
+def test_recorder_folder_holds_nothing_importable_but_itself():
+    folder = os.path.dirname(junit_capture.RECORDER)
+    assert sorted(n for n in os.listdir(folder) if n != "__pycache__") == \
+        ["unittest_recorder.py"]
+
+
+def test_pytest_command_gets_junitxml_and_counts_equal_its_summary(tmp_path):
+    repo = make_project(tmp_path / "project", {"tests/test_p.py": PYTEST_TESTS,
+                                               "helpers.py": SHADOWS["helpers"]})
+    command = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"]
+    proc, collected = run_captured(repo, command)
+    assert proc.returncode == 1
+    assert collected.note == "" and collected.counts == summary_counts(proc.stdout)
+    assert collected.counts == {"tests": 9, "failures": 2, "errors": 1, "skipped": 1}
+    outcomes = {r.name: r.outcome for r in results.parse_junit(collected.xml)}
+    assert outcomes == {"test_a": "passed", "test_wrong": "failed", "test_later": "skipped",
+                        "test_known": "xfail", "test_lucky": "passed",
+                        "test_uses_broken": "error", "test_param[1]": "passed",
+                        "test_param[2]": "failed", "test_param[3]": "passed"}
+
+
+def test_custom_command_files_missing_unreadable_and_escaping(tmp_path):
+    repo = make_project(tmp_path / "project", {"reports/.keep": ""})
+    secret = tmp_path / "outside.xml"
+    secret.write_bytes(results.format_junit(ALL_KINDS))
+    write = [PY, "-c", "import sys; open(sys.argv[1], 'wb').write(sys.argv[2].encode())"]
+    # Two files: merged, in name order.
+    for name, records in (("reports/a.xml", ALL_KINDS[:3]), ("reports/b.xml", ALL_KINDS[3:])):
+        with open(os.path.join(repo, name), "wb") as handle:
+            handle.write(results.format_junit(records))
+    _, collected = run_captured(repo, [PY, "-c", "pass"], "reports/*.xml")
+    assert results.parse_junit(collected.xml) == ALL_KINDS
+    _, collected = run_captured(repo, [*write, "reports/a.xml", "<not xml"], "reports/*.xml")
+    assert collected == junit_capture.Collected(note="unreadable")
+    _, collected = run_captured(repo, [PY, "-c", "pass"], "nothing/*.xml")
+    assert collected == junit_capture.Collected(note="missing")
+    os.symlink(secret, os.path.join(repo, "reports", "c.xml"))
+    _, collected = run_captured(repo, [PY, "-c", "pass"], "reports/c.xml")
+    assert collected.note == "unreadable"
+    os.mkfifo(os.path.join(repo, "reports", "d.xml"))
+    _, collected = run_captured(repo, [PY, "-c", "pass"], "reports/d.xml")
+    assert collected.note == "unreadable"
+    # Too big for the message: tracebacks are shortened first, then it is dropped.
+    many = [TestRecord("c", f"t{i}", "failed", 0, "m", "x" * 3000) for i in range(50)]
+    with open(os.path.join(repo, "reports", "a.xml"), "wb") as handle:
+        handle.write(results.format_junit(many))
+    _, collected = run_captured(repo, [PY, "-c", "pass"], "reports/a.xml", budget=30_000)
+    assert 0 < len(collected.xml) <= 30_000 and collected.counts["failures"] == 50
+    _, collected = run_captured(repo, [PY, "-c", "pass"], "reports/a.xml", budget=1000)
+    assert collected == junit_capture.Collected(note="too large")
+    for bad in ("/etc/*.xml", "../x.xml", "a/../../x.xml", ""):
+        with pytest.raises(ValueError):
+            junit_capture.check_pattern(bad)
+
+
+def test_timed_out_run_and_plain_commands_collect_nothing(tmp_path):
+    with junit_capture.Capture(str(tmp_path), [PY, "-m", "unittest"]) as capture:
+        assert capture.collect(True, 1 << 20) == junit_capture.Collected()
+    with junit_capture.Capture(str(tmp_path), ["make", "test"]) as capture:
+        assert capture.command == ["make", "test"]
+        assert capture.collect(False, 1 << 20) == junit_capture.Collected()
+    with junit_capture.Capture(str(tmp_path), ["pytest", "--junitxml=mine.xml"]) as capture:
+        assert capture.command == ["pytest", "--junitxml=mine.xml"]
+
+
+def test_counts_from_records_decide_a_custom_commands_verdict():
+    verdict, counts, _ = test_runner.classify(
+        1, False, b"no summary here\n", {"tests": 3, "failures": 1, "errors": 0,
+                                         "skipped": 0})
+    assert verdict == "failed" and counts.tests == 3 and counts.failures == 1
+    assert test_runner.classify(1, False, b"no summary here\n")[0] == "error"
+
+
+def test_recorder_script_alone_explains_its_usage():
+    proc = subprocess.run([sys.executable, junit_capture.RECORDER], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2 and "Usage" in proc.stderr
+
+
+@given(st.lists(st.tuples(st.text(max_size=40), st.text(max_size=40), st.text(max_size=80),
+                          st.sampled_from(["passed", "failed", "error", "skipped", "xfail",
+                                           "xpass"])), max_size=8))
+@settings(max_examples=60, deadline=None)
+def test_recorder_xml_written_by_hand_parses_back(tmp_path_factory, cases):
+    """The recorder writes its XML without ElementTree (its import is slow):
+    whatever the names and messages, the file parses, with the same tests
+    and outcomes (text flattened as the parser flattens it)."""
+    sys.path.insert(0, os.path.dirname(junit_capture.RECORDER))
+    try:
+        import unittest_recorder
+    finally:
+        sys.path.pop(0)
+    records = [{"classname": c, "name": n, "subtest": "", "duration": 0.5, "outcome": o,
+                "kind": "", "message": m, "traceback": m + "\n  line"}
+               for c, n, m, o in cases]
+    path = str(tmp_path_factory.mktemp("rec") / "r.xml")
+    unittest_recorder.write_junit(path, records)
+    with open(path, "rb") as handle:
+        data = handle.read()
+    parsed = results.parse_junit(data)
+    assert [r.outcome for r in parsed] == [o for _, _, _, o in cases]
+    assert [c.get("name") for c in ET.fromstring(data).iter("testcase")] == \
+        [unittest_recorder._clean(n) for _, n, _, _ in cases]

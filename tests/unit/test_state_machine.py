@@ -1,0 +1,345 @@
+"""The dispatcher's state machine in-process, no sockets: the interleavings
+a review found (a late result racing the assignment loop, a stale result
+freeing the current holder, a failed journal write stranding a commit),
+adoption after a restart, and how pings drop runners.  A result write is
+gated, so each interleaving happens exactly as described, every time."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from support.cluster import wait_until
+
+import test_runner
+from ci.dispatch.state import IDLE, OCCUPIED, RUNNING, DispatcherState
+from helpers import Reply
+from ci.dispatch.journal import Journal
+
+X, Y, Z = "1" * 40, "2" * 40, "3" * 40
+A, B = ("127.0.0.1", 9001), ("127.0.0.1", 9002)
+KA, KB = "127.0.0.1:9001", "127.0.0.1:9002"
+
+
+class GatedState(DispatcherState):
+    """Result writes wait for ``gate`` once ``hold`` is set."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hold = False
+        self.gate = threading.Event()
+        self.writing_started = threading.Event()
+
+    def write_result(self, commit, fields, output):
+        if self.hold:
+            self.writing_started.set()
+            assert self.gate.wait(10)
+        super().write_result(commit, fields, output)
+
+
+@pytest.fixture
+def make_state(tmp_path):
+    def make(journal_cls=Journal, grace=0.0):
+        results = tmp_path / "results"
+        results.mkdir(exist_ok=True)
+        state = GatedState(str(results), journal_cls(str(tmp_path / "journal")), 3)
+        state.recover(grace)
+        return state
+    return make
+
+
+def assign(state):
+    """Run the assignment loop's claim once, in this thread."""
+    job = state.next_assignment()
+    assert job is not None
+    return job
+
+
+def result(state, job, verdict="passed", name=None):
+    return state.record_result(job.commit, job.token, name, {"verdict": verdict}, b"out\n")
+
+
+def test_late_result_of_a_requeued_commit_is_not_handed_out_again(make_state):
+    state = make_state()
+    state.register(A, "ia", None)
+    state.enqueue([X])
+    job = assign(state)
+    state.expire_jobs(-1)  # the deadline passed: X is requeued, A occupied
+    assert list(state.queue) == [X] and state.runners[KA].state == OCCUPIED
+    state.hold = True
+    writer = threading.Thread(target=result, args=(state, job))
+    writer.start()
+    assert state.writing_started.wait(5)
+    # While the late result is written without the lock, X is claimed:
+    # not queued, so the assignment loop cannot send it to anyone again.
+    assert X not in state.queue and X in state.writing
+    state.enqueue([Y])
+    second = assign(state)
+    assert second.commit == Y and second.runner == KA  # A was freed by its result
+    state.gate.set()
+    writer.join(5)
+    assert X in state.done
+    # Finishing X did not mark A free while it runs Y.
+    assert state.runners[KA].state == RUNNING and state.runners[KA].job is second
+
+
+def test_stale_result_does_not_free_the_current_holder(make_state):
+    state = make_state()
+    state.register(A, "ia", None)
+    state.enqueue([X])
+    first = assign(state)
+    state.expire_jobs(-1)
+    state.register(B, "ib", None)
+    second = assign(state)
+    assert (second.commit, second.runner) == (X, KB) and second.token != first.token
+    assert result(state, first) is True  # a real earlier assignment, and first
+    # B is still running X: busy, though not with our work; not offered more.
+    assert state.runners[KB].state == OCCUPIED
+    state.enqueue([Y])
+    third = assign(state)
+    assert third.runner == KA
+    assert result(state, second) is False  # B's own result: a duplicate
+    assert state.runners[KB].state == IDLE
+
+
+def test_a_failed_lost_record_does_not_strand_the_commit(make_state):
+    class NoLostRecords(Journal):
+        def append(self, records, sync):
+            if any(r.startswith("L ") for r in records):
+                raise OSError("disk full")
+            super().append(records, sync)
+    state = make_state(NoLostRecords)
+    state.register(A, "ia", None)
+    state.enqueue([X])
+    assign(state)
+    for _ in range(3):
+        state.ping_result(KA, "timeout", "", None, 3)
+    assert KA not in state.runners
+    assert list(state.queue) == [X]  # queued again, not lost from memory
+
+
+def test_a_failed_assignment_record_undoes_the_claim(make_state):
+    class NoAssignments(Journal):
+        fail = True
+
+        def append(self, records, sync):
+            if self.fail and any(r.startswith("A ") for r in records):
+                NoAssignments.fail = False
+                raise OSError("disk full")
+            super().append(records, sync)
+    state = make_state(NoAssignments)
+    state.register(A, "ia", None)
+    state.enqueue([X])
+    job = assign(state)  # the first claim is undone, the second succeeds
+    assert job.commit == X and len(state.assignments[X]) == 1
+
+
+def test_forged_results_are_refused_and_change_nothing(make_state):
+    state = make_state()
+    state.register(A, "ia", None, name="r1")
+    state.register(B, "ib", None, name="r2")
+    state.enqueue([X, Y])
+    jx, jy = assign(state), assign(state)
+    with pytest.raises(Reply, match="no such assignment"):
+        state.record_result(X, "f" * 32, None, {"verdict": "passed"}, b"")
+    with pytest.raises(Reply, match="no such assignment"):
+        state.record_result(X, jy.token, None, {"verdict": "passed"}, b"")
+    with pytest.raises(Reply, match="another runner"):
+        state.record_result(X, jx.token, jy.name, {"verdict": "passed"}, b"")
+    with pytest.raises(Reply):
+        state.progress(X, jy.token, None, b"x")
+    with pytest.raises(Reply):
+        state.release(X, jy.token, None)
+    assert not state.done and state.jobs[X] is jx
+    assert result(state, jx, name=jx.name) is True
+
+
+def test_retest_is_a_new_round(make_state):
+    state = make_state()
+    state.register(A, "ia", None)
+    state.enqueue([X])
+    old = assign(state)
+    assert result(state, old)
+    assert state.retest([X]) == [X]
+    new = assign(state)
+    assert new.token != old.token
+    assert result(state, old) is False  # the old round: a duplicate, not the verdict
+    assert X not in state.done
+    assert result(state, new, "failed") is True
+
+
+def test_restart_holds_running_commits_for_their_runner(make_state, tmp_path):
+    state = make_state()
+    state.register(A, "ia", None)
+    state.register(B, "ib", None)
+    state.enqueue([X, Y, Z])
+    jx, jy = assign(state), assign(state)
+    state.journal.close()
+    # A restart: X and Y were running, Z queued.
+    restarted = make_state(grace=60)
+    assert list(restarted.queue) == [Z] and set(restarted.held) == {X, Y}
+    # A is still running X and proves it: adopted, not run twice.
+    restarted.register(jx.address, "ia", X, jx.token)
+    assert restarted.jobs[X].token == jx.token and X not in restarted.held
+    # B comes back idle: Y need not wait out the grace period.
+    restarted.register(jy.address, "ib2", None)
+    assert list(restarted.queue)[0] == Y and not restarted.held
+    # A claim with a wrong token adopts nothing.
+    restarted.register(("127.0.0.1", 9003), "ic", Z, "0" * 32)
+    assert Z in restarted.queue
+
+
+def test_a_runtest_whose_reply_was_lost_is_adopted_not_run_twice(make_state):
+    """The runner took the job but its ``ok`` never arrived: the commit was
+    requeued.  Its next heartbeat (or ping) says it is running it, with the
+    token: it keeps it, and nobody else is given it."""
+    state = make_state()
+    state.register(A, "ia", None)
+    state.enqueue([X])
+    job = assign(state)
+    state.assignment_failed(job, "error")
+    assert list(state.queue) == [X] and state.runners[KA].state == "suspect"
+    state.ping_result(KA, "ok", "ia", X, 3, job.token)
+    assert not state.queue and state.jobs[X].token == job.token
+    assert state.runners[KA].state == RUNNING
+    assert result(state, job) is True
+
+
+def test_held_commits_are_released_at_the_deadline(make_state):
+    state = make_state()
+    state.register(A, "ia", None)
+    state.enqueue([X])
+    assign(state)
+    state.journal.close()
+    restarted = make_state(grace=60)
+    assert X in restarted.held and not restarted.queue
+    restarted.release_held(now=float("inf"))
+    assert list(restarted.queue) == [X]
+
+
+def test_refused_ping_drops_at_once_and_timeouts_need_the_misses(make_state):
+    state = make_state()
+    state.register(A, "ia", None)
+    state.register(B, "ib", None)
+    state.enqueue([X, Y])
+    jobs = {assign(state).runner: None for _ in range(2)}
+    assert set(jobs) == {KA, KB}
+    state.ping_result(KA, "refused", "", None, 3)
+    assert KA not in state.runners and state.queue[0] in (X, Y)
+    state.ping_result(KB, "timeout", "", None, 3)
+    state.ping_result(KB, "timeout", "", None, 3)
+    assert KB in state.runners
+    state.ping_result(KB, "timeout", "", None, 3)
+    assert KB not in state.runners and sorted(state.queue) == [X, Y]
+
+
+def test_a_commit_that_loses_its_runners_gets_error(make_state):
+    state = make_state()
+    for attempt in range(3):
+        state.register(A, f"i{attempt}", None)
+        if attempt == 0:
+            state.enqueue([X])
+        assign(state)
+        state.ping_result(KA, "refused", "", None, 3)
+    with open(os.path.join(state.results_dir, X), "rb") as handle:
+        assert b"verdict: error" in handle.read()
+
+
+def test_live_output_keeps_a_bounded_tail(make_state):
+    state = make_state()
+    state.register(A, "ia", None)
+    state.enqueue([X])
+    job = assign(state)
+    for _ in range(100):
+        state.progress(X, job.token, None, b"x" * 4096)
+    state.progress(X, job.token, None, b"THE END")
+    tail = state.log_tail(X)
+    assert len(tail) <= 64 * 1024 and tail.endswith(b"THE END")
+    assert state.log_tail(Y) is None
+
+
+# --------------------------------------------------------------------------
+# The runner's own state: one job at a time, handed back on stop.
+
+def test_runner_state_takes_one_job_and_hands_it_back_on_stop():
+    runner = test_runner.RunnerState()
+    first = test_runner.Assignment(X, "a" * 32)
+    assert runner.offer(first)
+    assert not runner.offer(test_runner.Assignment(Y, "b" * 32))  # busy
+    got = []
+    worker = threading.Thread(target=lambda: got.append(runner.take()))
+    worker.start()
+    worker.join(5)
+    assert got == [first] and runner.current_job() is first
+    assert runner.stop() is first  # what a stopping runner releases
+    assert not runner.offer(test_runner.Assignment(Y, "b" * 32))
+    assert runner.take() is None
+    wait_until(lambda: not worker.is_alive(), 5)
+
+
+def test_a_ping_of_the_previous_process_does_not_drop_its_successor(make_state):
+    """A runner restarted on the same port registers while a sweep's ping
+    of the dead process is still out: the refused ping is the old
+    process's news, not the new one's (it used to drop the new runner
+    and count its commit's run as lost twice)."""
+    state = make_state()
+    state.register(A, "old", None)
+    state.enqueue([X])
+    assign(state)
+    state.register(A, "new", None)  # the old process's run is lost: counted once
+    job = assign(state)
+    assert job.runner == KA and state.lost[X] == 1
+    state.ping_result(KA, "refused", "", None, 3, pinged="old")
+    assert KA in state.runners and state.jobs[X] is job and state.lost[X] == 1
+    state.ping_result(KA, "refused", "", None, 3, pinged="new")
+    assert KA not in state.runners and state.lost[X] == 2
+
+
+def test_compaction_waits_for_a_dispatch_being_fsynced(make_state, monkeypatch):
+    """A dispatch's records are fsynced outside the lock; a compaction
+    that ran meanwhile rewrote the journal without them, so an answered
+    ``dispatch`` was lost at the next crash."""
+    from ci.dispatch import state as dispatch_state
+    fsyncing, go = threading.Event(), threading.Event()
+
+    class SlowSync(Journal):
+        def append(self, records, sync):
+            super().append(records, sync)
+            if sync and any(r == f"Q {Y}" for r in records):
+                fsyncing.set()  # on disk, not yet in the queue
+                assert go.wait(10)
+    state = make_state(SlowSync)
+    monkeypatch.setattr(dispatch_state, "COMPACT_AFTER", 0)
+    state.register(A, "ia", None)
+    state.enqueue([X])
+    job = assign(state)
+    dispatching = threading.Thread(target=state.enqueue, args=([Y],))
+    dispatching.start()
+    assert fsyncing.wait(5)
+    assert result(state, job) is True  # finishing X would compact the journal here
+    go.set()
+    dispatching.join(5)
+    state.journal.close()
+    replayed = Journal(state.journal.path).replay()
+    assert Y in replayed.order and Y not in replayed.done
+
+
+def test_a_runner_whose_own_limits_are_longer_keeps_its_job_past_the_default(make_state):
+    # A first environment build plus the tests may outlast the default job
+    # deadline: the runner says how long its limits allow, and with the
+    # default deadline (not an explicit --job-timeout) it gets that long.
+    state = make_state()
+    state.register(A, "ia", None, limit=3600)
+    state.register(B, "ib", None)  # says nothing: the deadline as given
+    state.enqueue([X, Y])
+    on_a, on_b = assign(state), assign(state)
+    assert (on_a.runner, on_b.runner) == (KA, KB)
+    state.expire_jobs(-1)
+    assert state.runners[KA].job is on_a and list(state.queue) == [Y]
+    # With an explicit --job-timeout the dispatcher registers no limit:
+    # that deadline is exact.
+    state.register(A, "ia", None, limit=None)
+    state.expire_jobs(-1)
+    assert state.runners[KA].job is None and sorted(state.queue) == sorted([X, Y])
