@@ -502,7 +502,6 @@ class Preparer:
         result.python = self.cache.python_of(key)
         return result
 
-
     def _reusable(self, plan: recipe.Recipe, repo: str,
                   scope: Scope) -> tuple[str, Scope, bool]:
         """(key, its scope, True) of a finished environment ``scope`` may
