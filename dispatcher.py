@@ -32,10 +32,10 @@ import time
 from ci import auth
 import helpers
 from ci import jobspec
-import notifications
 from ci import results
 from ci import sharding
 from ci.dispatch.state import DispatcherState, Job, Runner
+from ci.notify import flags as notify_flags
 from helpers import Message, Reply
 from ci.dispatch.journal import BRANCH_RE, Journal, parse_meta_line, TOKEN_RE
 
@@ -495,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "branch's commits reuse those and their own branch's, never a "
                              "third branch's (default: "
                              f"{' and '.join(jobspec.DEFAULT_TRUSTED_BRANCHES)})")
-    notifications.add_arguments(parser)
+    notify_flags.add_arguments(parser)
     helpers.add_common_arguments(parser)
     return parser
 
@@ -620,7 +620,7 @@ def main(argv=None) -> int:
             security.tls_client_roles = frozenset({"runner", "observer", "operator",
                                                    "viewer"})
             security.tls_server_role = "runner"
-        notifier = notifications.from_args(args, state_dir, results_dir)
+        notifier = notify_flags.from_args(args, state_dir, results_dir)
         state = DispatcherState(results_dir, Journal(os.path.join(state_dir, "journal")),
                                 args.max_attempts)
         state.max_shards = args.max_shards
