@@ -31,13 +31,14 @@ import time
 
 from ci import auth
 import helpers
+from ci import jobspec
 from ci import results
 from ci import sharding
 from ci import state_schema
 from ci.dispatch.state import DispatcherState, Job, Runner
 from ci.notify import flags as notify_flags
 from helpers import Message, Reply
-from ci.dispatch.journal import Journal, parse_meta_line, TOKEN_RE
+from ci.dispatch.journal import BRANCH_RE, Journal, parse_meta_line, TOKEN_RE
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ RESULT_INT_FIELDS = ("tests", "failures", "errors", "skipped", "exit_code")
 # ASCII digits only: str.isdigit() also accepts '²' and '--1', which int() rejects.
 RESULT_INT_RE = re.compile(r"-?[0-9]{1,12}")
 SETUP_STATES = ("built", "reused", "none", "failed")
+# Whose environment it was (see environments.Scope).
+SETUP_SCOPES = ("trusted", "branch", "commit")
 RESULT_DURATION_RE = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")
 
 
@@ -139,6 +142,8 @@ def parse_results_message(message: Message) -> tuple[str, str, dict, bytes]:
     # How the runner readied the commit's environment.
     if raw.get("setup") in SETUP_STATES:
         fields["setup"] = raw["setup"]
+    if raw.get("setup_scope") in SETUP_SCOPES:
+        fields["setup_scope"] = raw["setup_scope"]
     if RESULT_DURATION_RE.fullmatch(raw.get("setup_duration", "")):
         fields["setup_duration"] = raw["setup_duration"]
     if sharding.SHARDS_FIELD_RE.fullmatch(raw.get("shards", "")):
@@ -442,6 +447,17 @@ def refused(exc: BaseException) -> bool:
 
 # --------------------------------------------------------------------------
 
+def trusted_patterns(given: list[str] | None) -> tuple[str, ...]:
+    """The ``--trusted-branch`` patterns, or the default; ConfigError for
+    one that no branch name could match (empty, spaces, control
+    characters)."""
+    for pattern in given or ():
+        if not BRANCH_RE.fullmatch(pattern):
+            raise helpers.ConfigError(f"--trusted-branch {pattern!r}: not a branch name or "
+                                      "pattern (no spaces or control characters)")
+    return tuple(dict.fromkeys(given)) if given else jobspec.DEFAULT_TRUSTED_BRANCHES
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = helpers.ArgumentParser(
         description="CI dispatcher: queues commits and hands them to test runners.")
@@ -491,6 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "(the next in line for work) to fetch at once, so the new "
                              "commit's checkout need not wait for a fetch (default: "
                              "%(default)s; 0: off)")
+    parser.add_argument("--trusted-branch", action="append", metavar="PATTERN",
+                        help="a branch (fnmatch pattern; repeat for several) whose commits "
+                             "build the environments every branch may reuse; another "
+                             "branch's commits reuse those and their own branch's, never a "
+                             "third branch's (default: "
+                             f"{' and '.join(jobspec.DEFAULT_TRUSTED_BRANCHES)})")
     notify_flags.add_arguments(parser)
     helpers.add_common_arguments(parser)
     return parser
@@ -599,6 +621,7 @@ def main(argv=None) -> int:
             raise helpers.ConfigError("--min-shard-seconds must be 0 or more")
         if not 0 <= args.prefetch_runners <= 1000:
             raise helpers.ConfigError("--prefetch-runners must be 0-1000")
+        trusted = trusted_patterns(args.trusted_branch)
         security = helpers.security_from_args(args)
         helpers.check_bind_allowed(args.host, security, args.insecure)
         results_dir = helpers.ensure_dir(os.path.abspath(args.results_dir), "results folder")
@@ -620,6 +643,7 @@ def main(argv=None) -> int:
                                 args.max_attempts)
         state.max_shards = args.max_shards
         state.min_shard_seconds = args.min_shard_seconds
+        state.trusted_branches = trusted
         state.recover(args.restart_grace)
         if notifier:
             state.listeners.append(notifier.result_written)
@@ -637,10 +661,11 @@ def main(argv=None) -> int:
         print(f"dispatcher: error: {exc}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
-    log.info("dispatcher listening on %s, results in %s; secret %s, TLS %s",
-             helpers.format_address((host, port)), results_dir,
+    log.info("dispatcher listening on %s, results in %s; secret %s, TLS %s; trusted "
+             "branches %s", helpers.format_address((host, port)), results_dir,
              "on (master; issued keys accepted)" if security.secret else "off",
-             "on (certificate roles checked)" if security.server_tls else "off")
+             "on (certificate roles checked)" if security.server_tls else "off",
+             ", ".join(state.trusted_branches))
     if notifier:
         notifier.start(state.is_pending)
     dispatcher.start()

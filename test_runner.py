@@ -28,6 +28,7 @@ import time
 
 from ci.runner import environments
 import helpers
+from ci import jobspec
 from ci.runner import junit_capture
 from ci.runner import private_git
 from ci import procgroup
@@ -402,7 +403,8 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
             junit_pattern: str | None = None,
             preparer: environments.Preparer | None = None,
             shard: sharding.ShardSpec | None = None,
-            private: private_git.PrivateRepository | None = None) -> tuple[dict, bytes]:
+            private: private_git.PrivateRepository | None = None,
+            scope: environments.Scope | None = None) -> tuple[dict, bytes]:
     """Check out ``commit`` and run its tests; return (fields, output).
 
     ``private`` (with --test-user): the runner's own repository, in which
@@ -411,9 +413,10 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
 
     ``preparer`` (the runner's recipe and environments) decides the test
     command, its environment and time limit; without one, ``test_command``
-    and ``timeout`` are used as given.  Per-test records, when there are
-    any, come as ``results.JUNIT_XML_KEY`` in the fields, and the counts
-    are theirs."""
+    and ``timeout`` are used as given.  ``scope``: which environments the
+    commit may reuse and build (default: the commit's own, never a
+    trusted one).  Per-test records, when there are any, come as
+    ``results.JUNIT_XML_KEY`` in the fields, and the counts are theirs."""
     started = time.time()
     fields = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
               "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "exit_code": -1}
@@ -441,7 +444,8 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
     preparer = preparer or environments.Preparer(
         recipe.Limits(test=test_command, timeout=timeout), read_recipe=False)
     with tempfile.TemporaryFile() as out:
-        prepared = preparer.prepare(repo, slot, env, out)
+        prepared = preparer.prepare(repo, slot, env, out,
+                                    scope or environments.job_scope(None, False, commit))
         # The setup's log comes first but must leave room for the tests'.
         setup_log = read_bounded(out, max_output if prepared.failed else max_output // 4)
     fields.update(prepared.fields)
@@ -509,6 +513,25 @@ class Assignment:
     commit: str
     job_id: str
     shard: sharding.ShardSpec | None = None
+    branch: str | None = None   # as the dispatcher said; None: not said
+    trusted: bool = False       # the branch is trusted (never without one)
+
+    @property
+    def scope(self) -> environments.Scope:
+        return environments.job_scope(self.branch, self.trusted, self.commit)
+
+
+def parse_runtest(message: Message) -> Assignment:
+    """The job a ``runtest`` hands us; Reply with the reason if malformed."""
+    parts = message.argument.split(" ")
+    if len(parts) != 2 or not helpers.valid_commit(parts[0]) \
+            or not helpers.TOKEN_RE.fullmatch(parts[1]):
+        raise helpers.Reply("usage: runtest:<commit> <token>")
+    try:
+        spec = jobspec.parse(message.body)
+    except ValueError as exc:
+        raise helpers.Reply(str(exc)) from None
+    return Assignment(parts[0], parts[1], spec.shard, spec.branch, spec.trusted)
 
 
 # What RunnerState.take hands the worker when it should fetch, not test.
@@ -669,17 +692,11 @@ class TestRunner:
              "job": job.job_id if job else ""}))
 
     def do_runtest(self, message: Message, peer: str) -> Message:
-        parts = message.argument.split(" ")
-        if len(parts) != 2 or not helpers.valid_commit(parts[0]) \
-                or not helpers.TOKEN_RE.fullmatch(parts[1]):
-            raise helpers.Reply("usage: runtest:<commit> <token>")
-        try:
-            shard = sharding.parse_request(message.body)
-        except ValueError as exc:
-            raise helpers.Reply(str(exc)) from None
-        if self.state.offer(Assignment(parts[0], parts[1], shard)):
-            log.info("accepted %s%s", parts[0][:12],
-                     f" (shard {shard.index}/{shard.total})" if shard else "")
+        job = parse_runtest(message)
+        if self.state.offer(job):
+            shard = job.shard
+            log.info("accepted %s%s, environment scope %s", job.commit[:12],
+                     f" (shard {shard.index}/{shard.total})" if shard else "", job.scope.name)
             return Message("ok")
         return Message("busy", self.state.busy_with() or "stopping")
 
@@ -701,7 +718,7 @@ class TestRunner:
                 fields, output = execute(self.repo, job.commit, self.test_command,
                                          self.args.timeout, self.args.checkout_timeout,
                                          self.slot, self.max_output, self.args.junit_xml,
-                                         self.preparer, job.shard, self.private)
+                                         self.preparer, job.shard, self.private, job.scope)
             except Exception as exc:
                 log.exception("running %s failed", job.commit[:12])
                 fields = {"verdict": "error", "reason": f"runner failure: {exc}"}

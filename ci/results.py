@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 RESULT_FIELDS = ("commit", "verdict", "tests", "failures", "errors", "skipped",
                  "runner", "started", "duration", "exit_code", "reason",
                  "branch", "previous", "subject", "author", "committed",
-                 "setup", "setup_duration",
+                 "setup", "setup_scope", "setup_duration",
                  "junit", "shards")
 
 

@@ -50,24 +50,20 @@ class ShardSpec:
 
 
 # --------------------------------------------------------------------------
-# The ``runtest`` body: ``shard: i/n``, a blank line, ``<seconds> <key>`` lines.
-
-def encode_request(index: int, total: int, table: bytes) -> bytes:
-    return f"shard: {index}/{total}\n\n".encode() + table
-
+# A shard's part of the ``runtest`` body (see jobspec.py): its ``shard: i/n``
+# field, and after the fields the durations table, ``<seconds> <key>`` lines.
 
 def encode_table(durations: dict[str, float]) -> bytes:
     return "".join(f"{seconds:.3f} {key}\n" for key, seconds in durations.items()).encode()
 
 
-def parse_request(body: bytes) -> ShardSpec | None:
-    """None for an empty body (a whole commit); ValueError if malformed."""
-    if not body:
-        return None
-    head, _, table = body.partition(b"\n\n")
-    match = re.fullmatch(rb"shard: ([0-9]{1,3})/([0-9]{1,3})\n?", head)
+def parse_shard(value: str, table: bytes) -> ShardSpec:
+    """A ``shard`` field's ``i/n`` and the durations table after it;
+    ValueError if the shard is malformed (bad table lines are skipped:
+    they only weigh the split)."""
+    match = re.fullmatch(r"([0-9]{1,3})/([0-9]{1,3})", value)
     if not match:
-        raise ValueError("runtest body must start with 'shard: <i>/<n>'")
+        raise ValueError(f"shard must be '<i>/<n>', not {value[:40]!r}")
     index, total = int(match.group(1)), int(match.group(2))
     if not 1 <= index <= total:
         raise ValueError(f"shard {index}/{total} does not exist")
@@ -75,11 +71,11 @@ def parse_request(body: bytes) -> ShardSpec | None:
     for line in table.decode("utf-8", "replace").splitlines()[:MAX_DURATIONS]:
         seconds, _, key = line.partition(" ")
         try:
-            value = float(seconds)
+            known = float(seconds)
         except ValueError:
             continue
-        if key and 0 <= value < 1e7 and key.isprintable():
-            durations[key[:MAX_KEY]] = value
+        if key and 0 <= known < 1e7 and key.isprintable():
+            durations[key[:MAX_KEY]] = known
     return ShardSpec(index, total, durations)
 
 
@@ -366,7 +362,7 @@ def merge(total: int, parts: dict[int, tuple[dict, bytes]]) -> tuple[dict, bytes
                    if parts[i][0].get("verdict") == fields["verdict"]]
     fields["exit_code"] = next((c for c in worst_codes if c not in (None, 0, "0")),
                                0 if fields["verdict"] == "passed" else -1)
-    for name in ("subject", "author", "committed", "setup", "setup_duration"):
+    for name in ("subject", "author", "committed", "setup", "setup_scope", "setup_duration"):
         value = next((parts[i][0][name] for i in sorted(parts) if parts[i][0].get(name)), None)
         if value is not None:
             fields[name] = value

@@ -36,11 +36,13 @@ import threading
 import time
 
 import helpers
+from ci import jobspec
 from ci import results
 from ci import sharding
 from ci import state_schema
 from helpers import Reply
-from ci.dispatch.journal import Assignment, Journal, assign_record, meta_record, shard_record
+from ci.dispatch.journal import (BRANCH_RE, Assignment, Journal, assign_record, meta_record,
+                                 shard_record)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ class Job:
     name: str | None = None     # the runner's issued-key name
     shard: int = 0              # 1..shards for one shard of a sharded commit
     shards: int = 0             # 0: the whole commit
-    request: bytes = b""        # the ``runtest`` body (a shard's spec)
+    request: bytes = b""        # the ``runtest`` body: branch, trust, a shard's spec
 
 
 @dataclasses.dataclass
@@ -145,6 +147,8 @@ class DispatcherState:
         self.shard_sets: dict[str, ShardSet] = {}
         self.shard_queue: collections.deque[tuple[str, int]] = collections.deque()
         self.durations = sharding.Durations()
+        # --trusted-branch: whose environments every commit may reuse.
+        self.trusted_branches = jobspec.DEFAULT_TRUSTED_BRANCHES
         self.stopping = False
         self.completed = 0
         # Called with (commit, fields) after a result file is on disk,
@@ -361,7 +365,8 @@ class DispatcherState:
             self.queued.discard(commit)
         else:
             return
-        job = Job(commit, a.token, runner.key, runner.address, time.monotonic(), runner.name)
+        job = Job(commit, a.token, runner.key, runner.address, time.monotonic(), runner.name,
+                  request=self._request(commit))
         self.jobs[commit] = job
         runner.set(RUNNING, job)
         log.info("runner %s is still running %s; adopted", runner.key, commit[:12])
@@ -375,8 +380,7 @@ class DispatcherState:
             return
         self.shard_queue.remove((commit, index))
         job = Job(commit, a.token, runner.key, runner.address, time.monotonic(), runner.name,
-                  index, shard_set.total,
-                  sharding.encode_request(index, shard_set.total, shard_set.table))
+                  index, shard_set.total, self._request(commit, index, shard_set))
         shard_set.running[index] = job
         runner.set(RUNNING, job)
         log.info("runner %s is still running shard %d/%d of %s; adopted", runner.key, index,
@@ -429,7 +433,7 @@ class DispatcherState:
                     commit = self.queue.popleft()
                     self.queued.discard(commit)
                     job = Job(commit, new_token(), runner.key, runner.address,
-                              time.monotonic(), runner.name)
+                              time.monotonic(), runner.name, request=self._request(commit))
                     runner.set(RUNNING, job)
                     self.jobs[commit] = job
                     assignment = Assignment(job.token, runner.key, runner.name)
@@ -488,8 +492,7 @@ class DispatcherState:
             log.info("commit %s split into %d shards", commit[:12], total)
         shard_set = self.shard_sets[commit]
         job = Job(commit, new_token(), runner.key, runner.address, time.monotonic(),
-                  runner.name, index, shard_set.total,
-                  sharding.encode_request(index, shard_set.total, shard_set.table))
+                  runner.name, index, shard_set.total, self._request(commit, index, shard_set))
         runner.set(RUNNING, job)
         shard_set.running[index] = job
         shard_set.tokens[job.token] = index
@@ -501,6 +504,19 @@ class DispatcherState:
         if self.shard_queue:
             self.cond.notify_all()
         return job, records
+
+    def _request(self, commit: str, index: int = 0, shard_set: ShardSet | None = None) -> bytes:
+        """The ``runtest`` body of a job: the commit's branch and whether
+        it is trusted (decided now, by the current --trusted-branch, from
+        the branch journalled with the commit; so a retest, a shard run
+        again and a job recovered after a restart carry them too), and
+        for a shard its spec."""
+        branch = self.meta.get(commit, (None, None))[0]
+        if branch is not None and not BRANCH_RE.fullmatch(branch):
+            branch = None  # (read back from an old result file): no scope to share
+        return jobspec.encode(branch, jobspec.trusted_branch(branch, self.trusted_branches),
+                              (index, shard_set.total) if shard_set else None,
+                              shard_set.table if shard_set else b"")
 
     def _is_current(self, job: Job) -> bool:
         if job.shards:

@@ -9,6 +9,19 @@ calls (an editable install sees the new code without reinstalling); a
 changed key builds a new one, and the least recently used beyond
 ``--keep-envs`` are deleted.
 
+Environments are scoped, as CI caches are, because a setup runs the
+commit's own code (``python -m pip`` in the clone's root imports a
+``./pip`` package from the tree; a build backend or ``setup.py`` is the
+commit's): an environment holds whatever the commit that built it put
+there.  The scope is part of the key.  A trusted branch's commit (the
+dispatcher's ``--trusted-branch``) builds and reuses only in the trusted
+scope; another branch's commit reuses its own branch's environments or a
+trusted one, and builds only into its branch's scope; a job whose branch
+the runner was not told gets a scope of its own (its commit's).  So no
+commit ever runs with what another, untrusted branch built.  The trusted
+and the untrusted environments are pruned apart (``--keep-envs`` each),
+so no branch can evict the trusted ones either.
+
 An environment is used only once its build finished: a marker file is
 written atomically after the setup command succeeded, and a folder without
 it (a runner killed mid-setup) is deleted and built afresh.  The marker
@@ -47,6 +60,45 @@ FORMAT = 1
 MARKER = ".ci-env.json"
 LOCK = ".lock"
 KEY_LENGTH = 16
+# The pools environments are pruned in: a key starts with its pool's name.
+TRUSTED, UNTRUSTED = "trusted", "untrusted"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    """Which environments a job may reuse and where it builds: ``name``
+    goes into the key; ``label`` is what the result header says
+    (``setup_scope``: trusted, branch or commit)."""
+    name: str
+    label: str
+
+    @property
+    def trusted(self) -> bool:
+        return self.label == TRUSTED
+
+    @property
+    def reads(self) -> tuple["Scope", ...]:
+        """Its own scope first, then (untrusted) the trusted one."""
+        return (self,) if self.trusted else (self, TRUSTED_SCOPE)
+
+
+TRUSTED_SCOPE = Scope(TRUSTED, TRUSTED)
+
+
+def job_scope(branch: str | None, trusted: bool, commit: str) -> Scope:
+    """The scope of a job: the trusted one for a trusted branch's commit,
+    the branch's own for another branch's, the commit's own when no
+    branch was said (an older dispatcher, a commit dispatched without
+    metadata): never trusted then."""
+    if branch is None:
+        return Scope(f"commit:{commit}", "commit")
+    return TRUSTED_SCOPE if trusted else Scope(f"branch:{branch}", "branch")
+
+
+def pool_of(key: str) -> str:
+    """The pruning pool of an environment folder: an unscoped one (from
+    before scopes) ages out with the untrusted ones."""
+    return TRUSTED if key.startswith(TRUSTED + "-") else UNTRUSTED
 
 
 @dataclasses.dataclass
@@ -81,14 +133,27 @@ class EnvironmentCache:
         os.close(self._lock_fd)
 
     # ---- keys -----------------------------------------------------------
-    def key(self, setup: tuple[str, ...], repo: str, env_files: tuple[str, ...]) -> str:
-        digest = hashlib.sha256(json.dumps({
+    def keys(self, setup: tuple[str, ...], repo: str, env_files: tuple[str, ...],
+             scopes: tuple[Scope, ...]) -> list[str]:
+        """The key of the environment for ``setup`` in each scope (the
+        env files are hashed once): ``<pool>-<hash>``."""
+        contents = {
             "format": FORMAT, "setup": list(setup), "python": sys.version,
             "executable": os.path.realpath(self.python),
             "files": [[name, _file_digest(path, repo)]
                       for name, path in env_file_paths(repo, env_files)],
-        }, sort_keys=True).encode())
-        return digest.hexdigest()[:KEY_LENGTH]
+        }
+        found = []
+        for scope in scopes:
+            digest = hashlib.sha256(json.dumps(dict(contents, scope=scope.name),
+                                               sort_keys=True).encode())
+            pool = TRUSTED if scope.trusted else UNTRUSTED
+            found.append(f"{pool}-{digest.hexdigest()[:KEY_LENGTH]}")
+        return found
+
+    def key(self, setup: tuple[str, ...], repo: str, env_files: tuple[str, ...],
+            scope: Scope) -> str:
+        return self.keys(setup, repo, env_files, (scope,))[0]
 
     def path(self, key: str) -> str:
         return os.path.join(self.folder, key)
@@ -181,12 +246,18 @@ class EnvironmentCache:
         return sorted(found, reverse=True)
 
     def prune(self, keep_also: str | None = None) -> None:
-        """Delete the least recently used finished environments."""
-        ordered = [key for _, key in self.finished() if key != keep_also]
-        keep = self.keep - (1 if keep_also else 0)
-        for key in ordered[max(keep, 0):]:
-            log.info("removing environment %s (least recently used)", key)
-            self._remove(self.path(key))
+        """Delete the least recently used finished environments beyond
+        ``keep`` in each pool: the untrusted builds of every branch never
+        push a trusted environment out."""
+        pools: dict[str, list[str]] = {}
+        for _, key in self.finished():
+            if key != keep_also:
+                pools.setdefault(pool_of(key), []).append(key)
+        for pool, ordered in pools.items():
+            keep = self.keep - (1 if keep_also and pool_of(keep_also) == pool else 0)
+            for key in ordered[max(keep, 0):]:
+                log.info("removing environment %s (least recently used)", key)
+                self._remove(self.path(key))
 
     def remove_unfinished(self) -> None:
         """Folders without a marker: builds a killed runner left behind."""
@@ -388,10 +459,11 @@ class Preparer:
         self.cache = cache
         self.read_recipe = read_recipe
 
-    def prepare(self, repo: str, slot, base_env: dict, out) -> Prepared:
+    def prepare(self, repo: str, slot, base_env: dict, out, scope: Scope) -> Prepared:
         """The command, environment and time limit for the tests of the
         commit checked out in ``repo``, with the setup fields.  Recipe notes
-        and the setup's output are written to ``out``."""
+        and the setup's output are written to ``out``.  ``scope``: which
+        environments the commit may reuse, and where it builds."""
         started = time.monotonic()
         result = Prepared(None, sys.executable, base_env, self.limits.timeout,
                           {"setup": "none"})
@@ -408,13 +480,14 @@ class Preparer:
             return result
         if self.cache is None:
             return _failed(result, "setup failed: this runner has no environment folder", out)
-        key = self.cache.key(plan.setup, repo, plan.env_files)
-        if self.cache.lookup(key):
+        key, used, found = self._reusable(plan, repo, scope)
+        result.fields["setup_scope"] = used.label
+        if found:
             result.fields["setup"] = "reused"
         else:
-            log.info("building environment %s: %s", key, _shown(plan.setup))
-            out.write(f"[ci] setup: building environment {key}: {_shown(plan.setup)}\n"
-                      .encode())
+            log.info("building environment %s (%s): %s", key, scope.name, _shown(plan.setup))
+            out.write(f"[ci] setup: building environment {key} ({scope.label} scope): "
+                      f"{_shown(plan.setup)}\n".encode())
             out.flush()
             ok, why = self.cache.build(key, plan.setup, repo, base_env, slot,
                                        plan.setup_timeout, out)
@@ -428,6 +501,17 @@ class Preparer:
         result.env = self.cache.activate(key, base_env)
         result.python = self.cache.python_of(key)
         return result
+
+    def _reusable(self, plan: recipe.Recipe, repo: str,
+                  scope: Scope) -> tuple[str, Scope, bool]:
+        """(key, its scope, True) of a finished environment ``scope`` may
+        reuse (its own first); else (the key to build, ``scope``, False):
+        a build goes into the job's own scope only."""
+        keys = self.cache.keys(plan.setup, repo, plan.env_files, scope.reads)
+        for key, where in zip(keys, scope.reads):
+            if self.cache.lookup(key):
+                return key, where, True
+        return keys[0], scope, False
 
 
 def read_recipe_file(repo: str) -> str | None:

@@ -18,6 +18,11 @@ import test_runner
 from helpers import Message
 
 
+ENV_FILES = recipe.DEFAULT_ENV_FILES
+MAIN = environments.TRUSTED_SCOPE
+C1 = "1" * 40
+
+
 @pytest.fixture
 def project(tmp_path):
     repo = tmp_path / "repo"
@@ -30,31 +35,52 @@ def project(tmp_path):
 def test_the_key_follows_setup_python_and_env_files(tmp_path, project):
     cache = environments.EnvironmentCache(str(tmp_path / "envs"))
     setup = ("python", "-m", "pip", "install", "-r", "requirements-test.txt")
-    key = cache.key(setup, project, recipe.DEFAULT_ENV_FILES)
-    assert key == cache.key(setup, project, recipe.DEFAULT_ENV_FILES)
+    key = cache.key(setup, project, ENV_FILES, MAIN)
+    assert key == cache.key(setup, project, ENV_FILES, MAIN)
     # Code changes do not matter; the requirements and the command do.
     with open(os.path.join(project, "code.py"), "w") as handle:
         handle.write("X = 2\n")
-    assert cache.key(setup, project, recipe.DEFAULT_ENV_FILES) == key
-    assert cache.key(setup + ("-q",), project, recipe.DEFAULT_ENV_FILES) != key
+    assert cache.key(setup, project, ENV_FILES, MAIN) == key
+    assert cache.key(setup + ("-q",), project, ENV_FILES, MAIN) != key
     with open(os.path.join(project, "requirements-test.txt"), "a") as handle:
         handle.write("other\n")
-    changed = cache.key(setup, project, recipe.DEFAULT_ENV_FILES)
+    changed = cache.key(setup, project, ENV_FILES, MAIN)
     assert changed != key
     # Only the files the recipe names, when it names some.
-    assert cache.key(setup, project, ("code.py",)) != changed
+    assert cache.key(setup, project, ("code.py",), MAIN) != changed
     # A symlink out of the clone is not read.
     os.symlink("/etc/hostname", os.path.join(project, "requirements-evil.txt"))
-    assert cache.key(setup, project, recipe.DEFAULT_ENV_FILES) == changed
+    assert cache.key(setup, project, ENV_FILES, MAIN) == changed
     assert environments.env_file_paths(project, recipe.DEFAULT_ENV_FILES) == [
         ("requirements-test.txt", os.path.join(project, "requirements-test.txt"))]
     # A big lock file is keyed by all of its content, however long.
     with open(os.path.join(project, "requirements-test.txt"), "wb") as handle:
         handle.write(b"# pinned\n" * (2 << 20))
-    big = cache.key(setup, project, recipe.DEFAULT_ENV_FILES)
+    big = cache.key(setup, project, ENV_FILES, MAIN)
     with open(os.path.join(project, "requirements-test.txt"), "ab") as handle:
         handle.write(b"one-more==1.0\n")
-    assert cache.key(setup, project, recipe.DEFAULT_ENV_FILES) not in (big, changed)
+    assert cache.key(setup, project, ENV_FILES, MAIN) not in (big, changed)
+
+
+def test_a_jobs_scope_follows_its_branch_and_trust_and_is_in_the_key(tmp_path, project):
+    main = environments.job_scope("main", True, C1)
+    feature = environments.job_scope("feature/x", False, C1)
+    other = environments.job_scope("feature/y", False, C1)
+    unsaid = environments.job_scope(None, False, C1)
+    assert main is MAIN and main.reads == (MAIN,)
+    assert (feature.label, feature.trusted, feature.reads) == ("branch", False, (feature, MAIN))
+    assert (unsaid.label, unsaid.reads) == ("commit", (unsaid, MAIN))
+    # Trust without a branch is not trust: the commit's own scope.
+    assert environments.job_scope(None, True, C1) == unsaid
+    assert environments.job_scope(None, False, "2" * 40) != unsaid
+    cache = environments.EnvironmentCache(str(tmp_path / "envs"))
+    setup = ("python", "-m", "pip", "install", "-r", "requirements-test.txt")
+    keys = [cache.key(setup, project, ENV_FILES, s) for s in (main, feature, other, unsaid)]
+    assert len(set(keys)) == 4
+    assert keys[0].startswith("trusted-") and all(k.startswith("untrusted-") for k in keys[1:])
+    assert cache.keys(setup, project, ENV_FILES, feature.reads) == [keys[1], keys[0]]
+    assert cache.key(setup, project, ENV_FILES, environments.job_scope("feature/x", False,
+                                                                       "3" * 40)) == keys[1]
 
 
 def fake_env(folder, key, age, finished=True):
@@ -88,9 +114,53 @@ def test_least_recently_used_pruned_and_unfinished_never_used(tmp_path):
     environments.EnvironmentCache(folder).close()
 
 
-def prepare(preparer, repo):
+def test_trusted_and_untrusted_environments_are_pruned_apart(tmp_path):
+    folder = str(tmp_path / "envs")
+    os.makedirs(folder)
+    for key, age in (("trusted-a", 50), ("trusted-b", 10), ("untrusted-c", 40),
+                     ("untrusted-d", 30), ("untrusted-e", 5), ("0123456789abcdef", 1)):
+        fake_env(folder, key, age)
+    cache = environments.EnvironmentCache(folder, keep=1)
+    cache.prune(keep_also="untrusted-c")   # just built
+    # The untrusted builds (an unscoped one from before scopes among them)
+    # never push out the newest trusted environment.
+    assert sorted(k for _, k in cache.finished()) == ["trusted-b", "untrusted-c"]
+    cache.close()
+
+
+def test_a_branch_reuses_trusted_and_its_own_builds_and_builds_only_its_own(tmp_path,
+                                                                            project):
+    with open(os.path.join(project, recipe.RECIPE_FILE), "w") as handle:
+        handle.write("[ci]\nsetup = python -c pass\n")
+    preparer = environments.Preparer(recipe.Limits(), environments.EnvironmentCache(
+        str(tmp_path / "envs")))
+    feature = environments.job_scope("feature/x", False, C1)
+
+    def setup_of(scope):
+        prepared, _ = prepare(preparer, project, scope)
+        assert not prepared.failed
+        return prepared.fields["setup"], prepared.fields["setup_scope"], prepared.env
+
+    built = setup_of(feature)
+    assert built[:2] == ("built", "branch")
+    assert setup_of(feature)[:2] == ("reused", "branch")
+    # main never takes what a branch built; the branch then keeps its own.
+    main = setup_of(MAIN)
+    assert main[:2] == ("built", "trusted")
+    assert main[2]["VIRTUAL_ENV"] != built[2]["VIRTUAL_ENV"]
+    assert setup_of(feature)[2]["VIRTUAL_ENV"] == built[2]["VIRTUAL_ENV"]
+    # Another branch, and a job of no known branch, reuse main's.
+    for scope in (environments.job_scope("feature/y", False, C1),
+                  environments.job_scope(None, False, C1)):
+        reused = setup_of(scope)
+        assert reused[:2] == ("reused", "trusted")
+        assert reused[2]["VIRTUAL_ENV"] == main[2]["VIRTUAL_ENV"]
+
+
+def prepare(preparer, repo, scope=environments.TRUSTED_SCOPE):
     with tempfile.TemporaryFile() as out:
-        prepared = preparer.prepare(repo, test_runner.ProcessSlot(), test_runner.child_env(), out)
+        prepared = preparer.prepare(repo, test_runner.ProcessSlot(), test_runner.child_env(), out,
+                                    scope)
         out.seek(0)
         return prepared, out.read()
 

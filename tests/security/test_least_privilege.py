@@ -1072,12 +1072,15 @@ def test_environments_under_test_user_are_built_by_it_then_read_only(request):
     first = upstream.commit({"tests/test_env.py": ENV_TEST}, "uses its environment")
     second = upstream.commit({"tests/test_env2.py": ENV_TEST.replace("TestEnvironment",
                                                                       "TestAgain")}, "again")
-    for commit in (first, second):
-        reply = ask(cluster.dispatcher_port, "dispatch", commit)
+    # main builds; a feature branch reuses main's environment, read-only.
+    for commit, branch in ((first, "main"), (second, "feature/x")):
+        reply = ask(cluster.dispatcher_port, "dispatch", commit,
+                    f"{commit} - {branch}\n".encode())
         assert reply.command == "ok", reply
         fields = cluster.result(commit, 60)
         assert fields["verdict"] == "passed", fields["output"][-3000:].decode("utf-8", "replace")
-    assert [cluster.result(c)["setup"] for c in (first, second)] == ["built", "reused"]
+    assert [(cluster.result(c)["setup"], cluster.result(c)["setup_scope"])
+            for c in (first, second)] == [("built", "trusted"), ("reused", "trusted")]
     envs = base / "state" / "envs"
     built = [p for p in envs.iterdir() if p.is_dir()]
     assert len(built) == 1

@@ -11,6 +11,7 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from ci import jobspec
 from ci import results
 from ci import sharding
 from ci.dispatch.state import IDLE, OCCUPIED, RUNNING, DispatcherState
@@ -100,7 +101,7 @@ def test_durations_are_learned_per_classname_and_bounded():
     durations.learn([results.TestRecord("o.C", "t", duration=1.0),
                      results.TestRecord("p.D", "t", duration=1.0)])
     assert list(durations.table) == ["n.B", "o.C", "p.D"]
-    spec = sharding.parse_request(sharding.encode_request(2, 3, durations.encode()))
+    spec = jobspec.parse(jobspec.encode(shard=(2, 3), table=durations.encode())).shard
     assert spec == sharding.ShardSpec(2, 3, {"n.B": 0.5, "o.C": 1.0, "p.D": 1.0})
 
 
@@ -108,12 +109,12 @@ def test_durations_are_learned_per_classname_and_bounded():
                                   b"shard: 1/x\n\n", b"garbage"])
 def test_bad_runtest_bodies_are_refused(body):
     with pytest.raises(ValueError):
-        sharding.parse_request(body)
+        jobspec.parse(body)
 
 
 def test_empty_body_is_a_whole_commit_and_bad_table_lines_are_skipped():
-    assert sharding.parse_request(b"") is None
-    spec = sharding.parse_request(b"shard: 1/2\n\nnan? x\n-1 y\n1.5 ok.Key\n\x00\n")
+    assert jobspec.parse(b"").shard is None
+    spec = jobspec.parse(b"shard: 1/2\n\nnan? x\n-1 y\n1.5 ok.Key\n\x00\n").shard
     assert spec.durations == {"ok.Key": 1.5}
 
 
@@ -305,7 +306,7 @@ def test_one_commit_and_four_free_runners_is_split_in_four(make_state):
     jobs = take_all(state)
     assert sorted(j.shard for j in jobs) == [1, 2, 3, 4] and {j.shards for j in jobs} == {4}
     assert len({j.token for j in jobs}) == 4 and len({j.runner for j in jobs}) == 4
-    assert all(sharding.parse_request(j.request).index == j.shard for j in jobs)
+    assert all(jobspec.parse(j.request).shard.index == j.shard for j in jobs)
     for job in jobs[:3]:
         assert report(state, job) is True
         assert result_file(state, X) is None  # nothing before every shard is in

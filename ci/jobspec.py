@@ -1,0 +1,97 @@
+"""The ``runtest`` body: what a runner is told about one job beyond its
+commit and token.  Pure functions, shared by the dispatcher (which
+writes it) and the runner (which reads it).
+
+The body is ``key: value`` lines (``wire.encode_fields``), then, for a
+shard, a blank line and the durations table (see sharding.py)::
+
+    shard: 2/3            one shard of a sharded commit (absent: the whole commit)
+    branch: feature/x     the branch the commit was dispatched for
+    trusted: no           yes: the dispatcher counts that branch as trusted
+
+Why the branch travels with the job: a setup command runs the commit's
+own code, so an environment a branch's commit built may hold anything
+that branch's author put there.  The runner keeps environments apart by
+scope (environments.Scope): a trusted branch's are reused by any commit,
+another branch's only by that branch's commits.  Which branches are
+trusted is the dispatcher's decision (``--trusted-branch``), so that one
+setting covers every runner.
+
+Backward compatible with older dispatchers: an empty body (a whole
+commit) and ``shard: i/n`` followed by the table mean what they meant, and
+a job without a ``branch`` is never trusted (the runner gives it a scope
+of its own).  Unknown keys are refused, not skipped: a field a runner
+does not understand must not be silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+
+from ci import sharding, wire
+from ci.dispatch.journal import BRANCH_RE
+
+# The repository's default branch, by either of the usual names.
+DEFAULT_TRUSTED_BRANCHES = ("main", "master")
+KNOWN_KEYS = ("shard", "branch", "trusted")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    shard: sharding.ShardSpec | None = None   # None: the whole commit
+    branch: str | None = None                  # None: not said (an older dispatcher)
+    trusted: bool = False                      # never without a branch
+
+
+def trusted_branch(branch: str | None, patterns: tuple[str, ...]) -> bool:
+    """Whether ``branch`` matches one of the ``--trusted-branch`` patterns
+    (``fnmatch``, case-sensitive as git's branch names are)."""
+    return branch is not None and any(fnmatch.fnmatchcase(branch, p) for p in patterns)
+
+
+def encode(branch: str | None = None, trusted: bool = False,
+           shard: tuple[int, int] | None = None, table: bytes = b"") -> bytes:
+    """The body for a job: empty for a whole commit of no known branch (as
+    older dispatchers sent), else the fields and, for a shard, the table."""
+    fields = {}
+    if shard is not None:
+        fields["shard"] = f"{shard[0]}/{shard[1]}"
+    if branch is not None:
+        if not BRANCH_RE.fullmatch(branch):
+            raise ValueError(f"invalid branch name {branch[:80]!r}")
+        fields["branch"] = branch
+        fields["trusted"] = "yes" if trusted else "no"
+    elif trusted:
+        raise ValueError("a job without a branch cannot be trusted")
+    if not fields:
+        return b""
+    return wire.encode_fields(fields) + (b"\n" + table if shard is not None else b"")
+
+
+def parse(body: bytes) -> JobSpec:
+    """The job a ``runtest`` body describes; ValueError naming what is
+    malformed."""
+    if not body:
+        return JobSpec()
+    head, _, table = body.partition(b"\n\n")
+    try:
+        fields = wire.decode_fields(head, max_fields=len(KNOWN_KEYS))
+    except wire.ProtocolError as exc:
+        raise ValueError(f"runtest body: {exc}") from None
+    unknown = sorted(set(fields) - set(KNOWN_KEYS))
+    if unknown:
+        raise ValueError(f"runtest body: unknown field {unknown[0]!r} "
+                         f"(known: {', '.join(KNOWN_KEYS)})")
+    shard = sharding.parse_shard(fields["shard"], table) if "shard" in fields else None
+    if shard is None and table:
+        raise ValueError("runtest body: a durations table without a shard")
+    branch = fields.get("branch")
+    if branch is not None and not BRANCH_RE.fullmatch(branch):
+        raise ValueError(f"runtest body: invalid branch name {branch[:80]!r}")
+    trusted = fields.get("trusted", "no")
+    if trusted not in ("yes", "no"):
+        raise ValueError(f"runtest body: trusted must be yes or no, not {trusted[:20]!r}")
+    if branch is None and trusted == "yes":
+        raise ValueError("runtest body: trusted without a branch")
+    return JobSpec(shard, branch, trusted == "yes")

@@ -1,0 +1,161 @@
+"""The ``runtest`` body's branch and trust: the codec's round trip, the
+bodies older dispatchers send, malformed bodies refused; the runner's
+reading of a ``runtest``; and the dispatcher's state putting the branch
+and trust into every job it hands out: a whole commit, a shard, a retest,
+a job recovered from the journal after a restart."""
+
+from __future__ import annotations
+
+import pytest
+
+import dispatcher
+import test_runner
+from ci import jobspec, sharding
+from ci.dispatch.journal import Journal
+from ci.dispatch.state import DispatcherState
+from ci.runner import environments
+from helpers import ConfigError, Message, Reply
+
+X, Y, Z = "1" * 40, "2" * 40, "3" * 40
+TOKEN = "ab" * 16
+RUNNERS = [("127.0.0.1", 9001 + i) for i in range(3)]
+TABLE = b"1.500 tests.test_a\n0.250 tests.test_b\n"
+
+
+@pytest.mark.parametrize("branch, trusted, shard, table", [
+    (None, False, None, b""),
+    ("main", True, None, b""),
+    ("feature/x", False, None, b""),
+    ("feature/\u00e9t\u00e9", False, (2, 3), TABLE),
+    (None, False, (1, 2), TABLE),
+    ("release/1.0", True, (3, 3), b""),
+])
+def test_the_body_round_trips(branch, trusted, shard, table):
+    spec = jobspec.parse(jobspec.encode(branch, trusted, shard, table))
+    assert (spec.branch, spec.trusted) == (branch, trusted)
+    if shard is None:
+        assert spec.shard is None
+    else:
+        expected = sharding.parse_shard(f"{shard[0]}/{shard[1]}", table)
+        assert spec.shard == expected and (spec.shard.index, spec.shard.total) == shard
+
+
+def test_an_older_dispatchers_bodies_keep_their_meaning():
+    assert jobspec.encode() == b""   # a whole commit of no known branch: as before
+    assert jobspec.parse(b"") == jobspec.JobSpec(None, None, False)
+    old = jobspec.parse(b"shard: 2/3\n\n" + TABLE)
+    assert (old.shard.index, old.shard.total, old.branch, old.trusted) == (2, 3, None, False)
+    assert old.shard.durations == {"tests.test_a": 1.5, "tests.test_b": 0.25}
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"trusted: yes\n", "trusted without a branch"),
+    (b"branch: main\ntrusted: maybe\n", "trusted must be yes or no"),
+    (b"branch: two words\n", "invalid branch name"),
+    (b"branch: main\ntrusted: yes\nscope: any\n", "unknown field 'scope'"),
+    (b"branch: main\n\n1.0 tests.test_a\n", "durations table without a shard"),
+    (b"shard: 4/3\n\n", "does not exist"),
+    (b"branch main\n", "malformed field line"),
+])
+def test_malformed_bodies_are_refused_with_the_reason(body, reason):
+    with pytest.raises(ValueError, match=reason):
+        jobspec.parse(body)
+
+
+def test_encode_refuses_what_parse_would():
+    with pytest.raises(ValueError):
+        jobspec.encode(None, True)
+    with pytest.raises(ValueError):
+        jobspec.encode("a b", False)
+
+
+def test_trusted_branches_match_patterns():
+    patterns = ("main", "release/*")
+    assert jobspec.trusted_branch("main", patterns)
+    assert jobspec.trusted_branch("release/2.0", patterns)
+    assert not jobspec.trusted_branch("Main", patterns)
+    assert not jobspec.trusted_branch("feature/main", patterns)
+    assert not jobspec.trusted_branch(None, ("*",))
+    assert dispatcher.trusted_patterns(None) == ("main", "master")
+    assert dispatcher.trusted_patterns(["trunk", "trunk", "rel/*"]) == ("trunk", "rel/*")
+    with pytest.raises(ConfigError, match="not a branch name"):
+        dispatcher.trusted_patterns(["two words"])
+
+
+def test_the_runner_reads_branch_and_trust_and_never_trusts_without_a_branch():
+    job = test_runner.parse_runtest(Message("runtest", f"{X} {TOKEN}",
+                                            jobspec.encode("main", True, (1, 2), TABLE)))
+    assert (job.commit, job.job_id, job.branch, job.trusted) == (X, TOKEN, "main", True)
+    assert job.shard.index == 1 and job.scope is environments.TRUSTED_SCOPE
+    feature = test_runner.parse_runtest(Message("runtest", f"{X} {TOKEN}",
+                                                jobspec.encode("feature/x", False)))
+    assert (feature.scope.label, feature.scope.name) == ("branch", "branch:feature/x")
+    old = test_runner.parse_runtest(Message("runtest", f"{X} {TOKEN}", b""))
+    assert (old.branch, old.trusted, old.scope.label) == (None, False, "commit")
+    with pytest.raises(Reply, match="trusted without a branch"):
+        test_runner.parse_runtest(Message("runtest", f"{X} {TOKEN}", b"trusted: yes\n"))
+    with pytest.raises(Reply, match="usage"):
+        test_runner.parse_runtest(Message("runtest", X, b""))
+
+
+# ---- the dispatcher's jobs -------------------------------------------------
+
+@pytest.fixture
+def make_state(tmp_path):
+    def make(max_shards=1, runners=1, grace=0.0, trusted=("main",)):
+        folder = tmp_path / "results"
+        folder.mkdir(exist_ok=True)
+        state = DispatcherState(str(folder), Journal(str(tmp_path / "journal")), 3)
+        state.max_shards = max_shards
+        state.trusted_branches = trusted
+        state.recover(grace)
+        for address in RUNNERS[:runners]:
+            state.register(address, f"i{address[1]}", None)
+        return state
+    return make
+
+
+def sent(job):
+    spec = jobspec.parse(job.request)
+    return spec.branch, spec.trusted
+
+
+def test_whole_commits_carry_their_branch_and_trust(make_state):
+    state = make_state(runners=3)
+    state.enqueue([X, Y, Z], {X: ("main", None), Y: ("feature/x", X)})
+    jobs = {j.commit: j for j in (state.next_assignment() for _ in range(3))}
+    assert sent(jobs[X]) == ("main", True)
+    assert sent(jobs[Y]) == ("feature/x", False)
+    assert jobs[Z].request == b"" and sent(jobs[Z]) == (None, False)
+
+
+def test_shards_carry_them_too(make_state):
+    state = make_state(max_shards=2, runners=2)
+    state.enqueue([X], {X: ("feature/x", None)})
+    jobs = [state.next_assignment() for _ in range(2)]
+    assert {(j.shard, j.shards) for j in jobs} == {(1, 2), (2, 2)}
+    assert all(sent(j) == ("feature/x", False) for j in jobs)
+    assert all(jobspec.parse(j.request).shard.index == j.shard for j in jobs)
+
+
+def test_a_retest_carries_the_branch_of_the_first_run(make_state):
+    state = make_state()
+    state.enqueue([X], {X: ("main", None)})
+    job = state.next_assignment()
+    assert state.record_result(X, job.token, None, {"verdict": "passed"}, b"out\n")
+    state.meta.clear()   # only the result file remembers the branch now
+    assert state.retest([X]) == [X]
+    assert sent(state.next_assignment()) == ("main", True)
+
+
+def test_a_job_recovered_after_a_restart_carries_them(make_state):
+    state = make_state()
+    state.enqueue([X, Y], {X: ("feature/x", None), Y: ("main", None)})
+    first = state.next_assignment()
+    state.journal.close()
+    # A restart (the runner never comes back: both run again), with
+    # another --trusted-branch: trust is decided when the job is sent.
+    restarted = make_state(runners=2, trusted=("feature/*",))
+    jobs = {j.commit: j for j in (restarted.next_assignment() for _ in range(2))}
+    assert first.commit == X and sent(jobs[X]) == ("feature/x", True)
+    assert sent(jobs[Y]) == ("main", False)
