@@ -465,8 +465,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 class DashboardServer(helpers.ConnectionCap, http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer with a cap on connections and a reaper that cuts
-    off clients that have not sent their request head in time."""
+    """ThreadingHTTPServer with a cap on connections (in all, and per
+    client address: one address holding slow requests cannot shut out a
+    client with the token) and a reaper that cuts off clients that have
+    not sent their request head in time."""
 
     daemon_threads = True
     block_on_close = False
@@ -475,13 +477,14 @@ class DashboardServer(helpers.ConnectionCap, http.server.ThreadingHTTPServer):
 
     def __init__(self, address, app: Dashboard, token: bytes | None = None,
                  insecure: bool = False, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS):
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_per_client: int | None = None):
         self.app = app
         self.token = token
         self.insecure = insecure
         self.bind_host = address[0]
         self.request_timeout = request_timeout
-        self.init_cap(max_connections)
+        self.init_cap(max_connections, max_per_client)
         self._watch_lock = threading.Lock()
         self._deadlines: dict[socket.socket, float] = {}
         self._stop = threading.Event()
@@ -558,6 +561,8 @@ def build_parser() -> helpers.ArgumentParser:
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                         help="HTTP connections served at once; more get 503 "
                              "(default: %(default)s)")
+    helpers.add_per_client_argument(parser, "HTTP connections (slow, half-sent requests "
+                                    "included)")
     parser.add_argument("--scan-interval", type=float, default=dashboard_index.SCAN_INTERVAL,
                         metavar="SECONDS",
                         help="look for new result files at most this often "
@@ -582,6 +587,7 @@ def make_server(args) -> DashboardServer:
             raise helpers.ConfigError(f"--{name.replace('_', '-')} must be positive")
     if args.max_connections < 1:
         raise helpers.ConfigError("--max-connections must be at least 1")
+    helpers.check_per_client(args)
     if not 0 <= args.port < 65536:
         raise helpers.ConfigError("--port must be 0-65535")
     token = load_token(args.token_file)
@@ -604,7 +610,8 @@ def make_server(args) -> DashboardServer:
     app = Dashboard(index, LiveState(dispatcher, security))
     try:
         return DashboardServer((args.host, args.port), app, token, args.insecure,
-                               args.request_timeout, args.max_connections)
+                               args.request_timeout, args.max_connections,
+                               args.max_per_client)
     except OSError as exc:
         raise helpers.ConfigError(f"cannot listen on {args.host}:{args.port}: "
                                   f"{exc.strerror or exc}") from None

@@ -31,10 +31,10 @@ import time
 
 from ci import auth
 import helpers
-import notifications
 from ci import results
 from ci import sharding
 from ci.dispatch.state import DispatcherState, Job, Runner
+from ci.notify import flags as notify_flags
 from helpers import Message, Reply
 from ci.dispatch.journal import Journal, parse_meta_line, TOKEN_RE
 
@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(the next in line for work) to fetch at once, so the new "
                              "commit's checkout need not wait for a fetch (default: "
                              "%(default)s; 0: off)")
-    notifications.add_arguments(parser)
+    notify_flags.add_arguments(parser)
     helpers.add_common_arguments(parser)
     return parser
 
@@ -589,6 +589,7 @@ def main(argv=None) -> int:
         if security.key_id:
             raise helpers.ConfigError("the dispatcher's --secret-file must hold the master "
                                       "secret, not an issued key")
+        helpers.persist_nonces(security, state_dir, "dispatcher")
         if security.secret:
             security.keyring = auth.MasterKeyring(
                 security.secret, auth.Revocations(os.path.join(state_dir, REVOKED_FILE)))
@@ -596,7 +597,7 @@ def main(argv=None) -> int:
             security.tls_client_roles = frozenset({"runner", "observer", "operator",
                                                    "viewer"})
             security.tls_server_role = "runner"
-        notifier = notifications.from_args(args, state_dir, results_dir)
+        notifier = notify_flags.from_args(args, state_dir, results_dir)
         state = DispatcherState(results_dir, Journal(os.path.join(state_dir, "journal")),
                                 args.max_attempts)
         state.max_shards = args.max_shards

@@ -65,18 +65,41 @@ def is_loopback(host: str) -> bool:
 
 
 # --------------------------------------------------------------------------
+# A nonce file is rewritten with only its live entries once it holds this
+# many lines and at least twice as many as are live (~40 bytes a line).
+NONCE_COMPACT_LINES = 50_000
+
+
 class NonceCache:
     """Remembers nonces seen within the auth window so a captured message
-    cannot be replayed.  Bounded: entries older than the window are dropped."""
+    cannot be replayed.  Bounded: entries older than the window are dropped.
+
+    With ``persist(path)`` the nonces also outlive the process: each is
+    appended to the file before ``add`` returns (so before the command it
+    came with takes effect) and loaded at the next start, so a frame
+    captured before a restart is still refused after it."""
 
     def __init__(self, window: float = DEFAULT_AUTH_WINDOW, limit: int = 200_000):
         self.window = window
         self.limit = limit
         self._lock = threading.Lock()
         self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._fd: int | None = None
+        self._path: str | None = None
+        self._boot: str | None = None
+        self._lines = 0  # lines in the file
+        self._failed_logged = 0.0
+        # After a machine restart: frames sent before ``_started`` are
+        # refused until ``_guard_until`` (see persist).
+        self._started = self._guard_until = 0.0
 
-    def add(self, nonce: str, now: float) -> bool:
-        """Record ``nonce``; False if it was already seen."""
+    def add(self, nonce: str, now: float, sent: float | None = None) -> bool:
+        """Record ``nonce`` (of a frame stamped ``sent``); False if it was
+        already seen.  Busy (the sender retries) if it cannot be written to
+        the file, or may have been lost in a machine crash: accepting it
+        unrecorded would let it be replayed after a restart."""
+        if sent is not None and sent < self._started and now < self._guard_until:
+            raise Busy("sent before this machine restarted; send it again")
         with self._lock:
             while self._seen:
                 oldest, when = next(iter(self._seen.items()))
@@ -85,8 +108,122 @@ class NonceCache:
                 self._seen.popitem(last=False)
             if nonce in self._seen:
                 return False
+            if self._fd is not None:
+                self._append(nonce, now)
             self._seen[nonce] = now
             return True
+
+    def persist(self, path: str) -> None:
+        """Load what an earlier run saw (still within two windows: older
+        frames are refused as stale anyway) from ``path``, rewrite the file
+        with just that, and append every new nonce to it from now on.
+        ConfigError if the file cannot be written."""
+        now = time.time()
+        loaded, boot = _read_nonce_file(path, now - 2 * self.window)
+        self._boot = boot_id()
+        if boot is not None and boot != self._boot:
+            # The machine restarted since the file was last written: its
+            # last nonces may never have reached the disk (no fsync), so
+            # for one window nothing sent before this start is accepted.
+            # An honest client whose clock lags by d is told busy for the
+            # first d seconds only.
+            self._started, self._guard_until = now, now + self.window
+            log.warning("the machine restarted since %s was written: messages stamped "
+                        "before now are refused for %.0fs", path, self.window)
+        with self._lock:
+            for nonce, when in sorted(loaded.items(), key=lambda item: item[1])[-self.limit:]:
+                self._seen[nonce] = when
+                self._seen.move_to_end(nonce)
+            self._path = path
+            try:
+                self._compact()
+            except OSError as exc:
+                raise ConfigError(f"cannot write the nonce file {path}: "
+                                  f"{exc.strerror or exc}") from None
+        log.debug("%d nonce(s) of the last %.0fs loaded from %s", len(loaded),
+                  2 * self.window, path)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _append(self, nonce: str, now: float) -> None:
+        """One write() per nonce, no fsync: cheap, and it survives the
+        process being killed (the kernel holds it), not a machine crash."""
+        try:
+            os.write(self._fd, b"%.3f %s\n" % (now, nonce.encode("ascii")))
+            self._lines += 1
+            if self._lines >= NONCE_COMPACT_LINES and self._lines >= 2 * len(self._seen):
+                self._compact()
+        except OSError as exc:
+            if time.monotonic() - self._failed_logged >= 10:
+                self._failed_logged = time.monotonic()
+                log.error("cannot record a nonce in %s (%s): refusing signed messages "
+                          "until it can", self._path, exc.strerror or exc)
+            raise Busy("cannot record the message's nonce, try later") from None
+
+    def _compact(self) -> None:
+        """Rewrite the file with the live entries and reopen it to append."""
+        data = b"".join([b"boot %s\n" % (self._boot or "-").encode("ascii")] +
+                        [b"%.3f %s\n" % (when, nonce.encode("ascii"))
+                         for nonce, when in self._seen.items()])
+        atomic_write(self._path, data)
+        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, self._lines = fd, len(self._seen)
+
+
+def boot_id() -> str | None:
+    """This boot's id (Linux), which a machine restart changes; None elsewhere."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read().strip() or None
+    except (OSError, ValueError):
+        return None
+
+
+def _read_nonce_file(path: str, oldest: float) -> tuple[dict[str, float], str | None]:
+    """(nonce -> when it was seen, for entries seen at ``oldest`` or
+    later; the boot id the file was written in).  A missing file is empty;
+    a torn or foreign line is skipped (a killed process may leave its last
+    line half written)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return {}, None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the nonce file {path}: {exc.strerror}") from None
+    seen: dict[str, float] = {}
+    lines = data.split(b"\n")
+    boot = None
+    if lines[0].startswith(b"boot "):
+        boot = lines[0][5:].decode("ascii", "replace")
+        boot = None if boot == "-" else boot
+    for line in lines:
+        parts = line.split(b" ")
+        if len(parts) != 2 or not 8 <= len(parts[1]) <= 64:
+            continue
+        try:
+            when = float(parts[0])
+            nonce = parts[1].decode("ascii")
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if when >= oldest and all(c in "0123456789abcdef" for c in nonce):
+            seen[nonce] = when
+    return seen, boot
+
+
+def persist_nonces(security: "Security", state_dir: str, daemon: str) -> None:
+    """Keep a daemon's nonces in its state folder across restarts (only
+    when messages are signed: without a secret nothing is checked).  The
+    file is named after the daemon, so that daemons given one folder do
+    not share it."""
+    if security.secret:
+        security.nonces.persist(os.path.join(state_dir, f"{daemon}-nonces"))
 
 
 class ByteBudget:
@@ -121,6 +258,9 @@ class Security:
     max_message: int = DEFAULT_MAX_MESSAGE
     read_timeout: float = DEFAULT_READ_TIMEOUT
     max_buffered: int = DEFAULT_MAX_BUFFERED
+    # Server side: connections at once from one address (None: half of
+    # the connection cap, see ConnectionCap).
+    max_per_client: int | None = None
     nonces: NonceCache = dataclasses.field(default_factory=NonceCache)
     # The issued key's id (``runner:r1``) when ``secret`` is one; None for
     # a shared secret.
@@ -224,6 +364,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, server: bool = True) -
         group.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                            help="connections served at once; more are refused "
                                 "(default: %(default)s)")
+        add_per_client_argument(group, "connections")
         group.add_argument("--max-buffered", type=int, default=DEFAULT_MAX_BUFFERED,
                            metavar="BYTES",
                            help="message bytes held at once over all connections; beyond "
@@ -234,10 +375,29 @@ def add_common_arguments(parser: argparse.ArgumentParser, server: bool = True) -
                             "(default: %(default)s)")
 
 
+def add_per_client_argument(parser, what: str) -> None:
+    """``--max-per-client``, shared by the daemons and the dashboard."""
+    parser.add_argument("--max-per-client", type=int, default=None, metavar="N",
+                        help=f"{what} served at once from one client address (an IPv6 "
+                             "client's whole /64 counts as one); more are refused, so one "
+                             "client cannot take every slot. Behind a proxy, whose address "
+                             "every client then has, set it to --max-connections "
+                             "(default: half of --max-connections)")
+
+
+def check_per_client(args: argparse.Namespace) -> None:
+    """ConfigError unless ``--max-per-client`` (if given) is 1..--max-connections."""
+    value = getattr(args, "max_per_client", None)
+    if value is not None and not 1 <= value <= args.max_connections:
+        raise ConfigError("--max-per-client must be between 1 and --max-connections")
+
+
 def security_from_args(args: argparse.Namespace) -> Security:
     for name in ("max_message_size", "max_connections", "max_buffered"):
         if getattr(args, name, 1) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    if hasattr(args, "max_connections"):
+        check_per_client(args)
     if args.read_timeout <= 0 or args.auth_window <= 0:
         raise ConfigError("--read-timeout and --auth-window must be positive")
     server_tls, client_tls = make_tls_contexts(args.tls_cert, args.tls_key, args.tls_ca)
@@ -246,6 +406,7 @@ def security_from_args(args: argparse.Namespace) -> Security:
                     server_tls=server_tls, client_tls=client_tls,
                     max_message=args.max_message_size, read_timeout=args.read_timeout,
                     max_buffered=getattr(args, "max_buffered", DEFAULT_MAX_BUFFERED),
+                    max_per_client=getattr(args, "max_per_client", None),
                     nonces=NonceCache(args.auth_window))
 
 
@@ -534,21 +695,81 @@ def _drain(sock, limit: int = 64 * 1024, timeout: float = 1.0) -> None:
         pass
 
 
+def default_per_client(max_connections: int) -> int:
+    """The per-address limit when none is given: half the connection cap,
+    so one address (a flood, or a proxy) can never take every slot, while
+    runners sharing one address (a launcher on 127.0.0.1) keep plenty."""
+    return max(1, max_connections // 2)
+
+
+def client_key(client_address) -> str:
+    """What a per-client limit counts by: the IPv4 address, or for IPv6
+    the /64 (one host is usually given a whole /64, so counting single
+    addresses would let it open as many connections as it likes)."""
+    host = str(client_address[0]) if client_address else "?"
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if not ip.is_loopback:
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 class ConnectionCap:
     """Mix-in for a threading server: at most ``max_connections`` served
-    at once.  Beyond that ``refuse`` answers (briefly, without a thread of
-    its own unless it takes the request over and returns True)."""
+    at once, and at most ``max_per_client`` of them from one address (see
+    ``client_key``), so that one client holding slow, half-sent requests
+    cannot take every slot.  Beyond either, ``refuse`` answers (briefly,
+    without a thread of its own unless it takes the request over and
+    returns True)."""
 
-    def init_cap(self, max_connections: int) -> None:
+    def init_cap(self, max_connections: int, max_per_client: int | None = None) -> None:
         self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_per_client = max_per_client or default_per_client(max_connections)
+        self._per_client: collections.Counter = collections.Counter()
+        self._per_client_lock = threading.Lock()
+        self._refusal_logged = 0.0
 
     def refuse(self, request, client_address) -> bool:
         raise NotImplementedError
 
+    def _take_client_slot(self, key: str) -> bool:
+        with self._per_client_lock:
+            if self._per_client[key] >= self.max_per_client:
+                return False
+            self._per_client[key] += 1
+            return True
+
+    def _give_client_slot(self, key: str) -> None:
+        with self._per_client_lock:
+            self._per_client[key] -= 1
+            if self._per_client[key] <= 0:
+                del self._per_client[key]
+
+    def _log_refusal(self, why: str, client_address) -> None:
+        """A warning at most once a second: a flood would otherwise write
+        one line per refused connection."""
+        now = time.monotonic()
+        level = logging.WARNING if now - self._refusal_logged >= 1.0 else logging.DEBUG
+        if level == logging.WARNING:
+            self._refusal_logged = now
+        log.log(level, "%s; refusing %s", why, format_address(client_address[:2]))
+
     def process_request(self, request, client_address):
+        key = client_key(client_address)
+        if not self._take_client_slot(key):
+            self._log_refusal(f"per-client limit ({self.max_per_client}) reached for {key}",
+                              client_address)
+            if not self.refuse(request, client_address):
+                self.shutdown_request(request)
+            return
         if not self._slots.acquire(blocking=False):
-            log.warning("connection limit reached; refusing %s",
-                        format_address(client_address[:2]))
+            self._give_client_slot(key)
+            self._log_refusal("connection limit reached", client_address)
             if not self.refuse(request, client_address):
                 self.shutdown_request(request)
             return
@@ -556,6 +777,7 @@ class ConnectionCap:
             super().process_request(request, client_address)
         except Exception:
             self._slots.release()
+            self._give_client_slot(key)
             raise
 
     def process_request_thread(self, request, client_address):
@@ -563,6 +785,7 @@ class ConnectionCap:
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+            self._give_client_slot(client_key(client_address))
 
 
 class MessageServer(ConnectionCap, socketserver.ThreadingTCPServer):
@@ -576,13 +799,13 @@ class MessageServer(ConnectionCap, socketserver.ThreadingTCPServer):
 
     def __init__(self, address, commands: dict, security: Security,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 permissions: dict | None = None):
+                 permissions: dict | None = None, max_per_client: int | None = None):
         self.commands = commands
         self.security = security
         # Command -> roles allowed (see auth.py); a command not listed is
         # open to every authenticated peer.
         self.permissions = permissions or {}
-        self.init_cap(max_connections)
+        self.init_cap(max_connections, max_per_client or security.max_per_client)
         # Over the cap, a TLS peer is still served a ``busy`` after its
         # handshake (it could not read one sent before), by a few spare
         # threads; beyond those the connection is just closed.

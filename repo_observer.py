@@ -531,6 +531,7 @@ def main(argv=None) -> int:
                             args.all_branches, args.new_branch_limit)
         if not args.no_listen:
             helpers.check_bind_allowed(args.host, security, args.insecure)
+            helpers.persist_nonces(security, state_dir, "observer")
             try:
                 server = helpers.MessageServer((args.host, args.port), observer.commands,
                                                security, args.max_connections)

@@ -1060,6 +1060,7 @@ def main(argv=None) -> int:
                                           "clone (the test user owns the clone)")
         helpers.ensure_dir(state_dir, "state folder")
         os.chmod(state_dir, 0o700)
+        helpers.persist_nonces(security, state_dir, "runner")
         runner = TestRunner(args, security, dispatcher, state_dir, test_user)
         if runner.private is not None:
             runner.private.setup()

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Put the runner's clone at exactly COMMIT, with a clean tree.
+# Put the runner's clone at exactly COMMIT, with a clean tree: cleaned
+# before the checkout as well, so nothing a test left is read by it.
 #
 # usage: test_runner_script.sh REPO COMMIT
 # stdout: ci-meta<TAB>commit<TAB>author<TAB>commit time<TAB>subject
@@ -13,14 +14,41 @@ if [[ ! $commit =~ ^[0-9a-f]{4,64}$ ]]; then
     echo "invalid commit id: $commit" >&2
     exit 2
 fi
+# A test may have taken its own permissions away from the tree's top.
+[[ -w $repo && -x $repo ]] || chmod u+rwx -- "$repo"
 cd -- "$repo"
+
+# What the last test left in the tree must be gone BEFORE git checks out
+# the next commit, not only after: checkout and reset read the tree's
+# .gitattributes for every path the index has none for (an untracked
+# "*.py working-tree-encoding=UTF-16" would make git write the next
+# commit's files as UTF-16), and git 2.39 has no --attr-source.
+fail() { echo "cannot clean the tree of $repo: $1 (a test left it so; see above)" >&2; exit 4; }
+# 1. Every folder made enterable and writable by us, or its removal below
+#    fails (a test may chmod 000 a folder; as root this changes nothing
+#    that matters), and every .git below the top removed: git never looks
+#    into a folder holding one (its clean does not remove one inside a
+#    tracked folder), nor at any name ".git".  The top one is the
+#    repository (or, with --test-user, the pointer the runner rewrites).
+#    A folder we cannot fix is left for the clean to fail on.
+find . -path ./.git -prune -o \( ! -type d -o -perm -u=rwx -o \
+    -exec chmod u+rwx -- {} \; -o -prune \) -name .git -exec rm -rf -- {} + \
+    || fail "the pass over its folders failed"
+# 2. Untracked and ignored files (-x: no .gitignore is read), nested
+#    repositories (-ff).
+git clean --quiet -ffdx || fail "git clean failed"
+# 3. Tracked files back to HEAD before moving: a tracked file a test made
+#    a folder is a name clean leaves alone (it is in the index), and a
+#    .gitattributes inside it would apply to the next commit's files
+#    under that name; reset removes the folder.  Only then is the tree
+#    exactly HEAD, with nothing of the test's left for checkout to read.
+git reset --quiet --hard || fail "git reset --hard failed"
 
 # Fetch only when the commit is not here yet: one fetch brings a whole
 # burst of commits (and a prefetch, see dispatcher.py --prefetch-runners,
 # brings a pushed one early), so most checkouts need no network at all.
-# --force alone resets index and tree to the commit (no separate reset
-# --hard): each git process costs CPU that the tests of other runners share,
-# and time on the way from a push to its verdict.
+# --force: index and tree from HEAD's to the commit's (the tree is HEAD's
+# now, so only what differs is written).
 checkout() { git checkout --quiet --force --detach "$commit"; }
 if ! checkout 2>/dev/null; then
     git fetch --quiet --prune origin
@@ -35,10 +63,7 @@ if ! checkout 2>/dev/null; then
     fi
 fi
 # The commit's id and metadata for the result header, tab separated, with
-# a marker the runner looks for (the subject is one line by definition);
-# read beside the clean, which only touches the working tree.
-git log -1 --format='ci-meta%x09%H%x09%an <%ae>%x09%cI%x09%s' HEAD &
-meta=$!
-# -ff also removes nested repositories; -x removes ignored build debris.
-git clean --quiet -ffdx
-wait "$meta"
+# a marker the runner looks for (the subject is one line by definition).
+# No clean after the checkout: from a tree that was exactly HEAD, checkout
+# leaves nothing that is not the commit's.
+git log -1 --format='ci-meta%x09%H%x09%an <%ae>%x09%cI%x09%s' HEAD

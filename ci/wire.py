@@ -352,7 +352,7 @@ def verify_frame(header: FrameHeader, payload: bytes, secret: bytes | None, *,
     now = time.time() if now is None else now
     if abs(now - float(header.timestamp)) > window:
         raise ProtocolError("stale message (timestamp outside the window)")
-    if nonces is not None and not nonces.add(header.nonce, now):
+    if nonces is not None and not nonces.add(header.nonce, now, float(header.timestamp)):
         raise ProtocolError("replayed message")
 
 

@@ -579,6 +579,99 @@ def test_slow_clients_cut_off_and_flood_survived(results, dashboards):
     assert json.loads(dash.get("/api/commits")[2])["commits"]
 
 
+class SlowFlood:
+    """One client address (127.0.0.1) holding ``count`` half-sent requests,
+    re-opening each after ``every`` seconds (before the dashboard's
+    request timeout cuts it off), in a thread of its own."""
+
+    def __init__(self, port: int, count: int, every: float, limit: float = 30.0):
+        self.port, self.count, self.every, self.limit = port, count, every, limit
+        self.refused = 0  # connections answered 503 at once
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _open(self) -> tuple[socket.socket, float] | None:
+        try:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=2,
+                                            source_address=("127.0.0.1", 0))
+            sock.sendall(b"GET / HTTP/1.0\r\nX-Slow: ")
+        except OSError:
+            return None
+        return sock, time.monotonic()
+
+    def _run(self) -> None:
+        held: list = [None] * self.count
+        deadline = time.monotonic() + self.limit
+        try:
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                for i, entry in enumerate(held):
+                    if entry is not None and (time.monotonic() - entry[1] > self.every or
+                                              select.select([entry[0]], [], [], 0)[0]):
+                        entry[0].setblocking(False)
+                        try:
+                            self.refused += entry[0].recv(64).startswith(b"HTTP/1.0 503")
+                        except OSError:
+                            pass
+                        entry[0].close()
+                        held[i] = entry = None
+                    if entry is None:
+                        held[i] = self._open()
+                self.stop.wait(0.02)
+        finally:
+            for entry in held:
+                if entry is not None:
+                    entry[0].close()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(self.limit)
+
+
+def status_from(port: int, source: str, token: str) -> int:
+    """The HTTP status a client at loopback address ``source`` gets for
+    /api/commits (0 if the connection failed)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5,
+                                      source_address=(source, 0)) as sock:
+            sock.sendall(b"GET /api/commits HTTP/1.0\r\nAuthorization: Bearer %s\r\n\r\n"
+                         % token.encode())
+            head = sock.recv(64)
+    except OSError:
+        return 0
+    return int(head.split(b" ")[1]) if head.startswith(b"HTTP/") else 0
+
+
+def test_a_slow_flood_from_one_address_shuts_out_no_other(results, dashboards, tmp_path):
+    """Issue 17: one address holding every slot with half-sent requests
+    (re-opened before the request timeout) kept a client with the token
+    at 503; one address now gets at most --max-per-client (by default
+    half of --max-connections) and the rest stay free for others."""
+    token = "t0ken-" + "y" * 30
+    (tmp_path / "token").write_text(token + "\n")
+    red_green_history(results)
+    dash = dashboards(results, None, "--token-file", str(tmp_path / "token"),
+                      "--max-connections", "20", "--request-timeout", "3")
+    assert status_from(dash.port, "127.0.0.2", token) == 200
+    with SlowFlood(dash.port, count=20, every=1.0) as flood:
+        wait_until(lambda: flood.refused > 0 or "per-client limit" in dash.daemon.log(), 10,
+                   what="the flood to fill the slots")
+        statuses = []
+        for _ in range(6):
+            statuses.append(status_from(dash.port, "127.0.0.2", token))
+            time.sleep(0.3)  # the token holder's pace: a page poll or so
+        assert statuses == [200] * 6, statuses
+        assert flood.thread.is_alive()
+    assert flood.refused > 0
+    assert "per-client limit (10) reached for 127.0.0.1" in dash.daemon.log()
+    # Once the flood has ended, its address is served again.
+    wait_until(lambda: status_from(dash.port, "127.0.0.1", token) == 200, 5,
+               what="the flooding address served once it stopped")
+
+
 def test_a_sharded_commit_is_one_running_row_and_held_commits_show():
     """The dispatcher lists each shard of a commit as a running job, and
     the commits it holds for their runners after a restart apart."""

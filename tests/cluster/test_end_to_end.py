@@ -548,7 +548,7 @@ def test_bad_requests_get_error_replies_and_daemons_keep_serving(cluster, upstre
 
 COMMON_FLAGS = ["--help", "--log-level", "--secret-file", "--insecure", "--tls-cert",
                 "--tls-key", "--tls-ca", "--max-message-size", "--read-timeout",
-                "--max-connections", "--auth-window"]
+                "--max-connections", "--max-per-client", "--auth-window"]
 FLAGS = {
     "dispatcher.py": ["--host", "--port", "--results-dir", "--state-dir", "--ping-interval",
                       "--ping-misses", "--ping-timeout", "--job-timeout", "--max-attempts",

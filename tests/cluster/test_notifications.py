@@ -1,14 +1,13 @@
-"""Notifications: the decision in commit order (pure), the durable event
-journal, and the real dispatcher delivering to a loopback HTTP receiver and
-a recording command: once each, in order, across outages and SIGKILL, and
-never slowing result writing."""
+"""Notifications through a real dispatcher: a loopback HTTP receiver and a
+recording command are told once each, in order, across outages and
+SIGKILL, signed, never slowing result writing; bad flags are refused.
+The parts alone are tested in tests/unit/test_notify_*.py."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import http.server
-import itertools
 import json
 import os
 import subprocess
@@ -16,217 +15,13 @@ import threading
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
 
 from support.cluster import FAILING_TEST, PY, ROOT, Fleet, free_port, wait_until
+from support.notify import cid, recorded, recorder
 
 import helpers
-import notifications
-from ci import results
-from notifications import PENDING, UNKNOWN, Decider, EventStore, Result
+from ci.notify.store import JOURNAL_NAME
 
-
-def cid(n) -> str:
-    return hashlib.sha1(str(n).encode()).hexdigest()
-
-
-def chain(verdicts, branch="main", first_previous=None):
-    """Results of one branch, oldest first, each naming the one before."""
-    results, previous = [], first_previous
-    for n, verdict in enumerate(verdicts):
-        commit = cid(f"{branch}-{n}")
-        results.append(Result(commit, branch, previous, verdict, {"tests": "3"}))
-        previous = commit
-    return results
-
-
-def pending_lookup(results):
-    """Commits of the chain not given yet are pending; anything else unknown."""
-    known = {r.commit for r in results}
-    return lambda commit: PENDING if commit in known else UNKNOWN
-
-
-# --------------------------------------------------------------------------
-# The decision (pure).
-
-@pytest.mark.parametrize("notify_on, announced", [
-    ("change", ["broken", "fixed"]),
-    ("failure", ["broken", "still-failing", "fixed"]),
-    ("all", ["passed", "broken", "still-failing", "fixed"]),
-])
-def test_red_red_green(notify_on, announced):
-    results = chain(["passed", "failed", "timeout", "passed"])
-    decider = Decider(notifications.NOTIFY_ON[notify_on])
-    decisions = decider.add(results, pending_lookup(results))
-    assert [d.kind for d in decisions] == ["passed", "broken", "still-failing", "fixed"]
-    assert [d.kind for d in decisions if d.announce] == announced
-    assert decisions[3].previous_verdict == "timeout"
-    assert decisions[0].previous_verdict is None
-
-
-def test_out_of_order_arrival_waits_for_the_earlier_commit():
-    results = chain(["passed", "failed", "failed", "passed"])
-    decider = Decider(notifications.NOTIFY_ON["all"])
-    lookup = pending_lookup(results)
-    for later in (results[3], results[1], results[2]):
-        assert decider.add([later], lookup) == []
-    assert decider.waiting()[results[1].commit] == results[0].commit
-    decisions = decider.add([results[0]], lookup)
-    assert [d.result.commit for d in decisions] == [r.commit for r in results]
-    assert [d.kind for d in decisions] == ["passed", "broken", "still-failing", "fixed"]
-    assert decider.waiting() == {}
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.sampled_from(["passed", "failed", "error"]), min_size=1, max_size=7),
-       st.lists(st.sampled_from(["passed", "failed"]), min_size=1, max_size=4),
-       st.randoms(use_true_random=False))
-def test_any_arrival_order_gives_the_in_order_decisions(main, feature, rnd):
-    results = chain(main) + chain(feature, "feature", first_previous=cid("main-0"))
-    expected = Decider(notifications.NOTIFY_ON["all"]).add(results, pending_lookup(results))
-    shuffled = list(results)
-    rnd.shuffle(shuffled)
-    decider = Decider(notifications.NOTIFY_ON["all"])
-    lookup = pending_lookup(results)
-    got = list(itertools.chain.from_iterable(decider.add([r], lookup) for r in shuffled))
-    for branch in ("main", "feature"):
-        mine = [(d.result.commit, d.kind, d.event_id) for d in got
-                if d.result.branch == branch]
-        assert mine == [(d.result.commit, d.kind, d.event_id) for d in expected
-                        if d.result.branch == branch]
-
-
-def test_retest_flip_emits_the_implied_event_and_a_new_id():
-    results = chain(["passed", "failed"])
-    decider = Decider()
-    first = decider.add(results, pending_lookup(results))
-    assert [d.kind for d in first] == ["passed", "broken"]
-    flipped = Result(results[1].commit, "main", results[0].commit, "passed")
-    (fixed,) = decider.add([flipped])
-    assert (fixed.kind, fixed.retest, fixed.previous_verdict, fixed.n) == \
-        ("fixed", True, "failed", 2)
-    assert fixed.event_id != first[1].event_id
-    assert decider.add([flipped]) == []  # the same verdict again decides nothing
-    (again,) = decider.add([Result(results[1].commit, "main", results[0].commit, "error")])
-    assert (again.kind, again.n) == ("broken", 3)
-
-
-def test_unknown_previous_is_judged_alone_and_pending_waits():
-    commit, previous = cid("x"), cid("gone")
-    decider = Decider(notifications.NOTIFY_ON["failure"])
-    (alone,) = decider.add([Result(commit, "main", previous, "failed")])
-    assert (alone.kind, alone.announce) == ("failed", True)
-    waiting = Result(cid("y"), "dev", cid("running"), "failed")
-    assert decider.add([waiting], lambda c: PENDING) == []
-
-
-def test_a_previous_result_not_given_yet_is_read_and_decided_first():
-    base = Result(cid("base"), None, None, "passed")        # no branch: never announced
-    one = Result(cid("one"), "main", base.commit, "failed")
-    two = Result(cid("two"), "main", one.commit, "failed")
-    files = {base.commit: base, one.commit: one}
-    decisions = Decider(notifications.NOTIFY_ON["all"]).add(
-        [two], lambda c: files.get(c, UNKNOWN))
-    assert [(d.result.commit, d.kind) for d in decisions] == \
-        [(one.commit, "broken"), (two.commit, "still-failing")]
-
-
-def test_a_waiting_commit_is_released_by_a_result_without_branch():
-    old, new = cid("old-style"), cid("new-style")
-    decider = Decider()
-    assert decider.add([Result(new, "main", old, "failed")], lambda c: PENDING) == []
-    (decision,) = decider.add([Result(old, None, None, "passed")])
-    assert (decision.result.commit, decision.kind) == (new, "broken")
-
-
-def test_a_cycle_in_bad_metadata_does_not_hang():
-    a, b = cid("a"), cid("b")
-    decisions = Decider().add([Result(a, "main", b, "failed"), Result(b, "main", a, "passed")],
-                              lambda c: PENDING)
-    assert sorted(d.result.commit for d in decisions) == sorted([a, b])
-
-
-def test_event_text_and_payload():
-    result = Result(cid(1), "main", cid(0), "failed",
-                    {"subject": "Break\nit", "author": "Ann <a@x>", "tests": "10",
-                     "failures": "3", "errors": "0"})
-    broken = notifications.Decision(result, "broken", "passed", 1, False, True)
-    event = notifications.build_event(broken, "/r", "http://ci/c/{commit}", ["command"])
-    assert event["text"].startswith(f'main is broken by {cid(1)[:12]} ("Break it", Ann <a@x>)')
-    assert "3 failures, 0 errors of 10 tests" in event["text"]
-    assert event["url"] == f"http://ci/c/{cid(1)}"
-    payload = json.loads(notifications.webhook_body(event))
-    assert payload["id"] == broken.event_id and payload["tests"] == 10
-    env = notifications.command_environment(event, {"PATH": "/bin", "CI_SECRET": "s",
-                                                    "CI_EVENT": "forged", "API_TOKEN": "t"})
-    assert env["CI_EVENT"] == "broken" and env["CI_SUBJECT"] == "Break it"
-    assert "CI_SECRET" not in env and "API_TOKEN" not in env and env["PATH"] == "/bin"
-
-
-# --------------------------------------------------------------------------
-# The journal.
-
-def decision_records(results, kinds="all"):
-    decider = Decider(notifications.NOTIFY_ON[kinds])
-    records = []
-    for d in decider.add(results, pending_lookup(results)):
-        event = notifications.build_event(d, "/r", None, ["command", "webhook:x"]) \
-            if d.announce else None
-        records.append({"j": d.result.commit, "v": d.result.verdict, "n": d.n, "e": event})
-    return records
-
-
-def test_store_replay_keeps_undelivered_events_in_order(tmp_path):
-    path = str(tmp_path / "journal")
-    store = EventStore(path)
-    assert store.load() is False
-    store.open()
-    records = decision_records(chain(["passed", "failed", "failed", "passed"]), "failure")
-    store.append(records, sync=True)
-    broken, still, fixed = [r["e"]["id"] for r in records if r["e"]]
-    store.mark(broken, "command")
-    store.mark(broken, "webhook:x")
-    store.mark(still, "webhook:x", "gave_up")
-    store.close()
-    with open(path, "ab") as handle:
-        handle.write(b'{"ok": "torn')  # a crash mid-write
-    again = EventStore(path)
-    assert again.load() is True
-    assert [(e["id"], e["targets"]) for e in again.pending()] == \
-        [(still, ["command"]), (fixed, ["command", "webhook:x"])]
-    assert again.judged == {r["j"]: (r["v"], 1) for r in records}
-
-
-def test_store_compaction_keeps_what_is_needed(tmp_path):
-    path = str(tmp_path / "journal")
-    store = EventStore(path)
-    store.load()
-    store.open()
-    results = chain(["passed", "failed"])
-    store.append(decision_records(results), sync=True)
-    # A retest of the broken commit: a second pending event for it.
-    retest = Result(results[1].commit, "main", results[0].commit, "passed")
-    decider = Decider()
-    decider.judged = store.judged
-    (fixed,) = decider.add([retest])
-    event = notifications.build_event(fixed, "/r", None, ["command"])
-    store.append([{"j": retest.commit, "v": "passed", "n": fixed.n, "e": event}], sync=True)
-    for n in range(50):
-        store.append([{"j": cid(n), "v": "passed", "n": 1, "e": None}], sync=False)
-    before = [e["id"] for e in store.pending()]
-    assert len(before) == 3
-    store.compact(keep=lambda commit: commit != cid(7))
-    store.close()
-    again = EventStore(path)
-    again.load()
-    assert [e["id"] for e in again.pending()] == before
-    assert again.judged[retest.commit] == ("passed", 2)
-    assert cid(7) not in again.judged and cid(8) in again.judged
-    assert again.records == len(again.judged) + 3
-
-
-# --------------------------------------------------------------------------
-# Real processes: a loopback HTTP receiver and a recording command.
 
 class Receiver:
     """An HTTP server in a thread that records every POST; ``mode`` decides
@@ -290,29 +85,6 @@ def receivers():
         receiver.close()
 
 
-RECORDER = """import json, os, sys
-record = {k: v for k, v in os.environ.items() if k.startswith("CI_")}
-record["env_keys"] = sorted(os.environ)
-record["stdin"] = sys.stdin.read()
-with open(sys.argv[1], "a") as handle:
-    handle.write(json.dumps(record) + "\\n")
-"""
-
-
-def recorder(tmp_path) -> tuple[str, str]:
-    script, out = tmp_path / "record.py", tmp_path / "recorded.jsonl"
-    script.write_text(RECORDER)
-    return f"{PY} {script} {out}", str(out)
-
-
-def recorded(path) -> list[dict]:
-    try:
-        with open(path) as handle:
-            return [json.loads(line) for line in handle]
-    except FileNotFoundError:
-        return []
-
-
 def address(cluster):
     return helpers.parse_address(cluster.dispatcher_address)
 
@@ -350,7 +122,7 @@ def post_result(cluster, commit, verdict, failures=0):
 
 def journal_events(cluster) -> dict:
     """Event id -> (event kind, delivered to some target)."""
-    path = os.path.join(cluster.state, notifications.JOURNAL_NAME)
+    path = os.path.join(cluster.state, JOURNAL_NAME)
     found = {}
     with open(path, "rb") as handle:
         for line in handle.read().splitlines():
@@ -514,133 +286,4 @@ def test_bad_flags_are_refused_with_one_line(tmp_path, flags, message):
                           capture_output=True, text=True, timeout=20)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
-    assert not os.path.exists(tmp_path / "dispatcher_state" / notifications.JOURNAL_NAME)
-
-
-# --------------------------------------------------------------------------
-# The notifier in this process, with a real command.
-
-def write_result(folder, result: Result):
-    fields = {"commit": result.commit, "verdict": result.verdict, "tests": 2,
-              "branch": result.branch}
-    if result.previous:
-        fields["previous"] = result.previous
-    helpers.atomic_write(os.path.join(folder, result.commit),
-                         results.format_result(fields, b"out\n"), fsync=False)
-    return fields
-
-
-def test_notifier_first_start_and_a_result_missed_in_a_crash(tmp_path):
-    results, state = str(tmp_path / "results"), str(tmp_path / "state")
-    os.makedirs(results)
-    os.makedirs(state)
-    history = chain(["passed", "failed", "failed", "passed", "failed"])
-    for old in history[:2]:
-        write_result(results, old)
-    command, out = recorder(tmp_path)
-    target = notifications.CommandTarget(command.split(), 10)
-
-    def start():
-        notifier = notifications.Notifier(state, results, [target],
-                                          notifications.NOTIFY_ON["all"], retry_max=0.2)
-        notifier.start(lambda commit: False)
-        return notifier
-
-    notifier = start()
-    # Old results are not announced; a new one is, against the old verdict.
-    notifier.result_written(history[2].commit, write_result(results, history[2]))
-    wait_until(lambda: recorded(out) and not notifier.store.pending(), 10,
-               what="the first notification")
-    notifier.stop()
-    # Written, then the dispatcher died before telling the notifier.
-    write_result(results, history[3])
-    notifier = start()
-    wait_until(lambda: len(recorded(out)) >= 2, 10, what="the missed result's notification")
-    notifier.result_written(history[4].commit, write_result(results, history[4]))
-    wait_until(lambda: len(recorded(out)) >= 3, 10, what="the last notification")
-    notifier.stop()
-    assert [(r["CI_EVENT"], r["CI_COMMIT"]) for r in recorded(out)] == \
-        [("still-failing", history[2].commit), ("fixed", history[3].commit),
-         ("broken", history[4].commit)]
-
-
-def test_gives_up_after_retry_for_and_goes_on(tmp_path):
-    results, state = str(tmp_path / "results"), str(tmp_path / "state")
-    os.makedirs(results)
-    os.makedirs(state)
-    failing = notifications.CommandTarget([PY, "-c", "import sys; sys.exit(3)"], 10)
-    notifier = notifications.Notifier(state, results, [failing], notifications.NOTIFY_ON["all"],
-                                      retry_for=0.3, retry_max=0.05)
-    notifier.start(lambda commit: False)
-    for result in chain(["failed", "passed"]):
-        notifier.result_written(result.commit, write_result(results, result))
-    wait_until(lambda: notifier.store.judged and not notifier.store.pending(), 20,
-               what="both events given up")
-    notifier.stop()
-    with open(os.path.join(state, notifications.JOURNAL_NAME)) as handle:
-        assert handle.read().count('"gave_up"') == 2
-
-
-def test_a_hanging_command_is_killed_at_its_timeout():
-    target = notifications.CommandTarget([PY, "-c", "import time; time.sleep(60)"], 0.5)
-    (decision,) = Decider(notifications.NOTIFY_ON["all"]).add(chain(["failed"]))
-    event = notifications.build_event(decision, "/r", None, ["command"])
-    started = time.monotonic()
-    with pytest.raises(notifications.DeliveryError, match="timed out"):
-        target.deliver(event)
-    assert time.monotonic() - started < 5
-
-
-def test_an_event_for_a_removed_target_is_dropped_at_start(tmp_path):
-    results, state = str(tmp_path / "results"), str(tmp_path / "state")
-    os.makedirs(results)
-    os.makedirs(state)
-    store = EventStore(os.path.join(state, notifications.JOURNAL_NAME))
-    store.load()
-    store.open()
-    records = decision_records(chain(["failed"]))
-    records[0]["e"]["targets"] = ["webhook:removed"]
-    store.append(records, sync=True)
-    store.close()
-    command, out = recorder(tmp_path)
-    notifier = notifications.Notifier(state, results,
-                                      [notifications.CommandTarget(command.split(), 10)])
-    notifier.start()
-    wait_until(lambda: notifier.store.judged and not notifier.store.pending(), 10,
-               what="the stale event dropped")
-    notifier.stop()
-    assert recorded(out) == []
-
-
-def test_giving_up_resets_the_backoff():
-    """The next event's first retry starts short again, not at the delay
-    the given-up event's retries had grown to."""
-    class Refusing:
-        key = label = "refusing"
-
-        def deliver(self, event):
-            raise notifications.DeliveryError("down")
-
-    class Marks:
-        def __init__(self):
-            self.outcomes = []
-
-        def mark(self, event_id, target, outcome):
-            self.outcomes.append(outcome)
-
-    store, stop = Marks(), threading.Event()
-    worker = notifications.TargetWorker(Refusing(), store, retry_for=0.5, retry_max=10.0,
-                                        stop_event=stop)
-    worker.backoff = helpers.Backoff(first=0.01, cap=10.0)
-    (decision,) = Decider(notifications.NOTIFY_ON["all"]).add(chain(["failed"]))
-    event = notifications.build_event(decision, "/r", None, ["refusing"])
-    event["created"] = time.time() - 0.3   # a few quick retries, then given up
-    worker.thread.start()
-    try:
-        worker.submit(event)
-        wait_until(lambda: store.outcomes == ["gave_up"] and worker.backoff.current == 0.01,
-                   10, what="the event given up and the backoff reset")
-    finally:
-        stop.set()
-        worker.wake()
-        worker.thread.join(5)
+    assert not os.path.exists(tmp_path / "dispatcher_state" / JOURNAL_NAME)

@@ -173,7 +173,8 @@ def hold_every_slot(address, count: int, busy: Message) -> list[socket.socket]:
 
 
 def test_connection_flood_beyond_the_limit_is_refused_then_served(cluster):
-    cluster.start_dispatcher("--max-connections", "4", "--read-timeout", "30")
+    cluster.start_dispatcher("--max-connections", "4", "--max-per-client", "4",
+                             "--read-timeout", "30")
     address = (LOOPBACK, cluster.dispatcher_port)
     busy = Message("busy", "server busy, try later")
     holders = hold_every_slot(address, 4, busy)
@@ -198,6 +199,39 @@ def test_connection_flood_beyond_the_limit_is_refused_then_served(cluster):
                         and reply.command == "ok" and reply, 10,
                         what="the dispatcher to serve again once the idle peers left")
     assert helpers.decode_fields(served.body)["queued"] == "0"
+
+
+def answer_from(address, source: str, command: str) -> Message | None:
+    """Like ``answer``, from the loopback address ``source`` (all of
+    127/8 is loopback on Linux)."""
+    try:
+        with socket.create_connection(address, timeout=5,
+                                      source_address=(source, 0)) as sock:
+            return helpers.request(sock, command, timeout=5)
+    except (OSError, helpers.ProtocolError):
+        return None
+
+
+def test_one_address_cannot_take_every_slot(cluster):
+    """Issue 17: the cap was global, so one address holding idle
+    connections shut everyone out; by default it gets half the slots."""
+    cluster.start_dispatcher("--max-connections", "6", "--read-timeout", "30")
+    address = (LOOPBACK, cluster.dispatcher_port)
+    busy = Message("busy", "server busy, try later")
+    held: list[socket.socket] = []
+    try:
+        for _ in range(20):  # until 127.0.0.1 is told busy (a slot taken, or refused)
+            if answer_from(address, "127.0.0.1", "status") == busy:
+                break
+            held.append(socket.create_connection(address, timeout=5,
+                                                 source_address=("127.0.0.1", 0)))
+        assert answer_from(address, "127.0.0.1", "status") == busy
+        reply = answer_from(address, "127.0.0.2", "status")
+        assert reply is not None and reply.command == "ok", reply
+    finally:
+        for sock in held:
+            sock.close()
+    assert "per-client limit (3) reached for 127.0.0.1" in cluster.daemons[0].log()
 
 
 # --------------------------------------------------------------------------
@@ -405,6 +439,66 @@ def test_replayed_messages_are_refused(cluster, upstream, tmp_path):
     state = status(cluster, security)
     assert (state["queued"], state["running"], state["done"]) == (0, 0, 1)
     assert runner.log().count(" accepted ") == 2  # ``run`` once, ``dispatched`` once
+
+
+def read_bytes(path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def test_frames_captured_before_a_restart_are_refused_after_it(cluster, upstream, tmp_path):
+    """Issue 17: the nonces lived in memory only, so a signed ``retest``
+    captured before the dispatcher restarted was accepted again after it
+    (within the auth window) and rewrote the result; a runner likewise
+    ran a captured ``runtest`` again.  Both survive even a SIGKILL now."""
+    secret, security, runner = signed_cluster(cluster, tmp_path)
+    commit, run = upstream.commit(), upstream.commit()
+    assert helpers.call((LOOPBACK, cluster.dispatcher_port), "dispatch", commit,
+                        security=security).argument == "queued 1"
+    assert cluster.result(commit)["verdict"] == "passed"
+    first = read_bytes(cluster.result_path(commit))
+    # Captured: a retest frame built as a client builds it, sent once.
+    retest = helpers.encode_message("retest", commit)
+    captured = helpers.encode_frame(retest, SECRET)
+    assert ask(cluster.dispatcher_port, retest, SECRET, frame=captured) == \
+        Message("ok", "queued 1")
+    wait_until(lambda: read_bytes(cluster.result_path(commit)) != first, 30,
+               what="the retest's result")
+    wait_until(lambda: status(cluster, security)["running"] == 0, 10, what="runner idle")
+    cluster.daemons[0].kill()
+    cluster.start_dispatcher(*secret)
+    wait_until(lambda: status(cluster, security)["runners"] == 1, 10,
+               what="runner registered again")
+    rewritten = read_bytes(cluster.result_path(commit))
+    assert ask(cluster.dispatcher_port, retest, SECRET, frame=captured) == \
+        Message("error", "replayed message")
+    state = status(cluster, security)
+    assert (state["queued"], state["running"]) == (0, 0)
+    assert read_bytes(cluster.result_path(commit)) == rewritten
+    # An honest client whose clock lags (within --auth-window) is served.
+    lagging = helpers.encode_frame(b"status", SECRET, now=time.time() - 20)
+    assert ask(cluster.dispatcher_port, b"status", SECRET, frame=lagging).command == "ok"
+
+    # The runner: a captured runtest, sent once, then the runner restarted.
+    runtest = f"runtest:{run} {'7' * 32}".encode()
+    captured = helpers.encode_frame(runtest, SECRET)
+    assert ask(runner.port, runtest, SECRET, frame=captured) == Message("ok")
+    wait_until(lambda: f"dispatcher refused result for {run[:12]}" in runner.log(), 20,
+               what="the unassigned run's result to be refused")
+    runner.kill()
+    again = cluster.start_runner(*secret, port=runner.port, clone=runner.clone)
+    assert ask(again.port, runtest, SECRET, frame=captured) == \
+        Message("error", "replayed message")
+    assert runner_busy(again, security) == "" and " accepted " not in again.log()
+
+    # The observer's notify too (it only wakes a poll, but is signed alike).
+    observer = cluster.start_observer(*secret)
+    captured = helpers.encode_frame(b"notify", SECRET)
+    assert ask(observer.port, b"notify", SECRET, frame=captured).command == "ok"
+    observer.kill()
+    observer = cluster.start_observer(*secret, port=observer.port, clone=observer.clone)
+    assert ask(observer.port, b"notify", SECRET, frame=captured) == \
+        Message("error", "replayed message")
 
 
 def test_ci_secret_environment_variable_secures_the_cluster(cluster, upstream):

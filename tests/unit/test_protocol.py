@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import sys
 
 import pytest
@@ -161,6 +162,66 @@ def test_nonce_cache_forgets_only_what_the_window_already_refuses():
     for i in range(10):
         assert small.add(f"{i:024x}", now=100.0)
     assert len(small._seen) <= 3
+
+
+def test_persisted_nonces_outlive_the_cache_and_stay_bounded(tmp_path, monkeypatch):
+    """Issue 17: a nonce seen before a restart is still refused after it;
+    only the last two windows are kept, a torn last line is skipped, and
+    the file is compacted once it is mostly dead entries."""
+    path = str(tmp_path / "dispatcher-nonces")
+    now = time.time()
+    with open(path, "wb") as handle:  # an earlier run's file, killed mid-line
+        handle.write(b"%.3f %s\n%.3f %s\n%.3f %s" % (
+            now - 200, b"a" * 24, now - 5, b"b" * 24, now - 1, b"c" * 3))
+    cache = helpers.NonceCache(window=30)
+    cache.persist(path)
+    assert not cache.add("b" * 24, now)  # seen before the "restart"
+    assert cache.add("a" * 24, now)  # older than two windows: dropped (stale anyway)
+    assert cache.add("d" * 24, now)
+    cache.close()
+    again = helpers.NonceCache(window=30)
+    again.persist(path)
+    assert not again.add("d" * 24, now + 1) and not again.add("a" * 24, now + 1)
+    assert b"c" * 3 not in open(path, "rb").read()
+    monkeypatch.setattr(helpers, "NONCE_COMPACT_LINES", 100)
+    for i in range(1000):  # each outlives the window by the next one
+        assert again.add(f"{i:024x}", now + 100 * i)
+    lines = open(path, "rb").read().count(b"\n")
+    assert lines <= 200, lines
+    again.close()
+
+
+@pytest.mark.skipif(helpers.boot_id() is None, reason="no boot id on this system")
+def test_after_a_machine_restart_frames_sent_before_it_wait_one_window(tmp_path):
+    """Nonces are written without fsync, so a machine crash may lose the
+    last ones: after a restart (a new boot id) frames stamped before the
+    start are refused, as busy, for one window; later ones are served."""
+    path = tmp_path / "dispatcher-nonces"
+    path.write_bytes(b"boot 00000000-0000-0000-0000-000000000000\n")
+    cache = helpers.NonceCache(window=30)
+    cache.persist(str(path))
+    now = time.time()
+    with pytest.raises(helpers.Busy, match="restarted"):
+        cache.add("f" * 24, now, sent=now - 10)
+    assert cache.add("f" * 24, now, sent=now + 1)  # a clock a little ahead
+    assert cache.add("e" * 24, now + 31, sent=now - 1)  # a window later: stale anyway
+    cache.close()
+    again = helpers.NonceCache(window=30)
+    again.persist(str(path))  # the same boot: no restart, no refusal
+    assert again.add("d" * 24, now, sent=now - 20)
+    again.close()
+
+
+def test_a_nonce_that_cannot_be_written_is_refused_for_now(tmp_path):
+    """Accepting a nonce the file does not hold would let its frame be
+    replayed after a restart: the sender is told busy instead."""
+    cache = helpers.NonceCache(window=30)
+    cache.persist(str(tmp_path / "runner-nonces"))
+    os.close(cache._fd)
+    cache._fd = os.open(os.devnull, os.O_RDONLY)
+    with pytest.raises(helpers.Busy):
+        cache.add("e" * 24, time.time())
+    cache.close()
 
 
 @pytest.mark.parametrize("line", [

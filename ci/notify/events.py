@@ -1,0 +1,157 @@
+"""Events: what a receiver is told of one decision, and its encodings for
+each kind of receiver (a webhook's JSON body and signature, a command's
+environment).  Pure.
+
+An event is a plain dict so that the journal can hold it as it is and a
+restart can send exactly the bytes a first try would have sent: every fact
+is fixed when the event is made (``build_event``), never at delivery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import time
+
+import helpers
+from ci.notify.decider import Decision
+
+# The result header passed on stdin and stored with each event.
+MAX_HEADER = 8 * 1024
+
+# Environment variables never passed to a notify command: the cluster
+# secret, our own namespace (so inherited values cannot pose as facts), and
+# names that usually hold credentials.
+SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "_KEY")
+
+
+def _int(value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def commit_url(dashboard_url: str | None, commit: str) -> str:
+    """``--dashboard-url`` with ``{commit}`` filled in ("" without one)."""
+    if not dashboard_url:
+        return ""
+    return dashboard_url.replace("{commit}", commit)
+
+
+# Each kind's line ({about}: the commit, subject and author; {counts}: the
+# failures or the verdict's reason).
+TEXTS = {
+    "broken": "{branch} is broken by {about}: {counts}",
+    "fixed": "{branch} is fixed by {about}: {tests} tests pass",
+    "still-failing": "{branch} is still failing at {about}: {counts}",
+    "passed": "{branch}: {about} passed, {tests} tests",
+    "failed": "{branch}: {about} failed: {counts}",
+}
+
+
+def event_text(event: dict) -> str:
+    """One human line, as chat tools show it."""
+    short = event["commit"][:12]
+    who = ", ".join(part for part in (f'"{event["subject"]}"' if event["subject"] else "",
+                                      event["author"]) if part)
+    about = f"{short} ({who})" if who else short
+    counts = (f"{event['failures']} failures, {event['errors']} errors of "
+              f"{event['tests']} tests")
+    if event["verdict"] in ("error", "timeout"):
+        counts = f"verdict {event['verdict']}" + (f": {event['reason']}" if event["reason"]
+                                                   else "")
+    elif event["verdict"] == "failed":
+        counts = f"verdict failed: {counts}"
+    template = TEXTS.get(event["event"], TEXTS["failed"])
+    text = template.format(branch=event["branch"], about=about, counts=counts,
+                           tests=event["tests"])
+    if event["retest"]:
+        text = f"retest: {text} (was {event['previous_verdict']})"
+    if event["url"]:
+        text += f" {event['url']}"
+    return text
+
+
+def build_event(decision: Decision, results_dir: str, dashboard_url: str | None,
+                targets: list[str], now: float | None = None) -> dict:
+    """The event record: everything a receiver is given, plus what delivery
+    needs (targets, creation time, the result header)."""
+    result = decision.result
+    fields = result.fields
+    event = {
+        "id": decision.event_id,
+        "event": decision.kind,
+        "branch": result.branch or "",
+        "commit": result.commit,
+        "previous": result.previous or "",
+        "verdict": result.verdict,
+        "previous_verdict": decision.previous_verdict or "",
+        "retest": decision.retest,
+        "subject": helpers.one_line(str(fields.get("subject", "")), 300),
+        "author": helpers.one_line(str(fields.get("author", "")), 200),
+        "tests": _int(fields.get("tests")),
+        "failures": _int(fields.get("failures")),
+        "errors": _int(fields.get("errors")),
+        "reason": helpers.one_line(str(fields.get("reason", "")), 300),
+        "result_file": os.path.join(results_dir, result.commit),
+        "url": commit_url(dashboard_url, result.commit),
+        "created": time.time() if now is None else now,
+    }
+    event["text"] = event_text(event)
+    header = {"commit": result.commit}
+    header.update((k, v) for k, v in fields.items() if k != "commit")
+    event["header"] = helpers.encode_fields(header).decode("utf-8")[:MAX_HEADER]
+    event["targets"] = list(targets)
+    return event
+
+
+PAYLOAD_KEYS = ("id", "event", "branch", "commit", "previous", "verdict", "previous_verdict",
+                "retest", "subject", "author", "tests", "failures", "errors", "reason",
+                "result_file", "url", "text")
+# What a journalled event must hold to be sent again after a restart.
+EVENT_KEYS = frozenset(PAYLOAD_KEYS) | {"created", "header", "targets"}
+
+
+def webhook_body(event: dict) -> bytes:
+    """The JSON a webhook is POSTed: the payload keys, ``created`` in UTC."""
+    payload = {key: event[key] for key in PAYLOAD_KEYS}
+    payload["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event["created"]))
+    return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+
+def signature(secret: bytes, body: bytes) -> str:
+    """The ``X-CI-Signature-256`` header value, GitHub's scheme."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def command_environment(event: dict, base: dict) -> dict:
+    """The notify command's environment: ours without secrets, plus the facts."""
+    env = {k: v for k, v in base.items()
+           if not k.startswith("CI_") and not any(w in k.upper() for w in SECRET_WORDS)}
+    facts = {"CI_EVENT": event["event"], "CI_EVENT_ID": event["id"],
+             "CI_BRANCH": event["branch"], "CI_COMMIT": event["commit"],
+             "CI_PREVIOUS": event["previous"], "CI_VERDICT": event["verdict"],
+             "CI_PREVIOUS_VERDICT": event["previous_verdict"],
+             "CI_RETEST": "1" if event["retest"] else "0",
+             "CI_SUBJECT": event["subject"], "CI_AUTHOR": event["author"],
+             "CI_TESTS": str(event["tests"]), "CI_FAILURES": str(event["failures"]),
+             "CI_ERRORS": str(event["errors"]), "CI_REASON": event["reason"],
+             "CI_RESULT_FILE": event["result_file"], "CI_TEXT": event["text"]}
+    if event["url"]:
+        facts["CI_URL"] = event["url"]
+    env.update({k: helpers.one_line(v, 2000) for k, v in facts.items()})
+    return env
+
+
+def short_id(event: dict) -> str:
+    """The event id as logs show it."""
+    return event["id"][:12]
+
+
+def describe(event: dict) -> str:
+    """The event as a log line names it: id, kind, branch and commit."""
+    return (f"{short_id(event)} ({event['event']} {event['branch']} of "
+            f"{event['commit'][:12]})")

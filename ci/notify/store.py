@@ -1,0 +1,172 @@
+"""The notification journal: every decision and every delivery, append-only,
+in the dispatcher's state folder, so that no event is lost or sent twice
+when a process dies.
+
+An event to send is fsynced before anyone tries to send it; a delivery is
+marked after a 2xx answer or exit status 0.  Replayed at start, it gives
+the decider back what it had decided and the workers what they had not
+delivered yet.  Compacted in place (an atomic rewrite) once it holds far
+more lines than that state needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from typing import Callable
+
+import helpers
+from ci.notify.events import EVENT_KEYS
+
+log = logging.getLogger(__name__)
+
+# The journal is rewritten once it holds this many more records than needed.
+COMPACT_SLACK = 1000
+JOURNAL_NAME = "notifications.journal"
+
+
+class EventStore:
+    """The notification journal: JSON lines, append-only.
+
+    ``{"j": commit, "v": verdict, "n": n, "k": kind, "e": event|null}``
+    records a decision; ``{"ok": id, "t": target}`` a delivery and
+    ``{"gave_up": id, "t": target}`` a target given up on.  A torn last
+    line is skipped.  ``records`` counts lines so the owner knows when to
+    compact.  ``judged`` is the decider's map (commit -> (verdict, n)).
+
+    The lock guards the file handle and the pending maps: delivery threads
+    mark events while the decision thread appends and compacts."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lock = threading.Lock()
+        self.judged: dict[str, tuple[str, int]] = {}
+        self.events: dict[str, dict] = {}       # id -> undelivered event, in order
+        self.remaining: dict[str, set[str]] = {}  # id -> targets still to deliver to
+        self.records = 0
+        self._handle = None
+
+    def load(self) -> bool:
+        """Replay the journal; False if there was none."""
+        try:
+            with open(self.path, "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            return False
+        for raw in data.split(b"\n"):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                log.warning("skipped an unreadable journal line")
+                continue
+            if not isinstance(record, dict):
+                continue
+            self.records += 1
+            self._apply(record)
+        return True
+
+    def _apply(self, record: dict) -> None:
+        """One record's effect on the maps; a malformed one is ignored, as
+        replay must get past anything a torn or old write left."""
+        if "j" in record:
+            commit = record["j"]
+            try:
+                self.judged[commit] = (str(record.get("v", "")), int(record.get("n", 0)))
+            except (TypeError, ValueError):
+                return
+            event = record.get("e")
+            if isinstance(event, dict) and EVENT_KEYS <= event.keys() and isinstance(
+                    event["targets"], list) and isinstance(event["created"], (int, float)):
+                self.events[event["id"]] = event
+                self.remaining[event["id"]] = set(event.get("targets", []))
+                self._settle(event["id"])
+        elif "ok" in record or "gave_up" in record:
+            event_id = record.get("ok") or record.get("gave_up")
+            if event_id in self.remaining:
+                self.remaining[event_id].discard(record.get("t"))
+                self._settle(event_id)
+
+    def _settle(self, event_id: str) -> None:
+        if not self.remaining.get(event_id):
+            self.remaining.pop(event_id, None)
+            self.events.pop(event_id, None)
+
+    def open(self) -> None:
+        with self.lock:
+            if self._handle is None:
+                self._handle = open(self.path, "ab")
+
+    def append(self, records: list[dict], sync: bool) -> None:
+        """Write records (and apply them); with ``sync`` they are on disk
+        when this returns."""
+        if not records:
+            return
+        data = _encode(records)
+        with self.lock:
+            if self._handle is None:
+                raise OSError("the notification journal is closed")
+            for record in records:
+                self._apply(record)
+            self._handle.write(data)
+            self._handle.flush()
+            if sync:
+                os.fsync(self._handle.fileno())
+            self.records += len(records)
+
+    def mark(self, event_id: str, target: str, outcome: str = "ok") -> None:
+        """``target`` is done with the event: ``ok`` or ``gave_up``."""
+        self.append([{outcome: event_id, "t": target}], sync=True)
+
+    def pending(self) -> list[dict]:
+        """The undelivered events, oldest first, each naming only the
+        targets it still has to reach."""
+        with self.lock:
+            return self._undelivered()
+
+    def _undelivered(self) -> list[dict]:
+        """``pending`` for a caller that holds the lock."""
+        return [dict(e, targets=sorted(self.remaining[i])) for i, e in self.events.items()]
+
+    def should_compact(self) -> bool:
+        with self.lock:
+            return self.records > 2 * (len(self.judged) + len(self.events)) + COMPACT_SLACK
+
+    def compact(self, keep: Callable[[str], bool] = lambda commit: True) -> None:
+        """Atomically rewrite the journal with what is still needed: the
+        last decision per commit (dropping commits ``keep`` refuses, e.g.
+        whose result file is gone) and the undelivered events."""
+        with self.lock:
+            for commit in [c for c in self.judged if not keep(c)]:
+                del self.judged[commit]
+            # Undelivered events first (they outlive their result file's
+            # removal), then the last decision per commit, which wins on replay.
+            lines = [{"j": e["commit"], "v": e["verdict"], "n": 0, "e": e}
+                     for e in self._undelivered()]
+            lines.extend({"j": commit, "v": verdict, "n": n}
+                         for commit, (verdict, n) in self.judged.items())
+            helpers.atomic_write(self.path, _encode(lines))
+            if self._handle:
+                self._handle.close()
+            self._handle = open(self.path, "ab")
+            self.records = len(lines)
+
+    def close(self) -> None:
+        with self.lock:
+            if self._handle:
+                try:
+                    self._handle.flush()
+                    os.fsync(self._handle.fileno())
+                except OSError:
+                    log.exception("cannot flush the journal")
+                self._handle.close()
+                self._handle = None
+
+
+def _encode(records: list[dict]) -> bytes:
+    """Journal lines, one record each: JSON escapes a newline inside a
+    string, so a record can never span two lines."""
+    return b"".join(json.dumps(r, ensure_ascii=True).encode() + b"\n" for r in records)
