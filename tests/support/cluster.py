@@ -251,9 +251,13 @@ class Cluster:
 def project_copy(dest) -> str:
     """A copy of the runner's files at ``dest`` that any user can read
     (folders 755, files 644), for daemons started as an unprivileged user:
-    this clone may lie in a folder only root can enter."""
+    this clone may lie in a folder only root can enter.  Made once: a
+    later call leaves it alone, as daemons started from it may still
+    import from it (a rewrite would hand them half a module)."""
     import glob
     import shutil
+    if os.path.isdir(str(dest)):
+        return str(dest)
     for pattern in PROJECT_FILES:
         for source in glob.glob(os.path.join(glob.escape(ROOT), pattern), recursive=True):
             target = os.path.join(str(dest), os.path.relpath(source, ROOT))
