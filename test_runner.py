@@ -37,6 +37,7 @@ from ci import results
 from ci import sharding
 from ci import state_schema
 from ci.runner import user_sandbox
+from ci.runner import user_access
 from helpers import Message
 
 log = logging.getLogger(__name__)
@@ -1127,6 +1128,11 @@ def main(argv=None) -> int:
             os.chmod(state_dir, 0o711)
             if runner.preparer.cache is not None:
                 os.chmod(runner.preparer.cache.folder, 0o711)
+            # A test user that cannot run or read what it is handed would
+            # turn every commit's verdict into "error": refuse to start.
+            user_access.provide_recorder(state_dir)
+            user_access.check_test_user(test_user, repo, runner.preparer, runner.test_command,
+                                        child_env(test_user))
         server = bind_server(args.host, args.port, runner.commands, security,
                              args.max_connections)
     except helpers.ConfigError as exc:

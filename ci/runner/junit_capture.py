@@ -30,6 +30,17 @@ log = logging.getLogger(__name__)
 # The repository root: this file is ci/runner/junit_capture.py.
 RECORDER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                         "ci_support", "unittest_recorder.py")
+
+
+def use_recorder(path: str) -> None:
+    """Run the recorder from ``path`` from now on: with --test-user, the
+    runner's copy in its state folder, which the test user can read when
+    the runner's own code lies where it cannot (see user_access).  One
+    runner per process, so one module-wide setting."""
+    global RECORDER
+    RECORDER = path
+
+
 # Files a --junit-xml pattern may match: enough for one file per test module.
 MAX_FILES = 200
 

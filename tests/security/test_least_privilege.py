@@ -27,7 +27,7 @@ from ci import auth
 import helpers
 from ci import results
 from support.cluster import (FAILING_TEST, PASSING_TEST, PY, ROOT, Cluster, Daemon, Upstream, git,
-                      free_port, wait_for_port, wait_until)
+                      free_port, project_copy, wait_for_port, wait_until)
 from support.users import new_test_user
 from helpers import Message
 
@@ -709,7 +709,8 @@ def hostile_cluster(request, test_user: bool):
         else:
             os.chown(key_file, nobody.pw_uid, nobody.pw_gid)
             port = free_port()
-            args = [SYSTEM_PYTHON, os.path.join(ROOT, "test_runner.py"), "--host", LOOPBACK,
+            code = project_copy(base / "ci")   # the runner's files, readable by the user
+            args = [SYSTEM_PYTHON, os.path.join(code, "test_runner.py"), "--host", LOOPBACK,
                     "--port", str(port), "--dispatcher-server", cluster.dispatcher_address,
                     "--heartbeat", "0.5", "--retry-max", "0.5", "--log-level", "DEBUG",
                     *common, clone]

@@ -21,6 +21,14 @@ import helpers  # noqa: E402
 from ci import results  # noqa: E402
 
 PY = sys.executable
+# A runner with --test-user runs under a Python that user can execute too
+# (its environments and default test command use the runner's Python; it
+# refuses to start otherwise), and this machine's own may lie in root's
+# home, which the test user cannot enter.
+SYSTEM_PYTHON = "/usr/bin/python3"
+# The files a runner needs to run: a copy of them is what a runner started
+# as an unprivileged user runs, since this clone may be private to root.
+PROJECT_FILES = ("*.py", "*.sh", "ci/**/*.py", "ci_support/*.py")
 GIT_ENV = {"GIT_AUTHOR_NAME": "CI Test", "GIT_AUTHOR_EMAIL": "ci@example.invalid",
            "GIT_COMMITTER_NAME": "CI Test", "GIT_COMMITTER_EMAIL": "ci@example.invalid"}
 
@@ -164,10 +172,10 @@ class Cluster:
     def dispatcher_address(self) -> str:
         return f"127.0.0.1:{self.dispatcher_port}"
 
-    def _start(self, name, script, args, env=None) -> Daemon:
+    def _start(self, name, script, args, env=None, python=PY) -> Daemon:
         self._n += 1
         log_path = str(self.tmp / f"{self._n:02d}-{name}.log")
-        daemon = Daemon(name, [PY, os.path.join(ROOT, script), *args], log_path,
+        daemon = Daemon(name, [python, os.path.join(ROOT, script), *args], log_path,
                         str(self.tmp), env or self.env)
         self.daemons.append(daemon)
         return daemon
@@ -189,7 +197,8 @@ class Cluster:
         args = ["--host", "127.0.0.1", "--port", str(port),
                 "--dispatcher-server", self.dispatcher_address, "--heartbeat", "0.5",
                 "--retry-max", "0.5", "--log-level", "DEBUG", *extra, clone]
-        daemon = self._start(f"runner-{port}", "test_runner.py", args, env)
+        python = SYSTEM_PYTHON if "--test-user" in extra else PY
+        daemon = self._start(f"runner-{port}", "test_runner.py", args, env, python)
         daemon.port = port
         daemon.clone = clone
         if wait:
@@ -237,6 +246,27 @@ class Cluster:
             daemon.close()
         for other in self.closers:
             other.close()
+
+
+def project_copy(dest) -> str:
+    """A copy of the runner's files at ``dest`` that any user can read
+    (folders 755, files 644), for daemons started as an unprivileged user:
+    this clone may lie in a folder only root can enter.  Made once: a
+    later call leaves it alone, as daemons started from it may still
+    import from it (a rewrite would hand them half a module)."""
+    import glob
+    import shutil
+    if os.path.isdir(str(dest)):
+        return str(dest)
+    for pattern in PROJECT_FILES:
+        for source in glob.glob(os.path.join(glob.escape(ROOT), pattern), recursive=True):
+            target = os.path.join(str(dest), os.path.relpath(source, ROOT))
+            os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+            shutil.copyfile(source, target)
+            os.chmod(target, 0o644)
+    for folder, _dirs, _files in os.walk(str(dest)):
+        os.chmod(folder, 0o755)
+    return str(dest)
 
 
 def wait_for_port(port: int, daemon: Daemon | None = None, timeout: float = 15) -> None:

@@ -1,0 +1,164 @@
+"""--test-user start-up checks (user_access): a runner whose test user
+cannot execute its interpreters or reach the clone and the environment
+folder refuses to start with one line that says what and why, before it
+registers with a dispatcher; and a runner whose own code lies where only
+root can go still runs its tests (it hands the test user a copy of the
+recorder).  Root only: the runner switches to the user 'nobody'."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+
+import pytest
+
+import helpers
+from support.cluster import (PASSING_TEST, ROOT, SYSTEM_PYTHON, Cluster, Daemon,
+                             Upstream, free_port, project_copy, wait_for_port, wait_until)
+
+LOOPBACK = "127.0.0.1"
+
+
+def nobody_base(request):
+    """A folder 'nobody' can traverse, with a root-only folder 'private'
+    holding a link to a Python (which 'nobody' therefore cannot execute),
+    an upstream with one passing test and a clone that belongs to
+    'nobody'; returns (base, upstream, clone, the user)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (to run processes as an unprivileged user)")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("needs a user 'nobody'")
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"needs {SYSTEM_PYTHON}")
+    base = pathlib.Path(tempfile.mkdtemp(prefix="ci-startup-"))
+    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
+    os.chmod(base, 0o755)
+    (base / "private").mkdir(mode=0o700)
+    os.symlink(SYSTEM_PYTHON, base / "private" / "python3")
+    upstream = Upstream(base / "upstream")
+    upstream.commit({"tests/test_sample.py": PASSING_TEST}, "initial")
+    clone = own_clone(upstream, base / "clone", nobody)
+    return base, upstream, clone, nobody
+
+
+def own_clone(upstream, path, user) -> str:
+    clone = upstream.clone(path)
+    for folder, _dirs, files in os.walk(clone):
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        for name in files:
+            os.lchown(os.path.join(folder, name), user.pw_uid, user.pw_gid)
+    return clone
+
+
+def start_runner(request, python, clone, state, dispatcher_port, *extra):
+    """A runner started as root with --test-user nobody, ended by PID."""
+    args = [python, os.path.join(ROOT, "test_runner.py"), "--host", LOOPBACK, "--port",
+            str(free_port()), "--dispatcher-server", f"{LOOPBACK}:{dispatcher_port}",
+            "--test-user", "nobody", "--state-dir", str(state), "--heartbeat", "0.5",
+            "--retry-max", "0.2", "--dispatcher-timeout", "5", *extra, str(clone)]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def end():
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+        proc.communicate(timeout=10)
+    request.addfinalizer(end)
+    return proc
+
+
+def case_setup(case: str, base: pathlib.Path, clone: str, nobody):
+    """(the runner's Python, its clone, extra flags, expected line) for
+    each thing the test user cannot use."""
+    private = base / "private"
+    python = str(private / "python3")
+    closed = f"{private} is mode 700 (owner root)"
+    if case == "runner python":
+        return python, clone, [], (f"test user nobody cannot execute {python} (the runner's "
+                                   f"Python, which its environments and default test "
+                                   f"command use): {closed}")
+    if case == "test command":
+        return SYSTEM_PYTHON, clone, ["--ignore-repo-recipe", "--test-command",
+                                      f"{python} -m unittest discover -s tests"], \
+            f"test user nobody cannot execute {python} (the test command): {closed}"
+    if case == "script interpreter":
+        script = base / "run-tests"
+        script.write_text(f"#!{python}\nimport unittest\nunittest.main(module=None)\n")
+        script.chmod(0o755)
+        return SYSTEM_PYTHON, clone, ["--ignore-repo-recipe", "--test-command", str(script)], \
+            (f"test user nobody cannot execute {python} (the interpreter of {script}, the "
+             f"test command): {closed}")
+    if case == "clone":
+        hidden = own_clone_in(base, private, nobody)
+        return SYSTEM_PYTHON, hidden, [], (f"test user nobody cannot enter and change "
+                                           f"{hidden} (the clone): {closed}")
+    assert case == "environment folder"
+    return SYSTEM_PYTHON, clone, ["--env-dir", str(private / "envs")], \
+        (f"test user nobody cannot pass through {private / 'envs'} (the environment "
+         f"folder): {closed}")
+
+
+def own_clone_in(base, folder, nobody) -> str:
+    upstream = Upstream(base / "upstream2")
+    upstream.commit({"tests/test_sample.py": PASSING_TEST}, "initial")
+    return own_clone(upstream, folder / "clone", nobody)
+
+
+@pytest.mark.parametrize("case", ["runner python", "test command", "script interpreter",
+                                  "clone", "environment folder"])
+def test_a_runner_whose_test_user_cannot_use_what_it_needs_refuses_to_start(request, case):
+    """Without the check such a runner started and gave every commit the
+    verdict 'error' ("cannot start test command: Permission denied")."""
+    base, _upstream, clone, nobody = nobody_base(request)
+    python, clone, extra, expected = case_setup(case, base, clone, nobody)
+    # A dispatcher's port that only counts who connects.
+    listener = socket.create_server((LOOPBACK, 0))
+    request.addfinalizer(listener.close)
+    proc = start_runner(request, python, clone, base / "state", listener.getsockname()[1],
+                        *extra)
+    wait_until(lambda: proc.poll() is not None, 15, what="the runner to exit")
+    _out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 2, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("test_runner: error:")]
+    assert errors == [f"test_runner: error: {expected}"], err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    listener.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        listener.accept()   # it never tried to register
+
+
+def test_a_runner_whose_code_only_root_can_read_hands_its_test_user_the_recorder(request):
+    """The runner's own files in a folder only root may enter (a clone in
+    root's home): the test user runs the recorder from the runner's copy
+    in the state folder, and the commit passes (it was 'error':
+    "can't open file .../unittest_recorder.py: Permission denied")."""
+    base, upstream, clone, _nobody = nobody_base(request)
+    code = project_copy(base / "private" / "ci")
+    cluster = Cluster(base, upstream)
+    request.addfinalizer(cluster.close)
+    cluster.start_dispatcher()
+    port = free_port()
+    args = [SYSTEM_PYTHON, os.path.join(code, "test_runner.py"), "--host", LOOPBACK,
+            "--port", str(port), "--dispatcher-server", cluster.dispatcher_address,
+            "--heartbeat", "0.5", "--retry-max", "0.5", "--log-level", "DEBUG",
+            "--test-user", "nobody", "--state-dir", str(base / "state"), "--ignore-repo-recipe",
+            "--test-command", f"{SYSTEM_PYTHON} -m unittest discover -s tests", clone]
+    daemon = Daemon("runner", args, str(base / "runner.log"), str(base), cluster.env)
+    cluster.daemons.append(daemon)
+    wait_for_port(port, daemon)
+    commit = upstream.commit({"tests/test_more.py": PASSING_TEST.replace("TestSample",
+                                                                          "TestMore")}, "more")
+    reply = helpers.call((LOOPBACK, cluster.dispatcher_port), "dispatch", commit, timeout=5)
+    assert reply.command == "ok", reply
+    fields = cluster.result(commit, 60)
+    assert fields["verdict"] == "passed", fields["output"][-3000:]
+    assert fields["tests"] == "2", fields
+    recorder = base / "state" / "ci_support" / "unittest_recorder.py"
+    assert recorder.stat().st_uid == 0 and recorder.stat().st_mode & 0o777 == 0o644
