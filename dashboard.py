@@ -33,6 +33,10 @@ from ci.dashboard import index as dashboard_index
 from ci.dashboard import pages
 from ci.dashboard.app import Dashboard, Response
 from ci.dashboard.live import LiveState
+from ci.config import (ArgumentParser, ConfigError, add_common_arguments, add_per_client_argument,
+    check_per_client, configure_logging)
+from ci.security import is_loopback, security_from_args
+from ci.wire import one_line, parse_address, read_secret_file
 
 log = logging.getLogger("dashboard")
 
@@ -81,7 +85,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             pass
 
     def log_message(self, fmt, *args) -> None:
-        log.info("%s %s", self.address_string(), helpers.one_line(fmt % args, 300))
+        log.info("%s %s", self.address_string(), one_line(fmt % args, 300))
 
     def log_request(self, code="-", size="-") -> None:
         path = getattr(self, "path", "") or ""
@@ -89,7 +93,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         # Open pages poll once a second: successes only at DEBUG.
         level = logging.INFO if isinstance(code, int) and code >= 400 else logging.DEBUG
         log.log(level, "%s %s %s %s", self.address_string(),
-                helpers.one_line(self.command or "", 10), helpers.one_line(path, 200), code)
+                one_line(self.command or "", 10), one_line(path, 200), code)
 
     def _refuse_method(self) -> None:
         self._send(Response(405, b"read-only: GET and HEAD only\n", "text/plain; charset=utf-8",
@@ -132,7 +136,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except ValueError:
             self._send(Response(400, b"bad request\n", "text/plain; charset=utf-8"))
         except Exception:
-            log.exception("internal error serving %s", helpers.one_line(self.path, 200))
+            log.exception("internal error serving %s", one_line(self.path, 200))
             self._send(Response(500, b"internal error\n", "text/plain; charset=utf-8"))
 
     def _host_allowed(self) -> bool:
@@ -145,7 +149,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return True  # an HTTP/1.0 client; browsers always send one
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         name = name.strip("[]").lower()
-        return helpers.is_loopback(name) or name == self.server.bind_host.lower()
+        return is_loopback(name) or name == self.server.bind_host.lower()
 
     def _authorised(self) -> bool:
         token = self.server.token
@@ -281,8 +285,8 @@ class DashboardServer(helpers.ConnectionCap, http.server.ThreadingHTTPServer):
 # --------------------------------------------------------------------------
 # Entry point.
 
-def build_parser() -> helpers.ArgumentParser:
-    parser = helpers.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         description="Serve a read-only web dashboard of the CI's results and live state.")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on (default: %(default)s; another than "
@@ -305,13 +309,13 @@ def build_parser() -> helpers.ArgumentParser:
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                         help="HTTP connections served at once; more get 503 "
                              "(default: %(default)s)")
-    helpers.add_per_client_argument(parser, "HTTP connections (slow, half-sent requests "
+    add_per_client_argument(parser, "HTTP connections (slow, half-sent requests "
                                     "included)")
     parser.add_argument("--scan-interval", type=float, default=dashboard_index.SCAN_INTERVAL,
                         metavar="SECONDS",
                         help="look for new result files at most this often "
                              "(default: %(default)s)")
-    helpers.add_common_arguments(parser, server=False)
+    add_common_arguments(parser, server=False)
     return parser
 
 
@@ -319,37 +323,37 @@ def load_token(path: str | None) -> bytes | None:
     if not path:
         return None
     try:
-        return helpers.read_secret_file(path, "token file", shortest=16)
+        return read_secret_file(path, "token file", shortest=16)
     except ValueError as exc:
-        raise helpers.ConfigError(str(exc)) from None
+        raise ConfigError(str(exc)) from None
 
 
 def make_server(args) -> DashboardServer:
     """Check the flags and build the server (not yet serving)."""
     for name in ("request_timeout", "scan_interval"):
         if getattr(args, name) <= 0:
-            raise helpers.ConfigError(f"--{name.replace('_', '-')} must be positive")
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     if args.max_connections < 1:
-        raise helpers.ConfigError("--max-connections must be at least 1")
-    helpers.check_per_client(args)
+        raise ConfigError("--max-connections must be at least 1")
+    check_per_client(args)
     if not 0 <= args.port < 65536:
-        raise helpers.ConfigError("--port must be 0-65535")
+        raise ConfigError("--port must be 0-65535")
     token = load_token(args.token_file)
-    if not helpers.is_loopback(args.host) and token is None and not args.insecure:
-        raise helpers.ConfigError(
+    if not is_loopback(args.host) and token is None and not args.insecure:
+        raise ConfigError(
             f"refusing to serve on {args.host} without --token-file: anyone who can reach "
             "the port could read every test's output. Give --token-file, or --insecure.")
     try:
-        dispatcher = helpers.parse_address(args.dispatcher_server)
+        dispatcher = parse_address(args.dispatcher_server)
     except ValueError as exc:
-        raise helpers.ConfigError(str(exc)) from None
-    security = helpers.security_from_args(args)
+        raise ConfigError(str(exc)) from None
+    security = security_from_args(args)
     if security.client_tls:
         # Only the dispatcher's certificate: a runner's must not pose as it.
         security.tls_server_role = "dispatcher"
     results = os.path.abspath(args.results_dir)
     if not os.path.isdir(results):
-        raise helpers.ConfigError(f"results folder {args.results_dir} does not exist")
+        raise ConfigError(f"results folder {args.results_dir} does not exist")
     index = dashboard_index.ResultIndex(results, args.scan_interval)
     app = Dashboard(index, LiveState(dispatcher, security))
     try:
@@ -357,16 +361,16 @@ def make_server(args) -> DashboardServer:
                                args.request_timeout, args.max_connections,
                                args.max_per_client)
     except OSError as exc:
-        raise helpers.ConfigError(f"cannot listen on {args.host}:{args.port}: "
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: "
                                   f"{exc.strerror or exc}") from None
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    helpers.configure_logging(args.log_level)
+    configure_logging(args.log_level)
     try:
         server = make_server(args)
-    except helpers.ConfigError as exc:
+    except ConfigError as exc:
         print(f"dashboard.py: error: {exc}", file=sys.stderr)
         return 2
     server.app.index.refresh(force=True)

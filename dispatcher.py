@@ -37,8 +37,14 @@ from ci import sharding
 from ci import state_schema
 from ci.dispatch.state import DispatcherState, Job, Runner
 from ci.notify import flags as notify_flags
-from helpers import Message, Reply
 from ci.dispatch.journal import BRANCH_RE, Journal, parse_meta_line, TOKEN_RE
+from ci.config import ArgumentParser, ConfigError, add_common_arguments, configure_logging
+from ci.files import ensure_dir
+from ci.results import VERDICTS
+from ci.security import (Security, check_bind_allowed, load_credentials, persist_nonces,
+    security_from_args)
+from ci.wire import (Message, ProtocolError, Reply, decode_fields, encode_fields, format_address,
+    one_line, parse_address, valid_commit, valid_full_commit)
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +93,7 @@ def commit_list(message: Message, command: str) -> list[str]:
     if not commits or len(commits) > MAX_COMMITS_PER_DISPATCH:
         raise Reply(f"usage: {command}:<commit> [<commit> ...] (1 to "
                     f"{MAX_COMMITS_PER_DISPATCH} full ids)")
-    bad = next((c for c in commits if not helpers.valid_full_commit(c)), None)
+    bad = next((c for c in commits if not valid_full_commit(c)), None)
     if bad is not None:
         raise Reply(f"invalid commit id {bad[:80]!r}: need a full 40- or 64-hex id")
     return commits
@@ -108,7 +114,7 @@ def parse_dispatch_body(body: bytes, commits: list[str]) -> dict:
 
 def commit_and_token(message: Message, command: str) -> tuple[str, str]:
     parts = message.argument.split(" ")
-    if len(parts) != 2 or not helpers.valid_full_commit(parts[0]) \
+    if len(parts) != 2 or not valid_full_commit(parts[0]) \
             or not TOKEN_RE.fullmatch(parts[1]):
         raise Reply(f"usage: {command}:<full commit id> <token>")
     return parts[0], parts[1]
@@ -119,10 +125,10 @@ def parse_results_message(message: Message) -> tuple[str, str, dict, bytes]:
     commit, token = commit_and_token(message, "results")
     try:
         raw, junit, output = results.split_results_body(message.body)
-    except helpers.ProtocolError as exc:
+    except ProtocolError as exc:
         raise Reply(str(exc)) from None
-    if raw.get("verdict") not in helpers.VERDICTS:
-        raise Reply(f"verdict must be one of {', '.join(helpers.VERDICTS)}")
+    if raw.get("verdict") not in VERDICTS:
+        raise Reply(f"verdict must be one of {', '.join(VERDICTS)}")
     fields = {"verdict": raw["verdict"]}
     for name in RESULT_INT_FIELDS:
         value = raw.get(name, "0")
@@ -138,7 +144,7 @@ def parse_results_message(message: Message) -> tuple[str, str, dict, bytes]:
     fields["duration"] = f"{duration:.3f}"
     for name in ("runner", "started", "reason", "subject", "author", "committed"):
         if name in raw:
-            fields[name] = helpers.one_line(raw[name], 300)
+            fields[name] = one_line(raw[name], 300)
     # How the runner readied the commit's environment.
     if raw.get("setup") in SETUP_STATES:
         fields["setup"] = raw["setup"]
@@ -153,7 +159,7 @@ def parse_results_message(message: Message) -> tuple[str, str, dict, bytes]:
 
 
 class Dispatcher:
-    def __init__(self, state: DispatcherState, security: helpers.Security,
+    def __init__(self, state: DispatcherState, security: Security,
                  ping_interval: float, ping_misses: int, ping_timeout: float,
                  job_timeout: float | None, workers: int,
                  prefetch_runners: int = DEFAULT_PREFETCH_RUNNERS):
@@ -182,20 +188,20 @@ class Dispatcher:
 
     # ---- handlers (run on request threads: short, no network I/O) --------
     def do_status(self, message: Message, peer: str) -> Message:
-        return Message("ok", "", helpers.encode_fields(self.state.status()))
+        return Message("ok", "", encode_fields(self.state.status()))
 
     def do_state(self, message: Message, peer: str) -> Message:
         return Message("ok", "", self.state.describe())
 
     def do_log(self, message: Message, peer: str) -> Message:
-        if not helpers.valid_full_commit(message.argument):
+        if not valid_full_commit(message.argument):
             raise Reply("usage: log:<full commit id>")
         tail = self.state.log_tail(message.argument)
         return Message("ok", "idle") if tail is None else Message("ok", "running", tail)
 
     def do_register(self, message: Message, peer: str) -> Message:
         try:
-            address = helpers.parse_address(message.argument)
+            address = parse_address(message.argument)
         except ValueError as exc:
             raise Reply(str(exc)) from None
         fields = self._fields(message.body)
@@ -278,12 +284,12 @@ class Dispatcher:
     @staticmethod
     def _fields(body: bytes) -> dict:
         try:
-            return helpers.decode_fields(body, max_fields=8)
-        except helpers.ProtocolError as exc:
+            return decode_fields(body, max_fields=8)
+        except ProtocolError as exc:
             raise Reply(str(exc)) from None
 
     # ---- talking to runners ----------------------------------------------
-    def _security_for(self, runner_name: str | None) -> helpers.Security:
+    def _security_for(self, runner_name: str | None) -> Security:
         """Sign with the runner's own key: it holds nothing else."""
         keyring = self.security.keyring
         if isinstance(keyring, auth.MasterKeyring):
@@ -323,7 +329,7 @@ class Dispatcher:
                                  job.request, security=self._security_for(job.name),
                                  timeout=self.ping_timeout * 3,
                                  reply_timeout=self.ping_timeout * 3)
-        except (OSError, helpers.ProtocolError) as exc:
+        except (OSError, ProtocolError) as exc:
             log.warning("could not send %s to %s: %s", job.commit[:12], job.runner, exc)
             self.state.assignment_failed(job, "refused" if refused(exc) else "error")
             return
@@ -345,11 +351,11 @@ class Dispatcher:
         try:
             reply = helpers.call(address, "fetch", security=self._security_for(name),
                                  timeout=self.ping_timeout, reply_timeout=self.ping_timeout)
-            log.debug("fetch on %s: %s %s", helpers.format_address(address), reply.command,
+            log.debug("fetch on %s: %s %s", format_address(address), reply.command,
                       reply.argument)
-        except (OSError, helpers.ProtocolError) as exc:
+        except (OSError, ProtocolError) as exc:
             # Only a hint; the health sweep deals with a runner that is gone.
-            log.debug("fetch on %s not sent: %s", helpers.format_address(address), exc)
+            log.debug("fetch on %s not sent: %s", format_address(address), exc)
 
     def _health_loop(self) -> None:
         while not self.stop_event.wait(self.ping_interval):
@@ -394,8 +400,8 @@ class Dispatcher:
             reply = helpers.call(runner.address, "ping",
                                  security=self._security_for(runner.name),
                                  timeout=self.ping_timeout, reply_timeout=self.ping_timeout)
-            fields = helpers.decode_fields(reply.body) if reply.command == "ok" else {}
-        except (OSError, helpers.ProtocolError) as exc:
+            fields = decode_fields(reply.body) if reply.command == "ok" else {}
+        except (OSError, ProtocolError) as exc:
             log.debug("ping %s failed: %s", runner.key, exc)
             return ("refused" if refused(exc) else "timeout"), "", None, None
         if reply.command != "ok":
@@ -431,7 +437,7 @@ def runner_says(fields: dict) -> tuple[str | None, str | None]:
     ``register`` or ``ping`` fields: ``unknown`` for a malformed commit,
     no token for a malformed one."""
     busy = fields.get("busy") or None
-    if busy is not None and not helpers.valid_commit(busy):
+    if busy is not None and not valid_commit(busy):
         busy = "unknown"
     token = fields.get("job") or None
     return busy, token if token and TOKEN_RE.fullmatch(token) else None
@@ -453,13 +459,13 @@ def trusted_patterns(given: list[str] | None) -> tuple[str, ...]:
     characters)."""
     for pattern in given or ():
         if not BRANCH_RE.fullmatch(pattern):
-            raise helpers.ConfigError(f"--trusted-branch {pattern!r}: not a branch name or "
+            raise ConfigError(f"--trusted-branch {pattern!r}: not a branch name or "
                                       "pattern (no spaces or control characters)")
     return tuple(dict.fromkeys(given)) if given else jobspec.DEFAULT_TRUSTED_BRANCHES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = helpers.ArgumentParser(
+    parser = ArgumentParser(
         description="CI dispatcher: queues commits and hands them to test runners.")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on (default: %(default)s)")
@@ -514,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "third branch's (default: "
                              f"{' and '.join(jobspec.DEFAULT_TRUSTED_BRANCHES)})")
     notify_flags.add_arguments(parser)
-    helpers.add_common_arguments(parser)
+    add_common_arguments(parser)
     return parser
 
 
@@ -523,7 +529,7 @@ def default_state_dir(results_dir: str) -> str:
 
 
 def issue_key_main(argv) -> int:
-    parser = helpers.ArgumentParser(
+    parser = ArgumentParser(
         prog="dispatcher.py issue-key",
         description="Print (or write) the key file of one process, derived from the "
                     "dispatcher's master secret: give it to that process as --secret-file.")
@@ -539,9 +545,9 @@ def issue_key_main(argv) -> int:
                         help="write the key file here, mode 600 (default: print it)")
     args = parser.parse_args(argv)
     try:
-        master, key_id = helpers.load_credentials(args.secret_file)
+        master, key_id = load_credentials(args.secret_file)
         if master is None or key_id is not None:
-            raise helpers.ConfigError("issue-key needs the dispatcher's master secret "
+            raise ConfigError("issue-key needs the dispatcher's master secret "
                                       "(--secret-file or CI_SECRET), not an issued key")
         text = auth.format_key_file(args.role, args.name, master)
         if args.output:
@@ -550,14 +556,14 @@ def issue_key_main(argv) -> int:
                 handle.write(text)
         else:
             sys.stdout.write(text)
-    except (helpers.ConfigError, ValueError, OSError) as exc:
+    except (ConfigError, ValueError, OSError) as exc:
         print(f"dispatcher.py issue-key: error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
 def revoke_key_main(argv) -> int:
-    parser = helpers.ArgumentParser(
+    parser = ArgumentParser(
         prog="dispatcher.py revoke-key",
         description="Stop accepting an issued key (a running dispatcher notices within a "
                     "second). Issue the holder a key under a new name to let it back in.")
@@ -569,9 +575,9 @@ def revoke_key_main(argv) -> int:
     args = parser.parse_args(argv)
     state_dir = args.state_dir or default_state_dir(args.results_dir)
     try:
-        helpers.ensure_dir(state_dir, "state folder")
+        ensure_dir(state_dir, "state folder")
         auth.add_revocation(os.path.join(state_dir, REVOKED_FILE), args.name)
-    except (helpers.ConfigError, ValueError, OSError) as exc:
+    except (ConfigError, ValueError, OSError) as exc:
         print(f"dispatcher.py revoke-key: error: {exc}", file=sys.stderr)
         return 2
     print(f"revoked {args.name}")
@@ -603,34 +609,34 @@ def main(argv=None) -> int:
                      "for a runner (--role for others); 'dispatcher.py revoke-key NAME' "
                      "revokes one.")
     args = parser.parse_args(argv)
-    helpers.configure_logging(args.log_level)
+    configure_logging(args.log_level)
     try:
         for name in ("ping_interval", "ping_timeout", "job_timeout"):
             if getattr(args, name) is not None and getattr(args, name) <= 0:
-                raise helpers.ConfigError(f"--{name.replace('_', '-')} must be positive")
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         for name in ("ping_misses", "max_attempts", "workers", "max_shards"):
             if getattr(args, name) < 1:
-                raise helpers.ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= args.port < 65536:
-            raise helpers.ConfigError("--port must be 0-65535")
+            raise ConfigError("--port must be 0-65535")
         if args.restart_grace < 0:
-            raise helpers.ConfigError("--restart-grace must not be negative")
+            raise ConfigError("--restart-grace must not be negative")
         if args.max_shards > 100:
-            raise helpers.ConfigError("--max-shards must be at most 100")
+            raise ConfigError("--max-shards must be at most 100")
         if not 0 <= args.min_shard_seconds < 1e6:
-            raise helpers.ConfigError("--min-shard-seconds must be 0 or more")
+            raise ConfigError("--min-shard-seconds must be 0 or more")
         if not 0 <= args.prefetch_runners <= 1000:
-            raise helpers.ConfigError("--prefetch-runners must be 0-1000")
+            raise ConfigError("--prefetch-runners must be 0-1000")
         trusted = trusted_patterns(args.trusted_branch)
-        security = helpers.security_from_args(args)
-        helpers.check_bind_allowed(args.host, security, args.insecure)
-        results_dir = helpers.ensure_dir(os.path.abspath(args.results_dir), "results folder")
+        security = security_from_args(args)
+        check_bind_allowed(args.host, security, args.insecure)
+        results_dir = ensure_dir(os.path.abspath(args.results_dir), "results folder")
         state_dir = args.state_dir or default_state_dir(results_dir)
-        helpers.ensure_dir(state_dir, "state folder")
+        ensure_dir(state_dir, "state folder")
         if security.key_id:
-            raise helpers.ConfigError("the dispatcher's --secret-file must hold the master "
+            raise ConfigError("the dispatcher's --secret-file must hold the master "
                                       "secret, not an issued key")
-        helpers.persist_nonces(security, state_dir, "dispatcher")
+        persist_nonces(security, state_dir, "dispatcher")
         if security.secret:
             security.keyring = auth.MasterKeyring(
                 security.secret, auth.Revocations(os.path.join(state_dir, REVOKED_FILE)))
@@ -655,14 +661,14 @@ def main(argv=None) -> int:
                                            security, args.max_connections,
                                            auth.DISPATCHER_PERMISSIONS)
         except OSError as exc:
-            raise helpers.ConfigError(
+            raise ConfigError(
                 f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
-    except helpers.ConfigError as exc:
+    except ConfigError as exc:
         print(f"dispatcher: error: {exc}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
     log.info("dispatcher listening on %s, results in %s; secret %s, TLS %s; trusted "
-             "branches %s", helpers.format_address((host, port)), results_dir,
+             "branches %s", format_address((host, port)), results_dir,
              "on (master; issued keys accepted)" if security.secret else "off",
              "on (certificate roles checked)" if security.server_tls else "off",
              ", ".join(state.trusted_branches))

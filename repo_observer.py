@@ -39,7 +39,13 @@ import time
 
 import helpers
 from ci import procgroup
-from helpers import GitError, Message
+from ci.backoff import Backoff
+from ci.config import ArgumentParser, ConfigError, add_common_arguments, configure_logging
+from ci.files import atomic_write, ensure_dir
+from ci.git import GitError, run_git, script_path
+from ci.security import Security, check_bind_allowed, persist_nonces, security_from_args
+from ci.wire import (Message, ProtocolError, encode_fields, format_address, parse_address,
+    valid_full_commit)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +84,7 @@ def new_commits(repo: str, head: str, last: str | None) -> tuple[list[str], bool
     # oldest new commit's first parent shows, so one git process is enough
     # (every process on this path adds to the commit-to-result time).
     try:
-        out = helpers.run_git(repo, "rev-list", "--first-parent", "--reverse", "--parents",
+        out = run_git(repo, "rev-list", "--first-parent", "--reverse", "--parents",
                               head, f"^{last}")
     except GitError:
         out = ""  # ``last`` is gone: the check below says how
@@ -86,12 +92,12 @@ def new_commits(repo: str, head: str, last: str | None) -> tuple[list[str], bool
     if lines and lines[0][1:2] == [last]:
         return [line[0] for line in lines], False
     try:
-        helpers.run_git(repo, "merge-base", "--is-ancestor", last, head)
+        run_git(repo, "merge-base", "--is-ancestor", last, head)
     except GitError as exc:
         if exc.code in (1, 128):  # not an ancestor, or no longer known at all
             return [head], True
         raise
-    out = helpers.run_git(repo, "rev-list", "--first-parent", "--reverse", head, f"^{last}")
+    out = run_git(repo, "rev-list", "--first-parent", "--reverse", head, f"^{last}")
     return out.split(), False
 
 
@@ -100,7 +106,7 @@ def parse_heads(text: str) -> dict[str, str]:
     heads = {}
     for line in text.splitlines():
         commit, _, branch = line.partition(" ")
-        if helpers.valid_full_commit(commit) and branch and branch.isprintable() \
+        if valid_full_commit(commit) and branch and branch.isprintable() \
                 and " " not in branch:
             heads[branch] = commit
     return heads
@@ -109,18 +115,18 @@ def parse_heads(text: str) -> dict[str, str]:
 def own_commits(repo: str, head: str, others: list[str]) -> list[str]:
     """A new branch's commits that no other watched branch has, oldest
     first, on its first-parent line (for a branch made from main: its own)."""
-    out = helpers.run_git(repo, "rev-list", "--first-parent", "--reverse", head,
+    out = run_git(repo, "rev-list", "--first-parent", "--reverse", head,
                           *[f"^{other}" for other in others])
     return out.split()
 
 
 def first_parent(repo: str, commit: str) -> str | None:
     try:
-        parent = helpers.run_git(repo, "rev-parse", "--verify", "--quiet",
+        parent = run_git(repo, "rev-parse", "--verify", "--quiet",
                                  f"{commit}^1").strip()
     except GitError:
         return None  # a root commit
-    return parent if helpers.valid_full_commit(parent) else None
+    return parent if valid_full_commit(parent) else None
 
 
 def dispatch_body(commits: list[str], previous: str | None, branch: str) -> bytes:
@@ -150,19 +156,19 @@ class ObserverState:
             with open(path, "rb") as handle:
                 data = json.loads(handle.read() or b"{}")
             self.last = {b: c for b, c in data.get("last_dispatched", {}).items()
-                         if isinstance(b, str) and helpers.valid_full_commit(c)}
+                         if isinstance(b, str) and valid_full_commit(c)}
             # A state file from before "previous" was kept: the last
             # dispatched commit is the previous one.
             previous = data.get("previous", self.last)
             self.previous = {b: c for b, c in previous.items()
-                             if b in self.last and helpers.valid_full_commit(c)}
+                             if b in self.last and valid_full_commit(c)}
             recent = [c for c in data.get("recent", []) if isinstance(c, str)]
             self.recent = dict.fromkeys(recent[-RECENT_LIMIT:] + list(self.previous.values()))
             self.initialized = True
         except FileNotFoundError:
             pass
         except (OSError, ValueError, AttributeError, TypeError) as exc:
-            raise helpers.ConfigError(f"cannot read observer state {path}: {exc}") from None
+            raise ConfigError(f"cannot read observer state {path}: {exc}") from None
 
     def get(self, branch: str) -> str | None:
         with self._lock:
@@ -215,12 +221,12 @@ class ObserverState:
         """Caller holds the lock."""
         data = json.dumps({"last_dispatched": self.last, "previous": self.previous,
                            "recent": list(self.recent)}, indent=1, sort_keys=True)
-        helpers.atomic_write(self.path, data.encode())
+        atomic_write(self.path, data.encode())
 
 
 class Observer:
     def __init__(self, repo: str, patterns: list[str], dispatcher: tuple[str, int],
-                 poll: float, state: ObserverState, security: helpers.Security,
+                 poll: float, state: ObserverState, security: Security,
                  all_branches: bool = False,
                  new_branch_limit: int = DEFAULT_NEW_BRANCH_LIMIT):
         self.repo = repo
@@ -253,10 +259,10 @@ class Observer:
         fields = {"polls": self.polls}
         fields.update({f"branch_{i}": f"{b} {self.state.get(b) or '-'}"
                        for i, b in enumerate(self.state.branches()[:MAX_STATUS_BRANCHES])})
-        return Message("ok", "", helpers.encode_fields(fields))
+        return Message("ok", "", encode_fields(fields))
 
     def _loop(self) -> None:
-        backoff = helpers.Backoff(0.25, self.poll)
+        backoff = Backoff(0.25, self.poll)
         while not self.stop_event.is_set():
             self.wake.clear()
             started = time.monotonic()
@@ -266,10 +272,10 @@ class Observer:
                 # Fixed rate: a commit waits at most --poll for its poll, not
                 # --poll plus however long the fetch took.
                 delay = max(0.0, self.poll - (time.monotonic() - started))
-            except (OSError, helpers.ProtocolError, DispatcherRefused) as exc:
+            except (OSError, ProtocolError, DispatcherRefused) as exc:
                 delay = backoff.next()
                 log.warning("dispatcher %s unavailable (%s); backlog kept, retrying in "
-                            "%.1fs", helpers.format_address(self.dispatcher), exc, delay)
+                            "%.1fs", format_address(self.dispatcher), exc, delay)
             except GitError as exc:
                 delay = self.poll
                 log.warning("updating %s failed; next poll in %.1fs: %s", self.repo,
@@ -298,7 +304,7 @@ class Observer:
         for branch in order:
             try:
                 self._poll_branch(branch, watched, first_start)
-            except (OSError, helpers.ProtocolError):
+            except (OSError, ProtocolError):
                 raise
             except (GitError, DispatcherRefused) as exc:
                 log.warning("branch %s: %s; the other branches go on", branch, exc)
@@ -379,7 +385,7 @@ class Observer:
         exit can be awaited without reaping it: it is forgotten (under the
         lock stop() takes) before it is reaped, after which its PID may
         belong to someone else, whom stop() must not signal."""
-        cmd = ["bash", helpers.script_path("update_repo.sh"), self.repo]
+        cmd = ["bash", script_path("update_repo.sh"), self.repo]
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             with self._child_lock:
                 if self.stop_event.is_set():
@@ -417,7 +423,7 @@ class Observer:
             reply = helpers.call(self.dispatcher, "prefetch", security=self.security,
                                  timeout=PREFETCH_TIMEOUT, reply_timeout=PREFETCH_TIMEOUT)
             log.debug("prefetch: %s %s", reply.command, reply.argument)
-        except (OSError, helpers.ProtocolError) as exc:
+        except (OSError, ProtocolError) as exc:
             log.debug("prefetch not sent: %s", exc)
         except Exception:  # never worth losing the fetch running beside it
             log.exception("prefetch failed")
@@ -450,17 +456,17 @@ def default_branch(repo: str) -> str:
     for args in (("symbolic-ref", "--short", "refs/remotes/origin/HEAD"),
                  ("symbolic-ref", "--short", "HEAD")):
         try:
-            name = helpers.run_git(repo, *args).strip()
+            name = run_git(repo, *args).strip()
         except GitError:
             continue
         return name.removeprefix("origin/")
-    raise helpers.ConfigError(f"cannot tell the default branch of {repo}; give --branch")
+    raise ConfigError(f"cannot tell the default branch of {repo}; give --branch")
 
 
 # --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = helpers.ArgumentParser(
+    parser = ArgumentParser(
         description="CI repository observer: dispatches every new commit to the dispatcher.",
         epilog="For git hooks: repo_observer.py notify [--observer HOST:PORT] wakes a running "
                "observer at once (see 'repo_observer.py notify --help').")
@@ -488,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-dir",
                         help="folder for the last-dispatched state "
                              "(default: REPO/.git/ci-observer)")
-    helpers.add_common_arguments(parser)
+    add_common_arguments(parser)
     return parser
 
 
@@ -498,53 +504,53 @@ def main(argv=None) -> int:
         import hook_client
         return hook_client.main(argv[1:])
     args = build_parser().parse_args(argv)
-    helpers.configure_logging(args.log_level)
+    configure_logging(args.log_level)
     server = None
     try:
         if args.poll <= 0:
-            raise helpers.ConfigError("--poll must be positive")
+            raise ConfigError("--poll must be positive")
         try:
-            dispatcher = helpers.parse_address(args.dispatcher_server)
+            dispatcher = parse_address(args.dispatcher_server)
         except ValueError as exc:
-            raise helpers.ConfigError(str(exc)) from None
+            raise ConfigError(str(exc)) from None
         repo = os.path.abspath(args.repo)
         if not os.path.isdir(os.path.join(repo, ".git")):
-            raise helpers.ConfigError(f"{args.repo} is not a git clone (no .git folder)")
+            raise ConfigError(f"{args.repo} is not a git clone (no .git folder)")
         if args.all_branches and args.branch:
-            raise helpers.ConfigError("give --branch or --all-branches, not both")
+            raise ConfigError("give --branch or --all-branches, not both")
         if args.new_branch_limit < 1:
-            raise helpers.ConfigError("--new-branch-limit must be at least 1")
+            raise ConfigError("--new-branch-limit must be at least 1")
         branches = args.branch or ([] if args.all_branches else [default_branch(repo)])
         for pattern in branches:
             if not valid_pattern(pattern):
-                raise helpers.ConfigError(f"invalid branch name or pattern {pattern!r}")
-        security = helpers.security_from_args(args)
+                raise ConfigError(f"invalid branch name or pattern {pattern!r}")
+        security = security_from_args(args)
         if security.server_tls:
             # Hooks hold the observer's (or an operator's) certificate; the
             # dispatcher must present the dispatcher's.
             security.tls_client_roles = frozenset({"observer", "operator"})
             security.tls_server_role = "dispatcher"
-        state_dir = helpers.ensure_dir(args.state_dir or os.path.join(repo, ".git", "ci-observer"),
+        state_dir = ensure_dir(args.state_dir or os.path.join(repo, ".git", "ci-observer"),
                                        "state folder")
         state = ObserverState(os.path.join(state_dir, "state.json"))
         observer = Observer(repo, branches, dispatcher, args.poll, state, security,
                             args.all_branches, args.new_branch_limit)
         if not args.no_listen:
-            helpers.check_bind_allowed(args.host, security, args.insecure)
-            helpers.persist_nonces(security, state_dir, "observer")
+            check_bind_allowed(args.host, security, args.insecure)
+            persist_nonces(security, state_dir, "observer")
             try:
                 server = helpers.MessageServer((args.host, args.port), observer.commands,
                                                security, args.max_connections)
             except OSError as exc:
-                raise helpers.ConfigError(
+                raise ConfigError(
                     f"cannot listen on {args.host}:{args.port}: {exc.strerror} "
                     "(use --port or --no-listen)") from None
-    except helpers.ConfigError as exc:
+    except ConfigError as exc:
         print(f"repo_observer: error: {exc}", file=sys.stderr)
         return 2
     log.info("observing %s branch(es) %s every %.1fs; dispatcher %s%s; secret %s, TLS %s", repo,
-             ", ".join(branches) or "(all)", args.poll, helpers.format_address(dispatcher),
-             f"; notify on {helpers.format_address(server.server_address[:2])}"
+             ", ".join(branches) or "(all)", args.poll, format_address(dispatcher),
+             f"; notify on {format_address(server.server_address[:2])}"
              if server else "",
              f"on (key {security.key_id})" if security.key_id else
              "on (shared)" if security.secret else "off",

@@ -23,6 +23,8 @@ import time
 
 import helpers
 from ci.results import read_header
+from ci.config import ArgumentParser, ConfigError
+from ci.wire import one_line, valid_full_commit
 
 log = logging.getLogger("run_local")
 
@@ -43,7 +45,7 @@ def git(repo: str, *args: str) -> str:
     env = dict(os.environ, **GIT_IDENTITY)
     proc = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, env=env)
     if proc.returncode:
-        raise helpers.ConfigError(f"git {' '.join(args)} failed in {repo}: "
+        raise ConfigError(f"git {' '.join(args)} failed in {repo}: "
                                   f"{proc.stderr.strip()}")
     return proc.stdout.strip()
 
@@ -109,14 +111,14 @@ def wait_for_port(port: int, procs: Processes, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if procs.dead():
-            raise helpers.ConfigError(f"{', '.join(procs.dead())} exited at start; "
+            raise ConfigError(f"{', '.join(procs.dead())} exited at start; "
                                       f"see the logs in {procs.log_dir}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.05)
-    raise helpers.ConfigError(f"nothing listens on port {port} after {timeout:.0f}s")
+    raise ConfigError(f"nothing listens on port {port} after {timeout:.0f}s")
 
 
 def wait_for_result(results: str, commit: str, stop: threading.Event) -> dict | None:
@@ -153,7 +155,7 @@ class VerdictFeed:
         try:
             with os.scandir(self.results) as entries:
                 for entry in entries:
-                    if helpers.valid_full_commit(entry.name):
+                    if valid_full_commit(entry.name):
                         try:
                             st = entry.stat()
                         except OSError:
@@ -184,10 +186,10 @@ class VerdictFeed:
 
 def show_new_verdicts(feed: VerdictFeed) -> None:
     for commit, fields in feed.new():
-        subject = helpers.one_line(fields.get("subject", ""), 60)
+        subject = one_line(fields.get("subject", ""), 60)
         log.info("new result %s -> %-7s tests=%s failures=%s %s%s", commit[:12],
                  fields.get("verdict"), fields.get("tests"), fields.get("failures"),
-                 f"[{helpers.one_line(fields['branch'], 40)}] " if fields.get("branch") else "",
+                 f"[{one_line(fields['branch'], 40)}] " if fields.get("branch") else "",
                  subject)
 
 
@@ -217,7 +219,7 @@ def demo_commits(upstream: str, results: str, stop: threading.Event) -> tuple[bo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = helpers.ArgumentParser(
+    parser = ArgumentParser(
         description="Run the whole CI system locally: dispatcher, runners and observer.")
     parser.add_argument("repo", nargs="?", metavar="REPO",
                         help="repository to watch (default: a fresh copy of sample_project/ "
@@ -251,10 +253,10 @@ def main(argv=None) -> int:
     procs = Processes(os.path.join(work, "logs"))
     try:
         if args.runners < 1:
-            raise helpers.ConfigError("--runners must be at least 1")
+            raise ConfigError("--runners must be at least 1")
         if args.repo and not os.path.isdir(os.path.join(args.repo, ".git")) \
                 and not os.path.isfile(os.path.join(args.repo, "HEAD")):
-            raise helpers.ConfigError(f"{args.repo} is not a git repository")
+            raise ConfigError(f"{args.repo} is not a git repository")
         for sub in ("logs", "clones"):
             shutil.rmtree(os.path.join(work, sub), ignore_errors=True)
             os.makedirs(os.path.join(work, sub))
@@ -289,7 +291,7 @@ def main(argv=None) -> int:
         wait_for_port(hport, procs)
         if not args.repo:
             install_notify_hook(upstream, oport)
-    except (helpers.ConfigError, OSError) as exc:
+    except (ConfigError, OSError) as exc:
         print(f"run_local: error: {exc}", file=sys.stderr)
         procs.stop_all()
         return 2

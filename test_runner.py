@@ -38,7 +38,13 @@ from ci import sharding
 from ci import state_schema
 from ci.runner import user_sandbox
 from ci.runner import user_access
-from helpers import Message
+from ci.backoff import Backoff
+from ci.config import ArgumentParser, ConfigError, add_common_arguments, configure_logging
+from ci.files import atomic_write, ensure_dir
+from ci.git import script_path
+from ci.security import Security, check_bind_allowed, persist_nonces, security_from_args
+from ci.wire import (Message, PeerClosed, ProtocolError, ReadTimeout, Reply, TOKEN_RE,
+    encode_fields, format_address, one_line, parse_address, valid_commit, valid_full_commit)
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +274,7 @@ class ProcessSlot:
             if pid is None:
                 os.unlink(self.pidfile)
             else:
-                helpers.atomic_write(self.pidfile,
+                atomic_write(self.pidfile,
                                      f"{pid} {procgroup.start_time(pid)}\n".encode(),
                                      fsync=False)
         except OSError:
@@ -292,12 +298,12 @@ class TestUser:
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
-            raise helpers.ConfigError(f"--test-user: no such user {name!r}") from None
+            raise ConfigError(f"--test-user: no such user {name!r}") from None
         if os.geteuid() != 0:
-            raise helpers.ConfigError("--test-user needs the runner to run as root (it "
+            raise ConfigError("--test-user needs the runner to run as root (it "
                                       "switches to that user for each test run)")
         if entry.pw_uid == 0:
-            raise helpers.ConfigError("--test-user must be an unprivileged user, not root")
+            raise ConfigError("--test-user must be an unprivileged user, not root")
         self.name, self.uid, self.gid = name, entry.pw_uid, entry.pw_gid
         self.home = entry.pw_dir
 
@@ -338,14 +344,14 @@ class TestUser:
                 os._exit(code)
         code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         if code not in (0, 1):
-            raise helpers.ConfigError(f"--test-user {self.name}: cannot check who may read "
+            raise ConfigError(f"--test-user {self.name}: cannot check who may read "
                                       f"{path}")
         return code == 0
 
     def check_private(self, path: str | None, flag: str) -> None:
         """The runner's key and TLS key must be out of the tests' reach."""
         if path and self.can_read(path):
-            raise helpers.ConfigError(f"--test-user {self.name} can read {flag} {path}: the "
+            raise ConfigError(f"--test-user {self.name} can read {flag} {path}: the "
                                       "tests could too (chmod 600 it, owned by the runner's "
                                       "user)")
 
@@ -355,7 +361,7 @@ class TestUser:
                 repo, state_dir, self.uid, self.gid).exists():
             return  # a run stopped during a checkout: setup gives it back
         if owner != self.uid:
-            raise helpers.ConfigError(f"--test-user {self.name}: the clone {repo} must belong "
+            raise ConfigError(f"--test-user {self.name}: the clone {repo} must belong "
                                       f"to that user (chown -R {self.name} {repo})")
 
 
@@ -394,7 +400,7 @@ def parse_checkout_meta(log_bytes: bytes) -> dict:
         if line.startswith(b"ci-meta\t"):
             parts = line.decode("utf-8", "replace").split("\t", 4)[1:]
             if len(parts) == 4:
-                return {k: helpers.one_line(v, 200) for k, v in zip(META_FIELDS, parts)
+                return {k: one_line(v, 200) for k, v in zip(META_FIELDS, parts)
                         if k != "commit"}
     return {}
 
@@ -426,7 +432,7 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
         private.take_tree()
     try:
         with tempfile.TemporaryFile() as out:
-            code, timed_out = slot.run(["bash", helpers.script_path("test_runner_script.sh"),
+            code, timed_out = slot.run(["bash", script_path("test_runner_script.sh"),
                                         repo, commit], repo, checkout_timeout, out,
                                        **git_run_args(private))
             out.seek(0)
@@ -525,13 +531,13 @@ class Assignment:
 def parse_runtest(message: Message) -> Assignment:
     """The job a ``runtest`` hands us; Reply with the reason if malformed."""
     parts = message.argument.split(" ")
-    if len(parts) != 2 or not helpers.valid_commit(parts[0]) \
-            or not helpers.TOKEN_RE.fullmatch(parts[1]):
-        raise helpers.Reply("usage: runtest:<commit> <token>")
+    if len(parts) != 2 or not valid_commit(parts[0]) \
+            or not TOKEN_RE.fullmatch(parts[1]):
+        raise Reply("usage: runtest:<commit> <token>")
     try:
         spec = jobspec.parse(message.body)
     except ValueError as exc:
-        raise helpers.Reply(str(exc)) from None
+        raise Reply(str(exc)) from None
     return Assignment(parts[0], parts[1], spec.shard, spec.branch, spec.trusted)
 
 
@@ -608,7 +614,7 @@ class Outbox:
     atomically so a crash never leaves half a result to send."""
 
     def __init__(self, folder: str):
-        self.folder = helpers.ensure_dir(folder, "outbox folder")
+        self.folder = ensure_dir(folder, "outbox folder")
         # Results and their tokens: for the runner's eyes only.
         os.chmod(self.folder, 0o700)
         self._seq = int(time.time() * 1000)
@@ -625,14 +631,14 @@ class Outbox:
         with self._lock:
             self._seq += 1
             name = f"{self._seq:016d}-{commit}-{job_id}"
-        helpers.atomic_write(os.path.join(self.folder, name), body)
+        atomic_write(os.path.join(self.folder, name), body)
         return name
 
     def items(self) -> list[tuple[str, str, str]]:
         found = []
         for name in sorted(os.listdir(self.folder)):
             parts = name.split("-")
-            if len(parts) == 3 and helpers.valid_full_commit(parts[1]):
+            if len(parts) == 3 and valid_full_commit(parts[1]):
                 found.append((name, parts[1], parts[2]))
         return found
 
@@ -648,7 +654,7 @@ class Outbox:
 
 
 class TestRunner:
-    def __init__(self, args, security: helpers.Security, dispatcher: tuple[str, int],
+    def __init__(self, args, security: Security, dispatcher: tuple[str, int],
                  state_dir: str, user: TestUser | None = None):
         self.args = args
         self.repo = os.path.abspath(args.repo)
@@ -688,7 +694,7 @@ class TestRunner:
     # ---- handlers -------------------------------------------------------
     def do_ping(self, message: Message, peer: str) -> Message:
         job = self.state.current_job()
-        return Message("ok", "pong", helpers.encode_fields(
+        return Message("ok", "pong", encode_fields(
             {"instance": self.instance, "busy": job.commit if job else "",
              "job": job.job_id if job else ""}))
 
@@ -730,13 +736,13 @@ class TestRunner:
                 return  # stopping: the job is handed back, not reported
             fields["runner"] = self.advertised or "?"
             commit = job.commit
-            if not helpers.valid_full_commit(commit):
+            if not valid_full_commit(commit):
                 log.error("cannot report %s: not a full commit id", commit)
                 self.state.finish()
                 continue
             log.info("finished %s: %s", commit[:12], fields.get("verdict"))
             body = results.encode_results_body(fields, output)
-            backoff = helpers.Backoff(0.1, self.args.retry_max)
+            backoff = Backoff(0.1, self.args.retry_max)
             while True:
                 try:
                     self.outbox.put(commit, job.job_id, body)
@@ -760,7 +766,7 @@ class TestRunner:
         started = time.monotonic()
         with tempfile.TemporaryFile() as out:
             code, timed_out = self.slot.run(
-                ["bash", helpers.script_path("update_repo.sh"), self.repo], self.repo,
+                ["bash", script_path("update_repo.sh"), self.repo], self.repo,
                 self.args.checkout_timeout, out, live=False,
                 **git_run_args(self.private))
             if code and not self.slot.cancelled:
@@ -776,7 +782,7 @@ class TestRunner:
     def _link_loop(self) -> None:
         """Register, heartbeat and deliver results, backing off while the
         dispatcher is unreachable."""
-        backoff = helpers.Backoff(0.1, self.args.retry_max)
+        backoff = Backoff(0.1, self.args.retry_max)
         next_heartbeat = 0.0
         while not self.stop_event.is_set():
             try:
@@ -790,15 +796,15 @@ class TestRunner:
                 self.last_contact = time.monotonic()
                 backoff.reset()
                 delay = max(0.0, next_heartbeat - time.monotonic())
-            except (OSError, helpers.ProtocolError) as exc:
+            except (OSError, ProtocolError) as exc:
                 delay = backoff.next()
                 # A refusal (wrong secret, clock skew, busy) is not an outage:
                 # say which, so a configuration mistake is not mistaken for one.
-                what = ("unreachable" if isinstance(exc, (OSError, helpers.ReadTimeout,
-                                                          helpers.PeerClosed))
+                what = ("unreachable" if isinstance(exc, (OSError, ReadTimeout,
+                                                          PeerClosed))
                         else "refused or garbled")
                 log.warning("dispatcher %s %s (%s); retrying in %.1fs",
-                            helpers.format_address(self.dispatcher), what, exc, delay)
+                            format_address(self.dispatcher), what, exc, delay)
                 next_heartbeat = 0.0
                 limit = self.args.dispatcher_timeout
                 if limit is not None and time.monotonic() - self.last_contact > limit:
@@ -820,22 +826,22 @@ class TestRunner:
         if self.args.name:
             fields["name"] = self.args.name
         reply = helpers.call(self.dispatcher, "register", self.advertised,
-                             helpers.encode_fields(fields), security=self.security)
+                             encode_fields(fields), security=self.security)
         self.last_contact = time.monotonic()  # any answer: the dispatcher is there
         if reply.command != "ok":
-            raise helpers.ProtocolError(f"register refused: {reply.argument}")
+            raise ProtocolError(f"register refused: {reply.argument}")
         if reply.argument == "registered":
             log.info("registered with dispatcher %s as %s",
-                     helpers.format_address(self.dispatcher), self.advertised)
+                     format_address(self.dispatcher), self.advertised)
 
     def _local_address(self) -> str:
         """The address the dispatcher can reach us at: ``--host``, or when
         bound to all interfaces, the local end of a connection to it."""
         host, port = self.address
         if host not in ("0.0.0.0", "::", ""):
-            return helpers.format_address((host, port))
+            return format_address((host, port))
         with socket.create_connection(self.dispatcher, timeout=5) as sock:
-            return helpers.format_address((sock.getsockname()[0], port))
+            return format_address((sock.getsockname()[0], port))
 
     def _deliver(self) -> None:
         """Send every outbox result, oldest first.  ``busy`` (or no answer)
@@ -853,7 +859,7 @@ class TestRunner:
                 self.refusals.pop(name, None)
                 continue
             if reply.command == "busy":
-                raise helpers.ProtocolError(f"dispatcher busy: {reply.argument}")
+                raise ProtocolError(f"dispatcher busy: {reply.argument}")
             refused += 1
             self.refusals[name] = self.refusals.get(name, 0) + 1
             log.error("dispatcher refused result for %s (%d/%d): %s", commit[:12],
@@ -863,7 +869,7 @@ class TestRunner:
                            os.path.join(self.outbox.folder, "refused-" + name))
                 self.refusals.pop(name)
         if refused:
-            raise helpers.ProtocolError(f"{refused} result(s) refused; retrying later")
+            raise ProtocolError(f"{refused} result(s) refused; retrying later")
 
     # ---- live output ------------------------------------------------------
     def _progress_loop(self) -> None:
@@ -875,7 +881,7 @@ class TestRunner:
         while not self.stop_event.wait(interval):
             job = self.state.current_job()
             out = self.slot.output
-            if job is None or out is None or not helpers.valid_full_commit(job.commit):
+            if job is None or out is None or not valid_full_commit(job.commit):
                 continue
             if sent[0] is not out:
                 sent = (out, 0)
@@ -888,7 +894,7 @@ class TestRunner:
                 helpers.call(self.dispatcher, "progress", f"{job.commit} {job.job_id}", data,
                              security=self.security, timeout=2, reply_timeout=2)
                 sent = (out, start + len(data))
-            except (OSError, ValueError, helpers.ProtocolError) as exc:
+            except (OSError, ValueError, ProtocolError) as exc:
                 log.debug("progress for %s not sent: %s", job.commit[:12], exc)
 
     # ---- lifecycle ------------------------------------------------------
@@ -910,14 +916,14 @@ class TestRunner:
                 helpers.call(self.dispatcher, "release", f"{current.commit} {current.job_id}",
                              security=self.security, timeout=2)
                 log.info("handed %s back to the dispatcher", current.commit[:12])
-            except (OSError, helpers.ProtocolError) as exc:
+            except (OSError, ProtocolError) as exc:
                 log.info("could not hand back %s: %s", current.commit[:12], exc)
         for thread in self.threads:
             thread.join(5)
         self.watchdog.stop()
         try:
             self._deliver()
-        except (OSError, helpers.ProtocolError):
+        except (OSError, ProtocolError):
             log.info("undelivered results stay in %s", self.outbox.folder)
 
 
@@ -946,7 +952,7 @@ def bind_server(host: str, port: int | None, commands, security, max_connections
         except OSError as exc:
             error = exc
     where = port if port is not None else f"{FIRST_PORT}-{LAST_PORT}"
-    raise helpers.ConfigError(f"cannot listen on {host}:{where}: {error.strerror}")
+    raise ConfigError(f"cannot listen on {host}:{where}: {error.strerror}")
 
 
 def job_limit(args, preparer: environments.Preparer) -> float:
@@ -970,7 +976,7 @@ def runner_name(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = helpers.ArgumentParser(
+    parser = ArgumentParser(
         description="CI test runner: runs the tests of the commits the dispatcher sends.")
     parser.add_argument("repo", metavar="REPO",
                         help="this runner's own clone of the repository under test")
@@ -1052,19 +1058,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "HOME and TMPDIR, and after it every process of USER is killed "
                              "and its files in /tmp, /var/tmp, /dev/shm removed (give each "
                              "runner its own USER)")
-    helpers.add_common_arguments(parser)
+    add_common_arguments(parser)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    helpers.configure_logging(args.log_level)
+    configure_logging(args.log_level)
     try:
         for name in ("timeout", "checkout_timeout", "heartbeat", "retry_max",
                      "setup_timeout", "max_timeout", "progress_interval"):
             value = getattr(args, name)
             if value is not None and not (0 < value < math.inf):
-                raise helpers.ConfigError(f"--{name.replace('_', '-')} must be positive")
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         # A limit not given is its default, lowered to --max-timeout: only
         # a limit given above it is a contradiction.
         for name, default in (("timeout", DEFAULT_TIMEOUT),
@@ -1074,12 +1080,12 @@ def main(argv=None) -> int:
         if args.max_timeout is not None:
             for name in ("timeout", "setup_timeout"):
                 if getattr(args, name) > args.max_timeout:
-                    raise helpers.ConfigError(f"--{name.replace('_', '-')} is larger than "
+                    raise ConfigError(f"--{name.replace('_', '-')} is larger than "
                                               "--max-timeout")
         if args.keep_envs < 1:
-            raise helpers.ConfigError("--keep-envs must be at least 1")
+            raise ConfigError("--keep-envs must be at least 1")
         if args.port is not None and not 0 <= args.port < 65536:
-            raise helpers.ConfigError("--port must be 0-65535")
+            raise ConfigError("--port must be 0-65535")
         for flag in ("test_command", "setup_command"):
             if getattr(args, flag) is None:
                 continue
@@ -1087,21 +1093,21 @@ def main(argv=None) -> int:
                 if not shlex.split(getattr(args, flag)):
                     raise ValueError("empty")
             except ValueError as exc:
-                raise helpers.ConfigError(
+                raise ConfigError(
                     f"invalid --{flag.replace('_', '-')}: {exc}") from None
         try:
             if args.junit_xml is not None:
                 junit_capture.check_pattern(args.junit_xml)
-            dispatcher = helpers.parse_address(args.dispatcher_server)
+            dispatcher = parse_address(args.dispatcher_server)
             if args.advertise:
-                helpers.parse_address(args.advertise)
+                parse_address(args.advertise)
         except ValueError as exc:
-            raise helpers.ConfigError(str(exc)) from None
+            raise ConfigError(str(exc)) from None
         repo = os.path.abspath(args.repo)
         if not os.path.exists(os.path.join(repo, ".git")):
-            raise helpers.ConfigError(f"{args.repo} is not a git clone (no .git folder)")
-        security = helpers.security_from_args(args)
-        helpers.check_bind_allowed(args.host, security, args.insecure)
+            raise ConfigError(f"{args.repo} is not a git clone (no .git folder)")
+        security = security_from_args(args)
+        check_bind_allowed(args.host, security, args.insecure)
         if security.server_tls:
             # Only the dispatcher may send us work, and only it is trusted
             # with our results.
@@ -1114,11 +1120,11 @@ def main(argv=None) -> int:
             test_user.check_private(args.secret_file, "--secret-file")
             test_user.check_private(args.tls_key, "--tls-key")
             if os.path.commonpath([state_dir, repo]) == repo:
-                raise helpers.ConfigError("with --test-user, give a --state-dir outside the "
+                raise ConfigError("with --test-user, give a --state-dir outside the "
                                           "clone (the test user owns the clone)")
-        helpers.ensure_dir(state_dir, "state folder")
+        ensure_dir(state_dir, "state folder")
         os.chmod(state_dir, 0o700)
-        helpers.persist_nonces(security, state_dir, "runner")
+        persist_nonces(security, state_dir, "runner")
         runner = TestRunner(args, security, dispatcher, state_dir, test_user)
         if runner.private is not None:
             runner.private.setup()
@@ -1135,12 +1141,12 @@ def main(argv=None) -> int:
                                         child_env(test_user))
         server = bind_server(args.host, args.port, runner.commands, security,
                              args.max_connections)
-    except helpers.ConfigError as exc:
+    except ConfigError as exc:
         print(f"test_runner: error: {exc}", file=sys.stderr)
         return 2
     address = server.server_address[:2]
     log.info("runner listening on %s, clone %s; secret %s, TLS %s, test user %s",
-             helpers.format_address(address), repo,
+             format_address(address), repo,
              f"on (key {security.key_id})" if security.key_id else
              "on (shared)" if security.secret else "off",
              "on" if security.server_tls else "off",

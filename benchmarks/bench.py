@@ -59,6 +59,8 @@ sys.path.insert(0, ROOT)
 
 import helpers  # noqa: E402
 from ci.results import parse_result  # noqa: E402
+from ci.security import Security
+from ci.wire import decode_fields, parse_address
 
 PY = sys.executable
 CORES = os.cpu_count() or 1
@@ -241,7 +243,7 @@ class Scenarios:
         if self.env.pop("PYTHONDONTWRITEBYTECODE", None):
             print("note: PYTHONDONTWRITEBYTECODE is set here; the processes of this "
                   "benchmark run without it (Python's default: byte code cached)", flush=True)
-        self.security = helpers.Security(secret=secret.encode())
+        self.security = Security(secret=secret.encode())
         self.procs = Processes(self.tmp, self.env)
         self.rows: list[tuple[str, str, str, bool | None]] = []
         self.lost: list[str] = []
@@ -381,9 +383,9 @@ class Bench(Scenarios):
         self.bare_time(bare_clone, 2)  # warm: byte-code caches, page cache
 
         def polls(address: str) -> int:
-            reply = helpers.call(helpers.parse_address(address), "status",
+            reply = helpers.call(parse_address(address), "status",
                                  security=self.security)
-            return int(helpers.decode_fields(reply.body)["polls"])
+            return int(decode_fields(reply.body)["polls"])
 
         def run(mode: str, notify: list[str] | None,
                 observer: str = "") -> list[tuple[float, float]]:
@@ -566,15 +568,15 @@ class Bench(Scenarios):
             return expect(reply)
 
         def status() -> dict:
-            reply = helpers.call(helpers.parse_address(dispatcher), "status",
+            reply = helpers.call(parse_address(dispatcher), "status",
                                  security=self.security)
-            return helpers.decode_fields(reply.body)
+            return decode_fields(reply.body)
 
         ready = expect("ready")
         print(f"  fake runners up: {ready}", flush=True)
         wait_for(lambda: int(status()["runners"]) == count, 30, 0.1, "all runners registered")
         commits = [secrets.token_hex(20) for _ in range(jobs)]
-        address = helpers.parse_address(dispatcher)
+        address = parse_address(dispatcher)
         cpu_before = cpu_seconds(proc.pid), cpu_seconds(fleet.pid)
         started = time.monotonic()
         for first in range(0, jobs, 1000):

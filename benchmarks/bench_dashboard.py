@@ -38,6 +38,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import helpers  # noqa: E402
+from ci.security import Security
+from ci.wire import Message, encode_fields
 
 PY = sys.executable
 CORES = os.cpu_count() or 1
@@ -69,7 +71,7 @@ def generate(folder: str, count: int) -> None:
         previous[branch] = commit
         path = os.path.join(folder, commit)
         with open(path, "wb") as handle:
-            handle.write(helpers.encode_fields(fields) + b"\n" +
+            handle.write(encode_fields(fields) + b"\n" +
                          (OUTPUT_FAIL if red else OUTPUT_OK).encode())
         os.utime(path, (base + 60 * i, base + 60 * i))
 
@@ -84,8 +86,8 @@ def stand_in_dispatcher():
              "counts": {"queued": "1", "running": "1"}}
     body = json.dumps(state).encode()
     server = helpers.MessageServer(
-        ("127.0.0.1", 0), {"state": lambda m, p: helpers.Message("ok", "", body)},
-        helpers.Security())
+        ("127.0.0.1", 0), {"state": lambda m, p: Message("ok", "", body)},
+        Security())
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                      daemon=True).start()
     return server

@@ -52,6 +52,7 @@ import helpers  # noqa: E402
 from bench import (CORES, PY, Scenarios, Upstream, run_scenarios, wait_for,  # noqa: E402
                    wait_for_port)
 from ci.results import parse_result  # noqa: E402
+from ci.wire import Message, ProtocolError, decode_fields, valid_full_commit
 
 free_port = helpers.free_port
 
@@ -216,14 +217,14 @@ class RecoveryBench(Scenarios):
         wait_for_port(port, proc)
         return proc
 
-    def call(self, port: int, command: str, argument: str = "") -> helpers.Message:
+    def call(self, port: int, command: str, argument: str = "") -> Message:
         return helpers.call(("127.0.0.1", port), command, argument, security=self.security,
                             timeout=5, reply_timeout=5)
 
     def status(self, port: int) -> dict:
         try:
-            return helpers.decode_fields(self.call(port, "status").body)
-        except (OSError, helpers.ProtocolError):
+            return decode_fields(self.call(port, "status").body)
+        except (OSError, ProtocolError):
             return {}
 
     def dispatch(self, port: int, commits: list[str]) -> None:
@@ -235,7 +236,7 @@ class RecoveryBench(Scenarios):
         """The runner key (host:port) the dispatcher says runs ``commit``."""
         try:
             data = json.loads(self.call(port, "state").body)
-        except (OSError, helpers.ProtocolError, ValueError):
+        except (OSError, ProtocolError, ValueError):
             return None
         return next((j["runner"] for j in data["running"] if j["commit"] == commit), None)
 
@@ -484,7 +485,7 @@ class Chaos:
         except OSError:
             return
         for name in names:
-            if not helpers.valid_full_commit(name):
+            if not valid_full_commit(name):
                 continue
             try:
                 st = os.stat(os.path.join(self.results, name))

@@ -29,8 +29,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import helpers  # noqa: E402
 from ci import results  # noqa: E402
+from ci.security import NonceCache, load_credentials  # noqa: E402
+from ci.wire import (FrameHeader, MAX_HEADER_BYTES, ProtocolError, decode_header, decode_message,
+    encode_fields, encode_frame, encode_message, format_address, parse_address, verify_frame)
 
 # Concurrent connections to the dispatcher, well under its --max-connections.
 MAX_IN_FLIGHT = 64
@@ -66,7 +68,7 @@ class FakeRunner:
 
     async def start(self, host: str) -> None:
         self.server = await asyncio.start_server(self.handle, host, 0, backlog=64)
-        self.key = helpers.format_address(self.server.sockets[0].getsockname()[:2])
+        self.key = format_address(self.server.sockets[0].getsockname()[:2])
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         fleet = self.fleet
@@ -76,29 +78,29 @@ class FakeRunner:
                 await asyncio.wait_for(reader.read(), timeout=IO_TIMEOUT * 6)
                 return
             header, payload = await read_frame(reader)
-            helpers.verify_frame(header, payload, fleet.secret, nonces=fleet.nonces)
-            message = helpers.decode_message(payload)
+            verify_frame(header, payload, fleet.secret, nonces=fleet.nonces)
+            message = decode_message(payload)
             if message.command == "ping":
                 fleet.counters.pings += 1
-                body = helpers.encode_fields({"instance": self.instance,
+                body = encode_fields({"instance": self.instance,
                                               "busy": self.job or ""})
-                answer = helpers.encode_message("ok", "pong", body)
+                answer = encode_message("ok", "pong", body)
             elif message.command == "runtest":
                 fleet.counters.runtests += 1
                 commit, _, job_id = message.argument.partition(" ")
                 if self.job is None:
                     self.job = commit
-                    answer = helpers.encode_message("ok")
+                    answer = encode_message("ok")
                     asyncio.get_running_loop().create_task(self.report(commit, job_id))
                 else:
                     fleet.counters.busy += 1
-                    answer = helpers.encode_message("busy", self.job)
+                    answer = encode_message("busy", self.job)
             else:
-                answer = helpers.encode_message("error", "unknown command")
-            writer.write(helpers.encode_frame(answer, fleet.secret, reply_to=header.nonce))
+                answer = encode_message("error", "unknown command")
+            writer.write(encode_frame(answer, fleet.secret, reply_to=header.nonce))
             await writer.drain()
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
-                helpers.ProtocolError):
+                ProtocolError):
             fleet.counters.bad_requests += 1
         finally:
             writer.close()
@@ -121,7 +123,7 @@ class FakeRunner:
             counters.results_ok += 1
 
     async def register(self) -> bool:
-        body = helpers.encode_fields({"instance": self.instance, "busy": self.job or ""})
+        body = encode_fields({"instance": self.instance, "busy": self.job or ""})
         reply = await self.fleet.call("register", self.key, body)
         return reply is not None and reply.command == "ok"
 
@@ -131,11 +133,11 @@ class FakeRunner:
             self.server = None
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[helpers.FrameHeader, bytes]:
+async def read_frame(reader: asyncio.StreamReader) -> tuple[FrameHeader, bytes]:
     line = await asyncio.wait_for(reader.readuntil(b"\n"), IO_TIMEOUT)
-    if len(line) > helpers.MAX_HEADER_BYTES + 1:
-        raise helpers.ProtocolError("header line too long")
-    header = helpers.decode_header(line[:-1])
+    if len(line) > MAX_HEADER_BYTES + 1:
+        raise ProtocolError("header line too long")
+    header = decode_header(line[:-1])
     payload = await asyncio.wait_for(reader.readexactly(header.length), IO_TIMEOUT)
     return header, payload
 
@@ -144,7 +146,7 @@ class Fleet:
     def __init__(self, dispatcher: tuple[str, int], secret: bytes | None):
         self.dispatcher = dispatcher
         self.secret = secret
-        self.nonces = helpers.NonceCache()
+        self.nonces = NonceCache()
         self.counters = Counters()
         self.runners: list[FakeRunner] = []
         self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
@@ -152,7 +154,7 @@ class Fleet:
     async def call(self, command: str, argument: str, body: bytes = b""):
         """One request to the dispatcher, retried with a short backoff while
         it is unreachable or busy; None if it never got through."""
-        payload = helpers.encode_message(command, argument, body)
+        payload = encode_message(command, argument, body)
         delay = 0.02
         for attempt in range(MAX_TRIES):
             if attempt:
@@ -160,7 +162,7 @@ class Fleet:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
             nonce = secrets.token_hex(12)
-            frame = helpers.encode_frame(payload, self.secret, nonce=nonce)
+            frame = encode_frame(payload, self.secret, nonce=nonce)
             async with self.slots:
                 writer = None
                 try:
@@ -169,10 +171,10 @@ class Fleet:
                     writer.write(frame)
                     await writer.drain()
                     header, reply = await read_frame(reader)
-                    helpers.verify_frame(header, reply, self.secret, reply_to=nonce)
-                    message = helpers.decode_message(reply)
+                    verify_frame(header, reply, self.secret, reply_to=nonce)
+                    message = decode_message(reply)
                 except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
-                        helpers.ProtocolError):
+                        ProtocolError):
                     continue
                 finally:
                     if writer is not None:
@@ -226,7 +228,7 @@ async def command_loop(fleet: Fleet, lifetime: float) -> None:
 
 
 async def main_async(args) -> int:
-    fleet = Fleet(helpers.parse_address(args.dispatcher), helpers.load_secret(None))
+    fleet = Fleet(parse_address(args.dispatcher), load_credentials(None)[0])
     for _ in range(args.count):
         runner = FakeRunner(fleet)
         await runner.start(args.host)

@@ -19,8 +19,9 @@ import math
 import os
 import re
 import xml.etree.ElementTree as ET
+from ci.files import atomic_write
+from ci.wire import ProtocolError, decode_fields, encode_fields, one_line, valid_full_commit
 
-import helpers
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +42,15 @@ def header_fields(fields: dict) -> dict:
 
 
 def format_result(fields: dict, output: bytes) -> bytes:
-    return helpers.encode_fields(header_fields(fields)) + b"\n" + output
+    return encode_fields(header_fields(fields)) + b"\n" + output
 
 
 def parse_result(data: bytes) -> tuple[dict[str, str], bytes]:
     """Split a result file into its header fields and the test output."""
     head, sep, output = data.partition(b"\n\n")
     if not sep:
-        raise helpers.ProtocolError("result has no header/output separator")
-    return helpers.decode_fields(head), output
+        raise ProtocolError("result has no header/output separator")
+    return decode_fields(head), output
 
 
 # A header is a few short lines: this much of a file's start holds it.
@@ -65,8 +66,8 @@ def read_header(path: str, limit: int = HEADER_READ) -> dict[str, str] | None:
         with open(path, "rb") as handle:
             data = handle.read(limit)
         head, sep, _ = data.partition(b"\n\n")
-        return helpers.decode_fields(head) if sep else None
-    except (OSError, helpers.ProtocolError):
+        return decode_fields(head) if sep else None
+    except (OSError, ProtocolError):
         return None
 
 
@@ -86,20 +87,20 @@ def encode_results_body(fields: dict, output: bytes) -> bytes:
     head = header_fields(fields)
     if xml:
         head[JUNIT_BYTES_FIELD] = len(xml)
-    return helpers.encode_fields(head) + b"\n" + xml + output
+    return encode_fields(head) + b"\n" + xml + output
 
 
 def split_results_body(body: bytes) -> tuple[dict[str, str], bytes, bytes]:
     """(fields, JUnit XML or b"", output); ProtocolError if malformed."""
     head, sep, rest = body.partition(b"\n\n")
     if not sep:
-        raise helpers.ProtocolError("results body needs fields, a blank line, then output")
-    fields = helpers.decode_fields(head)
+        raise ProtocolError("results body needs fields, a blank line, then output")
+    fields = decode_fields(head)
     size = fields.pop(JUNIT_BYTES_FIELD, None)
     if size is None:
         return fields, b"", rest
     if not re.fullmatch(r"[0-9]{1,10}", size) or int(size) > len(rest):
-        raise helpers.ProtocolError(f"{JUNIT_BYTES_FIELD} must be the length of the XML "
+        raise ProtocolError(f"{JUNIT_BYTES_FIELD} must be the length of the XML "
                                     "that follows the blank line")
     return fields, rest[:int(size)], rest[int(size):]
 
@@ -181,14 +182,14 @@ def _number(value, default: float = 0.0) -> float:
 def clean_record(record: TestRecord) -> TestRecord:
     """The record with every field flattened and capped (names one line)."""
     return TestRecord(
-        classname=helpers.one_line(record.classname, NAME_LIMIT),
-        name=helpers.one_line(record.name, NAME_LIMIT),
+        classname=one_line(record.classname, NAME_LIMIT),
+        name=one_line(record.name, NAME_LIMIT),
         outcome=record.outcome if record.outcome in OUTCOMES else ERROR,
         duration=round(_number(record.duration), 3),
-        message=helpers.one_line(record.message, MESSAGE_LIMIT),
+        message=one_line(record.message, MESSAGE_LIMIT),
         traceback=_block(record.traceback, TRACEBACK_LIMIT),
         kind=record.kind if record.kind in KINDS else TEST,
-        subtest=helpers.one_line(record.subtest, NAME_LIMIT) if record.kind == SUBTEST else "")
+        subtest=one_line(record.subtest, NAME_LIMIT) if record.kind == SUBTEST else "")
 
 
 def count_records(records: list[TestRecord]) -> dict[str, int]:
@@ -232,7 +233,7 @@ def format_junit(records: list[TestRecord], name: str = "tests",
     records = [clean_record(r) for r in records]
     counts = count_records(records)
     total = f"{sum(r.duration for r in records):.3f}"
-    attrs = {"name": helpers.one_line(name, NAME_LIMIT), "tests": str(counts["tests"]),
+    attrs = {"name": one_line(name, NAME_LIMIT), "tests": str(counts["tests"]),
              "failures": str(counts["failures"]), "errors": str(counts["errors"]),
              "skipped": str(counts["skipped"]), "time": total}
     root = ET.Element("testsuites", attrs)
@@ -382,7 +383,7 @@ def junit_fields(raw: dict[str, str], junit: bytes) -> dict:
     ``write_junit`` (``format_result`` ignores it)."""
     added: dict = {}
     if raw.get("junit"):
-        added["junit"] = helpers.one_line(raw["junit"], 100)
+        added["junit"] = one_line(raw["junit"], 100)
     if not junit:
         return added
     records, note = records_or_note(junit)
@@ -395,7 +396,7 @@ def junit_fields(raw: dict[str, str], junit: bytes) -> dict:
 
 
 def junit_path(results_dir: str, commit: str) -> str:
-    if not helpers.valid_full_commit(commit):
+    if not valid_full_commit(commit):
         raise ValueError(f"not a full commit id: {commit[:80]!r}")
     return os.path.join(results_dir, commit + ".xml")
 
@@ -411,4 +412,7 @@ def write_junit(results_dir: str, commit: str, records: list[TestRecord] | None)
         except FileNotFoundError:
             pass
         return
-    helpers.atomic_write(path, format_junit(records, name=commit))
+    atomic_write(path, format_junit(records, name=commit))
+
+
+VERDICTS = ("passed", "failed", "error", "timeout")

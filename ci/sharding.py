@@ -19,8 +19,9 @@ import fnmatch
 import os
 import re
 
-import helpers
 from ci import commands, results
+from ci.files import read_inside
+from ci.wire import one_line
 
 # Verdicts, worst first: the merged verdict is the worst of the shards.
 VERDICT_ORDER = ("error", "timeout", "failed", "passed")
@@ -95,7 +96,7 @@ class Durations:
             return
         sums: dict[str, float] = {}
         for record in records:
-            key = helpers.one_line(record.classname or record.name, MAX_KEY).replace(" ", "_")
+            key = one_line(record.classname or record.name, MAX_KEY).replace(" ", "_")
             if key:
                 sums[key] = sums.get(key, 0.0) + record.duration
         for key, seconds in sums.items():
@@ -289,7 +290,7 @@ def _pytest_configured(repo: str) -> bool:
     for name in ("pytest.ini", "setup.cfg", "tox.ini", "pyproject.toml"):
         try:
             # Committed by whoever pushed: never a symlink out of the clone.
-            text = helpers.read_inside(os.path.join(repo, name), repo, 256 * 1024)
+            text = read_inside(os.path.join(repo, name), repo, 256 * 1024)
         except OSError:
             continue
         if b"python_files" in text or b"testpaths" in text:
@@ -351,9 +352,9 @@ def merge(total: int, parts: dict[int, tuple[dict, bytes]]) -> tuple[dict, bytes
         reasons.insert(0, "shards disagree: a runner could not split this commit's tests "
                           "(runners configured differently?)")
     if reasons:
-        fields["reason"] = helpers.one_line("; ".join(reasons), 1000)
+        fields["reason"] = one_line("; ".join(reasons), 1000)
     runners = [parts[i][0].get("runner", "?") for i in sorted(parts)]
-    fields["runner"] = helpers.one_line(", ".join(dict.fromkeys(runners)), 300)
+    fields["runner"] = one_line(", ".join(dict.fromkeys(runners)), 300)
     starts = sorted(parts[i][0]["started"] for i in parts if parts[i][0].get("started"))
     if starts:
         fields["started"] = starts[0]
@@ -380,7 +381,7 @@ def merge(total: int, parts: dict[int, tuple[dict, bytes]]) -> tuple[dict, bytes
     for i in sorted(parts):
         f, output = parts[i]
         what = labels[i] or f.get("verdict", "?")
-        head = (f"===== shard {i}/{total} on {helpers.one_line(str(f.get('runner', '?')), 100)}"
+        head = (f"===== shard {i}/{total} on {one_line(str(f.get('runner', '?')), 100)}"
                 f": {what} ({f.get('tests', 0)} tests, {f.get('failures', 0)} failures, "
                 f"{f.get('errors', 0)} errors, {f.get('skipped', 0)} skipped) =====\n")
         chunks.append(head.encode() + output + (b"" if output.endswith(b"\n") or not output

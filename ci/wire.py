@@ -491,3 +491,11 @@ def read_credentials(path: str | None) -> tuple[bytes | None, str | None]:
             raise ValueError(f"{path or 'CI_SECRET'}: {exc}") from None
         return key, key_id
     return secret, None
+
+
+class Reply(Exception):
+    """Raised by a handler to answer with an error and close."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = ascii_line(text)

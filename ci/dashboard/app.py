@@ -12,10 +12,11 @@ import json
 import re
 import urllib.parse
 
-import helpers
 from ci.dashboard import index as dashboard_index
 from ci.dashboard import pages
 from ci.dashboard.live import LiveState, without_finished
+from ci.results import VERDICTS
+from ci.wire import valid_full_commit
 
 MAX_HTML_OUTPUT = 1024 * 1024
 MAX_LIMIT = 500
@@ -85,10 +86,10 @@ class Dashboard:
         if branch is not None and not BRANCH_RE.fullmatch(branch):
             raise BadRequest("branch: letters, digits and . _ / - + @ only")
         verdict = query.get("verdict") or None
-        if verdict is not None and verdict not in helpers.VERDICTS:
-            raise BadRequest(f"verdict: one of {', '.join(helpers.VERDICTS)}")
+        if verdict is not None and verdict not in VERDICTS:
+            raise BadRequest(f"verdict: one of {', '.join(VERDICTS)}")
         before = query.get("before") or None
-        if before is not None and not helpers.valid_full_commit(before):
+        if before is not None and not valid_full_commit(before):
             raise BadRequest("before: a full commit id")
         try:
             limit = int(query.get("limit") or DEFAULT_LIMIT)

@@ -16,8 +16,8 @@ import re
 import threading
 import time
 
-import helpers
 from ci import results
+from ci.wire import one_line, valid_full_commit
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def failing_tests(output: str) -> list[dict]:
         match = _UNITTEST_RE.match(line) or _PYTEST_RE.match(line)
         if not match:
             continue
-        name = helpers.one_line(match.group(2), 500)
+        name = one_line(match.group(2), 500)
         if name not in found:
             found[name] = "error" if match.group(1) == "ERROR" else "failure"
             if len(found) >= MAX_TEST_NAMES:
@@ -215,7 +215,7 @@ class ResultIndex:
         with listing:
             for entry in listing:
                 name = entry.name
-                if not helpers.valid_full_commit(name):
+                if not valid_full_commit(name):
                     continue
                 try:
                     st = entry.stat(follow_symlinks=False)
@@ -323,7 +323,7 @@ class ResultIndex:
     def read_output(self, commit: str, limit: int = MAX_OUTPUT_READ) -> tuple[str, bool] | None:
         """The output of a result file (ANSI codes stripped), cut to its
         last ``limit`` bytes; (text, truncated) or None."""
-        if not helpers.valid_full_commit(commit):
+        if not valid_full_commit(commit):
             return None
         path = os.path.join(self.folder, commit)
         try:
@@ -343,7 +343,7 @@ class ResultIndex:
 
     def read_junit(self, commit: str) -> dict[str, str] | None:
         """``parse_junit`` of the commit's ``<commit>.xml``, or None."""
-        if not helpers.valid_full_commit(commit):
+        if not valid_full_commit(commit):
             return None
         path = os.path.join(self.folder, commit + ".xml")
         try:
@@ -368,7 +368,7 @@ class ResultIndex:
         item = self.get(commit) or {}
         previous = item.get("previous")
         before = None
-        if previous and helpers.valid_full_commit(previous) and self.get(previous):
+        if previous and valid_full_commit(previous) and self.get(previous):
             before_source, before_tests = self._failing(previous)
             if before_source == source:
                 before = {t["name"] for t in before_tests or []}

@@ -13,6 +13,8 @@ import time
 import helpers
 from ci import state_schema
 from ci.dashboard import index as dashboard_index
+from ci.security import Security
+from ci.wire import ProtocolError, format_address, one_line
 
 log = logging.getLogger("dashboard")
 
@@ -87,7 +89,7 @@ class LiveState:
     one state call in flight.  ``_log_lock`` serialises log calls (a
     commit's page polls once a second; they are cached per commit)."""
 
-    def __init__(self, address, security: helpers.Security, timeout: float = CALL_TIMEOUT):
+    def __init__(self, address, security: Security, timeout: float = CALL_TIMEOUT):
         self.address = address
         self.security = security
         self.timeout = timeout
@@ -142,8 +144,8 @@ class LiveState:
                 error = f"the dispatcher refused: {reply.command} {reply.argument}"
         except OSError as exc:
             error = f"cannot reach the dispatcher at " \
-                    f"{helpers.format_address(self.address)} ({exc.strerror or exc})"
-        except helpers.ProtocolError as exc:
+                    f"{format_address(self.address)} ({exc.strerror or exc})"
+        except ProtocolError as exc:
             error = f"bad reply from the dispatcher ({exc})"
         except (ValueError, UnicodeDecodeError) as exc:
             error = f"unreadable state from the dispatcher ({exc})"
@@ -154,7 +156,7 @@ class LiveState:
             error = f"unreadable state from the dispatcher ({type(exc).__name__}: {exc})"
         if error:
             log.debug("live state unavailable: %s", error)
-            error = helpers.one_line(error, 300)
+            error = one_line(error, 300)
         return state, error
 
     def log(self, commit: str) -> tuple[str, str]:
@@ -172,9 +174,9 @@ class LiveState:
                 elif reply.command == "ok":
                     answer = ("idle", "")
                 else:
-                    answer = ("unavailable", helpers.one_line(reply.argument, 200))
-            except (OSError, helpers.ProtocolError) as exc:
-                answer = ("unavailable", helpers.one_line(str(exc), 200))
+                    answer = ("unavailable", one_line(reply.argument, 200))
+            except (OSError, ProtocolError) as exc:
+                answer = ("unavailable", one_line(str(exc), 200))
             if len(self._logs) >= 64:
                 self._logs.pop(min(self._logs, key=lambda c: self._logs[c][0]))
             self._logs[commit] = (time.monotonic(), answer)

@@ -28,8 +28,9 @@ import os
 import re
 import threading
 
-import helpers
 from ci.wire import TOKEN_RE
+from ci.files import atomic_write
+from ci.wire import valid_full_commit
 
 BRANCH_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,255}")
 
@@ -57,10 +58,10 @@ def parse_meta_line(line: str) -> tuple[str, str | None, str] | None:
     """``<commit> <previous|-> <branch>`` (the dispatch body's line format,
     also the ``M`` record's); None if it does not parse."""
     parts = line.split(" ")
-    if len(parts) != 3 or not helpers.valid_full_commit(parts[0]):
+    if len(parts) != 3 or not valid_full_commit(parts[0]):
         return None
     previous = None if parts[1] == "-" else parts[1]
-    if previous is not None and not helpers.valid_full_commit(previous):
+    if previous is not None and not valid_full_commit(previous):
         return None
     if not BRANCH_RE.fullmatch(parts[2]):
         return None
@@ -85,7 +86,7 @@ def replay_lines(data: bytes) -> Replayed:
     order: dict[str, None] = {}
     for raw in data.split(b"\n"):
         parts = raw.decode("ascii", "replace").split(" ")
-        if len(parts) < 2 or not helpers.valid_full_commit(parts[1]):
+        if len(parts) < 2 or not valid_full_commit(parts[1]):
             continue
         kind, commit = parts[0], parts[1]
         if kind == "Q" and len(parts) == 2:
@@ -138,7 +139,7 @@ class Journal:
         with self._lock:
             # Write first: if that fails, the old file and handle stay in
             # use; a closed handle would make every later append fail.
-            helpers.atomic_write(self.path, data)
+            atomic_write(self.path, data)
             if self._handle:
                 self._handle.close()
             self._handle = open(self.path, "ab")

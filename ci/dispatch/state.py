@@ -35,14 +35,14 @@ import secrets
 import threading
 import time
 
-import helpers
 from ci import jobspec
 from ci import results
 from ci import sharding
 from ci import state_schema
-from helpers import Reply
 from ci.dispatch.journal import (BRANCH_RE, Assignment, Journal, assign_record, meta_record,
                                  shard_record)
+from ci.files import atomic_write
+from ci.wire import ProtocolError, Reply, decode_fields, format_address, valid_full_commit
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class DispatcherState:
         heartbeat and keeps them, so nothing is run twice."""
         with self.cond:
             self.done = {name for name in os.listdir(self.results_dir)
-                         if helpers.valid_full_commit(name)}
+                         if valid_full_commit(name)}
             got = self.journal.replay()
             pending = [c for c in got.order if c not in self.done or c in got.retest]
             self.retests = got.retest & set(pending)
@@ -258,13 +258,13 @@ class DispatcherState:
         try:
             with open(os.path.join(self.results_dir, commit), "rb") as handle:
                 head = handle.read(16 * 1024).partition(b"\n\n")[0]
-            fields = helpers.decode_fields(head)
-        except (OSError, helpers.ProtocolError):
+            fields = decode_fields(head)
+        except (OSError, ProtocolError):
             return None
         if "branch" not in fields:
             return None
         previous = fields.get("previous")
-        return fields["branch"], previous if helpers.valid_full_commit(previous or "") else None
+        return fields["branch"], previous if valid_full_commit(previous or "") else None
 
     def _queue_durably(self, commits, records, meta, retest=False) -> None:
         # fsync outside the condition: nothing else waits on it, and the
@@ -294,7 +294,7 @@ class DispatcherState:
     def register(self, address: tuple[str, int], instance: str, busy: str | None,
                  token: str | None = None, name: str | None = None,
                  limit: float | None = None) -> str:
-        key = helpers.format_address(address)
+        key = format_address(address)
         with self.cond:
             runner = self.runners.get(key)
             if runner and name and runner.name and runner.name != name:
@@ -333,7 +333,7 @@ class DispatcherState:
         ``state`` instead of its address.  It proves nothing (unlike an
         issued key's name), so it is only ever shown."""
         with self.cond:
-            runner = self.runners.get(helpers.format_address(address))
+            runner = self.runners.get(format_address(address))
             if runner is not None:
                 runner.label = label
 
@@ -748,7 +748,7 @@ class DispatcherState:
         """The result file is the proof a commit is done: written last,
         after the per-test JUnit file."""
         results.write_junit(self.results_dir, commit, fields.get("records"))
-        helpers.atomic_write(os.path.join(self.results_dir, commit),
+        atomic_write(os.path.join(self.results_dir, commit),
                              results.format_result(fields, output))
 
     def _tell(self, commit: str, fields: dict) -> None:

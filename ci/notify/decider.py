@@ -15,8 +15,9 @@ import collections
 import dataclasses
 import hashlib
 from typing import Callable, Iterable
+from ci.results import VERDICTS
+from ci.wire import valid_full_commit
 
-import helpers
 
 KINDS = ("broken", "fixed", "still-failing", "passed", "failed")
 NOTIFY_ON = {
@@ -213,10 +214,10 @@ def result_from_fields(commit: str, fields: dict) -> Result | None:
     """The Result a result file's header fields describe, or None when its
     verdict is not one we know (such a file decides nothing)."""
     verdict = str(fields.get("verdict", ""))
-    if verdict not in helpers.VERDICTS:
+    if verdict not in VERDICTS:
         return None
     branch = str(fields.get("branch") or "") or None
     previous = str(fields.get("previous") or "")
-    previous = previous if helpers.valid_full_commit(previous) else None
+    previous = previous if valid_full_commit(previous) else None
     return Result(commit, branch, previous, verdict,
                   {k: str(v) for k, v in fields.items()})

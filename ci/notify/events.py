@@ -15,8 +15,8 @@ import json
 import os
 import time
 
-import helpers
 from ci.notify.decider import Decision
+from ci.wire import encode_fields, one_line
 
 # The result header passed on stdin and stored with each event.
 MAX_HEADER = 8 * 1024
@@ -90,12 +90,12 @@ def build_event(decision: Decision, results_dir: str, dashboard_url: str | None,
         "verdict": result.verdict,
         "previous_verdict": decision.previous_verdict or "",
         "retest": decision.retest,
-        "subject": helpers.one_line(str(fields.get("subject", "")), 300),
-        "author": helpers.one_line(str(fields.get("author", "")), 200),
+        "subject": one_line(str(fields.get("subject", "")), 300),
+        "author": one_line(str(fields.get("author", "")), 200),
         "tests": _int(fields.get("tests")),
         "failures": _int(fields.get("failures")),
         "errors": _int(fields.get("errors")),
-        "reason": helpers.one_line(str(fields.get("reason", "")), 300),
+        "reason": one_line(str(fields.get("reason", "")), 300),
         "result_file": os.path.join(results_dir, result.commit),
         "url": commit_url(dashboard_url, result.commit),
         "created": time.time() if now is None else now,
@@ -103,7 +103,7 @@ def build_event(decision: Decision, results_dir: str, dashboard_url: str | None,
     event["text"] = event_text(event)
     header = {"commit": result.commit}
     header.update((k, v) for k, v in fields.items() if k != "commit")
-    event["header"] = helpers.encode_fields(header).decode("utf-8")[:MAX_HEADER]
+    event["header"] = encode_fields(header).decode("utf-8")[:MAX_HEADER]
     event["targets"] = list(targets)
     return event
 
@@ -142,7 +142,7 @@ def command_environment(event: dict, base: dict) -> dict:
              "CI_RESULT_FILE": event["result_file"], "CI_TEXT": event["text"]}
     if event["url"]:
         facts["CI_URL"] = event["url"]
-    env.update({k: helpers.one_line(v, 2000) for k, v in facts.items()})
+    env.update({k: one_line(v, 2000) for k, v in facts.items()})
     return env
 
 

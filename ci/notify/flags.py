@@ -11,11 +11,12 @@ import shlex
 import shutil
 import urllib.parse
 
-import helpers
 from ci.notify.decider import DEFAULT_NOTIFY_ON, NOTIFY_ON
 from ci.notify.notifier import Notifier, Options
 from ci.notify.targets import DEFAULT_TIMEOUT, CommandTarget, WebhookTarget
 from ci.notify.worker import DEFAULT_RETRY_FOR, DEFAULT_RETRY_MAX
+from ci.config import ConfigError
+from ci.wire import one_line, read_secret_file
 
 
 # The flags that take a duration (each must be positive): flag, default, help.
@@ -59,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_http_url(flag: str, url: str) -> str:
     parts = urllib.parse.urlsplit(url) if url.isprintable() and " " not in url else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise helpers.ConfigError(
-            f"{flag} {helpers.one_line(url, 200)!r}: only http:// or https:// URLs with a "
+        raise ConfigError(
+            f"{flag} {one_line(url, 200)!r}: only http:// or https:// URLs with a "
             "host are allowed")
     return url
 
@@ -70,11 +71,11 @@ def _webhook_secret(args: argparse.Namespace, webhooks: list[str]) -> bytes | No
     if not args.webhook_secret_file:
         return None
     if not webhooks:
-        raise helpers.ConfigError("--webhook-secret-file needs at least one --webhook")
+        raise ConfigError("--webhook-secret-file needs at least one --webhook")
     try:
-        return helpers.read_secret_file(args.webhook_secret_file, "--webhook-secret-file")
+        return read_secret_file(args.webhook_secret_file, "--webhook-secret-file")
     except ValueError as exc:
-        raise helpers.ConfigError(str(exc)) from None
+        raise ConfigError(str(exc)) from None
 
 
 def _command_argv(command: str) -> list[str]:
@@ -82,11 +83,11 @@ def _command_argv(command: str) -> list[str]:
     try:
         argv = shlex.split(command)
     except ValueError as exc:
-        raise helpers.ConfigError(f"invalid --notify-command: {exc}") from None
+        raise ConfigError(f"invalid --notify-command: {exc}") from None
     if not argv:
-        raise helpers.ConfigError("--notify-command is empty")
+        raise ConfigError("--notify-command is empty")
     if shutil.which(argv[0]) is None:
-        raise helpers.ConfigError(f"--notify-command: cannot find program {argv[0]!r}")
+        raise ConfigError(f"--notify-command: cannot find program {argv[0]!r}")
     return argv
 
 
@@ -94,7 +95,7 @@ def from_args(args: argparse.Namespace, state_dir: str, results_dir: str) -> Not
     """The notifier the flags ask for, or None; ConfigError for bad flags."""
     for flag, _, _ in SECONDS_FLAGS:
         if getattr(args, flag[2:].replace("-", "_")) <= 0:
-            raise helpers.ConfigError(f"{flag} must be positive")
+            raise ConfigError(f"{flag} must be positive")
     webhooks = [_check_http_url("--webhook", url) for url in args.webhook]
     if args.dashboard_url:
         _check_http_url("--dashboard-url", args.dashboard_url)

@@ -22,13 +22,13 @@ import threading
 import time
 from typing import Callable
 
-import helpers
 from ci import results as result_files  # (the module; "results" names lists here)
 from ci.notify.decider import (DEFAULT_NOTIFY_ON, NOTIFY_ON, PENDING, UNKNOWN, Decider,
                                Decision, Result, result_from_fields)
 from ci.notify.events import build_event, short_id
 from ci.notify.store import JOURNAL_NAME, EventStore
 from ci.notify.worker import DEFAULT_RETRY_FOR, DEFAULT_RETRY_MAX, TargetWorker
+from ci.wire import valid_full_commit
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Options:
 def read_result(results_dir: str, commit: str) -> Result | None:
     """The result file's header as a Result, or None if it is missing or
     unreadable."""
-    if not helpers.valid_full_commit(commit):
+    if not valid_full_commit(commit):
         return None
     fields = result_files.read_header(os.path.join(results_dir, commit))
     return None if fields is None else result_from_fields(commit, fields)
@@ -209,7 +209,7 @@ class Notifier:
 
     def _result_names(self) -> list[str]:
         try:
-            return [n for n in os.listdir(self.results_dir) if helpers.valid_full_commit(n)]
+            return [n for n in os.listdir(self.results_dir) if valid_full_commit(n)]
         except OSError:
             log.exception("cannot list %s", self.results_dir)
             return []

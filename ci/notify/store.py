@@ -17,8 +17,8 @@ import os
 import threading
 from typing import Callable
 
-import helpers
 from ci.notify.events import EVENT_KEYS
+from ci.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class EventStore:
                      for e in self._undelivered()]
             lines.extend({"j": commit, "v": verdict, "n": n}
                          for commit, (verdict, n) in self.judged.items())
-            helpers.atomic_write(self.path, _encode(lines))
+            atomic_write(self.path, _encode(lines))
             if self._handle:
                 self._handle.close()
             self._handle = open(self.path, "ab")

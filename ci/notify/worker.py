@@ -12,10 +12,10 @@ import logging
 import threading
 import time
 
-import helpers
 from ci.notify.events import describe, short_id
 from ci.notify.store import EventStore
 from ci.notify.targets import DeliveryError
+from ci.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class TargetWorker:
         self.target = target
         self.store = store
         self.retry_for = retry_for
-        self.backoff = helpers.Backoff(first=min(1.0, retry_max), cap=retry_max)
+        self.backoff = Backoff(first=min(1.0, retry_max), cap=retry_max)
         self.stop_event = stop_event
         self.cond = threading.Condition()
         self.queue: collections.deque[dict] = collections.deque()  # guarded by cond

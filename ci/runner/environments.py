@@ -46,8 +46,10 @@ import sys
 import time
 import venv
 
-import helpers
 from ci.runner import recipe
+from ci.config import ConfigError
+from ci.files import atomic_write, ensure_dir, open_inside, read_inside
+from ci.wire import one_line
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,7 @@ class EnvironmentCache:
     (an exclusive lock on ``.lock`` for the runner's lifetime)."""
 
     def __init__(self, folder: str, keep: int = DEFAULT_KEEP, python: str | None = None):
-        self.folder = helpers.ensure_dir(folder, "environment folder")
+        self.folder = ensure_dir(folder, "environment folder")
         self.keep = keep
         self.python = python or sys.executable
         self._lock_fd = os.open(os.path.join(self.folder, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
@@ -125,7 +127,7 @@ class EnvironmentCache:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(self._lock_fd)
-            raise helpers.ConfigError(f"environment folder {folder} is in use by another runner "
+            raise ConfigError(f"environment folder {folder} is in use by another runner "
                              "(give each runner its own --env-dir)") from None
         self.remove_unfinished()
 
@@ -228,7 +230,7 @@ class EnvironmentCache:
             except OSError as exc:
                 self._remove(path)
                 return False, f"cannot take the built environment back: {exc}"
-        helpers.atomic_write(os.path.join(path, MARKER), json.dumps({
+        atomic_write(os.path.join(path, MARKER), json.dumps({
             "key": key, "setup": list(setup), "python": sys.version,
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(time.monotonic() - started, 3)}, indent=1).encode())
@@ -412,7 +414,7 @@ def _file_digest(path: str, repo: str) -> str:
     is keyed by its content); the file is the tested commit's, so one that
     leads out of the clone (a symlink to a key, to /dev/zero) is not read."""
     try:
-        with open(helpers.open_inside(path, repo), "rb") as handle:
+        with open(open_inside(path, repo), "rb") as handle:
             return hashlib.file_digest(handle, "sha256").hexdigest()
     except OSError as exc:
         return f"unreadable: {exc.strerror or exc}"
@@ -471,7 +473,7 @@ class Preparer:
             text = read_recipe_file(repo) if self.read_recipe else None
             plan = recipe.resolve(text, self.limits)
         except recipe.RecipeError as exc:
-            return _failed(result, helpers.one_line(str(exc), 300), out)
+            return _failed(result, one_line(str(exc), 300), out)
         for note in plan.notes:
             out.write(f"[ci] {note}\n".encode())
         result.command = list(plan.test) if plan.test else None
@@ -519,7 +521,7 @@ def read_recipe_file(repo: str) -> str | None:
     file is read: a symlink could point anywhere on the runner."""
     path = os.path.join(repo, recipe.RECIPE_FILE)
     try:
-        data = helpers.read_inside(path, repo, recipe.MAX_RECIPE_BYTES + 1)
+        data = read_inside(path, repo, recipe.MAX_RECIPE_BYTES + 1)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -540,4 +542,4 @@ def _failed(result: Prepared, reason: str, out) -> Prepared:
 
 
 def _shown(command: tuple[str, ...]) -> str:
-    return helpers.one_line(" ".join(command), 500)
+    return one_line(" ".join(command), 500)

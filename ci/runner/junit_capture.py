@@ -22,8 +22,8 @@ import os
 import shutil
 import tempfile
 
-import helpers
 from ci import commands, results
+from ci.files import read_inside
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class Capture:
 
 def read_untrusted(path: str, inside: str) -> bytes:
     """A JUnit file the tests wrote, at most MAX_JUNIT_BYTES + 1 bytes."""
-    return helpers.read_inside(path, inside, results.MAX_JUNIT_BYTES + 1)
+    return read_inside(path, inside, results.MAX_JUNIT_BYTES + 1)
 
 
 def fit(records: list[results.TestRecord], budget: int) -> bytes | None:

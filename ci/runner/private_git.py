@@ -31,7 +31,8 @@ import shutil
 import subprocess
 
 from ci.runner import environments
-import helpers
+from ci.config import ConfigError
+from ci.git import GitError, run_git
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,10 @@ class PrivateRepository:
         if self.exists():
             # The same state folder may now serve a clone moved elsewhere.
             try:
-                helpers.run_git(self.repo, "config", "core.worktree", self.repo,
+                run_git(self.repo, "config", "core.worktree", self.repo,
                                 env=self.git_env(dict(os.environ)))
-            except helpers.GitError as exc:
-                raise helpers.ConfigError(f"--test-user: the runner's repository "
+            except GitError as exc:
+                raise ConfigError(f"--test-user: the runner's repository "
                                           f"{self.git_dir} is unusable: {exc}") from None
             # A runner stopped between take_tree and give_tree left it ours.
             self.give_tree()
@@ -78,12 +79,12 @@ class PrivateRepository:
             for args in (["init", "--quiet"], ["config", "core.bare", "false"],
                          ["config", "core.worktree", self.repo],
                          ["remote", "add", "origin", url]):
-                helpers.run_git(self.repo, *args, env=env)
-            helpers.run_git(self.repo, "fetch", "--quiet", "origin", env=env,
+                run_git(self.repo, *args, env=env)
+            run_git(self.repo, "fetch", "--quiet", "origin", env=env,
                             timeout=FETCH_TIMEOUT)
-        except helpers.GitError as exc:
+        except GitError as exc:
             shutil.rmtree(building, ignore_errors=True)
-            raise helpers.ConfigError(f"--test-user: cannot make the runner's own repository "
+            raise ConfigError(f"--test-user: cannot make the runner's own repository "
                                       f"from {url}: {exc}") from None
         os.chmod(building, 0o755)
         os.replace(building, self.git_dir)
@@ -100,10 +101,10 @@ class PrivateRepository:
                                    "remote.origin.url"], capture_output=True, text=True,
                                   stdin=subprocess.DEVNULL, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise helpers.ConfigError(f"--test-user: cannot read {config}: {exc}") from None
+            raise ConfigError(f"--test-user: cannot read {config}: {exc}") from None
         url = proc.stdout.strip()
         if proc.returncode or not url:
-            raise helpers.ConfigError(f"--test-user: {self.repo} has no origin to fetch from "
+            raise ConfigError(f"--test-user: {self.repo} has no origin to fetch from "
                                       "(clone the upstream, then chown the clone to the "
                                       "test user)")
         return url

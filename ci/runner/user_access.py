@@ -27,8 +27,10 @@ import stat
 import subprocess
 import sys
 
-import helpers
 from ci.runner import junit_capture
+from ci.config import ConfigError
+from ci.files import atomic_write
+from ci.wire import one_line
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ def provide_recorder(state_dir: str) -> str:
         data = handle.read()
     target = os.path.join(folder, os.path.basename(junit_capture.RECORDER))
     if os.path.abspath(target) != os.path.abspath(junit_capture.RECORDER):
-        helpers.atomic_write(target, data, fsync=False)
+        atomic_write(target, data, fsync=False)
         os.chmod(target, 0o644)
     junit_capture.use_recorder(target)
     return target
@@ -74,7 +76,7 @@ def check_test_user(user, repo: str, preparer, test_command: list[str] | None,
     for path, mode, verb, role in needs:
         why = ask_as(user, why_not, path, mode)
         if why:
-            raise helpers.ConfigError(f"test user {user.name} cannot {verb} {path} ({role}): "
+            raise ConfigError(f"test user {user.name} cannot {verb} {path} ({role}): "
                                       f"{why}")
     if test_command is None or preparer.cache is not None:
         for python in runner_pythons():
@@ -99,7 +101,7 @@ def check_python(user, python: str, role: str, repo: str, env: dict) -> None:
     """Start ``python -c pass`` as the user, in the clone, as a test would."""
     why = run_as(user, [python, "-c", "pass"], repo, env)
     if why:
-        raise helpers.ConfigError(f"test user {user.name} cannot execute {python} ({role}): "
+        raise ConfigError(f"test user {user.name} cannot execute {python} ({role}): "
                                   f"{explain(user, python, env) or why}")
 
 
@@ -120,7 +122,7 @@ def check_program(user, name: str, role: str, repo: str, env: dict,
     found = ask_as(user, which, name, env.get("PATH", os.defpath))
     if not found:
         if "/" in name or shutil.which(name, path=env.get("PATH", os.defpath)):
-            raise helpers.ConfigError(f"test user {user.name} cannot execute {name} ({role}): "
+            raise ConfigError(f"test user {user.name} cannot execute {name} ({role}): "
                                       f"{explain(user, name, env) or 'permission denied'}")
         log.info("%s %s is not on the test user's PATH (an environment may provide it)",
                  role, name)
@@ -160,7 +162,7 @@ def run_as(user, argv: list[str], cwd: str, env: dict) -> str:
     if proc.returncode == 0:
         return ""
     lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-    return helpers.one_line(lines[-1], 300) if lines else f"it exited {proc.returncode}"
+    return one_line(lines[-1], 300) if lines else f"it exited {proc.returncode}"
 
 
 def explain(user, name: str, env: dict) -> str:
@@ -203,7 +205,7 @@ def ask_as(user, question, *args) -> str:
     with os.fdopen(read_end, "rb") as handle:
         answer = handle.read(ANSWER_LIMIT + 1)
     if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
-        raise helpers.ConfigError(f"--test-user {user.name}: cannot check what that user "
+        raise ConfigError(f"--test-user {user.name}: cannot check what that user "
                                   f"may reach ({question.__name__} {args[0]})")
     return answer.decode("utf-8", "replace")
 

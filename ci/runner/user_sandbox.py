@@ -43,8 +43,9 @@ import signal
 import stat
 import sys
 import time
+from ci.config import ConfigError
+from ci.files import ensure_dir
 
-import helpers
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,10 @@ class UserSandbox:
     def recover(self) -> None:
         """Make the sandboxes' folder (the runner's, mode 711) and clear
         what a runner killed mid-run left: processes, folders, files."""
-        helpers.ensure_dir(self.folder, "sandbox folder")
+        ensure_dir(self.folder, "sandbox folder")
         info = os.lstat(self.folder)
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-            raise helpers.ConfigError(f"sandbox folder {self.folder} must be a folder of "
+            raise ConfigError(f"sandbox folder {self.folder} must be a folder of "
                                       "the runner's user")
         os.chmod(self.folder, 0o711)
         self.end_processes()

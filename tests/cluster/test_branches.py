@@ -13,9 +13,8 @@ import subprocess
 import pytest
 from support.cluster import PY, ThreadedServer, git, wait_until
 
-import helpers
 import repo_observer
-from helpers import Message
+from ci.wire import Message, encode_fields
 
 
 class RecordingDispatcher(ThreadedServer):
@@ -30,7 +29,7 @@ class RecordingDispatcher(ThreadedServer):
         super().__init__({"status": self.do_status, "dispatch": self.do_dispatch})
 
     def do_status(self, message, peer):
-        return Message("ok", "", helpers.encode_fields({"queued": 0}))
+        return Message("ok", "", encode_fields({"queued": 0}))
 
     def do_dispatch(self, message, peer):
         lines = [tuple(line.split(" ")) for line in message.body.decode().splitlines()]

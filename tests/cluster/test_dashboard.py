@@ -16,14 +16,14 @@ import time
 import pytest
 from support.cluster import PY, ROOT, send_raw, wait_until
 from support.dashboard import (
-    Dashboard, StandInDispatcher, commit_id, dead_address, red_green_history, write_result)
+    StandInDispatcher, commit_id, red_green_history, write_result)
 
 from ci import results as result_files
 from ci.dashboard import app as dashboard_app
 from ci.dashboard import index as di
 from ci.dashboard import live as dashboard_live
 from ci.dashboard import pages
-from helpers import Message
+from ci.wire import Message
 
 A, B, C, D = (commit_id(n) for n in range(4))
 

@@ -22,6 +22,7 @@ import pytest
 
 import helpers
 from support.cluster import FAILING_TEST, PY, ROOT, git, send_raw, wait_until
+from ci.wire import Message, decode_fields, decode_header, decode_message, encode_frame
 
 LONG_POLL = "30"
 
@@ -132,7 +133,7 @@ def test_later():
 def dispatcher_status(cluster) -> dict[str, int]:
     reply = helpers.call(("127.0.0.1", cluster.dispatcher_port), "status", timeout=5)
     assert reply.command == "ok", reply
-    return {k: int(v) for k, v in helpers.decode_fields(reply.body).items()}
+    return {k: int(v) for k, v in decode_fields(reply.body).items()}
 
 
 def wait_idle(cluster, done: int, timeout: float = 30) -> dict[str, int]:
@@ -156,7 +157,7 @@ def notify(observer) -> None:
 
 def observer_polls(observer) -> int:
     reply = helpers.call(("127.0.0.1", observer.port), "status", timeout=5)
-    return int(helpers.decode_fields(reply.body)["polls"])
+    return int(decode_fields(reply.body)["polls"])
 
 
 def observer_warnings(observer) -> list[str]:
@@ -495,11 +496,11 @@ def test_the_same_commit_is_queued_once(cluster, upstream):
     assert runner.log().count(f"accepted {commit[:12]}") == 1
 
 
-def decode_reply(data: bytes) -> helpers.Message:
+def decode_reply(data: bytes) -> Message:
     line, _, payload = data.partition(b"\n")
-    header = helpers.decode_header(line)
+    header = decode_header(line)
     assert header.length == len(payload)
-    return helpers.decode_message(payload)
+    return decode_message(payload)
 
 
 def test_bad_requests_get_error_replies_and_daemons_keep_serving(cluster, upstream):
@@ -525,8 +526,8 @@ def test_bad_requests_get_error_replies_and_daemons_keep_serving(cluster, upstre
     }
     raw_garbage = [b"GET / HTTP/1.0\r\n\r\n", b"CI1 abc 1.0 abcdefgh -\n",
                    b"CI1 999999999 1.0 abcdefgh -\n", b"CI1 100 1.0 abcdefgh -\nshort",
-                   helpers.encode_frame(b"\xff\xfe not a command"),
-                   helpers.encode_frame(b"UPPER:case")]
+                   encode_frame(b"\xff\xfe not a command"),
+                   encode_frame(b"UPPER:case")]
     for name, port in ports.items():
         address = ("127.0.0.1", port)
         for command, argument, body in [("no_such_command", "", b"")] + bad[name]:

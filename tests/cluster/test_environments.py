@@ -12,10 +12,10 @@ from support.cluster import PY, ThreadedServer, wait_until
 from support.wheels import make_wheel
 
 from ci.runner import environments
-import helpers
 from ci.runner import recipe
 import test_runner
-from helpers import Message
+from ci.config import ConfigError
+from ci.wire import Message, decode_fields
 
 
 ENV_FILES = recipe.DEFAULT_ENV_FILES
@@ -108,7 +108,7 @@ def test_least_recently_used_pruned_and_unfinished_never_used(tmp_path):
     assert sorted(k for _, k in cache.finished()) == ["a", "d"]
     assert sorted(os.listdir(folder)) == [".lock", "a", "d"]
     # One folder, one runner.
-    with pytest.raises(helpers.ConfigError, match="in use by another runner"):
+    with pytest.raises(ConfigError, match="in use by another runner"):
         environments.EnvironmentCache(folder)
     cache.close()
     environments.EnvironmentCache(folder).close()
@@ -265,7 +265,7 @@ class RegisterRecorder(ThreadedServer):
 
     def register(self, message, peer):
         with self.lock:
-            self.registers.append(helpers.decode_fields(message.body))
+            self.registers.append(decode_fields(message.body))
         return Message("ok", "registered")
 
 

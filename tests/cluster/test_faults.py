@@ -22,6 +22,7 @@ import pytest
 from support.cluster import free_port, git, wait_until
 
 import helpers
+from ci.wire import ProtocolError, decode_fields, parse_address
 
 FAULT_TEST = '''"""Fault-injection test {name}; its behaviour is fixed by the CI suite."""
 import os
@@ -167,7 +168,7 @@ def start_runner(cluster, notes: Notes, *extra, port=None, clone=None, path_pref
 
 
 def dispatch(cluster, *commits: str) -> None:
-    reply = helpers.call(helpers.parse_address(cluster.dispatcher_address), "dispatch",
+    reply = helpers.call(parse_address(cluster.dispatcher_address), "dispatch",
                          " ".join(commits))
     assert reply.command == "ok", reply
 
@@ -175,11 +176,11 @@ def dispatch(cluster, *commits: str) -> None:
 def status(cluster) -> dict:
     """The dispatcher's counters; {} while it does not answer."""
     try:
-        reply = helpers.call(helpers.parse_address(cluster.dispatcher_address), "status",
+        reply = helpers.call(parse_address(cluster.dispatcher_address), "status",
                              timeout=0.5)
-    except (OSError, helpers.ProtocolError):
+    except (OSError, ProtocolError):
         return {}
-    return {k: int(v) for k, v in helpers.decode_fields(reply.body).items()}
+    return {k: int(v) for k, v in decode_fields(reply.body).items()}
 
 
 def dispatcher_log(cluster) -> str:

@@ -14,6 +14,8 @@ import pytest
 from support.cluster import PY, ROOT, free_port
 from ci import auth
 import helpers
+from ci.security import Security
+from ci.wire import Message
 
 SECRET = "hook-client-test-secret-0123456789"
 HEAVY = ("helpers", "ssl", "logging", "socketserver", "ipaddress",
@@ -47,7 +49,7 @@ class NotifyServer:
 
     def notify(self, message, peer):
         self.count += 1
-        return helpers.Message("ok")
+        return Message("ok")
 
     def close(self):
         self.server.shutdown()
@@ -57,7 +59,7 @@ class NotifyServer:
 
 @pytest.fixture
 def server():
-    made = NotifyServer(helpers.Security(secret=SECRET.encode()))
+    made = NotifyServer(Security(secret=SECRET.encode()))
     yield made
     made.close()
 

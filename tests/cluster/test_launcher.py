@@ -10,14 +10,14 @@ import urllib.request
 
 from support.cluster import GIT_ENV, PY, ROOT, wait_until
 
-import helpers
 from ci.results import parse_result
+from ci.wire import valid_full_commit
 
 
 def read_verdicts(results):
     verdicts = {}
     for name in os.listdir(results):
-        if helpers.valid_full_commit(name):
+        if valid_full_commit(name):
             with open(os.path.join(results, name), "rb") as handle:
                 verdicts[name] = parse_result(handle.read())[0]["verdict"]
     return verdicts

@@ -19,8 +19,8 @@ import pytest
 
 from support.cluster import PY, ROOT, Daemon, wait_until
 from test_faults import commit_fault, notes  # noqa: F401  (notes is a fixture)
+from ci.wire import decode_fields
 
-import helpers
 
 SUBNET = "10.77.0"
 DISPATCHER_IP = f"{SUBNET}.1"
@@ -122,14 +122,14 @@ def wait_for_log(daemon: Daemon, text: str, timeout: float = 15, count: int = 1)
 def ns_status(ns: str, port: int, secret_file: str) -> dict:
     """The dispatcher's status, asked from inside namespace ``ns``."""
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import helpers; "
-            "sec = helpers.Security(secret=helpers.load_secret(sys.argv[3])); "
+            "sec = helpers.Security(secret=helpers.load_credentials(sys.argv[3])[0]); "
             "r = helpers.call(helpers.parse_address(sys.argv[2]), 'status', security=sec); "
             "sys.stdout.write(r.body.decode())")
     proc = subprocess.run(["ip", "netns", "exec", ns, PY, "-c", code, ROOT,
                            f"{DISPATCHER_IP}:{port}", secret_file],
                           capture_output=True, text=True, timeout=15)
     assert proc.returncode == 0, proc.stderr
-    return {k: int(v) for k, v in helpers.decode_fields(proc.stdout.encode()).items()}
+    return {k: int(v) for k, v in decode_fields(proc.stdout.encode()).items()}
 
 
 def runners_of(cluster, commits) -> list[str]:

@@ -21,6 +21,8 @@ from support.notify import cid, recorded, recorder
 
 import helpers
 from ci.notify.store import JOURNAL_NAME
+from ci.security import Security
+from ci.wire import encode_fields, parse_address
 
 
 class Receiver:
@@ -86,7 +88,7 @@ def receivers():
 
 
 def address(cluster):
-    return helpers.parse_address(cluster.dispatcher_address)
+    return parse_address(cluster.dispatcher_address)
 
 
 def dispatch(cluster, commits, branch="main", previous=None, security=None, fake=True):
@@ -111,7 +113,7 @@ def dispatch(cluster, commits, branch="main", previous=None, security=None, fake
 
 def post_result(cluster, commit, verdict, failures=0):
     """What the fake runner the commit was assigned to sends, with its token."""
-    body = helpers.encode_fields({"verdict": verdict, "tests": 4, "failures": failures,
+    body = encode_fields({"verdict": verdict, "tests": 4, "failures": failures,
                                   "errors": 0, "runner": "fake"}) + b"\nout\n"
     started = time.monotonic()
     token = cluster.fleet.token(commit)
@@ -147,7 +149,7 @@ def test_red_red_green_with_real_runs_command_and_signed_webhook(cluster, upstre
     receiver = receivers()
     command, out = recorder(tmp_path)
     env = dict(cluster.env, CI_SECRET="cluster-secret")
-    security = helpers.Security(secret=b"cluster-secret")
+    security = Security(secret=b"cluster-secret")
     cluster.start_dispatcher("--notify-on", "failure", "--notify-command", command,
                              "--webhook", receiver.url, "--webhook-secret-file",
                              str(tmp_path / "hook.secret"), "--dashboard-url",

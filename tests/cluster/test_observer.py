@@ -8,6 +8,7 @@ import time
 from support.cluster import PY, ROOT, git, wait_until
 
 import helpers
+from ci.wire import decode_fields, parse_address
 
 
 def many_commits(repo: str, count: int) -> list[str]:
@@ -26,8 +27,8 @@ def many_commits(repo: str, count: int) -> list[str]:
 
 
 def dispatcher_status(cluster) -> dict:
-    reply = helpers.call(helpers.parse_address(cluster.dispatcher_address), "status")
-    return {k: int(v) for k, v in helpers.decode_fields(reply.body).items()}
+    reply = helpers.call(parse_address(cluster.dispatcher_address), "status")
+    return {k: int(v) for k, v in decode_fields(reply.body).items()}
 
 
 def test_backlog_after_restart_is_sent_in_batches_exactly_once(cluster, upstream):
@@ -56,7 +57,7 @@ def test_backlog_after_restart_is_sent_in_batches_exactly_once(cluster, upstream
 
 def observer_polls(observer) -> int:
     reply = helpers.call(("127.0.0.1", observer.port), "status")
-    return int(helpers.decode_fields(reply.body)["polls"])
+    return int(decode_fields(reply.body)["polls"])
 
 
 def test_notify_wakes_observer_at_once(cluster, upstream):

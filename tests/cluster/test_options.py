@@ -7,6 +7,7 @@ import subprocess
 from support.cluster import PY, ROOT, free_port, git, wait_until
 
 import helpers
+from ci.wire import encode_fields
 
 
 def test_runner_gives_up_after_dispatcher_timeout(cluster):
@@ -74,7 +75,7 @@ def test_a_runner_is_shown_by_the_name_it_gives(cluster, tmp_path):
                 f"127.0.0.1:{plain.port}": f"127.0.0.1:{plain.port}"}
     wait_until(lambda: names() == expected, 15, what="both runners registered")
     reply = helpers.call(dispatcher, "register", f"127.0.0.1:{free_port()}",
-                         helpers.encode_fields({"instance": "i1", "busy": "",
+                         encode_fields({"instance": "i1", "busy": "",
                                                 "name": "no spaces"}))
     assert reply.command == "error" and "invalid runner name" in reply.argument, reply
     assert names() == expected

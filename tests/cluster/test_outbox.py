@@ -7,9 +7,8 @@ import pytest
 
 from support.cluster import ThreadedServer, wait_until
 
-import helpers
 from ci import results
-from helpers import Message
+from ci.wire import Message
 
 A, B = "a" * 40, "b" * 40
 

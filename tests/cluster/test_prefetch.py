@@ -15,7 +15,8 @@ import dispatcher
 import helpers
 import test_runner
 from support.cluster import PASSING_TEST, PY, ROOT, ThreadedServer, wait_until
-from helpers import Message
+from ci.security import Security
+from ci.wire import Message, decode_fields
 
 
 def in_clone(clone: str, commit: str) -> bool:
@@ -28,7 +29,7 @@ def ask(port: int, command: str) -> Message:
 
 
 def status(port: int) -> dict:
-    return helpers.decode_fields(ask(port, "status").body)
+    return decode_fields(ask(port, "status").body)
 
 
 # --------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def test_a_hook_notice_sends_one_prefetch_and_timer_polls_none(cluster, threaded
     observer_port = observer.port
 
     def polls() -> int:
-        return int(helpers.decode_fields(ask(observer_port, "status").body)["polls"])
+        return int(decode_fields(ask(observer_port, "status").body)["polls"])
     first = cluster.upstream.commit()
     wait_until(lambda: recorder.counts()[1] >= 1, 15, what="the first dispatch")
     seen = polls()
@@ -147,7 +148,7 @@ def test_every_dispatcher_command_has_its_roles():
     """A command missing from the permission table would be open to every
     key, a runner's included."""
     from ci import auth
-    d = dispatcher.Dispatcher(None, helpers.Security(), 1, 1, 1, 1, 1)
+    d = dispatcher.Dispatcher(None, Security(), 1, 1, 1, 1, 1)
     try:
         assert set(d.commands) == set(auth.DISPATCHER_PERMISSIONS)
     finally:

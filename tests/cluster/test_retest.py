@@ -8,6 +8,7 @@ from support.cluster import PY, ROOT, wait_until
 
 import helpers
 from ci import results
+from ci.wire import parse_address
 
 FLAKY_TEST = '''import os
 import unittest
@@ -72,6 +73,6 @@ def test_retest_request_survives_a_dispatcher_crash(cluster, upstream, tmp_path)
 def test_retest_of_a_pending_commit_queues_nothing(cluster, upstream):
     cluster.start_dispatcher()  # no runner: dispatched commits stay queued
     commit = upstream.commit()
-    reply = helpers.call(helpers.parse_address(cluster.dispatcher_address), "dispatch", commit)
+    reply = helpers.call(parse_address(cluster.dispatcher_address), "dispatch", commit)
     assert reply.argument == "queued 1"
     assert "queued 0" in retest(cluster, commit).stdout

@@ -14,8 +14,8 @@ from support.cluster import PY, FakeRunner, wait_until
 import helpers
 from ci import results
 import test_runner
-from helpers import Message
 from ci.dispatch.journal import Journal
+from ci.wire import Message
 
 X, Y = "1" * 40, "2" * 40
 

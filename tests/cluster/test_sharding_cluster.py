@@ -13,6 +13,7 @@ import xml.etree.ElementTree as ET
 import helpers
 import test_runner
 from support.cluster import PY, git, wait_until
+from ci.wire import decode_fields
 
 COUNTS = ("tests", "failures", "errors", "skipped")
 
@@ -47,7 +48,7 @@ def dispatch(cluster, commit: str) -> None:
 
 def status(cluster) -> dict:
     reply = helpers.call(("127.0.0.1", cluster.dispatcher_port), "status")
-    return helpers.decode_fields(reply.body)
+    return decode_fields(reply.body)
 
 
 def state(cluster) -> dict:

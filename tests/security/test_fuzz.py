@@ -23,7 +23,11 @@ import dispatcher
 import helpers
 from ci import results
 from support.cluster import send_slowly, wait_until
-from helpers import Message, ProtocolError, Reply
+from ci.results import VERDICTS
+from ci.security import NonceCache
+from ci.wire import (COMMAND_RE, Message, ProtocolError, Reply, decode_fields, decode_header,
+    decode_message, encode_fields, encode_frame, encode_message, one_line, read_frame,
+    valid_full_commit, verify_frame)
 
 SECRET = b"fuzzing secret"
 FUZZ = settings(max_examples=300, deadline=None,
@@ -61,7 +65,7 @@ field_dicts = st.dictionaries(
 @given(header_lines, st.integers(min_value=0, max_value=1 << 40))
 def test_decode_header_raises_only_protocol_error(line, max_message):
     try:
-        header = helpers.decode_header(line, max_message)
+        header = decode_header(line, max_message)
     except ProtocolError:
         return
     assert 0 <= header.length <= max_message
@@ -77,10 +81,10 @@ def test_decode_header_raises_only_protocol_error(line, max_message):
                            st.binary(max_size=50)).map(b"".join)))
 def test_decode_message_raises_only_protocol_error(payload):
     try:
-        message = helpers.decode_message(payload)
+        message = decode_message(payload)
     except ProtocolError:
         return
-    assert helpers.COMMAND_RE.fullmatch(message.command)
+    assert COMMAND_RE.fullmatch(message.command)
     assert message.argument.isascii() and message.argument.isprintable()
 
 
@@ -89,7 +93,7 @@ def test_decode_message_raises_only_protocol_error(payload):
        st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=200),
        st.binary(max_size=2000))
 def test_message_round_trip(command, argument, body):
-    decoded = helpers.decode_message(helpers.encode_message(command, argument, body))
+    decoded = decode_message(encode_message(command, argument, body))
     assert decoded == Message(command, argument, body)
 
 
@@ -103,19 +107,19 @@ def test_message_round_trip(command, argument, body):
                                                                                  "surrogatepass"))))
 def test_decode_fields_raises_only_protocol_error(data):
     try:
-        fields = helpers.decode_fields(data)
+        fields = decode_fields(data)
     except ProtocolError:
         return
     assert len(fields) <= 64
-    assert all(helpers.COMMAND_RE.fullmatch(key) for key in fields)
+    assert all(COMMAND_RE.fullmatch(key) for key in fields)
 
 
 @FUZZ
 @given(st.dictionaries(st.from_regex(r"[a-z_]{1,32}", fullmatch=True), st.text(max_size=80),
                        max_size=64))
 def test_fields_round_trip(fields):
-    assert helpers.decode_fields(helpers.encode_fields(fields)) == \
-        {key: helpers.one_line(value) for key, value in fields.items()}
+    assert decode_fields(encode_fields(fields)) == \
+        {key: one_line(value) for key, value in fields.items()}
 
 
 @FUZZ
@@ -136,7 +140,7 @@ def test_result_file_round_trip(fields, output):
     output come back apart and intact."""
     fields = {key: value for key, value in fields.items() if key in results.RESULT_FIELDS}
     parsed, parsed_output = results.parse_result(results.format_result(fields, output))
-    assert parsed == {key: helpers.one_line(value) for key, value in fields.items()}
+    assert parsed == {key: one_line(value) for key, value in fields.items()}
     assert parsed_output == output
 
 
@@ -159,10 +163,10 @@ def test_parse_results_message_raises_only_reply(argument, body):
             Message("results", argument, body))
     except Reply as exc:
         # The reason goes back on the reply's ASCII command line.
-        helpers.decode_message(helpers.encode_message("error", exc.text))
+        decode_message(encode_message("error", exc.text))
         return
-    assert helpers.valid_full_commit(commit)
-    assert fields["verdict"] in helpers.VERDICTS
+    assert valid_full_commit(commit)
+    assert fields["verdict"] in VERDICTS
     assert all(isinstance(fields[name], int) for name in dispatcher.RESULT_INT_FIELDS)
     float(fields["duration"])
     assert output in body
@@ -185,7 +189,7 @@ def _through_socketpair(data: bytes, max_message: int = 100_000, timeout: float 
         writer = threading.Thread(target=write, daemon=True)
         writer.start()
         try:
-            return helpers.read_frame(right, max_message, timeout)
+            return read_frame(right, max_message, timeout)
         finally:
             right.close()
             writer.join(5)
@@ -195,7 +199,7 @@ frames = st.one_of(
     st.binary(max_size=600),
     st.tuples(header_lines, st.sampled_from([b"\n", b""]), st.binary(max_size=200)).map(b"".join),
     st.tuples(st.binary(max_size=300), st.integers(0, 400)).map(
-        lambda args: helpers.encode_frame(args[0])[:args[1]]),
+        lambda args: encode_frame(args[0])[:args[1]]),
 )
 
 
@@ -212,22 +216,22 @@ def test_read_frame_raises_only_protocol_error(data):
 @FUZZ
 @given(st.binary(max_size=300_000), st.sampled_from([None, SECRET]))
 def test_frame_round_trip_over_socket(payload, secret):
-    header, received = _through_socketpair(helpers.encode_frame(payload, secret),
+    header, received = _through_socketpair(encode_frame(payload, secret),
                                            max_message=1 << 20)
     assert received == payload
-    helpers.verify_frame(header, received, secret, nonces=helpers.NonceCache())
+    verify_frame(header, received, secret, nonces=NonceCache())
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(min_size=1, max_size=200), st.data())
 def test_any_changed_byte_of_a_signed_frame_is_refused(payload, data):
-    frame = bytearray(helpers.encode_frame(payload, SECRET))
+    frame = bytearray(encode_frame(payload, SECRET))
     position = data.draw(st.integers(0, len(frame) - 1), label="position")
     flip = data.draw(st.integers(1, 255), label="xor")
     frame[position] ^= flip
     with pytest.raises(ProtocolError):
         header, received = _through_socketpair(bytes(frame), timeout=2)
-        helpers.verify_frame(header, received, SECRET, nonces=helpers.NonceCache())
+        verify_frame(header, received, SECRET, nonces=NonceCache())
 
 
 def test_header_claiming_a_huge_length_is_refused_before_reading_it():
@@ -305,9 +309,9 @@ def reply_of(raw: bytes) -> Message | None:
     if not raw:
         return None
     line, _, payload = raw.partition(b"\n")
-    header = helpers.decode_header(line)
+    header = decode_header(line)
     assert header.length == len(payload), raw[:200]
-    return helpers.decode_message(payload)
+    return decode_message(payload)
 
 
 def hostile_messages(rng: random.Random, commands: list[str], count: int) -> list[bytes]:
@@ -316,7 +320,7 @@ def hostile_messages(rng: random.Random, commands: list[str], count: int) -> lis
     ts = b"%.3f" % time.time()
 
     def frame(payload: bytes) -> bytes:
-        return helpers.encode_frame(payload)
+        return encode_frame(payload)
 
     def junk_argument() -> bytes:
         return rng.choice([b"", b":", b":" + rng.randbytes(rng.randint(1, 80)),
@@ -380,7 +384,7 @@ def test_live_daemons_survive_a_flood_of_hostile_messages(cluster, upstream, tmp
              hostile_messages(rng, ["runtest", "ping", "nosuch"], 1500)]
     # A few large bodies that are read in full before being refused.
     for port in (cluster.dispatcher_port, runner.port):
-        plan += [(port, helpers.encode_frame(b"nosuch\n" + b"\xff" * (3 << 20)))] * 3
+        plan += [(port, encode_frame(b"nosuch\n" + b"\xff" * (3 << 20)))] * 3
     rng.shuffle(plan)
 
     dribbles: list = []
@@ -418,7 +422,7 @@ def test_live_daemons_survive_a_flood_of_hostile_messages(cluster, upstream, tmp
         # The tolerance is for malloc arenas that keep the big bodies' pages.
         assert rss < base[daemon.name]["VmRSS"] + 40 * 1024, (daemon.name, base, rss)
         assert "Traceback" not in daemon.log() and "internal error" not in daemon.log()
-    status = helpers.decode_fields(helpers.call(("127.0.0.1", cluster.dispatcher_port),
+    status = decode_fields(helpers.call(("127.0.0.1", cluster.dispatcher_port),
                                                 "status").body)
     assert (status["queued"], status["running"], status["runners"], status["done"]) == \
         ("0", "0", "1", str(len(results_before)))

@@ -19,7 +19,6 @@ import ssl
 import subprocess
 import tempfile
 import threading
-import time
 
 import pytest
 
@@ -29,7 +28,10 @@ from ci import results
 from support.cluster import (FAILING_TEST, PASSING_TEST, PY, ROOT, Cluster, Daemon, Upstream, git,
                       free_port, project_copy, wait_for_port, wait_until)
 from support.users import new_test_user
-from helpers import Message
+from ci.config import ConfigError
+from ci.security import Security, load_credentials, make_tls_contexts
+from ci.wire import (Message, ProtocolError, decode_fields, decode_header, encode_fields,
+    encode_frame, verify_frame)
 
 MASTER = b"master secret of the least-privilege tests"
 LOOPBACK = "127.0.0.1"
@@ -43,14 +45,14 @@ def write_secret(path, data: bytes) -> str:
     return str(path)
 
 
-def key_security(role: str, name: str, master: bytes = MASTER) -> helpers.Security:
+def key_security(role: str, name: str, master: bytes = MASTER) -> Security:
     """What a process started with an issued key file signs with."""
     key_id, key = auth.parse_key_file(auth.format_key_file(role, name, master).encode())
-    return helpers.Security(secret=key, key_id=key_id)
+    return Security(secret=key, key_id=key_id)
 
 
 def ask(port: int, command: str, argument: str = "", body: bytes = b"",
-        security: helpers.Security | None = None) -> Message:
+        security: Security | None = None) -> Message:
     return helpers.call((LOOPBACK, port), command, argument, body, security=security,
                         timeout=5)
 
@@ -91,13 +93,13 @@ def test_key_file_format_round_trips_and_malformed_files_are_refused(tmp_path):
         with pytest.raises(ValueError):
             auth.parse_key_file(bad)
         path = write_secret(tmp_path / "bad.key", bad)
-        with pytest.raises(helpers.ConfigError, match="malformed key file"):
-            helpers.load_credentials(path)
+        with pytest.raises(ConfigError, match="malformed key file"):
+            load_credentials(path)
     path = write_secret(tmp_path / "good.key", text.encode())
-    assert helpers.load_credentials(path) == (auth.derive_key(MASTER, "observer", "obs-1"),
+    assert load_credentials(path) == (auth.derive_key(MASTER, "observer", "obs-1"),
                                               "observer:obs-1")
     shared = write_secret(tmp_path / "shared", b"  plain secret \n")
-    assert helpers.load_credentials(shared) == (b"plain secret", None)
+    assert load_credentials(shared) == (b"plain secret", None)
 
 
 def test_issue_key_command_writes_a_private_key_file_and_needs_the_master(tmp_path):
@@ -157,36 +159,36 @@ def test_keyrings_map_key_ids_to_keys_and_roles(tmp_path):
 
     key = auth.derive_key(MASTER, "runner", "r1")
     # A runner's or observer's side: only its own key (helpers.Security).
-    own = helpers.Security(secret=key, key_id="runner:r1")
+    own = Security(secret=key, key_id="runner:r1")
     assert own.lookup("runner:r1") == (key, "runner", "r1")
     assert own.lookup(None) == (key, "runner", "r1")
     assert own.lookup("runner:r2") is None and own.lookup("observer:x") is None
-    shared = helpers.Security(secret=MASTER)
+    shared = Security(secret=MASTER)
     assert shared.lookup(None) == (MASTER, auth.ADMIN, None)
     assert shared.lookup("runner:r1") is None
 
 
 def test_frames_carry_the_key_id_and_it_is_signed():
     key = auth.derive_key(MASTER, "runner", "r1")
-    frame = helpers.encode_frame(b"results:x", key, key_id="runner:r1", nonce="ab" * 6)
+    frame = encode_frame(b"results:x", key, key_id="runner:r1", nonce="ab" * 6)
     line, _, payload = frame.partition(b"\n")
-    header = helpers.decode_header(line)
+    header = decode_header(line)
     assert header.key_id == "runner:r1" and payload == b"results:x"
-    helpers.verify_frame(header, payload, key)
+    verify_frame(header, payload, key)
     # The key id is part of what is signed: swapping it breaks the tag,
     # so a runner cannot pass its frame off as another key's.
-    swapped = helpers.decode_header(line.replace(b"runner:r1", b"runner:r2"))
-    with pytest.raises(helpers.ProtocolError, match="bad signature"):
-        helpers.verify_frame(swapped, payload, key)
-    dropped = helpers.decode_header(line.rsplit(b" ", 1)[0])
+    swapped = decode_header(line.replace(b"runner:r1", b"runner:r2"))
+    with pytest.raises(ProtocolError, match="bad signature"):
+        verify_frame(swapped, payload, key)
+    dropped = decode_header(line.rsplit(b" ", 1)[0])
     assert dropped.key_id is None
-    with pytest.raises(helpers.ProtocolError, match="bad signature"):
-        helpers.verify_frame(dropped, payload, key)
+    with pytest.raises(ProtocolError, match="bad signature"):
+        verify_frame(dropped, payload, key)
     # Without a secret no key id is sent; a malformed one is not a frame.
-    assert helpers.decode_header(helpers.encode_frame(b"x", key_id="runner:r1")
+    assert decode_header(encode_frame(b"x", key_id="runner:r1")
                                  .split(b"\n")[0]).key_id is None
-    with pytest.raises(helpers.ProtocolError, match="key id"):
-        helpers.decode_header(line.rsplit(b" ", 1)[0] + b" r1")
+    with pytest.raises(ProtocolError, match="key id"):
+        decode_header(line.rsplit(b" ", 1)[0] + b" r1")
 
 
 # --------------------------------------------------------------------------
@@ -205,7 +207,7 @@ ALLOWED = {
 def _request(command: str, runner_port: int) -> tuple[str, bytes]:
     return {
         "register": (f"{LOOPBACK}:{runner_port}",
-                     helpers.encode_fields({"instance": "i1", "busy": ""})),
+                     encode_fields({"instance": "i1", "busy": ""})),
         "results": (f"{C3} {'0' * 32}", results.encode_results_body(
             {"verdict": "passed"}, b"")),
         "release": (f"{C3} {'0' * 32}", b""),
@@ -240,11 +242,11 @@ def test_each_role_may_send_only_its_commands(cluster, tmp_path):
     assert state["queue"][0]["commit"] == C3    # dispatched by the observer key
     assert ask(port, "log", C3, security=key_security("viewer", "v")) == Message("ok", "idle")
     # The master (or a plain shared secret) is admin: everything.
-    admin = helpers.Security(secret=MASTER)
+    admin = Security(secret=MASTER)
     assert ask(port, "dispatch", C1, security=admin).argument == "queued 1"
     assert ask(port, "status", security=admin).command == "ok"
     # A key id the master did not derive (another master) is refused.
-    with pytest.raises(helpers.ProtocolError, match="bad signature"):
+    with pytest.raises(ProtocolError, match="bad signature"):
         ask(port, "status", security=key_security("viewer", "v", b"another master"))
     refusals = [w for w in warnings(disp) if "is not allowed for role" in w]
     assert len(refusals) == sum(len(ALL_COMMANDS) - len(a) for a in ALLOWED.values())
@@ -255,7 +257,7 @@ def test_a_revoked_runner_key_is_refused_within_a_second_without_restart(cluster
                                                                          keyed_runners):
     disp = cluster.start_dispatcher("--secret-file", write_secret(tmp_path / "master", MASTER))
     r1, r2 = key_security("runner", "r1"), key_security("runner", "r2")
-    body = helpers.encode_fields({"instance": "i1", "busy": ""})
+    body = encode_fields({"instance": "i1", "busy": ""})
     registered, = keyed_runners("r1")   # a live runner holding the key to revoke
     registered.register(cluster.dispatcher_port)
     proc = subprocess.run([PY, os.path.join(ROOT, "dispatcher.py"), "revoke-key", "r1",
@@ -266,7 +268,7 @@ def test_a_revoked_runner_key_is_refused_within_a_second_without_restart(cluster
     def refused():
         try:
             ask(cluster.dispatcher_port, "register", f"{LOOPBACK}:{free_port()}", body, r1)
-        except helpers.ProtocolError as exc:
+        except ProtocolError as exc:
             return "unknown or revoked key" in str(exc)
         return False
     wait_until(refused, 2.5, interval=0.1, what="the revoked key refused")
@@ -309,7 +311,7 @@ class KeyedRunner:
         self.thread.start()
 
     def ping(self, message, peer):
-        return Message("ok", "pong", helpers.encode_fields({"instance": self.instance,
+        return Message("ok", "pong", encode_fields({"instance": self.instance,
                                                             "busy": ""}))
 
     def runtest(self, message, peer):
@@ -329,7 +331,7 @@ class KeyedRunner:
             return len(self.tokens.get(commit, []))
 
     def register(self, port: int) -> None:
-        reply = ask(port, "register", f"{LOOPBACK}:{self.port}", helpers.encode_fields(
+        reply = ask(port, "register", f"{LOOPBACK}:{self.port}", encode_fields(
             {"instance": self.instance, "busy": ""}), self.security)
         assert reply.command == "ok", reply
 
@@ -776,7 +778,7 @@ def assert_nothing_changed(cluster, previous_result, report) -> None:
     # N-1 was written once and never retested; the forged dispatch queued nothing.
     previous = report["previous"]
     assert dispatcher.log().count(f"result for {previous[:12]}: failed") == 1
-    status = helpers.decode_fields(ask(cluster.dispatcher_port, "status",
+    status = decode_fields(ask(cluster.dispatcher_port, "status",
                                        security=key_security("viewer", "w")).body)
     assert (status["queued"], status["running"]) == ("0", "0"), status
     assert len(cluster.result_files()) == 3, cluster.result_files()
@@ -870,17 +872,17 @@ def role_certs(tmp_path_factory):
 
 
 def tls_security(certs, cn: str, expect: str | None = "dispatcher",
-                 **kwargs) -> helpers.Security:
+                 **kwargs) -> Security:
     args = certs[cn]
-    server, client = helpers.make_tls_contexts(args[1], args[3], args[5])
-    return helpers.Security(server_tls=server, client_tls=client, tls_server_role=expect,
+    server, client = make_tls_contexts(args[1], args[3], args[5])
+    return Security(server_tls=server, client_tls=client, tls_server_role=expect,
                             **kwargs)
 
 
 class Recorder:
     """An in-process server that records every command it is sent."""
 
-    def __init__(self, security: helpers.Security):
+    def __init__(self, security: Security):
         self.seen: list[str] = []
         commands = {name: self.record for name in ("register", "dispatch", "notify",
                                                     "results", "status")}
@@ -978,7 +980,7 @@ def test_certificate_roles_at_the_dispatcher(cluster, role_certs, tmp_path):
     assert reply == Message("error", "key role observer does not match certificate role "
                                      "runner")
     # The dispatcher's own certificate is no client's.
-    with pytest.raises((OSError, helpers.ProtocolError)):
+    with pytest.raises((OSError, ProtocolError)):
         ask(port, "status", security=as_("dispatcher", secret=MASTER))
     assert any("has a certificate for role 'dispatcher'; refused" in w
                for w in warnings(disp))
@@ -991,7 +993,7 @@ def test_certificate_roles_at_the_dispatcher(cluster, role_certs, tmp_path):
         from test_security import client_context
         try:
             with client_context(ca=role_certs["dispatcher"][5]).wrap_socket(raw) as tls:
-                tls.sendall(helpers.encode_frame(b"status", MASTER))
+                tls.sendall(encode_frame(b"status", MASTER))
                 tls.recv(100)
         except (OSError, ssl.SSLError):
             pass
@@ -1010,7 +1012,7 @@ def test_tls_clients_are_told_about_plain_ports_and_busy_servers(cluster, role_c
                                                                   threaded_servers):
     from support.cluster import ThreadedServer
     plain = threaded_servers(ThreadedServer, {"status": lambda m, p: Message("ok")})
-    with pytest.raises(helpers.ProtocolError, match="does not speak TLS"):
+    with pytest.raises(ProtocolError, match="does not speak TLS"):
         helpers.call((LOOPBACK, plain.port), "status",
                      security=tls_security(role_certs, "viewer-v"), timeout=3)
     # At the connection cap the refusal comes after the handshake: readable.

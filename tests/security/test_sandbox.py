@@ -7,7 +7,6 @@ their own (root only), and the temporary folders' sweep in-process."""
 from __future__ import annotations
 
 import os
-import pathlib
 import secrets
 import shutil
 import stat

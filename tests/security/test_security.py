@@ -20,7 +20,10 @@ import pytest
 import helpers
 from ci import results
 from support.cluster import PY, ROOT, free_port, git, send_raw, send_slowly, wait_until
-from helpers import Message
+from ci.security import Security, make_tls_contexts
+from ci.wire import (Message, ProtocolError, decode_fields, decode_header, decode_message,
+    encode_frame, encode_message, read_frame, request, valid_commit, valid_full_commit,
+    verify_frame)
 
 SECRET = b"s3cret shared by the test cluster"
 LOOPBACK = "127.0.0.1"
@@ -50,15 +53,15 @@ def ask(port: int, payload: bytes, secret: bytes | None = None, *,
         frame: bytes | None = None) -> Message:
     """Send one raw request (``frame``, else ``payload`` unsigned) and return
     the reply, checking that the reply itself is authentic for ``secret``."""
-    frame = frame or helpers.encode_frame(payload)
+    frame = frame or encode_frame(payload)
     nonce = frame.split(b"\n", 1)[0].split(b" ")[3].decode()
     raw = exchange(port, frame)
     assert raw, "no reply at all"
     line, _, body = raw.partition(b"\n")
-    header = helpers.decode_header(line)
+    header = decode_header(line)
     assert header.length == len(body)
-    helpers.verify_frame(header, body, secret, reply_to=nonce)
-    return helpers.decode_message(body)
+    verify_frame(header, body, secret, reply_to=nonce)
+    return decode_message(body)
 
 
 def answer(address, command: str) -> Message | None:
@@ -67,20 +70,20 @@ def answer(address, command: str) -> Message | None:
     and the reset that this causes may reach the client before the reply."""
     try:
         return helpers.call(address, command, timeout=5)
-    except (OSError, helpers.ProtocolError):
+    except (OSError, ProtocolError):
         return None
 
 
-def status(cluster, security: helpers.Security | None = None) -> dict:
+def status(cluster, security: Security | None = None) -> dict:
     reply = helpers.call((LOOPBACK, cluster.dispatcher_port), "status", security=security)
     assert reply.command == "ok", reply
-    return {key: int(value) for key, value in helpers.decode_fields(reply.body).items()}
+    return {key: int(value) for key, value in decode_fields(reply.body).items()}
 
 
-def runner_busy(runner, security: helpers.Security | None = None) -> str:
+def runner_busy(runner, security: Security | None = None) -> str:
     reply = helpers.call((LOOPBACK, runner.port), "ping", security=security)
     assert (reply.command, reply.argument) == ("ok", "pong"), reply
-    return helpers.decode_fields(reply.body)["busy"]
+    return decode_fields(reply.body)["busy"]
 
 
 def files_under(root) -> set[str]:
@@ -140,7 +143,7 @@ def test_idle_and_dribbling_connections_are_closed_after_read_timeout(cluster):
         assert answered is not None and 0.8 < answered < 2.0, (key, answered)
         assert closed < 3.5, (key, closed)
         line, _, payload = raw.partition(b"\n")
-        assert helpers.decode_message(payload) == Message("error", "timed out reading message")
+        assert decode_message(payload) == Message("error", "timed out reading message")
     assert disp.alive() and runner.alive()
     assert status(cluster)["runners"] == 1
 
@@ -187,8 +190,8 @@ def test_connection_flood_beyond_the_limit_is_refused_then_served(cluster):
             while chunk := sock.recv(4096):
                 raw += chunk
             line, _, payload = raw.partition(b"\n")
-            assert helpers.decode_header(line).length == len(payload)
-            assert helpers.decode_message(payload) == busy
+            assert decode_header(line).length == len(payload)
+            assert decode_message(payload) == busy
         assert answer(address, "status") in (busy, None)
     finally:
         for sock in holders + extra:
@@ -198,7 +201,7 @@ def test_connection_flood_beyond_the_limit_is_refused_then_served(cluster):
     served = wait_until(lambda: (reply := answer(address, "status")) is not None
                         and reply.command == "ok" and reply, 10,
                         what="the dispatcher to serve again once the idle peers left")
-    assert helpers.decode_fields(served.body)["queued"] == "0"
+    assert decode_fields(served.body)["queued"] == "0"
 
 
 def answer_from(address, source: str, command: str) -> Message | None:
@@ -207,8 +210,8 @@ def answer_from(address, source: str, command: str) -> Message | None:
     try:
         with socket.create_connection(address, timeout=5,
                                       source_address=(source, 0)) as sock:
-            return helpers.request(sock, command, timeout=5)
-    except (OSError, helpers.ProtocolError):
+            return request(sock, command, timeout=5)
+    except (OSError, ProtocolError):
         return None
 
 
@@ -254,8 +257,8 @@ def _well_formed(command: bytes, argument: bytes) -> bool:
         return False
     parts = line.split(" ")
     if command == b"dispatch":
-        return bool(line.split()) and all(helpers.valid_full_commit(c) for c in line.split())
-    check = helpers.valid_full_commit if command == b"results" else helpers.valid_commit
+        return bool(line.split()) and all(valid_full_commit(c) for c in line.split())
+    check = valid_full_commit if command == b"results" else valid_commit
     return len(parts) == 2 and check(parts[0]) and re.fullmatch("[0-9a-f]{16,64}", parts[1])
 
 
@@ -342,12 +345,12 @@ def test_scripts_refuse_hostile_arguments_themselves(upstream, tmp_path, script,
 def _forgeries(payload: bytes) -> dict[str, bytes]:
     now = time.time()
     return {
-        "unsigned": helpers.encode_frame(payload),
-        "wrong key": helpers.encode_frame(payload, b"not the secret"),
-        "signed for another payload": helpers.encode_frame(payload[:-1] + b"?", SECRET)
+        "unsigned": encode_frame(payload),
+        "wrong key": encode_frame(payload, b"not the secret"),
+        "signed for another payload": encode_frame(payload[:-1] + b"?", SECRET)
         .split(b"\n", 1)[0] + b"\n" + payload,
-        "stale": helpers.encode_frame(payload, SECRET, now=now - 600),
-        "from the future": helpers.encode_frame(payload, SECRET, now=now + 600),
+        "stale": encode_frame(payload, SECRET, now=now - 600),
+        "from the future": encode_frame(payload, SECRET, now=now + 600),
     }
 
 
@@ -360,7 +363,7 @@ REFUSAL = {"unsigned": "unsigned message refused", "wrong key": "bad signature",
 def signed_cluster(cluster, tmp_path):
     """A dispatcher and a registered runner sharing SECRET; (flags, security, runner)."""
     secret = ["--secret-file", secret_file(tmp_path)]
-    security = helpers.Security(secret=SECRET)
+    security = Security(secret=SECRET)
     cluster.start_dispatcher(*secret)
     runner = cluster.start_runner(*secret)
     wait_until(lambda: status(cluster, security)["runners"] == 1, 10, what="runner registered")
@@ -405,11 +408,11 @@ def test_replayed_messages_are_refused(cluster, upstream, tmp_path):
     dispatched, posted, run = (upstream.commit() for _ in range(3))
 
     def twice(port, payload, first):
-        frame = helpers.encode_frame(payload, SECRET)
+        frame = encode_frame(payload, SECRET)
         assert ask(port, payload, SECRET, frame=frame) == first
         assert ask(port, payload, SECRET, frame=frame) == Message("error", "replayed message")
 
-    frame = helpers.encode_frame(b"ping", SECRET)
+    frame = encode_frame(b"ping", SECRET)
     assert ask(runner.port, b"ping", SECRET, frame=frame).argument == "pong"
     assert ask(runner.port, b"ping", SECRET, frame=frame) == \
         Message("error", "replayed message")
@@ -458,8 +461,8 @@ def test_frames_captured_before_a_restart_are_refused_after_it(cluster, upstream
     assert cluster.result(commit)["verdict"] == "passed"
     first = read_bytes(cluster.result_path(commit))
     # Captured: a retest frame built as a client builds it, sent once.
-    retest = helpers.encode_message("retest", commit)
-    captured = helpers.encode_frame(retest, SECRET)
+    retest = encode_message("retest", commit)
+    captured = encode_frame(retest, SECRET)
     assert ask(cluster.dispatcher_port, retest, SECRET, frame=captured) == \
         Message("ok", "queued 1")
     wait_until(lambda: read_bytes(cluster.result_path(commit)) != first, 30,
@@ -476,12 +479,12 @@ def test_frames_captured_before_a_restart_are_refused_after_it(cluster, upstream
     assert (state["queued"], state["running"]) == (0, 0)
     assert read_bytes(cluster.result_path(commit)) == rewritten
     # An honest client whose clock lags (within --auth-window) is served.
-    lagging = helpers.encode_frame(b"status", SECRET, now=time.time() - 20)
+    lagging = encode_frame(b"status", SECRET, now=time.time() - 20)
     assert ask(cluster.dispatcher_port, b"status", SECRET, frame=lagging).command == "ok"
 
     # The runner: a captured runtest, sent once, then the runner restarted.
     runtest = f"runtest:{run} {'7' * 32}".encode()
-    captured = helpers.encode_frame(runtest, SECRET)
+    captured = encode_frame(runtest, SECRET)
     assert ask(runner.port, runtest, SECRET, frame=captured) == Message("ok")
     wait_until(lambda: f"dispatcher refused result for {run[:12]}" in runner.log(), 20,
                what="the unassigned run's result to be refused")
@@ -493,7 +496,7 @@ def test_frames_captured_before_a_restart_are_refused_after_it(cluster, upstream
 
     # The observer's notify too (it only wakes a poll, but is signed alike).
     observer = cluster.start_observer(*secret)
-    captured = helpers.encode_frame(b"notify", SECRET)
+    captured = encode_frame(b"notify", SECRET)
     assert ask(observer.port, b"notify", SECRET, frame=captured).command == "ok"
     observer.kill()
     observer = cluster.start_observer(*secret, port=observer.port, clone=observer.clone)
@@ -701,23 +704,23 @@ def test_mutual_tls_cluster_works_and_refuses_strangers(cluster, upstream, tmp_p
     address = (LOOPBACK, cluster.dispatcher_port)
     stranger_commit = "ab" * 20
     strangers = {
-        "plain TCP": helpers.Security(),
-        "certificate from another CA": helpers.Security(client_tls=client_context(
+        "plain TCP": Security(),
+        "certificate from another CA": Security(client_tls=client_context(
             theirs["cert"], theirs["key"], ours["ca"])),
-        "no client certificate": helpers.Security(client_tls=client_context(ca=ours["ca"])),
-        "another CA altogether": helpers.Security(client_tls=client_context(
+        "no client certificate": Security(client_tls=client_context(ca=ours["ca"])),
+        "another CA altogether": Security(client_tls=client_context(
             theirs["cert"], theirs["key"], theirs["ca"])),
     }
     for name, security in strangers.items():
         try:
             reply = helpers.call(address, "dispatch", stranger_commit, security=security,
                                  timeout=3)
-        except (OSError, helpers.ProtocolError):
+        except (OSError, ProtocolError):
             continue
         # Only the plain client can read an answer at all: the reason.
         assert name == "plain TCP" and reply.command == "error", (name, reply)
     # A plain client is told, in plain text, what is wrong.
-    said = exchange(cluster.dispatcher_port, helpers.encode_frame(b"status"), timeout=5)
+    said = exchange(cluster.dispatcher_port, encode_frame(b"status"), timeout=5)
     assert b"this port speaks TLS" in said
     assert "plain-text request on the TLS port" in disp.log()
 
@@ -731,7 +734,7 @@ def test_mutual_tls_cluster_works_and_refuses_strangers(cluster, upstream, tmp_p
                    "hello")
     assert 0.8 < out["hello"][1] < 2.5, out
 
-    member = helpers.Security(client_tls=helpers.make_tls_contexts(
+    member = Security(client_tls=make_tls_contexts(
         certs["observer"][1], certs["observer"][3], ours["ca"])[1])
     state = status(cluster, member)
     assert (state["queued"], state["running"], state["runners"]) == (0, 0, 1)
@@ -751,7 +754,7 @@ def _one_shot_server(reply_for):
         with listener:
             conn, _ = listener.accept()
             with conn:
-                header, _payload = helpers.read_frame(conn, timeout=5)
+                header, _payload = read_frame(conn, timeout=5)
                 conn.sendall(reply_for(header.nonce))
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -759,24 +762,24 @@ def _one_shot_server(reply_for):
 
 
 @pytest.mark.parametrize("reply_for, error", [
-    (lambda nonce: helpers.encode_frame(b"ok"), "unsigned message refused"),
-    (lambda nonce: helpers.encode_frame(b"ok", b"other key", reply_to=nonce), "bad signature"),
+    (lambda nonce: encode_frame(b"ok"), "unsigned message refused"),
+    (lambda nonce: encode_frame(b"ok", b"other key", reply_to=nonce), "bad signature"),
     # A genuine reply, but to some other request: replaying it is useless.
-    (lambda nonce: helpers.encode_frame(b"ok", SECRET, reply_to="0" * 24), "bad signature"),
-    (lambda nonce: helpers.encode_frame(b"ok", SECRET, reply_to=nonce, now=time.time() - 600),
+    (lambda nonce: encode_frame(b"ok", SECRET, reply_to="0" * 24), "bad signature"),
+    (lambda nonce: encode_frame(b"ok", SECRET, reply_to=nonce, now=time.time() - 600),
      "stale message"),
 ])
 def test_client_refuses_unauthentic_replies(reply_for, error):
     address, thread = _one_shot_server(reply_for)
-    with pytest.raises(helpers.ProtocolError, match=error):
-        helpers.call(address, "status", security=helpers.Security(secret=SECRET), timeout=5)
+    with pytest.raises(ProtocolError, match=error):
+        helpers.call(address, "status", security=Security(secret=SECRET), timeout=5)
     thread.join(5)
 
 
 def test_client_accepts_a_genuine_reply():
     address, thread = _one_shot_server(
-        lambda nonce: helpers.encode_frame(b"ok:fine", SECRET, reply_to=nonce))
-    reply = helpers.call(address, "status", security=helpers.Security(secret=SECRET), timeout=5)
+        lambda nonce: encode_frame(b"ok:fine", SECRET, reply_to=nonce))
+    reply = helpers.call(address, "status", security=Security(secret=SECRET), timeout=5)
     assert reply == Message("ok", "fine")
     thread.join(5)
 
@@ -793,8 +796,8 @@ def test_bytes_in_flight_are_capped_across_connections(cluster):
         holder.sendall(b"CI1 600000 %.3f abcdef12 -\nresults:" % time.time())
 
         def reply_to(payload):
-            raw = send_raw(port, helpers.encode_frame(payload))
-            return helpers.decode_message(raw.partition(b"\n")[2]) if raw else None
+            raw = send_raw(port, encode_frame(payload))
+            return decode_message(raw.partition(b"\n")[2]) if raw else None
 
         # A harmless large request probes for the moment the holder's bytes
         # are counted (its handler thread may start late on a busy machine).

@@ -5,6 +5,7 @@ waits, and the real daemons started as processes and ended by PID
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -12,13 +13,14 @@ import sys
 import threading
 import time
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 import helpers  # noqa: E402
 from ci import results  # noqa: E402
+from ci.security import Security
+from ci.wire import Message, ProtocolError, encode_fields, valid_full_commit
 
 PY = sys.executable
 # A runner with --test-user runs under a Python that user can execute too
@@ -44,7 +46,7 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, what: s
     while True:
         try:
             value = predicate()
-        except (OSError, helpers.ProtocolError) as exc:
+        except (OSError, ProtocolError) as exc:
             value, last_error = None, exc
         if value:
             return value
@@ -235,7 +237,7 @@ class Cluster:
         if not os.path.isdir(self.results):
             return []
         # Result files only: ``<commit>.xml`` beside them holds per-test records.
-        return sorted(n for n in os.listdir(self.results) if helpers.valid_full_commit(n))
+        return sorted(n for n in os.listdir(self.results) if valid_full_commit(n))
 
     def dump_logs(self) -> str:
         return "\n".join(f"===== {d.name} (pid {d.pid})\n{d.log()[-6000:]}"
@@ -341,7 +343,7 @@ class ThreadedServer:
 
     def __init__(self, commands: dict):
         self.lock = threading.Lock()
-        self.server = helpers.MessageServer(("127.0.0.1", 0), commands, helpers.Security())
+        self.server = helpers.MessageServer(("127.0.0.1", 0), commands, Security())
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever,
                                        kwargs={"poll_interval": 0.05}, daemon=True)
@@ -361,14 +363,14 @@ class FakeRunner(ThreadedServer):
 
     def __init__(self, answers=None):
         self.answers = list(answers or [])
-        self.instance = helpers.secrets.token_hex(4)
+        self.instance = secrets.token_hex(4)
         self.calls: list[str] = []
         self.tokens: dict[str, str] = {}
         super().__init__({"ping": self.ping, "runtest": self.runtest})
         self.key = f"127.0.0.1:{self.port}"
 
     def ping(self, message, peer):
-        return helpers.Message("ok", "pong", helpers.encode_fields(
+        return Message("ok", "pong", encode_fields(
             {"instance": self.instance, "busy": ""}))
 
     def runtest(self, message, peer):
@@ -376,7 +378,7 @@ class FakeRunner(ThreadedServer):
             commit, token = message.argument.split()
             self.calls.append(commit)
             self.tokens[commit] = token
-            return self.answers.pop(0) if self.answers else helpers.Message("ok")
+            return self.answers.pop(0) if self.answers else Message("ok")
 
     def received(self) -> list[str]:
         with self.lock:
@@ -384,7 +386,7 @@ class FakeRunner(ThreadedServer):
 
     def register(self, dispatcher_port: int) -> str:
         reply = helpers.call(("127.0.0.1", dispatcher_port), "register", self.key,
-                             helpers.encode_fields({"instance": self.instance, "busy": ""}))
+                             encode_fields({"instance": self.instance, "busy": ""}))
         assert reply.command == "ok", reply
         return reply.argument
 

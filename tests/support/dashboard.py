@@ -7,17 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
 
-import pytest
 
 from support.cluster import PY, ROOT, Daemon, ThreadedServer, free_port, wait_for_port
+from ci.files import atomic_write
+from ci.wire import Message, encode_fields
 
-import helpers
-from helpers import Message
 
 
 def commit_id(n: int) -> str:
@@ -46,7 +44,7 @@ def write_result(folder, commit: str, verdict: str, output: bytes = b"ok\n", *,
     fields["committed"] = "2026-11-23T09:59:00Z"
     fields.update(extra)
     path = os.path.join(str(folder), commit)
-    helpers.atomic_write(path, helpers.encode_fields(fields) + b"\n" + output, fsync=False)
+    atomic_write(path, encode_fields(fields) + b"\n" + output, fsync=False)
     if mtime is not None:
         os.utime(path, (mtime, mtime))
     return path

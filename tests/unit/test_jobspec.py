@@ -14,7 +14,8 @@ from ci import jobspec, sharding
 from ci.dispatch.journal import Journal
 from ci.dispatch.state import DispatcherState
 from ci.runner import environments
-from helpers import ConfigError, Message, Reply
+from ci.config import ConfigError
+from ci.wire import Message, Reply
 
 X, Y, Z = "1" * 40, "2" * 40, "3" * 40
 TOKEN = "ab" * 16

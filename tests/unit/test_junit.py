@@ -16,13 +16,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import dispatcher
-import helpers
 from ci.runner import junit_capture
 from ci import results
 from support.junit_projects import PYTEST_TESTS, SHADOW_TEST, SHADOWS, TRICKY_UNITTESTS
 import test_runner
 from support.cluster import PY
 from ci.results import TestRecord
+from ci.wire import Message, ProtocolError, Reply
 
 ALL_KINDS = [
     TestRecord("pkg.test_a.TestA", "test_ok", "passed", 0.5),
@@ -227,8 +227,8 @@ COMMIT = "b" * 40
 TOKEN = "c" * 32
 
 
-def results_message(fields: dict, output: bytes) -> helpers.Message:
-    return helpers.Message("results", f"{COMMIT} {TOKEN}", results.encode_results_body(fields,
+def results_message(fields: dict, output: bytes) -> Message:
+    return Message("results", f"{COMMIT} {TOKEN}", results.encode_results_body(fields,
                                                                                 output))
 
 
@@ -237,7 +237,7 @@ def test_old_style_body_is_still_valid():
     fields, junit, output = results.split_results_body(body)
     assert fields["verdict"] == "passed" and junit == b"" and output == b"Ran 2 tests\n\nOK\n"
     commit, _, stored, output = dispatcher.parse_results_message(
-        helpers.Message("results", f"{COMMIT} {TOKEN}", body))
+        Message("results", f"{COMMIT} {TOKEN}", body))
     assert "records" not in stored and "junit" not in stored and stored["tests"] == 2
 
 
@@ -258,10 +258,10 @@ def test_body_carries_the_xml_between_the_blank_line_and_the_output():
 @pytest.mark.parametrize("size", ["x", "-1", "99999", "1" * 11, ""])
 def test_bad_junit_bytes_is_refused(size):
     body = f"verdict: passed\njunit_bytes: {size}\n\nshort".encode()
-    with pytest.raises(helpers.ProtocolError):
+    with pytest.raises(ProtocolError):
         results.split_results_body(body)
-    with pytest.raises(helpers.Reply):
-        dispatcher.parse_results_message(helpers.Message("results", f"{COMMIT} {TOKEN}", body))
+    with pytest.raises(Reply):
+        dispatcher.parse_results_message(Message("results", f"{COMMIT} {TOKEN}", body))
 
 
 def test_dispatcher_takes_counts_from_the_records_not_a_forged_header():

@@ -14,7 +14,6 @@ import pytest
 from support.cluster import PY, wait_until
 from support.notify import chain, recorded, recorder, decision_records
 
-import helpers
 from ci import results
 from ci.notify.decider import NOTIFY_ON, Decider, Result
 from ci.notify.events import build_event
@@ -22,6 +21,8 @@ from ci.notify.notifier import Notifier, Options
 from ci.notify.store import JOURNAL_NAME, EventStore
 from ci.notify.targets import CommandTarget, DeliveryError
 from ci.notify.worker import TargetWorker
+from ci.backoff import Backoff
+from ci.files import atomic_write
 
 
 def write_result(folder, result: Result):
@@ -29,7 +30,7 @@ def write_result(folder, result: Result):
               "branch": result.branch}
     if result.previous:
         fields["previous"] = result.previous
-    helpers.atomic_write(os.path.join(folder, result.commit),
+    atomic_write(os.path.join(folder, result.commit),
                          results.format_result(fields, b"out\n"), fsync=False)
     return fields
 
@@ -134,7 +135,7 @@ def test_giving_up_resets_the_backoff():
     store, stop = Marks(), threading.Event()
     worker = TargetWorker(Refusing(), store, retry_for=0.5, retry_max=10.0,
                           stop_event=stop)
-    worker.backoff = helpers.Backoff(first=0.01, cap=10.0)
+    worker.backoff = Backoff(first=0.01, cap=10.0)
     (decision,) = Decider(NOTIFY_ON["all"]).add(chain(["failed"]))
     event = build_event(decision, "/r", None, ["refusing"])
     event["created"] = time.time() - 0.3   # a few quick retries, then given up

@@ -13,21 +13,25 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import helpers
+import ci.security
 from ci import results
 import test_runner
-from helpers import ProtocolError
+from ci.results import VERDICTS
+from ci.security import NonceCache, boot_id
+from ci.wire import (Busy, FrameHeader, Message, ProtocolError, decode_fields, decode_header,
+    decode_message, encode_fields, encode_frame, encode_message, format_address, parse_address,
+    valid_commit, valid_full_commit, verify_frame)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SECRET = b"correct horse battery staple"
 NOT_UTF8 = b"\xff\xfe\xc3\x28\xa0\xa1\xe2\x28\xa1\xf0\x28\x8c\xbc\x80\x00"
 
 
-def split_frame(frame: bytes) -> tuple[helpers.FrameHeader, bytes]:
+def split_frame(frame: bytes) -> tuple[FrameHeader, bytes]:
     """What ``read_frame`` does on a socket, done on bytes."""
     line, sep, payload = frame.partition(b"\n")
     assert sep, "a frame has a header line"
-    header = helpers.decode_header(line)
+    header = decode_header(line)
     assert header.length == len(payload)
     return header, payload
 
@@ -47,14 +51,14 @@ def split_frame(frame: bytes) -> tuple[helpers.FrameHeader, bytes]:
     ("results", f"{COMMIT} 1", b"line\r\nwith\rcarriage returns and a NUL \0 byte"),
 ])
 def test_message_round_trip(command, argument, body):
-    assert helpers.decode_message(helpers.encode_message(command, argument, body)) == \
-        helpers.Message(command, argument, body)
+    assert decode_message(encode_message(command, argument, body)) == \
+        Message(command, argument, body)
 
 
 def test_message_round_trip_several_megabytes():
     body = (b"results:" + COMMIT.encode() + b" 1\n" + NOT_UTF8 + b"\n\n") * 200_000
     assert len(body) > 5_000_000
-    message = helpers.decode_message(helpers.encode_message("results", f"{COMMIT} 3", body))
+    message = decode_message(encode_message("results", f"{COMMIT} 3", body))
     assert message.command == "results"
     assert message.argument == f"{COMMIT} 3"
     assert message.body == body
@@ -65,7 +69,7 @@ def test_message_round_trip_several_megabytes():
        argument=st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=200),
        body=st.binary(max_size=2000))
 def test_message_round_trip_any_input(command, argument, body):
-    decoded = helpers.decode_message(helpers.encode_message(command, argument, body))
+    decoded = decode_message(encode_message(command, argument, body))
     assert (decoded.command, decoded.argument, decoded.body) == (command, argument, body)
 
 
@@ -75,7 +79,7 @@ def test_message_round_trip_any_input(command, argument, body):
 ])
 def test_encode_message_refuses_bad_command_lines(command, argument):
     with pytest.raises(ProtocolError):
-        helpers.encode_message(command, argument)
+        encode_message(command, argument)
 
 
 @pytest.mark.parametrize("payload", [
@@ -84,12 +88,12 @@ def test_encode_message_refuses_bad_command_lines(command, argument):
 ])
 def test_decode_message_refuses_malformed_payloads(payload):
     with pytest.raises(ProtocolError):
-        helpers.decode_message(payload)
+        decode_message(payload)
 
 
 def test_decode_message_splits_on_first_colon_and_first_newline_only():
-    message = helpers.decode_message(b"register:[::1]:80\nkey: a:b\n\nrest:of\nit")
-    assert message == helpers.Message("register", "[::1]:80", b"key: a:b\n\nrest:of\nit")
+    message = decode_message(b"register:[::1]:80\nkey: a:b\n\nrest:of\nit")
+    assert message == Message("register", "[::1]:80", b"key: a:b\n\nrest:of\nit")
 
 
 # --------------------------------------------------------------------------
@@ -108,57 +112,57 @@ FRAME_PAYLOADS = {
 @pytest.mark.parametrize("name", list(FRAME_PAYLOADS))
 def test_frame_round_trip(secret, name):
     payload = FRAME_PAYLOADS[name]
-    frame = helpers.encode_frame(payload, secret)
+    frame = encode_frame(payload, secret)
     header, got = split_frame(frame)
     assert got == payload
-    helpers.verify_frame(header, got, secret, nonces=helpers.NonceCache())
+    verify_frame(header, got, secret, nonces=NonceCache())
     assert (header.tag == "-") == (secret is None)
 
 
 def test_reply_is_bound_to_its_request_nonce():
-    frame = helpers.encode_frame(b"ok", SECRET, reply_to="aaaaaaaaaaaa")
+    frame = encode_frame(b"ok", SECRET, reply_to="aaaaaaaaaaaa")
     header, payload = split_frame(frame)
-    helpers.verify_frame(header, payload, SECRET, reply_to="aaaaaaaaaaaa")
+    verify_frame(header, payload, SECRET, reply_to="aaaaaaaaaaaa")
     with pytest.raises(ProtocolError, match="signature"):
-        helpers.verify_frame(header, payload, SECRET, reply_to="bbbbbbbbbbbb")
+        verify_frame(header, payload, SECRET, reply_to="bbbbbbbbbbbb")
     with pytest.raises(ProtocolError, match="signature"):
-        helpers.verify_frame(header, payload, SECRET)
+        verify_frame(header, payload, SECRET)
 
 
 def test_verify_frame_refuses_tampering_and_wrong_keys():
-    header, payload = split_frame(helpers.encode_frame(b"dispatch:" + COMMIT.encode(), SECRET))
+    header, payload = split_frame(encode_frame(b"dispatch:" + COMMIT.encode(), SECRET))
     with pytest.raises(ProtocolError, match="signature"):
-        helpers.verify_frame(header, payload.replace(b"0", b"1", 1), SECRET)
+        verify_frame(header, payload.replace(b"0", b"1", 1), SECRET)
     with pytest.raises(ProtocolError, match="signature"):
-        helpers.verify_frame(header, payload, b"another secret")
-    unsigned_header, unsigned = split_frame(helpers.encode_frame(payload, None))
+        verify_frame(header, payload, b"another secret")
+    unsigned_header, unsigned = split_frame(encode_frame(payload, None))
     with pytest.raises(ProtocolError, match="unsigned"):
-        helpers.verify_frame(unsigned_header, unsigned, SECRET)
+        verify_frame(unsigned_header, unsigned, SECRET)
     # Without a secret configured nothing is checked at all.
-    helpers.verify_frame(header, payload.replace(b"0", b"1", 1), None)
+    verify_frame(header, payload.replace(b"0", b"1", 1), None)
 
 
 def test_verify_frame_refuses_stale_and_replayed_messages():
-    frame = helpers.encode_frame(b"status", SECRET, now=1_000_000.0)
+    frame = encode_frame(b"status", SECRET, now=1_000_000.0)
     header, payload = split_frame(frame)
-    helpers.verify_frame(header, payload, SECRET, window=30, now=1_000_029.0)
+    verify_frame(header, payload, SECRET, window=30, now=1_000_029.0)
     with pytest.raises(ProtocolError, match="stale"):
-        helpers.verify_frame(header, payload, SECRET, window=30, now=1_000_031.0)
+        verify_frame(header, payload, SECRET, window=30, now=1_000_031.0)
     with pytest.raises(ProtocolError, match="stale"):
-        helpers.verify_frame(header, payload, SECRET, window=30, now=999_969.0)
-    nonces = helpers.NonceCache(window=30)
-    helpers.verify_frame(header, payload, SECRET, nonces=nonces, now=1_000_001.0)
+        verify_frame(header, payload, SECRET, window=30, now=999_969.0)
+    nonces = NonceCache(window=30)
+    verify_frame(header, payload, SECRET, nonces=nonces, now=1_000_001.0)
     with pytest.raises(ProtocolError, match="replayed"):
-        helpers.verify_frame(header, payload, SECRET, nonces=nonces, now=1_000_002.0)
+        verify_frame(header, payload, SECRET, nonces=nonces, now=1_000_002.0)
 
 
 def test_nonce_cache_forgets_only_what_the_window_already_refuses():
-    cache = helpers.NonceCache(window=10, limit=1000)
+    cache = NonceCache(window=10, limit=1000)
     assert cache.add("a" * 24, now=100.0)
     assert not cache.add("a" * 24, now=115.0)  # still remembered within 2 windows
     assert cache.add("b" * 24, now=200.0)  # old entries dropped, new one kept
     assert cache.add("a" * 24, now=200.5)
-    small = helpers.NonceCache(window=10, limit=3)
+    small = NonceCache(window=10, limit=3)
     for i in range(10):
         assert small.add(f"{i:024x}", now=100.0)
     assert len(small._seen) <= 3
@@ -173,17 +177,17 @@ def test_persisted_nonces_outlive_the_cache_and_stay_bounded(tmp_path, monkeypat
     with open(path, "wb") as handle:  # an earlier run's file, killed mid-line
         handle.write(b"%.3f %s\n%.3f %s\n%.3f %s" % (
             now - 200, b"a" * 24, now - 5, b"b" * 24, now - 1, b"c" * 3))
-    cache = helpers.NonceCache(window=30)
+    cache = NonceCache(window=30)
     cache.persist(path)
     assert not cache.add("b" * 24, now)  # seen before the "restart"
     assert cache.add("a" * 24, now)  # older than two windows: dropped (stale anyway)
     assert cache.add("d" * 24, now)
     cache.close()
-    again = helpers.NonceCache(window=30)
+    again = NonceCache(window=30)
     again.persist(path)
     assert not again.add("d" * 24, now + 1) and not again.add("a" * 24, now + 1)
     assert b"c" * 3 not in open(path, "rb").read()
-    monkeypatch.setattr(helpers, "NONCE_COMPACT_LINES", 100)
+    monkeypatch.setattr(ci.security, "NONCE_COMPACT_LINES", 100)
     for i in range(1000):  # each outlives the window by the next one
         assert again.add(f"{i:024x}", now + 100 * i)
     lines = open(path, "rb").read().count(b"\n")
@@ -191,22 +195,22 @@ def test_persisted_nonces_outlive_the_cache_and_stay_bounded(tmp_path, monkeypat
     again.close()
 
 
-@pytest.mark.skipif(helpers.boot_id() is None, reason="no boot id on this system")
+@pytest.mark.skipif(boot_id() is None, reason="no boot id on this system")
 def test_after_a_machine_restart_frames_sent_before_it_wait_one_window(tmp_path):
     """Nonces are written without fsync, so a machine crash may lose the
     last ones: after a restart (a new boot id) frames stamped before the
     start are refused, as busy, for one window; later ones are served."""
     path = tmp_path / "dispatcher-nonces"
     path.write_bytes(b"boot 00000000-0000-0000-0000-000000000000\n")
-    cache = helpers.NonceCache(window=30)
+    cache = NonceCache(window=30)
     cache.persist(str(path))
     now = time.time()
-    with pytest.raises(helpers.Busy, match="restarted"):
+    with pytest.raises(Busy, match="restarted"):
         cache.add("f" * 24, now, sent=now - 10)
     assert cache.add("f" * 24, now, sent=now + 1)  # a clock a little ahead
     assert cache.add("e" * 24, now + 31, sent=now - 1)  # a window later: stale anyway
     cache.close()
-    again = helpers.NonceCache(window=30)
+    again = NonceCache(window=30)
     again.persist(str(path))  # the same boot: no restart, no refusal
     assert again.add("d" * 24, now, sent=now - 20)
     again.close()
@@ -215,11 +219,11 @@ def test_after_a_machine_restart_frames_sent_before_it_wait_one_window(tmp_path)
 def test_a_nonce_that_cannot_be_written_is_refused_for_now(tmp_path):
     """Accepting a nonce the file does not hold would let its frame be
     replayed after a restart: the sender is told busy instead."""
-    cache = helpers.NonceCache(window=30)
+    cache = NonceCache(window=30)
     cache.persist(str(tmp_path / "runner-nonces"))
     os.close(cache._fd)
     cache._fd = os.open(os.devnull, os.O_RDONLY)
-    with pytest.raises(helpers.Busy):
+    with pytest.raises(Busy):
         cache.add("e" * 24, time.time())
     cache.close()
 
@@ -233,14 +237,14 @@ def test_a_nonce_that_cannot_be_written_is_refused_for_now(tmp_path):
 ])
 def test_decode_header_refuses_malformed_lines(line):
     with pytest.raises(ProtocolError):
-        helpers.decode_header(line)
+        decode_header(line)
 
 
 def test_decode_header_enforces_the_size_limit():
-    line = helpers.encode_frame(b"x" * 1001, None).partition(b"\n")[0]
-    assert helpers.decode_header(line, max_message=1001).length == 1001
+    line = encode_frame(b"x" * 1001, None).partition(b"\n")[0]
+    assert decode_header(line, max_message=1001).length == 1001
     with pytest.raises(ProtocolError, match="exceeds"):
-        helpers.decode_header(line, max_message=1000)
+        decode_header(line, max_message=1000)
 
 
 # --------------------------------------------------------------------------
@@ -255,8 +259,8 @@ def test_decode_header_enforces_the_size_limit():
     (":8900", ("localhost", 8900)),
 ])
 def test_parse_address_accepts(text, expected):
-    assert helpers.parse_address(text) == expected
-    assert helpers.parse_address(helpers.format_address(expected)) == expected
+    assert parse_address(text) == expected
+    assert parse_address(format_address(expected)) == expected
 
 
 @pytest.mark.parametrize("text", [
@@ -266,7 +270,7 @@ def test_parse_address_accepts(text, expected):
 ])
 def test_parse_address_refuses(text):
     with pytest.raises(ValueError):
-        helpers.parse_address(text)
+        parse_address(text)
 
 
 @pytest.mark.parametrize("text, short_ok, full_ok", [
@@ -284,8 +288,8 @@ def test_parse_address_refuses(text):
     (None, False, False),
 ])
 def test_valid_commit(text, short_ok, full_ok):
-    assert helpers.valid_commit(text) is short_ok
-    assert helpers.valid_full_commit(text) is full_ok
+    assert valid_commit(text) is short_ok
+    assert valid_full_commit(text) is full_ok
 
 
 # --------------------------------------------------------------------------
@@ -294,9 +298,9 @@ def test_valid_commit(text, short_ok, full_ok):
 def test_fields_round_trip_and_flatten_to_one_line():
     fields = {"verdict": "error", "reason": "a: b: c", "runner": "[::1]:8901",
               "tests": 3, "unicode": "caf\u00e9 \u2713", "empty": ""}
-    decoded = helpers.decode_fields(helpers.encode_fields(fields))
+    decoded = decode_fields(encode_fields(fields))
     assert decoded == {k: str(v) for k, v in fields.items()}
-    injected = helpers.decode_fields(helpers.encode_fields(
+    injected = decode_fields(encode_fields(
         {"reason": "first\nverdict: passed\r\n\x00\x1b[0m"}))
     assert list(injected) == ["reason"]
     assert "\n" not in injected["reason"] and "verdict: passed" in injected["reason"]
@@ -304,8 +308,8 @@ def test_fields_round_trip_and_flatten_to_one_line():
 
 def test_decode_fields_accepts_numbered_keys():
     # The observer's status lists its branches as branch_0, branch_1, ...
-    data = helpers.encode_fields({"polls": 3, "branch_0": f"main {COMMIT}", "branch_1": "x -"})
-    assert helpers.decode_fields(data) == {"polls": "3", "branch_0": f"main {COMMIT}",
+    data = encode_fields({"polls": 3, "branch_0": f"main {COMMIT}", "branch_1": "x -"})
+    assert decode_fields(data) == {"polls": "3", "branch_0": f"main {COMMIT}",
                                            "branch_1": "x -"}
 
 
@@ -315,14 +319,14 @@ def test_decode_fields_accepts_numbered_keys():
 ])
 def test_decode_fields_refuses_malformed(data):
     with pytest.raises(ProtocolError):
-        helpers.decode_fields(data)
+        decode_fields(data)
 
 
 def test_decode_fields_caps_the_number_of_fields():
     data = b"".join(b"k%s: v\n" % bytes([97 + i]) for i in range(9))
-    assert len(helpers.decode_fields(data)) == 9
+    assert len(decode_fields(data)) == 9
     with pytest.raises(ProtocolError, match="too many"):
-        helpers.decode_fields(data, max_fields=8)
+        decode_fields(data, max_fields=8)
 
 
 def test_result_round_trip_keeps_raw_output_byte_for_byte():
@@ -522,7 +526,7 @@ def test_parse_counts_without_a_summary(output):
 def test_classify(code, timed_out, output, verdict, reason_part):
     got, counts, reason = test_runner.classify(code, timed_out, output)
     assert got == verdict
-    assert got in helpers.VERDICTS
+    assert got in VERDICTS
     assert (reason == "") == (reason_part == "")
     assert reason_part in reason
 

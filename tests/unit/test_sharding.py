@@ -15,8 +15,8 @@ from ci import jobspec
 from ci import results
 from ci import sharding
 from ci.dispatch.state import IDLE, OCCUPIED, RUNNING, DispatcherState
-from helpers import Reply
 from ci.dispatch.journal import Journal, replay_lines
+from ci.wire import Reply
 
 X, Y = "1" * 40, "2" * 40
 

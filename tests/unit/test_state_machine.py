@@ -15,8 +15,8 @@ from support.cluster import wait_until
 
 import test_runner
 from ci.dispatch.state import IDLE, OCCUPIED, RUNNING, DispatcherState
-from helpers import Reply
 from ci.dispatch.journal import Journal
+from ci.wire import Reply
 
 X, Y, Z = "1" * 40, "2" * 40, "3" * 40
 A, B = ("127.0.0.1", 9001), ("127.0.0.1", 9002)

@@ -1,0 +1,83 @@
+"""Files written so a crash never leaves half of one (atomic replace,
+fsync of the folder), and files a tested commit holds read without
+following them out of the clone."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+
+from ci.config import ConfigError
+from ci.config import ConfigError
+
+
+def atomic_write(path: str, data: bytes, fsync: bool = True) -> None:
+    """Write a file so that readers see either nothing or all of it."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if fsync:
+        fsync_dir(folder)
+
+
+def fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_inside(path: str, inside: str) -> int:
+    """A read-only descriptor of a regular file that lies, symlinks
+    resolved, under the folder ``inside``.  For files a tested commit
+    wrote or committed: a symlink to a secret or to /dev/zero, or a FIFO
+    that never ends, raises OSError instead of being opened."""
+    folder = os.path.realpath(inside)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, folder]) != folder:
+        raise OSError(f"{path} leads outside {inside}")
+    fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return fd
+
+
+def read_inside(path: str, inside: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of a file ``open_inside`` opens."""
+    fd = open_inside(path, inside)
+    try:
+        chunks, left = [], limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(path: str, what: str) -> str:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {what} {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"{what} {path} is not writable")
+    return path
