@@ -38,7 +38,8 @@ from ci import state_schema
 from ci.dispatch.state import DispatcherState, Job, Runner
 from ci.notify import flags as notify_flags
 from ci.dispatch.journal import BRANCH_RE, Journal, parse_meta_line, TOKEN_RE
-from ci.config import ArgumentParser, ConfigError, add_common_arguments, configure_logging
+from ci.config import (ArgumentParser, ConfigError, add_common_arguments, configure_logging,
+    positive)
 from ci.files import ensure_dir
 from ci.results import VERDICTS
 from ci.security import (Security, check_bind_allowed, load_credentials, persist_nonces,
@@ -476,29 +477,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-dir",
                         help="folder for the durable queue "
                              "(default: dispatcher_state beside the results folder)")
-    parser.add_argument("--ping-interval", type=float, default=DEFAULT_PING_INTERVAL,
+    parser.add_argument("--ping-interval", type=positive(float), default=DEFAULT_PING_INTERVAL,
                         metavar="SECONDS",
                         help="seconds between runner health checks (default: %(default)s)")
-    parser.add_argument("--ping-misses", type=int, default=DEFAULT_PING_MISSES,
+    parser.add_argument("--ping-misses", type=positive(int), default=DEFAULT_PING_MISSES,
                         help="missed pings before a runner is dropped (default: %(default)s)")
-    parser.add_argument("--ping-timeout", type=float, default=DEFAULT_PING_TIMEOUT,
+    parser.add_argument("--ping-timeout", type=positive(float), default=DEFAULT_PING_TIMEOUT,
                         metavar="SECONDS",
                         help="connect/reply timeout of one ping (default: %(default)s)")
-    parser.add_argument("--job-timeout", type=float, metavar="SECONDS",
+    parser.add_argument("--job-timeout", type=positive(float), metavar="SECONDS",
                         help="reassign a commit whose runner has not reported within this "
                              f"time (default: {DEFAULT_JOB_TIMEOUT:g}, or longer for a runner "
                              "whose own limits for checkout, setup and tests add up to more)")
-    parser.add_argument("--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
+    parser.add_argument("--max-attempts", type=positive(int), default=DEFAULT_MAX_ATTEMPTS,
                         help="give a commit verdict 'error' after its run lost its runner "
                              "this many times (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+    parser.add_argument("--workers", type=positive(int), default=DEFAULT_WORKERS,
                         help="threads for talking to runners (default: %(default)s)")
     parser.add_argument("--restart-grace", type=float, default=DEFAULT_RESTART_GRACE,
                         metavar="SECONDS",
                         help="after a restart, how long commits that were running wait for "
                              "their runner to re-register and keep them (default: "
                              "%(default)s; 0 requeues them at once)")
-    parser.add_argument("--max-shards", type=int, default=1, metavar="N",
+    parser.add_argument("--max-shards", type=positive(int), default=1, metavar="N",
                         help="split a commit's tests over up to N runners when more runners "
                              "are free than commits are queued, balanced by each test file's "
                              "last known duration; the shards' results are merged into one "
@@ -611,12 +612,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     try:
-        for name in ("ping_interval", "ping_timeout", "job_timeout"):
-            if getattr(args, name) is not None and getattr(args, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("ping_misses", "max_attempts", "workers", "max_shards"):
-            if getattr(args, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= args.port < 65536:
             raise ConfigError("--port must be 0-65535")
         if args.restart_grace < 0:
