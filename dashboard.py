@@ -17,6 +17,7 @@ headers, connection limits).
 from __future__ import annotations
 
 import hashlib
+import functools
 import hmac
 import http.server
 import logging
@@ -350,7 +351,8 @@ def make_server(args) -> DashboardServer:
     if not os.path.isdir(results):
         raise ConfigError(f"results folder {args.results_dir} does not exist")
     index = dashboard_index.ResultIndex(results, args.scan_interval)
-    app = Dashboard(index, LiveState(dispatcher, security))
+    ask = functools.partial(helpers.call, security=security)  # the signed client call
+    app = Dashboard(index, LiveState(dispatcher, ask))
     try:
         return DashboardServer((args.host, args.port), app, token, args.insecure,
                                args.request_timeout, args.max_connections,
