@@ -2,10 +2,15 @@
 daemons as processes (ended by PID in the finalisers), threaded stand-ins,
 and the dashboard's result folders.  Plain helpers live in tests/support/."""
 
+import os
+import signal
+
 import pytest
 
 from support.cluster import Cluster, Fleet, PASSING_TEST, Upstream
 from support.dashboard import Dashboard, dead_address
+from support.faults import Notes, is_fault_process
+from support.procs import process_alive
 
 
 @pytest.fixture
@@ -74,3 +79,19 @@ def dashboards(tmp_path):
     yield start
     for item in made:
         item.close()
+
+
+@pytest.fixture
+def notes(tmp_path):
+    """Where the fault tests of the commits under test leave their notes
+    (see tests/support/faults.py)."""
+    folder = Notes(str(tmp_path / "notes"))
+    yield folder
+    # Test processes run in sessions of their own, so killing a daemon's
+    # group does not reach them; end any that are still there, by PID.
+    for pid in folder.pids():
+        if process_alive(pid) and is_fault_process(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
