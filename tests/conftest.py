@@ -7,9 +7,10 @@ import signal
 
 import pytest
 
-from support.cluster import Cluster, Fleet, PASSING_TEST, Upstream
+from support.cluster import Cluster, FakeRunner, Fleet, PASSING_TEST, Upstream
 from support.dashboard import Dashboard, dead_address
 from support.faults import Notes, is_fault_process
+from support.privilege import KeyedRunner
 from support.procs import process_alive
 
 
@@ -95,3 +96,24 @@ def notes(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.fixture
+def keyed_runners():
+    """Make runner stand-ins holding issued keys (see KeyedRunner); all
+    are closed after the test."""
+    made = []
+
+    def make(*names):
+        made.extend(KeyedRunner(name) for name in names)
+        return made[-len(names):]
+    yield make
+    for runner in made:
+        runner.close()
+
+
+@pytest.fixture
+def fake_runner(threaded_servers):
+    """Make runner stand-ins (FakeRunner) that answer ``runtest`` as the
+    test says; all are closed after the test."""
+    return lambda answers=None: threaded_servers(FakeRunner, answers)

@@ -17,7 +17,7 @@ import shutil
 import signal
 import time
 
-from support.cluster import free_port, git, wait_until
+from support.cluster import dispatch, free_port, git, wait_until
 from support.faults import Notes, commit_fault
 from support.procs import group_members, process_alive
 
@@ -45,12 +45,6 @@ def start_runner(cluster, notes: Notes, *extra, port=None, clone=None, path_pref
     runner = cluster.start_runner(*extra, port=port, clone=clone, env=env)
     runner.address = f"127.0.0.1:{port}"
     return runner
-
-
-def dispatch(cluster, *commits: str) -> None:
-    reply = helpers.call(parse_address(cluster.dispatcher_address), "dispatch",
-                         " ".join(commits))
-    assert reply.command == "ok", reply
 
 
 def status(cluster) -> dict:
@@ -396,3 +390,25 @@ def test_observer_stopped_mid_fetch_leaves_no_git_behind(cluster, upstream, note
     assert observer.stop(timeout=8) == 0
     assert time.monotonic() - started < 5
     wait_until(lambda: not process_alive(git_pid), 5, what="the hung fetch to be killed")
+
+
+def test_failed_poison_verdict_write_requeues_the_commit(cluster, upstream, fake_runner):
+    """At the poison limit the dispatcher writes an ``error`` verdict; if that
+    write fails the commit must stay queued, not vanish from memory."""
+    commit = head(upstream)
+    disp = cluster.start_dispatcher("--max-attempts", "1")
+    runner = fake_runner()
+    runner.register(cluster.dispatcher_port)
+    dispatch(cluster, commit)
+    wait_until(lambda: runner.received() == [commit], 10, what="runtest")
+    away = cluster.results + ".away"
+    os.rename(cluster.results, away)  # every result write now fails
+    try:
+        runner.close()  # misses its pings: the poison limit is reached
+        wait_until(lambda: "health sweep failed" in disp.log()
+                   or "cannot write the verdict" in disp.log(), 10, what="failed write")
+    finally:
+        os.rename(away, cluster.results)
+    cluster.start_runner()
+    assert cluster.result(commit, timeout=20)["verdict"] == "passed"
+    assert cluster.result_files() == [commit]
