@@ -11,10 +11,10 @@ import pathlib
 import re
 
 from ci import auth
-from support.cluster import free_port, project_copy, wait_for_port, wait_until
+from support.cluster import SYSTEM_PYTHON, free_port, project_copy, wait_for_port, wait_until
 from support.users import new_test_user
 from ci.wire import decode_fields
-from support.privilege import (LOOPBACK, MASTER, SYSTEM_PYTHON, TEST_COMMAND, UserDaemon, ask, git_head,
+from support.privilege import (LOOPBACK, MASTER, TEST_COMMAND, UserDaemon, ask, git_head,
     key_security, nobody_clone, user_folder_cluster, warnings, write_secret)
 
 

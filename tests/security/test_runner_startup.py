@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import os
 import pathlib
-import pwd
-import shutil
 import socket
 import subprocess
-import tempfile
 
 import pytest
 
 import helpers
 from support.cluster import (PASSING_TEST, ROOT, SYSTEM_PYTHON, Cluster, Daemon,
                              Upstream, free_port, project_copy, wait_for_port, wait_until)
+from support.privilege import LOOPBACK, nobody_clone, nobody_folder
 
-LOOPBACK = "127.0.0.1"
 
 
 def nobody_base(request):
@@ -29,32 +26,14 @@ def nobody_base(request):
     holding a link to a Python (which 'nobody' therefore cannot execute),
     an upstream with one passing test and a clone that belongs to
     'nobody'; returns (base, upstream, clone, the user)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root (to run processes as an unprivileged user)")
-    try:
-        nobody = pwd.getpwnam("nobody")
-    except KeyError:
-        pytest.skip("needs a user 'nobody'")
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.skip(f"needs {SYSTEM_PYTHON}")
-    base = pathlib.Path(tempfile.mkdtemp(prefix="ci-startup-"))
-    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
-    os.chmod(base, 0o755)
+    base, upstream, nobody = nobody_folder(request, "ci-startup-")
     (base / "private").mkdir(mode=0o700)
     os.symlink(SYSTEM_PYTHON, base / "private" / "python3")
-    upstream = Upstream(base / "upstream")
     upstream.commit({"tests/test_sample.py": PASSING_TEST}, "initial")
-    clone = own_clone(upstream, base / "clone", nobody)
+    clone = nobody_clone(upstream, base / "clone", nobody)
     return base, upstream, clone, nobody
-
-
-def own_clone(upstream, path, user) -> str:
-    clone = upstream.clone(path)
-    for folder, _dirs, files in os.walk(clone):
-        os.chown(folder, user.pw_uid, user.pw_gid)
-        for name in files:
-            os.lchown(os.path.join(folder, name), user.pw_uid, user.pw_gid)
-    return clone
 
 
 def start_runner(request, python, clone, state, dispatcher_port, *extra):
@@ -108,7 +87,7 @@ def case_setup(case: str, base: pathlib.Path, clone: str, nobody):
 def own_clone_in(base, folder, nobody) -> str:
     upstream = Upstream(base / "upstream2")
     upstream.commit({"tests/test_sample.py": PASSING_TEST}, "initial")
-    return own_clone(upstream, folder / "clone", nobody)
+    return nobody_clone(upstream, folder / "clone", nobody)
 
 
 @pytest.mark.parametrize("case", ["runner python", "test command", "script interpreter",

@@ -8,10 +8,10 @@ import os
 import subprocess
 
 from ci import auth
-from support.cluster import PASSING_TEST, PY, ROOT, Daemon, free_port, wait_for_port
+from support.cluster import PASSING_TEST, PY, ROOT, SYSTEM_PYTHON, Daemon, free_port, wait_for_port
 from support.users import new_test_user
-from support.privilege import (LOOPBACK, MASTER, SYSTEM_PYTHON, ask, nobody_clone, nobody_folder,
-    user_folder_cluster)
+from support.privilege import (LOOPBACK, MASTER, ask, nobody_clone, nobody_folder,
+                               user_folder_cluster)
 
 
 ENV_TEST = """import os

@@ -19,7 +19,7 @@ import pytest
 
 from ci import auth
 import helpers
-from support.cluster import PASSING_TEST, Cluster, Daemon, Upstream
+from support.cluster import PASSING_TEST, SYSTEM_PYTHON, Cluster, Daemon, Upstream
 from ci.security import Security
 from ci.wire import Message, encode_fields
 
@@ -105,7 +105,6 @@ class KeyedRunner:
         self.server.server_close()
 
 
-SYSTEM_PYTHON = "/usr/bin/python3"
 TEST_COMMAND = f"{SYSTEM_PYTHON} -m unittest discover -s tests"
 
 
