@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import errno
 import logging
 import math
@@ -38,7 +39,8 @@ from ci import state_schema
 from ci.dispatch.state import DispatcherState, Job, Runner
 from ci.notify import flags as notify_flags
 from ci.dispatch.journal import BRANCH_RE, Journal, parse_meta_line, TOKEN_RE
-from ci.config import ArgumentParser, ConfigError, add_common_arguments, configure_logging
+from ci.config import (ArgumentParser, ConfigError, add_common_arguments, check_at_least_one,
+                       check_port, check_positive, configure_logging)
 from ci.files import ensure_dir
 from ci.results import VERDICTS
 from ci.security import (Security, check_bind_allowed, load_credentials, persist_nonces,
@@ -587,100 +589,142 @@ def revoke_key_main(argv) -> int:
 REVOKED_FILE = "revoked-keys"
 
 
+def status_main(argv) -> int:
+    return helpers.client_main(
+        "dispatcher.py status", "Print a running dispatcher's queue and runner counts.",
+        "status", "--dispatcher-server", f"{DEFAULT_HOST}:{DEFAULT_PORT}", argv)
+
+
+def retest_main(argv) -> int:
+    return helpers.client_main(
+        "dispatcher.py retest", "Test commits again although they have a result; the "
+        "new verdict replaces the file.", "retest", "--dispatcher-server",
+        f"{DEFAULT_HOST}:{DEFAULT_PORT}", argv, positional="COMMIT")
+
+
+# ``dispatcher.py WORD ...``: the subcommands, each its own small program.
+SUBCOMMANDS = {"status": status_main, "retest": retest_main,
+               "issue-key": issue_key_main, "revoke-key": revoke_key_main}
+EPILOG = ("'dispatcher.py status [--dispatcher-server HOST:PORT]' prints a running "
+          "dispatcher's queue and runner counts; 'dispatcher.py retest COMMIT...' "
+          "tests commits again; 'dispatcher.py issue-key NAME' makes a key file "
+          "for a runner (--role for others); 'dispatcher.py revoke-key NAME' "
+          "revokes one.")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """ConfigError for the first flag out of its range."""
+    check_positive(args, "ping_interval", "ping_timeout", "job_timeout")
+    check_at_least_one(args, "ping_misses", "max_attempts", "workers", "max_shards")
+    check_port(args)
+    if args.restart_grace < 0:
+        raise ConfigError("--restart-grace must not be negative")
+    if args.max_shards > 100:
+        raise ConfigError("--max-shards must be at most 100")
+    if not 0 <= args.min_shard_seconds < 1e6:
+        raise ConfigError("--min-shard-seconds must be 0 or more")
+    if not 0 <= args.prefetch_runners <= 1000:
+        raise ConfigError("--prefetch-runners must be 0-1000")
+
+
+def secure_master(security: Security, state_dir: str) -> None:
+    """The master secret (never an issued key), its replay cache and
+    revocations, and which certificate roles may connect."""
+    if security.key_id:
+        raise ConfigError("the dispatcher's --secret-file must hold the master "
+                          "secret, not an issued key")
+    persist_nonces(security, state_dir, "dispatcher")
+    if security.secret:
+        security.keyring = auth.MasterKeyring(
+            security.secret, auth.Revocations(os.path.join(state_dir, REVOKED_FILE)))
+    if security.server_tls:
+        security.tls_client_roles = frozenset({"runner", "observer", "operator", "viewer"})
+        security.tls_server_role = "runner"
+
+
+def recovered_state(args: argparse.Namespace, results_dir: str, state_dir: str,
+                    trusted: tuple[str, ...]) -> DispatcherState:
+    """The dispatcher's state, configured and rebuilt from the journal."""
+    state = DispatcherState(results_dir, Journal(os.path.join(state_dir, "journal")),
+                            args.max_attempts)
+    state.max_shards = args.max_shards
+    state.min_shard_seconds = args.min_shard_seconds
+    state.trusted_branches = trusted
+    state.recover(args.restart_grace)
+    return state
+
+
+@dataclasses.dataclass
+class Wired:
+    """What ``main`` starts and stops."""
+    server: helpers.MessageServer
+    dispatcher: Dispatcher
+    notifier: object
+    security: Security
+    state: DispatcherState
+    results_dir: str
+
+
+def wire_up(args: argparse.Namespace) -> Wired:
+    """Check the flags and build every part, serving nothing yet;
+    ConfigError for anything wrong."""
+    check_flags(args)
+    trusted = trusted_patterns(args.trusted_branch)
+    security = security_from_args(args)
+    check_bind_allowed(args.host, security, args.insecure)
+    results_dir = ensure_dir(os.path.abspath(args.results_dir), "results folder")
+    state_dir = args.state_dir or default_state_dir(results_dir)
+    ensure_dir(state_dir, "state folder")
+    secure_master(security, state_dir)
+    notifier = notify_flags.from_args(args, state_dir, results_dir)
+    state = recovered_state(args, results_dir, state_dir, trusted)
+    if notifier:
+        state.listeners.append(notifier.result_written)
+    dispatcher = Dispatcher(state, security, args.ping_interval, args.ping_misses,
+                            args.ping_timeout, args.job_timeout, args.workers,
+                            args.prefetch_runners)
+    try:
+        server = helpers.MessageServer((args.host, args.port), dispatcher.commands,
+                                       security, args.max_connections,
+                                       auth.DISPATCHER_PERMISSIONS)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    return Wired(server, dispatcher, notifier, security, state, results_dir)
+
+
+def serve(wired: Wired) -> None:
+    """Run until SIGTERM or SIGINT, then stop the threads."""
+    host, port = wired.server.server_address[:2]
+    log.info("dispatcher listening on %s, results in %s; secret %s, TLS %s; trusted "
+             "branches %s", format_address((host, port)), wired.results_dir,
+             "on (master; issued keys accepted)" if wired.security.secret else "off",
+             "on (certificate roles checked)" if wired.security.server_tls else "off",
+             ", ".join(wired.state.trusted_branches))
+    if wired.notifier:
+        wired.notifier.start(wired.state.is_pending)
+    wired.dispatcher.start()
+
+    def stop():
+        wired.dispatcher.stop()
+        if wired.notifier:
+            wired.notifier.stop()
+    helpers.serve_until_signalled(wired.server, on_stop=stop)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["status"]:
-        return helpers.client_main(
-            "dispatcher.py status", "Print a running dispatcher's queue and runner counts.",
-            "status", "--dispatcher-server", f"{DEFAULT_HOST}:{DEFAULT_PORT}", argv[1:])
-    if argv[:1] == ["retest"]:
-        return helpers.client_main(
-            "dispatcher.py retest", "Test commits again although they have a result; the "
-            "new verdict replaces the file.", "retest", "--dispatcher-server",
-            f"{DEFAULT_HOST}:{DEFAULT_PORT}", argv[1:], positional="COMMIT")
-    if argv[:1] == ["issue-key"]:
-        return issue_key_main(argv[1:])
-    if argv[:1] == ["revoke-key"]:
-        return revoke_key_main(argv[1:])
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     parser = build_parser()
-    parser.epilog = ("'dispatcher.py status [--dispatcher-server HOST:PORT]' prints a running "
-                     "dispatcher's queue and runner counts; 'dispatcher.py retest COMMIT...' "
-                     "tests commits again; 'dispatcher.py issue-key NAME' makes a key file "
-                     "for a runner (--role for others); 'dispatcher.py revoke-key NAME' "
-                     "revokes one.")
+    parser.epilog = EPILOG
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     try:
-        for name in ("ping_interval", "ping_timeout", "job_timeout"):
-            if getattr(args, name) is not None and getattr(args, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("ping_misses", "max_attempts", "workers", "max_shards"):
-            if getattr(args, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if not 0 <= args.port < 65536:
-            raise ConfigError("--port must be 0-65535")
-        if args.restart_grace < 0:
-            raise ConfigError("--restart-grace must not be negative")
-        if args.max_shards > 100:
-            raise ConfigError("--max-shards must be at most 100")
-        if not 0 <= args.min_shard_seconds < 1e6:
-            raise ConfigError("--min-shard-seconds must be 0 or more")
-        if not 0 <= args.prefetch_runners <= 1000:
-            raise ConfigError("--prefetch-runners must be 0-1000")
-        trusted = trusted_patterns(args.trusted_branch)
-        security = security_from_args(args)
-        check_bind_allowed(args.host, security, args.insecure)
-        results_dir = ensure_dir(os.path.abspath(args.results_dir), "results folder")
-        state_dir = args.state_dir or default_state_dir(results_dir)
-        ensure_dir(state_dir, "state folder")
-        if security.key_id:
-            raise ConfigError("the dispatcher's --secret-file must hold the master "
-                                      "secret, not an issued key")
-        persist_nonces(security, state_dir, "dispatcher")
-        if security.secret:
-            security.keyring = auth.MasterKeyring(
-                security.secret, auth.Revocations(os.path.join(state_dir, REVOKED_FILE)))
-        if security.server_tls:
-            security.tls_client_roles = frozenset({"runner", "observer", "operator",
-                                                   "viewer"})
-            security.tls_server_role = "runner"
-        notifier = notify_flags.from_args(args, state_dir, results_dir)
-        state = DispatcherState(results_dir, Journal(os.path.join(state_dir, "journal")),
-                                args.max_attempts)
-        state.max_shards = args.max_shards
-        state.min_shard_seconds = args.min_shard_seconds
-        state.trusted_branches = trusted
-        state.recover(args.restart_grace)
-        if notifier:
-            state.listeners.append(notifier.result_written)
-        dispatcher = Dispatcher(state, security, args.ping_interval, args.ping_misses,
-                                args.ping_timeout, args.job_timeout, args.workers,
-                                args.prefetch_runners)
-        try:
-            server = helpers.MessageServer((args.host, args.port), dispatcher.commands,
-                                           security, args.max_connections,
-                                           auth.DISPATCHER_PERMISSIONS)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+        wired = wire_up(args)
     except ConfigError as exc:
         print(f"dispatcher: error: {exc}", file=sys.stderr)
         return 2
-    host, port = server.server_address[:2]
-    log.info("dispatcher listening on %s, results in %s; secret %s, TLS %s; trusted "
-             "branches %s", format_address((host, port)), results_dir,
-             "on (master; issued keys accepted)" if security.secret else "off",
-             "on (certificate roles checked)" if security.server_tls else "off",
-             ", ".join(state.trusted_branches))
-    if notifier:
-        notifier.start(state.is_pending)
-    dispatcher.start()
-
-    def stop():
-        dispatcher.stop()
-        if notifier:
-            notifier.stop()
-    helpers.serve_until_signalled(server, on_stop=stop)
+    serve(wired)
     log.info("dispatcher stopped")
     return 0
 
