@@ -39,8 +39,9 @@ from ci import jobspec
 from ci import results
 from ci import sharding
 from ci import state_schema
-from ci.dispatch.journal import (BRANCH_RE, Assignment, Journal, assign_record, meta_record,
-                                 shard_record)
+from ci.dispatch.journal import (BRANCH_RE, AssignmentRecord, Journal, assign_record,
+                                 done_record, lost_record, meta_record, queue_record,
+                                 retest_record, shard_record)
 from ci.files import atomic_write
 from ci.wire import ProtocolError, Reply, decode_fields, format_address, valid_full_commit
 
@@ -135,8 +136,8 @@ class DispatcherState:
         self.lost: collections.Counter = collections.Counter()
         self.retests: set[str] = set()
         self.meta: dict[str, tuple[str, str | None]] = {}
-        self.assignments: dict[str, dict[str, Assignment]] = {}
-        # (commit, token) -> Assignment, for rounds that are over.
+        self.assignments: dict[str, dict[str, AssignmentRecord]] = {}
+        # (commit, token) -> AssignmentRecord, for rounds that are over.
         self.finished_tokens: collections.OrderedDict = collections.OrderedDict()
         self.tails: dict[str, bytearray] = {}
         # Sharding (--max-shards): commits split over runners, the shards
@@ -199,17 +200,17 @@ class DispatcherState:
         lines = []
         for commit in [*self.jobs, *self.held, *self.queue, *self.writing,
                        *self.shard_sets]:
-            lines.append(f"Q {commit}")
+            lines.append(queue_record(commit))
             if commit in self.shard_sets:
                 lines.append(shard_record(commit, self.shard_sets[commit].total))
             if commit in self.meta:
                 branch, previous = self.meta[commit]
                 lines.append(meta_record(commit, branch, previous))
             if commit in self.retests:
-                lines.append(f"R {commit}")
+                lines.append(retest_record(commit))
             lines.extend(assign_record(commit, a)
                          for a in self.assignments.get(commit, {}).values())
-            lines.extend(f"L {commit}" for _ in range(self.lost.get(commit, 0)))
+            lines.extend(lost_record(commit) for _ in range(self.lost.get(commit, 0)))
         return lines
 
     # ---- queueing -------------------------------------------------------
@@ -233,7 +234,7 @@ class DispatcherState:
             self.journalling.update(new)
         records = []
         for commit in new:
-            records.append(f"Q {commit}")
+            records.append(queue_record(commit))
             if commit in meta:
                 records.append(meta_record(commit, *meta[commit]))
         self._queue_durably(new, records, {c: meta[c] for c in new if c in meta})
@@ -248,7 +249,7 @@ class DispatcherState:
             new = list(dict.fromkeys(c for c in commits if not self._known(c)))
             self.journalling.update(new)
         meta = {c: m for c in new if (m := self._meta_from_result(c))}
-        records = [f"{kind} {c}" for c in new for kind in "QR"]
+        records = [r for c in new for r in (queue_record(c), retest_record(c))]
         records += [meta_record(c, *meta[c]) for c in meta]
         self._queue_durably(new, records, meta, retest=True)
         return new
@@ -371,7 +372,7 @@ class DispatcherState:
         runner.set(RUNNING, job)
         log.info("runner %s is still running %s; adopted", runner.key, commit[:12])
 
-    def _adopt_shard(self, runner: Runner, commit: str, a: Assignment,
+    def _adopt_shard(self, runner: Runner, commit: str, a: AssignmentRecord,
                      shard_set: ShardSet) -> None:
         """The same for one shard waiting to run again (its ``runtest``
         reply was lost, but the runner took it)."""
@@ -436,7 +437,7 @@ class DispatcherState:
                               time.monotonic(), runner.name, request=self._request(commit))
                     runner.set(RUNNING, job)
                     self.jobs[commit] = job
-                    assignment = Assignment(job.token, runner.key, runner.name)
+                    assignment = AssignmentRecord(job.token, runner.key, runner.name)
                     self.assignments.setdefault(commit, {})[job.token] = assignment
                     records = [assign_record(commit, assignment)]
             try:
@@ -496,7 +497,7 @@ class DispatcherState:
         runner.set(RUNNING, job)
         shard_set.running[index] = job
         shard_set.tokens[job.token] = index
-        assignment = Assignment(job.token, runner.key, runner.name)
+        assignment = AssignmentRecord(job.token, runner.key, runner.name)
         self.assignments.setdefault(commit, {})[job.token] = assignment
         records = [assign_record(commit, assignment)]
         if not shard_set.journalled:
@@ -603,7 +604,7 @@ class DispatcherState:
 
     # ---- messages from runners ------------------------------------------
     def _check_token(self, commit: str, token: str, name: str | None,
-                     what: str) -> Assignment:
+                     what: str) -> AssignmentRecord:
         a = self.assignments.get(commit, {}).get(token)
         if a is None:
             raise Reply(f"{what} for {commit[:12]} refused: no such assignment")
@@ -719,7 +720,7 @@ class DispatcherState:
         self.shard_sets[commit] = shard_set
         self.shard_queue.appendleft((commit, index))
 
-    def _free_after_result(self, commit: str, token: str, a: Assignment) -> None:
+    def _free_after_result(self, commit: str, token: str, a: AssignmentRecord) -> None:
         """The sender has finished this run: it is free again, whether or
         not its result is the one kept."""
         runner = self.runners.get(a.runner)
@@ -786,7 +787,7 @@ class DispatcherState:
         self.tails.pop(commit, None)
         self.cond.notify_all()
         try:
-            self.journal.append([f"D {commit}"], sync=False)
+            self.journal.append([done_record(commit)], sync=False)
             # Not while a dispatch's records are being fsynced outside the
             # lock: the rewrite would drop them after they were answered.
             if not self.journalling and self.journal.records > COMPACT_AFTER and \
@@ -798,7 +799,7 @@ class DispatcherState:
             log.exception("cannot journal the end of %s", commit[:12])
         log.info("result for %s: %s", commit[:12], verdict)
 
-    def _remember_finished(self, commit: str, a: Assignment) -> None:
+    def _remember_finished(self, commit: str, a: AssignmentRecord) -> None:
         self.finished_tokens[(commit, a.token)] = a
         while len(self.finished_tokens) > FINISHED_TOKENS:
             self.finished_tokens.popitem(last=False)
@@ -837,7 +838,7 @@ class DispatcherState:
         the last allowed and the commit got its ``error`` verdict."""
         self.lost[job.commit] += 1
         try:
-            self.journal.append([f"L {job.commit}"], sync=False)
+            self.journal.append([lost_record(job.commit)], sync=False)
         except OSError:
             # The count is a poison guard only: run it again all the same.
             log.exception("cannot journal the lost run of %s", job.commit[:12])
