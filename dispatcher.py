@@ -12,8 +12,8 @@ Which result wins: the first complete result to arrive for a commit that
 carries the token of an assignment that really happened.  A later one (from
 a runner whose job was reassigned, or a duplicate delivery) is acknowledged
 and dropped, so the file is never rewritten; one with no such token is
-refused and logged.  The state itself lives in ``dispatch_state.py``, the
-journal in ``journal.py``, keys and roles in ``auth.py``.
+refused and logged.  The state itself lives in ``ci/dispatch/state.py``, the
+journal in ``ci/dispatch/journal.py``, keys and roles in ``auth.py``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ from ci import jobspec
 from ci import results
 from ci import sharding
 from ci import state_schema
-from ci.dispatch.state import DispatcherState, Job, Runner
+from ci.dispatch.runners import Runner
+from ci.dispatch.state import DispatcherState
+from ci.dispatch.work import Job
 from ci.notify import flags as notify_flags
 from ci.dispatch.journal import BRANCH_RE, Journal, parse_meta_line, TOKEN_RE
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, check_at_least_one,
