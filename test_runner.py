@@ -33,7 +33,7 @@ from ci.runner import junit_capture
 from ci.runner import private_git
 from ci import procgroup
 from ci.runner import recipe
-from ci import results
+from ci.outcome import Outcome
 from ci import sharding
 from ci import state_schema
 from ci.runner import user_sandbox
@@ -411,8 +411,8 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
             preparer: environments.Preparer | None = None,
             shard: sharding.ShardSpec | None = None,
             private: private_git.PrivateRepository | None = None,
-            scope: environments.Scope | None = None) -> tuple[dict, bytes]:
-    """Check out ``commit`` and run its tests; return (fields, output).
+            scope: environments.Scope | None = None) -> Outcome:
+    """Check out ``commit`` and run its tests; return their outcome.
 
     ``private`` (with --test-user): the runner's own repository, in which
     the checkout runs as the runner's user; the tree is then the test
@@ -422,8 +422,8 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
     command, its environment and time limit; without one, ``test_command``
     and ``timeout`` are used as given.  ``scope``: which environments the
     commit may reuse and build (default: the commit's own, never a
-    trusted one).  Per-test records, when there are any, come as
-    ``results.JUNIT_XML_KEY`` in the fields, and the counts are theirs."""
+    trusted one).  Per-test records, when there are any, come as the
+    outcome's ``junit_xml``, and the counts are theirs."""
     started = time.time()
     fields = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
               "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "exit_code": -1}
@@ -447,7 +447,7 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
         reason = f"checkout of {commit} failed ({why})"
         fields.update(verdict="error", reason=reason,
                       duration=f"{time.time() - started:.3f}")
-        return fields, checkout_log + f"\n{reason}\n".encode()
+        return Outcome(fields, checkout_log + f"\n{reason}\n".encode())
     preparer = preparer or environments.Preparer(
         recipe.Limits(test=test_command, timeout=timeout), read_recipe=False)
     with tempfile.TemporaryFile() as out:
@@ -458,13 +458,13 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
     fields.update(prepared.fields)
     if prepared.failed:
         fields["duration"] = f"{time.time() - started:.3f}"
-        return fields, setup_log
+        return Outcome(fields, setup_log)
     test_command, timeout = prepared.command, prepared.timeout
     command = test_command or default_test_command(repo, prepared.python)
     if test_command is None and not os.path.isdir(os.path.join(repo, "tests")):
         fields.update(verdict="error", reason="no tests/ folder in this commit",
                       duration=f"{time.time() - started:.3f}")
-        return fields, setup_log + b"no tests/ folder in this commit\n"
+        return Outcome(fields, setup_log + b"no tests/ folder in this commit\n")
     path_first, shard_unittest = None, False
     if shard is not None:
         if test_command is None and junit_pattern:
@@ -479,7 +479,7 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
             note = f"shard {shard.index}/{shard.total}: {run.label}, nothing to run\n"
             fields.update(verdict="passed", exit_code=0,
                           duration=f"{time.time() - started:.3f}")
-            return fields, setup_log + note.encode()
+            return Outcome(fields, setup_log + note.encode())
         command, path_first = run.command, run.path_first
         shard_unittest = test_command is None
     elif test_command and sharding.PLACEHOLDER in test_command:
@@ -498,7 +498,8 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
         except OSError as exc:
             fields.update(verdict="error", reason=f"cannot start test command: {exc}",
                           duration=f"{time.time() - started:.3f}")
-            return fields, setup_log + f"cannot start test command {command!r}: {exc}\n".encode()
+            return Outcome(fields, setup_log +
+                           f"cannot start test command {command!r}: {exc}\n".encode())
         log.debug("tests of %s ran %.3fs", commit[:12], time.time() - started)
         junit = capture.collect(timed_out, max_output // 4)
         output = read_bounded(out, max_output - len(setup_log) - len(junit.xml))
@@ -509,7 +510,7 @@ def execute(repo: str, commit: str, test_command: list[str] | None, timeout: flo
     if reason:
         fields["reason"] = reason
     fields.update(junit.fields())
-    return fields, setup_log + output
+    return Outcome(fields, setup_log + output, junit_xml=junit.xml)
 
 
 # --------------------------------------------------------------------------
@@ -722,26 +723,26 @@ class TestRunner:
                 self._prefetch()
                 continue
             try:
-                fields, output = execute(self.repo, job.commit, self.test_command,
-                                         self.args.timeout, self.args.checkout_timeout,
-                                         self.slot, self.max_output, self.args.junit_xml,
-                                         self.preparer, job.shard, self.private, job.scope)
+                outcome = execute(self.repo, job.commit, self.test_command,
+                                  self.args.timeout, self.args.checkout_timeout,
+                                  self.slot, self.max_output, self.args.junit_xml,
+                                  self.preparer, job.shard, self.private, job.scope)
             except Exception as exc:
                 log.exception("running %s failed", job.commit[:12])
-                fields = {"verdict": "error", "reason": f"runner failure: {exc}"}
-                output = f"runner failure: {exc!r}\n".encode()
+                outcome = Outcome({"verdict": "error", "reason": f"runner failure: {exc}"},
+                                  f"runner failure: {exc!r}\n".encode())
             finally:
                 self.slot.end_run()
             if self.slot.cancelled:
                 return  # stopping: the job is handed back, not reported
-            fields["runner"] = self.advertised or "?"
+            outcome = outcome.with_header(runner=self.advertised or "?")
             commit = job.commit
             if not valid_full_commit(commit):
                 log.error("cannot report %s: not a full commit id", commit)
                 self.state.finish()
                 continue
-            log.info("finished %s: %s", commit[:12], fields.get("verdict"))
-            body = results.encode_results_body(fields, output)
+            log.info("finished %s: %s", commit[:12], outcome.verdict)
+            body = outcome.to_body()
             backoff = Backoff(0.1, self.args.retry_max)
             while True:
                 try:

@@ -15,6 +15,7 @@ import time
 from ci import sharding
 from ci.dispatch.journal import AssignmentRecord, assign_record, shard_record
 from ci.dispatch.runners import RUNNING, Runner
+from ci.outcome import Outcome
 from ci.dispatch.work import Job, Merged, ShardReport, ShardSet, Work, WorkState, new_token
 
 log = logging.getLogger(__name__)
@@ -86,15 +87,14 @@ class ShardPlanner:
         self.shard_queue.appendleft((work.key, job.shard))
         self.cond.notify_all()
 
-    def _record_shard(self, work: Work, token: str, fields: dict,
-                      output: bytes) -> ShardReport | Merged:
+    def _record_shard(self, work: Work, token: str, outcome: Outcome) -> ShardReport | Merged:
         """Keep one shard's result.  When it is the last, claim the commit
         (WRITING) and return the merged result."""
         shard_set = work.shards
         index = shard_set.tokens[token]
         if index in shard_set.reports:
             return ShardReport.DUPLICATE
-        shard_set.reports[index] = (fields, output)
+        shard_set.reports[index] = outcome
         if (work.key, index) in self.shard_queue:
             self.shard_queue.remove((work.key, index))
         job = shard_set.running.pop(index, None)
@@ -104,8 +104,7 @@ class ShardPlanner:
             return ShardReport.STORED
         work.move(WorkState.WRITING)
         work.shards = None
-        fields, output = sharding.merge(shard_set.total, shard_set.reports)
-        return Merged(fields, output, shard_set)
+        return Merged(sharding.merge(shard_set.total, shard_set.reports), shard_set)
 
     def _unclaim_shards(self, work: Work, token: str, shard_set: ShardSet) -> None:
         """The merged result could not be written: the last shard's report

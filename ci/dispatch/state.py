@@ -26,7 +26,6 @@ import threading
 import time
 
 from ci import jobspec
-from ci import results
 from ci import sharding
 from ci.dispatch.journal import (BRANCH_RE, AssignmentRecord, Journal, assign_record,
                                  done_record, lost_record, meta_record, queue_record,
@@ -36,7 +35,7 @@ from ci.dispatch.shards import ShardPlanner
 from ci.dispatch.views import StateViews
 from ci.dispatch.work import (Job, Merged, Meta, ShardReport, ShardSet, Work, WorkKey,
                               WorkState, new_token, work_key)
-from ci.files import atomic_write
+from ci.outcome import Outcome
 from ci.wire import ProtocolError, Reply, decode_fields, valid_full_commit
 
 log = logging.getLogger(__name__)
@@ -68,11 +67,11 @@ def meta_from_result(results_dir: str, commit: str) -> Meta | None:
     return Meta(fields["branch"], previous if valid_full_commit(previous or "") else None)
 
 
-def tell_listeners(listeners: list, commit: str, fields: dict) -> None:
+def tell_listeners(listeners: list, commit: str, outcome: Outcome) -> None:
     """Call every result listener; one that fails is logged, not fatal."""
     for listener in listeners:
         try:
-            listener(commit, fields)
+            listener(commit, outcome)
         except Exception:
             log.exception("result listener failed for %s", commit[:12])
 
@@ -81,9 +80,9 @@ class Claim:
     """A result that claimed its commit (WRITING) and is to be written
     outside the lock; what to give back if the write fails."""
 
-    def __init__(self, work: Work, token: str, fields: dict, output: bytes,
+    def __init__(self, work: Work, token: str, outcome: Outcome,
                  shard_set: ShardSet | None = None):
-        self.work, self.token, self.fields, self.output = work, token, fields, output
+        self.work, self.token, self.outcome = work, token, outcome
         self.shard_set = shard_set      # the last shard's set, if it completed one
 
 
@@ -117,7 +116,7 @@ class DispatcherState(RunnerRegistry, ShardPlanner, StateViews):
         self.trusted_branches = jobspec.DEFAULT_TRUSTED_BRANCHES
         self.stopping = False
         self.completed = 0
-        # Called with (commit, fields) after a result file is on disk,
+        # Called with (commit, Outcome) after a result file is on disk,
         # outside the lock (notifications); must not block.
         self.listeners: list = []
 
@@ -441,30 +440,30 @@ class DispatcherState(RunnerRegistry, ShardPlanner, StateViews):
             return bytes(work.tail)
 
     # ---- results ----------------------------------------------------------
-    def record_result(self, commit: str, token: str, name: str | None, fields: dict,
-                      output: bytes) -> bool:
+    def record_result(self, commit: str, token: str, name: str | None,
+                      outcome: Outcome) -> bool:
         """Write the verdict if this is the first result of a real
         assignment; False for a duplicate; Reply if the token proves no
         assignment (a forgery, or a result from a round before a retest
         that is long forgotten)."""
         with self.cond:
-            claim = self._claim_result(commit, token, name, fields, output)
+            claim = self._claim_result(commit, token, name, outcome)
             if not isinstance(claim, Claim):
                 return claim
         try:
-            self.write_result(commit, claim.fields, claim.output)
+            self.write_result(commit, claim.outcome)
         except BaseException:
             with self.cond:
                 self._unclaim(claim)
                 self.cond.notify_all()
             raise
         with self.cond:
-            self._finish(claim.work, claim.fields.get("verdict"))
-        tell_listeners(self.listeners, commit, claim.fields)
+            self._finish(claim.work, claim.outcome.verdict)
+        tell_listeners(self.listeners, commit, claim.outcome)
         return True
 
-    def _claim_result(self, commit: str, token: str, name: str | None, fields: dict,
-                      output: bytes) -> Claim | bool:
+    def _claim_result(self, commit: str, token: str, name: str | None,
+                      outcome: Outcome) -> Claim | bool:
         """Under the lock: a Claim to write, or what ``record_result``
         answers without writing (False: a duplicate; True: a shard kept)."""
         a = self.finished_tokens.get((work_key(commit), token))
@@ -479,19 +478,18 @@ class DispatcherState(RunnerRegistry, ShardPlanner, StateViews):
         if work.key in self.done or work.state is WorkState.WRITING:
             return False
         if self.max_shards > 1:
-            self.durations.learn(fields.get("records"))
+            self.durations.learn(outcome.records)
         if work.shards is not None and token in work.shards.tokens:
-            got = self._record_shard(work, token, fields, output)
+            got = self._record_shard(work, token, outcome)
             if not isinstance(got, Merged):
                 return got is ShardReport.STORED
-            return Claim(work, token, self._complete_fields(work, got.fields), got.output,
-                         got.shard_set)
+            return Claim(work, token, self._complete_fields(work, got.outcome), got.shard_set)
         self._claim(work)
         holder = self.runners.get(work.job.runner) if work.job else None
         if holder and holder.job is work.job and work.job.token != token:
             # Still running it elsewhere: busy, but not with our work.
             holder.set(OCCUPIED, occupied_with=commit)
-        return Claim(work, token, self._complete_fields(work, fields), output)
+        return Claim(work, token, self._complete_fields(work, outcome))
 
     def _unclaim(self, claim: Claim) -> None:
         """The result could not be written: the commit is to be run again,
@@ -523,20 +521,20 @@ class DispatcherState(RunnerRegistry, ShardPlanner, StateViews):
             runner.misses = 0
             self.cond.notify_all()
 
-    def _complete_fields(self, work: Work, fields: dict) -> dict:
-        fields = dict(fields, commit=work.commit)
+    def _complete_fields(self, work: Work, outcome: Outcome) -> Outcome:
+        """The dispatcher's own header fields: the commit, and the branch
+        and previous commit the observer named."""
+        added = {"commit": work.commit}
         if work.meta:
-            fields["branch"] = work.meta.branch
+            added["branch"] = work.meta.branch
             if work.meta.previous:
-                fields["previous"] = work.meta.previous
-        return fields
+                added["previous"] = work.meta.previous
+        return outcome.with_header(**added)
 
-    def write_result(self, commit: str, fields: dict, output: bytes) -> None:
+    def write_result(self, commit: str, outcome: Outcome) -> None:
         """The result file is the proof a commit is done: written last,
-        after the per-test JUnit file."""
-        results.write_junit(self.results_dir, commit, fields.get("records"))
-        atomic_write(os.path.join(self.results_dir, commit),
-                     results.format_result(fields, output))
+        after the per-test JUnit file (see ``Outcome.write``)."""
+        outcome.write(self.results_dir, commit)
 
     def _finish(self, work: Work, verdict: str | None) -> None:
         """Bookkeeping once the work's result file is on disk (WRITING)."""
@@ -615,19 +613,19 @@ class DispatcherState(RunnerRegistry, ShardPlanner, StateViews):
         reason = (f"gave up: the run lost its runner {work.losses} times "
                   f"(last: {job.runner})")
         log.error("commit %s: %s", work.commit[:12], reason)
-        fields = self._complete_fields(work, {
+        outcome = self._complete_fields(work, Outcome({
             "verdict": "error", "tests": 0, "failures": 0, "errors": 0, "skipped": 0,
             "runner": "dispatcher", "reason": reason, "started": now_stamp(),
-            "duration": "0.000"})
+            "duration": "0.000"}, (reason + "\n").encode()))
         try:
-            self.write_result(work.commit, fields, (reason + "\n").encode())
+            self.write_result(work.commit, outcome)
         except OSError:
             # Neither done nor queued would strand it: keep it queued.
             log.exception("cannot write the verdict for %s; requeueing it", work.commit[:12])
             return False
         self._claim(work)
         self._finish(work, "error")
-        threading.Thread(target=tell_listeners, args=(self.listeners, work.commit, fields),
+        threading.Thread(target=tell_listeners, args=(self.listeners, work.commit, outcome),
                          daemon=True).start()
         return True
 

@@ -21,6 +21,7 @@ import secrets
 from typing import NamedTuple, NewType
 
 from ci.dispatch.journal import AssignmentRecord
+from ci.outcome import Outcome
 
 WorkKey = NewType("WorkKey", str)
 
@@ -99,7 +100,7 @@ class ShardSet:
     table: bytes                            # the durations every shard gets
     tokens: dict = dataclasses.field(default_factory=dict)    # token -> shard
     running: dict = dataclasses.field(default_factory=dict)   # shard -> Job
-    reports: dict = dataclasses.field(default_factory=dict)   # shard -> (fields, output)
+    reports: dict = dataclasses.field(default_factory=dict)   # shard -> Outcome
     journalled: bool = False                # its ``S`` record is in the journal
 
 
@@ -113,9 +114,8 @@ class ShardReport(enum.Enum):
 @dataclasses.dataclass
 class Merged:
     """Every shard has reported: the commit is claimed (WRITING) and this
-    is its merged result (``shard_set``: restored if the write fails)."""
-    fields: dict
-    output: bytes
+    is its merged outcome (``shard_set``: restored if the write fails)."""
+    outcome: Outcome
     shard_set: ShardSet
 
 
