@@ -32,7 +32,7 @@ from ci import auth
 import helpers
 from ci import jobspec
 from ci import state_schema
-from ci.dispatch.runners import Runner
+from ci.dispatch.runners import PingReply, Runner
 from ci.dispatch.state import DispatcherState
 from ci.dispatch.work import Job
 from ci.notify import flags as notify_flags
@@ -123,21 +123,31 @@ def parse_results_message(message: Message) -> tuple[str, str, Outcome]:
         raise Reply(str(exc)) from None
 
 
+@dataclasses.dataclass
+class Options:
+    """The dispatcher's health and sending flags (see build_parser)."""
+    ping_interval: float
+    ping_misses: int
+    ping_timeout: float
+    job_timeout: float | None       # None: the default, or a runner's own limits
+    workers: int
+    prefetch_runners: int = DEFAULT_PREFETCH_RUNNERS
+
+
 class Dispatcher:
-    def __init__(self, state: DispatcherState, security: Security,
-                 ping_interval: float, ping_misses: int, ping_timeout: float,
-                 job_timeout: float | None, workers: int,
-                 prefetch_runners: int = DEFAULT_PREFETCH_RUNNERS):
+    def __init__(self, state: DispatcherState, security: Security, options: Options):
         self.state = state
-        self.prefetch_runners = prefetch_runners
+        self.prefetch_runners = options.prefetch_runners
         self.security = security
-        self.ping_interval = ping_interval
-        self.ping_misses = ping_misses
-        self.ping_timeout = ping_timeout
+        self.ping_interval = options.ping_interval
+        self.ping_misses = options.ping_misses
+        self.ping_timeout = options.ping_timeout
         # Not given: the default, stretched for a runner whose own limits
         # (a first environment build, say) may take longer.  Given: as is.
-        self.job_timeout = DEFAULT_JOB_TIMEOUT if job_timeout is None else job_timeout
-        self.trust_runner_limits = job_timeout is None
+        self.job_timeout = DEFAULT_JOB_TIMEOUT if options.job_timeout is None \
+            else options.job_timeout
+        self.trust_runner_limits = options.job_timeout is None
+        workers = options.workers
         self.stop_event = threading.Event()
         # Pings have their own pool so a sweep over dead runners never
         # delays handing out work.
@@ -338,25 +348,24 @@ class Dispatcher:
         for future in concurrent.futures.as_completed(futures):
             runner = futures[future]
             try:
-                outcome, instance, busy, token = future.result()
+                reply = future.result()
             except Exception:  # one odd ping must not cost the others' results
                 log.exception("ping of %s failed", runner.key)
                 continue
-            self.state.ping_result(runner.key, outcome, instance, busy, self.ping_misses, token,
-                                   pinged=runner.instance)
+            self.state.ping_result(runner.key, reply, self.ping_misses, pinged=runner.instance)
         duration = time.monotonic() - started
         # A sweep longer than the interval means dead runners are noticed late.
         log.log(logging.WARNING if duration > self.ping_interval else logging.DEBUG,
                 "health sweep of %d runner(s) took %.3fs", len(runners), duration)
         return duration
 
-    def _ping(self, runner: Runner) -> tuple[str, str, str | None, str | None]:
+    def _ping(self, runner: Runner) -> PingReply:
         keyring = self.security.keyring
         if runner.name and isinstance(keyring, auth.MasterKeyring) and \
                 keyring.revocations.revoked(f"runner:{runner.name}"):
             # Revoked: it could take work but never report it; drop it now.
             log.warning("runner %s (%s) holds a revoked key; dropped", runner.name, runner.key)
-            return "refused", "", None, None
+            return PingReply("refused")
         try:
             # The reply is bounded too: a frozen runner still accepts the
             # connection (the kernel does) but never answers, and waiting the
@@ -367,10 +376,10 @@ class Dispatcher:
             fields = decode_fields(reply.body) if reply.command == "ok" else {}
         except (OSError, ProtocolError) as exc:
             log.debug("ping %s failed: %s", runner.key, exc)
-            return ("refused" if refused(exc) else "timeout"), "", None, None
+            return PingReply("refused" if refused(exc) else "timeout")
         if reply.command != "ok":
-            return "timeout", "", None, None
-        return ("ok", fields.get("instance", ""), *runner_says(fields))
+            return PingReply("timeout")
+        return PingReply("ok", fields.get("instance", ""), *runner_says(fields))
 
 
 def job_limit(fields: dict) -> float | None:
@@ -642,9 +651,9 @@ def wire_up(args: argparse.Namespace) -> Wired:
     state = recovered_state(args, results_dir, state_dir, trusted)
     if notifier:
         state.listeners.append(notifier.result_written)
-    dispatcher = Dispatcher(state, security, args.ping_interval, args.ping_misses,
-                            args.ping_timeout, args.job_timeout, args.workers,
-                            args.prefetch_runners)
+    dispatcher = Dispatcher(state, security, Options(
+        args.ping_interval, args.ping_misses, args.ping_timeout, args.job_timeout,
+        args.workers, args.prefetch_runners))
     try:
         server = helpers.MessageServer((args.host, args.port), dispatcher.commands,
                                        security, args.max_connections,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import NamedTuple
 
 from ci.dispatch.journal import AssignmentRecord
 from ci.dispatch.work import Job, ShardSet, Work, WorkState
@@ -53,6 +54,16 @@ class Runner:
 
     def set(self, state: str, job: Job | None = None, occupied_with: str | None = None):
         self.state, self.job, self.occupied_with = state, job, occupied_with
+
+
+class PingReply(NamedTuple):
+    """What one ping got: ``outcome`` (``ok``, ``refused``, ``timeout``)
+    and, from a runner that answered, its instance and what it says it
+    runs (commit and token)."""
+    outcome: str
+    instance: str = ""
+    busy: str | None = None
+    token: str | None = None
 
 
 class RunnerRegistry:
@@ -192,12 +203,13 @@ class RunnerRegistry:
         with self.cond:
             return [dataclasses.replace(r) for r in self.runners.values()]
 
-    def ping_result(self, key: str, outcome: str, instance: str, busy: str | None,
-                    misses_allowed: int, token: str | None = None,
+    def ping_result(self, key: str, reply: PingReply, misses_allowed: int,
                     pinged: str | None = None) -> None:
-        """``outcome``: ``ok``, ``refused`` (nothing listens: the runner is
-        gone, dropped at once) or ``timeout`` (slow or cut off: dropped
-        after ``misses_allowed`` in a row)."""
+        """What a ping of runner ``key`` (of its process ``pinged``) got:
+        ``ok``, ``refused`` (nothing listens: the runner is gone, dropped at
+        once) or ``timeout`` (slow or cut off: dropped after
+        ``misses_allowed`` in a row)."""
+        outcome, instance, busy, token = reply
         with self.cond:
             runner = self.runners.get(key)
             if runner is None:

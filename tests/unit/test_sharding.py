@@ -15,7 +15,7 @@ from ci import jobspec
 from ci.outcome import Outcome
 from ci import results
 from ci import sharding
-from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING
+from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, PingReply
 from ci.dispatch.state import DispatcherState
 from ci.dispatch.work import WorkState
 from ci.dispatch.journal import Journal, replay_lines
@@ -368,7 +368,7 @@ def test_a_lost_shard_alone_runs_again_and_counts_against_the_commit(make_state)
     jobs = take_all(state)
     assert len(jobs) == 3
     lost = next(j for j in jobs if j.shard == 2)
-    state.ping_result(lost.runner, "refused", "", None, 2)   # its runner died
+    state.ping_result(lost.runner, PingReply("refused"), 2)   # its runner died
     assert list(state.shard_queue) == [(X, 2)] and state.work[X].losses == 1
     again = state.next_assignment()
     assert (again.commit, again.shard, again.shards) == (X, 2, 3)

@@ -14,7 +14,7 @@ import pytest
 from support.cluster import wait_until
 
 import test_runner
-from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING
+from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, PingReply
 from ci.dispatch.state import DispatcherState
 from ci.dispatch.work import WorkState
 from ci.dispatch.journal import Journal
@@ -130,7 +130,7 @@ def test_a_failed_lost_record_does_not_strand_the_commit(make_state):
     state.enqueue([X])
     assign(state)
     for _ in range(3):
-        state.ping_result(KA, "timeout", "", None, 3)
+        state.ping_result(KA, PingReply("timeout"), 3)
     assert KA not in state.runners
     assert list(state.queue) == [X]  # queued again, not lost from memory
 
@@ -216,7 +216,7 @@ def test_a_runtest_whose_reply_was_lost_is_adopted_not_run_twice(make_state):
     job = assign(state)
     state.assignment_failed(job, "error")
     assert list(state.queue) == [X] and state.runners[KA].state == "suspect"
-    state.ping_result(KA, "ok", "ia", X, 3, job.token)
+    state.ping_result(KA, PingReply("ok", "ia", X, job.token), 3)
     assert not state.queue and job_of(state, X).token == job.token
     assert state.runners[KA].state == RUNNING
     assert result(state, job) is True
@@ -241,12 +241,12 @@ def test_refused_ping_drops_at_once_and_timeouts_need_the_misses(make_state):
     state.enqueue([X, Y])
     jobs = {assign(state).runner: None for _ in range(2)}
     assert set(jobs) == {KA, KB}
-    state.ping_result(KA, "refused", "", None, 3)
+    state.ping_result(KA, PingReply("refused"), 3)
     assert KA not in state.runners and state.queue[0] in (X, Y)
-    state.ping_result(KB, "timeout", "", None, 3)
-    state.ping_result(KB, "timeout", "", None, 3)
+    state.ping_result(KB, PingReply("timeout"), 3)
+    state.ping_result(KB, PingReply("timeout"), 3)
     assert KB in state.runners
-    state.ping_result(KB, "timeout", "", None, 3)
+    state.ping_result(KB, PingReply("timeout"), 3)
     assert KB not in state.runners and sorted(state.queue) == [X, Y]
 
 
@@ -257,7 +257,7 @@ def test_a_commit_that_loses_its_runners_gets_error(make_state):
         if attempt == 0:
             state.enqueue([X])
         assign(state)
-        state.ping_result(KA, "refused", "", None, 3)
+        state.ping_result(KA, PingReply("refused"), 3)
     with open(os.path.join(state.results_dir, X), "rb") as handle:
         assert b"verdict: error" in handle.read()
 
@@ -306,9 +306,9 @@ def test_a_ping_of_the_previous_process_does_not_drop_its_successor(make_state):
     state.register(A, "new", None)  # the old process's run is lost: counted once
     job = assign(state)
     assert job.runner == KA and state.work[X].losses == 1
-    state.ping_result(KA, "refused", "", None, 3, pinged="old")
+    state.ping_result(KA, PingReply("refused"), 3, pinged="old")
     assert KA in state.runners and job_of(state, X) is job and state.work[X].losses == 1
-    state.ping_result(KA, "refused", "", None, 3, pinged="new")
+    state.ping_result(KA, PingReply("refused"), 3, pinged="new")
     assert KA not in state.runners and state.work[X].losses == 2
 
 
@@ -316,7 +316,7 @@ def test_compaction_waits_for_a_dispatch_being_fsynced(make_state, monkeypatch):
     """A dispatch's records are fsynced outside the lock; a compaction
     that ran meanwhile rewrote the journal without them, so an answered
     ``dispatch`` was lost at the next crash."""
-    from ci.dispatch import state as dispatch_state
+    from ci.dispatch import finish
     fsyncing, go = threading.Event(), threading.Event()
 
     class SlowSync(Journal):
@@ -326,7 +326,7 @@ def test_compaction_waits_for_a_dispatch_being_fsynced(make_state, monkeypatch):
                 fsyncing.set()  # on disk, not yet in the queue
                 assert go.wait(10)
     state = make_state(SlowSync)
-    monkeypatch.setattr(dispatch_state, "COMPACT_AFTER", 0)
+    monkeypatch.setattr(finish, "COMPACT_AFTER", 0)
     state.register(A, "ia", None)
     state.enqueue([X])
     job = assign(state)
