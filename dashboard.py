@@ -35,7 +35,7 @@ from ci.dashboard import pages
 from ci.dashboard.app import Dashboard, Response
 from ci.dashboard.live import LiveState
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, add_per_client_argument,
-    check_per_client, configure_logging, positive)
+    check_per_client, check_port, configure_logging, positive)
 from ci.security import is_loopback, security_from_args
 from ci.wire import one_line, parse_address, read_secret_file
 
@@ -332,8 +332,7 @@ def load_token(path: str | None) -> bytes | None:
 def make_server(args) -> DashboardServer:
     """Check the flags and build the server (not yet serving)."""
     check_per_client(args)
-    if not 0 <= args.port < 65536:
-        raise ConfigError("--port must be 0-65535")
+    check_port(args)
     token = load_token(args.token_file)
     if not is_loopback(args.host) and token is None and not args.insecure:
         raise ConfigError(

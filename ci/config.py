@@ -107,5 +107,11 @@ def check_per_client(args: argparse.Namespace) -> None:
         raise ConfigError("--max-per-client must be between 1 and --max-connections")
 
 
+def check_port(args: argparse.Namespace) -> None:
+    """ConfigError unless ``--port`` is 0-65535 (0: any free port)."""
+    if not 0 <= args.port < 65536:
+        raise ConfigError("--port must be 0-65535")
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level), format=LOG_FORMAT, stream=sys.stderr)
