@@ -275,7 +275,7 @@ def test_with_test_user_an_innocent_commit_after_one_that_leaves_everything_pass
     upstream.commit(BASE, "base")
     clone = nobody_clone(upstream, base / "clone", nobody)
     cluster.start_dispatcher()
-    cluster.start_runner("--test-command", TEST_COMMAND, "--test-user", "nobody",
+    cluster.start_runner("--test-command", TEST_COMMAND, "--test-user", nobody.pw_name,
                          "--state-dir", str(base / "state"), clone=clone)
     cluster.start_observer("--poll", "0.3", "--no-listen", wait=False)
     cluster.result(git(upstream.path, "rev-parse", "HEAD"), 60)

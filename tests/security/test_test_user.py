@@ -124,18 +124,18 @@ def test_a_runner_with_test_user_refuses_a_key_file_the_test_user_can_read(reque
         return subprocess.run(
             [PY, os.path.join(ROOT, "test_runner.py"), "--host", LOOPBACK, "--port",
              str(free_port()), "--dispatcher-server", f"{LOOPBACK}:9", "--secret-file",
-             str(key), "--test-user", "nobody", "--state-dir", str(base / "state"),
+             str(key), "--test-user", nobody.pw_name, "--state-dir", str(base / "state"),
              "--dispatcher-timeout", "0.5", "--retry-max", "0.1", str(clone)],
             capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     refused = start(0o644)
     assert refused.returncode == 2, refused.stderr
-    assert f"--test-user nobody can read --secret-file {key}" in refused.stderr
+    assert f"--test-user {nobody.pw_name} can read --secret-file {key}" in refused.stderr
     assert not (base / "state").exists()
     # Private to the runner's user: it starts (and gives up on the absent
     # dispatcher after --dispatcher-timeout).
     accepted = start(0o600)
     assert "can read" not in accepted.stderr, accepted.stderr
-    assert "test user nobody" in accepted.stderr, accepted.stderr[-2000:]
+    assert f"test user {nobody.pw_name}" in accepted.stderr, accepted.stderr[-2000:]
     # A runner's repository git cannot use is a clear error, not a traceback.
     (base / "state" / "git" / "config").write_text("[broken\n")
     broken = start(0o600)

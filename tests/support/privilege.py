@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import pwd
 import shutil
 import subprocess
 import tempfile
@@ -19,6 +18,7 @@ import pytest
 
 from ci import auth
 import helpers
+from support.users import new_test_user
 from support.cluster import PASSING_TEST, SYSTEM_PYTHON, Cluster, Daemon, Upstream
 from ci.security import Security
 from ci.wire import Message, encode_fields
@@ -136,16 +136,15 @@ def nobody_clone(upstream, path, nobody) -> str:
 
 
 def nobody_folder(request, prefix: str):
-    """A temporary folder the unprivileged user 'nobody' can traverse
-    (pytest's are private to root), removed afterwards, with an upstream
-    holding one passing test; returns (folder, upstream, the user).
-    Skips unless this runs as root and the user exists."""
+    """A temporary folder an unprivileged user can traverse (pytest's are
+    private to root), removed afterwards, with an upstream holding one
+    passing test; returns (folder, upstream, the user).  The user is one of
+    the test's own (``new_test_user``), never the machine's 'nobody': a
+    runner with ``--test-user`` ends every process of its user and removes
+    its files in /tmp.  Skips unless this runs as root."""
     if os.geteuid() != 0:
         pytest.skip("needs root (to run processes as an unprivileged user)")
-    try:
-        nobody = pwd.getpwnam("nobody")
-    except KeyError:
-        pytest.skip("needs a user 'nobody'")
+    nobody = new_test_user(request)
     base = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
     request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
     os.chmod(base, 0o755)
