@@ -13,7 +13,7 @@ from support.cluster import PY, FakeRunner, wait_until
 
 import helpers
 from ci import results
-import test_runner
+from ci.runner.verdict import judge
 from ci.dispatch.journal import Journal
 from ci.wire import Message
 
@@ -141,7 +141,7 @@ UNEXPECTED_SUCCESS = (b"u\n" + b"=" * 70 + b"\nUNEXPECTED SUCCESS: test_a (t.T.t
 def test_unexpected_success_is_a_failed_test_not_an_error():
     """unittest fails a run with an unexpected success (exit 1): the tests
     ran and one of them failed, so the verdict is ``failed``."""
-    verdict, counts, reason = test_runner.classify(1, False, UNEXPECTED_SUCCESS)
+    verdict, counts, reason = judge(1, False, UNEXPECTED_SUCCESS)
     assert (verdict, counts.tests, counts.failures, counts.skipped) == ("failed", 2, 1, 1)
     assert reason == ""
 
@@ -152,10 +152,10 @@ def git_head(upstream) -> str:
 
 
 def test_pytest_summary_with_plugin_outcomes_still_counts():
-    import test_runner
+    from ci.runner.verdict import judge
     output = (b"F.R\n=========== short test summary info ===========\n"
               b"FAILED tests/test_x.py::test_a - assert 1 == 2\n"
               b"==== 1 failed, 1 passed, 1 rerun, 2 warnings in 0.31s ====\n")
-    verdict, counts, _ = test_runner.classify(1, False, output)
+    verdict, counts, _ = judge(1, False, output)
     assert verdict == "failed"
     assert (counts.tests, counts.failures) == (2, 1)

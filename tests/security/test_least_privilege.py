@@ -850,9 +850,9 @@ def test_hostile_commit_with_test_user_reaches_no_key(request):
 
 
 def test_the_runner_hands_its_children_no_secret(monkeypatch):
-    import test_runner
+    from ci.runner.slot import child_env
     monkeypatch.setenv("CI_SECRET", "ci-key-v1 runner:r1 " + "0" * 64)
-    env = test_runner.child_env()
+    env = child_env()
     assert "CI_SECRET" not in env and env["PYTHONUNBUFFERED"] == "1"
     assert not any("ci-key-v1" in value for value in env.values())
 
@@ -1123,7 +1123,7 @@ def test_handing_an_environment_back_never_follows_a_swapped_symlink(tmp_path, m
     setup left behind (as the test user) may swap any name for a symlink
     to the runner's key the moment after the runner looked at it: the
     key's mode must not change, whatever the runner looked with."""
-    from ci.runner import environments
+    from ci.runner.sandbox import ownership
     key = tmp_path / "runner.key"
     key.write_bytes(b"ci-key-v1 runner:r1 " + b"0" * 64 + b"\n")
     key.chmod(0o600)
@@ -1147,7 +1147,7 @@ def test_handing_an_environment_back_never_follows_a_swapped_symlink(tmp_path, m
         return looked
     for name in ("lstat", "stat", "open"):
         monkeypatch.setattr(os, name, swap_after(getattr(os, name)))
-    environments.chown_tree(str(tmp_path / "env"), os.getuid(), os.getgid(), strip=0o6022)
+    ownership.chown_tree(str(tmp_path / "env"), os.getuid(), os.getgid(), strip=0o6022)
     monkeypatch.undo()
     assert swapped, "the tree walk never looked at the file"
     assert key.stat().st_mode & 0o7777 == 0o600
@@ -1241,7 +1241,7 @@ class Tamper(unittest.TestCase):
 
 
 def test_a_test_user_cannot_change_the_repository_later_checkouts_use(request):
-    """--test-user: the clone's repository is the runner's (private_git).
+    """--test-user: the clone's repository is the runner's (sandbox.private_git).
     A commit whose test tries to plant a hook, a config entry, a replace
     ref or an object in it, or a repository of its own in the tree, is
     refused each time (or ignored), and the next commit on that runner is
@@ -1285,7 +1285,7 @@ def private_clone(request):
     (private_git) beside it, in a folder that user can traverse; returns
     (upstream, the repository, a function checking out a commit as the
     runner does, the user)."""
-    from ci.runner import private_git
+    from ci.runner.sandbox import private_git
     base, upstream, nobody = nobody_folder(request, "ci-private-")
     upstream.commit({"tests/test_sample.py": PASSING_TEST, "docs/notes.txt": "notes\n"},
                     "initial")
@@ -1306,8 +1306,8 @@ def private_clone(request):
 def as_user(user, script: str, cwd) -> None:
     """Run a shell script as ``user``, in the environment the runner gives
     its tests."""
-    import test_runner
-    env = test_runner.TestUser(user.pw_name).env({"PATH": os.environ["PATH"]})
+    from ci.runner.sandbox.user import TestUser
+    env = TestUser(user.pw_name).env({"PATH": os.environ["PATH"]})
     subprocess.run(["bash", "-c", script], cwd=cwd, check=True, user=user.pw_uid,
                    group=user.pw_gid, extra_groups=[], env=env)
 
@@ -1366,8 +1366,8 @@ def test_a_git_folder_or_hard_link_a_test_leaves_in_the_tree_is_gone_after_check
     # A hard link chown_tree meets (say, one made while it walks) is
     # removed, never given.
     as_user(nobody, f"ln {outside} docs/late", private.repo)
-    from ci.runner import environments
-    environments.chown_tree(private.repo, nobody.pw_uid, nobody.pw_gid, skip=(".git",))
+    from ci.runner.sandbox import ownership
+    ownership.chown_tree(private.repo, nobody.pw_uid, nobody.pw_gid, skip=(".git",))
     assert outside.stat().st_uid == 0
     assert not os.path.lexists(os.path.join(private.repo, "docs", "late"))
 

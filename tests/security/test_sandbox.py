@@ -1,7 +1,7 @@
 """Nothing a test leaves behind reaches a later run (issue 17), with
 ``--test-user``: a user-site ``.pth`` or a ``pip.conf`` planted in HOME, a
 process that escaped its process group, files in the shared temporary
-folders (user_sandbox).  Real runners as root switching to test users of
+folders (ci.runner.sandbox.cleanup).  Real runners as root switching to test users of
 their own (root only), and the temporary folders' sweep in-process."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from ci.runner import user_sandbox
+from ci.runner.sandbox import cleanup as user_sandbox
 from support.cluster import FAILING_TEST, ROOT, Daemon, free_port, wait_for_port, wait_until
 from support.users import new_test_user
 from test_least_privilege import (LOOPBACK, SYSTEM_PYTHON, TEST_COMMAND, ask, nobody_clone,

@@ -15,7 +15,10 @@ from hypothesis import given, settings, strategies as st
 
 import ci.security
 from ci import results
-import test_runner
+from ci.runner.command_line import default_test_command
+from ci.runner.pipeline import read_bounded
+from ci.runner.slot import child_env
+from ci.runner.verdict import judge, parse_counts
 from ci.results import VERDICTS
 from ci.security import NonceCache, boot_id
 from ci.wire import (Busy, FrameHeader, Message, ProtocolError, decode_fields, decode_header,
@@ -478,7 +481,7 @@ ERROR tests/test_b.py
     pytest.param(PYTEST_COLLECTION_ERROR, (1, 0, 1, 0), id="pytest-collection-error"),
 ])
 def test_parse_counts_on_real_output(output, expected):
-    counts = test_runner.parse_counts(output)
+    counts = parse_counts(output)
     assert counts.found
     assert (counts.tests, counts.failures, counts.errors, counts.skipped) == expected
     # The same invariant unittest keeps: every failure, error and skip is a test.
@@ -487,9 +490,9 @@ def test_parse_counts_on_real_output(output, expected):
 
 def test_parse_counts_last_summary_wins_over_text_printed_by_tests():
     fake = b"Ran 99 tests in 0.1s\n\nOK\n99 passed in 0.01s\n"
-    counts = test_runner.parse_counts(fake + UNITTEST_MIXED)
+    counts = parse_counts(fake + UNITTEST_MIXED)
     assert (counts.tests, counts.failures, counts.errors) == (4, 1, 1)
-    counts = test_runner.parse_counts(fake + PYTEST_Q_MIXED)
+    counts = parse_counts(fake + PYTEST_Q_MIXED)
     assert (counts.tests, counts.failures) == (4, 2)
 
 
@@ -497,7 +500,7 @@ def test_parse_counts_last_summary_wins_over_text_printed_by_tests():
                                     b"no tests ran in 0.70s\n"],
                          ids=["empty", "text", "not-utf8", "no-time", "pytest-no-tests"])
 def test_parse_counts_without_a_summary(output):
-    counts = test_runner.parse_counts(output)
+    counts = parse_counts(output)
     assert not counts.found
     assert (counts.tests, counts.failures, counts.errors, counts.skipped) == (0, 0, 0, 0)
 
@@ -524,7 +527,7 @@ def test_parse_counts_without_a_summary(output):
                  id="timeout-wins-over-exit-0"),
 ])
 def test_classify(code, timed_out, output, verdict, reason_part):
-    got, counts, reason = test_runner.classify(code, timed_out, output)
+    got, counts, reason = judge(code, timed_out, output)
     assert got == verdict
     assert got in VERDICTS
     assert (reason == "") == (reason_part == "")
@@ -533,37 +536,37 @@ def test_classify(code, timed_out, output, verdict, reason_part):
 
 def test_default_test_command(tmp_path):
     os.makedirs(tmp_path / "tests")
-    command = test_runner.default_test_command(str(tmp_path))
+    command = default_test_command(str(tmp_path))
     assert command == [sys.executable, "-m", "unittest", "discover", "-s", "tests"]
     (tmp_path / "tests" / "__init__.py").write_text("")
-    command = test_runner.default_test_command(str(tmp_path))
+    command = default_test_command(str(tmp_path))
     assert command == [sys.executable, "-m", "unittest", "discover", "-s", "tests", "-t", "."]
 
 
 def test_read_bounded_returns_small_output_whole():
     data = UNITTEST_MIXED + NOT_UTF8
-    assert test_runner.read_bounded(io.BytesIO(data), len(data)) == data
-    assert test_runner.read_bounded(io.BytesIO(b""), 10) == b""
+    assert read_bounded(io.BytesIO(data), len(data)) == data
+    assert read_bounded(io.BytesIO(b""), 10) == b""
 
 
 def test_read_bounded_keeps_head_and_summary_of_huge_output():
     data = b"HEAD-START\n" + NOT_UTF8 * 100_000 + UNITTEST_MIXED
     limit = 100_000
-    got = test_runner.read_bounded(io.BytesIO(data), limit)
+    got = read_bounded(io.BytesIO(data), limit)
     assert len(got) <= limit
     assert got.startswith(b"HEAD-START\n")
     assert got.endswith(UNITTEST_MIXED)
     assert b"output truncated by the runner" in got
     assert b"of %d bytes omitted" % len(data) in got
     # The summary survives truncation, so the counts still come out right.
-    counts = test_runner.parse_counts(got)
+    counts = parse_counts(got)
     assert (counts.tests, counts.failures, counts.errors) == (4, 1, 1)
 
 
 def test_child_env_hides_the_secret_and_unbuffers_output(monkeypatch):
     monkeypatch.setenv("CI_SECRET", "s3cret")
     monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
-    env = test_runner.child_env()
+    env = child_env()
     assert "CI_SECRET" not in env
     assert env["PYTHONUNBUFFERED"] == "1"
     assert env["PATH"] == os.environ["PATH"]
