@@ -22,9 +22,7 @@ import argparse
 import concurrent.futures
 import errno
 import logging
-import math
 import os
-import re
 import sys
 import threading
 import time
@@ -32,19 +30,17 @@ import time
 from ci import auth
 import helpers
 from ci import jobspec
-from ci import results
-from ci import sharding
 from ci import state_schema
 from ci.dispatch.state import DispatcherState, Job, Runner
 from ci.notify import flags as notify_flags
 from ci.dispatch.journal import BRANCH_RE, Journal, parse_meta_line, TOKEN_RE
 from ci.config import ArgumentParser, ConfigError, add_common_arguments, configure_logging
 from ci.files import ensure_dir
-from ci.results import VERDICTS
+from ci.outcome import Outcome
 from ci.security import (Security, check_bind_allowed, load_credentials, persist_nonces,
     security_from_args)
 from ci.wire import (Message, ProtocolError, Reply, decode_fields, encode_fields, format_address,
-    one_line, parse_address, valid_commit, valid_full_commit)
+    parse_address, valid_commit, valid_full_commit)
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +74,6 @@ DEFAULT_PREFETCH_RUNNERS = 2
 # --------------------------------------------------------------------------
 # The daemon: request handlers plus the assignment and health threads.
 
-RESULT_INT_FIELDS = ("tests", "failures", "errors", "skipped", "exit_code")
-# ASCII digits only: str.isdigit() also accepts '²' and '--1', which int() rejects.
-RESULT_INT_RE = re.compile(r"-?[0-9]{1,12}")
-SETUP_STATES = ("built", "reused", "none", "failed")
-# Whose environment it was (see environments.Scope).
-SETUP_SCOPES = ("trusted", "branch", "commit")
-RESULT_DURATION_RE = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")
 
 
 def commit_list(message: Message, command: str) -> list[str]:
@@ -120,42 +109,14 @@ def commit_and_token(message: Message, command: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def parse_results_message(message: Message) -> tuple[str, str, dict, bytes]:
-    """Validate a ``results`` message; Reply with the reason if malformed."""
+def parse_results_message(message: Message) -> tuple[str, str, Outcome]:
+    """Validate a ``results`` message; Reply with the reason if malformed
+    (``Outcome.from_body`` checks the runner's fields)."""
     commit, token = commit_and_token(message, "results")
     try:
-        raw, junit, output = results.split_results_body(message.body)
+        return commit, token, Outcome.from_body(message.body)
     except ProtocolError as exc:
         raise Reply(str(exc)) from None
-    if raw.get("verdict") not in VERDICTS:
-        raise Reply(f"verdict must be one of {', '.join(VERDICTS)}")
-    fields = {"verdict": raw["verdict"]}
-    for name in RESULT_INT_FIELDS:
-        value = raw.get(name, "0")
-        if not RESULT_INT_RE.fullmatch(value):
-            raise Reply(f"field {name} must be an integer")
-        fields[name] = int(value)
-    try:
-        duration = float(raw.get("duration", "0"))
-    except ValueError:
-        raise Reply("field duration must be a number") from None
-    if not math.isfinite(duration):
-        raise Reply("field duration must be a finite number")
-    fields["duration"] = f"{duration:.3f}"
-    for name in ("runner", "started", "reason", "subject", "author", "committed"):
-        if name in raw:
-            fields[name] = one_line(raw[name], 300)
-    # How the runner readied the commit's environment.
-    if raw.get("setup") in SETUP_STATES:
-        fields["setup"] = raw["setup"]
-    if raw.get("setup_scope") in SETUP_SCOPES:
-        fields["setup_scope"] = raw["setup_scope"]
-    if RESULT_DURATION_RE.fullmatch(raw.get("setup_duration", "")):
-        fields["setup_duration"] = raw["setup_duration"]
-    if sharding.SHARDS_FIELD_RE.fullmatch(raw.get("shards", "")):
-        fields["shards"] = raw["shards"]
-    fields.update(results.junit_fields(raw, junit))
-    return commit, token, fields, output
 
 
 class Dispatcher:
@@ -256,10 +217,9 @@ class Dispatcher:
         return Message("ok", f"queued {len(new)}")
 
     def do_results(self, message: Message, peer: str) -> Message:
-        commit, token, fields, output = parse_results_message(message)
+        commit, token, outcome = parse_results_message(message)
         try:
-            stored = self.state.record_result(commit, token, self._runner_name(peer),
-                                              fields, output)
+            stored = self.state.record_result(commit, token, self._runner_name(peer), outcome)
         except OSError as exc:
             # A full or failing disk is not the runner's fault: ``busy``
             # tells it to keep the result and try again later.
@@ -268,7 +228,7 @@ class Dispatcher:
         if stored:
             return Message("ok", "stored")
         log.info("duplicate result for %s from %s dropped (first result wins)",
-                 commit[:12], fields.get("runner") or peer)
+                 commit[:12], outcome.header.get("runner") or peer)
         return Message("ok", "duplicate")
 
     def do_release(self, message: Message, peer: str) -> Message:

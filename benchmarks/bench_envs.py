@@ -88,10 +88,12 @@ def make_project(tmp: str) -> tuple[str, str, str, str]:
 
 def run(clone: str, commit: str, preparer, slot) -> tuple[float, dict]:
     started = time.perf_counter()
-    fields, output = execute(Settings(clone, slot, preparer, 1 << 24), commit)
+    outcome = execute(Settings(clone, slot, preparer, 1 << 24), commit)
     elapsed = time.perf_counter() - started
+    fields = dict(outcome.header)
     if fields["verdict"] != "passed":
-        sys.exit(f"unexpected verdict {fields}:\n{output.decode(errors='replace')[-3000:]}")
+        sys.exit(f"unexpected verdict {fields}:\n"
+                 f"{outcome.output.decode(errors='replace')[-3000:]}")
     return elapsed, fields
 
 

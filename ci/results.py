@@ -1,7 +1,8 @@
 """The result formats, as pure functions: the text result file
-(``test_results/<commit>``: ``key: value`` header, blank line, raw output),
-the body of a ``results`` message, and per-test records as JUnit XML
-(``test_results/<commit>.xml``).
+(``test_results/<commit>``: ``key: value`` header, blank line, raw output)
+and per-test records as JUnit XML (``test_results/<commit>.xml``).  The
+``results`` message body, and the one value a run's result travels as, are
+in ci/outcome.py.
 
 The text file stays the source of truth; the XML is written before it and
 its counts are the text header's.  Every JUnit document we read comes from
@@ -19,6 +20,7 @@ import math
 import os
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from ci.files import atomic_write
 from ci.wire import ProtocolError, decode_fields, encode_fields, one_line, valid_full_commit
 
@@ -35,14 +37,18 @@ RESULT_FIELDS = ("commit", "verdict", "tests", "failures", "errors", "skipped",
                  "junit", "shards")
 
 
-def header_fields(fields: dict) -> dict:
-    """The fields a result file's header holds, in its order; anything
-    else kept beside them (per-test records, JUnit bytes) left out."""
-    return {k: fields[k] for k in RESULT_FIELDS if k in fields}
+def ordered_header(fields: Mapping) -> dict:
+    """``fields`` in a result file header's order; ValueError for a key
+    that is no result field (per-test records and XML have their own place,
+    see ci/outcome.py: nothing else may ride in a header)."""
+    unknown = sorted(str(key) for key in set(fields) - set(RESULT_FIELDS))
+    if unknown:
+        raise ValueError(f"not result fields: {', '.join(unknown)}")
+    return {key: fields[key] for key in RESULT_FIELDS if key in fields}
 
 
-def format_result(fields: dict, output: bytes) -> bytes:
-    return encode_fields(header_fields(fields)) + b"\n" + output
+def format_result(fields: Mapping, output: bytes) -> bytes:
+    return encode_fields(ordered_header(fields)) + b"\n" + output
 
 
 def parse_result(data: bytes) -> tuple[dict[str, str], bytes]:
@@ -69,40 +75,6 @@ def read_header(path: str, limit: int = HEADER_READ) -> dict[str, str] | None:
         return decode_fields(head) if sep else None
     except (OSError, ProtocolError):
         return None
-
-
-# --------------------------------------------------------------------------
-# The body of a ``results`` message: the result file's header plus, when
-# per-test records exist, ``junit_bytes: N``; then the blank line, then N
-# bytes of JUnit XML, then the output.  A body without ``junit_bytes`` is
-# the old style and means the same as before.
-
-JUNIT_BYTES_FIELD = "junit_bytes"
-# A runner puts the XML it will send here (bytes), next to the header values.
-JUNIT_XML_KEY = "junit_xml"
-
-
-def encode_results_body(fields: dict, output: bytes) -> bytes:
-    xml = fields.get(JUNIT_XML_KEY) or b""
-    head = header_fields(fields)
-    if xml:
-        head[JUNIT_BYTES_FIELD] = len(xml)
-    return encode_fields(head) + b"\n" + xml + output
-
-
-def split_results_body(body: bytes) -> tuple[dict[str, str], bytes, bytes]:
-    """(fields, JUnit XML or b"", output); ProtocolError if malformed."""
-    head, sep, rest = body.partition(b"\n\n")
-    if not sep:
-        raise ProtocolError("results body needs fields, a blank line, then output")
-    fields = decode_fields(head)
-    size = fields.pop(JUNIT_BYTES_FIELD, None)
-    if size is None:
-        return fields, b"", rest
-    if not re.fullmatch(r"[0-9]{1,10}", size) or int(size) > len(rest):
-        raise ProtocolError(f"{JUNIT_BYTES_FIELD} must be the length of the XML "
-                                    "that follows the blank line")
-    return fields, rest[:int(size)], rest[int(size):]
 
 
 # --------------------------------------------------------------------------
@@ -372,28 +344,7 @@ def records_or_note(data: bytes) -> tuple[list[TestRecord] | None, str]:
 
 
 # --------------------------------------------------------------------------
-# What the dispatcher does with a results message's XML and the file.
-
-def junit_fields(raw: dict[str, str], junit: bytes) -> dict:
-    """What a results message's JUnit part adds to the fields to store.
-
-    The XML came from a runner whose tests may have forged it: it is parsed
-    again here, and when it holds records, the counts are taken from them,
-    so the text header and the XML can never disagree.  ``records`` is for
-    ``write_junit`` (``format_result`` ignores it)."""
-    added: dict = {}
-    if raw.get("junit"):
-        added["junit"] = one_line(raw["junit"], 100)
-    if not junit:
-        return added
-    records, note = records_or_note(junit)
-    if records is None:
-        added["junit"] = note
-        return added
-    added.update(count_records(records))
-    added["records"] = records
-    return added
-
+# Where the dispatcher writes a commit's records.
 
 def junit_path(results_dir: str, commit: str) -> str:
     if not valid_full_commit(commit):

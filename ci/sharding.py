@@ -21,6 +21,7 @@ import re
 
 from ci import commands, results
 from ci.files import read_inside
+from ci.outcome import SHARDS_FIELD_RE, Outcome
 from ci.wire import one_line
 
 # Verdicts, worst first: the merged verdict is the worst of the shards.
@@ -33,8 +34,8 @@ MAX_KEY = 300
 #   whole      shard 1 ran the whole suite (the command cannot be sharded)
 #   skipped    another shard, nothing run: shard 1 ran everything
 #   empty      no test files fell to this shard
+# (outcome.SHARDS_FIELD_RE is the field's format.)
 LABELS = ("", "whole", "skipped", "empty")
-SHARDS_FIELD_RE = re.compile(r"([1-9][0-9]{0,2})/([1-9][0-9]{0,2})(?: (whole|skipped|empty))?")
 # unittest's default discovery pattern and what it accepts as a module.
 UNITTEST_PATTERN = "test*.py"
 VALID_MODULE = re.compile(r"[_a-z]\w*\.py$", re.IGNORECASE)
@@ -325,65 +326,78 @@ def worst(verdicts: list[str]) -> str:
 COUNTS = ("tests", "failures", "errors", "skipped")
 
 
-def merge(total: int, parts: dict[int, tuple[dict, bytes]]) -> tuple[dict, bytes]:
-    """One result from every shard's (fields, output), shards 1..total.
+def merge(total: int, parts: dict[int, Outcome]) -> Outcome:
+    """One outcome from every shard's, shards 1..total.
 
     Nothing of a shard that ran nothing counts.  If shard 1 ran the whole
     suite, its result is the commit's.  A shard that says it ran nothing
     while shard 1 did not run everything means the runners split
     differently: verdict ``error``, never a count that misses tests."""
-    labels = {i: (parse_shards_field(f.get("shards")) or (0, 0, ""))[2]
-              for i, (f, _) in parts.items()}
+    labels = {i: (parse_shards_field(o.header.get("shards")) or (0, 0, ""))[2]
+              for i, o in parts.items()}
     if labels.get(1) == "whole":
-        fields, output = parts[1]
-        fields = dict(fields, shards=f"{total} (not split: the test command cannot be "
-                                     "sharded; shard 1 ran everything)")
-        return fields, output
+        return parts[1].with_header(shards=f"{total} (not split: the test command cannot "
+                                           "be sharded; shard 1 ran everything)")
     ran = [i for i in sorted(parts) if labels[i] not in ("empty", "skipped")]
+    heads = {i: o.header for i, o in parts.items()}
     fields: dict = {"shards": str(total)}
     for name in COUNTS:
-        fields[name] = sum(int(parts[i][0].get(name) or 0) for i in ran)
-    verdicts = [parts[i][0].get("verdict", "error") for i in ran]
+        fields[name] = sum(int(heads[i].get(name) or 0) for i in ran)
+    verdicts = [heads[i].get("verdict", "error") for i in ran]
     fields["verdict"] = worst(verdicts)
-    reasons = [f"shard {i}/{total}: {parts[i][0]['reason']}" for i in ran
-               if parts[i][0].get("reason")]
+    reasons = [f"shard {i}/{total}: {heads[i]['reason']}" for i in ran
+               if heads[i].get("reason")]
     if any(labels[i] == "skipped" for i in parts):
         fields["verdict"] = "error"
         reasons.insert(0, "shards disagree: a runner could not split this commit's tests "
                           "(runners configured differently?)")
     if reasons:
         fields["reason"] = one_line("; ".join(reasons), 1000)
-    runners = [parts[i][0].get("runner", "?") for i in sorted(parts)]
+    runners = [heads[i].get("runner", "?") for i in sorted(parts)]
     fields["runner"] = one_line(", ".join(dict.fromkeys(runners)), 300)
-    starts = sorted(parts[i][0]["started"] for i in parts if parts[i][0].get("started"))
+    starts = sorted(heads[i]["started"] for i in parts if heads[i].get("started"))
     if starts:
         fields["started"] = starts[0]
-    fields["duration"] = f"{max(float(parts[i][0].get('duration') or 0) for i in parts):.3f}"
-    worst_codes = [parts[i][0].get("exit_code") for i in ran
-                   if parts[i][0].get("verdict") == fields["verdict"]]
+    fields["duration"] = f"{max(float(heads[i].get('duration') or 0) for i in parts):.3f}"
+    worst_codes = [heads[i].get("exit_code") for i in ran
+                   if heads[i].get("verdict") == fields["verdict"]]
     fields["exit_code"] = next((c for c in worst_codes if c not in (None, 0, "0")),
                                0 if fields["verdict"] == "passed" else -1)
     for name in ("subject", "author", "committed", "setup", "setup_scope", "setup_duration"):
-        value = next((parts[i][0][name] for i in sorted(parts) if parts[i][0].get(name)), None)
+        value = next((heads[i][name] for i in sorted(parts) if heads[i].get(name)), None)
         if value is not None:
             fields[name] = value
-    records = [parts[i][0].get("records") for i in ran]
+    records = _merged_records(fields, [parts[i] for i in ran])
+    return Outcome(fields, _merged_output(total, parts, labels), records)
+
+
+def _merged_records(fields: dict, ran: list[Outcome]) -> tuple | None:
+    """The shards' records, whose counts then are the commit's, when every
+    shard that ran has them; else None, with a ``junit`` note in
+    ``fields`` (the first shard's, or ``partial`` when only some had
+    records)."""
+    records = [o.records for o in ran]
     if ran and all(r is not None for r in records):
-        fields["records"] = results.merge_records(records)
-        fields.update(results.count_records(fields["records"]))
-    else:
-        note = next((parts[i][0].get("junit") for i in ran if parts[i][0].get("junit")), "")
-        if any(r is not None for r in records):
-            note = note or "partial"
-        if note:
-            fields["junit"] = note
+        merged = results.merge_records(records)
+        fields.update(results.count_records(merged))
+        return tuple(merged)
+    note = next((o.header.get("junit") for o in ran if o.header.get("junit")), "")
+    if any(r is not None for r in records):
+        note = note or "partial"
+    if note:
+        fields["junit"] = note
+    return None
+
+
+def _merged_output(total: int, parts: dict[int, Outcome], labels: dict[int, str]) -> bytes:
+    """Every shard's output under a line that says what it ran."""
     chunks = []
     for i in sorted(parts):
-        f, output = parts[i]
+        f, output = parts[i].header, parts[i].output
         what = labels[i] or f.get("verdict", "?")
         head = (f"===== shard {i}/{total} on {one_line(str(f.get('runner', '?')), 100)}"
                 f": {what} ({f.get('tests', 0)} tests, {f.get('failures', 0)} failures, "
                 f"{f.get('errors', 0)} errors, {f.get('skipped', 0)} skipped) =====\n")
         chunks.append(head.encode() + output + (b"" if output.endswith(b"\n") or not output
                                                 else b"\n"))
-    return fields, b"".join(chunks)
+    return b"".join(chunks)

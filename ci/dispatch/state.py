@@ -36,12 +36,11 @@ import threading
 import time
 
 from ci import jobspec
-from ci import results
+from ci.outcome import Outcome
 from ci import sharding
 from ci import state_schema
 from ci.dispatch.journal import (BRANCH_RE, Assignment, Journal, assign_record, meta_record,
                                  shard_record)
-from ci.files import atomic_write
 from ci.wire import ProtocolError, Reply, decode_fields, format_address, valid_full_commit
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,7 @@ class ShardSet:
     table: bytes                            # the durations every shard gets
     tokens: dict = dataclasses.field(default_factory=dict)    # token -> shard
     running: dict = dataclasses.field(default_factory=dict)   # shard -> Job
-    reports: dict = dataclasses.field(default_factory=dict)   # shard -> (fields, output)
+    reports: dict = dataclasses.field(default_factory=dict)   # shard -> Outcome
     journalled: bool = False                # its ``S`` record is in the journal
 
 
@@ -151,7 +150,7 @@ class DispatcherState:
         self.trusted_branches = jobspec.DEFAULT_TRUSTED_BRANCHES
         self.stopping = False
         self.completed = 0
-        # Called with (commit, fields) after a result file is on disk,
+        # Called with (commit, Outcome) after a result file is on disk,
         # outside the lock (notifications); must not block.
         self.listeners: list = []
 
@@ -553,16 +552,16 @@ class DispatcherState:
         self.shard_queue.appendleft((job.commit, job.shard))
         self.cond.notify_all()
 
-    def _record_shard(self, commit: str, token: str, fields: dict,
-                      output: bytes) -> tuple[dict, bytes] | None | bool:
+    def _record_shard(self, commit: str, token: str,
+                      outcome: Outcome) -> Outcome | None | bool:
         """Keep one shard's result; when it is the last, claim the commit
-        and return the merged (fields, output).  False: a duplicate; None:
+        and return the merged outcome.  False: a duplicate; None:
         stored, shards still missing."""
         shard_set = self.shard_sets[commit]
         index = shard_set.tokens[token]
         if index in shard_set.reports:
             return False
-        shard_set.reports[index] = (fields, output)
+        shard_set.reports[index] = outcome
         if (commit, index) in self.shard_queue:
             self.shard_queue.remove((commit, index))
         job = shard_set.running.pop(index, None)
@@ -642,8 +641,8 @@ class DispatcherState:
                 return None
             return bytes(self.tails.get(commit, b""))
 
-    def record_result(self, commit: str, token: str, name: str | None, fields: dict,
-                      output: bytes) -> bool:
+    def record_result(self, commit: str, token: str, name: str | None,
+                      outcome: Outcome) -> bool:
         """Write the verdict if this is the first result of a real
         assignment; False for a duplicate; Reply if the token proves no
         assignment (a forgery, or a result from a round before a retest
@@ -660,14 +659,14 @@ class DispatcherState:
             if commit in self.done or commit in self.writing:
                 return False
             if self.max_shards > 1:
-                self.durations.learn(fields.get("records"))
+                self.durations.learn(outcome.records)
             shard_set = self.shard_sets.get(commit)
             holder_job = None
             if shard_set is not None and token in shard_set.tokens:
-                merged = self._record_shard(commit, token, fields, output)
+                merged = self._record_shard(commit, token, outcome)
                 if not merged:
                     return merged is None
-                fields, output = merged  # the last shard: claimed, all merged
+                outcome = merged  # the last shard: claimed, all merged
             else:
                 shard_set = None
                 # Claim: out of the queue and the job table, so the
@@ -682,9 +681,9 @@ class DispatcherState:
                     if holder and holder.job is holder_job and holder_job.token != token:
                         # Still running it elsewhere: busy, but not with our work.
                         holder.set(OCCUPIED, occupied_with=commit)
-            fields = self._complete_fields(commit, fields)
+            outcome = self._complete_fields(commit, outcome)
         try:
-            self.write_result(commit, fields, output)
+            self.write_result(commit, outcome)
         except BaseException:
             with self.cond:
                 self.writing.discard(commit)
@@ -696,8 +695,8 @@ class DispatcherState:
             raise
         with self.cond:
             self.writing.discard(commit)
-            self._finish(commit, fields.get("verdict"))
-        self._tell(commit, fields)
+            self._finish(commit, outcome.verdict)
+        self._tell(commit, outcome)
         return True
 
     def _unclaim(self, commit: str, holder_job: Job | None) -> None:
@@ -735,26 +734,26 @@ class DispatcherState:
             runner.misses = 0
             self.cond.notify_all()
 
-    def _complete_fields(self, commit: str, fields: dict) -> dict:
-        fields = dict(fields, commit=commit)
+    def _complete_fields(self, commit: str, outcome: Outcome) -> Outcome:
+        """The dispatcher's own header fields: the commit, and the branch
+        and previous commit the observer named."""
+        added = {"commit": commit}
         if commit in self.meta:
             branch, previous = self.meta[commit]
-            fields["branch"] = branch
+            added["branch"] = branch
             if previous:
-                fields["previous"] = previous
-        return fields
+                added["previous"] = previous
+        return outcome.with_header(**added)
 
-    def write_result(self, commit: str, fields: dict, output: bytes) -> None:
+    def write_result(self, commit: str, outcome: Outcome) -> None:
         """The result file is the proof a commit is done: written last,
-        after the per-test JUnit file."""
-        results.write_junit(self.results_dir, commit, fields.get("records"))
-        atomic_write(os.path.join(self.results_dir, commit),
-                             results.format_result(fields, output))
+        after the per-test JUnit file (see ``Outcome.write``)."""
+        outcome.write(self.results_dir, commit)
 
-    def _tell(self, commit: str, fields: dict) -> None:
+    def _tell(self, commit: str, outcome: Outcome) -> None:
         for listener in self.listeners:
             try:
-                listener(commit, fields)
+                listener(commit, outcome)
             except Exception:
                 log.exception("result listener failed for %s", commit[:12])
 
@@ -847,18 +846,18 @@ class DispatcherState:
         reason = (f"gave up: the run lost its runner {self.lost[job.commit]} times "
                   f"(last: {job.runner})")
         log.error("commit %s: %s", job.commit[:12], reason)
-        fields = self._complete_fields(job.commit, {
+        outcome = self._complete_fields(job.commit, Outcome({
             "verdict": "error", "tests": 0, "failures": 0, "errors": 0, "skipped": 0,
             "runner": "dispatcher", "reason": reason, "started": now_stamp(),
-            "duration": "0.000"})
+            "duration": "0.000"}, (reason + "\n").encode()))
         try:
-            self.write_result(job.commit, fields, (reason + "\n").encode())
+            self.write_result(job.commit, outcome)
         except OSError:
             # Neither done nor queued would strand it: keep it queued.
             log.exception("cannot write the verdict for %s; requeueing it", job.commit[:12])
             return False
         self._finish(job.commit, "error")
-        threading.Thread(target=self._tell, args=(job.commit, fields), daemon=True).start()
+        threading.Thread(target=self._tell, args=(job.commit, outcome), daemon=True).start()
         return True
 
     # ---- health ---------------------------------------------------------

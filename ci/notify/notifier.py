@@ -28,6 +28,7 @@ from ci.notify.decider import (DEFAULT_NOTIFY_ON, NOTIFY_ON, PENDING, UNKNOWN, D
 from ci.notify.events import build_event, short_id
 from ci.notify.store import JOURNAL_NAME, EventStore
 from ci.notify.worker import DEFAULT_RETRY_FOR, DEFAULT_RETRY_MAX, TargetWorker
+from ci.outcome import Outcome
 from ci.wire import valid_full_commit
 
 log = logging.getLogger(__name__)
@@ -92,14 +93,13 @@ class Notifier:
             worker.thread.start()
         self.thread.start()
 
-    def result_written(self, commit: str, fields: dict) -> None:
+    def result_written(self, commit: str, outcome: Outcome) -> None:
         """Never blocks: the decision is made on the notifier's thread.
 
-        Only the result file's header fields, in its order: the per-test
-        ``records`` the dispatcher holds beside them are not header values
-        (their text would fill the header a command reads on stdin), and an
-        event made now must equal the one a restart makes from the file."""
-        self.inbox.put((commit, result_files.header_fields(fields)))
+        Only the result file's header, in its order (the outcome's per-test
+        records are not header values): an event made now must equal the
+        one a restart makes from the file."""
+        self.inbox.put((commit, dict(outcome.header)))
 
     def stop(self, timeout: float = 3.0) -> None:
         """Stop every thread within about ``timeout`` and close the journal."""

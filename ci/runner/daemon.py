@@ -19,7 +19,8 @@ import threading
 import time
 
 import helpers
-from ci import procgroup, results
+from ci import procgroup
+from ci.outcome import Outcome
 from ci.backoff import Backoff
 from ci.git import script_path
 from ci.runner import pipeline, startup
@@ -122,34 +123,34 @@ class TestRunner:
             if job == PREFETCH:
                 self._prefetch()
                 continue
-            fields, output = self._run(job)
+            outcome = self._run(job)
             if self.slot.cancelled:
                 return  # stopping: the job is handed back, not reported
-            if not self._report(job, fields, output):
+            if not self._report(job, outcome):
                 return  # stopping: stop() hands the job back
             self.state.finish()
             self.wake_link.set()
 
-    def _run(self, job: RunnerJob) -> tuple[dict, bytes]:
-        """The job's result; a failure of the runner itself is one too."""
+    def _run(self, job: RunnerJob) -> Outcome:
+        """The job's outcome; a failure of the runner itself is one too."""
         try:
             return pipeline.execute(self.settings, job.commit, job.shard, job.scope)
         except Exception as exc:
             log.exception("running %s failed", job.commit[:12])
-            return ({"verdict": "error", "reason": f"runner failure: {exc}"},
-                    f"runner failure: {exc!r}\n".encode())
+            return Outcome({"verdict": "error", "reason": f"runner failure: {exc}"},
+                           f"runner failure: {exc!r}\n".encode())
         finally:
             self.slot.end_run()
 
-    def _report(self, job: RunnerJob, fields: dict, output: bytes) -> bool:
+    def _report(self, job: RunnerJob, outcome: Outcome) -> bool:
         """Into the outbox (the link thread delivers it); False if the
         runner stops before it could be stored."""
-        fields["runner"] = self.advertised or "?"
+        outcome = outcome.with_header(runner=self.advertised or "?")
         if not valid_full_commit(job.commit):
             log.error("cannot report %s: not a full commit id", job.commit)
             return True
-        log.info("finished %s: %s", job.commit[:12], fields.get("verdict"))
-        body = results.encode_results_body(fields, output)
+        log.info("finished %s: %s", job.commit[:12], outcome.verdict)
+        body = outcome.to_body()
         return self.outbox.store(job.commit, job.token, body, self.stop_event,
                                  self.args.retry_max)
 

@@ -58,14 +58,8 @@ class Collected:
     note: str = ""
 
     def fields(self) -> dict:
-        """The result fields to add (``results.JUNIT_XML_KEY`` is sent,
-        not stored)."""
-        added: dict = {}
-        if self.xml:
-            added[results.JUNIT_XML_KEY] = self.xml
-        if self.note:
-            added["junit"] = self.note
-        return added
+        """The header fields to add (the XML goes as ``Outcome.junit_xml``)."""
+        return {"junit": self.note} if self.note else {}
 
 
 class Capture:

@@ -17,6 +17,7 @@ import tempfile
 import time
 
 from ci import sharding
+from ci.outcome import Outcome
 from ci.git import script_path
 from ci.runner import command_line, environments, junit_capture
 from ci.runner.sandbox.private_git import PrivateRepository
@@ -49,12 +50,12 @@ class Settings:
 
 
 def execute(settings: Settings, commit: str, shard: sharding.ShardSpec | None = None,
-            scope: environments.Scope | None = None) -> tuple[dict, bytes]:
-    """Check out ``commit`` and run its tests; return (fields, output).
+            scope: environments.Scope | None = None) -> Outcome:
+    """Check out ``commit`` and run its tests; return their outcome.
     ``scope``: which environments the commit may reuse and build
     (default: the commit's own, never a trusted one).  Per-test records,
-    when there are any, come as ``results.JUNIT_XML_KEY`` in the fields,
-    and the counts are theirs."""
+    when there are any, come as the outcome's ``junit_xml``, and the
+    counts are theirs."""
     return JobPipeline(settings, commit, shard, scope).run()
 
 
@@ -73,7 +74,7 @@ class JobPipeline:
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "exit_code": -1}
 
-    def run(self) -> tuple[dict, bytes]:
+    def run(self) -> Outcome:
         code, timed_out, checkout_log = self.checkout()
         self.fields.update(parse_checkout_meta(checkout_log))
         if code != 0:
@@ -91,11 +92,11 @@ class JobPipeline:
                                 reason=reason)
         return self.test(prepared, setup_log)
 
-    def _finish(self, output: bytes, **fields) -> tuple[dict, bytes]:
+    def _finish(self, output: bytes, **fields) -> Outcome:
         """The job's result: ``fields`` added, then its duration."""
         self.fields.update(fields)
         self.fields["duration"] = f"{time.time() - self.started:.3f}"
-        return self.fields, output
+        return Outcome(self.fields, output)
 
     def checkout(self) -> tuple[int, bool, bytes]:
         """(exit code, timed out, its output): ``test_runner_script.sh``,
@@ -131,7 +132,7 @@ class JobPipeline:
         self.fields.update(prepared.fields)
         return prepared, setup_log
 
-    def test(self, prepared: environments.Prepared, setup_log: bytes) -> tuple[dict, bytes]:
+    def test(self, prepared: environments.Prepared, setup_log: bytes) -> Outcome:
         """Run the tests (or this shard's share) and judge them."""
         settings = self.settings
         with tempfile.TemporaryFile() as out, \
@@ -158,12 +159,11 @@ class JobPipeline:
             junit = capture.collect(timed_out, settings.max_output // 4)
             output = read_bounded(out, settings.max_output - len(setup_log) - len(junit.xml))
         verdict, counts, reason = judge(code, timed_out, output, junit.counts)
-        self._finish(b"", verdict=verdict, tests=counts.tests, failures=counts.failures,
-                     errors=counts.errors, skipped=counts.skipped, exit_code=code)
-        if reason:
-            self.fields["reason"] = reason
-        self.fields.update(junit.fields())
-        return self.fields, setup_log + output
+        self.fields.update(junit.fields(), **({"reason": reason} if reason else {}))
+        outcome = self._finish(setup_log + output, verdict=verdict, tests=counts.tests,
+                               failures=counts.failures, errors=counts.errors,
+                               skipped=counts.skipped, exit_code=code)
+        return dataclasses.replace(outcome, junit_xml=junit.xml)
 
 
 def parse_checkout_meta(log_bytes: bytes) -> dict:

@@ -122,8 +122,10 @@ def wait_for_log(daemon: Daemon, text: str, timeout: float = 15, count: int = 1)
 def ns_status(ns: str, port: int, secret_file: str) -> dict:
     """The dispatcher's status, asked from inside namespace ``ns``."""
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import helpers; "
-            "sec = helpers.Security(secret=helpers.load_credentials(sys.argv[3])[0]); "
-            "r = helpers.call(helpers.parse_address(sys.argv[2]), 'status', security=sec); "
+            "from ci.security import Security, load_credentials; "
+            "from ci.wire import parse_address; "
+            "sec = Security(secret=load_credentials(sys.argv[3])[0]); "
+            "r = helpers.call(parse_address(sys.argv[2]), 'status', security=sec); "
             "sys.stdout.write(r.body.decode())")
     proc = subprocess.run(["ip", "netns", "exec", ns, PY, "-c", code, ROOT,
                            f"{DISPATCHER_IP}:{port}", secret_file],

@@ -23,6 +23,7 @@ import dispatcher
 import helpers
 from ci import results
 from support.cluster import send_slowly, wait_until
+from ci.outcome import RESULT_INT_FIELDS
 from ci.results import VERDICTS
 from ci.security import NonceCache
 from ci.wire import (COMMAND_RE, Message, ProtocolError, Reply, decode_fields, decode_header,
@@ -159,17 +160,18 @@ def _results_body(fields: dict, output: bytes) -> bytes:
                  .map(lambda args: _results_body(*args))))
 def test_parse_results_message_raises_only_reply(argument, body):
     try:
-        commit, fields, output = dispatcher.parse_results_message(
+        commit, _, outcome = dispatcher.parse_results_message(
             Message("results", argument, body))
     except Reply as exc:
         # The reason goes back on the reply's ASCII command line.
         decode_message(encode_message("error", exc.text))
         return
     assert valid_full_commit(commit)
+    fields = outcome.header
     assert fields["verdict"] in VERDICTS
-    assert all(isinstance(fields[name], int) for name in dispatcher.RESULT_INT_FIELDS)
+    assert all(isinstance(fields[name], int) for name in RESULT_INT_FIELDS)
     float(fields["duration"])
-    assert output in body
+    assert outcome.output in body
 
 
 # --------------------------------------------------------------------------

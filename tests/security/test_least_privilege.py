@@ -24,11 +24,11 @@ import pytest
 
 from ci import auth
 import helpers
-from ci import results
 from support.cluster import (FAILING_TEST, PASSING_TEST, PY, ROOT, Cluster, Daemon, Upstream, git,
                       free_port, project_copy, wait_for_port, wait_until)
 from support.users import new_test_user
 from ci.config import ConfigError
+from ci.outcome import Outcome
 from ci.security import Security, load_credentials, make_tls_contexts
 from ci.wire import (Message, ProtocolError, decode_fields, decode_header, encode_fields,
     encode_frame, verify_frame)
@@ -208,8 +208,7 @@ def _request(command: str, runner_port: int) -> tuple[str, bytes]:
     return {
         "register": (f"{LOOPBACK}:{runner_port}",
                      encode_fields({"instance": "i1", "busy": ""})),
-        "results": (f"{C3} {'0' * 32}", results.encode_results_body(
-            {"verdict": "passed"}, b"")),
+        "results": (f"{C3} {'0' * 32}", Outcome({"verdict": "passed"}).to_body()),
         "release": (f"{C3} {'0' * 32}", b""),
         "progress": (f"{C3} {'0' * 32}", b"out"),
         "dispatch": (C3, b""),
@@ -360,7 +359,7 @@ def keyed_runners():
 
 
 def verdict_body(verdict: str, note: str = "") -> bytes:
-    return results.encode_results_body({"verdict": verdict}, note.encode())
+    return Outcome({"verdict": verdict}, note.encode()).to_body()
 
 
 def test_results_release_and_progress_need_the_assignees_token(cluster, tmp_path,

@@ -13,6 +13,7 @@ from ci.runner.jobs import parse_runtest
 from ci import jobspec, sharding
 from ci.dispatch.journal import Journal
 from ci.dispatch.state import DispatcherState
+from ci.outcome import Outcome
 from ci.runner import environments
 from ci.config import ConfigError
 from ci.wire import Message, Reply
@@ -143,7 +144,7 @@ def test_a_retest_carries_the_branch_of_the_first_run(make_state):
     state = make_state()
     state.enqueue([X], {X: ("main", None)})
     job = state.next_assignment()
-    assert state.record_result(X, job.token, None, {"verdict": "passed"}, b"out\n")
+    assert state.record_result(X, job.token, None, Outcome({"verdict": "passed"}, b"out\n"))
     state.meta.clear()   # only the result file remembers the branch now
     assert state.retest([X]) == [X]
     assert sent(state.next_assignment()) == ("main", True)

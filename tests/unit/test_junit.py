@@ -17,7 +17,8 @@ from hypothesis import given, settings, strategies as st
 
 import dispatcher
 from ci.runner import command_line, junit_capture
-from ci import results
+from ci import outcome, results
+from ci.outcome import Outcome
 from support.junit_projects import PYTEST_TESTS, SHADOW_TEST, SHADOWS, TRICKY_UNITTESTS
 from ci.runner.command_line import default_test_command
 from ci.runner.slot import child_env
@@ -172,8 +173,8 @@ def test_external_entities_are_refused_and_read_nothing(tmp_path):
         with pytest.raises(results.JunitError):
             results.parse_junit(encoded)
     # Via the dispatcher's path: the note says so, nothing of the file appears.
-    added = results.junit_fields({}, documents[0].encode())
-    assert added == {"junit": "unreadable"}
+    added, records = outcome.junit_part({}, documents[0].encode())
+    assert added == {"junit": "unreadable"} and records is None
     assert "TOP-SECRET" not in repr(added)
 
 
@@ -229,58 +230,59 @@ COMMIT = "b" * 40
 TOKEN = "c" * 32
 
 
-def results_message(fields: dict, output: bytes) -> Message:
-    return Message("results", f"{COMMIT} {TOKEN}", results.encode_results_body(fields,
-                                                                                output))
+def results_message(sent: Outcome) -> Message:
+    return Message("results", f"{COMMIT} {TOKEN}", sent.to_body())
 
 
 def test_old_style_body_is_still_valid():
     body = results.format_result({"verdict": "passed", "tests": 2}, b"Ran 2 tests\n\nOK\n")
-    fields, junit, output = results.split_results_body(body)
+    fields, junit, output = outcome.split_body(body)
     assert fields["verdict"] == "passed" and junit == b"" and output == b"Ran 2 tests\n\nOK\n"
-    commit, _, stored, output = dispatcher.parse_results_message(
+    commit, _, stored = dispatcher.parse_results_message(
         Message("results", f"{COMMIT} {TOKEN}", body))
-    assert "records" not in stored and "junit" not in stored and stored["tests"] == 2
+    assert stored.records is None and "junit" not in stored.header
+    assert stored.header["tests"] == 2
 
 
 def test_body_carries_the_xml_between_the_blank_line_and_the_output():
     xml = results.format_junit(ALL_KINDS)
     output = b"junit_bytes: 5\n\nlooks like a header but is output\n"
-    fields = {"verdict": "failed", "tests": 7, "failures": 3, "errors": 3, "skipped": 1,
-              results.JUNIT_XML_KEY: xml}
-    body = results.encode_results_body(fields, output)
+    sent = Outcome({"verdict": "failed", "tests": 7, "failures": 3, "errors": 3, "skipped": 1},
+                   output, junit_xml=xml)
+    body = sent.to_body()
     assert body.startswith(b"verdict: failed\n")
     assert f"\njunit_bytes: {len(xml)}\n\n".encode() + xml + output in body
-    raw, junit, got = results.split_results_body(body)
+    raw, junit, got = outcome.split_body(body)
     assert junit == xml and got == output and "junit_bytes" not in raw
-    _, _, stored, got = dispatcher.parse_results_message(results_message(fields, output))
-    assert stored["records"] == ALL_KINDS and got == output
+    _, _, stored = dispatcher.parse_results_message(results_message(sent))
+    assert list(stored.records) == ALL_KINDS and stored.output == output
 
 
 @pytest.mark.parametrize("size", ["x", "-1", "99999", "1" * 11, ""])
 def test_bad_junit_bytes_is_refused(size):
     body = f"verdict: passed\njunit_bytes: {size}\n\nshort".encode()
     with pytest.raises(ProtocolError):
-        results.split_results_body(body)
+        outcome.split_body(body)
     with pytest.raises(Reply):
         dispatcher.parse_results_message(Message("results", f"{COMMIT} {TOKEN}", body))
 
 
 def test_dispatcher_takes_counts_from_the_records_not_a_forged_header():
-    fields = {"verdict": "passed", "tests": 100, "failures": 0, "errors": 0, "skipped": 0,
-              results.JUNIT_XML_KEY: results.format_junit(ALL_KINDS)}
-    _, _, stored, _ = dispatcher.parse_results_message(results_message(fields, b"x"))
-    assert {k: stored[k] for k in ("tests", "failures", "errors", "skipped")} == \
+    sent = Outcome({"verdict": "passed", "tests": 100, "failures": 0, "errors": 0, "skipped": 0},
+                   b"x", junit_xml=results.format_junit(ALL_KINDS))
+    _, _, stored = dispatcher.parse_results_message(results_message(sent))
+    assert {k: stored.header[k] for k in ("tests", "failures", "errors", "skipped")} == \
         results.count_records(ALL_KINDS)
 
 
 def test_unreadable_xml_keeps_the_summary_counts_with_a_note():
-    fields = {"verdict": "failed", "tests": 4, "failures": 1,
-              results.JUNIT_XML_KEY: b"<testsuite><testcase"}
-    _, _, stored, output = dispatcher.parse_results_message(results_message(fields, b"out"))
-    assert stored["tests"] == 4 and stored["failures"] == 1
-    assert stored["junit"] == "unreadable" and "records" not in stored and output == b"out"
-    header, _ = results.parse_result(results.format_result(stored, output))
+    sent = Outcome({"verdict": "failed", "tests": 4, "failures": 1}, b"out",
+                   junit_xml=b"<testsuite><testcase")
+    _, _, stored = dispatcher.parse_results_message(results_message(sent))
+    assert stored.header["tests"] == 4 and stored.header["failures"] == 1
+    assert stored.header["junit"] == "unreadable" and stored.records is None
+    assert stored.output == b"out"
+    header, _ = results.parse_result(stored.result_file())
     assert header["junit"] == "unreadable" and "records" not in header
 
 

@@ -14,7 +14,6 @@ import pytest
 from support.cluster import PY, wait_until
 from support.notify import chain, recorded, recorder, decision_records
 
-from ci import results
 from ci.notify.decider import NOTIFY_ON, Decider, Result
 from ci.notify.events import build_event
 from ci.notify.notifier import Notifier, Options
@@ -23,6 +22,7 @@ from ci.notify.targets import CommandTarget, DeliveryError
 from ci.notify.worker import TargetWorker
 from ci.backoff import Backoff
 from ci.files import atomic_write
+from ci.outcome import Outcome
 
 
 def write_result(folder, result: Result):
@@ -30,9 +30,9 @@ def write_result(folder, result: Result):
               "branch": result.branch}
     if result.previous:
         fields["previous"] = result.previous
-    atomic_write(os.path.join(folder, result.commit),
-                         results.format_result(fields, b"out\n"), fsync=False)
-    return fields
+    outcome = Outcome(fields, b"out\n")
+    atomic_write(os.path.join(folder, result.commit), outcome.result_file(), fsync=False)
+    return outcome
 
 
 def test_notifier_first_start_and_a_result_missed_in_a_crash(tmp_path):

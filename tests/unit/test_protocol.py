@@ -336,7 +336,10 @@ def test_result_round_trip_keeps_raw_output_byte_for_byte():
     output = (b"Ran 3 tests in 0.1s\n\nverdict: passed\n\nresults:" + COMMIT.encode()
               + b" 1\n" + NOT_UTF8 + b"\n") * 1000
     fields = {"verdict": "failed", "tests": 3, "failures": 1, "errors": 0, "skipped": 0,
-              "commit": COMMIT, "reason": "two\nlines", "not_a_result_field": "dropped"}
+              "commit": COMMIT, "reason": "two\nlines"}
+    # Nothing but header fields may ride in a header: another key is refused.
+    with pytest.raises(ValueError, match="not_a_result_field"):
+        results.format_result(dict(fields, not_a_result_field="x"), output)
     data = results.format_result(fields, output)
     header = data.partition(b"\n\n")[0].decode().splitlines()
     assert [line.partition(":")[0] for line in header] == \

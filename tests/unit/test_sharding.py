@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ci import jobspec
+from ci.outcome import Outcome
 from ci import results
 from ci import sharding
 from ci.dispatch.state import IDLE, OCCUPIED, RUNNING, DispatcherState
@@ -177,13 +178,11 @@ def test_pytest_command_gets_files_custom_command_runs_whole(tmp_path):
 # ---- the merge -------------------------------------------------------------
 
 def part(verdict, tests=2, failures=0, errors=0, skipped=0, runner="r", shards="1/3",
-         records=None, **extra):
+         records=None, output=b"", **extra):
     fields = {"verdict": verdict, "tests": tests, "failures": failures, "errors": errors,
               "skipped": skipped, "runner": runner, "shards": shards, "duration": "1.000",
               "exit_code": 0 if verdict == "passed" else 1, **extra}
-    if records is not None:
-        fields["records"] = records
-    return fields
+    return Outcome(fields, output, records)
 
 
 @pytest.mark.parametrize("verdicts, merged", [
@@ -193,17 +192,19 @@ def part(verdict, tests=2, failures=0, errors=0, skipped=0, runner="r", shards="
     (("timeout", "failed", "error"), "error"),
 ])
 def test_merged_verdict_is_the_worst(verdicts, merged):
-    parts = {i + 1: (part(v, shards=f"{i + 1}/3"), b"out\n") for i, v in enumerate(verdicts)}
-    fields, _ = sharding.merge(3, parts)
-    assert fields["verdict"] == merged
+    parts = {i + 1: part(v, shards=f"{i + 1}/3", output=b"out\n")
+             for i, v in enumerate(verdicts)}
+    assert sharding.merge(3, parts).verdict == merged
 
 
 def test_merge_sums_counts_and_names_each_shard_and_runner():
-    parts = {1: (part("passed", 3, runner="127.0.0.1:9001", shards="1/3"), b"...\nOK\n"),
-             2: (part("failed", 4, 1, 1, 1, runner="127.0.0.1:9002", shards="2/3",
-                      reason="x"), b"F.E\nFAILED\n"),
-             3: (part("passed", 0, runner="127.0.0.1:9003", shards="3/3 empty"), b"none\n")}
-    fields, output = sharding.merge(3, parts)
+    parts = {1: part("passed", 3, runner="127.0.0.1:9001", shards="1/3", output=b"...\nOK\n"),
+             2: part("failed", 4, 1, 1, 1, runner="127.0.0.1:9002", shards="2/3",
+                     reason="x", output=b"F.E\nFAILED\n"),
+             3: part("passed", 0, runner="127.0.0.1:9003", shards="3/3 empty",
+                     output=b"none\n")}
+    merged = sharding.merge(3, parts)
+    fields, output = merged.header, merged.output
     assert {k: fields[k] for k in sharding.COUNTS} == {"tests": 7, "failures": 1,
                                                        "errors": 1, "skipped": 1}
     assert fields["verdict"] == "failed" and fields["shards"] == "3"
@@ -217,29 +218,30 @@ def test_merge_sums_counts_and_names_each_shard_and_runner():
 
 
 def test_an_import_error_in_one_shard_makes_the_merge_error():
-    parts = {1: (part("passed", shards="1/2"), b""),
-             2: (part("error", 1, 0, 1, shards="2/2",
-                      reason="test modules could not be imported (see output)"), b"")}
-    fields, _ = sharding.merge(2, parts)
+    parts = {1: part("passed", shards="1/2"),
+             2: part("error", 1, 0, 1, shards="2/2",
+                     reason="test modules could not be imported (see output)")}
+    fields = sharding.merge(2, parts).header
     assert fields["verdict"] == "error" and "imported" in fields["reason"]
     assert fields["errors"] == 1 and fields["tests"] == 3
 
 
 def test_empty_shards_count_nothing():
-    parts = {1: (part("passed", 2, shards="1/2"), b""),
-             2: (part("error", 5, 0, 5, shards="2/2 empty"), b"")}
-    fields, _ = sharding.merge(2, parts)
+    parts = {1: part("passed", 2, shards="1/2"),
+             2: part("error", 5, 0, 5, shards="2/2 empty")}
+    fields = sharding.merge(2, parts).header
     assert fields["verdict"] == "passed" and fields["tests"] == 2
 
 
 def test_a_whole_run_by_shard_one_is_the_result_and_disagreement_is_an_error():
-    whole = {1: (part("failed", 9, 2, shards="1/2 whole"), b"all\n"),
-             2: (part("passed", 0, shards="2/2 skipped"), b"")}
-    fields, output = sharding.merge(2, whole)
-    assert (fields["verdict"], fields["tests"], output) == ("failed", 9, b"all\n")
-    disagree = {1: (part("passed", 3, shards="1/2"), b""),
-                2: (part("passed", 0, shards="2/2 skipped"), b"")}
-    fields, _ = sharding.merge(2, disagree)
+    whole = {1: part("failed", 9, 2, shards="1/2 whole", output=b"all\n"),
+             2: part("passed", 0, shards="2/2 skipped")}
+    merged = sharding.merge(2, whole)
+    assert (merged.header["verdict"], merged.header["tests"], merged.output) == \
+        ("failed", 9, b"all\n")
+    disagree = {1: part("passed", 3, shards="1/2"),
+                2: part("passed", 0, shards="2/2 skipped")}
+    fields = sharding.merge(2, disagree).header
     assert fields["verdict"] == "error" and "disagree" in fields["reason"]
 
 
@@ -247,14 +249,15 @@ def test_records_merge_into_one_junit_with_the_header_counts():
     r1 = [results.TestRecord("test_a.T", "t1"), results.TestRecord("test_a.T", "t2",
                                                                    results.FAILED)]
     r2 = [results.TestRecord("test_b.T", "t1", results.SKIPPED)]
-    parts = {1: (part("failed", 2, 1, records=r1, shards="1/2"), b""),
-             2: (part("passed", 1, 0, 0, 1, records=r2, shards="2/2"), b"")}
-    fields, _ = sharding.merge(2, parts)
-    assert fields["records"] == r1 + r2
-    assert results.count_records(fields["records"]) == {k: fields[k] for k in sharding.COUNTS}
-    parts[2] = (part("passed", 1, shards="2/2", junit="missing"), b"")
-    fields, _ = sharding.merge(2, parts)
-    assert "records" not in fields and fields["junit"] == "missing"
+    parts = {1: part("failed", 2, 1, records=r1, shards="1/2"),
+             2: part("passed", 1, 0, 0, 1, records=r2, shards="2/2")}
+    merged = sharding.merge(2, parts)
+    assert list(merged.records) == r1 + r2
+    assert results.count_records(merged.records) == \
+        {k: merged.header[k] for k in sharding.COUNTS}
+    parts[2] = part("passed", 1, shards="2/2", junit="missing")
+    merged = sharding.merge(2, parts)
+    assert merged.records is None and merged.header["junit"] == "missing"
 
 
 # ---- the state machine -------------------------------------------------------
@@ -289,7 +292,7 @@ def report(state, job, verdict="passed", tests=2, shards=None):
     fields = {"verdict": verdict, "tests": tests, "failures": int(verdict == "failed"),
               "errors": 0, "skipped": 0, "runner": job.runner,
               "shards": shards or f"{job.shard}/{job.shards}"}
-    return state.record_result(job.commit, job.token, None, fields, b"out\n")
+    return state.record_result(job.commit, job.token, None, Outcome(fields, b"out\n"))
 
 
 def result_file(state, commit):
@@ -422,7 +425,7 @@ def test_a_restart_runs_a_sharded_commit_again_and_drops_late_shard_results(
     assert X in replay_lines(open(state.journal.path, "rb").read()).sharded
     again = make_state(max_shards=2, runners=2, grace=30.0)
     assert not again.held and list(again.queue) == [X]
-    assert again.record_result(X, second.token, None, {"verdict": "passed"}, b"") is False
+    assert again.record_result(X, second.token, None, Outcome({"verdict": "passed"})) is False
     jobs = take_all(again)
     assert sorted(j.shard for j in jobs) == [1, 2]
     for job in jobs:
@@ -438,11 +441,11 @@ def test_a_failed_merged_write_is_retried_by_the_last_shards_resend(make_state):
     real_write = state.write_result
     calls = []
 
-    def failing_write(commit, fields, output):
+    def failing_write(commit, outcome):
         calls.append(commit)
         if len(calls) == 1:
             raise OSError("disk full")
-        real_write(commit, fields, output)
+        real_write(commit, outcome)
     state.write_result = failing_write
     with pytest.raises(OSError):
         report(state, second)

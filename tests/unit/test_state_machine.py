@@ -16,6 +16,7 @@ from support.cluster import wait_until
 from ci.runner.jobs import RunnerJob, RunnerState
 from ci.dispatch.state import IDLE, OCCUPIED, RUNNING, DispatcherState
 from ci.dispatch.journal import Journal
+from ci.outcome import Outcome
 from ci.wire import Reply
 
 X, Y, Z = "1" * 40, "2" * 40, "3" * 40
@@ -32,11 +33,11 @@ class GatedState(DispatcherState):
         self.gate = threading.Event()
         self.writing_started = threading.Event()
 
-    def write_result(self, commit, fields, output):
+    def write_result(self, commit, outcome):
         if self.hold:
             self.writing_started.set()
             assert self.gate.wait(10)
-        super().write_result(commit, fields, output)
+        super().write_result(commit, outcome)
 
 
 @pytest.fixture
@@ -58,7 +59,8 @@ def assign(state):
 
 
 def result(state, job, verdict="passed", name=None):
-    return state.record_result(job.commit, job.token, name, {"verdict": verdict}, b"out\n")
+    return state.record_result(job.commit, job.token, name,
+                               Outcome({"verdict": verdict}, b"out\n"))
 
 
 def test_late_result_of_a_requeued_commit_is_not_handed_out_again(make_state):
@@ -143,11 +145,11 @@ def test_forged_results_are_refused_and_change_nothing(make_state):
     state.enqueue([X, Y])
     jx, jy = assign(state), assign(state)
     with pytest.raises(Reply, match="no such assignment"):
-        state.record_result(X, "f" * 32, None, {"verdict": "passed"}, b"")
+        state.record_result(X, "f" * 32, None, Outcome({"verdict": "passed"}))
     with pytest.raises(Reply, match="no such assignment"):
-        state.record_result(X, jy.token, None, {"verdict": "passed"}, b"")
+        state.record_result(X, jy.token, None, Outcome({"verdict": "passed"}))
     with pytest.raises(Reply, match="another runner"):
-        state.record_result(X, jx.token, jy.name, {"verdict": "passed"}, b"")
+        state.record_result(X, jx.token, jy.name, Outcome({"verdict": "passed"}))
     with pytest.raises(Reply):
         state.progress(X, jy.token, None, b"x")
     with pytest.raises(Reply):

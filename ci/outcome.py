@@ -1,0 +1,176 @@
+"""One test run's outcome: what a runner produces, a ``results`` message
+carries and the dispatcher writes (the result file, the JUnit XML) and
+tells the notifier.
+
+It is one frozen value, so nothing rides along unseen: the header holds
+only result-file fields (``results.RESULT_FIELDS``, in that order), and
+the per-test records and the XML a runner sends have fields of their own.
+The ``results`` body is made here (``to_body``) and read here
+(``from_body``), which is also where the dispatcher's check of a runner's
+fields lives: the runner's tests may have forged any of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import types
+from collections.abc import Mapping
+
+from ci import results
+from ci.files import atomic_write
+from ci.results import VERDICTS, TestRecord
+from ci.wire import ProtocolError, decode_fields, encode_fields, one_line
+
+
+# --------------------------------------------------------------------------
+# What the dispatcher accepts of a runner's header values.
+
+RESULT_INT_FIELDS = ("tests", "failures", "errors", "skipped", "exit_code")
+# ASCII digits only: str.isdigit() also accepts '²' and '--1', which int() rejects.
+RESULT_INT_RE = re.compile(r"-?[0-9]{1,12}")
+SETUP_STATES = ("built", "reused", "none", "failed")
+# Whose environment it was (see environments.Scope).
+SETUP_SCOPES = ("trusted", "branch", "commit")
+RESULT_DURATION_RE = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")
+# The ``shards`` field: ``i/n``, then how the shard ran (see sharding.py:
+# whole, skipped or empty); after a merge, ``n`` and an explanation.
+SHARDS_FIELD_RE = re.compile(r"([1-9][0-9]{0,2})/([1-9][0-9]{0,2})(?: (whole|skipped|empty))?")
+# Free text a runner may send, flattened and capped.
+TEXT_FIELDS = ("runner", "started", "reason", "subject", "author", "committed")
+
+# In a ``results`` body only: the length of the JUnit XML after the blank line.
+JUNIT_BYTES_FIELD = "junit_bytes"
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """``header``: the result file's fields (values str or int), kept in
+    ``RESULT_FIELDS`` order; any other key is a bug and refused.
+    ``output``: the raw test output.  ``records``: the per-test records the
+    dispatcher parsed, or None when there are none (no XML is written then,
+    and a stale one is removed; an empty tuple is a document with no tests,
+    which is written).  ``junit_xml``: the XML a runner sends (b"": none)."""
+    header: Mapping[str, str | int]
+    output: bytes = b""
+    records: tuple[TestRecord, ...] | None = None
+    junit_xml: bytes = b""
+
+    def __post_init__(self) -> None:
+        ordered = results.ordered_header(self.header)
+        object.__setattr__(self, "header", types.MappingProxyType(ordered))
+        if self.records is not None:
+            object.__setattr__(self, "records", tuple(self.records))
+
+    @property
+    def verdict(self) -> str | None:
+        return self.header.get("verdict")
+
+    def with_header(self, **values: str | int) -> Outcome:
+        """The same outcome with these header fields set (or replaced)."""
+        return dataclasses.replace(self, header={**self.header, **values})
+
+    # ---- the result file ------------------------------------------------
+    def result_file(self) -> bytes:
+        """``test_results/<commit>``: header, blank line, raw output."""
+        return results.format_result(self.header, self.output)
+
+    def write(self, results_dir: str, commit: str) -> None:
+        """The JUnit XML first, then the result file: the file is the proof
+        the commit is done, so it is written last."""
+        records = None if self.records is None else list(self.records)
+        results.write_junit(results_dir, commit, records)
+        atomic_write(os.path.join(results_dir, commit), self.result_file())
+
+    # ---- the ``results`` message body -------------------------------------
+    def to_body(self) -> bytes:
+        """The header plus, when there is XML, ``junit_bytes: N``; the blank
+        line; N bytes of XML; the output.  Without XML it is the old style
+        body (the result file's bytes), which older dispatchers read."""
+        head = dict(self.header)
+        if self.junit_xml:
+            head[JUNIT_BYTES_FIELD] = len(self.junit_xml)
+        return encode_fields(head) + b"\n" + self.junit_xml + self.output
+
+    @classmethod
+    def from_body(cls, body: bytes) -> Outcome:
+        """The outcome a runner's ``results`` body describes, checked as
+        the dispatcher must: ProtocolError (its text is the reply) for a
+        malformed body or a bad verdict, integer or duration; other values
+        that do not fit are dropped; the counts come from the JUnit records
+        when they parse (a forged header cannot disagree with the XML)."""
+        raw, junit, output = split_body(body)
+        header = checked_header(raw)
+        added, records = junit_part(raw, junit)
+        header.update(added)
+        return cls(header, output, records)
+
+
+def split_body(body: bytes) -> tuple[dict[str, str], bytes, bytes]:
+    """(fields, JUnit XML or b"", output); ProtocolError if malformed.  A
+    body without ``junit_bytes`` is the old style and means the same."""
+    head, sep, rest = body.partition(b"\n\n")
+    if not sep:
+        raise ProtocolError("results body needs fields, a blank line, then output")
+    fields = decode_fields(head)
+    size = fields.pop(JUNIT_BYTES_FIELD, None)
+    if size is None:
+        return fields, b"", rest
+    if not re.fullmatch(r"[0-9]{1,10}", size) or int(size) > len(rest):
+        raise ProtocolError(f"{JUNIT_BYTES_FIELD} must be the length of the XML "
+                            "that follows the blank line")
+    return fields, rest[:int(size)], rest[int(size):]
+
+
+def checked_header(raw: dict[str, str]) -> dict:
+    """The header fields of a runner's raw values that the dispatcher
+    keeps (never ``commit``, ``branch`` or ``previous``: those are its own)."""
+    if raw.get("verdict") not in VERDICTS:
+        raise ProtocolError(f"verdict must be one of {', '.join(VERDICTS)}")
+    header: dict = {"verdict": raw["verdict"]}
+    for name in RESULT_INT_FIELDS:
+        value = raw.get(name, "0")
+        if not RESULT_INT_RE.fullmatch(value):
+            raise ProtocolError(f"field {name} must be an integer")
+        header[name] = int(value)
+    try:
+        duration = float(raw.get("duration", "0"))
+    except ValueError:
+        raise ProtocolError("field duration must be a number") from None
+    if not math.isfinite(duration):
+        raise ProtocolError("field duration must be a finite number")
+    header["duration"] = f"{duration:.3f}"
+    for name in TEXT_FIELDS:
+        if name in raw:
+            header[name] = one_line(raw[name], 300)
+    # How the runner readied the commit's environment.
+    if raw.get("setup") in SETUP_STATES:
+        header["setup"] = raw["setup"]
+    if raw.get("setup_scope") in SETUP_SCOPES:
+        header["setup_scope"] = raw["setup_scope"]
+    if RESULT_DURATION_RE.fullmatch(raw.get("setup_duration", "")):
+        header["setup_duration"] = raw["setup_duration"]
+    if SHARDS_FIELD_RE.fullmatch(raw.get("shards", "")):
+        header["shards"] = raw["shards"]
+    return header
+
+
+def junit_part(raw: dict[str, str], junit: bytes) -> tuple[dict, tuple | None]:
+    """(header fields, records) of a body's JUnit part.  The XML came from
+    a runner whose tests may have forged it: it is parsed here, and when it
+    holds records the counts are theirs, so the result file and the XML can
+    never disagree; when it does not parse, ``junit: unreadable`` and no
+    records.  The runner's own ``junit`` note is kept otherwise."""
+    added: dict = {}
+    if raw.get("junit"):
+        added["junit"] = one_line(raw["junit"], 100)
+    if not junit:
+        return added, None
+    records, note = results.records_or_note(junit)
+    if records is None:
+        added["junit"] = note
+        return added, None
+    added.update(results.count_records(records))
+    return added, tuple(records)
