@@ -500,6 +500,8 @@ def test_frames_captured_before_a_restart_are_refused_after_it(cluster, upstream
     assert ask(observer.port, b"notify", SECRET, frame=captured).command == "ok"
     observer.kill()
     observer = cluster.start_observer(*secret, port=observer.port, clone=observer.clone)
+    # Served by the new process (its start-up line is written once it listens).
+    wait_until(lambda: "observing " in observer.log(), 15, what="the new observer's start")
     assert ask(observer.port, b"notify", SECRET, frame=captured) == \
         Message("error", "replayed message")
 
