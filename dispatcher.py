@@ -12,14 +12,15 @@ Which result wins: the first complete result to arrive for a commit that
 carries the token of an assignment that really happened.  A later one (from
 a runner whose job was reassigned, or a duplicate delivery) is acknowledged
 and dropped, so the file is never rewritten; one with no such token is
-refused and logged.  The state itself lives in ``dispatch_state.py``, the
-journal in ``journal.py``, keys and roles in ``auth.py``.
+refused and logged.  The state itself lives in ``ci/dispatch/state.py``, the
+journal in ``ci/dispatch/journal.py``, keys and roles in ``auth.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import errno
 import logging
 import os
@@ -31,10 +32,13 @@ from ci import auth
 import helpers
 from ci import jobspec
 from ci import state_schema
-from ci.dispatch.state import DispatcherState, Job, Runner
+from ci.dispatch.runners import PingReply, Runner
+from ci.dispatch.state import DispatcherState
+from ci.dispatch.work import Job
 from ci.notify import flags as notify_flags
 from ci.dispatch.journal import BRANCH_RE, Journal, parse_meta_line, TOKEN_RE
-from ci.config import ArgumentParser, ConfigError, add_common_arguments, configure_logging
+from ci.config import (ArgumentParser, ConfigError, add_common_arguments, check_at_least_one,
+                       check_port, check_positive, configure_logging)
 from ci.files import ensure_dir
 from ci.outcome import Outcome
 from ci.security import (Security, check_bind_allowed, load_credentials, persist_nonces,
@@ -119,21 +123,31 @@ def parse_results_message(message: Message) -> tuple[str, str, Outcome]:
         raise Reply(str(exc)) from None
 
 
+@dataclasses.dataclass
+class Options:
+    """The dispatcher's health and sending flags (see build_parser)."""
+    ping_interval: float
+    ping_misses: int
+    ping_timeout: float
+    job_timeout: float | None       # None: the default, or a runner's own limits
+    workers: int
+    prefetch_runners: int = DEFAULT_PREFETCH_RUNNERS
+
+
 class Dispatcher:
-    def __init__(self, state: DispatcherState, security: Security,
-                 ping_interval: float, ping_misses: int, ping_timeout: float,
-                 job_timeout: float | None, workers: int,
-                 prefetch_runners: int = DEFAULT_PREFETCH_RUNNERS):
+    def __init__(self, state: DispatcherState, security: Security, options: Options):
         self.state = state
-        self.prefetch_runners = prefetch_runners
+        self.prefetch_runners = options.prefetch_runners
         self.security = security
-        self.ping_interval = ping_interval
-        self.ping_misses = ping_misses
-        self.ping_timeout = ping_timeout
+        self.ping_interval = options.ping_interval
+        self.ping_misses = options.ping_misses
+        self.ping_timeout = options.ping_timeout
         # Not given: the default, stretched for a runner whose own limits
         # (a first environment build, say) may take longer.  Given: as is.
-        self.job_timeout = DEFAULT_JOB_TIMEOUT if job_timeout is None else job_timeout
-        self.trust_runner_limits = job_timeout is None
+        self.job_timeout = DEFAULT_JOB_TIMEOUT if options.job_timeout is None \
+            else options.job_timeout
+        self.trust_runner_limits = options.job_timeout is None
+        workers = options.workers
         self.stop_event = threading.Event()
         # Pings have their own pool so a sweep over dead runners never
         # delays handing out work.
@@ -334,25 +348,24 @@ class Dispatcher:
         for future in concurrent.futures.as_completed(futures):
             runner = futures[future]
             try:
-                outcome, instance, busy, token = future.result()
+                reply = future.result()
             except Exception:  # one odd ping must not cost the others' results
                 log.exception("ping of %s failed", runner.key)
                 continue
-            self.state.ping_result(runner.key, outcome, instance, busy, self.ping_misses, token,
-                                   pinged=runner.instance)
+            self.state.ping_result(runner.key, reply, self.ping_misses, pinged=runner.instance)
         duration = time.monotonic() - started
         # A sweep longer than the interval means dead runners are noticed late.
         log.log(logging.WARNING if duration > self.ping_interval else logging.DEBUG,
                 "health sweep of %d runner(s) took %.3fs", len(runners), duration)
         return duration
 
-    def _ping(self, runner: Runner) -> tuple[str, str, str | None, str | None]:
+    def _ping(self, runner: Runner) -> PingReply:
         keyring = self.security.keyring
         if runner.name and isinstance(keyring, auth.MasterKeyring) and \
                 keyring.revocations.revoked(f"runner:{runner.name}"):
             # Revoked: it could take work but never report it; drop it now.
             log.warning("runner %s (%s) holds a revoked key; dropped", runner.name, runner.key)
-            return "refused", "", None, None
+            return PingReply("refused")
         try:
             # The reply is bounded too: a frozen runner still accepts the
             # connection (the kernel does) but never answers, and waiting the
@@ -363,10 +376,10 @@ class Dispatcher:
             fields = decode_fields(reply.body) if reply.command == "ok" else {}
         except (OSError, ProtocolError) as exc:
             log.debug("ping %s failed: %s", runner.key, exc)
-            return ("refused" if refused(exc) else "timeout"), "", None, None
+            return PingReply("refused" if refused(exc) else "timeout")
         if reply.command != "ok":
-            return "timeout", "", None, None
-        return ("ok", fields.get("instance", ""), *runner_says(fields))
+            return PingReply("timeout")
+        return PingReply("ok", fields.get("instance", ""), *runner_says(fields))
 
 
 def job_limit(fields: dict) -> float | None:
@@ -547,100 +560,142 @@ def revoke_key_main(argv) -> int:
 REVOKED_FILE = "revoked-keys"
 
 
+def status_main(argv) -> int:
+    return helpers.client_main(
+        "dispatcher.py status", "Print a running dispatcher's queue and runner counts.",
+        "status", "--dispatcher-server", f"{DEFAULT_HOST}:{DEFAULT_PORT}", argv)
+
+
+def retest_main(argv) -> int:
+    return helpers.client_main(
+        "dispatcher.py retest", "Test commits again although they have a result; the "
+        "new verdict replaces the file.", "retest", "--dispatcher-server",
+        f"{DEFAULT_HOST}:{DEFAULT_PORT}", argv, positional="COMMIT")
+
+
+# ``dispatcher.py WORD ...``: the subcommands, each its own small program.
+SUBCOMMANDS = {"status": status_main, "retest": retest_main,
+               "issue-key": issue_key_main, "revoke-key": revoke_key_main}
+EPILOG = ("'dispatcher.py status [--dispatcher-server HOST:PORT]' prints a running "
+          "dispatcher's queue and runner counts; 'dispatcher.py retest COMMIT...' "
+          "tests commits again; 'dispatcher.py issue-key NAME' makes a key file "
+          "for a runner (--role for others); 'dispatcher.py revoke-key NAME' "
+          "revokes one.")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """ConfigError for the first flag out of its range."""
+    check_positive(args, "ping_interval", "ping_timeout", "job_timeout")
+    check_at_least_one(args, "ping_misses", "max_attempts", "workers", "max_shards")
+    check_port(args)
+    if args.restart_grace < 0:
+        raise ConfigError("--restart-grace must not be negative")
+    if args.max_shards > 100:
+        raise ConfigError("--max-shards must be at most 100")
+    if not 0 <= args.min_shard_seconds < 1e6:
+        raise ConfigError("--min-shard-seconds must be 0 or more")
+    if not 0 <= args.prefetch_runners <= 1000:
+        raise ConfigError("--prefetch-runners must be 0-1000")
+
+
+def secure_master(security: Security, state_dir: str) -> None:
+    """The master secret (never an issued key), its replay cache and
+    revocations, and which certificate roles may connect."""
+    if security.key_id:
+        raise ConfigError("the dispatcher's --secret-file must hold the master "
+                          "secret, not an issued key")
+    persist_nonces(security, state_dir, "dispatcher")
+    if security.secret:
+        security.keyring = auth.MasterKeyring(
+            security.secret, auth.Revocations(os.path.join(state_dir, REVOKED_FILE)))
+    if security.server_tls:
+        security.tls_client_roles = frozenset({"runner", "observer", "operator", "viewer"})
+        security.tls_server_role = "runner"
+
+
+def recovered_state(args: argparse.Namespace, results_dir: str, state_dir: str,
+                    trusted: tuple[str, ...]) -> DispatcherState:
+    """The dispatcher's state, configured and rebuilt from the journal."""
+    state = DispatcherState(results_dir, Journal(os.path.join(state_dir, "journal")),
+                            args.max_attempts)
+    state.max_shards = args.max_shards
+    state.min_shard_seconds = args.min_shard_seconds
+    state.trusted_branches = trusted
+    state.recover(args.restart_grace)
+    return state
+
+
+@dataclasses.dataclass
+class Wired:
+    """What ``main`` starts and stops."""
+    server: helpers.MessageServer
+    dispatcher: Dispatcher
+    notifier: object
+    security: Security
+    state: DispatcherState
+    results_dir: str
+
+
+def wire_up(args: argparse.Namespace) -> Wired:
+    """Check the flags and build every part, serving nothing yet;
+    ConfigError for anything wrong."""
+    check_flags(args)
+    trusted = trusted_patterns(args.trusted_branch)
+    security = security_from_args(args)
+    check_bind_allowed(args.host, security, args.insecure)
+    results_dir = ensure_dir(os.path.abspath(args.results_dir), "results folder")
+    state_dir = args.state_dir or default_state_dir(results_dir)
+    ensure_dir(state_dir, "state folder")
+    secure_master(security, state_dir)
+    notifier = notify_flags.from_args(args, state_dir, results_dir)
+    state = recovered_state(args, results_dir, state_dir, trusted)
+    if notifier:
+        state.listeners.append(notifier.result_written)
+    dispatcher = Dispatcher(state, security, Options(
+        args.ping_interval, args.ping_misses, args.ping_timeout, args.job_timeout,
+        args.workers, args.prefetch_runners))
+    try:
+        server = helpers.MessageServer((args.host, args.port), dispatcher.commands,
+                                       security, args.max_connections,
+                                       auth.DISPATCHER_PERMISSIONS)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    return Wired(server, dispatcher, notifier, security, state, results_dir)
+
+
+def serve(wired: Wired) -> None:
+    """Run until SIGTERM or SIGINT, then stop the threads."""
+    host, port = wired.server.server_address[:2]
+    log.info("dispatcher listening on %s, results in %s; secret %s, TLS %s; trusted "
+             "branches %s", format_address((host, port)), wired.results_dir,
+             "on (master; issued keys accepted)" if wired.security.secret else "off",
+             "on (certificate roles checked)" if wired.security.server_tls else "off",
+             ", ".join(wired.state.trusted_branches))
+    if wired.notifier:
+        wired.notifier.start(wired.state.is_pending)
+    wired.dispatcher.start()
+
+    def stop():
+        wired.dispatcher.stop()
+        if wired.notifier:
+            wired.notifier.stop()
+    helpers.serve_until_signalled(wired.server, on_stop=stop)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["status"]:
-        return helpers.client_main(
-            "dispatcher.py status", "Print a running dispatcher's queue and runner counts.",
-            "status", "--dispatcher-server", f"{DEFAULT_HOST}:{DEFAULT_PORT}", argv[1:])
-    if argv[:1] == ["retest"]:
-        return helpers.client_main(
-            "dispatcher.py retest", "Test commits again although they have a result; the "
-            "new verdict replaces the file.", "retest", "--dispatcher-server",
-            f"{DEFAULT_HOST}:{DEFAULT_PORT}", argv[1:], positional="COMMIT")
-    if argv[:1] == ["issue-key"]:
-        return issue_key_main(argv[1:])
-    if argv[:1] == ["revoke-key"]:
-        return revoke_key_main(argv[1:])
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     parser = build_parser()
-    parser.epilog = ("'dispatcher.py status [--dispatcher-server HOST:PORT]' prints a running "
-                     "dispatcher's queue and runner counts; 'dispatcher.py retest COMMIT...' "
-                     "tests commits again; 'dispatcher.py issue-key NAME' makes a key file "
-                     "for a runner (--role for others); 'dispatcher.py revoke-key NAME' "
-                     "revokes one.")
+    parser.epilog = EPILOG
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     try:
-        for name in ("ping_interval", "ping_timeout", "job_timeout"):
-            if getattr(args, name) is not None and getattr(args, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("ping_misses", "max_attempts", "workers", "max_shards"):
-            if getattr(args, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if not 0 <= args.port < 65536:
-            raise ConfigError("--port must be 0-65535")
-        if args.restart_grace < 0:
-            raise ConfigError("--restart-grace must not be negative")
-        if args.max_shards > 100:
-            raise ConfigError("--max-shards must be at most 100")
-        if not 0 <= args.min_shard_seconds < 1e6:
-            raise ConfigError("--min-shard-seconds must be 0 or more")
-        if not 0 <= args.prefetch_runners <= 1000:
-            raise ConfigError("--prefetch-runners must be 0-1000")
-        trusted = trusted_patterns(args.trusted_branch)
-        security = security_from_args(args)
-        check_bind_allowed(args.host, security, args.insecure)
-        results_dir = ensure_dir(os.path.abspath(args.results_dir), "results folder")
-        state_dir = args.state_dir or default_state_dir(results_dir)
-        ensure_dir(state_dir, "state folder")
-        if security.key_id:
-            raise ConfigError("the dispatcher's --secret-file must hold the master "
-                                      "secret, not an issued key")
-        persist_nonces(security, state_dir, "dispatcher")
-        if security.secret:
-            security.keyring = auth.MasterKeyring(
-                security.secret, auth.Revocations(os.path.join(state_dir, REVOKED_FILE)))
-        if security.server_tls:
-            security.tls_client_roles = frozenset({"runner", "observer", "operator",
-                                                   "viewer"})
-            security.tls_server_role = "runner"
-        notifier = notify_flags.from_args(args, state_dir, results_dir)
-        state = DispatcherState(results_dir, Journal(os.path.join(state_dir, "journal")),
-                                args.max_attempts)
-        state.max_shards = args.max_shards
-        state.min_shard_seconds = args.min_shard_seconds
-        state.trusted_branches = trusted
-        state.recover(args.restart_grace)
-        if notifier:
-            state.listeners.append(notifier.result_written)
-        dispatcher = Dispatcher(state, security, args.ping_interval, args.ping_misses,
-                                args.ping_timeout, args.job_timeout, args.workers,
-                                args.prefetch_runners)
-        try:
-            server = helpers.MessageServer((args.host, args.port), dispatcher.commands,
-                                           security, args.max_connections,
-                                           auth.DISPATCHER_PERMISSIONS)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+        wired = wire_up(args)
     except ConfigError as exc:
         print(f"dispatcher: error: {exc}", file=sys.stderr)
         return 2
-    host, port = server.server_address[:2]
-    log.info("dispatcher listening on %s, results in %s; secret %s, TLS %s; trusted "
-             "branches %s", format_address((host, port)), results_dir,
-             "on (master; issued keys accepted)" if security.secret else "off",
-             "on (certificate roles checked)" if security.server_tls else "off",
-             ", ".join(state.trusted_branches))
-    if notifier:
-        notifier.start(state.is_pending)
-    dispatcher.start()
-
-    def stop():
-        dispatcher.stop()
-        if notifier:
-            notifier.stop()
-    helpers.serve_until_signalled(server, on_stop=stop)
+    serve(wired)
     log.info("dispatcher stopped")
     return 0
 

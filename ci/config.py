@@ -12,8 +12,6 @@ import sys
 
 from ci.wire import (DEFAULT_AUTH_WINDOW, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_CONNECTIONS,
                      DEFAULT_MAX_MESSAGE, DEFAULT_READ_TIMEOUT)
-from ci.wire import (DEFAULT_AUTH_WINDOW, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_MESSAGE, DEFAULT_READ_TIMEOUT)
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -85,6 +83,36 @@ def check_per_client(args: argparse.Namespace) -> None:
     value = getattr(args, "max_per_client", None)
     if value is not None and not 1 <= value <= args.max_connections:
         raise ConfigError("--max-per-client must be between 1 and --max-connections")
+
+
+def flag_name(attribute: str) -> str:
+    """``ping_interval`` -> ``--ping-interval``: the flag an argparse
+    attribute came from, for error messages."""
+    return "--" + attribute.replace("_", "-")
+
+
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    """ConfigError for the first of ``names`` (argparse attributes) that is
+    set but not a positive number; NaN is not positive.  One check for
+    every "must be positive" flag, so each says it the same way."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{flag_name(name)} must be positive")
+
+
+def check_at_least_one(args: argparse.Namespace, *names: str) -> None:
+    """ConfigError for the first of ``names`` (counts) that is below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag_name(name)} must be at least 1")
+
+
+def check_port(args: argparse.Namespace) -> None:
+    """ConfigError unless ``--port`` is 0-65535 (0: any free port)."""
+    if not 0 <= args.port < 65536:
+        raise ConfigError("--port must be 0-65535")
 
 
 def configure_logging(level: str) -> None:

@@ -148,7 +148,7 @@ def test_every_dispatcher_command_has_its_roles():
     """A command missing from the permission table would be open to every
     key, a runner's included."""
     from ci import auth
-    d = dispatcher.Dispatcher(None, Security(), 1, 1, 1, 1, 1)
+    d = dispatcher.Dispatcher(None, Security(), dispatcher.Options(1, 1, 1, 1, 1))
     try:
         assert set(d.commands) == set(auth.DISPATCHER_PERMISSIONS)
     finally:
