@@ -52,7 +52,7 @@ def helper_pids():
 
 def start_with_helper(child: procgroup.Child, tmp_path, helper_pids) -> tuple:
     """A leader that starts a ``sleep`` in its group and exits at once."""
-    pidfile = tmp_path / "helper.pid"
+    pidfile = tmp_path / f"helper-{len(helper_pids)}.pid"
     proc = child.start(["bash", "-c", f"sleep 60 & echo $! > {pidfile}"],
                        stdin=open(os.devnull), stdout=open(os.devnull, "wb"))
     wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10,
