@@ -245,8 +245,7 @@ class Observer:
         self.stop_event = threading.Event()
         self.polls = 0
         self._unmatched: set[str] = set()  # patterns already warned about
-        self._child_lock = threading.Lock()
-        self._child: subprocess.Popen | None = None  # the running update_repo.sh
+        self._child = procgroup.Child()  # runs update_repo.sh
         self.thread = threading.Thread(target=self._loop, name="poll", daemon=True)
         self.commands = {"notify": self.do_notify, "status": self.do_status}
 
@@ -382,30 +381,17 @@ class Observer:
     def _update(self) -> dict[str, str]:
         """Run update_repo.sh (one fetch, every branch's head) in its own
         process group, so that stopping the observer mid-fetch leaves no
-        git process behind.  Its output goes to files, not pipes, so its
-        exit can be awaited without reaping it: it is forgotten (under the
-        lock stop() takes) before it is reaped, after which its PID may
-        belong to someone else, whom stop() must not signal."""
+        git process behind (``procgroup.Child``: a stop never signals a
+        reaped PID that may be someone else's by then)."""
         cmd = ["bash", script_path("update_repo.sh"), self.repo]
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            with self._child_lock:
-                if self.stop_event.is_set():
-                    raise GitError(["fetch"], self.repo, -1, "observer stopping")
-                proc = self._child = procgroup.start(cmd, stdout=out, stderr=err,
-                                                     stdin=subprocess.DEVNULL)
+            proc = self._child.start(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+            if proc is None:
+                raise GitError(["fetch"], self.repo, -1, "observer stopping")
             if self.notified.is_set():
                 self.notified.clear()
                 self._prefetch()
-            exited = False
-            try:
-                exited = procgroup.wait_exit(proc, FETCH_TIMEOUT)
-            finally:
-                with self._child_lock:
-                    if not exited:
-                        procgroup.kill_group(proc.pid)
-                    self._child = None
-                proc.wait()
-            if not exited:
+            if not self._child.finish(proc, FETCH_TIMEOUT, end_group=False):
                 raise GitError(["fetch"], self.repo, -1, "update_repo.sh timed out")
             out.seek(0)
             err.seek(0)
@@ -435,9 +421,7 @@ class Observer:
     def stop(self) -> None:
         self.stop_event.set()
         self.wake.set()
-        with self._child_lock:
-            if self._child is not None:
-                procgroup.kill_group(self._child.pid)
+        self._child.cancel()
         self.thread.join(10)
 
 

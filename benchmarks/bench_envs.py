@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from ci.runner import environments  # noqa: E402
 from ci.runner import recipe  # noqa: E402
-import test_runner  # noqa: E402
+from ci.runner.pipeline import Settings, execute  # noqa: E402
+from ci.runner.slot import ProcessSlot  # noqa: E402
 from support.wheels import make_wheel  # noqa: E402
 
 TARGET = 0.1
@@ -87,8 +88,7 @@ def make_project(tmp: str) -> tuple[str, str, str, str]:
 
 def run(clone: str, commit: str, preparer, slot) -> tuple[float, dict]:
     started = time.perf_counter()
-    outcome = test_runner.execute(clone, commit, None, 600, 300, slot, 1 << 24,
-                                  preparer=preparer)
+    outcome = execute(Settings(clone, slot, preparer, 1 << 24), commit)
     elapsed = time.perf_counter() - started
     fields = dict(outcome.header)
     if fields["verdict"] != "passed":
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     tmp = tempfile.mkdtemp(prefix="bench-envs-")
     try:
         clone, commit, _, site = make_project(tmp)
-        slot = test_runner.ProcessSlot()
+        slot = ProcessSlot()
         builds = []
         for i in range(args.builds):
             cache = environments.EnvironmentCache(os.path.join(tmp, f"envs-{i}"))

@@ -100,6 +100,69 @@ class Watchdog:
             self._proc = None
 
 
+class Child:
+    """One child process group at a time, which another thread may end:
+    the start / wait / kill / reap that the runner's slot, the observer's
+    fetch and the notify command share.
+
+    The rule it exists for: a group is forgotten (under the lock that
+    ``kill`` and ``cancel`` take) *before* its leader is reaped.  Once
+    reaped, the leader's PID, and so the group id, may belong to another
+    process, which a kill from another thread must never reach.  Waiting
+    uses ``wait_exit``, which does not reap; so output goes to files, not
+    pipes that would have to be read while waiting."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        # Set by cancel(): no command starts any more.
+        self.cancelled = False
+
+    def start(self, cmd: list[str], on_start=None, **popen) -> subprocess.Popen | None:
+        """Start ``cmd`` in a group of its own (None once cancelled).
+        ``on_start(proc)`` runs under the lock, before a cancel can see it."""
+        with self._lock:
+            if self.cancelled:
+                return None
+            proc = start(cmd, **popen)
+            self._proc = proc
+            if on_start is not None:
+                on_start(proc)
+        return proc
+
+    def finish(self, proc: subprocess.Popen, timeout: float, end_group: bool = True,
+               on_end=None) -> bool:
+        """Wait up to ``timeout`` for ``proc``; True if it exited in time.
+        Its group is killed when it timed out, and always with ``end_group``
+        (what the leader started may outlive it); then it is forgotten
+        (``on_end()`` runs under the lock too) and only then reaped."""
+        exited = False
+        try:
+            exited = wait_exit(proc, timeout)
+        finally:
+            with self._lock:
+                if end_group or not exited:
+                    kill_group(proc.pid)
+                self._proc = None
+                if on_end is not None:
+                    on_end()
+            proc.wait()
+        return exited
+
+    def kill(self) -> None:
+        """Kill the running group, if any; later commands still start."""
+        with self._lock:
+            if self._proc is not None:
+                kill_group(self._proc.pid)
+
+    def cancel(self) -> None:
+        """Kill the running group and start no other (stopping)."""
+        with self._lock:
+            self.cancelled = True
+            if self._proc is not None:
+                kill_group(self._proc.pid)
+
+
 def start(cmd: list[str], **kwargs) -> subprocess.Popen:
     """Popen in a new session (so a new process group led by the child)."""
     return subprocess.Popen(cmd, start_new_session=True, **kwargs)

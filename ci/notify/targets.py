@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 import subprocess
-import threading
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -41,48 +41,41 @@ class CommandTarget:
         self.timeout = timeout
         self.key = "command"
         self.label = f"command {argv[0]}"
-        self._proc: subprocess.Popen | None = None
-        self._lock = threading.Lock()
+        self._child = procgroup.Child()
 
     def deliver(self, event: dict) -> None:
         """Run the command once; its whole process group is killed at the
-        timeout, as it may have started helpers of its own."""
-        try:
-            proc = procgroup.start(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT,
-                                   env=command_environment(event, os.environ))
-        except OSError as exc:
-            raise DeliveryError(f"cannot start: {exc}") from None
-        with self._lock:
-            self._proc = proc
-        try:
-            output, _ = proc.communicate(event["header"].encode("utf-8"), timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            self._kill(proc)
-            raise DeliveryError(f"timed out after {self.timeout:g}s") from None
-        finally:
-            with self._lock:
-                self._proc = None
-        text = output.decode("utf-8", "replace").strip()[-MAX_LOGGED_OUTPUT:]
+        timeout, as it may have started helpers of its own.  The header
+        goes in and the output comes out through files, so the wait never
+        reaps the command before ``abort`` has forgotten it."""
+        with tempfile.TemporaryFile() as header, tempfile.TemporaryFile() as out:
+            header.write(event["header"].encode("utf-8"))
+            header.seek(0)
+            try:
+                proc = self._child.start(self.argv, stdin=header, stdout=out,
+                                         stderr=subprocess.STDOUT,
+                                         env=command_environment(event, os.environ))
+            except OSError as exc:
+                raise DeliveryError(f"cannot start: {exc}") from None
+            if not self._child.finish(proc, self.timeout, end_group=False):
+                raise DeliveryError(f"timed out after {self.timeout:g}s")
+            text = _tail(out).decode("utf-8", "replace").strip()[-MAX_LOGGED_OUTPUT:]
         if text:
             log.info("notify command output for %s: %s", short_id(event), text)
         if proc.returncode != 0:
             raise DeliveryError(f"exited {proc.returncode}")
 
-    @staticmethod
-    def _kill(proc: subprocess.Popen) -> None:
-        procgroup.kill_group(proc.pid)
-        try:
-            proc.communicate(timeout=5)
-        except (subprocess.TimeoutExpired, OSError, ValueError):
-            pass
-
     def abort(self) -> None:
         """Stopping: end a command in progress (it is retried next start)."""
-        with self._lock:
-            proc = self._proc
-        if proc is not None and proc.poll() is None:
-            procgroup.kill_group(proc.pid)
+        self._child.kill()
+
+
+def _tail(handle) -> bytes:
+    """The end of a command's output file: enough for the logged part
+    even behind trailing blank lines."""
+    size = handle.seek(0, os.SEEK_END)
+    handle.seek(max(0, size - 16 * MAX_LOGGED_OUTPUT))
+    return handle.read()
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

@@ -41,12 +41,12 @@ import json
 import logging
 import os
 import shutil
-import stat
 import sys
 import time
 import venv
 
 from ci.runner import recipe
+from ci.runner.sandbox.ownership import chown_tree
 from ci.config import ConfigError
 from ci.files import atomic_write, ensure_dir, open_inside, read_inside
 from ci.wire import one_line
@@ -183,10 +183,13 @@ class EnvironmentCache:
         return os.path.join(self.path(key), "bin", "python")
 
     # ---- building -------------------------------------------------------
-    def build(self, key: str, setup: tuple[str, ...], repo: str, base_env: dict, slot,
-              timeout: float, out) -> tuple[bool, str]:
+    def build(self, key: str, setup: tuple[str, ...], run: SetupRun,
+              timeout: float) -> tuple[bool, str]:
         """Make a fresh venv for ``key`` and run ``setup`` in it (in the
-        clone's root); (succeeded, reason).  Output goes to ``out``."""
+        clone's root); (succeeded, reason).  Output goes to ``run.out``;
+        with ``run.user``, the setup installs as that user, and the built
+        environment is then taken back from it."""
+        repo, slot, out, user = run.repo, run.slot, run.out, run.user
         path = self.path(key)
         # The one clearing of an old build (marker first, see _remove), so
         # EnvBuilder is not asked to clear it again.
@@ -198,9 +201,8 @@ class EnvironmentCache:
         except OSError as exc:
             self._remove(path)
             return False, f"cannot create the environment: {exc}"
-        env = self.activate(key, base_env)
+        env = self.activate(key, run.env)
         env.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
-        user = getattr(slot, "user", None)
         if user is not None:
             # The setup runs as the test user (--test-user) and installs here.
             chown_tree(path, user.uid, user.gid)
@@ -282,120 +284,6 @@ class EnvironmentCache:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def chown_tree(path: str, uid: int, gid: int, strip: int = 0,
-               skip: tuple[str, ...] = (), drop: tuple[str, ...] = (),
-               copy_links: bool = False) -> None:
-    """Give a whole tree (an environment, a working tree) to ``uid``
-    (symlinks themselves, never their targets), taking the ``strip``
-    permission bits away; the top-level names in ``skip`` are left alone,
-    the names in ``drop`` below the top level are removed.
-
-    A file with more than one link is never given: the test user could
-    have linked a file from outside the tree into it (one it can write, or
-    any one where fs.protected_hardlinks is off), and giving the inode
-    away would give that file away.  It is removed, or with ``copy_links``
-    replaced by a copy of its own: installers link files from their cache
-    (uv does by default), and a built environment must keep them.  Only
-    for a tree given to the runner: the copy keeps the link's mode bits,
-    so it is no more readable than the file it was linked to.
-
-    The test user may own the tree and a process it left behind may still
-    be changing it, so every change goes through a file descriptor opened
-    without following symlinks (and every folder is entered through its
-    parent's descriptor): a name swapped for a symlink after it was looked
-    at must not lead a chmod, run as root, to the runner's key file."""
-    def give(fd: int, mode: int) -> None:
-        os.fchown(fd, uid, gid)
-        if strip:
-            os.fchmod(fd, stat.S_IMODE(mode) & ~strip)
-
-    top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        give(top, os.fstat(top).st_mode)
-    finally:
-        os.close(top)
-    for folder, dirs, files, folder_fd in os.fwalk(path, follow_symlinks=False):
-        if skip and folder == path:
-            dirs[:] = [d for d in dirs if d not in skip]
-            files = [f for f in files if f not in skip]
-        elif drop:
-            for name in drop:
-                if name in dirs or name in files:
-                    _remove(name, folder_fd, folder)
-            dirs[:] = [d for d in dirs if d not in drop]
-            files = [f for f in files if f not in drop]
-        # Sub-folders are given away here, as entries of their parent,
-        # before the walk enters them.
-        for name in [*dirs, *files]:
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
-                             dir_fd=folder_fd)
-            except FileNotFoundError:
-                continue
-            except OSError:
-                # A symlink (ELOOP), or a socket that cannot be opened:
-                # change the entry itself, never what it points to.
-                try:
-                    os.chown(name, uid, gid, dir_fd=folder_fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    pass
-                continue
-            try:
-                info = os.fstat(fd)
-                if not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1:
-                    if copy_links and stat.S_ISREG(info.st_mode):
-                        _replace_with_copy(name, fd, folder_fd,
-                                           lambda out: give(out, info.st_mode))
-                        continue
-                    log.warning("removing %s: a hard link, never given away",
-                                os.path.join(folder, name))
-                    _remove(name, folder_fd, folder)
-                    continue
-                give(fd, info.st_mode)
-            finally:
-                os.close(fd)
-
-
-def _replace_with_copy(name: str, fd: int, folder_fd: int, give) -> None:
-    """Put a file of its own, with the data of ``fd`` and given by
-    ``give``, in the place of the hard link ``name``."""
-    tmp = f".ci-copy-{os.getpid()}"
-    try:
-        os.unlink(tmp, dir_fd=folder_fd)
-    except FileNotFoundError:
-        pass
-    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
-                  dir_fd=folder_fd)
-    try:
-        with open(fd, "rb", closefd=False) as source, open(out, "wb", closefd=False) as copy:
-            shutil.copyfileobj(source, copy, 1 << 20)
-        give(out)
-        os.replace(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
-    except BaseException:
-        try:
-            os.unlink(tmp, dir_fd=folder_fd)
-        except FileNotFoundError:
-            pass
-        raise
-    finally:
-        os.close(out)
-
-
-def _remove(name: str, folder_fd: int, folder: str) -> None:
-    """Remove an entry of a folder (a folder with its contents), never
-    following a symlink."""
-    try:
-        if stat.S_ISDIR(os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode):
-            if sys.version_info >= (3, 11):
-                shutil.rmtree(name, dir_fd=folder_fd)
-            else:
-                shutil.rmtree(os.path.join(folder, name))
-        else:
-            os.unlink(name, dir_fd=folder_fd)
-    except FileNotFoundError:
-        pass
-
-
 def env_file_paths(repo: str, patterns: tuple[str, ...]) -> list[tuple[str, str]]:
     """(name, path) of the existing regular files the patterns name inside
     ``repo``, sorted; files resolving outside the clone are left out."""
@@ -452,6 +340,20 @@ def provide_pip(env_path: str, python: str) -> bool:
 # --------------------------------------------------------------------------
 # The step between checkout and tests.
 
+@dataclasses.dataclass
+class SetupRun:
+    """Where a job's setup runs: the clone, the slot that runs its
+    commands (a stop kills them), their base environment, the file their
+    output goes to, and the test user who runs them (``--test-user``;
+    None: the runner's own user).  The user is named here, not found in
+    the slot: the environment it builds must first be given to it."""
+    repo: str
+    slot: object
+    env: dict
+    out: object
+    user: object = None
+
+
 class Preparer:
     """Reads a commit's recipe and readies its environment."""
 
@@ -461,11 +363,13 @@ class Preparer:
         self.cache = cache
         self.read_recipe = read_recipe
 
-    def prepare(self, repo: str, slot, base_env: dict, out, scope: Scope) -> Prepared:
+    def prepare(self, run: SetupRun, scope: Scope) -> Prepared:
         """The command, environment and time limit for the tests of the
-        commit checked out in ``repo``, with the setup fields.  Recipe notes
-        and the setup's output are written to ``out``.  ``scope``: which
-        environments the commit may reuse, and where it builds."""
+        commit checked out in ``run.repo``, with the setup fields.  Recipe
+        notes and the setup's output are written to ``run.out``.
+        ``scope``: which environments the commit may reuse, and where it
+        builds."""
+        repo, base_env, out = run.repo, run.env, run.out
         started = time.monotonic()
         result = Prepared(None, sys.executable, base_env, self.limits.timeout,
                           {"setup": "none"})
@@ -491,8 +395,7 @@ class Preparer:
             out.write(f"[ci] setup: building environment {key} ({scope.label} scope): "
                       f"{_shown(plan.setup)}\n".encode())
             out.flush()
-            ok, why = self.cache.build(key, plan.setup, repo, base_env, slot,
-                                       plan.setup_timeout, out)
+            ok, why = self.cache.build(key, plan.setup, run, plan.setup_timeout)
             result.fields["setup"] = "built" if ok else "failed"
         # Reused, built or failed: the time it took is worth showing.
         result.fields["setup_duration"] = f"{time.monotonic() - started:.3f}"

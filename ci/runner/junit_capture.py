@@ -1,12 +1,15 @@
 """The runner's side of per-test results: make the test command leave a
 JUnit file, then read it back as untrusted input.
 
-* ``python -m unittest ARGS`` (the default command) becomes
+* ``python -m unittest ARGS`` (the default command) runs as
   ``python ci_support/unittest_recorder.py TMP.xml ARGS``: the same run and
   output, plus a record per test.
 * A pytest command (an argument named ``pytest``) gets ``--junitxml=TMP.xml``.
 * Any other command names its own files with ``--junit-xml PATTERN`` (a glob
   relative to the clone); without one nothing is collected, as before.
+
+The command line itself is built by ``command_line``; this module gives
+it the report file and reads what the run left.
 
 The temporary file lives in a private folder outside the clone and is
 removed afterwards.  Whatever is found is capped, parsed by
@@ -22,7 +25,7 @@ import os
 import shutil
 import tempfile
 
-from ci import commands, results
+from ci import results
 from ci.files import read_inside
 
 log = logging.getLogger(__name__)
@@ -35,7 +38,7 @@ RECORDER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.
 def use_recorder(path: str) -> None:
     """Run the recorder from ``path`` from now on: with --test-user, the
     runner's copy in its state folder, which the test user can read when
-    the runner's own code lies where it cannot (see user_access).  One
+    the runner's own code lies where it cannot (see sandbox.access).  One
     runner per process, so one module-wide setting."""
     global RECORDER
     RECORDER = path
@@ -60,27 +63,20 @@ class Collected:
 
 
 class Capture:
-    """One test run's JUnit capture; use as a context manager so the
-    temporary folder is always removed."""
+    """One test run's JUnit capture: the report file the command is told
+    to write (``command_line`` tells it), or the ``--junit-xml`` pattern it
+    writes to by itself; use as a context manager so the temporary folder
+    is always removed."""
 
-    def __init__(self, repo: str, command: list[str], pattern: str | None = None):
+    def __init__(self, repo: str, pattern: str | None = None):
         self.repo = repo
-        self.command = list(command)
         self.pattern = pattern
         self.paths: list[str] = []
         self.tmp: str | None = None
-        if pattern:
-            return
-        if commands.is_unittest(command):
-            self.command = [command[0], RECORDER, self._tmp_file(), *command[3:]]
-        else:
-            spot = commands.pytest_position(command)
-            if spot is not None and not any(a.startswith(("--junitxml", "--junit-xml"))
-                                            for a in command):
-                self.command = [*command[:spot + 1], f"--junitxml={self._tmp_file()}",
-                                *command[spot + 1:]]
 
-    def _tmp_file(self) -> str:
+    def report_file(self) -> str:
+        """A fresh file for the command to write its report to, in a
+        private folder outside the clone."""
         self.tmp = tempfile.mkdtemp(prefix="ci-junit-")
         self.paths = [os.path.join(self.tmp, "results.xml")]
         return self.paths[0]

@@ -14,6 +14,8 @@ from support.wheels import make_wheel
 from ci.runner import environments
 from ci.runner import recipe
 import test_runner
+from ci.runner.sandbox import ownership
+from ci.runner.slot import ProcessSlot, child_env
 from ci.config import ConfigError
 from ci.wire import Message, decode_fields
 
@@ -159,8 +161,8 @@ def test_a_branch_reuses_trusted_and_its_own_builds_and_builds_only_its_own(tmp_
 
 def prepare(preparer, repo, scope=environments.TRUSTED_SCOPE):
     with tempfile.TemporaryFile() as out:
-        prepared = preparer.prepare(repo, test_runner.ProcessSlot(), test_runner.child_env(), out,
-                                    scope)
+        prepared = preparer.prepare(
+            environments.SetupRun(repo, ProcessSlot(), child_env(), out), scope)
         out.seek(0)
         return prepared, out.read()
 
@@ -309,7 +311,7 @@ def test_taking_a_tree_back_copies_its_hard_links_or_removes_them(tmp_path):
         tree = tmp_path / f"tree-{copy_links}"
         (tree / "lib").mkdir(parents=True)
         os.link(cache, tree / "lib" / "module.py")
-        environments.chown_tree(str(tree), os.getuid(), os.getgid(), strip=0o6022,
+        ownership.chown_tree(str(tree), os.getuid(), os.getgid(), strip=0o6022,
                                 copy_links=copy_links)
         linked = tree / "lib" / "module.py"
         if copy_links:

@@ -10,7 +10,7 @@ import shlex
 import subprocess
 import xml.etree.ElementTree as ET
 
-import test_runner
+from ci.runner.verdict import parse_counts
 from support.cluster import PY, git
 from support.junit_projects import PYTEST_TESTS, SHADOW_TEST, SHADOWS, TRICKY_UNITTESTS
 
@@ -61,7 +61,7 @@ def test_unittest_project_with_its_own_helpers_gets_per_test_records(cluster, up
     root = xml_of(cluster, commit)  # written before the text file
     code, output = hand_run(upstream, commit, tmp_path / "by-hand",
                             [PY, "-m", "unittest", "discover", "-s", "tests"])
-    by_hand = test_runner.parse_counts(output)
+    by_hand = parse_counts(output)
     assert code == 1 and fields["verdict"] == "failed" and fields["exit_code"] == "1"
     assert header_counts(fields) == suite_counts(root) == {
         "tests": by_hand.tests, "failures": by_hand.failures, "errors": by_hand.errors,
@@ -96,7 +96,7 @@ def test_pytest_command_records_every_test(cluster, upstream, tmp_path):
     fields = cluster.result(commit)
     root = xml_of(cluster, commit)
     code, output = hand_run(upstream, commit, tmp_path / "by-hand", command)
-    by_hand = test_runner.parse_counts(output)
+    by_hand = parse_counts(output)
     assert code == 1 and fields["verdict"] == "failed"
     assert header_counts(fields) == suite_counts(root) == {
         "tests": by_hand.tests, "failures": by_hand.failures, "errors": by_hand.errors,

@@ -13,7 +13,7 @@ import threading
 
 from ci.dispatch import server
 import helpers
-import test_runner
+from ci.runner.jobs import PREFETCH, RunnerJob, RunnerState
 from support.cluster import PASSING_TEST, PY, ROOT, ThreadedServer, wait_until
 from ci.security import Security
 from ci.wire import Message, decode_fields
@@ -36,11 +36,11 @@ def status(port: int) -> dict:
 # The runner's side, in-process: one job or one fetch at a time.
 
 def test_the_runner_fetches_only_while_idle_and_a_job_goes_first():
-    state = test_runner.RunnerState()
-    job = test_runner.Assignment("a" * 40, "0" * 32)
+    state = RunnerState()
+    job = RunnerJob("a" * 40, "0" * 32)
     # Two hints before the worker looks are one fetch.
     assert state.want_fetch() and state.want_fetch()
-    assert state.take() == test_runner.PREFETCH
+    assert state.take() == PREFETCH
     # A job that arrives while a fetch is wanted goes first (its checkout
     # fetches anyway) and the wish is dropped with it.
     assert state.want_fetch()

@@ -11,7 +11,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 
 import helpers
-import test_runner
+from ci.runner.verdict import judge
 from support.cluster import PY, dispatch, git, wait_until
 from ci.wire import decode_fields
 
@@ -58,7 +58,7 @@ def hand_run(upstream, commit: str, dest) -> tuple[str, dict]:
     git(dest, "checkout", "-q", "--detach", commit)
     proc = subprocess.run([PY, "-m", "unittest", "discover", "-s", "tests"], cwd=dest,
                           capture_output=True, timeout=120)
-    verdict, counts, _ = test_runner.classify(proc.returncode, False,
+    verdict, counts, _ = judge(proc.returncode, False,
                                               proc.stdout + proc.stderr)
     return verdict, {k: getattr(counts, k) for k in COUNTS}
 

@@ -157,8 +157,8 @@ def test_without_test_user_nothing_left_reaches_the_next_checkout(request, lefto
 def test_with_test_user_nothing_left_reaches_the_next_checkout(request, leftover):
     """--test-user: the runner's private repository, the tree taken back
     before the script runs as root and given to the test user after it,
-    as the runner does (test_runner.execute)."""
-    from ci.runner import private_git
+    as the runner does (ci.runner.pipeline)."""
+    from ci.runner.sandbox import private_git
     user = user_or_skip()
     if user is None:
         pytest.skip("needs root (the runner of --test-user is root)")

@@ -337,8 +337,8 @@ def test_hostile_commit_with_test_user_reaches_no_key(request):
 
 
 def test_the_runner_hands_its_children_no_secret(monkeypatch):
-    import test_runner
+    from ci.runner.slot import child_env
     monkeypatch.setenv("CI_SECRET", "ci-key-v1 runner:r1 " + "0" * 64)
-    env = test_runner.child_env()
+    env = child_env()
     assert "CI_SECRET" not in env and env["PYTHONUNBUFFERED"] == "1"
     assert not any("ci-key-v1" in value for value in env.values())

@@ -117,7 +117,7 @@ def private_clone(request):
     (private_git) beside it, in a folder that user can traverse; returns
     (upstream, the repository, a function checking out a commit as the
     runner does, the user)."""
-    from ci.runner import private_git
+    from ci.runner.sandbox import private_git
     base, upstream, nobody = nobody_folder(request, "ci-private-")
     upstream.commit({"tests/test_sample.py": PASSING_TEST, "docs/notes.txt": "notes\n"},
                     "initial")
@@ -138,8 +138,8 @@ def private_clone(request):
 def as_user(user, script: str, cwd) -> None:
     """Run a shell script as ``user``, in the environment the runner gives
     its tests."""
-    import test_runner
-    env = test_runner.TestUser(user.pw_name).env({"PATH": os.environ["PATH"]})
+    from ci.runner.sandbox.user import TestUser
+    env = TestUser(user.pw_name).env({"PATH": os.environ["PATH"]})
     subprocess.run(["bash", "-c", script], cwd=cwd, check=True, user=user.pw_uid,
                    group=user.pw_gid, extra_groups=[], env=env)
 
@@ -198,8 +198,8 @@ def test_a_git_folder_or_hard_link_a_test_leaves_in_the_tree_is_gone_after_check
     # A hard link chown_tree meets (say, one made while it walks) is
     # removed, never given.
     as_user(nobody, f"ln {outside} docs/late", private.repo)
-    from ci.runner import environments
-    environments.chown_tree(private.repo, nobody.pw_uid, nobody.pw_gid, skip=(".git",))
+    from ci.runner.sandbox import ownership
+    ownership.chown_tree(private.repo, nobody.pw_uid, nobody.pw_gid, skip=(".git",))
     assert outside.stat().st_uid == 0
     assert not os.path.lexists(os.path.join(private.repo, "docs", "late"))
 

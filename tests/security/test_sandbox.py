@@ -1,7 +1,7 @@
 """Nothing a test leaves behind reaches a later run (issue 17), with
 ``--test-user``: a user-site ``.pth`` or a ``pip.conf`` planted in HOME, a
 process that escaped its process group, files in the shared temporary
-folders (user_sandbox).  Real runners as root switching to test users of
+folders (ci.runner.sandbox.cleanup).  Real runners as root switching to test users of
 their own (root only), and the temporary folders' sweep in-process."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import stat
 
 import pytest
 
-from ci.runner import user_sandbox
+from ci.runner.sandbox import cleanup as user_sandbox
 from support.cluster import FAILING_TEST, ROOT, SYSTEM_PYTHON, Daemon, free_port, wait_for_port, wait_until
 from support.users import new_test_user
 from support.privilege import LOOPBACK, TEST_COMMAND, ask, nobody_clone, user_folder_cluster

@@ -79,7 +79,7 @@ def test_handing_an_environment_back_never_follows_a_swapped_symlink(tmp_path, m
     setup left behind (as the test user) may swap any name for a symlink
     to the runner's key the moment after the runner looked at it: the
     key's mode must not change, whatever the runner looked with."""
-    from ci.runner import environments
+    from ci.runner.sandbox import ownership
     key = tmp_path / "runner.key"
     key.write_bytes(b"ci-key-v1 runner:r1 " + b"0" * 64 + b"\n")
     key.chmod(0o600)
@@ -103,7 +103,7 @@ def test_handing_an_environment_back_never_follows_a_swapped_symlink(tmp_path, m
         return looked
     for name in ("lstat", "stat", "open"):
         monkeypatch.setattr(os, name, swap_after(getattr(os, name)))
-    environments.chown_tree(str(tmp_path / "env"), os.getuid(), os.getgid(), strip=0o6022)
+    ownership.chown_tree(str(tmp_path / "env"), os.getuid(), os.getgid(), strip=0o6022)
     monkeypatch.undo()
     assert swapped, "the tree walk never looked at the file"
     assert key.stat().st_mode & 0o7777 == 0o600

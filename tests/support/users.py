@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from ci.runner import user_sandbox
+from ci.runner.sandbox import cleanup as user_sandbox
 
 
 def new_test_user(request):

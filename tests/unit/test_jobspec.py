@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from ci.dispatch import server
-import test_runner
+from ci.runner.jobs import parse_runtest
 from ci import jobspec, sharding
 from ci.dispatch.journal import Journal
 from ci.dispatch.state import DispatcherState
@@ -85,19 +85,19 @@ def test_trusted_branches_match_patterns():
 
 
 def test_the_runner_reads_branch_and_trust_and_never_trusts_without_a_branch():
-    job = test_runner.parse_runtest(Message("runtest", f"{X} {TOKEN}",
+    job = parse_runtest(Message("runtest", f"{X} {TOKEN}",
                                             jobspec.encode("main", True, (1, 2), TABLE)))
-    assert (job.commit, job.job_id, job.branch, job.trusted) == (X, TOKEN, "main", True)
+    assert (job.commit, job.token, job.branch, job.trusted) == (X, TOKEN, "main", True)
     assert job.shard.index == 1 and job.scope is environments.TRUSTED_SCOPE
-    feature = test_runner.parse_runtest(Message("runtest", f"{X} {TOKEN}",
+    feature = parse_runtest(Message("runtest", f"{X} {TOKEN}",
                                                 jobspec.encode("feature/x", False)))
     assert (feature.scope.label, feature.scope.name) == ("branch", "branch:feature/x")
-    old = test_runner.parse_runtest(Message("runtest", f"{X} {TOKEN}", b""))
+    old = parse_runtest(Message("runtest", f"{X} {TOKEN}", b""))
     assert (old.branch, old.trusted, old.scope.label) == (None, False, "commit")
     with pytest.raises(Reply, match="trusted without a branch"):
-        test_runner.parse_runtest(Message("runtest", f"{X} {TOKEN}", b"trusted: yes\n"))
+        parse_runtest(Message("runtest", f"{X} {TOKEN}", b"trusted: yes\n"))
     with pytest.raises(Reply, match="usage"):
-        test_runner.parse_runtest(Message("runtest", X, b""))
+        parse_runtest(Message("runtest", X, b""))
 
 
 # ---- the dispatcher's jobs -------------------------------------------------

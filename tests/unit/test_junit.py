@@ -16,11 +16,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ci.dispatch import server
-from ci.runner import junit_capture
+from ci.runner import command_line, junit_capture
 from ci import outcome, results
 from ci.outcome import Outcome
 from support.junit_projects import PYTEST_TESTS, SHADOW_TEST, SHADOWS, TRICKY_UNITTESTS
-import test_runner
+from ci.runner.command_line import default_test_command
+from ci.runner.slot import child_env
+from ci.runner.verdict import judge, parse_counts
 from support.cluster import PY
 from ci.results import TestRecord
 from ci.wire import Message, ProtocolError, Reply
@@ -302,10 +304,11 @@ def make_project(root, files: dict[str, str]) -> str:
 
 
 def run_captured(repo: str, command: list[str], pattern=None, budget=1 << 22):
-    with junit_capture.Capture(repo, command, pattern) as capture:
+    with junit_capture.Capture(repo, pattern) as capture:
         # Our own pytest plugins (hypothesis) would only slow a project's run.
-        env = dict(test_runner.child_env(), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
-        proc = subprocess.run(capture.command, cwd=repo, capture_output=True, timeout=60,
+        env = dict(child_env(), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+        argv = command_line.with_report(command, capture)
+        proc = subprocess.run(argv, cwd=repo, capture_output=True, timeout=60,
                               env=env)
         collected = capture.collect(False, budget)
         tmp = capture.tmp
@@ -314,7 +317,7 @@ def run_captured(repo: str, command: list[str], pattern=None, budget=1 << 22):
 
 
 def summary_counts(output: bytes) -> dict[str, int]:
-    counts = test_runner.parse_counts(output)
+    counts = parse_counts(output)
     assert counts.found, output
     return {"tests": counts.tests, "failures": counts.failures, "errors": counts.errors,
             "skipped": counts.skipped}
@@ -332,7 +335,7 @@ def test_recorder_counts_output_and_exit_equal_plain_unittest(tmp_path, package)
     if package:
         files["tests/__init__.py"] = ""
     repo = make_project(tmp_path / "project", files)
-    command = test_runner.default_test_command(repo)
+    command = default_test_command(repo)
     by_hand = subprocess.run(command, cwd=repo, capture_output=True, timeout=60)
     proc, collected = run_captured(repo, command)
     assert proc.returncode == by_hand.returncode == 1
@@ -409,21 +412,23 @@ def test_custom_command_files_missing_unreadable_and_escaping(tmp_path):
 
 
 def test_timed_out_run_and_plain_commands_collect_nothing(tmp_path):
-    with junit_capture.Capture(str(tmp_path), [PY, "-m", "unittest"]) as capture:
+    with junit_capture.Capture(str(tmp_path)) as capture:
+        command_line.with_report([PY, "-m", "unittest"], capture)
         assert capture.collect(True, 1 << 20) == junit_capture.Collected()
-    with junit_capture.Capture(str(tmp_path), ["make", "test"]) as capture:
-        assert capture.command == ["make", "test"]
+    with junit_capture.Capture(str(tmp_path)) as capture:
+        assert command_line.with_report(["make", "test"], capture) == ["make", "test"]
         assert capture.collect(False, 1 << 20) == junit_capture.Collected()
-    with junit_capture.Capture(str(tmp_path), ["pytest", "--junitxml=mine.xml"]) as capture:
-        assert capture.command == ["pytest", "--junitxml=mine.xml"]
+    with junit_capture.Capture(str(tmp_path)) as capture:
+        assert command_line.with_report(["pytest", "--junitxml=mine.xml"], capture) == \
+            ["pytest", "--junitxml=mine.xml"]
 
 
 def test_counts_from_records_decide_a_custom_commands_verdict():
-    verdict, counts, _ = test_runner.classify(
+    verdict, counts, _ = judge(
         1, False, b"no summary here\n", {"tests": 3, "failures": 1, "errors": 0,
                                          "skipped": 0})
     assert verdict == "failed" and counts.tests == 3 and counts.failures == 1
-    assert test_runner.classify(1, False, b"no summary here\n")[0] == "error"
+    assert judge(1, False, b"no summary here\n")[0] == "error"
 
 
 def test_recorder_script_alone_explains_its_usage():

@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
-from test_runner import child_env, default_test_command
+from ci.runner.command_line import default_test_command
+from ci.runner.slot import child_env
 
 
 def test_default_test_command(tmp_path):

@@ -481,7 +481,8 @@ def test_shards_of_odd_modules_add_up_to_discovery(tmp_path, package):
     import sys
 
     from ci.runner import junit_capture
-    import test_runner
+    from ci.runner.command_line import default_test_command
+    from ci.runner.verdict import judge
     files = dict(ODD_MODULES)
     if package:
         files["tests/__init__.py"] = ""
@@ -489,11 +490,11 @@ def test_shards_of_odd_modules_add_up_to_discovery(tmp_path, package):
             "import tests_helper", "from tests import tests_helper")
     write(tmp_path, files)
     repo = str(tmp_path)
-    command = test_runner.default_test_command(repo)
+    command = default_test_command(repo)
 
     def run(argv):
         proc = subprocess.run(argv, cwd=repo, capture_output=True, timeout=60)
-        return test_runner.classify(proc.returncode, False, proc.stdout + proc.stderr)
+        return judge(proc.returncode, False, proc.stdout + proc.stderr)
     verdict, counts, _ = run(command)
     assert verdict == "error" and (counts.tests, counts.errors, counts.skipped) == (6, 2, 1)
     verdicts, totals = [], {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}

@@ -13,7 +13,7 @@ import pytest
 
 from support.cluster import wait_until
 
-import test_runner
+from ci.runner.jobs import RunnerJob, RunnerState
 from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, PingReply
 from ci.dispatch.state import DispatcherState
 from ci.dispatch.work import WorkState
@@ -279,17 +279,17 @@ def test_live_output_keeps_a_bounded_tail(make_state):
 # The runner's own state: one job at a time, handed back on stop.
 
 def test_runner_state_takes_one_job_and_hands_it_back_on_stop():
-    runner = test_runner.RunnerState()
-    first = test_runner.Assignment(X, "a" * 32)
+    runner = RunnerState()
+    first = RunnerJob(X, "a" * 32)
     assert runner.offer(first)
-    assert not runner.offer(test_runner.Assignment(Y, "b" * 32))  # busy
+    assert not runner.offer(RunnerJob(Y, "b" * 32))  # busy
     got = []
     worker = threading.Thread(target=lambda: got.append(runner.take()))
     worker.start()
     worker.join(5)
     assert got == [first] and runner.current_job() is first
     assert runner.stop() is first  # what a stopping runner releases
-    assert not runner.offer(test_runner.Assignment(Y, "b" * 32))
+    assert not runner.offer(RunnerJob(Y, "b" * 32))
     assert runner.take() is None
     wait_until(lambda: not worker.is_alive(), 5)
 

@@ -10,7 +10,8 @@ import io
 import pytest
 
 from ci.results import VERDICTS
-from test_runner import classify as judge, parse_counts, read_bounded
+from ci.runner.pipeline import read_bounded
+from ci.runner.verdict import judge, parse_counts
 
 
 NOT_UTF8 = b"\xff\xfe\xc3\x28\xa0\xa1\xe2\x28\xa1\xf0\x28\x8c\xbc\x80\x00"

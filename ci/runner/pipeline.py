@@ -1,0 +1,196 @@
+"""The job pipeline: one commit checked out in the runner's clone
+(``test_runner_script.sh``), its environment prepared (recipe, setup),
+its tests run in the process slot, and the result judged.
+
+Each step is a method of ``JobPipeline``; what every job shares (the
+clone, the slot, the limits) is one ``Settings``.  A step that ends the
+job early returns its result through ``_finish``, so every result has a
+``duration`` and the output of every step that ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+
+from ci import sharding
+from ci.outcome import Outcome
+from ci.git import script_path
+from ci.runner import command_line, environments, junit_capture
+from ci.runner.sandbox.private_git import PrivateRepository
+from ci.runner.slot import ProcessSlot, child_env, git_run_args
+from ci.runner.verdict import judge
+from ci.wire import one_line
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHECKOUT_TIMEOUT = 300.0
+# The most of the checkout's output kept (its last line has the metadata).
+CHECKOUT_LOG_LIMIT = 64 * 1024
+META_FIELDS = ("commit", "author", "committed", "subject")
+
+
+@dataclasses.dataclass
+class Settings:
+    """What every job on this runner runs with.  ``preparer`` (the recipe
+    defaults and the environments) decides each job's test command,
+    environment and time limit; ``private`` (with --test-user): the
+    runner's own repository, in which the checkout runs as the runner's
+    user, the tree then being the test user's."""
+    repo: str
+    slot: ProcessSlot
+    preparer: environments.Preparer
+    max_output: int
+    checkout_timeout: float = DEFAULT_CHECKOUT_TIMEOUT
+    junit_pattern: str | None = None
+    private: PrivateRepository | None = None
+
+
+def execute(settings: Settings, commit: str, shard: sharding.ShardSpec | None = None,
+            scope: environments.Scope | None = None) -> Outcome:
+    """Check out ``commit`` and run its tests; return their outcome.
+    ``scope``: which environments the commit may reuse and build
+    (default: the commit's own, never a trusted one).  Per-test records,
+    when there are any, come as the outcome's ``junit_xml``, and the
+    counts are theirs."""
+    return JobPipeline(settings, commit, shard, scope).run()
+
+
+class JobPipeline:
+    """One job through checkout, setup and tests."""
+
+    def __init__(self, settings: Settings, commit: str,
+                 shard: sharding.ShardSpec | None = None,
+                 scope: environments.Scope | None = None):
+        self.settings = settings
+        self.commit = commit
+        self.shard = shard
+        self.scope = scope or environments.job_scope(None, False, commit)
+        self.started = time.time()
+        self.fields: dict = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "exit_code": -1}
+
+    def run(self) -> Outcome:
+        code, timed_out, checkout_log = self.checkout()
+        self.fields.update(parse_checkout_meta(checkout_log))
+        if code != 0:
+            why = "timed out" if timed_out else f"exited {code}"
+            reason = f"checkout of {self.commit} failed ({why})"
+            return self._finish(checkout_log + f"\n{reason}\n".encode(), verdict="error",
+                                reason=reason)
+        prepared, setup_log = self.prepare()
+        if prepared.failed:
+            return self._finish(setup_log)
+        if prepared.command is None and not os.path.isdir(
+                os.path.join(self.settings.repo, "tests")):
+            reason = "no tests/ folder in this commit"
+            return self._finish(setup_log + f"{reason}\n".encode(), verdict="error",
+                                reason=reason)
+        return self.test(prepared, setup_log)
+
+    def _finish(self, output: bytes, **fields) -> Outcome:
+        """The job's result: ``fields`` added, then its duration."""
+        self.fields.update(fields)
+        self.fields["duration"] = f"{time.time() - self.started:.3f}"
+        return Outcome(self.fields, output)
+
+    def checkout(self) -> tuple[int, bool, bytes]:
+        """(exit code, timed out, its output): ``test_runner_script.sh``,
+        with --test-user in the runner's repository, the tree taken from
+        the test user for it and given back after."""
+        settings, private = self.settings, self.settings.private
+        if private is not None:
+            private.take_tree()
+        try:
+            with tempfile.TemporaryFile() as out:
+                code, timed_out = settings.slot.run(
+                    ["bash", script_path("test_runner_script.sh"), settings.repo, self.commit],
+                    settings.repo, settings.checkout_timeout, out, **git_run_args(private))
+                out.seek(0)
+                checkout_log = out.read(CHECKOUT_LOG_LIMIT)
+        finally:
+            if private is not None:
+                private.give_tree()
+        log.debug("checkout of %s took %.3fs", self.commit[:12], time.time() - self.started)
+        return code, timed_out, checkout_log
+
+    def prepare(self) -> tuple[environments.Prepared, bytes]:
+        """The recipe read and the environment made ready; the setup
+        fields are the job's.  The setup's log comes first in the output
+        but must leave room for the tests'."""
+        settings, slot = self.settings, self.settings.slot
+        with tempfile.TemporaryFile() as out:
+            run = environments.SetupRun(settings.repo, slot, child_env(slot.user), out,
+                                        slot.user)
+            prepared = settings.preparer.prepare(run, self.scope)
+            limit = settings.max_output if prepared.failed else settings.max_output // 4
+            setup_log = read_bounded(out, limit)
+        self.fields.update(prepared.fields)
+        return prepared, setup_log
+
+    def test(self, prepared: environments.Prepared, setup_log: bytes) -> Outcome:
+        """Run the tests (or this shard's share) and judge them."""
+        settings = self.settings
+        with tempfile.TemporaryFile() as out, \
+                junit_capture.Capture(settings.repo, settings.junit_pattern) as capture:
+            line = command_line.build(settings.repo, prepared.command, prepared.python,
+                                      self.shard, capture)
+            if line.shards is not None:
+                self.fields["shards"] = line.shards
+            if line.argv is None:
+                note = f"shard {self.shard.index}/{self.shard.total}: {line.label}, " \
+                       "nothing to run\n"
+                return self._finish(setup_log + note.encode(), verdict="passed", exit_code=0)
+            if settings.slot.user and capture.tmp:
+                # The recorder runs as the test user and writes its file here.
+                settings.slot.user.own(capture.tmp)
+            try:
+                code, timed_out = settings.slot.run(line.argv, settings.repo,
+                                                    prepared.timeout, out, prepared.env)
+            except OSError as exc:
+                return self._finish(
+                    setup_log + f"cannot start test command {line.argv!r}: {exc}\n".encode(),
+                    verdict="error", reason=f"cannot start test command: {exc}")
+            log.debug("tests of %s ran %.3fs", self.commit[:12], time.time() - self.started)
+            junit = capture.collect(timed_out, settings.max_output // 4)
+            output = read_bounded(out, settings.max_output - len(setup_log) - len(junit.xml))
+        verdict, counts, reason = judge(code, timed_out, output, junit.counts)
+        self.fields.update(junit.fields(), **({"reason": reason} if reason else {}))
+        outcome = self._finish(setup_log + output, verdict=verdict, tests=counts.tests,
+                               failures=counts.failures, errors=counts.errors,
+                               skipped=counts.skipped, exit_code=code)
+        return dataclasses.replace(outcome, junit_xml=junit.xml)
+
+
+def parse_checkout_meta(log_bytes: bytes) -> dict:
+    """The ``ci-meta`` line test_runner_script.sh prints after checkout:
+    the commit's author, time and subject for the result header (one
+    printable line each, capped: a subject is whatever its author typed)."""
+    for line in reversed(log_bytes.splitlines()):
+        if line.startswith(b"ci-meta\t"):
+            parts = line.decode("utf-8", "replace").split("\t", 4)[1:]
+            if len(parts) == 4:
+                return {k: one_line(v, 200) for k, v in zip(META_FIELDS, parts)
+                        if k != "commit"}
+    return {}
+
+
+def read_bounded(handle, limit: int) -> bytes:
+    """Read a whole output file, or its head and tail with a visible marker
+    when it exceeds ``limit`` (summaries are at the end, so the tail is
+    the larger part)."""
+    size = handle.seek(0, os.SEEK_END)
+    handle.seek(0)
+    if size <= limit:
+        return handle.read()
+    keep = max(limit - 200, 0)
+    head = handle.read(keep // 4)
+    handle.seek(size - (keep - keep // 4))
+    tail = handle.read()
+    marker = (f"\n[... output truncated by the runner: {size - len(head) - len(tail)} "
+              f"of {size} bytes omitted ...]\n").encode()
+    return head + marker + tail

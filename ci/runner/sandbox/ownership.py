@@ -1,0 +1,127 @@
+"""Giving a tree to a user and taking it back (``--test-user``), as root,
+in a tree that user's left-over processes may still be changing: the one
+place ownership changes are made (the environments, the working tree)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def chown_tree(path: str, uid: int, gid: int, strip: int = 0,
+               skip: tuple[str, ...] = (), drop: tuple[str, ...] = (),
+               copy_links: bool = False) -> None:
+    """Give a whole tree (an environment, a working tree) to ``uid``
+    (symlinks themselves, never their targets), taking the ``strip``
+    permission bits away; the top-level names in ``skip`` are left alone,
+    the names in ``drop`` below the top level are removed.
+
+    A file with more than one link is never given: the test user could
+    have linked a file from outside the tree into it (one it can write, or
+    any one where fs.protected_hardlinks is off), and giving the inode
+    away would give that file away.  It is removed, or with ``copy_links``
+    replaced by a copy of its own: installers link files from their cache
+    (uv does by default), and a built environment must keep them.  Only
+    for a tree given to the runner: the copy keeps the link's mode bits,
+    so it is no more readable than the file it was linked to.
+
+    The test user may own the tree and a process it left behind may still
+    be changing it, so every change goes through a file descriptor opened
+    without following symlinks (and every folder is entered through its
+    parent's descriptor): a name swapped for a symlink after it was looked
+    at must not lead a chmod, run as root, to the runner's key file."""
+    def give(fd: int, mode: int) -> None:
+        os.fchown(fd, uid, gid)
+        if strip:
+            os.fchmod(fd, stat.S_IMODE(mode) & ~strip)
+
+    top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        give(top, os.fstat(top).st_mode)
+    finally:
+        os.close(top)
+    for folder, dirs, files, folder_fd in os.fwalk(path, follow_symlinks=False):
+        if skip and folder == path:
+            dirs[:] = [d for d in dirs if d not in skip]
+            files = [f for f in files if f not in skip]
+        elif drop:
+            for name in drop:
+                if name in dirs or name in files:
+                    _remove(name, folder_fd, folder)
+            dirs[:] = [d for d in dirs if d not in drop]
+            files = [f for f in files if f not in drop]
+        # Sub-folders are given away here, as entries of their parent,
+        # before the walk enters them.
+        for name in [*dirs, *files]:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
+                             dir_fd=folder_fd)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                # A symlink (ELOOP), or a socket that cannot be opened:
+                # change the entry itself, never what it points to.
+                try:
+                    os.chown(name, uid, gid, dir_fd=folder_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass
+                continue
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1:
+                    if copy_links and stat.S_ISREG(info.st_mode):
+                        _replace_with_copy(name, fd, folder_fd,
+                                           lambda out: give(out, info.st_mode))
+                        continue
+                    log.warning("removing %s: a hard link, never given away",
+                                os.path.join(folder, name))
+                    _remove(name, folder_fd, folder)
+                    continue
+                give(fd, info.st_mode)
+            finally:
+                os.close(fd)
+
+
+def _replace_with_copy(name: str, fd: int, folder_fd: int, give) -> None:
+    """Put a file of its own, with the data of ``fd`` and given by
+    ``give``, in the place of the hard link ``name``."""
+    tmp = f".ci-copy-{os.getpid()}"
+    try:
+        os.unlink(tmp, dir_fd=folder_fd)
+    except FileNotFoundError:
+        pass
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                  dir_fd=folder_fd)
+    try:
+        with open(fd, "rb", closefd=False) as source, open(out, "wb", closefd=False) as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
+        give(out)
+        os.replace(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=folder_fd)
+        except FileNotFoundError:
+            pass
+        raise
+    finally:
+        os.close(out)
+
+
+def _remove(name: str, folder_fd: int, folder: str) -> None:
+    """Remove an entry of a folder (a folder with its contents), never
+    following a symlink."""
+    try:
+        if stat.S_ISDIR(os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode):
+            if sys.version_info >= (3, 11):
+                shutil.rmtree(name, dir_fd=folder_fd)
+            else:
+                shutil.rmtree(os.path.join(folder, name))
+        else:
+            os.unlink(name, dir_fd=folder_fd)
+    except FileNotFoundError:
+        pass
