@@ -34,7 +34,8 @@ def xml_of(cluster, commit: str) -> ET.Element:
 
 def suite_counts(root: ET.Element) -> dict[str, int]:
     suite = root.find("testsuite")
-    assert {k: root.get(k) for k in COUNTS} == {k: suite.get(k) for k in COUNTS}
+    # junit-10.xsd allows no skipped count on testsuites.
+    assert {k: root.get(k) for k in COUNTS[:3]} == {k: suite.get(k) for k in COUNTS[:3]}
     return {k: int(suite.get(k)) for k in COUNTS}
 
 
