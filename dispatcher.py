@@ -33,6 +33,8 @@ from ci import jobspec
 from ci import state_schema
 from ci.dispatch.state import DispatcherState, Job, Runner
 from ci.notify import flags as notify_flags
+from ci.history import store as history_store
+from ci.history.writer import HistoryWriter
 from ci.dispatch.journal import BRANCH_RE, Journal, parse_meta_line, TOKEN_RE
 from ci.config import ArgumentParser, ConfigError, add_common_arguments, configure_logging
 from ci.files import ensure_dir
@@ -613,6 +615,8 @@ def main(argv=None) -> int:
         state.recover(args.restart_grace)
         if notifier:
             state.listeners.append(notifier.result_written)
+        history = HistoryWriter(os.path.join(state_dir, history_store.FILE_NAME), results_dir)
+        state.listeners.append(history.result_written)
         dispatcher = Dispatcher(state, security, args.ping_interval, args.ping_misses,
                                 args.ping_timeout, args.job_timeout, args.workers,
                                 args.prefetch_runners)
@@ -634,12 +638,14 @@ def main(argv=None) -> int:
              ", ".join(state.trusted_branches))
     if notifier:
         notifier.start(state.is_pending)
+    history.start()
     dispatcher.start()
 
     def stop():
         dispatcher.stop()
         if notifier:
             notifier.stop()
+        history.stop()
     helpers.serve_until_signalled(server, on_stop=stop)
     log.info("dispatcher stopped")
     return 0
