@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 
 from support.cluster import FAILING_TEST, git, wait_until
-from support.dashboard import commit_id
+from support.dashboard import EVIL, LONG_ID, commit_id, write_history
 from ci.history import store
 from ci.history.queries import HistoryReader, Unavailable
-from ci.history.writer import HistoryWriter
 from ci.outcome import Outcome
-from ci.results import ERROR, FAILED, PASSED, TestRecord
+from ci.results import FAILED, PASSED, TestRecord
 
 BROKEN = "test_broken.TestBroken.test_wrong"
 SAMPLE = "test_sample.TestSample.test_ok"
@@ -69,34 +67,9 @@ def test_results_from_real_daemons_land_in_the_store(cluster, upstream, dashboar
     wait_until(lambda: outcomes(reader, BROKEN) == [FAILED, FAILED], 15, what="the catch-up")
 
 
-# A test id too long to link by name (each part at the records' cap, 500).
-LONG_CLASS, LONG_NAME = "t." + "C" * 298, "long_" + "y" * 495
-LONG_ID = f"{LONG_CLASS}.{LONG_NAME}"
-EVIL = '<img src=x onerror="alert(1)">&"\'' + "é" * 3
-
-
 @pytest.fixture
-def history(results, tmp_path):
-    """Result files and their store beside them, where the dashboard looks."""
-    base = time.time() - 600
-    commits = []
-    for n in range(8):
-        commit = commit_id(0x3000 + n)
-        outcome = FAILED if n % 4 == 1 else PASSED
-        Outcome({"commit": commit, "verdict": "failed" if outcome == FAILED else "passed",
-                 "branch": "main", "runner": "runner-a"}, b"out\n",
-                (TestRecord("t.T", "test_flaky", outcome, 0.1 * (n + 1)),
-                 TestRecord("t.T", EVIL, ERROR, 0.01),
-                 TestRecord(LONG_CLASS, LONG_NAME, PASSED, 3.0))).write(str(results), commit)
-        os.utime(results / commit, (base + n, base + n))
-        commits.append(commit)
-    state = tmp_path / "dispatcher_state"
-    state.mkdir()
-    writer = HistoryWriter(str(state / store.FILE_NAME), str(results))
-    writer.start()
-    assert writer.ready.wait(10)
-    writer.stop()
-    return commits
+def history(results):
+    return write_history(results)
 
 
 def test_dashboard_test_pages_over_http(results, history, dashboards):
