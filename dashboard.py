@@ -1,6 +1,7 @@
 """The CI's web dashboard: a read-only view of the results folder, plus the
 dispatcher's live state (queue, running jobs, runners, live output) asked
-over the signed protocol.
+over the signed protocol, and its test history store (``--history``, read
+only: ci/history/queries.py).
 
     python dashboard.py --results-dir test_results --dispatcher-server localhost:8888
 

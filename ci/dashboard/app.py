@@ -208,9 +208,9 @@ class Dashboard:
     def _failing_tests(self, commit: str) -> list[dict]:
         """The commit's failing tests; those named by their JUnit id link
         to their history page."""
-        tests = self.index.test_report(commit)
+        tests = self.index.test_report(commit, with_source=True)
         for test in tests:
-            if test.get("source") == "junit":
+            if test.pop("source") == "junit":
                 test["url"] = history_pages.test_url(test["name"], store_key(test["name"]))
         return tests
 
