@@ -18,6 +18,7 @@ headers, connection limits).
 from __future__ import annotations
 
 import hashlib
+import functools
 import hmac
 import http.server
 import logging
@@ -37,7 +38,7 @@ from ci.dashboard.live import LiveState
 from ci.history import store as history_store
 from ci.history.queries import HistoryReader
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, add_per_client_argument,
-    check_per_client, configure_logging)
+    check_per_client, check_port, configure_logging, positive)
 from ci.security import is_loopback, security_from_args
 from ci.wire import one_line, parse_address, read_secret_file
 
@@ -310,16 +311,16 @@ def build_parser() -> ArgumentParser:
                              "(bearer header, or the cookie /login?token= sets)")
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --host without --token-file")
-    parser.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
+    parser.add_argument("--request-timeout", type=positive(float), default=DEFAULT_REQUEST_TIMEOUT,
                         metavar="SECONDS",
                         help="cut off a client that has not sent its request by then "
                              "(default: %(default)s)")
-    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+    parser.add_argument("--max-connections", type=positive(int), default=DEFAULT_MAX_CONNECTIONS,
                         help="HTTP connections served at once; more get 503 "
                              "(default: %(default)s)")
     add_per_client_argument(parser, "HTTP connections (slow, half-sent requests "
                                     "included)")
-    parser.add_argument("--scan-interval", type=float, default=dashboard_index.SCAN_INTERVAL,
+    parser.add_argument("--scan-interval", type=positive(float), default=dashboard_index.SCAN_INTERVAL,
                         metavar="SECONDS",
                         help="look for new result files at most this often "
                              "(default: %(default)s)")
@@ -338,14 +339,8 @@ def load_token(path: str | None) -> bytes | None:
 
 def make_server(args) -> DashboardServer:
     """Check the flags and build the server (not yet serving)."""
-    for name in ("request_timeout", "scan_interval"):
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-    if args.max_connections < 1:
-        raise ConfigError("--max-connections must be at least 1")
     check_per_client(args)
-    if not 0 <= args.port < 65536:
-        raise ConfigError("--port must be 0-65535")
+    check_port(args)
     token = load_token(args.token_file)
     if not is_loopback(args.host) and token is None and not args.insecure:
         raise ConfigError(
@@ -365,7 +360,8 @@ def make_server(args) -> DashboardServer:
     index = dashboard_index.ResultIndex(results, args.scan_interval)
     history = args.history or os.path.join(os.path.dirname(results), "dispatcher_state",
                                            history_store.FILE_NAME)
-    app = Dashboard(index, LiveState(dispatcher, security), HistoryReader(history))
+    ask = functools.partial(helpers.call, security=security)  # the signed client call
+    app = Dashboard(index, LiveState(dispatcher, ask), HistoryReader(history))
     try:
         return DashboardServer((args.host, args.port), app, token, args.insecure,
                                args.request_timeout, args.max_connections,

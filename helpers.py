@@ -17,6 +17,7 @@ import ssl
 import sys
 import threading
 import time
+
 from ci.config import ArgumentParser, ConfigError, add_common_arguments, configure_logging
 from ci.security import Security, security_from_args
 from ci.wire import (Busy, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, MAGIC, Message,
@@ -28,16 +29,13 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------
-# Validation of values that come from the network or the command line.
+# Addresses and budgets.
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on right now (the OS picks it)."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-# --------------------------------------------------------------------------
 
 
 class ByteBudget:
@@ -59,9 +57,6 @@ class ByteBudget:
     def give(self, count: int) -> None:
         with self._lock:
             self.used -= count
-
-
-# Security settings shared by clients and servers.
 
 
 # --------------------------------------------------------------------------
@@ -170,92 +165,116 @@ class MessageHandler(socketserver.BaseRequestHandler):
     Whatever the peer sends, the reply is a frame (``ok``, ``busy``, ``error:``
     ...) or a closed connection; no exception escapes to the server loop."""
 
+    held = 0  # message bytes taken from the server's budget, given back in finish()
+
     def handle(self) -> None:
-        server: MessageServer = self.server  # type: ignore[assignment]
-        sec = server.security
-        peer = format_address(self.client_address[:2]) if self.client_address else "?"
-        sock = self.request
-        nonce = ""
+        """Serve one request: every outcome but a broken connection (or a
+        refused TLS handshake, answered by ``_server_handshake``) gets a
+        reply frame, signed with the key the request was signed with."""
+        sec = self.server.security
+        self.peer = format_address(self.client_address[:2]) if self.client_address else "?"
+        self.sock, self.nonce, self.reply_key = self.request, "", sec.secret
         unread = False
-        reply_key = sec.secret
         try:
             cert_role = None
             if sec.server_tls:
-                sock, cert_role = _server_handshake(sec, sock, peer)
-                if sock is None:
+                self.sock, cert_role = _server_handshake(sec, self.sock, self.peer)
+                if self.sock is None:
                     return
-            if server.over_capacity:
-                raise Busy("server busy, try later")
-            header, payload = read_frame(sock, sec.max_message, sec.read_timeout,
-                                         server.budget)
-            self.held = header.length  # given back to the budget in finish()
-            nonce = header.nonce
-            role, name = "admin", None
-            if sec.secret:
-                found = sec.lookup(header.key_id)
-                if found is None:
-                    raise ProtocolError(f"unknown or revoked key {header.key_id!r}")
-                reply_key, role, name = found
-            verify_frame(header, payload, reply_key, nonces=sec.nonces, window=sec.window)
-            if cert_role is not None:
-                # The certificate names the role too; with a key, both must
-                # agree.  A frame signed with this server's own issued key is
-                # the exception: its one other holder is the dispatcher, which
-                # derives it to call us, and the certificate says which it is.
-                own_key = sec.keyring is None and sec.key_id is not None
-                if role not in ("admin", cert_role) and not own_key:
-                    raise Reply(f"key role {role} does not match certificate role "
-                                f"{cert_role}")
-                role = cert_role
-            message = decode_message(payload)
-            method = server.commands.get(message.command)
-            if method is None:
-                raise Reply(f"unknown command {message.command!r}")
-            allowed = server.permissions.get(message.command)
-            if allowed is not None and role != "admin" and role not in allowed:
-                raise Reply(f"{message.command} is not allowed for role {role}")
-            answer = method(message, Peer(peer, role, name))
-        except Reply as exc:
-            log.warning("refused request from %s: %s", peer, exc.text)
-            answer = Message("error", exc.text)
-        except Busy as exc:
-            log.warning("refused request from %s: %s", peer, exc)
-            answer = Message("busy", str(exc))
-            unread = True
-        except ProtocolError as exc:
-            # A hang-up before a whole frame is what port probes do: not
-            # worth a warning, but a half-closed peer still gets the reason.
-            level = (logging.DEBUG if isinstance(exc, NoRequest) else
-                     logging.INFO if isinstance(exc, PeerClosed) else logging.WARNING)
-            log.log(level, "bad message from %s: %s", peer, exc)
-            answer = Message("error", ascii_line(str(exc)))
-            # A slow peer has had its time; anyone else may still be
-            # sending, and must read our reply before the close resets it.
-            unread = not isinstance(exc, (ReadTimeout, PeerClosed))
+            answer = self._serve(cert_role)
+        except (Reply, ProtocolError) as exc:
+            answer, unread = self._refusal(exc)
         except OSError as exc:
-            log.info("connection from %s failed: %s", peer, exc)
+            log.info("connection from %s failed: %s", self.peer, exc)
             return
         except Exception:
-            log.exception("internal error serving %s", peer)
+            log.exception("internal error serving %s", self.peer)
             answer = Message("error", "internal error")
+        self._reply(answer, unread)
+
+    def _serve(self, cert_role: str | None) -> Message:
+        """Read, authenticate, check the role and run the command's
+        handler: its reply.  Raises what ``handle`` turns into a refusal."""
+        server: MessageServer = self.server  # type: ignore[assignment]
+        sec = server.security
+        if server.over_capacity:
+            raise Busy("server busy, try later")
+        header, payload = read_frame(self.sock, sec.max_message, sec.read_timeout,
+                                     server.budget)
+        self.held = header.length  # given back to the budget in finish()
+        self.nonce = header.nonce
+        role, name = self._authenticate(header, payload, cert_role)
+        message = decode_message(payload)
+        method = server.commands.get(message.command)
+        if method is None:
+            raise Reply(f"unknown command {message.command!r}")
+        allowed = server.permissions.get(message.command)
+        if allowed is not None and role != "admin" and role not in allowed:
+            raise Reply(f"{message.command} is not allowed for role {role}")
+        return method(message, Peer(self.peer, role, name))
+
+    def _authenticate(self, header, payload: bytes, cert_role: str | None):
+        """(role, name) the frame's key (and TLS certificate) proves; the
+        reply is then signed with that key.  Raises ProtocolError for an
+        unknown key or a bad signature, Reply when key and certificate
+        disagree."""
+        sec = self.server.security
+        role, name = "admin", None
+        if sec.secret:
+            found = sec.lookup(header.key_id)
+            if found is None:
+                raise ProtocolError(f"unknown or revoked key {header.key_id!r}")
+            self.reply_key, role, name = found
+        verify_frame(header, payload, self.reply_key, nonces=sec.nonces, window=sec.window)
+        if cert_role is not None:
+            # The certificate names the role too; with a key, both must
+            # agree.  A frame signed with this server's own issued key is
+            # the exception: its one other holder is the dispatcher, which
+            # derives it to call us, and the certificate says which it is.
+            own_key = sec.keyring is None and sec.key_id is not None
+            if role not in ("admin", cert_role) and not own_key:
+                raise Reply(f"key role {role} does not match certificate role "
+                            f"{cert_role}")
+            role = cert_role
+        return role, name
+
+    def _refusal(self, exc: Exception) -> tuple[Message, bool]:
+        """The reply to a refused request, logged, and whether the peer may
+        still be sending (then its input is drained after the reply)."""
+        if isinstance(exc, Reply):
+            log.warning("refused request from %s: %s", self.peer, exc.text)
+            return Message("error", exc.text), False
+        if isinstance(exc, Busy):
+            log.warning("refused request from %s: %s", self.peer, exc)
+            return Message("busy", str(exc)), True
+        # A hang-up before a whole frame is what port probes do: not
+        # worth a warning, but a half-closed peer still gets the reason.
+        level = (logging.DEBUG if isinstance(exc, NoRequest) else
+                 logging.INFO if isinstance(exc, PeerClosed) else logging.WARNING)
+        log.log(level, "bad message from %s: %s", self.peer, exc)
+        # A slow peer has had its time; anyone else may still be
+        # sending, and must read our reply before the close resets it.
+        return (Message("error", ascii_line(str(exc))),
+                not isinstance(exc, (ReadTimeout, PeerClosed)))
+
+    def _reply(self, answer: Message, unread: bool) -> None:
+        """Send ``answer`` (draining the peer's unread input after it when
+        asked), then close the TLS layer if there is one."""
         try:
             frame = encode_frame(encode_message(answer.command, answer.argument, answer.body),
-                                 reply_key, reply_to=nonce)
-            sock.settimeout(sec.read_timeout)
-            sock.sendall(frame)
+                                 self.reply_key, reply_to=self.nonce)
+            self.sock.settimeout(self.server.security.read_timeout)
+            self.sock.sendall(frame)
             if unread:
-                _drain(sock)
+                _drain(self.sock)
         except (OSError, ssl.SSLError, ProtocolError) as exc:
-            log.info("could not reply to %s: %s", peer, exc)
+            log.info("could not reply to %s: %s", self.peer, exc)
         finally:
-            if sock is not self.request:
+            if self.sock is not self.request:
                 try:
-                    sock.close()
+                    self.sock.close()
                 except OSError:
                     pass
-
-
-    held = 0
 
     def finish(self) -> None:
         if self.held:
@@ -507,13 +526,3 @@ def serve_until_signalled(server: MessageServer, on_stop=None,
     if on_stop:
         on_stop()
     server.server_close()
-
-
-# --------------------------------------------------------------------------
-# Files.
-
-
-# --------------------------------------------------------------------------
-# Git, through one helper.
-
-

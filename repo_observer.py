@@ -40,7 +40,8 @@ import time
 import helpers
 from ci import procgroup
 from ci.backoff import Backoff
-from ci.config import ArgumentParser, ConfigError, add_common_arguments, configure_logging
+from ci.config import (ArgumentParser, ConfigError, add_common_arguments, configure_logging,
+    positive)
 from ci.files import atomic_write, ensure_dir
 from ci.git import GitError, run_git, script_path
 from ci.security import Security, check_bind_allowed, persist_nonces, security_from_args
@@ -473,14 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("repo", metavar="REPO", help="the observer's own clone of the upstream")
     parser.add_argument("--dispatcher-server", default=DEFAULT_DISPATCHER, metavar="HOST:PORT",
                         help="the dispatcher's address (default: %(default)s)")
-    parser.add_argument("--poll", type=float, default=DEFAULT_POLL, metavar="SECONDS",
+    parser.add_argument("--poll", type=positive(float), default=DEFAULT_POLL, metavar="SECONDS",
                         help="seconds between polls of the upstream (default: %(default)s)")
     parser.add_argument("--branch", action="append", metavar="PATTERN",
                         help="branch to watch, or a glob pattern such as 'feature/*'; repeat "
                              "for several (default: the upstream's default branch)")
     parser.add_argument("--all-branches", action="store_true",
                         help="watch every branch of the upstream")
-    parser.add_argument("--new-branch-limit", type=int, default=DEFAULT_NEW_BRANCH_LIMIT,
+    parser.add_argument("--new-branch-limit", type=positive(int), default=DEFAULT_NEW_BRANCH_LIMIT,
                         metavar="N",
                         help="a new branch's first poll dispatches at most its newest N "
                              "commits of its own (default: %(default)s)")
@@ -507,8 +508,6 @@ def main(argv=None) -> int:
     configure_logging(args.log_level)
     server = None
     try:
-        if args.poll <= 0:
-            raise ConfigError("--poll must be positive")
         try:
             dispatcher = parse_address(args.dispatcher_server)
         except ValueError as exc:
@@ -518,8 +517,6 @@ def main(argv=None) -> int:
             raise ConfigError(f"{args.repo} is not a git clone (no .git folder)")
         if args.all_branches and args.branch:
             raise ConfigError("give --branch or --all-branches, not both")
-        if args.new_branch_limit < 1:
-            raise ConfigError("--new-branch-limit must be at least 1")
         branches = args.branch or ([] if args.all_branches else [default_branch(repo)])
         for pattern in branches:
             if not valid_pattern(pattern):

@@ -23,7 +23,7 @@ import time
 
 import helpers
 from ci.results import read_header
-from ci.config import ArgumentParser, ConfigError
+from ci.config import ArgumentParser, ConfigError, positive
 from ci.wire import one_line, valid_full_commit
 
 log = logging.getLogger("run_local")
@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for clones, state and logs (default: %(default)s)")
     parser.add_argument("--results-dir", default="test_results",
                         help="where result files land (default: %(default)s)")
-    parser.add_argument("--runners", type=int, default=2,
+    parser.add_argument("--runners", type=positive(int), default=2,
                         help="number of test runners (default: %(default)s)")
     parser.add_argument("--poll", type=float, default=2.0,
                         help="observer poll interval in seconds (default: %(default)s)")
@@ -252,8 +252,6 @@ def main(argv=None) -> int:
     results = os.path.abspath(args.results_dir)
     procs = Processes(os.path.join(work, "logs"))
     try:
-        if args.runners < 1:
-            raise ConfigError("--runners must be at least 1")
         if args.repo and not os.path.isdir(os.path.join(args.repo, ".git")) \
                 and not os.path.isfile(os.path.join(args.repo, "HEAD")):
             raise ConfigError(f"{args.repo} is not a git repository")

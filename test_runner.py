@@ -39,7 +39,8 @@ from ci import state_schema
 from ci.runner import user_sandbox
 from ci.runner import user_access
 from ci.backoff import Backoff
-from ci.config import ArgumentParser, ConfigError, add_common_arguments, configure_logging
+from ci.config import (ArgumentParser, ConfigError, add_common_arguments, configure_logging,
+    positive)
 from ci.files import atomic_write, ensure_dir
 from ci.git import script_path
 from ci.security import Security, check_bind_allowed, persist_nonces, security_from_args
@@ -1005,7 +1006,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "the clone (e.g. 'reports/*.xml'), read for per-test results; "
                              "not needed for unittest and pytest commands, whose results "
                              "are recorded anyway")
-    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+    parser.add_argument("--timeout", type=positive(float), metavar="SECONDS",
                         help="kill the tests after this long; verdict 'timeout' "
                              f"(default: {DEFAULT_TIMEOUT:g}, or --max-timeout if lower)")
     parser.add_argument("--setup-command", metavar="COMMAND",
@@ -1013,40 +1014,41 @@ def build_parser() -> argparse.ArgumentParser:
                              "virtual environment in the clone's root (split like a shell "
                              "would, never run by one; e.g. \"python -m pip install -e "
                              ".[test]\"; default: none; a repository's .ci.ini may set it)")
-    parser.add_argument("--setup-timeout", type=float, metavar="SECONDS",
+    parser.add_argument("--setup-timeout", type=positive(float), metavar="SECONDS",
                         help="limit for building an environment; verdict 'error' "
                              f"(default: {environments.DEFAULT_SETUP_TIMEOUT:g}, or "
                              "--max-timeout if lower)")
-    parser.add_argument("--max-timeout", type=float, metavar="SECONDS",
+    parser.add_argument("--max-timeout", type=positive(float), metavar="SECONDS",
                         help="the most a repository's .ci.ini may raise timeout and "
                              "setup_timeout to (default: it may only lower them)")
     parser.add_argument("--ignore-repo-recipe", action="store_true",
                         help="do not read .ci.ini from the commits: only these flags decide")
-    parser.add_argument("--keep-envs", type=int, default=environments.DEFAULT_KEEP,
+    parser.add_argument("--keep-envs", type=positive(int), default=environments.DEFAULT_KEEP,
                         metavar="N",
                         help="keep the N most recently used environments, delete older ones "
                              "(default: %(default)s)")
     parser.add_argument("--env-dir", metavar="DIR",
                         help="folder for this runner's environments, not shared with another "
                              "runner (default: STATE_DIR/envs)")
-    parser.add_argument("--checkout-timeout", type=float, default=DEFAULT_CHECKOUT_TIMEOUT,
+    parser.add_argument("--checkout-timeout", type=positive(float), default=DEFAULT_CHECKOUT_TIMEOUT,
                         metavar="SECONDS",
                         help="limit for fetch and checkout (default: %(default)s)")
     parser.add_argument("--state-dir",
                         help="folder for the outbox of undelivered results "
                              "(default: REPO/.git/ci-runner)")
-    parser.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT,
+    parser.add_argument("--heartbeat", type=positive(float), default=DEFAULT_HEARTBEAT,
                         metavar="SECONDS",
                         help="seconds between re-registrations with the dispatcher "
                              "(default: %(default)s)")
-    parser.add_argument("--retry-max", type=float, default=DEFAULT_RETRY_MAX,
+    parser.add_argument("--retry-max", type=positive(float), default=DEFAULT_RETRY_MAX,
                         metavar="SECONDS",
                         help="longest wait between retries while the dispatcher is away "
                              "(default: %(default)s)")
     parser.add_argument("--dispatcher-timeout", type=float, metavar="SECONDS",
                         help="exit when the dispatcher has been unreachable this long "
                              "(default: wait forever)")
-    parser.add_argument("--progress-interval", type=float, default=DEFAULT_PROGRESS_INTERVAL,
+    parser.add_argument("--progress-interval", type=positive(float),
+                        default=DEFAULT_PROGRESS_INTERVAL,
                         metavar="SECONDS",
                         help="send the running test's new output to the dispatcher this "
                              "often, for live logs (default: %(default)s)")
@@ -1067,11 +1069,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     try:
-        for name in ("timeout", "checkout_timeout", "heartbeat", "retry_max",
-                     "setup_timeout", "max_timeout", "progress_interval"):
-            value = getattr(args, name)
-            if value is not None and not (0 < value < math.inf):
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         # A limit not given is its default, lowered to --max-timeout: only
         # a limit given above it is a contradiction.
         for name, default in (("timeout", DEFAULT_TIMEOUT),
@@ -1083,8 +1080,6 @@ def main(argv=None) -> int:
                 if getattr(args, name) > args.max_timeout:
                     raise ConfigError(f"--{name.replace('_', '-')} is larger than "
                                               "--max-timeout")
-        if args.keep_envs < 1:
-            raise ConfigError("--keep-envs must be at least 1")
         if args.port is not None and not 0 <= args.port < 65536:
             raise ConfigError("--port must be 0-65535")
         for flag in ("test_command", "setup_command"):

@@ -56,9 +56,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import helpers  # noqa: E402
 from ci.results import parse_result  # noqa: E402
+from support.procs import stat_fields, status_mb  # noqa: E402
 from ci.security import Security
 from ci.wire import decode_fields, parse_address
 
@@ -646,18 +648,15 @@ class Bench(Scenarios):
 def cpu_seconds(pid: int, children: bool = False) -> float:
     """User plus system time of a process so far (or of its reaped
     children: the runners' checkouts and test commands)."""
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rpartition(")")[2].split()
+    fields = stat_fields(pid)
+    if fields is None:
+        raise ProcessLookupError(pid)
     first = 13 if children else 11
     return (int(fields[first]) + int(fields[first + 1])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return status_mb(pid, "VmHWM")
 
 
 def main(argv=None) -> int:

@@ -36,8 +36,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import helpers  # noqa: E402
+from support.procs import status_mb  # noqa: E402
 from ci.security import Security
 from ci.wire import Message, encode_fields
 
@@ -105,14 +107,6 @@ def timed_get(port: int, path: str) -> tuple[float, int, int]:
     return (time.perf_counter() - started) * 1000, reply.status, len(body)
 
 
-def proc_status(pid: int, key: str) -> float:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark the web dashboard.")
     parser.add_argument("--results", type=int, default=10_000,
@@ -177,8 +171,8 @@ def main(argv=None) -> int:
             rows.append((f"{name}, p90", "–", f"{p90:.1f} ms", True))
             print(f"  {path}: median {median:.1f} ms, p90 {p90:.1f} ms, {size} bytes",
                   flush=True)
-        rss = proc_status(proc.pid, "VmRSS")
-        hwm = proc_status(proc.pid, "VmHWM")
+        rss = status_mb(proc.pid, "VmRSS")
+        hwm = status_mb(proc.pid, "VmHWM")
         rows.append(("dashboard RSS after the requests", f"< {TARGETS['rss']:.0f} MB",
                      f"{rss:.0f} MB (peak {hwm:.0f} MB)", hwm < TARGETS["rss"]))
     finally:

@@ -47,11 +47,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import helpers  # noqa: E402
 from bench import (CORES, PY, Scenarios, Upstream, run_scenarios, wait_for,  # noqa: E402
                    wait_for_port)
 from ci.results import parse_result  # noqa: E402
+from support.procs import cmdline, group_members, stat_fields  # noqa: E402
 from ci.wire import Message, ProtocolError, decode_fields, valid_full_commit
 
 free_port = helpers.free_port
@@ -143,33 +145,11 @@ def marked_test(markers: str, tag: str, sleep: float, passes: bool) -> dict[str,
                                                      passes=passes)}
 
 
-def live_in_group(pgid: int) -> list[int]:
-    """PIDs of processes in group ``pgid`` that are not zombies (Linux)."""
-    if pgid <= 1:
-        # Group 0 holds the kernel's threads: never ask about it.
-        raise ValueError(f"not a test's process group: {pgid}")
-    alive = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(entry))
-    return alive
-
-
 def describe(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            cmd = handle.read().replace(b"\0", b" ").decode("utf-8", "replace")
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rpartition(")")[2].split()
-    except OSError:
+    args, fields = cmdline(pid), stat_fields(pid)
+    if args is None or fields is None:
         return f"pid {pid} (gone)"
+    cmd = args.replace(b"\0", b" ").decode("utf-8", "replace")
     return f"pid {pid} state {fields[0]} ppid {fields[1]}: {cmd[:160]}"
 
 
@@ -277,12 +257,12 @@ class RecoveryBench(Scenarios):
             killed = time.monotonic()
             gone = None
             while time.monotonic() - killed < ORPHAN_LIMIT + 1:
-                if not live_in_group(pgid):
+                if not group_members(pgid):
                     gone = time.monotonic() - killed
                     break
                 time.sleep(0.01)
             if gone is None:
-                for pid in live_in_group(pgid):
+                for pid in group_members(pgid):
                     print(f"    still alive in group {pgid}: {describe(pid)}", flush=True)
             victim.wait(5)
             done = self.wait_result(results, commit, 60)
@@ -640,7 +620,7 @@ class Chaos:
                     table[self.cause_of_rerun(previous, start[1] / 1e9)]["dup runs"] += 1
                 duplicate_list.append((tag, commit[:12], len(ends)))
         leftovers = sorted({pg for r in runs.values() for _, _, pg, _ in r["start"]
-                            if pg > 1 and live_in_group(pg)})
+                            if pg > 1 and group_members(pg)})
         columns = ("kills", "results", "wrong", "rewritten", "stored 2x", "dup results",
                    "dup runs")
         print(f"  all results {drained:.1f}s after the last commit; skipped kills (target "

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from ci.wire import (DEFAULT_AUTH_WINDOW, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_CONNECTIONS,
                      DEFAULT_MAX_MESSAGE, DEFAULT_READ_TIMEOUT)
-from ci.wire import (DEFAULT_AUTH_WINDOW, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_MESSAGE, DEFAULT_READ_TIMEOUT)
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -29,6 +28,26 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive(kind=float):
+    """An argparse ``type=`` for a count or duration that must be above zero
+    (and finite): every entry point checks such flags the same way, so the
+    error reads the same everywhere, "argument --poll: must be positive" (an
+    ``int`` flag: "must be at least 1"), one line and exit status 2.
+
+    Only values given on the command line are checked; defaults are the
+    code's own and already valid (``None`` stays "not given")."""
+
+    def convert(text: str):
+        value = kind(text)  # ValueError: argparse says "invalid float value: 'x'"
+        if not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(
+                "must be at least 1" if kind is int else "must be positive")
+        return value
+
+    convert.__name__ = kind.__name__  # names the type in argparse's "invalid ... value"
+    return convert
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, server: bool = True) -> None:
@@ -48,23 +67,24 @@ def add_common_arguments(parser: argparse.ArgumentParser, server: bool = True) -
     group.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     group.add_argument("--tls-ca", metavar="PEM",
                        help="CA that signed every peer's certificate (enables mutual TLS)")
-    group.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE,
+    group.add_argument("--max-message-size", type=positive(int), default=DEFAULT_MAX_MESSAGE,
                        metavar="BYTES",
                        help="largest message accepted (default: %(default)s)")
-    group.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT,
+    group.add_argument("--read-timeout", type=positive(float), default=DEFAULT_READ_TIMEOUT,
                        metavar="SECONDS",
                        help="drop a connection that sends nothing for this long "
                             "(default: %(default)s)")
     if server:
-        group.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+        group.add_argument("--max-connections", type=positive(int),
+                           default=DEFAULT_MAX_CONNECTIONS,
                            help="connections served at once; more are refused "
                                 "(default: %(default)s)")
         add_per_client_argument(group, "connections")
-        group.add_argument("--max-buffered", type=int, default=DEFAULT_MAX_BUFFERED,
+        group.add_argument("--max-buffered", type=positive(int), default=DEFAULT_MAX_BUFFERED,
                            metavar="BYTES",
                            help="message bytes held at once over all connections; beyond "
                                 "it senders are told to retry (default: %(default)s)")
-    group.add_argument("--auth-window", type=float, default=DEFAULT_AUTH_WINDOW,
+    group.add_argument("--auth-window", type=positive(float), default=DEFAULT_AUTH_WINDOW,
                        metavar="SECONDS",
                        help="accepted clock difference for signed messages "
                             "(default: %(default)s)")
@@ -85,6 +105,12 @@ def check_per_client(args: argparse.Namespace) -> None:
     value = getattr(args, "max_per_client", None)
     if value is not None and not 1 <= value <= args.max_connections:
         raise ConfigError("--max-per-client must be between 1 and --max-connections")
+
+
+def check_port(args: argparse.Namespace) -> None:
+    """ConfigError unless ``--port`` is 0-65535 (0: any free port)."""
+    if not 0 <= args.port < 65536:
+        raise ConfigError("--port must be 0-65535")
 
 
 def configure_logging(level: str) -> None:

@@ -9,7 +9,6 @@ import stat
 import tempfile
 
 from ci.config import ConfigError
-from ci.config import ConfigError
 
 
 def atomic_write(path: str, data: bytes, fsync: bool = True) -> None:

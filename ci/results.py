@@ -48,11 +48,16 @@ def ordered_header(fields: Mapping) -> dict:
 
 
 def format_result(fields: Mapping, output: bytes) -> bytes:
+    """A result file's bytes: the header in its order, a blank line, the
+    output (``parse_result`` is the inverse)."""
     return encode_fields(ordered_header(fields)) + b"\n" + output
 
 
 def parse_result(data: bytes) -> tuple[dict[str, str], bytes]:
-    """Split a result file into its header fields and the test output."""
+    """Split a result file into its header fields and the test output: the
+    one parser of the format (``read_header`` applies it to a file's first
+    bytes; scripts, benchmarks and tests read whole files with it).
+    ProtocolError when the header is malformed or not yet complete."""
     head, sep, output = data.partition(b"\n\n")
     if not sep:
         raise ProtocolError("result has no header/output separator")
@@ -70,9 +75,7 @@ def read_header(path: str, limit: int = HEADER_READ) -> dict[str, str] | None:
     reader of headers for the dashboard, the notifier and run_local."""
     try:
         with open(path, "rb") as handle:
-            data = handle.read(limit)
-        head, sep, _ = data.partition(b"\n\n")
-        return decode_fields(head) if sep else None
+            return parse_result(handle.read(limit))[0]
     except (OSError, ProtocolError):
         return None
 

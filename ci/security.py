@@ -19,10 +19,6 @@ from ci.config import ConfigError, check_per_client
 from ci.files import atomic_write
 from ci.wire import (DEFAULT_AUTH_WINDOW, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_MESSAGE,
                      DEFAULT_READ_TIMEOUT, Busy, read_credentials)
-from ci.config import ConfigError, check_per_client
-from ci.files import atomic_write
-from ci.wire import (Busy, DEFAULT_AUTH_WINDOW, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_MESSAGE,
-    DEFAULT_READ_TIMEOUT, read_credentials)
 
 log = logging.getLogger(__name__)
 
@@ -263,13 +259,10 @@ def make_tls_contexts(cert: str | None, key: str | None, ca: str | None):
 
 
 def security_from_args(args: argparse.Namespace) -> Security:
-    for name in ("max_message_size", "max_connections", "max_buffered"):
-        if getattr(args, name, 1) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    """The keys, TLS contexts and limits the common flags ask for (their
+    sizes and durations are checked positive as they are parsed)."""
     if hasattr(args, "max_connections"):
         check_per_client(args)
-    if args.read_timeout <= 0 or args.auth_window <= 0:
-        raise ConfigError("--read-timeout and --auth-window must be positive")
     server_tls, client_tls = make_tls_contexts(args.tls_cert, args.tls_key, args.tls_ca)
     secret, key_id = load_credentials(args.secret_file)
     return Security(secret=secret, key_id=key_id, window=args.auth_window,

@@ -34,8 +34,7 @@ MAX_KEY = 300
 #   whole      shard 1 ran the whole suite (the command cannot be sharded)
 #   skipped    another shard, nothing run: shard 1 ran everything
 #   empty      no test files fell to this shard
-# (outcome.SHARDS_FIELD_RE is the field's format.)
-LABELS = ("", "whole", "skipped", "empty")
+# (outcome.SHARDS_FIELD_RE is the field's format and the one list of them.)
 # unittest's default discovery pattern and what it accepts as a module.
 UNITTEST_PATTERN = "test*.py"
 VALID_MODULE = re.compile(r"[_a-z]\w*\.py$", re.IGNORECASE)
@@ -228,7 +227,7 @@ def my_share(repo: str, files: list[tuple[str, str]], spec: ShardSpec) -> list[s
 @dataclasses.dataclass
 class ShardRun:
     command: list[str] | None   # None: run nothing (skipped or empty)
-    label: str                  # one of LABELS
+    label: str                  # "", whole, skipped or empty (see above)
     path_first: str | None = None   # folder to put first on sys.path (unittest)
 
 

@@ -65,7 +65,7 @@ class LazyPattern:
 COMMIT_RE = LazyPattern(r"[0-9a-f]{4,64}")
 FULL_COMMIT_RE = LazyPattern(r"[0-9a-f]{40}|[0-9a-f]{64}")
 COMMAND_RE = LazyPattern(r"[a-z_]{1,32}")
-# An assignment's token (see dispatch_state.py).
+# An assignment's token (see ci/dispatch/state.py).
 TOKEN_RE = LazyPattern(r"[0-9a-f]{16,64}")
 
 # Character sets for the checks on every message's path (plain loops: the

@@ -2,10 +2,16 @@
 daemons as processes (ended by PID in the finalisers), threaded stand-ins,
 and the dashboard's result folders.  Plain helpers live in tests/support/."""
 
+import os
+import signal
+
 import pytest
 
-from support.cluster import Cluster, Fleet, PASSING_TEST, Upstream
+from support.cluster import Cluster, FakeRunner, Fleet, PASSING_TEST, Upstream
 from support.dashboard import Dashboard, dead_address
+from support.faults import Notes, is_fault_process
+from support.privilege import KeyedRunner
+from support.procs import process_alive
 
 
 @pytest.fixture
@@ -74,3 +80,40 @@ def dashboards(tmp_path):
     yield start
     for item in made:
         item.close()
+
+
+@pytest.fixture
+def notes(tmp_path):
+    """Where the fault tests of the commits under test leave their notes
+    (see tests/support/faults.py)."""
+    folder = Notes(str(tmp_path / "notes"))
+    yield folder
+    # Test processes run in sessions of their own, so killing a daemon's
+    # group does not reach them; end any that are still there, by PID.
+    for pid in folder.pids():
+        if process_alive(pid) and is_fault_process(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def keyed_runners():
+    """Make runner stand-ins holding issued keys (see KeyedRunner); all
+    are closed after the test."""
+    made = []
+
+    def make(*names):
+        made.extend(KeyedRunner(name) for name in names)
+        return made[-len(names):]
+    yield make
+    for runner in made:
+        runner.close()
+
+
+@pytest.fixture
+def fake_runner(threaded_servers):
+    """Make runner stand-ins (FakeRunner) that answer ``runtest`` as the
+    test says; all are closed after the test."""
+    return lambda answers=None: threaded_servers(FakeRunner, answers)

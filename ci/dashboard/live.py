@@ -10,10 +10,8 @@ import logging
 import threading
 import time
 
-import helpers
 from ci import state_schema
 from ci.dashboard import index as dashboard_index
-from ci.security import Security
 from ci.wire import ProtocolError, format_address, one_line
 
 log = logging.getLogger("dashboard")
@@ -89,9 +87,13 @@ class LiveState:
     one state call in flight.  ``_log_lock`` serialises log calls (a
     commit's page polls once a second; they are cached per commit)."""
 
-    def __init__(self, address, security: Security, timeout: float = CALL_TIMEOUT):
+    def __init__(self, address, call, timeout: float = CALL_TIMEOUT):
+        # ``call(address, command, argument, timeout=, reply_timeout=)``
+        # returns the reply Message: the entry point passes the signed
+        # client call (helpers.call with its security settings), so this
+        # module needs neither the server side nor the keys.
         self.address = address
-        self.security = security
+        self.call = call
         self.timeout = timeout
         self._state_lock = threading.Lock()
         self._data_lock = threading.Lock()
@@ -103,8 +105,8 @@ class LiveState:
         self._logs: dict[str, tuple[float, tuple]] = {}
 
     def _call(self, command: str, argument: str = ""):
-        return helpers.call(self.address, command, argument, security=self.security,
-                            timeout=self.timeout, reply_timeout=self.timeout * 2)
+        return self.call(self.address, command, argument, timeout=self.timeout,
+                         reply_timeout=self.timeout * 2)
 
     def state(self) -> tuple[dict | None, str | None]:
         """(state, None) or (None, reason it is unavailable).  While one

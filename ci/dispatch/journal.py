@@ -28,16 +28,17 @@ import os
 import re
 import threading
 
-from ci.wire import TOKEN_RE
 from ci.files import atomic_write
-from ci.wire import valid_full_commit
+from ci.wire import TOKEN_RE, valid_full_commit
 
 BRANCH_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,255}")
 
 
 @dataclasses.dataclass
-class Assignment:
-    """One ``runtest`` that was really handed out: the token proves it."""
+class AssignmentRecord:
+    """The journal's record of one ``runtest`` that was really handed out
+    (an ``A`` line): the token proves it after a restart.  The live job,
+    with its runner's address and start time, is ``work.Job``."""
     token: str
     runner: str          # the runner's address key, host:port
     name: str | None     # the name of the runner's issued key, if any
@@ -46,7 +47,7 @@ class Assignment:
 @dataclasses.dataclass
 class Replayed:
     order: list = dataclasses.field(default_factory=list)       # queued, first first
-    assigned: dict = dataclasses.field(default_factory=dict)    # commit -> [Assignment]
+    assigned: dict = dataclasses.field(default_factory=dict)    # commit -> [AssignmentRecord]
     lost: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     done: set = dataclasses.field(default_factory=set)
     retest: set = dataclasses.field(default_factory=set)
@@ -68,16 +69,69 @@ def parse_meta_line(line: str) -> tuple[str, str | None, str] | None:
     return parts[0], previous, parts[2]
 
 
+# ---- the records, built and parsed here only ---------------------------------
+
+QUEUED, META, RETEST, ASSIGNED, LOST, SHARDED, DONE = "Q", "M", "R", "A", "L", "S", "D"
+# The kinds that are the commit id alone.
+BARE_KINDS = (QUEUED, RETEST, LOST, DONE)
+
+
+def queue_record(commit: str) -> str:
+    return f"{QUEUED} {commit}"
+
+
+def retest_record(commit: str) -> str:
+    return f"{RETEST} {commit}"
+
+
+def lost_record(commit: str) -> str:
+    return f"{LOST} {commit}"
+
+
+def done_record(commit: str) -> str:
+    return f"{DONE} {commit}"
+
+
 def meta_record(commit: str, branch: str, previous: str | None) -> str:
-    return f"M {commit} {previous or '-'} {branch}"
+    return f"{META} {commit} {previous or '-'} {branch}"
 
 
 def shard_record(commit: str, shards: int) -> str:
-    return f"S {commit} {shards}"
+    return f"{SHARDED} {commit} {shards}"
 
 
-def assign_record(commit: str, a: Assignment) -> str:
-    return f"A {commit} {a.token} {a.runner} {a.name or '-'}"
+def assign_record(commit: str, a: AssignmentRecord) -> str:
+    return f"{ASSIGNED} {commit} {a.token} {a.runner} {a.name or '-'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One parsed journal line.  ``value``: None for the bare kinds, the
+    (branch, previous) pair of ``M``, the ``AssignmentRecord`` of ``A``,
+    the shard count of ``S``."""
+    kind: str
+    commit: str
+    value: object = None
+
+
+def parse_record(line: str) -> Record | None:
+    """The record of one journal line; None for one that does not parse
+    (a torn tail, damage): replay skips it."""
+    parts = line.split(" ")
+    if len(parts) < 2 or not valid_full_commit(parts[1]):
+        return None
+    kind, commit = parts[0], parts[1]
+    if kind in BARE_KINDS and len(parts) == 2:
+        return Record(kind, commit)
+    if kind == META:
+        parsed = parse_meta_line(" ".join(parts[1:]))
+        return Record(kind, commit, (parsed[2], parsed[1])) if parsed else None
+    if kind == ASSIGNED and len(parts) == 5 and TOKEN_RE.fullmatch(parts[2]):
+        name = None if parts[4] == "-" else parts[4]
+        return Record(kind, commit, AssignmentRecord(parts[2], parts[3], name))
+    if kind == SHARDED and len(parts) == 3 and parts[2].isdigit():
+        return Record(kind, commit, int(parts[2]))
+    return None
 
 
 def replay_lines(data: bytes) -> Replayed:
@@ -85,28 +139,25 @@ def replay_lines(data: bytes) -> Replayed:
     out = Replayed()
     order: dict[str, None] = {}
     for raw in data.split(b"\n"):
-        parts = raw.decode("ascii", "replace").split(" ")
-        if len(parts) < 2 or not valid_full_commit(parts[1]):
+        record = parse_record(raw.decode("ascii", "replace"))
+        if record is None:
             continue
-        kind, commit = parts[0], parts[1]
-        if kind == "Q" and len(parts) == 2:
+        commit = record.commit
+        if record.kind == QUEUED:
             order.setdefault(commit)
-        elif kind == "M":
-            parsed = parse_meta_line(" ".join(parts[1:]))
-            if parsed:
-                out.meta[commit] = (parsed[2], parsed[1])
-        elif kind == "A" and len(parts) == 5 and TOKEN_RE.fullmatch(parts[2]):
-            name = None if parts[4] == "-" else parts[4]
-            out.assigned.setdefault(commit, []).append(Assignment(parts[2], parts[3], name))
-        elif kind == "L" and len(parts) == 2:
+        elif record.kind == META:
+            out.meta[commit] = record.value
+        elif record.kind == ASSIGNED:
+            out.assigned.setdefault(commit, []).append(record.value)
+        elif record.kind == LOST:
             out.lost[commit] += 1
-        elif kind == "D" and len(parts) == 2:
+        elif record.kind == DONE:
             out.done.add(commit)
             out.retest.discard(commit)
             out.sharded.discard(commit)
-        elif kind == "S" and len(parts) == 3:
+        elif record.kind == SHARDED:
             out.sharded.add(commit)
-        elif kind == "R" and len(parts) == 2:
+        elif record.kind == RETEST:
             out.retest.add(commit)
             # A retest starts a new round: earlier assignments are history.
             out.assigned.pop(commit, None)

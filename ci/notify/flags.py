@@ -15,11 +15,11 @@ from ci.notify.decider import DEFAULT_NOTIFY_ON, NOTIFY_ON
 from ci.notify.notifier import Notifier, Options
 from ci.notify.targets import DEFAULT_TIMEOUT, CommandTarget, WebhookTarget
 from ci.notify.worker import DEFAULT_RETRY_FOR, DEFAULT_RETRY_MAX
-from ci.config import ConfigError
+from ci.config import ConfigError, positive
 from ci.wire import one_line, read_secret_file
 
 
-# The flags that take a duration (each must be positive): flag, default, help.
+# The flags that take a duration (each checked positive as it is parsed): flag, default, help.
 SECONDS_FLAGS = (
     ("--notify-timeout", DEFAULT_TIMEOUT,
      "a command or webhook that takes longer has failed and is retried"),
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="change: broken and fixed only; failure: also every still-failing "
                             "or failing commit; all: every result (default: %(default)s)")
     for flag, default, text in SECONDS_FLAGS:
-        group.add_argument(flag, type=float, default=default, metavar="SECONDS",
+        group.add_argument(flag, type=positive(float), default=default, metavar="SECONDS",
                            help=f"{text} (default: %(default)s)")
     group.add_argument("--dashboard-url", metavar="URL",
                        help="link given with each notification (CI_URL, 'url'); '{commit}' in "
@@ -93,9 +93,6 @@ def _command_argv(command: str) -> list[str]:
 
 def from_args(args: argparse.Namespace, state_dir: str, results_dir: str) -> Notifier | None:
     """The notifier the flags ask for, or None; ConfigError for bad flags."""
-    for flag, _, _ in SECONDS_FLAGS:
-        if getattr(args, flag[2:].replace("-", "_")) <= 0:
-            raise ConfigError(f"{flag} must be positive")
     webhooks = [_check_http_url("--webhook", url) for url in args.webhook]
     if args.dashboard_url:
         _check_http_url("--dashboard-url", args.dashboard_url)

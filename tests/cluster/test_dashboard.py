@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+import helpers
 from support.cluster import PY, ROOT, send_raw, wait_until
 from support.dashboard import (
     StandInDispatcher, commit_id, red_green_history, write_result)
@@ -270,7 +271,7 @@ def test_a_result_that_lands_between_two_pages_is_not_also_running(results, stan
         {"commit": A, "branch": "main", "runner": "r1", "elapsed": 5.0}]}
     app = dashboard_app.Dashboard(di.ResultIndex(str(results), scan_interval=0),
                                   dashboard_live.LiveState(("127.0.0.1", stand_in.port),
-                                                           None))
+                                                           helpers.call))
     filters = app._filters({})
     before = app._overview_sections(filters)
     assert A[:10] in before["sec-active"] and A[:10] not in before["sec-commits"]

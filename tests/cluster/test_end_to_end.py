@@ -22,6 +22,7 @@ import pytest
 
 import helpers
 from support.cluster import FAILING_TEST, PY, ROOT, git, send_raw, wait_until
+from support.procs import cmdline, process_alive
 from ci.wire import Message, decode_fields, decode_header, decode_message, encode_frame
 
 LONG_POLL = "30"
@@ -191,15 +192,6 @@ def run_by_hand(upstream, commit: str, dest) -> tuple[str, str, str, str, str]:
             extra.get("skipped", "0"))
 
 
-def process_gone(pid: int) -> bool:
-    """Gone or a zombie: a zombie runs no code, it only waits to be reaped."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rpartition(")")[2].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 def recorded_pids(pid_dir: str) -> list[int]:
     pids = []
     for name in os.listdir(pid_dir):
@@ -216,13 +208,9 @@ def pid_dir(tmp_path):
     folder.mkdir()
     yield str(folder)
     for pid in recorded_pids(str(folder)):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                cmdline = handle.read()
-        except FileNotFoundError:
-            continue
-        ours = b"unittest" in cmdline or b"time.sleep" in cmdline
-        if ours and not process_gone(pid):
+        args = cmdline(pid) or b""
+        ours = b"unittest" in args or b"time.sleep" in args
+        if ours and process_alive(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -369,7 +357,7 @@ def test_runner_killed_mid_test_is_replaced(cluster, upstream, pid_dir):
     orphan = recorded_pids(pid_dir)[0]
     os.kill(victim.pid, signal.SIGKILL)  # the runner alone, not its group
     # Its watchdog ends the test it was running, though nobody restarts it.
-    wait_until(lambda: process_gone(orphan), 1.5, what="the killed runner's test to die")
+    wait_until(lambda: not process_alive(orphan), 1.5, what="the killed runner's test to die")
 
     fields = cluster.result(commit, timeout=30)
     assert fields["verdict"] == "passed"
@@ -395,7 +383,7 @@ def test_hung_test_times_out_and_the_runner_moves_on(cluster, upstream, pid_dir)
     assert 1.0 <= float(fields["duration"]) < 10
     pids = recorded_pids(pid_dir)
     assert len(pids) == 2
-    wait_until(lambda: all(process_gone(p) for p in pids), 5,
+    wait_until(lambda: not any(process_alive(p) for p in pids), 5,
                what="the hung test and its child to be killed")
 
     after = cluster.result(fixed, timeout=20)

@@ -2,11 +2,11 @@
 while they work, and every commit must still end with exactly one result
 file holding the right verdict.
 
-The commits under test carry ``tests/test_fault.py`` (``FAULT_TEST``),
-whose behaviour (sleep, fail, kill its runner, start a grandchild) is fixed
-per commit.  It leaves notes in ``$CI_FAULT_DIR`` so a test can tell when a
-run really is in progress, on which runner, and which processes it made,
-instead of guessing with sleeps.
+The commits under test carry ``tests/test_fault.py`` (see
+tests/support/faults.py), whose behaviour (sleep, fail, kill its runner,
+start a grandchild) is fixed per commit; the notes it leaves (the ``notes``
+fixture) tell a test when a run really is in progress, on which runner, and
+which processes it made, instead of guessing with sleeps.
 """
 
 from __future__ import annotations
@@ -17,64 +17,12 @@ import shutil
 import signal
 import time
 
-import pytest
-
-from support.cluster import free_port, git, wait_until
+from support.cluster import dispatch, free_port, git, wait_until
+from support.faults import Notes, commit_fault
+from support.procs import group_members, process_alive
 
 import helpers
 from ci.wire import ProtocolError, decode_fields, parse_address
-
-FAULT_TEST = '''"""Fault-injection test {name}; its behaviour is fixed by the CI suite."""
-import os
-import signal
-import subprocess
-import sys
-import time
-import unittest
-
-NAME = {name!r}
-SECONDS = {seconds!r}
-ONCE = {once!r}
-FAIL = {fail!r}
-KILL_RUNNER = {kill_runner!r}
-GRANDCHILD = {grandchild!r}
-FAULT_DIR = os.environ.get("CI_FAULT_DIR", "")
-
-
-def note(kind, text=""):
-    if FAULT_DIR:
-        path = os.path.join(FAULT_DIR, "%s.%s.%d" % (NAME, kind, os.getpid()))
-        with open(path + ".tmp", "w") as handle:
-            handle.write(text)
-        os.replace(path + ".tmp", path)
-
-
-class TestFault(unittest.TestCase):
-    def test_fault(self):
-        runner = os.environ.get("CI_RUNNER_NAME", "")
-        parent = os.getppid()
-        slow = True
-        if ONCE and FAULT_DIR:
-            try:
-                os.close(os.open(os.path.join(FAULT_DIR, NAME + ".once"),
-                                 os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                slow = False
-        if GRANDCHILD:
-            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-            note("grandchild", str(child.pid))
-        note("started", "%s %d" % (runner, parent))
-        if KILL_RUNNER:
-            os.kill(parent, signal.SIGKILL)
-            os._exit(3)
-        deadline = time.monotonic() + (SECONDS if slow else 0)
-        while time.monotonic() < deadline:
-            if os.getppid() != parent:
-                os._exit(4)  # our runner is gone: do not linger as an orphan
-            time.sleep(0.02)
-        note("finished", runner)
-        self.assertFalse(FAIL, "this commit is meant to fail")
-'''
 
 FAKE_GIT = """#!/usr/bin/env bash
 # A git whose fetch hangs (the network is gone); everything else is real git.
@@ -88,74 +36,6 @@ exec {real_git} "$@"
 """
 
 
-class Notes:
-    """The notes left by the fault tests of the commits under test."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-        os.makedirs(folder)
-
-    def find(self, name: str = "*", kind: str = "started") -> list[tuple[int, str]]:
-        """(pid, text) of every note of ``kind`` from test ``name``."""
-        found = []
-        for entry in sorted(os.listdir(self.folder)):
-            parts = entry.split(".")
-            if len(parts) != 3 or parts[1] != kind or name not in ("*", parts[0]):
-                continue
-            with open(os.path.join(self.folder, entry)) as handle:
-                found.append((int(parts[2]), handle.read()))
-        return found
-
-    def started_on(self, runner_name: str, name: str = "*") -> list[int]:
-        return [pid for pid, text in self.find(name) if text.split(" ")[0] == runner_name]
-
-    def pids(self) -> list[int]:
-        """Every process a fault test reported: test, grandchild, hung git."""
-        pids = []
-        for entry in os.listdir(self.folder):
-            parts = entry.split(".")
-            if len(parts) == 3 and parts[2].isdigit():
-                pids.append(int(parts[2]))
-                if parts[1] == "grandchild":
-                    with open(os.path.join(self.folder, entry)) as handle:
-                        text = handle.read().strip()
-                    if text.isdigit():
-                        pids.append(int(text))
-        return sorted(set(pids))
-
-
-@pytest.fixture
-def notes(tmp_path):
-    folder = Notes(str(tmp_path / "notes"))
-    yield folder
-    # Test processes run in sessions of their own, so killing a daemon's
-    # group does not reach them; end any that are still there, by PID.
-    for pid in folder.pids():
-        if process_alive(pid) and _is_ours(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def _is_ours(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            cmdline = handle.read()
-    except OSError:
-        return False
-    return any(word in cmdline for word in (b"unittest", b"time.sleep(60)", b"sleep\x0020"))
-
-
-def commit_fault(upstream, name: str, seconds: float = 0.0, fail: bool = False,
-                 once: bool = False, kill_runner: bool = False,
-                 grandchild: bool = False) -> str:
-    """Commit a ``tests/test_fault.py`` with the given behaviour; the id."""
-    text = FAULT_TEST.format(name=name, seconds=seconds, fail=fail, once=once,
-                             kill_runner=kill_runner, grandchild=grandchild)
-    return upstream.commit({"tests/test_fault.py": text}, f"fault {name}")
-
-
 def start_runner(cluster, notes: Notes, *extra, port=None, clone=None, path_prefix=None):
     """A runner whose tests know where to leave notes and whom they run on."""
     port = port or free_port()
@@ -165,12 +45,6 @@ def start_runner(cluster, notes: Notes, *extra, port=None, clone=None, path_pref
     runner = cluster.start_runner(*extra, port=port, clone=clone, env=env)
     runner.address = f"127.0.0.1:{port}"
     return runner
-
-
-def dispatch(cluster, *commits: str) -> None:
-    reply = helpers.call(parse_address(cluster.dispatcher_address), "dispatch",
-                         " ".join(commits))
-    assert reply.command == "ok", reply
 
 
 def status(cluster) -> dict:
@@ -192,6 +66,10 @@ def results_written(cluster, commit: str) -> int:
     return dispatcher_log(cluster).count(f"result for {commit[:12]}: ")
 
 
+def head(upstream) -> str:
+    return git(upstream.path, "rev-parse", "HEAD")
+
+
 def assert_one_result_each(cluster, expected: dict[str, str]) -> None:
     """Exactly these result files, each written once, with these verdicts."""
     for commit, verdict in expected.items():
@@ -203,33 +81,6 @@ def assert_one_result_each(cluster, expected: dict[str, str]) -> None:
         assert results_written(cluster, commit) == 1, commit
 
 
-def process_alive(pid: int) -> bool:
-    """True for a live process; a zombie (dead, not yet reaped) is not."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def group_members(group: int) -> list[int]:
-    """Live processes whose process group or session is ``group``."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and group in (int(fields[2]), int(fields[3])):
-            members.append(int(entry))
-    return members
-
-
-def head(upstream) -> str:
-    return git(upstream.path, "rev-parse", "HEAD")
 
 
 # --------------------------------------------------------------------------
@@ -405,12 +256,12 @@ def test_sigterm_stops_each_daemon_cleanly(cluster, upstream, notes):
         started = time.monotonic()
         daemon.send_signal(signal.SIGTERM)
         assert daemon.proc.wait(5) == 0, daemon.log()
-        assert group_members(daemon.pid) == []
+        assert group_members(daemon.pid, session=True) == []
         return time.monotonic() - started
 
     assert stop(first) < 5
     assert not process_alive(test_pid) and not process_alive(grandchild)
-    assert group_members(test_pid) == []
+    assert group_members(test_pid, session=True) == []
     assert f"handed {long[:12]} back" in first.log()
     fields = cluster.result(long, 20)
     assert fields["runner"] == second.address and fields["verdict"] == "passed"
@@ -539,3 +390,25 @@ def test_observer_stopped_mid_fetch_leaves_no_git_behind(cluster, upstream, note
     assert observer.stop(timeout=8) == 0
     assert time.monotonic() - started < 5
     wait_until(lambda: not process_alive(git_pid), 5, what="the hung fetch to be killed")
+
+
+def test_failed_poison_verdict_write_requeues_the_commit(cluster, upstream, fake_runner):
+    """At the poison limit the dispatcher writes an ``error`` verdict; if that
+    write fails the commit must stay queued, not vanish from memory."""
+    commit = head(upstream)
+    disp = cluster.start_dispatcher("--max-attempts", "1")
+    runner = fake_runner()
+    runner.register(cluster.dispatcher_port)
+    dispatch(cluster, commit)
+    wait_until(lambda: runner.received() == [commit], 10, what="runtest")
+    away = cluster.results + ".away"
+    os.rename(cluster.results, away)  # every result write now fails
+    try:
+        runner.close()  # misses its pings: the poison limit is reached
+        wait_until(lambda: "health sweep failed" in disp.log()
+                   or "cannot write the verdict" in disp.log(), 10, what="failed write")
+    finally:
+        os.rename(away, cluster.results)
+    cluster.start_runner()
+    assert cluster.result(commit, timeout=20)["verdict"] == "passed"
+    assert cluster.result_files() == [commit]

@@ -9,6 +9,7 @@ import threading
 import urllib.request
 
 from support.cluster import GIT_ENV, PY, ROOT, wait_until
+from support.procs import process_alive
 
 from ci.results import parse_result
 from ci.wire import valid_full_commit
@@ -93,15 +94,8 @@ def test_ctrl_c_stops_every_process(tmp_path):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
 
-        def running(pid):
-            try:
-                with open(f"/proc/{pid}/stat") as handle:
-                    return handle.read().split()[2] != "Z"
-            except OSError:
-                return False
-
         def all_gone():
-            return not any(running(pid) for pid in pids)
+            return not any(process_alive(pid) for pid in pids)
         wait_until(all_gone, 10, what="launcher's daemons to exit")
     finally:
         watchdog.cancel()

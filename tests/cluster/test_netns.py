@@ -18,7 +18,7 @@ import subprocess
 import pytest
 
 from support.cluster import PY, ROOT, Daemon, wait_until
-from test_faults import commit_fault, notes  # noqa: F401  (notes is a fixture)
+from support.faults import commit_fault
 from ci.wire import decode_fields
 
 

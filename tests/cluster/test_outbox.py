@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from support.cluster import ThreadedServer, wait_until
+from support.cluster import PY, ThreadedServer, dispatch, git, wait_until
 
 from ci import results
 from ci.wire import Message
@@ -78,3 +78,34 @@ def test_busy_dispatcher_keeps_the_result_until_it_can_store_it(cluster, upstrea
     wait_until(lambda: fake.count(A) == 5 and not os.listdir(outbox), 20,
                what="A stored on the fifth try")
     assert fake.count(A) == 5
+
+
+def test_runner_survives_a_failed_outbox_write(cluster, upstream, tmp_path):
+    """A result that cannot be stored (disk full, state folder gone) must be
+    kept and stored later; before, the worker thread died and the runner
+    answered ``busy`` for ever."""
+    commit = git(upstream.path, "rev-parse", "HEAD")
+    go = tmp_path / "go"
+    script = tmp_path / "wait_for_go.py"
+    script.write_text("import os, time\n"
+                      f"for _ in range(1000):\n"
+                      f"    if os.path.exists({str(go)!r}):\n"
+                      "        break\n"
+                      "    time.sleep(0.02)\n")
+    state = tmp_path / "runner-state"
+    cluster.start_dispatcher()
+    runner = cluster.start_runner("--state-dir", str(state), "--timeout", "30",
+                                  "--test-command", f"{PY} {script}")
+    wait_until(lambda: "registered with dispatcher" in runner.log(), 10, what="register")
+    dispatch(cluster, commit)
+    wait_until(lambda: "accepted" in runner.log(), 10, what="runtest accepted")
+    outbox, away = state / "outbox", state / "outbox.away"
+    os.rename(outbox, away)
+    go.write_text("")
+    try:
+        wait_until(lambda: "cannot store the result" in runner.log(), 10,
+                   what="failed outbox write reported")
+    finally:
+        os.rename(away, outbox)
+    assert cluster.result(commit, timeout=20)["verdict"] == "passed"
+    assert runner.alive()

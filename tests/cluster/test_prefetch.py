@@ -11,7 +11,7 @@ import os
 import subprocess
 import threading
 
-import dispatcher
+from ci.dispatch import server
 import helpers
 import test_runner
 from support.cluster import PASSING_TEST, PY, ROOT, ThreadedServer, wait_until
@@ -148,7 +148,7 @@ def test_every_dispatcher_command_has_its_roles():
     """A command missing from the permission table would be open to every
     key, a runner's included."""
     from ci import auth
-    d = dispatcher.Dispatcher(None, Security(), 1, 1, 1, 1, 1)
+    d = server.Dispatcher(None, Security(), server.Options(1, 1, 1, 1, 1))
     try:
         assert set(d.commands) == set(auth.DISPATCHER_PERMISSIONS)
     finally:

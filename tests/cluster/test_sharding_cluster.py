@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 
 import helpers
 import test_runner
-from support.cluster import PY, git, wait_until
+from support.cluster import PY, dispatch, git, wait_until
 from ci.wire import decode_fields
 
 COUNTS = ("tests", "failures", "errors", "skipped")
@@ -39,11 +39,6 @@ def module(name: str, tests: int, sleep: float, broken: str = "") -> str:
 SUITE = {f"tests/test_{n}.py": module(n, t, s) for n, t, s in [
     ("alpha", 3, 0.3), ("beta", 2, 0.3), ("gamma", 4, 0.2), ("delta", 1, 0.3),
     ("epsilon", 2, 0.2), ("zeta", 3, 0.2), ("eta", 2, 0.2)]}
-
-
-def dispatch(cluster, commit: str) -> None:
-    reply = helpers.call(("127.0.0.1", cluster.dispatcher_port), "dispatch", commit)
-    assert reply.command == "ok", reply
 
 
 def status(cluster) -> dict:

@@ -270,12 +270,12 @@ def test_an_innocent_commit_after_one_that_leaves_everything_passes(cluster, ups
 
 def test_with_test_user_an_innocent_commit_after_one_that_leaves_everything_passes(request):
     # The --test-user cluster of the least-privilege tests (same folder).
-    from test_least_privilege import TEST_COMMAND, nobody_clone, user_folder_cluster
+    from support.privilege import TEST_COMMAND, nobody_clone, user_folder_cluster
     cluster, upstream, base, nobody = user_folder_cluster(request)
     upstream.commit(BASE, "base")
     clone = nobody_clone(upstream, base / "clone", nobody)
     cluster.start_dispatcher()
-    cluster.start_runner("--test-command", TEST_COMMAND, "--test-user", "nobody",
+    cluster.start_runner("--test-command", TEST_COMMAND, "--test-user", nobody.pw_name,
                          "--state-dir", str(base / "state"), clone=clone)
     cluster.start_observer("--poll", "0.3", "--no-listen", wait=False)
     cluster.result(git(upstream.path, "rev-parse", "HEAD"), 60)

@@ -19,7 +19,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import dispatcher
+from ci.dispatch import server
 import helpers
 from ci import results
 from support.cluster import send_slowly, wait_until
@@ -160,7 +160,7 @@ def _results_body(fields: dict, output: bytes) -> bytes:
                  .map(lambda args: _results_body(*args))))
 def test_parse_results_message_raises_only_reply(argument, body):
     try:
-        commit, _, outcome = dispatcher.parse_results_message(
+        commit, _, outcome = server.parse_results_message(
             Message("results", argument, body))
     except Reply as exc:
         # The reason goes back on the reply's ASCII command line.

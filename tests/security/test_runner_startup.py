@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import os
 import pathlib
-import pwd
-import shutil
 import socket
 import subprocess
-import tempfile
 
 import pytest
 
 import helpers
 from support.cluster import (PASSING_TEST, ROOT, SYSTEM_PYTHON, Cluster, Daemon,
                              Upstream, free_port, project_copy, wait_for_port, wait_until)
+from support.privilege import LOOPBACK, nobody_clone, nobody_folder
 
-LOOPBACK = "127.0.0.1"
 
 
 def nobody_base(request):
@@ -29,39 +26,21 @@ def nobody_base(request):
     holding a link to a Python (which 'nobody' therefore cannot execute),
     an upstream with one passing test and a clone that belongs to
     'nobody'; returns (base, upstream, clone, the user)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root (to run processes as an unprivileged user)")
-    try:
-        nobody = pwd.getpwnam("nobody")
-    except KeyError:
-        pytest.skip("needs a user 'nobody'")
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.skip(f"needs {SYSTEM_PYTHON}")
-    base = pathlib.Path(tempfile.mkdtemp(prefix="ci-startup-"))
-    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
-    os.chmod(base, 0o755)
+    base, upstream, nobody = nobody_folder(request, "ci-startup-")
     (base / "private").mkdir(mode=0o700)
     os.symlink(SYSTEM_PYTHON, base / "private" / "python3")
-    upstream = Upstream(base / "upstream")
     upstream.commit({"tests/test_sample.py": PASSING_TEST}, "initial")
-    clone = own_clone(upstream, base / "clone", nobody)
+    clone = nobody_clone(upstream, base / "clone", nobody)
     return base, upstream, clone, nobody
 
 
-def own_clone(upstream, path, user) -> str:
-    clone = upstream.clone(path)
-    for folder, _dirs, files in os.walk(clone):
-        os.chown(folder, user.pw_uid, user.pw_gid)
-        for name in files:
-            os.lchown(os.path.join(folder, name), user.pw_uid, user.pw_gid)
-    return clone
-
-
-def start_runner(request, python, clone, state, dispatcher_port, *extra):
-    """A runner started as root with --test-user nobody, ended by PID."""
+def start_runner(request, user, python, clone, state, dispatcher_port, *extra):
+    """A runner started as root with --test-user ``user``, ended by PID."""
     args = [python, os.path.join(ROOT, "test_runner.py"), "--host", LOOPBACK, "--port",
             str(free_port()), "--dispatcher-server", f"{LOOPBACK}:{dispatcher_port}",
-            "--test-user", "nobody", "--state-dir", str(state), "--heartbeat", "0.5",
+            "--test-user", user.pw_name, "--state-dir", str(state), "--heartbeat", "0.5",
             "--retry-max", "0.2", "--dispatcher-timeout", "5", *extra, str(clone)]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -81,34 +60,34 @@ def case_setup(case: str, base: pathlib.Path, clone: str, nobody):
     python = str(private / "python3")
     closed = f"{private} is mode 700 (owner root)"
     if case == "runner python":
-        return python, clone, [], (f"test user nobody cannot execute {python} (the runner's "
+        return python, clone, [], (f"test user {nobody.pw_name} cannot execute {python} (the runner's "
                                    f"Python, which its environments and default test "
                                    f"command use): {closed}")
     if case == "test command":
         return SYSTEM_PYTHON, clone, ["--ignore-repo-recipe", "--test-command",
                                       f"{python} -m unittest discover -s tests"], \
-            f"test user nobody cannot execute {python} (the test command): {closed}"
+            f"test user {nobody.pw_name} cannot execute {python} (the test command): {closed}"
     if case == "script interpreter":
         script = base / "run-tests"
         script.write_text(f"#!{python}\nimport unittest\nunittest.main(module=None)\n")
         script.chmod(0o755)
         return SYSTEM_PYTHON, clone, ["--ignore-repo-recipe", "--test-command", str(script)], \
-            (f"test user nobody cannot execute {python} (the interpreter of {script}, the "
+            (f"test user {nobody.pw_name} cannot execute {python} (the interpreter of {script}, the "
              f"test command): {closed}")
     if case == "clone":
         hidden = own_clone_in(base, private, nobody)
-        return SYSTEM_PYTHON, hidden, [], (f"test user nobody cannot enter and change "
+        return SYSTEM_PYTHON, hidden, [], (f"test user {nobody.pw_name} cannot enter and change "
                                            f"{hidden} (the clone): {closed}")
     assert case == "environment folder"
     return SYSTEM_PYTHON, clone, ["--env-dir", str(private / "envs")], \
-        (f"test user nobody cannot pass through {private / 'envs'} (the environment "
+        (f"test user {nobody.pw_name} cannot pass through {private / 'envs'} (the environment "
          f"folder): {closed}")
 
 
 def own_clone_in(base, folder, nobody) -> str:
     upstream = Upstream(base / "upstream2")
     upstream.commit({"tests/test_sample.py": PASSING_TEST}, "initial")
-    return own_clone(upstream, folder / "clone", nobody)
+    return nobody_clone(upstream, folder / "clone", nobody)
 
 
 @pytest.mark.parametrize("case", ["runner python", "test command", "script interpreter",
@@ -121,7 +100,7 @@ def test_a_runner_whose_test_user_cannot_use_what_it_needs_refuses_to_start(requ
     # A dispatcher's port that only counts who connects.
     listener = socket.create_server((LOOPBACK, 0))
     request.addfinalizer(listener.close)
-    proc = start_runner(request, python, clone, base / "state", listener.getsockname()[1],
+    proc = start_runner(request, nobody, python, clone, base / "state", listener.getsockname()[1],
                         *extra)
     wait_until(lambda: proc.poll() is not None, 15, what="the runner to exit")
     _out, err = proc.communicate(timeout=10)
@@ -148,7 +127,8 @@ def test_a_runner_whose_code_only_root_can_read_hands_its_test_user_the_recorder
     args = [SYSTEM_PYTHON, os.path.join(code, "test_runner.py"), "--host", LOOPBACK,
             "--port", str(port), "--dispatcher-server", cluster.dispatcher_address,
             "--heartbeat", "0.5", "--retry-max", "0.5", "--log-level", "DEBUG",
-            "--test-user", "nobody", "--state-dir", str(base / "state"), "--ignore-repo-recipe",
+            "--test-user", _nobody.pw_name, "--state-dir", str(base / "state"),
+            "--ignore-repo-recipe",
             "--test-command", f"{SYSTEM_PYTHON} -m unittest discover -s tests", clone]
     daemon = Daemon("runner", args, str(base / "runner.log"), str(base), cluster.env)
     cluster.daemons.append(daemon)

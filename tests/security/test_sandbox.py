@@ -14,10 +14,9 @@ import stat
 import pytest
 
 from ci.runner import user_sandbox
-from support.cluster import FAILING_TEST, ROOT, Daemon, free_port, wait_for_port, wait_until
+from support.cluster import FAILING_TEST, ROOT, SYSTEM_PYTHON, Daemon, free_port, wait_for_port, wait_until
 from support.users import new_test_user
-from test_least_privilege import (LOOPBACK, SYSTEM_PYTHON, TEST_COMMAND, ask, nobody_clone,
-                                  user_folder_cluster)
+from support.privilege import LOOPBACK, TEST_COMMAND, ask, nobody_clone, user_folder_cluster
 
 # A test that plants, for every later Python of its user, a module that
 # turns any exit into success, and for every later pip an index of its own.

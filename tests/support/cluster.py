@@ -59,6 +59,12 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, what: s
 free_port = helpers.free_port
 
 
+def dispatch(cluster, *commits: str) -> None:
+    """Ask the cluster's dispatcher to test ``commits`` (as the observer does)."""
+    reply = helpers.call(("127.0.0.1", cluster.dispatcher_port), "dispatch", " ".join(commits))
+    assert reply.command == "ok", reply
+
+
 def git(repo, *args) -> str:
     env = dict(os.environ, **GIT_ENV)
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,

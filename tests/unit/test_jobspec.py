@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-import dispatcher
+from ci.dispatch import server
 import test_runner
 from ci import jobspec, sharding
 from ci.dispatch.journal import Journal
@@ -78,10 +78,10 @@ def test_trusted_branches_match_patterns():
     assert not jobspec.trusted_branch("Main", patterns)
     assert not jobspec.trusted_branch("feature/main", patterns)
     assert not jobspec.trusted_branch(None, ("*",))
-    assert dispatcher.trusted_patterns(None) == ("main", "master")
-    assert dispatcher.trusted_patterns(["trunk", "trunk", "rel/*"]) == ("trunk", "rel/*")
+    assert server.trusted_patterns(None) == ("main", "master")
+    assert server.trusted_patterns(["trunk", "trunk", "rel/*"]) == ("trunk", "rel/*")
     with pytest.raises(ConfigError, match="not a branch name"):
-        dispatcher.trusted_patterns(["two words"])
+        server.trusted_patterns(["two words"])
 
 
 def test_the_runner_reads_branch_and_trust_and_never_trusts_without_a_branch():
@@ -145,7 +145,7 @@ def test_a_retest_carries_the_branch_of_the_first_run(make_state):
     state.enqueue([X], {X: ("main", None)})
     job = state.next_assignment()
     assert state.record_result(X, job.token, None, Outcome({"verdict": "passed"}, b"out\n"))
-    state.meta.clear()   # only the result file remembers the branch now
+    assert X not in state.work   # only the result file remembers the branch now
     assert state.retest([X]) == [X]
     assert sent(state.next_assignment()) == ("main", True)
 

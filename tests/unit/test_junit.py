@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import dispatcher
+from ci.dispatch import server
 from ci.runner import junit_capture
 from ci import outcome, results
 from ci.outcome import Outcome
@@ -236,7 +236,7 @@ def test_old_style_body_is_still_valid():
     body = results.format_result({"verdict": "passed", "tests": 2}, b"Ran 2 tests\n\nOK\n")
     fields, junit, output = outcome.split_body(body)
     assert fields["verdict"] == "passed" and junit == b"" and output == b"Ran 2 tests\n\nOK\n"
-    commit, _, stored = dispatcher.parse_results_message(
+    commit, _, stored = server.parse_results_message(
         Message("results", f"{COMMIT} {TOKEN}", body))
     assert stored.records is None and "junit" not in stored.header
     assert stored.header["tests"] == 2
@@ -252,7 +252,7 @@ def test_body_carries_the_xml_between_the_blank_line_and_the_output():
     assert f"\njunit_bytes: {len(xml)}\n\n".encode() + xml + output in body
     raw, junit, got = outcome.split_body(body)
     assert junit == xml and got == output and "junit_bytes" not in raw
-    _, _, stored = dispatcher.parse_results_message(results_message(sent))
+    _, _, stored = server.parse_results_message(results_message(sent))
     assert list(stored.records) == ALL_KINDS and stored.output == output
 
 
@@ -262,13 +262,13 @@ def test_bad_junit_bytes_is_refused(size):
     with pytest.raises(ProtocolError):
         outcome.split_body(body)
     with pytest.raises(Reply):
-        dispatcher.parse_results_message(Message("results", f"{COMMIT} {TOKEN}", body))
+        server.parse_results_message(Message("results", f"{COMMIT} {TOKEN}", body))
 
 
 def test_dispatcher_takes_counts_from_the_records_not_a_forged_header():
     sent = Outcome({"verdict": "passed", "tests": 100, "failures": 0, "errors": 0, "skipped": 0},
                    b"x", junit_xml=results.format_junit(ALL_KINDS))
-    _, _, stored = dispatcher.parse_results_message(results_message(sent))
+    _, _, stored = server.parse_results_message(results_message(sent))
     assert {k: stored.header[k] for k in ("tests", "failures", "errors", "skipped")} == \
         results.count_records(ALL_KINDS)
 
@@ -276,7 +276,7 @@ def test_dispatcher_takes_counts_from_the_records_not_a_forged_header():
 def test_unreadable_xml_keeps_the_summary_counts_with_a_note():
     sent = Outcome({"verdict": "failed", "tests": 4, "failures": 1}, b"out",
                    junit_xml=b"<testsuite><testcase")
-    _, _, stored = dispatcher.parse_results_message(results_message(sent))
+    _, _, stored = server.parse_results_message(results_message(sent))
     assert stored.header["tests"] == 4 and stored.header["failures"] == 1
     assert stored.header["junit"] == "unreadable" and stored.records is None
     assert stored.output == b"out"

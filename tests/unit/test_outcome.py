@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-import dispatcher
+from ci.dispatch import server
 from ci import results
 from ci.outcome import Outcome, RESULT_INT_FIELDS, split_body
 from ci.results import FAILED, SKIPPED, TestRecord
@@ -44,7 +44,7 @@ def test_body_round_trip_keeps_the_wire_bytes_and_takes_counts_from_the_records(
                                 "skipped": 1, "runner": "r1", "exit_code": 1,
                                 "duration": "1.500"}
     assert list(got.header) == [k for k in results.RESULT_FIELDS if k in got.header]
-    assert dispatcher.parse_results_message(message(body)) == (COMMIT, TOKEN, got)
+    assert server.parse_results_message(message(body)) == (COMMIT, TOKEN, got)
 
 
 def test_old_style_body_without_junit_bytes_means_the_same():
@@ -74,7 +74,7 @@ def test_what_the_dispatcher_refuses_and_says_why(body, reason):
     with pytest.raises(ProtocolError, match=reason):
         Outcome.from_body(body)
     with pytest.raises(Reply, match=reason):
-        dispatcher.parse_results_message(message(body))
+        server.parse_results_message(message(body))
 
 
 def test_forged_and_unknown_fields_are_dropped_not_stored():

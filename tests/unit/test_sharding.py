@@ -15,7 +15,9 @@ from ci import jobspec
 from ci.outcome import Outcome
 from ci import results
 from ci import sharding
-from ci.dispatch.state import IDLE, OCCUPIED, RUNNING, DispatcherState
+from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, PingReply
+from ci.dispatch.state import DispatcherState
+from ci.dispatch.work import WorkState
 from ci.dispatch.journal import Journal, replay_lines
 from ci.wire import Reply
 
@@ -319,7 +321,7 @@ def test_one_commit_and_four_free_runners_is_split_in_four(make_state):
     assert output.count(b"===== shard ") == 4
     assert report(state, jobs[0]) is False  # a late duplicate changes nothing
     assert all(r.state == IDLE for r in state.runners.values())
-    assert state.status()["running"] == 0 and not state.shard_sets
+    assert state.status()["running"] == 0 and not state.work
 
 
 def test_a_burst_is_never_split(make_state):
@@ -366,8 +368,8 @@ def test_a_lost_shard_alone_runs_again_and_counts_against_the_commit(make_state)
     jobs = take_all(state)
     assert len(jobs) == 3
     lost = next(j for j in jobs if j.shard == 2)
-    state.ping_result(lost.runner, "refused", "", None, 2)   # its runner died
-    assert list(state.shard_queue) == [(X, 2)] and state.lost[X] == 1
+    state.ping_result(lost.runner, PingReply("refused"), 2)   # its runner died
+    assert list(state.shard_queue) == [(X, 2)] and state.work[X].losses == 1
     again = state.next_assignment()
     assert (again.commit, again.shard, again.shards) == (X, 2, 3)
     assert again.runner not in {j.runner for j in jobs}
@@ -412,7 +414,7 @@ def test_poison_cap_counts_per_commit(make_state):
     assert rounds == 2
     fields, _ = result_file(state, X)
     assert fields["verdict"] == "error" and "gave up" in fields["reason"]
-    assert not state.shard_sets and not state.shard_queue
+    assert not state.work and not state.shard_queue
 
 
 def test_a_restart_runs_a_sharded_commit_again_and_drops_late_shard_results(
@@ -424,7 +426,7 @@ def test_a_restart_runs_a_sharded_commit_again_and_drops_late_shard_results(
     state.journal.close()
     assert X in replay_lines(open(state.journal.path, "rb").read()).sharded
     again = make_state(max_shards=2, runners=2, grace=30.0)
-    assert not again.held and list(again.queue) == [X]
+    assert again.state_of(X) is WorkState.QUEUED and list(again.queue) == [X]
     assert again.record_result(X, second.token, None, Outcome({"verdict": "passed"})) is False
     jobs = take_all(again)
     assert sorted(j.shard for j in jobs) == [1, 2]
@@ -449,13 +451,13 @@ def test_a_failed_merged_write_is_retried_by_the_last_shards_resend(make_state):
     state.write_result = failing_write
     with pytest.raises(OSError):
         report(state, second)
-    assert result_file(state, X) is None and X in state.shard_sets and X not in state.writing
+    assert result_file(state, X) is None and state.state_of(X) is WorkState.SHARDED
     # Should its runner die before resending, the shard runs again.
     assert state.shard_queue[0] == (X, second.shard)
     assert report(state, second) is True   # the runner's outbox sends it again
     fields, output = result_file(state, X)
     assert fields["tests"] == "4" and output.count(b"===== shard ") == 2
-    assert calls == [X, X] and not state.shard_sets and not state.shard_queue
+    assert calls == [X, X] and not state.work and not state.shard_queue
 
 
 # ---- the recorder runs a shard's modules as discovery would ---------------

@@ -14,7 +14,9 @@ import pytest
 from support.cluster import wait_until
 
 import test_runner
-from ci.dispatch.state import IDLE, OCCUPIED, RUNNING, DispatcherState
+from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, PingReply
+from ci.dispatch.state import DispatcherState
+from ci.dispatch.work import WorkState
 from ci.dispatch.journal import Journal
 from ci.outcome import Outcome
 from ci.wire import Reply
@@ -51,6 +53,17 @@ def make_state(tmp_path):
     return make
 
 
+def in_state(state, work_state):
+    """The commits whose work is in ``work_state``."""
+    return {w.commit for w in state.work.values() if w.state is work_state}
+
+
+def job_of(state, commit):
+    """The live whole-commit job of ``commit``, None unless it is RUNNING."""
+    work = state.work.get(commit)
+    return work.job if work and work.state is WorkState.RUNNING else None
+
+
 def assign(state):
     """Run the assignment loop's claim once, in this thread."""
     job = state.next_assignment()
@@ -76,7 +89,7 @@ def test_late_result_of_a_requeued_commit_is_not_handed_out_again(make_state):
     assert state.writing_started.wait(5)
     # While the late result is written without the lock, X is claimed:
     # not queued, so the assignment loop cannot send it to anyone again.
-    assert X not in state.queue and X in state.writing
+    assert X not in state.queue and state.state_of(X) is WorkState.WRITING
     state.enqueue([Y])
     second = assign(state)
     assert second.commit == Y and second.runner == KA  # A was freed by its result
@@ -117,7 +130,7 @@ def test_a_failed_lost_record_does_not_strand_the_commit(make_state):
     state.enqueue([X])
     assign(state)
     for _ in range(3):
-        state.ping_result(KA, "timeout", "", None, 3)
+        state.ping_result(KA, PingReply("timeout"), 3)
     assert KA not in state.runners
     assert list(state.queue) == [X]  # queued again, not lost from memory
 
@@ -135,7 +148,7 @@ def test_a_failed_assignment_record_undoes_the_claim(make_state):
     state.register(A, "ia", None)
     state.enqueue([X])
     job = assign(state)  # the first claim is undone, the second succeeds
-    assert job.commit == X and len(state.assignments[X]) == 1
+    assert job.commit == X and len(state.work[X].assignments) == 1
 
 
 def test_forged_results_are_refused_and_change_nothing(make_state):
@@ -154,7 +167,7 @@ def test_forged_results_are_refused_and_change_nothing(make_state):
         state.progress(X, jy.token, None, b"x")
     with pytest.raises(Reply):
         state.release(X, jy.token, None)
-    assert not state.done and state.jobs[X] is jx
+    assert not state.done and job_of(state, X) is jx
     assert result(state, jx, name=jx.name) is True
 
 
@@ -181,13 +194,13 @@ def test_restart_holds_running_commits_for_their_runner(make_state, tmp_path):
     state.journal.close()
     # A restart: X and Y were running, Z queued.
     restarted = make_state(grace=60)
-    assert list(restarted.queue) == [Z] and set(restarted.held) == {X, Y}
+    assert list(restarted.queue) == [Z] and in_state(restarted, WorkState.HELD) == {X, Y}
     # A is still running X and proves it: adopted, not run twice.
     restarted.register(jx.address, "ia", X, jx.token)
-    assert restarted.jobs[X].token == jx.token and X not in restarted.held
+    assert job_of(restarted, X).token == jx.token and restarted.state_of(X) is not WorkState.HELD
     # B comes back idle: Y need not wait out the grace period.
     restarted.register(jy.address, "ib2", None)
-    assert list(restarted.queue)[0] == Y and not restarted.held
+    assert list(restarted.queue)[0] == Y and not in_state(restarted, WorkState.HELD)
     # A claim with a wrong token adopts nothing.
     restarted.register(("127.0.0.1", 9003), "ic", Z, "0" * 32)
     assert Z in restarted.queue
@@ -203,8 +216,8 @@ def test_a_runtest_whose_reply_was_lost_is_adopted_not_run_twice(make_state):
     job = assign(state)
     state.assignment_failed(job, "error")
     assert list(state.queue) == [X] and state.runners[KA].state == "suspect"
-    state.ping_result(KA, "ok", "ia", X, 3, job.token)
-    assert not state.queue and state.jobs[X].token == job.token
+    state.ping_result(KA, PingReply("ok", "ia", X, job.token), 3)
+    assert not state.queue and job_of(state, X).token == job.token
     assert state.runners[KA].state == RUNNING
     assert result(state, job) is True
 
@@ -216,7 +229,7 @@ def test_held_commits_are_released_at_the_deadline(make_state):
     assign(state)
     state.journal.close()
     restarted = make_state(grace=60)
-    assert X in restarted.held and not restarted.queue
+    assert restarted.state_of(X) is WorkState.HELD and not restarted.queue
     restarted.release_held(now=float("inf"))
     assert list(restarted.queue) == [X]
 
@@ -228,12 +241,12 @@ def test_refused_ping_drops_at_once_and_timeouts_need_the_misses(make_state):
     state.enqueue([X, Y])
     jobs = {assign(state).runner: None for _ in range(2)}
     assert set(jobs) == {KA, KB}
-    state.ping_result(KA, "refused", "", None, 3)
+    state.ping_result(KA, PingReply("refused"), 3)
     assert KA not in state.runners and state.queue[0] in (X, Y)
-    state.ping_result(KB, "timeout", "", None, 3)
-    state.ping_result(KB, "timeout", "", None, 3)
+    state.ping_result(KB, PingReply("timeout"), 3)
+    state.ping_result(KB, PingReply("timeout"), 3)
     assert KB in state.runners
-    state.ping_result(KB, "timeout", "", None, 3)
+    state.ping_result(KB, PingReply("timeout"), 3)
     assert KB not in state.runners and sorted(state.queue) == [X, Y]
 
 
@@ -244,7 +257,7 @@ def test_a_commit_that_loses_its_runners_gets_error(make_state):
         if attempt == 0:
             state.enqueue([X])
         assign(state)
-        state.ping_result(KA, "refused", "", None, 3)
+        state.ping_result(KA, PingReply("refused"), 3)
     with open(os.path.join(state.results_dir, X), "rb") as handle:
         assert b"verdict: error" in handle.read()
 
@@ -292,18 +305,18 @@ def test_a_ping_of_the_previous_process_does_not_drop_its_successor(make_state):
     assign(state)
     state.register(A, "new", None)  # the old process's run is lost: counted once
     job = assign(state)
-    assert job.runner == KA and state.lost[X] == 1
-    state.ping_result(KA, "refused", "", None, 3, pinged="old")
-    assert KA in state.runners and state.jobs[X] is job and state.lost[X] == 1
-    state.ping_result(KA, "refused", "", None, 3, pinged="new")
-    assert KA not in state.runners and state.lost[X] == 2
+    assert job.runner == KA and state.work[X].losses == 1
+    state.ping_result(KA, PingReply("refused"), 3, pinged="old")
+    assert KA in state.runners and job_of(state, X) is job and state.work[X].losses == 1
+    state.ping_result(KA, PingReply("refused"), 3, pinged="new")
+    assert KA not in state.runners and state.work[X].losses == 2
 
 
 def test_compaction_waits_for_a_dispatch_being_fsynced(make_state, monkeypatch):
     """A dispatch's records are fsynced outside the lock; a compaction
     that ran meanwhile rewrote the journal without them, so an answered
     ``dispatch`` was lost at the next crash."""
-    from ci.dispatch import state as dispatch_state
+    from ci.dispatch import finish
     fsyncing, go = threading.Event(), threading.Event()
 
     class SlowSync(Journal):
@@ -313,7 +326,7 @@ def test_compaction_waits_for_a_dispatch_being_fsynced(make_state, monkeypatch):
                 fsyncing.set()  # on disk, not yet in the queue
                 assert go.wait(10)
     state = make_state(SlowSync)
-    monkeypatch.setattr(dispatch_state, "COMPACT_AFTER", 0)
+    monkeypatch.setattr(finish, "COMPACT_AFTER", 0)
     state.register(A, "ia", None)
     state.enqueue([X])
     job = assign(state)

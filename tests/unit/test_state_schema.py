@@ -12,7 +12,7 @@ import pytest
 
 from ci import state_schema as schema
 from ci.dashboard import live, pages
-from ci.dispatch import state as dispatch_state
+from ci.dispatch import runners as dispatch_runners
 from ci.dispatch.journal import Journal
 from ci.dispatch.state import DispatcherState
 
@@ -141,8 +141,8 @@ def test_a_sharded_commit_is_one_running_row_and_held_commits_show():
 
 
 def test_the_dispatchers_runner_states_are_the_schemas():
-    assert (dispatch_state.IDLE, dispatch_state.RUNNING, dispatch_state.OCCUPIED,
-            dispatch_state.SUSPECT) == schema.RUNNER_STATES
+    assert (dispatch_runners.IDLE, dispatch_runners.RUNNING, dispatch_runners.OCCUPIED,
+            dispatch_runners.SUSPECT) == schema.RUNNER_STATES
     # Every state the dispatcher sets has its colour, none is a warning but suspect.
     assert set(pages.RUNNER_CLASSES) == set(schema.RUNNER_STATES)
     assert pages.RUNNER_CLASSES[schema.OCCUPIED] != pages.RUNNER_CLASSES[schema.SUSPECT]

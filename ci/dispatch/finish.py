@@ -1,0 +1,246 @@
+"""The end of a unit of work: a result that claims it and is written
+outside the lock (or given back if the write fails), the bookkeeping once
+its file is on disk, and runs that lost their runner (requeued, or given
+the ``error`` verdict at the poison cap).
+
+``ResultKeeper`` is a part of ``DispatcherState`` (ci/dispatch/state.py);
+its locking rule holds here too: ``record_result`` takes the lock (and
+releases it around the file write), every ``_`` method expects it held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+
+from ci.dispatch.journal import AssignmentRecord, done_record, lost_record
+from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, SUSPECT
+from ci.dispatch.work import Job, Merged, ShardReport, ShardSet, Work, WorkKey, WorkState, work_key
+from ci.outcome import Outcome
+from ci.wire import Reply
+
+log = logging.getLogger(__name__)
+
+# The journal is rewritten once this many records are superseded.
+COMPACT_AFTER = 10_000
+# Tokens of finished assignments remembered, so a late duplicate is told
+# "duplicate" rather than refused as a forgery.
+FINISHED_TOKENS = 20_000
+
+
+def now_stamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def tell_listeners(listeners: list, commit: str, outcome: Outcome) -> None:
+    """Call every result listener; one that fails is logged, not fatal."""
+    for listener in listeners:
+        try:
+            listener(commit, outcome)
+        except Exception:
+            log.exception("result listener failed for %s", commit[:12])
+
+
+@dataclasses.dataclass
+class Claim:
+    """A result that claimed its commit (WRITING) and is to be written
+    outside the lock; what to give back if the write fails."""
+    work: Work
+    token: str
+    outcome: Outcome
+    shard_set: ShardSet | None = None   # the last shard's set, if it completed one
+
+
+class ResultKeeper:
+    """Results and lost runs; mixed into ``DispatcherState``."""
+
+    def record_result(self, commit: str, token: str, name: str | None,
+                      outcome: Outcome) -> bool:
+        """Write the verdict if this is the first result of a real
+        assignment; False for a duplicate; Reply if the token proves no
+        assignment (a forgery, or a result from a round before a retest
+        that is long forgotten)."""
+        with self.cond:
+            claim = self._claim_result(commit, token, name, outcome)
+            if not isinstance(claim, Claim):
+                return claim
+        try:
+            self.write_result(commit, claim.outcome)
+        except BaseException:
+            with self.cond:
+                self._unclaim(claim)
+                self.cond.notify_all()
+            raise
+        with self.cond:
+            self._finish(claim.work, claim.outcome.verdict)
+        tell_listeners(self.listeners, commit, claim.outcome)
+        return True
+
+    def _claim_result(self, commit: str, token: str, name: str | None,
+                      outcome: Outcome) -> Claim | bool:
+        """Under the lock: a Claim to write, or what ``record_result``
+        answers without writing (False: a duplicate; True: a shard kept)."""
+        a = self.finished_tokens.get((work_key(commit), token))
+        if a is not None:
+            if name is not None and a.name != name:
+                raise Reply(f"result for {commit[:12]} refused: assigned to another runner")
+            self._free_after_result(commit, token, a)
+            return False
+        work = self._work(commit)
+        a = self._check_token(work, commit, token, name, "result")
+        self._free_after_result(commit, token, a)
+        if work.key in self.done or work.state is WorkState.WRITING:
+            return False
+        if self.max_shards > 1:
+            self.durations.learn(outcome.records)
+        if work.shards is not None and token in work.shards.tokens:
+            got = self._record_shard(work, token, outcome)
+            if not isinstance(got, Merged):
+                return got is ShardReport.STORED
+            return Claim(work, token, self._complete_fields(work, got.outcome), got.shard_set)
+        self._claim(work)
+        holder = self.runners.get(work.job.runner) if work.job else None
+        if holder and holder.job is work.job and work.job.token != token:
+            # Still running it elsewhere: busy, but not with our work.
+            holder.set(OCCUPIED, occupied_with=commit)
+        return Claim(work, token, self._complete_fields(work, outcome))
+
+    def _unclaim(self, claim: Claim) -> None:
+        """The result could not be written: the commit is to be run again,
+        by the runner still running it if there is one."""
+        work = claim.work
+        if claim.shard_set is not None:
+            self._unclaim_shards(work, claim.token, claim.shard_set)
+            return
+        holder = self.runners.get(work.job.runner) if work.job else None
+        if holder and holder.state == OCCUPIED and holder.occupied_with == work.commit:
+            work.move(WorkState.RUNNING)
+            holder.set(RUNNING, work.job)
+        elif work.shards is not None:
+            work.move(WorkState.SHARDED)   # an earlier round's whole result lost its file
+        else:
+            self._to_queue(work, head=True)
+
+    def _free_after_result(self, commit: str, token: str, a: AssignmentRecord) -> None:
+        """The sender has finished this run: it is free again, whether or
+        not its result is the one kept."""
+        runner = self.runners.get(a.runner)
+        if runner is None:
+            return
+        if (runner.state == RUNNING and runner.job.commit == commit
+                and runner.job.token == token) or \
+                (runner.state == OCCUPIED and runner.occupied_with in (commit, "unknown")) or \
+                runner.state == SUSPECT:
+            runner.set(IDLE)
+            runner.misses = 0
+            self.cond.notify_all()
+
+    def _complete_fields(self, work: Work, outcome: Outcome) -> Outcome:
+        """The dispatcher's own header fields: the commit, and the branch
+        and previous commit the observer named."""
+        added = {"commit": work.commit}
+        if work.meta:
+            added["branch"] = work.meta.branch
+            if work.meta.previous:
+                added["previous"] = work.meta.previous
+        return outcome.with_header(**added)
+
+    def write_result(self, commit: str, outcome: Outcome) -> None:
+        """The result file is the proof a commit is done: written last,
+        after the per-test JUnit file (see ``Outcome.write``)."""
+        outcome.write(self.results_dir, commit)
+
+    def _finish(self, work: Work, verdict: str | None) -> None:
+        """Bookkeeping once the work's result file is on disk (WRITING)."""
+        self.completed += 1
+        work.move(WorkState.DONE)
+        del self.work[work.key]
+        self.done.add(work.key)
+        self._occupy_with(work.job)
+        if work.shards:
+            # Given up: shards still running are no longer ours.
+            for shard_job in work.shards.running.values():
+                self._occupy_with(shard_job)
+            for entry in [e for e in self.shard_queue if e[0] == work.key]:
+                self.shard_queue.remove(entry)
+        for a in work.assignments.values():
+            self._remember_finished(work.key, a)
+        self.cond.notify_all()
+        try:
+            self.journal.append([done_record(work.commit)], sync=False)
+            if self._compaction_due():
+                self.journal.rewrite(self._pending_records())
+        except OSError:
+            # The result file alone proves the commit done at the next start.
+            log.exception("cannot journal the end of %s", work.commit[:12])
+        log.info("result for %s: %s", work.commit[:12], verdict)
+
+    def _compaction_due(self) -> bool:
+        """Rewrite the journal once most of it is superseded; not while a
+        dispatch's records are being fsynced outside the lock (the rewrite
+        would drop them after they were answered)."""
+        if self.journal.records <= COMPACT_AFTER:
+            return False
+        active = sum(w.state in (WorkState.QUEUED, WorkState.RUNNING, WorkState.HELD)
+                     for w in self.work.values())
+        return self.journal.records > 4 * active and \
+            not self._in_state(WorkState.JOURNALLING)
+
+    def _remember_finished(self, key: WorkKey, a: AssignmentRecord) -> None:
+        self.finished_tokens[(key, a.token)] = a
+        while len(self.finished_tokens) > FINISHED_TOKENS:
+            self.finished_tokens.popitem(last=False)
+
+    # ---- lost runs --------------------------------------------------------
+    def _lose(self, job: Job, count: bool) -> None:
+        """Take a job away from its runner; requeue it unless it is poison."""
+        if job.shards:
+            self._lose_shard(job, count)
+            return
+        work = self._work(job.commit)
+        if work is None:
+            return
+        work.tail.clear()
+        if work.state is WorkState.WRITING:
+            return
+        if work.state is WorkState.RUNNING and work.job is job:
+            self._to_queue(work, head=True)
+        if count:
+            self._count_loss(work, job)
+
+    def _count_loss(self, work: Work, job: Job) -> bool:
+        """One more run of the work lost its runner; True when that was
+        the last allowed and the commit got its ``error`` verdict."""
+        work.losses += 1
+        try:
+            self.journal.append([lost_record(work.commit)], sync=False)
+        except OSError:
+            # The count is a poison guard only: run it again all the same.
+            log.exception("cannot journal the lost run of %s", work.commit[:12])
+        return work.losses >= self.max_attempts and work.state is not WorkState.WRITING \
+            and self._give_up(work, job)
+
+    def _give_up(self, work: Work, job: Job) -> bool:
+        """Poison: write the ``error`` verdict (under the lock: rare, and
+        nothing may run the commit meanwhile); False if it cannot be
+        written, and the work stays as it is (queued, or its shards)."""
+        reason = (f"gave up: the run lost its runner {work.losses} times "
+                  f"(last: {job.runner})")
+        log.error("commit %s: %s", work.commit[:12], reason)
+        outcome = self._complete_fields(work, Outcome({
+            "verdict": "error", "tests": 0, "failures": 0, "errors": 0, "skipped": 0,
+            "runner": "dispatcher", "reason": reason, "started": now_stamp(),
+            "duration": "0.000"}, (reason + "\n").encode()))
+        try:
+            self.write_result(work.commit, outcome)
+        except OSError:
+            # Neither done nor queued would strand it: keep it queued.
+            log.exception("cannot write the verdict for %s; requeueing it", work.commit[:12])
+            return False
+        self._claim(work)
+        self._finish(work, "error")
+        threading.Thread(target=tell_listeners, args=(self.listeners, work.commit, outcome),
+                         daemon=True).start()
+        return True

@@ -1,0 +1,64 @@
+"""What the dispatcher's state shows: the ``status`` counts and the
+``state`` reply (its schema: ci/state_schema.py).
+
+``StateViews`` is a part of ``DispatcherState`` (ci/dispatch/state.py);
+both methods take its lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+from ci import state_schema
+from ci.dispatch.runners import Runner
+from ci.dispatch.work import WorkState
+
+
+class StateViews:
+    """Read-only views; mixed into ``DispatcherState``."""
+
+    def status(self) -> dict:
+        with self.cond:
+            running = sum(w.state in (WorkState.RUNNING, WorkState.HELD)
+                          or w.shards is not None for w in self.work.values())
+            return {"queued": len(self.queue), "running": running,
+                    "runners": len(self.runners),
+                    "idle_runners": sum(r.free for r in self.runners.values()),
+                    "done": len(self.done), "completed": self.completed}
+
+    def describe(self) -> bytes:
+        """The ``state`` reply: queue, running jobs, held commits and
+        runners as JSON."""
+        now = time.monotonic()
+        with self.cond:
+            def branch(commit):
+                work = self._work(commit)
+                return work.branch if work else None
+
+            def called(key: str, key_name: str | None) -> str:
+                """Its own name, else its issued key's, else its address."""
+                runner = self.runners.get(key)
+                return (runner.label if runner else None) or key_name or key
+
+            def busy_with(r: Runner) -> str | None:
+                if r.job:
+                    return r.job.commit
+                return r.occupied_with if r.occupied_with not in (None, "unknown") else None
+
+            state = state_schema.State(
+                queue=[state_schema.QueueEntry(self.work[k].commit, self.work[k].branch, i + 1)
+                       for i, k in enumerate(itertools.islice(self.queue, 500))],
+                running=[state_schema.RunningJob(
+                    j.commit, branch(j.commit), called(j.runner, j.name),
+                    round(now - j.started, 1), f"{j.shard}/{j.shards}" if j.shards else None)
+                    for j in self._live_jobs()],
+                held=[state_schema.HeldCommit(w.commit, w.branch, w.held_by)
+                      for w in self._held()],
+                runners=[state_schema.RunnerInfo(called(r.key, r.name), r.key, r.state,
+                                                 busy_with(r))
+                         for r in self.runners.values()],
+                # One snapshot: the counts agree with the lists (a re-entrant lock).
+                counts=self.status())
+        return json.dumps(state.to_json()).encode()

@@ -1,0 +1,266 @@
+"""Issued keys and their roles (issue 8): derivation, key files, revocation
+within a second, keyrings and the key id in every frame (in-process); each
+role against each command of a real dispatcher; one address per runner key."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+
+import pytest
+
+from ci import auth
+from support.cluster import PY, ROOT, free_port, wait_until
+from ci.config import ConfigError
+from ci.outcome import Outcome
+from ci.security import Security, load_credentials
+from ci.wire import (Message, ProtocolError, decode_header, encode_fields, encode_frame,
+    verify_frame)
+from support.privilege import C1, C3, LOOPBACK, MASTER, ask, key_security, warnings, write_secret
+
+
+def test_key_derivation_is_stable_and_differs_per_role_name_and_master():
+    key = auth.derive_key(MASTER, "runner", "r1")
+    assert key == auth.derive_key(MASTER, "runner", "r1")
+    assert re.fullmatch(rb"[0-9a-f]{64}", key)
+    others = {auth.derive_key(MASTER, "runner", "r2"), auth.derive_key(MASTER, "observer", "r1"),
+              auth.derive_key(MASTER, "viewer", "r1"), auth.derive_key(b"other", "runner", "r1")}
+    assert key not in others and len(others) == 4
+    # The key is not the master, nor anything a runner could turn back into it.
+    assert MASTER not in key
+    for role, name in (("admin", "x"), ("runner", ""), ("runner", "a b"), ("runner", "a:b"),
+                       ("runner", "x" * 65), ("runner", "../etc")):
+        with pytest.raises(ValueError):
+            auth.derive_key(MASTER, role, name)
+
+
+def test_key_file_format_round_trips_and_malformed_files_are_refused(tmp_path):
+    text = auth.format_key_file("observer", "obs-1", MASTER)
+    assert text.startswith("ci-key-v1 observer:obs-1 ") and text.endswith("\n")
+    assert auth.parse_key_file(text.encode()) == (
+        "observer:obs-1", auth.derive_key(MASTER, "observer", "obs-1"))
+    # Anything without the magic word is a plain shared secret.
+    assert auth.parse_key_file(b"just a shared secret") is None
+    for bad in (b"ci-key-v1 runner:r1", b"ci-key-v1 runner:r1 " + b"0" * 63,
+                b"ci-key-v1 runner:r1 " + b"G" * 64, b"ci-key-v1 admin:r1 " + b"0" * 64,
+                b"ci-key-v1 runner:r1 " + b"0" * 64 + b" extra",
+                b"ci-key-v1 runner " + b"0" * 64):
+        with pytest.raises(ValueError):
+            auth.parse_key_file(bad)
+        path = write_secret(tmp_path / "bad.key", bad)
+        with pytest.raises(ConfigError, match="malformed key file"):
+            load_credentials(path)
+    path = write_secret(tmp_path / "good.key", text.encode())
+    assert load_credentials(path) == (auth.derive_key(MASTER, "observer", "obs-1"),
+                                              "observer:obs-1")
+    shared = write_secret(tmp_path / "shared", b"  plain secret \n")
+    assert load_credentials(shared) == (b"plain secret", None)
+
+
+def test_issue_key_command_writes_a_private_key_file_and_needs_the_master(tmp_path):
+    master = write_secret(tmp_path / "master", MASTER)
+    out = tmp_path / "r1.key"
+    proc = subprocess.run([PY, os.path.join(ROOT, "dispatcher.py"), "issue-key", "--role",
+                           "runner", "r1", "--secret-file", master, "--output", str(out)],
+                          capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 0, proc.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert out.read_text() == auth.format_key_file("runner", "r1", MASTER)
+    printed = subprocess.run([PY, os.path.join(ROOT, "dispatcher.py"), "issue-key", "--role",
+                              "viewer", "dash", "--secret-file", master],
+                             capture_output=True, text=True, timeout=20)
+    assert printed.stdout == auth.format_key_file("viewer", "dash", MASTER)
+    # An issued key cannot issue keys, and a bad name is refused.
+    for args in (["x", "--secret-file", str(out)], ["a b", "--secret-file", master]):
+        proc = subprocess.run([PY, os.path.join(ROOT, "dispatcher.py"), "issue-key", *args],
+                              capture_output=True, text=True, timeout=20)
+        assert proc.returncode == 2 and "error" in proc.stderr, proc
+
+
+def test_revocations_are_reread_when_the_file_changes(tmp_path):
+    path = str(tmp_path / "revoked-keys")
+    revocations = auth.Revocations(path)
+    assert not revocations.revoked("runner:r1")  # no file: nothing revoked
+    auth.add_revocation(path, "r1")
+    wait_until(lambda: revocations.revoked("runner:r1"), 3, what="revocation noticed")
+    # A bare name revokes every role of that name; ROLE:NAME only that one.
+    assert revocations.revoked("viewer:r1") and not revocations.revoked("runner:r2")
+    auth.add_revocation(path, "observer:o1")
+    wait_until(lambda: revocations.revoked("observer:o1"), 3, what="second revocation")
+    assert not revocations.revoked("operator:o1")
+    with open(path, "w") as handle:   # the operator takes r1 back
+        handle.write("observer:o1\n")
+    wait_until(lambda: not revocations.revoked("runner:r1"), 3, what="un-revocation")
+    for bad in ("a b", "../x", "admin:x", ""):
+        with pytest.raises(ValueError):
+            auth.add_revocation(path, bad)
+
+
+def test_keyrings_map_key_ids_to_keys_and_roles(tmp_path):
+    path = str(tmp_path / "revoked-keys")
+    master = auth.MasterKeyring(MASTER, auth.Revocations(path))
+    assert master.lookup(None) == (MASTER, auth.ADMIN, None)
+    assert master.lookup("runner:r1") == (auth.derive_key(MASTER, "runner", "r1"), "runner",
+                                          "r1")
+    assert master.lookup("viewer:dash")[1:] == ("viewer", "dash")
+    for bad in ("admin:x", "runner:", "runner:a b", "nobody:r1"):
+        assert master.lookup(bad) is None
+    assert master.key_for("runner", "r1") == (auth.derive_key(MASTER, "runner", "r1"),
+                                              "runner:r1")
+    assert master.key_for("runner", None) == (MASTER, None)
+    auth.add_revocation(path, "r1")
+    wait_until(lambda: master.lookup("runner:r1") is None, 3, what="revoked key refused")
+    assert master.lookup("runner:r2") is not None
+
+    key = auth.derive_key(MASTER, "runner", "r1")
+    # A runner's or observer's side: only its own key (helpers.Security).
+    own = Security(secret=key, key_id="runner:r1")
+    assert own.lookup("runner:r1") == (key, "runner", "r1")
+    assert own.lookup(None) == (key, "runner", "r1")
+    assert own.lookup("runner:r2") is None and own.lookup("observer:x") is None
+    shared = Security(secret=MASTER)
+    assert shared.lookup(None) == (MASTER, auth.ADMIN, None)
+    assert shared.lookup("runner:r1") is None
+
+
+def test_frames_carry_the_key_id_and_it_is_signed():
+    key = auth.derive_key(MASTER, "runner", "r1")
+    frame = encode_frame(b"results:x", key, key_id="runner:r1", nonce="ab" * 6)
+    line, _, payload = frame.partition(b"\n")
+    header = decode_header(line)
+    assert header.key_id == "runner:r1" and payload == b"results:x"
+    verify_frame(header, payload, key)
+    # The key id is part of what is signed: swapping it breaks the tag,
+    # so a runner cannot pass its frame off as another key's.
+    swapped = decode_header(line.replace(b"runner:r1", b"runner:r2"))
+    with pytest.raises(ProtocolError, match="bad signature"):
+        verify_frame(swapped, payload, key)
+    dropped = decode_header(line.rsplit(b" ", 1)[0])
+    assert dropped.key_id is None
+    with pytest.raises(ProtocolError, match="bad signature"):
+        verify_frame(dropped, payload, key)
+    # Without a secret no key id is sent; a malformed one is not a frame.
+    assert decode_header(encode_frame(b"x", key_id="runner:r1")
+                                 .split(b"\n")[0]).key_id is None
+    with pytest.raises(ProtocolError, match="key id"):
+        decode_header(line.rsplit(b" ", 1)[0] + b" r1")
+
+
+ALL_COMMANDS = ("register", "results", "release", "progress", "dispatch", "retest",
+                "status", "state", "log", "prefetch")
+
+
+ALLOWED = {
+    "runner": {"register", "results", "release", "progress"},
+    "observer": {"dispatch", "retest", "status", "state", "log", "prefetch"},
+    "operator": {"dispatch", "retest", "status", "state", "log", "prefetch"},
+    "viewer": {"status", "state", "log"},
+}
+
+
+def _request(command: str, runner_port: int) -> tuple[str, bytes]:
+    return {
+        "register": (f"{LOOPBACK}:{runner_port}",
+                     encode_fields({"instance": "i1", "busy": ""})),
+        "results": (f"{C3} {'0' * 32}", Outcome({"verdict": "passed"}).to_body()),
+        "release": (f"{C3} {'0' * 32}", b""),
+        "progress": (f"{C3} {'0' * 32}", b"out"),
+        "dispatch": (C3, b""),
+        "retest": (C3, b""),
+        "status": ("", b""),
+        "state": ("", b""),
+        "log": (C3, b""),
+        "prefetch": ("", b""),
+    }[command]
+
+
+def test_each_role_may_send_only_its_commands(cluster, tmp_path):
+    disp = cluster.start_dispatcher("--secret-file", write_secret(tmp_path / "master", MASTER))
+    port = cluster.dispatcher_port
+    unused_port = free_port()
+    for role, allowed in ALLOWED.items():
+        security = key_security(role, f"{role}-1")
+        for command in ALL_COMMANDS:
+            argument, body = _request(command, unused_port)
+            reply = ask(port, command, argument, body, security)
+            text = f"{reply.command}:{reply.argument}"
+            if command in allowed:
+                assert "not allowed" not in text, (role, command, text)
+            else:
+                assert text == f"error:{command} is not allowed for role {role}", (role,
+                                                                                   command)
+    # The allowed ones really worked, not merely passed the gate.
+    assert ask(port, "status", security=key_security("viewer", "v")).command == "ok"
+    state = json.loads(ask(port, "state", security=key_security("viewer", "v")).body)
+    assert state["queue"][0]["commit"] == C3    # dispatched by the observer key
+    assert ask(port, "log", C3, security=key_security("viewer", "v")) == Message("ok", "idle")
+    # The master (or a plain shared secret) is admin: everything.
+    admin = Security(secret=MASTER)
+    assert ask(port, "dispatch", C1, security=admin).argument == "queued 1"
+    assert ask(port, "status", security=admin).command == "ok"
+    # A key id the master did not derive (another master) is refused.
+    with pytest.raises(ProtocolError, match="bad signature"):
+        ask(port, "status", security=key_security("viewer", "v", b"another master"))
+    refusals = [w for w in warnings(disp) if "is not allowed for role" in w]
+    assert len(refusals) == sum(len(ALL_COMMANDS) - len(a) for a in ALLOWED.values())
+    assert all("refused request from 127.0.0.1:" in w for w in refusals)
+
+
+def test_a_revoked_runner_key_is_refused_within_a_second_without_restart(cluster, tmp_path,
+                                                                         keyed_runners):
+    disp = cluster.start_dispatcher("--secret-file", write_secret(tmp_path / "master", MASTER))
+    r1, r2 = key_security("runner", "r1"), key_security("runner", "r2")
+    body = encode_fields({"instance": "i1", "busy": ""})
+    registered, = keyed_runners("r1")   # a live runner holding the key to revoke
+    registered.register(cluster.dispatcher_port)
+    proc = subprocess.run([PY, os.path.join(ROOT, "dispatcher.py"), "revoke-key", "r1",
+                           "--state-dir", cluster.state], capture_output=True, text=True,
+                          timeout=20)
+    assert proc.returncode == 0 and "revoked r1" in proc.stdout, proc.stderr
+
+    def refused():
+        try:
+            ask(cluster.dispatcher_port, "register", f"{LOOPBACK}:{free_port()}", body, r1)
+        except ProtocolError as exc:
+            return "unknown or revoked key" in str(exc)
+        return False
+    wait_until(refused, 2.5, interval=0.1, what="the revoked key refused")
+    assert ask(cluster.dispatcher_port, "register", f"{LOOPBACK}:{free_port()}", body,
+               r2).command == "ok"
+    assert any("unknown or revoked key 'runner:r1'" in w for w in warnings(disp))
+    # The registered runner with that key is dropped too: it could take work
+    # but never report it.
+    viewer = key_security("viewer", "v")
+    wait_until(lambda: not json.loads(ask(cluster.dispatcher_port, "state",
+                                          security=viewer).body)["runners"], 3,
+               what="the revoked runner dropped")
+    assert ask(cluster.dispatcher_port, "dispatch", C1,
+               security=key_security("observer", "o")).argument == "queued 1"
+    state = json.loads(ask(cluster.dispatcher_port, "state", security=viewer).body)
+    assert [q["commit"] for q in state["queue"]] == [C1] and not state["runners"]
+    assert registered.token(C1) is None
+    assert disp.alive()
+
+
+def test_a_runner_key_registers_one_address_only(cluster, tmp_path, keyed_runners):
+    disp = cluster.start_dispatcher("--secret-file", write_secret(tmp_path / "master", MASTER))
+    port = cluster.dispatcher_port
+    first, second = keyed_runners("r1", "r1")   # the same key at two addresses
+    first.register(port)
+    with pytest.raises(AssertionError, match="runner r1 is registered at 127.0.0.1:"):
+        second.register(port)
+    assert any("runner r1 is registered at" in w for w in warnings(disp))
+    # The runner really moved (its old port is dead): accepted once that is noticed.
+    first.close()
+
+    def moved():
+        try:
+            second.register(port)
+        except AssertionError:
+            return False
+        return True
+    wait_until(moved, 5, interval=0.2, what="the new address accepted")
+    state = json.loads(ask(port, "state", security=key_security("viewer", "v")).body)
+    assert [r["address"] for r in state["runners"]] == [f"{LOOPBACK}:{second.port}"]
