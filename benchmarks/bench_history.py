@@ -37,8 +37,10 @@ import urllib.parse
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from bench_dashboard import proc_status, timed_get  # noqa: E402
+from bench_dashboard import timed_get  # noqa: E402
+from support.procs import status_mb  # noqa: E402
 from ci import results  # noqa: E402
 from ci.history import store  # noqa: E402
 from ci.history.queries import HistoryReader, Unavailable  # noqa: E402
@@ -135,7 +137,7 @@ def run(tmp: str, args) -> list[tuple]:
         records = args.commits * args.tests
         print(f"  the dispatcher built the store of {records} records in {built:.1f}s "
               f"({size / 2**20:.0f} MB)", flush=True)
-        rss, hwm = proc_status(procs[0].pid, "VmRSS"), proc_status(procs[0].pid, "VmHWM")
+        rss, hwm = status_mb(procs[0].pid, "VmRSS"), status_mb(procs[0].pid, "VmHWM")
         rows = [("store build from the files", "–", f"{built:.1f} s", True),
                 ("dispatcher RSS after the build", f"< {TARGETS['rss']:.0f} MB",
                  f"{rss:.0f} MB (peak {hwm:.0f} MB)", hwm < TARGETS["rss"])]
