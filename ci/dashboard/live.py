@@ -74,6 +74,8 @@ def _one_per_commit(running: list[dict]) -> list[dict]:
             continue
         row["runner"] = ", ".join(r for r in (row["runner"], job["runner"]) if r)
         row["shard"] = ", ".join(s for s in (row["shard"], job["shard"]) if s) or None
+        if job.get("cell"):
+            row["cell"] = ", ".join(c for c in (row.get("cell"), job["cell"]) if c)
         if job["elapsed"] is not None:
             row["elapsed"] = max(row["elapsed"] or 0.0, job["elapsed"])
     return list(rows.values())
