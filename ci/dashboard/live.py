@@ -33,7 +33,8 @@ def normalize_state(data) -> dict:
     capped): plain dicts for the pages and /api/status, the held commits
     shown among the running ones, one row per commit."""
     state = state_schema.State.from_json(data)
-    held = [state_schema.RunningJob(h.commit, h.branch, "waiting for " + (h.runner or "?"))
+    held = [state_schema.RunningJob(h.commit, h.branch, "waiting for " + (h.runner or "?"),
+                                    cell=h.cell)
             for h in state.held]
     return {"queue": [j.to_json() for j in state.queue],
             "running": _one_per_commit([j.to_json() for j in state.running + held]),

@@ -36,11 +36,11 @@ import sys
 import tempfile
 
 from ci.config import ConfigError
+from ci.matrix import LABEL_RE
 from ci.wire import one_line
 
 log = logging.getLogger(__name__)
 
-LABEL_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 VERSION_RE = re.compile(r"[0-9]\.[0-9]{1,2}")
 # Labels that stand for an interpreter: only --python gives them.
 PYTHON_LABEL_RE = re.compile(r"python[0-9]+\.[0-9]+")

@@ -42,7 +42,8 @@ def parse_runtest(message: Message) -> RunnerJob:
         spec = jobspec.parse(message.body)
     except ValueError as exc:
         raise Reply(str(exc)) from None
-    return RunnerJob(parts[0], parts[1], spec.shard, spec.branch, spec.trusted)
+    return RunnerJob(parts[0], parts[1], spec.shard, spec.branch, spec.trusted,
+                     spec.cell, spec.python, spec.env)
 
 
 # What RunnerState.take hands the worker when it should fetch, not test.
