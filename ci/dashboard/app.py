@@ -13,12 +13,16 @@ import re
 import urllib.parse
 
 from ci.dashboard import index as dashboard_index
-from ci.dashboard import pages
+from ci.dashboard import cells, history_pages, pages
+from ci.history.queries import DEFAULT_RUNS, MAX_RUNS, HistoryReader, Unavailable
 from ci.dashboard.live import LiveState, without_finished
+from ci.history.store import test_key as store_key
 from ci.results import VERDICTS
 from ci.wire import valid_full_commit
 
 MAX_HTML_OUTPUT = 1024 * 1024
+# A cell's section shows the tail of its output (the whole: its own file).
+MAX_CELL_OUTPUT = 64 * 1024
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
 BRANCH_RE = pages.BRANCH_RE
@@ -55,11 +59,19 @@ class Dashboard:
         (re.compile(r"/commit/" + COMMIT_PATH + r"/output\.txt"), "output_text"),
         (re.compile(r"/badge/([^/]{1,600})\.svg"), "badge"),
         (re.compile(r"/favicon\.svg"), "favicon"),
+        (re.compile(r"/tests"), "tests_page"),
+        (re.compile(r"/api/tests"), "api_tests"),
+        (re.compile(r"/api/page/tests"), "fragments_tests"),
+        (re.compile(r"/test"), "test_page"),
+        (re.compile(r"/api/test"), "api_test"),
+        (re.compile(r"/api/page/test"), "fragments_test"),
     ]
 
-    def __init__(self, index: dashboard_index.ResultIndex, live: LiveState):
+    def __init__(self, index: dashboard_index.ResultIndex, live: LiveState,
+                 history: HistoryReader | None = None):
         self.index = index
         self.live = live
+        self.history = history
 
     def answer(self, path: str, query: dict[str, str], nonce: str) -> Response:
         # An API client gets its refusals as JSON too, not as an HTML page.
@@ -132,6 +144,8 @@ class Dashboard:
         for item in branches:
             item["running"] = item["branch"] in running_branches
         commits, cursor = self._commits(filters)
+        for item in commits:
+            item["badges"] = cells.badges(dashboard_index.parse_cells(item.get("cells")))
         title = "Results"
         if filters["branch"] or filters["verdict"]:
             title = "Results: " + " ".join(v for v in (filters["branch"], filters["verdict"]) if v)
@@ -153,7 +167,8 @@ class Dashboard:
             params = self._page_params(filters)
             endpoint = "/api/page/overview" + ("?" + urllib.parse.urlencode(params)
                                               if params else "")
-        return Response(200, pages.page("CI dashboard", nonce, sections, endpoint))
+        return Response(200, pages.page("CI dashboard", nonce, sections, endpoint,
+                                        css=cells.CSS))
 
     def fragments_overview(self, query, nonce) -> Response:
         sections = self._overview_sections(self._filters(query))
@@ -169,7 +184,8 @@ class Dashboard:
             sections = {
                 "sec-summary": pages.fields_section(item, "finished " + pages.when(
                     item["finished"]) + " UTC"),
-                "sec-tests": pages.tests_section(self.index.test_report(commit)),
+                "sec-cells": cells.cells_section(self._finished_cells(commit, item)),
+                "sec-tests": pages.tests_section(self._failing_tests(commit)),
                 "sec-output": pages.output_section(output[0], output[1], commit),
             }
             return "finished", sections, True
@@ -185,6 +201,7 @@ class Dashboard:
             return "running", {
                 "sec-summary": pages.fields_section(item, "running" if elapsed is None else
                                                     f"running, {pages.seconds(elapsed)} elapsed"),
+                "sec-cells": cells.cells_section(cells.live_cells(state, commit)),
                 "sec-tests": pages.Safe(""),
                 "sec-output": pages.output_section(tail, False, commit, live=True)}, False
         job = next((j for j in state.get("queue", []) if j["commit"] == commit), None)
@@ -192,8 +209,31 @@ class Dashboard:
             item = {"commit": commit, "verdict": "queued", "branch": job.get("branch")}
             return "queued", {
                 "sec-summary": pages.fields_section(item, f"queued, position {job['position']}"),
+                "sec-cells": cells.cells_section(cells.live_cells(state, commit)),
                 "sec-tests": pages.Safe(""), "sec-output": pages.Safe("")}, False
         return None
+
+    def _finished_cells(self, commit: str, item: dict) -> list[dict]:
+        """Each cell of a finished commit: its verdict from the commit's
+        ``cells:`` field, its own header, failing tests and output tail
+        from its file (absent: only the verdict is shown)."""
+        found = []
+        for name, verdict in dashboard_index.parse_cells(item.get("cells")):
+            output = self.index.read_output(commit, MAX_CELL_OUTPUT, cell=name)
+            found.append({"name": name, "verdict": verdict,
+                          "fields": self.index.read_cell(commit, name) or {},
+                          "failing_tests": self.index.test_report(commit, cell=name),
+                          "output": output[0] if output else ""})
+        return found
+
+    def _failing_tests(self, commit: str) -> list[dict]:
+        """The commit's failing tests; those named by their JUnit id link
+        to their history page."""
+        tests = self.index.test_report(commit, with_source=True)
+        for test in tests:
+            if test.pop("source") == "junit":
+                test["url"] = history_pages.test_url(test["name"], store_key(test["name"]))
+        return tests
 
     @staticmethod
     def _running_job(state: dict, commit: str) -> dict | None:
@@ -210,7 +250,7 @@ class Dashboard:
         status, sections, final = view
         endpoint = "" if final else f"/api/page/commit/{commit}"
         return Response(200, pages.page(f"{commit[:pages.SHORT]} · {status}", nonce, sections,
-                                        endpoint))
+                                        endpoint, css=cells.CSS))
 
     def fragments_commit(self, query, nonce, commit) -> Response:
         view = self._commit_view(commit)
@@ -231,8 +271,12 @@ class Dashboard:
     @staticmethod
     def _api_item(item: dict) -> dict:
         item = dict(item)
+        item.pop("badges", None)
         item["finished"] = pages.when(item.get("finished")).replace(" ", "T") + "Z"
         item["url"] = f"/commit/{item['commit']}"
+        if item.get("cells") is not None:
+            item["cells"] = [{"name": name, "verdict": verdict} for name, verdict
+                             in dashboard_index.parse_cells(item["cells"])]
         return item
 
     def api_status(self, query, nonce) -> Response:
@@ -256,11 +300,16 @@ class Dashboard:
             status, tail = self.live.log(commit) if running else ("idle", "")
             if status != "running":
                 return json_response({"error": "no result for this commit"}, 404)
-            return json_response({"commit": commit, "status": "running", "live_output": tail})
+            return json_response({"commit": commit, "status": "running", "live_output": tail,
+                                  "cells": cells.live_cells(state, commit)})
         output = self.index.read_output(commit, MAX_HTML_OUTPUT) or ("", False)
         data = self._api_item(item)
-        data.update(status="finished", failing_tests=self.index.test_report(commit),
+        data.update(status="finished", failing_tests=self._failing_tests(commit),
                     output=output[0], output_truncated=output[1])
+        if item.get("cells") is not None:
+            data["cells"] = [{**c["fields"], "name": c["name"], "verdict": c["verdict"],
+                              "failing_tests": c["failing_tests"]}
+                             for c in self._finished_cells(commit, item)]
         return json_response(data)
 
     def favicon(self, query, nonce) -> Response:
@@ -273,3 +322,94 @@ class Dashboard:
         states = {b["branch"]: b["state"] for b in self.index.branches()}
         return Response(200, pages.badge_svg(branch, states.get(branch, "unknown")),
                         "image/svg+xml")
+
+    # ---- test history (ci/history: the dispatcher's store, read-only)
+
+    def _history(self):
+        if self.history is None:
+            raise Unavailable("this dashboard has no test history (--history PATH)")
+        return self.history
+
+    def _tests_view(self) -> tuple[int, dict]:
+        try:
+            return 200, history_pages.tests_sections(self._history().overview())
+        except Unavailable as exc:
+            return 503, {"sec-tests-summary": history_pages.unavailable_section(str(exc))}
+
+    def tests_page(self, query, nonce) -> Response:
+        status, sections = self._tests_view()
+        return Response(status, pages.page("Tests", nonce, sections,
+                                           "/api/page/tests" if status == 200 else "",
+                                           history_pages.CSS))
+
+    def fragments_tests(self, query, nonce) -> Response:
+        status, sections = self._tests_view()
+        return json_response({"sections": sections, "final": status != 200}, status)
+
+    def api_tests(self, query, nonce) -> Response:
+        try:
+            return json_response(self._urls(self._history().overview()))
+        except Unavailable as exc:
+            return json_response({"error": str(exc)}, 503)
+
+    @staticmethod
+    def _test_query(query: dict) -> dict:
+        name, key = query.get("id"), query.get("key")
+        if (name is None) == (key is None) or (name is not None and not name):
+            raise BadRequest("give the test's id (id=...) or its key (key=...)")
+        if key is not None and not re.fullmatch(r"[0-9a-f]{24}", key):
+            raise BadRequest("key: 24 hex digits, as the test links carry")
+        branch = query.get("branch")
+        if branch and not BRANCH_RE.fullmatch(branch):
+            raise BadRequest("branch: letters, digits and . _ / - + @ only")
+        try:
+            limit = int(query.get("limit") or DEFAULT_RUNS)
+        except ValueError:
+            raise BadRequest("limit: a number") from None
+        if not 1 <= limit <= MAX_RUNS:
+            raise BadRequest(f"limit: 1 to {MAX_RUNS}")
+        return {"name": name, "key": key, "branch": branch, "limit": limit}
+
+    def _test_view(self, query: dict) -> tuple[int, dict | None, str]:
+        """(status, test or None, the reason when there is none)."""
+        try:
+            test = self._history().test(**self._test_query(query))
+        except Unavailable as exc:
+            return 503, None, str(exc)
+        if test is None:
+            return 404, None, "The test history has no such test."
+        return 200, test, ""
+
+    def test_page(self, query, nonce) -> Response:
+        status, test, reason = self._test_view(query)
+        if test is None:
+            return Response(status, pages.page("Test history", nonce, {
+                "sec-test-head": history_pages.unavailable_section(reason)}, "",
+                history_pages.CSS))
+        endpoint = "/api/page/test?" + urllib.parse.urlencode(query)
+        return Response(200, pages.page(test["id"][:80] + " · history", nonce,
+                                        history_pages.test_sections(test), endpoint,
+                                        history_pages.CSS))
+
+    def fragments_test(self, query, nonce) -> Response:
+        status, test, reason = self._test_view(query)
+        if test is None:
+            return json_response({"error": reason}, status)
+        return json_response({"sections": history_pages.test_sections(test), "final": False})
+
+    def api_test(self, query, nonce) -> Response:
+        status, test, reason = self._test_view(query)
+        if test is None:
+            return json_response({"error": reason}, status)
+        for run in test["recent"]:
+            run["finished"] = pages.when(run["finished"]).replace(" ", "T") + "Z"
+            run["url"] = f"/commit/{run['commit']}"
+        return json_response(self._urls(test))
+
+    @staticmethod
+    def _urls(data: dict) -> dict:
+        """Each test in an answer with the URL of its page."""
+        for test in [data, *data.get("slowest", []), *data.get("failing", [])]:
+            if "key" in test:
+                test["url"] = history_pages.test_url(test["id"], test["key"])
+        return data

@@ -143,24 +143,35 @@ def active_section(state: dict | None) -> Safe:
     rows = []
     for job in state.get("running", []):
         rows.append(render(
-            '<tr><td>{link}</td><td><span class="branch">{branch}</span></td>'
+            '<tr><td>{link}{cell}</td><td><span class="branch">{branch}</span></td>'
             '<td>{pill}</td><td>{elapsed}</td><td>{runner}</td></tr>',
-            link=commit_link(job["commit"]), branch=job.get("branch") or "",
+            link=commit_link(job["commit"]), cell=cell_tag(job, "running"),
+            branch=job.get("branch") or "",
             pill=pill("running"),
             elapsed=(seconds(job["elapsed"]) + " elapsed" if job.get("elapsed") is not None
                      else "held after a dispatcher restart"),
             runner=job.get("runner") or ""))
     for job in state.get("queue", []):
         rows.append(render(
-            '<tr><td>{link}</td><td><span class="branch">{branch}</span></td>'
-            '<td>{pill}</td><td>position {position}</td><td></td></tr>',
-            link=commit_link(job["commit"]), branch=job.get("branch") or "",
-            pill=pill("queued"), position=job.get("position", "")))
+            '<tr><td>{link}{cell}</td><td><span class="branch">{branch}</span></td>'
+            '<td>{pill}</td><td>position {position}{waiting}</td><td></td></tr>',
+            link=commit_link(job["commit"]), cell=cell_tag(job, "queued"),
+            branch=job.get("branch") or "", pill=pill("queued"),
+            position=job.get("position", ""),
+            waiting=render(' &middot; <span class="waiting">{why}</span>', why=job["waiting"])
+            if job.get("waiting") else ""))
     if not rows:
         return Safe('<h2>Running and queued</h2><p class="empty">Nothing queued or running.</p>')
     return render('<h2>Running and queued</h2><table class="grid"><thead><tr><th>commit</th>'
                   '<th>branch</th><th>state</th><th>progress</th><th>runner</th></tr></thead>'
                   '<tbody>{rows}</tbody></table>', rows=join(rows))
+
+
+def cell_tag(job: dict, verdict: str) -> Safe:
+    """A matrix cell's name beside its commit (none without a matrix)."""
+    if not job.get("cell"):
+        return Safe("")
+    return render(' <span class="cell v-{cls}">{cell}</span>', cls=verdict, cell=job["cell"])
 
 
 def commit_rows(commits: list[dict]) -> Safe:
@@ -170,7 +181,7 @@ def commit_rows(commits: list[dict]) -> Safe:
             '<tr class="r-{cls}"><td>{link}</td>'
             '<td class="subject">{subject}{mark}</td>'
             '<td class="author" title="{author}">{name}</td>'
-            '<td><span class="branch">{branch}</span></td><td>{pill}</td>'
+            '<td><span class="branch">{branch}</span></td><td>{pill}{badges}</td>'
             '<td class="num">{tests}</td><td class="num">{failures}</td>'
             '<td class="num">{errors}</td><td class="num">{skipped}</td>'
             '<td class="num">{duration}</td><td class="runner">{runner}</td>'
@@ -180,7 +191,7 @@ def commit_rows(commits: list[dict]) -> Safe:
                                                              item.get("branch")),
             author=item.get("author") or "", name=author_name(item.get("author")),
             branch=item.get("branch") or "", pill=pill(item.get("verdict")),
-            tests=item.get("tests", ""), failures=item.get("failures", ""),
+            badges=item.get("badges") or Safe(""), tests=item.get("tests", ""), failures=item.get("failures", ""),
             errors=item.get("errors", ""), skipped=item.get("skipped", ""),
             duration=seconds(item.get("duration")), runner=item.get("runner") or "",
             finished=when(item.get("finished"))))
@@ -223,15 +234,19 @@ def runners_section(state: dict | None) -> Safe:
     if state is None:
         return Safe("")
     rows = [render('<tr><td>{name}</td><td>{address}</td>'
-                   '<td><span class="rstate r-{cls}">{state}</span></td><td>{commit}</td></tr>',
+                   '<td><span class="rstate r-{cls}">{state}</span></td><td>{commit}</td>'
+                   '<td class="labels">{labels}{exclusive}</td></tr>',
                    name=r.get("name") or "", address=r.get("address") or "",
                    cls=RUNNER_CLASSES.get(r.get("state"), "other"), state=r.get("state") or "",
-                   commit=commit_link(r["commit"]) if r.get("commit") else "")
+                   commit=commit_link(r["commit"]) if r.get("commit") else "",
+                   labels=" ".join(r.get("labels") or []),
+                   exclusive=" (exclusive)" if r.get("exclusive") else "")
             for r in state.get("runners", [])]
     if not rows:
         return Safe('<h2>Runners</h2><p class="empty">No runner registered.</p>')
     return render('<h2>Runners</h2><table class="grid"><thead><tr><th>name</th><th>address</th>'
-                  '<th>state</th><th>commit</th></tr></thead><tbody>{rows}</tbody></table>',
+                  '<th>state</th><th>commit</th><th>labels</th></tr></thead><tbody>{rows}</tbody>'
+                  '</table>',
                   rows=join(rows))
 
 
@@ -273,8 +288,11 @@ def tests_section(tests: list[dict]) -> Safe:
     if not tests:
         return Safe("")
     rows = [render('<li class="t-{kind}"><span class="tkind">{kind}</span> '
-                   '<code>{name}</code>{new}</li>',
-                   kind=t["kind"], name=t["name"],
+                   '{name}{new}</li>',
+                   kind=t["kind"],
+                   name=render('<a href="{url}"><code>{name}</code></a>', url=t["url"],
+                               name=t["name"]) if t.get("url") else
+                   render("<code>{name}</code>", name=t["name"]),
                    new=Safe(' <span class="mark broke">new failure</span>') if t.get("new")
                    else Safe("")) for t in tests]
     return render('<h2>Failing tests ({count})</h2><ul class="tests">{rows}</ul>',
@@ -295,10 +313,12 @@ def output_section(text: str, truncated: bool, commit: str, live: bool = False) 
 # --------------------------------------------------------------------------
 # Whole pages.
 
-def page(title: str, nonce: str, sections: dict[str, Safe], endpoint: str = "") -> bytes:
+def page(title: str, nonce: str, sections: dict[str, Safe], endpoint: str = "",
+         css: str = "") -> bytes:
+    """``css``: a page's own rules, after the common ones."""
     body = join(render('<section id="{key}" class="sec">{content}</section>',
                        key=key, content=content) for key, content in sections.items())
-    return render(LAYOUT, title=title, nonce=nonce, css=Safe(CSS), body=body,
+    return render(LAYOUT, title=title, nonce=nonce, css=Safe(CSS + css), body=body,
                   endpoint=endpoint, script=Safe(SCRIPT),
                   live=Safe('<span id="live-dot" class="live">live</span>') if endpoint
                   else Safe("")).encode("utf-8")
@@ -335,7 +355,7 @@ LAYOUT = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title}</title><link rel="icon" href="/favicon.svg"><style nonce="{nonce}">{css}</style></head>
 <body><header class="top"><a class="brand" href="/"><span class="logo">&#9670;</span> CI dashboard</a>
-<nav><a href="/">Overview</a><a href="/api/status">API</a></nav>{live}</header>
+<nav><a href="/">Overview</a><a href="/tests">Tests</a><a href="/api/status">API</a></nav>{live}</header>
 <main>{body}</main>
 <footer>Read-only view of the results folder and the dispatcher's live state.</footer>
 <script nonce="{nonce}" id="updater" data-endpoint="{endpoint}">{script}</script>

@@ -15,7 +15,8 @@ import time
 
 import pytest
 from support.dashboard import (
-    StandInDispatcher, commit_id, red_green_history, write_result)
+    EVIL, StandInDispatcher, commit_id, red_green_history, write_history, write_matrix_result,
+    write_result)
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -143,6 +144,39 @@ def test_red_green_history_and_a_new_commit_without_reload(page, results, dashbo
     assert "test_x (t.T.test_x)" in page.locator("ul.tests").inner_text()
     assert "new failure" in page.locator("ul.tests").inner_text()
     page.screenshot(path=str(tmp_path / "commit.png"), full_page=True)
+
+
+def test_a_failing_test_links_to_its_history(page, results, dashboards, tmp_path):
+    """From a commit's failing test to its page: a strip of red and green
+    along the branch, durations, failure rate; the tests page; a test id
+    carrying markup stays text."""
+    commits = write_history(results)
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    dash = dashboards(results)
+    page.goto(f"{dash.url}/commit/{commits[5]}")
+    page.click("ul.tests a:has-text('t.T.test_flaky')")
+    page.wait_for_url("**/test?id=t.T.test_flaky")
+    cells = page.locator("#strip .cell")
+    expect(cells).to_have_count(8)
+    colours = cells.evaluate_all("cs => cs.map(c => getComputedStyle(c).backgroundColor)")
+    red, green = colours[1], colours[0]
+    assert red != green and [c == red for c in colours] == [n % 4 == 1 for n in range(8)]
+    assert page.locator("svg.durations rect").count() == 8
+    assert "25.0%" in page.locator("#sec-test-head").inner_text()
+    page.screenshot(path=str(tmp_path / "test-history.png"), full_page=True)
+    # Each cell leads to its commit.
+    cells.nth(7).click()
+    page.wait_for_url(f"**/commit/{commits[7]}")
+
+    page.goto(dash.url + "/tests")
+    failing = page.locator("#sec-failing tbody tr")
+    expect(failing).to_have_count(2)
+    assert EVIL in failing.nth(0).inner_text()
+    page.screenshot(path=str(tmp_path / "tests.png"), full_page=True)
+    failing.nth(0).locator("a").click()
+    expect(page.locator("h1.test-title")).to_have_text("t.T." + EVIL)
+    assert page.locator("img[src='x']").count() == 0 and dialogs == []
 
 
 def badge_colour(page) -> str:
@@ -341,3 +375,32 @@ def test_real_daemons_red_green_and_live_output(page, dashboards, cluster, upstr
     expect(output).to_contain_text("tick 39", timeout=5000)
     page.screenshot(path=str(tmp_path / "real-finished.png"), full_page=True)
     assert observer.alive()
+
+
+def test_matrix_cells_in_the_overview_and_on_the_commit_page(page, results, dashboards,
+                                                             tmp_path):
+    """A badge per cell beside the commit's verdict, a section per cell on
+    its page (the failing cell's test named, its output folded)."""
+    base = commit_id(0x2000)
+    write_result(results, base, "passed", subject="Before the match statement")
+    head = commit_id(0x2001)
+    cells = write_matrix_result(results, head, previous=base)
+    dash = dashboards(results)
+    page.goto(dash.url + "/")
+    row = page.locator("#sec-commits tbody tr").first
+    assert row.locator(".pill").inner_text() == "failed"
+    assert row.locator(".cell").all_inner_texts() == list(cells)
+    assert "v-failed" in row.locator(".cell").first.get_attribute("class")
+    assert "failing" in page.locator(".branch-card").inner_text()
+    page.screenshot(path=str(tmp_path / "matrix-overview.png"), full_page=True)
+
+    page.goto(dash.url + f"/commit/{head}")
+    boxes = page.locator("#sec-cells .cell-box")
+    expect(boxes).to_have_count(3)
+    assert boxes.first.locator("h3").inner_text() == "py3.9 failed"
+    assert "test_match" in boxes.first.inner_text()
+    assert boxes.nth(1).locator(".pill").inner_text() == "passed"
+    boxes.first.locator("summary").click()
+    assert "SyntaxError" in boxes.first.locator("pre").inner_text()
+    page.screenshot(path=str(tmp_path / "matrix-commit.png"), full_page=True)
+    assert not [m for m in page.console if "Content Security Policy" in m]
