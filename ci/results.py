@@ -247,32 +247,34 @@ def format_records(records: list[TestRecord], traceback_limit: int = TRACEBACK_L
 def parse_records(data: bytes, max_bytes: int = MAX_RECORDS_BYTES,
                   max_records: int = MAX_RECORDS) -> list[TestRecord]:
     """The records of a ``format_records`` document, each cleaned and
-    capped as any untrusted record; JunitError if it is too large, has
-    too many lines, or a line that is no array of the fields' types."""
+    capped as any untrusted record; JunitError if it is too large, not
+    UTF-8, has too many lines, or a line that is no array of the fields'
+    types."""
     if len(data) > max_bytes:
         raise JunitError(f"records of {len(data)} bytes exceed the limit of {max_bytes}")
-    lines = data.splitlines()
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise JunitError("test records are not UTF-8") from None
     if len(lines) > max_records:
         raise JunitError(f"more than {max_records} test records")
-    records = []
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            records.append(_record_of(line, number))
-    return records
+    return [_record_of(line, number) for number, line in enumerate(lines, 1) if line.strip()]
 
 
-def _record_of(line: bytes, number: int) -> TestRecord:
+_DECODER = json.JSONDecoder()
+_TYPES = tuple(float if isinstance(d, float) else str for d in _DEFAULTS)
+
+
+def _record_of(line: str, number: int) -> TestRecord:
     try:
-        values = json.loads(line)
+        values, end = _DECODER.raw_decode(line)
     except (ValueError, RecursionError):
         raise JunitError(f"test record {number} is not JSON") from None
-    if not isinstance(values, list) or len(values) < 2:
+    if not isinstance(values, list) or len(values) < 2 or line[end:].strip():
         raise JunitError(f"test record {number} is not an array of its fields")
-    values = values[:len(RECORD_FIELDS)]
-    values += _DEFAULTS[len(values):]
-    for value, default in zip(values, _DEFAULTS):
-        if isinstance(default, str) and not isinstance(value, str) or \
-                isinstance(default, float) and not isinstance(value, (int, float)):
+    values = values[:len(RECORD_FIELDS)] + list(_DEFAULTS[len(values):])
+    for value, kind in zip(values, _TYPES):
+        if not isinstance(value, kind) and not (kind is float and type(value) is int):
             raise JunitError(f"test record {number} has a field of the wrong type")
     return clean_record(TestRecord(*values))
 

@@ -166,7 +166,10 @@ def fit(records: list[results.TestRecord], budget: int) -> Collected | None:
     else:
         return None
     records = results.shorten(records, limit)
-    xml = results.fit_junit(records, min(budget - size, results.MAX_JUNIT_BYTES)) or b""
+    room = min(budget - size, results.MAX_JUNIT_BYTES)
+    # The XML of records is always longer than their records part: when
+    # that does not fit in what is left, it is not even tried.
+    xml = results.fit_junit(records, room) or b"" if room >= size else b""
     return Collected(records, xml, results.count_records(records), size=size + len(xml))
 
 

@@ -16,7 +16,10 @@ import xml.etree.ElementTree as ET
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from ci.dashboard import index
 from ci.dispatch import server
+from ci.runner import daemon
+from ci import wire as server_limits
 from ci.runner import command_line, junit_capture
 from ci import outcome, results
 from ci.outcome import Outcome
@@ -575,3 +578,50 @@ def test_recorder_xml_written_by_hand_parses_back(tmp_path_factory, cases):
     assert [(r.id, r.outcome) for r in again] == [(r.id, r.outcome) for r in parsed]
     assert [c.get("name") for c in ET.fromstring(data).iter("testcase")] == \
         [unittest_recorder._clean(n) for _, n, _, _ in cases]
+
+
+# --------------------------------------------------------------------------
+# Bad input at scale: ids of any characters and length, 100,000 tests.
+
+def test_ids_of_any_characters_and_length_are_capped_and_escaped(tmp_path):
+    nasty = "a\x00b\nc\r\td\"e'<f>&g]]>h\ud800i\U0001f600\u202ej\x1b[31m" + "x" * 1_000_000
+    record = TestRecord(nasty, nasty, "failed", float("inf"), nasty, nasty, "subtest", nasty)
+    for parsed in (results.parse_records(results.format_records([record]))[0],
+                   results.parse_junit(results.format_junit([record]))[0]):
+        assert len(parsed.classname) == results.NAME_LIMIT
+        assert parsed.classname.isprintable() and parsed.name.isprintable()
+        assert len(parsed.id) <= 3 * results.NAME_LIMIT + 2
+        assert len(parsed.traceback) <= results.TRACEBACK_LIMIT
+        assert parsed.outcome == "failed" and parsed.duration == 0.0
+    commit = "d" * 40
+    results.write_junit(str(tmp_path), commit, [record])
+    data = (tmp_path / f"{commit}.xml").read_bytes()
+    assert_valid(data)
+    assert len(data) < 10_000 and b"\x00" not in data and b"]]>" not in data
+
+
+def test_a_hundred_thousand_tests_are_kept_from_runner_to_dashboard(tmp_path):
+    """Generated records of 100,000 tests (one in a thousand failing with a
+    traceback) fit the runner's default budget, reach the dispatcher whole,
+    and the file it writes is read back by the dashboard's parser."""
+    records = [TestRecord(f"tests.test_m{i // 1000:03d}.TestBig", f"test_{i:06d}",
+                          duration=0.001) for i in range(100_000)]
+    for i in range(0, 100_000, 1000):
+        records[i] = TestRecord(records[i].classname, records[i].name, "failed", 0.5,
+                                "AssertionError: no", "Traceback\n" * 30)
+    budget = (server_limits.DEFAULT_MAX_MESSAGE - daemon.MESSAGE_OVERHEAD) // 2
+    collected = junit_capture.fit(records, budget)
+    assert collected is not None and collected.size <= budget
+    sent = Outcome({"verdict": "failed", "tests": 1}, b"out", records=collected.records,
+                   junit_xml=collected.xml)
+    body = sent.to_body()
+    assert len(body) < server_limits.DEFAULT_MAX_MESSAGE
+    _, _, stored = server.parse_results_message(Message("results", f"{COMMIT} {TOKEN}", body))
+    assert len(stored.records) == 100_000 and stored.records[1000].outcome == "failed"
+    assert {k: stored.header[k] for k in ("tests", "failures", "errors")} == \
+        {"tests": 100_000, "failures": 100, "errors": 0}
+    stored.write(str(tmp_path), COMMIT)
+    with open(results.junit_path(str(tmp_path), COMMIT), "rb") as handle:
+        statuses = index.parse_junit(handle.read(results.MAX_JUNIT_BYTES + 1))
+    assert len(statuses) == 100_000
+    assert statuses["tests.test_m001.TestBig.test_001000"] == "failure"
