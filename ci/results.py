@@ -253,16 +253,19 @@ def parse_records(data: bytes, max_bytes: int = MAX_RECORDS_BYTES,
     if len(data) > max_bytes:
         raise JunitError(f"records of {len(data)} bytes exceed the limit of {max_bytes}")
     try:
-        lines = data.decode("utf-8").splitlines()
+        # Split at newlines only: str.splitlines() also splits at U+0085
+        # and U+2028, which a JSON string may hold as they are.
+        lines = [line for line in data.decode("utf-8").split("\n") if line.strip()]
     except UnicodeDecodeError:
         raise JunitError("test records are not UTF-8") from None
     if len(lines) > max_records:
         raise JunitError(f"more than {max_records} test records")
-    return [_record_of(line, number) for number, line in enumerate(lines, 1) if line.strip()]
+    return [_record_of(line, number) for number, line in enumerate(lines, 1)]
 
 
 _DECODER = json.JSONDecoder()
-_TYPES = tuple(float if isinstance(d, float) else str for d in _DEFAULTS)
+# Each field's type is its default's (a float field also takes an integer).
+_TYPES = tuple(type(default) for default in _DEFAULTS)
 
 
 def _record_of(line: str, number: int) -> TestRecord:
@@ -274,7 +277,7 @@ def _record_of(line: str, number: int) -> TestRecord:
         raise JunitError(f"test record {number} is not an array of its fields")
     values = values[:len(RECORD_FIELDS)] + list(_DEFAULTS[len(values):])
     for value, kind in zip(values, _TYPES):
-        if not isinstance(value, kind) and not (kind is float and type(value) is int):
+        if type(value) is not kind and not (kind is float and type(value) is int):
             raise JunitError(f"test record {number} has a field of the wrong type")
     return clean_record(TestRecord(*values))
 

@@ -584,7 +584,8 @@ def test_recorder_xml_written_by_hand_parses_back(tmp_path_factory, cases):
 # Bad input at scale: ids of any characters and length, 100,000 tests.
 
 def test_ids_of_any_characters_and_length_are_capped_and_escaped(tmp_path):
-    nasty = "a\x00b\nc\r\td\"e'<f>&g]]>h\ud800i\U0001f600\u202ej\x1b[31m" + "x" * 1_000_000
+    nasty = "a\x00b\nc\r\td\"e'<f>&g]]>h\ud800i\U0001f600\u202ej\x1b[31m\x85k\u2028l" \
+        + "x" * 1_000_000
     record = TestRecord(nasty, nasty, "failed", float("inf"), nasty, nasty, "subtest", nasty)
     for parsed in (results.parse_records(results.format_records([record]))[0],
                    results.parse_junit(results.format_junit([record]))[0]):
@@ -593,6 +594,14 @@ def test_ids_of_any_characters_and_length_are_capped_and_escaped(tmp_path):
         assert len(parsed.id) <= 3 * results.NAME_LIMIT + 2
         assert len(parsed.traceback) <= results.TRACEBACK_LIMIT
         assert parsed.outcome == "failed" and parsed.duration == 0.0
+    # Unescaped as the recorder writes them, U+0085 and U+2028 split no line.
+    [raw] = results.parse_records('["a\x85b","c\u2028d"]\n'.encode())
+    assert raw.classname == "a b" and raw.name == "c d"
+    # Exactly as many records as lines, however many: the cap is on records.
+    part = results.format_records([record] * 3)
+    assert len(results.parse_records(part, max_records=3)) == 3
+    with pytest.raises(results.JunitError, match="more than 2"):
+        results.parse_records(part, max_records=2)
     commit = "d" * 40
     results.write_junit(str(tmp_path), commit, [record])
     data = (tmp_path / f"{commit}.xml").read_bytes()
