@@ -34,7 +34,7 @@ RESULT_FIELDS = ("commit", "verdict", "tests", "failures", "errors", "skipped",
                  "runner", "started", "duration", "exit_code", "reason",
                  "branch", "previous", "subject", "author", "committed",
                  "setup", "setup_scope", "setup_duration",
-                 "junit", "shards")
+                 "junit", "shards", "failing_first", "first_failure_after")
 
 
 def ordered_header(fields: Mapping) -> dict:

@@ -134,7 +134,8 @@ class TestRunner:
     def _run(self, job: RunnerJob) -> Outcome:
         """The job's outcome; a failure of the runner itself is one too."""
         try:
-            return pipeline.execute(self.settings, job.commit, job.shard, job.scope)
+            return pipeline.execute(self.settings, job.commit, job.shard, job.scope,
+                                    job.failing_first)
         except Exception as exc:
             log.exception("running %s failed", job.commit[:12])
             return Outcome({"verdict": "error", "reason": f"runner failure: {exc}"},

@@ -22,6 +22,7 @@ class RunnerJob:
     shard: sharding.ShardSpec | None = None
     branch: str | None = None   # as the dispatcher said; None: not said
     trusted: bool = False       # the branch is trusted (never without one)
+    failing_first: tuple[str, ...] = ()   # test ids to run before the rest
 
     @property
     def scope(self) -> environments.Scope:
@@ -38,7 +39,8 @@ def parse_runtest(message: Message) -> RunnerJob:
         spec = jobspec.parse(message.body)
     except ValueError as exc:
         raise Reply(str(exc)) from None
-    return RunnerJob(parts[0], parts[1], spec.shard, spec.branch, spec.trusted)
+    return RunnerJob(parts[0], parts[1], spec.shard, spec.branch, spec.trusted,
+                     spec.failing_first)
 
 
 # What RunnerState.take hands the worker when it should fetch, not test.
