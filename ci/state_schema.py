@@ -11,7 +11,7 @@ shown to people; a record without a usable commit is left out; keys it does
 not know are ignored).
 
     {"queue":   [{"commit", "branch", "position"}],
-     "running": [{"commit", "branch", "runner", "elapsed", "shard"}],
+     "running": [{"commit", "branch", "runner", "elapsed", "shard", "failing"}],
      "held":    [{"commit", "branch", "runner"}],
      "runners": [{"name", "address", "state", "commit"}],
      "counts":  {name: value}}
@@ -121,9 +121,10 @@ class RunningJob(Record):
     runner: str | None = None       # what the runner is called (RunnerInfo.name)
     elapsed: float | None = None    # seconds since it was assigned
     shard: str | None = None        # "2/3" for one shard of a sharded commit
+    failing: str | None = None      # its first failing test, told while it runs
 
     FIELDS = {"commit": _commit, "branch": _text(200), "runner": _text(200),
-              "elapsed": _number, "shard": _text(16)}
+              "elapsed": _number, "shard": _text(16), "failing": _text(500)}
 
 
 @dataclasses.dataclass
