@@ -8,8 +8,11 @@ shard, a blank line and the durations table (see sharding.py)::
     shard: 2/3            one shard of a sharded commit (absent: the whole commit)
     branch: feature/x     the branch the commit was dispatched for
     trusted: no           yes: the dispatcher counts that branch as trusted
-    failing_first: 2      the first 2 lines after the blank line are test ids
-                          to run first (they failed most recently on the branch)
+    cell: py3.12-django5.1   one cell of a build matrix (absent: the commit has none)
+    python: 3.12          the cell's interpreter (absent: the runner's own)
+    axes: django=5.1      the cell's other axes: CI_DJANGO=5.1 for setup and tests
+    failing_first: 2         the first 2 lines after the blank line are test ids
+                             to run first (they failed most recently on the branch)
 
 then, after the blank line, those test ids (one a line) and, for a shard,
 the durations table.
@@ -25,7 +28,9 @@ setting covers every runner.
 Backward compatible with older dispatchers: an empty body (a whole
 commit) and ``shard: i/n`` followed by the table mean what they meant, and
 a job without a ``branch`` is never trusted (the runner gives it a scope
-of its own).  Unknown keys are refused, not skipped: a field a runner
+of its own).  A job without a ``cell`` is the commit's only cell, tested
+as before matrices existed (ci/matrix.py); ``python`` and ``axes`` come
+only with a cell.  Unknown keys are refused, not skipped: a field a runner
 does not understand must not be silently dropped.
 """
 
@@ -34,12 +39,12 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 
-from ci import sharding, wire
+from ci import matrix, sharding, wire
 from ci.dispatch.journal import BRANCH_RE
 
 # The repository's default branch, by either of the usual names.
 DEFAULT_TRUSTED_BRANCHES = ("main", "master")
-KNOWN_KEYS = ("shard", "branch", "trusted", "failing_first")
+KNOWN_KEYS = ("shard", "branch", "trusted", "cell", "python", "axes", "failing_first")
 # At most this many test ids to run first, each at most this long.
 MAX_FAILING_FIRST = 50
 MAX_TEST_ID = 500
@@ -50,7 +55,15 @@ class JobSpec:
     shard: sharding.ShardSpec | None = None   # None: the whole commit
     branch: str | None = None                  # None: not said (an older dispatcher)
     trusted: bool = False                      # never without a branch
+    cell: str = ""                             # "": the commit's only cell
+    python: str | None = None                  # None: the runner's own interpreter
+    axes: tuple[tuple[str, str], ...] = ()     # the cell's other axes, in order
     failing_first: tuple[str, ...] = ()        # test ids to run before the rest
+
+    @property
+    def env(self) -> dict[str, str]:
+        """CI_<AXIS>=<value> for each of the cell's other axes."""
+        return matrix.axis_env(self.axes)
 
 
 def trusted_branch(branch: str | None, patterns: tuple[str, ...]) -> bool:
@@ -67,12 +80,13 @@ def usable_test_id(test_id: str) -> bool:
 
 def encode(branch: str | None = None, trusted: bool = False,
            shard: tuple[int, int] | None = None, table: bytes = b"",
+           cell: matrix.Cell = matrix.SINGLE,
            failing_first: tuple[str, ...] = ()) -> bytes:
     """The body for a job: empty for a whole commit of no known branch and
     no failing tests (as older dispatchers sent), else the fields, then
     the test ids to run first and, for a shard, the table."""
     first = [t for t in failing_first if usable_test_id(t)][:MAX_FAILING_FIRST]
-    fields = {}
+    fields = _cell_fields(cell)
     if shard is not None:
         fields["shard"] = f"{shard[0]}/{shard[1]}"
     if branch is not None:
@@ -90,6 +104,37 @@ def encode(branch: str | None = None, trusted: bool = False,
     if shard is not None:
         after += table
     return wire.encode_fields(fields) + (b"\n" + after if after or shard is not None else b"")
+
+
+def _cell_fields(cell: matrix.Cell) -> dict[str, str]:
+    if not cell.name:
+        return {}
+    if not matrix.is_cell_name(cell.name):
+        raise ValueError(f"invalid cell name {cell.name[:80]!r}")
+    fields = {"cell": cell.name}
+    if cell.python:
+        fields["python"] = cell.python
+    if cell.axes:
+        fields["axes"] = matrix.format_axes(cell.axes)
+    return fields
+
+
+def _parse_cell(fields: dict[str, str]) -> tuple[str, str | None, tuple]:
+    """(cell, python, axes) of a job; ValueError if malformed."""
+    cell, python = fields.get("cell", ""), fields.get("python")
+    if not matrix.is_cell_name(cell):
+        raise ValueError(f"runtest body: invalid cell name {cell[:80]!r}")
+    if not cell and (python is not None or "axes" in fields):
+        raise ValueError("runtest body: python or axes without a cell")
+    if python is not None and not matrix.PYTHON_RE.fullmatch(python):
+        raise ValueError(f"runtest body: python {python[:20]!r} is not a version like 3.12")
+    try:
+        axes = matrix.parse_axes(fields.get("axes", ""), "runtest body: axes")
+    except matrix.MatrixError as exc:
+        raise ValueError(str(exc)) from None
+    if matrix.PYTHON in dict(axes):
+        raise ValueError("runtest body: the python axis travels as python, not in axes")
+    return cell, python, axes
 
 
 def parse(body: bytes) -> JobSpec:
@@ -118,7 +163,7 @@ def parse(body: bytes) -> JobSpec:
         raise ValueError(f"runtest body: trusted must be yes or no, not {trusted[:20]!r}")
     if branch is None and trusted == "yes":
         raise ValueError("runtest body: trusted without a branch")
-    return JobSpec(shard, branch, trusted == "yes", first)
+    return JobSpec(shard, branch, trusted == "yes", *_parse_cell(fields), failing_first=first)
 
 
 def _failing_first(count: str | None, rest: bytes) -> tuple[tuple[str, ...], bytes]:

@@ -343,7 +343,7 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         first = shard_set.first if shard_set else self.recent_failures.for_branch(branch)
         return jobspec.encode(branch, jobspec.trusted_branch(branch, self.trusted_branches),
                               (index, shard_set.total) if shard_set else None,
-                              shard_set.table if shard_set else b"", first)
+                              shard_set.table if shard_set else b"", failing_first=first)
 
     def _is_current(self, job: Job) -> bool:
         work = self._work(job.commit)

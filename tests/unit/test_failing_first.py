@@ -142,7 +142,7 @@ def test_reorder_moves_whole_groups_and_keeps_every_item_once():
 
 def test_the_ids_travel_in_the_runtest_body_and_pin_their_files_to_shard_1(tmp_path):
     ids = ("tests.test_b.B.test_x", "tests.test_c.test_y[a b]")
-    body = jobspec.encode("main", True, (2, 3), b"1.000 tests.test_a\n", ids)
+    body = jobspec.encode("main", True, (2, 3), b"1.000 tests.test_a\n", failing_first=ids)
     spec = jobspec.parse(body)
     assert spec.failing_first == ids and spec.shard.first == ids
     assert spec.shard.durations == {"tests.test_a": 1.0}
