@@ -104,9 +104,10 @@ class Record:
 
     FIELDS: ClassVar[dict[str, Callable]] = {}
     REQUIRED: ClassVar[tuple[str, ...]] = ("commit",)
-    # Keys added for build matrices, left out while they say nothing (None):
+    # Keys added later (build matrices, a running job's first failing test),
+    # left out while they say nothing (None):
     # a record of a commit without a matrix reads exactly as before.
-    SPARSE: ClassVar[tuple[str, ...]] = ("cell", "waiting", "labels", "exclusive")
+    SPARSE: ClassVar[tuple[str, ...]] = ("cell", "waiting", "labels", "exclusive", "failing")
 
     def to_json(self) -> dict:
         return {key: value for key, value in dataclasses.asdict(self).items()

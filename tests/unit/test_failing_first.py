@@ -22,7 +22,8 @@ import ci_order  # noqa: E402
 
 PY = sys.executable
 
-UNITTEST_A = """import unittest
+UNITTEST_A = """import time
+import unittest
 
 class A(unittest.TestCase):
     @classmethod
@@ -30,7 +31,7 @@ class A(unittest.TestCase):
         print("setUpClass A")
 
     def test_one(self):
-        pass
+        time.sleep(0.6)
 
     def test_two(self):
         pass
@@ -43,7 +44,7 @@ def setUpModule():
 
 class Z(unittest.TestCase):
     def test_early(self):
-        time.sleep(0.6)
+        pass
 
     def test_broken(self):
         self.fail("broken")
@@ -51,8 +52,10 @@ class Z(unittest.TestCase):
     def test_skipped(self):
         self.skipTest("not today")
 """
-PYTEST_A = """def test_one():
-    pass
+PYTEST_A = """import time
+
+def test_one():
+    time.sleep(0.6)
 
 def test_two():
     pass
@@ -65,7 +68,7 @@ def once():
     print("module fixture Z")
 
 def test_early(once):
-    time.sleep(0.6)
+    pass
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_broken(once, n):
@@ -113,7 +116,7 @@ def test_the_failing_test_runs_first_and_the_counts_are_unchanged(kind, upstream
                                     else b"module fixture Z") <= 1
     assert first.header["failing_first"] == "1 of 2 run first"
     assert "failing_first" not in plain.header
-    # The failure came before the slow test ran, in the reordered run only.
+    # The failure came before the slow module ran, in the reordered run only.
     assert float(first.header["first_failure_after"]) < \
         float(plain.header["first_failure_after"])
 
