@@ -16,11 +16,15 @@ class Slow(unittest.TestCase):
     def test_slow(self):
         time.sleep(1.5)
 """
-BROKEN_LAST = """import unittest
+BROKEN_LAST = """import time
+import unittest
 
 class Last(unittest.TestCase):
     def test_fine(self):
         pass
+
+    def test_zz_still_running(self):
+        time.sleep(1.0)   # the run goes on after the failure
 
     def test_broken(self):
         self.assertEqual(1 + 1, 3)
