@@ -57,7 +57,7 @@ class StateViews:
                 running=[state_schema.RunningJob(
                     j.commit, branch(j.commit), called(j.runner, j.name),
                     round(now - j.started, 1), f"{j.shard}/{j.shards}" if j.shards else None,
-                    failing(j.commit))
+                    failing=failing(j.commit))
                     for j in self._live_jobs()],
                 held=[state_schema.HeldCommit(w.commit, w.branch, w.held_by)
                       for w in self._held()],

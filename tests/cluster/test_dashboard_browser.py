@@ -374,3 +374,41 @@ def test_real_daemons_red_green_and_live_output(page, dashboards, cluster, upstr
     expect(output).to_contain_text("tick 39", timeout=5000)
     page.screenshot(path=str(tmp_path / "real-finished.png"), full_page=True)
     assert observer.alive()
+
+
+FAILS_THEN_TICKS = """import time
+import unittest
+
+class Early(unittest.TestCase):
+    def test_a_broken(self):
+        self.assertEqual(1 + 1, 3)
+
+    def test_b_ticks(self):
+        for i in range(40):
+            print("tick", i, flush=True)
+            time.sleep(0.1)
+"""
+
+
+def test_the_first_failure_shows_on_the_live_page_before_the_run_ends(page, dashboards, cluster,
+                                                                      upstream, tmp_path):
+    """A test fails early in a 4 s run: the commit's live output names it,
+    and the overview shows its branch failing, while the run goes on."""
+    from support.cluster import git
+    cluster.start_dispatcher()
+    cluster.start_runner("--progress-interval", "0.2")
+    cluster.start_observer("--poll", "0.3")
+    assert cluster.result(git(upstream.path, "rev-parse", "HEAD"))["verdict"] == "passed"
+    dash = dashboards(cluster.results, cluster.dispatcher_address)
+    slow = upstream.commit({"tests/test_early.py": FAILS_THEN_TICKS}, "Fail early, run long")
+    page.goto(dash.url + "/")
+    expect(page.locator("#sec-branches")).to_contain_text(
+        "failing now: test_early.Early.test_a_broken", timeout=10000)
+    expect(page.locator("#sec-active")).to_contain_text("test_early.Early.test_a_broken")
+    page.goto(f"{dash.url}/commit/{slow}")
+    output = page.locator("#output-pre")
+    expect(output).to_contain_text("[ci] first failing test: test_early.Early.test_a_broken",
+                                   timeout=5000)
+    assert not os.path.exists(cluster.result_path(slow))   # the run goes on
+    page.screenshot(path=str(tmp_path / "failing-while-running.png"), full_page=True)
+    expect(page.locator("#sec-summary .pill")).to_have_text("failed", timeout=15000)
