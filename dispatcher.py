@@ -30,6 +30,7 @@ from ci import jobspec
 from ci.dispatch.state import DispatcherState
 from ci.notify import flags as notify_flags
 from ci.history import store as history_store
+from ci.history.queries import HistoryReader
 from ci.history.writer import HistoryWriter
 from ci.dispatch.journal import Journal
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, check_port,
@@ -275,8 +276,12 @@ def wire_up(args: argparse.Namespace) -> Wired:
     state = recovered_state(args, results_dir, state_dir, trusted)
     if notifier:
         state.listeners.append(notifier.result_written)
+        state.failing_listeners.append(notifier.failing_now)
     history = HistoryWriter(os.path.join(state_dir, history_store.FILE_NAME), results_dir)
     state.listeners.append(history.result_written)
+    # A branch's failing tests first: from the history for a branch not
+    # seen since the start (results teach the rest as they come).
+    state.recent_failures.load = HistoryReader(history.path).recent_failures
     dispatcher = Dispatcher(state, security, Options(
         args.ping_interval, args.ping_misses, args.ping_timeout, args.job_timeout,
         args.workers, args.prefetch_runners))

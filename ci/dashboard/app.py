@@ -140,9 +140,13 @@ class Dashboard:
     def _overview_sections(self, filters: dict) -> dict:
         state, error = self._live_state()
         branches = self.index.branches()
-        running_branches = {j["branch"] for j in (state or {}).get("running", [])}
+        running = (state or {}).get("running", [])
+        running_branches = {j["branch"] for j in running}
+        # A running commit whose tests already fail: its branch is failing now.
+        failing_now = {j["branch"]: j["failing"] for j in running if j.get("failing")}
         for item in branches:
             item["running"] = item["branch"] in running_branches
+            item["failing_now"] = failing_now.get(item["branch"])
         commits, cursor = self._commits(filters)
         for item in commits:
             item["badges"] = cells.badges(dashboard_index.parse_cells(item.get("cells")))

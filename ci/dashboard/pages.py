@@ -114,7 +114,12 @@ def branches_section(branches: list[dict]) -> Safe:
     cards = []
     for item in branches:
         state = item["state"]
-        if state == "failing":
+        if item.get("failing_now"):
+            # The run goes on, but a test already failed: failing, now.
+            state = "failing"
+            detail = render('failing now: <span class="failing-now">{test}</span>',
+                            test=item["failing_now"])
+        elif state == "failing":
             detail = render("failing since {link}", link=commit_link(item["since"]))
         else:
             detail = Safe(state)
@@ -147,7 +152,10 @@ def active_section(state: dict | None) -> Safe:
             '<td>{pill}</td><td>{elapsed}</td><td>{runner}</td></tr>',
             link=commit_link(job["commit"]), cell=cell_tag(job, "running"),
             branch=job.get("branch") or "",
-            pill=pill("running"),
+            pill=render('{running}{failing}', running=pill("running"),
+                        failing=render(' <span class="pill v-failed">failing</span> '
+                                       '<span class="failing-now">{test}</span>',
+                                       test=job["failing"]) if job.get("failing") else Safe("")),
             elapsed=(seconds(job["elapsed"]) + " elapsed" if job.get("elapsed") is not None
                      else "held after a dispatcher restart"),
             runner=job.get("runner") or ""))

@@ -36,6 +36,7 @@ from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, SUSPECT, Runner, Runner
 from ci.dispatch.shards import ShardPlanner
 from ci.dispatch.views import StateViews
 from ci.dispatch.work import Job, Meta, Work, WorkKey, WorkState, new_token, work_key
+from ci.history.recent import RecentFailures
 from ci.wire import ProtocolError, Reply, decode_fields, valid_full_commit
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         # No shard shorter than this by the known durations (0: no check).
         self.min_shard_seconds = 1.0
         self.durations = sharding.Durations()
+        # Each branch's most recently failing tests, which its jobs run first.
+        self.recent_failures = RecentFailures()
         # --trusted-branch: whose environments every commit may reuse.
         self.trusted_branches = jobspec.DEFAULT_TRUSTED_BRANCHES
         self.stopping = False
@@ -91,6 +94,9 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         # Called with (commit, Outcome) after a result file is on disk,
         # outside the lock (notifications); must not block.
         self.listeners: list = []
+        # Called with (commit, branch, test id, seconds) when a running
+        # commit's first test fails, outside the lock; must not block.
+        self.failing_listeners: list = []
 
     # ---- the work table ---------------------------------------------------
     def _work(self, commit: str) -> Work | None:
@@ -116,6 +122,7 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
     def _to_queue(self, work: Work, head: bool) -> None:
         work.move(WorkState.QUEUED)
         work.job = None
+        work.failing = None   # the next run tells its own
         if head:
             self.queue.appendleft(work.key)
         else:
@@ -331,9 +338,12 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         if branch is not None and not BRANCH_RE.fullmatch(branch):
             branch = None  # (read back from an old result file): no scope to share
         shard_set = work.shards if index else None
+        # Every shard of a set names the same tests (they pin the same files
+        # to shard 1); a whole commit, the branch's failures as they are now.
+        first = shard_set.first if shard_set else self.recent_failures.for_branch(branch)
         return jobspec.encode(branch, jobspec.trusted_branch(branch, self.trusted_branches),
                               (index, shard_set.total) if shard_set else None,
-                              shard_set.table if shard_set else b"")
+                              shard_set.table if shard_set else b"", failing_first=first)
 
     def _is_current(self, job: Job) -> bool:
         work = self._work(job.commit)
@@ -402,6 +412,32 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
             work.tail += data[-TAIL_BYTES:]
             if len(work.tail) > TAIL_BYTES:
                 del work.tail[:len(work.tail) - TAIL_BYTES]
+
+    def first_failure(self, commit: str, token: str, name: str | None, test: str,
+                      after: float) -> bool:
+        """A running job's tests just had their first failure: kept for
+        the ``state`` view and put in the live output; True the first time
+        for this commit's run (a second shard's, or a resend, changes
+        nothing), when the early listeners are told (outside the lock)."""
+        with self.cond:
+            work = self._work(commit)
+            job = work.current_job(token) if work else None
+            if not job or (name is not None and job.name != name):
+                raise Reply(f"failing for {commit[:12]} refused: not the current assignment")
+            if work.failing is not None:
+                return False
+            work.failing = (test, after)
+            line = f"\n[ci] first failing test: {test} (after {after:.1f}s)\n"
+            work.tail += line.encode("utf-8", "replace")
+            if len(work.tail) > TAIL_BYTES:
+                del work.tail[:len(work.tail) - TAIL_BYTES]
+            meta = work.meta
+        for listener in self.failing_listeners:
+            try:
+                listener(commit, meta.branch if meta else None, test, after)
+            except Exception:
+                log.exception("failing listener failed for %s", commit[:12])
+        return True
 
     def log_tail(self, commit: str) -> bytes | None:
         """The live output of a running commit; None when it is not running."""

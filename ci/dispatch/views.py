@@ -37,6 +37,10 @@ class StateViews:
                 work = self._work(commit)
                 return work.branch if work else None
 
+            def failing(commit):
+                work = self._work(commit)
+                return work.failing[0] if work and work.failing else None
+
             def called(key: str, key_name: str | None) -> str:
                 """Its own name, else its issued key's, else its address."""
                 runner = self.runners.get(key)
@@ -52,7 +56,8 @@ class StateViews:
                        for i, k in enumerate(itertools.islice(self.queue, 500))],
                 running=[state_schema.RunningJob(
                     j.commit, branch(j.commit), called(j.runner, j.name),
-                    round(now - j.started, 1), f"{j.shard}/{j.shards}" if j.shards else None)
+                    round(now - j.started, 1), f"{j.shard}/{j.shards}" if j.shards else None,
+                    failing=failing(j.commit))
                     for j in self._live_jobs()],
                 held=[state_schema.HeldCommit(w.commit, w.branch, w.held_by)
                       for w in self._held()],
