@@ -1,6 +1,7 @@
 """The CI's web dashboard: a read-only view of the results folder, plus the
 dispatcher's live state (queue, running jobs, runners, live output) asked
-over the signed protocol.
+over the signed protocol, and its test history store (``--history``, read
+only: ci/history/queries.py).
 
     python dashboard.py --results-dir test_results --dispatcher-server localhost:8888
 
@@ -34,6 +35,8 @@ from ci.dashboard import index as dashboard_index
 from ci.dashboard import pages
 from ci.dashboard.app import Dashboard, Response
 from ci.dashboard.live import LiveState
+from ci.history import store as history_store
+from ci.history.queries import HistoryReader
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, add_per_client_argument,
     check_per_client, check_port, configure_logging, positive)
 from ci.security import is_loopback, security_from_args
@@ -296,6 +299,11 @@ def build_parser() -> ArgumentParser:
                         help="port to listen on, 0 for any free one (default: %(default)s)")
     parser.add_argument("--results-dir", default="test_results",
                         help="the dispatcher's results folder (default: %(default)s)")
+    parser.add_argument("--history", metavar="PATH",
+                        help="the dispatcher's test history store, read-only, for the /tests "
+                             "and /test pages (default: dispatcher_state/"
+                             f"{history_store.FILE_NAME} beside the results folder, the "
+                             "dispatcher's default state folder)")
     parser.add_argument("--dispatcher-server", default=DEFAULT_DISPATCHER, metavar="HOST:PORT",
                         help="the dispatcher to ask for live state (default: %(default)s)")
     parser.add_argument("--token-file", metavar="PATH",
@@ -350,8 +358,10 @@ def make_server(args) -> DashboardServer:
     if not os.path.isdir(results):
         raise ConfigError(f"results folder {args.results_dir} does not exist")
     index = dashboard_index.ResultIndex(results, args.scan_interval)
+    history = args.history or os.path.join(os.path.dirname(results), "dispatcher_state",
+                                           history_store.FILE_NAME)
     ask = functools.partial(helpers.call, security=security)  # the signed client call
-    app = Dashboard(index, LiveState(dispatcher, ask))
+    app = Dashboard(index, LiveState(dispatcher, ask), HistoryReader(history))
     try:
         return DashboardServer((args.host, args.port), app, token, args.insecure,
                                args.request_timeout, args.max_connections,

@@ -29,6 +29,8 @@ import helpers
 from ci import jobspec
 from ci.dispatch.state import DispatcherState
 from ci.notify import flags as notify_flags
+from ci.history import store as history_store
+from ci.history.writer import HistoryWriter
 from ci.dispatch.journal import Journal
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, check_port,
                        configure_logging, positive)
@@ -252,6 +254,7 @@ class Wired:
     server: helpers.MessageServer
     dispatcher: Dispatcher
     notifier: object
+    history: HistoryWriter
     security: Security
     state: DispatcherState
     results_dir: str
@@ -272,6 +275,8 @@ def wire_up(args: argparse.Namespace) -> Wired:
     state = recovered_state(args, results_dir, state_dir, trusted)
     if notifier:
         state.listeners.append(notifier.result_written)
+    history = HistoryWriter(os.path.join(state_dir, history_store.FILE_NAME), results_dir)
+    state.listeners.append(history.result_written)
     dispatcher = Dispatcher(state, security, Options(
         args.ping_interval, args.ping_misses, args.ping_timeout, args.job_timeout,
         args.workers, args.prefetch_runners))
@@ -281,7 +286,7 @@ def wire_up(args: argparse.Namespace) -> Wired:
                                        auth.DISPATCHER_PERMISSIONS)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
-    return Wired(server, dispatcher, notifier, security, state, results_dir)
+    return Wired(server, dispatcher, notifier, history, security, state, results_dir)
 
 
 def serve(wired: Wired) -> None:
@@ -294,12 +299,14 @@ def serve(wired: Wired) -> None:
              ", ".join(wired.state.trusted_branches))
     if wired.notifier:
         wired.notifier.start(wired.state.is_pending)
+    wired.history.start()
     wired.dispatcher.start()
 
     def stop():
         wired.dispatcher.stop()
         if wired.notifier:
             wired.notifier.stop()
+        wired.history.stop()
     helpers.serve_until_signalled(wired.server, on_stop=stop)
 
 

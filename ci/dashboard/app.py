@@ -13,8 +13,10 @@ import re
 import urllib.parse
 
 from ci.dashboard import index as dashboard_index
-from ci.dashboard import pages
+from ci.dashboard import history_pages, pages
+from ci.history.queries import DEFAULT_RUNS, MAX_RUNS, HistoryReader, Unavailable
 from ci.dashboard.live import LiveState, without_finished
+from ci.history.store import test_key as store_key
 from ci.results import VERDICTS
 from ci.wire import valid_full_commit
 
@@ -55,11 +57,19 @@ class Dashboard:
         (re.compile(r"/commit/" + COMMIT_PATH + r"/output\.txt"), "output_text"),
         (re.compile(r"/badge/([^/]{1,600})\.svg"), "badge"),
         (re.compile(r"/favicon\.svg"), "favicon"),
+        (re.compile(r"/tests"), "tests_page"),
+        (re.compile(r"/api/tests"), "api_tests"),
+        (re.compile(r"/api/page/tests"), "fragments_tests"),
+        (re.compile(r"/test"), "test_page"),
+        (re.compile(r"/api/test"), "api_test"),
+        (re.compile(r"/api/page/test"), "fragments_test"),
     ]
 
-    def __init__(self, index: dashboard_index.ResultIndex, live: LiveState):
+    def __init__(self, index: dashboard_index.ResultIndex, live: LiveState,
+                 history: HistoryReader | None = None):
         self.index = index
         self.live = live
+        self.history = history
 
     def answer(self, path: str, query: dict[str, str], nonce: str) -> Response:
         # An API client gets its refusals as JSON too, not as an HTML page.
@@ -169,7 +179,7 @@ class Dashboard:
             sections = {
                 "sec-summary": pages.fields_section(item, "finished " + pages.when(
                     item["finished"]) + " UTC"),
-                "sec-tests": pages.tests_section(self.index.test_report(commit)),
+                "sec-tests": pages.tests_section(self._failing_tests(commit)),
                 "sec-output": pages.output_section(output[0], output[1], commit),
             }
             return "finished", sections, True
@@ -194,6 +204,15 @@ class Dashboard:
                 "sec-summary": pages.fields_section(item, f"queued, position {job['position']}"),
                 "sec-tests": pages.Safe(""), "sec-output": pages.Safe("")}, False
         return None
+
+    def _failing_tests(self, commit: str) -> list[dict]:
+        """The commit's failing tests; those named by their JUnit id link
+        to their history page."""
+        tests = self.index.test_report(commit, with_source=True)
+        for test in tests:
+            if test.pop("source") == "junit":
+                test["url"] = history_pages.test_url(test["name"], store_key(test["name"]))
+        return tests
 
     @staticmethod
     def _running_job(state: dict, commit: str) -> dict | None:
@@ -259,7 +278,7 @@ class Dashboard:
             return json_response({"commit": commit, "status": "running", "live_output": tail})
         output = self.index.read_output(commit, MAX_HTML_OUTPUT) or ("", False)
         data = self._api_item(item)
-        data.update(status="finished", failing_tests=self.index.test_report(commit),
+        data.update(status="finished", failing_tests=self._failing_tests(commit),
                     output=output[0], output_truncated=output[1])
         return json_response(data)
 
@@ -273,3 +292,94 @@ class Dashboard:
         states = {b["branch"]: b["state"] for b in self.index.branches()}
         return Response(200, pages.badge_svg(branch, states.get(branch, "unknown")),
                         "image/svg+xml")
+
+    # ---- test history (ci/history: the dispatcher's store, read-only)
+
+    def _history(self):
+        if self.history is None:
+            raise Unavailable("this dashboard has no test history (--history PATH)")
+        return self.history
+
+    def _tests_view(self) -> tuple[int, dict]:
+        try:
+            return 200, history_pages.tests_sections(self._history().overview())
+        except Unavailable as exc:
+            return 503, {"sec-tests-summary": history_pages.unavailable_section(str(exc))}
+
+    def tests_page(self, query, nonce) -> Response:
+        status, sections = self._tests_view()
+        return Response(status, pages.page("Tests", nonce, sections,
+                                           "/api/page/tests" if status == 200 else "",
+                                           history_pages.CSS))
+
+    def fragments_tests(self, query, nonce) -> Response:
+        status, sections = self._tests_view()
+        return json_response({"sections": sections, "final": status != 200}, status)
+
+    def api_tests(self, query, nonce) -> Response:
+        try:
+            return json_response(self._urls(self._history().overview()))
+        except Unavailable as exc:
+            return json_response({"error": str(exc)}, 503)
+
+    @staticmethod
+    def _test_query(query: dict) -> dict:
+        name, key = query.get("id"), query.get("key")
+        if (name is None) == (key is None) or (name is not None and not name):
+            raise BadRequest("give the test's id (id=...) or its key (key=...)")
+        if key is not None and not re.fullmatch(r"[0-9a-f]{24}", key):
+            raise BadRequest("key: 24 hex digits, as the test links carry")
+        branch = query.get("branch")
+        if branch and not BRANCH_RE.fullmatch(branch):
+            raise BadRequest("branch: letters, digits and . _ / - + @ only")
+        try:
+            limit = int(query.get("limit") or DEFAULT_RUNS)
+        except ValueError:
+            raise BadRequest("limit: a number") from None
+        if not 1 <= limit <= MAX_RUNS:
+            raise BadRequest(f"limit: 1 to {MAX_RUNS}")
+        return {"name": name, "key": key, "branch": branch, "limit": limit}
+
+    def _test_view(self, query: dict) -> tuple[int, dict | None, str]:
+        """(status, test or None, the reason when there is none)."""
+        try:
+            test = self._history().test(**self._test_query(query))
+        except Unavailable as exc:
+            return 503, None, str(exc)
+        if test is None:
+            return 404, None, "The test history has no such test."
+        return 200, test, ""
+
+    def test_page(self, query, nonce) -> Response:
+        status, test, reason = self._test_view(query)
+        if test is None:
+            return Response(status, pages.page("Test history", nonce, {
+                "sec-test-head": history_pages.unavailable_section(reason)}, "",
+                history_pages.CSS))
+        endpoint = "/api/page/test?" + urllib.parse.urlencode(query)
+        return Response(200, pages.page(test["id"][:80] + " · history", nonce,
+                                        history_pages.test_sections(test), endpoint,
+                                        history_pages.CSS))
+
+    def fragments_test(self, query, nonce) -> Response:
+        status, test, reason = self._test_view(query)
+        if test is None:
+            return json_response({"error": reason}, status)
+        return json_response({"sections": history_pages.test_sections(test), "final": False})
+
+    def api_test(self, query, nonce) -> Response:
+        status, test, reason = self._test_view(query)
+        if test is None:
+            return json_response({"error": reason}, status)
+        for run in test["recent"]:
+            run["finished"] = pages.when(run["finished"]).replace(" ", "T") + "Z"
+            run["url"] = f"/commit/{run['commit']}"
+        return json_response(self._urls(test))
+
+    @staticmethod
+    def _urls(data: dict) -> dict:
+        """Each test in an answer with the URL of its page."""
+        for test in [data, *data.get("slowest", []), *data.get("failing", [])]:
+            if "key" in test:
+                test["url"] = history_pages.test_url(test["id"], test["key"])
+        return data

@@ -354,9 +354,11 @@ class ResultIndex:
             return None
         return parse_junit(data)
 
-    def test_report(self, commit: str) -> list[dict]:
+    def test_report(self, commit: str, with_source: bool = False) -> list[dict]:
         """Failing and erroring tests of a commit, each with ``new`` set when
-        the branch's previous commit had a result in which it did not fail.
+        the branch's previous commit had a result in which it did not fail;
+        ``with_source``: each also says where its name came from, ``source``
+        ``junit`` (the test's id in the test history) or ``output``.
 
         Names are compared only when both commits' lists come from the same
         source: a JUnit id (``t.T.test_x``) never equals the output's name
@@ -374,6 +376,8 @@ class ResultIndex:
                 before = {t["name"] for t in before_tests or []}
         for test in tests:
             test["new"] = before is not None and test["name"] not in before
+            if with_source:
+                test["source"] = source
         return tests
 
     def _failing(self, commit: str) -> tuple[str | None, list[dict] | None]:

@@ -273,8 +273,11 @@ def tests_section(tests: list[dict]) -> Safe:
     if not tests:
         return Safe("")
     rows = [render('<li class="t-{kind}"><span class="tkind">{kind}</span> '
-                   '<code>{name}</code>{new}</li>',
-                   kind=t["kind"], name=t["name"],
+                   '{name}{new}</li>',
+                   kind=t["kind"],
+                   name=render('<a href="{url}"><code>{name}</code></a>', url=t["url"],
+                               name=t["name"]) if t.get("url") else
+                   render("<code>{name}</code>", name=t["name"]),
                    new=Safe(' <span class="mark broke">new failure</span>') if t.get("new")
                    else Safe("")) for t in tests]
     return render('<h2>Failing tests ({count})</h2><ul class="tests">{rows}</ul>',
@@ -295,10 +298,12 @@ def output_section(text: str, truncated: bool, commit: str, live: bool = False) 
 # --------------------------------------------------------------------------
 # Whole pages.
 
-def page(title: str, nonce: str, sections: dict[str, Safe], endpoint: str = "") -> bytes:
+def page(title: str, nonce: str, sections: dict[str, Safe], endpoint: str = "",
+         css: str = "") -> bytes:
+    """``css``: a page's own rules, after the common ones."""
     body = join(render('<section id="{key}" class="sec">{content}</section>',
                        key=key, content=content) for key, content in sections.items())
-    return render(LAYOUT, title=title, nonce=nonce, css=Safe(CSS), body=body,
+    return render(LAYOUT, title=title, nonce=nonce, css=Safe(CSS + css), body=body,
                   endpoint=endpoint, script=Safe(SCRIPT),
                   live=Safe('<span id="live-dot" class="live">live</span>') if endpoint
                   else Safe("")).encode("utf-8")
@@ -335,7 +340,7 @@ LAYOUT = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title}</title><link rel="icon" href="/favicon.svg"><style nonce="{nonce}">{css}</style></head>
 <body><header class="top"><a class="brand" href="/"><span class="logo">&#9670;</span> CI dashboard</a>
-<nav><a href="/">Overview</a><a href="/api/status">API</a></nav>{live}</header>
+<nav><a href="/">Overview</a><a href="/tests">Tests</a><a href="/api/status">API</a></nav>{live}</header>
 <main>{body}</main>
 <footer>Read-only view of the results folder and the dispatcher's live state.</footer>
 <script nonce="{nonce}" id="updater" data-endpoint="{endpoint}">{script}</script>

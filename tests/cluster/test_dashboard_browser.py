@@ -15,7 +15,7 @@ import time
 
 import pytest
 from support.dashboard import (
-    StandInDispatcher, commit_id, red_green_history, write_result)
+    EVIL, StandInDispatcher, commit_id, red_green_history, write_history, write_result)
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -143,6 +143,39 @@ def test_red_green_history_and_a_new_commit_without_reload(page, results, dashbo
     assert "test_x (t.T.test_x)" in page.locator("ul.tests").inner_text()
     assert "new failure" in page.locator("ul.tests").inner_text()
     page.screenshot(path=str(tmp_path / "commit.png"), full_page=True)
+
+
+def test_a_failing_test_links_to_its_history(page, results, dashboards, tmp_path):
+    """From a commit's failing test to its page: a strip of red and green
+    along the branch, durations, failure rate; the tests page; a test id
+    carrying markup stays text."""
+    commits = write_history(results)
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    dash = dashboards(results)
+    page.goto(f"{dash.url}/commit/{commits[5]}")
+    page.click("ul.tests a:has-text('t.T.test_flaky')")
+    page.wait_for_url("**/test?id=t.T.test_flaky")
+    cells = page.locator("#strip .cell")
+    expect(cells).to_have_count(8)
+    colours = cells.evaluate_all("cs => cs.map(c => getComputedStyle(c).backgroundColor)")
+    red, green = colours[1], colours[0]
+    assert red != green and [c == red for c in colours] == [n % 4 == 1 for n in range(8)]
+    assert page.locator("svg.durations rect").count() == 8
+    assert "25.0%" in page.locator("#sec-test-head").inner_text()
+    page.screenshot(path=str(tmp_path / "test-history.png"), full_page=True)
+    # Each cell leads to its commit.
+    cells.nth(7).click()
+    page.wait_for_url(f"**/commit/{commits[7]}")
+
+    page.goto(dash.url + "/tests")
+    failing = page.locator("#sec-failing tbody tr")
+    expect(failing).to_have_count(2)
+    assert EVIL in failing.nth(0).inner_text()
+    page.screenshot(path=str(tmp_path / "tests.png"), full_page=True)
+    failing.nth(0).locator("a").click()
+    expect(page.locator("h1.test-title")).to_have_text("t.T." + EVIL)
+    assert page.locator("img[src='x']").count() == 0 and dialogs == []
 
 
 def badge_colour(page) -> str:

@@ -138,3 +138,42 @@ def dead_address() -> str:
     return f"127.0.0.1:{free_port()}"
 
 
+
+
+# --------------------------------------------------------------------------
+# A test history (ci/history) for the dashboard's test pages.
+
+# A test id too long to link by name (each part at the records' cap, 500).
+LONG_CLASS, LONG_NAME = "t." + "C" * 298, "long_" + "y" * 495
+LONG_ID = f"{LONG_CLASS}.{LONG_NAME}"
+EVIL = '<img src=x onerror="alert(1)">&"\'' + "é" * 3
+
+
+def write_history(results) -> list[str]:
+    """Eight results on main (result and JUnit files, oldest first) and
+    their store where the dashboard looks by default (dispatcher_state
+    beside the results folder), built by the dispatcher's writer.
+    ``t.T.test_flaky`` fails on the 2nd and 6th; the EVIL test always errs."""
+    from ci.history import store
+    from ci.history.writer import HistoryWriter
+    from ci.outcome import Outcome
+    from ci.results import ERROR, FAILED, PASSED, TestRecord
+    base = time.time() - 600
+    commits = []
+    for n in range(8):
+        commit = commit_id(0x3000 + n)
+        outcome = FAILED if n % 4 == 1 else PASSED
+        Outcome({"commit": commit, "verdict": "failed", "branch": "main",
+                 "runner": "runner-a", "subject": f"Step {n}"}, b"out\n",
+                (TestRecord("t.T", "test_flaky", outcome, 0.1 * (n + 1)),
+                 TestRecord("t.T", EVIL, ERROR, 0.01),
+                 TestRecord(LONG_CLASS, LONG_NAME, PASSED, 3.0))).write(str(results), commit)
+        os.utime(os.path.join(results, commit), (base + n, base + n))
+        commits.append(commit)
+    state = os.path.join(os.path.dirname(str(results)), "dispatcher_state")
+    os.makedirs(state, exist_ok=True)
+    writer = HistoryWriter(os.path.join(state, store.FILE_NAME), str(results))
+    writer.start()
+    assert writer.ready.wait(10), "the history was not built"
+    writer.stop()
+    return commits

@@ -1,0 +1,156 @@
+"""Reading the test history: read-only connections to the store the
+dispatcher's writer keeps (``file:...?mode=ro``), for the dashboard.
+
+Every query is an index lookup bounded by its ``limit``, never a scan of
+all records, so the pages stay fast however long the history grows: the
+tests' running totals (``tests.runs``, ``failures``, ``seconds``) answer
+"slowest" and "most failing", and ``records(test, run)`` answers one
+test's recent runs.  The answers are plain dicts, for the pages and the
+JSON API alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import urllib.parse
+
+from ci.history import store
+
+# Read-only connections kept open for reuse, at most.
+POOL_SIZE = 4
+DEFAULT_RUNS = 50
+MAX_RUNS = 500
+
+
+class Unavailable(Exception):
+    """No history to read (no store yet, or not one we can read)."""
+
+
+class HistoryReader:
+    """A small pool of read-only connections to the store at ``path``.
+    Connections are dropped when the file is replaced (a rebuild), so a
+    reader never keeps answering from a deleted store."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.Lock()
+        self._pool: list[sqlite3.Connection] = []
+        self._inode: int | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=1.0)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise Unavailable(f"test history {self.path} unreadable: {exc}") from None
+        if version != store.SCHEMA_VERSION:
+            conn.close()
+            raise Unavailable(f"test history {self.path} has schema version {version}, "
+                              f"this dashboard reads {store.SCHEMA_VERSION} (the dispatcher "
+                              "rebuilds it when it starts)")
+        return conn
+
+    @contextlib.contextmanager
+    def connection(self):
+        try:
+            inode = os.stat(self.path).st_ino
+        except OSError:
+            raise Unavailable(f"no test history at {self.path} yet (the dispatcher writes "
+                              "it in its state folder)") from None
+        with self._lock:
+            if inode != self._inode:
+                self._close_pool()
+                self._inode = inode
+            conn = self._pool.pop() if self._pool else None
+        conn = conn or self._connect()
+        try:
+            yield conn
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise Unavailable(f"test history {self.path} unreadable: {exc}") from None
+        with self._lock:
+            if len(self._pool) < POOL_SIZE and inode == self._inode:
+                self._pool.append(conn)
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    def _close_pool(self) -> None:
+        for conn in self._pool:
+            conn.close()
+        self._pool.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_pool()
+
+    # ---- queries ------------------------------------------------------------
+    def overview(self, limit: int = 20) -> dict:
+        """Counts, and the ``limit`` slowest (by mean duration) and most
+        often failing tests."""
+        with self.connection() as conn:
+            slowest = conn.execute(
+                f"SELECT name, key, runs, failures, seconds FROM tests WHERE runs > 0 "
+                f"ORDER BY {store.MEAN} DESC LIMIT ?", (limit,)).fetchall()
+            failing = conn.execute(
+                "SELECT name, key, runs, failures, seconds FROM tests WHERE failures > 0 "
+                "ORDER BY failures DESC LIMIT ?", (limit,)).fetchall()
+            runs = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+            tests = conn.execute("SELECT max(id) FROM tests").fetchone()[0] or 0
+        return {"results": runs, "tests_seen": tests,
+                "slowest": [_test_row(row) for row in slowest],
+                "failing": [_test_row(row) for row in failing]}
+
+    def test(self, name: str | None = None, key: str | None = None,
+             branch: str | None = None, limit: int = DEFAULT_RUNS) -> dict | None:
+        """One test's totals and its last ``limit`` runs on ``branch``
+        (default: the branch it last ran on), newest first; None when the
+        history has no such test."""
+        with self.connection() as conn:
+            column, value = ("name", name) if name is not None else ("key", key)
+            row = conn.execute(f"SELECT id, name, key, runs, failures, seconds FROM tests "
+                               f"WHERE {column} = ?", (value,)).fetchone()
+            if row is None:
+                return None
+            test_id = row[0]
+            if branch is None:
+                last = conn.execute(
+                    "SELECT r.branch FROM records x JOIN runs r ON r.id = x.run "
+                    "WHERE x.test = ? ORDER BY x.run DESC LIMIT 1", (test_id,)).fetchone()
+                branch = last[0] if last else ""
+            runs = conn.execute(
+                "SELECT r.commit_id, r.finished, r.runner, r.verdict, x.outcome, x.duration "
+                "FROM records x JOIN runs r ON r.id = x.run "
+                "WHERE x.test = ? AND r.branch = ? ORDER BY x.run DESC LIMIT ?",
+                (test_id, branch, limit)).fetchall()
+            branches = [b for (b,) in conn.execute(
+                "SELECT DISTINCT branch FROM runs ORDER BY branch LIMIT 200")]
+        data = _test_row(row[1:])
+        data.update(branch=branch, branches=branches,
+                    recent=[dict(zip(("commit", "finished", "runner", "verdict", "outcome",
+                                      "duration"), run)) for run in runs])
+        data["window"] = window_stats(data["recent"])
+        return data
+
+
+def _test_row(row) -> dict:
+    name, key, runs, failures, seconds = row
+    return {"id": name, "key": key, "runs": runs, "failures": failures,
+            "failure_rate": round(failures / runs, 4) if runs else 0.0,
+            "mean_duration": round(seconds / runs, 3) if runs else 0.0}
+
+
+def window_stats(recent: list[dict]) -> dict:
+    """Failure rate and durations over the runs shown."""
+    ran = [r for r in recent if r["outcome"] != "skipped"]
+    failed = sum(1 for r in recent if r["outcome"] in store.FAILING)
+    durations = [r["duration"] for r in ran]
+    return {"runs": len(recent), "failures": failed,
+            "failure_rate": round(failed / len(recent), 4) if recent else 0.0,
+            "mean_duration": round(sum(durations) / len(durations), 3) if durations else 0.0,
+            "max_duration": max(durations, default=0.0)}

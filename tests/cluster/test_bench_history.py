@@ -1,0 +1,18 @@
+"""benchmarks/bench_history.py still runs against the current dispatcher,
+history store and dashboard (a smoke run with the smallest counts, not a
+measurement)."""
+
+import os
+import subprocess
+
+from support.cluster import PY, ROOT
+
+BENCH = os.path.join(ROOT, "benchmarks", "bench_history.py")
+
+
+def test_bench_history_runs():
+    proc = subprocess.run([PY, BENCH, "--commits", "3", "--tests", "8", "--samples", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the dispatcher built the store of 24 records" in proc.stdout
+    assert "| /api/test?id=, median (n=2) |" in proc.stdout

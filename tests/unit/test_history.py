@@ -1,0 +1,256 @@
+"""The test history store (ci/history/): rebuilt from the result files when
+deleted, corrupt or behind; its writer never holding up the result path,
+even stalled; and the queries the dashboard makes."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sqlite3
+import time
+
+import pytest
+
+from support.cluster import wait_until
+from ci.dispatch.journal import Journal
+from ci.dispatch.state import DispatcherState
+from ci.history import store
+from ci.history.queries import HistoryReader, Unavailable
+from ci.history.writer import HistoryWriter
+from ci.outcome import Outcome
+from ci.results import ERROR, FAILED, NAME_LIMIT, PASSED, SKIPPED, TestRecord
+
+
+def commit_id(n: int) -> str:
+    return hashlib.sha1(f"history-{n}".encode()).hexdigest()
+
+
+def outcome(commit: str, records, branch="main", verdict=None, runner="r1") -> Outcome:
+    failing = any(r.outcome in store.FAILING for r in records)
+    return Outcome({"commit": commit, "verdict": verdict or ("failed" if failing else "passed"),
+                    "runner": runner, "branch": branch}, b"output\n", tuple(records))
+
+
+def records(n: int, fail_every: int = 0, slow: str = "") -> list[TestRecord]:
+    """t.T.test_a (fails every ``fail_every``-th commit), t.T.test_b
+    (always passes), t.T.test_slow (2 s), t.T.test_skip (skipped)."""
+    flaky = FAILED if fail_every and n % fail_every == 0 else PASSED
+    return [TestRecord("t.T", "test_a", flaky, 0.1, message="boom" if flaky != PASSED else ""),
+            TestRecord("t.T", "test_b", PASSED, 0.2),
+            TestRecord("t.T", "test_slow" + slow, PASSED, 2.0),
+            TestRecord("t.T", "test_skip", SKIPPED, 0.0)]
+
+
+def write(results_dir, n: int, branch="main", fail_every=3, mtime=None, **kw) -> str:
+    """Commit ``n``'s result file and JUnit file, as the dispatcher writes them."""
+    commit = commit_id(n)
+    outcome(commit, records(n, fail_every, **kw), branch).write(str(results_dir), commit)
+    if mtime is not None:
+        os.utime(os.path.join(results_dir, commit), (mtime, mtime))
+    return commit
+
+
+@pytest.fixture
+def folder(tmp_path):
+    results = tmp_path / "test_results"
+    results.mkdir()
+    (tmp_path / "state").mkdir()
+    return results
+
+
+class Writers:
+    """Starts HistoryWriters over one store file, as a dispatcher restarted
+    would; ``stop_all`` is a dispatcher going down."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.made: list[HistoryWriter] = []
+
+    def __call__(self, results, **kwargs) -> HistoryWriter:
+        writer = HistoryWriter(self.path, str(results), **kwargs)
+        writer.start()
+        self.made.append(writer)
+        assert writer.ready.wait(10), "the first catch-up did not finish"
+        return writer
+
+    def stop_all(self) -> None:
+        for writer in self.made:
+            writer.stop()
+            assert not writer.thread.is_alive()
+
+
+@pytest.fixture
+def writers(tmp_path):
+    made = Writers(str(tmp_path / "state" / store.FILE_NAME))
+    yield made
+    made.stop_all()
+
+
+def reader_for(writer) -> HistoryReader:
+    return HistoryReader(writer.path)
+
+
+def runs_held(path) -> int:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------
+# Queries.
+
+def test_queries_follow_a_test_across_commits(folder, writers):
+    base = time.time() - 1000
+    commits = [write(folder, n, mtime=base + n) for n in range(12)]
+    write(folder, 100, branch="feature", fail_every=1, mtime=base + 5.5)
+    writer = writers(folder)
+    reader = reader_for(writer)
+    test = reader.test("t.T.test_a", branch="main")
+    assert [r["commit"] for r in test["recent"]] == commits[::-1]
+    # n = 0, 3, 6, 9 fail on main; the feature branch's one run failed too.
+    assert [r["outcome"] for r in test["recent"]][::-1] == \
+        [FAILED if n % 3 == 0 else PASSED for n in range(12)]
+    assert test["runs"] == 13 and test["failures"] == 5
+    assert test["window"]["failures"] == 4 and test["window"]["runs"] == 12
+    assert test["window"]["failure_rate"] == round(4 / 12, 4)
+    assert test["branches"] == ["feature", "main"]
+    # Without a branch: the one it last ran on (main's newest is newer).
+    assert reader.test("t.T.test_a")["branch"] == "main"
+    assert len(reader.test("t.T.test_a", branch="main", limit=5)["recent"]) == 5
+    assert reader.test("t.T.test_a", branch="feature")["recent"][0]["outcome"] == FAILED
+    by_key = reader.test(key=test["key"], branch="main")
+    assert by_key["id"] == "t.T.test_a" and by_key["recent"] == test["recent"]
+    assert reader.test("t.T.no_such_test") is None
+
+    overview = reader.overview(limit=2)
+    assert overview["results"] == 13
+    assert [t["id"] for t in overview["slowest"]] == ["t.T.test_slow", "t.T.test_b"]
+    assert overview["slowest"][0]["mean_duration"] == 2.0
+    assert [t["id"] for t in overview["failing"]] == ["t.T.test_a"]
+    assert overview["failing"][0]["failures"] == 5
+
+
+def test_a_retested_commit_replaces_its_run_and_totals(folder, writers):
+    commit = write(folder, 3, fail_every=3)           # test_a fails
+    writer = writers(folder)
+    reader = reader_for(writer)
+    assert reader.test("t.T.test_a")["failures"] == 1
+    # The retest passes: the file is replaced, and so is the run.
+    outcome(commit, records(1), verdict="passed").write(str(folder), commit)
+    writer.result_written(commit, outcome(commit, records(1)))
+    wait_until(lambda: reader.test("t.T.test_a")["failures"] == 0, 10, what="the retest")
+    test = reader.test("t.T.test_a")
+    assert test["runs"] == 1 and [r["outcome"] for r in test["recent"]] == [PASSED]
+    assert reader.overview()["results"] == 1
+
+
+def test_test_ids_of_any_characters_and_length_are_capped_like_records(folder, writers):
+    evil = "<script>alert(1)</script>\n\x00é" + "x" * 5000
+    commit = commit_id(7)
+    outcome(commit, [TestRecord("mod.<Cls>", evil, ERROR, 0.5)]).write(str(folder), commit)
+    writer = writers(folder)
+    overview = reader_for(writer).overview()
+    (row,) = overview["failing"]
+    name = row["id"]
+    assert name.startswith("mod.<Cls>.<script>alert(1)</script> ")  # flattened, one line
+    assert "\n" not in name and "\x00" not in name
+    assert len(name) == len("mod.<Cls>.") + NAME_LIMIT
+    assert reader_for(writer).test(name)["recent"][0]["outcome"] == ERROR
+    assert reader_for(writer).test(key=store.test_key(name))["id"] == name
+
+
+# --------------------------------------------------------------------------
+# Rebuilding from the result files.
+
+def test_a_deleted_store_is_rebuilt_from_the_result_files(folder, writers, tmp_path):
+    for n in range(5):
+        write(folder, n)
+    writer = writers(folder)
+    assert runs_held(writer.path) == 5
+    writers.stop_all()
+    store.remove_files(writer.path)
+    writer = writers(folder)
+    assert runs_held(writer.path) == 5
+    assert reader_for(writer).test("t.T.test_a")["failures"] == 2
+
+
+def test_a_corrupt_store_is_logged_and_rebuilt(folder, writers, caplog):
+    for n in range(4):
+        write(folder, n)
+    path = writers(folder).path
+    writers.stop_all()
+    with open(path, "r+b") as handle:        # overwrite the header and the first pages
+        handle.write(b"this is not a database" * 400)
+    with caplog.at_level(logging.ERROR, logger="ci.history.store"):
+        writer = writers(folder)
+    assert any("unusable" in r.getMessage() and "rebuilding it from the result files"
+               in r.getMessage() for r in caplog.records), caplog.text
+    assert runs_held(writer.path) == 4
+
+
+def test_a_store_behind_the_folder_catches_up(folder, writers):
+    """Results written while the dispatcher was down (or lost from a full
+    queue) are read from the files at start; a file replaced by a retest
+    is read again; a file gone is forgotten."""
+    first = [write(folder, n) for n in range(3)]
+    writers(folder)
+    writers.stop_all()
+    later = write(folder, 10, fail_every=1)
+    write(folder, 0, fail_every=1)                     # retested: test_a now fails
+    os.unlink(os.path.join(folder, first[1]))
+    writer = writers(folder)
+    reader = reader_for(writer)
+    commits = {r["commit"]: r["outcome"] for r in reader.test("t.T.test_a")["recent"]}
+    assert set(commits) == {first[0], first[2], later}
+    assert commits[first[0]] == FAILED and commits[later] == FAILED
+
+
+def test_a_schema_from_another_version_is_rebuilt(folder, writers):
+    write(folder, 1)
+    path = writers(folder).path
+    writers.stop_all()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    # The dashboard refuses it until the dispatcher's writer rebuilds it.
+    with pytest.raises(Unavailable, match="schema version 99"):
+        HistoryReader(path).overview()
+    writer = writers(folder)
+    assert reader_for(writer).overview()["results"] == 1
+
+
+# --------------------------------------------------------------------------
+# The result path never waits for the writer.
+
+def test_a_stalled_writer_never_holds_up_the_result_path(folder, writers, tmp_path):
+    """Another process holds the store's write lock: the writer stalls.
+    Results still land, each in about the time a file write takes, even
+    past the writer's queue limit; once the lock goes, the store catches
+    up with every one of them."""
+    writer = writers(folder, max_pending=20)
+    blocker = sqlite3.connect(writer.path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    state = DispatcherState(str(folder), Journal(str(tmp_path / "journal")), 3)
+    state.recover(0)
+    state.listeners.append(writer.result_written)
+    state.register(("127.0.0.1", 9001), "i1", None)
+    commits = [commit_id(200 + n) for n in range(30)]
+    state.enqueue(commits)
+    slowest = 0.0
+    for n in range(len(commits)):
+        job = state.next_assignment()
+        started = time.monotonic()
+        assert state.record_result(job.commit, job.token, None,
+                                   outcome(job.commit, records(n, 2), branch=""))
+        slowest = max(slowest, time.monotonic() - started)
+        assert os.path.exists(os.path.join(folder, job.commit))
+    # The writer's busy timeout alone is 2 s: nothing waited for it.
+    assert slowest < store.BUSY_TIMEOUT_MS / 1000 / 4, slowest
+    assert writer.pending <= 20 and writer.behind.is_set()
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    wait_until(lambda: runs_held(writer.path) == 30, 20, what="the catch-up")
+    assert reader_for(writer).test("t.T.test_a", branch="")["window"]["runs"] == 30
