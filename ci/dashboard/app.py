@@ -43,6 +43,29 @@ class BadRequest(Exception):
     """A query value that cannot be used (answered 400)."""
 
 
+def pruned_item(tombstone) -> dict:
+    """A pruned commit as the API shows it: tested, its result pruned."""
+    def stamp(t: float) -> str:
+        return pages.when(t).replace(" ", "T") + "Z"
+    return {"commit": tombstone.commit, "status": "pruned", "verdict": tombstone.verdict,
+            "branch": tombstone.branch, "previous": tombstone.previous,
+            "finished": stamp(tombstone.finished), "pruned": stamp(tombstone.pruned),
+            "url": f"/commit/{tombstone.commit}"}
+
+
+def pruned_sections(tombstone) -> dict:
+    """A pruned commit's page: its verdict, and that its files are gone."""
+    item = {"commit": tombstone.commit, "verdict": tombstone.verdict,
+            "branch": tombstone.branch, "previous": tombstone.previous}
+    status = (f"finished {pages.when(tombstone.finished)} UTC; result pruned "
+              f"{pages.when(tombstone.pruned)} UTC")
+    return {"sec-summary": pages.fields_section(item, status),
+            "sec-tests": pages.Safe(""),
+            "sec-output": pages.render(
+                '<p class="empty">This commit was tested; its result file, test records '
+                'and output were pruned by the dispatcher\'s --keep-results.</p>')}
+
+
 class Dashboard:
     """The read-only application: routes to pages and API answers."""
 
@@ -183,6 +206,9 @@ class Dashboard:
                 "sec-output": pages.output_section(output[0], output[1], commit),
             }
             return "finished", sections, True
+        tombstone = self.index.pruned.get(commit)
+        if tombstone is not None:
+            return "pruned", pruned_sections(tombstone), True
         # The cached state if fresh, else asked for (a commit's page may be
         # the first page anyone opened).
         state = self.live.state()[0] or {}
@@ -261,7 +287,8 @@ class Dashboard:
             "dispatcher": {"reachable": error is None, "error": error},
             "queue": state.get("queue", []), "running": state.get("running", []),
             "runners": state.get("runners", []), "counts": state.get("counts", {}),
-            "branches": self.index.branches(), "results": self.index.count()})
+            "branches": self.index.branches(), "results": self.index.count(),
+            "pruned": self.index.pruned.count()})
 
     def api_commits(self, query, nonce) -> Response:
         commits, cursor = self._commits(self._filters(query))
@@ -269,6 +296,9 @@ class Dashboard:
 
     def api_commit(self, query, nonce, commit) -> Response:
         item = self.index.get(commit)
+        tombstone = self.index.pruned.get(commit) if item is None else None
+        if tombstone is not None:
+            return json_response(pruned_item(tombstone))
         if item is None:
             state = self.live.state()[0] or {}
             running = self._running_job(state, commit) is not None

@@ -7,7 +7,6 @@ commit as finished."""
 from __future__ import annotations
 
 import os
-import sqlite3
 
 import pytest
 
@@ -18,7 +17,7 @@ from ci.dispatch.work import WorkState
 from ci.history import store
 from ci.outcome import Outcome
 from ci.results import TestRecord
-from ci.retention import policy, tombstones
+from ci.retention import tombstones
 from ci.retention.policy import Entry, KeepPolicy, parse_keep, plan
 from ci.retention.pruner import Pruner
 from ci.retention.tombstones import Tombstone, TombstoneFile
