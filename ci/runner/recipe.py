@@ -30,6 +30,13 @@ DEFAULT_ENV_FILES = ("pyproject.toml", "setup.py", "setup.cfg", "requirements*.t
 # A recipe is a few lines; anything far larger is not one.
 MAX_RECIPE_BYTES = 64 * 1024
 MAX_ENV_FILES = 32
+# Keys read by the observer, not here: the build matrix (ci/matrix.py).
+# The runner is told its cell in the job; it only lets these keys pass.
+MATRIX_PREFIXES = ("matrix_", "labels_")
+
+
+def is_matrix_key(key: str) -> bool:
+    return key == "labels" or key.startswith(MATRIX_PREFIXES)
 
 
 class RecipeError(Exception):
@@ -119,7 +126,7 @@ def parse(text: str) -> dict[str, str]:
         raise RecipeError(f"{RECIPE_FILE} has no [{SECTION}] section")
     values = dict(parser.items(SECTION))
     for key in values:
-        if key not in KEYS:
+        if key not in KEYS and not is_matrix_key(key):
             raise RecipeError(f"{RECIPE_FILE} line {_line_of_key(text, key)}: unknown key "
                               f"{wire.one_line(key, 80)!r} (known: {', '.join(KEYS)})")
     return values
