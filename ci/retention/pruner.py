@@ -8,7 +8,8 @@ lock is taken once per batch, only to check again that each commit is
 still finished and not pending (a retest may have queued it meanwhile)
 and to unlink its two files, so a result waits at most one batch's
 unlinks.  Between batches the thread pauses (``pause``): its own pace,
-so that a pass over 100,000 files never crowds out the handlers.
+so that a pass over 100,000 files never crowds out the handlers.  A
+tombstone group (one fsync) covers several lock batches.
 
 Order per commit: the tombstone (durable), then ``<commit>.xml``, then
 ``<commit>`` (the result file is the proof of a result, so it goes last),
@@ -32,10 +33,17 @@ from ci.wire import valid_full_commit
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 300.0
-# Commits removed per hold of the dispatcher's lock.
-BATCH = 100
-# Seconds between batches: the thread's own pace.
+# Tombstones written (one fsync) per group of commits to prune.
+GROUP = 500
+# Commits removed per hold of the dispatcher's lock (two unlinks each).
+BATCH = 25
+# Seconds between batches, and after every READ_STEP headers read: the
+# thread's own pace, leaving the interpreter to the handlers meanwhile.
 PAUSE = 0.005
+READ_STEP = 200
+# The first pass waits this long (or the interval, if shorter) after the
+# start, when recovery and the history's catch-up are busy.
+FIRST_DELAY = 10.0
 # A header is short: this much of a result file holds it.
 HEADER_READ = 16 * 1024
 
@@ -79,6 +87,7 @@ class Pruner:
             self.thread.join(timeout)
 
     def _run(self) -> None:
+        self.stop_event.wait(min(self.interval, FIRST_DELAY))
         while not self.stop_event.is_set():
             try:
                 self.last = self.run_once()
@@ -94,28 +103,33 @@ class Pruner:
         doomed = keep.plan(entries, self.rules, time.time(), self.verdicts,
                            self.state.pending_commits())
         report = PassReport(results=len(entries))
-        for start in range(0, len(doomed), BATCH):
+        for start in range(0, len(doomed), GROUP):
             if self.stop_event.is_set():
                 break
-            report.pruned += self._prune_batch([entries[c] for c in doomed[start:start + BATCH]])
-            self.stop_event.wait(self.pause)
+            report.pruned += self._prune_group([entries[c] for c in doomed[start:start + GROUP]])
         report.seconds = time.monotonic() - started
         if report.pruned:
             log.info("pruned %d of %d result(s) in %.1fs (keeping %s)", report.pruned,
                      report.results, report.seconds, self.rules.describe())
         return report
 
-    def _prune_batch(self, batch: list[keep.Entry]) -> int:
+    def _prune_group(self, group: list[keep.Entry]) -> int:
+        """Tombstones for the group (one fsync), then its files, a small
+        batch per hold of the dispatcher's lock, pausing between."""
         now = time.time()
         self.tombstones.append([Tombstone(e.commit, e.verdict, e.finished, now, e.previous,
-                                          e.branch or None) for e in batch])
-        removed = self.state.remove_pruned([e.commit for e in batch], self._unlink,
-                                           self.forget)
-        for entry in batch:
+                                          e.branch or None) for e in group])
+        for entry in group:
             self.verdicts[entry.commit] = entry.verdict
-        for commit in removed:
-            self.headers.pop(commit, None)
-        return len(removed)
+        removed = 0
+        for start in range(0, len(group), BATCH):
+            gone = self.state.remove_pruned([e.commit for e in group[start:start + BATCH]],
+                                            self._unlink, self.forget)
+            for commit in gone:
+                self.headers.pop(commit, None)
+            removed += len(gone)
+            self.stop_event.wait(self.pause)
+        return removed
 
     def _unlink(self, commit: str) -> None:
         """The JUnit XML, then the result file (the proof goes last)."""
@@ -130,6 +144,7 @@ class Pruner:
         changed headers."""
         seen: dict[str, keep.Entry] = {}
         names: set[str] = set()
+        read = 0
         with os.scandir(self.results_dir) as listing:
             for item in listing:
                 if not valid_full_commit(item.name):
@@ -144,6 +159,9 @@ class Pruner:
                 if cached is None or cached[0] != stamp:
                     cached = (stamp, self._entry(item.name, st.st_mtime))
                     self.headers[item.name] = cached
+                    read += 1
+                    if read % READ_STEP == 0:
+                        self.stop_event.wait(self.pause)
                 if cached[1] is not None:
                     seen[item.name] = cached[1]
         for gone in set(self.headers) - names:
