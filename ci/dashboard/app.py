@@ -206,9 +206,6 @@ class Dashboard:
                 "sec-output": pages.output_section(output[0], output[1], commit),
             }
             return "finished", sections, True
-        tombstone = self.index.pruned.get(commit)
-        if tombstone is not None:
-            return "pruned", pruned_sections(tombstone), True
         # The cached state if fresh, else asked for (a commit's page may be
         # the first page anyone opened).
         state = self.live.state()[0] or {}
@@ -229,6 +226,10 @@ class Dashboard:
             return "queued", {
                 "sec-summary": pages.fields_section(item, f"queued, position {job['position']}"),
                 "sec-tests": pages.Safe(""), "sec-output": pages.Safe("")}, False
+        # Pruned (and not being tested again): tested, its files gone.
+        tombstone = self.index.pruned.get(commit)
+        if tombstone is not None:
+            return "pruned", pruned_sections(tombstone), True
         return None
 
     def _failing_tests(self, commit: str) -> list[dict]:
@@ -296,13 +297,13 @@ class Dashboard:
 
     def api_commit(self, query, nonce, commit) -> Response:
         item = self.index.get(commit)
-        tombstone = self.index.pruned.get(commit) if item is None else None
-        if tombstone is not None:
-            return json_response(pruned_item(tombstone))
         if item is None:
             state = self.live.state()[0] or {}
             running = self._running_job(state, commit) is not None
             status, tail = self.live.log(commit) if running else ("idle", "")
+            tombstone = self.index.pruned.get(commit)
+            if status != "running" and tombstone is not None:
+                return json_response(pruned_item(tombstone))
             if status != "running":
                 return json_response({"error": "no result for this commit"}, 404)
             return json_response({"commit": commit, "status": "running", "live_output": tail})
