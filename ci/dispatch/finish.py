@@ -161,6 +161,7 @@ class ResultKeeper:
         work.move(WorkState.DONE)
         del self.work[work.key]
         self.done.add(work.key)
+        self.pruned.discard(work.key)
         self._occupy_with(work.job)
         if work.shards:
             # Given up: shards still running are no longer ours.

@@ -35,6 +35,7 @@ from ci.dispatch.journal import (BRANCH_RE, AssignmentRecord, Journal, assign_re
 from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, SUSPECT, Runner, RunnerRegistry
 from ci.dispatch.shards import ShardPlanner
 from ci.dispatch.views import StateViews
+from ci.retention.tombstones import TombstoneFile
 from ci.dispatch.work import Job, Meta, Work, WorkKey, WorkState, new_token, work_key
 from ci.history.recent import RecentFailures
 from ci.wire import ProtocolError, Reply, decode_fields, valid_full_commit
@@ -78,6 +79,10 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         self.shard_queue: collections.deque[tuple[WorkKey, int]] = collections.deque()
         self.runners: dict = {}
         self.done: set[WorkKey] = set()     # a result file exists
+        # Pruned by --keep-results: no file, a tombstone (ci/retention/);
+        # finished all the same, never queued again but by a retest.
+        self.pruned: set[WorkKey] = set()
+        self.tombstones: TombstoneFile | None = None
         # (key, token) -> AssignmentRecord, for rounds that are over.
         self.finished_tokens: collections.OrderedDict = collections.OrderedDict()
         # Sharding (--max-shards) and what results taught about durations.
@@ -108,7 +113,11 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
             work = self._work(commit)
             if work is not None:
                 return work.state
-            return WorkState.DONE if work_key(commit) in self.done else None
+            return WorkState.DONE if self._finished(work_key(commit)) else None
+
+    def _finished(self, key: WorkKey) -> bool:
+        """A result file exists, or one was pruned (a tombstone)."""
+        return key in self.done or key in self.pruned
 
     def _in_state(self, state: WorkState) -> list[Work]:
         return [w for w in self.work.values() if w.state is state]
@@ -146,8 +155,11 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         with self.cond:
             self.done = {work_key(name) for name in os.listdir(self.results_dir)
                          if valid_full_commit(name)}
+            if self.tombstones is not None:
+                self.pruned = {work_key(c) for c in self.tombstones.load()} - self.done
             got = self.journal.replay()
-            pending = [c for c in got.order if c not in self.done or c in got.retest]
+            pending = [c for c in got.order
+                       if not self._finished(work_key(c)) or c in got.retest]
             deadline = time.monotonic() + grace
             for commit in pending:
                 self._recover_one(commit, got, grace, deadline)
@@ -167,6 +179,7 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         if commit in got.meta:
             work.meta = Meta(*got.meta[commit])
         self.done.discard(key)
+        self.pruned.discard(key)
         history = got.assigned.get(commit)
         if history and commit in got.sharded:
             # Shard results are kept in memory only: a restart runs
@@ -208,12 +221,41 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         with self.cond:
             return work_key(commit) in self.work
 
+    def pending_commits(self) -> set[str]:
+        """Every commit queued, running or being written (a snapshot)."""
+        with self.cond:
+            return {w.commit for w in self.work.values()}
+
+    def remove_pruned(self, commits: list[str], remove, forget) -> list[str]:
+        """Retention (ci/retention/pruner.py): for each commit still
+        finished and not pending, ``remove(commit)`` deletes its files and
+        it counts as pruned; ``forget(removed)`` is told (it must not
+        block).  Under the lock, so a retest cannot queue a commit between
+        the check and the unlink; one small batch at a time."""
+        removed = []
+        with self.cond:
+            for commit in commits:
+                key = work_key(commit)
+                if key in self.work or key not in self.done:
+                    continue
+                try:
+                    remove(commit)
+                except OSError as exc:
+                    log.warning("cannot prune %s: %s", commit[:12], exc)
+                    continue
+                self.done.discard(key)
+                self.pruned.add(key)
+                removed.append(commit)
+            if removed:
+                forget(removed)
+        return removed
+
     def _reserve(self, commits: list[str], skip_done: bool) -> list[str]:
         """New JOURNALLING records for the commits not already pending
         (nor done, unless a retest); invisible until journalled."""
         # dict.fromkeys: drops repeats in order, without a quadratic scan.
         new = [c for c in dict.fromkeys(commits) if work_key(c) not in self.work
-               and not (skip_done and work_key(c) in self.done)]
+               and not (skip_done and self._finished(work_key(c)))]
         for commit in new:
             self.work[work_key(commit)] = Work(work_key(commit), commit)
         return new
@@ -262,6 +304,7 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
                 work.meta = meta.get(commit, work.meta)
                 if retest:
                     self.done.discard(work.key)
+                    self.pruned.discard(work.key)
                     work.retest = True
                 self._to_queue(work, head=False)
 

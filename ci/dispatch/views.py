@@ -26,7 +26,8 @@ class StateViews:
             return {"queued": len(self.queue), "running": running,
                     "runners": len(self.runners),
                     "idle_runners": sum(r.free for r in self.runners.values()),
-                    "done": len(self.done), "completed": self.completed}
+                    "done": len(self.done), "completed": self.completed,
+                    "pruned": len(self.pruned)}
 
     def describe(self) -> bytes:
         """The ``state`` reply: queue, running jobs, held commits and
