@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                         default=pruner.DEFAULT_INTERVAL, metavar="SECONDS",
                         help="seconds between pruning passes with --keep-results "
                              "(default: %(default)s)")
+    parser.add_argument("--no-test-history", action="store_true",
+                        help="do not write the per-test history store "
+                             "(<state-dir>/history.sqlite3): no writer thread, and the "
+                             "dashboard's test pages say there is no history; a store left "
+                             "from before is not touched and is caught up from the result "
+                             "files when the dispatcher next starts without this flag")
     notify_flags.add_arguments(parser)
     add_common_arguments(parser)
     return parser
@@ -279,7 +285,7 @@ class Wired:
     server: helpers.MessageServer
     dispatcher: Dispatcher
     notifier: object
-    history: HistoryWriter
+    history: HistoryWriter | None    # None with --no-test-history
     security: Security
     state: DispatcherState
     results_dir: str
@@ -302,11 +308,13 @@ def wire_up(args: argparse.Namespace) -> Wired:
     if notifier:
         state.listeners.append(notifier.result_written)
         state.failing_listeners.append(notifier.failing_now)
-    history = HistoryWriter(os.path.join(state_dir, history_store.FILE_NAME), results_dir)
-    state.listeners.append(history.result_written)
-    # A branch's failing tests first: from the history for a branch not
-    # seen since the start (results teach the rest as they come).
-    state.recent_failures.load = HistoryReader(history.path).recent_failures
+    history = None
+    if not args.no_test_history:
+        history = HistoryWriter(os.path.join(state_dir, history_store.FILE_NAME), results_dir)
+        state.listeners.append(history.result_written)
+        # A branch's failing tests first: from the history for a branch not
+        # seen since the start (results teach the rest as they come).
+        state.recent_failures.load = HistoryReader(history.path).recent_failures
     dispatcher = Dispatcher(state, security, Options(
         args.ping_interval, args.ping_misses, args.ping_timeout, args.job_timeout,
         args.workers, args.prefetch_runners))
@@ -319,7 +327,7 @@ def wire_up(args: argparse.Namespace) -> Wired:
     pruning = None
     if args.keep_results:
         pruning = pruner.Pruner(state, state.tombstones, args.keep_results,
-                                args.prune_interval, history.forget)
+                                args.prune_interval, history and history.forget)
     return Wired(server, dispatcher, notifier, history, security, state, results_dir, pruning)
 
 
@@ -333,7 +341,8 @@ def serve(wired: Wired) -> None:
              ", ".join(wired.state.trusted_branches))
     if wired.notifier:
         wired.notifier.start(wired.state.is_pending)
-    wired.history.start()
+    if wired.history:
+        wired.history.start()
     wired.dispatcher.start()
     if wired.pruner:
         wired.pruner.start()
@@ -344,7 +353,8 @@ def serve(wired: Wired) -> None:
         wired.dispatcher.stop()
         if wired.notifier:
             wired.notifier.stop()
-        wired.history.stop()
+        if wired.history:
+            wired.history.stop()
     helpers.serve_until_signalled(wired.server, on_stop=stop)
 
 
