@@ -226,6 +226,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--restart-grace must not be negative")
     if args.max_shards > 100:
         raise ConfigError("--max-shards must be at most 100")
+    if args.max_cells > matrix.MAX_CELLS_LIMIT:
+        raise ConfigError(f"--max-cells must be at most {matrix.MAX_CELLS_LIMIT}")
     if not 0 <= args.min_shard_seconds < 1e6:
         raise ConfigError("--min-shard-seconds must be 0 or more")
     if not 0 <= args.prefetch_runners <= 1000:

@@ -18,16 +18,13 @@ its locking rule holds here too (``_`` methods expect the lock held).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import dataclasses
 import itertools
-import json
 import logging
 import os
 import time
 
 from ci import matrix, results
+from ci.matrix import Plan
 from ci.dispatch.journal import cell_record, queue_record, split_key
 from ci.dispatch.work import Work, work_key
 from ci.outcome import Outcome
@@ -36,22 +33,7 @@ from ci.wire import one_line
 log = logging.getLogger(__name__)
 
 DEFAULT_UNROUTABLE_TIMEOUT = 600.0
-# The dispatch body's per-commit fields (after ``<commit> <previous|-> <branch>``).
-CELLS_FIELD, ERROR_FIELD = "cells=", "error="
 MAX_REASON = 300
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """What the observer said a commit is to be tested as: its cells, or
-    the reason its matrix cannot be used (then it is not run)."""
-    cells: tuple[matrix.Cell, ...] = (matrix.SINGLE,)
-    error: str | None = None
-
-
-SINGLE_PLAN = Plan()
-
-
 def fits(traits, cell: matrix.Cell) -> bool:
     """Whether a runner with ``traits`` may take ``cell``: it has every
     label the cell needs, and, if exclusive, the cell asks for one of its
@@ -59,55 +41,6 @@ def fits(traits, cell: matrix.Cell) -> bool:
     if not cell.needs <= traits.labels:
         return False
     return not traits.exclusive or bool(cell.labels & traits.labels)
-
-
-def encode_plan(plan: Plan) -> str:
-    """The dispatch line's extra field for a commit: ``cells=<base64 JSON>``
-    or ``error=<base64 reason>``; "" for a commit without a matrix."""
-    if plan.error is not None:
-        return ERROR_FIELD + _b64(plan.error.encode())
-    if plan.cells == (matrix.SINGLE,):
-        return ""
-    data = [{"name": c.name, "python": c.python, "axes": matrix.format_axes(c.axes),
-             "labels": " ".join(sorted(c.labels))} for c in plan.cells]
-    return CELLS_FIELD + _b64(json.dumps(data, separators=(",", ":")).encode())
-
-
-def decode_plan(field: str, max_cells: int) -> Plan:
-    """The inverse of ``encode_plan``; a malformed field or too many cells
-    is a Plan with the reason as its error (the commit's verdict)."""
-    try:
-        if field.startswith(ERROR_FIELD):
-            return Plan((), one_line(_unb64(field[len(ERROR_FIELD):]).decode(), MAX_REASON))
-        if not field.startswith(CELLS_FIELD):
-            raise ValueError("unknown field")
-        cells = tuple(_cell(item) for item in json.loads(_unb64(field[len(CELLS_FIELD):])))
-    except (ValueError, TypeError, KeyError, AttributeError, binascii.Error) as exc:
-        return Plan((), f"the observer sent a malformed matrix: {one_line(str(exc), 120)}")
-    if not cells or len({c.name for c in cells}) != len(cells):
-        return Plan((), "the observer sent a matrix without cells or with a cell twice")
-    if len(cells) > max_cells:
-        return Plan((), f"the matrix has {len(cells)} cells, more than the {max_cells} "
-                        "allowed (--max-cells)")
-    return Plan(cells)
-
-
-def _cell(item: dict) -> matrix.Cell:
-    name, python = item["name"], item.get("python")
-    if not name or not matrix.is_cell_name(name):
-        raise ValueError(f"bad cell name {str(name)[:40]!r}")
-    if python is not None and not matrix.PYTHON_RE.fullmatch(str(python)):
-        raise ValueError(f"bad python {str(python)[:20]!r}")
-    return matrix.Cell(name, python, matrix.parse_axes(item.get("axes", "")),
-                       matrix.parse_labels(item.get("labels", "")))
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text.encode("ascii"))
 
 
 def cell_from_header(name: str, header: dict) -> matrix.Cell | None:

@@ -15,7 +15,6 @@ import time
 from ci import auth
 import helpers
 from ci import jobspec, matrix
-from ci.dispatch import cells
 from ci import state_schema
 from ci.dispatch.runners import PingReply, Runner, Traits
 from ci.dispatch.state import DispatcherState
@@ -75,7 +74,7 @@ def parse_dispatch_body(body: bytes, commits: list[str],
         if parsed and parsed[0] in wanted:
             meta[parsed[0]] = (parsed[2], parsed[1])
             if len(parts) == 4:
-                plans[parsed[0]] = cells.decode_plan(parts[3], max_cells)
+                plans[parsed[0]] = matrix.decode_plan(parts[3], max_cells)
     return meta, plans
 
 

@@ -29,8 +29,9 @@ import time
 
 from ci import jobspec, matrix, results
 from ci import sharding
-from ci.dispatch.cells import (DEFAULT_UNROUTABLE_TIMEOUT, SINGLE_PLAN, MatrixKeeper, Plan,
-                               cells_from_results, fits)
+from ci.dispatch.cells import (DEFAULT_UNROUTABLE_TIMEOUT, MatrixKeeper, cells_from_results,
+                               fits)
+from ci.matrix import SINGLE_PLAN, Plan
 from ci.dispatch.finish import ResultKeeper, tell_later
 from ci.dispatch.journal import (BRANCH_RE, AssignmentRecord, Journal, assign_record,
                                  cell_record, error_record, key_commit, lost_record,

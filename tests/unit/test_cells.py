@@ -13,7 +13,7 @@ import os
 import pytest
 
 from ci import jobspec, matrix, results
-from ci.dispatch import cells, server
+from ci.dispatch import server
 from ci.dispatch.journal import Journal
 from ci.dispatch.runners import Traits
 from ci.dispatch.state import DispatcherState
@@ -22,7 +22,7 @@ from ci.wire import Message, Reply
 
 X, Y = "1" * 40, "2" * 40
 RECIPE = "[ci]\nmatrix_python = 3.9 3.12 3.13\nmatrix_db = pg\n"
-PLAN = cells.Plan(tuple(matrix.expand(RECIPE)))
+PLAN = matrix.Plan(tuple(matrix.expand(RECIPE)))
 NAMES = ["py3.9-dbpg", "py3.12-dbpg", "py3.13-dbpg"]
 
 
@@ -106,7 +106,7 @@ def test_the_commit_fails_with_its_worst_cell_and_names_it(make_state, tmp_path)
 def test_labels_and_exclusive_runners(make_state):
     state = make_state()
     register(state, runner(9001, "big", "python3.12", exclusive=True))
-    gpu = cells.Plan(tuple(matrix.expand("[ci]\nmatrix_python = 3.12\nlabels = big\n")))
+    gpu = matrix.Plan(tuple(matrix.expand("[ci]\nmatrix_python = 3.12\nlabels = big\n")))
     state.enqueue([X])                       # no matrix, no labels
     assert take(state) == []                 # the exclusive runner ignores it
     state.enqueue([Y], None, {Y: gpu})
@@ -147,7 +147,7 @@ def test_nothing_expires_while_no_runner_is_registered(make_state):
 
 def test_an_unreadable_matrix_is_the_commits_error(make_state, tmp_path):
     state = make_state()
-    bad = cells.Plan((), "matrix_python: the axis is empty")
+    bad = matrix.Plan((), "matrix_python: the axis is empty")
     assert state.enqueue([X], {X: ("main", None)}, {X: bad}) == [X]
     header = results.read_header(str(tmp_path / "results" / X))
     assert header["verdict"] == "error" and header["reason"] == bad.error
@@ -194,7 +194,7 @@ def test_a_restart_with_cells_half_done_tests_each_cell_once(make_state, tmp_pat
 
 
 def test_the_dispatch_body_carries_plans():
-    line = f"{X} - main {cells.encode_plan(PLAN)}\n{Y} - dev\n".encode()
+    line = f"{X} - main {matrix.encode_plan(PLAN)}\n{Y} - dev\n".encode()
     meta, plans = server.parse_dispatch_body(line, [X, Y])
     assert meta == {X: ("main", None), Y: ("dev", None)}
     assert plans[X] == PLAN and Y not in plans
@@ -202,10 +202,10 @@ def test_the_dispatch_body_carries_plans():
     assert "3 cells, more than the 2 allowed" in small[X].error
     _, broken = server.parse_dispatch_body(f"{X} - main cells=!!\n".encode(), [X])
     assert "malformed matrix" in broken[X].error
-    error = cells.encode_plan(cells.Plan((), "bad recipe"))
+    error = matrix.encode_plan(matrix.Plan((), "bad recipe"))
     assert server.parse_dispatch_body(f"{X} - main {error}".encode(), [X])[1][X].error == \
         "bad recipe"
-    assert cells.encode_plan(cells.SINGLE_PLAN) == ""
+    assert matrix.encode_plan(matrix.SINGLE_PLAN) == ""
     with pytest.raises(Reply):
         server.commit_list(Message("dispatch", f"{X}:py3.9"), "dispatch")
     assert server.commit_list(Message("retest", f"{X}:py3.9"), "retest", cells=True)
