@@ -147,7 +147,7 @@ class MatrixKeeper:
                     work.unroutable_since = None
                 elif work.unroutable_since is None:
                     work.unroutable_since = now
-                    log.warning("%s: %s", work.key[:60], reason)
+                    log.warning("%s: %s", work.short, reason)
                 elif now - work.unroutable_since >= self.unroutable_timeout:
                     self._write_error(work, f"no registered runner could take this cell "
                                             f"for {self.unroutable_timeout:g}s ({reason})")

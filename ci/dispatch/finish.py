@@ -188,7 +188,7 @@ class ResultKeeper:
         for a in work.assignments.values():
             self._remember_finished(work.key, a)
         self.cond.notify_all()
-        log.info("result for %s: %s", work.key[:60], outcome.verdict)
+        log.info("result for %s: %s", work.short, outcome.verdict)
         told = self._complete_commit(work.commit) if work.cell.name else None
         try:
             self.journal.append([done_record(work.key)] + (
@@ -197,7 +197,7 @@ class ResultKeeper:
                 self.journal.rewrite(self._pending_records())
         except OSError:
             # The result file alone proves the commit done at the next start.
-            log.exception("cannot journal the end of %s", work.key[:60])
+            log.exception("cannot journal the end of %s", work.short)
         return told if work.cell.name else outcome
 
     def _compaction_due(self) -> bool:
@@ -258,7 +258,7 @@ class ResultKeeper:
         runner could take it, an unreadable matrix), written under the lock
         (rare, and nothing may run it meanwhile); False if it cannot be
         written, and the work stays as it is."""
-        log.error("%s: %s", work.key[:60], reason)
+        log.error("commit %s: %s", work.short, reason)
         outcome = self._complete_fields(work, Outcome({
             "verdict": "error", "tests": 0, "failures": 0, "errors": 0, "skipped": 0,
             "runner": "dispatcher", "reason": reason, "started": now_stamp(),
@@ -267,7 +267,7 @@ class ResultKeeper:
             self.write_result(work.key, outcome)
         except OSError:
             # Neither done nor queued would strand it: keep it queued.
-            log.exception("cannot write the verdict for %s; requeueing it", work.key[:60])
+            log.exception("cannot write the verdict for %s; requeueing it", work.short)
             return False
         self._claim(work)
         told = self._finish(work, outcome)

@@ -165,6 +165,11 @@ class Work:
         self.state = to
 
     @property
+    def short(self) -> str:
+        """How logs name it: the short commit id, and its cell if any."""
+        return f"{self.commit[:12]}:{self.cell.name}" if self.cell.name else self.commit[:12]
+
+    @property
     def branch(self) -> str | None:
         return self.meta.branch if self.meta else None
 
