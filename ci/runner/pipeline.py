@@ -57,7 +57,8 @@ def execute(settings: Settings, commit: str, shard: sharding.ShardSpec | None = 
     (default: the commit's own, never a trusted one); ``cell``: the
     matrix cell's interpreter and variables (default: the runner's own
     Python, none).  Per-test records, when there are any, come as the
-    outcome's ``junit_xml``, and the counts are theirs."""
+    outcome's ``records`` (and as its ``junit_xml`` for older
+    dispatchers), and the counts are theirs."""
     return JobPipeline(settings, commit, shard, scope, cell).run()
 
 
@@ -163,14 +164,14 @@ class JobPipeline:
                     setup_log + f"cannot start test command {line.argv!r}: {exc}\n".encode(),
                     verdict="error", reason=f"cannot start test command: {exc}")
             log.debug("tests of %s ran %.3fs", self.commit[:12], time.time() - self.started)
-            junit = capture.collect(timed_out, settings.max_output // 4)
-            output = read_bounded(out, settings.max_output - len(setup_log) - len(junit.xml))
+            junit = capture.collect(timed_out, settings.max_output // 2)
+            output = read_bounded(out, settings.max_output - len(setup_log) - junit.size)
         verdict, counts, reason = judge(code, timed_out, output, junit.counts)
         self.fields.update(junit.fields(), **({"reason": reason} if reason else {}))
         outcome = self._finish(setup_log + output, verdict=verdict, tests=counts.tests,
                                failures=counts.failures, errors=counts.errors,
                                skipped=counts.skipped, exit_code=code)
-        return dataclasses.replace(outcome, junit_xml=junit.xml)
+        return dataclasses.replace(outcome, records=junit.records, junit_xml=junit.xml)
 
 
 def parse_checkout_meta(log_bytes: bytes) -> dict:
