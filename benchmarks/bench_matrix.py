@@ -4,8 +4,8 @@
 1. cells   20 commits x 3 cells (python 3.9, 3.12, 3.13 from pyenv) on 6
            real runners, two per interpreter, a suite of about 1 s.  The
            commits are dispatched at once, each with its cells as the
-           observer sends them (``plan_field``: ``git show <commit>:.ci.ini``
-           and the matrix expanded); wall time until every commit's own
+           observer sends them (``plan_fields``: every ``<commit>:.ci.ini``
+           read by one ``git cat-file --batch``, each matrix expanded); wall time until every commit's own
            result is written, against the ideal ceil(60 / 6) x the bare
            suite (the slowest interpreter's, run by hand).  Target: at most
            1.15 x ideal.
@@ -40,7 +40,7 @@ sys.path.insert(0, HERE)
 import bench  # noqa: E402
 from bench import Bench, Upstream, git, wait_for  # noqa: E402
 import helpers  # noqa: E402
-from ci.observer.commits import dispatch_body, plan_field  # noqa: E402
+from ci.observer.commits import dispatch_body, plan_fields  # noqa: E402
 from ci.results import read_header  # noqa: E402
 from ci.wire import decode_fields, parse_address  # noqa: E402
 
@@ -97,7 +97,7 @@ def bare_suite(pythons: dict[str, str], clone: str) -> float:
 
 def dispatch(b: Bench, dispatcher: str, up: Upstream, commits: list[str]) -> None:
     """As the observer does: each commit's cells from its own recipe."""
-    plans = {c: plan_field(up.path, c) for c in commits}
+    plans = plan_fields(up.path, commits)
     reply = helpers.call(parse_address(dispatcher), "dispatch", " ".join(commits),
                          dispatch_body(commits, None, "main", plans), security=b.security,
                          reply_timeout=30)
@@ -218,6 +218,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", action="append", choices=["cells", "labels"],
                         help="run only this part (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the logs' folder")
+    parser.add_argument("--strict", action="store_true", help="exit 3 when a target is missed")
     args = parser.parse_args(argv)
     b = Bench(argparse.Namespace(quick=False, code=None, max_shards=None, verbose=False))
     print(f"matrix benchmark on {bench.CORES} core(s); work folder {b.tmp}", flush=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from ci import matrix
-from ci.git import GitError, run_git
+from ci.git import GitError, read_blobs, run_git
 from ci.runner import recipe
 from ci.wire import valid_full_commit
 
@@ -87,26 +87,23 @@ def dispatch_body(commits: list[str], previous: str | None, branch: str,
     return ("\n".join(lines) + "\n").encode()
 
 
-def read_recipe(repo: str, commit: str) -> str | None:
-    """The commit's own ``.ci.ini``, None when it has none."""
-    try:
-        return run_git(repo, "show", f"{commit}:{recipe.RECIPE_FILE}")
-    except GitError as exc:
-        if exc.code == 128 and ("does not exist" in exc.stderr
-                                or "exists on disk, but not in" in exc.stderr):
-            return None
-        raise
+def plan_fields(repo: str, commits: list[str]) -> dict[str, str]:
+    """``plan_field`` of each commit, their recipes read by one git process
+    (``git cat-file --batch`` of ``<commit>:.ci.ini``)."""
+    blobs = read_blobs(repo, [f"{c}:{recipe.RECIPE_FILE}" for c in commits])
+    return {c: plan_field(blobs[f"{c}:{recipe.RECIPE_FILE}"]) for c in commits}
 
 
-def plan_field(repo: str, commit: str) -> str:
-    """The dispatch line's matrix field for ``commit``: "" without a
-    matrix, its cells, or the reason its matrix cannot be used (the
-    dispatcher writes that as the commit's ``error`` verdict).  A recipe
-    that does not parse at all is left to the runner, which reports it as
-    it always has; the dispatcher applies its --max-cells."""
-    text = read_recipe(repo, commit)
-    if text is None:
+def plan_field(blob: bytes | None) -> str:
+    """The dispatch line's matrix field for a commit whose ``.ci.ini`` is
+    ``blob`` (None: it has none): "" without a matrix, its cells, or the
+    reason its matrix cannot be used (the dispatcher writes that as the
+    commit's ``error`` verdict).  A recipe that does not parse at all is
+    left to the runner, which reports it as it always has; the dispatcher
+    applies its --max-cells."""
+    if blob is None:
         return ""
+    text = blob.decode("utf-8", "surrogateescape")
     try:
         cells = matrix.expand(text, max_cells=matrix.MAX_CELLS_LIMIT)
     except recipe.RecipeError:

@@ -177,10 +177,11 @@ def test_any_text_is_cells_or_a_reason(text):
 
 
 def test_the_observer_reads_the_commits_recipe(tmp_path):
-    """ci/observer/commits.plan_field on a real repository: no recipe, a
-    recipe without a matrix, a matrix, a bad matrix (the commit's error),
-    and a recipe that does not parse (left to the runner, as before)."""
-    from ci.observer.commits import dispatch_body, plan_field
+    """ci/observer/commits.plan_fields on a real repository (one git
+    process for them all): no recipe, a recipe without a matrix, a matrix,
+    a bad matrix (the commit's error), a recipe that does not parse (left
+    to the runner, as before), a .ci.ini that is a folder."""
+    from ci.observer.commits import dispatch_body, plan_fields
     repo = str(tmp_path / "repo")
     subprocess.run(["git", "init", "-q", repo], check=True)
 
@@ -197,12 +198,17 @@ def test_the_observer_reads_the_commits_recipe(tmp_path):
     cells = commit("[ci]\nmatrix_python = 3.9 3.12\n")
     bad = commit("[ci]\nmatrix_python =\n")
     broken = commit("not a recipe\n")
-    assert plan_field(repo, none) == "" and plan_field(repo, plain) == ""
-    assert plan_field(repo, broken) == ""
-    sent = matrix.decode_plan(plan_field(repo, cells), 64)
+    (tmp_path / "repo" / ".ci.ini").unlink()
+    (tmp_path / "repo" / ".ci.ini").mkdir()
+    (tmp_path / "repo" / ".ci.ini" / "x").write_text("x\n")
+    folder = commit(None)
+    plan = plan_fields(repo, [none, plain, cells, bad, broken, folder])
+    assert plan[none] == plan[plain] == plan[broken] == plan[folder] == ""
+    sent = matrix.decode_plan(plan[cells], 64)
     assert [c.name for c in sent.cells] == ["py3.9", "py3.12"] and sent.error is None
-    assert matrix.decode_plan(plan_field(repo, bad), 64).error == \
+    assert matrix.decode_plan(plan[bad], 64).error == \
         ".ci.ini: matrix_python: the axis is empty"
-    body = dispatch_body([cells, none], None, "main", {cells: plan_field(repo, cells)})
+    assert plan_fields(repo, []) == {}
+    body = dispatch_body([cells, none], None, "main", {cells: plan[cells]})
     first, second = body.decode().splitlines()
     assert first.startswith(f"{cells} - main cells=") and second == f"{none} {cells} main"
