@@ -26,9 +26,9 @@ import time
 from ci import matrix, results
 from ci.matrix import Plan
 from ci.dispatch.journal import cell_record, queue_record, split_key
-from ci.dispatch.work import Work, work_key
+from ci.dispatch.work import Meta, Work, work_key
 from ci.outcome import Outcome
-from ci.wire import one_line
+from ci.wire import ProtocolError, Reply, decode_fields, one_line, valid_full_commit
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,20 @@ def fits(traits, cell: matrix.Cell) -> bool:
     if not cell.needs <= traits.labels:
         return False
     return not traits.exclusive or bool(cell.labels & traits.labels)
+
+
+def meta_from_result(results_dir: str, commit: str) -> Meta | None:
+    """A retest keeps the branch and predecessor the first run had."""
+    try:
+        with open(os.path.join(results_dir, commit), "rb") as handle:
+            head = handle.read(16 * 1024).partition(b"\n\n")[0]
+        fields = decode_fields(head)
+    except (OSError, ProtocolError):
+        return None
+    if "branch" not in fields:
+        return None
+    previous = fields.get("previous")
+    return Meta(fields["branch"], previous if valid_full_commit(previous or "") else None)
 
 
 def cell_from_header(name: str, header: dict) -> matrix.Cell | None:
@@ -162,6 +176,22 @@ class MatrixKeeper:
         if plan.cells != (matrix.SINGLE,):
             self.groups[commit] = {c.name: c for c in plan.cells}
         return works
+
+    def _retest_works(self, target: str) -> list[Work]:
+        """The cells a retest of ``target`` runs again (none pending)."""
+        commit, cell = split_key(target) or (target, "")
+        cells = self.groups.get(commit) or cells_from_results(self.results_dir, commit)
+        if cell and (cells is None or cell not in cells):
+            raise Reply(f"retest of {target[:60]}: {commit[:12]} has no cell {cell!r}")
+        meta = meta_from_result(self.results_dir, commit)
+        if cells is None:
+            if work_key(commit) in self.work:
+                return []
+            return [Work(work_key(commit), commit, meta=meta)]
+        self.groups[commit] = dict(cells)
+        names = [cell] if cell else list(cells)
+        return [Work(work_key(commit, n), commit, meta=meta, cell=cells[n]) for n in names
+                if work_key(commit, n) not in self.work]
 
     def _group_records(self) -> list[str]:
         """For the journal's rewrite: the cells of every commit not yet

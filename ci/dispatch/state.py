@@ -29,8 +29,7 @@ import time
 
 from ci import jobspec, matrix, results
 from ci import sharding
-from ci.dispatch.cells import (DEFAULT_UNROUTABLE_TIMEOUT, MatrixKeeper, cells_from_results,
-                               fits)
+from ci.dispatch.cells import DEFAULT_UNROUTABLE_TIMEOUT, MatrixKeeper, fits
 from ci.matrix import SINGLE_PLAN, Plan
 from ci.dispatch.finish import ResultKeeper, tell_later
 from ci.dispatch.journal import (BRANCH_RE, AssignmentRecord, Journal, assign_record,
@@ -41,7 +40,7 @@ from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, SUSPECT, Runner, Runner
 from ci.dispatch.shards import ShardPlanner
 from ci.dispatch.views import StateViews
 from ci.dispatch.work import Job, Meta, Work, WorkKey, WorkState, new_token, work_key
-from ci.wire import ProtocolError, Reply, decode_fields, valid_full_commit
+from ci.wire import Reply
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +57,6 @@ def take(queue: collections.deque, item) -> None:
         queue.popleft()
     else:
         queue.remove(item)
-
-
-def meta_from_result(results_dir: str, commit: str) -> Meta | None:
-    """A retest keeps the branch and predecessor the first run had."""
-    try:
-        with open(os.path.join(results_dir, commit), "rb") as handle:
-            head = handle.read(16 * 1024).partition(b"\n\n")[0]
-        fields = decode_fields(head)
-    except (OSError, ProtocolError):
-        return None
-    if "branch" not in fields:
-        return None
-    previous = fields.get("previous")
-    return Meta(fields["branch"], previous if valid_full_commit(previous or "") else None)
 
 
 class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, StateViews):
@@ -290,22 +275,6 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
                                                   retest_record(w.key))]
         self.journal_and_queue(works, records)
         return list(dict.fromkeys(w.key for w in works))
-
-    def _retest_works(self, target: str) -> list[Work]:
-        """The cells a retest of ``target`` runs again (none pending)."""
-        commit, cell = split_key(target) or (target, "")
-        cells = self.groups.get(commit) or cells_from_results(self.results_dir, commit)
-        if cell and (cells is None or cell not in cells):
-            raise Reply(f"retest of {target[:60]}: {commit[:12]} has no cell {cell!r}")
-        meta = meta_from_result(self.results_dir, commit)
-        if cells is None:
-            if work_key(commit) in self.work:
-                return []
-            return [Work(work_key(commit), commit, meta=meta)]
-        self.groups[commit] = dict(cells)
-        names = [cell] if cell else list(cells)
-        return [Work(work_key(commit, n), commit, meta=meta, cell=cells[n]) for n in names
-                if work_key(commit, n) not in self.work]
 
     def journal_and_queue(self, works: list[Work], records: list[str]) -> None:
         """The second half of ``enqueue`` and ``retest``: fsync the records
