@@ -185,6 +185,12 @@ def checked_header(raw: dict[str, str]) -> dict:
         header["setup_duration"] = raw["setup_duration"]
     if SHARDS_FIELD_RE.fullmatch(raw.get("shards", "")):
         header["shards"] = raw["shards"]
+    # Failing tests first (ci/runner/ordering.py): what became of them,
+    # and when the first test failed.
+    if raw.get("failing_first"):
+        header["failing_first"] = one_line(raw["failing_first"], 200)
+    if RESULT_DURATION_RE.fullmatch(raw.get("first_failure_after", "")):
+        header["first_failure_after"] = raw["first_failure_after"]
     return header
 
 

@@ -39,7 +39,9 @@ from ci.dispatch.journal import (BRANCH_RE, AssignmentRecord, Journal, assign_re
 from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, SUSPECT, Runner, RunnerRegistry
 from ci.dispatch.shards import ShardPlanner
 from ci.dispatch.views import StateViews
+from ci.retention.tombstones import TombstoneFile
 from ci.dispatch.work import Job, Meta, Work, WorkKey, WorkState, new_token, work_key
+from ci.history.recent import RecentFailures
 from ci.wire import Reply
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,10 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
         self.token_keys: dict[str, WorkKey] = {}
         self.unroutable_timeout = DEFAULT_UNROUTABLE_TIMEOUT
         self.max_cells = matrix.DEFAULT_MAX_CELLS
+        # Pruned by --keep-results: no file, a tombstone (ci/retention/);
+        # finished all the same, never queued again but by a retest.
+        self.pruned: set[WorkKey] = set()
+        self.tombstones: TombstoneFile | None = None
         # (key, token) -> AssignmentRecord, for rounds that are over.
         self.finished_tokens: collections.OrderedDict = collections.OrderedDict()
         # Sharding (--max-shards) and what results taught about durations.
@@ -92,6 +98,8 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
         # No shard shorter than this by the known durations (0: no check).
         self.min_shard_seconds = 1.0
         self.durations = sharding.Durations()
+        # Each branch's most recently failing tests, which its jobs run first.
+        self.recent_failures = RecentFailures()
         # --trusted-branch: whose environments every commit may reuse.
         self.trusted_branches = jobspec.DEFAULT_TRUSTED_BRANCHES
         self.stopping = False
@@ -99,6 +107,9 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
         # Called with (commit, Outcome) after a result file is on disk,
         # outside the lock (notifications); must not block.
         self.listeners: list = []
+        # Called with (commit, branch, test id, seconds) when a running
+        # commit's first test fails, outside the lock; must not block.
+        self.failing_listeners: list = []
 
     # ---- the work table ---------------------------------------------------
     def _work(self, commit: str, token: str | None = None) -> Work | None:
@@ -116,7 +127,11 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
             work = self.work.get(WorkKey(commit))
             if work is not None:
                 return work.state
-            return WorkState.DONE if WorkKey(commit) in self.done else None
+            return WorkState.DONE if self._finished(WorkKey(commit)) else None
+
+    def _finished(self, key: WorkKey) -> bool:
+        """A result file exists, or one was pruned (a tombstone)."""
+        return key in self.done or key in self.pruned
 
     def _in_state(self, state: WorkState) -> list[Work]:
         return [w for w in self.work.values() if w.state is state]
@@ -130,6 +145,7 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
     def _to_queue(self, work: Work, head: bool) -> None:
         work.move(WorkState.QUEUED)
         work.job = None
+        work.failing = None   # the next run tells its own
         if head:
             self.queue.appendleft(work.key)
         else:
@@ -153,8 +169,11 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
         with self.cond:
             named = (results.split_result_name(n) for n in os.listdir(self.results_dir))
             self.done = {work_key(*pair) for pair in named if pair}
+            if self.tombstones is not None:
+                self.pruned = {work_key(c) for c in self.tombstones.load()} - self.done
             got = self.journal.replay()
-            pending = [c for c in got.order if c not in self.done or c in got.retest]
+            pending = [c for c in got.order
+                       if not self._finished(work_key(c)) or c in got.retest]
             deadline = time.monotonic() + grace
             for key in pending:
                 self._recover_one(key, got, grace, deadline)
@@ -179,6 +198,7 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
         if key in got.meta:
             work.meta = Meta(*got.meta[key])
         self.done.discard(key)
+        self.pruned.discard(key)
         history = got.assigned.get(key)
         for a in history or ():
             self.token_keys[a.token] = key
@@ -233,6 +253,35 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
         with self.cond:
             return work_key(commit) in self.work or commit in self.groups
 
+    def pending_commits(self) -> set[str]:
+        """Every commit queued, running or being written (a snapshot)."""
+        with self.cond:
+            return {w.commit for w in self.work.values()}
+
+    def remove_pruned(self, commits: list[str], remove, forget) -> list[str]:
+        """Retention (ci/retention/pruner.py): for each commit still
+        finished and not pending, ``remove(commit)`` deletes its files and
+        it counts as pruned; ``forget(removed)`` is told (it must not
+        block).  Under the lock, so a retest cannot queue a commit between
+        the check and the unlink; one small batch at a time."""
+        removed = []
+        with self.cond:
+            for commit in commits:
+                key = work_key(commit)
+                if key in self.work or key not in self.done:
+                    continue
+                try:
+                    remove(commit)
+                except OSError as exc:
+                    log.warning("cannot prune %s: %s", commit[:12], exc)
+                    continue
+                self.done.discard(key)
+                self.pruned.add(key)
+                removed.append(commit)
+            if removed:
+                forget(removed)
+        return removed
+
     def _pending_commit(self, commit: str) -> bool:
         return work_key(commit) in self.work or commit in self.groups
 
@@ -241,7 +290,7 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
         pending nor done; invisible until journalled."""
         # dict.fromkeys: drops repeats in order, without a quadratic scan.
         new = [c for c in dict.fromkeys(commits) if not self._pending_commit(c)
-               and work_key(c) not in self.done]
+               and not self._finished(work_key(c))]
         works = [w for c in new for w in self._plan_works(c, plans.get(c, SINGLE_PLAN))]
         for work in works:
             self.work[work.key] = work
@@ -292,6 +341,7 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
             for work in works:
                 if work.retest:
                     self.done.discard(work.key)
+                    self.pruned.discard(work.key)
                 self._to_queue(work, head=False)
                 if work.error is not None:
                     self._write_error(work, work.error)
@@ -390,9 +440,13 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
         if branch is not None and not BRANCH_RE.fullmatch(branch):
             branch = None  # (read back from an old result file): no scope to share
         shard_set = work.shards if index else None
+        # Every shard of a set names the same tests (they pin the same files
+        # to shard 1); a whole commit, the branch's failures as they are now.
+        first = shard_set.first if shard_set else self.recent_failures.for_branch(branch)
         return jobspec.encode(branch, jobspec.trusted_branch(branch, self.trusted_branches),
                               (index, shard_set.total) if shard_set else None,
-                              shard_set.table if shard_set else b"", work.cell)
+                              shard_set.table if shard_set else b"", failing_first=first,
+                              cell=work.cell)
 
     def _is_current(self, job: Job) -> bool:
         work = self.work.get(job.key)
@@ -461,6 +515,32 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
             work.tail += data[-TAIL_BYTES:]
             if len(work.tail) > TAIL_BYTES:
                 del work.tail[:len(work.tail) - TAIL_BYTES]
+
+    def first_failure(self, commit: str, token: str, name: str | None, test: str,
+                      after: float) -> bool:
+        """A running job's tests just had their first failure: kept for
+        the ``state`` view and put in the live output; True the first time
+        for this commit's run (a second shard's, or a resend, changes
+        nothing), when the early listeners are told (outside the lock)."""
+        with self.cond:
+            work = self._work(commit, token)
+            job = work.current_job(token) if work else None
+            if not job or (name is not None and job.name != name):
+                raise Reply(f"failing for {commit[:12]} refused: not the current assignment")
+            if work.failing is not None:
+                return False
+            work.failing = (test, after)
+            line = f"\n[ci] first failing test: {test} (after {after:.1f}s)\n"
+            work.tail += line.encode("utf-8", "replace")
+            if len(work.tail) > TAIL_BYTES:
+                del work.tail[:len(work.tail) - TAIL_BYTES]
+            meta = work.meta
+        for listener in self.failing_listeners:
+            try:
+                listener(commit, meta.branch if meta else None, test, after)
+            except Exception:
+                log.exception("failing listener failed for %s", commit[:12])
+        return True
 
     def log_tail(self, commit: str) -> bytes | None:
         """The live output of a running commit; None when it is not running."""

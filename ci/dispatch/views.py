@@ -26,7 +26,8 @@ class StateViews:
             status = {"queued": len(self.queue), "running": running,
                       "runners": len(self.runners),
                       "idle_runners": sum(r.free for r in self.runners.values()),
-                      "done": len(self.done), "completed": self.completed}
+                      "done": len(self.done), "completed": self.completed,
+                      "pruned": len(self.pruned)}
             waiting = self._unroutable()
             if waiting:
                 # Cells no registered runner can take: how many, and why
@@ -54,6 +55,10 @@ class StateViews:
                                                work.cell.name or None,
                                                self._waiting_reason(work))
 
+            def failing(job):
+                work = self.work.get(job.key)
+                return work.failing[0] if work and work.failing else None
+
             def called(key: str, key_name: str | None) -> str:
                 """Its own name, else its issued key's, else its address."""
                 runner = self.runners.get(key)
@@ -69,7 +74,7 @@ class StateViews:
                 running=[state_schema.RunningJob(
                     j.commit, branch(j), called(j.runner, j.name),
                     round(now - j.started, 1), f"{j.shard}/{j.shards}" if j.shards else None,
-                    cell(j))
+                    cell(j), failing=failing(j))
                     for j in self._live_jobs()],
                 held=[state_schema.HeldCommit(w.commit, w.branch, w.held_by,
                                               w.cell.name or None)

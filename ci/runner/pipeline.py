@@ -19,7 +19,7 @@ import time
 from ci import sharding
 from ci.outcome import Outcome
 from ci.git import script_path
-from ci.runner import command_line, environments, junit_capture
+from ci.runner import command_line, environments, junit_capture, ordering
 from ci.runner.interpreters import JobCell
 from ci.runner.sandbox.private_git import PrivateRepository
 from ci.runner.slot import ProcessSlot, child_env, git_run_args
@@ -51,15 +51,17 @@ class Settings:
 
 
 def execute(settings: Settings, commit: str, shard: sharding.ShardSpec | None = None,
-            scope: environments.Scope | None = None, cell: JobCell | None = None) -> Outcome:
+            scope: environments.Scope | None = None, cell: JobCell | None = None,
+            failing_first: tuple[str, ...] = ()) -> Outcome:
     """Check out ``commit`` and run its tests; return their outcome.
     ``scope``: which environments the commit may reuse and build
     (default: the commit's own, never a trusted one); ``cell``: the
     matrix cell's interpreter and variables (default: the runner's own
-    Python, none).  Per-test records, when there are any, come as the
+    Python, none); ``failing_first``: test ids to run before the rest
+    (see ordering.py).  Per-test records, when there are any, come as the
     outcome's ``records`` (and as its ``junit_xml`` for older
     dispatchers), and the counts are theirs."""
-    return JobPipeline(settings, commit, shard, scope, cell).run()
+    return JobPipeline(settings, commit, shard, scope, cell, failing_first).run()
 
 
 class JobPipeline:
@@ -67,8 +69,10 @@ class JobPipeline:
 
     def __init__(self, settings: Settings, commit: str,
                  shard: sharding.ShardSpec | None = None,
-                 scope: environments.Scope | None = None, cell: JobCell | None = None):
+                 scope: environments.Scope | None = None, cell: JobCell | None = None,
+                 failing_first: tuple[str, ...] = ()):
         self.settings = settings
+        self.failing_first = tuple(failing_first)
         self.commit = commit
         self.shard = shard
         self.scope = scope or environments.job_scope(None, False, commit)
@@ -144,26 +148,28 @@ class JobPipeline:
         """Run the tests (or this shard's share) and judge them."""
         settings = self.settings
         with tempfile.TemporaryFile() as out, \
-                junit_capture.Capture(settings.repo, settings.junit_pattern) as capture:
+                junit_capture.Capture(settings.repo, settings.junit_pattern) as capture, \
+                ordering.OrderFolder(self.failing_first) as order:
             line = command_line.build(settings.repo, prepared.command, prepared.python,
-                                      self.shard, capture)
+                                      self.shard, capture, order)
             if line.shards is not None:
                 self.fields["shards"] = line.shards
             if line.argv is None:
                 note = f"shard {self.shard.index}/{self.shard.total}: {line.label}, " \
                        "nothing to run\n"
                 return self._finish(setup_log + note.encode(), verdict="passed", exit_code=0)
-            if settings.slot.user and capture.tmp:
-                # The recorder runs as the test user and writes its file here.
-                settings.slot.user.own(capture.tmp)
+            for folder in (capture.tmp, order.path) if settings.slot.user else ():
+                if folder:
+                    # The tests run as the test user and write their files here.
+                    settings.slot.user.own(folder)
             try:
-                code, timed_out = settings.slot.run(line.argv, settings.repo,
-                                                    prepared.timeout, out, prepared.env)
+                code, timed_out = self._run_tests(line, prepared, out, order)
             except OSError as exc:
                 return self._finish(
                     setup_log + f"cannot start test command {line.argv!r}: {exc}\n".encode(),
                     verdict="error", reason=f"cannot start test command: {exc}")
             log.debug("tests of %s ran %.3fs", self.commit[:12], time.time() - self.started)
+            self.fields.update(order.fields())
             junit = capture.collect(timed_out, settings.max_output // 2)
             output = read_bounded(out, settings.max_output - len(setup_log) - junit.size)
         verdict, counts, reason = judge(code, timed_out, output, junit.counts)
@@ -172,6 +178,19 @@ class JobPipeline:
                                failures=counts.failures, errors=counts.errors,
                                skipped=counts.skipped, exit_code=code)
         return dataclasses.replace(outcome, records=junit.records, junit_xml=junit.xml)
+
+    def _run_tests(self, line: command_line.CommandLine, prepared: environments.Prepared,
+                   out, order: ordering.OrderFolder) -> tuple[int, bool]:
+        """The test command in the slot, its order folder shown to the
+        progress thread while it runs (the first failure is told live)."""
+        slot = self.settings.slot
+        env = line.env(prepared.env) if line.pythonpath else prepared.env
+        order.started = time.time()
+        slot.order = order
+        try:
+            return slot.run(line.argv, self.settings.repo, prepared.timeout, out, env)
+        finally:
+            slot.order = None
 
 
 def parse_checkout_meta(log_bytes: bytes) -> dict:
