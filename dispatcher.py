@@ -26,7 +26,8 @@ import sys
 
 from ci import auth
 import helpers
-from ci import jobspec
+from ci import jobspec, matrix
+from ci.dispatch import cells
 from ci.dispatch.state import DispatcherState
 from ci.notify import flags as notify_flags
 from ci.history import store as history_store
@@ -104,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "are free than commits are queued, balanced by each test file's "
                              "last known duration; the shards' results are merged into one "
                              "(default: %(default)s, never split)")
+    parser.add_argument("--max-cells", type=positive(int), default=matrix.DEFAULT_MAX_CELLS,
+                        metavar="N",
+                        help="a commit whose recipe's build matrix has more cells than this "
+                             "gets an error verdict instead of a run (default: %(default)s)")
+    parser.add_argument("--unroutable-timeout", type=positive(float),
+                        default=cells.DEFAULT_UNROUTABLE_TIMEOUT, metavar="SECONDS",
+                        help="a queued cell that no registered runner can take (none has "
+                             "every label it needs) gets an error verdict saying so after "
+                             "this long; it waits, with the reason in status and state, "
+                             "meanwhile (default: %(default)s)")
     parser.add_argument("--min-shard-seconds", type=float, default=1.0, metavar="SECONDS",
                         help="split only as far as each shard gets this much test time by the "
                              "last known durations, and no more shards than known test "
@@ -245,6 +256,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--restart-grace must not be negative")
     if args.max_shards > 100:
         raise ConfigError("--max-shards must be at most 100")
+    if args.max_cells > matrix.MAX_CELLS_LIMIT:
+        raise ConfigError(f"--max-cells must be at most {matrix.MAX_CELLS_LIMIT}")
     if not 0 <= args.min_shard_seconds < 1e6:
         raise ConfigError("--min-shard-seconds must be 0 or more")
     if not 0 <= args.prefetch_runners <= 1000:
@@ -272,6 +285,8 @@ def recovered_state(args: argparse.Namespace, results_dir: str, state_dir: str,
     state = DispatcherState(results_dir, Journal(os.path.join(state_dir, "journal")),
                             args.max_attempts)
     state.max_shards = args.max_shards
+    state.max_cells = args.max_cells
+    state.unroutable_timeout = args.unroutable_timeout
     state.min_shard_seconds = args.min_shard_seconds
     state.trusted_branches = trusted
     state.tombstones = TombstoneFile(os.path.join(state_dir, TOMBSTONE_FILE))

@@ -9,7 +9,11 @@ real runner sends (``Outcome.to_body``).  No tests are run, so what is
 measured is the dispatcher alone.  asyncio keeps hundreds of
 runners cheap enough that the generator is not the bottleneck.
 
-usage: fake_runners.py --dispatcher HOST:PORT [--count N] [--records N]
+usage: fake_runners.py --dispatcher HOST:PORT [--count N] [--labels N] [--records N]
+
+With ``--labels N`` each runner registers with N labels drawn at random
+from a pool of 4 N (``l0``, ``l1``...) plus ``python3.12`` (matrix
+routing's cost: every assignment checks a cell's needs against them).
 
 Commands on stdin, one a line (answers are JSON lines on stdout):
   stats        counters so far
@@ -27,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import secrets
 import sys
 import time
@@ -63,8 +68,9 @@ class Counters:
 class FakeRunner:
     """One runner: a listening socket plus the job it holds, if any."""
 
-    def __init__(self, fleet: "Fleet"):
+    def __init__(self, fleet: "Fleet", labels: list[str] | None = None):
         self.fleet = fleet
+        self.labels = labels or []
         self.instance = secrets.token_hex(8)
         self.server: asyncio.base_events.Server | None = None
         self.key = ""
@@ -125,7 +131,10 @@ class FakeRunner:
             counters.results_ok += 1
 
     async def register(self) -> bool:
-        body = encode_fields({"instance": self.instance, "busy": self.job or ""})
+        fields = {"instance": self.instance, "busy": self.job or ""}
+        if self.labels:
+            fields["labels"] = " ".join(self.labels)
+        body = encode_fields(fields)
         reply = await self.fleet.call("register", self.key, body)
         return reply is not None and reply.command == "ok"
 
@@ -269,8 +278,10 @@ def fake_records(count: int) -> tuple[results.TestRecord, ...]:
 async def main_async(args) -> int:
     fleet = Fleet(parse_address(args.dispatcher), load_credentials(None)[0])
     fleet.records = fake_records(args.records)
+    pool = [f"l{i}" for i in range(4 * args.labels)]
     for _ in range(args.count):
-        runner = FakeRunner(fleet)
+        labels = random.sample(pool, args.labels) + ["python3.12"] if args.labels else []
+        runner = FakeRunner(fleet, labels)
         await runner.start(args.host)
         fleet.runners.append(runner)
     registered = await asyncio.gather(*(r.register() for r in fleet.runners))
@@ -288,6 +299,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dispatcher", required=True, metavar="HOST:PORT")
     parser.add_argument("--count", type=int, default=200, help="runners (default: %(default)s)")
+    parser.add_argument("--labels", type=int, default=0, metavar="N",
+                        help="labels per runner, at random (default: none)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address the runners listen on (default: %(default)s)")
     parser.add_argument("--lifetime", type=float, default=DEFAULT_LIFETIME,
@@ -300,6 +313,8 @@ def main(argv=None) -> int:
         parser.error("--count must be 1-2000")
     if not 0 <= args.records <= 100_000:
         parser.error("--records must be 0-100000")
+    if not 0 <= args.labels <= 16:
+        parser.error("--labels must be 0-16")
     return asyncio.run(main_async(args))
 
 
