@@ -104,6 +104,10 @@ class Outcome:
         raw, junit, output = split_body(body)
         header = checked_header(raw)
         added, records = junit_part(raw, junit)
+        if records is not None:
+            # The records decide these too, also when they are 0.
+            for name in (*results.EXTRA_COUNTS, "quarantined_failing"):
+                header.pop(name, None)
         header.update(added)
         return cls(header, output, records)
 
@@ -154,7 +158,27 @@ def checked_header(raw: dict[str, str]) -> dict:
         header["setup_duration"] = raw["setup_duration"]
     if SHARDS_FIELD_RE.fullmatch(raw.get("shards", "")):
         header["shards"] = raw["shards"]
+    header.update(flaky_fields(raw))
     return header
+
+
+def flaky_fields(raw: dict[str, str]) -> dict:
+    """The counts of flaky and quarantined tests a runner sent (whole
+    numbers from 0, else ProtocolError; 0 is left out as the runner leaves
+    it out) and the failing quarantined tests' names (dropped unless a
+    JSON list of names)."""
+    fields: dict = {}
+    for name in results.EXTRA_COUNTS:
+        value = raw.get(name)
+        if value is None:
+            continue
+        if not re.fullmatch(r"[0-9]{1,12}", value):
+            raise ProtocolError(f"field {name} must be a whole number")
+        if int(value):
+            fields[name] = int(value)
+    if results.named_failing(raw.get("quarantined_failing")) is not None:
+        fields["quarantined_failing"] = raw["quarantined_failing"]
+    return fields
 
 
 def junit_part(raw: dict[str, str], junit: bytes) -> tuple[dict, tuple | None]:
@@ -172,5 +196,5 @@ def junit_part(raw: dict[str, str], junit: bytes) -> tuple[dict, tuple | None]:
     if records is None:
         added["junit"] = note
         return added, None
-    added.update(results.count_records(records))
+    added.update(results.record_fields(records))
     return added, tuple(records)

@@ -15,6 +15,7 @@ length-capped before it goes anywhere.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 # Text result files: ``key: value`` header, blank line, raw test output.
 
 RESULT_FIELDS = ("commit", "verdict", "tests", "failures", "errors", "skipped",
+                 "flaky", "quarantined", "quarantined_failed", "quarantined_failing",
                  "runner", "started", "duration", "exit_code", "reason",
                  "branch", "previous", "subject", "author", "committed",
                  "setup", "setup_scope", "setup_duration",
@@ -85,7 +87,11 @@ def read_header(path: str, limit: int = HEADER_READ) -> dict[str, str] | None:
 
 PASSED, FAILED, ERROR, SKIPPED, XFAIL, XPASS = (
     "passed", "failed", "error", "skipped", "xfail", "xpass")
-OUTCOMES = (PASSED, FAILED, ERROR, SKIPPED, XFAIL, XPASS)
+# Failed, then passed when the runner ran it again (ci/runner/reruns.py).
+FLAKY = "flaky"
+OUTCOMES = (PASSED, FAILED, ERROR, SKIPPED, XFAIL, XPASS, FLAKY)
+# The outcomes that fail a test (and, unless quarantined, its commit).
+FAILING = (FAILED, ERROR, XPASS)
 # What each outcome adds to the header's counts, as unittest counts them:
 # an unexpected success fails the run (exit 1), an expected failure does not.
 COUNTED_AS = {FAILED: "failures", XPASS: "failures", ERROR: "errors", SKIPPED: "skipped"}
@@ -125,6 +131,9 @@ class TestRecord:
     traceback: str = ""
     kind: str = TEST
     subtest: str = ""  # a subtest's own description, e.g. "(i=2)"
+    # Matched by the recipe's ``quarantine``: recorded, but never decides
+    # the verdict.
+    quarantined: bool = False
 
     @property
     def id(self) -> str:
@@ -164,12 +173,22 @@ def clean_record(record: TestRecord) -> TestRecord:
         message=one_line(record.message, MESSAGE_LIMIT),
         traceback=_block(record.traceback, TRACEBACK_LIMIT),
         kind=record.kind if record.kind in KINDS else TEST,
-        subtest=one_line(record.subtest, NAME_LIMIT) if record.kind == SUBTEST else "")
+        subtest=one_line(record.subtest, NAME_LIMIT) if record.kind == SUBTEST else "",
+        quarantined=record.quarantined is True)
+
+
+# Counts a header has only when they are not 0 (older results lack them).
+EXTRA_COUNTS = ("flaky", "quarantined", "quarantined_failed")
+# Failing quarantined tests a header names, at most (``quarantined_failing``),
+# and the most characters of that field.
+MAX_NAMED = 20
+MAX_NAMED_CHARS = 4000
 
 
 def count_records(records: list[TestRecord]) -> dict[str, int]:
-    """``tests``, ``failures``, ``errors``, ``skipped`` as the header holds
-    them (see the kinds above)."""
+    """``tests``, ``failures``, ``errors``, ``skipped`` as the JUnit
+    document holds them (see the kinds above): every failure element, a
+    quarantined test's too; a flaky test has none."""
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     tests, parts = set(), set()
     for record in records:
@@ -182,6 +201,65 @@ def count_records(records: list[TestRecord]) -> dict[str, int]:
             parts.add((record.classname, record.name))
     counts["tests"] += len(parts - tests)
     return counts
+
+
+def extra_counts(records: list[TestRecord]) -> dict[str, int]:
+    """``flaky``, ``quarantined`` (records) and ``quarantined_failed``,
+    each only when not 0."""
+    extra = dict.fromkeys(EXTRA_COUNTS, 0)
+    for record in records:
+        extra["flaky"] += record.outcome == FLAKY
+        if record.quarantined:
+            extra["quarantined"] += 1
+            extra["quarantined_failed"] += record.outcome in FAILING
+    return {name: value for name, value in extra.items() if value}
+
+
+def quarantined_failing(records: list[TestRecord]) -> str:
+    """The ``quarantined_failing`` header value: the ids of the failing
+    quarantined tests as a JSON list (ids may hold any character), the
+    first MAX_NAMED of them, then ``"+N more"``; "" when there are none."""
+    names = list(dict.fromkeys(r.id for r in records
+                               if r.quarantined and r.outcome in FAILING))
+    shown: list[str] = []
+    for name in names[:MAX_NAMED]:
+        if len(json.dumps([*shown, name, "+0000000 more"], ensure_ascii=False)) \
+                > MAX_NAMED_CHARS:
+            break
+        shown.append(name)
+    if len(shown) < len(names):
+        shown.append(f"+{len(names) - len(shown)} more")
+    return json.dumps(shown, ensure_ascii=False) if names else ""
+
+
+def named_failing(value: str | None) -> list[str] | None:
+    """The ids of a ``quarantined_failing`` value, None if it is not one
+    (a runner's, or a damaged file's)."""
+    try:
+        names = json.loads(value or "")
+    except ValueError:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) \
+            or len(value) > MAX_NAMED_CHARS or "\n" in value:
+        return None
+    return names
+
+
+def record_fields(records: list[TestRecord]) -> dict:
+    """The header fields per-test records decide: their counts, where
+    ``failures`` and ``errors`` are those that decide the verdict (a
+    quarantined test's are counted in ``quarantined_failed`` instead),
+    and the failing quarantined tests' names."""
+    fields: dict = count_records(records)
+    for record in records:
+        if record.quarantined and record.outcome in COUNTED_AS \
+                and record.outcome in FAILING:
+            fields[COUNTED_AS[record.outcome]] -= 1
+    fields.update(extra_counts(records))
+    named = quarantined_failing(records)
+    if named:
+        fields["quarantined_failing"] = named
+    return fields
 
 
 def merge_records(shards: list[list[TestRecord]]) -> list[TestRecord]:
@@ -224,9 +302,16 @@ def format_junit(records: list[TestRecord], name: str = "tests",
             case.set("kind", record.kind)
         if record.subtest:
             case.set("subtest", record.subtest)
+        if record.quarantined:
+            case.set("quarantined", "true")
         traceback = _block(record.traceback, traceback_limit) if traceback_limit else ""
         tag = _CHILD.get(record.outcome)
-        if tag:
+        if record.outcome == FLAKY:
+            # Maven Surefire's mark: a passing testcase with its failed try.
+            child = ET.SubElement(case, "flakyFailure", {"message": record.message,
+                                                         "type": "failure"})
+            ET.SubElement(child, "stackTrace").text = traceback
+        elif tag:
             child = ET.SubElement(case, tag, {"message": record.message})
             if record.outcome == XPASS:
                 child.set("type", "unexpected success")
@@ -252,6 +337,16 @@ def _tag(element) -> str:
     return tag.rpartition("}")[2]
 
 
+def _flaky_try(children: dict) -> tuple[str, str] | None:
+    """(message, traceback) of a Surefire ``flakyFailure`` / ``flakyError``
+    (a test that failed, then passed), or None."""
+    flaky = children.get("flakyFailure", children.get("flakyError"))
+    if flaky is None:
+        return None
+    trace = flaky.find("stackTrace")
+    return flaky.get("message") or "", "" if trace is None else (trace.text or "")
+
+
 def _record_from(case) -> TestRecord:
     children = {_tag(child): child for child in reversed(list(case))}
     outcome, detail = PASSED, None
@@ -267,6 +362,9 @@ def _record_from(case) -> TestRecord:
     elif outcome == PASSED and declared == XFAIL:
         outcome, detail = XFAIL, children.get("system-out")
     message = traceback = ""
+    flaky = _flaky_try(children) if outcome == PASSED else None
+    if flaky is not None:
+        outcome, (message, traceback) = FLAKY, flaky
     if detail is not None:
         message = detail.get("message") or ""
         traceback = detail.text or ""
@@ -280,7 +378,8 @@ def _record_from(case) -> TestRecord:
     return clean_record(TestRecord(
         classname=case.get("classname") or "", name=name, outcome=outcome,
         duration=_number(case.get("time")), message=message, traceback=traceback,
-        kind=kind if kind in KINDS else TEST, subtest=subtest))
+        kind=kind if kind in KINDS else TEST, subtest=subtest,
+        quarantined=case.get("quarantined") == "true"))
 
 
 def parse_junit(data: bytes, max_bytes: int = MAX_JUNIT_BYTES,

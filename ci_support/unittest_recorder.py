@@ -1,7 +1,12 @@
 """Runs unittest exactly as ``python -m unittest ARGS`` would, and also
 writes each test's outcome to a JUnit XML file for the CI runner.
 
-Usage: ``python unittest_recorder.py OUTPUT.xml [--shard [--path-first DIR]] [unittest arguments...]``
+Usage: ``python unittest_recorder.py OUTPUT.xml [--shard] [--path-first DIR] [unittest arguments...]``
+
+``--shard``: the arguments are module names a shard runs, loaded as
+discovery would load them; ``--path-first DIR``: DIR goes first on
+sys.path, where discovery puts its top folder (a shard's modules and a
+rerun's test ids are named from it).
 
 The runner ships this file and starts it by path, from the tested clone's
 root.  Run as a script, Python puts this file's folder first on sys.path;
@@ -227,12 +232,13 @@ def main(argv):
     loader = unittest.defaultTestLoader
     if args[:1] == ["--shard"]:
         # A shard of ``discover -s DIR`` run by module names: load them as
-        # discovery would, with DIR first on sys.path where it puts it.
+        # discovery would.
         loader = DiscoveryLikeLoader()
         args = args[1:]
-        if args[:1] == ["--path-first"] and len(args) >= 2:
-            sys.path.insert(0, os.path.abspath(args[1]))
-            args = args[2:]
+    if args[:1] == ["--path-first"] and len(args) >= 2:
+        # DIR first on sys.path, where discovery puts it.
+        sys.path.insert(0, os.path.abspath(args[1]))
+        args = args[2:]
     sys.argv[:] = ["python -m unittest"] + args  # what the tests would see there
     try:
         unittest.main(module=None, argv=["python -m unittest"] + args,

@@ -112,6 +112,8 @@ class Prepared:
     timeout: float
     fields: dict               # setup, setup_duration; verdict/reason if failed
     failed: bool = False
+    rerun_failures: int = 0    # reruns of failing tests (ci/runner/reruns.py)
+    quarantine: tuple[str, ...] = ()   # test ids or patterns that decide nothing
 
 
 class EnvironmentCache:
@@ -372,7 +374,7 @@ class Preparer:
         repo, base_env, out = run.repo, run.env, run.out
         started = time.monotonic()
         result = Prepared(None, sys.executable, base_env, self.limits.timeout,
-                          {"setup": "none"})
+                          {"setup": "none"}, rerun_failures=self.limits.rerun_failures)
         try:
             text = read_recipe_file(repo) if self.read_recipe else None
             plan = recipe.resolve(text, self.limits)
@@ -382,6 +384,7 @@ class Preparer:
             out.write(f"[ci] {note}\n".encode())
         result.command = list(plan.test) if plan.test else None
         result.timeout = plan.timeout
+        result.rerun_failures, result.quarantine = plan.rerun_failures, plan.quarantine
         if plan.setup is None:
             return result
         if self.cache is None:

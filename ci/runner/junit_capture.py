@@ -51,11 +51,13 @@ MAX_FILES = 200
 @dataclasses.dataclass
 class Collected:
     """What a run's JUnit files gave: the XML to send (b"" if none), the
-    counts taken from its records (None: keep the summary's) and the
-    ``junit`` header note ("" when all went well)."""
+    counts taken from its records (None: keep the summary's), the
+    ``junit`` header note ("" when all went well) and the records (None:
+    none could be used)."""
     xml: bytes = b""
     counts: dict | None = None
     note: str = ""
+    records: list[results.TestRecord] | None = None
 
     def fields(self) -> dict:
         """The header fields to add (the XML goes as ``Outcome.junit_xml``)."""
@@ -129,7 +131,7 @@ class Capture:
             log.warning("JUnit results of %d records do not fit in %d bytes", len(records),
                         budget)
             return Collected(note="too large")
-        return Collected(xml, results.count_records(records))
+        return Collected(xml, results.count_records(records), records=records)
 
 
 def read_untrusted(path: str, inside: str) -> bytes:

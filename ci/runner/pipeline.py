@@ -16,13 +16,13 @@ import os
 import tempfile
 import time
 
-from ci import sharding
+from ci import results, sharding
 from ci.outcome import Outcome
 from ci.git import script_path
-from ci.runner import command_line, environments, junit_capture
+from ci.runner import command_line, environments, junit_capture, reruns
 from ci.runner.sandbox.private_git import PrivateRepository
 from ci.runner.slot import ProcessSlot, child_env, git_run_args
-from ci.runner.verdict import judge
+from ci.runner.verdict import judge, judge_records
 from ci.wire import one_line
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,11 @@ class JobPipeline:
         return prepared, setup_log
 
     def test(self, prepared: environments.Prepared, setup_log: bytes) -> Outcome:
-        """Run the tests (or this shard's share) and judge them."""
+        """Run the tests (or this shard's share), run the failing ones
+        again if the recipe asks (``reruns``), and judge them."""
         settings = self.settings
+        # Room for the reruns' output and notes, when there may be reruns.
+        spare = settings.max_output // 8 if prepared.rerun_failures else 0
         with tempfile.TemporaryFile() as out, \
                 junit_capture.Capture(settings.repo, settings.junit_pattern) as capture:
             line = command_line.build(settings.repo, prepared.command, prepared.python,
@@ -145,25 +148,85 @@ class JobPipeline:
                 note = f"shard {self.shard.index}/{self.shard.total}: {line.label}, " \
                        "nothing to run\n"
                 return self._finish(setup_log + note.encode(), verdict="passed", exit_code=0)
-            if settings.slot.user and capture.tmp:
-                # The recorder runs as the test user and writes its file here.
-                settings.slot.user.own(capture.tmp)
             try:
-                code, timed_out = settings.slot.run(line.argv, settings.repo,
-                                                    prepared.timeout, out, prepared.env)
+                code, timed_out = self._run_tests(line.argv, prepared, capture, out)
             except OSError as exc:
                 return self._finish(
                     setup_log + f"cannot start test command {line.argv!r}: {exc}\n".encode(),
                     verdict="error", reason=f"cannot start test command: {exc}")
             log.debug("tests of %s ran %.3fs", self.commit[:12], time.time() - self.started)
             junit = capture.collect(timed_out, settings.max_output // 4)
-            output = read_bounded(out, settings.max_output - len(setup_log) - len(junit.xml))
-        verdict, counts, reason = judge(code, timed_out, output, junit.counts)
-        self.fields.update(junit.fields(), **({"reason": reason} if reason else {}))
-        outcome = self._finish(setup_log + output, verdict=verdict, tests=counts.tests,
-                               failures=counts.failures, errors=counts.errors,
-                               skipped=counts.skipped, exit_code=code)
-        return dataclasses.replace(outcome, junit_xml=junit.xml)
+            output = read_bounded(out, settings.max_output - len(setup_log) - len(junit.xml)
+                                  - spare)
+        self.fields.update(junit.fields())
+        if junit.records is None or timed_out:
+            verdict, counts, reason = judge(code, timed_out, output, junit.counts)
+            counted = dataclasses.asdict(counts)
+            counted.pop("found")
+            return self._judged(setup_log + output, verdict, reason, code, counted, junit.xml)
+        records, more = self.rerun_and_quarantine(prepared, line, junit.records, spare)
+        verdict, reason = judge_records(code, timed_out, output, records)
+        xml = junit.xml if records == junit.records else \
+            junit_capture.fit(records, settings.max_output // 4) or b""
+        return self._judged(setup_log + output + more, verdict, reason, code,
+                            results.record_fields(records), xml)
+
+    def _judged(self, output: bytes, verdict: str, reason: str, code: int, counts: dict,
+                xml: bytes) -> Outcome:
+        """The job's result: its verdict, counts (the header's fields of
+        them) and the XML of its records."""
+        if reason:
+            self.fields["reason"] = reason
+        outcome = self._finish(output, verdict=verdict, exit_code=code, **counts)
+        return dataclasses.replace(outcome, junit_xml=xml)
+
+    def _run_tests(self, argv: list[str], prepared: environments.Prepared,
+                   capture: junit_capture.Capture, out) -> tuple[int, bool]:
+        """One run of a test command in the slot: (exit code, timed out)."""
+        settings = self.settings
+        if settings.slot.user and capture.tmp:
+            # The recorder runs as the test user and writes its file here.
+            settings.slot.user.own(capture.tmp)
+        return settings.slot.run(argv, settings.repo, prepared.timeout, out, prepared.env)
+
+    def rerun_and_quarantine(self, prepared: environments.Prepared,
+                             line: command_line.CommandLine,
+                             records: list, budget: int) -> tuple[list, bytes]:
+        """(the records after the reruns and the quarantine, what to add to
+        the output: each rerun's output, then a ``[ci]`` line for each
+        round and for each quarantine entry that matched nothing)."""
+        plan = reruns.Reruns.start(records, prepared.rerun_failures)
+        chunks: list[bytes] = []
+        while plan.wanted:
+            chunks.append(self._rerun_round(prepared, line, plan,
+                                            budget // max(prepared.rerun_failures, 1)))
+        final, unused = reruns.quarantine(plan.records, prepared.quarantine)
+        notes = [*plan.notes, *(f"quarantine: {one_line(p, 200)!r} matches no test"
+                                + (" of this shard" if self.shard else "") for p in unused)]
+        text = "".join(f"[ci] {note}\n" for note in notes).encode()
+        return final, b"".join(chunks)[-budget:] + (b"\n" + text if text else b"")
+
+    def _rerun_round(self, prepared: environments.Prepared, line: command_line.CommandLine,
+                     plan: reruns.Reruns, budget: int) -> bytes:
+        """Run the tests ``plan`` still has failing once more; its output."""
+        settings = self.settings
+        with tempfile.TemporaryFile() as out, junit_capture.Capture(settings.repo) as capture:
+            argv = command_line.rerun(settings.repo, line, plan.todo, capture)
+            if argv is None:
+                plan.took(None, "this test command's tests cannot be run by name")
+                return b""
+            head = f"\n[ci] ===== rerun of {len(plan.todo)} failing tests =====\n".encode()
+            try:
+                code, timed_out = self._run_tests(argv, prepared, capture, out)
+            except OSError as exc:
+                plan.took(None, f"cannot start it: {exc}")
+                return head
+            junit = capture.collect(timed_out, results.MAX_JUNIT_BYTES)
+            log.info("rerun of %d failing tests of %s: exit %s", len(plan.todo),
+                     self.commit[:12], code)
+            plan.took(junit.records, "timed out" if timed_out else f"exit {code}, "
+                      f"JUnit {junit.note or 'none'}")
+            return head + read_bounded(out, max(budget - len(head), 0))
 
 
 def parse_checkout_meta(log_bytes: bytes) -> dict:
