@@ -185,16 +185,16 @@ REVOKED_FILE = "revoked-keys"
 
 
 def status_main(argv) -> int:
-    return helpers.client_main(
+    return helpers.client_main(helpers.ClientCommand(
         "dispatcher.py status", "Print a running dispatcher's queue and runner counts.",
-        "status", "--dispatcher-server", f"{DEFAULT_HOST}:{DEFAULT_PORT}", argv)
+        "status", "--dispatcher-server", f"{DEFAULT_HOST}:{DEFAULT_PORT}"), argv)
 
 
 def retest_main(argv) -> int:
-    return helpers.client_main(
+    return helpers.client_main(helpers.ClientCommand(
         "dispatcher.py retest", "Test commits again although they have a result; the "
         "new verdict replaces the file.", "retest", "--dispatcher-server",
-        f"{DEFAULT_HOST}:{DEFAULT_PORT}", argv, positional="COMMIT")
+        f"{DEFAULT_HOST}:{DEFAULT_PORT}", positional="COMMIT"), argv)
 
 
 # ``dispatcher.py WORD ...``: the subcommands, each its own small program.

@@ -8,6 +8,7 @@ TLS and nonces ``ci/security.py``."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -106,16 +107,30 @@ def _client_handshake(security: Security, raw: socket.socket, address) -> socket
     return sock
 
 
-def client_main(prog: str, description: str, command: str, flag: str, default: str,
-                argv, positional: str | None = None, server_role: str = "dispatcher") -> int:
-    """A one-shot command-line client: send ``command`` (with the values of
-    ``positional``, if named, as its argument) to the daemon at ``flag``
-    and print the reply (for hooks and scripts)."""
-    parser = ArgumentParser(prog=prog, description=description)
+@dataclasses.dataclass(frozen=True)
+class ClientCommand:
+    """A one-shot client: its name and help, the command it sends, the flag
+    naming the daemon (and its default), the name of its positional values
+    (their values become the argument), and the role the daemon's TLS
+    certificate must have."""
+    prog: str
+    description: str
+    command: str
+    flag: str
+    default: str
+    positional: str | None = None
+    server_role: str = "dispatcher"
+
+
+def client_main(spec: ClientCommand, argv) -> int:
+    """Send ``spec.command`` to the daemon and print the reply (for hooks
+    and scripts)."""
+    prog, command, positional = spec.prog, spec.command, spec.positional
+    parser = ArgumentParser(prog=prog, description=spec.description)
     if positional:
         parser.add_argument("values", nargs="+", metavar=positional,
                             help=f"one or more {positional.lower()} values")
-    parser.add_argument(flag, default=default, metavar="HOST:PORT", dest="target",
+    parser.add_argument(spec.flag, default=spec.default, metavar="HOST:PORT", dest="target",
                         help="the daemon's address (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
                         metavar="SECONDS", help="give up after this long (default: %(default)s)")
@@ -125,7 +140,7 @@ def client_main(prog: str, description: str, command: str, flag: str, default: s
     try:
         address = parse_address(args.target)
         security = security_from_args(args)
-        security.tls_server_role = server_role if security.client_tls else None
+        security.tls_server_role = spec.server_role if security.client_tls else None
         argument = " ".join(args.values) if positional else ""
         reply = call(address, command, argument, security=security, timeout=args.timeout)
     except (ValueError, ConfigError) as exc:

@@ -24,8 +24,9 @@ DEFAULT_OBSERVER = "localhost:8887"
 
 def full_client(argv) -> int:
     import helpers
-    return helpers.client_main(PROG, DESCRIPTION, "notify", "--observer", DEFAULT_OBSERVER,
-                               argv, server_role="observer")
+    return helpers.client_main(helpers.ClientCommand(
+        PROG, DESCRIPTION, "notify", "--observer", DEFAULT_OBSERVER, server_role="observer"),
+        argv)
 
 
 def connect(address: tuple[str, int], timeout: float):

@@ -11,6 +11,7 @@ stops every process it started.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -241,6 +242,93 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclasses.dataclass
+class Launched:
+    """What ``start_all`` started: where, and on which ports."""
+    upstream: str
+    dispatcher: str
+    observer_port: int
+    dashboard_port: int
+    feed: "VerdictFeed"   # made before any daemon started: every later verdict is new
+
+
+def prepare_folders(args, work: str, results: str) -> tuple[str, "VerdictFeed"]:
+    """Fresh logs and clones folders, the results folder, and the upstream
+    (the user's repository, or the sample one made here)."""
+    if args.repo and not os.path.isdir(os.path.join(args.repo, ".git")) \
+            and not os.path.isfile(os.path.join(args.repo, "HEAD")):
+        raise ConfigError(f"{args.repo} is not a git repository")
+    for sub in ("logs", "clones"):
+        shutil.rmtree(os.path.join(work, sub), ignore_errors=True)
+        os.makedirs(os.path.join(work, sub))
+    os.makedirs(results, exist_ok=True)
+    feed = VerdictFeed(results)
+    upstream = os.path.abspath(args.repo) if args.repo else os.path.join(work, "upstream")
+    if not args.repo:
+        make_sample_upstream(upstream)
+    for name in ["observer"] + [f"runner{i}" for i in range(1, args.runners + 1)]:
+        git(work, "clone", "-q", upstream, os.path.join(work, "clones", name))
+    return upstream, feed
+
+
+def start_all(args, procs: Processes, work: str, results: str) -> Launched:
+    """The dispatcher, the dashboard, the runners and the observer, each
+    waited for until it listens."""
+    upstream, feed = prepare_folders(args, work, results)
+    clones = os.path.join(work, "clones")
+    dport, oport, hport = free_port(), free_port(), free_port()
+    dispatcher = f"127.0.0.1:{dport}"
+    common = ["--log-level", args.log_level]
+    procs.start("dispatcher", "dispatcher.py",
+                ["--host", "127.0.0.1", "--port", str(dport), "--results-dir", results,
+                 "--state-dir", os.path.join(work, "dispatcher_state"), *common])
+    wait_for_port(dport, procs)
+    procs.start("dashboard", "dashboard.py",
+                ["--host", "127.0.0.1", "--port", str(hport), "--results-dir", results,
+                 "--dispatcher-server", dispatcher, *common])
+    for i in range(1, args.runners + 1):
+        procs.start(f"runner{i}", "test_runner.py",
+                    ["--host", "127.0.0.1", "--port", str(free_port()),
+                     "--name", f"runner{i}", "--dispatcher-server", dispatcher, *common,
+                     os.path.join(clones, f"runner{i}")])
+    procs.start("observer", "repo_observer.py",
+                ["--host", "127.0.0.1", "--port", str(oport), "--poll", str(args.poll),
+                 "--dispatcher-server", dispatcher, *common, os.path.join(clones, "observer")])
+    wait_for_port(oport, procs)
+    wait_for_port(hport, procs)
+    if not args.repo:
+        install_notify_hook(upstream, oport)
+    return Launched(upstream, dispatcher, oport, hport, feed)
+
+
+def watch(args, procs: Processes, launched: Launched, results: str,
+          stop: threading.Event) -> int:
+    """The demo commits (sample repository), then each new verdict as it
+    lands, until Ctrl-C or a daemon dies; the exit status."""
+    feed = launched.feed
+    status = 0
+    if not args.repo:
+        ok, shown = demo_commits(launched.upstream, results, stop)
+        feed.mark_seen(shown)
+        if not ok:
+            log.error("a demo verdict was missing or wrong; see %s", procs.log_dir)
+            status = 1
+        if args.demo_only or stop.is_set():
+            return status
+        log.info("try it: commit to %s and watch the dashboard or %s "
+                 "(Ctrl-C stops everything)", os.path.relpath(launched.upstream),
+                 os.path.relpath(results))
+    else:
+        log.info("commit to %s and watch %s (Ctrl-C stops everything)", launched.upstream,
+                 os.path.relpath(results))
+    while not stop.wait(0.5):
+        show_new_verdicts(feed)
+        if procs.dead():
+            log.error("%s exited; stopping (see %s)", ", ".join(procs.dead()), procs.log_dir)
+            return 1
+    return status
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
@@ -252,77 +340,19 @@ def main(argv=None) -> int:
     results = os.path.abspath(args.results_dir)
     procs = Processes(os.path.join(work, "logs"))
     try:
-        if args.repo and not os.path.isdir(os.path.join(args.repo, ".git")) \
-                and not os.path.isfile(os.path.join(args.repo, "HEAD")):
-            raise ConfigError(f"{args.repo} is not a git repository")
-        for sub in ("logs", "clones"):
-            shutil.rmtree(os.path.join(work, sub), ignore_errors=True)
-            os.makedirs(os.path.join(work, sub))
-        os.makedirs(results, exist_ok=True)
-        feed = VerdictFeed(results)
-        upstream = os.path.abspath(args.repo) if args.repo else os.path.join(work, "upstream")
-        if not args.repo:
-            make_sample_upstream(upstream)
-        clones = os.path.join(work, "clones")
-        for name in ["observer"] + [f"runner{i}" for i in range(1, args.runners + 1)]:
-            git(work, "clone", "-q", upstream, os.path.join(clones, name))
-        dport, oport, hport = free_port(), free_port(), free_port()
-        dispatcher = f"127.0.0.1:{dport}"
-        common = ["--log-level", args.log_level]
-        procs.start("dispatcher", "dispatcher.py",
-                    ["--host", "127.0.0.1", "--port", str(dport), "--results-dir", results,
-                     "--state-dir", os.path.join(work, "dispatcher_state"), *common])
-        wait_for_port(dport, procs)
-        procs.start("dashboard", "dashboard.py",
-                    ["--host", "127.0.0.1", "--port", str(hport), "--results-dir", results,
-                     "--dispatcher-server", dispatcher, *common])
-        for i in range(1, args.runners + 1):
-            procs.start(f"runner{i}", "test_runner.py",
-                        ["--host", "127.0.0.1", "--port", str(free_port()),
-                         "--name", f"runner{i}", "--dispatcher-server", dispatcher, *common,
-                         os.path.join(clones, f"runner{i}")])
-        procs.start("observer", "repo_observer.py",
-                    ["--host", "127.0.0.1", "--port", str(oport), "--poll", str(args.poll),
-                     "--dispatcher-server", dispatcher, *common,
-                     os.path.join(clones, "observer")])
-        wait_for_port(oport, procs)
-        wait_for_port(hport, procs)
-        if not args.repo:
-            install_notify_hook(upstream, oport)
+        launched = start_all(args, procs, work, results)
     except (ConfigError, OSError) as exc:
         print(f"run_local: error: {exc}", file=sys.stderr)
         procs.stop_all()
         return 2
-    log.info("CI is up: dispatcher %s, %d runner(s), observer watching %s", dispatcher,
-             args.runners, upstream)
+    log.info("CI is up: dispatcher %s, %d runner(s), observer watching %s",
+             launched.dispatcher, args.runners, launched.upstream)
     log.info("results land in %s/<commit>", os.path.relpath(results))
-    log.info("dashboard: http://127.0.0.1:%d/", hport)
-    status = 0
+    log.info("dashboard: http://127.0.0.1:%d/", launched.dashboard_port)
     try:
-        if not args.repo:
-            ok, shown = demo_commits(upstream, results, stop)
-            feed.mark_seen(shown)
-            if not ok:
-                log.error("a demo verdict was missing or wrong; see %s", procs.log_dir)
-                status = 1
-            if args.demo_only or stop.is_set():
-                return status
-            log.info("try it: commit to %s and watch the dashboard or %s "
-                     "(Ctrl-C stops everything)", os.path.relpath(upstream),
-                     os.path.relpath(results))
-        else:
-            log.info("commit to %s and watch %s (Ctrl-C stops everything)", upstream,
-                     os.path.relpath(results))
-        while not stop.wait(0.5):
-            show_new_verdicts(feed)
-            if procs.dead():
-                log.error("%s exited; stopping (see %s)", ", ".join(procs.dead()),
-                          procs.log_dir)
-                return 1
-        return status
+        return watch(args, procs, launched, results, stop)
     finally:
         procs.stop_all()
-
 
 if __name__ == "__main__":
     sys.exit(main())

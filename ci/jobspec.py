@@ -8,6 +8,9 @@ shard, a blank line and the durations table (see sharding.py)::
     shard: 2/3            one shard of a sharded commit (absent: the whole commit)
     branch: feature/x     the branch the commit was dispatched for
     trusted: no           yes: the dispatcher counts that branch as trusted
+    cell: py3.12-django5.1   one cell of a build matrix (absent: the commit has none)
+    python: 3.12          the cell's interpreter (absent: the runner's own)
+    axes: django=5.1      the cell's other axes: CI_DJANGO=5.1 for setup and tests
 
 Why the branch travels with the job: a setup command runs the commit's
 own code, so an environment a branch's commit built may hold anything
@@ -20,7 +23,9 @@ setting covers every runner.
 Backward compatible with older dispatchers: an empty body (a whole
 commit) and ``shard: i/n`` followed by the table mean what they meant, and
 a job without a ``branch`` is never trusted (the runner gives it a scope
-of its own).  Unknown keys are refused, not skipped: a field a runner
+of its own).  A job without a ``cell`` is the commit's only cell, tested
+as before matrices existed (ci/matrix.py); ``python`` and ``axes`` come
+only with a cell.  Unknown keys are refused, not skipped: a field a runner
 does not understand must not be silently dropped.
 """
 
@@ -29,12 +34,12 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 
-from ci import sharding, wire
+from ci import matrix, sharding, wire
 from ci.dispatch.journal import BRANCH_RE
 
 # The repository's default branch, by either of the usual names.
 DEFAULT_TRUSTED_BRANCHES = ("main", "master")
-KNOWN_KEYS = ("shard", "branch", "trusted")
+KNOWN_KEYS = ("shard", "branch", "trusted", "cell", "python", "axes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +47,14 @@ class JobSpec:
     shard: sharding.ShardSpec | None = None   # None: the whole commit
     branch: str | None = None                  # None: not said (an older dispatcher)
     trusted: bool = False                      # never without a branch
+    cell: str = ""                             # "": the commit's only cell
+    python: str | None = None                  # None: the runner's own interpreter
+    axes: tuple[tuple[str, str], ...] = ()     # the cell's other axes, in order
+
+    @property
+    def env(self) -> dict[str, str]:
+        """CI_<AXIS>=<value> for each of the cell's other axes."""
+        return matrix.axis_env(self.axes)
 
 
 def trusted_branch(branch: str | None, patterns: tuple[str, ...]) -> bool:
@@ -51,10 +64,11 @@ def trusted_branch(branch: str | None, patterns: tuple[str, ...]) -> bool:
 
 
 def encode(branch: str | None = None, trusted: bool = False,
-           shard: tuple[int, int] | None = None, table: bytes = b"") -> bytes:
+           shard: tuple[int, int] | None = None, table: bytes = b"",
+           cell: matrix.Cell = matrix.SINGLE) -> bytes:
     """The body for a job: empty for a whole commit of no known branch (as
     older dispatchers sent), else the fields and, for a shard, the table."""
-    fields = {}
+    fields = _cell_fields(cell)
     if shard is not None:
         fields["shard"] = f"{shard[0]}/{shard[1]}"
     if branch is not None:
@@ -67,6 +81,37 @@ def encode(branch: str | None = None, trusted: bool = False,
     if not fields:
         return b""
     return wire.encode_fields(fields) + (b"\n" + table if shard is not None else b"")
+
+
+def _cell_fields(cell: matrix.Cell) -> dict[str, str]:
+    if not cell.name:
+        return {}
+    if not matrix.is_cell_name(cell.name):
+        raise ValueError(f"invalid cell name {cell.name[:80]!r}")
+    fields = {"cell": cell.name}
+    if cell.python:
+        fields["python"] = cell.python
+    if cell.axes:
+        fields["axes"] = matrix.format_axes(cell.axes)
+    return fields
+
+
+def _parse_cell(fields: dict[str, str]) -> tuple[str, str | None, tuple]:
+    """(cell, python, axes) of a job; ValueError if malformed."""
+    cell, python = fields.get("cell", ""), fields.get("python")
+    if not matrix.is_cell_name(cell):
+        raise ValueError(f"runtest body: invalid cell name {cell[:80]!r}")
+    if not cell and (python is not None or "axes" in fields):
+        raise ValueError("runtest body: python or axes without a cell")
+    if python is not None and not matrix.PYTHON_RE.fullmatch(python):
+        raise ValueError(f"runtest body: python {python[:20]!r} is not a version like 3.12")
+    try:
+        axes = matrix.parse_axes(fields.get("axes", ""), "runtest body: axes")
+    except matrix.MatrixError as exc:
+        raise ValueError(str(exc)) from None
+    if matrix.PYTHON in dict(axes):
+        raise ValueError("runtest body: the python axis travels as python, not in axes")
+    return cell, python, axes
 
 
 def parse(body: bytes) -> JobSpec:
@@ -94,4 +139,4 @@ def parse(body: bytes) -> JobSpec:
         raise ValueError(f"runtest body: trusted must be yes or no, not {trusted[:20]!r}")
     if branch is None and trusted == "yes":
         raise ValueError("runtest body: trusted without a branch")
-    return JobSpec(shard, branch, trusted == "yes")
+    return JobSpec(shard, branch, trusted == "yes", *_parse_cell(fields))

@@ -10,11 +10,15 @@ is there (each value checked, flattened to one line and capped, since it is
 shown to people; a record without a usable commit is left out; keys it does
 not know are ignored).
 
-    {"queue":   [{"commit", "branch", "position"}],
-     "running": [{"commit", "branch", "runner", "elapsed", "shard"}],
-     "held":    [{"commit", "branch", "runner"}],
-     "runners": [{"name", "address", "state", "commit"}],
+    {"queue":   [{"commit", "branch", "position", "cell", "waiting"}],
+     "running": [{"commit", "branch", "runner", "elapsed", "shard", "cell"}],
+     "held":    [{"commit", "branch", "runner", "cell"}],
+     "runners": [{"name", "address", "state", "commit", "labels", "exclusive"}],
      "counts":  {name: value}}
+
+``cell`` is a matrix cell's name (ci/matrix.py), absent or "" for a
+commit without a matrix; ``waiting`` says why a queued cell has no runner
+("waiting for a runner with python3.9"), absent while one could take it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ RUNNER_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # At most this many records of a kind are read from one reply.
 MAX_RECORDS = 1000
 MAX_COUNTS = 32
+# A runner's labels (``register`` field ``labels``): as ci/matrix.py has them.
+LABEL_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+MAX_LABELS = 64
 
 
 def check_runner_name(name: str) -> str:
@@ -73,6 +80,17 @@ def _whole(value) -> int | None:
     return None if value is None else int(value)
 
 
+def _flag(value) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _labels(value) -> list[str] | None:
+    """A runner's labels: the well-formed ones, at most MAX_LABELS."""
+    if not isinstance(value, list):
+        return None
+    return [v for v in value[:MAX_LABELS] if isinstance(v, str) and LABEL_RE.fullmatch(v)]
+
+
 def _count(value) -> int | str | None:
     """The dispatcher's counts are whole numbers; anything else is text."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -86,9 +104,13 @@ class Record:
 
     FIELDS: ClassVar[dict[str, Callable]] = {}
     REQUIRED: ClassVar[tuple[str, ...]] = ("commit",)
+    # Keys added for build matrices, left out while they say nothing (None):
+    # a record of a commit without a matrix reads exactly as before.
+    SPARSE: ClassVar[tuple[str, ...]] = ("cell", "waiting", "labels", "exclusive")
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {key: value for key, value in dataclasses.asdict(self).items()
+                if value is not None or key not in self.SPARSE}
 
     @classmethod
     def from_json(cls, data) -> Any:
@@ -110,8 +132,11 @@ class QueueEntry(Record):
     commit: str
     branch: str | None = None
     position: int | None = None     # 1: next to be assigned
+    cell: str | None = None         # a matrix cell's name
+    waiting: str | None = None      # why no runner can take it, if none can
 
-    FIELDS = {"commit": _commit, "branch": _text(200), "position": _whole}
+    FIELDS = {"commit": _commit, "branch": _text(200), "position": _whole,
+              "cell": _text(160), "waiting": _text(300)}
 
 
 @dataclasses.dataclass
@@ -121,9 +146,10 @@ class RunningJob(Record):
     runner: str | None = None       # what the runner is called (RunnerInfo.name)
     elapsed: float | None = None    # seconds since it was assigned
     shard: str | None = None        # "2/3" for one shard of a sharded commit
+    cell: str | None = None
 
     FIELDS = {"commit": _commit, "branch": _text(200), "runner": _text(200),
-              "elapsed": _number, "shard": _text(16)}
+              "elapsed": _number, "shard": _text(16), "cell": _text(160)}
 
 
 @dataclasses.dataclass
@@ -133,8 +159,10 @@ class HeldCommit(Record):
     commit: str
     branch: str | None = None
     runner: str | None = None
+    cell: str | None = None
 
-    FIELDS = {"commit": _commit, "branch": _text(200), "runner": _text(200)}
+    FIELDS = {"commit": _commit, "branch": _text(200), "runner": _text(200),
+              "cell": _text(160)}
 
 
 @dataclasses.dataclass
@@ -144,8 +172,11 @@ class RunnerInfo(Record):
     address: str | None = None
     state: str | None = None        # one of RUNNER_STATES from this version
     commit: str | None = None       # what it runs, or is occupied with
+    labels: list[str] | None = None  # what it offers (``--label``, python3.12...)
+    exclusive: bool | None = None   # takes only jobs that ask for one of its labels
 
-    FIELDS = {"name": _text(200), "address": _text(200), "state": _text(32), "commit": _commit}
+    FIELDS = {"name": _text(200), "address": _text(200), "state": _text(32), "commit": _commit,
+              "labels": _labels, "exclusive": _flag}
     REQUIRED = ()
 
 
@@ -158,7 +189,11 @@ class State:
     counts: dict[str, int | str | None] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"queue": [r.to_json() for r in self.queue],
+                "running": [r.to_json() for r in self.running],
+                "held": [r.to_json() for r in self.held],
+                "runners": [r.to_json() for r in self.runners],
+                "counts": dict(self.counts)}
 
     @classmethod
     def from_json(cls, data) -> State:

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import re
-import threading
 
-from ci.files import atomic_write
+from ci.appendlog import AppendLog
 from ci.wire import TOKEN_RE, valid_full_commit
 
 BRANCH_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,255}")
@@ -167,51 +165,29 @@ def replay_lines(data: bytes) -> Replayed:
 
 
 class Journal:
-    """The file and one lock.  Lock order where both are taken: the
-    dispatcher's condition first, then this lock (never the other way)."""
+    """The dispatcher's journal on an ``AppendLog`` (its lock is the one
+    lock of the file).  Lock order where both are taken: the dispatcher's
+    condition first, then the file's lock (never the other way)."""
 
     def __init__(self, path: str):
         self.path = path
-        self._lock = threading.Lock()
-        self._handle = None
-        self.records = 0
+        self._log = AppendLog(path)
+
+    @property
+    def records(self) -> int:
+        return self._log.records
 
     def replay(self) -> Replayed:
-        try:
-            with open(self.path, "rb") as handle:
-                data = handle.read()
-        except FileNotFoundError:
-            data = b""
-        return replay_lines(data)
+        return replay_lines(self._log.read())
 
     def rewrite(self, lines: list[str]) -> None:
         """Atomically replace the journal with only what is still pending."""
         data = ("\n".join(lines) + "\n").encode() if lines else b""
-        with self._lock:
-            # Write first: if that fails, the old file and handle stay in
-            # use; a closed handle would make every later append fail.
-            atomic_write(self.path, data)
-            if self._handle:
-                self._handle.close()
-            self._handle = open(self.path, "ab")
-            self.records = len(lines)
+        self._log.rewrite(data, len(lines))
 
     def append(self, records: list[str], sync: bool) -> None:
-        if not records:
-            return
-        with self._lock:
-            if self._handle is None:
-                raise OSError("journal is closed")
-            self._handle.write(("\n".join(records) + "\n").encode())
-            self._handle.flush()
-            if sync:
-                os.fsync(self._handle.fileno())
-            self.records += len(records)
+        if records:
+            self._log.append(("\n".join(records) + "\n").encode(), len(records), sync)
 
     def close(self) -> None:
-        with self._lock:
-            if self._handle:
-                self._handle.flush()
-                os.fsync(self._handle.fileno())
-                self._handle.close()
-                self._handle = None
+        self._log.close()

@@ -34,6 +34,18 @@ IDLE, RUNNING, OCCUPIED, SUSPECT = "idle", "running", "occupied", "suspect"
 REPORT_GRACE = 30.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Traits:
+    """What a runner says of itself on ``register`` beyond its address."""
+    # The longest a job may take by the runner's own limits, if it said.
+    limit: float | None = None
+    # Its labels (``--label``, ``python3.12`` per interpreter): a cell goes
+    # only to a runner that has every label it needs.
+    labels: frozenset[str] = frozenset()
+    # It takes only jobs that ask for one of its labels.
+    exclusive: bool = False
+
+
 @dataclasses.dataclass
 class Runner:
     key: str
@@ -44,9 +56,12 @@ class Runner:
     job: Job | None = None              # set exactly when state == RUNNING
     occupied_with: str | None = None    # what an occupied runner is busy with
     misses: int = 0
-    # The longest a job may take by the runner's own limits, if it said.
-    limit: float | None = None
+    traits: Traits = Traits()
     label: str | None = None            # the name it gave itself (display only)
+
+    @property
+    def limit(self) -> float | None:
+        return self.traits.limit
 
     @property
     def free(self) -> bool:
@@ -71,14 +86,14 @@ class RunnerRegistry:
 
     def register(self, address: tuple[str, int], instance: str, busy: str | None,
                  token: str | None = None, name: str | None = None,
-                 limit: float | None = None) -> str:
+                 traits: Traits = Traits()) -> str:
         key = format_address(address)
         with self.cond:
             runner = self.runners.get(key)
             self._check_claim(key, runner, name)
             if runner and runner.instance == instance:
                 runner.misses = 0
-                runner.limit = limit
+                runner.traits = traits
                 self._believe(runner, busy, token)
                 return "known"
             if runner:
@@ -86,7 +101,7 @@ class RunnerRegistry:
                 log.warning("runner %s restarted%s", key, f" while running "
                             f"{runner.job.commit[:12]}; requeueing" if runner.job else "")
                 self._drop(runner, count=True)
-            runner = self.runners[key] = Runner(key, address, instance, name, limit=limit)
+            runner = self.runners[key] = Runner(key, address, instance, name, traits=traits)
             if busy is not None:
                 runner.set(OCCUPIED, occupied_with=busy)
                 self._adopt(runner, busy, token)

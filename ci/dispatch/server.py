@@ -14,9 +14,9 @@ import threading
 import time
 from ci import auth
 import helpers
-from ci import jobspec
+from ci import jobspec, matrix
 from ci import state_schema
-from ci.dispatch.runners import PingReply, Runner
+from ci.dispatch.runners import PingReply, Runner, Traits
 from ci.dispatch.state import DispatcherState
 from ci.dispatch.work import Job
 from ci.dispatch.journal import BRANCH_RE, parse_meta_line, TOKEN_RE
@@ -24,7 +24,7 @@ from ci.config import ConfigError
 from ci.outcome import Outcome
 from ci.security import Security
 from ci.wire import (Message, ProtocolError, Reply, decode_fields, encode_fields, format_address,
-    parse_address, valid_commit, valid_full_commit)
+    one_line, parse_address, valid_commit, valid_full_commit)
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +149,9 @@ class Dispatcher:
         label = runner_label(fields)
         # A runner's own limits stretch the default deadline only; an
         # explicit --job-timeout is exact.
+        traits = runner_traits(fields, limit if self.trust_runner_limits else None)
         answer = self.state.register(address, instance[:64], busy, token,
-                                     self._runner_name(peer),
-                                     limit if self.trust_runner_limits else None)
+                                     self._runner_name(peer), traits)
         self.state.label_runner(address, label)
         if answer == "registered" and label:
             log.info("runner %s calls itself %s", message.argument, label)
@@ -366,6 +366,23 @@ def runner_label(fields: dict) -> str | None:
         except ValueError as exc:
             raise Reply(str(exc)) from None
     return label
+
+
+def runner_traits(fields: dict, limit: float | None) -> Traits:
+    """A runner's ``register`` fields ``labels`` (space-separated) and
+    ``exclusive`` (yes or no); a runner without them (an older one) has no
+    labels and takes any job.  Odd labels are refused with the rule."""
+    exclusive = fields.get("exclusive", "no")
+    if exclusive not in ("yes", "no"):
+        raise Reply(f"exclusive must be yes or no, not {one_line(exclusive, 20)!r}")
+    try:
+        labels = matrix.parse_labels(fields.get("labels", ""), "register labels")
+    except matrix.MatrixError as exc:
+        raise Reply(str(exc)) from None
+    if exclusive == "yes" and not labels:
+        raise Reply("an exclusive runner needs labels: it takes only jobs that ask "
+                    "for one of them")
+    return Traits(limit, labels, exclusive == "yes")
 
 
 def runner_says(fields: dict) -> tuple[str | None, str | None]:

@@ -57,7 +57,8 @@ class StateViews:
                 held=[state_schema.HeldCommit(w.commit, w.branch, w.held_by)
                       for w in self._held()],
                 runners=[state_schema.RunnerInfo(called(r.key, r.name), r.key, r.state,
-                                                 busy_with(r))
+                                                 busy_with(r), sorted(r.traits.labels),
+                                                 r.traits.exclusive)
                          for r in self.runners.values()],
                 # One snapshot: the counts agree with the lists (a re-entrant lock).
                 counts=self.status())

@@ -18,7 +18,7 @@ import threading
 from typing import Callable
 
 from ci.notify.events import EVENT_KEYS
-from ci.files import atomic_write
+from ci.appendlog import AppendLog
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +45,14 @@ class EventStore:
         self.judged: dict[str, tuple[str, int]] = {}
         self.events: dict[str, dict] = {}       # id -> undelivered event, in order
         self.remaining: dict[str, set[str]] = {}  # id -> targets still to deliver to
-        self.records = 0
-        self._handle = None
+        self.records = 0   # read at load, then counted by the file
+        self._log = AppendLog(path)
 
     def load(self) -> bool:
         """Replay the journal; False if there was none."""
-        try:
-            with open(self.path, "rb") as handle:
-                data = handle.read()
-        except FileNotFoundError:
+        if not os.path.exists(self.path):
             return False
-        for raw in data.split(b"\n"):
+        for raw in self._log.read().split(b"\n"):
             if not raw.strip():
                 continue
             try:
@@ -67,6 +64,7 @@ class EventStore:
                 continue
             self.records += 1
             self._apply(record)
+        self._log.records = self.records
         return True
 
     def _apply(self, record: dict) -> None:
@@ -96,9 +94,7 @@ class EventStore:
             self.events.pop(event_id, None)
 
     def open(self) -> None:
-        with self.lock:
-            if self._handle is None:
-                self._handle = open(self.path, "ab")
+        self._log.open()
 
     def append(self, records: list[dict], sync: bool) -> None:
         """Write records (and apply them); with ``sync`` they are on disk
@@ -107,15 +103,10 @@ class EventStore:
             return
         data = _encode(records)
         with self.lock:
-            if self._handle is None:
-                raise OSError("the notification journal is closed")
+            self._log.append(data, len(records), sync)
             for record in records:
                 self._apply(record)
-            self._handle.write(data)
-            self._handle.flush()
-            if sync:
-                os.fsync(self._handle.fileno())
-            self.records += len(records)
+            self.records = self._log.records
 
     def mark(self, event_id: str, target: str, outcome: str = "ok") -> None:
         """``target`` is done with the event: ``ok`` or ``gave_up``."""
@@ -148,22 +139,14 @@ class EventStore:
                      for e in self._undelivered()]
             lines.extend({"j": commit, "v": verdict, "n": n}
                          for commit, (verdict, n) in self.judged.items())
-            atomic_write(self.path, _encode(lines))
-            if self._handle:
-                self._handle.close()
-            self._handle = open(self.path, "ab")
+            self._log.rewrite(_encode(lines), len(lines))
             self.records = len(lines)
 
     def close(self) -> None:
-        with self.lock:
-            if self._handle:
-                try:
-                    self._handle.flush()
-                    os.fsync(self._handle.fileno())
-                except OSError:
-                    log.exception("cannot flush the journal")
-                self._handle.close()
-                self._handle = None
+        try:
+            self._log.close()
+        except OSError:
+            log.exception("cannot flush the journal")
 
 
 def _encode(records: list[dict]) -> bytes:

@@ -41,6 +41,13 @@ DEFAULT_MAX_RERUNS = 3
 # Quarantine: test ids or fnmatch patterns, whitespace-separated.
 MAX_QUARANTINE = 500
 MAX_PATTERN = 500
+# Keys read by the observer, not here: the build matrix (ci/matrix.py).
+# The runner is told its cell in the job; it only lets these keys pass.
+MATRIX_PREFIXES = ("matrix_", "labels_")
+
+
+def is_matrix_key(key: str) -> bool:
+    return key == "labels" or key.startswith(MATRIX_PREFIXES)
 
 
 class RecipeError(Exception):
@@ -140,7 +147,7 @@ def parse(text: str) -> dict[str, str]:
         raise RecipeError(f"{RECIPE_FILE} has no [{SECTION}] section")
     values = dict(parser.items(SECTION))
     for key in values:
-        if key not in KEYS:
+        if key not in KEYS and not is_matrix_key(key):
             raise RecipeError(f"{RECIPE_FILE} line {_line_of_key(text, key)}: unknown key "
                               f"{wire.one_line(key, 80)!r} (known: {', '.join(KEYS)})")
     return values

@@ -14,6 +14,7 @@ import pytest
 from support.cluster import PY, ThreadedServer, git, wait_until
 
 import repo_observer
+from ci.observer import commits
 from ci.wire import Message, encode_fields
 
 
@@ -155,10 +156,10 @@ def test_one_failing_branch_never_stops_the_others(cluster, upstream, threaded_s
 
 def test_dispatch_body_is_one_line_per_commit():
     a, b, c = "a" * 40, "b" * 40, "c" * 40
-    assert repo_observer.dispatch_body([b, c], a, "feature/x") == \
+    assert commits.dispatch_body([b, c], a, "feature/x") == \
         f"{b} {a} feature/x\n{c} {b} feature/x\n".encode()
-    assert repo_observer.dispatch_body([a], None, "main") == f"{a} - main\n".encode()
-    heads = repo_observer.parse_heads(f"{a} main\n\n{b} feature/x\nnot a line\n{c} a b\n")
+    assert commits.dispatch_body([a], None, "main") == f"{a} - main\n".encode()
+    heads = commits.parse_heads(f"{a} main\n\n{b} feature/x\nnot a line\n{c} a b\n")
     assert heads == {"main": a, "feature/x": b}
 
 

@@ -163,7 +163,7 @@ def observer_polls(observer) -> int:
 
 def observer_warnings(observer) -> list[str]:
     """The observer's own warnings (not the server's notes on port probes)."""
-    return [line for line in observer.log().splitlines() if " WARNING __main__: " in line]
+    return [line for line in observer.log().splitlines() if " WARNING __main__: " in line or " WARNING ci.observer." in line]
 
 
 def runner_address(runner) -> str:

@@ -6,11 +6,14 @@ a job recovered from the journal after a restart."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ci.dispatch import server
+from ci.dispatch.runners import Traits
 from ci.runner.jobs import parse_runtest
-from ci import jobspec, sharding
+from ci import jobspec, matrix, sharding, state_schema
 from ci.dispatch.journal import Journal
 from ci.dispatch.state import DispatcherState
 from ci.outcome import Outcome
@@ -161,3 +164,74 @@ def test_a_job_recovered_after_a_restart_carries_them(make_state):
     jobs = {j.commit: j for j in (restarted.next_assignment() for _ in range(2))}
     assert first.commit == X and sent(jobs[X]) == ("feature/x", True)
     assert sent(jobs[Y]) == ("main", False)
+
+
+# ---- matrix cells (issue 19) ---------------------------------------------
+
+CELL = matrix.Cell("py3.12-django5.1", "3.12", (("django", "5.1"), ("db", "pg")))
+
+
+def test_a_cell_round_trips_with_shard_and_branch():
+    body = jobspec.encode("main", True, (1, 2), TABLE, cell=CELL)
+    spec = jobspec.parse(body)
+    assert (spec.cell, spec.python, spec.axes) == (CELL.name, "3.12", CELL.axes)
+    assert spec.env == {"CI_DJANGO": "5.1", "CI_DB": "pg"}
+    assert (spec.branch, spec.trusted, spec.shard.index) == ("main", True, 1)
+    bare = jobspec.parse(jobspec.encode(cell=matrix.Cell("extraa", None, (("extra", "a"),))))
+    assert (bare.cell, bare.python, bare.env) == ("extraa", None, {"CI_EXTRA": "a"})
+
+
+def test_a_single_cell_job_is_todays_body():
+    assert jobspec.encode(cell=matrix.SINGLE) == b""
+    assert jobspec.encode("main", True) == jobspec.encode("main", True, cell=matrix.SINGLE)
+    spec = jobspec.parse(b"branch: main\ntrusted: yes\n")
+    assert (spec.cell, spec.python, spec.axes, spec.env) == ("", None, (), {})
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"python: 3.12\n", "python or axes without a cell"),
+    (b"axes: a=1\n", "python or axes without a cell"),
+    (b"cell: a/b\n", "invalid cell name"),
+    (b"cell: x.xml\n", "invalid cell name"),
+    (b"cell: py3\npython: 3\n", "not a version"),
+    (b"cell: x\naxes: a=1 a=2\n", "given twice"),
+    (b"cell: x\naxes: a=b/c\n", "is not axis=value"),
+    (b"cell: x\naxes: python=3.12\n", "travels as python"),
+])
+def test_malformed_cells_are_refused(body, reason):
+    with pytest.raises(ValueError, match=reason):
+        jobspec.parse(body)
+    with pytest.raises(ValueError):
+        jobspec.encode(cell=matrix.Cell("a/b"))
+
+
+@pytest.mark.parametrize("fields, labels, exclusive", [
+    ({}, frozenset(), False),
+    ({"labels": "gpu python3.12", "exclusive": "no"}, {"gpu", "python3.12"}, False),
+    ({"labels": "big", "exclusive": "yes"}, {"big"}, True),
+])
+def test_register_labels_and_exclusive(fields, labels, exclusive):
+    traits = server.runner_traits(fields, 60.0)
+    assert (traits.labels, traits.exclusive, traits.limit) == (labels, exclusive, 60.0)
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"exclusive": "maybe"}, "exclusive must be yes or no"),
+    ({"labels": "gp/u"}, "label 'gp/u'"),
+    ({"exclusive": "yes"}, "exclusive runner needs labels"),
+])
+def test_odd_register_labels_are_refused(fields, reason):
+    with pytest.raises(Reply, match=reason):
+        server.runner_traits(fields, None)
+
+
+def test_labels_show_in_state(make_state):
+    state = make_state(runners=0)
+    state.register(RUNNERS[0], "i0", None, traits=Traits(None, frozenset({"gpu", "a"}), True))
+    state.register(RUNNERS[1], "i1", None)
+    runners = {r.address: r for r in
+               state_schema.State.from_json(json.loads(state.describe())).runners}
+    assert (runners["127.0.0.1:9001"].labels, runners["127.0.0.1:9001"].exclusive) == \
+        (["a", "gpu"], True)
+    assert (runners["127.0.0.1:9002"].labels, runners["127.0.0.1:9002"].exclusive) == \
+        ([], False)

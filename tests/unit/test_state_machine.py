@@ -14,7 +14,7 @@ import pytest
 from support.cluster import wait_until
 
 from ci.runner.jobs import RunnerJob, RunnerState
-from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, PingReply
+from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, PingReply, Traits
 from ci.dispatch.state import DispatcherState
 from ci.dispatch.work import WorkState
 from ci.dispatch.journal import Journal
@@ -346,7 +346,7 @@ def test_a_runner_whose_own_limits_are_longer_keeps_its_job_past_the_default(mak
     # deadline: the runner says how long its limits allow, and with the
     # default deadline (not an explicit --job-timeout) it gets that long.
     state = make_state()
-    state.register(A, "ia", None, limit=3600)
+    state.register(A, "ia", None, traits=Traits(limit=3600))
     state.register(B, "ib", None)  # says nothing: the deadline as given
     state.enqueue([X, Y])
     on_a, on_b = assign(state), assign(state)
@@ -355,6 +355,6 @@ def test_a_runner_whose_own_limits_are_longer_keeps_its_job_past_the_default(mak
     assert state.runners[KA].job is on_a and list(state.queue) == [Y]
     # With an explicit --job-timeout the dispatcher registers no limit:
     # that deadline is exact.
-    state.register(A, "ia", None, limit=None)
+    state.register(A, "ia", None, traits=Traits(limit=None))
     state.expire_jobs(-1)
     assert state.runners[KA].job is None and sorted(state.queue) == sorted([X, Y])

@@ -157,3 +157,16 @@ def test_runner_names_allowed(name):
 def test_runner_names_refused_with_the_rule(name):
     with pytest.raises(ValueError, match="letters, digits"):
         schema.check_runner_name(name)
+
+
+def test_matrix_keys_read_back_and_are_left_out_when_unset():
+    built = schema.State(
+        queue=[schema.QueueEntry(A, "main", 1, "py3.9", "waiting for a runner with python3.9")],
+        running=[schema.RunningJob(B, "main", "r1", 1.0, None, "py3.12")],
+        held=[schema.HeldCommit(C, "main", "r2", "py3.13")],
+        runners=[schema.RunnerInfo("r1", "127.0.0.1:1", schema.RUNNING, B,
+                                   ["gpu", "python3.12"], True)])
+    assert schema.State.from_json(json.loads(json.dumps(built.to_json()))) == built
+    assert "cell" not in schema.QueueEntry(A).to_json()
+    odd = schema.RunnerInfo.from_json({"name": "r", "labels": ["ok", "n/o", 3], "exclusive": 1})
+    assert (odd.labels, odd.exclusive) == (["ok"], None)

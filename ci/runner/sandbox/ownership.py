@@ -58,33 +58,39 @@ def chown_tree(path: str, uid: int, gid: int, strip: int = 0,
         # Sub-folders are given away here, as entries of their parent,
         # before the walk enters them.
         for name in [*dirs, *files]:
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
-                             dir_fd=folder_fd)
-            except FileNotFoundError:
-                continue
-            except OSError:
-                # A symlink (ELOOP), or a socket that cannot be opened:
-                # change the entry itself, never what it points to.
-                try:
-                    os.chown(name, uid, gid, dir_fd=folder_fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    pass
-                continue
-            try:
-                info = os.fstat(fd)
-                if not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1:
-                    if copy_links and stat.S_ISREG(info.st_mode):
-                        _replace_with_copy(name, fd, folder_fd,
-                                           lambda out: give(out, info.st_mode))
-                        continue
-                    log.warning("removing %s: a hard link, never given away",
-                                os.path.join(folder, name))
-                    _remove(name, folder_fd, folder)
-                    continue
-                give(fd, info.st_mode)
-            finally:
-                os.close(fd)
+            _give_entry(name, folder, folder_fd, give, uid, gid, copy_links)
+
+
+def _give_entry(name: str, folder: str, folder_fd: int, give, uid: int, gid: int,
+                copy_links: bool) -> None:
+    """One entry of ``chown_tree``'s walk, through a descriptor opened
+    without following it: given, or (a hard link) removed or copied."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
+                     dir_fd=folder_fd)
+    except FileNotFoundError:
+        return
+    except OSError:
+        # A symlink (ELOOP), or a socket that cannot be opened:
+        # change the entry itself, never what it points to.
+        try:
+            os.chown(name, uid, gid, dir_fd=folder_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        return
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1:
+            if copy_links and stat.S_ISREG(info.st_mode):
+                _replace_with_copy(name, fd, folder_fd, lambda out: give(out, info.st_mode))
+                return
+            log.warning("removing %s: a hard link, never given away",
+                        os.path.join(folder, name))
+            _remove(name, folder_fd, folder)
+            return
+        give(fd, info.st_mode)
+    finally:
+        os.close(fd)
 
 
 def _replace_with_copy(name: str, fd: int, folder_fd: int, give) -> None:

@@ -1,0 +1,90 @@
+"""Which commits the observer dispatches, from git: a branch's new commits on
+its first-parent line oldest first, a new branch's own commits, the heads
+the update script lists, and the ``dispatch`` body that carries each
+commit's branch and predecessor (the metadata for broke/fixed marks).
+
+Pure of any daemon state: each function is one git question."""
+
+from __future__ import annotations
+
+import logging
+from ci.git import GitError, run_git
+from ci.wire import valid_full_commit
+
+log = logging.getLogger(__name__)
+
+
+def new_commits(repo: str, head: str, last: str | None) -> tuple[list[str], bool]:
+    """Commits after ``last`` up to ``head``, oldest first, on the
+    first-parent line; (commits, history_rewritten)."""
+    if last is None:
+        return [head], False
+    if last == head:
+        return [], False
+    # The usual push: ``last`` is on head's first-parent line, which the
+    # oldest new commit's first parent shows, so one git process is enough
+    # (every process on this path adds to the commit-to-result time).
+    try:
+        out = run_git(repo, "rev-list", "--first-parent", "--reverse", "--parents",
+                              head, f"^{last}")
+    except GitError:
+        out = ""  # ``last`` is gone: the check below says how
+    lines = [line.split() for line in out.splitlines() if line.strip()]
+    if lines and lines[0][1:2] == [last]:
+        return [line[0] for line in lines], False
+    try:
+        run_git(repo, "merge-base", "--is-ancestor", last, head)
+    except GitError as exc:
+        if exc.code in (1, 128):  # not an ancestor, or no longer known at all
+            return [head], True
+        raise
+    out = run_git(repo, "rev-list", "--first-parent", "--reverse", head, f"^{last}")
+    return out.split(), False
+
+
+def parse_heads(text: str) -> dict[str, str]:
+    """``update_repo.sh``'s listing: one ``<full id> <branch>`` per line."""
+    heads = {}
+    for line in text.splitlines():
+        commit, _, branch = line.partition(" ")
+        if valid_full_commit(commit) and branch and branch.isprintable() \
+                and " " not in branch:
+            heads[branch] = commit
+    return heads
+
+
+def own_commits(repo: str, head: str, others: list[str]) -> list[str]:
+    """A new branch's commits that no other watched branch has, oldest
+    first, on its first-parent line (for a branch made from main: its own)."""
+    out = run_git(repo, "rev-list", "--first-parent", "--reverse", head,
+                          *[f"^{other}" for other in others])
+    return out.split()
+
+
+def first_parent(repo: str, commit: str) -> str | None:
+    try:
+        parent = run_git(repo, "rev-parse", "--verify", "--quiet",
+                                 f"{commit}^1").strip()
+    except GitError:
+        return None  # a root commit
+    return parent if valid_full_commit(parent) else None
+
+
+def dispatch_body(commits: list[str], previous: str | None, branch: str) -> bytes:
+    """One ``<commit> <previous|-> <branch>`` line per commit: what the
+    dispatcher needs to judge each commit against the one before it on its
+    branch (broke / fixed)."""
+    lines = []
+    for commit in commits:
+        lines.append(f"{commit} {previous or '-'} {branch}")
+        previous = commit
+    return ("\n".join(lines) + "\n").encode()
+
+
+# update_repo.sh's listing read at most (a line per branch: 2 MiB is ~20,000).
+MAX_LISTING = 2 * 1024 * 1024
+
+
+# Dispatched commits remembered, to tell whether a new branch's fork point
+# was tested (and so can be named as its first commit's previous one).
+RECENT_LIMIT = 2000

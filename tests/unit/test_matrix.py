@@ -1,0 +1,175 @@
+"""The build matrix read from a recipe (ci/matrix.py): the cells, their
+names, python and axes, exclusions and inclusions, labels; every odd
+recipe a MatrixError with the reason (it becomes the commit's ``error``
+verdict), never another exception and never a silently lost cell."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ci import matrix
+from ci.matrix import Cell, MatrixError
+from ci.runner import recipe
+
+FULL = ("[ci]\n"
+        "test = python -m pytest\n"
+        "matrix_django = 4.2 5.1\n"
+        "matrix_python = 3.9 3.12 3.13\n"
+        "matrix_exclude = python=3.9 django=5.1 ; python=3.13 django=4.2\n"
+        "matrix_include = python=3.12 django=main\n"
+        "labels = gpu linux\n"
+        "labels_python_3.13 = big\n")
+
+
+def names(cells):
+    return [c.name for c in cells]
+
+
+def test_a_recipe_without_a_matrix_is_one_unnamed_cell():
+    assert matrix.expand("[ci]\ntest = python -m pytest\n") == [Cell("")]
+    assert matrix.expand({}) == [matrix.SINGLE]
+    only_labels = matrix.expand("[ci]\nlabels = gpu\n")
+    assert only_labels == [Cell("", labels=frozenset({"gpu"}))]
+    assert only_labels[0].needs == {"gpu"} and only_labels[0].env == {}
+
+
+def test_the_full_example():
+    cells = matrix.expand(FULL)
+    assert names(cells) == ["py3.9-django4.2", "py3.12-django4.2", "py3.12-django5.1",
+                            "py3.13-django5.1", "py3.12-djangomain"]
+    by_name = {c.name: c for c in cells}
+    big = by_name["py3.13-django5.1"]
+    assert (big.python, big.axes, big.env) == ("3.13", (("django", "5.1"),),
+                                               {"CI_DJANGO": "5.1"})
+    assert big.labels == {"gpu", "linux", "big"}
+    assert big.needs == {"gpu", "linux", "big", "python3.13"}
+    assert by_name["py3.9-django4.2"].needs == {"gpu", "linux", "python3.9"}
+
+
+def test_python_is_first_whatever_the_file_order_and_other_axes_keep_theirs():
+    cells = matrix.expand("[ci]\nmatrix_db = pg sqlite\nmatrix_python = 3.12\n"
+                          "matrix_arch = x86_64\n")
+    assert names(cells) == ["py3.12-dbpg-archx86_64", "py3.12-dbsqlite-archx86_64"]
+    assert cells[0].env == {"CI_DB": "pg", "CI_ARCH": "x86_64"}
+
+
+def test_a_matrix_without_python_uses_the_runners_interpreter():
+    cells = matrix.expand("[ci]\nmatrix_extra = a b\n")
+    assert [(c.name, c.python, c.needs) for c in cells] == [
+        ("extraa", None, frozenset()), ("extrab", None, frozenset())]
+
+
+def test_partial_exclusions_and_include_only_matrices():
+    cells = matrix.expand("[ci]\nmatrix_python = 3.9 3.12\nmatrix_db = pg my lite\n"
+                          "matrix_exclude = db=lite; python=3.9 db=my\n")
+    assert names(cells) == ["py3.9-dbpg", "py3.12-dbpg", "py3.12-dbmy"]
+    only = matrix.expand("[ci]\nmatrix_include = python=3.11 ; python=3.12 tz=utc\n")
+    assert names(only) == ["py3.11", "py3.12-tzutc"]
+    again = matrix.expand("[ci]\nmatrix_python = 3.9\nmatrix_include = python=3.9\n")
+    assert names(again) == ["py3.9"]   # an inclusion already in the product adds nothing
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("[ci]\nmatrix_python =\n", "matrix_python: the axis is empty"),
+    ("[ci]\nmatrix_python = 3.9\nmatrix_python = 3.12\n", "appears twice"),
+    ("[ci]\nmatrix_Python = 3.9\nmatrix_python = 3.12\n", "appears twice"),
+    ("[ci]\nmatrix_python = 3.9 3.9\n", "listed twice"),
+    ("[ci]\nmatrix_python = three\n", "not a version like 3.12"),
+    ("[ci]\nmatrix_db = pg/x\n", "must be 1 to 64"),
+    ("[ci]\nmatrix_9db = pg\n", "axis names"),
+    ("[ci]\nlabels = gpu lin$ux\n", "label 'lin$ux'"),
+    ("[ci]\nmatrix_python = 3.9\nlabels_python_3.13 = big\n", "no axis value"),
+    ("[ci]\nmatrix_python = 3.9\nlabels_python_3.9 = b/g\n", "labels_python_3.9: label"),
+    ("[ci]\nlabels_python_3.9 = big\n", "need a matrix_<axis>"),
+    ("[ci]\nmatrix_exclude = python=3.9\n", "need a matrix_<axis>"),
+    ("[ci]\nmatrix_python = 3.9\nmatrix_exclude = python=3.9\n", "every combination"),
+    ("[ci]\nmatrix_python = 3.9\nmatrix_exclude = python=3.8\n", "not in the matrix"),
+    ("[ci]\nmatrix_python = 3.9\nmatrix_exclude = db=pg\n", "not in the matrix"),
+    ("[ci]\nmatrix_python = 3.9\nmatrix_include = python=3.10 python=3.11\n",
+     "axis 'python' given twice"),
+    ("[ci]\nmatrix_python = 3.9\nmatrix_include = python\n", "is not axis=value"),
+    ("[ci]\nmatrix_a = 1-b2 1\nmatrix_b = 3 2-b3\n", "both be named"),
+    ("[ci]\nmatrix_x = 1 1.xml\nmatrix_include = x=1.xml\n", "ends in .xml"),
+])
+def test_bad_matrices_say_why(text, reason):
+    # A key given twice is the recipe's own error (configparser finds it).
+    error = recipe.RecipeError if reason == "appears twice" else MatrixError
+    with pytest.raises(error, match=reason.replace("$", r"\$")):
+        matrix.expand(text)
+
+
+def test_max_cells():
+    text = "[ci]\nmatrix_python = 3.9 3.10 3.11 3.12\nmatrix_db = a b c\n"
+    assert len(matrix.expand(text, max_cells=12)) == 12
+    with pytest.raises(MatrixError, match="12 cells, more than the 11 allowed"):
+        matrix.expand(text, max_cells=11)
+    huge = "[ci]\n" + "".join(f"matrix_a{i} = " + " ".join(map(str, range(10))) + "\n"
+                              for i in range(5))
+    with pytest.raises(MatrixError, match="100000 combinations"):
+        matrix.expand(huge)
+    assert matrix.DEFAULT_MAX_CELLS == 64
+
+
+def test_the_runner_lets_the_matrix_keys_pass():
+    plan = recipe.resolve(FULL, recipe.Limits())
+    assert plan.test == ("python", "-m", "pytest")
+    with pytest.raises(recipe.RecipeError, match="unknown key 'matrixx'"):
+        recipe.resolve("[ci]\nmatrixx = 1\n", recipe.Limits())
+
+
+def test_labels_and_axes_parse_and_format():
+    assert matrix.parse_labels(" gpu  python3.12 ") == {"gpu", "python3.12"}
+    with pytest.raises(MatrixError, match="more than 64"):
+        matrix.parse_labels(" ".join(f"l{i}" for i in range(65)))
+    axes = matrix.parse_axes("django=5.1 db=pg")
+    assert matrix.format_axes(axes) == "django=5.1 db=pg"
+    assert matrix.is_cell_name("") and matrix.is_cell_name("py3.12-db_x")
+    assert not matrix.is_cell_name("a/b") and not matrix.is_cell_name("x" * 161)
+
+
+AXIS = st.from_regex(r"[a-z][a-z0-9]{0,5}", fullmatch=True).filter(
+    lambda a: a not in matrix.RESERVED_AXES and a != "python")
+VALUE = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._]{0,5}", fullmatch=True).filter(
+    lambda v: not v.endswith(".xml"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(AXIS, st.lists(VALUE, min_size=1, max_size=3, unique=True),
+                       min_size=1, max_size=3),
+       st.lists(st.sampled_from(["3.9", "3.12", "3.13"]), unique=True, max_size=3),
+       st.data())
+def test_expansion_is_the_product_less_the_exclusions(axes, pythons, data):
+    all_axes = ({"python": pythons} if pythons else {}) | axes
+    product = [dict(zip(all_axes, combo)) for combo in itertools.product(*all_axes.values())]
+    excluded = data.draw(st.lists(st.sampled_from(product), unique_by=lambda c: str(c),
+                                  max_size=len(product)))
+    text = "[ci]\n" + "".join(f"matrix_{a} = {' '.join(v)}\n" for a, v in all_axes.items())
+    if excluded:
+        text += "matrix_exclude = " + " ; ".join(
+            " ".join(f"{a}={v}" for a, v in c.items()) for c in excluded) + "\n"
+    kept = [c for c in product if c not in excluded]
+    try:
+        cells = matrix.expand(text, max_cells=1000)
+    except MatrixError as exc:
+        assert not kept and "every combination" in str(exc) or "named" in str(exc)
+        return
+    assert len(cells) == len(kept) and len(set(names(cells))) == len(cells)
+    for cell, combo in zip(cells, kept):
+        assert cell.python == combo.get("python")
+        assert dict(cell.axes) == {a: v for a, v in combo.items() if a != "python"}
+        assert cell.env == {f"CI_{a.upper()}": v for a, v in combo.items() if a != "python"}
+        assert matrix.is_cell_name(cell.name)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=200))
+def test_any_text_is_cells_or_a_reason(text):
+    try:
+        cells = matrix.expand("[ci]\n" + text)
+    except (MatrixError, recipe.RecipeError):
+        return
+    assert cells and all(isinstance(c, Cell) for c in cells)
