@@ -15,6 +15,7 @@ import json
 import os
 import time
 
+from ci.notify import failing
 from ci.notify.decider import Decision
 from ci.wire import encode_fields, one_line
 
@@ -68,6 +69,9 @@ def event_text(event: dict) -> str:
     template = TEXTS.get(event["event"], TEXTS["failed"])
     text = template.format(branch=event["branch"], about=about, counts=counts,
                            tests=event["tests"])
+    named = failing.summary(event)
+    if named and event["event"] in ("broken", "still-failing", "failed"):
+        text += f"; {one_line(named, 1000)}"
     if event["retest"]:
         text = f"retest: {text} (was {event['previous_verdict']})"
     if event["url"]:
@@ -100,6 +104,8 @@ def build_event(decision: Decision, results_dir: str, dashboard_url: str | None,
         "url": commit_url(dashboard_url, result.commit),
         "created": time.time() if now is None else now,
     }
+    if result.verdict == "failed":
+        event.update(failing.failing_tests(results_dir, result.commit, result.previous))
     event["text"] = event_text(event)
     header = {"commit": result.commit}
     header.update((k, v) for k, v in fields.items() if k != "commit")
@@ -111,6 +117,9 @@ def build_event(decision: Decision, results_dir: str, dashboard_url: str | None,
 PAYLOAD_KEYS = ("id", "event", "branch", "commit", "previous", "verdict", "previous_verdict",
                 "retest", "subject", "author", "tests", "failures", "errors", "reason",
                 "result_file", "url", "text")
+# In the payload when the event has them (a failed commit with records;
+# events journalled before they existed lack them).
+OPTIONAL_KEYS = ("failing_tests", "failing_count")
 # What a journalled event must hold to be sent again after a restart.
 EVENT_KEYS = frozenset(PAYLOAD_KEYS) | {"created", "header", "targets"}
 
@@ -118,6 +127,7 @@ EVENT_KEYS = frozenset(PAYLOAD_KEYS) | {"created", "header", "targets"}
 def webhook_body(event: dict) -> bytes:
     """The JSON a webhook is POSTed: the payload keys, ``created`` in UTC."""
     payload = {key: event[key] for key in PAYLOAD_KEYS}
+    payload.update((key, event[key]) for key in OPTIONAL_KEYS if key in event)
     payload["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event["created"]))
     return json.dumps(payload, ensure_ascii=False).encode("utf-8")
 
@@ -143,6 +153,8 @@ def command_environment(event: dict, base: dict) -> dict:
     if event["url"]:
         facts["CI_URL"] = event["url"]
     env.update({k: one_line(v, 2000) for k, v in facts.items()})
+    # One id per line (an id is one line), so not flattened; capped.
+    env.update({k: v[:8000] for k, v in failing.environment(event).items()})
     return env
 
 
