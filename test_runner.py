@@ -21,7 +21,7 @@ from ci import state_schema
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, configure_logging,
                        positive, whole_number)
 from ci.files import ensure_dir
-from ci.runner import daemon, environments, pipeline, recipe, startup
+from ci.runner import daemon, environments, interpreters, pipeline, recipe, startup
 from ci.security import check_bind_allowed, persist_nonces, security_from_args
 from ci.wire import format_address
 
@@ -132,6 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
                              "HOME and TMPDIR, and after it every process of USER is killed "
                              "and its files in /tmp, /var/tmp, /dev/shm removed (give each "
                              "runner its own USER)")
+    parser.add_argument("--label", action="append", type=interpreters.runner_label,
+                        metavar="NAME",
+                        help="a label this runner has (repeatable; 1 to 64 letters, digits, "
+                             "'.', '_' or '-'), e.g. gpu: a matrix cell whose recipe asks for "
+                             "labels goes only to a runner with all of them")
+    parser.add_argument("--python", action="append", type=interpreters.python_flag,
+                        metavar="VERSION[=PATH]|auto",
+                        help="an interpreter matrix cells may ask for (repeatable): "
+                             "3.12=/opt/py312/bin/python3, or 3.12 for python3.12 on PATH, "
+                             "or auto for every python3.X on PATH; each is run at start and "
+                             "used as the interpreter it reports (a version shim is resolved "
+                             "or refused) and advertised as the label python3.X (default: "
+                             "this runner's own Python only)")
+    parser.add_argument("--exclusive", action="store_true",
+                        help="take only jobs that ask for one of this runner's labels "
+                             "(keeps a big or special machine free of generic jobs)")
     add_common_arguments(parser)
     return parser
 

@@ -36,7 +36,10 @@ RESULT_FIELDS = ("commit", "verdict", "tests", "failures", "errors", "skipped",
                  "runner", "started", "duration", "exit_code", "reason",
                  "branch", "previous", "subject", "author", "committed",
                  "setup", "setup_scope", "setup_duration",
-                 "junit", "shards")
+                 "junit", "shards",
+                 # Build matrices (ci/matrix.py): a commit's file lists its
+                 # cells' verdicts; a cell's file says which cell it is.
+                 "cells", "cell", "python", "axes", "labels")
 
 
 def ordered_header(fields: Mapping) -> dict:

@@ -13,7 +13,7 @@ import re
 import urllib.parse
 
 from ci.dashboard import index as dashboard_index
-from ci.dashboard import history_pages, pages
+from ci.dashboard import cells, history_pages, pages
 from ci.history.queries import DEFAULT_RUNS, MAX_RUNS, HistoryReader, Unavailable
 from ci.dashboard.live import LiveState, without_finished
 from ci.history.store import test_key as store_key
@@ -21,6 +21,8 @@ from ci.results import VERDICTS
 from ci.wire import valid_full_commit
 
 MAX_HTML_OUTPUT = 1024 * 1024
+# A cell's section shows the tail of its output (the whole: its own file).
+MAX_CELL_OUTPUT = 64 * 1024
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
 BRANCH_RE = pages.BRANCH_RE
@@ -142,6 +144,8 @@ class Dashboard:
         for item in branches:
             item["running"] = item["branch"] in running_branches
         commits, cursor = self._commits(filters)
+        for item in commits:
+            item["badges"] = cells.badges(dashboard_index.parse_cells(item.get("cells")))
         title = "Results"
         if filters["branch"] or filters["verdict"]:
             title = "Results: " + " ".join(v for v in (filters["branch"], filters["verdict"]) if v)
@@ -163,7 +167,8 @@ class Dashboard:
             params = self._page_params(filters)
             endpoint = "/api/page/overview" + ("?" + urllib.parse.urlencode(params)
                                               if params else "")
-        return Response(200, pages.page("CI dashboard", nonce, sections, endpoint))
+        return Response(200, pages.page("CI dashboard", nonce, sections, endpoint,
+                                        css=cells.CSS))
 
     def fragments_overview(self, query, nonce) -> Response:
         sections = self._overview_sections(self._filters(query))
@@ -179,6 +184,7 @@ class Dashboard:
             sections = {
                 "sec-summary": pages.fields_section(item, "finished " + pages.when(
                     item["finished"]) + " UTC"),
+                "sec-cells": cells.cells_section(self._finished_cells(commit, item)),
                 "sec-tests": pages.tests_section(self._failing_tests(commit)),
                 "sec-output": pages.output_section(output[0], output[1], commit),
             }
@@ -195,6 +201,7 @@ class Dashboard:
             return "running", {
                 "sec-summary": pages.fields_section(item, "running" if elapsed is None else
                                                     f"running, {pages.seconds(elapsed)} elapsed"),
+                "sec-cells": cells.cells_section(cells.live_cells(state, commit)),
                 "sec-tests": pages.Safe(""),
                 "sec-output": pages.output_section(tail, False, commit, live=True)}, False
         job = next((j for j in state.get("queue", []) if j["commit"] == commit), None)
@@ -202,8 +209,22 @@ class Dashboard:
             item = {"commit": commit, "verdict": "queued", "branch": job.get("branch")}
             return "queued", {
                 "sec-summary": pages.fields_section(item, f"queued, position {job['position']}"),
+                "sec-cells": cells.cells_section(cells.live_cells(state, commit)),
                 "sec-tests": pages.Safe(""), "sec-output": pages.Safe("")}, False
         return None
+
+    def _finished_cells(self, commit: str, item: dict) -> list[dict]:
+        """Each cell of a finished commit: its verdict from the commit's
+        ``cells:`` field, its own header, failing tests and output tail
+        from its file (absent: only the verdict is shown)."""
+        found = []
+        for name, verdict in dashboard_index.parse_cells(item.get("cells")):
+            output = self.index.read_output(commit, MAX_CELL_OUTPUT, cell=name)
+            found.append({"name": name, "verdict": verdict,
+                          "fields": self.index.read_cell(commit, name) or {},
+                          "failing_tests": self.index.test_report(commit, cell=name),
+                          "output": output[0] if output else ""})
+        return found
 
     def _failing_tests(self, commit: str) -> list[dict]:
         """The commit's failing tests; those named by their JUnit id link
@@ -229,7 +250,7 @@ class Dashboard:
         status, sections, final = view
         endpoint = "" if final else f"/api/page/commit/{commit}"
         return Response(200, pages.page(f"{commit[:pages.SHORT]} · {status}", nonce, sections,
-                                        endpoint))
+                                        endpoint, css=cells.CSS))
 
     def fragments_commit(self, query, nonce, commit) -> Response:
         view = self._commit_view(commit)
@@ -250,8 +271,12 @@ class Dashboard:
     @staticmethod
     def _api_item(item: dict) -> dict:
         item = dict(item)
+        item.pop("badges", None)
         item["finished"] = pages.when(item.get("finished")).replace(" ", "T") + "Z"
         item["url"] = f"/commit/{item['commit']}"
+        if item.get("cells") is not None:
+            item["cells"] = [{"name": name, "verdict": verdict} for name, verdict
+                             in dashboard_index.parse_cells(item["cells"])]
         return item
 
     def api_status(self, query, nonce) -> Response:
@@ -275,11 +300,16 @@ class Dashboard:
             status, tail = self.live.log(commit) if running else ("idle", "")
             if status != "running":
                 return json_response({"error": "no result for this commit"}, 404)
-            return json_response({"commit": commit, "status": "running", "live_output": tail})
+            return json_response({"commit": commit, "status": "running", "live_output": tail,
+                                  "cells": cells.live_cells(state, commit)})
         output = self.index.read_output(commit, MAX_HTML_OUTPUT) or ("", False)
         data = self._api_item(item)
         data.update(status="finished", failing_tests=self._failing_tests(commit),
                     output=output[0], output_truncated=output[1])
+        if item.get("cells") is not None:
+            data["cells"] = [{**c["fields"], "name": c["name"], "verdict": c["verdict"],
+                              "failing_tests": c["failing_tests"]}
+                             for c in self._finished_cells(commit, item)]
         return json_response(data)
 
     def favicon(self, query, nonce) -> Response:

@@ -33,6 +33,9 @@ FULL_SCAN = 30.0
 MAX_OUTPUT_READ = 32 * 1024 * 1024
 MAX_TEST_NAMES = 1000
 RED = frozenset(("failed", "error", "timeout"))
+# A matrix cell's name as the ``cells:`` field and the cell files carry it.
+CELL_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,160}")
+MAX_CELLS = 256
 
 
 # --------------------------------------------------------------------------
@@ -157,6 +160,28 @@ def parse_junit(data: bytes) -> dict[str, str] | None:
     except results.JunitError:
         return None
     return {record.id: junit_status(record) for record in records}
+
+
+def parse_cells(value) -> list[tuple[str, str]]:
+    """A ``cells:`` header field (``py3.9=failed py3.12=passed``) as
+    [(name, verdict)], in the order written; malformed words are left out
+    (the header is read, not trusted)."""
+    found = []
+    for word in str(value or "").split()[:MAX_CELLS]:
+        name, sep, verdict = word.partition("=")
+        if sep and CELL_NAME_RE.fullmatch(name) and verdict:
+            found.append((name, verdict[:32]))
+    return found
+
+
+def result_name(commit: str, cell: str | None = None) -> str | None:
+    """The result file of a commit (``<commit>``) or of one of its cells
+    (``<commit>.cell.<name>``, docs/results.md); None if either is not one."""
+    if not valid_full_commit(commit):
+        return None
+    if cell is None:
+        return commit
+    return f"{commit}.cell.{cell}" if CELL_NAME_RE.fullmatch(cell) else None
 
 
 def strip_ansi(text: str) -> str:
@@ -336,12 +361,15 @@ class ResultIndex:
 
     # ---- whole files, for one commit's page
 
-    def read_output(self, commit: str, limit: int = MAX_OUTPUT_READ) -> tuple[str, bool] | None:
+    def read_output(self, commit: str, limit: int = MAX_OUTPUT_READ,
+                    cell: str | None = None) -> tuple[str, bool] | None:
         """The output of a result file (ANSI codes stripped), cut to its
-        last ``limit`` bytes; (text, truncated) or None."""
-        if not valid_full_commit(commit):
+        last ``limit`` bytes; (text, truncated) or None.  ``cell``: that
+        matrix cell's file instead of the commit's."""
+        name = result_name(commit, cell)
+        if name is None:
             return None
-        path = os.path.join(self.folder, commit)
+        path = os.path.join(self.folder, name)
         try:
             with open(path, "rb") as handle:
                 head = handle.read(results.HEADER_READ)
@@ -357,11 +385,18 @@ class ResultIndex:
             return None
         return strip_ansi(data.decode("utf-8", "replace")), truncated
 
-    def read_junit(self, commit: str) -> dict[str, str] | None:
-        """``parse_junit`` of the commit's ``<commit>.xml``, or None."""
-        if not valid_full_commit(commit):
+    def read_cell(self, commit: str, cell: str) -> dict | None:
+        """The header of a matrix cell's own result, None if it has none."""
+        name = result_name(commit, cell)
+        return results.read_header(os.path.join(self.folder, name)) if name else None
+
+    def read_junit(self, commit: str, cell: str | None = None) -> dict[str, str] | None:
+        """``parse_junit`` of the commit's ``<commit>.xml`` (a cell's:
+        ``<commit>.cell.<name>.xml``), or None."""
+        name = result_name(commit, cell)
+        if name is None:
             return None
-        path = os.path.join(self.folder, commit + ".xml")
+        path = os.path.join(self.folder, name + ".xml")
         try:
             with open(path, "rb") as handle:
                 # One byte over the cap, so that a larger file is refused.
@@ -370,7 +405,8 @@ class ResultIndex:
             return None
         return parse_junit(data)
 
-    def test_report(self, commit: str, with_source: bool = False) -> list[dict]:
+    def test_report(self, commit: str, with_source: bool = False,
+                    cell: str | None = None) -> list[dict]:
         """Failing and erroring tests of a commit, each with ``new`` set when
         the branch's previous commit had a result in which it did not fail;
         ``with_source``: each also says where its name came from, ``source``
@@ -379,15 +415,16 @@ class ResultIndex:
         Names are compared only when both commits' lists come from the same
         source: a JUnit id (``t.T.test_x``) never equals the output's name
         of the same test (``test_x (t.T.test_x)``), so across sources every
-        failure would look new; then none is marked."""
-        source, tests = self._failing(commit)
+        failure would look new; then none is marked.  ``cell``: that
+        matrix cell's tests, compared with the same cell's before."""
+        source, tests = self._failing(commit, cell)
         if tests is None:
             return []
         item = self.get(commit) or {}
         previous = item.get("previous")
         before = None
         if previous and valid_full_commit(previous) and self.get(previous):
-            before_source, before_tests = self._failing(previous)
+            before_source, before_tests = self._failing(previous, cell)
             if before_source == source:
                 before = {t["name"] for t in before_tests or []
                           if t["kind"] in ("failure", "error")}
@@ -398,14 +435,15 @@ class ResultIndex:
                 test["source"] = source
         return tests
 
-    def _failing(self, commit: str) -> tuple[str | None, list[dict] | None]:
+    def _failing(self, commit: str,
+                 cell: str | None = None) -> tuple[str | None, list[dict] | None]:
         """(source, failing tests): source ``junit`` or ``output``, the
         tests None (and source None) when neither can be read."""
-        junit = self.read_junit(commit)
+        junit = self.read_junit(commit, cell)
         if junit is not None:
             return "junit", [{"name": name, "kind": status} for name, status in junit.items()
                              if status in SHOWN_STATUSES]
-        output = self.read_output(commit)
+        output = self.read_output(commit, cell=cell)
         if output is None:
             return None, None
         return "output", failing_tests(output[0])

@@ -33,7 +33,8 @@ def normalize_state(data) -> dict:
     capped): plain dicts for the pages and /api/status, the held commits
     shown among the running ones, one row per commit."""
     state = state_schema.State.from_json(data)
-    held = [state_schema.RunningJob(h.commit, h.branch, "waiting for " + (h.runner or "?"))
+    held = [state_schema.RunningJob(h.commit, h.branch, "waiting for " + (h.runner or "?"),
+                                    cell=h.cell)
             for h in state.held]
     return {"queue": [j.to_json() for j in state.queue],
             "running": _one_per_commit([j.to_json() for j in state.running + held]),
@@ -74,6 +75,8 @@ def _one_per_commit(running: list[dict]) -> list[dict]:
             continue
         row["runner"] = ", ".join(r for r in (row["runner"], job["runner"]) if r)
         row["shard"] = ", ".join(s for s in (row["shard"], job["shard"]) if s) or None
+        if job.get("cell"):
+            row["cell"] = ", ".join(c for c in (row.get("cell"), job["cell"]) if c)
         if job["elapsed"] is not None:
             row["elapsed"] = max(row["elapsed"] or 0.0, job["elapsed"])
     return list(rows.values())

@@ -143,24 +143,35 @@ def active_section(state: dict | None) -> Safe:
     rows = []
     for job in state.get("running", []):
         rows.append(render(
-            '<tr><td>{link}</td><td><span class="branch">{branch}</span></td>'
+            '<tr><td>{link}{cell}</td><td><span class="branch">{branch}</span></td>'
             '<td>{pill}</td><td>{elapsed}</td><td>{runner}</td></tr>',
-            link=commit_link(job["commit"]), branch=job.get("branch") or "",
+            link=commit_link(job["commit"]), cell=cell_tag(job, "running"),
+            branch=job.get("branch") or "",
             pill=pill("running"),
             elapsed=(seconds(job["elapsed"]) + " elapsed" if job.get("elapsed") is not None
                      else "held after a dispatcher restart"),
             runner=job.get("runner") or ""))
     for job in state.get("queue", []):
         rows.append(render(
-            '<tr><td>{link}</td><td><span class="branch">{branch}</span></td>'
-            '<td>{pill}</td><td>position {position}</td><td></td></tr>',
-            link=commit_link(job["commit"]), branch=job.get("branch") or "",
-            pill=pill("queued"), position=job.get("position", "")))
+            '<tr><td>{link}{cell}</td><td><span class="branch">{branch}</span></td>'
+            '<td>{pill}</td><td>position {position}{waiting}</td><td></td></tr>',
+            link=commit_link(job["commit"]), cell=cell_tag(job, "queued"),
+            branch=job.get("branch") or "", pill=pill("queued"),
+            position=job.get("position", ""),
+            waiting=render(' &middot; <span class="waiting">{why}</span>', why=job["waiting"])
+            if job.get("waiting") else ""))
     if not rows:
         return Safe('<h2>Running and queued</h2><p class="empty">Nothing queued or running.</p>')
     return render('<h2>Running and queued</h2><table class="grid"><thead><tr><th>commit</th>'
                   '<th>branch</th><th>state</th><th>progress</th><th>runner</th></tr></thead>'
                   '<tbody>{rows}</tbody></table>', rows=join(rows))
+
+
+def cell_tag(job: dict, verdict: str) -> Safe:
+    """A matrix cell's name beside its commit (none without a matrix)."""
+    if not job.get("cell"):
+        return Safe("")
+    return render(' <span class="cell v-{cls}">{cell}</span>', cls=verdict, cell=job["cell"])
 
 
 def commit_rows(commits: list[dict]) -> Safe:
@@ -170,7 +181,7 @@ def commit_rows(commits: list[dict]) -> Safe:
             '<tr class="r-{cls}"><td>{link}</td>'
             '<td class="subject">{subject}{mark}</td>'
             '<td class="author" title="{author}">{name}</td>'
-            '<td><span class="branch">{branch}</span></td><td>{pill}</td>'
+            '<td><span class="branch">{branch}</span></td><td>{pill}{badges}</td>'
             '<td class="num">{tests}</td><td class="num">{failures}</td>'
             '<td class="num">{errors}</td><td class="num">{skipped}</td>'
             '<td class="num">{duration}</td><td class="runner">{runner}</td>'
@@ -180,7 +191,7 @@ def commit_rows(commits: list[dict]) -> Safe:
                                                              item.get("branch")),
             author=item.get("author") or "", name=author_name(item.get("author")),
             branch=item.get("branch") or "", pill=pill(item.get("verdict")),
-            tests=item.get("tests", ""), failures=item.get("failures", ""),
+            badges=item.get("badges") or Safe(""), tests=item.get("tests", ""), failures=item.get("failures", ""),
             errors=item.get("errors", ""), skipped=item.get("skipped", ""),
             duration=seconds(item.get("duration")), runner=item.get("runner") or "",
             finished=when(item.get("finished"))))
@@ -223,15 +234,19 @@ def runners_section(state: dict | None) -> Safe:
     if state is None:
         return Safe("")
     rows = [render('<tr><td>{name}</td><td>{address}</td>'
-                   '<td><span class="rstate r-{cls}">{state}</span></td><td>{commit}</td></tr>',
+                   '<td><span class="rstate r-{cls}">{state}</span></td><td>{commit}</td>'
+                   '<td class="labels">{labels}{exclusive}</td></tr>',
                    name=r.get("name") or "", address=r.get("address") or "",
                    cls=RUNNER_CLASSES.get(r.get("state"), "other"), state=r.get("state") or "",
-                   commit=commit_link(r["commit"]) if r.get("commit") else "")
+                   commit=commit_link(r["commit"]) if r.get("commit") else "",
+                   labels=" ".join(r.get("labels") or []),
+                   exclusive=" (exclusive)" if r.get("exclusive") else "")
             for r in state.get("runners", [])]
     if not rows:
         return Safe('<h2>Runners</h2><p class="empty">No runner registered.</p>')
     return render('<h2>Runners</h2><table class="grid"><thead><tr><th>name</th><th>address</th>'
-                  '<th>state</th><th>commit</th></tr></thead><tbody>{rows}</tbody></table>',
+                  '<th>state</th><th>commit</th><th>labels</th></tr></thead><tbody>{rows}</tbody>'
+                  '</table>',
                   rows=join(rows))
 
 

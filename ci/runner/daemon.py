@@ -23,7 +23,7 @@ from ci import procgroup
 from ci.outcome import Outcome
 from ci.backoff import Backoff
 from ci.git import script_path
-from ci.runner import pipeline, startup
+from ci.runner import interpreters, pipeline, startup
 from ci.runner.jobs import PREFETCH, RunnerJob, RunnerState, parse_runtest
 from ci.runner.outbox import MAX_REFUSALS, Outbox
 from ci.runner.sandbox.cleanup import UserSandbox
@@ -31,7 +31,7 @@ from ci.runner.sandbox.private_git import PrivateRepository
 from ci.runner.sandbox.user import TestUser
 from ci.runner.slot import ProcessSlot, git_run_args
 from ci.security import Security
-from ci.wire import (Message, PeerClosed, ProtocolError, ReadTimeout, encode_fields,
+from ci.wire import (Message, PeerClosed, ProtocolError, ReadTimeout, Reply, encode_fields,
                      format_address, valid_full_commit)
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,10 @@ class TestRunner:
         self.slot.reap_leftovers()
         self.outbox = Outbox(os.path.join(state_dir, "outbox"))
         self.test_command = shlex.split(args.test_command) if args.test_command else None
+        # The Pythons matrix cells may ask for, resolved once, and the labels
+        # register advertises (ConfigError: the runner does not start).
+        self.interpreters = interpreters.from_flags(args.python)
+        self.labels = interpreters.advertised(args.label, self.interpreters)
         self.preparer = startup.make_preparer(args, self.test_command, state_dir)
         # The longest a job may take here, told the dispatcher on register.
         self.longest_job = startup.longest_job(args, self.preparer)
@@ -102,6 +106,11 @@ class TestRunner:
 
     def do_runtest(self, message: Message, peer: str) -> Message:
         job = parse_runtest(message)
+        if job.python is not None and job.python not in self.interpreters:
+            # The dispatcher routes by labels and should never send this:
+            # an error reply, not an ``error`` verdict for the cell.
+            raise Reply(f"this runner has no python{job.python} (it has: "
+                        f"{' '.join(i.label for i in self.interpreters.values())})")
         if self.state.offer(job):
             shard = job.shard
             log.info("accepted %s%s, environment scope %s", job.commit[:12],
@@ -134,13 +143,20 @@ class TestRunner:
     def _run(self, job: RunnerJob) -> Outcome:
         """The job's outcome; a failure of the runner itself is one too."""
         try:
-            return pipeline.execute(self.settings, job.commit, job.shard, job.scope)
+            return pipeline.execute(self.settings, job.commit, job.shard, job.scope,
+                                    self._cell(job))
         except Exception as exc:
             log.exception("running %s failed", job.commit[:12])
             return Outcome({"verdict": "error", "reason": f"runner failure: {exc}"},
                            f"runner failure: {exc!r}\n".encode())
         finally:
             self.slot.end_run()
+
+    def _cell(self, job: RunnerJob) -> interpreters.JobCell:
+        """The job's cell with its interpreter (checked at ``runtest``)."""
+        if job.python is None:
+            return interpreters.JobCell(job.cell, interpreters.own(), job.env)
+        return interpreters.JobCell(job.cell, self.interpreters[job.python], job.env)
 
     def _report(self, job: RunnerJob, outcome: Outcome) -> bool:
         """Into the outbox (the link thread delivers it); False if the
@@ -221,6 +237,8 @@ class TestRunner:
                   "job": job.token if job else "", "limit": f"{self.longest_job:.0f}"}
         if self.args.name:
             fields["name"] = self.args.name
+        fields["labels"] = " ".join(self.labels)
+        fields["exclusive"] = "yes" if self.args.exclusive else "no"
         reply = helpers.call(self.dispatcher, "register", self.advertised,
                              encode_fields(fields), security=self.security)
         self.last_contact = time.monotonic()  # any answer: the dispatcher is there

@@ -3,7 +3,8 @@ the one step between checkout and test run that reads the recipe and
 makes the environment ready.
 
 An environment is keyed by what decides its contents: the setup command,
-the Python that runs it, and the contents of the recipe's ``env_files``.
+the Python that runs it (a matrix cell's own, ``<python> -m venv``), the
+cell's axis values, and the contents of the recipe's ``env_files``.
 The next commit with the same key reuses it at the cost of a few ``stat``
 calls (an editable install sees the new code without reinstalling); a
 changed key builds a new one, and the least recently used beyond
@@ -36,16 +37,15 @@ import dataclasses
 import fcntl
 import glob
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 import shutil
 import sys
 import time
-import venv
 
-from ci.runner import recipe
+from ci.runner import recipe, venvs
+from ci.runner.interpreters import JobCell
 from ci.runner.sandbox.ownership import chown_tree
 from ci.config import ConfigError
 from ci.files import atomic_write, ensure_dir, open_inside, read_inside
@@ -120,10 +120,9 @@ class EnvironmentCache:
     """The environments of one runner, in one folder it alone uses
     (an exclusive lock on ``.lock`` for the runner's lifetime)."""
 
-    def __init__(self, folder: str, keep: int = DEFAULT_KEEP, python: str | None = None):
+    def __init__(self, folder: str, keep: int = DEFAULT_KEEP):
         self.folder = ensure_dir(folder, "environment folder")
         self.keep = keep
-        self.python = python or sys.executable
         self._lock_fd = os.open(os.path.join(self.folder, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -138,15 +137,20 @@ class EnvironmentCache:
 
     # ---- keys -----------------------------------------------------------
     def keys(self, setup: tuple[str, ...], repo: str, env_files: tuple[str, ...],
-             scopes: tuple[Scope, ...]) -> list[str]:
+             scopes: tuple[Scope, ...], cell: JobCell | None = None) -> list[str]:
         """The key of the environment for ``setup`` in each scope (the
-        env files are hashed once): ``<pool>-<hash>``."""
+        env files are hashed once): ``<pool>-<hash>``.  ``cell``: the
+        matrix cell's interpreter and axis values (None: the runner's own
+        Python; a commit without a matrix keeps the keys it always had)."""
+        cell = cell or JobCell.plain()
         contents = {
-            "format": FORMAT, "setup": list(setup), "python": sys.version,
-            "executable": os.path.realpath(self.python),
+            "format": FORMAT, "setup": list(setup), "python": cell.python.full_version,
+            "executable": os.path.realpath(cell.python.executable),
             "files": [[name, _file_digest(path, repo)]
                       for name, path in env_file_paths(repo, env_files)],
         }
+        if cell.env:
+            contents["axes"] = cell.env
         found = []
         for scope in scopes:
             digest = hashlib.sha256(json.dumps(dict(contents, scope=scope.name),
@@ -156,8 +160,8 @@ class EnvironmentCache:
         return found
 
     def key(self, setup: tuple[str, ...], repo: str, env_files: tuple[str, ...],
-            scope: Scope) -> str:
-        return self.keys(setup, repo, env_files, (scope,))[0]
+            scope: Scope, cell: JobCell | None = None) -> str:
+        return self.keys(setup, repo, env_files, (scope,), cell)[0]
 
     def path(self, key: str) -> str:
         return os.path.join(self.folder, key)
@@ -187,19 +191,21 @@ class EnvironmentCache:
     # ---- building -------------------------------------------------------
     def build(self, key: str, setup: tuple[str, ...], run: SetupRun,
               timeout: float) -> tuple[bool, str]:
-        """Make a fresh venv for ``key`` and run ``setup`` in it (in the
-        clone's root); (succeeded, reason).  Output goes to ``run.out``;
+        """Make a fresh venv for ``key`` with the cell's interpreter and
+        run ``setup`` in it (in the clone's root; an empty setup: a bare
+        environment); (succeeded, reason).  Output goes to ``run.out``;
         with ``run.user``, the setup installs as that user, and the built
         environment is then taken back from it."""
         repo, slot, out, user = run.repo, run.slot, run.out, run.user
+        python = (run.cell or JobCell.plain()).python
         path = self.path(key)
         # The one clearing of an old build (marker first, see _remove), so
-        # EnvBuilder is not asked to clear it again.
+        # the venv is not asked to clear it again.
         self._remove(path)
         started = time.monotonic()
         try:
-            venv.EnvBuilder(with_pip=False, symlinks=True).create(path)
-            has_pip = provide_pip(path, self.python)
+            venvs.create(path, python, timeout)
+            has_pip = venvs.provide_pip(path, python)
         except OSError as exc:
             self._remove(path)
             return False, f"cannot create the environment: {exc}"
@@ -209,7 +215,7 @@ class EnvironmentCache:
             # The setup runs as the test user (--test-user) and installs here.
             chown_tree(path, user.uid, user.gid)
         if not has_pip:
-            # The runner's Python has no pip to lend: install the bundled one.
+            # The interpreter has no pip to lend: install the bundled one.
             code, timed_out = slot.run([self.python_of(key), "-m", "ensurepip", "--default-pip"],
                                        repo, timeout, out, env)
             if code != 0:
@@ -217,7 +223,8 @@ class EnvironmentCache:
                 return False, "ensurepip failed" + (" (timed out)" if timed_out else "")
         remaining = max(timeout - (time.monotonic() - started), 1.0)
         try:
-            code, timed_out = slot.run(list(setup), repo, remaining, out, env)
+            code, timed_out = slot.run(list(setup), repo, remaining, out, env) if setup \
+                else (0, False)
         except OSError as exc:
             self._remove(path)
             out.write(f"cannot start setup command {list(setup)!r}: {exc}\n".encode())
@@ -235,7 +242,7 @@ class EnvironmentCache:
                 self._remove(path)
                 return False, f"cannot take the built environment back: {exc}"
         atomic_write(os.path.join(path, MARKER), json.dumps({
-            "key": key, "setup": list(setup), "python": sys.version,
+            "key": key, "setup": list(setup), "python": python.full_version,
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(time.monotonic() - started, 3)}, indent=1).encode())
         self.prune(keep_also=key)
@@ -310,35 +317,6 @@ def _file_digest(path: str, repo: str) -> str:
         return f"unreadable: {exc.strerror or exc}"
 
 
-def provide_pip(env_path: str, python: str) -> bool:
-    """Copy the runner's own pip into the new environment, so that the
-    setup command's ``python -m pip`` works there.  ``ensurepip`` does the
-    same from a bundled wheel but takes seconds; a copy takes a fraction
-    of one.  False when the runner's Python has no pip to copy."""
-    if os.path.realpath(python) != os.path.realpath(sys.executable):
-        return False
-    spec = importlib.util.find_spec("pip")
-    if spec is None or not spec.origin:
-        return False
-    package = os.path.dirname(spec.origin)
-    parent = os.path.dirname(package)
-    infos = glob.glob(os.path.join(glob.escape(parent), "pip-*.dist-info"))
-    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    site = os.path.join(env_path, "lib", version, "site-packages")
-    if len(infos) != 1 or not os.path.isdir(site):
-        return False
-    shutil.copytree(package, os.path.join(site, "pip"), symlinks=True)
-    shutil.copytree(infos[0], os.path.join(site, os.path.basename(infos[0])), symlinks=True)
-    env_python = os.path.join(env_path, "bin", "python")
-    for name in ("pip", "pip3", f"pip{sys.version_info[0]}.{sys.version_info[1]}"):
-        script = os.path.join(env_path, "bin", name)
-        with open(script, "w") as handle:
-            handle.write(f"#!{env_python}\nimport sys\nfrom pip._internal.cli.main import main\n"
-                         "sys.exit(main())\n")
-        os.chmod(script, 0o755)
-    return True
-
-
 # --------------------------------------------------------------------------
 # The step between checkout and tests.
 
@@ -348,12 +326,14 @@ class SetupRun:
     commands (a stop kills them), their base environment, the file their
     output goes to, and the test user who runs them (``--test-user``;
     None: the runner's own user).  The user is named here, not found in
-    the slot: the environment it builds must first be given to it."""
+    the slot: the environment it builds must first be given to it.
+    ``cell``: the job's matrix cell (None: the runner's own Python)."""
     repo: str
     slot: object
     env: dict
     out: object
     user: object = None
+    cell: JobCell | None = None
 
 
 class Preparer:
@@ -373,7 +353,8 @@ class Preparer:
         builds."""
         repo, base_env, out = run.repo, run.env, run.out
         started = time.monotonic()
-        result = Prepared(None, sys.executable, base_env, self.limits.timeout,
+        cell = run.cell or JobCell.plain()
+        result = Prepared(None, cell.python.executable, base_env, self.limits.timeout,
                           {"setup": "none"}, rerun_failures=self.limits.rerun_failures)
         try:
             text = read_recipe_file(repo) if self.read_recipe else None
@@ -385,20 +366,25 @@ class Preparer:
         result.command = list(plan.test) if plan.test else None
         result.timeout = plan.timeout
         result.rerun_failures, result.quarantine = plan.rerun_failures, plan.quarantine
-        if plan.setup is None:
+        setup = plan.setup
+        if setup is None and not own_python(cell):
+            # No setup, but ``python`` in the commands must be the cell's.
+            setup = ()
+        if setup is None:
             return result
         if self.cache is None:
             return _failed(result, "setup failed: this runner has no environment folder", out)
-        key, used, found = self._reusable(plan, repo, scope)
+        key, used, found = self._reusable(setup, plan, run, scope)
         result.fields["setup_scope"] = used.label
         if found:
             result.fields["setup"] = "reused"
         else:
-            log.info("building environment %s (%s): %s", key, scope.name, _shown(plan.setup))
-            out.write(f"[ci] setup: building environment {key} ({scope.label} scope): "
-                      f"{_shown(plan.setup)}\n".encode())
+            log.info("building environment %s (%s): %s", key, scope.name, _shown(setup))
+            out.write(f"[ci] setup: building environment {key} ({scope.label} scope"
+                      f"{', ' + cell.python.label if cell.name else ''}): "
+                      f"{_shown(setup) or '(no setup command)'}\n".encode())
             out.flush()
-            ok, why = self.cache.build(key, plan.setup, run, plan.setup_timeout)
+            ok, why = self.cache.build(key, setup, run, plan.setup_timeout)
             result.fields["setup"] = "built" if ok else "failed"
         # Reused, built or failed: the time it took is worth showing.
         result.fields["setup_duration"] = f"{time.monotonic() - started:.3f}"
@@ -410,16 +396,22 @@ class Preparer:
         result.python = self.cache.python_of(key)
         return result
 
-    def _reusable(self, plan: recipe.Recipe, repo: str,
+    def _reusable(self, setup: tuple[str, ...], plan: recipe.Recipe, run: SetupRun,
                   scope: Scope) -> tuple[str, Scope, bool]:
         """(key, its scope, True) of a finished environment ``scope`` may
         reuse (its own first); else (the key to build, ``scope``, False):
         a build goes into the job's own scope only."""
-        keys = self.cache.keys(plan.setup, repo, plan.env_files, scope.reads)
+        keys = self.cache.keys(setup, run.repo, plan.env_files, scope.reads, run.cell)
         for key, where in zip(keys, scope.reads):
             if self.cache.lookup(key):
                 return key, where, True
         return keys[0], scope, False
+
+
+def own_python(cell: JobCell) -> bool:
+    """Whether the cell runs with the runner's own interpreter (which
+    needs no environment of its own when there is no setup)."""
+    return os.path.realpath(cell.python.executable) == os.path.realpath(sys.executable)
 
 
 def read_recipe_file(repo: str) -> str | None:

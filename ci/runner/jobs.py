@@ -16,12 +16,16 @@ from ci.wire import Message, Reply, TOKEN_RE, valid_commit
 class RunnerJob:
     """A job this runner holds: the commit to test, the dispatcher's token
     for it (proof that a result or a ``release`` is for this very job),
-    the shard and the branch it belongs to, as ``runtest`` said."""
+    the shard and the branch it belongs to, and its matrix cell (name,
+    interpreter version and ``CI_<AXIS>`` variables), as ``runtest`` said."""
     commit: str
     token: str
     shard: sharding.ShardSpec | None = None
     branch: str | None = None   # as the dispatcher said; None: not said
     trusted: bool = False       # the branch is trusted (never without one)
+    cell: str = ""              # "": the commit's only cell
+    python: str | None = None   # the cell's interpreter; None: the runner's own
+    env: dict = dataclasses.field(default_factory=dict)   # CI_<AXIS> variables
 
     @property
     def scope(self) -> environments.Scope:
@@ -38,7 +42,8 @@ def parse_runtest(message: Message) -> RunnerJob:
         spec = jobspec.parse(message.body)
     except ValueError as exc:
         raise Reply(str(exc)) from None
-    return RunnerJob(parts[0], parts[1], spec.shard, spec.branch, spec.trusted)
+    return RunnerJob(parts[0], parts[1], spec.shard, spec.branch, spec.trusted,
+                     spec.cell, spec.python, spec.env)
 
 
 # What RunnerState.take hands the worker when it should fetch, not test.

@@ -20,6 +20,7 @@ from ci import results, sharding
 from ci.outcome import Outcome
 from ci.git import script_path
 from ci.runner import command_line, environments, junit_capture, reruns
+from ci.runner.interpreters import JobCell
 from ci.runner.sandbox.private_git import PrivateRepository
 from ci.runner.slot import ProcessSlot, child_env, git_run_args
 from ci.runner.verdict import judge, judge_records
@@ -50,13 +51,14 @@ class Settings:
 
 
 def execute(settings: Settings, commit: str, shard: sharding.ShardSpec | None = None,
-            scope: environments.Scope | None = None) -> Outcome:
+            scope: environments.Scope | None = None, cell: JobCell | None = None) -> Outcome:
     """Check out ``commit`` and run its tests; return their outcome.
     ``scope``: which environments the commit may reuse and build
-    (default: the commit's own, never a trusted one).  Per-test records,
-    when there are any, come as the outcome's ``junit_xml``, and the
-    counts are theirs."""
-    return JobPipeline(settings, commit, shard, scope).run()
+    (default: the commit's own, never a trusted one); ``cell``: the
+    matrix cell's interpreter and variables (default: the runner's own
+    Python, none).  Per-test records, when there are any, come as the
+    outcome's ``junit_xml``, and the counts are theirs."""
+    return JobPipeline(settings, commit, shard, scope, cell).run()
 
 
 class JobPipeline:
@@ -64,15 +66,18 @@ class JobPipeline:
 
     def __init__(self, settings: Settings, commit: str,
                  shard: sharding.ShardSpec | None = None,
-                 scope: environments.Scope | None = None):
+                 scope: environments.Scope | None = None, cell: JobCell | None = None):
         self.settings = settings
         self.commit = commit
         self.shard = shard
         self.scope = scope or environments.job_scope(None, False, commit)
+        self.cell = cell or JobCell.plain()
         self.started = time.time()
         self.fields: dict = {
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "exit_code": -1}
+        if self.cell.name:
+            self.fields["cell"] = self.cell.name
 
     def run(self) -> Outcome:
         code, timed_out, checkout_log = self.checkout()
@@ -124,8 +129,10 @@ class JobPipeline:
         but must leave room for the tests'."""
         settings, slot = self.settings, self.settings.slot
         with tempfile.TemporaryFile() as out:
-            run = environments.SetupRun(settings.repo, slot, child_env(slot.user), out,
-                                        slot.user)
+            # A cell's CI_<AXIS> variables reach its setup and its tests.
+            run = environments.SetupRun(settings.repo, slot,
+                                        {**child_env(slot.user), **self.cell.env}, out,
+                                        slot.user, self.cell)
             prepared = settings.preparer.prepare(run, self.scope)
             limit = settings.max_output if prepared.failed else settings.max_output // 4
             setup_log = read_bounded(out, limit)

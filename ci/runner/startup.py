@@ -32,7 +32,8 @@ def make_preparer(args, test_command: list[str] | None,
                            rerun_failures=args.rerun_failures,
                            max_rerun_failures=args.max_rerun_failures)
     cache = None
-    if setup or not args.ignore_repo_recipe:
+    # A matrix cell's interpreter gets an environment even without a setup.
+    if setup or not args.ignore_repo_recipe or args.python:
         cache = environments.EnvironmentCache(args.env_dir or os.path.join(state_dir, "envs"),
                                               args.keep_envs)
     return environments.Preparer(limits, cache, read_recipe=not args.ignore_repo_recipe)
@@ -134,5 +135,6 @@ def open_to_test_user(runner, state_dir: str) -> None:
     if runner.preparer.cache is not None:
         os.chmod(runner.preparer.cache.folder, 0o711)
     access.provide_recorder(state_dir)
-    access.check_test_user(runner.user, runner.repo, runner.preparer, runner.test_command,
-                           child_env(runner.user))
+    env = child_env(runner.user)
+    access.check_test_user(runner.user, runner.repo, runner.preparer, runner.test_command, env)
+    access.check_interpreters(runner.user, runner.interpreters, runner.repo, env)

@@ -15,7 +15,8 @@ import time
 
 import pytest
 from support.dashboard import (
-    EVIL, StandInDispatcher, commit_id, red_green_history, write_history, write_result)
+    EVIL, StandInDispatcher, commit_id, red_green_history, write_history, write_matrix_result,
+    write_result)
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -374,3 +375,32 @@ def test_real_daemons_red_green_and_live_output(page, dashboards, cluster, upstr
     expect(output).to_contain_text("tick 39", timeout=5000)
     page.screenshot(path=str(tmp_path / "real-finished.png"), full_page=True)
     assert observer.alive()
+
+
+def test_matrix_cells_in_the_overview_and_on_the_commit_page(page, results, dashboards,
+                                                             tmp_path):
+    """A badge per cell beside the commit's verdict, a section per cell on
+    its page (the failing cell's test named, its output folded)."""
+    base = commit_id(0x2000)
+    write_result(results, base, "passed", subject="Before the match statement")
+    head = commit_id(0x2001)
+    cells = write_matrix_result(results, head, previous=base)
+    dash = dashboards(results)
+    page.goto(dash.url + "/")
+    row = page.locator("#sec-commits tbody tr").first
+    assert row.locator(".pill").inner_text() == "failed"
+    assert row.locator(".cell").all_inner_texts() == list(cells)
+    assert "v-failed" in row.locator(".cell").first.get_attribute("class")
+    assert "failing" in page.locator(".branch-card").inner_text()
+    page.screenshot(path=str(tmp_path / "matrix-overview.png"), full_page=True)
+
+    page.goto(dash.url + f"/commit/{head}")
+    boxes = page.locator("#sec-cells .cell-box")
+    expect(boxes).to_have_count(3)
+    assert boxes.first.locator("h3").inner_text() == "py3.9 failed"
+    assert "test_match" in boxes.first.inner_text()
+    assert boxes.nth(1).locator(".pill").inner_text() == "passed"
+    boxes.first.locator("summary").click()
+    assert "SyntaxError" in boxes.first.locator("pre").inner_text()
+    page.screenshot(path=str(tmp_path / "matrix-commit.png"), full_page=True)
+    assert not [m for m in page.console if "Content Security Policy" in m]

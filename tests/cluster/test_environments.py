@@ -321,3 +321,91 @@ def test_taking_a_tree_back_copies_its_hard_links_or_removes_them(tmp_path):
             assert not linked.exists()
         assert sorted(os.listdir(tree / "lib")) == (["module.py"] if copy_links else [])
     assert cache.stat().st_nlink == 1 and cache.read_text() == "installed\n"
+
+
+# ---- matrix cells: the cell's interpreter builds its environment ----------
+
+CELL_RECIPE = """[ci]
+setup = python -c "import os, sys; open('setup-seen', 'w').write(os.environ.get('CI_DJANGO', '-') + ' ' + sys.version[:4])"
+test = python -m unittest discover -s tests
+matrix_python = 3.12 3.13
+matrix_django = 4.2
+"""
+CELL_TEST = """import os, sys, unittest
+
+class TestCell(unittest.TestCase):
+    def test_cell(self):
+        with open('test-seen', 'w') as handle:
+            handle.write(os.environ.get('CI_DJANGO', '-') + ' ' + sys.version[:4])
+"""
+
+
+def cell_settings(clone: str, tmp_path):
+    from ci.runner.pipeline import Settings
+    cache = environments.EnvironmentCache(str(tmp_path / "envs"))
+    return Settings(clone, ProcessSlot(),
+                    environments.Preparer(recipe.Limits(timeout=120, setup_timeout=120), cache),
+                    1 << 20, checkout_timeout=60), cache
+
+
+def test_each_cell_builds_its_environment_with_its_own_interpreter(upstream, tmp_path):
+    """Two pyenv interpreters: each cell's venv is made by ``<python> -m
+    venv`` (its bin/python is that version), keyed by interpreter and axis
+    values; CI_DJANGO reaches the setup and the tests; the header names
+    the cell; the same cell again reuses its environment."""
+    from support.pythons import pyenv_python
+    from ci.runner import interpreters
+    from ci.runner.pipeline import execute
+    cells = {}
+    for version in ("3.12", "3.13"):
+        python = interpreters.resolve(pyenv_python(version), version)
+        cells[version] = interpreters.JobCell(f"py{version}-django4.2", python,
+                                              {"CI_DJANGO": "4.2"})
+    head = upstream.commit({".ci.ini": CELL_RECIPE, "tests/test_cell.py": CELL_TEST}, "cells")
+    clone = upstream.clone(tmp_path / "clone")
+    settings, cache = cell_settings(clone, tmp_path)
+    keys = set()
+    for version, cell in cells.items():
+        outcome = execute(settings, head, cell=cell)
+        assert outcome.verdict == "passed", outcome.output.decode()[-2000:]
+        assert outcome.header["cell"] == cell.name and outcome.header["setup"] == "built"
+        assert open(os.path.join(clone, "setup-seen")).read() == f"4.2 {version}"
+        assert open(os.path.join(clone, "test-seen")).read() == f"4.2 {version}"
+        key = cache.key(("python", "-c", CELL_RECIPE.splitlines()[1].split("-c ", 1)[1]
+                         .strip('"')), clone, ENV_FILES,
+                        environments.job_scope(None, False, head), cell)
+        keys.add(key)
+    envs = [name for _, name in cache.finished()]
+    assert len(envs) == 2
+    for name in envs:
+        version = subprocess.run([cache.python_of(name), "-c",
+                                  "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                 capture_output=True, text=True, timeout=30).stdout.strip()
+        assert version in cells
+    again = execute(settings, head, cell=cells["3.12"])
+    assert again.verdict == "passed" and again.header["setup"] == "reused"
+    other_axis = interpreters.JobCell("py3.12-django5.1", cells["3.12"].python,
+                                      {"CI_DJANGO": "5.1"})
+    assert cache.key(("x",), clone, ENV_FILES, MAIN, other_axis) != \
+        cache.key(("x",), clone, ENV_FILES, MAIN, cells["3.12"])
+    assert cache.key(("x",), clone, ENV_FILES, MAIN, cells["3.13"]) != \
+        cache.key(("x",), clone, ENV_FILES, MAIN, cells["3.12"])
+    # A commit without a matrix keeps the key it always had.
+    assert cache.key(("x",), clone, ENV_FILES, MAIN) == \
+        cache.key(("x",), clone, ENV_FILES, MAIN, interpreters.JobCell.plain())
+
+
+def test_a_cell_without_setup_still_runs_python_as_its_interpreter(upstream, tmp_path):
+    """No setup command: the cell still gets a bare environment, so that
+    ``python`` in its test command is the cell's interpreter."""
+    from support.pythons import pyenv_python
+    from ci.runner import interpreters
+    from ci.runner.pipeline import execute
+    python = interpreters.resolve(pyenv_python("3.13"), "3.13")
+    head = upstream.commit({".ci.ini": "[ci]\ntest = python -m unittest discover -s tests\n",
+                            "tests/test_cell.py": CELL_TEST}, "no setup")
+    clone = upstream.clone(tmp_path / "clone")
+    settings, _ = cell_settings(clone, tmp_path)
+    outcome = execute(settings, head, cell=interpreters.JobCell("py3.13", python, {}))
+    assert outcome.verdict == "passed", outcome.output.decode()[-2000:]
+    assert open(os.path.join(clone, "test-seen")).read() == "- 3.13"

@@ -78,6 +78,13 @@ def case_setup(case: str, base: pathlib.Path, clone: str, nobody):
         hidden = own_clone_in(base, private, nobody)
         return SYSTEM_PYTHON, hidden, [], (f"test user {nobody.pw_name} cannot enter and change "
                                            f"{hidden} (the clone): {closed}")
+    if case == "cell interpreter":
+        version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print('%d.%d' % "
+                                  "sys.version_info[:2])"], capture_output=True, text=True,
+                                 timeout=30).stdout.strip()
+        return SYSTEM_PYTHON, clone, ["--python", f"{version}={python}"], \
+            (f"test user {nobody.pw_name} cannot execute {python} (--python {version}, for "
+             f"matrix cells): {closed}")
     assert case == "environment folder"
     return SYSTEM_PYTHON, clone, ["--env-dir", str(private / "envs")], \
         (f"test user {nobody.pw_name} cannot pass through {private / 'envs'} (the environment "
@@ -91,7 +98,7 @@ def own_clone_in(base, folder, nobody) -> str:
 
 
 @pytest.mark.parametrize("case", ["runner python", "test command", "script interpreter",
-                                  "clone", "environment folder"])
+                                  "clone", "environment folder", "cell interpreter"])
 def test_a_runner_whose_test_user_cannot_use_what_it_needs_refuses_to_start(request, case):
     """Without the check such a runner started and gave every commit the
     verdict 'error' ("cannot start test command: Permission denied")."""

@@ -177,3 +177,28 @@ def write_history(results) -> list[str]:
     assert writer.ready.wait(10), "the history was not built"
     writer.stop()
     return commits
+
+
+MATCH_FAILURE = (b"E\n======================================================================\n"
+                 b"ERROR: test_match (tests.test_calc.TestCalc.test_match)\n"
+                 b"----------------------------------------------------------------------\n"
+                 b"SyntaxError: invalid syntax (calc.py, line 3)\n\nRan 1 test in 0.001s\n\n"
+                 b"FAILED (errors=1)\n")
+
+
+def write_matrix_result(folder, commit: str, previous: str | None = None) -> dict:
+    """A matrix commit as the dispatcher writes it: the commit's file with
+    the worst verdict and ``cells:``, and one file per cell beside it
+    (``<commit>.cell.<name>``); returns {cell: verdict}."""
+    cells = {"py3.9": "failed", "py3.12": "passed", "py3.13": "passed"}
+    write_result(folder, commit, "failed", b"py3.9: failed\npy3.12: passed\npy3.13: passed\n",
+                 previous=previous, subject="Use a match statement",
+                 cells=" ".join(f"{name}={verdict}" for name, verdict in cells.items()))
+    for name, verdict in cells.items():
+        fields = {"commit": commit, "verdict": verdict, "cell": name, "tests": "1",
+                  "failures": "0", "errors": "1" if verdict == "failed" else "0",
+                  "skipped": "0", "runner": f"runner-{name}", "duration": "0.31"}
+        output = MATCH_FAILURE if verdict == "failed" else b".\nRan 1 test in 0.001s\n\nOK\n"
+        atomic_write(os.path.join(str(folder), f"{commit}.cell.{name}"),
+                     encode_fields(fields) + b"\n" + output, fsync=False)
+    return cells

@@ -271,3 +271,23 @@ def test_recipe_keys_are_checked_and_capped():
     matcher = recipe.QuarantineMatcher(("t.test_a[1]", "u.*"))
     assert matcher.matches(("t.test_a[1]",)) == ["t.test_a[1]"]
     assert matcher.matches(("t.test_a1",)) == [] and matcher.matches(("u.x",)) == ["u.*"]
+
+
+def test_the_dispatcher_checks_the_flaky_counts_and_takes_them_from_the_records():
+    from ci.outcome import Outcome
+    from ci.wire import ProtocolError, encode_fields
+
+    def body(fields, xml=b""):
+        head = {"verdict": "passed", **fields}
+        if xml:
+            head["junit_bytes"] = len(xml)
+        return encode_fields(head) + b"\n" + xml + b"out"
+
+    with pytest.raises(ProtocolError, match="flaky must be a whole number"):
+        Outcome.from_body(body({"flaky": "-1"}))
+    plain = Outcome.from_body(body({"flaky": "2", "quarantined_failing": "not json"}))
+    assert plain.header["flaky"] == 2 and "quarantined_failing" not in plain.header
+    xml = results.format_junit([rec("a", "flaky"), rec("b", quarantined=True)])
+    forged = Outcome.from_body(body({"flaky": "9", "quarantined": "0"}, xml))
+    assert (forged.header["flaky"], forged.header["quarantined_failed"]) == (1, 1)
+    assert forged.header["failures"] == 0

@@ -88,6 +88,17 @@ def check_test_user(user, repo: str, preparer, test_command: list[str] | None,
         check_program(user, preparer.limits.setup[0], "the setup command", repo, env, True)
 
 
+def check_interpreters(user, interpreters: dict, repo: str, env: dict) -> None:
+    """Each ``--python`` interpreter started as the user, as named and
+    resolved (a cell's environment links to it), so that a cell is never
+    given an interpreter its tests cannot run."""
+    for version, interpreter in sorted(interpreters.items()):
+        role = f"--python {version}, for matrix cells"
+        for path in dict.fromkeys((interpreter.executable,
+                                   os.path.realpath(interpreter.executable))):
+            check_python(user, path, role, repo, env)
+
+
 def runner_pythons() -> list[str]:
     """The interpreter the default test command runs and the one a new
     environment's ``bin/python`` links to (venv uses the base one), each
