@@ -32,6 +32,8 @@ DEFAULT_CHECKOUT_TIMEOUT = 300.0
 # The most of the checkout's output kept (its last line has the metadata).
 CHECKOUT_LOG_LIMIT = 64 * 1024
 META_FIELDS = ("commit", "author", "committed", "subject")
+# A rerun is not started with less than this left of the tests' time limit.
+MIN_RERUN_SECONDS = 1.0
 
 
 @dataclasses.dataclass
@@ -73,6 +75,8 @@ class JobPipeline:
         self.scope = scope or environments.job_scope(None, False, commit)
         self.cell = cell or JobCell.plain()
         self.started = time.time()
+        # When the tests' time limit runs out (set as they start).
+        self.deadline = time.monotonic()
         self.fields: dict = {
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "exit_code": -1}
@@ -155,6 +159,8 @@ class JobPipeline:
                 note = f"shard {self.shard.index}/{self.shard.total}: {line.label}, " \
                        "nothing to run\n"
                 return self._finish(setup_log + note.encode(), verdict="passed", exit_code=0)
+            # The reruns of failing tests share the tests' time limit.
+            self.deadline = time.monotonic() + prepared.timeout
             try:
                 code, timed_out = self._run_tests(line.argv, prepared, capture, out)
             except OSError as exc:
@@ -189,12 +195,14 @@ class JobPipeline:
 
     def _run_tests(self, argv: list[str], prepared: environments.Prepared,
                    capture: junit_capture.Capture, out) -> tuple[int, bool]:
-        """One run of a test command in the slot: (exit code, timed out)."""
+        """One run of a test command in the slot, within what is left of
+        the time limit: (exit code, timed out)."""
         settings = self.settings
         if settings.slot.user and capture.tmp:
             # The recorder runs as the test user and writes its file here.
             settings.slot.user.own(capture.tmp)
-        return settings.slot.run(argv, settings.repo, prepared.timeout, out, prepared.env)
+        left = max(self.deadline - time.monotonic(), 0.001)
+        return settings.slot.run(argv, settings.repo, left, out, prepared.env)
 
     def rerun_and_quarantine(self, prepared: environments.Prepared,
                              line: command_line.CommandLine,
@@ -221,6 +229,9 @@ class JobPipeline:
             argv = command_line.rerun(settings.repo, line, plan.todo, capture)
             if argv is None:
                 plan.took(None, "this test command's tests cannot be run by name")
+                return b""
+            if self.deadline - time.monotonic() < MIN_RERUN_SECONDS:
+                plan.took(None, "the time limit is used up")
                 return b""
             head = f"\n[ci] ===== rerun of {len(plan.todo)} failing tests =====\n".encode()
             try:

@@ -59,10 +59,8 @@ def longest_job(args, preparer: environments.Preparer) -> float:
     as a recipe may raise it.  The dispatcher's job deadline must not run
     out before it (a first build would be reassigned and built again)."""
     cap = None if args.ignore_repo_recipe else args.max_timeout
-    # The tests, then each rerun of the failing ones, may take that long.
-    runs = 1 + (args.rerun_failures if args.ignore_repo_recipe
-                else max(args.rerun_failures, args.max_rerun_failures))
-    test = max(args.timeout, cap or 0) * runs
+    # Reruns of failing tests share the tests' time limit (pipeline.py).
+    test = max(args.timeout, cap or 0)
     setup = 0.0 if preparer.cache is None else max(args.setup_timeout, cap or 0)
     return args.checkout_timeout + setup + test
 
