@@ -41,18 +41,23 @@ SHARDS_FIELD_RE = re.compile(r"([1-9][0-9]{0,2})/([1-9][0-9]{0,2})(?: (whole|ski
 # Free text a runner may send, flattened and capped.
 TEXT_FIELDS = ("runner", "started", "reason", "subject", "author", "committed")
 
-# In a ``results`` body only: the length of the JUnit XML after the blank line.
+# In a ``results`` body only: the length of the JUnit XML after the blank
+# line, and of the per-test records (``results.format_records``) after it.
 JUNIT_BYTES_FIELD = "junit_bytes"
+RECORDS_BYTES_FIELD = "records_bytes"
 
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     """``header``: the result file's fields (values str or int), kept in
     ``RESULT_FIELDS`` order; any other key is a bug and refused.
-    ``output``: the raw test output.  ``records``: the per-test records the
-    dispatcher parsed, or None when there are none (no XML is written then,
-    and a stale one is removed; an empty tuple is a document with no tests,
-    which is written).  ``junit_xml``: the XML a runner sends (b"": none)."""
+    ``output``: the raw test output.  ``records``: the per-test records
+    (the runner's, sent in a format of our own, or the dispatcher's, read
+    from them), or None when there are none (no XML is written then, and a
+    stale one is removed; an empty tuple is a document with no tests,
+    which is written).  ``junit_xml``: the same records as JUnit XML the
+    runner also sends, for dispatchers from before the records part
+    (b"": none); a dispatcher of this version reads the records."""
     header: Mapping[str, str | int]
     output: bytes = b""
     records: tuple[TestRecord, ...] | None = None
@@ -86,24 +91,31 @@ class Outcome:
 
     # ---- the ``results`` message body -------------------------------------
     def to_body(self) -> bytes:
-        """The header plus, when there is XML, ``junit_bytes: N``; the blank
-        line; N bytes of XML; the output.  Without XML it is the old style
-        body (the result file's bytes), which older dispatchers read."""
+        """The header plus ``junit_bytes: N`` when there is XML and
+        ``records_bytes: M`` when there are records; the blank line; N
+        bytes of XML; M bytes of records; the output.  Without either it is
+        the old style body (the result file's bytes).  An older dispatcher
+        reads the XML and takes the records part for output."""
         head = dict(self.header)
+        records = b""
         if self.junit_xml:
             head[JUNIT_BYTES_FIELD] = len(self.junit_xml)
-        return encode_fields(head) + b"\n" + self.junit_xml + self.output
+        if self.records is not None:
+            records = results.format_records(self.records)
+            head[RECORDS_BYTES_FIELD] = len(records)
+        return encode_fields(head) + b"\n" + self.junit_xml + records + self.output
 
     @classmethod
     def from_body(cls, body: bytes) -> Outcome:
         """The outcome a runner's ``results`` body describes, checked as
         the dispatcher must: ProtocolError (its text is the reply) for a
         malformed body or a bad verdict, integer or duration; other values
-        that do not fit are dropped; the counts come from the JUnit records
-        when they parse (a forged header cannot disagree with the XML)."""
-        raw, junit, output = split_body(body)
+        that do not fit are dropped; the counts come from the per-test
+        records when they parse (a forged header cannot disagree with them):
+        the records part, or from an older runner the JUnit XML."""
+        raw, parts, output = split_body(body)
         header = checked_header(raw)
-        added, records = junit_part(raw, junit)
+        added, records = records_part(raw, parts)
         if records is not None:
             # The records decide these too, also when they are 0.
             for name in (*results.EXTRA_COUNTS, "quarantined_failing"):
@@ -112,20 +124,37 @@ class Outcome:
         return cls(header, output, records)
 
 
-def split_body(body: bytes) -> tuple[dict[str, str], bytes, bytes]:
-    """(fields, JUnit XML or b"", output); ProtocolError if malformed.  A
-    body without ``junit_bytes`` is the old style and means the same."""
+@dataclasses.dataclass(frozen=True)
+class BodyParts:
+    """What a ``results`` body carries between its blank line and its
+    output: the JUnit XML (b"": none) and the records part (None: none,
+    as from a runner before it)."""
+    junit_xml: bytes = b""
+    records: bytes | None = None
+
+
+def split_body(body: bytes) -> tuple[dict[str, str], BodyParts, bytes]:
+    """(fields, the parts, output); ProtocolError if malformed.  A body
+    without ``junit_bytes`` or ``records_bytes`` is the old style."""
     head, sep, rest = body.partition(b"\n\n")
     if not sep:
         raise ProtocolError("results body needs fields, a blank line, then output")
     fields = decode_fields(head)
-    size = fields.pop(JUNIT_BYTES_FIELD, None)
+    xml, rest = _cut(fields, JUNIT_BYTES_FIELD, "the XML that follows the blank line", rest)
+    records, rest = _cut(fields, RECORDS_BYTES_FIELD, "the records that follow the XML", rest)
+    return fields, BodyParts(xml or b"", records), rest
+
+
+def _cut(fields: dict[str, str], name: str, what: str,
+         rest: bytes) -> tuple[bytes | None, bytes]:
+    """(the part ``fields[name]`` gives the length of, or None without
+    that field; what follows it); the field itself is taken out."""
+    size = fields.pop(name, None)
     if size is None:
-        return fields, b"", rest
+        return None, rest
     if not re.fullmatch(r"[0-9]{1,10}", size) or int(size) > len(rest):
-        raise ProtocolError(f"{JUNIT_BYTES_FIELD} must be the length of the XML "
-                            "that follows the blank line")
-    return fields, rest[:int(size)], rest[int(size):]
+        raise ProtocolError(f"{name} must be the length of {what}")
+    return rest[:int(size)], rest[int(size):]
 
 
 def checked_header(raw: dict[str, str]) -> dict:
@@ -181,18 +210,23 @@ def flaky_fields(raw: dict[str, str]) -> dict:
     return fields
 
 
-def junit_part(raw: dict[str, str], junit: bytes) -> tuple[dict, tuple | None]:
-    """(header fields, records) of a body's JUnit part.  The XML came from
-    a runner whose tests may have forged it: it is parsed here, and when it
-    holds records the counts are theirs, so the result file and the XML can
-    never disagree; when it does not parse, ``junit: unreadable`` and no
-    records.  The runner's own ``junit`` note is kept otherwise."""
+def records_part(raw: dict[str, str], parts: BodyParts) -> tuple[dict, tuple | None]:
+    """(header fields, records) of a body's per-test parts: the records
+    part, or without one (an older runner) the JUnit XML; the XML beside
+    a records part is not read.  Either came from a runner whose tests may
+    have forged it: it is parsed here, and when it holds records the counts
+    are theirs, so the result file and the XML can never disagree; when it
+    does not parse, ``junit: unreadable`` and no records.  The runner's own
+    ``junit`` note is kept otherwise."""
     added: dict = {}
     if raw.get("junit"):
         added["junit"] = one_line(raw["junit"], 100)
-    if not junit:
+    if parts.records is not None:
+        records, note = results.records_or_note(parts.records, results.parse_records)
+    elif parts.junit_xml:
+        records, note = results.records_or_note(parts.junit_xml)
+    else:
         return added, None
-    records, note = results.records_or_note(junit)
     if records is None:
         added["junit"] = note
         return added, None

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from ci.files import atomic_write
@@ -107,10 +108,17 @@ COUNTED_AS = {FAILED: "failures", XPASS: "failures", ERROR: "errors", SKIPPED: "
 TEST, SUBTEST, FIXTURE = "", "subtest", "fixture"
 KINDS = (TEST, SUBTEST, FIXTURE)
 
-MAX_JUNIT_BYTES = 8 * 1024 * 1024
-MAX_RECORDS = 10_000
+# The limits keep 100,000 tests of one commit (with room for their subtest
+# and fixture records) while bounding memory: a record in memory is about
+# 250 bytes besides its text (slots, classnames shared), so 150,000 of them
+# are under 40 MB, and their text is bounded by the byte caps (a document
+# of at most MAX_JUNIT_BYTES, a records part of at most MAX_RECORDS_BYTES,
+# which a --max-message-size of 16 MiB keeps to less).
+MAX_JUNIT_BYTES = 32 * 1024 * 1024
+MAX_RECORDS_BYTES = 32 * 1024 * 1024
+MAX_RECORDS = 150_000
 # Elements of any kind (properties, system-out...): bounds the parse's memory.
-MAX_ELEMENTS = 200_000
+MAX_ELEMENTS = 600_000
 NAME_LIMIT = 500
 MESSAGE_LIMIT = 1000
 TRACEBACK_LIMIT = 4000
@@ -122,7 +130,7 @@ class JunitError(Exception):
     """A JUnit document we will not use (too large, a DTD, malformed...)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class TestRecord:
     __test__ = False  # not a test class, whatever pytest thinks of the name
 
@@ -151,10 +159,12 @@ _XML_BAD = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 def _block(text: str, limit: int) -> str:
     """Multi-line untrusted text fit for XML: no characters XML forbids,
-    and at most ``limit`` characters (the end kept: it names the error)."""
+    and at most ``limit`` characters, a note of the cut among them (the
+    end kept: it names the error), so cutting again changes nothing."""
     text = _XML_BAD.sub("?", text)
     if len(text) > limit:
-        text = f"[... {len(text) - limit} characters cut ...]\n" + text[-limit:]
+        note = f"[... {len(text) - limit} characters cut ...]\n"
+        text = note[:limit] + text[len(text) - max(limit - len(note), 0):]
     return text
 
 
@@ -169,7 +179,8 @@ def _number(value, default: float = 0.0) -> float:
 def clean_record(record: TestRecord) -> TestRecord:
     """The record with every field flattened and capped (names one line)."""
     return TestRecord(
-        classname=one_line(record.classname, NAME_LIMIT),
+        # One string per class, however many of its tests there are.
+        classname=sys.intern(one_line(record.classname, NAME_LIMIT)),
         name=one_line(record.name, NAME_LIMIT),
         outcome=record.outcome if record.outcome in OUTCOMES else ERROR,
         duration=round(_number(record.duration), 3),
@@ -272,58 +283,173 @@ def merge_records(shards: list[list[TestRecord]]) -> list[TestRecord]:
 
 
 # --------------------------------------------------------------------------
+# Per-test records in a format of our own: what JUnit XML has no word for
+# (a record's kind, a subtest's description, xfail and xpass) travels in it
+# from the recorder to the runner and from the runner to the dispatcher.
+# One JSON array a line, the fields in RECORD_FIELDS order with trailing
+# defaults left out (about 60 bytes a passing test); a field added later
+# goes at the end, and readers ignore positions they do not know.
+
+# ``quarantined`` (matched by the recipe's quarantine) came later: records
+# without it parse, as not quarantined.
+RECORD_FIELDS = ("classname", "name", "outcome", "duration", "message", "traceback",
+                 "kind", "subtest", "quarantined")
+_DEFAULTS = tuple(getattr(TestRecord("", ""), field) for field in RECORD_FIELDS)
+
+
+def shorten(records: list[TestRecord], traceback_limit: int) -> list[TestRecord]:
+    """The records with tracebacks of at most ``traceback_limit``
+    characters (0: none), to fit a budget."""
+    if traceback_limit >= TRACEBACK_LIMIT:
+        return list(records)
+    return [dataclasses.replace(record, traceback=_traceback(record, traceback_limit))
+            for record in records]
+
+
+def _traceback(record: TestRecord, limit: int) -> str:
+    return _block(record.traceback, limit) if limit and record.traceback else ""
+
+
+def format_records(records: list[TestRecord], traceback_limit: int = TRACEBACK_LIMIT) -> bytes:
+    """The records, one JSON line each (``parse_records`` reads them),
+    tracebacks cut as ``shorten`` cuts them."""
+    lines = []
+    for record in records:
+        values = [getattr(record, field) for field in RECORD_FIELDS]
+        values[RECORD_FIELDS.index("traceback")] = _traceback(record, traceback_limit)
+        while values and values[-1] == _DEFAULTS[len(values) - 1]:
+            values.pop()
+        lines.append(json.dumps(values, separators=(",", ":")))
+    return "".join(line + "\n" for line in lines).encode("utf-8")
+
+
+def parse_records(data: bytes, max_bytes: int = MAX_RECORDS_BYTES,
+                  max_records: int = MAX_RECORDS) -> list[TestRecord]:
+    """The records of a ``format_records`` document, each cleaned and
+    capped as any untrusted record; JunitError if it is too large, not
+    UTF-8, has too many lines, or a line that is no array of the fields'
+    types."""
+    if len(data) > max_bytes:
+        raise JunitError(f"records of {len(data)} bytes exceed the limit of {max_bytes}")
+    try:
+        # Split at newlines only: str.splitlines() also splits at U+0085
+        # and U+2028, which a JSON string may hold as they are.
+        lines = [line for line in data.decode("utf-8").split("\n") if line.strip()]
+    except UnicodeDecodeError:
+        raise JunitError("test records are not UTF-8") from None
+    if len(lines) > max_records:
+        raise JunitError(f"more than {max_records} test records")
+    return [_record_of(line, number) for number, line in enumerate(lines, 1)]
+
+
+_DECODER = json.JSONDecoder()
+# Each field's type is its default's (a float field also takes an integer).
+_TYPES = tuple(type(default) for default in _DEFAULTS)
+
+
+def _record_of(line: str, number: int) -> TestRecord:
+    try:
+        values, end = _DECODER.raw_decode(line)
+    except (ValueError, RecursionError):
+        raise JunitError(f"test record {number} is not JSON") from None
+    if not isinstance(values, list) or len(values) < 2 or line[end:].strip():
+        raise JunitError(f"test record {number} is not an array of its fields")
+    values = values[:len(RECORD_FIELDS)] + list(_DEFAULTS[len(values):])
+    for value, kind in zip(values, _TYPES):
+        if type(value) is not kind and not (kind is float and type(value) is int):
+            raise JunitError(f"test record {number} has a field of the wrong type")
+    return clean_record(TestRecord(*values))
+
+
+# --------------------------------------------------------------------------
 # JUnit XML: writing.
 
-_CHILD = {FAILED: "failure", XPASS: "failure", ERROR: "error", SKIPPED: "skipped"}
+# Each outcome as junit-10.xsd (the schema of Jenkins' xunit plugin, which
+# pytest's own files follow) can say it: a child element and its ``type``.
+# An expected failure is a skip of type ``xfail``, as pytest writes it
+# (``pytest.xfail``); an unexpected success a failure of its own type.
+# A flaky test (failed, then passed when run again) is a passing testcase
+# with Maven Surefire's ``flakyFailure`` child, its failed try.
+_CHILD = {FAILED: ("failure", ""), XPASS: ("failure", "unexpected success"),
+          ERROR: ("error", ""), SKIPPED: ("skipped", ""), XFAIL: ("skipped", "xfail"),
+          FLAKY: ("flakyFailure", "failure")}
+# The suite property naming a quarantined test (its testcase's key, see
+# ``_case_key``): testcase allows no attribute for it, testsuite has
+# properties.
+QUARANTINED_PROPERTY = "ci.quarantined"
 
 
 def format_junit(records: list[TestRecord], name: str = "tests",
                  traceback_limit: int = TRACEBACK_LIMIT) -> bytes:
-    """JUnit XML as Jenkins and GitLab read it: ``testsuites`` with one
-    ``testsuite``; a ``testcase`` per record with a ``failure``, ``error``
-    or ``skipped`` child.  The suite's counts are ``count_records``' (the
-    text header's), which for unittest subtests and fixtures is not the
-    number of testcase elements.  ``outcome``, ``kind`` and ``subtest``
-    attributes keep what JUnit has no word for (xfail, xpass, parts);
-    readers that do not know them ignore them."""
+    """JUnit XML any consumer accepts (it follows junit-10.xsd):
+    ``testsuites`` with one ``testsuite``; a ``testcase`` per record with
+    a ``failure``, ``error`` or ``skipped`` child.  The suite's counts are
+    ``count_records``' (the text header's), which for unittest subtests and
+    fixtures is not the number of testcase elements, and which count an
+    expected failure as no skip.  A subtest's description is part of its
+    ``name``; what the schema has no attribute for (a record's kind) is in
+    the records the runner sends (``format_records``), not here.  A flaky
+    test is a passing testcase with a ``flakyFailure`` child; quarantined
+    tests are named by the suite's ``ci.quarantined`` properties."""
     records = [clean_record(r) for r in records]
     counts = count_records(records)
     total = f"{sum(r.duration for r in records):.3f}"
     attrs = {"name": one_line(name, NAME_LIMIT), "tests": str(counts["tests"]),
              "failures": str(counts["failures"]), "errors": str(counts["errors"]),
-             "skipped": str(counts["skipped"]), "time": total}
+             "time": total}
     root = ET.Element("testsuites", attrs)
-    suite = ET.SubElement(root, "testsuite", attrs)
+    suite = ET.SubElement(root, "testsuite", attrs, skipped=str(counts["skipped"]))
+    quarantined = list(dict.fromkeys(_case_key(r.classname, _case_name(r))
+                                     for r in records if r.quarantined))
+    if quarantined:
+        # The schema puts a suite's properties before its testcases.
+        properties = ET.SubElement(suite, "properties")
+        for key in quarantined:
+            ET.SubElement(properties, "property", name=QUARANTINED_PROPERTY, value=key)
     for record in records:
         case = ET.SubElement(suite, "testcase", {
-            "classname": record.classname,
-            "name": f"{record.name} {record.subtest}" if record.subtest else record.name,
+            "classname": record.classname, "name": _case_name(record),
             "time": f"{record.duration:.3f}"})
-        if record.outcome != PASSED:
-            case.set("outcome", record.outcome)
-        if record.kind != TEST:
-            case.set("kind", record.kind)
-        if record.subtest:
-            case.set("subtest", record.subtest)
-        if record.quarantined:
-            case.set("quarantined", "true")
-        traceback = _block(record.traceback, traceback_limit) if traceback_limit else ""
-        tag = _CHILD.get(record.outcome)
-        if record.outcome == FLAKY:
-            # Maven Surefire's mark: a passing testcase with its failed try.
-            child = ET.SubElement(case, "flakyFailure", {"message": record.message,
-                                                         "type": "failure"})
-            ET.SubElement(child, "stackTrace").text = traceback
-        elif tag:
+        tag, kind = _CHILD.get(record.outcome, ("", ""))
+        if tag:
             child = ET.SubElement(case, tag, {"message": record.message})
-            if record.outcome == XPASS:
-                child.set("type", "unexpected success")
-            child.text = traceback
-        elif record.message or traceback:
-            # An expected failure's reason: no JUnit child counts it.
-            ET.SubElement(case, "system-out").text = record.message + "\n" + traceback
+            if kind:
+                child.set("type", kind)
+            if traceback_limit and record.traceback:
+                if record.outcome == FLAKY:
+                    # Surefire keeps a flaky try's traceback in a stackTrace.
+                    ET.SubElement(child, "stackTrace").text = _traceback(record,
+                                                                         traceback_limit)
+                else:
+                    child.text = _traceback(record, traceback_limit)
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+def _case_name(record: TestRecord) -> str:
+    """A record's testcase ``name``: a subtest's description is part of it."""
+    return f"{record.name} {record.subtest}" if record.subtest else record.name
+
+
+def _case_key(classname: str, name: str) -> str:
+    """How a ``ci.quarantined`` property names a testcase: the id its
+    ``classname`` and ``name`` attributes make (what ``TestRecord.id`` is
+    for the record read back)."""
+    return f"{classname}.{name}" if classname else name
+
+
+def fit_junit(records: list[TestRecord], budget: int, name: str = "tests") -> bytes | None:
+    """The records as XML within ``budget`` bytes, shortening tracebacks
+    if it must (the message of each stays); None if even that is too big."""
+    for limit in TRACEBACK_STEPS:
+        xml = format_junit(records, name, traceback_limit=limit)
+        if len(xml) <= budget:
+            return xml
+    return None
+
+
+# How far tracebacks are cut, step by step, to make records fit a budget.
+TRACEBACK_STEPS = (TRACEBACK_LIMIT, 1000, 200, 0)
 
 
 # --------------------------------------------------------------------------
@@ -347,20 +473,26 @@ def _flaky_try(children: dict) -> tuple[str, str] | None:
     if flaky is None:
         return None
     trace = flaky.find("stackTrace")
-    return flaky.get("message") or "", "" if trace is None else (trace.text or "")
+    text = flaky.text if trace is None else trace.text
+    return flaky.get("message") or "", text or ""
 
 
-def _record_from(case) -> TestRecord:
+def _record_from(case, quarantined: set[str] = frozenset()) -> TestRecord:
+    """The record of one testcase element; ``quarantined``: the keys the
+    suite's ``ci.quarantined`` properties name so far."""
     children = {_tag(child): child for child in reversed(list(case))}
     outcome, detail = PASSED, None
     for tag, result in (("failure", FAILED), ("error", ERROR), ("skipped", SKIPPED)):
         if tag in children:
             outcome, detail = result, children[tag]
             break
+    # ``outcome``, ``kind`` and ``subtest`` attributes: files written before
+    # they moved out of the XML (the dashboard still reads those).
     declared = case.get("outcome", "")
-    if outcome == FAILED and declared == XPASS:
+    child_type = "" if detail is None else detail.get("type")
+    if outcome == FAILED and (declared == XPASS or child_type == "unexpected success"):
         outcome = XPASS
-    elif outcome == SKIPPED and (declared == XFAIL or detail.get("type") == "pytest.xfail"):
+    elif outcome == SKIPPED and (declared == XFAIL or child_type in ("xfail", "pytest.xfail")):
         outcome = XFAIL
     elif outcome == PASSED and declared == XFAIL:
         outcome, detail = XFAIL, children.get("system-out")
@@ -382,7 +514,8 @@ def _record_from(case) -> TestRecord:
         classname=case.get("classname") or "", name=name, outcome=outcome,
         duration=_number(case.get("time")), message=message, traceback=traceback,
         kind=kind if kind in KINDS else TEST, subtest=subtest,
-        quarantined=case.get("quarantined") == "true"))
+        quarantined=_case_key(case.get("classname") or "", case.get("name") or "")
+        in quarantined))
 
 
 def parse_junit(data: bytes, max_bytes: int = MAX_JUNIT_BYTES,
@@ -407,6 +540,8 @@ def parse_junit(data: bytes, max_bytes: int = MAX_JUNIT_BYTES,
     parser = ET.XMLPullParser(events=("start", "end"))
     records: list[TestRecord] = []
     counted = {"elements": 0, "depth": 0}
+    # Keys of quarantined tests: a suite's properties come before its testcases.
+    quarantined: set[str] = set()
 
     def take_events() -> None:
         for event, element in parser.read_events():
@@ -417,6 +552,9 @@ def parse_junit(data: bytes, max_bytes: int = MAX_JUNIT_BYTES,
                 if _tag(element) == "testcase":
                     counted["depth"] += 1
                 continue
+            if _tag(element) == "property" and not counted["depth"] \
+                    and element.get("name") == QUARANTINED_PROPERTY:
+                quarantined.add(element.get("value") or "")
             if _tag(element) != "testcase":
                 continue
             counted["depth"] -= 1
@@ -424,7 +562,7 @@ def parse_junit(data: bytes, max_bytes: int = MAX_JUNIT_BYTES,
                 continue  # a testcase inside a testcase is not ours to count
             if len(records) >= max_records:
                 raise JunitError(f"JUnit file has more than {max_records} test cases")
-            records.append(_record_from(element))
+            records.append(_record_from(element, quarantined))
             element.clear()  # memory stays bounded by the records kept
 
     try:
@@ -439,10 +577,11 @@ def parse_junit(data: bytes, max_bytes: int = MAX_JUNIT_BYTES,
     return records
 
 
-def records_or_note(data: bytes) -> tuple[list[TestRecord] | None, str]:
-    """(records, "") or (None, "unreadable") with the reason logged."""
+def records_or_note(data: bytes, parse=parse_junit) -> tuple[list[TestRecord] | None, str]:
+    """(records, "") or (None, "unreadable") with the reason logged;
+    ``parse``: ``parse_junit`` or ``parse_records``."""
     try:
-        return parse_junit(data), ""
+        return parse(data), ""
     except JunitError as exc:
         log.warning("JUnit results unreadable: %s", exc)
         return None, "unreadable"
@@ -468,7 +607,13 @@ def write_junit(results_dir: str, commit: str, records: list[TestRecord] | None)
         except FileNotFoundError:
             pass
         return
-    atomic_write(path, format_junit(records, name=commit))
+    # Within the size every reader takes (the dashboard's), tracebacks cut if need be.
+    xml = fit_junit(records, MAX_JUNIT_BYTES, name=commit)
+    if xml is None:
+        log.warning("JUnit XML of %d records exceeds %d bytes even without tracebacks",
+                    len(records), MAX_JUNIT_BYTES)
+        xml = format_junit(records, name=commit, traceback_limit=0)
+    atomic_write(path, xml)
 
 
 VERDICTS = ("passed", "failed", "error", "timeout")

@@ -8,6 +8,11 @@ discovery would load them; ``--path-first DIR``: DIR goes first on
 sys.path, where discovery puts its top folder (a shard's modules and a
 rerun's test ids are named from it).
 
+It writes OUTPUT.xml, JUnit XML within junit-10.xsd (the schema of Jenkins'
+xunit plugin), and OUTPUT.xml.records, every record in the CI's own format
+(one JSON array a line), with what JUnit has no word for: a subtest or a
+fixture (setUpClass...) as unittest counts it.
+
 The runner ships this file and starts it by path, from the tested clone's
 root.  Run as a script, Python puts this file's folder first on sys.path;
 it is replaced by the current folder at once, before anything else is
@@ -171,7 +176,11 @@ def _clean(text):
     return str(text).translate(_XML_BAD).encode("utf-8", "replace").decode("utf-8")
 
 
-_CHILD = {"failed": "failure", "xpass": "failure", "error": "error", "skipped": "skipped"}
+# Each outcome as junit-10.xsd (Jenkins' xunit plugin's schema) says it: a
+# child and its type.  An expected failure is a skip of type xfail, as
+# pytest writes it; the record's kind is in the records file only.
+_CHILD = {"failed": ("failure", ""), "xpass": ("failure", "unexpected success"),
+          "error": ("error", ""), "skipped": ("skipped", ""), "xfail": ("skipped", "xfail")}
 
 
 def _attr(text):
@@ -193,35 +202,55 @@ def _element(tag, attrs, text=None):
 
 
 def write_junit(path, records):
-    """The records as JUnit XML (the CI re-reads it as untrusted input and
-    computes every count itself)."""
+    """The records as JUnit XML within junit-10.xsd, for whoever runs this
+    script by hand (the CI reads the records file, ``write_records``)."""
     lines = ["<?xml version='1.0' encoding='utf-8'?>", "<testsuites>",
-             '<testsuite name="unittest" tests="%d">' % len(records)]
+             '<testsuite name="unittest" tests="%d" failures="%d" errors="%d">' % (
+                 len(records), sum(r["outcome"] in ("failed", "xpass") for r in records),
+                 sum(r["outcome"] == "error" for r in records))]
     for record in records:
         name = record["name"]
         if record["subtest"]:
             name = "%s %s" % (name, record["subtest"])
         attrs = [("classname", record["classname"]), ("name", name),
                  ("time", "%.6f" % record["duration"])]
-        if record["outcome"] != "passed":
-            attrs.append(("outcome", record["outcome"]))
-        if record["kind"]:
-            attrs.append(("kind", record["kind"]))
-        if record["subtest"]:
-            attrs.append(("subtest", record["subtest"]))
-        tag = _CHILD.get(record["outcome"])
-        if tag:
-            child = _element(tag, [("message", record["message"])], record["traceback"])
-        elif record["outcome"] == "xfail":
-            child = _element("system-out", [],
-                             record["message"] + "\n" + record["traceback"])
-        else:
+        tag, kind = _CHILD.get(record["outcome"], ("", ""))
+        if not tag:
             lines.append(_element("testcase", attrs))
             continue
+        child_attrs = [("message", record["message"])] + ([("type", kind)] if kind else [])
+        child = _element(tag, child_attrs, record["traceback"])
         lines.append(_element("testcase", attrs)[:-3] + ">" + child + "</testcase>")
     lines += ["</testsuite>", "</testsuites>", ""]
     with open(path, "wb") as handle:
         handle.write("\n".join(lines).encode("utf-8"))
+
+
+# The CI's own format (ci/results.py, format_records): one JSON array a
+# line, these fields in this order; the runner reads it from OUTPUT.records.
+RECORD_FIELDS = ("classname", "name", "outcome", "duration", "message", "traceback",
+                 "kind", "subtest")
+RECORDS_SUFFIX = ".records"
+
+
+_JSON_ESCAPES = {c: "\\u%04x" % c for c in range(32)}
+_JSON_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\"})
+
+
+def _json_value(value):
+    """One field as JSON, written by hand: ``import json`` here would
+    find a project's own json.py first (its folder leads sys.path)."""
+    if isinstance(value, float):
+        return repr(value) if value == value and abs(value) != float("inf") else "0"
+    return '"%s"' % _clean(value).translate(_JSON_ESCAPES)
+
+
+def write_records(path, records):
+    """Every record with all it knows (kinds, subtests, xfail), for the CI."""
+    with open(path, "wb") as handle:
+        for record in records:
+            values = ",".join(_json_value(record[field]) for field in RECORD_FIELDS)
+            handle.write(("[%s]\n" % values).encode("utf-8"))
 
 
 def main(argv):
@@ -249,6 +278,7 @@ def main(argv):
         if result is not None:
             try:
                 write_junit(output, result.records)
+                write_records(output + RECORDS_SUFFIX, result.records)
             except Exception as exc:  # the run's verdict matters more
                 sys.stderr.write("unittest_recorder: cannot write %s: %s\n" % (output, exc))
     return 0

@@ -12,8 +12,11 @@ The command line itself is built by ``command_line``; this module gives
 it the report file and reads what the run left.
 
 The temporary file lives in a private folder outside the clone and is
-removed afterwards.  Whatever is found is capped, parsed by
-``results.parse_junit`` and sent on re-written by ``results.format_junit``.
+removed afterwards.  Whatever is found is capped and parsed (the
+recorder's records file by ``results.parse_records``, any JUnit XML by
+``results.parse_junit``) and sent on as records in our own format, with
+the same records as schema-valid JUnit XML (``results.format_junit``)
+for older dispatchers when both fit.
 """
 
 from __future__ import annotations
@@ -48,19 +51,24 @@ def use_recorder(path: str) -> None:
 MAX_FILES = 200
 
 
+# The recorder writes every record, in our own format, beside its XML.
+RECORDS_SUFFIX = ".records"
+
+
 @dataclasses.dataclass
 class Collected:
-    """What a run's JUnit files gave: the XML to send (b"" if none), the
-    counts taken from its records (None: keep the summary's), the
-    ``junit`` header note ("" when all went well) and the records (None:
-    none could be used)."""
+    """What a run's JUnit files gave: the records to send (None if none;
+    tracebacks shortened to fit), the XML of them for older dispatchers
+    (b"" if it did not fit too), the counts taken from them (None: keep
+    the summary's) and the ``junit`` header note ("" when all went well)."""
+    records: list | None = None
     xml: bytes = b""
     counts: dict | None = None
     note: str = ""
-    records: list[results.TestRecord] | None = None
+    size: int = 0  # the bytes the records part and the XML take in the body
 
     def fields(self) -> dict:
-        """The header fields to add (the XML goes as ``Outcome.junit_xml``)."""
+        """The header fields to add (the records go as ``Outcome.records``)."""
         return {"junit": self.note} if self.note else {}
 
 
@@ -116,22 +124,33 @@ class Capture:
         shards = []
         for path in files:
             try:
-                data = read_untrusted(path, self.repo if self.pattern else self.tmp)
-                shards.append(results.parse_junit(data))
+                shards.append(self._read(path))
             except (OSError, results.JunitError) as exc:
                 log.warning("JUnit file %s unreadable: %s", os.path.basename(path), exc)
                 return Collected(note="unreadable")
-        records = results.merge_records(shards)
+        # Only the recipe quarantines (ci/runner/reruns.py): a mark the
+        # tested commit's own files claim is taken off.
+        records = [dataclasses.replace(r, quarantined=False) if r.quarantined else r
+                   for r in results.merge_records(shards)]
         if len(records) > results.MAX_RECORDS:
             log.warning("%d test records: more than %d", len(records), results.MAX_RECORDS)
             return Collected(note="unreadable")
-        # The dispatcher reads no larger document.
-        xml = fit(records, min(budget, results.MAX_JUNIT_BYTES))
-        if xml is None:
+        collected = fit(records, budget)
+        if collected is None:
             log.warning("JUnit results of %d records do not fit in %d bytes", len(records),
                         budget)
             return Collected(note="too large")
-        return Collected(xml, results.count_records(records), records=records)
+        return collected
+
+    def _read(self, path: str) -> list[results.TestRecord]:
+        """One file's records: the recorder's own records file beside its
+        XML when there is one (it knows subtests and fixtures), else the XML."""
+        if self.pattern:
+            return results.parse_junit(read_untrusted(path, self.repo))
+        if os.path.lexists(path + RECORDS_SUFFIX):
+            data = read_inside(path + RECORDS_SUFFIX, self.tmp, results.MAX_RECORDS_BYTES + 1)
+            return results.parse_records(data)
+        return results.parse_junit(read_untrusted(path, self.tmp))
 
 
 def read_untrusted(path: str, inside: str) -> bytes:
@@ -139,14 +158,22 @@ def read_untrusted(path: str, inside: str) -> bytes:
     return read_inside(path, inside, results.MAX_JUNIT_BYTES + 1)
 
 
-def fit(records: list[results.TestRecord], budget: int) -> bytes | None:
-    """The records as XML within ``budget`` bytes, shortening tracebacks
-    if it must (the message of each stays); None if even that is too big."""
-    for limit in (results.TRACEBACK_LIMIT, 1000, 200, 0):
-        xml = results.format_junit(records, traceback_limit=limit)
-        if len(xml) <= budget:
-            return xml
-    return None
+def fit(records: list[results.TestRecord], budget: int) -> Collected | None:
+    """The records to send within ``budget`` bytes, tracebacks shortened
+    if they must be (the message of each stays), with their XML for older
+    dispatchers when that fits too; None if even the records do not."""
+    for limit in results.TRACEBACK_STEPS:
+        size = len(results.format_records(records, limit))
+        if size <= budget:
+            break
+    else:
+        return None
+    records = results.shorten(records, limit)
+    room = min(budget - size, results.MAX_JUNIT_BYTES)
+    # The XML of records is always longer than their records part: when
+    # that does not fit in what is left, it is not even tried.
+    xml = results.fit_junit(records, room) or b"" if room >= size else b""
+    return Collected(records, xml, results.count_records(records), size=size + len(xml))
 
 
 def check_pattern(pattern: str) -> str:

@@ -59,7 +59,8 @@ def execute(settings: Settings, commit: str, shard: sharding.ShardSpec | None = 
     (default: the commit's own, never a trusted one); ``cell``: the
     matrix cell's interpreter and variables (default: the runner's own
     Python, none).  Per-test records, when there are any, come as the
-    outcome's ``junit_xml``, and the counts are theirs."""
+    outcome's ``records`` (and as its ``junit_xml`` for older
+    dispatchers), and the counts are theirs."""
     return JobPipeline(settings, commit, shard, scope, cell).run()
 
 
@@ -168,30 +169,36 @@ class JobPipeline:
                     setup_log + f"cannot start test command {line.argv!r}: {exc}\n".encode(),
                     verdict="error", reason=f"cannot start test command: {exc}")
             log.debug("tests of %s ran %.3fs", self.commit[:12], time.time() - self.started)
-            junit = capture.collect(timed_out, settings.max_output // 4)
-            output = read_bounded(out, settings.max_output - len(setup_log) - len(junit.xml)
+            junit = capture.collect(timed_out, settings.max_output // 2)
+            output = read_bounded(out, settings.max_output - len(setup_log) - junit.size
                                   - spare)
         self.fields.update(junit.fields())
         if junit.records is None or timed_out:
             verdict, counts, reason = judge(code, timed_out, output, junit.counts)
             counted = dataclasses.asdict(counts)
             counted.pop("found")
-            return self._judged(setup_log + output, verdict, reason, code, counted, junit.xml)
+            return self._judged(setup_log + output, verdict, reason, code, counted, junit)
         records, more = self.rerun_and_quarantine(prepared, line, junit.records, spare)
         verdict, reason = judge_records(code, timed_out, output, records)
-        xml = junit.xml if records == junit.records else \
-            junit_capture.fit(records, settings.max_output // 4) or b""
-        return self._judged(setup_log + output + more, verdict, reason, code,
-                            results.record_fields(records), xml)
+        output = setup_log + output + more
+        if records != junit.records:
+            # Within what the output leaves of the message, as the first run's were.
+            budget = min(settings.max_output - len(output), settings.max_output // 2)
+            junit = junit_capture.fit(records, budget) or junit_capture.Collected(
+                note="too large")
+        return self._judged(output, verdict, reason, code, results.record_fields(records),
+                            junit)
 
     def _judged(self, output: bytes, verdict: str, reason: str, code: int, counts: dict,
-                xml: bytes) -> Outcome:
+                junit: junit_capture.Collected) -> Outcome:
         """The job's result: its verdict, counts (the header's fields of
-        them) and the XML of its records."""
+        them) and the records (with their XML for older dispatchers)."""
         if reason:
             self.fields["reason"] = reason
+        if junit.note:
+            self.fields["junit"] = junit.note
         outcome = self._finish(output, verdict=verdict, exit_code=code, **counts)
-        return dataclasses.replace(outcome, junit_xml=xml)
+        return dataclasses.replace(outcome, records=junit.records, junit_xml=junit.xml)
 
     def _run_tests(self, argv: list[str], prepared: environments.Prepared,
                    capture: junit_capture.Capture, out) -> tuple[int, bool]:

@@ -119,6 +119,43 @@ def test_junit_outcomes_named_by_record_id():
     assert di.parse_junit(xml) == {"t.T.a": "failure", "t.T.b": "skipped", "c": "passed"}
 
 
+def test_old_and_new_junit_files_read_alike(tmp_path):
+    """A result folder holds files written before the records left the XML
+    (our own outcome/kind/subtest attributes) and after (junit-10.xsd):
+    the dashboard names and judges their tests alike."""
+    records = [result_files.TestRecord("t.T", "ok"),
+               result_files.TestRecord("t.T", "bad", "failed", message="m"),
+               result_files.TestRecord("t.T", "known", "xfail", message="k"),
+               result_files.TestRecord("t.T", "lucky", "xpass"),
+               result_files.TestRecord("t.T", "parts", "error", kind="subtest",
+                                       subtest="(i=1)"),
+               result_files.TestRecord("", "setUpClass (t.U)", "error", kind="fixture"),
+               result_files.TestRecord("t.T", "later", "skipped")]
+    old = (b'<testsuites skipped="1"><testsuite tests="6" skipped="1">'
+           b'<testcase classname="t.T" name="ok"/>'
+           b'<testcase classname="t.T" name="bad" outcome="failed"><failure message="m"/>'
+           b'</testcase><testcase classname="t.T" name="known" outcome="xfail">'
+           b'<system-out>k\n</system-out></testcase>'
+           b'<testcase classname="t.T" name="lucky" outcome="xpass">'
+           b'<failure type="unexpected success"/></testcase>'
+           b'<testcase classname="t.T" name="parts (i=1)" outcome="error" kind="subtest" '
+           b'subtest="(i=1)"><error/></testcase>'
+           b'<testcase classname="" name="setUpClass (t.U)" outcome="error" kind="fixture">'
+           b'<error/></testcase><testcase classname="t.T" name="later" outcome="skipped">'
+           b'<skipped/></testcase></testsuite></testsuites>')
+    expected = {"t.T.ok": "passed", "t.T.bad": "failure", "t.T.known": "passed",
+                "t.T.lucky": "failure", "t.T.parts (i=1)": "error",
+                "setUpClass (t.U)": "error", "t.T.later": "skipped"}
+    assert di.parse_junit(old) == expected
+    assert di.parse_junit(result_files.format_junit(records)) == expected
+    (tmp_path / (A + ".xml")).write_bytes(old)
+    write_result(tmp_path, A, "failed", b"")
+    result_files.write_junit(str(tmp_path), B, records)
+    write_result(tmp_path, B, "failed", b"")
+    index = di.ResultIndex(str(tmp_path))
+    assert index.read_junit(A) == index.read_junit(B) == expected
+
+
 def test_read_header_of_a_result_file(tmp_path):
     path = write_result(tmp_path, A, "passed", b"x" * 100_000)
     assert result_files.read_header(path)["verdict"] == "passed"

@@ -13,6 +13,7 @@ import xml.etree.ElementTree as ET
 import helpers
 from ci.runner.verdict import judge
 from support.cluster import PY, dispatch, git, wait_until
+from support.junit_schema import assert_valid
 from ci.wire import decode_fields
 
 COUNTS = ("tests", "failures", "errors", "skipped")
@@ -94,8 +95,11 @@ def test_sharded_verdicts_and_counts_equal_a_hand_run(cluster, upstream, tmp_pat
         assert fields["shards"] == "3"
         output = fields["output"].decode()
         assert all(f"===== shard {i}/3 on 127.0.0.1:" in output for i in (1, 2, 3)), output
-        root = ET.parse(os.path.join(cluster.results, commit + ".xml")).getroot()
-        assert {k: int(root.get(k)) for k in COUNTS} == counts
+        with open(os.path.join(cluster.results, commit + ".xml"), "rb") as handle:
+            data = handle.read()
+        assert_valid(data)  # also for the error and skipped cases
+        suite = ET.fromstring(data).find("testsuite")
+        assert {k: int(suite.get(k)) for k in COUNTS} == counts
         if verdict == "error":
             # The shard with the broken module says so; the others passed.
             assert "test modules could not be imported" in fields["reason"]

@@ -5,6 +5,7 @@ no daemons), and the recorder never shadowing a project's own modules."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -15,7 +16,10 @@ import xml.etree.ElementTree as ET
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from ci.dashboard import index
 from ci.dispatch import server
+from ci.runner import daemon
+from ci import wire as server_limits
 from ci.runner import command_line, junit_capture
 from ci import outcome, results
 from ci.outcome import Outcome
@@ -24,6 +28,7 @@ from ci.runner.command_line import default_test_command
 from ci.runner.slot import child_env
 from ci.runner.verdict import judge, parse_counts
 from support.cluster import PY
+from support.junit_schema import assert_valid
 from ci.results import TestRecord
 from ci.wire import Message, ProtocolError, Reply
 
@@ -55,9 +60,20 @@ def suite_counts(xml: bytes) -> dict[str, int]:
 # --------------------------------------------------------------------------
 # Writer and parser.
 
+def flattened(record: TestRecord) -> TestRecord:
+    """A record as JUnit XML alone keeps it: a subtest's description in
+    its name, no kind (junit-10.xsd has no attribute for it)."""
+    return dataclasses.replace(record, name=record.id[len(record.classname) + 1:]
+                               if record.classname else record.id, kind="", subtest="")
+
+
 def test_round_trip_keeps_every_outcome_and_kind():
+    # Our own records format keeps everything; the XML every outcome and id.
+    assert results.parse_records(results.format_records(ALL_KINDS)) == ALL_KINDS
     xml = results.format_junit(ALL_KINDS)
-    assert results.parse_junit(xml) == ALL_KINDS
+    assert_valid(xml)
+    assert results.parse_junit(xml) == [flattened(r) for r in ALL_KINDS]
+    assert [r.id for r in results.parse_junit(xml)] == [r.id for r in ALL_KINDS]
     # As unittest counts them: the subtests' test once, the fixture not at
     # all, an unexpected success as a failure, an expected failure as none.
     assert results.count_records(ALL_KINDS) == {"tests": 7, "failures": 3, "errors": 3,
@@ -81,11 +97,19 @@ def test_xml_is_what_jenkins_and_gitlab_read_and_its_counts_are_the_text_headers
     assert by_name["test_boom"].find("error") is not None
     assert by_name["test_later"].find("skipped").get("message") == "not today"
     assert by_name["test_parts (i=2)"].find("failure") is not None
+    # What the schema has no attribute for is left out; xfail and xpass
+    # are said the way the schema can (pytest writes an xfail so too).
+    assert by_name["test_known"].find("skipped").get("type") == "xfail"
+    assert by_name["test_lucky"].find("failure").get("type") == "unexpected success"
+    assert not any({"outcome", "kind", "subtest"} & set(c.attrib) for c in cases)
+    assert "skipped" not in root.attrib and suite.get("skipped") == "1"
     # The text header holds exactly the XML's counts.
     fields = dict(results.count_records(ALL_KINDS), verdict="failed")
     header, _ = results.parse_result(results.format_result(fields, b"out"))
     assert {k: int(header[k]) for k in ("tests", "failures", "errors", "skipped")} \
-        == suite_counts(xml) == {k: int(root.get(k)) for k in suite_counts(xml)}
+        == suite_counts(xml)
+    assert {k: int(root.get(k)) for k in ("tests", "failures", "errors")} == \
+        {k: v for k, v in suite_counts(xml).items() if k != "skipped"}
 
 
 def test_pytest_xfail_and_namespaced_documents_are_read():
@@ -109,11 +133,13 @@ def test_pytest_xfail_and_namespaced_documents_are_read():
     max_size=8))
 def test_round_trip_of_hostile_text(records):
     xml = results.format_junit(records)
+    assert_valid(xml)
     parsed = results.parse_junit(xml)
     cleaned = [results.clean_record(r) for r in records]
     assert [r.outcome for r in parsed] == [r.outcome for r in cleaned]
-    assert results.count_records(parsed) == results.count_records(cleaned) \
-        == suite_counts(xml)
+    assert [r.id for r in parsed] == [r.id for r in cleaned]
+    assert results.parse_records(results.format_records(records)) == cleaned
+    assert results.count_records(cleaned) == suite_counts(xml)
     for got in parsed:
         for value in (got.classname, got.name, got.message, got.subtest):
             assert value.isprintable() and len(value) <= results.MESSAGE_LIMIT
@@ -173,7 +199,7 @@ def test_external_entities_are_refused_and_read_nothing(tmp_path):
         with pytest.raises(results.JunitError):
             results.parse_junit(encoded)
     # Via the dispatcher's path: the note says so, nothing of the file appears.
-    added, records = outcome.junit_part({}, documents[0].encode())
+    added, records = outcome.records_part({}, outcome.BodyParts(documents[0].encode()))
     assert added == {"junit": "unreadable"} and records is None
     assert "TOP-SECRET" not in repr(added)
 
@@ -236,43 +262,120 @@ def results_message(sent: Outcome) -> Message:
 
 def test_old_style_body_is_still_valid():
     body = results.format_result({"verdict": "passed", "tests": 2}, b"Ran 2 tests\n\nOK\n")
-    fields, junit, output = outcome.split_body(body)
-    assert fields["verdict"] == "passed" and junit == b"" and output == b"Ran 2 tests\n\nOK\n"
+    fields, parts, output = outcome.split_body(body)
+    assert fields["verdict"] == "passed" and parts == outcome.BodyParts()
+    assert output == b"Ran 2 tests\n\nOK\n"
     commit, _, stored = server.parse_results_message(
         Message("results", f"{COMMIT} {TOKEN}", body))
     assert stored.records is None and "junit" not in stored.header
     assert stored.header["tests"] == 2
 
 
-def test_body_carries_the_xml_between_the_blank_line_and_the_output():
-    xml = results.format_junit(ALL_KINDS)
+# What format_junit wrote before the records left the XML: our own
+# attributes on testcase, ``skipped`` on testsuites.  Older runners send it,
+# and result folders hold it.
+LEGACY_XML = b"""<?xml version='1.0' encoding='utf-8'?>
+<testsuites name="tests" tests="4" failures="2" errors="1" skipped="0" time="0.020">
+  <testsuite name="tests" tests="4" failures="2" errors="1" skipped="0" time="0.020">
+    <testcase classname="pkg.T" name="test_ok" time="0.000" />
+    <testcase classname="pkg.T" name="test_known" time="0.000" outcome="xfail">
+      <system-out>AssertionError: known
+tb</system-out>
+    </testcase>
+    <testcase classname="pkg.T" name="test_parts (i=2)" time="0.010" outcome="failed"
+              kind="subtest" subtest="(i=2)"><failure message="AssertionError: 2">tb</failure>
+    </testcase>
+    <testcase classname="pkg.T" name="test_lucky" time="0.010" outcome="xpass">
+      <failure message="unexpected success" type="unexpected success" />
+    </testcase>
+    <testcase classname="" name="setUpClass (pkg.U)" time="0.000" outcome="error"
+              kind="fixture"><error message="RuntimeError: setup">tb</error></testcase>
+  </testsuite>
+</testsuites>
+"""
+LEGACY_RECORDS = [
+    TestRecord("pkg.T", "test_ok"),
+    TestRecord("pkg.T", "test_known", "xfail", 0.0, "AssertionError: known", "tb"),
+    TestRecord("pkg.T", "test_parts", "failed", 0.01, "AssertionError: 2", "tb",
+               kind="subtest", subtest="(i=2)"),
+    TestRecord("pkg.T", "test_lucky", "xpass", 0.01, "unexpected success"),
+    TestRecord("", "setUpClass (pkg.U)", "error", 0.0, "RuntimeError: setup", "tb",
+               kind="fixture"),
+]
+
+
+def test_legacy_xml_is_still_read_with_its_kinds():
+    assert results.parse_junit(LEGACY_XML) == LEGACY_RECORDS
+
+
+def test_an_older_runners_body_carries_the_xml_between_the_blank_line_and_the_output():
     output = b"junit_bytes: 5\n\nlooks like a header but is output\n"
     sent = Outcome({"verdict": "failed", "tests": 7, "failures": 3, "errors": 3, "skipped": 1},
-                   output, junit_xml=xml)
+                   output, junit_xml=LEGACY_XML)
     body = sent.to_body()
     assert body.startswith(b"verdict: failed\n")
-    assert f"\njunit_bytes: {len(xml)}\n\n".encode() + xml + output in body
-    raw, junit, got = outcome.split_body(body)
-    assert junit == xml and got == output and "junit_bytes" not in raw
+    assert f"\njunit_bytes: {len(LEGACY_XML)}\n\n".encode() + LEGACY_XML + output in body
+    raw, parts, got = outcome.split_body(body)
+    assert parts == outcome.BodyParts(LEGACY_XML) and got == output
+    assert "junit_bytes" not in raw
     _, _, stored = server.parse_results_message(results_message(sent))
+    assert list(stored.records) == LEGACY_RECORDS and stored.output == output
+    assert stored.header["tests"] == 4 and stored.header["failures"] == 2
+
+
+def test_body_carries_records_beside_the_xml_and_the_dispatcher_reads_the_records():
+    xml = results.format_junit(ALL_KINDS)
+    output = b"records_bytes: 5\n\nlooks like a header but is output\n"
+    sent = Outcome({"verdict": "failed", "tests": 99}, output, records=ALL_KINDS,
+                   junit_xml=xml)
+    body = sent.to_body()
+    part = results.format_records(ALL_KINDS)
+    assert f"\njunit_bytes: {len(xml)}\nrecords_bytes: {len(part)}\n\n".encode() \
+        + xml + part + output in body
+    raw, parts, got = outcome.split_body(body)
+    assert parts == outcome.BodyParts(xml, part) and got == output
+    assert "records_bytes" not in raw
+    _, _, stored = server.parse_results_message(results_message(sent))
+    # The kinds come from the records (the XML has none): unittest's counts.
     assert list(stored.records) == ALL_KINDS and stored.output == output
+    assert stored.header["tests"] == 7 and stored.header["errors"] == 3
+    # The XML beside the records is not read: garbage there changes nothing.
+    garbage = dataclasses.replace(sent, junit_xml=b"<testsuite><testcase")
+    _, _, stored = server.parse_results_message(results_message(garbage))
+    assert list(stored.records) == ALL_KINDS and "junit" not in stored.header
+    # An empty records part is a run of no tests, not an older runner.
+    empty = Outcome({"verdict": "passed"}, b"ok", records=())
+    _, _, stored = server.parse_results_message(results_message(empty))
+    assert stored.records == () and stored.header["tests"] == 0
 
 
+@pytest.mark.parametrize("field", ["junit_bytes", "records_bytes"])
 @pytest.mark.parametrize("size", ["x", "-1", "99999", "1" * 11, ""])
-def test_bad_junit_bytes_is_refused(size):
-    body = f"verdict: passed\njunit_bytes: {size}\n\nshort".encode()
+def test_bad_junit_bytes_is_refused(size, field):
+    body = f"verdict: passed\n{field}: {size}\n\nshort".encode()
     with pytest.raises(ProtocolError):
         outcome.split_body(body)
     with pytest.raises(Reply):
         server.parse_results_message(Message("results", f"{COMMIT} {TOKEN}", body))
 
 
-def test_dispatcher_takes_counts_from_the_records_not_a_forged_header():
+@pytest.mark.parametrize("parts", [{"records": ALL_KINDS}, {"junit_xml": LEGACY_XML}])
+def test_dispatcher_takes_counts_from_the_records_not_a_forged_header(parts):
     sent = Outcome({"verdict": "passed", "tests": 100, "failures": 0, "errors": 0, "skipped": 0},
-                   b"x", junit_xml=results.format_junit(ALL_KINDS))
+                   b"x", **parts)
     _, _, stored = server.parse_results_message(results_message(sent))
     assert {k: stored.header[k] for k in ("tests", "failures", "errors", "skipped")} == \
-        results.count_records(ALL_KINDS)
+        results.count_records(stored.records) == \
+        results.count_records(parts.get("records") or LEGACY_RECORDS)
+
+
+@pytest.mark.parametrize("part", [b"not json\n", b"{}\n", b'["a"]\n', b'["a","b",7]\n',
+                                  b"[" * 100_000 + b"\n", b'["a","b","passed","slow"]\n'])
+def test_a_forged_records_part_is_unreadable_and_keeps_the_summary_counts(part):
+    body = b"verdict: failed\ntests: 4\nrecords_bytes: %d\n\n" % len(part) + part + b"out"
+    _, _, stored = server.parse_results_message(Message("results", f"{COMMIT} {TOKEN}", body))
+    assert stored.header["junit"] == "unreadable" and stored.records is None
+    assert stored.header["tests"] == 4 and stored.output == b"out"
 
 
 def test_unreadable_xml_keeps_the_summary_counts_with_a_note():
@@ -343,7 +446,9 @@ def test_recorder_counts_output_and_exit_equal_plain_unittest(tmp_path, package)
         without_timing(by_hand.stdout + by_hand.stderr)
     assert collected.note == "" and collected.counts == summary_counts(by_hand.stderr)
     assert collected.counts == {"tests": 10, "failures": 5, "errors": 4, "skipped": 1}
-    records = results.parse_junit(collected.xml)
+    # The records come from the recorder's records file: kinds included.
+    records = collected.records
+    assert results.count_records(records) == collected.counts
     outcomes = {r.id.rpartition(".")[2]: r.outcome for r in records}
     assert outcomes["test_project_modules_come_first"] == "passed"  # no shadowing
     assert outcomes["test_ok"] == "passed" and outcomes["test_fail"] == "failed"
@@ -354,6 +459,8 @@ def test_recorder_counts_output_and_exit_equal_plain_unittest(tmp_path, package)
     assert failure.message.startswith("AssertionError: 'left' != 'right'")
     assert "Traceback" in failure.traceback and failure.duration >= 0
     assert suite_counts(collected.xml) == collected.counts
+    assert_valid(collected.xml)
+    assert [r.id for r in results.parse_junit(collected.xml)] == [r.id for r in records]
 
 
 def test_recorder_folder_holds_nothing_importable_but_itself():
@@ -387,7 +494,9 @@ def test_custom_command_files_missing_unreadable_and_escaping(tmp_path):
         with open(os.path.join(repo, name), "wb") as handle:
             handle.write(results.format_junit(records))
     _, collected = run_captured(repo, [PY, "-c", "pass"], "reports/*.xml")
-    assert results.parse_junit(collected.xml) == ALL_KINDS
+    # JUnit files have no kinds: each record is a test of its own.
+    assert collected.records == [flattened(r) for r in ALL_KINDS]
+    assert results.parse_junit(collected.xml) == collected.records
     _, collected = run_captured(repo, [*write, "reports/a.xml", "<not xml"], "reports/*.xml")
     assert collected == junit_capture.Collected(note="unreadable")
     _, collected = run_captured(repo, [PY, "-c", "pass"], "nothing/*.xml")
@@ -403,7 +512,9 @@ def test_custom_command_files_missing_unreadable_and_escaping(tmp_path):
     with open(os.path.join(repo, "reports", "a.xml"), "wb") as handle:
         handle.write(results.format_junit(many))
     _, collected = run_captured(repo, [PY, "-c", "pass"], "reports/a.xml", budget=30_000)
-    assert 0 < len(collected.xml) <= 30_000 and collected.counts["failures"] == 50
+    assert 0 < collected.size <= 30_000 and collected.counts["failures"] == 50
+    sent = len(results.format_records(collected.records)) + len(collected.xml)
+    assert sent == collected.size and len(collected.records[0].traceback) <= 200
     _, collected = run_captured(repo, [PY, "-c", "pass"], "reports/a.xml", budget=1000)
     assert collected == junit_capture.Collected(note="too large")
     for bad in ("/etc/*.xml", "../x.xml", "a/../../x.xml", ""):
@@ -457,7 +568,69 @@ def test_recorder_xml_written_by_hand_parses_back(tmp_path_factory, cases):
     unittest_recorder.write_junit(path, records)
     with open(path, "rb") as handle:
         data = handle.read()
+    assert_valid(data)
     parsed = results.parse_junit(data)
     assert [r.outcome for r in parsed] == [o for _, _, _, o in cases]
+    unittest_recorder.write_records(path + ".records", records)
+    with open(path + ".records", "rb") as handle:
+        # The same records as the XML (the recorder cleans text its own way).
+        again = results.parse_records(handle.read())
+    assert [(r.id, r.outcome) for r in again] == [(r.id, r.outcome) for r in parsed]
     assert [c.get("name") for c in ET.fromstring(data).iter("testcase")] == \
         [unittest_recorder._clean(n) for _, n, _, _ in cases]
+
+
+# --------------------------------------------------------------------------
+# Bad input at scale: ids of any characters and length, 100,000 tests.
+
+def test_ids_of_any_characters_and_length_are_capped_and_escaped(tmp_path):
+    nasty = "a\x00b\nc\r\td\"e'<f>&g]]>h\ud800i\U0001f600\u202ej\x1b[31m\x85k\u2028l" \
+        + "x" * 1_000_000
+    record = TestRecord(nasty, nasty, "failed", float("inf"), nasty, nasty, "subtest", nasty)
+    for parsed in (results.parse_records(results.format_records([record]))[0],
+                   results.parse_junit(results.format_junit([record]))[0]):
+        assert len(parsed.classname) == results.NAME_LIMIT
+        assert parsed.classname.isprintable() and parsed.name.isprintable()
+        assert len(parsed.id) <= 3 * results.NAME_LIMIT + 2
+        assert len(parsed.traceback) <= results.TRACEBACK_LIMIT
+        assert parsed.outcome == "failed" and parsed.duration == 0.0
+    # Unescaped as the recorder writes them, U+0085 and U+2028 split no line.
+    [raw] = results.parse_records('["a\x85b","c\u2028d"]\n'.encode())
+    assert raw.classname == "a b" and raw.name == "c d"
+    # Exactly as many records as lines, however many: the cap is on records.
+    part = results.format_records([record] * 3)
+    assert len(results.parse_records(part, max_records=3)) == 3
+    with pytest.raises(results.JunitError, match="more than 2"):
+        results.parse_records(part, max_records=2)
+    commit = "d" * 40
+    results.write_junit(str(tmp_path), commit, [record])
+    data = (tmp_path / f"{commit}.xml").read_bytes()
+    assert_valid(data)
+    assert len(data) < 10_000 and b"\x00" not in data and b"]]>" not in data
+
+
+def test_a_hundred_thousand_tests_are_kept_from_runner_to_dashboard(tmp_path):
+    """Generated records of 100,000 tests (one in a thousand failing with a
+    traceback) fit the runner's default budget, reach the dispatcher whole,
+    and the file it writes is read back by the dashboard's parser."""
+    records = [TestRecord(f"tests.test_m{i // 1000:03d}.TestBig", f"test_{i:06d}",
+                          duration=0.001) for i in range(100_000)]
+    for i in range(0, 100_000, 1000):
+        records[i] = TestRecord(records[i].classname, records[i].name, "failed", 0.5,
+                                "AssertionError: no", "Traceback\n" * 30)
+    budget = (server_limits.DEFAULT_MAX_MESSAGE - daemon.MESSAGE_OVERHEAD) // 2
+    collected = junit_capture.fit(records, budget)
+    assert collected is not None and collected.size <= budget
+    sent = Outcome({"verdict": "failed", "tests": 1}, b"out", records=collected.records,
+                   junit_xml=collected.xml)
+    body = sent.to_body()
+    assert len(body) < server_limits.DEFAULT_MAX_MESSAGE
+    _, _, stored = server.parse_results_message(Message("results", f"{COMMIT} {TOKEN}", body))
+    assert len(stored.records) == 100_000 and stored.records[1000].outcome == "failed"
+    assert {k: stored.header[k] for k in ("tests", "failures", "errors")} == \
+        {"tests": 100_000, "failures": 100, "errors": 0}
+    stored.write(str(tmp_path), COMMIT)
+    with open(results.junit_path(str(tmp_path), COMMIT), "rb") as handle:
+        statuses = index.parse_junit(handle.read(results.MAX_JUNIT_BYTES + 1))
+    assert len(statuses) == 100_000
+    assert statuses["tests.test_m001.TestBig.test_001000"] == "failure"

@@ -11,7 +11,7 @@ import pytest
 
 from ci.dispatch import server
 from ci import results
-from ci.outcome import Outcome, RESULT_INT_FIELDS, split_body
+from ci.outcome import BodyParts, Outcome, RESULT_INT_FIELDS, split_body
 from ci.results import FAILED, SKIPPED, TestRecord
 from ci.wire import Message, ProtocolError, Reply
 
@@ -54,7 +54,7 @@ def test_old_style_body_without_junit_bytes_means_the_same():
     assert got.header["tests"] == 2 and "junit" not in got.header
     # And an outcome without XML sends exactly that: old dispatchers read it.
     assert Outcome({"verdict": "passed", "tests": 2}, OUTPUT).to_body() == old
-    assert split_body(old) == ({"verdict": "passed", "tests": "2"}, b"", OUTPUT)
+    assert split_body(old) == ({"verdict": "passed", "tests": "2"}, BodyParts(), OUTPUT)
 
 
 @pytest.mark.parametrize("body, reason", [

@@ -15,6 +15,7 @@ from ci.runner import command_line, environments, junit_capture, recipe, reruns
 from ci.runner.pipeline import JobPipeline, Settings, execute
 from ci.runner.slot import ProcessSlot
 from ci.runner.verdict import judge_records
+from support import junit_schema
 
 PY = sys.executable
 
@@ -67,7 +68,14 @@ def settings(clone: str, command=None) -> Settings:
 
 
 def by_name(outcome) -> dict[str, TestRecord]:
-    return {r.name: r for r in results.parse_junit(outcome.junit_xml)}
+    """The records the runner sends (what the dispatcher reads), by test
+    name, checked against the XML beside them, which junit-10.xsd allows."""
+    junit_schema.assert_valid(outcome.junit_xml)
+    records = {r.name: r for r in outcome.records}
+    from_xml = {r.name: (r.outcome, r.quarantined)
+                for r in results.parse_junit(outcome.junit_xml)}
+    assert from_xml == {name: (r.outcome, r.quarantined) for name, r in records.items()}
+    return records
 
 
 def recipe_text(**keys) -> str:
@@ -224,10 +232,18 @@ def test_header_counts_leave_quarantined_failures_to_their_own_fields():
     assert (fields["failures"], fields["errors"], fields["flaky"]) == (1, 0, 1)
     assert (fields["quarantined"], fields["quarantined_failed"]) == (3, 2)
     assert results.named_failing(fields["quarantined_failing"]) == ["m.C.a", "m.C.b"]
-    # The XML keeps every failure element, and reads back the same.
-    back = results.parse_junit(results.format_junit(records))
+    # The XML keeps every failure element, stays within junit-10.xsd (a
+    # flakyFailure child, the quarantine as suite properties) and reads
+    # back the same; so do the records in our own format.
+    xml = results.format_junit(records)
+    junit_schema.assert_valid(xml)
+    assert b"<flakyFailure" in xml and b'name="ci.quarantined"' in xml
+    back = results.parse_junit(xml)
     assert [(r.outcome, r.quarantined) for r in back] == [
         (r.outcome, r.quarantined) for r in records]
+    assert results.parse_records(results.format_records(records)) == records
+    # A record of before the quarantined field is not quarantined.
+    assert results.parse_records(b'["m.C","a","failed",0]\n')[0].quarantined is False
 
 
 def test_many_quarantined_failures_are_named_within_the_cap():
@@ -291,3 +307,31 @@ def test_the_dispatcher_checks_the_flaky_counts_and_takes_them_from_the_records(
     forged = Outcome.from_body(body({"flaky": "9", "quarantined": "0"}, xml))
     assert (forged.header["flaky"], forged.header["quarantined_failed"]) == (1, 1)
     assert forged.header["failures"] == 0
+    # From a runner of now, the records part decides, not the XML beside it.
+    records = results.format_records([rec("a", "flaky"), rec("b", quarantined=True),
+                                      rec("c", quarantined=True)])
+    head = encode_fields({"verdict": "passed", "quarantined": "0", "junit_bytes": len(xml),
+                          "records_bytes": len(records)})
+    sent = Outcome.from_body(head + b"\n" + xml + records + b"out")
+    assert (sent.header["flaky"], sent.header["quarantined_failed"]) == (1, 2)
+    assert sent.header["failures"] == 0 and sent.output == b"out"
+
+
+def test_a_quarantine_mark_in_the_tested_commits_own_files_is_taken_off(tmp_path):
+    """Only the recipe quarantines: the recorder's records file and a
+    JUnit file come from the tested commit, whose failing test must not
+    excuse itself by claiming the mark."""
+    forged = [rec("a", quarantined=True), rec("b", "passed", quarantined=True)]
+    with junit_capture.Capture(str(tmp_path)) as capture:
+        path = capture.report_file()
+        with open(path, "wb") as handle:
+            handle.write(results.format_junit(forged))
+        with open(path + junit_capture.RECORDS_SUFFIX, "wb") as handle:
+            handle.write(results.format_records(forged))
+        collected = capture.collect(False, 1 << 20)
+    assert [(r.outcome, r.quarantined) for r in collected.records] == [
+        ("failed", False), ("passed", False)]
+    assert results.record_fields(collected.records)["failures"] == 1
+    (tmp_path / "report.xml").write_bytes(results.format_junit(forged))
+    with junit_capture.Capture(str(tmp_path), "report.xml") as capture:
+        assert not any(r.quarantined for r in capture.collect(False, 1 << 20).records)
