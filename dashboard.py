@@ -36,6 +36,8 @@ from ci.dashboard import pages
 from ci.dashboard.app import Dashboard, Response
 from ci.dashboard.live import LiveState
 from ci.history import store as history_store
+from ci.dashboard.pruned import PrunedIndex
+from ci.retention import tombstones
 from ci.history.queries import HistoryReader
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, add_per_client_argument,
     check_per_client, check_port, configure_logging, positive)
@@ -304,6 +306,11 @@ def build_parser() -> ArgumentParser:
                              "and /test pages (default: dispatcher_state/"
                              f"{history_store.FILE_NAME} beside the results folder, the "
                              "dispatcher's default state folder)")
+    parser.add_argument("--pruned", metavar="PATH",
+                        help="the dispatcher's tombstones of pruned results (--keep-results), "
+                             "read-only, so a pruned commit's page says so (default: "
+                             f"dispatcher_state/{tombstones.FILE_NAME} beside the results "
+                             "folder)")
     parser.add_argument("--dispatcher-server", default=DEFAULT_DISPATCHER, metavar="HOST:PORT",
                         help="the dispatcher to ask for live state (default: %(default)s)")
     parser.add_argument("--token-file", metavar="PATH",
@@ -357,9 +364,10 @@ def make_server(args) -> DashboardServer:
     results = os.path.abspath(args.results_dir)
     if not os.path.isdir(results):
         raise ConfigError(f"results folder {args.results_dir} does not exist")
-    index = dashboard_index.ResultIndex(results, args.scan_interval)
-    history = args.history or os.path.join(os.path.dirname(results), "dispatcher_state",
-                                           history_store.FILE_NAME)
+    state_dir = os.path.join(os.path.dirname(results), "dispatcher_state")
+    pruned = PrunedIndex(args.pruned or os.path.join(state_dir, tombstones.FILE_NAME))
+    index = dashboard_index.ResultIndex(results, args.scan_interval, pruned)
+    history = args.history or os.path.join(state_dir, history_store.FILE_NAME)
     ask = functools.partial(helpers.call, security=security)  # the signed client call
     app = Dashboard(index, LiveState(dispatcher, ask), HistoryReader(history))
     try:

@@ -30,8 +30,12 @@ from ci import jobspec
 from ci.dispatch.state import DispatcherState
 from ci.notify import flags as notify_flags
 from ci.history import store as history_store
+from ci.history.queries import HistoryReader
 from ci.history.writer import HistoryWriter
 from ci.dispatch.journal import Journal
+from ci.retention import policy as retention_policy
+from ci.retention import pruner
+from ci.retention.tombstones import FILE_NAME as TOMBSTONE_FILE, TombstoneFile
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, check_port,
                        configure_logging, positive)
 from ci.files import ensure_dir
@@ -116,9 +120,29 @@ def build_parser() -> argparse.ArgumentParser:
                              "branch's commits reuse those and their own branch's, never a "
                              "third branch's (default: "
                              f"{' and '.join(jobspec.DEFAULT_TRUSTED_BRANCHES)})")
+    parser.add_argument("--keep-results", type=keep_policy, metavar="N|AGE|N,AGE",
+                        help="prune old results (result file, JUnit XML, test history rows) "
+                             "in the background: N keeps the newest N of each branch, AGE "
+                             "(90m, 12h, 30d, 8w) keeps everything younger, N,AGE keeps what "
+                             "either keeps; a branch's latest verdict, the commits that broke "
+                             "or fixed a branch and pending commits are always kept, and a "
+                             "pruned commit leaves a tombstone so it is never tested again "
+                             "(default: keep everything)")
+    parser.add_argument("--prune-interval", type=positive(float),
+                        default=pruner.DEFAULT_INTERVAL, metavar="SECONDS",
+                        help="seconds between pruning passes with --keep-results "
+                             "(default: %(default)s)")
     notify_flags.add_arguments(parser)
     add_common_arguments(parser)
     return parser
+
+
+def keep_policy(text: str) -> retention_policy.KeepPolicy:
+    """argparse type of --keep-results: a clear error for a bad value."""
+    try:
+        return retention_policy.parse_keep(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def default_state_dir(results_dir: str) -> str:
@@ -244,6 +268,7 @@ def recovered_state(args: argparse.Namespace, results_dir: str, state_dir: str,
     state.max_shards = args.max_shards
     state.min_shard_seconds = args.min_shard_seconds
     state.trusted_branches = trusted
+    state.tombstones = TombstoneFile(os.path.join(state_dir, TOMBSTONE_FILE))
     state.recover(args.restart_grace)
     return state
 
@@ -258,6 +283,7 @@ class Wired:
     security: Security
     state: DispatcherState
     results_dir: str
+    pruner: pruner.Pruner | None = None
 
 
 def wire_up(args: argparse.Namespace) -> Wired:
@@ -275,8 +301,12 @@ def wire_up(args: argparse.Namespace) -> Wired:
     state = recovered_state(args, results_dir, state_dir, trusted)
     if notifier:
         state.listeners.append(notifier.result_written)
+        state.failing_listeners.append(notifier.failing_now)
     history = HistoryWriter(os.path.join(state_dir, history_store.FILE_NAME), results_dir)
     state.listeners.append(history.result_written)
+    # A branch's failing tests first: from the history for a branch not
+    # seen since the start (results teach the rest as they come).
+    state.recent_failures.load = HistoryReader(history.path).recent_failures
     dispatcher = Dispatcher(state, security, Options(
         args.ping_interval, args.ping_misses, args.ping_timeout, args.job_timeout,
         args.workers, args.prefetch_runners))
@@ -286,7 +316,11 @@ def wire_up(args: argparse.Namespace) -> Wired:
                                        auth.DISPATCHER_PERMISSIONS)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
-    return Wired(server, dispatcher, notifier, history, security, state, results_dir)
+    pruning = None
+    if args.keep_results:
+        pruning = pruner.Pruner(state, state.tombstones, args.keep_results,
+                                args.prune_interval, history.forget)
+    return Wired(server, dispatcher, notifier, history, security, state, results_dir, pruning)
 
 
 def serve(wired: Wired) -> None:
@@ -301,8 +335,12 @@ def serve(wired: Wired) -> None:
         wired.notifier.start(wired.state.is_pending)
     wired.history.start()
     wired.dispatcher.start()
+    if wired.pruner:
+        wired.pruner.start()
 
     def stop():
+        if wired.pruner:
+            wired.pruner.stop()
         wired.dispatcher.stop()
         if wired.notifier:
             wired.notifier.stop()

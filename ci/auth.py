@@ -40,6 +40,7 @@ DISPATCHER_PERMISSIONS = {
     "results": {"runner"},
     "release": {"runner"},
     "progress": {"runner"},
+    "failing": {"runner"},
     "dispatch": {"observer", "operator"},
     "prefetch": {"observer", "operator"},
     "retest": {"observer", "operator"},

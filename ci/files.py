@@ -80,3 +80,17 @@ def ensure_dir(path: str, what: str) -> str:
     if not os.access(path, os.W_OK):
         raise ConfigError(f"{what} {path} is not writable")
     return path
+
+
+def create_fresh_at(folder_fd: int, name: str, mode: int) -> int:
+    """A new file ``name`` in the open folder ``folder_fd``, opened for
+    writing: a stale one (this process's name, left by a crash) is removed
+    first, and nothing is followed (a symlink planted there fails the
+    open).  For writing a file into a folder another user may change,
+    then renaming it into place."""
+    try:
+        os.unlink(name, dir_fd=folder_fd)
+    except FileNotFoundError:
+        pass
+    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode,
+                   dir_fd=folder_fd)

@@ -11,6 +11,11 @@ shard, a blank line and the durations table (see sharding.py)::
     cell: py3.12-django5.1   one cell of a build matrix (absent: the commit has none)
     python: 3.12          the cell's interpreter (absent: the runner's own)
     axes: django=5.1      the cell's other axes: CI_DJANGO=5.1 for setup and tests
+    failing_first: 2         the first 2 lines after the blank line are test ids
+                             to run first (they failed most recently on the branch)
+
+then, after the blank line, those test ids (one a line) and, for a shard,
+the durations table.
 
 Why the branch travels with the job: a setup command runs the commit's
 own code, so an environment a branch's commit built may hold anything
@@ -39,7 +44,10 @@ from ci.dispatch.journal import BRANCH_RE
 
 # The repository's default branch, by either of the usual names.
 DEFAULT_TRUSTED_BRANCHES = ("main", "master")
-KNOWN_KEYS = ("shard", "branch", "trusted", "cell", "python", "axes")
+KNOWN_KEYS = ("shard", "branch", "trusted", "cell", "python", "axes", "failing_first")
+# At most this many test ids to run first, each at most this long.
+MAX_FAILING_FIRST = 50
+MAX_TEST_ID = 500
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +58,7 @@ class JobSpec:
     cell: str = ""                             # "": the commit's only cell
     python: str | None = None                  # None: the runner's own interpreter
     axes: tuple[tuple[str, str], ...] = ()     # the cell's other axes, in order
+    failing_first: tuple[str, ...] = ()        # test ids to run before the rest
 
     @property
     def env(self) -> dict[str, str]:
@@ -63,11 +72,20 @@ def trusted_branch(branch: str | None, patterns: tuple[str, ...]) -> bool:
     return branch is not None and any(fnmatch.fnmatchcase(branch, p) for p in patterns)
 
 
+def usable_test_id(test_id: str) -> bool:
+    """Whether a test id can travel as one line of a ``runtest`` body."""
+    return 0 < len(test_id) <= MAX_TEST_ID and test_id.isprintable() \
+        and test_id == test_id.strip()
+
+
 def encode(branch: str | None = None, trusted: bool = False,
            shard: tuple[int, int] | None = None, table: bytes = b"",
-           cell: matrix.Cell = matrix.SINGLE) -> bytes:
-    """The body for a job: empty for a whole commit of no known branch (as
-    older dispatchers sent), else the fields and, for a shard, the table."""
+           cell: matrix.Cell = matrix.SINGLE,
+           failing_first: tuple[str, ...] = ()) -> bytes:
+    """The body for a job: empty for a whole commit of no known branch and
+    no failing tests (as older dispatchers sent), else the fields, then
+    the test ids to run first and, for a shard, the table."""
+    first = [t for t in failing_first if usable_test_id(t)][:MAX_FAILING_FIRST]
     fields = _cell_fields(cell)
     if shard is not None:
         fields["shard"] = f"{shard[0]}/{shard[1]}"
@@ -78,9 +96,14 @@ def encode(branch: str | None = None, trusted: bool = False,
         fields["trusted"] = "yes" if trusted else "no"
     elif trusted:
         raise ValueError("a job without a branch cannot be trusted")
+    if first:
+        fields["failing_first"] = str(len(first))
     if not fields:
         return b""
-    return wire.encode_fields(fields) + (b"\n" + table if shard is not None else b"")
+    after = "".join(f"{test_id}\n" for test_id in first).encode()
+    if shard is not None:
+        after += table
+    return wire.encode_fields(fields) + (b"\n" + after if after or shard is not None else b"")
 
 
 def _cell_fields(cell: matrix.Cell) -> dict[str, str]:
@@ -128,7 +151,8 @@ def parse(body: bytes) -> JobSpec:
     if unknown:
         raise ValueError(f"runtest body: unknown field {unknown[0]!r} "
                          f"(known: {', '.join(KNOWN_KEYS)})")
-    shard = sharding.parse_shard(fields["shard"], table) if "shard" in fields else None
+    first, table = _failing_first(fields.get("failing_first"), table)
+    shard = sharding.parse_shard(fields["shard"], table, first) if "shard" in fields else None
     if shard is None and table:
         raise ValueError("runtest body: a durations table without a shard")
     branch = fields.get("branch")
@@ -139,4 +163,25 @@ def parse(body: bytes) -> JobSpec:
         raise ValueError(f"runtest body: trusted must be yes or no, not {trusted[:20]!r}")
     if branch is None and trusted == "yes":
         raise ValueError("runtest body: trusted without a branch")
-    return JobSpec(shard, branch, trusted == "yes", *_parse_cell(fields))
+    return JobSpec(shard, branch, trusted == "yes", *_parse_cell(fields), failing_first=first)
+
+
+def _failing_first(count: str | None, rest: bytes) -> tuple[tuple[str, ...], bytes]:
+    """(the test ids to run first, what follows them: the table)."""
+    if count is None:
+        return (), rest
+    if not count.isdigit() or not 0 < int(count) <= MAX_FAILING_FIRST:
+        raise ValueError(f"runtest body: failing_first must be 1 to {MAX_FAILING_FIRST}, "
+                         f"not {count[:20]!r}")
+    lines = rest.split(b"\n", int(count))
+    if len(lines) <= int(count):
+        raise ValueError(f"runtest body: failing_first says {count} test ids, "
+                         f"the body has {len(lines) - 1}")
+    try:
+        ids = tuple(line.decode("utf-8") for line in lines[:-1])
+    except UnicodeDecodeError:
+        raise ValueError("runtest body: a failing_first test id is not UTF-8") from None
+    bad = next((t for t in ids if not usable_test_id(t)), None)
+    if bad is not None:
+        raise ValueError(f"runtest body: unusable failing_first test id {bad[:80]!r}")
+    return ids, lines[-1]

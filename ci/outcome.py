@@ -188,7 +188,19 @@ def checked_header(raw: dict[str, str]) -> dict:
     if SHARDS_FIELD_RE.fullmatch(raw.get("shards", "")):
         header["shards"] = raw["shards"]
     header.update(flaky_fields(raw))
+    header.update(failfirst_fields(raw))
     return header
+
+
+def failfirst_fields(raw: dict[str, str]) -> dict:
+    """Failing tests first (ci/runner/ordering.py): what became of them,
+    and when the first test failed (the first run's, reruns aside)."""
+    fields: dict = {}
+    if raw.get("failing_first"):
+        fields["failing_first"] = one_line(raw["failing_first"], 200)
+    if RESULT_DURATION_RE.fullmatch(raw.get("first_failure_after", "")):
+        fields["first_failure_after"] = raw["first_failure_after"]
+    return fields
 
 
 def flaky_fields(raw: dict[str, str]) -> dict:

@@ -40,7 +40,9 @@ RESULT_FIELDS = ("commit", "verdict", "tests", "failures", "errors", "skipped",
                  "junit", "shards",
                  # Build matrices (ci/matrix.py): a commit's file lists its
                  # cells' verdicts; a cell's file says which cell it is.
-                 "cells", "cell", "python", "axes", "labels")
+                 "cells", "cell", "python", "axes", "labels",
+                 # Failing tests first (ci/runner/ordering.py).
+                 "failing_first", "first_failure_after")
 
 
 def ordered_header(fields: Mapping) -> dict:

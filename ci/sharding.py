@@ -48,6 +48,8 @@ class ShardSpec:
     index: int                      # 1-based
     total: int
     durations: dict[str, float]     # test class / module -> last known seconds
+    # Test ids to run first: the files that hold them go to shard 1.
+    first: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------
@@ -58,7 +60,7 @@ def encode_table(durations: dict[str, float]) -> bytes:
     return "".join(f"{seconds:.3f} {key}\n" for key, seconds in durations.items()).encode()
 
 
-def parse_shard(value: str, table: bytes) -> ShardSpec:
+def parse_shard(value: str, table: bytes, first: tuple[str, ...] = ()) -> ShardSpec:
     """A ``shard`` field's ``i/n`` and the durations table after it;
     ValueError if the shard is malformed (bad table lines are skipped:
     they only weigh the split)."""
@@ -77,7 +79,7 @@ def parse_shard(value: str, table: bytes) -> ShardSpec:
             continue
         if key and 0 <= known < 1e7 and key.isprintable():
             durations[key[:MAX_KEY]] = known
-    return ShardSpec(index, total, durations)
+    return ShardSpec(index, total, durations, tuple(first))
 
 
 # --------------------------------------------------------------------------
@@ -184,12 +186,15 @@ def known_seconds(path: str, module: str, sums: dict[str, float]) -> float | Non
     return None
 
 
-def split(items: list[tuple[str, int, float | None]], total: int) -> list[list[str]]:
+def split(items: list[tuple[str, int, float | None]], total: int,
+          pinned: frozenset[str] = frozenset()) -> list[list[str]]:
     """Split ``(path, size in bytes, known seconds or None)`` into ``total``
-    shards: longest first into the emptiest shard (ties: the lower shard;
-    equal weights: by path).  A file without a known duration weighs its
-    size times the known files' seconds per byte, or just its size when
-    nothing is known.  Each shard's paths come sorted."""
+    shards: the ``pinned`` paths (those holding the tests to run first)
+    into shard 1, the first to start; then longest first into the
+    emptiest shard (ties: the lower shard; equal weights: by path).  A
+    file without a known duration weighs its size times the known files'
+    seconds per byte, or just its size when nothing is known.  Each
+    shard's paths come sorted."""
     known = [(size, seconds) for _, size, seconds in items if seconds is not None]
     if known:
         per_byte = sum(s for _, s in known) / max(sum(max(b, 1) for b, _ in known), 1)
@@ -199,7 +204,13 @@ def split(items: list[tuple[str, int, float | None]], total: int) -> list[list[s
         weights = [(float(max(size, 1)), path) for path, size, _ in items]
     shards: list[list[str]] = [[] for _ in range(total)]
     loads = [0.0] * total
+    for weight, path in weights:
+        if path in pinned:
+            shards[0].append(path)
+            loads[0] += weight
     for weight, path in sorted(weights, key=lambda w: (-w[0], w[1])):
+        if path in pinned:
+            continue
         emptiest = min(range(total), key=lambda i: (loads[i], i))
         shards[emptiest].append(path)
         loads[emptiest] += weight
@@ -218,7 +229,25 @@ def my_share(repo: str, files: list[tuple[str, str]], spec: ShardSpec) -> list[s
     sums = prefix_seconds(spec.durations)
     items = [(path, _size(repo, path), known_seconds(path, module, sums))
              for path, module in files]
-    return split(items, spec.total)[spec.index - 1]
+    return split(items, spec.total, holding(files, spec.first))[spec.index - 1]
+
+
+def holding(files: list[tuple[str, str]], test_ids: tuple[str, ...]) -> frozenset[str]:
+    """The paths of ``files`` (path, module) that hold one of ``test_ids``
+    (``module.Class.test``, by its module name or its dotted path)."""
+    if not test_ids:
+        return frozenset()
+    prefixes = set()
+    for test_id in test_ids:
+        parts = test_id.split(" ", 1)[0].split(".")
+        prefixes.update(".".join(parts[:end]) for end in range(1, len(parts)))
+    found = set()
+    for path, module in files:
+        dotted = path[:-3].replace(os.sep, ".").replace("/", ".") if path.endswith(".py") \
+            else path
+        if module in prefixes or dotted in prefixes:
+            found.add(path)
+    return frozenset(found)
 
 
 # --------------------------------------------------------------------------
@@ -366,7 +395,13 @@ def merge(total: int, parts: dict[int, Outcome]) -> Outcome:
                    if heads[i].get("verdict") == fields["verdict"]]
     fields["exit_code"] = next((c for c in worst_codes if c not in (None, 0, "0")),
                                0 if fields["verdict"] == "passed" else -1)
-    for name in ("subject", "author", "committed", "setup", "setup_scope", "setup_duration"):
+    afters = [float(heads[i]["first_failure_after"]) for i in ran
+               if heads[i].get("first_failure_after")]
+    if afters:
+        # The earliest any shard saw a test fail (each from its own start).
+        fields["first_failure_after"] = f"{min(afters):.3f}"
+    for name in ("subject", "author", "committed", "setup", "setup_scope", "setup_duration",
+                 "failing_first"):
         value = next((heads[i][name] for i in sorted(parts) if heads[i].get(name)), None)
         if value is not None:
             fields[name] = value

@@ -11,7 +11,7 @@ shown to people; a record without a usable commit is left out; keys it does
 not know are ignored).
 
     {"queue":   [{"commit", "branch", "position", "cell", "waiting"}],
-     "running": [{"commit", "branch", "runner", "elapsed", "shard", "cell"}],
+     "running": [{"commit", "branch", "runner", "elapsed", "shard", "cell", "failing"}],
      "held":    [{"commit", "branch", "runner", "cell"}],
      "runners": [{"name", "address", "state", "commit", "labels", "exclusive"}],
      "counts":  {name: value}}
@@ -104,9 +104,10 @@ class Record:
 
     FIELDS: ClassVar[dict[str, Callable]] = {}
     REQUIRED: ClassVar[tuple[str, ...]] = ("commit",)
-    # Keys added for build matrices, left out while they say nothing (None):
+    # Keys added later (build matrices, a running job's first failing test),
+    # left out while they say nothing (None):
     # a record of a commit without a matrix reads exactly as before.
-    SPARSE: ClassVar[tuple[str, ...]] = ("cell", "waiting", "labels", "exclusive")
+    SPARSE: ClassVar[tuple[str, ...]] = ("cell", "waiting", "labels", "exclusive", "failing")
 
     def to_json(self) -> dict:
         return {key: value for key, value in dataclasses.asdict(self).items()
@@ -147,9 +148,11 @@ class RunningJob(Record):
     elapsed: float | None = None    # seconds since it was assigned
     shard: str | None = None        # "2/3" for one shard of a sharded commit
     cell: str | None = None
+    failing: str | None = None      # its first failing test, told while it runs
 
     FIELDS = {"commit": _commit, "branch": _text(200), "runner": _text(200),
-              "elapsed": _number, "shard": _text(16), "cell": _text(160)}
+              "elapsed": _number, "shard": _text(16), "cell": _text(160),
+              "failing": _text(500)}
 
 
 @dataclasses.dataclass

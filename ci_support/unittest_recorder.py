@@ -1,10 +1,13 @@
 """Runs unittest exactly as ``python -m unittest ARGS`` would, and also
 writes each test's outcome to a JUnit XML file for the CI runner.
 
-Usage: ``python unittest_recorder.py OUTPUT.xml [--shard] [--path-first DIR] [unittest arguments...]``
+Usage: ``python unittest_recorder.py OUTPUT.xml [--order DIR] [--shard] [--path-first DIR] [unittest arguments...]``
+(the options in this order, each optional on its own).
 
-``--shard``: the arguments are module names a shard runs, loaded as
-discovery would load them; ``--path-first DIR``: DIR goes first on
+``--order DIR``: the runner's order folder (see ci_order.py, beside this
+file): the tests it names run first, and each failure is told there as it
+happens.  ``--shard``: the arguments are module names a shard runs, loaded
+as discovery would load them; ``--path-first DIR``: DIR goes first on
 sys.path, where discovery puts its top folder (a shard's modules and a
 rerun's test ids are named from it).
 
@@ -28,8 +31,8 @@ status are unittest's own, so counts and verdicts are what they always were.
 import os
 import sys
 
-if sys.path and sys.path[0] and os.path.abspath(sys.path[0]) == \
-        os.path.dirname(os.path.abspath(__file__)):
+HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and sys.path[0] and os.path.abspath(sys.path[0]) == HERE:
     sys.path[0] = os.getcwd()
 
 import time  # noqa: E402
@@ -49,6 +52,7 @@ class RecordingResult(unittest.TextTestResult):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.order_folder = RecordingRunner.order_folder
         self.records = []
         self._started = {}
         self._seen = set()
@@ -98,6 +102,8 @@ class RecordingResult(unittest.TextTestResult):
                     message = "%s: %s" % (err[0].__name__, err[1])
                 except Exception:
                     message = err[0].__name__
+        if outcome in ("failed", "error", "xpass") and self.order_folder is not None:
+            self.order_folder.failed(test_id)
         self.records.append({
             "classname": classname, "name": name, "outcome": outcome,
             "duration": duration, "message": str(message)[:2000],
@@ -137,6 +143,7 @@ class RecordingResult(unittest.TextTestResult):
 class RecordingRunner(unittest.TextTestRunner):
     resultclass = RecordingResult
     last_result = None
+    order_folder = None   # a ci_order.Folder, with --order
 
     def _makeResult(self):
         result = super()._makeResult()
@@ -162,6 +169,66 @@ class DiscoveryLikeLoader(unittest.TestLoader):
                 self.errors.append(error_message)
                 return error_case
         return super().loadTestsFromName(name, module)
+
+
+def load_order_module():
+    """ci_order.py from beside this file, by path (sys.path no longer
+    has this folder: the tested project's modules come first)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ci_order", os.path.join(HERE, "ci_order.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def flatten(suite, out):
+    """The tests of ``suite`` in run order into ``out``; False if a suite
+    of its own kind (its own ``run``) is in it: reordering would skip it."""
+    if isinstance(suite, unittest.TestCase):
+        out.append(suite)
+        return True
+    if not isinstance(suite, unittest.TestSuite) or type(suite).run is not unittest.TestSuite.run:
+        return False
+    return all(flatten(test, out) for test in suite)
+
+
+def _case_keys(test):
+    test_id = test.id()
+    return type(test).__module__, test_id.rpartition(".")[0], test_id
+
+
+def ordered_suite(suite, order, folder):
+    """``suite`` with the runner's failing tests first (see ci_order.py),
+    as one flat suite (unittest runs class and module fixtures by change
+    of class and module, so they still run once each); unchanged, with
+    the reason in the status, when it cannot be reordered."""
+    first = folder.first()
+    if not first:
+        return suite
+    tests = []
+    if not flatten(suite, tests):
+        folder.status("not reordered: a test suite class of its own runs the tests")
+        return suite
+    tests, found = order.reorder(tests, _case_keys, first)
+    if not found:
+        folder.status("none found")
+        return suite
+    folder.status("reordered %d" % found)
+    return unittest.TestSuite(tests)
+
+
+class OrderedProgram(unittest.TestProgram):
+    """unittest's own main program; with --order, the loaded suite is
+    reordered before it runs."""
+    order = None
+
+    def runTests(self):
+        if self.order is not None and RecordingRunner.order_folder is not None:
+            try:
+                self.test = ordered_suite(self.test, self.order, RecordingRunner.order_folder)
+            except Exception as exc:  # never cost the run
+                RecordingRunner.order_folder.status("not reordered: %r" % (exc,))
+        return super().runTests()
 
 
 # Characters XML 1.0 cannot hold at all (control characters, lone surrogates).
@@ -259,6 +326,13 @@ def main(argv):
         return 2
     output, args = argv[0], argv[1:]
     loader = unittest.defaultTestLoader
+    if args[:1] == ["--order"] and len(args) >= 2:
+        try:
+            OrderedProgram.order = load_order_module()
+            RecordingRunner.order_folder = OrderedProgram.order.Folder(args[1])
+        except Exception as exc:  # the tests run as they would have
+            sys.stderr.write("unittest_recorder: no test order: %s\n" % (exc,))
+        args = args[2:]
     if args[:1] == ["--shard"]:
         # A shard of ``discover -s DIR`` run by module names: load them as
         # discovery would.
@@ -270,8 +344,8 @@ def main(argv):
         args = args[2:]
     sys.argv[:] = ["python -m unittest"] + args  # what the tests would see there
     try:
-        unittest.main(module=None, argv=["python -m unittest"] + args,
-                      testRunner=RecordingRunner, testLoader=loader)
+        OrderedProgram(module=None, argv=["python -m unittest"] + args,
+                       testRunner=RecordingRunner, testLoader=loader)
     finally:
         # Also when unittest exits (it always does, with its own status).
         result = RecordingRunner.last_result

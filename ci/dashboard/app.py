@@ -45,6 +45,29 @@ class BadRequest(Exception):
     """A query value that cannot be used (answered 400)."""
 
 
+def pruned_item(tombstone) -> dict:
+    """A pruned commit as the API shows it: tested, its result pruned."""
+    def stamp(t: float) -> str:
+        return pages.when(t).replace(" ", "T") + "Z"
+    return {"commit": tombstone.commit, "status": "pruned", "verdict": tombstone.verdict,
+            "branch": tombstone.branch, "previous": tombstone.previous,
+            "finished": stamp(tombstone.finished), "pruned": stamp(tombstone.pruned),
+            "url": f"/commit/{tombstone.commit}"}
+
+
+def pruned_sections(tombstone) -> dict:
+    """A pruned commit's page: its verdict, and that its files are gone."""
+    item = {"commit": tombstone.commit, "verdict": tombstone.verdict,
+            "branch": tombstone.branch, "previous": tombstone.previous}
+    status = (f"finished {pages.when(tombstone.finished)} UTC; result pruned "
+              f"{pages.when(tombstone.pruned)} UTC")
+    return {"sec-summary": pages.fields_section(item, status),
+            "sec-tests": pages.Safe(""),
+            "sec-output": pages.render(
+                '<p class="empty">This commit was tested; its result file, test records '
+                'and output were pruned by the dispatcher\'s --keep-results.</p>')}
+
+
 class Dashboard:
     """The read-only application: routes to pages and API answers."""
 
@@ -140,9 +163,13 @@ class Dashboard:
     def _overview_sections(self, filters: dict) -> dict:
         state, error = self._live_state()
         branches = self.index.branches()
-        running_branches = {j["branch"] for j in (state or {}).get("running", [])}
+        running = (state or {}).get("running", [])
+        running_branches = {j["branch"] for j in running}
+        # A running commit whose tests already fail: its branch is failing now.
+        failing_now = {j["branch"]: j["failing"] for j in running if j.get("failing")}
         for item in branches:
             item["running"] = item["branch"] in running_branches
+            item["failing_now"] = failing_now.get(item["branch"])
         commits, cursor = self._commits(filters)
         for item in commits:
             item["badges"] = cells.badges(dashboard_index.parse_cells(item.get("cells")))
@@ -211,6 +238,10 @@ class Dashboard:
                 "sec-summary": pages.fields_section(item, f"queued, position {job['position']}"),
                 "sec-cells": cells.cells_section(cells.live_cells(state, commit)),
                 "sec-tests": pages.Safe(""), "sec-output": pages.Safe("")}, False
+        # Pruned (and not being tested again): tested, its files gone.
+        tombstone = self.index.pruned.get(commit)
+        if tombstone is not None:
+            return "pruned", pruned_sections(tombstone), True
         return None
 
     def _finished_cells(self, commit: str, item: dict) -> list[dict]:
@@ -286,7 +317,8 @@ class Dashboard:
             "dispatcher": {"reachable": error is None, "error": error},
             "queue": state.get("queue", []), "running": state.get("running", []),
             "runners": state.get("runners", []), "counts": state.get("counts", {}),
-            "branches": self.index.branches(), "results": self.index.count()})
+            "branches": self.index.branches(), "results": self.index.count(),
+            "pruned": self.index.pruned.count()})
 
     def api_commits(self, query, nonce) -> Response:
         commits, cursor = self._commits(self._filters(query))
@@ -298,6 +330,9 @@ class Dashboard:
             state = self.live.state()[0] or {}
             running = self._running_job(state, commit) is not None
             status, tail = self.live.log(commit) if running else ("idle", "")
+            tombstone = self.index.pruned.get(commit)
+            if status != "running" and tombstone is not None:
+                return json_response(pruned_item(tombstone))
             if status != "running":
                 return json_response({"error": "no result for this commit"}, 404)
             return json_response({"commit": commit, "status": "running", "live_output": tail,

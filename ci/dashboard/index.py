@@ -17,6 +17,7 @@ import threading
 import time
 
 from ci import results
+from ci.dashboard.pruned import PrunedIndex
 from ci.wire import one_line, valid_full_commit
 
 log = logging.getLogger(__name__)
@@ -41,20 +42,23 @@ MAX_CELLS = 256
 # --------------------------------------------------------------------------
 # Pure functions.
 
-def compute_marks(entries: dict[str, dict]) -> dict[str, str]:
+def compute_marks(entries: dict[str, dict], earlier=None) -> dict[str, str]:
     """``broke`` / ``fixed`` per commit, decided along each branch's
     ``previous`` chain rather than in the order results arrived.
 
     A commit is judged only when its ``previous`` (same branch) has a
     result: until then it gets no mark, and it is judged on the first call
     after the predecessor's result lands.  A commit without ``previous``
-    (first on its branch) is never marked."""
+    (first on its branch) is never marked.  ``earlier``: the verdicts of
+    pruned commits (tombstones): a function of a commit id, the fields of
+    a predecessor whose file is gone (or None)."""
+    earlier = earlier or (lambda commit: None)
     marks: dict[str, str] = {}
     for commit, fields in entries.items():
         previous = fields.get("previous")
         if not previous or previous == commit:
             continue
-        before = entries.get(previous)
+        before = entries.get(previous) or earlier(previous)
         if before is None:
             continue
         was_red = before.get("verdict") in RED
@@ -208,8 +212,11 @@ class ResultIndex:
     name starts with ``_`` assume it is held.  Derived views (order, marks,
     branch states) are rebuilt only when ``version`` moved."""
 
-    def __init__(self, folder: str, scan_interval: float = SCAN_INTERVAL):
+    def __init__(self, folder: str, scan_interval: float = SCAN_INTERVAL,
+                 pruned: PrunedIndex | None = None):
         self.folder = folder
+        # Tombstones of pruned results (--keep-results on the dispatcher).
+        self.pruned = pruned or PrunedIndex(None)
         self.scan_interval = scan_interval
         self._lock = threading.Lock()
         self._entries: dict[str, dict] = {}      # commit -> header fields
@@ -227,6 +234,9 @@ class ResultIndex:
     # ---- refreshing
 
     def refresh(self, force: bool = False) -> None:
+        if self.pruned.refresh():
+            with self._lock:
+                self.version += 1
         with self._lock:
             now = time.monotonic()
             if not force and now - self._last_scan < self.scan_interval:
@@ -295,7 +305,7 @@ class ResultIndex:
         finished = {c: self._finished(c) for c in self._entries}
         self._ordered = sorted(self._entries, key=lambda c: (finished[c], c), reverse=True)
         self._position = {c: i for i, c in enumerate(self._ordered)}
-        self._marks = compute_marks(self._entries)
+        self._marks = compute_marks(self._entries, self.pruned.fields_of)
         self._branches = branch_states(self._entries, finished)
         self._derived_version = self.version
 
@@ -350,10 +360,27 @@ class ResultIndex:
             return items, (items[-1]["commit"] if more and items else None)
 
     def branches(self) -> list[dict]:
+        """Each branch's state; with pruning, how many of its results
+        were pruned and its oldest result kept."""
         self.refresh()
+        pruned = self.pruned.per_branch()
         with self._lock:
             self._derive()
-            return [dict(state) for _, state in sorted(self._branches.items())]
+            out = []
+            for branch, state in sorted(self._branches.items()):
+                item = dict(state)
+                if pruned.get(branch):
+                    item["pruned"] = pruned[branch]
+                    item["oldest_kept"] = self._oldest_kept(branch)
+                out.append(item)
+            return out
+
+    def _oldest_kept(self, branch: str) -> str | None:
+        """The branch's oldest result still on disk (newest-first order)."""
+        for commit in reversed(self._ordered):
+            if self._entries[commit].get("branch") == branch:
+                return commit
+        return None
 
     def count(self) -> int:
         with self._lock:

@@ -114,7 +114,12 @@ def branches_section(branches: list[dict]) -> Safe:
     cards = []
     for item in branches:
         state = item["state"]
-        if state == "failing":
+        if item.get("failing_now"):
+            # The run goes on, but a test already failed: failing, now.
+            state = "failing"
+            detail = render('failing now: <span class="failing-now">{test}</span>',
+                            test=item["failing_now"])
+        elif state == "failing":
             detail = render("failing since {link}", link=commit_link(item["since"]))
         else:
             detail = Safe(state)
@@ -125,7 +130,7 @@ def branches_section(branches: list[dict]) -> Safe:
             '<a class="branch-name" href="{href}">{branch}</a>'
             '{badge}</div>'
             '<div class="branch-state">{detail}{running}</div>'
-            '<div class="branch-head">head {head}</div></div>',
+            '<div class="branch-head">head {head}{pruned}</div></div>',
             cls="failed" if state == "failing" else "passed", href=branch_query(item["branch"]),
             branch=item["branch"], detail=detail,
             # The state in the URL: a section patched in place keeps an
@@ -133,8 +138,19 @@ def branches_section(branches: list[dict]) -> Safe:
             badge=render('<img class="badge" alt="{state}" src="{src}?state={state}">',
                          state=state, src=badge_path(item["branch"]))
             if BRANCH_RE.fullmatch(item["branch"]) else Safe(""),
-            running=running, head=commit_link(item["head"])))
+            running=running, head=commit_link(item["head"]), pruned=pruned_note(item)))
     return render('<h2>Branches</h2><div class="branches">{cards}</div>', cards=join(cards))
+
+
+def pruned_note(item: dict) -> Safe:
+    """A branch card's word on retention: how many results were pruned,
+    and the oldest kept."""
+    if not item.get("pruned"):
+        return Safe("")
+    oldest = render(", oldest kept {link}", link=commit_link(item["oldest_kept"])) \
+        if item.get("oldest_kept") else Safe("")
+    return render(' <span class="pruned">&middot; {n} pruned{oldest}</span>',
+                  n=item["pruned"], oldest=oldest)
 
 
 def active_section(state: dict | None) -> Safe:
@@ -147,7 +163,10 @@ def active_section(state: dict | None) -> Safe:
             '<td>{pill}</td><td>{elapsed}</td><td>{runner}</td></tr>',
             link=commit_link(job["commit"]), cell=cell_tag(job, "running"),
             branch=job.get("branch") or "",
-            pill=pill("running"),
+            pill=render('{running}{failing}', running=pill("running"),
+                        failing=render(' <span class="pill v-failed">failing</span> '
+                                       '<span class="failing-now">{test}</span>',
+                                       test=job["failing"]) if job.get("failing") else Safe("")),
             elapsed=(seconds(job["elapsed"]) + " elapsed" if job.get("elapsed") is not None
                      else "held after a dispatcher restart"),
             runner=job.get("runner") or ""))

@@ -90,6 +90,9 @@ class ResultKeeper:
             return False
         work = self._work(commit)
         a = self._check_token(work, commit, token, name, "result")
+        # Before the runner is free again: the branch's next job already
+        # names the tests this result failed (see ci/history/recent.py).
+        self.recent_failures.learn(work.branch, outcome.records)
         self._free_after_result(commit, token, a)
         if work.key in self.done or work.state is WorkState.WRITING:
             return False
@@ -158,6 +161,7 @@ class ResultKeeper:
         work.move(WorkState.DONE)
         del self.work[work.key]
         self.done.add(work.key)
+        self.pruned.discard(work.key)
         self._occupy_with(work.job)
         if work.shards:
             # Given up: shards still running are no longer ours.

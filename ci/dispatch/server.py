@@ -122,7 +122,8 @@ class Dispatcher:
                          "log": self.do_log, "register": self.do_register,
                          "dispatch": self.do_dispatch, "retest": self.do_retest,
                          "results": self.do_results, "release": self.do_release,
-                         "progress": self.do_progress, "prefetch": self.do_prefetch}
+                         "progress": self.do_progress, "prefetch": self.do_prefetch,
+                         "failing": self.do_failing}
 
     # ---- handlers (run on request threads: short, no network I/O) --------
     def do_status(self, message: Message, peer: str) -> Message:
@@ -217,6 +218,21 @@ class Dispatcher:
         commit, token = commit_and_token(message, "progress")
         self.state.progress(commit, token, self._runner_name(peer), message.body)
         return Message("ok")
+
+    def do_failing(self, message: Message, peer: str) -> Message:
+        """A running job's first failing test, told as it fails (body:
+        ``test`` and ``after``, the seconds since its tests started)."""
+        commit, token = commit_and_token(message, "failing")
+        fields = self._fields(message.body)
+        test = one_line(fields.get("test", ""), 500).strip()
+        try:
+            after = float(fields.get("after", ""))
+        except ValueError:
+            after = -1.0
+        if not test or not 0 <= after < 1e7:
+            raise Reply("usage: failing:<commit> <token>, body test: <id>, after: <seconds>")
+        first = self.state.first_failure(commit, token, self._runner_name(peer), test, after)
+        return Message("ok", "first" if first else "known")
 
     @staticmethod
     def _fields(body: bytes) -> dict:

@@ -13,7 +13,7 @@ import logging
 import time
 
 from ci import sharding
-from ci.dispatch.journal import AssignmentRecord, assign_record, shard_record
+from ci.dispatch.journal import BRANCH_RE, AssignmentRecord, assign_record, shard_record
 from ci.dispatch.runners import RUNNING, Runner
 from ci.outcome import Outcome
 from ci.dispatch.work import Job, Merged, ShardReport, ShardSet, Work, WorkState, new_token
@@ -53,7 +53,9 @@ class ShardPlanner:
         else:
             work = self.work[self.queue.popleft()]
             work.move(WorkState.SHARDED)
-            work.shards = ShardSet(total, self.durations.encode())
+            branch = work.branch if work.branch and BRANCH_RE.fullmatch(work.branch) else None
+            work.shards = ShardSet(total, self.durations.encode(),
+                                   first=self.recent_failures.for_branch(branch))
             self.shard_queue.extend((work.key, i) for i in range(2, total + 1))
             index = 1
             log.info("commit %s split into %d shards", work.commit[:12], total)

@@ -35,7 +35,9 @@ from ci.dispatch.journal import (BRANCH_RE, AssignmentRecord, Journal, assign_re
 from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, SUSPECT, Runner, RunnerRegistry
 from ci.dispatch.shards import ShardPlanner
 from ci.dispatch.views import StateViews
+from ci.retention.tombstones import TombstoneFile
 from ci.dispatch.work import Job, Meta, Work, WorkKey, WorkState, new_token, work_key
+from ci.history.recent import RecentFailures
 from ci.wire import ProtocolError, Reply, decode_fields, valid_full_commit
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,10 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         self.shard_queue: collections.deque[tuple[WorkKey, int]] = collections.deque()
         self.runners: dict = {}
         self.done: set[WorkKey] = set()     # a result file exists
+        # Pruned by --keep-results: no file, a tombstone (ci/retention/);
+        # finished all the same, never queued again but by a retest.
+        self.pruned: set[WorkKey] = set()
+        self.tombstones: TombstoneFile | None = None
         # (key, token) -> AssignmentRecord, for rounds that are over.
         self.finished_tokens: collections.OrderedDict = collections.OrderedDict()
         # Sharding (--max-shards) and what results taught about durations.
@@ -84,6 +90,8 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         # No shard shorter than this by the known durations (0: no check).
         self.min_shard_seconds = 1.0
         self.durations = sharding.Durations()
+        # Each branch's most recently failing tests, which its jobs run first.
+        self.recent_failures = RecentFailures()
         # --trusted-branch: whose environments every commit may reuse.
         self.trusted_branches = jobspec.DEFAULT_TRUSTED_BRANCHES
         self.stopping = False
@@ -91,6 +99,9 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         # Called with (commit, Outcome) after a result file is on disk,
         # outside the lock (notifications); must not block.
         self.listeners: list = []
+        # Called with (commit, branch, test id, seconds) when a running
+        # commit's first test fails, outside the lock; must not block.
+        self.failing_listeners: list = []
 
     # ---- the work table ---------------------------------------------------
     def _work(self, commit: str) -> Work | None:
@@ -102,7 +113,11 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
             work = self._work(commit)
             if work is not None:
                 return work.state
-            return WorkState.DONE if work_key(commit) in self.done else None
+            return WorkState.DONE if self._finished(work_key(commit)) else None
+
+    def _finished(self, key: WorkKey) -> bool:
+        """A result file exists, or one was pruned (a tombstone)."""
+        return key in self.done or key in self.pruned
 
     def _in_state(self, state: WorkState) -> list[Work]:
         return [w for w in self.work.values() if w.state is state]
@@ -116,6 +131,7 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
     def _to_queue(self, work: Work, head: bool) -> None:
         work.move(WorkState.QUEUED)
         work.job = None
+        work.failing = None   # the next run tells its own
         if head:
             self.queue.appendleft(work.key)
         else:
@@ -139,8 +155,11 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         with self.cond:
             self.done = {work_key(name) for name in os.listdir(self.results_dir)
                          if valid_full_commit(name)}
+            if self.tombstones is not None:
+                self.pruned = {work_key(c) for c in self.tombstones.load()} - self.done
             got = self.journal.replay()
-            pending = [c for c in got.order if c not in self.done or c in got.retest]
+            pending = [c for c in got.order
+                       if not self._finished(work_key(c)) or c in got.retest]
             deadline = time.monotonic() + grace
             for commit in pending:
                 self._recover_one(commit, got, grace, deadline)
@@ -160,6 +179,7 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         if commit in got.meta:
             work.meta = Meta(*got.meta[commit])
         self.done.discard(key)
+        self.pruned.discard(key)
         history = got.assigned.get(commit)
         if history and commit in got.sharded:
             # Shard results are kept in memory only: a restart runs
@@ -201,12 +221,41 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         with self.cond:
             return work_key(commit) in self.work
 
+    def pending_commits(self) -> set[str]:
+        """Every commit queued, running or being written (a snapshot)."""
+        with self.cond:
+            return {w.commit for w in self.work.values()}
+
+    def remove_pruned(self, commits: list[str], remove, forget) -> list[str]:
+        """Retention (ci/retention/pruner.py): for each commit still
+        finished and not pending, ``remove(commit)`` deletes its files and
+        it counts as pruned; ``forget(removed)`` is told (it must not
+        block).  Under the lock, so a retest cannot queue a commit between
+        the check and the unlink; one small batch at a time."""
+        removed = []
+        with self.cond:
+            for commit in commits:
+                key = work_key(commit)
+                if key in self.work or key not in self.done:
+                    continue
+                try:
+                    remove(commit)
+                except OSError as exc:
+                    log.warning("cannot prune %s: %s", commit[:12], exc)
+                    continue
+                self.done.discard(key)
+                self.pruned.add(key)
+                removed.append(commit)
+            if removed:
+                forget(removed)
+        return removed
+
     def _reserve(self, commits: list[str], skip_done: bool) -> list[str]:
         """New JOURNALLING records for the commits not already pending
         (nor done, unless a retest); invisible until journalled."""
         # dict.fromkeys: drops repeats in order, without a quadratic scan.
         new = [c for c in dict.fromkeys(commits) if work_key(c) not in self.work
-               and not (skip_done and work_key(c) in self.done)]
+               and not (skip_done and self._finished(work_key(c)))]
         for commit in new:
             self.work[work_key(commit)] = Work(work_key(commit), commit)
         return new
@@ -255,6 +304,7 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
                 work.meta = meta.get(commit, work.meta)
                 if retest:
                     self.done.discard(work.key)
+                    self.pruned.discard(work.key)
                     work.retest = True
                 self._to_queue(work, head=False)
 
@@ -331,9 +381,12 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         if branch is not None and not BRANCH_RE.fullmatch(branch):
             branch = None  # (read back from an old result file): no scope to share
         shard_set = work.shards if index else None
+        # Every shard of a set names the same tests (they pin the same files
+        # to shard 1); a whole commit, the branch's failures as they are now.
+        first = shard_set.first if shard_set else self.recent_failures.for_branch(branch)
         return jobspec.encode(branch, jobspec.trusted_branch(branch, self.trusted_branches),
                               (index, shard_set.total) if shard_set else None,
-                              shard_set.table if shard_set else b"")
+                              shard_set.table if shard_set else b"", failing_first=first)
 
     def _is_current(self, job: Job) -> bool:
         work = self._work(job.commit)
@@ -402,6 +455,32 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
             work.tail += data[-TAIL_BYTES:]
             if len(work.tail) > TAIL_BYTES:
                 del work.tail[:len(work.tail) - TAIL_BYTES]
+
+    def first_failure(self, commit: str, token: str, name: str | None, test: str,
+                      after: float) -> bool:
+        """A running job's tests just had their first failure: kept for
+        the ``state`` view and put in the live output; True the first time
+        for this commit's run (a second shard's, or a resend, changes
+        nothing), when the early listeners are told (outside the lock)."""
+        with self.cond:
+            work = self._work(commit)
+            job = work.current_job(token) if work else None
+            if not job or (name is not None and job.name != name):
+                raise Reply(f"failing for {commit[:12]} refused: not the current assignment")
+            if work.failing is not None:
+                return False
+            work.failing = (test, after)
+            line = f"\n[ci] first failing test: {test} (after {after:.1f}s)\n"
+            work.tail += line.encode("utf-8", "replace")
+            if len(work.tail) > TAIL_BYTES:
+                del work.tail[:len(work.tail) - TAIL_BYTES]
+            meta = work.meta
+        for listener in self.failing_listeners:
+            try:
+                listener(commit, meta.branch if meta else None, test, after)
+            except Exception:
+                log.exception("failing listener failed for %s", commit[:12])
+        return True
 
     def log_tail(self, commit: str) -> bytes | None:
         """The live output of a running commit; None when it is not running."""

@@ -26,7 +26,8 @@ class StateViews:
             return {"queued": len(self.queue), "running": running,
                     "runners": len(self.runners),
                     "idle_runners": sum(r.free for r in self.runners.values()),
-                    "done": len(self.done), "completed": self.completed}
+                    "done": len(self.done), "completed": self.completed,
+                    "pruned": len(self.pruned)}
 
     def describe(self) -> bytes:
         """The ``state`` reply: queue, running jobs, held commits and
@@ -36,6 +37,10 @@ class StateViews:
             def branch(commit):
                 work = self._work(commit)
                 return work.branch if work else None
+
+            def failing(commit):
+                work = self._work(commit)
+                return work.failing[0] if work and work.failing else None
 
             def called(key: str, key_name: str | None) -> str:
                 """Its own name, else its issued key's, else its address."""
@@ -52,7 +57,8 @@ class StateViews:
                        for i, k in enumerate(itertools.islice(self.queue, 500))],
                 running=[state_schema.RunningJob(
                     j.commit, branch(j.commit), called(j.runner, j.name),
-                    round(now - j.started, 1), f"{j.shard}/{j.shards}" if j.shards else None)
+                    round(now - j.started, 1), f"{j.shard}/{j.shards}" if j.shards else None,
+                    failing=failing(j.commit))
                     for j in self._live_jobs()],
                 held=[state_schema.HeldCommit(w.commit, w.branch, w.held_by)
                       for w in self._held()],

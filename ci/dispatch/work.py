@@ -102,6 +102,7 @@ class ShardSet:
     running: dict = dataclasses.field(default_factory=dict)   # shard -> Job
     reports: dict = dataclasses.field(default_factory=dict)   # shard -> Outcome
     journalled: bool = False                # its ``S`` record is in the journal
+    first: tuple[str, ...] = ()             # the tests to run first (in shard 1)
 
 
 class ShardReport(enum.Enum):
@@ -138,6 +139,9 @@ class Work:
     job: Job | None = None
     shards: ShardSet | None = None
     tail: bytearray = dataclasses.field(default_factory=bytearray)   # live output
+    # The first test a running job told of failing (``failing``): its id
+    # and seconds after the tests started; None until one fails.
+    failing: tuple[str, float] | None = None
     held_by: str | None = None      # HELD: the runner key that ran it at the crash
     held_until: float = 0.0         # HELD: when it is queued without its runner
 

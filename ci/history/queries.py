@@ -138,6 +138,19 @@ class HistoryReader:
         data["window"] = window_stats(data["recent"])
         return data
 
+    def recent_failures(self, branch: str, limit: int = 50, runs: int = 100) -> list[str]:
+        """The ids of the tests that failed in the last ``runs`` results
+        of ``branch``, most recent failure first, at most ``limit``."""
+        failing = ", ".join("?" * len(store.FAILING))
+        with self.connection() as conn:
+            rows = conn.execute(
+                f"SELECT t.name FROM records x JOIN tests t ON t.id = x.test "
+                f"WHERE x.run IN (SELECT id FROM runs WHERE branch = ? ORDER BY id DESC "
+                f"LIMIT ?) AND x.outcome IN ({failing}) GROUP BY t.name "
+                f"ORDER BY max(x.run) DESC LIMIT ?",
+                (branch, runs, *store.FAILING, limit)).fetchall()
+        return [name for (name,) in rows]
+
 
 def _test_row(row) -> dict:
     name, key, runs, failures, seconds = row

@@ -241,6 +241,13 @@ def forget_run(conn: sqlite3.Connection, run_id: int) -> None:
     conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 
 
+def forget_commit(conn: sqlite3.Connection, commit: str) -> None:
+    """Drop a commit's run, if the store has one (its result was pruned)."""
+    row = conn.execute("SELECT id FROM runs WHERE commit_id = ?", (commit,)).fetchone()
+    if row:
+        forget_run(conn, row[0])
+
+
 def test_ids(conn: sqlite3.Connection, names: set[str]) -> dict[str, int]:
     """name -> tests.id for every name, adding the new ones."""
     ids = _known_ids(conn, names)
@@ -290,8 +297,7 @@ def catch_up(conn: sqlite3.Connection, results_dir: str, should_stop=lambda: Fal
     gone = [c for c in held if c not in stamps]
     with transaction(conn):
         for commit in gone:
-            row = conn.execute("SELECT id FROM runs WHERE commit_id = ?", (commit,)).fetchone()
-            forget_run(conn, row[0])
+            forget_commit(conn, commit)
     read = 0
     while stale and not should_stop():
         with transaction(conn):

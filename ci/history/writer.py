@@ -60,7 +60,18 @@ class HistoryWriter:
     # ---- the dispatcher's side --------------------------------------------
     def result_written(self, commit: str, outcome) -> None:
         """Never blocks: queued for the writer, or left to the catch-up."""
-        records = outcome.records
+        self._put(commit, dict(outcome.header), outcome.records)
+
+    def forget(self, commits: list[str]) -> None:
+        """Drop the runs of pruned commits (--keep-results); never blocks.
+        Queued in order with the results, so a retest written after the
+        prune keeps its new run.  Dropped when the queue is full: the
+        catch-up drops runs whose result files are gone anyway."""
+        for commit in commits:
+            self._put(commit, None, None)
+
+    def _put(self, commit: str, header: dict | None, records) -> None:
+        """A run to write (``header`` None: a run to forget)."""
         size = len(records or ()) + 1
         with self._count_lock:
             full = self.pending + size > self.max_pending
@@ -70,7 +81,7 @@ class HistoryWriter:
             self.behind.set()
             log.debug("history queue full: %s is left to the catch-up", commit[:12])
             return
-        self.inbox.put((commit, dict(outcome.header), records))
+        self.inbox.put((commit, header, records))
 
     def start(self) -> None:
         self.thread.start()
@@ -127,15 +138,17 @@ class HistoryWriter:
         self.ready.set()
 
     def _write(self, batch: list) -> None:
-        runs = []
-        for commit, header, records in batch:
-            stamp = store.file_stamp(os.path.join(self.results_dir, commit))
-            if stamp is not None:
-                runs.append(store.run_from_header({**header, "commit": commit}, records, stamp))
+        """The batch in its order, in one transaction."""
         try:
             with store.transaction(self.conn):
-                for run in runs:
-                    store.write_run(self.conn, run)
+                for commit, header, records in batch:
+                    if header is None:
+                        store.forget_commit(self.conn, commit)
+                        continue
+                    stamp = store.file_stamp(os.path.join(self.results_dir, commit))
+                    if stamp is not None:
+                        store.write_run(self.conn, store.run_from_header(
+                            {**header, "commit": commit}, records, stamp))
         except (sqlite3.Error, ValueError) as exc:
             self._failed(exc)
 

@@ -19,9 +19,12 @@ from ci.results import VERDICTS
 from ci.wire import valid_full_commit
 
 
-KINDS = ("broken", "fixed", "still-failing", "passed", "failed")
+# ``first-failure`` is no decision of the decider: the dispatcher tells it
+# while a commit's tests run (Notifier.failing_now), before its result.
+KINDS = ("broken", "fixed", "still-failing", "passed", "failed", "first-failure")
 NOTIFY_ON = {
     "change": frozenset({"broken", "fixed"}),
+    "early": frozenset({"broken", "fixed", "first-failure"}),
     "failure": frozenset({"broken", "fixed", "still-failing", "failed"}),
     "all": frozenset(KINDS),
 }

@@ -50,7 +50,34 @@ TEXTS = {
     "still-failing": "{branch} is still failing at {about}: {counts}",
     "passed": "{branch}: {about} passed, {tests} tests",
     "failed": "{branch}: {about} failed: {counts}",
+    "first-failure": "{branch}: {about} is failing while its tests run: {counts}",
 }
+
+
+def early_event(commit: str, branch: str | None, test: str, after: float,
+                dashboard_url: str | None, targets: list[str],
+                now: float | None = None) -> dict:
+    """The ``first-failure`` event: a running commit's first failing test.
+    Its id is derived from the branch, commit and test, so a run told
+    again (after a dispatcher restart) carries the same id and a receiver
+    can drop the repeat.  It is no verdict: ``verdict`` is ``running``."""
+    test = one_line(test, 500)
+    text = "\n".join([branch or "", commit, "first-failure", test])
+    event = {
+        "id": hashlib.sha256(text.encode()).hexdigest()[:32],
+        "event": "first-failure", "branch": branch or "", "commit": commit,
+        "previous": "", "verdict": "running", "previous_verdict": "", "retest": False,
+        "subject": "", "author": "", "tests": 0, "failures": 1, "errors": 0,
+        "reason": one_line(f"first failing test {test} after {after:.1f}s", 700),
+        "result_file": "", "url": commit_url(dashboard_url, commit),
+        "created": time.time() if now is None else now,
+    }
+    event["text"] = TEXTS["first-failure"].format(
+        branch=event["branch"], about=commit[:12], counts=event["reason"], tests=0) + \
+        (f" {event['url']}" if event["url"] else "")
+    event["header"] = ""
+    event["targets"] = list(targets)
+    return event
 
 
 def event_text(event: dict) -> str:

@@ -47,8 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="sign webhook bodies with HMAC-SHA256 using this file's content "
                             "(header X-CI-Signature-256: sha256=<hex>)")
     group.add_argument("--notify-on", choices=sorted(NOTIFY_ON), default=DEFAULT_NOTIFY_ON,
-                       help="change: broken and fixed only; failure: also every still-failing "
-                            "or failing commit; all: every result (default: %(default)s)")
+                       help="change: broken and fixed only; early: also, while a commit's "
+                            "tests still run, its first failing test (once per run); "
+                            "failure: broken, fixed and every still-failing or failing "
+                            "commit; all: every result (default: %(default)s)")
     for flag, default, text in SECONDS_FLAGS:
         group.add_argument(flag, type=positive(float), default=default, metavar="SECONDS",
                            help=f"{text} (default: %(default)s)")

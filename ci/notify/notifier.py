@@ -25,7 +25,7 @@ from typing import Callable
 from ci import results as result_files  # (the module; "results" names lists here)
 from ci.notify.decider import (DEFAULT_NOTIFY_ON, NOTIFY_ON, PENDING, UNKNOWN, Decider,
                                Decision, Result, result_from_fields)
-from ci.notify.events import build_event, short_id
+from ci.notify.events import build_event, early_event, short_id
 from ci.notify.store import JOURNAL_NAME, EventStore
 from ci.notify.worker import DEFAULT_RETRY_FOR, DEFAULT_RETRY_MAX, TargetWorker
 from ci.outcome import Outcome
@@ -101,6 +101,15 @@ class Notifier:
         one a restart makes from the file."""
         self.inbox.put((commit, dict(outcome.header)))
 
+    def failing_now(self, commit: str, branch: str | None, test: str, after: float) -> None:
+        """A running commit's first test failed (the dispatcher tells this
+        once per run): with ``--notify-on early``, an early event.  Never
+        blocks.  Not a decision: the decider, and so the one broke/fixed
+        event of the result, is not touched; not journalled either (a run
+        cut off by a restart runs again and tells again, same event id)."""
+        if "first-failure" in self.decider.kinds:
+            self.inbox.put(("first-failure", commit, branch, test, after))
+
     def stop(self, timeout: float = 3.0) -> None:
         """Stop every thread within about ``timeout`` and close the journal."""
         self.stop_event.set()
@@ -132,7 +141,11 @@ class Notifier:
             batch = self._take_batch()
             if self.stop_event.is_set():
                 return
-            results = [r for r in (result_from_fields(c, f) for c, f in batch) if r]
+            early = [item[1:] for item in batch if len(item) == 5]
+            for commit, branch, test, after in early:
+                self._tell_early(commit, branch, test, after)
+            results = [r for r in (result_from_fields(c, f) for c, f in
+                                   (item for item in batch if len(item) == 2)) if r]
             try:
                 self._process(results)
             except Exception:
@@ -254,6 +267,14 @@ class Notifier:
                 self.store.compact(lambda c: os.path.exists(self._result_path(c)))
             except OSError:
                 log.exception("cannot compact the journal")
+
+    def _tell_early(self, commit: str, branch: str | None, test: str, after: float) -> None:
+        """Hand a first-failure event to every worker."""
+        event = early_event(commit, branch, test, after, self.dashboard_url, list(self.workers))
+        log.info("%s on %s: first failing test while running, event %s", commit[:12], branch,
+                 short_id(event))
+        for worker in self.workers.values():
+            worker.submit(event)
 
     def _record(self, decision: Decision) -> dict:
         """The journal record of one decision, with its event if announced."""

@@ -144,7 +144,7 @@ class TestRunner:
         """The job's outcome; a failure of the runner itself is one too."""
         try:
             return pipeline.execute(self.settings, job.commit, job.shard, job.scope,
-                                    self._cell(job))
+                                    self._cell(job), job.failing_first)
         except Exception as exc:
             log.exception("running %s failed", job.commit[:12])
             return Outcome({"verdict": "error", "reason": f"runner failure: {exc}"},
@@ -286,12 +286,16 @@ class TestRunner:
         the dashboard can show it live.  Best effort: a lost message
         changes nothing but what a watcher sees."""
         sent: tuple[object, int] = (None, 0)   # (output file, bytes sent)
+        told = None                            # the order folder whose failure was told
         interval = self.args.progress_interval
         while not self.stop_event.wait(interval):
             job = self.state.current_job()
             out = self.slot.output
             if job is None or out is None or not valid_full_commit(job.commit):
                 continue
+            order = self.slot.order
+            if order is not None and order is not told and self._tell_failing(job, order):
+                told = order
             if sent[0] is not out:
                 sent = (out, 0)
             try:
@@ -305,6 +309,25 @@ class TestRunner:
                 sent = (out, start + len(data))
             except (OSError, ValueError, ProtocolError) as exc:
                 log.debug("progress for %s not sent: %s", job.commit[:12], exc)
+
+    def _tell_failing(self, job: RunnerJob, order) -> bool:
+        """Tell the dispatcher of the running tests' first failure, if
+        there is one yet; True once it is told (or refused: an older
+        dispatcher does not know ``failing``, and asking again is useless)."""
+        failure = order.first_failure()
+        if failure is None or order.started is None:
+            return False
+        after = max(failure.at - order.started, 0.0)
+        try:
+            reply = helpers.call(self.dispatcher, "failing", f"{job.commit} {job.token}",
+                                 encode_fields({"test": failure.test, "after": f"{after:.3f}"}),
+                                 security=self.security, timeout=2, reply_timeout=2)
+        except (OSError, ProtocolError) as exc:
+            log.debug("first failure of %s not told: %s", job.commit[:12], exc)
+            return False
+        log.info("first failing test of %s after %.1fs: %s (%s %s)", job.commit[:12], after,
+                 failure.test, reply.command, reply.argument)
+        return True
 
     # ---- lifecycle ------------------------------------------------------
     def start(self, address: tuple[str, int]) -> None:

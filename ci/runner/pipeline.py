@@ -19,7 +19,7 @@ import time
 from ci import results, sharding
 from ci.outcome import Outcome
 from ci.git import script_path
-from ci.runner import command_line, environments, junit_capture, reruns
+from ci.runner import command_line, environments, junit_capture, ordering, reruns
 from ci.runner.interpreters import JobCell
 from ci.runner.sandbox.private_git import PrivateRepository
 from ci.runner.slot import ProcessSlot, child_env, git_run_args
@@ -53,15 +53,17 @@ class Settings:
 
 
 def execute(settings: Settings, commit: str, shard: sharding.ShardSpec | None = None,
-            scope: environments.Scope | None = None, cell: JobCell | None = None) -> Outcome:
+            scope: environments.Scope | None = None, cell: JobCell | None = None,
+            failing_first: tuple[str, ...] = ()) -> Outcome:
     """Check out ``commit`` and run its tests; return their outcome.
     ``scope``: which environments the commit may reuse and build
     (default: the commit's own, never a trusted one); ``cell``: the
     matrix cell's interpreter and variables (default: the runner's own
-    Python, none).  Per-test records, when there are any, come as the
+    Python, none); ``failing_first``: test ids to run before the rest
+    (see ordering.py).  Per-test records, when there are any, come as the
     outcome's ``records`` (and as its ``junit_xml`` for older
     dispatchers), and the counts are theirs."""
-    return JobPipeline(settings, commit, shard, scope, cell).run()
+    return JobPipeline(settings, commit, shard, scope, cell, failing_first).run()
 
 
 class JobPipeline:
@@ -69,8 +71,10 @@ class JobPipeline:
 
     def __init__(self, settings: Settings, commit: str,
                  shard: sharding.ShardSpec | None = None,
-                 scope: environments.Scope | None = None, cell: JobCell | None = None):
+                 scope: environments.Scope | None = None, cell: JobCell | None = None,
+                 failing_first: tuple[str, ...] = ()):
         self.settings = settings
+        self.failing_first = tuple(failing_first)
         self.commit = commit
         self.shard = shard
         self.scope = scope or environments.job_scope(None, False, commit)
@@ -151,9 +155,10 @@ class JobPipeline:
         # Room for the reruns' output and notes, when there may be reruns.
         spare = settings.max_output // 8 if prepared.rerun_failures else 0
         with tempfile.TemporaryFile() as out, \
-                junit_capture.Capture(settings.repo, settings.junit_pattern) as capture:
+                junit_capture.Capture(settings.repo, settings.junit_pattern) as capture, \
+                ordering.OrderFolder(self.failing_first) as order:
             line = command_line.build(settings.repo, prepared.command, prepared.python,
-                                      self.shard, capture)
+                                      self.shard, capture, order)
             if line.shards is not None:
                 self.fields["shards"] = line.shards
             if line.argv is None:
@@ -163,12 +168,14 @@ class JobPipeline:
             # The reruns of failing tests share the tests' time limit.
             self.deadline = time.monotonic() + prepared.timeout
             try:
-                code, timed_out = self._run_tests(line.argv, prepared, capture, out)
+                code, timed_out = self._run_tests(line.argv, line.env(prepared.env), capture,
+                                                  out, order)
             except OSError as exc:
                 return self._finish(
                     setup_log + f"cannot start test command {line.argv!r}: {exc}\n".encode(),
                     verdict="error", reason=f"cannot start test command: {exc}")
             log.debug("tests of %s ran %.3fs", self.commit[:12], time.time() - self.started)
+            self.fields.update(order.fields())
             junit = capture.collect(timed_out, settings.max_output // 2)
             output = read_bounded(out, settings.max_output - len(setup_log) - junit.size
                                   - spare)
@@ -200,16 +207,27 @@ class JobPipeline:
         outcome = self._finish(output, verdict=verdict, exit_code=code, **counts)
         return dataclasses.replace(outcome, records=junit.records, junit_xml=junit.xml)
 
-    def _run_tests(self, argv: list[str], prepared: environments.Prepared,
-                   capture: junit_capture.Capture, out) -> tuple[int, bool]:
+    def _run_tests(self, argv: list[str], env: dict, capture: junit_capture.Capture, out,
+                   order: ordering.OrderFolder | None = None) -> tuple[int, bool]:
         """One run of a test command in the slot, within what is left of
-        the time limit: (exit code, timed out)."""
+        the time limit: (exit code, timed out).  With ``order`` (the first
+        run, not a rerun) its order folder is shown to the progress thread
+        while it runs (the first failure is told live)."""
         settings = self.settings
-        if settings.slot.user and capture.tmp:
-            # The recorder runs as the test user and writes its file here.
-            settings.slot.user.own(capture.tmp)
+        folders = (capture.tmp, order.path if order is not None else None)
+        for folder in folders if settings.slot.user else ():
+            if folder:
+                # The tests run as the test user and write their files here.
+                settings.slot.user.own(folder)
         left = max(self.deadline - time.monotonic(), 0.001)
-        return settings.slot.run(argv, settings.repo, left, out, prepared.env)
+        if order is None:
+            return settings.slot.run(argv, settings.repo, left, out, env)
+        order.started = time.time()
+        settings.slot.order = order
+        try:
+            return settings.slot.run(argv, settings.repo, left, out, env)
+        finally:
+            settings.slot.order = None
 
     def rerun_and_quarantine(self, prepared: environments.Prepared,
                              line: command_line.CommandLine,
@@ -242,7 +260,8 @@ class JobPipeline:
                 return b""
             head = f"\n[ci] ===== rerun of {len(plan.todo)} failing tests =====\n".encode()
             try:
-                code, timed_out = self._run_tests(argv, prepared, capture, out)
+                # Not reordered, but with the first run's environment (PYTHONPATH).
+                code, timed_out = self._run_tests(argv, line.env(prepared.env), capture, out)
             except OSError as exc:
                 plan.took(None, f"cannot start it: {exc}")
                 return head

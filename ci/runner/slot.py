@@ -63,8 +63,10 @@ class ProcessSlot:
         # With --test-user: each run's private HOME/TMPDIR, and what ends
         # the user's processes and files after it.
         self.sandbox = sandbox
-        # The file the running command writes to, for live progress.
+        # The file the running command writes to, for live progress, and
+        # the order folder its tests tell their failures in (ordering.py).
         self.output = None
+        self.order = None
 
     @property
     def cancelled(self) -> bool:

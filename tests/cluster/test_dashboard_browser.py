@@ -404,3 +404,41 @@ def test_matrix_cells_in_the_overview_and_on_the_commit_page(page, results, dash
     assert "SyntaxError" in boxes.first.locator("pre").inner_text()
     page.screenshot(path=str(tmp_path / "matrix-commit.png"), full_page=True)
     assert not [m for m in page.console if "Content Security Policy" in m]
+
+
+FAILS_THEN_TICKS = """import time
+import unittest
+
+class Early(unittest.TestCase):
+    def test_a_broken(self):
+        self.assertEqual(1 + 1, 3)
+
+    def test_b_ticks(self):
+        for i in range(40):
+            print("tick", i, flush=True)
+            time.sleep(0.1)
+"""
+
+
+def test_the_first_failure_shows_on_the_live_page_before_the_run_ends(page, dashboards, cluster,
+                                                                      upstream, tmp_path):
+    """A test fails early in a 4 s run: the commit's live output names it,
+    and the overview shows its branch failing, while the run goes on."""
+    from support.cluster import git
+    cluster.start_dispatcher()
+    cluster.start_runner("--progress-interval", "0.2")
+    cluster.start_observer("--poll", "0.3")
+    assert cluster.result(git(upstream.path, "rev-parse", "HEAD"))["verdict"] == "passed"
+    dash = dashboards(cluster.results, cluster.dispatcher_address)
+    slow = upstream.commit({"tests/test_early.py": FAILS_THEN_TICKS}, "Fail early, run long")
+    page.goto(dash.url + "/")
+    expect(page.locator("#sec-branches")).to_contain_text(
+        "failing now: test_early.Early.test_a_broken", timeout=10000)
+    expect(page.locator("#sec-active")).to_contain_text("test_early.Early.test_a_broken")
+    page.goto(f"{dash.url}/commit/{slow}")
+    output = page.locator("#output-pre")
+    expect(output).to_contain_text("[ci] first failing test: test_early.Early.test_a_broken",
+                                   timeout=5000)
+    assert not os.path.exists(cluster.result_path(slow))   # the run goes on
+    page.screenshot(path=str(tmp_path / "failing-while-running.png"), full_page=True)
+    expect(page.locator("#sec-summary .pill")).to_have_text("failed", timeout=15000)

@@ -463,10 +463,12 @@ def test_recorder_counts_output_and_exit_equal_plain_unittest(tmp_path, package)
     assert [r.id for r in results.parse_junit(collected.xml)] == [r.id for r in records]
 
 
-def test_recorder_folder_holds_nothing_importable_but_itself():
+def test_recorder_folder_holds_nothing_importable_but_what_runs_in_the_tests():
+    """The folder is put on a pytest run's path (for the ordering plugin):
+    nothing else of ours may be importable by the tested project."""
     folder = os.path.dirname(junit_capture.RECORDER)
     assert sorted(n for n in os.listdir(folder) if n != "__pycache__") == \
-        ["unittest_recorder.py"]
+        ["ci_order.py", "unittest_recorder.py"]
 
 
 def test_pytest_command_gets_junitxml_and_counts_equal_its_summary(tmp_path):

@@ -198,6 +198,74 @@ def rec(name, outcome="failed", classname="m.C", **kw) -> TestRecord:
     return TestRecord(classname, name, outcome, **kw)
 
 
+FIRST_FLAKY = """import os
+import time
+
+def _ran():
+    # Each run of this test adds a line: the first folder on its PYTHONPATH.
+    with open({counter!r}, "a+") as f:
+        f.seek(0)
+        runs = len(f.read().splitlines())
+        first = os.environ.get("PYTHONPATH", "").split(os.pathsep)[0]
+        f.write(os.path.basename(first) + "\\n")
+    return runs
+"""
+FIRST_FLAKY_UNITTEST = """
+import unittest
+
+class TestSlow(unittest.TestCase):
+    def test_slow(self):
+        time.sleep(0.6)
+
+class TestZ(unittest.TestCase):
+    def test_sometimes(self):
+        self.assertEqual(_ran() % 2, 1, "fails every other run")
+"""
+FIRST_FLAKY_PYTEST = """
+def test_slow():
+    time.sleep(0.6)
+
+def test_sometimes():
+    assert _ran() % 2 == 1, "fails every other run"
+"""
+
+
+@pytest.mark.parametrize("runner", ["unittest", "pytest"])
+def test_a_failing_first_run_with_reruns_is_ordered_then_rerun_with_its_environment(
+        upstream, tmp_path, runner):
+    """Both at once: the named test runs first (and fails at once), then
+    only it is rerun, not reordered but with the run's PYTHONPATH (for
+    pytest the ordering plugin's folder first); the verdict is flaky's."""
+    counter = tmp_path / "counter"
+    clone = upstream.clone(tmp_path / "clone")
+    source = FIRST_FLAKY.format(counter=str(counter))
+    if runner == "unittest":
+        files = {"tests/test_first.py": source + FIRST_FLAKY_UNITTEST}
+        keys, named = {}, "test_first.TestZ.test_sometimes"
+    else:
+        files = {"tests/test_first.py": source + FIRST_FLAKY_PYTEST}
+        keys = {"test": f"{PY} -m pytest -q -p no:cacheprovider tests"}
+        named = "tests.test_first.test_sometimes"
+    head = upstream.commit({**files, "tests/test_sample.py": None,
+                            ".ci.ini": recipe_text(rerun_failures=1, **keys)},
+                           "flaky, named first")
+    outcome = execute(settings(clone), head, failing_first=(named,))
+    records = by_name(outcome)
+    assert [r.name for r in outcome.records] == ["test_sometimes", "test_slow"]
+    assert records["test_sometimes"].outcome == "flaky"
+    assert records["test_slow"].outcome == "passed"
+    assert outcome.verdict == "passed", outcome.output.decode()[-2000:]
+    assert outcome.header["flaky"] == 1 and outcome.header["failures"] == 0
+    assert outcome.header["failing_first"] == "1 of 1 run first"
+    # The first run's first failure, before the slow test: not the rerun's.
+    assert float(outcome.header["first_failure_after"]) < 0.6
+    assert b"rerun of 1 failing tests: 1 passed (flaky)" in outcome.output
+    runs = counter.read_text().splitlines()
+    assert len(runs) == 2 and runs[0] == runs[1]
+    if runner == "pytest":
+        assert runs[0] == "ci_support"
+
+
 def test_only_tests_that_can_be_named_are_rerun_and_a_subtest_reruns_its_test():
     records = [rec("a"), rec("a", kind="subtest", subtest="(i=1)"), rec("b", "passed"),
                rec("setUpClass", kind="fixture"), rec("x", classname="unittest.loader._FailedTest"),

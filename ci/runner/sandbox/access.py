@@ -27,7 +27,7 @@ import stat
 import subprocess
 import sys
 
-from ci.runner import junit_capture
+from ci.runner import junit_capture, ordering
 from ci.config import ConfigError
 from ci.files import atomic_write
 from ci.wire import one_line
@@ -45,20 +45,27 @@ RUNNER_PYTHON = "the runner's Python, which its environments and default test co
 
 
 def provide_recorder(state_dir: str) -> str:
-    """Copy the recorder into ``<state_dir>/ci_support`` (the runner's,
-    readable by all, so the tests can run it but not change it for the
-    next commit) and have the test command use that copy."""
+    """Copy the recorder and the ordering plugin (ci_order.py, which the
+    recorder loads from beside itself) into ``<state_dir>/ci_support``
+    (the runner's, readable by all, so the tests can run them but not
+    change them for the next commit) and have the test command use those
+    copies."""
     folder = os.path.join(state_dir, "ci_support")
     os.makedirs(folder, exist_ok=True)
     os.chmod(folder, 0o755)
-    with open(junit_capture.RECORDER, "rb") as handle:
-        data = handle.read()
-    target = os.path.join(folder, os.path.basename(junit_capture.RECORDER))
-    if os.path.abspath(target) != os.path.abspath(junit_capture.RECORDER):
-        atomic_write(target, data, fsync=False)
-        os.chmod(target, 0o644)
-    junit_capture.use_recorder(target)
-    return target
+    source = os.path.join(ordering.SUPPORT, ordering.PLUGIN + ".py")
+    target = ""
+    for path in (junit_capture.RECORDER, source):
+        with open(path, "rb") as handle:
+            data = handle.read()
+        target = os.path.join(folder, os.path.basename(path))
+        if os.path.abspath(target) != os.path.abspath(path):
+            atomic_write(target, data, fsync=False)
+            os.chmod(target, 0o644)
+    recorder = os.path.join(folder, os.path.basename(junit_capture.RECORDER))
+    junit_capture.use_recorder(recorder)
+    ordering.use_support(folder)
+    return recorder
 
 
 def check_test_user(user, repo: str, preparer, test_command: list[str] | None,

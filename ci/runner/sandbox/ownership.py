@@ -10,6 +10,8 @@ import shutil
 import stat
 import sys
 
+from ci.files import create_fresh_at
+
 log = logging.getLogger(__name__)
 
 
@@ -97,12 +99,7 @@ def _replace_with_copy(name: str, fd: int, folder_fd: int, give) -> None:
     """Put a file of its own, with the data of ``fd`` and given by
     ``give``, in the place of the hard link ``name``."""
     tmp = f".ci-copy-{os.getpid()}"
-    try:
-        os.unlink(tmp, dir_fd=folder_fd)
-    except FileNotFoundError:
-        pass
-    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
-                  dir_fd=folder_fd)
+    out = create_fresh_at(folder_fd, tmp, 0o600)
     try:
         with open(fd, "rb", closefd=False) as source, open(out, "wb", closefd=False) as copy:
             shutil.copyfileobj(source, copy, 1 << 20)

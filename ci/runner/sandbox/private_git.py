@@ -32,6 +32,7 @@ import subprocess
 
 from ci.runner.sandbox.ownership import chown_tree
 from ci.config import ConfigError
+from ci.files import create_fresh_at
 from ci.git import GitError, run_git
 
 log = logging.getLogger(__name__)
@@ -163,12 +164,7 @@ class PrivateRepository:
         folder = os.open(self.repo, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             tmp = f".git-{os.getpid()}.tmp"
-            try:
-                os.unlink(tmp, dir_fd=folder)
-            except FileNotFoundError:
-                pass
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
-                         dir_fd=folder)
+            fd = create_fresh_at(folder, tmp, 0o644)
             try:
                 os.write(fd, f"gitdir: {self.git_dir}\n".encode())
                 os.fchmod(fd, 0o644)

@@ -1,0 +1,224 @@
+"""Retention benchmark (issue 21): a results folder of 100,000 result files
+(each with its JUnit XML; 10 branches, each a chain of commits naming the
+one before, a red run now and then), the real dispatcher, and one
+stand-in runner in this process that reports a result for every commit it
+is given.
+
+1. baseline  the dispatcher without --keep-results (its test history
+             caught up first): the latency of ``results`` (the result
+             path: claim, file write, bookkeeping), median, p95 and max.
+2. pruning   the same dispatcher restarted with --keep-results 100: the
+             same latency measured while its first pass runs, and how long
+             the pass takes (from the start to its log line; target < 60 s),
+             how many files it removed and how many history rows remain.
+
+Every process is started here and ended here by its PID.
+usage:  python benchmarks/bench_retention.py [--results N] [--keep N] [--keep-folder]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import helpers  # noqa: E402
+from ci.results import TestRecord, format_junit, format_result  # noqa: E402
+from ci.history import store  # noqa: E402
+from support.cluster import FakeRunner, wait_for_port  # noqa: E402
+
+PY = sys.executable
+BRANCHES = 10
+PRUNED_RE = re.compile(r"pruned (\d+) of (\d+) result\(s\) in ([0-9.]+)s")
+
+
+def generate(folder: str, count: int) -> None:
+    """``count`` result files and their XML, finished over the last 200
+    days, oldest first; a red run of 3 commits every 50 on each branch."""
+    start = time.time() - 200 * 86400
+    previous: dict[str, str] = {}
+    xml = {v: format_junit([TestRecord("tests.test_a.T", "test_one", v)], name="x")
+           for v in ("passed", "failed")}
+    for n in range(count):
+        branch = f"branch{n % BRANCHES}"
+        commit = f"{n + 1:040x}"
+        verdict = "failed" if (n // BRANCHES) % 50 in (10, 11, 12) else "passed"
+        header = {"commit": commit, "verdict": verdict, "tests": 1,
+                  "failures": int(verdict == "failed"), "errors": 0, "skipped": 0,
+                  "runner": "127.0.0.1:9", "branch": branch}
+        if branch in previous:
+            header["previous"] = previous[branch]
+        previous[branch] = commit
+        with open(os.path.join(folder, commit + ".xml"), "wb") as handle:
+            handle.write(xml[verdict])
+        path = os.path.join(folder, commit)
+        with open(path, "wb") as handle:
+            handle.write(format_result(header, b"ok\n"))
+        stamp = start + n * (200 * 86400 / count)
+        os.utime(path, (stamp, stamp))
+
+
+def start_dispatcher(tmp: str, port: int, extra: list[str], log_name: str) -> subprocess.Popen:
+    log = open(os.path.join(tmp, log_name), "wb")
+    proc = subprocess.Popen([PY, os.path.join(ROOT, "dispatcher.py"), "--host", "127.0.0.1",
+                             "--port", str(port), "--results-dir", os.path.join(tmp, "results"),
+                             "--state-dir", os.path.join(tmp, "state"), "--log-level", "INFO",
+                             *extra], stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+    wait_for_port(port, None, 60)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def log_text(tmp: str, name: str) -> str:
+    with open(os.path.join(tmp, name), "rb") as handle:
+        return handle.read().decode("utf-8", "replace")
+
+
+def wait_log(tmp: str, name: str, pattern: str, limit: float) -> re.Match:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        match = re.search(pattern, log_text(tmp, name))
+        if match:
+            return match
+        time.sleep(0.2)
+    raise SystemExit(f"{name}: no {pattern!r} within {limit:.0f}s")
+
+
+class ResultPath:
+    """Dispatch a fresh commit, wait for its runtest, time its ``results``."""
+
+    def __init__(self, port: int, runner: FakeRunner, base: int):
+        self.port, self.runner, self.next = port, runner, base
+
+    def one(self) -> float:
+        self.next += 1
+        commit = f"{self.next:040x}"
+        body = f"{commit} - branch0\n".encode()
+        reply = helpers.call(("127.0.0.1", self.port), "dispatch", commit, body)
+        assert reply.command == "ok", reply
+        deadline = time.monotonic() + 10
+        while commit not in self.runner.tokens:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"no runtest for {commit[:12]}")
+            time.sleep(0.001)
+        result = format_result({"verdict": "passed", "tests": 0, "failures": 0, "errors": 0,
+                                "skipped": 0, "runner": self.runner.key}, b"ok\n")
+        started = time.perf_counter()
+        reply = helpers.call(("127.0.0.1", self.port), "results",
+                             f"{commit} {self.runner.tokens[commit]}", result)
+        took = time.perf_counter() - started
+        assert reply.command == "ok", reply
+        return took
+
+
+def figures(samples: list[float]) -> str:
+    ordered = sorted(samples)
+    p95 = ordered[int(len(ordered) * 0.95) - 1]
+    return (f"n={len(ordered)} median {statistics.median(ordered) * 1000:.2f} ms, "
+            f"p95 {p95 * 1000:.2f} ms, max {ordered[-1] * 1000:.2f} ms")
+
+
+def history_runs(tmp: str) -> int:
+    conn = sqlite3.connect(f"file:{os.path.join(tmp, 'state', store.FILE_NAME)}?mode=ro",
+                           uri=True)
+    try:
+        return conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def run(tmp: str, args) -> None:
+    folder = os.path.join(tmp, "results")
+    os.makedirs(folder)
+    t0 = time.monotonic()
+    generate(folder, args.results)
+    print(f"generated {args.results} result files (+XML) in {time.monotonic() - t0:.1f}s")
+    port = helpers.free_port()
+    runner = FakeRunner()
+    proc = start_dispatcher(tmp, port, [], "baseline.log")
+    try:
+        wait_log(tmp, "baseline.log", r"test history: \d+ results read", 1800)
+        runner.register(port)
+        path = ResultPath(port, runner, 10 ** 9)
+        base = [path.one() for _ in range(args.samples)]
+        print(f"baseline: results latency {figures(base)}")
+    finally:
+        stop(proc)
+    proc = start_dispatcher(tmp, port, ["--keep-results", str(args.keep),
+                                        "--prune-interval", "3600"], "pruning.log")
+    started = time.monotonic()
+    try:
+        runner = FakeRunner()
+        runner.register(port)
+        path.runner = runner
+        timed = []       # (when the sample ended, latency)
+        match, looked = None, 0.0
+        while match is None:
+            took = path.one()
+            timed.append((time.monotonic(), took))
+            if time.monotonic() - looked > 0.5:      # not per sample: the log grows
+                looked = time.monotonic()
+                match = PRUNED_RE.search(log_text(tmp, "pruning.log"))
+            if time.monotonic() - started > 900:
+                raise SystemExit("no pruning pass within 900 s")
+        seen = time.monotonic()
+        # The samples taken while the pass ran (it ended before ``seen``).
+        during = [took for when, took in timed if when >= seen - float(match.group(3))]
+        before = [took for when, took in timed if when < seen - float(match.group(3))]
+        if before:
+            print(f"after the restart, before the pass: results latency {figures(before)}")
+        print(f"while pruning: results latency {figures(during)}")
+        print(f"pruning pass: {match.group(1)} of {match.group(2)} results pruned in "
+              f"{match.group(3)} s (target < 60 s); files left "
+              f"{sum(1 for n in os.listdir(folder) if not n.endswith('.xml'))}")
+        deadline = time.monotonic() + 300
+        while history_runs(tmp) > args.results - int(match.group(1)) + len(timed) + \
+                len(base) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        print(f"history rows dropped by {time.monotonic() - started:.1f} s after the "
+              f"restart; runs left {history_runs(tmp)}")
+    finally:
+        stop(proc)
+        runner.close()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results", type=int, default=100_000, help="result files to make")
+    parser.add_argument("--keep", type=int, default=100, help="--keep-results N to use")
+    parser.add_argument("--samples", type=int, default=200, help="baseline latency samples")
+    parser.add_argument("--keep-folder", action="store_true", help="leave the folder")
+    args = parser.parse_args(argv)
+    tmp = tempfile.mkdtemp(prefix="bench-retention-")
+    try:
+        run(tmp, args)
+    finally:
+        if args.keep_folder:
+            print(f"left {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

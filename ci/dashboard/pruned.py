@@ -1,0 +1,93 @@
+"""What the dashboard knows of pruned results: the dispatcher's tombstone
+file (``pruned-results`` in its state folder, ci/retention/tombstones.py),
+read-only and re-read only when it changed (it is appended to; a trim
+rewrites it, which changes its inode).
+
+A pruned commit's page says it was tested and its result pruned, rather
+than "no result"; the branch cards and ``/api/status`` say how many of a
+branch's results were pruned; the broke/fixed marks of the commits after
+a pruned one are still judged against its verdict (``verdicts``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from ci.retention import tombstones
+from ci.retention.tombstones import Tombstone
+
+log = logging.getLogger(__name__)
+
+
+class PrunedIndex:
+    """Tombstones by commit; one lock guards every attribute."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple | None = None
+        self._offset = 0
+        self._found: dict[str, Tombstone] = {}
+        self._per_branch: dict[str, int] = {}
+        self.version = 0
+
+    def refresh(self) -> bool:
+        """Read what was appended since; True when anything changed."""
+        if not self.path:
+            return False
+        with self._lock:
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            except OSError as exc:
+                log.warning("cannot read %s: %s", self.path, exc)
+                return False
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns) if st else None
+            if stamp == self._stamp:
+                return False
+            if st is None or self._stamp is None or st.st_ino != self._stamp[0] \
+                    or st.st_size < self._offset:
+                self._found, self._per_branch, self._offset = {}, {}, 0
+            self._stamp = stamp
+            if st is not None:
+                self._read_from(self._offset)
+            self.version += 1
+            return True
+
+    def _read_from(self, offset: int) -> None:
+        with open(self.path, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read()
+        complete, newline, _torn = data.rpartition(b"\n")
+        # A torn last line is read again, whole, next time.
+        self._offset = offset + len(complete) + len(newline)
+        for commit, found in tombstones.parse_lines(complete).items():
+            if commit not in self._found:
+                key = found.branch or ""
+                self._per_branch[key] = self._per_branch.get(key, 0) + 1
+            self._found[commit] = found
+
+    def get(self, commit: str) -> Tombstone | None:
+        self.refresh()
+        with self._lock:
+            return self._found.get(commit)
+
+    def fields_of(self, commit: str) -> dict | None:
+        """The header fields a mark needs of a pruned commit (no refresh:
+        called while the result index derives its marks)."""
+        with self._lock:
+            found = self._found.get(commit)
+        return None if found is None else {"verdict": found.verdict,
+                                           "branch": found.branch or ""}
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._found)
+
+    def per_branch(self) -> dict[str, int]:
+        """branch ('' for none) -> how many of its results were pruned."""
+        with self._lock:
+            return dict(self._per_branch)

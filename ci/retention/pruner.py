@@ -1,0 +1,176 @@
+"""The dispatcher's pruning thread (``--keep-results``): every
+``--prune-interval`` seconds it lists the results folder, decides what the
+policy lets go (ci/retention/policy.py) and removes it in small batches.
+
+Off the result path: headers are read and plans made without the
+dispatcher's lock; tombstones are appended and fsynced without it; the
+lock is taken once per batch, only to check again that each commit is
+still finished and not pending (a retest may have queued it meanwhile)
+and to unlink its two files, so a result waits at most one batch's
+unlinks.  Between batches the thread pauses (``pause``): its own pace,
+so that a pass over 100,000 files never crowds out the handlers.  A
+tombstone group (one fsync) covers several lock batches.
+
+Order per commit: the tombstone (durable), then ``<commit>.xml``, then
+``<commit>`` (the result file is the proof of a result, so it goes last),
+then the test history's rows (the history writer's own thread drops
+them, in order with the results it writes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+
+from ci import results
+from ci.retention import policy as keep
+from ci.retention.tombstones import Tombstone, TombstoneFile
+from ci.wire import valid_full_commit
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL = 300.0
+# Tombstones written (one fsync) per group of commits to prune.
+GROUP = 500
+# Commits removed per hold of the dispatcher's lock (two unlinks each).
+BATCH = 25
+# Seconds between batches, and after every READ_STEP headers read: the
+# thread's own pace, leaving the interpreter to the handlers meanwhile.
+PAUSE = 0.005
+READ_STEP = 200
+# The first pass waits this long (or the interval, if shorter) after the
+# start, when recovery and the history's catch-up are busy.
+FIRST_DELAY = 10.0
+# A header is short: this much of a result file holds it.
+HEADER_READ = 16 * 1024
+
+
+@dataclasses.dataclass
+class PassReport:
+    """What one pass did (logged; returned for tests and the benchmark)."""
+    results: int = 0
+    pruned: int = 0
+    seconds: float = 0.0
+
+
+class Pruner:
+    """One thread; its caches (``headers``, ``verdicts``) are its own."""
+
+    def __init__(self, state, tombstones: TombstoneFile, rules: keep.KeepPolicy,
+                 interval: float = DEFAULT_INTERVAL, forget=None):
+        self.state = state
+        self.results_dir = state.results_dir
+        self.tombstones = tombstones
+        self.rules = rules
+        self.interval = interval
+        # Called with the pruned commits (the history writer's ``forget``).
+        self.forget = forget or (lambda commits: None)
+        self.pause = PAUSE
+        # commit -> ((mtime_ns, size, inode), Entry | None)
+        self.headers: dict[str, tuple] = {}
+        # Verdicts of pruned commits: a later commit's broke/fixed needs them.
+        self.verdicts = {c: t.verdict for c, t in tombstones.load().items()}
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pruner", daemon=True)
+        self.passes = 0
+        self.last: PassReport | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stop_event.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def _run(self) -> None:
+        self.stop_event.wait(min(self.interval, FIRST_DELAY))
+        while not self.stop_event.is_set():
+            try:
+                self.last = self.run_once()
+            except Exception:
+                log.exception("pruning pass failed; trying again in %.0fs", self.interval)
+            self.passes += 1
+            self.stop_event.wait(self.interval)
+
+    def run_once(self) -> PassReport:
+        """One pass: plan, then prune batch by batch."""
+        started = time.monotonic()
+        entries = self._scan()
+        doomed = keep.plan(entries, self.rules, time.time(), self.verdicts,
+                           self.state.pending_commits())
+        report = PassReport(results=len(entries))
+        for start in range(0, len(doomed), GROUP):
+            if self.stop_event.is_set():
+                break
+            report.pruned += self._prune_group([entries[c] for c in doomed[start:start + GROUP]])
+        report.seconds = time.monotonic() - started
+        if report.pruned:
+            log.info("pruned %d of %d result(s) in %.1fs (keeping %s)", report.pruned,
+                     report.results, report.seconds, self.rules.describe())
+        return report
+
+    def _prune_group(self, group: list[keep.Entry]) -> int:
+        """Tombstones for the group (one fsync), then its files, a small
+        batch per hold of the dispatcher's lock, pausing between."""
+        now = time.time()
+        self.tombstones.append([Tombstone(e.commit, e.verdict, e.finished, now, e.previous,
+                                          e.branch or None) for e in group])
+        for entry in group:
+            self.verdicts[entry.commit] = entry.verdict
+        removed = 0
+        for start in range(0, len(group), BATCH):
+            gone = self.state.remove_pruned([e.commit for e in group[start:start + BATCH]],
+                                            self._unlink, self.forget)
+            for commit in gone:
+                self.headers.pop(commit, None)
+            removed += len(gone)
+            self.stop_event.wait(self.pause)
+        return removed
+
+    def _unlink(self, commit: str) -> None:
+        """The JUnit XML, then the result file (the proof goes last)."""
+        try:
+            os.unlink(results.junit_path(self.results_dir, commit))
+        except FileNotFoundError:
+            pass
+        os.unlink(os.path.join(self.results_dir, commit))
+
+    def _scan(self) -> dict[str, keep.Entry]:
+        """Every complete result in the folder, reading only new or
+        changed headers."""
+        seen: dict[str, keep.Entry] = {}
+        names: set[str] = set()
+        read = 0
+        with os.scandir(self.results_dir) as listing:
+            for item in listing:
+                if not valid_full_commit(item.name):
+                    continue
+                try:
+                    st = item.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                names.add(item.name)
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+                cached = self.headers.get(item.name)
+                if cached is None or cached[0] != stamp:
+                    cached = (stamp, self._entry(item.name, st.st_mtime))
+                    self.headers[item.name] = cached
+                    read += 1
+                    if read % READ_STEP == 0:
+                        self.stop_event.wait(self.pause)
+                if cached[1] is not None:
+                    seen[item.name] = cached[1]
+        for gone in set(self.headers) - names:
+            del self.headers[gone]
+        return seen
+
+    def _entry(self, commit: str, mtime: float) -> keep.Entry | None:
+        fields = results.read_header(os.path.join(self.results_dir, commit), HEADER_READ)
+        if not fields or not fields.get("verdict"):
+            return None
+        return keep.Entry(commit, keep.branch_of(fields), fields.get("previous") or None,
+                          fields["verdict"], mtime)

@@ -1,0 +1,128 @@
+"""Tombstones: what is left of a pruned result, one line per commit in the
+dispatcher's state folder (``pruned-results``), so that pruning never
+makes a commit look untested.
+
+The dispatcher's recovery counts a commit as done when it has a result
+file *or* a tombstone, so a pruned commit still named by the journal is
+not queued again after a restart, and a ``dispatch`` naming it again is
+skipped as for any finished commit.  The tombstone file is not the
+journal: the journal's compaction never touches it.  A line keeps what
+the dashboard and the next prune need (the verdict, so a later commit's
+broke/fixed mark can still be judged against it; the branch, for the
+per-branch counts)::
+
+    <commit> <verdict> <finished> <pruned> <previous|-> <branch|->
+
+Lines are appended and fsynced *before* the files are removed: a crash in
+between leaves a tombstone beside a result file, and the file wins (a
+tombstone only speaks for a commit without one).  The file stays bounded:
+past ``MAX_TOMBSTONES`` lines it is rewritten without the oldest quarter
+(a commit pruned that long ago is far behind every branch's last
+dispatched commit, so nothing sends it again).  A torn or damaged line is
+skipped, as in the journal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+
+from ci.files import atomic_write
+from ci.wire import valid_full_commit
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "pruned-results"
+MAX_TOMBSTONES = 500_000
+NONE = "-"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tombstone:
+    commit: str
+    verdict: str
+    finished: float          # when its result was written (the file's mtime)
+    pruned: float            # when it was pruned
+    previous: str | None
+    branch: str | None
+
+
+def format_line(t: Tombstone) -> str:
+    return (f"{t.commit} {t.verdict} {t.finished:.0f} {t.pruned:.0f} "
+            f"{t.previous or NONE} {t.branch or NONE}")
+
+
+def parse_line(line: str) -> Tombstone | None:
+    """The tombstone of one line; None for one that does not parse."""
+    parts = line.split(" ")
+    if len(parts) != 6 or not valid_full_commit(parts[0]) or not parts[1].isalpha():
+        return None
+    try:
+        finished, pruned = float(parts[2]), float(parts[3])
+    except ValueError:
+        return None
+    previous = None if parts[4] == NONE else parts[4]
+    if previous is not None and not valid_full_commit(previous):
+        return None
+    return Tombstone(parts[0], parts[1], finished, pruned, previous,
+                     None if parts[5] == NONE else parts[5])
+
+
+def parse_lines(data: bytes) -> dict[str, Tombstone]:
+    """commit -> its newest tombstone, in file order."""
+    out: dict[str, Tombstone] = {}
+    for raw in data.split(b"\n"):
+        tombstone = parse_line(raw.decode("utf-8", "replace"))
+        if tombstone is not None:
+            out.pop(tombstone.commit, None)
+            out[tombstone.commit] = tombstone
+    return out
+
+
+def read(path: str) -> dict[str, Tombstone]:
+    """Every tombstone in the file at ``path`` (none when it is missing)."""
+    try:
+        with open(path, "rb") as handle:
+            return parse_lines(handle.read())
+    except FileNotFoundError:
+        return {}
+
+
+class TombstoneFile:
+    """The file and one lock; only the pruner thread writes it, the
+    dispatcher reads it once at start."""
+
+    def __init__(self, path: str, limit: int = MAX_TOMBSTONES):
+        self.path = path
+        self.limit = limit
+        self._lock = threading.Lock()
+        self.lines = 0
+
+    def load(self) -> dict[str, Tombstone]:
+        found = read(self.path)
+        self.lines = len(found)
+        return found
+
+    def append(self, tombstones: list[Tombstone]) -> None:
+        """Durably, before the files they stand for are removed."""
+        if not tombstones:
+            return
+        data = "".join(format_line(t) + "\n" for t in tombstones).encode()
+        with self._lock:
+            with open(self.path, "ab") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            self.lines += len(tombstones)
+            if self.lines > self.limit:
+                self._trim()
+
+    def _trim(self) -> None:
+        """Rewrite without the oldest quarter of the limit (by pruning time)."""
+        kept = sorted(read(self.path).values(), key=lambda t: t.pruned)
+        kept = kept[len(kept) - self.limit * 3 // 4:] if len(kept) > self.limit else kept
+        atomic_write(self.path, "".join(format_line(t) + "\n" for t in kept).encode())
+        self.lines = len(kept)
+        log.info("tombstones trimmed to %d (oldest dropped)", len(kept))

@@ -1,0 +1,184 @@
+"""Retention (--keep-results): the policy's parsing and plan (what is
+always kept, what goes), tombstone lines, and a pass of the pruner over a
+real results folder with the dispatcher's state in-process: files, XML
+and history rows go, and the state and its recovery count a pruned
+commit as finished."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ci.config import ConfigError
+from ci.dispatch.journal import Journal
+from ci.dispatch.state import DispatcherState
+from ci.dispatch.work import WorkState
+from ci.history import store
+from ci.outcome import Outcome
+from ci.results import TestRecord
+from ci.retention import tombstones
+from ci.retention.policy import Entry, KeepPolicy, parse_keep, plan
+from ci.retention.pruner import Pruner
+from ci.retention.tombstones import Tombstone, TombstoneFile
+
+
+def cid(n: int) -> str:
+    return f"{n:040x}"
+
+
+# ---- the policy ----------------------------------------------------------
+
+def test_parse_keep_count_age_both():
+    assert parse_keep("50") == KeepPolicy(50, None)
+    assert parse_keep("30d") == KeepPolicy(None, 30 * 86400)
+    assert parse_keep("12h,7") == KeepPolicy(7, 12 * 3600)
+    for bad in ("0", "", "5x", "1,2", "1d,2d", "-3", "50,", "d"):
+        with pytest.raises(ConfigError):
+            parse_keep(bad)
+
+
+def chain(branch: str, verdicts: str, start: int = 0, t0: float = 1000.0) -> dict:
+    """One branch's commits in order, each naming the one before;
+    verdicts as letters (p passed, f failed)."""
+    names = {"p": "passed", "f": "failed", "e": "error"}
+    out, previous = {}, None
+    for i, letter in enumerate(verdicts):
+        commit = cid(start + i + 1)
+        out[commit] = Entry(commit, branch, previous, names[letter], t0 + i)
+        previous = commit
+    return out
+
+
+def test_count_keeps_newest_latest_and_changes():
+    # p p f f f p p p: commit 3 broke it, commit 6 fixed it.
+    entries = chain("main", "ppfffppp")
+    doomed = plan(entries, KeepPolicy(count=2), now=2000.0)
+    assert doomed == [cid(1), cid(2), cid(4), cid(5)]   # oldest first
+    assert cid(3) not in doomed and cid(6) not in doomed   # broke, fixed
+    assert cid(7) not in doomed and cid(8) not in doomed   # newest two
+
+
+def test_latest_of_every_branch_kept_even_past_age():
+    entries = {**chain("main", "ppp"), **chain("dev", "p", start=100, t0=10.0)}
+    doomed = plan(entries, KeepPolicy(age=60.0), now=5000.0)
+    assert cid(3) not in doomed and cid(101) not in doomed
+    assert doomed == [cid(1), cid(2)]
+
+
+def test_both_rules_keep_the_union():
+    entries = chain("main", "pppppp", t0=0.0)       # finished at 0..5
+    assert plan(entries, KeepPolicy(count=2, age=10.0), now=13.5) == [cid(1), cid(2), cid(3), cid(4)]
+    assert plan(entries, KeepPolicy(count=2, age=10.0), now=12.5) == [cid(1), cid(2), cid(3)]
+    assert plan(entries, KeepPolicy(count=5, age=1.0), now=100.0) == [cid(1)]
+
+
+def test_change_against_a_pruned_predecessor_is_still_kept():
+    entries = chain("main", "fpp")
+    del entries[cid(1)]           # pruned before: its verdict is a tombstone's
+    assert cid(2) in plan(entries, KeepPolicy(count=1), now=0.0)
+    assert cid(2) not in plan(entries, KeepPolicy(count=1), now=0.0,
+                              pruned_verdicts={cid(1): "failed"})
+
+
+def test_branch_head_kept_when_an_old_commit_was_retested_last():
+    entries = chain("main", "ppp")
+    entries[cid(1)] = Entry(cid(1), "main", None, "passed", 9999.0)   # retested last
+    doomed = plan(entries, KeepPolicy(count=1), now=10000.0)
+    assert doomed == [cid(2)]     # cid(1) newest, cid(3) the head
+
+
+# ---- tombstones ------------------------------------------------------------
+
+def test_tombstone_lines_round_trip_and_damage_is_skipped(tmp_path):
+    t = Tombstone(cid(1), "failed", 100.0, 200.0, cid(2), "feature/x")
+    assert tombstones.parse_line(tombstones.format_line(t)) == t
+    bare = Tombstone(cid(3), "passed", 1.0, 2.0, None, None)
+    data = (tombstones.format_line(t) + "\ngarbage line\n" + tombstones.format_line(bare)
+            + "\n" + tombstones.format_line(t)[:30]).encode()
+    assert tombstones.parse_lines(data) == {cid(1): t, cid(3): bare}
+
+
+def test_tombstone_file_stays_bounded(tmp_path):
+    f = TombstoneFile(str(tmp_path / "pruned"), limit=8)
+    for n in range(20):
+        f.append([Tombstone(cid(n + 1), "passed", n, n, None, "main")])
+    kept = TombstoneFile(str(tmp_path / "pruned")).load()
+    assert len(kept) <= 8
+    assert cid(20) in kept and cid(1) not in kept     # the oldest go first
+
+
+# ---- a pass over a real folder, the state in-process -------------------------
+
+def write_results(folder, entries: dict, records: bool = True) -> None:
+    for commit, e in entries.items():
+        header = {"verdict": e.verdict, "tests": 1, "failures": int(e.verdict != "passed"),
+                  "errors": 0, "skipped": 0, "branch": e.branch, "commit": commit}
+        if e.previous:
+            header["previous"] = e.previous
+        recs = [TestRecord("t", "test_one", "passed" if e.verdict == "passed" else "failed")]
+        Outcome(header, b"output\n", recs if records else None).write(str(folder), commit)
+        os.utime(folder / commit, (e.finished, e.finished))
+
+
+def new_state(tmp_path) -> DispatcherState:
+    state = DispatcherState(str(tmp_path / "results"), Journal(str(tmp_path / "journal")), 3)
+    state.tombstones = TombstoneFile(str(tmp_path / tombstones.FILE_NAME))
+    state.recover()
+    return state
+
+
+def test_pass_prunes_files_xml_history_and_state_remembers(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    entries = chain("main", "pfppp")     # 2 broke, 3 fixed
+    write_results(folder, entries)
+    state = new_state(tmp_path)
+    # Commit 1 is being retested: pending, so kept whatever the policy says.
+    assert state.retest([cid(1)]) == [cid(1)]
+    conn = store.open_store(str(tmp_path / "history.sqlite3"))
+    store.catch_up(conn, str(folder))
+    forgotten = []
+
+    def forget(commits):
+        forgotten.extend(commits)
+        for commit in commits:
+            store.forget_commit(conn, commit)
+    pruner = Pruner(state, state.tombstones, KeepPolicy(count=1), forget=forget)
+    report = pruner.run_once()
+    assert (report.results, report.pruned) == (5, 1)
+    assert forgotten == [cid(4)]
+    assert not (folder / cid(4)).exists() and not (folder / (cid(4) + ".xml")).exists()
+    for kept in (1, 2, 3, 5):
+        assert (folder / cid(kept)).exists() and (folder / (cid(kept) + ".xml")).exists()
+    runs = {row[0] for row in conn.execute("SELECT commit_id FROM runs")}
+    assert cid(4) not in runs and cid(5) in runs
+    assert state.state_of(cid(4)) is WorkState.DONE
+    assert state.enqueue([cid(4), cid(9)]) == [cid(9)]
+    # A restart: the journal still names commit 4 (queued, never compacted
+    # away); its tombstone keeps it finished.
+    state.journal.append([f"Q {cid(4)}"], sync=True)
+    state.journal.close()
+    again = new_state(tmp_path)
+    assert cid(4) not in {w.commit for w in again.work.values()}
+    assert again.state_of(cid(4)) is WorkState.DONE
+    assert again.status()["pruned"] == 1
+    assert pruner.run_once().pruned == 0      # nothing more to do
+
+
+def test_retest_of_a_pruned_commit_is_queued(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    write_results(folder, chain("main", "ppp"))
+    state = new_state(tmp_path)
+    Pruner(state, state.tombstones, KeepPolicy(count=1)).run_once()
+    assert state.status()["pruned"] == 2
+    assert state.retest([cid(1)]) == [cid(1)]
+    assert state.state_of(cid(1)) is WorkState.QUEUED
+    assert state.status()["pruned"] == 1
+
+
+def test_pending_commits_kept_and_still_judge_their_successor():
+    entries = chain("main", "pfppp")
+    doomed = plan(entries, KeepPolicy(count=1), now=0.0, pending=[cid(1)])
+    assert doomed == [cid(4)]     # 1 pending, 2 broke (against 1), 3 fixed, 5 newest
