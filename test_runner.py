@@ -19,9 +19,9 @@ import sys
 import helpers
 from ci import state_schema
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, configure_logging,
-                       positive)
+                       positive, whole_number)
 from ci.files import ensure_dir
-from ci.runner import daemon, environments, interpreters, pipeline, startup
+from ci.runner import daemon, environments, interpreters, pipeline, recipe, startup
 from ci.security import check_bind_allowed, persist_nonces, security_from_args
 from ci.wire import format_address
 
@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-timeout", type=positive(float), metavar="SECONDS",
                         help="the most a repository's .ci.ini may raise timeout and "
                              "setup_timeout to (default: it may only lower them)")
+    parser.add_argument("--rerun-failures", type=whole_number, default=recipe.DEFAULT_RERUNS,
+                        metavar="N",
+                        help="run the tests that failed again, up to N times, to tell flaky "
+                             "tests (failed, then passed) from failing ones; a .ci.ini's "
+                             "rerun_failures overrides it (default: %(default)s)")
+    parser.add_argument("--max-rerun-failures", type=whole_number,
+                        default=recipe.DEFAULT_MAX_RERUNS, metavar="N",
+                        help="the most a .ci.ini's rerun_failures may ask for "
+                             "(default: %(default)s)")
     parser.add_argument("--ignore-repo-recipe", action="store_true",
                         help="do not read .ci.ini from the commits: only these flags decide")
     parser.add_argument("--keep-envs", type=positive(int), default=environments.DEFAULT_KEEP,

@@ -50,6 +50,14 @@ def positive(kind=float):
     return convert
 
 
+def whole_number(text: str) -> int:
+    """An argparse ``type=`` for a count that may be 0 ("must be 0 or more")."""
+    value = int(text)  # ValueError: argparse says "invalid whole_number value: 'x'"
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, server: bool = True) -> None:
     """Flags every process shares: logging, secret, TLS and input limits
     (the listening-side ones only where something listens)."""

@@ -118,6 +118,10 @@ class Outcome:
         raw, parts, output = split_body(body)
         header = checked_header(raw)
         added, records = records_part(raw, parts)
+        if records is not None:
+            # The records decide these too, also when they are 0.
+            for name in (*results.EXTRA_COUNTS, "quarantined_failing"):
+                header.pop(name, None)
         header.update(added)
         return cls(header, output, records)
 
@@ -185,13 +189,39 @@ def checked_header(raw: dict[str, str]) -> dict:
         header["setup_duration"] = raw["setup_duration"]
     if SHARDS_FIELD_RE.fullmatch(raw.get("shards", "")):
         header["shards"] = raw["shards"]
-    # Failing tests first (ci/runner/ordering.py): what became of them,
-    # and when the first test failed.
-    if raw.get("failing_first"):
-        header["failing_first"] = one_line(raw["failing_first"], 200)
-    if RESULT_DURATION_RE.fullmatch(raw.get("first_failure_after", "")):
-        header["first_failure_after"] = raw["first_failure_after"]
+    header.update(flaky_fields(raw))
+    header.update(failfirst_fields(raw))
     return header
+
+
+def failfirst_fields(raw: dict[str, str]) -> dict:
+    """Failing tests first (ci/runner/ordering.py): what became of them,
+    and when the first test failed (the first run's, reruns aside)."""
+    fields: dict = {}
+    if raw.get("failing_first"):
+        fields["failing_first"] = one_line(raw["failing_first"], 200)
+    if RESULT_DURATION_RE.fullmatch(raw.get("first_failure_after", "")):
+        fields["first_failure_after"] = raw["first_failure_after"]
+    return fields
+
+
+def flaky_fields(raw: dict[str, str]) -> dict:
+    """The counts of flaky and quarantined tests a runner sent (whole
+    numbers from 0, else ProtocolError; 0 is left out as the runner leaves
+    it out) and the failing quarantined tests' names (dropped unless a
+    JSON list of names)."""
+    fields: dict = {}
+    for name in results.EXTRA_COUNTS:
+        value = raw.get(name)
+        if value is None:
+            continue
+        if not re.fullmatch(r"[0-9]{1,12}", value):
+            raise ProtocolError(f"field {name} must be a whole number")
+        if int(value):
+            fields[name] = int(value)
+    if results.named_failing(raw.get("quarantined_failing")) is not None:
+        fields["quarantined_failing"] = raw["quarantined_failing"]
+    return fields
 
 
 def records_part(raw: dict[str, str], parts: BodyParts) -> tuple[dict, tuple | None]:
@@ -214,5 +244,5 @@ def records_part(raw: dict[str, str], parts: BodyParts) -> tuple[dict, tuple | N
     if records is None:
         added["junit"] = note
         return added, None
-    added.update(results.count_records(records))
+    added.update(results.record_fields(records))
     return added, tuple(records)

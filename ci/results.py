@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # Text result files: ``key: value`` header, blank line, raw test output.
 
 RESULT_FIELDS = ("commit", "verdict", "tests", "failures", "errors", "skipped",
+                 "flaky", "quarantined", "quarantined_failed", "quarantined_failing",
                  "runner", "started", "duration", "exit_code", "reason",
                  "branch", "previous", "subject", "author", "committed",
                  "setup", "setup_scope", "setup_duration",
@@ -92,7 +93,11 @@ def read_header(path: str, limit: int = HEADER_READ) -> dict[str, str] | None:
 
 PASSED, FAILED, ERROR, SKIPPED, XFAIL, XPASS = (
     "passed", "failed", "error", "skipped", "xfail", "xpass")
-OUTCOMES = (PASSED, FAILED, ERROR, SKIPPED, XFAIL, XPASS)
+# Failed, then passed when the runner ran it again (ci/runner/reruns.py).
+FLAKY = "flaky"
+OUTCOMES = (PASSED, FAILED, ERROR, SKIPPED, XFAIL, XPASS, FLAKY)
+# The outcomes that fail a test (and, unless quarantined, its commit).
+FAILING = (FAILED, ERROR, XPASS)
 # What each outcome adds to the header's counts, as unittest counts them:
 # an unexpected success fails the run (exit 1), an expected failure does not.
 COUNTED_AS = {FAILED: "failures", XPASS: "failures", ERROR: "errors", SKIPPED: "skipped"}
@@ -139,6 +144,9 @@ class TestRecord:
     traceback: str = ""
     kind: str = TEST
     subtest: str = ""  # a subtest's own description, e.g. "(i=2)"
+    # Matched by the recipe's ``quarantine``: recorded, but never decides
+    # the verdict.
+    quarantined: bool = False
 
     @property
     def id(self) -> str:
@@ -181,12 +189,22 @@ def clean_record(record: TestRecord) -> TestRecord:
         message=one_line(record.message, MESSAGE_LIMIT),
         traceback=_block(record.traceback, TRACEBACK_LIMIT),
         kind=record.kind if record.kind in KINDS else TEST,
-        subtest=one_line(record.subtest, NAME_LIMIT) if record.kind == SUBTEST else "")
+        subtest=one_line(record.subtest, NAME_LIMIT) if record.kind == SUBTEST else "",
+        quarantined=record.quarantined is True)
+
+
+# Counts a header has only when they are not 0 (older results lack them).
+EXTRA_COUNTS = ("flaky", "quarantined", "quarantined_failed")
+# Failing quarantined tests a header names, at most (``quarantined_failing``),
+# and the most characters of that field.
+MAX_NAMED = 20
+MAX_NAMED_CHARS = 4000
 
 
 def count_records(records: list[TestRecord]) -> dict[str, int]:
-    """``tests``, ``failures``, ``errors``, ``skipped`` as the header holds
-    them (see the kinds above)."""
+    """``tests``, ``failures``, ``errors``, ``skipped`` as the JUnit
+    document holds them (see the kinds above): every failure element, a
+    quarantined test's too; a flaky test has none."""
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     tests, parts = set(), set()
     for record in records:
@@ -199,6 +217,65 @@ def count_records(records: list[TestRecord]) -> dict[str, int]:
             parts.add((record.classname, record.name))
     counts["tests"] += len(parts - tests)
     return counts
+
+
+def extra_counts(records: list[TestRecord]) -> dict[str, int]:
+    """``flaky``, ``quarantined`` (records) and ``quarantined_failed``,
+    each only when not 0."""
+    extra = dict.fromkeys(EXTRA_COUNTS, 0)
+    for record in records:
+        extra["flaky"] += record.outcome == FLAKY
+        if record.quarantined:
+            extra["quarantined"] += 1
+            extra["quarantined_failed"] += record.outcome in FAILING
+    return {name: value for name, value in extra.items() if value}
+
+
+def quarantined_failing(records: list[TestRecord]) -> str:
+    """The ``quarantined_failing`` header value: the ids of the failing
+    quarantined tests as a JSON list (ids may hold any character), the
+    first MAX_NAMED of them, then ``"+N more"``; "" when there are none."""
+    names = list(dict.fromkeys(r.id for r in records
+                               if r.quarantined and r.outcome in FAILING))
+    shown: list[str] = []
+    for name in names[:MAX_NAMED]:
+        if len(json.dumps([*shown, name, "+0000000 more"], ensure_ascii=False)) \
+                > MAX_NAMED_CHARS:
+            break
+        shown.append(name)
+    if len(shown) < len(names):
+        shown.append(f"+{len(names) - len(shown)} more")
+    return json.dumps(shown, ensure_ascii=False) if names else ""
+
+
+def named_failing(value: str | None) -> list[str] | None:
+    """The ids of a ``quarantined_failing`` value, None if it is not one
+    (a runner's, or a damaged file's)."""
+    try:
+        names = json.loads(value or "")
+    except ValueError:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) \
+            or len(value) > MAX_NAMED_CHARS or "\n" in value:
+        return None
+    return names
+
+
+def record_fields(records: list[TestRecord]) -> dict:
+    """The header fields per-test records decide: their counts, where
+    ``failures`` and ``errors`` are those that decide the verdict (a
+    quarantined test's are counted in ``quarantined_failed`` instead),
+    and the failing quarantined tests' names."""
+    fields: dict = count_records(records)
+    for record in records:
+        if record.quarantined and record.outcome in COUNTED_AS \
+                and record.outcome in FAILING:
+            fields[COUNTED_AS[record.outcome]] -= 1
+    fields.update(extra_counts(records))
+    named = quarantined_failing(records)
+    if named:
+        fields["quarantined_failing"] = named
+    return fields
 
 
 def merge_records(shards: list[list[TestRecord]]) -> list[TestRecord]:
@@ -215,8 +292,10 @@ def merge_records(shards: list[list[TestRecord]]) -> list[TestRecord]:
 # defaults left out (about 60 bytes a passing test); a field added later
 # goes at the end, and readers ignore positions they do not know.
 
+# ``quarantined`` (matched by the recipe's quarantine) came later: records
+# without it parse, as not quarantined.
 RECORD_FIELDS = ("classname", "name", "outcome", "duration", "message", "traceback",
-                 "kind", "subtest")
+                 "kind", "subtest", "quarantined")
 _DEFAULTS = tuple(getattr(TestRecord("", ""), field) for field in RECORD_FIELDS)
 
 
@@ -291,8 +370,15 @@ def _record_of(line: str, number: int) -> TestRecord:
 # pytest's own files follow) can say it: a child element and its ``type``.
 # An expected failure is a skip of type ``xfail``, as pytest writes it
 # (``pytest.xfail``); an unexpected success a failure of its own type.
+# A flaky test (failed, then passed when run again) is a passing testcase
+# with Maven Surefire's ``flakyFailure`` child, its failed try.
 _CHILD = {FAILED: ("failure", ""), XPASS: ("failure", "unexpected success"),
-          ERROR: ("error", ""), SKIPPED: ("skipped", ""), XFAIL: ("skipped", "xfail")}
+          ERROR: ("error", ""), SKIPPED: ("skipped", ""), XFAIL: ("skipped", "xfail"),
+          FLAKY: ("flakyFailure", "failure")}
+# The suite property naming a quarantined test (its testcase's key, see
+# ``_case_key``): testcase allows no attribute for it, testsuite has
+# properties.
+QUARANTINED_PROPERTY = "ci.quarantined"
 
 
 def format_junit(records: list[TestRecord], name: str = "tests",
@@ -304,7 +390,9 @@ def format_junit(records: list[TestRecord], name: str = "tests",
     fixtures is not the number of testcase elements, and which count an
     expected failure as no skip.  A subtest's description is part of its
     ``name``; what the schema has no attribute for (a record's kind) is in
-    the records the runner sends (``format_records``), not here."""
+    the records the runner sends (``format_records``), not here.  A flaky
+    test is a passing testcase with a ``flakyFailure`` child; quarantined
+    tests are named by the suite's ``ci.quarantined`` properties."""
     records = [clean_record(r) for r in records]
     counts = count_records(records)
     total = f"{sum(r.duration for r in records):.3f}"
@@ -313,10 +401,16 @@ def format_junit(records: list[TestRecord], name: str = "tests",
              "time": total}
     root = ET.Element("testsuites", attrs)
     suite = ET.SubElement(root, "testsuite", attrs, skipped=str(counts["skipped"]))
+    quarantined = list(dict.fromkeys(_case_key(r.classname, _case_name(r))
+                                     for r in records if r.quarantined))
+    if quarantined:
+        # The schema puts a suite's properties before its testcases.
+        properties = ET.SubElement(suite, "properties")
+        for key in quarantined:
+            ET.SubElement(properties, "property", name=QUARANTINED_PROPERTY, value=key)
     for record in records:
         case = ET.SubElement(suite, "testcase", {
-            "classname": record.classname,
-            "name": f"{record.name} {record.subtest}" if record.subtest else record.name,
+            "classname": record.classname, "name": _case_name(record),
             "time": f"{record.duration:.3f}"})
         tag, kind = _CHILD.get(record.outcome, ("", ""))
         if tag:
@@ -324,9 +418,26 @@ def format_junit(records: list[TestRecord], name: str = "tests",
             if kind:
                 child.set("type", kind)
             if traceback_limit and record.traceback:
-                child.text = _traceback(record, traceback_limit)
+                if record.outcome == FLAKY:
+                    # Surefire keeps a flaky try's traceback in a stackTrace.
+                    ET.SubElement(child, "stackTrace").text = _traceback(record,
+                                                                         traceback_limit)
+                else:
+                    child.text = _traceback(record, traceback_limit)
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+def _case_name(record: TestRecord) -> str:
+    """A record's testcase ``name``: a subtest's description is part of it."""
+    return f"{record.name} {record.subtest}" if record.subtest else record.name
+
+
+def _case_key(classname: str, name: str) -> str:
+    """How a ``ci.quarantined`` property names a testcase: the id its
+    ``classname`` and ``name`` attributes make (what ``TestRecord.id`` is
+    for the record read back)."""
+    return f"{classname}.{name}" if classname else name
 
 
 def fit_junit(records: list[TestRecord], budget: int, name: str = "tests") -> bytes | None:
@@ -357,7 +468,20 @@ def _tag(element) -> str:
     return tag.rpartition("}")[2]
 
 
-def _record_from(case) -> TestRecord:
+def _flaky_try(children: dict) -> tuple[str, str] | None:
+    """(message, traceback) of a Surefire ``flakyFailure`` / ``flakyError``
+    (a test that failed, then passed), or None."""
+    flaky = children.get("flakyFailure", children.get("flakyError"))
+    if flaky is None:
+        return None
+    trace = flaky.find("stackTrace")
+    text = flaky.text if trace is None else trace.text
+    return flaky.get("message") or "", text or ""
+
+
+def _record_from(case, quarantined: set[str] = frozenset()) -> TestRecord:
+    """The record of one testcase element; ``quarantined``: the keys the
+    suite's ``ci.quarantined`` properties name so far."""
     children = {_tag(child): child for child in reversed(list(case))}
     outcome, detail = PASSED, None
     for tag, result in (("failure", FAILED), ("error", ERROR), ("skipped", SKIPPED)):
@@ -375,6 +499,9 @@ def _record_from(case) -> TestRecord:
     elif outcome == PASSED and declared == XFAIL:
         outcome, detail = XFAIL, children.get("system-out")
     message = traceback = ""
+    flaky = _flaky_try(children) if outcome == PASSED else None
+    if flaky is not None:
+        outcome, (message, traceback) = FLAKY, flaky
     if detail is not None:
         message = detail.get("message") or ""
         traceback = detail.text or ""
@@ -388,7 +515,9 @@ def _record_from(case) -> TestRecord:
     return clean_record(TestRecord(
         classname=case.get("classname") or "", name=name, outcome=outcome,
         duration=_number(case.get("time")), message=message, traceback=traceback,
-        kind=kind if kind in KINDS else TEST, subtest=subtest))
+        kind=kind if kind in KINDS else TEST, subtest=subtest,
+        quarantined=_case_key(case.get("classname") or "", case.get("name") or "")
+        in quarantined))
 
 
 def parse_junit(data: bytes, max_bytes: int = MAX_JUNIT_BYTES,
@@ -413,6 +542,8 @@ def parse_junit(data: bytes, max_bytes: int = MAX_JUNIT_BYTES,
     parser = ET.XMLPullParser(events=("start", "end"))
     records: list[TestRecord] = []
     counted = {"elements": 0, "depth": 0}
+    # Keys of quarantined tests: a suite's properties come before its testcases.
+    quarantined: set[str] = set()
 
     def take_events() -> None:
         for event, element in parser.read_events():
@@ -423,6 +554,9 @@ def parse_junit(data: bytes, max_bytes: int = MAX_JUNIT_BYTES,
                 if _tag(element) == "testcase":
                     counted["depth"] += 1
                 continue
+            if _tag(element) == "property" and not counted["depth"] \
+                    and element.get("name") == QUARANTINED_PROPERTY:
+                quarantined.add(element.get("value") or "")
             if _tag(element) != "testcase":
                 continue
             counted["depth"] -= 1
@@ -430,7 +564,7 @@ def parse_junit(data: bytes, max_bytes: int = MAX_JUNIT_BYTES,
                 continue  # a testcase inside a testcase is not ours to count
             if len(records) >= max_records:
                 raise JunitError(f"JUnit file has more than {max_records} test cases")
-            records.append(_record_from(element))
+            records.append(_record_from(element, quarantined))
             element.clear()  # memory stays bounded by the records kept
 
     try:

@@ -371,6 +371,10 @@ def merge(total: int, parts: dict[int, Outcome]) -> Outcome:
     fields: dict = {"shards": str(total)}
     for name in COUNTS:
         fields[name] = sum(int(heads[i].get(name) or 0) for i in ran)
+    for name in results.EXTRA_COUNTS:
+        total_extra = sum(int(heads[i].get(name) or 0) for i in ran)
+        if total_extra:
+            fields[name] = total_extra
     verdicts = [heads[i].get("verdict", "error") for i in ran]
     fields["verdict"] = worst(verdicts)
     reasons = [f"shard {i}/{total}: {heads[i]['reason']}" for i in ran
@@ -413,7 +417,9 @@ def _merged_records(fields: dict, ran: list[Outcome]) -> tuple | None:
     records = [o.records for o in ran]
     if ran and all(r is not None for r in records):
         merged = results.merge_records(records)
-        fields.update(results.count_records(merged))
+        for name in results.EXTRA_COUNTS:
+            fields.pop(name, None)
+        fields.update(results.record_fields(merged))
         return tuple(merged)
     note = next((o.header.get("junit") for o in ran if o.header.get("junit")), "")
     if any(r is not None for r in records):

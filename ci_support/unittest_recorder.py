@@ -1,11 +1,15 @@
 """Runs unittest exactly as ``python -m unittest ARGS`` would, and also
 writes each test's outcome to a JUnit XML file for the CI runner.
 
-Usage: ``python unittest_recorder.py OUTPUT.xml [--order DIR] [--shard [--path-first DIR]] [unittest arguments...]``
+Usage: ``python unittest_recorder.py OUTPUT.xml [--order DIR] [--shard] [--path-first DIR] [unittest arguments...]``
+(the options in this order, each optional on its own).
 
 ``--order DIR``: the runner's order folder (see ci_order.py, beside this
 file): the tests it names run first, and each failure is told there as it
-happens.
+happens.  ``--shard``: the arguments are module names a shard runs, loaded
+as discovery would load them; ``--path-first DIR``: DIR goes first on
+sys.path, where discovery puts its top folder (a shard's modules and a
+rerun's test ids are named from it).
 
 It writes OUTPUT.xml, JUnit XML within junit-10.xsd (the schema of Jenkins'
 xunit plugin), and OUTPUT.xml.records, every record in the CI's own format
@@ -331,12 +335,13 @@ def main(argv):
         args = args[2:]
     if args[:1] == ["--shard"]:
         # A shard of ``discover -s DIR`` run by module names: load them as
-        # discovery would, with DIR first on sys.path where it puts it.
+        # discovery would.
         loader = DiscoveryLikeLoader()
         args = args[1:]
-        if args[:1] == ["--path-first"] and len(args) >= 2:
-            sys.path.insert(0, os.path.abspath(args[1]))
-            args = args[2:]
+    if args[:1] == ["--path-first"] and len(args) >= 2:
+        # DIR first on sys.path, where discovery puts it.
+        sys.path.insert(0, os.path.abspath(args[1]))
+        args = args[2:]
     sys.argv[:] = ["python -m unittest"] + args  # what the tests would see there
     try:
         OrderedProgram(module=None, argv=["python -m unittest"] + args,

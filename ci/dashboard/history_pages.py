@@ -13,7 +13,7 @@ import urllib.parse
 from ci.dashboard.pages import BRANCH_RE, Safe, commit_link, join, render, seconds, when
 
 # Outcomes with a colour of their own on the strip; anything else is grey.
-OUTCOME_CLASSES = ("passed", "failed", "error", "skipped", "xfail", "xpass")
+OUTCOME_CLASSES = ("passed", "failed", "error", "skipped", "xfail", "xpass", "flaky")
 # A link names the test itself while it is short enough for a URL.
 MAX_ID_IN_URL = 600
 CHART_HEIGHT = 80
@@ -89,6 +89,7 @@ def head_section(test: dict) -> Safe:
     facts = [("branch", render('<span class="branch">{b}</span>', b=test["branch"] or "(none)")),
              ("last runs", window["runs"]), ("failed", window["failures"]),
              ("failure rate", rate(window["failure_rate"])),
+             ("flaky", window.get("flaky", 0)), ("flake rate", rate(window.get("flake_rate", 0))),
              ("mean duration", seconds(window["mean_duration"])),
              ("longest", seconds(window["max_duration"])),
              ("all runs", test["runs"]), ("all failures", test["failures"]),
@@ -155,10 +156,13 @@ CSS = """
 .o-passed { background:#2da44e; fill:#2da44e; } .o-failed { background:var(--red); fill:var(--red); }
 .o-error { background:#bf8700; fill:#bf8700; } .o-xpass { background:var(--purple); fill:var(--purple); }
 .o-skipped, .o-xfail, .o-unknown { background:#afb8c1; fill:#afb8c1; }
+.o-flaky { background:repeating-linear-gradient(135deg, #2da44e 0 4px, #d4a72c 4px 8px);
+  fill:#d4a72c; }
 span.ostate { background:none; font-weight:600; font-size:12px; }
 span.o-passed { color:var(--green); } span.o-failed { color:var(--red); }
 span.o-error { color:var(--amber); } span.o-xpass { color:var(--purple); }
 span.o-skipped, span.o-xfail, span.o-unknown { color:var(--muted); }
+span.o-flaky { color:var(--amber); }
 svg.durations { background:var(--card); border:1px solid var(--line); border-radius:8px;
   padding:8px; max-width:100%; height:auto; }
 .test-title, .test-id { overflow-wrap:anywhere; font-family:ui-monospace, Menlo, Consolas, monospace; }

@@ -137,8 +137,24 @@ _JUNIT_STATUS = {results.FAILED: "failure", results.XPASS: "failure", results.ER
                  results.SKIPPED: "skipped"}
 
 
+def junit_status(record: results.TestRecord) -> str:
+    """What the dashboard calls a record: ``quarantined`` for a failing
+    quarantined test (it decided nothing), ``flaky`` for one that failed
+    and then passed, else its outcome's name above."""
+    if record.quarantined and record.outcome in results.FAILING:
+        return "quarantined"
+    if record.outcome == results.FLAKY:
+        return "flaky"
+    return _JUNIT_STATUS.get(record.outcome, "passed")
+
+
+# Failing tests as a commit page lists them; only the first two decide.
+SHOWN_STATUSES = ("failure", "error", "flaky", "quarantined")
+
+
 def parse_junit(data: bytes) -> dict[str, str] | None:
-    """JUnit XML -> {test id: passed|failure|error|skipped}, or None when
+    """JUnit XML -> {test id: passed|failure|error|skipped|flaky|quarantined}
+    (see ``junit_status``), or None when
     the document is refused.  Parsed by ``results.parse_junit``, the one
     reader of untrusted JUnit (size cap, UTF-8 only, no DTD or entity,
     bounded elements): a second, weaker parser here let a UTF-16 document
@@ -147,7 +163,7 @@ def parse_junit(data: bytes) -> dict[str, str] | None:
         records = results.parse_junit(data)
     except results.JunitError:
         return None
-    return {record.id: _JUNIT_STATUS.get(record.outcome, "passed") for record in records}
+    return {record.id: junit_status(record) for record in records}
 
 
 def parse_cells(value) -> list[tuple[str, str]]:
@@ -437,9 +453,11 @@ class ResultIndex:
         if previous and valid_full_commit(previous) and self.get(previous):
             before_source, before_tests = self._failing(previous, cell)
             if before_source == source:
-                before = {t["name"] for t in before_tests or []}
+                before = {t["name"] for t in before_tests or []
+                          if t["kind"] in ("failure", "error")}
         for test in tests:
-            test["new"] = before is not None and test["name"] not in before
+            test["new"] = before is not None and test["name"] not in before \
+                and test["kind"] in ("failure", "error")
             if with_source:
                 test["source"] = source
         return tests
@@ -451,7 +469,7 @@ class ResultIndex:
         junit = self.read_junit(commit, cell)
         if junit is not None:
             return "junit", [{"name": name, "kind": status} for name, status in junit.items()
-                             if status in ("failure", "error")]
+                             if status in SHOWN_STATUSES]
         output = self.read_output(commit, cell=cell)
         if output is None:
             return None, None

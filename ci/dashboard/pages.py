@@ -274,7 +274,8 @@ def runners_section(state: dict | None) -> Safe:
 
 def fields_section(item: dict, status: str) -> Safe:
     keys = ("verdict", "branch", "previous", "subject", "author", "committed", "tests",
-            "failures", "errors", "skipped", "runner", "started", "duration", "exit_code",
+            "failures", "errors", "skipped", "flaky", "quarantined", "quarantined_failed",
+            "quarantined_failing", "runner", "started", "duration", "exit_code",
             "reason", "setup", "setup_duration", "junit")
     rows = []
     for key in keys:
@@ -314,8 +315,12 @@ def tests_section(tests: list[dict]) -> Safe:
                    render("<code>{name}</code>", name=t["name"]),
                    new=Safe(' <span class="mark broke">new failure</span>') if t.get("new")
                    else Safe("")) for t in tests]
-    return render('<h2>Failing tests ({count})</h2><ul class="tests">{rows}</ul>',
-                  count=len(tests), rows=join(rows))
+    failing = sum(t["kind"] in ("failure", "error") for t in tests)
+    others = [f"{n} {kind}" for kind in ("flaky", "quarantined")
+              if (n := sum(t["kind"] == kind for t in tests))]
+    return render('<h2>Failing tests ({count}{others})</h2><ul class="tests">{rows}</ul>',
+                  count=failing, others=f"; {', '.join(others)}" if others else "",
+                  rows=join(rows))
 
 
 def output_section(text: str, truncated: bool, commit: str, live: bool = False) -> Safe:
@@ -509,6 +514,7 @@ ul.tests { list-style:none; margin:0; padding:0; background:var(--card); border:
 ul.tests li { padding:8px 12px; border-bottom:1px solid #eaeef2; } ul.tests li:last-child { border-bottom:0; }
 .tkind { display:inline-block; min-width:58px; font-size:11px; font-weight:700; text-transform:uppercase;
   color:var(--red); } .t-error .tkind { color:var(--amber); }
+.t-flaky .tkind, .t-quarantined .tkind { color:var(--muted); }
 pre.output { background:#0d1117; color:#e6edf3; padding:14px 16px; border-radius:8px; margin:0;
   overflow:auto; max-height:70vh; font:12.5px/1.5 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
   white-space:pre-wrap; overflow-wrap:anywhere; }

@@ -17,6 +17,7 @@ import sqlite3
 import threading
 import urllib.parse
 
+from ci import results
 from ci.history import store
 
 # Read-only connections kept open for reuse, at most.
@@ -159,11 +160,14 @@ def _test_row(row) -> dict:
 
 
 def window_stats(recent: list[dict]) -> dict:
-    """Failure rate and durations over the runs shown."""
+    """Failure and flake rates and durations over the runs shown (a flaky
+    run: failed, then passed when the runner ran it again)."""
     ran = [r for r in recent if r["outcome"] != "skipped"]
     failed = sum(1 for r in recent if r["outcome"] in store.FAILING)
+    flaky = sum(1 for r in recent if r["outcome"] == results.FLAKY)
     durations = [r["duration"] for r in ran]
     return {"runs": len(recent), "failures": failed,
             "failure_rate": round(failed / len(recent), 4) if recent else 0.0,
+            "flaky": flaky, "flake_rate": round(flaky / len(recent), 4) if recent else 0.0,
             "mean_duration": round(sum(durations) / len(durations), 3) if durations else 0.0,
             "max_duration": max(durations, default=0.0)}

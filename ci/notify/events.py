@@ -15,6 +15,7 @@ import json
 import os
 import time
 
+from ci.notify import failing
 from ci.notify.decider import Decision
 from ci import results
 from ci.wire import encode_fields, one_line, valid_full_commit
@@ -96,6 +97,9 @@ def event_text(event: dict) -> str:
     template = TEXTS.get(event["event"], TEXTS["failed"])
     text = template.format(branch=event["branch"], about=about, counts=counts,
                            tests=event["tests"])
+    named = failing.summary(event)
+    if named and event["event"] in ("broken", "still-failing", "failed"):
+        text += f"; {one_line(named, 1000)}"
     for key, said in (("broken_cells", "broken"), ("fixed_cells", "fixed")):
         if event.get(key):
             text += f" (cells {said}: {', '.join(event[key])})"
@@ -132,6 +136,8 @@ def build_event(decision: Decision, results_dir: str, dashboard_url: str | None,
         "created": time.time() if now is None else now,
     }
     event.update(cell_changes(fields, _previous_cells(results_dir, result.previous)))
+    if result.verdict == "failed":
+        event.update(failing.failing_tests(results_dir, result.commit, result.previous))
     event["text"] = event_text(event)
     header = {"commit": result.commit}
     header.update((k, v) for k, v in fields.items() if k != "commit")
@@ -171,6 +177,9 @@ CELL_KEYS = ("cells", "broken_cells", "fixed_cells")
 PAYLOAD_KEYS = ("id", "event", "branch", "commit", "previous", "verdict", "previous_verdict",
                 "retest", "subject", "author", "tests", "failures", "errors", "reason",
                 "result_file", "url", "text")
+# In the payload when the event has them (a failed commit with records;
+# events journalled before they existed lack them).
+OPTIONAL_KEYS = ("failing_tests", "failing_count")
 # What a journalled event must hold to be sent again after a restart.
 EVENT_KEYS = frozenset(PAYLOAD_KEYS) | {"created", "header", "targets"}
 
@@ -178,7 +187,7 @@ EVENT_KEYS = frozenset(PAYLOAD_KEYS) | {"created", "header", "targets"}
 def webhook_body(event: dict) -> bytes:
     """The JSON a webhook is POSTed: the payload keys, ``created`` in UTC."""
     payload = {key: event[key] for key in PAYLOAD_KEYS}
-    payload.update((key, event[key]) for key in CELL_KEYS if key in event)
+    payload.update((key, event[key]) for key in (*CELL_KEYS, *OPTIONAL_KEYS) if key in event)
     payload["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event["created"]))
     return json.dumps(payload, ensure_ascii=False).encode("utf-8")
 
@@ -208,6 +217,8 @@ def command_environment(event: dict, base: dict) -> dict:
                      CI_BROKEN_CELLS=" ".join(event.get("broken_cells", ())),
                      CI_FIXED_CELLS=" ".join(event.get("fixed_cells", ())))
     env.update({k: one_line(v, 2000) for k, v in facts.items()})
+    # One id per line (an id is one line), so not flattened; capped.
+    env.update({k: v[:8000] for k, v in failing.environment(event).items()})
     return env
 
 

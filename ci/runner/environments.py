@@ -112,6 +112,8 @@ class Prepared:
     timeout: float
     fields: dict               # setup, setup_duration; verdict/reason if failed
     failed: bool = False
+    rerun_failures: int = 0    # reruns of failing tests (ci/runner/reruns.py)
+    quarantine: tuple[str, ...] = ()   # test ids or patterns that decide nothing
 
 
 class EnvironmentCache:
@@ -353,7 +355,7 @@ class Preparer:
         started = time.monotonic()
         cell = run.cell or JobCell.plain()
         result = Prepared(None, cell.python.executable, base_env, self.limits.timeout,
-                          {"setup": "none"})
+                          {"setup": "none"}, rerun_failures=self.limits.rerun_failures)
         try:
             text = read_recipe_file(repo) if self.read_recipe else None
             plan = recipe.resolve(text, self.limits)
@@ -363,6 +365,7 @@ class Preparer:
             out.write(f"[ci] {note}\n".encode())
         result.command = list(plan.test) if plan.test else None
         result.timeout = plan.timeout
+        result.rerun_failures, result.quarantine = plan.rerun_failures, plan.quarantine
         setup = plan.setup
         if setup is None and not own_python(cell):
             # No setup, but ``python`` in the commands must be the cell's.

@@ -16,14 +16,14 @@ import os
 import tempfile
 import time
 
-from ci import sharding
+from ci import results, sharding
 from ci.outcome import Outcome
 from ci.git import script_path
-from ci.runner import command_line, environments, junit_capture, ordering
+from ci.runner import command_line, environments, junit_capture, ordering, reruns
 from ci.runner.interpreters import JobCell
 from ci.runner.sandbox.private_git import PrivateRepository
 from ci.runner.slot import ProcessSlot, child_env, git_run_args
-from ci.runner.verdict import judge
+from ci.runner.verdict import judge, judge_records
 from ci.wire import one_line
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ DEFAULT_CHECKOUT_TIMEOUT = 300.0
 # The most of the checkout's output kept (its last line has the metadata).
 CHECKOUT_LOG_LIMIT = 64 * 1024
 META_FIELDS = ("commit", "author", "committed", "subject")
+# A rerun is not started with less than this left of the tests' time limit.
+MIN_RERUN_SECONDS = 1.0
 
 
 @dataclasses.dataclass
@@ -78,6 +80,8 @@ class JobPipeline:
         self.scope = scope or environments.job_scope(None, False, commit)
         self.cell = cell or JobCell.plain()
         self.started = time.time()
+        # When the tests' time limit runs out (set as they start).
+        self.deadline = time.monotonic()
         self.fields: dict = {
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "exit_code": -1}
@@ -145,8 +149,11 @@ class JobPipeline:
         return prepared, setup_log
 
     def test(self, prepared: environments.Prepared, setup_log: bytes) -> Outcome:
-        """Run the tests (or this shard's share) and judge them."""
+        """Run the tests (or this shard's share), run the failing ones
+        again if the recipe asks (``reruns``), and judge them."""
         settings = self.settings
+        # Room for the reruns' output and notes, when there may be reruns.
+        spare = settings.max_output // 8 if prepared.rerun_failures else 0
         with tempfile.TemporaryFile() as out, \
                 junit_capture.Capture(settings.repo, settings.junit_pattern) as capture, \
                 ordering.OrderFolder(self.failing_first) as order:
@@ -158,12 +165,11 @@ class JobPipeline:
                 note = f"shard {self.shard.index}/{self.shard.total}: {line.label}, " \
                        "nothing to run\n"
                 return self._finish(setup_log + note.encode(), verdict="passed", exit_code=0)
-            for folder in (capture.tmp, order.path) if settings.slot.user else ():
-                if folder:
-                    # The tests run as the test user and write their files here.
-                    settings.slot.user.own(folder)
+            # The reruns of failing tests share the tests' time limit.
+            self.deadline = time.monotonic() + prepared.timeout
             try:
-                code, timed_out = self._run_tests(line, prepared, out, order)
+                code, timed_out = self._run_tests(line.argv, line.env(prepared.env), capture,
+                                                  out, order)
             except OSError as exc:
                 return self._finish(
                     setup_log + f"cannot start test command {line.argv!r}: {exc}\n".encode(),
@@ -171,26 +177,100 @@ class JobPipeline:
             log.debug("tests of %s ran %.3fs", self.commit[:12], time.time() - self.started)
             self.fields.update(order.fields())
             junit = capture.collect(timed_out, settings.max_output // 2)
-            output = read_bounded(out, settings.max_output - len(setup_log) - junit.size)
-        verdict, counts, reason = judge(code, timed_out, output, junit.counts)
-        self.fields.update(junit.fields(), **({"reason": reason} if reason else {}))
-        outcome = self._finish(setup_log + output, verdict=verdict, tests=counts.tests,
-                               failures=counts.failures, errors=counts.errors,
-                               skipped=counts.skipped, exit_code=code)
+            output = read_bounded(out, settings.max_output - len(setup_log) - junit.size
+                                  - spare)
+        self.fields.update(junit.fields())
+        if junit.records is None or timed_out:
+            verdict, counts, reason = judge(code, timed_out, output, junit.counts)
+            counted = dataclasses.asdict(counts)
+            counted.pop("found")
+            return self._judged(setup_log + output, verdict, reason, code, counted, junit)
+        records, more = self.rerun_and_quarantine(prepared, line, junit.records, spare)
+        verdict, reason = judge_records(code, timed_out, output, records)
+        output = setup_log + output + more
+        if records != junit.records:
+            # Within what the output leaves of the message, as the first run's were.
+            budget = min(settings.max_output - len(output), settings.max_output // 2)
+            junit = junit_capture.fit(records, budget) or junit_capture.Collected(
+                note="too large")
+        return self._judged(output, verdict, reason, code, results.record_fields(records),
+                            junit)
+
+    def _judged(self, output: bytes, verdict: str, reason: str, code: int, counts: dict,
+                junit: junit_capture.Collected) -> Outcome:
+        """The job's result: its verdict, counts (the header's fields of
+        them) and the records (with their XML for older dispatchers)."""
+        if reason:
+            self.fields["reason"] = reason
+        if junit.note:
+            self.fields["junit"] = junit.note
+        outcome = self._finish(output, verdict=verdict, exit_code=code, **counts)
         return dataclasses.replace(outcome, records=junit.records, junit_xml=junit.xml)
 
-    def _run_tests(self, line: command_line.CommandLine, prepared: environments.Prepared,
-                   out, order: ordering.OrderFolder) -> tuple[int, bool]:
-        """The test command in the slot, its order folder shown to the
-        progress thread while it runs (the first failure is told live)."""
-        slot = self.settings.slot
-        env = line.env(prepared.env) if line.pythonpath else prepared.env
+    def _run_tests(self, argv: list[str], env: dict, capture: junit_capture.Capture, out,
+                   order: ordering.OrderFolder | None = None) -> tuple[int, bool]:
+        """One run of a test command in the slot, within what is left of
+        the time limit: (exit code, timed out).  With ``order`` (the first
+        run, not a rerun) its order folder is shown to the progress thread
+        while it runs (the first failure is told live)."""
+        settings = self.settings
+        folders = (capture.tmp, order.path if order is not None else None)
+        for folder in folders if settings.slot.user else ():
+            if folder:
+                # The tests run as the test user and write their files here.
+                settings.slot.user.own(folder)
+        left = max(self.deadline - time.monotonic(), 0.001)
+        if order is None:
+            return settings.slot.run(argv, settings.repo, left, out, env)
         order.started = time.time()
-        slot.order = order
+        settings.slot.order = order
         try:
-            return slot.run(line.argv, self.settings.repo, prepared.timeout, out, env)
+            return settings.slot.run(argv, settings.repo, left, out, env)
         finally:
-            slot.order = None
+            settings.slot.order = None
+
+    def rerun_and_quarantine(self, prepared: environments.Prepared,
+                             line: command_line.CommandLine,
+                             records: list, budget: int) -> tuple[list, bytes]:
+        """(the records after the reruns and the quarantine, what to add to
+        the output: each rerun's output, then a ``[ci]`` line for each
+        round and for each quarantine entry that matched nothing)."""
+        plan = reruns.Reruns.start(records, prepared.rerun_failures)
+        chunks: list[bytes] = []
+        while plan.wanted:
+            chunks.append(self._rerun_round(prepared, line, plan,
+                                            budget // max(prepared.rerun_failures, 1)))
+        final, unused = reruns.quarantine(plan.records, prepared.quarantine)
+        notes = [*plan.notes, *(f"quarantine: {one_line(p, 200)!r} matches no test"
+                                + (" of this shard" if self.shard else "") for p in unused)]
+        text = "".join(f"[ci] {note}\n" for note in notes).encode()
+        return final, b"".join(chunks)[-budget:] + (b"\n" + text if text else b"")
+
+    def _rerun_round(self, prepared: environments.Prepared, line: command_line.CommandLine,
+                     plan: reruns.Reruns, budget: int) -> bytes:
+        """Run the tests ``plan`` still has failing once more; its output."""
+        settings = self.settings
+        with tempfile.TemporaryFile() as out, junit_capture.Capture(settings.repo) as capture:
+            argv = command_line.rerun(settings.repo, line, plan.todo, capture)
+            if argv is None:
+                plan.took(None, "this test command's tests cannot be run by name")
+                return b""
+            if self.deadline - time.monotonic() < MIN_RERUN_SECONDS:
+                plan.took(None, "the time limit is used up")
+                return b""
+            head = f"\n[ci] ===== rerun of {len(plan.todo)} failing tests =====\n".encode()
+            try:
+                # Not reordered, but with the first run's environment (PYTHONPATH).
+                code, timed_out = self._run_tests(argv, line.env(prepared.env), capture, out)
+            except OSError as exc:
+                plan.took(None, f"cannot start it: {exc}")
+                return head
+            junit = capture.collect(timed_out, results.MAX_JUNIT_BYTES)
+            log.info("rerun of %d failing tests of %s: exit %s", len(plan.todo),
+                     self.commit[:12], code)
+            plan.took(junit.records, "timed out" if timed_out else f"exit {code}, "
+                      f"JUnit {junit.note or 'none'}")
+            return head + read_bounded(out, max(budget - len(head), 0))
 
 
 def parse_checkout_meta(log_bytes: bytes) -> dict:

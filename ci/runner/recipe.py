@@ -4,7 +4,8 @@ optional ``.ci.ini`` in the root of the commit under test.
 The recipe lives in the repository so that a commit which changes how its
 tests run is tested the new way.  It comes from whoever can push, so the
 runner's limits cap it: a recipe may lower the runner's time limits but
-never raise them past ``--max-timeout``.  Parsing is strict on purpose: an
+never raise them past ``--max-timeout``, and may set ``rerun_failures``
+only up to ``--max-rerun-failures``.  Parsing is strict on purpose: an
 unknown key or a malformed line is an ``error`` verdict naming the line,
 never a silent fallback to the runner's defaults.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import fnmatch
 import math
 import re
 import shlex
@@ -23,13 +25,22 @@ from ci import wire
 
 RECIPE_FILE = ".ci.ini"
 SECTION = "ci"
-KEYS = ("setup", "test", "timeout", "setup_timeout", "env_files")
+KEYS = ("setup", "test", "timeout", "setup_timeout", "env_files", "rerun_failures",
+        "quarantine")
 # Files whose contents decide when an environment must be rebuilt, when the
 # recipe names none: the usual places a Python project lists what it needs.
 DEFAULT_ENV_FILES = ("pyproject.toml", "setup.py", "setup.cfg", "requirements*.txt")
 # A recipe is a few lines; anything far larger is not one.
 MAX_RECIPE_BYTES = 64 * 1024
 MAX_ENV_FILES = 32
+# Reruns of failing tests when neither flag nor recipe says: none, since a
+# rerun lengthens every failing run and a repository opts in where its
+# recipe is reviewed; and the most a recipe may ask for.
+DEFAULT_RERUNS = 0
+DEFAULT_MAX_RERUNS = 3
+# Quarantine: test ids or fnmatch patterns, whitespace-separated.
+MAX_QUARANTINE = 500
+MAX_PATTERN = 500
 # Keys read by the observer, not here: the build matrix (ci/matrix.py).
 # The runner is told its cell in the job; it only lets these keys pass.
 MATRIX_PREFIXES = ("matrix_", "labels_")
@@ -52,6 +63,10 @@ class Limits:
     setup_timeout: float = 900.0
     # None: a recipe may only lower the runner's own limits.
     max_timeout: float | None = None
+    # Reruns of failing tests (see ci/runner/reruns.py): the default, and
+    # the most a recipe may ask for.
+    rerun_failures: int = DEFAULT_RERUNS
+    max_rerun_failures: int = DEFAULT_MAX_RERUNS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +79,15 @@ class Recipe:
     # Notes for the result's output, e.g. a timeout that was capped.
     notes: tuple[str, ...] = ()
     from_file: bool = False
+    rerun_failures: int = 0
+    # Test ids or fnmatch patterns whose failures do not decide the verdict.
+    quarantine: tuple[str, ...] = ()
 
 
 def from_limits(limits: Limits) -> Recipe:
     """The recipe when the repository has none (or it is ignored)."""
     return Recipe(limits.setup, limits.test, limits.timeout, limits.setup_timeout,
-                  DEFAULT_ENV_FILES)
+                  DEFAULT_ENV_FILES, rerun_failures=limits.rerun_failures)
 
 
 def resolve(text: str | None, limits: Limits) -> Recipe:
@@ -91,7 +109,10 @@ def resolve(text: str | None, limits: Limits) -> Recipe:
     env_files = DEFAULT_ENV_FILES
     if "env_files" in values:
         env_files = _env_files(values["env_files"], text)
-    return Recipe(setup, test, timeout, setup_timeout, env_files, tuple(notes), True)
+    reruns = _reruns(values, limits, text, notes)
+    quarantine = _quarantine(values.get("quarantine", ""), text)
+    return Recipe(setup, test, timeout, setup_timeout, env_files, tuple(notes), True,
+                  reruns, quarantine)
 
 
 def parse(text: str) -> dict[str, str]:
@@ -165,6 +186,60 @@ def _capped(values: dict, key: str, default: float, cap: float | None, text: str
                      f"by the runner's {flag}")
         return limit
     return seconds
+
+
+def _reruns(values: dict, limits: Limits, text: str, notes: list[str]) -> int:
+    """``rerun_failures``: a whole number from 0, capped by the runner's
+    ``--max-rerun-failures`` as a timeout is by ``--max-timeout``."""
+    if "rerun_failures" not in values:
+        return min(limits.rerun_failures, limits.max_rerun_failures)
+    value = values["rerun_failures"].strip()
+    if not re.fullmatch(r"[0-9]{1,4}", value):
+        raise RecipeError(f"{RECIPE_FILE} line {_line_of_key(text, 'rerun_failures')}: key "
+                          f"'rerun_failures' must be a whole number from 0, not {_quote(value)}")
+    if int(value) > limits.max_rerun_failures:
+        notes.append(f"rerun_failures {int(value)} in {RECIPE_FILE} capped at "
+                     f"{limits.max_rerun_failures} by the runner's --max-rerun-failures")
+        return limits.max_rerun_failures
+    return int(value)
+
+
+def _quarantine(value: str, text: str) -> tuple[str, ...]:
+    """Test ids (as results name them, ``module.Class.test``) or fnmatch
+    patterns of them, separated by white space (one per line reads best)."""
+    line = _line_of_key(text, "quarantine")
+    patterns = tuple(dict.fromkeys(value.split()))
+    if len(patterns) > MAX_QUARANTINE:
+        raise RecipeError(f"{RECIPE_FILE} line {line}: key 'quarantine' lists more than "
+                          f"{MAX_QUARANTINE} tests")
+    for pattern in patterns:
+        if len(pattern) > MAX_PATTERN or not pattern.isprintable():
+            raise RecipeError(f"{RECIPE_FILE} line {line}: key 'quarantine': "
+                              f"{_quote(pattern)} is not a test id or pattern (printable, "
+                              f"at most {MAX_PATTERN} characters)")
+    return patterns
+
+
+class QuarantineMatcher:
+    """Which of a recipe's ``quarantine`` entries a test id is or matches.
+    An entry with ``*`` or ``?`` is an fnmatch pattern (where ``[...]`` is
+    a set of characters); any other is an exact id, so that a pytest id's
+    ``[param]`` means itself.  One compiled expression answers "any?" for
+    the many ids that match no pattern."""
+
+    def __init__(self, patterns: tuple[str, ...]):
+        self.exact = set(patterns)
+        self.globs = [p for p in patterns if "*" in p or "?" in p]
+        self.any = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in self.globs),
+                              re.S) if self.globs else None
+
+    def matches(self, ids: tuple[str, ...]) -> list[str]:
+        """The entries any of ``ids`` is or matches ([] for none)."""
+        found = [i for i in ids if i in self.exact]
+        if self.any is not None and any(self.any.match(i) for i in ids):
+            found += [p for p in self.globs
+                      if any(fnmatch.fnmatchcase(i, p) for i in ids)]
+        return found
 
 
 def _env_files(value: str, text: str) -> tuple[str, ...]:

@@ -28,7 +28,9 @@ def make_preparer(args, test_command: list[str] | None,
     setup = tuple(shlex.split(args.setup_command)) if args.setup_command else None
     limits = recipe.Limits(setup=setup, test=tuple(test_command) if test_command else None,
                            timeout=args.timeout, setup_timeout=args.setup_timeout,
-                           max_timeout=args.max_timeout)
+                           max_timeout=args.max_timeout,
+                           rerun_failures=args.rerun_failures,
+                           max_rerun_failures=args.max_rerun_failures)
     cache = None
     # A matrix cell's interpreter gets an environment even without a setup.
     if setup or not args.ignore_repo_recipe or args.python:
@@ -57,6 +59,7 @@ def longest_job(args, preparer: environments.Preparer) -> float:
     as a recipe may raise it.  The dispatcher's job deadline must not run
     out before it (a first build would be reassigned and built again)."""
     cap = None if args.ignore_repo_recipe else args.max_timeout
+    # Reruns of failing tests share the tests' time limit (pipeline.py).
     test = max(args.timeout, cap or 0)
     setup = 0.0 if preparer.cache is None else max(args.setup_timeout, cap or 0)
     return args.checkout_timeout + setup + test
@@ -76,6 +79,8 @@ def check_args(args) -> tuple[str, tuple[str, int]]:
         for name in ("timeout", "setup_timeout"):
             if getattr(args, name) > args.max_timeout:
                 raise ConfigError(f"--{name.replace('_', '-')} is larger than --max-timeout")
+    if args.rerun_failures > args.max_rerun_failures:
+        raise ConfigError("--rerun-failures is larger than --max-rerun-failures")
     if args.port is not None:
         check_port(args)
     for flag in ("test_command", "setup_command"):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from ci.results import FAILING, FLAKY, TestRecord
+
 @dataclasses.dataclass
 class Counts:
     """What a run's summary (or its test records) says was run."""
@@ -85,3 +87,25 @@ def judge(exit_code: int, timed_out: bool, output: bytes,
     if counts.found and (counts.failures or counts.errors):
         return "failed", counts, ""
     return "error", counts, f"test command exited {exit_code} without reporting failing tests"
+
+
+def judge_records(exit_code: int, timed_out: bool, output: bytes,
+                  records: list[TestRecord]) -> tuple[str, str]:
+    """(verdict, reason) of a run with per-test records, after its reruns
+    and quarantine: the tests that failed every time and are not
+    quarantined decide, not the exit status.  Yet a command that failed
+    is never ``passed`` unless its records explain it (a flaky or a
+    quarantined failure): a crash, or a failure outside any test, still
+    fails the commit as ``judge`` says."""
+    if timed_out:
+        return "timeout", "test command exceeded the time limit and was killed"
+    if any(r.outcome in FAILING and not r.quarantined for r in records):
+        if any(marker in output for marker in IMPORT_FAILURE_MARKERS):
+            return "error", "test modules could not be imported (see output)"
+        return "failed", ""
+    explained = any(r.outcome == FLAKY or (r.quarantined and r.outcome in FAILING)
+                    for r in records)
+    if exit_code == 0 or explained:
+        return "passed", ""
+    verdict, _, reason = judge(exit_code, False, output, {})
+    return verdict, reason

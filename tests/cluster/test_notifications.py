@@ -289,3 +289,36 @@ def test_bad_flags_are_refused_with_one_line(tmp_path, flags, message):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     assert not os.path.exists(tmp_path / "dispatcher_state" / JOURNAL_NAME)
+
+
+def test_a_flaky_only_commit_notifies_nobody_and_a_broken_one_names_new_failures(
+        cluster, upstream, tmp_path, receivers):
+    """Real runs: a commit whose only failure is flaky (caught by a rerun)
+    passes and makes no broke/fixed event; the commit that then breaks the
+    branch names its failing tests, the new ones marked."""
+    counter = tmp_path / "counter"
+    flaky = ("import unittest\n\nclass TestF(unittest.TestCase):\n"
+             "    def test_sometimes(self):\n"
+             f"        with open({str(counter)!r}, 'a+') as f:\n"
+             "            f.seek(0)\n            runs = len(f.read())\n"
+             "            f.write('x')\n"
+             "        self.assertEqual(runs % 2, 1)\n")
+    receiver = receivers()
+    cluster.start_dispatcher("--webhook", receiver.url, *FAST)
+    cluster.start_runner()
+    base = upstream.commit({".ci.ini": "[ci]\nrerun_failures = 1\n"}, "rerun failures")
+    shaky = upstream.commit({"tests/test_flaky.py": flaky}, "a flaky test")
+    red = upstream.commit({"tests/test_broken.py": FAILING_TEST}, "Break the sums")
+    dispatch(cluster, [base, shaky, red], fake=False)
+    header = cluster.result(shaky)
+    assert header["verdict"] == "passed" and header["flaky"] == "1"
+    assert cluster.result(red)["verdict"] == "failed"
+    wait_until(lambda: receiver.events(), 30, what="the broken event")
+    # Decisions are journalled in commit order: the flaky commit's came first.
+    assert [kind for kind, _ in journal_events(cluster).values()] == ["broken"]
+    events = receiver.events()
+    assert [(e["event"], e["commit"]) for e in events] == [("broken", red)]
+    named = {item["id"]: item["new"] for item in events[0]["failing_tests"]}
+    assert named == {"test_broken.TestBroken.test_wrong": True}
+    assert events[0]["failing_count"] == 1
+    assert "(new)" in events[0]["text"]

@@ -88,7 +88,7 @@ def test_recipe_and_environments_commit_by_commit(cluster, upstream, wheels):
     result = cluster.result(malformed)
     assert result["verdict"] == "error"
     assert result["reason"] == ".ci.ini line 3: unknown key 'script' (known: setup, test, " \
-                               "timeout, setup_timeout, env_files)"
+                               "timeout, setup_timeout, env_files, rerun_failures, quarantine)"
 
     result = cluster.result(broken_setup)
     assert (result["verdict"], result["reason"], result["setup"]) == \

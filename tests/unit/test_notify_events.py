@@ -43,3 +43,38 @@ def test_a_matrix_commits_event_names_the_cells_that_broke_or_were_fixed(tmp_pat
     plain = build_event(Decision(Result(cid(2), "main", cid(1), "passed", {"tests": "1"}),
                                  "passed", None, 1, False, True), str(tmp_path), None, [])
     assert "broken_cells" not in plain and "cells" not in json.loads(webhook_body(plain))
+
+
+def test_a_broken_commit_names_its_failing_tests_and_which_are_new(tmp_path):
+    from ci import results
+    from ci.results import TestRecord
+
+    def write(commit, records):
+        results.write_junit(str(tmp_path), commit, records)
+
+    write(cid(0), [TestRecord("m.T", "test_old", "failed"), TestRecord("m.T", "test_a")])
+    write(cid(1), [TestRecord("m.T", "test_old", "failed"),
+                   TestRecord("m.T", "test_a", "error"),
+                   TestRecord("m.T", "test_flaky", "flaky"),
+                   TestRecord("m.T", "test_q", "failed", quarantined=True)])
+    result = Result(cid(1), "main", cid(0), "failed", {"tests": "4", "failures": "1",
+                                                       "errors": "1"})
+    event = build_event(Decision(result, "still-failing", "failed", 1, False, True),
+                        str(tmp_path), None, ["command"])
+    assert event["failing_tests"] == [{"id": "m.T.test_old", "new": False},
+                                      {"id": "m.T.test_a", "new": True}]
+    assert event["failing_count"] == 2
+    assert event["text"].endswith("failing: m.T.test_old, m.T.test_a (new)")
+    assert json.loads(webhook_body(event))["failing_tests"][1]["new"] is True
+    env = command_environment(event, {})
+    assert env["CI_FAILING_TESTS"] == "m.T.test_old\nm.T.test_a"
+    assert env["CI_NEW_FAILING_TESTS"] == "m.T.test_a"
+    # Without the previous commit's records nothing is called new.
+    event = build_event(Decision(Result(cid(1), "main", cid(5), "failed", {}), "failed",
+                                 None, 1, False, True), str(tmp_path), None, [])
+    assert [item["new"] for item in event["failing_tests"]] == [None, None]
+    assert "(new)" not in event["text"]
+    # A passing commit (its only failures flaky or quarantined) names none.
+    passed = build_event(Decision(Result(cid(1), "main", cid(0), "passed", {}), "fixed",
+                                  "failed", 2, False, True), str(tmp_path), None, [])
+    assert "failing_tests" not in passed and "failing" not in passed["text"]
