@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: %(default)s)")
     parser.add_argument("--no-test-history", action="store_true",
                         help="do not write the per-test history store "
-                             "(<state-dir>/history.sqlite3): no writer thread, and the "
+                             "(<state-dir>/history.sqlite3): no writer process, and the "
                              "dashboard's test pages say there is no history; a store left "
                              "from before is not touched and is caught up from the result "
                              "files when the dispatcher next starts without this flag")
@@ -325,7 +325,8 @@ def wire_up(args: argparse.Namespace) -> Wired:
         state.failing_listeners.append(notifier.failing_now)
     history = None
     if not args.no_test_history:
-        history = HistoryWriter(os.path.join(state_dir, history_store.FILE_NAME), results_dir)
+        history = HistoryWriter(os.path.join(state_dir, history_store.FILE_NAME), results_dir,
+                                args.log_level)
         state.listeners.append(history.result_written)
         # A branch's failing tests first: from the history for a branch not
         # seen since the start (results teach the rest as they come).

@@ -22,7 +22,8 @@ beside it, then measures:
   per-test records and their JUnit XML as a real runner's does.  Per
   mode: the latency of every ``results`` (from sending it until the
   ``ok stored`` reply; median, p95, max), the burst's wall time (dispatch
-  to the last reply) and the dispatcher's CPU per result; then the
+  to the last reply), the dispatcher's CPU per result and its history
+  writer process's (until the store holds the burst); then the
   ratios on/off.  With the store on, each round starts once the writer
   has caught up with the results already there.
 
@@ -166,9 +167,14 @@ def run(tmp: str, args) -> list[tuple]:
         print(f"  the dispatcher built the store of {records} records in {built:.1f}s "
               f"({size / 2**20:.0f} MB)", flush=True)
         rss, hwm = status_mb(procs[0].pid, "VmRSS"), status_mb(procs[0].pid, "VmHWM")
+        writers = children_of(procs[0].pid)
+        w_rss = sum(status_mb(p, "VmRSS") for p in writers)
+        w_hwm = sum(status_mb(p, "VmHWM") for p in writers)
         rows = [("store build from the files", "–", f"{built:.1f} s", True),
                 ("dispatcher RSS after the build", f"< {TARGETS['rss']:.0f} MB",
-                 f"{rss:.0f} MB (peak {hwm:.0f} MB)", hwm < TARGETS["rss"])]
+                 f"{rss:.0f} MB (peak {hwm:.0f} MB)", hwm < TARGETS["rss"]),
+                ("history writer process RSS after the build (its own process)", "–",
+                 f"{w_rss:.0f} MB (peak {w_hwm:.0f} MB)", True)]
         port = free_port()
         procs.append(start(tmp, "dashboard", [
             "--host", "127.0.0.1", "--port", str(port), "--results-dir", folder,
@@ -253,6 +259,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
 
 
+def children_of(pid: int) -> list[int]:
+    """The child processes of every thread of ``pid`` (the history writer)."""
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                found += [int(p) for p in handle.read().split()]
+    except OSError:
+        pass
+    return found
+
+
+def children_cpu(pid: int) -> float:
+    return sum(cpu_seconds(child) for child in children_of(pid))
+
+
 def wait_answering(port: int, proc: subprocess.Popen, limit: float = 120) -> None:
     deadline = time.monotonic() + limit
     while True:
@@ -289,7 +311,7 @@ def one_burst(tmp: str, history: bool, round_no: int, args) -> dict:
             raise SystemExit(f"only {ready['registered']} fake runners registered")
         commits = [hashlib.sha1(f"burst-{label}-{round_no}-{i}".encode()).hexdigest()
                    for i in range(args.burst)]
-        cpu = cpu_seconds(proc.pid)
+        cpu, child_cpu = cpu_seconds(proc.pid), children_cpu(proc.pid)
         started = time.monotonic()
         for first in range(0, len(commits), 1000):
             chunk = commits[first:first + 1000]
@@ -307,14 +329,19 @@ def one_burst(tmp: str, history: bool, round_no: int, args) -> dict:
             time.sleep(0.02)
         wall = time.monotonic() - started
         cpu = cpu_seconds(proc.pid) - cpu
+        if history:     # the writer's catch-up after the burst counts too
+            wait_built(HistoryReader(os.path.join(state, store.FILE_NAME)), have + len(commits),
+                       proc, limit=120)
+        child_cpu = children_cpu(proc.pid) - child_cpu
         latencies = fleet.ask("latencies", "latencies")["ms"]
         missing = sum(1 for c in commits if not os.path.exists(os.path.join(folder, c)))
         figures = {"history": history, "wall": wall, "ms": sorted(latencies),
                    "cpu_ms": 1000 * cpu / len(commits), "missing": missing,
+                   "writer_cpu_ms": 1000 * child_cpu / len(commits),
                    "failed": stats["results_failed"], "load": os.getloadavg()[0]}
         print(f"  burst, history {label} (round {round_no + 1}): {len(commits)} results in "
               f"{wall:.2f}s, results latency {summary(figures['ms'])}, dispatcher CPU "
-              f"{figures['cpu_ms']:.2f} ms/result, load average {figures['load']:.1f}"
+              f"{figures['cpu_ms']:.2f} ms/result (writer process {figures['writer_cpu_ms']:.2f}), load average {figures['load']:.1f}"
               + (f", {missing} MISSING" if missing else ""), flush=True)
         return figures
     finally:
@@ -356,6 +383,9 @@ def bursts(tmp: str, args) -> list[tuple]:
                      ", ".join(f"{w:.2f}" for w in walls) + " s", True))
         rows.append((f"dispatcher CPU per result, store {label}", "–",
                      ", ".join(f"{r['cpu_ms']:.2f}" for r in mine) + " ms", True))
+        if history:
+            rows.append(("history writer process CPU per result (its own process)", "–",
+                         ", ".join(f"{r['writer_cpu_ms']:.2f}" for r in mine) + " ms", True))
         lost = sum(r["missing"] + r["failed"] for r in mine)
         rows.append((f"burst results not stored, store {label}", "0", str(lost), not lost))
     (on_q, on_wall), (off_q, off_wall) = pooled[True], pooled[False]

@@ -1,167 +1,187 @@
-"""The test history's one writer: a thread fed by a queue, off the
-dispatch path.
+"""The dispatcher's side of the test history's writer: a child process
+(ci/history/child.py) that owns the store, fed one short line per result.
 
-The dispatcher tells it of each result written (``result_written``, a
-result listener like the notifier's): that call only puts the commit's
-header and records on a queue and never waits, not for the disk, not for
-SQLite's lock, not for a writer that is stalled.  What the queue cannot
-take (more than ``max_pending`` records waiting) is not lost: the result
-files hold it, and the writer catches up from them once the queue is
-drained.  The same catch-up runs at start (``store.open_store`` has
-rebuilt a missing or broken store by then), so the store is never behind
-the results folder for long.
+Why a process: a writer thread in the dispatcher took a few milliseconds of
+CPU per result (encoding records, SQLite) from the request handlers under
+the GIL, and the result path slowed by a fifth in a burst.  Now the result
+listener (``result_written``) only writes ``result <commit>`` to the
+child's stdin, a non-blocking pipe: the child reads the result's files
+itself.  When the pipe is full (a stalled or slow child) the line is
+dropped and the store marked behind: ``catchup`` is sent as soon as the
+pipe has room, and the child catches up from the result files, as it does
+at every start.  The result path never waits, not for the disk, not for
+SQLite's lock, not for the child.
+
+A supervisor thread watches the child: it reads its ``ready`` lines, sends
+a pending ``catchup``, and restarts a child that died, with backoff (the
+new one catches up from the files).  The child runs in its own process
+group, is ended at ``stop`` (stdin closed, then SIGTERM), and exits by
+itself when its stdin closes, so it never outlives a SIGKILLed dispatcher.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
-import sqlite3
+import select
+import subprocess
+import sys
 import threading
 import time
 
-from ci.history import store
+from ci.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
-# Records waiting for the writer, at most (about 200 bytes each): past it,
-# results are left to the catch-up from their files.
-MAX_PENDING_RECORDS = 200_000
-# Results written per transaction, at most.
-BATCH_RUNS = 64
-# After a failed write (locked, disk full), wait this long before trying again.
-RETRY_DELAY = 1.0
+# The folder holding the ``ci`` package, for the child's import path.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The supervisor's tick: how soon a pending ``catchup`` is sent again.
+TICK = 0.5
+# A child that lived this long before dying restarts without delay growth.
+STEADY_SECONDS = 60.0
+# Seconds between restarts of a child that keeps dying, at most.
+RESTART_CAP = 30.0
 
 
 class HistoryWriter:
-    """Owns the store's only read-write connection, used on its own thread
-    only.  ``pending`` is guarded by ``_count_lock``, held for a few
-    instructions by either side; everything else is the thread's."""
+    """Starts, feeds and supervises the writer process.  ``_send_lock``
+    guards the pipe and ``dropped`` (held only around non-blocking writes);
+    the rest belongs to the supervisor thread."""
 
-    def __init__(self, path: str, results_dir: str,
-                 max_pending: int = MAX_PENDING_RECORDS):
-        self.path = path
-        self.results_dir = results_dir
-        self.max_pending = max_pending
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.pending = 0
-        self._count_lock = threading.Lock()
-        # Set when the store may lack results the files have: the writer
-        # then catches up from the folder.
-        self.behind = threading.Event()
-        self.behind.set()
-        self.stop_event = threading.Event()
-        # Set once the first catch-up is over (tests, the benchmark).
+    def __init__(self, path: str, results_dir: str, log_level: str = "INFO",
+                 stderr=None, max_pending: int | None = None):
+        self.path = os.path.abspath(path)
+        self.results_dir = os.path.abspath(results_dir)
+        self.log_level = log_level
+        self.stderr = stderr                # None: the dispatcher's own
+        self.max_pending = max_pending      # the child's queue limit (tests)
+        # Set once a child has finished its first catch-up (tests, the benchmark).
         self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="history", daemon=True)
-        self.conn: sqlite3.Connection | None = None
+        # A line was dropped and ``catchup`` not yet sent.
+        self.dropped = False
+        self.restarts = 0
+        self.proc: subprocess.Popen | None = None
+        self._send_lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.backoff = Backoff(first=0.5, cap=RESTART_CAP)
+        self.thread = threading.Thread(target=self._supervise, name="history", daemon=True)
 
     # ---- the dispatcher's side --------------------------------------------
     def result_written(self, commit: str, outcome) -> None:
-        """Never blocks: queued for the writer, or left to the catch-up."""
-        self._put(commit, dict(outcome.header), outcome.records)
+        """A result listener: the commit's files hold the rest (branch and
+        records; a retest replaced them, and the child replaces its run)."""
+        self._send(f"result {commit}\n".encode())
 
     def forget(self, commits: list[str]) -> None:
         """Drop the runs of pruned commits (--keep-results); never blocks.
-        Queued in order with the results, so a retest written after the
-        prune keeps its new run.  Dropped when the queue is full: the
-        catch-up drops runs whose result files are gone anyway."""
+        In order with the results, so a retest written after the prune
+        keeps its new run; a dropped line is left to the catch-up, which
+        forgets runs whose result files are gone."""
         for commit in commits:
-            self._put(commit, None, None)
+            self._send(f"forget {commit}\n".encode())
 
-    def _put(self, commit: str, header: dict | None, records) -> None:
-        """A run to write (``header`` None: a run to forget)."""
-        size = len(records or ()) + 1
-        with self._count_lock:
-            full = self.pending + size > self.max_pending
-            if not full:
-                self.pending += size
-        if full:
-            self.behind.set()
-            log.debug("history queue full: %s is left to the catch-up", commit[:12])
-            return
-        self.inbox.put((commit, header, records))
+    def _send(self, line: bytes) -> None:
+        """Never blocks: written whole (a line is shorter than PIPE_BUF, so
+        a non-blocking write takes it all or nothing), or dropped."""
+        with self._send_lock:
+            if self.dropped:
+                self.dropped = not self._write(b"catchup\n")
+            if not self._write(line) and not self.dropped:
+                self.dropped = True
+                log.info("test history writer busy or down: results are left to its "
+                         "catch-up from the result files")
+
+    def _write(self, data: bytes) -> bool:
+        proc = self.proc
+        if proc is None or proc.stdin is None or proc.stdin.closed:
+            return False
+        try:
+            return os.write(proc.stdin.fileno(), data) == len(data)
+        except OSError:             # full (EAGAIN), or the child is gone (EPIPE)
+            return False
 
     def start(self) -> None:
         self.thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Close the child's stdin (it ends its batch and exits), then
+        SIGTERM it if it has not gone within ``timeout``."""
         self.stop_event.set()
-        self.inbox.put(None)
-        self.thread.join(timeout)
+        self._close_stdin()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            log.warning("test history writer (pid %d) did not stop: terminating it", proc.pid)
+            proc.terminate()
+            try:
+                proc.wait(2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.thread.is_alive():
+            self.thread.join(1)
 
-    # ---- the writer thread ------------------------------------------------
-    def _run(self) -> None:
-        try:
-            while not self.stop_event.is_set():
-                if self.conn is None or self.behind.is_set():
-                    self._recover()
-                batch = self._take(0.5 if self.conn is not None else RETRY_DELAY)
-                if batch and self.conn is not None:
-                    self._write(batch)
-        finally:
-            if self.conn is not None:
-                self.conn.close()
+    def _close_stdin(self) -> None:
+        with self._send_lock:
+            if self.proc is not None and self.proc.stdin is not None:
+                self.proc.stdin.close()
 
-    def _take(self, timeout: float) -> list:
-        """Up to BATCH_RUNS queued results, waiting ``timeout`` for the first."""
-        batch = []
-        try:
-            item = self.inbox.get(timeout=timeout)
-            while item is not None:
-                batch.append(item)
-                if len(batch) >= BATCH_RUNS:
+    # ---- the supervisor thread --------------------------------------------
+    def _supervise(self) -> None:
+        while not self.stop_event.is_set():
+            started = time.monotonic()
+            try:
+                self._spawn()
+            except OSError as exc:
+                log.error("cannot start the test history writer: %s", exc)
+            else:
+                self._watch()
+                code = self.proc.wait()
+                if self.stop_event.is_set():
                     break
-                item = self.inbox.get_nowait()
-        except queue.Empty:
-            pass
-        with self._count_lock:
-            self.pending -= sum(len(records or ()) + 1 for _, _, records in batch)
-        return batch
+                log.error("test history writer (pid %d) exited with status %s; restarting "
+                          "it (it catches up from the result files)", self.proc.pid, code)
+            if time.monotonic() - started > STEADY_SECONDS:
+                self.backoff.reset()
+            self.stop_event.wait(self.backoff.next())
+            self.restarts += 1
 
-    def _recover(self) -> None:
-        """Open (or rebuild) the store and catch up with the results folder;
-        on failure, try again after a pause."""
-        self.behind.clear()
-        started = time.monotonic()
-        try:
-            if self.conn is None:
-                self.conn = store.open_store(self.path)
-            read = store.catch_up(self.conn, self.results_dir, self.stop_event.is_set)
-        except (sqlite3.Error, OSError) as exc:
-            self._failed(exc)
-            return
-        if read:
-            log.info("test history: %d results read from %s in %.1f s", read,
-                     self.results_dir, time.monotonic() - started)
-        self.ready.set()
+    def _spawn(self) -> None:
+        """The child, in a process group of its own (a signal to the
+        dispatcher's group is not its), its stdin non-blocking here."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+        cmd = [sys.executable, "-m", "ci.history.child", "--store", self.path,
+               "--results-dir", self.results_dir, "--log-level", self.log_level]
+        if self.max_pending is not None:
+            cmd += ["--max-pending", str(self.max_pending)]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=self.stderr, env=env, start_new_session=True)
+        os.set_blocking(proc.stdin.fileno(), False)
+        with self._send_lock:
+            self.proc = proc
+            # The new child catches up at start: nothing dropped is missed.
+            self.dropped = False
+        if self.stop_event.is_set():
+            self._close_stdin()
+        log.debug("test history writer started (pid %d)", proc.pid)
 
-    def _write(self, batch: list) -> None:
-        """The batch in its order, in one transaction."""
-        try:
-            with store.transaction(self.conn):
-                for commit, header, records in batch:
-                    if header is None:
-                        store.forget_commit(self.conn, commit)
-                        continue
-                    stamp = store.file_stamp(os.path.join(self.results_dir, commit))
-                    if stamp is not None:
-                        store.write_run(self.conn, store.run_from_header(
-                            {**header, "commit": commit}, records, stamp))
-        except (sqlite3.Error, ValueError) as exc:
-            self._failed(exc)
-
-    def _failed(self, exc: Exception) -> None:
-        """A write failed: the files still hold everything, so the store is
-        marked behind and caught up later.  A corrupt store is reopened
-        (and so rebuilt)."""
-        corrupt = isinstance(exc, sqlite3.DatabaseError) and \
-            not isinstance(exc, sqlite3.OperationalError)
-        log.warning("test history %s: %s%s; catching up from the result files later",
-                    self.path, exc, " (the store looks corrupt)" if corrupt else "")
-        if corrupt and self.conn is not None:
-            self.conn.close()
-            self.conn = None
-        self.behind.set()
-        self.stop_event.wait(RETRY_DELAY)
+    def _watch(self) -> None:
+        """Until the child's stdout closes (it exited): note its ``ready``
+        lines, and send a pending ``catchup`` once the pipe has room."""
+        fd = self.proc.stdout.fileno()
+        buf = b""
+        while True:
+            readable, _, _ = select.select([fd], [], [], TICK)
+            if readable:
+                data = os.read(fd, 4096)
+                if not data:
+                    self.proc.stdout.close()
+                    return
+                *lines, buf = (buf + data)[-4096:].split(b"\n")
+                if b"ready" in lines:
+                    self.ready.set()
+            with self._send_lock:
+                if self.dropped and not self.stop_event.is_set():
+                    self.dropped = not self._write(b"catchup\n")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import pytest
 
@@ -149,3 +150,51 @@ def test_no_test_history_writes_no_store(cluster):
     cluster.start_dispatcher()
     wait_until(lambda: outcomes(history_of(cluster), "test_a.T.test_two") == [FAILED], 15,
                what="the catch-up")
+
+
+def children_of(pid: int) -> list[int]:
+    """Children of every thread of ``pid`` (the writer's is a thread's)."""
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                found += [int(p) for p in handle.read().split()]
+    except OSError:
+        pass
+    return found
+
+
+def command_of(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie of an init that has not reaped it yet counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
+def test_the_writer_process_does_not_outlive_a_sigkilled_dispatcher(cluster):
+    """The history writer runs in a child process of the dispatcher, in a
+    process group of its own; SIGKILL to the dispatcher alone (not its
+    group) still ends it: it exits when its stdin closes."""
+    daemon = cluster.start_dispatcher()
+    wait_until(lambda: any("ci.history.child" in command_of(p) for p in children_of(daemon.pid)),
+               10, what="the writer process")
+    (child,) = [p for p in children_of(daemon.pid) if "ci.history.child" in command_of(p)]
+    assert os.getpgid(child) != os.getpgid(daemon.pid)
+    os.kill(daemon.pid, signal.SIGKILL)
+    daemon.proc.wait(10)
+    try:
+        wait_until(lambda: gone(child), 10, what="the orphaned writer's exit")
+    finally:
+        if not gone(child):
+            os.kill(child, signal.SIGKILL)

@@ -1,18 +1,23 @@
 """The test history store (ci/history/): rebuilt from the result files when
-deleted, corrupt or behind; its writer never holding up the result path,
-even stalled; and the queries the dashboard makes."""
+deleted, corrupt or behind; its writer, a child process, never holding up
+the result path, even stalled, stopped or killed (restarted, and caught
+up); and the queries the dashboard makes."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import signal
 import sqlite3
 import time
 
+import subprocess
+import sys
+
 import pytest
 
-from support.cluster import wait_until
+from support.cluster import ROOT, wait_until
 from ci.dispatch.journal import Journal
 from ci.dispatch.state import DispatcherState
 from ci.history import store
@@ -61,28 +66,43 @@ def folder(tmp_path):
 
 class Writers:
     """Starts HistoryWriters over one store file, as a dispatcher restarted
-    would; ``stop_all`` is a dispatcher going down."""
+    would; ``stop_all`` is a dispatcher going down.  The writer processes
+    log to ``log_path``."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, log_path: str):
         self.path = path
+        self.log_path = log_path
         self.made: list[HistoryWriter] = []
+        self.logs: list = []
 
     def __call__(self, results, **kwargs) -> HistoryWriter:
-        writer = HistoryWriter(self.path, str(results), **kwargs)
+        self.logs.append(open(self.log_path, "ab"))
+        writer = HistoryWriter(self.path, str(results), "DEBUG", self.logs[-1], **kwargs)
         writer.start()
         self.made.append(writer)
         assert writer.ready.wait(10), "the first catch-up did not finish"
+        assert writer.proc.pid != os.getpid() and writer.proc.poll() is None
         return writer
+
+    def log(self) -> str:
+        with open(self.log_path, "rb") as handle:
+            return handle.read().decode("utf-8", "replace")
 
     def stop_all(self) -> None:
         for writer in self.made:
+            # Resumed, should a test have stopped it (SIGCONT is harmless).
+            if writer.proc.poll() is None:
+                os.kill(writer.proc.pid, signal.SIGCONT)
             writer.stop()
-            assert not writer.thread.is_alive()
+            assert not writer.thread.is_alive() and writer.proc.poll() is not None
+        for handle in self.logs:
+            handle.close()
+        self.logs.clear()
 
 
 @pytest.fixture
 def writers(tmp_path):
-    made = Writers(str(tmp_path / "state" / store.FILE_NAME))
+    made = Writers(str(tmp_path / "state" / store.FILE_NAME), str(tmp_path / "writer.log"))
     yield made
     made.stop_all()
 
@@ -177,17 +197,17 @@ def test_a_deleted_store_is_rebuilt_from_the_result_files(folder, writers, tmp_p
     assert reader_for(writer).test("t.T.test_a")["failures"] == 2
 
 
-def test_a_corrupt_store_is_logged_and_rebuilt(folder, writers, caplog):
+def test_a_corrupt_store_is_logged_and_rebuilt(folder, writers):
     for n in range(4):
         write(folder, n)
     path = writers(folder).path
     writers.stop_all()
     with open(path, "r+b") as handle:        # overwrite the header and the first pages
         handle.write(b"this is not a database" * 400)
-    with caplog.at_level(logging.ERROR, logger="ci.history.store"):
-        writer = writers(folder)
-    assert any("unusable" in r.getMessage() and "rebuilding it from the result files"
-               in r.getMessage() for r in caplog.records), caplog.text
+    writer = writers(folder)
+    assert any(" ERROR ci.history.store: " in line and "unusable" in line and
+               "rebuilding it from the result files" in line
+               for line in writers.log().splitlines()), writers.log()
     assert runs_held(writer.path) == 4
 
 
@@ -225,6 +245,29 @@ def test_a_schema_from_another_version_is_rebuilt(folder, writers):
 # --------------------------------------------------------------------------
 # The result path never waits for the writer.
 
+def dispatcher_state(folder, tmp_path, writer) -> DispatcherState:
+    """A dispatcher's state whose results tell ``writer``, one runner registered."""
+    state = DispatcherState(str(folder), Journal(str(tmp_path / "journal")), 3)
+    state.recover(0)
+    state.listeners.append(writer.result_written)
+    state.register(("127.0.0.1", 9001), "i1", None)
+    return state
+
+
+def store_results(state, commits, first: int = 0) -> float:
+    """Each commit through the result path; the slowest call, in seconds."""
+    state.enqueue(commits)
+    slowest = 0.0
+    for n in range(len(commits)):
+        job = state.next_assignment()
+        started = time.monotonic()
+        assert state.record_result(job.commit, job.token, None,
+                                   outcome(job.commit, records(first + n, 2), branch=""))
+        slowest = max(slowest, time.monotonic() - started)
+        assert os.path.exists(os.path.join(state.results_dir, job.commit))
+    return slowest
+
+
 def test_a_stalled_writer_never_holds_up_the_result_path(folder, writers, tmp_path):
     """Another process holds the store's write lock: the writer stalls.
     Results still land, each in about the time a file write takes, even
@@ -233,24 +276,83 @@ def test_a_stalled_writer_never_holds_up_the_result_path(folder, writers, tmp_pa
     writer = writers(folder, max_pending=20)
     blocker = sqlite3.connect(writer.path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
-    state = DispatcherState(str(folder), Journal(str(tmp_path / "journal")), 3)
-    state.recover(0)
-    state.listeners.append(writer.result_written)
-    state.register(("127.0.0.1", 9001), "i1", None)
-    commits = [commit_id(200 + n) for n in range(30)]
-    state.enqueue(commits)
-    slowest = 0.0
-    for n in range(len(commits)):
-        job = state.next_assignment()
-        started = time.monotonic()
-        assert state.record_result(job.commit, job.token, None,
-                                   outcome(job.commit, records(n, 2), branch=""))
-        slowest = max(slowest, time.monotonic() - started)
-        assert os.path.exists(os.path.join(folder, job.commit))
+    state = dispatcher_state(folder, tmp_path, writer)
+    slowest = store_results(state, [commit_id(200 + n) for n in range(30)])
     # The writer's busy timeout alone is 2 s: nothing waited for it.
     assert slowest < store.BUSY_TIMEOUT_MS / 1000 / 4, slowest
-    assert writer.pending <= 20 and writer.behind.is_set()
+    assert runs_held(writer.path) == 0          # nothing written past the lock
     blocker.execute("ROLLBACK")
     blocker.close()
     wait_until(lambda: runs_held(writer.path) == 30, 20, what="the catch-up")
     assert reader_for(writer).test("t.T.test_a", branch="")["window"]["runs"] == 30
+
+
+def test_a_full_pipe_drops_lines_and_the_store_catches_up(folder, writers, tmp_path):
+    """The writer process is stopped (SIGSTOP): its stdin pipe fills, and
+    further lines are dropped, never waited for; once it runs again it is
+    told to catch up, and the store holds every result, also those whose
+    lines were dropped."""
+    writer = writers(folder)
+    os.kill(writer.proc.pid, signal.SIGSTOP)
+    state = dispatcher_state(folder, tmp_path, writer)
+    slowest = store_results(state, [commit_id(300 + n) for n in range(5)])
+    filler = outcome(commit_id(300), records(0))
+    for _ in range(20_000):                 # 64 KiB of 48-byte lines fill it long before
+        started = time.monotonic()
+        writer.result_written(commit_id(300), filler)
+        slowest = max(slowest, time.monotonic() - started)
+        if writer.dropped:
+            break
+    assert writer.dropped, "the pipe never filled"
+    late = [commit_id(400 + n) for n in range(5)]
+    slowest = max(slowest, store_results(state, late, first=5))
+    assert slowest < 0.25, slowest
+    os.kill(writer.proc.pid, signal.SIGCONT)
+    wait_until(lambda: runs_held(writer.path) == 10, 20, what="the catch-up")
+    assert not writer.dropped
+    held = {r["commit"] for r in reader_for(writer).test("t.T.test_a", branch="")["recent"]}
+    assert set(late) <= held
+
+
+def test_a_killed_writer_is_restarted_and_catches_up(folder, writers, tmp_path, caplog):
+    """The writer process dies (SIGKILL): results meanwhile still land in
+    their files; the dispatcher starts a new writer, which catches up."""
+    caplog.set_level(logging.ERROR, logger="ci.history.writer")
+    writer = writers(folder)
+    first = writer.proc
+    state = dispatcher_state(folder, tmp_path, writer)
+    store_results(state, [commit_id(500)])
+    wait_until(lambda: runs_held(writer.path) == 1, 10, what="the first result")
+    first.kill()
+    first.wait(5)
+    slowest = store_results(state, [commit_id(501 + n) for n in range(3)], first=1)
+    assert slowest < 0.25, slowest
+    wait_until(lambda: writer.proc is not first and writer.proc.poll() is None, 10,
+               what="a new writer")
+    assert writer.restarts >= 1
+    wait_until(lambda: runs_held(writer.path) == 4, 20, what="the catch-up")
+    assert any("exited with status -9; restarting it" in r.getMessage()
+               for r in caplog.records if r.name == "ci.history.writer"), caplog.text
+
+
+def test_writer_process_exits_when_its_stdin_closes(folder, tmp_path):
+    """A dispatcher SIGKILLed cannot stop its writer: the writer exits by
+    itself once its stdin (the dispatcher's end of the pipe) closes."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ci.history.child", "--store",
+         str(tmp_path / "state" / store.FILE_NAME), "--results-dir", str(folder)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        cwd=ROOT, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        write(folder, 1)
+        proc.stdin.write(f"result {commit_id(1)}\nnonsense line\n".encode())
+        proc.stdin.flush()
+        wait_until(lambda: runs_held(str(tmp_path / "state" / store.FILE_NAME)) == 1, 10,
+                   what="the result")
+        proc.stdin.close()
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
