@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 # Live output kept per running job for ``log``.
 TAIL_BYTES = 64 * 1024
+# A retest waits at most this long for the pruner to finish unlinking one
+# of its commits (one batch of unlinks: milliseconds).
+UNLINK_WAIT = 30.0
 
 
 def meta_from_result(results_dir: str, commit: str) -> Meta | None:
@@ -82,6 +85,8 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         # Pruned by --keep-results: no file, a tombstone (ci/retention/);
         # finished all the same, never queued again but by a retest.
         self.pruned: set[WorkKey] = set()
+        # Pruned commits whose files are being unlinked (without the lock).
+        self.unlinking: set[WorkKey] = set()
         self.tombstones: TombstoneFile | None = None
         # (key, token) -> AssignmentRecord, for rounds that are over.
         self.finished_tokens: collections.OrderedDict = collections.OrderedDict()
@@ -230,25 +235,52 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         """Retention (ci/retention/pruner.py): for each commit still
         finished and not pending, ``remove(commit)`` deletes its files and
         it counts as pruned; ``forget(removed)`` is told (it must not
-        block).  Under the lock, so a retest cannot queue a commit between
-        the check and the unlink; one small batch at a time."""
-        removed = []
+        block).  The lock is held only to pick the commits and mark them
+        (pruned and ``unlinking``), not for the unlinks, which can wait on
+        the file system's journal behind every result's fsync; a retest of
+        a commit being unlinked waits until its files are gone, so a new
+        result is never removed."""
         with self.cond:
-            for commit in commits:
-                key = work_key(commit)
-                if key in self.work or key not in self.done:
-                    continue
+            picked = [c for c in commits if self._mark_unlinking(work_key(c))]
+        removed, failed = [], []
+        try:
+            for commit in picked:
                 try:
                     remove(commit)
+                    removed.append(commit)
                 except OSError as exc:
                     log.warning("cannot prune %s: %s", commit[:12], exc)
-                    continue
-                self.done.discard(key)
-                self.pruned.add(key)
-                removed.append(commit)
+                    failed.append(commit)
             if removed:
-                forget(removed)
+                forget(removed)      # before a retest can queue its new run
+        finally:
+            with self.cond:
+                self._unlinked(picked, set(failed) | set(picked[len(removed) + len(failed):]))
         return removed
+
+    def _mark_unlinking(self, key: WorkKey) -> bool:
+        if key in self.work or key not in self.done:
+            return False
+        self.done.discard(key)
+        self.pruned.add(key)
+        self.unlinking.add(key)
+        return True
+
+    def _unlinked(self, picked: list[str], kept: set[str]) -> None:
+        """The unlinks are over; a commit whose file stays is done again."""
+        for commit in picked:
+            key = work_key(commit)
+            self.unlinking.discard(key)
+            if commit in kept:
+                self.pruned.discard(key)
+                self.done.add(key)
+        self.cond.notify_all()
+
+    def forget_pruned(self, commits) -> None:
+        """Tombstones trimmed from the file: their commits are forgotten
+        here too, so the set stays as bounded as the file."""
+        with self.cond:
+            self.pruned.difference_update(work_key(c) for c in commits)
 
     def _reserve(self, commits: list[str], skip_done: bool) -> list[str]:
         """New JOURNALLING records for the commits not already pending
@@ -279,12 +311,25 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         is a new round: results carrying an earlier round's token count as
         duplicates."""
         with self.cond:
+            # Bounded: the pruner holds a commit here for one batch's unlinks.
+            self.cond.wait_for(lambda: not any(work_key(c) in self.unlinking for c in commits),
+                               UNLINK_WAIT)
             new = self._reserve(commits, skip_done=False)
-        meta = {c: m for c in new if (m := meta_from_result(self.results_dir, c))}
+        meta = {c: m for c in new if (m := self._retest_meta(c))}
         records = [r for c in new for r in (queue_record(c), retest_record(c))]
         records += [meta_record(c, *meta[c]) for c in meta]
         self.journal_and_queue(new, records, meta, retest=True)
         return new
+
+    def _retest_meta(self, commit: str) -> Meta | None:
+        """The branch and predecessor of the first run: from its result
+        file, or from its tombstone if it was pruned."""
+        meta = meta_from_result(self.results_dir, commit)
+        if meta is None and self.tombstones is not None:
+            found = self.tombstones.find(commit)
+            if found is not None and found.branch:
+                meta = Meta(found.branch, found.previous)
+        return meta
 
     def journal_and_queue(self, commits: list[str], records: list[str], meta: dict,
                           retest: bool = False) -> None:

@@ -66,12 +66,14 @@ class HistoryWriter:
         """Drop the runs of pruned commits (--keep-results); never blocks.
         Queued in order with the results, so a retest written after the
         prune keeps its new run.  Dropped when the queue is full: the
-        catch-up drops runs whose result files are gone anyway."""
-        for commit in commits:
-            self._put(commit, None, None)
+        catch-up drops runs whose result files are gone anyway.  One item
+        for the whole list: the writer drops them in a few statements."""
+        if commits:
+            self._put("", None, tuple(commits))
 
     def _put(self, commit: str, header: dict | None, records) -> None:
-        """A run to write (``header`` None: a run to forget)."""
+        """A run to write (``header`` None: ``records`` are the commits
+        whose runs to forget)."""
         size = len(records or ()) + 1
         with self._count_lock:
             full = self.pending + size > self.max_pending
@@ -143,7 +145,7 @@ class HistoryWriter:
             with store.transaction(self.conn):
                 for commit, header, records in batch:
                     if header is None:
-                        store.forget_commit(self.conn, commit)
+                        store.forget_commits(self.conn, list(records))
                         continue
                     stamp = store.file_stamp(os.path.join(self.results_dir, commit))
                     if stamp is not None:
