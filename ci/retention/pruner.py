@@ -132,8 +132,6 @@ class Pruner:
         dropped = self.tombstones.append([Tombstone(e.commit, e.verdict, e.finished, now,
                                                     e.previous, e.branch or None)
                                           for e in group])
-        if dropped:
-            self._forget_tombstones(dropped)
         for entry in group:
             self.verdicts[entry.commit] = entry.verdict
         removed = 0
@@ -145,6 +143,8 @@ class Pruner:
                 self.headers.pop(commit, None)
             removed += len(gone)
             self._rest(time.monotonic() - began)
+        if dropped:      # after the group: a trim may drop some of its own
+            self._forget_tombstones(dropped)
         return removed
 
     def _rest(self, busy: float) -> None:
