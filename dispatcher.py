@@ -26,7 +26,8 @@ import sys
 
 from ci import auth
 import helpers
-from ci import jobspec
+from ci import jobspec, matrix
+from ci.dispatch import cells
 from ci.dispatch.state import DispatcherState
 from ci.notify import flags as notify_flags
 from ci.history import store as history_store
@@ -104,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "are free than commits are queued, balanced by each test file's "
                              "last known duration; the shards' results are merged into one "
                              "(default: %(default)s, never split)")
+    parser.add_argument("--max-cells", type=positive(int), default=matrix.DEFAULT_MAX_CELLS,
+                        metavar="N",
+                        help="a commit whose recipe's build matrix has more cells than this "
+                             "gets an error verdict instead of a run (default: %(default)s)")
+    parser.add_argument("--unroutable-timeout", type=positive(float),
+                        default=cells.DEFAULT_UNROUTABLE_TIMEOUT, metavar="SECONDS",
+                        help="a queued cell that no registered runner can take (none has "
+                             "every label it needs) gets an error verdict saying so after "
+                             "this long; it waits, with the reason in status and state, "
+                             "meanwhile (default: %(default)s)")
     parser.add_argument("--min-shard-seconds", type=float, default=1.0, metavar="SECONDS",
                         help="split only as far as each shard gets this much test time by the "
                              "last known durations, and no more shards than known test "
@@ -132,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
                         default=pruner.DEFAULT_INTERVAL, metavar="SECONDS",
                         help="seconds between pruning passes with --keep-results "
                              "(default: %(default)s)")
+    parser.add_argument("--no-test-history", action="store_true",
+                        help="do not write the per-test history store "
+                             "(<state-dir>/history.sqlite3): no writer thread, and the "
+                             "dashboard's test pages say there is no history; a store left "
+                             "from before is not touched and is caught up from the result "
+                             "files when the dispatcher next starts without this flag")
     notify_flags.add_arguments(parser)
     add_common_arguments(parser)
     return parser
@@ -239,6 +256,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--restart-grace must not be negative")
     if args.max_shards > 100:
         raise ConfigError("--max-shards must be at most 100")
+    if args.max_cells > matrix.MAX_CELLS_LIMIT:
+        raise ConfigError(f"--max-cells must be at most {matrix.MAX_CELLS_LIMIT}")
     if not 0 <= args.min_shard_seconds < 1e6:
         raise ConfigError("--min-shard-seconds must be 0 or more")
     if not 0 <= args.prefetch_runners <= 1000:
@@ -266,6 +285,8 @@ def recovered_state(args: argparse.Namespace, results_dir: str, state_dir: str,
     state = DispatcherState(results_dir, Journal(os.path.join(state_dir, "journal")),
                             args.max_attempts)
     state.max_shards = args.max_shards
+    state.max_cells = args.max_cells
+    state.unroutable_timeout = args.unroutable_timeout
     state.min_shard_seconds = args.min_shard_seconds
     state.trusted_branches = trusted
     state.tombstones = TombstoneFile(os.path.join(state_dir, TOMBSTONE_FILE))
@@ -279,7 +300,7 @@ class Wired:
     server: helpers.MessageServer
     dispatcher: Dispatcher
     notifier: object
-    history: HistoryWriter
+    history: HistoryWriter | None    # None with --no-test-history
     security: Security
     state: DispatcherState
     results_dir: str
@@ -302,11 +323,13 @@ def wire_up(args: argparse.Namespace) -> Wired:
     if notifier:
         state.listeners.append(notifier.result_written)
         state.failing_listeners.append(notifier.failing_now)
-    history = HistoryWriter(os.path.join(state_dir, history_store.FILE_NAME), results_dir)
-    state.listeners.append(history.result_written)
-    # A branch's failing tests first: from the history for a branch not
-    # seen since the start (results teach the rest as they come).
-    state.recent_failures.load = HistoryReader(history.path).recent_failures
+    history = None
+    if not args.no_test_history:
+        history = HistoryWriter(os.path.join(state_dir, history_store.FILE_NAME), results_dir)
+        state.listeners.append(history.result_written)
+        # A branch's failing tests first: from the history for a branch not
+        # seen since the start (results teach the rest as they come).
+        state.recent_failures.load = HistoryReader(history.path).recent_failures
     dispatcher = Dispatcher(state, security, Options(
         args.ping_interval, args.ping_misses, args.ping_timeout, args.job_timeout,
         args.workers, args.prefetch_runners))
@@ -319,7 +342,7 @@ def wire_up(args: argparse.Namespace) -> Wired:
     pruning = None
     if args.keep_results:
         pruning = pruner.Pruner(state, state.tombstones, args.keep_results,
-                                args.prune_interval, history.forget)
+                                args.prune_interval, history and history.forget)
     return Wired(server, dispatcher, notifier, history, security, state, results_dir, pruning)
 
 
@@ -333,7 +356,8 @@ def serve(wired: Wired) -> None:
              ", ".join(wired.state.trusted_branches))
     if wired.notifier:
         wired.notifier.start(wired.state.is_pending)
-    wired.history.start()
+    if wired.history:
+        wired.history.start()
     wired.dispatcher.start()
     if wired.pruner:
         wired.pruner.start()
@@ -344,7 +368,8 @@ def serve(wired: Wired) -> None:
         wired.dispatcher.stop()
         if wired.notifier:
             wired.notifier.stop()
-        wired.history.stop()
+        if wired.history:
+            wired.history.stop()
     helpers.serve_until_signalled(wired.server, on_stop=stop)
 
 

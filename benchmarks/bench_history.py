@@ -13,9 +13,22 @@ beside it, then measures:
   (VmHWM);
 * sequential requests over HTTP, median and p90 of ``--samples`` each
   after a warm-up: one test's page ``/test?id=``, ``/api/test?id=``, the
-  tests page ``/tests`` and ``/api/tests``.
+  tests page ``/tests`` and ``/api/tests``;
+* the result path with the store on and off, in the same run: the
+  dispatcher restarted on the same files, alternately with and without
+  ``--no-test-history`` (``--burst-rounds`` times each), takes a burst of
+  ``--burst`` commits from ``--burst-runners`` fake runners
+  (``fake_runners.py``), each result carrying ``--burst-records``
+  per-test records and their JUnit XML as a real runner's does.  Per
+  mode: the latency of every ``results`` (from sending it until the
+  ``ok stored`` reply; median, p95, max), the burst's wall time (dispatch
+  to the last reply) and the dispatcher's CPU per result; then the
+  ratios on/off.  With the store on, each round starts once the writer
+  has caught up with the results already there.
 
-usage:  python benchmarks/bench_history.py [--commits N] [--tests N] [--samples N] [--strict] [--keep]
+usage:  python benchmarks/bench_history.py [--commits N] [--tests N] [--samples N]
+            [--burst N] [--burst-runners N] [--burst-records N] [--burst-rounds N]
+            [--strict] [--keep]
 Exit status: 3 with --strict when a target is missed, else 0.
 """
 
@@ -23,7 +36,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import math
 import os
+import queue
+import re
 import shutil
 import signal
 import socket
@@ -31,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 
@@ -40,7 +58,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from bench_dashboard import timed_get  # noqa: E402
-from support.procs import status_mb  # noqa: E402
+from support.procs import stat_fields, status_mb  # noqa: E402
+import helpers  # noqa: E402
 from ci import results  # noqa: E402
 from ci.history import store  # noqa: E402
 from ci.history.queries import HistoryReader, Unavailable  # noqa: E402
@@ -84,12 +103,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start(tmp: str, name: str, args: list[str]) -> subprocess.Popen:
-    log = open(os.path.join(tmp, name + ".log"), "wb")
+def start(tmp: str, name: str, args: list[str], log_name: str = "") -> subprocess.Popen:
+    log = open(os.path.join(tmp, (log_name or name) + ".log"), "wb")
     env = dict(os.environ)
     env.pop("CI_SECRET", None)
     return subprocess.Popen([PY, os.path.join(ROOT, name + ".py"), *args], stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def wait_built(reader: HistoryReader, commits: int, proc, limit: float = 3600) -> float:
@@ -168,12 +196,174 @@ def run(tmp: str, args) -> list[tuple]:
         return rows
     finally:
         for proc in procs:
-            proc.send_signal(signal.SIGTERM)
+            stop(proc)
+
+# --------------------------------------------------------------------------
+# The result path with the store on and off.
+
+COMMIT_NAME = re.compile(r"[0-9a-f]{40}")
+
+
+class FakeFleet:
+    """``fake_runners.py`` as a child: commands on its stdin, its JSON
+    events read by a thread into a queue, so every wait is bounded."""
+
+    def __init__(self, tmp: str, dispatcher: int, runners: int, records: int):
+        self.proc = subprocess.Popen(
+            [PY, os.path.join(HERE, "fake_runners.py"), "--dispatcher", f"127.0.0.1:{dispatcher}",
+             "--count", str(runners), "--records", str(records), "--lifetime", "900"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=open(os.path.join(tmp, "fake-runners.log"), "ab"), start_new_session=True)
+        self.events: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
             try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                self.events.put(json.loads(line))
+            except ValueError:
+                pass
+
+    def expect(self, name: str, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                event = self.events.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if event.get("event") == name:
+                return event
+        raise SystemExit(f"the fake runners sent no {name!r} within {timeout:.0f}s")
+
+    def ask(self, command: str, reply: str) -> dict:
+        self.proc.stdin.write(command.encode() + b"\n")
+        self.proc.stdin.flush()
+        return self.expect(reply)
+
+    def close(self) -> None:
+        try:
+            self.ask("quit", "stats")
+        except (OSError, SystemExit):
+            pass
+        stop(self.proc)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
+
+
+def wait_answering(port: int, proc: subprocess.Popen, limit: float = 120) -> None:
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            if helpers.call(("127.0.0.1", port), "status").command == "ok":
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the dispatcher did not answer")
+        time.sleep(0.05)
+
+
+def one_burst(tmp: str, history: bool, round_no: int, args) -> dict:
+    """One dispatcher start on the benchmark's files and one burst through
+    it; the figures of that burst."""
+    folder = os.path.join(tmp, "test_results")
+    state = os.path.join(tmp, "dispatcher_state")
+    label = "on" if history else "off"
+    port = free_port()
+    proc = start(tmp, "dispatcher", [
+        "--host", "127.0.0.1", "--port", str(port), "--results-dir", folder,
+        "--state-dir", state, "--log-level", "INFO",
+        *([] if history else ["--no-test-history"])], f"dispatcher-burst-{label}-{round_no}")
+    fleet = None
+    try:
+        wait_answering(port, proc)
+        if history:
+            have = sum(1 for name in os.listdir(folder) if COMMIT_NAME.fullmatch(name))
+            wait_built(HistoryReader(os.path.join(state, store.FILE_NAME)), have, proc)
+        fleet = FakeFleet(tmp, port, args.burst_runners, args.burst_records)
+        ready = fleet.expect("ready")
+        if ready["registered"] != args.burst_runners:
+            raise SystemExit(f"only {ready['registered']} fake runners registered")
+        commits = [hashlib.sha1(f"burst-{label}-{round_no}-{i}".encode()).hexdigest()
+                   for i in range(args.burst)]
+        cpu = cpu_seconds(proc.pid)
+        started = time.monotonic()
+        for first in range(0, len(commits), 1000):
+            chunk = commits[first:first + 1000]
+            body = "".join(f"{c} - main\n" for c in chunk).encode()
+            reply = helpers.call(("127.0.0.1", port), "dispatch", " ".join(chunk), body,
+                                 reply_timeout=60)
+            if reply.command != "ok":
+                raise SystemExit(f"dispatch refused: {reply.argument}")
+        deadline = started + max(120.0, args.burst / 5)
+        while True:
+            stats = fleet.ask("stats", "stats")
+            done = stats["results_ok"] + stats["results_duplicate"] + stats["results_failed"]
+            if done >= len(commits) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        wall = time.monotonic() - started
+        cpu = cpu_seconds(proc.pid) - cpu
+        latencies = fleet.ask("latencies", "latencies")["ms"]
+        missing = sum(1 for c in commits if not os.path.exists(os.path.join(folder, c)))
+        figures = {"history": history, "wall": wall, "ms": sorted(latencies),
+                   "cpu_ms": 1000 * cpu / len(commits), "missing": missing,
+                   "failed": stats["results_failed"], "load": os.getloadavg()[0]}
+        print(f"  burst, history {label} (round {round_no + 1}): {len(commits)} results in "
+              f"{wall:.2f}s, results latency {summary(figures['ms'])}, dispatcher CPU "
+              f"{figures['cpu_ms']:.2f} ms/result, load average {figures['load']:.1f}"
+              + (f", {missing} MISSING" if missing else ""), flush=True)
+        return figures
+    finally:
+        if fleet is not None:
+            fleet.close()
+        stop(proc)
+
+
+def quantiles(ms: list[float]) -> tuple[float, float, float]:
+    """(median, p95, max) of sorted samples."""
+    if not ms:
+        return (float("nan"),) * 3
+    return statistics.median(ms), ms[max(0, math.ceil(len(ms) * 0.95) - 1)], ms[-1]
+
+
+def summary(ms: list[float]) -> str:
+    median, p95, top = quantiles(ms)
+    return f"median {median:.2f} / p95 {p95:.2f} / max {top:.2f} ms (n={len(ms)})"
+
+
+def bursts(tmp: str, args) -> list[tuple]:
+    """The rounds, on and off alternately (so drifting load from elsewhere
+    hits both alike), and one row per figure, pooled per mode."""
+    print(f"\n  result path: {args.burst_rounds} round(s) each with the store on and off, "
+          f"{args.burst} commits, {args.burst_runners} fake runners, {args.burst_records} "
+          "records per result", flush=True)
+    runs = [one_burst(tmp, history, n, args)
+            for n in range(args.burst_rounds) for history in (True, False)]
+    rows, pooled = [], {}
+    for history in (True, False):
+        mine = [r for r in runs if r["history"] == history]
+        ms = sorted(x for r in mine for x in r["ms"])
+        walls = [r["wall"] for r in mine]
+        pooled[history] = (quantiles(ms), statistics.median(walls))
+        label = "on" if history else "off (`--no-test-history`)"
+        rows.append((f"`results` latency, store {label}: median / p95 / max "
+                     f"(n={len(ms)})", "–", "%.2f / %.2f / %.2f ms" % quantiles(ms), True))
+        rows.append((f"burst wall time, store {label}, per round", "–",
+                     ", ".join(f"{w:.2f}" for w in walls) + " s", True))
+        rows.append((f"dispatcher CPU per result, store {label}", "–",
+                     ", ".join(f"{r['cpu_ms']:.2f}" for r in mine) + " ms", True))
+        lost = sum(r["missing"] + r["failed"] for r in mine)
+        rows.append((f"burst results not stored, store {label}", "0", str(lost), not lost))
+    (on_q, on_wall), (off_q, off_wall) = pooled[True], pooled[False]
+    rows.append(("ratio on/off: latency median / p95 / max", "≈ 1 (within the spread)",
+                 " / ".join(f"{a / b:.2f}" if b else "–" for a, b in zip(on_q, off_q)), True))
+    rows.append(("ratio on/off: burst wall time (medians)", "≈ 1 (within the spread)",
+                 f"{on_wall / off_wall:.2f}" if off_wall else "–", True))
+    return rows
 
 
 def main(argv=None) -> int:
@@ -184,16 +374,33 @@ def main(argv=None) -> int:
                         help="test records per result (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=50,
                         help="timed requests per page (default: %(default)s)")
+    parser.add_argument("--burst", type=int, default=400,
+                        help="commits in each burst through the result path, with the store "
+                             "on and off (default: %(default)s; 0: no burst)")
+    parser.add_argument("--burst-runners", type=int, default=20,
+                        help="fake runners taking the burst (default: %(default)s)")
+    parser.add_argument("--burst-records", type=int, default=200,
+                        help="per-test records (and JUnit XML) in each burst result "
+                             "(default: %(default)s)")
+    parser.add_argument("--burst-rounds", type=int, default=2,
+                        help="bursts with each setting, alternated (default: %(default)s)")
     parser.add_argument("--strict", action="store_true", help="exit 3 when a target is missed")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
     if min(args.commits, args.tests, args.samples) < 1 or args.tests < 8:
         parser.error("--commits and --samples must be at least 1, --tests at least 8")
+    if args.burst < 0 or not 1 <= args.burst_runners <= 60 or args.burst_rounds < 1 \
+            or not 0 <= args.burst_records <= 100_000:
+        parser.error("--burst must be at least 0, --burst-runners 1-60 (under the fake "
+                     "runners' 64 requests in flight, so none waits for a slot), "
+                     "--burst-rounds at least 1, --burst-records 0-100000")
     tmp = tempfile.mkdtemp(prefix="bench-history-")
     print(f"test history benchmark on {CORES} core(s), Python {sys.version.split()[0]}",
           flush=True)
     try:
         rows = run(tmp, args)
+        if args.burst:
+            rows += bursts(tmp, args)
     finally:
         if args.keep:
             print(f"  kept {tmp}")

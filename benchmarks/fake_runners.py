@@ -3,14 +3,22 @@
 Each fake runner is a real listening socket on loopback that speaks the real
 protocol (frames, HMAC, nonces: all through ``helpers``): it registers with
 the dispatcher, answers ``ping`` and ``runtest`` at once, and for every
-accepted job posts a small ``results`` message back.  No tests are run, so
-what is measured is the dispatcher alone.  asyncio keeps hundreds of
+accepted job posts a ``results`` message back: a small one, or with
+``--records N`` one with N per-test records and their JUnit XML, the body a
+real runner sends (``Outcome.to_body``).  No tests are run, so what is
+measured is the dispatcher alone.  asyncio keeps hundreds of
 runners cheap enough that the generator is not the bottleneck.
 
-usage: fake_runners.py --dispatcher HOST:PORT [--count N]
+usage: fake_runners.py --dispatcher HOST:PORT [--count N] [--labels N] [--records N]
+
+With ``--labels N`` each runner registers with N labels drawn at random
+from a pool of 4 N (``l0``, ``l1``...) plus ``python3.12`` (matrix
+routing's cost: every assignment checks a cell's needs against them).
 
 Commands on stdin, one a line (answers are JSON lines on stdout):
   stats        counters so far
+  latencies    the ms from sending each ``results`` until its reply, since
+               the last ``latencies`` (then forgotten)
   kill N       close N runners' ports (a crashed process: connection refused)
   freeze N     N runners accept but never answer (a hung process)
   quit         stop
@@ -23,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import secrets
 import sys
 import time
@@ -30,6 +39,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ci import results  # noqa: E402
+from ci.outcome import Outcome  # noqa: E402
 from ci.security import NonceCache, load_credentials  # noqa: E402
 from ci.wire import (FrameHeader, MAX_HEADER_BYTES, ProtocolError, decode_header, decode_message,
     encode_fields, encode_frame, encode_message, format_address, parse_address, verify_frame)
@@ -58,8 +68,9 @@ class Counters:
 class FakeRunner:
     """One runner: a listening socket plus the job it holds, if any."""
 
-    def __init__(self, fleet: "Fleet"):
+    def __init__(self, fleet: "Fleet", labels: list[str] | None = None):
         self.fleet = fleet
+        self.labels = labels or []
         self.instance = secrets.token_hex(8)
         self.server: asyncio.base_events.Server | None = None
         self.key = ""
@@ -108,10 +119,7 @@ class FakeRunner:
     async def report(self, commit: str, job_id: str) -> None:
         """Finish at once, like a runner whose suite is empty: free first,
         then deliver (the real runner frees itself before delivering too)."""
-        fields = {"verdict": "passed", "tests": 1, "failures": 0, "errors": 0, "skipped": 0,
-                  "runner": self.key, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                  "duration": "0.001", "exit_code": 0}
-        body = results.format_result(fields, b"Ran 1 test in 0.001s\n\nOK\n")
+        body = self.fleet.body(self.key)
         self.job = None
         reply = await self.fleet.call("results", f"{commit} {job_id}", body)
         counters = self.fleet.counters
@@ -123,7 +131,10 @@ class FakeRunner:
             counters.results_ok += 1
 
     async def register(self) -> bool:
-        body = encode_fields({"instance": self.instance, "busy": self.job or ""})
+        fields = {"instance": self.instance, "busy": self.job or ""}
+        if self.labels:
+            fields["labels"] = " ".join(self.labels)
+        body = encode_fields(fields)
         reply = await self.fleet.call("register", self.key, body)
         return reply is not None and reply.command == "ok"
 
@@ -150,12 +161,35 @@ class Fleet:
         self.counters = Counters()
         self.runners: list[FakeRunner] = []
         self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self.records: tuple[results.TestRecord, ...] = ()
+        self.latencies: list[float] = []
+        self.bodies: dict[str, bytes] = {}
+
+    def body(self, runner: str) -> bytes:
+        """A passing run's ``results`` body: with records (and their XML)
+        when ``--records`` asked for them, as a real runner sends it; made
+        once per runner, so the generator's own CPU stays small."""
+        if runner not in self.bodies:
+            self.bodies[runner] = self._make_body(runner)
+        return self.bodies[runner]
+
+    def _make_body(self, runner: str) -> bytes:
+        fields = {"verdict": "passed", "tests": 1, "failures": 0, "errors": 0, "skipped": 0,
+                  "runner": runner, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                  "duration": "0.001", "exit_code": 0}
+        if not self.records:
+            return results.format_result(fields, b"Ran 1 test in 0.001s\n\nOK\n")
+        fields["tests"] = len(self.records)
+        fields["skipped"] = sum(r.outcome == results.SKIPPED for r in self.records)
+        xml = results.format_junit(list(self.records), name="fake")
+        return Outcome(fields, b"Ran the tests\n\nOK\n", self.records, xml).to_body()
 
     async def call(self, command: str, argument: str, body: bytes = b""):
         """One request to the dispatcher, retried with a short backoff while
         it is unreachable or busy; None if it never got through."""
         payload = encode_message(command, argument, body)
         delay = 0.02
+        sent = time.perf_counter()
         for attempt in range(MAX_TRIES):
             if attempt:
                 self.counters.retries += 1
@@ -181,6 +215,8 @@ class Fleet:
                         writer.close()
             if message.command == "error" and "busy" in message.argument:
                 continue
+            if command == "results":
+                self.latencies.append(round((time.perf_counter() - sent) * 1000, 3))
             return message
         return None
 
@@ -215,6 +251,9 @@ async def command_loop(fleet: Fleet, lifetime: float) -> None:
             return
         if words[0] == "stats":
             emit("stats", **fleet.stats())
+        elif words[0] == "latencies":
+            emit("latencies", ms=fleet.latencies)
+            fleet.latencies = []
         elif words[0] in ("kill", "freeze") and len(words) == 2 and words[1].isdigit():
             victims = [r for r in fleet.runners if r.server and not r.frozen][:int(words[1])]
             for runner in victims:
@@ -227,10 +266,22 @@ async def command_loop(fleet: Fleet, lifetime: float) -> None:
             emit("error", text=f"unknown command {line.decode().strip()!r}")
 
 
+def fake_records(count: int) -> tuple[results.TestRecord, ...]:
+    """``count`` per-test records of a passing suite: 50 modules, durations
+    spread over 0-0.3 s, one in 20 skipped."""
+    return tuple(results.TestRecord(
+        f"tests.test_mod_{t % 50}.TestCase{t}", f"test_case_{t}",
+        results.SKIPPED if t % 20 == 19 else results.PASSED, round(0.001 * (t % 300), 3),
+        message="not on this platform" if t % 20 == 19 else "") for t in range(count))
+
+
 async def main_async(args) -> int:
     fleet = Fleet(parse_address(args.dispatcher), load_credentials(None)[0])
+    fleet.records = fake_records(args.records)
+    pool = [f"l{i}" for i in range(4 * args.labels)]
     for _ in range(args.count):
-        runner = FakeRunner(fleet)
+        labels = random.sample(pool, args.labels) + ["python3.12"] if args.labels else []
+        runner = FakeRunner(fleet, labels)
         await runner.start(args.host)
         fleet.runners.append(runner)
     registered = await asyncio.gather(*(r.register() for r in fleet.runners))
@@ -248,13 +299,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dispatcher", required=True, metavar="HOST:PORT")
     parser.add_argument("--count", type=int, default=200, help="runners (default: %(default)s)")
+    parser.add_argument("--labels", type=int, default=0, metavar="N",
+                        help="labels per runner, at random (default: none)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address the runners listen on (default: %(default)s)")
     parser.add_argument("--lifetime", type=float, default=DEFAULT_LIFETIME,
                         help="exit after this many seconds regardless (default: %(default)s)")
+    parser.add_argument("--records", type=int, default=0,
+                        help="per-test records (and JUnit XML) in each result, as a real "
+                             "runner sends them (default: %(default)s, a bare result)")
     args = parser.parse_args(argv)
     if not 1 <= args.count <= 2000:
         parser.error("--count must be 1-2000")
+    if not 0 <= args.records <= 100_000:
+        parser.error("--records must be 0-100000")
+    if not 0 <= args.labels <= 16:
+        parser.error("--labels must be 0-16")
     return asyncio.run(main_async(args))
 
 

@@ -29,6 +29,34 @@ def run_git(repo: str, *args: str, timeout: float = 120, env: dict | None = None
     return proc.stdout
 
 
+def read_blobs(repo: str, specs: list[str], timeout: float = 120) -> dict[str, bytes | None]:
+    """The content of each ``<rev>:<path>`` in ``specs`` (None where there
+    is no such file, or it is no file), from ONE ``git cat-file --batch``:
+    a process per commit would add to every commit's time to its result."""
+    if not specs:
+        return {}
+    cmd = ["git", "-C", repo, "cat-file", "--batch"]
+    try:
+        proc = subprocess.run(cmd, input="".join(f"{s}\n" for s in specs).encode(),
+                              capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise GitError(cmd[3:], repo, -1, "timed out") from None
+    if proc.returncode:
+        raise GitError(cmd[3:], repo, proc.returncode, proc.stderr.decode(errors="replace"))
+    out, found, at = proc.stdout, {}, 0
+    for spec in specs:
+        end = out.index(b"\n", at)
+        head = out[at:end].split(b" ")
+        at = end + 1
+        if len(head) == 3 and head[2].isdigit():
+            size = int(head[2])
+            found[spec] = out[at:at + size] if head[1] == b"blob" else None
+            at += size + 1   # the content and its newline
+        else:
+            found[spec] = None   # "<spec> missing" (or ambiguous)
+    return found
+
+
 def script_path(name: str) -> str:
     # The scripts lie in the repository root, beside the daemons.
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), name)

@@ -27,11 +27,15 @@ anything odd is a ``MatrixError`` whose reason becomes the commit's
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import itertools
+import json
 import re
 from typing import Iterable, Mapping
 
+from ci import wire
 from ci.runner import recipe
 
 AXIS_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -46,9 +50,13 @@ CELL_RE = re.compile(r"[A-Za-z0-9._-]{1,160}")
 PYTHON = "python"
 RESERVED_AXES = ("exclude", "include")
 DEFAULT_MAX_CELLS = 64
+# The most cells --max-cells may allow (and the observer sends): a dispatch
+# of 200 commits' cells must fit in one message.
+MAX_CELLS_LIMIT = 256
 # Before exclusions: a product this big is a mistake, not a matrix.
 MAX_COMBINATIONS = 10_000
 MAX_LABELS = 64
+MAX_REASON = 300
 
 
 class MatrixError(ValueError):
@@ -259,6 +267,74 @@ def _check_names(cells: list[Cell]) -> None:
         seen.add(cell.name)
         if len(cell.needs) > MAX_LABELS:
             raise MatrixError(f"cell {cell.name} needs more than {MAX_LABELS} labels")
+
+
+# ---- the dispatch line's matrix field (observer -> dispatcher) ------------
+
+# The dispatch body's per-commit fields (after ``<commit> <previous|-> <branch>``).
+CELLS_FIELD, ERROR_FIELD = "cells=", "error="
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the observer said a commit is to be tested as: its cells, or
+    the reason its matrix cannot be used (then it is not run)."""
+    cells: tuple[Cell, ...] = (SINGLE,)
+    error: str | None = None
+
+
+SINGLE_PLAN = Plan()
+
+
+def encode_plan(plan: Plan) -> str:
+    """The dispatch line's extra field for a commit: ``cells=<base64 JSON>``
+    or ``error=<base64 reason>``; "" for a commit without a matrix."""
+    if plan.error is not None:
+        return ERROR_FIELD + _b64(plan.error.encode())
+    if plan.cells == (SINGLE,):
+        return ""
+    data = [{"name": c.name, "python": c.python, "axes": format_axes(c.axes),
+             "labels": " ".join(sorted(c.labels))} for c in plan.cells]
+    return CELLS_FIELD + _b64(json.dumps(data, separators=(",", ":")).encode())
+
+
+def decode_plan(field: str, max_cells: int) -> Plan:
+    """The inverse of ``encode_plan``; a malformed field or too many cells
+    is a Plan with the reason as its error (the commit's verdict)."""
+    try:
+        if field.startswith(ERROR_FIELD):
+            reason = _unb64(field[len(ERROR_FIELD):]).decode()
+            return Plan((), wire.one_line(reason, MAX_REASON))
+        if not field.startswith(CELLS_FIELD):
+            raise ValueError("unknown field")
+        cells = tuple(_sent_cell(item)
+                      for item in json.loads(_unb64(field[len(CELLS_FIELD):])))
+    except (ValueError, TypeError, KeyError, AttributeError, binascii.Error) as exc:
+        return Plan((), f"the observer sent a malformed matrix: {wire.one_line(str(exc), 120)}")
+    if not cells or len({c.name for c in cells}) != len(cells):
+        return Plan((), "the observer sent a matrix without cells or with a cell twice")
+    if len(cells) > max_cells:
+        return Plan((), f"the matrix has {len(cells)} cells, more than the {max_cells} "
+                        "allowed (--max-cells)")
+    return Plan(cells)
+
+
+def _sent_cell(item: dict) -> Cell:
+    name, python = item["name"], item.get("python")
+    if not name or not is_cell_name(name):
+        raise ValueError(f"bad cell name {str(name)[:40]!r}")
+    if python is not None and not PYTHON_RE.fullmatch(str(python)):
+        raise ValueError(f"bad python {str(python)[:20]!r}")
+    return Cell(name, python, parse_axes(item.get("axes", "")),
+                parse_labels(item.get("labels", "")))
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text.encode("ascii"))
 
 
 def _quote(text: str) -> str:

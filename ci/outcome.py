@@ -82,12 +82,14 @@ class Outcome:
         """``test_results/<commit>``: header, blank line, raw output."""
         return results.format_result(self.header, self.output)
 
-    def write(self, results_dir: str, commit: str) -> None:
+    def write(self, results_dir: str, commit: str, cell: str = "") -> None:
         """The JUnit XML first, then the result file: the file is the proof
-        the commit is done, so it is written last."""
+        the commit (or its matrix cell ``cell``) is done, so it is written
+        last."""
         records = None if self.records is None else list(self.records)
-        results.write_junit(results_dir, commit, records)
-        atomic_write(os.path.join(results_dir, commit), self.result_file())
+        results.write_junit(results_dir, commit, records, cell)
+        atomic_write(os.path.join(results_dir, results.result_name(commit, cell)),
+                     self.result_file())
 
     # ---- the ``results`` message body -------------------------------------
     def to_body(self) -> bytes:

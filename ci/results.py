@@ -458,17 +458,47 @@ def records_or_note(data: bytes, parse=parse_junit) -> tuple[list[TestRecord] | 
 # --------------------------------------------------------------------------
 # Where the dispatcher writes a commit's records.
 
-def junit_path(results_dir: str, commit: str) -> str:
+# A matrix cell's files lie beside its commit's: <commit>.cell.<name>(.xml).
+CELL_INFIX = ".cell."
+
+
+def result_name(commit: str, cell: str = "") -> str:
+    """The file name of a commit's result, or of one of its cells'."""
     if not valid_full_commit(commit):
         raise ValueError(f"not a full commit id: {commit[:80]!r}")
-    return os.path.join(results_dir, commit + ".xml")
+    if cell and (not CELL_NAME_RE.fullmatch(cell) or cell.endswith(".xml")):
+        raise ValueError(f"not a cell name: {cell[:80]!r}")
+    return commit + CELL_INFIX + cell if cell else commit
 
 
-def write_junit(results_dir: str, commit: str, records: list[TestRecord] | None) -> None:
+def split_result_name(name: str) -> tuple[str, str] | None:
+    """(commit, cell) of a result file's name (cell "" for a commit's own),
+    None for any other file (XML, temporary files)."""
+    commit, infix, cell = name.partition(CELL_INFIX)
+    if not valid_full_commit(commit) or (infix and not cell):
+        return None
+    try:
+        return (commit, cell) if result_name(commit, cell) == name else None
+    except ValueError:
+        return None
+
+
+def worst_verdict(verdicts) -> str:
+    """A commit's verdict from its cells': the worst (a failing cell fails
+    the commit; an error, which says nothing of the code, is the worst)."""
+    return max(verdicts, key=lambda v: SEVERITY.index(v) if v in SEVERITY else len(SEVERITY))
+
+
+def junit_path(results_dir: str, commit: str, cell: str = "") -> str:
+    return os.path.join(results_dir, result_name(commit, cell) + ".xml")
+
+
+def write_junit(results_dir: str, commit: str, records: list[TestRecord] | None,
+                cell: str = "") -> None:
     """Write ``<commit>.xml`` atomically, before the text result file that
     proves the commit done; without records, remove a stale one (a retest
     whose new run has no records must not keep the old run's)."""
-    path = junit_path(results_dir, commit)
+    path = junit_path(results_dir, commit, cell)
     if records is None:
         try:
             os.unlink(path)
@@ -476,12 +506,15 @@ def write_junit(results_dir: str, commit: str, records: list[TestRecord] | None)
             pass
         return
     # Within the size every reader takes (the dashboard's), tracebacks cut if need be.
-    xml = fit_junit(records, MAX_JUNIT_BYTES, name=commit)
+    xml = fit_junit(records, MAX_JUNIT_BYTES, name=result_name(commit, cell))
     if xml is None:
         log.warning("JUnit XML of %d records exceeds %d bytes even without tracebacks",
                     len(records), MAX_JUNIT_BYTES)
-        xml = format_junit(records, name=commit, traceback_limit=0)
+        xml = format_junit(records, name=result_name(commit, cell), traceback_limit=0)
     atomic_write(path, xml)
 
 
 VERDICTS = ("passed", "failed", "error", "timeout")
+SEVERITY = ("passed", "failed", "timeout", "error")
+# As ci/matrix.py has it (a cell's name in a file name).
+CELL_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,160}")

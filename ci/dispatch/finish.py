@@ -15,9 +15,10 @@ import logging
 import threading
 import time
 
-from ci.dispatch.journal import AssignmentRecord, done_record, lost_record
+from ci import matrix
+from ci.dispatch.journal import AssignmentRecord, done_record, lost_record, split_key
 from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, SUSPECT
-from ci.dispatch.work import Job, Merged, ShardReport, ShardSet, Work, WorkKey, WorkState, work_key
+from ci.dispatch.work import Job, Merged, ShardReport, ShardSet, Work, WorkKey, WorkState
 from ci.outcome import Outcome
 from ci.wire import Reply
 
@@ -41,6 +42,12 @@ def tell_listeners(listeners: list, commit: str, outcome: Outcome) -> None:
             listener(commit, outcome)
         except Exception:
             log.exception("result listener failed for %s", commit[:12])
+
+
+def tell_later(listeners: list, commit: str, outcome: Outcome) -> None:
+    """The same from a thread of its own: for callers holding the lock."""
+    threading.Thread(target=tell_listeners, args=(listeners, commit, outcome),
+                     daemon=True).start()
 
 
 @dataclasses.dataclass
@@ -67,28 +74,29 @@ class ResultKeeper:
             if not isinstance(claim, Claim):
                 return claim
         try:
-            self.write_result(commit, claim.outcome)
+            self.write_result(claim.work.key, claim.outcome)
         except BaseException:
             with self.cond:
                 self._unclaim(claim)
                 self.cond.notify_all()
             raise
         with self.cond:
-            self._finish(claim.work, claim.outcome.verdict)
-        tell_listeners(self.listeners, commit, claim.outcome)
+            told = self._finish(claim.work, claim.outcome)
+        if told is not None:
+            tell_listeners(self.listeners, commit, told)
         return True
 
     def _claim_result(self, commit: str, token: str, name: str | None,
                       outcome: Outcome) -> Claim | bool:
         """Under the lock: a Claim to write, or what ``record_result``
         answers without writing (False: a duplicate; True: a shard kept)."""
-        a = self.finished_tokens.get((work_key(commit), token))
+        a = self.finished_tokens.get((self._key_of(commit, token), token))
         if a is not None:
             if name is not None and a.name != name:
                 raise Reply(f"result for {commit[:12]} refused: assigned to another runner")
             self._free_after_result(commit, token, a)
             return False
-        work = self._work(commit)
+        work = self._work(commit, token)
         a = self._check_token(work, commit, token, name, "result")
         # Before the runner is free again: the branch's next job already
         # names the tests this result failed (see ci/history/recent.py).
@@ -144,19 +152,31 @@ class ResultKeeper:
         """The dispatcher's own header fields: the commit, and the branch
         and previous commit the observer named."""
         added = {"commit": work.commit}
+        cell = work.cell
+        if cell.name:
+            added["cell"] = cell.name
+            if cell.python:
+                added["python"] = cell.python
+            if cell.axes:
+                added["axes"] = matrix.format_axes(cell.axes)
+            if cell.labels:
+                added["labels"] = " ".join(sorted(cell.labels))
         if work.meta:
             added["branch"] = work.meta.branch
             if work.meta.previous:
                 added["previous"] = work.meta.previous
         return outcome.with_header(**added)
 
-    def write_result(self, commit: str, outcome: Outcome) -> None:
-        """The result file is the proof a commit is done: written last,
-        after the per-test JUnit file (see ``Outcome.write``)."""
-        outcome.write(self.results_dir, commit)
+    def write_result(self, key: str, outcome: Outcome) -> None:
+        """The result file is the proof a commit (or its cell: ``key``) is
+        done: written last, after the per-test JUnit file (see
+        ``Outcome.write``)."""
+        outcome.write(self.results_dir, *split_key(key))
 
-    def _finish(self, work: Work, verdict: str | None) -> None:
-        """Bookkeeping once the work's result file is on disk (WRITING)."""
+    def _finish(self, work: Work, outcome: Outcome) -> Outcome | None:
+        """Bookkeeping once the work's result file is on disk (WRITING);
+        the outcome to tell the listeners: the work's own, or for a matrix
+        cell the commit's once every cell is done (else None)."""
         self.completed += 1
         work.move(WorkState.DONE)
         del self.work[work.key]
@@ -172,14 +192,17 @@ class ResultKeeper:
         for a in work.assignments.values():
             self._remember_finished(work.key, a)
         self.cond.notify_all()
+        log.info("result for %s: %s", work.short, outcome.verdict)
+        told = self._complete_commit(work.commit) if work.cell.name else None
         try:
-            self.journal.append([done_record(work.commit)], sync=False)
+            self.journal.append([done_record(work.key)] + (
+                [done_record(work.commit)] if told else []), sync=False)
             if self._compaction_due():
                 self.journal.rewrite(self._pending_records())
         except OSError:
             # The result file alone proves the commit done at the next start.
-            log.exception("cannot journal the end of %s", work.commit[:12])
-        log.info("result for %s: %s", work.commit[:12], verdict)
+            log.exception("cannot journal the end of %s", work.short)
+        return told if work.cell.name else outcome
 
     def _compaction_due(self) -> bool:
         """Rewrite the journal once most of it is superseded; not while a
@@ -194,8 +217,10 @@ class ResultKeeper:
 
     def _remember_finished(self, key: WorkKey, a: AssignmentRecord) -> None:
         self.finished_tokens[(key, a.token)] = a
+        self.token_keys[a.token] = key
         while len(self.finished_tokens) > FINISHED_TOKENS:
-            self.finished_tokens.popitem(last=False)
+            (_, token), _ = self.finished_tokens.popitem(last=False)
+            self.token_keys.pop(token, None)
 
     # ---- lost runs --------------------------------------------------------
     def _lose(self, job: Job, count: bool) -> None:
@@ -203,7 +228,7 @@ class ResultKeeper:
         if job.shards:
             self._lose_shard(job, count)
             return
-        work = self._work(job.commit)
+        work = self.work.get(job.key)
         if work is None:
             return
         work.tail.clear()
@@ -227,24 +252,29 @@ class ResultKeeper:
             and self._give_up(work, job)
 
     def _give_up(self, work: Work, job: Job) -> bool:
-        """Poison: write the ``error`` verdict (under the lock: rare, and
-        nothing may run the commit meanwhile); False if it cannot be
+        """Poison: write the ``error`` verdict; False if it cannot be
         written, and the work stays as it is (queued, or its shards)."""
-        reason = (f"gave up: the run lost its runner {work.losses} times "
-                  f"(last: {job.runner})")
-        log.error("commit %s: %s", work.commit[:12], reason)
+        return self._write_error(work, f"gave up: the run lost its runner {work.losses} "
+                                       f"times (last: {job.runner})")
+
+    def _write_error(self, work: Work, reason: str) -> bool:
+        """The ``error`` verdict for work that will not run (poison, no
+        runner could take it, an unreadable matrix), written under the lock
+        (rare, and nothing may run it meanwhile); False if it cannot be
+        written, and the work stays as it is."""
+        log.error("commit %s: %s", work.short, reason)
         outcome = self._complete_fields(work, Outcome({
             "verdict": "error", "tests": 0, "failures": 0, "errors": 0, "skipped": 0,
             "runner": "dispatcher", "reason": reason, "started": now_stamp(),
             "duration": "0.000"}, (reason + "\n").encode()))
         try:
-            self.write_result(work.commit, outcome)
+            self.write_result(work.key, outcome)
         except OSError:
             # Neither done nor queued would strand it: keep it queued.
-            log.exception("cannot write the verdict for %s; requeueing it", work.commit[:12])
+            log.exception("cannot write the verdict for %s; requeueing it", work.short)
             return False
         self._claim(work)
-        self._finish(work, "error")
-        threading.Thread(target=tell_listeners, args=(self.listeners, work.commit, outcome),
-                         daemon=True).start()
+        told = self._finish(work, outcome)
+        if told is not None:
+            tell_later(self.listeners, work.commit, told)
         return True

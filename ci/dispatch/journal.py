@@ -1,7 +1,9 @@
 """The dispatcher's journal: an append-only file of one record a line,
 replayed at start to rebuild the queue after a crash.
 
-Records (fields separated by one space; commit ids are full ids)::
+Records (fields separated by one space; commit ids are full ids; where a
+record says ``<commit>``, a matrix cell's records say ``<commit>:<cell>``,
+its work's key: every guarantee of a commit holds per cell)::
 
     Q <commit>                          queued (fsynced before ``dispatch`` is answered)
     M <commit> <previous|-> <branch>    the observer's metadata for a queued commit
@@ -12,6 +14,11 @@ Records (fields separated by one space; commit ids are full ids)::
                                         shard's ``A``): its tokens prove shards, never
                                         the whole commit; a restart runs it again
     D <commit>                          done: its result file is on disk
+    C <commit>:<cell> <python|-> <labels|-> [axis=value ...]
+                                        the cell's definition (labels comma-separated),
+                                        journalled with its ``Q``
+    E <commit> <reason>                 the observer could not read its matrix: the
+                                        ``error`` verdict with this (%-quoted) reason
 
 Only ``Q``, ``M`` and ``R`` need fsync before a reply.  ``A`` is written
 before the ``runtest`` it records is sent, so that after a restart a
@@ -25,7 +32,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
+import urllib.parse
 
+from ci import matrix
 from ci.appendlog import AppendLog
 from ci.wire import TOKEN_RE, valid_full_commit
 
@@ -51,6 +60,9 @@ class Replayed:
     retest: set = dataclasses.field(default_factory=set)
     meta: dict = dataclasses.field(default_factory=dict)        # commit -> (branch, previous)
     sharded: set = dataclasses.field(default_factory=set)
+    cells: dict = dataclasses.field(default_factory=dict)       # key -> matrix.Cell
+    group_keys: dict = dataclasses.field(default_factory=dict)  # commit -> {key}
+    errors: dict = dataclasses.field(default_factory=dict)      # key -> reason
 
 
 def parse_meta_line(line: str) -> tuple[str, str | None, str] | None:
@@ -67,9 +79,27 @@ def parse_meta_line(line: str) -> tuple[str, str | None, str] | None:
     return parts[0], previous, parts[2]
 
 
+def make_key(commit: str, cell: str = "") -> str:
+    """A unit of work's key: the commit, or ``<commit>:<cell>``."""
+    return f"{commit}:{cell}" if cell else commit
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """(commit, cell) of a key; None for one that is neither."""
+    commit, sep, cell = key.partition(":")
+    if not valid_full_commit(commit) or (sep and not (cell and matrix.is_cell_name(cell))):
+        return None
+    return commit, cell
+
+
+def key_commit(key: str) -> str:
+    return key.partition(":")[0]
+
+
 # ---- the records, built and parsed here only ---------------------------------
 
 QUEUED, META, RETEST, ASSIGNED, LOST, SHARDED, DONE = "Q", "M", "R", "A", "L", "S", "D"
+CELL, ERROR = "C", "E"
 # The kinds that are the commit id alone.
 BARE_KINDS = (QUEUED, RETEST, LOST, DONE)
 
@@ -102,6 +132,28 @@ def assign_record(commit: str, a: AssignmentRecord) -> str:
     return f"{ASSIGNED} {commit} {a.token} {a.runner} {a.name or '-'}"
 
 
+def cell_record(key: str, cell: matrix.Cell) -> str:
+    axes = "".join(f" {axis}={value}" for axis, value in cell.axes)
+    return f"{CELL} {key} {cell.python or '-'} {','.join(sorted(cell.labels)) or '-'}{axes}"
+
+
+def error_record(key: str, reason: str) -> str:
+    return f"{ERROR} {key} {urllib.parse.quote(reason, safe='')}"
+
+
+def _parse_cell(key: str, parts: list[str]) -> matrix.Cell | None:
+    try:
+        python = None if parts[0] == "-" else parts[0]
+        labels = frozenset() if parts[1] == "-" else matrix.parse_labels(
+            parts[1].replace(",", " "))
+        axes = matrix.parse_axes(" ".join(parts[2:]))
+    except (IndexError, matrix.MatrixError):
+        return None
+    if python is not None and not matrix.PYTHON_RE.fullmatch(python):
+        return None
+    return matrix.Cell(split_key(key)[1], python, axes, labels)
+
+
 @dataclasses.dataclass(frozen=True)
 class Record:
     """One parsed journal line.  ``value``: None for the bare kinds, the
@@ -116,19 +168,24 @@ def parse_record(line: str) -> Record | None:
     """The record of one journal line; None for one that does not parse
     (a torn tail, damage): replay skips it."""
     parts = line.split(" ")
-    if len(parts) < 2 or not valid_full_commit(parts[1]):
+    if len(parts) < 2 or split_key(parts[1]) is None:
         return None
     kind, commit = parts[0], parts[1]
     if kind in BARE_KINDS and len(parts) == 2:
         return Record(kind, commit)
     if kind == META:
-        parsed = parse_meta_line(" ".join(parts[1:]))
+        parsed = parse_meta_line(" ".join([key_commit(commit), *parts[2:]]))
         return Record(kind, commit, (parsed[2], parsed[1])) if parsed else None
     if kind == ASSIGNED and len(parts) == 5 and TOKEN_RE.fullmatch(parts[2]):
         name = None if parts[4] == "-" else parts[4]
         return Record(kind, commit, AssignmentRecord(parts[2], parts[3], name))
     if kind == SHARDED and len(parts) == 3 and parts[2].isdigit():
         return Record(kind, commit, int(parts[2]))
+    if kind == CELL and split_key(commit)[1]:
+        cell = _parse_cell(commit, parts[2:])
+        return Record(kind, commit, cell) if cell else None
+    if kind == ERROR and len(parts) == 3:
+        return Record(kind, commit, urllib.parse.unquote(parts[2]))
     return None
 
 
@@ -151,10 +208,17 @@ def replay_lines(data: bytes) -> Replayed:
             out.lost[commit] += 1
         elif record.kind == DONE:
             out.done.add(commit)
+            for key in out.group_keys.pop(commit, ()):
+                out.cells.pop(key, None)   # the commit's own result: complete
             out.retest.discard(commit)
             out.sharded.discard(commit)
         elif record.kind == SHARDED:
             out.sharded.add(commit)
+        elif record.kind == CELL:
+            out.cells[commit] = record.value
+            out.group_keys.setdefault(key_commit(commit), set()).add(commit)
+        elif record.kind == ERROR:
+            out.errors[commit] = record.value
         elif record.kind == RETEST:
             out.retest.add(commit)
             # A retest starts a new round: earlier assignments are history.

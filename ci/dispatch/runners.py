@@ -148,7 +148,7 @@ class RunnerRegistry:
     def _adopt(self, runner: Runner, commit: str, token: str | None) -> None:
         """A runner that is still running a commit we would otherwise run
         again keeps it, if it proves the assignment with its token."""
-        work = self._work(commit)
+        work = self._work(commit, token)
         a = work.assignments.get(token or "") if work else None
         if a is None or (a.name and a.name != runner.name):
             return
@@ -160,7 +160,7 @@ class RunnerRegistry:
         elif work.state is not WorkState.HELD:
             return
         job = Job(commit, a.token, runner.key, runner.address, time.monotonic(), runner.name,
-                  request=self._request(work))
+                  request=self._request(work), key=work.key)
         work.move(WorkState.RUNNING)
         work.job = job
         runner.set(RUNNING, job)
@@ -175,7 +175,7 @@ class RunnerRegistry:
             return
         self.shard_queue.remove((work.key, index))
         job = Job(work.commit, a.token, runner.key, runner.address, time.monotonic(),
-                  runner.name, index, shard_set.total, self._request(work, index))
+                  runner.name, index, shard_set.total, self._request(work, index), work.key)
         shard_set.running[index] = job
         runner.set(RUNNING, job)
         log.info("runner %s is still running shard %d/%d of %s; adopted", runner.key, index,

@@ -19,7 +19,7 @@ from ci import state_schema
 from ci.dispatch.runners import PingReply, Runner, Traits
 from ci.dispatch.state import DispatcherState
 from ci.dispatch.work import Job
-from ci.dispatch.journal import BRANCH_RE, parse_meta_line, TOKEN_RE
+from ci.dispatch.journal import BRANCH_RE, parse_meta_line, split_key, TOKEN_RE
 from ci.config import ConfigError
 from ci.outcome import Outcome
 from ci.security import Security
@@ -43,29 +43,39 @@ MAX_RUNNER_LIMIT = 7 * 24 * 3600.0
 
 
 
-def commit_list(message: Message, command: str) -> list[str]:
-    """The full commit ids of a ``dispatch`` or ``retest``; Reply if any is bad."""
+def commit_list(message: Message, command: str, cells: bool = False) -> list[str]:
+    """The full commit ids of a ``dispatch`` or ``retest`` (``cells``: or
+    ``<commit>:<cell>``, one cell of a matrix); Reply if any is bad."""
     commits = message.argument.split()
     if not commits or len(commits) > MAX_COMMITS_PER_DISPATCH:
         raise Reply(f"usage: {command}:<commit> [<commit> ...] (1 to "
                     f"{MAX_COMMITS_PER_DISPATCH} full ids)")
-    bad = next((c for c in commits if not valid_full_commit(c)), None)
+    bad = next((c for c in commits if not (valid_full_commit(c) or (
+        cells and split_key(c) is not None))), None)
     if bad is not None:
-        raise Reply(f"invalid commit id {bad[:80]!r}: need a full 40- or 64-hex id")
+        raise Reply(f"invalid commit id {bad[:80]!r}: need a full 40- or 64-hex id"
+                    + (" or <commit>:<cell>" if cells else ""))
     return commits
 
 
-def parse_dispatch_body(body: bytes, commits: list[str]) -> dict:
+def parse_dispatch_body(body: bytes, commits: list[str],
+                        max_cells: int = matrix.DEFAULT_MAX_CELLS) -> tuple[dict, dict]:
     """The observer's metadata, one line per commit ``<commit> <previous|->
-    <branch>``; lines for commits not in the command, or that do not
-    parse, are ignored (the commit is still queued, only without them)."""
+    <branch> [cells=<base64 JSON>|error=<base64 reason>]`` (the last field
+    only for a commit whose recipe has a matrix: ci/dispatch/cells.py);
+    lines for commits not in the command, or that do not parse, are
+    ignored (the commit is still queued, as one cell, only without them).
+    Returns (commit -> (branch, previous), commit -> Plan)."""
     wanted = set(commits)
-    meta = {}
+    meta, plans = {}, {}
     for line in body.decode("utf-8", "replace").splitlines()[:MAX_COMMITS_PER_DISPATCH]:
-        parsed = parse_meta_line(line.strip())
+        parts = line.strip().split(" ")
+        parsed = parse_meta_line(" ".join(parts[:3]))
         if parsed and parsed[0] in wanted:
             meta[parsed[0]] = (parsed[2], parsed[1])
-    return meta
+            if len(parts) == 4:
+                plans[parsed[0]] = matrix.decode_plan(parts[3], max_cells)
+    return meta, plans
 
 
 def commit_and_token(message: Message, command: str) -> tuple[str, str]:
@@ -171,7 +181,8 @@ class Dispatcher:
 
     def do_dispatch(self, message: Message, peer: str) -> Message:
         commits = commit_list(message, "dispatch")
-        new = self.state.enqueue(commits, parse_dispatch_body(message.body, commits))
+        meta, plans = parse_dispatch_body(message.body, commits, self.state.max_cells)
+        new = self.state.enqueue(commits, meta, plans)
         log.info("dispatch from %s: %d commit(s), %d new", peer, len(commits), len(new))
         return Message("ok", f"queued {len(new)}")
 
@@ -188,7 +199,7 @@ class Dispatcher:
         return Message("ok", f"fetching on {len(targets)}")
 
     def do_retest(self, message: Message, peer: str) -> Message:
-        commits = commit_list(message, "retest")
+        commits = commit_list(message, "retest", cells=True)
         new = self.state.retest(commits)
         log.info("retest from %s: %d commit(s), %d queued again", peer, len(commits),
                  len(new))
@@ -322,6 +333,7 @@ class Dispatcher:
         started = time.monotonic()
         self.state.expire_jobs(self.job_timeout)
         self.state.release_held()
+        self.state.expire_unroutable()
         runners = self.state.runner_snapshot()
         futures = {self.ping_pool.submit(self._ping, r): r for r in runners}
         for future in concurrent.futures.as_completed(futures):

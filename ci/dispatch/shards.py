@@ -16,7 +16,8 @@ from ci import sharding
 from ci.dispatch.journal import BRANCH_RE, AssignmentRecord, assign_record, shard_record
 from ci.dispatch.runners import RUNNING, Runner
 from ci.outcome import Outcome
-from ci.dispatch.work import Job, Merged, ShardReport, ShardSet, Work, WorkState, new_token
+from ci.dispatch.work import (Job, Merged, ShardReport, ShardSet, Work, WorkKey, WorkState,
+                              new_token)
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +25,15 @@ log = logging.getLogger(__name__)
 class ShardPlanner:
     """Splitting commits over runners; mixed into ``DispatcherState``."""
 
-    def _shard_count(self) -> int:
-        """How many shards the queue's next commit gets: only when more
-        runners are free than commits are queued (a burst goes whole), each
-        queued commit keeping a runner of its own."""
+    def _shard_count(self, work: Work | None = None) -> int:
+        """How many shards ``work`` (from the queue; its head if not said)
+        gets: only when more runners that fit it are free than units are
+        queued (a burst goes whole), each queued unit keeping a runner of
+        its own."""
         if self.max_shards < 2 or not self.queue:
             return 1
-        free = sum(r.free for r in self.runners.values())
+        work = work or self.work[self.queue[0]]
+        free = len(self._fitting(work.cell, free_only=True))
         if free <= len(self.queue):
             return 1
         count = min(self.max_shards, free - len(self.queue) + 1)
@@ -43,15 +46,17 @@ class ShardPlanner:
             count = min(count, max(worth, 1))
         return count
 
-    def _assign_shard(self, runner: Runner, total: int) -> tuple[Job, list[str]]:
-        """Give ``runner`` the next waiting shard, or split the next commit
-        and give it shard 1.  Returns the job and its journal records (the
-        ``S`` record first, before any shard's ``runtest`` is sent)."""
-        if self.shard_queue:
-            key, index = self.shard_queue.popleft()
-            work = self.work[key]
+    def _assign_shard(self, runner: Runner, total: int, key: WorkKey,
+                      index: int) -> tuple[Job, list[str]]:
+        """Give ``runner`` the waiting shard ``index`` of ``key``, or (0)
+        split that queued work and give it shard 1.  Returns the job and
+        its journal records (the ``S`` record first, before any shard's
+        ``runtest`` is sent)."""
+        work = self.work[key]
+        if index:
+            self.shard_queue.remove((key, index))
         else:
-            work = self.work[self.queue.popleft()]
+            self.queue.remove(key)
             work.move(WorkState.SHARDED)
             branch = work.branch if work.branch and BRANCH_RE.fullmatch(work.branch) else None
             work.shards = ShardSet(total, self.durations.encode(),
@@ -61,22 +66,23 @@ class ShardPlanner:
             log.info("commit %s split into %d shards", work.commit[:12], total)
         shard_set = work.shards
         job = Job(work.commit, new_token(), runner.key, runner.address, time.monotonic(),
-                  runner.name, index, shard_set.total, self._request(work, index))
+                  runner.name, index, shard_set.total, self._request(work, index), work.key)
+        self.token_keys[job.token] = work.key
         runner.set(RUNNING, job)
         shard_set.running[index] = job
         shard_set.tokens[job.token] = index
         assignment = AssignmentRecord(job.token, runner.key, runner.name)
         work.assignments[job.token] = assignment
-        records = [assign_record(work.commit, assignment)]
+        records = [assign_record(work.key, assignment)]
         if not shard_set.journalled:
-            records.insert(0, shard_record(work.commit, shard_set.total))
+            records.insert(0, shard_record(work.key, shard_set.total))
         if self.shard_queue:
             self.cond.notify_all()
         return job, records
 
     def _lose_shard(self, job: Job, count: bool) -> None:
         """A shard lost its runner: that shard alone runs again, first."""
-        work = self._work(job.commit)
+        work = self.work.get(job.key)
         shard_set = work.shards if work else None
         if shard_set is None or shard_set.running.get(job.shard) is not job:
             return

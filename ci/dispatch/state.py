@@ -21,24 +21,28 @@ commit invisible to the assignment loop while its file is written).
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import threading
 import time
 
-from ci import jobspec
+from ci import jobspec, matrix, results
 from ci import sharding
-from ci.dispatch.finish import ResultKeeper
+from ci.dispatch.cells import DEFAULT_UNROUTABLE_TIMEOUT, MatrixKeeper, fits
+from ci.matrix import SINGLE_PLAN, Plan
+from ci.dispatch.finish import ResultKeeper, tell_later
 from ci.dispatch.journal import (BRANCH_RE, AssignmentRecord, Journal, assign_record,
-                                 lost_record, meta_record, queue_record, retest_record,
-                                 shard_record)
+                                 cell_record, error_record, key_commit, lost_record,
+                                 meta_record, queue_record, retest_record, shard_record,
+                                 split_key)
 from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, SUSPECT, Runner, RunnerRegistry
 from ci.dispatch.shards import ShardPlanner
 from ci.dispatch.views import StateViews
 from ci.retention.tombstones import TombstoneFile
 from ci.dispatch.work import Job, Meta, Work, WorkKey, WorkState, new_token, work_key
 from ci.history.recent import RecentFailures
-from ci.wire import ProtocolError, Reply, decode_fields, valid_full_commit
+from ci.wire import Reply
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +51,20 @@ TAIL_BYTES = 64 * 1024
 # A retest waits at most this long for the pruner to finish unlinking one
 # of its commits (one batch of unlinks: milliseconds).
 UNLINK_WAIT = 30.0
+# The assignment loop looks this far down the queue for work a free runner
+# fits (cells waiting for other runners may fill its head).
+MAX_SCAN = 5000
 
 
-def meta_from_result(results_dir: str, commit: str) -> Meta | None:
-    """A retest keeps the branch and predecessor the first run had."""
-    try:
-        with open(os.path.join(results_dir, commit), "rb") as handle:
-            head = handle.read(16 * 1024).partition(b"\n\n")[0]
-        fields = decode_fields(head)
-    except (OSError, ProtocolError):
-        return None
-    if "branch" not in fields:
-        return None
-    previous = fields.get("previous")
-    return Meta(fields["branch"], previous if valid_full_commit(previous or "") else None)
+def take(queue: collections.deque, item) -> None:
+    """Remove ``item`` from ``queue``: usually its head."""
+    if queue and queue[0] == item:
+        queue.popleft()
+    else:
+        queue.remove(item)
 
 
-class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
+class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, StateViews):
     """Every attribute is guarded by ``self.cond``.  Methods whose name
     starts with ``_`` expect the caller to hold it; every other method
     takes it itself (``enqueue``, ``retest``, ``journal_and_queue`` and
@@ -82,6 +83,13 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         self.shard_queue: collections.deque[tuple[WorkKey, int]] = collections.deque()
         self.runners: dict = {}
         self.done: set[WorkKey] = set()     # a result file exists
+        # Matrix commits not yet complete: commit -> {cell name: Cell}.
+        self.groups: dict[str, dict[str, matrix.Cell]] = {}
+        # Which work each assignment's token belongs to (a commit's cells
+        # share its id on the wire; the token tells them apart).
+        self.token_keys: dict[str, WorkKey] = {}
+        self.unroutable_timeout = DEFAULT_UNROUTABLE_TIMEOUT
+        self.max_cells = matrix.DEFAULT_MAX_CELLS
         # Pruned by --keep-results: no file, a tombstone (ci/retention/);
         # finished all the same, never queued again but by a retest.
         self.pruned: set[WorkKey] = set()
@@ -109,16 +117,22 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         self.failing_listeners: list = []
 
     # ---- the work table ---------------------------------------------------
-    def _work(self, commit: str) -> Work | None:
-        return self.work.get(work_key(commit))
+    def _work(self, commit: str, token: str | None = None) -> Work | None:
+        """The work of ``commit`` that ``token`` was handed out for (its
+        only cell's without a token or for an unknown one)."""
+        return self.work.get(self._key_of(commit, token))
+
+    def _key_of(self, commit: str, token: str | None) -> WorkKey:
+        key = self.token_keys.get(token) if token else None
+        return key if key is not None and key_commit(key) == commit else work_key(commit)
 
     def state_of(self, commit: str) -> WorkState | None:
         """The state of a commit's work; None if it was never seen."""
         with self.cond:
-            work = self._work(commit)
+            work = self.work.get(WorkKey(commit))
             if work is not None:
                 return work.state
-            return WorkState.DONE if self._finished(work_key(commit)) else None
+            return WorkState.DONE if self._finished(WorkKey(commit)) else None
 
     def _finished(self, key: WorkKey) -> bool:
         """A result file exists, or one was pruned (a tombstone)."""
@@ -158,35 +172,42 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         seconds: their runner, still running them, re-registers within a
         heartbeat and keeps them, so nothing is run twice."""
         with self.cond:
-            self.done = {work_key(name) for name in os.listdir(self.results_dir)
-                         if valid_full_commit(name)}
+            named = (results.split_result_name(n) for n in os.listdir(self.results_dir))
+            self.done = {work_key(*pair) for pair in named if pair}
             if self.tombstones is not None:
                 self.pruned = {work_key(c) for c in self.tombstones.load()} - self.done
             got = self.journal.replay()
             pending = [c for c in got.order
                        if not self._finished(work_key(c)) or c in got.retest]
             deadline = time.monotonic() + grace
-            for commit in pending:
-                self._recover_one(commit, got, grace, deadline)
-            for commit in got.done:
-                for a in got.assigned.get(commit, ()):
-                    self._remember_finished(work_key(commit), a)
+            for key in pending:
+                self._recover_one(key, got, grace, deadline)
+            for key in got.done:
+                for a in got.assigned.get(key, ()):
+                    self._remember_finished(key, a)
+            completed = self._recover_groups(got)
             self.journal.rewrite(self._pending_records())
+            for commit, outcome in completed:
+                tell_later(self.listeners, commit, outcome)
             if pending:
                 log.info("recovered %d commit(s) to test (%d were running; held %.1fs for "
                          "their runners)", len(pending), len(self._in_state(WorkState.HELD)),
                          grace)
 
-    def _recover_one(self, commit: str, got, grace: float, deadline: float) -> None:
-        key = work_key(commit)
+    def _recover_one(self, key: WorkKey, got, grace: float, deadline: float) -> None:
+        commit, cell = split_key(key)
         work = self.work[key] = Work(key, commit, WorkState.QUEUED,
-                                     retest=commit in got.retest, losses=got.lost[commit])
-        if commit in got.meta:
-            work.meta = Meta(*got.meta[commit])
+                                     retest=key in got.retest, losses=got.lost[key],
+                                     cell=got.cells.get(key, matrix.Cell(cell)),
+                                     error=got.errors.get(key))
+        if key in got.meta:
+            work.meta = Meta(*got.meta[key])
         self.done.discard(key)
         self.pruned.discard(key)
-        history = got.assigned.get(commit)
-        if history and commit in got.sharded:
+        history = got.assigned.get(key)
+        for a in history or ():
+            self.token_keys[a.token] = key
+        if history and key in got.sharded:
             # Shard results are kept in memory only: a restart runs
             # the commit again, and late shard results are dropped.
             for a in history:
@@ -207,24 +228,35 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         order = [*running, *self._in_state(WorkState.HELD),
                  *(self.work[k] for k in self.queue), *self._in_state(WorkState.WRITING),
                  *self._in_state(WorkState.SHARDED)]
-        lines = []
+        lines = self._group_records()
         for work in order:
-            lines.append(queue_record(work.commit))
+            lines.extend(self._records_of(work))
             if work.shards is not None:
-                lines.append(shard_record(work.commit, work.shards.total))
-            if work.meta:
-                lines.append(meta_record(work.commit, *work.meta))
+                lines.append(shard_record(work.key, work.shards.total))
             if work.retest:
-                lines.append(retest_record(work.commit))
-            lines.extend(assign_record(work.commit, a) for a in work.assignments.values())
-            lines.extend(lost_record(work.commit) for _ in range(work.losses))
+                lines.append(retest_record(work.key))
+            lines.extend(assign_record(work.key, a) for a in work.assignments.values())
+            lines.extend(lost_record(work.key) for _ in range(work.losses))
+        return lines
+
+    @staticmethod
+    def _records_of(work: Work) -> list[str]:
+        """What queues a unit of work: ``Q``, its cell, its metadata, or
+        the reason it cannot run."""
+        lines = [queue_record(work.key)]
+        if work.cell.name:
+            lines.append(cell_record(work.key, work.cell))
+        if work.error is not None:
+            lines.append(error_record(work.key, work.error))
+        if work.meta:
+            lines.append(meta_record(work.key, *work.meta))
         return lines
 
     # ---- queueing -------------------------------------------------------
     def is_pending(self, commit: str) -> bool:
         """Queued, running or being written: its result is still to come."""
         with self.cond:
-            return work_key(commit) in self.work
+            return work_key(commit) in self.work or commit in self.groups
 
     def pending_commits(self) -> set[str]:
         """Every commit queued, running or being written (a snapshot)."""
@@ -259,7 +291,7 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         return removed
 
     def _mark_unlinking(self, key: WorkKey) -> bool:
-        if key in self.work or key not in self.done:
+        if key in self.work or key in self.groups or key not in self.done:
             return False
         self.done.discard(key)
         self.pruned.add(key)
@@ -282,76 +314,88 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         with self.cond:
             self.pruned.difference_update(work_key(c) for c in commits)
 
-    def _reserve(self, commits: list[str], skip_done: bool) -> list[str]:
-        """New JOURNALLING records for the commits not already pending
-        (nor done, unless a retest); invisible until journalled."""
-        # dict.fromkeys: drops repeats in order, without a quadratic scan.
-        new = [c for c in dict.fromkeys(commits) if work_key(c) not in self.work
-               and not (skip_done and self._finished(work_key(c)))]
-        for commit in new:
-            self.work[work_key(commit)] = Work(work_key(commit), commit)
-        return new
+    def _pending_commit(self, commit: str) -> bool:
+        return work_key(commit) in self.work or commit in self.groups
 
-    def enqueue(self, commits: list[str], meta: dict | None = None) -> list[str]:
-        """Queue new commits durably; return those that were new."""
+    def _reserve(self, commits: list[str], plans: dict[str, Plan]) -> list[Work]:
+        """New JOURNALLING records for the cells of the commits not already
+        pending nor done; invisible until journalled."""
+        # dict.fromkeys: drops repeats in order, without a quadratic scan.
+        new = [c for c in dict.fromkeys(commits) if not self._pending_commit(c)
+               and not self._finished(work_key(c))]
+        works = [w for c in new for w in self._plan_works(c, plans.get(c, SINGLE_PLAN))]
+        for work in works:
+            self.work[work.key] = work
+        return works
+
+    def enqueue(self, commits: list[str], meta: dict | None = None,
+                plans: dict[str, Plan] | None = None) -> list[str]:
+        """Queue new commits durably, one unit of work per cell of each
+        (``plans``: what the observer read of their matrices); return
+        those that were new."""
         meta = meta or {}
         with self.cond:
-            new = self._reserve(commits, skip_done=True)
-        records = []
-        for commit in new:
-            records.append(queue_record(commit))
-            if commit in meta:
-                records.append(meta_record(commit, *meta[commit]))
-        self.journal_and_queue(new, records, {c: Meta(*meta[c]) for c in new if c in meta})
-        return new
+            works = self._reserve(commits, plans or {})
+            for work in works:
+                work.meta = Meta(*meta[work.commit]) if work.commit in meta else None
+            records = [r for w in works for r in self._records_of(w)]
+        self.journal_and_queue(works, records)
+        return list(dict.fromkeys(w.commit for w in works))
 
-    def retest(self, commits: list[str]) -> list[str]:
-        """Queue commits again even if they have a result (a "rebuild" of a
-        flaky run); the new result replaces the file atomically.  A retest
-        is a new round: results carrying an earlier round's token count as
-        duplicates."""
+    def retest(self, targets: list[str]) -> list[str]:
+        """Queue commits (every cell) or single cells (``<commit>:<cell>``)
+        again even if they have a result (a "rebuild" of a flaky run); the
+        new result replaces the file atomically.  A retest is a new round:
+        results carrying an earlier round's token count as duplicates."""
+        pruned = self._pruned_meta(targets)
         with self.cond:
             # Bounded: the pruner holds a commit here for one batch's unlinks.
-            self.cond.wait_for(lambda: not any(work_key(c) in self.unlinking for c in commits),
-                               UNLINK_WAIT)
-            new = self._reserve(commits, skip_done=False)
-        meta = {c: m for c in new if (m := self._retest_meta(c))}
-        records = [r for c in new for r in (queue_record(c), retest_record(c))]
-        records += [meta_record(c, *meta[c]) for c in meta]
-        self.journal_and_queue(new, records, meta, retest=True)
-        return new
+            self.cond.wait_for(lambda: not any(work_key(key_commit(t)) in self.unlinking
+                                               for t in targets), UNLINK_WAIT)
+            works = [w for t in dict.fromkeys(targets)
+                     for w in self._retest_works(t, pruned.get(key_commit(t)))]
+            for work in works:
+                self.work[work.key] = work
+                work.retest = True
+            records = [r for w in works for r in (*self._records_of(w),
+                                                  retest_record(w.key))]
+        self.journal_and_queue(works, records)
+        return list(dict.fromkeys(w.key for w in works))
 
-    def _retest_meta(self, commit: str) -> Meta | None:
-        """The branch and predecessor of the first run: from its result
-        file, or from its tombstone if it was pruned."""
-        meta = meta_from_result(self.results_dir, commit)
-        if meta is None and self.tombstones is not None:
-            found = self.tombstones.find(commit)
-            if found is not None and found.branch:
-                meta = Meta(found.branch, found.previous)
-        return meta
+    def _pruned_meta(self, targets: list[str]) -> dict[str, Meta]:
+        """Branch and predecessor of the pruned commits among ``targets``,
+        from their tombstones, read before the lock is taken (the file may
+        be long); a commit with a result file reads it there instead."""
+        found = {}
+        if self.tombstones is None:
+            return found
+        for commit in dict.fromkeys(key_commit(t) for t in targets):
+            if not os.path.exists(os.path.join(self.results_dir, commit)):
+                stone = self.tombstones.find(commit)
+                if stone is not None and stone.branch:
+                    found[commit] = Meta(stone.branch, stone.previous)
+        return found
 
-    def journal_and_queue(self, commits: list[str], records: list[str], meta: dict,
-                          retest: bool = False) -> None:
+    def journal_and_queue(self, works: list[Work], records: list[str]) -> None:
         """The second half of ``enqueue`` and ``retest``: fsync the records
-        outside the lock (nothing else waits on it, and the commits are
-        JOURNALLING, invisible, until it is done), then queue them."""
+        outside the lock (nothing else waits on it, and the work is
+        JOURNALLING, invisible, until it is done), then queue it (or, for
+        a commit whose matrix could not be read, write its verdict)."""
         try:
             self.journal.append(records, sync=True)
         except BaseException:
             with self.cond:
-                for commit in commits:
-                    del self.work[work_key(commit)]
+                for work in works:
+                    del self.work[work.key]
             raise
         with self.cond:
-            for commit in commits:
-                work = self._work(commit)
-                work.meta = meta.get(commit, work.meta)
-                if retest:
+            for work in works:
+                if work.retest:
                     self.done.discard(work.key)
                     self.pruned.discard(work.key)
-                    work.retest = True
                 self._to_queue(work, head=False)
+                if work.error is not None:
+                    self._write_error(work, work.error)
 
     # ---- assignment ------------------------------------------------------
     def next_assignment(self) -> Job | None:
@@ -360,14 +404,15 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         assignment is journalled before it is returned to be sent."""
         while True:
             with self.cond:
-                runner = self._wait_for_work()
-                if runner is None:
+                pick = self._wait_for_work()
+                if pick is None:
                     return None
-                shards = 1 if self.shard_queue else self._shard_count()
-                if self.shard_queue or shards > 1:
-                    job, records = self._assign_shard(runner, shards)
+                runner, key, shard = pick
+                shards = 1 if shard else self._shard_count(self.work[key])
+                if shard or shards > 1:
+                    job, records = self._assign_shard(runner, shards, key, shard)
                 else:
-                    job, records = self._assign_whole(runner)
+                    job, records = self._assign_whole(runner, key)
             try:
                 self.journal.append(records, sync=False)
             except OSError:
@@ -378,36 +423,56 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
                 self.cond_wait_a_bit()
                 continue
             with self.cond:
-                work = self._work(job.commit)
+                work = self.work.get(job.key)
                 if job.shards and work and work.shards:
                     work.shards.journalled = True
             return job
 
-    def _wait_for_work(self) -> Runner | None:
-        """A free runner once there is work for it; None when stopping."""
+    def _wait_for_work(self) -> tuple[Runner, WorkKey, int] | None:
+        """(a free runner, the work it is to take, the waiting shard of it
+        or 0) once there is work some free runner can take; None when
+        stopping."""
         while not self.stopping:
             if self.queue or self.shard_queue:
-                runner = next((r for r in self.runners.values() if r.free), None)
-                if runner:
-                    return runner
+                pick = self._pick()
+                if pick:
+                    return pick
             self.cond.wait()
         return None
 
-    def _assign_whole(self, runner: Runner) -> tuple[Job, list[str]]:
-        work = self.work[self.queue.popleft()]
+    def _pick(self) -> tuple[Runner, WorkKey, int] | None:
+        """Waiting shards first, then the queue, in order: the first that a
+        free runner fits (a cell goes only to a runner with its labels)."""
+        free = [r for r in self.runners.values() if r.free]
+        if not free:
+            return None
+        for key, index in self.shard_queue:
+            runner = next((r for r in free if fits(r.traits, self.work[key].cell)), None)
+            if runner:
+                return runner, key, index
+        for key in itertools.islice(self.queue, MAX_SCAN):
+            runner = next((r for r in free if fits(r.traits, self.work[key].cell)), None)
+            if runner:
+                return runner, key, 0
+        return None
+
+    def _assign_whole(self, runner: Runner, key: WorkKey) -> tuple[Job, list[str]]:
+        take(self.queue, key)
+        work = self.work[key]
         job = Job(work.commit, new_token(), runner.key, runner.address, time.monotonic(),
-                  runner.name, request=self._request(work))
+                  runner.name, request=self._request(work), key=work.key)
         work.move(WorkState.RUNNING)
         work.job = job
         runner.set(RUNNING, job)
         assignment = AssignmentRecord(job.token, runner.key, runner.name)
         work.assignments[job.token] = assignment
-        return job, [assign_record(work.commit, assignment)]
+        self.token_keys[job.token] = work.key
+        return job, [assign_record(work.key, assignment)]
 
     def _unassign(self, job: Job) -> None:
         """Take back an assignment that could not be journalled."""
         with self.cond:
-            work = self._work(job.commit)
+            work = self.work.get(job.key)
             if work:
                 work.assignments.pop(job.token, None)
             if self._is_current(job):
@@ -431,10 +496,11 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         first = shard_set.first if shard_set else self.recent_failures.for_branch(branch)
         return jobspec.encode(branch, jobspec.trusted_branch(branch, self.trusted_branches),
                               (index, shard_set.total) if shard_set else None,
-                              shard_set.table if shard_set else b"", failing_first=first)
+                              shard_set.table if shard_set else b"", failing_first=first,
+                              cell=work.cell)
 
     def _is_current(self, job: Job) -> bool:
-        work = self._work(job.commit)
+        work = self.work.get(job.key)
         if work is None:
             return False
         if job.shards:
@@ -479,7 +545,7 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
     def release(self, commit: str, token: str, name: str | None = None) -> bool:
         """A runner that is stopping hands its job back unrun."""
         with self.cond:
-            work = self._work(commit)
+            work = self._work(commit, token)
             job = work.current_job(token) if work else None
             if not job:
                 raise Reply(f"release of {commit[:12]} refused: not the current assignment")
@@ -493,7 +559,7 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
 
     def progress(self, commit: str, token: str, name: str | None, data: bytes) -> None:
         with self.cond:
-            work = self._work(commit)
+            work = self._work(commit, token)
             job = work.current_job(token) if work else None
             if not job or (name is not None and job.name != name):
                 raise Reply(f"progress for {commit[:12]} refused: not the current assignment")
@@ -508,7 +574,7 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
         for this commit's run (a second shard's, or a resend, changes
         nothing), when the early listeners are told (outside the lock)."""
         with self.cond:
-            work = self._work(commit)
+            work = self._work(commit, token)
             job = work.current_job(token) if work else None
             if not job or (name is not None and job.name != name):
                 raise Reply(f"failing for {commit[:12]} refused: not the current assignment")
@@ -530,10 +596,16 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, StateViews):
     def log_tail(self, commit: str) -> bytes | None:
         """The live output of a running commit; None when it is not running."""
         with self.cond:
-            work = self._work(commit)
-            if work is None or (work.state is not WorkState.RUNNING and work.shards is None):
+            live = [w for w in (self.work.get(k) for k in self._keys_of(commit))
+                    if w and (w.state is WorkState.RUNNING or w.shards is not None)]
+            if not live:
                 return None
-            return bytes(work.tail)
+            return b"".join(bytes(w.tail) for w in live)
+
+    def _keys_of(self, commit: str) -> list[WorkKey]:
+        """Every key of a commit's work: its only cell's, or its cells'."""
+        cells = self.groups.get(commit)
+        return [work_key(commit, n) for n in cells] if cells else [work_key(commit)]
 
     def stop(self) -> None:
         with self.cond:

@@ -23,23 +23,40 @@ class StateViews:
         with self.cond:
             running = sum(w.state in (WorkState.RUNNING, WorkState.HELD)
                           or w.shards is not None for w in self.work.values())
-            return {"queued": len(self.queue), "running": running,
-                    "runners": len(self.runners),
-                    "idle_runners": sum(r.free for r in self.runners.values()),
-                    "done": len(self.done), "completed": self.completed,
-                    "pruned": len(self.pruned)}
+            status = {"queued": len(self.queue), "running": running,
+                      "runners": len(self.runners),
+                      "idle_runners": sum(r.free for r in self.runners.values()),
+                      "done": len(self.done), "completed": self.completed,
+                      "pruned": len(self.pruned)}
+            waiting = self._unroutable()
+            if waiting:
+                # Cells no registered runner can take: how many, and why
+                # the first waits (every reason is in ``state``).
+                status["waiting"] = len(waiting)
+                status["waiting_for"] = f"{waiting[0][0].key}: {waiting[0][1]}"
+            return status
 
     def describe(self) -> bytes:
         """The ``state`` reply: queue, running jobs, held commits and
         runners as JSON."""
         now = time.monotonic()
         with self.cond:
-            def branch(commit):
-                work = self._work(commit)
+            def branch(job):
+                work = self.work.get(job.key)
                 return work.branch if work else None
 
-            def failing(commit):
-                work = self._work(commit)
+            def cell(job) -> str | None:
+                work = self.work.get(job.key)
+                return work.cell.name or None if work else None
+
+            def queued(i: int, key) -> state_schema.QueueEntry:
+                work = self.work[key]
+                return state_schema.QueueEntry(work.commit, work.branch, i + 1,
+                                               work.cell.name or None,
+                                               self._waiting_reason(work))
+
+            def failing(job):
+                work = self.work.get(job.key)
                 return work.failing[0] if work and work.failing else None
 
             def called(key: str, key_name: str | None) -> str:
@@ -53,14 +70,14 @@ class StateViews:
                 return r.occupied_with if r.occupied_with not in (None, "unknown") else None
 
             state = state_schema.State(
-                queue=[state_schema.QueueEntry(self.work[k].commit, self.work[k].branch, i + 1)
-                       for i, k in enumerate(itertools.islice(self.queue, 500))],
+                queue=[queued(i, k) for i, k in enumerate(itertools.islice(self.queue, 500))],
                 running=[state_schema.RunningJob(
-                    j.commit, branch(j.commit), called(j.runner, j.name),
+                    j.commit, branch(j), called(j.runner, j.name),
                     round(now - j.started, 1), f"{j.shard}/{j.shards}" if j.shards else None,
-                    failing=failing(j.commit))
+                    cell(j), failing=failing(j))
                     for j in self._live_jobs()],
-                held=[state_schema.HeldCommit(w.commit, w.branch, w.held_by)
+                held=[state_schema.HeldCommit(w.commit, w.branch, w.held_by,
+                                              w.cell.name or None)
                       for w in self._held()],
                 runners=[state_schema.RunnerInfo(called(r.key, r.name), r.key, r.state,
                                                  busy_with(r), sorted(r.traits.labels),

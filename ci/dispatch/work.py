@@ -1,8 +1,11 @@
 """One record per unit of work, in exactly one state.
 
-Today a unit of work is a commit: one round of testing it, whole or split
-into shards.  The record is keyed by a ``WorkKey`` (today the commit id;
-a matrix cell or a merge-queue entry would make a key of its own), so the
+A unit of work is one cell of a commit (ci/matrix.py): one round of
+testing it, whole or split into shards.  A commit without a matrix has
+one cell, named "", and its record is keyed by the commit id alone, as
+before matrices; a matrix cell's key is ``<commit>:<cell>``.  The
+dispatcher asks a record what state it is in instead of which of a dozen
+containers holds it (a merge-queue entry could make a key of its own).  The
 dispatcher asks a record what state it is in instead of which of a dozen
 containers holds it.  Which state may follow which is the table
 ``TRANSITIONS``; ``Work.move`` refuses any other step, so a slip in the
@@ -20,15 +23,17 @@ import enum
 import secrets
 from typing import NamedTuple, NewType
 
-from ci.dispatch.journal import AssignmentRecord
+from ci import matrix
+from ci.dispatch.journal import AssignmentRecord, make_key
 from ci.outcome import Outcome
 
 WorkKey = NewType("WorkKey", str)
 
 
-def work_key(commit: str) -> WorkKey:
-    """The key of a commit's work (one unit per commit, today)."""
-    return WorkKey(commit)
+def work_key(commit: str, cell: str = "") -> WorkKey:
+    """The key of a commit's work: the commit id for its only cell,
+    ``<commit>:<cell>`` for a matrix cell."""
+    return WorkKey(make_key(commit, cell))
 
 
 def new_token() -> str:
@@ -90,6 +95,11 @@ class Job:
     shard: int = 0              # 1..shards for one shard of a sharded commit
     shards: int = 0             # 0: the whole commit
     request: bytes = b""        # the ``runtest`` body: branch, trust, a shard's spec
+    key: WorkKey | None = None  # its work's (set from commit when not given)
+
+    def __post_init__(self) -> None:
+        if self.key is None:
+            self.key = work_key(self.commit)
 
 
 @dataclasses.dataclass
@@ -144,6 +154,12 @@ class Work:
     failing: tuple[str, float] | None = None
     held_by: str | None = None      # HELD: the runner key that ran it at the crash
     held_until: float = 0.0         # HELD: when it is queued without its runner
+    cell: matrix.Cell = matrix.SINGLE   # which cell of its commit
+    # Why it cannot run: the observer could not read its matrix (its
+    # ``error`` verdict is written instead of a run).
+    error: str | None = None
+    # QUEUED with no registered runner that could take it: since when.
+    unroutable_since: float | None = None
 
     def move(self, to: WorkState) -> None:
         """Change state; TransitionError for a step the table forbids."""
@@ -151,6 +167,11 @@ class Work:
             raise TransitionError(f"{self.commit[:12]}: {self.state.value} -> {to.value} "
                                   "is not a transition")
         self.state = to
+
+    @property
+    def short(self) -> str:
+        """How logs name it: the short commit id, and its cell if any."""
+        return f"{self.commit[:12]}:{self.cell.name}" if self.cell.name else self.commit[:12]
 
     @property
     def branch(self) -> str | None:

@@ -16,7 +16,8 @@ import os
 import time
 
 from ci.notify.decider import Decision
-from ci.wire import encode_fields, one_line
+from ci import results
+from ci.wire import encode_fields, one_line, valid_full_commit
 
 # The result header passed on stdin and stored with each event.
 MAX_HEADER = 8 * 1024
@@ -95,6 +96,9 @@ def event_text(event: dict) -> str:
     template = TEXTS.get(event["event"], TEXTS["failed"])
     text = template.format(branch=event["branch"], about=about, counts=counts,
                            tests=event["tests"])
+    for key, said in (("broken_cells", "broken"), ("fixed_cells", "fixed")):
+        if event.get(key):
+            text += f" (cells {said}: {', '.join(event[key])})"
     if event["retest"]:
         text = f"retest: {text} (was {event['previous_verdict']})"
     if event["url"]:
@@ -127,6 +131,7 @@ def build_event(decision: Decision, results_dir: str, dashboard_url: str | None,
         "url": commit_url(dashboard_url, result.commit),
         "created": time.time() if now is None else now,
     }
+    event.update(cell_changes(fields, _previous_cells(results_dir, result.previous)))
     event["text"] = event_text(event)
     header = {"commit": result.commit}
     header.update((k, v) for k, v in fields.items() if k != "commit")
@@ -135,6 +140,34 @@ def build_event(decision: Decision, results_dir: str, dashboard_url: str | None,
     return event
 
 
+def parse_cells(text: str) -> dict[str, str]:
+    """A result header's ``cells`` field: ``<cell>=<verdict> ...``."""
+    pairs = (part.partition("=") for part in str(text or "").split())
+    return {name: verdict for name, sep, verdict in pairs if sep and name}
+
+
+def _previous_cells(results_dir: str, previous: str | None) -> dict[str, str]:
+    if not previous or not valid_full_commit(previous):
+        return {}
+    header = results.read_header(os.path.join(results_dir, previous)) or {}
+    return parse_cells(header.get("cells", ""))
+
+
+def cell_changes(fields: dict, before: dict[str, str]) -> dict:
+    """For a matrix commit: its cells that fail where the previous commit's
+    passed (or had no such cell) and those that pass where it failed;
+    nothing for a commit without cells."""
+    now = parse_cells(fields.get("cells", ""))
+    if not now:
+        return {}
+    broken = [n for n, v in now.items() if v != "passed" and before.get(n, "passed") == "passed"]
+    fixed = [n for n, v in now.items() if v == "passed" and before.get(n, "passed") != "passed"]
+    return {"cells": " ".join(f"{n}={v}" for n, v in now.items()),
+            "broken_cells": broken, "fixed_cells": fixed}
+
+
+# Sent only for a matrix commit (its result has cells).
+CELL_KEYS = ("cells", "broken_cells", "fixed_cells")
 PAYLOAD_KEYS = ("id", "event", "branch", "commit", "previous", "verdict", "previous_verdict",
                 "retest", "subject", "author", "tests", "failures", "errors", "reason",
                 "result_file", "url", "text")
@@ -145,6 +178,7 @@ EVENT_KEYS = frozenset(PAYLOAD_KEYS) | {"created", "header", "targets"}
 def webhook_body(event: dict) -> bytes:
     """The JSON a webhook is POSTed: the payload keys, ``created`` in UTC."""
     payload = {key: event[key] for key in PAYLOAD_KEYS}
+    payload.update((key, event[key]) for key in CELL_KEYS if key in event)
     payload["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event["created"]))
     return json.dumps(payload, ensure_ascii=False).encode("utf-8")
 
@@ -169,6 +203,10 @@ def command_environment(event: dict, base: dict) -> dict:
              "CI_RESULT_FILE": event["result_file"], "CI_TEXT": event["text"]}
     if event["url"]:
         facts["CI_URL"] = event["url"]
+    if "cells" in event:
+        facts.update(CI_CELLS=event["cells"],
+                     CI_BROKEN_CELLS=" ".join(event.get("broken_cells", ())),
+                     CI_FIXED_CELLS=" ".join(event.get("fixed_cells", ())))
     env.update({k: one_line(v, 2000) for k, v in facts.items()})
     return env
 

@@ -8,7 +8,10 @@ Pure of any daemon state: each function is one git question."""
 from __future__ import annotations
 
 import logging
-from ci.git import GitError, run_git
+
+from ci import matrix
+from ci.git import GitError, read_blobs, run_git
+from ci.runner import recipe
 from ci.wire import valid_full_commit
 
 log = logging.getLogger(__name__)
@@ -70,15 +73,44 @@ def first_parent(repo: str, commit: str) -> str | None:
     return parent if valid_full_commit(parent) else None
 
 
-def dispatch_body(commits: list[str], previous: str | None, branch: str) -> bytes:
+def dispatch_body(commits: list[str], previous: str | None, branch: str,
+                  plans: dict[str, str] | None = None) -> bytes:
     """One ``<commit> <previous|-> <branch>`` line per commit: what the
     dispatcher needs to judge each commit against the one before it on its
-    branch (broke / fixed)."""
+    branch (broke / fixed); and for a commit whose recipe has a build
+    matrix, its cells (``plan_field``) as a fourth field."""
     lines = []
     for commit in commits:
-        lines.append(f"{commit} {previous or '-'} {branch}")
+        extra = (plans or {}).get(commit)
+        lines.append(f"{commit} {previous or '-'} {branch}" + (f" {extra}" if extra else ""))
         previous = commit
     return ("\n".join(lines) + "\n").encode()
+
+
+def plan_fields(repo: str, commits: list[str]) -> dict[str, str]:
+    """``plan_field`` of each commit, their recipes read by one git process
+    (``git cat-file --batch`` of ``<commit>:.ci.ini``)."""
+    blobs = read_blobs(repo, [f"{c}:{recipe.RECIPE_FILE}" for c in commits])
+    return {c: plan_field(blobs[f"{c}:{recipe.RECIPE_FILE}"]) for c in commits}
+
+
+def plan_field(blob: bytes | None) -> str:
+    """The dispatch line's matrix field for a commit whose ``.ci.ini`` is
+    ``blob`` (None: it has none): "" without a matrix, its cells, or the
+    reason its matrix cannot be used (the dispatcher writes that as the
+    commit's ``error`` verdict).  A recipe that does not parse at all is
+    left to the runner, which reports it as it always has; the dispatcher
+    applies its --max-cells."""
+    if blob is None:
+        return ""
+    text = blob.decode("utf-8", "surrogateescape")
+    try:
+        cells = matrix.expand(text, max_cells=matrix.MAX_CELLS_LIMIT)
+    except recipe.RecipeError:
+        return ""
+    except matrix.MatrixError as exc:
+        return matrix.encode_plan(matrix.Plan((), f"{recipe.RECIPE_FILE}: {exc}"))
+    return matrix.encode_plan(matrix.Plan(tuple(cells)))
 
 
 # update_repo.sh's listing read at most (a line per branch: 2 MiB is ~20,000).

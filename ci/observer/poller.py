@@ -20,7 +20,7 @@ from ci.git import GitError, script_path
 from ci.security import Security
 from ci.wire import Message, ProtocolError, encode_fields, format_address
 from ci.observer.commits import (MAX_LISTING, dispatch_body, first_parent, new_commits,
-                                 own_commits, parse_heads)
+                                 own_commits, parse_heads, plan_fields)
 from ci.observer.state import ObserverState
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,9 @@ class Observer:
         for start in range(0, len(commits), BATCH):
             batch = commits[start:start + BATCH]
             log.debug("dispatching %d commit(s) of %s", len(batch), branch)
+            plans = plan_fields(self.repo, batch)
             reply = helpers.call(self.dispatcher, "dispatch", " ".join(batch),
-                                 dispatch_body(batch, previous, branch),
+                                 dispatch_body(batch, previous, branch, plans),
                                  security=self.security, reply_timeout=30)
             if reply.command != "ok":
                 raise DispatcherRefused(f"dispatch refused: {reply.argument}")

@@ -10,12 +10,13 @@ import os
 
 import pytest
 
-from support.cluster import FAILING_TEST, git, wait_until
+import helpers
+from support.cluster import FAILING_TEST, Fleet, git, wait_until
 from support.dashboard import EVIL, LONG_ID, commit_id, write_history
 from ci.history import store
 from ci.history.queries import HistoryReader, Unavailable
 from ci.outcome import Outcome
-from ci.results import FAILED, PASSED, TestRecord
+from ci.results import FAILED, PASSED, TestRecord, format_junit
 
 BROKEN = "test_broken.TestBroken.test_wrong"
 SAMPLE = "test_sample.TestSample.test_ok"
@@ -118,3 +119,33 @@ def test_dashboard_without_a_history_says_so(results, dashboards, tmp_path):
     status, _, body = dash.get("/tests")
     assert status == 503 and b"no test history" in body
     assert dash.get("/")[0] == 200
+
+
+def test_no_test_history_writes_no_store(cluster):
+    """``--no-test-history``: results land (file and XML) and no store is
+    written; started again without it, the dispatcher catches the store up
+    from those files."""
+    cluster.start_dispatcher("--no-test-history")
+    fleet = cluster.fleet = Fleet(1)
+    cluster.closers.append(fleet)
+    fleet.register(cluster.dispatcher_port)
+    commit = commit_id(5)
+    address = ("127.0.0.1", cluster.dispatcher_port)
+    reply = helpers.call(address, "dispatch", commit, f"{commit} - main\n".encode())
+    assert reply.command == "ok", reply
+    records = (TestRecord("test_a.T", "test_one", PASSED, 0.1),
+               TestRecord("test_a.T", "test_two", FAILED, 0.2, message="boom"))
+    outcome = Outcome({"verdict": "failed", "runner": fleet.runners[0].key}, b"out\n",
+                      records, format_junit(list(records), name=commit))
+    reply = helpers.call(address, "results", f"{commit} {fleet.token(commit)}",
+                         outcome.to_body())
+    assert (reply.command, reply.argument) == ("ok", "stored")
+    assert cluster.result(commit)["failures"] == "1"
+    assert os.path.exists(os.path.join(cluster.results, commit + ".xml"))
+    path = os.path.join(cluster.state, store.FILE_NAME)
+    assert not os.path.exists(path)
+
+    cluster.daemons[0].stop()
+    cluster.start_dispatcher()
+    wait_until(lambda: outcomes(history_of(cluster), "test_a.T.test_two") == [FAILED], 15,
+               what="the catch-up")

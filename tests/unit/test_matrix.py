@@ -6,6 +6,7 @@ verdict), never another exception and never a silently lost cell."""
 from __future__ import annotations
 
 import itertools
+import subprocess
 
 import pytest
 from hypothesis import given, settings
@@ -173,3 +174,41 @@ def test_any_text_is_cells_or_a_reason(text):
     except (MatrixError, recipe.RecipeError):
         return
     assert cells and all(isinstance(c, Cell) for c in cells)
+
+
+def test_the_observer_reads_the_commits_recipe(tmp_path):
+    """ci/observer/commits.plan_fields on a real repository (one git
+    process for them all): no recipe, a recipe without a matrix, a matrix,
+    a bad matrix (the commit's error), a recipe that does not parse (left
+    to the runner, as before), a .ci.ini that is a folder."""
+    from ci.observer.commits import dispatch_body, plan_fields
+    repo = str(tmp_path / "repo")
+    subprocess.run(["git", "init", "-q", repo], check=True)
+
+    def commit(text):
+        if text is not None:
+            (tmp_path / "repo" / ".ci.ini").write_text(text)
+        subprocess.run(["git", "-C", repo, "add", "-A"], check=True)
+        subprocess.run(["git", "-C", repo, "-c", "user.name=t", "-c", "user.email=t@t",
+                        "commit", "-q", "--allow-empty", "-m", "c"], check=True)
+        return subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], check=True,
+                              capture_output=True, text=True).stdout.strip()
+    none = commit(None)
+    plain = commit("[ci]\ntest = python -m pytest\n")
+    cells = commit("[ci]\nmatrix_python = 3.9 3.12\n")
+    bad = commit("[ci]\nmatrix_python =\n")
+    broken = commit("not a recipe\n")
+    (tmp_path / "repo" / ".ci.ini").unlink()
+    (tmp_path / "repo" / ".ci.ini").mkdir()
+    (tmp_path / "repo" / ".ci.ini" / "x").write_text("x\n")
+    folder = commit(None)
+    plan = plan_fields(repo, [none, plain, cells, bad, broken, folder])
+    assert plan[none] == plan[plain] == plan[broken] == plan[folder] == ""
+    sent = matrix.decode_plan(plan[cells], 64)
+    assert [c.name for c in sent.cells] == ["py3.9", "py3.12"] and sent.error is None
+    assert matrix.decode_plan(plan[bad], 64).error == \
+        ".ci.ini: matrix_python: the axis is empty"
+    assert plan_fields(repo, []) == {}
+    body = dispatch_body([cells, none], None, "main", {cells: plan[cells]})
+    first, second = body.decode().splitlines()
+    assert first.startswith(f"{cells} - main cells=") and second == f"{none} {cells} main"

@@ -26,3 +26,20 @@ def test_event_text_and_payload():
                                       "CI_EVENT": "forged", "API_TOKEN": "t"})
     assert env["CI_EVENT"] == "broken" and env["CI_SUBJECT"] == "Break it"
     assert "CI_SECRET" not in env and "API_TOKEN" not in env and env["PATH"] == "/bin"
+
+
+def test_a_matrix_commits_event_names_the_cells_that_broke_or_were_fixed(tmp_path):
+    (tmp_path / cid(0)).write_bytes(b"verdict: failed\ncells: py3.9=passed py3.12=failed\n\n")
+    result = Result(cid(1), "main", cid(0), "failed",
+                    {"tests": "6", "failures": "1", "errors": "0",
+                     "cells": "py3.9=failed py3.12=passed py3.13=passed"})
+    event = build_event(Decision(result, "still-failing", "failed", 1, False, True),
+                        str(tmp_path), None, ["command"])
+    assert (event["broken_cells"], event["fixed_cells"]) == (["py3.9"], ["py3.12"])
+    assert event["text"].endswith("(cells broken: py3.9) (cells fixed: py3.12)")
+    assert json.loads(webhook_body(event))["broken_cells"] == ["py3.9"]
+    env = command_environment(event, {})
+    assert (env["CI_BROKEN_CELLS"], env["CI_FIXED_CELLS"]) == ("py3.9", "py3.12")
+    plain = build_event(Decision(Result(cid(2), "main", cid(1), "passed", {"tests": "1"}),
+                                 "passed", None, 1, False, True), str(tmp_path), None, [])
+    assert "broken_cells" not in plain and "cells" not in json.loads(webhook_body(plain))

@@ -1,0 +1,211 @@
+"""Matrix cells in the dispatcher's state (ci/dispatch/cells.py, in
+process): one unit of work per cell, routed by labels (exclusive runners
+too), a cell no runner can take waiting with its reason and then given
+``error``, the commit's own result (worst cell, ``cells:``) beside the
+cells' files, a retest of one cell or of the commit, and a restart with
+cells half done testing every cell exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from ci import jobspec, matrix, results
+from ci.dispatch import server
+from ci.dispatch.journal import Journal
+from ci.dispatch.runners import Traits
+from ci.dispatch.state import DispatcherState
+from ci.outcome import Outcome
+from ci.wire import Message, Reply
+
+X, Y = "1" * 40, "2" * 40
+RECIPE = "[ci]\nmatrix_python = 3.9 3.12 3.13\nmatrix_db = pg\n"
+PLAN = matrix.Plan(tuple(matrix.expand(RECIPE)))
+NAMES = ["py3.9-dbpg", "py3.12-dbpg", "py3.13-dbpg"]
+
+
+def runner(port: int, *labels: str, exclusive: bool = False):
+    return ("127.0.0.1", port), Traits(None, frozenset(labels), exclusive)
+
+
+@pytest.fixture
+def make_state(tmp_path):
+    made = []
+
+    def make(grace=0.0):
+        folder = tmp_path / "results"
+        folder.mkdir(exist_ok=True)
+        state = DispatcherState(str(folder), Journal(str(tmp_path / "journal")), 3)
+        state.unroutable_timeout = 5.0
+        state.recover(grace)
+        made.append(state)
+        return state
+    yield make
+    for state in made:
+        state.journal.close()
+
+
+def register(state, *specs):
+    for i, (address, traits) in enumerate(specs):
+        state.register(address, f"i{address[1]}", None, traits=traits)
+
+
+def finish(state, job, verdict="passed"):
+    return state.record_result(job.commit, job.token, None,
+                               Outcome({"verdict": verdict, "tests": 2}, b"out\n"))
+
+
+def take(state):
+    """Every job the state hands out now, without blocking."""
+    jobs = []
+    for _ in range(100):
+        with state.cond:
+            if state._pick() is None:
+                return jobs
+        jobs.append(state.next_assignment())
+    raise AssertionError("more jobs than a test makes")
+
+
+def test_one_job_per_cell_routed_by_interpreter(make_state):
+    state = make_state()
+    register(state, runner(9001, "python3.12"), runner(9002, "python3.9", "python3.13"),
+             runner(9003, "python3.13"))
+    assert state.enqueue([X], {X: ("main", None)}, {X: PLAN}) == [X]
+    jobs = {jobspec.parse(j.request).cell: j for j in take(state)}
+    assert sorted(jobs) == sorted(NAMES)
+    assert jobs["py3.12-dbpg"].runner == "127.0.0.1:9001"
+    assert jobs["py3.9-dbpg"].runner == "127.0.0.1:9002"
+    spec = jobspec.parse(jobs["py3.13-dbpg"].request)
+    assert (spec.python, spec.env, spec.branch) == ("3.13", {"CI_DB": "pg"}, "main")
+
+
+def test_the_commit_fails_with_its_worst_cell_and_names_it(make_state, tmp_path):
+    state = make_state()
+    register(state, *(runner(9001 + i, "python3.9", "python3.12", "python3.13")
+                      for i in range(3)))
+    told = []
+    state.listeners.append(lambda commit, outcome: told.append((commit, outcome.verdict)))
+    state.enqueue([X], {X: ("main", None)}, {X: PLAN})
+    jobs = {jobspec.parse(j.request).cell: j for j in take(state)}
+    assert finish(state, jobs["py3.12-dbpg"]) and finish(state, jobs["py3.13-dbpg"])
+    assert not os.path.exists(tmp_path / "results" / X) and told == []
+    assert state.is_pending(X)
+    assert finish(state, jobs["py3.9-dbpg"], "failed")
+    header = results.read_header(str(tmp_path / "results" / X))
+    assert header["verdict"] == "failed" and header["branch"] == "main"
+    assert header["cells"] == "py3.9-dbpg=failed py3.12-dbpg=passed py3.13-dbpg=passed"
+    assert header["tests"] == "6" and "py3.9-dbpg (failed)" in header["reason"]
+    cell = results.read_header(str(tmp_path / "results" / f"{X}.cell.py3.9-dbpg"))
+    assert (cell["cell"], cell["python"], cell["axes"], cell["verdict"]) == \
+        ("py3.9-dbpg", "3.9", "db=pg", "failed")
+    assert told == [(X, "failed")] and not state.is_pending(X)
+
+
+def test_labels_and_exclusive_runners(make_state):
+    state = make_state()
+    register(state, runner(9001, "big", "python3.12", exclusive=True))
+    gpu = matrix.Plan(tuple(matrix.expand("[ci]\nmatrix_python = 3.12\nlabels = big\n")))
+    state.enqueue([X])                       # no matrix, no labels
+    assert take(state) == []                 # the exclusive runner ignores it
+    state.enqueue([Y], None, {Y: gpu})
+    (job,) = take(state)
+    assert (job.commit, jobspec.parse(job.request).cell) == (Y, "py3.12")
+    register(state, runner(9002))            # a plain runner takes the plain commit
+    assert [j.commit for j in take(state)] == [X]
+
+
+def test_a_cell_no_runner_can_take_waits_with_its_reason_then_errors(make_state, tmp_path):
+    state = make_state()
+    register(state, runner(9001, "python3.12", "python3.13"),
+             runner(9002, "python3.12", "python3.13"))
+    state.enqueue([X], None, {X: PLAN})
+    assert len(take(state)) == 2
+    status = state.status()
+    assert status["waiting"] == 1
+    assert status["waiting_for"] == f"{X}:py3.9-dbpg: waiting for a runner with python3.9"
+    queue = json.loads(state.describe())["queue"]
+    assert queue == [{"commit": X, "branch": None, "position": 1, "cell": "py3.9-dbpg",
+                      "waiting": "waiting for a runner with python3.9"}]
+    state.expire_unroutable(now=100.0)
+    state.expire_unroutable(now=104.0)
+    assert state.state_of(f"{X}:py3.9-dbpg").value == "queued"
+    state.expire_unroutable(now=105.5)
+    header = results.read_header(str(tmp_path / "results" / f"{X}.cell.py3.9-dbpg"))
+    assert header["verdict"] == "error" and "python3.9" in header["reason"]
+    assert "for 5s" in header["reason"]
+
+
+def test_nothing_expires_while_no_runner_is_registered(make_state):
+    state = make_state()
+    state.enqueue([X])
+    state.expire_unroutable(now=0.0)
+    state.expire_unroutable(now=1000.0)
+    assert state.state_of(X).value == "queued" and "waiting" not in state.status()
+
+
+def test_an_unreadable_matrix_is_the_commits_error(make_state, tmp_path):
+    state = make_state()
+    bad = matrix.Plan((), "matrix_python: the axis is empty")
+    assert state.enqueue([X], {X: ("main", None)}, {X: bad}) == [X]
+    header = results.read_header(str(tmp_path / "results" / X))
+    assert header["verdict"] == "error" and header["reason"] == bad.error
+    assert not state.queue
+
+
+def test_retest_one_cell_then_the_commit(make_state, tmp_path):
+    state = make_state()
+    register(state, *(runner(9001 + i, "python3.9", "python3.12", "python3.13")
+                      for i in range(3)))
+    state.enqueue([X], {X: ("main", None)}, {X: PLAN})
+    for job in take(state):
+        finish(state, job, "failed" if "3.9" in job.request.decode() else "passed")
+    assert state.retest([f"{X}:py3.9-dbpg"]) == [f"{X}:py3.9-dbpg"]
+    (job,) = take(state)
+    assert jobspec.parse(job.request).python == "3.9"
+    finish(state, job)
+    header = results.read_header(str(tmp_path / "results" / X))
+    assert header["verdict"] == "passed" and header["branch"] == "main"
+    assert len(state.retest([X])) == 3 and len(take(state)) == 3
+    with pytest.raises(Reply, match="has no cell"):
+        state.retest([f"{X}:py2.7"])
+
+
+def test_a_restart_with_cells_half_done_tests_each_cell_once(make_state, tmp_path):
+    state = make_state()
+    register(state, *(runner(9001 + i, "python3.9", "python3.12", "python3.13")
+                      for i in range(2)))
+    state.enqueue([X], None, {X: PLAN})
+    first, second = take(state)
+    finish(state, first)
+    state.journal.close()                    # the dispatcher dies; `second` is lost
+    restarted = make_state()
+    register(restarted, *(runner(9101 + i, "python3.9", "python3.12", "python3.13")
+                          for i in range(3)))
+    again = take(restarted)
+    done_cell = jobspec.parse(first.request).cell
+    assert sorted(jobspec.parse(j.request).cell for j in again) == \
+        sorted(n for n in NAMES if n != done_cell)
+    for job in again:
+        finish(restarted, job)
+    header = results.read_header(str(tmp_path / "results" / X))
+    assert header["verdict"] == "passed" and len(header["cells"].split()) == 3
+
+
+def test_the_dispatch_body_carries_plans():
+    line = f"{X} - main {matrix.encode_plan(PLAN)}\n{Y} - dev\n".encode()
+    meta, plans = server.parse_dispatch_body(line, [X, Y])
+    assert meta == {X: ("main", None), Y: ("dev", None)}
+    assert plans[X] == PLAN and Y not in plans
+    _, small = server.parse_dispatch_body(line, [X], max_cells=2)
+    assert "3 cells, more than the 2 allowed" in small[X].error
+    _, broken = server.parse_dispatch_body(f"{X} - main cells=!!\n".encode(), [X])
+    assert "malformed matrix" in broken[X].error
+    error = matrix.encode_plan(matrix.Plan((), "bad recipe"))
+    assert server.parse_dispatch_body(f"{X} - main {error}".encode(), [X])[1][X].error == \
+        "bad recipe"
+    assert matrix.encode_plan(matrix.SINGLE_PLAN) == ""
+    with pytest.raises(Reply):
+        server.commit_list(Message("dispatch", f"{X}:py3.9"), "dispatch")
+    assert server.commit_list(Message("retest", f"{X}:py3.9"), "retest", cells=True)
