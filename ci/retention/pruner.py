@@ -109,9 +109,10 @@ class Pruner:
         doomed = keep.plan(entries, self.rules, time.time(), self.verdicts,
                            self.state.pending_commits())
         # In the folder's own order (ext4 lists a large folder in hash
-        # order): consecutive unlinks then touch the same directory blocks,
-        # a third less kernel time per unlink over 100,000 files than
-        # oldest first.  What is pruned is the plan's whatever the order.
+        # order): consecutive unlinks then touch the same directory blocks
+        # (measured alone over 100,000 pairs: 147 against 238 us per unlink
+        # oldest first; within a whole pass lost in the machine's noise).
+        # What is pruned is the plan's whatever the order.
         doomed.sort(key=position.__getitem__)
         del position
         report = PassReport(results=len(entries))
