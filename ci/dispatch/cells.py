@@ -177,13 +177,15 @@ class MatrixKeeper:
             self.groups[commit] = {c.name: c for c in plan.cells}
         return works
 
-    def _retest_works(self, target: str) -> list[Work]:
-        """The cells a retest of ``target`` runs again (none pending)."""
+    def _retest_works(self, target: str, pruned_meta: Meta | None = None) -> list[Work]:
+        """The cells a retest of ``target`` runs again (none pending);
+        ``pruned_meta``: the branch and predecessor its tombstone keeps,
+        for a commit whose result file was pruned."""
         commit, cell = split_key(target) or (target, "")
         cells = self.groups.get(commit) or cells_from_results(self.results_dir, commit)
         if cell and (cells is None or cell not in cells):
             raise Reply(f"retest of {target[:60]}: {commit[:12]} has no cell {cell!r}")
-        meta = meta_from_result(self.results_dir, commit)
+        meta = meta_from_result(self.results_dir, commit) or pruned_meta
         if cells is None:
             if work_key(commit) in self.work:
                 return []

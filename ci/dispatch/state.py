@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 # Live output kept per running job for ``log``.
 TAIL_BYTES = 64 * 1024
+# A retest waits at most this long for the pruner to finish unlinking one
+# of its commits (one batch of unlinks: milliseconds).
+UNLINK_WAIT = 30.0
 # The assignment loop looks this far down the queue for work a free runner
 # fits (cells waiting for other runners may fill its head).
 MAX_SCAN = 5000
@@ -90,6 +93,8 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
         # Pruned by --keep-results: no file, a tombstone (ci/retention/);
         # finished all the same, never queued again but by a retest.
         self.pruned: set[WorkKey] = set()
+        # Pruned commits whose files are being unlinked (without the lock).
+        self.unlinking: set[WorkKey] = set()
         self.tombstones: TombstoneFile | None = None
         # (key, token) -> AssignmentRecord, for rounds that are over.
         self.finished_tokens: collections.OrderedDict = collections.OrderedDict()
@@ -262,25 +267,52 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
         """Retention (ci/retention/pruner.py): for each commit still
         finished and not pending, ``remove(commit)`` deletes its files and
         it counts as pruned; ``forget(removed)`` is told (it must not
-        block).  Under the lock, so a retest cannot queue a commit between
-        the check and the unlink; one small batch at a time."""
-        removed = []
+        block).  The lock is held only to pick the commits and mark them
+        (pruned and ``unlinking``), not for the unlinks, which can wait on
+        the file system's journal behind every result's fsync; a retest of
+        a commit being unlinked waits until its files are gone, so a new
+        result is never removed."""
         with self.cond:
-            for commit in commits:
-                key = work_key(commit)
-                if key in self.work or key not in self.done:
-                    continue
+            picked = [c for c in commits if self._mark_unlinking(work_key(c))]
+        removed, failed = [], []
+        try:
+            for commit in picked:
                 try:
                     remove(commit)
+                    removed.append(commit)
                 except OSError as exc:
                     log.warning("cannot prune %s: %s", commit[:12], exc)
-                    continue
-                self.done.discard(key)
-                self.pruned.add(key)
-                removed.append(commit)
+                    failed.append(commit)
             if removed:
-                forget(removed)
+                forget(removed)      # before a retest can queue its new run
+        finally:
+            with self.cond:
+                self._unlinked(picked, set(failed) | set(picked[len(removed) + len(failed):]))
         return removed
+
+    def _mark_unlinking(self, key: WorkKey) -> bool:
+        if key in self.work or key in self.groups or key not in self.done:
+            return False
+        self.done.discard(key)
+        self.pruned.add(key)
+        self.unlinking.add(key)
+        return True
+
+    def _unlinked(self, picked: list[str], kept: set[str]) -> None:
+        """The unlinks are over; a commit whose file stays is done again."""
+        for commit in picked:
+            key = work_key(commit)
+            self.unlinking.discard(key)
+            if commit in kept:
+                self.pruned.discard(key)
+                self.done.add(key)
+        self.cond.notify_all()
+
+    def forget_pruned(self, commits) -> None:
+        """Tombstones trimmed from the file: their commits are forgotten
+        here too, so the set stays as bounded as the file."""
+        with self.cond:
+            self.pruned.difference_update(work_key(c) for c in commits)
 
     def _pending_commit(self, commit: str) -> bool:
         return work_key(commit) in self.work or commit in self.groups
@@ -315,8 +347,13 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
         again even if they have a result (a "rebuild" of a flaky run); the
         new result replaces the file atomically.  A retest is a new round:
         results carrying an earlier round's token count as duplicates."""
+        pruned = self._pruned_meta(targets)
         with self.cond:
-            works = [w for t in dict.fromkeys(targets) for w in self._retest_works(t)]
+            # Bounded: the pruner holds a commit here for one batch's unlinks.
+            self.cond.wait_for(lambda: not any(work_key(key_commit(t)) in self.unlinking
+                                               for t in targets), UNLINK_WAIT)
+            works = [w for t in dict.fromkeys(targets)
+                     for w in self._retest_works(t, pruned.get(key_commit(t)))]
             for work in works:
                 self.work[work.key] = work
                 work.retest = True
@@ -324,6 +361,20 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
                                                   retest_record(w.key))]
         self.journal_and_queue(works, records)
         return list(dict.fromkeys(w.key for w in works))
+
+    def _pruned_meta(self, targets: list[str]) -> dict[str, Meta]:
+        """Branch and predecessor of the pruned commits among ``targets``,
+        from their tombstones, read before the lock is taken (the file may
+        be long); a commit with a result file reads it there instead."""
+        found = {}
+        if self.tombstones is None:
+            return found
+        for commit in dict.fromkeys(key_commit(t) for t in targets):
+            if not os.path.exists(os.path.join(self.results_dir, commit)):
+                stone = self.tombstones.find(commit)
+                if stone is not None and stone.branch:
+                    found[commit] = Meta(stone.branch, stone.previous)
+        return found
 
     def journal_and_queue(self, works: list[Work], records: list[str]) -> None:
         """The second half of ``enqueue`` and ``retest``: fsync the records

@@ -154,13 +154,19 @@ class StoreWriter:
         its files (a file gone since: nothing to write)."""
         try:
             with store.transaction(self.conn):
+                forgets: list[str] = []   # consecutive ones, dropped together
                 for kind, commit in batch:
                     if kind == "forget":
-                        store.forget_commit(self.conn, commit)
+                        forgets.append(commit)
                         continue
+                    if forgets:
+                        store.forget_commits(self.conn, forgets)
+                        forgets = []
                     run = store.run_from_files(self.results_dir, commit)
                     if run is not None:
                         store.write_run(self.conn, run)
+                if forgets:
+                    store.forget_commits(self.conn, forgets)
         except (sqlite3.Error, ValueError) as exc:
             self._failed(exc)
 

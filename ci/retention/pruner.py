@@ -6,10 +6,13 @@ Off the result path: headers are read and plans made without the
 dispatcher's lock; tombstones are appended and fsynced without it; the
 lock is taken once per batch, only to check again that each commit is
 still finished and not pending (a retest may have queued it meanwhile)
-and to unlink its two files, so a result waits at most one batch's
-unlinks.  Between batches the thread pauses (``pause``): its own pace,
-so that a pass over 100,000 files never crowds out the handlers.  A
-tombstone group (one fsync) covers several lock batches.
+and to mark it pruned and being unlinked; the unlinks themselves are done
+without it (a retest of a commit being unlinked waits for its batch), so
+a result never waits behind an unlink.  Unlinks follow the folder's own
+order.  After each batch the thread rests for as long as the batch took
+(``REST``, at least ``pause``): a pass over 100,000 files takes its time
+from the disk's pace and never crowds out the handlers.  A tombstone
+group (one fsync) covers several batches.
 
 Order per commit: the tombstone (durable), then ``<commit>.xml``, then
 ``<commit>`` (the result file is the proof of a result, so it goes last),
@@ -41,6 +44,9 @@ BATCH = 25
 # thread's own pace, leaving the interpreter to the handlers meanwhile.
 PAUSE = 0.005
 READ_STEP = 200
+# After each batch the thread rests this many times as long as the batch
+# took (and at least PAUSE).
+REST = 1.0
 # The first pass waits this long (or the interval, if shorter) after the
 # start, when recovery and the history's catch-up are busy.
 FIRST_DELAY = 10.0
@@ -99,9 +105,16 @@ class Pruner:
     def run_once(self) -> PassReport:
         """One pass: plan, then prune batch by batch."""
         started = time.monotonic()
-        entries = self._scan()
+        entries, position = self._scan()
         doomed = keep.plan(entries, self.rules, time.time(), self.verdicts,
                            self.state.pending_commits())
+        # In the folder's own order (ext4 lists a large folder in hash
+        # order): consecutive unlinks then touch the same directory blocks
+        # (measured alone over 100,000 pairs: 147 against 238 us per unlink
+        # oldest first; within a whole pass lost in the machine's noise).
+        # What is pruned is the plan's whatever the order.
+        doomed.sort(key=position.__getitem__)
+        del position
         report = PassReport(results=len(entries))
         for start in range(0, len(doomed), GROUP):
             if self.stop_event.is_set():
@@ -117,19 +130,37 @@ class Pruner:
         """Tombstones for the group (one fsync), then its files, a small
         batch per hold of the dispatcher's lock, pausing between."""
         now = time.time()
-        self.tombstones.append([Tombstone(e.commit, e.verdict, e.finished, now, e.previous,
-                                          e.branch or None) for e in group])
+        dropped = self.tombstones.append([Tombstone(e.commit, e.verdict, e.finished, now,
+                                                    e.previous, e.branch or None)
+                                          for e in group])
         for entry in group:
             self.verdicts[entry.commit] = entry.verdict
         removed = 0
         for start in range(0, len(group), BATCH):
+            began = time.monotonic()
             gone = self.state.remove_pruned([e.commit for e in group[start:start + BATCH]],
                                             self._unlink, self.forget)
             for commit in gone:
                 self.headers.pop(commit, None)
             removed += len(gone)
-            self.stop_event.wait(self.pause)
+            self._rest(time.monotonic() - began)
+        if dropped:      # after the group: a trim may drop some of its own
+            self._forget_tombstones(dropped)
         return removed
+
+    def _rest(self, busy: float) -> None:
+        """Pause after a batch for as long as it took (times ``REST``), at
+        least ``pause``: the pass's pace follows the disk's, so a slow
+        moment (unlinks queued behind every result's fsync) is not made
+        worse by the next batch."""
+        self.stop_event.wait(max(self.pause, busy * REST))
+
+    def _forget_tombstones(self, commits: list[str]) -> None:
+        """A trim dropped these tombstones: the dispatcher and this cache
+        let them go too, so memory stays as bounded as the file."""
+        for commit in commits:
+            self.verdicts.pop(commit, None)
+        self.state.forget_pruned(commits)
 
     def _unlink(self, commit: str) -> None:
         """The JUnit XML, then the result file (the proof goes last)."""
@@ -139,11 +170,11 @@ class Pruner:
             pass
         os.unlink(os.path.join(self.results_dir, commit))
 
-    def _scan(self) -> dict[str, keep.Entry]:
+    def _scan(self) -> tuple[dict[str, keep.Entry], dict[str, int]]:
         """Every complete result in the folder, reading only new or
-        changed headers."""
+        changed headers, and each one's place in the listing."""
         seen: dict[str, keep.Entry] = {}
-        names: set[str] = set()
+        names: dict[str, int] = {}
         read = 0
         with os.scandir(self.results_dir) as listing:
             for item in listing:
@@ -153,7 +184,7 @@ class Pruner:
                     st = item.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                names.add(item.name)
+                names[item.name] = len(names)
                 stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
                 cached = self.headers.get(item.name)
                 if cached is None or cached[0] != stamp:
@@ -164,9 +195,9 @@ class Pruner:
                         self.stop_event.wait(self.pause)
                 if cached[1] is not None:
                     seen[item.name] = cached[1]
-        for gone in set(self.headers) - names:
+        for gone in [c for c in self.headers if c not in names]:
             del self.headers[gone]
-        return seen
+        return seen, names
 
     def _entry(self, commit: str, mtime: float) -> keep.Entry | None:
         fields = results.read_header(os.path.join(self.results_dir, commit), HEADER_READ)

@@ -105,10 +105,27 @@ class TombstoneFile:
         self.lines = len(found)
         return found
 
-    def append(self, tombstones: list[Tombstone]) -> None:
-        """Durably, before the files they stand for are removed."""
+    def find(self, commit: str) -> Tombstone | None:
+        """A commit's newest tombstone, read from the file line by line (a
+        retest of a pruned commit: rare, so nothing is kept in memory)."""
+        prefix = commit.encode() + b" "
+        found = None
+        with self._lock:
+            try:
+                with open(self.path, "rb") as handle:
+                    for raw in handle:
+                        if raw.startswith(prefix):
+                            found = parse_line(raw.rstrip(b"\n").decode("utf-8", "replace")) \
+                                or found
+            except FileNotFoundError:
+                return None
+        return found
+
+    def append(self, tombstones: list[Tombstone]) -> list[str]:
+        """Durably, before the files they stand for are removed.  Returns
+        the commits whose tombstones a trim dropped (usually none)."""
         if not tombstones:
-            return
+            return []
         data = "".join(format_line(t) + "\n" for t in tombstones).encode()
         with self._lock:
             with open(self.path, "ab") as handle:
@@ -117,12 +134,16 @@ class TombstoneFile:
                 os.fsync(handle.fileno())
             self.lines += len(tombstones)
             if self.lines > self.limit:
-                self._trim()
+                return self._trim()
+        return []
 
-    def _trim(self) -> None:
-        """Rewrite without the oldest quarter of the limit (by pruning time)."""
+    def _trim(self) -> list[str]:
+        """Rewrite without the oldest quarter of the limit (by pruning
+        time); the commits dropped."""
         kept = sorted(read(self.path).values(), key=lambda t: t.pruned)
-        kept = kept[len(kept) - self.limit * 3 // 4:] if len(kept) > self.limit else kept
+        cut = len(kept) - self.limit * 3 // 4 if len(kept) > self.limit else 0
+        dropped, kept = [t.commit for t in kept[:cut]], kept[cut:]
         atomic_write(self.path, "".join(format_line(t) + "\n" for t in kept).encode())
         self.lines = len(kept)
         log.info("tombstones trimmed to %d (oldest dropped)", len(kept))
+        return dropped

@@ -356,3 +356,22 @@ def test_writer_process_exits_when_its_stdin_closes(folder, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_forgetting_many_runs_at_once_equals_a_store_without_them(folder, tmp_path):
+    # Pruning drops runs a chunk at a time (issue 21): the totals must be
+    # those of a store that never held the forgotten runs.
+    base = time.time() - 1000
+    commits = [write(folder, n, mtime=base + n) for n in range(9)]
+    conn = store.open_store(str(tmp_path / "state" / "all.sqlite3"))
+    store.catch_up(conn, str(folder))
+    with store.transaction(conn):
+        store.forget_commits(conn, commits[:6] + ["0" * 40])    # one it never had
+    for commit in commits[:6]:
+        os.unlink(os.path.join(folder, commit))
+    fresh = store.open_store(str(tmp_path / "state" / "fresh.sqlite3"))
+    store.catch_up(fresh, str(folder))
+    query = "SELECT name, runs, failures, round(seconds, 6) FROM tests ORDER BY name"
+    assert conn.execute(query).fetchall() == fresh.execute(query).fetchall()
+    assert {r[0] for r in conn.execute("SELECT commit_id FROM runs")} == set(commits[6:])
+    assert conn.execute("SELECT count(*) FROM records").fetchone()[0] == 3 * 4

@@ -7,13 +7,14 @@ commit as finished."""
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
 from ci.config import ConfigError
 from ci.dispatch.journal import Journal
 from ci.dispatch.state import DispatcherState
-from ci.dispatch.work import WorkState
+from ci.dispatch.work import Meta, WorkState, work_key
 from ci.history import store
 from ci.outcome import Outcome
 from ci.results import TestRecord
@@ -176,6 +177,63 @@ def test_retest_of_a_pruned_commit_is_queued(tmp_path):
     assert state.retest([cid(1)]) == [cid(1)]
     assert state.state_of(cid(1)) is WorkState.QUEUED
     assert state.status()["pruned"] == 1
+    # The retest keeps the branch and predecessor of the first run, read
+    # from the tombstone (the result file is gone), in memory and journalled.
+    assert state.retest([cid(2)]) == [cid(2)]
+    assert state.work[work_key(cid(2))].meta == Meta("main", cid(1))
+    state.journal.close()
+    again = new_state(tmp_path)
+    assert again.work[work_key(cid(2))].meta == Meta("main", cid(1))
+
+
+def test_unlinks_are_done_without_the_lock_and_a_retest_waits_for_them(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    write_results(folder, chain("main", "ppp"))
+    state = new_state(tmp_path)
+    seen = {}
+
+    def remove(commit):
+        # Another thread can take the dispatcher's lock meanwhile (a result
+        # is never held up by an unlink), and a retest of this commit
+        # waits until its files are gone.
+        got = []
+
+        def take():
+            got.append(state.cond.acquire(timeout=5))
+            if got[0]:
+                state.cond.release()
+        taker = threading.Thread(target=take)
+        taker.start()
+        taker.join(10)
+        seen["lock free"] = got == [True]
+        retest = threading.Thread(target=state.retest, args=([commit],))
+        retest.start()
+        retest.join(0.3)
+        seen["retest waited"] = retest.is_alive()
+        seen["retest"] = retest
+        os.unlink(folder / (commit + ".xml"))
+        os.unlink(folder / commit)
+
+    assert state.remove_pruned([cid(1)], remove, lambda commits: None) == [cid(1)]
+    seen["retest"].join(10)
+    assert seen["lock free"] and seen["retest waited"]
+    assert state.state_of(cid(1)) is WorkState.QUEUED
+    assert work_key(cid(1)) not in state.pruned and not state.unlinking
+
+
+def test_trimmed_tombstones_are_forgotten_in_memory_too(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    write_results(folder, chain("main", "p" * 12))
+    state = new_state(tmp_path)
+    state.tombstones.limit = 4
+    pruner = Pruner(state, state.tombstones, KeepPolicy(count=1))
+    pruner.run_once()
+    on_file = TombstoneFile(state.tombstones.path).load()
+    assert len(on_file) <= 4
+    assert set(state.pruned) == set(on_file)
+    assert set(pruner.verdicts) == set(on_file)
 
 
 def test_pending_commits_kept_and_still_judge_their_successor():
