@@ -28,7 +28,7 @@ import os
 import threading
 import time
 
-from ci import results
+from ci import matrix, results
 from ci.retention import policy as keep
 from ci.retention.tombstones import Tombstone, TombstoneFile
 from ci.wire import valid_full_commit
@@ -163,11 +163,19 @@ class Pruner:
         self.state.forget_pruned(commits)
 
     def _unlink(self, commit: str) -> None:
-        """The JUnit XML, then the result file (the proof goes last)."""
-        try:
-            os.unlink(results.junit_path(self.results_dir, commit))
-        except FileNotFoundError:
-            pass
+        """A matrix commit's cell files, the JUnit XML, then the result
+        file (the proof goes last)."""
+        header = results.read_header(os.path.join(self.results_dir, commit)) or {}
+        cells = [part.partition("=")[0] for part in header.get("cells", "").split()]
+        paths = [os.path.join(self.results_dir, results.result_name(commit, cell))
+                 for cell in cells if matrix.is_cell_name(cell) and cell]
+        paths += [results.junit_path(self.results_dir, commit, cell) for cell in cells
+                  if matrix.is_cell_name(cell) and cell]
+        for path in [*paths, results.junit_path(self.results_dir, commit)]:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
         os.unlink(os.path.join(self.results_dir, commit))
 
     def _scan(self) -> tuple[dict[str, keep.Entry], dict[str, int]]:

@@ -240,3 +240,28 @@ def test_pending_commits_kept_and_still_judge_their_successor():
     entries = chain("main", "pfppp")
     doomed = plan(entries, KeepPolicy(count=1), now=0.0, pending=[cid(1)])
     assert doomed == [cid(4)]     # 1 pending, 2 broke (against 1), 3 fixed, 5 newest
+
+
+def test_a_pruned_matrix_commit_takes_its_cell_files_with_it(tmp_path):
+    """A matrix commit's cells lie beside it (<commit>.cell.<name> and its
+    .xml): pruning the commit removes them too, not only its own files."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    entries = chain("main", "ppp")
+    write_results(folder, entries)
+    matrix_commit = cid(1)
+    header = {"verdict": "passed", "tests": 1, "failures": 0, "errors": 0, "skipped": 0,
+              "branch": "main", "commit": matrix_commit,
+              "cells": "py3.9=passed py3.12=passed"}
+    for cell in ("py3.9", "py3.12"):
+        cell_header = {k: v for k, v in header.items() if k != "cells"}
+        Outcome({**cell_header, "cell": cell}, b"out\n",
+                [TestRecord("t", "test_one")]).write(str(folder), matrix_commit, cell)
+    Outcome(header, b"output\n").write(str(folder), matrix_commit)
+    os.utime(folder / matrix_commit, (entries[matrix_commit].finished,) * 2)
+    cell_files = [n for n in os.listdir(folder) if ".cell." in n]
+    assert len(cell_files) == 4, cell_files
+    state = new_state(tmp_path)
+    report = Pruner(state, state.tombstones, KeepPolicy(count=1)).run_once()
+    assert report.pruned == 2                 # the matrix commit and the next; the head kept
+    assert sorted(os.listdir(folder)) == [cid(3), cid(3) + ".xml"]
