@@ -10,8 +10,10 @@ brought back to what the files say (``open_store`` then ``catch_up``).
 Tables: ``runs`` (one per result file: commit, branch, runner, verdict,
 the file's time and stamp), ``tests`` (one per test id, with running
 totals so that the slowest and most failing tests are an index lookup,
-not a scan of every record) and ``records`` (test, run, cell, outcome,
-duration).  A commit tested again replaces its run, as its result file
+not a scan of every record) and ``records`` (test, run, cell: a matrix
+cell's name or "", outcome, duration, quarantined).  A matrix commit's
+records are read from its cells' own files.
+A commit tested again replaces its run, as its result file
 is replaced.  Only the writer (ci/history/writer.py) writes; readers open
 the file read-only (ci/history/queries.py).
 """
