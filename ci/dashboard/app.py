@@ -17,7 +17,7 @@ from ci.dashboard import cells, history_pages, pages
 from ci.history.queries import DEFAULT_RUNS, MAX_RUNS, HistoryReader, Unavailable
 from ci.dashboard.live import LiveState, without_finished
 from ci.history.store import test_key as store_key
-from ci.results import VERDICTS
+from ci.results import CELL_NAME_RE, VERDICTS
 from ci.wire import valid_full_commit
 
 MAX_HTML_OUTPUT = 1024 * 1024
@@ -255,16 +255,34 @@ class Dashboard:
                           "fields": self.index.read_cell(commit, name) or {},
                           "failing_tests": self.index.test_report(commit, cell=name),
                           "output": output[0] if output else ""})
+        self._date_quarantines(commit, [t for c in found for t in c["failing_tests"]])
         return found
 
     def _failing_tests(self, commit: str) -> list[dict]:
         """The commit's failing tests; those named by their JUnit id link
-        to their history page."""
+        to their history page, and failing quarantined ones say since
+        which commit they are quarantined."""
         tests = self.index.test_report(commit, with_source=True)
         for test in tests:
             if test.pop("source") == "junit":
                 test["url"] = history_pages.test_url(test["name"], store_key(test["name"]))
+        self._date_quarantines(commit, tests)
         return tests
+
+    def _date_quarantines(self, commit: str, tests: list[dict]) -> None:
+        """Set ``quarantined_since`` (a commit id) on each failing
+        quarantined test the history dates: the first commit of the
+        branch's current quarantine of it.  Without a history, nothing."""
+        names = [t["name"] for t in tests if t["kind"] == "quarantined"]
+        if not names or self.history is None:
+            return
+        try:
+            since = self.history.quarantined_since(commit, names)
+        except Unavailable:
+            return
+        for test in tests:
+            if test["kind"] == "quarantined" and test["name"] in since:
+                test["quarantined_since"] = since[test["name"]]
 
     @staticmethod
     def _running_job(state: dict, commit: str) -> dict | None:
@@ -345,6 +363,10 @@ class Dashboard:
             data["cells"] = [{**c["fields"], "name": c["name"], "verdict": c["verdict"],
                               "failing_tests": c["failing_tests"]}
                              for c in self._finished_cells(commit, item)]
+        for test in data["failing_tests"] + [t for c in data.get("cells") or []
+                                             for t in c["failing_tests"]]:
+            if test.get("quarantined_since"):
+                test["quarantined_since_url"] = f"/commit/{test['quarantined_since']}"
         return json_response(data)
 
     def favicon(self, query, nonce) -> Response:
@@ -397,13 +419,16 @@ class Dashboard:
         branch = query.get("branch")
         if branch and not BRANCH_RE.fullmatch(branch):
             raise BadRequest("branch: letters, digits and . _ / - + @ only")
+        cell = query.get("cell") or None
+        if cell is not None and not CELL_NAME_RE.fullmatch(cell):
+            raise BadRequest("cell: a matrix cell's name (letters, digits and . _ -)")
         try:
             limit = int(query.get("limit") or DEFAULT_RUNS)
         except ValueError:
             raise BadRequest("limit: a number") from None
         if not 1 <= limit <= MAX_RUNS:
             raise BadRequest(f"limit: 1 to {MAX_RUNS}")
-        return {"name": name, "key": key, "branch": branch, "limit": limit}
+        return {"name": name, "key": key, "branch": branch, "limit": limit, "cell": cell}
 
     def _test_view(self, query: dict) -> tuple[int, dict | None, str]:
         """(status, test or None, the reason when there is none)."""

@@ -13,7 +13,7 @@ ones.  A commit without a matrix has neither, and shows as before.
 
 from __future__ import annotations
 
-from ci.dashboard.pages import Safe, join, pill, render, seconds, verdict_class
+from ci.dashboard.pages import Safe, join, pill, render, seconds, since_note, verdict_class
 
 # What a cell's section shows of its own header.
 CELL_FIELDS = ("tests", "failures", "errors", "skipped", "duration", "runner", "reason",
@@ -88,7 +88,8 @@ def one_cell(cell: dict) -> Safe:
     tests = cell.get("failing_tests") or []
     failing = render('<ul class="tests">{rows}</ul>', rows=join(
         render('<li class="t-{kind}"><span class="tkind">{kind}</span> <code>{name}</code>'
-               '</li>', kind=t["kind"], name=t["name"]) for t in tests)) if tests else Safe("")
+               '{since}</li>', kind=t["kind"], name=t["name"], since=since_note(t))
+        for t in tests)) if tests else Safe("")
     output = render('<details><summary>output</summary><pre class="output">{text}</pre>'
                     '</details>', text=cell["output"]) if cell.get("output") else Safe("")
     return render('<div class="cell-box c-{cls}" id="cell-{name}"><h3>{name} {pill}</h3>'

@@ -24,11 +24,15 @@ def outcome_class(outcome) -> str:
     return outcome if outcome in OUTCOME_CLASSES else "unknown"
 
 
-def test_url(name: str, key: str | None = None, branch: str | None = None) -> str:
-    """``/test?id=<name>``, or by its key when the name is too long for a URL."""
+def test_url(name: str, key: str | None = None, branch: str | None = None,
+             cell: str | None = None) -> str:
+    """``/test?id=<name>``, or by its key when the name is too long for a URL;
+    ``cell``: only that matrix cell's runs."""
     params = {"id": name} if len(name) <= MAX_ID_IN_URL or key is None else {"key": key}
     if branch:
         params["branch"] = branch
+    if cell:
+        params["cell"] = cell
     return "/test?" + urllib.parse.urlencode(params)
 
 
@@ -96,9 +100,26 @@ def head_section(test: dict) -> Safe:
              ("overall failure rate", rate(test["failure_rate"]))]
     rows = join(render("<dt>{k}</dt><dd>{v}</dd>", k=k, v=v) for k, v in facts)
     return render('<div class="commit-head"><h1 class="test-title">{name}</h1>'
-                  '<p class="full-id">test history &middot; branches: {links}</p></div>'
+                  '<p class="full-id">test history &middot; branches: {links}{cells}</p></div>'
                   '<dl class="fields">{rows}</dl>', name=test["id"], links=links or "none",
-                  rows=rows)
+                  cells=cell_links(test), rows=rows)
+
+
+def cell_links(test: dict) -> Safe:
+    """`` · cells: all py3.9 py3.12``: the matrix cells of the runs shown,
+    each a link to that cell's runs only; nothing outside a matrix."""
+    chosen = test.get("cell")
+    names = sorted(set(test.get("cells") or ()) | ({chosen} if chosen else set()))
+    if not names:
+        return Safe("")
+    links = [render('<a class="branch{current}" href="{href}">all</a>',
+                    current="" if chosen else " current",
+                    href=test_url(test["id"], test["key"], test["branch"]))]
+    links += [render('<a class="branch{current}" href="{href}">{cell}</a>',
+                     current=" current" if name == chosen else "",
+                     href=test_url(test["id"], test["key"], test["branch"], name), cell=name)
+              for name in names]
+    return render(" &middot; cells: {links}", links=join(links, " "))
 
 
 def strip_section(oldest_first: list[dict], branch: str) -> Safe:
@@ -106,13 +127,18 @@ def strip_section(oldest_first: list[dict], branch: str) -> Safe:
         return render('<h2>Outcomes</h2><p class="empty">No run of this test on {branch}.</p>',
                       branch=branch or "(no branch)")
     cells = join(render('<a class="cell o-{cls}" href="/commit/{commit}" '
-                        'title="{short} {outcome} {duration}"></a>',
+                        'title="{short}{cell} {outcome} {duration}"></a>',
                         cls=outcome_class(r["outcome"]), commit=r["commit"],
-                        short=r["commit"][:10], outcome=r["outcome"],
+                        short=r["commit"][:10], cell=cell_label(r), outcome=r["outcome"],
                         duration=seconds(r["duration"])) for r in oldest_first)
     return render('<h2>Outcomes on {branch}, oldest to newest ({count})</h2>'
                   '<div class="strip" id="strip">{cells}</div>',
                   branch=branch or "(no branch)", count=len(oldest_first), cells=cells)
+
+
+def cell_label(run: dict) -> str:
+    """`` [py3.9]`` for a run in a matrix cell, else nothing."""
+    return f" [{run['cell']}]" if run.get("cell") else ""
 
 
 def durations_section(oldest_first: list[dict]) -> Safe:
@@ -126,7 +152,8 @@ def durations_section(oldest_first: list[dict]) -> Safe:
                            '<title>{short}: {duration}</title></rect>',
                            cls=outcome_class(r["outcome"]), x=i * BAR_WIDTH,
                            y=CHART_HEIGHT - height, w=BAR_WIDTH - 2, h=height,
-                           short=r["commit"][:10], duration=seconds(r["duration"])))
+                           short=r["commit"][:10] + cell_label(r),
+                           duration=seconds(r["duration"])))
     return render('<h2>Durations (longest {longest})</h2><svg class="durations" '
                   'viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
                   'role="img" aria-label="durations">{bars}</svg>',
@@ -137,14 +164,17 @@ def durations_section(oldest_first: list[dict]) -> Safe:
 def runs_section(newest_first: list[dict]) -> Safe:
     if not newest_first:
         return Safe("")
-    rows = join(render('<tr><td>{link}</td><td><span class="ostate o-{cls}">{outcome}</span>'
+    rows = join(render('<tr><td>{link}</td><td class="cellname">{cell}</td>'
+                       '<td><span class="ostate o-{cls}">{outcome}</span>'
                        '</td><td class="num">{duration}</td><td class="runner">{runner}</td>'
                        '<td class="time">{finished}</td></tr>',
-                       link=commit_link(r["commit"]), cls=outcome_class(r["outcome"]),
+                       link=commit_link(r["commit"]), cell=r.get("cell") or "",
+                       cls=outcome_class(r["outcome"]),
                        outcome=r["outcome"], duration=seconds(r["duration"]),
                        runner=r["runner"], finished=when(r["finished"]))
                 for r in newest_first)
-    return render('<h2>Runs</h2><table class="grid"><thead><tr><th>commit</th><th>outcome</th>'
+    return render('<h2>Runs</h2><table class="grid"><thead><tr><th>commit</th><th>cell</th>'
+                  '<th>outcome</th>'
                   '<th class="num">duration</th><th>runner</th><th>finished (UTC)</th></tr>'
                   '</thead><tbody>{rows}</tbody></table>', rows=rows)
 

@@ -313,14 +313,24 @@ def tests_section(tests: list[dict]) -> Safe:
                    name=render('<a href="{url}"><code>{name}</code></a>', url=t["url"],
                                name=t["name"]) if t.get("url") else
                    render("<code>{name}</code>", name=t["name"]),
-                   new=Safe(' <span class="mark broke">new failure</span>') if t.get("new")
-                   else Safe("")) for t in tests]
+                   new=join([Safe(' <span class="mark broke">new failure</span>')
+                             if t.get("new") else Safe(""), since_note(t)])) for t in tests]
     failing = sum(t["kind"] in ("failure", "error") for t in tests)
     others = [f"{n} {kind}" for kind in ("flaky", "quarantined")
               if (n := sum(t["kind"] == kind for t in tests))]
     return render('<h2>Failing tests ({count}{others})</h2><ul class="tests">{rows}</ul>',
                   count=failing, others=f"; {', '.join(others)}" if others else "",
                   rows=join(rows))
+
+
+def since_note(test: dict) -> Safe:
+    """`` quarantined since <short commit>`` (linked) for a failing
+    quarantined test whose quarantine the test history dates, else nothing."""
+    since = test.get("quarantined_since")
+    if not since or not wire.valid_full_commit(since):
+        return Safe("")
+    return render(' <span class="since">quarantined since <a href="/commit/{commit}">'
+                  '<code>{short}</code></a></span>', commit=since, short=since[:SHORT])
 
 
 def output_section(text: str, truncated: bool, commit: str, live: bool = False) -> Safe:

@@ -24,6 +24,8 @@ from ci.history import store
 POOL_SIZE = 4
 DEFAULT_RUNS = 50
 MAX_RUNS = 500
+# Tests ``quarantined_since`` looks up per call, at most (a header names 20).
+MAX_SINCE = 100
 
 
 class Unavailable(Exception):
@@ -108,10 +110,12 @@ class HistoryReader:
                 "failing": [_test_row(row) for row in failing]}
 
     def test(self, name: str | None = None, key: str | None = None,
-             branch: str | None = None, limit: int = DEFAULT_RUNS) -> dict | None:
+             branch: str | None = None, limit: int = DEFAULT_RUNS,
+             cell: str | None = None) -> dict | None:
         """One test's totals and its last ``limit`` runs on ``branch``
-        (default: the branch it last ran on), newest first; None when the
-        history has no such test."""
+        (default: the branch it last ran on), newest first, each with the
+        matrix cell it ran in (``""`` outside a matrix); ``cell``: only that
+        cell's runs.  None when the history has no such test."""
         with self.connection() as conn:
             column, value = ("name", name) if name is not None else ("key", key)
             row = conn.execute(f"SELECT id, name, key, runs, failures, seconds FROM tests "
@@ -124,19 +128,69 @@ class HistoryReader:
                     "SELECT r.branch FROM records x JOIN runs r ON r.id = x.run "
                     "WHERE x.test = ? ORDER BY x.run DESC LIMIT 1", (test_id,)).fetchone()
                 branch = last[0] if last else ""
-            runs = conn.execute(
-                "SELECT r.commit_id, r.finished, r.runner, r.verdict, x.outcome, x.duration "
-                "FROM records x JOIN runs r ON r.id = x.run "
-                "WHERE x.test = ? AND r.branch = ? ORDER BY x.run DESC LIMIT ?",
-                (test_id, branch, limit)).fetchall()
+            runs = self._runs(conn, test_id, branch, limit, cell)
             branches = [b for (b,) in conn.execute(
                 "SELECT DISTINCT branch FROM runs ORDER BY branch LIMIT 200")]
         data = _test_row(row[1:])
-        data.update(branch=branch, branches=branches,
+        data.update(branch=branch, branches=branches, cell=cell,
                     recent=[dict(zip(("commit", "finished", "runner", "verdict", "outcome",
-                                      "duration"), run)) for run in runs])
+                                      "duration", "cell", "quarantined"), run[:7] + (
+                                          bool(run[7]),))) for run in runs])
+        data["cells"] = sorted({r["cell"] for r in data["recent"] if r["cell"]})
         data["window"] = window_stats(data["recent"])
         return data
+
+    @staticmethod
+    def _runs(conn, test_id: int, branch: str, limit: int, cell: str | None) -> list:
+        """The test's last ``limit`` records on ``branch`` (of ``cell`` only,
+        when given), newest first: walked backwards along records(test, run)."""
+        where, params = "x.test = ? AND r.branch = ?", [test_id, branch]
+        if cell is not None:
+            where += " AND x.cell = ?"
+            params.append(cell)
+        return conn.execute(
+            f"SELECT r.commit_id, r.finished, r.runner, r.verdict, x.outcome, x.duration, "
+            f"x.cell, x.quarantined FROM records x JOIN runs r ON r.id = x.run "
+            f"WHERE {where} ORDER BY x.run DESC, x.cell LIMIT ?", (*params, limit)).fetchall()
+
+    def quarantined_since(self, commit: str, names) -> dict[str, str]:
+        """For each test id in ``names`` that ``commit``'s run recorded as
+        quarantined: the first commit of the same branch, up to this one,
+        whose run recorded it quarantined with no run of the branch since
+        recording it unquarantined (so a quarantine lifted and set again
+        counts from the second time).  Tests the history does not hold so
+        are left out; at most ``MAX_SINCE`` names are looked up."""
+        names = list(dict.fromkeys(names))[:MAX_SINCE]
+        found: dict[str, str] = {}
+        with self.connection() as conn:
+            run = conn.execute("SELECT id, branch FROM runs WHERE commit_id = ?",
+                               (commit,)).fetchone()
+            if run is None or not names:
+                return found
+            for name in names:
+                since = self._since(conn, run, name)
+                if since:
+                    found[name] = since
+        return found
+
+    @staticmethod
+    def _since(conn, run: tuple[int, str], name: str) -> str | None:
+        """The first run of a test's current quarantine on the run's branch
+        (two lookups along records(test, run))."""
+        run_id, branch = run
+        row = conn.execute("SELECT id FROM tests WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        lifted = conn.execute(
+            "SELECT max(x.run) FROM records x JOIN runs r ON r.id = x.run "
+            "WHERE x.test = ? AND x.run <= ? AND x.quarantined = 0 AND r.branch = ?",
+            (row[0], run_id, branch)).fetchone()[0] or 0
+        first = conn.execute(
+            "SELECT r.commit_id FROM records x JOIN runs r ON r.id = x.run "
+            "WHERE x.test = ? AND x.run > ? AND x.run <= ? AND x.quarantined = 1 "
+            "AND r.branch = ? ORDER BY x.run LIMIT 1",
+            (row[0], lifted, run_id, branch)).fetchone()
+        return first[0] if first else None
 
     def recent_failures(self, branch: str, limit: int = 50, runs: int = 100) -> list[str]:
         """The ids of the tests that failed in the last ``runs`` results

@@ -10,8 +10,10 @@ brought back to what the files say (``open_store`` then ``catch_up``).
 Tables: ``runs`` (one per result file: commit, branch, runner, verdict,
 the file's time and stamp), ``tests`` (one per test id, with running
 totals so that the slowest and most failing tests are an index lookup,
-not a scan of every record) and ``records`` (test, run, cell, outcome,
-duration).  A commit tested again replaces its run, as its result file
+not a scan of every record) and ``records`` (test, run, cell: a matrix
+cell's name or "", outcome, duration, quarantined).  A matrix commit's
+records are read from its cells' own files.
+A commit tested again replaces its run, as its result file
 is replaced.  Only the writer (ci/history/writer.py) writes; readers open
 the file read-only (ci/history/queries.py).
 """
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 
 FILE_NAME = "history.sqlite3"
 # Bumped on any change to SCHEMA: a store of another version is rebuilt.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Outcomes that count as a failure of the test (``results.COUNTED_AS``
 # failures and errors).
 FAILING = (results.FAILED, results.ERROR, results.XPASS)
@@ -72,7 +74,8 @@ CREATE TABLE records (
     run INTEGER NOT NULL,
     cell TEXT NOT NULL DEFAULT '',
     outcome TEXT NOT NULL,
-    duration REAL NOT NULL
+    duration REAL NOT NULL,
+    quarantined INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX records_test ON records(test, run);
 CREATE INDEX records_run ON records(run);
@@ -80,6 +83,9 @@ PRAGMA user_version = {SCHEMA_VERSION};
 """
 # The slowest tests: mean duration, as the index ``tests_mean`` holds it.
 MEAN = "seconds / runs"
+# Cells of one matrix commit read into the store, at most (as many as the
+# dashboard lists).
+MAX_CELLS = 256
 
 
 class StoreBroken(Exception):
@@ -90,7 +96,9 @@ class StoreBroken(Exception):
 class Run:
     """One result file's worth of history.  ``records`` None: the result
     has no per-test records (the run is still recorded, so that catching
-    up knows the file)."""
+    up knows the file).  ``cells``: a matrix commit's records, per cell
+    (name, records), read from the cells' own files; its own file has
+    none."""
     commit: str
     branch: str
     runner: str
@@ -98,6 +106,16 @@ class Run:
     finished: float
     stamp: str
     records: tuple[TestRecord, ...] | None
+    cells: tuple[tuple[str, tuple[TestRecord, ...]], ...] = ()
+
+    def record_sets(self):
+        """(cell, records) of every set of records the run holds: the
+        commit's own (cell "") and each cell's."""
+        if self.records:
+            yield "", self.records
+        for cell, records in self.cells:
+            if records:
+                yield cell, records
 
 
 def test_key(name: str) -> str:
@@ -115,30 +133,54 @@ def file_stamp(path: str) -> tuple[str, float] | None:
     return f"{st.st_mtime_ns}:{st.st_size}:{st.st_ino}", st.st_mtime
 
 
-def run_from_header(header, records, stamp: tuple[str, float]) -> Run:
+def run_from_header(header, records, stamp: tuple[str, float], cells=()) -> Run:
     return Run(commit=header.get("commit", ""), branch=header.get("branch") or "",
                runner=header.get("runner") or "", verdict=header.get("verdict") or "",
                finished=stamp[1], stamp=stamp[0],
-               records=None if records is None else tuple(records))
+               records=None if records is None else tuple(records), cells=tuple(cells))
+
+
+def cell_names(header: dict) -> list[str]:
+    """The cells a matrix commit's ``cells:`` field names (``py3.9=failed
+    py3.12=passed``), in its order; malformed words are left out (the
+    header is read, not trusted)."""
+    names = []
+    for word in str(header.get("cells") or "").split()[:MAX_CELLS]:
+        name, sep, _ = word.partition("=")
+        if sep and results.CELL_NAME_RE.fullmatch(name) and not name.endswith(".xml") \
+                and name not in names:
+            names.append(name)
+    return names
+
+
+def read_records(results_dir: str, commit: str, cell: str = "") -> list[TestRecord] | None:
+    """The records of a commit's (or its cell's) JUnit file, None without
+    one or when it cannot be read (the same parser as the dispatcher's,
+    so ids are capped the same way)."""
+    try:
+        with open(results.junit_path(results_dir, commit, cell), "rb") as handle:
+            data = handle.read(results.MAX_JUNIT_BYTES + 1)
+    except OSError:
+        return None
+    return results.records_or_note(data)[0]
 
 
 def run_from_files(results_dir: str, commit: str) -> Run | None:
-    """A commit's run read back from its result file and JUnit file (the
-    same parser as the dispatcher's, so ids are capped the same way);
-    None without a complete result file."""
+    """A commit's run read back from its result file and JUnit file; for
+    a matrix commit (header ``cells:``), each cell's records from the
+    cell's own JUnit file (the commit's own file has none).  None without
+    a complete result file."""
     path = os.path.join(results_dir, commit)
     stamp = file_stamp(path)
     header = results.read_header(path)
     if stamp is None or not header or not header.get("verdict"):
         return None
-    records = None
-    try:
-        with open(results.junit_path(results_dir, commit), "rb") as handle:
-            data = handle.read(results.MAX_JUNIT_BYTES + 1)
-        records, _ = results.records_or_note(data)
-    except OSError:
-        pass
-    return run_from_header({**header, "commit": commit}, records, stamp)
+    names = cell_names(header)
+    if not names:
+        return run_from_header({**header, "commit": commit},
+                               read_records(results_dir, commit), stamp)
+    cells = [(name, tuple(read_records(results_dir, commit, name) or ())) for name in names]
+    return run_from_header({**header, "commit": commit}, None, stamp, cells)
 
 
 # --------------------------------------------------------------------------
@@ -212,14 +254,20 @@ def write_run(conn: sqlite3.Connection, run: Run) -> None:
         "INSERT INTO runs (commit_id, branch, runner, verdict, finished, stamp) "
         "VALUES (?, ?, ?, ?, ?, ?)",
         (run.commit, run.branch, run.runner, run.verdict, run.finished, run.stamp)).lastrowid
-    if not run.records:
-        return
-    ids = test_ids(conn, {record.id for record in run.records})
+    for cell, records in run.record_sets():
+        write_records(conn, run_id, cell, records)
+
+
+def write_records(conn: sqlite3.Connection, run_id: int, cell: str, records) -> None:
+    """One set of a run's records (the commit's own, or one cell's), and
+    the tests' running totals."""
+    ids = test_ids(conn, {record.id for record in records})
     conn.executemany(
-        "INSERT INTO records (test, run, outcome, duration) VALUES (?, ?, ?, ?)",
-        [(ids[r.id], run_id, r.outcome, r.duration) for r in run.records])
+        "INSERT INTO records (test, run, cell, outcome, duration, quarantined) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        [(ids[r.id], run_id, cell, r.outcome, r.duration, int(r.quarantined)) for r in records])
     totals: dict[int, list] = collections.defaultdict(lambda: [0, 0, 0.0])
-    for record in run.records:
+    for record in records:
         total = totals[ids[record.id]]
         total[0] += 1
         total[1] += record.outcome in FAILING
@@ -324,7 +372,7 @@ def catch_up(conn: sqlite3.Connection, results_dir: str, should_stop=lambda: Fal
                 if run is not None:
                     write_run(conn, run)
                     read += 1
-                    pending += len(run.records or ()) + 1
+                    pending += sum(len(r) for _, r in run.record_sets()) + 1
     return read
 
 

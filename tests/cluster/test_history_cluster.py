@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -198,3 +199,75 @@ def test_the_writer_process_does_not_outlive_a_sigkilled_dispatcher(cluster):
     finally:
         if not gone(child):
             os.kill(child, signal.SIGKILL)
+
+
+def build_store(results) -> None:
+    """The store where the dashboard looks by default, built from the
+    files by the dispatcher's writer."""
+    from ci.history.writer import HistoryWriter
+    state = os.path.join(os.path.dirname(str(results)), "dispatcher_state")
+    os.makedirs(state, exist_ok=True)
+    writer = HistoryWriter(os.path.join(state, store.FILE_NAME), str(results))
+    writer.start()
+    assert writer.ready.wait(10), "the history was not built"
+    writer.stop()
+
+
+def quarantine_chain(results) -> list[str]:
+    """Four commits on main: ``t.Q.test_q`` fails in each, quarantined from
+    the second on; the last is a matrix commit (cells py3.9, py3.12: its
+    own file has no XML), whose py3.9 cell fails it quarantined."""
+    from ci.dispatch.cells import summary
+    from ci.matrix import Cell
+    from ci.results import read_header, result_name
+    base = time.time() - 600
+    commits = [commit_id(0x5000 + n) for n in range(4)]
+
+    def recs(marked, outcome=FAILED):
+        return (TestRecord("t.Q", "test_q", outcome, 0.1, message="x", quarantined=marked),
+                TestRecord("t.Q", "test_ok", PASSED, 0.1))
+    for n, commit in enumerate(commits[:3]):
+        Outcome({"commit": commit, "verdict": "passed", "branch": "main", "runner": "r",
+                 "quarantined": 1, "quarantined_failed": int(n > 0),
+                 "quarantined_failing": '["t.Q.test_q"]'}, b"out\n",
+                recs(n > 0)).write(str(results), commit)
+        os.utime(os.path.join(results, commit), (base + n, base + n))
+    last = commits[3]
+    for cell, outcome in (("py3.9", FAILED), ("py3.12", PASSED)):
+        Outcome({"commit": last, "verdict": "passed", "branch": "main", "runner": "r",
+                 "cell": cell}, b"out\n", recs(True, outcome)).write(str(results), last, cell)
+    headers = {c: read_header(os.path.join(results, result_name(last, c)))
+               for c in ("py3.9", "py3.12")}
+    summary(last, {c: Cell(c) for c in headers}, headers).write(str(results), last)
+    os.utime(os.path.join(results, last), (base + 3, base + 3))
+    return commits
+
+
+def test_quarantined_since_and_cells_over_http(results, dashboards):
+    commits = quarantine_chain(results)
+    build_store(results)
+    dash = dashboards(results)
+    since = f'quarantined since <a href="/commit/{commits[1]}"><code>{commits[1][:10]}'
+    status, _, body = dash.get(f"/commit/{commits[2]}")
+    assert status == 200 and since in body.decode()
+    (test,) = [t for t in dash.json(f"/api/commits/{commits[2]}")["failing_tests"]
+               if t["name"] == "t.Q.test_q"]
+    assert test["kind"] == "quarantined" and test["quarantined_since"] == commits[1]
+    assert test["quarantined_since_url"] == f"/commit/{commits[1]}"
+    # The matrix commit: its cell lists the test, dated the same.
+    assert since in dash.get(f"/commit/{commits[3]}")[2].decode()
+    (cell,) = [c for c in dash.json(f"/api/commits/{commits[3]}")["cells"] if c["name"] == "py3.9"]
+    assert cell["failing_tests"][0]["quarantined_since"] == commits[1]
+
+    # The test's history per cell: every run, then one cell's only.
+    runs = dash.json("/api/test?id=t.Q.test_q")["recent"]
+    assert [(r["commit"], r["cell"]) for r in runs] == [
+        (commits[3], "py3.12"), (commits[3], "py3.9"), (commits[2], ""), (commits[1], ""),
+        (commits[0], "")]
+    assert [r["quarantined"] for r in runs] == [True, True, True, True, False]
+    only = dash.json("/api/test?id=t.Q.test_q&cell=py3.9")
+    assert [(r["commit"], r["outcome"]) for r in only["recent"]] == [(commits[3], FAILED)]
+    html = dash.get("/test?id=t.Q.test_q")[2].decode()
+    assert 'href="/test?id=t.Q.test_q&amp;branch=main&amp;cell=py3.9"' in html
+    assert f'title="{commits[3][:10]} [py3.9] failed' in html
+    assert dash.get("/api/test?id=t.Q.test_q&cell=a%20b")[0] == 400

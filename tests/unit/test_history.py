@@ -23,6 +23,9 @@ from ci.dispatch.state import DispatcherState
 from ci.history import store
 from ci.history.queries import HistoryReader, Unavailable
 from ci.history.writer import HistoryWriter
+from ci import results
+from ci.dispatch.cells import summary as cells_summary
+from ci.matrix import Cell
 from ci.outcome import Outcome
 from ci.results import ERROR, FAILED, NAME_LIMIT, PASSED, SKIPPED, TestRecord
 
@@ -180,6 +183,96 @@ def test_test_ids_of_any_characters_and_length_are_capped_like_records(folder, w
     assert len(name) == len("mod.<Cls>.") + NAME_LIMIT
     assert reader_for(writer).test(name)["recent"][0]["outcome"] == ERROR
     assert reader_for(writer).test(key=store.test_key(name))["id"] == name
+
+
+# --------------------------------------------------------------------------
+# Matrix cells and quarantine.
+
+def write_matrix(results_dir, n: int, cells: dict, branch="main", mtime=None) -> str:
+    """Commit ``n`` of a matrix, as the dispatcher writes it: each cell's
+    result and JUnit files, then the commit's own file from their headers
+    (``cells.summary``, no XML of its own)."""
+    commit = commit_id(n)
+    for name, cell_records in cells.items():
+        outcome(commit, cell_records, branch).with_header(cell=name).write(
+            str(results_dir), commit, name)
+    headers = {name: results.read_header(os.path.join(
+        results_dir, results.result_name(commit, name))) for name in cells}
+    cells_summary(commit, {name: Cell(name) for name in cells}, headers).write(
+        str(results_dir), commit)
+    if mtime is not None:
+        os.utime(os.path.join(results_dir, commit), (mtime, mtime))
+    return commit
+
+
+def test_a_matrix_commit_records_each_cell_from_its_own_files(folder, writers):
+    base = time.time() - 1000
+    old = write(folder, 1, fail_every=1, mtime=base)
+    commit = write_matrix(folder, 2, {"py3.9": records(3, fail_every=3),
+                                      "py3.12": records(1)}, mtime=base + 1)
+    # As the dispatcher leaves it: the commit's own file, no XML of its own.
+    assert results.read_header(os.path.join(folder, commit))["cells"] == \
+        "py3.9=failed py3.12=passed"
+    assert not os.path.exists(results.junit_path(str(folder), commit))
+    writer = writers(folder)
+    reader = reader_for(writer)
+    test = reader.test("t.T.test_a", branch="main")
+    assert [(r["commit"], r["cell"], r["outcome"]) for r in test["recent"]] == [
+        (commit, "py3.12", PASSED), (commit, "py3.9", FAILED), (old, "", FAILED)]
+    assert test["cells"] == ["py3.12", "py3.9"]
+    assert test["runs"] == 3 and test["failures"] == 2
+    only = reader.test("t.T.test_a", branch="main", cell="py3.9")
+    assert [(r["commit"], r["outcome"]) for r in only["recent"]] == [(commit, FAILED)]
+    assert reader.test("t.T.test_a", cell="")["recent"][0]["commit"] == old
+
+    # Retesting one cell rewrites its files, then the commit's: its rows replaced.
+    outcome(commit, records(1), "main").with_header(cell="py3.9").write(
+        str(folder), commit, "py3.9")
+    headers = {name: results.read_header(os.path.join(
+        folder, results.result_name(commit, name))) for name in ("py3.9", "py3.12")}
+    told = cells_summary(commit, {n: Cell(n) for n in headers}, headers)
+    told.write(str(folder), commit)
+    writer.result_written(commit, told)
+    wait_until(lambda: reader.test("t.T.test_a")["failures"] == 1, 10, what="the cell retest")
+    only = reader.test("t.T.test_a", branch="main", cell="py3.9")
+    assert [(r["commit"], r["outcome"]) for r in only["recent"]] == [(commit, PASSED)]
+    assert reader.test("t.T.test_a")["runs"] == 3
+
+    # A rebuild reads the cells' files too.
+    writers.stop_all()
+    store.remove_files(writer.path)
+    rebuilt = reader_for(writers(folder)).test("t.T.test_a", branch="main")
+    assert [(r["cell"], r["outcome"]) for r in rebuilt["recent"]] == [
+        ("py3.12", PASSED), ("py3.9", PASSED), ("", FAILED)]
+
+
+def quarantined(n: int, marked: bool) -> list[TestRecord]:
+    """t.T.test_q fails in every commit, quarantined when ``marked``."""
+    return [TestRecord("t.T", "test_q", FAILED, 0.1, message="boom", quarantined=marked),
+            TestRecord("t.T", "test_b", PASSED, 0.2)]
+
+
+def test_quarantined_since_is_the_first_commit_of_the_current_quarantine(folder, writers):
+    base = time.time() - 1000
+    marks = [False, True, True, False, True, True]      # lifted at 3, set again at 4
+    commits = []
+    for n, marked in enumerate(marks):
+        commit = commit_id(200 + n)
+        outcome(commit, quarantined(n, marked), verdict="passed").write(str(folder), commit)
+        os.utime(os.path.join(folder, commit), (base + n, base + n))
+        commits.append(commit)
+    other = commit_id(300)                              # another branch, quarantined earlier
+    outcome(other, quarantined(0, True), branch="feature").write(str(folder), other)
+    os.utime(os.path.join(folder, other), (base - 10, base - 10))
+    reader = reader_for(writers(folder))
+    assert reader.quarantined_since(commits[5], ["t.T.test_q"]) == {"t.T.test_q": commits[4]}
+    assert reader.quarantined_since(commits[4], ["t.T.test_q"]) == {"t.T.test_q": commits[4]}
+    assert reader.quarantined_since(commits[2], ["t.T.test_q", "t.T.test_b", "t.T.none"]) == \
+        {"t.T.test_q": commits[1]}
+    assert reader.quarantined_since(commits[3], ["t.T.test_q"]) == {}
+    assert reader.quarantined_since(other, ["t.T.test_q"]) == {"t.T.test_q": other}
+    assert reader.quarantined_since(commit_id(999), ["t.T.test_q"]) == {}
+    assert [r["quarantined"] for r in reader.test("t.T.test_q")["recent"]] == marks[::-1]
 
 
 # --------------------------------------------------------------------------
