@@ -60,6 +60,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from bench_dashboard import timed_get  # noqa: E402
 from support.procs import stat_fields, status_mb  # noqa: E402
+from ci import junit_xml
 import helpers  # noqa: E402
 from ci import results  # noqa: E402
 from ci.history import store  # noqa: E402
@@ -91,7 +92,7 @@ def generate(folder: str, commits: int, tests: int) -> None:
                   "runner": f"10.0.0.{i % 4 + 1}:8900", "duration": "12.000",
                   "branch": "main" if i % 5 else "feature/x"}
         with open(os.path.join(folder, commit + ".xml"), "wb") as handle:
-            handle.write(results.format_junit(records, name=commit))
+            handle.write(junit_xml.format_junit(records, name=commit))
         path = os.path.join(folder, commit)
         with open(path, "wb") as handle:
             handle.write(encode_fields(header) + b"\nRan tests\n")

@@ -35,7 +35,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import helpers  # noqa: E402
-from ci.results import TestRecord, format_junit, format_result  # noqa: E402
+from ci.results import TestRecord, format_result  # noqa: E402
+from ci.junit_xml import format_junit
 from ci.history import store  # noqa: E402
 from support.cluster import FakeRunner, wait_for_port  # noqa: E402
 

@@ -19,6 +19,7 @@ import re
 import types
 from collections.abc import Mapping
 
+from ci import junit_xml
 from ci import results
 from ci.files import atomic_write
 from ci.results import VERDICTS, TestRecord
@@ -87,7 +88,7 @@ class Outcome:
         the commit (or its matrix cell ``cell``) is done, so it is written
         last."""
         records = None if self.records is None else list(self.records)
-        results.write_junit(results_dir, commit, records, cell)
+        junit_xml.write_junit(results_dir, commit, records, cell)
         atomic_write(os.path.join(results_dir, results.result_name(commit, cell)),
                      self.result_file())
 
@@ -236,9 +237,9 @@ def records_part(raw: dict[str, str], parts: BodyParts) -> tuple[dict, tuple | N
     if raw.get("junit"):
         added["junit"] = one_line(raw["junit"], 100)
     if parts.records is not None:
-        records, note = results.records_or_note(parts.records, results.parse_records)
+        records, note = junit_xml.records_or_note(parts.records, results.parse_records)
     elif parts.junit_xml:
-        records, note = results.records_or_note(parts.junit_xml)
+        records, note = junit_xml.records_or_note(parts.junit_xml)
     else:
         return added, None
     if records is None:

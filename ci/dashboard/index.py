@@ -16,6 +16,7 @@ import re
 import threading
 import time
 
+from ci import junit_xml
 from ci import results
 from ci.dashboard.pruned import PrunedIndex
 from ci.wire import one_line, valid_full_commit
@@ -132,7 +133,7 @@ def failing_tests(output: str) -> list[dict]:
     return [{"name": name, "kind": kind} for name, kind in found.items()]
 
 
-# What the dashboard calls each outcome of results.parse_junit.
+# What the dashboard calls each outcome of junit_xml.parse_junit.
 _JUNIT_STATUS = {results.FAILED: "failure", results.XPASS: "failure", results.ERROR: "error",
                  results.SKIPPED: "skipped"}
 
@@ -155,12 +156,12 @@ SHOWN_STATUSES = ("failure", "error", "flaky", "quarantined")
 def parse_junit(data: bytes) -> dict[str, str] | None:
     """JUnit XML -> {test id: passed|failure|error|skipped|flaky|quarantined}
     (see ``junit_status``), or None when
-    the document is refused.  Parsed by ``results.parse_junit``, the one
+    the document is refused.  Parsed by ``junit_xml.parse_junit``, the one
     reader of untrusted JUnit (size cap, UTF-8 only, no DTD or entity,
     bounded elements): a second, weaker parser here let a UTF-16 document
     with an entity through."""
     try:
-        records = results.parse_junit(data)
+        records = junit_xml.parse_junit(data)
     except results.JunitError:
         return None
     return {record.id: junit_status(record) for record in records}

@@ -28,6 +28,7 @@ import logging
 import os
 import sqlite3
 
+from ci import junit_xml
 from ci import results
 from ci.results import TestRecord
 from ci.wire import valid_full_commit
@@ -162,7 +163,7 @@ def read_records(results_dir: str, commit: str, cell: str = "") -> list[TestReco
             data = handle.read(results.MAX_JUNIT_BYTES + 1)
     except OSError:
         return None
-    return results.records_or_note(data)[0]
+    return junit_xml.records_or_note(data)[0]
 
 
 def run_from_files(results_dir: str, commit: str) -> Run | None:

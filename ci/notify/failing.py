@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from ci import junit_xml
 from ci import results
 from ci.files import read_inside
 
@@ -26,7 +27,7 @@ def deciding_failures(results_dir: str, commit: str) -> list[str] | None:
     try:
         path = results.junit_path(results_dir, commit)
         data = read_inside(path, results_dir, results.MAX_JUNIT_BYTES)
-        records = results.parse_junit(data)
+        records = junit_xml.parse_junit(data)
     except (OSError, ValueError, results.JunitError) as exc:
         if not isinstance(exc, FileNotFoundError):
             log.warning("records of %s unreadable: %s", commit[:12], exc)

@@ -14,8 +14,8 @@ it the report file and reads what the run left.
 The temporary file lives in a private folder outside the clone and is
 removed afterwards.  Whatever is found is capped and parsed (the
 recorder's records file by ``results.parse_records``, any JUnit XML by
-``results.parse_junit``) and sent on as records in our own format, with
-the same records as schema-valid JUnit XML (``results.format_junit``)
+``junit_xml.parse_junit``) and sent on as records in our own format, with
+the same records as schema-valid JUnit XML (``junit_xml.format_junit``)
 for older dispatchers when both fit.
 """
 
@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 
+from ci import junit_xml
 from ci import results
 from ci.files import read_inside
 
@@ -146,11 +147,11 @@ class Capture:
         """One file's records: the recorder's own records file beside its
         XML when there is one (it knows subtests and fixtures), else the XML."""
         if self.pattern:
-            return results.parse_junit(read_untrusted(path, self.repo))
+            return junit_xml.parse_junit(read_untrusted(path, self.repo))
         if os.path.lexists(path + RECORDS_SUFFIX):
             data = read_inside(path + RECORDS_SUFFIX, self.tmp, results.MAX_RECORDS_BYTES + 1)
             return results.parse_records(data)
-        return results.parse_junit(read_untrusted(path, self.tmp))
+        return junit_xml.parse_junit(read_untrusted(path, self.tmp))
 
 
 def read_untrusted(path: str, inside: str) -> bytes:
@@ -162,7 +163,7 @@ def fit(records: list[results.TestRecord], budget: int) -> Collected | None:
     """The records to send within ``budget`` bytes, tracebacks shortened
     if they must be (the message of each stays), with their XML for older
     dispatchers when that fits too; None if even the records do not."""
-    for limit in results.TRACEBACK_STEPS:
+    for limit in junit_xml.TRACEBACK_STEPS:
         size = len(results.format_records(records, limit))
         if size <= budget:
             break
@@ -172,7 +173,7 @@ def fit(records: list[results.TestRecord], budget: int) -> Collected | None:
     room = min(budget - size, results.MAX_JUNIT_BYTES)
     # The XML of records is always longer than their records part: when
     # that does not fit in what is left, it is not even tried.
-    xml = results.fit_junit(records, room) or b"" if room >= size else b""
+    xml = junit_xml.fit_junit(records, room) or b"" if room >= size else b""
     return Collected(records, xml, results.count_records(records), size=size + len(xml))
 
 

@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from ci import junit_xml
 import helpers
 from support.cluster import PY, ROOT, send_raw, wait_until
 from support.dashboard import (
@@ -99,7 +100,7 @@ def test_junit_parsing_refuses_doctype_and_entities():
 
 
 def test_junit_in_utf16_with_an_entity_is_refused(tmp_path):
-    """The dashboard reads JUnit with results.parse_junit: a UTF-16
+    """The dashboard reads JUnit with junit_xml.parse_junit: a UTF-16
     document slips past any byte-level search for "<!DOCTYPE"."""
     xml = ('<?xml version="1.0" encoding="UTF-16"?>'
            '<!DOCTYPE x [<!ENTITY e "expanded">]><testsuite>'
@@ -147,10 +148,10 @@ def test_old_and_new_junit_files_read_alike(tmp_path):
                 "t.T.lucky": "failure", "t.T.parts (i=1)": "error",
                 "setUpClass (t.U)": "error", "t.T.later": "skipped"}
     assert di.parse_junit(old) == expected
-    assert di.parse_junit(result_files.format_junit(records)) == expected
+    assert di.parse_junit(junit_xml.format_junit(records)) == expected
     (tmp_path / (A + ".xml")).write_bytes(old)
     write_result(tmp_path, A, "failed", b"")
-    result_files.write_junit(str(tmp_path), B, records)
+    junit_xml.write_junit(str(tmp_path), B, records)
     write_result(tmp_path, B, "failed", b"")
     index = di.ResultIndex(str(tmp_path))
     assert index.read_junit(A) == index.read_junit(B) == expected

@@ -18,7 +18,8 @@ from support.dashboard import EVIL, LONG_ID, commit_id, write_history
 from ci.history import store
 from ci.history.queries import HistoryReader, Unavailable
 from ci.outcome import Outcome
-from ci.results import FAILED, PASSED, TestRecord, format_junit
+from ci.results import FAILED, PASSED, TestRecord
+from ci.junit_xml import format_junit
 
 BROKEN = "test_broken.TestBroken.test_wrong"
 SAMPLE = "test_sample.TestSample.test_ok"

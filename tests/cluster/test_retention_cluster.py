@@ -16,7 +16,8 @@ from support.dashboard import Dashboard, red_green_history
 import helpers
 from ci.dispatch.journal import done_record, meta_record, queue_record
 from ci.history import store
-from ci.results import TestRecord, format_junit
+from ci.results import TestRecord
+from ci.junit_xml import format_junit
 from ci.retention import tombstones
 from ci.wire import decode_fields
 

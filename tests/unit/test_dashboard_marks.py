@@ -3,6 +3,7 @@ JSON (ci/dashboard/index.py, pages.py), from a real results folder."""
 
 from __future__ import annotations
 
+from ci import junit_xml
 from ci import results
 from ci.dashboard import pages
 from ci.dashboard.index import ResultIndex
@@ -16,7 +17,7 @@ OLD, NEW = "a" * 40, "b" * 40
 def write(folder, commit, previous, records):
     header = {"commit": commit, "verdict": "passed", "branch": "main", "previous": previous,
               **results.record_fields(records)}
-    results.write_junit(str(folder), commit, records)
+    junit_xml.write_junit(str(folder), commit, records)
     (folder / commit).write_bytes(results.format_result(header, b"out\n"))
 
 

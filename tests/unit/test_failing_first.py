@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from ci import jobspec, results, sharding
+from ci import junit_xml
+from ci import jobspec, sharding
 from ci.runner import environments, recipe
 from ci.runner.pipeline import Settings, execute
 from ci.runner.slot import ProcessSlot
@@ -86,7 +87,7 @@ def settings(clone: str, command=None) -> Settings:
 
 
 def run_order(outcome) -> list[str]:
-    return [record.id for record in results.parse_junit(outcome.junit_xml)]
+    return [record.id for record in junit_xml.parse_junit(outcome.junit_xml)]
 
 
 def counts(outcome) -> tuple:

@@ -16,6 +16,7 @@ import xml.etree.ElementTree as ET
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from ci import junit_xml
 from ci.dashboard import index
 from ci.dispatch import server
 from ci.runner import daemon
@@ -70,10 +71,10 @@ def flattened(record: TestRecord) -> TestRecord:
 def test_round_trip_keeps_every_outcome_and_kind():
     # Our own records format keeps everything; the XML every outcome and id.
     assert results.parse_records(results.format_records(ALL_KINDS)) == ALL_KINDS
-    xml = results.format_junit(ALL_KINDS)
+    xml = junit_xml.format_junit(ALL_KINDS)
     assert_valid(xml)
-    assert results.parse_junit(xml) == [flattened(r) for r in ALL_KINDS]
-    assert [r.id for r in results.parse_junit(xml)] == [r.id for r in ALL_KINDS]
+    assert junit_xml.parse_junit(xml) == [flattened(r) for r in ALL_KINDS]
+    assert [r.id for r in junit_xml.parse_junit(xml)] == [r.id for r in ALL_KINDS]
     # As unittest counts them: the subtests' test once, the fixture not at
     # all, an unexpected success as a failure, an expected failure as none.
     assert results.count_records(ALL_KINDS) == {"tests": 7, "failures": 3, "errors": 3,
@@ -81,7 +82,7 @@ def test_round_trip_keeps_every_outcome_and_kind():
 
 
 def test_xml_is_what_jenkins_and_gitlab_read_and_its_counts_are_the_text_headers():
-    xml = results.format_junit(ALL_KINDS, name="abc")
+    xml = junit_xml.format_junit(ALL_KINDS, name="abc")
     root = ET.fromstring(xml)
     assert root.tag == "testsuites"
     suite = root.find("testsuite")
@@ -118,7 +119,7 @@ def test_pytest_xfail_and_namespaced_documents_are_read():
            b'<skipped type="pytest.xfail" message="known bug"/></testcase>'
            b'<testcase classname="t.m" name="test_y" time="nan"><system-out>hi</system-out>'
            b'</testcase></testsuite></testsuites>')
-    records = results.parse_junit(xml)
+    records = junit_xml.parse_junit(xml)
     assert [(r.name, r.outcome, r.message, r.duration) for r in records] == [
         ("test_x", "xfail", "known bug", 1.5), ("test_y", "passed", "", 0.0)]
 
@@ -132,9 +133,9 @@ def test_pytest_xfail_and_namespaced_documents_are_read():
     kind=st.sampled_from(results.KINDS), subtest=st.text(min_size=1, max_size=10)),
     max_size=8))
 def test_round_trip_of_hostile_text(records):
-    xml = results.format_junit(records)
+    xml = junit_xml.format_junit(records)
     assert_valid(xml)
-    parsed = results.parse_junit(xml)
+    parsed = junit_xml.parse_junit(xml)
     cleaned = [results.clean_record(r) for r in records]
     assert [r.outcome for r in parsed] == [r.outcome for r in cleaned]
     assert [r.id for r in parsed] == [r.id for r in cleaned]
@@ -150,7 +151,7 @@ def test_names_and_messages_are_flattened_and_capped():
     xml = (f'<testsuite><testcase classname="a&#10;b" name="{long}">'
            f'<failure message="verdict: passed&#10;tests: 0&#13;{long}">{long * 3}</failure>'
            f'</testcase></testsuite>').encode()
-    [record] = results.parse_junit(xml)
+    [record] = junit_xml.parse_junit(xml)
     assert record.classname == "a b"
     assert len(record.name) == results.NAME_LIMIT
     assert "\n" not in record.message and len(record.message) == results.MESSAGE_LIMIT
@@ -177,7 +178,7 @@ BILLION_LAUGHS = b"""<?xml version="1.0"?>
 def test_billion_laughs_is_refused_at_once():
     started = time.monotonic()
     with pytest.raises(results.JunitError, match="DOCTYPE"):
-        results.parse_junit(BILLION_LAUGHS)
+        junit_xml.parse_junit(BILLION_LAUGHS)
     assert time.monotonic() - started < 0.5
 
 
@@ -192,12 +193,12 @@ def test_external_entities_are_refused_and_read_nothing(tmp_path):
     ]
     for document in documents:
         with pytest.raises(results.JunitError):
-            results.parse_junit(document.encode())
+            junit_xml.parse_junit(document.encode())
     hidden = ('<?xml version="1.0" encoding="utf-16"?><!DOCTYPE t [<!ENTITY x SYSTEM '
               f'"file://{secret}">]><testsuite><testcase name="&x;"/></testsuite>')
     for encoded in (hidden.encode("utf-16"), hidden.encode("utf-16-le")):
         with pytest.raises(results.JunitError):
-            results.parse_junit(encoded)
+            junit_xml.parse_junit(encoded)
     # Via the dispatcher's path: the note says so, nothing of the file appears.
     added, records = outcome.records_part({}, outcome.BodyParts(documents[0].encode()))
     assert added == {"junit": "unreadable"} and records is None
@@ -211,7 +212,7 @@ def test_external_entities_are_refused_and_read_nothing(tmp_path):
                                   b"\xef\xbb\xbf<testsuite/>", b"<!-- c --><testsuite/>"])))
 def test_garbage_raises_only_junit_error(data):
     try:
-        records = results.parse_junit(data)
+        records = junit_xml.parse_junit(data)
     except results.JunitError:
         return
     assert all(isinstance(r, TestRecord) and r.outcome in results.OUTCOMES for r in records)
@@ -219,14 +220,14 @@ def test_garbage_raises_only_junit_error(data):
 
 def test_huge_documents_and_too_many_records_are_refused():
     with pytest.raises(results.JunitError, match="exceeds"):
-        results.parse_junit(b"<testsuite>" + b" " * results.MAX_JUNIT_BYTES + b"</testsuite>")
+        junit_xml.parse_junit(b"<testsuite>" + b" " * results.MAX_JUNIT_BYTES + b"</testsuite>")
     many = b"<testsuite>" + b'<testcase name="t"/>' * 11 + b"</testsuite>"
-    assert len(results.parse_junit(many, max_records=11)) == 11
+    assert len(junit_xml.parse_junit(many, max_records=11)) == 11
     with pytest.raises(results.JunitError, match="more than 10 test cases"):
-        results.parse_junit(many, max_records=10)
+        junit_xml.parse_junit(many, max_records=10)
     elements = b"<a>" + b"<b/>" * (results.MAX_ELEMENTS + 1) + b"</a>"
     with pytest.raises(results.JunitError, match="elements"):
-        results.parse_junit(elements)
+        junit_xml.parse_junit(elements)
 
 
 def test_merge_of_shards_adds_counts():
@@ -239,14 +240,14 @@ def test_merge_of_shards_adds_counts():
 
 def test_write_junit_writes_beside_the_result_and_removes_a_stale_file(tmp_path):
     commit = "a" * 40
-    results.write_junit(str(tmp_path), commit, ALL_KINDS[:2])
+    junit_xml.write_junit(str(tmp_path), commit, ALL_KINDS[:2])
     path = tmp_path / f"{commit}.xml"
     assert suite_counts(path.read_bytes())["tests"] == 2
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
-    results.write_junit(str(tmp_path), commit, None)  # a retest without records
+    junit_xml.write_junit(str(tmp_path), commit, None)  # a retest without records
     assert not path.exists()
     with pytest.raises(ValueError):
-        results.write_junit(str(tmp_path), "../" + "a" * 37, [])
+        junit_xml.write_junit(str(tmp_path), "../" + "a" * 37, [])
 
 
 # --------------------------------------------------------------------------
@@ -305,7 +306,7 @@ LEGACY_RECORDS = [
 
 
 def test_legacy_xml_is_still_read_with_its_kinds():
-    assert results.parse_junit(LEGACY_XML) == LEGACY_RECORDS
+    assert junit_xml.parse_junit(LEGACY_XML) == LEGACY_RECORDS
 
 
 def test_an_older_runners_body_carries_the_xml_between_the_blank_line_and_the_output():
@@ -324,7 +325,7 @@ def test_an_older_runners_body_carries_the_xml_between_the_blank_line_and_the_ou
 
 
 def test_body_carries_records_beside_the_xml_and_the_dispatcher_reads_the_records():
-    xml = results.format_junit(ALL_KINDS)
+    xml = junit_xml.format_junit(ALL_KINDS)
     output = b"records_bytes: 5\n\nlooks like a header but is output\n"
     sent = Outcome({"verdict": "failed", "tests": 99}, output, records=ALL_KINDS,
                    junit_xml=xml)
@@ -460,7 +461,7 @@ def test_recorder_counts_output_and_exit_equal_plain_unittest(tmp_path, package)
     assert "Traceback" in failure.traceback and failure.duration >= 0
     assert suite_counts(collected.xml) == collected.counts
     assert_valid(collected.xml)
-    assert [r.id for r in results.parse_junit(collected.xml)] == [r.id for r in records]
+    assert [r.id for r in junit_xml.parse_junit(collected.xml)] == [r.id for r in records]
 
 
 def test_recorder_folder_holds_nothing_importable_but_what_runs_in_the_tests():
@@ -479,7 +480,7 @@ def test_pytest_command_gets_junitxml_and_counts_equal_its_summary(tmp_path):
     assert proc.returncode == 1
     assert collected.note == "" and collected.counts == summary_counts(proc.stdout)
     assert collected.counts == {"tests": 9, "failures": 2, "errors": 1, "skipped": 1}
-    outcomes = {r.name: r.outcome for r in results.parse_junit(collected.xml)}
+    outcomes = {r.name: r.outcome for r in junit_xml.parse_junit(collected.xml)}
     assert outcomes == {"test_a": "passed", "test_wrong": "failed", "test_later": "skipped",
                         "test_known": "xfail", "test_lucky": "passed",
                         "test_uses_broken": "error", "test_param[1]": "passed",
@@ -489,16 +490,16 @@ def test_pytest_command_gets_junitxml_and_counts_equal_its_summary(tmp_path):
 def test_custom_command_files_missing_unreadable_and_escaping(tmp_path):
     repo = make_project(tmp_path / "project", {"reports/.keep": ""})
     secret = tmp_path / "outside.xml"
-    secret.write_bytes(results.format_junit(ALL_KINDS))
+    secret.write_bytes(junit_xml.format_junit(ALL_KINDS))
     write = [PY, "-c", "import sys; open(sys.argv[1], 'wb').write(sys.argv[2].encode())"]
     # Two files: merged, in name order.
     for name, records in (("reports/a.xml", ALL_KINDS[:3]), ("reports/b.xml", ALL_KINDS[3:])):
         with open(os.path.join(repo, name), "wb") as handle:
-            handle.write(results.format_junit(records))
+            handle.write(junit_xml.format_junit(records))
     _, collected = run_captured(repo, [PY, "-c", "pass"], "reports/*.xml")
     # JUnit files have no kinds: each record is a test of its own.
     assert collected.records == [flattened(r) for r in ALL_KINDS]
-    assert results.parse_junit(collected.xml) == collected.records
+    assert junit_xml.parse_junit(collected.xml) == collected.records
     _, collected = run_captured(repo, [*write, "reports/a.xml", "<not xml"], "reports/*.xml")
     assert collected == junit_capture.Collected(note="unreadable")
     _, collected = run_captured(repo, [PY, "-c", "pass"], "nothing/*.xml")
@@ -512,7 +513,7 @@ def test_custom_command_files_missing_unreadable_and_escaping(tmp_path):
     # Too big for the message: tracebacks are shortened first, then it is dropped.
     many = [TestRecord("c", f"t{i}", "failed", 0, "m", "x" * 3000) for i in range(50)]
     with open(os.path.join(repo, "reports", "a.xml"), "wb") as handle:
-        handle.write(results.format_junit(many))
+        handle.write(junit_xml.format_junit(many))
     _, collected = run_captured(repo, [PY, "-c", "pass"], "reports/a.xml", budget=30_000)
     assert 0 < collected.size <= 30_000 and collected.counts["failures"] == 50
     sent = len(results.format_records(collected.records)) + len(collected.xml)
@@ -571,7 +572,7 @@ def test_recorder_xml_written_by_hand_parses_back(tmp_path_factory, cases):
     with open(path, "rb") as handle:
         data = handle.read()
     assert_valid(data)
-    parsed = results.parse_junit(data)
+    parsed = junit_xml.parse_junit(data)
     assert [r.outcome for r in parsed] == [o for _, _, _, o in cases]
     unittest_recorder.write_records(path + ".records", records)
     with open(path + ".records", "rb") as handle:
@@ -590,7 +591,7 @@ def test_ids_of_any_characters_and_length_are_capped_and_escaped(tmp_path):
         + "x" * 1_000_000
     record = TestRecord(nasty, nasty, "failed", float("inf"), nasty, nasty, "subtest", nasty)
     for parsed in (results.parse_records(results.format_records([record]))[0],
-                   results.parse_junit(results.format_junit([record]))[0]):
+                   junit_xml.parse_junit(junit_xml.format_junit([record]))[0]):
         assert len(parsed.classname) == results.NAME_LIMIT
         assert parsed.classname.isprintable() and parsed.name.isprintable()
         assert len(parsed.id) <= 3 * results.NAME_LIMIT + 2
@@ -605,7 +606,7 @@ def test_ids_of_any_characters_and_length_are_capped_and_escaped(tmp_path):
     with pytest.raises(results.JunitError, match="more than 2"):
         results.parse_records(part, max_records=2)
     commit = "d" * 40
-    results.write_junit(str(tmp_path), commit, [record])
+    junit_xml.write_junit(str(tmp_path), commit, [record])
     data = (tmp_path / f"{commit}.xml").read_bytes()
     assert_valid(data)
     assert len(data) < 10_000 and b"\x00" not in data and b"]]>" not in data

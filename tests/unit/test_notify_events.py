@@ -7,6 +7,7 @@ import json
 
 from support.notify import cid
 
+from ci import junit_xml
 from ci.notify.decider import Decision, Result
 from ci.notify.events import build_event, command_environment, webhook_body
 
@@ -46,11 +47,10 @@ def test_a_matrix_commits_event_names_the_cells_that_broke_or_were_fixed(tmp_pat
 
 
 def test_a_broken_commit_names_its_failing_tests_and_which_are_new(tmp_path):
-    from ci import results
     from ci.results import TestRecord
 
     def write(commit, records):
-        results.write_junit(str(tmp_path), commit, records)
+        junit_xml.write_junit(str(tmp_path), commit, records)
 
     write(cid(0), [TestRecord("m.T", "test_old", "failed"), TestRecord("m.T", "test_a")])
     write(cid(1), [TestRecord("m.T", "test_old", "failed"),

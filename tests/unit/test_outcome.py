@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from ci import junit_xml
 from ci.dispatch import server
 from ci import results
 from ci.outcome import BodyParts, Outcome, RESULT_INT_FIELDS, split_body
@@ -29,7 +30,7 @@ def message(body: bytes) -> Message:
 
 
 def test_body_round_trip_keeps_the_wire_bytes_and_takes_counts_from_the_records():
-    xml = results.format_junit(list(RECORDS))
+    xml = junit_xml.format_junit(list(RECORDS))
     sent = Outcome({"tests": 99, "verdict": "failed", "failures": 0, "exit_code": 1,
                     "duration": "1.5", "runner": "r1", "junit": ""}, OUTPUT, junit_xml=xml)
     body = sent.to_body()
@@ -120,9 +121,9 @@ def test_write_puts_the_xml_first_and_removes_a_stale_one(tmp_path):
     done.write(folder, COMMIT)
     assert (tmp_path / COMMIT).read_bytes() == done.result_file() == \
         results.format_result({"commit": COMMIT, "verdict": "failed", "tests": 3}, OUTPUT)
-    assert len(results.parse_junit(xml_path.read_bytes())) == 3
+    assert len(junit_xml.parse_junit(xml_path.read_bytes())) == 3
     Outcome({"commit": COMMIT, "verdict": "passed"}, b"", ()).write(folder, COMMIT)
-    assert results.parse_junit(xml_path.read_bytes()) == []   # a document with no tests
+    assert junit_xml.parse_junit(xml_path.read_bytes()) == []   # a document with no tests
     Outcome({"commit": COMMIT, "verdict": "passed"}, b"").write(folder, COMMIT)
     assert not xml_path.exists()   # a retest without records keeps no old XML
     assert not [n for n in os.listdir(folder) if n.startswith(".tmp")]

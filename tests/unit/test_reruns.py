@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from ci import junit_xml
 from ci import results, sharding
 from ci.results import TestRecord
 from ci.runner import command_line, environments, junit_capture, recipe, reruns
@@ -73,7 +74,7 @@ def by_name(outcome) -> dict[str, TestRecord]:
     junit_schema.assert_valid(outcome.junit_xml)
     records = {r.name: r for r in outcome.records}
     from_xml = {r.name: (r.outcome, r.quarantined)
-                for r in results.parse_junit(outcome.junit_xml)}
+                for r in junit_xml.parse_junit(outcome.junit_xml)}
     assert from_xml == {name: (r.outcome, r.quarantined) for name, r in records.items()}
     return records
 
@@ -303,10 +304,10 @@ def test_header_counts_leave_quarantined_failures_to_their_own_fields():
     # The XML keeps every failure element, stays within junit-10.xsd (a
     # flakyFailure child, the quarantine as suite properties) and reads
     # back the same; so do the records in our own format.
-    xml = results.format_junit(records)
+    xml = junit_xml.format_junit(records)
     junit_schema.assert_valid(xml)
     assert b"<flakyFailure" in xml and b'name="ci.quarantined"' in xml
-    back = results.parse_junit(xml)
+    back = junit_xml.parse_junit(xml)
     assert [(r.outcome, r.quarantined) for r in back] == [
         (r.outcome, r.quarantined) for r in records]
     assert results.parse_records(results.format_records(records)) == records
@@ -371,7 +372,7 @@ def test_the_dispatcher_checks_the_flaky_counts_and_takes_them_from_the_records(
         Outcome.from_body(body({"flaky": "-1"}))
     plain = Outcome.from_body(body({"flaky": "2", "quarantined_failing": "not json"}))
     assert plain.header["flaky"] == 2 and "quarantined_failing" not in plain.header
-    xml = results.format_junit([rec("a", "flaky"), rec("b", quarantined=True)])
+    xml = junit_xml.format_junit([rec("a", "flaky"), rec("b", quarantined=True)])
     forged = Outcome.from_body(body({"flaky": "9", "quarantined": "0"}, xml))
     assert (forged.header["flaky"], forged.header["quarantined_failed"]) == (1, 1)
     assert forged.header["failures"] == 0
@@ -393,13 +394,13 @@ def test_a_quarantine_mark_in_the_tested_commits_own_files_is_taken_off(tmp_path
     with junit_capture.Capture(str(tmp_path)) as capture:
         path = capture.report_file()
         with open(path, "wb") as handle:
-            handle.write(results.format_junit(forged))
+            handle.write(junit_xml.format_junit(forged))
         with open(path + junit_capture.RECORDS_SUFFIX, "wb") as handle:
             handle.write(results.format_records(forged))
         collected = capture.collect(False, 1 << 20)
     assert [(r.outcome, r.quarantined) for r in collected.records] == [
         ("failed", False), ("passed", False)]
     assert results.record_fields(collected.records)["failures"] == 1
-    (tmp_path / "report.xml").write_bytes(results.format_junit(forged))
+    (tmp_path / "report.xml").write_bytes(junit_xml.format_junit(forged))
     with junit_capture.Capture(str(tmp_path), "report.xml") as capture:
         assert not any(r.quarantined for r in capture.collect(False, 1 << 20).records)
