@@ -1,15 +1,12 @@
 """The result formats, as pure functions: the text result file
-(``test_results/<commit>``: ``key: value`` header, blank line, raw output)
-and per-test records as JUnit XML (``test_results/<commit>.xml``).  The
-``results`` message body, and the one value a run's result travels as, are
-in ci/outcome.py.
+(``test_results/<commit>``: ``key: value`` header, blank line, raw output),
+per-test records (``TestRecord``, their counts, and the records format a
+runner sends them in), and the result files' names.  JUnit XML is in
+ci/junit_xml.py; the ``results`` message body, and the one value a run's
+result travels as, in ci/outcome.py.
 
 The text file stays the source of truth; the XML is written before it and
-its counts are the text header's.  Every JUnit document we read comes from
-a tested commit, so it is untrusted: it is size-capped, refused outright if
-it has a DOCTYPE (no entity can expand or fetch anything), parsed with a
-bounded number of elements, and every name and message is flattened and
-length-capped before it goes anywhere.
+its counts are the text header's.
 """
 
 from __future__ import annotations

@@ -39,6 +39,8 @@ from ci.dispatch.journal import (BRANCH_RE, AssignmentRecord, Journal, assign_re
 from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, SUSPECT, Runner, RunnerRegistry
 from ci.dispatch.shards import ShardPlanner
 from ci.dispatch.views import StateViews
+from ci.dispatch.live import LiveOutput
+from ci.dispatch.pruned import PrunedCommits
 from ci.retention.tombstones import TombstoneFile
 from ci.dispatch.work import Job, Meta, Work, WorkKey, WorkState, new_token, work_key
 from ci.history.recent import RecentFailures
@@ -46,8 +48,6 @@ from ci.wire import Reply
 
 log = logging.getLogger(__name__)
 
-# Live output kept per running job for ``log``.
-TAIL_BYTES = 64 * 1024
 # A retest waits at most this long for the pruner to finish unlinking one
 # of its commits (one batch of unlinks: milliseconds).
 UNLINK_WAIT = 30.0
@@ -64,7 +64,8 @@ def take(queue: collections.deque, item) -> None:
         queue.remove(item)
 
 
-class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, StateViews):
+class DispatcherState(LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner, ResultKeeper,
+                      MatrixKeeper, StateViews):
     """Every attribute is guarded by ``self.cond``.  Methods whose name
     starts with ``_`` expect the caller to hold it; every other method
     takes it itself (``enqueue``, ``retest``, ``journal_and_queue`` and
@@ -263,57 +264,6 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
         with self.cond:
             return {w.commit for w in self.work.values()}
 
-    def remove_pruned(self, commits: list[str], remove, forget) -> list[str]:
-        """Retention (ci/retention/pruner.py): for each commit still
-        finished and not pending, ``remove(commit)`` deletes its files and
-        it counts as pruned; ``forget(removed)`` is told (it must not
-        block).  The lock is held only to pick the commits and mark them
-        (pruned and ``unlinking``), not for the unlinks, which can wait on
-        the file system's journal behind every result's fsync; a retest of
-        a commit being unlinked waits until its files are gone, so a new
-        result is never removed."""
-        with self.cond:
-            picked = [c for c in commits if self._mark_unlinking(work_key(c))]
-        removed, failed = [], []
-        try:
-            for commit in picked:
-                try:
-                    remove(commit)
-                    removed.append(commit)
-                except OSError as exc:
-                    log.warning("cannot prune %s: %s", commit[:12], exc)
-                    failed.append(commit)
-            if removed:
-                forget(removed)      # before a retest can queue its new run
-        finally:
-            with self.cond:
-                self._unlinked(picked, set(failed) | set(picked[len(removed) + len(failed):]))
-        return removed
-
-    def _mark_unlinking(self, key: WorkKey) -> bool:
-        if key in self.work or key in self.groups or key not in self.done:
-            return False
-        self.done.discard(key)
-        self.pruned.add(key)
-        self.unlinking.add(key)
-        return True
-
-    def _unlinked(self, picked: list[str], kept: set[str]) -> None:
-        """The unlinks are over; a commit whose file stays is done again."""
-        for commit in picked:
-            key = work_key(commit)
-            self.unlinking.discard(key)
-            if commit in kept:
-                self.pruned.discard(key)
-                self.done.add(key)
-        self.cond.notify_all()
-
-    def forget_pruned(self, commits) -> None:
-        """Tombstones trimmed from the file: their commits are forgotten
-        here too, so the set stays as bounded as the file."""
-        with self.cond:
-            self.pruned.difference_update(work_key(c) for c in commits)
-
     def _pending_commit(self, commit: str) -> bool:
         return work_key(commit) in self.work or commit in self.groups
 
@@ -361,20 +311,6 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
                                                   retest_record(w.key))]
         self.journal_and_queue(works, records)
         return list(dict.fromkeys(w.key for w in works))
-
-    def _pruned_meta(self, targets: list[str]) -> dict[str, Meta]:
-        """Branch and predecessor of the pruned commits among ``targets``,
-        from their tombstones, read before the lock is taken (the file may
-        be long); a commit with a result file reads it there instead."""
-        found = {}
-        if self.tombstones is None:
-            return found
-        for commit in dict.fromkeys(key_commit(t) for t in targets):
-            if not os.path.exists(os.path.join(self.results_dir, commit)):
-                stone = self.tombstones.find(commit)
-                if stone is not None and stone.branch:
-                    found[commit] = Meta(stone.branch, stone.previous)
-        return found
 
     def journal_and_queue(self, works: list[Work], records: list[str]) -> None:
         """The second half of ``enqueue`` and ``retest``: fsync the records
@@ -556,51 +492,6 @@ class DispatcherState(RunnerRegistry, ShardPlanner, ResultKeeper, MatrixKeeper, 
                 runner.set(IDLE)
             self._lose(job, count=False)
             return True
-
-    def progress(self, commit: str, token: str, name: str | None, data: bytes) -> None:
-        with self.cond:
-            work = self._work(commit, token)
-            job = work.current_job(token) if work else None
-            if not job or (name is not None and job.name != name):
-                raise Reply(f"progress for {commit[:12]} refused: not the current assignment")
-            work.tail += data[-TAIL_BYTES:]
-            if len(work.tail) > TAIL_BYTES:
-                del work.tail[:len(work.tail) - TAIL_BYTES]
-
-    def first_failure(self, commit: str, token: str, name: str | None, test: str,
-                      after: float) -> bool:
-        """A running job's tests just had their first failure: kept for
-        the ``state`` view and put in the live output; True the first time
-        for this commit's run (a second shard's, or a resend, changes
-        nothing), when the early listeners are told (outside the lock)."""
-        with self.cond:
-            work = self._work(commit, token)
-            job = work.current_job(token) if work else None
-            if not job or (name is not None and job.name != name):
-                raise Reply(f"failing for {commit[:12]} refused: not the current assignment")
-            if work.failing is not None:
-                return False
-            work.failing = (test, after)
-            line = f"\n[ci] first failing test: {test} (after {after:.1f}s)\n"
-            work.tail += line.encode("utf-8", "replace")
-            if len(work.tail) > TAIL_BYTES:
-                del work.tail[:len(work.tail) - TAIL_BYTES]
-            meta = work.meta
-        for listener in self.failing_listeners:
-            try:
-                listener(commit, meta.branch if meta else None, test, after)
-            except Exception:
-                log.exception("failing listener failed for %s", commit[:12])
-        return True
-
-    def log_tail(self, commit: str) -> bytes | None:
-        """The live output of a running commit; None when it is not running."""
-        with self.cond:
-            live = [w for w in (self.work.get(k) for k in self._keys_of(commit))
-                    if w and (w.state is WorkState.RUNNING or w.shards is not None)]
-            if not live:
-                return None
-            return b"".join(bytes(w.tail) for w in live)
 
     def _keys_of(self, commit: str) -> list[WorkKey]:
         """Every key of a commit's work: its only cell's, or its cells'."""

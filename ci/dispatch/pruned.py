@@ -1,0 +1,84 @@
+"""Retention on the dispatcher's side: commits whose results were pruned
+stay finished (their tombstones), and the files of a pruned batch are
+removed outside the lock while a retest of one of them waits.
+
+``PrunedCommits`` is a part of ``DispatcherState`` (ci/dispatch/state.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from ci.dispatch.journal import key_commit
+from ci.dispatch.work import Meta, WorkKey, work_key
+
+log = logging.getLogger(__name__)
+
+
+class PrunedCommits:
+    """Mixed into ``DispatcherState``: its lock and work table (see there
+    for the locking rule)."""
+
+    def remove_pruned(self, commits: list[str], remove, forget) -> list[str]:
+        """Retention (ci/retention/pruner.py): for each commit still
+        finished and not pending, ``remove(commit)`` deletes its files and
+        it counts as pruned; ``forget(removed)`` is told (it must not
+        block).  The lock is held only to pick the commits and mark them
+        (pruned and ``unlinking``), not for the unlinks, which can wait on
+        the file system's journal behind every result's fsync; a retest of
+        a commit being unlinked waits until its files are gone, so a new
+        result is never removed."""
+        with self.cond:
+            picked = [c for c in commits if self._mark_unlinking(work_key(c))]
+        removed, failed = [], []
+        try:
+            for commit in picked:
+                try:
+                    remove(commit)
+                    removed.append(commit)
+                except OSError as exc:
+                    log.warning("cannot prune %s: %s", commit[:12], exc)
+                    failed.append(commit)
+            if removed:
+                forget(removed)      # before a retest can queue its new run
+        finally:
+            with self.cond:
+                self._unlinked(picked, set(failed) | set(picked[len(removed) + len(failed):]))
+        return removed
+
+    def _mark_unlinking(self, key: WorkKey) -> bool:
+        if key in self.work or key in self.groups or key not in self.done:
+            return False
+        self.done.discard(key)
+        self.pruned.add(key)
+        self.unlinking.add(key)
+        return True
+
+    def _unlinked(self, picked: list[str], kept: set[str]) -> None:
+        """The unlinks are over; a commit whose file stays is done again."""
+        for commit in picked:
+            key = work_key(commit)
+            self.unlinking.discard(key)
+            if commit in kept:
+                self.pruned.discard(key)
+                self.done.add(key)
+        self.cond.notify_all()
+
+    def forget_pruned(self, commits) -> None:
+        """Tombstones trimmed from the file: their commits are forgotten
+        here too, so the set stays as bounded as the file."""
+        with self.cond:
+            self.pruned.difference_update(work_key(c) for c in commits)
+
+    def _pruned_meta(self, targets: list[str]) -> dict[str, Meta]:
+        """Branch and predecessor of the pruned commits among ``targets``,
+        from their tombstones, read before the lock is taken (the file may
+        be long); a commit with a result file reads it there instead."""
+        found = {}
+        if self.tombstones is None:
+            return found
+        for commit in dict.fromkeys(key_commit(t) for t in targets):
+            if not os.path.exists(os.path.join(self.results_dir, commit)):
+                stone = self.tombstones.find(commit)
+                if stone is not None and stone.branch:
+                    found[commit] = Meta(stone.branch, stone.previous)
+        return found
