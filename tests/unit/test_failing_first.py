@@ -163,3 +163,19 @@ def test_the_ids_travel_in_the_runtest_body_and_pin_their_files_to_shard_1(tmp_p
     assert sorted(p for share in shares for p in share) == [p for p, _ in files]
 
 
+
+
+def test_a_unittest_run_with_an_order_does_not_import_pytest(upstream, tmp_path):
+    """The ordering plugin is loaded by the unittest recorder too: it must
+    not import pytest there (60 ms on every run, and a project's tests
+    would find it imported)."""
+    probe = ("import sys, unittest\n"
+             "class P(unittest.TestCase):\n"
+             "    def test_no_pytest(self):\n"
+             "        self.assertNotIn('pytest', sys.modules)\n")
+    commit = upstream.commit({"tests/test_probe.py": probe, "tests/test_sample.py": None},
+                             "probe")
+    clone = upstream.clone(tmp_path / "clone")
+    outcome = execute(settings(clone, None), commit, failing_first=("test_probe.P.test_x",))
+    assert outcome.header["verdict"] == "passed", outcome.output[-2000:]
+    assert "failing_first" in outcome.header
