@@ -224,15 +224,20 @@ def test_one_address_cannot_take_every_slot(cluster):
     busy = Message("busy", "server busy, try later")
     held: list[socket.socket] = []
     try:
-        # Exactly the per-client limit (half of 6) of idle connections:
-        # a request that just finished may hold a slot a moment longer,
-        # which can only make 127.0.0.1 busier, never less busy, so once
-        # it is told busy it stays so.
-        for _ in range(3):
-            held.append(socket.create_connection(address, timeout=5,
-                                                 source_address=("127.0.0.1", 0)))
-        wait_until(lambda: answer_from(address, "127.0.0.1", "status") == busy, 10,
-                   what="127.0.0.1 to be told busy")
+        # Exactly the per-client limit (half of 6) of idle connections the
+        # dispatcher really holds: one it refused (a probe's or a finished
+        # request's slot was not yet given back) is answered busy and
+        # closed, so it is replaced until all three are held.
+        def three_held_and_busy() -> bool:
+            for sock in [s for s in held if select.select([s], [], [], 0)[0]]:
+                held.remove(sock)           # refused: a busy reply, then EOF
+                sock.close()
+            while len(held) < 3:
+                held.append(socket.create_connection(address, timeout=5,
+                                                     source_address=("127.0.0.1", 0)))
+            return answer_from(address, "127.0.0.1", "status") == busy and \
+                not select.select(held, [], [], 0.2)[0]
+        wait_until(three_held_and_busy, 15, what="three connections held, 127.0.0.1 busy")
         assert answer_from(address, "127.0.0.1", "status") == busy
         reply = answer_from(address, "127.0.0.2", "status")
         assert reply is not None and reply.command == "ok", reply
