@@ -1,0 +1,113 @@
+"""What a dispatch line says of a merge commit, and how a conflict is
+told: pure encoding and parsing shared by the observer (which makes the
+merges) and the dispatcher (which queues them and writes their headers).
+
+A commit tested "as merged" is the merge of a branch's own commit (the
+head) into its target branch at some commit; its dispatch line carries
+``merge=<head>:<target-commit>:<target-branch>`` (``:`` cannot occur in a
+ref name, so the split is unambiguous).  When the merge could not be
+made, the line names the head itself and adds ``conflict=<paths>``: the
+dispatcher writes the ``conflict`` verdict without a run.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import urllib.parse
+from typing import NamedTuple
+
+from ci.wire import valid_full_commit
+
+MERGE_FIELD = "merge="
+CONFLICT_FIELD = "conflict="
+# A target branch as a dispatch line may name it (git's own rules are
+# stricter; this only keeps the line and the header parseable).
+TARGET_RE = re.compile(r"[^\s:\x00-\x1f\x7f~^?*\[\\]{1,255}")
+# Conflicting paths kept per verdict (a huge conflict names the first ones).
+MAX_PATHS = 200
+MAX_PATH_CHARS = 4096
+
+
+class MergeInfo(NamedTuple):
+    head: str            # the branch's own commit
+    target_commit: str   # the target branch's head it was merged into
+    target_branch: str
+
+    def describe(self) -> str:
+        """How a page or a log says it: "merged with main at 0123abcd4567"."""
+        return f"merged with {self.target_branch} at {self.target_commit[:12]}"
+
+
+def encode_merge_field(info: MergeInfo) -> str:
+    if not (valid_full_commit(info.head) and valid_full_commit(info.target_commit)
+            and TARGET_RE.fullmatch(info.target_branch)):
+        raise ValueError(f"not a valid merge description: {info!r}")
+    return f"{MERGE_FIELD}{info.head}:{info.target_commit}:{info.target_branch}"
+
+
+def parse_merge_field(field: str) -> MergeInfo | None:
+    """The inverse of ``encode_merge_field``; None if it does not parse."""
+    if not field.startswith(MERGE_FIELD):
+        return None
+    parts = field[len(MERGE_FIELD):].split(":")
+    if len(parts) != 3:
+        return None
+    head, target_commit, target_branch = parts
+    if not (valid_full_commit(head) and valid_full_commit(target_commit)
+            and TARGET_RE.fullmatch(target_branch)):
+        return None
+    return MergeInfo(head, target_commit, target_branch)
+
+
+def clean_paths(paths) -> tuple[str, ...]:
+    """Conflicting paths as a verdict keeps them: printable, bounded."""
+    kept = []
+    for path in paths:
+        if isinstance(path, str) and path and path.isprintable() \
+                and len(path) <= MAX_PATH_CHARS:
+            kept.append(path)
+        if len(kept) >= MAX_PATHS:
+            break
+    return tuple(kept)
+
+
+def encode_conflicts(paths) -> str:
+    """``conflict=<base64url of the paths joined by newlines>``."""
+    data = "\n".join(clean_paths(paths)).encode("utf-8", "surrogateescape")
+    return CONFLICT_FIELD + base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def parse_conflicts(field: str) -> tuple[str, ...] | None:
+    """The inverse of ``encode_conflicts``; None if it does not parse."""
+    if not field.startswith(CONFLICT_FIELD):
+        return None
+    raw = field[len(CONFLICT_FIELD):]
+    try:
+        data = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+        text = data.decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    return clean_paths(text.split("\n")) if text else ()
+
+
+def format_paths(paths) -> str:
+    """The header's ``conflicts`` value: each path %-quoted, space-separated."""
+    return " ".join(urllib.parse.quote(p, safe="/") for p in clean_paths(paths))
+
+
+def parse_paths(value: str) -> tuple[str, ...]:
+    return clean_paths(urllib.parse.unquote(p) for p in value.split())
+
+
+def format_merged_into(info: MergeInfo) -> str:
+    """The header's ``merged_into`` value: ``<target-branch> <target-commit>``."""
+    return f"{info.target_branch} {info.target_commit}"
+
+
+def parse_merged_into(value: str) -> tuple[str, str] | None:
+    branch, _, commit = value.partition(" ")
+    if not (TARGET_RE.fullmatch(branch) and valid_full_commit(commit)):
+        return None
+    return branch, commit
