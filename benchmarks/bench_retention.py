@@ -42,7 +42,7 @@ from support.cluster import FakeRunner, wait_for_port  # noqa: E402
 
 PY = sys.executable
 BRANCHES = 10
-PRUNED_RE = re.compile(r"pruned (\d+) of (\d+) result\(s\) in ([0-9.]+)s")
+PRUNED_RE = re.compile(r"pruned (\d+) of (\d+) result\(s\) in ([0-9.]+)s( \([^)]*\))?")
 
 
 def generate(folder: str, count: int) -> None:
@@ -190,7 +190,7 @@ def run(tmp: str, args) -> None:
             print(f"after the restart, before the pass: results latency {figures(before)}")
         print(f"while pruning: results latency {figures(during)}")
         print(f"pruning pass: {match.group(1)} of {match.group(2)} results pruned in "
-              f"{match.group(3)} s (target < 60 s); files left "
+              f"{match.group(3)} s{match.group(4) or ''} (target < 60 s); files left "
               f"{sum(1 for n in os.listdir(folder) if not n.endswith('.xml'))}")
         deadline = time.monotonic() + 300
         while history_runs(tmp) > args.results - int(match.group(1)) + len(timed) + \

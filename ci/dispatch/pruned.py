@@ -19,9 +19,10 @@ class PrunedCommits:
     for the locking rule)."""
 
     def remove_pruned(self, commits: list[str], remove, forget) -> list[str]:
-        """Retention (ci/retention/pruner.py): for each commit still
-        finished and not pending, ``remove(commit)`` deletes its files and
-        it counts as pruned; ``forget(removed)`` is told (it must not
+        """Retention (ci/retention/pruner.py): for the commits still
+        finished and not pending, ``remove(picked)`` deletes their files
+        (returning, per commit, None or the OSError that stopped it) and
+        they count as pruned; ``forget(removed)`` is told (it must not
         block).  The lock is held only to pick the commits and mark them
         (pruned and ``unlinking``), not for the unlinks, which can wait on
         the file system's journal behind every result's fsync; a retest of
@@ -31,18 +32,17 @@ class PrunedCommits:
             picked = [c for c in commits if self._mark_unlinking(work_key(c))]
         removed, failed = [], []
         try:
-            for commit in picked:
-                try:
-                    remove(commit)
+            for commit, error in zip(picked, remove(picked) if picked else []):
+                if error is None:
                     removed.append(commit)
-                except OSError as exc:
-                    log.warning("cannot prune %s: %s", commit[:12], exc)
+                else:
+                    log.warning("cannot prune %s: %s", commit[:12], error)
                     failed.append(commit)
             if removed:
                 forget(removed)      # before a retest can queue its new run
         finally:
             with self.cond:
-                self._unlinked(picked, set(failed) | set(picked[len(removed) + len(failed):]))
+                self._unlinked(picked, set(picked) - set(removed))
         return removed
 
     def _mark_unlinking(self, key: WorkKey) -> bool:

@@ -84,6 +84,8 @@ class Entry:
     previous: str | None
     verdict: str
     finished: float
+    # A matrix commit's cell names (its other files), from its header.
+    cells: tuple[str, ...] = ()
 
 
 def protected(entries: Mapping[str, Entry], pruned_verdicts: Mapping[str, str]

@@ -22,6 +22,7 @@ them, in order with the results it writes).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -52,6 +53,11 @@ REST = 1.0
 FIRST_DELAY = 10.0
 # A header is short: this much of a result file holds it.
 HEADER_READ = 16 * 1024
+# Threads unlinking one batch's files.  An unlink frees the inode's blocks
+# after the folder's lock is let go, so a second and third unlink overlap
+# that part (measured alone on ext4, 100,000 unlinks: 94 us each with one
+# thread, 68 with two, 51 with four); more would crowd the result path.
+UNLINKERS = 3
 
 
 @dataclasses.dataclass
@@ -60,6 +66,14 @@ class PassReport:
     results: int = 0
     pruned: int = 0
     seconds: float = 0.0
+    scanning: float = 0.0    # listing the folder and reading new headers
+    removing: float = 0.0    # the batches: marks under the lock, the unlinks
+    resting: float = 0.0     # the pauses after each batch
+
+    def describe(self) -> str:
+        return (f"pruned {self.pruned} of {self.results} result(s) in {self.seconds:.1f}s "
+                f"(scan {self.scanning:.1f}s, removing {self.removing:.1f}s, "
+                f"resting {self.resting:.1f}s)")
 
 
 class Pruner:
@@ -80,6 +94,7 @@ class Pruner:
         # Verdicts of pruned commits: a later commit's broke/fixed needs them.
         self.verdicts = {c: t.verdict for c, t in tombstones.load().items()}
         self.stop_event = threading.Event()
+        self.unlinkers: concurrent.futures.ThreadPoolExecutor | None = None
         self.thread = threading.Thread(target=self._run, name="pruner", daemon=True)
         self.passes = 0
         self.last: PassReport | None = None
@@ -91,6 +106,8 @@ class Pruner:
         self.stop_event.set()
         if self.thread.is_alive():
             self.thread.join(timeout)
+        if self.unlinkers is not None:
+            self.unlinkers.shutdown(wait=False)
 
     def _run(self) -> None:
         self.stop_event.wait(min(self.interval, FIRST_DELAY))
@@ -105,7 +122,10 @@ class Pruner:
     def run_once(self) -> PassReport:
         """One pass: plan, then prune batch by batch."""
         started = time.monotonic()
+        report = PassReport()
+        self._report = report
         entries, position = self._scan()
+        report.scanning = time.monotonic() - started
         doomed = keep.plan(entries, self.rules, time.time(), self.verdicts,
                            self.state.pending_commits())
         # In the folder's own order (ext4 lists a large folder in hash
@@ -115,15 +135,14 @@ class Pruner:
         # What is pruned is the plan's whatever the order.
         doomed.sort(key=position.__getitem__)
         del position
-        report = PassReport(results=len(entries))
+        report.results = len(entries)
         for start in range(0, len(doomed), GROUP):
             if self.stop_event.is_set():
                 break
             report.pruned += self._prune_group([entries[c] for c in doomed[start:start + GROUP]])
         report.seconds = time.monotonic() - started
         if report.pruned:
-            log.info("pruned %d of %d result(s) in %.1fs (keeping %s)", report.pruned,
-                     report.results, report.seconds, self.rules.describe())
+            log.info("%s (keeping %s)", report.describe(), self.rules.describe())
         return report
 
     def _prune_group(self, group: list[keep.Entry]) -> int:
@@ -136,14 +155,20 @@ class Pruner:
         for entry in group:
             self.verdicts[entry.commit] = entry.verdict
         removed = 0
+        cells = {e.commit: e.cells for e in group}
         for start in range(0, len(group), BATCH):
             began = time.monotonic()
             gone = self.state.remove_pruned([e.commit for e in group[start:start + BATCH]],
-                                            self._unlink, self.forget)
+                                            lambda commits: self._unlink_all(commits, cells),
+                                            self.forget)
             for commit in gone:
                 self.headers.pop(commit, None)
             removed += len(gone)
-            self._rest(time.monotonic() - began)
+            busy = time.monotonic() - began
+            self._report.removing += busy
+            rested = time.monotonic()
+            self._rest(busy)
+            self._report.resting += time.monotonic() - rested
         if dropped:      # after the group: a trim may drop some of its own
             self._forget_tombstones(dropped)
         return removed
@@ -162,15 +187,36 @@ class Pruner:
             self.verdicts.pop(commit, None)
         self.state.forget_pruned(commits)
 
-    def _unlink(self, commit: str) -> None:
+    def _unlink_all(self, commits: list[str], cells: dict) -> list[OSError | None]:
+        """Each commit's files removed (``_unlink``), several commits at
+        once; per commit, None or the error that stopped it."""
+        if self.unlinkers is None:
+            self.unlinkers = concurrent.futures.ThreadPoolExecutor(UNLINKERS, "unlink")
+
+        def one(commit):
+            try:
+                self._unlink(commit, cells.get(commit, ()))
+            except OSError as exc:
+                return exc
+            return None
+        errors = list(self.unlinkers.map(one, commits))
+        if os.environ.get("XX_DIRSYNC"):
+            self._sync_folder()
+        return errors
+
+    def _sync_folder(self) -> None:
+        fd = os.open(self.results_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _unlink(self, commit: str, cells: tuple[str, ...]) -> None:
         """A matrix commit's cell files, the JUnit XML, then the result
         file (the proof goes last)."""
-        header = results.read_header(os.path.join(self.results_dir, commit)) or {}
-        cells = [part.partition("=")[0] for part in header.get("cells", "").split()]
         paths = [os.path.join(self.results_dir, results.result_name(commit, cell))
-                 for cell in cells if matrix.is_cell_name(cell) and cell]
-        paths += [results.junit_path(self.results_dir, commit, cell) for cell in cells
-                  if matrix.is_cell_name(cell) and cell]
+                 for cell in cells]
+        paths += [results.junit_path(self.results_dir, commit, cell) for cell in cells]
         for path in [*paths, results.junit_path(self.results_dir, commit)]:
             try:
                 os.unlink(path)
@@ -211,5 +257,8 @@ class Pruner:
         fields = results.read_header(os.path.join(self.results_dir, commit), HEADER_READ)
         if not fields or not fields.get("verdict"):
             return None
+        cells = tuple(name for name in (part.partition("=")[0]
+                                        for part in fields.get("cells", "").split())
+                      if name and matrix.is_cell_name(name))
         return keep.Entry(commit, keep.branch_of(fields), fields.get("previous") or None,
-                          fields["verdict"], mtime)
+                          fields["verdict"], mtime, cells)

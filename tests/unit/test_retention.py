@@ -193,7 +193,8 @@ def test_unlinks_are_done_without_the_lock_and_a_retest_waits_for_them(tmp_path)
     state = new_state(tmp_path)
     seen = {}
 
-    def remove(commit):
+    def remove(commits):
+        (commit,) = commits
         # Another thread can take the dispatcher's lock meanwhile (a result
         # is never held up by an unlink), and a retest of this commit
         # waits until its files are gone.
@@ -214,6 +215,7 @@ def test_unlinks_are_done_without_the_lock_and_a_retest_waits_for_them(tmp_path)
         seen["retest"] = retest
         os.unlink(folder / (commit + ".xml"))
         os.unlink(folder / commit)
+        return [None]
 
     assert state.remove_pruned([cid(1)], remove, lambda commits: None) == [cid(1)]
     seen["retest"].join(10)
