@@ -50,8 +50,12 @@ git reset --quiet --hard || fail "git reset --hard failed"
 # --force: index and tree from HEAD's to the commit's (the tree is HEAD's
 # now, so only what differs is written).
 checkout() { git checkout --quiet --force --detach "$commit"; }
+# Besides the branches (the clone's own refspec), the upstream's refs/ci/*:
+# the merge commits tested "as merged" are published as
+# refs/ci/merges/<commit> and reachable from nothing else (issue 22).
+ci_refs=(-c 'remote.origin.fetch=+refs/ci/*:refs/ci/*')
 if ! checkout 2>/dev/null; then
-    git fetch --quiet --prune origin
+    git "${ci_refs[@]}" fetch --quiet --prune origin
     if ! checkout 2>/dev/null; then
         # Not on any branch any more (force-pushed away): ask for it by id.
         git fetch --quiet origin "$commit" 2>/dev/null || true

@@ -47,6 +47,8 @@ DISPATCHER_PERMISSIONS = {
     "status": {"observer", "operator", "viewer"},
     "state": {"observer", "operator", "viewer"},
     "log": {"observer", "operator", "viewer"},
+    # The land queue's question (issue 22): read-only, like ``status``.
+    "verdicts": {"observer", "operator", "viewer"},
 }
 
 

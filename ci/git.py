@@ -29,7 +29,8 @@ def run_git(repo: str, *args: str, timeout: float = 120, env: dict | None = None
     return proc.stdout
 
 
-def read_blobs(repo: str, specs: list[str], timeout: float = 120) -> dict[str, bytes | None]:
+def read_blobs(repo: str, specs: list[str], timeout: float = 120,
+               env: dict | None = None) -> dict[str, bytes | None]:
     """The content of each ``<rev>:<path>`` in ``specs`` (None where there
     is no such file, or it is no file), from ONE ``git cat-file --batch``:
     a process per commit would add to every commit's time to its result."""
@@ -38,7 +39,7 @@ def read_blobs(repo: str, specs: list[str], timeout: float = 120) -> dict[str, b
     cmd = ["git", "-C", repo, "cat-file", "--batch"]
     try:
         proc = subprocess.run(cmd, input="".join(f"{s}\n" for s in specs).encode(),
-                              capture_output=True, timeout=timeout)
+                              capture_output=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise GitError(cmd[3:], repo, -1, "timed out") from None
     if proc.returncode:

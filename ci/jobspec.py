@@ -13,6 +13,9 @@ shard, a blank line and the durations table (see sharding.py)::
     axes: django=5.1      the cell's other axes: CI_DJANGO=5.1 for setup and tests
     failing_first: 2         the first 2 lines after the blank line are test ids
                              to run first (they failed most recently on the branch)
+    rules: <full commit id>  whose ``.ci.ini`` quarantine list judges the run: a
+                             merge commit's target (issue 22), so a branch cannot
+                             land red by quarantining its own failures
 
 then, after the blank line, those test ids (one a line) and, for a shard,
 the durations table.
@@ -44,7 +47,8 @@ from ci.dispatch.journal import BRANCH_RE
 
 # The repository's default branch, by either of the usual names.
 DEFAULT_TRUSTED_BRANCHES = ("main", "master")
-KNOWN_KEYS = ("shard", "branch", "trusted", "cell", "python", "axes", "failing_first")
+KNOWN_KEYS = ("shard", "branch", "trusted", "cell", "python", "axes", "failing_first",
+              "rules")
 # At most this many test ids to run first, each at most this long.
 MAX_FAILING_FIRST = 50
 MAX_TEST_ID = 500
@@ -59,6 +63,7 @@ class JobSpec:
     python: str | None = None                  # None: the runner's own interpreter
     axes: tuple[tuple[str, str], ...] = ()     # the cell's other axes, in order
     failing_first: tuple[str, ...] = ()        # test ids to run before the rest
+    rules: str | None = None                   # whose quarantine list (None: the commit's)
 
     @property
     def env(self) -> dict[str, str]:
@@ -81,7 +86,7 @@ def usable_test_id(test_id: str) -> bool:
 def encode(branch: str | None = None, trusted: bool = False,
            shard: tuple[int, int] | None = None, table: bytes = b"",
            cell: matrix.Cell = matrix.SINGLE,
-           failing_first: tuple[str, ...] = ()) -> bytes:
+           failing_first: tuple[str, ...] = (), rules: str | None = None) -> bytes:
     """The body for a job: empty for a whole commit of no known branch and
     no failing tests (as older dispatchers sent), else the fields, then
     the test ids to run first and, for a shard, the table."""
@@ -98,6 +103,10 @@ def encode(branch: str | None = None, trusted: bool = False,
         raise ValueError("a job without a branch cannot be trusted")
     if first:
         fields["failing_first"] = str(len(first))
+    if rules is not None:
+        if not wire.valid_full_commit(rules):
+            raise ValueError(f"rules must be a full commit id, not {rules[:80]!r}")
+        fields["rules"] = rules
     if not fields:
         return b""
     after = "".join(f"{test_id}\n" for test_id in first).encode()
@@ -163,7 +172,11 @@ def parse(body: bytes) -> JobSpec:
         raise ValueError(f"runtest body: trusted must be yes or no, not {trusted[:20]!r}")
     if branch is None and trusted == "yes":
         raise ValueError("runtest body: trusted without a branch")
-    return JobSpec(shard, branch, trusted == "yes", *_parse_cell(fields), failing_first=first)
+    rules = fields.get("rules")
+    if rules is not None and not wire.valid_full_commit(rules):
+        raise ValueError(f"runtest body: rules must be a full commit id, not {rules[:80]!r}")
+    return JobSpec(shard, branch, trusted == "yes", *_parse_cell(fields), failing_first=first,
+                   rules=rules)
 
 
 def _failing_first(count: str | None, rest: bytes) -> tuple[tuple[str, ...], bytes]:

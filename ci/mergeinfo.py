@@ -111,3 +111,48 @@ def parse_merged_into(value: str) -> tuple[str, str] | None:
     if not (TARGET_RE.fullmatch(branch) and valid_full_commit(commit)):
         return None
     return branch, commit
+
+
+# A result header's value is one line of at most this many characters
+# (ci/wire.encode_fields): the ``conflicts`` field names as many whole
+# paths as fit; the output names them all.
+HEADER_VALUE_LIMIT = 1000
+
+
+def format_paths_within(paths, limit: int = HEADER_VALUE_LIMIT) -> str:
+    """``format_paths`` of the longest prefix of ``paths`` that fits in
+    ``limit`` characters (never a path cut in two)."""
+    kept, size = [], 0
+    for quoted in format_paths(paths).split():
+        size += len(quoted) + (1 if kept else 0)
+        if size > limit:
+            break
+        kept.append(quoted)
+    return " ".join(kept)
+
+
+def parse_extra_fields(fields) -> tuple[MergeInfo | None, tuple[str, ...] | None]:
+    """(merge info, conflicting paths) of a dispatch line's (or a journal
+    ``M`` record's) ``key=value`` fields after the positional ones, in any
+    order; unknown keys are skipped (forward compatible), the first of a
+    repeated key counts.  A malformed ``merge=`` is no merge info; a
+    ``conflict=`` counts only beside a merge (without one it is ignored),
+    and one whose paths do not decode is still a conflict, naming none:
+    the commit it names is the branch head, never the merge, so it must
+    not be run as if it were."""
+    merge = conflicts = None
+    seen = set()
+    for field in fields:
+        key = field.partition("=")[0]
+        if key in seen:
+            continue
+        seen.add(key)
+        if field.startswith(MERGE_FIELD):
+            merge = parse_merge_field(field)
+        elif field.startswith(CONFLICT_FIELD):
+            conflicts = parse_conflicts(field)
+            if conflicts is None:
+                conflicts = ()
+    if merge is None:
+        return None, None
+    return merge, conflicts

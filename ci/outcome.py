@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from ci import junit_xml
 from ci import results
 from ci.files import atomic_write
-from ci.results import VERDICTS, TestRecord
+from ci.results import RUNNER_VERDICTS, TestRecord
 from ci.wire import ProtocolError, decode_fields, encode_fields, one_line
 
 
@@ -163,8 +163,10 @@ def _cut(fields: dict[str, str], name: str, what: str,
 def checked_header(raw: dict[str, str]) -> dict:
     """The header fields of a runner's raw values that the dispatcher
     keeps (never ``commit``, ``branch`` or ``previous``: those are its own)."""
-    if raw.get("verdict") not in VERDICTS:
-        raise ProtocolError(f"verdict must be one of {', '.join(VERDICTS)}")
+    # ``conflict`` is the dispatcher's own verdict (a merge that could not
+    # be made, so nothing ran): a runner's tests could otherwise forge one.
+    if raw.get("verdict") not in RUNNER_VERDICTS:
+        raise ProtocolError(f"verdict must be one of {', '.join(RUNNER_VERDICTS)}")
     header: dict = {"verdict": raw["verdict"]}
     for name in RESULT_INT_FIELDS:
         value = raw.get(name, "0")

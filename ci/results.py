@@ -36,7 +36,11 @@ RESULT_FIELDS = ("commit", "verdict", "tests", "failures", "errors", "skipped",
                  # cells' verdicts; a cell's file says which cell it is.
                  "cells", "cell", "python", "axes", "labels",
                  # Failing tests first (ci/runner/ordering.py).
-                 "failing_first", "first_failure_after")
+                 "failing_first", "first_failure_after",
+                 # Merged results (issue 22, ci/mergeinfo.py): the commit is the
+                 # merge of ``merge_head`` into ``<target-branch> <target-commit>``;
+                 # a ``conflict`` verdict names the conflicting paths.
+                 "merged_into", "merge_head", "conflicts")
 
 
 def ordered_header(fields: Mapping) -> dict:
@@ -403,7 +407,13 @@ def junit_path(results_dir: str, commit: str, cell: str = "") -> str:
     return os.path.join(results_dir, result_name(commit, cell) + ".xml")
 
 
-VERDICTS = ("passed", "failed", "error", "timeout")
-SEVERITY = ("passed", "failed", "timeout", "error")
+VERDICTS = ("passed", "failed", "error", "timeout", "conflict")
+# ``conflict``: the branch could not be merged with its target, so nothing
+# ran; only the dispatcher writes it (RUNNER_VERDICTS is what a runner may send).
+CONFLICT = "conflict"
+RUNNER_VERDICTS = ("passed", "failed", "error", "timeout")
+# The verdicts that make a branch red (every one but ``passed``).
+RED_VERDICTS = ("failed", "error", "timeout", "conflict")
+SEVERITY = ("passed", "failed", "conflict", "timeout", "error")
 # As ci/matrix.py has it (a cell's name in a file name).
 CELL_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,160}")

@@ -34,7 +34,7 @@ FULL_SCAN = 30.0
 # Bigger output is shown as its tail; the whole file stays on disk.
 MAX_OUTPUT_READ = 32 * 1024 * 1024
 MAX_TEST_NAMES = 1000
-RED = frozenset(("failed", "error", "timeout"))
+RED = frozenset(results.RED_VERDICTS)   # a conflict too (issue 22)
 # A matrix cell's name as the ``cells:`` field and the cell files carry it.
 CELL_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,160}")
 MAX_CELLS = 256

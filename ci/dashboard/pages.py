@@ -14,10 +14,10 @@ import re
 import time
 import urllib.parse
 
-from ci import wire
+from ci import mergeinfo, wire
 from ci import state_schema
 
-VERDICT_CLASSES = ("passed", "failed", "error", "timeout", "running", "queued")
+VERDICT_CLASSES = ("passed", "failed", "error", "timeout", "conflict", "running", "queued")
 SHORT = 10
 
 
@@ -276,7 +276,8 @@ def fields_section(item: dict, status: str) -> Safe:
     keys = ("verdict", "branch", "previous", "subject", "author", "committed", "tests",
             "failures", "errors", "skipped", "flaky", "quarantined", "quarantined_failed",
             "quarantined_failing", "runner", "started", "duration", "exit_code",
-            "reason", "setup", "setup_duration", "junit")
+            "reason", "merged_into", "merge_head", "conflicts", "setup", "setup_duration",
+            "junit")
     rows = []
     for key in keys:
         value = item.get(key)
@@ -291,8 +292,14 @@ def fields_section(item: dict, status: str) -> Safe:
                            href=branch_query(value), branch=value)
         elif key == "branch":
             shown = render('<span class="branch">{branch}</span>', branch=value)
-        elif key == "previous" and wire.valid_full_commit(value):
+        elif key in ("previous", "merge_head") and wire.valid_full_commit(value):
             shown = commit_link(value)
+        elif key == "merged_into" and mergeinfo.parse_merged_into(value):
+            target, at = mergeinfo.parse_merged_into(value)
+            shown = render('merged with <span class="branch">{target}</span> at {link}',
+                           target=target, link=commit_link(at))
+        elif key == "conflicts":
+            shown = escape(", ".join(mergeinfo.parse_paths(value)))
         else:
             shown = escape(value)
         rows.append(render("<dt>{key}</dt><dd>{value}</dd>", key=key, value=shown))
@@ -487,7 +494,7 @@ table.grid { width:100%; border-collapse:separate; border-spacing:0; background:
 .grid .time, .grid .runner { color:var(--muted); white-space:nowrap; font-size:12px; }
 .grid .author { white-space:nowrap; max-width:160px; overflow:hidden; text-overflow:ellipsis; }
 .commits tr.r-failed td:first-child, .commits tr.r-error td:first-child,
-.commits tr.r-timeout td:first-child { box-shadow:inset 3px 0 0 var(--red); }
+.commits tr.r-timeout td:first-child, .commits tr.r-conflict td:first-child { box-shadow:inset 3px 0 0 var(--red); }
 .commits tr.r-passed td:first-child { box-shadow:inset 3px 0 0 #2da44e; }
 .sha { font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:13px; }
 .branch { font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:12px;
@@ -502,6 +509,7 @@ table.grid { width:100%; border-collapse:separate; border-spacing:0; background:
 .v-failed { background:var(--red-bg); color:var(--red); border-color:#ffcecb; }
 .v-error { background:var(--amber-bg); color:var(--amber); border-color:#eac54f; }
 .v-timeout { background:var(--purple-bg); color:var(--purple); border-color:#d8b9ff; }
+.v-conflict { background:var(--red-bg); color:var(--red); border-color:var(--red); border-style:dashed; }
 .v-running { background:var(--blue-bg); color:var(--blue); border-color:#b6e3ff; }
 .v-queued, .v-unknown { background:#eaeef2; color:var(--muted); border-color:var(--line); }
 .mark { display:inline-block; margin-left:8px; font-size:11px; font-weight:600; padding:0 6px;

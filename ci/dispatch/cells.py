@@ -23,7 +23,7 @@ import logging
 import os
 import time
 
-from ci import matrix, results
+from ci import matrix, mergeinfo, results
 from ci.matrix import Plan
 from ci.dispatch.journal import cell_record, queue_record, split_key
 from ci.dispatch.work import Meta, Work, work_key
@@ -54,7 +54,23 @@ def meta_from_result(results_dir: str, commit: str) -> Meta | None:
     if "branch" not in fields:
         return None
     previous = fields.get("previous")
-    return Meta(fields["branch"], previous if valid_full_commit(previous or "") else None)
+    merge, conflicts = merge_from_header(fields)
+    return Meta(fields["branch"], previous if valid_full_commit(previous or "") else None,
+                merge, conflicts)
+
+
+def merge_from_header(fields: dict) -> tuple:
+    """(merge info, conflicting paths) a result header records, so that a
+    retest of a merge commit is judged by its target's rules again (and a
+    conflict stays one: its commit is the branch head, not a merge)."""
+    into = mergeinfo.parse_merged_into(fields.get("merged_into", ""))
+    head = fields.get("merge_head", "")
+    if into is None or not valid_full_commit(head):
+        return None, None
+    merge = mergeinfo.MergeInfo(head, into[1], into[0])
+    if fields.get("verdict") == results.CONFLICT:
+        return merge, mergeinfo.parse_paths(fields.get("conflicts", ""))
+    return merge, None
 
 
 def cell_from_header(name: str, header: dict) -> matrix.Cell | None:
@@ -92,7 +108,8 @@ def summary(commit: str, cells: dict[str, matrix.Cell], headers: dict[str, dict]
     for count in ("tests", "failures", "errors", "skipped"):
         header[count] = sum(_int(h.get(count)) for h in headers.values())
     header["duration"] = f"{max((_float(h.get('duration')) for h in headers.values()), default=0):.3f}"
-    for key in ("branch", "previous", "subject", "author", "committed"):
+    for key in ("branch", "previous", "subject", "author", "committed", "merged_into",
+                "merge_head"):
         value = next((h[key] for h in headers.values() if h.get(key)), None)
         if value:
             header[key] = value

@@ -15,12 +15,12 @@ import logging
 import threading
 import time
 
-from ci import matrix
+from ci import matrix, mergeinfo, results
 from ci.dispatch.journal import AssignmentRecord, done_record, lost_record, split_key
 from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, SUSPECT
 from ci.dispatch.work import Job, Merged, ShardReport, ShardSet, Work, WorkKey, WorkState
 from ci.outcome import Outcome
-from ci.wire import Reply
+from ci.wire import Reply, one_line
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,7 @@ class ResultKeeper:
             added["branch"] = work.meta.branch
             if work.meta.previous:
                 added["previous"] = work.meta.previous
+            added.update(merge_header(work.meta))
         return outcome.with_header(**added)
 
     def write_result(self, key: str, outcome: Outcome) -> None:
@@ -263,10 +264,22 @@ class ResultKeeper:
         (rare, and nothing may run it meanwhile); False if it cannot be
         written, and the work stays as it is."""
         log.error("commit %s: %s", work.short, reason)
+        return self._write_verdict(work, "error", reason, (reason + "\n").encode())
+
+    def _write_conflict(self, work: Work) -> bool:
+        """The ``conflict`` verdict of a branch whose merge with its target
+        could not be made (the observer said so: ``conflict=``): no run,
+        as for ``_write_error``; the header names the paths."""
+        merge, paths = work.meta.merge, work.meta.conflicts or ()
+        reason, output = conflict_text(merge, paths)
+        log.info("commit %s: %s", work.short, reason)
+        return self._write_verdict(work, results.CONFLICT, reason, output)
+
+    def _write_verdict(self, work: Work, verdict: str, reason: str, output: bytes) -> bool:
         outcome = self._complete_fields(work, Outcome({
-            "verdict": "error", "tests": 0, "failures": 0, "errors": 0, "skipped": 0,
+            "verdict": verdict, "tests": 0, "failures": 0, "errors": 0, "skipped": 0,
             "runner": "dispatcher", "reason": reason, "started": now_stamp(),
-            "duration": "0.000"}, (reason + "\n").encode()))
+            "duration": "0.000"}, output))
         try:
             self.write_result(work.key, outcome)
         except OSError:
@@ -278,3 +291,38 @@ class ResultKeeper:
         if told is not None:
             tell_later(self.listeners, work.commit, told)
         return True
+
+    def _write_unrunnable(self, work: Work) -> bool:
+        """Write the verdict of work that must never run (an unreadable
+        matrix, a conflict); False for work that is to run."""
+        if work.error is not None:
+            return self._write_error(work, work.error)
+        if work.meta is not None and work.meta.merge is not None \
+                and work.meta.conflicts is not None:
+            return self._write_conflict(work)
+        return False
+
+
+def merge_header(meta) -> dict:
+    """The header fields of a merge commit (or of a conflict): which
+    target it was merged into, the branch's own commit, the conflicts."""
+    if meta is None or meta.merge is None:
+        return {}
+    fields = {"merged_into": mergeinfo.format_merged_into(meta.merge),
+              "merge_head": meta.merge.head}
+    if meta.conflicts is not None:
+        fields["conflicts"] = mergeinfo.format_paths_within(meta.conflicts)
+    return fields
+
+
+def conflict_text(merge: mergeinfo.MergeInfo, paths: tuple[str, ...]) -> tuple[str, bytes]:
+    """(the one-line reason, the output) of a ``conflict`` verdict."""
+    named = ", ".join(paths) if paths else "the observer named no readable path"
+    reason = one_line(f"merge conflict with {merge.target_branch} at "
+                      f"{merge.target_commit[:12]}: {named}", 300)
+    lines = [f"[ci] {merge.head} cannot be merged into {merge.target_branch} at "
+             f"{merge.target_commit}: nothing was run.",
+             f"[ci] conflicting files ({len(paths)}):" if paths else
+             "[ci] the observer named no readable conflicting path.",
+             *(f"    {one_line(p, mergeinfo.MAX_PATH_CHARS)}" for p in paths)]
+    return reason, ("\n".join(lines) + "\n").encode("utf-8", "replace")

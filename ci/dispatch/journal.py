@@ -6,7 +6,12 @@ record says ``<commit>``, a matrix cell's records say ``<commit>:<cell>``,
 its work's key: every guarantee of a commit holds per cell)::
 
     Q <commit>                          queued (fsynced before ``dispatch`` is answered)
-    M <commit> <previous|-> <branch>    the observer's metadata for a queued commit
+    M <commit> <previous|-> <branch> [merge=... [conflict=...]]
+                                        the observer's metadata for a queued commit;
+                                        a merge commit's (or a conflict's) fields as
+                                        the dispatch line had them (ci/mergeinfo.py;
+                                        an ``M`` without them, as older journals
+                                        have it, is a plain commit's)
     R <commit>                          test again although a result exists (retest)
     A <commit> <token> <runner> <name|->  assigned to a runner with this token
     L <commit>                          a run lost its runner (poison counting)
@@ -34,7 +39,7 @@ import dataclasses
 import re
 import urllib.parse
 
-from ci import matrix
+from ci import matrix, mergeinfo
 from ci.appendlog import AppendLog
 from ci.wire import TOKEN_RE, valid_full_commit
 
@@ -58,7 +63,8 @@ class Replayed:
     lost: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     done: set = dataclasses.field(default_factory=set)
     retest: set = dataclasses.field(default_factory=set)
-    meta: dict = dataclasses.field(default_factory=dict)        # commit -> (branch, previous)
+    # commit -> (branch, previous, merge info, conflicting paths)
+    meta: dict = dataclasses.field(default_factory=dict)
     sharded: set = dataclasses.field(default_factory=set)
     cells: dict = dataclasses.field(default_factory=dict)       # key -> matrix.Cell
     group_keys: dict = dataclasses.field(default_factory=dict)  # commit -> {key}
@@ -120,8 +126,19 @@ def done_record(commit: str) -> str:
     return f"{DONE} {commit}"
 
 
-def meta_record(commit: str, branch: str, previous: str | None) -> str:
-    return f"{META} {commit} {previous or '-'} {branch}"
+def meta_record(commit: str, branch: str, previous: str | None,
+                merge: mergeinfo.MergeInfo | None = None,
+                conflicts: tuple[str, ...] | None = None) -> str:
+    return f"{META} {commit} {previous or '-'} {branch}" + merge_fields(merge, conflicts)
+
+
+def merge_fields(merge: mergeinfo.MergeInfo | None, conflicts: tuple[str, ...] | None) -> str:
+    """`` merge=... conflict=...`` as a dispatch line has them ("" for a
+    plain commit)."""
+    if merge is None:
+        return ""
+    text = " " + mergeinfo.encode_merge_field(merge)
+    return text + (" " + mergeinfo.encode_conflicts(conflicts) if conflicts is not None else "")
 
 
 def shard_record(commit: str, shards: int) -> str:
@@ -157,7 +174,7 @@ def _parse_cell(key: str, parts: list[str]) -> matrix.Cell | None:
 @dataclasses.dataclass(frozen=True)
 class Record:
     """One parsed journal line.  ``value``: None for the bare kinds, the
-    (branch, previous) pair of ``M``, the ``AssignmentRecord`` of ``A``,
+    (branch, previous, merge info, conflicts) of ``M``, the ``AssignmentRecord`` of ``A``,
     the shard count of ``S``."""
     kind: str
     commit: str
@@ -174,8 +191,10 @@ def parse_record(line: str) -> Record | None:
     if kind in BARE_KINDS and len(parts) == 2:
         return Record(kind, commit)
     if kind == META:
-        parsed = parse_meta_line(" ".join([key_commit(commit), *parts[2:]]))
-        return Record(kind, commit, (parsed[2], parsed[1])) if parsed else None
+        parsed = parse_meta_line(" ".join([key_commit(commit), *parts[2:4]]))
+        merge, conflicts = mergeinfo.parse_extra_fields(parts[4:])
+        return Record(kind, commit, (parsed[2], parsed[1], merge, conflicts)) \
+            if parsed else None
     if kind == ASSIGNED and len(parts) == 5 and TOKEN_RE.fullmatch(parts[2]):
         name = None if parts[4] == "-" else parts[4]
         return Record(kind, commit, AssignmentRecord(parts[2], parts[3], name))

@@ -14,11 +14,11 @@ import threading
 import time
 from ci import auth
 import helpers
-from ci import jobspec, matrix
+from ci import jobspec, matrix, mergeinfo, verdicts
 from ci import state_schema
 from ci.dispatch.runners import PingReply, Runner, Traits
 from ci.dispatch.state import DispatcherState
-from ci.dispatch.work import Job
+from ci.dispatch.work import Job, Meta
 from ci.dispatch.journal import BRANCH_RE, parse_meta_line, split_key, TOKEN_RE
 from ci.config import ConfigError
 from ci.outcome import Outcome
@@ -61,20 +61,28 @@ def commit_list(message: Message, command: str, cells: bool = False) -> list[str
 def parse_dispatch_body(body: bytes, commits: list[str],
                         max_cells: int = matrix.DEFAULT_MAX_CELLS) -> tuple[dict, dict]:
     """The observer's metadata, one line per commit ``<commit> <previous|->
-    <branch> [cells=<base64 JSON>|error=<base64 reason>]`` (the last field
-    only for a commit whose recipe has a matrix: ci/dispatch/cells.py);
-    lines for commits not in the command, or that do not parse, are
-    ignored (the commit is still queued, as one cell, only without them).
-    Returns (commit -> (branch, previous), commit -> Plan)."""
+    <branch> [key=value ...]``: after the three positional fields any
+    number of ``key=value`` fields in any order, unknown keys skipped
+    (forward compatible): ``cells=``/``error=`` (a commit whose recipe has
+    a matrix: ci/dispatch/cells.py), ``merge=`` and ``conflict=`` (a
+    merge commit, or one that could not be made: ci/mergeinfo.py).  Lines
+    for commits not in the command, or that do not parse, are ignored (the
+    commit is still queued, as one cell, only without them); a malformed
+    ``merge=`` is no merge info.  A conflict has no plan: it never runs.
+    Returns (commit -> Meta, commit -> Plan)."""
     wanted = set(commits)
     meta, plans = {}, {}
     for line in body.decode("utf-8", "replace").splitlines()[:MAX_COMMITS_PER_DISPATCH]:
         parts = line.strip().split(" ")
         parsed = parse_meta_line(" ".join(parts[:3]))
-        if parsed and parsed[0] in wanted:
-            meta[parsed[0]] = (parsed[2], parsed[1])
-            if len(parts) == 4:
-                plans[parsed[0]] = matrix.decode_plan(parts[3], max_cells)
+        if not parsed or parsed[0] not in wanted:
+            continue
+        extra = [p for p in parts[3:] if p]
+        merge, conflicts = mergeinfo.parse_extra_fields(extra)
+        meta[parsed[0]] = Meta(parsed[2], parsed[1], merge, conflicts)
+        plan = next((p for p in extra if p.startswith((matrix.CELLS_FIELD, matrix.ERROR_FIELD))), None)
+        if plan is not None and conflicts is None:
+            plans[parsed[0]] = matrix.decode_plan(plan, max_cells)
     return meta, plans
 
 
@@ -133,7 +141,7 @@ class Dispatcher:
                          "dispatch": self.do_dispatch, "retest": self.do_retest,
                          "results": self.do_results, "release": self.do_release,
                          "progress": self.do_progress, "prefetch": self.do_prefetch,
-                         "failing": self.do_failing}
+                         "failing": self.do_failing, "verdicts": self.do_verdicts}
 
     # ---- handlers (run on request threads: short, no network I/O) --------
     def do_status(self, message: Message, peer: str) -> Message:
@@ -244,6 +252,15 @@ class Dispatcher:
             raise Reply("usage: failing:<commit> <token>, body test: <id>, after: <seconds>")
         first = self.state.first_failure(commit, token, self._runner_name(peer), test, after)
         return Message("ok", "first" if first else "known")
+
+    def do_verdicts(self, message: Message, peer: str) -> Message:
+        """Where each asked commit stands (ci/verdicts.py): the land queue's
+        question, answered from result headers and the queue."""
+        try:
+            commits = verdicts.parse_request(message.argument)
+        except verdicts.VerdictsError as exc:
+            raise Reply(str(exc)) from None
+        return Message("ok", "", verdicts.format_reply(self.state.verdicts(commits)))
 
     @staticmethod
     def _fields(body: bytes) -> dict:

@@ -39,6 +39,7 @@ from ci.dispatch.journal import (BRANCH_RE, AssignmentRecord, Journal, assign_re
 from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, SUSPECT, Runner, RunnerRegistry
 from ci.dispatch.shards import ShardPlanner
 from ci.dispatch.views import StateViews
+from ci.dispatch.answers import VerdictAnswers
 from ci.dispatch.live import LiveOutput
 from ci.dispatch.pruned import PrunedCommits
 from ci.retention.tombstones import TombstoneFile
@@ -64,8 +65,15 @@ def take(queue: collections.deque, item) -> None:
         queue.remove(item)
 
 
+def rules_commit(work: Work) -> str | None:
+    """The commit whose recipe's quarantine judges the work: a merge
+    commit's target (issue 22), else None (the commit's own)."""
+    merge = work.meta.merge if work.meta else None
+    return merge.target_commit if merge else None
+
+
 class DispatcherState(LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner, ResultKeeper,
-                      MatrixKeeper, StateViews):
+                      MatrixKeeper, StateViews, VerdictAnswers):
     """Every attribute is guarded by ``self.cond``.  Methods whose name
     starts with ``_`` expect the caller to hold it; every other method
     takes it itself (``enqueue``, ``retest``, ``journal_and_queue`` and
@@ -188,6 +196,10 @@ class DispatcherState(LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner, R
                     self._remember_finished(key, a)
             completed = self._recover_groups(got)
             self.journal.rewrite(self._pending_records())
+            # Journalled but its verdict not yet written at the crash: it is
+            # written now, never run (an unreadable matrix, a conflict).
+            for work in [self.work[k] for k in list(self.queue)]:
+                self._write_unrunnable(work)
             for commit, outcome in completed:
                 tell_later(self.listeners, commit, outcome)
             if pending:
@@ -330,8 +342,8 @@ class DispatcherState(LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner, R
                     self.done.discard(work.key)
                     self.pruned.discard(work.key)
                 self._to_queue(work, head=False)
-                if work.error is not None:
-                    self._write_error(work, work.error)
+                # Work that must not run: an unreadable matrix, a conflict.
+                self._write_unrunnable(work)
 
     # ---- assignment ------------------------------------------------------
     def next_assignment(self) -> Job | None:
@@ -433,7 +445,7 @@ class DispatcherState(LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner, R
         return jobspec.encode(branch, jobspec.trusted_branch(branch, self.trusted_branches),
                               (index, shard_set.total) if shard_set else None,
                               shard_set.table if shard_set else b"", failing_first=first,
-                              cell=work.cell)
+                              cell=work.cell, rules=rules_commit(work))
 
     def _is_current(self, job: Job) -> bool:
         work = self.work.get(job.key)

@@ -23,7 +23,7 @@ import enum
 import secrets
 from typing import NamedTuple, NewType
 
-from ci import matrix
+from ci import matrix, mergeinfo
 from ci.dispatch.journal import AssignmentRecord, make_key
 from ci.outcome import Outcome
 
@@ -77,9 +77,15 @@ class TransitionError(RuntimeError):
 
 
 class Meta(NamedTuple):
-    """What the observer said of a queued commit."""
+    """What the observer said of a queued commit.  ``merge``: the commit
+    is the merge of a branch's head into its target (ci/mergeinfo.py);
+    ``conflicts`` (only with ``merge``): that merge could not be made,
+    the commit is the head itself, and its verdict is ``conflict``, with
+    no run."""
     branch: str
     previous: str | None
+    merge: mergeinfo.MergeInfo | None = None
+    conflicts: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass

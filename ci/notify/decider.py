@@ -32,7 +32,8 @@ DEFAULT_NOTIFY_ON = "change"
 
 
 def is_failing(verdict: str) -> bool:
-    """``failed``, ``error`` and ``timeout`` all mean the branch is not green."""
+    """``failed``, ``error``, ``timeout`` and ``conflict`` (the branch cannot
+    be merged with its target) all mean the branch is not green."""
     return verdict != "passed"
 
 

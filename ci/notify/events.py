@@ -89,7 +89,8 @@ def event_text(event: dict) -> str:
     about = f"{short} ({who})" if who else short
     counts = (f"{event['failures']} failures, {event['errors']} errors of "
               f"{event['tests']} tests")
-    if event["verdict"] in ("error", "timeout"):
+    if event["verdict"] in ("error", "timeout", "conflict"):
+        # A conflict's reason names the files (no test ran: no counts).
         counts = f"verdict {event['verdict']}" + (f": {event['reason']}" if event["reason"]
                                                    else "")
     elif event["verdict"] == "failed":

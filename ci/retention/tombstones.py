@@ -121,6 +121,25 @@ class TombstoneFile:
                 return None
         return found
 
+    def find_many(self, commits) -> dict[str, Tombstone]:
+        """The newest tombstone of each of ``commits`` that has one, from
+        one pass over the file (the ``verdicts`` command's pruned commits)."""
+        wanted = {c.encode() for c in commits}
+        found: dict[str, Tombstone] = {}
+        if not wanted:
+            return found
+        with self._lock:
+            try:
+                with open(self.path, "rb") as handle:
+                    for raw in handle:
+                        if raw.partition(b" ")[0] in wanted:
+                            stone = parse_line(raw.rstrip(b"\n").decode("utf-8", "replace"))
+                            if stone is not None:
+                                found[stone.commit] = stone
+            except FileNotFoundError:
+                pass
+        return found
+
     def append(self, tombstones: list[Tombstone]) -> list[str]:
         """Durably, before the files they stand for are removed.  Returns
         the commits whose tombstones a trim dropped (usually none)."""

@@ -144,7 +144,7 @@ class TestRunner:
         """The job's outcome; a failure of the runner itself is one too."""
         try:
             return pipeline.execute(self.settings, job.commit, job.shard, job.scope,
-                                    self._cell(job), job.failing_first)
+                                    self._cell(job), job.failing_first, job.rules)
         except Exception as exc:
             log.exception("running %s failed", job.commit[:12])
             return Outcome({"verdict": "error", "reason": f"runner failure: {exc}"},

@@ -27,6 +27,7 @@ class RunnerJob:
     python: str | None = None   # the cell's interpreter; None: the runner's own
     env: dict = dataclasses.field(default_factory=dict)   # CI_<AXIS> variables
     failing_first: tuple[str, ...] = ()   # test ids to run before the rest
+    rules: str | None = None    # whose .ci.ini quarantine list decides (None: the commit's)
 
     @property
     def scope(self) -> environments.Scope:
@@ -44,7 +45,7 @@ def parse_runtest(message: Message) -> RunnerJob:
     except ValueError as exc:
         raise Reply(str(exc)) from None
     return RunnerJob(parts[0], parts[1], spec.shard, spec.branch, spec.trusted,
-                     spec.cell, spec.python, spec.env, spec.failing_first)
+                     spec.cell, spec.python, spec.env, spec.failing_first, spec.rules)
 
 
 # What RunnerState.take hands the worker when it should fetch, not test.

@@ -19,7 +19,7 @@ import time
 from ci import results, sharding
 from ci.outcome import Outcome
 from ci.git import script_path
-from ci.runner import command_line, environments, junit_capture, ordering, reruns
+from ci.runner import command_line, environments, junit_capture, ordering, reruns, rules
 from ci.runner.interpreters import JobCell
 from ci.runner.sandbox.private_git import PrivateRepository
 from ci.runner.slot import ProcessSlot, child_env, git_run_args
@@ -54,16 +54,19 @@ class Settings:
 
 def execute(settings: Settings, commit: str, shard: sharding.ShardSpec | None = None,
             scope: environments.Scope | None = None, cell: JobCell | None = None,
-            failing_first: tuple[str, ...] = ()) -> Outcome:
+            failing_first: tuple[str, ...] = (), rules_commit: str | None = None) -> Outcome:
     """Check out ``commit`` and run its tests; return their outcome.
     ``scope``: which environments the commit may reuse and build
     (default: the commit's own, never a trusted one); ``cell``: the
     matrix cell's interpreter and variables (default: the runner's own
     Python, none); ``failing_first``: test ids to run before the rest
-    (see ordering.py).  Per-test records, when there are any, come as the
+    (see ordering.py); ``rules_commit``: whose ``.ci.ini`` quarantine list
+    judges the run (a merge commit's target; None: the commit's own, see
+    rules.py).  Per-test records, when there are any, come as the
     outcome's ``records`` (and as its ``junit_xml`` for older
     dispatchers), and the counts are theirs."""
-    return JobPipeline(settings, commit, shard, scope, cell, failing_first).run()
+    return JobPipeline(settings, commit, shard, scope, cell, failing_first,
+                       rules_commit).run()
 
 
 class JobPipeline:
@@ -72,8 +75,9 @@ class JobPipeline:
     def __init__(self, settings: Settings, commit: str,
                  shard: sharding.ShardSpec | None = None,
                  scope: environments.Scope | None = None, cell: JobCell | None = None,
-                 failing_first: tuple[str, ...] = ()):
+                 failing_first: tuple[str, ...] = (), rules_commit: str | None = None):
         self.settings = settings
+        self.rules_commit = rules_commit
         self.failing_first = tuple(failing_first)
         self.commit = commit
         self.shard = shard
@@ -99,6 +103,9 @@ class JobPipeline:
         prepared, setup_log = self.prepare()
         if prepared.failed:
             return self._finish(setup_log)
+        if self.rules_commit is not None:
+            prepared.quarantine, note = self.target_rules()
+            setup_log += note.encode()
         if prepared.command is None and not os.path.isdir(
                 os.path.join(self.settings.repo, "tests")):
             reason = "no tests/ folder in this commit"
@@ -131,6 +138,14 @@ class JobPipeline:
                 private.give_tree()
         log.debug("checkout of %s took %.3fs", self.commit[:12], time.time() - self.started)
         return code, timed_out, checkout_log
+
+    def target_rules(self) -> tuple[tuple[str, ...], str]:
+        """The quarantine list of the job's ``rules`` commit (see rules.py),
+        read by the runner's own git (its private repository, if any)."""
+        settings, private = self.settings, self.settings.private
+        env = private.git_env(dict(os.environ)) if private is not None else None
+        return rules.target_quarantine(settings.repo, self.rules_commit,
+                                       settings.preparer.limits, env)
 
     def prepare(self) -> tuple[environments.Prepared, bytes]:
         """The recipe read and the environment made ready; the setup

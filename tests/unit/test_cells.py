@@ -17,6 +17,7 @@ from ci.dispatch import server
 from ci.dispatch.journal import Journal
 from ci.dispatch.runners import Traits
 from ci.dispatch.state import DispatcherState
+from ci.dispatch.work import Meta
 from ci.outcome import Outcome
 from ci.wire import Message, Reply
 
@@ -196,7 +197,7 @@ def test_a_restart_with_cells_half_done_tests_each_cell_once(make_state, tmp_pat
 def test_the_dispatch_body_carries_plans():
     line = f"{X} - main {matrix.encode_plan(PLAN)}\n{Y} - dev\n".encode()
     meta, plans = server.parse_dispatch_body(line, [X, Y])
-    assert meta == {X: ("main", None), Y: ("dev", None)}
+    assert meta == {X: Meta("main", None), Y: Meta("dev", None)}
     assert plans[X] == PLAN and Y not in plans
     _, small = server.parse_dispatch_body(line, [X], max_cells=2)
     assert "3 cells, more than the 2 allowed" in small[X].error

@@ -71,8 +71,8 @@ BUILT = [
     (journal.retest_record(X), Record("R", X)),
     (journal.lost_record(X), Record("L", X)),
     (journal.done_record(X), Record("D", X)),
-    (journal.meta_record(X, "feature/x", Y), Record("M", X, ("feature/x", Y))),
-    (journal.meta_record(X, "main", None), Record("M", X, ("main", None))),
+    (journal.meta_record(X, "feature/x", Y), Record("M", X, ("feature/x", Y, None, None))),
+    (journal.meta_record(X, "main", None), Record("M", X, ("main", None, None, None))),
     (journal.shard_record(X, 4), Record("S", X, 4)),
     (journal.assign_record(X, AssignmentRecord(TOKEN, "127.0.0.1:9001", "r1")),
      Record("A", X, AssignmentRecord(TOKEN, "127.0.0.1:9001", "r1"))),
@@ -104,7 +104,7 @@ def test_replay_folds_the_built_records():
              "Q " + "3" * 39]   # a torn last line
     got = replay_lines(("\n".join(lines)).encode())
     assert got.order == [X, Y] and got.done == {Y} and not got.sharded
-    assert got.meta == {X: ("main", None)} and got.lost[X] == 2
+    assert got.meta == {X: ("main", None, None, None)} and got.lost[X] == 2
     assert got.assigned[X] == [AssignmentRecord(TOKEN, "127.0.0.1:9001", None)]
     # A retest starts a new round: the earlier assignment is history.
     again = replay_lines(("\n".join(lines + [journal.retest_record(X)])).encode())

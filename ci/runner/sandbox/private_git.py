@@ -45,6 +45,9 @@ FETCH_TIMEOUT = 3600.0
 # runs what that repository's config says (``remote.origin.uploadpack``):
 # a test can plant one in the tree, so the runner's git never recurses.
 NO_SUBMODULES = (("fetch.recurseSubmodules", "false"), ("submodule.recurse", "false"))
+# The upstream's hidden refs the runner fetches too (test_runner_script.sh
+# adds it to every fetch; the first fetch here brings them at once).
+CI_REFSPEC = "+refs/ci/*:refs/ci/*"
 
 
 class PrivateRepository:
@@ -79,7 +82,10 @@ class PrivateRepository:
         try:
             for args in (["init", "--quiet"], ["config", "core.bare", "false"],
                          ["config", "core.worktree", self.repo],
-                         ["remote", "add", "origin", url]):
+                         ["remote", "add", "origin", url],
+                         # Merge commits tested "as merged" are reachable
+                         # only from the upstream's refs/ci/ (issue 22).
+                         ["config", "--add", "remote.origin.fetch", CI_REFSPEC]):
                 run_git(self.repo, *args, env=env)
             run_git(self.repo, "fetch", "--quiet", "origin", env=env,
                             timeout=FETCH_TIMEOUT)
