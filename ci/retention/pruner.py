@@ -199,17 +199,7 @@ class Pruner:
             except OSError as exc:
                 return exc
             return None
-        errors = list(self.unlinkers.map(one, commits))
-        if os.environ.get("XX_DIRSYNC"):
-            self._sync_folder()
-        return errors
-
-    def _sync_folder(self) -> None:
-        fd = os.open(self.results_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        return list(self.unlinkers.map(one, commits))
 
     def _unlink(self, commit: str, cells: tuple[str, ...]) -> None:
         """A matrix commit's cell files, the JUnit XML, then the result
