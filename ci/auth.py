@@ -47,6 +47,11 @@ DISPATCHER_PERMISSIONS = {
     "status": {"observer", "operator", "viewer"},
     "state": {"observer", "operator", "viewer"},
     "log": {"observer", "operator", "viewer"},
+    # The land queue (issue 22): the observer owns it and tells its
+    # snapshot and events; anyone who may look may read the snapshot.
+    "queue-state": {"observer"},
+    "queue-event": {"observer"},
+    "queue": {"observer", "operator", "viewer"},
 }
 
 
