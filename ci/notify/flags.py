@@ -50,9 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        metavar="WHAT",
                        help="change: broken, fixed and rejected (a land queue entry turned "
                             "down); early: also, while a commit's tests still run, its first "
-                            "failing test (once per run); failure: also every still-failing "
-                            "or failing commit; all: every result and every landed entry; or "
-                            "event names and presets joined by commas, e.g. change,landed "
+                            "failing test (once per run); failure: broken, fixed, rejected "
+                            "and every still-failing or failing commit; all: every result and "
+                            "every landed entry; or event names and presets joined by commas, "
+                            "e.g. change,landed "
                             f"(default: {DEFAULT_NOTIFY_ON})")
     for flag, default, text in SECONDS_FLAGS:
         group.add_argument(flag, type=positive(float), default=default, metavar="SECONDS",

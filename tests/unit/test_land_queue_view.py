@@ -208,3 +208,29 @@ def test_the_journal_remembers_queue_events_through_compaction(tmp_path):
     assert [e["id"] for e in again.pending()] == [sent["id"]]
     # A queue event is no decision: its commit is not taken as judged.
     assert again.judged == {}
+
+
+# ---- the dashboard's sections (ci/dashboard/queue_pages.py) ----------------
+
+def test_queue_sections_escape_and_say_when_there_is_nothing():
+    from ci.dashboard import queue_pages
+    empty = queue_pages.sections(queue_snapshot.empty(), None)
+    assert "has not reported a land queue" in empty["sec-queue-banner"]
+    assert "Nothing is queued to land" in empty["sec-queue"]
+    down = queue_pages.sections(None, "cannot reach the dispatcher")
+    assert "Dispatcher unavailable" in down["sec-queue-banner"] and down["sec-queue"] == ""
+    evil = snapshot(entries=[entry(branch='x"><script>alert(1)</script>',
+                                   reason="<img src=x onerror=alert(2)>", by="<b>ann</b>")])
+    html = "".join(queue_pages.sections(check_snapshot(evil), None).values())
+    assert "<script>" not in html and "<img" not in html and "<b>" not in html
+    assert "&lt;script&gt;" in html and "&lt;img src=x onerror=alert(2)&gt;" in html
+    api = queue_pages.api_view(check_snapshot(snapshot()), None)
+    main = api["targets"]["main"]
+    assert (main["head"], main["depth"]) == (C, 4)
+    assert [e["id"] for e in main["entries"]] == [7, 8]
+    assert main["entries"][0]["tested_url"] == f"/commit/{B}"
+    assert "tested_url" not in main["entries"][1]
+    assert api["recent"][0]["state"] == "rejected"
+    assert api["updated"] == "2023-11-14T22:13:40Z"
+    assert queue_pages.api_view(None, "down") == {"dispatcher": {"reachable": False,
+                                                                  "error": "down"}}
