@@ -26,7 +26,9 @@ FILE_NAME = "queue.json"
 class LandQueueView:
     """The latest snapshot, as checked JSON bytes and as its dict."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str | None):
+        # None: kept in memory only (a dispatcher built without a state
+        # folder, as some tests build one).
         self.path = path
         self._lock = threading.Lock()
         self._snapshot = queue_snapshot.empty()
@@ -36,6 +38,8 @@ class LandQueueView:
         """Take the snapshot kept before a restart.  A missing file is an
         empty queue; an unreadable or invalid one is logged and ignored
         (the observer sends a new one with its next change)."""
+        if self.path is None:
+            return
         try:
             with open(self.path, "rb") as handle:
                 data = handle.read(queue_snapshot.MAX_BYTES + 1)
@@ -63,7 +67,8 @@ class LandQueueView:
         with self._lock:
             # Under the lock: two snapshots written at once must leave the
             # file and the memory agreeing on the same one.
-            atomic_write(self.path, encoded)
+            if self.path is not None:
+                atomic_write(self.path, encoded)
             self._snapshot, self._data = snapshot, encoded
         return snapshot
 

@@ -10,7 +10,6 @@ import concurrent.futures
 import dataclasses
 import errno
 import logging
-import os
 import threading
 import time
 from ci import auth
@@ -118,7 +117,7 @@ class Dispatcher:
         self.state = state
         # The observer's land queue: its snapshot (kept here, with its own
         # lock) and its events (told on by the notifier, if any).
-        self.land_queue = land_queue or LandQueueView(os.devnull)
+        self.land_queue = land_queue or LandQueueView(None)
         self.notifier = notifier
         self.prefetch_runners = options.prefetch_runners
         self.security = security
@@ -290,7 +289,7 @@ class Dispatcher:
             return Message("ok", self.notifier.queue_event(event))
         except NotReady as exc:
             return Message("busy", str(exc))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: the journal closed (stopping)
             log.error("cannot journal the queue event %s: %s", event.key, exc)
             return Message("busy", "cannot journal the event now")
 
