@@ -34,6 +34,7 @@ import helpers
 from ci.dashboard import index as dashboard_index
 from ci.dashboard import pages
 from ci.dashboard.app import Dashboard, Response
+from ci.dashboard.landqueue import QueueSource
 from ci.dashboard.live import LiveState
 from ci.history import store as history_store
 from ci.dashboard.pruned import PrunedIndex
@@ -369,7 +370,8 @@ def make_server(args) -> DashboardServer:
     index = dashboard_index.ResultIndex(results, args.scan_interval, pruned)
     history = args.history or os.path.join(state_dir, history_store.FILE_NAME)
     ask = functools.partial(helpers.call, security=security)  # the signed client call
-    app = Dashboard(index, LiveState(dispatcher, ask), HistoryReader(history))
+    app = Dashboard(index, LiveState(dispatcher, ask), HistoryReader(history),
+                    QueueSource(dispatcher, ask))
     try:
         return DashboardServer((args.host, args.port), app, token, args.insecure,
                                args.request_timeout, args.max_connections,

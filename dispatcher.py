@@ -27,7 +27,7 @@ import sys
 from ci import auth
 import helpers
 from ci import jobspec, matrix
-from ci.dispatch import cells
+from ci.dispatch import cells, landqueue
 from ci.dispatch.state import DispatcherState
 from ci.notify import flags as notify_flags
 from ci.history import store as history_store
@@ -333,7 +333,7 @@ def wire_up(args: argparse.Namespace) -> Wired:
         state.recent_failures.load = HistoryReader(history.path).recent_failures
     dispatcher = Dispatcher(state, security, Options(
         args.ping_interval, args.ping_misses, args.ping_timeout, args.job_timeout,
-        args.workers, args.prefetch_runners))
+        args.workers, args.prefetch_runners), landqueue.open_view(state_dir), notifier)
     try:
         server = helpers.MessageServer((args.host, args.port), dispatcher.commands,
                                        security, args.max_connections,

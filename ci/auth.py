@@ -49,6 +49,11 @@ DISPATCHER_PERMISSIONS = {
     "log": {"observer", "operator", "viewer"},
     # The land queue's question (issue 22): read-only, like ``status``.
     "verdicts": {"observer", "operator", "viewer"},
+    # The land queue (issue 22): the observer owns it and tells its
+    # snapshot and events; anyone who may look may read the snapshot.
+    "queue-state": {"observer"},
+    "queue-event": {"observer"},
+    "queue": {"observer", "operator", "viewer"},
 }
 
 

@@ -64,7 +64,7 @@ class LazyPattern:
 
 COMMIT_RE = LazyPattern(r"[0-9a-f]{4,64}")
 FULL_COMMIT_RE = LazyPattern(r"[0-9a-f]{40}|[0-9a-f]{64}")
-COMMAND_RE = LazyPattern(r"[a-z_]{1,32}")
+COMMAND_RE = LazyPattern(r"(?=.{1,32}$)[a-z_](?:[a-z_-]*[a-z_])?")
 # An assignment's token (see ci/dispatch/state.py).
 TOKEN_RE = LazyPattern(r"[0-9a-f]{16,64}")
 
@@ -72,8 +72,10 @@ TOKEN_RE = LazyPattern(r"[0-9a-f]{16,64}")
 # regular-expression module alone costs a hook several milliseconds).
 _HEX = frozenset("0123456789abcdef")
 _DIGITS = frozenset("0123456789")
-_COMMAND_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz_")
-_FIELD_CHARS = _COMMAND_CHARS | _DIGITS
+_LOWER = frozenset("abcdefghijklmnopqrstuvwxyz_")
+# Command names may have a hyphen inside (``queue-state``), field keys not.
+_COMMAND_CHARS = _LOWER | {"-"}
+_FIELD_CHARS = _LOWER | _DIGITS
 _HOST_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_:%")
 
 
@@ -82,7 +84,7 @@ def _made_of(text: str, chars: frozenset, shortest: int, longest: int) -> bool:
 
 
 def valid_command(text: str) -> bool:
-    return _made_of(text, _COMMAND_CHARS, 1, 32)
+    return _made_of(text, _COMMAND_CHARS, 1, 32) and text[0] != "-" and text[-1] != "-"
 
 
 class ProtocolError(Exception):

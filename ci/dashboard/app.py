@@ -13,7 +13,8 @@ import re
 import urllib.parse
 
 from ci.dashboard import index as dashboard_index
-from ci.dashboard import cells, history_pages, pages
+from ci.dashboard import cells, history_pages, pages, queue_pages
+from ci.dashboard.landqueue import QueueSource
 from ci.history.queries import DEFAULT_RUNS, MAX_RUNS, HistoryReader, Unavailable
 from ci.dashboard.live import LiveState, without_finished
 from ci.history.store import test_key as store_key
@@ -88,13 +89,19 @@ class Dashboard:
         (re.compile(r"/test"), "test_page"),
         (re.compile(r"/api/test"), "api_test"),
         (re.compile(r"/api/page/test"), "fragments_test"),
+        (re.compile(r"/queue"), "queue_page"),
+        (re.compile(r"/api/queue"), "api_queue"),
+        (re.compile(r"/api/page/queue"), "fragments_queue"),
     ]
 
     def __init__(self, index: dashboard_index.ResultIndex, live: LiveState,
-                 history: HistoryReader | None = None):
+                 history: HistoryReader | None = None, queue: QueueSource | None = None):
         self.index = index
         self.live = live
         self.history = history
+        # The land queue, from the dispatcher (None: not asked, as in tests
+        # of the other pages).
+        self.queue = queue
 
     def answer(self, path: str, query: dict[str, str], nonce: str) -> Response:
         # An API client gets its refusals as JSON too, not as an HTML page.
@@ -379,6 +386,27 @@ class Dashboard:
         states = {b["branch"]: b["state"] for b in self.index.branches()}
         return Response(200, pages.badge_svg(branch, states.get(branch, "unknown")),
                         "image/svg+xml")
+
+    # ---- the land queue (the observer's snapshot, kept by the dispatcher)
+
+    def _queue(self) -> tuple[dict | None, str | None]:
+        if self.queue is None:
+            return None, "this dashboard does not ask the dispatcher for the land queue"
+        return self.queue.get()
+
+    def queue_page(self, query, nonce) -> Response:
+        return Response(200, pages.page("Land queue", nonce,
+                                        queue_pages.sections(*self._queue()),
+                                        "/api/page/queue", queue_pages.CSS))
+
+    def fragments_queue(self, query, nonce) -> Response:
+        return json_response({"sections": queue_pages.sections(*self._queue()),
+                              "final": False})
+
+    def api_queue(self, query, nonce) -> Response:
+        snapshot, error = self._queue()
+        return json_response(queue_pages.api_view(snapshot, error),
+                             200 if snapshot is not None else 503)
 
     # ---- test history (ci/history: the dispatcher's store, read-only)
 

@@ -396,7 +396,7 @@ LAYOUT = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title}</title><link rel="icon" href="/favicon.svg"><style nonce="{nonce}">{css}</style></head>
 <body><header class="top"><a class="brand" href="/"><span class="logo">&#9670;</span> CI dashboard</a>
-<nav><a href="/">Overview</a><a href="/tests">Tests</a><a href="/api/status">API</a></nav>{live}</header>
+<nav><a href="/">Overview</a><a href="/queue">Land queue</a><a href="/tests">Tests</a><a href="/api/status">API</a></nav>{live}</header>
 <main>{body}</main>
 <footer>Read-only view of the results folder and the dispatcher's live state.</footer>
 <script nonce="{nonce}" id="updater" data-endpoint="{endpoint}">{script}</script>

@@ -16,12 +16,16 @@ from ci import auth
 import helpers
 from ci import jobspec, matrix, mergeinfo, verdicts
 from ci import state_schema
+from ci.dispatch.landqueue import LandQueueView
 from ci.dispatch.runners import PingReply, Runner, Traits
 from ci.dispatch.state import DispatcherState
 from ci.dispatch.work import Job, Meta
 from ci.dispatch.journal import BRANCH_RE, parse_meta_line, split_key, TOKEN_RE
 from ci.config import ConfigError
+from ci.notify.notifier import NotReady
+from ci.notify.queue_events import QueueEventError, parse_queue_event
 from ci.outcome import Outcome
+from ci.queue_snapshot import SnapshotError
 from ci.security import Security
 from ci.wire import (Message, ProtocolError, Reply, decode_fields, encode_fields, format_address,
     one_line, parse_address, valid_commit, valid_full_commit)
@@ -116,8 +120,13 @@ class Options:
 
 
 class Dispatcher:
-    def __init__(self, state: DispatcherState, security: Security, options: Options):
+    def __init__(self, state: DispatcherState, security: Security, options: Options,
+                 land_queue: LandQueueView | None = None, notifier=None):
         self.state = state
+        # The observer's land queue: its snapshot (kept here, with its own
+        # lock) and its events (told on by the notifier, if any).
+        self.land_queue = land_queue or LandQueueView(None)
+        self.notifier = notifier
         self.prefetch_runners = options.prefetch_runners
         self.security = security
         self.ping_interval = options.ping_interval
@@ -141,7 +150,10 @@ class Dispatcher:
                          "dispatch": self.do_dispatch, "retest": self.do_retest,
                          "results": self.do_results, "release": self.do_release,
                          "progress": self.do_progress, "prefetch": self.do_prefetch,
-                         "failing": self.do_failing, "verdicts": self.do_verdicts}
+                         "failing": self.do_failing, "verdicts": self.do_verdicts,
+                         "queue": self.do_queue,
+                         "queue-state": self.do_queue_state,
+                         "queue-event": self.do_queue_event}
 
     # ---- handlers (run on request threads: short, no network I/O) --------
     def do_status(self, message: Message, peer: str) -> Message:
@@ -261,6 +273,43 @@ class Dispatcher:
         except verdicts.VerdictsError as exc:
             raise Reply(str(exc)) from None
         return Message("ok", "", verdicts.format_reply(self.state.verdicts(commits)))
+
+    def do_queue(self, message: Message, peer: str) -> Message:
+        """The land queue's latest snapshot (JSON), as the observer sent it."""
+        return Message("ok", "", self.land_queue.json())
+
+    def do_queue_state(self, message: Message, peer: str) -> Message:
+        """The observer's new snapshot: checked whole (a bad one changes
+        nothing), on disk before the reply."""
+        try:
+            snapshot = self.land_queue.replace(message.body)
+        except SnapshotError as exc:
+            raise Reply(f"bad queue snapshot: {exc}") from None
+        except OSError as exc:
+            log.error("cannot store the land queue snapshot: %s", exc)
+            return Message("busy", "cannot store the snapshot now")
+        log.debug("land queue snapshot from %s: %d entries", peer, len(snapshot["entries"]))
+        return Message("ok", "stored")
+
+    def do_queue_event(self, message: Message, peer: str) -> Message:
+        """An entry landed or was rejected: ``ok`` once the notifier has it
+        on disk (or there is no notifier), so the observer may stop
+        retrying; the same event told again is ``ok duplicate``."""
+        try:
+            event = parse_queue_event(message.body)
+        except QueueEventError as exc:
+            raise Reply(f"bad queue event: {exc}") from None
+        if self.notifier is None:
+            log.info("queue event %s %s into %s: no notification targets", event.branch,
+                     event.event, event.target)
+            return Message("ok", "no notifier")
+        try:
+            return Message("ok", self.notifier.queue_event(event))
+        except NotReady as exc:
+            return Message("busy", str(exc))
+        except (OSError, ValueError) as exc:  # ValueError: the journal closed (stopping)
+            log.error("cannot journal the queue event %s: %s", event.key, exc)
+            return Message("busy", "cannot journal the event now")
 
     @staticmethod
     def _fields(body: bytes) -> dict:

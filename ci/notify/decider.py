@@ -21,14 +21,36 @@ from ci.wire import valid_full_commit
 
 # ``first-failure`` is no decision of the decider: the dispatcher tells it
 # while a commit's tests run (Notifier.failing_now), before its result.
-KINDS = ("broken", "fixed", "still-failing", "passed", "failed", "first-failure")
+# ``landed`` and ``rejected`` are no decisions either: the observer's land
+# queue tells them (Notifier.queue_event, ci/notify/queue_events.py).
+KINDS = ("broken", "fixed", "still-failing", "passed", "failed", "first-failure",
+         "landed", "rejected")
+# A rejection is news for the person who asked to land, like a break: every
+# preset has it; a landing only ``all`` (or naming it: ``change,landed``).
 NOTIFY_ON = {
-    "change": frozenset({"broken", "fixed"}),
-    "early": frozenset({"broken", "fixed", "first-failure"}),
-    "failure": frozenset({"broken", "fixed", "still-failing", "failed"}),
+    "change": frozenset({"broken", "fixed", "rejected"}),
+    "early": frozenset({"broken", "fixed", "first-failure", "rejected"}),
+    "failure": frozenset({"broken", "fixed", "still-failing", "failed", "rejected"}),
     "all": frozenset(KINDS),
 }
 DEFAULT_NOTIFY_ON = "change"
+
+
+def parse_notify_on(text: str) -> frozenset:
+    """``--notify-on``: a preset, an event kind, or several of them joined
+    by commas (``change,landed``, ``broken,fixed``): the union of their
+    kinds.  ValueError naming what is allowed."""
+    kinds: set[str] = set()
+    for word in str(text).split(","):
+        word = word.strip()
+        if word in NOTIFY_ON:
+            kinds |= NOTIFY_ON[word]
+        elif word in KINDS:
+            kinds.add(word)
+        else:
+            raise ValueError(f"{word[:40]!r} is neither a preset ({', '.join(NOTIFY_ON)}) "
+                             f"nor an event ({', '.join(KINDS)})")
+    return frozenset(kinds)
 
 
 def is_failing(verdict: str) -> bool:

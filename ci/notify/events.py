@@ -181,6 +181,8 @@ PAYLOAD_KEYS = ("id", "event", "branch", "commit", "previous", "verdict", "previ
 # In the payload when the event has them (a failed commit with records;
 # events journalled before they existed lack them).
 OPTIONAL_KEYS = ("failing_tests", "failing_count")
+# Sent only for a land queue event (ci/notify/queue_events.py).
+QUEUE_KEYS = ("target", "head", "tested", "queue_id")
 # What a journalled event must hold to be sent again after a restart.
 EVENT_KEYS = frozenset(PAYLOAD_KEYS) | {"created", "header", "targets"}
 
@@ -188,7 +190,8 @@ EVENT_KEYS = frozenset(PAYLOAD_KEYS) | {"created", "header", "targets"}
 def webhook_body(event: dict) -> bytes:
     """The JSON a webhook is POSTed: the payload keys, ``created`` in UTC."""
     payload = {key: event[key] for key in PAYLOAD_KEYS}
-    payload.update((key, event[key]) for key in (*CELL_KEYS, *OPTIONAL_KEYS) if key in event)
+    payload.update((key, event[key]) for key in (*CELL_KEYS, *OPTIONAL_KEYS, *QUEUE_KEYS)
+                   if key in event)
     payload["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event["created"]))
     return json.dumps(payload, ensure_ascii=False).encode("utf-8")
 
@@ -213,6 +216,9 @@ def command_environment(event: dict, base: dict) -> dict:
              "CI_RESULT_FILE": event["result_file"], "CI_TEXT": event["text"]}
     if event["url"]:
         facts["CI_URL"] = event["url"]
+    if "queue_id" in event:
+        facts.update(CI_TARGET=event["target"], CI_HEAD=event["head"],
+                     CI_TESTED=event["tested"], CI_QUEUE_ID=str(event["queue_id"]))
     if "cells" in event:
         facts.update(CI_CELLS=event["cells"],
                      CI_BROKEN_CELLS=" ".join(event.get("broken_cells", ())),

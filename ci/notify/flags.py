@@ -11,7 +11,7 @@ import shlex
 import shutil
 import urllib.parse
 
-from ci.notify.decider import DEFAULT_NOTIFY_ON, NOTIFY_ON
+from ci.notify.decider import DEFAULT_NOTIFY_ON, parse_notify_on
 from ci.notify.notifier import Notifier, Options
 from ci.notify.targets import DEFAULT_TIMEOUT, CommandTarget, WebhookTarget
 from ci.notify.worker import DEFAULT_RETRY_FOR, DEFAULT_RETRY_MAX
@@ -46,17 +46,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--webhook-secret-file", metavar="PATH",
                        help="sign webhook bodies with HMAC-SHA256 using this file's content "
                             "(header X-CI-Signature-256: sha256=<hex>)")
-    group.add_argument("--notify-on", choices=sorted(NOTIFY_ON), default=DEFAULT_NOTIFY_ON,
-                       help="change: broken and fixed only; early: also, while a commit's "
-                            "tests still run, its first failing test (once per run); "
-                            "failure: broken, fixed and every still-failing or failing "
-                            "commit; all: every result (default: %(default)s)")
+    group.add_argument("--notify-on", type=notify_on, default=notify_on(DEFAULT_NOTIFY_ON),
+                       metavar="WHAT",
+                       help="change: broken, fixed and rejected (a land queue entry turned "
+                            "down); early: also, while a commit's tests still run, its first "
+                            "failing test (once per run); failure: broken, fixed, rejected "
+                            "and every still-failing or failing commit; all: every result and "
+                            "every landed entry; or event names and presets joined by commas, "
+                            "e.g. change,landed "
+                            f"(default: {DEFAULT_NOTIFY_ON})")
     for flag, default, text in SECONDS_FLAGS:
         group.add_argument(flag, type=positive(float), default=default, metavar="SECONDS",
                            help=f"{text} (default: %(default)s)")
     group.add_argument("--dashboard-url", metavar="URL",
                        help="link given with each notification (CI_URL, 'url'); '{commit}' in "
                             "it is replaced by the commit id")
+
+
+def notify_on(text: str) -> frozenset:
+    """argparse type of --notify-on: the kinds of event it selects."""
+    try:
+        return parse_notify_on(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _check_http_url(flag: str, url: str) -> str:
@@ -107,5 +119,5 @@ def from_args(args: argparse.Namespace, state_dir: str, results_dir: str) -> Not
     if not targets:
         return None
     return Notifier(state_dir, results_dir, targets,
-                    Options(NOTIFY_ON[args.notify_on], args.dashboard_url,
+                    Options(args.notify_on, args.dashboard_url,
                             args.notify_retry_for, args.notify_retry_max))

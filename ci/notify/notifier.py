@@ -26,12 +26,17 @@ from ci import results as result_files  # (the module; "results" names lists her
 from ci.notify.decider import (DEFAULT_NOTIFY_ON, NOTIFY_ON, PENDING, UNKNOWN, Decider,
                                Decision, Result, result_from_fields)
 from ci.notify.events import build_event, early_event, short_id
+from ci.notify.queue_events import QueueEvent, build_queue_event
 from ci.notify.store import JOURNAL_NAME, EventStore
 from ci.notify.worker import DEFAULT_RETRY_FOR, DEFAULT_RETRY_MAX, TargetWorker
 from ci.outcome import Outcome
 from ci.wire import valid_full_commit
 
 log = logging.getLogger(__name__)
+
+
+class NotReady(Exception):
+    """The notifier cannot take a land queue event yet (starting up)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +83,10 @@ class Notifier:
         # Result files present when a first journal is made (see _recover).
         self.baseline: set[str] | None = None
         self.thread = threading.Thread(target=self._run, name="notify-decide", daemon=True)
+        # Set once the journal is replayed: only then is a land queue event
+        # told twice recognisable.
+        self.ready = threading.Event()
+        self._queue_lock = threading.Lock()
 
     # ---- called by the dispatcher ---------------------------------------
     def start(self, is_pending: Callable[[str], bool] | None = None) -> None:
@@ -110,6 +119,33 @@ class Notifier:
         if "first-failure" in self.decider.kinds:
             self.inbox.put(("first-failure", commit, branch, test, after))
 
+    def queue_event(self, event: QueueEvent, wait: float = 5.0) -> str:
+        """A land queue event from the observer: journalled (fsynced) and
+        handed to the workers, once per (entry id, event) however often it
+        is told.  Returns ``taken``, ``duplicate`` or ``not announced``
+        (its kind is not in --notify-on: remembered, not sent); raises
+        NotReady while the journal is still being replayed and OSError
+        when it cannot be written (the observer tries again later)."""
+        if not self.ready.wait(wait):
+            raise NotReady("the notifier is still reading its journal")
+        with self._queue_lock:
+            if self.store.seen(event.key):
+                log.info("queue event %s of %s told again: already taken", event.key,
+                         event.branch)
+                return "duplicate"
+            record = None
+            if event.event in self.decider.kinds:
+                record = build_queue_event(event, self.dashboard_url, list(self.workers))
+            self.store.append([{"q": event.key, "e": record}], sync=True)
+        log.info("queue event: %s %s into %s (entry %d)%s", event.branch, event.event,
+                 event.target, event.id, f", event {short_id(record)}" if record
+                 else " (not announced)")
+        if record is None:
+            return "not announced"
+        for worker in self.workers.values():
+            worker.submit(record)
+        return "taken"
+
     def stop(self, timeout: float = 3.0) -> None:
         """Stop every thread within about ``timeout`` and close the journal."""
         self.stop_event.set()
@@ -137,6 +173,7 @@ class Notifier:
                 self.store.open()
             except OSError:
                 log.exception("cannot open the journal")
+        self.ready.set()
         while not self.stop_event.is_set():
             batch = self._take_batch()
             if self.stop_event.is_set():

@@ -32,9 +32,12 @@ class EventStore:
 
     ``{"j": commit, "v": verdict, "n": n, "k": kind, "e": event|null}``
     records a decision; ``{"ok": id, "t": target}`` a delivery and
-    ``{"gave_up": id, "t": target}`` a target given up on.  A torn last
-    line is skipped.  ``records`` counts lines so the owner knows when to
-    compact.  ``judged`` is the decider's map (commit -> (verdict, n)).
+    ``{"gave_up": id, "t": target}`` a target given up on; ``{"q":
+    "<entry id>:<event>", "e": event|null}`` a land queue event taken
+    (``queue_seen``: so the same one told again, even after a restart, is
+    not sent again).  A torn last line is skipped.  ``records`` counts
+    lines so the owner knows when to compact.  ``judged`` is the decider's
+    map (commit -> (verdict, n)).
 
     The lock guards the file handle and the pending maps: delivery threads
     mark events while the decision thread appends and compacts."""
@@ -45,6 +48,8 @@ class EventStore:
         self.judged: dict[str, tuple[str, int]] = {}
         self.events: dict[str, dict] = {}       # id -> undelivered event, in order
         self.remaining: dict[str, set[str]] = {}  # id -> targets still to deliver to
+        # Land queue events taken, oldest first ("<entry id>:<event>" -> None).
+        self.queue_seen: dict[str, None] = {}
         self.records = 0   # read at load, then counted by the file
         self._log = AppendLog(path)
 
@@ -76,17 +81,29 @@ class EventStore:
                 self.judged[commit] = (str(record.get("v", "")), int(record.get("n", 0)))
             except (TypeError, ValueError):
                 return
-            event = record.get("e")
-            if isinstance(event, dict) and EVENT_KEYS <= event.keys() and isinstance(
-                    event["targets"], list) and isinstance(event["created"], (int, float)):
-                self.events[event["id"]] = event
-                self.remaining[event["id"]] = set(event.get("targets", []))
-                self._settle(event["id"])
+            self._take_event(record.get("e"))
+        elif "q" in record:
+            if isinstance(record["q"], str):
+                self.queue_seen[record["q"]] = None
+                self._take_event(record.get("e"))
         elif "ok" in record or "gave_up" in record:
             event_id = record.get("ok") or record.get("gave_up")
             if event_id in self.remaining:
                 self.remaining[event_id].discard(record.get("t"))
                 self._settle(event_id)
+
+    def _take_event(self, event) -> None:
+        """An event to deliver, from a decision or queue record."""
+        if isinstance(event, dict) and EVENT_KEYS <= event.keys() and isinstance(
+                event["targets"], list) and isinstance(event["created"], (int, float)):
+            self.events[event["id"]] = event
+            self.remaining[event["id"]] = set(event.get("targets", []))
+            self._settle(event["id"])
+
+    def seen(self, key: str) -> bool:
+        """Was this land queue event (``<entry id>:<event>``) taken before?"""
+        with self.lock:
+            return key in self.queue_seen
 
     def _settle(self, event_id: str) -> None:
         if not self.remaining.get(event_id):
@@ -124,7 +141,8 @@ class EventStore:
 
     def should_compact(self) -> bool:
         with self.lock:
-            return self.records > 2 * (len(self.judged) + len(self.events)) + COMPACT_SLACK
+            return self.records > 2 * (len(self.judged) + len(self.events) +
+                                       len(self.queue_seen)) + COMPACT_SLACK
 
     def compact(self, keep: Callable[[str], bool] = lambda commit: True) -> None:
         """Atomically rewrite the journal with what is still needed: the
@@ -135,8 +153,16 @@ class EventStore:
                 del self.judged[commit]
             # Undelivered events first (they outlive their result file's
             # removal), then the last decision per commit, which wins on replay.
-            lines = [{"j": e["commit"], "v": e["verdict"], "n": 0, "e": e}
-                     for e in self._undelivered()]
+            # A land queue event is no decision: it keeps its own record (a
+            # "j" one would pass its commit off as judged).
+            undelivered = self._undelivered()
+            queue_keys = {e["id"]: f"{e['queue_id']}:{e['event']}" for e in undelivered
+                          if "queue_id" in e}
+            lines = [{"q": queue_keys[e["id"]], "e": e} if e["id"] in queue_keys else
+                     {"j": e["commit"], "v": e["verdict"], "n": 0, "e": e}
+                     for e in undelivered]
+            waiting = set(queue_keys.values())
+            lines.extend({"q": key} for key in self.queue_seen if key not in waiting)
             lines.extend({"j": commit, "v": verdict, "n": n}
                          for commit, (verdict, n) in self.judged.items())
             self._log.rewrite(_encode(lines), len(lines))

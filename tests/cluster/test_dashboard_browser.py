@@ -442,3 +442,108 @@ def test_the_first_failure_shows_on_the_live_page_before_the_run_ends(page, dash
     assert not os.path.exists(cluster.result_path(slow))   # the run goes on
     page.screenshot(path=str(tmp_path / "failing-while-running.png"), full_page=True)
     expect(page.locator("#sec-summary .pill")).to_have_text("failed", timeout=15000)
+
+
+def queue_snapshot(url: str, landing: bool = False) -> dict:
+    """Two targets' queues and the recent decisions, with payloads where
+    users type: branch names, who asked, reasons."""
+    a, b, c, d, e = (commit_id(0x4000 + n) for n in range(5))
+
+    def entry(n, branch, state, position, tested=None, base=None, reason="", target="main",
+              by="ann@example.invalid"):
+        return {"id": n, "branch": branch, "target": target, "head": commit_id(0x4100 + n),
+                "state": state, "tested": tested, "base": base, "position": position,
+                "reason": reason, "asked": 1_795_000_000 + n * 60, "by": by,
+                "updated": 1_795_000_600 + n}
+    evil_branch = f"x\"><img/src=x/onerror=fetch('{url}/branch')>"
+    return {
+        "updated": 1_795_000_900,
+        "targets": {"main": {"head": a, "depth": 3}, "release/2.x": {"head": e, "depth": 1}},
+        "entries": [
+            entry(11, "feature/parser", "landing" if landing else "passed", 1, b, a),
+            entry(12, evil_branch, "failing", 2, c, b,
+                  reason=f"1 failure: <script>fetch('{url}/reason')</script>",
+                  by=f"<img src=x onerror=\"fetch('{url}/by')\">"),
+            entry(13, "feature/docs", "testing", 3, d, b),
+            entry(14, "feature/later", "waiting", 4),
+            entry(15, "fix/backport", "merging", 1, target="release/2.x"),
+        ],
+        "recent": [
+            entry(9, "feature/sums", "rejected", None, commit_id(0x4200), a,
+                  reason="2 failures: tests.test_calc.T.test_mean, tests.test_calc.T.test_sum"),
+            entry(8, "feature/login", "landed", None, a, commit_id(0x4201)),
+            entry(7, "feature/clash", "rejected", None, None, a,
+                  reason="conflict: calc.py docs/index.md"),
+        ]}
+
+
+def test_land_queue_page_from_a_real_dispatcher(page, dashboards, cluster, results, beacon,
+                                                tmp_path):
+    """The observer's snapshot, told to a real dispatcher, on /queue: per
+    target its entries in line with their state, what they are tested
+    on, who asked and why one fails; the recent decisions below; updated
+    in place when the next snapshot comes; payloads stay text."""
+    import json
+    import helpers
+    from ci.wire import parse_address
+    cluster.start_dispatcher()
+    dispatcher = parse_address(cluster.dispatcher_address)
+
+    def tell(snapshot):
+        reply = helpers.call(dispatcher, "queue-state", "", json.dumps(snapshot).encode())
+        assert reply.command == "ok", reply
+    tell(queue_snapshot(beacon.url))
+    red_green_history(results)
+    dash = dashboards(results, cluster.dispatcher_address)
+    page.goto(dash.url + "/")
+    page.locator("header nav a", has_text="Land queue").click()
+    page.wait_for_url(dash.url + "/queue")
+    targets = page.locator("#sec-queue .target")
+    expect(targets).to_have_count(2)
+    main = targets.nth(0)
+    assert main.locator("h2").inner_text().split() == ["Land", "queue", "into", "main", "4"]
+    assert "4 entries" in main.locator(".target-facts").inner_text()
+    assert "depth 3" in main.locator(".target-facts").inner_text()
+    rows = main.locator("tbody tr")
+    assert rows.locator(".pill").all_inner_texts() == ["passed", "failing", "testing", "waiting"]
+    assert rows.locator(".pos").all_inner_texts() == ["1", "2", "3", "4"]
+    assert "v-failed" in rows.nth(1).locator(".pill").get_attribute("class")
+    assert f"{commit_id(0x4002)[:10]} on {commit_id(0x4001)[:10]}" in rows.nth(1).inner_text()
+    assert "not yet" in rows.nth(3).inner_text()
+    assert "1 failure: <script>" in rows.nth(1).locator(".reason").inner_text()
+    assert targets.nth(1).locator("h2").inner_text().split() == ["Land", "queue", "into", "release/2.x", "1"]
+    recent = page.locator("#sec-queue-recent tbody tr")
+    assert recent.locator(".pill").all_inner_texts() == ["rejected", "landed", "rejected"]
+    assert "tests.test_calc.T.test_mean" in recent.nth(0).inner_text()
+    assert "conflict: calc.py" in recent.nth(2).inner_text()
+    page.screenshot(path=str(tmp_path / "queue.png"), full_page=True)
+
+    # The next snapshot: the page follows without a reload.
+    page.evaluate("window.__same_page = 'yes'")
+    tell(queue_snapshot(beacon.url, landing=True))
+    expect(rows.nth(0).locator(".pill")).to_have_text("landing", timeout=5000)
+    assert page.evaluate("window.__same_page") == "yes"
+    page.screenshot(path=str(tmp_path / "queue-landing.png"), full_page=True)
+
+    # Payloads are text, never elements.
+    polls(page, 2, "/api/page/queue")
+    assert page.evaluate("document.scripts.length") == 1
+    assert page.locator("[onerror]").count() == 0
+    assert "onerror=fetch(" in page.locator("#sec-queue").inner_text()
+    assert beacon.hits == []
+    api = dash.json("/api/queue")
+    assert api["dispatcher"]["reachable"] is True
+    assert [e["state"] for e in api["targets"]["main"]["entries"]] == \
+        ["landing", "failing", "testing", "waiting"]
+    assert api["targets"]["main"]["entries"][1]["tested_url"] == f"/commit/{commit_id(0x4002)}"
+    assert api["recent"][0]["asked"] == "2026-11-18T11:15:40Z"
+
+
+def test_land_queue_page_without_a_dispatcher(page, dashboards, results, tmp_path):
+    dash = dashboards(results)
+    page.goto(dash.url + "/queue")
+    assert page.locator(".banner").inner_text().startswith("Dispatcher unavailable")
+    assert page.locator("#sec-queue .target").count() == 0
+    status, _, body = dash.get("/api/queue")
+    assert status == 503 and b'"reachable": false' in body
+    page.screenshot(path=str(tmp_path / "queue-unavailable.png"), full_page=True)

@@ -149,14 +149,15 @@ def test_frames_carry_the_key_id_and_it_is_signed():
 
 
 ALL_COMMANDS = ("register", "results", "release", "progress", "dispatch", "retest",
-                "status", "state", "log", "prefetch")
+                "status", "state", "log", "prefetch", "queue", "queue-state", "queue-event")
 
 
 ALLOWED = {
     "runner": {"register", "results", "release", "progress"},
-    "observer": {"dispatch", "retest", "status", "state", "log", "prefetch"},
-    "operator": {"dispatch", "retest", "status", "state", "log", "prefetch"},
-    "viewer": {"status", "state", "log"},
+    "observer": {"dispatch", "retest", "status", "state", "log", "prefetch", "queue",
+                 "queue-state", "queue-event"},
+    "operator": {"dispatch", "retest", "status", "state", "log", "prefetch", "queue"},
+    "viewer": {"status", "state", "log", "queue"},
 }
 
 
@@ -173,6 +174,9 @@ def _request(command: str, runner_port: int) -> tuple[str, bytes]:
         "state": ("", b""),
         "log": (C3, b""),
         "prefetch": ("", b""),
+        "queue": ("", b""),
+        "queue-state": ("", b"{}"),
+        "queue-event": ("", b""),
     }[command]
 
 

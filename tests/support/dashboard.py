@@ -106,14 +106,22 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 class StandInDispatcher(ThreadedServer):
-    """Answers ``state`` and ``log:`` with what the test sets; counts calls."""
+    """Answers ``state``, ``log:`` and ``queue`` with what the test sets;
+    counts calls."""
 
     def __init__(self):
         self.state_reply: dict | None = {"queue": [], "running": [], "runners": [],
                                          "counts": {"queued": "0"}}
         self.logs: dict[str, bytes] = {}
         self.calls: list[str] = []
-        super().__init__({"state": self.state, "log": self.log})
+        # The land queue's snapshot (ci/queue_snapshot.py), as JSON bytes.
+        self.queue_reply = b'{"updated": null, "targets": {}, "entries": [], "recent": []}'
+        super().__init__({"state": self.state, "log": self.log, "queue": self.queue})
+
+    def queue(self, message, peer):
+        with self.lock:
+            self.calls.append("queue")
+            return Message("ok", "", self.queue_reply)
 
     def state(self, message, peer):
         with self.lock:
