@@ -20,6 +20,7 @@ class Upstreams:
         self.bare = os.path.join(self.root, "up.git")
         self.work = os.path.join(self.root, "work")
         self.clone = os.path.join(self.root, "clone")
+        os.makedirs(self.root, exist_ok=True)
         git(self.root, "init", "-q", "--bare", "-b", "main", self.bare)
         git(self.root, "clone", "-q", self.bare, self.work)
         git(self.work, "checkout", "-q", "-b", "main")
