@@ -65,30 +65,36 @@ class BranchMerges:
 
     def prepare(self, branch: str, head: str, target: str, target_commit: str) -> Prepared:
         """Merge, publish (a clean merge), and say how to dispatch it.
-        GitError if git fails (the branch is retried on the next poll)."""
+        GitError if git fails (the branch is retried on the next poll, with
+        the same merge if it was made)."""
         made = self._made.get(branch)
         if made and made[:2] == (head, target_commit):
-            return made[2]
+            prepared = made[2]
+        else:
+            prepared = self._merge(branch, head, target, target_commit)
+            self._made[branch] = (head, target_commit, prepared)
+        if isinstance(prepared.result, Merged) \
+                and prepared.commit not in self.state.published_of(branch):
+            self.repo.publish([prepared.commit])
+            # Kept before it is dispatched: a merge published and never
+            # dispatched (a crash) is still unpublished in its turn.
+            self.state.add_published(branch, prepared.commit, self.keep)
+            log.info("published %s, the merge of %s", prepared.commit[:12], branch)
+        return prepared
+
+    def _merge(self, branch: str, head: str, target: str, target_commit: str) -> Prepared:
         info = MergeInfo(head, target_commit, target)
         result = self.repo.merge(target_commit, head, branch, target)
         if isinstance(result, Conflict):
-            prepared = Prepared(head, f"{encode_merge_field(info)} "
-                                      f"{encode_conflicts(result.paths)}",
-                                result)
             log.info("branch %s at %s does not merge into %s at %s: %s", branch, head[:12],
                      target, target_commit[:12], result.describe())
-        else:
-            self.repo.publish([result.commit])
-            # Kept before it is dispatched: a merge published and never
-            # dispatched (a crash) is still unpublished in its turn.
-            self.state.add_published(branch, result.commit, self.keep)
-            plan = plan_field(self.repo.read_blob(result.commit, recipe.RECIPE_FILE))
-            prepared = Prepared(result.commit, " ".join(
-                f for f in (encode_merge_field(info), plan) if f), result)
-            log.info("branch %s at %s merged into %s at %s: %s (published)", branch,
-                     head[:12], target, target_commit[:12], result.commit[:12])
-        self._made[branch] = (head, target_commit, prepared)
-        return prepared
+            return Prepared(head, f"{encode_merge_field(info)} "
+                                  f"{encode_conflicts(result.paths)}", result)
+        log.info("branch %s at %s merged into %s at %s: %s", branch, head[:12], target,
+                 target_commit[:12], result.commit[:12])
+        plan = plan_field(self.repo.read_blob(result.commit, recipe.RECIPE_FILE))
+        return Prepared(result.commit, " ".join(
+            f for f in (encode_merge_field(info), plan) if f), result)
 
     def forget(self, branch: str) -> None:
         self._made.pop(branch, None)

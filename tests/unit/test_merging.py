@@ -295,3 +295,22 @@ def test_credentials_never_reach_an_error_or_a_log(ups, caplog):
     assert token not in str(caught.value)
     assert "***@127.0.0.1" in str(caught.value)
     assert token not in caplog.text
+
+
+def test_published_merges_are_bounded_per_branch_and_survive_a_restart(tmp_path):
+    from ci.observer.state import ObserverState
+    path = str(tmp_path / "state.json")
+    state = ObserverState(path)
+    merges = [f"{i:040x}" for i in range(1, 6)]
+    for commit in merges[:4]:
+        state.add_published("feature/a", commit, keep=3)
+    state.add_published("feature/b", merges[4], keep=3)
+    assert state.published_of("feature/a") == merges[1:4]
+    assert state.retired_batch(10) == merges[:1]
+    state.forget("feature/b")   # a branch that is gone: all its merges go
+    again = ObserverState(path)
+    assert again.published_of("feature/a") == merges[1:4]
+    assert again.retired_batch(10) == [merges[0], merges[4]]
+    assert again.retired_batch(1) == [merges[0]]
+    again.drop_retired([merges[0]])
+    assert ObserverState(path).retired_batch(10) == [merges[4]]
