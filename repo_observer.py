@@ -39,6 +39,8 @@ from ci.files import ensure_dir
 from ci.git import GitError, run_git
 from ci.security import check_bind_allowed, persist_nonces, security_from_args
 from ci.wire import format_address, parse_address
+from ci.merging import MergeRepo, merge as merging, rules as merge_rules, url as push_urls
+from ci.observer.merges import DEFAULT_KEEP, BranchMerges
 from ci.observer.poller import DEFAULT_NEW_BRANCH_LIMIT, Observer, Watch
 from ci.observer.state import ObserverState
 
@@ -73,6 +75,50 @@ def default_branch(repo: str) -> str:
     raise ConfigError(f"cannot tell the default branch of {repo}; give --branch")
 
 
+def merge_rules_from_args(args, repo: str) -> list:
+    """The --merge-into rules, checked: each TARGET a branch of the upstream
+    as the clone knows it (ConfigError otherwise; a target deleted later
+    makes its branches wait, with a warning, until it exists again)."""
+    try:
+        rules = [merge_rules.parse_rule(text) for text in args.merge_into]
+        merge_rules.check_rules(rules)
+        merging.parse_identity(args.merge_identity)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not rules:
+        if args.push_url or args.push_url_file:
+            log.warning("--push-url/--push-url-file without --merge-into: nothing is pushed")
+        return rules
+    for target in dict.fromkeys(r.target for r in rules):
+        if not upstream_has(repo, target):
+            raise ConfigError(f"--merge-into: the upstream has no branch {target!r} (as {repo} "
+                              "last fetched it)")
+    return rules
+
+
+def upstream_has(repo: str, branch: str) -> bool:
+    """Whether the upstream has ``branch``, as update_repo.sh reads it: the
+    origin's branches, or the clone's own when it has no origin."""
+    try:
+        run_git(repo, "remote", "get-url", "origin")
+        ref = f"refs/remotes/origin/{branch}"
+    except GitError:
+        ref = f"refs/heads/{branch}"
+    try:
+        run_git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+        return True
+    except GitError:
+        return False
+
+
+def push_url_from_args(args, repo: str):
+    if args.push_url_file:
+        return push_urls.from_file(args.push_url_file)
+    if args.push_url:
+        return push_urls.from_flag(args.push_url)
+    return push_urls.default(repo)
+
+
 # --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-dir",
                         help="folder for the last-dispatched state "
                              "(default: REPO/.git/ci-observer)")
+    merging_flags = parser.add_argument_group(
+        "merged results", "test branches as merged into their target (docs/branches.md)")
+    merging_flags.add_argument(
+        "--merge-into", action="append", default=[], metavar="PATTERN=TARGET",
+        help="test each new head of the branches matching PATTERN (a glob, watched too) as "
+             "its merge into TARGET's current head, e.g. 'feature/*=main'; TARGET must be a "
+             "branch of the upstream; repeat for several (the first matching rule wins)")
+    merging_flags.add_argument(
+        "--merge-identity", default=merging.DEFAULT_IDENTITY, metavar="'NAME <EMAIL>'",
+        help="author and committer of the merge commits (default: %(default)s)")
+    merging_flags.add_argument(
+        "--keep-merges", type=positive(int), default=DEFAULT_KEEP, metavar="N",
+        help="merges kept published under refs/ci/merges/ per branch; older ones are "
+             "deleted (default: %(default)s)")
+    where = merging_flags.add_mutually_exclusive_group()
+    where.add_argument("--push-url", metavar="URL",
+                       help="where merges are pushed (default: the clone's origin push URL); "
+                            "for a URL with credentials use --push-url-file")
+    where.add_argument("--push-url-file", metavar="FILE",
+                       help="a file (mode 600) holding the push URL with its credentials; the "
+                            "URL is never logged")
     add_common_arguments(parser)
     return parser
 
@@ -130,6 +197,10 @@ def main(argv=None) -> int:
         for pattern in branches:
             if not valid_pattern(pattern):
                 raise ConfigError(f"invalid branch name or pattern {pattern!r}")
+        rules = merge_rules_from_args(args, repo)
+        if not args.all_branches:
+            # A --merge-into PATTERN is watched: a rule for unwatched branches does nothing.
+            branches += [r.pattern for r in rules if r.pattern not in branches]
         security = security_from_args(args)
         if security.server_tls:
             # Hooks hold the observer's (or an operator's) certificate; the
@@ -140,7 +211,16 @@ def main(argv=None) -> int:
                                        "state folder")
         state = ObserverState(os.path.join(state_dir, "state.json"))
         watch = Watch(repo, branches, args.poll, args.all_branches, args.new_branch_limit)
-        observer = Observer(watch, dispatcher, state, security)
+        merges = None
+        if rules:
+            merges = BranchMerges(
+                MergeRepo(repo, state_dir, push_url_from_args(args, repo),
+                          merging.parse_identity(args.merge_identity)),
+                rules, state, args.keep_merges)
+            log.info("merged results: %s; merges pushed to %s",
+                     ", ".join(f"{r.pattern} into {r.target}" for r in rules),
+                     merges.repo.push_url.shown)
+        observer = Observer(watch, dispatcher, state, security, merges)
         if not args.no_listen:
             check_bind_allowed(args.host, security, args.insecure)
             persist_nonces(security, state_dir, "observer")

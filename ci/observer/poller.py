@@ -21,6 +21,7 @@ from ci.security import Security
 from ci.wire import Message, ProtocolError, encode_fields, format_address
 from ci.observer.commits import (MAX_LISTING, dispatch_body, first_parent, new_commits,
                                  own_commits, parse_heads, plan_fields)
+from ci.observer.merges import BranchMerges
 from ci.observer.state import ObserverState
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class Watch:
 
 class Observer:
     def __init__(self, watch: Watch, dispatcher: tuple[str, int], state: ObserverState,
-                 security: Security):
+                 security: Security, merges: BranchMerges | None = None):
         self.repo = watch.repo
         self.patterns = watch.patterns
         self.all_branches = watch.all_branches
@@ -75,6 +76,9 @@ class Observer:
         self.stop_event = threading.Event()
         self.polls = 0
         self._unmatched: set[str] = set()  # patterns already warned about
+        # --merge-into: branches tested as merged into their target.
+        self.merges = merges
+        self._missing_targets: set[str] = set()  # already warned about
         self._child = procgroup.Child()  # runs update_repo.sh
         self.thread = threading.Thread(target=self._loop, name="poll", daemon=True)
         self.commands = {"notify": self.do_notify, "status": self.do_status}
@@ -121,19 +125,26 @@ class Observer:
         being unreachable ends the poll (no branch could go on)."""
         self.polls += 1
         started = time.monotonic()
-        watched = self._watched(self._update())
+        heads = self._update()
+        watched = self._watched(heads)
         log.debug("poll %d: fetched in %.3fs", self.polls, time.monotonic() - started)
         for branch in self.state.branches():
             if branch not in watched:
                 log.info("branch %s is gone or no longer watched; forgetting it", branch)
                 self.state.forget(branch)
+                if self.merges is not None:
+                    self.merges.forget(branch)
         first_start = not self.state.initialized
         # Known branches first: a new branch made from one of them then
         # finds their new commits already dispatched.
         order = sorted(watched, key=lambda b: (self.state.get(b) is None, b))
         for branch in order:
             try:
-                self._poll_branch(branch, watched, first_start)
+                target = self.merges.target_of(branch) if self.merges is not None else None
+                if target is not None:
+                    self._poll_merge_branch(branch, watched[branch], target, heads)
+                else:
+                    self._poll_branch(branch, watched, first_start)
             except (OSError, ProtocolError):
                 raise
             except (GitError, DispatcherRefused) as exc:
@@ -141,6 +152,8 @@ class Observer:
             except Exception:
                 log.exception("branch %s failed; the other branches go on", branch)
         self.state.mark_initialized()
+        if self.merges is not None:
+            self.merges.retire()
 
     def _watched(self, heads: dict[str, str]) -> dict[str, str]:
         if self.all_branches:
@@ -175,6 +188,35 @@ class Observer:
         if commits:
             self._dispatch(branch, commits, previous)
 
+    def _poll_merge_branch(self, branch: str, head: str, target: str,
+                           heads: dict[str, str]) -> None:
+        """A branch tested as merged into ``target``: one merge per new head
+        (the intermediate commits are not tested one by one)."""
+        if self.state.get(branch) == head:
+            return
+        target_commit = heads.get(target)
+        if target_commit is None:
+            if target not in self._missing_targets:
+                self._missing_targets.add(target)
+                log.warning("branch %s is to be merged into %s, which the upstream does not "
+                            "have; it waits until %s exists", branch, target, target)
+            return
+        self._missing_targets.discard(target)
+        if self.merges.already_merged(self.repo, head, target_commit):
+            # Nothing of its own to test; its next head is merged as usual.
+            self.state.set(branch, head, previous=self.state.previous_of(branch))
+            log.info("branch %s at %s is already in %s: nothing to merge", branch, head[:12],
+                     target)
+            return
+        prepared = self.merges.prepare(branch, head, target, target_commit)
+        previous = self.state.previous_of(branch)
+        body = dispatch_body([prepared.commit], previous, branch,
+                             {prepared.commit: prepared.fields})
+        reply = self._send([prepared.commit], body)
+        self.state.set(branch, head, [prepared.commit], previous=prepared.commit)
+        log.info("dispatched %s of %s (%s): %s", "the merge" if prepared.commit != head
+                 else "the conflict", branch, prepared.commit[:12], reply.argument)
+
     def _new_branch(self, branch: str, watched: dict[str, str]) -> tuple[list[str], str | None]:
         """The commits of a branch first seen now that no known branch has,
         the newest --new-branch-limit of them; and their previous commit:
@@ -199,15 +241,19 @@ class Observer:
             batch = commits[start:start + BATCH]
             log.debug("dispatching %d commit(s) of %s", len(batch), branch)
             plans = plan_fields(self.repo, batch)
-            reply = helpers.call(self.dispatcher, "dispatch", " ".join(batch),
-                                 dispatch_body(batch, previous, branch, plans),
-                                 security=self.security, reply_timeout=30)
-            if reply.command != "ok":
-                raise DispatcherRefused(f"dispatch refused: {reply.argument}")
+            reply = self._send(batch, dispatch_body(batch, previous, branch, plans))
             self.state.set(branch, batch[-1], batch)
             previous = batch[-1]
             log.info("dispatched %d commit(s) of %s up to %s (%s)", len(batch), branch,
                      batch[-1][:12], reply.argument)
+
+    def _send(self, commits: list[str], body: bytes) -> Message:
+        """One ``dispatch``; DispatcherRefused unless the reply is ok."""
+        reply = helpers.call(self.dispatcher, "dispatch", " ".join(commits), body,
+                             security=self.security, reply_timeout=30)
+        if reply.command != "ok":
+            raise DispatcherRefused(f"dispatch refused: {reply.argument}")
+        return reply
 
     def _update(self) -> dict[str, str]:
         """Run update_repo.sh (one fetch, every branch's head) in its own
@@ -253,6 +299,8 @@ class Observer:
         self.stop_event.set()
         self.wake.set()
         self._child.cancel()
+        if self.merges is not None:
+            self.merges.repo.cancel()
         self.thread.join(10)
 
 

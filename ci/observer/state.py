@@ -27,6 +27,10 @@ class ObserverState:
         self.last: dict[str, str] = {}
         self.previous: dict[str, str] = {}
         self.recent: dict[str, None] = {}  # insertion-ordered, bounded
+        # Merges published under refs/ci/merges/ (--merge-into): the newest
+        # of each branch, and those waiting to be deleted upstream.
+        self.published: dict[str, list[str]] = {}
+        self.retired: list[str] = []
         self.initialized = False
         try:
             with open(path, "rb") as handle:
@@ -40,6 +44,10 @@ class ObserverState:
                              if b in self.last and valid_full_commit(c)}
             recent = [c for c in data.get("recent", []) if isinstance(c, str)]
             self.recent = dict.fromkeys(recent[-RECENT_LIMIT:] + list(self.previous.values()))
+            self.published = {b: [c for c in cs if valid_full_commit(c)]
+                              for b, cs in data.get("published", {}).items()
+                              if isinstance(b, str) and isinstance(cs, list)}
+            self.retired = [c for c in data.get("retired", []) if valid_full_commit(c)]
             self.initialized = True
         except FileNotFoundError:
             pass
@@ -85,6 +93,30 @@ class ObserverState:
         with self._lock:
             self.last.pop(branch, None)
             self.previous.pop(branch, None)
+            self.retired.extend(self.published.pop(branch, []))
+            self._save()
+
+    def add_published(self, branch: str, commit: str, keep: int) -> None:
+        """``commit`` is published for ``branch``; the branch's merges
+        beyond the newest ``keep`` are to be unpublished."""
+        with self._lock:
+            mine = [c for c in self.published.get(branch, []) if c != commit] + [commit]
+            self.retired.extend(mine[:-keep])
+            self.published[branch] = mine[-keep:]
+            self._save()
+
+    def published_of(self, branch: str) -> list[str]:
+        with self._lock:
+            return list(self.published.get(branch, []))
+
+    def retired_batch(self, limit: int) -> list[str]:
+        with self._lock:
+            return self.retired[:limit]
+
+    def drop_retired(self, commits: list[str]) -> None:
+        with self._lock:
+            done = set(commits)
+            self.retired = [c for c in self.retired if c not in done]
             self._save()
 
     def mark_initialized(self) -> None:
@@ -96,5 +128,6 @@ class ObserverState:
     def _save(self) -> None:
         """Caller holds the lock."""
         data = json.dumps({"last_dispatched": self.last, "previous": self.previous,
-                           "recent": list(self.recent)}, indent=1, sort_keys=True)
+                           "recent": list(self.recent), "published": self.published,
+                           "retired": self.retired}, indent=1, sort_keys=True)
         atomic_write(self.path, data.encode())
