@@ -15,6 +15,8 @@ nothing is skipped across restarts and outages: the backlog is simply
 
 usage:  repo_observer.py [options] REPO
         repo_observer.py notify [--observer HOST:PORT]   (for git hooks)
+        repo_observer.py land|unland BRANCH [--observer HOST:PORT]
+        repo_observer.py queue [--observer HOST:PORT]     (the land queue, JSON)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import os
 import threading
 
 import helpers
+from ci import auth
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, configure_logging,
     positive)
 from ci.files import ensure_dir
@@ -48,6 +51,23 @@ DEFAULT_DISPATCHER = "localhost:8888"
 DEFAULT_POLL = 5.0
 DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 8887
+DEFAULT_QUEUE_POLL = 1.0
+
+# One-shot clients to a running observer (the land queue, docs/merge-queue.md).
+QUEUE_CLIENTS = {
+    "land": ("Ask the observer to land BRANCH into its --merge-into target through the "
+             "land queue.", "BRANCH"),
+    "unland": ("Take BRANCH out of the land queue (refused once its push is under way).",
+               "BRANCH"),
+    "queue": ("Print the land queue's snapshot (JSON).", None),
+}
+
+
+def queue_client(command: str, argv) -> int:
+    description, positional = QUEUE_CLIENTS[command]
+    return helpers.client_main(helpers.ClientCommand(
+        f"repo_observer.py {command}", description, command, "--observer",
+        f"{DEFAULT_HOST}:{DEFAULT_PORT}", positional=positional, server_role="observer"), argv)
 
 
 # --------------------------------------------------------------------------
@@ -104,8 +124,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-dir",
                         help="folder for the last-dispatched state "
                              "(default: REPO/.git/ci-observer)")
+    add_queue_arguments(parser)
     add_common_arguments(parser)
     return parser
+
+
+def add_queue_arguments(parser: argparse.ArgumentParser) -> None:
+    """The land queue's flags (docs/merge-queue.md)."""
+    parser.add_argument("--merge-into", action="append", default=[], metavar="PATTERN=TARGET",
+                        help="branches matching the glob PATTERN may land into branch TARGET "
+                             "through the land queue; repeat for several (first match wins)")
+    parser.add_argument("--queue-depth", type=positive(int), default=3, metavar="N",
+                        help="land queue entries tested at once, each on top of those ahead "
+                             "(default: %(default)s)")
+    parser.add_argument("--queue-poll", type=positive(float), default=DEFAULT_QUEUE_POLL,
+                        metavar="SECONDS",
+                        help="while the land queue has entries, poll at least this often "
+                             "(verdicts, landing) (default: %(default)s)")
+
+
+def make_engine(args, repo: str, state_dir: str, dispatcher, security):
+    """The land queue's engine, or None without --merge-into rules."""
+    from ci.landing.engine import Engine
+    from ci.landing.journal import QueueJournal
+    from ci.landing.ports import DispatcherClient, GitCli
+    from ci.landing.rules import parse_rule
+    try:
+        rules = [parse_rule(text) for text in args.merge_into]
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not rules:
+        return None
+    journal = QueueJournal(os.path.join(state_dir, "queue.journal"))
+    return Engine(journal, GitCli(repo), DispatcherClient(dispatcher, security), rules,
+                  args.queue_depth)
 
 
 def main(argv=None) -> int:
@@ -113,6 +165,8 @@ def main(argv=None) -> int:
     if argv[:1] == ["notify"]:
         import hook_client
         return hook_client.main(argv[1:])
+    if argv[:1] and argv[0] in QUEUE_CLIENTS:
+        return queue_client(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     server = None
@@ -140,13 +194,15 @@ def main(argv=None) -> int:
                                        "state folder")
         state = ObserverState(os.path.join(state_dir, "state.json"))
         watch = Watch(repo, branches, args.poll, args.all_branches, args.new_branch_limit)
-        observer = Observer(watch, dispatcher, state, security)
+        engine = make_engine(args, repo, state_dir, dispatcher, security)
+        observer = Observer(watch, dispatcher, state, security, engine, args.queue_poll)
         if not args.no_listen:
             check_bind_allowed(args.host, security, args.insecure)
             persist_nonces(security, state_dir, "observer")
             try:
                 server = helpers.MessageServer((args.host, args.port), observer.commands,
-                                               security, args.max_connections)
+                                               security, args.max_connections,
+                                               permissions=auth.OBSERVER_PERMISSIONS)
             except OSError as exc:
                 raise ConfigError(
                     f"cannot listen on {args.host}:{args.port}: {exc.strerror} "
