@@ -64,7 +64,8 @@ class LazyPattern:
 
 COMMIT_RE = LazyPattern(r"[0-9a-f]{4,64}")
 FULL_COMMIT_RE = LazyPattern(r"[0-9a-f]{40}|[0-9a-f]{64}")
-COMMAND_RE = LazyPattern(r"[a-z_]{1,32}")
+# A command may have inner hyphens (``queue-state``, ``queue-event``).
+COMMAND_RE = LazyPattern(r"[a-z_](?:[a-z_-]{0,30}[a-z_])?")
 # An assignment's token (see ci/dispatch/state.py).
 TOKEN_RE = LazyPattern(r"[0-9a-f]{16,64}")
 
@@ -74,6 +75,7 @@ _HEX = frozenset("0123456789abcdef")
 _DIGITS = frozenset("0123456789")
 _COMMAND_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz_")
 _FIELD_CHARS = _COMMAND_CHARS | _DIGITS
+_COMMAND_WORD_CHARS = _COMMAND_CHARS | {"-"}
 _HOST_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_:%")
 
 
@@ -82,7 +84,8 @@ def _made_of(text: str, chars: frozenset, shortest: int, longest: int) -> bool:
 
 
 def valid_command(text: str) -> bool:
-    return _made_of(text, _COMMAND_CHARS, 1, 32)
+    return (_made_of(text, _COMMAND_WORD_CHARS, 1, 32) and text[0] != "-"
+            and text[-1] != "-")
 
 
 class ProtocolError(Exception):
