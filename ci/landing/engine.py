@@ -26,7 +26,6 @@ from ci.landing import plan as planner
 from ci.landing.journal import QueueEntry, QueueJournal, settle_intent
 from ci.landing.ports import Dispatcher, Git
 from ci.landing.rules import MergeRule, target_for, valid_branch_name
-from ci.wire import ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +339,7 @@ class Engine:
         if result == "stale":
             log.info("queue: %s moved under entry %d; rebuilding", entry.target, entry.id)
             try:
-                return self.git.real_head(entry.target)
+                return self.git.fresh_head(entry.target)   # fetched: merged on next
             except GitError:
                 return None
         log.warning("queue: push of entry %d failed: %s", entry.id, result)
@@ -408,7 +407,3 @@ class Engine:
 
     def close(self) -> None:
         self.journal.close()
-
-
-# Errors a dispatcher call may raise (for callers that catch them).
-CALL_ERRORS = (OSError, ProtocolError)

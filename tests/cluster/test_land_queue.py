@@ -21,8 +21,10 @@ import pytest
 
 import helpers
 from ci.git import run_git
-from ci.wire import Message, decode_fields, valid_full_commit
-from support.cluster import GIT_ENV, PY, ROOT, ThreadedServer, git, wait_until
+from ci import auth
+from ci.security import Security
+from ci.wire import Message, decode_fields
+from support.cluster import PY, ROOT, ThreadedServer, git, wait_until
 
 
 class QueueDispatcher(ThreadedServer):
@@ -105,14 +107,14 @@ def make_branch(tmp_path, bare, name, files) -> str:
     return git(work, "rev-parse", "HEAD")
 
 
-def start_observer(cluster, tmp_path, bare, stand_in, clone=None):
+def start_observer(cluster, tmp_path, bare, stand_in, *extra, clone=None):
     if clone is None:
         clone = str(tmp_path / "observer")
         subprocess.run(["git", "clone", "-q", bare, clone], check=True)
     return cluster.start_observer(
         "--dispatcher-server", f"127.0.0.1:{stand_in.port}", "--merge-into", "feature/*=main",
         "--queue-depth", "3", "--queue-poll", "0.2", "--state-dir", str(tmp_path / "ostate"),
-        clone=clone)
+        *extra, clone=clone)
 
 
 def cli(observer, *args):
@@ -207,3 +209,21 @@ def test_the_observer_killed_mid_queue_resumes_and_lands_each_once(cluster, tmp_
     wait_until(lambda: len(stand_in.events) >= 3, 10, what="events")
     assert sorted((e["id"], e["event"]) for e in stand_in.events) == \
         [("1", "landed"), ("2", "landed"), ("3", "landed")]
+
+
+def test_landing_needs_an_operator(cluster, tmp_path, bare, stand_in):
+    """With the observer's issued key, a peer signing with it is the
+    observer role: it may read the queue but not land (operators may,
+    with a TLS operator certificate, or the shared secret: admin)."""
+    key_file = tmp_path / "observer.key"
+    key_file.write_text(auth.format_key_file("observer", "obs", b"master-secret"))
+    # The stand-in dispatcher is unsigned: the queue's calls to it fail and
+    # are retried, which this test does not need.
+    observer = start_observer(cluster, tmp_path, bare, stand_in, "--secret-file", str(key_file))
+    make_branch(tmp_path, bare, "feature/a", {"a.txt": "a"})
+    secret = key_file.read_text().split()[2].encode()
+    signed = Security(secret=secret, key_id="observer:obs")
+    reply = helpers.call(("127.0.0.1", observer.port), "land", "feature/a", security=signed)
+    assert reply.command == "error" and "not allowed for role observer" in reply.argument
+    reply = helpers.call(("127.0.0.1", observer.port), "queue", security=signed)
+    assert reply.command == "ok" and json.loads(reply.body)["entries"] == []
