@@ -155,7 +155,11 @@ def make_engine(args, repo: str, state_dir: str, dispatcher, security):
         raise ConfigError(str(exc)) from None
     if not rules:
         return None
-    journal = QueueJournal(os.path.join(state_dir, "queue.journal"))
+    path = os.path.join(state_dir, "queue.journal")
+    try:
+        journal = QueueJournal(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the land queue journal {path}: {exc}") from None
     return Engine(journal, GitCli(repo), DispatcherClient(dispatcher, security), rules,
                   args.queue_depth)
 
