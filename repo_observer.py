@@ -15,6 +15,8 @@ nothing is skipped across restarts and outages: the backlog is simply
 
 usage:  repo_observer.py [options] REPO
         repo_observer.py notify [--observer HOST:PORT]   (for git hooks)
+        repo_observer.py land|unland BRANCH [--observer HOST:PORT]
+        repo_observer.py queue [--observer HOST:PORT]     (the land queue, JSON)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import os
 import threading
 
 import helpers
+from ci import auth
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, configure_logging,
     positive)
 from ci.files import ensure_dir
@@ -50,6 +53,24 @@ DEFAULT_DISPATCHER = "localhost:8888"
 DEFAULT_POLL = 5.0
 DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 8887
+DEFAULT_QUEUE_POLL = 1.0
+DEFAULT_QUEUE_DEPTH = 3
+
+# One-shot clients to a running observer (the land queue, docs/merge-queue.md).
+QUEUE_CLIENTS = {
+    "land": ("Ask the observer to land BRANCH into its --merge-into target through the "
+             "land queue.", "BRANCH"),
+    "unland": ("Take BRANCH out of the land queue (refused once its push is under way).",
+               "BRANCH"),
+    "queue": ("Print the land queue's snapshot (JSON).", None),
+}
+
+
+def queue_client(command: str, argv) -> int:
+    description, positional = QUEUE_CLIENTS[command]
+    return helpers.client_main(helpers.ClientCommand(
+        f"repo_observer.py {command}", description, command, "--observer",
+        f"{DEFAULT_HOST}:{DEFAULT_PORT}", positional=positional, server_role="observer"), argv)
 
 
 # --------------------------------------------------------------------------
@@ -171,8 +192,34 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--push-url-file", metavar="FILE",
                        help="a file (mode 600) holding the push URL with its credentials; the "
                             "URL is never logged")
+    merging_flags.add_argument(
+        "--queue-depth", type=positive(int), default=DEFAULT_QUEUE_DEPTH, metavar="N",
+        help="land queue entries tested at once, each on top of those ahead "
+             "(default: %(default)s; docs/merge-queue.md)")
+    merging_flags.add_argument(
+        "--queue-poll", type=positive(float), default=DEFAULT_QUEUE_POLL, metavar="SECONDS",
+        help="while the land queue has entries, poll at least this often (verdicts, "
+             "landing) (default: %(default)s)")
     add_common_arguments(parser)
     return parser
+
+
+def make_engine(args, rules, merge_repo: MergeRepo, repo: str, state_dir: str, dispatcher,
+                security):
+    """The land queue's engine, or None without --merge-into rules; it
+    makes and pushes its merges with the observer's one ``MergeRepo``."""
+    from ci.landing.engine import Engine
+    from ci.landing.journal import QueueJournal
+    from ci.landing.ports import DispatcherClient, QueueGit
+    if not rules:
+        return None
+    path = os.path.join(state_dir, "queue.journal")
+    try:
+        journal = QueueJournal(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the land queue journal {path}: {exc}") from None
+    return Engine(journal, QueueGit(repo, merge_repo), DispatcherClient(dispatcher, security),
+                  rules, args.queue_depth)
 
 
 def main(argv=None) -> int:
@@ -180,6 +227,8 @@ def main(argv=None) -> int:
     if argv[:1] == ["notify"]:
         import hook_client
         return hook_client.main(argv[1:])
+    if argv[:1] and argv[0] in QUEUE_CLIENTS:
+        return queue_client(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     server = None
@@ -220,13 +269,17 @@ def main(argv=None) -> int:
             log.info("merged results: %s; merges pushed to %s",
                      ", ".join(f"{r.pattern} into {r.target}" for r in rules),
                      merges.repo.push_url.shown)
-        observer = Observer(watch, dispatcher, state, security, merges)
+        engine = make_engine(args, rules, merges.repo, repo, state_dir, dispatcher,
+                             security) if merges else None
+        observer = Observer(watch, dispatcher, state, security, merges, engine,
+                            args.queue_poll)
         if not args.no_listen:
             check_bind_allowed(args.host, security, args.insecure)
             persist_nonces(security, state_dir, "observer")
             try:
                 server = helpers.MessageServer((args.host, args.port), observer.commands,
-                                               security, args.max_connections)
+                                               security, args.max_connections,
+                                               permissions=auth.OBSERVER_PERMISSIONS)
             except OSError as exc:
                 raise ConfigError(
                     f"cannot listen on {args.host}:{args.port}: {exc.strerror} "

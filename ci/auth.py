@@ -56,6 +56,14 @@ DISPATCHER_PERMISSIONS = {
     "queue": {"observer", "operator", "viewer"},
 }
 
+# What each role may ask the observer (``notify`` and ``status`` stay open
+# to every authenticated peer).  Landing moves a protected branch: operators.
+OBSERVER_PERMISSIONS = {
+    "land": {"operator"},
+    "unland": {"operator"},
+    "queue": {"observer", "operator", "viewer"},
+}
+
 
 class KeyError_(ValueError):
     """A key file or key id that is not well formed."""

@@ -156,6 +156,28 @@ class MergeRepo:
         self._log_land(outcome, target_branch, old, new)
         return outcome
 
+    def is_ancestor(self, commit: str, of: str) -> bool:
+        """Whether ``commit`` is ``of`` or one of its ancestors (this
+        repository sees the clone's commits and its own merges)."""
+        done = self.git.run("merge-base", "--is-ancestor", commit, of,
+                            timeout=COMMIT_TIMEOUT, ok=(0, 1))
+        return done.code == 0
+
+    def delete_branch(self, branch: str, expected: str) -> None:
+        """Delete the upstream's ``branch`` if it is still at ``expected``
+        (a lease); GitError if the remote did not take it."""
+        if not (TARGET_RE.fullmatch(branch) and valid_full_commit(expected)):
+            raise ValueError(f"bad branch deletion {branch!r} at {expected!r}")
+        ref = f"refs/heads/{branch}"
+        done = self.git.run("push", "--porcelain", "--no-verify",
+                            f"--force-with-lease={ref}:{expected}", self.push_url.url,
+                            f":{ref}", timeout=PUSH_TIMEOUT, ok=(0, 1))
+        status = push.parse_porcelain(self.push_url.redact(
+            done.stdout.decode("utf-8", "replace"))).get(ref)
+        if status is None or not status.done:
+            raise GitError(["push", self.push_url.shown], self.path, done.code,
+                           f"delete {ref}: {status.describe() if status else 'no report'}")
+
     def remote_head(self, branch: str) -> str | None:
         """The upstream's ``refs/heads/<branch>`` now (None: no such branch)."""
         ref = f"refs/heads/{branch}"

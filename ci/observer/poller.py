@@ -18,7 +18,7 @@ from ci import procgroup
 from ci.backoff import Backoff
 from ci.git import GitError, script_path
 from ci.security import Security
-from ci.wire import Message, ProtocolError, encode_fields, format_address
+from ci.wire import Message, ProtocolError, ascii_line, encode_fields, format_address
 from ci.observer.commits import (MAX_LISTING, dispatch_body, first_parent, new_commits,
                                  own_commits, parse_heads, plan_fields)
 from ci.observer.merges import BranchMerges
@@ -60,7 +60,8 @@ class Watch:
 
 class Observer:
     def __init__(self, watch: Watch, dispatcher: tuple[str, int], state: ObserverState,
-                 security: Security, merges: BranchMerges | None = None):
+                 security: Security, merges: BranchMerges | None = None, engine=None,
+                 queue_poll: float | None = None):
         self.repo = watch.repo
         self.patterns = watch.patterns
         self.all_branches = watch.all_branches
@@ -81,7 +82,45 @@ class Observer:
         self._missing_targets: set[str] = set()  # already warned about
         self._child = procgroup.Child()  # runs update_repo.sh
         self.thread = threading.Thread(target=self._loop, name="poll", daemon=True)
-        self.commands = {"notify": self.do_notify, "status": self.do_status}
+        self.commands = {"notify": self.do_notify, "status": self.do_status,
+                         "land": self.do_land, "unland": self.do_unland,
+                         "queue": self.do_queue}
+        # The land queue (ci/landing), run in this poll loop; None: off.
+        self.engine = engine
+        self.queue_poll = queue_poll or self.poll
+        if engine is not None:
+            engine.wake = self.wake.set
+
+    def _queue_call(self, method, message: Message, peer) -> Message:
+        from ci.landing.engine import Refused
+        if self.engine is None:
+            return Message("error", "the land queue is off: the observer has no "
+                                    "--merge-into rule")
+        branch = message.argument.strip()
+        who = f"{peer.role}:{peer.name}" if getattr(peer, "name", None) else \
+            f"{getattr(peer, 'role', 'admin')}@{peer}"
+        try:
+            entry = method(branch, who)
+        except Refused as exc:
+            return Message("error", ascii_line(str(exc)))
+        except GitError as exc:
+            log.warning("queue: %s %s: %s", message.command, branch, exc)
+            return Message("error", ascii_line(f"git failed, nothing changed: {exc.stderr}"))
+        return Message("ok", ascii_line(f"entry {entry.id}: {entry.branch} at "
+                                        f"{entry.head[:12]} into {entry.target}"))
+
+    def do_land(self, message: Message, peer: str) -> Message:
+        return self._queue_call(self.engine and self.engine.ask, message, peer)
+
+    def do_unland(self, message: Message, peer: str) -> Message:
+        return self._queue_call(self.engine and self.engine.cancel, message, peer)
+
+    def do_queue(self, message: Message, peer: str) -> Message:
+        import json
+        if self.engine is None:
+            return Message("error", "the land queue is off: the observer has no "
+                                    "--merge-into rule")
+        return Message("ok", "", json.dumps(self.engine.snapshot(), sort_keys=True).encode())
 
     def do_notify(self, message: Message, peer: str) -> Message:
         log.info("notified by %s", peer)
@@ -105,7 +144,10 @@ class Observer:
                 backoff.reset()
                 # Fixed rate: a commit waits at most --poll for its poll, not
                 # --poll plus however long the fetch took.
-                delay = max(0.0, self.poll - (time.monotonic() - started))
+                every = self.poll
+                if self.engine is not None and self.engine.busy():
+                    every = min(every, self.queue_poll)
+                delay = max(0.0, every - (time.monotonic() - started))
             except (OSError, ProtocolError, DispatcherRefused) as exc:
                 delay = backoff.next()
                 log.warning("dispatcher %s unavailable (%s); backlog kept, retrying in "
@@ -126,8 +168,15 @@ class Observer:
         self.polls += 1
         started = time.monotonic()
         heads = self._update()
-        watched = self._watched(heads)
         log.debug("poll %d: fetched in %.3fs", self.polls, time.monotonic() - started)
+        if self.engine is not None:
+            # Before the branches: a queue entry waits on no dispatch backlog.
+            try:
+                self.engine.step(heads)
+            except Exception:
+                log.exception("land queue step failed; trying again next poll")
+            heads = {b: c for b, c in heads.items() if not b.startswith("land/")}
+        watched = self._watched(heads)
         for branch in self.state.branches():
             if branch not in watched:
                 log.info("branch %s is gone or no longer watched; forgetting it", branch)
@@ -302,6 +351,8 @@ class Observer:
         if self.merges is not None:
             self.merges.repo.cancel()
         self.thread.join(10)
+        if self.engine is not None:
+            self.engine.close()
 
 
 class DispatcherRefused(Exception):

@@ -2,7 +2,7 @@
 (issue 22): the observer's snapshot (``queue-state``) checked, stored,
 served (``queue``) and kept across restarts; its events (``queue-event``)
 notified exactly once each, even when told twice and across a SIGKILL.
-The pure parts are tested in tests/unit/test_land_queue_view.py."""
+The pure parts are tested in tests/unit/test_queue_snapshot.py."""
 
 from __future__ import annotations
 

@@ -1,0 +1,186 @@
+"""What the land queue needs of git and of the dispatcher, as two small
+protocols, with a minimal real implementation of each.
+
+The queue's engine only ever talks to these, so the observer's merge and
+push functions (``ci/merging``, issue 22 contract section 5) and the
+dispatcher's ``verdicts``/``queue-state``/``queue-event`` clients can be
+put behind them at integration without touching the engine, and tests can
+drive the engine with stand-ins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Protocol
+
+import helpers
+from ci.git import GitError, run_git
+from ci.merging import MergeRepo
+from ci.merging.merge import Conflict
+from ci.merging.push import Landed, Stale
+from ci.wire import encode_fields, valid_full_commit
+
+log = logging.getLogger(__name__)
+
+# verdicts: asks at most this many commits at once (contract section 3).
+MAX_VERDICTS = 200
+
+
+class Git(Protocol):
+    def branch_head(self, branch: str) -> str | None: ...
+    def fresh_head(self, branch: str) -> str | None: ...
+    def real_head(self, branch: str) -> str | None: ...
+    def merge(self, base: str, head: str, branch: str,
+              target: str) -> tuple[str | None, tuple]: ...
+    def conflicts(self, base: str, head: str) -> tuple: ...
+    def publish(self, commit: str) -> None: ...
+    def land(self, target: str, old: str, new: str) -> str: ...
+    def is_ancestor(self, commit: str, of: str) -> bool: ...
+    def author_of(self, commit: str) -> str: ...
+    def delete_branch(self, branch: str, expected: str) -> None: ...
+
+
+class Dispatcher(Protocol):
+    def dispatch(self, lines: list[str]) -> None: ...
+    def verdicts(self, commits: list[str]) -> dict[str, tuple[str, str]]: ...
+    def send_state(self, body: bytes) -> None: ...
+    def send_event(self, fields: dict) -> None: ...
+
+
+class Refused(Exception):
+    """The dispatcher answered, but not ``ok``."""
+
+
+# --------------------------------------------------------------------------
+# Git: the observer's clone for what the upstream has (fetched heads,
+# authors), its private merge repository (ci/merging) for every merge and
+# push, so nothing in a commit's content can steer either.
+
+
+def land_result(outcome) -> str:
+    """``landed``, ``stale`` or ``failed:<reason>`` of a ``MergeRepo.land``."""
+    if isinstance(outcome, Landed):
+        return "landed"
+    if isinstance(outcome, Stale):
+        return "stale"
+    return f"failed:{outcome.reason}"
+
+
+class QueueGit:
+    def __init__(self, repo: str, merge_repo: MergeRepo):
+        self.repo = repo
+        self.merges = merge_repo
+
+    def _ref(self, branch: str) -> str:
+        try:
+            run_git(self.repo, "remote", "get-url", "origin")
+            return f"refs/remotes/origin/{branch}"
+        except GitError:
+            return f"refs/heads/{branch}"
+
+    def branch_head(self, branch: str) -> str | None:
+        try:
+            out = run_git(self.repo, "rev-parse", "--verify", "--quiet",
+                          f"{self._ref(branch)}^{{commit}}").strip()
+        except GitError:
+            return None
+        return out if valid_full_commit(out) else None
+
+    def fresh_head(self, branch: str) -> str | None:
+        """The branch's head on the upstream, fetched into the clone now
+        (an ask right after a push must not wait for the next poll);
+        None when the upstream has no such branch."""
+        ref = self._ref(branch)
+        if ref.startswith("refs/remotes/"):
+            try:
+                run_git(self.repo, "fetch", "--quiet", "--no-tags", "origin",
+                        f"+refs/heads/{branch}:{ref}", env=dict(os.environ,
+                                                                GIT_TERMINAL_PROMPT="0"),
+                        timeout=120)
+            except GitError as exc:
+                if "couldn't find remote ref" in exc.stderr.lower():
+                    return None
+                raise
+        return self.branch_head(branch)
+
+    def real_head(self, branch: str) -> str | None:
+        """The branch's head on the upstream now (not the clone's copy).
+        GitError when the upstream cannot be read: never guess."""
+        return self.merges.remote_head(branch)
+
+    def merge(self, base: str, head: str, branch: str, target: str) -> tuple[str | None, tuple]:
+        made = self.merges.merge(base, head, branch, target)
+        if isinstance(made, Conflict):
+            return None, made.paths or (made.describe(),)
+        return made.commit, ()
+
+    def conflicts(self, base: str, head: str) -> tuple:
+        made = self.merges.merge(base, head, "branch", "target")
+        return (made.paths or (made.describe(),)) if isinstance(made, Conflict) else ()
+
+    def publish(self, commit: str) -> None:
+        self.merges.publish([commit])
+
+    def land(self, target: str, old: str, new: str) -> str:
+        return land_result(self.merges.land(target, old, new))
+
+    def is_ancestor(self, commit: str, of: str) -> bool:
+        """In the merge repository, which sees the clone's commits and its
+        own merges alike."""
+        return self.merges.is_ancestor(commit, of)
+
+    def author_of(self, commit: str) -> str:
+        try:
+            return run_git(self.repo, "log", "-1", "--format=%ae", commit).strip()
+        except GitError:
+            return ""
+
+    def delete_branch(self, branch: str, expected: str) -> None:
+        """Delete the upstream's ``branch`` if it is still at ``expected``."""
+        self.merges.delete_branch(branch, expected)
+
+
+# --------------------------------------------------------------------------
+# The dispatcher, by its commands (contract sections 3 and 4).
+
+
+def parse_verdicts(body: bytes) -> dict[str, tuple[str, str]]:
+    """``verdicts``'s reply body: ``<commit> <state> <reason>`` a line."""
+    found = {}
+    for line in body.decode("utf-8", "replace").splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) >= 2 and valid_full_commit(parts[0]) and parts[1]:
+            reason = parts[2] if len(parts) == 3 else "-"
+            found[parts[0]] = (parts[1], reason)
+    return found
+
+
+class DispatcherClient:
+    def __init__(self, address: tuple[str, int], security):
+        self.address = address
+        self.security = security
+
+    def _call(self, command: str, argument: str = "", body: bytes = b""):
+        reply = helpers.call(self.address, command, argument, body, security=self.security,
+                             reply_timeout=30)
+        if reply.command != "ok":
+            raise Refused(f"{command} refused: {reply.command} {reply.argument}")
+        return reply
+
+    def dispatch(self, lines: list[str]) -> None:
+        commits = [line.split(" ", 1)[0] for line in lines]
+        self._call("dispatch", " ".join(commits), ("\n".join(lines) + "\n").encode())
+
+    def verdicts(self, commits: list[str]) -> dict[str, tuple[str, str]]:
+        found = {}
+        for start in range(0, len(commits), MAX_VERDICTS):
+            batch = commits[start:start + MAX_VERDICTS]
+            found.update(parse_verdicts(self._call("verdicts", " ".join(batch)).body))
+        return found
+
+    def send_state(self, body: bytes) -> None:
+        self._call("queue-state", "", body)
+
+    def send_event(self, fields: dict) -> None:
+        self._call("queue-event", "", encode_fields(fields))
