@@ -199,8 +199,12 @@ def rec(name, outcome="failed", classname="m.C", **kw) -> TestRecord:
     return TestRecord(classname, name, outcome, **kw)
 
 
+# The slow test's seconds: the named failing test must fail before it.
+SLOW_SECONDS = 1.5
 FIRST_FLAKY = """import os
 import time
+
+SLOW = {slow}
 
 def _ran():
     # Each run of this test adds a line: the first folder on its PYTHONPATH.
@@ -216,7 +220,7 @@ import unittest
 
 class TestSlow(unittest.TestCase):
     def test_slow(self):
-        time.sleep(0.6)
+        time.sleep(SLOW)
 
 class TestZ(unittest.TestCase):
     def test_sometimes(self):
@@ -224,7 +228,7 @@ class TestZ(unittest.TestCase):
 """
 FIRST_FLAKY_PYTEST = """
 def test_slow():
-    time.sleep(0.6)
+    time.sleep(SLOW)
 
 def test_sometimes():
     assert _ran() % 2 == 1, "fails every other run"
@@ -239,7 +243,7 @@ def test_a_failing_first_run_with_reruns_is_ordered_then_rerun_with_its_environm
     pytest the ordering plugin's folder first); the verdict is flaky's."""
     counter = tmp_path / "counter"
     clone = upstream.clone(tmp_path / "clone")
-    source = FIRST_FLAKY.format(counter=str(counter))
+    source = FIRST_FLAKY.format(counter=str(counter), slow=SLOW_SECONDS)
     if runner == "unittest":
         files = {"tests/test_first.py": source + FIRST_FLAKY_UNITTEST}
         keys, named = {}, "test_first.TestZ.test_sometimes"
@@ -259,7 +263,9 @@ def test_a_failing_first_run_with_reruns_is_ordered_then_rerun_with_its_environm
     assert outcome.header["flaky"] == 1 and outcome.header["failures"] == 0
     assert outcome.header["failing_first"] == "1 of 1 run first"
     # The first run's first failure, before the slow test: not the rerun's.
-    assert float(outcome.header["first_failure_after"]) < 0.6
+    # (Measured from the command's start: the interpreter's start-up on a
+    # busy machine counts too, so the slow test is slow enough to tell.)
+    assert float(outcome.header["first_failure_after"]) < SLOW_SECONDS
     assert b"rerun of 1 failing tests: 1 passed (flaky)" in outcome.output
     runs = counter.read_text().splitlines()
     assert len(runs) == 2 and runs[0] == runs[1]
