@@ -18,9 +18,10 @@ from ci import procgroup
 from ci.backoff import Backoff
 from ci.git import GitError, script_path
 from ci.security import Security
-from ci.wire import Message, ProtocolError, ascii_line, encode_fields, format_address
+from ci.wire import Message, ProtocolError, encode_fields, format_address
 from ci.observer.commits import (MAX_LISTING, dispatch_body, first_parent, new_commits,
                                  own_commits, parse_heads, plan_fields)
+from ci.landing.commands import QueueCommands
 from ci.observer.merges import BranchMerges
 from ci.observer.state import ObserverState
 
@@ -82,45 +83,13 @@ class Observer:
         self._missing_targets: set[str] = set()  # already warned about
         self._child = procgroup.Child()  # runs update_repo.sh
         self.thread = threading.Thread(target=self._loop, name="poll", daemon=True)
-        self.commands = {"notify": self.do_notify, "status": self.do_status,
-                         "land": self.do_land, "unland": self.do_unland,
-                         "queue": self.do_queue}
         # The land queue (ci/landing), run in this poll loop; None: off.
         self.engine = engine
+        self.commands = {"notify": self.do_notify, "status": self.do_status,
+                         **QueueCommands(engine).commands}
         self.queue_poll = queue_poll or self.poll
         if engine is not None:
             engine.wake = self.wake.set
-
-    def _queue_call(self, method, message: Message, peer) -> Message:
-        from ci.landing.engine import Refused
-        if self.engine is None:
-            return Message("error", "the land queue is off: the observer has no "
-                                    "--merge-into rule")
-        branch = message.argument.strip()
-        who = f"{peer.role}:{peer.name}" if getattr(peer, "name", None) else \
-            f"{getattr(peer, 'role', 'admin')}@{peer}"
-        try:
-            entry = method(branch, who)
-        except Refused as exc:
-            return Message("error", ascii_line(str(exc)))
-        except GitError as exc:
-            log.warning("queue: %s %s: %s", message.command, branch, exc)
-            return Message("error", ascii_line(f"git failed, nothing changed: {exc.stderr}"))
-        return Message("ok", ascii_line(f"entry {entry.id}: {entry.branch} at "
-                                        f"{entry.head[:12]} into {entry.target}"))
-
-    def do_land(self, message: Message, peer: str) -> Message:
-        return self._queue_call(self.engine and self.engine.ask, message, peer)
-
-    def do_unland(self, message: Message, peer: str) -> Message:
-        return self._queue_call(self.engine and self.engine.cancel, message, peer)
-
-    def do_queue(self, message: Message, peer: str) -> Message:
-        import json
-        if self.engine is None:
-            return Message("error", "the land queue is off: the observer has no "
-                                    "--merge-into rule")
-        return Message("ok", "", json.dumps(self.engine.snapshot(), sort_keys=True).encode())
 
     def do_notify(self, message: Message, peer: str) -> Message:
         log.info("notified by %s", peer)
