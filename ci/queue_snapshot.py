@@ -1,4 +1,4 @@
-"""The land queue's snapshot, defined once (issue 22, contract section 4):
+"""The land queue's snapshot, defined once:
 the observer owns the queue and sends the dispatcher this JSON after every
 change (``queue-state``); the dispatcher keeps it and serves it (``queue``)
 to the dashboard, which reads it back through the same check.
@@ -52,7 +52,7 @@ ENTRY_KEYS = ("id", "branch", "target", "head", "state", "tested", "base", "posi
 
 
 class SnapshotError(ValueError):
-    """A snapshot that is not what the contract says, with the first reason."""
+    """A snapshot that is not what docs/protocol.md says, with the first reason."""
 
 
 def empty() -> dict:
@@ -109,7 +109,7 @@ def check_snapshot(value) -> dict:
 
 
 def check_entry(entry, where: str, states: tuple = STATES) -> dict:
-    """One queue entry, checked: every key of the contract, right types."""
+    """One queue entry, checked: every key docs/protocol.md names, right types."""
     if not isinstance(entry, dict):
         raise SnapshotError(f"{where}: an entry must be an object")
     for key in ENTRY_KEYS:
@@ -155,7 +155,7 @@ def _list(value, where: str, limit: int) -> list:
 
 
 def _whole(value, where: str, limit: int) -> int:
-    # bool is an int to Python, never to the contract.
+    # bool is an int to Python, never to the snapshot's reader.
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
         raise SnapshotError(f"{where} must be a whole number from 0 to {limit}")
     return value

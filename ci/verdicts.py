@@ -1,4 +1,4 @@
-"""The ``verdicts`` command (issue 22, contract section 3): the observer's
+"""The ``verdicts`` command: the observer's
 land queue asks the dispatcher where each of its commits stands.
 
 Request: ``verdicts:<commit> <commit> ...`` (1 to ``MAX_COMMITS`` full

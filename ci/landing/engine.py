@@ -367,7 +367,7 @@ class Engine:
                 self.journal.write("sent", entry.id, sync=False, event=event)
 
     def snapshot(self, now: float | None = None) -> dict:
-        """The queue as ``queue-state`` carries it (contract section 4)."""
+        """The queue as ``queue-state`` carries it (docs/protocol.md)."""
         with self.lock:
             entries = list(self.journal.entries.values())
             heads = dict(self.heads)

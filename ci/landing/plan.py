@@ -6,7 +6,7 @@ tested, and checked by a property test, without a repository.  The engine
 (``engine.py``) carries the actions out, journals them, and plans again
 until nothing is left to build, land or reject.
 
-The rules (issue 22, contract section 6), Zuul-like:
+The rules, Zuul-like:
 
 * Entries form a speculative chain.  Entry i's *base* is the tested commit
   of the nearest entry ahead of it that is not excluded, else the target
@@ -33,7 +33,7 @@ RED = frozenset({"failed", "error", "timeout"})
 CONFLICT = "conflict"
 FINAL = GREEN | RED | {CONFLICT}
 
-# Entry states an engine shows (contract section 4).
+# Entry states an engine shows (docs/protocol.md).
 ACTIVE_STATES = ("waiting", "merging", "testing", "passed", "failing", "blocked", "landing")
 DONE_STATES = ("landed", "rejected", "cancelled")
 

@@ -2,7 +2,7 @@
 protocols, with a minimal real implementation of each.
 
 The queue's engine only ever talks to these, so the observer's merge and
-push functions (``ci/merging``, issue 22 contract section 5) and the
+push functions (``ci/merging``) and the
 dispatcher's ``verdicts``/``queue-state``/``queue-event`` clients can be
 put behind them at integration without touching the engine, and tests can
 drive the engine with stand-ins.
@@ -23,7 +23,7 @@ from ci.wire import encode_fields, valid_full_commit
 
 log = logging.getLogger(__name__)
 
-# verdicts: asks at most this many commits at once (contract section 3).
+# verdicts: asks at most this many commits at once.
 MAX_VERDICTS = 200
 
 
@@ -142,7 +142,7 @@ class QueueGit:
 
 
 # --------------------------------------------------------------------------
-# The dispatcher, by its commands (contract sections 3 and 4).
+# The dispatcher, by its commands.
 
 
 def parse_verdicts(body: bytes) -> dict[str, tuple[str, str]]:

@@ -27,7 +27,7 @@ MAX_ENTRY_ID = queue_snapshot.MAX_ID
 
 
 class QueueEventError(ValueError):
-    """A ``queue-event`` body that does not say what the contract says."""
+    """A ``queue-event`` body that is not what docs/protocol.md says."""
 
 
 @dataclasses.dataclass(frozen=True)

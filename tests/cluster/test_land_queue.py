@@ -5,9 +5,9 @@ the snapshot and events sent; the observer killed with SIGKILL while
 entries are in flight loses nothing and lands nothing twice.
 
 The dispatcher is an in-test stand-in serving ``dispatch``, ``verdicts``,
-``queue-state`` and ``queue-event`` as the contract says (issue 22,
-sections 3 and 4): the real ones are built beside this part; the lead's
-cluster test with real runners comes at integration."""
+``queue-state`` and ``queue-event`` as docs/protocol.md describes them,
+so each of the observer's decisions can be steered; the whole real system
+is tested in test_merge_queue_system.py."""
 
 from __future__ import annotations
 
