@@ -13,7 +13,7 @@ is given.
              how many files it removed and how many history rows remain.
 
 Every process is started here and ended here by its PID.
-usage:  python benchmarks/bench_retention.py [--results N] [--keep N] [--keep-folder]
+usage:  python benchmarks/bench_retention.py [--results N] [--keep N] [--rate R] [--keep-folder]
 """
 
 from __future__ import annotations
@@ -108,8 +108,17 @@ def wait_log(tmp: str, name: str, pattern: str, limit: float) -> re.Match:
 class ResultPath:
     """Dispatch a fresh commit, wait for its runtest, time its ``results``."""
 
-    def __init__(self, port: int, runner: FakeRunner, base: int):
-        self.port, self.runner, self.next = port, runner, base
+    def __init__(self, port: int, runner: FakeRunner, base: int, rate: float = 0.0):
+        self.port, self.runner, self.next, self.rate = port, runner, base, rate
+
+    def paced(self) -> float:
+        """``one``, then a wait so that results come at ``rate`` a second
+        (0: back to back, as fast as the dispatcher takes them)."""
+        started = time.monotonic()
+        took = self.one()
+        if self.rate:
+            time.sleep(max(0.0, 1.0 / self.rate - (time.monotonic() - started)))
+        return took
 
     def one(self) -> float:
         self.next += 1
@@ -153,15 +162,16 @@ def run(tmp: str, args) -> None:
     os.makedirs(folder)
     t0 = time.monotonic()
     generate(folder, args.results)
-    print(f"generated {args.results} result files (+XML) in {time.monotonic() - t0:.1f}s")
+    print(f"generated {args.results} result files (+XML) in {time.monotonic() - t0:.1f}s; "
+          f"results sent {f'{args.rate:g} a second' if args.rate else 'back to back'}")
     port = helpers.free_port()
     runner = FakeRunner()
     proc = start_dispatcher(tmp, port, [], "baseline.log")
     try:
         wait_log(tmp, "baseline.log", r"test history: \d+ results read", 1800)
         runner.register(port)
-        path = ResultPath(port, runner, 10 ** 9)
-        base = [path.one() for _ in range(args.samples)]
+        path = ResultPath(port, runner, 10 ** 9, args.rate)
+        base = [path.paced() for _ in range(args.samples)]
         print(f"baseline: results latency {figures(base)}")
     finally:
         stop(proc)
@@ -175,7 +185,7 @@ def run(tmp: str, args) -> None:
         timed = []       # (when the sample ended, latency)
         match, looked = None, 0.0
         while match is None:
-            took = path.one()
+            took = path.paced()
             timed.append((time.monotonic(), took))
             if time.monotonic() - looked > 0.5:      # not per sample: the log grows
                 looked = time.monotonic()
@@ -208,6 +218,10 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=int, default=100_000, help="result files to make")
     parser.add_argument("--keep", type=int, default=100, help="--keep-results N to use")
     parser.add_argument("--samples", type=int, default=200, help="baseline latency samples")
+    parser.add_argument("--rate", type=float, default=20.0,
+                        help="results a second the stand-in runner sends while latency is "
+                             "measured; 0: back to back, as fast as they are taken "
+                             "(default: %(default)s)")
     parser.add_argument("--keep-folder", action="store_true", help="leave the folder")
     args = parser.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench-retention-")

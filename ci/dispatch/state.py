@@ -118,6 +118,9 @@ class DispatcherState(LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner, R
         self.trusted_branches = jobspec.DEFAULT_TRUSTED_BRANCHES
         self.stopping = False
         self.completed = 0
+        # Results received or written, counted (the pruner rests after a
+        # batch that overlapped one: ci/retention/pruner.py).
+        self.result_activity = 0
         # Called with (commit, Outcome) after a result file is on disk,
         # outside the lock (notifications); must not block.
         self.listeners: list = []

@@ -9,9 +9,11 @@ still finished and not pending (a retest may have queued it meanwhile)
 and to mark it pruned and being unlinked; the unlinks themselves are done
 without it (a retest of a commit being unlinked waits for its batch), so
 a result never waits behind an unlink.  Unlinks follow the folder's own
-order.  After each batch the thread rests for as long as the batch took
-(``REST``, at least ``pause``): a pass over 100,000 files takes its time
-from the disk's pace and never crowds out the handlers.  A tombstone
+order.  After a batch during which a result arrived or was written, the
+thread rests for as long as the batch took (``REST``, at least
+``pause``): a pass over 100,000 files then takes its time from the disk's
+pace and never crowds out the handlers; while no result comes, it only
+pauses briefly between batches.  A tombstone
 group (one fsync) covers several batches.
 
 Order per commit: the tombstone (durable), then ``<commit>.xml``, then
@@ -158,6 +160,7 @@ class Pruner:
         cells = {e.commit: e.cells for e in group}
         for start in range(0, len(group), BATCH):
             began = time.monotonic()
+            seen = self.state.results_seen()
             gone = self.state.remove_pruned([e.commit for e in group[start:start + BATCH]],
                                             lambda commits: self._unlink_all(commits, cells),
                                             self.forget)
@@ -167,17 +170,18 @@ class Pruner:
             busy = time.monotonic() - began
             self._report.removing += busy
             rested = time.monotonic()
-            self._rest(busy)
+            self._rest(busy if self.state.results_seen() != seen else 0.0)
             self._report.resting += time.monotonic() - rested
         if dropped:      # after the group: a trim may drop some of its own
             self._forget_tombstones(dropped)
         return removed
 
     def _rest(self, busy: float) -> None:
-        """Pause after a batch for as long as it took (times ``REST``), at
-        least ``pause``: the pass's pace follows the disk's, so a slow
-        moment (unlinks queued behind every result's fsync) is not made
-        worse by the next batch."""
+        """Pause after a batch that competed with a result for as long as
+        it took (times ``REST``), else only ``pause``: under results the
+        pass's pace follows the disk's, so a slow moment (unlinks queued
+        behind every result's fsync) is not made worse by the next batch;
+        with none arriving, nothing is waited for."""
         self.stop_event.wait(max(self.pause, busy * REST))
 
     def _forget_tombstones(self, commits: list[str]) -> None:
