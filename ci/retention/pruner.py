@@ -44,8 +44,11 @@ GROUP = 500
 # Commits removed per hold of the dispatcher's lock (two unlinks each).
 BATCH = 25
 # Seconds between batches, and after every READ_STEP headers read: the
-# thread's own pace, leaving the interpreter to the handlers meanwhile.
+# thread's own pace, leaving the interpreter to the handlers meanwhile;
+# QUIET_PAUSE when no result came since the last pause (any wait lets a
+# handler that is ready take the interpreter).
 PAUSE = 0.005
+QUIET_PAUSE = 0.001
 READ_STEP = 200
 # After each batch the thread rests this many times as long as the batch
 # took (and at least PAUSE).
@@ -55,10 +58,12 @@ REST = 1.0
 FIRST_DELAY = 10.0
 # A header is short: this much of a result file holds it.
 HEADER_READ = 16 * 1024
-# Threads unlinking one batch's files.  An unlink frees the inode's blocks
-# after the folder's lock is let go, so a second and third unlink overlap
-# that part (measured alone on ext4, 100,000 unlinks: 94 us each with one
-# thread, 68 with two, 51 with four); more would crowd the result path.
+# Threads unlinking one batch's files, and reading new headers in a scan.
+# An unlink frees the inode's blocks after the folder's lock is let go, so
+# a second and third unlink overlap that part (measured alone on ext4,
+# 100,000 unlinks: 94 us each with one thread, 68 with two, 51 with four);
+# headers read from a cold cache overlap their disk waits (30,000: 5.1 s
+# one at a time, 3.0 s with three).  More would crowd the result path.
 UNLINKERS = 3
 
 
@@ -170,19 +175,20 @@ class Pruner:
             busy = time.monotonic() - began
             self._report.removing += busy
             rested = time.monotonic()
-            self._rest(busy if self.state.results_seen() != seen else 0.0)
+            self._rest(busy, self.state.results_seen() != seen)
             self._report.resting += time.monotonic() - rested
         if dropped:      # after the group: a trim may drop some of its own
             self._forget_tombstones(dropped)
         return removed
 
-    def _rest(self, busy: float) -> None:
+    def _rest(self, busy: float, competed: bool) -> None:
         """Pause after a batch that competed with a result for as long as
         it took (times ``REST``), else only ``pause``: under results the
         pass's pace follows the disk's, so a slow moment (unlinks queued
         behind every result's fsync) is not made worse by the next batch;
         with none arriving, nothing is waited for."""
-        self.stop_event.wait(max(self.pause, busy * REST))
+        self.stop_event.wait(max(self.pause, busy * REST) if competed else
+                             min(self.pause, QUIET_PAUSE))
 
     def _forget_tombstones(self, commits: list[str]) -> None:
         """A trim dropped these tombstones: the dispatcher and this cache
@@ -194,16 +200,18 @@ class Pruner:
     def _unlink_all(self, commits: list[str], cells: dict) -> list[OSError | None]:
         """Each commit's files removed (``_unlink``), several commits at
         once; per commit, None or the error that stopped it."""
-        if self.unlinkers is None:
-            self.unlinkers = concurrent.futures.ThreadPoolExecutor(UNLINKERS, "unlink")
-
         def one(commit):
             try:
                 self._unlink(commit, cells.get(commit, ()))
             except OSError as exc:
                 return exc
             return None
-        return list(self.unlinkers.map(one, commits))
+        return list(self._workers().map(one, commits))
+
+    def _workers(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self.unlinkers is None:
+            self.unlinkers = concurrent.futures.ThreadPoolExecutor(UNLINKERS, "prune")
+        return self.unlinkers
 
     def _unlink(self, commit: str, cells: tuple[str, ...]) -> None:
         """A matrix commit's cell files, the JUnit XML, then the result
@@ -220,10 +228,11 @@ class Pruner:
 
     def _scan(self) -> tuple[dict[str, keep.Entry], dict[str, int]]:
         """Every complete result in the folder, reading only new or
-        changed headers, and each one's place in the listing."""
-        seen: dict[str, keep.Entry] = {}
+        changed headers, and each one's place in the listing.  The headers
+        are read a step at a time by the unlinking threads (on a cold
+        cache each read waits on the disk, and the waits overlap)."""
         names: dict[str, int] = {}
-        read = 0
+        todo: list[tuple[str, tuple, float]] = []
         with os.scandir(self.results_dir) as listing:
             for item in listing:
                 if not valid_full_commit(item.name):
@@ -236,16 +245,21 @@ class Pruner:
                 stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
                 cached = self.headers.get(item.name)
                 if cached is None or cached[0] != stamp:
-                    cached = (stamp, self._entry(item.name, st.st_mtime))
-                    self.headers[item.name] = cached
-                    read += 1
-                    if read % READ_STEP == 0:
-                        self.stop_event.wait(self.pause)
-                if cached[1] is not None:
-                    seen[item.name] = cached[1]
+                    todo.append((item.name, stamp, st.st_mtime))
+        seen_results = self.state.results_seen()
+        for start in range(0, len(todo), READ_STEP):
+            step = todo[start:start + READ_STEP]
+            for (name, stamp, _), entry in zip(step, self._workers().map(
+                    lambda item: self._entry(item[0], item[2]), step)):
+                self.headers[name] = (stamp, entry)
+            now_seen = self.state.results_seen()
+            self.stop_event.wait(self.pause if now_seen != seen_results else
+                                 min(self.pause, QUIET_PAUSE))
+            seen_results = now_seen
         for gone in [c for c in self.headers if c not in names]:
             del self.headers[gone]
-        return seen, names
+        return ({name: self.headers[name][1] for name in names
+                 if self.headers[name][1] is not None}, names)
 
     def _entry(self, commit: str, mtime: float) -> keep.Entry | None:
         fields = results.read_header(os.path.join(self.results_dir, commit), HEADER_READ)
