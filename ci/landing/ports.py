@@ -19,6 +19,7 @@ from ci.git import GitError, run_git
 from ci.merging import MergeRepo
 from ci.merging.merge import Conflict
 from ci.merging.push import Landed, Stale
+from ci.observer.fetchlock import fetch_lock
 from ci.wire import encode_fields, valid_full_commit
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,10 @@ class QueueGit:
         ref = self._ref(branch)
         if ref.startswith("refs/remotes/"):
             try:
-                run_git(self.repo, "fetch", "--quiet", "--no-tags", "origin",
-                        f"+refs/heads/{branch}:{ref}", env=dict(os.environ,
-                                                                GIT_TERMINAL_PROMPT="0"),
-                        timeout=120)
+                with fetch_lock(self.repo):   # the poll fetches this clone too
+                    run_git(self.repo, "fetch", "--quiet", "--no-tags", "origin",
+                            f"+refs/heads/{branch}:{ref}",
+                            env=dict(os.environ, GIT_TERMINAL_PROMPT="0"), timeout=120)
             except GitError as exc:
                 if "couldn't find remote ref" in exc.stderr.lower():
                     return None
