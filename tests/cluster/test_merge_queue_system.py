@@ -278,6 +278,15 @@ def test_five_branches_land_through_the_real_system(system, cluster, dashboards)
     assert api["targets"]["main"]["head"] == line[-1]
     bad = [e for e in api["recent"] if e["branch"] == f"feature/{BAD}"][0]
     assert f"test_{BAD}" in bad["reason"]
+    # The queue's merges are unpublished once their entries are finished
+    # (landed: main holds them; rejected; or rebuilt on another base):
+    # only each branch's own merged result stays under refs/ci/merges/.
+    def published():
+        return git(system.bare, "for-each-ref", "--format=%(objectname)",
+                   "refs/ci/merges/").split()
+    wait_until(lambda: not set(published()) & set(line + [bad["tested"]]), 10,
+               what="the finished entries' merges unpublished")
+    assert len(published()) <= len(BRANCHES), published()
 
 
 @pytest.mark.parametrize("victim", ["observer", "dispatcher"])
