@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_engine(args, rules, merge_repo: MergeRepo, repo: str, state_dir: str, dispatcher,
-                security):
+                security, state: ObserverState | None = None):
     """The land queue's engine, or None without --merge-into rules; it
     makes and pushes its merges with the observer's one ``MergeRepo``."""
     from ci.landing.engine import Engine
@@ -218,7 +218,8 @@ def make_engine(args, rules, merge_repo: MergeRepo, repo: str, state_dir: str, d
         journal = QueueJournal(path)
     except OSError as exc:
         raise ConfigError(f"cannot open the land queue journal {path}: {exc}") from None
-    return Engine(journal, QueueGit(repo, merge_repo), DispatcherClient(dispatcher, security),
+    return Engine(journal, QueueGit(repo, merge_repo, state),
+                  DispatcherClient(dispatcher, security),
                   rules, args.queue_depth)
 
 
@@ -270,7 +271,7 @@ def main(argv=None) -> int:
                      ", ".join(f"{r.pattern} into {r.target}" for r in rules),
                      merges.repo.push_url.shown)
         engine = make_engine(args, rules, merges.repo, repo, state_dir, dispatcher,
-                             security) if merges else None
+                             security, state) if merges else None
         observer = Observer(watch, dispatcher, state, security, merges, engine,
                             args.queue_poll)
         if not args.no_listen:

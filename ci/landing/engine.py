@@ -139,6 +139,10 @@ class Engine:
                 log.warning("queue for %s: %s; trying again next poll", target, exc)
         self._send_events()
         self._send_state()
+        try:
+            self.git.retire({e.id for e in self._active()})
+        except OSError as exc:
+            log.warning("queue: cannot hand finished entries' merges to deletion: %s", exc)
 
     def _active(self, target: str | None = None) -> list[QueueEntry]:
         with self.lock:
@@ -291,7 +295,7 @@ class Engine:
             return
         commit, paths = self.git.merge(base, entry.head, entry.branch, entry.target)
         if commit is not None:
-            self.git.publish(commit)
+            self.git.publish(commit, entry.id)
         with self.lock:
             if not entry.active:
                 return   # cancelled meanwhile

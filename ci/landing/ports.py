@@ -19,6 +19,8 @@ from ci.git import GitError, run_git
 from ci.merging import MergeRepo
 from ci.merging.merge import Conflict
 from ci.merging.push import Landed, Stale
+from ci.observer.fetchlock import fetch_lock
+from ci.observer.state import ObserverState
 from ci.wire import encode_fields, valid_full_commit
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,8 @@ class Git(Protocol):
     def merge(self, base: str, head: str, branch: str,
               target: str) -> tuple[str | None, tuple]: ...
     def conflicts(self, base: str, head: str) -> tuple: ...
-    def publish(self, commit: str) -> None: ...
+    def publish(self, commit: str, entry: int | None = None) -> None: ...
+    def retire(self, active: set[int]) -> None: ...
     def land(self, target: str, old: str, new: str) -> str: ...
     def is_ancestor(self, commit: str, of: str) -> bool: ...
     def author_of(self, commit: str) -> str: ...
@@ -67,10 +70,21 @@ def land_result(outcome) -> str:
     return f"failed:{outcome.reason}"
 
 
+# The owner under which a queue entry's published merges are kept in the
+# observer's state (beside each branch's merged results); a space is in no
+# branch name, so it can never be taken for one.
+QUEUE_OWNER = "land queue entry "
+# An entry keeps every merge it was built as until it is finished.
+KEEP_PER_ENTRY = 1000
+
+
 class QueueGit:
-    def __init__(self, repo: str, merge_repo: MergeRepo):
+    def __init__(self, repo: str, merge_repo: MergeRepo, state: ObserverState | None = None):
         self.repo = repo
         self.merges = merge_repo
+        # Where published merges are remembered until they are deleted in
+        # batches (BranchMerges.retire); None: never deleted.
+        self.state = state
 
     def _ref(self, branch: str) -> str:
         try:
@@ -94,10 +108,10 @@ class QueueGit:
         ref = self._ref(branch)
         if ref.startswith("refs/remotes/"):
             try:
-                run_git(self.repo, "fetch", "--quiet", "--no-tags", "origin",
-                        f"+refs/heads/{branch}:{ref}", env=dict(os.environ,
-                                                                GIT_TERMINAL_PROMPT="0"),
-                        timeout=120)
+                with fetch_lock(self.repo):   # the poll fetches this clone too
+                    run_git(self.repo, "fetch", "--quiet", "--no-tags", "origin",
+                            f"+refs/heads/{branch}:{ref}",
+                            env=dict(os.environ, GIT_TERMINAL_PROMPT="0"), timeout=120)
             except GitError as exc:
                 if "couldn't find remote ref" in exc.stderr.lower():
                     return None
@@ -119,8 +133,26 @@ class QueueGit:
         made = self.merges.merge(base, head, "branch", "target")
         return (made.paths or (made.describe(),)) if isinstance(made, Conflict) else ()
 
-    def publish(self, commit: str) -> None:
+    def publish(self, commit: str, entry: int | None = None) -> None:
+        """Push ``commit`` under refs/ci/merges/ (where runners fetch it),
+        remembered as ``entry``'s until that entry is finished."""
         self.merges.publish([commit])
+        if self.state is not None and entry is not None:
+            self.state.add_published(f"{QUEUE_OWNER}{entry}", commit, KEEP_PER_ENTRY)
+
+    def retire(self, active: set[int]) -> None:
+        """The published merges of every entry not in ``active`` (landed:
+        the target holds them now; rejected, cancelled, or rebuilt since)
+        are handed to the observer's batch deletion of old merges.  Kept
+        while the entry is active, even those it was rebuilt from: one may
+        still wait at the dispatcher, and a runner must be able to fetch it."""
+        if self.state is None:
+            return
+        for owner in self.state.owners():
+            if owner.startswith(QUEUE_OWNER):
+                number = owner[len(QUEUE_OWNER):]
+                if not (number.isdigit() and int(number) in active):
+                    self.state.forget(owner)
 
     def land(self, target: str, old: str, new: str) -> str:
         return land_result(self.merges.land(target, old, new))

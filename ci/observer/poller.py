@@ -22,6 +22,7 @@ from ci.wire import Message, ProtocolError, encode_fields, format_address
 from ci.observer.commits import (MAX_LISTING, dispatch_body, first_parent, new_commits,
                                  own_commits, parse_heads, plan_fields)
 from ci.landing.commands import QueueCommands
+from ci.observer.fetchlock import fetch_lock
 from ci.observer.merges import BranchMerges
 from ci.observer.state import ObserverState
 
@@ -279,7 +280,9 @@ class Observer:
         git process behind (``procgroup.Child``: a stop never signals a
         reaped PID that may be someone else's by then)."""
         cmd = ["bash", script_path("update_repo.sh"), self.repo]
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        # The land queue's asks fetch this clone from the listener's threads.
+        with fetch_lock(self.repo), tempfile.TemporaryFile() as out, \
+                tempfile.TemporaryFile() as err:
             proc = self._child.start(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
             if proc is None:
                 raise GitError(["fetch"], self.repo, -1, "observer stopping")

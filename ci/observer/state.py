@@ -109,6 +109,11 @@ class ObserverState:
         with self._lock:
             return list(self.published.get(branch, []))
 
+    def owners(self) -> list[str]:
+        """Who has merges published: branches, and the land queue's entries."""
+        with self._lock:
+            return sorted(self.published)
+
     def retired_batch(self, limit: int) -> list[str]:
         with self._lock:
             return self.retired[:limit]
