@@ -86,6 +86,19 @@ class TestBroken(unittest.TestCase):
 """
 
 
+def write_files(root: str, files: dict) -> None:
+    """Write each file (text or bytes) under ``root``, making its folders;
+    None deletes it."""
+    for name, text in files.items():
+        path = os.path.join(root, name)
+        if text is None:
+            os.unlink(path)
+            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(text.encode() if isinstance(text, str) else text)
+
+
 class Upstream:
     """A temporary upstream repository with helpers to commit to it."""
 
@@ -98,15 +111,7 @@ class Upstream:
     def commit(self, files: dict[str, str | None] | None = None, message: str = "") -> str:
         """Write (or delete, with None) files and commit; return the id."""
         self.counter += 1
-        files = files or {f"change_{self.counter}.txt": f"{self.counter}\n"}
-        for name, text in files.items():
-            path = os.path.join(self.path, name)
-            if text is None:
-                os.unlink(path)
-                continue
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as handle:
-                handle.write(text)
+        write_files(self.path, files or {f"change_{self.counter}.txt": f"{self.counter}\n"})
         git(self.path, "add", "-A")
         git(self.path, "commit", "-q", "--allow-empty", "-m", message or f"c{self.counter}")
         return git(self.path, "rev-parse", "HEAD")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from support.cluster import GIT_ENV, git
+from support.cluster import GIT_ENV, git, write_files
 
 from ci.merging import MergeRepo, url
 
@@ -35,14 +35,7 @@ class Upstreams:
                 git(self.work, "checkout", "-q", branch)
             else:
                 git(self.work, "checkout", "-q", "-b", branch)
-        for name, text in files.items():
-            path = os.path.join(self.work, name)
-            if text is None:
-                os.unlink(path)
-                continue
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as handle:
-                handle.write(text.encode() if isinstance(text, str) else text)
+        write_files(self.work, files)
         git(self.work, "add", "-A")
         git(self.work, "commit", "-q", "--allow-empty", "-m", message)
         return git(self.work, "rev-parse", "HEAD")
