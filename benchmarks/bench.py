@@ -282,6 +282,31 @@ class Scenarios:
             print(f"| {figure} | {target} | {measured}{verdict} |")
 
 
+
+def fleet_events(fleet: subprocess.Popen) -> queue.Queue:
+    """The JSON events fake_runners.py prints, one a line, read by a
+    thread of their own into a queue (other lines are skipped)."""
+    events: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in fleet.stdout:
+            try:
+                events.put(json.loads(line))
+            except ValueError:
+                pass
+    threading.Thread(target=pump, daemon=True).start()
+    return events
+
+
+# A test module whose one test sleeps: suites of known length.
+SLEEPING_MODULE = """import time
+import unittest
+
+class TestPart{n}(unittest.TestCase):
+    def test_part(self):
+        time.sleep({sleep})
+"""
+
 class Bench(Scenarios):
     sizes = SIZES
 
@@ -547,15 +572,7 @@ class Bench(Scenarios):
             os.path.join(HERE, "fake_runners.py"), "--dispatcher", dispatcher,
             "--count", str(count), "--lifetime", "600"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        events: queue.Queue = queue.Queue()
-
-        def pump():
-            for line in fleet.stdout:
-                try:
-                    events.put(json.loads(line))
-                except ValueError:
-                    pass
-        threading.Thread(target=pump, daemon=True).start()
+        events = fleet_events(fleet)
 
         def expect(name: str, timeout: float = 60) -> dict:
             deadline = time.monotonic() + timeout

@@ -24,7 +24,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -39,7 +38,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import helpers  # noqa: E402
-from support.procs import status_mb  # noqa: E402
+from support.procs import status_mb, stop_process  # noqa: E402
 from ci.security import Security
 from ci.wire import Message, encode_fields
 
@@ -176,12 +175,7 @@ def main(argv=None) -> int:
         rows.append(("dashboard RSS after the requests", f"< {TARGETS['rss']:.0f} MB",
                      f"{rss:.0f} MB (peak {hwm:.0f} MB)", hwm < TARGETS["rss"]))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
         dispatcher.shutdown()
         dispatcher.server_close()

@@ -31,13 +31,7 @@ MODULES = 10
 MODULE_SECONDS = 0.5
 TARGET = 0.15
 
-MODULE = """import time
-import unittest
-
-class TestPart{n}(unittest.TestCase):
-    def test_part(self):
-        time.sleep({sleep})
-"""
+MODULE = bench.SLEEPING_MODULE
 BROKEN = """
     def test_broken(self):
         self.assertEqual({value}, 0)

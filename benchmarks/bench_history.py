@@ -43,7 +43,6 @@ import os
 import queue
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -59,7 +58,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from bench_dashboard import timed_get  # noqa: E402
-from support.procs import stat_fields, status_mb  # noqa: E402
+from support.procs import children_of, stat_fields, status_mb, stop_process  # noqa: E402
 from ci import junit_xml
 import helpers  # noqa: E402
 from ci import results  # noqa: E402
@@ -111,15 +110,6 @@ def start(tmp: str, name: str, args: list[str], log_name: str = "") -> subproces
     env.pop("CI_SECRET", None)
     return subprocess.Popen([PY, os.path.join(ROOT, name + ".py"), *args], stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True, env=env)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def wait_built(reader: HistoryReader, commits: int, proc, limit: float = 3600) -> float:
@@ -203,7 +193,7 @@ def run(tmp: str, args) -> list[tuple]:
         return rows
     finally:
         for proc in procs:
-            stop(proc)
+            stop_process(proc)
 
 # --------------------------------------------------------------------------
 # The result path with the store on and off.
@@ -252,24 +242,12 @@ class FakeFleet:
             self.ask("quit", "stats")
         except (OSError, SystemExit):
             pass
-        stop(self.proc)
+        stop_process(self.proc)
 
 
 def cpu_seconds(pid: int) -> float:
     fields = stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
-
-
-def children_of(pid: int) -> list[int]:
-    """The child processes of every thread of ``pid`` (the history writer)."""
-    found = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as handle:
-                found += [int(p) for p in handle.read().split()]
-    except OSError:
-        pass
-    return found
 
 
 def children_cpu(pid: int) -> float:
@@ -348,7 +326,7 @@ def one_burst(tmp: str, history: bool, round_no: int, args) -> dict:
     finally:
         if fleet is not None:
             fleet.close()
-        stop(proc)
+        stop_process(proc)
 
 
 def quantiles(ms: list[float]) -> tuple[float, float, float]:

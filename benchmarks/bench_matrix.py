@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import math
 import os
-import queue
 import secrets
 import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -166,15 +163,7 @@ def label_round(b: Bench, name: str, labels: int) -> float:
         os.path.join(HERE, "fake_runners.py"), "--dispatcher", dispatcher,
         "--count", str(FAKE_RUNNERS), "--labels", str(labels), "--lifetime", "300"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    events: queue.Queue = queue.Queue()
-
-    def pump():
-        for line in fleet.stdout:
-            try:
-                events.put(json.loads(line))
-            except ValueError:
-                pass
-    threading.Thread(target=pump, daemon=True).start()
+    events = bench.fleet_events(fleet)
     while events.get(timeout=60).get("event") != "ready":
         pass
     address = parse_address(dispatcher)

@@ -39,6 +39,7 @@ from ci.results import TestRecord, format_result  # noqa: E402
 from ci.junit_xml import format_junit
 from ci.history import store  # noqa: E402
 from support.cluster import FakeRunner, wait_for_port  # noqa: E402
+from support.procs import stop_process  # noqa: E402
 
 PY = sys.executable
 BRANCHES = 10
@@ -79,15 +80,6 @@ def start_dispatcher(tmp: str, port: int, extra: list[str], log_name: str) -> su
                              *extra], stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
     wait_for_port(port, None, 60)
     return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def log_text(tmp: str, name: str) -> str:
@@ -174,7 +166,7 @@ def run(tmp: str, args) -> None:
         base = [path.paced() for _ in range(args.samples)]
         print(f"baseline: results latency {figures(base)}")
     finally:
-        stop(proc)
+        stop_process(proc, 20)
     proc = start_dispatcher(tmp, port, ["--keep-results", str(args.keep),
                                         "--prune-interval", "3600"], "pruning.log")
     started = time.monotonic()
@@ -209,7 +201,7 @@ def run(tmp: str, args) -> None:
         print(f"history rows dropped by {time.monotonic() - started:.1f} s after the "
               f"restart; runs left {history_runs(tmp)}")
     finally:
-        stop(proc)
+        stop_process(proc, 20)
         runner.close()
 
 

@@ -39,13 +39,7 @@ FILE_SECONDS = 1.0
 RUNNERS = 4
 RATIO_TARGET = 0.35
 
-TEST_FILE = """import time
-import unittest
-
-class TestPart{n}(unittest.TestCase):
-    def test_part(self):
-        time.sleep({sleep})
-"""
+TEST_FILE = bench.SLEEPING_MODULE
 
 
 def suite(salt: int) -> dict[str, str]:

@@ -14,6 +14,7 @@ import pytest
 
 import helpers
 from support.cluster import FAILING_TEST, Fleet, git, wait_until
+from support.procs import children_of, cmdline
 from support.dashboard import EVIL, LONG_ID, commit_id, write_history
 from ci.history import store
 from ci.history.queries import HistoryReader, Unavailable
@@ -154,24 +155,8 @@ def test_no_test_history_writes_no_store(cluster):
                what="the catch-up")
 
 
-def children_of(pid: int) -> list[int]:
-    """Children of every thread of ``pid`` (the writer's is a thread's)."""
-    found = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as handle:
-                found += [int(p) for p in handle.read().split()]
-    except OSError:
-        pass
-    return found
-
-
 def command_of(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
-        return ""
+    return (cmdline(pid) or b"").replace(b"\0", b" ").decode("utf-8", "replace")
 
 
 def gone(pid: int) -> bool:

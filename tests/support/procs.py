@@ -6,6 +6,7 @@ A zombie (dead, not yet reaped) runs no code: it counts as gone."""
 from __future__ import annotations
 
 import os
+import subprocess
 
 
 def stat_fields(pid: int) -> list[str] | None:
@@ -58,3 +59,26 @@ def status_mb(pid: int, key: str) -> float:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def children_of(pid: int) -> list[int]:
+    """The child processes of every thread of ``pid`` (a child started by
+    one of its threads is that thread's, not the main thread's)."""
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                found += [int(p) for p in handle.read().split()]
+    except OSError:
+        pass
+    return found
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
