@@ -21,12 +21,10 @@ from ci.merging.merge import Conflict
 from ci.merging.push import Landed, Stale
 from ci.observer.fetchlock import fetch_lock
 from ci.observer.state import ObserverState
+from ci.verdicts import MAX_COMMITS, format_request, parse_reply
 from ci.wire import encode_fields, valid_full_commit
 
 log = logging.getLogger(__name__)
-
-# verdicts: asks at most this many commits at once.
-MAX_VERDICTS = 200
 
 
 class Git(Protocol):
@@ -177,17 +175,6 @@ class QueueGit:
 # The dispatcher, by its commands.
 
 
-def parse_verdicts(body: bytes) -> dict[str, tuple[str, str]]:
-    """``verdicts``'s reply body: ``<commit> <state> <reason>`` a line."""
-    found = {}
-    for line in body.decode("utf-8", "replace").splitlines():
-        parts = line.split(" ", 2)
-        if len(parts) >= 2 and valid_full_commit(parts[0]) and parts[1]:
-            reason = parts[2] if len(parts) == 3 else "-"
-            found[parts[0]] = (parts[1], reason)
-    return found
-
-
 class DispatcherClient:
     def __init__(self, address: tuple[str, int], security):
         self.address = address
@@ -205,10 +192,12 @@ class DispatcherClient:
         self._call("dispatch", " ".join(commits), ("\n".join(lines) + "\n").encode())
 
     def verdicts(self, commits: list[str]) -> dict[str, tuple[str, str]]:
+        """Asked in batches of the most one request may name (ci/verdicts.py
+        formats and parses both sides)."""
         found = {}
-        for start in range(0, len(commits), MAX_VERDICTS):
-            batch = commits[start:start + MAX_VERDICTS]
-            found.update(parse_verdicts(self._call("verdicts", " ".join(batch)).body))
+        for start in range(0, len(commits), MAX_COMMITS):
+            batch = commits[start:start + MAX_COMMITS]
+            found.update(parse_reply(self._call("verdicts", format_request(batch)).body))
         return found
 
     def send_state(self, body: bytes) -> None:

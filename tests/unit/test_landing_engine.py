@@ -16,7 +16,8 @@ import pytest
 from ci.git import run_git, script_path
 from ci.landing.engine import Engine, Refused
 from ci.landing.journal import QueueJournal
-from ci.landing.ports import QueueGit, land_result, parse_verdicts
+from ci.landing.ports import QueueGit, land_result
+from ci.verdicts import parse_reply as parse_verdicts
 from ci.merging import Failed, Landed, MergeRepo, Stale, url as push_urls
 from ci.merging.rules import MergeRule, parse_rule, target_of
 from support.cluster import GIT_ENV, git
