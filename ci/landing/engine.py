@@ -72,10 +72,12 @@ class Engine:
         target = target_of(self.rules, branch)
         if target is None:
             raise Refused(f"branch {branch} matches no --merge-into rule: it may not land")
-        head = head or self.git.fresh_head(branch)
+        # One fetch for both heads (the branch's only when not given).
+        fresh = self.git.fresh_heads(*([target] if head else [branch, target]))
+        head = head or fresh[branch]
         if head is None:
             raise Refused(f"unknown branch {branch}")
-        target_head = self.git.fresh_head(target)
+        target_head = fresh[target]
         if target_head is None:
             raise Refused(f"target branch {target} does not exist")
         self._check_not_queued(branch)

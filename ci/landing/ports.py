@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 class Git(Protocol):
     def branch_head(self, branch: str) -> str | None: ...
     def fresh_head(self, branch: str) -> str | None: ...
+    def fresh_heads(self, *branches: str) -> dict[str, str | None]: ...
     def real_head(self, branch: str) -> str | None: ...
     def merge(self, base: str, head: str, branch: str,
               target: str) -> tuple[str | None, tuple]: ...
@@ -83,13 +84,22 @@ class QueueGit:
         # Where published merges are remembered until they are deleted in
         # batches (BranchMerges.retire); None: never deleted.
         self.state = state
+        self._remote: bool | None = None   # see _has_origin
+
+    def _has_origin(self) -> bool:
+        """Whether the clone fetches an origin (else it is the upstream
+        itself).  Asked of git once: every ask reads two heads, and a
+        process per read was on its path."""
+        if self._remote is None:
+            try:
+                run_git(self.repo, "remote", "get-url", "origin")
+                self._remote = True
+            except GitError:
+                self._remote = False
+        return self._remote
 
     def _ref(self, branch: str) -> str:
-        try:
-            run_git(self.repo, "remote", "get-url", "origin")
-            return f"refs/remotes/origin/{branch}"
-        except GitError:
-            return f"refs/heads/{branch}"
+        return f"refs/remotes/origin/{branch}" if self._has_origin() else f"refs/heads/{branch}"
 
     def branch_head(self, branch: str) -> str | None:
         try:
@@ -100,21 +110,30 @@ class QueueGit:
         return out if valid_full_commit(out) else None
 
     def fresh_head(self, branch: str) -> str | None:
-        """The branch's head on the upstream, fetched into the clone now
-        (an ask right after a push must not wait for the next poll);
-        None when the upstream has no such branch."""
-        ref = self._ref(branch)
-        if ref.startswith("refs/remotes/"):
-            try:
-                with fetch_lock(self.repo):   # the poll fetches this clone too
-                    run_git(self.repo, "fetch", "--quiet", "--no-tags", "origin",
-                            f"+refs/heads/{branch}:{ref}",
-                            env=dict(os.environ, GIT_TERMINAL_PROMPT="0"), timeout=120)
-            except GitError as exc:
-                if "couldn't find remote ref" in exc.stderr.lower():
-                    return None
-                raise
-        return self.branch_head(branch)
+        return self.fresh_heads(branch)[branch]
+
+    def fresh_heads(self, *branches: str) -> dict[str, str | None]:
+        """Each branch's head on the upstream, fetched into the clone now
+        (an ask right after a push must not wait for the next poll), in ONE
+        fetch; None for a branch the upstream does not have."""
+        missing: set[str] = set()
+        if self._has_origin() and not self._fetch(branches):
+            # Which one the upstream lacks: each on its own (a refusal's path).
+            missing = {b for b in branches if not self._fetch([b])}
+        return {b: None if b in missing else self.branch_head(b) for b in branches}
+
+    def _fetch(self, branches) -> bool:
+        """False when the upstream lacks one of ``branches`` (none fetched)."""
+        try:
+            with fetch_lock(self.repo):   # the poll fetches this clone too
+                run_git(self.repo, "fetch", "--quiet", "--no-tags", "origin",
+                        *[f"+refs/heads/{b}:{self._ref(b)}" for b in branches],
+                        env=dict(os.environ, GIT_TERMINAL_PROMPT="0"), timeout=120)
+        except GitError as exc:
+            if "couldn't find remote ref" in exc.stderr.lower():
+                return False
+            raise
+        return True
 
     def real_head(self, branch: str) -> str | None:
         """The branch's head on the upstream now (not the clone's copy).
