@@ -362,7 +362,7 @@ class Engine:
                 self._authors[entry.head] = self.git.author_of(entry.head)
             fields = {"event": event, "id": entry.id, "branch": entry.branch,
                       "target": entry.target, "head": entry.head,
-                      "tested": entry.tested or "-", "author": self._authors[entry.head],
+                      "tested": entry.tested or "", "author": self._authors[entry.head],
                       "reason": entry.reason or "-"}
             try:
                 self.dispatcher.send_event(fields)
