@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 
 from ci import wire
+# A branch name as the dispatcher's journal takes one: no whitespace or
+# control characters (the dashboard escapes whatever else it holds).
+from ci.dispatch.journal import BRANCH_RE
 
 # Entry states, in the order an entry goes through them.
 WAITING, MERGING, TESTING, PASSED, FAILING, BLOCKED, LANDING = (
@@ -40,9 +42,6 @@ MAX_RECENT = 50
 MAX_DEPTH = 1000
 MAX_REASON = 1000
 MAX_BY = 200
-# A git branch name as the dispatcher's journal takes one: no whitespace or
-# control characters (the dashboard escapes whatever else it holds).
-BRANCH_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,255}")
 # Unix times from 1970 to the year 5138: anything else is a bug upstream.
 MAX_TIME = 1e11
 MAX_ID = 2 ** 53

@@ -26,6 +26,7 @@ from ci.landing import plan as planner
 from ci.landing.journal import QueueEntry, QueueJournal, settle_intent
 from ci.landing.ports import Dispatcher, Git
 from ci.merging.rules import MergeRule, target_of, valid_branch_name
+from ci.wire import one_line
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,6 @@ RECENT = 50
 
 class Refused(Exception):
     """An ask that changes nothing, with the reason the asker reads."""
-
-
-def one_line(text: str, limit: int = MAX_REASON) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class Engine:
@@ -72,10 +68,12 @@ class Engine:
         target = target_of(self.rules, branch)
         if target is None:
             raise Refused(f"branch {branch} matches no --merge-into rule: it may not land")
-        head = head or self.git.fresh_head(branch)
+        # One fetch for both heads (the branch's only when not given).
+        fresh = self.git.fresh_heads(*([target] if head else [branch, target]))
+        head = head or fresh[branch]
         if head is None:
             raise Refused(f"unknown branch {branch}")
-        target_head = self.git.fresh_head(target)
+        target_head = fresh[target]
         if target_head is None:
             raise Refused(f"target branch {target} does not exist")
         self._check_not_queued(branch)
@@ -84,7 +82,7 @@ class Engine:
         paths = self.git.conflicts(target_head, head)
         if paths:
             raise Refused(one_line(f"{branch} conflicts with {target} at {target_head[:12]}: "
-                                   + " ".join(paths)))
+                                   + " ".join(paths), MAX_REASON))
         with self.lock:
             self._check_not_queued(branch)
             entry = self.journal.ask(branch, target, head, by)
@@ -183,7 +181,7 @@ class Engine:
         target = target_of(self.rules, branch) or "-"
         with self.lock:
             entry = self.journal.ask(branch, target, commit, "push")
-            self.journal.write("rejected", entry.id, reason=one_line(reason))
+            self.journal.write("rejected", entry.id, reason=one_line(reason, MAX_REASON))
 
     def _settle_intents(self) -> None:
         """A push intent without its outcome (a crash, or a push whose
@@ -225,7 +223,7 @@ class Engine:
                 with self.lock:
                     if entry.active and entry.tested == commit:
                         self.journal.write("verdict", entry.id, sync=False, tested=commit,
-                                           verdict=state, reason=one_line(reason))
+                                           verdict=state, reason=one_line(reason, MAX_REASON))
                 log.info("queue: entry %d (%s) tested %s: %s", entry.id, entry.branch,
                          commit[:12], state)
             elif state == "unknown":
@@ -302,7 +300,7 @@ class Engine:
             if commit is None:
                 self.journal.write("built", entry.id, sync=False, tested=None, base=base,
                                    verdict=planner.CONFLICT,
-                                   reason=one_line(" ".join(paths) or "-"))
+                                   reason=one_line(" ".join(paths) or "-", MAX_REASON))
             else:
                 self.journal.write("built", entry.id, sync=False, tested=commit, base=base,
                                    verdict=None, reason="")
@@ -316,7 +314,7 @@ class Engine:
     def _reject(self, entry: QueueEntry, reason: str) -> None:
         with self.lock:
             if entry.active:
-                self.journal.write("rejected", entry.id, reason=one_line(reason))
+                self.journal.write("rejected", entry.id, reason=one_line(reason, MAX_REASON))
         log.info("queue: entry %d (%s) rejected: %s", entry.id, entry.branch, reason)
 
     def _land(self, entry: QueueEntry, old: str, new: str) -> str | None:
@@ -338,7 +336,7 @@ class Engine:
                 log.info("queue: entry %d (%s) landed: %s %s..%s", entry.id, entry.branch,
                          entry.target, old[:12], new[:12])
                 return new
-            self.journal.write("unpushed", entry.id, reason=one_line(result))
+            self.journal.write("unpushed", entry.id, reason=one_line(result, MAX_REASON))
         if result == "stale":
             log.info("queue: %s moved under entry %d; rebuilding", entry.target, entry.id)
             try:
@@ -360,7 +358,7 @@ class Engine:
                 self._authors[entry.head] = self.git.author_of(entry.head)
             fields = {"event": event, "id": entry.id, "branch": entry.branch,
                       "target": entry.target, "head": entry.head,
-                      "tested": entry.tested or "-", "author": self._authors[entry.head],
+                      "tested": entry.tested or "", "author": self._authors[entry.head],
                       "reason": entry.reason or "-"}
             try:
                 self.dispatcher.send_event(fields)

@@ -33,10 +33,6 @@ RED = frozenset({"failed", "error", "timeout"})
 CONFLICT = "conflict"
 FINAL = GREEN | RED | {CONFLICT}
 
-# Entry states an engine shows (docs/protocol.md).
-ACTIVE_STATES = ("waiting", "merging", "testing", "passed", "failing", "blocked", "landing")
-DONE_STATES = ("landed", "rejected", "cancelled")
-
 
 @dataclasses.dataclass(frozen=True)
 class Entry:

@@ -21,17 +21,16 @@ from ci.merging.merge import Conflict
 from ci.merging.push import Landed, Stale
 from ci.observer.fetchlock import fetch_lock
 from ci.observer.state import ObserverState
+from ci.verdicts import MAX_COMMITS, format_request, parse_reply
 from ci.wire import encode_fields, valid_full_commit
 
 log = logging.getLogger(__name__)
-
-# verdicts: asks at most this many commits at once.
-MAX_VERDICTS = 200
 
 
 class Git(Protocol):
     def branch_head(self, branch: str) -> str | None: ...
     def fresh_head(self, branch: str) -> str | None: ...
+    def fresh_heads(self, *branches: str) -> dict[str, str | None]: ...
     def real_head(self, branch: str) -> str | None: ...
     def merge(self, base: str, head: str, branch: str,
               target: str) -> tuple[str | None, tuple]: ...
@@ -85,13 +84,22 @@ class QueueGit:
         # Where published merges are remembered until they are deleted in
         # batches (BranchMerges.retire); None: never deleted.
         self.state = state
+        self._remote: bool | None = None   # see _has_origin
+
+    def _has_origin(self) -> bool:
+        """Whether the clone fetches an origin (else it is the upstream
+        itself).  Asked of git once: every ask reads two heads, and a
+        process per read was on its path."""
+        if self._remote is None:
+            try:
+                run_git(self.repo, "remote", "get-url", "origin")
+                self._remote = True
+            except GitError:
+                self._remote = False
+        return self._remote
 
     def _ref(self, branch: str) -> str:
-        try:
-            run_git(self.repo, "remote", "get-url", "origin")
-            return f"refs/remotes/origin/{branch}"
-        except GitError:
-            return f"refs/heads/{branch}"
+        return f"refs/remotes/origin/{branch}" if self._has_origin() else f"refs/heads/{branch}"
 
     def branch_head(self, branch: str) -> str | None:
         try:
@@ -102,21 +110,30 @@ class QueueGit:
         return out if valid_full_commit(out) else None
 
     def fresh_head(self, branch: str) -> str | None:
-        """The branch's head on the upstream, fetched into the clone now
-        (an ask right after a push must not wait for the next poll);
-        None when the upstream has no such branch."""
-        ref = self._ref(branch)
-        if ref.startswith("refs/remotes/"):
-            try:
-                with fetch_lock(self.repo):   # the poll fetches this clone too
-                    run_git(self.repo, "fetch", "--quiet", "--no-tags", "origin",
-                            f"+refs/heads/{branch}:{ref}",
-                            env=dict(os.environ, GIT_TERMINAL_PROMPT="0"), timeout=120)
-            except GitError as exc:
-                if "couldn't find remote ref" in exc.stderr.lower():
-                    return None
-                raise
-        return self.branch_head(branch)
+        return self.fresh_heads(branch)[branch]
+
+    def fresh_heads(self, *branches: str) -> dict[str, str | None]:
+        """Each branch's head on the upstream, fetched into the clone now
+        (an ask right after a push must not wait for the next poll), in ONE
+        fetch; None for a branch the upstream does not have."""
+        missing: set[str] = set()
+        if self._has_origin() and not self._fetch(branches):
+            # Which one the upstream lacks: each on its own (a refusal's path).
+            missing = {b for b in branches if not self._fetch([b])}
+        return {b: None if b in missing else self.branch_head(b) for b in branches}
+
+    def _fetch(self, branches) -> bool:
+        """False when the upstream lacks one of ``branches`` (none fetched)."""
+        try:
+            with fetch_lock(self.repo):   # the poll fetches this clone too
+                run_git(self.repo, "fetch", "--quiet", "--no-tags", "origin",
+                        *[f"+refs/heads/{b}:{self._ref(b)}" for b in branches],
+                        env=dict(os.environ, GIT_TERMINAL_PROMPT="0"), timeout=120)
+        except GitError as exc:
+            if "couldn't find remote ref" in exc.stderr.lower():
+                return False
+            raise
+        return True
 
     def real_head(self, branch: str) -> str | None:
         """The branch's head on the upstream now (not the clone's copy).
@@ -177,17 +194,6 @@ class QueueGit:
 # The dispatcher, by its commands.
 
 
-def parse_verdicts(body: bytes) -> dict[str, tuple[str, str]]:
-    """``verdicts``'s reply body: ``<commit> <state> <reason>`` a line."""
-    found = {}
-    for line in body.decode("utf-8", "replace").splitlines():
-        parts = line.split(" ", 2)
-        if len(parts) >= 2 and valid_full_commit(parts[0]) and parts[1]:
-            reason = parts[2] if len(parts) == 3 else "-"
-            found[parts[0]] = (parts[1], reason)
-    return found
-
-
 class DispatcherClient:
     def __init__(self, address: tuple[str, int], security):
         self.address = address
@@ -205,10 +211,12 @@ class DispatcherClient:
         self._call("dispatch", " ".join(commits), ("\n".join(lines) + "\n").encode())
 
     def verdicts(self, commits: list[str]) -> dict[str, tuple[str, str]]:
+        """Asked in batches of the most one request may name (ci/verdicts.py
+        formats and parses both sides)."""
         found = {}
-        for start in range(0, len(commits), MAX_VERDICTS):
-            batch = commits[start:start + MAX_VERDICTS]
-            found.update(parse_verdicts(self._call("verdicts", " ".join(batch)).body))
+        for start in range(0, len(commits), MAX_COMMITS):
+            batch = commits[start:start + MAX_COMMITS]
+            found.update(parse_reply(self._call("verdicts", format_request(batch)).body))
         return found
 
     def send_state(self, body: bytes) -> None:

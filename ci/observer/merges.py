@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from ci.git import GitError, run_git
+from ci.git import GitError
 from ci.mergeinfo import MergeInfo, encode_conflicts, encode_merge_field
 from ci.merging import Conflict, Merged, MergeRepo
 from ci.merging.rules import MergeRule, target_of
@@ -53,15 +53,10 @@ class BranchMerges:
     def target_of(self, branch: str) -> str | None:
         return target_of(self.rules, branch)
 
-    def already_merged(self, clone: str, head: str, target_commit: str) -> bool:
-        """Nothing of the branch's own to test: its head is in the target."""
-        try:
-            run_git(clone, "merge-base", "--is-ancestor", head, target_commit)
-            return True
-        except GitError as exc:
-            if exc.code == 1:
-                return False
-            raise
+    def already_merged(self, head: str, target_commit: str) -> bool:
+        """Nothing of the branch's own to test: its head is in the target
+        (asked of the merge repository, which sees the clone's commits)."""
+        return self.repo.is_ancestor(head, target_commit)
 
     def prepare(self, branch: str, head: str, target: str, target_commit: str) -> Prepared:
         """Merge, publish (a clean merge), and say how to dispatch it.

@@ -221,7 +221,7 @@ class Observer:
                             "have; it waits until %s exists", branch, target, target)
             return
         self._missing_targets.discard(target)
-        if self.merges.already_merged(self.repo, head, target_commit):
+        if self.merges.already_merged(head, target_commit):
             # Nothing of its own to test; its next head is merged as usual.
             self.state.set(branch, head, previous=self.state.previous_of(branch))
             log.info("branch %s at %s is already in %s: nothing to merge", branch, head[:12],

@@ -16,9 +16,12 @@ import pytest
 from ci.git import run_git, script_path
 from ci.landing.engine import Engine, Refused
 from ci.landing.journal import QueueJournal
-from ci.landing.ports import QueueGit, land_result, parse_verdicts
+from ci.landing.ports import QueueGit, land_result
+from ci.verdicts import parse_reply as parse_verdicts
 from ci.merging import Failed, Landed, MergeRepo, Stale, url as push_urls
 from ci.merging.rules import MergeRule, parse_rule, target_of
+from ci.notify.queue_events import parse_queue_event
+from ci.wire import encode_fields
 from support.cluster import GIT_ENV, git
 
 
@@ -395,6 +398,19 @@ def test_a_pushed_land_ref_asks_and_is_deleted(world):
     assert w.state_of("feature/a") == "landed"
     events = {e["branch"]: e for e in w.dispatcher.events}
     assert "matches no --merge-into rule" in events["other/x"]["reason"]
+
+
+def test_an_event_of_an_entry_never_tested_is_one_the_dispatcher_takes(world):
+    # A rejected entry with no tested commit (a refused land ref, a
+    # conflict) says so with an empty ``tested`` (ci/notify/queue_events.py):
+    # a "-" was refused as a bad event, and held back every later event.
+    w = world()
+    head = w.branch("other/x", {"x.txt": "x"})
+    git(w.work, "push", "-q", "origin", f"{head}:refs/heads/land/other/x")
+    w.step()
+    assert [e["event"] for e in w.dispatcher.events] == ["rejected"]
+    told = parse_queue_event(encode_fields(w.dispatcher.events[0]))
+    assert told.tested == "" and told.head == head
 
 
 def test_a_dispatch_refused_or_lost_is_sent_again(world):
