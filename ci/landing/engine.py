@@ -245,8 +245,10 @@ class Engine:
             self._undispatched.add(entry.id)
             log.warning("queue: dispatch of entry %d failed (retried): %s", entry.id, exc)
 
-    def _drive(self, target: str, fetched: str | None) -> None:
-        head = self._head_of(target, fetched)
+    def _drive(self, target: str, head: str | None) -> None:
+        """Plan and act for one target, from the head the poll's fetch saw
+        (every step starts with a fetch, which sees our own earlier pushes
+        too; ``step`` has noted it in ``heads``)."""
         if head is None:
             log.warning("queue: target %s does not exist; its entries wait", target)
             return
@@ -274,13 +276,6 @@ class Engine:
                         return   # the push failed: retried next poll
                     with self.lock:
                         self.heads[target] = head
-
-    def _head_of(self, target: str, fetched: str | None) -> str | None:
-        """The head the poll's fetch saw (every step starts with a fetch,
-        which sees our own earlier pushes too)."""
-        with self.lock:
-            self.heads[target] = fetched
-        return fetched
 
     @staticmethod
     def _view(entry: QueueEntry) -> planner.Entry:
@@ -367,6 +362,8 @@ class Engine:
                 return
             with self.lock:
                 self.journal.write("sent", entry.id, sync=False, event=event)
+            # Asked again only if another event of the same head is pending.
+            self._authors.pop(entry.head, None)
 
     def snapshot(self, now: float | None = None) -> dict:
         """The queue as ``queue-state`` carries it (docs/protocol.md)."""

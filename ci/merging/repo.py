@@ -134,8 +134,8 @@ class MergeRepo:
             done = self.git.run("push", "--porcelain", "--atomic", "--no-verify",
                                 f"--force-with-lease={ref}:{old}", self.push_url.url,
                                 f"{new}:{ref}", timeout=PUSH_TIMEOUT, ok=(0, 1, 128))
-            outcome = push.land_outcome(push.parse_porcelain(done.stdout.decode(
-                "utf-8", "replace")).get(ref), new)
+            outcome = push.land_outcome(push.parse_porcelain(self.push_url.redact(
+                done.stdout.decode("utf-8", "replace"))).get(ref), new)
             if outcome is not None:
                 self._log_land(outcome, target_branch, old, new)
                 return outcome
