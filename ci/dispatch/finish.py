@@ -70,7 +70,6 @@ class ResultKeeper:
         assignment (a forgery, or a result from a round before a retest
         that is long forgotten)."""
         with self.cond:
-            self.result_activity += 1
             claim = self._claim_result(commit, token, name, outcome)
             if not isinstance(claim, Claim):
                 return claim
@@ -82,7 +81,6 @@ class ResultKeeper:
                 self.cond.notify_all()
             raise
         with self.cond:
-            self.result_activity += 1
             told = self._finish(claim.work, claim.outcome)
         if told is not None:
             tell_listeners(self.listeners, commit, told)

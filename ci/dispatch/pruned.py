@@ -63,13 +63,6 @@ class PrunedCommits:
                 self.done.add(key)
         self.cond.notify_all()
 
-    def results_seen(self) -> int:
-        """How many times a result was received or written so far: the
-        pruner compares it around a batch to tell whether it competed with
-        the result path."""
-        with self.cond:
-            return self.result_activity
-
     def forget_pruned(self, commits) -> None:
         """Tombstones trimmed from the file: their commits are forgotten
         here too, so the set stays as bounded as the file."""

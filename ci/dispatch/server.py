@@ -226,6 +226,10 @@ class Dispatcher:
         return Message("ok", f"queued {len(new)}")
 
     def do_results(self, message: Message, peer: str) -> Message:
+        with self.state.result_gate:     # the pruner waits meanwhile
+            return self._store_result(message, peer)
+
+    def _store_result(self, message: Message, peer: str) -> Message:
         commit, token, outcome = parse_results_message(message)
         try:
             stored = self.state.record_result(commit, token, self._runner_name(peer), outcome)

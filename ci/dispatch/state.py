@@ -42,6 +42,7 @@ from ci.dispatch.views import StateViews
 from ci.dispatch.answers import VerdictAnswers
 from ci.dispatch.live import LiveOutput
 from ci.dispatch.pruned import PrunedCommits
+from ci.retention.gate import ResultGate
 from ci.retention.tombstones import TombstoneFile
 from ci.dispatch.work import Job, Meta, Work, WorkKey, WorkState, new_token, work_key
 from ci.history.recent import RecentFailures
@@ -118,9 +119,9 @@ class DispatcherState(LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner, R
         self.trusted_branches = jobspec.DEFAULT_TRUSTED_BRANCHES
         self.stopping = False
         self.completed = 0
-        # Results received or written, counted (the pruner rests after a
-        # batch that overlapped one: ci/retention/pruner.py).
-        self.result_activity = 0
+        # Held by every ``results`` handler while it stores its result;
+        # the pruner gives way to it (ci/retention/gate.py).  Its own lock.
+        self.result_gate = ResultGate()
         # Called with (commit, Outcome) after a result file is on disk,
         # outside the lock (notifications); must not block.
         self.listeners: list = []

@@ -99,6 +99,8 @@ class Pruner:
         # Verdicts of pruned commits: a later commit's broke/fixed needs them.
         self.verdicts = {c: t.verdict for c, t in tombstones.load().items()}
         self.stop_event = threading.Event()
+        # Every step waits while a result is being stored (gate.py).
+        self.gate = state.result_gate
         self.unlinkers: concurrent.futures.ThreadPoolExecutor | None = None
         self.thread = threading.Thread(target=self._run, name="pruner", daemon=True)
         self.passes = 0
@@ -154,6 +156,7 @@ class Pruner:
         """Tombstones for the group (one fsync), then its files, a small
         batch per hold of the dispatcher's lock, pausing between."""
         now = time.time()
+        self._give_way()
         dropped = self.tombstones.append([Tombstone(e.commit, e.verdict, e.finished, now,
                                                     e.previous, e.branch or None)
                                           for e in group])
@@ -162,8 +165,9 @@ class Pruner:
         removed = 0
         cells = {e.commit: e.cells for e in group}
         for start in range(0, len(group), BATCH):
+            self._give_way()
             began = time.monotonic()
-            seen = self.state.results_seen()
+            seen = self.gate.seen()
             gone = self.state.remove_pruned([e.commit for e in group[start:start + BATCH]],
                                             lambda commits: self._unlink_all(commits, cells),
                                             self.forget)
@@ -173,7 +177,7 @@ class Pruner:
             busy = time.monotonic() - began
             self._report.removing += busy
             rested = time.monotonic()
-            self._rest(busy, self.state.results_seen() != seen)
+            self._rest(busy, self.gate.seen() != seen)
             self._report.resting += time.monotonic() - rested
         if dropped:      # after the group: a trim may drop some of its own
             self._forget_tombstones(dropped)
@@ -188,6 +192,11 @@ class Pruner:
         self.stop_event.wait(max(self.pause, busy * REST) if competed else
                              min(self.pause, QUIET_PAUSE))
 
+    def _give_way(self) -> None:
+        """Wait (bounded) while a result is being stored: the step that
+        follows would share the disk's journal or the interpreter with it."""
+        self.gate.wait_clear(self.stop_event)
+
     def _forget_tombstones(self, commits: list[str]) -> None:
         """A trim dropped these tombstones: the dispatcher and this cache
         let them go too, so memory stays as bounded as the file."""
@@ -199,6 +208,7 @@ class Pruner:
         """Each commit's files removed (``_unlink``), several commits at
         once; per commit, None or the error that stopped it."""
         def one(commit):
+            self._give_way()
             try:
                 self._unlink(commit, cells.get(commit, ()))
             except OSError as exc:
@@ -213,6 +223,7 @@ class Pruner:
         the pruner's own time: left pending, they ride on the next result's
         fsync and make that result wait (quiet machine, 20 results a second
         while a pass ran: median 5.3 ms without this, 3.9 with it)."""
+        self._give_way()
         try:
             fd = os.open(self.results_dir, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
@@ -263,12 +274,13 @@ class Pruner:
                 cached = self.headers.get(item.name)
                 if cached is None or cached[0] != stamp:
                     todo.append((item.name, stamp, st.st_mtime))
-        seen_results = self.state.results_seen()
+        seen_results = self.gate.seen()
         for start in range(0, len(todo), READ_STEP):
             step = todo[start:start + READ_STEP]
             for name, stamp, mtime in step:
+                self._give_way()
                 self.headers[name] = (stamp, self._entry(name, mtime))
-            now_seen = self.state.results_seen()
+            now_seen = self.gate.seen()
             self.stop_event.wait(self.pause if now_seen != seen_results else
                                  min(self.pause, QUIET_PAUSE))
             seen_results = now_seen

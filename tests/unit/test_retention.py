@@ -267,3 +267,36 @@ def test_a_pruned_matrix_commit_takes_its_cell_files_with_it(tmp_path):
     report = Pruner(state, state.tombstones, KeepPolicy(count=1)).run_once()
     assert report.pruned == 2                 # the matrix commit and the next; the head kept
     assert sorted(os.listdir(folder)) == [cid(3), cid(3) + ".xml"]
+
+
+def test_a_pass_gives_way_to_a_result_being_stored(tmp_path):
+    """While a ``results`` handler holds the gate, the pass waits before
+    its next step (nothing removed meanwhile); once the result is stored it
+    goes on.  A gate held for ever delays the pass only ``longest`` per step."""
+    from support.cluster import wait_until
+    folder = tmp_path / "results"
+    folder.mkdir()
+    write_results(folder, chain("main", "pppp"))
+    state = new_state(tmp_path)
+    gate = state.result_gate
+    gate.longest = 30.0
+    pruner = Pruner(state, state.tombstones, KeepPolicy(count=1))
+    reports = []
+    with gate:
+        worker = threading.Thread(target=lambda: reports.append(pruner.run_once()))
+        worker.start()
+        wait_until(lambda: gate.waiting == 1, 10, what="the pass waiting at the gate")
+        assert all((folder / cid(n)).exists() for n in (1, 2, 3, 4))
+        assert not reports
+    worker.join(30)
+    assert reports and reports[0].pruned == 3
+    assert not (folder / cid(3)).exists() and (folder / cid(4)).exists()
+    # A gate that never clears: each step waits ``longest``, then goes on.
+    write_results(folder, {cid(7): Entry(cid(7), "other", None, "passed", 2000.0),
+                           cid(8): Entry(cid(8), "other", cid(7), "passed", 2001.0)})
+    state.journal.close()
+    state = new_state(tmp_path)
+    state.result_gate.longest = 0.05
+    with state.result_gate:
+        assert Pruner(state, state.tombstones, KeepPolicy(count=1)).run_once().pruned == 1
+    assert not (folder / cid(7)).exists()
