@@ -24,6 +24,8 @@ import time
 
 import helpers
 from ci.results import read_header
+from ci.history import store as history_store
+from ci.retention import tombstones
 from ci.config import ArgumentParser, ConfigError, positive
 from ci.wire import one_line, valid_full_commit
 
@@ -279,12 +281,17 @@ def start_all(args, procs: Processes, work: str, results: str) -> Launched:
     dport, oport, hport = free_port(), free_port(), free_port()
     dispatcher = f"127.0.0.1:{dport}"
     common = ["--log-level", args.log_level]
+    state = os.path.join(work, "dispatcher_state")
     procs.start("dispatcher", "dispatcher.py",
                 ["--host", "127.0.0.1", "--port", str(dport), "--results-dir", results,
-                 "--state-dir", os.path.join(work, "dispatcher_state"), *common])
+                 "--state-dir", state, *common])
     wait_for_port(dport, procs)
+    # The dashboard looks for the dispatcher's state folder beside the
+    # results folder unless told: here it is in the work folder.
     procs.start("dashboard", "dashboard.py",
                 ["--host", "127.0.0.1", "--port", str(hport), "--results-dir", results,
+                 "--history", os.path.join(state, history_store.FILE_NAME),
+                 "--pruned", os.path.join(state, tombstones.FILE_NAME),
                  "--dispatcher-server", dispatcher, *common])
     for i in range(1, args.runners + 1):
         procs.start(f"runner{i}", "test_runner.py",

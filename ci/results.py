@@ -233,17 +233,44 @@ def quarantined_failing(records: list[TestRecord]) -> str:
     """The ``quarantined_failing`` header value: the ids of the failing
     quarantined tests as a JSON list (ids may hold any character), the
     first MAX_NAMED of them, then ``"+N more"``; "" when there are none."""
-    names = list(dict.fromkeys(r.id for r in records
-                               if r.quarantined and r.outcome in FAILING))
+    return named_list(list(dict.fromkeys(r.id for r in records
+                                         if r.quarantined and r.outcome in FAILING)))
+
+
+def named_list(names: list[str], more: int = 0) -> str:
+    """``names`` as a ``quarantined_failing`` value: the first MAX_NAMED
+    within MAX_NAMED_CHARS, then ``"+N more"`` for the rest and ``more``
+    (tests known to fail but not named); "" when there are none."""
     shown: list[str] = []
     for name in names[:MAX_NAMED]:
         if len(json.dumps([*shown, name, "+0000000 more"], ensure_ascii=False)) \
                 > MAX_NAMED_CHARS:
             break
         shown.append(name)
-    if len(shown) < len(names):
-        shown.append(f"+{len(names) - len(shown)} more")
-    return json.dumps(shown, ensure_ascii=False) if names else ""
+    if len(shown) < len(names) or more:
+        shown.append(f"+{len(names) - len(shown) + more} more")
+    return json.dumps(shown, ensure_ascii=False) if names or more else ""
+
+
+_MORE = re.compile(r"\+(\d{1,9}) more")
+
+
+def merge_named(values: list[str | None]) -> str:
+    """One ``quarantined_failing`` value from several (a matrix commit's
+    cells'): their ids once each, in order, and what they could not name
+    counted in the ``"+N more"`` (an id failing in two cells is one test;
+    the unnamed ones of two cells may overlap, so N is at most that)."""
+    names: list[str] = []
+    more = 0
+    for value in values:
+        listed = named_failing(value) or []
+        # Only a list's last entry can be the count (an id may read "+1 more").
+        counted = _MORE.fullmatch(listed[-1]) if listed else None
+        if counted:
+            more += int(counted.group(1))
+            listed = listed[:-1]
+        names.extend(name for name in listed if name not in names)
+    return named_list(names, more)
 
 
 def named_failing(value: str | None) -> list[str] | None:

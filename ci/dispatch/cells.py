@@ -99,7 +99,8 @@ def cells_from_results(results_dir: str, commit: str) -> dict[str, matrix.Cell] 
 
 def summary(commit: str, cells: dict[str, matrix.Cell], headers: dict[str, dict]) -> Outcome:
     """The commit's own result from its cells' headers: the worst verdict,
-    the counts added up, and ``cells: <name>=<verdict> ...``."""
+    the counts added up (flaky and quarantined too), the failing
+    quarantined tests of every cell named, and ``cells: <name>=<verdict> ...``."""
     verdicts = {name: headers[name].get("verdict", "error") for name in cells}
     header: dict = {"commit": commit, "verdict": results.worst_verdict(verdicts.values()),
                     "cells": " ".join(f"{n}={v}" for n, v in verdicts.items()),
@@ -107,6 +108,15 @@ def summary(commit: str, cells: dict[str, matrix.Cell], headers: dict[str, dict]
                         (h.get("started", "") for h in headers.values()), default="")}
     for count in ("tests", "failures", "errors", "skipped"):
         header[count] = sum(_int(h.get(count)) for h in headers.values())
+    # Flaky and quarantined tests too (present only when not 0, as in a
+    # cell's header), and every cell's failing quarantined tests named.
+    for count in results.EXTRA_COUNTS:
+        total = sum(_int(h.get(count)) for h in headers.values())
+        if total:
+            header[count] = total
+    named = results.merge_named([headers[name].get("quarantined_failing") for name in cells])
+    if named:
+        header["quarantined_failing"] = named
     header["duration"] = f"{max((_float(h.get('duration')) for h in headers.values()), default=0):.3f}"
     for key in ("branch", "previous", "subject", "author", "committed", "merged_into",
                 "merge_head"):

@@ -3,13 +3,15 @@ that decide its verdict: failed every time and not quarantined), each
 marked new when it did not fail on the previous commit of the branch.
 
 Read from the JUnit files the dispatcher wrote beside the result files
-(``<commit>.xml``), once, when the event is made: the event then holds
-the names, so a notification sent again after a restart says the same.
+(``<commit>.xml``, or a matrix commit's cells' ``<commit>.cell.<name>.xml``),
+once, when the event is made: the event then holds the names, so a
+notification sent again after a restart says the same.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 from ci import junit_xml
 from ci import results
@@ -19,18 +21,50 @@ log = logging.getLogger(__name__)
 
 # Tests an event names, at most (the count says how many there were).
 MAX_NAMED = 20
+# Cells of one matrix commit read, at most (as many as the dashboard lists).
+MAX_CELLS = 256
 
 
 def deciding_failures(results_dir: str, commit: str) -> list[str] | None:
     """The ids of ``commit``'s failing, unquarantined tests in record
-    order, or None when it has no readable records."""
+    order, or None when it has no readable records.  A matrix commit's
+    are its cells' (its own file has no JUnit file beside it), each id
+    once, in the order of the header's ``cells:``."""
+    cells = cell_names(results_dir, commit)
+    if not cells:
+        return _failures_in(results_dir, commit)
+    found: list[str] | None = None
+    for cell in cells:
+        failing = _failures_in(results_dir, commit, cell)
+        if failing is not None:
+            found = list(dict.fromkeys([*(found or []), *failing]))
+    return found
+
+
+def cell_names(results_dir: str, commit: str) -> list[str]:
+    """The cells a matrix commit's header names (``cells: a=failed
+    b=passed``), at most MAX_CELLS; [] for any other commit."""
+    header = results.read_header(os.path.join(results_dir, commit)) or {}
+    names = []
+    for word in str(header.get("cells") or "").split()[:MAX_CELLS]:
+        name = word.partition("=")[0]
+        if results.CELL_NAME_RE.fullmatch(name) and not name.endswith(".xml") \
+                and name not in names:
+            names.append(name)
+    return names
+
+
+def _failures_in(results_dir: str, commit: str, cell: str = "") -> list[str] | None:
+    """The failing, unquarantined test ids of one JUnit file (a commit's
+    or a cell's), None without a readable one."""
     try:
-        path = results.junit_path(results_dir, commit)
+        path = results.junit_path(results_dir, commit, cell)
         data = read_inside(path, results_dir, results.MAX_JUNIT_BYTES)
         records = junit_xml.parse_junit(data)
     except (OSError, ValueError, results.JunitError) as exc:
         if not isinstance(exc, FileNotFoundError):
-            log.warning("records of %s unreadable: %s", commit[:12], exc)
+            log.warning("records of %s unreadable: %s", results.result_name(commit, cell)[:60],
+                        exc)
         return None
     return list(dict.fromkeys(r.id for r in records
                               if r.outcome in results.FAILING and not r.quarantined))

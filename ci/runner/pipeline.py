@@ -250,12 +250,15 @@ class JobPipeline:
         """(the records after the reruns and the quarantine, what to add to
         the output: each rerun's output, then a ``[ci]`` line for each
         round and for each quarantine entry that matched nothing)."""
-        plan = reruns.Reruns.start(records, prepared.rerun_failures)
+        # Quarantine first: a quarantined test's failure decides nothing,
+        # so it is not run again (reruns.rerunnable).
+        marked, unused = reruns.quarantine(records, prepared.quarantine)
+        plan = reruns.Reruns.start(marked, prepared.rerun_failures)
         chunks: list[bytes] = []
         while plan.wanted:
             chunks.append(self._rerun_round(prepared, line, plan,
                                             budget // max(prepared.rerun_failures, 1)))
-        final, unused = reruns.quarantine(plan.records, prepared.quarantine)
+        final = plan.records
         notes = [*plan.notes, *(f"quarantine: {one_line(p, 200)!r} matches no test"
                                 + (" of this shard" if self.shard else "") for p in unused)]
         text = "".join(f"[ci] {note}\n" for note in notes).encode()

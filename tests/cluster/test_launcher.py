@@ -76,6 +76,10 @@ def test_ctrl_c_stops_every_process(tmp_path):
         # what it shows may lag the files by that much, never more than 2 s.
         wait_until(lambda: shown() == verdicts, 2.0, what="the dashboard's list")
         assert shown() == verdicts
+        # Its test pages read the dispatcher's test history (in the launcher's
+        # state folder, not beside the results folder).
+        wait_until(lambda: get_json(url + "api/tests")["results"] == 3, 10,
+                   what="the dashboard's test history")
 
         # The launcher names its runners; the dashboard shows those names.
         wait_until(lambda: sorted(r["name"] for r in get_json(url + "api/status")["runners"])

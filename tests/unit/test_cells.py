@@ -210,3 +210,44 @@ def test_the_dispatch_body_carries_plans():
     with pytest.raises(Reply):
         server.commit_list(Message("dispatch", f"{X}:py3.9"), "dispatch")
     assert server.commit_list(Message("retest", f"{X}:py3.9"), "retest", cells=True)
+
+
+def test_the_commits_header_adds_up_its_cells_flaky_and_quarantined_tests(make_state,
+                                                                        tmp_path):
+    """A matrix commit's own header counts what its cells' headers count:
+    flaky and quarantined tests too, and names every cell's failing
+    quarantined tests (a commit must not hide an excused failure behind
+    its cells)."""
+    state = make_state()
+    register(state, *(runner(9001 + i, "python3.9", "python3.12", "python3.13")
+                      for i in range(3)))
+    state.enqueue([X], {X: ("main", None)}, {X: PLAN})
+    jobs = {jobspec.parse(j.request).cell: j for j in take(state)}
+    extra = {"py3.9-dbpg": {"flaky": 1, "quarantined": 2, "quarantined_failed": 1,
+                            "quarantined_failing": json.dumps(["m.T.test_q"])},
+             "py3.12-dbpg": {"flaky": 2, "quarantined": 2, "quarantined_failed": 2,
+                             "quarantined_failing": json.dumps(["m.T.test_q", "m.T.test_r"])},
+             "py3.13-dbpg": {}}
+    for name, job in jobs.items():
+        assert state.record_result(job.commit, job.token, None, Outcome(
+            {"verdict": "passed", "tests": 3, **extra[name]}, b"out\n"))
+    header = results.read_header(str(tmp_path / "results" / X))
+    assert header["verdict"] == "passed"
+    assert (header["flaky"], header["quarantined"], header["quarantined_failed"]) == \
+        ("3", "4", "3")
+    assert results.named_failing(header["quarantined_failing"]) == ["m.T.test_q", "m.T.test_r"]
+
+
+def test_a_matrix_summary_names_at_most_the_cap_of_quarantined_failing_tests():
+    many = [f"m.T.test_{i:03}" for i in range(results.MAX_NAMED + 5)]
+    headers = {"a": {"verdict": "passed",
+                     "quarantined_failing": results.named_list(many[:15], more=3)},
+               "b": {"verdict": "passed", "quarantined_failing": results.named_list(many[10:])},
+               "c": {"verdict": "passed", "quarantined_failing": "not json"}}
+    cells = {name: matrix.Cell(name) for name in headers}
+    from ci.dispatch.cells import summary
+    named = results.named_failing(summary(X, cells, headers).header["quarantined_failing"])
+    assert named[:results.MAX_NAMED] == many[:results.MAX_NAMED]
+    # Those past the cap, and those a cell itself could not name, are counted.
+    assert named[results.MAX_NAMED:] == ["+8 more"]
+    assert "quarantined_failing" not in summary(X, {"c": cells["c"]}, {"c": headers["c"]}).header

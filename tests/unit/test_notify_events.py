@@ -78,3 +78,34 @@ def test_a_broken_commit_names_its_failing_tests_and_which_are_new(tmp_path):
     passed = build_event(Decision(Result(cid(1), "main", cid(0), "passed", {}), "fixed",
                                   "failed", 2, False, True), str(tmp_path), None, [])
     assert "failing_tests" not in passed and "failing" not in passed["text"]
+
+
+def test_a_broken_matrix_commit_names_its_cells_failing_tests(tmp_path):
+    """A matrix commit has no JUnit file of its own: its failing tests are
+    its cells' (from each cell's file), each named once, new when no cell
+    of the previous commit failed it."""
+    from ci.results import TestRecord
+
+    def write(commit, cells):
+        (tmp_path / commit).write_bytes(
+            ("verdict: failed\ncells: " + " ".join(f"{c}=failed" for c in cells)
+             + "\n\n").encode())
+        for cell, records in cells.items():
+            junit_xml.write_junit(str(tmp_path), commit, records, cell=cell)
+
+    write(cid(0), {"py3.9": [TestRecord("m.T", "test_old", "failed")],
+                   "py3.12": [TestRecord("m.T", "test_a")]})
+    write(cid(1), {"py3.9": [TestRecord("m.T", "test_old", "failed"),
+                             TestRecord("m.T", "test_a", "error")],
+                   "py3.12": [TestRecord("m.T", "test_a", "failed"),
+                              TestRecord("m.T", "test_q", "failed", quarantined=True),
+                              TestRecord("m.T", "test_flaky", "flaky")]})
+    result = Result(cid(1), "main", cid(0), "failed",
+                    {"tests": "5", "failures": "2", "errors": "1",
+                     "cells": "py3.9=failed py3.12=failed"})
+    event = build_event(Decision(result, "still-failing", "failed", 1, False, True),
+                        str(tmp_path), None, ["command"])
+    assert event["failing_tests"] == [{"id": "m.T.test_old", "new": False},
+                                      {"id": "m.T.test_a", "new": True}]
+    assert event["failing_count"] == 2
+    assert "failing: m.T.test_old, m.T.test_a (new)" in event["text"]

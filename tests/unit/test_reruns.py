@@ -410,3 +410,22 @@ def test_a_quarantine_mark_in_the_tested_commits_own_files_is_taken_off(tmp_path
     (tmp_path / "report.xml").write_bytes(junit_xml.format_junit(forged))
     with junit_capture.Capture(str(tmp_path), "report.xml") as capture:
         assert not any(r.quarantined for r in capture.collect(False, 1 << 20).records)
+
+
+def test_quarantined_tests_are_not_rerun(upstream, tmp_path):
+    """A quarantined test decides nothing, so running it again would only
+    lengthen the run: only the other failing tests are rerun."""
+    counter = tmp_path / "counter"
+    clone = upstream.clone(tmp_path / "clone")
+    head = upstream.commit({
+        "tests/test_flaky.py": flaky_unittest(counter),
+        ".ci.ini": recipe_text(rerun_failures=2,
+                               quarantine="test_flaky.TestFlaky.test_sometimes")},
+        "quarantine the flaky test, rerun the rest")
+    outcome = execute(settings(clone), head)
+    assert counter.read_text() == "x"     # ran once: never rerun
+    records = by_name(outcome)
+    assert records["test_sometimes"].outcome == "failed" and records["test_sometimes"].quarantined
+    assert b"rerun of 1 failing tests: 0 passed (flaky), 1 failed again" in outcome.output
+    assert outcome.verdict == "failed" and "flaky" not in outcome.header
+    assert outcome.header["quarantined_failed"] == 1
