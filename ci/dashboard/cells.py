@@ -16,8 +16,8 @@ from __future__ import annotations
 from ci.dashboard.pages import Safe, join, pill, render, seconds, since_note, verdict_class
 
 # What a cell's section shows of its own header.
-CELL_FIELDS = ("tests", "failures", "errors", "skipped", "duration", "runner", "reason",
-               "setup", "started")
+CELL_FIELDS = ("tests", "failures", "errors", "skipped", "flaky", "quarantined",
+               "quarantined_failed", "duration", "runner", "reason", "setup", "started")
 
 
 def live_cells(state: dict | None, commit: str) -> list[dict]:

@@ -33,6 +33,7 @@ def test_a_matrix_commit_shows_its_cells_everywhere(results, dashboards, threade
     page = dash.get(f"/commit/{head}")[2].decode()
     assert page.count('class="cell-box') == 3 and 'id="cell-py3.9"' in page
     assert "tests.test_calc.TestCalc.test_match" in page and "runner-py3.12" in page
+    assert "<dt>flaky</dt><dd>1</dd>" in page      # a cell's own counts
 
     data = dash.json(f"/api/commits/{head}")
     assert data["verdict"] == "failed"

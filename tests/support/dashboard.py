@@ -206,6 +206,8 @@ def write_matrix_result(folder, commit: str, previous: str | None = None) -> dic
         fields = {"commit": commit, "verdict": verdict, "cell": name, "tests": "1",
                   "failures": "0", "errors": "1" if verdict == "failed" else "0",
                   "skipped": "0", "runner": f"runner-{name}", "duration": "0.31"}
+        if name == "py3.12":
+            fields["flaky"] = "1"
         output = MATCH_FAILURE if verdict == "failed" else b".\nRan 1 test in 0.001s\n\nOK\n"
         atomic_write(os.path.join(str(folder), f"{commit}.cell.{name}"),
                      encode_fields(fields) + b"\n" + output, fsync=False)
