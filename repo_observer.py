@@ -35,7 +35,7 @@ import os
 import threading
 
 import helpers
-from ci import auth
+from ci import auth, client_cli
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, configure_logging,
     positive)
 from ci.files import ensure_dir
@@ -68,7 +68,7 @@ QUEUE_CLIENTS = {
 
 def queue_client(command: str, argv) -> int:
     description, positional = QUEUE_CLIENTS[command]
-    return helpers.client_main(helpers.ClientCommand(
+    return client_cli.client_main(client_cli.ClientCommand(
         f"repo_observer.py {command}", description, command, "--observer",
         f"{DEFAULT_HOST}:{DEFAULT_PORT}", positional=positional, server_role="observer"), argv)
 
