@@ -153,7 +153,7 @@ def junit_status(record: results.TestRecord) -> str:
 SHOWN_STATUSES = ("failure", "error", "flaky", "quarantined")
 
 
-def parse_junit(data: bytes) -> dict[str, str] | None:
+def junit_statuses(data: bytes) -> dict[str, str] | None:
     """JUnit XML -> {test id: passed|failure|error|skipped|flaky|quarantined}
     (see ``junit_status``), or None when
     the document is refused.  Parsed by ``junit_xml.parse_junit``, the one
@@ -419,7 +419,7 @@ class ResultIndex:
         return results.read_header(os.path.join(self.folder, name)) if name else None
 
     def read_junit(self, commit: str, cell: str | None = None) -> dict[str, str] | None:
-        """``parse_junit`` of the commit's ``<commit>.xml`` (a cell's:
+        """``junit_statuses`` of the commit's ``<commit>.xml`` (a cell's:
         ``<commit>.cell.<name>.xml``), or None."""
         name = result_name(commit, cell)
         if name is None:
@@ -431,7 +431,7 @@ class ResultIndex:
                 data = handle.read(results.MAX_JUNIT_BYTES + 1)
         except OSError:
             return None
-        return parse_junit(data)
+        return junit_statuses(data)
 
     def test_report(self, commit: str, with_source: bool = False,
                     cell: str | None = None) -> list[dict]:
