@@ -74,16 +74,13 @@ def rules_commit(work: Work) -> str | None:
 
 class DispatcherState(LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner, ResultKeeper,
                       MatrixKeeper, StateViews, VerdictAnswers):
-    """Every attribute is guarded by ``self.cond`` (but for the verdicts'
-    JUnit cache, which has a lock of its own: answers.py).  Methods whose
-    name starts with ``_`` expect the caller to hold it; every other
-    method takes it itself, but ``write_result``, which only writes a
-    file and touches no state.  No public method may be called with it
-    held: several release it around an fsync or a file read or write
-    (``enqueue``, ``retest``, ``journal_and_queue``, ``next_assignment``,
-    ``record_result``, ``remove_pruned``, ``verdicts``), which a held
-    (reentrant) lock would turn into I/O under the lock.  The rule is
-    checked by tests/unit/test_state_machine.py."""
+    """Every attribute is guarded by ``self.cond`` (the verdicts' JUnit
+    cache has a lock of its own).  Methods whose name starts with ``_``
+    expect the caller to hold it; every other one takes it itself (but
+    ``write_result``: a file write, no state) and must not be called with
+    it held, since many release it around I/O (``enqueue``, ``retest``,
+    ``journal_and_queue``, ``next_assignment``, ``record_result``,
+    ``remove_pruned``, ``verdicts``).  Checked by test_state_machine.py."""
 
     def __init__(self, results_dir: str, journal: Journal, max_attempts: int):
         self.results_dir = results_dir
