@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 
-from ci import auth
+from ci import auth, client_cli
 import helpers
 from ci import jobspec, matrix
 from ci.dispatch import cells, landqueue
@@ -226,13 +226,13 @@ REVOKED_FILE = "revoked-keys"
 
 
 def status_main(argv) -> int:
-    return helpers.client_main(helpers.ClientCommand(
+    return client_cli.client_main(client_cli.ClientCommand(
         "dispatcher.py status", "Print a running dispatcher's queue and runner counts.",
         "status", "--dispatcher-server", f"{DEFAULT_HOST}:{DEFAULT_PORT}"), argv)
 
 
 def retest_main(argv) -> int:
-    return helpers.client_main(helpers.ClientCommand(
+    return client_cli.client_main(client_cli.ClientCommand(
         "dispatcher.py retest", "Test commits again although they have a result; the "
         "new verdict replaces the file.", "retest", "--dispatcher-server",
         f"{DEFAULT_HOST}:{DEFAULT_PORT}", positional="COMMIT"), argv)

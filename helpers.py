@@ -8,22 +8,19 @@ TLS and nonces ``ci/security.py``."""
 from __future__ import annotations
 
 import collections
-import dataclasses
 import ipaddress
 import logging
 import signal
 import socket
 import socketserver
 import ssl
-import sys
 import threading
 import time
 
-from ci.config import ArgumentParser, ConfigError, add_common_arguments, configure_logging
-from ci.security import Security, security_from_args
+from ci.security import Security
 from ci.wire import (Busy, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, MAGIC, Message,
     NoRequest, PeerClosed, ProtocolError, ReadTimeout, Reply, ascii_line, decode_message,
-    encode_frame, encode_message, format_address, parse_address, read_frame, request, verify_frame)
+    encode_frame, encode_message, format_address, read_frame, request, verify_frame)
 
 
 log = logging.getLogger(__name__)
@@ -105,56 +102,6 @@ def _client_handshake(security: Security, raw: socket.socket, address) -> socket
             raise ProtocolError(f"{format_address(address)} presented a certificate for "
                                 f"role {role!r}, not {expected!r}")
     return sock
-
-
-@dataclasses.dataclass(frozen=True)
-class ClientCommand:
-    """A one-shot client: its name and help, the command it sends, the flag
-    naming the daemon (and its default), the name of its positional values
-    (their values become the argument), and the role the daemon's TLS
-    certificate must have."""
-    prog: str
-    description: str
-    command: str
-    flag: str
-    default: str
-    positional: str | None = None
-    server_role: str = "dispatcher"
-
-
-def client_main(spec: ClientCommand, argv) -> int:
-    """Send ``spec.command`` to the daemon and print the reply (for hooks
-    and scripts)."""
-    prog, command, positional = spec.prog, spec.command, spec.positional
-    parser = ArgumentParser(prog=prog, description=spec.description)
-    if positional:
-        parser.add_argument("values", nargs="+", metavar=positional,
-                            help=f"one or more {positional.lower()} values")
-    parser.add_argument(spec.flag, default=spec.default, metavar="HOST:PORT", dest="target",
-                        help="the daemon's address (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
-                        metavar="SECONDS", help="give up after this long (default: %(default)s)")
-    add_common_arguments(parser, server=False)
-    args = parser.parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        address = parse_address(args.target)
-        security = security_from_args(args)
-        security.tls_server_role = spec.server_role if security.client_tls else None
-        argument = " ".join(args.values) if positional else ""
-        reply = call(address, command, argument, security=security, timeout=args.timeout)
-    except (ValueError, ConfigError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, ProtocolError) as exc:
-        print(f"{prog}: {args.target} unreachable: {exc}", file=sys.stderr)
-        return 1
-    if reply.command != "ok":
-        print(f"{prog}: refused: {reply.command} {reply.argument}", file=sys.stderr)
-        return 1
-    sys.stdout.write(reply.body.decode("utf-8", "replace") or
-                     (reply.argument + "\n" if reply.argument else ""))
-    return 0
 
 
 # --------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """``repo_observer.py notify``: what a git hook runs on every push, so it
 starts in milliseconds.  It imports only the wire protocol (``wire.py``)
-and the bare ``_socket``: no argparse, TLS, logging or server code, and hashing only
-when a secret is given.  With any other flag (a TLS flag, ``--help``, a
-typo) it hands over to the full client in ``helpers``, which knows and
-explains every flag.
+and the bare ``_socket``: no argparse, TLS, logging or server code, and
+hashing only when a secret is given.  With any other flag (a TLS flag,
+``--help``, a typo) it hands over to the full client in
+``ci/client_cli.py``, which knows and explains every flag.
 
 Start it with ``python -S`` (no site-packages: a ``.pth`` file there can
 cost more than the whole notify).
@@ -23,8 +23,8 @@ DEFAULT_OBSERVER = "localhost:8887"
 
 
 def full_client(argv) -> int:
-    import helpers
-    return helpers.client_main(helpers.ClientCommand(
+    from ci import client_cli
+    return client_cli.client_main(client_cli.ClientCommand(
         PROG, DESCRIPTION, "notify", "--observer", DEFAULT_OBSERVER, server_role="observer"),
         argv)
 

@@ -35,7 +35,7 @@ import os
 import threading
 
 import helpers
-from ci import auth
+from ci import auth, client_cli
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, configure_logging,
     positive)
 from ci.files import ensure_dir
@@ -68,7 +68,7 @@ QUEUE_CLIENTS = {
 
 def queue_client(command: str, argv) -> int:
     description, positional = QUEUE_CLIENTS[command]
-    return helpers.client_main(helpers.ClientCommand(
+    return client_cli.client_main(client_cli.ClientCommand(
         f"repo_observer.py {command}", description, command, "--observer",
         f"{DEFAULT_HOST}:{DEFAULT_PORT}", positional=positional, server_role="observer"), argv)
 
@@ -204,23 +204,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_engine(args, rules, merge_repo: MergeRepo, repo: str, state_dir: str, dispatcher,
-                security, state: ObserverState | None = None):
+def make_engine(args, merges: BranchMerges, repo: str, state_dir: str, dispatcher, security):
     """The land queue's engine, or None without --merge-into rules; it
-    makes and pushes its merges with the observer's one ``MergeRepo``."""
+    makes and pushes its merges with the observer's one ``MergeRepo``
+    (``merges.repo``), under the same rules and state as merged results."""
     from ci.landing.engine import Engine
     from ci.landing.journal import QueueJournal
     from ci.landing.ports import DispatcherClient, QueueGit
-    if not rules:
+    if not merges.rules:
         return None
     path = os.path.join(state_dir, "queue.journal")
     try:
         journal = QueueJournal(path)
     except OSError as exc:
         raise ConfigError(f"cannot open the land queue journal {path}: {exc}") from None
-    return Engine(journal, QueueGit(repo, merge_repo, state),
+    return Engine(journal, QueueGit(repo, merges.repo, merges.state),
                   DispatcherClient(dispatcher, security),
-                  rules, args.queue_depth)
+                  merges.rules, args.queue_depth)
+
+
+def watched_branches(args, repo: str, rules) -> list[str]:
+    """The branch names and patterns to watch (empty: all), checked; a
+    ``--merge-into`` pattern is watched too (a rule for unwatched branches
+    would do nothing)."""
+    if args.all_branches and args.branch:
+        raise ConfigError("give --branch or --all-branches, not both")
+    branches = args.branch or ([] if args.all_branches else [default_branch(repo)])
+    for pattern in branches:
+        if not valid_pattern(pattern):
+            raise ConfigError(f"invalid branch name or pattern {pattern!r}")
+    if not args.all_branches:
+        branches += [r.pattern for r in rules if r.pattern not in branches]
+    return branches
+
+
+def make_merges(args, repo: str, state_dir: str, rules, state: ObserverState):
+    """Merged results (``--merge-into``), or None without rules."""
+    if not rules:
+        return None
+    merges = BranchMerges(
+        MergeRepo(repo, state_dir, push_url_from_args(args, repo),
+                  merging.parse_identity(args.merge_identity)),
+        rules, state, args.keep_merges)
+    log.info("merged results: %s; merges pushed to %s",
+             ", ".join(f"{r.pattern} into {r.target}" for r in rules),
+             merges.repo.push_url.shown)
+    return merges
+
+
+def listen(args, security, state_dir: str, commands: dict):
+    """The notify listener, or None under --no-listen."""
+    if args.no_listen:
+        return None
+    check_bind_allowed(args.host, security, args.insecure)
+    persist_nonces(security, state_dir, "observer")
+    try:
+        return helpers.MessageServer((args.host, args.port), commands, security,
+                                     args.max_connections,
+                                     permissions=auth.OBSERVER_PERMISSIONS)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror} "
+                          "(use --port or --no-listen)") from None
 
 
 def main(argv=None) -> int:
@@ -232,7 +276,6 @@ def main(argv=None) -> int:
         return queue_client(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
-    server = None
     try:
         try:
             dispatcher = parse_address(args.dispatcher_server)
@@ -241,16 +284,8 @@ def main(argv=None) -> int:
         repo = os.path.abspath(args.repo)
         if not os.path.isdir(os.path.join(repo, ".git")):
             raise ConfigError(f"{args.repo} is not a git clone (no .git folder)")
-        if args.all_branches and args.branch:
-            raise ConfigError("give --branch or --all-branches, not both")
-        branches = args.branch or ([] if args.all_branches else [default_branch(repo)])
-        for pattern in branches:
-            if not valid_pattern(pattern):
-                raise ConfigError(f"invalid branch name or pattern {pattern!r}")
         rules = merge_rules_from_args(args, repo)
-        if not args.all_branches:
-            # A --merge-into PATTERN is watched: a rule for unwatched branches does nothing.
-            branches += [r.pattern for r in rules if r.pattern not in branches]
+        branches = watched_branches(args, repo, rules)
         security = security_from_args(args)
         if security.server_tls:
             # Hooks hold the observer's (or an operator's) certificate; the
@@ -261,30 +296,12 @@ def main(argv=None) -> int:
                                        "state folder")
         state = ObserverState(os.path.join(state_dir, "state.json"))
         watch = Watch(repo, branches, args.poll, args.all_branches, args.new_branch_limit)
-        merges = None
-        if rules:
-            merges = BranchMerges(
-                MergeRepo(repo, state_dir, push_url_from_args(args, repo),
-                          merging.parse_identity(args.merge_identity)),
-                rules, state, args.keep_merges)
-            log.info("merged results: %s; merges pushed to %s",
-                     ", ".join(f"{r.pattern} into {r.target}" for r in rules),
-                     merges.repo.push_url.shown)
-        engine = make_engine(args, rules, merges.repo, repo, state_dir, dispatcher,
-                             security, state) if merges else None
+        merges = make_merges(args, repo, state_dir, rules, state)
+        engine = make_engine(args, merges, repo, state_dir, dispatcher,
+                             security) if merges else None
         observer = Observer(watch, dispatcher, state, security, merges, engine,
                             args.queue_poll)
-        if not args.no_listen:
-            check_bind_allowed(args.host, security, args.insecure)
-            persist_nonces(security, state_dir, "observer")
-            try:
-                server = helpers.MessageServer((args.host, args.port), observer.commands,
-                                               security, args.max_connections,
-                                               permissions=auth.OBSERVER_PERMISSIONS)
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot listen on {args.host}:{args.port}: {exc.strerror} "
-                    "(use --port or --no-listen)") from None
+        server = listen(args, security, state_dir, observer.commands)
     except ConfigError as exc:
         print(f"repo_observer: error: {exc}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ import json
 import re
 from typing import Iterable, Mapping
 
-from ci import wire
+from ci import results, wire
 from ci.runner import recipe
 
 AXIS_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -46,7 +46,7 @@ PYTHON_RE = re.compile(r"[0-9]{1,2}\.[0-9]{1,3}")
 # A cell's name, as it travels (jobspec, results) and names files
 # (test_results/<commit>.cell.<name>): never a path, never ending in
 # ".xml" (the XML beside a cell's result is named by adding that).
-CELL_RE = re.compile(r"[A-Za-z0-9._-]{1,160}")
+CELL_RE = results.CELL_NAME_RE   # the one pattern (results.py names cell files with it)
 PYTHON = "python"
 RESERVED_AXES = ("exclude", "include")
 DEFAULT_MAX_CELLS = 64

@@ -442,5 +442,6 @@ RUNNER_VERDICTS = ("passed", "failed", "error", "timeout")
 # The verdicts that make a branch red (every one but ``passed``).
 RED_VERDICTS = ("failed", "error", "timeout", "conflict")
 SEVERITY = ("passed", "failed", "conflict", "timeout", "error")
-# As ci/matrix.py has it (a cell's name in a file name).
+# A matrix cell's name (ci/matrix.py's CELL_RE and the dashboard's are
+# this one): it is part of a result file's name.
 CELL_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,160}")

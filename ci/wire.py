@@ -64,7 +64,6 @@ class LazyPattern:
 
 COMMIT_RE = LazyPattern(r"[0-9a-f]{4,64}")
 FULL_COMMIT_RE = LazyPattern(r"[0-9a-f]{40}|[0-9a-f]{64}")
-COMMAND_RE = LazyPattern(r"(?=.{1,32}$)[a-z_](?:[a-z_-]*[a-z_])?")
 # An assignment's token (see ci/dispatch/state.py).
 TOKEN_RE = LazyPattern(r"[0-9a-f]{16,64}")
 

@@ -13,7 +13,7 @@ import re
 import urllib.parse
 
 from ci.dashboard import index as dashboard_index
-from ci.dashboard import cells, history_pages, pages, queue_pages
+from ci.dashboard import assets, cells, history_pages, pages, queue_pages
 from ci.dashboard.landqueue import QueueSource
 from ci.history.queries import DEFAULT_RUNS, MAX_RUNS, HistoryReader, Unavailable
 from ci.dashboard.live import LiveState, without_finished
@@ -377,7 +377,7 @@ class Dashboard:
         return json_response(data)
 
     def favicon(self, query, nonce) -> Response:
-        return Response(200, pages.FAVICON, "image/svg+xml")
+        return Response(200, assets.FAVICON, "image/svg+xml")
 
     def badge(self, query, nonce, quoted) -> Response:
         branch = urllib.parse.unquote(quoted)

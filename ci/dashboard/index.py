@@ -35,8 +35,9 @@ FULL_SCAN = 30.0
 MAX_OUTPUT_READ = 32 * 1024 * 1024
 MAX_TEST_NAMES = 1000
 RED = frozenset(results.RED_VERDICTS)   # a conflict too (issue 22)
-# A matrix cell's name as the ``cells:`` field and the cell files carry it.
-CELL_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,160}")
+# A matrix cell's name as the ``cells:`` field and the cell files carry it
+# (the one pattern: ci/matrix.py's, kept by results.py).
+CELL_NAME_RE = results.CELL_NAME_RE
 MAX_CELLS = 256
 
 
@@ -153,7 +154,7 @@ def junit_status(record: results.TestRecord) -> str:
 SHOWN_STATUSES = ("failure", "error", "flaky", "quarantined")
 
 
-def parse_junit(data: bytes) -> dict[str, str] | None:
+def junit_statuses(data: bytes) -> dict[str, str] | None:
     """JUnit XML -> {test id: passed|failure|error|skipped|flaky|quarantined}
     (see ``junit_status``), or None when
     the document is refused.  Parsed by ``junit_xml.parse_junit``, the one
@@ -419,7 +420,7 @@ class ResultIndex:
         return results.read_header(os.path.join(self.folder, name)) if name else None
 
     def read_junit(self, commit: str, cell: str | None = None) -> dict[str, str] | None:
-        """``parse_junit`` of the commit's ``<commit>.xml`` (a cell's:
+        """``junit_statuses`` of the commit's ``<commit>.xml`` (a cell's:
         ``<commit>.cell.<name>.xml``), or None."""
         name = result_name(commit, cell)
         if name is None:
@@ -431,7 +432,7 @@ class ResultIndex:
                 data = handle.read(results.MAX_JUNIT_BYTES + 1)
         except OSError:
             return None
-        return parse_junit(data)
+        return junit_statuses(data)
 
     def test_report(self, commit: str, with_source: bool = False,
                     cell: str | None = None) -> list[dict]:

@@ -48,7 +48,7 @@ class VerdictAnswers:
             header = results.read_header(os.path.join(self.results_dir, commit))
             if header is not None and header.get("verdict") in results.VERDICTS:
                 rows[commit] = (header["verdict"], verdicts.reason_of(
-                    header, self._failing_tests(commit, header)))
+                    header, self.failing_tests(commit, header)))
             elif pending[commit] is not None:
                 rows[commit] = (pending[commit], "-")
             elif commit in pruned and self.tombstones is not None:
@@ -67,7 +67,7 @@ class VerdictAnswers:
         # A matrix commit with some cells done and none pending is being completed.
         return "running" if running or not works else "queued"
 
-    def _failing_tests(self, commit: str, header: dict) -> list[str] | None:
+    def failing_tests(self, commit: str, header: dict) -> list[str] | None:
         """The failing, unquarantined tests of a red result, from its JUnit
         file when that is small enough; None otherwise."""
         if header.get("verdict") not in (results.FAILED, results.ERROR, "timeout"):

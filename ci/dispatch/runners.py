@@ -57,7 +57,9 @@ class Runner:
     occupied_with: str | None = None    # what an occupied runner is busy with
     misses: int = 0
     traits: Traits = Traits()
-    label: str | None = None            # the name it gave itself (display only)
+    # The name it gave itself (``--name``; display only), not ``name``,
+    # its issued key's, which proves who it is; nor one of its ``labels``.
+    given_name: str | None = None
 
     @property
     def limit(self) -> float | None:
@@ -125,14 +127,14 @@ class RunnerRegistry:
                     raise Reply(f"runner {name} is registered at {other.key}; another "
                                 "address is accepted once that one stops answering")
 
-    def label_runner(self, address: tuple[str, int], label: str | None) -> None:
+    def name_runner(self, address: tuple[str, int], given_name: str | None) -> None:
         """The name a registered runner gave itself, shown for it by
         ``state`` instead of its address.  It proves nothing (unlike an
         issued key's name), so it is only ever shown."""
         with self.cond:
             runner = self.runners.get(format_address(address))
             if runner is not None:
-                runner.label = label
+                runner.given_name = given_name
 
     def _believe(self, runner: Runner, busy: str | None, token: str | None) -> None:
         """A live runner's own word on what it runs beats our guess: a

@@ -177,15 +177,15 @@ class Dispatcher:
         instance = fields.get("instance", "")
         busy, token = runner_says(fields)
         limit = job_limit(fields)
-        label = runner_label(fields)
+        given_name = runner_given_name(fields)
         # A runner's own limits stretch the default deadline only; an
         # explicit --job-timeout is exact.
         traits = runner_traits(fields, limit if self.trust_runner_limits else None)
         answer = self.state.register(address, instance[:64], busy, token,
                                      self._runner_name(peer), traits)
-        self.state.label_runner(address, label)
-        if answer == "registered" and label:
-            log.info("runner %s calls itself %s", message.argument, label)
+        self.state.name_runner(address, given_name)
+        if answer == "registered" and given_name:
+            log.info("runner %s calls itself %s", message.argument, given_name)
         if answer == "registered" and limit and limit > self.job_timeout \
                 and not self.trust_runner_limits:
             log.warning("runner %s may by its own limits take %.0fs per commit (checkout, "
@@ -453,17 +453,17 @@ def job_limit(fields: dict) -> float | None:
     return seconds if 0 < seconds <= MAX_RUNNER_LIMIT else None
 
 
-def runner_label(fields: dict) -> str | None:
+def runner_given_name(fields: dict) -> str | None:
     """The name a runner gives itself in its ``register`` field ``name``
     (``test_runner.py --name``), None if it gives none; a name it may not
     have is refused with the rule, not shortened into another one."""
-    label = fields.get("name") or None
-    if label is not None:
+    given = fields.get("name") or None
+    if given is not None:
         try:
-            state_schema.check_runner_name(label)
+            state_schema.check_runner_name(given)
         except ValueError as exc:
             raise Reply(str(exc)) from None
-    return label
+    return given
 
 
 def runner_traits(fields: dict, limit: float | None) -> Traits:

@@ -75,11 +75,13 @@ def rules_commit(work: Work) -> str | None:
 
 class DispatcherState(LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner, ResultKeeper,
                       MatrixKeeper, StateViews, VerdictAnswers):
-    """Every attribute is guarded by ``self.cond``.  Methods whose name
-    starts with ``_`` expect the caller to hold it; every other method
-    takes it itself (``enqueue``, ``retest``, ``journal_and_queue`` and
-    ``record_result`` release it around their fsync or file write, so
-    they must not be called with it held)."""
+    """Every attribute is guarded by ``self.cond`` (the verdicts' JUnit
+    cache has a lock of its own).  Methods whose name starts with ``_``
+    expect the caller to hold it; every other one takes it itself (but
+    ``write_result``: a file write, no state) and must not be called with
+    it held, since many release it around I/O (``enqueue``, ``retest``,
+    ``journal_and_queue``, ``next_assignment``, ``record_result``,
+    ``remove_pruned``, ``verdicts``).  Checked by test_state_machine.py."""
 
     def __init__(self, results_dir: str, journal: Journal, max_attempts: int):
         self.results_dir = results_dir
@@ -213,14 +215,6 @@ class DispatcherState(LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner, R
 
     def _recover_one(self, key: WorkKey, got, grace: float, deadline: float) -> None:
         commit, cell = split_key(key)
-        work = self.work[key] = Work(key, commit, WorkState.QUEUED,
-                                     retest=key in got.retest, losses=got.lost[key],
-                                     cell=got.cells.get(key, matrix.Cell(cell)),
-                                     error=got.errors.get(key))
-        if key in got.meta:
-            work.meta = Meta(*got.meta[key])
-        self.done.discard(key)
-        self.pruned.discard(key)
         history = got.assigned.get(key)
         for a in history or ():
             self.token_keys[a.token] = key
@@ -230,10 +224,19 @@ class DispatcherState(LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner, R
             for a in history:
                 self._remember_finished(key, a)
             history = None
+        held = bool(history) and grace > 0
+        # Made in the state it recovers to: no transition leads there.
+        work = self.work[key] = Work(key, commit, WorkState.HELD if held else WorkState.QUEUED,
+                                     retest=key in got.retest, losses=got.lost[key],
+                                     cell=got.cells.get(key, matrix.Cell(cell)),
+                                     error=got.errors.get(key))
+        if key in got.meta:
+            work.meta = Meta(*got.meta[key])
+        self.done.discard(key)
+        self.pruned.discard(key)
         if history:
             work.assignments = {a.token: a for a in history}
-        if history and grace > 0:
-            work.state = WorkState.HELD   # made so, not a transition
+        if held:
             work.held_by, work.held_until = history[-1].runner, deadline
         else:
             self.queue.append(key)
@@ -371,7 +374,7 @@ class DispatcherState(LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner, R
                 # Unrecorded, the token could not be proved after a restart:
                 # undo the claim rather than hand out an unjournalled job.
                 log.exception("cannot journal the assignment of %s", job.commit[:12])
-                self._unassign(job)
+                self.unassign(job)
                 self.cond_wait_a_bit()
                 continue
             with self.cond:
@@ -421,7 +424,7 @@ class DispatcherState(LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner, R
         self.token_keys[job.token] = work.key
         return job, [assign_record(work.key, assignment)]
 
-    def _unassign(self, job: Job) -> None:
+    def unassign(self, job: Job) -> None:
         """Take back an assignment that could not be journalled."""
         with self.cond:
             work = self.work.get(job.key)

@@ -62,7 +62,7 @@ class StateViews:
             def called(key: str, key_name: str | None) -> str:
                 """Its own name, else its issued key's, else its address."""
                 runner = self.runners.get(key)
-                return (runner.label if runner else None) or key_name or key
+                return (runner.given_name if runner else None) or key_name or key
 
             def busy_with(r: Runner) -> str | None:
                 if r.job:

@@ -5,11 +5,11 @@ testing it, whole or split into shards.  A commit without a matrix has
 one cell, named "", and its record is keyed by the commit id alone, as
 before matrices; a matrix cell's key is ``<commit>:<cell>``.  The
 dispatcher asks a record what state it is in instead of which of a dozen
-containers holds it (a merge-queue entry could make a key of its own).  The
-dispatcher asks a record what state it is in instead of which of a dozen
-containers holds it.  Which state may follow which is the table
-``TRANSITIONS``; ``Work.move`` refuses any other step, so a slip in the
-dispatcher's bookkeeping fails loudly where it happens.
+containers holds it (a merge-queue entry could make a key of its own).
+Which state may follow which is the table ``TRANSITIONS``; ``Work.move``
+refuses any other step, so a slip in the dispatcher's bookkeeping fails
+loudly where it happens.  A record recovered after a crash is made in
+the state it recovers to (QUEUED, or HELD for its runner to claim).
 
 The live job (``Job``: a runner's address, start time, ``runtest`` body)
 is not the journal's ``AssignmentRecord`` (token, runner, key name: what

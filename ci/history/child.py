@@ -21,7 +21,6 @@ that dies, even by SIGKILL, leaves no writer behind.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import queue
@@ -31,7 +30,7 @@ import sys
 import threading
 import time
 
-from ci.config import configure_logging
+from ci.config import ArgumentParser, configure_logging, positive
 from ci.history import store
 from ci.wire import valid_full_commit
 
@@ -185,13 +184,13 @@ class StoreWriter:
         self.stop_event.wait(RETRY_DELAY)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         description="The dispatcher's test history writer (started by dispatcher.py; "
                     "reads one line per result on stdin, exits when stdin closes).")
     parser.add_argument("--store", required=True, help="the store file (history.sqlite3)")
     parser.add_argument("--results-dir", required=True, help="the dispatcher's results folder")
-    parser.add_argument("--max-pending", type=int, default=MAX_PENDING_LINES,
+    parser.add_argument("--max-pending", type=positive(int), default=MAX_PENDING_LINES,
                         help="lines queued at most; past it, left to the catch-up "
                              f"(default {MAX_PENDING_LINES})")
     parser.add_argument("--log-level", default="INFO",
@@ -201,8 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.max_pending < 1:
-        build_parser().error("--max-pending must be at least 1")
     configure_logging(args.log_level)
     # The dispatcher ends this process (stdin closed, then SIGTERM); a
     # Ctrl-C meant for it must not cut a transaction here first.

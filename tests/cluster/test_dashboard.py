@@ -91,12 +91,12 @@ def test_junit_parsing_refuses_doctype_and_entities():
     good = (b'<testsuite><testcase classname="t.T" name="a"/>'
             b'<testcase classname="t.T" name="b"><failure message="x"/></testcase>'
             b'<testcase classname="t.T" name="c"><error/></testcase></testsuite>')
-    assert di.parse_junit(good) == {"t.T.a": "passed", "t.T.b": "failure", "t.T.c": "error"}
+    assert di.junit_statuses(good) == {"t.T.a": "passed", "t.T.b": "failure", "t.T.c": "error"}
     laughs = (b'<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">]>'
               b'<testsuite><testcase name="&lol;"/></testsuite>')
-    assert di.parse_junit(laughs) is None
-    assert di.parse_junit(b"<testsuite><!ENTITY x 'y'></testsuite>") is None
-    assert di.parse_junit(b"<testsuite><testcase") is None
+    assert di.junit_statuses(laughs) is None
+    assert di.junit_statuses(b"<testsuite><!ENTITY x 'y'></testsuite>") is None
+    assert di.junit_statuses(b"<testsuite><testcase") is None
 
 
 def test_junit_in_utf16_with_an_entity_is_refused(tmp_path):
@@ -105,7 +105,7 @@ def test_junit_in_utf16_with_an_entity_is_refused(tmp_path):
     xml = ('<?xml version="1.0" encoding="UTF-16"?>'
            '<!DOCTYPE x [<!ENTITY e "expanded">]><testsuite>'
            '<testcase classname="t.T" name="&e;"><failure/></testcase></testsuite>')
-    assert di.parse_junit(xml.encode("utf-16")) is None
+    assert di.junit_statuses(xml.encode("utf-16")) is None
     write_result(tmp_path, A, "failed", b"no test names here\n")
     (tmp_path / (A + ".xml")).write_bytes(xml.encode("utf-16"))
     index = di.ResultIndex(str(tmp_path))
@@ -117,7 +117,7 @@ def test_junit_outcomes_named_by_record_id():
            b'<failure type="unexpected success"/></testcase>'
            b'<testcase classname="t.T" name="b"><skipped/></testcase>'
            b'<testcase name="c"/></testsuite>')
-    assert di.parse_junit(xml) == {"t.T.a": "failure", "t.T.b": "skipped", "c": "passed"}
+    assert di.junit_statuses(xml) == {"t.T.a": "failure", "t.T.b": "skipped", "c": "passed"}
 
 
 def test_old_and_new_junit_files_read_alike(tmp_path):
@@ -147,8 +147,8 @@ def test_old_and_new_junit_files_read_alike(tmp_path):
     expected = {"t.T.ok": "passed", "t.T.bad": "failure", "t.T.known": "passed",
                 "t.T.lucky": "failure", "t.T.parts (i=1)": "error",
                 "setUpClass (t.U)": "error", "t.T.later": "skipped"}
-    assert di.parse_junit(old) == expected
-    assert di.parse_junit(junit_xml.format_junit(records)) == expected
+    assert di.junit_statuses(old) == expected
+    assert di.junit_statuses(junit_xml.format_junit(records)) == expected
     (tmp_path / (A + ".xml")).write_bytes(old)
     write_result(tmp_path, A, "failed", b"")
     junit_xml.write_junit(str(tmp_path), B, records)

@@ -18,7 +18,7 @@ from ci.security import Security
 from ci.wire import Message
 
 SECRET = "hook-client-test-secret-0123456789"
-HEAVY = ("helpers", "ssl", "logging", "socketserver", "ipaddress",
+HEAVY = ("helpers", "ci.client_cli", "ssl", "logging", "socketserver", "ipaddress",
          # a str host given to getaddrinfo imports the idna codec and these
          "encodings.idna", "stringprep", "unicodedata")
 
@@ -108,3 +108,15 @@ def test_notify_bad_secret_file_is_a_clear_error(tmp_path, content, reason):
                           str(path)])
     assert proc.returncode == 2
     assert reason in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_flag_the_hook_does_not_read_hands_over_to_the_full_client(server):
+    """``--help`` (or a TLS flag, a typo) goes to the one-shot client in
+    ci/client_cli.py, which explains every flag; ``helpers`` keeps only the
+    server base and the client call (issue 18), no command line."""
+    proc, imported = run_notify(["--observer", f"127.0.0.1:{server.port}", "--help"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage: repo_observer.py notify" in proc.stdout and "--secret-file" in proc.stdout
+    assert "ci.client_cli" in imported
+    assert not hasattr(helpers, "client_main") and not hasattr(helpers, "ClientCommand")
+    assert server.count == 0

@@ -12,6 +12,7 @@ import repo_observer
 import run_local
 import test_runner
 from ci import config
+from ci.history import child as history_child
 from ci.notify import flags as notify_flags
 
 # Per entry point, every flag that must be above zero.
@@ -28,12 +29,15 @@ FLAGS = {
                            "--progress-interval"],
     dashboard: COMMON + ["--request-timeout", "--max-connections", "--scan-interval"],
     run_local: ["--runners"],
+    history_child: ["--max-pending"],   # the history writer the dispatcher starts
 }
 CASES = [(module, flag) for module, flags in FLAGS.items() for flag in flags]
 
 
 def positional(module) -> list[str]:
     """The positional arguments a parser needs besides the flag under test."""
+    if module is history_child:
+        return ["--store", "history.sqlite3", "--results-dir", "test_results"]
     return ["repo"] if module in (repo_observer, test_runner) else []
 
 

@@ -634,6 +634,6 @@ def test_a_hundred_thousand_tests_are_kept_from_runner_to_dashboard(tmp_path):
         {"tests": 100_000, "failures": 100, "errors": 0}
     stored.write(str(tmp_path), COMMIT)
     with open(results.junit_path(str(tmp_path), COMMIT), "rb") as handle:
-        statuses = index.parse_junit(handle.read(results.MAX_JUNIT_BYTES + 1))
+        statuses = index.junit_statuses(handle.read(results.MAX_JUNIT_BYTES + 1))
     assert len(statuses) == 100_000
     assert statuses["tests.test_m001.TestBig.test_001000"] == "failure"

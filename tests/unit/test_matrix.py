@@ -212,3 +212,12 @@ def test_the_observer_reads_the_commits_recipe(tmp_path):
     body = dispatch_body([cells, none], None, "main", {cells: plan[cells]})
     first, second = body.decode().splitlines()
     assert first.startswith(f"{cells} - main cells=") and second == f"{none} {cells} main"
+
+
+def test_a_cells_name_has_one_pattern():
+    """The recipe's cell names, the result files named by them and the
+    dashboard's reading of both are checked by one pattern, not copies
+    that could drift apart (issue 18: repeated pieces written once)."""
+    from ci import results
+    from ci.dashboard import index
+    assert matrix.CELL_RE is results.CELL_NAME_RE is index.CELL_NAME_RE

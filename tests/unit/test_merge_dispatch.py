@@ -235,7 +235,7 @@ def test_the_verdicts_answer(make_state, tmp_path):
 # ---- every consumer counts a conflict as red ----------------------------------------
 
 def test_consumers_treat_conflict_as_red():
-    from ci.dashboard import index, pages
+    from ci.dashboard import assets, index, pages
     from ci.dashboard.app import Dashboard as App
     from ci.notify import decider, events
     from ci.retention import policy
@@ -246,7 +246,7 @@ def test_consumers_treat_conflict_as_red():
              "tests": 0, "verdict": "conflict", "reason": "merge conflict with main: a.py",
              "event": "broken", "branch": "feature/a", "retest": False, "url": ""}
     assert "verdict conflict: merge conflict with main: a.py" in events.event_text(event)
-    assert pages.verdict_class("conflict") == "conflict" and ".v-conflict" in pages.CSS
+    assert pages.verdict_class("conflict") == "conflict" and ".v-conflict" in assets.CSS
     assert "conflict" in index.RED
     assert App._filters({"verdict": "conflict"})["verdict"] == "conflict"
     entries = {c: policy.Entry(c, "feature/a", p, v, t) for c, p, v, t in (

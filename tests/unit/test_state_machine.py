@@ -358,3 +358,42 @@ def test_a_runner_whose_own_limits_are_longer_keeps_its_job_past_the_default(mak
     state.register(A, "ia", None, traits=Traits(limit=None))
     state.expire_jobs(-1)
     assert state.runners[KA].job is None and sorted(state.queue) == sorted([X, Y])
+
+
+def test_the_locking_rule_of_the_docstring_holds_for_every_method():
+    """``DispatcherState``'s docstring: a method whose name starts with
+    ``_`` expects the caller to hold ``self.cond`` (so it never takes it),
+    every other one takes it itself (but ``write_result``, which touches
+    no state).  Checked on the source of the class and its mixins, so a
+    method added against the rule fails here, not in a rare deadlock."""
+    import inspect
+    import textwrap
+    lock_free = {"write_result"}
+    broken = []
+    for cls in DispatcherState.__mro__:
+        if not cls.__module__.startswith("ci.dispatch"):
+            continue
+        for name, function in vars(cls).items():
+            if name.startswith("__") or not inspect.isfunction(function):
+                continue
+            takes = "with self.cond" in textwrap.dedent(inspect.getsource(function))
+            if name.startswith("_") and takes:
+                broken.append(f"{cls.__name__}.{name} takes the lock its name says it holds")
+            elif not name.startswith("_") and not takes and name not in lock_free:
+                broken.append(f"{cls.__name__}.{name} does not take the lock")
+    assert not broken
+    assert "write_result" in DispatcherState.__doc__
+
+
+def test_a_work_record_changes_state_only_through_move():
+    """The transitions are in one place (``Work.move`` and its table);
+    no module of the dispatcher sets a record's state behind its back
+    (recovery makes a record in the state it recovers to)."""
+    import pathlib
+    import re
+    folder = pathlib.Path(__file__).resolve().parents[2] / "ci" / "dispatch"
+    setters = [f"{path.name}:{number}" for path in sorted(folder.glob("*.py"))
+               if path.name != "work.py"
+               for number, line in enumerate(path.read_text().splitlines(), 1)
+               if re.search(r"\.state\s*=\s*(WorkState|S)\.", line)]
+    assert not setters

@@ -46,7 +46,7 @@ def test_what_describe_sends_reads_back_as_it_was(state):
     """The dispatcher builds its reply from the schema's records: read
     back, nothing is lost, renamed or left over."""
     state.register(("127.0.0.1", 9001), "i1", None)
-    state.label_runner(("127.0.0.1", 9001), "runner1")
+    state.name_runner(("127.0.0.1", 9001), "runner1")
     state.register(("127.0.0.1", 9002), "i2", C)        # busy with work not ours
     state.enqueue([A, B])
     job = state.next_assignment()
