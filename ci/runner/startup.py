@@ -133,6 +133,14 @@ def open_to_test_user(runner, state_dir: str) -> None:
     if runner.preparer.cache is not None:
         os.chmod(runner.preparer.cache.folder, 0o711)
     access.provide_recorder(state_dir)
-    env = child_env(runner.user)
-    access.check_test_user(runner.user, runner.repo, runner.preparer, runner.test_command, env)
-    access.check_interpreters(runner.user, runner.interpreters, runner.repo, env)
+    # The checks start the user's Python: in a sandbox as a run does, not
+    # with HOME at the user's own home (or /tmp), where a test could have
+    # planted a user-site .pth; what they start is ended before any job.
+    sandbox = runner.slot.sandbox
+    env = sandbox.env(child_env(runner.user))
+    try:
+        access.check_test_user(runner.user, runner.repo, runner.preparer,
+                               runner.test_command, env)
+        access.check_interpreters(runner.user, runner.interpreters, runner.repo, env)
+    finally:
+        sandbox.end()

@@ -3,7 +3,7 @@ cannot execute its interpreters or reach the clone and the environment
 folder refuses to start with one line that says what and why, before it
 registers with a dispatcher; and a runner whose own code lies where only
 root can go still runs its tests (it hands the test user a copy of the
-recorder).  Root only: the runner switches to the user 'nobody'."""
+recorder).  Root only: the runner switches to a test user of the test's own."""
 
 from __future__ import annotations
 

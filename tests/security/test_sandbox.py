@@ -7,9 +7,11 @@ their own (root only), and the temporary folders' sweep in-process."""
 from __future__ import annotations
 
 import os
+import pathlib
 import secrets
 import shutil
 import stat
+import subprocess
 
 import pytest
 
@@ -269,3 +271,65 @@ def test_the_sweep_removes_what_the_user_could_have_made_and_nothing_else(tmp_pa
     assert removed == 5   # owned, owned-dir, link, open/file, holder/other
     assert outside.read_text() == "root's\n"
     assert stat.S_IMODE(outside.stat().st_mode) == 0o644 and outside.stat().st_uid == 0
+
+
+# --------------------------------------------------------------------------
+# The start-up checks run the test user's Python too.
+
+def home_of_its_own(request, user) -> pathlib.Path:
+    """Give ``user`` a home in /home, as ``useradd --create-home`` would
+    (out of the temporary folders the runner sweeps), removed afterwards."""
+    if not os.path.isdir("/home"):
+        pytest.skip("needs /home for a test user's own home")
+    home = pathlib.Path("/home") / user.pw_name
+    home.mkdir(mode=0o755)
+    request.addfinalizer(lambda: shutil.rmtree(home, ignore_errors=True))
+    os.chown(home, user.pw_uid, user.pw_gid)
+    subprocess.run(["usermod", "--home", str(home), user.pw_name], check=True,
+                   capture_output=True, timeout=30)
+    return home
+
+
+def test_the_start_up_checks_run_nothing_the_test_user_left_in_its_home(request):
+    """A test may write into its user's own home (found through ``pwd``,
+    whatever HOME says), which no run removes.  The runner's start-up
+    checks started that user's Python with HOME set to it (to /tmp for a
+    homeless user), so a user-site ``.pth`` planted there ran as the user
+    at the next start (and could leave a process that changes the first
+    job's tree after its checkout).  The checks now run in a private HOME
+    of their own, and every process of the user is ended after them."""
+    user = new_test_user(request)
+    cluster, upstream, base, _nobody = user_folder_cluster(request)
+    home = home_of_its_own(request, user)
+    version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print('%d.%d' % "
+                              "sys.version_info[:2])"], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.strip()
+    marker = home / "PLANTED-CODE-RAN"
+    pth = home / ".local" / "lib" / f"python{version}" / "site-packages" / "zz_planted.pth"
+    # Written as the user, as a test would (the home is its own).
+    subprocess.run([SYSTEM_PYTHON, "-I", "-c", "import os, sys; os.makedirs(os.path.dirname("
+                    "sys.argv[1])); open(sys.argv[1], 'w').write(sys.argv[2])", str(pth),
+                    f"import os; open({str(marker)!r}, 'a').write(str(os.getpid()))\n"],
+                   check=True, timeout=30, user=user.pw_uid, group=user.pw_gid,
+                   extra_groups=[])
+    cluster.start_dispatcher()
+    start_runner(cluster, base, "a", user)
+    assert not marker.exists(), marker.read_text()
+    assert user_sandbox.live_pids(user.pw_uid) == []
+    commit = upstream.commit({"tests/test_more.py": PASSING_MORE}, "more")
+    assert run(cluster, commit)["verdict"] == "passed"
+    assert not marker.exists(), marker.read_text()
+    # Planted it was: the user's Python with HOME there runs it.
+    subprocess.run([SYSTEM_PYTHON, "-c", "pass"], check=True, timeout=30,
+                   env={"HOME": str(home)}, user=user.pw_uid, group=user.pw_gid,
+                   extra_groups=[])
+    assert marker.exists()
+
+
+PASSING_MORE = """import unittest
+
+
+class TestMore(unittest.TestCase):
+    def test_ok(self):
+        pass
+"""
