@@ -8,8 +8,11 @@ lock is taken once per batch, only to check again that each commit is
 still finished and not pending (a retest may have queued it meanwhile)
 and to mark it pruned and being unlinked; the unlinks themselves are done
 without it (a retest of a commit being unlinked waits for its batch), so
-a result never waits behind an unlink.  Unlinks follow the folder's own
-order.  After a batch during which a result arrived or was written, the
+a result never waits behind an unlink.  Each step (a header read, a
+commit's unlinks, an fsync, a batch's hold of the lock) first waits while a
+``results`` handler is storing a result (ci/retention/gate.py), so a result
+shares the disk's journal with at most the step under way.  Unlinks follow
+the folder's own order.  After a batch during which a result arrived or was written, the
 thread rests for as long as the batch took (``REST``, at least
 ``pause``): a pass over 100,000 files then takes its time from the disk's
 pace and never crowds out the handlers; while no result comes, it only
