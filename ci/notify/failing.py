@@ -3,13 +3,16 @@ that decide its verdict: failed every time and not quarantined), each
 marked new when it did not fail on the previous commit of the branch.
 
 Read from the JUnit files the dispatcher wrote beside the result files
-(``<commit>.xml``), once, when the event is made: the event then holds
-the names, so a notification sent again after a restart says the same.
+(``<commit>.xml``; for a matrix commit, which has none of its own, its
+cells' ``<commit>.cell.<name>.xml``), once, when the event is made: the
+event then holds the names, so a notification sent again after a restart
+says the same.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 from ci import junit_xml
 from ci import results
@@ -23,14 +26,32 @@ MAX_NAMED = 20
 
 def deciding_failures(results_dir: str, commit: str) -> list[str] | None:
     """The ids of ``commit``'s failing, unquarantined tests in record
-    order, or None when it has no readable records."""
+    order (a matrix commit's: those of every cell, each id once), or None
+    when it has no readable records."""
+    failing = _cell_failures(results_dir, commit, "")
+    if failing is not None:
+        return failing
+    header = results.read_header(os.path.join(results_dir, commit)) or {}
+    found = None
+    for part in header.get("cells", "").split():
+        cell = part.partition("=")[0]
+        # (a name that is no cell's is refused by junit_path: None)
+        ids = _cell_failures(results_dir, commit, cell) if cell else None
+        if ids is not None:
+            found = list(dict.fromkeys((found or []) + ids))
+    return found
+
+
+def _cell_failures(results_dir: str, commit: str, cell: str) -> list[str] | None:
+    """The failing ids one JUnit file holds (the commit's own, or a cell's)."""
     try:
-        path = results.junit_path(results_dir, commit)
+        path = results.junit_path(results_dir, commit, cell)
         data = read_inside(path, results_dir, results.MAX_JUNIT_BYTES)
         records = junit_xml.parse_junit(data)
     except (OSError, ValueError, results.JunitError) as exc:
         if not isinstance(exc, FileNotFoundError):
-            log.warning("records of %s unreadable: %s", commit[:12], exc)
+            log.warning("records of %s unreadable: %s", results.CELL_INFIX.join(
+                filter(None, (commit[:12], cell))), exc)
         return None
     return list(dict.fromkeys(r.id for r in records
                               if r.outcome in results.FAILING and not r.quarantined))
