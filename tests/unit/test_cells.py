@@ -210,3 +210,37 @@ def test_the_dispatch_body_carries_plans():
     with pytest.raises(Reply):
         server.commit_list(Message("dispatch", f"{X}:py3.9"), "dispatch")
     assert server.commit_list(Message("retest", f"{X}:py3.9"), "retest", cells=True)
+
+
+def test_a_cell_is_sharded_only_over_idle_runners_that_fit_it(make_state, tmp_path):
+    """Sharding composes with the matrix: the 3.12 cell is split over the
+    two 3.12 runners (never the 3.9 one), each shard's job names the cell,
+    and the merged shards are that cell's result."""
+    state = make_state()
+    state.max_shards = 4
+    register(state, runner(9001, "python3.9"),
+             *(runner(9002 + i, "python3.12") for i in range(3)))
+    # The 3.12 cell first: four runners are free, but only three fit it,
+    # and one of those is kept for the cell queued behind it: two shards.
+    plan = matrix.Plan(tuple(matrix.expand("[ci]\nmatrix_python = 3.12 3.9\n")))
+    state.enqueue([X], {X: ("main", None)}, {X: plan})
+    jobs = take(state)
+    specs = {(jobspec.parse(j.request).cell, j.shard, j.shards): j for j in jobs}
+    assert sorted(specs) == [("py3.12", 1, 2), ("py3.12", 2, 2), ("py3.9", 0, 0)]
+    assert specs[("py3.9", 0, 0)].runner == "127.0.0.1:9001"
+    assert {specs[("py3.12", i, 2)].runner for i in (1, 2)} <= {"127.0.0.1:9002",
+                                                                "127.0.0.1:9003",
+                                                                "127.0.0.1:9004"}
+    assert all(jobspec.parse(j.request).shard.index == j.shard for j in jobs if j.shards)
+    finish(state, specs[("py3.9", 0, 0)])
+    for index in (1, 2):
+        job = specs[("py3.12", index, 2)]
+        assert state.record_result(job.commit, job.token, None, Outcome(
+            {"verdict": "failed" if index == 2 else "passed", "tests": 2,
+             "failures": int(index == 2), "errors": 0, "skipped": 0,
+             "shards": f"{index}/2"}, b"out\n"))
+    cell = results.read_header(str(tmp_path / "results" / f"{X}.cell.py3.12"))
+    assert (cell["cell"], cell["python"], cell["shards"], cell["tests"], cell["verdict"]) == \
+        ("py3.12", "3.12", "2", "4", "failed")
+    header = results.read_header(str(tmp_path / "results" / X))
+    assert header["cells"] == "py3.12=failed py3.9=passed" and header["verdict"] == "failed"
