@@ -244,3 +244,39 @@ def test_a_cell_is_sharded_only_over_idle_runners_that_fit_it(make_state, tmp_pa
         ("py3.12", "3.12", "2", "4", "failed")
     header = results.read_header(str(tmp_path / "results" / X))
     assert header["cells"] == "py3.12=failed py3.9=passed" and header["verdict"] == "failed"
+
+
+def test_a_recipe_with_labels_and_no_matrix_is_one_labelled_commit(make_state, tmp_path):
+    """``labels = gpu`` without a matrix: one unit of work keyed by the
+    commit (no cell files), routed only to a runner with the label, the
+    labels kept across a restart and by a retest; the observer's field for
+    it is no malformed matrix."""
+    cells = matrix.expand("[ci]\nlabels = gpu\n")
+    field = matrix.encode_plan(matrix.Plan(tuple(cells)))
+    plan = matrix.decode_plan(field, 64)
+    assert plan.error is None and plan.cells == (matrix.Cell("", labels=frozenset({"gpu"})),)
+    state = make_state()
+    register(state, runner(9001, "python3.12"))
+    state.enqueue([X], {X: ("main", None)}, {X: plan})
+    assert take(state) == []
+    assert state.status()["waiting_for"] == f"{X}: waiting for a runner with gpu"
+    state.journal.close()                    # the dispatcher restarts: still needs gpu
+    state = make_state()
+    register(state, runner(9001, "python3.12"), runner(9002, "gpu"))
+    (job,) = take(state)
+    assert (job.commit, job.runner, jobspec.parse(job.request).cell) == (X, "127.0.0.1:9002", "")
+    finish(state, job)
+    header = results.read_header(str(tmp_path / "results" / X))
+    assert header["verdict"] == "passed" and header["labels"] == "gpu" and "cells" not in header
+    assert sorted(os.listdir(tmp_path / "results")) == [X]
+    assert not state.is_pending(X) and not state.groups
+    assert state.retest([X]) == [X]
+    (again,) = take(state)
+    assert again.runner == "127.0.0.1:9002"
+
+
+def test_an_unnamed_cell_beside_others_is_refused():
+    cells = [{"name": "", "python": None, "axes": "", "labels": "gpu"},
+             {"name": "py3.12", "python": "3.12", "axes": "", "labels": ""}]
+    field = matrix.CELLS_FIELD + matrix._b64(json.dumps(cells).encode())
+    assert "not the commit's only one" in matrix.decode_plan(field, 64).error
