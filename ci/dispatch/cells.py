@@ -206,15 +206,20 @@ class MatrixKeeper:
         if cells is None:
             if work_key(commit) in self.work:
                 return []
-            return [Work(work_key(commit), commit, meta=meta,
-                         cell=cell_from_header("", self._own_header(commit)) or matrix.SINGLE)]
+            return [Work(work_key(commit), commit, meta=meta, cell=self._own_labels(commit))]
         self.groups[commit] = dict(cells)
         names = [cell] if cell else list(cells)
         return [Work(work_key(commit, n), commit, meta=meta, cell=cells[n]) for n in names
                 if work_key(commit, n) not in self.work]
 
-    def _own_header(self, commit: str) -> dict:
-        return results.read_header(os.path.join(self.results_dir, commit)) or {}
+    def _own_labels(self, commit: str) -> matrix.Cell:
+        """A commit without a matrix, as its result says: the labels its
+        recipe asked for, asked for again by a retest."""
+        header = results.read_header(os.path.join(self.results_dir, commit)) or {}
+        try:
+            return matrix.Cell("", labels=matrix.parse_labels(header.get("labels", "")))
+        except matrix.MatrixError:
+            return matrix.SINGLE
 
     def _group_records(self) -> list[str]:
         """For the journal's rewrite: the cells of every commit not yet
