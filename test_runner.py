@@ -184,6 +184,10 @@ def main(argv=None) -> int:
              "on" if security.server_tls else "off",
              f"{args.test_user} ({runner.slot.sandbox.describe()})" if runner.slot.sandbox
              else "off (tests run as this runner's user and can read what it can)")
+    # What --python auto found is otherwise only told by what it left out.
+    log.info("labels %s%s; interpreters %s", " ".join(runner.labels),
+             " (exclusive)" if args.exclusive else "",
+             ", ".join(f"{v}={i.executable}" for v, i in sorted(runner.interpreters.items())))
     runner.start(address)
     helpers.serve_until_signalled(server, on_stop=runner.stop, stop=runner.stop_event)
     log.info("runner stopped")

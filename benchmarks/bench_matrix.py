@@ -11,9 +11,12 @@
            1.15 x ideal.
 2. labels  the dispatcher's jobs per second with 200 fake runners
            (``fake_runners.py``) that carry no labels, then 200 that carry 4
-           random labels each (plus ``python3.12``), taking turns twice in
-           the same run; 2,000 commits per round.  Target: the labelled
-           rate within 10% of the plain one (best round of each).
+           random labels each of 16 (plus ``python3.12``), taking turns
+           twice in the same run; 2,000 commits per round, each dispatched
+           with its branch, and in a labelled round asking for one of the
+           16 labels (``labels = l7``: routed to the quarter of the fleet
+           that has it).  Target: the labelled rate within 10% of the
+           plain one (best round of each).
 
 usage:  python benchmarks/bench_matrix.py [--only cells|labels] [--keep]
 """
@@ -24,6 +27,7 @@ import argparse
 import glob
 import math
 import os
+import random
 import secrets
 import shutil
 import statistics
@@ -37,6 +41,7 @@ sys.path.insert(0, HERE)
 import bench  # noqa: E402
 from bench import Bench, Upstream, git, wait_for  # noqa: E402
 import helpers  # noqa: E402
+from ci import matrix  # noqa: E402
 from ci.observer.commits import dispatch_body, plan_fields  # noqa: E402
 from ci.results import read_header  # noqa: E402
 from ci.wire import decode_fields, parse_address  # noqa: E402
@@ -155,6 +160,14 @@ def cells(b: Bench) -> None:
     b.row("matrix commits without a result", "0", str(len(pending)), not pending)
 
 
+def label_plan(labels: int) -> str:
+    """The dispatch field of a commit whose recipe says ``labels = l<k>``
+    (no matrix), k one of the 4 x ``labels`` names fake_runners.py draws
+    each runner's labels from."""
+    wanted = frozenset({f"l{random.randrange(4 * labels)}"})
+    return matrix.encode_plan(matrix.Plan((matrix.Cell("", labels=wanted),)))
+
+
 def label_round(b: Bench, name: str, labels: int) -> float:
     """One dispatcher, 200 fake runners (``labels`` each), 2,000 commits:
     jobs per second."""
@@ -172,10 +185,13 @@ def label_round(b: Bench, name: str, labels: int) -> float:
         return decode_fields(helpers.call(address, "status", security=b.security).body)
     wait_for(lambda: int(status()["runners"]) == FAKE_RUNNERS, 30, 0.1, "runners registered")
     commits = [secrets.token_hex(20) for _ in range(LABEL_JOBS)]
+    plans = {c: label_plan(labels) for c in commits} if labels else {}
     started = time.monotonic()
     for first in range(0, LABEL_JOBS, 1000):
-        helpers.call(address, "dispatch", " ".join(commits[first:first + 1000]),
-                     security=b.security, reply_timeout=60)
+        chunk = commits[first:first + 1000]
+        helpers.call(address, "dispatch", " ".join(chunk),
+                     dispatch_body(chunk, None, "main", plans), security=b.security,
+                     reply_timeout=60)
     wait_for(lambda: int(status()["completed"]) >= LABEL_JOBS, 120, 0.02, "jobs completed")
     rate = LABEL_JOBS / (time.monotonic() - started)
     b.lost.extend(c for c in commits if not os.path.exists(os.path.join(results, c)))

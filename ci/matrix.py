@@ -313,6 +313,8 @@ def decode_plan(field: str, max_cells: int) -> Plan:
         return Plan((), f"the observer sent a malformed matrix: {wire.one_line(str(exc), 120)}")
     if not cells or len({c.name for c in cells}) != len(cells):
         return Plan((), "the observer sent a matrix without cells or with a cell twice")
+    if any(not c.name for c in cells) and (len(cells) > 1 or cells[0].python or cells[0].axes):
+        return Plan((), "the observer sent an unnamed cell that is not the commit's only one")
     if len(cells) > max_cells:
         return Plan((), f"the matrix has {len(cells)} cells, more than the {max_cells} "
                         "allowed (--max-cells)")
@@ -321,7 +323,8 @@ def decode_plan(field: str, max_cells: int) -> Plan:
 
 def _sent_cell(item: dict) -> Cell:
     name, python = item["name"], item.get("python")
-    if not name or not is_cell_name(name):
+    # "": a commit without a matrix whose recipe asks for ``labels``.
+    if not isinstance(name, str) or not is_cell_name(name):
         raise ValueError(f"bad cell name {str(name)[:40]!r}")
     if python is not None and not PYTHON_RE.fullmatch(str(python)):
         raise ValueError(f"bad python {str(python)[:20]!r}")

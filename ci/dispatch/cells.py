@@ -200,7 +200,7 @@ class MatrixKeeper:
             work = Work(work_key(commit), commit, error=plan.error)
             return [work]
         works = [Work(work_key(commit, c.name), commit, cell=c) for c in plan.cells]
-        if plan.cells != (matrix.SINGLE,):
+        if any(c.name for c in plan.cells):
             self.groups[commit] = {c.name: c for c in plan.cells}
         return works
 
@@ -216,11 +216,20 @@ class MatrixKeeper:
         if cells is None:
             if work_key(commit) in self.work:
                 return []
-            return [Work(work_key(commit), commit, meta=meta)]
+            return [Work(work_key(commit), commit, meta=meta, cell=self._own_labels(commit))]
         self.groups[commit] = dict(cells)
         names = [cell] if cell else list(cells)
         return [Work(work_key(commit, n), commit, meta=meta, cell=cells[n]) for n in names
                 if work_key(commit, n) not in self.work]
+
+    def _own_labels(self, commit: str) -> matrix.Cell:
+        """A commit without a matrix, as its result says: the labels its
+        recipe asked for, asked for again by a retest."""
+        header = results.read_header(os.path.join(self.results_dir, commit)) or {}
+        try:
+            return matrix.Cell("", labels=matrix.parse_labels(header.get("labels", "")))
+        except matrix.MatrixError:
+            return matrix.SINGLE
 
     def _group_records(self) -> list[str]:
         """For the journal's rewrite: the cells of every commit not yet
@@ -258,6 +267,8 @@ class MatrixKeeper:
         commit whose cells were all done before the crash is completed."""
         completed = []
         for key, cell in got.cells.items():
+            if not cell.name:
+                continue  # a commit without a matrix whose recipe asks for labels
             commit = split_key(key)[0]
             self.groups.setdefault(commit, {})[cell.name] = cell
         for commit in list(self.groups):

@@ -159,8 +159,8 @@ class ResultKeeper:
                 added["python"] = cell.python
             if cell.axes:
                 added["axes"] = matrix.format_axes(cell.axes)
-            if cell.labels:
-                added["labels"] = " ".join(sorted(cell.labels))
+        if cell.labels:
+            added["labels"] = " ".join(sorted(cell.labels))
         if work.meta:
             added["branch"] = work.meta.branch
             if work.meta.previous:

@@ -21,7 +21,9 @@ its work's key: every guarantee of a commit holds per cell)::
     D <commit>                          done: its result file is on disk
     C <commit>:<cell> <python|-> <labels|-> [axis=value ...]
                                         the cell's definition (labels comma-separated),
-                                        journalled with its ``Q``
+                                        journalled with its ``Q``; ``C <commit> - <labels>``:
+                                        a commit without a matrix whose recipe asks
+                                        for labels
     E <commit> <reason>                 the observer could not read its matrix: the
                                         ``error`` verdict with this (%-quoted) reason
 
@@ -200,7 +202,7 @@ def parse_record(line: str) -> Record | None:
         return Record(kind, commit, AssignmentRecord(parts[2], parts[3], name))
     if kind == SHARDED and len(parts) == 3 and parts[2].isdigit():
         return Record(kind, commit, int(parts[2]))
-    if kind == CELL and split_key(commit)[1]:
+    if kind == CELL:
         cell = _parse_cell(commit, parts[2:])
         return Record(kind, commit, cell) if cell else None
     if kind == ERROR and len(parts) == 3:

@@ -374,7 +374,8 @@ class Dispatcher:
             self.state.assignment_failed(job, "error")
             return
         if reply.command == "ok":
-            log.info("commit %s%s -> runner %s", job.commit[:12],
+            # The key names the cell (``<commit>:<cell>``) of a matrix commit.
+            log.info("commit %s%s -> runner %s", job.key[:12] + job.key[40:],
                      f" shard {job.shard}/{job.shards}" if job.shards else "", job.runner)
         else:
             log.info("runner %s answered %s %s; requeueing %s", job.runner,

@@ -264,7 +264,7 @@ class DispatcherState(LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner, R
         """What queues a unit of work: ``Q``, its cell, its metadata, or
         the reason it cannot run."""
         lines = [queue_record(work.key)]
-        if work.cell.name:
+        if work.cell.name or work.cell.labels:
             lines.append(cell_record(work.key, work.cell))
         if work.error is not None:
             lines.append(error_record(work.key, work.error))

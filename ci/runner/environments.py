@@ -367,8 +367,10 @@ class Preparer:
         result.timeout = plan.timeout
         result.rerun_failures, result.quarantine = plan.rerun_failures, plan.quarantine
         setup = plan.setup
-        if setup is None and not own_python(cell):
-            # No setup, but ``python`` in the commands must be the cell's.
+        if setup is None and (not own_python(cell) or (cell.name and self.cache)):
+            # No setup, but ``python`` in the commands must be the cell's:
+            # even the runner's own, left to PATH, could be a version shim
+            # that follows the .python-version the commit carries.
             setup = ()
         if setup is None:
             return result

@@ -4,6 +4,7 @@ and reuse through ``prepare`` (offline, from a wheel made here)."""
 
 import os
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -409,3 +410,28 @@ def test_a_cell_without_setup_still_runs_python_as_its_interpreter(upstream, tmp
     outcome = execute(settings, head, cell=interpreters.JobCell("py3.13", python, {}))
     assert outcome.verdict == "passed", outcome.output.decode()[-2000:]
     assert open(os.path.join(clone, "test-seen")).read() == "- 3.13"
+
+
+def test_a_cell_with_the_runners_own_python_is_not_left_to_a_shim_on_path(
+        upstream, tmp_path, monkeypatch):
+    """A cell whose interpreter is the runner's own, without setup: ``python``
+    in its test command is still that interpreter, not whatever a version
+    shim first on the runner's PATH picks (pyenv's follows the commit's
+    .python-version)."""
+    from ci.runner import interpreters
+    from ci.runner.pipeline import execute
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    shim = shims / "python"
+    shim.write_text("#!/bin/sh\necho 'the shim ran' >&2\nexit 3\n")
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{os.environ['PATH']}")
+    head = upstream.commit({".ci.ini": "[ci]\ntest = python -m unittest discover -s tests\n",
+                            ".python-version": "3.9\n", "tests/test_cell.py": CELL_TEST},
+                           "own python, no setup")
+    clone = upstream.clone(tmp_path / "clone")
+    settings, _ = cell_settings(clone, tmp_path)
+    own = interpreters.own()
+    outcome = execute(settings, head, cell=interpreters.JobCell(f"py{own.version}", own, {}))
+    assert outcome.verdict == "passed", outcome.output.decode()[-2000:]
+    assert open(os.path.join(clone, "test-seen")).read() == f"- {sys.version[:4]}"

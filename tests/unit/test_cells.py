@@ -251,3 +251,73 @@ def test_a_matrix_summary_names_at_most_the_cap_of_quarantined_failing_tests():
     # Those past the cap, and those a cell itself could not name, are counted.
     assert named[results.MAX_NAMED:] == ["+8 more"]
     assert "quarantined_failing" not in summary(X, {"c": cells["c"]}, {"c": headers["c"]}).header
+
+
+def test_a_cell_is_sharded_only_over_idle_runners_that_fit_it(make_state, tmp_path):
+    """Sharding composes with the matrix: the 3.12 cell is split over the
+    two 3.12 runners (never the 3.9 one), each shard's job names the cell,
+    and the merged shards are that cell's result."""
+    state = make_state()
+    state.max_shards = 4
+    register(state, runner(9001, "python3.9"),
+             *(runner(9002 + i, "python3.12") for i in range(3)))
+    # The 3.12 cell first: four runners are free, but only three fit it,
+    # and one of those is kept for the cell queued behind it: two shards.
+    plan = matrix.Plan(tuple(matrix.expand("[ci]\nmatrix_python = 3.12 3.9\n")))
+    state.enqueue([X], {X: ("main", None)}, {X: plan})
+    jobs = take(state)
+    specs = {(jobspec.parse(j.request).cell, j.shard, j.shards): j for j in jobs}
+    assert sorted(specs) == [("py3.12", 1, 2), ("py3.12", 2, 2), ("py3.9", 0, 0)]
+    assert specs[("py3.9", 0, 0)].runner == "127.0.0.1:9001"
+    assert {specs[("py3.12", i, 2)].runner for i in (1, 2)} <= {"127.0.0.1:9002",
+                                                                "127.0.0.1:9003",
+                                                                "127.0.0.1:9004"}
+    assert all(jobspec.parse(j.request).shard.index == j.shard for j in jobs if j.shards)
+    finish(state, specs[("py3.9", 0, 0)])
+    for index in (1, 2):
+        job = specs[("py3.12", index, 2)]
+        assert state.record_result(job.commit, job.token, None, Outcome(
+            {"verdict": "failed" if index == 2 else "passed", "tests": 2,
+             "failures": int(index == 2), "errors": 0, "skipped": 0,
+             "shards": f"{index}/2"}, b"out\n"))
+    cell = results.read_header(str(tmp_path / "results" / f"{X}.cell.py3.12"))
+    assert (cell["cell"], cell["python"], cell["shards"], cell["tests"], cell["verdict"]) == \
+        ("py3.12", "3.12", "2", "4", "failed")
+    header = results.read_header(str(tmp_path / "results" / X))
+    assert header["cells"] == "py3.12=failed py3.9=passed" and header["verdict"] == "failed"
+
+
+def test_a_recipe_with_labels_and_no_matrix_is_one_labelled_commit(make_state, tmp_path):
+    """``labels = gpu`` without a matrix: one unit of work keyed by the
+    commit (no cell files), routed only to a runner with the label, the
+    labels kept across a restart and by a retest; the observer's field for
+    it is no malformed matrix."""
+    cells = matrix.expand("[ci]\nlabels = gpu\n")
+    field = matrix.encode_plan(matrix.Plan(tuple(cells)))
+    plan = matrix.decode_plan(field, 64)
+    assert plan.error is None and plan.cells == (matrix.Cell("", labels=frozenset({"gpu"})),)
+    state = make_state()
+    register(state, runner(9001, "python3.12"))
+    state.enqueue([X], {X: ("main", None)}, {X: plan})
+    assert take(state) == []
+    assert state.status()["waiting_for"] == f"{X}: waiting for a runner with gpu"
+    state.journal.close()                    # the dispatcher restarts: still needs gpu
+    state = make_state()
+    register(state, runner(9001, "python3.12"), runner(9002, "gpu"))
+    (job,) = take(state)
+    assert (job.commit, job.runner, jobspec.parse(job.request).cell) == (X, "127.0.0.1:9002", "")
+    finish(state, job)
+    header = results.read_header(str(tmp_path / "results" / X))
+    assert header["verdict"] == "passed" and header["labels"] == "gpu" and "cells" not in header
+    assert sorted(os.listdir(tmp_path / "results")) == [X]
+    assert not state.is_pending(X) and not state.groups
+    assert state.retest([X]) == [X]
+    (again,) = take(state)
+    assert again.runner == "127.0.0.1:9002"
+
+
+def test_an_unnamed_cell_beside_others_is_refused():
+    cells = [{"name": "", "python": None, "axes": "", "labels": "gpu"},
+             {"name": "py3.12", "python": "3.12", "axes": "", "labels": ""}]
+    field = matrix.CELLS_FIELD + matrix._b64(json.dumps(cells).encode())
+    assert "not the commit's only one" in matrix.decode_plan(field, 64).error
