@@ -207,8 +207,9 @@ def _combinations(axes: dict, values: Mapping[str, str], max_cells: int) -> list
     if not combos:
         raise MatrixError("the matrix has no cells: every combination is excluded")
     if len(combos) > max_cells:
+        limit = "--max-cells" if max_cells < MAX_CELLS_LIMIT else "the most --max-cells allows"
         raise MatrixError(f"the matrix has {len(combos)} cells, more than the "
-                          f"{max_cells} allowed (--max-cells)")
+                          f"{max_cells} allowed ({limit})")
     return combos
 
 

@@ -106,8 +106,13 @@ def test_bad_matrices_say_why(text, reason):
 def test_max_cells():
     text = "[ci]\nmatrix_python = 3.9 3.10 3.11 3.12\nmatrix_db = a b c\n"
     assert len(matrix.expand(text, max_cells=12)) == 12
-    with pytest.raises(MatrixError, match="12 cells, more than the 11 allowed"):
+    with pytest.raises(MatrixError, match=r"12 cells, more than the 11 allowed \(--max-cells\)"):
         matrix.expand(text, max_cells=11)
+    # The observer applies only the cap no --max-cells can pass: it says so.
+    big = "[ci]\nmatrix_a = " + " ".join(map(str, range(20))) + "\nmatrix_b = " + \
+        " ".join(map(str, range(13))) + "\n"
+    with pytest.raises(MatrixError, match=r"260 cells, more than the 256 allowed \(the most"):
+        matrix.expand(big, max_cells=matrix.MAX_CELLS_LIMIT)
     huge = "[ci]\n" + "".join(f"matrix_a{i} = " + " ".join(map(str, range(10))) + "\n"
                               for i in range(5))
     with pytest.raises(MatrixError, match="100000 combinations"):
