@@ -153,22 +153,28 @@ def parse_cells(text: str) -> dict[str, str]:
     return {name: verdict for name, sep, verdict in pairs if sep and name}
 
 
-def _previous_cells(results_dir: str, previous: str | None) -> dict[str, str]:
+def _previous_cells(results_dir: str, previous: str | None) -> tuple[dict[str, str], str]:
+    """The previous commit's cells and its own verdict ("passed" when
+    there is no previous result to read)."""
     if not previous or not valid_full_commit(previous):
-        return {}
+        return {}, "passed"
     header = results.read_header(os.path.join(results_dir, previous)) or {}
-    return parse_cells(header.get("cells", ""))
+    return parse_cells(header.get("cells", "")), header.get("verdict") or "passed"
 
 
-def cell_changes(fields: dict, before: dict[str, str]) -> dict:
+def cell_changes(fields: dict, before: tuple[dict[str, str], str]) -> dict:
     """For a matrix commit: its cells that fail where the previous commit's
-    passed (or had no such cell) and those that pass where it failed;
-    nothing for a commit without cells."""
+    passed (or had no such cell) and those that pass where it failed; when
+    the previous commit had no matrix at all, its verdict stands for every
+    cell (a matrix added to a failing branch breaks nothing); nothing for a
+    commit without cells."""
     now = parse_cells(fields.get("cells", ""))
     if not now:
         return {}
-    broken = [n for n, v in now.items() if v != "passed" and before.get(n, "passed") == "passed"]
-    fixed = [n for n, v in now.items() if v == "passed" and before.get(n, "passed") != "passed"]
+    cells, overall = before
+    was = {n: cells.get(n, "passed") if cells else overall for n in now}
+    broken = [n for n, v in now.items() if v != "passed" and was[n] == "passed"]
+    fixed = [n for n, v in now.items() if v == "passed" and was[n] != "passed"]
     return {"cells": " ".join(f"{n}={v}" for n, v in now.items()),
             "broken_cells": broken, "fixed_cells": fixed}
 

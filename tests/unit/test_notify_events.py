@@ -41,6 +41,13 @@ def test_a_matrix_commits_event_names_the_cells_that_broke_or_were_fixed(tmp_pat
     assert json.loads(webhook_body(event))["broken_cells"] == ["py3.9"]
     env = command_environment(event, {})
     assert (env["CI_BROKEN_CELLS"], env["CI_FIXED_CELLS"]) == ("py3.9", "py3.12")
+    # The previous commit had no matrix: its verdict stands for every cell.
+    (tmp_path / cid(5)).write_bytes(b"verdict: failed\n\n")
+    after_plain = build_event(Decision(Result(cid(6), "main", cid(5), "failed",
+                                              {"cells": "py3.9=failed py3.12=passed"}),
+                                       "still-failing", "failed", 1, False, True),
+                              str(tmp_path), None, [])
+    assert (after_plain["broken_cells"], after_plain["fixed_cells"]) == ([], ["py3.12"])
     plain = build_event(Decision(Result(cid(2), "main", cid(1), "passed", {"tests": "1"}),
                                  "passed", None, 1, False, True), str(tmp_path), None, [])
     assert "broken_cells" not in plain and "cells" not in json.loads(webhook_body(plain))
