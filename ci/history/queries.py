@@ -105,7 +105,8 @@ class HistoryReader:
         """Counts; the ``limit`` slowest (by mean duration), most often
         failing and flakiest tests (most flaky runs: failed, then passed
         on a rerun); and up to ``quarantined`` tests quarantined in their
-        latest run, most recently quarantined first, with their state."""
+        latest run (failing there first, then most recently quarantined
+        first), with their state."""
         with self.connection() as conn:
             slowest = conn.execute(
                 f"SELECT {TEST_COLUMNS} FROM tests WHERE runs > 0 "
@@ -127,8 +128,9 @@ class HistoryReader:
 
     @classmethod
     def _quarantined(cls, conn, limit: int) -> list[dict]:
-        """The tests still quarantined in their latest run, most recently
-        quarantined first: candidates from the index on
+        """The tests still quarantined in their latest run, those failing
+        there first, then most recently quarantined first: candidates from
+        the index on
         ``tests.quarantined_run``, then each one's latest run (along
         ``records(test, run)``): its outcome (the worst of its cells'),
         commit, branch and the first commit of its current quarantine."""
@@ -143,6 +145,7 @@ class HistoryReader:
             state = cls._quarantine_state(conn, row[0])
             if state is not None:
                 found.append({**_test_row(row[1:]), **state})
+        found.sort(key=lambda test: not test["failing"])       # stable: failing ones first
         return found
 
     @classmethod

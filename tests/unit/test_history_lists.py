@@ -116,10 +116,9 @@ def test_quarantined_tests_are_listed_with_their_latest_state(history):
     outcomes = {"test_q": FAILED, "test_lifted": FAILED, "test_ok": PASSED}
     commits = [history.run(n, [rec(name, outcomes[name], marks[name][n]) for name in marks])
                for n in range(4)]
-    # Both were quarantined most recently in the same run: a tie, in any order.
-    listed = {t["id"]: t for t in history.overview()["quarantined"]}
-    assert sorted(listed) == ["t.T.test_ok", "t.T.test_q"]
-    ok, q = listed["t.T.test_ok"], listed["t.T.test_q"]
+    # Both were quarantined most recently in the same run: the failing one first.
+    assert ids(history.overview()["quarantined"]) == ["t.T.test_q", "t.T.test_ok"]
+    q, ok = history.overview()["quarantined"]
     assert (q["outcome"], q["failing"], q["commit"], q["branch"]) == \
         (FAILED, True, commits[3], "main")
     assert q["quarantined_since"] == commits[1]
@@ -135,10 +134,13 @@ def test_quarantined_tests_are_listed_with_their_latest_state(history):
               for t in history.overview()["quarantined"]}
     assert listed == {"t.T.test_lifted": (commits[1], commits[0]),
                       "t.T.test_q": (commits[1], commits[1])}
-    # Most recently quarantined first.
-    history.run(4, [rec("test_q", FAILED, True), rec("test_lifted", FAILED, True)])
+    # Most recently quarantined first (among the failing ones, then the others).
+    history.run(4, [rec("test_q", FAILED, True), rec("test_lifted", FAILED, True),
+                    rec("test_ok", PASSED, True)])
     history.run(5, [rec("test_lifted", FAILED, True)])
-    assert ids(history.overview()["quarantined"]) == ["t.T.test_lifted", "t.T.test_q"]
+    history.run(6, [rec("test_ok", PASSED, True)])
+    assert ids(history.overview()["quarantined"]) == \
+        ["t.T.test_lifted", "t.T.test_q", "t.T.test_ok"]
 
 
 def test_a_quarantine_lifted_and_set_again_dates_from_the_second_time(history):
