@@ -6,8 +6,9 @@ all records, so the pages stay fast however long the history grows: the
 tests' running totals (``tests.runs``, ``failures``, ``seconds``,
 ``flaky``) answer "slowest", "most failing" and "flakiest",
 ``tests.quarantined_run`` the tests quarantined most recently, and
-``records(test, run)`` one test's recent runs and latest state.  The answers are plain dicts, for the pages and the
-JSON API alike.
+``records(test, run)`` one test's recent runs, latest state and current
+quarantine.  The answers are plain dicts, for the pages and the JSON API
+alike.
 """
 
 from __future__ import annotations
@@ -114,17 +115,31 @@ class HistoryReader:
             failing = conn.execute(
                 f"SELECT {TEST_COLUMNS} FROM tests WHERE failures > 0 "
                 "ORDER BY failures DESC LIMIT ?", (limit,)).fetchall()
-            flakiest = conn.execute(
-                f"SELECT {TEST_COLUMNS} FROM tests WHERE flaky > 0 "
-                "ORDER BY flaky DESC LIMIT ?", (limit,)).fetchall()
+            flakiest = self._flakiest(conn, limit)
             held = self._quarantined(conn, quarantined)
             runs = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
             tests = conn.execute("SELECT max(id) FROM tests").fetchone()[0] or 0
         return {"results": runs, "tests_seen": tests,
                 "slowest": [_test_row(row) for row in slowest],
                 "failing": [_test_row(row) for row in failing],
-                "flakiest": [_test_row(row) for row in flakiest],
-                "quarantined": held}
+                "flakiest": flakiest, "quarantined": held}
+
+    def flakiest(self, limit: int = 20) -> list[dict]:
+        """The overview's flakiest tests alone (the benchmark times it)."""
+        with self.connection() as conn:
+            return self._flakiest(conn, limit)
+
+    def quarantined(self, limit: int = MAX_QUARANTINED) -> list[dict]:
+        """The overview's quarantined tests alone (the benchmark times it)."""
+        with self.connection() as conn:
+            return self._quarantined(conn, limit)
+
+    @staticmethod
+    def _flakiest(conn, limit: int) -> list[dict]:
+        """The ``limit`` tests with the most flaky runs, along ``tests(flaky)``."""
+        return [_test_row(row) for row in conn.execute(
+            f"SELECT {TEST_COLUMNS} FROM tests WHERE flaky > 0 ORDER BY flaky DESC LIMIT ?",
+            (limit,))]
 
     @classmethod
     def _quarantined(cls, conn, limit: int) -> list[dict]:
@@ -244,14 +259,23 @@ class HistoryReader:
     @staticmethod
     def _since_test(conn, run: tuple[int, str], test_id: int) -> str | None:
         """The first commit of a test's current quarantine on the run's
-        branch: two walks along records(test, run), backwards from the run
-        to the branch's last record of it unquarantined, then forwards to
-        the first quarantined one after that."""
+        branch: backwards from the run to the branch's last record of it
+        unquarantined, then forwards to the first quarantined one after.
+        The backward walk crosses the whole quarantine, so it goes first
+        along the index alone (``records_test`` holds ``quarantined``) to
+        the last unquarantined record of any branch; only when that one is
+        another branch's does it go on below it, checking each run's
+        branch (every record between is quarantined)."""
         run_id, branch = run
         lifted = conn.execute(
-            "SELECT x.run FROM records x JOIN runs r ON r.id = x.run "
-            "WHERE x.test = ? AND x.run <= ? AND x.quarantined = 0 AND r.branch = ? "
-            "ORDER BY x.run DESC LIMIT 1", (test_id, run_id, branch)).fetchone()
+            "SELECT x.run, r.branch FROM records x JOIN runs r ON r.id = x.run "
+            "WHERE x.test = ? AND x.run <= ? AND x.quarantined = 0 "
+            "ORDER BY x.run DESC LIMIT 1", (test_id, run_id)).fetchone()
+        if lifted is not None and lifted[1] != branch:
+            lifted = conn.execute(
+                "SELECT x.run FROM records x JOIN runs r ON r.id = x.run "
+                "WHERE x.test = ? AND x.run < ? AND x.quarantined = 0 AND r.branch = ? "
+                "ORDER BY x.run DESC LIMIT 1", (test_id, lifted[0], branch)).fetchone()
         first = conn.execute(
             "SELECT r.commit_id FROM records x JOIN runs r ON r.id = x.run "
             "WHERE x.test = ? AND x.run > ? AND x.run <= ? AND x.quarantined = 1 "

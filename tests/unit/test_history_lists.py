@@ -150,6 +150,20 @@ def test_a_quarantine_lifted_and_set_again_dates_from_the_second_time(history):
     assert q["quarantined_since"] == commits[2] and q["commit"] == commits[3]
 
 
+def test_another_branch_running_it_unquarantined_does_not_end_the_quarantine(history):
+    main = [history.run(0, [rec("test_q", FAILED)]), history.run(1, [rec("test_q", FAILED, True)])]
+    history.run(2, [rec("test_q", FAILED)], branch="feature")      # not quarantined there
+    history.run(3, [rec("test_q", FAILED)], branch="feature")
+    main.append(history.run(4, [rec("test_q", FAILED, True)]))
+    (q,) = history.overview()["quarantined"]
+    assert (q["commit"], q["quarantined_since"]) == (main[2], main[1])
+    # The branch's own unquarantined run does end it.
+    main.append(history.run(5, [rec("test_q", FAILED)]))
+    main.append(history.run(6, [rec("test_q", FAILED, True)]))
+    (q,) = history.overview()["quarantined"]
+    assert q["quarantined_since"] == main[4]
+
+
 def test_a_matrix_run_shows_the_worst_cell_and_quarantine_on_another_branch(history):
     history.run(0, [rec("test_q", PASSED, True)])
     feature = history.run(1, branch="feature", cells=(
