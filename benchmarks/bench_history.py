@@ -2,7 +2,8 @@
 
 Writes ``--commits`` result files, each with a JUnit file of ``--tests``
 records (1,000 x 1,000 = 1,000,000 test records by default; two branches,
-a few tests failing now and then, durations spread), starts the real
+a few tests failing now and then, some flaky, 2% quarantined for the
+second half of the history, durations spread), starts the real
 ``dispatcher.py`` on them (its history writer builds the store from the
 files, the rebuild a missing store gets) and the real ``dashboard.py``
 beside it, then measures:
@@ -13,7 +14,8 @@ beside it, then measures:
   (VmHWM);
 * sequential requests over HTTP, median and p90 of ``--samples`` each
   after a warm-up: one test's page ``/test?id=``, ``/api/test?id=``, the
-  tests page ``/tests`` and ``/api/tests``;
+  tests page ``/tests`` and ``/api/tests``, and the queries of its flakiest
+  and quarantined lists alone;
 * the result path with the store on and off, in the same run: the
   dispatcher restarted on the same files, alternately with and without
   ``--no-test-history`` (``--burst-rounds`` times each), takes a burst of
@@ -80,11 +82,17 @@ def generate(folder: str, commits: int, tests: int) -> None:
         records = []
         for t in range(tests):
             failing = t % 97 == 7 and (i * 31 + t) % 5 == 0
+            flaky = t % 89 == 3 and (i * 7 + t) % 4 == 0
+            # Quarantined for the second half of the history: long
+            # quarantines, the worst case of the "quarantined since" walk.
+            held = t % 50 == 5 and i >= commits // 2
+            failing = failing or (held and i % 3 == 0)
+            outcome = results.FAILED if failing else results.FLAKY if flaky else results.PASSED
             records.append(results.TestRecord(
-                f"tests.test_mod_{t % 50}.TestCase{t}", f"test_case_{t}",
-                results.FAILED if failing else results.PASSED,
+                f"tests.test_mod_{t % 50}.TestCase{t}", f"test_case_{t}", outcome,
                 round(0.001 * (t % 300) + 0.0001 * (i % 17), 4),
-                message="AssertionError: 2 != 3" if failing else ""))
+                message="AssertionError: 2 != 3" if outcome != results.PASSED else "",
+                quarantined=held))
         counts = results.count_records(records)
         verdict = "failed" if counts["failures"] else "passed"
         header = {"commit": commit, "verdict": verdict, **counts,
@@ -190,10 +198,34 @@ def run(tmp: str, args) -> list[tuple]:
             rows.append((f"{name}, p90", "–", f"{p90:.1f} ms", True))
             print(f"  {url[:40]}: median {median:.1f} ms, p90 {p90:.1f} ms, {size} bytes",
                   flush=True)
+        rows += time_lists(HistoryReader(path), args.samples)
         return rows
     finally:
         for proc in procs:
             stop_process(proc)
+
+
+def time_lists(reader: HistoryReader, samples: int) -> list[tuple]:
+    """The tests page's flakiest and quarantined lists' queries alone, in
+    this process over a read-only connection (the pages' times above
+    include them)."""
+    rows = []
+    for name, query in (("flakiest tests query", reader.flakiest),
+                        ("quarantined tests query (with state and since)", reader.quarantined)):
+        for _ in range(3):
+            listed = query()
+        times = []
+        for _ in range(samples):
+            started = time.perf_counter()
+            query()
+            times.append((time.perf_counter() - started) * 1000)
+        median = statistics.median(times)
+        rows.append((f"{name}, median (n={samples}; {len(listed)} listed)",
+                     f"< {TARGETS['page']:.0f} ms", f"{median:.1f} ms",
+                     median < TARGETS["page"]))
+        print(f"  {name}: median {median:.1f} ms, {len(listed)} listed", flush=True)
+    reader.close()
+    return rows
 
 # --------------------------------------------------------------------------
 # The result path with the store on and off.

@@ -496,8 +496,4 @@ class Dashboard:
 
     @staticmethod
     def _urls(data: dict) -> dict:
-        """Each test in an answer with the URL of its page."""
-        for test in [data, *data.get("slowest", []), *data.get("failing", [])]:
-            if "key" in test:
-                test["url"] = history_pages.test_url(test["id"], test["key"])
-        return data
+        return history_pages.api_links(data)

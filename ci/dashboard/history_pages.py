@@ -1,5 +1,5 @@
-"""HTML sections of the test history pages: ``/tests`` (the slowest and the
-most often failing tests) and ``/test?id=...`` (one test across the last
+"""HTML sections of the test history pages: ``/tests`` (the most often
+failing, the flakiest, the quarantined with their state, the slowest) and ``/test?id=...`` (one test across the last
 commits of a branch: a strip of outcomes, its durations, its failure
 rate).  Built with ``pages.render`` like every other section, so escaping
 stays at that one boundary; the data are ci/history/queries.py's dicts,
@@ -36,6 +36,21 @@ def test_url(name: str, key: str | None = None, branch: str | None = None,
     return "/test?" + urllib.parse.urlencode(params)
 
 
+def api_links(data: dict) -> dict:
+    """A JSON answer's tests each with the URL of its page; a quarantined
+    one's commits with theirs, and its latest run's time in ISO 8601."""
+    lists = ("slowest", "failing", "flakiest", "quarantined")
+    for test in [data, *(t for name in lists for t in data.get(name, []))]:
+        if "key" in test:
+            test["url"] = test_url(test["id"], test["key"])
+    for test in data.get("quarantined", []):
+        test["commit_url"] = f"/commit/{test['commit']}"
+        test["finished"] = when(test["finished"]).replace(" ", "T") + "Z"
+        if test["quarantined_since"]:
+            test["quarantined_since_url"] = f"/commit/{test['quarantined_since']}"
+    return data
+
+
 def rate(value) -> str:
     return f"{100 * float(value or 0):.1f}%"
 
@@ -62,6 +77,52 @@ def tests_table(title: str, rows: list[dict], empty: str) -> Safe:
                   '<tbody>{body}</tbody></table>', title=title, body=body)
 
 
+def flaky_table(rows: list[dict]) -> Safe:
+    """The flakiest tests: most runs that failed, then passed on a rerun."""
+    if not rows:
+        return render('<h2>Flakiest</h2><p class="empty">No test has been flaky.</p>')
+    body = join(render(
+        '<tr><td class="test-id"><a href="{href}">{name}</a></td>'
+        '<td class="num">{flaky}</td><td class="num">{runs}</td><td class="num">{rate}</td>'
+        '<td class="num">{failures}</td></tr>',
+        href=test_url(t["id"], t["key"]), name=t["id"], flaky=t["flaky"], runs=t["runs"],
+        rate=rate(t["flake_rate"]), failures=t["failures"]) for t in rows)
+    return render('<h2>Flakiest</h2><table class="grid history"><thead><tr><th>test</th>'
+                  '<th class="num">flaky runs</th><th class="num">runs</th>'
+                  '<th class="num">flake rate</th><th class="num">failures</th></tr></thead>'
+                  '<tbody>{body}</tbody></table>', body=body)
+
+
+def quarantine_state(test: dict) -> str:
+    """What a quarantined test's latest run says of it, in a word."""
+    if test["failing"]:
+        return "failing"
+    return "skipped" if test["outcome"] in ("skipped", "unknown") else "passing"
+
+
+def quarantined_table(rows: list[dict]) -> Safe:
+    """The tests quarantined in their latest run, most recently quarantined
+    first: whether they fail there, that run's commit and branch, and the
+    first commit of their current quarantine."""
+    if not rows:
+        return render('<h2>Quarantined</h2><p class="empty">No test is quarantined.</p>')
+    body = join(render(
+        '<tr><td class="test-id"><a href="{href}">{name}</a></td>'
+        '<td><span class="ostate o-{cls}" title="{outcome}">{state}</span></td>'
+        '<td>{commit}</td><td><span class="branch">{branch}</span></td><td>{since}</td>'
+        '<td class="num">{runs}</td><td class="num">{rate}</td></tr>',
+        href=test_url(t["id"], t["key"]), name=t["id"], cls=outcome_class(t["outcome"]),
+        outcome=t["outcome"], state=quarantine_state(t), commit=commit_link(t["commit"]),
+        branch=t["branch"] or "(none)",
+        since=commit_link(t["quarantined_since"]) if t["quarantined_since"] else "",
+        runs=t["runs"], rate=rate(t["failure_rate"])) for t in rows)
+    return render('<h2>Quarantined ({count})</h2><table class="grid history"><thead><tr>'
+                  '<th>test</th><th>latest run</th><th>commit</th><th>branch</th>'
+                  '<th>quarantined since</th><th class="num">runs</th>'
+                  '<th class="num">failure rate</th></tr></thead><tbody>{body}</tbody></table>',
+                  count=len(rows), body=body)
+
+
 def tests_sections(overview: dict) -> dict[str, Safe]:
     summary = render('<div class="commit-head"><h1>Tests</h1><p class="full-id">{tests} '
                      'tests seen in {results} results</p></div>',
@@ -69,6 +130,8 @@ def tests_sections(overview: dict) -> dict[str, Safe]:
     return {"sec-tests-summary": summary,
             "sec-failing": tests_table("Most often failing", overview["failing"],
                                        "No test has failed."),
+            "sec-flakiest": flaky_table(overview.get("flakiest") or []),
+            "sec-quarantined": quarantined_table(overview.get("quarantined") or []),
             "sec-slowest": tests_table("Slowest (mean duration)", overview["slowest"],
                                        "No test has run yet.")}
 

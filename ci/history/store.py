@@ -9,8 +9,9 @@ brought back to what the files say (``open_store`` then ``catch_up``).
 
 Tables: ``runs`` (one per result file: commit, branch, runner, verdict,
 the file's time and stamp), ``tests`` (one per test id, with running
-totals so that the slowest and most failing tests are an index lookup,
-not a scan of every record) and ``records`` (test, run, cell: a matrix
+totals so that the slowest, most failing and flakiest tests are an index
+lookup, not a scan of every record, and the newest run that recorded it
+quarantined, so that the quarantined tests are one too) and ``records`` (test, run, cell: a matrix
 cell's name or "", outcome, duration, quarantined).  A matrix commit's
 records are read from its cells' own files.
 A commit tested again replaces its run, as its result file
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 FILE_NAME = "history.sqlite3"
 # Bumped on any change to SCHEMA: a store of another version is rebuilt.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Outcomes that count as a failure of the test (``results.COUNTED_AS``
 # failures and errors).
 FAILING = (results.FAILED, results.ERROR, results.XPASS)
@@ -66,10 +67,14 @@ CREATE TABLE tests (
     key TEXT NOT NULL UNIQUE,
     runs INTEGER NOT NULL DEFAULT 0,
     failures INTEGER NOT NULL DEFAULT 0,
-    seconds REAL NOT NULL DEFAULT 0
+    seconds REAL NOT NULL DEFAULT 0,
+    flaky INTEGER NOT NULL DEFAULT 0,
+    quarantined_run INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX tests_failures ON tests(failures);
 CREATE INDEX tests_mean ON tests(seconds / runs);
+CREATE INDEX tests_flaky ON tests(flaky);
+CREATE INDEX tests_quarantined ON tests(quarantined_run);
 CREATE TABLE records (
     test INTEGER NOT NULL,
     run INTEGER NOT NULL,
@@ -78,8 +83,10 @@ CREATE TABLE records (
     duration REAL NOT NULL,
     quarantined INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX records_test ON records(test, run);
+-- quarantined: so that the walk back across a test's quarantine reads the index alone.
+CREATE INDEX records_test ON records(test, run, quarantined);
 CREATE INDEX records_run ON records(run);
+CREATE INDEX records_quarantined ON records(test, run) WHERE quarantined = 1;
 PRAGMA user_version = {SCHEMA_VERSION};
 """
 # The slowest tests: mean duration, as the index ``tests_mean`` holds it.
@@ -261,21 +268,28 @@ def write_run(conn: sqlite3.Connection, run: Run) -> None:
 
 def write_records(conn: sqlite3.Connection, run_id: int, cell: str, records) -> None:
     """One set of a run's records (the commit's own, or one cell's), and
-    the tests' running totals."""
+    the tests' running totals (runs, failures, seconds, flaky runs) and
+    newest quarantined run."""
     ids = test_ids(conn, {record.id for record in records})
     conn.executemany(
         "INSERT INTO records (test, run, cell, outcome, duration, quarantined) "
         "VALUES (?, ?, ?, ?, ?, ?)",
         [(ids[r.id], run_id, cell, r.outcome, r.duration, int(r.quarantined)) for r in records])
-    totals: dict[int, list] = collections.defaultdict(lambda: [0, 0, 0.0])
+    totals: dict[int, list] = collections.defaultdict(lambda: [0, 0, 0.0, 0])
+    quarantined = set()
     for record in records:
         total = totals[ids[record.id]]
         total[0] += 1
         total[1] += record.outcome in FAILING
         total[2] += record.duration
+        total[3] += record.outcome == results.FLAKY
+        if record.quarantined:
+            quarantined.add(ids[record.id])
     conn.executemany(
-        "UPDATE tests SET runs = runs + ?, failures = failures + ?, seconds = seconds + ? "
-        "WHERE id = ?", [(*total, test) for test, total in totals.items()])
+        "UPDATE tests SET runs = runs + ?, failures = failures + ?, seconds = seconds + ?, "
+        "flaky = flaky + ? WHERE id = ?", [(*total, test) for test, total in totals.items()])
+    conn.executemany("UPDATE tests SET quarantined_run = max(quarantined_run, ?) WHERE id = ?",
+                     [(run_id, test) for test in quarantined])
 
 
 def forget_run(conn: sqlite3.Connection, run_id: int) -> None:
@@ -303,16 +317,23 @@ def forget_commits(conn: sqlite3.Connection, commits: list[str]) -> None:
 
 
 def _forget_runs(conn: sqlite3.Connection, runs: list[int]) -> None:
-    """Take the runs' records out of the tests' totals, then delete them."""
+    """Take the runs' records out of the tests' totals, then delete them;
+    a test whose newest quarantined run was one of them gets its newest
+    remaining one (one lookup along ``records_quarantined`` each)."""
     marks = ",".join("?" * len(runs))
     totals = conn.execute(
-        "SELECT count(*), sum(outcome IN (?, ?, ?)), sum(duration), test FROM records "
-        f"WHERE run IN ({marks}) GROUP BY test", (*FAILING, *runs)).fetchall()
+        "SELECT count(*), sum(outcome IN (?, ?, ?)), sum(duration), sum(outcome = ?), test "
+        f"FROM records WHERE run IN ({marks}) GROUP BY test",
+        (*FAILING, results.FLAKY, *runs)).fetchall()
     conn.executemany(
         "UPDATE tests SET runs = runs - ?, failures = failures - ?, "
-        "seconds = max(seconds - ?, 0) WHERE id = ?", totals)
+        "seconds = max(seconds - ?, 0), flaky = flaky - ? WHERE id = ?", totals)
     conn.execute(f"DELETE FROM records WHERE run IN ({marks})", runs)
     conn.execute(f"DELETE FROM runs WHERE id IN ({marks})", runs)
+    conn.execute(
+        "UPDATE tests SET quarantined_run = coalesce((SELECT max(run) FROM records "
+        "WHERE records.test = tests.id AND records.quarantined = 1), 0) "
+        f"WHERE quarantined_run IN ({marks})", runs)
 
 
 def test_ids(conn: sqlite3.Connection, names: set[str]) -> dict[str, int]:

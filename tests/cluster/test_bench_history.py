@@ -18,6 +18,9 @@ def test_bench_history_runs():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "the dispatcher built the store of 24 records" in proc.stdout
     assert "| /api/test?id=, median (n=2) |" in proc.stdout
+    # The tests page's lists, timed alone (issue 20).
+    assert "| flakiest tests query, median (n=2;" in proc.stdout
+    assert "| quarantined tests query (with state and since), median (n=2;" in proc.stdout
     # The result path, store on and off: every burst result stored.
     assert "| burst results not stored, store on | 0 | 0 |" in proc.stdout
     assert "| burst results not stored, store off (`--no-test-history`) | 0 | 0 |" in proc.stdout

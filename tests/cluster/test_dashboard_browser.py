@@ -171,8 +171,25 @@ def test_a_failing_test_links_to_its_history(page, results, dashboards, tmp_path
 
     page.goto(dash.url + "/tests")
     failing = page.locator("#sec-failing tbody tr")
-    expect(failing).to_have_count(2)
+    expect(failing).to_have_count(3)
     assert EVIL in failing.nth(0).inner_text()
+    # The flakiest with their flake rate; the quarantined with their state,
+    # latest commit and the first commit of the quarantine (issue 20).
+    flakiest = page.locator("#sec-flakiest tbody tr")
+    expect(flakiest).to_have_count(1)
+    assert flakiest.nth(0).inner_text().split("\t")[:4] == ["t.T.test_rerun", "3", "8", "37.5%"]
+    held = page.locator("#sec-quarantined tbody tr")
+    expect(held).to_have_count(2)
+    cells = held.nth(0).locator("td")
+    assert cells.nth(0).inner_text() == "t.T.test_quarantined"
+    assert cells.nth(1).inner_text() == "failing"
+    assert cells.nth(4).locator("a").get_attribute("href") == f"/commit/{commits[4]}"
+    assert held.nth(1).locator("td").nth(0).inner_text() == "t.Q." + EVIL
+    assert held.nth(1).locator("td").nth(1).inner_text() == "passing"
+    colours = [held.nth(i).locator(".ostate").evaluate("e => getComputedStyle(e).color")
+               for i in range(2)]
+    assert colours[0] != colours[1]          # failing red, passing green
+    assert "test_lifted" not in page.locator("#sec-quarantined").inner_text()
     page.screenshot(path=str(tmp_path / "tests.png"), full_page=True)
     failing.nth(0).locator("a").click()
     expect(page.locator("h1.test-title")).to_have_text("t.T." + EVIL)

@@ -93,13 +93,37 @@ def test_dashboard_test_pages_over_http(results, history, dashboards):
     tests = dash.json("/api/tests")
     assert tests["results"] == 8
     assert tests["slowest"][0]["id"] == LONG_ID
-    assert [t["id"] for t in tests["failing"]] == ["t.T." + EVIL, "t.T.test_flaky"]
+    assert [t["id"] for t in tests["failing"]] == \
+        ["t.T." + EVIL, "t.T.test_quarantined", "t.T.test_flaky"]
+    # The flakiest, with their flake rate; the quarantined in their latest
+    # run, with its state, commit and the first commit of the quarantine.
+    (rerun,) = tests["flakiest"]
+    assert (rerun["id"], rerun["flaky"], rerun["runs"], rerun["flake_rate"]) == \
+        ("t.T.test_rerun", 3, 8, 0.375)
+    assert rerun["url"] == "/test?id=t.T.test_rerun" and rerun["failures"] == 0
+    # The failing one first.
+    assert [t["id"] for t in tests["quarantined"]] == ["t.T.test_quarantined", "t.Q." + EVIL]
+    failing_q, evil_q = tests["quarantined"]
+    assert (failing_q["outcome"], failing_q["failing"], failing_q["commit"]) == \
+        ("failed", True, history[-1])
+    assert failing_q["quarantined_since"] == history[4]
+    assert failing_q["quarantined_since_url"] == f"/commit/{history[4]}"
+    assert failing_q["commit_url"] == f"/commit/{history[-1]}"
+    assert failing_q["finished"].endswith("Z") and failing_q["branch"] == "main"
+    assert (evil_q["failing"], evil_q["quarantined_since"]) == (False, history[6])
+    assert dash.json("/api" + evil_q["url"])["id"] == "t.Q." + EVIL
     # A name too long for a URL is linked by its key.
     long_url = tests["slowest"][0]["url"]
     assert long_url.startswith("/test?key=")
     assert dash.json("/api" + long_url)["id"] == LONG_ID
     status, _, body = dash.get("/tests")
     assert status == 200 and b"Most often failing" in body
+    assert b"<h2>Flakiest</h2>" in body and b"<h2>Quarantined (2)</h2>" in body
+    twin = dash.json("/api/page/tests")["sections"]
+    assert "t.T.test_rerun" in twin["sec-flakiest"] and "37.5%" in twin["sec-flakiest"]
+    assert 'href="/test?id=t.T.test_quarantined"' in twin["sec-quarantined"]
+    assert f'href="/commit/{history[4]}"' in twin["sec-quarantined"]
+    assert "test_lifted" not in twin["sec-quarantined"]
 
     # The payload in a test id is text, never markup, on both pages.
     evil_url = next(t["url"] for t in tests["failing"] if EVIL in t["id"])

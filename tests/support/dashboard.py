@@ -161,11 +161,16 @@ def write_history(results) -> list[str]:
     """Eight results on main (result and JUnit files, oldest first) and
     their store where the dashboard looks by default (dispatcher_state
     beside the results folder), built by the dispatcher's writer.
-    ``t.T.test_flaky`` fails on the 2nd and 6th; the EVIL test always errs."""
+    ``t.T.test_flaky`` fails on the 2nd and 6th; the EVIL test always errs.
+    For the tests page's lists: ``t.T.test_rerun`` is flaky (failed, then
+    passed on a rerun) on the 3rd, 6th and 7th; ``t.T.test_quarantined``
+    is quarantined from the 5th on and fails there; ``t.Q.<EVIL>`` is
+    quarantined from the 7th on and passes; ``t.T.test_lifted`` was
+    quarantined on the first three only."""
     from ci.history import store
     from ci.history.writer import HistoryWriter
     from ci.outcome import Outcome
-    from ci.results import ERROR, FAILED, PASSED, TestRecord
+    from ci.results import ERROR, FAILED, FLAKY, PASSED, TestRecord
     base = time.time() - 600
     commits = []
     for n in range(8):
@@ -175,7 +180,13 @@ def write_history(results) -> list[str]:
                  "runner": "runner-a", "subject": f"Step {n}"}, b"out\n",
                 (TestRecord("t.T", "test_flaky", outcome, 0.1 * (n + 1)),
                  TestRecord("t.T", EVIL, ERROR, 0.01),
-                 TestRecord(LONG_CLASS, LONG_NAME, PASSED, 3.0))).write(str(results), commit)
+                 TestRecord(LONG_CLASS, LONG_NAME, PASSED, 3.0),
+                 TestRecord("t.T", "test_rerun", FLAKY if n in (2, 5, 6) else PASSED, 0.05),
+                 TestRecord("t.T", "test_quarantined", FAILED if n >= 4 else PASSED, 0.05,
+                            message="boom" if n >= 4 else "", quarantined=n >= 4),
+                 TestRecord("t.Q", EVIL, PASSED, 0.02, quarantined=n >= 6),
+                 TestRecord("t.T", "test_lifted", PASSED, 0.02, quarantined=n < 3))
+                ).write(str(results), commit)
         os.utime(os.path.join(results, commit), (base + n, base + n))
         commits.append(commit)
     state = os.path.join(os.path.dirname(str(results)), "dispatcher_state")
