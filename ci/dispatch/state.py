@@ -449,10 +449,12 @@ class DispatcherState(LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner, R
         # Every shard of a set names the same tests (they pin the same files
         # to shard 1); a whole commit, the branch's failures as they are now.
         first = shard_set.first if shard_set else self.recent_failures.for_branch(branch)
-        return jobspec.encode(branch, jobspec.trusted_branch(branch, self.trusted_branches),
-                              (index, shard_set.total) if shard_set else None,
-                              shard_set.table if shard_set else b"", failing_first=first,
-                              cell=work.cell, rules=rules_commit(work))
+        shard = sharding.ShardSpec(index, shard_set.total, shard_set.durations, first) \
+            if shard_set else None
+        cell = work.cell
+        return jobspec.encode(jobspec.JobSpec(
+            shard, branch, jobspec.trusted_branch(branch, self.trusted_branches),
+            cell.name, cell.python, cell.axes, first, rules_commit(work)))
 
     def _is_current(self, job: Job) -> bool:
         work = self.work.get(job.key)

@@ -106,13 +106,14 @@ class TestRunner:
 
     def do_runtest(self, message: Message, peer: str) -> Message:
         job = parse_runtest(message)
-        if job.python is not None and job.python not in self.interpreters:
+        python = job.spec.python
+        if python is not None and python not in self.interpreters:
             # The dispatcher routes by labels and should never send this:
             # an error reply, not an ``error`` verdict for the cell.
-            raise Reply(f"this runner has no python{job.python} (it has: "
+            raise Reply(f"this runner has no python{python} (it has: "
                         f"{' '.join(i.label for i in self.interpreters.values())})")
         if self.state.offer(job):
-            shard = job.shard
+            shard = job.spec.shard
             log.info("accepted %s%s, environment scope %s", job.commit[:12],
                      f" (shard {shard.index}/{shard.total})" if shard else "", job.scope.name)
             return Message("ok")
@@ -143,8 +144,7 @@ class TestRunner:
     def _run(self, job: RunnerJob) -> Outcome:
         """The job's outcome; a failure of the runner itself is one too."""
         try:
-            return pipeline.execute(self.settings, job.commit, job.shard, job.scope,
-                                    self._cell(job), job.failing_first, job.rules)
+            return pipeline.execute(self.settings, job.commit, job.spec, self._cell(job))
         except Exception as exc:
             log.exception("running %s failed", job.commit[:12])
             return Outcome({"verdict": "error", "reason": f"runner failure: {exc}"},
@@ -154,9 +154,10 @@ class TestRunner:
 
     def _cell(self, job: RunnerJob) -> interpreters.JobCell:
         """The job's cell with its interpreter (checked at ``runtest``)."""
-        if job.python is None:
-            return interpreters.JobCell(job.cell, interpreters.own(), job.env)
-        return interpreters.JobCell(job.cell, self.interpreters[job.python], job.env)
+        spec = job.spec
+        if spec.python is None:
+            return interpreters.JobCell(spec.cell, interpreters.own(), spec.env)
+        return interpreters.JobCell(spec.cell, self.interpreters[spec.python], spec.env)
 
     def _report(self, job: RunnerJob, outcome: Outcome) -> bool:
         """Into the outbox (the link thread delivers it); False if the
