@@ -35,7 +35,8 @@ from ci.history.queries import HistoryReader
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, add_per_client_argument,
     check_per_client, check_port, configure_logging, positive)
 from ci.security import is_loopback, security_from_args
-from ci.wire import parse_address, read_secret_file
+from ci.credentials import read_secret_file
+from ci.wire import parse_address
 
 log = logging.getLogger("dashboard")
 

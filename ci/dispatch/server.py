@@ -361,8 +361,7 @@ class Dispatcher:
             # splits the commit's test files by; a whole commit's is empty.
             reply = helpers.call(job.address, "runtest", f"{job.commit} {job.token}",
                                  job.request, security=self._security_for(job.name),
-                                 timeout=self.ping_timeout * 3,
-                                 reply_timeout=self.ping_timeout * 3)
+                                 timeout=(self.ping_timeout * 3, self.ping_timeout * 3))
         except (OSError, ProtocolError) as exc:
             log.warning("could not send %s to %s: %s", job.commit[:12], job.runner, exc)
             self.state.assignment_failed(job, "refused" if refused(exc) else "error")
@@ -384,7 +383,7 @@ class Dispatcher:
     def _send_fetch(self, address: tuple[str, int], name: str | None) -> None:
         try:
             reply = helpers.call(address, "fetch", security=self._security_for(name),
-                                 timeout=self.ping_timeout, reply_timeout=self.ping_timeout)
+                                 timeout=(self.ping_timeout, self.ping_timeout))
             log.debug("fetch on %s: %s %s", format_address(address), reply.command,
                       reply.argument)
         except (OSError, ProtocolError) as exc:
@@ -433,7 +432,7 @@ class Dispatcher:
             # full read timeout for it would stall the whole health sweep.
             reply = helpers.call(runner.address, "ping",
                                  security=self._security_for(runner.name),
-                                 timeout=self.ping_timeout, reply_timeout=self.ping_timeout)
+                                 timeout=(self.ping_timeout, self.ping_timeout))
             fields = decode_fields(reply.body) if reply.command == "ok" else {}
         except (OSError, ProtocolError) as exc:
             log.debug("ping %s failed: %s", runner.key, exc)

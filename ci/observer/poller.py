@@ -18,7 +18,8 @@ from ci import procgroup
 from ci.backoff import Backoff
 from ci.git import GitError, script_path
 from ci.security import Security
-from ci.wire import Message, ProtocolError, encode_fields, format_address
+from ci.wire import (DEFAULT_CONNECT_TIMEOUT, Message, ProtocolError, encode_fields,
+                     format_address)
 from ci.observer.commits import (MAX_LISTING, dispatch_body, first_parent, new_commits,
                                  own_commits, parse_heads, plan_fields)
 from ci.landing.commands import QueueCommands
@@ -269,7 +270,8 @@ class Observer:
     def _send(self, commits: list[str], body: bytes) -> Message:
         """One ``dispatch``; DispatcherRefused unless the reply is ok."""
         reply = helpers.call(self.dispatcher, "dispatch", " ".join(commits), body,
-                             security=self.security, reply_timeout=30)
+                             security=self.security,
+                             timeout=(DEFAULT_CONNECT_TIMEOUT, 30))
         if reply.command != "ok":
             raise DispatcherRefused(f"dispatch refused: {reply.argument}")
         return reply
@@ -306,7 +308,7 @@ class Observer:
         runner's checkout fetches anyway, so any failure is just logged."""
         try:
             reply = helpers.call(self.dispatcher, "prefetch", security=self.security,
-                                 timeout=PREFETCH_TIMEOUT, reply_timeout=PREFETCH_TIMEOUT)
+                                 timeout=(PREFETCH_TIMEOUT, PREFETCH_TIMEOUT))
             log.debug("prefetch: %s %s", reply.command, reply.argument)
         except (OSError, ProtocolError) as exc:
             log.debug("prefetch not sent: %s", exc)

@@ -31,8 +31,8 @@ from ci.runner.sandbox.private_git import PrivateRepository
 from ci.runner.sandbox.user import TestUser
 from ci.runner.slot import ProcessSlot, git_run_args
 from ci.security import Security
-from ci.wire import (Message, PeerClosed, ProtocolError, ReadTimeout, Reply, encode_fields,
-                     format_address, valid_full_commit)
+from ci.wire import (DEFAULT_CONNECT_TIMEOUT, Message, PeerClosed, ProtocolError, ReadTimeout,
+                     Reply, encode_fields, format_address, valid_full_commit)
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,8 @@ class TestRunner:
         for name, commit, token in self.outbox.items():
             body = self.outbox.read(name)
             reply = helpers.call(self.dispatcher, "results", f"{commit} {token}", body,
-                                 security=self.security, reply_timeout=60)
+                                 security=self.security,
+                                 timeout=(DEFAULT_CONNECT_TIMEOUT, 60))
             self.last_contact = time.monotonic()
             if reply.command == "ok":
                 log.info("delivered result for %s (%s)", commit[:12], reply.argument)
@@ -306,7 +307,7 @@ class TestRunner:
                 start = max(sent[1], size - PROGRESS_CHUNK)
                 data = os.pread(out.fileno(), size - start, start)
                 helpers.call(self.dispatcher, "progress", f"{job.commit} {job.token}", data,
-                             security=self.security, timeout=2, reply_timeout=2)
+                             security=self.security, timeout=(2, 2))
                 sent = (out, start + len(data))
             except (OSError, ValueError, ProtocolError) as exc:
                 log.debug("progress for %s not sent: %s", job.commit[:12], exc)
@@ -322,7 +323,7 @@ class TestRunner:
         try:
             reply = helpers.call(self.dispatcher, "failing", f"{job.commit} {job.token}",
                                  encode_fields({"test": failure.test, "after": f"{after:.3f}"}),
-                                 security=self.security, timeout=2, reply_timeout=2)
+                                 security=self.security, timeout=(2, 2))
         except (OSError, ProtocolError) as exc:
             log.debug("first failure of %s not told: %s", job.commit[:12], exc)
             return False
