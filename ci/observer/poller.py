@@ -53,18 +53,19 @@ MAX_STATUS_BRANCHES = 50
 @dataclasses.dataclass(frozen=True)
 class Watch:
     """What to watch: the clone, which branches (patterns, or all), how
-    often to poll, and how far back a new branch's commits go."""
+    often to poll (``queue_poll``: while the land queue has work; None:
+    as often), and how far back a new branch's commits go."""
     repo: str
     patterns: list[str]
     poll: float
     all_branches: bool = False
     new_branch_limit: int = DEFAULT_NEW_BRANCH_LIMIT
+    queue_poll: float | None = None
 
 
 class Observer:
     def __init__(self, watch: Watch, dispatcher: tuple[str, int], state: ObserverState,
-                 security: Security, merges: BranchMerges | None = None, engine=None,
-                 queue_poll: float | None = None):
+                 security: Security, merges: BranchMerges | None = None, engine=None):
         self.repo = watch.repo
         self.patterns = watch.patterns
         self.all_branches = watch.all_branches
@@ -89,7 +90,7 @@ class Observer:
         self.engine = engine
         self.commands = {"notify": self.do_notify, "status": self.do_status,
                          **QueueCommands(engine).commands}
-        self.queue_poll = queue_poll or self.poll
+        self.queue_poll = watch.queue_poll or self.poll
         if engine is not None:
             engine.wake = self.wake.set
 

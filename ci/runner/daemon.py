@@ -180,8 +180,7 @@ class TestRunner:
         with tempfile.TemporaryFile() as out:
             code, timed_out = self.slot.run(
                 ["bash", script_path("update_repo.sh"), self.repo], self.repo,
-                self.args.checkout_timeout, out, live=False,
-                **git_run_args(self.private))
+                self.args.checkout_timeout, out, **git_run_args(self.private, live=False))
             if code and not self.slot.cancelled:
                 out.seek(0)
                 log.info("prefetch failed (%s): %s",
