@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from ci.dispatch import server
+from ci.dispatch import register, server
 from ci.dispatch.runners import Traits
 from ci.runner.jobs import parse_runtest
 from ci import jobspec, matrix, sharding, state_schema
@@ -249,7 +249,7 @@ def test_malformed_cells_are_refused(body, reason):
     ({"labels": "big", "exclusive": "yes"}, {"big"}, True),
 ])
 def test_register_labels_and_exclusive(fields, labels, exclusive):
-    traits = server.runner_traits(fields, 60.0)
+    traits = register.runner_traits(fields, 60.0)
     assert (traits.labels, traits.exclusive, traits.limit) == (labels, exclusive, 60.0)
 
 
@@ -260,7 +260,7 @@ def test_register_labels_and_exclusive(fields, labels, exclusive):
 ])
 def test_odd_register_labels_are_refused(fields, reason):
     with pytest.raises(Reply, match=reason):
-        server.runner_traits(fields, None)
+        register.runner_traits(fields, None)
 
 
 def test_labels_show_in_state(make_state):
