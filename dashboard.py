@@ -25,7 +25,8 @@ import sys
 import helpers
 from ci.dashboard import index as dashboard_index
 from ci.dashboard.app import Dashboard
-from ci.dashboard.web import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT, DashboardServer
+from ci.dashboard.web import (DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT, DashboardServer,
+                              ServeLimits)
 from ci.dashboard.landqueue import QueueSource
 from ci.dashboard.live import LiveState
 from ci.history import store as history_store
@@ -35,7 +36,8 @@ from ci.history.queries import HistoryReader
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, add_per_client_argument,
     check_per_client, check_port, configure_logging, positive)
 from ci.security import is_loopback, security_from_args
-from ci.wire import parse_address, read_secret_file
+from ci.credentials import read_secret_file
+from ci.wire import parse_address
 
 log = logging.getLogger("dashboard")
 
@@ -129,8 +131,8 @@ def make_server(args) -> DashboardServer:
                     QueueSource(dispatcher, ask))
     try:
         return DashboardServer((args.host, args.port), app, token, args.insecure,
-                               args.request_timeout, args.max_connections,
-                               args.max_per_client)
+                               ServeLimits(args.request_timeout, args.max_connections,
+                                           args.max_per_client))
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: "
                                   f"{exc.strerror or exc}") from None

@@ -18,9 +18,10 @@ import threading
 import time
 
 from ci.security import Security
-from ci.wire import (Busy, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, MAGIC, Message,
-    NoRequest, PeerClosed, ProtocolError, ReadTimeout, Reply, ascii_line, decode_message,
-    encode_frame, encode_message, format_address, read_frame, request, verify_frame)
+from ci.wire import (Busy, Credentials, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+    Freshness, Limits, MAGIC, Message, NoRequest, PeerClosed, ProtocolError, ReadTimeout, Reply,
+    ascii_line, decode_message, encode_frame, encode_message, format_address, read_frame,
+    request, verify_frame)
 
 
 log = logging.getLogger(__name__)
@@ -61,23 +62,27 @@ class ByteBudget:
 # Client side: one call = one connection, one request, one reply.
 
 def call(address: tuple[str, int], command: str, argument: str = "", body: bytes = b"",
-         security: Security | None = None, timeout: float = DEFAULT_CONNECT_TIMEOUT,
-         reply_timeout: float | None = None) -> Message:
-    """Send a request and return the verified reply.
+         security: Security | None = None,
+         timeout: float | tuple[float, float | None] = DEFAULT_CONNECT_TIMEOUT) -> Message:
+    """Send a request and return the verified reply.  ``timeout``: seconds
+    to connect and send, or (as ``requests`` takes it) a pair: those and
+    the seconds to wait for the reply (None, or a single number: the
+    first, at least the security settings' read timeout).
 
     Raises OSError for network trouble and ProtocolError for a malformed or
     unauthentic reply; callers decide whether to retry."""
     security = security or Security()
+    timeout, reply_timeout = timeout if isinstance(timeout, tuple) else (timeout, None)
     with socket.create_connection(address, timeout=timeout) as raw:
         sock = raw
         if security.client_tls:
             sock = _client_handshake(security, raw, address)
         try:
-            return request(sock, command, argument, body, secret=security.secret,
-                           key_id=security.key_id, timeout=timeout,
-                           reply_timeout=reply_timeout if reply_timeout is not None else
-                           max(timeout, security.read_timeout),
-                           max_message=security.max_message, window=security.window)
+            limits = Limits(timeout, reply_timeout if reply_timeout is not None else
+                            max(timeout, security.read_timeout), security.max_message,
+                            security.window)
+            return request(sock, command, argument, body, limits=limits,
+                           credentials=Credentials(security.secret, security.key_id))
         finally:
             if sock is not raw:
                 sock.close()
@@ -187,7 +192,7 @@ class MessageHandler(socketserver.BaseRequestHandler):
             if found is None:
                 raise ProtocolError(f"unknown or revoked key {header.key_id!r}")
             self.reply_key, role, name = found
-        verify_frame(header, payload, self.reply_key, nonces=sec.nonces, window=sec.window)
+        verify_frame(header, payload, self.reply_key, fresh=Freshness(sec.window, sec.nonces))
         if cert_role is not None:
             # The certificate names the role too; with a key, both must
             # agree.  A frame signed with this server's own issued key is

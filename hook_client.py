@@ -1,6 +1,6 @@
 """``repo_observer.py notify``: what a git hook runs on every push, so it
-starts in milliseconds.  It imports only the wire protocol (``wire.py``)
-and the bare ``_socket``: no argparse, TLS, logging or server code, and
+starts in milliseconds.  It imports only the wire protocol (``wire.py``,
+and ``credentials.py`` to read its key) and the bare ``_socket``: no argparse, TLS, logging or server code, and
 hashing only when a secret is given.  With any other flag (a TLS flag,
 ``--help``, a typo) it hands over to the full client in
 ``ci/client_cli.py``, which knows and explains every flag.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import _socket
 import sys
 
-from ci import wire
+from ci import credentials, wire
 
 PROG = "repo_observer.py notify"  # what it is, whichever script started it
 DESCRIPTION = ("Wake a running observer so it polls now (use in a post-receive or "
@@ -86,17 +86,17 @@ def main(argv=None) -> int:
     timeout = flags.get("--timeout", wire.DEFAULT_CONNECT_TIMEOUT)
     try:
         address = wire.parse_address(observer)
-        # Read by ``wire``, not ``helpers``: importing that pulls in ssl,
+        # Read by ci/credentials.py, not ``helpers``: importing that pulls in ssl,
         # logging and the server code, about 0.1 s on every push.
-        secret, key_id = wire.read_credentials(flags.get("--secret-file"))
+        signed_with = credentials.read_credentials(flags.get("--secret-file"))
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     try:
         sock = connect(address, timeout)
         try:
-            reply = wire.request(sock, "notify", secret=secret, key_id=key_id, timeout=timeout,
-                                 window=flags.get("--auth-window", wire.DEFAULT_AUTH_WINDOW))
+            reply = wire.request(sock, "notify", credentials=signed_with, limits=wire.Limits(
+                timeout, window=flags.get("--auth-window", wire.DEFAULT_AUTH_WINDOW)))
         finally:
             sock.close()
     except (OSError, wire.ProtocolError) as exc:

@@ -295,12 +295,12 @@ def main(argv=None) -> int:
         state_dir = ensure_dir(args.state_dir or os.path.join(repo, ".git", "ci-observer"),
                                        "state folder")
         state = ObserverState(os.path.join(state_dir, "state.json"))
-        watch = Watch(repo, branches, args.poll, args.all_branches, args.new_branch_limit)
+        watch = Watch(repo, branches, args.poll, args.all_branches, args.new_branch_limit,
+                      args.queue_poll)
         merges = make_merges(args, repo, state_dir, rules, state)
         engine = make_engine(args, merges, repo, state_dir, dispatcher,
                              security) if merges else None
-        observer = Observer(watch, dispatcher, state, security, merges, engine,
-                            args.queue_poll)
+        observer = Observer(watch, dispatcher, state, security, merges, engine)
         server = listen(args, security, state_dir, observer.commands)
     except ConfigError as exc:
         print(f"repo_observer: error: {exc}", file=sys.stderr)

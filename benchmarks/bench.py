@@ -62,7 +62,7 @@ import helpers  # noqa: E402
 from ci.results import parse_result  # noqa: E402
 from support.procs import stat_fields, status_mb  # noqa: E402
 from ci.security import Security
-from ci.wire import decode_fields, parse_address
+from ci.wire import DEFAULT_CONNECT_TIMEOUT, decode_fields, parse_address
 
 PY = sys.executable
 CORES = os.cpu_count() or 1
@@ -600,7 +600,8 @@ class Bench(Scenarios):
         started = time.monotonic()
         for first in range(0, jobs, 1000):
             reply = helpers.call(address, "dispatch", " ".join(commits[first:first + 1000]),
-                                 security=self.security, reply_timeout=60)
+                                 security=self.security,
+                                 timeout=(DEFAULT_CONNECT_TIMEOUT, 60))
             if reply.command != "ok":
                 raise RuntimeError(f"dispatch refused: {reply.argument}")
         queued = time.monotonic() - started

@@ -66,7 +66,7 @@ import helpers  # noqa: E402
 from ci import results  # noqa: E402
 from ci.history import store  # noqa: E402
 from ci.history.queries import HistoryReader, Unavailable  # noqa: E402
-from ci.wire import encode_fields  # noqa: E402
+from ci.wire import DEFAULT_CONNECT_TIMEOUT, encode_fields  # noqa: E402
 
 PY = sys.executable
 CORES = os.cpu_count() or 1
@@ -328,7 +328,7 @@ def one_burst(tmp: str, history: bool, round_no: int, args) -> dict:
             chunk = commits[first:first + 1000]
             body = "".join(f"{c} - main\n" for c in chunk).encode()
             reply = helpers.call(("127.0.0.1", port), "dispatch", " ".join(chunk), body,
-                                 reply_timeout=60)
+                                 timeout=(DEFAULT_CONNECT_TIMEOUT, 60))
             if reply.command != "ok":
                 raise SystemExit(f"dispatch refused: {reply.argument}")
         deadline = started + max(120.0, args.burst / 5)

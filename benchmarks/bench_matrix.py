@@ -44,7 +44,7 @@ import helpers  # noqa: E402
 from ci import matrix  # noqa: E402
 from ci.observer.commits import dispatch_body, plan_fields  # noqa: E402
 from ci.results import read_header  # noqa: E402
-from ci.wire import decode_fields, parse_address  # noqa: E402
+from ci.wire import DEFAULT_CONNECT_TIMEOUT, decode_fields, parse_address  # noqa: E402
 
 VERSIONS = ("3.9", "3.12", "3.13")
 PER_INTERPRETER = 2
@@ -102,7 +102,7 @@ def dispatch(b: Bench, dispatcher: str, up: Upstream, commits: list[str]) -> Non
     plans = plan_fields(up.path, commits)
     reply = helpers.call(parse_address(dispatcher), "dispatch", " ".join(commits),
                          dispatch_body(commits, None, "main", plans), security=b.security,
-                         reply_timeout=30)
+                         timeout=(DEFAULT_CONNECT_TIMEOUT, 30))
     if reply.command != "ok":
         raise RuntimeError(f"dispatch refused: {reply.argument}")
 
@@ -191,7 +191,7 @@ def label_round(b: Bench, name: str, labels: int) -> float:
         chunk = commits[first:first + 1000]
         helpers.call(address, "dispatch", " ".join(chunk),
                      dispatch_body(chunk, None, "main", plans), security=b.security,
-                     reply_timeout=60)
+                     timeout=(DEFAULT_CONNECT_TIMEOUT, 60))
     wait_for(lambda: int(status()["completed"]) >= LABEL_JOBS, 120, 0.02, "jobs completed")
     rate = LABEL_JOBS / (time.monotonic() - started)
     b.lost.extend(c for c in commits if not os.path.exists(os.path.join(results, c)))

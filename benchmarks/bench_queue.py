@@ -53,7 +53,7 @@ import bench  # noqa: E402
 from bench import Bench, Upstream, git, wait_for, wait_for_port  # noqa: E402
 import helpers  # noqa: E402
 from ci.results import read_header, split_result_name  # noqa: E402
-from ci.wire import decode_fields, parse_address  # noqa: E402
+from ci.wire import DEFAULT_CONNECT_TIMEOUT, decode_fields, parse_address  # noqa: E402
 
 # (full, quick)
 SIZES = {"branches": (8, 4), "suite": (1.0, 0.3)}
@@ -151,7 +151,8 @@ class QueueBench(Bench):
         return decode_fields(reply.body)
 
     def snapshot(self, observer) -> dict:
-        reply = helpers.call(observer, "queue", security=self.security, reply_timeout=10)
+        reply = helpers.call(observer, "queue", security=self.security,
+                             timeout=(DEFAULT_CONNECT_TIMEOUT, 10))
         if reply.command != "ok":
             raise RuntimeError(f"queue refused: {reply.argument}")
         return json.loads(reply.body)
@@ -180,7 +181,7 @@ class QueueBench(Bench):
         started = time.monotonic()
         for n in range(1, count + 1):
             reply = helpers.call(observer, "land", f"feature/b{n}", security=self.security,
-                                 reply_timeout=30)
+                                 timeout=(DEFAULT_CONNECT_TIMEOUT, 30))
             if reply.command != "ok":
                 raise RuntimeError(f"land feature/b{n} refused: {reply.argument}")
         asked = time.monotonic() - started

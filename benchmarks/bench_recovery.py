@@ -199,7 +199,7 @@ class RecoveryBench(Scenarios):
 
     def call(self, port: int, command: str, argument: str = "") -> Message:
         return helpers.call(("127.0.0.1", port), command, argument, security=self.security,
-                            timeout=5, reply_timeout=5)
+                            timeout=(5, 5))
 
     def status(self, port: int) -> dict:
         try:

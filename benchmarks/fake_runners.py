@@ -42,8 +42,9 @@ from ci import junit_xml
 from ci import results  # noqa: E402
 from ci.outcome import Outcome  # noqa: E402
 from ci.security import NonceCache, load_credentials  # noqa: E402
-from ci.wire import (FrameHeader, MAX_HEADER_BYTES, ProtocolError, decode_header, decode_message,
-    encode_fields, encode_frame, encode_message, format_address, parse_address, verify_frame)
+from ci.wire import (FrameHeader, Freshness, MAX_HEADER_BYTES, ProtocolError, decode_header,
+    decode_message, encode_fields, encode_frame, encode_message, format_address, parse_address,
+    verify_frame)
 
 # Concurrent connections to the dispatcher, well under its --max-connections.
 MAX_IN_FLIGHT = 64
@@ -90,7 +91,7 @@ class FakeRunner:
                 await asyncio.wait_for(reader.read(), timeout=IO_TIMEOUT * 6)
                 return
             header, payload = await read_frame(reader)
-            verify_frame(header, payload, fleet.secret, nonces=fleet.nonces)
+            verify_frame(header, payload, fleet.secret, fresh=Freshness(nonces=fleet.nonces))
             message = decode_message(payload)
             if message.command == "ping":
                 fleet.counters.pings += 1

@@ -56,6 +56,12 @@ MAX_TEST_ID = 500
 
 @dataclasses.dataclass(frozen=True)
 class JobSpec:
+    """One job beyond its commit and token: what the dispatcher ``encode``s
+    into a ``runtest`` body and the runner ``parse``s out of it.  A field
+    added here (and to ``KNOWN_KEYS``, ``encode`` and ``parse``) is the
+    way a new kind of job travels; the defaults are what an older
+    dispatcher's body means.  A shard's ``first`` is ``failing_first``
+    (its files are pinned to shard 1)."""
     shard: sharding.ShardSpec | None = None   # None: the whole commit
     branch: str | None = None                  # None: not said (an older dispatcher)
     trusted: bool = False                      # never without a branch
@@ -83,48 +89,50 @@ def usable_test_id(test_id: str) -> bool:
         and test_id == test_id.strip()
 
 
-def encode(branch: str | None = None, trusted: bool = False,
-           shard: tuple[int, int] | None = None, table: bytes = b"",
-           cell: matrix.Cell = matrix.SINGLE,
-           failing_first: tuple[str, ...] = (), rules: str | None = None) -> bytes:
+def encode(spec: JobSpec) -> bytes:
     """The body for a job: empty for a whole commit of no known branch and
     no failing tests (as older dispatchers sent), else the fields, then
-    the test ids to run first and, for a shard, the table."""
-    first = [t for t in failing_first if usable_test_id(t)][:MAX_FAILING_FIRST]
-    fields = _cell_fields(cell)
-    if shard is not None:
-        fields["shard"] = f"{shard[0]}/{shard[1]}"
-    if branch is not None:
-        if not BRANCH_RE.fullmatch(branch):
-            raise ValueError(f"invalid branch name {branch[:80]!r}")
-        fields["branch"] = branch
-        fields["trusted"] = "yes" if trusted else "no"
-    elif trusted:
+    the test ids to run first and, for a shard, its durations table.
+    ValueError for what ``parse`` would refuse (unusable test ids are
+    left out instead, and at most ``MAX_FAILING_FIRST`` are sent)."""
+    first = [t for t in spec.failing_first if usable_test_id(t)][:MAX_FAILING_FIRST]
+    fields = _cell_fields(spec)
+    if spec.shard is not None:
+        fields["shard"] = f"{spec.shard.index}/{spec.shard.total}"
+    if spec.branch is not None:
+        if not BRANCH_RE.fullmatch(spec.branch):
+            raise ValueError(f"invalid branch name {spec.branch[:80]!r}")
+        fields["branch"] = spec.branch
+        fields["trusted"] = "yes" if spec.trusted else "no"
+    elif spec.trusted:
         raise ValueError("a job without a branch cannot be trusted")
     if first:
         fields["failing_first"] = str(len(first))
-    if rules is not None:
-        if not wire.valid_full_commit(rules):
-            raise ValueError(f"rules must be a full commit id, not {rules[:80]!r}")
-        fields["rules"] = rules
+    if spec.rules is not None:
+        if not wire.valid_full_commit(spec.rules):
+            raise ValueError(f"rules must be a full commit id, not {spec.rules[:80]!r}")
+        fields["rules"] = spec.rules
     if not fields:
         return b""
     after = "".join(f"{test_id}\n" for test_id in first).encode()
-    if shard is not None:
-        after += table
-    return wire.encode_fields(fields) + (b"\n" + after if after or shard is not None else b"")
+    if spec.shard is not None:
+        after += sharding.encode_table(spec.shard.durations)
+    return wire.encode_fields(fields) + (b"\n" + after if after or spec.shard is not None
+                                         else b"")
 
 
-def _cell_fields(cell: matrix.Cell) -> dict[str, str]:
-    if not cell.name:
+def _cell_fields(spec: JobSpec) -> dict[str, str]:
+    if not spec.cell:
+        if spec.python is not None or spec.axes:
+            raise ValueError("python or axes without a cell")
         return {}
-    if not matrix.is_cell_name(cell.name):
-        raise ValueError(f"invalid cell name {cell.name[:80]!r}")
-    fields = {"cell": cell.name}
-    if cell.python:
-        fields["python"] = cell.python
-    if cell.axes:
-        fields["axes"] = matrix.format_axes(cell.axes)
+    if not matrix.is_cell_name(spec.cell):
+        raise ValueError(f"invalid cell name {spec.cell[:80]!r}")
+    fields = {"cell": spec.cell}
+    if spec.python:
+        fields["python"] = spec.python
+    if spec.axes:
+        fields["axes"] = matrix.format_axes(spec.axes)
     return fields
 
 

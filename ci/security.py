@@ -17,8 +17,9 @@ import time
 
 from ci.config import ConfigError, check_per_client
 from ci.files import atomic_write
+from ci.credentials import read_credentials
 from ci.wire import (DEFAULT_AUTH_WINDOW, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_MESSAGE,
-                     DEFAULT_READ_TIMEOUT, Busy, read_credentials)
+                     DEFAULT_READ_TIMEOUT, Busy)
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,9 @@ and reading a frame from a socket with size and time limits.
 
 It is its own module, importing little, because a git hook's ``notify``
 runs it in a fresh interpreter for every push: ``hook_client.py`` needs
-only this, where ``helpers.py`` brings the whole server side with it
-(ssl, socketserver, logging, subprocess...).  Hashing is imported on the
+only this (and ci/credentials.py, which reads the key it signs with),
+where ``helpers.py`` brings the whole server side with it (ssl,
+socketserver, logging, subprocess...).  Hashing is imported on the
 first signature, not at start.
 
 Wire format (one request and one reply per TCP connection)::
@@ -140,12 +141,21 @@ def format_address(address: tuple[str, int]) -> str:
 # Messages: the payload inside a frame.  Pure functions.
 
 def _record(name: str, fields: str, defaults: tuple = ()) -> type:
-    """A named tuple made by hand: importing ``collections`` (for
-    ``namedtuple``) cost the git hook about 5 ms of its 20 ms budget."""
+    """A named tuple made by hand (by position or by name, the last
+    fields defaulted): importing ``collections`` (for ``namedtuple``)
+    cost the git hook about 5 ms of its 20 ms budget."""
     names = fields.split()
     required = len(names) - len(defaults)
 
-    def __new__(cls, *values):
+    def __new__(cls, *values, **named):
+        if named:
+            full = {**dict(zip(names[required:], defaults)), **dict(zip(names, values))}
+            if set(named) - set(names[len(values):]) or len(values) > len(names):
+                raise TypeError(f"{name} has no field(s) {sorted(named)} to set by name")
+            full.update(named)
+            if len(full) < len(names):
+                raise TypeError(f"{name} needs {', '.join(n for n in names if n not in full)}")
+            values = tuple(full[n] for n in names)
         if not required <= len(values) <= len(names):
             raise TypeError(f"{name} takes {required} to {len(names)} values, "
                             f"got {len(values)}")
@@ -333,9 +343,14 @@ def decode_header(line: bytes, max_message: int = DEFAULT_MAX_MESSAGE) -> FrameH
     return FrameHeader(int(length), ts.decode(), nonce.decode(), tag.decode(), key_id)
 
 
+# What makes a signed frame fresh: its timestamp within ``window`` seconds
+# of ``now`` (None: the clock's), and its nonce new to ``nonces`` (a
+# NonceCache; None: not checked, as for a reply bound to our request).
+Freshness = _record("Freshness", "window nonces now", defaults=(DEFAULT_AUTH_WINDOW, None, None))
+
+
 def verify_frame(header: FrameHeader, payload: bytes, secret: bytes | None, *,
-                 reply_to: str = "", nonces=None,
-                 window: float = DEFAULT_AUTH_WINDOW, now: float | None = None) -> None:
+                 reply_to: str = "", fresh: Freshness = Freshness()) -> None:
     """Check a frame's tag, age and nonce; ProtocolError if any is wrong.
 
     Without a secret nothing is checked (the daemons then listen on loopback
@@ -350,10 +365,11 @@ def verify_frame(header: FrameHeader, payload: bytes, secret: bytes | None, *,
     from _operator import _compare_digest  # hmac.compare_digest, without hmac
     if not _compare_digest(expected, header.tag):
         raise ProtocolError("bad signature")
-    now = time.time() if now is None else now
-    if abs(now - float(header.timestamp)) > window:
+    now = time.time() if fresh.now is None else fresh.now
+    if abs(now - float(header.timestamp)) > fresh.window:
         raise ProtocolError("stale message (timestamp outside the window)")
-    if nonces is not None and not nonces.add(header.nonce, now, float(header.timestamp)):
+    if fresh.nonces is not None and \
+            not fresh.nonces.add(header.nonce, now, float(header.timestamp)):
         raise ProtocolError("replayed message")
 
 
@@ -430,23 +446,32 @@ def read_frame(sock, max_message: int = DEFAULT_MAX_MESSAGE,
 # --------------------------------------------------------------------------
 # One request and its reply over a connected socket (plain or TLS).
 
+# The key a request is signed with: a shared secret (no key id), an issued
+# key (its id, ``runner:r1``), or none (unsigned).
+Credentials = _record("Credentials", "secret key_id", defaults=(None, None))
+# A call's limits: ``timeout`` to send, ``reply_timeout`` for the reply
+# (None: ``timeout``, at least DEFAULT_READ_TIMEOUT), the largest reply,
+# and how far its signed timestamp may be from our clock.
+Limits = _record("Limits", "timeout reply_timeout max_message window",
+                 defaults=(DEFAULT_CONNECT_TIMEOUT, None, DEFAULT_MAX_MESSAGE,
+                           DEFAULT_AUTH_WINDOW))
+
+
 def request(sock, command: str, argument: str = "", body: bytes = b"", *,
-            secret: bytes | None = None, key_id: str | None = None,
-            timeout: float = DEFAULT_CONNECT_TIMEOUT, reply_timeout: float | None = None,
-            max_message: int = DEFAULT_MAX_MESSAGE,
-            window: float = DEFAULT_AUTH_WINDOW) -> Message:
+            credentials: Credentials = Credentials(), limits: Limits = Limits()) -> Message:
     """Send a request and return the verified reply.  ProtocolError for a
     malformed or unauthentic reply, OSError for network trouble."""
     payload = encode_message(command, argument, body)
     nonce = os.urandom(12).hex()
-    frame = encode_frame(payload, secret, nonce=nonce, key_id=key_id)
-    sock.settimeout(timeout + len(frame) / MIN_BODY_RATE)
+    secret = credentials.secret
+    frame = encode_frame(payload, secret, nonce=nonce, key_id=credentials.key_id)
+    sock.settimeout(limits.timeout + len(frame) / MIN_BODY_RATE)
     sock.sendall(frame)
-    header, reply = read_frame(sock, max_message,
-                               reply_timeout if reply_timeout is not None else
-                               max(timeout, DEFAULT_READ_TIMEOUT))
+    header, reply = read_frame(sock, limits.max_message,
+                               limits.reply_timeout if limits.reply_timeout is not None else
+                               max(limits.timeout, DEFAULT_READ_TIMEOUT))
     try:
-        verify_frame(header, reply, secret, reply_to=nonce, window=window)
+        verify_frame(header, reply, secret, reply_to=nonce, fresh=Freshness(limits.window))
     except ProtocolError as exc:
         # A connection-limit refusal is sent before the request is read, so
         # it cannot be bound to it; quote what the peer said so the operator
@@ -454,44 +479,6 @@ def request(sock, command: str, argument: str = "", body: bytes = b"", *,
         said = ascii_line(reply[:120].decode("ascii", "replace"), 120)
         raise ProtocolError(f"{exc}; unauthenticated reply {said!r}") from None
     return decode_message(reply)
-
-
-# --------------------------------------------------------------------------
-# Credentials: what ``--secret-file`` or ``CI_SECRET`` holds.
-
-def read_secret_file(path: str, what: str = "secret file", shortest: int = 1) -> bytes:
-    """A secret or token file's content, surrounding white space stripped;
-    ValueError naming ``what`` if it cannot be read or is too short."""
-    try:
-        with open(path, "rb") as handle:
-            secret = handle.read().strip()
-    except OSError as exc:
-        raise ValueError(f"cannot read {what} {path}: {exc.strerror}") from None
-    if not secret:
-        raise ValueError(f"{what} {path} is empty")
-    if len(secret) < shortest:
-        raise ValueError(f"{what} {path} must hold at least {shortest} characters")
-    return secret
-
-
-def read_credentials(path: str | None) -> tuple[bytes | None, str | None]:
-    """(secret, key id): an issued key file (``ci-key-v1 role:name hex``,
-    see auth.py) or a plain shared secret; (None, None) without either.
-    ValueError with the reason for an unreadable or malformed one."""
-    if path:
-        secret = read_secret_file(path)
-    else:
-        secret = os.environ.get("CI_SECRET", "").strip().encode()
-        if not secret:
-            return None, None
-    if secret.startswith(b"ci-key-v1 "):
-        from ci import auth  # (hashing comes with it: for an issued key only)
-        try:
-            key_id, key = auth.parse_key_file(secret)
-        except ValueError as exc:
-            raise ValueError(f"{path or 'CI_SECRET'}: {exc}") from None
-        return key, key_id
-    return secret, None
 
 
 class Reply(Exception):

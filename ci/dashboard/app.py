@@ -13,7 +13,7 @@ import re
 import urllib.parse
 
 from ci.dashboard import index as dashboard_index
-from ci.dashboard import assets, cells, history_pages, pages, queue_pages
+from ci.dashboard import assets, cells, history_pages, pages, pruned, queue_pages
 from ci.dashboard.landqueue import QueueSource
 from ci.history.queries import DEFAULT_RUNS, MAX_RUNS, HistoryReader, Unavailable
 from ci.dashboard.live import LiveState, without_finished
@@ -44,29 +44,6 @@ def json_response(data, status: int = 200) -> Response:
 
 class BadRequest(Exception):
     """A query value that cannot be used (answered 400)."""
-
-
-def pruned_item(tombstone) -> dict:
-    """A pruned commit as the API shows it: tested, its result pruned."""
-    def stamp(t: float) -> str:
-        return pages.when(t).replace(" ", "T") + "Z"
-    return {"commit": tombstone.commit, "status": "pruned", "verdict": tombstone.verdict,
-            "branch": tombstone.branch, "previous": tombstone.previous,
-            "finished": stamp(tombstone.finished), "pruned": stamp(tombstone.pruned),
-            "url": f"/commit/{tombstone.commit}"}
-
-
-def pruned_sections(tombstone) -> dict:
-    """A pruned commit's page: its verdict, and that its files are gone."""
-    item = {"commit": tombstone.commit, "verdict": tombstone.verdict,
-            "branch": tombstone.branch, "previous": tombstone.previous}
-    status = (f"finished {pages.when(tombstone.finished)} UTC; result pruned "
-              f"{pages.when(tombstone.pruned)} UTC")
-    return {"sec-summary": pages.fields_section(item, status),
-            "sec-tests": pages.Safe(""),
-            "sec-output": pages.render(
-                '<p class="empty">This commit was tested; its result file, test records '
-                'and output were pruned by the dispatcher\'s --keep-results.</p>')}
 
 
 class Dashboard:
@@ -248,7 +225,7 @@ class Dashboard:
         # Pruned (and not being tested again): tested, its files gone.
         tombstone = self.index.pruned.get(commit)
         if tombstone is not None:
-            return "pruned", pruned_sections(tombstone), True
+            return "pruned", pruned.page_sections(tombstone), True
         return None
 
     def _finished_cells(self, commit: str, item: dict) -> list[dict]:
@@ -357,7 +334,7 @@ class Dashboard:
             status, tail = self.live.log(commit) if running else ("idle", "")
             tombstone = self.index.pruned.get(commit)
             if status != "running" and tombstone is not None:
-                return json_response(pruned_item(tombstone))
+                return json_response(pruned.api_item(tombstone))
             if status != "running":
                 return json_response({"error": "no result for this commit"}, 404)
             return json_response({"commit": commit, "status": "running", "live_output": tail,

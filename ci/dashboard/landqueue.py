@@ -54,8 +54,8 @@ class QueueSource:
     def _ask(self) -> tuple[dict | None, str | None]:
         error = None
         try:
-            reply = self.call(self.address, "queue", "", timeout=self.timeout,
-                              reply_timeout=self.timeout * 2)
+            reply = self.call(self.address, "queue", "",
+                              timeout=(self.timeout, self.timeout * 2))
             if reply.command == "ok":
                 if not reply.body.strip():
                     return queue_snapshot.empty(), None

@@ -91,7 +91,7 @@ class LiveState:
     commit's page polls once a second; they are cached per commit)."""
 
     def __init__(self, address, call, timeout: float = CALL_TIMEOUT):
-        # ``call(address, command, argument, timeout=, reply_timeout=)``
+        # ``call(address, command, argument, timeout=(connect, reply))``
         # returns the reply Message: the entry point passes the signed
         # client call (helpers.call with its security settings), so this
         # module needs neither the server side nor the keys.
@@ -108,8 +108,8 @@ class LiveState:
         self._logs: dict[str, tuple[float, tuple]] = {}
 
     def _call(self, command: str, argument: str = ""):
-        return self.call(self.address, command, argument, timeout=self.timeout,
-                         reply_timeout=self.timeout * 2)
+        return self.call(self.address, command, argument,
+                         timeout=(self.timeout, self.timeout * 2))
 
     def state(self) -> tuple[dict | None, str | None]:
         """(state, None) or (None, reason it is unavailable).  While one

@@ -1,7 +1,7 @@
-"""What the dashboard knows of pruned results: the dispatcher's tombstone
-file (``pruned-results`` in its state folder, ci/retention/tombstones.py),
-read-only and re-read only when it changed (it is appended to; a trim
-rewrites it, which changes its inode).
+"""What the dashboard knows of pruned results, and how it shows them: the
+dispatcher's tombstone file (``pruned-results`` in its state folder,
+ci/retention/tombstones.py), read-only and re-read only when it changed
+(it is appended to; a trim rewrites it, which changes its inode).
 
 A pruned commit's page says it was tested and its result pruned, rather
 than "no result"; the branch cards and ``/api/status`` say how many of a
@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 
+from ci.dashboard import pages
 from ci.retention import tombstones
 from ci.retention.tombstones import Tombstone
 
@@ -91,3 +92,29 @@ class PrunedIndex:
         """branch ('' for none) -> how many of its results were pruned."""
         with self._lock:
             return dict(self._per_branch)
+
+
+# --------------------------------------------------------------------------
+# How a pruned commit is shown.
+
+def api_item(tombstone) -> dict:
+    """A pruned commit as the API shows it: tested, its result pruned."""
+    def stamp(t: float) -> str:
+        return pages.when(t).replace(" ", "T") + "Z"
+    return {"commit": tombstone.commit, "status": "pruned", "verdict": tombstone.verdict,
+            "branch": tombstone.branch, "previous": tombstone.previous,
+            "finished": stamp(tombstone.finished), "pruned": stamp(tombstone.pruned),
+            "url": f"/commit/{tombstone.commit}"}
+
+
+def page_sections(tombstone) -> dict:
+    """A pruned commit's page: its verdict, and that its files are gone."""
+    item = {"commit": tombstone.commit, "verdict": tombstone.verdict,
+            "branch": tombstone.branch, "previous": tombstone.previous}
+    status = (f"finished {pages.when(tombstone.finished)} UTC; result pruned "
+              f"{pages.when(tombstone.pruned)} UTC")
+    return {"sec-summary": pages.fields_section(item, status),
+            "sec-tests": pages.Safe(""),
+            "sec-output": pages.render(
+                '<p class="empty">This commit was tested; its result file, test records '
+                'and output were pruned by the dispatcher\'s --keep-results.</p>')}

@@ -6,6 +6,7 @@ the wiring are the entry point, ``dashboard.py``."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import http.server
@@ -193,6 +194,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send(Response(code, f"{code} {text}\n".encode(), "text/plain; charset=utf-8"))
 
 
+@dataclasses.dataclass(frozen=True)
+class ServeLimits:
+    """How long a client may take to send its request head, and how many
+    connections are served at once, in all and per client address (None:
+    a share of the whole, see helpers.default_per_client)."""
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_per_client: int | None = None
+
+
 class DashboardServer(helpers.ConnectionCap, http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer with a cap on connections (in all, and per
     client address: one address holding slow requests cannot shut out a
@@ -205,15 +216,13 @@ class DashboardServer(helpers.ConnectionCap, http.server.ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address, app: Dashboard, token: bytes | None = None,
-                 insecure: bool = False, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 max_per_client: int | None = None):
+                 insecure: bool = False, limits: ServeLimits = ServeLimits()):
         self.app = app
         self.token = token
         self.insecure = insecure
         self.bind_host = address[0]
-        self.request_timeout = request_timeout
-        self.init_cap(max_connections, max_per_client)
+        self.request_timeout = limits.request_timeout
+        self.init_cap(limits.max_connections, limits.max_per_client)
         self._watch_lock = threading.Lock()
         self._deadlines: dict[socket.socket, float] = {}
         self._stop = threading.Event()

@@ -15,9 +15,9 @@ import time
 from ci import auth
 import helpers
 from ci import jobspec, matrix, mergeinfo, verdicts
-from ci import state_schema
 from ci.dispatch.landqueue import LandQueueView
-from ci.dispatch.runners import PingReply, Runner, Traits
+from ci.dispatch.register import job_limit, runner_given_name, runner_says, runner_traits
+from ci.dispatch.runners import PingReply, Runner
 from ci.dispatch.state import DispatcherState
 from ci.dispatch.work import Job, Meta
 from ci.dispatch.journal import BRANCH_RE, parse_meta_line, split_key, TOKEN_RE
@@ -28,7 +28,7 @@ from ci.outcome import Outcome
 from ci.queue_snapshot import SnapshotError
 from ci.security import Security
 from ci.wire import (Message, ProtocolError, Reply, decode_fields, encode_fields, format_address,
-    one_line, parse_address, valid_commit, valid_full_commit)
+    one_line, parse_address, valid_full_commit)
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,6 @@ DEFAULT_JOB_TIMEOUT = 900.0
 # at once, beside the observer's own fetch.
 DEFAULT_PREFETCH_RUNNERS = 2
 MAX_COMMITS_PER_DISPATCH = 1000
-# A runner's own limits (checkout, environment build, tests) may exceed
-# the default job deadline; its jobs then get that long, up to this.
-MAX_RUNNER_LIMIT = 7 * 24 * 3600.0
 
 # --------------------------------------------------------------------------
 # The daemon: request handlers plus the assignment and health threads.
@@ -361,8 +358,7 @@ class Dispatcher:
             # splits the commit's test files by; a whole commit's is empty.
             reply = helpers.call(job.address, "runtest", f"{job.commit} {job.token}",
                                  job.request, security=self._security_for(job.name),
-                                 timeout=self.ping_timeout * 3,
-                                 reply_timeout=self.ping_timeout * 3)
+                                 timeout=(self.ping_timeout * 3, self.ping_timeout * 3))
         except (OSError, ProtocolError) as exc:
             log.warning("could not send %s to %s: %s", job.commit[:12], job.runner, exc)
             self.state.assignment_failed(job, "refused" if refused(exc) else "error")
@@ -385,7 +381,7 @@ class Dispatcher:
     def _send_fetch(self, address: tuple[str, int], name: str | None) -> None:
         try:
             reply = helpers.call(address, "fetch", security=self._security_for(name),
-                                 timeout=self.ping_timeout, reply_timeout=self.ping_timeout)
+                                 timeout=(self.ping_timeout, self.ping_timeout))
             log.debug("fetch on %s: %s %s", format_address(address), reply.command,
                       reply.argument)
         except (OSError, ProtocolError) as exc:
@@ -434,7 +430,7 @@ class Dispatcher:
             # full read timeout for it would stall the whole health sweep.
             reply = helpers.call(runner.address, "ping",
                                  security=self._security_for(runner.name),
-                                 timeout=self.ping_timeout, reply_timeout=self.ping_timeout)
+                                 timeout=(self.ping_timeout, self.ping_timeout))
             fields = decode_fields(reply.body) if reply.command == "ok" else {}
         except (OSError, ProtocolError) as exc:
             log.debug("ping %s failed: %s", runner.key, exc)
@@ -442,57 +438,6 @@ class Dispatcher:
         if reply.command != "ok":
             return PingReply("timeout")
         return PingReply("ok", fields.get("instance", ""), *runner_says(fields))
-
-
-def job_limit(fields: dict) -> float | None:
-    """The longest a job may take on a runner by its own limits (its
-    ``register`` field ``limit``), None if it says none or nonsense."""
-    try:
-        seconds = float(fields.get("limit", ""))
-    except ValueError:
-        return None
-    return seconds if 0 < seconds <= MAX_RUNNER_LIMIT else None
-
-
-def runner_given_name(fields: dict) -> str | None:
-    """The name a runner gives itself in its ``register`` field ``name``
-    (``test_runner.py --name``), None if it gives none; a name it may not
-    have is refused with the rule, not shortened into another one."""
-    given = fields.get("name") or None
-    if given is not None:
-        try:
-            state_schema.check_runner_name(given)
-        except ValueError as exc:
-            raise Reply(str(exc)) from None
-    return given
-
-
-def runner_traits(fields: dict, limit: float | None) -> Traits:
-    """A runner's ``register`` fields ``labels`` (space-separated) and
-    ``exclusive`` (yes or no); a runner without them (an older one) has no
-    labels and takes any job.  Odd labels are refused with the rule."""
-    exclusive = fields.get("exclusive", "no")
-    if exclusive not in ("yes", "no"):
-        raise Reply(f"exclusive must be yes or no, not {one_line(exclusive, 20)!r}")
-    try:
-        labels = matrix.parse_labels(fields.get("labels", ""), "register labels")
-    except matrix.MatrixError as exc:
-        raise Reply(str(exc)) from None
-    if exclusive == "yes" and not labels:
-        raise Reply("an exclusive runner needs labels: it takes only jobs that ask "
-                    "for one of them")
-    return Traits(limit, labels, exclusive == "yes")
-
-
-def runner_says(fields: dict) -> tuple[str | None, str | None]:
-    """(the commit a runner is busy with, its job's token) from its
-    ``register`` or ``ping`` fields: ``unknown`` for a malformed commit,
-    no token for a malformed one."""
-    busy = fields.get("busy") or None
-    if busy is not None and not valid_commit(busy):
-        busy = "unknown"
-    token = fields.get("job") or None
-    return busy, token if token and TOKEN_RE.fullmatch(token) else None
 
 
 def refused(exc: BaseException) -> bool:

@@ -10,7 +10,8 @@ sent; ``results``, ``release`` and ``progress`` for a commit count only
 with the token of an assignment that really happened (and, with issued
 keys, only from the runner it was given to).  The parts, one concern
 each: runners (ci/dispatch/runners.py), sharding (shards.py), results and
-lost runs (finish.py), the ``status``/``state`` views (views.py).
+lost runs (finish.py), the ``status``/``state`` views (views.py), start-up
+from the journal (recovery.py).
 
 Lock order: ``self.cond`` first, then the journal's own lock.  Result
 files and the journal's fsyncs are written outside ``self.cond`` where the
@@ -23,25 +24,24 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import os
 import threading
 import time
 
-from ci import jobspec, matrix, results
+from ci import jobspec, matrix
 from ci import sharding
 from ci.dispatch.cells import DEFAULT_UNROUTABLE_TIMEOUT, MatrixKeeper, fits
 from ci.matrix import SINGLE_PLAN, Plan
-from ci.dispatch.finish import ResultKeeper, tell_later
+from ci.dispatch.finish import ResultKeeper
 from ci.dispatch.journal import (BRANCH_RE, AssignmentRecord, Journal, assign_record,
-                                 cell_record, error_record, key_commit, lost_record,
-                                 meta_record, queue_record, retest_record, shard_record,
-                                 split_key)
+                                 cell_record, error_record, key_commit, meta_record,
+                                 queue_record, retest_record)
 from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, SUSPECT, Runner, RunnerRegistry
 from ci.dispatch.shards import ShardPlanner
 from ci.dispatch.views import StateViews
 from ci.dispatch.answers import VerdictAnswers
 from ci.dispatch.live import LiveOutput
 from ci.dispatch.pruned import PrunedCommits
+from ci.dispatch.recovery import Recovery
 from ci.retention.gate import ResultGate
 from ci.retention.tombstones import TombstoneFile
 from ci.dispatch.work import Job, Meta, Work, WorkKey, WorkState, new_token, work_key
@@ -73,8 +73,8 @@ def rules_commit(work: Work) -> str | None:
     return merge.target_commit if merge else None
 
 
-class DispatcherState(LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner, ResultKeeper,
-                      MatrixKeeper, StateViews, VerdictAnswers):
+class DispatcherState(Recovery, LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner,
+                      ResultKeeper, MatrixKeeper, StateViews, VerdictAnswers):
     """Every attribute is guarded by ``self.cond`` (the verdicts' JUnit
     cache has a lock of its own).  Methods whose name starts with ``_``
     expect the caller to hold it; every other one takes it itself (but
@@ -179,86 +179,7 @@ class DispatcherState(LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner, R
             self.queue.remove(work.key)
         work.move(WorkState.WRITING)
 
-    # ---- start-up -------------------------------------------------------
-    def recover(self, grace: float = 0.0) -> None:
-        """Rebuild the queue from the journal and the results folder.
-
-        Commits that were running at the crash are held for ``grace``
-        seconds: their runner, still running them, re-registers within a
-        heartbeat and keeps them, so nothing is run twice."""
-        with self.cond:
-            named = (results.split_result_name(n) for n in os.listdir(self.results_dir))
-            self.done = {work_key(*pair) for pair in named if pair}
-            if self.tombstones is not None:
-                self.pruned = {work_key(c) for c in self.tombstones.load()} - self.done
-            got = self.journal.replay()
-            pending = [c for c in got.order
-                       if not self._finished(work_key(c)) or c in got.retest]
-            deadline = time.monotonic() + grace
-            for key in pending:
-                self._recover_one(key, got, grace, deadline)
-            for key in got.done:
-                for a in got.assigned.get(key, ()):
-                    self._remember_finished(key, a)
-            completed = self._recover_groups(got)
-            self.journal.rewrite(self._pending_records())
-            # Journalled but its verdict not yet written at the crash: it is
-            # written now, never run (an unreadable matrix, a conflict).
-            for work in [self.work[k] for k in list(self.queue)]:
-                self._write_unrunnable(work)
-            for commit, outcome in completed:
-                tell_later(self.listeners, commit, outcome)
-            if pending:
-                log.info("recovered %d commit(s) to test (%d were running; held %.1fs for "
-                         "their runners)", len(pending), len(self._in_state(WorkState.HELD)),
-                         grace)
-
-    def _recover_one(self, key: WorkKey, got, grace: float, deadline: float) -> None:
-        commit, cell = split_key(key)
-        history = got.assigned.get(key)
-        for a in history or ():
-            self.token_keys[a.token] = key
-        if history and key in got.sharded:
-            # Shard results are kept in memory only: a restart runs
-            # the commit again, and late shard results are dropped.
-            for a in history:
-                self._remember_finished(key, a)
-            history = None
-        held = bool(history) and grace > 0
-        # Made in the state it recovers to: no transition leads there.
-        work = self.work[key] = Work(key, commit, WorkState.HELD if held else WorkState.QUEUED,
-                                     retest=key in got.retest, losses=got.lost[key],
-                                     cell=got.cells.get(key, matrix.Cell(cell)),
-                                     error=got.errors.get(key))
-        if key in got.meta:
-            work.meta = Meta(*got.meta[key])
-        self.done.discard(key)
-        self.pruned.discard(key)
-        if history:
-            work.assignments = {a.token: a for a in history}
-        if held:
-            work.held_by, work.held_until = history[-1].runner, deadline
-        else:
-            self.queue.append(key)
-
-    def _pending_records(self) -> list[str]:
-        """The journal of what is unfinished: running first (they run
-        again first after a crash), then held, queued, being written."""
-        running = sorted(self._in_state(WorkState.RUNNING), key=lambda w: w.job.started)
-        order = [*running, *self._in_state(WorkState.HELD),
-                 *(self.work[k] for k in self.queue), *self._in_state(WorkState.WRITING),
-                 *self._in_state(WorkState.SHARDED)]
-        lines = self._group_records()
-        for work in order:
-            lines.extend(self._records_of(work))
-            if work.shards is not None:
-                lines.append(shard_record(work.key, work.shards.total))
-            if work.retest:
-                lines.append(retest_record(work.key))
-            lines.extend(assign_record(work.key, a) for a in work.assignments.values())
-            lines.extend(lost_record(work.key) for _ in range(work.losses))
-        return lines
-
+    # ---- the journal's records of a unit of work ---------------------------
     @staticmethod
     def _records_of(work: Work) -> list[str]:
         """What queues a unit of work: ``Q``, its cell, its metadata, or
@@ -449,10 +370,12 @@ class DispatcherState(LiveOutput, PrunedCommits, RunnerRegistry, ShardPlanner, R
         # Every shard of a set names the same tests (they pin the same files
         # to shard 1); a whole commit, the branch's failures as they are now.
         first = shard_set.first if shard_set else self.recent_failures.for_branch(branch)
-        return jobspec.encode(branch, jobspec.trusted_branch(branch, self.trusted_branches),
-                              (index, shard_set.total) if shard_set else None,
-                              shard_set.table if shard_set else b"", failing_first=first,
-                              cell=work.cell, rules=rules_commit(work))
+        shard = sharding.ShardSpec(index, shard_set.total, shard_set.durations, first) \
+            if shard_set else None
+        cell = work.cell
+        return jobspec.encode(jobspec.JobSpec(
+            shard, branch, jobspec.trusted_branch(branch, self.trusted_branches),
+            cell.name, cell.python, cell.axes, first, rules_commit(work)))
 
     def _is_current(self, job: Job) -> bool:
         work = self.work.get(job.key)

@@ -113,7 +113,7 @@ class ShardSet:
     """A commit split over runners: each shard is an assignment with its own
     token; the result is written once every shard has reported."""
     total: int
-    table: bytes                            # the durations every shard gets
+    durations: dict[str, float]             # what every shard gets (a snapshot)
     tokens: dict = dataclasses.field(default_factory=dict)    # token -> shard
     running: dict = dataclasses.field(default_factory=dict)   # shard -> Job
     reports: dict = dataclasses.field(default_factory=dict)   # shard -> Outcome

@@ -22,7 +22,7 @@ from ci.merging.push import Landed, Stale
 from ci.observer.fetchlock import fetch_lock
 from ci.observer.state import ObserverState
 from ci.verdicts import MAX_COMMITS, format_request, parse_reply
-from ci.wire import encode_fields, valid_full_commit
+from ci.wire import DEFAULT_CONNECT_TIMEOUT, encode_fields, valid_full_commit
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class DispatcherClient:
 
     def _call(self, command: str, argument: str = "", body: bytes = b""):
         reply = helpers.call(self.address, command, argument, body, security=self.security,
-                             reply_timeout=30)
+                             timeout=(DEFAULT_CONNECT_TIMEOUT, 30))
         if reply.command != "ok":
             raise Refused(f"{command} refused: {reply.command} {reply.argument}")
         return reply

@@ -14,6 +14,7 @@ import hmac
 import json
 import os
 import time
+from typing import NamedTuple
 
 from ci.notify import failing
 from ci.notify.decider import Decision
@@ -55,14 +56,23 @@ TEXTS = {
 }
 
 
-def early_event(commit: str, branch: str | None, test: str, after: float,
-                dashboard_url: str | None, targets: list[str],
+class EarlyFailure(NamedTuple):
+    """A running commit's first failing test, as the dispatcher tells it:
+    ``after`` seconds since its tests started."""
+    commit: str
+    branch: str | None
+    test: str
+    after: float
+
+
+def early_event(failure: EarlyFailure, dashboard_url: str | None, targets: list[str],
                 now: float | None = None) -> dict:
     """The ``first-failure`` event: a running commit's first failing test.
     Its id is derived from the branch, commit and test, so a run told
     again (after a dispatcher restart) carries the same id and a receiver
     can drop the repeat.  It is no verdict: ``verdict`` is ``running``."""
-    test = one_line(test, 500)
+    commit, branch, after = failure.commit, failure.branch, failure.after
+    test = one_line(failure.test, 500)
     text = "\n".join([branch or "", commit, "first-failure", test])
     event = {
         "id": hashlib.sha256(text.encode()).hexdigest()[:32],

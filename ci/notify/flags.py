@@ -16,7 +16,8 @@ from ci.notify.notifier import Notifier, Options
 from ci.notify.targets import DEFAULT_TIMEOUT, CommandTarget, WebhookTarget
 from ci.notify.worker import DEFAULT_RETRY_FOR, DEFAULT_RETRY_MAX
 from ci.config import ConfigError, positive
-from ci.wire import one_line, read_secret_file
+from ci.credentials import read_secret_file
+from ci.wire import one_line
 
 
 # The flags that take a duration (each checked positive as it is parsed): flag, default, help.

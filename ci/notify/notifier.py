@@ -25,7 +25,7 @@ from typing import Callable
 from ci import results as result_files  # (the module; "results" names lists here)
 from ci.notify.decider import (DEFAULT_NOTIFY_ON, NOTIFY_ON, PENDING, UNKNOWN, Decider,
                                Decision, Result, result_from_fields)
-from ci.notify.events import build_event, early_event, short_id
+from ci.notify.events import EarlyFailure, build_event, early_event, short_id
 from ci.notify.queue_events import QueueEvent, build_queue_event
 from ci.notify.store import JOURNAL_NAME, EventStore
 from ci.notify.worker import DEFAULT_RETRY_FOR, DEFAULT_RETRY_MAX, TargetWorker
@@ -178,9 +178,8 @@ class Notifier:
             batch = self._take_batch()
             if self.stop_event.is_set():
                 return
-            early = [item[1:] for item in batch if len(item) == 5]
-            for commit, branch, test, after in early:
-                self._tell_early(commit, branch, test, after)
+            for early in (EarlyFailure(*item[1:]) for item in batch if len(item) == 5):
+                self._tell_early(early)
             results = [r for r in (result_from_fields(c, f) for c, f in
                                    (item for item in batch if len(item) == 2)) if r]
             try:
@@ -305,11 +304,11 @@ class Notifier:
             except OSError:
                 log.exception("cannot compact the journal")
 
-    def _tell_early(self, commit: str, branch: str | None, test: str, after: float) -> None:
+    def _tell_early(self, failure: EarlyFailure) -> None:
         """Hand a first-failure event to every worker."""
-        event = early_event(commit, branch, test, after, self.dashboard_url, list(self.workers))
-        log.info("%s on %s: first failing test while running, event %s", commit[:12], branch,
-                 short_id(event))
+        event = early_event(failure, self.dashboard_url, list(self.workers))
+        log.info("%s on %s: first failing test while running, event %s", failure.commit[:12],
+                 failure.branch, short_id(event))
         for worker in self.workers.values():
             worker.submit(event)
 

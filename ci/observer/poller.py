@@ -18,7 +18,8 @@ from ci import procgroup
 from ci.backoff import Backoff
 from ci.git import GitError, script_path
 from ci.security import Security
-from ci.wire import Message, ProtocolError, encode_fields, format_address
+from ci.wire import (DEFAULT_CONNECT_TIMEOUT, Message, ProtocolError, encode_fields,
+                     format_address)
 from ci.observer.commits import (MAX_LISTING, dispatch_body, first_parent, new_commits,
                                  own_commits, parse_heads, plan_fields)
 from ci.landing.commands import QueueCommands
@@ -52,18 +53,19 @@ MAX_STATUS_BRANCHES = 50
 @dataclasses.dataclass(frozen=True)
 class Watch:
     """What to watch: the clone, which branches (patterns, or all), how
-    often to poll, and how far back a new branch's commits go."""
+    often to poll (``queue_poll``: while the land queue has work; None:
+    as often), and how far back a new branch's commits go."""
     repo: str
     patterns: list[str]
     poll: float
     all_branches: bool = False
     new_branch_limit: int = DEFAULT_NEW_BRANCH_LIMIT
+    queue_poll: float | None = None
 
 
 class Observer:
     def __init__(self, watch: Watch, dispatcher: tuple[str, int], state: ObserverState,
-                 security: Security, merges: BranchMerges | None = None, engine=None,
-                 queue_poll: float | None = None):
+                 security: Security, merges: BranchMerges | None = None, engine=None):
         self.repo = watch.repo
         self.patterns = watch.patterns
         self.all_branches = watch.all_branches
@@ -88,7 +90,7 @@ class Observer:
         self.engine = engine
         self.commands = {"notify": self.do_notify, "status": self.do_status,
                          **QueueCommands(engine).commands}
-        self.queue_poll = queue_poll or self.poll
+        self.queue_poll = watch.queue_poll or self.poll
         if engine is not None:
             engine.wake = self.wake.set
 
@@ -269,7 +271,8 @@ class Observer:
     def _send(self, commits: list[str], body: bytes) -> Message:
         """One ``dispatch``; DispatcherRefused unless the reply is ok."""
         reply = helpers.call(self.dispatcher, "dispatch", " ".join(commits), body,
-                             security=self.security, reply_timeout=30)
+                             security=self.security,
+                             timeout=(DEFAULT_CONNECT_TIMEOUT, 30))
         if reply.command != "ok":
             raise DispatcherRefused(f"dispatch refused: {reply.argument}")
         return reply
@@ -306,7 +309,7 @@ class Observer:
         runner's checkout fetches anyway, so any failure is just logged."""
         try:
             reply = helpers.call(self.dispatcher, "prefetch", security=self.security,
-                                 timeout=PREFETCH_TIMEOUT, reply_timeout=PREFETCH_TIMEOUT)
+                                 timeout=(PREFETCH_TIMEOUT, PREFETCH_TIMEOUT))
             log.debug("prefetch: %s %s", reply.command, reply.argument)
         except (OSError, ProtocolError) as exc:
             log.debug("prefetch not sent: %s", exc)

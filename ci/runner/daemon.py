@@ -31,8 +31,8 @@ from ci.runner.sandbox.private_git import PrivateRepository
 from ci.runner.sandbox.user import TestUser
 from ci.runner.slot import ProcessSlot, git_run_args
 from ci.security import Security
-from ci.wire import (Message, PeerClosed, ProtocolError, ReadTimeout, Reply, encode_fields,
-                     format_address, valid_full_commit)
+from ci.wire import (DEFAULT_CONNECT_TIMEOUT, Message, PeerClosed, ProtocolError, ReadTimeout,
+                     Reply, encode_fields, format_address, valid_full_commit)
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +106,14 @@ class TestRunner:
 
     def do_runtest(self, message: Message, peer: str) -> Message:
         job = parse_runtest(message)
-        if job.python is not None and job.python not in self.interpreters:
+        python = job.spec.python
+        if python is not None and python not in self.interpreters:
             # The dispatcher routes by labels and should never send this:
             # an error reply, not an ``error`` verdict for the cell.
-            raise Reply(f"this runner has no python{job.python} (it has: "
+            raise Reply(f"this runner has no python{python} (it has: "
                         f"{' '.join(i.label for i in self.interpreters.values())})")
         if self.state.offer(job):
-            shard = job.shard
+            shard = job.spec.shard
             log.info("accepted %s%s, environment scope %s", job.commit[:12],
                      f" (shard {shard.index}/{shard.total})" if shard else "", job.scope.name)
             return Message("ok")
@@ -143,8 +144,7 @@ class TestRunner:
     def _run(self, job: RunnerJob) -> Outcome:
         """The job's outcome; a failure of the runner itself is one too."""
         try:
-            return pipeline.execute(self.settings, job.commit, job.shard, job.scope,
-                                    self._cell(job), job.failing_first, job.rules)
+            return pipeline.execute(self.settings, job.commit, job.spec, self._cell(job))
         except Exception as exc:
             log.exception("running %s failed", job.commit[:12])
             return Outcome({"verdict": "error", "reason": f"runner failure: {exc}"},
@@ -154,9 +154,10 @@ class TestRunner:
 
     def _cell(self, job: RunnerJob) -> interpreters.JobCell:
         """The job's cell with its interpreter (checked at ``runtest``)."""
-        if job.python is None:
-            return interpreters.JobCell(job.cell, interpreters.own(), job.env)
-        return interpreters.JobCell(job.cell, self.interpreters[job.python], job.env)
+        spec = job.spec
+        if spec.python is None:
+            return interpreters.JobCell(spec.cell, interpreters.own(), spec.env)
+        return interpreters.JobCell(spec.cell, self.interpreters[spec.python], spec.env)
 
     def _report(self, job: RunnerJob, outcome: Outcome) -> bool:
         """Into the outbox (the link thread delivers it); False if the
@@ -179,8 +180,7 @@ class TestRunner:
         with tempfile.TemporaryFile() as out:
             code, timed_out = self.slot.run(
                 ["bash", script_path("update_repo.sh"), self.repo], self.repo,
-                self.args.checkout_timeout, out, live=False,
-                **git_run_args(self.private))
+                self.args.checkout_timeout, out, **git_run_args(self.private, live=False))
             if code and not self.slot.cancelled:
                 out.seek(0)
                 log.info("prefetch failed (%s): %s",
@@ -265,7 +265,8 @@ class TestRunner:
         for name, commit, token in self.outbox.items():
             body = self.outbox.read(name)
             reply = helpers.call(self.dispatcher, "results", f"{commit} {token}", body,
-                                 security=self.security, reply_timeout=60)
+                                 security=self.security,
+                                 timeout=(DEFAULT_CONNECT_TIMEOUT, 60))
             self.last_contact = time.monotonic()
             if reply.command == "ok":
                 log.info("delivered result for %s (%s)", commit[:12], reply.argument)
@@ -305,7 +306,7 @@ class TestRunner:
                 start = max(sent[1], size - PROGRESS_CHUNK)
                 data = os.pread(out.fileno(), size - start, start)
                 helpers.call(self.dispatcher, "progress", f"{job.commit} {job.token}", data,
-                             security=self.security, timeout=2, reply_timeout=2)
+                             security=self.security, timeout=(2, 2))
                 sent = (out, start + len(data))
             except (OSError, ValueError, ProtocolError) as exc:
                 log.debug("progress for %s not sent: %s", job.commit[:12], exc)
@@ -321,7 +322,7 @@ class TestRunner:
         try:
             reply = helpers.call(self.dispatcher, "failing", f"{job.commit} {job.token}",
                                  encode_fields({"test": failure.test, "after": f"{after:.3f}"}),
-                                 security=self.security, timeout=2, reply_timeout=2)
+                                 security=self.security, timeout=(2, 2))
         except (OSError, ProtocolError) as exc:
             log.debug("first failure of %s not told: %s", job.commit[:12], exc)
             return False

@@ -46,7 +46,7 @@ import time
 
 from ci.runner import recipe, venvs
 from ci.runner.interpreters import JobCell
-from ci.runner.sandbox.ownership import chown_tree
+from ci.runner.sandbox.ownership import Owner, chown_tree
 from ci.config import ConfigError
 from ci.files import atomic_write, ensure_dir, open_inside, read_inside
 from ci.wire import one_line
@@ -213,7 +213,7 @@ class EnvironmentCache:
         env.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
         if user is not None:
             # The setup runs as the test user (--test-user) and installs here.
-            chown_tree(path, user.uid, user.gid)
+            chown_tree(path, Owner(user.uid, user.gid))
         if not has_pip:
             # The interpreter has no pip to lend: install the bundled one.
             code, timed_out = slot.run([self.python_of(key), "-m", "ensurepip", "--default-pip"],
@@ -237,7 +237,7 @@ class EnvironmentCache:
             # set-id bits, so that no later test (of another commit) can
             # change what it runs with.
             try:
-                chown_tree(path, os.getuid(), os.getgid(), strip=0o6022, copy_links=True)
+                chown_tree(path, Owner(os.getuid(), os.getgid(), strip=0o6022, copy_links=True))
             except OSError as exc:
                 self._remove(path)
                 return False, f"cannot take the built environment back: {exc}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 
-from ci import jobspec, sharding
+from ci import jobspec
 from ci.runner import environments
 from ci.wire import Message, Reply, TOKEN_RE, valid_commit
 
@@ -16,22 +16,15 @@ from ci.wire import Message, Reply, TOKEN_RE, valid_commit
 class RunnerJob:
     """A job this runner holds: the commit to test, the dispatcher's token
     for it (proof that a result or a ``release`` is for this very job),
-    the shard and the branch it belongs to, and its matrix cell (name,
-    interpreter version and ``CI_<AXIS>`` variables), as ``runtest`` said."""
+    and the rest of what ``runtest`` said (its shard, branch and trust,
+    matrix cell, tests to run first, quarantine rules: ci/jobspec.py)."""
     commit: str
     token: str
-    shard: sharding.ShardSpec | None = None
-    branch: str | None = None   # as the dispatcher said; None: not said
-    trusted: bool = False       # the branch is trusted (never without one)
-    cell: str = ""              # "": the commit's only cell
-    python: str | None = None   # the cell's interpreter; None: the runner's own
-    env: dict = dataclasses.field(default_factory=dict)   # CI_<AXIS> variables
-    failing_first: tuple[str, ...] = ()   # test ids to run before the rest
-    rules: str | None = None    # whose .ci.ini quarantine list decides (None: the commit's)
+    spec: jobspec.JobSpec = jobspec.JobSpec()
 
     @property
     def scope(self) -> environments.Scope:
-        return environments.job_scope(self.branch, self.trusted, self.commit)
+        return environments.job_scope(self.spec.branch, self.spec.trusted, self.commit)
 
 
 def parse_runtest(message: Message) -> RunnerJob:
@@ -44,8 +37,7 @@ def parse_runtest(message: Message) -> RunnerJob:
         spec = jobspec.parse(message.body)
     except ValueError as exc:
         raise Reply(str(exc)) from None
-    return RunnerJob(parts[0], parts[1], spec.shard, spec.branch, spec.trusted,
-                     spec.cell, spec.python, spec.env, spec.failing_first, spec.rules)
+    return RunnerJob(parts[0], parts[1], spec)
 
 
 # What RunnerState.take hands the worker when it should fetch, not test.

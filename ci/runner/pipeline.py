@@ -16,10 +16,11 @@ import os
 import tempfile
 import time
 
-from ci import results, sharding
+from ci import jobspec, results
 from ci.outcome import Outcome
 from ci.git import script_path
-from ci.runner import command_line, environments, junit_capture, ordering, reruns, rules
+from ci.runner import (command_line, environments, interpreters, junit_capture, ordering, reruns,
+                       rules)
 from ci.runner.interpreters import JobCell
 from ci.runner.sandbox.private_git import PrivateRepository
 from ci.runner.slot import ProcessSlot, child_env, git_run_args
@@ -52,37 +53,35 @@ class Settings:
     private: PrivateRepository | None = None
 
 
-def execute(settings: Settings, commit: str, shard: sharding.ShardSpec | None = None,
-            scope: environments.Scope | None = None, cell: JobCell | None = None,
-            failing_first: tuple[str, ...] = (), rules_commit: str | None = None) -> Outcome:
-    """Check out ``commit`` and run its tests; return their outcome.
-    ``scope``: which environments the commit may reuse and build
-    (default: the commit's own, never a trusted one); ``cell``: the
-    matrix cell's interpreter and variables (default: the runner's own
-    Python, none); ``failing_first``: test ids to run before the rest
-    (see ordering.py); ``rules_commit``: whose ``.ci.ini`` quarantine list
-    judges the run (a merge commit's target; None: the commit's own, see
-    rules.py).  Per-test records, when there are any, come as the
-    outcome's ``records`` (and as its ``junit_xml`` for older
+def execute(settings: Settings, commit: str, spec: jobspec.JobSpec | None = None,
+            cell: JobCell | None = None) -> Outcome:
+    """Check out ``commit`` and run its tests as ``spec`` (what ``runtest``
+    said: ci/jobspec.py) asks; return their outcome.  From the spec: the
+    shard, the environments the commit may reuse and build (its branch's
+    scope; without a branch, the commit's own, never a trusted one), the
+    test ids to run before the rest (see ordering.py) and whose ``.ci.ini``
+    quarantine list judges the run (``rules``: a merge commit's target;
+    None: the commit's own, see rules.py).  ``cell``: the spec's matrix
+    cell with the interpreter this runner resolved for it (default: the
+    runner's own Python).  Per-test records, when there are any, come as
+    the outcome's ``records`` (and as its ``junit_xml`` for older
     dispatchers), and the counts are theirs."""
-    return JobPipeline(settings, commit, shard, scope, cell, failing_first,
-                       rules_commit).run()
+    return JobPipeline(settings, commit, spec, cell).run()
 
 
 class JobPipeline:
     """One job through checkout, setup and tests."""
 
-    def __init__(self, settings: Settings, commit: str,
-                 shard: sharding.ShardSpec | None = None,
-                 scope: environments.Scope | None = None, cell: JobCell | None = None,
-                 failing_first: tuple[str, ...] = (), rules_commit: str | None = None):
+    def __init__(self, settings: Settings, commit: str, spec: jobspec.JobSpec | None = None,
+                 cell: JobCell | None = None):
+        spec = spec or jobspec.JobSpec()
         self.settings = settings
-        self.rules_commit = rules_commit
-        self.failing_first = tuple(failing_first)
+        self.rules_commit = spec.rules
+        self.failing_first = spec.failing_first
         self.commit = commit
-        self.shard = shard
-        self.scope = scope or environments.job_scope(None, False, commit)
-        self.cell = cell or JobCell.plain()
+        self.shard = spec.shard
+        self.scope = environments.job_scope(spec.branch, spec.trusted, commit)
+        self.cell = cell or JobCell(spec.cell, interpreters.own(), spec.env)
         self.started = time.time()
         # When the tests' time limit runs out (set as they start).
         self.deadline = time.monotonic()

@@ -11,6 +11,7 @@ slot starts the commit's commands as that user, in a per-run sandbox
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -40,12 +41,22 @@ def child_env(user: TestUser | None = None) -> dict:
     return user.env(env) if user else env
 
 
-def git_run_args(private: PrivateRepository | None) -> dict:
-    """``slot.run``'s env and as_runner for the runner's git work: with a
+@dataclasses.dataclass(frozen=True)
+class RunMode:
+    """How ``ProcessSlot.run`` runs a command, beyond what, where and how
+    long.  ``live``: its output is the current job's, to be shown as it
+    grows.  ``as_runner``: as this runner's user even with --test-user (its
+    own git work, in a repository the test user cannot change)."""
+    live: bool = True
+    as_runner: bool = False
+
+
+def git_run_args(private: PrivateRepository | None, live: bool = True) -> dict:
+    """``slot.run``'s env and mode for the runner's git work: with a
     private repository, as the runner's user, in that repository."""
     if private is None:
-        return {"env": child_env()}
-    return {"env": private.git_env(child_env()), "as_runner": True}
+        return {"env": child_env(), "mode": RunMode(live)}
+    return {"env": private.git_env(child_env()), "mode": RunMode(live, as_runner=True)}
 
 
 class ProcessSlot:
@@ -96,18 +107,16 @@ class ProcessSlot:
         os.unlink(self.pidfile)
 
     def run(self, cmd: list[str], cwd: str, timeout: float, out,
-            env=None, live: bool = True, as_runner: bool = False) -> tuple[int, bool]:
-        """Run ``cmd`` with output to file ``out``; return (exit code, timed out).
-        ``live``: the output is the current job's, to be shown as it grows.
-        ``as_runner``: as this runner's user even with --test-user (its own
-        git work, in a repository the test user cannot change)."""
-        as_user = self.user is not None and not as_runner
+            env=None, mode: RunMode = RunMode()) -> tuple[int, bool]:
+        """Run ``cmd`` with output to file ``out``; return (exit code, timed
+        out).  ``mode``: whether the output is shown live, and as whom."""
+        as_user = self.user is not None and not mode.as_runner
         extra = self.user.popen_args() if as_user else {}
         if as_user and self.sandbox is not None:
             env = self.sandbox.env(child_env(self.user) if env is None else env)
 
         def started(proc) -> None:
-            self.output = out if live else None
+            self.output = out if mode.live else None
             self._watch(proc.pid)
 
         proc = self._child.start(cmd, on_start=started, cwd=cwd, stdout=out,

@@ -312,8 +312,8 @@ def test_taking_a_tree_back_copies_its_hard_links_or_removes_them(tmp_path):
         tree = tmp_path / f"tree-{copy_links}"
         (tree / "lib").mkdir(parents=True)
         os.link(cache, tree / "lib" / "module.py")
-        ownership.chown_tree(str(tree), os.getuid(), os.getgid(), strip=0o6022,
-                                copy_links=copy_links)
+        ownership.chown_tree(str(tree), ownership.Owner(os.getuid(), os.getgid(), strip=0o6022,
+                                                        copy_links=copy_links))
         linked = tree / "lib" / "module.py"
         if copy_links:
             assert linked.read_text() == "installed\n"

@@ -12,7 +12,7 @@ import helpers
 from support.cluster import wait_until
 from support.pythons import pyenv_python
 
-from ci import jobspec, matrix
+from ci import jobspec
 
 OWN = f"{sys.version_info[0]}.{sys.version_info[1]}"
 
@@ -31,7 +31,7 @@ def test_labels_reach_the_state_and_a_missing_interpreter_is_refused(cluster):
     assert found["labels"] == ["gpu", "python3.13"] and found["exclusive"] is True
 
     other = "3.9" if OWN != "3.9" else "3.10"
-    body = jobspec.encode(cell=matrix.Cell(f"py{other}", other, (), frozenset()))
+    body = jobspec.encode(jobspec.JobSpec(cell=f"py{other}", python=other))
     reply = helpers.call(("127.0.0.1", runner.port), "runtest", "a" * 40 + " " + "b" * 32,
                          body, timeout=5)
     assert reply.command == "error"

@@ -27,7 +27,7 @@ from support.cluster import send_slowly, wait_until
 from ci.outcome import RESULT_INT_FIELDS
 from ci.results import VERDICTS
 from ci.security import NonceCache
-from ci.wire import (Message, ProtocolError, Reply, decode_fields, decode_header,
+from ci.wire import (Freshness, Message, ProtocolError, Reply, decode_fields, decode_header,
     decode_message, encode_fields, encode_frame, encode_message, one_line, read_frame,
     valid_full_commit, verify_frame)
 
@@ -225,7 +225,7 @@ def test_frame_round_trip_over_socket(payload, secret):
     header, received = _through_socketpair(encode_frame(payload, secret),
                                            max_message=1 << 20)
     assert received == payload
-    verify_frame(header, received, secret, nonces=NonceCache())
+    verify_frame(header, received, secret, fresh=Freshness(nonces=NonceCache()))
 
 
 @settings(max_examples=300, deadline=None)
@@ -237,7 +237,7 @@ def test_any_changed_byte_of_a_signed_frame_is_refused(payload, data):
     frame[position] ^= flip
     with pytest.raises(ProtocolError):
         header, received = _through_socketpair(bytes(frame), timeout=2)
-        verify_frame(header, received, SECRET, nonces=NonceCache())
+        verify_frame(header, received, SECRET, fresh=Freshness(nonces=NonceCache()))
 
 
 def test_header_claiming_a_huge_length_is_refused_before_reading_it():

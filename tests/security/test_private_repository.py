@@ -199,7 +199,8 @@ def test_a_git_folder_or_hard_link_a_test_leaves_in_the_tree_is_gone_after_check
     # removed, never given.
     as_user(nobody, f"ln {outside} docs/late", private.repo)
     from ci.runner.sandbox import ownership
-    ownership.chown_tree(private.repo, nobody.pw_uid, nobody.pw_gid, skip=(".git",))
+    ownership.chown_tree(private.repo, ownership.Owner(nobody.pw_uid, nobody.pw_gid),
+                         skip=(".git",))
     assert outside.stat().st_uid == 0
     assert not os.path.lexists(os.path.join(private.repo, "docs", "late"))
 

@@ -22,7 +22,7 @@ from ci import results
 from support.cluster import PY, ROOT, free_port, git, send_raw, send_slowly, wait_until
 from support.tls import client_context, make_ca, make_role_certs
 from ci.security import Security, make_tls_contexts
-from ci.wire import (Message, ProtocolError, decode_fields, decode_header, decode_message,
+from ci.wire import (Limits, Message, ProtocolError, decode_fields, decode_header, decode_message,
     encode_frame, encode_message, read_frame, request, valid_commit, valid_full_commit,
     verify_frame)
 
@@ -211,7 +211,7 @@ def answer_from(address, source: str, command: str) -> Message | None:
     try:
         with socket.create_connection(address, timeout=5,
                                       source_address=(source, 0)) as sock:
-            return request(sock, command, timeout=5)
+            return request(sock, command, limits=Limits(timeout=5))
     except (OSError, ProtocolError):
         return None
 

@@ -103,7 +103,8 @@ def test_handing_an_environment_back_never_follows_a_swapped_symlink(tmp_path, m
         return looked
     for name in ("lstat", "stat", "open"):
         monkeypatch.setattr(os, name, swap_after(getattr(os, name)))
-    ownership.chown_tree(str(tmp_path / "env"), os.getuid(), os.getgid(), strip=0o6022)
+    ownership.chown_tree(str(tmp_path / "env"), ownership.Owner(os.getuid(), os.getgid(),
+                                                               strip=0o6022))
     monkeypatch.undo()
     assert swapped, "the tree walk never looked at the file"
     assert key.stat().st_mode & 0o7777 == 0o600

@@ -107,7 +107,8 @@ def test_the_failing_test_runs_first_and_the_counts_are_unchanged(kind, upstream
     commit = upstream.commit({**files, "tests/test_sample.py": None}, "a suite")
     clone = upstream.clone(tmp_path / "clone")
     plain = execute(settings(clone, command), commit)
-    first = execute(settings(clone, command), commit, failing_first=(broken, "gone.test"))
+    first = execute(settings(clone, command), commit,
+                    jobspec.JobSpec(failing_first=(broken, "gone.test")))
     assert counts(first) == counts(plain) and counts(plain)[0] == "failed"
     assert sorted(run_order(first)) == sorted(run_order(plain))
     assert run_order(plain)[0] != broken and run_order(first)[0] == broken
@@ -126,7 +127,8 @@ def test_a_command_that_cannot_be_reordered_runs_as_today_and_says_so(upstream, 
     commit = upstream.commit({"tests/test_z.py": UNITTEST_Z}, "a suite")
     clone = upstream.clone(tmp_path / "clone")
     command = ["sh", "-c", f"{PY} -m unittest discover -s tests"]
-    outcome = execute(settings(clone, command), commit, failing_first=("test_z.Z.test_broken",))
+    outcome = execute(settings(clone, command), commit,
+                      jobspec.JobSpec(failing_first=("test_z.Z.test_broken",)))
     assert outcome.verdict == "failed" and outcome.header["tests"] == 4
     assert outcome.header["failing_first"].startswith("not reordered (the test command is")
     assert "first_failure_after" not in outcome.header
@@ -146,11 +148,13 @@ def test_reorder_moves_whole_groups_and_keeps_every_item_once():
 
 def test_the_ids_travel_in_the_runtest_body_and_pin_their_files_to_shard_1(tmp_path):
     ids = ("tests.test_b.B.test_x", "tests.test_c.test_y[a b]")
-    body = jobspec.encode("main", True, (2, 3), b"1.000 tests.test_a\n", failing_first=ids)
+    shard = sharding.parse_shard("2/3", b"1.000 tests.test_a\n", ids)
+    body = jobspec.encode(jobspec.JobSpec(shard, "main", True, failing_first=ids))
     spec = jobspec.parse(body)
     assert spec.failing_first == ids and spec.shard.first == ids
     assert spec.shard.durations == {"tests.test_a": 1.0}
-    assert jobspec.parse(jobspec.encode("main", failing_first=ids)).failing_first == ids
+    spec = jobspec.JobSpec(branch="main", failing_first=ids)
+    assert jobspec.parse(jobspec.encode(spec)).failing_first == ids
     with pytest.raises(ValueError, match="failing_first says 3"):
         jobspec.parse(b"branch: main\ntrusted: no\nfailing_first: 3\n\na\nb\n")
     files = [(f"tests/test_{n}.py", f"tests.test_{n}") for n in "abcdef"]
@@ -176,6 +180,7 @@ def test_a_unittest_run_with_an_order_does_not_import_pytest(upstream, tmp_path)
     commit = upstream.commit({"tests/test_probe.py": probe, "tests/test_sample.py": None},
                              "probe")
     clone = upstream.clone(tmp_path / "clone")
-    outcome = execute(settings(clone, None), commit, failing_first=("test_probe.P.test_x",))
+    outcome = execute(settings(clone, None), commit,
+                      jobspec.JobSpec(failing_first=("test_probe.P.test_x",)))
     assert outcome.header["verdict"] == "passed", outcome.output[-2000:]
     assert "failing_first" in outcome.header

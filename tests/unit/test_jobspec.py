@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from ci.dispatch import server
+from ci.dispatch import register, server
 from ci.dispatch.runners import Traits
 from ci.runner.jobs import parse_runtest
 from ci import jobspec, matrix, sharding, state_schema
@@ -36,7 +36,10 @@ TABLE = b"1.500 tests.test_a\n0.250 tests.test_b\n"
     ("release/1.0", True, (3, 3), b""),
 ])
 def test_the_body_round_trips(branch, trusted, shard, table):
-    spec = jobspec.parse(jobspec.encode(branch, trusted, shard, table))
+    sent = jobspec.JobSpec(shard and sharding.parse_shard(f"{shard[0]}/{shard[1]}", table),
+                           branch, trusted)
+    spec = jobspec.parse(jobspec.encode(sent))
+    assert spec == sent
     assert (spec.branch, spec.trusted) == (branch, trusted)
     if shard is None:
         assert spec.shard is None
@@ -46,11 +49,40 @@ def test_the_body_round_trips(branch, trusted, shard, table):
 
 
 def test_an_older_dispatchers_bodies_keep_their_meaning():
-    assert jobspec.encode() == b""   # a whole commit of no known branch: as before
+    assert jobspec.encode(jobspec.JobSpec()) == b""   # a whole commit of no known branch: as before
     assert jobspec.parse(b"") == jobspec.JobSpec(None, None, False)
     old = jobspec.parse(b"shard: 2/3\n\n" + TABLE)
     assert (old.shard.index, old.shard.total, old.branch, old.trusted) == (2, 3, None, False)
     assert old.shard.durations == {"tests.test_a": 1.5, "tests.test_b": 0.25}
+
+
+RULES = "c" * 40
+
+
+@pytest.mark.parametrize("body", [
+    b"",                                                     # a whole commit, as before
+    b"shard: 2/3\n\n" + TABLE,                               # an older dispatcher's shard
+    b"shard: 1/2\n\n",                                       # a shard with no durations
+    b"branch: main\ntrusted: yes\n",
+    b"branch: feature/x\ntrusted: no\nfailing_first: 2\n\ntests.a.A.t\ntests.b.B.t[x y]\n",
+    b"shard: 3/3\nbranch: main\ntrusted: no\nfailing_first: 1\n\ntests.a.A.t\n" + TABLE,
+    b"cell: py3.12-dbpg\npython: 3.12\naxes: db=pg\nbranch: main\ntrusted: yes\n",
+    b"cell: extraa\naxes: extra=a\n",
+    b"branch: feature/y\ntrusted: no\nrules: " + RULES.encode() + b"\n",
+])
+def test_encode_gives_back_the_body_parse_read(body):
+    """The one job description: what a runner reads of a body is all the
+    dispatcher needs to send it again, byte for byte (old bodies too)."""
+    assert jobspec.encode(jobspec.parse(body)) == body
+
+
+def test_each_field_keeps_its_meaning():
+    spec = jobspec.parse(b"shard: 3/3\nbranch: main\ntrusted: no\nfailing_first: 1\n\n"
+                         b"tests.a.A.t\n" + TABLE)
+    assert spec == jobspec.JobSpec(
+        sharding.ShardSpec(3, 3, {"tests.test_a": 1.5, "tests.test_b": 0.25}, ("tests.a.A.t",)),
+        "main", False, failing_first=("tests.a.A.t",))
+    assert jobspec.parse(jobspec.encode(spec)) == spec
 
 
 @pytest.mark.parametrize("body, reason", [
@@ -69,9 +101,11 @@ def test_malformed_bodies_are_refused_with_the_reason(body, reason):
 
 def test_encode_refuses_what_parse_would():
     with pytest.raises(ValueError):
-        jobspec.encode(None, True)
+        jobspec.encode(jobspec.JobSpec(trusted=True))
     with pytest.raises(ValueError):
-        jobspec.encode("a b", False)
+        jobspec.encode(jobspec.JobSpec(branch="a b"))
+    with pytest.raises(ValueError, match="without a cell"):
+        jobspec.encode(jobspec.JobSpec(python="3.12"))
 
 
 def test_trusted_branches_match_patterns():
@@ -89,14 +123,15 @@ def test_trusted_branches_match_patterns():
 
 def test_the_runner_reads_branch_and_trust_and_never_trusts_without_a_branch():
     job = parse_runtest(Message("runtest", f"{X} {TOKEN}",
-                                            jobspec.encode("main", True, (1, 2), TABLE)))
-    assert (job.commit, job.token, job.branch, job.trusted) == (X, TOKEN, "main", True)
-    assert job.shard.index == 1 and job.scope is environments.TRUSTED_SCOPE
+                                jobspec.encode(jobspec.JobSpec(
+                                    sharding.parse_shard("1/2", TABLE), "main", True))))
+    assert (job.commit, job.token, job.spec.branch, job.spec.trusted) == (X, TOKEN, "main", True)
+    assert job.spec.shard.index == 1 and job.scope is environments.TRUSTED_SCOPE
     feature = parse_runtest(Message("runtest", f"{X} {TOKEN}",
-                                                jobspec.encode("feature/x", False)))
+                                    jobspec.encode(jobspec.JobSpec(branch="feature/x"))))
     assert (feature.scope.label, feature.scope.name) == ("branch", "branch:feature/x")
     old = parse_runtest(Message("runtest", f"{X} {TOKEN}", b""))
-    assert (old.branch, old.trusted, old.scope.label) == (None, False, "commit")
+    assert (old.spec.branch, old.spec.trusted, old.scope.label) == (None, False, "commit")
     with pytest.raises(Reply, match="trusted without a branch"):
         parse_runtest(Message("runtest", f"{X} {TOKEN}", b"trusted: yes\n"))
     with pytest.raises(Reply, match="usage"):
@@ -172,18 +207,21 @@ CELL = matrix.Cell("py3.12-django5.1", "3.12", (("django", "5.1"), ("db", "pg"))
 
 
 def test_a_cell_round_trips_with_shard_and_branch():
-    body = jobspec.encode("main", True, (1, 2), TABLE, cell=CELL)
+    body = jobspec.encode(jobspec.JobSpec(sharding.parse_shard("1/2", TABLE), "main", True,
+                                          CELL.name, CELL.python, CELL.axes))
     spec = jobspec.parse(body)
     assert (spec.cell, spec.python, spec.axes) == (CELL.name, "3.12", CELL.axes)
     assert spec.env == {"CI_DJANGO": "5.1", "CI_DB": "pg"}
     assert (spec.branch, spec.trusted, spec.shard.index) == ("main", True, 1)
-    bare = jobspec.parse(jobspec.encode(cell=matrix.Cell("extraa", None, (("extra", "a"),))))
+    bare = jobspec.parse(jobspec.encode(jobspec.JobSpec(cell="extraa",
+                                                        axes=(("extra", "a"),))))
     assert (bare.cell, bare.python, bare.env) == ("extraa", None, {"CI_EXTRA": "a"})
 
 
 def test_a_single_cell_job_is_todays_body():
-    assert jobspec.encode(cell=matrix.SINGLE) == b""
-    assert jobspec.encode("main", True) == jobspec.encode("main", True, cell=matrix.SINGLE)
+    assert jobspec.encode(jobspec.JobSpec(cell=matrix.SINGLE.name)) == b""
+    assert jobspec.encode(jobspec.JobSpec(branch="main", trusted=True)) == \
+        b"branch: main\ntrusted: yes\n"
     spec = jobspec.parse(b"branch: main\ntrusted: yes\n")
     assert (spec.cell, spec.python, spec.axes, spec.env) == ("", None, (), {})
 
@@ -202,7 +240,7 @@ def test_malformed_cells_are_refused(body, reason):
     with pytest.raises(ValueError, match=reason):
         jobspec.parse(body)
     with pytest.raises(ValueError):
-        jobspec.encode(cell=matrix.Cell("a/b"))
+        jobspec.encode(jobspec.JobSpec(cell="a/b"))
 
 
 @pytest.mark.parametrize("fields, labels, exclusive", [
@@ -211,7 +249,7 @@ def test_malformed_cells_are_refused(body, reason):
     ({"labels": "big", "exclusive": "yes"}, {"big"}, True),
 ])
 def test_register_labels_and_exclusive(fields, labels, exclusive):
-    traits = server.runner_traits(fields, 60.0)
+    traits = register.runner_traits(fields, 60.0)
     assert (traits.labels, traits.exclusive, traits.limit) == (labels, exclusive, 60.0)
 
 
@@ -222,7 +260,7 @@ def test_register_labels_and_exclusive(fields, labels, exclusive):
 ])
 def test_odd_register_labels_are_refused(fields, reason):
     with pytest.raises(Reply, match=reason):
-        server.runner_traits(fields, None)
+        register.runner_traits(fields, None)
 
 
 def test_labels_show_in_state(make_state):

@@ -183,11 +183,11 @@ def test_a_runner_can_never_send_conflict():
 # ---- the job's rules -----------------------------------------------------------
 
 def test_rules_travel_in_the_job_and_must_be_a_full_id():
-    spec = jobspec.parse(jobspec.encode("feature/a", rules=T))
+    spec = jobspec.parse(jobspec.encode(jobspec.JobSpec(branch="feature/a", rules=T)))
     assert spec.rules == T and spec.branch == "feature/a"
-    assert jobspec.parse(jobspec.encode("feature/a")).rules is None
+    assert jobspec.parse(jobspec.encode(jobspec.JobSpec(branch="feature/a"))).rules is None
     with pytest.raises(ValueError):
-        jobspec.encode("f", rules="abc")
+        jobspec.encode(jobspec.JobSpec(branch="f", rules="abc"))
     with pytest.raises(ValueError, match="rules"):
         jobspec.parse(b"branch: f\ntrusted: no\nrules: 1234\n")
 

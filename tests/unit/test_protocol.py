@@ -14,9 +14,9 @@ from hypothesis import given, settings, strategies as st
 
 import ci.security
 from ci.security import NonceCache, boot_id
-from ci.wire import (Busy, FrameHeader, Message, ProtocolError, decode_fields, decode_header,
-    decode_message, encode_fields, encode_frame, encode_message, format_address, parse_address,
-    valid_commit, valid_full_commit, verify_frame)
+from ci.wire import (Busy, FrameHeader, Freshness, Message, ProtocolError, decode_fields,
+    decode_header, decode_message, encode_fields, encode_frame, encode_message, format_address,
+    parse_address, valid_commit, valid_full_commit, verify_frame)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SECRET = b"correct horse battery staple"
@@ -111,7 +111,7 @@ def test_frame_round_trip(secret, name):
     frame = encode_frame(payload, secret)
     header, got = split_frame(frame)
     assert got == payload
-    verify_frame(header, got, secret, nonces=NonceCache())
+    verify_frame(header, got, secret, fresh=Freshness(nonces=NonceCache()))
     assert (header.tag == "-") == (secret is None)
 
 
@@ -141,15 +141,15 @@ def test_verify_frame_refuses_tampering_and_wrong_keys():
 def test_verify_frame_refuses_stale_and_replayed_messages():
     frame = encode_frame(b"status", SECRET, now=1_000_000.0)
     header, payload = split_frame(frame)
-    verify_frame(header, payload, SECRET, window=30, now=1_000_029.0)
+    verify_frame(header, payload, SECRET, fresh=Freshness(30, now=1_000_029.0))
     with pytest.raises(ProtocolError, match="stale"):
-        verify_frame(header, payload, SECRET, window=30, now=1_000_031.0)
+        verify_frame(header, payload, SECRET, fresh=Freshness(30, now=1_000_031.0))
     with pytest.raises(ProtocolError, match="stale"):
-        verify_frame(header, payload, SECRET, window=30, now=999_969.0)
+        verify_frame(header, payload, SECRET, fresh=Freshness(30, now=999_969.0))
     nonces = NonceCache(window=30)
-    verify_frame(header, payload, SECRET, nonces=nonces, now=1_000_001.0)
+    verify_frame(header, payload, SECRET, fresh=Freshness(nonces=nonces, now=1_000_001.0))
     with pytest.raises(ProtocolError, match="replayed"):
-        verify_frame(header, payload, SECRET, nonces=nonces, now=1_000_002.0)
+        verify_frame(header, payload, SECRET, fresh=Freshness(nonces=nonces, now=1_000_002.0))
 
 
 def test_nonce_cache_forgets_only_what_the_window_already_refuses():
@@ -337,3 +337,29 @@ def test_own_hmac_equals_the_standard_library(key, parts):
     from ci import wire
     assert wire._hmac_sha256(key, parts) == \
         hmac.new(key, b"".join(parts), hashlib.sha256).hexdigest()
+
+
+def test_records_take_their_last_fields_by_name():
+    """``Limits``, ``Credentials`` and ``Freshness`` group what a call, a
+    signature and a frame's age check take; named fields may be given."""
+    from ci.wire import DEFAULT_AUTH_WINDOW, DEFAULT_MAX_MESSAGE, Credentials, Limits
+    assert Limits(3, window=9) == (3, None, DEFAULT_MAX_MESSAGE, 9)
+    assert Credentials() == (None, None) and Freshness(nonces=1).window == DEFAULT_AUTH_WINDOW
+    with pytest.raises(TypeError):
+        Limits(1, timeout=2)
+    with pytest.raises(TypeError):
+        Limits(bogus=1)
+
+
+def test_a_call_waits_for_its_reply_as_long_as_the_timeout_pair_says():
+    """``helpers.call``'s ``timeout``: one number (connect and reply, the
+    reply at least the read timeout) or a (connect, reply) pair."""
+    import socket
+    import time
+    import helpers
+    with socket.create_server(("127.0.0.1", 0)) as silent:   # accepts, never answers
+        address = silent.getsockname()[:2]
+        started = time.monotonic()
+        with pytest.raises(ProtocolError, match="timed out"):
+            helpers.call(address, "status", timeout=(5, 0.3))
+        assert time.monotonic() - started < 3

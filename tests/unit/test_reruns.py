@@ -11,6 +11,7 @@ import pytest
 
 from ci import junit_xml
 from ci import results, sharding
+from ci.jobspec import JobSpec
 from ci.results import TestRecord
 from ci.runner import command_line, environments, junit_capture, recipe, reruns
 from ci.runner.pipeline import JobPipeline, Settings, execute
@@ -178,7 +179,7 @@ def test_a_sharded_commit_reruns_within_its_shard(upstream, tmp_path):
                             ".ci.ini": recipe_text(rerun_failures=1)}, "two modules")
     ran = {}
     for index in (1, 2):
-        job = JobPipeline(settings(clone), head, sharding.ShardSpec(index, 2, {}))
+        job = JobPipeline(settings(clone), head, JobSpec(sharding.ShardSpec(index, 2, {})))
         ran[index] = job.run()
     flaky_shard = next(i for i in ran if "test_sometimes" in by_name(ran[i]))
     other_shard = 3 - flaky_shard
@@ -254,7 +255,7 @@ def test_a_failing_first_run_with_reruns_is_ordered_then_rerun_with_its_environm
     head = upstream.commit({**files, "tests/test_sample.py": None,
                             ".ci.ini": recipe_text(rerun_failures=1, **keys)},
                            "flaky, named first")
-    outcome = execute(settings(clone), head, failing_first=(named,))
+    outcome = execute(settings(clone), head, JobSpec(failing_first=(named,)))
     records = by_name(outcome)
     assert [r.name for r in outcome.records] == ["test_sometimes", "test_slow"]
     assert records["test_sometimes"].outcome == "flaky"

@@ -9,6 +9,7 @@ import threading
 
 from support.cluster import PASSING_TEST
 
+from ci.jobspec import JobSpec
 from ci.runner import environments, recipe
 from ci.runner.outbox import MAX_REFUSALS, Outbox
 from ci.runner.pipeline import JobPipeline, Settings, execute
@@ -51,7 +52,7 @@ def test_a_shard_with_nothing_to_run_passes_without_running(upstream, tmp_path):
     head = upstream.commit({"tests/test_more.py": PASSING_TEST}, "two")
     ran = tmp_path / "ran"
     command = [PY, "-c", f"open({str(ran)!r}, 'w').close()"]
-    job = JobPipeline(settings(clone, command), head, sharding.ShardSpec(2, 2, {}))
+    job = JobPipeline(settings(clone, command), head, JobSpec(sharding.ShardSpec(2, 2, {})))
     outcome = job.run()
     assert outcome.verdict == "passed" and outcome.header["shards"] == "2/2 skipped"
     assert b"nothing to run" in outcome.output and not ran.exists()

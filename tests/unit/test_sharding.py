@@ -104,7 +104,8 @@ def test_durations_are_learned_per_classname_and_bounded():
     durations.learn([results.TestRecord("o.C", "t", duration=1.0),
                      results.TestRecord("p.D", "t", duration=1.0)])
     assert list(durations.table) == ["n.B", "o.C", "p.D"]
-    spec = jobspec.parse(jobspec.encode(shard=(2, 3), table=durations.encode())).shard
+    spec = jobspec.parse(jobspec.encode(jobspec.JobSpec(
+        sharding.parse_shard("2/3", durations.encode())))).shard
     assert spec == sharding.ShardSpec(2, 3, {"n.B": 0.5, "o.C": 1.0, "p.D": 1.0})
 
 

@@ -4,6 +4,7 @@ place ownership changes are made (the environments, the working tree)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -15,10 +16,56 @@ from ci.files import create_fresh_at
 log = logging.getLogger(__name__)
 
 
-def chown_tree(path: str, uid: int, gid: int, strip: int = 0,
-               skip: tuple[str, ...] = (), drop: tuple[str, ...] = (),
-               copy_links: bool = False) -> None:
-    """Give a whole tree (an environment, a working tree) to ``uid``
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    """Whom ``chown_tree`` gives a tree to, and how: ``uid`` and ``gid``,
+    the permission bits to ``strip``, and whether a hard link is replaced
+    by a copy of its own (``copy_links``) rather than removed."""
+    uid: int
+    gid: int
+    strip: int = 0
+    copy_links: bool = False
+
+    def give(self, fd: int, mode: int) -> None:
+        os.fchown(fd, self.uid, self.gid)
+        if self.strip:
+            os.fchmod(fd, stat.S_IMODE(mode) & ~self.strip)
+
+    def give_entry(self, name: str, folder: str, folder_fd: int) -> None:
+        """One entry of ``chown_tree``'s walk, through a descriptor opened
+        without following it: given, or (a hard link) removed or copied."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
+                         dir_fd=folder_fd)
+        except FileNotFoundError:
+            return
+        except OSError:
+            # A symlink (ELOOP), or a socket that cannot be opened:
+            # change the entry itself, never what it points to.
+            try:
+                os.chown(name, self.uid, self.gid, dir_fd=folder_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+            return
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1:
+                if self.copy_links and stat.S_ISREG(info.st_mode):
+                    _replace_with_copy(name, fd, folder_fd,
+                                       lambda out: self.give(out, info.st_mode))
+                    return
+                log.warning("removing %s: a hard link, never given away",
+                            os.path.join(folder, name))
+                _remove(name, folder_fd, folder)
+                return
+            self.give(fd, info.st_mode)
+        finally:
+            os.close(fd)
+
+
+def chown_tree(path: str, owner: Owner, skip: tuple[str, ...] = (),
+               drop: tuple[str, ...] = ()) -> None:
+    """Give a whole tree (an environment, a working tree) to ``owner``
     (symlinks themselves, never their targets), taking the ``strip``
     permission bits away; the top-level names in ``skip`` are left alone,
     the names in ``drop`` below the top level are removed.
@@ -37,14 +84,9 @@ def chown_tree(path: str, uid: int, gid: int, strip: int = 0,
     without following symlinks (and every folder is entered through its
     parent's descriptor): a name swapped for a symlink after it was looked
     at must not lead a chmod, run as root, to the runner's key file."""
-    def give(fd: int, mode: int) -> None:
-        os.fchown(fd, uid, gid)
-        if strip:
-            os.fchmod(fd, stat.S_IMODE(mode) & ~strip)
-
     top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        give(top, os.fstat(top).st_mode)
+        owner.give(top, os.fstat(top).st_mode)
     finally:
         os.close(top)
     for folder, dirs, files, folder_fd in os.fwalk(path, follow_symlinks=False):
@@ -60,39 +102,7 @@ def chown_tree(path: str, uid: int, gid: int, strip: int = 0,
         # Sub-folders are given away here, as entries of their parent,
         # before the walk enters them.
         for name in [*dirs, *files]:
-            _give_entry(name, folder, folder_fd, give, uid, gid, copy_links)
-
-
-def _give_entry(name: str, folder: str, folder_fd: int, give, uid: int, gid: int,
-                copy_links: bool) -> None:
-    """One entry of ``chown_tree``'s walk, through a descriptor opened
-    without following it: given, or (a hard link) removed or copied."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
-                     dir_fd=folder_fd)
-    except FileNotFoundError:
-        return
-    except OSError:
-        # A symlink (ELOOP), or a socket that cannot be opened:
-        # change the entry itself, never what it points to.
-        try:
-            os.chown(name, uid, gid, dir_fd=folder_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            pass
-        return
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1:
-            if copy_links and stat.S_ISREG(info.st_mode):
-                _replace_with_copy(name, fd, folder_fd, lambda out: give(out, info.st_mode))
-                return
-            log.warning("removing %s: a hard link, never given away",
-                        os.path.join(folder, name))
-            _remove(name, folder_fd, folder)
-            return
-        give(fd, info.st_mode)
-    finally:
-        os.close(fd)
+            owner.give_entry(name, folder, folder_fd)
 
 
 def _replace_with_copy(name: str, fd: int, folder_fd: int, give) -> None:

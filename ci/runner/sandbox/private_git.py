@@ -30,7 +30,7 @@ import os
 import shutil
 import subprocess
 
-from ci.runner.sandbox.ownership import chown_tree
+from ci.runner.sandbox.ownership import Owner, chown_tree
 from ci.config import ConfigError
 from ci.files import create_fresh_at
 from ci.git import GitError, run_git
@@ -140,8 +140,8 @@ class PrivateRepository:
         tree's ``.git`` is left as it is: our git never reads it, and
         give_tree replaces it; one below the top (a test's repository) is
         removed before our git runs."""
-        chown_tree(self.repo, os.getuid(), os.getgid(), strip=0o6022,
-                                skip=(POINTER,), drop=(POINTER,))
+        chown_tree(self.repo, Owner(os.getuid(), os.getgid(), strip=0o6022),
+                   skip=(POINTER,), drop=(POINTER,))
 
     def give_tree(self) -> None:
         """After a checkout: the working tree (not the repository) to the
@@ -151,8 +151,7 @@ class PrivateRepository:
         # every ``.git`` alone: one below the top is a test's, kept from one
         # commit to the next (a repository whose config a later test's git
         # would run, or a hard link to a file outside the tree).
-        chown_tree(self.repo, self.uid, self.gid, skip=(POINTER,),
-                                drop=(POINTER,))
+        chown_tree(self.repo, Owner(self.uid, self.gid), skip=(POINTER,), drop=(POINTER,))
 
     def reset_pointer(self) -> None:
         """Replace whatever the tree's ``.git`` now is (a test may have

@@ -1,0 +1,105 @@
+"""Start-up: the dispatcher's state rebuilt from the journal and the
+results folder after a restart (or a crash), and the journal rewritten to
+what is still unfinished.
+
+``Recovery`` is a part of ``DispatcherState`` (ci/dispatch/state.py),
+which holds the lock and the work table these methods use; its locking
+rule holds here too."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from ci import matrix, results
+from ci.dispatch.finish import tell_later
+from ci.dispatch.journal import (assign_record, lost_record, retest_record, shard_record,
+                                 split_key)
+from ci.dispatch.work import Meta, Work, WorkKey, WorkState, work_key
+
+log = logging.getLogger(__name__)
+
+
+class Recovery:
+    """Mixed into ``DispatcherState``: its lock and work table (see there
+    for the locking rule)."""
+
+    def recover(self, grace: float = 0.0) -> None:
+        """Rebuild the queue from the journal and the results folder.
+
+        Commits that were running at the crash are held for ``grace``
+        seconds: their runner, still running them, re-registers within a
+        heartbeat and keeps them, so nothing is run twice."""
+        with self.cond:
+            named = (results.split_result_name(n) for n in os.listdir(self.results_dir))
+            self.done = {work_key(*pair) for pair in named if pair}
+            if self.tombstones is not None:
+                self.pruned = {work_key(c) for c in self.tombstones.load()} - self.done
+            got = self.journal.replay()
+            pending = [c for c in got.order
+                       if not self._finished(work_key(c)) or c in got.retest]
+            deadline = time.monotonic() + grace
+            for key in pending:
+                self._recover_one(key, got, grace, deadline)
+            for key in got.done:
+                for a in got.assigned.get(key, ()):
+                    self._remember_finished(key, a)
+            completed = self._recover_groups(got)
+            self.journal.rewrite(self._pending_records())
+            # Journalled but its verdict not yet written at the crash: it is
+            # written now, never run (an unreadable matrix, a conflict).
+            for work in [self.work[k] for k in list(self.queue)]:
+                self._write_unrunnable(work)
+            for commit, outcome in completed:
+                tell_later(self.listeners, commit, outcome)
+            if pending:
+                log.info("recovered %d commit(s) to test (%d were running; held %.1fs for "
+                         "their runners)", len(pending), len(self._in_state(WorkState.HELD)),
+                         grace)
+
+    def _recover_one(self, key: WorkKey, got, grace: float, deadline: float) -> None:
+        commit, cell = split_key(key)
+        history = got.assigned.get(key)
+        for a in history or ():
+            self.token_keys[a.token] = key
+        if history and key in got.sharded:
+            # Shard results are kept in memory only: a restart runs
+            # the commit again, and late shard results are dropped.
+            for a in history:
+                self._remember_finished(key, a)
+            history = None
+        held = bool(history) and grace > 0
+        # Made in the state it recovers to: no transition leads there.
+        work = self.work[key] = Work(key, commit, WorkState.HELD if held else WorkState.QUEUED,
+                                     retest=key in got.retest, losses=got.lost[key],
+                                     cell=got.cells.get(key, matrix.Cell(cell)),
+                                     error=got.errors.get(key))
+        if key in got.meta:
+            work.meta = Meta(*got.meta[key])
+        self.done.discard(key)
+        self.pruned.discard(key)
+        if history:
+            work.assignments = {a.token: a for a in history}
+        if held:
+            work.held_by, work.held_until = history[-1].runner, deadline
+        else:
+            self.queue.append(key)
+
+    def _pending_records(self) -> list[str]:
+        """The journal of what is unfinished: running first (they run
+        again first after a crash), then held, queued, being written."""
+        running = sorted(self._in_state(WorkState.RUNNING), key=lambda w: w.job.started)
+        order = [*running, *self._in_state(WorkState.HELD),
+                 *(self.work[k] for k in self.queue), *self._in_state(WorkState.WRITING),
+                 *self._in_state(WorkState.SHARDED)]
+        lines = self._group_records()
+        for work in order:
+            lines.extend(self._records_of(work))
+            if work.shards is not None:
+                lines.append(shard_record(work.key, work.shards.total))
+            if work.retest:
+                lines.append(retest_record(work.key))
+            lines.extend(assign_record(work.key, a) for a in work.assignments.values())
+            lines.extend(lost_record(work.key) for _ in range(work.losses))
+        return lines
