@@ -468,3 +468,43 @@ def test_forgetting_many_runs_at_once_equals_a_store_without_them(folder, tmp_pa
     assert conn.execute(query).fetchall() == fresh.execute(query).fetchall()
     assert {r[0] for r in conn.execute("SELECT commit_id FROM runs")} == set(commits[6:])
     assert conn.execute("SELECT count(*) FROM records").fetchone()[0] == 3 * 4
+
+
+def test_the_writer_waits_for_a_burst_to_end_but_never_longer_than_max_defer(tmp_path):
+    """``_settle`` (on a fake clock): while lines keep coming less than
+    SETTLE apart it waits, and it writes SETTLE after the last one, or once
+    the oldest waiting line is MAX_DEFER old under a stream that never stops."""
+    from ci.history import child
+
+    class Clock:
+        """Time moves only when the writer waits; every wait may bring a line."""
+        def __init__(self):
+            self.now, self.lines_until = 100.0, 0.0
+
+        def wait(self, seconds):
+            self.now += min(seconds, 0.05)
+            if self.now < self.lines_until:
+                writer.last_line = self.now     # the reader queued another line
+            return False
+
+        def is_set(self):
+            return False
+
+    clock = Clock()
+    writer = child.StoreWriter(str(tmp_path / "h.sqlite3"), str(tmp_path))
+    writer.clock, writer.stop_event = (lambda: clock.now), clock
+    # A burst of 3 s: written SETTLE after its last line.
+    writer.last_line, clock.lines_until = clock.now, clock.now + 3.0
+    start = clock.now
+    writer._settle(oldest=start)
+    assert 3.0 + child.SETTLE - 0.06 <= clock.now - start <= 3.0 + child.SETTLE + 0.06
+    # A stream that never stops: written once the oldest line is MAX_DEFER old.
+    writer.last_line, clock.lines_until = clock.now, float("inf")
+    start = clock.now
+    writer._settle(oldest=start)
+    assert abs(clock.now - start - child.MAX_DEFER) < 0.06
+    # Nothing came for SETTLE: no wait at all.
+    writer.last_line = clock.now - child.SETTLE
+    before = clock.now
+    writer._settle(oldest=before - 1)
+    assert clock.now == before
