@@ -32,6 +32,7 @@ class ResultGate:
         self.cond = threading.Condition()
         self.inside = 0
         self.entered = 0
+        self.left = 0
         self.waiting = 0       # pruner steps waiting now (for tests, status)
         self.longest = longest
 
@@ -44,13 +45,16 @@ class ResultGate:
     def __exit__(self, *exc) -> None:
         with self.cond:
             self.inside -= 1
+            self.left += 1
             if not self.inside:
                 self.cond.notify_all()
 
     def seen(self) -> int:
-        """Results that entered so far (a pass compares it around a batch)."""
+        """Results that entered or left so far (a pass compares it around a
+        batch): one that was being stored when the batch began (the wait
+        for it ran out) and is written during it competed with it too."""
         with self.cond:
-            return self.entered
+            return self.entered + self.left
 
     def wait_clear(self, stop: threading.Event | None = None) -> bool:
         """Block while a result is being stored, at most ``longest``

@@ -300,3 +300,17 @@ def test_a_pass_gives_way_to_a_result_being_stored(tmp_path):
     with state.result_gate:
         assert Pruner(state, state.tombstones, KeepPolicy(count=1)).run_once().pruned == 1
     assert not (folder / cid(7)).exists()
+
+
+def test_a_result_written_during_a_batch_counts_as_competing(tmp_path):
+    """A result that entered the gate before a batch (the pass's bounded
+    wait for it ran out) and is written during the batch competed with it:
+    ``seen`` changes, so the pass rests after the batch as long as it took
+    (the activity counter the gate replaced counted it on writing too)."""
+    from ci.retention.gate import ResultGate
+    gate = ResultGate(longest=0.01)
+    gate.__enter__()                  # a slow result, being stored
+    assert gate.wait_clear()          # the pass waited, then went on anyway
+    seen = gate.seen()                # the batch begins
+    gate.__exit__(None, None, None)   # the result is written during it
+    assert gate.seen() != seen
