@@ -371,7 +371,7 @@ class Dispatcher:
             return
         if reply.command == "ok":
             # The key names the cell (``<commit>:<cell>``) of a matrix commit.
-            log.info("commit %s%s -> runner %s", job.key[:12] + job.key[40:],
+            log.info("commit %s%s -> runner %s", job.key[:12] + job.key[len(job.commit):],
                      f" shard {job.shard}/{job.shards}" if job.shards else "", job.runner)
         else:
             log.info("runner %s answered %s %s; requeueing %s", job.runner,
