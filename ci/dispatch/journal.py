@@ -170,7 +170,10 @@ def _parse_cell(key: str, parts: list[str]) -> matrix.Cell | None:
         return None
     if python is not None and not matrix.PYTHON_RE.fullmatch(python):
         return None
-    return matrix.Cell(split_key(key)[1], python, axes, labels)
+    name = split_key(key)[1]
+    if not name and (python is not None or axes):
+        return None     # a commit's only, unnamed cell carries labels at most
+    return matrix.Cell(name, python, axes, labels)
 
 
 @dataclasses.dataclass(frozen=True)

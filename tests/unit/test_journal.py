@@ -28,3 +28,16 @@ def test_journal_keeps_working_after_a_failed_compaction(tmp_path):
     journal.append([f"Q {Y}"], sync=True)
     journal.close()
     assert Journal(str(folder / "journal")).replay().order == [X, Y]
+
+
+def test_a_cell_line_without_a_name_carries_labels_only():
+    """A commit's only, unnamed cell (a recipe with labels and no matrix)
+    is journalled with its labels; an unnamed cell with an interpreter or
+    axes is damage (no dispatch makes one) and is skipped at replay, not
+    handed to the job encoder, which refuses it."""
+    from ci.dispatch.journal import parse_record
+    labelled = parse_record(f"C {X} - gpu,linux")
+    assert labelled is not None and labelled.value.name == "" \
+        and labelled.value.labels == frozenset({"gpu", "linux"})
+    assert parse_record(f"C {X} 3.11 -") is None
+    assert parse_record(f"C {X}:py3.11 3.11 -").value.python == "3.11"
