@@ -69,17 +69,25 @@ def hostile_machine(tmp_path, monkeypatch):
                            "GIT_AUTHOR_NAME": "Evil"}, monkeypatch)
 
 
+def diverged(ups, base: dict, on_branch: dict, on_main: dict, branch: str):
+    """A base commit on main, then ``branch`` and main each one commit
+    further; pushed and fetched.  Returns (main's head, the branch's)."""
+    ups.commit(base, "base")
+    ups.push("main")
+    head = ups.commit(on_branch, "branch", branch=branch)
+    git(ups.work, "checkout", "-q", "main")
+    target = ups.commit(on_main, "main")
+    ups.push("main", branch)
+    ups.fetch()
+    return target, head
+
+
 def same_line_edits(ups, attributes: str):
     """main and feature/x both change the one line of f.txt, with
     ``attributes`` committed as .gitattributes in their common base."""
-    ups.commit({".gitattributes": attributes, "f.txt": "one\ntwo\nthree\n"}, "base")
-    ups.push("main")
-    head = ups.commit({"f.txt": "one\nBRANCH\nthree\n"}, "branch", branch="feature/x")
-    git(ups.work, "checkout", "-q", "main")
-    target = ups.commit({"f.txt": "one\nMAIN\nthree\n"}, "main")
-    ups.push("main", "feature/x")
-    ups.fetch()
-    return target, head
+    return diverged(ups, {".gitattributes": attributes, "f.txt": "one\ntwo\nthree\n"},
+                    {"f.txt": "one\nBRANCH\nthree\n"}, {"f.txt": "one\nMAIN\nthree\n"},
+                    "feature/x")
 
 
 def test_merge_union_in_the_tree_does_not_resolve_a_conflict(ups, hostile_machine):
@@ -97,13 +105,8 @@ def test_attributes_in_the_tree_and_the_machine_change_no_blob(ups, hostile_mach
     # The test's own commits store the files as written, whatever they say.
     with open(os.path.join(ups.work, ".git", "info", "attributes"), "w") as handle:
         handle.write(isolation.NEUTRAL_ATTRIBUTES)
-    ups.commit({".gitattributes": ATTRIBUTES, "f.txt": "$Id$\nlf only\n"}, "base")
-    ups.push("main")
-    head = ups.commit({"g.txt": "branch\n"}, "branch", branch="feature/y")
-    git(ups.work, "checkout", "-q", "main")
-    target = ups.commit({"h.txt": "main\n"}, "main")
-    ups.push("main", "feature/y")
-    ups.fetch()
+    target, head = diverged(ups, {".gitattributes": ATTRIBUTES, "f.txt": "$Id$\nlf only\n"},
+                            {"g.txt": "branch\n"}, {"h.txt": "main\n"}, "feature/y")
     hostile_machine.arm()
     merges = ups.merge_repo()
     merged = merges.merge(target, head, "feature/y", "main")
