@@ -401,6 +401,9 @@ def _record_of(line: str, number: int) -> TestRecord:
 
 # A matrix cell's files lie beside its commit's: <commit>.cell.<name>(.xml).
 CELL_INFIX = ".cell."
+# Cells of one matrix commit read from its ``cells:`` field, at most (as
+# many as the dashboard lists).
+MAX_HEADER_CELLS = 256
 
 
 def result_name(commit: str, cell: str = "") -> str:
@@ -422,6 +425,20 @@ def split_result_name(name: str) -> tuple[str, str] | None:
         return (commit, cell) if result_name(commit, cell) == name else None
     except ValueError:
         return None
+
+
+def cell_names(header: dict) -> list[str]:
+    """The cells a matrix commit's ``cells:`` field names (``py3.9=failed
+    py3.12=passed``), in its order, at most MAX_HEADER_CELLS; malformed
+    words are left out (the header is read, not trusted); [] for a commit
+    without a matrix."""
+    names: list[str] = []
+    for word in str(header.get("cells") or "").split()[:MAX_HEADER_CELLS]:
+        name, sep, _ = word.partition("=")
+        if sep and CELL_NAME_RE.fullmatch(name) and not name.endswith(".xml") \
+                and name not in names:
+            names.append(name)
+    return names
 
 
 def worst_verdict(verdicts) -> str:

@@ -107,9 +107,6 @@ class Durations:
         while len(self.table) > self.limit:
             self.table.popitem(last=False)
 
-    def encode(self) -> bytes:
-        return encode_table(self.table)
-
 
 # --------------------------------------------------------------------------
 # Which test files a checkout has, and the split.

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import urllib.parse
 
-from ci.dashboard.pages import BRANCH_RE, Safe, commit_link, join, render, seconds, when
+from ci.dashboard.pages import (BRANCH_RE, Safe, commit_link, join, render, seconds, stamp,
+                                when)
 
 # Outcomes with a colour of their own on the strip; anything else is grey.
 OUTCOME_CLASSES = ("passed", "failed", "error", "skipped", "xfail", "xpass", "flaky")
@@ -45,7 +46,7 @@ def api_links(data: dict) -> dict:
             test["url"] = test_url(test["id"], test["key"])
     for test in data.get("quarantined", []):
         test["commit_url"] = f"/commit/{test['commit']}"
-        test["finished"] = when(test["finished"]).replace(" ", "T") + "Z"
+        test["finished"] = stamp(test["finished"])
         if test["quarantined_since"]:
             test["quarantined_since_url"] = f"/commit/{test['quarantined_since']}"
     return data

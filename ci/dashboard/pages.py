@@ -63,6 +63,11 @@ def when(timestamp) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp))
 
 
+def stamp(timestamp) -> str | None:
+    """A unix time as the API gives times (ISO 8601, UTC)."""
+    return when(timestamp).replace(" ", "T") + "Z" if timestamp else None
+
+
 def seconds(value) -> str:
     try:
         number = float(value)

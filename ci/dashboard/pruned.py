@@ -99,11 +99,9 @@ class PrunedIndex:
 
 def api_item(tombstone) -> dict:
     """A pruned commit as the API shows it: tested, its result pruned."""
-    def stamp(t: float) -> str:
-        return pages.when(t).replace(" ", "T") + "Z"
     return {"commit": tombstone.commit, "status": "pruned", "verdict": tombstone.verdict,
             "branch": tombstone.branch, "previous": tombstone.previous,
-            "finished": stamp(tombstone.finished), "pruned": stamp(tombstone.pruned),
+            "finished": pages.stamp(tombstone.finished), "pruned": pages.stamp(tombstone.pruned),
             "url": f"/commit/{tombstone.commit}"}
 
 

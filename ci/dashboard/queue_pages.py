@@ -11,7 +11,8 @@ same data as /api/queue answers it.
 
 from __future__ import annotations
 
-from ci.dashboard.pages import BRANCH_RE, Safe, branch_query, commit_link, join, render, when
+from ci.dashboard.pages import (BRANCH_RE, Safe, branch_query, commit_link, join, render,
+                                stamp, when)
 
 # Each queue state shown in the colour of the verdict it is closest to.
 STATE_CLASSES = {"waiting": "queued", "merging": "running", "testing": "running",
@@ -37,11 +38,6 @@ def state_pill(state: str) -> Safe:
     return render('<span class="pill v-{cls}" title="{help}">{state}</span>',
                   cls=STATE_CLASSES.get(state, "unknown"), help=STATE_HELP.get(state, ""),
                   state=state)
-
-
-def stamp(timestamp) -> str | None:
-    """A unix time as the API gives times (ISO 8601, UTC)."""
-    return when(timestamp).replace(" ", "T") + "Z" if timestamp else None
 
 
 def by_target(snapshot: dict) -> list[tuple[str, dict, list[dict]]]:

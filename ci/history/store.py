@@ -91,9 +91,6 @@ PRAGMA user_version = {SCHEMA_VERSION};
 """
 # The slowest tests: mean duration, as the index ``tests_mean`` holds it.
 MEAN = "seconds / runs"
-# Cells of one matrix commit read into the store, at most (as many as the
-# dashboard lists).
-MAX_CELLS = 256
 
 
 class StoreBroken(Exception):
@@ -148,19 +145,6 @@ def run_from_header(header, records, stamp: tuple[str, float], cells=()) -> Run:
                records=None if records is None else tuple(records), cells=tuple(cells))
 
 
-def cell_names(header: dict) -> list[str]:
-    """The cells a matrix commit's ``cells:`` field names (``py3.9=failed
-    py3.12=passed``), in its order; malformed words are left out (the
-    header is read, not trusted)."""
-    names = []
-    for word in str(header.get("cells") or "").split()[:MAX_CELLS]:
-        name, sep, _ = word.partition("=")
-        if sep and results.CELL_NAME_RE.fullmatch(name) and not name.endswith(".xml") \
-                and name not in names:
-            names.append(name)
-    return names
-
-
 def read_records(results_dir: str, commit: str, cell: str = "") -> list[TestRecord] | None:
     """The records of a commit's (or its cell's) JUnit file, None without
     one or when it cannot be read (the same parser as the dispatcher's,
@@ -183,7 +167,7 @@ def run_from_files(results_dir: str, commit: str) -> Run | None:
     header = results.read_header(path)
     if stamp is None or not header or not header.get("verdict"):
         return None
-    names = cell_names(header)
+    names = results.cell_names(header)
     if not names:
         return run_from_header({**header, "commit": commit},
                                read_records(results_dir, commit), stamp)

@@ -21,8 +21,6 @@ log = logging.getLogger(__name__)
 
 # Tests an event names, at most (the count says how many there were).
 MAX_NAMED = 20
-# Cells of one matrix commit read, at most (as many as the dashboard lists).
-MAX_CELLS = 256
 
 
 def deciding_failures(results_dir: str, commit: str) -> list[str] | None:
@@ -30,7 +28,7 @@ def deciding_failures(results_dir: str, commit: str) -> list[str] | None:
     order, or None when it has no readable records.  A matrix commit's
     are its cells' (its own file has no JUnit file beside it), each id
     once, in the order of the header's ``cells:``."""
-    cells = cell_names(results_dir, commit)
+    cells = results.cell_names(results.read_header(os.path.join(results_dir, commit)) or {})
     if not cells:
         return _failures_in(results_dir, commit)
     found: list[str] | None = None
@@ -39,19 +37,6 @@ def deciding_failures(results_dir: str, commit: str) -> list[str] | None:
         if failing is not None:
             found = list(dict.fromkeys([*(found or []), *failing]))
     return found
-
-
-def cell_names(results_dir: str, commit: str) -> list[str]:
-    """The cells a matrix commit's header names (``cells: a=failed
-    b=passed``), at most MAX_CELLS; [] for any other commit."""
-    header = results.read_header(os.path.join(results_dir, commit)) or {}
-    names = []
-    for word in str(header.get("cells") or "").split()[:MAX_CELLS]:
-        name = word.partition("=")[0]
-        if results.CELL_NAME_RE.fullmatch(name) and not name.endswith(".xml") \
-                and name not in names:
-            names.append(name)
-    return names
 
 
 def _failures_in(results_dir: str, commit: str, cell: str = "") -> list[str] | None:

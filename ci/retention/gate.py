@@ -31,21 +31,20 @@ class ResultGate:
     def __init__(self, longest: float = LONGEST_WAIT):
         self.cond = threading.Condition()
         self.inside = 0
-        self.entered = 0
-        self.left = 0
-        self.waiting = 0       # pruner steps waiting now (for tests, status)
+        self.crossings = 0     # entries and exits so far (``seen``)
+        self.waiting = 0       # pruner steps waiting now (for tests)
         self.longest = longest
 
     def __enter__(self) -> "ResultGate":
         with self.cond:
             self.inside += 1
-            self.entered += 1
+            self.crossings += 1
         return self
 
     def __exit__(self, *exc) -> None:
         with self.cond:
             self.inside -= 1
-            self.left += 1
+            self.crossings += 1
             if not self.inside:
                 self.cond.notify_all()
 
@@ -54,7 +53,7 @@ class ResultGate:
         batch): one that was being stored when the batch began (the wait
         for it ran out) and is written during it competed with it too."""
         with self.cond:
-            return self.entered + self.left
+            return self.crossings
 
     def wait_clear(self, stop: threading.Event | None = None) -> bool:
         """Block while a result is being stored, at most ``longest``

@@ -105,7 +105,7 @@ def test_durations_are_learned_per_classname_and_bounded():
                      results.TestRecord("p.D", "t", duration=1.0)])
     assert list(durations.table) == ["n.B", "o.C", "p.D"]
     spec = jobspec.parse(jobspec.encode(jobspec.JobSpec(
-        sharding.parse_shard("2/3", durations.encode())))).shard
+        sharding.parse_shard("2/3", sharding.encode_table(durations.table))))).shard
     assert spec == sharding.ShardSpec(2, 3, {"n.B": 0.5, "o.C": 1.0, "p.D": 1.0})
 
 
