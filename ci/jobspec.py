@@ -116,7 +116,8 @@ def encode(spec: JobSpec) -> bytes:
         return b""
     after = "".join(f"{test_id}\n" for test_id in first).encode()
     if spec.shard is not None:
-        after += sharding.encode_table(spec.shard.durations)
+        after += spec.shard.table if spec.shard.table is not None else \
+            sharding.encode_table(spec.shard.durations)
     return wire.encode_fields(fields) + (b"\n" + after if after or spec.shard is not None
                                          else b"")
 

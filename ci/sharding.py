@@ -50,6 +50,9 @@ class ShardSpec:
     durations: dict[str, float]     # test class / module -> last known seconds
     # Test ids to run first: the files that hold them go to shard 1.
     first: tuple[str, ...] = ()
+    # The durations already encoded, when the sender has them so (the
+    # dispatcher, once per split): ``jobspec.encode`` sends these bytes.
+    table: bytes | None = None
 
 
 # --------------------------------------------------------------------------

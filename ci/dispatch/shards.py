@@ -59,7 +59,7 @@ class ShardPlanner:
             self.queue.remove(key)
             work.move(WorkState.SHARDED)
             branch = work.branch if work.branch and BRANCH_RE.fullmatch(work.branch) else None
-            work.shards = ShardSet(total, dict(self.durations.table),
+            work.shards = ShardSet(total, sharding.encode_table(self.durations.table),
                                    first=self.recent_failures.for_branch(branch))
             self.shard_queue.extend((work.key, i) for i in range(2, total + 1))
             index = 1

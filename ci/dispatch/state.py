@@ -370,7 +370,7 @@ class DispatcherState(Recovery, LiveOutput, PrunedCommits, RunnerRegistry, Shard
         # Every shard of a set names the same tests (they pin the same files
         # to shard 1); a whole commit, the branch's failures as they are now.
         first = shard_set.first if shard_set else self.recent_failures.for_branch(branch)
-        shard = sharding.ShardSpec(index, shard_set.total, shard_set.durations, first) \
+        shard = sharding.ShardSpec(index, shard_set.total, {}, first, shard_set.table) \
             if shard_set else None
         cell = work.cell
         return jobspec.encode(jobspec.JobSpec(

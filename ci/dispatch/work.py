@@ -113,7 +113,9 @@ class ShardSet:
     """A commit split over runners: each shard is an assignment with its own
     token; the result is written once every shard has reported."""
     total: int
-    durations: dict[str, float]             # what every shard gets (a snapshot)
+    # What every shard gets: the durations table as of the split, encoded
+    # once (``sharding.encode_table``; up to 2,000 lines), not per shard.
+    table: bytes
     tokens: dict = dataclasses.field(default_factory=dict)    # token -> shard
     running: dict = dataclasses.field(default_factory=dict)   # shard -> Job
     reports: dict = dataclasses.field(default_factory=dict)   # shard -> Outcome

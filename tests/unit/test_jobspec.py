@@ -273,3 +273,16 @@ def test_labels_show_in_state(make_state):
         (["a", "gpu"], True)
     assert (runners["127.0.0.1:9002"].labels, runners["127.0.0.1:9002"].exclusive) == \
         ([], False)
+
+
+def test_a_shard_sends_the_table_its_set_encoded_once():
+    """The dispatcher encodes a split's durations table once (up to 2,000
+    lines, under its lock) and every shard's body carries those bytes; the
+    runner reads them back as the table."""
+    table = sharding.encode_table({"tests.test_a": 1.5, "tests.test_b": 0.25})
+    spec = jobspec.JobSpec(sharding.ShardSpec(2, 3, {}, (), table), "main", True)
+    body = jobspec.encode(spec)
+    assert body.endswith(b"\n" + table)
+    parsed = jobspec.parse(body)
+    assert parsed.shard.durations == {"tests.test_a": 1.5, "tests.test_b": 0.25}
+    assert (parsed.shard.index, parsed.shard.total) == (2, 3)
