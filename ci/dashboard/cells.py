@@ -53,15 +53,6 @@ def badges(cells: list[tuple[str, str]]) -> Safe:
                   badges=join(badge(name, verdict) for name, verdict in cells))
 
 
-def live_badges(cells: list[dict]) -> Safe:
-    """Badges of queued or running cells, a waiting one with its reason."""
-    if not cells:
-        return Safe("")
-    return render('<span class="cells">{badges}</span>', badges=join(
-        badge(c["name"], c["verdict"], c["reason"] or f"{c['name']}: {c['verdict']}")
-        for c in cells))
-
-
 def cells_section(cells: list[dict]) -> Safe:
     """The commit page's part: one section per cell, each with its
     verdict, counts, reason, failing tests and output (folded)."""

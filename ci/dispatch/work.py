@@ -194,9 +194,3 @@ class Work:
             if job and job.token == token:
                 return job
         return None
-
-    def live_jobs(self) -> list[Job]:
-        """Every job running for this work now."""
-        if self.state is WorkState.RUNNING and self.job:
-            return [self.job]
-        return list(self.shards.running.values()) if self.shards else []

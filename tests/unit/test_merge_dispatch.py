@@ -6,7 +6,6 @@ answer's pure parts."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
