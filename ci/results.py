@@ -229,6 +229,13 @@ def extra_counts(records: list[TestRecord]) -> dict[str, int]:
     return {name: value for name, value in extra.items() if value}
 
 
+def deciding_failures(records) -> list[str]:
+    """The ids of the failing tests that decide a verdict (not flaky, not
+    quarantined), each once, in record order."""
+    return list(dict.fromkeys(r.id for r in records
+                              if r.outcome in FAILING and not r.quarantined))
+
+
 def quarantined_failing(records: list[TestRecord]) -> str:
     """The ``quarantined_failing`` header value: the ids of the failing
     quarantined tests as a JSON list (ids may hold any character), the

@@ -95,8 +95,7 @@ class VerdictAnswers:
         except (OSError, ValueError, results.JunitError) as exc:
             log.debug("records of %s unreadable: %s", commit[:12], exc)
             return None
-        failing = list(dict.fromkeys(r.id for r in records
-                                     if r.outcome in results.FAILING and not r.quarantined))
+        failing = results.deciding_failures(records)
         with self._failing_lock:
             self._failing_cache[key] = failing
             while len(self._failing_cache) > CACHED:

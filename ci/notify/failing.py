@@ -51,8 +51,7 @@ def _failures_in(results_dir: str, commit: str, cell: str = "") -> list[str] | N
             log.warning("records of %s unreadable: %s", results.result_name(commit, cell)[:60],
                         exc)
         return None
-    return list(dict.fromkeys(r.id for r in records
-                              if r.outcome in results.FAILING and not r.quarantined))
+    return results.deciding_failures(records)
 
 
 def failing_tests(results_dir: str, commit: str, previous: str | None) -> dict:
