@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "branch's commits reuse those and their own branch's, never a "
                              "third branch's (default: "
                              f"{' and '.join(jobspec.DEFAULT_TRUSTED_BRANCHES)})")
-    parser.add_argument("--keep-results", type=keep_policy, metavar="N|AGE|N,AGE",
+    parser.add_argument("--keep-results", type=retention_policy.keep_argument, metavar="N|AGE|N,AGE",
                         help="prune old results (result file, JUnit XML, test history rows) "
                              "in the background: N keeps the newest N of each branch, AGE "
                              "(90m, 12h, 30d, 8w) keeps everything younger, N,AGE keeps what "
@@ -152,14 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
     notify_flags.add_arguments(parser)
     add_common_arguments(parser)
     return parser
-
-
-def keep_policy(text: str) -> retention_policy.KeepPolicy:
-    """argparse type of --keep-results: a clear error for a bad value."""
-    try:
-        return retention_policy.parse_keep(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def default_state_dir(results_dir: str) -> str:
@@ -326,7 +318,7 @@ def wire_up(args: argparse.Namespace) -> Wired:
     history = None
     if not args.no_test_history:
         history = HistoryWriter(os.path.join(state_dir, history_store.FILE_NAME), results_dir,
-                                args.log_level)
+                                args.log_level, gate=state.result_gate)
         state.listeners.append(history.result_written)
         # A branch's failing tests first: from the history for a branch not
         # seen since the start (results teach the rest as they come).
@@ -343,7 +335,8 @@ def wire_up(args: argparse.Namespace) -> Wired:
     pruning = None
     if args.keep_results:
         pruning = pruner.Pruner(state, state.tombstones, args.keep_results,
-                                args.prune_interval, history and history.forget)
+                                args.prune_interval, history and history.forget,
+                                args.log_level)
     return Wired(server, dispatcher, notifier, history, security, state, results_dir, pruning)
 
 

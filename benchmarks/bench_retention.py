@@ -8,12 +8,14 @@ is given.
              caught up first): the latency of ``results`` (the result
              path: claim, file write, bookkeeping), median, p95 and max.
 2. pruning   the same dispatcher restarted with --keep-results 100: the
-             same latency measured while its first pass runs, and how long
-             the pass takes (from the start to its log line; target < 60 s),
-             how many files it removed and how many history rows remain.
+             same latency measured before its first pass, while it runs and
+             after it (``--samples`` results), how long the pass takes (from
+             its start to its log line; target < 60 s), how many files it
+             removed and how many history rows remain.
 
 Every process is started here and ended here by its PID.
-usage:  python benchmarks/bench_retention.py [--results N] [--keep N] [--rate R] [--keep-folder]
+usage:  python benchmarks/bench_retention.py [--results N] [--keep N] [--rate R]
+                                            [--windows S] [--keep-folder]
 """
 
 from __future__ import annotations
@@ -185,18 +187,27 @@ def run(tmp: str, args) -> None:
             if time.monotonic() - started > 900:
                 raise SystemExit("no pruning pass within 900 s")
         seen = time.monotonic()
+        after = [path.paced() for _ in range(args.samples)]
         # The samples taken while the pass ran (it ended before ``seen``).
         during = [took for when, took in timed if when >= seen - float(match.group(3))]
         before = [took for when, took in timed if when < seen - float(match.group(3))]
         if before:
             print(f"after the restart, before the pass: results latency {figures(before)}")
         print(f"while pruning: results latency {figures(during)}")
+        print(f"after the pass: results latency {figures(after)}")
+        if args.windows:
+            began = seen - float(match.group(3))
+            for start in range(0, int(float(match.group(3))) + 1, args.windows):
+                part = [took for when, took in timed
+                        if began + start <= when < began + start + args.windows]
+                if len(part) > 5:
+                    print(f"  {start:4d} s to {start + args.windows:4d} s: {figures(part)}")
         print(f"pruning pass: {match.group(1)} of {match.group(2)} results pruned in "
               f"{match.group(3)} s{match.group(4) or ''} (target < 60 s); files left "
               f"{sum(1 for n in os.listdir(folder) if not n.endswith('.xml'))}")
         deadline = time.monotonic() + 300
         while history_runs(tmp) > args.results - int(match.group(1)) + len(timed) + \
-                len(base) and time.monotonic() < deadline:
+                len(base) + len(after) and time.monotonic() < deadline:
             time.sleep(0.5)
         print(f"history rows dropped by {time.monotonic() - started:.1f} s after the "
               f"restart; runs left {history_runs(tmp)}")
@@ -214,6 +225,10 @@ def main(argv=None) -> int:
                         help="results a second the stand-in runner sends while latency is "
                              "measured; 0: back to back, as fast as they are taken "
                              "(default: %(default)s)")
+    parser.add_argument("--windows", type=int, default=0, metavar="SECONDS",
+                        help="also print the latency in windows of this many seconds of "
+                             "the pass (its phases: the worker's plan first, then the "
+                             "removal)")
     parser.add_argument("--keep-folder", action="store_true", help="leave the folder")
     args = parser.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench-retention-")

@@ -32,6 +32,7 @@ import time
 
 from ci.config import ArgumentParser, configure_logging, positive
 from ci.history import store
+from ci.retention.gate import GateView
 from ci.wire import valid_full_commit
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ KINDS = ("result", "forget")
 # is over), unless the oldest waiting line is MAX_DEFER seconds old.
 SETTLE = 0.2
 MAX_DEFER = 10.0
+# After a batch of only ``forget`` lines, rest this many times as long as
+# it took.
+FORGET_REST = 1.0
 # Added to the process's nice value (lower_priority).
 NICENESS = 10
 
@@ -59,7 +63,7 @@ class StoreWriter:
     thread) through a queue; ``pending`` is guarded by ``_count_lock``."""
 
     def __init__(self, path: str, results_dir: str, out=None,
-                 max_pending: int = MAX_PENDING_LINES):
+                 max_pending: int = MAX_PENDING_LINES, gate: GateView | None = None):
         self.path = path
         self.results_dir = results_dir
         self.out = out
@@ -72,6 +76,9 @@ class StoreWriter:
         self.behind.set()
         self.stop_event = threading.Event()
         self.conn: sqlite3.Connection | None = None
+        # The dispatcher's result gate (a transaction waits while a result
+        # is being stored); none: never waits.
+        self.gate = gate or GateView(-1)
         # When the reader last queued a line (``clock``; for ``_settle``).
         self.clock = time.monotonic
         self.last_line = 0.0
@@ -112,7 +119,11 @@ class StoreWriter:
                 batch = self._take(0.5 if self.conn is not None else RETRY_DELAY)
                 if batch and self.conn is not None:
                     self._settle(batch[0][2])
+                    self.gate.wait_clear()
+                    began = time.monotonic()
                     self._write(batch)
+                    if all(kind == "forget" for kind, _, _ in batch):
+                        self._rest(time.monotonic() - began)
         finally:
             if self.conn is not None:
                 self.conn.close()
@@ -147,6 +158,14 @@ class StoreWriter:
             if wait <= 0:
                 return
             self.stop_event.wait(wait)
+
+    def _rest(self, busy: float) -> None:
+        """After a batch of pruned runs only, pause as long as it took:
+        a pass over 100,000 results sends as many ``forget`` lines, and
+        dropping them back to back (SQLite's deletes and the WAL's
+        checkpoints) kept the disk busy under the results being stored;
+        the history only has to catch up with the prune, not race it."""
+        self.stop_event.wait(busy * FORGET_REST)
 
     def _recover(self) -> None:
         """Open (or rebuild) the store and catch up with the results folder;
@@ -219,6 +238,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max-pending", type=positive(int), default=MAX_PENDING_LINES,
                         help="lines queued at most; past it, left to the catch-up "
                              f"(default {MAX_PENDING_LINES})")
+    parser.add_argument("--gate-fd", type=int, default=-1,
+                        help="file descriptor of the dispatcher's result gate page "
+                             "(-1: none, never wait)")
     parser.add_argument("--log-level", default="INFO",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
     return parser
@@ -245,7 +267,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     lower_priority()
     writer = StoreWriter(os.path.abspath(args.store), os.path.abspath(args.results_dir),
-                         sys.stdout.buffer, args.max_pending)
+                         sys.stdout.buffer, args.max_pending, GateView(args.gate_fd))
     threading.Thread(target=writer.feed, args=(sys.stdin.buffer,), name="history-in",
                      daemon=True).start()
     writer.run()

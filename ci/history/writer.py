@@ -25,16 +25,15 @@ import logging
 import os
 import select
 import subprocess
-import sys
 import threading
 import time
 
+from ci.children import module_command
 from ci.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
 # The folder holding the ``ci`` package, for the child's import path.
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The supervisor's tick: how soon a pending ``catchup`` is sent again.
 TICK = 0.5
 # A child that lived this long before dying restarts without delay growth.
@@ -49,12 +48,15 @@ class HistoryWriter:
     the rest belongs to the supervisor thread."""
 
     def __init__(self, path: str, results_dir: str, log_level: str = "INFO",
-                 stderr=None, max_pending: int | None = None):
+                 stderr=None, max_pending: int | None = None, gate=None):
         self.path = os.path.abspath(path)
         self.results_dir = os.path.abspath(results_dir)
         self.log_level = log_level
         self.stderr = stderr                # None: the dispatcher's own
         self.max_pending = max_pending      # the child's queue limit (tests)
+        # The dispatcher's ResultGate, shared with the child (its writes
+        # wait while a result is being stored); None: not shared.
+        self.gate = gate
         # Set once a child has finished its first catch-up (tests, the benchmark).
         self.ready = threading.Event()
         # A line was dropped and ``catchup`` not yet sent.
@@ -150,14 +152,17 @@ class HistoryWriter:
     def _spawn(self) -> None:
         """The child, in a process group of its own (a signal to the
         dispatcher's group is not its), its stdin non-blocking here."""
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-        cmd = [sys.executable, "-m", "ci.history.child", "--store", self.path,
-               "--results-dir", self.results_dir, "--log-level", self.log_level]
+        cmd, env = module_command("ci.history.child", "--store", self.path,
+                                  "--results-dir", self.results_dir,
+                                  "--log-level", self.log_level)
         if self.max_pending is not None:
             cmd += ["--max-pending", str(self.max_pending)]
+        fd = self.gate.share() if self.gate is not None else -1
+        if fd >= 0:
+            cmd += ["--gate-fd", str(fd)]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=self.stderr, env=env, start_new_session=True)
+                                stderr=self.stderr, env=env, start_new_session=True,
+                                pass_fds=(fd,) if fd >= 0 else ())
         os.set_blocking(proc.stdin.fileno(), False)
         with self._send_lock:
             self.proc = proc

@@ -13,15 +13,30 @@ the result is handled.
 
 The wait is bounded (``longest``): a dispatcher storing results without a
 pause between them would otherwise never let a pass finish.
+
+The pruner's worker and the test history's writer are processes of their
+own: ``share`` mirrors the count of results being stored into a memory
+page (a memfd) they map read-only and poll (GateView), so they give way
+too without a message per result.
 """
 
 from __future__ import annotations
 
+import logging
+import mmap
+import os
+import struct
 import threading
 import time
 
+log = logging.getLogger(__name__)
+
 # The longest a pruner step waits for handlers before it goes ahead anyway.
 LONGEST_WAIT = 1.0
+# How often a process looking at the shared page (GateView) looks again.
+POLL = 0.0002
+# The shared page: the number of results being stored, a native int.
+WORD = struct.Struct("=i")
 
 
 class ResultGate:
@@ -34,19 +49,44 @@ class ResultGate:
         self.crossings = 0     # entries and exits so far (``seen``)
         self.waiting = 0       # pruner steps waiting now (for tests)
         self.longest = longest
+        # ``inside`` mirrored in a memory page other processes map (share).
+        self.page: mmap.mmap | None = None
+        self.page_fd = -1
 
     def __enter__(self) -> "ResultGate":
         with self.cond:
             self.inside += 1
             self.crossings += 1
+            self._mirror()
         return self
 
     def __exit__(self, *exc) -> None:
         with self.cond:
             self.inside -= 1
             self.crossings += 1
+            self._mirror()
             if not self.inside:
                 self.cond.notify_all()
+
+    def share(self) -> int:
+        """A file descriptor of a memory page holding ``inside`` (for a
+        child process: GateView); -1 where the system has no memfd."""
+        with self.cond:
+            if self.page is None:
+                try:
+                    fd = os.memfd_create("ci-result-gate", os.MFD_CLOEXEC)
+                    os.ftruncate(fd, mmap.PAGESIZE)
+                    self.page = mmap.mmap(fd, mmap.PAGESIZE)
+                except (AttributeError, OSError, ValueError) as exc:
+                    log.info("result gate not shared with the remover: %s", exc)
+                    return -1
+                self.page_fd = fd
+                self._mirror()
+            return self.page_fd
+
+    def _mirror(self) -> None:
+        if self.page is not None:
+            WORD.pack_into(self.page, 0, self.inside)
 
     def seen(self) -> int:
         """Results that entered or left so far (a pass compares it around a
@@ -72,3 +112,31 @@ class ResultGate:
             finally:
                 self.waiting -= 1
             return True
+
+
+class GateView:
+    """A child process's look at a ResultGate's shared page (its ``fd``;
+    -1: nothing to look at, never busy).  Polled: a result is stored in a
+    few milliseconds, and the page has no condition to wait on."""
+
+    def __init__(self, fd: int, longest: float = LONGEST_WAIT, poll: float = POLL):
+        self.page = None
+        self.longest, self.poll = longest, poll
+        if fd >= 0:
+            try:
+                self.page = mmap.mmap(fd, mmap.PAGESIZE, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as exc:
+                log.warning("cannot map the result gate (fd %d): %s", fd, exc)
+
+    def busy(self) -> bool:
+        return self.page is not None and WORD.unpack_from(self.page, 0)[0] > 0
+
+    def wait_clear(self) -> bool:
+        """Wait while a result is being stored, at most ``longest``
+        seconds; True if it had to wait."""
+        if not self.busy():
+            return False
+        deadline = time.monotonic() + self.longest
+        while self.busy() and time.monotonic() < deadline:
+            time.sleep(self.poll)
+        return True

@@ -23,6 +23,7 @@ Pure: no I/O, no clock, so every rule is tested alone.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 from typing import Iterable, Mapping
@@ -44,6 +45,11 @@ class KeepPolicy:
     age rule).  At least one is set."""
     count: int | None = None
     age: float | None = None
+
+    def text(self) -> str:
+        """The ``--keep-results`` value that parses back to this policy."""
+        return ",".join([*([str(self.count)] if self.count is not None else []),
+                         *([f"{self.age!r}s"] if self.age is not None else [])])
 
     def describe(self) -> str:
         parts = []
@@ -74,6 +80,14 @@ def parse_keep(text: str) -> KeepPolicy:
                               "age such as 90m, 12h, 30d or 8w")
         age = float(match.group(1)) * UNITS[match.group(2)]
     return KeepPolicy(count, age)
+
+
+def keep_argument(text: str) -> KeepPolicy:
+    """argparse type of --keep-results: a clear error for a bad value."""
+    try:
+        return parse_keep(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 @dataclasses.dataclass(frozen=True)

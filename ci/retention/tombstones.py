@@ -166,3 +166,33 @@ class TombstoneFile:
         self.lines = len(kept)
         log.info("tombstones trimmed to %d (oldest dropped)", len(kept))
         return dropped
+
+
+class VerdictFollower:
+    """The verdicts of the pruned commits, from the file, following it as
+    it grows: each ``verdicts()`` reads only the lines appended since the
+    last one, and the whole file again after a trim (a new file) or when
+    it shrank.  For the pruner's worker, which plans a pass every few
+    minutes against a file of up to MAX_TOMBSTONES lines."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.known: dict[str, str] = {}
+        self.inode = None
+        self.offset = 0
+
+    def verdicts(self) -> dict[str, str]:
+        try:
+            with open(self.path, "rb") as handle:
+                st = os.fstat(handle.fileno())
+                if st.st_ino != self.inode or st.st_size < self.offset:
+                    self.known, self.inode, self.offset = {}, st.st_ino, 0
+                handle.seek(self.offset)
+                data = handle.read()
+        except FileNotFoundError:
+            self.known, self.inode, self.offset = {}, None, 0
+            return self.known
+        whole = data[:data.rfind(b"\n") + 1]      # a line still being written waits
+        self.offset += len(whole)
+        self.known.update((c, t.verdict) for c, t in parse_lines(whole).items())
+        return self.known

@@ -11,6 +11,7 @@ import signal
 import sqlite3
 
 from support.cluster import dispatch, wait_until
+from support.procs import children_of
 from support.dashboard import Dashboard, red_green_history
 
 import helpers
@@ -20,6 +21,14 @@ from ci.results import TestRecord
 from ci.junit_xml import format_junit
 from ci.retention import tombstones
 from ci.wire import decode_fields
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
 
 
 def seed(cluster) -> list[str]:
@@ -70,7 +79,13 @@ def test_prune_keeps_what_matters_and_survives_sigkill(cluster, fake_runner, tmp
     wait_until(lambda: history_runs(cluster) == kept, 20, what="history rows pruned")
     assert set(tombstones.read(os.path.join(cluster.state, tombstones.FILE_NAME))) == pruned
 
+    # The pruner's worker process goes with a dispatcher SIGKILLed mid-life.
+    workers = [pid for pid in children_of(dispatcher.pid) if b"ci.retention.worker" in cmdline(pid)]
+    assert len(workers) == 1
     dispatcher.stop(signal.SIGKILL)
+    wait_until(lambda: not os.path.exists(f"/proc/{workers[0]}") or
+               b"ci.retention.worker" not in cmdline(workers[0]), 10,
+               what="the worker to exit with its dispatcher")
     cluster.start_dispatcher()            # no --keep-results: recovery alone
     runner = fake_runner()
     runner.register(cluster.dispatcher_port)

@@ -508,3 +508,23 @@ def test_the_writer_waits_for_a_burst_to_end_but_never_longer_than_max_defer(tmp
     before = clock.now
     writer._settle(oldest=before - 1)
     assert clock.now == before
+
+
+def test_the_writer_waits_while_the_dispatcher_stores_a_result(folder, writers):
+    """The child looks at the dispatcher's result gate (a shared page)
+    before each transaction: while a result is being stored it writes
+    nothing (at most a second a batch: held for ever, the history still
+    follows), then goes on."""
+    from ci.retention.gate import ResultGate
+    gate = ResultGate(longest=30.0)
+    if gate.share() < 0:
+        pytest.skip("no memfd on this system")
+    writer = writers(folder, gate=gate)
+    commit = write(folder, 1)
+    with gate:
+        writer.result_written(commit, None)
+        deadline = time.monotonic() + 0.8      # SETTLE is 0.2 s; the wait at most 1 s
+        while time.monotonic() < deadline:
+            assert runs_held(writer.path) == 0
+            time.sleep(0.05)
+    wait_until(lambda: runs_held(writer.path) == 1, 10, what="the run written after the gate")

@@ -1,0 +1,272 @@
+"""The pruner's file worker (``python -m ci.retention.worker``): a child of
+the dispatcher that reads the results folder's headers and removes what a
+pass prunes.
+
+Why a process: a pass over 100,000 results reads 100,000 headers and
+makes 200,000 unlinks.  Done by threads of the dispatcher, their Python
+work around each system call competed with the request handlers for the
+interpreter (the GIL) and for the 2 cores: a result took 0.5 to 1 ms more
+at the median while a pass ran.  Here the work runs in the idle scheduling
+class (or at the lowest nice), so a handler that wakes takes a core at
+once, and before every header read, every commit's unlinks and every
+fsync it looks at the dispatcher's result gate (a shared page,
+ci/retention/gate.py) and waits while a result is being stored: a result
+shares the disk with at most one small step.  Its header cache (about
+200 bytes a result) lives here too, not in the dispatcher.
+
+It plans the pass too (ci/retention/policy.py over every header, with the
+pruned commits' verdicts from the tombstone file): a plan over 100,000
+entries is a second of pure Python, which in the dispatcher held the
+interpreter while every handler waited for it at each of its system calls
+(results took 100 ms and more).  The dispatcher then takes the plan a
+group at a time.
+
+Protocol, one request at a time, on stdin and stdout:
+
+* ``plan N`` and N lines, the commits queued or running (kept): the reply
+  is ``planned D of R`` (D to prune of R complete results);
+* ``take K``: the next K (at most) of the plan's commits, oldest first in
+  the folder's own order, one JSON line each,
+  ``[commit, branch, previous, verdict, mtime, [cells]]``, then ``end``;
+* ``remove N`` and N lines, each one commit's file names separated by
+  tabs (its result file last: the proof goes last): N lines back, ``ok``
+  or ``error <text>``, once the unlinks are committed (the folder's fsync).
+  Only result files and their XML can be named.
+
+It exits when its stdin closes, so a dispatcher that dies, even by SIGKILL,
+leaves none behind.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+from ci import matrix, results
+from ci.config import ArgumentParser, configure_logging, positive
+from ci.retention import policy as keep
+from ci.retention.gate import LONGEST_WAIT, GateView
+from ci.retention.tombstones import VerdictFollower
+from ci.wire import valid_full_commit
+
+log = logging.getLogger(__name__)
+
+# A header is short: this much of a result file holds it.
+HEADER_READ = 16 * 1024
+# The most lines one request may carry (a sanity bound: a plan names every
+# queued commit).
+MAX_BATCH = 10_000_000
+# Threads unlinking one batch: an unlink frees the inode's blocks after
+# the folder's lock is let go, so a second and third overlap that part
+# (measured alone on ext4, 100,000 unlinks: 94 us each with one thread,
+# 68 with two, 51 with four).
+UNLINKERS = 3
+
+
+def lowest_priority() -> None:
+    """Run only on what the dispatcher leaves of the cores."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.nice(19)
+    except OSError as exc:
+        log.warning("cannot lower the pruner's worker's priority: %s", exc)
+
+
+def valid_name(name: str) -> bool:
+    """A result file's name or its JUnit XML's (results.result_name)."""
+    return results.split_result_name(name[:-4] if name.endswith(".xml") else name) is not None
+
+
+class FileWorker:
+    """The folder, the gate, the rules, the header cache
+    (commit -> ((mtime_ns, size, inode), Entry or None)) and the plan
+    being taken."""
+
+    def __init__(self, folder: str, gate: GateView, rules: keep.KeepPolicy,
+                 tombstones: str):
+        self.folder = folder
+        self.gate = gate
+        self.rules = rules
+        self.pruned = VerdictFollower(tombstones)
+        self.headers: dict[str, tuple] = {}
+        self.doomed: collections.deque[keep.Entry] = collections.deque()
+        self.unlinkers = concurrent.futures.ThreadPoolExecutor(UNLINKERS, "unlink")
+
+    # ---- plan ---------------------------------------------------------------
+    def plan(self, pending: set[str]) -> str:
+        listed = self.scan()
+        entries = {e.commit: e for e in listed}
+        doomed = set(keep.plan(entries, self.rules, time.time(), self.pruned.verdicts(),
+                               pending))
+        # In the folder's own order (ext4 lists a large folder in hash
+        # order): consecutive unlinks then touch the same directory blocks
+        # (measured alone over 100,000 pairs: 147 against 238 us per unlink
+        # oldest first).  What is pruned is the plan's whatever the order.
+        self.doomed = collections.deque(e for e in listed if e.commit in doomed)
+        return f"planned {len(self.doomed)} of {len(entries)}"
+
+    def take(self, count: int) -> list[keep.Entry]:
+        return [self.doomed.popleft() for _ in range(min(count, len(self.doomed)))]
+
+    # ---- scan ---------------------------------------------------------------
+    def scan(self) -> list[keep.Entry]:
+        """Every complete result in the folder's order, reading only new or
+        changed headers."""
+        names: list[tuple[str, tuple, float]] = []
+        with os.scandir(self.folder) as listing:
+            for item in listing:
+                if not valid_full_commit(item.name):
+                    continue
+                try:
+                    st = item.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                names.append((item.name, (st.st_mtime_ns, st.st_size, st.st_ino), st.st_mtime))
+        found = []
+        for name, stamp, mtime in names:
+            cached = self.headers.get(name)
+            if cached is None or cached[0] != stamp:
+                self.gate.wait_clear()
+                cached = self.headers[name] = (stamp, self.entry(name, mtime))
+            if cached[1] is not None:
+                found.append(cached[1])
+        listed = {name for name, _, _ in names}
+        for gone in [c for c in self.headers if c not in listed]:
+            del self.headers[gone]
+        return found
+
+    def entry(self, commit: str, mtime: float) -> keep.Entry | None:
+        fields = results.read_header(os.path.join(self.folder, commit), HEADER_READ)
+        if not fields or not fields.get("verdict"):
+            return None
+        cells = tuple(name for name in (part.partition("=")[0]
+                                        for part in fields.get("cells", "").split())
+                      if name and matrix.is_cell_name(name))
+        return keep.Entry(commit, keep.branch_of(fields), fields.get("previous") or None,
+                          fields["verdict"], mtime, cells)
+
+    # ---- remove -------------------------------------------------------------
+    def remove(self, batch: list[list[str]]) -> list[str]:
+        def one(names):
+            self.gate.wait_clear()
+            return self.remove_commit(names)
+        replies = list(self.unlinkers.map(one, batch))
+        self.gate.wait_clear()
+        self.sync_folder()
+        return replies
+
+    def remove_commit(self, names: list[str]) -> str:
+        """Every file but the last may be missing already; the last (the
+        result file) must go."""
+        if not names or not all(valid_name(n) for n in names):
+            return "error not a result file's name"
+        paths = [os.path.join(self.folder, n) for n in names]
+        try:
+            for path in paths[:-1]:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            os.unlink(paths[-1])
+        except OSError as exc:
+            return f"error {exc}".replace("\n", " ")
+        self.headers.pop(names[-1], None)
+        return "ok"
+
+    def sync_folder(self) -> None:
+        """Commit the unlinks to the file system's journal now, in this
+        process's time: left pending, they ride on the next result's fsync
+        and make that result wait."""
+        try:
+            fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    # ---- the loop -----------------------------------------------------------
+    def serve(self, inp, out) -> None:
+        """Requests until stdin closes (or one it cannot read)."""
+        while True:
+            line = inp.readline()
+            if not line:
+                return
+            command, _, arg = line.decode("ascii", "replace").strip().partition(" ")
+            if not arg.isdigit() or int(arg) > MAX_BATCH:
+                log.error("not a request: %r", line[:80])
+                return
+            lines = [inp.readline().decode("utf-8", "replace").rstrip("\n")
+                     for _ in range(int(arg) if command in ("plan", "remove") else 0)]
+            if command == "plan":
+                reply = self.plan(set(lines)) + "\n"
+            elif command == "take":
+                reply = "".join(encode_entry(e) + "\n" for e in self.take(int(arg))) + "end\n"
+            elif command == "remove":
+                reply = "".join(r + "\n" for r in self.remove([n.split("\t") for n in lines]))
+            else:
+                log.error("not a request: %r", line[:80])
+                return
+            out.write(reply.encode())
+            out.flush()
+
+
+def encode_entry(entry: keep.Entry) -> str:
+    return json.dumps([entry.commit, entry.branch, entry.previous, entry.verdict,
+                       entry.finished, list(entry.cells)], separators=(",", ":"))
+
+
+def decode_entry(line: bytes) -> keep.Entry:
+    """ValueError or TypeError for a line that is not encode_entry's."""
+    commit, branch, previous, verdict, finished, cells = json.loads(line)
+    return keep.Entry(str(commit), str(branch), previous and str(previous), str(verdict),
+                      float(finished), tuple(str(c) for c in cells))
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        description="The pruner's file worker (started by dispatcher.py with --keep-results; "
+                    "reads requests on stdin, exits when stdin closes).")
+    parser.add_argument("--results-dir", required=True, help="the dispatcher's results folder")
+    parser.add_argument("--keep-results", required=True, type=keep.keep_argument,
+                        help="what to keep, as the dispatcher's --keep-results")
+    parser.add_argument("--tombstones", required=True,
+                        help="the tombstone file (the pruned commits' verdicts)")
+    parser.add_argument("--gate-fd", type=int, default=-1,
+                        help="file descriptor of the dispatcher's result gate page "
+                             "(-1: none, never wait)")
+    parser.add_argument("--gate-wait", type=positive(float), default=LONGEST_WAIT,
+                        help="seconds a step waits for the gate at most "
+                             "(default %(default)s)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    # The dispatcher ends this process (stdin closed); a Ctrl-C meant for
+    # it must not cut a batch here first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    lowest_priority()
+    FileWorker(os.path.abspath(args.results_dir), GateView(args.gate_fd, args.gate_wait), args.keep_results,
+               os.path.abspath(args.tombstones)).serve(sys.stdin.buffer, sys.stdout.buffer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

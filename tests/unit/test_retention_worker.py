@@ -1,0 +1,186 @@
+"""The pruner's worker process (ci/retention/worker.py) and its link: the
+result gate's shared page, the plan and removal protocol over real pipes,
+names it refuses, a worker that dies mid-pass, and the tombstone follower
+that gives it the pruned commits' verdicts."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+
+import pytest
+
+from ci.outcome import Outcome
+from ci.results import TestRecord
+from ci.retention import tombstones
+from ci.retention.gate import GateView, ResultGate
+from ci.retention.policy import KeepPolicy
+from ci.retention.tombstones import Tombstone, TombstoneFile, VerdictFollower
+from ci.retention.worker import FileWorker, decode_entry, encode_entry
+from ci.retention.workerlink import WorkerGone, WorkerLink
+
+
+def cid(n: int) -> str:
+    return f"{n:040x}"
+
+
+def write_chain(folder, count: int, branch: str = "main") -> None:
+    previous = None
+    for n in range(1, count + 1):
+        header = {"verdict": "passed", "tests": 1, "failures": 0, "errors": 0, "skipped": 0,
+                  "branch": branch, "commit": cid(n)}
+        if previous:
+            header["previous"] = previous
+        Outcome(header, b"out\n", [TestRecord("t", "test_one")]).write(str(folder), cid(n))
+        os.utime(folder / cid(n), (1000.0 + n,) * 2)
+        previous = cid(n)
+
+
+@pytest.fixture
+def link(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    links = []
+
+    def make(rules=KeepPolicy(count=1), gate=None):
+        made = WorkerLink(str(folder), gate or ResultGate(), threading.Event(), rules,
+                          str(tmp_path / tombstones.FILE_NAME))
+        links.append(made)
+        return made
+    yield folder, make
+    for made in links:
+        proc = made.proc
+        made.stop()
+        assert proc is None or proc.poll() is not None
+
+
+def test_the_gate_page_shows_a_result_being_stored():
+    gate = ResultGate()
+    fd = gate.share()
+    if fd < 0:
+        pytest.skip("no memfd on this system")
+    view = GateView(fd, longest=5.0)
+    assert not view.busy()
+    with gate:
+        assert view.busy()
+        with gate:
+            assert view.busy()
+        assert view.busy()
+    assert not view.busy()
+    # wait_clear returns once the result is stored, well before ``longest``.
+    gate.__enter__()
+    threading.Timer(0.2, gate.__exit__, (None, None, None)).start()
+    started = time.monotonic()
+    assert view.wait_clear()
+    assert 0.1 < time.monotonic() - started < 4.0
+    assert not GateView(-1).busy() and not GateView(-1).wait_clear()
+
+
+def test_plan_take_and_remove_over_the_pipes(link):
+    folder, make = link
+    write_chain(folder, 5)
+    worker = make()
+    assert worker.plan(set()) == (4, 5)          # the newest is kept
+    first = worker.take(3)
+    assert [e.commit for e in first] and len(first) == 3
+    rest = worker.take(10)
+    assert len(rest) == 1 and worker.take(10) == []
+    doomed = sorted(e.commit for e in first + rest)
+    assert doomed == [cid(n) for n in (1, 2, 3, 4)]
+    errors = worker.remove([[c + ".xml", c] for c in doomed])
+    assert errors == [None] * 4
+    assert sorted(os.listdir(folder)) == [cid(5), cid(5) + ".xml"]
+    # A commit whose result file is gone already: its error, nothing else.
+    [error] = worker.remove([[cid(1) + ".xml", cid(1)]])
+    assert isinstance(error, OSError) and "No such file" in str(error)
+
+
+def test_pending_commits_are_kept_and_entries_round_trip(link):
+    folder, make = link
+    write_chain(folder, 4)
+    worker = make()
+    assert worker.plan({cid(2)}) == (2, 4)
+    assert sorted(e.commit for e in worker.take(10)) == [cid(1), cid(3)]
+    entry = FileWorker(str(folder), GateView(-1), KeepPolicy(count=1), "none").entry(
+        cid(3), 1003.0)
+    assert decode_entry(encode_entry(entry).encode()) == entry
+    assert entry.previous == cid(2) and entry.branch == "main"
+
+
+def test_names_that_are_not_result_files_are_refused(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    outside = tmp_path / "precious"
+    outside.write_text("keep me")
+    (folder / "notes.txt").write_text("keep me too")
+    worker = FileWorker(str(folder), GateView(-1), KeepPolicy(count=1), "none")
+    for names in (["../precious"], ["notes.txt"], [cid(1) + "/../../precious"], [],
+                  [str(outside)], [cid(1) + ".cell."]):
+        assert worker.remove_commit(names) == "error not a result file's name", names
+    assert outside.read_text() == "keep me" and (folder / "notes.txt").exists()
+
+
+def test_a_request_it_cannot_read_ends_the_worker(tmp_path):
+    out = io.BytesIO()
+    worker = FileWorker(str(tmp_path), GateView(-1), KeepPolicy(count=1), "none")
+    worker.serve(io.BytesIO(b"rm -rf 1\nplan 0\n"), out)
+    assert out.getvalue() == b""                  # the second request was never read
+
+
+def test_a_worker_that_dies_is_replaced_on_the_next_request(link):
+    folder, make = link
+    write_chain(folder, 3)
+    worker = make()
+    assert worker.plan(set()) == (2, 3)
+    first = worker.proc
+    first.kill()
+    first.wait(10)
+    with pytest.raises(WorkerGone):
+        worker.take(10)                           # the pass in progress ends
+    assert worker.plan(set()) == (2, 3)           # the next pass has a new worker
+    assert worker.started == 2 and worker.proc.pid != first.pid
+
+
+def test_the_worker_waits_while_a_result_is_being_stored(link):
+    """While the gate is held the worker removes nothing (each step waits,
+    at most ``longest``); once the result is stored the batch goes on."""
+    folder, make = link
+    write_chain(folder, 3)
+    gate = ResultGate(longest=30.0)
+    if gate.share() < 0:
+        pytest.skip("no memfd on this system")
+    worker = make(gate=gate)
+    assert worker.plan(set()) == (2, 3)
+    taken = worker.take(10)
+    answers = []
+    with gate:
+        remover = threading.Thread(
+            target=lambda: answers.append(worker.remove([[e.commit] for e in taken])))
+        remover.start()
+        remover.join(1.0)
+        assert remover.is_alive() and (folder / cid(1)).exists() and (folder / cid(2)).exists()
+    remover.join(30)
+    assert answers == [[None, None]]
+    assert not (folder / cid(1)).exists() and not (folder / cid(2)).exists()
+
+
+def test_the_verdict_follower_reads_appends_and_trims(tmp_path):
+    path = str(tmp_path / tombstones.FILE_NAME)
+    follower = VerdictFollower(path)
+    assert follower.verdicts() == {}
+    stones = TombstoneFile(path, limit=3)
+    stones.append([Tombstone(cid(n), "passed", 1.0, float(n), None, "main") for n in (1, 2)])
+    assert follower.verdicts() == {cid(1): "passed", cid(2): "passed"}
+    with open(path, "ab") as handle:        # a line still being written
+        handle.write(tombstones.format_line(
+            Tombstone(cid(3), "failed", 1.0, 3.0, None, None)).encode())
+    assert cid(3) not in follower.verdicts()
+    with open(path, "ab") as handle:
+        handle.write(b"\n")
+    assert follower.verdicts()[cid(3)] == "failed"
+    dropped = stones.append([Tombstone(cid(n), "error", 1.0, float(n), None, None)
+                             for n in (4, 5)])
+    assert dropped                           # trimmed: a new file
+    assert set(follower.verdicts()) == set(TombstoneFile(path).load())
