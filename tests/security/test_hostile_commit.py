@@ -264,7 +264,10 @@ def assert_nothing_changed(cluster, previous_result, report) -> None:
     assert len(refused) >= len(report["replies"]), (len(refused), len(report["replies"]))
     # N-1 was written once and never retested; the forged dispatch queued nothing.
     previous = report["previous"]
-    assert dispatcher.log().count(f"result for {previous[:12]}: failed") == 1
+    line = f"result for {previous[:12]}: failed"
+    # The file is renamed into place a moment before the line is logged.
+    wait_until(lambda: line in dispatcher.log(), 10, what="the result's log line")
+    assert dispatcher.log().count(line) == 1
     status = decode_fields(ask(cluster.dispatcher_port, "status",
                                        security=key_security("viewer", "w")).body)
     assert (status["queued"], status["running"]) == ("0", "0"), status
