@@ -10,7 +10,8 @@ itself, as the catch-up does:
 
 * ``result <commit>``: read ``test_results/<commit>`` and its JUnit file
   and write the run (replacing the commit's earlier run: a retest);
-* ``forget <commit>``: drop the commit's run (its result was pruned);
+* ``forget <commit>``: drop the commit's run (its result was pruned;
+  once the pass is over, in run order: ``StoreWriter._drop_pruned``);
 * ``catchup``: lines were dropped (the pipe was full): catch up from the
   result files.
 
@@ -51,8 +52,13 @@ KINDS = ("result", "forget")
 # is over), unless the oldest waiting line is MAX_DEFER seconds old.
 SETTLE = 0.2
 MAX_DEFER = 10.0
-# After a batch of only ``forget`` lines, rest this many times as long as
-# it took.
+# Pruned runs (``forget`` lines) are dropped once no such line came for
+# FORGET_SETTLE seconds (a pass is over) or FORGET_CAP of them wait, in the
+# order the store holds them (run id: oldest first), FORGET_CHUNK runs per
+# transaction, resting FORGET_REST times as long as each took.
+FORGET_SETTLE = 2.0
+FORGET_CAP = 200_000
+FORGET_CHUNK = 500
 FORGET_REST = 1.0
 # Added to the process's nice value (lower_priority).
 NICENESS = 10
@@ -82,6 +88,10 @@ class StoreWriter:
         # When the reader last queued a line (``clock``; for ``_settle``).
         self.clock = time.monotonic
         self.last_line = 0.0
+        # Pruned commits whose runs are still to drop (an ordered set), and
+        # when the last ``forget`` was taken: the writing loop's own.
+        self.pruned: dict[str, None] = {}
+        self.last_forget = 0.0
 
     # ---- the reader thread ------------------------------------------------
     def feed(self, stream) -> None:
@@ -120,10 +130,11 @@ class StoreWriter:
                 if batch and self.conn is not None:
                     self._settle(batch[0][2])
                     self.gate.wait_clear()
-                    began = time.monotonic()
                     self._write(batch)
-                    if all(kind == "forget" for kind, _, _ in batch):
-                        self._rest(time.monotonic() - began)
+                if self.pruned and self.conn is not None and (
+                        self.clock() - self.last_forget >= FORGET_SETTLE or
+                        len(self.pruned) >= FORGET_CAP):
+                    self._drop_pruned()
         finally:
             if self.conn is not None:
                 self.conn.close()
@@ -159,18 +170,43 @@ class StoreWriter:
                 return
             self.stop_event.wait(wait)
 
-    def _rest(self, busy: float) -> None:
-        """After a batch of pruned runs only, pause as long as it took:
-        a pass over 100,000 results sends as many ``forget`` lines, and
-        dropping them back to back (SQLite's deletes and the WAL's
-        checkpoints) kept the disk busy under the results being stored;
-        the history only has to catch up with the prune, not race it."""
-        self.stop_event.wait(busy * FORGET_REST)
+    def _drop_pruned(self) -> None:
+        """Drop the pruned commits' runs, oldest first, a chunk per
+        transaction, each after a look at the result gate and followed by
+        a rest as long as it took.  Why wait for the pass to end: it sends
+        its ``forget`` lines in the folder's hash order, and runs dropped in
+        that order were scattered over every page of the tables, so each
+        transaction of 64 rewrote hundreds of pages into the WAL (100,000
+        forgets doubled the result path's p95 while they ran); in run-id
+        order a transaction rewrites a few.  A commit whose result file is
+        back (a retest) keeps its new run."""
+        commits = [c for c in self.pruned
+                   if not os.path.exists(os.path.join(self.results_dir, c))]
+        self.pruned.clear()
+        try:
+            runs = sorted(store.run_ids(self.conn, commits))
+        except sqlite3.Error as exc:
+            self._failed(exc)
+            return
+        for start in range(0, len(runs), FORGET_CHUNK):
+            if self.stop_event.is_set():
+                return                  # the next start's catch-up drops the rest
+            self.gate.wait_clear()
+            began = time.monotonic()
+            try:
+                with store.transaction(self.conn):
+                    store.forget_runs(self.conn, runs[start:start + FORGET_CHUNK])
+            except sqlite3.Error as exc:
+                self._failed(exc)
+                return
+            self.stop_event.wait((time.monotonic() - began) * FORGET_REST)
 
     def _recover(self) -> None:
         """Open (or rebuild) the store and catch up with the results folder;
-        on failure, try again after a pause."""
+        on failure, try again after a pause.  The catch-up drops every run
+        whose file is gone, so the pruned commits waiting are forgotten."""
         self.behind.clear()
+        self.pruned.clear()
         started = time.monotonic()
         try:
             if self.conn is None:
@@ -194,23 +230,22 @@ class StoreWriter:
             self.out = None             # nobody listens any more
 
     def _write(self, batch: list) -> None:
-        """The batch in its order, in one transaction, each run read from
-        its files (a file gone since: nothing to write)."""
+        """The batch's results in its order, in one transaction, each run
+        read from its files (a file gone since: nothing to write); its
+        ``forget`` lines join ``pruned`` (``_drop_pruned``), and a result
+        for a commit waiting there (a retest after the prune) takes it out:
+        its new run replaces the old one."""
         try:
             with store.transaction(self.conn):
-                forgets: list[str] = []   # consecutive ones, dropped together
                 for kind, commit, _ in batch:
                     if kind == "forget":
-                        forgets.append(commit)
+                        self.pruned[commit] = None
+                        self.last_forget = self.clock()
                         continue
-                    if forgets:
-                        store.forget_commits(self.conn, forgets)
-                        forgets = []
+                    self.pruned.pop(commit, None)
                     run = store.run_from_files(self.results_dir, commit)
                     if run is not None:
                         store.write_run(self.conn, run)
-                if forgets:
-                    store.forget_commits(self.conn, forgets)
         except (sqlite3.Error, ValueError) as exc:
             self._failed(exc)
 

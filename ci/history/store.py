@@ -291,13 +291,25 @@ def forget_commits(conn: sqlite3.Connection, commits: list[str]) -> None:
     transaction: a few statements per LOOKUP_CHUNK commits rather than
     four per commit, which made forgetting 100,000 pruned runs the
     history writer's work for minutes (issue 21)."""
+    forget_runs(conn, run_ids(conn, commits))
+
+
+def run_ids(conn: sqlite3.Connection, commits: list[str]) -> list[int]:
+    """The ids of the runs the store holds for ``commits``."""
+    found: list[int] = []
     for start in range(0, len(commits), LOOKUP_CHUNK):
         chunk = commits[start:start + LOOKUP_CHUNK]
         marks = ",".join("?" * len(chunk))
-        runs = [row[0] for row in conn.execute(
+        found += [row[0] for row in conn.execute(
             f"SELECT id FROM runs WHERE commit_id IN ({marks})", chunk)]
-        if runs:
-            _forget_runs(conn, runs)
+    return found
+
+
+def forget_runs(conn: sqlite3.Connection, runs: list[int]) -> None:
+    """Drop these runs and their records, LOOKUP_CHUNK at a time, in the
+    caller's transaction."""
+    for start in range(0, len(runs), LOOKUP_CHUNK):
+        _forget_runs(conn, runs[start:start + LOOKUP_CHUNK])
 
 
 def _forget_runs(conn: sqlite3.Connection, runs: list[int]) -> None:

@@ -528,3 +528,31 @@ def test_the_writer_waits_while_the_dispatcher_stores_a_result(folder, writers):
             assert runs_held(writer.path) == 0
             time.sleep(0.05)
     wait_until(lambda: runs_held(writer.path) == 1, 10, what="the run written after the gate")
+
+
+def test_pruned_runs_are_dropped_after_the_pass_and_a_retest_keeps_its_run(folder, writers):
+    """``forget`` lines wait until none came for FORGET_SETTLE seconds (a
+    pass is over), then the runs go oldest first; a commit retested after
+    its prune (``forget`` then ``result``) keeps its new run."""
+    from ci.history import child
+    commits = [write(folder, n, mtime=1000.0 + n) for n in range(1, 5)]
+    writer = writers(folder)
+    assert runs_held(writer.path) == 4
+    for commit in commits[:3]:
+        os.unlink(os.path.join(folder, commit))
+        os.unlink(os.path.join(folder, commit + ".xml"))
+    writer.forget(commits[:3])
+    write(folder, 3)                                # commit 3 retested after its prune
+    writer.result_written(commits[2], None)
+    sent = time.monotonic()
+    while time.monotonic() - sent < child.FORGET_SETTLE * 0.5:
+        assert runs_held(writer.path) == 4          # nothing dropped while forgets may come
+        time.sleep(0.05)
+
+    def held() -> set:
+        conn = sqlite3.connect(f"file:{writer.path}?mode=ro", uri=True)
+        try:
+            return {row[0] for row in conn.execute("SELECT commit_id FROM runs")}
+        finally:
+            conn.close()
+    wait_until(lambda: held() == {commits[2], commits[3]}, 20, what="the pruned runs dropped")
