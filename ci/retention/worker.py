@@ -48,8 +48,9 @@ import signal
 import sys
 import time
 
-from ci import matrix, results
+from ci import results
 from ci.config import ArgumentParser, configure_logging, positive
+from ci.files import fsync_dir
 from ci.retention import policy as keep
 from ci.retention.gate import LONGEST_WAIT, GateView
 from ci.retention.tombstones import VerdictFollower
@@ -149,11 +150,8 @@ class FileWorker:
         fields = results.read_header(os.path.join(self.folder, commit), HEADER_READ)
         if not fields or not fields.get("verdict"):
             return None
-        cells = tuple(name for name in (part.partition("=")[0]
-                                        for part in fields.get("cells", "").split())
-                      if name and matrix.is_cell_name(name))
         return keep.Entry(commit, keep.branch_of(fields), fields.get("previous") or None,
-                          fields["verdict"], mtime, cells)
+                          fields["verdict"], mtime, tuple(results.cell_names(fields)))
 
     # ---- remove -------------------------------------------------------------
     def remove(self, batch: list[list[str]]) -> list[str]:
@@ -188,15 +186,9 @@ class FileWorker:
         process's time: left pending, they ride on the next result's fsync
         and make that result wait."""
         try:
-            fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+            fsync_dir(self.folder)
+        except OSError as exc:      # the unlinks stand; the next commit carries them
+            log.debug("cannot fsync %s: %s", self.folder, exc)
 
     # ---- the loop -----------------------------------------------------------
     def serve(self, inp, out) -> None:
@@ -263,8 +255,9 @@ def main(argv=None) -> int:
     # it must not cut a batch here first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     lowest_priority()
-    FileWorker(os.path.abspath(args.results_dir), GateView(args.gate_fd, args.gate_wait), args.keep_results,
-               os.path.abspath(args.tombstones)).serve(sys.stdin.buffer, sys.stdout.buffer)
+    worker = FileWorker(os.path.abspath(args.results_dir), GateView(args.gate_fd, args.gate_wait),
+                        args.keep_results, os.path.abspath(args.tombstones))
+    worker.serve(sys.stdin.buffer, sys.stdout.buffer)
     return 0
 
 

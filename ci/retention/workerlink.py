@@ -15,7 +15,6 @@ from ci.retention import worker
 log = logging.getLogger(__name__)
 
 
-
 class WorkerGone(OSError):
     """The worker could not be started, or stopped answering as it should:
     the pass ends (nothing is removed that was not answered for), and the
