@@ -34,6 +34,7 @@ from ci.history import store as history_store
 from ci.history.queries import HistoryReader
 from ci.history.writer import HistoryWriter
 from ci.dispatch.journal import Journal
+from ci.dispatch.spares import SpareFiles
 from ci.retention import policy as retention_policy
 from ci.retention import pruner
 from ci.retention.tombstones import FILE_NAME as TOMBSTONE_FILE, TombstoneFile
@@ -283,6 +284,7 @@ def recovered_state(args: argparse.Namespace, results_dir: str, state_dir: str,
     state.trusted_branches = trusted
     state.tombstones = TombstoneFile(os.path.join(state_dir, TOMBSTONE_FILE))
     state.recover(args.restart_grace)
+    state.spares = SpareFiles(results_dir, state.result_gate)
     return state
 
 
@@ -348,6 +350,8 @@ def serve(wired: Wired) -> None:
              "on (master; issued keys accepted)" if wired.security.secret else "off",
              "on (certificate roles checked)" if wired.security.server_tls else "off",
              ", ".join(wired.state.trusted_branches))
+    if not wired.state.spares.start():
+        wired.state.spares = None
     if wired.notifier:
         wired.notifier.start(wired.state.is_pending)
     if wired.history:
@@ -364,6 +368,8 @@ def serve(wired: Wired) -> None:
             wired.notifier.stop()
         if wired.history:
             wired.history.stop()
+        if wired.state.spares:
+            wired.state.spares.stop()
     helpers.serve_until_signalled(wired.server, on_stop=stop)
 
 

@@ -6,21 +6,25 @@ is given.
 
 1. baseline  the dispatcher without --keep-results (its test history
              caught up first): the latency of ``results`` (the result
-             path: claim, file write, bookkeeping), median, p95 and max.
+             path: claim, file write, bookkeeping), median, p95 and max;
+             then the same with one busy loop in the idle CPU class (the
+             reference: what background CPU work costs on this machine).
 2. pruning   the same dispatcher restarted with --keep-results 100: the
              same latency measured before its first pass, while it runs and
-             after it (``--samples`` results), how long the pass takes (from
-             its start to its log line; target < 60 s), how many files it
-             removed and how many history rows remain.
+             after it (``--samples`` results; with --windows also per
+             window of the pass and of the time after it), how long the
+             pass takes (from its start to its log line; target < 60 s),
+             how many files it removed and how many history rows remain.
 
 Every process is started here and ended here by its PID.
 usage:  python benchmarks/bench_retention.py [--results N] [--keep N] [--rate R]
-                                            [--windows S] [--keep-folder]
+                                            [--windows S] [--no-reference] [--keep-folder]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -135,6 +139,21 @@ class ResultPath:
         return took
 
 
+@contextlib.contextmanager
+def idle_busy_loop():
+    """A process spinning in the idle scheduling class (as the pruner's
+    worker runs) while the block runs: what any background CPU work costs
+    the result path on this machine, however low its priority."""
+    proc = subprocess.Popen([PY, "-c", "import os\n"
+                             "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+                             "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        stop_process(proc, 5)
+
+
 def figures(samples: list[float]) -> str:
     ordered = sorted(samples)
     p95 = ordered[int(len(ordered) * 0.95) - 1]
@@ -156,6 +175,9 @@ def run(tmp: str, args) -> None:
     os.makedirs(folder)
     t0 = time.monotonic()
     generate(folder, args.results)
+    # The files stand for results written long ago: on disk, not dirty in
+    # the page cache, whose writeback would otherwise land in the windows.
+    os.sync()
     print(f"generated {args.results} result files (+XML) in {time.monotonic() - t0:.1f}s; "
           f"results sent {f'{args.rate:g} a second' if args.rate else 'back to back'}")
     port = helpers.free_port()
@@ -167,6 +189,12 @@ def run(tmp: str, args) -> None:
         path = ResultPath(port, runner, 10 ** 9, args.rate)
         base = [path.paced() for _ in range(args.samples)]
         print(f"baseline: results latency {figures(base)}")
+        if args.reference:
+            with idle_busy_loop():
+                loaded = [path.paced() for _ in range(args.samples)]
+            print(f"reference, one busy loop in the idle CPU class: results latency "
+                  f"{figures(loaded)}")
+            base += loaded       # their commits are in the history too
     finally:
         stop_process(proc, 20)
     proc = start_dispatcher(tmp, port, ["--keep-results", str(args.keep),
@@ -187,7 +215,11 @@ def run(tmp: str, args) -> None:
             if time.monotonic() - started > 900:
                 raise SystemExit("no pruning pass within 900 s")
         seen = time.monotonic()
-        after = [path.paced() for _ in range(args.samples)]
+        after_timed = []
+        for _ in range(args.samples):
+            took = path.paced()
+            after_timed.append((time.monotonic(), took))
+        after = [took for _, took in after_timed]
         # The samples taken while the pass ran (it ended before ``seen``).
         during = [took for when, took in timed if when >= seen - float(match.group(3))]
         before = [took for when, took in timed if when < seen - float(match.group(3))]
@@ -202,6 +234,11 @@ def run(tmp: str, args) -> None:
                         if began + start <= when < began + start + args.windows]
                 if len(part) > 5:
                     print(f"  {start:4d} s to {start + args.windows:4d} s: {figures(part)}")
+            for start in range(0, int(after_timed[-1][0] - seen) + 1, args.windows):
+                part = [took for when, took in after_timed
+                        if seen + start <= when < seen + start + args.windows]
+                if len(part) > 5:
+                    print(f"  after +{start:3d} s to {start + args.windows:3d} s: {figures(part)}")
         print(f"pruning pass: {match.group(1)} of {match.group(2)} results pruned in "
               f"{match.group(3)} s{match.group(4) or ''} (target < 60 s); files left "
               f"{sum(1 for n in os.listdir(folder) if not n.endswith('.xml'))}")
@@ -229,6 +266,9 @@ def main(argv=None) -> int:
                         help="also print the latency in windows of this many seconds of "
                              "the pass (its phases: the worker's plan first, then the "
                              "removal)")
+    parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                        help="after the baseline, time --samples more results while one "
+                             "busy loop runs in the idle CPU class (default: on)")
     parser.add_argument("--keep-folder", action="store_true", help="leave the folder")
     args = parser.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench-retention-")

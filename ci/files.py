@@ -11,10 +11,13 @@ import tempfile
 from ci.config import ConfigError
 
 
-def atomic_write(path: str, data: bytes, fsync: bool = True) -> None:
-    """Write a file so that readers see either nothing or all of it."""
+def atomic_write(path: str, data: bytes, fsync: bool = True, spares=None) -> None:
+    """Write a file so that readers see either nothing or all of it.
+    ``spares`` (ci/dispatch/spares.py): a pool of files made ahead of time
+    in a subfolder of the file's folder, taken instead of creating one."""
     folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    opened = spares.open(folder) if spares is not None else None
+    fd, tmp = opened or tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

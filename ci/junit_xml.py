@@ -249,7 +249,7 @@ def records_or_note(data: bytes, parse=parse_junit) -> tuple[list[TestRecord] | 
 
 
 def write_junit(results_dir: str, commit: str, records: list[TestRecord] | None,
-                cell: str = "") -> None:
+                cell: str = "", spares=None) -> None:
     """Write ``<commit>.xml`` atomically, before the text result file that
     proves the commit done; without records, remove a stale one (a retest
     whose new run has no records must not keep the old run's)."""
@@ -266,4 +266,4 @@ def write_junit(results_dir: str, commit: str, records: list[TestRecord] | None,
         log.warning("JUnit XML of %d records exceeds %d bytes even without tracebacks",
                     len(records), MAX_JUNIT_BYTES)
         xml = format_junit(records, name=result_name(commit, cell), traceback_limit=0)
-    atomic_write(path, xml)
+    atomic_write(path, xml, spares=spares)

@@ -83,14 +83,14 @@ class Outcome:
         """``test_results/<commit>``: header, blank line, raw output."""
         return results.format_result(self.header, self.output)
 
-    def write(self, results_dir: str, commit: str, cell: str = "") -> None:
+    def write(self, results_dir: str, commit: str, cell: str = "", spares=None) -> None:
         """The JUnit XML first, then the result file: the file is the proof
         the commit (or its matrix cell ``cell``) is done, so it is written
-        last."""
+        last.  ``spares``: the dispatcher's pool of ready files (atomic_write)."""
         records = None if self.records is None else list(self.records)
-        junit_xml.write_junit(results_dir, commit, records, cell)
+        junit_xml.write_junit(results_dir, commit, records, cell, spares)
         atomic_write(os.path.join(results_dir, results.result_name(commit, cell)),
-                     self.result_file())
+                     self.result_file(), spares=spares)
 
     # ---- the ``results`` message body -------------------------------------
     def to_body(self) -> bytes:

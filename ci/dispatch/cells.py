@@ -253,7 +253,7 @@ class MatrixKeeper:
             self.results_dir, results.result_name(commit, n))) or {} for n in cells}
         outcome = summary(commit, cells, headers)
         try:
-            outcome.write(self.results_dir, commit)
+            outcome.write(self.results_dir, commit, spares=self.spares)
         except OSError:
             log.exception("cannot write the result of %s; its cells are done", commit[:12])
             return None

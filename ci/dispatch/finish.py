@@ -172,7 +172,7 @@ class ResultKeeper:
         """The result file is the proof a commit (or its cell: ``key``) is
         done: written last, after the per-test JUnit file (see
         ``Outcome.write``)."""
-        outcome.write(self.results_dir, *split_key(key))
+        outcome.write(self.results_dir, *split_key(key), spares=self.spares)
 
     def _finish(self, work: Work, outcome: Outcome) -> Outcome | None:
         """Bookkeeping once the work's result file is on disk (WRITING);

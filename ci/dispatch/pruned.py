@@ -69,14 +69,19 @@ class PrunedCommits:
         with self.cond:
             self.pruned.difference_update(work_key(c) for c in commits)
 
-    def _pruned_meta(self, targets: list[str]) -> dict[str, Meta]:
+    def pruned_meta(self, targets: list[str]) -> dict[str, Meta]:
         """Branch and predecessor of the pruned commits among ``targets``,
-        from their tombstones, read before the lock is taken (the file may
-        be long); a commit with a result file reads it there instead."""
+        from their tombstones: the lock is taken only to pick the commits
+        known as pruned, the file (it may be long) is read without it; a
+        commit with a result file reads it there instead."""
         found = {}
         if self.tombstones is None:
             return found
-        for commit in dict.fromkeys(key_commit(t) for t in targets):
+        # Only commits known as pruned: each look reads the whole file.
+        with self.cond:
+            pruned = [c for c in dict.fromkeys(key_commit(t) for t in targets)
+                      if work_key(c) in self.pruned]
+        for commit in pruned:
             if not os.path.exists(os.path.join(self.results_dir, commit)):
                 stone = self.tombstones.find(commit)
                 if stone is not None and stone.branch:

@@ -41,6 +41,7 @@ from ci.dispatch.views import StateViews
 from ci.dispatch.answers import VerdictAnswers
 from ci.dispatch.live import LiveOutput
 from ci.dispatch.pruned import PrunedCommits
+from ci.dispatch.spares import SpareFiles
 from ci.dispatch.recovery import Recovery
 from ci.retention.gate import ResultGate
 from ci.retention.tombstones import TombstoneFile
@@ -124,6 +125,9 @@ class DispatcherState(Recovery, LiveOutput, PrunedCommits, RunnerRegistry, Shard
         # Held by every ``results`` handler while it stores its result;
         # the pruner gives way to it (ci/retention/gate.py).  Its own lock.
         self.result_gate = ResultGate()
+        # Files made ahead of time for the results folder (None: each
+        # result creates its own; ci/dispatch/spares.py).
+        self.spares: SpareFiles | None = None
         # Called with (commit, Outcome) after a result file is on disk,
         # outside the lock (notifications); must not block.
         self.listeners: list = []
@@ -237,7 +241,7 @@ class DispatcherState(Recovery, LiveOutput, PrunedCommits, RunnerRegistry, Shard
         again even if they have a result (a "rebuild" of a flaky run); the
         new result replaces the file atomically.  A retest is a new round:
         results carrying an earlier round's token count as duplicates."""
-        pruned = self._pruned_meta(targets)
+        pruned = self.pruned_meta(targets)
         with self.cond:
             # Bounded: the pruner holds a commit here for one batch's unlinks.
             self.cond.wait_for(lambda: not any(work_key(key_commit(t)) in self.unlinking

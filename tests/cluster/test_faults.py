@@ -251,6 +251,11 @@ def test_sigterm_stops_each_daemon_cleanly(cluster, upstream, notes):
     observer = cluster.start_observer()
     first = start_runner(cluster, notes)
     assert cluster.result(head(upstream), 20)["verdict"] == "passed"
+    # The result was written into a file made ahead of time (spares.py):
+    # no temporary file of its own is left, and the pool is there.
+    spare = os.path.join(cluster.results, ".spare")
+    assert os.listdir(spare) and not [n for n in os.listdir(cluster.results)
+                                      if n.startswith(".tmp")]
     long = commit_fault(upstream, "long", seconds=30, once=True, grandchild=True)
     wait_until(lambda: notes.find("long", "grandchild") and notes.find("long"), 15,
                what="the long test and its grandchild to start")
@@ -278,6 +283,7 @@ def test_sigterm_stops_each_daemon_cleanly(cluster, upstream, notes):
     assert stop(observer) < 5
     assert stop(second) < 5
     assert stop(dispatcher) < 5
+    assert not os.path.exists(spare)          # its spares removed on the way out
 
 
 def test_runner_outbox_delivers_after_dispatcher_returns(cluster, upstream, notes):

@@ -201,6 +201,12 @@ def test_retest_of_a_pruned_commit_is_queued(tmp_path):
     # from the tombstone (the result file is gone), in memory and journalled.
     assert state.retest([cid(2)]) == [cid(2)]
     assert state.work[work_key(cid(2))].meta == Meta("main", cid(1))
+    # A commit never pruned does not send a retest through the whole
+    # tombstone file (up to 500,000 lines) looking for it.
+    looked = []
+    state.tombstones.find = looked.append
+    assert state.retest([cid(7)]) == [cid(7)]
+    assert looked == []
     state.journal.close()
     again = new_state(tmp_path)
     assert again.work[work_key(cid(2))].meta == Meta("main", cid(1))
