@@ -7,8 +7,8 @@ is given.
 1. baseline  the dispatcher without --keep-results (its test history
              caught up first): the latency of ``results`` (the result
              path: claim, file write, bookkeeping), median, p95 and max;
-             then the same with one busy loop in the idle CPU class (the
-             reference: what background CPU work costs on this machine).
+             with --reference, then the same with one busy loop in the
+             idle CPU class (what background CPU work costs here).
 2. pruning   the same dispatcher restarted with --keep-results 100: the
              same latency measured before its first pass, while it runs and
              after it (``--samples`` results; with --windows also per
@@ -18,7 +18,7 @@ is given.
 
 Every process is started here and ended here by its PID.
 usage:  python benchmarks/bench_retention.py [--results N] [--keep N] [--rate R]
-                                            [--windows S] [--no-reference] [--keep-folder]
+                                            [--windows S] [--reference] [--keep-folder]
 """
 
 from __future__ import annotations
@@ -266,9 +266,10 @@ def main(argv=None) -> int:
                         help="also print the latency in windows of this many seconds of "
                              "the pass (its phases: the worker's plan first, then the "
                              "removal)")
-    parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--reference", action="store_true",
                         help="after the baseline, time --samples more results while one "
-                             "busy loop runs in the idle CPU class (default: on)")
+                             "busy loop runs in the idle CPU class (what background CPU "
+                             "work costs the result path on this machine)")
     parser.add_argument("--keep-folder", action="store_true", help="leave the folder")
     args = parser.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench-retention-")

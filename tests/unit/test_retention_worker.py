@@ -109,6 +109,17 @@ def test_pending_commits_are_kept_and_entries_round_trip(link):
     assert entry.previous == cid(2) and entry.branch == "main"
 
 
+def test_a_plan_reads_the_headers_without_touching_their_access_times(tmp_path):
+    # relatime sets the atime of a file read since it was written (atime not
+    # after mtime): 100,000 inodes to write back while results are stored.
+    write_chain(tmp_path, 3)
+    for n in (1, 2, 3):
+        os.utime(tmp_path / cid(n), ns=(1_000_000_000_000, 2_000_000_000_000))
+    worker = FileWorker(str(tmp_path), GateView(-1), KeepPolicy(count=1), "none")
+    assert worker.plan(set()) == "planned 2 of 3"
+    assert {os.stat(tmp_path / cid(n)).st_atime_ns for n in (1, 2, 3)} == {1_000_000_000_000}
+
+
 def test_names_that_are_not_result_files_are_refused(tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()
