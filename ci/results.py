@@ -72,15 +72,29 @@ def parse_result(data: bytes) -> tuple[dict[str, str], bytes]:
 
 # A header is a few short lines: this much of a file's start holds it.
 HEADER_READ = 64 * 1024
+# O_NOATIME where the system has it (read_header's keep_atime).
+NOATIME = getattr(os, "O_NOATIME", 0)
 
 
-def read_header(path: str, limit: int = HEADER_READ) -> dict[str, str] | None:
+def read_header(path: str, limit: int = HEADER_READ,
+                keep_atime: bool = False) -> dict[str, str] | None:
     """The header fields of the result file at ``path``, reading only its
     first ``limit`` bytes (the output may be huge); None when the file is
     missing or unreadable, or has no complete header there yet.  The one
-    reader of headers for the dashboard, the notifier and run_local."""
+    reader of headers for the dashboard, the notifier and run_local.
+    ``keep_atime``: leave the file's access time alone where the system
+    lets this user (its owner); the pruner's plan reads every header, and
+    under ``relatime`` each first read since a file was written sets its
+    atime: 100,000 inodes to write back while results are being stored."""
+    flags = os.O_RDONLY | os.O_CLOEXEC
     try:
-        with open(path, "rb") as handle:
+        try:
+            fd = os.open(path, flags | (NOATIME if keep_atime else 0))
+        except PermissionError:
+            if not keep_atime:
+                raise
+            fd = os.open(path, flags)
+        with os.fdopen(fd, "rb") as handle:
             return parse_result(handle.read(limit))[0]
     except (OSError, ProtocolError):
         return None

@@ -57,7 +57,7 @@ class SpareFiles:
         self.cond = threading.Condition()
         self.ready: collections.deque[str] = collections.deque()
         self.stopping = False
-        self.made = 0               # files created so far (for tests and the log)
+        self.made = 0               # files created so far (for tests)
         self.thread: threading.Thread | None = None
 
     # ---- the result path ---------------------------------------------------

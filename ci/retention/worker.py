@@ -54,7 +54,7 @@ from ci.files import fsync_dir
 from ci.retention import policy as keep
 from ci.retention.gate import LONGEST_WAIT, GateView
 from ci.retention.tombstones import VerdictFollower
-from ci.wire import ProtocolError, valid_full_commit
+from ci.wire import valid_full_commit
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,6 @@ MAX_BATCH = 10_000_000
 # (measured alone on ext4, 100,000 unlinks: 94 us each with one thread,
 # 68 with two, 51 with four).
 UNLINKERS = 3
-# Header reads leave the files' access times alone (not on every system).
-NOATIME = getattr(os, "O_NOATIME", 0)
 
 
 def lowest_priority() -> None:
@@ -83,25 +81,6 @@ def lowest_priority() -> None:
         os.nice(19)
     except OSError as exc:
         log.warning("cannot lower the pruner's worker's priority: %s", exc)
-
-
-def read_header(path: str) -> dict[str, str] | None:
-    """results.read_header without touching the file's access time: on a
-    file system mounted ``relatime``, the first read of a file since it was
-    written sets its atime, and a plan that reads 100,000 headers would
-    leave 100,000 inodes to write back while results are being stored."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | NOATIME)
-    except PermissionError:         # O_NOATIME: the file's owner only
-        return results.read_header(path, HEADER_READ)
-    except OSError:
-        return None
-    try:
-        return results.parse_result(os.read(fd, HEADER_READ))[0]
-    except (OSError, ProtocolError):
-        return None
-    finally:
-        os.close(fd)
 
 
 def valid_name(name: str) -> bool:
@@ -168,7 +147,8 @@ class FileWorker:
         return found
 
     def entry(self, commit: str, mtime: float) -> keep.Entry | None:
-        fields = read_header(os.path.join(self.folder, commit))
+        fields = results.read_header(os.path.join(self.folder, commit), HEADER_READ,
+                                     keep_atime=True)
         if not fields or not fields.get("verdict"):
             return None
         return keep.Entry(commit, keep.branch_of(fields), fields.get("previous") or None,
