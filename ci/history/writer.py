@@ -33,13 +33,27 @@ from ci.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
-# The folder holding the ``ci`` package, for the child's import path.
+# A non-blocking write to a pipe of at most this many bytes is all or nothing.
+PIPE_BUF = getattr(select, "PIPE_BUF", 512)
 # The supervisor's tick: how soon a pending ``catchup`` is sent again.
 TICK = 0.5
 # A child that lived this long before dying restarts without delay growth.
 STEADY_SECONDS = 60.0
 # Seconds between restarts of a child that keeps dying, at most.
 RESTART_CAP = 30.0
+
+
+def pipe_chunks(lines: list[bytes]) -> list[bytes]:
+    """The lines joined into as few writes as fit PIPE_BUF each: a pass
+    forgets 25 commits a batch, and a write (and a wake-up of the child)
+    per line took the cores from the result path 25 times as often."""
+    chunks: list[bytes] = []
+    for line in lines:
+        if chunks and len(chunks[-1]) + len(line) <= PIPE_BUF:
+            chunks[-1] += line
+        else:
+            chunks.append(line)
+    return chunks
 
 
 class HistoryWriter:
@@ -79,12 +93,13 @@ class HistoryWriter:
         In order with the results, so a retest written after the prune
         keeps its new run; a dropped line is left to the catch-up, which
         forgets runs whose result files are gone."""
-        for commit in commits:
-            self._send(f"forget {commit}\n".encode())
+        for chunk in pipe_chunks([f"forget {commit}\n".encode() for commit in commits]):
+            self._send(chunk)
 
     def _send(self, line: bytes) -> None:
-        """Never blocks: written whole (a line is shorter than PIPE_BUF, so
-        a non-blocking write takes it all or nothing), or dropped."""
+        """Never blocks: written whole (``line``, one line or a few, is at
+        most PIPE_BUF long, so a non-blocking write takes it all or
+        nothing), or dropped."""
         with self._send_lock:
             if self.dropped:
                 self.dropped = not self._write(b"catchup\n")

@@ -556,3 +556,29 @@ def test_pruned_runs_are_dropped_after_the_pass_and_a_retest_keeps_its_run(folde
         finally:
             conn.close()
     wait_until(lambda: held() == {commits[2], commits[3]}, 20, what="the pruned runs dropped")
+
+
+def test_forget_lines_go_whole_lines_in_writes_no_longer_than_pipe_buf():
+    """A pass's batch of forgets is a few writes, not one a commit; each is
+    all or nothing on a non-blocking pipe (at most PIPE_BUF) and holds
+    whole lines, in order."""
+    from ci.history.writer import PIPE_BUF, pipe_chunks
+    lines = [f"forget {commit_id(n)}\n".encode() for n in range(200)]
+    chunks = pipe_chunks(lines)
+    assert b"".join(chunks) == b"".join(lines)
+    assert all(len(c) <= PIPE_BUF and c.endswith(b"\n") for c in chunks)
+    assert len(chunks) == -(-len(b"".join(lines)) // (PIPE_BUF // len(lines[0]) * len(lines[0])))
+    assert pipe_chunks([]) == []
+
+
+def test_a_batch_of_forgets_longer_than_one_write_drops_every_run(folder, writers):
+    """200 forgets (three writes) reach the child whole: every run goes."""
+    commits = [write(folder, n, fail_every=0) for n in range(1, 201)]
+    writer = writers(folder)
+    assert runs_held(writer.path) == 200
+    for commit in commits[:-1]:
+        os.unlink(os.path.join(folder, commit))
+        os.unlink(os.path.join(folder, commit + ".xml"))
+    writer.forget(commits[:-1])
+    wait_until(lambda: runs_held(writer.path) == 1, 30, what="199 pruned runs dropped")
+    assert not writer.dropped
