@@ -7,6 +7,7 @@ both methods take its lock.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import time
@@ -14,6 +15,20 @@ import time
 from ci import state_schema
 from ci.dispatch.runners import Runner
 from ci.dispatch.work import WorkState
+
+
+# Distinct reasons ``status`` names at most (the rest: "and N more").
+MAX_REASONS = 10
+
+
+def reason_counts(reasons) -> str:
+    """``reason (count)`` for each distinct reason, most cells first, then
+    in queue order; one line however many cells wait."""
+    counts = collections.Counter(reasons)
+    ordered = sorted(counts, key=lambda r: -counts[r])       # stable: queue order on ties
+    text = "; ".join(f"{r} ({counts[r]})" for r in ordered[:MAX_REASONS])
+    more = len(ordered) - MAX_REASONS
+    return text + (f"; and {more} more" if more > 0 else "")
 
 
 class StateViews:
@@ -30,10 +45,13 @@ class StateViews:
                       "pruned": len(self.pruned)}
             waiting = self._unroutable()
             if waiting:
-                # Cells no registered runner can take: how many, and why
-                # the first waits (every reason is in ``state``).
+                # Cells no registered runner can take: how many, why the
+                # first waits, and every distinct reason with its count (a
+                # matrix missing two kinds of runner says both; the cells
+                # one by one are in ``state``).
                 status["waiting"] = len(waiting)
                 status["waiting_for"] = f"{waiting[0][0].key}: {waiting[0][1]}"
+                status["waiting_reasons"] = reason_counts(reason for _, reason in waiting)
             return status
 
     def describe(self) -> bytes:

@@ -94,6 +94,10 @@ def test_exclusive_runner_and_a_cell_no_runner_can_take(cluster, upstream):
     assert shown == "waiting for a runner with big python3.9"
     status = helpers.call(("127.0.0.1", cluster.dispatcher_port), "status", timeout=5)
     assert b"waiting_for: " in status.body
+    reasons = [line for line in status.body.decode().splitlines()
+               if line.startswith("waiting_reasons: ")]
+    assert reasons and "waiting for a runner with big python3.9 (1)" in reasons[0] \
+        and "waiting for a runner (1)" in reasons[0]
 
     result = cluster.result(matrix_commit, timeout=60)
     assert result["cells"] == "py3.9=error py3.12=passed" and result["verdict"] == "error"

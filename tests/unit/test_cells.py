@@ -126,6 +126,7 @@ def test_a_cell_no_runner_can_take_waits_with_its_reason_then_errors(make_state,
     status = state.status()
     assert status["waiting"] == 1
     assert status["waiting_for"] == f"{X}:py3.9-dbpg: waiting for a runner with python3.9"
+    assert status["waiting_reasons"] == "waiting for a runner with python3.9 (1)"
     queue = json.loads(state.describe())["queue"]
     assert queue == [{"commit": X, "branch": None, "position": 1, "cell": "py3.9-dbpg",
                       "waiting": "waiting for a runner with python3.9"}]
@@ -321,3 +322,29 @@ def test_an_unnamed_cell_beside_others_is_refused():
              {"name": "py3.12", "python": "3.12", "axes": "", "labels": ""}]
     field = matrix.CELLS_FIELD + matrix._b64(json.dumps(cells).encode())
     assert "not the commit's only one" in matrix.decode_plan(field, 64).error
+
+
+def test_status_names_every_distinct_reason_cells_wait_for(make_state):
+    """Two kinds of missing runner: ``status`` says both, with how many
+    cells wait for each (``waiting_for`` still names the first)."""
+    state = make_state()
+    register(state, runner(9001, "python3.12", "python3.13"))
+    gpu = matrix.Plan(tuple(matrix.expand("[ci]\nlabels = gpu\n")))
+    z = "3" * 40
+    state.enqueue([X], None, {X: gpu})
+    state.enqueue([Y], None, {Y: gpu})
+    state.enqueue([z], None, {z: PLAN})
+    take(state)
+    status = state.status()
+    reasons = status["waiting_reasons"].split("; ")
+    assert reasons[0] == "waiting for a runner with gpu (2)"
+    assert reasons[1:] == ["waiting for a runner with python3.9 (1)"]
+    assert status["waiting_for"] == f"{X}: waiting for a runner with gpu"
+
+
+def test_reason_counts_is_one_bounded_line():
+    from ci.dispatch.views import MAX_REASONS, reason_counts
+    text = reason_counts([f"waiting for a runner with l{n}" for n in range(25)] + ["x", "x"])
+    assert text.startswith("x (2); waiting for a runner with l0 (1)")
+    assert text.endswith(f"; and {26 - MAX_REASONS} more")     # 26 distinct reasons
+    assert "\n" not in text
