@@ -27,10 +27,12 @@ import re
 import threading
 import time
 
+from ci import wire
+
 KEY_MAGIC = "ci-key-v1"
 ROLES = ("runner", "observer", "operator", "viewer")
-NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-KEY_ID_RE = re.compile(r"(runner|observer|operator|viewer):[A-Za-z0-9._-]{1,64}")
+NAME_RE = re.compile(wire.NAME_PATTERN)
+KEY_ID_RE = re.compile(f"({'|'.join(ROLES)}):{wire.NAME_PATTERN}")
 # The role of a frame signed with the master (or a plain shared secret).
 ADMIN = "admin"
 

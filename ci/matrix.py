@@ -39,8 +39,7 @@ from ci import results, wire
 from ci.runner import recipe
 
 AXIS_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
-VALUE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-LABEL_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+VALUE_RE = LABEL_RE = re.compile(wire.NAME_PATTERN)
 # What the python axis takes: a version a runner can advertise as python3.12.
 PYTHON_RE = re.compile(r"[0-9]{1,2}\.[0-9]{1,3}")
 # A cell's name, as it travels (jobspec, results) and names files

@@ -35,12 +35,12 @@ IDLE, RUNNING, OCCUPIED, SUSPECT = "idle", "running", "occupied", "suspect"
 RUNNER_STATES = (IDLE, RUNNING, OCCUPIED, SUSPECT)
 
 # The name a runner may give itself (``test_runner.py --name``).
-RUNNER_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+RUNNER_NAME_RE = re.compile(wire.NAME_PATTERN)
 # At most this many records of a kind are read from one reply.
 MAX_RECORDS = 1000
 MAX_COUNTS = 32
 # A runner's labels (``register`` field ``labels``): as ci/matrix.py has them.
-LABEL_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+LABEL_RE = RUNNER_NAME_RE
 MAX_LABELS = 64
 
 

@@ -63,6 +63,9 @@ class LazyPattern:
         return self._compiled.fullmatch(text)
 
 
+# A name: a runner's (``--name``), a key's, a label, a matrix axis's value.
+# One pattern for all, so what one part accepts another never refuses.
+NAME_PATTERN = r"[A-Za-z0-9._-]{1,64}"
 COMMIT_RE = LazyPattern(r"[0-9a-f]{4,64}")
 FULL_COMMIT_RE = LazyPattern(r"[0-9a-f]{40}|[0-9a-f]{64}")
 # An assignment's token (see ci/dispatch/state.py).
@@ -299,7 +302,7 @@ def _mac(secret: bytes, ts: bytes, nonce: bytes, reply_to: bytes, payload: bytes
     return _hmac_sha256(secret, parts)
 
 
-KEY_ID_RE = LazyPattern(rb"[a-z]{1,16}:[A-Za-z0-9._-]{1,64}")
+KEY_ID_RE = LazyPattern(rb"[a-z]{1,16}:" + NAME_PATTERN.encode())
 
 
 def encode_frame(payload: bytes, secret: bytes | None = None, *, reply_to: str = "",
