@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import tempfile
 import threading
 import time
 
@@ -195,3 +197,50 @@ def test_the_verdict_follower_reads_appends_and_trims(tmp_path):
                              for n in (4, 5)])
     assert dropped                           # trimmed: a new file
     assert set(follower.verdicts()) == set(TombstoneFile(path).load())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or os.geteuid() != 0,
+                    reason="needs root, to read as another user a file that user does not own")
+def test_a_header_is_read_when_the_system_refuses_no_atime_to_a_reader_not_its_owner():
+    """O_NOATIME is only for a file's owner (or root): any other reader gets
+    EPERM, and the header is then read as before.  Checked in a forked
+    child that becomes ``nobody`` (so the parent's privileges stay), in a
+    folder of its own that anyone may enter (a test folder may be root's
+    alone)."""
+    from ci import results
+    folder = tempfile.mkdtemp(prefix="ci-noatime-")
+    try:
+        os.chmod(folder, 0o755)
+        path = os.path.join(folder, cid(1))
+        with open(path, "wb") as handle:
+            handle.write(results.format_result({"verdict": "passed"}, b"ok\n"))
+        os.chmod(path, 0o644)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                   # the child: never returns
+            code = 1
+            try:
+                os.close(read_end)
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                try:                                   # the refusal is real here
+                    os.close(os.open(path, os.O_RDONLY | results.NOATIME))
+                    said = b"allowed"
+                except PermissionError:
+                    header = results.read_header(path, keep_atime=True)
+                    said = (header or {}).get("verdict", "none").encode()
+                os.write(write_end, said)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as answer:
+            said = answer.read()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        if said == b"allowed":
+            pytest.skip("this system lets a non-owner open with O_NOATIME")
+        assert said == b"passed"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
