@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import logging
+import random
 import signal
 import socket
 import socketserver
@@ -30,11 +31,43 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------
 # Addresses and budgets.
 
+# Where the system takes the local ports of outgoing connections (Linux).
+EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+# free_port looks at most this many random ports below that range.
+PORT_TRIES = 50
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (the OS picks it)."""
+    """A port nothing is bound to right now, for a test or benchmark that
+    must name the port before its daemon binds it.  Chosen at random below
+    the system's ephemeral range where it can be: a port the OS picks
+    (bind to 0) comes from that range, where every outgoing connection
+    takes its local port too, so another process's connection could take
+    it between this probe and the daemon's bind ("Address already in use",
+    seen with the test suite's two workers)."""
+    low = _ephemeral_low()
+    if low - 1024 >= 4096:
+        pick = random.SystemRandom()       # not the (seedable) global generator
+        for _ in range(PORT_TRIES):
+            port = pick.randrange(max(1024, low - 12000), low)
+            with socket.socket() as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    """The first port of the ephemeral range; 0 where it cannot be read."""
+    try:
+        with open(EPHEMERAL_RANGE, encoding="ascii") as handle:
+            return int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class ByteBudget:

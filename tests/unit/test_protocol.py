@@ -7,12 +7,14 @@ tests/unit/test_results.py."""
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import ci.security
+import helpers
 from ci.security import NonceCache, boot_id
 from ci.wire import (Busy, FrameHeader, Freshness, Message, ProtocolError, decode_fields,
     decode_header, decode_message, encode_fields, encode_frame, encode_message, format_address,
@@ -354,12 +356,22 @@ def test_records_take_their_last_fields_by_name():
 def test_a_call_waits_for_its_reply_as_long_as_the_timeout_pair_says():
     """``helpers.call``'s ``timeout``: one number (connect and reply, the
     reply at least the read timeout) or a (connect, reply) pair."""
-    import socket
-    import time
-    import helpers
     with socket.create_server(("127.0.0.1", 0)) as silent:   # accepts, never answers
         address = silent.getsockname()[:2]
         started = time.monotonic()
         with pytest.raises(ProtocolError, match="timed out"):
             helpers.call(address, "status", timeout=(5, 0.3))
         assert time.monotonic() - started < 3
+
+
+def test_free_port_is_bindable_and_outside_the_range_outgoing_connections_use():
+    """A port another process's outgoing connection cannot take between the
+    probe and the daemon's bind (a cause of "Address already in use")."""
+    low = helpers._ephemeral_low()
+    ports = {helpers.free_port() for _ in range(20)}
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+    if low - 1024 >= 4096:
+        assert all(1024 <= p < low for p in ports), (low, ports)
+    assert len(ports) > 1          # random, so two test workers seldom probe the same one
