@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import threading
 import time
+import types
 
 import pytest
 
@@ -204,10 +205,11 @@ def test_the_verdict_follower_reads_appends_and_trims(tmp_path):
 def test_a_header_is_read_when_the_system_refuses_no_atime_to_a_reader_not_its_owner():
     """O_NOATIME is only for a file's owner (or root): any other reader gets
     EPERM, and the header is then read as before.  Checked in a forked
-    child that becomes ``nobody`` (so the parent's privileges stay), in a
-    folder of its own that anyone may enter (a test folder may be root's
-    alone)."""
+    child that becomes ``nobody`` (the runner's ``ask_as``, so the parent's
+    privileges stay), in a folder of its own that anyone may enter (a test
+    folder may be root's alone)."""
     from ci import results
+    from ci.runner.sandbox.access import ask_as
     folder = tempfile.mkdtemp(prefix="ci-noatime-")
     try:
         os.chmod(folder, 0o755)
@@ -215,32 +217,17 @@ def test_a_header_is_read_when_the_system_refuses_no_atime_to_a_reader_not_its_o
         with open(path, "wb") as handle:
             handle.write(results.format_result({"verdict": "passed"}, b"ok\n"))
         os.chmod(path, 0o644)
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:                                   # the child: never returns
-            code = 1
-            try:
-                os.close(read_end)
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-                try:                                   # the refusal is real here
-                    os.close(os.open(path, os.O_RDONLY | results.NOATIME))
-                    said = b"allowed"
-                except PermissionError:
-                    header = results.read_header(path, keep_atime=True)
-                    said = (header or {}).get("verdict", "none").encode()
-                os.write(write_end, said)
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write_end)
-        with os.fdopen(read_end, "rb") as answer:
-            said = answer.read()
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        if said == b"allowed":
+
+        def read_as_nobody() -> str:
+            try:                                   # the refusal is real here
+                os.close(os.open(path, os.O_RDONLY | results.NOATIME))
+                return "allowed"
+            except PermissionError:
+                return (results.read_header(path, keep_atime=True) or {}).get("verdict", "none")
+        nobody = types.SimpleNamespace(name="nobody", uid=65534, gid=65534)
+        said = ask_as(nobody, read_as_nobody)
+        if said == "allowed":
             pytest.skip("this system lets a non-owner open with O_NOATIME")
-        assert said == b"passed"
+        assert said == "passed"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
