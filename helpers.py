@@ -44,12 +44,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     (bind to 0) comes from that range, where every outgoing connection
     takes its local port too, so another process's connection could take
     it between this probe and the daemon's bind ("Address already in use",
-    seen with the test suite's two workers)."""
+    seen with the test suite's two workers).  run_local.py picks its
+    daemons' ports here too."""
     low = _ephemeral_low()
-    if low - 1024 >= 4096:
+    lowest = max(1024, low - 12000)
+    if low - lowest >= 4096:                 # a range worth drawing from
         pick = random.SystemRandom()       # not the (seedable) global generator
         for _ in range(PORT_TRIES):
-            port = pick.randrange(max(1024, low - 12000), low)
+            port = pick.randrange(lowest, low)
             with socket.socket() as sock:
                 try:
                     sock.bind((host, port))

@@ -24,9 +24,8 @@ MAX_REASONS = 10
 def reason_counts(reasons) -> str:
     """``reason (count)`` for each distinct reason, most cells first, then
     in queue order; one line however many cells wait."""
-    counts = collections.Counter(reasons)
-    ordered = sorted(counts, key=lambda r: -counts[r])       # stable: queue order on ties
-    text = "; ".join(f"{r} ({counts[r]})" for r in ordered[:MAX_REASONS])
+    ordered = collections.Counter(reasons).most_common()     # ties: queue order
+    text = "; ".join(f"{r} ({n})" for r, n in ordered[:MAX_REASONS])
     more = len(ordered) - MAX_REASONS
     return text + (f"; and {more} more" if more > 0 else "")
 
