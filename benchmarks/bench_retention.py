@@ -50,6 +50,8 @@ from support.procs import stop_process  # noqa: E402
 PY = sys.executable
 BRANCHES = 10
 PRUNED_RE = re.compile(r"pruned (\d+) of (\d+) result\(s\) in ([0-9.]+)s( \([^)]*\))?")
+# The worker's reaper, each sweep of the trash (a sweep cut short says so).
+FREED_RE = re.compile(r"freed (\d+) pruned file\(s\) in ([0-9.]+)s( \(paused[^)]*\))?$", re.M)
 
 
 def generate(folder: str, count: int) -> None:
@@ -161,6 +163,35 @@ def figures(samples: list[float]) -> str:
             f"p95 {p95 * 1000:.2f} ms, max {ordered[-1] * 1000:.2f} ms")
 
 
+def sample_until(path: ResultPath, tmp: str, done, since: float) -> tuple[list, object]:
+    """(when each sample ended, its latency) until ``done`` finds what it
+    looks for in the dispatcher's log (looked at twice a second, not per
+    sample: the log grows); that find too."""
+    timed, found, looked = [], None, 0.0
+    while found is None:
+        took = path.paced()
+        timed.append((time.monotonic(), took))
+        if time.monotonic() - looked > 0.5:
+            looked = time.monotonic()
+            found = done(log_text(tmp, "pruning.log"))
+        if time.monotonic() - since > 900:
+            raise SystemExit("not done within 900 s")
+    return timed, found
+
+
+def freed_all(text: str) -> bool | None:
+    """The reaper's last sweep got to the end of the trash."""
+    sweeps = FREED_RE.findall(text)
+    return True if sweeps and not sweeps[-1][2] else None
+
+
+def print_windows(label: str, timed: list, began: float, step: int) -> None:
+    for start in range(0, int(timed[-1][0] - began) + 1, step):
+        part = [took for when, took in timed if began + start <= when < began + start + step]
+        if len(part) > 5:
+            print(f"  {label}{start:4d} s to {start + step:4d} s: {figures(part)}")
+
+
 def history_runs(tmp: str) -> int:
     conn = sqlite3.connect(f"file:{os.path.join(tmp, 'state', store.FILE_NAME)}?mode=ro",
                            uri=True)
@@ -204,47 +235,40 @@ def run(tmp: str, args) -> None:
         runner = FakeRunner()
         runner.register(port)
         path.runner = runner
-        timed = []       # (when the sample ended, latency)
-        match, looked = None, 0.0
-        while match is None:
-            took = path.paced()
-            timed.append((time.monotonic(), took))
-            if time.monotonic() - looked > 0.5:      # not per sample: the log grows
-                looked = time.monotonic()
-                match = PRUNED_RE.search(log_text(tmp, "pruning.log"))
-            if time.monotonic() - started > 900:
-                raise SystemExit("no pruning pass within 900 s")
+        # (when the sample ended, latency) until the pass's log line
+        timed, match = sample_until(path, tmp, lambda text: PRUNED_RE.search(text), started)
         seen = time.monotonic()
+        # Then until the reaper has freed every pruned file.
+        freeing, _ = sample_until(path, tmp, freed_all, seen)
+        freed_at = time.monotonic()
+        sweeps = FREED_RE.findall(log_text(tmp, "pruning.log"))
         after_timed = []
         for _ in range(args.samples):
             took = path.paced()
             after_timed.append((time.monotonic(), took))
         after = [took for _, took in after_timed]
         # The samples taken while the pass ran (it ended before ``seen``).
-        during = [took for when, took in timed if when >= seen - float(match.group(3))]
-        before = [took for when, took in timed if when < seen - float(match.group(3))]
+        began = seen - float(match.group(3))
+        during = [took for when, took in timed if when >= began]
+        before = [took for when, took in timed if when < began]
         if before:
             print(f"after the restart, before the pass: results latency {figures(before)}")
         print(f"while pruning: results latency {figures(during)}")
-        print(f"after the pass: results latency {figures(after)}")
+        print(f"while freeing the pruned files: results latency "
+              f"{figures([took for _, took in freeing])}")
+        print(f"after it: results latency {figures(after)}")
         if args.windows:
-            began = seen - float(match.group(3))
-            for start in range(0, int(float(match.group(3))) + 1, args.windows):
-                part = [took for when, took in timed
-                        if began + start <= when < began + start + args.windows]
-                if len(part) > 5:
-                    print(f"  {start:4d} s to {start + args.windows:4d} s: {figures(part)}")
-            for start in range(0, int(after_timed[-1][0] - seen) + 1, args.windows):
-                part = [took for when, took in after_timed
-                        if seen + start <= when < seen + start + args.windows]
-                if len(part) > 5:
-                    print(f"  after +{start:3d} s to {start + args.windows:3d} s: {figures(part)}")
+            print_windows("", timed, began, args.windows)
+            print_windows("freeing +", freeing, seen, args.windows)
+            print_windows("after +", after_timed, freed_at, args.windows)
         print(f"pruning pass: {match.group(1)} of {match.group(2)} results pruned in "
               f"{match.group(3)} s{match.group(4) or ''} (target < 60 s); files left "
-              f"{sum(1 for n in os.listdir(folder) if not n.endswith('.xml'))}")
+              f"{sum(1 for n in os.listdir(folder) if not n.endswith('.xml') and n[0] != '.')}")
+        print(f"pruned files freed {freed_at - seen:.1f} s after the pass "
+              f"({sum(int(n) for n, _, _ in sweeps)} files, {len(sweeps)} sweep(s))")
         deadline = time.monotonic() + 300
         while history_runs(tmp) > args.results - int(match.group(1)) + len(timed) + \
-                len(base) + len(after) and time.monotonic() < deadline:
+                len(base) + len(freeing) + len(after) and time.monotonic() < deadline:
             time.sleep(0.5)
         print(f"history rows dropped by {time.monotonic() - started:.1f} s after the "
               f"restart; runs left {history_runs(tmp)}")

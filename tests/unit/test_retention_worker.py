@@ -14,6 +14,7 @@ import time
 import types
 
 import pytest
+from support.cluster import wait_until
 
 from ci.outcome import Outcome
 from ci.results import TestRecord
@@ -21,7 +22,7 @@ from ci.retention import tombstones
 from ci.retention.gate import GateView, ResultGate
 from ci.retention.policy import KeepPolicy
 from ci.retention.tombstones import Tombstone, TombstoneFile, VerdictFollower
-from ci.retention.worker import FileWorker, decode_entry, encode_entry
+from ci.retention.worker import TRASH, FileWorker, Reaper, decode_entry, encode_entry
 from ci.retention.workerlink import WorkerGone, WorkerLink
 
 
@@ -94,7 +95,9 @@ def test_plan_take_and_remove_over_the_pipes(link):
     assert doomed == [cid(n) for n in (1, 2, 3, 4)]
     errors = worker.remove([[c + ".xml", c] for c in doomed])
     assert errors == [None] * 4
-    assert sorted(os.listdir(folder)) == [cid(5), cid(5) + ".xml"]
+    assert sorted(os.listdir(folder)) == [TRASH, cid(5), cid(5) + ".xml"]
+    # The pruned files wait in the trash; once no request comes, they are freed.
+    wait_until(lambda: os.listdir(folder / TRASH) == [], 30, what="the trash emptied")
     # A commit whose result file is gone already: its error, nothing else.
     [error] = worker.remove([[cid(1) + ".xml", cid(1)]])
     assert isinstance(error, OSError) and "No such file" in str(error)
@@ -231,3 +234,46 @@ def test_a_header_is_read_when_the_system_refuses_no_atime_to_a_reader_not_its_o
         assert said == "passed"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_reaper_frees_the_trash_only_while_no_request_is_served(tmp_path):
+    """Pruned files are moved, then freed one by one in a quiet moment: not
+    while a request (a pass) goes on, and never a file that is not a
+    result's.  What an earlier worker left is freed too."""
+    trash = tmp_path / TRASH
+    trash.mkdir()
+    names = [cid(n) + suffix for n in range(1, 31) for suffix in ("", ".xml")]
+    for name in names:
+        (trash / name).write_bytes(b"x" * 2000)
+    (trash / "notes.txt").write_text("not ours to free")
+    reaper = Reaper(str(trash), GateView(-1), after=0.2)
+    reaper.start()
+    reaper.busy()                                  # a request is being served
+    time.sleep(0.6)                                # (a negative check: nothing may happen)
+    assert len(os.listdir(trash)) == len(names) + 1 and reaper.reaped == 0
+    reaper.idle()
+    wait_until(lambda: os.listdir(trash) == ["notes.txt"], 30, what="the trash freed")
+    assert reaper.reaped == len(names)
+    # A new prune after a quiet spell: freed once the worker is quiet again.
+    (trash / cid(99)).write_bytes(b"y")
+    reaper.busy()
+    reaper.wake()
+    reaper.idle()
+    wait_until(lambda: not (trash / cid(99)).exists(), 30, what="the new file freed")
+
+
+def test_the_reaper_waits_while_a_result_is_being_stored(tmp_path):
+    gate = ResultGate(longest=30.0)
+    fd = gate.share()
+    if fd < 0:
+        pytest.skip("no memfd on this system")
+    trash = tmp_path / TRASH
+    trash.mkdir()
+    (trash / cid(1)).write_bytes(b"x")
+    reaper = Reaper(str(trash), GateView(fd, 30.0), after=0.05)
+    with gate:
+        reaper.start()
+        reaper.idle()
+        time.sleep(0.6)                            # (a negative check)
+        assert (trash / cid(1)).exists()
+    wait_until(lambda: not (trash / cid(1)).exists(), 30, what="freed after the result")
