@@ -39,7 +39,7 @@ from ci.retention import policy as retention_policy
 from ci.retention import pruner
 from ci.retention.tombstones import FILE_NAME as TOMBSTONE_FILE, TombstoneFile
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, check_port,
-                       configure_logging, positive)
+                       configure_logging, non_negative, positive)
 from ci.files import ensure_dir
 from ci.security import (Security, check_bind_allowed, load_credentials, persist_nonces,
     security_from_args)
@@ -143,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prune-interval", type=positive(float),
                         default=pruner.DEFAULT_INTERVAL, metavar="SECONDS",
                         help="seconds between pruning passes with --keep-results "
+                             "(default: %(default)s)")
+    parser.add_argument("--prune-rest", type=non_negative(float), default=pruner.REST,
+                        metavar="FACTOR",
+                        help="after a batch of a pass during which a result came, the pass "
+                             "rests this many times as long as the batch took, so a slow "
+                             "disk is not made slower (0: never rest: a faster pass that "
+                             "competes more; the retention benchmark's --interleave uses it) "
                              "(default: %(default)s)")
     parser.add_argument("--no-test-history", action="store_true",
                         help="do not write the per-test history store "
@@ -338,7 +345,7 @@ def wire_up(args: argparse.Namespace) -> Wired:
     if args.keep_results:
         pruning = pruner.Pruner(state, state.tombstones, args.keep_results,
                                 args.prune_interval, history and history.forget,
-                                args.log_level)
+                                args.log_level, rest=args.prune_rest)
     return Wired(server, dispatcher, notifier, history, security, state, results_dir, pruning)
 
 

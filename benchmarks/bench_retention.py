@@ -28,6 +28,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -49,6 +50,7 @@ from support.procs import stop_process  # noqa: E402
 
 PY = sys.executable
 BRANCHES = 10
+PLANNED_RE = re.compile(r"planned \d+ of \d+ result\(s\) to prune")
 PRUNED_RE = re.compile(r"pruned (\d+) of (\d+) result\(s\) in ([0-9.]+)s( \([^)]*\))?")
 # The worker's reaper, each sweep of the trash (a sweep cut short says so).
 FREED_RE = re.compile(r"freed (\d+) pruned file\(s\) in ([0-9.]+)s( \(paused[^)]*\))?$", re.M)
@@ -163,20 +165,86 @@ def figures(samples: list[float]) -> str:
             f"p95 {p95 * 1000:.2f} ms, max {ordered[-1] * 1000:.2f} ms")
 
 
-def sample_until(path: ResultPath, tmp: str, done, since: float) -> tuple[list, object]:
-    """(when each sample ended, its latency) until ``done`` finds what it
-    looks for in the dispatcher's log (looked at twice a second, not per
-    sample: the log grows); that find too."""
+class Interleaver:
+    """Stops and continues the pruner's worker (SIGSTOP/SIGCONT) every
+    ``PHASE`` seconds, so that samples taken while it works and while it is
+    stopped come from interleaved halves of the same stretch: drift in the
+    machine's speed falls on both alike.  Samples in the first ``SETTLE``
+    after a switch are not taken.  The dispatcher runs with --prune-rest 0
+    meanwhile: a pass that rests after a slow batch would rest through the
+    working halves."""
+
+    PHASE, SETTLE = 1.5, 0.15
+
+    def __init__(self, dispatcher_pid: int):
+        self.parent = dispatcher_pid
+        self.pid: int | None = None
+        self.working, self.switch_at = True, 0.0
+
+    def find_worker(self) -> int | None:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as handle:
+                    ppid = int(handle.read().rsplit(b")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    command = handle.read()
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == self.parent and b"ci.retention.worker" in command:
+                return int(entry)
+        return None
+
+    def state(self) -> bool | None:
+        """Before a sample: True (working), False (stopped) or None (no
+        worker yet); switches first when a half is over."""
+        if self.pid is None:
+            self.pid = self.find_worker()
+            if self.pid is None:
+                return None
+            self.switch_at = time.monotonic() + self.PHASE
+        if time.monotonic() >= self.switch_at:
+            self.working = not self.working
+            os.kill(self.pid, signal.SIGCONT if self.working else signal.SIGSTOP)
+            self.switch_at = time.monotonic() + self.PHASE
+            time.sleep(self.SETTLE)
+        return self.working
+
+    def release(self) -> None:
+        if self.pid is not None and not self.working:
+            os.kill(self.pid, signal.SIGCONT)
+            self.working = True
+
+
+def sample_until(path: ResultPath, tmp: str, done, since: float,
+                 interleave: Interleaver | None = None) -> tuple[list, object]:
+    """(when each sample ended, its latency, the worker working or not:
+    None without ``interleave``) until ``done`` finds what it looks for in
+    the dispatcher's log (looked at twice a second, not per sample: the
+    log grows); that find too."""
     timed, found, looked = [], None, 0.0
     while found is None:
+        working = interleave.state() if interleave else None
         took = path.paced()
-        timed.append((time.monotonic(), took))
+        timed.append((time.monotonic(), took, working))
         if time.monotonic() - looked > 0.5:
             looked = time.monotonic()
             found = done(log_text(tmp, "pruning.log"))
         if time.monotonic() - since > 900:
             raise SystemExit("not done within 900 s")
     return timed, found
+
+
+def print_halves(what: str, timed: list) -> None:
+    """The interleaved halves' figures and the median's rise."""
+    working = [took for _, took, state in timed if state is True]
+    stopped = [took for _, took, state in timed if state is False]
+    if len(working) > 5 and len(stopped) > 5:
+        rise = statistics.median(working) - statistics.median(stopped)
+        print(f"  {what}, worker working: {figures(working)}")
+        print(f"  {what}, worker stopped: {figures(stopped)}  (median {rise * 1000:+.2f} ms "
+              f"while it works)")
 
 
 def freed_all(text: str) -> bool | None:
@@ -187,7 +255,7 @@ def freed_all(text: str) -> bool | None:
 
 def print_windows(label: str, timed: list, began: float, step: int) -> None:
     for start in range(0, int(timed[-1][0] - began) + 1, step):
-        part = [took for when, took in timed if began + start <= when < began + start + step]
+        part = [took for when, took, *_ in timed if began + start <= when < began + start + step]
         if len(part) > 5:
             print(f"  {label}{start:4d} s to {start + step:4d} s: {figures(part)}")
 
@@ -229,18 +297,27 @@ def run(tmp: str, args) -> None:
     finally:
         stop_process(proc, 20)
     proc = start_dispatcher(tmp, port, ["--keep-results", str(args.keep),
-                                        "--prune-interval", "3600"], "pruning.log")
+                                        "--prune-interval", "3600",
+                                        *(["--prune-rest", "0"] if args.interleave else [])],
+                            "pruning.log")
     started = time.monotonic()
+    interleave = Interleaver(proc.pid) if args.interleave else None
     try:
         runner = FakeRunner()
         runner.register(port)
         path.runner = runner
-        # (when the sample ended, latency) until the pass's log line
-        timed, match = sample_until(path, tmp, lambda text: PRUNED_RE.search(text), started)
+        # Samples until the plan is made, then until the pass's log line.
+        planning, _ = sample_until(path, tmp, lambda text: PLANNED_RE.search(text), started,
+                                   interleave)
+        removing, match = sample_until(path, tmp, lambda text: PRUNED_RE.search(text),
+                                       started, interleave)
+        timed = planning + removing
         seen = time.monotonic()
         # Then until the reaper has freed every pruned file.
-        freeing, _ = sample_until(path, tmp, freed_all, seen)
+        freeing, _ = sample_until(path, tmp, freed_all, seen, interleave)
         freed_at = time.monotonic()
+        if interleave:
+            interleave.release()
         sweeps = FREED_RE.findall(log_text(tmp, "pruning.log"))
         after_timed = []
         for _ in range(args.samples):
@@ -249,14 +326,20 @@ def run(tmp: str, args) -> None:
         after = [took for _, took in after_timed]
         # The samples taken while the pass ran (it ended before ``seen``).
         began = seen - float(match.group(3))
-        during = [took for when, took in timed if when >= began]
-        before = [took for when, took in timed if when < began]
+        during = [took for when, took, _ in timed if when >= began]
+        before = [took for when, took, _ in timed if when < began]
         if before:
             print(f"after the restart, before the pass: results latency {figures(before)}")
         print(f"while pruning: results latency {figures(during)}")
         print(f"while freeing the pruned files: results latency "
-              f"{figures([took for _, took in freeing])}")
+              f"{figures([took for _, took, _ in freeing])}")
         print(f"after it: results latency {figures(after)}")
+        if interleave:
+            print("interleaved (the worker stopped and continued every "
+                  f"{Interleaver.PHASE:g} s; the pass without rests):")
+            print_halves("the plan", [t for t in planning if t[0] >= began])
+            print_halves("moving the files", removing)
+            print_halves("freeing them", freeing)
         if args.windows:
             print_windows("", timed, began, args.windows)
             print_windows("freeing +", freeing, seen, args.windows)
@@ -294,6 +377,11 @@ def main(argv=None) -> int:
                         help="after the baseline, time --samples more results while one "
                              "busy loop runs in the idle CPU class (what background CPU "
                              "work costs the result path on this machine)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="stop and continue the pruner's worker every 1.5 s while it "
+                             "plans, moves and frees, and compare the latency of the halves "
+                             "(free of the drift between windows; the pass runs without "
+                             "rests, --prune-rest 0)")
     parser.add_argument("--keep-folder", action="store_true", help="leave the folder")
     args = parser.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench-retention-")

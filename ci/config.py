@@ -39,10 +39,20 @@ def positive(kind=float):
     Only values given on the command line are checked; defaults are the
     code's own and already valid (``None`` stays "not given")."""
 
+    return _at_least(kind, zero=False)
+
+
+def non_negative(kind=float):
+    """As ``positive``, but 0 is allowed ("must be 0 or more")."""
+    return _at_least(kind, zero=True)
+
+
+def _at_least(kind, zero: bool):
     def convert(text: str):
         value = kind(text)  # ValueError: argparse says "invalid float value: 'x'"
-        if not 0 < value < math.inf:
+        if not (0 <= value if zero else 0 < value) or not value < math.inf:
             raise argparse.ArgumentTypeError(
+                "must be 0 or more" if zero else
                 "must be at least 1" if kind is int else "must be positive")
         return value
 

@@ -75,8 +75,10 @@ class Pruner:
     """One thread and its worker process (ci/retention/workerlink.py)."""
 
     def __init__(self, state, tombstones: TombstoneFile, rules: keep.KeepPolicy,
-                 interval: float = DEFAULT_INTERVAL, forget=None, log_level: str = "INFO"):
+                 interval: float = DEFAULT_INTERVAL, forget=None, log_level: str = "INFO",
+                 rest: float = REST):
         self.state = state
+        self.rest = rest
         self.results_dir = state.results_dir
         self.tombstones = tombstones
         self.rules = rules
@@ -121,6 +123,8 @@ class Pruner:
         self._report = report
         doomed, report.results = self.worker.plan(self.state.pending_commits())
         report.scanning = time.monotonic() - started
+        log.info("planned %d of %d result(s) to prune in %.1fs", doomed, report.results,
+                 report.scanning)
         while doomed and not self.stop_event.is_set():
             group = self.worker.take(GROUP)
             if not group:
@@ -164,7 +168,7 @@ class Pruner:
         pass's pace follows the disk's, so a slow moment (unlinks queued
         behind every result's fsync) is not made worse by the next batch;
         with none arriving, nothing is waited for."""
-        self.stop_event.wait(max(self.pause, busy * REST) if competed else
+        self.stop_event.wait(max(self.pause, busy * self.rest) if competed and self.rest else
                              min(self.pause, QUIET_PAUSE))
 
     def _give_way(self) -> None:
