@@ -35,6 +35,19 @@ def atomic_write(path: str, data: bytes, fsync: bool = True, spares=None) -> Non
         fsync_dir(folder)
 
 
+def own_subfolder(path: str) -> None:
+    """Make ``path`` (mode 700) unless it is there; OSError unless it is
+    then a real folder (not a link) of this user: what the dispatcher
+    keeps beside its results (spare files, pruned files) is its own."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise OSError(f"{path} is not a folder of this user")
+
+
 def fsync_dir(folder: str) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:

@@ -35,6 +35,8 @@ import stat
 import tempfile
 import threading
 
+from ci.files import own_subfolder
+
 log = logging.getLogger(__name__)
 
 SUBFOLDER = ".spare"
@@ -93,13 +95,7 @@ class SpareFiles:
         return True
 
     def _prepare(self) -> None:
-        try:
-            os.mkdir(self.folder, 0o700)
-        except FileExistsError:
-            pass
-        st = os.lstat(self.folder)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-            raise OSError(f"{self.folder} is not a folder of this user")
+        own_subfolder(self.folder)
         kept = 0
         with os.scandir(self.folder) as listing:
             for entry in listing:

@@ -58,14 +58,13 @@ import json
 import logging
 import os
 import signal
-import stat
 import sys
 import threading
 import time
 
 from ci import results
 from ci.config import ArgumentParser, configure_logging, positive
-from ci.files import fsync_dir
+from ci.files import fsync_dir, own_subfolder
 from ci.retention import policy as keep
 from ci.retention.gate import LONGEST_WAIT, GateView
 from ci.retention.tombstones import VerdictFollower
@@ -271,13 +270,7 @@ class Reaper:
 
     def prepare(self) -> None:
         """The trash folder, this user's (made once)."""
-        try:
-            os.mkdir(self.trash, 0o700)
-        except FileExistsError:
-            pass
-        st = os.lstat(self.trash)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-            raise OSError(f"{self.trash} is not a folder of this user")
+        own_subfolder(self.trash)
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="reaper", daemon=True)

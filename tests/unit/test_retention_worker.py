@@ -277,3 +277,18 @@ def test_the_reaper_waits_while_a_result_is_being_stored(tmp_path):
         time.sleep(0.6)                            # (a negative check)
         assert (trash / cid(1)).exists()
     wait_until(lambda: not (trash / cid(1)).exists(), 30, what="freed after the result")
+
+
+def test_a_trash_that_is_a_link_is_refused_and_nothing_moves(tmp_path):
+    """``.pruned`` must be the dispatcher's own folder: a link put there
+    (to send pruned files elsewhere) makes the batch fail, files in place."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    write_chain(folder, 2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, folder / TRASH)
+    worker = FileWorker(str(folder), GateView(-1), KeepPolicy(count=1), "none")
+    [reply] = worker.remove([[cid(1) + ".xml", cid(1)]])
+    assert reply.startswith("error cannot make") and "not a folder of this user" in reply
+    assert (folder / cid(1)).exists() and os.listdir(elsewhere) == []
