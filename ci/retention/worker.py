@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import errno
 import json
 import logging
 import os
@@ -203,14 +204,26 @@ class FileWorker:
         try:
             for name in names[:-1]:
                 try:
-                    os.rename(os.path.join(self.folder, name), os.path.join(self.trash, name))
+                    self.discard(name)
                 except FileNotFoundError:
                     pass
-            os.rename(os.path.join(self.folder, names[-1]), os.path.join(self.trash, names[-1]))
+            self.discard(names[-1])
         except OSError as exc:
             return f"error {exc}".replace("\n", " ")
         self.headers.pop(names[-1], None)
         return "ok"
+
+    def discard(self, name: str) -> None:
+        """Into the trash; unlinked at once when the disk is full (the
+        trash's folder may need a block for the name, and a full disk is
+        when pruning matters most)."""
+        path = os.path.join(self.folder, name)
+        try:
+            os.rename(path, os.path.join(self.trash, name))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            os.unlink(path)
 
     def sync_folder(self) -> None:
         """Commit the unlinks to the file system's journal now, in this
@@ -288,6 +301,7 @@ class Reaper:
     def wake(self) -> None:
         with self.cond:
             self.pending = True
+            self.cond.notify_all()
 
     def _quiet(self) -> bool:
         """No request for ``after`` seconds; else waits a little."""

@@ -292,3 +292,20 @@ def test_a_trash_that_is_a_link_is_refused_and_nothing_moves(tmp_path):
     [reply] = worker.remove([[cid(1) + ".xml", cid(1)]])
     assert reply.startswith("error cannot make") and "not a folder of this user" in reply
     assert (folder / cid(1)).exists() and os.listdir(elsewhere) == []
+
+
+def test_on_a_full_disk_the_files_are_unlinked_at_once(tmp_path, monkeypatch):
+    """A move may need a block for the trash's folder; a full disk (faked:
+    a real one cannot be made here without a mount) must not stop pruning."""
+    import errno
+    folder = tmp_path / "results"
+    folder.mkdir()
+    write_chain(folder, 2)
+    worker = FileWorker(str(folder), GateView(-1), KeepPolicy(count=1), "none")
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "rename", full)
+    assert worker.remove([[cid(1) + ".xml", cid(1)]]) == ["ok"]
+    assert not (folder / cid(1)).exists() and not (folder / (cid(1) + ".xml")).exists()
+    assert os.listdir(folder / TRASH) == []
