@@ -180,6 +180,7 @@ class Interleaver:
         self.parent = dispatcher_pid
         self.pid: int | None = None
         self.working, self.switch_at = True, 0.0
+        self.looked = 0.0
 
     def find_worker(self) -> int | None:
         for entry in os.listdir("/proc"):
@@ -200,6 +201,9 @@ class Interleaver:
         """Before a sample: True (working), False (stopped) or None (no
         worker yet); switches first when a half is over."""
         if self.pid is None:
+            if time.monotonic() - self.looked < 0.5:     # not a /proc scan per sample
+                return None
+            self.looked = time.monotonic()
             self.pid = self.find_worker()
             if self.pid is None:
                 return None

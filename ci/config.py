@@ -50,7 +50,8 @@ def non_negative(kind=float):
 def _at_least(kind, zero: bool):
     def convert(text: str):
         value = kind(text)  # ValueError: argparse says "invalid float value: 'x'"
-        if not (0 <= value if zero else 0 < value) or not value < math.inf:
+        above_floor = value >= 0 if zero else value > 0
+        if not (above_floor and value < math.inf):
             raise argparse.ArgumentTypeError(
                 "must be 0 or more" if zero else
                 "must be at least 1" if kind is int else "must be positive")

@@ -30,7 +30,7 @@ Protocol, one request at a time, on stdin and stdout:
   ``[commit, branch, previous, verdict, mtime, [cells]]``, then ``end``;
 * ``remove N`` and N lines, each one commit's file names separated by
   tabs (its result file last: the proof goes last): N lines back, ``ok``
-  or ``error <text>``, once the unlinks are committed (the folder's fsync).
+  or ``error <text>``, once the moves are committed (the folder's fsync).
   Only result files and their XML can be named.
 
 Removing is two steps.  ``remove`` moves each file into the results
@@ -53,7 +53,6 @@ leaves none behind.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import errno
 import json
 import logging
@@ -78,11 +77,6 @@ HEADER_READ = 16 * 1024
 # The most lines one request may carry (a sanity bound: a plan names every
 # queued commit).
 MAX_BATCH = 10_000_000
-# Threads moving one batch's files into the trash: one.  Moves are quick
-# (a pass over 100,000 results took 26 s with one); measured interleaved
-# (bench_retention.py --interleave), three cost a result up to 0.75 ms
-# more at the median while they worked, one 0.17 to 0.51 ms.
-MOVERS = 1
 # The subfolder of the results folder that pruned files wait in until the
 # reaper unlinks them.
 TRASH = ".pruned"
@@ -125,7 +119,6 @@ class FileWorker:
         self.pruned = VerdictFollower(tombstones)
         self.headers: dict[str, tuple] = {}
         self.doomed: collections.deque[keep.Entry] = collections.deque()
-        self.movers = concurrent.futures.ThreadPoolExecutor(MOVERS, "move")
         self.trash = os.path.join(folder, TRASH)
         self.reaper = Reaper(self.trash, gate)
 
@@ -182,14 +175,18 @@ class FileWorker:
 
     # ---- remove -------------------------------------------------------------
     def remove(self, batch: list[list[str]]) -> list[str]:
-        def one(names):
-            self.gate.wait_clear()
-            return self.remove_commit(names)
+        """One thread moves them, commit after commit: moves are quick (a
+        pass over 100,000 results took 26 s), and measured interleaved
+        (bench_retention.py --interleave) three threads cost a result up to
+        0.75 ms more at the median while they worked, one 0.17 to 0.51 ms."""
         try:
             self.reaper.prepare()
         except OSError as exc:
             return [f"error cannot make {self.trash}: {exc}".replace("\n", " ")] * len(batch)
-        replies = list(self.movers.map(one, batch))
+        replies = []
+        for names in batch:
+            self.gate.wait_clear()
+            replies.append(self.remove_commit(names))
         self.gate.wait_clear()
         self.sync_folder()
         self.reaper.wake()
@@ -226,9 +223,9 @@ class FileWorker:
             os.unlink(path)
 
     def sync_folder(self) -> None:
-        """Commit the unlinks to the file system's journal now, in this
-        process's time: left pending, they ride on the next result's fsync
-        and make that result wait."""
+        """Commit the moves to disk now, in this process's time: left
+        pending, they ride on the next result's fsync and make that result
+        wait."""
         try:
             fsync_dir(self.folder)
         except OSError as exc:      # the unlinks stand; the next commit carries them
@@ -280,10 +277,14 @@ class Reaper:
         self.pending = True        # what an earlier worker left is reaped too
         self.reaped = 0            # files unlinked so far (for tests)
         self.thread: threading.Thread | None = None
+        self.prepared = False
 
     def prepare(self) -> None:
-        """The trash folder, this user's (made once)."""
-        own_subfolder(self.trash)
+        """The trash folder, this user's (made and checked once, at the
+        first batch; OSError until it can be)."""
+        if not self.prepared:
+            own_subfolder(self.trash)
+            self.prepared = True
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="reaper", daemon=True)
