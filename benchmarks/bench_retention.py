@@ -7,8 +7,10 @@ is given.
 1. baseline  the dispatcher without --keep-results (its test history
              caught up first): the latency of ``results`` (the result
              path: claim, file write, bookkeeping), median, p95 and max;
-             with --reference, then the same with one busy loop in the
-             idle CPU class (what background CPU work costs here).
+             with --reference, then interleaved halves (as --interleave
+             compares them) with two stand-ins for the worker: one that
+             sleeps (the comparison's noise) and a busy loop in the idle
+             CPU class (what background CPU work costs here).
 2. pruning   the same dispatcher restarted with --keep-results 100: the
              same latency measured before its first pass, while it runs and
              after it (``--samples`` results; with --windows also per
@@ -18,13 +20,13 @@ is given.
 
 Every process is started here and ended here by its PID.
 usage:  python benchmarks/bench_retention.py [--results N] [--keep N] [--rate R]
-                                            [--windows S] [--reference] [--keep-folder]
+                                            [--windows S] [--interleave]
+                                            [--reference S] [--keep-folder]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import shutil
@@ -112,6 +114,11 @@ class ResultPath:
 
     def __init__(self, port: int, runner: FakeRunner, base: int, rate: float = 0.0):
         self.port, self.runner, self.next, self.rate = port, runner, base, rate
+        self.base = base
+
+    def sent(self) -> int:
+        """Results sent so far (each is a run in the test history)."""
+        return self.next - self.base
 
     def paced(self) -> float:
         """``one``, then a wait so that results come at ``rate`` a second
@@ -143,19 +150,34 @@ class ResultPath:
         return took
 
 
-@contextlib.contextmanager
-def idle_busy_loop():
-    """A process spinning in the idle scheduling class (as the pruner's
-    worker runs) while the block runs: what any background CPU work costs
-    the result path on this machine, however low its priority."""
-    proc = subprocess.Popen([PY, "-c", "import os\n"
-                             "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
-                             "while True: pass"])
-    try:
-        time.sleep(0.5)
-        yield
-    finally:
-        stop_process(proc, 5)
+# Stand-ins stopped and continued like the worker (--reference): a process
+# that only sleeps (the same comparison with nothing to find: how far apart
+# two halves are by chance) and one spinning in the idle CPU class (what any
+# background CPU work costs the result path here, however low its priority).
+REFERENCES = {
+    "nothing (a process that sleeps)": "import time\nwhile True: time.sleep(1)",
+    "a busy loop in the idle CPU class":
+        "import os\nos.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+        "while True: pass",
+}
+
+
+def reference_halves(path: "ResultPath", seconds: float) -> None:
+    """Each stand-in interleaved for ``seconds``: its halves printed as the
+    pass's are, so the pass's figures can be read against them."""
+    for what, code in REFERENCES.items():
+        child = subprocess.Popen([PY, "-c", code])
+        try:
+            interleave = Interleaver(0, child.pid)
+            end = time.monotonic() + seconds
+            timed = []
+            while time.monotonic() < end:
+                working = interleave.state()
+                timed.append((time.monotonic(), path.paced(), working))
+            interleave.release()
+        finally:
+            stop_process(child, 5)
+        print_halves(what, timed)
 
 
 def figures(samples: list[float]) -> str:
@@ -176,10 +198,10 @@ class Interleaver:
 
     PHASE, SETTLE = 1.5, 0.15
 
-    def __init__(self, dispatcher_pid: int):
+    def __init__(self, dispatcher_pid: int, pid: int | None = None):
         self.parent = dispatcher_pid
-        self.pid: int | None = None
-        self.working, self.switch_at = True, 0.0
+        self.pid = pid
+        self.working, self.switch_at = True, time.monotonic() + self.PHASE
         self.looked = 0.0
 
     def find_worker(self) -> int | None:
@@ -246,9 +268,9 @@ def print_halves(what: str, timed: list) -> None:
     stopped = [took for _, took, state in timed if state is False]
     if len(working) > 5 and len(stopped) > 5:
         rise = statistics.median(working) - statistics.median(stopped)
-        print(f"  {what}, worker working: {figures(working)}")
-        print(f"  {what}, worker stopped: {figures(stopped)}  (median {rise * 1000:+.2f} ms "
-              f"while it works)")
+        print(f"  {what}, running: {figures(working)}")
+        print(f"  {what}, stopped: {figures(stopped)}  (median {rise * 1000:+.2f} ms "
+              f"while it runs)")
 
 
 def freed_all(text: str) -> bool | None:
@@ -293,11 +315,9 @@ def run(tmp: str, args) -> None:
         base = [path.paced() for _ in range(args.samples)]
         print(f"baseline: results latency {figures(base)}")
         if args.reference:
-            with idle_busy_loop():
-                loaded = [path.paced() for _ in range(args.samples)]
-            print(f"reference, one busy loop in the idle CPU class: results latency "
-                  f"{figures(loaded)}")
-            base += loaded       # their commits are in the history too
+            print(f"reference: stand-ins stopped and continued every {Interleaver.PHASE:g} s "
+                  f"for {args.reference:g} s each:")
+            reference_halves(path, args.reference)
     finally:
         stop_process(proc, 20)
     proc = start_dispatcher(tmp, port, ["--keep-results", str(args.keep),
@@ -354,8 +374,8 @@ def run(tmp: str, args) -> None:
         print(f"pruned files freed {freed_at - seen:.1f} s after the pass "
               f"({sum(int(n) for n, _, _ in sweeps)} files, {len(sweeps)} sweep(s))")
         deadline = time.monotonic() + 300
-        while history_runs(tmp) > args.results - int(match.group(1)) + len(timed) + \
-                len(base) + len(freeing) + len(after) and time.monotonic() < deadline:
+        while history_runs(tmp) > args.results - int(match.group(1)) + path.sent() \
+                and time.monotonic() < deadline:
             time.sleep(0.5)
         print(f"history rows dropped by {time.monotonic() - started:.1f} s after the "
               f"restart; runs left {history_runs(tmp)}")
@@ -377,10 +397,12 @@ def main(argv=None) -> int:
                         help="also print the latency in windows of this many seconds of "
                              "the pass (its phases: the worker's plan first, then the "
                              "removal)")
-    parser.add_argument("--reference", action="store_true",
-                        help="after the baseline, time --samples more results while one "
-                             "busy loop runs in the idle CPU class (what background CPU "
-                             "work costs the result path on this machine)")
+    parser.add_argument("--reference", type=float, default=0.0, metavar="SECONDS",
+                        help="after the baseline, compare interleaved halves as "
+                             "--interleave does for SECONDS each with two stand-ins for the "
+                             "worker: a process that only sleeps (how far apart the halves "
+                             "fall by chance) and a busy loop in the idle CPU class (what "
+                             "background CPU work costs the result path on this machine)")
     parser.add_argument("--interleave", action="store_true",
                         help="stop and continue the pruner's worker every 1.5 s while it "
                              "plans, moves and frees, and compare the latency of the halves "

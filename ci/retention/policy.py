@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from ci.config import ConfigError
 from ci.notify.decider import classify
@@ -36,6 +36,9 @@ _AGE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw])")
 # No branch (a commit dispatched without the observer's metadata): one group.
 NO_BRANCH = ""
 CHANGES = ("broken", "fixed")
+# A plan's ``pace`` is called once per this many entries (a few milliseconds
+# of work).
+PACE_EVERY = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,15 +105,17 @@ class Entry:
     cells: tuple[str, ...] = ()
 
 
-def protected(entries: Mapping[str, Entry], pruned_verdicts: Mapping[str, str]
-              ) -> set[str]:
+def protected(entries: Mapping[str, Entry], pruned_verdicts: Mapping[str, str],
+              pace: Callable[[], object] = lambda: None) -> set[str]:
     """Commits kept whatever the policy: each branch's latest verdict and
     head, and every commit that broke or fixed its branch."""
     keep: set[str] = set()
     newest: dict[str, Entry] = {}
     heads: dict[str, Entry] = {}
     named = {(e.branch, e.previous) for e in entries.values() if e.previous}
-    for entry in entries.values():
+    for n, entry in enumerate(entries.values()):
+        if not n % PACE_EVERY:
+            pace()
         if entry.branch not in newest or _later(entry, newest[entry.branch]):
             newest[entry.branch] = entry
         if (entry.branch, entry.commit) not in named and \
@@ -139,22 +144,29 @@ def _changed(entry: Entry, entries: Mapping[str, Entry],
 
 def plan(entries: Mapping[str, Entry], policy: KeepPolicy, now: float,
          pruned_verdicts: Mapping[str, str] | None = None,
-         pending: Iterable[str] = ()) -> list[str]:
+         pending: Iterable[str] = (), pace: Callable[[], object] = lambda: None
+         ) -> list[str]:
     """The commits to prune, oldest first.  ``entries``: every result
     file; ``pruned_verdicts``: verdicts of commits pruned before, so a
     change against a pruned predecessor is still recognised; ``pending``:
     queued or running (a retest), kept (their verdicts still judge the
-    commits after them)."""
-    keep = protected(entries, pruned_verdicts or {}) | set(pending)
+    commits after them); ``pace``: called every PACE_EVERY entries (the
+    worker waits there while a result is being stored: 100,000 entries
+    are half a second of pure Python)."""
+    keep = protected(entries, pruned_verdicts or {}, pace) | set(pending)
     by_branch: dict[str, list[Entry]] = {}
     for entry in entries.values():
         by_branch.setdefault(entry.branch, []).append(entry)
     doomed: list[Entry] = []
     for group in by_branch.values():
+        pace()
         group.sort(key=lambda e: (e.finished, e.commit), reverse=True)
         for rank, entry in enumerate(group):
+            if not rank % PACE_EVERY:
+                pace()
             if entry.commit not in keep and _expired(policy, rank, entry, now):
                 doomed.append(entry)
+    pace()
     doomed.sort(key=lambda e: (e.finished, e.commit))
     return [e.commit for e in doomed]
 

@@ -19,7 +19,7 @@ from ci.history import store
 from ci.outcome import Outcome
 from ci.results import TestRecord
 from ci.retention import tombstones
-from ci.retention.policy import Entry, KeepPolicy, parse_keep, plan
+from ci.retention.policy import PACE_EVERY, Entry, KeepPolicy, parse_keep, plan
 from ci.retention.pruner import Pruner
 from ci.retention.tombstones import Tombstone, TombstoneFile
 from ci.retention.worker import TRASH
@@ -270,6 +270,15 @@ def test_pending_commits_kept_and_still_judge_their_successor():
     entries = chain("main", "pfppp")
     doomed = plan(entries, KeepPolicy(count=1), now=0.0, pending=[cid(1)])
     assert doomed == [cid(4)]     # 1 pending, 2 broke (against 1), 3 fixed, 5 newest
+
+
+def test_a_plan_calls_its_pace_all_along_and_decides_the_same():
+    entries = chain("main", "p" * (3 * PACE_EVERY))
+    calls = []
+    doomed = plan(entries, KeepPolicy(count=1), now=0.0, pace=lambda: calls.append(1))
+    assert doomed == plan(entries, KeepPolicy(count=1), now=0.0)
+    assert len(doomed) == 3 * PACE_EVERY - 1
+    assert len(calls) >= 6        # through the protected set and through the ranking
 
 
 def test_a_pruned_matrix_commit_takes_its_cell_files_with_it(tmp_path):

@@ -20,7 +20,7 @@ from ci.outcome import Outcome
 from ci.results import TestRecord
 from ci.retention import tombstones
 from ci.retention.gate import GateView, ResultGate
-from ci.retention.policy import KeepPolicy
+from ci.retention.policy import PACE_EVERY, KeepPolicy
 from ci.retention.tombstones import Tombstone, TombstoneFile, VerdictFollower
 from ci.retention.worker import TRASH, FileWorker, Reaper, decode_entry, encode_entry
 from ci.retention.workerlink import WorkerGone, WorkerLink
@@ -124,6 +124,32 @@ def test_a_plan_reads_the_headers_without_touching_their_access_times(tmp_path):
     worker = FileWorker(str(tmp_path), GateView(-1), KeepPolicy(count=1), "none")
     assert worker.plan(set()) == "planned 2 of 3"
     assert {os.stat(tmp_path / cid(n)).st_atime_ns for n in (1, 2, 3)} == {1_000_000_000_000}
+
+
+class CountingGate:
+    """A gate that is never held: counts the looks at it."""
+
+    def __init__(self):
+        self.looks = 0
+
+    def wait_clear(self) -> bool:
+        self.looks += 1
+        return False
+
+
+def test_a_plan_looks_at_the_gate_all_through_its_pure_python_too(tmp_path):
+    # With every header cached, the folder's listing and the policy (half
+    # a second of Python over 100,000 entries) still stop to look at the
+    # gate every PACE_EVERY entries, not only the header reads.
+    write_chain(tmp_path, 2 * PACE_EVERY)
+    gate = CountingGate()
+    worker = FileWorker(str(tmp_path), gate, KeepPolicy(count=1), "none")
+    worker.plan(set())
+    assert gate.looks >= 2 * PACE_EVERY           # one per header read, at least
+    gate.looks = 0
+    assert worker.plan(set()) == f"planned {2 * PACE_EVERY - 1} of {2 * PACE_EVERY}"
+    # the listing (4 * PACE_EVERY names with the XML) and the plan's loops
+    assert gate.looks >= 4 + 2 + 2
 
 
 def test_names_that_are_not_result_files_are_refused(tmp_path):
