@@ -244,7 +244,7 @@ class Interleaver:
 
 
 def sample_until(path: ResultPath, tmp: str, done, since: float,
-                 interleave: Interleaver | None = None) -> tuple[list, object]:
+                 interleave: Interleaver | None = None, limit: float = 900) -> tuple[list, object]:
     """(when each sample ended, its latency, the worker working or not:
     None without ``interleave``) until ``done`` finds what it looks for in
     the dispatcher's log (looked at twice a second, not per sample: the
@@ -257,8 +257,8 @@ def sample_until(path: ResultPath, tmp: str, done, since: float,
         if time.monotonic() - looked > 0.5:
             looked = time.monotonic()
             found = done(log_text(tmp, "pruning.log"))
-        if time.monotonic() - since > 900:
-            raise SystemExit("not done within 900 s")
+        if time.monotonic() - since > limit:
+            raise SystemExit(f"not done within {limit:.0f} s")
     return timed, found
 
 
@@ -338,7 +338,7 @@ def run(tmp: str, args) -> None:
         timed = planning + removing
         seen = time.monotonic()
         # Then until the reaper has freed every pruned file.
-        freeing, _ = sample_until(path, tmp, freed_all, seen, interleave)
+        freeing, _ = sample_until(path, tmp, freed_all, seen, interleave, limit=1800)
         freed_at = time.monotonic()
         if interleave:
             interleave.release()

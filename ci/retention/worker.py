@@ -37,12 +37,16 @@ Removing is two steps.  ``remove`` moves each file into the results
 folder's ``.pruned`` subfolder (a rename: the commit is gone from the
 folder, no block is freed).  The reaper, a thread of its own, unlinks
 what is there once no request has come for ``REAP_AFTER`` seconds, one
-file at a time, an fsync every ``REAP_SYNC`` files.  Why: on a file system
+file at a time, an fsync every ``REAP_SYNC`` files, then a rest three
+times as long as they took (``REAP_REST``).  Why: on a file system
 mounted with ``discard`` (ext4 without a journal on a virtual disk here),
 freeing a file's blocks costs the next flush, whoever issues it; 50 frees
 waiting when a result is stored added about 0.1 to 0.3 ms to its fsyncs,
-four or fewer added nothing measurable (docs/performance.md#retention).
-Freeing that way takes longer than a pass may, so the pass moves and the
+four or fewer added nothing measurable (docs/performance.md#retention);
+even so, unlinking without a rest cost a result about 0.15 ms while it
+ran (a discard in flight when its flush came), resting three times as
+long nothing measurable.  Freeing that way takes longer than a pass may
+(about 6 minutes for 190,000 files here), so the pass moves and the
 reaper frees after it; what it has not freed when the dispatcher stops
 is freed by the next worker.
 
@@ -86,6 +90,10 @@ REAP_AFTER = 1.0
 # The reaper's fsync of the trash after this many unlinks: the frees a
 # result's flush can meet (see the docstring).
 REAP_SYNC = 4
+# After each REAP_SYNC unlinks and their fsync the reaper rests this many
+# times as long as they took: its frees then hold the disk a quarter of the
+# time, and a result's flush meets one in flight that much less often.
+REAP_REST = 3.0
 
 
 def lowest_priority() -> None:
@@ -265,8 +273,9 @@ class FileWorker:
 class Reaper:
     """Unlinks what ``remove`` moved into the trash, while the worker has no
     request to serve: one thread, one file at a time, each unlink after a
-    look at the result gate and an fsync every REAP_SYNC of them, so a
-    result's flush meets at most that many frees.  ``quiet_since`` is None
+    look at the result gate and an fsync every REAP_SYNC of them, then a
+    rest (REAP_REST), so a result's flush meets at most that many frees,
+    and seldom any.  ``quiet_since`` is None
     while a request is being served (and so during a pass, whose requests
     follow each other closely)."""
 
@@ -332,6 +341,7 @@ class Reaper:
         """One sweep of the trash: True when it got to the end, False when
         a request came (the next quiet moment sweeps again)."""
         began, count, done = time.monotonic(), 0, False
+        step = began
         try:
             fd = os.open(self.trash, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
@@ -358,6 +368,8 @@ class Reaper:
                     self.reaped += 1
                     if count % REAP_SYNC == 0:
                         os.fsync(fd)
+                        time.sleep((time.monotonic() - step) * REAP_REST)
+                        step = time.monotonic()
             os.fsync(fd)
             done = True
             return True

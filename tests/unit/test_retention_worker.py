@@ -19,6 +19,7 @@ from support.cluster import wait_until
 from ci.outcome import Outcome
 from ci.results import TestRecord
 from ci.retention import tombstones
+from ci.retention import worker as worker_module
 from ci.retention.gate import GateView, ResultGate
 from ci.retention.policy import PACE_EVERY, KeepPolicy
 from ci.retention.tombstones import Tombstone, TombstoneFile, VerdictFollower
@@ -286,6 +287,21 @@ def test_the_reaper_frees_the_trash_only_while_no_request_is_served(tmp_path):
     reaper.wake()
     reaper.idle()
     wait_until(lambda: not (trash / cid(99)).exists(), 30, what="the new file freed")
+
+
+def test_the_reaper_rests_after_each_few_frees(tmp_path, monkeypatch):
+    # A rest REAP_REST times as long as each REAP_SYNC unlinks and their
+    # fsync took: its frees hold the disk a quarter of the time.
+    trash = tmp_path / TRASH
+    trash.mkdir()
+    for n in range(1, 2 * worker_module.REAP_SYNC + 1):
+        (trash / cid(n)).write_bytes(b"x" * 1500)
+    rests = []
+    monkeypatch.setattr(worker_module.time, "sleep", rests.append)
+    reaper = Reaper(str(trash), GateView(-1))
+    reaper.quiet_since = 0.0                     # no request being served
+    assert reaper.reap() and not os.listdir(trash)
+    assert len(rests) == 2 and all(rest > 0 for rest in rests)
 
 
 def test_the_reaper_waits_while_a_result_is_being_stored(tmp_path):
