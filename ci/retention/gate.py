@@ -46,7 +46,6 @@ class ResultGate:
     def __init__(self, longest: float = LONGEST_WAIT):
         self.cond = threading.Condition()
         self.inside = 0
-        self.crossings = 0     # entries and exits so far (``seen``)
         self.waiting = 0       # pruner steps waiting now (for tests)
         self.longest = longest
         # ``inside`` mirrored in a memory page other processes map (share).
@@ -56,14 +55,12 @@ class ResultGate:
     def __enter__(self) -> "ResultGate":
         with self.cond:
             self.inside += 1
-            self.crossings += 1
             self._mirror()
         return self
 
     def __exit__(self, *exc) -> None:
         with self.cond:
             self.inside -= 1
-            self.crossings += 1
             self._mirror()
             if not self.inside:
                 self.cond.notify_all()
@@ -87,13 +84,6 @@ class ResultGate:
     def _mirror(self) -> None:
         if self.page is not None:
             WORD.pack_into(self.page, 0, self.inside)
-
-    def seen(self) -> int:
-        """Results that entered or left so far (a pass compares it around a
-        batch): one that was being stored when the batch began (the wait
-        for it ran out) and is written during it competed with it too."""
-        with self.cond:
-            return self.crossings
 
     def wait_clear(self, stop: threading.Event | None = None) -> bool:
         """Block while a result is being stored, at most ``longest``

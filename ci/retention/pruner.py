@@ -11,12 +11,10 @@ each commit is still finished and not pending (a retest may have queued it
 meanwhile) and to mark it pruned and being unlinked; the unlinks are done
 without it (a retest of a commit being unlinked waits for its batch), so a
 result never waits behind an unlink.  Unlinks follow the folder's own
-order.  After a batch during which a result arrived or was written, the
-thread rests for as long as the batch took (``REST``, at least
-``pause``): a pass over 100,000 files then takes its time from the disk's
-pace and never crowds out the handlers; while no result comes, it only
-pauses briefly between batches.  A tombstone
-group (one fsync) covers several batches.
+order.  After every batch the thread rests for as long as the batch took
+(``REST``, at least ``pause``, at most ``REST_CAP``): a pass over 100,000
+files then takes its time from the disk's pace and holds the disk half
+the time at most.  A tombstone group (one fsync) covers several batches.
 
 Order per commit: the tombstone (durable), then ``<commit>.xml``, then
 ``<commit>`` (the result file is the proof of a result, so it goes last),
@@ -43,13 +41,13 @@ DEFAULT_INTERVAL = 300.0
 GROUP = 500
 # Commits removed per hold of the dispatcher's lock (two unlinks each).
 BATCH = 25
-# Seconds between batches after one during which a result came
-# (``REST``, at least this), and QUIET_PAUSE when none came.
+# Seconds between batches at least (with ``rest`` 0: QUIET_PAUSE).
 PAUSE = 0.005
 QUIET_PAUSE = 0.001
 # After each batch the thread rests this many times as long as the batch
-# took (and at least PAUSE).
+# took (and at least PAUSE, at most REST_CAP).
 REST = 1.0
+REST_CAP = 0.05
 # The first pass waits this long (or the interval, if shorter) after the
 # start, when recovery and the history's catch-up are busy.
 FIRST_DELAY = 10.0
@@ -69,6 +67,16 @@ class PassReport:
         return (f"pruned {self.pruned} of {self.results} result(s) in {self.seconds:.1f}s "
                 f"(scan {self.scanning:.1f}s, removing {self.removing:.1f}s, "
                 f"resting {self.resting:.1f}s)")
+
+
+def rest_after(busy: float, factor: float, pause: float = PAUSE) -> float:
+    """The pause after a batch that took ``busy`` seconds: ``factor`` times
+    as long (at least ``pause``, at most REST_CAP; factor 0: QUIET_PAUSE at
+    most).  After every batch, not only one that met a result: results come
+    when they come, the last one says nothing of the next, and a pass that
+    holds the disk half the time meets a result half as often.  The cap
+    keeps one batch slowed by a stall from resting for seconds."""
+    return min(REST_CAP, max(pause, busy * factor)) if factor else min(pause, QUIET_PAUSE)
 
 
 class Pruner:
@@ -148,7 +156,6 @@ class Pruner:
         for start in range(0, len(group), BATCH):
             self._give_way()
             began = time.monotonic()
-            seen = self.gate.seen()
             gone = self.state.remove_pruned([e.commit for e in group[start:start + BATCH]],
                                             lambda commits: self._unlink_all(commits, cells),
                                             self.forget)
@@ -156,20 +163,11 @@ class Pruner:
             busy = time.monotonic() - began
             self._report.removing += busy
             rested = time.monotonic()
-            self._rest(busy, self.gate.seen() != seen)
+            self.stop_event.wait(rest_after(busy, self.rest, self.pause))
             self._report.resting += time.monotonic() - rested
         if dropped:      # after the group: a trim may drop some of its own
             self._forget_tombstones(dropped)
         return removed
-
-    def _rest(self, busy: float, competed: bool) -> None:
-        """Pause after a batch that competed with a result for as long as
-        it took (times ``REST``), else only ``pause``: under results the
-        pass's pace follows the disk's, so a slow moment (unlinks queued
-        behind every result's fsync) is not made worse by the next batch;
-        with none arriving, nothing is waited for."""
-        self.stop_event.wait(max(self.pause, busy * self.rest) if competed and self.rest else
-                             min(self.pause, QUIET_PAUSE))
 
     def _give_way(self) -> None:
         """Wait (bounded) while a result is being stored: the step that

@@ -20,7 +20,7 @@ from ci.outcome import Outcome
 from ci.results import TestRecord
 from ci.retention import tombstones
 from ci.retention.policy import PACE_EVERY, Entry, KeepPolicy, parse_keep, plan
-from ci.retention.pruner import Pruner
+from ci.retention.pruner import PAUSE, QUIET_PAUSE, REST_CAP, Pruner, rest_after
 from ci.retention.tombstones import Tombstone, TombstoneFile
 from ci.retention.worker import TRASH
 
@@ -342,15 +342,9 @@ def test_a_pass_gives_way_to_a_result_being_stored(tmp_path):
     assert not (folder / cid(7)).exists()
 
 
-def test_a_result_written_during_a_batch_counts_as_competing(tmp_path):
-    """A result that entered the gate before a batch (the pass's bounded
-    wait for it ran out) and is written during the batch competed with it:
-    ``seen`` changes, so the pass rests after the batch as long as it took
-    (the activity counter the gate replaced counted it on writing too)."""
-    from ci.retention.gate import ResultGate
-    gate = ResultGate(longest=0.01)
-    gate.__enter__()                  # a slow result, being stored
-    assert gate.wait_clear()          # the pass waited, then went on anyway
-    seen = gate.seen()                # the batch begins
-    gate.__exit__(None, None, None)   # the result is written during it
-    assert gate.seen() != seen
+def test_the_pass_rests_after_every_batch_as_long_as_it_took_within_bounds():
+    assert rest_after(0.02, 1.0) == 0.02
+    assert rest_after(0.02, 2.0) == 0.04
+    assert rest_after(0.001, 1.0) == PAUSE                  # at least the pause
+    assert rest_after(10.0, 1.0) == REST_CAP                # a stalled batch: not seconds
+    assert rest_after(0.02, 0.0) == min(PAUSE, QUIET_PAUSE)  # --prune-rest 0
