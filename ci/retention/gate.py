@@ -1,9 +1,10 @@
-"""The result path's right of way over the pruner.
+"""The result path's right of way over the pruner: the gate a pass waits
+at, and the rest after each of its steps.
 
 A pass over 100,000 result files shares the disk, the file system's
 journal and the interpreter with the handlers that store results.  Resting
-between batches only lowers the odds that a result meets a batch; this
-gate removes most of the meeting itself: a ``results`` handler holds it
+after each step (``rest_after``) lowers the odds that a result meets one;
+this gate removes most of the meeting itself: a ``results`` handler holds it
 from parsing the message until its file is written, and the pruner, before
 each of its small steps (a header read, a commit's unlinks, an fsync, a
 hold of the dispatcher's lock), waits until no handler holds it.  A result
@@ -37,6 +38,23 @@ LONGEST_WAIT = 1.0
 POLL = 0.0002
 # The shared page: the number of results being stored, a native int.
 WORD = struct.Struct("=i")
+# A pass's steps (the plan's header reads, the batches) are each followed by
+# a rest this many times as long as the step took (--prune-rest), at least
+# PAUSE between batches, at most REST_CAP.
+REST = 1.0
+REST_CAP = 0.05
+PAUSE = 0.002
+QUIET_PAUSE = 0.001
+
+
+def rest_after(busy: float, factor: float, pause: float = PAUSE) -> float:
+    """The rest after a step that took ``busy`` seconds: ``factor`` times
+    as long (at least ``pause``, at most REST_CAP; factor 0: QUIET_PAUSE at
+    most).  After every step, not only one that met a result: results come
+    when they come, the last one says nothing of the next, and a pass that
+    holds the disk and a core half the time meets a result half as often.
+    The cap keeps one step slowed by a stall from resting for seconds."""
+    return min(REST_CAP, max(pause, busy * factor)) if factor else min(pause, QUIET_PAUSE)
 
 
 class ResultGate:

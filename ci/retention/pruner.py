@@ -31,6 +31,7 @@ import time
 
 from ci import results
 from ci.retention import policy as keep
+from ci.retention.gate import PAUSE, REST, rest_after
 from ci.retention.tombstones import Tombstone, TombstoneFile
 from ci.retention.workerlink import WorkerLink
 
@@ -41,13 +42,6 @@ DEFAULT_INTERVAL = 300.0
 GROUP = 500
 # Commits removed per hold of the dispatcher's lock (two unlinks each).
 BATCH = 25
-# Seconds between batches at least (with ``rest`` 0: QUIET_PAUSE).
-PAUSE = 0.005
-QUIET_PAUSE = 0.001
-# After each batch the thread rests this many times as long as the batch
-# took (and at least PAUSE, at most REST_CAP).
-REST = 1.0
-REST_CAP = 0.05
 # The first pass waits this long (or the interval, if shorter) after the
 # start, when recovery and the history's catch-up are busy.
 FIRST_DELAY = 10.0
@@ -69,16 +63,6 @@ class PassReport:
                 f"resting {self.resting:.1f}s)")
 
 
-def rest_after(busy: float, factor: float, pause: float = PAUSE) -> float:
-    """The pause after a batch that took ``busy`` seconds: ``factor`` times
-    as long (at least ``pause``, at most REST_CAP; factor 0: QUIET_PAUSE at
-    most).  After every batch, not only one that met a result: results come
-    when they come, the last one says nothing of the next, and a pass that
-    holds the disk half the time meets a result half as often.  The cap
-    keeps one batch slowed by a stall from resting for seconds."""
-    return min(REST_CAP, max(pause, busy * factor)) if factor else min(pause, QUIET_PAUSE)
-
-
 class Pruner:
     """One thread and its worker process (ci/retention/workerlink.py)."""
 
@@ -98,7 +82,7 @@ class Pruner:
         # Every step waits while a result is being stored (gate.py).
         self.gate = state.result_gate
         self.worker = WorkerLink(self.results_dir, self.gate, self.stop_event, rules,
-                                 tombstones.path, log_level)
+                                 tombstones.path, log_level, rest)
         self.thread = threading.Thread(target=self._run, name="pruner", daemon=True)
         self.passes = 0
         self.last: PassReport | None = None

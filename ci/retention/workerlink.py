@@ -11,6 +11,7 @@ import threading
 from ci.children import module_command
 from ci.retention import policy as keep
 from ci.retention import worker
+from ci.retention.gate import REST
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,14 @@ class WorkerLink:
     thread) closes its pipes under ``_lock`` so the thread's read ends."""
 
     def __init__(self, folder: str, gate, stop_event: threading.Event,
-                 rules: keep.KeepPolicy, tombstones: str, log_level: str = "INFO"):
+                 rules: keep.KeepPolicy, tombstones: str, log_level: str = "INFO",
+                 rest: float = REST):
         self.folder = folder
         self.rules, self.tombstones = rules, tombstones
         self.gate = gate
         self.stop_event = stop_event
         self.log_level = log_level
+        self.rest = rest
         self.proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self.started = 0          # workers started so far (for tests)
@@ -120,6 +123,7 @@ class WorkerLink:
             "ci.retention.worker", "--results-dir", self.folder,
             "--keep-results", self.rules.text(), "--tombstones", self.tombstones,
             "--gate-fd", str(fd), "--gate-wait", repr(self.gate.longest),
+            "--rest", repr(self.rest),
             "--log-level", self.log_level)
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,

@@ -20,7 +20,8 @@ from ci.outcome import Outcome
 from ci.results import TestRecord
 from ci.retention import tombstones
 from ci.retention.policy import PACE_EVERY, Entry, KeepPolicy, parse_keep, plan
-from ci.retention.pruner import PAUSE, QUIET_PAUSE, REST_CAP, Pruner, rest_after
+from ci.retention.gate import PAUSE, QUIET_PAUSE, REST_CAP, rest_after
+from ci.retention.pruner import Pruner
 from ci.retention.tombstones import Tombstone, TombstoneFile
 from ci.retention.worker import TRASH
 

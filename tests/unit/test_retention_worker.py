@@ -20,7 +20,7 @@ from ci.outcome import Outcome
 from ci.results import TestRecord
 from ci.retention import tombstones
 from ci.retention import worker as worker_module
-from ci.retention.gate import GateView, ResultGate
+from ci.retention.gate import REST_CAP, GateView, ResultGate
 from ci.retention.policy import PACE_EVERY, KeepPolicy
 from ci.retention.tombstones import Tombstone, TombstoneFile, VerdictFollower
 from ci.retention.worker import TRASH, FileWorker, Reaper, decode_entry, encode_entry
@@ -151,6 +151,17 @@ def test_a_plan_looks_at_the_gate_all_through_its_pure_python_too(tmp_path):
     assert worker.plan(set()) == f"planned {2 * PACE_EVERY - 1} of {2 * PACE_EVERY}"
     # the listing (4 * PACE_EVERY names with the XML) and the plan's loops
     assert gate.looks >= 4 + 2 + 2
+
+
+def test_a_plan_rests_after_every_few_header_reads(tmp_path, monkeypatch):
+    write_chain(tmp_path, 2 * PACE_EVERY)
+    rests = []
+    monkeypatch.setattr(worker_module.time, "sleep", rests.append)
+    FileWorker(str(tmp_path), GateView(-1), KeepPolicy(count=1), "none", rest=1.0).plan(set())
+    assert len(rests) == 2 and all(0 < rest <= REST_CAP for rest in rests)
+    rests.clear()
+    FileWorker(str(tmp_path), GateView(-1), KeepPolicy(count=1), "none", rest=0.0).plan(set())
+    assert rests == [0.0, 0.0]                   # --prune-rest 0: no rest
 
 
 def test_names_that_are_not_result_files_are_refused(tmp_path):
