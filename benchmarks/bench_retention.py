@@ -21,7 +21,7 @@ is given.
 Every process is started here and ended here by its PID.
 usage:  python benchmarks/bench_retention.py [--results N] [--keep N] [--rate R]
                                             [--windows S] [--interleave]
-                                            [--reference S] [--keep-folder]
+                                            [--reference S] [--skip-freeing] [--keep-folder]
 """
 
 from __future__ import annotations
@@ -413,7 +413,7 @@ def main(argv=None) -> int:
                              "(free of the drift between windows)")
     parser.add_argument("--skip-freeing", action="store_true",
                         help="after the pass, do not wait while the worker frees the pruned "
-                             "files (about 6 minutes, 12 with --interleave) nor for the "
+                             "files (5 to 6 minutes, 12 with --interleave) nor for the "
                              "history's drop")
     parser.add_argument("--keep-folder", action="store_true", help="leave the folder")
     args = parser.parse_args(argv)

@@ -51,7 +51,7 @@ four or fewer added nothing measurable (docs/performance.md#retention);
 even so, unlinking without a rest cost a result about 0.15 ms while it
 ran (a discard in flight when its flush came), resting three times as
 long nothing measurable.  Freeing that way takes longer than a pass may
-(about 6 minutes for 190,000 files here), so the pass moves and the
+(5 to 6 minutes for 190,000 files here), so the pass moves and the
 reaper frees after it; what it has not freed when the dispatcher stops
 is freed by the next worker.
 
@@ -96,8 +96,9 @@ REAP_AFTER = 1.0
 # result's flush can meet (see the docstring).
 REAP_SYNC = 4
 # After each REAP_SYNC unlinks and their fsync the reaper rests this many
-# times as long as they took: its frees then hold the disk a quarter of the
-# time, and a result's flush meets one in flight that much less often.
+# times as long as they took (at most gate.REST_CAP): its frees then hold
+# the disk a quarter of the time, and a result's flush meets one in flight
+# that much less often.
 REAP_REST = 3.0
 
 
@@ -378,7 +379,7 @@ class Reaper:
                     self.reaped += 1
                     if count % REAP_SYNC == 0:
                         os.fsync(fd)
-                        time.sleep((time.monotonic() - step) * REAP_REST)
+                        time.sleep(rest_after(time.monotonic() - step, REAP_REST, 0.0))
                         step = time.monotonic()
             os.fsync(fd)
             done = True
