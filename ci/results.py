@@ -94,8 +94,13 @@ def read_header(path: str, limit: int = HEADER_READ,
             if not keep_atime:
                 raise
             fd = os.open(path, flags)
-        with os.fdopen(fd, "rb") as handle:
-            return parse_result(handle.read(limit))[0]
+        try:
+            # One read: a buffered file object would add an fstat, an ioctl,
+            # an lseek and a second read (7 system calls a header, not 3).
+            data = os.read(fd, limit)
+        finally:
+            os.close(fd)
+        return parse_result(data)[0]
     except (OSError, ProtocolError):
         return None
 
