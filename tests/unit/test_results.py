@@ -38,3 +38,17 @@ def test_result_round_trip_keeps_raw_output_byte_for_byte():
 def test_parse_result_refuses_a_file_without_separator():
     with pytest.raises(ProtocolError):
         results.parse_result(b"verdict: passed\n")
+
+
+def test_read_header_reads_only_the_head_of_a_huge_file(tmp_path):
+    header = {"verdict": "failed", "tests": 3, "failures": 1, "errors": 0, "skipped": 0,
+              "runner": "r"}
+    huge = tmp_path / ("a" * 40)
+    huge.write_bytes(results.format_result(header, b"x" * 5_000_000))
+    assert results.read_header(str(huge), 4096, keep_atime=True)["verdict"] == "failed"
+    assert results.read_header(str(huge))["tests"] == "3"
+    # A header longer than what is read is no header; a missing file neither.
+    long = tmp_path / ("b" * 40)
+    long.write_bytes(results.format_result({**header, "runner": "r" * 900}, b"out\n"))
+    assert results.read_header(str(long), 256) is None
+    assert results.read_header(str(tmp_path / ("c" * 40))) is None
