@@ -36,7 +36,7 @@ from ci.history.writer import HistoryWriter
 from ci.dispatch.journal import Journal
 from ci.dispatch.spares import SpareFiles
 from ci.retention import policy as retention_policy
-from ci.retention import pruner
+from ci.retention import gate, pruner
 from ci.retention.tombstones import FILE_NAME as TOMBSTONE_FILE, TombstoneFile
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, check_port,
                        configure_logging, non_negative, positive)
@@ -144,13 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
                         default=pruner.DEFAULT_INTERVAL, metavar="SECONDS",
                         help="seconds between pruning passes with --keep-results "
                              "(default: %(default)s)")
-    parser.add_argument("--prune-rest", type=non_negative(float), default=pruner.REST,
+    parser.add_argument("--prune-rest", type=non_negative(float), default=gate.REST,
                         metavar="FACTOR",
-                        help="after a batch of a pass during which a result came, the pass "
-                             "rests this many times as long as the batch took, so a slow "
-                             "disk is not made slower (0: never rest: a faster pass that "
-                             "competes more; the retention benchmark's --interleave uses it) "
-                             "(default: %(default)s)")
+                        help="after every batch of a pass (and every 256 header reads of "
+                             "its plan) the pass rests this many times as long as it took, "
+                             "at most 50 ms, so it holds the disk less of the time and meets "
+                             "fewer results (0: no rest, a faster pass that competes more; "
+                             "default: %(default)s)")
     parser.add_argument("--no-test-history", action="store_true",
                         help="do not write the per-test history store "
                              "(<state-dir>/history.sqlite3): no writer process, and the "

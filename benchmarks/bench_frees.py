@@ -27,9 +27,9 @@ import sys
 import tempfile
 import time
 
+from interleave import Interleaver
+
 PAYLOAD = b"x" * 1500
-PHASE = 1.5           # seconds the child works, then as long stopped
-SETTLE = 0.15         # seconds after each switch that are not sampled
 
 
 def make_files(folder: str, count: int, size: int) -> list[str]:
@@ -95,16 +95,12 @@ def sample(folder: str, spares: list[str], pid: int, seconds: float) -> dict[boo
     """Latency of the stand-in result path, by whether the remover ran."""
     fd = os.open(folder, os.O_RDONLY)
     latency: dict[bool, list[float]] = {True: [], False: []}
-    working, switch_at = False, time.monotonic() + PHASE
+    interleave = Interleaver(pid=pid, working=False)       # it stopped itself
     end = time.monotonic() + seconds
     for n, spare in enumerate(spares):
         if time.monotonic() >= end:
             break
-        if time.monotonic() >= switch_at:
-            working = not working
-            os.kill(pid, signal.SIGCONT if working else signal.SIGSTOP)
-            switch_at = time.monotonic() + PHASE
-            time.sleep(SETTLE)
+        working = interleave.state()
         began = time.perf_counter()
         out = os.open(spare, os.O_WRONLY)
         os.write(out, PAYLOAD)

@@ -44,6 +44,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import helpers  # noqa: E402
+from interleave import Interleaver  # noqa: E402
 from ci.results import TestRecord, format_result  # noqa: E402
 from ci.junit_xml import format_junit
 from ci.history import store  # noqa: E402
@@ -168,7 +169,7 @@ def reference_halves(path: "ResultPath", seconds: float) -> None:
     for what, code in REFERENCES.items():
         child = subprocess.Popen([PY, "-c", code])
         try:
-            interleave = Interleaver(0, child.pid)
+            interleave = Interleaver(pid=child.pid)
             end = time.monotonic() + seconds
             timed = []
             while time.monotonic() < end:
@@ -185,62 +186,6 @@ def figures(samples: list[float]) -> str:
     p95 = ordered[int(len(ordered) * 0.95) - 1]
     return (f"n={len(ordered)} median {statistics.median(ordered) * 1000:.2f} ms, "
             f"p95 {p95 * 1000:.2f} ms, max {ordered[-1] * 1000:.2f} ms")
-
-
-class Interleaver:
-    """Stops and continues the pruner's worker (SIGSTOP/SIGCONT) every
-    ``PHASE`` seconds, so that samples taken while it works and while it is
-    stopped come from interleaved halves of the same stretch: drift in the
-    machine's speed falls on both alike.  Samples in the first ``SETTLE``
-    after a switch are not taken.  (A stop makes a batch look slow; the
-    pass's rest after it is capped at 50 ms, so it does not rest through
-    the running halves.)"""
-
-    PHASE, SETTLE = 1.5, 0.15
-
-    def __init__(self, dispatcher_pid: int, pid: int | None = None):
-        self.parent = dispatcher_pid
-        self.pid = pid
-        self.working, self.switch_at = True, time.monotonic() + self.PHASE
-        self.looked = 0.0
-
-    def find_worker(self) -> int | None:
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as handle:
-                    ppid = int(handle.read().rsplit(b")", 1)[1].split()[1])
-                with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                    command = handle.read()
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == self.parent and b"ci.retention.worker" in command:
-                return int(entry)
-        return None
-
-    def state(self) -> bool | None:
-        """Before a sample: True (working), False (stopped) or None (no
-        worker yet); switches first when a half is over."""
-        if self.pid is None:
-            if time.monotonic() - self.looked < 0.5:     # not a /proc scan per sample
-                return None
-            self.looked = time.monotonic()
-            self.pid = self.find_worker()
-            if self.pid is None:
-                return None
-            self.switch_at = time.monotonic() + self.PHASE
-        if time.monotonic() >= self.switch_at:
-            self.working = not self.working
-            os.kill(self.pid, signal.SIGCONT if self.working else signal.SIGSTOP)
-            self.switch_at = time.monotonic() + self.PHASE
-            time.sleep(self.SETTLE)
-        return self.working
-
-    def release(self) -> None:
-        if self.pid is not None and not self.working:
-            os.kill(self.pid, signal.SIGCONT)
-            self.working = True
 
 
 def sample_until(path: ResultPath, tmp: str, done, since: float,
@@ -324,7 +269,7 @@ def run(tmp: str, args) -> None:
                                         "--prune-interval", "3600"],
                             "pruning.log")
     started = time.monotonic()
-    interleave = Interleaver(proc.pid) if args.interleave else None
+    interleave = Interleaver(parent=proc.pid) if args.interleave else None
     try:
         runner = FakeRunner()
         runner.register(port)

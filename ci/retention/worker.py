@@ -286,9 +286,9 @@ class Reaper:
     request to serve: one thread, one file at a time, each unlink after a
     look at the result gate and an fsync every REAP_SYNC of them, then a
     rest (REAP_REST), so a result's flush meets at most that many frees,
-    and seldom any.  ``quiet_since`` is None
-    while a request is being served (and so during a pass, whose requests
-    follow each other closely)."""
+    and seldom any.  ``quiet_since`` is None while a request is being
+    served (and so during a pass, whose requests follow each other
+    closely)."""
 
     def __init__(self, trash: str, gate: GateView, after: float = REAP_AFTER):
         self.trash = trash
