@@ -45,6 +45,9 @@ REST = 1.0
 REST_CAP = 0.05
 PAUSE = 0.002
 QUIET_PAUSE = 0.001
+# A Pacer rests after this many steps (a few milliseconds of work: 256
+# header reads, or 256 entries of the folder's listing or of the policy).
+STEPS_PER_REST = 256
 
 
 def rest_after(busy: float, factor: float, pause: float = PAUSE) -> float:
@@ -55,6 +58,44 @@ def rest_after(busy: float, factor: float, pause: float = PAUSE) -> float:
     holds the disk and a core half the time meets a result half as often.
     The cap keeps one step slowed by a stall from resting for seconds."""
     return min(REST_CAP, max(pause, busy * factor)) if factor else min(pause, QUIET_PAUSE)
+
+
+class Pacer:
+    """Makes a long piece of work give way in small steps: ``step()``
+    before each one (a header read, an entry of a listing or of the
+    policy, an unlink) waits while a result is being stored, and before
+    the one after every ``every`` steps rests ``factor`` times as long as
+    they took (``rest_after``, no floor), calling ``before_rest`` first
+    (the reaper's fsync).  Why every step looks at the gate, even one of pure Python:
+    a step under way when a result comes runs beside it, and work beside
+    the result path costs it about 0.1 ms here whatever its priority,
+    while the same work that looked at the gate between steps of a few
+    microseconds cost nothing measurable (docs/performance.md#retention).
+    The gate's look is a read of a shared word: cheap enough for every
+    step."""
+
+    def __init__(self, gate, factor: float = REST, every: int = STEPS_PER_REST,
+                 before_rest=None):
+        self.gate, self.factor, self.every = gate, factor, every
+        self.before_rest = before_rest
+        self.steps = 0
+        self.mark = time.monotonic()
+
+    def step(self) -> None:
+        if self.steps and not self.steps % self.every:
+            self.rest()
+        self.gate.wait_clear()
+        self.steps += 1
+
+    __call__ = step      # a plan's ``pace``
+
+    def rest(self) -> None:
+        """The rest after the steps since the last one."""
+        if self.before_rest is not None:
+            self.gate.wait_clear()
+            self.before_rest()
+        time.sleep(rest_after(time.monotonic() - self.mark, self.factor, 0.0))
+        self.mark = time.monotonic()
 
 
 class ResultGate:

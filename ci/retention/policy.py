@@ -36,9 +36,6 @@ _AGE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw])")
 # No branch (a commit dispatched without the observer's metadata): one group.
 NO_BRANCH = ""
 CHANGES = ("broken", "fixed")
-# A plan's ``pace`` is called once per this many entries (a few milliseconds
-# of work).
-PACE_EVERY = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +109,13 @@ def protected(entries: Mapping[str, Entry], pruned_verdicts: Mapping[str, str],
     keep: set[str] = set()
     newest: dict[str, Entry] = {}
     heads: dict[str, Entry] = {}
-    named = {(e.branch, e.previous) for e in entries.values() if e.previous}
-    for n, entry in enumerate(entries.values()):
-        if not n % PACE_EVERY:
-            pace()
+    named: set[tuple[str, str | None]] = set()
+    for e in entries.values():
+        pace()
+        if e.previous:
+            named.add((e.branch, e.previous))
+    for entry in entries.values():
+        pace()
         if entry.branch not in newest or _later(entry, newest[entry.branch]):
             newest[entry.branch] = entry
         if (entry.branch, entry.commit) not in named and \
@@ -150,20 +150,21 @@ def plan(entries: Mapping[str, Entry], policy: KeepPolicy, now: float,
     file; ``pruned_verdicts``: verdicts of commits pruned before, so a
     change against a pruned predecessor is still recognised; ``pending``:
     queued or running (a retest), kept (their verdicts still judge the
-    commits after them); ``pace``: called every PACE_EVERY entries (the
-    worker waits there while a result is being stored: 100,000 entries
-    are half a second of pure Python)."""
+    commits after them); ``pace``: called before each entry of each loop
+    (the worker's Pacer waits there while a result is being stored, and
+    rests now and then: 100,000 entries are most of a second of pure
+    Python)."""
     keep = protected(entries, pruned_verdicts or {}, pace) | set(pending)
     by_branch: dict[str, list[Entry]] = {}
     for entry in entries.values():
+        pace()
         by_branch.setdefault(entry.branch, []).append(entry)
     doomed: list[Entry] = []
     for group in by_branch.values():
         pace()
         group.sort(key=lambda e: (e.finished, e.commit), reverse=True)
         for rank, entry in enumerate(group):
-            if not rank % PACE_EVERY:
-                pace()
+            pace()
             if entry.commit not in keep and _expired(policy, rank, entry, now):
                 doomed.append(entry)
     pace()

@@ -19,12 +19,14 @@ pruned commits' verdicts from the tombstone file): a plan over 100,000
 entries is a second of pure Python, which in the dispatcher held the
 interpreter while every handler waited for it at each of its system calls
 (results took 100 ms and more).  The dispatcher then takes the plan a
-group at a time.  The plan gives way as the batches do: it looks at the
-gate every PACE_EVERY entries of its pure Python too, and after every
-PACE_EVERY header reads it rests as long as they took (``--rest``, the
-dispatcher's --prune-rest): any work beside the result path, even in the
-idle class, cost a result about 0.1 to 0.2 ms while it ran on this 2-core
-machine, so the less of the time it runs, the fewer results meet it.
+group at a time.  The plan gives way as the batches do (a gate.Pacer):
+it looks at the gate before every name it lists, every header it reads
+and every entry the policy weighs, and after every STEPS_PER_REST of
+them it rests as long as they took (``--rest``, the dispatcher's
+--prune-rest): any work beside the result path, even in the idle class,
+cost a result about 0.1 to 0.2 ms while it ran on this 2-core machine,
+so the less of the time it runs, and the sooner it stops when a result
+comes, the less a result pays.
 
 Protocol, one request at a time, on stdin and stdout:
 
@@ -75,7 +77,7 @@ from ci import results
 from ci.config import ArgumentParser, configure_logging, non_negative, positive
 from ci.files import fsync_dir, own_subfolder
 from ci.retention import policy as keep
-from ci.retention.gate import LONGEST_WAIT, REST, GateView, rest_after
+from ci.retention.gate import LONGEST_WAIT, REST, STEPS_PER_REST, GateView, Pacer
 from ci.retention.tombstones import VerdictFollower
 from ci.wire import valid_full_commit
 
@@ -139,10 +141,11 @@ class FileWorker:
 
     # ---- plan ---------------------------------------------------------------
     def plan(self, pending: set[str]) -> str:
-        listed = self.scan()
+        pacer = Pacer(self.gate, self.rest)
+        listed = self.scan(pacer)
         entries = {e.commit: e for e in listed}
         doomed = set(keep.plan(entries, self.rules, time.time(), self.pruned.verdicts(),
-                               pending, self.gate.wait_clear))
+                               pending, pacer))
         # In the folder's own order (ext4 lists a large folder in hash
         # order): consecutive unlinks then touch the same directory blocks
         # (measured alone over 100,000 pairs: 147 against 238 us per unlink
@@ -154,14 +157,14 @@ class FileWorker:
         return [self.doomed.popleft() for _ in range(min(count, len(self.doomed)))]
 
     # ---- scan ---------------------------------------------------------------
-    def scan(self) -> list[keep.Entry]:
+    def scan(self, pacer: Pacer) -> list[keep.Entry]:
         """Every complete result in the folder's order, reading only new or
-        changed headers."""
+        changed headers; every name listed and every header read is a step
+        of ``pacer``."""
         names: list[tuple[str, tuple, float]] = []
         with os.scandir(self.folder) as listing:
-            for n, item in enumerate(listing):
-                if not n % keep.PACE_EVERY:
-                    self.gate.wait_clear()
+            for item in listing:
+                pacer.step()
                 if not valid_full_commit(item.name):
                     continue
                 try:
@@ -169,16 +172,12 @@ class FileWorker:
                 except OSError:
                     continue
                 names.append((item.name, (st.st_mtime_ns, st.st_size, st.st_ino), st.st_mtime))
-        found, reads, step = [], 0, time.monotonic()
+        found = []
         for name, stamp, mtime in names:
             cached = self.headers.get(name)
             if cached is None or cached[0] != stamp:
-                self.gate.wait_clear()
+                pacer.step()
                 cached = self.headers[name] = (stamp, self.entry(name, mtime))
-                reads += 1
-                if not reads % keep.PACE_EVERY:     # rests as a pass's batches do
-                    time.sleep(rest_after(time.monotonic() - step, self.rest, 0.0))
-                    step = time.monotonic()
             if cached[1] is not None:
                 found.append(cached[1])
         listed = {name for name, _, _ in names}
@@ -352,7 +351,6 @@ class Reaper:
         """One sweep of the trash: True when it got to the end, False when
         a request came (the next quiet moment sweeps again)."""
         began, count, done = time.monotonic(), 0, False
-        step = began
         try:
             fd = os.open(self.trash, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
@@ -360,6 +358,7 @@ class Reaper:
         except OSError as exc:
             log.warning("cannot open %s: %s", self.trash, exc)
             return True
+        pacer = Pacer(self.gate, REAP_REST, REAP_SYNC, before_rest=lambda: os.fsync(fd))
         try:
             with os.scandir(fd) as listing:
                 for item in listing:
@@ -367,7 +366,7 @@ class Reaper:
                         return False
                     if not valid_name(item.name):
                         continue
-                    self.gate.wait_clear()
+                    pacer.step()
                     try:
                         os.unlink(item.name, dir_fd=fd)
                     except FileNotFoundError:
@@ -377,10 +376,6 @@ class Reaper:
                         continue
                     count += 1
                     self.reaped += 1
-                    if count % REAP_SYNC == 0:
-                        os.fsync(fd)
-                        time.sleep(rest_after(time.monotonic() - step, REAP_REST, 0.0))
-                        step = time.monotonic()
             os.fsync(fd)
             done = True
             return True
@@ -419,9 +414,10 @@ def build_parser() -> ArgumentParser:
                         help="seconds a step waits for the gate at most "
                              "(default %(default)s)")
     parser.add_argument("--rest", type=non_negative(float), default=REST,
-                        help="after every %d header reads, rest this many times as long as "
+                        help="while planning, rest after every %d steps (names listed, "
+                             "headers read, entries weighed) this many times as long as "
                              "they took, as the dispatcher's --prune-rest (default "
-                             "%%(default)s)" % keep.PACE_EVERY)
+                             "%%(default)s)" % STEPS_PER_REST)
     parser.add_argument("--log-level", default="INFO",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
     return parser

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+import types
 
 import pytest
 
@@ -19,8 +21,8 @@ from ci.history import store
 from ci.outcome import Outcome
 from ci.results import TestRecord
 from ci.retention import tombstones
-from ci.retention.policy import PACE_EVERY, Entry, KeepPolicy, parse_keep, plan
-from ci.retention.gate import PAUSE, QUIET_PAUSE, REST_CAP, rest_after
+from ci.retention.policy import Entry, KeepPolicy, parse_keep, plan
+from ci.retention.gate import PAUSE, QUIET_PAUSE, REST_CAP, Pacer, rest_after
 from ci.retention.pruner import Pruner
 from ci.retention.tombstones import Tombstone, TombstoneFile
 from ci.retention.worker import TRASH
@@ -273,13 +275,33 @@ def test_pending_commits_kept_and_still_judge_their_successor():
     assert doomed == [cid(4)]     # 1 pending, 2 broke (against 1), 3 fixed, 5 newest
 
 
-def test_a_plan_calls_its_pace_all_along_and_decides_the_same():
-    entries = chain("main", "p" * (3 * PACE_EVERY))
+def test_a_plan_calls_its_pace_before_every_entry_and_decides_the_same():
+    entries = chain("main", "p" * 300)
     calls = []
     doomed = plan(entries, KeepPolicy(count=1), now=0.0, pace=lambda: calls.append(1))
     assert doomed == plan(entries, KeepPolicy(count=1), now=0.0)
-    assert len(doomed) == 3 * PACE_EVERY - 1
-    assert len(calls) >= 6        # through the protected set and through the ranking
+    assert len(doomed) == 299
+    # each of its four loops over the entries: the predecessors named, the
+    # protected set, the grouping by branch, the ranking
+    assert len(calls) >= 4 * 300
+
+
+def test_a_pacer_looks_at_the_gate_every_step_and_rests_between_every_few(monkeypatch):
+    rests, synced, looks = [], [], []
+    monkeypatch.setattr(time, "sleep", rests.append)
+    gate = types.SimpleNamespace(wait_clear=lambda: looks.append(1))
+    pacer = Pacer(gate, 1.0, every=4, before_rest=lambda: synced.append(len(looks)))
+    for _ in range(9):
+        pacer.step()
+    # a rest before the 5th and the 9th step, each after a look at the gate
+    # and the fsync (``before_rest``) that the 4 steps before it called for
+    assert len(looks) == 9 + 2 and len(rests) == 2 and synced == [5, 10]
+    assert all(0 <= rest <= REST_CAP for rest in rests)
+    rests.clear()
+    pacer = Pacer(gate, 0.0, every=4)
+    for _ in range(9):
+        pacer.step()
+    assert rests == [0.0, 0.0]                   # --prune-rest 0: no rest
 
 
 def test_a_pruned_matrix_commit_takes_its_cell_files_with_it(tmp_path):
