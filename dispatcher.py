@@ -37,6 +37,7 @@ from ci.dispatch.journal import Journal
 from ci.dispatch.spares import SpareFiles
 from ci.retention import policy as retention_policy
 from ci.retention import gate, pruner
+from ci.retention import index as result_index
 from ci.retention.tombstones import FILE_NAME as TOMBSTONE_FILE, TombstoneFile
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, check_port,
                        configure_logging, non_negative, positive)
@@ -290,6 +291,7 @@ def recovered_state(args: argparse.Namespace, results_dir: str, state_dir: str,
     state.min_shard_seconds = args.min_shard_seconds
     state.trusted_branches = trusted
     state.tombstones = TombstoneFile(os.path.join(state_dir, TOMBSTONE_FILE))
+    state.result_index = os.path.join(state_dir, result_index.FILE_NAME)
     state.recover(args.restart_grace)
     state.spares = SpareFiles(results_dir, state.result_gate)
     return state

@@ -21,7 +21,7 @@ is given.
 Every process is started here and ended here by its PID.
 usage:  python benchmarks/bench_retention.py [--results N] [--keep N] [--rate R]
                                             [--windows S] [--interleave]
-                                            [--reference S] [--skip-freeing] [--keep-folder]
+                                            [--reference S] [--skip-freeing] [--no-index] [--keep-folder]
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from interleave import Interleaver  # noqa: E402
 from ci.results import TestRecord, format_result  # noqa: E402
 from ci.junit_xml import format_junit
 from ci.history import store  # noqa: E402
+from ci.retention import index as result_index  # noqa: E402
 from support.cluster import FakeRunner, wait_for_port  # noqa: E402
 from support.procs import stop_process  # noqa: E402
 
@@ -59,10 +60,13 @@ PRUNED_RE = re.compile(r"pruned (\d+) of (\d+) result\(s\) in ([0-9.]+)s( \([^)]
 FREED_RE = re.compile(r"freed (\d+) pruned file\(s\) in ([0-9.]+)s( \(paused[^)]*\))?$", re.M)
 
 
-def generate(folder: str, count: int) -> None:
+def generate(folder: str, count: int, index_path: str | None) -> None:
     """``count`` result files and their XML, finished over the last 200
-    days, oldest first; a red run of 3 commits every 50 on each branch."""
+    days, oldest first; a red run of 3 commits every 50 on each branch;
+    with ``index_path``, the result index's line for each, as the
+    dispatcher writes it when it stores a result (ci/retention/index.py)."""
     start = time.time() - 200 * 86400
+    lines = []
     previous: dict[str, str] = {}
     xml = {v: format_junit([TestRecord("tests.test_a.T", "test_one", v)], name="x")
            for v in ("passed", "failed")}
@@ -83,6 +87,15 @@ def generate(folder: str, count: int) -> None:
             handle.write(format_result(header, b"ok\n"))
         stamp = start + n * (200 * 86400 / count)
         os.utime(path, (stamp, stamp))
+        if index_path:
+            st = os.stat(path)
+            lines.append(result_index.format_line(
+                result_index.stamp_of(st),
+                result_index.entry_from_header(commit, header, st.st_mtime)))
+    if index_path:
+        os.makedirs(os.path.dirname(index_path), mode=0o700, exist_ok=True)
+        with open(index_path, "w") as handle:
+            handle.writelines(lines)
 
 
 def start_dispatcher(tmp: str, port: int, extra: list[str], log_name: str) -> subprocess.Popen:
@@ -244,7 +257,8 @@ def run(tmp: str, args) -> None:
     folder = os.path.join(tmp, "results")
     os.makedirs(folder)
     t0 = time.monotonic()
-    generate(folder, args.results)
+    generate(folder, args.results,
+             None if args.no_index else os.path.join(tmp, "state", result_index.FILE_NAME))
     # The files stand for results written long ago: on disk, not dirty in
     # the page cache, whose writeback would otherwise land in the windows.
     os.sync()
@@ -360,6 +374,9 @@ def main(argv=None) -> int:
                         help="after the pass, do not wait while the worker frees the pruned "
                              "files (5 to 6 minutes, 12 with --interleave) nor for the "
                              "history's drop")
+    parser.add_argument("--no-index", action="store_true",
+                        help="write no result index with the files (a folder written by a "
+                             "version that kept none): the worker reads every header")
     parser.add_argument("--keep-folder", action="store_true", help="leave the folder")
     args = parser.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench-retention-")

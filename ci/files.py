@@ -11,19 +11,22 @@ import tempfile
 from ci.config import ConfigError
 
 
-def atomic_write(path: str, data: bytes, fsync: bool = True, spares=None) -> None:
+def atomic_write(path: str, data: bytes, fsync: bool = True, spares=None) -> os.stat_result:
     """Write a file so that readers see either nothing or all of it.
     ``spares`` (ci/dispatch/spares.py): a pool of files made ahead of time
-    in a subfolder of the file's folder, taken instead of creating one."""
+    in a subfolder of the file's folder, taken instead of creating one.
+    Returns the written file's stat, taken before it was renamed into
+    place (so it is this write's, whatever replaces the file later)."""
     folder = os.path.dirname(path) or "."
     opened = spares.open(folder) if spares is not None else None
     fd, tmp = opened or tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
             if fsync:
-                handle.flush()
                 os.fsync(handle.fileno())
+            written = os.fstat(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -33,6 +36,7 @@ def atomic_write(path: str, data: bytes, fsync: bool = True, spares=None) -> Non
         raise
     if fsync:
         fsync_dir(folder)
+    return written
 
 
 def own_subfolder(path: str) -> None:

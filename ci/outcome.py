@@ -83,14 +83,16 @@ class Outcome:
         """``test_results/<commit>``: header, blank line, raw output."""
         return results.format_result(self.header, self.output)
 
-    def write(self, results_dir: str, commit: str, cell: str = "", spares=None) -> None:
+    def write(self, results_dir: str, commit: str, cell: str = "",
+              spares=None) -> os.stat_result:
         """The JUnit XML first, then the result file: the file is the proof
         the commit (or its matrix cell ``cell``) is done, so it is written
-        last.  ``spares``: the dispatcher's pool of ready files (atomic_write)."""
+        last.  ``spares``: the dispatcher's pool of ready files (atomic_write).
+        Returns the result file's stat (atomic_write's)."""
         records = None if self.records is None else list(self.records)
         junit_xml.write_junit(results_dir, commit, records, cell, spares)
-        atomic_write(os.path.join(results_dir, results.result_name(commit, cell)),
-                     self.result_file(), spares=spares)
+        return atomic_write(os.path.join(results_dir, results.result_name(commit, cell)),
+                            self.result_file(), spares=spares)
 
     # ---- the ``results`` message body -------------------------------------
     def to_body(self) -> bytes:

@@ -253,10 +253,11 @@ class MatrixKeeper:
             self.results_dir, results.result_name(commit, n))) or {} for n in cells}
         outcome = summary(commit, cells, headers)
         try:
-            outcome.write(self.results_dir, commit, spares=self.spares)
+            written = outcome.write(self.results_dir, commit, spares=self.spares)
         except OSError:
             log.exception("cannot write the result of %s; its cells are done", commit[:12])
             return None
+        self.index_result(commit, outcome, written)
         del self.groups[commit]
         self.done.add(work_key(commit))
         log.info("result for %s: %s (%s)", commit[:12], outcome.verdict, outcome.header["cells"])

@@ -20,6 +20,7 @@ from ci.dispatch.journal import AssignmentRecord, done_record, lost_record, spli
 from ci.dispatch.runners import IDLE, OCCUPIED, RUNNING, SUSPECT
 from ci.dispatch.work import Job, Merged, ShardReport, ShardSet, Work, WorkKey, WorkState
 from ci.outcome import Outcome
+from ci.retention import index as result_index
 from ci.wire import Reply, one_line
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,25 @@ class ResultKeeper:
         """The result file is the proof a commit (or its cell: ``key``) is
         done: written last, after the per-test JUnit file (see
         ``Outcome.write``)."""
-        outcome.write(self.results_dir, *split_key(key), spares=self.spares)
+        commit, cell = split_key(key)
+        written = outcome.write(self.results_dir, commit, cell, spares=self.spares)
+        if not cell:
+            self.index_result(commit, outcome, written)
+
+    def index_result(self, commit: str, outcome: Outcome, written) -> None:
+        """A line in the result index for a commit's own result file
+        (ci/retention/index.py: what the pruner's plan needs of it, so a
+        new worker does not read every header).  A cache: a line that
+        cannot be written only costs that header's read."""
+        if self.result_index is None:
+            return
+        entry = result_index.entry_from_header(commit, outcome.header, written.st_mtime)
+        if entry is None:
+            return
+        try:
+            result_index.append(self.result_index, result_index.stamp_of(written), entry)
+        except OSError as exc:
+            log.warning("cannot add %s to the result index: %s", commit[:12], exc)
 
     def _finish(self, work: Work, outcome: Outcome) -> Outcome | None:
         """Bookkeeping once the work's result file is on disk (WRITING);

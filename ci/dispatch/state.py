@@ -109,6 +109,8 @@ class DispatcherState(Recovery, LiveOutput, PrunedCommits, RunnerRegistry, Shard
         # Pruned commits whose files are being unlinked (without the lock).
         self.unlinking: set[WorkKey] = set()
         self.tombstones: TombstoneFile | None = None
+        # The result index's path (ci/retention/index.py; None: not kept).
+        self.result_index: str | None = None
         # (key, token) -> AssignmentRecord, for rounds that are over.
         self.finished_tokens: collections.OrderedDict = collections.OrderedDict()
         # Sharding (--max-shards) and what results taught about durations.

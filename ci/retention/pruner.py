@@ -82,7 +82,8 @@ class Pruner:
         # Every step waits while a result is being stored (gate.py).
         self.gate = state.result_gate
         self.worker = WorkerLink(self.results_dir, self.gate, self.stop_event, rules,
-                                 tombstones.path, log_level, rest)
+                                 tombstones.path, log_level, rest,
+                                 state.result_index)
         self.thread = threading.Thread(target=self._run, name="pruner", daemon=True)
         self.passes = 0
         self.last: PassReport | None = None

@@ -76,6 +76,7 @@ import time
 from ci import results
 from ci.config import ArgumentParser, configure_logging, non_negative, positive
 from ci.files import fsync_dir, own_subfolder
+from ci.retention import index as result_index
 from ci.retention import policy as keep
 from ci.retention.gate import LONGEST_WAIT, REST, STEPS_PER_REST, GateView, Pacer
 from ci.retention.tombstones import VerdictFollower
@@ -128,8 +129,11 @@ class FileWorker:
     being taken."""
 
     def __init__(self, folder: str, gate: GateView, rules: keep.KeepPolicy,
-                 tombstones: str, rest: float = REST):
+                 tombstones: str, rest: float = REST, index: str | None = None):
         self.folder = folder
+        self.index = index
+        self.index_lines = 0       # lines in the index file when last read or written
+        self.read_since_save = 0   # headers read since
         self.gate = gate
         self.rest = rest
         self.rules = rules
@@ -142,7 +146,13 @@ class FileWorker:
     # ---- plan ---------------------------------------------------------------
     def plan(self, pending: set[str]) -> str:
         pacer = Pacer(self.gate, self.rest)
+        if not self.headers and self.index:
+            self.headers, self.index_lines = result_index.load(self.index)
+        read_before = self.read_since_save
         listed = self.scan(pacer)
+        log.info("plan over %d result(s): %d header(s) read, the rest known%s", len(listed),
+                 self.read_since_save - read_before, " (result index)" if self.index else "")
+        self.save_index()
         entries = {e.commit: e for e in listed}
         doomed = set(keep.plan(entries, self.rules, time.time(), self.pruned.verdicts(),
                                pending, pacer))
@@ -178,6 +188,7 @@ class FileWorker:
             if cached is None or cached[0] != stamp:
                 pacer.step()
                 cached = self.headers[name] = (stamp, self.entry(name, mtime))
+                self.read_since_save += 1
             if cached[1] is not None:
                 found.append(cached[1])
         listed = {name for name, _, _ in names}
@@ -188,10 +199,27 @@ class FileWorker:
     def entry(self, commit: str, mtime: float) -> keep.Entry | None:
         fields = results.read_header(os.path.join(self.folder, commit), HEADER_READ,
                                      keep_atime=True)
-        if not fields or not fields.get("verdict"):
-            return None
-        return keep.Entry(commit, keep.branch_of(fields), fields.get("previous") or None,
-                          fields["verdict"], mtime, tuple(results.cell_names(fields)))
+        return result_index.entry_from_header(commit, fields, mtime)
+
+    def save_index(self) -> None:
+        """The index rewritten from the header cache (the folder's complete
+        results now) when most of its lines are of files gone or replaced,
+        or when many headers had to be read (a folder written before the
+        index was kept, or by a worker that does not load it again): the
+        next worker then reads none of them."""
+        if not self.index:
+            return
+        live = sum(1 for _, entry in self.headers.values() if entry is not None)
+        stale = self.index_lines > 2 * live           # pruned or replaced files' lines
+        missing = self.read_since_save > live // 10   # headers read, not found in it
+        if not (stale or missing):
+            return
+        try:
+            result_index.rewrite(self.index, self.headers)
+        except OSError as exc:
+            log.warning("cannot rewrite the result index %s: %s", self.index, exc)
+            return
+        self.index_lines, self.read_since_save = live, 0
 
     # ---- remove -------------------------------------------------------------
     def remove(self, batch: list[list[str]]) -> list[str]:
@@ -407,6 +435,10 @@ def build_parser() -> ArgumentParser:
                         help="what to keep, as the dispatcher's --keep-results")
     parser.add_argument("--tombstones", required=True,
                         help="the tombstone file (the pruned commits' verdicts)")
+    parser.add_argument("--index", default=None,
+                        help="the dispatcher's result index (ci/retention/index.py): read "
+                             "instead of the headers it describes, rewritten now and then; "
+                             "default: none, every header is read")
     parser.add_argument("--gate-fd", type=int, default=-1,
                         help="file descriptor of the dispatcher's result gate page "
                              "(-1: none, never wait)")
@@ -431,7 +463,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     lowest_priority()
     worker = FileWorker(os.path.abspath(args.results_dir), GateView(args.gate_fd, args.gate_wait),
-                        args.keep_results, os.path.abspath(args.tombstones), args.rest)
+                        args.keep_results, os.path.abspath(args.tombstones), args.rest,
+                        args.index and os.path.abspath(args.index))
     worker.serve(sys.stdin.buffer, sys.stdout.buffer)
     return 0
 

@@ -28,8 +28,9 @@ class WorkerLink:
 
     def __init__(self, folder: str, gate, stop_event: threading.Event,
                  rules: keep.KeepPolicy, tombstones: str, log_level: str = "INFO",
-                 rest: float = REST):
+                 rest: float = REST, index: str | None = None):
         self.folder = folder
+        self.index = index
         self.rules, self.tombstones = rules, tombstones
         self.gate = gate
         self.stop_event = stop_event
@@ -124,6 +125,7 @@ class WorkerLink:
             "--keep-results", self.rules.text(), "--tombstones", self.tombstones,
             "--gate-fd", str(fd), "--gate-wait", repr(self.gate.longest),
             "--rest", repr(self.rest),
+            *(("--index", self.index) if self.index else ()),
             "--log-level", self.log_level)
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,

@@ -1,0 +1,121 @@
+"""The result index: one line per result file the dispatcher stores, with
+what the pruner's plan needs of its header, so that a new pruner worker
+(after a restart of the dispatcher) plans without reading every header.
+
+Why: on a machine whose page cache does not keep old result files (a
+virtual machine that hands free memory back, or simply a large folder), a
+plan over 100,000 results read them from the disk, about 3 KB each (290 MB
+here, 5 to 40 s), and every one of those reads shared the disk with the
+results being stored.  The index is one file read from its start.
+
+It is a cache, never the truth: each line carries the file's stamp
+(modification time in ns, size, inode number) taken from the written file
+itself before it was renamed into place, and the worker uses a line only
+while the file's stat still shows that stamp; any other file (written by
+an older version, replaced since, a line lost) has its header read as
+before.  So the index is appended without an fsync, a torn or damaged line
+is skipped, and the worker rewrites it from what it knows after a pass
+(dropping the lines of pruned and replaced files); lines the dispatcher
+appended meanwhile may be lost by that rewrite, which only costs their
+header reads at the next new worker.
+
+A line (JSON)::
+
+    [commit, [mtime_ns, size, inode], branch, previous|null, verdict, mtime, [cells]]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from ci.files import atomic_write
+from ci.results import cell_names
+from ci.retention import policy as keep
+from ci.wire import valid_full_commit
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "result-index"
+# A line longer than this is not one of ours (a matrix commit names at
+# most MAX_HEADER_CELLS cells).
+MAX_LINE = 64 * 1024
+
+Stamp = tuple[int, int, int]
+
+
+def stamp_of(st: os.stat_result) -> Stamp:
+    """What a line must match: a file replaced since has another inode, a
+    file rewritten in place another mtime or size."""
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def format_line(stamp: Stamp, entry: keep.Entry) -> str:
+    return json.dumps([entry.commit, list(stamp), entry.branch, entry.previous,
+                       entry.verdict, entry.finished, list(entry.cells)],
+                      separators=(",", ":")) + "\n"
+
+
+def parse_line(line: bytes) -> tuple[Stamp, keep.Entry] | None:
+    """The stamp and entry of one line; None for one that does not parse
+    (a torn last line, damage)."""
+    if len(line) > MAX_LINE:
+        return None
+    try:
+        commit, stamp, branch, previous, verdict, finished, cells = json.loads(line)
+        stamp = tuple(int(n) for n in stamp)
+        if not (valid_full_commit(commit) and len(stamp) == 3 and isinstance(branch, str)
+                and (previous is None or valid_full_commit(previous))
+                and isinstance(verdict, str) and verdict
+                and isinstance(finished, (int, float))
+                and all(isinstance(c, str) for c in cells)):
+            return None
+    except (ValueError, TypeError):
+        return None
+    return stamp, keep.Entry(commit, branch, previous, verdict, float(finished), tuple(cells))
+
+
+def entry_from_header(commit: str, fields, finished: float) -> keep.Entry | None:
+    """The plan's entry for a result file's header fields (None: no
+    verdict, not a complete result)."""
+    if not fields or not fields.get("verdict"):
+        return None
+    return keep.Entry(commit, keep.branch_of(fields), fields.get("previous") or None,
+                      str(fields["verdict"]), finished, tuple(cell_names(fields)))
+
+
+def append(path: str, stamp: Stamp, entry: keep.Entry) -> None:
+    """One line at the end (opened and closed each time, so a rewrite by
+    the worker is followed at once); OSError is the caller's to log."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, format_line(stamp, entry).encode())
+    finally:
+        os.close(fd)
+
+
+def load(path: str) -> tuple[dict[str, tuple[Stamp, keep.Entry]], int]:
+    """commit -> (stamp, entry), the last line of each commit winning, and
+    the number of lines read; ({}, 0) without a file."""
+    found: dict[str, tuple[Stamp, keep.Entry]] = {}
+    lines = 0
+    try:
+        with open(path, "rb") as handle:
+            for line in handle:
+                lines += 1
+                parsed = parse_line(line)
+                if parsed is not None:
+                    found[parsed[1].commit] = parsed
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot read the result index %s: %s", path, exc)
+    return found, lines
+
+
+def rewrite(path: str, known: dict[str, tuple[Stamp, keep.Entry | None]]) -> None:
+    """The index replaced by what the worker knows (its header cache: the
+    complete results in the folder now)."""
+    atomic_write(path, "".join(format_line(stamp, entry) for stamp, entry in known.values()
+                               if entry is not None).encode(), fsync=False)
