@@ -28,6 +28,7 @@ from ci.matrix import Plan
 from ci.dispatch.journal import cell_record, queue_record, split_key
 from ci.dispatch.work import Meta, Work, work_key
 from ci.outcome import Outcome
+from ci.retention import index as result_index
 from ci.wire import ProtocolError, Reply, decode_fields, one_line, valid_full_commit
 
 log = logging.getLogger(__name__)
@@ -257,7 +258,7 @@ class MatrixKeeper:
         except OSError:
             log.exception("cannot write the result of %s; its cells are done", commit[:12])
             return None
-        self.index_result(commit, outcome, written)
+        result_index.add(self.result_index, commit, outcome.header, written)
         del self.groups[commit]
         self.done.add(work_key(commit))
         log.info("result for %s: %s (%s)", commit[:12], outcome.verdict, outcome.header["cells"])

@@ -176,22 +176,7 @@ class ResultKeeper:
         commit, cell = split_key(key)
         written = outcome.write(self.results_dir, commit, cell, spares=self.spares)
         if not cell:
-            self.index_result(commit, outcome, written)
-
-    def index_result(self, commit: str, outcome: Outcome, written) -> None:
-        """A line in the result index for a commit's own result file
-        (ci/retention/index.py: what the pruner's plan needs of it, so a
-        new worker does not read every header).  A cache: a line that
-        cannot be written only costs that header's read."""
-        if self.result_index is None:
-            return
-        entry = result_index.entry_from_header(commit, outcome.header, written.st_mtime)
-        if entry is None:
-            return
-        try:
-            result_index.append(self.result_index, result_index.stamp_of(written), entry)
-        except OSError as exc:
-            log.warning("cannot add %s to the result index: %s", commit[:12], exc)
+            result_index.add(self.result_index, commit, outcome.header, written)
 
     def _finish(self, work: Work, outcome: Outcome) -> Outcome | None:
         """Bookkeeping once the work's result file is on disk (WRITING);

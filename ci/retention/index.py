@@ -95,6 +95,20 @@ def append(path: str, stamp: Stamp, entry: keep.Entry) -> None:
         os.close(fd)
 
 
+def add(path: str | None, commit: str, header, written: os.stat_result) -> None:
+    """The line for a commit's own result file the dispatcher just stored
+    (``header`` its fields, ``written`` its stat: atomic_write's), in the
+    index at ``path`` (None: none kept).  A failure is logged, not raised:
+    it only costs that header's read."""
+    entry = entry_from_header(commit, header, written.st_mtime)
+    if path is None or entry is None:
+        return
+    try:
+        append(path, stamp_of(written), entry)
+    except OSError as exc:
+        log.warning("cannot add %s to the result index: %s", commit[:12], exc)
+
+
 def load(path: str) -> tuple[dict[str, tuple[Stamp, keep.Entry]], int]:
     """commit -> (stamp, entry), the last line of each commit winning, and
     the number of lines read; ({}, 0) without a file."""
