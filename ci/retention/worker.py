@@ -12,7 +12,11 @@ once, and before every header read, every commit's unlinks and every
 fsync it looks at the dispatcher's result gate (a shared page,
 ci/retention/gate.py) and waits while a result is being stored: a result
 shares the disk with at most one small step.  Its header cache (about
-200 bytes a result) lives here too, not in the dispatcher.
+200 bytes a result) lives here too, not in the dispatcher; a new worker
+fills it from the dispatcher's result index (ci/retention/index.py, read
+once from its start) instead of reading every header: on a machine whose
+page cache had let the old files go, a plan over 100,000 headers read
+290 MB from the disk.
 
 It plans the pass too (ci/retention/policy.py over every header, with the
 pruned commits' verdicts from the tombstone file): a plan over 100,000
