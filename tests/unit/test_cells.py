@@ -19,6 +19,7 @@ from ci.dispatch.runners import Traits
 from ci.dispatch.state import DispatcherState
 from ci.dispatch.work import Meta
 from ci.outcome import Outcome
+from ci.retention import index
 from ci.wire import Message, Reply
 
 X, Y = "1" * 40, "2" * 40
@@ -84,6 +85,7 @@ def test_one_job_per_cell_routed_by_interpreter(make_state):
 
 def test_the_commit_fails_with_its_worst_cell_and_names_it(make_state, tmp_path):
     state = make_state()
+    state.result_index = str(tmp_path / index.FILE_NAME)
     register(state, *(runner(9001 + i, "python3.9", "python3.12", "python3.13")
                       for i in range(3)))
     told = []
@@ -102,6 +104,12 @@ def test_the_commit_fails_with_its_worst_cell_and_names_it(make_state, tmp_path)
     assert (cell["cell"], cell["python"], cell["axes"], cell["verdict"]) == \
         ("py3.9-dbpg", "3.9", "db=pg", "failed")
     assert told == [(X, "failed")] and not state.is_pending(X)
+    # The result index has the commit's own file (its cells named), not
+    # the cells' files: the pruner's plan only weighs whole commits.
+    lines, count = index.load(state.result_index)
+    assert count == 1 and lines[X][0] == index.stamp_of(os.stat(tmp_path / "results" / X))
+    assert lines[X][1].cells == ("py3.9-dbpg", "py3.12-dbpg", "py3.13-dbpg")
+    assert lines[X][1].verdict == "failed"
 
 
 def test_labels_and_exclusive_runners(make_state):

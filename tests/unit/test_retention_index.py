@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from ci.dispatch.journal import Journal
 from ci.dispatch.work import Meta
 from ci.dispatch.state import DispatcherState
@@ -111,12 +113,20 @@ def counting_reads(monkeypatch) -> list:
     return reads
 
 
-def test_a_new_worker_plans_from_the_index_without_reading_headers(tmp_path, monkeypatch):
+@pytest.fixture
+def indexed(tmp_path):
+    """A folder of 20 results on one branch and the index the dispatcher
+    would have written for them: (folder, index path)."""
     folder = tmp_path / "results"
     folder.mkdir()
     write_chain(folder, 20)
     path = str(tmp_path / index.FILE_NAME)
     index_folder(folder, path)
+    return folder, path
+
+
+def test_a_new_worker_plans_from_the_index_without_reading_headers(indexed, monkeypatch):
+    folder, path = indexed
     reads = counting_reads(monkeypatch)
     with_index = FileWorker(str(folder), GateView(-1), KeepPolicy(count=1), "none", index=path)
     assert with_index.plan(set()) == "planned 19 of 20"
@@ -125,16 +135,12 @@ def test_a_new_worker_plans_from_the_index_without_reading_headers(tmp_path, mon
     assert without.plan(set()) == "planned 19 of 20" and len(reads) == 20
 
 
-def test_a_line_its_file_no_longer_matches_is_not_trusted(tmp_path, monkeypatch):
+def test_a_line_its_file_no_longer_matches_is_not_trusted(indexed, monkeypatch):
     # Commit 20 was retested after its line was written (another file now,
     # failed), and commit 21's line is missing: both headers are read; the
     # failure of the newest is what the plan judges by (it broke the
     # branch: kept).
-    folder = tmp_path / "results"
-    folder.mkdir()
-    write_chain(folder, 20)
-    path = str(tmp_path / index.FILE_NAME)
-    index_folder(folder, path)
+    folder, path = indexed
     Outcome({"verdict": "failed", "branch": "main", "previous": cid(19)},
             b"out\n").write(str(folder), cid(20))
     os.utime(folder / cid(20), (2000.0,) * 2)
@@ -149,12 +155,8 @@ def test_a_line_its_file_no_longer_matches_is_not_trusted(tmp_path, monkeypatch)
     assert worker.headers[cid(20)][1].verdict == "failed"
 
 
-def test_the_worker_rewrites_an_index_of_pruned_files(tmp_path):
-    folder = tmp_path / "results"
-    folder.mkdir()
-    write_chain(folder, 20)
-    path = str(tmp_path / index.FILE_NAME)
-    index_folder(folder, path)
+def test_the_worker_rewrites_an_index_of_pruned_files(indexed):
+    folder, path = indexed
     worker = FileWorker(str(folder), GateView(-1), KeepPolicy(count=1), "none", index=path)
     worker.plan(set())
     assert index.load(path)[1] == 20                  # nothing to rewrite yet
