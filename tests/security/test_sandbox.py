@@ -273,6 +273,29 @@ def test_the_sweep_removes_what_the_user_could_have_made_and_nothing_else(tmp_pa
     assert stat.S_IMODE(outside.stat().st_mode) == 0o644 and outside.stat().st_uid == 0
 
 
+def test_what_the_user_left_on_top_goes_even_beside_trees_too_big_to_walk(tmp_path):
+    # Others' big trees in /tmp (a build's, a benchmark's) used up the
+    # walk's budget before it reached the user's own file at the top when
+    # they came first in the folder's order; each folder's own entries now
+    # come before any sub-folder's.
+    if os.geteuid() != 0:
+        pytest.skip("needs root (to give files to another user)")
+    uid = gid = 54_321
+    root = tmp_path / "shared"
+    root.mkdir()
+    root.chmod(0o1777)
+    for n in range(6):
+        crowded = root / f"crowded-{n}"
+        crowded.mkdir()
+        for m in range(30):
+            (crowded / str(m)).write_text("x")
+    left = root / "left-by-the-test"
+    left.write_text("x")
+    os.chown(left, uid, gid)
+    assert user_sandbox.remove_owned(uid, gid, roots=(str(root),), budget=20) == 1
+    assert not left.exists() and len(list((root / "crowded-0").iterdir())) == 30
+
+
 # --------------------------------------------------------------------------
 # The start-up checks run the test user's Python too.
 

@@ -261,14 +261,17 @@ def _identities(paths: tuple[str, ...]) -> tuple[frozenset, frozenset]:
 
 
 def remove_owned(uid: int, gid: int, roots: tuple[str, ...] = SHARED_TMP,
-                 keep: tuple[str, ...] = ()) -> int:
+                 keep: tuple[str, ...] = (), budget: int = SWEEP_BUDGET) -> int:
     """Remove every entry ``uid`` owns under ``roots`` (with its contents),
     except the folders ``keep`` (and the folders they lie in); the number
     removed.  Call it once the user's processes are gone: then nothing can
     be swapped under the walk but by another user, in a folder that user
-    may write anyway."""
+    may write anyway.  At most ``budget`` entries are looked at; each
+    folder's own entries come before any of its sub-folders', so what the
+    user left at the top of a temporary folder goes even when others'
+    trees there are too big to walk."""
     removed = 0
-    walk = _Walk(uid, gid)
+    walk = _Walk(uid, gid, budget=budget)
     walk.keep, walk.through = _identities(keep)
     for root in roots:
         try:
@@ -301,10 +304,10 @@ def _sweep(fd: int, path: str, walk: _Walk, depth: int) -> int:
     """Remove the user's entries in the open folder ``fd``, if the user
     could have made them (it may write there: an entry it was given where it
     cannot, such as a hard link git's local clone shares with its origin,
-    stays); enter, by descriptor and never through a symlink, the others'
-    folders on the same file system that the user could enter, and the
-    folders holding a kept one."""
-    removed = 0
+    stays); then enter, by descriptor and never through a symlink, the
+    others' folders on the same file system that the user could enter, and
+    the folders holding a kept one."""
+    removed, inside = 0, []
     try:
         writable = _allows(os.fstat(fd), walk, WRITE)
         with os.scandir(fd) as entries:
@@ -329,7 +332,11 @@ def _sweep(fd: int, path: str, walk: _Walk, depth: int) -> int:
             removed += _remove_entry(name, fd, path, info)
         elif is_dir and info.st_dev == walk.dev and depth < MAX_DEPTH and (
                 identity in walk.through or _allows(info, walk, SEARCH)):
-            removed += _enter(name, fd, path, info, walk, depth)
+            inside.append((name, info))
+    for name, info in inside:      # after this folder's own entries
+        if walk.budget <= 0:
+            break
+        removed += _enter(name, fd, path, info, walk, depth)
     return removed
 
 
