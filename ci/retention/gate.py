@@ -62,17 +62,18 @@ def rest_after(busy: float, factor: float, pause: float = PAUSE) -> float:
 
 class Pacer:
     """Makes a long piece of work give way in small steps: ``step()``
-    before each one (a header read, an entry of a listing or of the
-    policy, an unlink) waits while a result is being stored, and before
-    the one after every ``every`` steps rests ``factor`` times as long as
-    they took (``rest_after``, no floor), calling ``before_rest`` first
-    (the reaper's fsync).  Why every step looks at the gate, even one of pure Python:
-    a step under way when a result comes runs beside it, and work beside
-    the result path costs it about 0.1 ms here whatever its priority,
-    while the same work that looked at the gate between steps of a few
-    microseconds cost nothing measurable (docs/performance.md#retention).
-    The gate's look is a read of a shared word: cheap enough for every
-    step."""
+    before each one (a header read, an entry of a listing, of the index
+    or of the policy, an unlink) waits while a result is being stored,
+    and before the one after every ``every`` steps rests ``factor`` times
+    as long as they took (``rest_after``, no floor), calling
+    ``before_rest`` first (the reaper's fsync).
+
+    Why every step looks at the gate, even one of pure Python: a step
+    under way when a result comes runs beside it, and work beside the
+    result path cost a result about 0.1 ms here whatever its priority,
+    while the same header reads looking at the gate before each cost
+    nothing measurable (docs/performance.md#retention).  A look is a read
+    of a shared word: cheap enough for every step."""
 
     def __init__(self, gate, factor: float = REST, every: int = STEPS_PER_REST,
                  before_rest=None):

@@ -151,12 +151,12 @@ class FileWorker:
     def plan(self, pending: set[str]) -> str:
         pacer = Pacer(self.gate, self.rest)
         if not self.headers and self.index:
-            self.headers, self.index_lines = result_index.load(self.index)
+            self.headers, self.index_lines = result_index.load(self.index, pacer)
         read_before = self.read_since_save
         listed = self.scan(pacer)
         log.info("plan over %d result(s): %d header(s) read, the rest known%s", len(listed),
                  self.read_since_save - read_before, " (result index)" if self.index else "")
-        self.save_index()
+        self.save_index(pacer)
         entries = {e.commit: e for e in listed}
         doomed = set(keep.plan(entries, self.rules, time.time(), self.pruned.verdicts(),
                                pending, pacer))
@@ -205,7 +205,7 @@ class FileWorker:
                                      keep_atime=True)
         return result_index.entry_from_header(commit, fields, mtime)
 
-    def save_index(self) -> None:
+    def save_index(self, pacer: Pacer) -> None:
         """The index rewritten from the header cache (the folder's complete
         results now) when most of its lines are of files gone or replaced,
         or when many headers had to be read (a folder written before the
@@ -219,7 +219,7 @@ class FileWorker:
         if not (stale or missing):
             return
         try:
-            result_index.rewrite(self.index, self.headers)
+            result_index.rewrite(self.index, self.headers, pacer)
         except OSError as exc:
             log.warning("cannot rewrite the result index %s: %s", self.index, exc)
             return

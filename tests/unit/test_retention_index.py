@@ -40,7 +40,9 @@ def test_a_line_reads_back_and_a_bad_one_is_skipped():
                 json.dumps([*good[:3], "../../etc", *good[4:]]).encode(),
                 json.dumps([*good[:4], "", *good[5:]]).encode(),
                 json.dumps([*good[:5], "soon", good[6]]).encode(),
-                json.dumps([*good[:6], [1]]).encode()):
+                json.dumps([*good[:6], [1]]).encode(),
+                json.dumps([*good[:6], "py3.11"]).encode(),
+                json.dumps([*good[:5], True, good[6]]).encode()):
         assert index.parse_line(bad) is None, bad
 
 
