@@ -49,6 +49,7 @@ from ci.results import TestRecord, format_result  # noqa: E402
 from ci.junit_xml import format_junit
 from ci.history import store  # noqa: E402
 from ci.retention import index as result_index  # noqa: E402
+from ci.retention import policy as retention_policy  # noqa: E402
 from support.cluster import FakeRunner, wait_for_port  # noqa: E402
 from support.procs import stop_process  # noqa: E402
 
@@ -91,7 +92,7 @@ def generate(folder: str, count: int, index_path: str | None) -> None:
             st = os.stat(path)
             lines.append(result_index.format_line(
                 result_index.stamp_of(st),
-                result_index.entry_from_header(commit, header, st.st_mtime)))
+                retention_policy.entry_of(commit, header, st.st_mtime)))
     if index_path:
         os.makedirs(os.path.dirname(index_path), mode=0o700, exist_ok=True)
         with open(index_path, "w") as handle:

@@ -32,7 +32,6 @@ import os
 from typing import Callable
 
 from ci.files import atomic_write
-from ci.results import cell_names
 from ci.retention import policy as keep
 from ci.wire import valid_full_commit
 
@@ -77,15 +76,6 @@ def parse_line(line: bytes) -> tuple[Stamp, keep.Entry] | None:
     return stamp, keep.Entry(commit, branch, previous, verdict, float(finished), tuple(cells))
 
 
-def entry_from_header(commit: str, fields, finished: float) -> keep.Entry | None:
-    """The plan's entry for a result file's header fields (None: no
-    verdict, not a complete result)."""
-    if not fields or not fields.get("verdict"):
-        return None
-    return keep.Entry(commit, keep.branch_of(fields), fields.get("previous") or None,
-                      str(fields["verdict"]), finished, tuple(cell_names(fields)))
-
-
 def append(path: str, stamp: Stamp, entry: keep.Entry) -> None:
     """One line at the end (opened and closed each time, so a rewrite by
     the worker is followed at once); OSError is the caller's to log."""
@@ -103,7 +93,7 @@ def add(path: str | None, commit: str, header, written: os.stat_result) -> None:
     it only costs that header's read."""
     if path is None:
         return
-    entry = entry_from_header(commit, header, written.st_mtime)
+    entry = keep.entry_of(commit, header, written.st_mtime)
     if entry is None:
         return
     try:

@@ -29,6 +29,7 @@ import re
 from typing import Callable, Iterable, Mapping
 
 from ci.config import ConfigError
+from ci.results import cell_names
 from ci.notify.decider import classify
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -185,8 +186,12 @@ def branch_of(fields: Mapping[str, str]) -> str:
     return fields.get("branch") or NO_BRANCH
 
 
-def entries_from(headers: Iterable[tuple[str, Mapping[str, str], float]]) -> dict[str, Entry]:
-    """Entries from (commit, header fields, mtime) triples."""
-    return {commit: Entry(commit, branch_of(fields), fields.get("previous") or None,
-                          fields.get("verdict", ""), finished)
-            for commit, fields, finished in headers}
+def entry_of(commit: str, fields: Mapping | None, finished: float) -> Entry | None:
+    """The plan's entry for a result file's header fields, finished at
+    ``finished`` (None: no verdict, not a complete result): what the
+    worker reads from a header and the dispatcher writes to the result
+    index (ci/retention/index.py)."""
+    if not fields or not fields.get("verdict"):
+        return None
+    return Entry(commit, branch_of(fields), fields.get("previous") or None,
+                 str(fields["verdict"]), finished, tuple(cell_names(fields)))

@@ -203,7 +203,7 @@ class FileWorker:
     def entry(self, commit: str, mtime: float) -> keep.Entry | None:
         fields = results.read_header(os.path.join(self.folder, commit), HEADER_READ,
                                      keep_atime=True)
-        return result_index.entry_from_header(commit, fields, mtime)
+        return keep.entry_of(commit, fields, mtime)
 
     def save_index(self, pacer: Pacer) -> None:
         """The index rewritten from the header cache (the folder's complete
