@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -66,6 +67,8 @@ def measure(args) -> dict[bool, list[float]]:
         os.mkdir(trash)
         started = time.monotonic()
         names = make_files(folder, args.files, 0 if args.how == "empty" else len(PAYLOAD))
+        if args.order == "random":
+            random.shuffle(names)
         spares = []
         for n in range(int(args.seconds * 70) + 10):
             spares.append(os.path.join(root, f"spare{n}"))
@@ -129,6 +132,11 @@ def main(argv=None) -> int:
     parser.add_argument("--sync-every", type=int, default=4, metavar="K",
                         help="the remover's fsync of the folder after every K files "
                              "(default: %(default)s)")
+    parser.add_argument("--order", choices=("folder", "random"), default="folder",
+                        help="remove in the folder's own order (consecutive names share "
+                             "directory blocks) or in random order (each name in a block of "
+                             "its own, as a commit's XML is beside its result file) "
+                             "(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="threads removing (default 1)")
     parser.add_argument("--files", type=int, default=130_000,
                         help="files to make (enough that the remover does not run out; "
@@ -139,7 +147,8 @@ def main(argv=None) -> int:
     if args.sync_every < 1 or args.threads < 1 or args.files < 1 or args.seconds <= 0:
         parser.error("--sync-every, --threads, --files and --seconds must be positive")
     latency = measure(args)
-    print(f"{args.how}, fsync every {args.sync_every}, {args.threads} thread(s)")
+    print(f"{args.how} in {args.order} order, fsync every {args.sync_every}, "
+          f"{args.threads} thread(s)")
     print(f"  remover stopped: {figures(latency[False])}")
     print(f"  remover working: {figures(latency[True])}")
     rise = statistics.median(latency[True]) - statistics.median(latency[False])

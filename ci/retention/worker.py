@@ -42,7 +42,8 @@ Protocol, one request at a time, on stdin and stdout:
 * ``remove N`` and N lines, each one commit's file names separated by
   tabs (its result file last: the proof goes last): N lines back, ``ok``
   or ``error <text>``, once the moves are committed (the folder's fsync).
-  Only result files and their XML can be named.
+  Only result files and their XML can be named, and a commit only if
+  its result file is the one the plan read (unchanged stamp).
 
 Removing is two steps.  ``remove`` moves each file into the results
 folder's ``.pruned`` subfolder (a rename: the commit is gone from the
@@ -185,7 +186,7 @@ class FileWorker:
                     st = item.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                names.append((item.name, (st.st_mtime_ns, st.st_size, st.st_ino), st.st_mtime))
+                names.append((item.name, result_index.stamp_of(st), st.st_mtime))
         found = []
         for name, stamp, mtime in names:
             cached = self.headers.get(name)
@@ -246,10 +247,17 @@ class FileWorker:
 
     def remove_commit(self, names: list[str]) -> str:
         """Every file but the last may be missing already; the last (the
-        result file) must go.  Each goes into the trash (a name there from
-        an earlier prune of the same commit is replaced, and so freed)."""
+        result file) must go, and only as the plan saw it: a retest that
+        ended after the plan (the dispatcher's mark only stops one still
+        running) replaced the file, and its new verdict was never weighed,
+        so nothing of that commit is moved.  Each goes into the trash (a
+        name there from an earlier prune of the same commit is replaced,
+        and so freed)."""
         if not names or not all(valid_name(n) for n in names):
             return "error not a result file's name"
+        refused = self.unplanned(names[-1])
+        if refused:
+            return f"error {refused}"
         try:
             for name in names[:-1]:
                 try:
@@ -261,6 +269,20 @@ class FileWorker:
             return f"error {exc}".replace("\n", " ")
         self.headers.pop(names[-1], None)
         return "ok"
+
+    def unplanned(self, name: str) -> str | None:
+        """Why the result file ``name`` may not be removed now, if so: the
+        plan did not list it, or it changed since (its stamp)."""
+        planned = self.headers.get(name)
+        if planned is None or planned[1] is None:
+            return f"{name} is not in the plan"
+        try:
+            st = os.lstat(os.path.join(self.folder, name))
+        except OSError as exc:
+            return str(exc).replace("\n", " ")
+        if result_index.stamp_of(st) != planned[0]:
+            return f"{name} changed since the plan (a retest's result): kept"
+        return None
 
     def discard(self, name: str) -> None:
         """Into the trash; unlinked at once when the disk is full (the

@@ -100,9 +100,27 @@ def test_plan_take_and_remove_over_the_pipes(link):
     assert sorted(os.listdir(folder)) == [TRASH, cid(5), cid(5) + ".xml"]
     # The pruned files wait in the trash; once no request comes, they are freed.
     wait_until(lambda: os.listdir(folder / TRASH) == [], 30, what="the trash emptied")
-    # A commit whose result file is gone already: its error, nothing else.
+    # A commit removed already (no longer in the plan): its error, nothing else.
     [error] = worker.remove([[cid(1) + ".xml", cid(1)]])
-    assert isinstance(error, OSError) and "No such file" in str(error)
+    assert isinstance(error, OSError) and "not in the plan" in str(error)
+
+
+def test_a_result_replaced_after_the_plan_is_not_removed(link):
+    """A retest that ended between the plan and the batch wrote a new
+    result (the dispatcher's mark stops only one still running): its new
+    verdict was never weighed, so neither of its files moves."""
+    folder, make = link
+    write_chain(folder, 3)
+    worker = make()
+    assert worker.plan(set()) == (2, 3)
+    retested = {"verdict": "failed", "tests": 1, "failures": 1, "errors": 0, "skipped": 0,
+                "branch": "main", "commit": cid(1)}
+    Outcome(retested, b"new\n", [TestRecord("t", "test_one", "failed")]).write(
+        str(folder), cid(1))
+    errors = worker.remove([[c + ".xml", c] for c in (cid(1), cid(2))])
+    assert "changed since the plan" in str(errors[0]) and errors[1] is None
+    assert (folder / cid(1)).read_bytes().endswith(b"new\n")
+    assert (folder / (cid(1) + ".xml")).exists() and not (folder / cid(2)).exists()
 
 
 def test_pending_commits_are_kept_and_entries_round_trip(link):
@@ -357,6 +375,7 @@ def test_on_a_full_disk_the_files_are_unlinked_at_once(tmp_path, monkeypatch):
     folder.mkdir()
     write_chain(folder, 2)
     worker = FileWorker(str(folder), GateView(-1), KeepPolicy(count=1), "none")
+    assert worker.plan(set()) == "planned 1 of 2"
 
     def full(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
