@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from interleave import Interleaver
+from interleave import Interleaver, describe_rise
 
 PAYLOAD = b"x" * 1500
 
@@ -59,7 +59,7 @@ def remover(folder: str, trash: str, names: list[str], how: str, every: int,
         list(pool.map(chunk, parts))
 
 
-def measure(args) -> dict[bool, list[float]]:
+def measure(args) -> list[tuple[float, float, bool]]:
     root = tempfile.mkdtemp(prefix="bench-frees-")
     try:
         folder, trash = os.path.join(root, "results"), os.path.join(root, "trash")
@@ -94,10 +94,12 @@ def measure(args) -> dict[bool, list[float]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def sample(folder: str, spares: list[str], pid: int, seconds: float) -> dict[bool, list[float]]:
-    """Latency of the stand-in result path, by whether the remover ran."""
+def sample(folder: str, spares: list[str], pid: int,
+           seconds: float) -> list[tuple[float, float, bool]]:
+    """Latency of the stand-in result path: (when, latency, whether the
+    remover ran)."""
     fd = os.open(folder, os.O_RDONLY)
-    latency: dict[bool, list[float]] = {True: [], False: []}
+    timed = []
     interleave = Interleaver(pid=pid, working=False)       # it stopped itself
     end = time.monotonic() + seconds
     for n, spare in enumerate(spares):
@@ -111,10 +113,10 @@ def sample(folder: str, spares: list[str], pid: int, seconds: float) -> dict[boo
         os.close(out)
         os.rename(spare, os.path.join(folder, f".result{n}"))
         os.fsync(fd)
-        latency[working].append(time.perf_counter() - began)
+        timed.append((time.monotonic(), time.perf_counter() - began, working))
         time.sleep(0.015)
     os.close(fd)
-    return latency
+    return timed
 
 
 def figures(samples: list[float]) -> str:
@@ -146,13 +148,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.sync_every < 1 or args.threads < 1 or args.files < 1 or args.seconds <= 0:
         parser.error("--sync-every, --threads, --files and --seconds must be positive")
-    latency = measure(args)
+    timed = measure(args)
+    latency = {state: [took for _, took, working in timed if working is state]
+               for state in (False, True)}
     print(f"{args.how} in {args.order} order, fsync every {args.sync_every}, "
           f"{args.threads} thread(s)")
     print(f"  remover stopped: {figures(latency[False])}")
     print(f"  remover working: {figures(latency[True])}")
-    rise = statistics.median(latency[True]) - statistics.median(latency[False])
-    print(f"  median rise while it works: {rise * 1000:+.3f} ms")
+    print(f"  {describe_rise(timed)}")
     return 0
 
 

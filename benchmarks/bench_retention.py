@@ -44,7 +44,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import helpers  # noqa: E402
-from interleave import Interleaver  # noqa: E402
+from interleave import Interleaver, describe_rise  # noqa: E402
 from ci.results import TestRecord, format_result  # noqa: E402
 from ci.junit_xml import format_junit
 from ci.history import store  # noqa: E402
@@ -226,10 +226,8 @@ def print_halves(what: str, timed: list) -> None:
     working = [took for _, took, state in timed if state is True]
     stopped = [took for _, took, state in timed if state is False]
     if len(working) > 5 and len(stopped) > 5:
-        rise = statistics.median(working) - statistics.median(stopped)
         print(f"  {what}, running: {figures(working)}")
-        print(f"  {what}, stopped: {figures(stopped)}  (median {rise * 1000:+.2f} ms "
-              f"while it runs)")
+        print(f"  {what}, stopped: {figures(stopped)}  ({describe_rise(timed)})")
 
 
 def freed_all(text: str) -> bool | None:

@@ -5,7 +5,9 @@ so that what it costs is read from halves of the same stretch of time."""
 from __future__ import annotations
 
 import os
+import random
 import signal
+import statistics
 import time
 
 
@@ -66,3 +68,50 @@ class Interleaver:
         if self.pid is not None and not self.working:
             os.kill(self.pid, signal.SIGCONT)
             self.working = True
+
+
+def halves(timed: list) -> list[tuple[bool, list[float]]]:
+    """``timed`` ((when, latency, working), in order) cut into its halves:
+    each run of samples with the same state (None: no worker yet, left
+    out)."""
+    cut: list[tuple[bool, list[float]]] = []
+    for _, took, state in timed:
+        if state is None:
+            continue
+        if not cut or cut[-1][0] is not state:
+            cut.append((state, []))
+        cut[-1][1].append(took)
+    return cut
+
+
+def rise_interval(timed: list, rounds: int = 2000,
+                  seed: int = 1) -> tuple[float, float, float, int] | None:
+    """The median's rise while the process works (working samples' median
+    minus stopped ones') and a 95% interval for it: resampled a cycle (a
+    running half and the stopped half after it) at a time, so that drift
+    within a run, which makes neighbouring samples alike, widens the
+    interval as it should (resampling single samples would take them as
+    independent and give an interval far too narrow).  (rise, low, high,
+    cycles), or None with fewer than 4 cycles."""
+    cut = halves(timed)
+    cycles = [(cut[i], cut[i + 1]) for i in range(0, len(cut) - 1, 2)]
+    if len(cycles) < 4:
+        return None
+
+    def rise(chosen) -> float:
+        working = [t for pair in chosen for state, got in pair if state for t in got]
+        stopped = [t for pair in chosen for state, got in pair if not state for t in got]
+        return statistics.median(working) - statistics.median(stopped)
+    draw = random.Random(seed)
+    spread = sorted(rise(draw.choices(cycles, k=len(cycles))) for _ in range(rounds))
+    return rise(cycles), spread[int(rounds * 0.025)], spread[int(rounds * 0.975) - 1], len(cycles)
+
+
+def describe_rise(timed: list) -> str:
+    """The rise and its interval, as the benchmarks print them."""
+    found = rise_interval(timed)
+    if found is None:
+        return "too few cycles for an interval"
+    rise, low, high, cycles = found
+    return (f"median {rise * 1000:+.2f} ms while it runs, 95% interval "
+            f"{low * 1000:+.2f} to {high * 1000:+.2f} ms over {cycles} cycles")
