@@ -187,6 +187,8 @@ class ResultKeeper:
         del self.work[work.key]
         self.done.add(work.key)
         self.pruned.discard(work.key)
+        if work.retest:
+            self.retests_finished += 1
         self._occupy_with(work.job)
         if work.shards:
             # Given up: shards still running are no longer ours.

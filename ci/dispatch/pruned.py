@@ -18,7 +18,13 @@ class PrunedCommits:
     """Mixed into ``DispatcherState``: its lock and work table (see there
     for the locking rule)."""
 
-    def remove_pruned(self, commits: list[str], remove, forget) -> list[str]:
+    def retests_so_far(self) -> int:
+        """Taken before a pruning pass plans (see ``remove_pruned``)."""
+        with self.cond:
+            return self.retests_finished
+
+    def remove_pruned(self, commits: list[str], remove, forget,
+                      retests: int | None = None) -> list[str] | None:
         """Retention (ci/retention/pruner.py): for the commits still
         finished and not pending, ``remove(picked)`` deletes their files
         (returning, per commit, None or the OSError that stopped it) and
@@ -27,8 +33,13 @@ class PrunedCommits:
         (pruned and ``unlinking``), not for the unlinks, which can wait on
         the file system's journal behind every result's fsync; a retest of
         a commit being unlinked waits until its files are gone, so a new
-        result is never removed."""
+        result is never removed.  None, and nothing removed, once a retest
+        has finished since ``retests`` (``retests_so_far`` before the
+        plan): its new verdict may make a commit of the plan one that
+        broke or fixed its branch, which the plan did not weigh."""
         with self.cond:
+            if retests is not None and self.retests_finished != retests:
+                return None
             picked = [c for c in commits if self._mark_unlinking(work_key(c))]
         removed, failed = [], []
         try:

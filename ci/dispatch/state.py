@@ -108,6 +108,9 @@ class DispatcherState(Recovery, LiveOutput, PrunedCommits, RunnerRegistry, Shard
         self.pruned: set[WorkKey] = set()
         # Pruned commits whose files are being unlinked (without the lock).
         self.unlinking: set[WorkKey] = set()
+        # Retests finished so far: a pruning pass whose plan was made before
+        # one of them stops (the new verdict may change what it must keep).
+        self.retests_finished = 0
         self.tombstones: TombstoneFile | None = None
         # The result index's path (ci/retention/index.py; None: not kept).
         self.result_index: str | None = None

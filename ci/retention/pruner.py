@@ -87,6 +87,8 @@ class Pruner:
         self.thread = threading.Thread(target=self._run, name="pruner", daemon=True)
         self.passes = 0
         self.last: PassReport | None = None
+        # Retests finished before the pass's plan; whether one finished since.
+        self._retests, self._stale = 0, False
 
     def start(self) -> None:
         self.thread.start()
@@ -114,6 +116,9 @@ class Pruner:
         started = time.monotonic()
         report = PassReport()
         self._report = report
+        # Taken before the plan reads anything: a retest that finishes
+        # after it ends the pass (``remove_pruned``).
+        self._retests, self._stale = self.state.retests_so_far(), False
         doomed, report.results = self.worker.plan(self.state.pending_commits())
         report.scanning = time.monotonic() - started
         log.info("planned %d of %d result(s) to prune in %.1fs", doomed, report.results,
@@ -123,6 +128,10 @@ class Pruner:
             if not group:
                 break
             report.pruned += self._prune_group(group)
+            if self._stale:
+                log.info("a retest finished during the pass: the rest of its plan is "
+                         "dropped (the next pass weighs the new verdict)")
+                break
         report.seconds = time.monotonic() - started
         if report.pruned:
             log.info("%s (keeping %s)", report.describe(), self.rules.describe())
@@ -130,9 +139,15 @@ class Pruner:
 
     def _prune_group(self, group: list[keep.Entry]) -> int:
         """Tombstones for the group (one fsync), then its files, a small
-        batch per hold of the dispatcher's lock, pausing between."""
+        batch per hold of the dispatcher's lock, pausing between.  Stops
+        (``_stale``) once a retest finished since the plan: the group's
+        commits not removed keep their files, which outweigh their
+        tombstones."""
         now = time.time()
         self._give_way()
+        if self.state.retests_so_far() != self._retests:
+            self._stale = True
+            return 0
         dropped = self.tombstones.append([Tombstone(e.commit, e.verdict, e.finished, now,
                                                     e.previous, e.branch or None)
                                           for e in group])
@@ -143,7 +158,10 @@ class Pruner:
             began = time.monotonic()
             gone = self.state.remove_pruned([e.commit for e in group[start:start + BATCH]],
                                             lambda commits: self._unlink_all(commits, cells),
-                                            self.forget)
+                                            self.forget, self._retests)
+            if gone is None:
+                self._stale = True
+                break
             removed += len(gone)
             busy = time.monotonic() - began
             self._report.removing += busy

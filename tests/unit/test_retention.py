@@ -216,6 +216,36 @@ def test_retest_of_a_pruned_commit_is_queued(tmp_path):
     assert again.work[work_key(cid(2))].meta == Meta("main", cid(1))
 
 
+def test_a_retest_that_finishes_during_a_pass_ends_it(tmp_path):
+    """The plan weighed commit 3 as passed; its retest fails after the plan:
+    commit 3 now broke the branch and commit 4 fixed it, which the plan did
+    not know, so the pass stops before it removes anything more."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    write_results(folder, chain("main", "ppppp"))
+    state = new_state(tmp_path)
+    state.register(("127.0.0.1", 9), "r1", None)
+    pruner = pruner_for(state, KeepPolicy(count=1))
+    planned = pruner.worker.plan
+
+    def plan_then_retest(pending):
+        made = planned(pending)
+        assert state.retest([cid(3)]) == [cid(3)]
+        job = state.next_assignment()
+        assert state.record_result(job.commit, job.token, None, Outcome(
+            {"verdict": "failed", "tests": 1, "failures": 1}, b"out\n"))
+        return made
+    pruner.worker.plan = plan_then_retest
+    report = pruner.run_once()
+    assert report.pruned == 0
+    assert all((folder / cid(n)).exists() for n in range(1, 6))
+    assert state.status()["pruned"] == 0
+    # The next pass weighs the new verdict: 3 broke the branch, 4 fixed it.
+    pruner.worker.plan = planned
+    assert pruner.run_once().pruned == 2
+    assert sorted(n for n in range(1, 6) if (folder / cid(n)).exists()) == [3, 4, 5]
+
+
 def test_unlinks_are_done_without_the_lock_and_a_retest_waits_for_them(tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()
