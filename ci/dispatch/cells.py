@@ -28,7 +28,6 @@ from ci.matrix import Plan
 from ci.dispatch.journal import cell_record, queue_record, split_key
 from ci.dispatch.work import Meta, Work, work_key
 from ci.outcome import Outcome
-from ci.retention import index as result_index
 from ci.wire import ProtocolError, Reply, decode_fields, one_line, valid_full_commit
 
 log = logging.getLogger(__name__)
@@ -254,11 +253,10 @@ class MatrixKeeper:
             self.results_dir, results.result_name(commit, n))) or {} for n in cells}
         outcome = summary(commit, cells, headers)
         try:
-            written = outcome.write(self.results_dir, commit, spares=self.spares)
+            self.write_result(commit, outcome)      # and its line in the result index
         except OSError:
             log.exception("cannot write the result of %s; its cells are done", commit[:12])
             return None
-        result_index.add(self.result_index, commit, outcome.header, written)
         del self.groups[commit]
         self.done.add(work_key(commit))
         log.info("result for %s: %s (%s)", commit[:12], outcome.verdict, outcome.header["cells"])

@@ -172,7 +172,8 @@ class ResultKeeper:
     def write_result(self, key: str, outcome: Outcome) -> None:
         """The result file is the proof a commit (or its cell: ``key``) is
         done: written last, after the per-test JUnit file (see
-        ``Outcome.write``)."""
+        ``Outcome.write``); a commit's own file gets its line in the result
+        index (ci/retention/index.py).  Every result file is written here."""
         commit, cell = split_key(key)
         written = outcome.write(self.results_dir, commit, cell, spares=self.spares)
         if not cell:

@@ -87,8 +87,8 @@ class Pruner:
         self.thread = threading.Thread(target=self._run, name="pruner", daemon=True)
         self.passes = 0
         self.last: PassReport | None = None
-        # Retests finished before the pass's plan; whether one finished since.
-        self._retests, self._stale = 0, False
+        # Retests finished before the pass's plan (``_plan_stale``).
+        self._retests = 0
 
     def start(self) -> None:
         self.thread.start()
@@ -118,7 +118,7 @@ class Pruner:
         self._report = report
         # Taken before the plan reads anything: a retest that finishes
         # after it ends the pass (``remove_pruned``).
-        self._retests, self._stale = self.state.retests_so_far(), False
+        self._retests = self.state.retests_so_far()
         doomed, report.results = self.worker.plan(self.state.pending_commits())
         report.scanning = time.monotonic() - started
         log.info("planned %d of %d result(s) to prune in %.1fs", doomed, report.results,
@@ -128,7 +128,7 @@ class Pruner:
             if not group:
                 break
             report.pruned += self._prune_group(group)
-            if self._stale:
+            if self._plan_stale():
                 log.info("a retest finished during the pass: the rest of its plan is "
                          "dropped (the next pass weighs the new verdict)")
                 break
@@ -140,13 +140,11 @@ class Pruner:
     def _prune_group(self, group: list[keep.Entry]) -> int:
         """Tombstones for the group (one fsync), then its files, a small
         batch per hold of the dispatcher's lock, pausing between.  Stops
-        (``_stale``) once a retest finished since the plan: the group's
-        commits not removed keep their files, which outweigh their
-        tombstones."""
+        once the plan is stale (``_plan_stale``): the group's commits not
+        removed keep their files, which outweigh their tombstones."""
         now = time.time()
         self._give_way()
-        if self.state.retests_so_far() != self._retests:
-            self._stale = True
+        if self._plan_stale():
             return 0
         dropped = self.tombstones.append([Tombstone(e.commit, e.verdict, e.finished, now,
                                                     e.previous, e.branch or None)
@@ -159,8 +157,7 @@ class Pruner:
             gone = self.state.remove_pruned([e.commit for e in group[start:start + BATCH]],
                                             lambda commits: self._unlink_all(commits, cells),
                                             self.forget, self._retests)
-            if gone is None:
-                self._stale = True
+            if gone is None:          # the plan is stale
                 break
             removed += len(gone)
             busy = time.monotonic() - began
@@ -171,6 +168,13 @@ class Pruner:
         if dropped:      # after the group: a trim may drop some of its own
             self._forget_tombstones(dropped)
         return removed
+
+    def _plan_stale(self) -> bool:
+        """A retest finished since the plan: its new verdict may make it,
+        or the commit after it, one that broke or fixed its branch, which
+        the plan did not weigh (``remove_pruned`` checks the same under the
+        dispatcher's lock)."""
+        return self.state.retests_so_far() != self._retests
 
     def _give_way(self) -> None:
         """Wait (bounded) while a result is being stored: the step that

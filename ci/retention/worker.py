@@ -247,12 +247,12 @@ class FileWorker:
 
     def remove_commit(self, names: list[str]) -> str:
         """Every file but the last may be missing already; the last (the
-        result file) must go, and only as the plan saw it: a retest that
-        ended after the plan (the dispatcher's mark only stops one still
-        running) replaced the file, and its new verdict was never weighed,
-        so nothing of that commit is moved.  Each goes into the trash (a
-        name there from an earlier prune of the same commit is replaced,
-        and so freed)."""
+        result file) must go, and only as the plan saw it: a file replaced
+        since carries a verdict the plan never weighed, so nothing of that
+        commit is moved (the dispatcher ends a pass once a retest finishes;
+        this is the worker's own check, whoever replaced the file).  Each
+        goes into the trash (a name there from an earlier prune of the same
+        commit is replaced, and so freed)."""
         if not names or not all(valid_name(n) for n in names):
             return "error not a result file's name"
         refused = self.unplanned(names[-1])
@@ -281,7 +281,7 @@ class FileWorker:
         except OSError as exc:
             return str(exc).replace("\n", " ")
         if result_index.stamp_of(st) != planned[0]:
-            return f"{name} changed since the plan (a retest's result): kept"
+            return f"{name} changed since the plan: kept"
         return None
 
     def discard(self, name: str) -> None:
