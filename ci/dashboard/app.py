@@ -320,7 +320,7 @@ class Dashboard:
             "queue": state.get("queue", []), "running": state.get("running", []),
             "runners": state.get("runners", []), "counts": state.get("counts", {}),
             "branches": self.index.branches(), "results": self.index.count(),
-            "pruned": self.index.pruned.count()})
+            "pruned": self.index.pruned_count()})
 
     def api_commits(self, query, nonce) -> Response:
         commits, cursor = self._commits(self._filters(query))

@@ -232,6 +232,7 @@ class ResultIndex:
         self._position: dict[str, int] = {}
         self._marks: dict[str, str] = {}
         self._branches: dict[str, dict] = {}
+        self._pruned: dict[str, int] = {}       # branch -> results pruned and still gone
 
     # ---- refreshing
 
@@ -309,6 +310,7 @@ class ResultIndex:
         self._position = {c: i for i, c in enumerate(self._ordered)}
         self._marks = compute_marks(self._entries, self.pruned.fields_of)
         self._branches = branch_states(self._entries, finished)
+        self._pruned = self.pruned.per_branch(self._entries.keys())
         self._derived_version = self.version
 
     # ---- queries (each refreshes first, cheaply)
@@ -365,9 +367,9 @@ class ResultIndex:
         """Each branch's state; with pruning, how many of its results
         were pruned and its oldest result kept."""
         self.refresh()
-        pruned = self.pruned.per_branch()
         with self._lock:
             self._derive()
+            pruned = self._pruned
             out = []
             for branch, state in sorted(self._branches.items()):
                 item = dict(state)
@@ -387,6 +389,13 @@ class ResultIndex:
     def count(self) -> int:
         with self._lock:
             return len(self._entries)
+
+    def pruned_count(self) -> int:
+        """Results pruned and still gone (see ``PrunedIndex.per_branch``)."""
+        self.refresh()
+        with self._lock:
+            self._derive()
+            return sum(self._pruned.values())
 
     # ---- whole files, for one commit's page
 

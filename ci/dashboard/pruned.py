@@ -84,14 +84,20 @@ class PrunedIndex:
         return None if found is None else {"verdict": found.verdict,
                                            "branch": found.branch or ""}
 
-    def count(self) -> int:
+    def per_branch(self, present=()) -> dict[str, int]:
+        """branch ('' for none) -> how many of its results were pruned and
+        are gone still: ``present`` (the commits with a result file now)
+        are not counted, since a retest of a pruned commit, or a pass that
+        a retest stopped after its tombstones, leaves a file beside a
+        tombstone, and the file is the truth."""
         with self._lock:
-            return len(self._found)
-
-    def per_branch(self) -> dict[str, int]:
-        """branch ('' for none) -> how many of its results were pruned."""
-        with self._lock:
-            return dict(self._per_branch)
+            counts = dict(self._per_branch)
+            for commit in self._found.keys() & present:
+                key = self._found[commit].branch or ""
+                counts[key] -= 1
+                if not counts[key]:
+                    del counts[key]
+            return counts
 
 
 # --------------------------------------------------------------------------

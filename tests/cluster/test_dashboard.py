@@ -688,3 +688,25 @@ def test_a_slow_flood_from_one_address_shuts_out_no_other(results, dashboards, t
     # Once the flood has ended, its address is served again.
     wait_until(lambda: status_from(dash.port, "127.0.0.1", token) == 200, 5,
                what="the flooding address served once it stopped")
+
+
+def test_a_pruned_commit_with_a_result_file_again_is_not_counted_as_pruned(tmp_path):
+    """A retest of a pruned commit (or a pass a retest stopped after its
+    tombstones) leaves a result file beside a tombstone: the file is the
+    truth, so the branch card and /api/status count only what is gone."""
+    from ci.dashboard.pruned import PrunedIndex
+    from ci.retention.tombstones import Tombstone, TombstoneFile
+    results = tmp_path / "results"
+    results.mkdir()
+    stones = TombstoneFile(str(tmp_path / "pruned-results"))
+    stones.append([Tombstone(c, "passed", 1000.0 + n, 2000.0, None, "main")
+                   for n, c in enumerate((A, B))])
+    write_result(results, B, "failed", previous=A, mtime=3000.0)   # B retested
+    write_result(results, C, "passed", previous=B, mtime=3001.0)
+    index = di.ResultIndex(str(results), scan_interval=0,
+                           pruned=PrunedIndex(stones.path))
+    [main] = index.branches()
+    assert (main["pruned"], main["oldest_kept"], index.pruned_count()) == (1, B, 1)
+    os.unlink(results / B)                                         # B pruned again
+    index.refresh(force=True)
+    assert index.branches()[0]["pruned"] == 2 and index.pruned_count() == 2
