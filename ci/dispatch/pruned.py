@@ -56,6 +56,34 @@ class PrunedCommits:
                 self._unlinked(picked, set(picked) - set(removed))
         return removed
 
+    def remove_leftovers(self, commits: list[str], remove) -> int:
+        """The second sweep of a pass: ``remove(picked)`` deletes the XML
+        files of the commits still pruned and not queued, running or
+        being written again (a retest's new XML is not an old one), marked
+        ``unlinking`` meanwhile so that a retest of one waits for it, as
+        it does for the first sweep.  How many were removed."""
+        with self.cond:
+            picked = [c for c in commits if self._mark_leftover(work_key(c))]
+        removed = 0
+        try:
+            for commit, error in zip(picked, remove(picked) if picked else []):
+                if error is None:
+                    removed += 1
+                else:
+                    log.warning("cannot remove the XML of pruned %s: %s", commit[:12], error)
+        finally:
+            with self.cond:
+                self.unlinking.difference_update(work_key(c) for c in picked)
+                self.cond.notify_all()
+        return removed
+
+    def _mark_leftover(self, key: WorkKey) -> bool:
+        if key not in self.pruned or key in self.work or key in self.groups \
+                or key in self.unlinking:
+            return False
+        self.unlinking.add(key)
+        return True
+
     def _mark_unlinking(self, key: WorkKey) -> bool:
         if key in self.work or key in self.groups or key not in self.done:
             return False

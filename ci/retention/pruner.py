@@ -16,10 +16,17 @@ order.  After every batch the thread rests for as long as the batch took
 files then takes its time from the disk's pace and holds the disk half
 the time at most.  A tombstone group (one fsync) covers several batches.
 
-Order per commit: the tombstone (durable), then ``<commit>.xml``, then
-``<commit>`` (the result file is the proof of a result, so it goes last),
-then the test history's rows (the history writer's own thread drops
-them, in order with the results it writes).
+Order per commit: the tombstone (durable), then ``<commit>`` (and a matrix
+commit's cell results before it), then the test history's rows (the
+history writer's own thread drops them, in order with the results it
+writes); its ``<commit>.xml`` goes in a second sweep once every group is
+done.  Each sweep follows the folder's order, so its moves leave one
+directory block after another: moved with their result files, the XMLs
+(which lie elsewhere in the folder) had each batch's fsync write a block
+per name, and a result's own flush meet them.  An XML whose result file
+is gone is only a leftover: the commit is pruned by its tombstone and
+its result file, the proof, is gone; the next plan finds an XML left
+by a pass that ended between the sweeps.
 """
 
 from __future__ import annotations
@@ -132,6 +139,8 @@ class Pruner:
                 log.info("a retest finished during the pass: the rest of its plan is "
                          "dropped (the next pass weighs the new verdict)")
                 break
+        if not self.stop_event.is_set():
+            self._drop_leftovers()
         report.seconds = time.monotonic() - started
         if report.pruned:
             log.info("%s (keeping %s)", report.describe(), self.rules.describe())
@@ -149,24 +158,50 @@ class Pruner:
         dropped = self.tombstones.append([Tombstone(e.commit, e.verdict, e.finished, now,
                                                     e.previous, e.branch or None)
                                           for e in group])
-        removed = 0
         cells = {e.commit: e.cells for e in group}
-        for start in range(0, len(group), BATCH):
+
+        def batch(commits: list[str]) -> int | None:
+            gone = self.state.remove_pruned(commits,
+                                            lambda picked: self._unlink_all(picked, cells),
+                                            self.forget, self._retests)
+            return None if gone is None else len(gone)      # None: the plan is stale
+        removed = self._in_batches([e.commit for e in group], batch)
+        if dropped:      # after the group: a trim may drop some of its own
+            self._forget_tombstones(dropped)
+        return removed
+
+    def _drop_leftovers(self) -> None:
+        """The second sweep: the XMLs of the commits the first one pruned
+        (and of earlier passes that ended before theirs), in the folder's
+        order, a batch per hold of the lock like the first."""
+        self._give_way()
+        names = self.worker.leftovers()
+        if not names:
+            return
+        dropped = self._in_batches(
+            list(names), lambda commits: self.state.remove_leftovers(
+                commits, lambda picked: self.worker.drop([names[c] for c in picked])))
+        log.info("moved the JUnit XML of %d pruned commit(s) in the folder's order", dropped)
+
+    def _in_batches(self, commits: list[str], step) -> int:
+        """``step`` over BATCH commits at a time (it returns how many it
+        removed, None to stop), waiting at the gate before each and
+        resting after each as long as it took; the sum removed."""
+        removed = 0
+        for start in range(0, len(commits), BATCH):
+            if self.stop_event.is_set():
+                break
             self._give_way()
             began = time.monotonic()
-            gone = self.state.remove_pruned([e.commit for e in group[start:start + BATCH]],
-                                            lambda commits: self._unlink_all(commits, cells),
-                                            self.forget, self._retests)
-            if gone is None:          # the plan is stale
+            done = step(commits[start:start + BATCH])
+            if done is None:
                 break
-            removed += len(gone)
+            removed += done
             busy = time.monotonic() - began
             self._report.removing += busy
             rested = time.monotonic()
             self.stop_event.wait(rest_after(busy, self.rest, self.pause))
             self._report.resting += time.monotonic() - rested
-        if dropped:      # after the group: a trim may drop some of its own
-            self._forget_tombstones(dropped)
         return removed
 
     def _plan_stale(self) -> bool:
@@ -192,6 +227,6 @@ class Pruner:
         cell files, the JUnit XML, then the result file (the proof goes
         last); per commit, None or the error that stopped it."""
         def names(commit: str) -> list[str]:
-            mine = [results.result_name(commit, cell) for cell in cells.get(commit, ())]
-            return [*mine, *(name + ".xml" for name in mine), commit + ".xml", commit]
+            return [*(results.result_name(commit, cell) for cell in cells.get(commit, ())),
+                    commit]
         return self.worker.remove([names(commit) for commit in commits])

@@ -68,10 +68,32 @@ class WorkerLink:
     def remove(self, batch: list[list[str]]) -> list[OSError | None]:
         """Each commit's files (names, the result file last) removed; per
         commit None or the error that stopped it."""
+        return self._moves("remove", batch)
+
+    def leftovers(self) -> dict[str, list[str]]:
+        """Commit -> its XML files that the moves since the plan left
+        (worker.FileWorker.leftovers), in the folder's order."""
+        proc = self._running()
+        self._send(proc, b"leftovers 0\n")
+        found = {}
+        while (line := self._line(proc)) != b"end\n":
+            names = line.decode("utf-8", "replace").rstrip("\n").split("\t")
+            commits = {worker.xml_commit(n) for n in names}
+            if len(commits) != 1 or None in commits:
+                self._fail(f"an answer it cannot read: {line[:80]!r}")
+            found[commits.pop()] = names
+        return found
+
+    def drop(self, batch: list[list[str]]) -> list[OSError | None]:
+        """Each commit's XML files removed (the second sweep); per commit
+        None or the error that stopped it."""
+        return self._moves("drop", batch)
+
+    def _moves(self, command: str, batch: list[list[str]]) -> list[OSError | None]:
         if not batch:
             return []
         proc = self._running()
-        self._send(proc, f"remove {len(batch)}\n".encode() +
+        self._send(proc, f"{command} {len(batch)}\n".encode() +
                    "".join("\t".join(names) + "\n" for names in batch).encode())
         errors: list[OSError | None] = []
         for _ in batch:

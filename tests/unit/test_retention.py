@@ -284,6 +284,51 @@ def test_unlinks_are_done_without_the_lock_and_a_retest_waits_for_them(tmp_path)
     assert work_key(cid(1)) not in state.pruned and not state.unlinking
 
 
+def test_a_pass_moves_result_files_then_the_xml_each_in_the_folders_order(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    write_results(folder, chain("main", "p" * 30))
+    listed = os.listdir(folder)
+    state = new_state(tmp_path)
+    pruner = pruner_for(state, KeepPolicy(count=1))
+    removed, dropped = [], []
+    remove, drop = pruner.worker.remove, pruner.worker.drop
+    pruner.worker.remove = lambda batch: removed.extend(batch) or remove(batch)
+    pruner.worker.drop = lambda batch: dropped.extend(batch) or drop(batch)
+    report = pruner.run_once()
+    assert report.pruned == 29
+    assert [names for names in removed] == [[n] for n in listed if n in
+                                             {c[0] for c in removed}]
+    assert len(removed) == 29 and not any(n.endswith(".xml") for names in removed for n in names)
+    assert [names[0] for names in dropped] == [n for n in listed if n.endswith(".xml")
+                                               and n != cid(30) + ".xml"]
+    assert sorted(os.listdir(folder)) == [TRASH, cid(30), cid(30) + ".xml"]
+
+
+def test_an_xml_a_pass_left_is_dropped_by_the_next_unless_its_commit_runs_again(tmp_path):
+    """A pass that ended between its sweeps (here: told not to make the
+    second) leaves pruned commits' XMLs; the next plan finds them.  An XML
+    whose commit is being tested again, or that is not pruned (a result
+    being stored writes its XML first), stays."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    write_results(folder, chain("main", "p" * 6))
+    state = new_state(tmp_path)
+    pruner = pruner_for(state, KeepPolicy(count=1))
+    second_sweep = pruner._drop_leftovers
+    pruner._drop_leftovers = lambda: None
+    assert pruner.run_once().pruned == 5
+    assert all((folder / (cid(n) + ".xml")).exists() and not (folder / cid(n)).exists()
+               for n in range(1, 6))
+    assert state.retest([cid(2)]) == [cid(2)]
+    (folder / (cid(40) + ".xml")).write_bytes(b"<testsuites/>")
+    pruner._drop_leftovers = second_sweep
+    pruner.run_once()
+    assert sorted(os.listdir(folder)) == sorted(
+        [TRASH, cid(6), cid(6) + ".xml", cid(2) + ".xml", cid(40) + ".xml"])
+    assert not state.unlinking
+
+
 def test_trimmed_tombstones_are_forgotten_in_memory_too(tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()

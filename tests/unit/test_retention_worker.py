@@ -105,6 +105,30 @@ def test_plan_take_and_remove_over_the_pipes(link):
     assert isinstance(error, OSError) and "not in the plan" in str(error)
 
 
+def test_the_xml_left_by_the_moves_is_named_and_dropped_in_the_folders_order(link):
+    """The second sweep: ``leftovers`` names the XMLs of the commits whose
+    result files were moved (and an XML the plan found without one), in
+    the folder's listing order; ``drop`` takes XML names only."""
+    folder, make = link
+    write_chain(folder, 12)
+    os.unlink(folder / cid(12))              # an XML without its result file
+    worker = make()
+    assert worker.plan(set()) == (10, 11)
+    doomed = [e.commit for e in worker.take(20)]
+    assert worker.remove([[c] for c in doomed]) == [None] * 10
+    assert all((folder / (c + ".xml")).exists() and not (folder / c).exists() for c in doomed)
+    left = worker.leftovers()
+    assert set(left) == {*doomed, cid(12)}
+    assert all(names == [c + ".xml"] for c, names in left.items())
+    in_folder = [n for n in os.listdir(folder) if n.endswith(".xml") and n[:40] in left]
+    assert [names[0] for names in left.values()] == in_folder
+    assert worker.leftovers() == {}          # named once
+    [refused] = worker.drop([[cid(11)]])
+    assert isinstance(refused, OSError) and (folder / cid(11)).exists()
+    assert worker.drop(list(left.values())) == [None] * 11
+    assert sorted(os.listdir(folder)) == [TRASH, cid(11), cid(11) + ".xml"]
+
+
 def test_a_result_replaced_after_the_plan_is_not_removed(link):
     """A retest that ended between the plan and the batch wrote a new
     result (the dispatcher's mark stops only one still running): its new
