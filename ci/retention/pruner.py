@@ -181,7 +181,9 @@ class Pruner:
         dropped = self._in_batches(
             list(names), lambda commits: self.state.remove_leftovers(
                 commits, lambda picked: self.worker.drop([names[c] for c in picked])))
-        log.info("moved the JUnit XML of %d pruned commit(s) in the folder's order", dropped)
+        if dropped:
+            log.info("moved the JUnit XML of %d pruned commit(s) in the folder's order",
+                     dropped)
 
     def _in_batches(self, commits: list[str], step) -> int:
         """``step`` over BATCH commits at a time (it returns how many it
@@ -223,8 +225,8 @@ class Pruner:
         self.state.forget_pruned(commits)
 
     def _unlink_all(self, commits: list[str], cells: dict) -> list[OSError | None]:
-        """Each commit's files removed by the worker: a matrix commit's
-        cell files, the JUnit XML, then the result file (the proof goes
+        """Each commit's result files removed by the worker (the first
+        sweep): a matrix commit's cells', then its own (the proof goes
         last); per commit, None or the error that stopped it."""
         def names(commit: str) -> list[str]:
             return [*(results.result_name(commit, cell) for cell in cells.get(commit, ())),
