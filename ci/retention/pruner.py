@@ -165,7 +165,9 @@ class Pruner:
                                             lambda picked: self._unlink_all(picked, cells),
                                             self.forget, self._retests)
             return None if gone is None else len(gone)      # None: the plan is stale
-        removed = self._in_batches([e.commit for e in group], batch)
+        commits = [e.commit for e in group]
+        removed = self._in_batches((commits[i:i + BATCH] for i in range(0, len(commits), BATCH)),
+                                   batch)
         if dropped:      # after the group: a trim may drop some of its own
             self._forget_tombstones(dropped)
         return removed
@@ -174,28 +176,33 @@ class Pruner:
         """The second sweep: the XMLs of the commits the first one pruned
         (and of earlier passes that ended before theirs), in the folder's
         order, a batch per hold of the lock like the first."""
-        self._give_way()
-        names = self.worker.leftovers()
-        if not names:
-            return
-        dropped = self._in_batches(
-            list(names), lambda commits: self.state.remove_leftovers(
-                commits, lambda picked: self.worker.drop([names[c] for c in picked])))
+        names: dict[str, list[str]] = {}
+
+        def batches():
+            while True:
+                self._give_way()
+                names.clear()
+                names.update(self.worker.leftovers(BATCH))
+                if not names:
+                    return
+                yield list(names)
+        dropped = self._in_batches(batches(), lambda commits: self.state.remove_leftovers(
+            commits, lambda picked: self.worker.drop([names[c] for c in picked])))
         if dropped:
             log.info("moved the JUnit XML of %d pruned commit(s) in the folder's order",
                      dropped)
 
-    def _in_batches(self, commits: list[str], step) -> int:
-        """``step`` over BATCH commits at a time (it returns how many it
+    def _in_batches(self, batches, step) -> int:
+        """``step`` over each batch of commits (it returns how many it
         removed, None to stop), waiting at the gate before each and
         resting after each as long as it took; the sum removed."""
         removed = 0
-        for start in range(0, len(commits), BATCH):
+        for commits in batches:
             if self.stop_event.is_set():
                 break
             self._give_way()
             began = time.monotonic()
-            done = step(commits[start:start + BATCH])
+            done = step(commits)
             if done is None:
                 break
             removed += done

@@ -47,10 +47,12 @@ Protocol, one request at a time, on stdin and stdout:
   pruner names result files only (a matrix commit's cells' and its own):
   in the plan's order, the folder's, they leave a directory block at a
   time;
-* ``leftovers 0``: the JUnit XML files still in the folder of the commits
-  whose result files ``remove`` moved since the plan, and of those the
-  plan found without a result file, one line of tab-separated names per
-  commit in the folder's own order, then ``end``;
+* ``leftovers K``: the next K (at most) of the JUnit XML files still in
+  the folder of the commits whose result files ``remove`` moved since
+  the plan, and of those the plan found without a result file, one line
+  of tab-separated names per commit in the folder's own order, then
+  ``end`` (the folder is listed again at the first ``leftovers`` after
+  a ``remove``);
 * ``drop N`` and N lines, each one commit's XML names: moved as by
   ``remove`` (only XML names are taken), N replies the same way.  So a
   pass moves its files in two sweeps of the folder's order, result files
@@ -169,6 +171,7 @@ class FileWorker:
         # Commits whose JUnit XML may still lie in the folder without their
         # result file: moved this pass, or found so by the plan (``leftovers``).
         self.leftover: set[str] = set()
+        self.leftover_names: collections.deque[list[str]] = collections.deque()
         self.trash = os.path.join(folder, TRASH)
         self.reaper = Reaper(self.trash, gate)
 
@@ -231,6 +234,7 @@ class FileWorker:
         # ended between its two sweeps (a crash, a retest), or a result
         # being stored right now (the dispatcher drops only pruned ones).
         self.leftover = xml_of - listed
+        self.leftover_names.clear()
         return found
 
     def entry(self, commit: str, mtime: float) -> keep.Entry | None:
@@ -326,15 +330,22 @@ class FileWorker:
             return f"error {exc}".replace("\n", " ")
         return "ok"
 
-    def leftovers(self) -> list[list[str]]:
-        """The XML files of the commits in ``leftover`` (and nothing of
-        others), grouped by commit, in the folder's own order: listing
-        the folder again is a few hundred milliseconds of ``getdents``
-        (no ``stat``), and moving in its order takes the XMLs out of a
-        directory block at a time, where moving them with their result
-        files touched a block per name (docs/performance.md#retention)."""
-        if not self.leftover:
-            return []
+    def leftovers(self, count: int) -> list[list[str]]:
+        """The next ``count`` (at most) of the XML files of the commits in
+        ``leftover`` (and nothing of others), grouped by commit, in the
+        folder's own order: listing the folder again is a few hundred
+        milliseconds of ``getdents`` (no ``stat``), and moving in its order
+        takes the XMLs out of a directory block at a time, where moving
+        them with their result files touched a block per name
+        (docs/performance.md#retention).  Handed out a batch at a time, as
+        ``take`` hands out the plan: 100,000 lines parsed at once would
+        hold the dispatcher's interpreter for a good part of a second."""
+        if self.leftover:
+            self.leftover_names = collections.deque(self._list_leftovers())
+        return [self.leftover_names.popleft()
+                for _ in range(min(count, len(self.leftover_names)))]
+
+    def _list_leftovers(self) -> list[list[str]]:
         pacer = Pacer(self.gate, self.rest)
         found: dict[str, list[str]] = {}
         with os.scandir(self.folder) as listing:
@@ -405,7 +416,8 @@ class FileWorker:
                 move = self.remove if command == "remove" else self.drop
                 reply = "".join(r + "\n" for r in move([n.split("\t") for n in lines]))
             elif command == "leftovers":
-                reply = "".join("\t".join(names) + "\n" for names in self.leftovers()) + "end\n"
+                reply = "".join("\t".join(names) + "\n"
+                                for names in self.leftovers(int(arg))) + "end\n"
             else:
                 log.error("not a request: %r", line[:80])
                 return

@@ -70,11 +70,12 @@ class WorkerLink:
         commit None or the error that stopped it."""
         return self._moves("remove", batch)
 
-    def leftovers(self) -> dict[str, list[str]]:
-        """Commit -> its XML files that the moves since the plan left
-        (worker.FileWorker.leftovers), in the folder's order."""
+    def leftovers(self, count: int) -> dict[str, list[str]]:
+        """The next ``count`` (at most) commits -> their XML files that the
+        moves since the plan left (worker.FileWorker.leftovers), in the
+        folder's order ({}: none left)."""
         proc = self._running()
-        self._send(proc, b"leftovers 0\n")
+        self._send(proc, f"leftovers {count}\n".encode())
         found = {}
         while (line := self._line(proc)) != b"end\n":
             names = line.decode("utf-8", "replace").rstrip("\n").split("\t")
