@@ -453,6 +453,17 @@ def split_result_name(name: str) -> tuple[str, str] | None:
         return None
 
 
+def result_or_xml(name: str) -> bool:
+    """A result file's name or its JUnit XML's (``result_name``)."""
+    return split_result_name(name[:-4] if name.endswith(".xml") else name) is not None
+
+
+def xml_commit(name: str) -> str | None:
+    """The commit whose (or whose cell's) JUnit XML ``name`` is, if it is one."""
+    split = split_result_name(name[:-4]) if name.endswith(".xml") else None
+    return split[0] if split else None
+
+
 def cell_names(header: dict) -> list[str]:
     """The cells a matrix commit's ``cells:`` field names (``py3.9=failed
     py3.12=passed``), in its order, at most MAX_HEADER_CELLS; malformed

@@ -62,22 +62,10 @@ Protocol, one request at a time, on stdin and stdout:
   (``bench_frees.py --order``: +0.12 and +0.28 ms at random, −0.08 and
   −0.10 in the folder's order).
 
-Removing is two steps.  ``remove`` moves each file into the results
-folder's ``.pruned`` subfolder (a rename: the commit is gone from the
-folder, no block is freed).  The reaper, a thread of its own, unlinks
-what is there once no request has come for ``REAP_AFTER`` seconds, one
-file at a time, an fsync every ``REAP_SYNC`` files, then a rest three
-times as long as they took (``REAP_REST``).  Why: on a file system
-mounted with ``discard`` (ext4 without a journal on a virtual disk here),
-freeing a file's blocks costs the next flush, whoever issues it; 50 frees
-waiting when a result is stored added about 0.1 to 0.3 ms to its fsyncs,
-four or fewer added nothing measurable (docs/performance.md#retention);
-even so, unlinking without a rest cost a result about 0.15 ms while it
-ran (a discard in flight when its flush came), resting three times as
-long nothing measurable.  Freeing that way takes longer than a pass may
-(5 to 6 minutes for 190,000 files here), so the pass moves and the
-reaper frees after it; what it has not freed when the dispatcher stops
-is freed by the next worker.
+Removing is two steps: ``remove`` and ``drop`` move each file into the
+results folder's ``.pruned`` subfolder (a rename: the commit is gone from
+the folder, no block is freed), and the reaper (ci/retention/reaper.py)
+frees them once the pass is over.
 
 It exits when its stdin closes, so a dispatcher that dies, even by SIGKILL,
 leaves none behind.
@@ -92,15 +80,15 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 
 from ci import results
 from ci.config import ArgumentParser, configure_logging, non_negative, positive
-from ci.files import fsync_dir, own_subfolder
+from ci.files import fsync_dir
 from ci.retention import index as result_index
 from ci.retention import policy as keep
 from ci.retention.gate import LONGEST_WAIT, REST, STEPS_PER_REST, GateView, Pacer
+from ci.retention.reaper import Reaper
 from ci.retention.tombstones import VerdictFollower
 from ci.wire import valid_full_commit
 
@@ -114,17 +102,6 @@ MAX_BATCH = 10_000_000
 # The subfolder of the results folder that pruned files wait in until the
 # reaper unlinks them.
 TRASH = ".pruned"
-# The reaper starts once no request has come for this many seconds (a
-# pass sends one every few milliseconds).
-REAP_AFTER = 1.0
-# The reaper's fsync of the trash after this many unlinks: the frees a
-# result's flush can meet (see the docstring).
-REAP_SYNC = 4
-# After each REAP_SYNC unlinks and their fsync the reaper rests this many
-# times as long as they took (at most gate.REST_CAP): its frees then hold
-# the disk a quarter of the time, and a result's flush meets one in flight
-# that much less often.
-REAP_REST = 3.0
 
 
 def lowest_priority() -> None:
@@ -138,17 +115,6 @@ def lowest_priority() -> None:
         os.nice(19)
     except OSError as exc:
         log.warning("cannot lower the pruner's worker's priority: %s", exc)
-
-
-def valid_name(name: str) -> bool:
-    """A result file's name or its JUnit XML's (results.result_name)."""
-    return results.split_result_name(name[:-4] if name.endswith(".xml") else name) is not None
-
-
-def xml_commit(name: str) -> str | None:
-    """The commit whose (or whose cell's) JUnit XML ``name`` is, if it is one."""
-    split = results.split_result_name(name[:-4]) if name.endswith(".xml") else None
-    return split[0] if split else None
 
 
 class FileWorker:
@@ -209,7 +175,7 @@ class FileWorker:
             for item in listing:
                 pacer.step()
                 if not valid_full_commit(item.name):
-                    commit = xml_commit(item.name)
+                    commit = results.xml_commit(item.name)
                     if commit:
                         xml_of.add(commit)
                     continue
@@ -297,17 +263,13 @@ class FileWorker:
         this is the worker's own check, whoever replaced the file).  Each
         goes into the trash (a name there from an earlier prune of the same
         commit is replaced, and so freed)."""
-        if not names or not all(valid_name(n) for n in names):
+        if not names or not all(results.result_or_xml(n) for n in names):
             return "error not a result file's name"
         refused = self.unplanned(names[-1])
         if refused:
             return f"error {refused}"
         try:
-            for name in names[:-1]:
-                try:
-                    self.discard(name)
-                except FileNotFoundError:
-                    pass
+            self.discard_present(names[:-1])
             self.discard(names[-1])
         except OSError as exc:
             return f"error {exc}".replace("\n", " ")
@@ -318,14 +280,10 @@ class FileWorker:
     def drop_commit(self, names: list[str]) -> str:
         """Only XML files: a result file goes by ``remove``, which checks
         it against the plan."""
-        if not names or not all(xml_commit(n) for n in names):
+        if not names or not all(results.xml_commit(n) for n in names):
             return "error not a JUnit XML file's name"
         try:
-            for name in names:
-                try:
-                    self.discard(name)
-                except FileNotFoundError:
-                    pass
+            self.discard_present(names)
         except OSError as exc:
             return f"error {exc}".replace("\n", " ")
         return "ok"
@@ -351,7 +309,7 @@ class FileWorker:
         with os.scandir(self.folder) as listing:
             for item in listing:
                 pacer.step()
-                commit = xml_commit(item.name)
+                commit = results.xml_commit(item.name)
                 if commit in self.leftover:
                     found.setdefault(commit, []).append(item.name)
         self.leftover = set()
@@ -370,6 +328,15 @@ class FileWorker:
         if result_index.stamp_of(st) != planned[0]:
             return f"{name} changed since the plan: kept"
         return None
+
+    def discard_present(self, names: list[str]) -> None:
+        """``discard`` each that is there (an earlier pass may have moved
+        it before it ended)."""
+        for name in names:
+            try:
+                self.discard(name)
+            except FileNotFoundError:
+                pass
 
     def discard(self, name: str) -> None:
         """Into the trash; unlinked at once when the disk is full (the
@@ -423,112 +390,6 @@ class FileWorker:
                 return
             out.write(reply.encode())
             out.flush()
-
-
-class Reaper:
-    """Unlinks what ``remove`` moved into the trash, while the worker has no
-    request to serve: one thread, one file at a time, each unlink after a
-    look at the result gate and an fsync every REAP_SYNC of them, then a
-    rest (REAP_REST), so a result's flush meets at most that many frees,
-    and seldom any.  ``quiet_since`` is None while a request is being
-    served (and so during a pass, whose requests follow each other
-    closely)."""
-
-    def __init__(self, trash: str, gate: GateView, after: float = REAP_AFTER):
-        self.trash = trash
-        self.gate = gate
-        self.after = after
-        self.cond = threading.Condition()
-        self.quiet_since: float | None = None
-        self.pending = True        # what an earlier worker left is reaped too
-        self.reaped = 0            # files unlinked so far (for tests)
-        self.thread: threading.Thread | None = None
-        self.prepared = False
-
-    def prepare(self) -> None:
-        """The trash folder, this user's (made and checked once, at the
-        first batch; OSError until it can be)."""
-        if not self.prepared:
-            own_subfolder(self.trash)
-            self.prepared = True
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self._run, name="reaper", daemon=True)
-        self.thread.start()
-
-    def busy(self) -> None:
-        with self.cond:
-            self.quiet_since = None
-
-    def idle(self) -> None:
-        with self.cond:
-            self.quiet_since = time.monotonic()
-            self.cond.notify_all()
-
-    def wake(self) -> None:
-        with self.cond:
-            self.pending = True
-            self.cond.notify_all()
-
-    def _quiet(self) -> bool:
-        """No request for ``after`` seconds; else waits a little."""
-        with self.cond:
-            since = self.quiet_since
-            if since is not None and time.monotonic() - since >= self.after:
-                return True
-            self.cond.wait(self.after if since is None else
-                           self.after - (time.monotonic() - since))
-            return False
-
-    def _run(self) -> None:
-        while True:
-            with self.cond:
-                self.cond.wait_for(lambda: self.pending)
-            if not self._quiet():
-                continue
-            with self.cond:
-                self.pending = False
-            if not self.reap():
-                with self.cond:
-                    self.pending = True
-
-    def reap(self) -> bool:
-        """One sweep of the trash: True when it got to the end, False when
-        a request came (the next quiet moment sweeps again)."""
-        began, count, done = time.monotonic(), 0, False
-        try:
-            fd = os.open(self.trash, os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            return True
-        except OSError as exc:
-            log.warning("cannot open %s: %s", self.trash, exc)
-            return True
-        pacer = Pacer(self.gate, REAP_REST, REAP_SYNC, before_rest=lambda: os.fsync(fd))
-        try:
-            with os.scandir(fd) as listing:
-                for item in listing:
-                    if self.quiet_since is None:
-                        return False
-                    if not valid_name(item.name):
-                        continue
-                    pacer.step()
-                    try:
-                        os.unlink(item.name, dir_fd=fd)
-                    except FileNotFoundError:
-                        continue
-                    except OSError as exc:
-                        log.warning("cannot remove %s from %s: %s", item.name, self.trash, exc)
-                        continue
-                    count += 1
-                    self.reaped += 1
-            os.fsync(fd)
-            done = True
-            return True
-        finally:
-            os.close(fd)
-            if count:
-                log.info("freed %d pruned file(s) in %.1fs%s", count, time.monotonic() - began,
-                         "" if done else " (paused for a request)")
 
 
 def encode_entry(entry: keep.Entry) -> str:

@@ -8,6 +8,7 @@ import logging
 import subprocess
 import threading
 
+from ci import results
 from ci.children import module_command
 from ci.retention import policy as keep
 from ci.retention import worker
@@ -79,7 +80,7 @@ class WorkerLink:
         found = {}
         while (line := self._line(proc)) != b"end\n":
             names = line.decode("utf-8", "replace").rstrip("\n").split("\t")
-            commits = {worker.xml_commit(n) for n in names}
+            commits = {results.xml_commit(n) for n in names}
             if len(commits) != 1 or None in commits:
                 self._fail(f"an answer it cannot read: {line[:80]!r}")
             found[commits.pop()] = names

@@ -19,12 +19,13 @@ from support.cluster import wait_until
 from ci.outcome import Outcome
 from ci.results import TestRecord
 from ci.retention import tombstones
-from ci.retention import worker as worker_module
 from ci.retention.gate import REST_CAP, GateView, ResultGate
 from ci.retention.gate import STEPS_PER_REST
 from ci.retention.policy import KeepPolicy
 from ci.retention.tombstones import Tombstone, TombstoneFile, VerdictFollower
-from ci.retention.worker import TRASH, FileWorker, Reaper, decode_entry, encode_entry
+from ci.retention import reaper as reaper_module
+from ci.retention.reaper import Reaper
+from ci.retention.worker import TRASH, FileWorker, decode_entry, encode_entry
 from ci.retention.workerlink import WorkerGone, WorkerLink
 
 
@@ -201,7 +202,7 @@ def test_a_plan_looks_at_the_gate_before_every_step_of_it(tmp_path):
 def test_a_plan_rests_after_every_few_steps(tmp_path, monkeypatch):
     write_chain(tmp_path, STEPS_PER_REST)
     rests = []
-    monkeypatch.setattr(worker_module.time, "sleep", rests.append)
+    monkeypatch.setattr(reaper_module.time, "sleep", rests.append)
     FileWorker(str(tmp_path), GateView(-1), KeepPolicy(count=1), "none", rest=1.0).plan(set())
     # 2 names a commit listed, 1 header read, 4 policy loops: 7 steps each
     assert len(rests) >= 6 and all(0 < rest <= REST_CAP for rest in rests)
@@ -351,10 +352,10 @@ def test_the_reaper_rests_after_each_few_frees(tmp_path, monkeypatch):
     # fsync took: its frees hold the disk a quarter of the time.
     trash = tmp_path / TRASH
     trash.mkdir()
-    for n in range(1, 2 * worker_module.REAP_SYNC + 2):
+    for n in range(1, 2 * reaper_module.REAP_SYNC + 2):
         (trash / cid(n)).write_bytes(b"x" * 1500)
     rests = []
-    monkeypatch.setattr(worker_module.time, "sleep", rests.append)
+    monkeypatch.setattr(reaper_module.time, "sleep", rests.append)
     reaper = Reaper(str(trash), GateView(-1))
     reaper.quiet_since = 0.0                     # no request being served
     assert reaper.reap() and not os.listdir(trash)
