@@ -178,9 +178,8 @@ class Pruner:
         order, a batch per hold of the lock like the first."""
         names: dict[str, list[str]] = {}
 
-        def batches():
+        def batches():      # the worker's listing looks at the gate itself
             while True:
-                self._give_way()
                 names.clear()
                 names.update(self.worker.leftovers(BATCH))
                 if not names:

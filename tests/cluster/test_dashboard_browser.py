@@ -146,6 +146,35 @@ def test_red_green_history_and_a_new_commit_without_reload(page, results, dashbo
     page.screenshot(path=str(tmp_path / "commit.png"), full_page=True)
 
 
+def test_empty_then_a_long_history_with_pruned_results(page, results, dashboards, tmp_path):
+    """An empty folder says so; a long history whose oldest results were
+    pruned counts them on the branch card, and a pruned commit that has a
+    result file again (a retest) counts as a result, not as pruned."""
+    from ci.retention.tombstones import FILE_NAME, Tombstone, TombstoneFile
+    dash = dashboards(results)
+    page.goto(dash.url + "/")
+    assert "No results yet." in page.locator("#sec-commits").inner_text()
+    page.screenshot(path=str(tmp_path / "empty.png"), full_page=True)
+
+    base = time.time() - 3600
+    commits = [commit_id(0x2000 + i) for i in range(60)]
+    state = tmp_path / "dispatcher_state"
+    state.mkdir(exist_ok=True)
+    stones = TombstoneFile(str(state / FILE_NAME))
+    stones.append([Tombstone(c, "passed", base + i, base + 3000, commits[i - 1] if i else None,
+                             "main") for i, c in enumerate(commits[:20])])
+    for i, commit in enumerate(commits[19:], start=19):     # 19: pruned, then retested
+        write_result(results, commit, "failed" if i in (40, 41) else "passed",
+                     previous=commits[i - 1], subject=f"Step {i}", mtime=base + 10 * i)
+    expect(page.locator(".branch-card .pruned")).to_contain_text("19 pruned", timeout=10000)
+    assert dash.json("/api/status")["pruned"] == 19
+    assert len(verdicts_shown(page)) > 20
+    page.screenshot(path=str(tmp_path / "long-pruned.png"), full_page=True)
+    page.goto(dash.url + f"/commit/{commits[5]}")
+    assert "pruned" in page.locator("body").inner_text()
+    page.screenshot(path=str(tmp_path / "commit-pruned.png"), full_page=True)
+
+
 def test_a_failing_test_links_to_its_history(page, results, dashboards, tmp_path):
     """From a commit's failing test to its page: a strip of red and green
     along the branch, durations, failure rate; the tests page; a test id
