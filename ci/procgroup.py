@@ -11,10 +11,18 @@ closes (the daemon died, however), it kills the last group it was told
 of and exits.  That ends a killed runner's tests within milliseconds,
 on any POSIX system, which ``PR_SET_PDEATHSIG`` (Linux only, the direct
 child only) could not.
+
+The watchdog can only be told a group once it exists, that is once
+``Popen`` has returned; a daemon killed in between would leave a command
+nobody watches.  So a watched command is held: it starts as a shell that
+waits for a line from its parent and only then becomes the command
+(``_HOLD``); a parent that dies first closes the pipe, and the command
+never runs.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -54,6 +62,12 @@ if pgid > 1:
     except OSError:
         pass
 """
+
+
+# A held command: a shell that reads one line from its stdin (a pipe from
+# the parent), then execs the command with stdin from /dev/null; at the
+# pipe's end without a line it exits, and the command never ran.
+_HOLD = ("/bin/sh", "-c", 'read -r go && exec "$@" </dev/null', "held")
 
 
 class Watchdog:
@@ -120,14 +134,23 @@ class Child:
 
     def start(self, cmd: list[str], on_start=None, **popen) -> subprocess.Popen | None:
         """Start ``cmd`` in a group of its own (None once cancelled).
-        ``on_start(proc)`` runs under the lock, before a cancel can see it."""
+        ``on_start(proc)`` runs under the lock, before a cancel can see it,
+        and before the command itself runs (it is held until then: a
+        watchdog told of the group there sees all of the command)."""
         with self._lock:
             if self.cancelled:
                 return None
-            proc = start(cmd, **popen)
+            if on_start is None:
+                proc = self._proc = start(cmd, **popen)
+                return proc
+            proc, release = start_held(cmd, **popen)
             self._proc = proc
-            if on_start is not None:
+            try:
                 on_start(proc)
+            except BaseException:
+                os.close(release)     # the command never runs
+                raise
+            let_go(release)
         return proc
 
     def finish(self, proc: subprocess.Popen, timeout: float, end_group: bool = True,
@@ -166,6 +189,53 @@ class Child:
 def start(cmd: list[str], **kwargs) -> subprocess.Popen:
     """Popen in a new session (so a new process group led by the child)."""
     return subprocess.Popen(cmd, start_new_session=True, **kwargs)
+
+
+def start_held(cmd: list[str], stdin=subprocess.DEVNULL, **kwargs) -> tuple[subprocess.Popen, int]:
+    """``start`` a command held until ``let_go`` is called with the pipe's
+    write end returned (or that end is closed, by us or by our death: then
+    it never runs).  It runs with stdin from /dev/null.  A program that
+    cannot be found or run raises here, as ``Popen`` would, rather than
+    inside the shell."""
+    if stdin != subprocess.DEVNULL:
+        raise ValueError("a held command reads nothing on its stdin")
+    check_runnable(cmd[0], kwargs.get("env"), kwargs.get("cwd"))
+    read_end, write_end = os.pipe()
+    try:
+        proc = start([*_HOLD, *cmd], stdin=read_end, **kwargs)
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    return proc, write_end
+
+
+def let_go(write_end: int) -> None:
+    """The held command runs (the shell ends if it is gone already)."""
+    try:
+        os.write(write_end, b"go\n")
+    except OSError:
+        pass
+    finally:
+        os.close(write_end)
+
+
+def check_runnable(program: str, env: dict | None = None, cwd=None) -> None:
+    """The error ``Popen`` raises for ``program``, looked up as it would
+    (a path relative to ``cwd``, else along ``env``'s PATH): not found,
+    or found and not executable (by us; the test user's own rights are
+    checked when a runner starts)."""
+    if os.sep in program:
+        candidates = [os.path.join(os.fspath(cwd) if cwd else os.getcwd(), program)]
+    else:
+        candidates = [os.path.join(folder or os.curdir, program)
+                      for folder in os.get_exec_path(env)]
+    found = [path for path in candidates if os.path.isfile(path)]
+    if any(os.access(path, os.X_OK) for path in found):
+        return
+    code = errno.EACCES if found else errno.ENOENT
+    raise OSError(code, os.strerror(code), program)
 
 
 def kill_group(pgid: int) -> None:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 
 import pytest
 
-from support.cluster import PY, wait_until
+from support.cluster import PY, ROOT, wait_until
 
 from support.notify import chain
 
@@ -87,6 +88,52 @@ def test_a_timed_out_command_is_killed_and_forgotten_before_it_is_reaped(monkeyp
     child.kill()
     child.cancel()
     assert killed == []   # nothing held: no signal to a reaped PID
+
+
+# A parent that starts a watched command and is SIGKILLed inside on_start,
+# where a runner tells its watchdog the new group: the command must not
+# have run, nor run later, since nobody would end it.
+DIES_IN_ON_START = """
+import os, signal, sys
+from ci import procgroup
+def started(proc):
+    with open(sys.argv[2], "w") as handle:
+        handle.write(str(proc.pid))
+    os.kill(os.getpid(), signal.SIGKILL)
+procgroup.Child().start(["touch", sys.argv[1]], on_start=started)
+"""
+
+
+def test_a_command_whose_parent_dies_before_on_start_returned_never_runs(tmp_path):
+    marker, held = tmp_path / "ran", tmp_path / "held.pid"
+    parent = subprocess.run([PY, "-c", DIES_IN_ON_START, str(marker), str(held)], cwd=ROOT,
+                            timeout=30)
+    assert parent.returncode == -signal.SIGKILL
+    pid = int(held.read_text())
+    wait_until(lambda: not alive(pid), 10, what="the held command's shell to end")
+    assert not marker.exists()
+
+
+def test_on_start_runs_before_the_command_and_then_it_runs(tmp_path):
+    marker = tmp_path / "ran"
+    seen = []
+    child = procgroup.Child()
+    proc = child.start(["touch", str(marker)], on_start=lambda proc: seen.append(marker.exists()))
+    assert child.finish(proc, 10) and proc.returncode == 0
+    assert seen == [False] and marker.exists()
+
+
+def test_a_held_command_that_cannot_be_run_raises_as_popen_would(tmp_path):
+    child = procgroup.Child()
+    with pytest.raises(FileNotFoundError):
+        child.start(["no-such-program-here"], on_start=lambda proc: None)
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/sh\nexit 3\n")
+    with pytest.raises(PermissionError):
+        child.start(["./run.sh"], on_start=lambda proc: None, cwd=tmp_path)
+    script.chmod(0o755)
+    proc = child.start(["./run.sh"], on_start=lambda proc: None, cwd=tmp_path)
+    assert child.finish(proc, 10) and proc.returncode == 3
 
 
 def test_cancel_stops_later_starts_and_kill_does_not():
