@@ -31,12 +31,25 @@ fail() { echo "cannot clean the tree of $repo: $1 (a test left it so; see above)
 #    tracked folder), nor at any name ".git".  The top one is the
 #    repository (or, with --test-user, the pointer the runner rewrites).
 #    A folder we cannot fix is left for the clean to fail on.
-find . -path ./.git -prune -o \( ! -type d -o -perm -u=rwx -o \
-    -exec chmod u+rwx -- {} \; -o -prune \) -name .git -exec rm -rf -- {} + \
+#    -execdir: a command is given a name in the folder it runs in, not a
+#    path, which a test's folders nested past PATH_MAX would make too long
+#    (find itself walks any depth); it refuses a PATH with a relative
+#    folder, so it gets ours without them.
+IFS=: read -ra path_dirs <<< "$PATH"
+safe_path=
+for dir in "${path_dirs[@]}"; do [[ $dir == /* ]] && safe_path+=${safe_path:+:}$dir; done
+PATH=$safe_path find . -path ./.git -prune -o \( ! -type d -o -perm -u=rwx -o \
+    -execdir chmod u+rwx -- {} \; -o -prune \) -name .git -prune -execdir rm -rf -- {} + \
     || fail "the pass over its folders failed"
 # 2. Untracked and ignored files (-x: no .gitignore is read), nested
-#    repositories (-ff).
-git clean --quiet -ffdx || fail "git clean failed"
+#    repositories (-ff).  Git cannot open a folder whose path is longer
+#    than PATH_MAX; it still names the untracked folder above it, which rm
+#    removes at any depth, and then the clean again.
+if ! git clean --quiet -ffdx 2>/dev/null; then
+    git ls-files -z --others --directory 2>/dev/null | xargs -0 -r rm -rf -- \
+        || fail "git clean failed, and so did removing what it left"
+    git clean --quiet -ffdx || fail "git clean failed"
+fi
 # 3. Tracked files back to HEAD before moving: a tracked file a test made
 #    a folder is a name clean leaves alone (it is in the index), and a
 #    .gitattributes inside it would apply to the next commit's files

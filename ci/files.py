@@ -5,7 +5,10 @@ following them out of the clone."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 
 from ci.config import ConfigError
@@ -114,3 +117,29 @@ def create_fresh_at(folder_fd: int, name: str, mode: int) -> int:
         pass
     return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode,
                    dir_fd=folder_fd)
+
+
+def remove_tree(name: str, dir_fd: int | None = None, path: str | None = None) -> None:
+    """Remove the folder ``name`` (of the open folder ``dir_fd``, whose path
+    is ``path``) with all it holds, never following a symlink, at any depth.
+
+    ``shutil.rmtree`` is fd-based (on Linux) but recursive: a test's
+    folders nested a thousand deep raised RecursionError, which no cleanup
+    caught, and left them for every later run.  Then GNU ``rm``, which
+    walks any depth, is given the folder through ``/proc/self/fd`` (Linux,
+    as the sandbox is).  FileNotFoundError for a folder already gone."""
+    try:
+        if dir_fd is None:
+            shutil.rmtree(name)
+        elif sys.version_info >= (3, 11):
+            shutil.rmtree(name, dir_fd=dir_fd)
+        else:   # still fd-based inside: never follows a symlink
+            shutil.rmtree(os.path.join(path, name))
+    except RecursionError:
+        target = name if dir_fd is None else f"/proc/self/fd/{dir_fd}/{name}"
+        proc = subprocess.run(["rm", "-rf", "--", target], stdin=subprocess.DEVNULL,
+                              capture_output=True, pass_fds=() if dir_fd is None else (dir_fd,),
+                              timeout=3600)
+        if proc.returncode:
+            raise OSError(f"rm -rf failed: {proc.stderr.decode(errors='replace')[-500:]}") \
+                from None

@@ -50,6 +50,11 @@ LEFTOVERS = {
                                   "> data/.gitattributes",
     "repository in a tracked folder": "mkdir -p tests/.git && printf '[core]\\n' "
                                       "> tests/.git/config",
+    # Git cannot open a folder past PATH_MAX (4096 bytes): its clean failed,
+    # and with it every later checkout on that runner.
+    "folders nested past PATH_MAX": "d=$(printf 'd%.0s' {1..250}) && mkdir deep && cd deep "
+                                    "&& for i in {1..20}; do mkdir $d && cd $d; done "
+                                    f"&& mkdir .git && printf '{UTF16}' > .gitattributes",
     "folders locked": "mkdir -p junk/deep && touch junk/deep/f && chmod 000 junk/deep "
                       "&& chmod 500 junk && chmod 000 pkg",
 }
@@ -78,10 +83,9 @@ def open_folder(request, prefix: str) -> pathlib.Path:
 
 
 def force_remove(path) -> None:
-    """rmtree that also gets through folders a test locked (as non-root)."""
-    for folder, dirs, _files in os.walk(path):
-        for name in dirs:
-            os.chmod(os.path.join(folder, name), 0o755)
+    """rmtree that also gets through folders a test locked (as non-root)
+    and folders nested past PATH_MAX (chmod -R walks any depth)."""
+    subprocess.run(["chmod", "-R", "u+rwx", "--", str(path)], capture_output=True, timeout=60)
     shutil.rmtree(path, ignore_errors=True)
 
 

@@ -296,6 +296,50 @@ def test_what_the_user_left_on_top_goes_even_beside_trees_too_big_to_walk(tmp_pa
     assert not left.exists() and len(list((root / "crowded-0").iterdir())) == 30
 
 
+def nest(top: pathlib.Path, depth: int) -> None:
+    """Folders ``depth`` deep under ``top`` (a path far past PATH_MAX), a
+    file and a symlink to ``top``'s parent at the bottom."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d" * 50, dir_fd=fd)
+            sub = os.open("d" * 50, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        os.close(os.open("f", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+        os.symlink(str(top.parent), "up", dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def test_folders_nested_deeper_than_python_recurses_are_removed_all_the_same(request, tmp_path):
+    """shutil.rmtree recurses: 1,500 folders deep it raised RecursionError,
+    which escaped the run's cleanup (the runner's work thread died) and the
+    sweep of the shared temporary folders, and the folders stayed."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (to give files to another user)")
+    # Whatever is left if it fails (pytest's own cleanup recurses too).
+    request.addfinalizer(lambda: subprocess.run(["rm", "-rf", "--", str(tmp_path)],
+                                                capture_output=True, timeout=300))
+    keep = tmp_path / "keep"
+    keep.write_text("kept\n")
+    uid = gid = 54_322
+    root = tmp_path / "shared"
+    root.mkdir()
+    root.chmod(0o1777)
+    deep = root / "deep"
+    deep.mkdir()
+    nest(deep, 1500)
+    os.chown(deep, uid, gid)
+    assert user_sandbox.remove_owned(uid, gid, roots=(str(root),)) == 1
+    assert list(root.iterdir()) == []
+    run = tmp_path / "run"
+    run.mkdir()
+    nest(run, 1500)
+    user_sandbox.UserSandbox._remove(str(run))
+    assert not run.exists() and keep.read_text() == "kept\n"
+
+
 # --------------------------------------------------------------------------
 # The start-up checks run the test user's Python too.
 

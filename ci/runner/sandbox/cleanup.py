@@ -38,13 +38,11 @@ import dataclasses
 import logging
 import os
 import secrets
-import shutil
 import signal
 import stat
-import sys
 import time
 from ci.config import ConfigError
-from ci.files import ensure_dir
+from ci.files import ensure_dir, remove_tree
 
 
 log = logging.getLogger(__name__)
@@ -154,7 +152,7 @@ class UserSandbox:
     @staticmethod
     def _remove(path: str) -> None:
         try:
-            shutil.rmtree(path)   # fd-based on Linux: never follows a symlink
+            remove_tree(path)   # fd-based on Linux: never follows a symlink
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -361,10 +359,7 @@ def _remove_entry(name: str, fd: int, path: str, info: os.stat_result) -> int:
     holds); 1 if it went."""
     try:
         if stat.S_ISDIR(info.st_mode):
-            if sys.version_info >= (3, 11):
-                shutil.rmtree(name, dir_fd=fd)
-            else:   # still fd-based inside: never follows a symlink
-                shutil.rmtree(os.path.join(path, name))
+            remove_tree(name, fd, path)
         else:
             os.unlink(name, dir_fd=fd)
         log.debug("removed %s", os.path.join(path, name))

@@ -9,9 +9,8 @@ import logging
 import os
 import shutil
 import stat
-import sys
 
-from ci.files import create_fresh_at
+from ci.files import create_fresh_at, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +129,7 @@ def _remove(name: str, folder_fd: int, folder: str) -> None:
     following a symlink."""
     try:
         if stat.S_ISDIR(os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode):
-            if sys.version_info >= (3, 11):
-                shutil.rmtree(name, dir_fd=folder_fd)
-            else:
-                shutil.rmtree(os.path.join(folder, name))
+            remove_tree(name, folder_fd, folder)
         else:
             os.unlink(name, dir_fd=folder_fd)
     except FileNotFoundError:
