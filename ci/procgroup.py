@@ -66,7 +66,8 @@ if pgid > 1:
 
 # A held command: a shell that reads one line from its stdin (a pipe from
 # the parent), then execs the command with stdin from /dev/null; at the
-# pipe's end without a line it exits, and the command never ran.
+# pipe's end without a line it exits, and the command never ran.  (Unlike
+# Popen, the shell runs an executable file without "#!" as a script.)
 _HOLD = ("/bin/sh", "-c", 'read -r go && exec "$@" </dev/null', "held")
 
 
@@ -148,7 +149,9 @@ class Child:
             try:
                 on_start(proc)
             except BaseException:
-                os.close(release)     # the command never runs
+                os.close(release)     # the command never runs: its shell ends
+                self._proc = None
+                proc.wait()
                 raise
             let_go(release)
         return proc
@@ -226,10 +229,11 @@ def check_runnable(program: str, env: dict | None = None, cwd=None) -> None:
     (a path relative to ``cwd``, else along ``env``'s PATH): not found,
     or found and not executable (by us; the test user's own rights are
     checked when a runner starts)."""
+    where = os.fspath(cwd) if cwd else os.getcwd()
     if os.sep in program:
-        candidates = [os.path.join(os.fspath(cwd) if cwd else os.getcwd(), program)]
-    else:
-        candidates = [os.path.join(folder or os.curdir, program)
+        candidates = [os.path.join(where, program)]
+    else:     # a relative folder of PATH is the child's, below its cwd
+        candidates = [os.path.join(where, folder, program)
                       for folder in os.get_exec_path(env)]
     found = [path for path in candidates if os.path.isfile(path)]
     if any(os.access(path, os.X_OK) for path in found):
@@ -277,6 +281,16 @@ def wait_exit(proc: subprocess.Popen, timeout: float) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def boot_id() -> str:
+    """This boot's id (Linux; "-" elsewhere): a PID from another boot
+    names nothing of ours."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return handle.read().strip() or "-"
+    except OSError:
+        return "-"
 
 
 def start_time(pid: int) -> str | None:

@@ -92,14 +92,19 @@ class ProcessSlot:
             return
         try:
             with open(self.pidfile) as handle:
-                pgid, started = handle.read().split()
+                pgid, started, *boot = handle.read().split()
             pgid = int(pgid)
         except (OSError, ValueError):
             return
         leader_start = procgroup.start_time(pgid)
         # The leader may be gone with its children still running; but if
-        # the PID now belongs to another process, the group is not ours.
-        if leader_start is None or leader_start == started:
+        # the PID now belongs to another process, the group is not ours,
+        # nor is any group after a reboot (which ended ours): there the
+        # leader's number may lead another's daemons.
+        if boot[:1] not in ([], [procgroup.boot_id()]):
+            log.info("not killing process group %d: named before the machine restarted",
+                     pgid)
+        elif leader_start is None or leader_start == started:
             if pgid > 1 and procgroup.group_alive(pgid):
                 log.warning("killing process group %d left running by a previous runner",
                             pgid)
@@ -159,8 +164,8 @@ class ProcessSlot:
             if pid is None:
                 os.unlink(self.pidfile)
             else:
-                atomic_write(self.pidfile, f"{pid} {procgroup.start_time(pid)}\n".encode(),
-                             fsync=False)
+                atomic_write(self.pidfile, f"{pid} {procgroup.start_time(pid)} "
+                                           f"{procgroup.boot_id()}\n".encode(), fsync=False)
         except OSError:
             pass
 

@@ -136,6 +136,37 @@ def test_a_held_command_that_cannot_be_run_raises_as_popen_would(tmp_path):
     assert child.finish(proc, 10) and proc.returncode == 3
 
 
+def test_a_command_whose_on_start_fails_never_runs_and_is_reaped(tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    child = procgroup.Child()
+
+    def fails(proc):
+        raise RuntimeError("no watchdog")
+    with pytest.raises(RuntimeError):
+        child.start(["touch", str(marker)], on_start=fails)
+    assert not marker.exists()
+    killed = []
+    monkeypatch.setattr(procgroup, "kill_group", killed.append)
+    child.kill()     # nothing held any more: no signal to a reaped PID
+    assert killed == []
+
+
+def test_a_pidfile_written_before_a_reboot_kills_nothing(tmp_path, helper_pids):
+    """After a reboot the recorded group's number may be another
+    program's; in this boot the group a killed runner left is killed."""
+    from ci.runner.slot import ProcessSlot
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    helper_pids.append(sleeper.pid)
+    pidfile = tmp_path / "running.pid"
+    started = procgroup.start_time(sleeper.pid)
+    pidfile.write_text(f"{sleeper.pid} {started} 00000000-another-boot\n")
+    ProcessSlot(str(pidfile)).reap_leftovers()
+    assert sleeper.poll() is None and not pidfile.exists()
+    pidfile.write_text(f"{sleeper.pid} {started} {procgroup.boot_id()}\n")
+    ProcessSlot(str(pidfile)).reap_leftovers()
+    assert sleeper.wait(10) == -signal.SIGKILL and not pidfile.exists()
+
+
 def test_cancel_stops_later_starts_and_kill_does_not():
     child = procgroup.Child()
     proc = child.start([PY, "-c", "import time; time.sleep(60)"])
