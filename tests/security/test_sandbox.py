@@ -340,6 +340,34 @@ def test_folders_nested_deeper_than_python_recurses_are_removed_all_the_same(req
     assert not run.exists() and keep.read_text() == "kept\n"
 
 
+def test_a_tree_nested_deeper_than_python_recurses_is_given_and_cut(request, tmp_path):
+    """The runner takes the working tree back before every checkout
+    (chown_tree, an os.fwalk): 1,500 folders deep it raised RecursionError,
+    and every later job on that runner was a runner failure."""
+    from ci.runner.sandbox.ownership import MAX_DEPTH, Owner, chown_tree
+    if os.geteuid() != 0:
+        pytest.skip("needs root (to give files to another user)")
+    request.addfinalizer(lambda: subprocess.run(["rm", "-rf", "--", str(tmp_path)],
+                                                capture_output=True, timeout=300))
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "kept.py").write_text("x = 1\n")
+    nest(tree, 1500)
+    chown_tree(str(tree), Owner(54_323, 54_323))
+    depth, fd = 0, os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while "d" * 50 in os.listdir(fd):
+            sub = os.open("d" * 50, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd, depth = sub, depth + 1
+            assert os.fstat(fd).st_uid == 54_323
+    finally:
+        os.close(fd)
+    assert depth == MAX_DEPTH
+    assert (tree / "kept.py").stat().st_uid == 54_323
+    assert (tmp_path / "tree").lstat().st_uid == 54_323
+
+
 # --------------------------------------------------------------------------
 # The start-up checks run the test user's Python too.
 

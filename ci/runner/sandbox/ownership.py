@@ -14,6 +14,12 @@ from ci.files import create_fresh_at, remove_tree
 
 log = logging.getLogger(__name__)
 
+# ``chown_tree`` walks this deep at most and removes what lies deeper: no
+# real tree or environment comes near it, and ``os.fwalk`` recurses (and
+# holds a descriptor per level), so a test's folders nested a thousand
+# deep raised RecursionError at every later checkout.
+MAX_DEPTH = 200
+
 
 @dataclasses.dataclass(frozen=True)
 class Owner:
@@ -82,13 +88,22 @@ def chown_tree(path: str, owner: Owner, skip: tuple[str, ...] = (),
     be changing it, so every change goes through a file descriptor opened
     without following symlinks (and every folder is entered through its
     parent's descriptor): a name swapped for a symlink after it was looked
-    at must not lead a chmod, run as root, to the runner's key file."""
+    at must not lead a chmod, run as root, to the runner's key file.
+
+    Folders deeper than MAX_DEPTH are removed, not walked."""
     top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         owner.give(top, os.fstat(top).st_mode)
     finally:
         os.close(top)
+    top_depth = path.rstrip(os.sep).count(os.sep)
     for folder, dirs, files, folder_fd in os.fwalk(path, follow_symlinks=False):
+        if folder.count(os.sep) - top_depth >= MAX_DEPTH:
+            for name in dirs:
+                log.warning("removing %s: folders nested deeper than %d",
+                            os.path.join(folder, name)[:300] + "...", MAX_DEPTH)
+                _remove(name, folder_fd, folder)
+            dirs[:] = []
         if skip and folder == path:
             dirs[:] = [d for d in dirs if d not in skip]
             files = [f for f in files if f not in skip]
