@@ -231,12 +231,15 @@ class MatrixKeeper:
         except matrix.MatrixError:
             return matrix.SINGLE
 
-    def _group_records(self) -> list[str]:
-        """For the journal's rewrite: the cells of every commit not yet
-        complete whose work is over (their files exist), so that a restart
-        still knows every cell of the commit."""
+    def _group_records(self, commits=None) -> list[str]:
+        """For the journal's rewrite (and a retest of some cells of
+        ``commits``): the cells of every commit not yet complete whose
+        work is over (their files exist), so that a restart still knows
+        every cell of the commit, and completes it from all of them."""
         lines = []
         for commit, cells in self.groups.items():
+            if commits is not None and commit not in commits:
+                continue
             for name, cell in cells.items():
                 key = work_key(commit, name)
                 if key not in self.work:

@@ -252,7 +252,7 @@ class ResultKeeper:
         the last allowed and the commit got its ``error`` verdict."""
         work.losses += 1
         try:
-            self.journal.append([lost_record(work.commit)], sync=False)
+            self.journal.append([lost_record(work.key)], sync=False)   # a cell's own
         except OSError:
             # The count is a poison guard only: run it again all the same.
             log.exception("cannot journal the lost run of %s", work.commit[:12])

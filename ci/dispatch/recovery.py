@@ -14,8 +14,8 @@ import time
 
 from ci import matrix, results
 from ci.dispatch.finish import tell_later
-from ci.dispatch.journal import (assign_record, lost_record, retest_record, shard_record,
-                                 split_key)
+from ci.dispatch.journal import (assign_record, key_commit, lost_record, retest_record,
+                                 shard_record, split_key)
 from ci.dispatch.work import Meta, Work, WorkKey, WorkState, work_key
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,11 @@ class Recovery:
             if self.tombstones is not None:
                 self.pruned = {work_key(c) for c in self.tombstones.load()} - self.done
             got = self.journal.replay()
-            pending = [c for c in got.order
-                       if not self._finished(work_key(c)) or c in got.retest]
+            # A matrix commit's cells are finished with the commit: a
+            # tombstone names only the commit (pruned, its cells' files
+            # are gone too).
+            pending = [c for c in got.order if c in got.retest or not (
+                self._finished(work_key(c)) or work_key(key_commit(c)) in self.pruned)]
             deadline = time.monotonic() + grace
             for key in pending:
                 self._recover_one(key, got, grace, deadline)
@@ -96,10 +99,15 @@ class Recovery:
         lines = self._group_records()
         for work in order:
             lines.extend(self._records_of(work))
-            if work.shards is not None:
-                lines.append(shard_record(work.key, work.shards.total))
-            if work.retest:
+            if work.retest:     # before S: replaying R starts a new round
                 lines.append(retest_record(work.key))
+            # S while its shards run, and while their merged result is
+            # being written: replayed without it, the shards' assignments
+            # would pass for the whole commit's, and one shard's resent
+            # result would be taken for the commit's verdict.
+            shards = work.shards.total if work.shards is not None else work.merging
+            if shards is not None:
+                lines.append(shard_record(work.key, shards))
             lines.extend(assign_record(work.key, a) for a in work.assignments.values())
             lines.extend(lost_record(work.key) for _ in range(work.losses))
         return lines

@@ -112,6 +112,7 @@ class ShardPlanner:
             return ShardReport.STORED
         work.move(WorkState.WRITING)
         work.shards = None
+        work.merging = shard_set.total
         return Merged(sharding.merge(shard_set.total, shard_set.reports), shard_set)
 
     def _unclaim_shards(self, work: Work, token: str, shard_set: ShardSet) -> None:
@@ -120,6 +121,6 @@ class ShardPlanner:
         told ``busy``, comes first and completes the set)."""
         index = shard_set.tokens[token]
         shard_set.reports.pop(index, None)
-        work.shards = shard_set
+        work.shards, work.merging = shard_set, None
         work.move(WorkState.SHARDED)
         self.shard_queue.appendleft((work.key, index))

@@ -258,6 +258,10 @@ class DispatcherState(Recovery, LiveOutput, PrunedCommits, RunnerRegistry, Shard
                 work.retest = True
             records = [r for w in works for r in (*self._records_of(w),
                                                   retest_record(w.key))]
+            # A retest of some cells: the others, done, named again (their
+            # commit's result replayed away their earlier records), or a
+            # restart would complete the commit from the retested alone.
+            records += self._group_records({w.commit for w in works})
         self.journal_and_queue(works, records)
         return list(dict.fromkeys(w.key for w in works))
 

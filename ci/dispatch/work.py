@@ -156,6 +156,9 @@ class Work:
     assignments: dict[str, AssignmentRecord] = dataclasses.field(default_factory=dict)
     job: Job | None = None
     shards: ShardSet | None = None
+    # WRITING the merged result of this many shards (journalled as still
+    # sharded: see Recovery._pending_records).
+    merging: int | None = None
     tail: bytearray = dataclasses.field(default_factory=bytearray)   # live output
     # The first test a running job told of failing (``failing``): its id
     # and seconds after the tests started; None until one fails.

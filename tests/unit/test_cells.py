@@ -15,11 +15,12 @@ import pytest
 from ci import jobspec, matrix, results
 from ci.dispatch import server
 from ci.dispatch.journal import Journal
-from ci.dispatch.runners import Traits
+from ci.dispatch.runners import PingReply, Traits
 from ci.dispatch.state import DispatcherState
 from ci.dispatch.work import Meta
 from ci.outcome import Outcome
 from ci.retention import index
+from ci.retention.tombstones import Tombstone, TombstoneFile
 from ci.wire import Message, Reply
 
 X, Y = "1" * 40, "2" * 40
@@ -36,11 +37,13 @@ def runner(port: int, *labels: str, exclusive: bool = False):
 def make_state(tmp_path):
     made = []
 
-    def make(grace=0.0):
+    def make(grace=0.0, tombstones=False):
         folder = tmp_path / "results"
         folder.mkdir(exist_ok=True)
         state = DispatcherState(str(folder), Journal(str(tmp_path / "journal")), 3)
         state.unroutable_timeout = 5.0
+        if tombstones:      # --keep-results
+            state.tombstones = TombstoneFile(str(tmp_path / "pruned-results"))
         state.recover(grace)
         made.append(state)
         return state
@@ -356,3 +359,68 @@ def test_reason_counts_is_one_bounded_line():
     assert text.startswith("x (2); waiting for a runner with l0 (1)")
     assert text.endswith(f"; and {26 - MAX_REASONS} more")     # 26 distinct reasons
     assert "\n" not in text
+
+
+def test_a_retested_cell_after_a_restart_completes_the_commit_from_every_cell(make_state,
+                                                                              tmp_path):
+    """The commit's own result had replayed its cells' records away, and a
+    retest journalled the retested cell only: after a restart the commit
+    was summed up from that cell alone (passed, where another failed)."""
+    state = make_state()
+    register(state, *(runner(9001 + i, "python3.9", "python3.12", "python3.13")
+                      for i in range(3)))
+    state.enqueue([X], {X: ("main", None)}, {X: PLAN})
+    for job in take(state):
+        finish(state, job, "failed" if jobspec.parse(job.request).python == "3.12" else "passed")
+    assert results.read_header(str(tmp_path / "results" / X))["verdict"] == "failed"
+    assert state.retest([f"{X}:py3.9-dbpg"]) == [f"{X}:py3.9-dbpg"]
+    state.journal.close()                 # SIGKILLed before the cell ran
+    restarted = make_state()
+    register(restarted, runner(9101, "python3.9", "python3.12", "python3.13"))
+    (job,) = take(restarted)
+    assert jobspec.parse(job.request).cell == "py3.9-dbpg"
+    assert finish(restarted, job, "passed")
+    header = results.read_header(str(tmp_path / "results" / X))
+    assert header["verdict"] == "failed"
+    assert header["cells"] == "py3.9-dbpg=passed py3.12-dbpg=failed py3.13-dbpg=passed"
+
+
+def test_a_pruned_matrix_commit_is_not_tested_again_after_a_restart(make_state, tmp_path):
+    """A tombstone names the commit, not its cells: a restart before the
+    journal was compacted queued every cell again (and without their
+    interpreters, whose records the commit's result had replayed away)."""
+    state = make_state(tombstones=True)
+    register(state, *(runner(9001 + i, "python3.9", "python3.12", "python3.13")
+                      for i in range(3)))
+    state.enqueue([X], {X: ("main", None)}, {X: PLAN})
+    for job in take(state):
+        finish(state, job)
+    state.tombstones.append([Tombstone(X, "passed", 0.0, 0.0, None, "main")])
+
+    def remove(picked):
+        for name in os.listdir(tmp_path / "results"):
+            if name.startswith(X):
+                os.unlink(tmp_path / "results" / name)
+        return [None] * len(picked)
+    assert state.remove_pruned([X], remove, lambda removed: None) == [X]
+    state.journal.close()
+    restarted = make_state(tombstones=True)
+    assert not restarted.queue and not restarted.work
+    register(restarted, runner(9101, "python3.9", "python3.12", "python3.13"))
+    assert take(restarted) == []
+
+
+def test_a_cells_lost_runs_still_count_after_a_restart(make_state):
+    """A lost run was journalled under the commit, and recovery reads
+    losses by the cell's key: each restart gave a cell that kills its
+    runners the whole --max-attempts again."""
+    state = make_state()
+    plan = matrix.Plan(tuple(matrix.expand("[ci]\nmatrix_python = 3.12\n")))
+    state.enqueue([X], {X: ("main", None)}, {X: plan})
+    for port in (9001, 9002):
+        register(state, runner(port, "python3.12"))
+        (job,) = take(state)
+        state.ping_result(job.runner, PingReply("refused"), 3)
+    assert state.work[f"{X}:py3.12"].losses == 2
+    state.journal.close()
+    assert make_state().work[f"{X}:py3.12"].losses == 2

@@ -554,3 +554,62 @@ def test_a_committed_config_symlink_out_of_the_clone_is_not_read(tmp_path):
     (repo / "conf" / "pytest.ini").write_text("[pytest]\ntestpaths = tests\n")
     (repo / "pytest.ini").symlink_to(repo / "conf" / "pytest.ini")
     assert sharding._pytest_configured(str(repo))
+
+
+def sharded_retest(make_state):
+    """X tested whole (failed), then retested in two shards."""
+    state = make_state(max_shards=1)
+    state.enqueue([X])
+    (whole,) = take_all(state)
+    assert report(state, whole, "failed", shards="0") is True
+    state.max_shards = 2
+    state.retest([X])
+    shards = take_all(state)
+    assert sorted((j.commit, j.shard) for j in shards) == [(X, 1), (X, 2)]
+    return state, shards
+
+
+def test_a_compacted_journal_keeps_a_retests_shards_sharded(make_state):
+    """The rewrite wrote S before R, and replaying R ends the round's
+    sharding: after a restart, shard 1's resent result (its share of the
+    tests, passed) became the commit's verdict, where the commit failed."""
+    state, shards = sharded_retest(make_state)
+    state.journal.rewrite(state._pending_records())      # a compaction
+    state.journal.close()                                 # SIGKILLed
+    restarted = make_state(grace=30.0)
+    assert report(restarted, shards[0], "passed", tests=1) is False
+    assert result_file(restarted, X)[0]["verdict"] == "failed"
+    assert restarted.work[X].state is WorkState.QUEUED    # the commit runs again, whole
+
+
+def test_a_compaction_while_the_merged_result_is_written_keeps_it_sharded(make_state, tmp_path,
+                                                                          monkeypatch):
+    """The last shard's result claims the commit (WRITING) and drops its
+    split; a compaction (another result's) in that window journalled the
+    shards' assignments without S, and after a crash there the last
+    shard's resend was taken for the whole commit's result."""
+    state, shards = sharded_retest(make_state)
+    crash = tmp_path / "crash"
+    write = state.write_result
+
+    def compacted_then_crashed(key, outcome):
+        state.journal.rewrite(state._pending_records())
+        (crash / "results").mkdir(parents=True)
+        for name in os.listdir(state.results_dir):
+            with open(os.path.join(state.results_dir, name), "rb") as source:
+                (crash / "results" / name).write_bytes(source.read())
+        with open(state.journal.path, "rb") as source:
+            (crash / "journal").write_bytes(source.read())
+        write(key, outcome)
+    monkeypatch.setattr(state, "write_result", compacted_then_crashed)
+    assert report(state, shards[0], "failed") is True
+    assert report(state, shards[1], "passed") is True
+    assert (crash / "journal").exists() and result_file(state, X)[0]["verdict"] == "failed"
+    restarted = DispatcherState(str(crash / "results"), Journal(str(crash / "journal")), 3)
+    restarted.recover(30.0)
+    try:
+        assert report(restarted, shards[1], "passed") is False
+        assert result_file(restarted, X)[0]["verdict"] == "failed"   # the first run's
+        assert restarted.work[X].state is WorkState.QUEUED
+    finally:
+        restarted.journal.close()
