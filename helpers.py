@@ -8,6 +8,7 @@ TLS and nonces ``ci/security.py``."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import ipaddress
 import logging
 import random
@@ -74,23 +75,48 @@ def _ephemeral_low() -> int:
 
 class ByteBudget:
     """Caps the message bytes all connections hold at once, so that
-    ``--max-connections`` x ``--max-message-size`` cannot exhaust memory."""
+    ``--max-connections`` x ``--max-message-size`` cannot exhaust memory,
+    and what one address (``client_key``) holds to ``per_client``, so that
+    one client sending big messages slowly leaves room for the others'."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, per_client: int | None = None):
         self.limit = limit
+        self.per_client = per_client or limit
         self.used = 0
+        self._by_client: collections.Counter = collections.Counter()
         self._lock = threading.Lock()
 
-    def take(self, count: int) -> bool:
+    def take(self, count: int, client: str = "") -> bool:
         with self._lock:
-            if self.used + count > self.limit:
+            if self.used + count > self.limit or \
+                    self._by_client[client] + count > self.per_client:
                 return False
             self.used += count
+            self._by_client[client] += count
             return True
 
-    def give(self, count: int) -> None:
+    def give(self, count: int, client: str = "") -> None:
         with self._lock:
             self.used -= count
+            self._by_client[client] -= count
+            if self._by_client[client] <= 0:
+                del self._by_client[client]
+
+    def account(self, client: str) -> "ClientBudget":
+        return ClientBudget(self, client)
+
+
+@dataclasses.dataclass
+class ClientBudget:
+    """One connection's view of the budget: its address's share."""
+    budget: ByteBudget
+    client: str
+
+    def take(self, count: int) -> bool:
+        return self.budget.take(count, self.client)
+
+    def give(self, count: int) -> None:
+        self.budget.give(count, self.client)
 
 
 # --------------------------------------------------------------------------
@@ -168,6 +194,8 @@ class MessageHandler(socketserver.BaseRequestHandler):
     ...) or a closed connection; no exception escapes to the server loop."""
 
     held = 0  # message bytes taken from the server's budget, given back in finish()
+    account = None  # this connection's share of the budget (its address's)
+    claim = None    # (nonce, key) the frame's header names, before it is verified
 
     def handle(self) -> None:
         """Serve one request: every outcome but a broken connection (or a
@@ -201,8 +229,9 @@ class MessageHandler(socketserver.BaseRequestHandler):
         sec = server.security
         if server.over_capacity:
             raise Busy("server busy, try later")
+        self.account = server.budget.account(client_key(self.client_address))
         header, payload = read_frame(self.sock, sec.max_message, sec.read_timeout,
-                                     server.budget)
+                                     self.account, on_header=self._claimed)
         self.held = header.length  # given back to the budget in finish()
         self.nonce = header.nonce
         role, name = self._authenticate(header, payload, cert_role)
@@ -214,6 +243,21 @@ class MessageHandler(socketserver.BaseRequestHandler):
         if allowed is not None and role != "admin" and role not in allowed:
             raise Reply(f"{message.command} is not allowed for role {role}")
         return method(message, Peer(self.peer, role, name))
+
+    def _claimed(self, header) -> None:
+        """Before the body: a key we do not know is refused unread, and a
+        ``busy`` refusal (the budget) is answered to the request's nonce
+        with the key it names, so a client can tell it from a stranger's
+        word (a runner's ``busy`` to a ping is not a missed ping).  The
+        signature is not checked yet: only ``busy`` is bound so."""
+        sec = self.server.security
+        key = sec.secret
+        if sec.secret:
+            found = sec.lookup(header.key_id)
+            if found is None:
+                raise ProtocolError(f"unknown or revoked key {header.key_id!r}")
+            key = found[0]
+        self.claim = (header.nonce, key)
 
     def _authenticate(self, header, payload: bytes, cert_role: str | None):
         """(role, name) the frame's key (and TLS certificate) proves; the
@@ -248,6 +292,8 @@ class MessageHandler(socketserver.BaseRequestHandler):
             return Message("error", exc.text), False
         if isinstance(exc, Busy):
             log.warning("refused request from %s: %s", self.peer, exc)
+            if self.claim is not None:
+                self.nonce, self.reply_key = self.claim
             return Message("busy", str(exc)), True
         # A hang-up before a whole frame is what port probes do: not
         # worth a warning, but a half-closed peer still gets the reason.
@@ -280,7 +326,7 @@ class MessageHandler(socketserver.BaseRequestHandler):
 
     def finish(self) -> None:
         if self.held:
-            self.server.budget.give(self.held)
+            self.account.give(self.held)
             self.held = 0
 
 
@@ -468,7 +514,9 @@ class MessageServer(ConnectionCap, socketserver.ThreadingTCPServer):
         self._spare = threading.BoundedSemaphore(16)
         self._local = threading.local()
         # Room for a few maximal messages at once; a bigger load waits its turn.
-        self.budget = ByteBudget(max(security.max_buffered, security.max_message))
+        # One address holds half of it at most (a whole message always).
+        limit = max(security.max_buffered, security.max_message)
+        self.budget = ByteBudget(limit, max(limit // 2, security.max_message))
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, MessageHandler)

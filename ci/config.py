@@ -101,8 +101,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, server: bool = True) -
         add_per_client_argument(group, "connections")
         group.add_argument("--max-buffered", type=positive(int), default=DEFAULT_MAX_BUFFERED,
                            metavar="BYTES",
-                           help="message bytes held at once over all connections; beyond "
-                                "it senders are told to retry (default: %(default)s)")
+                           help="message bytes held at once over all connections (half "
+                                "of it from one address); beyond it senders are told to "
+                                "retry (default: %(default)s)")
     group.add_argument("--auth-window", type=positive(float), default=DEFAULT_AUTH_WINDOW,
                        metavar="SECONDS",
                        help="accepted clock difference for signed messages "

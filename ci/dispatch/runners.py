@@ -74,9 +74,9 @@ class Runner:
 
 
 class PingReply(NamedTuple):
-    """What one ping got: ``outcome`` (``ok``, ``refused``, ``timeout``)
-    and, from a runner that answered, its instance and what it says it
-    runs (commit and token)."""
+    """What one ping got: ``outcome`` (``ok``, ``busy``, ``refused``,
+    ``timeout``) and, from a runner that answered ``ok``, its instance and
+    what it says it runs (commit and token)."""
     outcome: str
     instance: str = ""
     busy: str | None = None
@@ -224,12 +224,13 @@ class RunnerRegistry:
                     pinged: str | None = None) -> None:
         """What a ping of runner ``key`` (of its process ``pinged``) got:
         ``ok``, ``refused`` (nothing listens: the runner is gone, dropped at
-        once) or ``timeout`` (slow or cut off: dropped after
-        ``misses_allowed`` in a row)."""
+        once), ``timeout`` (slow or cut off: dropped after
+        ``misses_allowed`` in a row) or ``busy`` (a signed reply, too loaded
+        to say more: neither news nor a miss)."""
         outcome, instance, busy, token = reply
         with self.cond:
             runner = self.runners.get(key)
-            if runner is None:
+            if runner is None or outcome == "busy":
                 return
             if pinged is not None and runner.instance != pinged:
                 # The ping was for the process that had this address before

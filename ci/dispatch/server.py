@@ -435,6 +435,8 @@ class Dispatcher:
         except (OSError, ProtocolError) as exc:
             log.debug("ping %s failed: %s", runner.key, exc)
             return PingReply("refused" if refused(exc) else "timeout")
+        if reply.command == "busy":     # signed: alive, only loaded (or flooded)
+            return PingReply("busy")
         if reply.command != "ok":
             return PingReply("timeout")
         return PingReply("ok", fields.get("instance", ""), *runner_says(fields))

@@ -744,6 +744,40 @@ def test_client_accepts_a_genuine_reply():
     thread.join(5)
 
 
+def test_headers_that_claim_big_bodies_hold_nothing_and_busy_is_signed(cluster, tmp_path):
+    """The budget was taken for the length a header claims: four unsigned
+    headers claiming the largest message, then silence, had every signed
+    request refused ``busy`` (unsigned: a client could not tell it from a
+    stranger's word, and the dispatcher counted a runner's as a missed ping)
+    until they timed out.  Now only the bytes that came are held, and a
+    ``busy`` is signed with the key and nonce the request names."""
+    cluster.start_dispatcher("--secret-file", secret_file(tmp_path), "--max-message-size",
+                             "600000", "--max-buffered", "1200000", "--read-timeout", "5")
+    port = cluster.dispatcher_port
+    signed = Security(secret=SECRET)
+    claims = []
+    try:
+        for _ in range(4):
+            sock = socket.create_connection((LOOPBACK, port), timeout=5)
+            sock.sendall(b"CI1 600000 %.3f abcdef12 -\n" % time.time())
+            claims.append(sock)
+        reply = helpers.call((LOOPBACK, port), "status", body=b"x" * 500000, security=signed,
+                             timeout=5)
+        assert reply.command == "ok", reply
+        # What came is held: 590 kB sent of a claimed 600 kB, and one
+        # address holds half the budget at most (a whole message always),
+        # so another 500 kB from here is refused, with a signed ``busy``.
+        holder = socket.create_connection((LOOPBACK, port), timeout=5)
+        claims.append(holder)
+        holder.sendall(b"CI1 600000 %.3f abcdef12 -\nresults:" % time.time() + b"x" * 590000)
+        wait_until(lambda: helpers.call((LOOPBACK, port), "status", body=b"x" * 500000,
+                                        security=signed, timeout=5).command == "busy", 10,
+                   what="a signed busy while 590 kB are held")
+    finally:
+        for sock in claims:
+            sock.close()
+
+
 def test_bytes_in_flight_are_capped_across_connections(cluster):
     """Many large messages at once cannot exhaust memory: beyond
     --max-buffered a sender is told ``busy`` and nothing changes."""
@@ -751,9 +785,10 @@ def test_bytes_in_flight_are_capped_across_connections(cluster):
                              "--read-timeout", "5")
     port = cluster.dispatcher_port
     def open_holder():
-        # Claims 600 kB and sends only part of it: the budget holds 600 kB.
+        # Claims 600 kB and sends all but the last 10 kB: the budget holds
+        # what came (a claim alone holds nothing, see the next test).
         sock = socket.create_connection((LOOPBACK, port), timeout=5)
-        sock.sendall(b"CI1 600000 %.3f abcdef12 -\nresults:" % time.time())
+        sock.sendall(b"CI1 600000 %.3f abcdef12 -\nresults:" % time.time() + b"x" * 590000)
         return sock
 
     def reply_to(payload):

@@ -135,6 +135,23 @@ def test_a_failed_lost_record_does_not_strand_the_commit(make_state):
     assert list(state.queue) == [X]  # queued again, not lost from memory
 
 
+def test_a_signed_busy_to_a_ping_is_not_a_missed_ping(make_state):
+    """A runner flooded by strangers answers pings ``busy`` (signed): it
+    was dropped after --ping-misses of them, its job counted lost, and at
+    --max-attempts the commit got ``error``."""
+    state = make_state()
+    state.register(A, "ia", None)
+    state.enqueue([X])
+    assign(state)
+    for _ in range(5):
+        state.ping_result(KA, PingReply("busy"), 3)
+    assert KA in state.runners and state.runners[KA].job is not None
+    assert state.work[X].losses == 0
+    for _ in range(3):
+        state.ping_result(KA, PingReply("timeout"), 3)
+    assert KA not in state.runners
+
+
 def test_a_failed_assignment_record_undoes_the_claim(make_state):
     class NoAssignments(Journal):
         fail = True
