@@ -74,6 +74,8 @@ def fast_flags(argv: list[str]) -> dict | None:
             found[name] = FAST_FLAGS[name](value)
         except ValueError:
             return None
+        if FAST_FLAGS[name] is float and not 0 < found[name] <= 1e8:
+            return None     # nan, inf, 0, negative, absurd: the full client explains
     return found
 
 

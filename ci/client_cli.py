@@ -11,7 +11,8 @@ import dataclasses
 import sys
 
 import helpers
-from ci.config import ArgumentParser, ConfigError, add_common_arguments, configure_logging
+from ci.config import (ArgumentParser, ConfigError, add_common_arguments, configure_logging,
+                       positive)
 from ci.security import security_from_args
 from ci.wire import DEFAULT_CONNECT_TIMEOUT, ProtocolError, parse_address
 
@@ -41,7 +42,7 @@ def client_main(spec: ClientCommand, argv) -> int:
                             help=f"one or more {positional.lower()} values")
     parser.add_argument(spec.flag, default=spec.default, metavar="HOST:PORT", dest="target",
                         help="the daemon's address (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
+    parser.add_argument("--timeout", type=positive(float), default=DEFAULT_CONNECT_TIMEOUT,
                         metavar="SECONDS", help="give up after this long (default: %(default)s)")
     add_common_arguments(parser, server=False)
     args = parser.parse_args(argv)

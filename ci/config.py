@@ -47,6 +47,11 @@ def non_negative(kind=float):
     return _at_least(kind, zero=True)
 
 
+# The largest duration a float flag takes (about three years): every one is
+# seconds, and socket timeouts past about 1e11 raise OverflowError.
+MAX_SECONDS = 1e8
+
+
 def _at_least(kind, zero: bool):
     def convert(text: str):
         value = kind(text)  # ValueError: argparse says "invalid float value: 'x'"
@@ -55,6 +60,8 @@ def _at_least(kind, zero: bool):
             raise argparse.ArgumentTypeError(
                 "must be 0 or more" if zero else
                 "must be at least 1" if kind is int else "must be positive")
+        if kind is float and value > MAX_SECONDS:
+            raise argparse.ArgumentTypeError(f"must be at most {MAX_SECONDS:.0f}")
         return value
 
     convert.__name__ = kind.__name__  # names the type in argparse's "invalid ... value"

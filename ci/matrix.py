@@ -311,6 +311,8 @@ def decode_plan(field: str, max_cells: int) -> Plan:
                       for item in json.loads(_unb64(field[len(CELLS_FIELD):])))
     except (ValueError, TypeError, KeyError, AttributeError, binascii.Error) as exc:
         return Plan((), f"the observer sent a malformed matrix: {wire.one_line(str(exc), 120)}")
+    except RecursionError:      # json recurses: "[" * 50000 went past its depth
+        return Plan((), "the observer sent a malformed matrix: nested too deep")
     if not cells or len({c.name for c in cells}) != len(cells):
         return Plan((), "the observer sent a matrix without cells or with a cell twice")
     if any(not c.name for c in cells) and (len(cells) > 1 or cells[0].python or cells[0].axes):
@@ -326,7 +328,8 @@ def _sent_cell(item: dict) -> Cell:
     # "": a commit without a matrix whose recipe asks for ``labels``.
     if not isinstance(name, str) or not is_cell_name(name):
         raise ValueError(f"bad cell name {str(name)[:40]!r}")
-    if python is not None and not PYTHON_RE.fullmatch(str(python)):
+    # A string: a JSON number 3.10 would read as 3.1.
+    if python is not None and not (isinstance(python, str) and PYTHON_RE.fullmatch(python)):
         raise ValueError(f"bad python {str(python)[:20]!r}")
     return Cell(name, python, parse_axes(item.get("axes", "")),
                 parse_labels(item.get("labels", "")))

@@ -70,6 +70,8 @@ def parse_snapshot(data: bytes) -> dict:
         value = json.loads(bytes(data).decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise SnapshotError(f"not UTF-8 JSON: {wire.one_line(str(exc), 120)}") from None
+    except RecursionError:      # json recurses: "[" * 100000 went past its depth
+        raise SnapshotError("not UTF-8 JSON: nested too deep") from None
     return check_snapshot(value)
 
 

@@ -4,6 +4,10 @@ infinity are refused the same way everywhere (one line, exit status 2)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 import dashboard
@@ -43,7 +47,7 @@ def positional(module) -> list[str]:
 
 @pytest.mark.parametrize("module, flag", CASES,
                          ids=[f"{m.__name__}{f}" for m, f in CASES])
-@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e300"])
 def test_every_count_and_duration_flag_refuses_non_positive(module, flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.build_parser().parse_args([*positional(module), f"{flag}={value}"])
@@ -74,3 +78,16 @@ def test_positive_says_what_is_wrong(argv, message, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "inf", "1e300"])
+def test_the_hooks_timeout_is_refused_in_one_line_not_a_traceback(value):
+    """``hook_client.py --timeout`` (read without argparse for speed) and
+    the clients' ``--timeout`` took any float: nan, -1 or 1e300 reached
+    ``settimeout`` and ended in a traceback."""
+    proc = subprocess.run([sys.executable, "-S", "hook_client.py", "--observer", "127.0.0.1:9",
+                           "--timeout", value], cwd=os.path.dirname(os.path.abspath(
+                               dispatcher.__file__)), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().endswith("(see --help)") and "--timeout" in proc.stderr

@@ -219,6 +219,16 @@ def test_the_observer_reads_the_commits_recipe(tmp_path):
     assert first.startswith(f"{cells} - main cells=") and second == f"{none} {cells} main"
 
 
+@pytest.mark.parametrize("cells, error", [
+    ("[" * 50000, "nested too deep"),         # json's RecursionError was an internal error
+    ('[{"name": "x", "python": 3.10}]', "bad python"),   # a number: 3.10 reads as 3.1
+])
+def test_a_malformed_plan_from_the_observer_is_a_clear_error(cells, error):
+    field = matrix.CELLS_FIELD + matrix._b64(cells.encode())
+    plan = matrix.decode_plan(field, 64)
+    assert plan.cells == () and error in plan.error
+
+
 def test_a_cells_name_has_one_pattern():
     """The recipe's cell names, the result files named by them and the
     dashboard's reading of both are checked by one pattern, not copies

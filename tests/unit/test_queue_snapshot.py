@@ -105,7 +105,8 @@ def test_each_kind_of_bad_snapshot_is_refused(why, value):
 @pytest.mark.parametrize("data", [b"", b"{", b"\xff\xfe", b"NaN", b'"x"',
                                   json.dumps(snapshot(updated=1e400)).encode(),
                                   b'{"updated": NaN, "targets": {}, "entries": [], "recent": []}',
-                                  b" " * (queue_snapshot.MAX_BYTES + 1)])
+                                  b" " * (queue_snapshot.MAX_BYTES + 1),
+                                  b"[" * 100000])     # json's RecursionError
 def test_bad_bytes_are_refused(data):
     with pytest.raises(SnapshotError):
         parse_snapshot(data)
