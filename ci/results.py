@@ -302,12 +302,13 @@ def merge_named(values: list[str | None]) -> str:
 def named_failing(value: str | None) -> list[str] | None:
     """The ids of a ``quarantined_failing`` value, None if it is not one
     (a runner's, or a damaged file's)."""
-    try:
-        names = json.loads(value or "")
-    except ValueError:
+    if value is None or len(value) > MAX_NAMED_CHARS or "\n" in value:
         return None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) \
-            or len(value) > MAX_NAMED_CHARS or "\n" in value:
+    try:
+        names = json.loads(value)
+    except (ValueError, RecursionError):     # json recurses: "[[[[..." past its depth
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         return None
     return names
 

@@ -329,6 +329,13 @@ def test_many_quarantined_failures_are_named_within_the_cap():
     assert len(results.quarantined_failing(records)) <= results.MAX_NAMED_CHARS
 
 
+@pytest.mark.parametrize("value", ["[" * 1500, '["a", 1]', '{"a": 1}', "x" * 5000, None])
+def test_a_damaged_or_hostile_quarantined_failing_value_names_nothing(value):
+    """Read from a result file's header (a runner's); 1,500 brackets made
+    json raise RecursionError, which nothing caught."""
+    assert results.named_failing(value) is None
+
+
 def test_rerun_command_lines(tmp_path):
     (tmp_path / "tests" / "sub").mkdir(parents=True)
     (tmp_path / "tests" / "sub" / "test_x.py").write_text("")
