@@ -17,7 +17,10 @@ The folder DIR (the runner's, private, removed after the run) holds:
               found and moved first), ``none found`` or ``not reordered:
               WHY``;
 * ``events``  one line per failing test, as it fails:
-              ``<time.time()>\\t<test id>``.
+              ``<time.time()>\\t<test id>``;
+* ``stopped`` one line, written here when the run ended before its last
+              test (failfast, ``-x``, ``--maxfail``, an interruption): the
+              tests it did not reach cannot pass for run.
 
 A test id is what the JUnit report names a test (``module.Class.test``;
 pytest's ``tests.test_x.test_y[param]``), so the ids the history keeps are
@@ -55,6 +58,9 @@ class Folder(object):
 
     def status(self, text):
         self._write("status", text + "\n", "w")
+
+    def stopped(self, why):
+        self._write("stopped", " ".join(str(why).splitlines()) + "\n", "w")
 
     def failed(self, test_id):
         """A test failed just now: one line, flushed at once."""
@@ -176,3 +182,10 @@ _ACTIVE = [None]
 
 def pytest_sessionstart(session):
     _ACTIVE[0] = getattr(session.config, "_ci_order", None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    folder = getattr(session.config, "_ci_order", None)
+    why = session.shouldfail or session.shouldstop
+    if folder is not None and (why or exitstatus == 2):
+        folder.stopped(why or "interrupted (exit status 2)")

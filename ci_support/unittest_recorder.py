@@ -163,7 +163,7 @@ class DiscoveryLikeLoader(unittest.TestLoader):
                 __import__(name)
             except unittest.SkipTest as exc:
                 return unittest.loader._make_skipped_test(name, exc, self.suiteClass)
-            except Exception:
+            except (Exception, SystemExit):   # sys.exit(0) at import ended the shard
                 error_case, error_message = unittest.loader._make_failed_import_test(
                     name, self.suiteClass)
                 self.errors.append(error_message)
@@ -349,6 +349,9 @@ def main(argv):
     finally:
         # Also when unittest exits (it always does, with its own status).
         result = RecordingRunner.last_result
+        folder = RecordingRunner.order_folder
+        if result is not None and result.shouldStop and folder is not None:
+            folder.stopped("stopped early (failfast or interrupted)")
         if result is not None:
             try:
                 write_junit(output, result.records)

@@ -101,6 +101,10 @@ class OrderFolder:
             fields["failing_first"] = self.note()
         return fields
 
+    def stopped(self) -> str:
+        """Why the run ended before its last test ("": it did not say so)."""
+        return one_line(self._read("stopped", 300).decode("utf-8", "replace"), 200)
+
     def note(self) -> str:
         """What became of the tests to run first, for the header."""
         total = len(self.first)

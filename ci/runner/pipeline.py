@@ -190,17 +190,27 @@ class JobPipeline:
                     verdict="error", reason=f"cannot start test command: {exc}")
             log.debug("tests of %s ran %.3fs", self.commit[:12], time.time() - self.started)
             self.fields.update(order.fields())
+            stopped = order.stopped()
             junit = capture.collect(timed_out, settings.max_output // 2)
             output = read_bounded(out, settings.max_output - len(setup_log) - junit.size
                                   - spare)
         self.fields.update(junit.fields())
         if junit.records is None or timed_out:
             verdict, counts, reason = judge(code, timed_out, output, junit.counts)
+            if verdict == "passed" and capture.paths and junit.note == "missing":
+                # Our recorder or pytest writes the report as the run ends:
+                # a test that ended the process (os._exit(0)) skipped it.
+                verdict, reason = "error", ("the test command exited 0 without its tests' "
+                                            "report: the run ended early (a test ended the "
+                                            "process?)")
             counted = dataclasses.asdict(counts)
             counted.pop("found")
             return self._judged(setup_log + output, verdict, reason, code, counted, junit)
         records, more = self.rerun_and_quarantine(prepared, line, junit.records, spare)
-        verdict, reason = judge_records(code, timed_out, output, records)
+        verdict, reason = judge_records(code, timed_out, output, records, stopped)
+        if verdict == "passed" and not records and not self.shard:
+            # Python 3.12's unittest exits 5 here, 3.11's 0: one verdict for both.
+            verdict, reason = "error", "no tests ran"
         output = setup_log + output + more
         if records != junit.records:
             # Within what the output leaves of the message, as the first run's were.

@@ -90,13 +90,15 @@ def judge(exit_code: int, timed_out: bool, output: bytes,
 
 
 def judge_records(exit_code: int, timed_out: bool, output: bytes,
-                  records: list[TestRecord]) -> tuple[str, str]:
+                  records: list[TestRecord], stopped: str = "") -> tuple[str, str]:
     """(verdict, reason) of a run with per-test records, after its reruns
     and quarantine: the tests that failed every time and are not
     quarantined decide, not the exit status.  Yet a command that failed
     is never ``passed`` unless its records explain it (a flaky or a
-    quarantined failure): a crash, or a failure outside any test, still
-    fails the commit as ``judge`` says."""
+    quarantined failure, and the exit status tests failing give, 1): a
+    crash, or a failure outside any test, still fails the commit as
+    ``judge`` says.  Nor is a run that ``stopped`` before its last test
+    (failfast, ``-x``): the tests it did not reach may fail."""
     if timed_out:
         return "timeout", "test command exceeded the time limit and was killed"
     if any(r.outcome in FAILING and not r.quarantined for r in records):
@@ -105,7 +107,10 @@ def judge_records(exit_code: int, timed_out: bool, output: bytes,
         return "failed", ""
     explained = any(r.outcome == FLAKY or (r.quarantined and r.outcome in FAILING)
                     for r in records)
-    if exit_code == 0 or explained:
+    if explained and stopped:
+        return "error", (f"the run stopped at a flaky or quarantined failure ({stopped}): "
+                         "the tests after it did not run")
+    if exit_code == 0 or (explained and exit_code == 1):
         return "passed", ""
     verdict, _, reason = judge(exit_code, False, output, {})
     return verdict, reason

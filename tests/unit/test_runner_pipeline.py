@@ -75,3 +75,94 @@ def test_the_outbox_gives_up_storing_only_when_stopping(tmp_path):
     stop = threading.Event()
     stop.set()
     assert outbox.store("a" * 40, "0" * 32, b"body", stop, 0.1) is False
+
+
+FAILING_TEST = ("import unittest\n\nclass TestA(unittest.TestCase):\n"
+                "    def test_a(self):\n        self.assertEqual(1, 2)\n")
+
+
+def test_a_test_that_ends_the_process_with_status_0_is_no_pass(upstream, tmp_path):
+    """The recorder writes its report as the run ends: os._exit(0) in a
+    test skipped it, and the exit status alone made a failing suite
+    'passed', with 0 tests."""
+    clone = upstream.clone(tmp_path / "clone")
+    head = upstream.commit({"tests/test_a.py": FAILING_TEST, "tests/test_z.py":
+                            "import os, unittest\n\nclass TestZ(unittest.TestCase):\n"
+                            "    def test_zz_exit(self):\n        os._exit(0)\n"}, "exits")
+    outcome = execute(settings(clone), head)
+    assert outcome.verdict == "error", outcome.header
+    assert "without its tests' report" in outcome.header["reason"]
+
+
+def test_a_commit_whose_tests_folder_holds_no_test_is_an_error(upstream, tmp_path):
+    """unittest of Python 3.11 exits 0 after 'Ran 0 tests' (3.12 exits 5)."""
+    clone = upstream.clone(tmp_path / "clone")
+    head = upstream.commit({"tests/test_sample.py": None, "tests/helpers.py": "X = 1\n"},
+                           "the tests renamed away")
+    outcome = execute(settings(clone), head)
+    assert outcome.verdict == "error" and outcome.header["reason"] == "no tests ran"
+
+
+def test_a_quarantined_failure_run_first_does_not_pass_a_run_it_stopped(upstream, tmp_path):
+    """With failfast, the quarantined test (run first: the history names
+    it) stopped the run before a real failure, and the records, one
+    quarantined failure, passed the commit."""
+    clone = upstream.clone(tmp_path / "clone")
+    head = upstream.commit({
+        ".ci.ini": "[ci]\ntest = python -m unittest discover -s tests -f\n"
+                   "quarantine = test_z.TestBroken.test_wrong\n",
+        "tests/test_b.py": FAILING_TEST,
+        "tests/test_z.py": "import unittest\n\nclass TestBroken(unittest.TestCase):\n"
+                           "    def test_wrong(self):\n        self.fail('known')\n"}, "ff")
+    limits = recipe.Limits(timeout=60)
+    ready = Settings(clone, ProcessSlot(), environments.Preparer(limits), 1 << 20,
+                     checkout_timeout=60)
+    in_order = execute(ready, head)
+    assert in_order.verdict == "failed", in_order.header
+    first = execute(ready, head, JobSpec(failing_first=("test_z.TestBroken.test_wrong",)))
+    assert first.header["failing_first"].startswith("1 of 1"), first.header
+    assert first.verdict == "error", first.header
+    assert "stopped at a flaky or quarantined failure" in first.header["reason"]
+
+
+def test_a_shard_module_that_exits_at_import_is_a_failed_import(tmp_path):
+    """Loaded by name for a shard, a module calling sys.exit(0) at import
+    (unittest.main() without the __main__ guard) ended the shard before
+    any test ran: 'passed', 0 tests, and the merge passed the commit."""
+    import subprocess
+    from ci import results
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_a.py").write_text(FAILING_TEST)
+    (tests / "test_b.py").write_text("import sys\nsys.exit(0)\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    report = tmp_path / "report.xml"
+    proc = subprocess.run([PY, os.path.join(root, "ci_support", "unittest_recorder.py"),
+                           str(report), "--shard", "--path-first", str(tests), "test_b", "test_a"],
+                          cwd=tmp_path, capture_output=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    records = results.parse_records(open(str(report) + ".records", "rb").read())
+    assert sorted((r.name, r.outcome) for r in records) == [("test_a", "failed"),
+                                                            ("test_b", "error")]
+
+
+def test_a_flaky_failure_that_stopped_a_pytest_x_run_does_not_pass_it(upstream, tmp_path):
+    """pytest -x stopped at a test that then passed on its rerun: the run's
+    one record was flaky, and the commit passed, though test_b (failing)
+    never ran."""
+    once = tmp_path / "failed-once"
+    clone = upstream.clone(tmp_path / "clone")
+    head = upstream.commit({
+        ".ci.ini": "[ci]\ntest = python -m pytest -q -x -p no:cacheprovider tests\n"
+                   "rerun_failures = 1\n",
+        "tests/test_sample.py": None,
+        "tests/test_a.py": f"import os\n\ndef test_flaky():\n    if not os.path.exists("
+                           f"{str(once)!r}):\n        open({str(once)!r}, 'w').close()\n"
+                           "        assert False\n",
+        "tests/test_b.py": "def test_b():\n    assert False\n"}, "pytest -x")
+    ready = Settings(clone, ProcessSlot(), environments.Preparer(recipe.Limits(timeout=60)),
+                     1 << 20, checkout_timeout=60)
+    outcome = execute(ready, head)
+    assert once.exists(), outcome.output[-2000:]
+    assert outcome.verdict == "error", outcome.header
+    assert "stopped at a flaky or quarantined failure" in outcome.header["reason"]
