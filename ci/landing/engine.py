@@ -157,7 +157,9 @@ class Engine:
                 continue
             branch = name[len(LAND_PREFIX):]
             with self.lock:
-                known = any(e.branch == branch and e.head == commit
+                # An active entry took it already; a finished one (rejected by
+                # a flaky test, say) does not: pushed again, it asks again.
+                known = any(e.branch == branch and e.head == commit and e.active
                             for e in self.journal.entries.values())
             if not known:
                 try:
@@ -174,9 +176,10 @@ class Engine:
 
     def _refuse_pushed(self, branch: str, commit: str, reason: str) -> None:
         """A refused push-ask has no one to answer: it becomes a rejected
-        entry (shown, notified) unless the refusal is that it is queued."""
+        entry (shown, notified), also when the branch is queued already at
+        another head (the new push was dropped without a word)."""
         log.warning("queue: land/%s refused: %s", branch, reason)
-        if "already queued" in reason or not valid_branch_name(branch):
+        if not valid_branch_name(branch):
             return
         target = target_of(self.rules, branch) or "-"
         with self.lock:
@@ -197,15 +200,27 @@ class Engine:
                             entry.target, entry.id, exc)
                 continue
             outcome = settle_intent(old, new, real)
+            if outcome == "moved" and real and self._holds(new, entry.target):
+                outcome = "landed"      # ours landed, and someone pushed on top
             with self.lock:
                 if outcome == "landed":
                     self.journal.write("landed", entry.id, old=old, new=new)
-                    self.heads[entry.target] = new
+                    self.heads[entry.target] = real or new
                 else:
                     self.journal.write("unpushed", entry.id, reason=(
                         "push not made" if outcome == "unpushed" else
                         f"{entry.target} moved to {(real or 'nothing')[:12]}"))
             log.info("queue: entry %d's push in doubt settled: %s", entry.id, outcome)
+
+    def _holds(self, new: str, target: str) -> bool:
+        """Whether the target, as the upstream has it now (fetched), has
+        our merge ``new`` in its history: then it landed, whatever came
+        after it."""
+        try:
+            head = self.git.fresh_head(target)
+            return bool(head) and self.git.is_ancestor(new, head)
+        except GitError:
+            return False
 
     def _read_verdicts(self) -> None:
         waiting = {e.tested: e for e in self._active()
@@ -325,6 +340,8 @@ class Engine:
                         entry.target)
             self._settle_intents()
             return None
+        if result == "stale" and self._holds(new, entry.target):
+            result = "landed"       # ours landed, and someone pushed on top at once
         with self.lock:
             if result == "landed":
                 self.journal.write("landed", entry.id, old=old, new=new)

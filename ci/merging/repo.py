@@ -150,9 +150,12 @@ class MergeRepo:
         try:
             remote = self.remote_head(target_branch)
         except GitError as exc:
-            outcome = Failed(f"outcome unknown: {why}; the remote could not be read: {exc}")
-        else:
-            outcome = push.decide_from_remote(remote, old, new, why)
+            # Never a guess: the push may have happened.  The engine keeps
+            # its intent and settles it from the remote when it can.
+            raise GitError(exc.args_, exc.cwd, exc.code,
+                           f"push outcome unknown ({why}); the remote could not be read: "
+                           f"{exc.stderr}") from None
+        outcome = push.decide_from_remote(remote, old, new, why)
         self._log_land(outcome, target_branch, old, new)
         return outcome
 

@@ -8,6 +8,7 @@ Pure of any daemon state: each function is one git question."""
 from __future__ import annotations
 
 import logging
+from typing import Iterator
 
 from ci import matrix
 from ci.git import GitError, read_blobs, run_git
@@ -87,6 +88,32 @@ def dispatch_body(commits: list[str], previous: str | None, branch: str,
     return ("\n".join(lines) + "\n").encode()
 
 
+# A ``dispatch`` body's size at most (the dispatcher's --max-message-size
+# is 16 MiB by default): 200 commits of a 256-cell matrix with long labels
+# made 17 MiB, refused at every poll, and no branch advanced again.
+MAX_DISPATCH_BYTES = 1024 * 1024
+
+
+def dispatch_batches(commits: list[str], previous: str | None, branch: str,
+                     plans: dict[str, str], count: int,
+                     limit: int = MAX_DISPATCH_BYTES) -> Iterator[tuple[list[str], bytes]]:
+    """(batch, its ``dispatch_body``) in order: at most ``count`` commits
+    each, halved until the body fits in ``limit`` bytes (a single commit
+    is sent whatever its size: the dispatcher says if it is too large)."""
+    start = 0
+    while start < len(commits):
+        size = count
+        while True:
+            batch = commits[start:start + size]
+            body = dispatch_body(batch, previous, branch, plans)
+            if len(body) <= limit or size == 1:
+                break
+            size = max(1, size // 2)
+        yield batch, body
+        previous = batch[-1]
+        start += len(batch)
+
+
 def plan_fields(repo: str, commits: list[str]) -> dict[str, str]:
     """``plan_field`` of each commit, their recipes read by one git process
     (``git cat-file --batch`` of ``<commit>:.ci.ini``)."""
@@ -113,8 +140,10 @@ def plan_field(blob: bytes | None) -> str:
     return matrix.encode_plan(matrix.Plan(tuple(cells)))
 
 
-# update_repo.sh's listing read at most (a line per branch: 2 MiB is ~20,000).
-MAX_LISTING = 2 * 1024 * 1024
+# update_repo.sh's listing read at most (a line per branch: 64 MiB is some
+# 600,000); a longer one is an error, never cut (cut at 2 MiB, 20,000 long
+# branch names hid "main", which sorts after them).
+MAX_LISTING = 64 * 1024 * 1024
 
 
 # Dispatched commits remembered, to tell whether a new branch's fork point

@@ -20,7 +20,7 @@ from ci.git import GitError, script_path
 from ci.security import Security
 from ci.wire import (DEFAULT_CONNECT_TIMEOUT, Message, ProtocolError, encode_fields,
                      format_address)
-from ci.observer.commits import (MAX_LISTING, dispatch_body, first_parent, new_commits,
+from ci.observer.commits import (MAX_LISTING, dispatch_batches, first_parent, new_commits,
                                  own_commits, parse_heads, plan_fields)
 from ci.landing.commands import QueueCommands
 from ci.observer.fetchlock import fetch_lock
@@ -257,16 +257,19 @@ class Observer:
         return commits, previous
 
     def _dispatch(self, branch: str, commits: list[str], previous: str | None) -> None:
-        """Send in batches; the state advances only after each is accepted."""
+        """Send in batches (of BATCH commits, fewer where their matrices
+        make the message large); the state advances only after each is
+        accepted."""
         for start in range(0, len(commits), BATCH):
-            batch = commits[start:start + BATCH]
-            log.debug("dispatching %d commit(s) of %s", len(batch), branch)
-            plans = plan_fields(self.repo, batch)
-            reply = self._send(batch, dispatch_body(batch, previous, branch, plans))
-            self.state.set(branch, batch[-1], batch)
-            previous = batch[-1]
-            log.info("dispatched %d commit(s) of %s up to %s (%s)", len(batch), branch,
-                     batch[-1][:12], reply.argument)
+            chunk = commits[start:start + BATCH]
+            plans = plan_fields(self.repo, chunk)
+            for batch, body in dispatch_batches(chunk, previous, branch, plans, BATCH):
+                log.debug("dispatching %d commit(s) of %s", len(batch), branch)
+                reply = self._send(batch, body)
+                self.state.set(branch, batch[-1], batch)
+                previous = batch[-1]
+                log.info("dispatched %d commit(s) of %s up to %s (%s)", len(batch), branch,
+                         batch[-1][:12], reply.argument)
 
     def _send(self, commits: list[str], body: bytes) -> Message:
         """One ``dispatch``; DispatcherRefused unless the reply is ok."""
@@ -296,11 +299,14 @@ class Observer:
                 raise GitError(["fetch"], self.repo, -1, "update_repo.sh timed out")
             out.seek(0)
             err.seek(0)
-            listing = out.read(MAX_LISTING).decode(errors="replace")
+            listing = out.read(MAX_LISTING + 1)
             if proc.returncode:
                 raise GitError(["fetch"], self.repo, proc.returncode,
                                err.read(8192).decode(errors="replace"))
-        return parse_heads(listing)
+            if len(listing) > MAX_LISTING:
+                raise GitError(["for-each-ref"], self.repo, 0,
+                               f"the upstream lists more than {MAX_LISTING} bytes of branches")
+        return parse_heads(listing.decode(errors="replace"))
 
     def _prefetch(self) -> None:
         """Ask the dispatcher to have idle runners fetch now, while our own

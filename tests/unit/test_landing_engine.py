@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from ci.git import run_git, script_path
+from ci.git import GitError, run_git, script_path
 from ci.landing.engine import Engine, Refused
 from ci.landing.journal import QueueJournal
 from ci.landing.ports import QueueGit, land_result
@@ -398,6 +398,67 @@ def test_a_pushed_land_ref_asks_and_is_deleted(world):
     assert w.state_of("feature/a") == "landed"
     events = {e["branch"]: e for e in w.dispatcher.events}
     assert "matches no --merge-into rule" in events["other/x"]["reason"]
+
+
+def test_a_land_ref_pushed_again_asks_again_and_one_queued_already_is_told(world):
+    """A land ref at the head of a finished (rejected) entry was taken for
+    one already asked and deleted without an entry; one pushed at a new
+    head while the branch was queued was deleted without a word."""
+    flaky = {"fail": True}
+    w = world(judge=lambda files: ("failed", "-") if flaky["fail"] else ("passed", "-"))
+    head = w.branch("feature/a", {"a.txt": "a"})
+    git(w.work, "push", "-q", "origin", f"{head}:refs/heads/land/feature/a")
+    w.step(3)
+    assert w.state_of("feature/a") == "rejected"
+    flaky["fail"] = False
+    git(w.work, "push", "-q", "origin", f"{head}:refs/heads/land/feature/a")
+    w.dispatcher.hold = True
+    w.step()
+    assert w.state_of("feature/a") == "testing"
+    newer = w.branch("feature/a", {"a2.txt": "b"}, base="origin/feature/a")
+    git(w.work, "push", "-q", "origin", f"{newer}:refs/heads/land/feature/a")
+    w.step()
+    rejected = [e for e in w.dispatcher.events if e["event"] == "rejected"]
+    assert rejected[-1]["head"] == newer and "already queued" in rejected[-1]["reason"]
+    w.dispatcher.hold = False
+    w.step(2)
+    assert w.state_of("feature/a") == "landed"
+    assert git(w.bare, "for-each-ref", "--format=%(refname)", "refs/heads/land").split() == []
+
+
+def test_a_push_whose_report_was_lost_while_the_upstream_was_unreadable_lands(world,
+                                                                            monkeypatch):
+    """The push happened but its report was lost, and the upstream could
+    not be read just then: the land was journalled 'unpushed', the entry
+    rebuilt, found "already merged into main", and rejected (told
+    'rejected'; 'landed' never) though its merge was on main."""
+    w = world()
+    start = w.main()
+    w.branch("feature/a", {"a.txt": "a"})
+    w.engine.ask("feature/a", "x")
+    w.dispatcher.hold = True
+    w.step()
+    w.dispatcher.hold = False
+    merges = w.engine.git.merges
+    real_run, real_remote = merges.git.run, merges.remote_head
+
+    def run(*args, **kwargs):
+        done = real_run(*args, **kwargs)            # the push really happens...
+        if args[0] == "push":
+            raise GitError(["push"], "", -1, "connection reset")   # ...its report is lost
+        return done
+
+    def remote_head(branch):
+        raise GitError(["ls-remote"], "", 128, "upstream unreachable")
+    monkeypatch.setattr(merges.git, "run", run)
+    monkeypatch.setattr(merges, "remote_head", remote_head)
+    w.step()
+    monkeypatch.setattr(merges.git, "run", real_run)
+    monkeypatch.setattr(merges, "remote_head", real_remote)
+    assert w.main() != start and w.state_of("feature/a") != "rejected"
+    w.step(2)
+    assert w.state_of("feature/a") == "landed"
+    assert [e["event"] for e in w.dispatcher.events] == ["landed"]
 
 
 def test_an_event_of_an_entry_never_tested_is_one_the_dispatcher_takes(world):

@@ -219,6 +219,23 @@ def test_the_observer_reads_the_commits_recipe(tmp_path):
     assert first.startswith(f"{cells} - main cells=") and second == f"{none} {cells} main"
 
 
+def test_dispatch_batches_keep_each_body_small_and_chain_the_commits():
+    """200 commits of a 256-cell matrix with long labels made a 17 MiB
+    body, over the dispatcher's message limit: refused at every poll."""
+    from ci.observer.commits import dispatch_batches, dispatch_body
+    commits = [f"{n:040x}" for n in range(1, 11)]
+    plans = {c: "cells=" + "x" * 300_000 for c in commits}
+    batches = list(dispatch_batches(commits, "f" * 40, "main", plans, 200, limit=1_000_000))
+    assert [c for batch, _ in batches for c in batch] == commits
+    assert all(len(body) <= 1_000_000 for _, body in batches) and len(batches) > 1
+    previous = "f" * 40
+    for batch, body in batches:
+        assert body == dispatch_body(batch, previous, "main", plans)
+        previous = batch[-1]
+    (single,) = list(dispatch_batches(commits[:1], None, "main", plans, 200, limit=10))
+    assert single[0] == commits[:1]          # one commit goes whatever its size
+
+
 @pytest.mark.parametrize("cells, error", [
     ("[" * 50000, "nested too deep"),         # json's RecursionError was an internal error
     ('[{"name": "x", "python": 3.10}]', "bad python"),   # a number: 3.10 reads as 3.1

@@ -11,6 +11,8 @@ from __future__ import annotations
 import subprocess
 import threading
 
+import pytest
+
 from support.cluster import git
 
 from ci.landing.ports import QueueGit
@@ -55,3 +57,18 @@ def test_an_ask_and_a_poll_fetching_at_once_both_succeed(tmp_path, upstream):
         thread.join(30)
         assert polled.get("main") == head or errors
     assert not errors, errors[:3]
+
+
+def test_a_listing_longer_than_read_is_an_error_never_a_cut(tmp_path, upstream, monkeypatch):
+    """Cut at 2 MiB, a listing of 20,000 long branch names lost "main"
+    (which sorts after them) and the half line at the cut became a branch."""
+    from ci.git import GitError
+    from ci.observer import poller
+    clone = str(tmp_path / "clone")
+    subprocess.run(["git", "clone", "-q", upstream.path, clone], check=True)
+    observer = Observer(Watch(clone, ["main"], 0.2), ("127.0.0.1", 9),
+                        ObserverState(str(tmp_path / "state.json")), Security())
+    assert "main" in observer._update()
+    monkeypatch.setattr(poller, "MAX_LISTING", 30)
+    with pytest.raises(GitError, match="more than 30 bytes of branches"):
+        observer._update()
