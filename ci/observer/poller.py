@@ -20,8 +20,8 @@ from ci.git import GitError, script_path
 from ci.security import Security
 from ci.wire import (DEFAULT_CONNECT_TIMEOUT, Message, ProtocolError, encode_fields,
                      format_address)
-from ci.observer.commits import (MAX_LISTING, dispatch_batches, first_parent, new_commits,
-                                 own_commits, parse_heads, plan_fields)
+from ci.observer.commits import (MAX_LISTING, dispatch_batches, dispatch_body, first_parent,
+                                 new_commits, own_commits, parse_heads, plan_fields)
 from ci.landing.commands import QueueCommands
 from ci.observer.fetchlock import fetch_lock
 from ci.observer.merges import BranchMerges
