@@ -81,6 +81,13 @@ def judge(exit_code: int, timed_out: bool, output: bytes,
     if timed_out:
         return "timeout", counts, "test command exceeded the time limit and was killed"
     if exit_code == 0:
+        if known is None and counts.found and (counts.failures or counts.errors):
+            # The status was lost on the way (``cmd | tee log`` exits with
+            # tee's); the summary, the last one printed, still says failed.
+            # A test can print a fake summary only before the real one, so
+            # this can make a pass a failure, never a failure a pass.
+            return "failed", counts, ("the test command exited 0, but its summary reports "
+                                      "failing tests (was its exit status lost in a pipe?)")
         return "passed", counts, ""
     if any(marker in output for marker in IMPORT_FAILURE_MARKERS):
         return "error", counts, "test modules could not be imported (see output)"

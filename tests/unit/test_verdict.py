@@ -190,6 +190,12 @@ def test_parse_counts_without_a_summary(output):
     pytest.param(-9, True, b"", "timeout", "time limit", id="timeout-no-output"),
     pytest.param(0, True, UNITTEST_ONE_TEST_OK, "timeout", "time limit",
                  id="timeout-wins-over-exit-0"),
+    # The status lost in a pipe (``... | tee log``): the summary still says
+    # failed, and a header said "passed" beside "failures: 2".
+    pytest.param(0, False, UNITTEST_MIXED, "failed", "exited 0, but its summary",
+                 id="exit-0-unittest-failed"),
+    pytest.param(0, False, PYTEST_Q_MIXED, "failed", "exited 0, but its summary",
+                 id="exit-0-pytest-failed"),
 ])
 def test_classify(code, timed_out, output, verdict, reason_part):
     got, counts, reason = judge(code, timed_out, output)
