@@ -128,6 +128,7 @@ class Engine:
             for rule in self.rules:
                 self.heads[rule.target] = heads.get(rule.target)
         self._take_land_refs(heads)
+        self._reject_untargeted()
         self._settle_intents()
         self._read_verdicts()
         for target in sorted({e.target for e in self._active()}):
@@ -173,6 +174,15 @@ class Engine:
                 self.git.delete_branch(name, commit)
             except GitError as exc:
                 log.warning("queue: could not delete %s: %s", name, exc)
+
+    def _reject_untargeted(self) -> None:
+        """An active entry with no target: a refused push's rejection is
+        two records (its ask, then ``rejected``), and a crash between them
+        left it queued for ever, the queue never idle."""
+        with self.lock:
+            for entry in [e for e in self._active() if e.target == "-"]:
+                self.journal.write("rejected", entry.id,
+                                   reason="matches no --merge-into rule")
 
     def _refuse_pushed(self, branch: str, commit: str, reason: str) -> None:
         """A refused push-ask has no one to answer: it becomes a rejected

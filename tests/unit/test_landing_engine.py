@@ -461,6 +461,19 @@ def test_a_push_whose_report_was_lost_while_the_upstream_was_unreadable_lands(wo
     assert [e["event"] for e in w.dispatcher.events] == ["landed"]
 
 
+def test_a_refused_push_cut_between_its_two_records_is_rejected_next_poll(world):
+    """A crash after a refused push's ask record and before its rejection
+    left an entry with no target active for ever (the queue never idle)."""
+    w = world()
+    head = w.branch("other/x", {"x.txt": "x"})
+    w.engine.journal.ask("other/x", "-", head, "push")      # ...and the crash
+    assert w.engine.busy()
+    w.step(2)
+    assert w.state_of("other/x") == "rejected"
+    assert [e["event"] for e in w.dispatcher.events] == ["rejected"]
+    assert not w.engine.busy()
+
+
 def test_an_event_of_an_entry_never_tested_is_one_the_dispatcher_takes(world):
     # A rejected entry with no tested commit (a refused land ref, a
     # conflict) says so with an empty ``tested`` (ci/notify/queue_events.py):
