@@ -46,14 +46,20 @@ def new_commits(repo: str, head: str, last: str | None) -> tuple[list[str], bool
     return out.split(), False
 
 
-def parse_heads(text: str) -> dict[str, str]:
-    """``update_repo.sh``'s listing: one ``<full id> <branch>`` per line."""
+def parse_heads(text: str, skipped: list[str] | None = None) -> dict[str, str]:
+    """``update_repo.sh``'s listing: one ``<full id> <branch>`` per line.
+    A branch name that is not printable, or not UTF-8 (decoded with
+    replacement characters, two such names could read as one), is left
+    out, and named in ``skipped``: it cannot be named in a result safely."""
     heads = {}
     for line in text.splitlines():
         commit, _, branch = line.partition(" ")
-        if valid_full_commit(commit) and branch and branch.isprintable() \
-                and " " not in branch:
+        if not valid_full_commit(commit) or not branch:
+            continue
+        if branch.isprintable() and " " not in branch and "\ufffd" not in branch:
             heads[branch] = commit
+        elif skipped is not None:
+            skipped.append(branch)
     return heads
 
 

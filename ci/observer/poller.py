@@ -81,6 +81,7 @@ class Observer:
         self.stop_event = threading.Event()
         self.polls = 0
         self._unmatched: set[str] = set()  # patterns already warned about
+        self._skipped_names: set[str] = set()  # unusable branch names already warned about
         # --merge-into: branches tested as merged into their target.
         self.merges = merges
         self._missing_targets: set[str] = set()  # already warned about
@@ -306,7 +307,13 @@ class Observer:
             if len(listing) > MAX_LISTING:
                 raise GitError(["for-each-ref"], self.repo, 0,
                                f"the upstream lists more than {MAX_LISTING} bytes of branches")
-        return parse_heads(listing.decode(errors="replace"))
+        skipped: list[str] = []
+        heads = parse_heads(listing.decode(errors="replace"), skipped)
+        for name in sorted(set(skipped) - self._skipped_names):
+            log.warning("branch %r is not watched: its name is not printable UTF-8 without "
+                        "spaces", name)
+        self._skipped_names = set(skipped)
+        return heads
 
     def _prefetch(self) -> None:
         """Ask the dispatcher to have idle runners fetch now, while our own

@@ -161,6 +161,11 @@ def test_dispatch_body_is_one_line_per_commit():
     assert commits.dispatch_body([a], None, "main") == f"{a} - main\n".encode()
     heads = commits.parse_heads(f"{a} main\n\n{b} feature/x\nnot a line\n{c} a b\n")
     assert heads == {"main": a, "feature/x": b}
+    # Not UTF-8 (two such names could read alike) or not printable: named
+    # for a warning, never watched.
+    skipped = []
+    heads = commits.parse_heads(f"{a} main\n{b} caf\ufffd\n{c} tab\there\n", skipped)
+    assert heads == {"main": a} and skipped == ["caf\ufffd", "tab\there"]
 
 
 def test_bad_flags_are_refused(upstream, tmp_path):
