@@ -205,8 +205,12 @@ class Observer:
             commits, rewritten = new_commits(self.repo, head, last)
             previous = self.state.previous_of(branch)
             if rewritten:
+                # Force-pushed: its new commits, as a new branch's (they have
+                # new ids; only the head was sent, the rest never tested).
                 log.warning("branch %s was rewritten (%s is no longer an ancestor of %s); "
-                            "dispatching the new head only", branch, last[:12], head[:12])
+                            "dispatching its new commits", branch, last[:12], head[:12])
+                commits, previous = self._new_branch(branch, watched, also_not=last)
+                commits = commits or [head]
         if commits:
             self._dispatch(branch, commits, previous)
 
@@ -239,13 +243,21 @@ class Observer:
         log.info("dispatched %s of %s (%s): %s", "the merge" if prepared.commit != head
                  else "the conflict", branch, prepared.commit[:12], reply.argument)
 
-    def _new_branch(self, branch: str, watched: dict[str, str]) -> tuple[list[str], str | None]:
-        """The commits of a branch first seen now that no known branch has,
-        the newest --new-branch-limit of them; and their previous commit:
-        the fork point, if it was dispatched."""
+    def _new_branch(self, branch: str, watched: dict[str, str],
+                    also_not: str | None = None) -> tuple[list[str], str | None]:
+        """The commits of a branch first seen now (or rewritten: not on its
+        old line ``also_not`` either) that no known branch has, the newest
+        --new-branch-limit of them; and their previous commit: the fork
+        point, if it was dispatched."""
         others = [head for other, head in watched.items()
                   if other != branch and self.state.get(other) is not None]
-        commits = own_commits(self.repo, watched[branch], others)
+        try:
+            commits = own_commits(self.repo, watched[branch],
+                                  others + ([also_not] if also_not else []))
+        except GitError:
+            if not also_not:
+                raise
+            commits = own_commits(self.repo, watched[branch], others)   # the old line is gone
         if len(commits) > self.new_branch_limit:
             log.warning("new branch %s has %d commits of its own; dispatching the newest %d "
                         "(--new-branch-limit)", branch, len(commits), self.new_branch_limit)

@@ -121,6 +121,24 @@ def test_patterns_new_branches_deleted_branches_and_the_cap(cluster, upstream, r
     assert [c for batch in recorder.arguments for c in batch] == seen
 
 
+def test_a_force_pushed_branch_has_each_of_its_new_commits_tested(cluster, upstream, recorder):
+    """A rewritten branch (rebased, amended) sent its new head only: the
+    commits under it, new ids never tested, were skipped."""
+    branch_commits(upstream, "feature/x", 2)
+    start_observer(cluster, recorder, "--branch", "main", "--branch", "feature/*")
+    wait_until(lambda: len(recorder.lines) == 2, 20, what="the two heads")
+    main1 = upstream.commit({"m1.txt": "1\n"})
+    wait_until(lambda: recorder.of("main")[1:] == [(main1, recorder.of("main")[0][0])], 20,
+               what="main1")
+    # Rebased onto main1: three new commits (one more), the branch moved by
+    # force in one step (as a push -f does; never seen deleted).
+    rebased = branch_commits(upstream, "rebased", 3, start="main", name="rebased")
+    git(upstream.path, "update-ref", "refs/heads/feature/x", rebased[-1])
+    wait_until(lambda: len(recorder.of("feature/x")) == 4, 20, what="the rebased commits")
+    assert recorder.of("feature/x")[1:] == [(rebased[0], main1), (rebased[1], rebased[0]),
+                                            (rebased[2], rebased[1])]
+
+
 def test_all_branches_and_a_branch_with_nothing_of_its_own(cluster, upstream, recorder):
     dev = branch_commits(upstream, "dev", 1)
     observer = start_observer(cluster, recorder, "--all-branches")
