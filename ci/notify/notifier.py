@@ -30,6 +30,8 @@ from ci.notify.queue_events import QueueEvent, build_queue_event
 from ci.notify.store import JOURNAL_NAME, EventStore
 from ci.notify.worker import DEFAULT_RETRY_FOR, DEFAULT_RETRY_MAX, TargetWorker
 from ci.outcome import Outcome
+from ci.retention import tombstones
+from ci.retention.tombstones import TombstoneFile
 from ci.wire import valid_full_commit
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,8 @@ class Notifier:
         self.results_dir = results_dir
         self.dashboard_url = options.dashboard_url
         self.store = EventStore(os.path.join(state_dir, JOURNAL_NAME))
+        # The dispatcher's, in the same state folder (read only here).
+        self.tombstones = TombstoneFile(os.path.join(state_dir, tombstones.FILE_NAME))
         self.decider = Decider(options.kinds)
         self.decider.judged = self.store.judged
         self.targets = targets
@@ -277,7 +281,15 @@ class Notifier:
         # stops being pending, so "not pending" means its file is final.
         if self.is_pending(commit):
             return PENDING
-        return read_result(self.results_dir, commit) or UNKNOWN
+        found = read_result(self.results_dir, commit)
+        if found is not None:
+            return found
+        # Pruned (--keep-results): its tombstone keeps the verdict.  Without
+        # it, once the journal's compaction let the commit go, the commit
+        # after it was judged alone, and its "broken" was never sent.  No
+        # branch: the verdict is used, the commit never decided again.
+        stone = self.tombstones.find(commit)
+        return Result(commit, None, None, stone.verdict) if stone is not None else UNKNOWN
 
     def _process(self, results: list[Result]) -> None:
         """Decide, journal (durably, before any receiver is tried), then

@@ -148,3 +148,38 @@ def test_giving_up_resets_the_backoff():
         stop.set()
         worker.wake()
         worker.thread.join(5)
+
+
+def test_a_pruned_predecessor_still_judges_the_next_result_after_compaction(tmp_path):
+    """--keep-results pruned A while B (after A) was still running, and
+    the notification journal's compaction let A go (its file was gone):
+    B's failure was judged alone, its "broken" never sent, and C after it
+    was told "fixed" for a break nobody heard of."""
+    from ci.retention.tombstones import FILE_NAME, Tombstone, TombstoneFile
+    results, state = str(tmp_path / "results"), str(tmp_path / "state")
+    os.makedirs(results)
+    os.makedirs(state)
+    p, a, b, c = chain(["passed", "passed", "failed", "passed"])
+    command, out = recorder(tmp_path)
+    pending = {b.commit}
+    notifier = Notifier(state, results, [CommandTarget(command.split(), 10)],
+                        Options(NOTIFY_ON["change"], retry_max=0.2))
+    notifier.start(lambda commit: commit in pending)
+    try:
+        for result in (p, a, c):            # c finished first: it waits for b
+            notifier.result_written(result.commit, write_result(results, result))
+        wait_until(lambda: notifier.decider.waiting() == {c.commit: b.commit}, 10,
+                   what="c waiting for b")
+        # The pruner: a's tombstone, then its file; then a compaction.
+        TombstoneFile(os.path.join(state, FILE_NAME)).append(
+            [Tombstone(a.commit, "passed", 0.0, 0.0, p.commit, "main")])
+        os.unlink(os.path.join(results, a.commit))
+        notifier.store.compact(lambda commit: os.path.exists(os.path.join(results, commit)))
+        assert a.commit not in notifier.store.judged
+        pending.discard(b.commit)
+        notifier.result_written(b.commit, write_result(results, b))
+        wait_until(lambda: len(recorded(out)) >= 2, 10, what="broken and fixed")
+    finally:
+        notifier.stop()
+    assert [(r["CI_EVENT"], r["CI_COMMIT"]) for r in recorded(out)] == \
+        [("broken", b.commit), ("fixed", c.commit)]
