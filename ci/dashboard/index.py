@@ -72,14 +72,17 @@ def compute_marks(entries: dict[str, dict], earlier=None) -> dict[str, str]:
     return marks
 
 
-def branch_states(entries: dict[str, dict], order: dict[str, float] | None = None
-                  ) -> dict[str, dict]:
+def branch_states(entries: dict[str, dict], order: dict[str, float] | None = None,
+                  pruned_named: dict[str, set[str]] | None = None) -> dict[str, dict]:
     """Per branch: its head (the newest commit with a result that no other
-    result on the branch names as ``previous``), ``passing``/``failing``,
-    and for a red branch the first commit of the unbroken red run
-    (``since``).  ``order`` (commit -> finish time) breaks ties between
-    several heads, e.g. after a force-push."""
+    result on the branch names as ``previous``, pruned ones too:
+    ``pruned_named``, else a retest of an old commit whose successor was
+    pruned passed for the head), ``passing``/``failing``, and for a red
+    branch the first commit of the unbroken red run (``since``).
+    ``order`` (commit -> finish time) breaks ties between several heads,
+    e.g. after a force-push."""
     order = order or {}
+    pruned_named = pruned_named or {}
     by_branch: dict[str, list[str]] = {}
     named_previous: dict[str, set[str]] = {}
     for commit, fields in entries.items():
@@ -92,7 +95,8 @@ def branch_states(entries: dict[str, dict], order: dict[str, float] | None = Non
     states = {}
     for branch, commits in by_branch.items():
         referenced = named_previous.get(branch, set())
-        heads = [c for c in commits if c not in referenced] or commits
+        gone = pruned_named.get(branch, set())
+        heads = [c for c in commits if c not in referenced and c not in gone] or commits
         head = max(heads, key=lambda c: (order.get(c, 0.0), c))
         red = entries[head].get("verdict") in RED
         since = None
@@ -309,7 +313,7 @@ class ResultIndex:
         self._ordered = sorted(self._entries, key=lambda c: (finished[c], c), reverse=True)
         self._position = {c: i for i, c in enumerate(self._ordered)}
         self._marks = compute_marks(self._entries, self.pruned.fields_of)
-        self._branches = branch_states(self._entries, finished)
+        self._branches = branch_states(self._entries, finished, self.pruned.named())
         self._pruned = self.pruned.per_branch(self._entries.keys())
         self._derived_version = self.version
 

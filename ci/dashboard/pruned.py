@@ -32,6 +32,8 @@ class PrunedIndex:
         self._offset = 0
         self._found: dict[str, Tombstone] = {}
         self._per_branch: dict[str, int] = {}
+        # branch -> the commits its pruned results name as ``previous``.
+        self._named: dict[str, set[str]] = {}
         self.version = 0
 
     def refresh(self) -> bool:
@@ -51,7 +53,7 @@ class PrunedIndex:
                 return False
             if st is None or self._stamp is None or st.st_ino != self._stamp[0] \
                     or st.st_size < self._offset:
-                self._found, self._per_branch, self._offset = {}, {}, 0
+                self._found, self._per_branch, self._named, self._offset = {}, {}, {}, 0
             self._stamp = stamp
             if st is not None:
                 self._read_from(self._offset)
@@ -69,6 +71,8 @@ class PrunedIndex:
             if commit not in self._found:
                 key = found.branch or ""
                 self._per_branch[key] = self._per_branch.get(key, 0) + 1
+            if found.branch and found.previous:
+                self._named.setdefault(found.branch, set()).add(found.previous)
             self._found[commit] = found
 
     def get(self, commit: str) -> Tombstone | None:
@@ -83,6 +87,12 @@ class PrunedIndex:
             found = self._found.get(commit)
         return None if found is None else {"verdict": found.verdict,
                                            "branch": found.branch or ""}
+
+    def named(self) -> dict[str, set[str]]:
+        """branch -> the commits its pruned results name as ``previous``
+        (no refresh, as ``fields_of``; read, never changed, by the caller)."""
+        with self._lock:
+            return self._named
 
     def per_branch(self, present=()) -> dict[str, int]:
         """branch ('' for none) -> how many of its results were pruned and

@@ -7,7 +7,6 @@ removed outside the lock while a retest of one of them waits.
 from __future__ import annotations
 
 import logging
-import os
 from ci.dispatch.journal import key_commit
 from ci.dispatch.work import Meta, WorkKey, work_key
 
@@ -112,7 +111,8 @@ class PrunedCommits:
         """Branch and predecessor of the pruned commits among ``targets``,
         from their tombstones: the lock is taken only to pick the commits
         known as pruned, the file (it may be long) is read without it; a
-        commit with a result file reads it there instead."""
+        commit whose result file is still there reads it there instead
+        (``_retest_works``)."""
         found = {}
         if self.tombstones is None:
             return found
@@ -121,8 +121,9 @@ class PrunedCommits:
             pruned = [c for c in dict.fromkeys(key_commit(t) for t in targets)
                       if work_key(c) in self.pruned]
         for commit in pruned:
-            if not os.path.exists(os.path.join(self.results_dir, commit)):
-                stone = self.tombstones.find(commit)
-                if stone is not None and stone.branch:
-                    found[commit] = Meta(stone.branch, stone.previous)
+            # Even with its file still there: a batch may be moving it
+            # (the retest waits for it), and its file is read first anyway.
+            stone = self.tombstones.find(commit)
+            if stone is not None and stone.branch:
+                found[commit] = Meta(stone.branch, stone.previous)
         return found

@@ -37,11 +37,12 @@ class Recovery:
             if self.tombstones is not None:
                 self.pruned = {work_key(c) for c in self.tombstones.load()} - self.done
             got = self.journal.replay()
-            # A matrix commit's cells are finished with the commit: a
-            # tombstone names only the commit (pruned, its cells' files
-            # are gone too).
+            # A matrix commit's cells are finished with the commit (its own
+            # file is written once they all are): a tombstone names only
+            # the commit, and a pass moves the cells' files before the
+            # commit's own, so a crash between leaves only the commit's.
             pending = [c for c in got.order if c in got.retest or not (
-                self._finished(work_key(c)) or work_key(key_commit(c)) in self.pruned)]
+                self._finished(work_key(c)) or self._finished(work_key(key_commit(c))))]
             deadline = time.monotonic() + grace
             for key in pending:
                 self._recover_one(key, got, grace, deadline)

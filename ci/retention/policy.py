@@ -104,13 +104,17 @@ class Entry:
 
 
 def protected(entries: Mapping[str, Entry], pruned_verdicts: Mapping[str, str],
-              pace: Callable[[], object] = lambda: None) -> set[str]:
+              pace: Callable[[], object] = lambda: None,
+              pruned_named: Iterable[tuple[str, str]] = ()) -> set[str]:
     """Commits kept whatever the policy: each branch's latest verdict and
-    head, and every commit that broke or fixed its branch."""
+    head, and every commit that broke or fixed its branch.  A head is a
+    commit no later one names, pruned ones too (``pruned_named``: their
+    (branch, previous)): a retest of an old commit whose successor was
+    pruned made it the head, and the real tip was pruned."""
     keep: set[str] = set()
     newest: dict[str, Entry] = {}
     heads: dict[str, Entry] = {}
-    named: set[tuple[str, str | None]] = set()
+    named: set[tuple[str, str | None]] = set(pruned_named)
     for e in entries.values():
         pace()
         if e.previous:
@@ -145,17 +149,20 @@ def _changed(entry: Entry, entries: Mapping[str, Entry],
 
 def plan(entries: Mapping[str, Entry], policy: KeepPolicy, now: float,
          pruned_verdicts: Mapping[str, str] | None = None,
-         pending: Iterable[str] = (), pace: Callable[[], object] = lambda: None
-         ) -> list[str]:
+         pending: Iterable[str] = (), pace: Callable[[], object] = lambda: None,
+         pruned_named: Iterable[tuple[str, str]] = ()) -> list[str]:
     """The commits to prune, oldest first.  ``entries``: every result
     file; ``pruned_verdicts``: verdicts of commits pruned before, so a
     change against a pruned predecessor is still recognised; ``pending``:
     queued or running (a retest), kept (their verdicts still judge the
-    commits after them); ``pace``: called before each entry of each loop
-    (the worker's Pacer waits there while a result is being stored, and
-    rests now and then: 100,000 entries are most of a second of pure
-    Python)."""
-    keep = protected(entries, pruned_verdicts or {}, pace) | set(pending)
+    commits after them), and so are the commits after them (a retest's new
+    verdict may make one that broke or fixed its branch); ``pace``: called
+    before each entry of each loop (the worker's Pacer waits there while a
+    result is being stored, and rests now and then: 100,000 entries are
+    most of a second of pure Python); ``pruned_named``: see ``protected``."""
+    pending = set(pending)
+    keep = protected(entries, pruned_verdicts or {}, pace, pruned_named) | pending
+    keep.update(e.commit for e in entries.values() if e.previous in pending)
     by_branch: dict[str, list[Entry]] = {}
     for entry in entries.values():
         pace()

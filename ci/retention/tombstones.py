@@ -178,6 +178,9 @@ class VerdictFollower:
     def __init__(self, path: str):
         self.path = path
         self.known: dict[str, str] = {}
+        # (branch, previous) of every pruned commit: they still name their
+        # predecessors (policy.protected: which commit is a branch's head).
+        self.named: set[tuple[str, str]] = set()
         self.inode = None
         self.offset = 0
 
@@ -187,12 +190,16 @@ class VerdictFollower:
                 st = os.fstat(handle.fileno())
                 if st.st_ino != self.inode or st.st_size < self.offset:
                     self.known, self.inode, self.offset = {}, st.st_ino, 0
+                    self.named = set()
                 handle.seek(self.offset)
                 data = handle.read()
         except FileNotFoundError:
-            self.known, self.inode, self.offset = {}, None, 0
+            self.known, self.inode, self.offset, self.named = {}, None, 0, set()
             return self.known
         whole = data[:data.rfind(b"\n") + 1]      # a line still being written waits
         self.offset += len(whole)
-        self.known.update((c, t.verdict) for c, t in parse_lines(whole).items())
+        stones = parse_lines(whole)
+        self.known.update((c, t.verdict) for c, t in stones.items())
+        self.named.update((t.branch, t.previous) for t in stones.values()
+                          if t.branch and t.previous)
         return self.known

@@ -152,8 +152,9 @@ class FileWorker:
                  self.read_since_save - read_before, " (result index)" if self.index else "")
         self.save_index(pacer)
         entries = {e.commit: e for e in listed}
-        doomed = set(keep.plan(entries, self.rules, time.time(), self.pruned.verdicts(),
-                               pending, pacer))
+        verdicts = self.pruned.verdicts()
+        doomed = set(keep.plan(entries, self.rules, time.time(), verdicts, pending, pacer,
+                               self.pruned.named))
         # In the folder's own order (ext4 lists a large folder in hash
         # order): consecutive unlinks then touch the same directory blocks
         # (measured alone over 100,000 pairs: 147 against 238 us per unlink

@@ -73,6 +73,27 @@ def test_branch_states():
     assert states["dev"]["state"] == "passing" and states["dev"]["head"] == commit_id(11)
 
 
+def test_a_branch_head_counts_what_its_pruned_results_name():
+    """c1 retested (the newest now), c2 pruned: c1 was named by no result
+    file left, and so passed for main's head; the tip is c3."""
+    entries = chain("passed", "passed", "failed", branch="main")
+    del entries[commit_id(1)]
+    order = {commit_id(0): 9.0, commit_id(2): 2.0}
+    assert di.branch_states(entries, order)["main"]["head"] == commit_id(0)
+    states = di.branch_states(entries, order, {"main": {commit_id(0)}})
+    assert states["main"]["head"] == commit_id(2) and states["main"]["state"] == "failing"
+
+
+def test_the_pruned_index_knows_what_pruned_results_name(tmp_path):
+    from ci.dashboard.pruned import PrunedIndex
+    from ci.retention.tombstones import Tombstone, TombstoneFile
+    path = str(tmp_path / "pruned-results")
+    TombstoneFile(path).append([Tombstone(commit_id(1), "passed", 1.0, 2.0, commit_id(0), "main"),
+                                Tombstone(commit_id(5), "passed", 1.0, 2.0, None, "main")])
+    index = PrunedIndex(path)
+    assert index.refresh() and index.named() == {"main": {commit_id(0)}}
+
+
 def test_failing_tests_from_unittest_and_pytest_output():
     unittest_out = ("F.E\n======\nFAIL: test_a (pkg.test_x.T.test_a)\n----\n"
                     "ERROR: test_b (pkg.test_x.T.test_b)\nFAIL: test_a (pkg.test_x.T.test_a)\n")

@@ -14,7 +14,8 @@ import types
 import pytest
 
 from ci.config import ConfigError
-from ci.dispatch.journal import Journal
+from ci import matrix
+from ci.dispatch.journal import Journal, cell_record, done_record, meta_record, queue_record
 from ci.dispatch.state import DispatcherState
 from ci.dispatch.work import Meta, WorkState, work_key
 from ci.history import store
@@ -111,6 +112,58 @@ def test_branch_head_kept_when_an_old_commit_was_retested_last():
     entries[cid(1)] = Entry(cid(1), "main", None, "passed", 9999.0)   # retested last
     doomed = plan(entries, KeepPolicy(count=1), now=10000.0)
     assert doomed == [cid(2)]     # cid(1) newest, cid(3) the head
+
+
+def test_the_tip_stays_after_a_retest_of_a_commit_whose_successor_was_pruned(tmp_path):
+    """Heads were found from the result files alone: with c3 pruned, a
+    retest of c2 (now the newest) left c2 named by no result, so c2 passed
+    for the head too, and the real tip c4 was pruned."""
+    entries = chain("main", "ppp", start=1)              # c2, c3, c4
+    del entries[cid(3)]                                    # pruned before
+    entries[cid(2)] = Entry(cid(2), "main", cid(1), "passed", 9_000_000.0)   # retested
+    stones = TombstoneFile(str(tmp_path / "pruned"))
+    stones.append([Tombstone(cid(3), "passed", 1001.0, 2000.0, cid(2), "main")])
+    follower = tombstones.VerdictFollower(stones.path)
+    verdicts = follower.verdicts()
+    assert follower.named == {("main", cid(2))}
+    month = KeepPolicy(age=30 * 86400)
+    assert cid(4) in plan(entries, month, now=9_000_001.0, pruned_verdicts=verdicts)
+    assert plan(entries, month, now=9_000_001.0, pruned_verdicts=verdicts,
+                pruned_named=follower.named) == []
+
+
+def test_the_commit_after_a_running_retest_is_kept():
+    """Judged against the retest's old verdict, c3 changed nothing and was
+    pruned; the retest then failed, which made c3 the commit that fixed main."""
+    doomed = plan(chain("main", "ppppp"), KeepPolicy(count=1), now=0.0, pending=[cid(2)])
+    assert cid(2) not in doomed and cid(3) not in doomed and doomed == [cid(1), cid(4)]
+
+
+def test_a_matrix_commits_cells_are_not_tested_again_after_a_crash_mid_prune(tmp_path):
+    """A pass moves a matrix commit's cell files before its own: killed
+    between, a restart found the commit done (its file) and not pruned,
+    its cells neither, and queued every cell again."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    m = cid(1)
+    header = {"verdict": "passed", "tests": 1, "failures": 0, "errors": 0, "skipped": 0,
+              "branch": "main", "commit": m, "cells": "py39=passed py312=passed"}
+    Outcome(header, b"output\n").write(str(folder), m)      # the cells' files moved
+    TombstoneFile(str(tmp_path / tombstones.FILE_NAME)).append(
+        [Tombstone(m, "passed", 1.0, 2.0, None, "main")])
+    records = []
+    for cell in ("py39", "py312"):
+        key = f"{m}:{cell}"
+        records += [queue_record(key), cell_record(key, matrix.Cell(cell)),
+                    meta_record(key, "main", None), done_record(key)]
+    (tmp_path / "journal").write_text("\n".join(records + [done_record(m)]) + "\n")
+    state = DispatcherState(str(folder), Journal(str(tmp_path / "journal")), 3)
+    state.tombstones = TombstoneFile(str(tmp_path / tombstones.FILE_NAME))
+    try:
+        state.recover()
+        assert not state.work and not state.queue
+    finally:
+        state.journal.close()
 
 
 # ---- tombstones ------------------------------------------------------------
