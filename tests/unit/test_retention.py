@@ -166,6 +166,24 @@ def test_a_matrix_commits_cells_are_not_tested_again_after_a_crash_mid_prune(tmp
         state.journal.close()
 
 
+def test_a_pruned_commit_whose_file_a_batch_is_still_moving_keeps_its_meta(tmp_path):
+    """A retest read the tombstone only once the file was gone; while a
+    batch was still moving it, it read neither (the file is gone by the
+    time the retest's wait for the batch ends) and ran without branch or
+    previous."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    write_results(folder, chain("main", "pp"))
+    state = new_state(tmp_path)
+    state.tombstones.append([Tombstone(cid(2), "passed", 1001.0, 2000.0, cid(1), "main")])
+    with state.cond:
+        assert state._mark_unlinking(work_key(cid(2)))      # a batch is moving it
+    try:
+        assert state.pruned_meta([cid(2)]) == {cid(2): Meta("main", cid(1))}
+    finally:
+        state.journal.close()
+
+
 # ---- tombstones ------------------------------------------------------------
 
 def test_tombstone_lines_round_trip_and_damage_is_skipped(tmp_path):
