@@ -28,6 +28,7 @@ from ci.matrix import Plan
 from ci.dispatch.journal import cell_record, queue_record, split_key
 from ci.dispatch.work import Meta, Work, work_key
 from ci.outcome import Outcome
+from ci.retention.tombstones import Tombstone
 from ci.wire import ProtocolError, Reply, decode_fields, one_line, valid_full_commit
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,15 @@ def cells_from_results(results_dir: str, commit: str) -> dict[str, matrix.Cell] 
                 results_dir, results.result_name(commit, name))) or {}
             cells[name] = cell_from_header(name, cell_header) or matrix.Cell(name)
     return cells or None
+
+
+def pruned_cells(stone: Tombstone) -> dict[str, matrix.Cell] | None:
+    """A pruned matrix commit's cells, as its tombstone keeps them."""
+    if not stone.cells:
+        return None
+    plan = matrix.decode_plan(stone.cells, matrix.MAX_CELLS_LIMIT)
+    named = {c.name: c for c in plan.cells if c.name}
+    return named if plan.error is None and named else None
 
 
 def summary(commit: str, cells: dict[str, matrix.Cell], headers: dict[str, dict]) -> Outcome:
@@ -204,15 +214,17 @@ class MatrixKeeper:
             self.groups[commit] = {c.name: c for c in plan.cells}
         return works
 
-    def _retest_works(self, target: str, pruned_meta: Meta | None = None) -> list[Work]:
+    def _retest_works(self, target: str, stone: Tombstone | None = None) -> list[Work]:
         """The cells a retest of ``target`` runs again (none pending);
-        ``pruned_meta``: the branch and predecessor its tombstone keeps,
-        for a commit whose result file was pruned."""
+        ``stone``: the tombstone of a commit whose result files were
+        pruned (its branch, predecessor and cells)."""
         commit, cell = split_key(target) or (target, "")
-        cells = self.groups.get(commit) or cells_from_results(self.results_dir, commit)
+        cells = self.groups.get(commit) or cells_from_results(self.results_dir, commit) \
+            or (pruned_cells(stone) if stone is not None else None)
         if cell and (cells is None or cell not in cells):
             raise Reply(f"retest of {target[:60]}: {commit[:12]} has no cell {cell!r}")
-        meta = meta_from_result(self.results_dir, commit) or pruned_meta
+        meta = meta_from_result(self.results_dir, commit) or (
+            Meta(stone.branch, stone.previous) if stone is not None and stone.branch else None)
         if cells is None:
             if work_key(commit) in self.work:
                 return []

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 from ci.dispatch.journal import key_commit
-from ci.dispatch.work import Meta, WorkKey, work_key
+from ci.dispatch.work import WorkKey, work_key
+from ci.retention.tombstones import Tombstone
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +108,9 @@ class PrunedCommits:
         with self.cond:
             self.pruned.difference_update(work_key(c) for c in commits)
 
-    def pruned_meta(self, targets: list[str]) -> dict[str, Meta]:
-        """Branch and predecessor of the pruned commits among ``targets``,
-        from their tombstones: the lock is taken only to pick the commits
+    def pruned_stones(self, targets: list[str]) -> dict[str, Tombstone]:
+        """The tombstones of the pruned commits among ``targets`` (their
+        branch, predecessor and a matrix commit's cells): the lock is taken only to pick the commits
         known as pruned, the file (it may be long) is read without it; a
         commit whose result file is still there reads it there instead
         (``_retest_works``)."""
@@ -124,6 +125,6 @@ class PrunedCommits:
             # Even with its file still there: a batch may be moving it
             # (the retest waits for it), and its file is read first anyway.
             stone = self.tombstones.find(commit)
-            if stone is not None and stone.branch:
-                found[commit] = Meta(stone.branch, stone.previous)
+            if stone is not None:
+                found[commit] = stone
         return found

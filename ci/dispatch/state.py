@@ -246,7 +246,7 @@ class DispatcherState(Recovery, LiveOutput, PrunedCommits, RunnerRegistry, Shard
         again even if they have a result (a "rebuild" of a flaky run); the
         new result replaces the file atomically.  A retest is a new round:
         results carrying an earlier round's token count as duplicates."""
-        pruned = self.pruned_meta(targets)
+        pruned = self.pruned_stones(targets)
         with self.cond:
             # Bounded: the pruner holds a commit here for one batch's unlinks.
             self.cond.wait_for(lambda: not any(work_key(key_commit(t)) in self.unlinking

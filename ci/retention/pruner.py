@@ -36,7 +36,8 @@ import logging
 import threading
 import time
 
-from ci import results
+from ci import matrix, results
+from ci.dispatch.cells import cells_from_results
 from ci.retention import policy as keep
 from ci.retention.gate import PAUSE, REST, rest_after
 from ci.retention.tombstones import Tombstone, TombstoneFile
@@ -156,7 +157,8 @@ class Pruner:
         if self._plan_stale():
             return 0
         dropped = self.tombstones.append([Tombstone(e.commit, e.verdict, e.finished, now,
-                                                    e.previous, e.branch or None)
+                                                    e.previous, e.branch or None,
+                                                    self._cells_field(e))
                                           for e in group])
         cells = {e.commit: e.cells for e in group}
 
@@ -171,6 +173,15 @@ class Pruner:
         if dropped:      # after the group: a trim may drop some of its own
             self._forget_tombstones(dropped)
         return removed
+
+    def _cells_field(self, entry: keep.Entry) -> str:
+        """A matrix commit's cells as its tombstone keeps them (read from
+        its cell files, which the pass is about to remove): without them a
+        retest ran one plain job, on the runner's own Python."""
+        if not entry.cells:
+            return ""
+        cells = cells_from_results(self.results_dir, entry.commit)
+        return matrix.encode_plan(matrix.Plan(tuple(cells.values()))) if cells else ""
 
     def _drop_leftovers(self) -> None:
         """The second sweep: the XMLs of the commits the first one pruned

@@ -47,17 +47,20 @@ class Tombstone:
     pruned: float            # when it was pruned
     previous: str | None
     branch: str | None
+    # A matrix commit's cells (``matrix.encode_plan``'s field, "" for none):
+    # a retest of it, once its cell files are gone, runs them again.
+    cells: str = ""
 
 
 def format_line(t: Tombstone) -> str:
     return (f"{t.commit} {t.verdict} {t.finished:.0f} {t.pruned:.0f} "
-            f"{t.previous or NONE} {t.branch or NONE}")
+            f"{t.previous or NONE} {t.branch or NONE}" + (f" {t.cells}" if t.cells else ""))
 
 
 def parse_line(line: str) -> Tombstone | None:
     """The tombstone of one line; None for one that does not parse."""
     parts = line.split(" ")
-    if len(parts) != 6 or not valid_full_commit(parts[0]) or not parts[1].isalpha():
+    if len(parts) not in (6, 7) or not valid_full_commit(parts[0]) or not parts[1].isalpha():
         return None
     try:
         finished, pruned = float(parts[2]), float(parts[3])
@@ -67,7 +70,7 @@ def parse_line(line: str) -> Tombstone | None:
     if previous is not None and not valid_full_commit(previous):
         return None
     return Tombstone(parts[0], parts[1], finished, pruned, previous,
-                     None if parts[5] == NONE else parts[5])
+                     None if parts[5] == NONE else parts[5], parts[6] if len(parts) == 7 else "")
 
 
 def parse_lines(data: bytes) -> dict[str, Tombstone]:

@@ -179,9 +179,36 @@ def test_a_pruned_commit_whose_file_a_batch_is_still_moving_keeps_its_meta(tmp_p
     with state.cond:
         assert state._mark_unlinking(work_key(cid(2)))      # a batch is moving it
     try:
-        assert state.pruned_meta([cid(2)]) == {cid(2): Meta("main", cid(1))}
+        stone = state.pruned_stones([cid(2)])[cid(2)]
+        assert Meta(stone.branch, stone.previous) == Meta("main", cid(1))
     finally:
         state.journal.close()
+
+
+def test_a_retest_of_a_pruned_matrix_commit_runs_its_cells_again(tmp_path):
+    """The tombstone kept no cells: once the cell files were pruned, a
+    retest of the commit ran one plain job on the runner's own Python,
+    and a retest of one cell was refused ("has no cell")."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    entries = chain("main", "ppp")
+    write_results(folder, entries)
+    m = cid(1)
+    header = {"verdict": "passed", "tests": 1, "failures": 0, "errors": 0, "skipped": 0,
+              "branch": "main", "commit": m, "cells": "py39=passed py312=passed"}
+    for cell, python in (("py39", "3.9"), ("py312", "3.12")):
+        Outcome({**header, "cells": "", "cell": cell, "python": python}, b"o\n",
+                [TestRecord("t", "x")]).write(str(folder), m, cell)
+    Outcome(header, b"o\n").write(str(folder), m)
+    os.utime(folder / m, (entries[m].finished,) * 2)
+    state = new_state(tmp_path)
+    assert pruner_for(state, KeepPolicy(count=1)).run_once().pruned == 2
+    assert not any(name.startswith(m) for name in os.listdir(folder))
+    assert sorted(state.retest([f"{m}:py39"])) == [f"{m}:py39"]
+    assert state.work[f"{m}:py39"].cell.python == "3.9"
+    assert state.work[f"{m}:py39"].meta.branch == "main"
+    assert state.retest([m]) == [f"{m}:py312"]      # py39 is queued already
+    assert state.work[f"{m}:py312"].cell.python == "3.12"
 
 
 # ---- tombstones ------------------------------------------------------------
@@ -189,6 +216,8 @@ def test_a_pruned_commit_whose_file_a_batch_is_still_moving_keeps_its_meta(tmp_p
 def test_tombstone_lines_round_trip_and_damage_is_skipped(tmp_path):
     t = Tombstone(cid(1), "failed", 100.0, 200.0, cid(2), "feature/x")
     assert tombstones.parse_line(tombstones.format_line(t)) == t
+    matrix_commit = Tombstone(cid(4), "passed", 1.0, 2.0, None, "main", "cells=W3siIjoiIn1d")
+    assert tombstones.parse_line(tombstones.format_line(matrix_commit)) == matrix_commit
     bare = Tombstone(cid(3), "passed", 1.0, 2.0, None, None)
     data = (tombstones.format_line(t) + "\ngarbage line\n" + tombstones.format_line(bare)
             + "\n" + tombstones.format_line(t)[:30]).encode()
