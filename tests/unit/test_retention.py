@@ -190,17 +190,7 @@ def test_a_retest_of_a_pruned_matrix_commit_runs_its_cells_again(tmp_path):
     retest of the commit ran one plain job on the runner's own Python,
     and a retest of one cell was refused ("has no cell")."""
     folder = tmp_path / "results"
-    folder.mkdir()
-    entries = chain("main", "ppp")
-    write_results(folder, entries)
-    m = cid(1)
-    header = {"verdict": "passed", "tests": 1, "failures": 0, "errors": 0, "skipped": 0,
-              "branch": "main", "commit": m, "cells": "py39=passed py312=passed"}
-    for cell, python in (("py39", "3.9"), ("py312", "3.12")):
-        Outcome({**header, "cells": "", "cell": cell, "python": python}, b"o\n",
-                [TestRecord("t", "x")]).write(str(folder), m, cell)
-    Outcome(header, b"o\n").write(str(folder), m)
-    os.utime(folder / m, (entries[m].finished,) * 2)
+    m = write_matrix_chain(folder, {"py39": "3.9", "py312": "3.12"})
     state = new_state(tmp_path)
     assert pruner_for(state, KeepPolicy(count=1)).run_once().pruned == 2
     assert not any(name.startswith(m) for name in os.listdir(folder))
@@ -244,6 +234,25 @@ def write_results(folder, entries: dict, records: bool = True) -> None:
         recs = [TestRecord("t", "test_one", "passed" if e.verdict == "passed" else "failed")]
         Outcome(header, b"output\n", recs if records else None).write(str(folder), commit)
         os.utime(folder / commit, (e.finished, e.finished))
+
+
+def write_matrix_chain(folder, cells: dict[str, str]) -> str:
+    """Three passed commits on main, the first a matrix commit with
+    ``cells`` (name -> python) and their files; the matrix commit."""
+    folder.mkdir()
+    entries = chain("main", "ppp")
+    write_results(folder, entries)
+    commit = cid(1)
+    header = {"verdict": "passed", "tests": 1, "failures": 0, "errors": 0, "skipped": 0,
+              "branch": "main", "commit": commit,
+              "cells": " ".join(f"{name}=passed" for name in cells)}
+    for name, python in cells.items():
+        cell_header = {k: v for k, v in header.items() if k != "cells"}
+        Outcome({**cell_header, "cell": name, "python": python}, b"out\n",
+                [TestRecord("t", "test_one")]).write(str(folder), commit, name)
+    Outcome(header, b"output\n").write(str(folder), commit)
+    os.utime(folder / commit, (entries[commit].finished,) * 2)
+    return commit
 
 
 def new_state(tmp_path) -> DispatcherState:
@@ -483,19 +492,7 @@ def test_a_pruned_matrix_commit_takes_its_cell_files_with_it(tmp_path):
     """A matrix commit's cells lie beside it (<commit>.cell.<name> and its
     .xml): pruning the commit removes them too, not only its own files."""
     folder = tmp_path / "results"
-    folder.mkdir()
-    entries = chain("main", "ppp")
-    write_results(folder, entries)
-    matrix_commit = cid(1)
-    header = {"verdict": "passed", "tests": 1, "failures": 0, "errors": 0, "skipped": 0,
-              "branch": "main", "commit": matrix_commit,
-              "cells": "py3.9=passed py3.12=passed"}
-    for cell in ("py3.9", "py3.12"):
-        cell_header = {k: v for k, v in header.items() if k != "cells"}
-        Outcome({**cell_header, "cell": cell}, b"out\n",
-                [TestRecord("t", "test_one")]).write(str(folder), matrix_commit, cell)
-    Outcome(header, b"output\n").write(str(folder), matrix_commit)
-    os.utime(folder / matrix_commit, (entries[matrix_commit].finished,) * 2)
+    matrix_commit = write_matrix_chain(folder, {"py3.9": "3.9", "py3.12": "3.12"})
     cell_files = [n for n in os.listdir(folder) if ".cell." in n]
     assert len(cell_files) == 4, cell_files
     state = new_state(tmp_path)
