@@ -143,3 +143,12 @@ def remove_tree(name: str, dir_fd: int | None = None, path: str | None = None) -
         if proc.returncode:
             raise OSError(f"rm -rf failed: {proc.stderr.decode(errors='replace')[-500:]}") \
                 from None
+
+
+def remove_quietly(path: str) -> None:
+    """``remove_tree`` for a folder of our own that a test may have filled
+    (at any depth): what cannot be removed is left to the next start."""
+    try:
+        remove_tree(path)
+    except OSError:
+        pass

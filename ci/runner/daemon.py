@@ -22,6 +22,7 @@ import helpers
 from ci import procgroup
 from ci.outcome import Outcome
 from ci.backoff import Backoff
+from ci.files import remove_tree
 from ci.git import script_path
 from ci.runner import interpreters, pipeline, startup
 from ci.runner.jobs import PREFETCH, RunnerJob, RunnerState, parse_runtest
@@ -46,6 +47,25 @@ MESSAGE_OVERHEAD = 64 * 1024
 # at once (the dispatcher keeps a tail of 64 KiB anyway).
 DEFAULT_PROGRESS_INTERVAL = 1.0
 PROGRESS_CHUNK = 64 * 1024
+
+
+# <state-dir>/SCRATCH: each run's report and order folders (junit_capture,
+# ordering), made fresh at every start.
+SCRATCH = "scratch"
+
+
+def fresh_scratch(path: str) -> str:
+    """The scratch folder, emptied: a runner killed mid-run left its run's
+    folders there (in the system's temp folder, each killed run left two,
+    for good).  Mode 711: with --test-user, the test user writes its
+    report into a folder of its own in it."""
+    try:
+        remove_tree(path)
+    except FileNotFoundError:
+        pass
+    os.mkdir(path, 0o711)
+    os.chmod(path, 0o711)       # whatever the umask
+    return path
 
 
 class TestRunner:
@@ -83,7 +103,8 @@ class TestRunner:
         self.settings = pipeline.Settings(
             self.repo, self.slot, self.preparer,
             max(security.max_message - MESSAGE_OVERHEAD, 4096),
-            args.checkout_timeout, args.junit_xml, self.private)
+            args.checkout_timeout, args.junit_xml, self.private,
+            fresh_scratch(os.path.join(state_dir, SCRATCH)))
         self.wake_link = threading.Event()
         self.stop_event = threading.Event()
         self.address: tuple[str, int] | None = None  # what we listen on

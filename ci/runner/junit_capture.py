@@ -25,12 +25,11 @@ import dataclasses
 import glob
 import logging
 import os
-import shutil
 import tempfile
 
 from ci import junit_xml
 from ci import results
-from ci.files import read_inside
+from ci.files import read_inside, remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +78,17 @@ class Capture:
     writes to by itself; use as a context manager so the temporary folder
     is always removed."""
 
-    def __init__(self, repo: str, pattern: str | None = None):
+    def __init__(self, repo: str, pattern: str | None = None, scratch: str | None = None):
         self.repo = repo
         self.pattern = pattern
+        self.scratch = scratch      # where its folder goes (None: the system's temp)
         self.paths: list[str] = []
         self.tmp: str | None = None
 
     def report_file(self) -> str:
         """A fresh file for the command to write its report to, in a
         private folder outside the clone."""
-        self.tmp = tempfile.mkdtemp(prefix="ci-junit-")
+        self.tmp = tempfile.mkdtemp(prefix="ci-junit-", dir=self.scratch)
         self.paths = [os.path.join(self.tmp, "results.xml")]
         return self.paths[0]
 
@@ -97,7 +97,7 @@ class Capture:
 
     def __exit__(self, *exc) -> None:
         if self.tmp:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            remove_quietly(self.tmp)
             self.tmp = None
 
     @property

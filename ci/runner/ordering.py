@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import tempfile
 
-from ci.files import read_inside
+from ci.files import read_inside, remove_quietly
 from ci.wire import one_line
 
 # The folder of the recorder and the pytest plugin (ci_support/).
@@ -54,21 +53,22 @@ class FirstFailure:
 class OrderFolder:
     """One run's order folder; a context manager that removes it."""
 
-    def __init__(self, first: tuple[str, ...] = ()):
+    def __init__(self, first: tuple[str, ...] = (), scratch: str | None = None):
         self.first = tuple(first)
+        self.scratch = scratch      # where its folder goes (None: the system's temp)
         self.path: str | None = None
         self.started: float | None = None   # when the test command started
         self.unsupported = ""               # why the command cannot be reordered
 
     def __enter__(self) -> OrderFolder:
-        self.path = tempfile.mkdtemp(prefix="ci-order-")
+        self.path = tempfile.mkdtemp(prefix="ci-order-", dir=self.scratch)
         with open(os.path.join(self.path, "first"), "w", encoding="utf-8") as handle:
             handle.write("".join(f"{test_id}\n" for test_id in self.first))
         return self
 
     def __exit__(self, *exc) -> None:
         if self.path:
-            shutil.rmtree(self.path, ignore_errors=True)
+            remove_quietly(self.path)
             self.path = None
 
     def _read(self, name: str, limit: int) -> bytes:

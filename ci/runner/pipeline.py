@@ -51,6 +51,9 @@ class Settings:
     checkout_timeout: float = DEFAULT_CHECKOUT_TIMEOUT
     junit_pattern: str | None = None
     private: PrivateRepository | None = None
+    # The runner's own folder for each run's report and order folders
+    # (emptied at its start: a killed runner's are left there, not in /tmp).
+    scratch: str | None = None
 
 
 def execute(settings: Settings, commit: str, spec: jobspec.JobSpec | None = None,
@@ -169,8 +172,9 @@ class JobPipeline:
         # Room for the reruns' output and notes, when there may be reruns.
         spare = settings.max_output // 8 if prepared.rerun_failures else 0
         with tempfile.TemporaryFile() as out, \
-                junit_capture.Capture(settings.repo, settings.junit_pattern) as capture, \
-                ordering.OrderFolder(self.failing_first) as order:
+                junit_capture.Capture(settings.repo, settings.junit_pattern,
+                                      settings.scratch) as capture, \
+                ordering.OrderFolder(self.failing_first, settings.scratch) as order:
             line = command_line.build(settings.repo, prepared.command, prepared.python,
                                       self.shard, capture, order)
             if line.shards is not None:

@@ -363,9 +363,15 @@ def test_restarted_runner_ends_what_its_killed_predecessor_left_running(cluster,
     os.kill(runner.pid, signal.SIGKILL)  # the runner alone, not its test's group
     runner.proc.wait(10)
     assert process_alive(grandchild)
+    # Its run's report and order folders stay in its scratch folder (they
+    # were left in the system's temp folder, two for each killed run).
+    scratch = os.path.join(runner.clone, ".git", "ci-runner", "scratch")
+    left = os.listdir(scratch)
+    assert sorted(name.split("-")[1] for name in left) == ["junit", "order"], left
     restarted = start_runner(cluster, notes, port=runner.port, clone=runner.clone)
     wait_until(lambda: not process_alive(grandchild), 10, what="the orphan to be killed")
     assert "left running by a previous runner" in restarted.log()
+    assert not set(left) & set(os.listdir(scratch))      # emptied at the start
 
 
 def watchdog_of(pid: int) -> int:
