@@ -281,7 +281,8 @@ class JobPipeline:
                      plan: reruns.Reruns, budget: int) -> bytes:
         """Run the tests ``plan`` still has failing once more; its output."""
         settings = self.settings
-        with tempfile.TemporaryFile() as out, junit_capture.Capture(settings.repo) as capture:
+        with tempfile.TemporaryFile() as out, \
+                junit_capture.Capture(settings.repo, scratch=settings.scratch) as capture:
             argv = command_line.rerun(settings.repo, line, plan.todo, capture)
             if argv is None:
                 plan.took(None, "this test command's tests cannot be run by name")
