@@ -401,8 +401,10 @@ def test_a_full_pipe_drops_lines_and_the_store_catches_up(folder, writers, tmp_p
     slowest = max(slowest, store_results(state, late, first=5))
     assert slowest < 0.25, slowest
     os.kill(writer.proc.pid, signal.SIGCONT)
-    wait_until(lambda: runs_held(writer.path) == 10, 20, what="the catch-up")
-    assert not writer.dropped
+    # A ``catchup`` that fitted in the pipe's last bytes may have done the
+    # work already: the supervisor's tick still sends its own, and clears the mark.
+    wait_until(lambda: runs_held(writer.path) == 10 and not writer.dropped, 20,
+               what="the catch-up")
     held = {r["commit"] for r in reader_for(writer).test("t.T.test_a", branch="")["recent"]}
     assert set(late) <= held
 
