@@ -6,14 +6,19 @@ A commit tested "as merged" is the merge of a branch's own commit (the
 head) into its target branch at some commit; its dispatch line carries
 ``merge=<head>:<target-commit>:<target-branch>`` (``:`` cannot occur in a
 ref name, so the split is unambiguous).  When the merge could not be
-made, the line names the head itself and adds ``conflict=<paths>``: the
-dispatcher writes the ``conflict`` verdict without a run.
+made, the line names the conflict's own id (``conflict_id``) and adds
+``conflict=<paths>``: the dispatcher writes the ``conflict`` verdict
+without a run.  Not the head's id: a verdict filed under it would stand
+for the head itself, which a plainly tested branch may still reach (and
+which is then tested as itself), and a head already tested would swallow
+the conflict.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 import urllib.parse
 from typing import NamedTuple
@@ -38,6 +43,16 @@ class MergeInfo(NamedTuple):
     def describe(self) -> str:
         """How a page or a log says it: "merged with main at 0123abcd4567"."""
         return f"merged with {self.target_branch} at {self.target_commit[:12]}"
+
+
+def conflict_id(info: MergeInfo) -> str:
+    """The id a conflict's verdict is filed under: a digest of what could
+    not be merged, as long as the head's id (a full commit id to every
+    consumer) and no commit's.  The same head and target commit give the
+    same id, so a conflict dispatched again is not judged twice."""
+    digest = hashlib.sha1 if len(info.head) == 40 else hashlib.sha256
+    text = f"ci conflict\0{info.head}\0{info.target_commit}\0{info.target_branch}"
+    return digest(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def encode_merge_field(info: MergeInfo) -> str:

@@ -3,8 +3,9 @@ for each new head of such a branch, ONE merge into the target's current
 head (not one per intermediate commit), published under
 ``refs/ci/merges/<merge>`` before it is dispatched (a runner must be able
 to fetch it), and the dispatch line's fields that say what it is
-(ci/mergeinfo.py).  A conflict is dispatched as the head itself with the
-conflicting paths: the dispatcher writes its verdict without a run.
+(ci/mergeinfo.py).  A conflict is dispatched under its own id
+(``mergeinfo.conflict_id``) with the conflicting paths: the dispatcher
+writes its verdict without a run.
 
 Published refs are bounded: each branch keeps its newest ``keep`` merges
 published; older ones (and those of a branch that is gone) are deleted
@@ -16,7 +17,7 @@ import dataclasses
 import logging
 
 from ci.git import GitError
-from ci.mergeinfo import MergeInfo, encode_conflicts, encode_merge_field
+from ci.mergeinfo import MergeInfo, conflict_id, encode_conflicts, encode_merge_field
 from ci.merging import Conflict, Merged, MergeRepo
 from ci.merging.rules import MergeRule, target_of
 from ci.observer.commits import plan_field
@@ -32,7 +33,7 @@ UNPUBLISH_PER_POLL = 100
 @dataclasses.dataclass(frozen=True)
 class Prepared:
     """What to dispatch for a branch's new head: the commit (the merge, or
-    the head itself on a conflict) and the line's extra fields."""
+    the conflict's own id) and the line's extra fields."""
     commit: str
     fields: str
     result: Merged | Conflict
@@ -83,7 +84,7 @@ class BranchMerges:
         if isinstance(result, Conflict):
             log.info("branch %s at %s does not merge into %s at %s: %s", branch, head[:12],
                      target, target_commit[:12], result.describe())
-            return Prepared(head, f"{encode_merge_field(info)} "
+            return Prepared(conflict_id(info), f"{encode_merge_field(info)} "
                                   f"{encode_conflicts(result.paths)}", result)
         log.info("branch %s at %s merged into %s at %s: %s", branch, head[:12], target,
                  target_commit[:12], result.commit[:12])

@@ -24,6 +24,7 @@ from ci.observer.commits import (MAX_LISTING, dispatch_batches, dispatch_body, f
                                  new_commits, own_commits, parse_heads, plan_fields)
 from ci.landing.commands import QueueCommands
 from ci.observer.fetchlock import fetch_lock
+from ci.merging import Merged
 from ci.observer.merges import BranchMerges
 from ci.observer.state import ObserverState
 
@@ -240,8 +241,9 @@ class Observer:
                              {prepared.commit: prepared.fields})
         reply = self._send([prepared.commit], body)
         self.state.set(branch, head, [prepared.commit], previous=prepared.commit)
-        log.info("dispatched %s of %s (%s): %s", "the merge" if prepared.commit != head
-                 else "the conflict", branch, prepared.commit[:12], reply.argument)
+        log.info("dispatched %s of %s (%s): %s", "the merge" if isinstance(
+                     prepared.result, Merged) else "the conflict", branch,
+                 prepared.commit[:12], reply.argument)
 
     def _new_branch(self, branch: str, watched: dict[str, str],
                     also_not: str | None = None) -> tuple[list[str], str | None]:

@@ -2,7 +2,7 @@
 bare upstream dispatches, for each new head of a matching branch, the
 merge of that head into the target's head (published under
 refs/ci/merges/ first), and for a branch that conflicts with the target,
-the head itself with the conflicting files.  The dispatcher is a
+its own id with the conflicting files.  The dispatcher is a
 stand-in that records every line (the real one's handling of these
 fields is tested with it)."""
 
@@ -15,7 +15,7 @@ from support.cluster import PY, ThreadedServer, git, wait_until
 from support.merging import Upstreams, commit_info
 
 import repo_observer
-from ci.mergeinfo import MergeInfo, encode_conflicts, encode_merge_field, parse_merge_field
+from ci.mergeinfo import MergeInfo, conflict_id, encode_conflicts, encode_merge_field, parse_merge_field
 from ci.wire import Message
 
 
@@ -90,9 +90,10 @@ def test_merged_results_and_conflicts_are_dispatched(cluster, recorder, ups):
     assert info["parents"] == [main, clean]
     assert info["committer"] == "CI merge queue <ci@localhost>"
 
-    # feature/b: a conflict is dispatched as the head itself, naming the file.
+    # feature/b: a conflict is dispatched under its own id, naming the file.
     [line] = recorder.of("feature/b")
-    assert line[:3] == [clash, "-", "feature/b"]
+    assert line[:3] == [conflict_id(MergeInfo(clash, main, "main")), "-", "feature/b"]
+    assert clash not in line[:3]
     assert line[3:] == [encode_merge_field(MergeInfo(clash, main, "main")),
                         encode_conflicts(["shared.txt"])]
     assert not [r for r in git(ups.bare, "for-each-ref", "refs/ci/").splitlines()

@@ -127,3 +127,33 @@ def test_merged_results_conflicts_and_verdicts(cluster, upstream):
     assert dispatch(cluster, [merge_line(clash, clash, "feature/clash", conflict_field)]) \
         == "queued 0"
     wait_until(lambda: ask(cluster, merged_good)[merged_good][0] == "passed", 5)
+
+
+def test_a_conflicting_head_is_still_tested_as_itself_on_a_plain_branch(cluster, upstream):
+    """The real observer files a conflict under the conflict's own id, not
+    the head's: when the head later reaches a plainly tested branch
+    (``release`` fast-forwarded to it), it is tested as itself.  Filed
+    under the head, the conflict was the head's verdict, and the dispatcher
+    answered the release's dispatch with "queued 0"."""
+    base = git(upstream.path, "rev-parse", "HEAD")
+    git(upstream.path, "branch", "release", base)
+    clash = branch(upstream, "feature/clash", base, {"shared.txt": "theirs\n"})
+    target = upstream.commit({"shared.txt": "ours\n"}, "main's own shared.txt")
+    cluster.start_dispatcher()
+    cluster.start_runner()
+    observer = cluster.start_observer("--poll", "0.2", "--all-branches",
+                                      "--merge-into", "feature/*=main")
+    conflict = mergeinfo.conflict_id(mergeinfo.MergeInfo(clash, target, "main"))
+    result = cluster.result(conflict, timeout=30)
+    assert (result["verdict"], result["branch"]) == ("conflict", "feature/clash")
+    assert (result["merge_head"], result["merged_into"]) == (clash, f"main {target}")
+    assert mergeinfo.parse_paths(result["conflicts"]) == ("shared.txt",)
+    assert not os.path.exists(cluster.result_path(clash))
+    assert ask(cluster, clash)[clash] == ("unknown", "-")
+
+    git(upstream.path, "branch", "-f", "release", clash)
+    result = cluster.result(clash, timeout=60)
+    assert (result["verdict"], result["branch"]) == ("passed", "release"), result["output"]
+    assert "merge_head" not in result and result["runner"] != "dispatcher"
+    assert ask(cluster, conflict)[conflict][0] == "conflict"
+    assert "dispatched the conflict of feature/clash" in observer.log()

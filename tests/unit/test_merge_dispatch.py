@@ -30,6 +30,21 @@ def body(*lines: str) -> bytes:
 
 # ---- the dispatch line ---------------------------------------------------
 
+def test_a_conflict_has_an_id_of_its_own_for_each_head_and_target():
+    """Never the head's id (a plain test of the head is another verdict),
+    the same for the same merge, another for another target or commit,
+    and as long as the head's (SHA-256 repositories too)."""
+    own = mergeinfo.conflict_id(MERGE)
+    assert own == mergeinfo.conflict_id(mergeinfo.MergeInfo(H, T, "main"))
+    assert own not in (H, T) and len(own) == 40 and int(own, 16) >= 0
+    others = {mergeinfo.conflict_id(mergeinfo.MergeInfo(H, T, "release")),
+              mergeinfo.conflict_id(mergeinfo.MergeInfo(H, X, "main")),
+              mergeinfo.conflict_id(mergeinfo.MergeInfo(X, T, "main"))}
+    assert len(others) == 3 and own not in others
+    long_id = mergeinfo.conflict_id(mergeinfo.MergeInfo("5" * 64, "6" * 64, "main"))
+    assert len(long_id) == 64 and results.result_name(long_id) == long_id
+
+
 def test_merge_and_conflict_fields_in_any_order_unknown_keys_ignored():
     meta, plans = server.parse_dispatch_body(body(
         f"{X} - feature/a future=1 {MERGE_FIELD} other=x",
