@@ -264,7 +264,9 @@ class Engine:
         info = mergeinfo.MergeInfo(entry.head, entry.base, entry.target)
         line = f"{entry.tested} - {entry.branch} {mergeinfo.encode_merge_field(info)}"
         try:
-            self.dispatcher.dispatch([line])
+            # Its recipe's matrix and labels, read again at every (re)dispatch.
+            plan = self.git.plan(entry.tested)
+            self.dispatcher.dispatch([f"{line} {plan}" if plan else line])
             self._undispatched.discard(entry.id)
         except Exception as exc:
             self._undispatched.add(entry.id)

@@ -19,6 +19,7 @@ from ci.git import GitError, run_git
 from ci.merging import MergeRepo
 from ci.merging.merge import Conflict
 from ci.merging.push import Landed, Stale
+from ci.observer.commits import merge_plan
 from ci.observer.fetchlock import fetch_lock
 from ci.observer.state import ObserverState
 from ci.verdicts import MAX_COMMITS, format_request, parse_reply
@@ -39,6 +40,7 @@ class Git(Protocol):
     def retire(self, active: set[int]) -> None: ...
     def land(self, target: str, old: str, new: str) -> str: ...
     def is_ancestor(self, commit: str, of: str) -> bool: ...
+    def plan(self, commit: str) -> str: ...
     def author_of(self, commit: str) -> str: ...
     def delete_branch(self, branch: str, expected: str) -> None: ...
 
@@ -178,6 +180,12 @@ class QueueGit:
         """In the merge repository, which sees the clone's commits and its
         own merges alike."""
         return self.merges.is_ancestor(commit, of)
+
+    def plan(self, commit: str) -> str:
+        """The dispatch line's matrix field of a merge made here ("" for
+        none): without it, a recipe's matrix and labels were dropped, and
+        one plain run on any runner could land the branch."""
+        return merge_plan(self.merges, commit)
 
     def author_of(self, commit: str) -> str:
         try:

@@ -127,6 +127,13 @@ def plan_fields(repo: str, commits: list[str]) -> dict[str, str]:
     return {c: plan_field(blobs[f"{c}:{recipe.RECIPE_FILE}"]) for c in commits}
 
 
+def merge_plan(merge_repo, commit: str) -> str:
+    """``plan_field`` of a merge the observer made (its merged results and
+    the land queue's), read from its private merge repository: a merge
+    is tested with ITS recipe's matrix and labels, as any commit is."""
+    return plan_field(merge_repo.read_blob(commit, recipe.RECIPE_FILE))
+
+
 def plan_field(blob: bytes | None) -> str:
     """The dispatch line's matrix field for a commit whose ``.ci.ini`` is
     ``blob`` (None: it has none): "" without a matrix, its cells, or the

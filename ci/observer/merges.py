@@ -20,9 +20,8 @@ from ci.git import GitError
 from ci.mergeinfo import MergeInfo, conflict_id, encode_conflicts, encode_merge_field
 from ci.merging import Conflict, Merged, MergeRepo
 from ci.merging.rules import MergeRule, target_of
-from ci.observer.commits import plan_field
+from ci.observer.commits import merge_plan
 from ci.observer.state import ObserverState
-from ci.runner import recipe
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ class BranchMerges:
                                   f"{encode_conflicts(result.paths)}", result)
         log.info("branch %s at %s merged into %s at %s: %s", branch, head[:12], target,
                  target_commit[:12], result.commit[:12])
-        plan = plan_field(self.repo.read_blob(result.commit, recipe.RECIPE_FILE))
+        plan = merge_plan(self.repo, result.commit)
         return Prepared(result.commit, " ".join(
             f for f in (encode_merge_field(info), plan) if f), result)
 

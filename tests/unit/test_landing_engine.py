@@ -16,6 +16,7 @@ import pytest
 from ci.git import GitError, run_git, script_path
 from ci.landing.engine import Engine, Refused
 from ci.landing.journal import QueueJournal
+from ci import matrix
 from ci.landing.ports import QueueGit, land_result
 from ci.verdicts import parse_reply as parse_verdicts
 from ci.merging import Failed, Landed, MergeRepo, Stale, url as push_urls
@@ -527,3 +528,41 @@ def test_merge_into_rules():
     for bad in ("feature/*", "=main", "x=", "x=ma in", "x=a..b"):
         with pytest.raises(ValueError):
             parse_rule(bad)
+
+
+def test_an_entry_is_dispatched_with_its_merge_recipe_matrix_and_labels(world):
+    """The tested merge's recipe travels with its dispatch line, as for any
+    commit: its matrix cells and labels.  A plain line is one cell on any
+    runner, and its pass could land a branch never run where it asked."""
+    w = world()
+    w.dispatcher.hold = True
+    w.branch("feature/m", {".ci.ini": "[ci]\nmatrix_python = 3.9 3.13\nlabels = gpu\n"})
+    w.branch("feature/plain", {"plain.txt": "plain\n"})
+    for name in ("feature/m", "feature/plain"):
+        w.engine.ask(name, "operator:alice")
+    w.step()
+    lines = {line.split()[2]: line.split() for line in w.dispatcher.dispatched}
+    assert set(lines) == {"feature/m", "feature/plain"}
+    # feature/plain is merged on top of feature/m's merge: its recipe too.
+    for name in lines:
+        fields = [f for f in lines[name][3:] if f.startswith(matrix.CELLS_FIELD)]
+        assert len(fields) == 1, lines[name]
+        plan = matrix.decode_plan(fields[0], matrix.MAX_CELLS_LIMIT)
+        assert plan.error is None
+        assert [(c.python, sorted(c.labels)) for c in plan.cells] == [("3.9", ["gpu"]),
+                                                                      ("3.13", ["gpu"])]
+    # Dispatched again (the dispatcher lost it), it still carries them.
+    w.engine._undispatched.add(w.engine._active()[0].id)
+    w.engine._dispatch_pending()
+    assert w.dispatcher.dispatched[-1].split()[3:] == lines["feature/m"][3:]
+
+
+def test_an_unusable_matrix_of_an_entry_is_dispatched_as_its_error(world):
+    w = world()
+    w.dispatcher.hold = True
+    w.branch("feature/bad", {".ci.ini": "[ci]\nmatrix_python = 3.9 3.9\n"})
+    w.engine.ask("feature/bad", "operator:alice")
+    w.step()
+    [line] = [line.split() for line in w.dispatcher.dispatched]
+    [error] = [f for f in line[3:] if f.startswith(matrix.ERROR_FIELD)]
+    assert "listed twice" in matrix.decode_plan(error, matrix.MAX_CELLS_LIMIT).error
