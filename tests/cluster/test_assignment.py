@@ -23,7 +23,9 @@ def test_heartbeat_that_clears_a_suspect_runner_wakes_the_assignment(cluster, fa
     runner = fake_runner([Message("error", "lost on the way")])
     assert runner.register(cluster.dispatcher_port) == "registered"
     dispatch(cluster, X)
-    wait_until(lambda: "answered error" in disp.log(), 10, what="failed delivery")
+    # Logged before the runner is marked suspect; requeued under the same lock.
+    wait_until(lambda: "answered error" in disp.log()
+               and cluster.status().get("queued") == "1", 10, what="failed delivery")
     assert runner.register(cluster.dispatcher_port) == "known"
     wait_until(lambda: runner.received() == [X, X], 5, what="second runtest after heartbeat")
 

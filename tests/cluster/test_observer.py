@@ -39,7 +39,9 @@ def test_backlog_after_restart_is_sent_in_batches_exactly_once(cluster, upstream
     assert observer.stop() == 0
     commits = many_commits(upstream.path, 450)
     cluster.start_observer(clone=observer.clone)
-    wait_until(lambda: dispatcher_status(cluster)["queued"] == 451, 30,
+    # The dispatcher logs a batch after queueing it.
+    wait_until(lambda: dispatcher_status(cluster)["queued"] == 451
+               and "50 new" in cluster.daemons[0].log(), 30,
                what="all 450 new commits to be queued")
     log = cluster.daemons[0].log()
     assert log.count("200 new") == 2 and log.count("50 new") == 1

@@ -9,6 +9,7 @@ import signal
 
 import pytest
 from support.cluster import git, wait_until
+from support.procs import watchdog_of
 from support.wheels import make_wheel
 
 DEP_TEST = """import unittest
@@ -118,6 +119,9 @@ def test_runner_killed_mid_setup_builds_afresh(cluster, upstream, wheels, tmp_pa
     runner = cluster.start_runner()
     cluster.start_observer()
     wait_until(lambda: os.path.exists(flag), 60, what="the setup to be under way")
+    # Its watchdog would end the setup at once: killed first, as if it had
+    # died too, so that the restart's own cleanup is what is shown.
+    os.kill(watchdog_of(runner.pid), signal.SIGKILL)
     runner.send_signal(signal.SIGKILL)
     runner.proc.wait(10)
     envs = os.path.join(runner.clone, ".git", "ci-runner", "envs")

@@ -14,13 +14,11 @@ from support.cluster import dispatch, wait_until
 from support.procs import children_of
 from support.dashboard import Dashboard, red_green_history
 
-import helpers
 from ci.dispatch.journal import done_record, meta_record, queue_record
 from ci.history import store
 from ci.results import TestRecord
 from ci.junit_xml import format_junit
 from ci.retention import tombstones
-from ci.wire import decode_fields
 
 
 def cmdline(pid: int) -> bytes:
@@ -61,11 +59,6 @@ def history_runs(cluster) -> set[str]:
         conn.close()
 
 
-def status(cluster) -> dict:
-    reply = helpers.call(("127.0.0.1", cluster.dispatcher_port), "status", "")
-    return decode_fields(reply.body)
-
-
 def test_prune_keeps_what_matters_and_survives_sigkill(cluster, fake_runner, tmp_path):
     commits = seed(cluster)
     first, broke, failing, fixed, latest = commits
@@ -96,7 +89,7 @@ def test_prune_keeps_what_matters_and_survives_sigkill(cluster, fake_runner, tmp
     wait_until(lambda: runner.received(), 10, what="an assignment")
     # Recovered commits would be queued before the new one: none were.
     assert runner.received() == [new]
-    assert status(cluster)["pruned"] == "2"
+    assert cluster.status()["pruned"] == "2"
 
     board = Dashboard(tmp_path, cluster.results, cluster.dispatcher_address)
     cluster.closers.append(board)

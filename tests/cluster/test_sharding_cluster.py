@@ -14,7 +14,6 @@ import helpers
 from ci.runner.verdict import judge
 from support.cluster import PY, dispatch, git, wait_until
 from support.junit_schema import assert_valid
-from ci.wire import decode_fields
 
 COUNTS = ("tests", "failures", "errors", "skipped")
 
@@ -42,11 +41,6 @@ SUITE = {f"tests/test_{n}.py": module(n, t, s) for n, t, s in [
     ("epsilon", 2, 0.2), ("zeta", 3, 0.2), ("eta", 2, 0.2)]}
 
 
-def status(cluster) -> dict:
-    reply = helpers.call(("127.0.0.1", cluster.dispatcher_port), "status")
-    return decode_fields(reply.body)
-
-
 def state(cluster) -> dict:
     reply = helpers.call(("127.0.0.1", cluster.dispatcher_port), "state")
     return json.loads(reply.body)
@@ -68,7 +62,7 @@ def start(cluster, runners: int, shards: int) -> list:
     # Tiny tests: every commit is split, however short its suite.
     cluster.start_dispatcher("--max-shards", str(shards), "--min-shard-seconds", "0")
     started = [cluster.start_runner() for _ in range(runners)]
-    wait_until(lambda: status(cluster).get("idle_runners") == str(runners), 20,
+    wait_until(lambda: cluster.status().get("idle_runners") == str(runners), 20,
                what="runners registered")
     return started
 

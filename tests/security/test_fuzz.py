@@ -417,7 +417,9 @@ def test_live_daemons_survive_a_flood_of_hostile_messages(cluster, upstream, tmp
     # Dribblers are cut off at the read timeout, not after their last byte.
     assert len(dribbles) == 10
     for answered, raw in dribbles:
-        assert answered is not None and answered < read_timeout + 1.5, dribbles
+        # (a dribbler sends for 6 s: the slack is for a busy machine's
+        # late handler thread, under this flood on two cores)
+        assert answered is not None and answered < read_timeout + 3.5, dribbles
         assert reply_of(raw).argument == "timed out reading message"
 
     for daemon in (disp, runner):

@@ -138,11 +138,11 @@ def test_idle_and_dribbling_connections_are_closed_after_read_timeout(cluster):
         thread.join(15)
     assert len(out) == 6, out
     for key, (answered, closed, raw) in out.items():
-        # Refused at the deadline, not after the last dribbled byte (~9 s),
+        # Refused at the deadline, not after the last dribbled byte (5-9 s),
         # and closed soon after (the server may drain briefly so the reply
-        # is not lost to a reset).
-        assert answered is not None and 0.8 < answered < 2.0, (key, answered)
-        assert closed < 3.5, (key, closed)
+        # is not lost to a reset); slack for a busy machine.
+        assert answered is not None and 0.8 < answered < 4.0, (key, answered)
+        assert closed < 5.0, (key, closed)
         line, _, payload = raw.partition(b"\n")
         assert decode_message(payload) == Message("error", "timed out reading message")
     assert disp.alive() and runner.alive()
@@ -692,7 +692,7 @@ def test_mutual_tls_cluster_works_and_refuses_strangers(cluster, upstream, tmp_p
     out: dict = {}
     _time_to_close(cluster.dispatcher_port, [bytes([b]) for b in bio_out.read()], 0.1, out,
                    "hello")
-    assert 0.8 < out["hello"][1] < 2.5, out
+    assert 0.8 < out["hello"][1] < 5.0, out
 
     member = Security(client_tls=make_tls_contexts(
         certs["observer"][1], certs["observer"][3], ours["ca"])[1])

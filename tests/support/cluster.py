@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 import helpers  # noqa: E402
 from ci import results  # noqa: E402
 from ci.security import Security
-from ci.wire import Message, ProtocolError, encode_fields, valid_full_commit
+from ci.wire import Message, ProtocolError, decode_fields, encode_fields, valid_full_commit
 
 PY = sys.executable
 # A runner with --test-user runs under a Python that user can execute too
@@ -230,6 +230,12 @@ class Cluster:
         if wait:
             wait_for_port(port, daemon)
         return daemon
+
+    def status(self) -> dict[str, str]:
+        """The dispatcher's ``status`` counters, as sent."""
+        reply = helpers.call(("127.0.0.1", self.dispatcher_port), "status", timeout=5)
+        assert reply.command == "ok", reply
+        return decode_fields(reply.body)
 
     def result_path(self, commit: str) -> str:
         return os.path.join(self.results, commit)

@@ -59,8 +59,9 @@ def recorder(tmp_path) -> tuple[str, str]:
 
 
 def recorded(path) -> list[dict]:
+    """Each complete line (one still being written is not yet recorded)."""
     try:
         with open(path) as handle:
-            return [json.loads(line) for line in handle]
+            return [json.loads(line) for line in handle if line.endswith("\n")]
     except FileNotFoundError:
         return []

@@ -74,6 +74,14 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def watchdog_of(pid: int) -> int:
+    """A runner's watchdog: its child running procgroup's watchdog code."""
+    for child in children_of(pid):
+        if b"killpg" in (cmdline(child) or b""):
+            return child
+    raise AssertionError("no watchdog child")
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
     """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
     proc.terminate()
