@@ -53,7 +53,9 @@ def test_a_failing_test_runs_first_on_the_next_commit_and_is_told_early(cluster,
     assert second["failing_first"] == "1 of 1 run first"
     # In file order the slow module ran before the failure; first, it did not.
     assert float(first["first_failure_after"]) >= 1.5
-    assert float(second["first_failure_after"]) < 1.0
+    # (compared with the first run, not a fixed bound: a loaded machine's
+    # start-up counts in both)
+    assert float(second["first_failure_after"]) < float(first["first_failure_after"]) - 1.0
     wait_until(lambda: sum(e["CI_EVENT"] == "first-failure" for e in recorded(out)) >= 2,
                30, what="an early notification for each failing run")
     events = [(e["CI_EVENT"], e["CI_COMMIT"]) for e in recorded(out)]
