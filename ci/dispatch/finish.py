@@ -98,6 +98,13 @@ class ResultKeeper:
             self._free_after_result(commit, token, a)
             return False
         work = self._work(commit, token)
+        if work is None and self._finished(self._key_of(commit, token)):
+            # Stored before a restart whose journal no longer names the
+            # assignment (a crash between the file and its ``D``, or a
+            # compaction before the reply went out): the runner sends it
+            # again.  Refused, it held the runner's outbox for rounds and
+            # was set aside as refused; nothing is written, the first stands.
+            return False
         a = self._check_token(work, commit, token, name, "result")
         # Before the runner is free again: the branch's next job already
         # names the tests this result failed (see ci/history/recent.py).

@@ -46,9 +46,13 @@ class Recovery:
             deadline = time.monotonic() + grace
             for key in pending:
                 self._recover_one(key, got, grace, deadline)
-            for key in got.done:
-                for a in got.assigned.get(key, ()):
-                    self._remember_finished(key, a)
+            # Finished by its ``D``, or by its file alone (a crash between
+            # the two): a result sent again is a duplicate, not a stranger's.
+            unfinished = set(pending)
+            for key, assigned in got.assigned.items():
+                if key in got.done or (key not in unfinished and self._finished(work_key(key))):
+                    for a in assigned:
+                        self._remember_finished(key, a)
             completed = self._recover_groups(got)
             self.journal.rewrite(self._pending_records())
             # Journalled but its verdict not yet written at the crash: it is

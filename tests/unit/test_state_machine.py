@@ -414,3 +414,31 @@ def test_a_work_record_changes_state_only_through_move():
                for number, line in enumerate(path.read_text().splitlines(), 1)
                if re.search(r"\.state\s*=\s*(WorkState|S)\.", line)]
     assert not setters
+
+
+def test_a_result_sent_again_after_a_restart_is_a_duplicate_not_refused(make_state):
+    """The dispatcher died after writing X's result file, before its ``D``
+    record (the runner never got the reply); Y's file was stored and then
+    a compaction dropped its assignment.  Sent again after the restart,
+    each is a duplicate (the runner's outbox lets it go), not refused as
+    "no such assignment", and nothing is written again."""
+    state = make_state()
+    state.register(A, "ia", None)
+    state.register(B, "ib", None)
+    state.enqueue([X])
+    job = assign(state)
+    state.write_result(X, Outcome({"verdict": "failed"}, b"first\n"))   # and no D
+    path = os.path.join(state.results_dir, X)
+    before = open(path, "rb").read()
+    restarted = make_state()
+    assert result(restarted, job, "passed") is False
+    assert open(path, "rb").read() == before
+    restarted.enqueue([Y])
+    restarted.register(A, "ia2", None)
+    job_y = assign(restarted)
+    assert result(restarted, job_y) is True
+    restarted.journal.rewrite([])        # as a compaction that dropped its A
+    again = make_state()
+    assert result(again, job_y, "failed") is False
+    with pytest.raises(Reply, match="no such assignment"):
+        result(again, RunnerJob(Z, job_y.token))    # an unfinished commit still is
