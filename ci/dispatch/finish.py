@@ -213,17 +213,25 @@ class ResultKeeper:
             self.journal.append([done_record(work.key)] + (
                 [done_record(work.commit)] if told else []), sync=False)
             if self._compaction_due():
-                self.journal.rewrite(self._pending_records())
+                self._compact()
         except OSError:
             # The result file alone proves the commit done at the next start.
             log.exception("cannot journal the end of %s", work.short)
         return told if work.cell.name else outcome
 
+    def _compact(self) -> None:
+        self.journal.rewrite(self._pending_records())
+        self.compacted_records = self.journal.records
+
     def _compaction_due(self) -> bool:
-        """Rewrite the journal once most of it is superseded; not while a
+        """Rewrite the journal once most of it is superseded: past twice
+        what the last rewrite kept, so that records pending for long (a
+        matrix commit's finished cells while one waits for a scarce label,
+        which ``active`` does not count) do not make every result rewrite
+        and fsync the whole journal under the lock.  Not while a
         dispatch's records are being fsynced outside the lock (the rewrite
         would drop them after they were answered)."""
-        if self.journal.records <= COMPACT_AFTER:
+        if self.journal.records <= max(COMPACT_AFTER, 2 * self.compacted_records):
             return False
         active = sum(w.state in (WorkState.QUEUED, WorkState.RUNNING, WorkState.HELD)
                      for w in self.work.values())

@@ -54,7 +54,7 @@ class Recovery:
                     for a in assigned:
                         self._remember_finished(key, a)
             completed = self._recover_groups(got)
-            self.journal.rewrite(self._pending_records())
+            self._compact()
             # Journalled but its verdict not yet written at the crash: it is
             # written now, never run (an unreadable matrix, a conflict).
             for work in [self.work[k] for k in list(self.queue)]:

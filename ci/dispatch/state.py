@@ -87,6 +87,8 @@ class DispatcherState(Recovery, LiveOutput, PrunedCommits, RunnerRegistry, Shard
     def __init__(self, results_dir: str, journal: Journal, max_attempts: int):
         self.results_dir = results_dir
         self.journal = journal
+        # Records the journal held after its last rewrite (see _compaction_due).
+        self.compacted_records = 0
         self.max_attempts = max_attempts
         self.cond = threading.Condition()
         # Every unfinished unit of work, by key; the QUEUED ones in FIFO

@@ -424,3 +424,30 @@ def test_a_cells_lost_runs_still_count_after_a_restart(make_state):
     assert state.work[f"{X}:py3.12"].losses == 2
     state.journal.close()
     assert make_state().work[f"{X}:py3.12"].losses == 2
+
+
+def test_finished_cells_waiting_on_a_scarce_one_do_not_make_every_result_compact(
+        make_state, monkeypatch):
+    """60 cells pass while one waits for a label no runner has: their
+    records stay pending (the commit is not finished), so a rewrite keeps
+    them.  Compacting once most of the journal was superseded since the
+    last rewrite rewrites it a few times; judged by the active work alone
+    (one cell), every result rewrote and fsynced it under the lock."""
+    from ci.dispatch import finish as finishing
+    monkeypatch.setattr(finishing, "COMPACT_AFTER", 20)
+    state = make_state()
+    rewrites = []
+    rewrite = state.journal.rewrite
+    monkeypatch.setattr(state.journal, "rewrite",
+                        lambda lines: (rewrites.append(len(lines)), rewrite(lines)))
+    cells = tuple(matrix.Cell(f"c{n}", labels=frozenset({"a"})) for n in range(60))
+    plan = matrix.Plan(cells + (matrix.Cell("scarce", labels=frozenset({"gpu"})),))
+    register(state, runner(9001, "a"))
+    state.enqueue([X], {X: ("main", None)}, {X: plan})
+    for _ in range(60):
+        [job] = take(state)
+        assert finish(state, job) is True
+    assert 0 < len(rewrites) <= 6, rewrites
+    # Each rewrite kept every finished cell: a restart still knows them.
+    restarted = make_state()
+    assert list(restarted.work) == [f"{X}:scarce"]
