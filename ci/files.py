@@ -1,6 +1,7 @@
 """Files written so a crash never leaves half of one (atomic replace,
-fsync of the folder), and files a tested commit holds read without
-following them out of the clone."""
+fsync of the folder, append-only files whose torn last line is never
+read), and files a tested commit holds read without following them out of
+the clone."""
 
 from __future__ import annotations
 
@@ -61,6 +62,14 @@ def fsync_dir(folder: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def whole_lines(data: bytes) -> list[bytes]:
+    """The lines of an append-only file that were written to their end.
+    What follows the last newline is a record a crash cut short, and a
+    prefix of a record can parse as another record (``main-untrusted`` cut
+    to ``main``), so it is never read, however well it parses."""
+    return data.split(b"\n")[:-1]
 
 
 def open_inside(path: str, inside: str) -> int:

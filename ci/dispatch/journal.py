@@ -30,8 +30,11 @@ its work's key: every guarantee of a commit holds per cell)::
 Only ``Q``, ``M`` and ``R`` need fsync before a reply.  ``A`` is written
 before the ``runtest`` it records is sent, so that after a restart a
 runner still running the commit can prove the assignment with its token.
-A torn last line (a crash mid-write) or any line that does not parse is
-skipped, so a damaged tail never stops a restart.
+Only lines that end with a newline are read: a torn last line (a crash
+mid-write) is never taken, even when what is left of it parses (``M``
+cut before ``conflict=`` would run a conflict's merge, ``D <commit>:<cell>``
+cut to ``D <commit>`` would end the whole commit).  A line that does not
+parse is skipped, so a damaged tail never stops a restart.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import urllib.parse
 
 from ci import matrix, mergeinfo
 from ci.appendlog import AppendLog
+from ci.files import whole_lines
 from ci.wire import TOKEN_RE, valid_full_commit
 
 BRANCH_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,255}")
@@ -187,8 +191,8 @@ class Record:
 
 
 def parse_record(line: str) -> Record | None:
-    """The record of one journal line; None for one that does not parse
-    (a torn tail, damage): replay skips it."""
+    """The record of one (whole) journal line; None for one that does not
+    parse (damage): replay skips it."""
     parts = line.split(" ")
     if len(parts) < 2 or split_key(parts[1]) is None:
         return None
@@ -217,7 +221,7 @@ def replay_lines(data: bytes) -> Replayed:
     """Fold journal bytes into what is pending.  Pure, for tests."""
     out = Replayed()
     order: dict[str, None] = {}
-    for raw in data.split(b"\n"):
+    for raw in whole_lines(data):
         record = parse_record(raw.decode("ascii", "replace"))
         if record is None:
             continue

@@ -30,6 +30,7 @@ import os
 import time
 
 from ci.appendlog import AppendLog
+from ci.files import whole_lines
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def apply(replayed: Replayed, record: dict) -> None:
 
 def replay(data: bytes) -> Replayed:
     replayed = Replayed()
-    for number, line in enumerate(data.split(b"\n"), 1):
+    for number, line in enumerate(whole_lines(data), 1):
         if not line.strip():
             continue
         try:

@@ -19,6 +19,7 @@ from typing import Callable
 
 from ci.notify.events import EVENT_KEYS
 from ci.appendlog import AppendLog
+from ci.files import whole_lines
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class EventStore:
         """Replay the journal; False if there was none."""
         if not os.path.exists(self.path):
             return False
-        for raw in self._log.read().split(b"\n"):
+        for raw in whole_lines(self._log.read()):
             if not raw.strip():
                 continue
             try:

@@ -18,8 +18,9 @@ between leaves a tombstone beside a result file, and the file wins (a
 tombstone only speaks for a commit without one).  The file stays bounded:
 past ``MAX_TOMBSTONES`` lines it is rewritten without the oldest quarter
 (a commit pruned that long ago is far behind every branch's last
-dispatched commit, so nothing sends it again).  A torn or damaged line is
-skipped, as in the journal.
+dispatched commit, so nothing sends it again).  As in the journal, a line
+counts only with its newline (a torn last line cut before its cells
+still parses) and a damaged one is skipped.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import logging
 import os
 import threading
 
-from ci.files import atomic_write
+from ci.files import atomic_write, whole_lines
 from ci.wire import valid_full_commit
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def parse_line(line: str) -> Tombstone | None:
 def parse_lines(data: bytes) -> dict[str, Tombstone]:
     """commit -> its newest tombstone, in file order."""
     out: dict[str, Tombstone] = {}
-    for raw in data.split(b"\n"):
+    for raw in whole_lines(data):
         tombstone = parse_line(raw.decode("utf-8", "replace"))
         if tombstone is not None:
             out.pop(tombstone.commit, None)
@@ -117,7 +118,7 @@ class TombstoneFile:
             try:
                 with open(self.path, "rb") as handle:
                     for raw in handle:
-                        if raw.startswith(prefix):
+                        if raw.startswith(prefix) and raw.endswith(b"\n"):
                             found = parse_line(raw.rstrip(b"\n").decode("utf-8", "replace")) \
                                 or found
             except FileNotFoundError:
@@ -135,7 +136,7 @@ class TombstoneFile:
             try:
                 with open(self.path, "rb") as handle:
                     for raw in handle:
-                        if raw.partition(b" ")[0] in wanted:
+                        if raw.partition(b" ")[0] in wanted and raw.endswith(b"\n"):
                             stone = parse_line(raw.rstrip(b"\n").decode("utf-8", "replace"))
                             if stone is not None:
                                 found[stone.commit] = stone

@@ -214,6 +214,20 @@ def test_tombstone_lines_round_trip_and_damage_is_skipped(tmp_path):
     assert tombstones.parse_lines(data) == {cid(1): t, cid(3): bare}
 
 
+def test_a_torn_tombstone_is_never_read_even_when_it_parses(tmp_path):
+    """A crash cut a matrix commit's tombstone before its cells: what was
+    left parsed, so the commit counted as pruned with no cells to test
+    again (though its files were never removed: the line was not fsynced)."""
+    stone = Tombstone(cid(4), "passed", 1.0, 2.0, None, "main", "cells=W3siIjoiIn1d")
+    whole = tombstones.format_line(stone)
+    torn = whole[:whole.index(" cells=")]
+    assert tombstones.parse_line(torn) is not None
+    path = tmp_path / tombstones.FILE_NAME
+    path.write_bytes(torn.encode())
+    f = TombstoneFile(str(path))
+    assert f.load() == {} and f.find(cid(4)) is None and f.find_many([cid(4)]) == {}
+
+
 def test_tombstone_file_stays_bounded(tmp_path):
     f = TombstoneFile(str(tmp_path / "pruned"), limit=8)
     for n in range(20):

@@ -8,8 +8,10 @@ import itertools
 
 import pytest
 
+from ci import matrix
 from ci.dispatch import journal
 from ci.dispatch.journal import AssignmentRecord, Record, parse_record, replay_lines
+from ci.mergeinfo import MergeInfo
 from ci.dispatch.work import TRANSITIONS, TransitionError, Work, WorkState, work_key
 
 X, Y = "1" * 40, "2" * 40
@@ -107,5 +109,25 @@ def test_replay_folds_the_built_records():
     assert got.meta == {X: ("main", None, None, None)} and got.lost[X] == 2
     assert got.assigned[X] == [AssignmentRecord(TOKEN, "127.0.0.1:9001", None)]
     # A retest starts a new round: the earlier assignment is history.
-    again = replay_lines(("\n".join(lines + [journal.retest_record(X)])).encode())
+    again = replay_lines(("\n".join(lines + [journal.retest_record(X)]) + "\n").encode())
     assert X not in again.assigned and again.retest == {X}
+
+
+@pytest.mark.parametrize("whole,cut", [
+    # A conflict's merge would be run, its verdict never given.
+    (journal.meta_record(X, "feature", None, MergeInfo(Y, "3" * 40, "main"), ("a.py",)),
+     " conflict="),
+    # Another branch's name.
+    (journal.meta_record(X, "main-untrusted", None), "-untrusted"),
+    # The whole commit ended, its cells' records dropped.
+    (journal.done_record(f"{X}:py3.12"), ":py3.12"),
+], ids=["conflict", "branch", "cell"])
+def test_a_torn_last_line_is_never_read_even_when_it_parses(whole, cut):
+    """A crash cut the last line where the prefix left is a record of its
+    own: it was replayed as that record."""
+    torn = whole[:whole.index(cut)]
+    assert parse_record(torn) is not None
+    cell = journal.cell_record(f"{X}:py3.12", matrix.Cell("py3.12", "3.12"))
+    before = [journal.queue_record(f"{X}:py3.12"), cell]
+    got = replay_lines(("\n".join(before + [torn])).encode())
+    assert got.meta == {} and got.done == set() and f"{X}:py3.12" in got.cells
