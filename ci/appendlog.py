@@ -2,9 +2,12 @@
 dispatcher's journal and the notification journal have.
 
 Appends are flushed, and fsynced when the caller says its records must be
-on disk before it answers anyone; a rewrite (compaction) replaces the file
-atomically and reopens it, so a crash leaves either the old file or the
-new one.  What a record means, and when to compact, is the owner's.
+on disk before it answers anyone.  Only whole lines are read back
+(``files.whole_lines``), and a torn last line is cut off when the file is
+opened, before anything is appended after it.  A rewrite (compaction)
+replaces the file atomically and reopens it, so a crash leaves either the
+old file or the new one.  What a record means, and when to compact, is the
+owner's.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 
-from ci.files import atomic_write
+from ci.files import atomic_write, open_append
 
 
 class AppendLog:
@@ -34,9 +37,10 @@ class AppendLog:
             return b""
 
     def open(self) -> None:
+        """Open to append (a torn last line cut off: see ``open_append``)."""
         with self._lock:
             if self._handle is None:
-                self._handle = open(self.path, "ab")
+                self._handle = open_append(self.path)
 
     def append(self, data: bytes, count: int, sync: bool) -> None:
         """Write ``count`` records (``data``, whole lines); with ``sync``

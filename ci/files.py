@@ -5,6 +5,7 @@ the clone."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import stat
@@ -13,6 +14,8 @@ import sys
 import tempfile
 
 from ci.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write(path: str, data: bytes, fsync: bool = True, spares=None) -> os.stat_result:
@@ -70,6 +73,38 @@ def whole_lines(data: bytes) -> list[bytes]:
     prefix of a record can parse as another record (``main-untrusted`` cut
     to ``main``), so it is never read, however well it parses."""
     return data.split(b"\n")[:-1]
+
+
+def open_append(path: str):
+    """``path`` opened (binary) to append lines to.  A torn last line is
+    cut off first: the next record would be glued to it and lost with it
+    at the next read."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        _cut_torn_tail(fd, path)
+        return os.fdopen(fd, "ab")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _cut_torn_tail(fd: int, path: str) -> None:
+    """Truncate the open file after its last newline (durably: records
+    appended next must not land after a tail that comes back)."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    keep, end = 0, size
+    while end > 0:      # backwards in blocks: the file may be long
+        start = max(0, end - (1 << 16))
+        at = os.pread(fd, end - start, start).rfind(b"\n")
+        if at >= 0:
+            keep = start + at + 1
+            break
+        end = start
+    os.ftruncate(fd, keep)
+    os.fsync(fd)
+    log.warning("%s: a torn last line (%d bytes) cut off", path, size - keep)
 
 
 def open_inside(path: str, inside: str) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 
 from ci.appendlog import AppendLog
@@ -154,19 +153,10 @@ class QueueJournal:
 
     def __init__(self, path: str):
         self._log = AppendLog(path)
-        data = self._log.read()
-        if data and not data.endswith(b"\n"):
-            # A torn last line: cut it off, or the next record would be
-            # glued to it and lost too.
-            keep = data.rfind(b"\n") + 1
-            log.warning("queue journal: torn last record (%d bytes) dropped",
-                        len(data) - keep)
-            os.truncate(path, keep)
-            data = data[:keep]
-        replayed = replay(data)
+        self._log.open()    # a torn last line is cut off
+        replayed = replay(self._log.read())
         self.entries: dict[int, QueueEntry] = replayed.entries
         self.next_id = replayed.next_id
-        self._log.open()
         self._log.records = replayed.records
 
     def write(self, kind: str, id: int, sync: bool = True, **fields) -> QueueEntry:

@@ -36,7 +36,8 @@ class EventStore:
     ``{"gave_up": id, "t": target}`` a target given up on; ``{"q":
     "<entry id>:<event>", "e": event|null}`` a land queue event taken
     (``queue_seen``: so the same one told again, even after a restart, is
-    not sent again).  A torn last line is skipped.  ``records`` counts
+    not sent again).  A torn last line is skipped, and cut off by ``open``
+    (a record appended after it would be lost with it).  ``records`` counts
     lines so the owner knows when to compact.  ``judged`` is the decider's
     map (commit -> (verdict, n)).
 

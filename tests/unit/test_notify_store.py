@@ -4,6 +4,8 @@ needed."""
 
 from __future__ import annotations
 
+import pytest
+
 from support.notify import chain, cid, decision_records
 
 from ci.notify.decider import Decider, Result
@@ -30,6 +32,33 @@ def test_store_replay_keeps_undelivered_events_in_order(tmp_path):
     assert [(e["id"], e["targets"]) for e in again.pending()] == \
         [(still, ["command"]), (fixed, ["command", "webhook:x"])]
     assert again.judged == {r["j"]: (r["v"], 1) for r in records}
+
+
+@pytest.mark.parametrize("torn", [b'{"ok": "torn', b'{"ok": "' + b"x" * 200_000],
+                         ids=["short", "longer-than-a-block"])
+def test_a_record_appended_after_a_torn_line_survives_the_next_restart(tmp_path, torn):
+    """The torn line was skipped at load but left in the file: the first
+    record after the restart was glued to it, and the next replay lost
+    both (here, a broken commit's delivery: it was sent again)."""
+    path = str(tmp_path / "journal")
+    store = EventStore(path)
+    store.load()
+    store.open()
+    records = decision_records(chain(["passed", "failed"]), "failure")
+    store.append(records, sync=True)
+    (broken,) = [r["e"]["id"] for r in records if r["e"]]
+    store.mark(broken, "command")
+    store.close()
+    with open(path, "ab") as handle:
+        handle.write(torn)  # a crash mid-write
+    again = EventStore(path)
+    again.load()
+    again.open()
+    again.mark(broken, "webhook:x")
+    again.close()
+    third = EventStore(path)
+    third.load()
+    assert third.pending() == []
 
 
 def test_store_compaction_keeps_what_is_needed(tmp_path):
