@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 
-from ci.files import atomic_write, whole_lines
+from ci.files import atomic_write, open_append, whole_lines
 from ci.wire import valid_full_commit
 
 log = logging.getLogger(__name__)
@@ -146,12 +146,15 @@ class TombstoneFile:
 
     def append(self, tombstones: list[Tombstone]) -> list[str]:
         """Durably, before the files they stand for are removed.  Returns
-        the commits whose tombstones a trim dropped (usually none)."""
+        the commits whose tombstones a trim dropped (usually none).  A line
+        a crash tore is cut off first: glued to it, the first of these
+        would be unreadable while its files are gone (a pruned commit with
+        neither, tested again as new)."""
         if not tombstones:
             return []
         data = "".join(format_line(t) + "\n" for t in tombstones).encode()
         with self._lock:
-            with open(self.path, "ab") as handle:
+            with open_append(self.path) as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())

@@ -228,6 +228,21 @@ def test_a_torn_tombstone_is_never_read_even_when_it_parses(tmp_path):
     assert f.load() == {} and f.find(cid(4)) is None and f.find_many([cid(4)]) == {}
 
 
+def test_a_tombstone_appended_after_a_torn_line_is_read(tmp_path):
+    """A crash mid-append tore the last line; the next batch's first
+    tombstone was appended straight after it, glued and unreadable, while
+    its commit's files were removed: neither a result nor a tombstone."""
+    path = tmp_path / tombstones.FILE_NAME
+    first = Tombstone(cid(1), "passed", 1.0, 2.0, None, "main")
+    path.write_bytes((tombstones.format_line(first) + "\n"
+                      + tombstones.format_line(first)[:50]).encode())
+    second = Tombstone(cid(2), "failed", 3.0, 4.0, cid(1), "main")
+    TombstoneFile(str(path)).append([second])
+    f = TombstoneFile(str(path))
+    assert f.load() == {cid(1): first, cid(2): second}
+    assert f.find(cid(2)) == second
+
+
 def test_tombstone_file_stays_bounded(tmp_path):
     f = TombstoneFile(str(tmp_path / "pruned"), limit=8)
     for n in range(20):
