@@ -78,10 +78,19 @@ def whole_lines(data: bytes) -> list[bytes]:
 def open_append(path: str):
     """``path`` opened (binary) to append lines to.  A torn last line is
     cut off first: the next record would be glued to it and lost with it
-    at the next read."""
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    at the next read.  A file this creates is fsynced into its folder, or
+    a power loss could take the file with every record fsynced in it."""
     try:
-        _cut_torn_tail(fd, path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o666)
+        created = True
+    except FileExistsError:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        created = False
+    try:
+        if created:
+            fsync_dir(os.path.dirname(path) or ".")
+        else:
+            _cut_torn_tail(fd, path)
         return os.fdopen(fd, "ab")
     except BaseException:
         os.close(fd)

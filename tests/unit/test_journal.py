@@ -1,9 +1,14 @@
 """The dispatcher's journal (ci/dispatch/journal.py) when its disk fails:
-a compaction that cannot write its new file leaves the old one in use."""
+a compaction that cannot write its new file leaves the old one in use; the
+append-only files a power loss must not take away."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -41,3 +46,47 @@ def test_a_cell_line_without_a_name_carries_labels_only():
         and labelled.value.labels == frozenset({"gpu", "linux"})
     assert parse_record(f"C {X} 3.11 -") is None
     assert parse_record(f"C {X}:py3.11 3.11 -").value.python == "3.11"
+
+
+CREATE_BOTH = """import sys
+from ci.appendlog import AppendLog
+from ci.retention.tombstones import Tombstone, TombstoneFile
+log = AppendLog(sys.argv[1] + "/journal")
+log.open()
+log.close()
+TombstoneFile(sys.argv[1] + "/pruned").append([Tombstone("1" * 40, "passed", 1, 2, None, None)])
+"""
+
+
+def folder_fsyncs(tmp_path, folder) -> int:
+    """How many times a process running CREATE_BOTH fsyncs ``folder``, seen
+    by strace (the system calls really made)."""
+    trace = tmp_path / "trace"
+    proc = subprocess.run(["strace", "-qq", "-o", str(trace), "-e", "trace=openat,fsync,close",
+                           sys.executable, "-c", CREATE_BOTH, str(folder)],
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+                          capture_output=True, timeout=60)
+    if proc.returncode and b"ptrace" in proc.stderr:
+        pytest.skip("strace may not trace here")
+    assert proc.returncode == 0, proc.stderr
+    opened, count = set(), 0
+    for line in trace.read_text().splitlines():
+        if m := re.match(rf'openat\(AT_FDCWD, "{re.escape(str(folder))}", .*\) = (\d+)$', line):
+            opened.add(m[1])
+        elif (m := re.match(r"fsync\((\d+)\)", line)) and m[1] in opened:
+            count += 1
+        elif m := re.match(r"close\((\d+)\)", line):
+            opened.discard(m[1])
+    return count
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_an_append_only_file_is_fsynced_into_its_folder_when_created(tmp_path):
+    """The journal (AppendLog.open) and the tombstone file were created by
+    an append that fsynced the file only: a power loss could take the new
+    file, and every record fsynced in it, with its folder entry.  Once
+    each, when created; never for a file already there."""
+    folder = tmp_path / "state"
+    folder.mkdir()
+    assert folder_fsyncs(tmp_path, folder) == 2
+    assert folder_fsyncs(tmp_path, folder) == 0
