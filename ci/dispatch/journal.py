@@ -236,6 +236,7 @@ def replay_lines(data: bytes) -> Replayed:
             out.lost[commit] += 1
         elif record.kind == DONE:
             out.done.add(commit)
+            out.lost.pop(commit, None)   # the poison count is per round
             for key in out.group_keys.pop(commit, ()):
                 out.cells.pop(key, None)   # the commit's own result: complete
             out.retest.discard(commit)
@@ -249,8 +250,10 @@ def replay_lines(data: bytes) -> Replayed:
             out.errors[commit] = record.value
         elif record.kind == RETEST:
             out.retest.add(commit)
-            # A retest starts a new round: earlier assignments are history.
+            # A retest starts a new round: earlier assignments and lost
+            # runs are history.
             out.assigned.pop(commit, None)
+            out.lost.pop(commit, None)
             out.sharded.discard(commit)
     out.order = list(order)
     return out

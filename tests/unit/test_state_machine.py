@@ -279,6 +279,32 @@ def test_a_commit_that_loses_its_runners_gets_error(make_state):
         assert b"verdict: error" in handle.read()
 
 
+def test_a_retest_after_a_restart_does_not_inherit_earlier_lost_runs(make_state):
+    """A round that lost its runner twice, then passed; a retest; a
+    restart.  Replay counted the first round's losses into the retest's
+    (a new round starts at 0 in memory), so one more lost run gave up
+    with 'error' (max attempts 3)."""
+    state = make_state()
+    for attempt in range(3):
+        state.register(A, f"i{attempt}", None)
+        if attempt == 0:
+            state.enqueue([X])
+        job = assign(state)
+        if attempt < 2:
+            state.ping_result(KA, PingReply("refused"), 3)
+    assert result(state, job) is True
+    assert state.retest([X]) == [X]
+    state.journal.close()
+    restarted = make_state()
+    assert restarted.work[X].losses == 0
+    restarted.register(A, "i3", None)
+    assign(restarted)
+    restarted.ping_result(KA, PingReply("refused"), 3)
+    assert list(restarted.queue) == [X]
+    with open(os.path.join(restarted.results_dir, X), "rb") as handle:
+        assert b"verdict: passed" in handle.read()
+
+
 def test_live_output_keeps_a_bounded_tail(make_state):
     state = make_state()
     state.register(A, "ia", None)

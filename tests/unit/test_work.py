@@ -110,7 +110,10 @@ def test_replay_folds_the_built_records():
     assert got.assigned[X] == [AssignmentRecord(TOKEN, "127.0.0.1:9001", None)]
     # A retest starts a new round: the earlier assignment is history.
     again = replay_lines(("\n".join(lines + [journal.retest_record(X)]) + "\n").encode())
-    assert X not in again.assigned and again.retest == {X}
+    assert X not in again.assigned and again.retest == {X} and again.lost[X] == 0
+    # So does the next after a result: the lost runs were the last round's.
+    done = replay_lines(("\n".join(lines[:-1] + [journal.done_record(X)]) + "\n").encode())
+    assert done.lost[X] == 0
 
 
 @pytest.mark.parametrize("whole,cut", [
