@@ -144,8 +144,13 @@ class Revocations:
 def add_revocation(path: str, entry: str) -> None:
     if not (KEY_ID_RE.fullmatch(entry) or NAME_RE.fullmatch(entry)):
         raise KeyError_(f"invalid key name {entry!r}: NAME or ROLE:NAME")
-    with open(path, "a", encoding="ascii") as handle:
-        handle.write(entry + "\n")
+    with open(path, "a+b") as handle:
+        # A last line without its newline (a torn write, or the operator's
+        # own editing) would be glued to this entry, which would revoke
+        # nothing; it is kept (cut, a hand-written entry would be lost).
+        size = handle.seek(0, os.SEEK_END)
+        lead = b"\n" if size and os.pread(handle.fileno(), 1, size - 1) != b"\n" else b""
+        handle.write(lead + entry.encode("ascii") + b"\n")
         handle.flush()
         os.fsync(handle.fileno())
 

@@ -98,6 +98,16 @@ def test_revocations_are_reread_when_the_file_changes(tmp_path):
             auth.add_revocation(path, bad)
 
 
+def test_a_revocation_after_a_line_without_its_newline_counts(tmp_path):
+    """It was glued to the line before (``r1r2``), and r2 stayed valid
+    though ``revoke-key`` had succeeded.  The line before counts too."""
+    path = tmp_path / "revoked-keys"
+    path.write_text("r0\nr1")     # torn, or edited by hand
+    auth.add_revocation(str(path), "r2")
+    revocations = auth.Revocations(str(path))
+    assert revocations.revoked("runner:r2") and revocations.revoked("runner:r1")
+
+
 def test_keyrings_map_key_ids_to_keys_and_roles(tmp_path):
     path = str(tmp_path / "revoked-keys")
     master = auth.MasterKeyring(MASTER, auth.Revocations(path))
