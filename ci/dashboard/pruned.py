@@ -67,7 +67,7 @@ class PrunedIndex:
         complete, newline, _torn = data.rpartition(b"\n")
         # A torn last line is read again, whole, next time.
         self._offset = offset + len(complete) + len(newline)
-        for commit, found in tombstones.parse_lines(complete).items():
+        for commit, found in tombstones.parse_lines(complete + newline).items():
             if commit not in self._found:
                 key = found.branch or ""
                 self._per_branch[key] = self._per_branch.get(key, 0) + 1
