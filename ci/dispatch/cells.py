@@ -84,17 +84,27 @@ def cell_from_header(name: str, header: dict) -> matrix.Cell | None:
         return None
 
 
-def cells_from_results(results_dir: str, commit: str) -> dict[str, matrix.Cell] | None:
-    """The cells of a tested commit, read from its files; None for a
-    commit without a matrix (or without a result)."""
+def cell_names(results_dir: str, commit: str) -> list[str]:
+    """The cells a matrix commit's own result lists ([] for none)."""
     header = results.read_header(os.path.join(results_dir, commit)) or {}
     names = [part.partition("=")[0] for part in header.get("cells", "").split()]
+    return [name for name in names if name and matrix.is_cell_name(name)]
+
+
+def cells_from_results(results_dir: str, commit: str) -> dict[str, matrix.Cell] | None:
+    """The cells of a tested commit, read from its files; None for a
+    commit without a matrix (or without a result), and for one whose cell
+    files are not all there to say what each cell is (a pass that moved
+    them before the commit's own): guessed from its name alone, a cell
+    would run on the runner's own Python, filed as the cell asked for."""
     cells = {}
-    for name in names:
-        if matrix.is_cell_name(name) and name:
-            cell_header = results.read_header(os.path.join(
-                results_dir, results.result_name(commit, name))) or {}
-            cells[name] = cell_from_header(name, cell_header) or matrix.Cell(name)
+    for name in cell_names(results_dir, commit):
+        cell_header = results.read_header(os.path.join(
+            results_dir, results.result_name(commit, name))) or {}
+        cell = cell_from_header(name, cell_header) if cell_header else None
+        if cell is None:
+            return None
+        cells[name] = cell
     return cells or None
 
 
@@ -223,6 +233,15 @@ class MatrixKeeper:
             or (pruned_cells(stone) if stone is not None else None)
         if cell and (cells is None or cell not in cells):
             raise Reply(f"retest of {target[:60]}: {commit[:12]} has no cell {cell!r}")
+        if cells is None and cell_names(self.results_dir, commit):
+            # A pass cut short after moving some cell files (a restart no
+            # longer counts the commit pruned: its own file is there), so
+            # its tombstone is looked up here; rare, and read once.
+            stone = self.tombstones.find(commit) if self.tombstones is not None else None
+            cells = pruned_cells(stone) if stone is not None else None
+            if cells is None:
+                raise Reply(f"retest of {commit[:12]}: the files that say what its cells "
+                            f"are are gone (pruned?), so it cannot be run as it was")
         meta = meta_from_result(self.results_dir, commit) or (
             Meta(stone.branch, stone.previous) if stone is not None and stone.branch else None)
         if cells is None:

@@ -451,3 +451,31 @@ def test_finished_cells_waiting_on_a_scarce_one_do_not_make_every_result_compact
     # Each rewrite kept every finished cell: a restart still knows them.
     restarted = make_state()
     assert list(restarted.work) == [f"{X}:scarce"]
+
+
+def test_a_retest_never_guesses_a_cell_whose_file_is_gone(make_state, tmp_path):
+    """A pass cut short after moving a cell's file, before the commit's own:
+    the commit lists a cell nothing says the interpreter of.  A retest is
+    refused, with the reason, not run on the runner's own Python and filed
+    as that cell; once its tombstone keeps the cells, it runs each as it was."""
+    state = make_state()
+    register(state, *(runner(9001 + i, "python3.9", "python3.12", "python3.13")
+                      for i in range(3)))
+    state.enqueue([X], {X: ("main", None)}, {X: PLAN})
+    for job in take(state):
+        finish(state, job)
+    os.unlink(tmp_path / "results" / results.result_name(X, "py3.9-dbpg"))
+    restarted = make_state(tombstones=True)
+    with pytest.raises(Reply, match="cannot be run as it was"):
+        restarted.retest([X])
+    assert not take(restarted)
+    # The pass wrote the tombstone first; after a restart the commit's own
+    # file says it is not pruned, and the tombstone is looked up all the same.
+    restarted.tombstones.append([Tombstone(X, "passed", 0.0, 0.0, None, "main",
+                                           matrix.encode_plan(PLAN))])
+    restarted = make_state(tombstones=True)
+    assert len(restarted.retest([X])) == 3
+    register(restarted, *(runner(9001 + i, "python3.9", "python3.12", "python3.13")
+                          for i in range(3)))
+    jobs = take(restarted)
+    assert sorted(jobspec.parse(job.request).python for job in jobs) == ["3.12", "3.13", "3.9"]
