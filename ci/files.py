@@ -198,10 +198,14 @@ def remove_tree(name: str, dir_fd: int | None = None, path: str | None = None) -
                 from None
 
 
-def remove_quietly(path: str) -> None:
+def remove_quietly(path: str, what: str = "") -> None:
     """``remove_tree`` for a folder of our own that a test may have filled
-    (at any depth): what cannot be removed is left to the next start."""
+    (at any depth): what cannot be removed is left to the next start
+    (with ``what``, logged as a warning, "cannot remove <what> <path>")."""
     try:
         remove_tree(path)
-    except OSError:
+    except FileNotFoundError:
         pass
+    except OSError as exc:
+        if what:
+            log.warning("cannot remove %s %s: %s", what, path, exc)

@@ -42,7 +42,7 @@ import signal
 import stat
 import time
 from ci.config import ConfigError
-from ci.files import ensure_dir, remove_tree
+from ci.files import ensure_dir, remove_quietly, remove_tree
 
 
 log = logging.getLogger(__name__)
@@ -151,12 +151,7 @@ class UserSandbox:
 
     @staticmethod
     def _remove(path: str) -> None:
-        try:
-            remove_tree(path)   # fd-based on Linux: never follows a symlink
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("cannot remove sandbox %s: %s", path, exc)
+        remove_quietly(path, "sandbox")   # fd-based on Linux: never follows a symlink
 
 
 # --------------------------------------------------------------------------
