@@ -68,72 +68,83 @@ DEFAULT_WORKERS = 32
 DEFAULT_RESTART_GRACE = 10.0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        description="CI dispatcher: queues commits and hands them to test runners.")
-    parser.add_argument("--host", default=DEFAULT_HOST,
+def _where_flags(group) -> None:
+    """Its address, and the folders that must survive a restart."""
+    group.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+    group.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help="port to listen on (default: %(default)s)")
-    parser.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR,
+    group.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR,
                         help="folder for the result files (default: %(default)s)")
-    parser.add_argument("--state-dir",
+    group.add_argument("--state-dir",
                         help="folder for the durable queue "
                              "(default: dispatcher_state beside the results folder)")
-    parser.add_argument("--ping-interval", type=positive(float), default=DEFAULT_PING_INTERVAL,
+
+
+def _runner_flags(group) -> None:
+    """How soon a silent runner is dropped and its work given to another."""
+    group.add_argument("--ping-interval", type=positive(float), default=DEFAULT_PING_INTERVAL,
                         metavar="SECONDS",
                         help="seconds between runner health checks (default: %(default)s)")
-    parser.add_argument("--ping-misses", type=positive(int), default=DEFAULT_PING_MISSES,
+    group.add_argument("--ping-misses", type=positive(int), default=DEFAULT_PING_MISSES,
                         help="missed pings before a runner is dropped (default: %(default)s)")
-    parser.add_argument("--ping-timeout", type=positive(float), default=DEFAULT_PING_TIMEOUT,
+    group.add_argument("--ping-timeout", type=positive(float), default=DEFAULT_PING_TIMEOUT,
                         metavar="SECONDS",
                         help="connect/reply timeout of one ping (default: %(default)s)")
-    parser.add_argument("--job-timeout", type=positive(float), metavar="SECONDS",
+    group.add_argument("--job-timeout", type=positive(float), metavar="SECONDS",
                         help="reassign a commit whose runner has not reported within this "
                              f"time (default: {DEFAULT_JOB_TIMEOUT:g}, or longer for a runner "
                              "whose own limits for checkout, setup and tests add up to more)")
-    parser.add_argument("--max-attempts", type=positive(int), default=DEFAULT_MAX_ATTEMPTS,
+    group.add_argument("--max-attempts", type=positive(int), default=DEFAULT_MAX_ATTEMPTS,
                         help="give a commit verdict 'error' after its run lost its runner "
                              "this many times (default: %(default)s)")
-    parser.add_argument("--workers", type=positive(int), default=DEFAULT_WORKERS,
+    group.add_argument("--workers", type=positive(int), default=DEFAULT_WORKERS,
                         help="threads for talking to runners (default: %(default)s)")
-    parser.add_argument("--restart-grace", type=float, default=DEFAULT_RESTART_GRACE,
+    group.add_argument("--restart-grace", type=float, default=DEFAULT_RESTART_GRACE,
                         metavar="SECONDS",
                         help="after a restart, how long commits that were running wait for "
                              "their runner to re-register and keep them (default: "
                              "%(default)s; 0 requeues them at once)")
-    parser.add_argument("--max-shards", type=positive(int), default=1, metavar="N",
-                        help="split a commit's tests over up to N runners when more runners "
-                             "are free than commits are queued, balanced by each test file's "
-                             "last known duration; the shards' results are merged into one "
-                             "(default: %(default)s, never split)")
-    parser.add_argument("--max-cells", type=positive(int), default=matrix.DEFAULT_MAX_CELLS,
-                        metavar="N",
-                        help="a commit whose recipe's build matrix has more cells than this "
-                             "gets an error verdict instead of a run (default: %(default)s)")
-    parser.add_argument("--unroutable-timeout", type=positive(float),
-                        default=cells.DEFAULT_UNROUTABLE_TIMEOUT, metavar="SECONDS",
-                        help="a queued cell that no registered runner can take (none has "
-                             "every label it needs) gets an error verdict saying so after "
-                             "this long; it waits, with the reason in status and state, "
-                             "meanwhile (default: %(default)s)")
-    parser.add_argument("--min-shard-seconds", type=float, default=1.0, metavar="SECONDS",
-                        help="split only as far as each shard gets this much test time by the "
-                             "last known durations, and no more shards than known test "
-                             "classes (default: %(default)s; 0: no such limit)")
-    parser.add_argument("--prefetch-runners", type=int, default=DEFAULT_PREFETCH_RUNNERS,
+    group.add_argument("--prefetch-runners", type=int, default=DEFAULT_PREFETCH_RUNNERS,
                         metavar="N",
                         help="when a git hook announces a push, tell up to N idle runners "
                              "(the next in line for work) to fetch at once, so the new "
                              "commit's checkout need not wait for a fetch (default: "
                              "%(default)s; 0: off)")
-    parser.add_argument("--trusted-branch", action="append", metavar="PATTERN",
+
+
+def _work_flags(group) -> None:
+    """Shards, matrix cells and environment scopes: what a commit becomes on the runners."""
+    group.add_argument("--max-shards", type=positive(int), default=1, metavar="N",
+                        help="split a commit's tests over up to N runners when more runners "
+                             "are free than commits are queued, balanced by each test file's "
+                             "last known duration; the shards' results are merged into one "
+                             "(default: %(default)s, never split)")
+    group.add_argument("--min-shard-seconds", type=float, default=1.0, metavar="SECONDS",
+                        help="split only as far as each shard gets this much test time by the "
+                             "last known durations, and no more shards than known test "
+                             "classes (default: %(default)s; 0: no such limit)")
+    group.add_argument("--max-cells", type=positive(int), default=matrix.DEFAULT_MAX_CELLS,
+                        metavar="N",
+                        help="a commit whose recipe's build matrix has more cells than this "
+                             "gets an error verdict instead of a run (default: %(default)s)")
+    group.add_argument("--unroutable-timeout", type=positive(float),
+                        default=cells.DEFAULT_UNROUTABLE_TIMEOUT, metavar="SECONDS",
+                        help="a queued cell that no registered runner can take (none has "
+                             "every label it needs) gets an error verdict saying so after "
+                             "this long; it waits, with the reason in status and state, "
+                             "meanwhile (default: %(default)s)")
+    group.add_argument("--trusted-branch", action="append", metavar="PATTERN",
                         help="a branch (fnmatch pattern; repeat for several) whose commits "
                              "build the environments every branch may reuse; another "
                              "branch's commits reuse those and their own branch's, never a "
                              "third branch's (default: "
                              f"{' and '.join(jobspec.DEFAULT_TRUSTED_BRANCHES)})")
-    parser.add_argument("--keep-results", type=retention_policy.keep_argument, metavar="N|AGE|N,AGE",
+
+
+def _retention_flags(group) -> None:
+    """Retention and the per-test history: what the results folder holds over time."""
+    group.add_argument("--keep-results", type=retention_policy.keep_argument, metavar="N|AGE|N,AGE",
                         help="prune old results (result file, JUnit XML, test history rows) "
                              "in the background: N keeps the newest N of each branch, AGE "
                              "(90m, 12h, 30d, 8w) keeps everything younger, N,AGE keeps what "
@@ -141,23 +152,32 @@ def build_parser() -> argparse.ArgumentParser:
                              "or fixed a branch and pending commits are always kept, and a "
                              "pruned commit leaves a tombstone so it is never tested again "
                              "(default: keep everything)")
-    parser.add_argument("--prune-interval", type=positive(float),
+    group.add_argument("--prune-interval", type=positive(float),
                         default=pruner.DEFAULT_INTERVAL, metavar="SECONDS",
                         help="seconds between pruning passes with --keep-results "
                              "(default: %(default)s)")
-    parser.add_argument("--prune-rest", type=non_negative(float), default=gate.REST,
+    group.add_argument("--prune-rest", type=non_negative(float), default=gate.REST,
                         metavar="FACTOR",
                         help="after every batch of a pass (and every 256 header reads of "
                              "its plan) the pass rests this many times as long as it took, "
                              "at most 50 ms, so it holds the disk less of the time and meets "
                              "fewer results (0: no rest, a faster pass that competes more; "
                              "default: %(default)s)")
-    parser.add_argument("--no-test-history", action="store_true",
+    group.add_argument("--no-test-history", action="store_true",
                         help="do not write the per-test history store "
                              "(<state-dir>/history.sqlite3): no writer process, and the "
                              "dashboard's test pages say there is no history; a store left "
                              "from before is not touched and is caught up from the result "
                              "files when the dispatcher next starts without this flag")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        description="CI dispatcher: queues commits and hands them to test runners.")
+    _where_flags(parser.add_argument_group("where it listens and keeps its files"))
+    _runner_flags(parser.add_argument_group("runners and their health"))
+    _work_flags(parser.add_argument_group("how work is split and routed"))
+    _retention_flags(parser.add_argument_group("results kept"))
     notify_flags.add_arguments(parser)
     add_common_arguments(parser)
     return parser

@@ -37,93 +37,107 @@ def runner_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Every flag, with its help: the table the README's flag list follows."""
-    parser = ArgumentParser(
-        description="CI test runner: runs the tests of the commits the dispatcher sends.")
-    parser.add_argument("repo", metavar="REPO",
+def _where_flags(group) -> None:
+    """The runner's own address and the dispatcher's: a runner may sit on another machine."""
+    group.add_argument("repo", metavar="REPO",
                         help="this runner's own clone of the repository under test")
-    parser.add_argument("--host", default=startup.DEFAULT_HOST,
+    group.add_argument("--host", default=startup.DEFAULT_HOST,
                         help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int,
+    group.add_argument("--port", type=int,
                         help=f"port to listen on (default: first free from {startup.FIRST_PORT})")
-    parser.add_argument("--advertise", metavar="HOST:PORT",
+    group.add_argument("--advertise", metavar="HOST:PORT",
                         help="address the dispatcher should use to reach this runner "
                              "(default: --host, or the local address of the link to the "
                              "dispatcher when bound to 0.0.0.0)")
-    parser.add_argument("--dispatcher-server", default=startup.DEFAULT_DISPATCHER,
+    group.add_argument("--dispatcher-server", default=startup.DEFAULT_DISPATCHER,
                         metavar="HOST:PORT",
                         help="the dispatcher's address (default: %(default)s)")
-    parser.add_argument("--name", type=runner_name,
+    group.add_argument("--name", type=runner_name,
                         help="what the dashboard and the dispatcher's state call this runner "
                              "(1 to 64 letters, digits, '.', '_' or '-'; default: none, "
                              "shown as its address)")
-    parser.add_argument("--test-command", metavar="COMMAND",
+
+
+def _test_flags(group) -> None:
+    """The defaults a repository's .ci.ini may change, and the limits it may not pass."""
+    group.add_argument("--test-command", metavar="COMMAND",
                         help="command run in the clone's root (split like a shell would, "
                              "never run by one; default: python -m unittest discover -s tests"
                              " [-t .])")
-    parser.add_argument("--junit-xml", metavar="PATTERN",
+    group.add_argument("--junit-xml", metavar="PATTERN",
                         help="JUnit XML file(s) the test command writes, a glob relative to "
                              "the clone (e.g. 'reports/*.xml'), read for per-test results; "
                              "not needed for unittest and pytest commands, whose results "
                              "are recorded anyway")
-    parser.add_argument("--timeout", type=positive(float), metavar="SECONDS",
+    group.add_argument("--timeout", type=positive(float), metavar="SECONDS",
                         help="kill the tests after this long; verdict 'timeout' "
                              f"(default: {startup.DEFAULT_TIMEOUT:g}, or --max-timeout if lower)")
-    parser.add_argument("--setup-command", metavar="COMMAND",
+    group.add_argument("--setup-command", metavar="COMMAND",
                         help="command that installs what the tests need, run in a cached "
                              "virtual environment in the clone's root (split like a shell "
                              "would, never run by one; e.g. \"python -m pip install -e "
                              ".[test]\"; default: none; a repository's .ci.ini may set it)")
-    parser.add_argument("--setup-timeout", type=positive(float), metavar="SECONDS",
+    group.add_argument("--setup-timeout", type=positive(float), metavar="SECONDS",
                         help="limit for building an environment; verdict 'error' "
                              f"(default: {environments.DEFAULT_SETUP_TIMEOUT:g}, or "
                              "--max-timeout if lower)")
-    parser.add_argument("--max-timeout", type=positive(float), metavar="SECONDS",
+    group.add_argument("--max-timeout", type=positive(float), metavar="SECONDS",
                         help="the most a repository's .ci.ini may raise timeout and "
                              "setup_timeout to (default: it may only lower them)")
-    parser.add_argument("--rerun-failures", type=whole_number, default=recipe.DEFAULT_RERUNS,
+    group.add_argument("--rerun-failures", type=whole_number, default=recipe.DEFAULT_RERUNS,
                         metavar="N",
                         help="run the tests that failed again, up to N times, to tell flaky "
                              "tests (failed, then passed) from failing ones; a .ci.ini's "
                              "rerun_failures overrides it (default: %(default)s)")
-    parser.add_argument("--max-rerun-failures", type=whole_number,
+    group.add_argument("--max-rerun-failures", type=whole_number,
                         default=recipe.DEFAULT_MAX_RERUNS, metavar="N",
                         help="the most a .ci.ini's rerun_failures may ask for "
                              "(default: %(default)s)")
-    parser.add_argument("--ignore-repo-recipe", action="store_true",
+    group.add_argument("--ignore-repo-recipe", action="store_true",
                         help="do not read .ci.ini from the commits: only these flags decide")
-    parser.add_argument("--keep-envs", type=positive(int), default=environments.DEFAULT_KEEP,
+
+
+def _state_flags(group) -> None:
+    """Where the runner keeps what outlives a run (its cached environments, its outbox)."""
+    group.add_argument("--keep-envs", type=positive(int), default=environments.DEFAULT_KEEP,
                         metavar="N",
                         help="keep the N most recently used environments, delete older ones "
                              "(default: %(default)s)")
-    parser.add_argument("--env-dir", metavar="DIR",
+    group.add_argument("--env-dir", metavar="DIR",
                         help="folder for this runner's environments, not shared with another "
                              "runner (default: STATE_DIR/envs)")
-    parser.add_argument("--checkout-timeout", type=positive(float),
+    group.add_argument("--checkout-timeout", type=positive(float),
                         default=pipeline.DEFAULT_CHECKOUT_TIMEOUT,
                         metavar="SECONDS",
                         help="limit for fetch and checkout (default: %(default)s)")
-    parser.add_argument("--state-dir",
+    group.add_argument("--state-dir",
                         help="folder for the outbox of undelivered results "
                              "(default: REPO/.git/ci-runner)")
-    parser.add_argument("--heartbeat", type=positive(float), default=daemon.DEFAULT_HEARTBEAT,
+
+
+def _link_flags(group) -> None:
+    """How often it reports, and how it waits for a dispatcher that is away."""
+    group.add_argument("--heartbeat", type=positive(float), default=daemon.DEFAULT_HEARTBEAT,
                         metavar="SECONDS",
                         help="seconds between re-registrations with the dispatcher "
                              "(default: %(default)s)")
-    parser.add_argument("--retry-max", type=positive(float), default=daemon.DEFAULT_RETRY_MAX,
+    group.add_argument("--retry-max", type=positive(float), default=daemon.DEFAULT_RETRY_MAX,
                         metavar="SECONDS",
                         help="longest wait between retries while the dispatcher is away "
                              "(default: %(default)s)")
-    parser.add_argument("--dispatcher-timeout", type=float, metavar="SECONDS",
+    group.add_argument("--dispatcher-timeout", type=float, metavar="SECONDS",
                         help="exit when the dispatcher has been unreachable this long "
                              "(default: wait forever)")
-    parser.add_argument("--progress-interval", type=positive(float),
+    group.add_argument("--progress-interval", type=positive(float),
                         default=daemon.DEFAULT_PROGRESS_INTERVAL,
                         metavar="SECONDS",
                         help="send the running test's new output to the dispatcher this "
                              "often, for live logs (default: %(default)s)")
-    parser.add_argument("--test-user", metavar="USER",
+
+
+def _isolation_flags(group) -> None:
+    """What tests may reach, and which jobs this runner is fit for."""
+    group.add_argument("--test-user", metavar="USER",
                         help="run setup and tests as this unprivileged user (Linux; the "
                              "runner runs as root), so tests cannot read the runner's key, "
                              "environment, outbox or state, nor change its repository; the "
@@ -132,12 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "HOME and TMPDIR, and after it every process of USER is killed "
                              "and its files in /tmp, /var/tmp, /dev/shm removed (give each "
                              "runner its own USER)")
-    parser.add_argument("--label", action="append", type=interpreters.runner_label,
+    group.add_argument("--label", action="append", type=interpreters.runner_label,
                         metavar="NAME",
                         help="a label this runner has (repeatable; 1 to 64 letters, digits, "
                              "'.', '_' or '-'), e.g. gpu: a matrix cell whose recipe asks for "
                              "labels goes only to a runner with all of them")
-    parser.add_argument("--python", action="append", type=interpreters.python_flag,
+    group.add_argument("--python", action="append", type=interpreters.python_flag,
                         metavar="VERSION[=PATH]|auto",
                         help="an interpreter matrix cells may ask for (repeatable): "
                              "3.12=/opt/py312/bin/python3, or 3.12 for python3.12 on PATH, "
@@ -145,9 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
                              "used as the interpreter it reports (a version shim is resolved "
                              "or refused) and advertised as the label python3.X (default: "
                              "this runner's own Python only)")
-    parser.add_argument("--exclusive", action="store_true",
+    group.add_argument("--exclusive", action="store_true",
                         help="take only jobs that ask for one of this runner's labels "
                              "(keeps a big or special machine free of generic jobs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag, with its help: the table the README's flag list follows."""
+    parser = ArgumentParser(
+        description="CI test runner: runs the tests of the commits the dispatcher sends.")
+    _where_flags(parser.add_argument_group("where it listens and whom it serves"))
+    _test_flags(parser.add_argument_group("what it runs"))
+    _state_flags(parser.add_argument_group("environments and state"))
+    _link_flags(parser.add_argument_group("the link to the dispatcher"))
+    _isolation_flags(parser.add_argument_group("isolation, labels and interpreters"))
     add_common_arguments(parser)
     return parser
 
