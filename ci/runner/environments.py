@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import glob
+import fnmatch
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import sys
 import time
 
@@ -64,6 +66,11 @@ LOCK = ".lock"
 KEY_LENGTH = 16
 # The pools environments are pruned in: a key starts with its pool's name.
 TRUSTED, UNTRUSTED = "trusted", "untrusted"
+# Files and folders that matching the env_files patterns may look at, at
+# most (each entry of a folder listed for a wildcard, each name looked up):
+# far more than a project's lock files need, a fraction of a second.
+MAX_ENV_FILE_ENTRIES = 100_000
+_MAGIC = re.compile(r"[*?[]")   # what makes a part of a pattern a wildcard, as in glob
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,17 +300,88 @@ class EnvironmentCache:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def env_file_paths(repo: str, patterns: tuple[str, ...]) -> list[tuple[str, str]]:
+def env_file_paths(repo: str, patterns: tuple[str, ...],
+                   limit: int | None = None) -> list[tuple[str, str]]:
     """(name, path) of the existing regular files the patterns name inside
-    ``repo``, sorted; files resolving outside the clone are left out."""
+    ``repo``, sorted; files resolving outside the clone are left out.
+
+    A pattern matches as ``glob`` does (``*`` skips names starting with a
+    dot, ``**`` is ``*``), except that a symlink to a folder is a leaf, as
+    it is in git: followed, two links to ``.`` made ``*/*/.../x`` visit
+    2**depth paths, and a 40-level pattern hung the runner before any
+    setup ran.  A symlink to a file inside the clone still names it.
+    RecipeError once more than ``limit`` (MAX_ENV_FILE_ENTRIES) files and
+    folders were looked at: the patterns of a tree that big are no key."""
+    limit = MAX_ENV_FILE_ENTRIES if limit is None else limit
     root = os.path.realpath(repo)
+    walk = _EnvFileWalk(repo, root, limit)
     found = set()
     for pattern in patterns:
-        for path in glob.glob(os.path.join(glob.escape(repo), pattern)):
-            real = os.path.realpath(path)
-            if os.path.isfile(real) and real.startswith(root + os.sep):
-                found.add((os.path.relpath(path, repo), path))
+        found.update(walk.matches(pattern))
     return sorted(found)
+
+
+class _EnvFileWalk:
+    """The matching of one commit's patterns, with one count of what it
+    looked at for them all."""
+
+    def __init__(self, repo: str, root: str, limit: int):
+        self.repo, self.root, self.limit = repo, root, limit
+        self.looked = 0
+
+    def matches(self, pattern: str) -> set[tuple[str, str]]:
+        parts = [p for p in pattern.split("/") if p not in ("", ".")]
+        folders = [("", self.repo)] if parts else []
+        found = set()
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            deeper = []
+            for name, folder in folders:
+                for child in self._children(folder, part):
+                    path = os.path.join(folder, child)
+                    shown = f"{name}/{child}" if name else child
+                    if last:
+                        real = os.path.realpath(path)
+                        if os.path.isfile(real) and real.startswith(self.root + os.sep):
+                            found.add((shown, path))
+                    elif _is_folder(path):
+                        deeper.append((shown, path))
+            folders = deeper
+        return found
+
+    def _children(self, folder: str, part: str) -> list[str]:
+        """The names in ``folder`` that ``part`` matches (a name without
+        wildcards is looked up, not listed)."""
+        if not _MAGIC.search(part):
+            self._count()
+            return [part] if os.path.lexists(os.path.join(folder, part)) else []
+        names = []
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    self._count()
+                    if entry.name.startswith(".") and not part.startswith("."):
+                        continue
+                    if fnmatch.fnmatchcase(entry.name, part):
+                        names.append(entry.name)
+        except OSError:
+            return []
+        return names
+
+    def _count(self) -> None:
+        self.looked += 1
+        if self.looked > self.limit:
+            raise recipe.RecipeError(
+                f"{recipe.RECIPE_FILE}: matching env_files looked at more than "
+                f"{self.limit} files and folders (name fewer, or more precise, patterns)")
+
+
+def _is_folder(path: str) -> bool:
+    """A folder that is no symlink (see env_file_paths)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _file_digest(path: str, repo: str) -> str:
@@ -376,7 +454,10 @@ class Preparer:
             return result
         if self.cache is None:
             return _failed(result, "setup failed: this runner has no environment folder", out)
-        key, used, found = self._reusable(setup, plan, run, scope)
+        try:
+            key, used, found = self._reusable(setup, plan, run, scope)
+        except recipe.RecipeError as exc:   # env_files past MAX_ENV_FILE_ENTRIES
+            return _failed(result, one_line(str(exc), 300), out)
         result.fields["setup_scope"] = used.label
         if found:
             result.fields["setup"] = "reused"

@@ -33,6 +33,9 @@ DEFAULT_ENV_FILES = ("pyproject.toml", "setup.py", "setup.cfg", "requirements*.t
 # A recipe is a few lines; anything far larger is not one.
 MAX_RECIPE_BYTES = 64 * 1024
 MAX_ENV_FILES = 32
+# Parts of one env_files path or pattern (``a/*/b`` has three), at most:
+# each wildcard part lists the folders the one before it matched.
+MAX_ENV_FILE_PARTS = 32
 # Reruns of failing tests when neither flag nor recipe says: none, since a
 # rerun lengthens every failing run and a repository opts in where its
 # recipe is reviewed; and the most a recipe may ask for.
@@ -254,6 +257,10 @@ def _env_files(value: str, text: str) -> tuple[str, ...]:
         if name.startswith("/") or ".." in parts or not name.isprintable():
             raise RecipeError(f"{RECIPE_FILE} line {line}: key 'env_files': {_quote(name)} "
                               "must be a path inside the repository")
+        if len(parts) > MAX_ENV_FILE_PARTS or len(name) > MAX_PATTERN:
+            raise RecipeError(f"{RECIPE_FILE} line {line}: key 'env_files': {_quote(name)} "
+                              f"has more than {MAX_ENV_FILE_PARTS} parts or "
+                              f"{MAX_PATTERN} characters")
     return tuple(names)
 
 

@@ -2,6 +2,7 @@
 unfinished builds never used, one folder per runner, and one real build
 and reuse through ``prepare`` (offline, from a wheel made here)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -63,6 +64,63 @@ def test_the_key_follows_setup_python_and_env_files(tmp_path, project):
     with open(os.path.join(project, "requirements-test.txt"), "ab") as handle:
         handle.write(b"one-more==1.0\n")
     assert cache.key(setup, project, ENV_FILES, MAIN) not in (big, changed)
+
+
+def test_env_files_match_the_tree_and_a_symlinked_folder_is_a_leaf(tmp_path, project):
+    """glob followed symlinked folders: two links to ``.`` and a 30-level
+    ``*/*/.../x`` (glob visits 2**30 paths) hung the runner's job for good
+    before any setup ran, and the next runner it was given to.  Matched as
+    git sees the tree, the links are leaves; the match ends at once (in a
+    process of its own, bounded: on the old code it never ends)."""
+    for name in ("a", "b"):
+        os.symlink(".", os.path.join(project, name))
+    os.makedirs(os.path.join(project, "sub", "deep"))
+    os.makedirs(os.path.join(project, ".hidden"))
+    for name in ("sub/requirements.txt", "sub/deep/pins.txt", ".hidden/requirements.txt"):
+        with open(os.path.join(project, name), "w") as handle:
+            handle.write("x\n")
+    os.symlink("requirements-test.txt", os.path.join(project, "requirements-link.txt"))
+    hostile = "/".join(["*"] * 30) + "/x"
+    script = ("import json, sys; from ci.runner import environments; "
+              "print(json.dumps(environments.env_file_paths(sys.argv[1], tuple(sys.argv[2:]))))")
+    try:
+        proc = subprocess.run([PY, "-c", script, project, hostile, "*/requirements*.txt"],
+                              capture_output=True, text=True, timeout=30,
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    except subprocess.TimeoutExpired:
+        pytest.fail("matching env_files did not end in 30 s")
+    assert proc.returncode == 0, proc.stderr
+    assert [name for name, _ in json.loads(proc.stdout)] == ["sub/requirements.txt"]
+
+    def named(*patterns):
+        return [name for name, _ in environments.env_file_paths(project, patterns)]
+    # What env_files always matched still is, as glob matched it.
+    assert named(*ENV_FILES) == ["requirements-link.txt", "requirements-test.txt"]
+    assert named("*/*/*.txt", "./sub//requirements.txt") == \
+        ["sub/deep/pins.txt", "sub/requirements.txt"]
+    assert named(".hidden/*", "*/requirements.txt") == \
+        [".hidden/requirements.txt", "sub/requirements.txt"]
+    assert named("sub", "sub/*", "nothing/*", "a/requirements-test.txt") == \
+        ["sub/requirements.txt"]
+
+
+def test_env_files_that_look_at_too_much_are_an_error_not_a_wait(tmp_path, project,
+                                                                  monkeypatch):
+    """A tree past MAX_ENV_FILE_ENTRIES (lowered here; 100,000 by default)
+    is the commit's ``error`` verdict with the reason, before any build."""
+    monkeypatch.setattr(environments, "MAX_ENV_FILE_ENTRIES", 20, raising=False)
+    os.makedirs(os.path.join(project, "many"))
+    for number in range(30):
+        open(os.path.join(project, "many", f"f{number}.txt"), "w").close()
+    with open(os.path.join(project, recipe.RECIPE_FILE), "w") as handle:
+        handle.write("[ci]\nsetup = python -c pass\nenv_files = many/*\n")
+    cache = environments.EnvironmentCache(str(tmp_path / "envs"))
+    prepared, output = prepare(environments.Preparer(recipe.Limits(), cache), project)
+    reason = ".ci.ini: matching env_files looked at more than 20 files and folders"
+    assert prepared.failed and prepared.fields["verdict"] == "error"
+    assert prepared.fields["reason"].startswith(reason) and reason.encode() in output
+    assert cache.finished() == [] and prepared.fields["setup"] == "none"
+    assert len(environments.env_file_paths(project, ("many/*",), limit=31)) == 30
 
 
 def test_a_jobs_scope_follows_its_branch_and_trust_and_is_in_the_key(tmp_path, project):

@@ -67,6 +67,8 @@ def test_timeouts_are_capped_by_the_runner():
     ("[ci]\ntimeout = nan\n", "key 'timeout' must be a positive"),
     ("[ci]\nenv_files = ../../etc/passwd\n", "line 2: key 'env_files'"),
     ("[ci]\nenv_files = /etc/passwd\n", "must be a path inside the repository"),
+    ("[ci]\nenv_files = " + "*/" * 32 + "x\n", "has more than 32 parts"),
+    ("[ci]\nenv_files = " + "x" * 501 + "\n", "or 500 characters"),
     ("[ci]\ntest = " + "x" * 70000 + "\n", "larger than"),
 ])
 def test_malformed_recipes_name_the_line_or_key(text, expected):
