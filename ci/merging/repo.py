@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from ci.git import GitError
+from ci.git import GitError, TooLarge
 from ci.mergeinfo import TARGET_RE
 from ci.wire import valid_full_commit
 from ci.merging import isolation, merge as merging, push
@@ -72,11 +72,19 @@ class MergeRepo:
             raise GitError(["commit-tree"], self.path, 0, f"printed {commit[:80]!r}")
         return Merged(commit, tree)
 
-    def read_blob(self, commit: str, path: str) -> bytes | None:
+    def read_blob(self, commit: str, path: str, max_size: int) -> bytes | TooLarge | None:
         """A file of a commit this repository knows (a merge it made), None
-        if there is no such file."""
-        done = self.git.run("cat-file", "blob", f"{commit}:{path}", timeout=COMMIT_TIMEOUT,
-                            ok=(0, 128))
+        if there is no such file, TooLarge past ``max_size`` bytes.  Its
+        size is asked first, as ``read_blobs`` does: the file is a pushed
+        branch's, and ``cat-file blob`` writes all of it to a temporary file."""
+        spec = f"{commit}:{path}"
+        sized = self.git.run("cat-file", "-s", spec, timeout=COMMIT_TIMEOUT, ok=(0, 128))
+        size = sized.stdout.strip()
+        if sized.code != 0 or not size.isdigit():
+            return None
+        if int(size) > max_size:
+            return TooLarge(int(size))
+        done = self.git.run("cat-file", "blob", spec, timeout=COMMIT_TIMEOUT, ok=(0, 128))
         return done.stdout if done.code == 0 else None
 
     def first_parent(self, commit: str) -> str | None:

@@ -11,7 +11,7 @@ import logging
 from typing import Iterator
 
 from ci import matrix
-from ci.git import GitError, read_blobs, run_git
+from ci.git import GitError, TooLarge, read_blobs, run_git
 from ci.runner import recipe
 from ci.wire import valid_full_commit
 
@@ -121,9 +121,10 @@ def dispatch_batches(commits: list[str], previous: str | None, branch: str,
 
 
 def plan_fields(repo: str, commits: list[str]) -> dict[str, str]:
-    """``plan_field`` of each commit, their recipes read by one git process
-    (``git cat-file --batch`` of ``<commit>:.ci.ini``)."""
-    blobs = read_blobs(repo, [f"{c}:{recipe.RECIPE_FILE}" for c in commits])
+    """``plan_field`` of each commit, their recipes read by two git processes
+    (``git cat-file`` of ``<commit>:.ci.ini``, none past MAX_RECIPE_BYTES)."""
+    blobs = read_blobs(repo, [f"{c}:{recipe.RECIPE_FILE}" for c in commits],
+                       max_size=recipe.MAX_RECIPE_BYTES)
     return {c: plan_field(blobs[f"{c}:{recipe.RECIPE_FILE}"]) for c in commits}
 
 
@@ -131,18 +132,23 @@ def merge_plan(merge_repo, commit: str) -> str:
     """``plan_field`` of a merge the observer made (its merged results and
     the land queue's), read from its private merge repository: a merge
     is tested with ITS recipe's matrix and labels, as any commit is."""
-    return plan_field(merge_repo.read_blob(commit, recipe.RECIPE_FILE))
+    return plan_field(merge_repo.read_blob(commit, recipe.RECIPE_FILE,
+                                           recipe.MAX_RECIPE_BYTES))
 
 
-def plan_field(blob: bytes | None) -> str:
+def plan_field(blob: bytes | TooLarge | None) -> str:
     """The dispatch line's matrix field for a commit whose ``.ci.ini`` is
     ``blob`` (None: it has none): "" without a matrix, its cells, or the
     reason its matrix cannot be used (the dispatcher writes that as the
     commit's ``error`` verdict).  A recipe that does not parse at all is
     left to the runner, which reports it as it always has; the dispatcher
-    applies its --max-cells."""
+    applies its --max-cells.  A recipe too large to read is an error here:
+    its matrix is unknown, and one plain job in its place could pass a
+    commit on cells it never ran in."""
     if blob is None:
         return ""
+    if isinstance(blob, TooLarge):
+        return matrix.encode_plan(matrix.Plan((), recipe.TOO_LARGE))
     text = blob.decode("utf-8", "surrogateescape")
     try:
         cells = matrix.expand(text, max_cells=matrix.MAX_CELLS_LIMIT)

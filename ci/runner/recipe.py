@@ -30,8 +30,10 @@ KEYS = ("setup", "test", "timeout", "setup_timeout", "env_files", "rerun_failure
 # Files whose contents decide when an environment must be rebuilt, when the
 # recipe names none: the usual places a Python project lists what it needs.
 DEFAULT_ENV_FILES = ("pyproject.toml", "setup.py", "setup.cfg", "requirements*.txt")
-# A recipe is a few lines; anything far larger is not one.
+# A recipe is a few lines; anything far larger is not one (and is never
+# read past this, by the runner nor from git by the observer).
 MAX_RECIPE_BYTES = 64 * 1024
+TOO_LARGE = f"{RECIPE_FILE} is larger than {MAX_RECIPE_BYTES} bytes"
 MAX_ENV_FILES = 32
 # Parts of one env_files path or pattern (``a/*/b`` has three), at most:
 # each wildcard part lists the folders the one before it matched.
@@ -121,7 +123,7 @@ def resolve(text: str | None, limits: Limits) -> Recipe:
 def parse(text: str) -> dict[str, str]:
     """The ``[ci]`` section's values; RecipeError for anything else."""
     if len(text.encode("utf-8", "surrogateescape")) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"{RECIPE_FILE} is larger than {MAX_RECIPE_BYTES} bytes")
+        raise RecipeError(TOO_LARGE)
     parser = configparser.ConfigParser(interpolation=None, strict=True,
                                        default_section="\0no default section\0")
     try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 
-from ci.git import GitError, read_blobs, run_git
+from ci.git import GitError, TooLarge, read_blobs, run_git
 from ci.runner import recipe
 from ci.wire import one_line
 
@@ -38,8 +38,11 @@ def target_quarantine(repo: str, rules: str, limits: recipe.Limits,
     short = rules[:12]
     try:
         run_git(repo, "cat-file", "-e", f"{rules}^{{commit}}", env=env, timeout=60)
-        data = read_blobs(repo, [f"{rules}:{recipe.RECIPE_FILE}"], timeout=60,
+        data = read_blobs(repo, [f"{rules}:{recipe.RECIPE_FILE}"],
+                          max_size=recipe.MAX_RECIPE_BYTES, timeout=60,
                           env=env)[f"{rules}:{recipe.RECIPE_FILE}"]
+        if isinstance(data, TooLarge):
+            raise recipe.RecipeError(recipe.TOO_LARGE)
         text = None if data is None else data.decode("utf-8")
         quarantine = quarantine_of(text, limits)
     except (GitError, OSError, ValueError, recipe.RecipeError) as exc:

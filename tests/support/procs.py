@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 
 def stat_fields(pid: int) -> list[str] | None:
@@ -90,3 +91,20 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def run_measured(script: str, *args: str, cwd: str, timeout: float = 60) -> tuple[str, float]:
+    """Run ``script`` (``args`` in its ``sys.argv``) in a fresh interpreter
+    in ``cwd``: (what it printed, its own peak resident memory in MB, its
+    git children apart).  What one call costs, apart from the test's own
+    process; TimeoutExpired past ``timeout`` (the child is killed).  The
+    peak is ``VmHWM``: ``ru_maxrss`` keeps the forked test process's own
+    size from before the exec."""
+    code = script + ("\nimport sys\nsys.stdout.write('\\n' + [line.split()[1] for line in "
+                     "open('/proc/self/status') if line.startswith('VmHWM:')][0] + '\\n')\n")
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode:
+        raise AssertionError(f"the measured script exited {proc.returncode}: {proc.stderr}")
+    printed, _, peak = proc.stdout.rstrip("\n").rpartition("\n")
+    return printed, int(peak) / 1024

@@ -6,15 +6,21 @@ verdict), never another exception and never a silently lost cell."""
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import subprocess
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.cluster import Upstream
 
 from ci import matrix
 from ci.matrix import Cell, MatrixError
 from ci.runner import recipe
+
+# The repository's root, where a child interpreter finds the ci package.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FULL = ("[ci]\n"
         "test = python -m pytest\n"
@@ -217,6 +223,32 @@ def test_the_observer_reads_the_commits_recipe(tmp_path):
     body = dispatch_body([cells, none], None, "main", {cells: plan[cells]})
     first, second = body.decode().splitlines()
     assert first.startswith(f"{cells} - main cells=") and second == f"{none} {cells} main"
+
+
+def test_an_oversized_recipe_is_an_error_and_never_read_whole(tmp_path):
+    """A 200 MB .ci.ini packs into some 224 KB; read whole once per commit
+    above it, 5 commits took the observer to 2 GiB, then 120 s at every
+    poll (never dispatched).  Its size is asked first: past
+    MAX_RECIPE_BYTES it is the commit's error, and a recipe is read once
+    however many commits share it."""
+    from ci.observer.commits import plan_fields
+    from support.procs import run_measured
+    repo = Upstream(tmp_path / "repo")
+    head = b"[ci]\nmatrix_python = 3.12\n"
+    fits = repo.commit({".ci.ini": head + b"#" * (recipe.MAX_RECIPE_BYTES - len(head))})
+    over = repo.commit({".ci.ini": head + b"#" * (recipe.MAX_RECIPE_BYTES - len(head) + 1)})
+    plans = plan_fields(repo.path, [fits, over])
+    assert [c.name for c in matrix.decode_plan(plans[fits], 64).cells] == ["py3.12"]
+    assert matrix.decode_plan(plans[over], 64).error == ".ci.ini is larger than 65536 bytes"
+    big = repo.commit({".ci.ini": b"[ci]\n" + b"#" * (24 << 20)})
+    above = [big] + [repo.commit() for _ in range(9)]
+    script = ("import json, sys; from ci.observer.commits import plan_fields; "
+              "print(json.dumps(plan_fields(sys.argv[1], sys.argv[2:])))")
+    printed, peak_mb = run_measured(script, repo.path, *above, timeout=60, cwd=ROOT)
+    sent = json.loads(printed)
+    assert sent.keys() == set(above) and len(set(sent.values())) == 1
+    assert matrix.decode_plan(sent[big], 64).error == ".ci.ini is larger than 65536 bytes"
+    assert peak_mb < 48, f"{peak_mb:.0f} MB to plan 10 commits of one oversized recipe"
 
 
 def test_dispatch_batches_keep_each_body_small_and_chain_the_commits():

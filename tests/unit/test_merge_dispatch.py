@@ -6,6 +6,7 @@ answer's pure parts."""
 
 from __future__ import annotations
 
+import os
 
 import pytest
 
@@ -285,3 +286,23 @@ def test_the_target_quarantine_is_read_from_git_or_empty(tmp_path):
     for unreadable in (broken, "9" * 40):
         got, note = rules.target_quarantine(repo.path, unreadable, limits)
         assert got == () and "cannot be read" in note and "no test is quarantined" in note
+
+
+def test_an_oversized_target_recipe_is_never_read_whole(tmp_path):
+    """The runner read ``<rules>:.ci.ini`` whole (a pushed 200 MB recipe
+    packs into some 224 KB) only to refuse it as too large; its size is
+    asked first, and the quarantine is empty, saying why."""
+    from ci.runner import recipe, rules
+    from support.cluster import Upstream
+    from support.procs import run_measured
+    repo = Upstream(tmp_path / "repo")
+    target = repo.commit({".ci.ini": b"[ci]\nquarantine = tests.test_a.T.test_x\n"
+                                     + b"#" * (32 << 20)})
+    script = ("import sys; from ci.runner import recipe, rules; "
+              "print(rules.target_quarantine(sys.argv[1], sys.argv[2], recipe.Limits()))")
+    printed, peak_mb = run_measured(script, repo.path, target, timeout=60, cwd=os.path.dirname(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert printed.startswith("((), ") and "(.ci.ini is larger than 65536 bytes)" in printed
+    assert peak_mb < 48, f"{peak_mb:.0f} MB to refuse one oversized recipe"
+    got, note = rules.target_quarantine(repo.path, target, recipe.Limits())
+    assert got == () and "no test is quarantined" in note

@@ -179,6 +179,35 @@ def test_unknown_commit_is_an_error_not_a_conflict(ups):
         ups.merge_repo().merge(ups.head("main"), "1" * 40, "b", "main")
 
 
+def test_a_merge_with_an_oversized_recipe_is_an_error_read_by_its_size(ups, tmp_path):
+    """The merge's .ci.ini was written whole to a temporary file and read
+    up to 8 MiB, then left to the runner as a recipe that does not parse:
+    one plain job, though its matrix was never read.  Its size is asked
+    first: past MAX_RECIPE_BYTES the merge's plan is that error."""
+    from ci.matrix import decode_plan
+    from ci.observer.merges import BranchMerges
+    from ci.observer.state import ObserverState
+    from ci.runner import recipe
+    head = ups.commit({".ci.ini": b"[ci]\nmatrix_python = 3.12\n" + b"#" * (9 << 20)},
+                      "big recipe", branch="feature/a")
+    git(ups.work, "checkout", "-q", "main")
+    target = ups.commit({"main.txt": "m\n"}, "main moves")
+    ups.push("main", "feature/a")
+    ups.fetch()
+    merges = BranchMerges(ups.merge_repo(), [rules.parse_rule("feature/*=main")],
+                          ObserverState(str(tmp_path / "state.json")))
+    prepared = merges.prepare("feature/a", head, "main", target)
+    assert isinstance(prepared.result, Merged)
+    plan = [f for f in prepared.fields.split() if f.startswith("error=")]
+    assert plan and decode_plan(plan[0], 64).error == ".ci.ini is larger than 65536 bytes"
+    from ci.git import TooLarge
+    made = prepared.commit
+    assert merges.repo.read_blob(made, ".ci.ini", recipe.MAX_RECIPE_BYTES) == \
+        TooLarge(len(b"[ci]\nmatrix_python = 3.12\n") + (9 << 20))
+    assert merges.repo.read_blob(made, "main.txt", 2) == b"m\n"
+    assert merges.repo.read_blob(made, "nothing", 2) is None
+
+
 def test_publish_and_unpublish_in_one_push_each(ups):
     made = []
     for name in ("p", "q", "r"):
