@@ -122,10 +122,20 @@ def dispatch_batches(commits: list[str], previous: str | None, branch: str,
 
 def plan_fields(repo: str, commits: list[str]) -> dict[str, str]:
     """``plan_field`` of each commit, their recipes read by two git processes
-    (``git cat-file`` of ``<commit>:.ci.ini``, none past MAX_RECIPE_BYTES)."""
+    (``git cat-file`` of ``<commit>:.ci.ini``, none past MAX_RECIPE_BYTES),
+    and each recipe expanded once: commits that share a blob share its
+    plan (keyed by the content, which the blob's id is the hash of), as a
+    branch's commits mostly do."""
     blobs = read_blobs(repo, [f"{c}:{recipe.RECIPE_FILE}" for c in commits],
                        max_size=recipe.MAX_RECIPE_BYTES)
-    return {c: plan_field(blobs[f"{c}:{recipe.RECIPE_FILE}"]) for c in commits}
+    plans: dict[bytes | TooLarge | None, str] = {}
+    found = {}
+    for commit in commits:
+        blob = blobs[f"{commit}:{recipe.RECIPE_FILE}"]
+        if blob not in plans:
+            plans[blob] = plan_field(blob)
+        found[commit] = plans[blob]
+    return found
 
 
 def merge_plan(merge_repo, commit: str) -> str:

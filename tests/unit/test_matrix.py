@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.cluster import Upstream
+from support.procs import run_measured
 
 from ci import matrix
 from ci.matrix import Cell, MatrixError
@@ -177,6 +178,86 @@ def test_expansion_is_the_product_less_the_exclusions(axes, pythons, data):
         assert matrix.is_cell_name(cell.name)
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.dictionaries(AXIS, st.lists(VALUE, min_size=1, max_size=3, unique=True),
+                       min_size=1, max_size=4),
+       st.data())
+def test_partial_repeated_exclusions_and_inclusions_are_what_they_say(axes, data):
+    """Against the plain reading of the docs: a combination is dropped if
+    any exclusion's pairs are all in it, then each inclusion not already
+    there is added, in order (exclusions and inclusions may repeat)."""
+    pairs = st.lists(st.sampled_from([(a, v) for a, vs in axes.items() for v in vs]),
+                     min_size=1, max_size=3, unique_by=lambda p: p[0]).map(dict)
+    excludes = data.draw(st.lists(pairs, max_size=6))
+    includes = data.draw(st.lists(pairs.map(lambda c: {**c, "extra": "x"}) | pairs,
+                                  max_size=4))
+    excludes += excludes[:2]
+    text = "[ci]\n" + "".join(f"matrix_{a} = {' '.join(v)}\n" for a, v in axes.items())
+    for key, combos in (("matrix_exclude", excludes), ("matrix_include", includes)):
+        if combos:
+            text += f"{key} = " + " ; ".join(matrix.format_axes(c.items())
+                                             for c in combos) + "\n"
+    expected = [c for c in (dict(zip(axes, p)) for p in itertools.product(*axes.values()))
+                if not any(x.items() <= c.items() for x in excludes)]
+    for combo in includes:
+        if combo not in expected:
+            expected.append(combo)
+    try:
+        cells = matrix.expand(text, max_cells=1000)
+    except MatrixError as exc:
+        assert not expected and "every combination" in str(exc) or "named" in str(exc), exc
+        return
+    assert [dict(c.axes) for c in cells] == expected
+
+
+def test_hostile_exclusions_and_inclusions_cost_no_time():
+    """100 x 100 axes and 8,112 copies of one exclusion in 64 KB took
+    60 s in the observer's single poll loop (each of 10,000 combinations
+    checked against each exclusion; each inclusion looked for in a list).
+    At most 256 of each, once each, matched as bit masks: refused or
+    expanded at once (in a child, bounded: the old code takes minutes)."""
+    axes = (f"[ci]\nmatrix_x = {' '.join(f'a{i}' for i in range(100))}\n"
+            f"matrix_y = {' '.join(f'b{i}' for i in range(100))}\n")
+    fill = 65536 - len(axes) - 40
+    copies = axes + "matrix_exclude = " + "x=a1 y=b1;" * (fill // 10) + "\n"
+    included = axes + "matrix_include = " + "x=a1 y=b1;" * (fill // 10) + "\n"
+    # 196 partial exclusions leave 2 x 2; 50 inclusions add a z axis.
+    fitting = (axes + "matrix_exclude = " + ";".join(
+        [f"x=a{i}" for i in range(2, 100)] + [f"y=b{i}" for i in range(2, 100)])
+        + "\nmatrix_include = " + ";".join(f"x=a{i} y=b{j} z=1" for i in range(10)
+                                           for j in range(5)) + "\n")
+    script = ("import json, sys; from ci import matrix; from ci.observer.commits import "
+              "plan_field\nfor text in sys.argv[1:]:\n"
+              "    print(json.dumps(plan_field(text.encode())))")
+    try:
+        printed, _ = run_measured(script, copies, included, fitting, timeout=20, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        printed = None    # failed below: the exception would print 200 KB of recipes
+    assert printed is not None, "expanding three hostile matrices took over 20 s"
+    plans = [matrix.decode_plan(json.loads(line), 256) for line in printed.split()]
+    assert [p.error for p in plans[:2]] == [
+        ".ci.ini: matrix_exclude: more than 256 combinations",
+        ".ci.ini: matrix_include: more than 256 combinations"]
+    assert [c.name for c in plans[2].cells[:5]] == [
+        "xa0-yb0", "xa0-yb1", "xa1-yb0", "xa1-yb1", "xa0-yb0-z1"]
+    assert len(plans[2].cells) == 4 + 50 and plans[2].error is None
+
+
+def test_commits_that_share_a_recipe_share_its_plan(tmp_path, monkeypatch):
+    """A batch of 200 commits with one recipe expanded it 200 times."""
+    from ci.observer.commits import plan_fields
+    repo = Upstream(tmp_path / "repo")
+    first = repo.commit({".ci.ini": "[ci]\nmatrix_python = 3.9 3.12\n"})
+    same = [first] + [repo.commit() for _ in range(4)]
+    other = repo.commit({".ci.ini": "[ci]\nmatrix_python = 3.13\n"})
+    expanded = []
+    real = matrix.expand
+    monkeypatch.setattr(matrix, "expand", lambda *a, **k: expanded.append(a) or real(*a, **k))
+    plans = plan_fields(repo.path, same + [other])
+    assert len(expanded) == 2 and len({plans[c] for c in same}) == 1
+    assert [c.name for c in matrix.decode_plan(plans[other], 64).cells] == ["py3.13"]
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.text(max_size=200))
 def test_any_text_is_cells_or_a_reason(text):
@@ -232,7 +313,6 @@ def test_an_oversized_recipe_is_an_error_and_never_read_whole(tmp_path):
     MAX_RECIPE_BYTES it is the commit's error, and a recipe is read once
     however many commits share it."""
     from ci.observer.commits import plan_fields
-    from support.procs import run_measured
     repo = Upstream(tmp_path / "repo")
     head = b"[ci]\nmatrix_python = 3.12\n"
     fits = repo.commit({".ci.ini": head + b"#" * (recipe.MAX_RECIPE_BYTES - len(head))})
