@@ -108,6 +108,28 @@ def cells_from_results(results_dir: str, commit: str) -> dict[str, matrix.Cell] 
     return cells or None
 
 
+def own_labels_field(labels: str) -> str:
+    """A tombstone's cells field for a commit without a matrix whose
+    recipe asked for runner labels (its header's ``labels``): one cell
+    named "", as its dispatch line had it; "" for none (or unreadable)."""
+    try:
+        parsed = matrix.parse_labels(labels)
+    except matrix.MatrixError:
+        return ""
+    return matrix.encode_plan(matrix.Plan((matrix.Cell("", labels=parsed),))) if parsed else ""
+
+
+def pruned_labels(stone: Tombstone | None) -> matrix.Cell | None:
+    """The one cell of a pruned commit without a matrix, with the labels
+    its tombstone keeps (None: it kept none)."""
+    if stone is None or not stone.cells:
+        return None
+    plan = matrix.decode_plan(stone.cells, matrix.MAX_CELLS_LIMIT)
+    if plan.error is None and len(plan.cells) == 1 and not plan.cells[0].name:
+        return plan.cells[0]
+    return None
+
+
 def pruned_cells(stone: Tombstone) -> dict[str, matrix.Cell] | None:
     """A pruned matrix commit's cells, as its tombstone keeps them."""
     if not stone.cells:
@@ -247,7 +269,8 @@ class MatrixKeeper:
         if cells is None:
             if work_key(commit) in self.work:
                 return []
-            return [Work(work_key(commit), commit, meta=meta, cell=self._own_labels(commit))]
+            return [Work(work_key(commit), commit, meta=meta,
+                         cell=pruned_labels(stone) or self._own_labels(commit))]
         self.groups[commit] = dict(cells)
         names = [cell] if cell else list(cells)
         return [Work(work_key(commit, n), commit, meta=meta, cell=cells[n]) for n in names

@@ -21,7 +21,9 @@ header reads at the next new worker.
 
 A line (JSON)::
 
-    [commit, [mtime_ns, size, inode], branch, previous|null, verdict, mtime, [cells]]
+    [commit, [mtime_ns, size, inode], branch, previous|null, verdict, mtime, [cells], labels]
+
+(``labels`` is left out when empty, and a line without it has none.)
 """
 
 from __future__ import annotations
@@ -52,9 +54,9 @@ def stamp_of(st: os.stat_result) -> Stamp:
 
 
 def format_line(stamp: Stamp, entry: keep.Entry) -> str:
-    return json.dumps([entry.commit, list(stamp), entry.branch, entry.previous,
-                       entry.verdict, entry.finished, list(entry.cells)],
-                      separators=(",", ":")) + "\n"
+    row = [entry.commit, list(stamp), entry.branch, entry.previous, entry.verdict,
+           entry.finished, list(entry.cells)] + ([entry.labels] if entry.labels else [])
+    return json.dumps(row, separators=(",", ":")) + "\n"
 
 
 def parse_line(line: bytes) -> tuple[Stamp, keep.Entry] | None:
@@ -63,17 +65,20 @@ def parse_line(line: bytes) -> tuple[Stamp, keep.Entry] | None:
     if len(line) > MAX_LINE:
         return None
     try:
-        commit, stamp, branch, previous, verdict, finished, cells = json.loads(line)
+        commit, stamp, branch, previous, verdict, finished, cells, *labels = json.loads(line)
+        labels = labels[0] if len(labels) == 1 else ""
         stamp = tuple(int(n) for n in stamp)
         if not (valid_full_commit(commit) and len(stamp) == 3 and isinstance(branch, str)
                 and (previous is None or valid_full_commit(previous))
                 and isinstance(verdict, str) and verdict
                 and isinstance(finished, (int, float)) and not isinstance(finished, bool)
-                and isinstance(cells, list) and all(isinstance(c, str) for c in cells)):
+                and isinstance(cells, list) and all(isinstance(c, str) for c in cells)
+                and isinstance(labels, str)):
             return None
     except (ValueError, TypeError):
         return None
-    return stamp, keep.Entry(commit, branch, previous, verdict, float(finished), tuple(cells))
+    return stamp, keep.Entry(commit, branch, previous, verdict, float(finished), tuple(cells),
+                             labels)
 
 
 def append(path: str, stamp: Stamp, entry: keep.Entry) -> None:

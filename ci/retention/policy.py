@@ -101,6 +101,9 @@ class Entry:
     finished: float
     # A matrix commit's cell names (its other files), from its header.
     cells: tuple[str, ...] = ()
+    # The runner labels a commit without a matrix asked for (its header's
+    # ``labels``, "" for none): its tombstone keeps them for a retest.
+    labels: str = ""
 
 
 def protected(entries: Mapping[str, Entry], pruned_verdicts: Mapping[str, str],
@@ -200,5 +203,7 @@ def entry_of(commit: str, fields: Mapping | None, finished: float) -> Entry | No
     index (ci/retention/index.py)."""
     if not fields or not fields.get("verdict"):
         return None
+    cells = tuple(cell_names(fields))
     return Entry(commit, branch_of(fields), fields.get("previous") or None,
-                 str(fields["verdict"]), finished, tuple(cell_names(fields)))
+                 str(fields["verdict"]), finished, cells,
+                 "" if cells else str(fields.get("labels") or ""))

@@ -37,7 +37,7 @@ import threading
 import time
 
 from ci import matrix, results
-from ci.dispatch.cells import cells_from_results
+from ci.dispatch.cells import cells_from_results, own_labels_field
 from ci.retention import policy as keep
 from ci.retention.gate import PAUSE, REST, rest_after
 from ci.retention.tombstones import Tombstone, TombstoneFile
@@ -179,7 +179,7 @@ class Pruner:
         its cell files, which the pass is about to remove): without them a
         retest ran one plain job, on the runner's own Python."""
         if not entry.cells:
-            return ""
+            return own_labels_field(entry.labels)
         cells = cells_from_results(self.results_dir, entry.commit)
         if cells:
             return matrix.encode_plan(matrix.Plan(tuple(cells.values())))

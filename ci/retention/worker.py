@@ -395,14 +395,14 @@ class FileWorker:
 
 def encode_entry(entry: keep.Entry) -> str:
     return json.dumps([entry.commit, entry.branch, entry.previous, entry.verdict,
-                       entry.finished, list(entry.cells)], separators=(",", ":"))
+                       entry.finished, list(entry.cells), entry.labels], separators=(",", ":"))
 
 
 def decode_entry(line: bytes) -> keep.Entry:
     """ValueError or TypeError for a line that is not encode_entry's."""
-    commit, branch, previous, verdict, finished, cells = json.loads(line)
+    commit, branch, previous, verdict, finished, cells, labels = json.loads(line)
     return keep.Entry(str(commit), str(branch), previous and str(previous), str(verdict),
-                      float(finished), tuple(str(c) for c in cells))
+                      float(finished), tuple(str(c) for c in cells), str(labels))
 
 
 def build_parser() -> ArgumentParser:

@@ -201,6 +201,32 @@ def test_a_retest_of_a_pruned_matrix_commit_runs_its_cells_again(tmp_path):
     assert state.work[f"{m}:py312"].cell.python == "3.12"
 
 
+def test_a_retest_of_a_pruned_labelled_commit_asks_for_its_labels_again(tmp_path):
+    """A commit without a matrix whose recipe asked for ``labels = gpu``:
+    once pruned, its tombstone keeps the labels, and a retest goes to a
+    runner with them again; the tombstone kept nothing, so the retest ran
+    on any runner (its labels were read from the file that was gone)."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    entries = chain("main", "ppp")
+    write_results(folder, entries)
+    labelled = cid(1)
+    header = {"verdict": "passed", "tests": 1, "failures": 0, "errors": 0, "skipped": 0,
+              "branch": "main", "commit": labelled, "labels": "gpu big"}
+    Outcome(header, b"output\n").write(str(folder), labelled)
+    os.utime(folder / labelled, (entries[labelled].finished,) * 2)
+    state = new_state(tmp_path)
+    assert pruner_for(state, KeepPolicy(count=1)).run_once().pruned == 2
+    assert not os.path.exists(folder / labelled)
+    stone = tombstones.read(str(tmp_path / tombstones.FILE_NAME))[labelled]
+    assert stone.cells and not tombstones.read(str(tmp_path / tombstones.FILE_NAME))[cid(2)].cells
+    assert state.retest([labelled]) == [labelled]
+    assert state.work[labelled].cell.labels == frozenset({"gpu", "big"})
+    assert state.work[labelled].meta.branch == "main"
+    assert state.retest([cid(2)]) == [cid(2)]
+    assert state.work[cid(2)].cell.labels == frozenset()
+
+
 # ---- tombstones ------------------------------------------------------------
 
 def test_tombstone_lines_round_trip_and_damage_is_skipped(tmp_path):

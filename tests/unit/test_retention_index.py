@@ -46,6 +46,18 @@ def test_a_line_reads_back_and_a_bad_one_is_skipped():
         assert index.parse_line(bad) is None, bad
 
 
+def test_a_labelled_commits_line_keeps_its_labels_and_an_older_line_has_none():
+    labelled = Entry(cid(3), "main", None, "passed", 5.0, (), "gpu big")
+    line = index.format_line((1, 2, 3), labelled)
+    assert index.parse_line(line.encode()) == ((1, 2, 3), labelled)
+    # A line of an earlier version (no labels field) reads as none.
+    older = json.loads(index.format_line((1, 2, 3), Entry(cid(3), "main", None, "passed", 5.0)))
+    assert len(older) == 7
+    assert index.parse_line(json.dumps(older).encode())[1].labels == ""
+    assert index.parse_line(json.dumps([*older, 7]).encode()) is None
+    assert worker_module.decode_entry(worker_module.encode_entry(labelled).encode()) == labelled
+
+
 def test_load_takes_each_commits_last_line_and_counts_them_all(tmp_path):
     path = str(tmp_path / index.FILE_NAME)
     assert index.load(path) == ({}, 0)
