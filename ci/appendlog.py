@@ -1,8 +1,9 @@
 """An append-only file of records, one lock around it: the shape both the
 dispatcher's journal and the notification journal have.
 
-Appends are flushed, and fsynced when the caller says its records must be
-on disk before it answers anyone.  Only whole lines are read back
+Appends are written straight to the file (no buffer), and fsynced when the
+caller says its records must be on disk before it answers anyone; an append
+that fails part-way is cut back off.  Only whole lines are read back
 (``files.whole_lines``), and a torn last line is cut off when the file is
 opened, before anything is appended after it.  A rewrite (compaction)
 replaces the file atomically and reopens it, so a crash leaves either the
@@ -48,10 +49,23 @@ class AppendLog:
         with self._lock:
             if self._handle is None:
                 raise OSError(f"{os.path.basename(self.path)} is closed")
-            self._handle.write(data)
-            self._handle.flush()
-            if sync:
-                os.fsync(self._handle.fileno())
+            fd = self._handle.fileno()
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if sync:
+                    os.fsync(fd)
+            except OSError:
+                # Part of it written (a full disk): cut back to the last
+                # whole record, or the next append would be glued to the
+                # part and lost with it at the next read.
+                try:
+                    os.ftruncate(fd, end)
+                except OSError:
+                    pass        # cut when the file is next opened
+                raise
             self.records += count
 
     def rewrite(self, data: bytes, count: int) -> None:

@@ -90,3 +90,37 @@ def test_an_append_only_file_is_fsynced_into_its_folder_when_created(tmp_path):
     folder.mkdir()
     assert folder_fsyncs(tmp_path, folder) == 2
     assert folder_fsyncs(tmp_path, folder) == 0
+
+
+APPEND_PAST_A_LIMIT = """import resource, signal, sys
+from ci.appendlog import AppendLog
+from ci.files import whole_lines
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+log = AppendLog(sys.argv[1])
+log.open()
+log.append(b"first\\n", 1, sync=True)
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100, hard))    # as a disk that is full
+try:
+    log.append(b"x" * 200 + b"\\n", 1, sync=True)
+except OSError as exc:
+    print("refused:", exc.strerror)
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))   # room again
+log.append(b"third\\n", 1, sync=True)
+log.close()
+print(whole_lines(open(sys.argv[1], "rb").read()))
+"""
+
+
+def test_an_append_that_fails_part_way_is_cut_back_and_the_next_one_survives(tmp_path):
+    """A write past the room there is (here a file size limit, in a child
+    process) puts part of a record on disk: it is cut back off, so the next
+    record starts on a line of its own; glued to the part, it was lost at
+    the next read.  Nothing buffered is written late either."""
+    proc = subprocess.run([sys.executable, "-c", APPEND_PAST_A_LIMIT, str(tmp_path / "log")],
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    refused, lines = proc.stdout.splitlines()
+    assert refused.startswith("refused: ")
+    assert lines == "[b'first', b'third']"
