@@ -41,7 +41,7 @@ from ci.retention import index as result_index
 from ci.retention.tombstones import FILE_NAME as TOMBSTONE_FILE, TombstoneFile
 from ci.config import (ArgumentParser, ConfigError, add_common_arguments, check_port,
                        configure_logging, non_negative, positive)
-from ci.files import ensure_dir
+from ci.files import atomic_write, ensure_dir
 from ci.security import (Security, check_bind_allowed, load_credentials, persist_nonces,
     security_from_args)
 from ci.wire import format_address
@@ -210,9 +210,11 @@ def issue_key_main(argv) -> int:
                                       "(--secret-file or CI_SECRET), not an issued key")
         text = auth.format_key_file(args.role, args.name, master)
         if args.output:
-            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
+            # A new file (mode 600, mkstemp's) renamed over the path: opened
+            # in place, a file already there kept its mode (a key readable
+            # by all after "> runner1.key"), and a symlink was followed.
+            atomic_write(args.output, text.encode())
+            print(f"wrote {os.path.abspath(args.output)} (mode 600)", file=sys.stderr)
         else:
             sys.stdout.write(text)
     except (ConfigError, ValueError, OSError) as exc:
@@ -232,18 +234,25 @@ def revoke_key_main(argv) -> int:
     parser.add_argument("--state-dir", help="the dispatcher's state folder "
                         "(default: dispatcher_state beside the results folder)")
     args = parser.parse_args(argv)
-    state_dir = args.state_dir or default_state_dir(args.results_dir)
+    state_dir = os.path.abspath(args.state_dir or default_state_dir(args.results_dir))
+    path = os.path.join(state_dir, REVOKED_FILE)
     try:
-        ensure_dir(state_dir, "state folder")
-        auth.add_revocation(os.path.join(state_dir, REVOKED_FILE), args.name)
+        # Only where a dispatcher keeps its state: a file written anywhere
+        # else (run from another folder without flags) revoked nothing,
+        # and said it had.
+        if not os.path.isfile(os.path.join(state_dir, JOURNAL_FILE)):
+            raise ConfigError(f"no dispatcher state in {state_dir} (no {JOURNAL_FILE}): give "
+                              "the dispatcher's --state-dir, or its --results-dir")
+        auth.add_revocation(path, args.name)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"dispatcher.py revoke-key: error: {exc}", file=sys.stderr)
         return 2
-    print(f"revoked {args.name}")
+    print(f"revoked {args.name} (in {path})")
     return 0
 
 
 REVOKED_FILE = "revoked-keys"
+JOURNAL_FILE = "journal"
 
 
 def status_main(argv) -> int:
@@ -303,7 +312,7 @@ def secure_master(security: Security, state_dir: str) -> None:
 def recovered_state(args: argparse.Namespace, results_dir: str, state_dir: str,
                     trusted: tuple[str, ...]) -> DispatcherState:
     """The dispatcher's state, configured and rebuilt from the journal."""
-    state = DispatcherState(results_dir, Journal(os.path.join(state_dir, "journal")),
+    state = DispatcherState(results_dir, Journal(os.path.join(state_dir, JOURNAL_FILE)),
                             args.max_attempts)
     state.max_shards = args.max_shards
     state.max_cells = args.max_cells

@@ -278,3 +278,45 @@ def test_a_runner_key_registers_one_address_only(cluster, tmp_path, keyed_runner
     wait_until(moved, 5, interval=0.2, what="the new address accepted")
     state = json.loads(ask(port, "state", security=key_security("viewer", "v")).body)
     assert [r["address"] for r in state["runners"]] == [f"{LOOPBACK}:{second.port}"]
+
+
+def dispatcher_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, os.path.join(ROOT, "dispatcher.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=20)
+
+
+def test_revoke_key_refuses_a_folder_that_holds_no_dispatcher_state(cluster, tmp_path):
+    """Run from another folder without flags, revoke-key wrote
+    ./dispatcher_state/revoked-keys, which no dispatcher reads, and said
+    "revoked": the key stayed good.  It now refuses, and writes nothing."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = dispatcher_cli("revoke-key", "r1", cwd=str(elsewhere))
+    assert proc.returncode == 2 and "no dispatcher state in" in proc.stderr, proc
+    assert os.listdir(elsewhere) == []
+    cluster.start_dispatcher()
+    proc = dispatcher_cli("revoke-key", "r1", "--state-dir", cluster.state, cwd=str(elsewhere))
+    path = os.path.join(cluster.state, "revoked-keys")
+    assert proc.returncode == 0 and f"(in {path})" in proc.stdout, proc
+    assert open(path).read().splitlines()[-1] == "r1"
+
+
+def test_issue_key_output_is_mode_600_whatever_was_there(tmp_path):
+    """A file already at --output kept its mode (0644 after a shell
+    redirect: the key readable by every user), and a symlink there was
+    followed.  The key file is now a new file, mode 600, in its place."""
+    master = write_secret(tmp_path / "master", MASTER)
+    loose = tmp_path / "r1.key"
+    loose.write_text("")
+    os.chmod(loose, 0o644)
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("not a key\n")
+    linked = tmp_path / "r2.key"
+    os.symlink(target, linked)
+    for name, out in (("r1", loose), ("r2", linked)):
+        proc = dispatcher_cli("issue-key", name, "--secret-file", master, "--output", str(out))
+        assert proc.returncode == 0, proc.stderr
+        st = os.lstat(out)
+        assert oct(st.st_mode & 0o777) == oct(0o600) and not os.path.islink(out)
+        assert load_credentials(str(out))[1] == f"runner:{name}"
+    assert target.read_text() == "not a key\n"
