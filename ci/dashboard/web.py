@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import http.server
 import logging
+import re
 import secrets
 import socket
 import threading
@@ -29,6 +30,13 @@ log = logging.getLogger(__name__)
 DEFAULT_REQUEST_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 256
 MAX_URL = 2048
+# A token in any query string (``/login?token=``, but also an absolute-form
+# ``GET http://host/login?token=`` or a garbled request line) is never logged.
+_TOKEN_IN_QUERY = re.compile(r"(?i)((?:^|[?&;/\s])token=)[^&;#\s]*")
+
+
+def redact(text: str) -> str:
+    return _TOKEN_IN_QUERY.sub(r"\1<redacted>", text)
 COOKIE = "ci_dashboard"
 
 
@@ -67,11 +75,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             pass
 
     def log_message(self, fmt, *args) -> None:
-        log.info("%s %s", self.address_string(), one_line(fmt % args, 300))
+        log.info("%s %s", self.address_string(), one_line(redact(fmt % args), 300))
 
     def log_request(self, code="-", size="-") -> None:
-        path = getattr(self, "path", "") or ""
-        path = path.split("?", 1)[0] if path.startswith("/login") else path
+        path = redact(getattr(self, "path", "") or "")
         # Open pages poll once a second: successes only at DEBUG.
         level = logging.INFO if isinstance(code, int) and code >= 400 else logging.DEBUG
         log.log(level, "%s %s %s %s", self.address_string(),

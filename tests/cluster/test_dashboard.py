@@ -557,6 +557,15 @@ def test_token_required_and_cookie_login(results, dashboards, tmp_path):
     assert token not in cookie and "HttpOnly" in headers["Set-Cookie"]
     assert dash.get("/api/commits", {"Cookie": cookie})[0] == 200
     assert dash.get("/api/commits", {"Cookie": cookie[:-1] + "0"})[0] == 401
+    # Neither in an absolute-form request line nor in a garbled one (the
+    # server's own "bad request syntax" line quotes it): logged before.
+    for line in (f"GET http://127.0.0.1:{dash.port}/login?token={token} HTTP/1.1",
+                 f"GET /login?token={token} garbled HTTP/1.1"):
+        with socket.create_connection(("127.0.0.1", dash.port), timeout=10) as conn:
+            conn.sendall(line.encode() + b"\r\nHost: x\r\n\r\n")
+            assert conn.recv(100).startswith(b"HTTP/1.")
+    wait_until(lambda: dash.daemon.log().count("token=<redacted>") >= 3, 10,
+               what="the requests logged")
     assert token not in dash.daemon.log()
 
 
