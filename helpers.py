@@ -309,8 +309,12 @@ class MessageHandler(socketserver.BaseRequestHandler):
         """Send ``answer`` (draining the peer's unread input after it when
         asked), then close the TLS layer if there is one."""
         try:
+            # Bound to no request (refused before its frame was read or its
+            # key known): unsigned.  Signed with the master key and an empty
+            # reply_to, it had a master-signed request's very shape, handed
+            # to any stranger; the client only ever quotes such a refusal.
             frame = encode_frame(encode_message(answer.command, answer.argument, answer.body),
-                                 self.reply_key, reply_to=self.nonce)
+                                 self.reply_key if self.nonce else None, reply_to=self.nonce)
             self.sock.settimeout(self.server.security.read_timeout)
             self.sock.sendall(frame)
             if unread:
@@ -542,8 +546,7 @@ class MessageServer(ConnectionCap, socketserver.ThreadingTCPServer):
             return True
         try:
             request.setblocking(False)
-            request.send(encode_frame(encode_message("busy", "server busy, try later"),
-                                      self.security.secret))
+            request.send(encode_frame(encode_message("busy", "server busy, try later")))
         except OSError:
             pass
         return False

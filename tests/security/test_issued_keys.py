@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 
 import pytest
@@ -16,8 +17,8 @@ from support.cluster import PY, ROOT, free_port, wait_until
 from ci.config import ConfigError
 from ci.outcome import Outcome
 from ci.security import Security, load_credentials
-from ci.wire import (Message, ProtocolError, decode_header, encode_fields, encode_frame,
-    verify_frame)
+from ci.wire import (Message, ProtocolError, decode_header, decode_message, encode_fields,
+                     encode_frame, verify_frame)
 from support.privilege import C1, C3, LOOPBACK, MASTER, ask, key_security, warnings, write_secret
 
 
@@ -320,3 +321,28 @@ def test_issue_key_output_is_mode_600_whatever_was_there(tmp_path):
         assert oct(st.st_mode & 0o777) == oct(0o600) and not os.path.islink(out)
         assert load_credentials(str(out))[1] == f"runner:{name}"
     assert target.read_text() == "not a key\n"
+
+
+def test_a_refusal_before_the_key_is_known_is_unsigned(cluster, tmp_path):
+    """A stranger's frame naming a key nobody issued is refused before it
+    is read: that reply is bound to no request, and it was signed with the
+    master key and an empty reply_to, which is the very shape of a request
+    the master signed, handed to anyone who asks.  Now it goes unsigned
+    (the client only ever quotes such a refusal), and a known key's reply
+    is still signed and bound to its request."""
+    cluster.start_dispatcher("--secret-file", write_secret(tmp_path / "master", MASTER))
+    frame = encode_frame(b"status:", os.urandom(32), key_id="admin:x")
+    with socket.create_connection((LOOPBACK, cluster.dispatcher_port), timeout=10) as conn:
+        conn.sendall(frame)
+        reply = b""
+        while not reply.endswith(b"'") and len(reply) < 4096:
+            data = conn.recv(4096)
+            if not data:
+                break
+            reply += data
+    line, _, payload = reply.partition(b"\n")
+    header = decode_header(line)
+    assert header.tag == "-" and header.key_id is None, line
+    assert decode_message(payload) == Message("error", "unknown or revoked key 'admin:x'")
+    viewer = key_security("viewer", "v")
+    assert ask(cluster.dispatcher_port, "status", security=viewer).command == "ok"
