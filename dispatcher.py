@@ -39,8 +39,8 @@ from ci.retention import policy as retention_policy
 from ci.retention import gate, pruner
 from ci.retention import index as result_index
 from ci.retention.tombstones import FILE_NAME as TOMBSTONE_FILE, TombstoneFile
-from ci.config import (ArgumentParser, ConfigError, add_common_arguments, check_port,
-                       configure_logging, non_negative, positive)
+from ci.config import (ArgumentParser, ConfigError, check_port, configure_logging,
+                       grouped_parser, non_negative, positive)
 from ci.files import atomic_write, ensure_dir
 from ci.security import (Security, check_bind_allowed, load_credentials, persist_nonces,
     security_from_args)
@@ -172,15 +172,13 @@ def _retention_flags(group) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        description="CI dispatcher: queues commits and hands them to test runners.")
-    _where_flags(parser.add_argument_group("where it listens and keeps its files"))
-    _runner_flags(parser.add_argument_group("runners and their health"))
-    _work_flags(parser.add_argument_group("how work is split and routed"))
-    _retention_flags(parser.add_argument_group("results kept"))
-    notify_flags.add_arguments(parser)
-    add_common_arguments(parser)
-    return parser
+    return grouped_parser(
+        "CI dispatcher: queues commits and hands them to test runners.",
+        [("where it listens and keeps its files", _where_flags),
+         ("runners and their health", _runner_flags),
+         ("how work is split and routed", _work_flags),
+         ("results kept", _retention_flags)],
+        notify_flags.add_arguments)
 
 
 def default_state_dir(results_dir: str) -> str:

@@ -18,8 +18,7 @@ import sys
 
 import helpers
 from ci import state_schema
-from ci.config import (ArgumentParser, ConfigError, add_common_arguments, configure_logging,
-                       positive, whole_number)
+from ci.config import ConfigError, configure_logging, grouped_parser, positive, whole_number
 from ci.files import ensure_dir
 from ci.runner import daemon, environments, interpreters, pipeline, recipe, startup
 from ci.security import check_bind_allowed, persist_nonces, security_from_args
@@ -166,15 +165,13 @@ def _isolation_flags(group) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag, with its help: the table the README's flag list follows."""
-    parser = ArgumentParser(
-        description="CI test runner: runs the tests of the commits the dispatcher sends.")
-    _where_flags(parser.add_argument_group("where it listens and whom it serves"))
-    _test_flags(parser.add_argument_group("what it runs"))
-    _state_flags(parser.add_argument_group("environments and state"))
-    _link_flags(parser.add_argument_group("the link to the dispatcher"))
-    _isolation_flags(parser.add_argument_group("isolation, labels and interpreters"))
-    add_common_arguments(parser)
-    return parser
+    return grouped_parser(
+        "CI test runner: runs the tests of the commits the dispatcher sends.",
+        [("where it listens and whom it serves", _where_flags),
+         ("what it runs", _test_flags),
+         ("environments and state", _state_flags),
+         ("the link to the dispatcher", _link_flags),
+         ("isolation, labels and interpreters", _isolation_flags)])
 
 
 def main(argv=None) -> int:

@@ -76,6 +76,19 @@ def whole_number(text: str) -> int:
     return value
 
 
+def grouped_parser(description: str, groups, *extra) -> ArgumentParser:
+    """A daemon's parser: each (title, adder) a section of --help, then
+    each of ``extra`` (a function that adds flags of its own), then the
+    flags every daemon shares."""
+    parser = ArgumentParser(description=description)
+    for title, adder in groups:
+        adder(parser.add_argument_group(title))
+    for adder in extra:
+        adder(parser)
+    add_common_arguments(parser)
+    return parser
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, server: bool = True) -> None:
     """Flags every process shares: logging, secret, TLS and input limits
     (the listening-side ones only where something listens)."""
