@@ -420,6 +420,33 @@ def test_a_quarantine_mark_in_the_tested_commits_own_files_is_taken_off(tmp_path
         assert not any(r.quarantined for r in capture.collect(False, 1 << 20).records)
 
 
+SUREFIRE_RETRIED = (
+    "import sys\n"
+    "with open('report.xml', 'w') as handle:\n"
+    "    handle.write('<testsuite name=\"s\" tests=\"1\"><testcase classname=\"pkg.T\" '\n"
+    "                 'name=\"retried\"><flakyFailure message=\"first try\" '\n"
+    "                 'type=\"AssertionError\">trace</flakyFailure></testcase></testsuite>')\n"
+    "print('lint: 3 problems')\n"
+    "sys.exit(1)\n")
+
+
+def test_a_flaky_outcome_in_the_commands_own_junit_file_explains_no_failure(upstream,
+                                                                            tmp_path):
+    """Only the runner's reruns make a test flaky: a retried test in the
+    command's own XML (Surefire's flakyFailure) is a pass, so the exit
+    status 1 of a failing step beside it (lint, say) fails the commit; it
+    was taken as the flaky failure that explains the status, and passed."""
+    clone = upstream.clone(tmp_path / "clone")
+    head = upstream.commit({"check.py": SUREFIRE_RETRIED}, "lint fails, a test was retried")
+    ready = settings(clone, [PY, "check.py"])
+    ready.junit_pattern = "report.xml"
+    outcome = execute(ready, head)
+    assert outcome.verdict == "error", outcome.header
+    assert [(r.name, r.outcome) for r in outcome.records] == [("retried", "passed")]
+    assert outcome.header["reason"] == "test command exited 1 without reporting failing tests"
+    assert "flaky" not in outcome.header
+
+
 def test_quarantined_tests_are_not_rerun(upstream, tmp_path):
     """A quarantined test decides nothing, so running it again would only
     lengthen the run: only the other failing tests are rerun."""
