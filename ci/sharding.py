@@ -278,6 +278,9 @@ def shard_run(repo: str, custom: list[str] | None, command: list[str],
     if default:
         package = os.path.exists(os.path.join(repo, "tests", "__init__.py"))
         files = unittest_modules(repo, "tests", package)
+        if not files:
+            # Discovery says what a suite without test files is (its error).
+            return whole()
         share = set(my_share(repo, files, spec))
         modules = [module for path, module in files if path in share]
         if not modules:
@@ -286,6 +289,10 @@ def shard_run(repo: str, custom: list[str] | None, command: list[str],
     if custom and PLACEHOLDER in custom:
         spot = custom.index(PLACEHOLDER)
         files = unittest_modules(repo, "tests", True)
+        if not files:
+            # The command without files, as the unsharded run gets it.
+            run = whole()
+            return ShardRun(expand_placeholder(repo, custom) if run.command else None, run.label)
         share = my_share(repo, files, spec)
         if not share:
             return ShardRun(None, "empty")
@@ -360,7 +367,9 @@ def merge(total: int, parts: dict[int, Outcome]) -> Outcome:
     Nothing of a shard that ran nothing counts.  If shard 1 ran the whole
     suite, its result is the commit's.  A shard that says it ran nothing
     while shard 1 did not run everything means the runners split
-    differently: verdict ``error``, never a count that misses tests."""
+    differently: verdict ``error``, never a count that misses tests.  Nor
+    does a commit pass whose shards, all passing, ran no test at all: the
+    unsharded run's ``no tests ran``."""
     labels = {i: (parse_shards_field(o.header.get("shards")) or (0, 0, ""))[2]
               for i, o in parts.items()}
     if labels.get(1) == "whole":
@@ -406,6 +415,11 @@ def merge(total: int, parts: dict[int, Outcome]) -> Outcome:
         if value is not None:
             fields[name] = value
     records = _merged_records(fields, [parts[i] for i in ran])
+    if fields["verdict"] == "passed" and (not ran or records == ()):
+        # What the unsharded run says of the commit (pipeline.py): its
+        # per-test report holds no test, though every part of it passed.
+        fields["verdict"] = "error"
+        fields["reason"] = one_line("; ".join(["no tests ran", *reasons]), 1000)
     return Outcome(fields, _merged_output(total, parts, labels), records)
 
 

@@ -166,3 +166,51 @@ def test_a_flaky_failure_that_stopped_a_pytest_x_run_does_not_pass_it(upstream, 
     assert once.exists(), outcome.output[-2000:]
     assert outcome.verdict == "error", outcome.header
     assert "stopped at a flaky or quarantined failure" in outcome.header["reason"]
+
+
+# ---- a sharded run says what the whole run says ----------------------------
+
+COUNTS = ("tests", "failures", "errors", "skipped")
+
+
+def whole_and_sharded(upstream, tmp_path, files: dict, total: int = 2, command=None):
+    """The commit of ``files`` run whole, then in ``total`` shards, merged:
+    (whole outcome, merged outcome, the shards' outcomes)."""
+    from ci import sharding
+    clone = upstream.clone(tmp_path / "clone")
+    head = upstream.commit(files, "under test")
+    whole = execute(settings(clone, command), head)
+    parts = {i: execute(settings(clone, command), head,
+                        JobSpec(sharding.ShardSpec(i, total, {})))
+             for i in range(1, total + 1)}
+    return whole, sharding.merge(total, parts), parts
+
+
+def verdict_and_counts(outcome) -> tuple:
+    return (outcome.verdict, *(int(outcome.header[name]) for name in COUNTS))
+
+
+NO_TESTS = "import unittest\n\nVALUE = 1\n"
+
+
+def test_shards_whose_modules_hold_no_test_are_no_pass(upstream, tmp_path):
+    """Each shard ran a module without tests and passed with 0 tests; the
+    merge passed the commit, which unsharded is 'no tests ran'."""
+    whole, merged, parts = whole_and_sharded(upstream, tmp_path, {
+        "tests/test_sample.py": None, "tests/test_a.py": NO_TESTS, "tests/test_b.py": NO_TESTS})
+    assert all(p.header["shards"] in ("1/2", "2/2") for p in parts.values())
+    assert (whole.verdict, whole.header["reason"]) == ("error", "no tests ran")
+    assert verdict_and_counts(merged) == verdict_and_counts(whole)
+    assert merged.header["reason"] == "no tests ran"
+
+
+def test_a_suite_without_test_files_is_no_pass_sharded(upstream, tmp_path):
+    """No shard had a file and none ran anything: the merge of nothing
+    passed (0 tests), where discovery finds no test: 'no tests ran'."""
+    whole, merged, parts = whole_and_sharded(upstream, tmp_path, {
+        "tests/test_sample.py": None, "tests/helpers.py": NO_TESTS})
+    assert (whole.verdict, whole.header["reason"]) == ("error", "no tests ran")
+    assert verdict_and_counts(merged) == verdict_and_counts(whole)
+    assert merged.header["reason"] == "no tests ran"
+    # Shard 1 ran discovery, as the unsharded run does.
+    assert [parts[i].header["shards"] for i in (1, 2)] == ["1/2 whole", "2/2 skipped"]

@@ -236,6 +236,20 @@ def test_empty_shards_count_nothing():
     assert fields["verdict"] == "passed" and fields["tests"] == 2
 
 
+def test_shards_that_ran_no_test_make_no_pass():
+    """worst([]) is 'passed': shards that all said 'empty', or whose
+    records held no test, passed the commit with 0 tests."""
+    empty = {i: part("passed", 0, shards=f"{i}/2 empty") for i in (1, 2)}
+    fields = sharding.merge(2, empty).header
+    assert (fields["verdict"], fields.get("reason"), fields["tests"]) == \
+        ("error", "no tests ran", 0)
+    none = {i: part("passed", 0, shards=f"{i}/2", records=[]) for i in (1, 2)}
+    assert sharding.merge(2, none).header["verdict"] == "error"
+    # Without records the counts are the summaries', which may be unknown.
+    unknown = {i: part("passed", 0, shards=f"{i}/2") for i in (1, 2)}
+    assert sharding.merge(2, unknown).header["verdict"] == "passed"
+
+
 def test_a_whole_run_by_shard_one_is_the_result_and_disagreement_is_an_error():
     whole = {1: part("failed", 9, 2, shards="1/2 whole", output=b"all\n"),
              2: part("passed", 0, shards="2/2 skipped")}
