@@ -214,3 +214,40 @@ def test_a_suite_without_test_files_is_no_pass_sharded(upstream, tmp_path):
     assert merged.header["reason"] == "no tests ran"
     # Shard 1 ran discovery, as the unsharded run does.
     assert [parts[i].header["shards"] for i in (1, 2)] == ["1/2 whole", "2/2 skipped"]
+
+
+PYTEST = [PY, "-m", "pytest", "-q", "tests"]
+
+
+def test_a_pytest_shard_whose_files_hold_no_test_passes(upstream, tmp_path):
+    """pytest exits 5 when it collects nothing: the shard whose only file
+    held helpers was 'error', and so was the commit that passes whole."""
+    whole, merged, parts = whole_and_sharded(upstream, tmp_path, {
+        "tests/test_sample.py": None,
+        "tests/test_a.py": "def test_a():\n    assert True\n",
+        "tests/test_helpers.py": "VALUE = 1\n"}, command=PYTEST)
+    assert whole.verdict == "passed" and whole.header["tests"] == 1
+    assert verdict_and_counts(merged) == verdict_and_counts(whole)
+    assert sorted(int(p.header["exit_code"]) for p in parts.values()) == [0, 5]
+
+
+def test_a_unittest_shard_without_tests_on_python_3_12_passes(upstream, tmp_path):
+    """Python 3.12's unittest exits 5 after 'Ran 0 tests' (3.11's 0)."""
+    from support.pythons import pyenv_python
+    from ci import sharding
+    from ci.runner import interpreters
+    cell = interpreters.JobCell("", interpreters.resolve(pyenv_python("3.12"), "3.12"))
+    clone = upstream.clone(tmp_path / "clone")
+    head = upstream.commit({"tests/test_helpers.py": NO_TESTS}, "a module without tests")
+    cache = environments.EnvironmentCache(str(tmp_path / "envs"))
+    try:
+        ready = settings(clone)
+        ready.preparer.cache = cache
+        whole = execute(ready, head, cell=cell)
+        parts = {i: execute(ready, head, JobSpec(sharding.ShardSpec(i, 2, {})), cell)
+                 for i in (1, 2)}
+    finally:
+        cache.close()
+    assert whole.verdict == "passed" and whole.header["tests"] == 1, whole.header
+    assert verdict_and_counts(sharding.merge(2, parts)) == verdict_and_counts(whole)
+    assert sorted(int(p.header["exit_code"]) for p in parts.values()) == [0, 5]
