@@ -13,6 +13,7 @@ part is the same too.
 
 from __future__ import annotations
 
+import ast
 import collections
 import dataclasses
 import fnmatch
@@ -31,7 +32,7 @@ MAX_DURATIONS = 2000
 MAX_KEY = 300
 # How a runner says what its shard did, after ``i/n`` in the ``shards`` field:
 #   (nothing)  ran its share of the test files
-#   whole      shard 1 ran the whole suite (the command cannot be sharded)
+#   whole      shard 1 ran the whole suite (its split could differ: ShardRun.note)
 #   skipped    another shard, nothing run: shard 1 ran everything
 #   empty      no test files fell to this shard
 # (outcome.SHARDS_FIELD_RE is the field's format and the one list of them.)
@@ -121,11 +122,28 @@ def unittest_modules(repo: str, start: str = "tests",
     module name, in folders that are packages below the start folder.
     Module names are relative to the top-level folder: the clone's root
     with ``-t .`` (``package_root``), else the start folder."""
+    return discovery(repo, start, package_root)[0]
+
+
+def discovery(repo: str, start: str = "tests",
+              package_root: bool = False) -> tuple[list[tuple[str, str]], str]:
+    """``unittest_modules`` and why loading them by name would not run
+    what discovery runs ("" when it would).  Discovery imports each
+    package folder's ``__init__.py`` (the start folder's too, with ``-t
+    .``) and runs the tests it holds; a ``load_tests`` there replaces the
+    package's tests with its own (a DocTestSuite, say), an import that
+    fails or skips is one test for the whole package, a class it imports
+    runs once more.  A shard imports only its modules, so a package
+    whose ``__init__.py`` holds more than a docstring and constants is
+    not split; nor a symlinked package, which discovery follows, nor a
+    tree past the walk's limits."""
     found: list[tuple[str, str]] = []
+    why: list[str] = []
     base = os.path.join(repo, start)
 
     def walk(folder: str, parts: list[str], depth: int) -> None:
         if depth > MAX_DEPTH or len(found) >= MAX_FILES:
+            why.append(f"more than {MAX_FILES} test modules or {MAX_DEPTH} levels of packages")
             return
         try:
             names = sorted(os.listdir(folder))
@@ -137,12 +155,57 @@ def unittest_modules(repo: str, start: str = "tests",
                 if VALID_MODULE.match(name) and fnmatch.fnmatch(name, UNITTEST_PATTERN):
                     module = ".".join([*parts, name[:-3]])
                     found.append((os.path.relpath(full, repo), module))
-            elif os.path.isdir(full) and os.path.isfile(os.path.join(full, "__init__.py")) \
-                    and not os.path.islink(full):
+            elif os.path.isdir(full) and os.path.isfile(os.path.join(full, "__init__.py")):
+                if os.path.islink(full):
+                    why.append(f"{os.path.relpath(full, repo)} is a symlinked package")
+                    continue
+                if not _plain_package(full, repo):
+                    why.append(f"{os.path.relpath(full, repo)}/__init__.py holds more than "
+                               "constants (load_tests, imports, tests)")
                 walk(full, [*parts, name], depth + 1)
 
+    if package_root and not _plain_package(base, repo):
+        why.append(f"{start}/__init__.py holds more than constants (load_tests, imports, tests)")
     walk(base, [start] if package_root else [], 0)
-    return found[:MAX_FILES]
+    if len(found) > MAX_FILES and not why:
+        why.append(f"more than {MAX_FILES} test modules")
+    return found[:MAX_FILES], why[0] if why else ""
+
+
+# The most of an ``__init__.py`` read to see that it is plain.
+MAX_INIT_BYTES = 64 * 1024
+
+
+def _plain_package(folder: str, repo: str) -> bool:
+    """Whether importing ``folder/__init__.py`` can only bind constants:
+    a docstring, ``pass``, names given literal values (``__all__``,
+    ``__version__``), ``from __future__`` imports.  Anything else may
+    fail, skip, define or import tests, or be ``load_tests``."""
+    try:
+        # Committed by whoever pushed: never a symlink out of the clone.
+        source = read_inside(os.path.join(folder, "__init__.py"), repo, MAX_INIT_BYTES + 1)
+        if len(source) > MAX_INIT_BYTES:
+            return False
+        tree = ast.parse(source)
+    except (OSError, SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    for node in tree.body:
+        if isinstance(node, ast.Pass) or (isinstance(node, ast.Expr)
+                                          and isinstance(node.value, ast.Constant)):
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            continue
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, ast.AnnAssign) and node.value is not None else None
+        if not targets or not all(isinstance(t, ast.Name) and t.id not in ("load_tests",
+                                                                          "__path__")
+                                  for t in targets):
+            return False
+        try:
+            ast.literal_eval(node.value)
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            return False
+    return True
 
 
 def pytest_files(repo: str, folders: list[str]) -> list[str]:
@@ -258,6 +321,7 @@ class ShardRun:
     command: list[str] | None   # None: run nothing (skipped or empty)
     label: str                  # "", whole, skipped or empty (see above)
     path_first: str | None = None   # folder to put first on sys.path (unittest)
+    note: str = ""              # why a command that could be split runs whole
 
 
 def shard_run(repo: str, custom: list[str] | None, command: list[str],
@@ -265,22 +329,26 @@ def shard_run(repo: str, custom: list[str] | None, command: list[str],
     """What shard ``spec`` runs in this checkout.
 
     * the default unittest command: ``python -m unittest <modules>`` with
-      the start folder first on ``sys.path`` as discovery would put it;
+      the start folder first on ``sys.path`` as discovery would put it,
+      unless discovery would run more than those modules (``discovery``:
+      then it runs whole, ``note`` says why);
     * a pytest command whose other arguments are flags (``-x``,
       ``--opt=value``) or folders: the folders replaced by this shard's files;
     * a custom command with a ``{tests}`` argument: the files put there;
     * anything else cannot be split: shard 1 runs it whole, the others
       nothing."""
-    def whole() -> ShardRun:
+    def whole(note: str = "") -> ShardRun:
         return ShardRun(command if spec.index == 1 else None,
-                        "whole" if spec.index == 1 else "skipped")
+                        "whole" if spec.index == 1 else "skipped", note=note)
 
     if default:
         package = os.path.exists(os.path.join(repo, "tests", "__init__.py"))
-        files = unittest_modules(repo, "tests", package)
+        files, why = discovery(repo, "tests", package)
+        if why:
+            return whole(why)
         if not files:
             # Discovery says what a suite without test files is (its error).
-            return whole()
+            return whole("no test modules")
         share = set(my_share(repo, files, spec))
         modules = [module for path, module in files if path in share]
         if not modules:
@@ -291,8 +359,9 @@ def shard_run(repo: str, custom: list[str] | None, command: list[str],
         files = unittest_modules(repo, "tests", True)
         if not files:
             # The command without files, as the unsharded run gets it.
-            run = whole()
-            return ShardRun(expand_placeholder(repo, custom) if run.command else None, run.label)
+            run = whole("no test files")
+            return dataclasses.replace(run, command=expand_placeholder(repo, custom)
+                                       if run.command else None)
         share = my_share(repo, files, spec)
         if not share:
             return ShardRun(None, "empty")
@@ -317,7 +386,8 @@ def shard_run(repo: str, custom: list[str] | None, command: list[str],
                 return ShardRun(None, "empty")
             flags = [a for a in rest if a.startswith("-")]
             return ShardRun([*command[:spot + 1], *flags, *share], "")
-    return whole()
+    return whole("the test command is neither unittest's default run, a pytest run of "
+                 "folders nor a {tests} command")
 
 
 def _pytest_configured(repo: str) -> bool:
@@ -373,8 +443,8 @@ def merge(total: int, parts: dict[int, Outcome]) -> Outcome:
     labels = {i: (parse_shards_field(o.header.get("shards")) or (0, 0, ""))[2]
               for i, o in parts.items()}
     if labels.get(1) == "whole":
-        return parts[1].with_header(shards=f"{total} (not split: the test command cannot "
-                                           "be sharded; shard 1 ran everything)")
+        return parts[1].with_header(shards=f"{total} (not split: shard 1 ran everything; "
+                                           "its output says why)")
     ran = [i for i in sorted(parts) if labels[i] not in ("empty", "skipped")]
     heads = {i: o.header for i, o in parts.items()}
     fields: dict = {"shards": str(total)}

@@ -151,11 +151,16 @@ class RecordingRunner(unittest.TextTestRunner):
         return result
 
 
+# The pattern of the default command's discovery (``discover -s tests``).
+DISCOVERY_PATTERN = "test*.py"
+
+
 class DiscoveryLikeLoader(unittest.TestLoader):
     """Loads a module by name the way discovery loads a file it finds: a
     module that cannot be imported (for any reason, not only ImportError)
-    is one failed test named after it, and a SkipTest raised on import one
-    skipped test, instead of ending the whole run."""
+    is one failed test named after it, a SkipTest raised on import one
+    skipped test, instead of ending the whole run; and the module's
+    ``load_tests`` gets discovery's pattern (by name it gets None)."""
 
     def loadTestsFromName(self, name, module=None):
         if module is None:
@@ -168,6 +173,9 @@ class DiscoveryLikeLoader(unittest.TestLoader):
                     name, self.suiteClass)
                 self.errors.append(error_message)
                 return error_case
+            found = sys.modules.get(name)
+            if found is not None:
+                return self.loadTestsFromModule(found, pattern=DISCOVERY_PATTERN)
         return super().loadTestsFromName(name, module)
 
 

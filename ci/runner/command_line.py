@@ -47,6 +47,7 @@ class CommandLine:
     ran: list[str] | None = None
     path_first: str | None = None
     pythonpath: str | None = None
+    note: str = ""      # why shard 1 runs the whole suite (sharding.ShardRun.note)
 
     def env(self, base: dict) -> dict:
         """The run's environment: ``base`` with ``pythonpath`` first."""
@@ -80,12 +81,14 @@ def build(repo: str, custom: list[str] | None, python: str | None,
     if custom is None and capture.pattern:
         # Only the recorder loads single modules as discovery does.
         first = shard.index == 1
-        run = sharding.ShardRun(command if first else None, "whole" if first else "skipped")
+        run = sharding.ShardRun(command if first else None, "whole" if first else "skipped",
+                                note="--junit-xml is set: only the recorder loads a shard's "
+                                     "modules as discovery does")
     else:
         run = sharding.shard_run(repo, custom, command, shard, custom is None)
     shards = f"{shard.index}/{shard.total}" + (f" {run.label}" if run.label else "")
     if run.command is None:
-        return CommandLine(None, shards, run.label)
+        return CommandLine(None, shards, run.label, note=run.note)
     shard_args: list[str] = []
     if custom is None:
         # The default command's modules, put on sys.path as discovery would.
@@ -93,7 +96,7 @@ def build(repo: str, custom: list[str] | None, python: str | None,
                                    else [])]
     argv = with_report(run.command, capture, shard_args, order)
     return dataclasses.replace(ordered_line(argv, order), shards=shards, label=run.label,
-                               ran=run.command, path_first=run.path_first)
+                               ran=run.command, path_first=run.path_first, note=run.note)
 
 
 def with_report(command: list[str], capture: junit_capture.Capture,

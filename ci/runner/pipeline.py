@@ -181,6 +181,9 @@ class JobPipeline:
                                       self.shard, capture, order)
             if line.shards is not None:
                 self.fields["shards"] = line.shards
+            if line.label == "whole":
+                setup_log += (f"[ci] shard {self.shard.index}/{self.shard.total} runs the whole "
+                              f"suite, not its share: {line.note}\n").encode()
             if line.argv is None:
                 note = f"shard {self.shard.index}/{self.shard.total}: {line.label}, " \
                        "nothing to run\n"

@@ -7,6 +7,8 @@ import os
 import sys
 import threading
 
+import pytest
+
 from support.cluster import PASSING_TEST
 
 from ci.jobspec import JobSpec
@@ -251,3 +253,51 @@ def test_a_unittest_shard_without_tests_on_python_3_12_passes(upstream, tmp_path
     assert whole.verdict == "passed" and whole.header["tests"] == 1, whole.header
     assert verdict_and_counts(sharding.merge(2, parts)) == verdict_and_counts(whole)
     assert sorted(int(p.header["exit_code"]) for p in parts.values()) == [0, 5]
+
+
+def unittest_case(name: str, fails: bool = False) -> str:
+    return (f"import unittest\n\nclass Test{name.title()}(unittest.TestCase):\n"
+            f"    def test_{name}(self):\n        self.assertEqual(1, {2 if fails else 1})\n")
+
+
+HELPERS_WITH_DOCTEST = ('def double(x):\n    """\n    >>> double(2)\n    5\n    """\n'
+                        '    return 2 * x\n')
+
+# Packages whose __init__.py discovery runs and a shard's modules never do.
+DISCOVERY_PACKAGES = {
+    "load_tests adds a failing doctest": {
+        "tests/__init__.py": "import doctest\n\nfrom tests import helpers\n\n\n"
+                             "def load_tests(loader, tests, pattern):\n"
+                             "    tests.addTests(doctest.DocTestSuite(helpers))\n"
+                             "    return tests\n",
+        "tests/helpers.py": HELPERS_WITH_DOCTEST},
+    "a package imports a test class, which runs twice": {
+        "tests/sub/__init__.py": "from .test_c import TestC\n",
+        "tests/sub/test_c.py": unittest_case("c", fails=True)},
+    "a package skips on import: one skip": {
+        "tests/sub/__init__.py": "import unittest\nraise unittest.SkipTest('no GPU')\n",
+        "tests/sub/test_c.py": unittest_case("c"), "tests/sub/test_d.py": unittest_case("d")},
+}
+
+
+@pytest.mark.parametrize("case", list(DISCOVERY_PACKAGES))
+def test_packages_discovery_imports_are_not_split(upstream, tmp_path, case):
+    files = {"tests/test_sample.py": None, "tests/test_a.py": unittest_case("a"),
+             "tests/test_b.py": unittest_case("b"), **DISCOVERY_PACKAGES[case]}
+    whole, merged, parts = whole_and_sharded(upstream, tmp_path, files)
+    assert verdict_and_counts(merged) == verdict_and_counts(whole), case
+    assert [parts[i].header["shards"] for i in (1, 2)] == ["1/2 whole", "2/2 skipped"]
+    assert b"runs the whole suite, not its share: tests/" in parts[1].output
+
+
+def test_a_symlinked_package_discovery_follows_is_not_split(upstream, tmp_path):
+    """Discovery follows a symlinked package folder; the shards' module
+    list skipped it, so its failing test ran in no shard."""
+    upstream.commit({"shared/__init__.py": "", "shared/test_shared.py":
+                     unittest_case("shared", fails=True)}, "shared tests")
+    os.symlink("../shared", os.path.join(upstream.path, "tests", "linked"))
+    whole, merged, parts = whole_and_sharded(upstream, tmp_path, {
+        "tests/test_a.py": unittest_case("a"), "tests/test_b.py": unittest_case("b")})
+    assert whole.verdict == "failed" and whole.header["tests"] == 4
+    assert verdict_and_counts(merged) == verdict_and_counts(whole)
+    assert b"tests/linked is a symlinked package" in parts[1].output

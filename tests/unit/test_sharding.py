@@ -142,6 +142,25 @@ def test_unittest_modules_follow_discovery(tmp_path):
         "tests.sub.test_b", "tests.test_a"]
 
 
+@pytest.mark.parametrize("init, plain", [
+    ("", True), ('"""Tests."""\n__all__ = ["a"]\n__version__: str = "1"\npass\n', True),
+    ("from __future__ import annotations\n", True),
+    ("import os\n", False), ("from .base import Base\n", False),
+    ("load_tests = None\n", False), ("__path__ = []\n", False), ("X = make()\n", False),
+    ("def load_tests(loader, tests, pattern):\n    return tests\n", False),
+    ("class T:\n    pass\n", False), ("x = (\n", False)])
+def test_only_a_package_that_binds_constants_is_split(tmp_path, init, plain):
+    """Discovery imports each package's __init__.py and runs what it
+    holds; a shard imports only its modules."""
+    write(tmp_path, {"tests/__init__.py": "", "tests/test_a.py": "", "tests/sub/__init__.py": init,
+                     "tests/sub/test_b.py": ""})
+    files, why = sharding.discovery(str(tmp_path), package_root=True)
+    assert [m for _, m in files] == ["tests.sub.test_b", "tests.test_a"]
+    assert (why == "") == plain, why
+    if not plain:
+        assert why.startswith("tests/sub/__init__.py holds more than constants")
+
+
 def test_default_command_shards_by_module_names(tmp_path):
     write(tmp_path, {f"tests/test_{c}.py": "x" * n for c, n in zip("abcd", (40, 30, 20, 10))})
     command = ["python", "-m", "unittest", "discover", "-s", "tests"]
@@ -487,6 +506,12 @@ ODD_MODULES = {
     "tests/test_missing.py": "import no_such_module_anywhere\n",
     "tests/test_more.py": "import unittest\n\nclass U(unittest.TestCase):\n"
                           "    def test_c(self):\n        pass\n",
+    # Discovery hands its pattern to a module's load_tests.
+    "tests/test_pattern.py": "import fnmatch\nimport unittest\n\nclass P(unittest.TestCase):\n"
+                             "    def test_p(self):\n        pass\n\n"
+                             "def load_tests(loader, tests, pattern):\n"
+                             "    assert fnmatch.fnmatch('test_pattern.py', pattern)\n"
+                             "    return tests\n",
 }
 
 
@@ -511,7 +536,7 @@ def test_shards_of_odd_modules_add_up_to_discovery(tmp_path, package):
         proc = subprocess.run(argv, cwd=repo, capture_output=True, timeout=60)
         return judge(proc.returncode, False, proc.stdout + proc.stderr)
     verdict, counts, _ = run(command)
-    assert verdict == "error" and (counts.tests, counts.errors, counts.skipped) == (6, 2, 1)
+    assert verdict == "error" and (counts.tests, counts.errors, counts.skipped) == (7, 2, 1)
     verdicts, totals = [], {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     for index in (1, 2, 3):
         shard = sharding.shard_run(repo, None, command, sharding.ShardSpec(index, 3, {}), True)
