@@ -8,7 +8,11 @@ Every runner of a sharded commit gets the same durations table and has the
 same checkout, so each computes the same split (a pure function of the
 file list, the file sizes and the table) and runs only its own part.  A
 rerun of a lost shard gets the very table the first round got, so its
-part is the same too.
+part is the same too.  For a pytest command the file list is what pytest
+collects, and the split is made inside the pytest process by the
+``ci_shard`` plugin (ci_support/ci_shard.py, which keeps its own copy of
+``split``): only pytest knows what its configuration, conftest.py files
+and plugins collect.
 """
 
 from __future__ import annotations
@@ -208,22 +212,6 @@ def _plain_package(folder: str, repo: str) -> bool:
     return True
 
 
-def pytest_files(repo: str, folders: list[str]) -> list[str]:
-    """``test_*.py`` and ``*_test.py`` below ``folders`` (pytest's default
-    ``python_files``), relative to the clone, sorted."""
-    found: list[str] = []
-    for top in folders:
-        for folder, dirs, files in os.walk(os.path.join(repo, top)):
-            dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__pycache__"))
-                             and d not in ("node_modules", "venv", ".venv"))
-            for name in sorted(files):
-                if fnmatch.fnmatch(name, "test_*.py") or fnmatch.fnmatch(name, "*_test.py"):
-                    found.append(os.path.relpath(os.path.join(folder, name), repo))
-            if len(found) >= MAX_FILES:
-                break
-    return sorted(set(found))[:MAX_FILES]
-
-
 def prefix_seconds(durations: dict[str, float]) -> dict[str, float]:
     """Each classname's seconds added to every dotted prefix of it
     (``a.b.C`` counts for ``a``, ``a.b`` and ``a.b.C``), so a test file's
@@ -322,6 +310,8 @@ class ShardRun:
     label: str                  # "", whole, skipped or empty (see above)
     path_first: str | None = None   # folder to put first on sys.path (unittest)
     note: str = ""              # why a command that could be split runs whole
+    # A pytest run: the command whole, its share kept by ci_support/ci_shard.py.
+    in_pytest: bool = False
 
 
 def shard_run(repo: str, custom: list[str] | None, command: list[str],
@@ -332,8 +322,9 @@ def shard_run(repo: str, custom: list[str] | None, command: list[str],
       the start folder first on ``sys.path`` as discovery would put it,
       unless discovery would run more than those modules (``discovery``:
       then it runs whole, ``note`` says why);
-    * a pytest command whose other arguments are flags (``-x``,
-      ``--opt=value``) or folders: the folders replaced by this shard's files;
+    * a pytest command: the command as it is, with the ``ci_shard``
+      plugin, which keeps the shard's share of the tests pytest collects
+      (``command_line`` adds it);
     * a custom command with a ``{tests}`` argument: the files put there;
     * anything else cannot be split: shard 1 runs it whole, the others
       nothing."""
@@ -366,42 +357,24 @@ def shard_run(repo: str, custom: list[str] | None, command: list[str],
         if not share:
             return ShardRun(None, "empty")
         return ShardRun([*custom[:spot], *share, *custom[spot + 1:]], "")
-    spot = commands.pytest_position(command)
-    if spot is not None:
-        rest = command[spot + 1:]
-        folders = [a for a in rest if not a.startswith("-")]
-        # Flags that change which files are collected, or that take a
-        # separate value, make our file list a guess: such commands run whole.
-        flags_ok = all((a.startswith("--") and "=" in a or re.fullmatch(r"-[a-zA-Z]+", a)
-                        or a in ("--quiet", "--verbose", "--exitfirst", "--strict-markers"))
-                       and not a.startswith(("--ignore", "--rootdir", "--pyargs", "--doctest",
-                                             "--deselect", "--confcutdir", "-c"))
-                       for a in rest if a.startswith("-"))
-        if folders and flags_ok and all(
-                os.path.isdir(os.path.join(repo, f)) and ".." not in f.split("/")
-                and not os.path.isabs(f) for f in folders) and not _pytest_configured(repo):
-            files = [(p, p[:-3].replace("/", ".")) for p in pytest_files(repo, folders)]
-            share = my_share(repo, files, spec)
-            if not share:
-                return ShardRun(None, "empty")
-            flags = [a for a in rest if a.startswith("-")]
-            return ShardRun([*command[:spot + 1], *flags, *share], "")
-    return whole("the test command is neither unittest's default run, a pytest run of "
-                 "folders nor a {tests} command")
+    if commands.pytest_position(command) is not None:
+        # pytest itself keeps the shard's share of what it collects.
+        return ShardRun(command, "", in_pytest=True)
+    return whole("the test command is neither unittest's default run, a pytest run nor "
+                 "a {tests} command")
 
 
-def _pytest_configured(repo: str) -> bool:
-    """A project that changes which files pytest collects is not split:
-    our file list could differ from pytest's."""
-    for name in ("pytest.ini", "setup.cfg", "tox.ini", "pyproject.toml"):
-        try:
-            # Committed by whoever pushed: never a symlink out of the clone.
-            text = read_inside(os.path.join(repo, name), repo, 256 * 1024)
-        except OSError:
-            continue
-        if b"python_files" in text or b"testpaths" in text:
-            return True
-    return False
+# The pytest plugin that keeps a shard's share (ci_support/ci_shard.py).
+PYTEST_PLUGIN = "ci_shard"
+
+
+def plugin_file(spec: ShardSpec) -> bytes:
+    """What the ``ci_shard`` plugin reads: the shard, the tests to run
+    first and the durations table, a line each."""
+    lines = [f"shard {spec.index}/{spec.total}"]
+    lines += [f"first {one_line(test_id, 1000)}" for test_id in spec.first]
+    lines += [f"seconds {seconds:.3f} {key}" for key, seconds in spec.durations.items()]
+    return "".join(f"{line}\n" for line in lines).encode()
 
 
 def expand_placeholder(repo: str, command: list[str]) -> list[str]:

@@ -4,7 +4,10 @@ From the test command (the recipe's or ``--test-command``; None: the
 default unittest discovery), the job's shard and the run's JUnit capture:
 
 * a shard runs its share of the tests (``sharding.shard_run`` picks it),
-  or nothing; an unsharded ``{tests}`` command gets every test file;
+  or nothing; a pytest shard runs the command with ``-p ci_shard
+  --ci-shard=FILE`` (FILE in the order folder), which keeps its share of
+  what pytest collects; an unsharded ``{tests}`` command gets every test
+  file;
 * a unittest run goes through the runner's recorder
   (``python RECORDER REPORT [--order DIR] [--shard] [--path-first DIR]
   ARGS``), a pytest run gets ``--junitxml=REPORT``, unless ``--junit-xml``
@@ -86,6 +89,10 @@ def build(repo: str, custom: list[str] | None, python: str | None,
                                      "modules as discovery does")
     else:
         run = sharding.shard_run(repo, custom, command, shard, custom is None)
+    if run.in_pytest and (order is None or order.path is None):
+        run = sharding.ShardRun(command if shard.index == 1 else None,
+                                "whole" if shard.index == 1 else "skipped",
+                                note="no order folder for the shard's plugin file")
     shards = f"{shard.index}/{shard.total}" + (f" {run.label}" if run.label else "")
     if run.command is None:
         return CommandLine(None, shards, run.label, note=run.note)
@@ -95,8 +102,24 @@ def build(repo: str, custom: list[str] | None, python: str | None,
         shard_args = ["--shard", *(["--path-first", run.path_first] if run.path_first
                                    else [])]
     argv = with_report(run.command, capture, shard_args, order)
+    if run.in_pytest:
+        argv = in_pytest_shard(argv, shard, order)
+    # (For pytest, ordered_line puts the plugins' folder on PYTHONPATH.)
     return dataclasses.replace(ordered_line(argv, order), shards=shards, label=run.label,
                                ran=run.command, path_first=run.path_first, note=run.note)
+
+
+def in_pytest_shard(argv: list[str], shard: sharding.ShardSpec,
+                    order: ordering.OrderFolder) -> list[str]:
+    """A pytest command that keeps the shard's share of what it collects
+    (the ``ci_shard`` plugin, its file in the run's order folder); a rerun
+    (``ran``) names its tests and goes without it."""
+    path = os.path.join(order.path, "shard")
+    with open(path, "wb") as handle:
+        handle.write(sharding.plugin_file(shard))
+    spot = commands.pytest_position(argv)
+    return [*argv[:spot + 1], "-p", sharding.PYTEST_PLUGIN, f"--ci-shard={path}",
+            *argv[spot + 1:]]
 
 
 def with_report(command: list[str], capture: junit_capture.Capture,

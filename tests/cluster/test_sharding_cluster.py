@@ -133,3 +133,49 @@ def test_a_runner_killed_mid_shard_costs_that_shard_alone(cluster, upstream, tmp
     output = fields["output"].decode()
     assert output.count("===== shard 2/3 on ") == 1
     assert f"===== shard 2/3 on {victim_job['runner']}" not in output
+
+
+PYTEST_PROJECT = {
+    "tests/test_sample.py": None,
+    **{f"tests/test_{n}.py": f"def test_{n}():\n    assert True\n" for n in ("a", "b", "c", "d")},
+    # What pytest collects beyond test_*.py files, and what it leaves out.
+    "pytest.ini": "[pytest]\naddopts = --doctest-modules\n",
+    "tests/helpers.py": 'def double(x):\n    """\n    >>> double(2)\n    4\n    """\n'
+                        '    return 2 * x\n',
+    "tests/conftest.py": "collect_ignore = ['test_old.py']\n",
+    "tests/test_old.py": "def test_old():\n    assert False\n"}
+
+
+def hand_run_pytest(upstream, commit: str, dest) -> tuple[str, dict]:
+    subprocess.run(["git", "clone", "-q", upstream.path, str(dest)], check=True,
+                   capture_output=True, timeout=60)
+    git(dest, "checkout", "-q", "--detach", commit)
+    proc = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+                          cwd=dest, capture_output=True, timeout=120)
+    verdict, counts, _ = judge(proc.returncode, False, proc.stdout + proc.stderr)
+    return verdict, {k: getattr(counts, k) for k in COUNTS}
+
+
+def test_a_sharded_pytest_run_keeps_what_pytest_collects(cluster, upstream, tmp_path):
+    """Each shard runs the pytest command as it is and keeps its share of
+    what pytest collects: the doctest --doctest-modules adds and the file
+    collect_ignore leaves out count as in a hand run (passing named files,
+    the shards ran the ignored failing file and never the doctest)."""
+    cluster.start_dispatcher("--max-shards", "3", "--min-shard-seconds", "0")
+    for _ in range(3):
+        cluster.start_runner("--test-command", f"{PY} -m pytest -q tests")
+    wait_until(lambda: cluster.status().get("idle_runners") == "3", 20,
+               what="runners registered")
+    passing = upstream.commit(dict(PYTEST_PROJECT), "a pytest project")
+    failing = upstream.commit({"tests/helpers.py": PYTEST_PROJECT["tests/helpers.py"].replace(
+        "    4\n", "    5\n")}, "a doctest fails")
+    for n, (commit, expected) in enumerate([(passing, "passed"), (failing, "failed")]):
+        dispatch(cluster, commit)
+        fields = cluster.result(commit, timeout=60)
+        verdict, counts = hand_run_pytest(upstream, commit, tmp_path / f"hand-{n}")
+        assert (verdict, counts["tests"]) == (expected, 5)
+        assert fields["verdict"] == verdict, fields
+        assert {k: int(fields[k]) for k in COUNTS} == counts, fields
+        assert fields["shards"] == "3"
+        output = fields["output"].decode()
+        assert all(f"ci_shard: shard {i}/3 runs " in output for i in (1, 2, 3)), output

@@ -81,3 +81,26 @@ def test_a_tests_placeholder_gets_every_file_or_the_shards_share(tmp_path):
               for i in (1, 2, 3)]
     assert sorted(sum(shares, [])) == ["tests/test_a.py", "tests/test_b.py",
                                        "tests/test_c.py"]
+
+
+def test_a_pytest_shard_runs_the_command_with_the_shard_plugin(tmp_path):
+    """pytest keeps the shard's share of what it collects: the command
+    runs unchanged but for the plugin, whose file says the shard, the
+    tests to run first and the durations; a rerun goes without it."""
+    from ci.runner import ordering
+    repo = project(tmp_path)
+    command = ["python", "-m", "pytest", "-q", "tests"]
+    spec = sharding.ShardSpec(2, 3, {"tests.test_a": 1.5}, first=("tests.test_b.test_x",))
+    with junit_capture.Capture(repo) as capture, ordering.OrderFolder() as order:
+        line = command_line.build(repo, command, PY, spec, capture, order)
+        plugin_file = os.path.join(order.path, "shard")
+        assert line.argv[3:6] == ["-p", "ci_order", f"--ci-order-dir={order.path}"]
+        assert line.argv[6:] == ["-p", "ci_shard", f"--ci-shard={plugin_file}",
+                                 f"--junitxml={capture.paths[0]}", "-q", "tests"]
+        with open(plugin_file, "rb") as handle:
+            assert handle.read() == (b"shard 2/3\nfirst tests.test_b.test_x\n"
+                                     b"seconds 1.500 tests.test_a\n")
+    assert (line.shards, line.ran, line.pythonpath) == ("2/3", command, ordering.SUPPORT)
+    # Without an order folder for its file, shard 1 runs the command whole.
+    first, _ = build(repo, command, sharding.ShardSpec(1, 2, {}))
+    assert first.shards == "1/2 whole" and "ci_shard" not in first.argv

@@ -469,7 +469,7 @@ def test_recorder_folder_holds_nothing_importable_but_what_runs_in_the_tests():
     nothing else of ours may be importable by the tested project."""
     folder = os.path.dirname(junit_capture.RECORDER)
     assert sorted(n for n in os.listdir(folder) if n != "__pycache__") == \
-        ["ci_order.py", "unittest_recorder.py"]
+        ["ci_order.py", "ci_shard.py", "unittest_recorder.py"]
 
 
 def test_pytest_command_gets_junitxml_and_counts_equal_its_summary(tmp_path):

@@ -230,7 +230,21 @@ def test_a_pytest_shard_whose_files_hold_no_test_passes(upstream, tmp_path):
         "tests/test_helpers.py": "VALUE = 1\n"}, command=PYTEST)
     assert whole.verdict == "passed" and whole.header["tests"] == 1
     assert verdict_and_counts(merged) == verdict_and_counts(whole)
-    assert sorted(int(p.header["exit_code"]) for p in parts.values()) == [0, 5]
+    # The shard plugin (ci_shard.py) ends a run whose share is empty with 0.
+    assert sorted(int(p.header["exit_code"]) for p in parts.values()) == [0, 0]
+
+
+def test_pytest_shards_of_a_suite_without_tests_are_no_pass(tmp_path, upstream):
+    """Every shard exits 5, as the whole run does: each passes with 0
+    tests, and the merge says what the whole run says, an error."""
+    whole, merged, parts = whole_and_sharded(upstream, tmp_path, {
+        "tests/test_sample.py": None, "tests/test_helpers.py": "VALUE = 1\n"},
+        command=PYTEST)
+    assert whole.verdict == "error" and int(whole.header["exit_code"]) == 5
+    assert [(p.verdict, int(p.header["exit_code"])) for p in parts.values()] == [
+        ("passed", 5), ("passed", 5)]
+    assert verdict_and_counts(merged) == verdict_and_counts(whole)
+    assert merged.header["reason"] == "no tests ran"
 
 
 def test_a_unittest_shard_without_tests_on_python_3_12_passes(upstream, tmp_path):
@@ -301,3 +315,74 @@ def test_a_symlinked_package_discovery_follows_is_not_split(upstream, tmp_path):
     assert whole.verdict == "failed" and whole.header["tests"] == 4
     assert verdict_and_counts(merged) == verdict_and_counts(whole)
     assert b"tests/linked is a symlinked package" in parts[1].output
+
+
+YAML_CONFTEST = '''import pytest
+
+
+def pytest_collect_file(parent, file_path):
+    if file_path.name == "cases.yaml":
+        return CaseFile.from_parent(parent, path=file_path)
+
+
+class CaseFile(pytest.File):
+    def collect(self):
+        for line in self.path.read_text().splitlines():
+            name, _, value = line.partition(":")
+            yield Case.from_parent(self, name=name.strip(), value=value.strip())
+
+
+class Case(pytest.Item):
+    def __init__(self, *, value, **kwargs):
+        super().__init__(**kwargs)
+        self.value = value
+
+    def runtest(self):
+        assert self.value == "ok", self.value
+
+    def reportinfo(self):
+        return self.path, 0, self.name
+'''
+
+FAILING_PYTEST = "def test_wrong():\n    assert 1 == 2\n"
+
+# What pytest collects from a folder, which the files a shard named did not
+# say: each case run whole and in shards must give one verdict and counts.
+PYTEST_PROJECTS = {
+    "addopts --doctest-modules: a failing doctest in a helper": {
+        "pytest.ini": "[pytest]\naddopts = --doctest-modules\n",
+        "tests/helpers.py": HELPERS_WITH_DOCTEST},
+    "a conftest.py collects a failing case from cases.yaml": {
+        "tests/conftest.py": YAML_CONFTEST, "tests/cases.yaml": "one: ok\ntwo: broken\n"},
+    "a conftest.py's collect_ignore": {
+        "tests/conftest.py": "collect_ignore = ['test_old.py']\n",
+        "tests/test_old.py": FAILING_PYTEST},
+    "norecursedirs": {
+        "pytest.ini": "[pytest]\nnorecursedirs = legacy\n",
+        "tests/legacy/test_legacy.py": FAILING_PYTEST},
+    "addopts --ignore": {
+        "pytest.ini": "[pytest]\naddopts = --ignore=tests/test_old.py\n",
+        "tests/test_old.py": FAILING_PYTEST},
+    "build/ skipped by default": {"tests/build/test_built.py": FAILING_PYTEST},
+    "a module that cannot be imported: one error, no test run": {
+        "tests/test_broken.py": "import no_such_module_here\n"},
+    "a module that skips itself: one skip": {
+        "tests/test_skipped.py": "import pytest\n\npytest.skip('not here', "
+                                 "allow_module_level=True)\n"},
+    "-x in addopts: the run stops at its first failure": {
+        "pytest.ini": "[pytest]\naddopts = -x\n",
+        "tests/test_c.py": FAILING_PYTEST, "tests/test_d.py": FAILING_PYTEST},
+}
+
+
+@pytest.mark.parametrize("case", list(PYTEST_PROJECTS))
+def test_pytest_shards_keep_what_pytest_collects(upstream, tmp_path, case):
+    files = {"tests/test_sample.py": None,
+             "tests/test_a.py": "def test_a():\n    assert True\n",
+             "tests/test_b.py": "def test_b():\n    assert True\n",
+             **PYTEST_PROJECTS[case]}
+    whole, merged, parts = whole_and_sharded(upstream, tmp_path, files, command=PYTEST)
+    assert verdict_and_counts(merged) == verdict_and_counts(whole), (
+        case, whole.output[-1500:].decode(), merged.output[-3000:].decode())
+    assert all(p.header["shards"] == f"{i}/2" for i, p in parts.items())
+    assert all(b"ci_shard: " in p.output for p in parts.values())

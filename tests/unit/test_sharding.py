@@ -172,29 +172,46 @@ def test_default_command_shards_by_module_names(tmp_path):
     assert empty.command is None and empty.label == "empty"
 
 
-def test_pytest_command_gets_files_custom_command_runs_whole(tmp_path):
+def test_pytest_command_runs_as_it_is_custom_command_runs_whole(tmp_path):
     write(tmp_path, {"tests/test_a.py": "xx", "tests/b_test.py": "x", "tests/conftest.py": ""})
-    pytest_cmd = ["python", "-m", "pytest", "-q", "tests"]
-    run = sharding.shard_run(str(tmp_path), pytest_cmd, pytest_cmd,
-                             sharding.ShardSpec(1, 2, {}), False)
-    assert run.command == ["python", "-m", "pytest", "-q", "tests/test_a.py"]
-    for odd in (["python", "-m", "pytest", "-k", "slow", "tests"],
-                ["pytest", "--ignore=tests/test_a.py", "tests"],
-                ["pytest", "--doctest-modules", "tests"], ["pytest", "-q"]):
-        assert sharding.shard_run(str(tmp_path), odd, odd, sharding.ShardSpec(1, 2, {}),
-                                  False).label == "whole", odd
-    write(tmp_path, {"pytest.ini": "[pytest]\ntestpaths = tests\n"})
-    assert sharding.shard_run(str(tmp_path), pytest_cmd, pytest_cmd,
-                              sharding.ShardSpec(1, 2, {}), False).label == "whole"
+    # pytest keeps the share itself (ci_shard.py), whatever its flags and config.
+    for command in (["python", "-m", "pytest", "-q", "tests"], ["pytest", "-k", "slow", "tests"],
+                    ["pytest", "--ignore=tests/test_a.py", "tests"], ["pytest", "-q"]):
+        run = sharding.shard_run(str(tmp_path), command, command, sharding.ShardSpec(2, 2, {}),
+                                 False)
+        assert (run.command, run.label, run.in_pytest) == (command, "", True), command
     custom = ["make", "test"]
     one = sharding.shard_run(str(tmp_path), custom, custom, sharding.ShardSpec(1, 3, {}), False)
     two = sharding.shard_run(str(tmp_path), custom, custom, sharding.ShardSpec(2, 3, {}), False)
-    assert (one.command, one.label) == (custom, "whole")
+    assert (one.command, one.label) == (custom, "whole") and "neither" in one.note
     assert (two.command, two.label) == (None, "skipped")
     placeholder = ["runtests", "{tests}", "--fast"]
     run = sharding.shard_run(str(tmp_path), placeholder, placeholder,
                              sharding.ShardSpec(1, 1, {}), False)
     assert run.command == ["runtests", "tests/test_a.py", "--fast"]
+
+
+def load_plugin():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "ci_support", "ci_shard.py")
+    spec = importlib.util.spec_from_file_location("ci_shard_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.one_of(st.none(), st.floats(0, 100))),
+                max_size=20),
+       st.integers(1, 5), st.sets(st.integers(0, 19), max_size=3))
+def test_the_pytest_plugin_splits_as_the_runner_does(specs, total, pinned):
+    """ci_support/ci_shard.py runs under the tested commit's Python and
+    imports nothing of ours: its own copy of ``split`` must agree."""
+    plugin = load_plugin()
+    items = [(f"tests/test_{i:02d}.py", size, seconds) for i, (size, seconds) in enumerate(specs)]
+    pins = frozenset(f"tests/test_{i:02d}.py" for i in pinned)
+    assert plugin.split(items, total, pins) == sharding.split(items, total, pins)
 
 
 # ---- the merge -------------------------------------------------------------
@@ -574,27 +591,6 @@ def test_known_short_suites_are_not_split(make_state):
     assert state._shard_count() == 2  # 4 s known / 2 s per shard
 
 
-def test_a_committed_config_symlink_out_of_the_clone_is_not_read(tmp_path):
-    """Whether pytest is configured is read from files the pushed commit
-    holds: a symlink to a file elsewhere on the runner (a key, say) is not
-    read, and one to a FIFO does not hang the runner."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    outside = tmp_path / "elsewhere.ini"
-    outside.write_text("[pytest]\ntestpaths = secret\n")
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    (repo / "pytest.ini").symlink_to(outside)
-    (repo / "tox.ini").symlink_to(fifo)
-    assert not sharding._pytest_configured(str(repo))
-    # Inside the clone, a symlinked config is still read.
-    (repo / "pytest.ini").unlink()
-    (repo / "conf").mkdir()
-    (repo / "conf" / "pytest.ini").write_text("[pytest]\ntestpaths = tests\n")
-    (repo / "pytest.ini").symlink_to(repo / "conf" / "pytest.ini")
-    assert sharding._pytest_configured(str(repo))
-
-
 def sharded_retest(make_state):
     """X tested whole (failed), then retested in two shards."""
     state = make_state(max_shards=1)
@@ -652,3 +648,37 @@ def test_a_compaction_while_the_merged_result_is_written_keeps_it_sharded(make_s
         assert restarted.work[X].state is WorkState.QUEUED
     finally:
         restarted.journal.close()
+
+
+# ---- the pytest plugin keeps a shard's share of what pytest collects --------
+
+def test_pytest_shards_partition_the_collected_tests_with_the_pinned_files_first(tmp_path):
+    """Each shard collects everything and keeps its files: together they
+    are the whole run's tests, once each; the files holding the tests to
+    run first are shard 1's; a file known to be slow is a shard of its own."""
+    import subprocess
+    import sys
+
+    from ci.runner import ordering
+    files = {f"tests/test_{n}.py": "".join(f"def test_{n}{i}():\n    pass\n" for i in range(3))
+             for n in "abcdef"}
+    write(tmp_path, files)
+    spec = dict(durations={f"tests.test_{n}": 30.0 if n == "e" else 1.0 for n in "abcdef"},
+                first=("tests.test_f.test_f1",))
+
+    def collected(index: int | None) -> list[str]:
+        args = []
+        if index is not None:
+            path = tmp_path / f"shard{index}"
+            path.write_bytes(sharding.plugin_file(sharding.ShardSpec(index, 3, **spec)))
+            args = ["-p", "ci_shard", f"--ci-shard={path}"]
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "--collect-only", *args, "tests"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": ordering.SUPPORT})
+        return [line for line in proc.stdout.splitlines() if "::" in line]
+    shards = [collected(i) for i in (1, 2, 3)]
+    assert sorted(sum(shards, [])) == sorted(collected(None)) and len(collected(None)) == 18
+    assert "tests/test_f.py::test_f1" in shards[0]
+    assert [s for s in shards if "tests/test_e.py::test_e0" in s] == [
+        ["tests/test_e.py::test_e0", "tests/test_e.py::test_e1", "tests/test_e.py::test_e2"]]

@@ -27,6 +27,7 @@ import stat
 import subprocess
 import sys
 
+from ci import sharding
 from ci.runner import junit_capture, ordering
 from ci.config import ConfigError
 from ci.files import atomic_write
@@ -45,17 +46,20 @@ RUNNER_PYTHON = "the runner's Python, which its environments and default test co
 
 
 def provide_recorder(state_dir: str) -> str:
-    """Copy the recorder and the ordering plugin (ci_order.py, which the
-    recorder loads from beside itself) into ``<state_dir>/ci_support``
+    """Copy the recorder, the ordering plugin (ci_order.py, which the
+    recorder loads from beside itself) and the pytest shard plugin
+    (ci_shard.py, which pytest loads from the same folder) into
+    ``<state_dir>/ci_support``
     (the runner's, readable by all, so the tests can run them but not
     change them for the next commit) and have the test command use those
     copies."""
     folder = os.path.join(state_dir, "ci_support")
     os.makedirs(folder, exist_ok=True)
     os.chmod(folder, 0o755)
-    source = os.path.join(ordering.SUPPORT, ordering.PLUGIN + ".py")
+    plugins = [os.path.join(ordering.SUPPORT, name + ".py")
+               for name in (ordering.PLUGIN, sharding.PYTEST_PLUGIN)]
     target = ""
-    for path in (junit_capture.RECORDER, source):
+    for path in (junit_capture.RECORDER, *plugins):
         with open(path, "rb") as handle:
             data = handle.read()
         target = os.path.join(folder, os.path.basename(path))
