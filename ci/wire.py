@@ -103,6 +103,11 @@ class PeerClosed(ProtocolError):
     """The peer hung up before a whole frame arrived (port probes do)."""
 
 
+class Unauthentic(ProtocolError):
+    """Unsigned, or signed with another key than the one expected: a reply
+    that says the peer is not who we called, not that the link is slow."""
+
+
 class Busy(ProtocolError):
     """Refused for now (too much in flight): the peer should retry later."""
 
@@ -361,13 +366,13 @@ def verify_frame(header: FrameHeader, payload: bytes, secret: bytes | None, *,
     if not secret:
         return
     if header.tag == "-":
-        raise ProtocolError("unsigned message refused")
+        raise Unauthentic("unsigned message refused")
     expected = _mac(secret, header.timestamp.encode(), header.nonce.encode(),
                     reply_to.encode("ascii"), payload,
                     header.key_id.encode("ascii") if header.key_id else b"")
     from _operator import _compare_digest  # hmac.compare_digest, without hmac
     if not _compare_digest(expected, header.tag):
-        raise ProtocolError("bad signature")
+        raise Unauthentic("bad signature")
     now = time.time() if fresh.now is None else fresh.now
     if abs(now - float(header.timestamp)) > fresh.window:
         raise ProtocolError("stale message (timestamp outside the window)")
@@ -499,10 +504,25 @@ def request(sock, command: str, argument: str = "", body: bytes = b"", *,
     except ProtocolError as exc:
         # A connection-limit refusal is sent before the request is read, so
         # it cannot be bound to it; quote what the peer said so the operator
-        # sees why.  It is only shown, never acted on.
+        # sees why.  It is only shown, never acted on: a ``busy`` one says
+        # at most that the peer is loaded (a miss, as a timeout is), any
+        # other that it is not who we called (Unauthentic).
+        kind = type(exc)
+        if kind is Unauthentic and _says_busy(reply):
+            kind = ProtocolError
         said = ascii_line(reply[:120].decode("ascii", "replace"), 120)
-        raise ProtocolError(f"{exc}; unauthenticated reply {said!r}") from None
+        raise kind(f"{exc}; unauthenticated reply {said!r}") from None
     return decode_message(reply)
+
+
+def _says_busy(payload: bytes) -> bool:
+    """Whether a reply that could not be verified is a ``busy`` refusal:
+    the connection limit's, unsigned.  Anyone can send one, so it may
+    only ever make a peer look slow, never gone."""
+    try:
+        return decode_message(payload).command == "busy"
+    except ProtocolError:
+        return False
 
 
 class Reply(Exception):

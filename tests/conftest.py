@@ -104,8 +104,8 @@ def keyed_runners():
     are closed after the test."""
     made = []
 
-    def make(*names):
-        made.extend(KeyedRunner(name) for name in names)
+    def make(*names, port=0):
+        made.extend(KeyedRunner(name, port) for name in names)
         return made[-len(names):]
     yield make
     for runner in made:

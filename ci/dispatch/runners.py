@@ -75,7 +75,8 @@ class Runner:
 
 class PingReply(NamedTuple):
     """What one ping got: ``outcome`` (``ok``, ``busy``, ``refused``,
-    ``timeout``) and, from a runner that answered ``ok``, its instance and
+    ``timeout``, ``unauthentic``: a reply not signed with the key we
+    called) and, from a runner that answered ``ok``, its instance and
     what it says it runs (commit and token)."""
     outcome: str
     instance: str = ""
@@ -88,17 +89,32 @@ class RunnerRegistry:
 
     def register(self, address: tuple[str, int], instance: str, busy: str | None,
                  token: str | None = None, name: str | None = None,
-                 traits: Traits = Traits()) -> str:
+                 traits: Traits = Traits(), proven: bool = False) -> str:
+        """``known``, ``registered``, or ``unproven``: a runner of an
+        issued key (``name``) is entered only once a ping signed with that
+        key was answered at ``address`` by this ``instance`` (``proven``):
+        the key's holder says where it is, and only the address can say
+        that it is there.  Unproven, any key could name any address, and
+        hold it with heartbeats while the pings there failed."""
         key = format_address(address)
         with self.cond:
             runner = self.runners.get(key)
-            self._check_claim(key, runner, name)
-            if runner and runner.instance == instance:
-                runner.misses = 0
+            self._check_claim(key, name)
+            if runner and runner.instance == instance and runner.name == name:
+                # A heartbeat: what it says of its work, not of the address,
+                # which only an answered ping vouches for (misses stay).
                 runner.traits = traits
                 self._believe(runner, busy, token)
                 return "known"
-            if runner:
+            if name is not None and not proven:
+                return "unproven"
+            if runner and runner.name != name:
+                # Proven here: the other key cannot be answering there now.
+                log.warning("runner %s answers at %s, where runner %s was registered; that "
+                            "entry dropped%s", name, key, runner.name or "(shared secret)",
+                            f", {runner.job.commit[:12]} requeued" if runner.job else "")
+                self._drop(runner, count=False)
+            elif runner:
                 # The runner restarted: whatever it was running is gone.
                 log.warning("runner %s restarted%s", key, f" while running "
                             f"{runner.job.commit[:12]}; requeueing" if runner.job else "")
@@ -113,19 +129,37 @@ class RunnerRegistry:
                      f" while busy with {busy[:12]}" if busy else "", len(self.runners))
             return "registered"
 
-    def _check_claim(self, key: str, runner: Runner | None, name: str | None) -> None:
-        """Reply unless a runner with key ``name`` may register at ``key``."""
-        if runner and name and runner.name and runner.name != name:
-            raise Reply(f"address {key} is registered by another runner")
+    def _check_claim(self, key: str, name: str | None) -> None:
+        """Reply unless a runner with key ``name`` may register at ``key``.
+        One address per runner key: a stolen key must not be able to take
+        the runner's work to an address of the thief's.  A runner that
+        really moved (restarted on another port) is accepted once its old
+        address stops answering pings."""
         if name:
-            # One address per runner key: a stolen key must not be able
-            # to take the runner's work to an address of the thief's.
-            # A runner that really moved (restarted on another port) is
-            # accepted once its old address stops answering pings.
             for other in self.runners.values():
                 if other.name == name and other.key != key:
                     raise Reply(f"runner {name} is registered at {other.key}; another "
                                 "address is accepted once that one stops answering")
+
+    def start_proof(self, name: str, now: float | None = None) -> bool:
+        """Whether a ping proving an address of runner ``name`` may be sent
+        now (it is then under way until ``proof_done``): one at a time per
+        key, and after a failed one not for ``pause`` seconds, so a key's
+        holder cannot make the dispatcher call host after host faster than
+        it pings its runners."""
+        now = time.monotonic() if now is None else now
+        with self.cond:
+            if self.proofs.get(name, 0.0) > now:
+                return False
+            self.proofs[name] = float("inf")
+            return True
+
+    def proof_done(self, name: str, proven: bool, pause: float) -> None:
+        with self.cond:
+            if proven:
+                self.proofs.pop(name, None)
+            else:
+                self.proofs[name] = time.monotonic() + pause
 
     def name_runner(self, address: tuple[str, int], given_name: str | None) -> None:
         """The name a registered runner gave itself, shown for it by
@@ -224,7 +258,8 @@ class RunnerRegistry:
                     pinged: str | None = None) -> None:
         """What a ping of runner ``key`` (of its process ``pinged``) got:
         ``ok``, ``refused`` (nothing listens: the runner is gone, dropped at
-        once), ``timeout`` (slow or cut off: dropped after
+        once), ``unauthentic`` (another key answers there: not this runner,
+        dropped at once), ``timeout`` (slow or cut off: dropped after
         ``misses_allowed`` in a row) or ``busy`` (a signed reply, too loaded
         to say more: neither news nor a miss)."""
         outcome, instance, busy, token = reply
@@ -242,16 +277,18 @@ class RunnerRegistry:
                 runner.misses = 0
                 self._believe(runner, busy, token)
                 return
-            if outcome != "refused":
+            if outcome not in ("refused", "unauthentic"):
                 runner.misses += 1
                 if runner.misses < misses_allowed:
                     return
             self.runners.pop(key, None)
-            log.warning("runner %s %s; dropped (%d left)", key,
-                        "refused the connection" if outcome == "refused"
-                        else f"missed {runner.misses} pings", len(self.runners))
+            log.warning("runner %s %s; dropped (%d left)", key, {
+                "refused": "refused the connection",
+                "unauthentic": "answered a ping with another key"}.get(
+                    outcome, f"missed {runner.misses} pings"), len(self.runners))
             if runner.job:
-                self._lose(runner.job, count=True)
+                # Another key's answer says nothing of the commit.
+                self._lose(runner.job, count=outcome != "unauthentic")
             runner.set(IDLE)
 
     def expire_jobs(self, job_timeout: float) -> None:

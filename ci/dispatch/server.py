@@ -27,8 +27,8 @@ from ci.notify.queue_events import QueueEventError, parse_queue_event
 from ci.outcome import Outcome
 from ci.queue_snapshot import SnapshotError
 from ci.security import Security
-from ci.wire import (Message, ProtocolError, Reply, decode_fields, encode_fields, format_address,
-    one_line, parse_address, valid_full_commit)
+from ci.wire import (Message, ProtocolError, Reply, Unauthentic, decode_fields, encode_fields,
+    format_address, one_line, parse_address, valid_full_commit)
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +178,14 @@ class Dispatcher:
         # A runner's own limits stretch the default deadline only; an
         # explicit --job-timeout is exact.
         traits = runner_traits(fields, limit if self.trust_runner_limits else None)
-        answer = self.state.register(address, instance[:64], busy, token,
-                                     self._runner_name(peer), traits)
+        name = self._runner_name(peer)
+        claim = (address, instance[:64], busy, token, name, traits)
+        answer = self.state.register(*claim)
+        if answer == "unproven":
+            refusal = self._prove(address, name, instance[:64])
+            if refusal is not None:
+                return refusal
+            answer = self.state.register(*claim, proven=True)
         self.state.name_runner(address, given_name)
         if answer == "registered" and given_name:
             log.info("runner %s calls itself %s", message.argument, given_name)
@@ -189,6 +195,29 @@ class Dispatcher:
                         "environment build, tests), more than --job-timeout %gs: a commit "
                         "that long is reassigned", message.argument, limit, self.job_timeout)
         return Message("ok", answer)
+
+    def _prove(self, address: tuple[str, int], name: str, instance: str) -> Message | None:
+        """None once ``address`` answered a ping signed with runner
+        ``name``'s key, from the process that registers (``instance``);
+        else the refusal.  One ping, so a runner is entered as fast as it
+        answers; a key that failed waits a ping interval before the next."""
+        where = format_address(address)
+        if not self.state.start_proof(name):
+            return Message("busy", f"a ping for runner {name} is under way or failed less "
+                                   f"than {self.ping_interval:g}s ago; try again")
+        reply = PingReply("timeout")
+        try:
+            reply = self._ping_at(address, name)
+        finally:   # whatever happened, the key is not left marked under way
+            proven = reply.outcome == "ok" and reply.instance == instance
+            self.state.proof_done(name, proven, self.ping_interval)
+        if proven:
+            return None
+        why = {"unauthentic": f"answered a ping for runner {name} with another key",
+               "refused": f"refused a ping for runner {name} (nothing listens there)",
+               "ok": f"is answered by another process than runner {name}'s {instance!r}",
+               }.get(reply.outcome, f"did not answer a ping for runner {name} in time")
+        raise Reply(f"{where} {why}: a runner registers only where it answers")
 
     @staticmethod
     def _runner_name(peer) -> str | None:
@@ -361,7 +390,8 @@ class Dispatcher:
                                  timeout=(self.ping_timeout * 3, self.ping_timeout * 3))
         except (OSError, ProtocolError) as exc:
             log.warning("could not send %s to %s: %s", job.commit[:12], job.runner, exc)
-            self.state.assignment_failed(job, "refused" if refused(exc) else "error")
+            self.state.assignment_failed(job, "refused" if refused(exc) else "unauthentic"
+                                         if isinstance(exc, Unauthentic) else "error")
             return
         except Exception:
             # Lost in the pool's future otherwise, the runner would stay
@@ -424,16 +454,22 @@ class Dispatcher:
             # Revoked: it could take work but never report it; drop it now.
             log.warning("runner %s (%s) holds a revoked key; dropped", runner.name, runner.key)
             return PingReply("refused")
+        return self._ping_at(runner.address, runner.name)
+
+    def _ping_at(self, address: tuple[str, int], name: str | None) -> PingReply:
         try:
             # The reply is bounded too: a frozen runner still accepts the
             # connection (the kernel does) but never answers, and waiting the
             # full read timeout for it would stall the whole health sweep.
-            reply = helpers.call(runner.address, "ping",
-                                 security=self._security_for(runner.name),
+            reply = helpers.call(address, "ping", security=self._security_for(name),
                                  timeout=(self.ping_timeout, self.ping_timeout))
             fields = decode_fields(reply.body) if reply.command == "ok" else {}
+        except Unauthentic as exc:
+            # Another key (or none) answers there: not a slow runner.
+            log.debug("ping %s failed: %s", format_address(address), exc)
+            return PingReply("unauthentic")
         except (OSError, ProtocolError) as exc:
-            log.debug("ping %s failed: %s", runner.key, exc)
+            log.debug("ping %s failed: %s", format_address(address), exc)
             return PingReply("refused" if refused(exc) else "timeout")
         if reply.command == "busy":     # signed: alive, only loaded (or flooded)
             return PingReply("busy")

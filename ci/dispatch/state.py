@@ -97,6 +97,9 @@ class DispatcherState(Recovery, LiveOutput, PrunedCommits, RunnerRegistry, Shard
         self.queue: collections.deque[WorkKey] = collections.deque()
         self.shard_queue: collections.deque[tuple[WorkKey, int]] = collections.deque()
         self.runners: dict = {}
+        # Runner key name -> when its next address proof may start (inf
+        # while one runs); see RunnerRegistry.start_proof.
+        self.proofs: dict[str, float] = {}
         self.done: set[WorkKey] = set()     # a result file exists
         # Matrix commits not yet complete: commit -> {cell name: Cell}.
         self.groups: dict[str, dict[str, matrix.Cell]] = {}
@@ -407,16 +410,19 @@ class DispatcherState(Recovery, LiveOutput, PrunedCommits, RunnerRegistry, Shard
 
     def assignment_failed(self, job: Job, outcome: str) -> None:
         """The runner did not take the job (``busy``, ``refused``: its port
-        is closed, or ``error``): put the job back at the head."""
+        is closed, ``unauthentic``: another key answers there, or
+        ``error``): put the job back at the head."""
         with self.cond:
             if not self._is_current(job):
                 return
             runner = self.runners.get(job.runner)
             if runner and runner.job is job:
-                if outcome == "refused":
-                    # Nothing listens there: the runner is gone, not slow.
-                    log.warning("runner %s refused the connection; dropped (%d left)",
-                                runner.key, len(self.runners) - 1)
+                if outcome in ("refused", "unauthentic"):
+                    # Nothing listens there, or not this runner: it is gone,
+                    # not slow.
+                    log.warning("runner %s %s; dropped (%d left)", runner.key,
+                                "refused the connection" if outcome == "refused" else
+                                "answered with another key", len(self.runners) - 1)
                     self.runners.pop(runner.key, None)
                     runner.set(IDLE)
                 elif outcome == "busy":

@@ -7,18 +7,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import socket
 import subprocess
+import threading
 
 import pytest
 
+import helpers
 from ci import auth
 from support.cluster import PY, ROOT, free_port, wait_until
 from ci.config import ConfigError
 from ci.outcome import Outcome
 from ci.security import Security, load_credentials
-from ci.wire import (Message, ProtocolError, decode_header, decode_message, encode_fields,
-                     encode_frame, verify_frame)
+from ci.wire import (Message, ProtocolError, Unauthentic, decode_header, decode_message,
+                     encode_fields, encode_frame, verify_frame)
 from support.privilege import C1, C3, LOOPBACK, MASTER, ask, key_security, warnings, write_secret
 
 
@@ -226,7 +229,7 @@ def test_each_role_may_send_only_its_commands(cluster, tmp_path):
 def test_a_revoked_runner_key_is_refused_within_a_second_without_restart(cluster, tmp_path,
                                                                          keyed_runners):
     disp = cluster.start_dispatcher("--secret-file", write_secret(tmp_path / "master", MASTER))
-    r1, r2 = key_security("runner", "r1"), key_security("runner", "r2")
+    r1 = key_security("runner", "r1")
     body = encode_fields({"instance": "i1", "busy": ""})
     registered, = keyed_runners("r1")   # a live runner holding the key to revoke
     registered.register(cluster.dispatcher_port)
@@ -242,8 +245,9 @@ def test_a_revoked_runner_key_is_refused_within_a_second_without_restart(cluster
             return "unknown or revoked key" in str(exc)
         return False
     wait_until(refused, 2.5, interval=0.1, what="the revoked key refused")
-    assert ask(cluster.dispatcher_port, "register", f"{LOOPBACK}:{free_port()}", body,
-               r2).command == "ok"
+    other, = keyed_runners("r2")    # another key still registers (where it answers)
+    other.register(cluster.dispatcher_port)
+    other.close()                   # and is gone again, dropped like any closed port
     assert any("unknown or revoked key 'runner:r1'" in w for w in warnings(disp))
     # The registered runner with that key is dropped too: it could take work
     # but never report it.
@@ -346,3 +350,185 @@ def test_a_refusal_before_the_key_is_known_is_unsigned(cluster, tmp_path):
     assert decode_message(payload) == Message("error", "unknown or revoked key 'admin:x'")
     viewer = key_security("viewer", "v")
     assert ask(cluster.dispatcher_port, "status", security=viewer).command == "ok"
+
+
+class Squatter:
+    """A hostile commit holding runner ``name``'s stolen key: it registers
+    as that runner at ``address`` every 0.2 s with one instance, as a
+    heartbeat does, and keeps every reply."""
+
+    def __init__(self, dispatcher_port: int, name: str, address: str, instance: str):
+        self.stop = threading.Event()
+        self.replies: list[str] = []
+        security = key_security("runner", name)
+        body = encode_fields({"instance": instance, "busy": ""})
+
+        def loop():
+            while not self.stop.is_set():
+                try:
+                    reply = ask(dispatcher_port, "register", address, body, security)
+                    self.replies.append(f"{reply.command}:{reply.argument}")
+                except (OSError, ProtocolError) as exc:
+                    self.replies.append(f"failed:{exc}")
+                self.stop.wait(0.2)
+        self.thread = threading.Thread(target=loop, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.replies, 5, what="the squatter's first register")
+
+    def close(self) -> list[str]:
+        self.stop.set()
+        self.thread.join(10)
+        return self.replies
+
+
+def registers(runner, port: int) -> bool:
+    try:
+        runner.register(port)
+    except AssertionError:
+        return False
+    return True
+
+
+def runners_of(port: int) -> list[tuple[str, str]]:
+    state = json.loads(ask(port, "state", security=key_security("viewer", "v")).body)
+    return [(r["address"], r["name"]) for r in state["runners"]]
+
+
+def test_a_stolen_runner_key_cannot_hold_another_runners_address(cluster, tmp_path,
+                                                                 keyed_runners):
+    """A key registers an address only where a ping signed with that key is
+    answered: re-registering r2's stolen key at r1's address every 0.2 s
+    used to hold it (each register reset the missed pings r1's refusals
+    counted), so r1 was refused for as long as the thief kept going."""
+    disp = cluster.start_dispatcher("--secret-file", write_secret(tmp_path / "master", MASTER))
+    port = cluster.dispatcher_port
+    r1, = keyed_runners("r1")
+    address = f"{LOOPBACK}:{r1.port}"
+    thief = Squatter(port, "r2", address, "thief")
+    try:
+        wait_until(lambda: registers(r1, port), 3, interval=0.2, what="r1 registered")
+        assert runners_of(port) == [(address, "r1")]
+        assert ask(port, "dispatch", C1,
+                   security=key_security("observer", "o")).argument == "queued 1"
+        wait_until(lambda: r1.token(C1), 5, what="r1 given the commit")
+    finally:
+        replies = thief.close()
+    # Refused with the reason, then (at once again) told to wait a ping interval.
+    assert replies[0].startswith(f"error:{address} answered a ping for runner r2 with "
+                                 "another key"), replies
+    assert all(r.startswith((f"error:{address} answered a ping for runner r2 with another "
+                             "key", "busy:a ping for runner r2 is under way or failed"))
+               for r in replies), replies
+    assert runners_of(port) == [(address, "r1")]
+    # r1 refused the pings signed with r2's key, and was never given them as work.
+    assert r1.token(C1) and r1.count(C1) == 1
+    assert any("answered a ping for runner r2 with another key" in w for w in warnings(disp))
+
+
+def test_an_address_whose_pings_fail_authentication_is_dropped_at_once(cluster, tmp_path,
+                                                                      keyed_runners):
+    """The thief proved an address of its own, then left it to r1 and
+    heartbeats on: the first ping answered with another key drops the entry
+    (not ``--ping-misses`` timeouts, which its heartbeats used to reset),
+    and the address is not its again."""
+    disp = cluster.start_dispatcher("--secret-file", write_secret(tmp_path / "master", MASTER),
+                                    "--ping-interval", "0.2", "--ping-misses", "1000")
+    port = cluster.dispatcher_port
+    stolen, = keyed_runners("r2")
+    stolen.register(port)
+    address = f"{LOOPBACK}:{stolen.port}"
+    stolen.close()
+    r1, = keyed_runners("r1", port=stolen.port)
+    thief = Squatter(port, "r2", address, stolen.instance)
+    try:
+        wait_until(lambda: runners_of(port) == [], 3, interval=0.1,
+                   what="the entry whose pings fail authentication dropped")
+        assert any(f"runner {address} answered a ping with another key; dropped" in w
+                   for w in warnings(disp))
+        wait_until(lambda: len(thief.replies) >= 3 and not thief.replies[-1].startswith("ok:"),
+                   3, what="the thief's next registers")
+        assert runners_of(port) == []
+        r1.register(port)
+        assert runners_of(port) == [(address, "r1")]
+    finally:
+        thief.close()
+
+
+def test_a_runner_takes_over_its_address_from_an_entry_of_another_key(cluster, tmp_path,
+                                                                     keyed_runners):
+    """A runner started where an entry of another key still stands (its
+    pings, not yet sent, would fail authentication) registers at once: the
+    ping signed with its own key proves the address is now its."""
+    disp = cluster.start_dispatcher("--secret-file", write_secret(tmp_path / "master", MASTER),
+                                    "--ping-interval", "60")
+    port = cluster.dispatcher_port
+    stolen, = keyed_runners("r2")
+    stolen.register(port)
+    address = f"{LOOPBACK}:{stolen.port}"
+    stolen.close()
+    r1, = keyed_runners("r1", port=stolen.port)
+    thief = Squatter(port, "r2", address, stolen.instance)
+    try:
+        r1.register(port)
+        assert runners_of(port) == [(address, "r1")]
+        assert any(f"runner r1 answers at {address}" in line for line in disp.log().splitlines())
+        wait_until(lambda: not thief.replies[-1].startswith("ok:"), 3,
+                   what="the thief's next register")
+        assert runners_of(port) == [(address, "r1")]
+    finally:
+        thief.close()
+
+
+def test_only_a_reply_of_another_key_is_unauthentic():
+    """What drops a runner at once: its port answered with another key, or
+    refused the key unsigned.  A connection-limit ``busy`` is unsigned too
+    (sent before the request was read), but says only that the runner is
+    flooded, by strangers maybe: a miss, as before, or a flood would drop
+    it.  Whoever sends it, it can make a runner look slow, never gone."""
+    own = key_security("runner", "r1")
+    server = helpers.MessageServer((LOOPBACK, 0), {"ping": lambda m, p: Message("ok", "pong")},
+                                   own, max_connections=1)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    address = (LOOPBACK, server.server_address[1])
+
+    def ping(security):
+        """The reply, or the error, once the last call's slot is free again."""
+        def settled():
+            try:
+                return helpers.call(address, "ping", security=security, timeout=5)
+            except ProtocolError as exc:
+                return None if "server busy" in str(exc) else exc
+        return wait_until(settled, 5, what="the one slot free")
+    try:
+        assert ping(own).argument == "pong"
+        refused = ping(key_security("runner", "r2"))
+        assert isinstance(refused, Unauthentic) and "unsigned message refused" in str(refused) \
+            and "unknown or revoked key 'runner:r2'" in str(refused), refused
+        # Its key id, another master's key: signed, but not with r1's key.
+        forged = ping(key_security("runner", "r1", b"another master"))
+        assert isinstance(forged, Unauthentic) and "bad signature" in str(forged), forged
+        held: list[socket.socket] = []   # an idle connection that takes the one slot
+
+        def refused_as_busy():
+            for sock in [s for s in held if select.select([s], [], [], 0)[0]]:
+                held.remove(sock)   # itself refused (a slot not yet given back)
+                sock.close()
+            if not held:
+                held.append(socket.create_connection(address, timeout=5))
+            try:
+                helpers.call(address, "ping", security=own, timeout=5)
+            except ProtocolError as exc:
+                return exc
+            return None
+        try:
+            exc = wait_until(refused_as_busy, 5, what="the connection-limit refusal")
+        finally:
+            for sock in held:
+                sock.close()
+        assert "server busy" in str(exc) and not isinstance(exc, Unauthentic), exc
+    finally:
+        server.shutdown()
+        thread.join(5)
+        server.server_close()

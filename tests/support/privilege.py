@@ -53,16 +53,18 @@ def warnings(daemon) -> list[str]:
 
 class KeyedRunner:
     """A runner stand-in with its own issued key: it answers ``ping`` and
-    ``runtest`` as a runner does, and records the token of each job."""
+    ``runtest`` as a runner does, and records the token of each job.
+    ``port``: where to listen (another's that was just closed, to play a
+    runner started at an address a stale entry still names)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, port: int = 0):
         self.name = name
         self.security = key_security("runner", name)
         self.lock = threading.Lock()
         self.tokens: dict[str, list[str]] = {}
         self.instance = name + "-instance"
         commands = {"ping": self.ping, "runtest": self.runtest}
-        self.server = helpers.MessageServer((LOOPBACK, 0), commands, self.security)
+        self.server = helpers.MessageServer((LOOPBACK, port), commands, self.security)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever,
                                        kwargs={"poll_interval": 0.05}, daemon=True)

@@ -152,6 +152,38 @@ def test_a_signed_busy_to_a_ping_is_not_a_missed_ping(make_state):
     assert KA not in state.runners
 
 
+def test_a_runner_key_holds_an_address_only_where_its_pings_are_answered(make_state):
+    """The rules behind ``register``'s ping (ci/dispatch/server.py): a
+    named runner is not entered unproven; a heartbeat keeps its misses
+    (a register says nothing of the address); a reply signed with another
+    key drops it at once, without counting against its commit; and a
+    proven claim takes the address from an entry of another key."""
+    state = make_state()
+    assert state.register(A, "thief", None, name="r2") == "unproven"
+    assert not state.runners
+    assert state.register(A, "thief", None, name="r2", proven=True) == "registered"
+    state.enqueue([X])
+    assign(state)
+    for _ in range(2):
+        state.ping_result(KA, PingReply("timeout"), 3)
+        assert state.register(A, "thief", None, name="r2") == "known"
+    state.ping_result(KA, PingReply("timeout"), 3)
+    assert KA not in state.runners and state.work[X].losses == 1
+    state.register(A, "thief", None, name="r2", proven=True)
+    assign(state)
+    state.ping_result(KA, PingReply("unauthentic"), 3)
+    assert KA not in state.runners and state.work[X].losses == 1
+    state.register(A, "thief", None, name="r2", proven=True)
+    job = assign(state)
+    # Another key's claim is asked for its proof, not refused: it may be
+    # the runner now listening there.
+    assert state.register(A, "ia", None, name="r1") == "unproven"
+    assert state.runners[KA].name == "r2"
+    assert state.register(A, "ia", None, name="r1", proven=True) == "registered"
+    assert state.runners[KA].name == "r1" and state.work[X].losses == 1
+    assert job_of(state, X) is not job
+
+
 def test_a_failed_assignment_record_undoes_the_claim(make_state):
     class NoAssignments(Journal):
         fail = True
@@ -170,8 +202,8 @@ def test_a_failed_assignment_record_undoes_the_claim(make_state):
 
 def test_forged_results_are_refused_and_change_nothing(make_state):
     state = make_state()
-    state.register(A, "ia", None, name="r1")
-    state.register(B, "ib", None, name="r2")
+    state.register(A, "ia", None, name="r1", proven=True)
+    state.register(B, "ib", None, name="r2", proven=True)
     state.enqueue([X, Y])
     jx, jy = assign(state), assign(state)
     with pytest.raises(Reply, match="no such assignment"):
