@@ -20,7 +20,9 @@ own environment is not passed on).  ssh still finds the observer's keys
 (it reads them from the account's home, not from ``$HOME``) and its
 agent (``SSH_AUTH_SOCK``); no credential helper is ever asked: a URL
 needing a password carries it (``--push-url-file``), and git never
-prompts (``GIT_TERMINAL_PROMPT=0``).
+prompts (``GIT_TERMINAL_PROMPT=0``).  An http(s) URL's password reaches
+git as configuration in its environment (``added_config``), not on its
+command line (see ``url``).
 """
 
 from __future__ import annotations
@@ -94,6 +96,18 @@ def git_env(git_dir: str, home: str, hooks: str, extra: dict | None = None) -> d
     )
     env.update(extra or {})
     return env
+
+
+def added_config(env: dict, entries: tuple[tuple[str, str], ...]) -> dict:
+    """The variables that give git ``entries`` as configuration beside the
+    ``GIT_CONFIG_*`` ones ``env`` already holds: in the environment, which
+    only the observer's user and root can read, unlike a command line."""
+    count = int(env.get("GIT_CONFIG_COUNT", "0"))
+    added = {"GIT_CONFIG_COUNT": str(count + len(entries))}
+    for index, (key, value) in enumerate(entries, count):
+        added[f"GIT_CONFIG_KEY_{index}"] = key
+        added[f"GIT_CONFIG_VALUE_{index}"] = value
+    return added
 
 
 def empty_dir(path: str) -> str:

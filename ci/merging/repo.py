@@ -36,6 +36,10 @@ class MergeRepo:
         self.path, home, hooks = isolation.prepare(clone, state_dir)
         self.git = GitRunner(isolation.git_env(self.path, home, hooks), self.path,
                              push_url.redact)
+        # The upstream as git's command line names it, and the credentials
+        # it lacks, for the environment of the git processes that call it.
+        self.remote = push_url.argument
+        self.remote_env = isolation.added_config(self.git.env, push_url.git_config)
 
     # ---- merging --------------------------------------------------------
     def merge(self, target_commit: str, head: str, branch: str,
@@ -107,8 +111,8 @@ class MergeRepo:
     def _push_refs(self, refspecs: list[str], what: str) -> None:
         for start in range(0, len(refspecs), REFS_PER_PUSH):
             chunk = refspecs[start:start + REFS_PER_PUSH]
-            done = self.git.run("push", "--porcelain", "--no-verify", self.push_url.url,
-                                *chunk, timeout=PUSH_TIMEOUT, ok=(0, 1))
+            done = self.git.run("push", "--porcelain", "--no-verify", self.remote, *chunk,
+                                timeout=PUSH_TIMEOUT, ok=(0, 1), env=self.remote_env)
             statuses = push.parse_porcelain(self.push_url.redact(done.stdout.decode(
                 "utf-8", "replace")))
             missing = push.unfinished(statuses, [s.partition(":")[2] for s in chunk])
@@ -140,8 +144,9 @@ class MergeRepo:
         why = ""
         try:
             done = self.git.run("push", "--porcelain", "--atomic", "--no-verify",
-                                f"--force-with-lease={ref}:{old}", self.push_url.url,
-                                f"{new}:{ref}", timeout=PUSH_TIMEOUT, ok=(0, 1, 128))
+                                f"--force-with-lease={ref}:{old}", self.remote,
+                                f"{new}:{ref}", timeout=PUSH_TIMEOUT, ok=(0, 1, 128),
+                                env=self.remote_env)
             outcome = push.land_outcome(push.parse_porcelain(self.push_url.redact(
                 done.stdout.decode("utf-8", "replace"))).get(ref), new)
             if outcome is not None:
@@ -181,8 +186,8 @@ class MergeRepo:
             raise ValueError(f"bad branch deletion {branch!r} at {expected!r}")
         ref = f"refs/heads/{branch}"
         done = self.git.run("push", "--porcelain", "--no-verify",
-                            f"--force-with-lease={ref}:{expected}", self.push_url.url,
-                            f":{ref}", timeout=PUSH_TIMEOUT, ok=(0, 1))
+                            f"--force-with-lease={ref}:{expected}", self.remote,
+                            f":{ref}", timeout=PUSH_TIMEOUT, ok=(0, 1), env=self.remote_env)
         status = push.parse_porcelain(self.push_url.redact(
             done.stdout.decode("utf-8", "replace"))).get(ref)
         if status is None or not status.done:
@@ -192,7 +197,8 @@ class MergeRepo:
     def remote_head(self, branch: str) -> str | None:
         """The upstream's ``refs/heads/<branch>`` now (None: no such branch)."""
         ref = f"refs/heads/{branch}"
-        done = self.git.run("ls-remote", self.push_url.url, ref, timeout=LS_REMOTE_TIMEOUT)
+        done = self.git.run("ls-remote", self.remote, ref, timeout=LS_REMOTE_TIMEOUT,
+                            env=self.remote_env)
         return push.parse_ls_remote(done.stdout.decode("utf-8", "replace"), ref)
 
     def _log_land(self, outcome, target: str, old: str, new: str) -> None:

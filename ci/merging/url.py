@@ -1,4 +1,5 @@
-"""Where the observer pushes, and keeping it out of every log line.
+"""Where the observer pushes, and keeping its credentials out of every log
+line and command line.
 
 The push URL is ``--push-url URL``, or ``--push-url-file FILE`` (a URL
 with credentials, e.g. ``https://ci:TOKEN@git.example/proj.git``, in a
@@ -6,10 +7,20 @@ file only its owner can read), or by default the clone's own ``origin``
 (its ``pushurl`` if it has one).  A URL read from a file is never shown
 at all: logs and errors name it ``<push URL from FILE>``; any other is
 shown without its user information.  ``PushUrl.redact`` applies that to
-any text (git's own error output included) before it is logged."""
+any text (git's own error output included) before it is logged.
+
+Nor is an http(s) URL's user information ever on a command line, where
+any local user reads it (``/proc/<pid>/cmdline``, ``ps``): git is given
+the URL without it (``PushUrl.argument``) and the credentials as an
+``Authorization`` header in its environment (``PushUrl.git_config``,
+``http.<url>.extraHeader`` through ``GIT_CONFIG_*``), which only the
+observer's user and root can read; the helpers git starts inherit both.
+Other URLs (a path, ``file://``, ssh) reach git as given: ssh's user is
+a login name, not a secret."""
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import stat
@@ -24,13 +35,51 @@ USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]*@")
 MAX_URL_FILE = 64 * 1024
 
 
+# Schemes whose user information git sends as HTTP Basic authentication.
+HTTP_SCHEMES = ("http", "https")
+
+
 class PushUrl(NamedTuple):
-    url: str
+    url: str              # as given, credentials and all: never a git argument
     shown: str            # how logs and errors name it
     secrets: tuple = ()   # strings never to appear in a log (the URL, its password)
 
     def redact(self, text: str) -> str:
         return redact(text, self)
+
+    @property
+    def argument(self) -> str:
+        """What git's command line names: the URL without an http(s)
+        user information."""
+        return split_credentials(self.url)[0]
+
+    @property
+    def git_config(self) -> tuple[tuple[str, str], ...]:
+        """The configuration that gives git the credentials ``argument``
+        lacks (for the environment, never the command line)."""
+        bare, header = split_credentials(self.url)
+        return ((f"http.{bare}.extraHeader", header),) if header else ()
+
+
+def split_credentials(url: str) -> tuple[str, str | None]:
+    """(``url`` without its user information, the ``Authorization`` header
+    git would have made of it) for an http(s) URL that has one; else
+    (``url``, None).  The header is Basic, sent with the first request
+    (git itself sends it once a 401 asks for it): what a token needs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in HTTP_SCHEMES:
+        return url, None
+    end = len(rest)
+    for stop in "/?#":
+        if stop in rest:
+            end = min(end, rest.index(stop))
+    userinfo, at, host = rest[:end].rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+    header = "Authorization: Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+    return f"{scheme}://{host}{rest[end:]}", header
 
 
 def strip_userinfo(url: str) -> str:
@@ -49,8 +98,9 @@ def redact(text: str, push_url: PushUrl | None) -> str:
 
 def secrets_of(url: str) -> tuple[str, ...]:
     """The URL and the parts of it that are credentials (user information,
-    as given and decoded), to be replaced wherever they appear."""
-    found = [url]
+    as given and decoded), to be replaced wherever they appear; and the URL
+    as git is given it (without them), which git's messages quote."""
+    found = [url, split_credentials(url)[0]]
     parts = urllib.parse.urlsplit(url) if "://" in url else None
     if parts is not None and "@" in parts.netloc:
         userinfo = parts.netloc.rpartition("@")[0]

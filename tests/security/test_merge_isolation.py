@@ -4,19 +4,24 @@ steers how the observer merges (issue 22): its ``.gitattributes``
 sides; an eol, an encoding, a filter would rewrite blobs), hook-like
 files, a ``.gitmodules`` and gitlinks, a global config or ``GIT_*``
 variables of the observer's environment.  And the credentials of the push
-URL appear in no log line of a real observer."""
+URL appear in no log line of a real observer, and on no command line of
+the git processes that push."""
 
 from __future__ import annotations
 
+import base64
+import http.server
 import os
 import re
 import subprocess
+import threading
 
 import pytest
 from support.cluster import free_port, git, wait_until
 from support.merging import Upstreams, commit_info
 
-from ci.merging import Conflict, Landed, Merged, isolation
+from ci.git import GitError
+from ci.merging import Conflict, Landed, Merged, MergeRepo, isolation, url
 
 ATTRIBUTES = ("* merge=union text eol=crlf working-tree-encoding=UTF-16 filter=evil ident "
               "conflict-marker-size=1 diff=evil\n")
@@ -216,3 +221,98 @@ def test_push_credentials_appear_in_no_log_line(cluster, ups, tmp_path, threaded
     # The one merge is published again on every poll, not made again.
     assert len(set(re.findall(r"refs/ci/merges/([0-9a-f]{40})", observer.log()))) == 1
     assert "http://***@127.0.0.1" in second.log()
+
+
+class HoldingRemote(http.server.ThreadingHTTPServer):
+    """An http remote that asks for Basic credentials, notes the ones each
+    request brings, and holds every request until ``release`` is set, so
+    a test can look at the git processes while they talk to it.  It never
+    serves a repository: with credentials, git is told 403."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        self.arrived, self.release = threading.Event(), threading.Event()
+        self.seen: list[tuple[str, str | None]] = []
+        remote = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                remote.seen.append((self.path, self.headers.get("Authorization")))
+                remote.arrived.set()
+                remote.release.wait(20)
+                if self.headers.get("Authorization") is None:
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="ci"')
+                else:
+                    self.send_response(403)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.port = self.server_address[1]
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.release.set()
+        self.shutdown()
+        self.thread.join(5)
+        self.server_close()
+
+
+def command_lines() -> list[str]:
+    """Every process's command line, as any local user can read it."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                found.append(handle.read().replace(b"\0", b" ").decode("utf-8", "replace"))
+        except OSError:
+            pass   # gone meanwhile
+    return found
+
+
+def test_push_credentials_are_on_no_command_line(ups, tmp_path):
+    """The password of ``--push-url-file`` was an argument of ``git push``
+    and ``git ls-remote`` and of the ``git-remote-http`` they start, which
+    every local user reads in ``/proc/<pid>/cmdline``; it reaches git in
+    its environment now, and the remote still gets it."""
+    token = "tok-5e1f00d9c3"
+    remote = HoldingRemote()
+    url_file = tmp_path / "push-url"
+    url_file.write_text(f"http://ci:{token}@127.0.0.1:{remote.port}/up.git\n")
+    os.chmod(url_file, 0o600)
+    merges = MergeRepo(ups.clone, str(tmp_path / "state"), url.from_file(str(url_file)))
+    try:
+        for call in (lambda: merges.publish([ups.head("main")]),
+                     lambda: merges.remote_head("main")):
+            remote.arrived.clear()
+            remote.release.clear()
+            failed = []
+
+            def run():
+                try:
+                    call()
+                except GitError as exc:
+                    failed.append(str(exc))
+            thread = threading.Thread(target=run)
+            thread.start()
+            assert remote.arrived.wait(30), "git never called the remote"
+            lines = command_lines()
+            remote.release.set()
+            thread.join(60)
+            # The processes talking to the remote were looked at ...
+            assert any(f"127.0.0.1:{remote.port}" in line for line in lines), lines
+            # ... and no command line on the machine holds the password.
+            assert not [line for line in lines if token in line]
+            assert failed and "403" in failed[0] and token not in failed[0], failed
+            assert f"<push URL from {url_file}>" in failed[0], failed
+    finally:
+        remote.close()
+    basic = "Basic " + base64.b64encode(f"ci:{token}".encode()).decode()
+    assert {(path, auth) for path, auth in remote.seen if auth} == {
+        ("/up.git/info/refs?service=git-receive-pack", basic),
+        ("/up.git/info/refs?service=git-upload-pack", basic)}, remote.seen

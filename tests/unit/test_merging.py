@@ -4,6 +4,7 @@ a conflict, publishing, a landing, a lease failing because the target
 moved, a non-fast-forward refused before any push, and pushes whose
 outcome is unclear decided by reading the remote)."""
 
+import base64
 import logging
 import os
 
@@ -89,6 +90,25 @@ def test_redaction():
     assert "s3cret" not in pushed.redact(text)
     assert url.redact("see http://u:p@h/x and ssh://me@h/y", None) == \
         "see http://***@h/x and ssh://***@h/y"
+
+
+def test_an_http_urls_credentials_go_to_git_as_a_header_not_an_argument():
+    pushed = url.from_flag("https://ci:t%40k3n:x@git.example:8443/p.git")
+    assert pushed.argument == "https://git.example:8443/p.git"
+    # What git would have sent, percent-decoded (``t@k3n:x`` is the password).
+    assert pushed.git_config == (("http.https://git.example:8443/p.git.extraHeader",
+                                  "Authorization: Basic "
+                                  + base64.b64encode(b"ci:t@k3n:x").decode()),)
+    # git's messages quote the URL it was given: shown as the URL is.
+    assert pushed.redact("fatal: unable to access 'https://git.example:8443/p.git/'") == \
+        "fatal: unable to access 'https://***@git.example:8443/p.git/'"
+    assert url.from_flag("http://tok3n@h/r.git").git_config[0][1] == \
+        "Authorization: Basic " + base64.b64encode(b"tok3n:").decode()
+    # Anything else reaches git as given: ssh's user is a login, not a secret.
+    for given in ("ssh://git@h.example/r.git", "git@h.example:r.git", "file:///srv/r.git",
+                  "/srv/r.git", "https://h.example/r.git", "https://h.example/a@b.git"):
+        assert url.from_flag(given).argument == given
+        assert url.from_flag(given).git_config == ()
 
 
 def test_push_url_file(tmp_path):
