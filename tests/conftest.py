@@ -15,6 +15,14 @@ from support.procs import process_alive
 
 
 @pytest.fixture
+def quiet_pytest(monkeypatch):
+    """The pytest a test runs as a tested project's command loads only the
+    plugins it names: ours (hypothesis, xdist) cost each such run about a
+    second of imports and test nothing of the project's."""
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+
+
+@pytest.fixture
 def upstream(tmp_path):
     repo = Upstream(tmp_path / "upstream")
     repo.commit({"tests/test_sample.py": PASSING_TEST}, "initial")

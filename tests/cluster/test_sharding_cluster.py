@@ -162,8 +162,9 @@ def test_a_sharded_pytest_run_keeps_what_pytest_collects(cluster, upstream, tmp_
     collect_ignore leaves out count as in a hand run (passing named files,
     the shards ran the ignored failing file and never the doctest)."""
     cluster.start_dispatcher("--max-shards", "3", "--min-shard-seconds", "0")
+    quiet = dict(cluster.env, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")   # see quiet_pytest
     for _ in range(3):
-        cluster.start_runner("--test-command", f"{PY} -m pytest -q tests")
+        cluster.start_runner("--test-command", f"{PY} -m pytest -q tests", env=quiet)
     wait_until(lambda: cluster.status().get("idle_runners") == "3", 20,
                what="runners registered")
     passing = upstream.commit(dict(PYTEST_PROJECT), "a pytest project")

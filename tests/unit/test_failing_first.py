@@ -21,6 +21,9 @@ from ci.runner.slot import ProcessSlot
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[2] / "ci_support"))
 import ci_order  # noqa: E402
 
+# Its tested pytest runs load no plugin of ours (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("quiet_pytest")
+
 PY = sys.executable
 
 UNITTEST_A = """import time

@@ -19,6 +19,9 @@ from ci.runner.slot import ProcessSlot
 from ci.runner.verdict import judge_records
 from support import junit_schema
 
+# Its tested pytest runs load no plugin of ours (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("quiet_pytest")
+
 PY = sys.executable
 
 

@@ -17,6 +17,9 @@ from ci.runner.outbox import MAX_REFUSALS, Outbox
 from ci.runner.pipeline import JobPipeline, Settings, execute
 from ci.runner.slot import ProcessSlot
 
+# Its tested pytest runs load no plugin of ours (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("quiet_pytest")
+
 PY = sys.executable
 
 

@@ -21,6 +21,9 @@ from ci.dispatch.work import WorkState
 from ci.dispatch.journal import Journal, replay_lines
 from ci.wire import Reply
 
+# Its tested pytest runs load no plugin of ours (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("quiet_pytest")
+
 X, Y = "1" * 40, "2" * 40
 
 
