@@ -144,6 +144,10 @@ def test_dispatcher_down_for_seconds_while_commits_land(cluster, upstream, notes
     observer = cluster.start_observer()
     first = head(upstream)
     assert cluster.result(first, 20)["verdict"] == "passed"
+    # Killed after it logged the result (the file comes first): killed
+    # between the two, its restart rightly takes the runner's resend as a
+    # duplicate, and no instance would ever log it.
+    wait_until(lambda: results_written(cluster, first), 5, what="the result's log line")
     dispatcher.kill()
     down_at = time.monotonic()
     observer_seen, runner_seen = len(observer.log()), len(runner.log())
