@@ -425,21 +425,29 @@ def test_a_stolen_runner_key_cannot_hold_another_runners_address(cluster, tmp_pa
     assert any("answered a ping for runner r2 with another key" in w for w in warnings(disp))
 
 
-def test_an_address_whose_pings_fail_authentication_is_dropped_at_once(cluster, tmp_path,
-                                                                      keyed_runners):
-    """The thief proved an address of its own, then left it to r1 and
-    heartbeats on: the first ping answered with another key drops the entry
-    (not ``--ping-misses`` timeouts, which its heartbeats used to reset),
-    and the address is not its again."""
+def squatted(cluster, tmp_path, keyed_runners, *flags):
+    """A dispatcher (with ``flags``) where r2 proved an address of its own
+    and left it to r1 (not registered yet), while a thief holding r2's key
+    heartbeats there as r2: (dispatcher, its port, the address, r1, thief)."""
     disp = cluster.start_dispatcher("--secret-file", write_secret(tmp_path / "master", MASTER),
-                                    "--ping-interval", "0.2", "--ping-misses", "1000")
+                                    *flags)
     port = cluster.dispatcher_port
     stolen, = keyed_runners("r2")
     stolen.register(port)
     address = f"{LOOPBACK}:{stolen.port}"
     stolen.close()
     r1, = keyed_runners("r1", port=stolen.port)
-    thief = Squatter(port, "r2", address, stolen.instance)
+    return disp, port, address, r1, Squatter(port, "r2", address, stolen.instance)
+
+
+def test_an_address_whose_pings_fail_authentication_is_dropped_at_once(cluster, tmp_path,
+                                                                      keyed_runners):
+    """The thief proved an address of its own, then left it to r1 and
+    heartbeats on: the first ping answered with another key drops the entry
+    (not ``--ping-misses`` timeouts, which its heartbeats used to reset),
+    and the address is not its again."""
+    disp, port, address, r1, thief = squatted(cluster, tmp_path, keyed_runners,
+                                              "--ping-interval", "0.2", "--ping-misses", "1000")
     try:
         wait_until(lambda: runners_of(port) == [], 3, interval=0.1,
                    what="the entry whose pings fail authentication dropped")
@@ -459,15 +467,8 @@ def test_a_runner_takes_over_its_address_from_an_entry_of_another_key(cluster, t
     """A runner started where an entry of another key still stands (its
     pings, not yet sent, would fail authentication) registers at once: the
     ping signed with its own key proves the address is now its."""
-    disp = cluster.start_dispatcher("--secret-file", write_secret(tmp_path / "master", MASTER),
-                                    "--ping-interval", "60")
-    port = cluster.dispatcher_port
-    stolen, = keyed_runners("r2")
-    stolen.register(port)
-    address = f"{LOOPBACK}:{stolen.port}"
-    stolen.close()
-    r1, = keyed_runners("r1", port=stolen.port)
-    thief = Squatter(port, "r2", address, stolen.instance)
+    disp, port, address, r1, thief = squatted(cluster, tmp_path, keyed_runners,
+                                              "--ping-interval", "60")
     try:
         r1.register(port)
         assert runners_of(port) == [(address, "r1")]

@@ -286,12 +286,12 @@ def test_a_cell_is_sharded_only_over_idle_runners_that_fit_it(make_state, tmp_pa
                                                                 "127.0.0.1:9004"}
     assert all(jobspec.parse(j.request).shard.index == j.shard for j in jobs if j.shards)
     finish(state, specs[("py3.9", 0, 0)])
-    for index in (1, 2):
-        job = specs[("py3.12", index, 2)]
+    for shard in (1, 2):
+        job = specs[("py3.12", shard, 2)]
         assert state.record_result(job.commit, job.token, None, Outcome(
-            {"verdict": "failed" if index == 2 else "passed", "tests": 2,
-             "failures": int(index == 2), "errors": 0, "skipped": 0,
-             "shards": f"{index}/2"}, b"out\n"))
+            {"verdict": "failed" if shard == 2 else "passed", "tests": 2,
+             "failures": int(shard == 2), "errors": 0, "skipped": 0,
+             "shards": f"{shard}/2"}, b"out\n"))
     cell = results.read_header(str(tmp_path / "results" / f"{X}.cell.py3.12"))
     assert (cell["cell"], cell["python"], cell["shards"], cell["tests"], cell["verdict"]) == \
         ("py3.12", "3.12", "2", "4", "failed")
