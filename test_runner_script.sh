@@ -18,6 +18,16 @@ fi
 [[ -w $repo && -x $repo ]] || chmod u+rwx -- "$repo"
 cd -- "$repo"
 
+# A git the runner killed mid-way (a stop, --checkout-timeout, a SIGKILLed
+# runner's watchdog) leaves its lock files, and every later git here fails
+# on them: each commit this runner took after that was 'error'.  The runner
+# runs one git at a time in its clone, so a lock now is a dead git's.
+git_dir=$(git rev-parse --git-dir 2>/dev/null) || git_dir=.git
+if [[ -d $git_dir ]]; then
+    find "$git_dir" -maxdepth 1 -type f -name '*.lock' -delete 2>/dev/null || true
+    [[ -d $git_dir/refs ]] && find "$git_dir/refs" -type f -name '*.lock' -delete 2>/dev/null || true
+fi
+
 # What the last test left in the tree must be gone BEFORE git checks out
 # the next commit, not only after: checkout and reset read the tree's
 # .gitattributes for every path the index has none for (an untracked

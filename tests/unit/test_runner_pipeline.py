@@ -39,6 +39,24 @@ def test_checkout_reads_the_commits_metadata_and_a_bad_commit_is_an_error(upstre
     assert float(outcome.header["duration"]) >= 0
 
 
+def test_the_locks_of_a_git_killed_mid_checkout_do_not_fail_the_next_commits(upstream,
+                                                                            tmp_path):
+    """A checkout stopped by SIGKILL (a runner stopping, --checkout-timeout,
+    a SIGKILLed runner's watchdog) leaves git's lock files in the clone;
+    every later checkout failed on them, and each commit the runner took
+    was 'error' for good (the first result wins)."""
+    clone = upstream.clone(tmp_path / "clone")
+    good = upstream.commit({}, "after the kill")
+    git_dir = os.path.join(clone, ".git")
+    for lock in ("index.lock", "HEAD.lock", "shallow.lock",
+                 os.path.join("refs", "remotes", "origin", "main.lock")):
+        with open(os.path.join(git_dir, lock), "w") as handle:
+            handle.write("a dead git's\n")
+    outcome = execute(settings(clone), good)
+    assert outcome.verdict == "passed", outcome.header.get("reason")
+    assert not [n for n in os.listdir(git_dir) if n.endswith(".lock")]
+
+
 def test_a_commit_without_tests_is_an_error_and_a_passing_one_passes(upstream, tmp_path):
     clone = upstream.clone(tmp_path / "clone")
     good = upstream.commit({}, "nothing changed")
