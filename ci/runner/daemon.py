@@ -47,6 +47,9 @@ MESSAGE_OVERHEAD = 64 * 1024
 # at once (the dispatcher keeps a tail of 64 KiB anyway).
 DEFAULT_PROGRESS_INTERVAL = 1.0
 PROGRESS_CHUNK = 64 * 1024
+# How long a stopping runner waits for each reply while it flushes its outbox
+# (what it cannot deliver stays there for its next start).
+STOP_FLUSH_TIMEOUT = 3.0
 
 
 # <state-dir>/SCRATCH: each run's report and order folders (junit_capture,
@@ -152,7 +155,13 @@ class TestRunner:
             if job is None:
                 return
             if job == PREFETCH:
-                self._prefetch()
+                try:
+                    self._prefetch()
+                except Exception:
+                    # Only a head start (the checkout fetches anyway).  Raised
+                    # (a fork refused, no file descriptor left), it ended this
+                    # thread: the runner still took jobs and never ran them.
+                    log.exception("prefetch failed")
                 continue
             outcome = self._run(job)
             if self.slot.cancelled:
@@ -278,7 +287,7 @@ class TestRunner:
         with socket.create_connection(self.dispatcher, timeout=5) as sock:
             return format_address((sock.getsockname()[0], port))
 
-    def _deliver(self) -> None:
+    def _deliver(self, reply_timeout: float = 60) -> None:
         """Send every outbox result, oldest first.  ``busy`` (or no answer)
         means later; an ``error`` reply is retried a few rounds, then the
         file is set aside so it cannot block the results behind it."""
@@ -287,7 +296,7 @@ class TestRunner:
             body = self.outbox.read(name)
             reply = helpers.call(self.dispatcher, "results", f"{commit} {token}", body,
                                  security=self.security,
-                                 timeout=(DEFAULT_CONNECT_TIMEOUT, 60))
+                                 timeout=(DEFAULT_CONNECT_TIMEOUT, reply_timeout))
             self.last_contact = time.monotonic()
             if reply.command == "ok":
                 log.info("delivered result for %s (%s)", commit[:12], reply.argument)
@@ -376,6 +385,8 @@ class TestRunner:
             thread.join(5)
         self.watchdog.stop()
         try:
-            self._deliver()
+            # Briefly: a dispatcher that accepts and never answers held a
+            # stopping runner for the full reply timeout (60 s).
+            self._deliver(reply_timeout=STOP_FLUSH_TIMEOUT)
         except (OSError, ProtocolError):
             log.info("undelivered results stay in %s", self.outbox.folder)
