@@ -9,7 +9,7 @@ import threading
 
 from ci import jobspec
 from ci.runner import environments
-from ci.wire import Message, Reply, TOKEN_RE, valid_commit
+from ci.wire import Message, Reply, TOKEN_RE, valid_full_commit
 
 
 @dataclasses.dataclass
@@ -28,11 +28,13 @@ class RunnerJob:
 
 
 def parse_runtest(message: Message) -> RunnerJob:
-    """The job a ``runtest`` hands us; Reply with the reason if malformed."""
+    """The job a ``runtest`` hands us; Reply with the reason if malformed.
+    A full commit id only: the result of a job named by a short one could
+    never be reported (results name full ids), and was dropped after the run."""
     parts = message.argument.split(" ")
-    if len(parts) != 2 or not valid_commit(parts[0]) \
+    if len(parts) != 2 or not valid_full_commit(parts[0]) \
             or not TOKEN_RE.fullmatch(parts[1]):
-        raise Reply("usage: runtest:<commit> <token>")
+        raise Reply("usage: runtest:<full commit id> <token>")
     try:
         spec = jobspec.parse(message.body)
     except ValueError as exc:

@@ -136,6 +136,9 @@ def test_the_runner_reads_branch_and_trust_and_never_trusts_without_a_branch():
         parse_runtest(Message("runtest", f"{X} {TOKEN}", b"trusted: yes\n"))
     with pytest.raises(Reply, match="usage"):
         parse_runtest(Message("runtest", X, b""))
+    # A short id: its result could never be reported (results name full ids).
+    with pytest.raises(Reply, match="full commit id"):
+        parse_runtest(Message("runtest", f"{X[:12]} {TOKEN}", b""))
 
 
 # ---- the dispatcher's jobs -------------------------------------------------
