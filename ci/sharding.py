@@ -314,6 +314,13 @@ class ShardRun:
     in_pytest: bool = False
 
 
+def whole_run(command: list[str], index: int, note: str = "") -> ShardRun:
+    """A run that cannot be split: shard 1 runs it whole, the others
+    nothing (``note`` says why)."""
+    return ShardRun(command if index == 1 else None, "whole" if index == 1 else "skipped",
+                    note=note)
+
+
 def shard_run(repo: str, custom: list[str] | None, command: list[str],
               spec: ShardSpec, default: bool) -> ShardRun:
     """What shard ``spec`` runs in this checkout.
@@ -329,8 +336,7 @@ def shard_run(repo: str, custom: list[str] | None, command: list[str],
     * anything else cannot be split: shard 1 runs it whole, the others
       nothing."""
     def whole(note: str = "") -> ShardRun:
-        return ShardRun(command if spec.index == 1 else None,
-                        "whole" if spec.index == 1 else "skipped", note=note)
+        return whole_run(command, spec.index, note)
 
     if default:
         package = os.path.exists(os.path.join(repo, "tests", "__init__.py"))

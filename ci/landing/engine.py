@@ -52,6 +52,9 @@ class Engine:
         self.lock = threading.RLock()
         self.heads: dict[str, str] = {}         # target -> head the last plan used
         self._undispatched: set[int] = set()    # built, dispatch not yet accepted
+        # The dispatch line's matrix field of each tested merge not yet
+        # accepted: read from git once, not at every poll's retry.
+        self._plans: dict[str, str] = {}
         self._sent_state: str | None = None
         self._authors: dict[str, str] = {}
 
@@ -264,10 +267,13 @@ class Engine:
         info = mergeinfo.MergeInfo(entry.head, entry.base, entry.target)
         line = f"{entry.tested} - {entry.branch} {mergeinfo.encode_merge_field(info)}"
         try:
-            # Its recipe's matrix and labels, read again at every (re)dispatch.
-            plan = self.git.plan(entry.tested)
+            # Its recipe's matrix and labels (a commit's recipe never changes).
+            plan = self._plans.get(entry.tested)
+            if plan is None:
+                plan = self._plans[entry.tested] = self.git.plan(entry.tested)
             self.dispatcher.dispatch([f"{line} {plan}" if plan else line])
             self._undispatched.discard(entry.id)
+            self._plans.pop(entry.tested, None)
         except Exception as exc:
             self._undispatched.add(entry.id)
             log.warning("queue: dispatch of entry %d failed (retried): %s", entry.id, exc)

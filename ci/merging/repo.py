@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from ci.git import GitError, TooLarge
+from ci.git import GitError, TooLarge, read_blobs
 from ci.mergeinfo import TARGET_RE
 from ci.wire import valid_full_commit
 from ci.merging import isolation, merge as merging, push
@@ -78,18 +78,11 @@ class MergeRepo:
 
     def read_blob(self, commit: str, path: str, max_size: int) -> bytes | TooLarge | None:
         """A file of a commit this repository knows (a merge it made), None
-        if there is no such file, TooLarge past ``max_size`` bytes.  Its
-        size is asked first, as ``read_blobs`` does: the file is a pushed
-        branch's, and ``cat-file blob`` writes all of it to a temporary file."""
+        if there is no such file, TooLarge past ``max_size`` bytes (the
+        file is a pushed branch's: ``read_blobs`` asks its size first)."""
         spec = f"{commit}:{path}"
-        sized = self.git.run("cat-file", "-s", spec, timeout=COMMIT_TIMEOUT, ok=(0, 128))
-        size = sized.stdout.strip()
-        if sized.code != 0 or not size.isdigit():
-            return None
-        if int(size) > max_size:
-            return TooLarge(int(size))
-        done = self.git.run("cat-file", "blob", spec, timeout=COMMIT_TIMEOUT, ok=(0, 128))
-        return done.stdout if done.code == 0 else None
+        return read_blobs(self.path, [spec], max_size, timeout=COMMIT_TIMEOUT,
+                          env=self.git.env)[spec]
 
     def first_parent(self, commit: str) -> str | None:
         done = self.git.run("rev-parse", "--verify", "--quiet", f"{commit}^1^{{commit}}",

@@ -83,16 +83,13 @@ def build(repo: str, custom: list[str] | None, python: str | None,
         return dataclasses.replace(line, ran=command)
     if custom is None and capture.pattern:
         # Only the recorder loads single modules as discovery does.
-        first = shard.index == 1
-        run = sharding.ShardRun(command if first else None, "whole" if first else "skipped",
-                                note="--junit-xml is set: only the recorder loads a shard's "
-                                     "modules as discovery does")
+        run = sharding.whole_run(command, shard.index, "--junit-xml is set: only the recorder "
+                                 "loads a shard's modules as discovery does")
     else:
         run = sharding.shard_run(repo, custom, command, shard, custom is None)
     if run.in_pytest and (order is None or order.path is None):
-        run = sharding.ShardRun(command if shard.index == 1 else None,
-                                "whole" if shard.index == 1 else "skipped",
-                                note="no order folder for the shard's plugin file")
+        run = sharding.whole_run(command, shard.index,
+                                 "no order folder for the shard's plugin file")
     shards = f"{shard.index}/{shard.total}" + (f" {run.label}" if run.label else "")
     if run.command is None:
         return CommandLine(None, shards, run.label, note=run.note)
